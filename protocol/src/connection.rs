@@ -1,0 +1,269 @@
+//! Connection files in ipyparallel 9's format and the profile directories that hold them.
+//!
+//! A profile lives at `$RPX_DIR/profile_<name>/` (default `~/.rpx/profile_default`) with
+//! `security/` (connection files, 0600), `log/` and `pid/`. File names follow ipyparallel:
+//! `ipcontroller[-<cluster_id>]-{client,engine}.json`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// What clients read: `ipcontroller-client.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientConnection {
+    #[serde(default)]
+    pub ssh: String,
+    /// `tcp://<ip>`
+    pub interface: String,
+    pub registration: u16,
+    pub control: u16,
+    pub mux: u16,
+    pub task: u16,
+    #[serde(default = "default_scheme")]
+    pub task_scheme: String,
+    pub iopub: u16,
+    pub notification: u16,
+    pub broadcast: u16,
+    pub key: String,
+    #[serde(default)]
+    pub curve_serverkey: Option<String>,
+    #[serde(default)]
+    pub location: String,
+    #[serde(default = "json_str")]
+    pub pack: String,
+    #[serde(default = "json_str")]
+    pub unpack: String,
+    #[serde(default = "default_sig")]
+    pub signature_scheme: String,
+}
+
+/// What engines read: `ipcontroller-engine.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineConnection {
+    #[serde(default)]
+    pub ssh: String,
+    pub interface: String,
+    pub registration: u16,
+    pub control: u16,
+    pub mux: u16,
+    pub task: u16,
+    pub iopub: u16,
+    pub hb_ping: u16,
+    pub hb_pong: u16,
+    /// One port per leaf broadcast scheduler.
+    pub broadcast: Vec<u16>,
+    pub key: String,
+    #[serde(default)]
+    pub curve_serverkey: Option<String>,
+    #[serde(default)]
+    pub location: String,
+    #[serde(default = "json_str")]
+    pub pack: String,
+    #[serde(default = "json_str")]
+    pub unpack: String,
+    #[serde(default = "default_sig")]
+    pub signature_scheme: String,
+}
+
+fn default_scheme() -> String {
+    "leastload".into()
+}
+fn json_str() -> String {
+    "json".into()
+}
+fn default_sig() -> String {
+    "hmac-sha256".into()
+}
+
+impl ClientConnection {
+    /// `tcp://ip:port` for a port of this file.
+    pub fn url(&self, port: u16) -> String {
+        format!("{}:{}", self.interface, port)
+    }
+}
+
+impl EngineConnection {
+    /// `tcp://ip:port` for a port of this file.
+    pub fn url(&self, port: u16) -> String {
+        format!("{}:{}", self.interface, port)
+    }
+}
+
+/// A new random cluster key, in the shape ipyparallel writes.
+pub fn new_key() -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", &u[..8], &u[8..])
+}
+
+/// `$RPX_DIR`, or `~/.rpx`.
+pub fn rpx_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RPX_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".rpx")
+}
+
+/// The profile named by `RPX_PROFILE`, or `default`.
+pub fn default_profile_name() -> String {
+    std::env::var("RPX_PROFILE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
+}
+
+/// A profile directory and the cluster id within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub name: String,
+    pub dir: PathBuf,
+    /// Empty for the default cluster of the profile.
+    pub cluster_id: String,
+}
+
+impl Profile {
+    /// The profile `name` under `$RPX_DIR`.
+    pub fn new(name: &str, cluster_id: &str) -> Profile {
+        Profile { name: name.to_string(), dir: rpx_dir().join(format!("profile_{name}")), cluster_id: cluster_id.to_string() }
+    }
+
+    /// The profile named by `RPX_PROFILE` (or `default`).
+    pub fn from_env() -> Profile {
+        Profile::new(&default_profile_name(), "")
+    }
+
+    pub fn security_dir(&self) -> PathBuf {
+        self.dir.join("security")
+    }
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+    pub fn pid_dir(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+
+    fn base(&self) -> String {
+        if self.cluster_id.is_empty() {
+            "ipcontroller".into()
+        } else {
+            format!("ipcontroller-{}", self.cluster_id)
+        }
+    }
+
+    /// `security/ipcontroller[-cid]-client.json`
+    pub fn client_file(&self) -> PathBuf {
+        self.security_dir().join(format!("{}-client.json", self.base()))
+    }
+    /// `security/ipcontroller[-cid]-engine.json`
+    pub fn engine_file(&self) -> PathBuf {
+        self.security_dir().join(format!("{}-engine.json", self.base()))
+    }
+    /// `security/rpx-compiler[-cid].json`: where rpx engines find the shared compiler.
+    pub fn compiler_file(&self) -> PathBuf {
+        let name = if self.cluster_id.is_empty() { "rpx-compiler.json".to_string() } else { format!("rpx-compiler-{}.json", self.cluster_id) };
+        self.security_dir().join(name)
+    }
+    /// `security/cluster[-cid].json`: the running cluster's processes, for `ipcluster list/stop`.
+    pub fn cluster_file(&self) -> PathBuf {
+        let name = if self.cluster_id.is_empty() { "cluster.json".to_string() } else { format!("cluster-{}.json", self.cluster_id) };
+        self.security_dir().join(name)
+    }
+
+    /// Create `security/` (0700), `log/` and `pid/`.
+    pub fn create_dirs(&self) -> Result<()> {
+        for d in [self.security_dir(), self.log_dir(), self.pid_dir()] {
+            std::fs::create_dir_all(&d).map_err(|source| Error::Io { path: d.clone(), source })?;
+        }
+        set_mode(&self.security_dir(), 0o700)
+    }
+}
+
+/// Where the shared compiler listens, written next to the engine connection file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompilerConnection {
+    /// `tcp://127.0.0.1:<port>`
+    pub url: String,
+    pub key: String,
+    pub pid: u32,
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// Write `value` as pretty JSON to `path` atomically (temporary file in the same directory,
+/// then rename), readable only by its owner (0600).
+pub fn write_private_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    let body = serde_json::to_vec_pretty(value).expect("connection data serializes");
+    f.write_all(&body).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Read a JSON file into `T`.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let body = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_atomic_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("security/ipcontroller-client.json");
+        let c = ClientConnection {
+            ssh: String::new(),
+            interface: "tcp://127.0.0.1".into(),
+            registration: 1,
+            control: 2,
+            mux: 3,
+            task: 4,
+            task_scheme: "leastload".into(),
+            iopub: 5,
+            notification: 6,
+            broadcast: 7,
+            key: new_key(),
+            curve_serverkey: None,
+            location: "host".into(),
+            pack: "json".into(),
+            unpack: "json".into(),
+            signature_scheme: "hmac-sha256".into(),
+        };
+        write_private_json(&p, &c).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back: ClientConnection = read_json(&p).unwrap();
+        assert_eq!(back, c);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        // ipyparallel's keys, exactly.
+        let v: serde_json::Value = read_json(&p).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["broadcast", "control", "curve_serverkey", "interface", "iopub", "key", "location", "mux", "notification", "pack", "registration", "signature_scheme", "ssh", "task", "task_scheme", "unpack"]
+        );
+    }
+
+    #[test]
+    fn profile_paths() {
+        let p = Profile { name: "x".into(), dir: "/r/profile_x".into(), cluster_id: String::new() };
+        assert_eq!(p.client_file(), PathBuf::from("/r/profile_x/security/ipcontroller-client.json"));
+        let p = Profile { cluster_id: "c1".into(), ..p };
+        assert_eq!(p.engine_file(), PathBuf::from("/r/profile_x/security/ipcontroller-c1-engine.json"));
+    }
+}

@@ -1,0 +1,48 @@
+//! The rpx wire protocol: ipyparallel 9's message framing and HMAC-SHA256 signing, connection
+//! files and profile directories, and the messages rpx's own processes exchange.
+//!
+//! # Layout
+//! - [`session`]: [`Session`] signs and encodes messages into multipart frames and decodes and
+//!   verifies them back into [`Message`]s. The only place that knows the frame layout.
+//! - [`message`]: [`Header`] and [`Message`], plus helpers to build replies and error contents.
+//! - [`connection`]: the `ipcontroller-{client,engine}.json` files in ipyparallel's format,
+//!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
+//! - [`compile`]: the messages between thin engines and the shared compiler.
+//! - [`zmq`]: conversion between frames and `zeromq` messages.
+//!
+//! This crate opens no sockets: transports live in the crates that use it.
+
+pub mod compile;
+pub mod connection;
+pub mod message;
+pub mod session;
+pub mod zmq;
+
+pub use connection::{ClientConnection, EngineConnection, Profile};
+pub use message::{Header, Message};
+pub use session::Session;
+
+/// Errors from decoding, verifying and file handling.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The frames have no `<IDS|MSG>` delimiter or fewer than four JSON frames after it.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The HMAC signature does not match the message.
+    #[error("invalid message signature")]
+    BadSignature,
+    /// A JSON frame did not parse.
+    #[error("bad JSON in message frame: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,91 @@
+//! Message headers and decoded messages, as ipyparallel 9 (Jupyter protocol 5.4) frames them.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Protocol version written into every header.
+pub const PROTOCOL_VERSION: &str = "5.4";
+
+/// A Jupyter message header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub msg_id: String,
+    pub msg_type: String,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub session: String,
+    #[serde(default)]
+    pub date: String,
+    #[serde(default = "default_version")]
+    pub version: String,
+}
+
+fn default_version() -> String {
+    PROTOCOL_VERSION.to_string()
+}
+
+/// ISO-8601 UTC timestamp with microseconds and a `Z`, as Python's Session writes.
+pub fn now_iso() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// A decoded, verified message. `frames` keeps the original signed JSON frames so that a
+/// router can forward the message unchanged.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Routing identities before the delimiter.
+    pub idents: Vec<Bytes>,
+    pub header: Header,
+    /// The parent header; `{}` when there is none.
+    pub parent_header: Value,
+    pub metadata: Value,
+    pub content: Value,
+    pub buffers: Vec<Bytes>,
+}
+
+impl Message {
+    pub fn msg_type(&self) -> &str {
+        &self.header.msg_type
+    }
+
+    pub fn msg_id(&self) -> &str {
+        &self.header.msg_id
+    }
+
+    /// The parent's `msg_id`, if this message has a parent.
+    pub fn parent_msg_id(&self) -> Option<&str> {
+        self.parent_header.get("msg_id").and_then(Value::as_str)
+    }
+
+    /// The parent header as a typed value, if present and well formed.
+    pub fn parent(&self) -> Option<Header> {
+        serde_json::from_value(self.parent_header.clone()).ok()
+    }
+
+    /// A string field of the content.
+    pub fn content_str(&self, key: &str) -> Option<&str> {
+        self.content.get(key).and_then(Value::as_str)
+    }
+}
+
+/// Content of an error reply in ipyparallel's shape: `status`, `ename`, `evalue`, `traceback`
+/// and, when an engine produced it, `engine_info`.
+pub fn error_content(ename: &str, evalue: &str, traceback: Vec<String>, engine_info: Option<Value>) -> Value {
+    let mut c = json!({
+        "status": "error",
+        "ename": ename,
+        "evalue": evalue,
+        "traceback": traceback,
+    });
+    if let Some(info) = engine_info {
+        c["engine_info"] = info;
+    }
+    c
+}
+
+/// The `engine_info` block that engine errors carry.
+pub fn engine_info(engine_id: u64, engine_uuid: &str, method: &str) -> Value {
+    json!({"engine_id": engine_id, "engine_uuid": engine_uuid, "method": method})
+}
