@@ -1,0 +1,1 @@
+//! Helpers for rpx black-box tests.
