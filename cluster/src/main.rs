@@ -1,1 +1,79 @@
-fn main() {}
+//! `ipcluster`: start, stop, list and grow rpx clusters under profiles.
+//!
+//! # Layout
+//! - [`cli`]: clap arguments and their validation into checked values.
+//! - [`state`]: the cluster state file (`security/cluster[-cid].json`) and the pure decisions
+//!   made from it (running or stale, which logs belong to a cluster).
+//! - [`procs`]: spawning members in their own session, `/proc` inspection, process-group
+//!   signals, log tails, and the SIGINT/SIGTERM flag.
+//! - [`hub`]: a tiny synchronous `connection_request` client of the controller.
+//! - [`start`]: `start` and `engines` (launch, wait for registration, foreground loop).
+//! - [`stop`]: `stop` (TERM, wait, KILL whole groups and tagged stragglers, remove files).
+//! - [`list`]: `list` as a table or JSON.
+//!
+//! Exit codes: 0 success, 1 failure (with a message saying what to do), 2 unsupported
+//! option or bad usage.
+
+mod cli;
+mod hub;
+mod list;
+mod procs;
+mod start;
+mod state;
+mod stop;
+
+use std::time::Instant;
+
+use clap::Parser;
+
+/// An error that ends `ipcluster` with a given exit code and message.
+#[derive(Debug)]
+pub struct Fail {
+    pub code: i32,
+    pub msg: String,
+}
+
+impl Fail {
+    pub fn new(code: i32, msg: impl Into<String>) -> Fail {
+        Fail { code, msg: msg.into() }
+    }
+    /// A usage error: exit code 2.
+    pub fn usage(msg: impl Into<String>) -> Fail {
+        Fail::new(2, msg)
+    }
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Fail {}
+
+fn main() {
+    let t0 = Instant::now();
+    // Writing to a closed pipe (`ipcluster list | head`) must not panic.
+    // SAFETY: restoring the default disposition of SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Start(a) => start::start(a, t0),
+        cli::Command::Stop(a) => stop::stop(a),
+        cli::Command::List(a) => list::list(a),
+        cli::Command::Engines(a) => start::engines(a, t0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            if let Some(f) = e.downcast_ref::<Fail>() {
+                eprintln!("ipcluster: {}", f.msg);
+                std::process::exit(f.code);
+            }
+            eprintln!("ipcluster: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `ipcluster list`: every cluster under `$RPX_DIR` with its state, as a table or JSON.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::{Format, ListArgs};
+use crate::hub::Hub;
+use crate::procs;
+use crate::state::{self, ClusterState};
+use crate::stop::profile_of;
+
+/// One row of the listing.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub profile: String,
+    pub cluster_id: String,
+    /// The controller is alive.
+    pub running: bool,
+    /// Registered engines as the controller reports them, or live engine processes when the
+    /// controller cannot be asked.
+    pub engines: usize,
+    /// Whether `engines` came from the controller (`true`) or from the process table.
+    pub engines_from_controller: bool,
+    pub controller_pid: u32,
+    pub compiler_pid: Option<u32>,
+    pub engine_pids: Vec<u32>,
+    pub ipcluster_pid: Option<u32>,
+    pub started: String,
+    pub client_file: String,
+}
+
+fn row(file: &std::path::Path, st: ClusterState) -> Row {
+    let profile = profile_of(file, &st);
+    let running = state::is_running(&st, procs::is_proc);
+    let alive = st.engines.iter().filter(|e| procs::is_proc(e.pid, "ipengine")).count();
+    let registered = if running {
+        let t = Duration::from_millis(1500);
+        Hub::connect(&profile.client_file(), t).and_then(|mut h| h.engines(t)).ok().map(|m| m.len())
+    } else {
+        None
+    };
+    Row {
+        profile: st.profile.clone(),
+        cluster_id: st.cluster_id.clone(),
+        running,
+        engines: registered.unwrap_or(alive),
+        engines_from_controller: registered.is_some(),
+        controller_pid: st.controller_pid,
+        compiler_pid: st.compiler_pid,
+        engine_pids: st.engines.iter().map(|e| e.pid).collect(),
+        ipcluster_pid: st.ipcluster_pid,
+        started: st.started.clone(),
+        client_file: profile.client_file().display().to_string(),
+    }
+}
+
+/// The text table.
+pub fn render(rows: &[Row]) -> String {
+    let mut cells = vec![["PROFILE".to_string(), "CLUSTER ID".into(), "RUNNING".into(), "ENGINES".into(), "PIDS".into()]];
+    for r in rows {
+        let mut pids = format!("controller {}", r.controller_pid);
+        if let Some(c) = r.compiler_pid {
+            pids.push_str(&format!(", compiler {c}"));
+        }
+        if !r.engine_pids.is_empty() {
+            let e: Vec<String> = r.engine_pids.iter().map(u32::to_string).collect();
+            pids.push_str(&format!(", engines {}", e.join(",")));
+        }
+        let engines = if r.engines_from_controller || !r.running { r.engines.to_string() } else { format!("{} (processes)", r.engines) };
+        cells.push([r.profile.clone(), if r.cluster_id.is_empty() { "''".into() } else { r.cluster_id.clone() }, r.running.to_string(), engines, pids]);
+    }
+    let widths: Vec<usize> = (0..5).map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for c in &cells {
+        let line: Vec<String> = (0..5).map(|i| if i == 4 { c[i].clone() } else { format!("{:<w$}", c[i], w = widths[i]) }).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn list(args: ListArgs) -> anyhow::Result<i32> {
+    let dir = rpx_protocol::connection::rpx_dir();
+    let mut rows = Vec::new();
+    for file in state::all_cluster_files(&dir) {
+        match ClusterState::read(&file) {
+            Ok(st) => rows.push(row(&file, st)),
+            Err(e) => eprintln!("ipcluster: skipping {}: {e:#}", file.display()),
+        }
+    }
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Text if rows.is_empty() => println!("no clusters under {}", dir.display()),
+        Format::Text => print!("{}", render(&rows)),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_the_columns_a_user_reads() {
+        let r = Row {
+            profile: "default".into(),
+            cluster_id: String::new(),
+            running: true,
+            engines: 2,
+            engines_from_controller: true,
+            controller_pid: 10,
+            compiler_pid: Some(11),
+            engine_pids: vec![12, 13],
+            ipcluster_pid: None,
+            started: "t".into(),
+            client_file: "f".into(),
+        };
+        let t = render(&[r]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("PROFILE  CLUSTER ID  RUNNING  ENGINES  PIDS"), "{t}");
+        assert!(lines[1].starts_with("default  ''          true     2        controller 10, compiler 11, engines 12,13"), "{t}");
+    }
+}
