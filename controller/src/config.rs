@@ -1,0 +1,134 @@
+//! Command-line arguments and the checked configuration the controller runs with.
+
+use std::time::Duration;
+
+use clap::Parser;
+use rpx_protocol::Profile;
+
+use crate::scheduler::Scheme;
+use crate::{Error, Result};
+
+/// Default per-engine high-water mark for load-balanced tasks.
+///
+/// ipyparallel defaults to 1 (every task pays a full round trip while the engine idles). rpx
+/// keeps up to 16 tasks in flight per engine: enough pipelining for high throughput of small
+/// tasks, while still holding most of a large backlog in the controller so that engines that
+/// join later, or finish early, get work. `--hwm 0` means unlimited.
+pub const DEFAULT_HWM: usize = 16;
+
+/// `ipcontroller`: the rpx hub.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ipcontroller", version, about = "rpx controller: registration, routing, load-balanced scheduling, heartbeats and results, wire-compatible with ipyparallel 9")]
+pub struct Args {
+    /// Profile name (directory `$RPX_DIR/profile_<name>`).
+    #[arg(long, env = "RPX_PROFILE", default_value = "default")]
+    pub profile: String,
+    /// Cluster id: connection files are `ipcontroller-<id>-{client,engine}.json`.
+    #[arg(long, default_value = "")]
+    pub cluster_id: String,
+    /// Interface to bind (`*` or `0.0.0.0` for all interfaces).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ip: String,
+    /// Address written into the connection files when binding all interfaces.
+    #[arg(long)]
+    pub location: Option<String>,
+    /// Load-balancing scheme: leastload, lru, plainrandom, twobin or weighted.
+    #[arg(long, default_value = "leastload")]
+    pub scheme: String,
+    /// Maximum load-balanced tasks in flight per engine (0 = unlimited).
+    #[arg(long, default_value_t = DEFAULT_HWM)]
+    pub hwm: usize,
+    /// Heartbeat period in milliseconds; engines missing 3 periods are evicted.
+    #[arg(long, default_value_t = 1000)]
+    pub ping: u64,
+    /// Task records kept in memory for `result_request` and history (oldest dropped first).
+    #[arg(long, default_value_t = 1024)]
+    pub record_limit: usize,
+    /// Bytes of buffers kept in task records (oldest dropped first).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub record_bytes: usize,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub profile: Profile,
+    /// Address to bind, e.g. `127.0.0.1` or `0.0.0.0`.
+    pub bind_ip: String,
+    /// Address written into the connection files.
+    pub public_ip: String,
+    pub scheme: Scheme,
+    pub hwm: usize,
+    pub ping: Duration,
+    pub record_limit: usize,
+    pub record_bytes: usize,
+    /// The cluster key (a fresh one by default).
+    pub key: String,
+    /// Write (and at exit remove) the connection files.
+    pub write_files: bool,
+}
+
+impl Args {
+    /// Validate the raw arguments.
+    pub fn check(self) -> Result<Config> {
+        let scheme: Scheme = self.scheme.parse().map_err(Error::Config)?;
+        if self.ping == 0 {
+            return Err(Error::Config("--ping must be at least 1 ms".into()));
+        }
+        let bind_ip = match self.ip.as_str() {
+            "*" | "0.0.0.0" => "0.0.0.0".to_string(),
+            "localhost" => "127.0.0.1".to_string(),
+            ip => ip.to_string(),
+        };
+        let public_ip = if bind_ip == "0.0.0.0" { self.location.clone().unwrap_or_else(|| "127.0.0.1".into()) } else { bind_ip.clone() };
+        Ok(Config {
+            profile: Profile::new(&self.profile, &self.cluster_id),
+            bind_ip,
+            public_ip,
+            scheme,
+            hwm: self.hwm,
+            ping: Duration::from_millis(self.ping),
+            record_limit: self.record_limit.max(1),
+            record_bytes: self.record_bytes,
+            key: rpx_protocol::connection::new_key(),
+            write_files: true,
+        })
+    }
+}
+
+impl Config {
+    /// A configuration for in-process tests: loopback, fresh key, no files written.
+    pub fn for_tests(profile: Profile) -> Config {
+        Config {
+            profile,
+            bind_ip: "127.0.0.1".into(),
+            public_ip: "127.0.0.1".into(),
+            scheme: Scheme::LeastLoad,
+            hwm: DEFAULT_HWM,
+            ping: Duration::from_millis(1000),
+            record_limit: 1024,
+            record_bytes: 1 << 30,
+            key: rpx_protocol::connection::new_key(),
+            write_files: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_scheme_is_rejected() {
+        let a = Args::parse_from(["ipcontroller", "--scheme", "nope"]);
+        assert!(matches!(a.check(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn wildcard_ip_binds_all() {
+        let c = Args::parse_from(["ipcontroller", "--ip", "*"]).check().unwrap();
+        assert_eq!(c.bind_ip, "0.0.0.0");
+        assert_eq!(c.public_ip, "127.0.0.1");
+        assert_eq!(c.hwm, DEFAULT_HWM);
+    }
+}

@@ -1,0 +1,409 @@
+//! The tokio layer: binds every socket, writes the connection files, and runs
+//! - one reader task per socket (engine- and client-facing ROUTERs are split and always polled,
+//!   so a dead peer is noticed at once), which verifies and parses frames into [`Inbound`]s;
+//! - one monitor task per ROUTER, turning `Accepted`/`Disconnected` into peer events;
+//! - the iopub forwarder (SUB -> PUB, signature checked, frames unchanged), which never touches
+//!   the hub;
+//! - the hub task, which owns the [`Hub`] and a [`NetComm`] with one bounded writer task per
+//!   peer, so every send is bounded and a stuck engine only blocks its own writer.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use zeromq::{Endpoint, PubSocket, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+use rpx_protocol::connection::write_private_json;
+use rpx_protocol::{ClientConnection, EngineConnection, Session};
+
+use crate::config::Config;
+use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::wire::{self, Chan};
+use crate::{Error, Result};
+
+/// Messages queued per peer before the peer counts as stuck.
+pub const PEER_QUEUE: usize = 8192;
+/// Longest a single send may take before the peer counts as stuck.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events queued from readers to the hub.
+const INBOUND_QUEUE: usize = 65536;
+
+/// What a running controller tells its starter: the contents of its connection files.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub client: ClientConnection,
+    pub engine: EngineConnection,
+}
+
+/// Run the controller until `shutdown` completes or a client sends a hub `shutdown_request`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    run_with_ready(config, shutdown, None).await
+}
+
+fn port_of(ep: &Endpoint) -> u16 {
+    match ep {
+        Endpoint::Tcp(_, port) => *port,
+        _ => 0,
+    }
+}
+
+fn router(identity: Option<&'static [u8]>) -> RouterSocket {
+    let mut opts = SocketOptions::default();
+    if let Some(id) = identity {
+        opts.peer_identity(id.try_into().expect("short identity"));
+    }
+    RouterSocket::with_options(opts)
+}
+
+async fn bind<S: Socket>(s: &mut S, ip: &str, what: &'static str) -> Result<u16> {
+    let addr = format!("tcp://{ip}:0");
+    let ep = s.bind(&addr).await.map_err(|source| Error::Bind { what, addr, source })?;
+    Ok(port_of(&ep))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "localhost".into())
+}
+
+/// Like [`run`], and sends the connection info on `ready` once every socket is bound.
+pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, ready: Option<oneshot::Sender<Ready>>) -> Result<()> {
+    let ip = config.bind_ip.clone();
+    let session = Session::new(config.key.as_bytes(), "rpx-controller");
+    let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
+    let mut tasks = JoinSet::new();
+
+    // Registration (shared by clients and engines).
+    let mut reg = router(None);
+    let reg_port = bind(&mut reg, &ip, "registration").await?;
+    let reg_mon = reg.monitor();
+    let (reg_send, reg_recv) = reg.split();
+    spawn_monitor(&mut tasks, Sock::Query, reg_mon, tx.clone());
+    spawn_reader(&mut tasks, Sock::Query, reg_recv, session.clone(), tx.clone());
+
+    // Channels: client-facing and engine-facing ROUTER pairs.
+    let mut senders: HashMap<Sock, RouterSendHalf> = HashMap::new();
+    senders.insert(Sock::Query, reg_send);
+    let mut client_ports = HashMap::new();
+    let mut engine_ports = HashMap::new();
+    for chan in Chan::ALL {
+        for (side, ports) in [(Sock::Client(chan), &mut client_ports), (Sock::Engine(chan), &mut engine_ports)] {
+            let ident = match side {
+                Sock::Client(c) => c.client_side_identity(),
+                _ => chan.engine_side_identity(),
+            };
+            let mut s = router(Some(ident));
+            let port = bind(&mut s, &ip, chan.name()).await?;
+            ports.insert(chan, port);
+            let mon = s.monitor();
+            let (send, recv) = s.split();
+            spawn_monitor(&mut tasks, side, mon, tx.clone());
+            spawn_reader(&mut tasks, side, recv, session.clone(), tx.clone());
+            senders.insert(side, send);
+        }
+    }
+
+    // Heartbeat.
+    let mut hb_ping = PubSocket::new();
+    let hb_ping_port = bind(&mut hb_ping, &ip, "hb_ping").await?;
+    let mut hb_pong = router(None);
+    let hb_pong_port = bind(&mut hb_pong, &ip, "hb_pong").await?;
+    let mon = hb_pong.monitor();
+    let (send, recv) = hb_pong.split();
+    spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
+    spawn_reader(&mut tasks, Sock::HbPong, recv, session.clone(), tx.clone());
+    drop(send);
+
+    // Notification.
+    let mut notification = PubSocket::new();
+    let notification_port = bind(&mut notification, &ip, "notification").await?;
+
+    // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
+    let mut iopub_in = SubSocket::new();
+    let iopub_engine_port = bind(&mut iopub_in, &ip, "iopub (engines)").await?;
+    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source })?;
+    let mut iopub_out = PubSocket::new();
+    let iopub_client_port = bind(&mut iopub_out, &ip, "iopub (clients)").await?;
+    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone()));
+
+    let interface = format!("tcp://{}", config.public_ip);
+    let location = hostname();
+    let client = ClientConnection {
+        ssh: String::new(),
+        interface: interface.clone(),
+        registration: reg_port,
+        control: client_ports[&Chan::Control],
+        mux: client_ports[&Chan::Mux],
+        task: client_ports[&Chan::Task],
+        task_scheme: config.scheme.name().into(),
+        iopub: iopub_client_port,
+        notification: notification_port,
+        broadcast: client_ports[&Chan::Bcast],
+        key: config.key.clone(),
+        curve_serverkey: None,
+        location: location.clone(),
+        pack: "json".into(),
+        unpack: "json".into(),
+        signature_scheme: "hmac-sha256".into(),
+    };
+    let engine = EngineConnection {
+        ssh: String::new(),
+        interface,
+        registration: reg_port,
+        control: engine_ports[&Chan::Control],
+        mux: engine_ports[&Chan::Mux],
+        task: engine_ports[&Chan::Task],
+        iopub: iopub_engine_port,
+        hb_ping: hb_ping_port,
+        hb_pong: hb_pong_port,
+        broadcast: vec![engine_ports[&Chan::Bcast]],
+        key: config.key.clone(),
+        curve_serverkey: None,
+        location,
+        pack: "json".into(),
+        unpack: "json".into(),
+        signature_scheme: "hmac-sha256".into(),
+    };
+    if config.write_files {
+        config.profile.create_dirs()?;
+        write_private_json(&config.profile.client_file(), &client)?;
+        write_private_json(&config.profile.engine_file(), &engine)?;
+        info!(client = %config.profile.client_file().display(), engine = %config.profile.engine_file().display(), "wrote connection files");
+    }
+    info!(?client_ports, ?engine_ports, registration = reg_port, hb_ping = hb_ping_port, hb_pong = hb_pong_port, "controller listening");
+
+    let hub_cfg = HubConfig {
+        scheme: config.scheme,
+        hwm: config.hwm,
+        ping: config.ping,
+        record_limit: config.record_limit,
+        record_bytes: config.record_bytes,
+        engine_info: serde_json::to_value(&engine).expect("serializes"),
+    };
+    let mut hub = Hub::new(session, hub_cfg, Instant::now());
+    let mut comm = NetComm {
+        routers: senders,
+        writers: HashMap::new(),
+        pubs: HashMap::new(),
+        failures: Vec::new(),
+        tx: tx.clone(),
+    };
+    comm.pubs.insert(Sock::Notification, spawn_pub(notification));
+    comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
+    drop(tx);
+    if let Some(r) = ready {
+        let _ = r.send(Ready { client, engine });
+    }
+
+    let tick_every = config.ping.min(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => {
+                info!("shutting down on signal");
+                break;
+            }
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                handle(&mut hub, &mut comm, ev);
+                for _ in 0..4096 {
+                    match rx.try_recv() {
+                        Ok(ev) => handle(&mut hub, &mut comm, ev),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => hub.on_tick(&mut comm, Instant::now()),
+        }
+        while !comm.failures.is_empty() {
+            for ev in std::mem::take(&mut comm.failures) {
+                handle(&mut hub, &mut comm, ev);
+            }
+        }
+        if hub.exit_at().is_some_and(|t| Instant::now() >= t) {
+            info!("hub shut down by request");
+            break;
+        }
+    }
+    drop(comm);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if config.write_files {
+        for f in [config.profile.client_file(), config.profile.engine_file()] {
+            if let Err(e) = std::fs::remove_file(&f) {
+                warn!(file = %f.display(), error = %e, "could not remove connection file");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn handle(hub: &mut Hub, comm: &mut NetComm, ev: Inbound) {
+    if let Inbound::Peer { sock, ident, connected: false } = &ev {
+        comm.writers.remove(&(*sock, ident.clone()));
+    }
+    hub.on_event(comm, ev, Instant::now());
+}
+
+fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel::mpsc::Receiver<SocketEvent>, tx: mpsc::Sender<Inbound>) {
+    tasks.spawn(async move {
+        while let Some(ev) = mon.next().await {
+            let (ident, connected) = match ev {
+                SocketEvent::Accepted(_, id) => (Bytes::from(id), true),
+                SocketEvent::Disconnected(id) => (Bytes::from(id), false),
+                _ => continue,
+            };
+            debug!(?sock, ident = %String::from_utf8_lossy(&ident), connected, "peer");
+            if tx.send(Inbound::Peer { sock, ident, connected }).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRecvHalf, session: Session, tx: mpsc::Sender<Inbound>) {
+    tasks.spawn(async move {
+        loop {
+            let msg = match recv.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(?sock, error = %e, "recv failed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
+            let frames = msg.into_vec();
+            let ev = match sock {
+                Sock::Query => Inbound::Query(frames),
+                Sock::HbPong => Inbound::Pong(frames[0].clone()),
+                Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
+                    Ok(r) => Inbound::Request(r),
+                    Err(e) => {
+                        warn!(chan = chan.name(), error = %e, "dropped a client message");
+                        continue;
+                    }
+                },
+                Sock::Engine(chan) => match wire::parse_reply(&session, chan, frames) {
+                    Ok(r) => Inbound::Reply(r),
+                    Err(e) => {
+                        warn!(chan = chan.name(), error = %e, "dropped an engine message");
+                        continue;
+                    }
+                },
+                Sock::Notification | Sock::HbPing => continue,
+            };
+            if tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session) {
+    loop {
+        let msg = match sub.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "iopub recv failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let frames = msg.into_vec();
+        match session.verify_frames(frames.clone()) {
+            Ok(_) => {
+                if let Err(e) = publ.send(rpx_protocol::zmq::message(frames)).await {
+                    warn!(error = %e, "iopub publish failed");
+                }
+            }
+            Err(e) => warn!(error = %e, "dropped an iopub message"),
+        }
+    }
+}
+
+fn spawn_pub(mut s: PubSocket) -> mpsc::Sender<ZmqMessage> {
+    let (tx, mut rx) = mpsc::channel::<ZmqMessage>(PEER_QUEUE);
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            match tokio::time::timeout(SEND_TIMEOUT, s.send(m)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "publish failed"),
+                Err(_) => warn!("publish timed out"),
+            }
+        }
+    });
+    tx
+}
+
+/// [`Comm`] over the real sockets: one bounded writer task per (socket, peer).
+pub struct NetComm {
+    routers: HashMap<Sock, RouterSendHalf>,
+    writers: HashMap<(Sock, Bytes), mpsc::Sender<ZmqMessage>>,
+    pubs: HashMap<Sock, mpsc::Sender<ZmqMessage>>,
+    /// Send failures noticed while sending, handed back to the hub.
+    failures: Vec<Inbound>,
+    tx: mpsc::Sender<Inbound>,
+}
+
+impl NetComm {
+    fn writer(&mut self, sock: Sock, ident: Bytes) -> mpsc::Sender<ZmqMessage> {
+        if let Some(w) = self.writers.get(&(sock, ident.clone())) {
+            if !w.is_closed() {
+                return w.clone();
+            }
+        }
+        let (wtx, mut wrx) = mpsc::channel::<ZmqMessage>(PEER_QUEUE);
+        let mut half = self.routers.get(&sock).expect("router socket").clone();
+        let report = self.tx.clone();
+        let id = ident.clone();
+        tokio::spawn(async move {
+            while let Some(m) = wrx.recv().await {
+                let reason = match tokio::time::timeout(SEND_TIMEOUT, half.send(m)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("send blocked for {SEND_TIMEOUT:?}"),
+                };
+                let _ = report.try_send(Inbound::SendFailed { sock, ident: id.clone(), reason });
+                break;
+            }
+        });
+        self.writers.insert((sock, ident), wtx.clone());
+        wtx
+    }
+}
+
+impl Comm for NetComm {
+    fn send(&mut self, sock: Sock, frames: Vec<Bytes>) {
+        if let Some(p) = self.pubs.get(&sock) {
+            if p.try_send(rpx_protocol::zmq::message(frames)).is_err() {
+                warn!(?sock, "publish queue full; message dropped");
+            }
+            return;
+        }
+        if !self.routers.contains_key(&sock) || frames.len() < 2 {
+            error!(?sock, "no socket to send on");
+            return;
+        }
+        let ident = frames[0].clone();
+        let w = self.writer(sock, ident.clone());
+        match w.try_send(rpx_protocol::zmq::message(frames)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.writers.remove(&(sock, ident.clone()));
+                self.failures.push(Inbound::SendFailed { sock, ident, reason: format!("{PEER_QUEUE} messages queued: peer stuck") });
+            }
+            Err(mpsc::error::TrySendError::Closed(m)) => {
+                self.writers.remove(&(sock, ident.clone()));
+                let w = self.writer(sock, ident);
+                let _ = w.try_send(m);
+            }
+        }
+    }
+}

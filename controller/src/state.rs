@@ -1,0 +1,378 @@
+//! What the hub knows: registered engines, messages in flight on each engine, the
+//! load-balanced task queue, dependency bookkeeping and the bounded task records.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::wire::Chan;
+
+/// A message sent to an engine and not yet answered.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub chan: Chan,
+    /// Where the reply goes; `None` for requests the hub made itself (resubmissions).
+    pub client: Option<Bytes>,
+    pub msg_type: String,
+    /// The request's header frame (raw JSON), the parent of any reply the hub makes up.
+    pub header: Bytes,
+}
+
+/// One engine.
+#[derive(Debug)]
+pub struct Engine {
+    pub id: u64,
+    pub uuid: String,
+    /// Routing identity on every engine-facing socket (the uuid's bytes).
+    pub ident: Bytes,
+    /// Registered (in `ids`, notification published) rather than waiting to become routable.
+    pub ready: bool,
+    pub registered_at: Instant,
+    /// Last pong or message from the engine.
+    pub last_seen: Instant,
+    pub ponged: bool,
+    /// Engine-facing sockets on which this identity is connected.
+    pub connected: HashSet<Chan>,
+    /// Frames waiting for the engine's connection on a socket.
+    pub outbox: Vec<(Chan, Vec<Bytes>)>,
+    /// msg_id -> request, for everything sent and not answered.
+    pub inflight: HashMap<String, InFlight>,
+    /// Load-balanced tasks in flight.
+    pub task_load: usize,
+    pub completed: u64,
+    /// The most recent completed msg_ids (for verbose `queue_request`).
+    pub recent_completed: VecDeque<String>,
+}
+
+/// How many completed msg_ids per engine `queue_request(verbose=True)` can list.
+pub const RECENT_COMPLETED: usize = 1000;
+
+impl Engine {
+    pub fn new(id: u64, uuid: &str, now: Instant) -> Engine {
+        Engine {
+            id,
+            uuid: uuid.to_string(),
+            ident: Bytes::copy_from_slice(uuid.as_bytes()),
+            ready: false,
+            registered_at: now,
+            last_seen: now,
+            ponged: false,
+            connected: HashSet::new(),
+            outbox: Vec::new(),
+            inflight: HashMap::new(),
+            task_load: 0,
+            completed: 0,
+            recent_completed: VecDeque::new(),
+        }
+    }
+
+    pub fn note_completed(&mut self, msg_id: &str) {
+        self.completed += 1;
+        if self.recent_completed.len() >= RECENT_COMPLETED {
+            self.recent_completed.pop_front();
+        }
+        self.recent_completed.push_back(msg_id.to_string());
+    }
+
+    /// In-flight msg_ids on a channel.
+    pub fn inflight_on(&self, chan: Chan) -> Vec<String> {
+        let mut v: Vec<String> = self.inflight.iter().filter(|(_, f)| f.chan == chan).map(|(k, _)| k.clone()).collect();
+        v.sort();
+        v
+    }
+}
+
+/// A dependency (`after` or `follow`) in ipyparallel's form.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dep {
+    pub ids: HashSet<String>,
+    pub all: bool,
+    pub success: bool,
+    pub failure: bool,
+}
+
+impl Dep {
+    /// Read `[ids...]` or `{dependencies, all, success, failure}`; `None` means no dependency.
+    pub fn parse(v: Option<&Value>) -> Result<Dep, String> {
+        let empty = Dep { ids: HashSet::new(), all: true, success: true, failure: false };
+        let Some(v) = v else { return Ok(empty) };
+        let ids_of = |a: &Vec<Value>| -> Result<HashSet<String>, String> {
+            a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| format!("dependency id {x} is not a string"))).collect()
+        };
+        match v {
+            Value::Null => Ok(empty),
+            Value::String(s) => Ok(Dep { ids: [s.clone()].into(), ..empty }),
+            Value::Array(a) => Ok(Dep { ids: ids_of(a)?, ..empty }),
+            Value::Object(o) => {
+                let ids = match o.get("dependencies") {
+                    Some(Value::Array(a)) => ids_of(a)?,
+                    None | Some(Value::Null) => HashSet::new(),
+                    Some(x) => return Err(format!("bad dependencies {x}")),
+                };
+                let flag = |k: &str, d: bool| o.get(k).and_then(Value::as_bool).unwrap_or(d);
+                Ok(Dep { ids, all: flag("all", true), success: flag("success", true), failure: flag("failure", false) })
+            }
+            other => Err(format!("bad dependency {other}")),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Whether the dependency is met, given predicates for "completed" and "failed".
+    pub fn check(&self, completed: impl Fn(&str) -> bool, failed: impl Fn(&str) -> bool) -> bool {
+        if self.ids.is_empty() {
+            return true;
+        }
+        let good = |id: &str| (self.success && completed(id)) || (self.failure && failed(id));
+        if self.all {
+            self.ids.iter().all(|i| good(i))
+        } else {
+            self.ids.iter().any(|i| good(i))
+        }
+    }
+
+    /// Whether the dependency can no longer be met.
+    pub fn unreachable(&self, completed: impl Fn(&str) -> bool, failed: impl Fn(&str) -> bool) -> bool {
+        if self.ids.is_empty() || (self.success && self.failure) {
+            return false;
+        }
+        let bad = |id: &str| if self.success { failed(id) } else { completed(id) };
+        if self.all {
+            self.ids.iter().any(|i| bad(i))
+        } else {
+            self.ids.iter().all(|i| bad(i))
+        }
+    }
+}
+
+/// A load-balanced task.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub msg_id: String,
+    pub client: Option<Bytes>,
+    pub signed: Vec<Bytes>,
+    pub msg_type: String,
+    /// Allowed engine uuids (empty = any).
+    pub targets: HashSet<String>,
+    pub retries: u32,
+    pub deadline: Option<Instant>,
+    pub after: Dep,
+    pub follow: Dep,
+    /// Engines that failed this task (retries) or did not meet its dependencies.
+    pub blacklist: HashSet<u64>,
+    /// The engine running it, or `None` while queued.
+    pub engine: Option<u64>,
+}
+
+impl Job {
+    /// Can run anywhere, now: no targets, blacklist or dependencies.
+    pub fn unrestricted(&self) -> bool {
+        self.targets.is_empty() && self.blacklist.is_empty() && self.after.is_empty() && self.follow.is_empty()
+    }
+}
+
+/// Outcome of a finished load-balanced task, for dependencies.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub success: bool,
+    pub engine: String,
+}
+
+/// A task record for `result_request`, `history_request` and `queue_request`.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub msg_id: String,
+    pub chan: Chan,
+    /// The request's signed frames `[sig, header, parent, metadata, content, buffers...]`.
+    pub request: Vec<Bytes>,
+    pub client: Option<Bytes>,
+    pub engine_uuid: Option<String>,
+    pub submitted: String,
+    pub started: Option<String>,
+    pub completed: Option<String>,
+    pub received: Option<String>,
+    /// The reply's signed frames.
+    pub result: Option<Vec<Bytes>>,
+    pub resubmitted: Option<String>,
+}
+
+impl Record {
+    pub fn bytes(&self) -> usize {
+        self.request.iter().chain(self.result.iter().flatten()).map(Bytes::len).sum()
+    }
+    pub fn pending(&self) -> bool {
+        self.result.is_none()
+    }
+}
+
+/// Bounded task records, oldest dropped first (pending ones are kept).
+#[derive(Debug, Default)]
+pub struct Records {
+    pub map: HashMap<String, Record>,
+    pub order: VecDeque<String>,
+    pub bytes: usize,
+    pub limit: usize,
+    pub byte_limit: usize,
+}
+
+impl Records {
+    pub fn new(limit: usize, byte_limit: usize) -> Records {
+        Records { limit, byte_limit, ..Default::default() }
+    }
+
+    pub fn insert(&mut self, rec: Record) {
+        self.bytes += rec.bytes();
+        let id = rec.msg_id.clone();
+        if let Some(old) = self.map.insert(id.clone(), rec) {
+            self.bytes -= old.bytes();
+        } else {
+            self.order.push_back(id);
+        }
+        self.cull();
+    }
+
+    fn cull(&mut self) {
+        let mut guard = self.order.len();
+        while (self.map.len() > self.limit || self.bytes > self.byte_limit) && guard > 0 {
+            guard -= 1;
+            let Some(id) = self.order.pop_front() else { break };
+            match self.map.get(&id) {
+                Some(r) if r.pending() => self.order.push_back(id),
+                Some(_) => {
+                    let r = self.map.remove(&id).expect("present");
+                    self.bytes -= r.bytes();
+                }
+                None => {}
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Record> {
+        self.map.get(id)
+    }
+
+    /// Update a record in place, keeping the byte count right.
+    pub fn update(&mut self, id: &str, f: impl FnOnce(&mut Record)) -> bool {
+        let Some(r) = self.map.get_mut(id) else { return false };
+        let before = r.bytes();
+        f(r);
+        let after = r.bytes();
+        self.bytes = self.bytes + after - before;
+        self.cull();
+        true
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<Record> {
+        let r = self.map.remove(id)?;
+        self.bytes -= r.bytes();
+        Some(r)
+    }
+
+    /// msg_ids in submission order.
+    pub fn history(&self) -> Vec<String> {
+        self.order.iter().filter(|id| self.map.contains_key(*id)).cloned().collect()
+    }
+}
+
+/// The engines, with id allocation.
+#[derive(Debug, Default)]
+pub struct Engines {
+    pub by_id: BTreeMap<u64, Engine>,
+    pub by_ident: HashMap<Bytes, u64>,
+    /// Ready engine ids, least recently used first.
+    pub lru: VecDeque<u64>,
+    next_id: u64,
+    used: HashSet<u64>,
+}
+
+impl Engines {
+    /// A new engine id: the requested one if it was never used, else the next of 0, 1, 2, ...
+    /// Ids are never reused.
+    pub fn allocate_id(&mut self, requested: Option<u64>) -> u64 {
+        if let Some(r) = requested {
+            if !self.used.contains(&r) {
+                self.used.insert(r);
+                self.next_id = self.next_id.max(r + 1);
+                return r;
+            }
+        }
+        while self.used.contains(&self.next_id) {
+            self.next_id += 1;
+        }
+        let id = self.next_id;
+        self.used.insert(id);
+        self.next_id += 1;
+        id
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Engine> {
+        self.by_id.get(&id)
+    }
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Engine> {
+        self.by_id.get_mut(&id)
+    }
+    pub fn id_of(&self, ident: &[u8]) -> Option<u64> {
+        self.by_ident.get(ident).copied()
+    }
+    pub fn by_uuid(&self, uuid: &str) -> Option<&Engine> {
+        self.id_of(uuid.as_bytes()).and_then(|id| self.by_id.get(&id))
+    }
+
+    pub fn insert(&mut self, e: Engine) {
+        self.by_ident.insert(e.ident.clone(), e.id);
+        self.by_id.insert(e.id, e);
+    }
+
+    pub fn remove(&mut self, id: u64) -> Option<Engine> {
+        let e = self.by_id.remove(&id)?;
+        self.by_ident.remove(&e.ident);
+        self.lru.retain(|x| *x != id);
+        Some(e)
+    }
+
+    /// Move an engine to the back of the LRU order.
+    pub fn touch(&mut self, id: u64) {
+        if let Some(pos) = self.lru.iter().position(|x| *x == id) {
+            self.lru.remove(pos);
+            self.lru.push_back(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_never_reused() {
+        let mut e = Engines::default();
+        assert_eq!(e.allocate_id(None), 0);
+        assert_eq!(e.allocate_id(None), 1);
+        assert_eq!(e.allocate_id(Some(5)), 5);
+        assert_eq!(e.allocate_id(Some(5)), 6);
+        assert_eq!(e.allocate_id(Some(1)), 7);
+        assert_eq!(e.allocate_id(Some(3)), 3);
+        assert_eq!(e.allocate_id(None), 8);
+    }
+
+    #[test]
+    fn dependency_semantics() {
+        let done = |id: &str| id == "a" || id == "b";
+        let failed = |id: &str| id == "f";
+        let d = Dep::parse(Some(&serde_json::json!(["a", "b"]))).unwrap();
+        assert!(d.check(done, failed));
+        let d = Dep::parse(Some(&serde_json::json!(["a", "c"]))).unwrap();
+        assert!(!d.check(done, failed));
+        assert!(!d.unreachable(done, failed));
+        let d = Dep::parse(Some(&serde_json::json!({"dependencies": ["a", "c"], "all": false}))).unwrap();
+        assert!(d.check(done, failed));
+        let d = Dep::parse(Some(&serde_json::json!(["f"]))).unwrap();
+        assert!(d.unreachable(done, failed));
+        let d = Dep::parse(Some(&serde_json::json!({"dependencies": ["f"], "success": false, "failure": true}))).unwrap();
+        assert!(d.check(done, failed));
+    }
+}
