@@ -1,0 +1,171 @@
+//! The supervisor's handle on its worker process: spawning it, reading its pipes and noticing
+//! its death.
+//!
+//! One reader task per worker incarnation owns the child and both pipes and sends
+//! [`WorkerEvent`]s tagged with the incarnation number, so events of a killed worker are easy to
+//! ignore. Killing is by pid; the reader task reaps the process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStdin, Command};
+use tokio::sync::mpsc;
+
+/// What a worker produced.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The worker is gone; the status described (`signal 6 (SIGABRT)`, `exit status 99`).
+    Exited(String),
+}
+
+/// How to start workers.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    /// The program to run (normally `current_exe()`).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Extra environment for the worker.
+    pub env: Vec<(String, String)>,
+}
+
+impl WorkerCommand {
+    /// Re-execute this binary as a worker, with `target_libdir` on `LD_LIBRARY_PATH`.
+    pub fn this_binary(target_libdir: Option<&str>) -> std::io::Result<WorkerCommand> {
+        let mut env = vec![
+            (crate::worker::WORKER_ENV.to_string(), "1".to_string()),
+            (crate::worker::PARENT_ENV.to_string(), std::process::id().to_string()),
+        ];
+        if std::env::var_os("RUST_BACKTRACE").is_none() {
+            env.push(("RUST_BACKTRACE".into(), "0".into()));
+        }
+        if let Some(dir) = target_libdir.filter(|d| !d.is_empty()) {
+            let path = match std::env::var("LD_LIBRARY_PATH") {
+                Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
+                _ => dir.to_string(),
+            };
+            env.push(("LD_LIBRARY_PATH".into(), path));
+        }
+        Ok(WorkerCommand { program: std::env::current_exe()?, args: vec![], env })
+    }
+}
+
+/// A running worker incarnation.
+#[derive(Debug)]
+pub struct Worker {
+    pub generation: u64,
+    pub pid: i32,
+    stdin: Option<ChildStdin>,
+}
+
+impl Worker {
+    /// Spawn a worker; its events arrive on `events` tagged with `generation`.
+    pub fn spawn(cmd: &WorkerCommand, generation: u64, events: mpsc::Sender<(u64, WorkerEvent)>) -> std::io::Result<Worker> {
+        let mut c = Command::new(&cmd.program);
+        c.args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // A terminal's Ctrl-C goes to the supervisor, which then stops the worker itself.
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = c.spawn()?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(-1);
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        tokio::spawn(async move {
+            let mut out_buf = vec![0u8; 16 * 1024];
+            let mut err_buf = vec![0u8; 16 * 1024];
+            let (mut out_open, mut err_open) = (true, true);
+            let mut status: Option<String> = None;
+            let mut drain_deadline: Option<tokio::time::Instant> = None;
+            loop {
+                if !out_open && !err_open && status.is_some() {
+                    break;
+                }
+                if !out_open && !err_open && status.is_none() {
+                    // Pipes closed: the process is exiting.
+                    let st = child.wait().await.map(|s| crate::signals::describe_exit(&s));
+                    status = Some(st.unwrap_or_else(|e| format!("unknown status ({e})")));
+                    continue;
+                }
+                let deadline = drain_deadline;
+                tokio::select! {
+                    biased;
+                    r = stderr.read(&mut err_buf), if err_open => match r {
+                        Ok(0) | Err(_) => err_open = false,
+                        Ok(n) => {
+                            if events.send((generation, WorkerEvent::Stderr(err_buf[..n].to_vec()))).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    r = stdout.read(&mut out_buf), if out_open => match r {
+                        Ok(0) | Err(_) => out_open = false,
+                        Ok(n) => {
+                            if events.send((generation, WorkerEvent::Stdout(out_buf[..n].to_vec()))).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    st = child.wait(), if status.is_none() => {
+                        status = Some(match st {
+                            Ok(s) => crate::signals::describe_exit(&s),
+                            Err(e) => format!("unknown status ({e})"),
+                        });
+                        // Something the worker started may hold the pipes open; do not wait long.
+                        drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+                    },
+                    _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break,
+                }
+            }
+            let _ = events.send((generation, WorkerEvent::Exited(status.unwrap_or_default()))).await;
+        });
+        Ok(Worker { generation, pid, stdin })
+    }
+
+    /// Write one command line to the worker's stdin (bounded wait).
+    pub async fn send_line(&mut self, line: &str) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("worker stdin closed"))?;
+        let mut data = line.as_bytes().to_vec();
+        data.push(b'\n');
+        match tokio::time::timeout(Duration::from_secs(5), async {
+            stdin.write_all(&data).await?;
+            stdin.flush().await
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "worker stdin is not accepting input")),
+        }
+    }
+
+    /// Send a signal to the worker.
+    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
+        if self.pid <= 0 {
+            return Err(std::io::Error::other("worker has no pid"));
+        }
+        // SAFETY: kill has no memory effects.
+        if unsafe { libc::kill(self.pid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Kill the worker (SIGKILL) and close its stdin; the reader task reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.signal(libc::SIGKILL);
+        self.stdin = None;
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,294 @@
+//! Sockets: connecting them, and the small tasks that pump frames between them and the engine
+//! loop.
+//!
+//! Each DEALER is split: a receive task forwards every message to the engine loop as an
+//! [`Inbound`], and a send task drains a bounded channel, bounding every send with a timeout
+//! (zeromq 0.7 can block forever on a stalled peer). The heartbeat runs on its own task and only
+//! records when the last ping arrived.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rpx_protocol::compile::{msg_type, EngineHello};
+use rpx_protocol::connection::{read_json, CompilerConnection};
+use rpx_protocol::Session;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use zeromq::{DealerSocket, PubSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket};
+
+use crate::{Error, Result};
+
+/// A multipart message.
+pub type Frames = Vec<Bytes>;
+/// Where to send frames for one socket.
+pub type Outlet = mpsc::Sender<Frames>;
+
+/// The shell sockets a request can arrive on (replies go back on the same one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Mux,
+    Task,
+    Broadcast,
+    Control,
+}
+
+/// Everything the engine loop receives from its sockets and helper tasks.
+#[derive(Debug)]
+pub enum Inbound {
+    Shell(Channel, Frames),
+    Control(Frames),
+    Compiler(Frames),
+    /// The compiler answered `engine_hello`.
+    CompilerReady(CompilerLink),
+    /// No compiler could be reached.
+    CompilerFailed(String),
+    /// The broadcast leaf connection is up.
+    BroadcastReady(Outlet),
+}
+
+/// A connected compiler.
+#[derive(Debug)]
+pub struct CompilerLink {
+    pub out: Outlet,
+    pub session: Session,
+    pub pid: u32,
+    pub target_libdir: Option<String>,
+}
+
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+const OUTLET_CAPACITY: usize = 4096;
+
+fn options(identity: &str, connect_timeout: Duration) -> SocketOptions {
+    let mut o = SocketOptions::default();
+    o.peer_identity(identity.as_bytes().try_into().expect("a uuid is a valid zmq identity"));
+    o.connect_timeout(connect_timeout);
+    o
+}
+
+/// A DEALER with `identity`, connected to `url` (waits up to `timeout` for the peer).
+pub async fn connect_dealer(url: &str, identity: &str, timeout: Duration) -> Result<DealerSocket> {
+    let mut s = DealerSocket::with_options(options(identity, timeout));
+    match tokio::time::timeout(timeout + Duration::from_millis(500), s.connect(url)).await {
+        Ok(Ok(())) => Ok(s),
+        Ok(Err(e)) => Err(Error::Connect(format!("{url}: {e}"))),
+        Err(_) => Err(Error::Connect(format!("{url}: timed out after {timeout:?}"))),
+    }
+}
+
+/// Start the receive and send tasks of a connected DEALER; received messages are wrapped by
+/// `wrap` and sent to the engine loop.
+pub fn spawn_dealer(sock: DealerSocket, name: &'static str, inbound: mpsc::Sender<Inbound>, wrap: fn(Frames) -> Inbound) -> Outlet {
+    let (mut tx_half, mut rx_half) = sock.split();
+    let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
+    tokio::spawn(async move {
+        loop {
+            match rx_half.recv().await {
+                Ok(m) => {
+                    if inbound.send(wrap(m.into_vec())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    debug!(socket = name, error = %e, "receive error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(frames) = rx.recv().await {
+            send_bounded(&mut tx_half, name, frames).await;
+        }
+    });
+    out
+}
+
+async fn send_bounded<S: SocketSend>(s: &mut S, name: &str, frames: Frames) {
+    if frames.is_empty() {
+        return;
+    }
+    match tokio::time::timeout(SEND_TIMEOUT, s.send(rpx_protocol::zmq::message(frames))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(socket = name, error = %e, "send failed; message dropped"),
+        Err(_) => warn!(socket = name, "send timed out; message dropped"),
+    }
+}
+
+/// A PUB connected to the controller's iopub SUB, with its send task.
+pub async fn connect_iopub(url: &str, identity: &str, timeout: Duration) -> Result<Outlet> {
+    let mut s = PubSocket::with_options(options(identity, timeout));
+    match tokio::time::timeout(timeout + Duration::from_millis(500), s.connect(url)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Connect(format!("{url}: {e}"))),
+        Err(_) => return Err(Error::Connect(format!("{url}: timed out after {timeout:?}"))),
+    }
+    let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
+    tokio::spawn(async move {
+        while let Some(frames) = rx.recv().await {
+            send_bounded(&mut s, "iopub", frames).await;
+        }
+    });
+    Ok(out)
+}
+
+/// Milliseconds since `epoch` of the last heartbeat ping, shared with the engine loop.
+#[derive(Debug, Clone)]
+pub struct LastPing {
+    epoch: Instant,
+    ms: Arc<AtomicU64>,
+}
+
+impl LastPing {
+    pub fn new() -> LastPing {
+        LastPing { epoch: Instant::now(), ms: Arc::new(AtomicU64::new(0)) }
+    }
+    fn touch(&self) {
+        self.ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// Time since the last ping (or since creation, if none came yet).
+    pub fn since(&self) -> Duration {
+        self.epoch.elapsed().saturating_sub(Duration::from_millis(self.ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for LastPing {
+    fn default() -> Self {
+        LastPing::new()
+    }
+}
+
+/// The heart: a SUB on `hb_ping` echoing each ping on a DEALER (identity = uuid) to `hb_pong`.
+pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout: Duration, last: LastPing) -> Result<()> {
+    let mut sub = SubSocket::with_options(options(identity, timeout));
+    sub.subscribe("").await.map_err(|e| Error::Connect(format!("hb_ping subscribe: {e}")))?;
+    match tokio::time::timeout(timeout + Duration::from_millis(500), sub.connect(ping_url)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Connect(format!("{ping_url}: {e}"))),
+        Err(_) => return Err(Error::Connect(format!("{ping_url}: timed out"))),
+    }
+    let mut pong = connect_dealer(pong_url, identity, timeout).await?;
+    tokio::spawn(async move {
+        loop {
+            match sub.recv().await {
+                Ok(m) => {
+                    last.touch();
+                    match tokio::time::timeout(Duration::from_secs(1), pong.send(m)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(error = %e, "pong send failed"),
+                        Err(_) => warn!("pong send timed out"),
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "hb_ping receive error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Is process `pid` alive (on this host)?
+pub fn pid_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence.
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Find and greet the compiler: wait (up to `wait`) for its connection file and a live process,
+/// connect, send `engine_hello` until `engine_hello_reply` arrives. Reports the outcome to the
+/// engine loop as [`Inbound::CompilerReady`] or [`Inbound::CompilerFailed`].
+pub async fn connect_compiler(file: PathBuf, uuid: String, engine_id: u64, username: String, wait: Duration, inbound: mpsc::Sender<Inbound>) {
+    let outcome = compiler_handshake(&file, &uuid, engine_id, &username, wait, inbound.clone()).await;
+    let msg = match outcome {
+        Ok(link) => Inbound::CompilerReady(link),
+        Err(e) => Inbound::CompilerFailed(e),
+    };
+    let _ = inbound.send(msg).await;
+}
+
+async fn compiler_handshake(
+    file: &std::path::Path,
+    uuid: &str,
+    engine_id: u64,
+    username: &str,
+    wait: Duration,
+    inbound: mpsc::Sender<Inbound>,
+) -> std::result::Result<CompilerLink, String> {
+    let deadline = Instant::now() + wait;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    // The file, naming a live process.
+    let conn: CompilerConnection = loop {
+        match read_json::<CompilerConnection>(file) {
+            Ok(c) if pid_alive(c.pid) => break c,
+            Ok(c) => debug!(pid = c.pid, "compiler file names a dead process; waiting"),
+            Err(e) => debug!(error = %e, "no compiler file yet"),
+        }
+        if left().is_zero() {
+            return Err(format!("no live compiler announced in {} within {wait:?}", file.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    info!(url = %conn.url, pid = conn.pid, "connecting to the compiler");
+    let session = Session::with_id(conn.key.as_bytes(), username, uuid);
+    let sock = connect_dealer(&conn.url, uuid, left().max(Duration::from_millis(100))).await.map_err(|e| e.to_string())?;
+    let (mut tx_half, mut rx_half) = sock.split();
+    let hello = serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id() }).expect("serializes");
+    let reply = loop {
+        let (_, frames) = session.msg(&[], msg_type::ENGINE_HELLO, hello.clone(), None, json!({"engine": uuid}), &[]);
+        if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_protocol::zmq::message(frames))).await.unwrap_or(Err(zeromq::ZmqError::NoMessage)) {
+            debug!(error = %e, "engine_hello send failed; retrying");
+        }
+        let until = Instant::now() + Duration::from_secs(2).min(left().max(Duration::from_millis(10)));
+        let mut got = None;
+        while got.is_none() {
+            let Ok(r) = tokio::time::timeout(until.saturating_duration_since(Instant::now()), rx_half.recv()).await else { break };
+            let Ok(m) = r else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            match session.decode(m.into_vec()) {
+                Ok(msg) if msg.msg_type() == msg_type::ENGINE_HELLO_REPLY => got = Some(msg),
+                Ok(msg) => debug!(msg_type = msg.msg_type(), "ignoring compiler message before engine_hello_reply"),
+                Err(e) => warn!(error = %e, "bad message from the compiler dropped"),
+            }
+        }
+        if let Some(m) = got {
+            break m;
+        }
+        if left().is_zero() {
+            return Err(format!("the compiler at {} did not answer engine_hello within {wait:?}", conn.url));
+        }
+    };
+    let target_libdir = reply.content_str("target_libdir").map(str::to_string);
+    // Hand the socket over to the pump tasks.
+    let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
+    tokio::spawn(async move {
+        loop {
+            match rx_half.recv().await {
+                Ok(m) => {
+                    if inbound.send(Inbound::Compiler(m.into_vec())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "compiler receive error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(frames) = rx.recv().await {
+            send_bounded(&mut tx_half, "compiler", frames).await;
+        }
+    });
+    Ok(CompilerLink { out, session, pid: conn.pid, target_libdir })
+}

@@ -1,0 +1,371 @@
+//! Parsing what the worker writes: its stdout stream into user text and evcxr's markers and
+//! content blocks, and the stderr tail into a panic message.
+//!
+//! Pure code, no I/O: the supervisor feeds it raw chunks as they are read from the pipes.
+
+use std::collections::VecDeque;
+
+/// The worker finished a `LOAD_AND_RUN`.
+pub const EXECUTION_COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
+/// User code panicked (caught by the generated wrapper).
+pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
+/// A `?` in user code returned an error.
+pub const ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
+/// Prefix of `EVCXR_VARIABLE_CHANGED_TYPE:<name>`.
+pub const VARIABLE_CHANGED_TYPE: &str = "EVCXR_VARIABLE_CHANGED_TYPE:";
+/// Prefix of `EVCXR_BEGIN_CONTENT <mime>`.
+pub const BEGIN_CONTENT: &str = "EVCXR_BEGIN_CONTENT ";
+/// End of a content block.
+pub const END_CONTENT: &str = "EVCXR_END_CONTENT";
+/// Prefix of `EVCXR_INPUT_REQUEST:<prompt>` (and `EVCXR_INPUT_REQUEST_PASSWORD:<prompt>`).
+pub const INPUT_REQUEST: &str = "EVCXR_INPUT_REQUEST";
+
+/// One thing recognised in the worker's stdout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StdoutEvent {
+    /// User output: whole lines, each ending in `\n` (a final partial line at EOF has none).
+    /// Consecutive user lines from one chunk are coalesced into one event.
+    Text(String),
+    Panic,
+    ErrorOccurred,
+    ChangedType(String),
+    /// A complete `EVCXR_BEGIN_CONTENT <mime>` ... `EVCXR_END_CONTENT` block; lines joined by `\n`.
+    Content { mime: String, data: String },
+    /// The cell asks for input; `password` for the password variant.
+    InputRequest { prompt: String, password: bool },
+    Complete,
+}
+
+/// Incremental parser for the worker's stdout. Keeps a partial line and an open content block
+/// between chunks.
+#[derive(Debug, Default)]
+pub struct StdoutParser {
+    partial: Vec<u8>,
+    content: Option<(String, String)>,
+}
+
+impl StdoutParser {
+    pub fn new() -> StdoutParser {
+        StdoutParser::default()
+    }
+
+    /// Feed a chunk as read from the pipe; returns the events of the complete lines in it.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<StdoutEvent> {
+        let mut out = Vec::new();
+        let mut rest = chunk;
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+            let (line, tail) = rest.split_at(pos);
+            rest = &tail[1..];
+            if self.partial.is_empty() {
+                let text = String::from_utf8_lossy(line).into_owned();
+                self.line(text, &mut out);
+            } else {
+                self.partial.extend_from_slice(line);
+                let text = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
+                self.line(text, &mut out);
+            }
+        }
+        self.partial.extend_from_slice(rest);
+        out
+    }
+
+    /// True when a partial line or an open content block is buffered.
+    pub fn has_pending(&self) -> bool {
+        !self.partial.is_empty() || self.content.is_some()
+    }
+
+    /// End of stream: the partial line (if any) becomes user text without a newline; an
+    /// unterminated content block is returned as user text too, so nothing is lost.
+    pub fn finish(&mut self) -> Vec<StdoutEvent> {
+        let mut out = Vec::new();
+        if let Some((mime, data)) = self.content.take() {
+            let mut text = format!("{BEGIN_CONTENT}{mime}\n");
+            if !data.is_empty() {
+                text.push_str(&data);
+                text.push('\n');
+            }
+            push_text(&mut out, &text);
+        }
+        if !self.partial.is_empty() {
+            let text = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
+            push_text(&mut out, &text);
+        }
+        out
+    }
+
+    fn line(&mut self, line: String, out: &mut Vec<StdoutEvent>) {
+        if let Some((mime, mut data)) = self.content.take() {
+            if line == END_CONTENT {
+                out.push(StdoutEvent::Content { mime, data });
+            } else if line == PANIC_NOTIFICATION {
+                // evcxr closes the block on a panic and keeps what it had.
+                out.push(StdoutEvent::Content { mime, data });
+                out.push(StdoutEvent::Panic);
+            } else {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(&line);
+                self.content = Some((mime, data));
+            }
+            return;
+        }
+        // Markers are whole lines; user output that lacked a final newline may sit in front of
+        // a marker printed by the wrapper (same stdout buffer), so accept a prefix and pass it
+        // on as user text.
+        for (marker, event) in [
+            (EXECUTION_COMPLETE, StdoutEvent::Complete),
+            (PANIC_NOTIFICATION, StdoutEvent::Panic),
+            (ERROR_OCCURRED, StdoutEvent::ErrorOccurred),
+        ] {
+            if let Some(prefix) = line.strip_suffix(marker) {
+                push_text(out, prefix);
+                out.push(event);
+                return;
+            }
+        }
+        if let Some(pos) = line.find(VARIABLE_CHANGED_TYPE) {
+            push_text(out, &line[..pos]);
+            out.push(StdoutEvent::ChangedType(line[pos + VARIABLE_CHANGED_TYPE.len()..].to_string()));
+            return;
+        }
+        if let Some(pos) = line.find(BEGIN_CONTENT) {
+            let mime = line[pos + BEGIN_CONTENT.len()..].split(' ').next().unwrap_or("").to_string();
+            if !mime.is_empty() {
+                push_text(out, &line[..pos]);
+                self.content = Some((mime, String::new()));
+                return;
+            }
+        }
+        if let Some(rest) = line.strip_prefix(INPUT_REQUEST) {
+            let (password, rest) = match rest.strip_prefix("_PASSWORD") {
+                Some(r) => (true, r),
+                None => (false, rest),
+            };
+            if let Some(prompt) = rest.strip_prefix(':') {
+                out.push(StdoutEvent::InputRequest { prompt: prompt.to_string(), password });
+                return;
+            }
+        }
+        let mut text = line;
+        text.push('\n');
+        push_text(out, &text);
+    }
+}
+
+/// Append user text, merging with a preceding text event.
+fn push_text(out: &mut Vec<StdoutEvent>, text: &str) {
+    if text.is_empty() {
+        return;
+    }
+    if let Some(StdoutEvent::Text(prev)) = out.last_mut() {
+        prev.push_str(text);
+    } else {
+        out.push(StdoutEvent::Text(text.to_string()));
+    }
+}
+
+/// The last lines the worker wrote on stderr, to explain a panic or a death.
+#[derive(Debug)]
+pub struct StderrTail {
+    lines: VecDeque<String>,
+    partial: String,
+    cap: usize,
+}
+
+impl StderrTail {
+    pub fn new(cap: usize) -> StderrTail {
+        StderrTail { lines: VecDeque::with_capacity(cap), partial: String::new(), cap }
+    }
+
+    pub fn feed(&mut self, chunk: &str) {
+        let mut rest = chunk;
+        while let Some(pos) = rest.find('\n') {
+            self.partial.push_str(&rest[..pos]);
+            let line = std::mem::take(&mut self.partial);
+            if self.lines.len() == self.cap {
+                self.lines.pop_front();
+            }
+            self.lines.push_back(line);
+            rest = &rest[pos + 1..];
+        }
+        self.partial.push_str(rest);
+    }
+
+    pub fn clear(&mut self) {
+        self.lines.clear();
+        self.partial.clear();
+    }
+
+    /// The kept lines, including a trailing partial line.
+    pub fn lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            v.push(self.partial.clone());
+        }
+        v
+    }
+}
+
+/// A panic found in stderr lines: the message and the lines from the `panicked at` line on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PanicInfo {
+    pub message: String,
+    pub location: String,
+    pub lines: Vec<String>,
+}
+
+/// Find the last panic report in `lines`.
+///
+/// Current Rust prints `thread '<name>' panicked at <file>:<line>:<col>:` followed by the
+/// message lines and a `note: run with RUST_BACKTRACE=1 ...` line; older releases printed
+/// `thread '<name>' panicked at '<msg>', <file>:<line>:<col>` on one line.
+pub fn find_panic(lines: &[String]) -> Option<PanicInfo> {
+    let start = lines.iter().rposition(|l| l.starts_with("thread '") && l.contains("' panicked at "))?;
+    let head = &lines[start];
+    let after = &head[head.find("' panicked at ").unwrap() + "' panicked at ".len()..];
+    let mut message_lines = Vec::new();
+    for l in &lines[start + 1..] {
+        if l.starts_with("note: ") || l.starts_with("stack backtrace:") || l.starts_with(PANIC_NOTIFICATION) {
+            break;
+        }
+        message_lines.push(l.clone());
+    }
+    let (message, location) = if let Some(loc) = after.strip_suffix(':') {
+        (message_lines.join("\n"), loc.to_string())
+    } else if let Some((msg, loc)) = after.rsplit_once("', ") {
+        // Old one-line format.
+        (msg.trim_start_matches('\'').to_string(), loc.to_string())
+    } else {
+        (message_lines.join("\n"), after.to_string())
+    };
+    let end = lines[start..].iter().position(|l| l.starts_with("note: ")).map_or(lines.len(), |p| start + p);
+    Some(PanicInfo { message, location, lines: lines[start..end].to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StdoutEvent::*;
+
+    fn text(s: &str) -> StdoutEvent {
+        Text(s.to_string())
+    }
+
+    #[test]
+    fn user_lines_are_coalesced_and_markers_split_them() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"a\nb\nEVCXR_ERROR_OCCURRED\nc\nEVCXR_EXECUTION_COMPLETE\n");
+        assert_eq!(ev, vec![text("a\nb\n"), ErrorOccurred, text("c\n"), Complete]);
+        assert!(!p.has_pending());
+    }
+
+    #[test]
+    fn lines_split_across_reads() {
+        let mut p = StdoutParser::new();
+        assert_eq!(p.feed(b"hel"), vec![]);
+        assert!(p.has_pending());
+        assert_eq!(p.feed(b"lo\nEVCXR_EXEC"), vec![text("hello\n")]);
+        assert_eq!(p.feed(b"UTION_COMPLETE\n"), vec![Complete]);
+    }
+
+    #[test]
+    fn content_block_split_across_reads_last_wins_elsewhere() {
+        let mut p = StdoutParser::new();
+        let mut ev = p.feed(b"x\nEVCXR_BEGIN_CONTENT text/plain\n4");
+        ev.extend(p.feed(b"2\nsecond line\nEVCXR_END_"));
+        ev.extend(p.feed(b"CONTENT\nEVCXR_EXECUTION_COMPLETE\n"));
+        assert_eq!(
+            ev,
+            vec![text("x\n"), Content { mime: "text/plain".into(), data: "42\nsecond line".into() }, Complete]
+        );
+    }
+
+    #[test]
+    fn marker_like_lines_inside_content_are_data() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"EVCXR_BEGIN_CONTENT text/html\nEVCXR_ERROR_OCCURRED\nEVCXR_END_CONTENT\n");
+        assert_eq!(ev, vec![Content { mime: "text/html".into(), data: "EVCXR_ERROR_OCCURRED".into() }]);
+    }
+
+    #[test]
+    fn panic_closes_an_open_content_block() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"EVCXR_BEGIN_CONTENT text/plain\npart\nEVCXR_PANIC_NOTIFICATION\nEVCXR_EXECUTION_COMPLETE\n");
+        assert_eq!(ev, vec![Content { mime: "text/plain".into(), data: "part".into() }, Panic, Complete]);
+    }
+
+    #[test]
+    fn changed_types_and_input_requests() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"EVCXR_VARIABLE_CHANGED_TYPE:q\nEVCXR_INPUT_REQUEST:name?\nEVCXR_INPUT_REQUEST_PASSWORD:pw\n");
+        assert_eq!(
+            ev,
+            vec![
+                ChangedType("q".into()),
+                InputRequest { prompt: "name?".into(), password: false },
+                InputRequest { prompt: "pw".into(), password: true }
+            ]
+        );
+    }
+
+    #[test]
+    fn unterminated_user_text_before_a_marker_is_kept() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"no newlineEVCXR_PANIC_NOTIFICATION\nEVCXR_EXECUTION_COMPLETE\n");
+        assert_eq!(ev, vec![text("no newline"), Panic, Complete]);
+    }
+
+    #[test]
+    fn final_partial_line_and_open_block_at_eof() {
+        let mut p = StdoutParser::new();
+        assert_eq!(p.feed(b"done\nlast"), vec![text("done\n")]);
+        assert_eq!(p.finish(), vec![text("last")]);
+        assert!(!p.has_pending());
+        assert_eq!(p.feed(b"EVCXR_BEGIN_CONTENT text/plain\nabc\n"), vec![]);
+        assert_eq!(p.finish(), vec![text("EVCXR_BEGIN_CONTENT text/plain\nabc\n")]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_not_dropped() {
+        let mut p = StdoutParser::new();
+        assert_eq!(p.feed(b"a\xffb\n"), vec![text("a\u{fffd}b\n")]);
+    }
+
+    #[test]
+    fn stderr_tail_keeps_last_lines() {
+        let mut t = StderrTail::new(3);
+        t.feed("1\n2\n3");
+        t.feed("x\n4\n5");
+        assert_eq!(t.lines(), vec!["2", "3x", "4", "5"]);
+        t.clear();
+        assert!(t.lines().is_empty());
+    }
+
+    #[test]
+    fn panic_message_current_format() {
+        let lines: Vec<String> = [
+            "earlier output",
+            "thread '<unnamed>' panicked at src/lib.rs:42:5:",
+            "index out of bounds: the len is 3 but the index is 7",
+            "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace",
+        ]
+        .map(String::from)
+        .to_vec();
+        let p = find_panic(&lines).unwrap();
+        assert_eq!(p.message, "index out of bounds: the len is 3 but the index is 7");
+        assert_eq!(p.location, "src/lib.rs:42:5");
+        assert_eq!(p.lines.len(), 2);
+    }
+
+    #[test]
+    fn panic_message_multiline_and_old_format() {
+        let lines: Vec<String> =
+            ["thread 'main' panicked at src/lib.rs:1:1:", "line one", "line two"].map(String::from).to_vec();
+        assert_eq!(find_panic(&lines).unwrap().message, "line one\nline two");
+        let old: Vec<String> = ["thread 'main' panicked at 'boom', src/lib.rs:3:9"].map(String::from).to_vec();
+        let p = find_panic(&old).unwrap();
+        assert_eq!((p.message.as_str(), p.location.as_str()), ("boom", "src/lib.rs:3:9"));
+        assert!(find_panic(&["no panic here".to_string()]).is_none());
+    }
+}
