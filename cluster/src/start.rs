@@ -61,7 +61,7 @@ fn check_not_running(target: &Target) -> anyhow::Result<()> {
                 eprintln!(
                     "ipcluster: removed the stale cluster file of a cluster under {} that is no longer running{}",
                     target.describe(),
-                    if report.was_alive.is_empty() { String::new() } else { format!(" (stopped {} leftover process(es))", report.was_alive.len()) }
+                    if report.processes_before == 0 { String::new() } else { format!(" (stopped {} leftover process(es))", report.processes_before) }
                 );
             }
             Err(e) => eprintln!("ipcluster: removing unreadable cluster file: {e:#}"),

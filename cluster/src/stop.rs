@@ -20,8 +20,12 @@ use rpx_protocol::Profile;
 pub struct StopReport {
     /// Recorded members that were alive when the stop began: (role, pid).
     pub was_alive: Vec<(String, u32)>,
+    /// Live processes of the cluster (members, their workers and relays) when the stop began.
+    pub processes_before: usize,
     /// Processes that needed SIGKILL.
     pub killed: usize,
+    /// The foreground `ipcluster` that was asked to stop its cluster.
+    pub foreground: Option<u32>,
     /// Processes still alive after SIGKILL (should be empty).
     pub survivors: Vec<u32>,
 }
@@ -37,14 +41,6 @@ pub fn profile_of(file: &Path, st: &ClusterState) -> Profile {
 pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
     let mut report = StopReport::default();
     let me = std::process::id();
-    if !from_foreground {
-        if let Some(p) = st.ipcluster_pid.filter(|p| *p != me && procs::is_proc(*p, "ipcluster")) {
-            // The foreground ipcluster stops its own cluster; give it time to do so.
-            report.was_alive.push(("ipcluster".into(), p));
-            procs::signal(p, libc::SIGTERM);
-            procs::wait_until(Duration::from_secs(12), || !procs::alive(p));
-        }
-    }
     let mut roles: Vec<(String, u32, &str)> = Vec::new();
     for e in &st.engines {
         roles.push((format!("engine {}", e.index), e.pid, "ipengine"));
@@ -59,8 +55,17 @@ pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
         }
     }
 
+    if !from_foreground {
+        if let Some(p) = st.ipcluster_pid.filter(|p| *p != me && procs::is_proc(*p, "ipcluster")) {
+            // The foreground ipcluster stops its own cluster; give it time to do so.
+            report.foreground = Some(p);
+            procs::signal(p, libc::SIGTERM);
+            procs::wait_until(Duration::from_secs(12), || !procs::alive(p));
+        }
+    }
     let engine_groups: Vec<u32> = st.engines.iter().map(|e| e.pid).collect();
     let all_groups: Vec<u32> = st.pids();
+    report.processes_before = procs::members(&all_groups, &st.instance).len();
     let start = Instant::now();
 
     for g in &engine_groups {
@@ -112,6 +117,9 @@ pub fn summary(st: &ClusterState, report: &StopReport) -> String {
         parts.push(format!("{} engine{} (pids {})", engines.len(), if engines.len() == 1 { "" } else { "s" }, engines.join(", ")));
     }
     let mut line = format!("stopped cluster ({}): {}", cli::describe(&st.profile, &st.cluster_id), parts.join(", "));
+    if let Some(p) = report.foreground {
+        line.push_str(&format!(" (through its foreground ipcluster, pid {p})"));
+    }
     if report.killed > 0 {
         line.push_str(&format!("; {} process(es) ignored SIGTERM and were killed", report.killed));
     }
@@ -148,9 +156,10 @@ pub fn stop(args: StopArgs) -> anyhow::Result<i32> {
         let profile = profile_of(&file, &st);
         let report = stop_state(&st, false);
         remove_files(&profile);
-        if report.was_alive.is_empty() && report.killed == 0 {
+        if !report.was_alive.iter().any(|(r, _)| r == "controller") && report.foreground.is_none() {
+            let leftovers = if report.processes_before > 0 { format!("stopped {} leftover process(es), ", report.processes_before) } else { String::new() };
             problems.push(format!(
-                "no cluster is running under {} (its processes had already exited; removed the stale cluster file)",
+                "no cluster is running under {} (its controller had already exited; {leftovers}removed the stale cluster file)",
                 cli::describe(&st.profile, &st.cluster_id)
             ));
             continue;
@@ -165,4 +174,43 @@ pub fn stop(args: StopArgs) -> anyhow::Result<i32> {
         eprintln!("ipcluster: {p}");
     }
     Ok(if stopped_any && problems.iter().all(|p| !p.contains("survived")) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::EngineProc;
+
+    #[test]
+    fn stop_kills_whole_groups_even_when_term_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let instance = uuid::Uuid::new_v4().to_string();
+        let sh = Path::new("/bin/sh");
+        // A "controller" that exits on TERM, and an "engine" that ignores TERM and has a worker.
+        let mut ctl = procs::spawn(sh, &["-c".into(), "sleep 1000 & wait".into()], &dir.path().join("c.log"), &instance).unwrap();
+        let script = "trap '' TERM; sh -c 'trap \"\" TERM; sleep 1000' & sleep 1000 & wait";
+        let mut eng = procs::spawn(sh, &["-c".into(), script.into()], &dir.path().join("e.log"), &instance).unwrap();
+        assert!(procs::wait_until(Duration::from_secs(5), || procs::members(&[], &instance).len() >= 5));
+        let st = ClusterState {
+            profile: "t".into(),
+            cluster_id: String::new(),
+            profile_dir: dir.path().into(),
+            controller_pid: ctl.id(),
+            compiler_pid: None,
+            engines: vec![EngineProc { pid: eng.id(), index: 0, log: dir.path().join("e.log") }],
+            started: String::new(),
+            ipcluster_pid: None,
+            instance: instance.clone(),
+            launcher: "local".into(),
+            controller_log: Default::default(),
+            compiler_log: Default::default(),
+            client_file: Default::default(),
+        };
+        let report = stop_state(&st, true);
+        let _ = ctl.wait();
+        let _ = eng.wait();
+        assert!(report.killed >= 3, "the engine, its worker and its sleep ignored TERM: {report:?}");
+        assert!(report.survivors.is_empty());
+        assert!(procs::members(&st.pids(), &instance).is_empty(), "no orphan survives");
+    }
 }
