@@ -34,6 +34,9 @@ pub mod scheduler;
 pub mod state;
 pub mod wire;
 
+#[cfg(test)]
+mod hub_tests;
+
 pub use net::{run, run_with_ready, Ready};
 
 /// Errors of the controller library.

@@ -1,0 +1,372 @@
+//! Unit tests of the hub's decisions, driven through a recording [`Comm`].
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use rpx_protocol::{Message, Session};
+
+use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::scheduler::Scheme;
+use crate::wire::{self, Chan};
+
+#[derive(Default)]
+struct TestComm {
+    sent: Vec<(Sock, Vec<Bytes>)>,
+}
+
+impl Comm for TestComm {
+    fn send(&mut self, sock: Sock, frames: Vec<Bytes>) {
+        self.sent.push((sock, frames));
+    }
+}
+
+impl TestComm {
+    fn take(&mut self) -> Vec<(Sock, Vec<Bytes>)> {
+        std::mem::take(&mut self.sent)
+    }
+}
+
+const KEY: &[u8] = b"test-key";
+
+struct Env {
+    hub: Hub,
+    comm: TestComm,
+    client: Session,
+    now: Instant,
+}
+
+fn env(hwm: usize) -> Env {
+    let now = Instant::now();
+    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm, ping: Duration::from_millis(1000), record_limit: 1024, record_bytes: 1 << 30, engine_info: json!({}) };
+    Env { hub: Hub::new(Session::new(KEY, "hub"), cfg, now), comm: TestComm::default(), client: Session::new(KEY, "client"), now }
+}
+
+fn decode(frames: &[Bytes]) -> Message {
+    Session::new(KEY, "x").decode(frames.to_vec()).expect("hub output verifies")
+}
+
+fn uuid(i: u64) -> String {
+    format!("engine-uuid-{i}")
+}
+
+impl Env {
+    fn ev(&mut self, ev: Inbound) {
+        self.hub.on_event(&mut self.comm, ev, self.now);
+    }
+
+    fn query(&mut self, ident: &'static [u8], msg_type: &str, content: Value) -> Message {
+        let (_, f) = self.client.msg(&[Bytes::from_static(ident)], msg_type, content, None, json!({}), &[]);
+        self.ev(Inbound::Query(f));
+        let out = self.comm.take();
+        let (_, frames) = out.into_iter().find(|(s, _)| *s == Sock::Query).expect("a query reply");
+        decode(&frames)
+    }
+
+    /// Register an engine and make it reachable; returns its id.
+    fn engine(&mut self, i: u64) -> u64 {
+        let u = uuid(i);
+        let (_, f) = self.client.msg(&[Bytes::from(u.clone())], "registration_request", json!({"uuid": u}), None, json!({}), &[]);
+        self.ev(Inbound::Query(f));
+        let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap();
+        assert_eq!(reply.content["status"], "ok");
+        for chan in Chan::ALL {
+            self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(u.clone()), connected: true });
+        }
+        self.comm.take();
+        reply.content["id"].as_u64().unwrap()
+    }
+
+    fn submit(&mut self, meta: Value) -> String {
+        let (h, f) = self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, meta, &[Bytes::from_static(b"f")]);
+        let r = wire::parse_request(&self.client, Chan::Task, f).unwrap();
+        self.ev(Inbound::Request(r));
+        h.msg_id
+    }
+
+    /// Engines (by uuid) that got task frames in the last batch, with msg ids.
+    fn dispatched(&mut self) -> Vec<(String, String)> {
+        self.comm
+            .take()
+            .into_iter()
+            .filter(|(s, _)| *s == Sock::Engine(Chan::Task))
+            .map(|(_, f)| (String::from_utf8(f[0].to_vec()).unwrap(), decode(&f).header.msg_id))
+            .collect()
+    }
+
+    fn engine_reply(&mut self, engine: u64, chan: Chan, msg_id: &str, status: &str) {
+        let es = Session::new(KEY, &uuid(engine));
+        let parent = rpx_protocol::Header { msg_id: msg_id.into(), msg_type: "apply_request".into(), username: "u".into(), session: "s".into(), date: String::new(), version: "5.4".into() };
+        let (_, f) = es.msg(
+            &[Bytes::from(uuid(engine)), Bytes::from_static(b"client-1")],
+            "apply_reply",
+            json!({"status": status}),
+            Some(&parent),
+            json!({"status": status, "engine": uuid(engine), "started": "2026-01-01T00:00:00.000000Z"}),
+            &[],
+        );
+        let r = wire::parse_reply(&es, chan, f).unwrap();
+        self.ev(Inbound::Reply(r));
+    }
+}
+
+#[test]
+fn engine_ids_are_handed_out_in_order_and_never_reused() {
+    let mut e = env(0);
+    assert_eq!(e.engine(0), 0);
+    assert_eq!(e.engine(1), 1);
+    let id = e.hub.engines.id_of(uuid(0).as_bytes()).unwrap();
+    e.hub.on_engine_died(&mut e.comm, id, "test", e.now);
+    assert_eq!(e.engine(2), 2);
+    // A requested id is honoured only if never used.
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "x", "id": 0}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    let reply = e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap();
+    assert_eq!(reply.content["id"], 3);
+}
+
+#[test]
+fn a_uuid_in_use_is_refused() {
+    let mut e = env(0);
+    e.engine(0);
+    let m = e.query(b"again", "registration_request", json!({"uuid": uuid(0)}));
+    assert_eq!(m.header.msg_type, "registration_reply");
+    assert_eq!(m.content["status"], "error");
+    assert_eq!(e.hub.ids(), vec![0]);
+}
+
+#[test]
+fn registration_is_announced_once_the_engine_is_routable() {
+    let mut e = env(0);
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "u9"}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    let out = e.comm.take();
+    assert!(out.iter().all(|(s, _)| *s != Sock::Notification), "not yet routable");
+    assert!(e.hub.ids().is_empty());
+    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from_static(b"u9"), connected: true });
+    let out = e.comm.take();
+    let note = out.iter().find(|(s, _)| *s == Sock::Notification).map(|(_, f)| decode(f)).unwrap();
+    assert_eq!(note.header.msg_type, "registration_notification");
+    assert_eq!(note.content, json!({"id": 0, "uuid": "u9"}));
+    let m = e.query(b"c", "connection_request", json!({}));
+    assert_eq!(m.content["engines"], json!({"0": "u9"}));
+}
+
+#[test]
+fn leastload_ties_go_to_the_least_recently_used_engine() {
+    let mut e = env(0);
+    e.engine(0);
+    e.engine(1);
+    let a = e.submit(json!({}));
+    let b = e.submit(json!({}));
+    let c = e.submit(json!({}));
+    let d = e.dispatched();
+    assert_eq!(d, vec![(uuid(0), a), (uuid(1), b), (uuid(0), c)]);
+}
+
+#[test]
+fn hwm_is_respected_and_the_queue_drains_on_replies() {
+    let mut e = env(1);
+    e.engine(0);
+    e.engine(1);
+    let ids: Vec<String> = (0..3).map(|_| e.submit(json!({}))).collect();
+    let d = e.dispatched();
+    assert_eq!(d.len(), 2);
+    assert_eq!(e.hub.unassigned(), vec![ids[2].clone()]);
+    let (first_engine, first_id) = d[0].clone();
+    let eid = if first_engine == uuid(0) { 0 } else { 1 };
+    e.engine_reply(eid, Chan::Task, &first_id, "ok");
+    let out = e.comm.take();
+    let to_client: Vec<_> = out.iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).collect();
+    assert_eq!(to_client.len(), 1);
+    assert_eq!(to_client[0].1[0], Bytes::from_static(b"client-1"));
+    assert_eq!(to_client[0].1[1], Bytes::from(uuid(eid)));
+    let sent: Vec<_> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| decode(f).header.msg_id).collect();
+    assert_eq!(sent, vec![ids[2].clone()]);
+    assert!(e.hub.unassigned().is_empty());
+}
+
+#[test]
+fn targets_restrict_the_engine() {
+    let mut e = env(0);
+    e.engine(0);
+    e.engine(1);
+    for _ in 0..3 {
+        e.submit(json!({"targets": [uuid(1)]}));
+    }
+    assert!(e.dispatched().iter().all(|(u, _)| *u == uuid(1)));
+    // Targets that are all gone: ImpossibleDependency.
+    e.submit(json!({"targets": ["nobody"]}));
+    let out = e.comm.take();
+    let m = decode(&out.iter().find(|(s, _)| *s == Sock::Client(Chan::Task)).unwrap().1);
+    assert_eq!(m.content["ename"], "ImpossibleDependency");
+}
+
+#[test]
+fn retries_go_to_a_different_engine() {
+    let mut e = env(0);
+    e.engine(0);
+    e.engine(1);
+    let id = e.submit(json!({"retries": 1}));
+    let d = e.dispatched();
+    let first = d[0].0.clone();
+    let eid = if first == uuid(0) { 0 } else { 1 };
+    e.engine_reply(eid, Chan::Task, &id, "error");
+    let out = e.comm.take();
+    assert!(out.iter().all(|(s, _)| *s != Sock::Client(Chan::Task)), "the failure is not relayed while retries remain");
+    let again: Vec<_> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| String::from_utf8(f[0].to_vec()).unwrap()).collect();
+    assert_eq!(again, vec![uuid(1 - eid)]);
+    e.engine_reply(1 - eid, Chan::Task, &id, "error");
+    let out = e.comm.take();
+    assert_eq!(out.iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).count(), 1, "out of retries: the error goes to the client");
+}
+
+#[test]
+fn engine_death_fails_exactly_its_tasks() {
+    let mut e = env(0);
+    e.engine(0);
+    e.engine(1);
+    let a = e.submit(json!({}));
+    let b = e.submit(json!({}));
+    let d = e.dispatched();
+    assert_eq!(d, vec![(uuid(0), a.clone()), (uuid(1), b.clone())]);
+    // A direct (mux) request to engine 0 as well.
+    let (mh, f) = e.client.msg(&[Bytes::from_static(b"client-1"), Bytes::from(uuid(0))], "execute_request", json!({"code": "1"}), None, json!({}), &[]);
+    e.ev(Inbound::Request(wire::parse_request(&e.client, Chan::Mux, f).unwrap()));
+    e.comm.take();
+    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
+    let out = e.comm.take();
+    let note = decode(&out.iter().find(|(s, _)| *s == Sock::Notification).unwrap().1);
+    assert_eq!(note.header.msg_type, "unregistration_notification");
+    assert_eq!(note.content, json!({"id": 0, "uuid": uuid(0)}));
+    let task_err: Vec<Message> = out.iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).map(|(_, f)| decode(f)).collect();
+    assert_eq!(task_err.len(), 1);
+    assert_eq!(task_err[0].parent_msg_id(), Some(a.as_str()));
+    assert_eq!(task_err[0].header.msg_type, "apply_reply");
+    assert_eq!(task_err[0].content["ename"], "EngineError");
+    assert_eq!(task_err[0].content["evalue"], format!("Engine 0 died while running task {a}"));
+    assert_eq!(task_err[0].content["engine_info"]["engine_uuid"], uuid(0));
+    assert_eq!(task_err[0].metadata["engine"], uuid(0));
+    assert_eq!(task_err[0].metadata["status"], "error");
+    let mux_err: Vec<Message> = out.iter().filter(|(s, _)| *s == Sock::Client(Chan::Mux)).map(|(_, f)| decode(f)).collect();
+    assert_eq!(mux_err.len(), 1);
+    assert_eq!(mux_err[0].header.msg_type, "execute_reply");
+    assert_eq!(mux_err[0].parent_msg_id(), Some(mh.msg_id.as_str()));
+    assert_eq!(e.hub.ids(), vec![1]);
+    // Engine 1's task is untouched and still completes.
+    e.engine_reply(1, Chan::Task, &b, "ok");
+    assert_eq!(e.comm.take().iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).count(), 1);
+}
+
+#[test]
+fn queue_status_counts() {
+    let mut e = env(0);
+    e.engine(0);
+    let a = e.submit(json!({}));
+    e.submit(json!({}));
+    e.dispatched();
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    e.comm.take();
+    e.submit(json!({"targets": [uuid(0)], "after": [], "follow": []}));
+    e.dispatched();
+    let m = e.query(b"c", "queue_request", json!({"targets": null, "verbose": false}));
+    assert_eq!(m.header.msg_type, "queue_reply");
+    assert_eq!(m.content["0"], json!({"queue": 0, "completed": 1, "tasks": 2}));
+    assert_eq!(m.content["unassigned"], 0);
+    let m = e.query(b"c", "queue_request", json!({"targets": [7], "verbose": false}));
+    assert_eq!(m.header.msg_type, "hub_error");
+}
+
+#[test]
+fn bad_messages_are_dropped() {
+    let mut e = env(0);
+    let other = Session::new(b"wrong", "x");
+    let (_, f) = other.msg(&[Bytes::from_static(b"c")], "connection_request", json!({}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    e.ev(Inbound::Query(vec![Bytes::from_static(b"garbage")]));
+    assert!(e.comm.take().is_empty());
+    // A reply from an engine nobody registered is dropped too.
+    e.engine_reply(5, Chan::Mux, "m", "ok");
+    assert!(e.comm.take().is_empty());
+    // Unknown query types get a hub_error, not silence.
+    let m = e.query(b"c", "frobnicate_request", json!({}));
+    assert_eq!(m.header.msg_type, "hub_error");
+    assert_eq!(m.content["status"], "error");
+}
+
+#[test]
+fn tasks_time_out_in_the_queue() {
+    let mut e = env(0);
+    let id = e.submit(json!({"timeout": 1.0}));
+    assert_eq!(e.hub.unassigned(), vec![id.clone()]);
+    let later = e.now + Duration::from_secs(2);
+    e.hub.on_tick(&mut e.comm, later);
+    let out = e.comm.take();
+    let m = decode(&out.iter().find(|(s, _)| *s == Sock::Client(Chan::Task)).unwrap().1);
+    assert_eq!(m.content["ename"], "TaskTimeout");
+    assert_eq!(m.parent_msg_id(), Some(id.as_str()));
+    assert!(e.hub.unassigned().is_empty());
+}
+
+#[test]
+fn unknown_dependencies_are_invalid_and_after_waits() {
+    let mut e = env(0);
+    e.engine(0);
+    e.submit(json!({"after": ["no-such-task"]}));
+    let out = e.comm.take();
+    let m = decode(&out.iter().find(|(s, _)| *s == Sock::Client(Chan::Task)).unwrap().1);
+    assert_eq!(m.content["ename"], "InvalidDependency");
+    let a = e.submit(json!({}));
+    let b = e.submit(json!({"after": [a.clone()]}));
+    assert_eq!(e.dispatched(), vec![(uuid(0), a.clone())]);
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    let sent: Vec<_> = e.comm.take().into_iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| decode(&f).header.msg_id).collect();
+    assert_eq!(sent, vec![b]);
+}
+
+#[test]
+fn results_and_history_are_served() {
+    let mut e = env(0);
+    e.engine(0);
+    let a = e.submit(json!({}));
+    let b = e.submit(json!({}));
+    e.dispatched();
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    e.comm.take();
+    let m = e.query(b"c", "result_request", json!({"msg_ids": [a, b], "status_only": false}));
+    assert_eq!(m.content["completed"], json!([a]));
+    assert_eq!(m.content["pending"], json!([b]));
+    assert_eq!(m.content[a.as_str()]["result_content"]["status"], "ok");
+    assert_eq!(m.content[a.as_str()]["result_metadata"]["started"], "2026-01-01T00:00:00.000000Z");
+    let h = e.query(b"c", "history_request", json!({}));
+    assert_eq!(h.content["history"], json!([a, b]));
+    let m = e.query(b"c", "result_request", json!({"msg_ids": ["nope"]}));
+    assert_eq!(m.header.msg_type, "hub_error");
+}
+
+#[test]
+fn broadcast_fans_out_with_rewritten_ids() {
+    let mut e = env(0);
+    e.engine(0);
+    e.engine(1);
+    let (h, f) = e.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, json!({"targets": [[uuid(0), 0], [uuid(1), 1]], "is_coalescing": false}), &[]);
+    e.ev(Inbound::Request(wire::parse_request(&e.client, Chan::Bcast, f).unwrap()));
+    let out = e.comm.take();
+    let sent: Vec<Message> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Bcast)).map(|(_, f)| decode(f)).collect();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].header.msg_id, format!("{}_{}", h.msg_id, uuid(0)));
+    assert_eq!(sent[1].metadata["original_msg_id"], h.msg_id);
+    assert_eq!(sent[1].metadata["is_broadcast"], true);
+}
+
+#[test]
+fn shutdown_request_replies_notifies_and_schedules_exit() {
+    let mut e = env(0);
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"c")], "shutdown_request", json!({}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    let out = e.comm.take();
+    assert!(out.iter().any(|(s, f)| *s == Sock::Query && decode(f).header.msg_type == "shutdown_reply"));
+    assert!(out.iter().any(|(s, f)| *s == Sock::Notification && decode(f).header.msg_type == "shutdown_notification"));
+    assert!(e.hub.exit_at().is_some());
+}
