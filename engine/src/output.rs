@@ -217,13 +217,15 @@ pub struct PanicInfo {
 
 /// Find the last panic report in `lines`.
 ///
-/// Current Rust prints `thread '<name>' panicked at <file>:<line>:<col>:` followed by the
+/// Current Rust prints `thread '<name>' (<tid>) panicked at <file>:<line>:<col>:` (the thread
+/// id since 1.9x; earlier without it) followed by the
 /// message lines and a `note: run with RUST_BACKTRACE=1 ...` line; older releases printed
 /// `thread '<name>' panicked at '<msg>', <file>:<line>:<col>` on one line.
 pub fn find_panic(lines: &[String]) -> Option<PanicInfo> {
-    let start = lines.iter().rposition(|l| l.starts_with("thread '") && l.contains("' panicked at "))?;
+    const AT: &str = " panicked at ";
+    let start = lines.iter().rposition(|l| l.starts_with("thread '") && l.contains(AT))?;
     let head = &lines[start];
-    let after = &head[head.find("' panicked at ").unwrap() + "' panicked at ".len()..];
+    let after = &head[head.find(AT).unwrap() + AT.len()..];
     let mut message_lines = Vec::new();
     for l in &lines[start + 1..] {
         if l.starts_with("note: ") || l.starts_with("stack backtrace:") || l.starts_with(PANIC_NOTIFICATION) {
@@ -346,7 +348,7 @@ mod tests {
     fn panic_message_current_format() {
         let lines: Vec<String> = [
             "earlier output",
-            "thread '<unnamed>' panicked at src/lib.rs:42:5:",
+            "thread 'main' (1234) panicked at src/lib.rs:42:5:",
             "index out of bounds: the len is 3 but the index is 7",
             "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace",
         ]

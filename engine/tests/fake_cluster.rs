@@ -1,0 +1,414 @@
+//! Drives the real `ipengine` binary against a fake controller and a fake compiler (sockets bound
+//! here), with real compiled cells: a tiny cdylib built once with `rustc -C prefer-dynamic`,
+//! whose functions behave like evcxr's generated cell functions.
+//!
+//! What a user would check: output arrives on iopub, results and errors come back in
+//! ipyparallel's shape, a panic or a crash of user code is reported and the engine keeps
+//! serving, control requests are answered while a cell runs, shutdown unregisters.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpx_protocol::connection::{write_private_json, CompilerConnection, EngineConnection};
+use rpx_protocol::{Message, Session};
+use serde_json::{json, Value};
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, SocketOptions};
+
+const KEY: &str = "test-key";
+const T: Duration = Duration::from_secs(20);
+
+const CELLS: &str = r#"
+use std::ffi::c_void;
+
+#[no_mangle]
+pub extern "C" fn cell_ok(store: *mut c_void) -> *mut c_void {
+    println!("hello from cell");
+    eprintln!("a warning");
+    let n = if store.is_null() { 0u64 } else { unsafe { *Box::from_raw(store as *mut u64) } } + 1;
+    println!("calls={n}");
+    println!("EVCXR_BEGIN_CONTENT text/plain\n42\nEVCXR_END_CONTENT");
+    Box::into_raw(Box::new(n)) as *mut c_void
+}
+
+#[no_mangle]
+pub extern "C" fn cell_panic(store: *mut c_void) -> *mut c_void {
+    if std::panic::catch_unwind(|| panic!("boom {}", 7)).is_err() {
+        println!("EVCXR_PANIC_NOTIFICATION");
+    }
+    store
+}
+
+#[no_mangle]
+pub extern "C" fn cell_abort(_store: *mut c_void) -> *mut c_void {
+    eprintln!("about to abort");
+    std::process::abort()
+}
+
+#[no_mangle]
+pub extern "C" fn cell_sleep(store: *mut c_void) -> *mut c_void {
+    println!("sleeping");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    store
+}
+"#;
+
+fn rustc_libdir() -> String {
+    let out = Command::new("rustc").args(["--print", "target-libdir"]).output().expect("rustc runs");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn build_cells(dir: &Path) -> PathBuf {
+    let src = dir.join("cells.rs");
+    std::fs::write(&src, CELLS).unwrap();
+    let out = dir.join("libcells.so");
+    let st = Command::new("rustc")
+        .args(["--edition", "2021", "--crate-type", "cdylib", "-C", "prefer-dynamic", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("rustc runs");
+    assert!(st.success(), "building the test cells failed");
+    out
+}
+
+async fn router(id: Option<&str>) -> (RouterSocket, u16) {
+    let mut o = SocketOptions::default();
+    if let Some(id) = id {
+        o.peer_identity(id.as_bytes().try_into().unwrap());
+    }
+    let mut s = RouterSocket::with_options(o);
+    let ep = s.bind("tcp://127.0.0.1:0").await.unwrap();
+    (s, port(&ep))
+}
+
+fn port(ep: &zeromq::Endpoint) -> u16 {
+    ep.to_string().rsplit(':').next().unwrap().parse().unwrap()
+}
+
+async fn recv(s: &mut impl SocketRecv, session: &Session, what: &str) -> Message {
+    let m = tokio::time::timeout(T, s.recv()).await.unwrap_or_else(|_| panic!("timed out waiting for {what}")).unwrap();
+    session.decode(m.into_vec()).unwrap()
+}
+
+struct Fake {
+    s: Session,
+    uuid: Bytes,
+    mux: RouterSocket,
+    task: RouterSocket,
+    control: RouterSocket,
+    reg: RouterSocket,
+    iopub: SubSocket,
+    compiler: RouterSocket,
+    so: String,
+}
+
+impl Fake {
+    async fn to_engine(&mut self, which: &str, msg_type: &str, content: Value) -> String {
+        let idents = [self.uuid.clone(), Bytes::from_static(b"client-1")];
+        let (h, frames) = self.s.msg(&idents, msg_type, content, None, json!({}), &[]);
+        let sock = match which {
+            "mux" => &mut self.mux,
+            "task" => &mut self.task,
+            _ => &mut self.control,
+        };
+        sock.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+        h.msg_id
+    }
+
+    async fn execute(&mut self, code: &str) -> String {
+        self.to_engine("mux", "execute_request", json!({"code": code, "silent": false, "user_expressions": {}})).await
+    }
+
+    async fn reply(&mut self, which: &str) -> Message {
+        let sock = match which {
+            "mux" => &mut self.mux,
+            "task" => &mut self.task,
+            _ => &mut self.control,
+        };
+        let m = recv(sock, &self.s, which).await;
+        assert_eq!(m.idents, vec![self.uuid.clone(), Bytes::from_static(b"client-1")], "reply routed back by the same identities");
+        assert_eq!(m.metadata["engine"], String::from_utf8_lossy(&self.uuid).as_ref(), "replies carry metadata.engine");
+        m
+    }
+
+    async fn from_engine_compiler(&mut self) -> Message {
+        let m = recv(&mut self.compiler, &self.s, "compiler message").await;
+        assert_eq!(m.idents, vec![self.uuid.clone()]);
+        m
+    }
+
+    async fn to_compiler_engine(&mut self, msg_type: &str, content: Value) {
+        let (_, frames) = self.s.msg(&[self.uuid.clone()], msg_type, content, None, json!({}), &[]);
+        self.compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+    }
+
+    /// Play the compiler for one cell whose code names the cell function; returns load_done.
+    async fn compile_and_load(&mut self) -> (String, Value) {
+        let req = self.from_engine_compiler().await;
+        assert_eq!(req.msg_type(), "cell_request");
+        let cell_id = req.content["cell_id"].as_str().unwrap().to_string();
+        let fn_name = req.content["code"].as_str().unwrap().trim().to_string();
+        self.to_compiler_engine("load", json!({"cell_id": cell_id, "so_path": self.so, "fn_name": fn_name})).await;
+        let done = self.from_engine_compiler().await;
+        assert_eq!(done.msg_type(), "load_done");
+        assert_eq!(done.content["cell_id"], cell_id.as_str());
+        (cell_id, done.content["outcome"].clone())
+    }
+
+    async fn cell_reply(&mut self, cell_id: &str, status: &str, extra: Value) {
+        let mut c = json!({"cell_id": cell_id, "status": status});
+        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        self.to_compiler_engine("cell_reply", c).await;
+    }
+
+    /// iopub messages for request `msg_id` up to its idle status.
+    async fn iopub_until_idle(&mut self, msg_id: &str) -> Vec<Message> {
+        let mut v = Vec::new();
+        loop {
+            let m = recv(&mut self.iopub, &self.s, "iopub").await;
+            if m.parent_msg_id() != Some(msg_id) {
+                continue;
+            }
+            let idle = m.msg_type() == "status" && m.content["execution_state"] == "idle";
+            v.push(m);
+            if idle {
+                return v;
+            }
+        }
+    }
+}
+
+fn stream_text(msgs: &[Message], name: &str) -> String {
+    msgs.iter().filter(|m| m.msg_type() == "stream" && m.content["name"] == name).map(|m| m.content["text"].as_str().unwrap().to_string()).collect()
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_runs_cells_survives_failures_and_answers_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = build_cells(dir.path());
+    let s = Session::new(KEY.as_bytes(), "fake");
+
+    let (mut reg, reg_port) = router(None).await;
+    let (mux, mux_port) = router(Some("mux_out")).await;
+    let (task, task_port) = router(Some("task_out")).await;
+    let (control, control_port) = router(Some("control_out")).await;
+    let (mut pong, pong_port) = router(None).await;
+    let mut iopub = SubSocket::new();
+    iopub.subscribe("").await.unwrap();
+    let iopub_port = port(&iopub.bind("tcp://127.0.0.1:0").await.unwrap());
+    let mut ping = PubSocket::new();
+    let ping_port = port(&ping.bind("tcp://127.0.0.1:0").await.unwrap());
+    let (mut compiler, compiler_port) = router(None).await;
+
+    let conn = EngineConnection {
+        ssh: String::new(),
+        interface: "tcp://127.0.0.1".into(),
+        registration: reg_port,
+        control: control_port,
+        mux: mux_port,
+        task: task_port,
+        iopub: iopub_port,
+        hb_ping: ping_port,
+        hb_pong: pong_port,
+        broadcast: vec![],
+        key: KEY.into(),
+        curve_serverkey: None,
+        location: "localhost".into(),
+        pack: "json".into(),
+        unpack: "json".into(),
+        signature_scheme: "hmac-sha256".into(),
+    };
+    let engine_file = dir.path().join("ipcontroller-engine.json");
+    write_private_json(&engine_file, &conn).unwrap();
+    let compiler_file = dir.path().join("rpx-compiler.json");
+    write_private_json(&compiler_file, &CompilerConnection { url: format!("tcp://127.0.0.1:{compiler_port}"), key: KEY.into(), pid: std::process::id() }).unwrap();
+
+    // Heartbeat: ping every 200 ms, drain pongs.
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            n += 1;
+            let _ = ping.send(zeromq::ZmqMessage::from(format!("{n}.0"))).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let pongs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p2 = pongs.clone();
+    tokio::spawn(async move {
+        while pong.recv().await.is_ok() {
+            p2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+
+    let engine = Command::new(env!("CARGO_BIN_EXE_ipengine"))
+        .arg("--file")
+        .arg(&engine_file)
+        .arg("--compiler-file")
+        .arg(&compiler_file)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut engine = Kill(engine);
+
+    // Registration.
+    let m = recv(&mut reg, &s, "registration_request").await;
+    assert_eq!(m.msg_type(), "registration_request");
+    let uuid = m.content["uuid"].as_str().unwrap().to_string();
+    assert_eq!(m.idents, vec![Bytes::from(uuid.clone())]);
+    let (_, frames) = s.msg(&m.idents, "registration_reply", json!({"id": 0, "status": "ok", "hb_period": 1000, "connection_info": {}}), None, json!({}), &[]);
+    reg.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+
+    // Compiler hello.
+    let hello = recv(&mut compiler, &s, "engine_hello").await;
+    assert_eq!(hello.msg_type(), "engine_hello");
+    assert_eq!(hello.content["uuid"], uuid.as_str());
+    assert_eq!(hello.content["engine_id"], 0);
+    let (_, frames) = s.msg(&hello.idents, "engine_hello_reply", json!({"target_libdir": rustc_libdir()}), None, json!({}), &[]);
+    compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+
+    let mut f = Fake { s, uuid: Bytes::from(uuid.clone()), mux, task, control, reg, iopub, compiler, so: so.display().to_string() };
+    // Let iopub subscriptions settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 1. A cell that prints and returns a value.
+    let id = f.execute("cell_ok").await;
+    let (cell_id, outcome) = f.compile_and_load().await;
+    assert_eq!(cell_id, id);
+    assert_eq!(outcome, json!({"kind": "complete", "panicked": false, "error_occurred": false, "changed_types": []}));
+    f.cell_reply(&cell_id, "ok", json!({"note": "variable q was not kept"})).await;
+    let r = f.reply("mux").await;
+    assert_eq!(r.msg_type(), "execute_reply");
+    assert_eq!(r.content["status"], "ok");
+    assert_eq!(r.content["execution_count"], 1);
+    assert_eq!(r.metadata["status"], "ok");
+    assert_eq!(r.metadata["dependencies_met"], true);
+    let io = f.iopub_until_idle(&id).await;
+    assert_eq!(stream_text(&io, "stdout"), "hello from cell\ncalls=1\n");
+    let err = stream_text(&io, "stderr");
+    assert!(err.contains("a warning") && err.contains("variable q was not kept"), "stderr: {err:?}");
+    let result = io.iter().find(|m| m.msg_type() == "execute_result").expect("execute_result");
+    assert_eq!(result.content["data"]["text/plain"], "42");
+    assert_eq!(result.content["execution_count"], 1);
+    assert!(io.iter().any(|m| m.msg_type() == "execute_input" && m.content["code"] == "cell_ok"));
+    assert!(io.iter().any(|m| m.msg_type() == "status" && m.content["execution_state"] == "busy"));
+    assert!(io.iter().all(|m| m.metadata["engine"] == uuid.as_str()));
+    assert_eq!(io[0].idents, vec![Bytes::from("engine.0.status")]);
+
+    // 2. State persists.
+    let id = f.execute("cell_ok").await;
+    let (cell_id, _) = f.compile_and_load().await;
+    f.cell_reply(&cell_id, "ok", json!({})).await;
+    assert_eq!(f.reply("mux").await.content["execution_count"], 2);
+    assert!(stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls=2"));
+
+    // 3. A caught panic is an error with the panic message, even if the compiler says ok.
+    let id = f.execute("cell_panic").await;
+    let (cell_id, outcome) = f.compile_and_load().await;
+    assert_eq!(outcome["panicked"], true);
+    f.cell_reply(&cell_id, "ok", json!({})).await;
+    let r = f.reply("mux").await;
+    assert_eq!(r.content["status"], "error");
+    assert_eq!(r.content["ename"], "Panic");
+    assert_eq!(r.content["evalue"], "boom 7");
+    assert_eq!(r.content["engine_info"]["engine_uuid"], uuid.as_str());
+    assert_eq!(r.content["engine_info"]["method"], "execute");
+    assert_eq!(r.metadata["status"], "error");
+    assert_eq!(r.metadata["engine_info"]["engine_id"], 0);
+    let io = f.iopub_until_idle(&id).await;
+    assert!(io.iter().any(|m| m.msg_type() == "error" && m.content["ename"] == "Panic"));
+
+    // 4. An abort kills only the worker: reported, restarted, variables gone.
+    let id = f.execute("cell_abort").await;
+    let (cell_id, outcome) = f.compile_and_load().await;
+    assert_eq!(outcome["kind"], "died");
+    assert_eq!(outcome["status"], "signal 6 (SIGABRT)");
+    f.cell_reply(&cell_id, "error", json!({"ename": "EngineDied", "evalue": "engine died"})).await;
+    let r = f.reply("mux").await;
+    assert_eq!(r.content["ename"], "EngineWorkerDied");
+    let ev = r.content["evalue"].as_str().unwrap();
+    assert!(ev.contains("SIGABRT") && ev.contains("restarted") && ev.contains("lost"), "{ev}");
+    f.iopub_until_idle(&id).await;
+    let id = f.execute("cell_ok").await;
+    let (cell_id, _) = f.compile_and_load().await;
+    f.cell_reply(&cell_id, "ok", json!({})).await;
+    assert_eq!(f.reply("mux").await.content["status"], "ok");
+    assert!(stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls=1"), "fresh worker, fresh store");
+
+    // 5. Blank code is answered without the compiler; a compile error passes through.
+    let id = f.execute("  \n ").await;
+    let r = f.reply("mux").await;
+    assert_eq!((r.content["status"].as_str(), r.parent_msg_id()), (Some("ok"), Some(id.as_str())));
+    let id = f.execute("let x: u32 = \"no\";").await;
+    let req = f.from_engine_compiler().await;
+    assert_eq!(req.msg_type(), "cell_request", "the blank cell never reached the compiler");
+    f.cell_reply(&id, "error", json!({"ename": "CompileError", "evalue": "error[E0308]: mismatched types", "traceback": ["error[E0308]: mismatched types"]})).await;
+    let r = f.reply("mux").await;
+    assert_eq!(r.content["ename"], "CompileError");
+    assert_eq!(r.content["evalue"], "error[E0308]: mismatched types");
+
+    // 6. Python's apply_request gets a clear error on the task channel.
+    f.to_engine("task", "apply_request", json!({})).await;
+    let r = f.reply("task").await;
+    assert_eq!(r.msg_type(), "apply_reply");
+    assert_eq!(r.content["ename"], "UnsupportedPayload");
+    assert_eq!(r.content["engine_info"]["method"], "apply");
+
+    // 7. Control while a cell runs: abort a queued request, signal the running one.
+    let sleeping = f.execute("cell_sleep").await;
+    let req = f.from_engine_compiler().await;
+    f.to_compiler_engine("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep"})).await;
+    let queued = f.execute("cell_ok").await;
+    f.to_engine("control", "abort_request", json!({"msg_ids": [queued]})).await;
+    let r = f.reply("control").await;
+    assert_eq!((r.msg_type(), r.content["status"].as_str()), ("abort_reply", Some("ok")));
+    f.to_engine("control", "signal_request", json!({"sig": "SIGINT"})).await;
+    let r = f.reply("control").await;
+    assert_eq!((r.msg_type(), r.content["status"].as_str()), ("signal_reply", Some("ok")));
+    let done = f.from_engine_compiler().await;
+    assert_eq!(done.content["outcome"]["status"], "signal 2 (SIGINT)");
+    f.cell_reply(&sleeping, "error", json!({"ename": "EngineDied", "evalue": "x"})).await;
+    let r = f.reply("mux").await;
+    assert_eq!((r.parent_msg_id(), r.content["ename"].as_str()), (Some(sleeping.as_str()), Some("EngineWorkerDied")));
+    let r = f.reply("mux").await;
+    assert_eq!((r.parent_msg_id(), r.content["status"].as_str()), (Some(queued.as_str()), Some("aborted")));
+
+    // 8. clear_request restarts the worker and tells the compiler.
+    f.to_engine("control", "clear_request", json!({})).await;
+    assert_eq!(f.reply("control").await.content["status"], "ok");
+    let m = f.from_engine_compiler().await;
+    assert_eq!((m.msg_type(), &m.content), ("worker_restarted", &json!({"engine_id": 0})));
+
+    // 9. Heartbeats were answered all along.
+    assert!(pongs.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+    // 10. shutdown_request: reply, unregister, exit 0.
+    f.to_engine("control", "shutdown_request", json!({"restart": false})).await;
+    assert_eq!(f.reply("control").await.msg_type(), "shutdown_reply");
+    let m = recv(&mut f.reg, &f.s, "unregistration_request").await;
+    assert_eq!((m.msg_type(), &m.content), ("unregistration_request", &json!({"id": 0})));
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            if let Some(st) = engine.0.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
