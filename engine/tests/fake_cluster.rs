@@ -105,7 +105,7 @@ struct Fake {
 }
 
 impl Fake {
-    async fn to_engine(&mut self, which: &str, msg_type: &str, content: Value) -> String {
+    async fn send_engine(&mut self, which: &str, msg_type: &str, content: Value) -> String {
         let idents = [self.uuid.clone(), Bytes::from_static(b"client-1")];
         let (h, frames) = self.s.msg(&idents, msg_type, content, None, json!({}), &[]);
         let sock = match which {
@@ -118,7 +118,7 @@ impl Fake {
     }
 
     async fn execute(&mut self, code: &str) -> String {
-        self.to_engine("mux", "execute_request", json!({"code": code, "silent": false, "user_expressions": {}})).await
+        self.send_engine("mux", "execute_request", json!({"code": code, "silent": false, "user_expressions": {}})).await
     }
 
     async fn reply(&mut self, which: &str) -> Message {
@@ -133,25 +133,25 @@ impl Fake {
         m
     }
 
-    async fn from_engine_compiler(&mut self) -> Message {
+    async fn compiler_recv(&mut self) -> Message {
         let m = recv(&mut self.compiler, &self.s, "compiler message").await;
         assert_eq!(m.idents, vec![self.uuid.clone()]);
         m
     }
 
-    async fn to_compiler_engine(&mut self, msg_type: &str, content: Value) {
-        let (_, frames) = self.s.msg(&[self.uuid.clone()], msg_type, content, None, json!({}), &[]);
+    async fn compiler_send(&mut self, msg_type: &str, content: Value) {
+        let (_, frames) = self.s.msg(std::slice::from_ref(&self.uuid), msg_type, content, None, json!({}), &[]);
         self.compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
     }
 
     /// Play the compiler for one cell whose code names the cell function; returns load_done.
     async fn compile_and_load(&mut self) -> (String, Value) {
-        let req = self.from_engine_compiler().await;
+        let req = self.compiler_recv().await;
         assert_eq!(req.msg_type(), "cell_request");
         let cell_id = req.content["cell_id"].as_str().unwrap().to_string();
         let fn_name = req.content["code"].as_str().unwrap().trim().to_string();
-        self.to_compiler_engine("load", json!({"cell_id": cell_id, "so_path": self.so, "fn_name": fn_name})).await;
-        let done = self.from_engine_compiler().await;
+        self.compiler_send("load", json!({"cell_id": cell_id, "so_path": self.so, "fn_name": fn_name})).await;
+        let done = self.compiler_recv().await;
         assert_eq!(done.msg_type(), "load_done");
         assert_eq!(done.content["cell_id"], cell_id.as_str());
         (cell_id, done.content["outcome"].clone())
@@ -162,7 +162,7 @@ impl Fake {
         if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
             o.extend(e.clone());
         }
-        self.to_compiler_engine("cell_reply", c).await;
+        self.compiler_send("cell_reply", c).await;
     }
 
     /// iopub messages for request `msg_id` up to its idle status.
@@ -352,7 +352,7 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     let r = f.reply("mux").await;
     assert_eq!((r.content["status"].as_str(), r.parent_msg_id()), (Some("ok"), Some(id.as_str())));
     let id = f.execute("let x: u32 = \"no\";").await;
-    let req = f.from_engine_compiler().await;
+    let req = f.compiler_recv().await;
     assert_eq!(req.msg_type(), "cell_request", "the blank cell never reached the compiler");
     f.cell_reply(&id, "error", json!({"ename": "CompileError", "evalue": "error[E0308]: mismatched types", "traceback": ["error[E0308]: mismatched types"]})).await;
     let r = f.reply("mux").await;
@@ -360,7 +360,7 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     assert_eq!(r.content["evalue"], "error[E0308]: mismatched types");
 
     // 6. Python's apply_request gets a clear error on the task channel.
-    f.to_engine("task", "apply_request", json!({})).await;
+    f.send_engine("task", "apply_request", json!({})).await;
     let r = f.reply("task").await;
     assert_eq!(r.msg_type(), "apply_reply");
     assert_eq!(r.content["ename"], "UnsupportedPayload");
@@ -368,16 +368,16 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
 
     // 7. Control while a cell runs: abort a queued request, signal the running one.
     let sleeping = f.execute("cell_sleep").await;
-    let req = f.from_engine_compiler().await;
-    f.to_compiler_engine("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep"})).await;
+    let req = f.compiler_recv().await;
+    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep"})).await;
     let queued = f.execute("cell_ok").await;
-    f.to_engine("control", "abort_request", json!({"msg_ids": [queued]})).await;
+    f.send_engine("control", "abort_request", json!({"msg_ids": [queued]})).await;
     let r = f.reply("control").await;
     assert_eq!((r.msg_type(), r.content["status"].as_str()), ("abort_reply", Some("ok")));
-    f.to_engine("control", "signal_request", json!({"sig": "SIGINT"})).await;
+    f.send_engine("control", "signal_request", json!({"sig": "SIGINT"})).await;
     let r = f.reply("control").await;
     assert_eq!((r.msg_type(), r.content["status"].as_str()), ("signal_reply", Some("ok")));
-    let done = f.from_engine_compiler().await;
+    let done = f.compiler_recv().await;
     assert_eq!(done.content["outcome"]["status"], "signal 2 (SIGINT)");
     f.cell_reply(&sleeping, "error", json!({"ename": "EngineDied", "evalue": "x"})).await;
     let r = f.reply("mux").await;
@@ -386,16 +386,16 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     assert_eq!((r.parent_msg_id(), r.content["status"].as_str()), (Some(queued.as_str()), Some("aborted")));
 
     // 8. clear_request restarts the worker and tells the compiler.
-    f.to_engine("control", "clear_request", json!({})).await;
+    f.send_engine("control", "clear_request", json!({})).await;
     assert_eq!(f.reply("control").await.content["status"], "ok");
-    let m = f.from_engine_compiler().await;
+    let m = f.compiler_recv().await;
     assert_eq!((m.msg_type(), &m.content), ("worker_restarted", &json!({"engine_id": 0})));
 
     // 9. Heartbeats were answered all along.
     assert!(pongs.load(std::sync::atomic::Ordering::Relaxed) > 0);
 
     // 10. shutdown_request: reply, unregister, exit 0.
-    f.to_engine("control", "shutdown_request", json!({"restart": false})).await;
+    f.send_engine("control", "shutdown_request", json!({"restart": false})).await;
     assert_eq!(f.reply("control").await.msg_type(), "shutdown_reply");
     let m = recv(&mut f.reg, &f.s, "unregistration_request").await;
     assert_eq!((m.msg_type(), &m.content), ("unregistration_request", &json!({"id": 0})));
