@@ -1072,7 +1072,7 @@ impl Hub {
     }
 
     fn query_reply<C: Comm>(&self, c: &mut C, ident: &Bytes, msg_type: &str, content: Value, parent: &Message, buffers: &[Bytes]) {
-        let (_, frames) = self.session.msg(&[ident.clone()], msg_type, content, Some(&parent.header), json!({}), buffers);
+        let (_, frames) = self.session.msg(std::slice::from_ref(ident), msg_type, content, Some(&parent.header), json!({}), buffers);
         c.send(Sock::Query, frames);
     }
 

@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend};
 
 use rpx_controller::config::Config;
-use rpx_protocol::session::DELIMITER;
 use rpx_protocol::{Message, Profile, Session};
+
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -82,7 +82,7 @@ async fn fake_engine_and_client_round_trip() {
     assert_eq!(got.header.msg_id, h.msg_id, "the bad message was dropped");
     assert_eq!(got.idents.len(), 1, "engine gets [client_id, DELIM, ...]");
     let client_id = got.idents[0].clone();
-    send(&mut emux, eng.msg(&[client_id.clone()], "execute_reply", json!({"status": "ok", "execution_count": 1}), Some(&got.header), json!({"engine": uuid, "status": "ok"}), &[]).1).await;
+    send(&mut emux, eng.msg(std::slice::from_ref(&client_id), "execute_reply", json!({"status": "ok", "execution_count": 1}), Some(&got.header), json!({"engine": uuid, "status": "ok"}), &[]).1).await;
     let back = recv(&mut cmux, &cli).await;
     assert_eq!(back.idents, vec![Bytes::from(uuid)], "client gets [engine_uuid, DELIM, ...]");
     assert_eq!(back.parent_msg_id(), Some(h.msg_id.as_str()));
@@ -115,7 +115,6 @@ async fn fake_engine_and_client_round_trip() {
     assert_eq!(back.content["ename"], "EngineError");
     assert_eq!(back.content["evalue"], format!("Engine 0 died while running task {}", th.msg_id));
     assert_eq!(back.metadata["engine"], uuid);
-    assert!(DELIMITER.len() > 0);
 
     // The hub answers shutdown and the controller exits.
     send(&mut query, cli.msg(&[], "shutdown_request", json!({}), None, json!({}), &[]).1).await;
