@@ -25,6 +25,8 @@ impl Hub {
     pub fn connect(client_file: &Path, timeout: Duration) -> anyhow::Result<Hub> {
         let conn: ClientConnection = read_json(client_file).with_context(|| format!("cannot read {}", client_file.display()))?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a tokio runtime")?;
+        // zeromq sockets may spawn tasks when created: create them inside the runtime.
+        let _guard = rt.enter();
         let mut opts = SocketOptions::default();
         opts.connect_timeout(timeout);
         let mut sock = DealerSocket::with_options(opts);
@@ -33,6 +35,7 @@ impl Hub {
             .map_err(|_| anyhow!("timed out connecting to the controller at {url}"))?
             .with_context(|| format!("cannot connect to the controller at {url}"))?;
         let session = Session::new(conn.key.as_bytes(), "ipcluster");
+        drop(_guard);
         Ok(Hub { rt, sock, session })
     }
 
