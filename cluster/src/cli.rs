@@ -185,13 +185,14 @@ pub fn check_timeout(secs: f64) -> Result<Duration, Fail> {
     }
 }
 
-/// `--ip` must be an IP address (the controller binds to it).
+/// `--ip` must be an IP address or `*` (the controller binds to it).
 pub fn check_ip(ip: &Option<String>) -> Result<Option<String>, Fail> {
     match ip {
         None => Ok(None),
+        Some(s) if s == "*" => Ok(Some(s.clone())),
         Some(s) => match s.parse::<IpAddr>() {
             Ok(_) => Ok(Some(s.clone())),
-            Err(_) => Err(Fail::usage(format!("--ip {s:?} is not an IP address (for example 127.0.0.1 or 0.0.0.0)"))),
+            Err(_) => Err(Fail::usage(format!("--ip {s:?} is not an IP address (for example 127.0.0.1, 0.0.0.0 or *)"))),
         },
     }
 }
@@ -243,6 +244,7 @@ mod tests {
         assert!(check_timeout(f64::NAN).is_err());
         assert!(check_timeout(2.5).is_ok());
         assert!(check_ip(&Some("localhost:80".into())).is_err());
+        assert!(check_ip(&Some("*".into())).is_ok());
         let bad = ClusterArgs { profile: "../etc".into(), cluster_id: String::new() };
         assert_eq!(Target::new(&bad).unwrap_err().code, 2, "bad usage");
         let bad = ClusterArgs { profile: "ok".into(), cluster_id: "a/b".into() };
