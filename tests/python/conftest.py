@@ -118,7 +118,7 @@ def cluster():
                         f"stderr: {r.stderr}\n{c.log_tail()}", pytrace=False)
         c.started_pids = c.cluster_pids()
         H.wait_until(c.client_file.exists, 30, what=str(c.client_file))
-        rc = ipyparallel.Client(url_file=str(c.client_file), timeout=30)
+        rc = ipyparallel.Client(str(c.client_file), timeout=30)  # positional: url_file= is ignored by 9.2
         rc.wait_for_engines(4, timeout=60)
         c.rc = rc
         c.rust_ids = sorted(rc.ids)

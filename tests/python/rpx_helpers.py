@@ -21,7 +21,7 @@ import psutil
 from ipyparallel import error
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASE = REPO / "target" / "release"
+RELEASE = Path(os.environ.get("RPX_BIN_DIR", REPO / "target" / "release"))  # override: e.g. a debug build
 BINARIES = ("ipcluster", "ipcontroller", "ipengine", "rpx-compiler")
 VENV_PYTHON = os.environ.get("RPX_TEST_PYTHON", sys.executable)
 

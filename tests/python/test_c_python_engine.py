@@ -2,6 +2,8 @@
 
 import os
 
+from ipyparallel import interactive
+
 import rpx_helpers as H
 
 
@@ -11,13 +13,13 @@ def test_python_engine_joins_and_leaves(rc, cluster, python_engine):
     assert new_id not in cluster.rust_ids, "engine ids are never reused"
 
     # direct
-    assert rc[new_id].apply_async(lambda x: x * 2, 21).get(timeout=30) == 42
+    assert rc[new_id].apply_async(interactive(lambda x: x * 2), 21).get(timeout=30) == 42
     assert rc[new_id].apply_async(os.getpid).get(timeout=30) == proc.pid
 
     # load-balanced, restricted to the Python engine
     lv = rc.load_balanced_view(targets=[new_id])
-    assert lv.map_async(lambda x: x + 1, range(10)).get(timeout=60) == list(range(1, 11))
-    ar = lv.apply_async(lambda a, b: a + b, 20, 22)
+    assert lv.map_async(interactive(lambda x: x + 1), range(10)).get(timeout=60) == list(range(1, 11))
+    ar = lv.apply_async(interactive(lambda a, b: a + b), 20, 22)
     assert ar.get(timeout=30) == 42
     assert ar.engine_id == new_id
     assert lv.apply_async(os.getpid).get(timeout=30) == proc.pid
@@ -45,4 +47,4 @@ def test_rust_cell_sent_to_python_engine_fails_there(rc, cluster, python_engine)
         raise AssertionError("Rust code ran on a Python engine?")
     except Exception as e:  # noqa: BLE001  a SyntaxError from IPython, as a RemoteError
         assert "SyntaxError" in H.error_text(e) or "invalid syntax" in H.error_text(e), H.error_text(e)
-    assert rc[new_id].apply_async(lambda: "alive").get(timeout=30) == "alive"
+    assert rc[new_id].apply_async(interactive(lambda: "alive")).get(timeout=30) == "alive"

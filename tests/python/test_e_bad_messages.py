@@ -15,7 +15,8 @@ MARKER = "SHOULD_NOT_RUN_" + uuid.uuid4().hex[:8]
 
 def controller_pid(cluster):
     for p in H.procs_with_env("RPX_DIR", str(cluster.rpx_dir)):
-        if "ipcontroller" in H.cmdline(p.pid).split(" ")[0]:
+        cmd = H.cmdline(p.pid)
+        if cmd.split(" ")[0].endswith("ipcontroller") or "ipyparallel.controller" in cmd:
             return p.pid
     return None
 

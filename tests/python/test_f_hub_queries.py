@@ -41,7 +41,7 @@ def test_result_status_completed_and_pending(rc, cluster):
     st = rc.result_status([done])
     assert done in st["completed"]
     # another client has no cache, so it asks the hub
-    rc2 = ipyparallel.Client(url_file=str(cluster.client_file), timeout=30)
+    rc2 = ipyparallel.Client(str(cluster.client_file), timeout=30)
     try:
         slow = rc[ids[0]].execute("std::thread::sleep(std::time::Duration::from_secs(8));", block=False)
         st = H.bounded(rc2.result_status, [done], status_only=True)
@@ -59,7 +59,7 @@ def test_result_status_completed_and_pending(rc, cluster):
 def test_get_result_from_another_client(rc, cluster):
     ids = cluster.live_rust_ids()
     ar, _ = H.run_cell(rc[ids[0]], 'println!("kept by the hub");')
-    rc2 = ipyparallel.Client(url_file=str(cluster.client_file), timeout=30)
+    rc2 = ipyparallel.Client(str(cluster.client_file), timeout=30)
     try:
         hub_ar = rc2.get_result(ar.msg_ids[0], block=False)
         H.bounded(hub_ar.get, timeout=30, what="AsyncHubResult.get")
