@@ -26,7 +26,7 @@ def test_per_engine_cells_and_panic_on_one(rc, cluster):
         raise AssertionError("expected the panic to raise")
     except error.CompositeError as e:
         assert len(e.elist) == 1, e.elist
-        assert e.elist[0][3].get("engine_id") == victim, e.elist[0][3]
+        assert (e.elist[0][3] or {}).get("engine_id") == victim, f"error should name engine {victim}: {e.elist[0]}"
 
     # afterwards: every engine still runs cells and still has its own eid
     ar, _ = H.run_cell(rc[ids], 'println!("{}", eid);')
