@@ -50,7 +50,6 @@ fn main() {
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("ipengine: {e:#}");
             std::process::exit(1);
         }
