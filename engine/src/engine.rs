@@ -885,6 +885,9 @@ impl Engine {
     }
 
     async fn on_tick(&mut self) {
+        if let Some(t) = self.parser.take_partial_text() {
+            self.out_buf.push_str(&t);
+        }
         if (!self.out_buf.is_empty() || !self.err_buf.is_empty()) && self.last_flush.elapsed() >= FLUSH_PERIOD {
             self.flush_streams();
         }

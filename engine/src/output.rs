@@ -74,6 +74,38 @@ impl StdoutParser {
         !self.partial.is_empty() || self.content.is_some()
     }
 
+    /// User text of an unterminated line (a `print!` followed by a flush), so that it can be
+    /// shown before its newline arrives. Keeps back anything that could be the start of a
+    /// marker, and an incomplete UTF-8 sequence.
+    pub fn take_partial_text(&mut self) -> Option<String> {
+        if self.content.is_some() || self.partial.is_empty() {
+            return None;
+        }
+        const MARK: &[u8] = b"EVCXR_";
+        let p = &self.partial;
+        let mut end = p.windows(MARK.len()).position(|w| w == MARK).unwrap_or(p.len());
+        if end == p.len() {
+            // Keep back a trailing prefix of the marker start ("EV", "EVCX", ...).
+            for k in (1..MARK.len()).rev() {
+                if p.len() >= k && p[p.len() - k..] == MARK[..k] {
+                    end = p.len() - k;
+                    break;
+                }
+            }
+        }
+        let end = match std::str::from_utf8(&p[..end]) {
+            Ok(_) => end,
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => end, // invalid bytes: passed on lossily
+        };
+        if end == 0 {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&p[..end]).into_owned();
+        self.partial.drain(..end);
+        Some(text)
+    }
+
     /// End of stream: the partial line (if any) becomes user text without a newline; an
     /// unterminated content block is returned as user text too, so nothing is lost.
     pub fn finish(&mut self) -> Vec<StdoutEvent> {
@@ -326,6 +358,24 @@ mod tests {
         assert!(!p.has_pending());
         assert_eq!(p.feed(b"EVCXR_BEGIN_CONTENT text/plain\nabc\n"), vec![]);
         assert_eq!(p.finish(), vec![text("EVCXR_BEGIN_CONTENT text/plain\nabc\n")]);
+    }
+
+    #[test]
+    fn partial_text_is_released_but_not_marker_starts() {
+        let mut p = StdoutParser::new();
+        assert_eq!(p.feed(b"progress 1.."), vec![]);
+        assert_eq!(p.take_partial_text().as_deref(), Some("progress 1.."));
+        assert_eq!(p.take_partial_text(), None);
+        assert_eq!(p.feed(b"2..EVCX"), vec![]);
+        assert_eq!(p.take_partial_text().as_deref(), Some("2.."));
+        assert_eq!(p.feed(b"R_PANIC_NOTIFICATION\n"), vec![Panic]);
+        // An incomplete UTF-8 sequence waits for its last byte.
+        assert_eq!(p.feed(&[b'a', 0xc3]), vec![]);
+        assert_eq!(p.take_partial_text().as_deref(), Some("a"));
+        assert_eq!(p.feed(&[0xa9, b'\n']), vec![text("\u{e9}\n")]);
+        // Nothing is released from inside a content block.
+        p.feed(b"EVCXR_BEGIN_CONTENT text/plain\nabc");
+        assert_eq!(p.take_partial_text(), None);
     }
 
     #[test]
