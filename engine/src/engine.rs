@@ -820,7 +820,7 @@ impl Engine {
         if self.loading.as_ref().is_some_and(|l| l.cell_id == id) || self.pending_loads.iter().any(|l| l.cell_id == id) {
             return;
         }
-        if cell.panicked && cell.died.is_none() && find_panic(&self.stderr_tail.lines()).is_none_or(|p| p.message.is_empty()) {
+        if cell.panicked && cell.died.is_none() && find_panic(&self.stderr_tail.panic_lines()).is_none_or(|p| p.message.is_empty()) {
             // stdout and stderr are separate pipes: give the panic message a moment to arrive.
             match cell.grace_until {
                 None => {
@@ -850,7 +850,7 @@ impl Engine {
         } else if let Some(status) = &cell.died {
             Some(EngineError::worker_died(&self.me, status, tail))
         } else if cell.panicked {
-            match find_panic(&tail) {
+            match find_panic(&self.stderr_tail.panic_lines()) {
                 Some(p) => Some(EngineError::panic(&p.message, p.lines)),
                 None => Some(EngineError::panic("", tail)),
             }

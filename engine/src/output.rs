@@ -203,11 +203,15 @@ pub struct StderrTail {
     lines: VecDeque<String>,
     partial: String,
     cap: usize,
+    /// The last panic report (header and message lines), kept apart from the tail so that a
+    /// long backtrace (`RUST_BACKTRACE=1`) cannot push it out.
+    panic: Vec<String>,
+    in_panic: bool,
 }
 
 impl StderrTail {
     pub fn new(cap: usize) -> StderrTail {
-        StderrTail { lines: VecDeque::with_capacity(cap), partial: String::new(), cap }
+        StderrTail { lines: VecDeque::with_capacity(cap), partial: String::new(), cap, panic: Vec::new(), in_panic: false }
     }
 
     pub fn feed(&mut self, chunk: &str) {
@@ -215,6 +219,16 @@ impl StderrTail {
         while let Some(pos) = rest.find('\n') {
             self.partial.push_str(&rest[..pos]);
             let line = std::mem::take(&mut self.partial);
+            if is_panic_header(&line) {
+                self.panic = vec![line.clone()];
+                self.in_panic = true;
+            } else if self.in_panic {
+                if is_panic_end(&line) || self.panic.len() >= 4 * self.cap {
+                    self.in_panic = false;
+                } else {
+                    self.panic.push(line.clone());
+                }
+            }
             if self.lines.len() == self.cap {
                 self.lines.pop_front();
             }
@@ -227,6 +241,17 @@ impl StderrTail {
     pub fn clear(&mut self) {
         self.lines.clear();
         self.partial.clear();
+        self.panic.clear();
+        self.in_panic = false;
+    }
+
+    /// Lines to search for a panic: the last panic report if one was seen, else the tail.
+    pub fn panic_lines(&self) -> Vec<String> {
+        if self.panic.is_empty() {
+            self.lines()
+        } else {
+            self.panic.clone()
+        }
     }
 
     /// The kept lines, including a trailing partial line.
@@ -247,6 +272,16 @@ pub struct PanicInfo {
     pub lines: Vec<String>,
 }
 
+const PANICKED_AT: &str = " panicked at ";
+
+fn is_panic_header(line: &str) -> bool {
+    line.starts_with("thread '") && line.contains(PANICKED_AT)
+}
+
+fn is_panic_end(line: &str) -> bool {
+    line.starts_with("note: ") || line.starts_with("stack backtrace:") || line.starts_with(PANIC_NOTIFICATION)
+}
+
 /// Find the last panic report in `lines`.
 ///
 /// Current Rust prints `thread '<name>' (<tid>) panicked at <file>:<line>:<col>:` (the thread
@@ -254,13 +289,12 @@ pub struct PanicInfo {
 /// message lines and a `note: run with RUST_BACKTRACE=1 ...` line; older releases printed
 /// `thread '<name>' panicked at '<msg>', <file>:<line>:<col>` on one line.
 pub fn find_panic(lines: &[String]) -> Option<PanicInfo> {
-    const AT: &str = " panicked at ";
-    let start = lines.iter().rposition(|l| l.starts_with("thread '") && l.contains(AT))?;
+    let start = lines.iter().rposition(|l| is_panic_header(l))?;
     let head = &lines[start];
-    let after = &head[head.find(AT).unwrap() + AT.len()..];
+    let after = &head[head.find(PANICKED_AT).unwrap() + PANICKED_AT.len()..];
     let mut message_lines = Vec::new();
     for l in &lines[start + 1..] {
-        if l.starts_with("note: ") || l.starts_with("stack backtrace:") || l.starts_with(PANIC_NOTIFICATION) {
+        if is_panic_end(l) {
             break;
         }
         message_lines.push(l.clone());
@@ -392,6 +426,19 @@ mod tests {
         assert_eq!(t.lines(), vec!["2", "3x", "4", "5"]);
         t.clear();
         assert!(t.lines().is_empty());
+    }
+
+    #[test]
+    fn a_long_backtrace_does_not_hide_the_panic() {
+        let mut t = StderrTail::new(5);
+        t.feed("before\nthread 'main' (7) panicked at src/lib.rs:1:1:\nboom\nstack backtrace:\n");
+        for i in 0..50 {
+            t.feed(&format!("  {i}: frame\n"));
+        }
+        assert_eq!(find_panic(&t.panic_lines()).unwrap().message, "boom");
+        assert_eq!(t.lines().len(), 5);
+        t.clear();
+        assert!(t.panic_lines().is_empty());
     }
 
     #[test]
