@@ -1,1 +1,261 @@
-fn main() { evcxr::runtime_hook(); }
+//! `rpx-compiler`: the one evcxr compiler of a cluster. Engines send it their cells; it compiles
+//! each cell once per group of engines with the same history and tells them which artifact to load.
+//!
+//! # Layout
+//! - [`state`]: every decision (batching, groups, forks, merges, verdicts) as plain functions.
+//! - [`context`]: one evcxr context per thread, and the Unix socket its relay talks to.
+//! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
+//! - [`diagnostics`]: rustc errors rendered against the user's cell.
+//! - this file: arguments, the engine-facing ROUTER socket and the event loop.
+
+mod context;
+mod diagnostics;
+mod relay;
+mod state;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use clap::Parser;
+use rpx_protocol::compile::{msg_type, CellRequest, EngineHello, LoadDone};
+use rpx_protocol::connection::{read_json, write_private_json, CompilerConnection};
+use rpx_protocol::{EngineConnection, Profile, Session};
+use serde_json::json;
+use tokio::sync::mpsc::unbounded_channel;
+use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
+
+use crate::context::{Command, Event};
+use crate::state::{Action, Compiler, EvalResult};
+
+/// The shared compiler of an rpx cluster.
+#[derive(Parser, Debug)]
+#[command(name = "rpx-compiler", version)]
+struct Args {
+    /// Profile whose cluster this compiler serves.
+    #[arg(long, env = "RPX_PROFILE", default_value = "default")]
+    profile: String,
+    /// Cluster id within the profile.
+    #[arg(long, default_value = "")]
+    cluster_id: String,
+    /// Engine connection file to take the key from (default: the profile's).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Seconds to wait for the engine connection file.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Milliseconds to wait for identical cells from the other engines of a group.
+    #[arg(long, default_value_t = 15)]
+    batch_window_ms: u64,
+}
+
+fn main() {
+    relay::run_if_relay();
+    evcxr::runtime_hook();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = rt.block_on(serve(args)) {
+        eprintln!("rpx-compiler: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn target_libdir() -> String {
+    std::process::Command::new("rustc")
+        .args(["--print", "target-libdir"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let profile = Profile::new(&args.profile, &args.cluster_id);
+    let engine_file = args.file.clone().unwrap_or_else(|| profile.engine_file());
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let conn: EngineConnection = loop {
+        match read_json(&engine_file) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => bail!("no engine connection file at {} ({e}); start the controller first", engine_file.display()),
+        }
+    };
+    let session = Session::new(conn.key.as_bytes(), "rpx-compiler");
+
+    // Work files (relay sockets, evcxr's build directories) live in one private directory that
+    // goes away with the compiler.
+    let work = std::env::temp_dir().join(format!("rpx-compiler-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    std::env::set_var("TMPDIR", &work);
+
+    let mut router = zeromq::RouterSocket::new();
+    let monitor = router.monitor();
+    let endpoint = router.bind("tcp://127.0.0.1:0").await.context("binding the compiler socket")?;
+    let url = endpoint.to_string();
+    let compiler_file = args.file.as_ref().and_then(|f| f.parent()).map_or_else(|| profile.compiler_file(), |d| d.join(profile.compiler_file().file_name().expect("file name")));
+    write_private_json(&compiler_file, &CompilerConnection { url: url.clone(), key: conn.key.clone(), pid: std::process::id() })?;
+    tracing::info!(%url, file = %compiler_file.display(), "compiler listening");
+    let libdir = target_libdir();
+
+    let result = event_loop(router, monitor, session, libdir, &work, Duration::from_millis(args.batch_window_ms)).await;
+    let _ = std::fs::remove_file(&compiler_file);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn event_loop(
+    router: zeromq::RouterSocket,
+    mut monitor: futures::channel::mpsc::Receiver<SocketEvent>,
+    session: Session,
+    libdir: String,
+    work: &std::path::Path,
+    window: Duration,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let (mut send, mut recv) = router.split();
+    let (ev_tx, mut ev_rx) = unbounded_channel::<Event>();
+    let mut contexts: HashMap<u64, context::Handle> = HashMap::new();
+    let mut failed: HashMap<u64, String> = HashMap::new();
+    let mut loads: HashMap<u64, mpsc::Sender<Vec<String>>> = HashMap::new();
+    let mut state = Compiler::new(window);
+    let mut wake: Option<Instant> = None;
+    let mut pending = state.start();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    loop {
+        // Carry out actions; a failed context answers its evals at once.
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for action in pending.drain(..) {
+                match action {
+                    Action::Send { to, msg_type, content } => {
+                        let (_, frames) = session.msg(&[to.clone()], msg_type, content, None, json!({}), &[]);
+                        let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            tracing::warn!(engine = %String::from_utf8_lossy(&to), msg_type, "could not send to engine");
+                        }
+                    }
+                    Action::NewContext { ctx } => {
+                        contexts.insert(ctx, context::spawn(ctx, work.to_path_buf(), ev_tx.clone()));
+                    }
+                    Action::Replay { ctx, cells } => {
+                        if let Some(h) = contexts.get(&ctx) {
+                            let _ = h.tx.send(Command::Replay(cells));
+                        }
+                    }
+                    Action::Eval { ctx, code } => match failed.get(&ctx) {
+                        Some(message) => next.extend(state.on_eval_done(ctx, EvalResult::Failed { message: message.clone() })),
+                        None => {
+                            if let Some(h) = contexts.get(&ctx) {
+                                let _ = h.tx.send(Command::Eval(code));
+                            }
+                        }
+                    },
+                    Action::Verdict { ctx, lines } => {
+                        if let Some(tx) = loads.remove(&ctx) {
+                            let _ = tx.send(lines);
+                        }
+                    }
+                    Action::DropContext { ctx } => {
+                        contexts.remove(&ctx);
+                        failed.remove(&ctx);
+                        tracing::debug!(ctx, "dropped context");
+                    }
+                    Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
+                }
+            }
+            pending = next;
+        }
+        let sleep_until = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            msg = recv.recv() => {
+                let frames = match msg {
+                    Ok(m) => rpx_protocol::zmq::frames(m),
+                    Err(e) => { tracing::warn!("receive failed: {e}"); continue; }
+                };
+                let msg = match session.decode(frames) {
+                    Ok(m) => m,
+                    Err(e) => { tracing::warn!("dropped a message: {e}"); continue; }
+                };
+                let Some(from) = msg.idents.first().cloned() else { continue };
+                pending = handle_engine_message(&mut state, &session, &libdir, from, msg);
+            }
+            ev = monitor.next() => {
+                if let Some(SocketEvent::Disconnected(peer)) = ev {
+                    let ident = Bytes::copy_from_slice(peer.as_ref());
+                    tracing::info!(engine = %String::from_utf8_lossy(&ident), "engine disconnected");
+                    pending = state.on_engine_gone(&ident);
+                }
+            }
+            ev = ev_rx.recv() => {
+                let Some(ev) = ev else { continue };
+                pending = match ev {
+                    Event::Ready { ctx, elapsed_ms } => { tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready"); vec![] }
+                    Event::StartFailed { ctx, message } => {
+                        tracing::error!(ctx, "{message}");
+                        failed.insert(ctx, message.clone());
+                        // An eval may already be queued there.
+                        state.on_eval_done(ctx, EvalResult::Failed { message })
+                    }
+                    Event::Load { ctx, so_path, fn_name, reply } => {
+                        loads.insert(ctx, reply);
+                        state.on_load_requested(ctx, &so_path, &fn_name)
+                    }
+                    Event::EvalDone { ctx, result } => {
+                        let out = state.on_eval_done(ctx, result);
+                        tracing::debug!(groups = ?state.groups(), "eval done");
+                        out
+                    }
+                    Event::ReplayDone { ctx, has_vars } => state.on_replay_done(ctx, has_vars),
+                };
+            }
+            _ = tokio::time::sleep_until(sleep_until.into()) => {
+                wake = None;
+                pending = state.on_tick(Instant::now());
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+    }
+}
+
+fn handle_engine_message(state: &mut Compiler, session: &Session, libdir: &str, from: Bytes, msg: rpx_protocol::Message) -> Vec<Action> {
+    let content = msg.content.clone();
+    match msg.msg_type() {
+        msg_type::ENGINE_HELLO => match serde_json::from_value::<EngineHello>(content) {
+            Ok(h) => {
+                tracing::info!(engine_id = h.engine_id, pid = h.pid, "engine joined");
+                let mut out = vec![Action::Send { to: from.clone(), msg_type: msg_type::ENGINE_HELLO_REPLY, content: json!({"target_libdir": libdir}) }];
+                out.extend(state.on_hello(from, h.engine_id));
+                out
+            }
+            Err(e) => bad(session, &from, e),
+        },
+        msg_type::CELL_REQUEST => match serde_json::from_value::<CellRequest>(content) {
+            Ok(r) => state.on_cell_request(from, r.cell_id, r.code, Instant::now()),
+            Err(e) => bad(session, &from, e),
+        },
+        msg_type::LOAD_DONE => match serde_json::from_value::<LoadDone>(content) {
+            Ok(d) => state.on_load_done(from, d.outcome),
+            Err(e) => bad(session, &from, e),
+        },
+        msg_type::WORKER_RESTARTED => state.on_worker_restarted(&from),
+        other => {
+            tracing::warn!(msg_type = other, "unknown message type from an engine");
+            vec![]
+        }
+    }
+}
+
+fn bad(_session: &Session, from: &Bytes, e: serde_json::Error) -> Vec<Action> {
+    tracing::warn!(engine = %String::from_utf8_lossy(from), "malformed message content: {e}");
+    vec![]
+}

@@ -1,0 +1,791 @@
+//! The compiler's decisions, as plain functions over its state: which engines share a compiler
+//! context, when a batch of identical cells is compiled once, when a group of engines is forked
+//! into its own context because their histories diverge, and what verdict evcxr sees.
+//!
+//! Model: every engine belongs to one *group*; a group owns one evcxr context whose variables are
+//! a subset of every member's variables (evcxr aborts a runtime that lacks a variable it
+//! believes in). A cell is compiled once per group and loaded by every member. When only some
+//! members run a cell (a subset target, a slow engine still busy, a panic on some), those engines
+//! move to a new group whose context is rebuilt by replaying the group's history without running
+//! anything ("dry" replay), so every engine always has a context that matches its own state.
+//! Groups whose histories become identical again are merged.
+//!
+//! Nothing here touches sockets or evcxr: callers feed events and carry out [`Action`]s.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rpx_protocol::compile::{msg_type, CellReply, Load, LoadOutcome};
+use serde_json::Value;
+
+/// An engine's routing identity (its uuid).
+pub type Ident = Bytes;
+/// A compiler context (and the group that owns it).
+pub type CtxId = u64;
+
+/// What evcxr is told about one load, reduced over the engines that ran it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Some engine panicked or died: evcxr forgets the variables the cell defined.
+    Panic,
+    /// A `?` returned an error: evcxr forgets the cell's new variables.
+    ErrorOccurred,
+    /// Every engine reported the same variables changed type: evcxr recompiles and reruns.
+    ChangedTypes(Vec<String>),
+}
+
+impl Verdict {
+    /// The marker lines the relay writes before `EVCXR_EXECUTION_COMPLETE`.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Verdict::Ok => vec![],
+            Verdict::Panic => vec!["EVCXR_PANIC_NOTIFICATION".into()],
+            Verdict::ErrorOccurred => vec!["EVCXR_ERROR_OCCURRED".into()],
+            Verdict::ChangedTypes(v) => v.iter().map(|n| format!("EVCXR_VARIABLE_CHANGED_TYPE:{n}")).collect(),
+        }
+    }
+
+    /// The verdict one engine's outcome implies on its own.
+    fn of(outcome: &LoadOutcome) -> Verdict {
+        match outcome {
+            LoadOutcome::Complete { panicked: true, .. } | LoadOutcome::Died { .. } | LoadOutcome::Skipped { .. } => Verdict::Panic,
+            LoadOutcome::Complete { error_occurred: true, .. } => Verdict::ErrorOccurred,
+            LoadOutcome::Complete { changed_types, .. } if !changed_types.is_empty() => Verdict::ChangedTypes(changed_types.clone()),
+            LoadOutcome::Complete { .. } => Verdict::Ok,
+        }
+    }
+
+    /// Reduce the outcomes of every engine that ran a load.
+    pub fn reduce<'a>(outcomes: impl IntoIterator<Item = &'a LoadOutcome>) -> Verdict {
+        let all: Vec<Verdict> = outcomes.into_iter().map(Verdict::of).collect();
+        if all.iter().any(|v| *v == Verdict::Panic) {
+            return Verdict::Panic;
+        }
+        if all.iter().any(|v| *v == Verdict::ErrorOccurred) {
+            return Verdict::ErrorOccurred;
+        }
+        match all.first() {
+            Some(first @ Verdict::ChangedTypes(_)) if all.iter().all(|v| v == first) => first.clone(),
+            // Some engines saw a type change and skipped the cell, others ran it: forget it.
+            _ if all.iter().any(|v| matches!(v, Verdict::ChangedTypes(_))) => Verdict::Panic,
+            _ => Verdict::Ok,
+        }
+    }
+
+    /// The verdict to record in a history for replay (a type-change retry replays as a plain run).
+    fn for_history(&self) -> Verdict {
+        match self {
+            Verdict::ChangedTypes(_) => Verdict::Ok,
+            v => v.clone(),
+        }
+    }
+}
+
+/// One cell of a group's history: replaying these in a fresh context rebuilds its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hist {
+    pub code: String,
+    pub verdict: Verdict,
+}
+
+/// How an eval ended in a context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EvalResult {
+    Ok { has_vars: bool },
+    CompileError { evalue: String, traceback: Vec<String> },
+    Failed { message: String },
+}
+
+/// Something the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a compile-protocol message to an engine.
+    Send { to: Ident, msg_type: &'static str, content: Value },
+    /// Start a new context (a thread with its own evcxr context).
+    NewContext { ctx: CtxId },
+    /// Replay cells in a context without running them on engines.
+    Replay { ctx: CtxId, cells: Vec<Hist> },
+    /// Compile and run a cell in a context.
+    Eval { ctx: CtxId, code: String },
+    /// Answer the context's pending load with these marker lines.
+    Verdict { ctx: CtxId, lines: Vec<String> },
+    /// Drop a context.
+    DropContext { ctx: CtxId },
+    /// Call [`Compiler::on_tick`] at this time.
+    WakeAt(Instant),
+}
+
+#[derive(Debug)]
+struct EngineState {
+    id: u64,
+    group: Option<CtxId>,
+}
+
+#[derive(Debug, Default)]
+struct Running {
+    code: String,
+    /// Engine -> its cell id, for the engines this eval runs on.
+    members: BTreeMap<Ident, String>,
+    replied: BTreeSet<Ident>,
+    /// Engines the current load still waits for; `None` while compiling.
+    pending: Option<BTreeSet<Ident>>,
+    outcomes: BTreeMap<Ident, LoadOutcome>,
+    /// The last load's verdict over the engines still in the group.
+    verdict: Option<Verdict>,
+}
+
+#[derive(Debug)]
+struct Group {
+    engines: BTreeSet<Ident>,
+    history: Vec<Hist>,
+    has_vars: bool,
+    running: Option<Running>,
+    deferred: Vec<Batch>,
+}
+
+impl Group {
+    fn new(history: Vec<Hist>) -> Group {
+        let has_vars = !history.is_empty();
+        Group { engines: BTreeSet::new(), history, has_vars, running: None, deferred: Vec::new() }
+    }
+    fn idle(&self) -> bool {
+        self.running.is_none() && self.deferred.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Batch {
+    group: CtxId,
+    code: String,
+    engines: BTreeMap<Ident, String>,
+    deadline: Instant,
+}
+
+/// The compiler's state.
+#[derive(Debug)]
+pub struct Compiler {
+    engines: HashMap<Ident, EngineState>,
+    groups: BTreeMap<CtxId, Group>,
+    spare: Option<CtxId>,
+    next_ctx: CtxId,
+    batches: Vec<Batch>,
+    /// How long to wait for identical cells from the other engines of a group.
+    window: Duration,
+}
+
+fn reply(to: &Ident, cell_id: &str, status: &str, ename: &str, evalue: &str, traceback: Vec<String>, note: Option<String>) -> Action {
+    let r = CellReply {
+        cell_id: cell_id.to_string(),
+        status: status.to_string(),
+        ename: ename.to_string(),
+        evalue: evalue.to_string(),
+        traceback,
+        note,
+    };
+    Action::Send { to: to.clone(), msg_type: msg_type::CELL_REPLY, content: serde_json::to_value(r).expect("serializes") }
+}
+
+fn ok_reply(to: &Ident, cell_id: &str) -> Action {
+    reply(to, cell_id, "ok", "", "", vec![], None)
+}
+
+impl Compiler {
+    pub fn new(window: Duration) -> Compiler {
+        Compiler { engines: HashMap::new(), groups: BTreeMap::new(), spare: None, next_ctx: 1, batches: Vec::new(), window }
+    }
+
+    /// Start warming the first context.
+    pub fn start(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.ensure_spare(&mut out);
+        out
+    }
+
+    /// Number of live contexts (groups plus the spare).
+    pub fn context_count(&self) -> usize {
+        self.groups.len() + usize::from(self.spare.is_some())
+    }
+
+    /// Engine ids per group, for logs and tests.
+    pub fn groups(&self) -> Vec<Vec<u64>> {
+        self.groups
+            .values()
+            .map(|g| {
+                let mut ids: Vec<u64> = g.engines.iter().filter_map(|e| self.engines.get(e)).map(|e| e.id).collect();
+                ids.sort();
+                ids
+            })
+            .filter(|v| !v.is_empty())
+            .collect()
+    }
+
+    fn ensure_spare(&mut self, out: &mut Vec<Action>) {
+        if self.spare.is_none() {
+            let ctx = self.next_ctx;
+            self.next_ctx += 1;
+            self.spare = Some(ctx);
+            out.push(Action::NewContext { ctx });
+        }
+    }
+
+    /// A new group on the spare context (and a new spare).
+    fn take_spare(&mut self, history: Vec<Hist>, out: &mut Vec<Action>) -> CtxId {
+        self.ensure_spare(out);
+        let ctx = self.spare.take().expect("spare exists");
+        if !history.is_empty() {
+            out.push(Action::Replay { ctx, cells: history.clone() });
+        }
+        self.groups.insert(ctx, Group::new(history));
+        self.ensure_spare(out);
+        ctx
+    }
+
+    fn in_open_batch(&self, ctx: CtxId) -> bool {
+        self.batches.iter().any(|b| b.group == ctx)
+    }
+
+    /// Put an engine with an empty variable store into a group that believes in no variables.
+    fn assign_fresh(&mut self, e: &Ident, out: &mut Vec<Action>) {
+        let joinable = self
+            .groups
+            .iter()
+            .find(|(ctx, g)| !g.engines.is_empty() && !g.has_vars && g.idle() && !self.in_open_batch(**ctx))
+            .map(|(ctx, _)| *ctx);
+        let ctx = match joinable {
+            Some(ctx) => ctx,
+            None => self.take_spare(Vec::new(), out),
+        };
+        self.groups.get_mut(&ctx).expect("group").engines.insert(e.clone());
+        if let Some(st) = self.engines.get_mut(e) {
+            st.group = Some(ctx);
+        }
+    }
+
+    /// An engine introduced itself.
+    pub fn on_hello(&mut self, e: Ident, engine_id: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.engines.contains_key(&e) {
+            return out;
+        }
+        self.engines.insert(e.clone(), EngineState { id: engine_id, group: None });
+        self.assign_fresh(&e, &mut out);
+        out
+    }
+
+    /// An engine asks to compile and run `code` on it.
+    pub fn on_cell_request(&mut self, e: Ident, cell_id: String, code: String, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(group) = self.engines.get(&e).and_then(|s| s.group) else {
+            out.push(reply(&e, &cell_id, "error", "CompilerError", "this engine has not introduced itself to the compiler (engine_hello)", vec![], None));
+            return out;
+        };
+        let deadline = now + self.window;
+        let idx = match self.batches.iter().position(|b| b.group == group && b.code == code && !b.engines.contains_key(&e)) {
+            Some(i) => i,
+            None => {
+                self.batches.push(Batch { group, code, engines: BTreeMap::new(), deadline });
+                self.batches.len() - 1
+            }
+        };
+        self.batches[idx].engines.insert(e, cell_id);
+        let g = &self.groups[&group];
+        let covers = self.batches[idx].engines.keys().eq(g.engines.iter());
+        if covers && g.running.is_none() {
+            let b = self.batches.remove(idx);
+            self.dispatch(b, &mut out);
+        } else {
+            out.push(Action::WakeAt(self.batches[idx].deadline));
+        }
+        out
+    }
+
+    /// Dispatch batches whose collection window has closed.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        let (due, rest): (Vec<Batch>, Vec<Batch>) = std::mem::take(&mut self.batches).into_iter().partition(|b| b.deadline <= now);
+        self.batches = rest;
+        for b in due {
+            self.dispatch(b, &mut out);
+        }
+        if let Some(next) = self.batches.iter().map(|b| b.deadline).min() {
+            out.push(Action::WakeAt(next));
+        }
+        out
+    }
+
+    fn dispatch(&mut self, mut b: Batch, out: &mut Vec<Action>) {
+        let Some(g) = self.groups.get_mut(&b.group) else {
+            // The group is gone (its engines moved): re-file each request under its engine's group.
+            for (e, cell_id) in b.engines {
+                let now = b.deadline;
+                out.extend(self.on_cell_request(e, cell_id, b.code.clone(), now));
+            }
+            return;
+        };
+        b.engines.retain(|e, _| g.engines.contains(e));
+        if b.engines.is_empty() {
+            return;
+        }
+        if let Some(r) = &g.running {
+            // Members that already finished the running cell ask for the next one.
+            let loading = r.pending.as_ref().is_some_and(|p| !p.is_empty());
+            if !loading {
+                // The eval is compiling or about to finish: wait for it.
+                g.deferred.push(b);
+                return;
+            }
+            // Fork them, split by what the running cell did on each of them.
+            let mut by_verdict: BTreeMap<String, (Verdict, BTreeMap<Ident, String>)> = BTreeMap::new();
+            for (e, cell) in b.engines {
+                let v = r.outcomes.get(&e).map(Verdict::of).unwrap_or(Verdict::Panic).for_history();
+                by_verdict.entry(format!("{v:?}")).or_insert_with(|| (v, BTreeMap::new())).1.insert(e, cell);
+            }
+            let running_code = r.code.clone();
+            for (_, (v, engines)) in by_verdict {
+                let mut history = self.groups[&b.group].history.clone();
+                history.push(Hist { code: running_code.clone(), verdict: v });
+                self.fork(b.group, engines, history, Some(b.code.clone()), out);
+            }
+            return;
+        }
+        if b.engines.keys().eq(g.engines.iter()) {
+            g.running = Some(Running { code: b.code.clone(), members: b.engines, ..Default::default() });
+            out.push(Action::Eval { ctx: b.group, code: b.code });
+        } else {
+            let history = g.history.clone();
+            self.fork(b.group, b.engines, history, Some(b.code), out);
+        }
+    }
+
+    /// Move `engines` out of `from` into a new group replayed from `history`, then run `code` there.
+    fn fork(&mut self, from: CtxId, engines: BTreeMap<Ident, String>, history: Vec<Hist>, code: Option<String>, out: &mut Vec<Action>) {
+        let ctx = self.take_spare(history, out);
+        if let Some(g) = self.groups.get_mut(&from) {
+            for e in engines.keys() {
+                g.engines.remove(e);
+                if let Some(r) = &mut g.running {
+                    r.members.remove(e);
+                    r.outcomes.remove(e);
+                }
+            }
+        }
+        for e in engines.keys() {
+            if let Some(st) = self.engines.get_mut(e) {
+                st.group = Some(ctx);
+            }
+        }
+        let g = self.groups.get_mut(&ctx).expect("new group");
+        g.engines = engines.keys().cloned().collect();
+        if let Some(code) = code {
+            g.running = Some(Running { code: code.clone(), members: engines, ..Default::default() });
+            out.push(Action::Eval { ctx, code });
+        }
+        self.drop_if_empty(from, out);
+    }
+
+    fn drop_if_empty(&mut self, ctx: CtxId, out: &mut Vec<Action>) {
+        if self.groups.get(&ctx).is_some_and(|g| g.engines.is_empty() && g.idle()) && !self.in_open_batch(ctx) {
+            self.groups.remove(&ctx);
+            out.push(Action::DropContext { ctx });
+        }
+    }
+
+    /// A context's relay received `LOAD_AND_RUN`: send the artifact to the group's engines.
+    pub fn on_load_requested(&mut self, ctx: CtxId, so_path: &str, fn_name: &str) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(r) = self.groups.get_mut(&ctx).and_then(|g| g.running.as_mut()) else {
+            out.push(Action::Verdict { ctx, lines: vec![] });
+            return out;
+        };
+        if r.members.is_empty() {
+            out.push(Action::Verdict { ctx, lines: vec![] });
+            return out;
+        }
+        r.outcomes.clear();
+        r.pending = Some(r.members.keys().cloned().collect());
+        for (e, cell_id) in &r.members {
+            let load = Load { cell_id: cell_id.clone(), so_path: so_path.to_string(), fn_name: fn_name.to_string() };
+            out.push(Action::Send { to: e.clone(), msg_type: msg_type::LOAD, content: serde_json::to_value(load).expect("serializes") });
+        }
+        out
+    }
+
+    /// An engine finished (or failed) a load.
+    pub fn on_load_done(&mut self, e: Ident, outcome: LoadOutcome) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(ctx) = self.engines.get(&e).and_then(|s| s.group) else { return out };
+        let Some(g) = self.groups.get_mut(&ctx) else { return out };
+        let Some(r) = g.running.as_mut() else { return out };
+        if !r.pending.as_mut().is_some_and(|p| p.remove(&e)) {
+            return out;
+        }
+        let cell_id = r.members.get(&e).cloned().unwrap_or_default();
+        let died = matches!(outcome, LoadOutcome::Died { .. });
+        let early = match &outcome {
+            LoadOutcome::Complete { changed_types, .. } => changed_types.is_empty(),
+            _ => true,
+        };
+        r.outcomes.insert(e.clone(), outcome.clone());
+        if early {
+            r.replied.insert(e.clone());
+            if let LoadOutcome::Died { status } = &outcome {
+                out.push(reply(
+                    &e,
+                    &cell_id,
+                    "error",
+                    "EngineWorkerDied",
+                    &format!("the engine's worker process died ({status}); it was restarted and this engine's variables were lost"),
+                    vec![],
+                    None,
+                ));
+            } else {
+                out.push(ok_reply(&e, &cell_id));
+            }
+        }
+        if died {
+            // Its store is empty now: it leaves this group (the outcome still counts as a panic).
+            r.members.remove(&e);
+            g.engines.remove(&e);
+            self.assign_fresh(&e, &mut out);
+        }
+        self.maybe_finish_load(ctx, &mut out);
+        out
+    }
+
+    fn maybe_finish_load(&mut self, ctx: CtxId, out: &mut Vec<Action>) {
+        let Some(r) = self.groups.get_mut(&ctx).and_then(|g| g.running.as_mut()) else { return };
+        if r.pending.as_ref().is_some_and(|p| p.is_empty()) {
+            let v = Verdict::reduce(r.outcomes.values());
+            r.pending = None;
+            out.push(Action::Verdict { ctx, lines: v.lines() });
+            r.verdict = Some(v);
+        }
+    }
+
+    /// A context finished an eval.
+    pub fn on_eval_done(&mut self, ctx: CtxId, result: EvalResult) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(g) = self.groups.get_mut(&ctx) else { return out };
+        let Some(r) = g.running.take() else { return out };
+        let unreplied: Vec<(Ident, String)> = r.members.iter().filter(|(e, _)| !r.replied.contains(*e)).map(|(e, c)| (e.clone(), c.clone())).collect();
+        let mut split: Option<(BTreeMap<Ident, String>, Vec<Hist>)> = None;
+        match &result {
+            EvalResult::CompileError { evalue, traceback } => {
+                for (e, c) in &unreplied {
+                    out.push(reply(e, c, "error", "CompileError", evalue, traceback.clone(), None));
+                }
+            }
+            EvalResult::Failed { message } => {
+                for (e, c) in &unreplied {
+                    out.push(reply(e, c, "error", "CompilerError", message, vec![], None));
+                }
+            }
+            EvalResult::Ok { has_vars } => {
+                for (e, c) in &unreplied {
+                    out.push(ok_reply(e, c));
+                }
+                let verdict = r.verdict.clone().unwrap_or(Verdict::Ok).for_history();
+                // Engines that ran the cell cleanly while others panicked keep its variables in
+                // a context of their own; the panicked ones stay here, where evcxr forgot them.
+                if verdict == Verdict::Panic {
+                    let clean: BTreeMap<Ident, String> = r
+                        .outcomes
+                        .iter()
+                        .filter(|(e, o)| g.engines.contains(*e) && Verdict::of(o) == Verdict::Ok)
+                        .map(|(e, _)| (e.clone(), String::new()))
+                        .collect();
+                    if !clean.is_empty() {
+                        let mut h = g.history.clone();
+                        h.push(Hist { code: r.code.clone(), verdict: Verdict::Ok });
+                        split = Some((clean, h));
+                    }
+                }
+                g.history.push(Hist { code: r.code.clone(), verdict });
+                g.has_vars = *has_vars;
+            }
+        }
+        if let Some((clean, history)) = split {
+            self.fork(ctx, clean, history, None, &mut out);
+        }
+        if let Some(g) = self.groups.get_mut(&ctx) {
+            let deferred = std::mem::take(&mut g.deferred);
+            for b in deferred {
+                self.dispatch(b, &mut out);
+            }
+        }
+        self.drop_if_empty(ctx, &mut out);
+        self.try_merge(ctx, &mut out);
+        out
+    }
+
+    /// A replay finished in a context.
+    pub fn on_replay_done(&mut self, ctx: CtxId, has_vars: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(g) = self.groups.get_mut(&ctx) {
+            g.has_vars = has_vars;
+        }
+        self.try_merge(ctx, &mut out);
+        out
+    }
+
+    /// Merge `ctx` into another idle group with the same history.
+    fn try_merge(&mut self, ctx: CtxId, out: &mut Vec<Action>) {
+        let Some(g) = self.groups.get(&ctx) else { return };
+        if !g.idle() || self.in_open_batch(ctx) || g.engines.is_empty() {
+            return;
+        }
+        let twin = self
+            .groups
+            .iter()
+            .find(|(other, h)| **other != ctx && h.idle() && !h.engines.is_empty() && h.history == g.history && !self.in_open_batch(**other))
+            .map(|(other, _)| *other);
+        if let Some(into) = twin {
+            let moved: Vec<Ident> = self.groups.get_mut(&ctx).map(|g| std::mem::take(&mut g.engines)).unwrap_or_default().into_iter().collect();
+            for e in &moved {
+                if let Some(st) = self.engines.get_mut(e) {
+                    st.group = Some(into);
+                }
+            }
+            self.groups.get_mut(&into).expect("twin").engines.extend(moved);
+            self.drop_if_empty(ctx, out);
+        }
+    }
+
+    /// An engine disconnected: it died or shut down.
+    pub fn on_engine_gone(&mut self, e: &Ident) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(st) = self.engines.remove(e) else { return out };
+        for b in &mut self.batches {
+            b.engines.remove(e);
+        }
+        self.batches.retain(|b| !b.engines.is_empty());
+        let Some(ctx) = st.group else { return out };
+        if let Some(g) = self.groups.get_mut(&ctx) {
+            g.engines.remove(e);
+            if let Some(r) = &mut g.running {
+                r.members.remove(e);
+                if r.pending.as_mut().is_some_and(|p| p.remove(e)) {
+                    r.outcomes.insert(e.clone(), LoadOutcome::Died { status: "engine disconnected".into() });
+                }
+            }
+        }
+        self.maybe_finish_load(ctx, &mut out);
+        self.drop_if_empty(ctx, &mut out);
+        out
+    }
+
+    /// An engine's worker restarted outside a cell: its variables are gone.
+    pub fn on_worker_restarted(&mut self, e: &Ident) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(ctx) = self.engines.get(e).and_then(|s| s.group) else { return out };
+        let Some(g) = self.groups.get_mut(&ctx) else { return out };
+        if !g.has_vars || g.running.as_ref().is_some_and(|r| r.members.contains_key(e)) {
+            return out;
+        }
+        g.engines.remove(e);
+        self.assign_fresh(e, &mut out);
+        self.drop_if_empty(ctx, &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> Ident {
+        Bytes::from(vec![b'e', n])
+    }
+
+    fn ok() -> LoadOutcome {
+        LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: vec![] }
+    }
+
+    fn panicked() -> LoadOutcome {
+        LoadOutcome::Complete { panicked: true, error_occurred: false, changed_types: vec![] }
+    }
+
+    fn evals(a: &[Action]) -> Vec<(CtxId, String)> {
+        a.iter().filter_map(|x| if let Action::Eval { ctx, code } = x { Some((*ctx, code.clone())) } else { None }).collect()
+    }
+
+    fn sends(a: &[Action], t: &str) -> Vec<(Ident, Value)> {
+        a.iter()
+            .filter_map(|x| if let Action::Send { to, msg_type, content } = x { (*msg_type == t).then(|| (to.clone(), content.clone())) } else { None })
+            .collect()
+    }
+
+    /// n engines, all in the first group.
+    fn cluster(n: u8) -> (Compiler, CtxId) {
+        let mut c = Compiler::new(Duration::from_millis(10));
+        let a = c.start();
+        assert_eq!(a, vec![Action::NewContext { ctx: 1 }]);
+        for i in 0..n {
+            c.on_hello(id(i), i as u64);
+        }
+        assert_eq!(c.groups(), vec![(0..n as u64).collect::<Vec<_>>()]);
+        (c, 1)
+    }
+
+    /// Run one cell on the given engines through a whole eval with the given outcomes.
+    fn run(c: &mut Compiler, engines: &[u8], code: &str, outcomes: &[LoadOutcome]) -> Vec<Action> {
+        let now = Instant::now();
+        let mut acts = Vec::new();
+        for &e in engines {
+            acts.extend(c.on_cell_request(id(e), format!("cell-{e}"), code.into(), now));
+        }
+        acts.extend(c.on_tick(now + Duration::from_secs(1)));
+        let ev = evals(&acts);
+        for (ctx, _) in &ev {
+            acts.extend(c.on_load_requested(*ctx, "/x.so", "f"));
+            for (&e, o) in engines.iter().zip(outcomes) {
+                if c.engines[&id(e)].group == Some(*ctx) {
+                    acts.extend(c.on_load_done(id(e), o.clone()));
+                }
+            }
+            acts.extend(c.on_eval_done(*ctx, EvalResult::Ok { has_vars: true }));
+        }
+        acts
+    }
+
+    #[test]
+    fn identical_cells_from_a_whole_group_compile_once_without_waiting() {
+        let (mut c, g) = cluster(3);
+        let now = Instant::now();
+        assert!(evals(&c.on_cell_request(id(0), "a".into(), "let x = 1;".into(), now)).is_empty());
+        assert!(evals(&c.on_cell_request(id(1), "b".into(), "let x = 1;".into(), now)).is_empty());
+        let a = c.on_cell_request(id(2), "c".into(), "let x = 1;".into(), now);
+        assert_eq!(evals(&a), vec![(g, "let x = 1;".to_string())]);
+        let loads = c.on_load_requested(g, "/t/libcode_3.so", "run_user_code_2");
+        assert_eq!(sends(&loads, msg_type::LOAD).len(), 3);
+        let mut replies = 0;
+        for i in 0..3 {
+            let a = c.on_load_done(id(i), ok());
+            replies += sends(&a, msg_type::CELL_REPLY).len();
+            if i == 2 {
+                assert!(a.contains(&Action::Verdict { ctx: g, lines: vec![] }));
+            }
+        }
+        assert_eq!(replies, 3, "each engine is answered as soon as its own load completes");
+        c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+        assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn a_subset_cell_forks_the_subset_with_a_replayed_history() {
+        let (mut c, g) = cluster(4);
+        run(&mut c, &[0, 1, 2, 3], "let x = 1;", &[ok(), ok(), ok(), ok()]);
+        let a = run(&mut c, &[0, 1], "let y = 2;", &[ok(), ok()]);
+        let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
+        assert_eq!(replay, vec![Hist { code: "let x = 1;".into(), verdict: Verdict::Ok }]);
+        let ev = evals(&a);
+        assert_eq!(ev.len(), 1);
+        assert_ne!(ev[0].0, g);
+        assert_eq!(c.groups(), vec![vec![2, 3], vec![0, 1]]);
+        // A cell on all engines now compiles once per group.
+        let a = run(&mut c, &[0, 1, 2, 3], "println!(\"{x}\");", &[ok(), ok(), ok(), ok()]);
+        assert_eq!(evals(&a).len(), 2);
+        assert_eq!(sends(&a, msg_type::CELL_REPLY).len(), 4);
+    }
+
+    #[test]
+    fn a_panic_on_one_engine_splits_clean_engines_into_a_context_that_keeps_the_variables() {
+        let (mut c, _) = cluster(3);
+        let a = run(&mut c, &[0, 1, 2], "let z = 7; maybe_panic();", &[ok(), panicked(), ok()]);
+        assert!(a.contains(&Action::Verdict { ctx: 1, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
+        let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
+        assert_eq!(replay.last().unwrap().verdict, Verdict::Ok);
+        assert_eq!(c.groups(), vec![vec![1], vec![0, 2]]);
+    }
+
+    #[test]
+    fn engines_done_with_a_slow_cell_fork_instead_of_waiting() {
+        let (mut c, g) = cluster(3);
+        let now = Instant::now();
+        for e in 0..3 {
+            c.on_cell_request(id(e), format!("s{e}"), "slow_on_0();".into(), now);
+        }
+        c.on_load_requested(g, "/s.so", "f");
+        // Engines 1 and 2 finish; engine 0 is still running.
+        c.on_load_done(id(1), ok());
+        c.on_load_done(id(2), ok());
+        c.on_cell_request(id(1), "n1".into(), "next();".into(), now);
+        let a = c.on_cell_request(id(2), "n2".into(), "next();".into(), now);
+        assert!(evals(&a).is_empty(), "waits for the batch window, not for engine 0");
+        let a = c.on_tick(now + Duration::from_millis(20));
+        let ev = evals(&a);
+        assert_eq!(ev.len(), 1);
+        assert_ne!(ev[0].0, g);
+        let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
+        assert_eq!(replay, vec![Hist { code: "slow_on_0();".into(), verdict: Verdict::Ok }]);
+        // Engine 0 finishes later; the old group's verdict only covers engine 0.
+        let a = c.on_load_done(id(0), ok());
+        assert!(a.contains(&Action::Verdict { ctx: g, lines: vec![] }));
+        c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+        assert_eq!(c.groups(), vec![vec![0], vec![1, 2]]);
+    }
+
+    #[test]
+    fn a_dead_worker_moves_its_engine_to_a_fresh_context() {
+        let (mut c, g) = cluster(2);
+        run(&mut c, &[0, 1], "let v = vec![1];", &[ok(), ok()]);
+        let now = Instant::now();
+        c.on_cell_request(id(0), "a".into(), "std::process::abort();".into(), now);
+        c.on_cell_request(id(1), "b".into(), "std::process::abort();".into(), now);
+        c.on_load_requested(g, "/a.so", "f");
+        let a = c.on_load_done(id(0), LoadOutcome::Died { status: "signal 6 (SIGABRT)".into() });
+        let r = sends(&a, msg_type::CELL_REPLY);
+        assert_eq!(r[0].1["ename"], "EngineWorkerDied");
+        assert!(r[0].1["evalue"].as_str().unwrap().contains("variables were lost"));
+        let a = c.on_load_done(id(1), ok());
+        assert!(a.contains(&Action::Verdict { ctx: g, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
+        c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+        assert_eq!(c.groups().len(), 2);
+    }
+
+    #[test]
+    fn a_disconnected_engine_never_leaves_a_load_waiting() {
+        let (mut c, g) = cluster(2);
+        let now = Instant::now();
+        c.on_cell_request(id(0), "a".into(), "x".into(), now);
+        c.on_cell_request(id(1), "b".into(), "x".into(), now);
+        c.on_load_requested(g, "/a.so", "f");
+        c.on_load_done(id(0), ok());
+        let a = c.on_engine_gone(&id(1));
+        assert!(a.contains(&Action::Verdict { ctx: g, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
+    }
+
+    #[test]
+    fn compile_errors_reach_every_engine_and_change_nothing() {
+        let (mut c, g) = cluster(2);
+        let now = Instant::now();
+        c.on_cell_request(id(0), "a".into(), "bad".into(), now);
+        c.on_cell_request(id(1), "b".into(), "bad".into(), now);
+        let a = c.on_eval_done(g, EvalResult::CompileError { evalue: "cannot find value `bad`".into(), traceback: vec![] });
+        let r = sends(&a, msg_type::CELL_REPLY);
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|(_, c)| c["ename"] == "CompileError"));
+        assert_eq!(c.groups(), vec![vec![0, 1]]);
+        assert!(c.groups[&g].history.is_empty());
+    }
+
+    #[test]
+    fn groups_with_identical_histories_merge() {
+        let (mut c, _) = cluster(2);
+        run(&mut c, &[0], "let a = 1;", &[ok()]);
+        assert_eq!(c.groups().len(), 2);
+        run(&mut c, &[1], "let a = 1;", &[ok()]);
+        assert_eq!(c.groups(), vec![vec![0, 1]]);
+    }
+
+    #[test]
+    fn verdict_reduction() {
+        let ct = |v: &[&str]| LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: v.iter().map(|s| s.to_string()).collect() };
+        assert_eq!(Verdict::reduce(&[ok(), ok()]), Verdict::Ok);
+        assert_eq!(Verdict::reduce(&[ok(), panicked()]), Verdict::Panic);
+        assert_eq!(Verdict::reduce(&[ct(&["q"]), ct(&["q"])]), Verdict::ChangedTypes(vec!["q".into()]));
+        assert_eq!(Verdict::reduce(&[ct(&["q"]), ok()]), Verdict::Panic);
+    }
+}
