@@ -125,7 +125,16 @@ def test_bad_signatures_and_malformed_frames_are_dropped(rc, cluster):
                 continue
             assert c.get("status") != "ok", f"{name}: a forged/malformed message was answered: {h} {c}"
     if any(replies.values()):
-        H.note("replies to bad messages", {k: len(v) for k, v in replies.items()})
+        summary = {}
+        for name, msgs in replies.items():
+            for frames in msgs:
+                try:
+                    h, c = H.parse_reply(frames)
+                    summary.setdefault(name, []).append(
+                        f"{h.get('msg_type')} status={c.get('status')} {c.get('ename', '')}: {str(c.get('evalue', ''))[:100]}")
+                except Exception:  # noqa: BLE001
+                    summary.setdefault(name, []).append(repr(frames)[:100])
+        H.note("replies to bad messages", summary)
     # the forged cell never ran anywhere
     assert not any(MARKER.encode() in b"".join(m) for m in seen), "a wrongly signed execute_request ran"
 
@@ -138,3 +147,11 @@ def test_bad_signatures_and_malformed_frames_are_dropped(rc, cluster):
     ids = cluster.live_rust_ids()
     ar, _ = H.run_cell(rc[ids], 'println!("after junk");')
     assert [s.strip() for s in ar.stdout] == ["after junk"] * len(ids)
+    # and no bad message is left counted as queued on an engine (it would stay pending forever)
+    qs_after = H.bounded(rc.queue_status)
+    stuck = {eid: (qs_before[eid]["queue"], qs_after[eid]["queue"]) for eid in ids_before
+             if qs_after[eid]["queue"] != qs_before[eid]["queue"]}
+    assert not stuck, (f"bad messages left queued on engines {{eid: (queue before, after)}}: {stuck}; "
+                       f"the correctly signed message with a non-JSON content frame is routed to the engine, "
+                       f"which never answers it")
+    assert qs_after["unassigned"] == qs_before["unassigned"], (qs_before, qs_after)
