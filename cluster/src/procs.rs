@@ -31,9 +31,9 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Start `bin args...` in a new session with stdin closed and stdout+stderr appended to `log`,
-/// tagged with the cluster instance.
-pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str) -> anyhow::Result<Child> {
+/// Start `bin args...` in a new session with stdin closed and stdout+stderr written to `log`,
+/// tagged with the cluster instance, with extra environment variables `env`.
+pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -43,6 +43,9 @@ pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str) -> anyhow:
     let err = out.try_clone().with_context(|| format!("cannot open log file {}", log.display()))?;
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).env(INSTANCE_ENV, instance);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -233,7 +236,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("x.log");
         let tag = uuid::Uuid::new_v4().to_string();
-        let mut child = spawn(Path::new("/bin/sh"), &["-c".into(), "echo hello; sleep 30 & wait".into()], &log, &tag).unwrap();
+        let mut child = spawn(Path::new("/bin/sh"), &["-c".into(), "echo hello; sleep 30 & wait".into()], &log, &tag, &[]).unwrap();
         let pid = child.id();
         assert!(wait_until(Duration::from_secs(5), || members(&[], &tag).len() == 2), "sh and its sleep carry the tag");
         assert_eq!(stat(pid).unwrap().pgid as u32, pid, "own process group");

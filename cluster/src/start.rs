@@ -16,6 +16,10 @@ use crate::stop;
 use crate::Fail;
 use rpx_protocol::Profile;
 
+/// Each engine ipcluster starts gets its start index (0, 1, ...; `engines` continues the count)
+/// in this environment variable, which its worker inherits: code on the engine can read it.
+pub const ENGINE_INDEX_ENV: &str = "RPX_ENGINE_INDEX";
+
 /// Arguments every member gets: `--profile P [--cluster-id C]`.
 fn member_args(profile: &Profile) -> Vec<String> {
     let mut a = vec!["--profile".to_string(), profile.name.clone()];
@@ -84,7 +88,7 @@ fn spawn_engines(bin: &std::path::Path, profile: &Profile, first: usize, n: usiz
     let mut out = Vec::with_capacity(n);
     for index in first..first + n {
         let log = state::log_path(profile, "ipengine", index);
-        let child = procs::spawn(bin, &member_args(profile), &log, instance)?;
+        let child = procs::spawn(bin, &member_args(profile), &log, instance, &[(ENGINE_INDEX_ENV, index.to_string())])?;
         out.push((EngineProc { pid: child.id(), index, log }, child));
     }
     Ok(out)
@@ -157,7 +161,7 @@ pub fn start(args: StartArgs, t0: Instant) -> anyhow::Result<i32> {
         cargs.push("--ip".into());
         cargs.push(ip.clone());
     }
-    let controller = procs::spawn(&controller_bin, &cargs, &controller_log, &instance)?;
+    let controller = procs::spawn(&controller_bin, &cargs, &controller_log, &instance, &[])?;
     let mut st = ClusterState {
         profile: profile.name.clone(),
         cluster_id: profile.cluster_id.clone(),
@@ -204,7 +208,7 @@ pub fn start(args: StartArgs, t0: Instant) -> anyhow::Result<i32> {
 
     // 2. The compiler and the engines, all at once.
     let compiler_log = state::log_path(&profile, "rpx-compiler", me);
-    let launched = procs::spawn(&compiler_bin, &member_args(&profile), &compiler_log, &instance).and_then(|c| {
+    let launched = procs::spawn(&compiler_bin, &member_args(&profile), &compiler_log, &instance, &[]).and_then(|c| {
         st.compiler_pid = Some(c.id());
         st.compiler_log = compiler_log.clone();
         l.compiler = Some(c);

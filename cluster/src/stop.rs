@@ -187,9 +187,9 @@ mod tests {
         let instance = uuid::Uuid::new_v4().to_string();
         let sh = Path::new("/bin/sh");
         // A "controller" that exits on TERM, and an "engine" that ignores TERM and has a worker.
-        let mut ctl = procs::spawn(sh, &["-c".into(), "sleep 1000 & wait".into()], &dir.path().join("c.log"), &instance).unwrap();
+        let mut ctl = procs::spawn(sh, &["-c".into(), "sleep 1000 & wait".into()], &dir.path().join("c.log"), &instance, &[]).unwrap();
         let script = "trap '' TERM; sh -c 'trap \"\" TERM; sleep 1000' & sleep 1000 & wait";
-        let mut eng = procs::spawn(sh, &["-c".into(), script.into()], &dir.path().join("e.log"), &instance).unwrap();
+        let mut eng = procs::spawn(sh, &["-c".into(), script.into()], &dir.path().join("e.log"), &instance, &[]).unwrap();
         assert!(procs::wait_until(Duration::from_secs(5), || procs::members(&[], &instance).len() >= 5));
         let st = ClusterState {
             profile: "t".into(),
