@@ -83,6 +83,10 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
             })
             .expect("spawn relay thread");
     }
+    // Contexts warm up one at a time: two at once on a small machine delay the first one, the
+    // one an engine is usually waiting for.
+    static WARMING: Mutex<()> = Mutex::new(());
+    let warming = WARMING.lock().unwrap_or_else(|e| e.into_inner());
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(exe);
     cmd.env(RELAY_SOCKET_ENV, &path);
@@ -91,6 +95,12 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
     for rx in [outputs.stdout, outputs.stderr] {
         std::thread::spawn(move || while rx.recv().is_ok() {});
     }
+    // The first cell that binds a variable costs seconds of rust-analyzer warm-up: pay it now,
+    // before any engine waits, then forget the variable (clear keeps the warm analyzer).
+    if ectx.eval("let rpx_warm_up: u64 = 1;").is_ok() {
+        ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
+    }
+    drop(warming);
     let _ = events.send(Event::Ready { ctx, elapsed_ms: started.elapsed().as_millis() });
     while let Ok(cmd) = rx.recv() {
         match cmd {
