@@ -124,3 +124,25 @@ fn foreground_cluster_stops_on_sigterm_without_orphans() {
     assert!(left.is_empty(), "{left:#?}");
     assert!(!c.profile().cluster_file().exists());
 }
+
+#[test]
+fn test_client_runs_a_cell_on_chosen_engines() {
+    let cluster = TestCluster::start(2);
+    let mut client = cluster.client();
+    let ids = client.wait_for_engines(2, Duration::from_secs(60)).unwrap();
+    let outs = client.execute(&ids, "let answer: u64 = 40 + 2;\nprintln!(\"answer {answer}\");", Duration::from_secs(300)).unwrap();
+    assert_eq!(outs.len(), 2);
+    for (o, id) in outs.iter().zip(&ids) {
+        assert_eq!(o.engine_id, *id);
+        assert_eq!(o.status, "ok", "engine {id}: {:?}", o.reply);
+        assert_eq!(o.stdout, "answer 42\n", "engine {id}");
+    }
+    // The variable persists; a cell sent to one engine runs there only.
+    let o = client.execute_one(ids[1], "println!(\"{}\", answer + 1);", Duration::from_secs(300)).unwrap();
+    assert_eq!((o.engine_id, o.status.as_str(), o.stdout.as_str()), (ids[1], "ok", "43\n"));
+    let q = client.queue_request(None).unwrap();
+    assert_eq!(q["status"], "ok", "{q}");
+    for id in &ids {
+        assert!(q.get(id.to_string()).is_some(), "queue_reply has engine {id}: {q}");
+    }
+}
