@@ -429,7 +429,11 @@ impl Engine {
             None => rustc_target_libdir().await,
         };
         match WorkerCommand::this_binary(libdir.as_deref()) {
-            Ok(c) => self.worker_cmd = Some(c),
+            Ok(mut c) => {
+                // Cells can read their engine's id, as `std::env::var("RPX_ENGINE_ID")`.
+                c.env.push(("RPX_ENGINE_ID".to_string(), self.me.id.to_string()));
+                self.worker_cmd = Some(c)
+            }
             Err(e) => error!(error = %e, "cannot locate the ipengine binary to start workers"),
         }
     }

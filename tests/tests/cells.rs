@@ -1,0 +1,128 @@
+//! Rust cells on a real 8-engine cluster (controller, shared compiler and engines as processes on
+//! loopback), driven through the wire protocol the way a client does: per-engine output, state
+//! across cells, compile errors, a panic on one engine, an abort, divergent histories, and a long
+//! cell on one engine that must not hold up the others.
+//!
+//! One cluster serves the whole scenario (an evcxr context costs seconds to warm), so the steps
+//! run in order inside one test.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpx_tests::{ExecOutput, TestCluster};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn assert_ok(outs: &[ExecOutput]) {
+    for o in outs {
+        assert_eq!(o.status, "ok", "engine {} failed: {:#}\nstderr: {}", o.engine_id, o.reply, o.stderr);
+    }
+}
+
+fn evalue(o: &ExecOutput) -> &str {
+    o.reply["evalue"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn eight_engines_run_rust_cells() {
+    let cluster = TestCluster::start(8);
+    let mut c = cluster.client();
+    let ids = c.wait_for_engines(8, Duration::from_secs(60)).expect("8 engines register");
+    assert_eq!(ids, (0..8).collect::<Vec<u64>>());
+
+    // Per-engine stdout, from one cell sent to all eight engines.
+    let outs = c
+        .execute(&ids, r#"let eid: u64 = std::env::var("RPX_ENGINE_ID").unwrap().parse().unwrap(); println!("engine {eid} says hi");"#, LIMIT)
+        .unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!(o.stdout, format!("engine {} says hi\n", o.engine_id));
+    }
+
+    // State persists: the last expression becomes each engine's execute_result.
+    let outs = c.execute(&ids, "eid * 10", LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!(o.result_text(), Some((o.engine_id * 10).to_string().as_str()), "{o:?}");
+    }
+
+    // A compile error reaches every engine with rustc's diagnostic and the engine's id.
+    let outs = c.execute(&ids, "let w: u64 = not_defined_anywhere;", LIMIT).unwrap();
+    for o in &outs {
+        assert_eq!(o.status, "error");
+        assert_eq!(o.reply["ename"], "CompileError");
+        assert!(evalue(o).contains("cannot find value `not_defined_anywhere`"), "{}", evalue(o));
+        assert_eq!(o.reply["engine_info"]["engine_id"], o.engine_id);
+    }
+
+    // A panic on engine 3 only: it reports the panic; the others succeed and keep the variable.
+    let outs = c.execute(&ids, r#"let kept: u64 = eid + 100; if eid == 3 { panic!("boom on engine three"); }"#, LIMIT).unwrap();
+    for o in &outs {
+        if o.engine_id == 3 {
+            assert_eq!(o.status, "error");
+            assert!(evalue(o).contains("boom on engine three"), "{:#}", o.reply);
+        } else {
+            assert_eq!(o.status, "ok", "{:#}", o.reply);
+        }
+    }
+    let others: Vec<u64> = ids.iter().copied().filter(|&i| i != 3).collect();
+    let outs = c.execute(&others, "kept", LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!(o.result_text(), Some((o.engine_id + 100).to_string().as_str()));
+    }
+    let o = c.execute_one(3, "eid", LIMIT).unwrap();
+    assert_eq!(o.result_text(), Some("3"), "engine 3 keeps its earlier state: {:#}", o.reply);
+
+    // A cell on a subset defines a variable there; then a cell on all engines still runs everywhere.
+    let outs = c.execute(&[0, 1], "let sub: u64 = eid * 2;", LIMIT).unwrap();
+    assert_ok(&outs);
+    let outs = c.execute(&[0, 1], "sub + 1", LIMIT).unwrap();
+    assert_ok(&outs);
+    assert_eq!(outs.iter().map(|o| o.result_text().unwrap_or_default().to_string()).collect::<Vec<_>>(), ["1", "3"]);
+    let outs = c.execute(&ids, r#"println!("all {eid}");"#, LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!(o.stdout, format!("all {}\n", o.engine_id));
+    }
+
+    // An abort in user code kills engine 5's worker: reported, restarted, variables gone, still serving.
+    let o = c.execute_one(5, "std::process::abort();", LIMIT).unwrap();
+    assert_eq!(o.status, "error");
+    assert!(evalue(&o).contains("variables were lost"), "{:#}", o.reply);
+    let o = c.execute_one(5, "eid", LIMIT).unwrap();
+    assert_eq!(o.status, "error");
+    assert!(evalue(&o).contains("cannot find value `eid`"), "{:#}", o.reply);
+    let o = c.execute_one(5, "let fresh: u64 = 5; fresh + 1", LIMIT).unwrap();
+    assert_eq!(o.result_text(), Some("6"), "{:#}", o.reply);
+
+    // A 30 s cell on engine 0 does not hold up engines 1..7, even for cells that define variables.
+    let slow_done = Arc::new(AtomicBool::new(false));
+    let mut slow_client = cluster.client();
+    let slow = {
+        let slow_done = slow_done.clone();
+        std::thread::spawn(move || {
+            let o = slow_client.execute_one(0, "std::thread::sleep(std::time::Duration::from_secs(30)); println!(\"slow done\");", LIMIT);
+            slow_done.store(true, Ordering::SeqCst);
+            o
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let rest: Vec<u64> = (1..8).collect();
+    let outs = c.execute(&rest, r#"let after: String = std::env::var("RPX_ENGINE_ID").unwrap();"#, LIMIT).unwrap();
+    assert_ok(&outs);
+    let outs = c.execute(&rest, "after.len()", LIMIT).unwrap();
+    assert_ok(&outs);
+    assert!(!slow_done.load(Ordering::SeqCst), "engines 1..7 answered only after engine 0's 30 s cell finished");
+    let o = slow.join().unwrap().unwrap();
+    assert_eq!(o.status, "ok", "{:#}", o.reply);
+    assert_eq!(o.stdout, "slow done\n");
+
+    // Every engine still runs cells together afterwards.
+    let outs = c.execute(&ids, r#"println!("{}", std::env::var("RPX_ENGINE_ID").unwrap());"#, LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!(o.stdout, format!("{}\n", o.engine_id));
+    }
+}
