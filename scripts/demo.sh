@@ -42,7 +42,7 @@ trap finish EXIT
 echo "==> ipcluster start -n $N --daemonize   (RPX_DIR=$RPX_DIR)"
 "$BIN/ipcluster" start -n "$N" --daemonize
 "$BIN/ipcluster" list
-echo "==> rpx-demo: one Rust cell per engine sets its rank, then one cell runs on all engines"
+echo "==> rpx-demo: a first cell gives every engine its rank, then one cell runs on all engines"
 cargo run --release -q -p rpx-tests --bin rpx-demo
 echo "==> ipcluster stop"
 "$BIN/ipcluster" stop
