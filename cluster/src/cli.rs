@@ -40,7 +40,7 @@ pub struct ClusterArgs {
     #[arg(long, env = "RPX_PROFILE", default_value = "default")]
     pub profile: String,
     /// Cluster id, for several clusters in one profile (default: none).
-    #[arg(long = "cluster-id", default_value = "")]
+    #[arg(long = "cluster-id", default_value = "", hide_default_value = true)]
     pub cluster_id: String,
 }
 
