@@ -207,7 +207,7 @@ pub fn stop_signal() -> Option<&'static str> {
 
 /// A log tail as an indented block under a title, for error messages.
 pub fn tail_block(title: &str, path: &Path) -> String {
-    let body: String = tail(path, 20).lines().map(|l| format!("    {l}\n")).collect();
+    let body: String = tail(path, 40).lines().map(|l| format!("    {l}\n")).collect();
     format!("--- {title} ({}):\n{body}", path.display())
 }
 
