@@ -32,9 +32,17 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// Where the binaries are: `$RPX_BIN_DIR`, or `<workspace>/target/release`.
+/// Where the binaries are: `$RPX_BIN_DIR`, else `$CARGO_TARGET_DIR/release`, else
+/// `<workspace>/target/release`.
 pub fn bin_dir() -> PathBuf {
-    std::env::var_os("RPX_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/release"))
+    if let Some(d) = std::env::var_os("RPX_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        let d = PathBuf::from(d);
+        return if d.is_absolute() { d.join("release") } else { workspace_root().join(d).join("release") };
+    }
+    workspace_root().join("target/release")
 }
 
 /// The path of a release binary; panics if it has not been built.
