@@ -157,6 +157,11 @@ pub fn parse_request(session: &Session, chan: Chan, frames: Vec<Bytes>) -> Resul
     }
     let client = idents.remove(0);
     let h = header(&signed)?;
+    // A correctly signed message whose other JSON frames do not parse would reach an engine that
+    // can never answer it; refuse it here (validation only, nothing is built).
+    for (i, name) in [(2, "parent_header"), (3, "metadata"), (4, "content")] {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&signed[i]).map_err(|e| Drop::Malformed(format!("{name}: {e}")))?;
+    }
     let mut info = RequestInfo::default();
     if matches!(chan, Chan::Task | Chan::Bcast) {
         let m: RequestMeta = serde_json::from_slice(&signed[3]).unwrap_or_default();
@@ -264,6 +269,23 @@ mod tests {
         assert_eq!(r.info.follow, None);
         assert_eq!(r.msg_type, "apply_request");
         assert_eq!(r.signed.len(), 6);
+    }
+
+    #[test]
+    fn signed_request_with_non_json_content_is_dropped_not_routed() {
+        let s = Session::new(b"k", "t");
+        let h = serde_json::to_vec(&s.header("execute_request")).unwrap();
+        let content = b"not json at all".to_vec();
+        let sig = s.sign(&[&h, b"{}", b"{}", &content]);
+        let f = session_frames(&[b"client"], sig, h, content);
+        assert!(matches!(parse_request(&s, Chan::Mux, f), Err(Drop::Malformed(m)) if m.starts_with("content")));
+    }
+
+    fn session_frames(idents: &[&'static [u8]], sig: String, h: Vec<u8>, content: Vec<u8>) -> Vec<Bytes> {
+        let mut f: Vec<Bytes> = idents.iter().map(|i| Bytes::from_static(i)).collect();
+        f.push(Bytes::from_static(rpx_protocol::session::DELIMITER));
+        f.extend([Bytes::from(sig), Bytes::from(h), Bytes::from_static(b"{}"), Bytes::from_static(b"{}"), Bytes::from(content)]);
+        f
     }
 
     #[test]
