@@ -95,3 +95,49 @@ def test_sigkill_python_engine_mid_task_load_balanced(rc, cluster, python_engine
     ids = cluster.live_rust_ids()
     ar2, _ = H.run_cell(rc[ids], 'println!("survivor");')
     assert [s.strip() for s in ar2.stdout] == ["survivor"] * len(ids)
+
+
+def lb_execute(rc, code, targets):
+    """A load-balanced execute_request (what a Rust client's view sends), through the Python
+    client's task socket: LoadBalancedView has no execute(), so build it as its apply() does."""
+    from ipyparallel.client.asyncresult import AsyncResult
+
+    md = dict(after=[], follow=[], timeout=None, targets=[rc._engines[t] for t in targets], retries=0)
+    fut = rc.send_execute_request(rc._task_stream, code, silent=False, metadata=md)
+    return AsyncResult(rc, fut, fname="execute", owner=True)  # one future: a single result
+
+
+def test_sigkill_rust_engine_mid_task_load_balanced_execute(rc, cluster):
+    ids = cluster.live_rust_ids()
+    assert len(ids) >= 2
+    victim = ids[-1]
+    others = [i for i in ids if i != victim]
+    # a load-balanced Rust cell works and reports where it ran
+    ok = lb_execute(rc, 'println!("lb rust");', [victim])
+    ok.get(timeout=H.CELL_TIMEOUT)
+    H.finish_output(ok)
+    assert ok.stdout.strip() == "lb rust" and ok.engine_id == victim, (ok.stdout, ok.engine_id)
+
+    worker, engine = rust_engine_pids(rc, cluster, victim)
+    ar = lb_execute(rc, 'use std::io::Write; println!("started"); std::io::stdout().flush().unwrap();'
+                        " std::thread::sleep(std::time::Duration::from_secs(30));", [victim])
+    try:
+        H.wait_until(lambda: "started" in (ar.stdout or ""), 60, what="the long cell to start")
+    except TimeoutError:
+        H.note("lb execute kill", "no 'started' on stdout within 60 s; killing anyway")
+    assert not ar.ready()
+    t0 = time.monotonic()
+    os.kill(engine, signal.SIGKILL)
+    with pytest.raises(error.RemoteError) as ei:
+        ar.get(timeout=20)
+    H.note("lb execute kill (Rust engine): EngineError after",
+           f"{time.monotonic() - t0:.3f} s ({ei.value.ename}: {str(ei.value.evalue)[:120]})")
+    assert ei.value.ename == "EngineError", H.error_text(ei.value)
+    H.wait_until(lambda: victim not in rc.ids, 20, what=f"engine {victim} to leave rc.ids")
+    try:
+        H.wait_until(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie", 5)
+    except TimeoutError:
+        H.note("ORPHAN", f"worker {worker} of SIGKILLed engine {engine} still alive 5 s later")
+        H.kill_pids([worker])
+    ar2, _ = H.run_cell(rc[others], 'println!("survivor");')
+    assert [s.strip() for s in ar2.stdout] == ["survivor"] * len(others)
