@@ -55,6 +55,8 @@ pub enum Inbound {
     Pong(Bytes),
     /// A peer connected to (`connected`) or disconnected from a socket.
     Peer { sock: Sock, ident: Bytes, connected: bool },
+    /// An engine published output for the request `parent` (iopub).
+    Io { parent: String, msg_type: String, content: Value },
     /// A send to `ident` failed or timed out.
     SendFailed { sock: Sock, ident: Bytes, reason: String },
 }
@@ -159,6 +161,11 @@ impl Hub {
             Inbound::Request(r) => self.on_request(c, r, now),
             Inbound::Reply(r) => self.on_reply(c, r, now),
             Inbound::Pong(ident) => self.on_pong(&ident, now),
+            Inbound::Io { parent, msg_type, content } => {
+                if let Some(r) = self.records.map.get_mut(&parent) {
+                    r.add_io(&msg_type, &content);
+                }
+            }
             Inbound::Peer { sock, ident, connected } => self.on_peer(c, sock, ident, connected, now),
             Inbound::SendFailed { sock, ident, reason } => {
                 if let (Sock::Engine(_) | Sock::HbPong, Some(id)) = (sock, self.engines.id_of(&ident)) {
@@ -414,6 +421,7 @@ impl Hub {
                 received: None,
                 result: None,
                 resubmitted: None,
+                io: Default::default(),
             });
         }
         let mut idents = Vec::with_capacity(2 + r.route.len());
@@ -494,6 +502,7 @@ impl Hub {
             received: None,
             result: None,
             resubmitted: None,
+            io: Default::default(),
         });
         let deps = Dep::parse(r.info.after.as_ref()).and_then(|a| Dep::parse(r.info.follow.as_ref()).map(|f| (a, f)));
         let job = |after: Dep, follow: Dep| Job {
@@ -874,6 +883,11 @@ impl Hub {
     fn record_json(&self, r: &Record) -> Value {
         let parse = |b: Option<&Bytes>| b.and_then(|b| serde_json::from_slice::<Value>(b).ok()).unwrap_or(Value::Null);
         let res = r.result.as_ref();
+        let io = |key: &str| match r.io.get(key) {
+            Some(v) => v.clone(),
+            None if key == "stdout" || key == "stderr" => json!(""),
+            None => Value::Null,
+        };
         json!({
             "msg_id": r.msg_id,
             "header": parse(r.request.get(1)),
@@ -890,7 +904,8 @@ impl Hub {
             "result_metadata": parse(res.and_then(|s| s.get(3))),
             "result_content": parse(res.and_then(|s| s.get(4))),
             "queue": r.chan.name(),
-            "execute_input": null, "execute_result": null, "error": null, "stdout": "", "stderr": "",
+            "execute_input": io("execute_input"), "execute_result": io("execute_result"), "error": io("error"),
+            "stdout": io("stdout"), "stderr": io("stderr"),
             "label": parse(r.request.get(3)).get("label").cloned().unwrap_or(Value::Null),
         })
     }
@@ -921,7 +936,7 @@ impl Hub {
                     "header": full["header"], "metadata": full["metadata"],
                     "result_header": full["result_header"], "result_metadata": full["result_metadata"],
                     "result_content": full["result_content"], "received": full["received"],
-                    "io": {"execute_input": null, "execute_result": null, "error": null, "stdout": null, "stderr": null},
+                    "io": {"execute_input": full["execute_input"], "execute_result": full["execute_result"], "error": full["error"], "stdout": full["stdout"], "stderr": full["stderr"]},
                 });
                 buffers.extend(r.result.as_ref().map(|s| s[5..].to_vec()).unwrap_or_default());
             }

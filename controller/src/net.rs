@@ -128,7 +128,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source })?;
     let mut iopub_out = PubSocket::new();
     let iopub_client_port = bind(&mut iopub_out, &ip, "iopub (clients)").await?;
-    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone()));
+    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
 
     let interface = format!("tcp://{}", config.public_ip);
     let location = hostname();
@@ -306,7 +306,29 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
     });
 }
 
-async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session) {
+/// Which iopub messages become part of a task record.
+const RECORDED_IO: [&str; 4] = ["stream", "execute_input", "execute_result", "error"];
+
+/// The parent msg_id, type and content of an iopub message worth recording, from its signed frames.
+fn recorded_io(signed: &[Bytes]) -> Option<Inbound> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        msg_type: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Parent {
+        msg_id: Option<String>,
+    }
+    let head: Head = serde_json::from_slice(signed.get(1)?).ok()?;
+    if !RECORDED_IO.contains(&head.msg_type.as_str()) {
+        return None;
+    }
+    let parent: Parent = serde_json::from_slice(signed.get(2)?).ok()?;
+    let content = serde_json::from_slice(signed.get(4)?).ok()?;
+    Some(Inbound::Io { parent: parent.msg_id?, msg_type: head.msg_type, content })
+}
+
+async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session, tx: mpsc::Sender<Inbound>) {
     loop {
         let msg = match sub.recv().await {
             Ok(m) => m,
@@ -318,7 +340,11 @@ async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Sessi
         };
         let frames = msg.into_vec();
         match session.verify_frames(frames.clone()) {
-            Ok(_) => {
+            Ok((_, signed)) => {
+                // Records are best effort: never let a busy hub slow the output stream down.
+                if let Some(io) = recorded_io(&signed) {
+                    let _ = tx.try_send(io);
+                }
                 if let Err(e) = publ.send(rpx_protocol::zmq::message(frames)).await {
                     warn!(error = %e, "iopub publish failed");
                 }

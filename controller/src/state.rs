@@ -198,12 +198,36 @@ pub struct Record {
     /// The reply's signed frames.
     pub result: Option<Vec<Bytes>>,
     pub resubmitted: Option<String>,
+    /// Output the engine published for this request (stdout, stderr, execute_input,
+    /// execute_result, error), in ipyparallel's record keys.
+    pub io: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Record {
     pub fn bytes(&self) -> usize {
         self.request.iter().chain(self.result.iter().flatten()).map(Bytes::len).sum()
     }
+    /// Record one iopub message whose parent is this request.
+    pub fn add_io(&mut self, msg_type: &str, content: &serde_json::Value) {
+        use serde_json::Value;
+        match msg_type {
+            "stream" => {
+                let name = if content.get("name").and_then(Value::as_str) == Some("stderr") { "stderr" } else { "stdout" };
+                let text = content.get("text").and_then(Value::as_str).unwrap_or_default();
+                let mut s = self.io.get(name).and_then(Value::as_str).unwrap_or_default().to_string();
+                s.push_str(text);
+                self.io.insert(name.into(), Value::String(s));
+            }
+            "execute_input" => {
+                self.io.insert("execute_input".into(), content.get("code").cloned().unwrap_or(Value::Null));
+            }
+            "execute_result" | "error" => {
+                self.io.insert(msg_type.into(), content.clone());
+            }
+            _ => {}
+        }
+    }
+
     pub fn pending(&self) -> bool {
         self.result.is_none()
     }
@@ -374,5 +398,25 @@ mod tests {
         assert!(d.unreachable(done, failed));
         let d = Dep::parse(Some(&serde_json::json!({"dependencies": ["f"], "success": false, "failure": true}))).unwrap();
         assert!(d.check(done, failed));
+    }
+}
+
+#[cfg(test)]
+mod io_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn records_collect_stream_output_and_results() {
+        let mut r = Record { msg_id: "m".into(), chan: Chan::Mux, request: vec![], client: None, engine_uuid: None, submitted: String::new(), started: None, completed: None, received: None, result: None, resubmitted: None, io: Default::default() };
+        r.add_io("stream", &json!({"name": "stdout", "text": "a\n"}));
+        r.add_io("stream", &json!({"name": "stdout", "text": "b\n"}));
+        r.add_io("stream", &json!({"name": "stderr", "text": "e\n"}));
+        r.add_io("execute_result", &json!({"data": {"text/plain": "42"}}));
+        r.add_io("status", &json!({"execution_state": "idle"}));
+        assert_eq!(r.io["stdout"], "a\nb\n");
+        assert_eq!(r.io["stderr"], "e\n");
+        assert_eq!(r.io["execute_result"]["data"]["text/plain"], "42");
+        assert!(!r.io.contains_key("status"));
     }
 }
