@@ -409,20 +409,9 @@ impl Hub {
         let ident = e.ident.clone();
         e.inflight.insert(r.msg_id.clone(), InFlight { chan: r.chan, client: Some(r.client.clone()), msg_type: r.msg_type.clone(), header: r.signed[1].clone() });
         if r.chan == Chan::Mux {
-            self.records.insert(Record {
-                msg_id: r.msg_id.clone(),
-                chan: Chan::Mux,
-                request: r.signed.clone(),
-                client: Some(r.client.clone()),
-                engine_uuid: Some(String::from_utf8_lossy(&ident).into_owned()),
-                submitted: now_iso(),
-                started: None,
-                completed: None,
-                received: None,
-                result: None,
-                resubmitted: None,
-                io: Default::default(),
-            });
+            let mut rec = Record::submitted(&r.msg_id, Chan::Mux, &r.signed, &r.client);
+            rec.engine_uuid = Some(String::from_utf8_lossy(&ident).into_owned());
+            self.records.insert(rec);
         }
         let mut idents = Vec::with_capacity(2 + r.route.len());
         idents.push(ident);
@@ -490,20 +479,7 @@ impl Hub {
 
     fn on_task_submitted<C: Comm>(&mut self, c: &mut C, r: Request, now: Instant) {
         let msg_id = r.msg_id.clone();
-        self.records.insert(Record {
-            msg_id: msg_id.clone(),
-            chan: Chan::Task,
-            request: r.signed.clone(),
-            client: Some(r.client.clone()),
-            engine_uuid: None,
-            submitted: now_iso(),
-            started: None,
-            completed: None,
-            received: None,
-            result: None,
-            resubmitted: None,
-            io: Default::default(),
-        });
+        self.records.insert(Record::submitted(&msg_id, Chan::Task, &r.signed, &r.client));
         let deps = Dep::parse(r.info.after.as_ref()).and_then(|a| Dep::parse(r.info.follow.as_ref()).map(|f| (a, f)));
         let job = |after: Dep, follow: Dep| Job {
             msg_id: msg_id.clone(),

@@ -207,6 +207,24 @@ impl Record {
     pub fn bytes(&self) -> usize {
         self.request.iter().chain(self.result.iter().flatten()).map(Bytes::len).sum()
     }
+    /// A new record for a request the controller just received from `client`.
+    pub fn submitted(msg_id: &str, chan: Chan, request: &[Bytes], client: &Bytes) -> Record {
+        Record {
+            msg_id: msg_id.to_string(),
+            chan,
+            request: request.to_vec(),
+            client: Some(client.clone()),
+            engine_uuid: None,
+            submitted: rpx_protocol::message::now_iso(),
+            started: None,
+            completed: None,
+            received: None,
+            result: None,
+            resubmitted: None,
+            io: Default::default(),
+        }
+    }
+
     /// Record one iopub message whose parent is this request.
     pub fn add_io(&mut self, msg_type: &str, content: &serde_json::Value) {
         use serde_json::Value;
@@ -408,7 +426,7 @@ mod io_tests {
 
     #[test]
     fn records_collect_stream_output_and_results() {
-        let mut r = Record { msg_id: "m".into(), chan: Chan::Mux, request: vec![], client: None, engine_uuid: None, submitted: String::new(), started: None, completed: None, received: None, result: None, resubmitted: None, io: Default::default() };
+        let mut r = Record::submitted("m", Chan::Mux, &[], &Bytes::from_static(b"client"));
         r.add_io("stream", &json!({"name": "stdout", "text": "a\n"}));
         r.add_io("stream", &json!({"name": "stdout", "text": "b\n"}));
         r.add_io("stream", &json!({"name": "stderr", "text": "e\n"}));
