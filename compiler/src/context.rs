@@ -87,7 +87,8 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
     // one an engine is usually waiting for.
     static WARMING: Mutex<()> = Mutex::new(());
     let warming = WARMING.lock().unwrap_or_else(|e| e.into_inner());
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // /proc/self/exe stays valid even if the binary is replaced (rebuilt) while the cluster runs.
+    let exe = std::path::PathBuf::from("/proc/self/exe");
     let mut cmd = std::process::Command::new(exe);
     cmd.env(RELAY_SOCKET_ENV, &path);
     let (mut ectx, outputs) = evcxr::EvalContext::with_subprocess_command(cmd).map_err(|e| format!("creating the evcxr context failed: {e}"))?;
