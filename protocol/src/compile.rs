@@ -80,6 +80,35 @@ pub struct WorkerRestarted {
     pub engine_id: u64,
 }
 
+/// `closure_request`: compile a closure into a callable function (once per cluster; the
+/// compiler caches by the generated source, so this is cheap for a known closure).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClosureRequest {
+    /// The engine's id for this request, echoed in the reply.
+    pub request_id: String,
+    pub closure: crate::apply::Closure,
+}
+
+/// `closure_reply`: where the compiled closure is, or why it did not compile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClosureReply {
+    pub request_id: String,
+    /// `ok` or `error`.
+    pub status: String,
+    /// Artifact exporting `fn_name` with the `rpx_runtime::abi` signature (status `ok`).
+    #[serde(default)]
+    pub so_path: String,
+    #[serde(default)]
+    pub fn_name: String,
+    /// For errors: `CompileError` or `CompilerError`.
+    #[serde(default)]
+    pub ename: String,
+    #[serde(default)]
+    pub evalue: String,
+    #[serde(default)]
+    pub traceback: Vec<String>,
+}
+
 /// Message type names.
 pub mod msg_type {
     pub const ENGINE_HELLO: &str = "engine_hello";
@@ -89,4 +118,6 @@ pub mod msg_type {
     pub const LOAD_DONE: &str = "load_done";
     pub const CELL_REPLY: &str = "cell_reply";
     pub const WORKER_RESTARTED: &str = "worker_restarted";
+    pub const CLOSURE_REQUEST: &str = "closure_request";
+    pub const CLOSURE_REPLY: &str = "closure_reply";
 }

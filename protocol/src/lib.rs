@@ -8,10 +8,12 @@
 //! - [`connection`]: the `ipcontroller-{client,engine}.json` files in ipyparallel's format,
 //!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
 //! - [`compile`]: the messages between thin engines and the shared compiler.
+//! - [`apply`]: rpx's closure, map, push and pull payloads inside `apply_request`.
 //! - [`zmq`]: conversion between frames and `zeromq` messages.
 //!
 //! This crate opens no sockets: transports live in the crates that use it.
 
+pub mod apply;
 pub mod compile;
 pub mod connection;
 pub mod message;

@@ -1,0 +1,1 @@
+//! rpx client (in progress).

@@ -1,0 +1,1 @@
+//! rpx magics (in progress).

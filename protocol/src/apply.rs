@@ -1,0 +1,98 @@
+//! rpx's own `apply_request` payloads: closures, chunked maps and namespace transfers between a
+//! Rust client (`rpx::Client`) and Rust engines.
+//!
+//! The message is an ordinary ipyparallel `apply_request` (so the controller schedules, retries,
+//! times out and records it like any task), but its content carries `{"rpx": <Op>}` and its
+//! buffers carry [postcard](https://docs.rs/postcard)-encoded values instead of pickles. A Python
+//! engine receiving it fails the task with an error reply, and a Rust engine answers a Python
+//! payload the same way.
+//!
+//! | op | request buffers | `apply_reply` buffers (status `ok`) |
+//! |---|---|---|
+//! | `apply` | `[postcard((A1, .., An))]` | `[postcard(R)]` |
+//! | `map` | `[postcard(Vec<A>)]` (one chunk) | `[postcard(Vec<Result<R, String>>)]`, one per item; `Err` holds a panic message |
+//! | `push` | one `postcard(T)` per name | `[]` |
+//! | `pull` | `[]` | one `postcard(T)` per name |
+//!
+//! Error replies carry `status: "error"`, `ename` (one of [`ename`]), `evalue`, `traceback` and
+//! `engine_info`.
+
+use serde::{Deserialize, Serialize};
+
+/// Key of the payload in the `apply_request` content.
+pub const CONTENT_KEY: &str = "rpx";
+
+/// A closure to run on engines, as the client wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Closure {
+    /// The closure's source, e.g. `|x: u64| x * x` (as `stringify!` renders it).
+    pub source: String,
+    /// Rust type of each argument as it can be written in the engine's code (`u64`,
+    /// `Vec<String>`, `(u8, f64)`); the compiler annotates the closure with them.
+    pub arg_types: Vec<String>,
+}
+
+/// A value to store in the engine namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedType {
+    pub name: String,
+    /// Rust type as written in the engine's code; cells see the variable with this type.
+    pub type_name: String,
+}
+
+/// The operation an rpx `apply_request` asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Call the closure once with the argument tuple in `buffers[0]`.
+    Apply { closure: Closure },
+    /// Call the (one-argument) closure on every item of the chunk in `buffers[0]`.
+    Map { closure: Closure },
+    /// Store `buffers[i]` as `names[i]` in the engine namespace.
+    Push { names: Vec<NamedType> },
+    /// Send back the current value of each name.
+    Pull { names: Vec<String> },
+}
+
+impl Op {
+    /// The payload as `apply_request` content.
+    pub fn to_content(&self) -> serde_json::Value {
+        serde_json::json!({ CONTENT_KEY: self })
+    }
+
+    /// The payload of an `apply_request` content, if it is an rpx one.
+    pub fn from_content(content: &serde_json::Value) -> Option<Result<Op, serde_json::Error>> {
+        content.get(CONTENT_KEY).map(|v| serde_json::from_value(v.clone()))
+    }
+}
+
+/// `ename` values of rpx error replies.
+pub mod ename {
+    /// The closure (or a pull's serializing cell) did not compile; `evalue` has rustc's diagnostic.
+    pub const COMPILE_ERROR: &str = "CompileError";
+    /// The closure panicked (apply); `evalue` is the panic message.
+    pub const PANIC: &str = "Panic";
+    /// The engine's worker died while running the task; its variables are gone.
+    pub const ENGINE_DIED: &str = "EngineDied";
+    /// A pulled name is not defined on the engine.
+    pub const NAME_ERROR: &str = "NameError";
+    /// A payload this engine cannot run (bad encoding, wrong arity, Python payload).
+    pub const UNSUPPORTED_PAYLOAD: &str = "UnsupportedPayload";
+    /// The task was aborted before it ran.
+    pub const ABORTED: &str = "TaskAborted";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_round_trip_through_content() {
+        let op = Op::Map { closure: Closure { source: "|x: u64| x * x".into(), arg_types: vec!["u64".into()] } };
+        let content = op.to_content();
+        assert_eq!(content["rpx"]["op"], "map");
+        assert_eq!(Op::from_content(&content).unwrap().unwrap(), op);
+        assert!(Op::from_content(&serde_json::json!({})).is_none());
+        assert!(Op::from_content(&serde_json::json!({"rpx": {"op": "fly"}})).unwrap().is_err());
+    }
+}

@@ -1,0 +1,281 @@
+//! The small crate that rpx closures and cells link against on engines, and that the client
+//! shares so both ends agree on encodings.
+//!
+//! # Layout
+//! - [`encode`] / [`decode`]: the one value encoding of rpx (postcard over serde).
+//! - [`get`] / [`put`] / [`take`]: the engine namespace of pushed and pulled values, one file per
+//!   name in the directory `RPX_NS_DIR` that the engine gives its worker.
+//! - [`abi`]: the C ABI of a compiled closure (`serve0` .. `serve4`), which decodes arguments,
+//!   calls the closure, catches panics and encodes results.
+//!
+//! ```
+//! let bytes = rpx_runtime::encode(&vec![1u64, 2, 3]);
+//! let back: Vec<u64> = rpx_runtime::decode(&bytes).unwrap();
+//! assert_eq!(back, vec![1, 2, 3]);
+//! ```
+
+use std::path::PathBuf;
+
+pub use postcard;
+pub use serde;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Environment variable naming the engine's namespace directory.
+pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
+
+/// Encode a value the way every rpx transfer does.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("postcard encoding into a Vec cannot fail for serde types")
+}
+
+/// Decode a value encoded by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    postcard::from_bytes(bytes).map_err(|e| format!("cannot decode the value as {}: {e}", std::any::type_name::<T>()))
+}
+
+fn ns_path(name: &str) -> PathBuf {
+    match std::env::var_os(NS_DIR_ENV) {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => panic!("rpx::get/put read the engine namespace: they work only in code running on an rpx engine"),
+    }
+}
+
+/// The value pushed to this engine as `name` (for example by `DirectView::push`).
+///
+/// Panics when nothing was pushed under that name or it does not decode as `T`.
+pub fn get<T: DeserializeOwned>(name: &str) -> T {
+    let path = ns_path(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("no value named `{name}` was pushed to this engine ({e})"));
+    decode(&bytes).unwrap_or_else(|e| panic!("pushed value `{name}`: {e}"))
+}
+
+/// [`get`] for the binding of a pushed value into a cell variable.
+#[doc(hidden)]
+pub fn take<T: DeserializeOwned>(name: &str) -> T {
+    get(name)
+}
+
+/// Store `value` as `name` in this engine's namespace, where a pull reads it.
+pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
+    let path = ns_path(name);
+    let tmp = path.with_extension("rpx-tmp");
+    std::fs::write(&tmp, encode(value)).and_then(|_| std::fs::rename(&tmp, &path)).unwrap_or_else(|e| panic!("cannot store `{name}`: {e}"));
+}
+
+/// The C ABI of compiled closures.
+///
+/// The compiler wraps a closure `|x: u64| x * x` as
+/// `#[no_mangle] extern "C" fn rpx_closure_<hash>(mode, input, len, sink, ctx) -> u32` calling
+/// [`abi::serve1`]; the engine's worker calls that symbol. Results and messages leave through
+/// `sink`, so no allocation crosses the library boundary.
+pub mod abi {
+    use std::ffi::c_void;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    /// Receives the output bytes: `sink(ctx, ptr, len)`, called once per call.
+    pub type Sink = extern "C" fn(ctx: *mut c_void, ptr: *const u8, len: usize);
+    /// Signature of the exported closure function.
+    pub type ClosureFn = unsafe extern "C" fn(mode: u32, input: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32;
+
+    /// Call once with an argument tuple; output is the encoded result.
+    pub const MODE_APPLY: u32 = 0;
+    /// Call on each item of an encoded `Vec<A>`; output is an encoded `Vec<Result<R, String>>`.
+    pub const MODE_MAP: u32 = 1;
+
+    /// The call returned; output is the encoded result.
+    pub const STATUS_OK: u32 = 0;
+    /// The closure panicked (apply mode); output is the panic message.
+    pub const STATUS_PANIC: u32 = 1;
+    /// The input did not decode or the mode does not fit the closure; output is the reason.
+    pub const STATUS_BAD_INPUT: u32 = 2;
+
+    /// The message of a caught panic.
+    pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+        if let Some(s) = p.downcast_ref::<&str>() {
+            s.to_string()
+        } else if let Some(s) = p.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "the closure panicked with a non-string payload".to_string()
+        }
+    }
+
+    fn emit(sink: Sink, ctx: *mut c_void, bytes: &[u8]) {
+        sink(ctx, bytes.as_ptr(), bytes.len());
+    }
+
+    fn flush() {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+    }
+
+    unsafe fn input<'a>(input: *const u8, len: usize) -> &'a [u8] {
+        if len == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller passes a buffer of `len` bytes that outlives the call.
+            unsafe { std::slice::from_raw_parts(input, len) }
+        }
+    }
+
+    fn apply<Args: DeserializeOwned, R: Serialize>(bytes: &[u8], sink: Sink, ctx: *mut c_void, call: impl FnOnce(Args) -> R) -> u32 {
+        let args: Args = match super::decode(bytes) {
+            Ok(a) => a,
+            Err(e) => {
+                emit(sink, ctx, e.as_bytes());
+                return STATUS_BAD_INPUT;
+            }
+        };
+        let out = catch_unwind(AssertUnwindSafe(|| call(args)));
+        flush();
+        match out {
+            Ok(r) => {
+                emit(sink, ctx, &super::encode(&r));
+                STATUS_OK
+            }
+            Err(p) => {
+                emit(sink, ctx, panic_message(&*p).as_bytes());
+                STATUS_PANIC
+            }
+        }
+    }
+
+    /// Serve a one-argument closure, in apply or map mode.
+    ///
+    /// # Safety
+    /// `input` must point to `len` readable bytes.
+    pub unsafe fn serve1<A: DeserializeOwned, R: Serialize, F: Fn(A) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+        // SAFETY: forwarded from the caller.
+        let bytes = unsafe { input(input_ptr, len) };
+        match mode {
+            MODE_APPLY => apply(bytes, sink, ctx, |(a,): (A,)| f(a)),
+            MODE_MAP => {
+                let items: Vec<A> = match super::decode(bytes) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        emit(sink, ctx, e.as_bytes());
+                        return STATUS_BAD_INPUT;
+                    }
+                };
+                let results: Vec<Result<R, String>> = items.into_iter().map(|a| catch_unwind(AssertUnwindSafe(|| f(a))).map_err(|p| panic_message(&*p))).collect();
+                flush();
+                emit(sink, ctx, &super::encode(&results));
+                STATUS_OK
+            }
+            other => {
+                emit(sink, ctx, format!("unknown call mode {other}").as_bytes());
+                STATUS_BAD_INPUT
+            }
+        }
+    }
+
+    fn apply_only(mode: u32, arity: usize, sink: Sink, ctx: *mut c_void) -> bool {
+        if mode == MODE_APPLY {
+            return true;
+        }
+        emit(sink, ctx, format!("a closure of {arity} arguments can only be applied, not mapped").as_bytes());
+        false
+    }
+
+    /// Serve a closure of no arguments (apply mode, argument `()`).
+    ///
+    /// # Safety
+    /// `input` must point to `len` readable bytes.
+    pub unsafe fn serve0<R: Serialize, F: Fn() -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+        if !apply_only(mode, 0, sink, ctx) {
+            return STATUS_BAD_INPUT;
+        }
+        // SAFETY: forwarded from the caller.
+        apply(unsafe { input(input_ptr, len) }, sink, ctx, |(): ()| f())
+    }
+
+    /// Serve a closure of two arguments (apply mode).
+    ///
+    /// # Safety
+    /// `input` must point to `len` readable bytes.
+    pub unsafe fn serve2<A: DeserializeOwned, B: DeserializeOwned, R: Serialize, F: Fn(A, B) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+        if !apply_only(mode, 2, sink, ctx) {
+            return STATUS_BAD_INPUT;
+        }
+        // SAFETY: forwarded from the caller.
+        apply(unsafe { input(input_ptr, len) }, sink, ctx, |(a, b): (A, B)| f(a, b))
+    }
+
+    /// Serve a closure of three arguments (apply mode).
+    ///
+    /// # Safety
+    /// `input` must point to `len` readable bytes.
+    pub unsafe fn serve3<A: DeserializeOwned, B: DeserializeOwned, C: DeserializeOwned, R: Serialize, F: Fn(A, B, C) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+        if !apply_only(mode, 3, sink, ctx) {
+            return STATUS_BAD_INPUT;
+        }
+        // SAFETY: forwarded from the caller.
+        apply(unsafe { input(input_ptr, len) }, sink, ctx, |(a, b, c): (A, B, C)| f(a, b, c))
+    }
+
+    /// Serve a closure of four arguments (apply mode).
+    ///
+    /// # Safety
+    /// `input` must point to `len` readable bytes.
+    pub unsafe fn serve4<A: DeserializeOwned, B: DeserializeOwned, C: DeserializeOwned, D: DeserializeOwned, R: Serialize, F: Fn(A, B, C, D) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+        if !apply_only(mode, 4, sink, ctx) {
+            return STATUS_BAD_INPUT;
+        }
+        // SAFETY: forwarded from the caller.
+        apply(unsafe { input(input_ptr, len) }, sink, ctx, |(a, b, c, d): (A, B, C, D)| f(a, b, c, d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::abi::*;
+    use std::ffi::c_void;
+
+    extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
+        // SAFETY: tests pass a &mut Vec<u8> as ctx and a valid buffer.
+        unsafe { (*(ctx as *mut Vec<u8>)).extend_from_slice(std::slice::from_raw_parts(ptr, len)) }
+    }
+
+    fn call(mode: u32, input: &[u8], f: impl Fn(u64) -> u64) -> (u32, Vec<u8>) {
+        let mut out = Vec::new();
+        // SAFETY: valid buffer and sink context.
+        let st = unsafe { serve1(f, mode, input.as_ptr(), input.len(), collect, &mut out as *mut Vec<u8> as *mut c_void) };
+        (st, out)
+    }
+
+    #[test]
+    fn apply_and_map_encode_results_and_catch_panics() {
+        let (st, out) = call(MODE_APPLY, &super::encode(&(7u64,)), |x| x * x);
+        assert_eq!((st, super::decode::<u64>(&out).unwrap()), (STATUS_OK, 49));
+
+        let (st, out) = call(MODE_MAP, &super::encode(&vec![1u64, 0, 4]), |x| 12 / x);
+        assert_eq!(st, STATUS_OK);
+        let r: Vec<Result<u64, String>> = super::decode(&out).unwrap();
+        assert_eq!(r[0], Ok(12));
+        assert!(r[1].as_ref().unwrap_err().contains("divide by zero"), "{r:?}");
+        assert_eq!(r[2], Ok(3));
+
+        let (st, out) = call(MODE_APPLY, &super::encode(&(3u64,)), |_| panic!("boom {}", 3));
+        assert_eq!((st, String::from_utf8(out).unwrap()), (STATUS_PANIC, "boom 3".to_string()));
+
+        let (st, _) = call(MODE_APPLY, b"", |x| x);
+        assert_eq!(st, STATUS_BAD_INPUT);
+    }
+
+    #[test]
+    fn namespace_round_trip() {
+        let dir = std::env::temp_dir().join(format!("rpx-runtime-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::env::set_var(super::NS_DIR_ENV, &dir);
+        super::put("v", &vec![(1u8, "a".to_string())]);
+        assert_eq!(super::get::<Vec<(u8, String)>>("v"), vec![(1, "a".to_string())]);
+        assert!(std::panic::catch_unwind(|| super::get::<u8>("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
