@@ -5,6 +5,7 @@
 //! [`WorkerEvent`]s tagged with the incarnation number, so events of a killed worker are easy to
 //! ignore. Killing is by pid; the reader task reaps the process.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,8 +18,40 @@ use tokio::sync::mpsc;
 pub enum WorkerEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    /// A closure call returned (`rpx_runtime::abi` status and output bytes).
+    CallResult { status: u32, data: Vec<u8> },
     /// The worker is gone; the status described (`signal 6 (SIGABRT)`, `exit status 99`).
     Exited(String),
+}
+
+/// Splits the result pipe's byte stream into `[status u32][len u64][bytes]` frames.
+#[derive(Debug, Default)]
+pub struct ResultFramer {
+    buf: Vec<u8>,
+}
+
+impl ResultFramer {
+    /// Feed bytes; returns the complete frames.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            if self.buf.len() < 12 {
+                break;
+            }
+            let status = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
+            let len = u64::from_le_bytes(self.buf[4..12].try_into().expect("8 bytes")) as usize;
+            if self.buf.len() < 12 + len {
+                self.buf.reserve(12 + len - self.buf.len());
+                break;
+            }
+            let rest = self.buf.split_off(12 + len);
+            let mut frame = std::mem::replace(&mut self.buf, rest);
+            frame.drain(..12);
+            out.push((status, frame));
+        }
+        out
+    }
 }
 
 /// How to start workers.
@@ -63,7 +96,30 @@ pub struct Worker {
 impl Worker {
     /// Spawn a worker; its events arrive on `events` tagged with `generation`.
     pub fn spawn(cmd: &WorkerCommand, generation: u64, events: mpsc::Sender<(u64, WorkerEvent)>) -> std::io::Result<Worker> {
+        // The result pipe: the worker writes closure results on fd 3.
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills two fds on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 returned two fresh fds that we now own.
+        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let write_fd = write_end.as_raw_fd();
         let mut c = Command::new(&cmd.program);
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                let fd = crate::worker::RESULT_FD;
+                if write_fd == fd {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(write_fd, fd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         c.args(&cmd.args)
             .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::piped())
@@ -73,6 +129,8 @@ impl Worker {
             .process_group(0)
             .kill_on_drop(true);
         let mut child = c.spawn()?;
+        drop(write_end);
+        let mut results = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
         let pid = child.id().map(|p| p as i32).unwrap_or(-1);
         let stdin = child.stdin.take();
         let mut stdout = child.stdout.take().expect("piped stdout");
@@ -80,7 +138,9 @@ impl Worker {
         tokio::spawn(async move {
             let mut out_buf = vec![0u8; 16 * 1024];
             let mut err_buf = vec![0u8; 16 * 1024];
-            let (mut out_open, mut err_open) = (true, true);
+            let mut res_buf = vec![0u8; 256 * 1024];
+            let mut framer = ResultFramer::default();
+            let (mut out_open, mut err_open, mut res_open) = (true, true, true);
             let mut status: Option<String> = None;
             let mut drain_deadline: Option<tokio::time::Instant> = None;
             loop {
@@ -109,6 +169,17 @@ impl Worker {
                         Ok(n) => {
                             if events.send((generation, WorkerEvent::Stdout(out_buf[..n].to_vec()))).await.is_err() {
                                 return;
+                            }
+                        }
+                    },
+                    // Last: output the closure printed before returning is forwarded first.
+                    r = results.read(&mut res_buf), if res_open => match r {
+                        Ok(0) | Err(_) => res_open = false,
+                        Ok(n) => {
+                            for (status, data) in framer.feed(&res_buf[..n]) {
+                                if events.send((generation, WorkerEvent::CallResult { status, data })).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     },
@@ -144,6 +215,25 @@ impl Worker {
         }
     }
 
+    /// Ask the worker to call a compiled closure; the answer is a [`WorkerEvent::CallResult`].
+    pub async fn send_call(&mut self, so_path: &str, fn_name: &str, mode: u32, args: &[u8]) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("worker stdin closed"))?;
+        let line = format!("CALL {so_path} {fn_name} {mode} {}\n", args.len());
+        // Large arguments take as long as the worker needs to read them; a stuck worker is still
+        // noticed (the bound grows with the size).
+        let limit = Duration::from_secs(5) + Duration::from_millis((args.len() / 1_000_000) as u64 * 20);
+        match tokio::time::timeout(limit, async {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.write_all(args).await?;
+            stdin.flush().await
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "worker stdin is not accepting input")),
+        }
+    }
+
     /// Send a signal to the worker.
     pub fn signal(&self, sig: i32) -> std::io::Result<()> {
         if self.pid <= 0 {
@@ -167,5 +257,31 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResultFramer;
+
+    fn frame(status: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = status.to_le_bytes().to_vec();
+        v.extend((data.len() as u64).to_le_bytes());
+        v.extend(data);
+        v
+    }
+
+    #[test]
+    fn frames_split_across_reads_and_back_to_back() {
+        let mut bytes = frame(0, b"hello");
+        bytes.extend(frame(1, b""));
+        bytes.extend(frame(2, &[7u8; 1000]));
+        let mut f = ResultFramer::default();
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(7) {
+            got.extend(f.feed(chunk));
+        }
+        assert_eq!(got, vec![(0, b"hello".to_vec()), (1, vec![]), (2, vec![7u8; 1000])]);
+        assert!(f.feed(&[]).is_empty());
     }
 }

@@ -6,12 +6,14 @@
 //! [`crate::net`]) that never block the loop. A cell is a state machine advanced by compiler
 //! messages and worker events, so control requests are answered while a cell runs.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rpx_protocol::compile::{msg_type as cmsg, CellReply, CellRequest, Load, LoadDone, LoadOutcome, WorkerRestarted};
+use rpx_protocol::apply::{ename, Closure, Op};
+use rpx_protocol::compile::{msg_type as cmsg, CellReply, CellRequest, ClosureReply, ClosureRequest, Load, LoadDone, LoadOutcome, WorkerRestarted};
+use rpx_runtime::abi;
 use rpx_protocol::connection::EngineConnection;
 use rpx_protocol::{Header, Message, Session};
 use serde_json::{json, Value};
@@ -213,11 +215,12 @@ struct Request {
     header: Header,
     metadata: Value,
     content: Value,
+    buffers: Vec<Bytes>,
 }
 
 impl Request {
     fn from_message(channel: Channel, m: Message) -> Request {
-        Request { channel, idents: m.idents, header: m.header, metadata: m.metadata, content: m.content }
+        Request { channel, idents: m.idents, header: m.header, metadata: m.metadata, content: m.content, buffers: m.buffers }
     }
     fn msg_type(&self) -> &str {
         &self.header.msg_type
@@ -227,10 +230,20 @@ impl Request {
     }
 }
 
+/// Why a cell runs.
+#[derive(Debug, Clone, PartialEq)]
+enum Purpose {
+    /// The user's code (`execute_request`).
+    Execute,
+    /// Serializing variables into the namespace for a pull of these names.
+    Pull(Vec<String>),
+}
+
 /// The cell being executed.
 #[derive(Debug)]
 struct Cell {
     req: Request,
+    purpose: Purpose,
     silent: bool,
     count: u64,
     md: Value,
@@ -239,6 +252,17 @@ struct Cell {
     content: BTreeMap<String, String>,
     reply: Option<CellReply>,
     grace_until: Option<Instant>,
+}
+
+/// A closure call (apply or map) in progress.
+#[derive(Debug)]
+struct Call {
+    req: Request,
+    md: Value,
+    mode: u32,
+    closure: Closure,
+    /// Set once the worker was asked to run it.
+    running: bool,
 }
 
 /// The load the worker is running.
@@ -289,6 +313,16 @@ struct Engine {
     last_flush: Instant,
 
     exit_code: Option<i32>,
+
+    /// The engine namespace: one file per pushed or pulled name (`rpx_runtime::get`).
+    ns_dir: PathBuf,
+    /// Pushed values not yet bound as cell variables: name -> type, bound by the next cell.
+    unbound: BTreeMap<String, String>,
+    /// Names whose namespace file holds the variable's current value (no cell ran since).
+    fresh: HashSet<String>,
+    /// Closures this engine has compiled: artifact and symbol.
+    closures: HashMap<Closure, (String, String)>,
+    call: Option<Call>,
 }
 
 impl Engine {
@@ -301,6 +335,7 @@ impl Engine {
         compiler_file: PathBuf,
         username: String,
     ) -> Engine {
+        let me_uuid = me.uuid.clone();
         Engine {
             me,
             session,
@@ -329,11 +364,16 @@ impl Engine {
             stream_parent: None,
             last_flush: Instant::now(),
             exit_code: None,
+            ns_dir: crate::namespace::dir_for(&me_uuid),
+            unbound: BTreeMap::new(),
+            fresh: HashSet::new(),
+            closures: HashMap::new(),
+            call: None,
         }
     }
 
     fn tick_period(&self) -> Duration {
-        let busy = self.current.is_some() || !self.out_buf.is_empty() || !self.err_buf.is_empty();
+        let busy = self.current.is_some() || self.call.is_some() || !self.out_buf.is_empty() || !self.err_buf.is_empty();
         if busy {
             FLUSH_PERIOD
         } else {
@@ -344,9 +384,13 @@ impl Engine {
     // ----- messages out -----
 
     fn reply(&self, req: &Request, content: Value, md: Value) {
+        self.reply_with_buffers(req, content, md, &[]);
+    }
+
+    fn reply_with_buffers(&self, req: &Request, content: Value, md: Value, buffers: &[Bytes]) {
         let msg_type = reply::reply_type(req.msg_type());
         let md = reply::finish_metadata(md, &content, &self.me);
-        let (_, frames) = self.session.msg(&req.idents, &msg_type, content, Some(&req.header), md, &[]);
+        let (_, frames) = self.session.msg(&req.idents, &msg_type, content, Some(&req.header), md, buffers);
         match self.out.for_channel(req.channel) {
             Some(o) => push(o, frames, &msg_type),
             None => warn!(msg_type, "no socket to reply on"),
@@ -432,6 +476,7 @@ impl Engine {
             Ok(mut c) => {
                 // Cells can read their engine's id, as `std::env::var("RPX_ENGINE_ID")`.
                 c.env.push(("RPX_ENGINE_ID".to_string(), self.me.id.to_string()));
+                c.env.push((rpx_runtime::NS_DIR_ENV.to_string(), self.ns_dir.display().to_string()));
                 self.worker_cmd = Some(c)
             }
             Err(e) => error!(error = %e, "cannot locate the ipengine binary to start workers"),
@@ -505,7 +550,7 @@ impl Engine {
 
     /// Start queued requests while nothing is running.
     async fn pump(&mut self) {
-        while self.current.is_none() && self.exit_code.is_none() {
+        while self.current.is_none() && self.call.is_none() && self.exit_code.is_none() {
             let Some(front) = self.queue.front() else { break };
             let needs_compiler = front.msg_type() == "execute_request"
                 && !front.content.get("code").and_then(Value::as_str).unwrap_or("").trim().is_empty();
@@ -519,16 +564,7 @@ impl Engine {
             }
             match req.msg_type() {
                 "execute_request" => self.start_execute(req).await,
-                "apply_request" => {
-                    self.status("busy", &req.header);
-                    let md = reply::init_metadata(&req.metadata, &self.me);
-                    let err = EngineError::unsupported_apply(&self.me);
-                    self.publish("error", "error", reply::iopub_error(&err, &self.me, "apply"), Some(&req.header));
-                    let mut c = rpx_protocol::message::error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(self.me.engine_info("apply")));
-                    c["status"] = json!("error");
-                    self.reply(&req, c, md);
-                    self.status("idle", &req.header);
-                }
+                "apply_request" => self.start_apply(req).await,
                 "kernel_info_request" => {
                     self.status("busy", &req.header);
                     let md = reply::init_metadata(&req.metadata, &self.me);
@@ -549,9 +585,13 @@ impl Engine {
 
     async fn start_execute(&mut self, req: Request) {
         self.status("busy", &req.header);
-        let md = reply::init_metadata(&req.metadata, &self.me);
         let code = req.content.get("code").and_then(Value::as_str).unwrap_or("").to_string();
         let silent = req.content.get("silent").and_then(Value::as_bool).unwrap_or(false);
+        self.start_cell(req, code, silent, Purpose::Execute).await;
+    }
+
+    async fn start_cell(&mut self, req: Request, code: String, silent: bool, purpose: Purpose) {
+        let md = reply::init_metadata(&req.metadata, &self.me);
         self.flush_streams();
         self.stream_parent = Some(req.header.clone());
         if code.trim().is_empty() {
@@ -574,9 +614,162 @@ impl Engine {
         self.stderr_tail.clear();
         self.ensure_worker();
         let cell_id = req.msg_id().to_string();
-        info!(%cell_id, count, "cell");
+        info!(%cell_id, count, ?purpose, "cell");
+        let code = crate::namespace::with_bindings(&self.unbound, &code);
         self.to_compiler(cmsg::CELL_REQUEST, serde_json::to_value(CellRequest { cell_id, code }).expect("serializes"));
-        self.current = Some(Cell { req, silent, count, md, panicked: false, died: None, content: BTreeMap::new(), reply: None, grace_until: None });
+        self.current = Some(Cell { req, purpose, silent, count, md, panicked: false, died: None, content: BTreeMap::new(), reply: None, grace_until: None });
+    }
+
+    // ----- rpx apply payloads: push, pull, closures -----
+
+    async fn start_apply(&mut self, req: Request) {
+        self.status("busy", &req.header);
+        let md = reply::init_metadata(&req.metadata, &self.me);
+        let op = match Op::from_content(&req.content) {
+            None => return self.apply_failed(&req, md, &EngineError::unsupported_apply(&self.me)),
+            Some(Err(e)) => {
+                let err = EngineError::new(ename::UNSUPPORTED_PAYLOAD, format!("malformed rpx payload: {e}"), vec![]);
+                return self.apply_failed(&req, md, &err);
+            }
+            Some(Ok(op)) => op,
+        };
+        match op {
+            Op::Push { names } => {
+                let result = crate::namespace::store(&self.ns_dir, &names, &req.buffers);
+                match result {
+                    Ok(()) => {
+                        for n in names {
+                            self.fresh.insert(n.name.clone());
+                            self.unbound.insert(n.name, n.type_name);
+                        }
+                        self.reply(&req, json!({"status": "ok"}), md);
+                        self.status("idle", &req.header);
+                    }
+                    Err(e) => self.apply_failed(&req, md, &EngineError::new(ename::UNSUPPORTED_PAYLOAD, e, vec![])),
+                }
+            }
+            Op::Pull { names } => {
+                if let Some(bad) = names.iter().find(|n| !crate::namespace::is_identifier(n)) {
+                    let err = EngineError::new(ename::NAME_ERROR, format!("`{bad}` is not a variable name"), vec![]);
+                    return self.apply_failed(&req, md, &err);
+                }
+                let stale: Vec<String> = names.iter().filter(|n| !self.fresh.contains(*n)).cloned().collect();
+                if stale.is_empty() {
+                    self.finish_pull(&req, md, &names);
+                } else if let CompilerState::Absent(_) = &self.compiler {
+                    self.spawn_reconnect();
+                    self.apply_failed(&req, md, &EngineError::no_compiler());
+                } else {
+                    // The variables live in the worker: a small cell writes them to the namespace.
+                    let code = crate::namespace::put_cell(&stale);
+                    self.start_cell(req, code, true, Purpose::Pull(names)).await;
+                }
+            }
+            Op::Apply { closure } => self.start_call(req, md, abi::MODE_APPLY, closure).await,
+            Op::Map { closure } => self.start_call(req, md, abi::MODE_MAP, closure).await,
+        }
+    }
+
+    fn apply_failed(&mut self, req: &Request, md: Value, err: &EngineError) {
+        self.flush_streams();
+        self.publish("error", "error", reply::iopub_error(err, &self.me, "apply"), Some(&req.header));
+        let mut c = rpx_protocol::message::error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(self.me.engine_info("apply")));
+        c["status"] = json!("error");
+        self.reply(req, c, md);
+        self.status("idle", &req.header);
+    }
+
+    fn finish_pull(&mut self, req: &Request, md: Value, names: &[String]) {
+        match crate::namespace::load(&self.ns_dir, names) {
+            Ok(buffers) => {
+                self.reply_with_buffers(req, json!({"status": "ok"}), md, &buffers);
+                self.status("idle", &req.header);
+            }
+            Err(e) => self.apply_failed(req, md, &EngineError::new(ename::NAME_ERROR, e, vec![])),
+        }
+    }
+
+    async fn start_call(&mut self, req: Request, md: Value, mode: u32, closure: Closure) {
+        if req.buffers.is_empty() {
+            let err = EngineError::new(ename::UNSUPPORTED_PAYLOAD, "the call has no argument buffer", vec![]);
+            return self.apply_failed(&req, md, &err);
+        }
+        self.flush_streams();
+        self.stream_parent = Some(req.header.clone());
+        self.stderr_tail.clear();
+        let known = self.closures.contains_key(&closure);
+        self.call = Some(Call { req, md, mode, closure: closure.clone(), running: false });
+        if known {
+            self.run_call().await;
+        } else if !self.to_compiler(cmsg::CLOSURE_REQUEST, serde_json::to_value(ClosureRequest { request_id: self.call.as_ref().expect("set").req.msg_id().to_string(), closure }).expect("serializes")) {
+            self.spawn_reconnect();
+            let call = self.call.take().expect("set");
+            self.apply_failed(&call.req, call.md, &EngineError::no_compiler());
+        }
+    }
+
+    /// Hand the current call to the worker.
+    async fn run_call(&mut self) {
+        let Some(call) = &mut self.call else { return };
+        let Some((so, func)) = self.closures.get(&call.closure).cloned() else { return };
+        call.running = true;
+        self.ensure_worker();
+        let sent = match (&mut self.worker, &self.call) {
+            (Some(w), Some(call)) => w.send_call(&so, &func, call.mode, &call.req.buffers[0]).await.map_err(|e| e.to_string()),
+            _ => Err("the worker could not be started".to_string()),
+        };
+        if let Err(e) = sent {
+            if self.worker.is_none() {
+                self.finish_call(Err(EngineError::worker_died(&self.me, &format!("not run: {e}"), vec![])));
+            } else {
+                // The worker is dying; its exit event fails the call.
+                warn!(error = %e, "cannot write to the worker");
+            }
+        }
+    }
+
+    fn on_closure_reply(&mut self, r: ClosureReply) {
+        let Some(call) = self.call.as_ref().filter(|c| !c.running && c.req.msg_id() == r.request_id) else {
+            warn!(request_id = %r.request_id, "closure_reply for a call that is not waiting; dropped");
+            return;
+        };
+        if r.status == "ok" {
+            self.closures.insert(call.closure.clone(), (r.so_path, r.fn_name));
+        } else {
+            let ename = if r.ename.is_empty() { ename::COMPILE_ERROR.to_string() } else { r.ename };
+            self.finish_call(Err(EngineError::new(&ename, r.evalue, r.traceback)));
+        }
+    }
+
+    /// Answer the current call with its output bytes or an error.
+    fn finish_call(&mut self, outcome: Result<Vec<u8>, EngineError>) {
+        let Some(call) = self.call.take() else { return };
+        self.flush_streams();
+        match outcome {
+            Ok(data) => {
+                self.reply_with_buffers(&call.req, json!({"status": "ok"}), call.md, &[Bytes::from(data)]);
+                self.status("idle", &call.req.header);
+            }
+            Err(e) => {
+                info!(msg_id = call.req.msg_id(), ename = %e.ename, "call failed");
+                self.apply_failed(&call.req, call.md, &e);
+            }
+        }
+    }
+
+    fn on_call_result(&mut self, status: u32, data: Vec<u8>) {
+        if !self.call.as_ref().is_some_and(|c| c.running) {
+            warn!(status, "a call result nobody waits for; dropped");
+            return;
+        }
+        let text = || String::from_utf8_lossy(&data).into_owned();
+        let outcome = match status {
+            abi::STATUS_OK => Ok(data),
+            abi::STATUS_PANIC => Err(EngineError::panic(&text(), vec![])),
+            abi::STATUS_BAD_INPUT => Err(EngineError::new(ename::UNSUPPORTED_PAYLOAD, text(), vec![])),
+            _ => Err(EngineError::new("CompilerError", text(), vec![])),
+        };
+        self.finish_call(outcome);
     }
 
     fn finish_with_error(&mut self, req: &Request, md: Value, err: &EngineError, count: u64) {
@@ -631,6 +824,15 @@ impl Engine {
                     _ => warn!(cell_id = %r.cell_id, "cell_reply for a cell that is not running; dropped"),
                 },
                 Err(e) => warn!(error = %e, "malformed cell_reply dropped"),
+            },
+            cmsg::CLOSURE_REPLY => match serde_json::from_value::<ClosureReply>(m.content) {
+                Ok(r) => {
+                    self.on_closure_reply(r);
+                    if self.call.as_ref().is_some_and(|c| !c.running) {
+                        self.run_call().await;
+                    }
+                }
+                Err(e) => warn!(error = %e, "malformed closure_reply dropped"),
             },
             cmsg::ENGINE_HELLO_REPLY => {}
             other => warn!(msg_type = other, "unexpected message from the compiler"),
@@ -711,6 +913,7 @@ impl Engine {
                     self.maybe_finish();
                 }
             }
+            WorkerEvent::CallResult { status, data } => self.on_call_result(status, data),
             WorkerEvent::Exited(status) => {
                 let events = self.parser.finish();
                 self.on_stdout_events(events).await;
@@ -736,6 +939,14 @@ impl Engine {
     /// The worker is gone (died or killed): tell the compiler through the running load if there
     /// is one, else with `worker_restarted`, and mark the running cell.
     fn worker_gone(&mut self, status: &str) {
+        // Bound variables died with the worker; pushed values not yet bound are still files.
+        let unbound = &self.unbound;
+        self.fresh.retain(|n| unbound.contains_key(n));
+        if self.call.as_ref().is_some_and(|c| c.running) {
+            let mut err = EngineError::worker_died(&self.me, status, self.stderr_tail.lines());
+            err.ename = ename::ENGINE_DIED.to_string();
+            self.finish_call(Err(err));
+        }
         if self.loading.is_some() {
             self.load_died(status);
         } else {
@@ -867,6 +1078,40 @@ impl Engine {
                 _ => None,
             }
         };
+        // Pushed values are bound by any cell that compiled; a binding that cannot compile is
+        // dropped (and said so) rather than breaking every later cell.
+        let compile_failed = err.as_ref().is_some_and(|e| e.ename == "CompileError");
+        if !compile_failed {
+            self.unbound.clear();
+        } else if let Some(e) = &err {
+            if !self.unbound.is_empty() && (e.evalue.contains("rpx_runtime") || e.traceback.iter().any(|l| l.contains("rpx_runtime"))) {
+                let names: Vec<String> = std::mem::take(&mut self.unbound).into_keys().collect();
+                self.err_buf.push_str(&format!("[rpx] the pushed values {} could not become variables (see the error); push them again with a type the engines can name\n", names.join(", ")));
+            }
+        }
+        if let Purpose::Pull(names) = &cell.purpose {
+            let req = &cell.req;
+            match err {
+                None => {
+                    self.fresh.extend(names.iter().cloned());
+                    self.finish_pull(req, cell.md, names);
+                }
+                Some(mut e) => {
+                    if e.ename == "CompileError" {
+                        let missing = names.iter().find(|n| e.evalue.contains(&format!("cannot find value `{n}`")) || e.traceback.iter().any(|l| l.contains(&format!("cannot find value `{n}`"))));
+                        e = match missing {
+                            Some(n) => EngineError::new(ename::NAME_ERROR, format!("name `{n}` is not defined on engine {}", self.me.id), vec![]),
+                            None => EngineError::new(ename::COMPILE_ERROR, format!("cannot pull {}: {}", names.join(", "), e.evalue), e.traceback),
+                        };
+                    }
+                    self.apply_failed(req, cell.md, &e);
+                }
+            }
+            return;
+        }
+        if !compile_failed {
+            self.fresh.clear();
+        }
         let req = &cell.req;
         match err {
             Some(e) => {
@@ -909,6 +1154,19 @@ impl Engine {
                 self.spawn_reconnect();
             }
         }
+        // A closure waiting for a compiler that is gone will never be compiled.
+        if self.call.as_ref().is_some_and(|c| !c.running) {
+            let gone = match &self.compiler {
+                CompilerState::Ready(link) => (!net::pid_alive(link.pid)).then(|| format!("pid {} exited", link.pid)),
+                CompilerState::Absent(why) => Some(why.clone()),
+                CompilerState::Connecting => None,
+            };
+            if let Some(why) = gone {
+                self.finish_call(Err(EngineError::compiler_died(&why)));
+                self.compiler = CompilerState::Absent(why);
+                self.spawn_reconnect();
+            }
+        }
         if matches!(self.compiler, CompilerState::Absent(_)) && self.loading.is_none() {
             if let Some(cell) = self.current.take() {
                 if cell.reply.is_some() {
@@ -927,6 +1185,7 @@ impl Engine {
         if let Some(mut w) = self.worker.take() {
             w.kill();
         }
+        let _ = std::fs::remove_dir_all(&self.ns_dir);
         let (_, frames) = self.session.msg(&[], "unregistration_request", json!({"id": self.me.id}), None, reply::plain_metadata(&self.me), &[]);
         push(&self.out.registration, frames, "unregistration_request");
         // Sends are queued: give them a moment to leave.

@@ -12,6 +12,9 @@
 //! - [`net`]: connecting sockets, the send/receive pump tasks, the heart, the compiler handshake.
 //! - [`child`]: spawning the worker, reading its pipes, noticing its death.
 //! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out.
+//! - [`namespace`]: the engine namespace on disk (pushed and pulled values, one file per name)
+//!   and the code that binds pushed values into cells or writes variables out for a pull. Pure
+//!   apart from file reads and writes.
 //! - [`output`]: parsing the worker's stdout (user text, evcxr markers, content blocks) and
 //!   finding panic messages in its stderr. Pure.
 //! - [`reply`]: reply metadata and contents in ipyparallel's shape, and the engine's error kinds.
@@ -28,6 +31,7 @@
 
 pub mod child;
 pub mod engine;
+pub mod namespace;
 pub mod net;
 pub mod output;
 pub mod reply;

@@ -1,12 +1,17 @@
 //! The worker process: loads compiled cells and runs them. Plain std, no tokio, no sockets.
 //!
-//! `ipengine` re-executes itself with `RPX_ENGINE_WORKER=1`; [`run`] then reads
-//! `LOAD_AND_RUN <so_path> <fn_name>` lines on stdin, calls each cell function with the variable
-//! store pointer and prints `EVCXR_EXECUTION_COMPLETE`. Libraries are never unloaded (cells
-//! register TLS destructors and leak statics into the store).
+//! `ipengine` re-executes itself with `RPX_ENGINE_WORKER=1`; [`run`] then reads commands on stdin:
+//! - `LOAD_AND_RUN <so_path> <fn_name>`: call a cell function with the variable store pointer,
+//!   then print `EVCXR_EXECUTION_COMPLETE` on stdout.
+//! - `CALL <so_path> <fn_name> <mode> <len>` followed by `len` raw bytes: call a compiled closure
+//!   (`rpx_runtime::abi`) and write `[status: u32 LE][len: u64 LE][bytes]` on the result pipe
+//!   (fd [`RESULT_FD`]), after the closure's own output was flushed.
+//!
+//! Libraries are never unloaded (cells register TLS destructors and leak statics into the store).
 
 use std::ffi::c_void;
-use std::io::{BufRead, Write};
+use std::collections::HashMap;
+use std::io::{BufRead, Read, Write};
 
 /// Environment variable that makes `ipengine` run as a worker.
 pub const WORKER_ENV: &str = "RPX_ENGINE_WORKER";
@@ -15,6 +20,19 @@ pub const PARENT_ENV: &str = "RPX_ENGINE_PARENT";
 
 /// Exit status for protocol errors (as evcxr's runtime).
 pub const EXIT_PROTOCOL: i32 = 99;
+
+/// The worker's end of the result pipe.
+pub const RESULT_FD: i32 = 3;
+
+/// Status written on the result pipe when the closure symbol cannot be loaded.
+pub const STATUS_LOAD_FAILED: u32 = 100;
+
+/// A parsed stdin command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    Load { so_path: &'a str, fn_name: &'a str },
+    Call { so_path: &'a str, fn_name: &'a str, mode: u32, len: usize },
+}
 
 /// Run the worker loop; never returns.
 pub fn run() -> ! {
@@ -35,6 +53,10 @@ pub fn run() -> ! {
     let stdin = std::io::stdin();
     let mut line = String::new();
     let mut input = stdin.lock();
+    // SAFETY: the supervisor opens fd 3 as the write end of the result pipe for every worker.
+    let mut results = std::io::BufWriter::new(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(RESULT_FD) });
+    let mut libs: HashMap<String, libloading::Library> = HashMap::new();
+    let mut args = Vec::new();
     loop {
         line.clear();
         match input.read_line(&mut line) {
@@ -43,24 +65,83 @@ pub fn run() -> ! {
             Err(e) => fail(&format!("cannot read stdin: {e}")),
         }
         let cmd = line.trim_end_matches(['\n', '\r']);
-        let Some((so_path, fn_name)) = parse_command(cmd) else {
-            fail(&format!("unrecognised line {cmd:?} (expected `LOAD_AND_RUN <so_path> <fn_name>`)"));
-        };
-        store = load_and_run(so_path, fn_name, store);
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", crate::output::EXECUTION_COMPLETE);
-        let _ = out.flush();
+        match parse_command(cmd) {
+            Some(Command::Load { so_path, fn_name }) => {
+                store = load_and_run(so_path, fn_name, store);
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", crate::output::EXECUTION_COMPLETE);
+                let _ = out.flush();
+            }
+            Some(Command::Call { so_path, fn_name, mode, len }) => {
+                args.resize(len, 0);
+                if let Err(e) = input.read_exact(&mut args) {
+                    fail(&format!("cannot read {len} argument bytes: {e}"));
+                }
+                let (status, out) = call(&mut libs, so_path, fn_name, mode, &args);
+                let written = results
+                    .write_all(&status.to_le_bytes())
+                    .and_then(|_| results.write_all(&(out.len() as u64).to_le_bytes()))
+                    .and_then(|_| results.write_all(&out))
+                    .and_then(|_| results.flush());
+                if let Err(e) = written {
+                    fail(&format!("cannot write a result: {e}"));
+                }
+                args.clear();
+            }
+            None => fail(&format!("unrecognised line {cmd:?} (expected `LOAD_AND_RUN <so> <fn>` or `CALL <so> <fn> <mode> <len>`)")),
+        }
     }
 }
 
-/// `LOAD_AND_RUN <so_path> <fn_name>` -> `(so_path, fn_name)`.
-pub fn parse_command(line: &str) -> Option<(&str, &str)> {
-    let rest = line.strip_prefix("LOAD_AND_RUN ")?;
-    let (so, func) = rest.split_once(' ')?;
-    if so.is_empty() || func.is_empty() || func.contains(' ') {
+/// Parse one stdin command line.
+pub fn parse_command(line: &str) -> Option<Command<'_>> {
+    if let Some(rest) = line.strip_prefix("LOAD_AND_RUN ") {
+        let (so_path, fn_name) = rest.split_once(' ')?;
+        if so_path.is_empty() || fn_name.is_empty() || fn_name.contains(' ') {
+            return None;
+        }
+        return Some(Command::Load { so_path, fn_name });
+    }
+    let rest = line.strip_prefix("CALL ")?;
+    let mut parts = rest.split(' ');
+    let (so_path, fn_name, mode, len) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    if so_path.is_empty() || fn_name.is_empty() || parts.next().is_some() {
         return None;
     }
-    Some((so, func))
+    Some(Command::Call { so_path, fn_name, mode, len })
+}
+
+extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: `call` passes a `&mut Vec<u8>` as ctx; the closure passes a valid buffer.
+    unsafe { (*(ctx as *mut Vec<u8>)).extend_from_slice(std::slice::from_raw_parts(ptr, len)) }
+}
+
+/// Signature of a compiled closure (`rpx_runtime::abi::ClosureFn`).
+type ClosureFn = unsafe extern "C" fn(u32, *const u8, usize, extern "C" fn(*mut c_void, *const u8, usize), *mut c_void) -> u32;
+
+fn call(libs: &mut HashMap<String, libloading::Library>, so_path: &str, fn_name: &str, mode: u32, args: &[u8]) -> (u32, Vec<u8>) {
+    if !libs.contains_key(so_path) {
+        // SAFETY: loading a library runs its initialisers; the compiler built it for this purpose.
+        match unsafe { libloading::Library::new(so_path) } {
+            Ok(lib) => {
+                libs.insert(so_path.to_string(), lib);
+            }
+            Err(e) => return (STATUS_LOAD_FAILED, format!("cannot load {so_path}: {e}").into_bytes()),
+        }
+    }
+    let lib = &libs[so_path];
+    // SAFETY: the compiler exports closures with exactly this signature.
+    let f = match unsafe { lib.get::<ClosureFn>(fn_name.as_bytes()) } {
+        Ok(f) => f,
+        Err(e) => return (STATUS_LOAD_FAILED, format!("no {fn_name} in {so_path}: {e}").into_bytes()),
+    };
+    let mut out = Vec::new();
+    // SAFETY: `args` is a valid buffer for the call; `collect` matches the sink signature.
+    let status = unsafe { f(mode, args.as_ptr(), args.len(), collect, &mut out as *mut Vec<u8> as *mut c_void) };
+    (status, out)
 }
 
 fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void) -> *mut c_void {
@@ -93,9 +174,13 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so run_user_code_3"), Some(("/tmp/a.so", "run_user_code_3")));
+        assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so run_user_code_3"), Some(Command::Load { so_path: "/tmp/a.so", fn_name: "run_user_code_3" }));
         assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so"), None);
         assert_eq!(parse_command("RUN /tmp/a.so f"), None);
         assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so f g"), None);
+        assert_eq!(parse_command("CALL /tmp/c.so rpx_closure_ab 1 42"), Some(Command::Call { so_path: "/tmp/c.so", fn_name: "rpx_closure_ab", mode: 1, len: 42 }));
+        assert_eq!(parse_command("CALL /tmp/c.so f 1"), None);
+        assert_eq!(parse_command("CALL /tmp/c.so f x 3"), None);
+        assert_eq!(parse_command("CALL /tmp/c.so f 1 3 4"), None);
     }
 }
