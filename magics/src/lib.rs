@@ -1,1 +1,76 @@
-//! rpx magics (in progress).
+//! The `%px` family of magics for the rpx kernel, pure: it parses cells into commands and
+//! renders engines' outputs into the Jupyter messages the kernel publishes, in ipyparallel 9's
+//! format (`[stdout:0]`, `[output:0]`, `Out[0:3]: ...`, `[0:execute]`, `CompositeError`). No I/O,
+//! no sockets: the kernel runs the commands through the client and feeds the outputs back.
+//!
+//! # Layout
+//! - [`parse`]: cell text → [`Command`]s ([`parse_cell`], [`parse_cell_autopx`]): `%px CODE`,
+//!   `%%px [options]`, `%autopx`, `%pxresult`, `%pxconfig`, local code between them; unknown
+//!   magics refused.
+//! - [`options`]: option lines → [`PxOptions`]: the flags each magic takes (ipyparallel's,
+//!   argparse-style), [`GroupOutputs`], [`Signal`], `--help` text ([`Magic::usage`]).
+//! - [`targets`]: the `--targets` grammar, [`TargetSpec`] and [`TargetSpec::resolve`].
+//! - [`config`]: [`PxConfig`] (sticky `%pxconfig` defaults) and [`ExecOptions`] (one cell's).
+//! - [`output`]: what engines produced ([`OutputEvent`], [`EngineOutput`]) and what the kernel
+//!   publishes ([`IopubMsg`]).
+//! - [`render`]: finished outputs grouped by `--group-outputs` ([`render_outputs`]); the
+//!   `--verbose` and interrupt lines.
+//! - [`stream`]: outputs rendered as they arrive ([`Streamer`]).
+//! - [`failure`]: the error a failed run reports ([`ErrorReport`], [`error_report`]).
+//! - [`error`]: [`MagicError`], everything that can be wrong with a magic.
+//!
+//! # Example
+//! ```
+//! use rpx_magics::{
+//!     error_report, parse_cell, render_outputs, Command, EngineOutput, IopubMsg, OutputEvent, PxConfig,
+//!     RenderOptions, StreamName,
+//! };
+//!
+//! let mut config = PxConfig::default();
+//! let cmds = parse_cell("%pxconfig --no-stream\n%%px --targets ::2").unwrap_err();
+//! assert!(cmds.to_string().contains("must be on the first line"));
+//!
+//! let cmds = parse_cell("%%px --targets ::2\nprintln!(\"hi\");").unwrap();
+//! let Command::Px { code, options } = &cmds[0] else { unreachable!() };
+//! assert_eq!(code, "println!(\"hi\");");
+//! config.apply(&rpx_magics::PxOptions { stream: Some(false), ..Default::default() });
+//! let run = config.effective(options); // --targets holds for this cell only
+//! assert_eq!(run.targets.resolve(&[0, 1, 2, 3]).unwrap(), vec![0, 2]);
+//! assert!(!run.stream);
+//!
+//! // The engines answered; show it as ipyparallel does.
+//! let outputs = vec![
+//!     EngineOutput::new(0, vec![OutputEvent::stdout("hi\n"), OutputEvent::result_text(1, "()")]),
+//!     EngineOutput::new(2, vec![OutputEvent::stdout("hi\n"), OutputEvent::error("Panic", "boom", vec![])]),
+//! ];
+//! let msgs = render_outputs(&outputs, run.group_outputs, &RenderOptions::default());
+//! assert_eq!(msgs[0], IopubMsg::Stream { name: StreamName::Stdout, text: "[stdout:0] \nhi\n[stdout:2] \nhi\n".into() });
+//! assert_eq!(msgs[1].text(), Some("Out[0:1]: ()"));
+//! let failure = error_report(&outputs, run.targets.is_single()).unwrap();
+//! assert_eq!(failure.ename, "CompositeError");
+//! assert_eq!(failure.evalue, "one or more exceptions raised in: %px\n[2:execute]Panic: boom");
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod failure;
+pub mod options;
+pub mod output;
+pub mod parse;
+pub mod render;
+pub mod stream;
+pub mod targets;
+
+pub use config::{ExecOptions, PxConfig};
+pub use error::{MagicError, Result};
+pub use failure::{engine_label, error_report, ErrorReport, TB_LIMIT};
+pub use options::{GroupOutputs, Magic, PxOptions, Signal};
+pub use output::{EngineOutput, ErrorOutput, IopubMsg, OutputEvent, StreamName};
+pub use parse::{
+    autopx_message, parse_cell, parse_cell_autopx, Command, AUTOPX_DISABLED, AUTOPX_ENABLED,
+};
+pub use render::{
+    interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions,
+};
+pub use stream::{StreamStyle, Streamer};
+pub use targets::{Slice, TargetSpec};
