@@ -178,3 +178,30 @@ pub(crate) fn fmt_ids(ids: &[usize]) -> String {
     let inner: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     format!("[{}]", inner.join(", "))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_without_a_parser_test_elsewhere() {
+        assert_eq!(
+            MagicError::NoLastResult.to_string(),
+            "%pxresult recalls last %px result, which has not yet been used."
+        );
+        assert_eq!(
+            MagicError::NoEngines.to_string(),
+            "no engines are registered; start some with `ipcluster start -n 4` or `ipcluster engines -n 4`"
+        );
+        assert_eq!(
+            MagicError::UnknownMagic {
+                given: "%x".into(),
+                suggestion: None
+            }
+            .to_string(),
+            format!("unknown magic `%x`; valid magics: {VALID_MAGICS}")
+        );
+        assert_eq!(fmt_ids(&[]), "[]");
+        assert_eq!(fmt_ids(&[3, 1]), "[3, 1]");
+    }
+}

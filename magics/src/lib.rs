@@ -19,6 +19,30 @@
 //! - [`failure`]: the error a failed run reports ([`ErrorReport`], [`error_report`]).
 //! - [`error`]: [`MagicError`], everything that can be wrong with a magic.
 //!
+//! # Kernel flow
+//! 1. `parse_cell_autopx(code, autopx_on)?`; on `Err`, reply with the error and run nothing.
+//! 2. For each [`Command`]: `Local` → evcxr; `PxConfig(o)` → [`PxConfig::apply`]; `Autopx` →
+//!    flip the flag, print [`autopx_message`]; `Help` → print the text; `PxResult(o)` → render
+//!    the last run (or [`MagicError::NoLastResult`]); `Px { code, options }` →
+//!    `let run = config.effective(&options)`, resolve `run.targets`, print [`verbose_line`] if
+//!    `run.verbose`, execute, then either feed each arriving output to a [`Streamer`]
+//!    (`run.stream`) or collect them and call [`render_outputs`] with `run.group_outputs`.
+//! 3. If an engine failed: [`Streamer::error_report`] (streamed) or [`error_report`] (not), as
+//!    the cell's `error` message and `execute_reply`.
+//!
+//! # Differences from ipyparallel (on purpose)
+//! - `--group-outputs=order` shows every engine's i-th display; ipyparallel skips engines that
+//!   have fewer displays than the most.
+//! - A missing final newline is added to the stream that lacks it, not to the start of the next
+//!   (which in a notebook is a blank first line when the next is the other stream). After a
+//!   display, result or streamed error, the next stream chunk gets its `[stdout:N]` again.
+//! - Output of a single-engine target keeps its `[stdout:N]` prefix when not streaming.
+//! - Results carry `metadata.engine` plus the engine's own metadata, not ipyparallel's whole
+//!   result metadata; `Out[N:k]: ` is uncoloured unless [`RenderOptions::color`].
+//! - `%%px --verbose` holds for that cell; `%pxconfig` also takes `--group-outputs`/`-e`/`-r`.
+//!   `-o/--out NAME` does not exist (no Python namespace to store an `AsyncResult` in).
+//!   `--help` works on every magic. Target lists drop duplicate engines.
+//!
 //! # Example
 //! ```
 //! use rpx_magics::{
@@ -27,16 +51,22 @@
 //! };
 //!
 //! let mut config = PxConfig::default();
-//! let cmds = parse_cell("%pxconfig --no-stream\n%%px --targets ::2").unwrap_err();
-//! assert!(cmds.to_string().contains("must be on the first line"));
+//! for cmd in parse_cell("%pxconfig --no-stream").unwrap() {
+//!     if let Command::PxConfig(opts) = cmd {
+//!         config.apply(&opts); // sticky
+//!     }
+//! }
 //!
 //! let cmds = parse_cell("%%px --targets ::2\nprintln!(\"hi\");").unwrap();
 //! let Command::Px { code, options } = &cmds[0] else { unreachable!() };
 //! assert_eq!(code, "println!(\"hi\");");
-//! config.apply(&rpx_magics::PxOptions { stream: Some(false), ..Default::default() });
 //! let run = config.effective(options); // --targets holds for this cell only
 //! assert_eq!(run.targets.resolve(&[0, 1, 2, 3]).unwrap(), vec![0, 2]);
 //! assert!(!run.stream);
+//!
+//! // A bad magic anywhere in a cell: nothing runs, and the message says why.
+//! let err = parse_cell("%px a\n%pxconfig --targts 1").unwrap_err();
+//! assert!(err.to_string().starts_with("unknown option `--targts` for %pxconfig; valid options: -t/--targets T"));
 //!
 //! // The engines answered; show it as ipyparallel does.
 //! let outputs = vec![
