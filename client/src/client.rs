@@ -1,0 +1,421 @@
+//! [`Client`]: the connection to a cluster's controller. Finds the connection file, starts the
+//! IO thread, keeps the live engine ids current, makes views, and sends the hub and control
+//! requests (queue status, abort, signals, shutdown, history).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use rpx_protocol::connection::{default_profile_name, read_json};
+use rpx_protocol::{ClientConnection, Profile, Session};
+
+use crate::error::{combine_engine_errors, Error, RemoteError, Result};
+use crate::io::{Chan, Command, Frames, Io, Outgoing};
+use crate::result::{AsyncMapResult, AsyncResult};
+use crate::targets::{TargetSpec, Targets};
+use crate::tracker::{Outcome, ReplyData, TaskState, Tracker};
+use crate::view::{DirectView, LoadBalancedView};
+
+/// How long the connection file may take to appear.
+const FILE_WAIT: Duration = Duration::from_secs(2);
+/// How long connecting and the first `connection_request` may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// Limit for hub queries and control requests.
+const QUERY_LIMIT: Duration = Duration::from_secs(10);
+
+pub(crate) struct ClientInner {
+    pub io: Io,
+    pub session: Session,
+    pub file: PathBuf,
+}
+
+impl ClientInner {
+    pub fn ids(&self) -> Vec<usize> {
+        self.io.shared.ids()
+    }
+
+    /// Resolve a target selection against the live engines, with their uuids.
+    pub fn resolve(&self, spec: &TargetSpec) -> Result<Vec<(usize, String)>> {
+        let ids = spec.resolve(&self.ids())?;
+        ids.into_iter().map(|id| self.io.shared.uuid(id).map(|u| (id, u)).ok_or_else(|| Error::Targets(format!("engine {id} is not registered")))).collect()
+    }
+
+    fn tracker(&self, tasks: Vec<TaskState>, needs_idle: bool) -> Arc<Tracker> {
+        Tracker::new(tasks, needs_idle, Some(self.io.shared.clone()))
+    }
+
+    /// Send one message per engine (`mux` or `control`), each with its own buffers.
+    pub fn direct(&self, chan: Chan, msg_type: &str, metadata: &Value, content: &Value, targets: &[(usize, String)], buffers: Vec<Vec<Bytes>>, needs_idle: bool) -> Result<Arc<Tracker>> {
+        let frames = Frames::new(&self.session, metadata, content);
+        let mut tasks = Vec::with_capacity(targets.len());
+        let mut msgs = Vec::with_capacity(targets.len());
+        for ((id, uuid), bufs) in targets.iter().zip(buffers) {
+            let (msg_id, f) = frames.build(msg_type, Some(uuid), &bufs);
+            tasks.push(TaskState::new(msg_id.clone(), Some(*id), frames.date().to_string()));
+            msgs.push((msg_id, f));
+        }
+        let tracker = self.tracker(tasks, needs_idle);
+        let out = msgs.into_iter().enumerate().map(|(idx, (msg_id, frames))| Outgoing { chan, frames, msg_id, tracker: tracker.clone(), idx }).collect();
+        self.io.send(Command::Submit(out))?;
+        Ok(tracker)
+    }
+
+    /// Submit load-balanced tasks (one per buffer list) on the `task` socket.
+    pub fn tasks(&self, frames: &Frames, buffers: Vec<Vec<Bytes>>) -> Result<Arc<Tracker>> {
+        let mut tasks = Vec::with_capacity(buffers.len());
+        let mut out = Vec::with_capacity(buffers.len());
+        for bufs in &buffers {
+            let (msg_id, f) = frames.build("apply_request", None, bufs);
+            tasks.push(TaskState::new(msg_id.clone(), None, frames.date().to_string()));
+            out.push((msg_id, f));
+        }
+        let tracker = self.tracker(tasks, false);
+        let out = out.into_iter().enumerate().map(|(idx, (msg_id, frames))| Outgoing { chan: Chan::Task, frames, msg_id, tracker: tracker.clone(), idx }).collect();
+        self.io.send(Command::Submit(out))?;
+        Ok(tracker)
+    }
+
+    /// One more task for an open tracker (`imap`).
+    pub fn task_into(&self, tracker: &Arc<Tracker>, frames: &Frames, buffers: &[Bytes]) -> Result<()> {
+        let (msg_id, f) = frames.build("apply_request", None, buffers);
+        let idx = tracker.push(TaskState::new(msg_id.clone(), None, frames.date().to_string()));
+        self.io.send(Command::Submit(vec![Outgoing { chan: Chan::Task, frames: f, msg_id, tracker: tracker.clone(), idx }]))
+    }
+
+    /// A hub query on the registration socket; the reply, or an error.
+    pub fn query(&self, msg_type: &str, content: Value, limit: Duration) -> Result<ReplyData> {
+        let frames = Frames::new(&self.session, &json!({}), &content);
+        let (msg_id, f) = frames.build(msg_type, None, &[]);
+        let tracker = self.tracker(vec![TaskState::new(msg_id.clone(), None, frames.date().to_string())], false);
+        self.io.send(Command::Submit(vec![Outgoing { chan: Chan::Query, frames: f, msg_id, tracker: tracker.clone(), idx: 0 }]))?;
+        if !tracker.wait_complete(Some(Instant::now() + limit)) {
+            return Err(Error::Timeout(format!("the controller did not answer a {msg_type} within {limit:?}")));
+        }
+        let s = tracker.lock();
+        match &s.tasks[0].outcome {
+            Some(Outcome::Reply(r)) if r.status == "ok" => Ok(r.clone()),
+            Some(Outcome::Reply(r)) => Err(Error::Remote(RemoteError::from_reply(&r.content, None))),
+            Some(Outcome::Lost(why)) => Err(Error::Connection(why.clone())),
+            None => Err(Error::Protocol(format!("no reply to {msg_type}"))),
+        }
+    }
+
+    /// A control request to each engine; waits for every reply (bounded).
+    pub fn control(&self, targets: &[(usize, String)], msg_type: &str, content: Value, limit: Duration) -> Result<()> {
+        let tracker = self.direct(Chan::Control, msg_type, &json!({}), &content, targets, vec![Vec::new(); targets.len()], false)?;
+        if !tracker.wait_complete(Some(Instant::now() + limit)) {
+            let s = tracker.lock();
+            let missing: Vec<usize> = s.tasks.iter().filter(|t| t.outcome.is_none()).filter_map(|t| t.engine_id).collect();
+            return Err(Error::Timeout(format!("engines {missing:?} did not answer the {msg_type} within {limit:?}")));
+        }
+        let s = tracker.lock();
+        let mut failed = Vec::new();
+        for t in &s.tasks {
+            match &t.outcome {
+                Some(Outcome::Reply(r)) if r.status == "ok" => {}
+                Some(Outcome::Reply(r)) => failed.push(RemoteError::from_reply(&r.content, t.engine_id)),
+                Some(Outcome::Lost(why)) => return Err(Error::Connection(why.clone())),
+                None => {}
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(combine_engine_errors(failed, s.tasks.len()))
+        }
+    }
+
+    /// An already-complete, empty map (nothing is sent).
+    pub fn empty_map<R>(&self, ordered: bool) -> AsyncMapResult<R> {
+        AsyncMapResult::new(self.tracker(Vec::new(), false), Vec::new(), Vec::new(), |_, _| None, 0, ordered)
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.io.close();
+    }
+}
+
+/// Load per engine, from [`Client::queue_status`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineQueue {
+    /// Direct requests waiting or running on the engine.
+    pub queue: usize,
+    /// Requests the engine has completed.
+    pub completed: usize,
+    /// Load-balanced tasks assigned to the engine and not finished.
+    pub tasks: usize,
+}
+
+/// The controller's view of the queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStatus {
+    pub engines: BTreeMap<usize, EngineQueue>,
+    /// Load-balanced tasks not yet assigned to an engine.
+    pub unassigned: usize,
+}
+
+impl QueueStatus {
+    /// Completed requests over all engines.
+    pub fn completed(&self) -> usize {
+        self.engines.values().map(|e| e.completed).sum()
+    }
+
+    /// Requests queued or running anywhere (direct, load-balanced, unassigned).
+    pub fn pending(&self) -> usize {
+        self.unassigned + self.engines.values().map(|e| e.queue + e.tasks).sum::<usize>()
+    }
+}
+
+/// Work that can be aborted or depended on: anything that knows its msg_ids.
+pub trait Jobs {
+    fn job_ids(&self) -> Vec<String>;
+}
+
+impl<T> Jobs for AsyncResult<T> {
+    fn job_ids(&self) -> Vec<String> {
+        self.msg_ids()
+    }
+}
+
+impl<R> Jobs for AsyncMapResult<R> {
+    fn job_ids(&self) -> Vec<String> {
+        self.msg_ids()
+    }
+}
+
+impl Jobs for str {
+    fn job_ids(&self) -> Vec<String> {
+        vec![self.to_string()]
+    }
+}
+
+impl Jobs for String {
+    fn job_ids(&self) -> Vec<String> {
+        vec![self.clone()]
+    }
+}
+
+impl Jobs for [String] {
+    fn job_ids(&self) -> Vec<String> {
+        self.to_vec()
+    }
+}
+
+impl Jobs for Vec<String> {
+    fn job_ids(&self) -> Vec<String> {
+        self.clone()
+    }
+}
+
+impl<J: Jobs + ?Sized> Jobs for &J {
+    fn job_ids(&self) -> Vec<String> {
+        (**self).job_ids()
+    }
+}
+
+/// A signal for [`Client::send_signal`]: a number (`2`) or a name (`"SIGINT"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    Number(i32),
+    Name(String),
+}
+
+impl From<i32> for Signal {
+    fn from(n: i32) -> Signal {
+        Signal::Number(n)
+    }
+}
+
+impl From<&str> for Signal {
+    fn from(s: &str) -> Signal {
+        Signal::Name(s.to_string())
+    }
+}
+
+/// A connection to an rpx (or ipyparallel 9) controller.
+///
+/// Cheap to clone; the connection (and its IO thread) closes when the client and every view
+/// made from it are dropped. Requests still pending then fail with [`Error::Connection`].
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("file", &self.inner.file).field("ids", &self.ids()).finish()
+    }
+}
+
+impl Client {
+    /// Connect to the cluster of the profile named by `RPX_PROFILE` (default `default`).
+    pub fn connect() -> Result<Client> {
+        Client::connect_profile(&default_profile_name())
+    }
+
+    /// Connect to the default cluster of profile `name` (under `$RPX_DIR`, default `~/.rpx`).
+    pub fn connect_profile(name: &str) -> Result<Client> {
+        Client::from_file(Profile::new(name, "").client_file())
+    }
+
+    /// Connect with a client connection file (`ipcontroller-client.json`).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Client> {
+        let path = path.as_ref().to_path_buf();
+        let end = Instant::now() + FILE_WAIT;
+        while !path.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !path.exists() {
+            return Err(Error::Connection(format!(
+                "no connection file at {}: is a cluster running? Start one with `ipcluster start -n 4 --daemonize` (or pick another profile with RPX_PROFILE)",
+                path.display()
+            )));
+        }
+        let conn: ClientConnection = read_json(&path).map_err(|e| Error::Connection(format!("cannot read the connection file {}: {e}", path.display())))?;
+        Client::from_connection(&conn, path)
+    }
+
+    /// Connect with connection info already read.
+    pub fn from_connection(conn: &ClientConnection, file: PathBuf) -> Result<Client> {
+        if conn.signature_scheme != "hmac-sha256" {
+            return Err(Error::Connection(format!("unsupported signature scheme {:?} (rpx speaks hmac-sha256)", conn.signature_scheme)));
+        }
+        let user = std::env::var("USER").unwrap_or_else(|_| "rpx".into());
+        let session = Session::new(conn.key.as_bytes(), &user);
+        let io = Io::start(conn, session.clone(), CONNECT_LIMIT)?;
+        let client = Client { inner: Arc::new(ClientInner { io, session, file }) };
+        client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;
+        Ok(client)
+    }
+
+    /// The connection file this client was made from.
+    pub fn connection_file(&self) -> &Path {
+        &self.inner.file
+    }
+
+    /// Ids of the live engines, ascending (kept current from the controller's notifications).
+    pub fn ids(&self) -> Vec<usize> {
+        self.inner.ids()
+    }
+
+    /// Wait until at least `n` engines are registered; their ids. Fails with [`Error::Timeout`]
+    /// (saying how many are up) after `timeout`, or at once if the controller is gone.
+    pub fn wait_for_engines(&self, n: usize, timeout: Duration) -> Result<Vec<usize>> {
+        let shared = &self.inner.io.shared;
+        let end = Instant::now() + timeout;
+        let mut next_refresh = Instant::now() + Duration::from_millis(500);
+        let mut table = shared.engines.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if table.by_id.len() >= n {
+                return Ok(table.by_id.keys().copied().collect());
+            }
+            if let Some(why) = shared.lost() {
+                return Err(Error::Connection(why));
+            }
+            let now = Instant::now();
+            if now >= end {
+                let up = table.by_id.len();
+                return Err(Error::Timeout(format!(
+                    "only {up} of {n} engines are registered after {timeout:?} (ids {:?}); start more with `ipcluster engines -n {}` or wait longer",
+                    table.by_id.keys().collect::<Vec<_>>(),
+                    n - up
+                )));
+            }
+            if now >= next_refresh {
+                // Notifications are the fast path; a periodic refresh covers a missed one.
+                let _ = self.inner.io.send(Command::Refresh);
+                next_refresh = now + Duration::from_secs(1);
+            }
+            let wait = (end.min(next_refresh)).saturating_duration_since(now).max(Duration::from_millis(1));
+            table = shared.engines_cv.wait_timeout(table, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// A load-balanced view over all engines (the same as [`Client::load_balanced_view`]).
+    pub fn view(&self) -> LoadBalancedView {
+        self.load_balanced_view()
+    }
+
+    /// A load-balanced view over all engines: the scheduler picks an engine for each task.
+    pub fn load_balanced_view(&self) -> LoadBalancedView {
+        LoadBalancedView::new(self.inner.clone())
+    }
+
+    /// A direct view on `targets` (see [`Targets`]): `..` is every engine, resolved at each call.
+    pub fn direct_view(&self, targets: impl Targets) -> DirectView {
+        DirectView::new(self.inner.clone(), targets.to_spec())
+    }
+
+    /// The controller's queue counts per engine, plus unassigned load-balanced tasks.
+    pub fn queue_status(&self) -> Result<QueueStatus> {
+        let r = self.inner.query("queue_request", json!({"targets": Value::Null, "verbose": false}), QUERY_LIMIT)?;
+        let mut out = QueueStatus::default();
+        let Some(obj) = r.content.as_object() else { return Err(Error::Protocol("queue_reply is not an object".into())) };
+        let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+        for (k, v) in obj {
+            if k == "unassigned" {
+                out.unassigned = v.as_u64().unwrap_or(0) as usize;
+            } else if let Ok(id) = k.parse::<usize>() {
+                out.engines.insert(id, EngineQueue { queue: n(v, "queue"), completed: n(v, "completed"), tasks: n(v, "tasks") });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every msg_id the controller has recorded, in submission order (its records are bounded).
+    pub fn hub_history(&self) -> Result<Vec<String>> {
+        let r = self.inner.query("history_request", json!({}), QUERY_LIMIT)?;
+        Ok(r.content.get("history").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default())
+    }
+
+    /// Abort the unfinished tasks of `jobs` that have not started yet: they fail with
+    /// [`crate::RemoteErrorKind::Aborted`]. Running tasks are not interrupted (see
+    /// [`Client::send_signal`]).
+    pub fn abort<J: Jobs + ?Sized>(&self, jobs: &J) -> Result<()> {
+        let ids = jobs.job_ids();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let targets = self.inner.resolve(&TargetSpec::All)?;
+        self.inner.control(&targets, "abort_request", json!({"msg_ids": ids}), QUERY_LIMIT)
+    }
+
+    /// Send a signal to the code running on `targets` (e.g. `2` / `"SIGINT"` to interrupt it).
+    pub fn send_signal(&self, sig: impl Into<Signal>, targets: impl Targets) -> Result<()> {
+        let sig = match sig.into() {
+            Signal::Number(n) => json!(n),
+            Signal::Name(s) => json!(s),
+        };
+        let targets = self.inner.resolve(&targets.to_spec()?)?;
+        self.inner.control(&targets, "signal_request", json!({"sig": sig}), QUERY_LIMIT)
+    }
+
+    /// Reset the engines' state (their workers restart with no variables).
+    pub fn clear(&self, targets: impl Targets) -> Result<()> {
+        let targets = self.inner.resolve(&targets.to_spec()?)?;
+        self.inner.control(&targets, "clear_request", json!({}), QUERY_LIMIT)
+    }
+
+    /// Stop the cluster: every engine, then the controller. Afterwards this client is closed.
+    pub fn shutdown(&self) -> Result<()> {
+        let targets = self.inner.resolve(&TargetSpec::All).or_else(|e| if matches!(e, Error::NoEngines) { Ok(Vec::new()) } else { Err(e) })?;
+        if !targets.is_empty() {
+            if let Err(e) = self.inner.control(&targets, "shutdown_request", json!({"restart": false}), QUERY_LIMIT) {
+                tracing::warn!(error = %e, "engines did not all confirm shutdown; stopping the controller anyway");
+            }
+        }
+        self.inner.query("shutdown_request", json!({}), QUERY_LIMIT)?;
+        Ok(())
+    }
+
+    /// Close the connection now (also done when the last handle is dropped).
+    pub fn close(&self) {
+        self.inner.io.close();
+    }
+}

@@ -1,0 +1,768 @@
+//! The client's IO thread: one background thread running a tokio runtime that owns every
+//! socket (DEALERs to `registration`, `mux`, `task` and `control`; SUBs to `iopub` and
+//! `notification`), one reader task per socket that verifies and decodes what arrives, and a
+//! single dispatcher task that owns the table of pending requests, sends what the blocking API
+//! submits, and matches replies and iopub output to requests by `parent_header.msg_id`.
+//!
+//! Failure paths (a client must never hang):
+//! - a DEALER that disconnects (the controller died or closed) fails every pending task with
+//!   [`crate::Error::Connection`]; zeromq 0.7 DEALERs do not reconnect, so the client stays
+//!   closed;
+//! - while tasks are pending and nothing has arrived for [`PROBE_AFTER`], the dispatcher sends
+//!   a `connection_request`; no answer within [`LIVENESS_TIMEOUT`] counts as a lost controller
+//!   (a frozen controller or a dead host never closes the TCP connection);
+//! - every send is bounded by [`SEND_LIMIT`];
+//! - iopub output is waited for at most [`IDLE_GRACE`] after a task's reply.
+//!
+//! Messages are built and signed on the caller's thread ([`Frames`]); the dispatcher only
+//! registers and sends them, and readers decode in parallel on the runtime's workers.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tracing::{debug, warn};
+use zeromq::{DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError};
+
+use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
+use rpx_protocol::session::DELIMITER;
+use rpx_protocol::{ClientConnection, Message, Session};
+
+use crate::error::{Error, Result};
+use crate::tracker::{Outcome, ReplyData, Tracker};
+
+/// Quiet time with tasks pending before the controller is probed.
+pub const PROBE_AFTER: Duration = Duration::from_secs(2);
+/// How long a probe may go unanswered before the controller counts as lost.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on one socket send.
+pub const SEND_LIMIT: Duration = Duration::from_secs(10);
+/// How long after a reply a task's iopub output (up to its `idle` status) is still awaited.
+pub const IDLE_GRACE: Duration = Duration::from_millis(1500);
+const TICK: Duration = Duration::from_millis(100);
+
+/// The controller's sockets a client sends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chan {
+    Query,
+    Mux,
+    Task,
+    Control,
+}
+
+impl Chan {
+    fn name(self) -> &'static str {
+        match self {
+            Chan::Query => "registration",
+            Chan::Mux => "mux",
+            Chan::Task => "task",
+            Chan::Control => "control",
+        }
+    }
+}
+
+/// One message to send for task `idx` of `tracker`.
+pub(crate) struct Outgoing {
+    pub chan: Chan,
+    pub frames: Vec<Bytes>,
+    pub msg_id: String,
+    pub tracker: Arc<Tracker>,
+    pub idx: usize,
+}
+
+/// What the blocking API asks of the IO thread.
+pub(crate) enum Command {
+    /// Register each message's task, then send it (in order).
+    Submit(Vec<Outgoing>),
+    /// Refresh the engine table with a `connection_request`.
+    Refresh,
+    /// Fail what is pending and stop.
+    Close,
+}
+
+/// The engine table, kept current by the dispatcher.
+#[derive(Debug, Default)]
+pub(crate) struct EngineTable {
+    pub by_id: BTreeMap<usize, String>,
+}
+
+/// State shared between the IO thread and the blocking API.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub engines: Mutex<EngineTable>,
+    pub engines_cv: Condvar,
+    /// Why the connection is gone, once it is.
+    pub lost: Mutex<Option<String>>,
+    /// The IO thread has exited (normally after failing everything pending; this flag also
+    /// covers a panic, so that waiters never wait for a thread that is gone).
+    pub stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    pub fn ids(&self) -> Vec<usize> {
+        self.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.keys().copied().collect()
+    }
+
+    pub fn uuid(&self, id: usize) -> Option<String> {
+        self.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.get(&id).cloned()
+    }
+
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Builds signed frames for many messages that share metadata and content (a map's tasks):
+/// those JSON frames are serialized once, each message gets its own header and signature.
+#[derive(Clone)]
+pub(crate) struct Frames {
+    session: Session,
+    date: String,
+    parent: Bytes,
+    metadata: Bytes,
+    content: Bytes,
+}
+
+impl Frames {
+    pub fn new(session: &Session, metadata: &Value, content: &Value) -> Frames {
+        Frames {
+            session: session.clone(),
+            date: now_iso(),
+            parent: Bytes::from_static(b"{}"),
+            metadata: Bytes::from(serde_json::to_vec(metadata).expect("json serializes")),
+            content: Bytes::from(serde_json::to_vec(content).expect("json serializes")),
+        }
+    }
+
+    /// The submission date written into every header.
+    pub fn date(&self) -> &str {
+        &self.date
+    }
+
+    /// `(msg_id, frames)` of a new message; `ident` is the target engine's uuid on mux/control.
+    pub fn build(&self, msg_type: &str, ident: Option<&str>, buffers: &[Bytes]) -> (String, Vec<Bytes>) {
+        let header = Header {
+            msg_id: self.session.new_msg_id(),
+            msg_type: msg_type.to_string(),
+            username: self.session.username.clone(),
+            session: self.session.session.clone(),
+            date: self.date.clone(),
+            version: PROTOCOL_VERSION.to_string(),
+        };
+        let h = Bytes::from(serde_json::to_vec(&header).expect("header serializes"));
+        let sig = self.session.sign(&[&h, &self.parent, &self.metadata, &self.content]);
+        let mut frames = Vec::with_capacity(7 + buffers.len());
+        if let Some(id) = ident {
+            frames.push(Bytes::copy_from_slice(id.as_bytes()));
+        }
+        frames.push(Bytes::from_static(DELIMITER));
+        frames.push(Bytes::from(sig));
+        frames.push(h);
+        frames.push(self.parent.clone());
+        frames.push(self.metadata.clone());
+        frames.push(self.content.clone());
+        frames.extend(buffers.iter().cloned());
+        (header.msg_id, frames)
+    }
+}
+
+/// What reader tasks tell the dispatcher.
+enum Inbound {
+    /// A reply on a DEALER.
+    Reply(Message),
+    /// iopub output (`stream`, `execute_result`, `display_data`, `error`).
+    Io(Message),
+    /// iopub `status: idle` for the request `parent`.
+    Idle(String),
+    Notification(Message),
+    Lost(String),
+}
+
+/// Handle to the IO thread.
+pub(crate) struct Io {
+    pub shared: Arc<Shared>,
+    cmd: UnboundedSender<Command>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Io {
+    /// Start the thread, connect every socket within `limit`, and return once connected.
+    pub fn start(conn: &ClientConnection, session: Session, limit: Duration) -> Result<Io> {
+        let shared = Arc::new(Shared::default());
+        let (cmd_tx, cmd_rx) = unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let conn = conn.clone();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("rpx-client-io".into())
+            .spawn(move || {
+                struct Stopped(Arc<Shared>);
+                impl Drop for Stopped {
+                    fn drop(&mut self) {
+                        self.0.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.0.engines_cv.notify_all();
+                    }
+                }
+                let _stopped = Stopped(sh.clone());
+                let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rpx-client-rt").enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(Error::Io(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let (in_tx, in_rx) = unbounded_channel();
+                    let sends = match open(&conn, &session, limit, in_tx.clone()).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let d = Dispatcher {
+                        shared: sh,
+                        session,
+                        sends,
+                        routes: HashMap::new(),
+                        linger: VecDeque::new(),
+                        uuids: HashMap::new(),
+                        unreplied: 0,
+                        last_rx: Instant::now(),
+                        probe: None,
+                        lost: None,
+                        touched: Vec::new(),
+                    };
+                    d.run(cmd_rx, in_rx).await;
+                    drop(in_tx);
+                });
+                rt.shutdown_timeout(Duration::from_millis(200));
+            })
+            .map_err(Error::Io)?;
+        let io = Io { shared, cmd: cmd_tx, thread: Mutex::new(Some(thread)) };
+        match ready_rx.recv_timeout(limit + Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(io),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Connection(format!("could not connect to the controller within {limit:?}"))),
+        }
+    }
+
+    /// Hand a command to the dispatcher.
+    pub fn send(&self, cmd: Command) -> Result<()> {
+        if let Some(why) = self.shared.lost() {
+            if let Command::Submit(out) = &cmd {
+                fail_outgoing(out, &why);
+            }
+            return Err(Error::Connection(why));
+        }
+        self.cmd.send(cmd).map_err(|e| {
+            let why = "the client's IO thread has stopped".to_string();
+            if let Command::Submit(out) = &e.0 {
+                fail_outgoing(out, &why);
+            }
+            Error::Connection(why)
+        })
+    }
+
+    /// Stop the thread (pending requests fail with a connection error) and wait for it.
+    pub fn close(&self) {
+        let _ = self.cmd.send(Command::Close);
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn fail_outgoing(out: &[Outgoing], why: &str) {
+    for o in out {
+        o.tracker.set_outcome(o.idx, Outcome::Lost(why.to_string()), None);
+        o.tracker.notify();
+    }
+}
+
+struct Sends {
+    query: DealerSendHalf,
+    mux: DealerSendHalf,
+    task: DealerSendHalf,
+    control: DealerSendHalf,
+}
+
+async fn dealer(url: String, limit: Duration) -> Result<(DealerSocket, futures::channel::mpsc::Receiver<SocketEvent>)> {
+    let mut opts = SocketOptions::default();
+    opts.connect_timeout(limit);
+    let mut s = DealerSocket::with_options(opts);
+    let mon = s.monitor();
+    match tokio::time::timeout(limit, s.connect(&url)).await {
+        Ok(Ok(())) => Ok((s, mon)),
+        Ok(Err(e)) => Err(Error::Connection(format!("cannot connect to {url}: {e}"))),
+        Err(_) => Err(Error::Connection(format!("no controller answered at {url} within {limit:?}: is the cluster running? (`ipcluster list`)"))),
+    }
+}
+
+async fn sub(url: String, limit: Duration) -> Result<SubSocket> {
+    let mut s = SubSocket::new();
+    match tokio::time::timeout(limit, s.connect(&url)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Connection(format!("cannot connect to {url}: {e}"))),
+        Err(_) => return Err(Error::Connection(format!("no controller answered at {url} within {limit:?}"))),
+    }
+    s.subscribe("").await.map_err(|e| Error::Connection(format!("cannot subscribe to {url}: {e}")))?;
+    Ok(s)
+}
+
+/// Connect every socket and start the reader tasks.
+async fn open(conn: &ClientConnection, session: &Session, limit: Duration, tx: UnboundedSender<Inbound>) -> Result<Sends> {
+    let (q, m, t, c, io, nt) = tokio::try_join!(
+        dealer(conn.url(conn.registration), limit),
+        dealer(conn.url(conn.mux), limit),
+        dealer(conn.url(conn.task), limit),
+        dealer(conn.url(conn.control), limit),
+        sub(conn.url(conn.iopub), limit),
+        sub(conn.url(conn.notification), limit),
+    )?;
+    let mut halves = Vec::new();
+    for (chan, (sock, mon)) in [(Chan::Query, q), (Chan::Mux, m), (Chan::Task, t), (Chan::Control, c)] {
+        let (send, recv) = sock.split();
+        tokio::spawn(read_dealer(recv, chan, session.clone(), tx.clone()));
+        tokio::spawn(watch(mon, chan, tx.clone()));
+        halves.push(send);
+    }
+    tokio::spawn(read_iopub(io, session.clone(), tx.clone()));
+    tokio::spawn(read_notifications(nt, session.clone(), tx));
+    let mut it = halves.into_iter();
+    let mut next = || it.next().expect("four dealers");
+    Ok(Sends { query: next(), mux: next(), task: next(), control: next() })
+}
+
+async fn watch(mut mon: futures::channel::mpsc::Receiver<SocketEvent>, chan: Chan, tx: UnboundedSender<Inbound>) {
+    while let Some(ev) = mon.next().await {
+        if let SocketEvent::Disconnected(_) = ev {
+            let _ = tx.send(Inbound::Lost(format!("the controller closed the {} connection (it stopped or crashed)", chan.name())));
+            return;
+        }
+    }
+}
+
+async fn read_dealer(mut recv: DealerRecvHalf, chan: Chan, session: Session, tx: UnboundedSender<Inbound>) {
+    loop {
+        match recv.recv().await {
+            Ok(m) => match session.decode(rpx_protocol::zmq::frames(m)) {
+                Ok(msg) => {
+                    if tx.send(Inbound::Reply(msg)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(socket = chan.name(), error = %e, "dropped a bad message"),
+            },
+            Err(e) => {
+                let _ = tx.send(Inbound::Lost(format!("receiving on the {} socket failed: {e}", chan.name())));
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(borrow)]
+    msg_type: std::borrow::Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct StateOnly<'a> {
+    #[serde(borrow, default)]
+    execution_state: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ParentId {
+    #[serde(default)]
+    msg_id: Option<String>,
+}
+
+async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Inbound>) {
+    loop {
+        let m = match sub.recv().await {
+            Ok(m) => m,
+            Err(ZmqError::NoMessage) => {
+                // No publisher right now (the SUB reconnects by itself); DEALERs report loss.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => {
+                debug!(error = %e, "iopub receive error");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let frames = rpx_protocol::zmq::frames(m);
+        let Some(pos) = frames.iter().position(|f| f.as_ref() == DELIMITER) else { continue };
+        if frames.len() < pos + 6 {
+            continue;
+        }
+        // Read the type first: most iopub traffic (busy/idle, inputs) needs no full decode.
+        let kind = match serde_json::from_slice::<TypeOnly>(&frames[pos + 2]) {
+            Ok(t) => t.msg_type.into_owned(),
+            Err(_) => continue,
+        };
+        let ev = match kind.as_str() {
+            "status" => {
+                let idle = serde_json::from_slice::<StateOnly>(&frames[pos + 5]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
+                if !idle {
+                    continue;
+                }
+                let Ok((_, signed)) = session.verify_frames(frames) else {
+                    warn!("dropped an iopub status with a bad signature");
+                    continue;
+                };
+                match serde_json::from_slice::<ParentId>(&signed[2]).ok().and_then(|p| p.msg_id) {
+                    Some(id) => Inbound::Idle(id),
+                    None => continue,
+                }
+            }
+            "stream" | "execute_result" | "display_data" | "error" => match session.decode(frames) {
+                Ok(msg) => Inbound::Io(msg),
+                Err(e) => {
+                    warn!(error = %e, "dropped a bad iopub message");
+                    continue;
+                }
+            },
+            _ => continue,
+        };
+        if tx.send(ev).is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_notifications(mut sub: SubSocket, session: Session, tx: UnboundedSender<Inbound>) {
+    loop {
+        match sub.recv().await {
+            Ok(m) => match session.decode(rpx_protocol::zmq::frames(m)) {
+                Ok(msg) => {
+                    if tx.send(Inbound::Notification(msg)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "dropped a bad notification"),
+            },
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Where a reply or iopub message for a msg_id goes.
+struct Route {
+    tracker: Arc<Tracker>,
+    idx: usize,
+    replied: bool,
+    idle: bool,
+}
+
+struct Dispatcher {
+    shared: Arc<Shared>,
+    session: Session,
+    sends: Sends,
+    routes: HashMap<String, Route>,
+    /// Replied tasks still waiting for their iopub `idle`, with the time to stop waiting.
+    linger: VecDeque<(Instant, String)>,
+    /// Every engine uuid ever seen (replies from engines that died still name them).
+    uuids: HashMap<String, usize>,
+    unreplied: usize,
+    last_rx: Instant,
+    probe: Option<(String, Instant)>,
+    lost: Option<String>,
+    touched: Vec<Arc<Tracker>>,
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut cmd_rx: UnboundedReceiver<Command>, mut in_rx: UnboundedReceiver<Inbound>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inbound = Vec::with_capacity(256);
+        let mut cmds = Vec::with_capacity(16);
+        loop {
+            tokio::select! {
+                n = in_rx.recv_many(&mut inbound, 256) => {
+                    if n == 0 {
+                        self.lose("the client's sockets have closed".into());
+                        return;
+                    }
+                    for ev in inbound.drain(..) {
+                        self.on_inbound(ev).await;
+                    }
+                    self.flush();
+                }
+                n = cmd_rx.recv_many(&mut cmds, 16) => {
+                    if n == 0 {
+                        self.lose("the client was closed".into());
+                        return;
+                    }
+                    for c in std::mem::take(&mut cmds) {
+                        match c {
+                            Command::Close => {
+                                self.lose("the client was closed".into());
+                                self.flush();
+                                return;
+                            }
+                            Command::Refresh => self.refresh().await,
+                            Command::Submit(out) => self.submit(out).await,
+                        }
+                    }
+                    self.flush();
+                }
+                _ = tick.tick() => {
+                    self.on_tick().await;
+                    self.flush();
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.touched.is_empty() {
+            return;
+        }
+        self.touched.sort_by_key(|t| Arc::as_ptr(t) as usize);
+        self.touched.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for t in self.touched.drain(..) {
+            t.notify();
+        }
+    }
+
+    async fn send(&mut self, chan: Chan, frames: Vec<Bytes>) -> std::result::Result<(), String> {
+        let sock = match chan {
+            Chan::Query => &mut self.sends.query,
+            Chan::Mux => &mut self.sends.mux,
+            Chan::Task => &mut self.sends.task,
+            Chan::Control => &mut self.sends.control,
+        };
+        let mut msg = rpx_protocol::zmq::message(frames);
+        let deadline = Instant::now() + SEND_LIMIT;
+        let mut retried = Duration::ZERO;
+        loop {
+            match tokio::time::timeout_at(deadline.into(), sock.send(msg)).await {
+                Ok(Ok(())) => return Ok(()),
+                // Not connected (yet, or any more): retry briefly, then give up.
+                Ok(Err(ZmqError::ReturnToSender { message, .. })) if retried < Duration::from_millis(500) => {
+                    msg = message;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    retried += Duration::from_millis(20);
+                }
+                Ok(Err(e)) => return Err(format!("cannot send on the {} socket: {e}", chan.name())),
+                Err(_) => return Err(format!("sending on the {} socket did not finish within {SEND_LIMIT:?}: the controller is not reading", chan.name())),
+            }
+        }
+    }
+
+    async fn submit(&mut self, out: Vec<Outgoing>) {
+        for o in out {
+            if let Some(why) = &self.lost {
+                o.tracker.set_outcome(o.idx, Outcome::Lost(why.clone()), None);
+                self.touched.push(o.tracker);
+                continue;
+            }
+            self.routes.insert(o.msg_id.clone(), Route { tracker: o.tracker.clone(), idx: o.idx, replied: false, idle: false });
+            self.unreplied += 1;
+            if let Err(why) = self.send(o.chan, o.frames).await {
+                self.lose(why);
+            }
+        }
+    }
+
+    async fn refresh(&mut self) {
+        if self.lost.is_some() {
+            return;
+        }
+        let (header, frames) = self.session.msg(&[], "connection_request", json!({}), None, json!({}), &[]);
+        if self.probe.is_none() {
+            self.probe = Some((header.msg_id, Instant::now()));
+        }
+        if let Err(why) = self.send(Chan::Query, frames).await {
+            self.lose(why);
+        }
+    }
+
+    fn engine_of(&self, msg: &Message) -> Option<usize> {
+        if let Some(uuid) = msg.metadata.get("engine").and_then(Value::as_str) {
+            if let Some(id) = self.uuids.get(uuid) {
+                return Some(*id);
+            }
+        }
+        msg.content.get("engine_info").and_then(|i| i.get("engine_id")).and_then(Value::as_u64).map(|i| i as usize)
+    }
+
+    fn set_engines(&mut self, engines: BTreeMap<usize, String>) {
+        for (id, uuid) in &engines {
+            self.uuids.insert(uuid.clone(), *id);
+        }
+        let mut t = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner());
+        t.by_id = engines;
+        drop(t);
+        self.shared.engines_cv.notify_all();
+    }
+
+    async fn on_inbound(&mut self, ev: Inbound) {
+        self.last_rx = Instant::now();
+        match ev {
+            Inbound::Reply(msg) => self.on_reply(msg).await,
+            Inbound::Io(msg) => {
+                if let Some(r) = msg.parent_msg_id().and_then(|p| self.routes.get(p)) {
+                    r.tracker.add_io(r.idx, msg.msg_type(), &msg.content);
+                    self.touched.push(r.tracker.clone());
+                }
+            }
+            Inbound::Idle(parent) => {
+                let Some(r) = self.routes.get_mut(&parent) else { return };
+                r.idle = true;
+                r.tracker.settle(r.idx);
+                self.touched.push(r.tracker.clone());
+                if r.replied {
+                    self.routes.remove(&parent);
+                }
+            }
+            Inbound::Notification(msg) => {
+                let id = msg.content.get("id").and_then(Value::as_u64).map(|i| i as usize);
+                let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
+                match (msg.msg_type(), id, uuid) {
+                    ("registration_notification", Some(id), Some(uuid)) => {
+                        let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+                        all.insert(id, uuid);
+                        self.set_engines(all);
+                    }
+                    ("unregistration_notification", Some(id), _) => {
+                        let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+                        all.remove(&id);
+                        self.set_engines(all);
+                    }
+                    ("shutdown_notification", _, _) => self.lose("the controller shut down".into()),
+                    _ => {}
+                }
+            }
+            Inbound::Lost(why) => self.lose(why),
+        }
+    }
+
+    async fn on_reply(&mut self, msg: Message) {
+        let parent = msg.parent_msg_id().unwrap_or_default().to_string();
+        if self.probe.as_ref().is_some_and(|(id, _)| *id == parent) {
+            self.probe = None;
+        }
+        if msg.msg_type() == "connection_reply" {
+            if let Some(engines) = msg.content.get("engines").and_then(Value::as_object) {
+                let table: BTreeMap<usize, String> = engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
+                self.set_engines(table);
+            }
+        }
+        let engine_id = self.engine_of(&msg);
+        let unknown_engine = msg.metadata.get("engine").and_then(Value::as_str).is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
+        let Some(route) = self.routes.get_mut(&parent) else {
+            debug!(msg_type = msg.msg_type(), %parent, "reply to no pending request");
+            return;
+        };
+        if route.replied {
+            return;
+        }
+        route.replied = true;
+        self.unreplied = self.unreplied.saturating_sub(1);
+        let status = msg.content.get("status").and_then(Value::as_str).unwrap_or(if msg.msg_type() == "hub_error" { "error" } else { "ok" }).to_string();
+        let date = msg.header.date.clone();
+        let Message { metadata, content, buffers, .. } = msg;
+        let reply = ReplyData { status, content, metadata, date, buffers };
+        route.tracker.set_outcome(route.idx, Outcome::Reply(reply), engine_id);
+        self.touched.push(route.tracker.clone());
+        if route.idle {
+            self.routes.remove(&parent);
+        } else {
+            self.linger.push_back((Instant::now() + IDLE_GRACE, parent));
+        }
+        if unknown_engine {
+            // A reply from an engine this client has not heard of: a notification was missed.
+            self.refresh().await;
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        while let Some((t, _)) = self.linger.front() {
+            if *t > now {
+                break;
+            }
+            let (_, id) = self.linger.pop_front().expect("front exists");
+            if let Some(r) = self.routes.remove(&id) {
+                r.tracker.settle(r.idx);
+                self.touched.push(r.tracker);
+            }
+        }
+        if self.lost.is_some() {
+            return;
+        }
+        match &self.probe {
+            Some((_, sent)) if now.duration_since(*sent) > LIVENESS_TIMEOUT => {
+                self.lose(format!("the controller did not answer for {LIVENESS_TIMEOUT:?} (it may be frozen or its host unreachable)"));
+            }
+            None if self.unreplied > 0 && now.duration_since(self.last_rx) > PROBE_AFTER => self.refresh().await,
+            _ => {}
+        }
+    }
+
+    /// The controller is gone: fail everything pending, refuse what comes next.
+    fn lose(&mut self, why: String) {
+        if self.lost.is_none() {
+            warn!(reason = %why, "lost the controller");
+            self.lost = Some(why.clone());
+            *self.shared.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+            self.shared.engines_cv.notify_all();
+        }
+        let why = self.lost.clone().expect("set above");
+        for (_, r) in self.routes.drain() {
+            if !r.replied {
+                r.tracker.set_outcome(r.idx, Outcome::Lost(why.clone()), None);
+            }
+            r.tracker.settle(r.idx);
+            self.touched.push(r.tracker);
+        }
+        self.linger.clear();
+        self.unreplied = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_share_content_and_sign_each_message() {
+        let session = Session::new(b"key", "me");
+        let b = Frames::new(&session, &json!({"retries": 1}), &json!({"rpx": {"op": "pull", "names": ["x"]}}));
+        let (id1, f1) = b.build("apply_request", Some("engine-uuid"), &[Bytes::from_static(b"buf")]);
+        let (id2, f2) = b.build("apply_request", None, &[]);
+        assert_ne!(id1, id2);
+        let m1 = session.decode(f1).expect("valid signature");
+        assert_eq!(m1.idents, vec![Bytes::from_static(b"engine-uuid")]);
+        assert_eq!(m1.msg_id(), id1);
+        assert_eq!(m1.metadata["retries"], 1);
+        assert_eq!(m1.content["rpx"]["op"], "pull");
+        assert_eq!(m1.buffers, vec![Bytes::from_static(b"buf")]);
+        assert_eq!(m1.header.date, b.date());
+        let m2 = session.decode(f2).expect("valid signature");
+        assert!(m2.idents.is_empty());
+        assert_eq!(m2.parent_header, json!({}));
+    }
+}

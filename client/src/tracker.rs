@@ -1,0 +1,337 @@
+//! The state one request (one or many tasks) shares between the IO thread, which records
+//! replies and iopub output as they arrive, and the user-facing handles ([`crate::AsyncResult`],
+//! [`crate::AsyncMapResult`], [`crate::Imap`]) that wait on it. One mutex per request, held
+//! briefly; waiting threads sleep on a condvar and futures register wakers.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::io::Shared;
+
+/// A reply as received: what typed results are decoded from.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplyData {
+    /// `ok`, `error` or `aborted`.
+    pub status: String,
+    pub content: Value,
+    pub metadata: Value,
+    /// The reply header's date (ISO-8601).
+    pub date: String,
+    pub buffers: Vec<Bytes>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    Reply(ReplyData),
+    /// The client gave up on it: the connection is gone, or it could not be sent.
+    Lost(String),
+}
+
+/// iopub output gathered for a task.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TaskIo {
+    pub stdout: String,
+    pub stderr: String,
+    /// `data` of each `execute_result`.
+    pub results: Vec<Map<String, Value>>,
+    /// `data` of each `display_data`.
+    pub displays: Vec<Map<String, Value>>,
+}
+
+/// One task: one message sent, one reply expected.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskState {
+    pub msg_id: String,
+    /// Known at submission for direct requests, from the reply for load-balanced ones.
+    pub engine_id: Option<usize>,
+    /// The request header's date.
+    pub submitted: String,
+    pub outcome: Option<Outcome>,
+    pub io: TaskIo,
+    /// Output is complete: iopub `idle` arrived, its grace period passed, or the task was lost.
+    pub settled: bool,
+}
+
+impl TaskState {
+    pub fn new(msg_id: String, engine_id: Option<usize>, submitted: String) -> TaskState {
+        TaskState { msg_id, engine_id, submitted, outcome: None, io: TaskIo::default(), settled: false }
+    }
+
+    pub fn reply(&self) -> Option<&ReplyData> {
+        match &self.outcome {
+            Some(Outcome::Reply(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Mutable state of a request.
+#[derive(Debug)]
+pub(crate) struct TrackerState {
+    pub tasks: Vec<TaskState>,
+    pub replied: usize,
+    pub settled: usize,
+    /// Task indices in the order their replies arrived.
+    pub done_order: Vec<usize>,
+    /// No more tasks will be added (false only while an `imap` is still submitting).
+    pub sealed: bool,
+    waiters: usize,
+    wakers: Vec<Waker>,
+}
+
+impl TrackerState {
+    /// Every reply is in (and, for requests that want it, every task's output).
+    pub fn complete(&self, needs_idle: bool) -> bool {
+        self.sealed && self.replied == self.tasks.len() && (!needs_idle || self.settled == self.tasks.len())
+    }
+}
+
+/// A request's shared state.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    state: Mutex<TrackerState>,
+    cv: Condvar,
+    /// Completion also waits for each task's iopub `idle` (execute: so stdout is complete).
+    pub needs_idle: bool,
+    /// The IO thread's shared state: waiters check that the thread is still there.
+    io: Option<Arc<Shared>>,
+}
+
+impl Tracker {
+    pub fn new(tasks: Vec<TaskState>, needs_idle: bool, io: Option<Arc<Shared>>) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            state: Mutex::new(TrackerState { tasks, replied: 0, settled: 0, done_order: Vec::new(), sealed: true, waiters: 0, wakers: Vec::new() }),
+            cv: Condvar::new(),
+            needs_idle,
+            io,
+        })
+    }
+
+    /// A tracker that grows as tasks are submitted (`imap`); [`Tracker::seal`] ends it.
+    pub fn open(io: Option<Arc<Shared>>) -> Arc<Tracker> {
+        let t = Tracker::new(Vec::new(), false, io);
+        t.lock().sealed = false;
+        t
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, TrackerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add a task; returns its index.
+    pub fn push(&self, task: TaskState) -> usize {
+        let mut s = self.lock();
+        s.tasks.push(task);
+        s.tasks.len() - 1
+    }
+
+    pub fn seal(&self) {
+        self.lock().sealed = true;
+        self.notify();
+    }
+
+    // ----- IO thread side -----
+
+    /// Record the outcome of task `idx` (the first one wins).
+    pub fn set_outcome(&self, idx: usize, outcome: Outcome, engine_id: Option<usize>) {
+        let mut s = self.lock();
+        let Some(t) = s.tasks.get_mut(idx) else { return };
+        if t.outcome.is_some() {
+            return;
+        }
+        let lost = matches!(outcome, Outcome::Lost(_));
+        t.outcome = Some(outcome);
+        if engine_id.is_some() {
+            t.engine_id = engine_id;
+        }
+        let newly_settled = lost && !t.settled;
+        if lost {
+            t.settled = true;
+        }
+        s.replied += 1;
+        if newly_settled {
+            s.settled += 1;
+        }
+        s.done_order.push(idx);
+    }
+
+    /// Fail every task without an outcome (and settle every task).
+    pub fn fail_unreplied(&self, why: &str) {
+        let n = self.lock().tasks.len();
+        for i in 0..n {
+            self.set_outcome(i, Outcome::Lost(why.to_string()), None);
+            self.settle(i);
+        }
+        self.lock().sealed = true;
+        self.notify();
+    }
+
+    /// Task `idx`'s output is complete.
+    pub fn settle(&self, idx: usize) {
+        let mut s = self.lock();
+        if let Some(t) = s.tasks.get_mut(idx) {
+            if !t.settled {
+                t.settled = true;
+                s.settled += 1;
+            }
+        }
+    }
+
+    /// Apply an iopub message's effect on task `idx`.
+    pub fn add_io(&self, idx: usize, msg_type: &str, content: &Value) {
+        let mut s = self.lock();
+        let Some(t) = s.tasks.get_mut(idx) else { return };
+        let data = || content.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
+        match msg_type {
+            "stream" => {
+                let text = content.get("text").and_then(Value::as_str).unwrap_or_default();
+                if content.get("name").and_then(Value::as_str) == Some("stderr") {
+                    t.io.stderr.push_str(text);
+                } else {
+                    t.io.stdout.push_str(text);
+                }
+            }
+            "execute_result" => t.io.results.push(data()),
+            "display_data" => t.io.displays.push(data()),
+            _ => {}
+        }
+    }
+
+    /// Wake whoever waits on this request.
+    pub fn notify(&self) {
+        let mut s = self.lock();
+        if s.waiters > 0 {
+            self.cv.notify_all();
+        }
+        if !s.wakers.is_empty() && s.complete(self.needs_idle) {
+            for w in s.wakers.drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    // ----- user side -----
+
+    /// Wait until `pred` holds or `deadline` passes; returns whether it holds.
+    pub fn wait_until(&self, deadline: Option<Instant>, mut pred: impl FnMut(&TrackerState) -> bool) -> bool {
+        let mut s = self.lock();
+        loop {
+            if pred(&s) {
+                return true;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            if self.io.as_ref().is_some_and(|io| io.stopped.load(std::sync::atomic::Ordering::SeqCst)) {
+                // Nobody will record anything any more: whatever is missing is lost.
+                drop(s);
+                self.fail_unreplied("the client's IO thread has stopped");
+                s = self.lock();
+                if pred(&s) {
+                    return true;
+                }
+                return false;
+            }
+            s.waiters += 1;
+            // Wake at least once a second even without news, to re-check the deadline.
+            let slice = deadline.map_or(std::time::Duration::from_secs(1), |d| (d - now).min(std::time::Duration::from_secs(1)));
+            s = self.cv.wait_timeout(s, slice).unwrap_or_else(|p| p.into_inner()).0;
+            s.waiters -= 1;
+        }
+    }
+
+    /// Wait until complete (see [`TrackerState::complete`]).
+    pub fn wait_complete(&self, deadline: Option<Instant>) -> bool {
+        let needs_idle = self.needs_idle;
+        self.wait_until(deadline, |s| s.complete(needs_idle))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.lock().complete(self.needs_idle)
+    }
+
+    /// For futures: true when complete, else the waker is kept and woken on completion.
+    pub fn poll_complete(&self, waker: &Waker) -> bool {
+        let mut s = self.lock();
+        if s.complete(self.needs_idle) {
+            return true;
+        }
+        if !s.wakers.iter().any(|w| w.will_wake(waker)) {
+            s.wakers.push(waker.clone());
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: &str) -> Outcome {
+        Outcome::Reply(ReplyData { status: status.into(), content: Value::Null, metadata: Value::Null, date: String::new(), buffers: vec![] })
+    }
+
+    fn tracker(n: usize, needs_idle: bool) -> Arc<Tracker> {
+        Tracker::new((0..n).map(|i| TaskState::new(format!("m{i}"), None, String::new())).collect(), needs_idle, None)
+    }
+
+    #[test]
+    fn completion_and_completion_order() {
+        let t = tracker(3, false);
+        t.set_outcome(2, reply("ok"), Some(5));
+        t.set_outcome(0, reply("ok"), None);
+        assert!(!t.is_complete());
+        t.set_outcome(0, reply("error"), None); // a duplicate reply changes nothing
+        t.set_outcome(1, reply("ok"), None);
+        assert!(t.is_complete());
+        let s = t.lock();
+        assert_eq!(s.done_order, vec![2, 0, 1]);
+        assert_eq!(s.tasks[2].engine_id, Some(5));
+        assert_eq!(s.tasks[0].reply().unwrap().status, "ok");
+    }
+
+    #[test]
+    fn execute_waits_for_output() {
+        let t = tracker(2, true);
+        t.set_outcome(0, reply("ok"), None);
+        t.set_outcome(1, reply("ok"), None);
+        assert!(!t.is_complete(), "replies alone do not complete an execute");
+        t.add_io(0, "stream", &serde_json::json!({"name": "stdout", "text": "hi\n"}));
+        t.add_io(0, "stream", &serde_json::json!({"name": "stderr", "text": "oops"}));
+        t.settle(0);
+        t.settle(1);
+        t.settle(1);
+        assert!(t.is_complete());
+        assert_eq!(t.lock().tasks[0].io.stdout, "hi\n");
+        assert_eq!(t.lock().tasks[0].io.stderr, "oops");
+    }
+
+    #[test]
+    fn open_trackers_complete_only_when_sealed() {
+        let t = Tracker::open(None);
+        let i = t.push(TaskState::new("a".into(), None, String::new()));
+        t.set_outcome(i, Outcome::Lost("gone".into()), None);
+        assert!(!t.is_complete());
+        t.seal();
+        assert!(t.is_complete());
+        assert!(t.lock().tasks[0].settled, "a lost task is settled");
+    }
+
+    #[test]
+    fn waiting_threads_wake_on_notify() {
+        let t = tracker(1, false);
+        let t2 = t.clone();
+        let h = std::thread::spawn(move || t2.wait_complete(None));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        t.set_outcome(0, reply("ok"), None);
+        t.notify();
+        assert!(h.join().unwrap());
+        assert!(!tracker(1, false).wait_complete(Some(Instant::now())), "a passed deadline returns at once");
+    }
+}
