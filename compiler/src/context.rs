@@ -4,6 +4,11 @@
 //! runs, evcxr writes `LOAD_AND_RUN` to its relay; the relay's connection is served here, and
 //! each load is either answered at once (dry replay) or handed to the compiler's main loop, which
 //! dispatches it to engines and answers with the verdict lines.
+//!
+//! The closure context is the same kind of thread, stateless: it compiles closure wrappers
+//! ([`crate::closure`]) and runs nothing; the artifact path of each compile is captured from its
+//! relay's `LOAD_AND_RUN` line. Any context whose code mentions `rpx_runtime` gets that crate as
+//! a dependency first.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,6 +17,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::closure::Wrapper;
 use crate::relay::RELAY_SOCKET_ENV;
 use crate::state::{CtxId, EvalResult, Hist};
 
@@ -20,7 +26,32 @@ use crate::state::{CtxId, EvalResult, Hist};
 pub enum Command {
     Replay(Vec<Hist>),
     Eval(String),
+    /// Compile a closure wrapper (closure context only).
+    Closure(Wrapper),
 }
+
+/// How a closure compile ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClosureOutcome {
+    Compiled { so_path: String },
+    /// rustc refused it: final for this source.
+    CompileError { evalue: String, traceback: Vec<String> },
+    /// Anything else (evcxr or cargo failed): worth retrying later.
+    Failed { message: String },
+}
+
+/// Which kind of context a thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Cells of a group of engines.
+    Group,
+    /// Closures: stateless, compiles only.
+    Closures,
+}
+
+/// Closure compiles between two resets of the closure context: every earlier closure is part
+/// of each new compile until the context is cleared.
+const CLOSURES_PER_RESET: usize = 32;
 
 /// What a context thread reports to the main loop.
 #[derive(Debug)]
@@ -31,6 +62,7 @@ pub enum Event {
     Load { ctx: CtxId, so_path: String, fn_name: String, reply: mpsc::Sender<Vec<String>> },
     EvalDone { ctx: CtxId, result: EvalResult },
     ReplayDone { ctx: CtxId, has_vars: bool },
+    ClosureDone { fn_name: String, outcome: ClosureOutcome },
 }
 
 /// How the relay connection answers loads right now.
@@ -47,13 +79,22 @@ pub struct Handle {
     pub tx: mpsc::Sender<Command>,
 }
 
+/// Where the `rpx_runtime` crate's source is, for `:dep`.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// This binary, as found at startup.
+    pub exe: PathBuf,
+    pub socket_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+}
+
 /// Start a context thread.
-pub fn spawn(ctx: CtxId, socket_dir: PathBuf, events: UnboundedSender<Event>) -> Handle {
+pub fn spawn(ctx: CtxId, kind: Kind, env: Env, events: UnboundedSender<Event>) -> Handle {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("ctx-{ctx}"))
         .spawn(move || {
-            if let Err(message) = run(ctx, socket_dir, rx, events.clone()) {
+            if let Err(message) = run(ctx, kind, env, rx, events.clone()) {
                 let _ = events.send(Event::StartFailed { ctx, message });
             }
         })
@@ -61,14 +102,50 @@ pub fn spawn(ctx: CtxId, socket_dir: PathBuf, events: UnboundedSender<Event>) ->
     Handle { tx }
 }
 
-fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: UnboundedSender<Event>) -> Result<(), String> {
+/// Evaluates code in one evcxr context, adding the `rpx_runtime` dependency to the state of
+/// the first eval that mentions it (it stays once that eval commits).
+struct Evaluator {
+    /// `{ path = "..." }` of the rpx_runtime crate.
+    dep_config: String,
+    added: bool,
+    /// Whether evcxr's artifact cache is on: crates from the registry (serde, postcard under
+    /// rpx_runtime) are then built once per machine, not once per context. It is configuration,
+    /// so it survives `clear()`.
+    cache_set: bool,
+}
+
+impl Evaluator {
+    fn eval(&mut self, ectx: &mut evcxr::EvalContext, code: &str) -> Result<evcxr::EvalOutputs, evcxr::Error> {
+        let mut state = ectx.state();
+        if !self.cache_set {
+            state.set_cache_bytes(512 * 1024 * 1024);
+        }
+        let needs = !self.added && code.contains("rpx_runtime");
+        if needs {
+            state.add_dep("rpx_runtime", &self.dep_config)?;
+        }
+        let out = ectx.eval_with_state(code, state)?;
+        self.added |= needs;
+        self.cache_set = true;
+        Ok(out)
+    }
+
+    /// After `clear()`: the dependency is gone with the state.
+    fn cleared(&mut self) {
+        self.added = false;
+    }
+}
+
+fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSender<Event>) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let path = socket_dir.join(format!("ctx-{ctx}.sock"));
+    let path = env.socket_dir.join(format!("ctx-{ctx}.sock"));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))?;
     let mode = Arc::new(Mutex::new(Mode::Dry(vec![])));
+    let last_load: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     {
         let mode = mode.clone();
+        let last_load = last_load.clone();
         let events = events.clone();
         std::thread::Builder::new()
             .name(format!("relay-{ctx}"))
@@ -76,7 +153,7 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
                 // evcxr restarts its child after a crash: accept every new relay connection.
                 for stream in listener.incoming() {
                     match stream {
-                        Ok(s) => serve_relay(ctx, s, &mode, &events),
+                        Ok(s) => serve_relay(ctx, s, &mode, &last_load, &events),
                         Err(e) => tracing::warn!(ctx, "relay accept failed: {e}"),
                     }
                 }
@@ -87,8 +164,10 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
     // one an engine is usually waiting for.
     static WARMING: Mutex<()> = Mutex::new(());
     let warming = WARMING.lock().unwrap_or_else(|e| e.into_inner());
-    // /proc/self/exe stays valid even if the binary is replaced (rebuilt) while the cluster runs.
-    let exe = std::path::PathBuf::from("/proc/self/exe");
+    // The relay and evcxr's rustc wrapper are this binary. Its path is taken once at startup:
+    // `/proc/self/exe` would name cargo when cargo runs the wrapper, and a path taken after a
+    // rebuild replaced the binary would end in " (deleted)".
+    let exe = env.exe.clone();
     let mut cmd = std::process::Command::new(exe);
     cmd.env(RELAY_SOCKET_ENV, &path);
     let (mut ectx, outputs) = evcxr::EvalContext::with_subprocess_command(cmd).map_err(|e| format!("creating the evcxr context failed: {e}"))?;
@@ -96,19 +175,32 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
     for rx in [outputs.stdout, outputs.stderr] {
         std::thread::spawn(move || while rx.recv().is_ok() {});
     }
-    // The first cell that binds a variable costs seconds of rust-analyzer warm-up: pay it now,
-    // before any engine waits, then forget the variable (clear keeps the warm analyzer).
-    if ectx.eval("let rpx_warm_up: u64 = 1;").is_ok() {
-        ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
+    let mut dep = Evaluator { dep_config: format!("{{ package = \"rpx-runtime\", path = {:?} }}", env.runtime_dir.display().to_string()), added: false, cache_set: false };
+    match kind {
+        Kind::Group => {
+            // The first cell that binds a variable costs seconds of rust-analyzer warm-up: pay it
+            // now, before any engine waits, then forget the variable (clear keeps the warm analyzer).
+            if dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {
+                ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
+            }
+        }
+        Kind::Closures => {
+            // Build rpx_runtime and its dependencies now, with a closure nobody asked for.
+            let warm = crate::closure::wrap(&rpx_protocol::apply::Closure { source: "|| 0u8".into(), arg_types: vec![] }).expect("valid closure");
+            if let Err(e) = dep.eval(&mut ectx, &warm.code) {
+                tracing::warn!(ctx, "warming up the closure context failed: {e}");
+            }
+        }
     }
     drop(warming);
+    let mut closures_since_reset = 0usize;
     let _ = events.send(Event::Ready { ctx, elapsed_ms: started.elapsed().as_millis() });
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Command::Replay(cells) => {
                 for cell in cells {
                     *mode.lock().expect("mode lock") = Mode::Dry(cell.verdict.lines());
-                    if let Err(e) = ectx.eval(&cell.code) {
+                    if let Err(e) = dep.eval(&mut ectx, &cell.code) {
                         tracing::warn!(ctx, "replaying a cell failed: {e}");
                     }
                 }
@@ -117,7 +209,7 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
             }
             Command::Eval(code) => {
                 *mode.lock().expect("mode lock") = Mode::Live;
-                let result = match ectx.eval(&code) {
+                let result = match dep.eval(&mut ectx, &code) {
                     Ok(_) => EvalResult::Ok { has_vars: ectx.variables_and_types().next().is_some() },
                     Err(evcxr::Error::CompilationErrors(errors)) => {
                         let (evalue, traceback) = crate::diagnostics::render(&code, &errors);
@@ -128,13 +220,38 @@ fn run(ctx: CtxId, socket_dir: PathBuf, rx: mpsc::Receiver<Command>, events: Unb
                 *mode.lock().expect("mode lock") = Mode::Dry(vec![]);
                 let _ = events.send(Event::EvalDone { ctx, result });
             }
+            Command::Closure(w) => {
+                if closures_since_reset >= CLOSURES_PER_RESET {
+                    if let Err(e) = ectx.clear() {
+                        tracing::warn!(ctx, "resetting the closure context failed: {e}");
+                    }
+                    dep.cleared();
+                    closures_since_reset = 0;
+                }
+                *last_load.lock().expect("last load lock") = None;
+                let outcome = match dep.eval(&mut ectx, &w.code) {
+                    Ok(_) => {
+                        closures_since_reset += 1;
+                        match last_load.lock().expect("last load lock").take() {
+                            Some(so_path) => ClosureOutcome::Compiled { so_path },
+                            None => ClosureOutcome::Failed { message: "evcxr produced no artifact for the closure".into() },
+                        }
+                    }
+                    Err(evcxr::Error::CompilationErrors(errors)) => {
+                        let (evalue, traceback) = crate::diagnostics::render(&w.code, &errors);
+                        ClosureOutcome::CompileError { evalue, traceback }
+                    }
+                    Err(e) => ClosureOutcome::Failed { message: e.to_string() },
+                };
+                let _ = events.send(Event::ClosureDone { fn_name: w.fn_name, outcome });
+            }
         }
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
-fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, events: &UnboundedSender<Event>) {
+fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, last_load: &Mutex<Option<String>>, events: &UnboundedSender<Event>) {
     let Ok(mut out) = stream.try_clone() else { return };
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
@@ -144,6 +261,7 @@ fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, events: &Unbo
         };
         let mut parts = rest.splitn(2, ' ');
         let (so_path, fn_name) = (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
+        *last_load.lock().expect("last load lock") = Some(so_path.clone());
         let current = mode.lock().expect("mode lock").clone();
         let lines = match current {
             Mode::Dry(lines) => lines,

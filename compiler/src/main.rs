@@ -4,10 +4,12 @@
 //! # Layout
 //! - [`state`]: every decision (batching, groups, forks, merges, verdicts) as plain functions.
 //! - [`context`]: one evcxr context per thread, and the Unix socket its relay talks to.
+//! - [`closure`]: closure wrappers and the cache that compiles each closure once.
 //! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
 //! - [`diagnostics`]: rustc errors rendered against the user's cell.
 //! - this file: arguments, the engine-facing ROUTER socket and the event loop.
 
+mod closure;
 mod context;
 mod diagnostics;
 mod relay;
@@ -21,14 +23,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use clap::Parser;
-use rpx_protocol::compile::{msg_type, CellRequest, EngineHello, LoadDone};
+use rpx_protocol::compile::{msg_type, CellRequest, ClosureReply, ClosureRequest, EngineHello, LoadDone};
 use rpx_protocol::connection::{read_json, write_private_json, CompilerConnection};
 use rpx_protocol::{EngineConnection, Profile, Session};
 use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 
-use crate::context::{Command, Event};
+use crate::closure::{Entry, Next};
+use crate::context::{ClosureOutcome, Command, Event, Kind};
 use crate::state::{Action, Compiler, EvalResult};
 
 /// The shared compiler of an rpx cluster.
@@ -96,6 +99,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("rpx-compiler-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     std::env::set_var("TMPDIR", &work);
+    let runtime_dir = write_runtime_crate(&work).context("writing the rpx_runtime crate for evcxr")?;
 
     let mut router = zeromq::RouterSocket::new();
     let monitor = router.monitor();
@@ -106,18 +110,32 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(%url, file = %compiler_file.display(), "compiler listening");
     let libdir = target_libdir();
 
-    let result = event_loop(router, monitor, session, libdir, &work, Duration::from_millis(args.batch_window_ms)).await;
+    let exe = std::env::current_exe().context("locating the rpx-compiler binary")?;
+    let env = context::Env { exe, socket_dir: work.clone(), runtime_dir };
+    let result = event_loop(router, monitor, session, libdir, env, Duration::from_millis(args.batch_window_ms)).await;
     let _ = std::fs::remove_file(&compiler_file);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
+
+/// The `rpx_runtime` crate's source, built into this binary and written out for evcxr's `:dep`.
+fn write_runtime_crate(work: &std::path::Path) -> std::io::Result<PathBuf> {
+    let dir = work.join("rpx-runtime");
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::write(dir.join("Cargo.toml"), include_str!("../../runtime/Cargo.toml"))?;
+    std::fs::write(dir.join("src/lib.rs"), include_str!("../../runtime/src/lib.rs"))?;
+    Ok(dir)
+}
+
+/// Context id of the closure context (group contexts count up from 0).
+const CLOSURE_CTX: u64 = u64::MAX;
 
 async fn event_loop(
     router: zeromq::RouterSocket,
     mut monitor: futures::channel::mpsc::Receiver<SocketEvent>,
     session: Session,
     libdir: String,
-    work: &std::path::Path,
+    env: context::Env,
     window: Duration,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
@@ -127,6 +145,16 @@ async fn event_loop(
     let mut failed: HashMap<u64, String> = HashMap::new();
     let mut loads: HashMap<u64, mpsc::Sender<Vec<String>>> = HashMap::new();
     let mut state = Compiler::new(window);
+    let mut closures = closure::Cache::default();
+    let mut closure_ctx: Option<context::Handle> = None;
+    let closure_reply = |to: Bytes, request_id: String, entry: &Entry| -> Action {
+        let reply = match entry {
+            Entry::Ready { so_path, fn_name } => ClosureReply { request_id, status: "ok".into(), so_path: so_path.clone(), fn_name: fn_name.clone(), ename: String::new(), evalue: String::new(), traceback: vec![] },
+            Entry::Failed { evalue, traceback } => ClosureReply { request_id, status: "error".into(), so_path: String::new(), fn_name: String::new(), ename: "CompileError".into(), evalue: evalue.clone(), traceback: traceback.clone() },
+            Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
+        };
+        Action::Send { to, msg_type: msg_type::CLOSURE_REPLY, content: serde_json::to_value(reply).expect("serializes") }
+    };
     let mut wake: Option<Instant> = None;
     let mut pending = state.start();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -145,7 +173,7 @@ async fn event_loop(
                         }
                     }
                     Action::NewContext { ctx } => {
-                        contexts.insert(ctx, context::spawn(ctx, work.to_path_buf(), ev_tx.clone()));
+                        contexts.insert(ctx, context::spawn(ctx, Kind::Group, env.clone(), ev_tx.clone()));
                     }
                     Action::Replay { ctx, cells } => {
                         if let Some(h) = contexts.get(&ctx) {
@@ -187,6 +215,30 @@ async fn event_loop(
                     Err(e) => { tracing::warn!("dropped a message: {e}"); continue; }
                 };
                 let Some(from) = msg.idents.first().cloned() else { continue };
+                if msg.msg_type() == msg_type::CLOSURE_REQUEST {
+                    let req = match serde_json::from_value::<ClosureRequest>(msg.content) {
+                        Ok(r) => r,
+                        Err(e) => { pending = bad(&session, &from, e); continue; }
+                    };
+                    let wrapper = match closure::wrap(&req.closure) {
+                        Ok(w) => w,
+                        Err(why) => {
+                            pending = vec![closure_reply(from, req.request_id, &Entry::Failed { evalue: why.clone(), traceback: vec![why] })];
+                            continue;
+                        }
+                    };
+                    pending = match closures.request(wrapper, from.clone(), req.request_id.clone()) {
+                        Next::Answer(entry) => vec![closure_reply(from, req.request_id, &entry)],
+                        Next::Wait => vec![],
+                        Next::Compile(w) => {
+                            tracing::info!(fn_name = %w.fn_name, "compiling a closure");
+                            let h = closure_ctx.get_or_insert_with(|| context::spawn(CLOSURE_CTX, Kind::Closures, env.clone(), ev_tx.clone()));
+                            let _ = h.tx.send(Command::Closure(w));
+                            vec![]
+                        }
+                    };
+                    continue;
+                }
                 pending = handle_engine_message(&mut state, &session, &libdir, from, msg);
             }
             ev = monitor.next() => {
@@ -200,6 +252,21 @@ async fn event_loop(
                 let Some(ev) = ev else { continue };
                 pending = match ev {
                     Event::Ready { ctx, elapsed_ms } => { tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready"); vec![] }
+                    Event::StartFailed { ctx, message } if ctx == CLOSURE_CTX => {
+                        tracing::error!("closure context: {message}");
+                        closure_ctx = None;
+                        let failed = Entry::Failed { evalue: format!("the closure compiler could not start: {message}"), traceback: vec![] };
+                        closures.fail_all_compiling().into_iter().map(|(to, id)| closure_reply(to, id, &failed)).collect()
+                    }
+                    Event::ClosureDone { fn_name, outcome } => {
+                        let (entry, final_) = match outcome {
+                            ClosureOutcome::Compiled { so_path } => (Entry::Ready { so_path, fn_name: fn_name.clone() }, true),
+                            ClosureOutcome::CompileError { evalue, traceback } => (Entry::Failed { evalue, traceback }, true),
+                            ClosureOutcome::Failed { message } => (Entry::Failed { evalue: format!("compiling the closure failed: {message}"), traceback: vec![] }, false),
+                        };
+                        tracing::info!(%fn_name, ok = matches!(entry, Entry::Ready { .. }), cached = closures.len(), "closure compiled");
+                        closures.finish(&fn_name, entry.clone(), final_).into_iter().map(|(to, id)| closure_reply(to, id, &entry)).collect()
+                    }
                     Event::StartFailed { ctx, message } => {
                         tracing::error!(ctx, "{message}");
                         failed.insert(ctx, message.clone());
