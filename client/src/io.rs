@@ -240,7 +240,9 @@ impl Io {
                         lost: None,
                         touched: Vec::new(),
                     };
-                    d.run(cmd_rx, in_rx).await;
+                    // A task (not the thread's own future), so that replies decoded by a reader
+                    // task wake it on the same worker without a thread switch.
+                    let _ = tokio::spawn(d.run(cmd_rx, in_rx)).await;
                     drop(in_tx);
                 });
                 rt.shutdown_timeout(Duration::from_millis(200));

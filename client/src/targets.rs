@@ -200,7 +200,8 @@ pub fn slice_indices(len: usize, start: Option<i64>, stop: Option<i64>, step: Op
 /// - `..`: every live engine, resolved at each call (engines that join later are included);
 /// - ranges (`0..4`, `0..=3`, `2..`, `..2`): Python-style slices of the sorted live ids, like
 ///   `%px --targets 0:4` (with engines `0..n` alive, `0..4` is engines 0 to 3);
-/// - `usize`, `Vec<usize>`, `&[usize]`, `[usize; N]`: engine ids;
+/// - an integer, `Vec`, slice or array of integers (`2`, `[1, 3]`): engine ids, a negative one
+///   counting from the end of the live ids (`-1` is the last engine);
 /// - `&str` / `String`: the [`TargetSpec`] grammar (`"all"`, `"::2"`, `"1,3,5"`);
 /// - a [`TargetSpec`].
 pub trait Targets {
@@ -220,60 +221,70 @@ impl Targets for RangeFull {
     }
 }
 
-fn range_spec(start: Option<usize>, stop: Option<usize>) -> Result<TargetSpec> {
-    Ok(TargetSpec::Select(vec![Selector::Slice { start: start.map(|s| s as i64), stop: stop.map(|s| s as i64), step: None }]))
+fn range_spec(start: Option<i64>, stop: Option<i64>) -> Result<TargetSpec> {
+    Ok(TargetSpec::Select(vec![Selector::Slice { start, stop, step: None }]))
 }
 
-impl Targets for Range<usize> {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        range_spec(Some(self.start), Some(self.end))
-    }
-}
-
-impl Targets for RangeInclusive<usize> {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        range_spec(Some(*self.start()), Some(*self.end() + 1))
-    }
-}
-
-impl Targets for RangeFrom<usize> {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        range_spec(Some(self.start), None)
-    }
-}
-
-impl Targets for RangeTo<usize> {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        range_spec(None, Some(self.end))
-    }
-}
-
-impl Targets for usize {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        Ok(TargetSpec::ids([*self]))
-    }
-}
-
-impl Targets for Vec<usize> {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        self.as_slice().to_spec()
-    }
-}
-
-impl Targets for [usize] {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        if self.is_empty() {
-            return Err(Error::Targets("an empty list of engines selects nothing".into()));
+// Integer literals default to `i32`, so `direct_view(2)`, `direct_view(0..4)` and
+// `direct_view([1, 3])` work without suffixes; negative values count from the end.
+macro_rules! int_targets {
+    ($($t:ty),*) => {$(
+        impl Targets for Range<$t> {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                range_spec(Some(self.start as i64), Some(self.end as i64))
+            }
         }
-        Ok(TargetSpec::ids(self.iter().copied()))
-    }
+
+        impl Targets for RangeInclusive<$t> {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                let end = *self.end() as i64;
+                // `..=-1` is "through the last": no stop.
+                range_spec(Some(*self.start() as i64), if end == -1 { None } else { Some(end + 1) })
+            }
+        }
+
+        impl Targets for RangeFrom<$t> {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                range_spec(Some(self.start as i64), None)
+            }
+        }
+
+        impl Targets for RangeTo<$t> {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                range_spec(None, Some(self.end as i64))
+            }
+        }
+
+        impl Targets for $t {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                Ok(TargetSpec::Select(vec![Selector::Id(*self as i64)]))
+            }
+        }
+
+        impl Targets for [$t] {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                if self.is_empty() {
+                    return Err(Error::Targets("an empty list of engines selects nothing".into()));
+                }
+                Ok(TargetSpec::Select(self.iter().map(|i| Selector::Id(*i as i64)).collect()))
+            }
+        }
+
+        impl Targets for Vec<$t> {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                self.as_slice().to_spec()
+            }
+        }
+
+        impl<const N: usize> Targets for [$t; N] {
+            fn to_spec(&self) -> Result<TargetSpec> {
+                self.as_slice().to_spec()
+            }
+        }
+    )*};
 }
 
-impl<const N: usize> Targets for [usize; N] {
-    fn to_spec(&self) -> Result<TargetSpec> {
-        self.as_slice().to_spec()
-    }
-}
+int_targets!(usize, u32, u64, i32, i64);
 
 impl Targets for str {
     fn to_spec(&self) -> Result<TargetSpec> {
@@ -388,7 +399,13 @@ mod tests {
         assert_eq!(res(&(4..)).unwrap(), vec![4, 5]);
         assert_eq!(res(&(..2)).unwrap(), vec![0, 1]);
         assert_eq!(res(&2usize).unwrap(), vec![2]);
-        assert_eq!(res(&vec![5, 1]).unwrap(), vec![5, 1]);
+        assert_eq!(res(&vec![5usize, 1]).unwrap(), vec![5, 1]);
+        assert_eq!(res(&2).unwrap(), vec![2], "plain integer literals");
+        assert_eq!(res(&-1).unwrap(), vec![5]);
+        assert_eq!(res(&[1, 3]).unwrap(), vec![1, 3]);
+        assert_eq!(res(&(0..2)).unwrap(), vec![0, 1]);
+        assert_eq!(res(&(-2..)).unwrap(), vec![4, 5]);
+        assert_eq!(res(&(3..=-1)).unwrap(), vec![3, 4, 5]);
         assert_eq!(res(&[1usize, 3]).unwrap(), vec![1, 3]);
         assert_eq!(res(&&[1usize, 3][..]).unwrap(), vec![1, 3]);
         assert_eq!(res(&"::3").unwrap(), vec![0, 3]);

@@ -82,7 +82,7 @@ fn push_pull_scatter_gather_on_four_engines() {
         match all.gather::<u64>("never_pushed").unwrap_err() {
             Error::Engines { failed, total } => {
                 assert_eq!(total, 4);
-                assert!(failed.iter().all(|f| f.kind == RemoteErrorKind::Name));
+                assert!(failed.iter().all(|f| f.kind == RemoteErrorKind::Name), "{failed:#?}");
             }
             other => panic!("{other}"),
         }

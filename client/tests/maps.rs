@@ -228,7 +228,8 @@ fn an_engine_killed_mid_map_fails_only_its_items() {
         std::thread::sleep(std::time::Duration::from_millis(ms));
         std::env::var("RPX_ENGINE_ID").unwrap()
     });
-    // The closure is compiled and loaded everywhere before the map starts.
+    // Every engine has its compiler (a cell waits for it) and the closure before the map starts.
+    c.direct_view(..).execute("1").unwrap().check().unwrap();
     let _: Vec<String> = c.direct_view(..).map(napper, vec![0u64; 3]).unwrap();
     // The engine process of engine 1 is its worker's parent.
     let victim: Vec<u32> = c.direct_view(1usize).apply(rpx::remote!(|| std::os::unix::process::parent_id()), ()).unwrap();
