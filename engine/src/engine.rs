@@ -552,8 +552,12 @@ impl Engine {
     async fn pump(&mut self) {
         while self.current.is_none() && self.call.is_none() && self.exit_code.is_none() {
             let Some(front) = self.queue.front() else { break };
-            let needs_compiler = front.msg_type() == "execute_request"
-                && !front.content.get("code").and_then(Value::as_str).unwrap_or("").trim().is_empty();
+            let needs_compiler = match front.msg_type() {
+                "execute_request" => !front.content.get("code").and_then(Value::as_str).unwrap_or("").trim().is_empty(),
+                // Closures and pulls may need a compile; wait for the compiler as cells do.
+                "apply_request" => front.content.get(rpx_protocol::apply::CONTENT_KEY).is_some(),
+                _ => false,
+            };
             if needs_compiler && matches!(self.compiler, CompilerState::Connecting) && !self.aborted.contains(front.msg_id()) {
                 break;
             }
