@@ -1,0 +1,155 @@
+//! rpx's client benchmark, in the shapes of ipyparallel's peer benchmark
+//! (`../shared/bench/peers/ipp_ops.py latency throughput data`) so the two compare side by side:
+//! on a 2-engine cluster, one trivial apply round trip (direct and load-balanced), 10,000
+//! trivial load-balanced tasks at chunksize 1, a direct map over both engines, 100 MB push, pull,
+//! scatter and gather, and the compile of a new closure against later calls of it.
+//!
+//! ```sh
+//! cargo run --release -p rpx --example bench_ops -- [OUT.json]   # BENCH_REPS (3), BENCH_N (2)
+//! ```
+//! It starts its own cluster (`ipcluster start --daemonize` under a private `RPX_DIR`) from the
+//! binaries next to this one, and prints min/median/max per measure as JSON.
+
+use std::time::{Duration, Instant};
+
+use rpx::remote;
+use serde_json::json;
+
+fn stats(mut xs: Vec<f64>) -> serde_json::Value {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let med = if xs.len() % 2 == 1 { xs[xs.len() / 2] } else { (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0 };
+    json!({"min": xs[0], "median": med, "max": xs[xs.len() - 1], "n": xs.len()})
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    xs[xs.len() / 2]
+}
+
+fn main() -> rpx::Result<()> {
+    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let out_path = std::env::args().nth(1);
+    eprintln!("starting a {n}-engine cluster");
+    let cluster = rpx_tests::TestCluster::start(n);
+    let client = rpx::Client::from_file(cluster.client_file())?;
+    client.wait_for_engines(n, Duration::from_secs(120))?;
+    let dv0 = client.direct_view(0);
+    let lb = client.view();
+    let ident = remote!(|x: u64| x);
+    let mut report = serde_json::Map::new();
+    report.insert("engines".into(), json!(n));
+    report.insert("reps".into(), json!(reps));
+
+    // Closure compile: the first call of a closure nobody compiled yet, then later calls.
+    let nonce = std::process::id() as u64;
+    let t = Instant::now();
+    let first: Vec<u64> = dv0.apply(remote!(|x: u64| x ^ 0x5eed), (nonce,))?;
+    let first_call = t.elapsed().as_secs_f64();
+    assert_eq!(first[0], nonce ^ 0x5eed);
+    let later: Vec<f64> = (0..200)
+        .map(|i| {
+            let t = Instant::now();
+            let r: Vec<u64> = dv0.apply(remote!(|x: u64| x ^ 0x5eed), (i,)).expect("apply");
+            assert_eq!(r[0], i ^ 0x5eed);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    eprintln!("closure: first call {first_call:.3} s, later calls median {:.1} µs", median(later.clone()) * 1e6);
+    report.insert("closure_first_call_s".into(), json!(first_call));
+    report.insert("closure_later_call_s".into(), stats(later));
+
+    // Latency: sequential trivial apply round trips, after warm-up.
+    for (name, direct) in [("apply_direct", true), ("apply_lb", false)] {
+        let mut per_rep = Vec::new();
+        let mut all = Vec::new();
+        for _ in 0..reps {
+            for i in 0..100u64 {
+                if direct {
+                    dv0.apply(ident.clone(), (i,))?;
+                } else {
+                    lb.apply(ident.clone(), (i,))?;
+                }
+            }
+            let mut times = Vec::with_capacity(1000);
+            for i in 0..1000u64 {
+                let t = Instant::now();
+                if direct {
+                    let r: Vec<u64> = dv0.apply(ident.clone(), (i,))?;
+                    assert_eq!(r[0], i);
+                } else {
+                    let r: u64 = lb.apply(ident.clone(), (i,))?;
+                    assert_eq!(r, i);
+                }
+                times.push(t.elapsed().as_secs_f64());
+            }
+            per_rep.push(median(times.clone()));
+            all.extend(times);
+        }
+        eprintln!("{name}: median {:.1} µs", median(all.clone()) * 1e6);
+        report.insert(format!("{name}_s"), stats(per_rep));
+    }
+
+    // Throughput: 10,000 trivial tasks.
+    let ntasks: u64 = std::env::var("BENCH_NTASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let mut lb_map = Vec::new();
+    let mut dv_map = Vec::new();
+    let dv_all = client.direct_view(..);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let r: Vec<u64> = lb.chunksize(1).map(ident.clone(), 0..ntasks)?;
+        lb_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(r.len() as u64, ntasks);
+        assert_eq!(r[ntasks as usize - 1], ntasks - 1);
+        let t = Instant::now();
+        let r: Vec<u64> = dv_all.map(ident.clone(), 0..ntasks)?;
+        dv_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(r.len() as u64, ntasks);
+    }
+    eprintln!("lb map chunksize 1: median {:.0} tasks/s; direct map: {:.0} items/s", median(lb_map.clone()), median(dv_map.clone()));
+    report.insert("lb_map_tasks_per_s".into(), stats(lb_map));
+    report.insert("dv_map_items_per_s".into(), stats(dv_map));
+
+    // Data: 100 MB of f64 (1e8 bytes), as the peer's numpy array.
+    let nbytes: usize = std::env::var("BENCH_NBYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000_000);
+    let data: Vec<f64> = (0..nbytes / 8).map(|i| i as f64 * 0.5).collect();
+    let gb = nbytes as f64 / 1e9;
+    let (mut push, mut pull, mut scatter, mut gather) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let t = Instant::now();
+        dv0.push("a", &data)?;
+        push.push(gb / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let back: Vec<Vec<f64>> = dv0.pull("a")?;
+        pull.push(gb / t.elapsed().as_secs_f64());
+        assert_eq!(back[0].len(), data.len());
+        assert_eq!(back[0][12345], data[12345]);
+        let t = Instant::now();
+        dv_all.scatter("x", &data)?;
+        scatter.push(gb / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let g: Vec<f64> = dv_all.gather("x")?;
+        gather.push(gb / t.elapsed().as_secs_f64());
+        assert_eq!(g.len(), data.len());
+    }
+    eprintln!(
+        "100 MB: push {:.2} GB/s, pull {:.2} GB/s, scatter {:.2} GB/s, gather {:.2} GB/s (medians)",
+        median(push.clone()),
+        median(pull.clone()),
+        median(scatter.clone()),
+        median(gather.clone())
+    );
+    report.insert("push_gb_per_s".into(), stats(push));
+    report.insert("pull_gb_per_s".into(), stats(pull));
+    report.insert("scatter_gb_per_s".into(), stats(scatter));
+    report.insert("gather_gb_per_s".into(), stats(gather));
+
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json");
+    println!("{text}");
+    if let Some(p) = out_path {
+        std::fs::write(&p, &text).map_err(|e| rpx::Error::Connection(format!("cannot write {p}: {e}")))?;
+    }
+    drop(client);
+    drop(cluster);
+    Ok(())
+}
