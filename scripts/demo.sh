@@ -44,5 +44,8 @@ echo "==> ipcluster start -n $N --daemonize   (RPX_DIR=$RPX_DIR)"
 "$BIN/ipcluster" list
 echo "==> rpx-demo: a first cell gives every engine its rank, then one cell runs on all engines"
 cargo run --release -q -p rpx-tests --bin rpx-demo
+echo "==> the rpx client: a load-balanced map of a closure (compiled once by the cluster), then push / scatter / execute / gather"
+cargo run --release -q -p rpx --example map_squares
+cargo run --release -q -p rpx --example data_movement
 echo "==> ipcluster stop"
 "$BIN/ipcluster" stop
