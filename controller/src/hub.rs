@@ -528,6 +528,11 @@ impl Hub {
         } else {
             self.engines.lru.iter().filter_map(|id| self.engines.get(*id)).map(|e| self.cfg.hwm.saturating_sub(e.task_load)).sum()
         };
+        if free == 0 {
+            // Every engine is at its high-water mark: nothing to place, and the queue stays as
+            // it is (no pass over thousands of queued tasks per submission).
+            return;
+        }
         let mut kept = VecDeque::new();
         let mut seen = HashSet::new();
         while free > 0 {

@@ -251,6 +251,9 @@ impl Record {
     }
 }
 
+
+/// Most pending records [`Records::cull`] moves aside per call.
+const CULL_ROTATIONS: usize = 64;
 /// Bounded task records, oldest dropped first (pending ones are kept).
 #[derive(Debug, Default)]
 pub struct Records {
@@ -277,8 +280,11 @@ impl Records {
         self.cull();
     }
 
+    /// Evict the oldest finished records while over a bound. Pending records are never evicted:
+    /// they rotate to the back, at most [`CULL_ROTATIONS`] per call, so a burst of thousands of
+    /// queued tasks costs O(1) per insert rather than a pass over every pending record.
     fn cull(&mut self) {
-        let mut guard = self.order.len();
+        let mut guard = self.order.len().min(CULL_ROTATIONS);
         while (self.map.len() > self.limit || self.bytes > self.byte_limit) && guard > 0 {
             guard -= 1;
             let Some(id) = self.order.pop_front() else { break };
