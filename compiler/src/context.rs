@@ -108,18 +108,15 @@ struct Evaluator {
     /// `{ path = "..." }` of the rpx_runtime crate.
     dep_config: String,
     added: bool,
-    /// Whether evcxr's artifact cache is on: crates from the registry (serde, postcard under
-    /// rpx_runtime) are then built once per machine, not once per context. It is configuration,
-    /// so it survives `clear()`.
+    /// evcxr's artifact cache (`:cache`) stays off: its rustc wrapper failed when several
+    /// compilers filled the shared cache at once, so each context builds rpx_runtime's
+    /// dependencies itself, once.
     cache_set: bool,
 }
 
 impl Evaluator {
     fn eval(&mut self, ectx: &mut evcxr::EvalContext, code: &str) -> Result<evcxr::EvalOutputs, evcxr::Error> {
         let mut state = ectx.state();
-        if !self.cache_set {
-            state.set_cache_bytes(512 * 1024 * 1024);
-        }
         let needs = !self.added && code.contains("rpx_runtime");
         if needs {
             state.add_dep("rpx_runtime", &self.dep_config)?;
