@@ -14,7 +14,7 @@ use rpx_protocol::connection::{default_profile_name, read_json};
 use rpx_protocol::{ClientConnection, Profile, Session};
 
 use crate::error::{combine_engine_errors, Error, RemoteError, Result};
-use crate::io::{Chan, Command, Frames, Io, Outgoing};
+use crate::io::{Chan, Command, Frames, Io, MsgIds, Outgoing};
 use crate::result::{AsyncMapResult, AsyncResult};
 use crate::targets::{TargetSpec, Targets};
 use crate::tracker::{Outcome, ReplyData, TaskState, Tracker};
@@ -30,6 +30,7 @@ const QUERY_LIMIT: Duration = Duration::from_secs(10);
 pub(crate) struct ClientInner {
     pub io: Io,
     pub session: Session,
+    pub ids: Arc<MsgIds>,
     pub file: PathBuf,
 }
 
@@ -50,7 +51,7 @@ impl ClientInner {
 
     /// Send one message per engine (`mux` or `control`), each with its own buffers.
     pub fn direct(&self, chan: Chan, msg_type: &str, metadata: &Value, content: &Value, targets: &[(usize, String)], buffers: Vec<Vec<Bytes>>, needs_idle: bool) -> Result<Arc<Tracker>> {
-        let frames = Frames::new(&self.session, metadata, content);
+        let frames = Frames::new(&self.session, &self.ids, metadata, content);
         let mut tasks = Vec::with_capacity(targets.len());
         let mut msgs = Vec::with_capacity(targets.len());
         for ((id, uuid), bufs) in targets.iter().zip(buffers) {
@@ -88,7 +89,7 @@ impl ClientInner {
 
     /// A hub query on the registration socket; the reply, or an error.
     pub fn query(&self, msg_type: &str, content: Value, limit: Duration) -> Result<ReplyData> {
-        let frames = Frames::new(&self.session, &json!({}), &content);
+        let frames = Frames::new(&self.session, &self.ids, &json!({}), &content);
         let (msg_id, f) = frames.build(msg_type, None, &[]);
         let tracker = self.tracker(vec![TaskState::new(msg_id.clone(), None, frames.date().to_string())], false);
         self.io.send(Command::Submit(vec![Outgoing { chan: Chan::Query, frames: f, msg_id, tracker: tracker.clone(), idx: 0 }]))?;
@@ -288,8 +289,9 @@ impl Client {
         }
         let user = std::env::var("USER").unwrap_or_else(|_| "rpx".into());
         let session = Session::new(conn.key.as_bytes(), &user);
-        let io = Io::start(conn, session.clone(), CONNECT_LIMIT)?;
-        let client = Client { inner: Arc::new(ClientInner { io, session, file }) };
+        let ids = Arc::new(MsgIds::new(&session));
+        let io = Io::start(conn, session.clone(), ids.clone(), CONNECT_LIMIT)?;
+        let client = Client { inner: Arc::new(ClientInner { io, session, ids, file }) };
         client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;
         Ok(client)
     }

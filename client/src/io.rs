@@ -30,9 +30,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, warn};
 use zeromq::{DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError};
 
-use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
+use rpx_protocol::message::{Header, PROTOCOL_VERSION};
 use rpx_protocol::session::DELIMITER;
-use rpx_protocol::{ClientConnection, Message, Session};
+use rpx_protocol::{ClientConnection, Session};
 
 use crate::error::{Error, Result};
 use crate::tracker::{Outcome, ReplyData, Tracker};
@@ -120,9 +120,37 @@ impl Shared {
 
 /// Builds signed frames for many messages that share metadata and content (a map's tasks):
 /// those JSON frames are serialized once, each message gets its own header and signature.
+/// Unique message ids for one client: `<session>_<pid>_<n>`, as Python's Session writes them
+/// (without a `getpid` per message).
+#[derive(Debug)]
+pub(crate) struct MsgIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl MsgIds {
+    pub fn new(session: &Session) -> MsgIds {
+        MsgIds { prefix: format!("{}_{}_", session.session, std::process::id()), next: Default::default() }
+    }
+
+    pub fn next(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut s = String::with_capacity(self.prefix.len() + 8);
+        s.push_str(&self.prefix);
+        s.push_str(&n.to_string());
+        s
+    }
+}
+
+/// ISO-8601 UTC with microseconds and `Z`, as the protocol writes dates.
+pub(crate) fn now_iso() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 #[derive(Clone)]
 pub(crate) struct Frames {
     session: Session,
+    ids: Arc<MsgIds>,
     date: String,
     parent: Bytes,
     metadata: Bytes,
@@ -130,9 +158,10 @@ pub(crate) struct Frames {
 }
 
 impl Frames {
-    pub fn new(session: &Session, metadata: &Value, content: &Value) -> Frames {
+    pub fn new(session: &Session, ids: &Arc<MsgIds>, metadata: &Value, content: &Value) -> Frames {
         Frames {
             session: session.clone(),
+            ids: ids.clone(),
             date: now_iso(),
             parent: Bytes::from_static(b"{}"),
             metadata: Bytes::from(serde_json::to_vec(metadata).expect("json serializes")),
@@ -148,7 +177,7 @@ impl Frames {
     /// `(msg_id, frames)` of a new message; `ident` is the target engine's uuid on mux/control.
     pub fn build(&self, msg_type: &str, ident: Option<&str>, buffers: &[Bytes]) -> (String, Vec<Bytes>) {
         let header = Header {
-            msg_id: self.session.new_msg_id(),
+            msg_id: self.ids.next(),
             msg_type: msg_type.to_string(),
             username: self.session.username.clone(),
             session: self.session.session.clone(),
@@ -172,15 +201,43 @@ impl Frames {
     }
 }
 
+/// A verified message with only what the dispatcher reads (the parent header is not parsed
+/// beyond its msg_id).
+struct Light {
+    msg_type: String,
+    date: String,
+    parent: Option<String>,
+    metadata: Value,
+    content: Value,
+    buffers: Vec<Bytes>,
+}
+
+#[derive(Deserialize)]
+struct HeaderLite {
+    msg_type: String,
+    #[serde(default)]
+    date: String,
+}
+
+/// Verify and decode `frames` into a [`Light`].
+fn decode_light(session: &Session, frames: Vec<Bytes>) -> std::result::Result<Light, String> {
+    let (_, signed) = session.verify_frames(frames).map_err(|e| e.to_string())?;
+    let h: HeaderLite = serde_json::from_slice(&signed[1]).map_err(|e| format!("header: {e}"))?;
+    let parent = serde_json::from_slice::<ParentId>(&signed[2]).map_err(|e| format!("parent header: {e}"))?.msg_id;
+    let metadata = serde_json::from_slice(&signed[3]).map_err(|e| format!("metadata: {e}"))?;
+    let content = serde_json::from_slice(&signed[4]).map_err(|e| format!("content: {e}"))?;
+    Ok(Light { msg_type: h.msg_type, date: h.date, parent, metadata, content, buffers: signed[5..].to_vec() })
+}
+
 /// What reader tasks tell the dispatcher.
 enum Inbound {
     /// A reply on a DEALER.
-    Reply(Message),
+    Reply(Light),
     /// iopub output (`stream`, `execute_result`, `display_data`, `error`).
-    Io(Message),
+    Io(Light),
     /// iopub `status: idle` for the request `parent`.
     Idle(String),
-    Notification(Message),
+    Notification(Light),
     Lost(String),
 }
 
@@ -193,7 +250,7 @@ pub(crate) struct Io {
 
 impl Io {
     /// Start the thread, connect every socket within `limit`, and return once connected.
-    pub fn start(conn: &ClientConnection, session: Session, limit: Duration) -> Result<Io> {
+    pub fn start(conn: &ClientConnection, session: Session, ids: Arc<MsgIds>, limit: Duration) -> Result<Io> {
         let shared = Arc::new(Shared::default());
         let (cmd_tx, cmd_rx) = unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
@@ -210,7 +267,16 @@ impl Io {
                     }
                 }
                 let _stopped = Stopped(sh.clone());
-                let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rpx-client-rt").enable_all().build() {
+                // One thread by default: the client's work per message is small, and on a
+                // busy machine every extra runtime thread costs wake-ups; RPX_CLIENT_THREADS=N
+                // gives a multi-threaded runtime that decodes in parallel.
+                let threads: usize = std::env::var("RPX_CLIENT_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+                let rt = if threads > 1 {
+                    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("rpx-client-rt").enable_all().build()
+                } else {
+                    tokio::runtime::Builder::new_current_thread().enable_all().build()
+                };
+                let rt = match rt {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(Error::Io(e)));
@@ -230,6 +296,7 @@ impl Io {
                     let d = Dispatcher {
                         shared: sh,
                         session,
+                        ids,
                         sends,
                         routes: HashMap::new(),
                         linger: VecDeque::new(),
@@ -364,7 +431,7 @@ async fn watch(mut mon: futures::channel::mpsc::Receiver<SocketEvent>, chan: Cha
 async fn read_dealer(mut recv: DealerRecvHalf, chan: Chan, session: Session, tx: UnboundedSender<Inbound>) {
     loop {
         match recv.recv().await {
-            Ok(m) => match session.decode(rpx_protocol::zmq::frames(m)) {
+            Ok(m) => match decode_light(&session, rpx_protocol::zmq::frames(m)) {
                 Ok(msg) => {
                     if tx.send(Inbound::Reply(msg)).is_err() {
                         return;
@@ -438,7 +505,7 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<In
                     None => continue,
                 }
             }
-            "stream" | "execute_result" | "display_data" | "error" => match session.decode(frames) {
+            "stream" | "execute_result" | "display_data" | "error" => match decode_light(&session, frames) {
                 Ok(msg) => Inbound::Io(msg),
                 Err(e) => {
                     warn!(error = %e, "dropped a bad iopub message");
@@ -456,7 +523,7 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<In
 async fn read_notifications(mut sub: SubSocket, session: Session, tx: UnboundedSender<Inbound>) {
     loop {
         match sub.recv().await {
-            Ok(m) => match session.decode(rpx_protocol::zmq::frames(m)) {
+            Ok(m) => match decode_light(&session, rpx_protocol::zmq::frames(m)) {
                 Ok(msg) => {
                     if tx.send(Inbound::Notification(msg)).is_err() {
                         return;
@@ -480,6 +547,7 @@ struct Route {
 struct Dispatcher {
     shared: Arc<Shared>,
     session: Session,
+    ids: Arc<MsgIds>,
     sends: Sends,
     routes: HashMap<String, Route>,
     /// Replied tasks still waiting for their iopub `idle`, with the time to stop waiting.
@@ -592,16 +660,16 @@ impl Dispatcher {
         if self.lost.is_some() {
             return;
         }
-        let (header, frames) = self.session.msg(&[], "connection_request", json!({}), None, json!({}), &[]);
+        let (msg_id, frames) = Frames::new(&self.session, &self.ids, &json!({}), &json!({})).build("connection_request", None, &[]);
         if self.probe.is_none() {
-            self.probe = Some((header.msg_id, Instant::now()));
+            self.probe = Some((msg_id, Instant::now()));
         }
         if let Err(why) = self.send(Chan::Query, frames).await {
             self.lose(why);
         }
     }
 
-    fn engine_of(&self, msg: &Message) -> Option<usize> {
+    fn engine_of(&self, msg: &Light) -> Option<usize> {
         if let Some(uuid) = msg.metadata.get("engine").and_then(Value::as_str) {
             if let Some(id) = self.uuids.get(uuid) {
                 return Some(*id);
@@ -625,8 +693,8 @@ impl Dispatcher {
         match ev {
             Inbound::Reply(msg) => self.on_reply(msg).await,
             Inbound::Io(msg) => {
-                if let Some(r) = msg.parent_msg_id().and_then(|p| self.routes.get(p)) {
-                    r.tracker.add_io(r.idx, msg.msg_type(), &msg.content);
+                if let Some(r) = msg.parent.as_deref().and_then(|p| self.routes.get(p)) {
+                    r.tracker.add_io(r.idx, &msg.msg_type, &msg.content);
                     self.touched.push(r.tracker.clone());
                 }
             }
@@ -642,7 +710,7 @@ impl Dispatcher {
             Inbound::Notification(msg) => {
                 let id = msg.content.get("id").and_then(Value::as_u64).map(|i| i as usize);
                 let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
-                match (msg.msg_type(), id, uuid) {
+                match (msg.msg_type.as_str(), id, uuid) {
                     ("registration_notification", Some(id), Some(uuid)) => {
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
                         all.insert(id, uuid);
@@ -661,12 +729,12 @@ impl Dispatcher {
         }
     }
 
-    async fn on_reply(&mut self, msg: Message) {
-        let parent = msg.parent_msg_id().unwrap_or_default().to_string();
+    async fn on_reply(&mut self, msg: Light) {
+        let parent = msg.parent.clone().unwrap_or_default();
         if self.probe.as_ref().is_some_and(|(id, _)| *id == parent) {
             self.probe = None;
         }
-        if msg.msg_type() == "connection_reply" {
+        if msg.msg_type == "connection_reply" {
             if let Some(engines) = msg.content.get("engines").and_then(Value::as_object) {
                 let table: BTreeMap<usize, String> = engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
                 self.set_engines(table);
@@ -675,7 +743,7 @@ impl Dispatcher {
         let engine_id = self.engine_of(&msg);
         let unknown_engine = msg.metadata.get("engine").and_then(Value::as_str).is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
         let Some(route) = self.routes.get_mut(&parent) else {
-            debug!(msg_type = msg.msg_type(), %parent, "reply to no pending request");
+            debug!(msg_type = %msg.msg_type, %parent, "reply to no pending request");
             return;
         };
         if route.replied {
@@ -683,9 +751,8 @@ impl Dispatcher {
         }
         route.replied = true;
         self.unreplied = self.unreplied.saturating_sub(1);
-        let status = msg.content.get("status").and_then(Value::as_str).unwrap_or(if msg.msg_type() == "hub_error" { "error" } else { "ok" }).to_string();
-        let date = msg.header.date.clone();
-        let Message { metadata, content, buffers, .. } = msg;
+        let status = msg.content.get("status").and_then(Value::as_str).unwrap_or(if msg.msg_type == "hub_error" { "error" } else { "ok" }).to_string();
+        let Light { metadata, content, buffers, date, .. } = msg;
         let reply = ReplyData { status, content, metadata, date, buffers };
         route.tracker.set_outcome(route.idx, Outcome::Reply(reply), engine_id);
         self.touched.push(route.tracker.clone());
@@ -752,10 +819,14 @@ mod tests {
     #[test]
     fn frames_share_content_and_sign_each_message() {
         let session = Session::new(b"key", "me");
-        let b = Frames::new(&session, &json!({"retries": 1}), &json!({"rpx": {"op": "pull", "names": ["x"]}}));
+        let ids = Arc::new(MsgIds::new(&session));
+        let b = Frames::new(&session, &ids, &json!({"retries": 1}), &json!({"rpx": {"op": "pull", "names": ["x"]}}));
         let (id1, f1) = b.build("apply_request", Some("engine-uuid"), &[Bytes::from_static(b"buf")]);
         let (id2, f2) = b.build("apply_request", None, &[]);
         assert_ne!(id1, id2);
+        let light = decode_light(&session, f1.clone()).expect("valid signature");
+        assert_eq!((light.msg_type.as_str(), light.parent, light.date.as_str()), ("apply_request", None, b.date()));
+        assert_eq!(light.content["rpx"]["op"], "pull");
         let m1 = session.decode(f1).expect("valid signature");
         assert_eq!(m1.idents, vec![Bytes::from_static(b"engine-uuid")]);
         assert_eq!(m1.msg_id(), id1);
@@ -766,5 +837,7 @@ mod tests {
         let m2 = session.decode(f2).expect("valid signature");
         assert!(m2.idents.is_empty());
         assert_eq!(m2.parent_header, json!({}));
+        assert!(id1.starts_with(&format!("{}_{}_", session.session, std::process::id())));
+        assert!(rpx_protocol::message::now_iso().len() == now_iso().len() && now_iso().ends_with('Z'), "{}", now_iso());
     }
 }

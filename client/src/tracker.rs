@@ -80,7 +80,10 @@ pub(crate) struct TrackerState {
     pub done_order: Vec<usize>,
     /// No more tasks will be added (false only while an `imap` is still submitting).
     pub sealed: bool,
+    /// Threads waiting for any change.
     waiters: usize,
+    /// Threads waiting for completion only: woken once, not at every reply.
+    complete_waiters: usize,
     wakers: Vec<Waker>,
 }
 
@@ -105,7 +108,7 @@ pub(crate) struct Tracker {
 impl Tracker {
     pub fn new(tasks: Vec<TaskState>, needs_idle: bool, io: Option<Arc<Shared>>) -> Arc<Tracker> {
         Arc::new(Tracker {
-            state: Mutex::new(TrackerState { tasks, replied: 0, settled: 0, done_order: Vec::new(), sealed: true, waiters: 0, wakers: Vec::new() }),
+            state: Mutex::new(TrackerState { tasks, replied: 0, settled: 0, done_order: Vec::new(), sealed: true, waiters: 0, complete_waiters: 0, wakers: Vec::new() }),
             cv: Condvar::new(),
             needs_idle,
             io,
@@ -205,20 +208,28 @@ impl Tracker {
     /// Wake whoever waits on this request.
     pub fn notify(&self) {
         let mut s = self.lock();
-        if s.waiters > 0 {
+        let complete = s.complete(self.needs_idle);
+        let wake_threads = s.waiters > 0 || (s.complete_waiters > 0 && complete);
+        let wakers = if !s.wakers.is_empty() && complete { std::mem::take(&mut s.wakers) } else { Vec::new() };
+        // Wake after unlocking, so the woken thread does not block on the mutex at once.
+        drop(s);
+        if wake_threads {
             self.cv.notify_all();
         }
-        if !s.wakers.is_empty() && s.complete(self.needs_idle) {
-            for w in s.wakers.drain(..) {
-                w.wake();
-            }
+        for w in wakers {
+            w.wake();
         }
     }
 
     // ----- user side -----
 
-    /// Wait until `pred` holds or `deadline` passes; returns whether it holds.
-    pub fn wait_until(&self, deadline: Option<Instant>, mut pred: impl FnMut(&TrackerState) -> bool) -> bool {
+    /// Wait until `pred` holds or `deadline` passes; returns whether it holds. Woken at every
+    /// change.
+    pub fn wait_until(&self, deadline: Option<Instant>, pred: impl FnMut(&TrackerState) -> bool) -> bool {
+        self.wait_inner(deadline, false, pred)
+    }
+
+    fn wait_inner(&self, deadline: Option<Instant>, only_complete: bool, mut pred: impl FnMut(&TrackerState) -> bool) -> bool {
         let mut s = self.lock();
         loop {
             if pred(&s) {
@@ -238,18 +249,26 @@ impl Tracker {
                 }
                 return false;
             }
-            s.waiters += 1;
+            if only_complete {
+                s.complete_waiters += 1;
+            } else {
+                s.waiters += 1;
+            }
             // Wake at least once a second even without news, to re-check the deadline.
             let slice = deadline.map_or(std::time::Duration::from_secs(1), |d| (d - now).min(std::time::Duration::from_secs(1)));
             s = self.cv.wait_timeout(s, slice).unwrap_or_else(|p| p.into_inner()).0;
-            s.waiters -= 1;
+            if only_complete {
+                s.complete_waiters -= 1;
+            } else {
+                s.waiters -= 1;
+            }
         }
     }
 
     /// Wait until complete (see [`TrackerState::complete`]).
     pub fn wait_complete(&self, deadline: Option<Instant>) -> bool {
         let needs_idle = self.needs_idle;
-        self.wait_until(deadline, |s| s.complete(needs_idle))
+        self.wait_inner(deadline, true, |s| s.complete(needs_idle))
     }
 
     pub fn is_complete(&self) -> bool {

@@ -383,7 +383,7 @@ impl LoadBalancedView {
         Args: Serialize,
         F::Output: DeserializeOwned + 'static,
     {
-        let frames = Frames::new(&self.client.session, &self.metadata()?, &op_content(&Op::Apply { closure: remote.closure::<Args>() }));
+        let frames = Frames::new(&self.client.session, &self.client.ids, &self.metadata()?, &op_content(&Op::Apply { closure: remote.closure::<Args>() }));
         let tracker = self.client.tasks(&frames, vec![vec![encode(&args)]])?;
         Ok(AsyncResult::new(tracker, |tasks| collect_one(tasks, |t, r| decode_buffer(t, r, 0))))
     }
@@ -421,7 +421,7 @@ impl LoadBalancedView {
         if items.is_empty() {
             return Ok(self.client.empty_map(self.opts.ordered));
         }
-        let frames = Frames::new(&self.client.session, &self.metadata()?, &op_content(&Op::Map { closure: remote.closure::<(A,)>() }));
+        let frames = Frames::new(&self.client.session, &self.client.ids, &self.metadata()?, &op_content(&Op::Map { closure: remote.closure::<(A,)>() }));
         let chunks = chunk_ranges(items.len(), self.opts.chunksize);
         let inputs: Vec<Bytes> = chunks.iter().map(|r| encode(&items[r.clone()])).collect();
         let tracker = self.client.tasks(&frames, inputs.iter().map(|b| vec![b.clone()]).collect())?;
@@ -440,7 +440,7 @@ impl LoadBalancedView {
         A: Serialize + DeserializeOwned + Debug,
         R: DeserializeOwned,
     {
-        let setup = self.metadata().map(|md| Frames::new(&self.client.session, &md, &op_content(&Op::Map { closure: remote.closure::<(A,)>() })));
+        let setup = self.metadata().map(|md| Frames::new(&self.client.session, &self.client.ids, &md, &op_content(&Op::Map { closure: remote.closure::<(A,)>() })));
         Imap {
             client: self.client.clone(),
             frames: setup,
