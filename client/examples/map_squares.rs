@@ -19,7 +19,7 @@ fn main() -> rpx::Result<()> {
     // Count the primes below 2,000,000 in 40 ranges of 50,000 numbers, four ranges per task.
     let ranges: Vec<(u64, u64)> = (0..40u64).map(|i| (i * 50_000, (i + 1) * 50_000)).collect();
     let count_primes = rpx::remote!(|r: (u64, u64)| {
-        let is_prime = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+        let is_prime = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
         (r.0..r.1).filter(|&n| is_prime(n)).count() as u64
     });
     let t = Instant::now();

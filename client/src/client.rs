@@ -50,6 +50,7 @@ impl ClientInner {
     }
 
     /// Send one message per engine (`mux` or `control`), each with its own buffers.
+    #[allow(clippy::too_many_arguments)]
     pub fn direct(&self, chan: Chan, msg_type: &str, metadata: &Value, content: &Value, targets: &[(usize, String)], buffers: Vec<Vec<Bytes>>, needs_idle: bool) -> Result<Arc<Tracker>> {
         let frames = Frames::new(&self.session, &self.ids, metadata, content);
         let mut tasks = Vec::with_capacity(targets.len());
@@ -99,7 +100,7 @@ impl ClientInner {
         let s = tracker.lock();
         match &s.tasks[0].outcome {
             Some(Outcome::Reply(r)) if r.status == "ok" => Ok(r.clone()),
-            Some(Outcome::Reply(r)) => Err(Error::Remote(RemoteError::from_reply(&r.content, None))),
+            Some(Outcome::Reply(r)) => Err(RemoteError::from_reply(&r.content, None).into()),
             Some(Outcome::Lost(why)) => Err(Error::Connection(why.clone())),
             None => Err(Error::Protocol(format!("no reply to {msg_type}"))),
         }

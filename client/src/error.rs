@@ -158,9 +158,10 @@ impl std::error::Error for RemoteError {}
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// One task failed on an engine (or in the scheduler).
+    /// One task failed on an engine (or in the scheduler). Boxed to keep `Result`s small; its
+    /// fields read through it (`e.kind`, `e.engine_id`).
     #[error("{0}")]
-    Remote(RemoteError),
+    Remote(Box<RemoteError>),
     /// Some items of a map failed: `(item index, error)`, in item order, out of `total` items.
     #[error("{}", map_message(failed, *total))]
     Map { failed: Vec<(usize, RemoteError)>, total: usize },
@@ -189,7 +190,7 @@ pub enum Error {
 
 impl From<RemoteError> for Error {
     fn from(e: RemoteError) -> Error {
-        Error::Remote(e)
+        Error::Remote(Box::new(e))
     }
 }
 
@@ -238,7 +239,7 @@ fn engines_message(failed: &[RemoteError], total: usize) -> String {
 /// One error for several per-engine errors: the error itself when there is one.
 pub(crate) fn combine_engine_errors(mut failed: Vec<RemoteError>, total: usize) -> Error {
     if failed.len() == 1 && total == 1 {
-        Error::Remote(failed.remove(0))
+        Error::Remote(Box::new(failed.remove(0)))
     } else {
         Error::Engines { failed, total }
     }

@@ -27,7 +27,7 @@ use crate::tracker::{Outcome, ReplyData, TaskState, Tracker, TrackerState};
 /// Why one task did not produce a value.
 pub(crate) enum Failure {
     /// The engine or scheduler reported an error.
-    Remote(RemoteError),
+    Remote(Box<RemoteError>),
     /// Anything else (connection, protocol): fails the whole request.
     Fatal(Error),
 }
@@ -47,7 +47,7 @@ pub(crate) fn ok_reply(t: &TaskState) -> std::result::Result<&ReplyData, Failure
         None => Err(Failure::Fatal(Error::Protocol(format!("task {} has no reply yet", t.msg_id)))),
         Some(Outcome::Lost(why)) => Err(Failure::Fatal(Error::Connection(why.clone()))),
         Some(Outcome::Reply(r)) if r.status == "ok" => Ok(r),
-        Some(Outcome::Reply(r)) => Err(Failure::Remote(RemoteError::from_reply(&r.content, t.engine_id))),
+        Some(Outcome::Reply(r)) => Err(Failure::Remote(Box::new(RemoteError::from_reply(&r.content, t.engine_id)))),
     }
 }
 
@@ -74,7 +74,7 @@ pub(crate) fn collect_each<T>(tasks: &[TaskState], mut value: impl FnMut(&TaskSt
         match ok_reply(t).and_then(|r| value(t, r)) {
             Ok(v) => out.push(v),
             Err(Failure::Fatal(e)) => return Err(e),
-            Err(Failure::Remote(e)) => remote.push(e),
+            Err(Failure::Remote(e)) => remote.push(*e),
         }
     }
     if remote.is_empty() {
@@ -204,8 +204,10 @@ impl<T> AsyncResult<T> {
     }
 
     fn finish_now(&self) -> Result<T> {
-        let s = self.tracker.lock();
-        (self.finish)(&s.tasks)
+        // Decode outside the lock (a large pull takes a while; the IO thread may need the lock
+        // for late output). The replies' buffers are shared, not copied.
+        let tasks = self.tracker.lock().tasks.clone();
+        (self.finish)(&tasks)
     }
 
     /// Wait for every reply, then return the value (or the error).
@@ -456,7 +458,7 @@ pub(crate) fn describe_item<A: DeserializeOwned + fmt::Debug>(chunk: &[u8], i: u
 /// The per-item results of one map task covering items `range`.
 pub(crate) fn decode_chunk<R: DeserializeOwned>(t: &TaskState, range: Range<usize>, input: &[u8], describe: Describe) -> Vec<Result<R>> {
     let n = range.len();
-    let item_err = |e: &RemoteError, i: usize| Err(Error::Remote(e.clone().for_item(range.start + i, describe(input, i).as_deref())));
+    let item_err = |e: &RemoteError, i: usize| Err(e.clone().for_item(range.start + i, describe(input, i).as_deref()).into());
     let fatal = |make: &dyn Fn() -> Error| (0..n).map(|_| Err(make())).collect::<Vec<_>>();
     match &t.outcome {
         None => fatal(&|| Error::Protocol(format!("map task {} has no reply yet", t.msg_id))),
@@ -497,7 +499,7 @@ pub(crate) fn combine_items<R>(items: Vec<(usize, Result<R>)>, total: usize) -> 
     for (i, r) in items {
         match r {
             Ok(v) => out.push(v),
-            Err(Error::Remote(e)) => failed.push((i, e)),
+            Err(Error::Remote(e)) => failed.push((i, *e)),
             Err(other) => return Err(other),
         }
     }

@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(res(&[1, 3]).unwrap(), vec![1, 3]);
         assert_eq!(res(&(0..2)).unwrap(), vec![0, 1]);
         assert_eq!(res(&(-2..)).unwrap(), vec![4, 5]);
-        assert_eq!(res(&(3..=-1)).unwrap(), vec![3, 4, 5]);
+        assert_eq!(res(&std::ops::RangeInclusive::new(3, -1)).unwrap(), vec![3, 4, 5], "`..=-1` runs through the last engine");
         assert_eq!(res(&[1usize, 3]).unwrap(), vec![1, 3]);
         assert_eq!(res(&&[1usize, 3][..]).unwrap(), vec![1, 3]);
         assert_eq!(res(&"::3").unwrap(), vec![0, 3]);

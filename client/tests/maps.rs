@@ -232,7 +232,7 @@ fn an_engine_killed_mid_map_fails_only_its_items() {
     c.direct_view(..).execute("1").unwrap().check().unwrap();
     let _: Vec<String> = c.direct_view(..).map(napper, vec![0u64; 3]).unwrap();
     // The engine process of engine 1 is its worker's parent.
-    let victim: Vec<u32> = c.direct_view(1usize).apply(rpx::remote!(|| std::os::unix::process::parent_id()), ()).unwrap();
+    let victim: Vec<u32> = c.direct_view(1usize).apply(rpx::remote!(std::os::unix::process::parent_id), ()).unwrap();
     let victim = victim[0];
     let pids: Vec<u32> = cluster.cluster_state().unwrap()["engines"].as_array().unwrap().iter().map(|e| e["pid"].as_u64().unwrap() as u32).collect();
     assert!(pids.contains(&victim), "engine 1's process {victim} is one of the cluster's engines {pids:?}");
