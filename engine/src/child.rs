@@ -144,10 +144,11 @@ impl Worker {
             let mut status: Option<String> = None;
             let mut drain_deadline: Option<tokio::time::Instant> = None;
             loop {
-                if !out_open && !err_open && status.is_some() {
+                let pipes_open = out_open || err_open || res_open;
+                if !pipes_open && status.is_some() {
                     break;
                 }
-                if !out_open && !err_open && status.is_none() {
+                if !pipes_open && status.is_none() {
                     // Pipes closed: the process is exiting.
                     let st = child.wait().await.map(|s| crate::signals::describe_exit(&s));
                     status = Some(st.unwrap_or_else(|e| format!("unknown status ({e})")));

@@ -13,22 +13,37 @@ fn sh(script: &str) -> WorkerCommand {
     WorkerCommand { program: "/bin/sh".into(), args: vec!["-c".into(), script.into()], env: vec![] }
 }
 
+/// What a worker produced until it exited.
+struct Run {
+    out: String,
+    err: String,
+    status: String,
+    /// Closure results from the result pipe, as `(status, bytes)`.
+    calls: Vec<(u32, Vec<u8>)>,
+}
+
 /// Collect a worker's events until it exits.
 async fn run_to_exit(cmd: &WorkerCommand, stdin_line: Option<&str>) -> (String, String, String) {
+    let r = run(cmd, stdin_line).await;
+    (r.out, r.err, r.status)
+}
+
+async fn run(cmd: &WorkerCommand, stdin_line: Option<&str>) -> Run {
     let (tx, mut rx) = mpsc::channel(64);
     let mut w = Worker::spawn(cmd, 7, tx).unwrap();
     if let Some(l) = stdin_line {
         w.send_line(l).await.unwrap();
     }
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut out, mut err, mut calls) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         let (generation, ev) = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("worker events").expect("open");
         assert_eq!(generation, 7);
         match ev {
             WorkerEvent::Stdout(b) => out.extend(b),
             WorkerEvent::Stderr(b) => err.extend(b),
+            WorkerEvent::CallResult { status, data } => calls.push((status, data)),
             WorkerEvent::Exited(status) => {
-                return (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap(), status);
+                return Run { out: String::from_utf8(out).unwrap(), err: String::from_utf8(err).unwrap(), status, calls };
             }
         }
     }
@@ -47,6 +62,16 @@ async fn output_then_abort_is_reported_with_the_signal() {
         ev,
         vec![StdoutEvent::Text("user line\n".into()), StdoutEvent::Content { mime: "text/plain".into(), data: "42".into() }]
     );
+}
+
+#[tokio::test]
+async fn closure_results_arrive_framed_on_the_result_pipe() {
+    // A fake worker: prints, then writes two framed results on fd 3 ([status u32][len u64][bytes]).
+    let cmd = sh(r"echo printed by the closure; printf '\000\000\000\000\005\000\000\000\000\000\000\000hello\001\000\000\000\004\000\000\000\000\000\000\000boom' >&3");
+    let r = run(&cmd, None).await;
+    assert_eq!(r.out, "printed by the closure\n");
+    assert_eq!(r.calls, vec![(0, b"hello".to_vec()), (1, b"boom".to_vec())]);
+    assert_eq!(r.status, "exit status 0");
 }
 
 #[tokio::test]
