@@ -316,18 +316,20 @@ impl Compiler {
     }
 
     fn dispatch(&mut self, mut b: Batch, out: &mut Vec<Action>) {
-        let Some(g) = self.groups.get_mut(&b.group) else {
-            // The group is gone (its engines moved): re-file each request under its engine's group.
-            for (e, cell_id) in b.engines {
-                let now = b.deadline;
-                out.extend(self.on_cell_request(e, cell_id, b.code.clone(), now));
+        // Requests of engines that have left the group since they asked (a panic split, a fork,
+        // a merge) are re-filed under their engine's current group; gone engines are dropped.
+        let members = self.groups.get(&b.group).map(|g| &g.engines);
+        let moved: Vec<Ident> = b.engines.keys().filter(|e| !members.is_some_and(|m| m.contains(*e))).cloned().collect();
+        for e in moved {
+            let cell_id = b.engines.remove(&e).expect("listed");
+            if self.engines.contains_key(&e) {
+                out.extend(self.on_cell_request(e, cell_id, b.code.clone(), b.deadline));
             }
-            return;
-        };
-        b.engines.retain(|e, _| g.engines.contains(e));
+        }
         if b.engines.is_empty() {
             return;
         }
+        let g = self.groups.get_mut(&b.group).expect("a group with members");
         if let Some(r) = &g.running {
             // Members that already finished the running cell ask for the next one.
             let loading = r.pending.as_ref().is_some_and(|p| !p.is_empty());
@@ -697,6 +699,32 @@ mod tests {
         assert!(a.contains(&Action::Verdict { ctx: 1, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
         let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
         assert_eq!(replay.last().unwrap().verdict, Verdict::Ok);
+        assert_eq!(c.groups(), vec![vec![1], vec![0, 2]]);
+    }
+
+    /// Regression: engines that asked for their next cell while a cell that panicked elsewhere
+    /// was finishing were split into a group of their own, and their deferred request was
+    /// dropped: they waited forever (the 8-engine cells test hung on engines 0 and 1).
+    #[test]
+    fn requests_deferred_across_a_panic_split_follow_their_engines() {
+        let (mut c, g) = cluster(3);
+        let now = Instant::now();
+        for e in 0..3 {
+            c.on_cell_request(id(e), format!("p{e}"), "let k = 1; maybe_panic();".into(), now);
+        }
+        c.on_load_requested(g, "/p.so", "f");
+        c.on_load_done(id(0), ok());
+        c.on_load_done(id(1), panicked());
+        c.on_load_done(id(2), ok());
+        // Every load is in; the eval has not returned yet. Engines 0 and 2 ask for the next cell.
+        c.on_cell_request(id(0), "n0".into(), "k".into(), now);
+        assert!(evals(&c.on_cell_request(id(2), "n2".into(), "k".into(), now)).is_empty());
+        let a = c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+        let a: Vec<Action> = a.into_iter().chain(c.on_tick(now + Duration::from_secs(1))).collect();
+        let ev = evals(&a);
+        assert_eq!(ev.len(), 1, "{a:?}");
+        assert_ne!(ev[0].0, g, "the next cell runs in the clean engines' new group");
+        assert_eq!(ev[0].1, "k");
         assert_eq!(c.groups(), vec![vec![1], vec![0, 2]]);
     }
 
