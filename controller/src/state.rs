@@ -252,13 +252,15 @@ impl Record {
 }
 
 
-/// Most pending records [`Records::cull`] moves aside per call.
-const CULL_ROTATIONS: usize = 64;
-/// Bounded task records, oldest dropped first (pending ones are kept).
+/// Bounded task records: the oldest finished ones are dropped first; pending ones are kept.
 #[derive(Debug, Default)]
 pub struct Records {
     pub map: HashMap<String, Record>,
+    /// Submission order (for `history_request`); may still name evicted ids until compacted.
     pub order: VecDeque<String>,
+    /// Finished ids, oldest first: the eviction queue. An id here may since have been removed
+    /// or resubmitted; `cull` skips those.
+    finished: VecDeque<String>,
     pub bytes: usize,
     pub limit: usize,
     pub byte_limit: usize,
@@ -272,6 +274,9 @@ impl Records {
     pub fn insert(&mut self, rec: Record) {
         self.bytes += rec.bytes();
         let id = rec.msg_id.clone();
+        if !rec.pending() {
+            self.finished.push_back(id.clone());
+        }
         if let Some(old) = self.map.insert(id.clone(), rec) {
             self.bytes -= old.bytes();
         } else {
@@ -280,22 +285,19 @@ impl Records {
         self.cull();
     }
 
-    /// Evict the oldest finished records while over a bound. Pending records are never evicted:
-    /// they rotate to the back, at most [`CULL_ROTATIONS`] per call, so a burst of thousands of
-    /// queued tasks costs O(1) per insert rather than a pass over every pending record.
+    /// Evict the oldest finished records while over a bound. Each step consumes one entry of
+    /// the eviction queue, so a burst of thousands of pending tasks costs nothing here.
     fn cull(&mut self) {
-        let mut guard = self.order.len().min(CULL_ROTATIONS);
-        while (self.map.len() > self.limit || self.bytes > self.byte_limit) && guard > 0 {
-            guard -= 1;
-            let Some(id) = self.order.pop_front() else { break };
-            match self.map.get(&id) {
-                Some(r) if r.pending() => self.order.push_back(id),
-                Some(_) => {
-                    let r = self.map.remove(&id).expect("present");
-                    self.bytes -= r.bytes();
-                }
-                None => {}
+        while self.map.len() > self.limit || self.bytes > self.byte_limit {
+            let Some(id) = self.finished.pop_front() else { break };
+            if self.map.get(&id).is_some_and(|r| !r.pending()) {
+                let r = self.map.remove(&id).expect("present");
+                self.bytes -= r.bytes();
             }
+        }
+        if self.order.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.order.retain(|id| map.contains_key(id));
         }
     }
 
@@ -306,9 +308,12 @@ impl Records {
     /// Update a record in place, keeping the byte count right.
     pub fn update(&mut self, id: &str, f: impl FnOnce(&mut Record)) -> bool {
         let Some(r) = self.map.get_mut(id) else { return false };
-        let before = r.bytes();
+        let (before, was_pending) = (r.bytes(), r.pending());
         f(r);
         let after = r.bytes();
+        if was_pending && !r.pending() {
+            self.finished.push_back(id.to_string());
+        }
         self.bytes = self.bytes + after - before;
         self.cull();
         true
@@ -394,6 +399,45 @@ impl Engines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(id: &str) -> Record {
+        Record::submitted(id, Chan::Task, &[Bytes::from_static(b"req")], &Bytes::from_static(b"client"))
+    }
+
+    fn finish(r: &mut Records, id: &str) {
+        assert!(r.update(id, |rec| rec.result = Some(vec![Bytes::from_static(b"reply")])));
+    }
+
+    #[test]
+    fn pending_records_are_kept_and_the_oldest_finished_go_first() {
+        let mut r = Records::new(3, usize::MAX);
+        for id in ["a", "b", "c", "d", "e"] {
+            r.insert(record(id));
+        }
+        // Five pending records over a limit of three: none may go.
+        assert_eq!(r.map.len(), 5);
+        finish(&mut r, "d");
+        finish(&mut r, "b");
+        assert!(!r.map.contains_key("d") && !r.map.contains_key("b"), "the two finished records were dropped, oldest finished first");
+        finish(&mut r, "a");
+        assert_eq!(r.map.len(), 3);
+        assert!(r.map.contains_key("a"));
+        r.insert(record("f"));
+        assert!(!r.map.contains_key("a"), "a finished record makes room for a new one");
+        assert_eq!(r.history(), vec!["c", "e", "f"]);
+    }
+
+    /// Regression: culling used to rotate pending records to the back of the submission order,
+    /// so `history_request` listed tasks out of order once more than the limit were pending.
+    #[test]
+    fn history_keeps_submission_order_with_many_pending() {
+        let mut r = Records::new(2, usize::MAX);
+        let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+        for id in &ids {
+            r.insert(record(id));
+        }
+        assert_eq!(r.history(), ids);
+    }
 
     #[test]
     fn ids_are_never_reused() {
