@@ -31,13 +31,15 @@ pub enum RemoteErrorKind {
 impl RemoteErrorKind {
     /// The kind for an `ename` of an error reply.
     pub fn from_ename(ename: &str) -> RemoteErrorKind {
+        use rpx_protocol::apply::ename;
         match ename {
-            "CompileError" => RemoteErrorKind::Compile,
-            "Panic" => RemoteErrorKind::Panic,
-            "EngineDied" | "EngineError" | "EngineWorkerDied" => RemoteErrorKind::EngineDied,
+            ename::COMPILE_ERROR => RemoteErrorKind::Compile,
+            ename::PANIC => RemoteErrorKind::Panic,
+            // `EngineError`: the controller's name when an engine died with the task.
+            ename::ENGINE_DIED | "EngineError" => RemoteErrorKind::EngineDied,
             "TaskTimeout" => RemoteErrorKind::Timeout,
-            "TaskAborted" => RemoteErrorKind::Aborted,
-            "NameError" => RemoteErrorKind::Name,
+            ename::ABORTED => RemoteErrorKind::Aborted,
+            ename::NAME_ERROR => RemoteErrorKind::Name,
             other => RemoteErrorKind::Other(other.to_string()),
         }
     }
@@ -254,7 +256,7 @@ mod tests {
     fn enames_map_to_kinds() {
         assert_eq!(RemoteErrorKind::from_ename("CompileError"), RemoteErrorKind::Compile);
         assert_eq!(RemoteErrorKind::from_ename("Panic"), RemoteErrorKind::Panic);
-        assert_eq!(RemoteErrorKind::from_ename("EngineDied"), RemoteErrorKind::EngineDied);
+        assert_eq!(RemoteErrorKind::from_ename("EngineWorkerDied"), RemoteErrorKind::EngineDied);
         assert_eq!(RemoteErrorKind::from_ename("EngineError"), RemoteErrorKind::EngineDied);
         assert_eq!(RemoteErrorKind::from_ename("TaskTimeout"), RemoteErrorKind::Timeout);
         assert_eq!(RemoteErrorKind::from_ename("TaskAborted"), RemoteErrorKind::Aborted);

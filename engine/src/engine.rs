@@ -947,8 +947,7 @@ impl Engine {
         let unbound = &self.unbound;
         self.fresh.retain(|n| unbound.contains_key(n));
         if self.call.as_ref().is_some_and(|c| c.running) {
-            let mut err = EngineError::worker_died(&self.me, status, self.stderr_tail.lines());
-            err.ename = ename::ENGINE_DIED.to_string();
+            let err = EngineError::worker_died(&self.me, status, self.stderr_tail.lines());
             self.finish_call(Err(err));
         }
         if self.loading.is_some() {

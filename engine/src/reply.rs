@@ -140,8 +140,9 @@ impl EngineError {
             me.id
         );
         let mut tb = stderr_tail;
-        tb.push(format!("EngineWorkerDied: {evalue}"));
-        EngineError::new("EngineWorkerDied", evalue, tb)
+        let ename = rpx_protocol::apply::ename::ENGINE_DIED;
+        tb.push(format!("{ename}: {evalue}"));
+        EngineError::new(ename, evalue, tb)
     }
 
     /// User code panicked.

@@ -72,8 +72,8 @@ pub mod ename {
     pub const COMPILE_ERROR: &str = "CompileError";
     /// The closure panicked (apply); `evalue` is the panic message.
     pub const PANIC: &str = "Panic";
-    /// The engine's worker died while running the task; its variables are gone.
-    pub const ENGINE_DIED: &str = "EngineDied";
+    /// The engine's worker died while running the task (or a cell); its variables are gone.
+    pub const ENGINE_DIED: &str = "EngineWorkerDied";
     /// A pulled name is not defined on the engine.
     pub const NAME_ERROR: &str = "NameError";
     /// A payload this engine cannot run (bad encoding, wrong arity, Python payload).
