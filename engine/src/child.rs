@@ -202,30 +202,25 @@ impl Worker {
 
     /// Write one command line to the worker's stdin (bounded wait).
     pub async fn send_line(&mut self, line: &str) -> std::io::Result<()> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("worker stdin closed"))?;
-        let mut data = line.as_bytes().to_vec();
-        data.push(b'\n');
-        match tokio::time::timeout(Duration::from_secs(5), async {
-            stdin.write_all(&data).await?;
-            stdin.flush().await
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "worker stdin is not accepting input")),
-        }
+        self.write(&[line.as_bytes(), b"\n"]).await
     }
 
     /// Ask the worker to call a compiled closure; the answer is a [`WorkerEvent::CallResult`].
     pub async fn send_call(&mut self, so_path: &str, fn_name: &str, mode: u32, args: &[u8]) -> std::io::Result<()> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("worker stdin closed"))?;
         let line = format!("CALL {so_path} {fn_name} {mode} {}\n", args.len());
-        // Large arguments take as long as the worker needs to read them; a stuck worker is still
-        // noticed (the bound grows with the size).
-        let limit = Duration::from_secs(5) + Duration::from_millis((args.len() / 1_000_000) as u64 * 20);
+        self.write(&[line.as_bytes(), args]).await
+    }
+
+    /// Write `parts` to the worker's stdin. The bound is 5 s plus 20 ms per MB, so large
+    /// arguments take as long as the worker needs to read them and a stuck worker is still noticed.
+    async fn write(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("worker stdin closed"))?;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let limit = Duration::from_secs(5) + Duration::from_millis((len / 1_000_000) as u64 * 20);
         match tokio::time::timeout(limit, async {
-            stdin.write_all(line.as_bytes()).await?;
-            stdin.write_all(args).await?;
+            for p in parts {
+                stdin.write_all(p).await?;
+            }
             stdin.flush().await
         })
         .await

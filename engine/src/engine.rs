@@ -701,11 +701,14 @@ impl Engine {
         self.flush_streams();
         self.stream_parent = Some(req.header.clone());
         self.stderr_tail.clear();
-        let known = self.closures.contains_key(&closure);
-        self.call = Some(Call { req, md, mode, closure: closure.clone(), running: false });
-        if known {
-            self.run_call().await;
-        } else if !self.to_compiler(cmsg::CLOSURE_REQUEST, serde_json::to_value(ClosureRequest { request_id: self.call.as_ref().expect("set").req.msg_id().to_string(), closure }).expect("serializes")) {
+        if self.closures.contains_key(&closure) {
+            self.call = Some(Call { req, md, mode, closure, running: false });
+            return self.run_call().await;
+        }
+        // The first call of this closure here: the compiler compiles it (once per cluster).
+        let request = ClosureRequest { request_id: req.msg_id().to_string(), closure: closure.clone() };
+        self.call = Some(Call { req, md, mode, closure, running: false });
+        if !self.to_compiler(cmsg::CLOSURE_REQUEST, serde_json::to_value(request).expect("serializes")) {
             self.spawn_reconnect();
             let call = self.call.take().expect("set");
             self.apply_failed(&call.req, call.md, &EngineError::no_compiler());
@@ -1144,39 +1147,41 @@ impl Engine {
             self.flush_streams();
         }
         self.maybe_finish();
-        // A compiler that died mid-cell will never answer.
-        if let (Some(_), CompilerState::Ready(link)) = (&self.current, &self.compiler) {
-            if !net::pid_alive(link.pid) {
-                let pid = link.pid;
-                error!(pid, "the compiler died");
-                self.compiler = CompilerState::Absent(format!("compiler pid {pid} exited"));
-                if self.loading.is_none() {
-                    let cell = self.current.take().expect("checked");
-                    self.finalize(cell, Some(EngineError::compiler_died(&format!("pid {pid} exited"))));
+        // A compiler that died never answers the cell or the closure compile waiting on it.
+        let closure_waiting = self.call.as_ref().is_some_and(|c| !c.running);
+        if self.current.is_some() || closure_waiting {
+            if let CompilerState::Ready(link) = &self.compiler {
+                if !net::pid_alive(link.pid) {
+                    let pid = link.pid;
+                    error!(pid, "the compiler died");
+                    self.compiler = CompilerState::Absent(format!("compiler pid {pid} exited"));
+                    self.spawn_reconnect();
+                    let died = EngineError::compiler_died(&format!("pid {pid} exited"));
+                    if closure_waiting {
+                        self.finish_call(Err(died.clone()));
+                    }
+                    if self.loading.is_none() {
+                        if let Some(cell) = self.current.take() {
+                            self.finalize(cell, Some(died));
+                        }
+                    }
                 }
-                self.spawn_reconnect();
             }
         }
-        // A closure waiting for a compiler that is gone will never be compiled.
-        if self.call.as_ref().is_some_and(|c| !c.running) {
-            let gone = match &self.compiler {
-                CompilerState::Ready(link) => (!net::pid_alive(link.pid)).then(|| format!("pid {} exited", link.pid)),
-                CompilerState::Absent(why) => Some(why.clone()),
-                CompilerState::Connecting => None,
-            };
-            if let Some(why) = gone {
-                self.finish_call(Err(EngineError::compiler_died(&why)));
-                self.compiler = CompilerState::Absent(why);
+        if let CompilerState::Absent(why) = &self.compiler {
+            if self.call.as_ref().is_some_and(|c| !c.running) {
+                let err = EngineError::compiler_died(why);
+                self.finish_call(Err(err));
                 self.spawn_reconnect();
             }
-        }
-        if matches!(self.compiler, CompilerState::Absent(_)) && self.loading.is_none() {
-            if let Some(cell) = self.current.take() {
-                if cell.reply.is_some() {
-                    self.current = Some(cell);
-                    self.maybe_finish();
-                } else {
-                    self.finalize(cell, Some(EngineError::compiler_died("it stopped answering")));
+            if self.loading.is_none() {
+                if let Some(cell) = self.current.take() {
+                    if cell.reply.is_some() {
+                        self.current = Some(cell);
+                        self.maybe_finish();
+                    } else {
+                        self.finalize(cell, Some(EngineError::compiler_died("it stopped answering")));
+                    }
                 }
             }
         }
