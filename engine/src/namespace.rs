@@ -2,7 +2,7 @@
 //!
 //! A push writes each value (postcard bytes, as sent) to `<dir>/<name>` and does not touch the
 //! worker, so pushing costs one file write whatever the size. The next cell binds the pushed
-//! names as variables (`let n: T = ::rpx_runtime::take("n");` before the user's code), so cells
+//! names as variables (`let n: T = ::rpx_runtime::get("n");` before the user's code), so cells
 //! see them with the pushed type. A pull reads the file while it still holds the variable's
 //! value; otherwise a small cell writes the variables out first (`::rpx_runtime::put`).
 //! Closures read pushed values with `rpx::get`, which reads the same files.
@@ -64,7 +64,7 @@ pub fn with_bindings(unbound: &BTreeMap<String, String>, code: &str) -> String {
     if unbound.is_empty() {
         return code.to_string();
     }
-    let bindings: Vec<String> = unbound.iter().map(|(n, t)| format!("let {n}: {t} = ::rpx_runtime::take::<{t}>({n:?});")).collect();
+    let bindings: Vec<String> = unbound.iter().map(|(n, t)| format!("let {n}: {t} = ::rpx_runtime::get::<{t}>({n:?});")).collect();
     let mut commands = String::new();
     let mut rest = code;
     while rest.trim_start().starts_with(':') {
@@ -105,7 +105,7 @@ mod tests {
         u.insert("v".to_string(), "Vec<String>".to_string());
         assert_eq!(
             with_bindings(&u, "n + 1"),
-            "let n: u64 = ::rpx_runtime::take::<u64>(\"n\"); let v: Vec<String> = ::rpx_runtime::take::<Vec<String>>(\"v\");\nn + 1"
+            "let n: u64 = ::rpx_runtime::get::<u64>(\"n\"); let v: Vec<String> = ::rpx_runtime::get::<Vec<String>>(\"v\");\nn + 1"
         );
         let with_dep = with_bindings(&u, ":dep rand = \"0.8\"\nn");
         assert!(with_dep.starts_with(":dep rand = \"0.8\"\nlet n: u64"), "{with_dep}");

@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`encode`] / [`decode`]: the one value encoding of rpx (postcard over serde).
-//! - [`get`] / [`put`] / [`take`]: the engine namespace of pushed and pulled values, one file per
+//! - [`get`] / [`put`]: the engine namespace of pushed and pulled values, one file per
 //!   name in the directory `RPX_NS_DIR` that the engine gives its worker.
 //! - [`abi`]: the C ABI of a compiled closure (`serve0` .. `serve4`), which decodes arguments,
 //!   calls the closure, catches panics and encodes results.
@@ -49,12 +49,6 @@ pub fn get<T: DeserializeOwned>(name: &str) -> T {
     let path = ns_path(name);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("no value named `{name}` was pushed to this engine ({e})"));
     decode(&bytes).unwrap_or_else(|e| panic!("pushed value `{name}`: {e}"))
-}
-
-/// [`get`] for the binding of a pushed value into a cell variable.
-#[doc(hidden)]
-pub fn take<T: DeserializeOwned>(name: &str) -> T {
-    get(name)
 }
 
 /// Store `value` as `name` in this engine's namespace, where a pull reads it.
