@@ -103,15 +103,13 @@ pub fn spawn(ctx: CtxId, kind: Kind, env: Env, events: UnboundedSender<Event>) -
 }
 
 /// Evaluates code in one evcxr context, adding the `rpx_runtime` dependency to the state of
-/// the first eval that mentions it (it stays once that eval commits).
+/// the first eval that mentions it (it stays once that eval commits). evcxr's artifact cache
+/// (`:cache`) stays off: its rustc wrapper failed when several compilers filled the shared
+/// cache at once, so each context builds rpx_runtime's dependencies itself, once.
 struct Evaluator {
-    /// `{ path = "..." }` of the rpx_runtime crate.
+    /// `{ package = "rpx-runtime", path = "..." }`: the crate's source, written out by main.
     dep_config: String,
     added: bool,
-    /// evcxr's artifact cache (`:cache`) stays off: its rustc wrapper failed when several
-    /// compilers filled the shared cache at once, so each context builds rpx_runtime's
-    /// dependencies itself, once.
-    cache_set: bool,
 }
 
 impl Evaluator {
@@ -123,7 +121,6 @@ impl Evaluator {
         }
         let out = ectx.eval_with_state(code, state)?;
         self.added |= needs;
-        self.cache_set = true;
         Ok(out)
     }
 
@@ -172,22 +169,13 @@ fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: Un
     for rx in [outputs.stdout, outputs.stderr] {
         std::thread::spawn(move || while rx.recv().is_ok() {});
     }
-    let mut dep = Evaluator { dep_config: format!("{{ package = \"rpx-runtime\", path = {:?} }}", env.runtime_dir.display().to_string()), added: false, cache_set: false };
-    match kind {
-        Kind::Group => {
-            // The first cell that binds a variable costs seconds of rust-analyzer warm-up: pay it
-            // now, before any engine waits, then forget the variable (clear keeps the warm analyzer).
-            if dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {
-                ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
-            }
-        }
-        Kind::Closures => {
-            // Build rpx_runtime and its dependencies now, with a closure nobody asked for.
-            let warm = crate::closure::wrap(&rpx_protocol::apply::Closure { source: "|| 0u8".into(), arg_types: vec![] }).expect("valid closure");
-            if let Err(e) = dep.eval(&mut ectx, &warm.code) {
-                tracing::warn!(ctx, "warming up the closure context failed: {e}");
-            }
-        }
+    let mut dep = Evaluator { dep_config: format!("{{ package = \"rpx-runtime\", path = {:?} }}", env.runtime_dir.display().to_string()), added: false };
+    // Group contexts pay rust-analyzer's warm-up (seconds, at the first variable-binding cell)
+    // now, before any engine waits, then forget the variable (clear keeps the warm analyzer).
+    // The closure context is created when the first closure arrives: that closure's own
+    // compile builds rpx_runtime, so a warm-up would only delay it.
+    if kind == Kind::Group && dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {
+        ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
     }
     drop(warming);
     let mut closures_since_reset = 0usize;
