@@ -89,19 +89,10 @@ impl PxConfig {
     /// The options for one cell: the config, overridden by the cell's own `%%px` options
     /// (pass `&PxOptions::default()` for `%px` and `%autopx` cells). The config is unchanged.
     pub fn effective(&self, opts: &PxOptions) -> ExecOptions {
-        ExecOptions {
-            targets: opts.targets.clone().unwrap_or_else(|| self.targets.clone()),
-            block: opts.block.unwrap_or(self.block),
-            group_outputs: opts.group_outputs.unwrap_or(self.group_outputs),
-            stream: opts.stream.unwrap_or(self.stream),
-            verbose: opts.verbose.unwrap_or(self.verbose),
-            progress_after: opts.progress_after.unwrap_or(self.progress_after),
-            signal_on_interrupt: opts
-                .signal_on_interrupt
-                .clone()
-                .unwrap_or_else(|| self.signal_on_interrupt.clone()),
-            local: opts.local,
-        }
+        let mut cell = self.clone();
+        cell.apply(opts);
+        let PxConfig { targets, block, group_outputs, stream, verbose, progress_after, signal_on_interrupt } = cell;
+        ExecOptions { targets, block, group_outputs, stream, verbose, progress_after, signal_on_interrupt, local: opts.local }
     }
 }
 
