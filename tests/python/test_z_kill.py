@@ -27,6 +27,17 @@ def rust_engine_pids(rc, cluster, eid):
                 f"parent {parent} ({H.cmdline(parent)}), cluster.json pids {sorted(cpids)}")
 
 
+def assert_worker_died_with(worker, engine):
+    """The worker of a SIGKILLed engine must not outlive it (PDEATHSIG); an orphan is killed,
+    then the test fails."""
+    try:
+        H.wait_until(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie", 5)
+    except TimeoutError:
+        cmd = H.cmdline(worker)
+        H.kill_pids([worker])
+        pytest.fail(f"worker {worker} of SIGKILLed engine {engine} still alive 5 s later: {cmd}")
+
+
 def test_sigkill_rust_engine_mid_task_direct(rc, cluster):
     ids = cluster.live_rust_ids()
     assert len(ids) >= 2
@@ -53,12 +64,7 @@ def test_sigkill_rust_engine_mid_task_direct(rc, cluster):
     t_leave = H.wait_until(lambda: victim not in rc.ids and time.monotonic(), 20,
                            what=f"engine {victim} to leave rc.ids")
     H.note("direct kill: engine left rc.ids after", f"{t_leave - t0:.3f} s")
-    # the worker of the killed engine should not outlive it
-    try:
-        H.wait_until(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie", 5)
-    except TimeoutError:
-        H.note("ORPHAN", f"worker {worker} of SIGKILLed engine {engine} still alive 5 s later: {H.cmdline(worker)}")
-        H.kill_pids([worker])
+    assert_worker_died_with(worker, engine)
 
     ar2, _ = H.run_cell(rc[others], 'println!("survivor");')
     assert [s.strip() for s in ar2.stdout] == ["survivor"] * len(others)
@@ -134,10 +140,6 @@ def test_sigkill_rust_engine_mid_task_load_balanced_execute(rc, cluster):
            f"{time.monotonic() - t0:.3f} s ({ei.value.ename}: {str(ei.value.evalue)[:120]})")
     assert ei.value.ename == "EngineError", H.error_text(ei.value)
     H.wait_until(lambda: victim not in rc.ids, 20, what=f"engine {victim} to leave rc.ids")
-    try:
-        H.wait_until(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie", 5)
-    except TimeoutError:
-        H.note("ORPHAN", f"worker {worker} of SIGKILLed engine {engine} still alive 5 s later")
-        H.kill_pids([worker])
+    assert_worker_died_with(worker, engine)
     ar2, _ = H.run_cell(rc[others], 'println!("survivor");')
     assert [s.strip() for s in ar2.stdout] == ["survivor"] * len(others)
