@@ -413,8 +413,13 @@ impl Client {
                 tracing::warn!(error = %e, "engines did not all confirm shutdown; stopping the controller anyway");
             }
         }
-        self.inner.query("shutdown_request", json!({}), QUERY_LIMIT)?;
-        Ok(())
+        // The controller's shutdown notification (on another socket) may beat
+        // its reply here; either one confirms the shutdown.
+        match self.inner.query("shutdown_request", json!({}), QUERY_LIMIT) {
+            Ok(_) => Ok(()),
+            Err(Error::Connection(why)) if why == crate::io::CONTROLLER_SHUT_DOWN => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Close the connection now (also done when the last handle is dropped).

@@ -22,6 +22,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Why the connection is lost once the controller announced its shutdown.
+pub(crate) const CONTROLLER_SHUT_DOWN: &str = "the controller shut down";
+
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -721,7 +724,7 @@ impl Dispatcher {
                         all.remove(&id);
                         self.set_engines(all);
                     }
-                    ("shutdown_notification", _, _) => self.lose("the controller shut down".into()),
+                    ("shutdown_notification", _, _) => self.lose(CONTROLLER_SHUT_DOWN.into()),
                     _ => {}
                 }
             }
