@@ -76,7 +76,7 @@ pub use client::{Client, EngineQueue, Jobs, QueueStatus, Signal};
 pub use error::{Error, RemoteError, RemoteErrorKind, Result};
 pub use io::{IDLE_GRACE, LIVENESS_TIMEOUT, PROBE_AFTER, SEND_LIMIT};
 pub use remote::{sanitize_type_name, storage_type_name, type_name_of, Remote, RemoteFn};
-pub use result::{parse_date, AsyncMapResult, AsyncResult, EngineOutput, ExecuteResult, MapIter, TaskOutput, TaskTiming};
+pub use result::{parse_date, AsyncMapResult, AsyncResult, EngineOutput, ExecuteResult, MapIter, TaskEvent, TaskOutput, TaskTiming};
 pub use targets::{chunk_ranges, partition, slice_indices, Selector, TargetSpec, Targets};
 pub use view::{DirectView, Imap, LoadBalancedView, MapOptions};
 

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::error::{combine_engine_errors, Error, RemoteError, Result};
-use crate::tracker::{Outcome, ReplyData, TaskState, Tracker, TrackerState};
+use crate::tracker::{LogEntry, Outcome, ReplyData, TaskState, Tracker, TrackerState};
 
 // ---------------------------------------------------------------------------------------------
 // Reply decoding
@@ -173,6 +173,33 @@ fn wait_with_bar(tracker: &Tracker, unit: &str, progress: impl Fn(&TrackerState)
     bar.finish();
 }
 
+/// One thing that happened to a request, in arrival order ([`AsyncResult::next_events`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum TaskEvent {
+    /// A task's iopub output: `stream`, `display_data`, `execute_result` or `error`, with the
+    /// message content as the engine sent it.
+    Output { engine_id: Option<usize>, msg_type: String, content: Value },
+    /// A task's reply arrived: `error` when it failed (or the connection was lost).
+    Done { engine_id: Option<usize>, error: Option<RemoteError> },
+}
+
+fn task_event(tasks: &[TaskState], e: &LogEntry) -> TaskEvent {
+    match e {
+        LogEntry::Io { idx, msg_type, content } => TaskEvent::Output { engine_id: tasks[*idx].engine_id, msg_type: msg_type.clone(), content: content.clone() },
+        LogEntry::Done(idx) => {
+            let t = &tasks[*idx];
+            let error = match &t.outcome {
+                Some(Outcome::Reply(r)) if r.status == "ok" => None,
+                Some(Outcome::Reply(r)) => Some(RemoteError::from_reply(&r.content, t.engine_id)),
+                Some(Outcome::Lost(why)) => Some(RemoteError::new("ConnectionLost", why.clone(), t.engine_id)),
+                None => None,
+            };
+            TaskEvent::Done { engine_id: t.engine_id, error }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AsyncResult
 
@@ -261,6 +288,23 @@ impl<T> AsyncResult<T> {
     /// Submitted / started / completed times of each task.
     pub fn timings(&self) -> Vec<TaskTiming> {
         self.tracker.lock().tasks.iter().map(timing).collect()
+    }
+
+    /// Outputs and replies from `*cursor` on, in arrival order, waiting up to `timeout` for at
+    /// least one (returns early, possibly empty, once [`AsyncResult::finished`]). Advances the
+    /// cursor; start it at 0. This is how a front end streams each engine's output as it comes.
+    pub fn next_events(&self, cursor: &mut usize, timeout: Duration) -> Vec<TaskEvent> {
+        let at = *cursor;
+        self.tracker.wait_until(Some(Instant::now() + timeout), |s| s.log.len() > at || (s.complete(true)));
+        let s = self.tracker.lock();
+        let events: Vec<TaskEvent> = s.log.get(at..).unwrap_or_default().iter().map(|e| task_event(&s.tasks, e)).collect();
+        *cursor = s.log.len();
+        events
+    }
+
+    /// Every reply and every task's output is in (the end of [`AsyncResult::next_events`]).
+    pub fn finished(&self) -> bool {
+        self.tracker.lock().complete(true)
     }
 
     /// What each task printed so far, with its engine.

@@ -70,6 +70,15 @@ impl TaskState {
     }
 }
 
+/// One entry of a request's arrival log.
+#[derive(Debug, Clone)]
+pub(crate) enum LogEntry {
+    /// Task `idx` published `msg_type` with `content` on iopub.
+    Io { idx: usize, msg_type: String, content: Value },
+    /// Task `idx` got its outcome.
+    Done(usize),
+}
+
 /// Mutable state of a request.
 #[derive(Debug)]
 pub(crate) struct TrackerState {
@@ -78,6 +87,8 @@ pub(crate) struct TrackerState {
     pub settled: usize,
     /// Task indices in the order their replies arrived.
     pub done_order: Vec<usize>,
+    /// Outputs and replies in arrival order (what [`crate::AsyncResult::next_events`] reads).
+    pub log: Vec<LogEntry>,
     /// No more tasks will be added (false only while an `imap` is still submitting).
     pub sealed: bool,
     /// Threads waiting for any change.
@@ -108,7 +119,7 @@ pub(crate) struct Tracker {
 impl Tracker {
     pub fn new(tasks: Vec<TaskState>, needs_idle: bool, io: Option<Arc<Shared>>) -> Arc<Tracker> {
         Arc::new(Tracker {
-            state: Mutex::new(TrackerState { tasks, replied: 0, settled: 0, done_order: Vec::new(), sealed: true, waiters: 0, complete_waiters: 0, wakers: Vec::new() }),
+            state: Mutex::new(TrackerState { tasks, replied: 0, settled: 0, done_order: Vec::new(), log: Vec::new(), sealed: true, waiters: 0, complete_waiters: 0, wakers: Vec::new() }),
             cv: Condvar::new(),
             needs_idle,
             io,
@@ -161,6 +172,7 @@ impl Tracker {
             s.settled += 1;
         }
         s.done_order.push(idx);
+        s.log.push(LogEntry::Done(idx));
     }
 
     /// Fail every task without an outcome (and settle every task).
@@ -201,8 +213,10 @@ impl Tracker {
             }
             "execute_result" => t.io.results.push(data()),
             "display_data" => t.io.displays.push(data()),
-            _ => {}
+            "error" => {}
+            _ => return,
         }
+        s.log.push(LogEntry::Io { idx, msg_type: msg_type.to_string(), content: content.clone() });
     }
 
     /// Wake whoever waits on this request.

@@ -1,0 +1,74 @@
+//! `rpx-kernel`: the rpx Jupyter kernel. Plain cells run locally in an evcxr context; the
+//! magics `%px`, `%%px`, `%autopx`, `%pxresult` and `%pxconfig` run cells on the engines of an
+//! rpx cluster and show each engine's output as ipyparallel does. `rpx-kernel install` writes
+//! the `rpx` kernelspec.
+//!
+//! # Layout
+//! - [`server`]: the five Jupyter sockets, signing, iopub, heartbeat, the control channel.
+//! - [`shell`]: shell requests (execute, complete, inspect, is_complete, history, comms).
+//! - [`local`]: the kernel's own evcxr context for local cells.
+//! - [`px`]: the `%px` family through `rpx::Client` and `rpx_magics`.
+//! - [`syntax`]: `is_complete` for Rust cells.
+//! - [`install`]: the kernelspec.
+//! - `diagnostics`: rustc errors rendered against the cell (shared with rpx-compiler).
+
+// The same rendering of rustc diagnostics as the cluster's compiler, so local and remote compile
+// errors read alike.
+#[path = "../../compiler/src/diagnostics.rs"]
+mod diagnostics;
+mod install;
+mod local;
+mod px;
+mod server;
+mod shell;
+mod syntax;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "rpx-kernel", version, about = "The rpx Jupyter kernel: Rust on evcxr, with %px for rpx clusters")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the kernel (Jupyter starts it with the connection file).
+    Kernel {
+        /// The Jupyter connection file.
+        #[arg(long, short = 'f')]
+        connection_file: PathBuf,
+    },
+    /// Install the `rpx` kernelspec.
+    Install {
+        /// Into the user's Jupyter data directory.
+        #[arg(long, conflicts_with = "prefix")]
+        user: bool,
+        /// Into PREFIX/share/jupyter/kernels (e.g. a virtualenv's prefix).
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    // evcxr re-runs this binary as its runtime (and as a rustc wrapper): that must come first.
+    evcxr::runtime_hook();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RPX_KERNEL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match args.cmd {
+        Cmd::Kernel { connection_file } => server::run(&connection_file),
+        Cmd::Install { user, prefix } => install::install(user, prefix.as_deref()).map(|dir| {
+            println!("Installed the `{}` kernelspec in {}", install::KERNEL_NAME, dir.display());
+        }),
+    };
+    if let Err(e) = r {
+        eprintln!("rpx-kernel: {e:#}");
+        std::process::exit(1);
+    }
+}

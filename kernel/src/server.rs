@@ -1,0 +1,248 @@
+//! The Jupyter side of the kernel: binds the five sockets of the connection file, verifies and
+//! signs every message (HMAC-SHA256 with the connection key), publishes on iopub, answers the
+//! heartbeat, and handles the control channel (interrupt, shutdown, kernel_info) itself while
+//! shell requests go, one at a time, to the [`crate::shell::Kernel`] thread.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use jupyter_protocol::ConnectionInfo;
+use rpx_protocol::message::Header;
+use rpx_protocol::zmq::{frames, message};
+use rpx_protocol::{Message, Session};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tracing::{debug, info, warn};
+use zeromq::{PubSocket, RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use rpx_magics::{IopubMsg, StreamName};
+
+/// A send that takes longer than this is abandoned (zeromq 0.7 queues without bound otherwise).
+const SEND_LIMIT: Duration = Duration::from_secs(5);
+
+/// State shared by the socket tasks, the shell thread and the output forwarders.
+pub struct Shared {
+    pub session: Session,
+    iopub: UnboundedSender<ZmqMessage>,
+    /// The request whose output is being produced (parent of iopub messages).
+    parent: Mutex<Option<Header>>,
+    /// Set by `interrupt_request`; whoever runs the cell takes it.
+    pub interrupted: AtomicBool,
+    /// A local (evcxr) cell is running: an interrupt kills its runtime.
+    pub local_running: AtomicBool,
+    /// The evcxr runtime process, once the context exists.
+    pub child: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
+    topic_prefix: String,
+}
+
+impl Shared {
+    /// Publish on iopub with the current parent.
+    pub fn publish(&self, msg: &IopubMsg) {
+        let parent = self.parent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.publish_raw(msg.msg_type(), msg.content(), parent.as_ref());
+    }
+
+    /// Publish text on a stream with the current parent.
+    pub fn publish_stream(&self, name: StreamName, text: &str) {
+        self.publish(&IopubMsg::Stream { name, text: text.to_string() });
+    }
+
+    /// Publish any message.
+    pub fn publish_raw(&self, msg_type: &str, content: Value, parent: Option<&Header>) {
+        let topic = Bytes::from(format!("{}.{msg_type}", self.topic_prefix));
+        let (_, f) = self.session.msg(&[topic], msg_type, content, parent, json!({}), &[]);
+        let _ = self.iopub.send(message(f));
+    }
+
+    /// `status` (`busy`, `idle`) for a request.
+    pub fn status(&self, state: &str, parent: &Header) {
+        self.publish_raw("status", json!({ "execution_state": state }), Some(parent));
+    }
+
+    pub fn set_parent(&self, parent: Option<Header>) {
+        *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = parent;
+    }
+
+    /// Kill the local runtime if a local cell is running (evcxr restarts it on the next cell).
+    fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        if self.local_running.load(Ordering::SeqCst) {
+            if let Some(child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                let _ = child.lock().unwrap_or_else(|p| p.into_inner()).kill();
+            }
+        }
+    }
+
+    fn kill_runtime(&self) {
+        if let Some(child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = child.lock().unwrap_or_else(|p| p.into_inner()).kill();
+        }
+    }
+}
+
+/// A shell request for the shell thread, and where its reply goes.
+pub struct ShellRequest {
+    pub msg: Message,
+    pub reply: UnboundedSender<ZmqMessage>,
+}
+
+/// Read the connection file and serve until a `shutdown_request`.
+pub fn run(connection_file: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(connection_file).with_context(|| format!("cannot read {}", connection_file.display()))?;
+    let info: ConnectionInfo = serde_json::from_str(&text).with_context(|| format!("{} is not a Jupyter connection file", connection_file.display()))?;
+    if !info.signature_scheme.is_empty() && info.signature_scheme != "hmac-sha256" {
+        bail!("unsupported signature scheme {:?} (rpx-kernel signs with hmac-sha256)", info.signature_scheme);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(info))
+}
+
+fn endpoint(info: &ConnectionInfo, port: u16) -> Result<String> {
+    let transport = serde_json::to_value(&info.transport)?.as_str().unwrap_or("tcp").to_string();
+    if transport != "tcp" {
+        bail!("transport {transport:?} is not supported (use tcp)");
+    }
+    Ok(format!("tcp://{}:{port}", info.ip))
+}
+
+async fn serve(info: ConnectionInfo) -> Result<()> {
+    let session = Session::new(info.key.as_bytes(), "rpx-kernel");
+    let mut shell = RouterSocket::new();
+    shell.bind(&endpoint(&info, info.shell_port)?).await.context("cannot bind the shell socket")?;
+    let mut control = RouterSocket::new();
+    control.bind(&endpoint(&info, info.control_port)?).await.context("cannot bind the control socket")?;
+    let mut stdin = RouterSocket::new();
+    stdin.bind(&endpoint(&info, info.stdin_port)?).await.context("cannot bind the stdin socket")?;
+    let mut iopub = PubSocket::new();
+    iopub.bind(&endpoint(&info, info.iopub_port)?).await.context("cannot bind the iopub socket")?;
+    let mut hb = RepSocket::new();
+    hb.bind(&endpoint(&info, info.hb_port)?).await.context("cannot bind the heartbeat socket")?;
+    info!(ip = %info.ip, shell = info.shell_port, "rpx kernel listening");
+
+    let (iopub_tx, mut iopub_rx) = unbounded_channel::<ZmqMessage>();
+    tokio::spawn(async move {
+        while let Some(m) = iopub_rx.recv().await {
+            if tokio::time::timeout(SEND_LIMIT, iopub.send(m)).await.is_err() {
+                warn!("an iopub message took too long to send; dropped");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            match hb.recv().await {
+                Ok(m) => {
+                    if tokio::time::timeout(SEND_LIMIT, hb.send(m)).await.is_err() {
+                        warn!("heartbeat reply timed out");
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "heartbeat socket");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+    // Keep the stdin socket open (input requests are not supported yet); drain anything sent.
+    tokio::spawn(async move {
+        while stdin.recv().await.is_ok() {}
+    });
+
+    let shared = Arc::new(Shared {
+        topic_prefix: format!("kernel.{}", session.session),
+        session: session.clone(),
+        iopub: iopub_tx,
+        parent: Mutex::new(None),
+        interrupted: AtomicBool::new(false),
+        local_running: AtomicBool::new(false),
+        child: Mutex::new(None),
+    });
+
+    // Shell: requests go to one thread, in order; its replies come back to be sent.
+    let (shell_tx, shell_rx) = mpsc::channel::<ShellRequest>();
+    let (reply_tx, mut reply_rx) = unbounded_channel::<ZmqMessage>();
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new().name("shell".into()).spawn(move || crate::shell::Kernel::new(shared).serve(shell_rx))?;
+    }
+    let (mut shell_send, mut shell_recv) = shell.split();
+    tokio::spawn(async move {
+        while let Some(m) = reply_rx.recv().await {
+            if tokio::time::timeout(SEND_LIMIT, shell_send.send(m)).await.is_err() {
+                warn!("a shell reply took too long to send; dropped");
+            }
+        }
+    });
+    {
+        let session = session.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(m) = shell_recv.recv().await else { continue };
+                match session.decode(frames(m)) {
+                    Ok(msg) => {
+                        if shell_tx.send(ShellRequest { msg, reply: reply_tx.clone() }).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "dropped a shell message"),
+                }
+            }
+        });
+    }
+
+    // Control, handled here so that it answers while a cell runs.
+    loop {
+        let m = match control.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "control socket");
+                continue;
+            }
+        };
+        let msg = match session.decode(frames(m)) {
+            Ok(msg) => msg,
+            Err(e) => {
+                warn!(error = %e, "dropped a control message");
+                continue;
+            }
+        };
+        shared.status("busy", &msg.header);
+        let (content, exit) = match msg.msg_type() {
+            "kernel_info_request" => (crate::shell::kernel_info(), false),
+            "interrupt_request" => {
+                info!("interrupt requested");
+                shared.interrupt();
+                (serde_json::to_value(jupyter_protocol::InterruptReply::new())?, false)
+            }
+            "shutdown_request" => {
+                let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                info!(restart, "shutdown requested");
+                (json!({ "status": "ok", "restart": restart }), true)
+            }
+            other => {
+                debug!(msg_type = other, "unhandled control message");
+                shared.status("idle", &msg.header);
+                continue;
+            }
+        };
+        let reply_type = msg.msg_type().replace("_request", "_reply");
+        let (_, f) = session.msg(&msg.idents, &reply_type, content, Some(&msg.header), json!({}), &[]);
+        let _ = tokio::time::timeout(SEND_LIMIT, control.send(message(f))).await;
+        shared.status("idle", &msg.header);
+        if exit {
+            shared.kill_runtime();
+            // Let the reply and the status leave before the process does.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Encode a reply on the shell channel.
+pub fn reply(session: &Session, req: &ShellRequest, msg_type: &str, content: Value) {
+    let (_, f) = session.msg(&req.msg.idents, msg_type, content, Some(&req.msg.header), json!({}), &[]);
+    let _ = req.reply.send(message(f));
+}

@@ -1,0 +1,356 @@
+//! Shell requests, one at a time on their own thread: `execute` (magics parsed by `rpx_magics`,
+//! local code to evcxr, `%px` to the cluster), `complete`, `inspect`, `is_complete`, `history`,
+//! `kernel_info`, `comm_info` and comms (none are offered, so every `comm_open` is closed).
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+
+use jupyter_protocol::{
+    CommInfoReply, CompleteReply, HelpLink, InspectReply, IsCompleteReply, IsCompleteReplyStatus, KernelInfoReply,
+    LanguageInfo, ReplyStatus,
+};
+use serde_json::{json, Map, Value};
+use tracing::{debug, warn};
+
+use rpx_magics::{autopx_message, parse_cell_autopx, Command, IopubMsg, MagicError, StreamName};
+
+use crate::local::{Local, LocalOutcome};
+use crate::px::{Px, PxError};
+use crate::server::{reply, ShellRequest, Shared};
+use crate::syntax::{is_complete, Completeness};
+
+/// The kernel's cell-running state.
+pub struct Kernel {
+    shared: Arc<Shared>,
+    local: Local,
+    px: Px,
+    execution_count: u64,
+    /// `(line number, input)` of every cell run with `store_history`.
+    history: Vec<(u64, String)>,
+}
+
+/// A failed cell: published as `error` and put in the `execute_reply`.
+pub struct CellError {
+    pub ename: String,
+    pub evalue: String,
+    pub traceback: Vec<String>,
+}
+
+impl CellError {
+    pub fn new(ename: impl Into<String>, evalue: impl Into<String>, traceback: Vec<String>) -> CellError {
+        let evalue = evalue.into();
+        let ename = ename.into();
+        let traceback = if traceback.is_empty() { vec![format!("{ename}: {evalue}")] } else { traceback };
+        CellError { ename, evalue, traceback }
+    }
+}
+
+impl From<MagicError> for CellError {
+    fn from(e: MagicError) -> CellError {
+        CellError::new("UsageError", e.to_string(), vec![])
+    }
+}
+
+impl From<PxError> for CellError {
+    fn from(e: PxError) -> CellError {
+        match e {
+            PxError::Usage(e) => e.into(),
+            PxError::Cell(c) => c,
+        }
+    }
+}
+
+/// The `kernel_info_reply` content.
+pub fn kernel_info() -> Value {
+    let reply = KernelInfoReply {
+        status: ReplyStatus::Ok,
+        protocol_version: "5.4".into(),
+        implementation: "rpx".into(),
+        implementation_version: env!("CARGO_PKG_VERSION").into(),
+        language_info: LanguageInfo {
+            name: "rust".into(),
+            version: rustc_version(),
+            mimetype: Some("text/rust".into()),
+            file_extension: Some(".rs".into()),
+            pygments_lexer: Some("rust".into()),
+            codemirror_mode: Some(jupyter_protocol::CodeMirrorMode::Simple("rust".into())),
+            nbconvert_exporter: None,
+        },
+        banner: format!(
+            "rpx {} - Rust on evcxr, with %px, %%px, %autopx, %pxresult and %pxconfig to run cells on an rpx cluster",
+            env!("CARGO_PKG_VERSION")
+        ),
+        help_links: vec![HelpLink { text: "evcxr".into(), url: "https://github.com/evcxr/evcxr".into() }],
+        debugger: false,
+        error: None,
+    };
+    serde_json::to_value(reply).expect("serializable")
+}
+
+fn rustc_version() -> String {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        std::process::Command::new("rustc")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
+            .unwrap_or_default()
+    })
+    .clone()
+}
+
+/// Byte offset of the `chars`-th character (Jupyter cursor positions count code points).
+fn byte_offset(s: &str, chars: usize) -> usize {
+    s.char_indices().nth(chars).map_or(s.len(), |(b, _)| b)
+}
+
+fn char_offset(s: &str, bytes: usize) -> usize {
+    s[..bytes.min(s.len())].chars().count()
+}
+
+impl Kernel {
+    pub fn new(shared: Arc<Shared>) -> Kernel {
+        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new() }
+    }
+
+    /// Handle shell requests until the socket side goes away.
+    pub fn serve(mut self, rx: mpsc::Receiver<ShellRequest>) {
+        while let Ok(req) = rx.recv() {
+            self.shared.status("busy", &req.msg.header);
+            self.handle(&req);
+            self.shared.status("idle", &req.msg.header);
+        }
+    }
+
+    fn handle(&mut self, req: &ShellRequest) {
+        let c = &req.msg.content;
+        let shared = self.shared.clone();
+        let session = &shared.session;
+        match req.msg.msg_type() {
+            "kernel_info_request" => reply(session, req, "kernel_info_reply", kernel_info()),
+            "execute_request" => self.execute(req),
+            "is_complete_request" => {
+                let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
+                let r = match is_complete(code) {
+                    Completeness::Complete => IsCompleteReply::new(IsCompleteReplyStatus::Complete, String::new()),
+                    Completeness::Incomplete(indent) => IsCompleteReply::incomplete(indent),
+                    Completeness::Invalid => IsCompleteReply::new(IsCompleteReplyStatus::Invalid, String::new()),
+                };
+                let mut v = serde_json::to_value(r).expect("serializable");
+                if v["status"] != "incomplete" {
+                    v.as_object_mut().expect("object").remove("indent");
+                }
+                reply(session, req, "is_complete_reply", v);
+            }
+            "complete_request" => {
+                let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
+                let cursor = c.get("cursor_pos").and_then(Value::as_u64).map_or(code.chars().count(), |p| p as usize);
+                let r = self.complete(code, cursor);
+                reply(session, req, "complete_reply", serde_json::to_value(r).expect("serializable"));
+            }
+            "inspect_request" => {
+                let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
+                let cursor = c.get("cursor_pos").and_then(Value::as_u64).map_or(code.chars().count(), |p| p as usize);
+                let mut r = InspectReply::default();
+                match self.local.inspect(code, byte_offset(code, cursor)) {
+                    Ok((plain, html)) if !plain.trim().is_empty() => {
+                        r.found = true;
+                        r.data = serde_json::from_value(json!({ "text/plain": plain, "text/html": html })).unwrap_or_default();
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "inspect"),
+                }
+                reply(session, req, "inspect_reply", serde_json::to_value(r).expect("serializable"));
+            }
+            "history_request" => {
+                let history = self.history_entries(c);
+                reply(session, req, "history_reply", json!({ "status": "ok", "history": history }));
+            }
+            "comm_info_request" => reply(session, req, "comm_info_reply", serde_json::to_value(CommInfoReply::default()).expect("serializable")),
+            "comm_open" => {
+                // No comm targets are offered: close it at once, as the protocol asks.
+                let id = c.get("comm_id").cloned().unwrap_or(Value::Null);
+                self.shared.publish_raw("comm_close", json!({ "comm_id": id, "data": {} }), Some(&req.msg.header));
+            }
+            "comm_msg" | "comm_close" => {}
+            "shutdown_request" => {
+                let restart = c.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                reply(session, req, "shutdown_reply", json!({ "status": "ok", "restart": restart }));
+            }
+            other => warn!(msg_type = other, "unhandled shell message"),
+        }
+    }
+
+    fn complete(&mut self, code: &str, cursor: usize) -> CompleteReply {
+        let pos = byte_offset(code, cursor);
+        let mut r = CompleteReply { cursor_start: cursor, cursor_end: cursor, ..Default::default() };
+        // A magic name being typed: offer the magics.
+        let line_start = code[..pos].rfind('\n').map_or(0, |i| i + 1);
+        let word = code[line_start..pos].trim_start();
+        if word.starts_with('%') && !word.contains(char::is_whitespace) {
+            let start = pos - word.len();
+            r.matches = ["%px", "%%px", "%autopx", "%pxresult", "%pxconfig"].iter().filter(|m| m.starts_with(word)).map(|m| m.to_string()).collect();
+            r.cursor_start = char_offset(code, start);
+            return r;
+        }
+        match self.local.complete(code, pos) {
+            Ok((matches, start, end)) => {
+                r.matches = matches;
+                r.cursor_start = char_offset(code, start);
+                r.cursor_end = char_offset(code, end);
+            }
+            Err(e) => debug!(error = %e, "completion"),
+        }
+        r
+    }
+
+    fn history_entries(&self, c: &Value) -> Vec<Value> {
+        let entry = |(n, code): &(u64, String)| json!([1, n, code]);
+        match c.get("hist_access_type").and_then(Value::as_str).unwrap_or("tail") {
+            "range" => {
+                let start = c.get("start").and_then(Value::as_u64).unwrap_or(1);
+                let stop = c.get("stop").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                self.history.iter().filter(|(n, _)| *n >= start && *n < stop).map(entry).collect()
+            }
+            "search" => {
+                let pattern = c.get("pattern").and_then(Value::as_str).unwrap_or("*");
+                let unique = c.get("unique").and_then(Value::as_bool).unwrap_or(false);
+                let mut seen = std::collections::HashSet::new();
+                let hits: Vec<&(u64, String)> =
+                    self.history.iter().filter(|(_, code)| glob(pattern, code)).filter(|(_, code)| !unique || seen.insert(code.clone())).collect();
+                let n = c.get("n").and_then(Value::as_u64).map_or(hits.len(), |n| n as usize);
+                hits[hits.len().saturating_sub(n)..].iter().map(|e| entry(e)).collect()
+            }
+            _ => {
+                let n = c.get("n").and_then(Value::as_u64).unwrap_or(10) as usize;
+                self.history[self.history.len().saturating_sub(n)..].iter().map(entry).collect()
+            }
+        }
+    }
+
+    fn execute(&mut self, req: &ShellRequest) {
+        let c = &req.msg.content;
+        let code = c.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
+        let silent = c.get("silent").and_then(Value::as_bool).unwrap_or(false);
+        let store_history = c.get("store_history").and_then(Value::as_bool).unwrap_or(!silent) && !silent;
+        if store_history {
+            self.execution_count += 1;
+            self.history.push((self.execution_count, code.clone()));
+        }
+        let count = self.execution_count;
+        self.shared.set_parent(Some(req.msg.header.clone()));
+        self.shared.interrupted.store(false, Ordering::SeqCst);
+        if !silent {
+            self.shared.publish_raw("execute_input", json!({ "code": code, "execution_count": count }), Some(&req.msg.header));
+        }
+        let outcome = self.run_cell(&code, count, &req.msg.header.msg_id);
+        let content = match outcome {
+            Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": {}, "payload": [] }),
+            Err(e) => {
+                self.shared.publish(&IopubMsg::Error { ename: e.ename.clone(), evalue: e.evalue.clone(), traceback: e.traceback.clone() });
+                json!({ "status": "error", "execution_count": count, "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback, "user_expressions": {}, "payload": [] })
+            }
+        };
+        reply(&self.shared.session, req, "execute_reply", content);
+        self.shared.set_parent(None);
+    }
+
+    /// Run every command of a cell, stopping at the first failure.
+    fn run_cell(&mut self, code: &str, count: u64, msg_id: &str) -> Result<(), CellError> {
+        let commands = parse_cell_autopx(code, self.px.autopx)?;
+        for cmd in commands {
+            match cmd {
+                Command::Local(code) => self.run_local(&code, count)?,
+                Command::Autopx => {
+                    self.px.autopx = !self.px.autopx;
+                    self.shared.publish_stream(StreamName::Stdout, &format!("{}\n", autopx_message(self.px.autopx)));
+                }
+                Command::Help { text, .. } => self.shared.publish_stream(StreamName::Stdout, &format!("{}\n", text.trim_end())),
+                Command::PxConfig(opts) => self.px.config.apply(&opts),
+                Command::PxResult(opts) => self.px.result(&opts)?,
+                Command::Px { code, options } => {
+                    let run = self.px.config.effective(&options);
+                    if run.local {
+                        let pending = self.px.submit(&code, &run, msg_id)?;
+                        self.run_local(&code, count)?;
+                        self.px.finish(pending, &run)?;
+                    } else {
+                        let pending = self.px.submit(&code, &run, msg_id)?;
+                        self.px.finish(pending, &run)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_local(&mut self, code: &str, count: u64) -> Result<(), CellError> {
+        match self.local.execute(code) {
+            LocalOutcome::Ok(None) => Ok(()),
+            LocalOutcome::Ok(Some(data)) => {
+                self.show(data, count);
+                Ok(())
+            }
+            LocalOutcome::Err(ename, evalue, tb) => Err(CellError::new(ename, evalue, tb)),
+        }
+    }
+
+    /// A value shown by a local cell: plain text is the cell's result; anything richer
+    /// (`EVCXR_BEGIN_CONTENT text/html`, images) is displayed.
+    fn show(&self, data: Map<String, Value>, count: u64) {
+        let only_text = data.keys().all(|k| k == "text/plain");
+        let data = Value::Object(data);
+        if only_text {
+            self.shared.publish(&IopubMsg::ExecuteResult { data, metadata: json!({}), execution_count: count });
+        } else {
+            self.shared.publish(&IopubMsg::DisplayData { data, metadata: json!({}), display_id: None });
+        }
+    }
+}
+
+/// Shell-style glob (`*`, `?`) over the whole text, as IPython's history search.
+fn glob(pattern: &str, text: &str) -> bool {
+    fn go(p: &[char], t: &[char]) -> bool {
+        match p.first() {
+            None => t.is_empty(),
+            Some('*') => (0..=t.len()).any(|i| go(&p[1..], &t[i..])),
+            Some('?') => !t.is_empty() && go(&p[1..], &t[1..]),
+            Some(c) => t.first() == Some(c) && go(&p[1..], &t[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    go(&p, &t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_like_ipython_history_search() {
+        assert!(glob("*", "anything"));
+        assert!(glob("let *", "let x = 1;"));
+        assert!(!glob("let *", "println!()"));
+        assert!(glob("?x*", "ax = 2"));
+    }
+
+    #[test]
+    fn cursor_offsets_count_code_points() {
+        let s = "let é = 1;";
+        assert_eq!(byte_offset(s, 5), 6);
+        assert_eq!(char_offset(s, 6), 5);
+        assert_eq!(byte_offset(s, 100), s.len());
+    }
+
+    #[test]
+    fn kernel_info_names_the_rust_language() {
+        let v = kernel_info();
+        assert_eq!(v["language_info"]["name"], "rust");
+        assert_eq!(v["language_info"]["file_extension"], ".rs");
+        assert_eq!(v["implementation"], "rpx");
+        assert_eq!(v["status"], "ok");
+    }
+}
