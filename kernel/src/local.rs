@@ -89,6 +89,7 @@ impl Local {
         let interrupted = shared.interrupted.swap(false, Ordering::SeqCst);
         match r {
             Ok(out) if out.content_by_mime_type.is_empty() => LocalOutcome::Ok(None),
+            Ok(out) if out.content_by_mime_type.len() == 1 && out.content_by_mime_type.get("text/plain").is_some_and(|t| t == "()") => LocalOutcome::Ok(None),
             Ok(out) => {
                 let data = out
                     .content_by_mime_type
@@ -139,6 +140,12 @@ impl Local {
         let ctx = self.ctx()?;
         ctx.hover_at(code, pos).map_err(|e| e.to_string())
     }
+}
+
+/// A result that is just `()` (a cell ending in `println!(..)` without `;`): not shown, as
+/// ipyparallel does not show `None`.
+pub fn is_unit(data: &Value) -> bool {
+    data.as_object().is_some_and(|d| d.len() == 1 && d.get("text/plain").and_then(Value::as_str) == Some("()"))
 }
 
 fn mentions_rpx(code: &str) -> bool {

@@ -146,6 +146,7 @@ impl Px {
                 let (id, event) = match ev {
                     TaskEvent::Output { engine_id, msg_type, content } if msg_type != "error" => {
                         match (engine_id, OutputEvent::from_iopub(&msg_type, &content)) {
+                            (Some(_), Some(OutputEvent::ExecuteResult { data, .. })) if crate::local::is_unit(&data) => continue,
                             (Some(id), Some(e)) => (id, e),
                             _ => continue,
                         }
