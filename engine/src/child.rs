@@ -243,6 +243,19 @@ impl Worker {
         }
     }
 
+    /// Send SIGINT to the worker's main thread, where cells run (see [`crate::worker::interrupt`]).
+    pub fn interrupt(&self) -> std::io::Result<()> {
+        if self.pid <= 0 {
+            return Err(std::io::Error::other("worker has no pid"));
+        }
+        // SAFETY: tgkill has no memory effects; the main thread's id is the process id.
+        if unsafe { libc::tgkill(self.pid, self.pid, libc::SIGINT) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// Kill the worker (SIGKILL) and close its stdin; the reader task reaps it.
     pub fn kill(&mut self) {
         let _ = self.signal(libc::SIGKILL);

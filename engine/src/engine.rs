@@ -45,6 +45,12 @@ const FLUSH_BYTES: usize = 64 * 1024;
 const PANIC_GRACE: Duration = Duration::from_millis(150);
 /// Lines of worker stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
+/// After SIGINT, how long running user code has to stop before the worker is killed (its
+/// variables are lost then). A cell in a loop without calls can only be stopped this way.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+/// SIGINT is sent again this often during the grace period (one that raced with the worker
+/// starting the code is not lost; code that caught the interrupt gets another).
+const INTERRUPT_REPEAT: Duration = Duration::from_millis(250);
 
 /// Register, connect everything, and serve until shutdown. Returns the process exit code.
 pub async fn run(cfg: Config) -> Result<i32> {
@@ -252,6 +258,10 @@ struct Cell {
     content: BTreeMap<String, String>,
     reply: Option<CellReply>,
     grace_until: Option<Instant>,
+    /// SIGINT arrived for this cell: loads of it not started yet are skipped.
+    interrupt_requested: bool,
+    /// The cell was interrupted (`Some(true)`: before the worker ran it).
+    interrupted: Option<bool>,
 }
 
 /// A closure call (apply or map) in progress.
@@ -263,6 +273,17 @@ struct Call {
     closure: Closure,
     /// Set once the worker was asked to run it.
     running: bool,
+    /// SIGINT arrived while the closure was being compiled: it is not run.
+    interrupt_requested: bool,
+}
+
+/// An interrupt in progress: the load or call it targets, and when to give up on it.
+#[derive(Debug)]
+struct Interrupt {
+    /// The cell id of the load, or the msg id of the call.
+    target: String,
+    deadline: Instant,
+    next_poke: Instant,
 }
 
 /// The load the worker is running.
@@ -323,6 +344,7 @@ struct Engine {
     /// Closures this engine has compiled: artifact and symbol.
     closures: HashMap<Closure, (String, String)>,
     call: Option<Call>,
+    interrupt: Option<Interrupt>,
 }
 
 impl Engine {
@@ -369,6 +391,7 @@ impl Engine {
             fresh: HashSet::new(),
             closures: HashMap::new(),
             call: None,
+            interrupt: None,
         }
     }
 
@@ -450,7 +473,7 @@ impl Engine {
                 }
                 if !fresh_worker {
                     // A new compiler knows nothing of this worker's variables.
-                    self.restart_worker("a new compiler connected").await;
+                    self.restart_worker("killed by a new compiler connected").await;
                 }
                 self.ensure_worker();
             }
@@ -505,11 +528,15 @@ impl Engine {
                 self.reply(&req, json!({"status": "ok"}), md);
             }
             "clear_request" => {
-                self.restart_worker("clear_request").await;
+                self.restart_worker("killed by clear_request").await;
                 self.reply(&req, json!({"status": "ok"}), md);
             }
             "signal_request" => {
                 let content = match crate::signals::parse_signal(req.content.get("sig").unwrap_or(&Value::Null)) {
+                    Ok(libc::SIGINT) => {
+                        self.interrupt();
+                        json!({"status": "ok"})
+                    }
                     Ok(sig) => match &self.worker {
                         Some(w) => match w.signal(sig) {
                             Ok(()) => {
@@ -539,6 +566,52 @@ impl Engine {
             }
         }
         self.status("idle", &req.header);
+    }
+
+    /// SIGINT: interrupt the running cell or call, keeping the engine's variables (see
+    /// [`crate::worker::interrupt`]); if it has not stopped after [`INTERRUPT_GRACE`] the worker
+    /// is killed. A cell or closure still being compiled is not run. Otherwise nothing happens.
+    fn interrupt(&mut self) {
+        if let Some(cell) = &mut self.current {
+            cell.interrupt_requested = true;
+        }
+        if let Some(call) = self.call.as_mut().filter(|c| !c.running) {
+            call.interrupt_requested = true;
+        }
+        let running = self.loading.as_ref().map(|l| l.cell_id.clone()).or_else(|| self.call.as_ref().filter(|c| c.running).map(|c| c.req.msg_id().to_string()));
+        let now = Instant::now();
+        if let Some(target) = running {
+            if self.interrupt.as_ref().is_none_or(|i| i.target != target) {
+                self.interrupt = Some(Interrupt { target: target.clone(), deadline: now + INTERRUPT_GRACE, next_poke: now + INTERRUPT_REPEAT });
+            }
+            info!(%target, "SIGINT: interrupting the running code");
+        }
+        // The worker ignores SIGINT while it runs nothing.
+        if let Some(w) = &self.worker {
+            if let Err(e) = w.interrupt() {
+                warn!(error = %e, "cannot send SIGINT to the worker");
+            }
+        }
+    }
+
+    /// Follow an interrupt: poke the worker again, or kill it when the grace period is over.
+    async fn follow_interrupt(&mut self) {
+        let Some(i) = &mut self.interrupt else { return };
+        let running = self.loading.as_ref().is_some_and(|l| l.cell_id == i.target) || self.call.as_ref().is_some_and(|c| c.running && c.req.msg_id() == i.target);
+        let now = Instant::now();
+        if !running {
+            self.interrupt = None;
+        } else if now >= i.deadline {
+            self.interrupt = None;
+            warn!(grace = ?INTERRUPT_GRACE, "the interrupted code did not stop; killing the worker");
+            let status = format!("killed after SIGINT: the code did not stop within {} s", INTERRUPT_GRACE.as_secs());
+            self.restart_worker(&status).await;
+        } else if now >= i.next_poke {
+            i.next_poke = now + INTERRUPT_REPEAT;
+            if let Some(w) = &self.worker {
+                let _ = w.interrupt();
+            }
+        }
     }
 
     fn reply_aborted(&self, req: &Request) {
@@ -621,7 +694,20 @@ impl Engine {
         info!(%cell_id, count, ?purpose, "cell");
         let code = crate::namespace::with_bindings(&self.unbound, &code);
         self.to_compiler(cmsg::CELL_REQUEST, serde_json::to_value(CellRequest { cell_id, code }).expect("serializes"));
-        self.current = Some(Cell { req, purpose, silent, count, md, panicked: false, died: None, content: BTreeMap::new(), reply: None, grace_until: None });
+        self.current = Some(Cell {
+            req,
+            purpose,
+            silent,
+            count,
+            md,
+            panicked: false,
+            died: None,
+            content: BTreeMap::new(),
+            reply: None,
+            grace_until: None,
+            interrupt_requested: false,
+            interrupted: None,
+        });
     }
 
     // ----- rpx apply payloads: push, pull, closures -----
@@ -702,12 +788,12 @@ impl Engine {
         self.stream_parent = Some(req.header.clone());
         self.stderr_tail.clear();
         if self.closures.contains_key(&closure) {
-            self.call = Some(Call { req, md, mode, closure, running: false });
+            self.call = Some(Call { req, md, mode, closure, running: false, interrupt_requested: false });
             return self.run_call().await;
         }
         // The first call of this closure here: the compiler compiles it (once per cluster).
         let request = ClosureRequest { request_id: req.msg_id().to_string(), closure: closure.clone() };
-        self.call = Some(Call { req, md, mode, closure, running: false });
+        self.call = Some(Call { req, md, mode, closure, running: false, interrupt_requested: false });
         if !self.to_compiler(cmsg::CLOSURE_REQUEST, serde_json::to_value(request).expect("serializes")) {
             self.spawn_reconnect();
             let call = self.call.take().expect("set");
@@ -718,6 +804,9 @@ impl Engine {
     /// Hand the current call to the worker.
     async fn run_call(&mut self) {
         let Some(call) = &mut self.call else { return };
+        if call.interrupt_requested {
+            return self.finish_call(Err(EngineError::interrupted("call", true)));
+        }
         let Some((so, func)) = self.closures.get(&call.closure).cloned() else { return };
         call.running = true;
         self.ensure_worker();
@@ -774,6 +863,7 @@ impl Engine {
             abi::STATUS_OK => Ok(data),
             abi::STATUS_PANIC => Err(EngineError::panic(&text(), vec![])),
             abi::STATUS_BAD_INPUT => Err(EngineError::new(ename::UNSUPPORTED_PAYLOAD, text(), vec![])),
+            crate::worker::STATUS_INTERRUPTED => Err(EngineError::interrupted("call", false)),
             _ => Err(EngineError::new("CompilerError", text(), vec![])),
         };
         self.finish_call(outcome);
@@ -867,7 +957,17 @@ impl Engine {
         if self.loading.is_some() {
             return;
         }
-        let Some(load) = self.pending_loads.pop_front() else { return };
+        let load = loop {
+            let Some(load) = self.pending_loads.pop_front() else { return };
+            let Some(cell) = self.current.as_mut().filter(|c| c.interrupt_requested && c.req.msg_id() == load.cell_id) else { break load };
+            // Interrupted before the worker ran it: it does not run (the compiler handles a
+            // skipped load as a panicked one).
+            cell.panicked = true;
+            cell.interrupted.get_or_insert(true);
+            info!(cell_id = %load.cell_id, "interrupted before it ran; load skipped");
+            let outcome = LoadOutcome::Skipped { reason: "interrupted (SIGINT) before it ran".into() };
+            self.to_compiler(cmsg::LOAD_DONE, serde_json::to_value(LoadDone { cell_id: load.cell_id, outcome }).expect("serializes"));
+        };
         self.ensure_worker();
         self.loading = Some(Loading { cell_id: load.cell_id.clone(), panicked: false, error_occurred: false, changed_types: vec![] });
         let line = format!("LOAD_AND_RUN {} {}", load.so_path, load.fn_name);
@@ -946,6 +1046,7 @@ impl Engine {
     /// The worker is gone (died or killed): tell the compiler through the running load if there
     /// is one, else with `worker_restarted`, and mark the running cell.
     fn worker_gone(&mut self, status: &str) {
+        self.interrupt = None;
         // Bound variables died with the worker; pushed values not yet bound are still files.
         let unbound = &self.unbound;
         self.fresh.retain(|n| unbound.contains_key(n));
@@ -963,11 +1064,13 @@ impl Engine {
         }
     }
 
-    async fn restart_worker(&mut self, why: &str) {
+    /// Kill the worker and start a new one; `status` says why (it is reported as how the
+    /// worker died).
+    async fn restart_worker(&mut self, status: &str) {
         if let Some(mut w) = self.worker.take() {
-            info!(pid = w.pid, why, "restarting the worker");
+            info!(pid = w.pid, status, "restarting the worker");
             w.kill();
-            self.worker_gone(&format!("killed by {why}"));
+            self.worker_gone(status);
         }
         self.quick_deaths = 0;
         self.ensure_worker();
@@ -989,6 +1092,13 @@ impl Engine {
                         l.panicked = true;
                         if let Some(c) = self.current.as_mut().filter(|c| c.req.msg_id() == l.cell_id) {
                             c.panicked = true;
+                        }
+                    }
+                }
+                StdoutEvent::Interrupted => {
+                    if let Some(l) = &self.loading {
+                        if let Some(c) = self.current.as_mut().filter(|c| c.req.msg_id() == l.cell_id) {
+                            c.interrupted = Some(false);
                         }
                     }
                 }
@@ -1041,7 +1151,7 @@ impl Engine {
         if self.loading.as_ref().is_some_and(|l| l.cell_id == id) || self.pending_loads.iter().any(|l| l.cell_id == id) {
             return;
         }
-        if cell.panicked && cell.died.is_none() && find_panic(&self.stderr_tail.panic_lines()).is_none_or(|p| p.message.is_empty()) {
+        if cell.panicked && cell.died.is_none() && cell.interrupted.is_none() && find_panic(&self.stderr_tail.panic_lines()).is_none_or(|p| p.message.is_empty()) {
             // stdout and stderr are separate pipes: give the panic message a moment to arrive.
             match cell.grace_until {
                 None => {
@@ -1070,6 +1180,8 @@ impl Engine {
             Some(e)
         } else if let Some(status) = &cell.died {
             Some(EngineError::worker_died(&self.me, status, tail))
+        } else if let Some(before_run) = cell.interrupted.filter(|_| cell.panicked) {
+            Some(EngineError::interrupted("cell", before_run))
         } else if cell.panicked {
             match find_panic(&self.stderr_tail.panic_lines()) {
                 Some(p) => Some(EngineError::panic(&p.message, p.lines)),
@@ -1140,6 +1252,7 @@ impl Engine {
     }
 
     async fn on_tick(&mut self) {
+        self.follow_interrupt().await;
         if let Some(t) = self.parser.take_partial_text() {
             self.out_buf.push_str(&t);
         }

@@ -9,6 +9,9 @@ use std::collections::VecDeque;
 pub const EXECUTION_COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
 /// User code panicked (caught by the generated wrapper).
 pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
+/// The worker's own marker: the cell was interrupted (SIGINT); printed after the cell returned,
+/// before [`EXECUTION_COMPLETE`].
+pub const INTERRUPTED: &str = "RPX_INTERRUPTED";
 /// A `?` in user code returned an error.
 pub const ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
 /// Prefix of `EVCXR_VARIABLE_CHANGED_TYPE:<name>`.
@@ -27,6 +30,8 @@ pub enum StdoutEvent {
     /// Consecutive user lines from one chunk are coalesced into one event.
     Text(String),
     Panic,
+    /// The worker's [`INTERRUPTED`] marker.
+    Interrupted,
     ErrorOccurred,
     ChangedType(String),
     /// A complete `EVCXR_BEGIN_CONTENT <mime>` ... `EVCXR_END_CONTENT` block; lines joined by `\n`.
@@ -148,6 +153,7 @@ impl StdoutParser {
         for (marker, event) in [
             (EXECUTION_COMPLETE, StdoutEvent::Complete),
             (PANIC_NOTIFICATION, StdoutEvent::Panic),
+            (INTERRUPTED, StdoutEvent::Interrupted),
             (ERROR_OCCURRED, StdoutEvent::ErrorOccurred),
         ] {
             if let Some(prefix) = line.strip_suffix(marker) {
@@ -326,6 +332,13 @@ mod tests {
         let ev = p.feed(b"a\nb\nEVCXR_ERROR_OCCURRED\nc\nEVCXR_EXECUTION_COMPLETE\n");
         assert_eq!(ev, vec![text("a\nb\n"), ErrorOccurred, text("c\n"), Complete]);
         assert!(!p.has_pending());
+    }
+
+    #[test]
+    fn interrupted_marker_after_the_panic_notification() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"working\nEVCXR_PANIC_NOTIFICATION\npartialRPX_INTERRUPTED\nEVCXR_EXECUTION_COMPLETE\n");
+        assert_eq!(ev, vec![text("working\n"), Panic, text("partial"), Interrupted, Complete]);
     }
 
     #[test]

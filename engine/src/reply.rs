@@ -145,6 +145,15 @@ impl EngineError {
         EngineError::new(ename, evalue, tb)
     }
 
+    /// The cell or closure call (`what`) was interrupted by SIGINT: a panic injected into it
+    /// unwound to its `catch_unwind`, so the engine kept its variables (a cell's new ones are
+    /// dropped, as after any panic). `before_run`: it was stopped before the worker ran it.
+    pub fn interrupted(what: &str, before_run: bool) -> EngineError {
+        let when = if before_run { " before it ran" } else { "" };
+        let evalue = format!("the {what} was interrupted (SIGINT){when}; the engine kept its variables");
+        EngineError::new(rpx_protocol::apply::ename::INTERRUPTED, evalue, vec![])
+    }
+
     /// User code panicked.
     pub fn panic(message: &str, lines: Vec<String>) -> EngineError {
         let evalue = if message.is_empty() { "the cell panicked".to_string() } else { message.to_string() };
@@ -197,6 +206,9 @@ mod tests {
         let d = EngineError::worker_died(&me(), "signal 6 (SIGABRT)", vec!["x".into()]);
         assert!(d.evalue.contains("signal 6 (SIGABRT)") && d.evalue.contains("variables were lost"));
         assert_eq!(iopub_error(&d, &me(), "execute")["engine_info"]["method"], "execute");
+        let i = EngineError::interrupted("cell", false);
+        assert_eq!((i.ename.as_str(), i.evalue.as_str()), ("KeyboardInterrupt", "the cell was interrupted (SIGINT); the engine kept its variables"));
+        assert!(EngineError::interrupted("call", true).evalue.contains("call was interrupted (SIGINT) before it ran"));
     }
 
     #[test]

@@ -7,7 +7,13 @@
 //!   (`rpx_runtime::abi`) and write `[status: u32 LE][len: u64 LE][bytes]` on the result pipe
 //!   (fd [`RESULT_FD`]), after the closure's own output was flushed.
 //!
+//! SIGINT interrupts the running cell or closure by injecting a panic into it (see [`interrupt`]);
+//! the worker then prints [`crate::output::INTERRUPTED`] before `EVCXR_EXECUTION_COMPLETE`, or
+//! answers a call with [`STATUS_INTERRUPTED`]. SIGINT while nothing runs is ignored.
+//!
 //! Libraries are never unloaded (cells register TLS destructors and leak statics into the store).
+
+pub mod interrupt;
 
 use std::ffi::c_void;
 use std::collections::HashMap;
@@ -26,6 +32,9 @@ pub const RESULT_FD: i32 = 3;
 
 /// Status written on the result pipe when the closure symbol cannot be loaded.
 pub const STATUS_LOAD_FAILED: u32 = 100;
+/// Status written on the result pipe when the closure was interrupted (SIGINT); the bytes are a
+/// message.
+pub const STATUS_INTERRUPTED: u32 = 101;
 
 /// A parsed stdin command.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,6 +58,11 @@ pub fn run() -> ! {
         }
     }
 
+    let mut intr = interrupt::Interrupts::new();
+    if let Err(e) = intr.install() {
+        eprintln!("rpx engine worker: interrupts are off ({e}); SIGINT is ignored");
+    }
+
     let mut store: *mut c_void = std::ptr::null_mut();
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -65,10 +79,15 @@ pub fn run() -> ! {
             Err(e) => fail(&format!("cannot read stdin: {e}")),
         }
         let cmd = line.trim_end_matches(['\n', '\r']);
+        intr.busy();
         match parse_command(cmd) {
             Some(Command::Load { so_path, fn_name }) => {
-                store = load_and_run(so_path, fn_name, store);
+                let interrupted;
+                (store, interrupted) = load_and_run(so_path, fn_name, store, &mut intr);
                 let mut out = std::io::stdout().lock();
+                if interrupted {
+                    let _ = writeln!(out, "{}", crate::output::INTERRUPTED);
+                }
                 let _ = writeln!(out, "{}", crate::output::EXECUTION_COMPLETE);
                 let _ = out.flush();
             }
@@ -77,7 +96,7 @@ pub fn run() -> ! {
                 if let Err(e) = input.read_exact(&mut args) {
                     fail(&format!("cannot read {len} argument bytes: {e}"));
                 }
-                let (status, out) = call(&mut libs, so_path, fn_name, mode, &args);
+                let (status, out) = call(&mut libs, so_path, fn_name, mode, &args, &mut intr);
                 let written = results
                     .write_all(&status.to_le_bytes())
                     .and_then(|_| results.write_all(&(out.len() as u64).to_le_bytes()))
@@ -90,6 +109,7 @@ pub fn run() -> ! {
             }
             None => fail(&format!("unrecognised line {cmd:?} (expected `LOAD_AND_RUN <so> <fn>` or `CALL <so> <fn> <mode> <len>`)")),
         }
+        intr.idle();
     }
 }
 
@@ -122,7 +142,7 @@ extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
 /// Signature of a compiled closure (`rpx_runtime::abi::ClosureFn`).
 type ClosureFn = unsafe extern "C" fn(u32, *const u8, usize, extern "C" fn(*mut c_void, *const u8, usize), *mut c_void) -> u32;
 
-fn call(libs: &mut HashMap<String, libloading::Library>, so_path: &str, fn_name: &str, mode: u32, args: &[u8]) -> (u32, Vec<u8>) {
+fn call(libs: &mut HashMap<String, libloading::Library>, so_path: &str, fn_name: &str, mode: u32, args: &[u8], intr: &mut interrupt::Interrupts) -> (u32, Vec<u8>) {
     if !libs.contains_key(so_path) {
         // SAFETY: loading a library runs its initialisers; the compiler built it for this purpose.
         match unsafe { libloading::Library::new(so_path) } {
@@ -138,13 +158,20 @@ fn call(libs: &mut HashMap<String, libloading::Library>, so_path: &str, fn_name:
         Ok(f) => f,
         Err(e) => return (STATUS_LOAD_FAILED, format!("no {fn_name} in {so_path}: {e}").into_bytes()),
     };
+    let f: ClosureFn = *f;
+    intr.register(f as usize);
     let mut out = Vec::new();
+    intr.begin();
     // SAFETY: `args` is a valid buffer for the call; `collect` matches the sink signature.
     let status = unsafe { f(mode, args.as_ptr(), args.len(), collect, &mut out as *mut Vec<u8> as *mut c_void) };
+    if intr.end() && status != rpx_runtime::abi::STATUS_OK {
+        return (STATUS_INTERRUPTED, b"the call was interrupted (SIGINT)".to_vec());
+    }
     (status, out)
 }
 
-fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void) -> *mut c_void {
+/// Run a cell; returns the new store and whether the cell was interrupted.
+fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void, intr: &mut interrupt::Interrupts) -> (*mut c_void, bool) {
     // SAFETY: loading a library runs its initialisers; the compiler built it for this purpose.
     let lib = match unsafe { libloading::Library::new(so_path) } {
         Ok(lib) => lib,
@@ -156,7 +183,11 @@ fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void) -> *mut c_void
             Ok(f) => f,
             Err(e) => fail(&format!("dlsym failed for {fn_name} in {so_path}: {e}")),
         };
-        f(store)
+        let f: extern "C" fn(*mut c_void) -> *mut c_void = *f;
+        intr.register(f as usize);
+        intr.begin();
+        let store = f(store);
+        (store, intr.end())
     };
     // Never unload: the store and TLS destructors may point into the library.
     std::mem::forget(lib);

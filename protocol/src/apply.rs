@@ -80,6 +80,9 @@ pub mod ename {
     pub const UNSUPPORTED_PAYLOAD: &str = "UnsupportedPayload";
     /// The task was aborted before it ran.
     pub const ABORTED: &str = "TaskAborted";
+    /// The cell or call was interrupted (`signal_request` with SIGINT); the engine kept its
+    /// variables (Python's name, which ipyparallel's users know).
+    pub const INTERRUPTED: &str = "KeyboardInterrupt";
 }
 
 #[cfg(test)]

@@ -1,0 +1,882 @@
+//! Interrupting the code a worker runs: SIGINT becomes a panic injected into the running cell
+//! (or closure call), so that the cell stops and evcxr's wrapper catches it, keeping the
+//! variables that existed before the cell (the compiler handles it as any panicked cell).
+//!
+//! The panic is raised with `std::panic::resume_unwind` *of the cells' libstd*, with a payload
+//! boxed ahead of time (no panic hook, nothing on stderr). Cells link std dynamically
+//! (`-C prefer-dynamic`); a panic raised by this binary's own copy of std would be a foreign
+//! exception to their `catch_unwind` and abort the process, so the function is looked up in the
+//! loaded `libstd-*.so` by its mangled name, as is its global panic count.
+//!
+//! The SIGINT handler (`SA_SIGINFO`, `extern "C-unwind"`) raises it only where the compiler's
+//! own unwind tables allow, two ways:
+//! - **Blocked in a system call**: the interrupted instruction follows a `syscall` that returned
+//!   `-EINTR`, in a libc wrapper of a blocking call that is a thread-cancellation point (sleep,
+//!   read, write, poll, wait, accept, ...: glibc's `pthread_cancel` unwinds from these very
+//!   points). The handler unwinds from the signal frame at once. Futex waits (std's locks,
+//!   condition variables, parking, scoped joins) are never unwound from.
+//! - **Running**: the handler walks the stack and finds the innermost return address that is a
+//!   call the compiler marked as able to unwind (a call site with a landing pad), and replaces it
+//!   with a trampoline. When the callee returns, the trampoline raises the panic as if the callee
+//!   had panicked at its end, so only unwinds the compiler planned for happen (the callee's
+//!   return value is leaked). A loop that calls such functions (most Rust functions, `println!`,
+//!   std's I/O) stops at its next return from one.
+//!
+//! Either way a dry run of the unwinder's search phase (`_Unwind_Backtrace`, reading each frame's
+//! call-site table exactly as Rust's personality routine does) must reach a `catch_unwind` before
+//! any frame where unwinding would abort ("cannot unwind") and before this binary's frames, and no
+//! panic may be in progress. Otherwise the handler arms a one-shot timer that delivers SIGINT to
+//! the main thread again 1-2 ms later. Code that never reaches such a point (a loop whose body
+//! cannot unwind: arithmetic, allocation; a cell waiting for its own threads) is not interrupted;
+//! the engine kills the worker after a grace period.
+//!
+//! One interrupt is delivered per command. SIGINT while no command runs is ignored; while a
+//! command is being prepared (library loading) it is remembered and delivered once user code
+//! runs. A SIGINT that reaches another thread (one a cell started) is passed to the main thread.
+//!
+//! Known limits: a real panic inside the callee whose return address was replaced, in the
+//! moment before it returns, cannot unwind past the trampoline and aborts the worker (reported
+//! as a worker death).
+
+use std::any::Any;
+use std::cell::UnsafeCell;
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering::SeqCst};
+
+/// The payload of the injected panic (what a closure's caught panic reports as its message).
+pub const PAYLOAD_TEXT: &str = "KeyboardInterrupt: interrupted by SIGINT";
+
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const RUNNING: u8 = 2;
+
+/// What the worker is doing: waiting for a command, preparing or finishing one, running user code.
+static STATE: AtomicU8 = AtomicU8::new(IDLE);
+/// An interrupt was asked for during the current command and not delivered yet.
+static PENDING: AtomicBool = AtomicBool::new(false);
+/// A return address was replaced by the trampoline and the panic is not raised yet.
+static HIJACKED: AtomicBool = AtomicBool::new(false);
+/// The return address the trampoline stands in for.
+static HIJACK_RET: AtomicUsize = AtomicUsize::new(0);
+/// The interrupt was delivered (the panic raised) during the current user code run.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// `std::panic::resume_unwind` of the cells' libstd, once found.
+static RESUME: AtomicUsize = AtomicUsize::new(0);
+/// The address of libstd's `GLOBAL_PANIC_COUNT` (panics in progress, all threads), once found.
+static PANIC_COUNT: AtomicUsize = AtomicUsize::new(0);
+static MAIN_TID: AtomicI32 = AtomicI32::new(0);
+/// The retry timer (a `timer_t`; the kernel's first timer id is 0, a null pointer), delivering
+/// SIGINT to the main thread; TIMER_OK once created.
+static TIMER: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static TIMER_OK: AtomicBool = AtomicBool::new(false);
+/// Code ranges of the cells and closures loaded so far, published before user code runs.
+static USER_CODE: AtomicPtr<(usize, usize)> = AtomicPtr::new(std::ptr::null_mut());
+static USER_CODE_LEN: AtomicUsize = AtomicUsize::new(0);
+
+const FIXED: usize = 4;
+/// Executable ranges of this binary (frames the search must not reach).
+static OWN_CODE: [(AtomicUsize, AtomicUsize); FIXED] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; FIXED];
+/// Executable ranges of libc.
+static LIBC_CODE: [(AtomicUsize, AtomicUsize); FIXED] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; FIXED];
+
+/// Attempts that found no point to interrupt at, and why (`RPX_INTERRUPT_DEBUG=1` prints them).
+static DEBUG: AtomicBool = AtomicBool::new(false);
+static REFUSED: AtomicU32 = AtomicU32::new(0);
+static REFUSED_ABORT: AtomicU32 = AtomicU32::new(0);
+static REFUSED_NO_CATCH: AtomicU32 = AtomicU32::new(0);
+static REFUSED_PANICKING: AtomicU32 = AtomicU32::new(0);
+static DELIVERED_HOW: AtomicU8 = AtomicU8::new(0);
+
+/// The payload, boxed while no user code runs and taken once per run by the handler (on the
+/// main thread, while it runs user code) or by the trampoline, so the two never touch it at once.
+struct Slot(UnsafeCell<Option<Box<dyn Any + Send>>>);
+// SAFETY: see above; only the main thread (and its signal handler) use the slot.
+unsafe impl Sync for Slot {}
+static PAYLOAD: Slot = Slot(UnsafeCell::new(None));
+static PAYLOAD_READY: AtomicBool = AtomicBool::new(false);
+
+type ResumeUnwind = fn(Box<dyn Any + Send>) -> !;
+
+/// The worker's side of interrupts: owns the list of user code ranges.
+#[derive(Debug, Default)]
+pub struct Interrupts {
+    user_code: Vec<(usize, usize)>,
+    installed: bool,
+}
+
+/// One loaded object (the executable, a library): its path, load bias and executable ranges.
+#[derive(Debug)]
+struct Object {
+    name: String,
+    base: usize,
+    exec: Vec<(usize, usize)>,
+}
+
+fn loaded_objects() -> Vec<Object> {
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info; data is the Vec below.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<Object>)) };
+        let name = if info.dlpi_name.is_null() { String::new() } else { unsafe { CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned() };
+        let mut exec = Vec::new();
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr has dlpi_phnum entries.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                let start = info.dlpi_addr as usize + ph.p_vaddr as usize;
+                exec.push((start, start + ph.p_memsz as usize));
+            }
+        }
+        out.push(Object { name, base: info.dlpi_addr as usize, exec });
+        0
+    }
+    let mut out: Vec<Object> = Vec::new();
+    // SAFETY: the callback only reads the info it is given.
+    unsafe { libc::dl_iterate_phdr(Some(each), &mut out as *mut Vec<Object> as *mut c_void) };
+    out
+}
+
+fn containing(objects: &[Object], addr: usize) -> Option<&Object> {
+    objects.iter().find(|o| o.exec.iter().any(|&(s, e)| s <= addr && addr < e))
+}
+
+fn store_fixed(slots: &[(AtomicUsize, AtomicUsize); FIXED], ranges: &[(usize, usize)]) {
+    for (slot, r) in slots.iter().zip(ranges) {
+        slot.0.store(r.0, SeqCst);
+        slot.1.store(r.1, SeqCst);
+    }
+}
+
+fn in_fixed(slots: &[(AtomicUsize, AtomicUsize); FIXED], addr: usize) -> bool {
+    slots.iter().any(|(s, e)| s.load(SeqCst) <= addr && addr < e.load(SeqCst))
+}
+
+impl Interrupts {
+    pub fn new() -> Interrupts {
+        Interrupts::default()
+    }
+
+    /// Install the SIGINT handler and the retry timer. On failure SIGINT is ignored (and the
+    /// reason returned), so an interrupt never kills the worker by itself.
+    pub fn install(&mut self) -> Result<(), String> {
+        let r = self.try_install();
+        if r.is_err() {
+            // SAFETY: setting a signal disposition.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+        }
+        r
+    }
+
+    fn try_install(&mut self) -> Result<(), String> {
+        // SAFETY: plain system calls and lookups; the handler only reads statics set here.
+        unsafe {
+            MAIN_TID.store(libc::gettid(), SeqCst);
+            let objects = loaded_objects();
+            let own = containing(&objects, Interrupts::install as *const () as usize).ok_or("cannot find this binary's code")?;
+            store_fixed(&OWN_CODE, &own.exec);
+            let nanosleep = libc::dlsym(libc::RTLD_DEFAULT, c"nanosleep".as_ptr()) as usize;
+            let libc_obj = containing(&objects, nanosleep).ok_or("cannot find libc's code")?;
+            store_fixed(&LIBC_CODE, &libc_obj.exec);
+
+            let mut ev: libc::sigevent = std::mem::zeroed();
+            ev.sigev_notify = libc::SIGEV_THREAD_ID;
+            ev.sigev_signo = libc::SIGINT;
+            ev.sigev_notify_thread_id = libc::gettid();
+            let mut timer: libc::timer_t = std::ptr::null_mut();
+            if libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) != 0 {
+                return Err(format!("timer_create: {}", std::io::Error::last_os_error()));
+            }
+            TIMER.store(timer, SeqCst);
+            TIMER_OK.store(true, SeqCst);
+
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigint as *const () as usize;
+            // No SA_RESTART: a blocked system call returns EINTR, which is where unwinding at
+            // once is sound. No SA_NODEFER: SIGINT stays blocked in the handler (and after an
+            // unwind out of it, until `end`).
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut()) != 0 {
+                return Err(format!("sigaction: {}", std::io::Error::last_os_error()));
+            }
+        }
+        DEBUG.store(std::env::var_os("RPX_INTERRUPT_DEBUG").is_some(), SeqCst);
+        self.installed = true;
+        Ok(())
+    }
+
+    /// A command was read: SIGINT is remembered from now on.
+    pub fn busy(&mut self) {
+        STATE.store(BUSY, SeqCst);
+    }
+
+    /// A library was loaded and `addr` is a function in it: its code counts as user code, and
+    /// the cells' libstd is looked up if it was not found yet.
+    pub fn register(&mut self, addr: usize) {
+        if !self.installed || self.user_code.iter().any(|&(s, e)| s <= addr && addr < e) {
+            return;
+        }
+        let objects = loaded_objects();
+        if let Some(o) = containing(&objects, addr) {
+            self.user_code.extend(o.exec.iter().copied());
+        }
+        if RESUME.load(SeqCst) == 0 {
+            if let Some((resume, count)) = find_libstd(&objects) {
+                PANIC_COUNT.store(count, SeqCst);
+                RESUME.store(resume, SeqCst);
+            }
+        }
+    }
+
+    /// User code is about to run.
+    pub fn begin(&mut self) {
+        if !self.installed {
+            return;
+        }
+        if !PAYLOAD_READY.load(SeqCst) {
+            // SAFETY: no user code runs, so neither the handler nor the trampoline use the slot.
+            unsafe { *PAYLOAD.0.get() = Some(Box::new(PAYLOAD_TEXT)) };
+            PAYLOAD_READY.store(true, SeqCst);
+        }
+        USER_CODE.store(self.user_code.as_mut_ptr(), SeqCst);
+        USER_CODE_LEN.store(self.user_code.len(), SeqCst);
+        INTERRUPTED.store(false, SeqCst);
+        HIJACKED.store(false, SeqCst);
+        STATE.store(RUNNING, SeqCst);
+        if PENDING.load(SeqCst) {
+            // Asked for while the command was being prepared: deliver it now.
+            arm_timer(10_000);
+        }
+    }
+
+    /// User code returned (normally, or through its `catch_unwind` after an interrupt).
+    /// Returns whether the interrupt was delivered to it.
+    pub fn end(&mut self) -> bool {
+        if !self.installed {
+            return false;
+        }
+        STATE.store(BUSY, SeqCst);
+        arm_timer(0);
+        HIJACKED.store(false, SeqCst);
+        // After an unwind out of the handler SIGINT is still blocked on this thread.
+        // SAFETY: changing this thread's signal mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+        let delivered = INTERRUPTED.swap(false, SeqCst);
+        let refused = REFUSED.swap(0, SeqCst);
+        if DEBUG.load(SeqCst) && (refused > 0 || delivered) {
+            let how = match DELIVERED_HOW.swap(0, SeqCst) {
+                1 => "unwound from a blocked system call",
+                2 => "raised at the return of a call",
+                _ => "not delivered",
+            };
+            eprintln!(
+                "rpx interrupt: {how}; {refused} attempts refused ({} would abort, {} no catch_unwind reached, {} a panic in progress)",
+                REFUSED_ABORT.swap(0, SeqCst),
+                REFUSED_NO_CATCH.swap(0, SeqCst),
+                REFUSED_PANICKING.swap(0, SeqCst),
+            );
+        }
+        delivered
+    }
+
+    /// The command is done: SIGINT is ignored until the next one.
+    pub fn idle(&mut self) {
+        STATE.store(IDLE, SeqCst);
+        PENDING.store(false, SeqCst);
+    }
+
+    /// Whether a panic can be injected at all (the handler is installed and the cells' libstd
+    /// was found).
+    pub fn ready(&self) -> bool {
+        self.installed && RESUME.load(SeqCst) != 0
+    }
+}
+
+/// Arm the retry timer to fire in `ns` nanoseconds (0 disarms it).
+fn arm_timer(ns: i64) {
+    if !TIMER_OK.load(SeqCst) {
+        return;
+    }
+    let t = TIMER.load(SeqCst);
+    let its = libc::itimerspec {
+        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+        it_value: libc::timespec { tv_sec: 0, tv_nsec: ns },
+    };
+    // SAFETY: timer_settime is async-signal-safe; `t` is the timer created at install.
+    unsafe { libc::timer_settime(t, 0, &its, std::ptr::null_mut()) };
+}
+
+extern "C-unwind" fn on_sigint(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: errno is this thread's.
+    let errno = unsafe { *libc::__errno_location() };
+    if let Some((resume, payload)) = decide(info, ctx) {
+        resume(payload);
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The handler's decision: `Some` to unwind from the signal frame now, with the function and
+/// payload to do it; otherwise it may have replaced a return address, or armed the retry timer.
+#[inline(never)]
+fn decide(info: *mut libc::siginfo_t, ctx: *mut c_void) -> Option<(ResumeUnwind, Box<dyn Any + Send>)> {
+    let main = MAIN_TID.load(SeqCst);
+    // SAFETY: gettid and tgkill are async-signal-safe system calls.
+    if unsafe { libc::gettid() } != main {
+        // A thread a cell started got the process-directed signal: pass it on.
+        unsafe { libc::tgkill(libc::getpid(), main, libc::SIGINT) };
+        return None;
+    }
+    if STATE.load(SeqCst) == IDLE {
+        return None;
+    }
+    // SAFETY: the kernel passes a valid siginfo with SA_SIGINFO.
+    let from_timer = unsafe { (*info).si_code } == libc::SI_TIMER;
+    if !from_timer {
+        PENDING.store(true, SeqCst);
+    } else if !PENDING.load(SeqCst) {
+        return None;
+    }
+    if STATE.load(SeqCst) != RUNNING || HIJACKED.load(SeqCst) || INTERRUPTED.load(SeqCst) {
+        // Remembered (`begin` delivers it), or already on its way: one per command.
+        return None;
+    }
+    let resume = RESUME.load(SeqCst);
+    if resume == 0 || !PAYLOAD_READY.load(SeqCst) {
+        return None; // cannot raise a panic the cells catch; the engine's grace period applies
+    }
+    if panicking() {
+        REFUSED_PANICKING.fetch_add(1, SeqCst);
+        return retry();
+    }
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted context.
+    let (pc, rax) = unsafe {
+        let uc = &*(ctx as *const libc::ucontext_t);
+        (uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize, uc.uc_mcontext.gregs[libc::REG_RAX as usize])
+    };
+    match plan(pc, blocked_in_syscall(pc, rax)) {
+        Plan::Unwind => {
+            PAYLOAD_READY.store(false, SeqCst);
+            // SAFETY: READY was set, so the main thread filled the slot and does not touch it now.
+            let payload = unsafe { (*PAYLOAD.0.get()).take() }?;
+            PENDING.store(false, SeqCst);
+            INTERRUPTED.store(true, SeqCst);
+            DELIVERED_HOW.store(1, SeqCst);
+            // SAFETY: RESUME is the address of libstd's `std::panic::resume_unwind`.
+            let f: ResumeUnwind = unsafe { std::mem::transmute::<usize, ResumeUnwind>(resume) };
+            Some((f, payload))
+        }
+        Plan::Hijack { slot, ret } => {
+            PENDING.store(false, SeqCst);
+            HIJACK_RET.store(ret, SeqCst);
+            HIJACKED.store(true, SeqCst);
+            // SAFETY: `slot` is the return address slot of a frame of this thread's stack, below
+            // the interrupted frame's caller chain; it held `ret` (checked by `plan`).
+            unsafe { *(slot as *mut usize) = rpx_engine_interrupt_trampoline as *const () as usize };
+            None
+        }
+        Plan::NotHere => retry(),
+    }
+}
+
+/// Try again in 1-2 ms (varying, so that a periodic loop is not sampled at the same place).
+fn retry() -> Option<(ResumeUnwind, Box<dyn Any + Send>)> {
+    let n = REFUSED.fetch_add(1, SeqCst);
+    arm_timer(1_000_000 + (n.wrapping_mul(7919) % 1000) as i64 * 1000);
+    None
+}
+
+/// Whether a panic is in progress on any thread (libstd's global panic count).
+fn panicking() -> bool {
+    let p = PANIC_COUNT.load(SeqCst);
+    if p == 0 {
+        return true; // unknown: do not risk it
+    }
+    // SAFETY: `p` is the address of libstd's `GLOBAL_PANIC_COUNT`, an AtomicUsize.
+    let count = unsafe { (*(p as *const AtomicUsize)).load(SeqCst) };
+    count & !(1usize << (usize::BITS - 1)) != 0
+}
+
+/// System calls a libc wrapper may be blocked in and be unwound from (x86_64 numbers): blocking
+/// calls that are thread-cancellation points. Futex waits are not among them.
+const UNWINDABLE_SYSCALLS: &[u32] = &[
+    0,   // read
+    1,   // write
+    7,   // poll
+    17,  // pread64
+    18,  // pwrite64
+    19,  // readv
+    20,  // writev
+    23,  // select
+    34,  // pause
+    35,  // nanosleep
+    42,  // connect
+    43,  // accept
+    44,  // sendto
+    45,  // recvfrom
+    46,  // sendmsg
+    47,  // recvmsg
+    61,  // wait4
+    69,  // msgsnd
+    70,  // msgrcv
+    72,  // fcntl (F_SETLKW)
+    73,  // flock
+    128, // rt_sigtimedwait
+    130, // rt_sigsuspend
+    230, // clock_nanosleep
+    232, // epoll_wait
+    247, // waitid
+    257, // openat (a FIFO)
+    270, // pselect6
+    271, // ppoll
+    281, // epoll_pwait
+    288, // accept4
+    299, // recvmmsg
+    307, // sendmmsg
+    441, // epoll_pwait2
+];
+
+/// Whether the interrupted instruction follows a `syscall` in libc that returned `-EINTR`, and
+/// that call (`mov $nr, %eax` or `xor %eax, %eax` right before it) is one of
+/// [`UNWINDABLE_SYSCALLS`].
+fn blocked_in_syscall(pc: usize, rax: i64) -> bool {
+    if rax != -(libc::EINTR as i64) || !in_fixed(&LIBC_CODE, pc.wrapping_sub(7)) || !in_fixed(&LIBC_CODE, pc) {
+        return false;
+    }
+    // SAFETY: pc - 7 .. pc is inside libc's mapped code.
+    let b = unsafe { std::slice::from_raw_parts((pc - 7) as *const u8, 7) };
+    if b[5..7] != [0x0f, 0x05] {
+        return false;
+    }
+    let nr = if b[0] == 0xb8 {
+        u32::from_le_bytes([b[1], b[2], b[3], b[4]])
+    } else if b[3..5] == [0x31, 0xc0] {
+        0
+    } else {
+        return false;
+    };
+    UNWINDABLE_SYSCALLS.contains(&nr)
+}
+
+/// Whether `pc` is in the code of a loaded cell or closure.
+pub fn in_user_code(pc: usize) -> bool {
+    let user = USER_CODE.load(SeqCst);
+    if user.is_null() {
+        return false;
+    }
+    // SAFETY: the main thread published this slice before running user code and does not
+    // change it while user code runs.
+    let ranges = unsafe { std::slice::from_raw_parts(user, USER_CODE_LEN.load(SeqCst)) };
+    ranges.iter().any(|&(s, e)| s <= pc && pc < e)
+}
+
+// ----- the trampoline -----
+
+// When the callee whose return address was replaced returns, it lands here with the stack as
+// right after its return: push the real return address back and jump to `raise_interrupt`, which
+// then looks called from the call site the compiler prepared for an unwind.
+std::arch::global_asm!(
+    ".pushsection .text.rpx_engine_interrupt_trampoline,\"ax\",@progbits",
+    ".globl rpx_engine_interrupt_trampoline",
+    ".hidden rpx_engine_interrupt_trampoline",
+    ".p2align 4",
+    "rpx_engine_interrupt_trampoline:",
+    "push qword ptr [rip + {ret}]",
+    "jmp {raise}",
+    ".popsection",
+    ret = sym HIJACK_RET,
+    raise = sym raise_interrupt,
+);
+
+extern "C" {
+    fn rpx_engine_interrupt_trampoline();
+}
+
+extern "C-unwind" fn raise_interrupt() -> ! {
+    let resume = RESUME.load(SeqCst);
+    PAYLOAD_READY.store(false, SeqCst);
+    // SAFETY: the handler checked READY before replacing the return address; nothing else takes
+    // the payload while HIJACKED is set.
+    let payload = unsafe { (*PAYLOAD.0.get()).take() };
+    let Some(payload) = payload.filter(|_| resume != 0) else { std::process::abort() };
+    INTERRUPTED.store(true, SeqCst);
+    HIJACKED.store(false, SeqCst);
+    DELIVERED_HOW.store(2, SeqCst);
+    // SAFETY: RESUME is the address of libstd's `std::panic::resume_unwind`.
+    let f: ResumeUnwind = unsafe { std::mem::transmute::<usize, ResumeUnwind>(resume) };
+    f(payload)
+}
+
+// ----- the search phase, dry -----
+
+#[allow(non_camel_case_types)]
+type _Unwind_Context = c_void;
+
+#[link(name = "gcc_s")]
+extern "C" {
+    fn _Unwind_Backtrace(trace: extern "C" fn(*mut _Unwind_Context, *mut c_void) -> c_int, arg: *mut c_void) -> c_int;
+    fn _Unwind_GetIPInfo(ctx: *mut _Unwind_Context, ip_before_insn: *mut c_int) -> usize;
+    fn _Unwind_GetCFA(ctx: *mut _Unwind_Context) -> usize;
+    fn _Unwind_GetLanguageSpecificData(ctx: *mut _Unwind_Context) -> *const u8;
+    fn _Unwind_GetRegionStart(ctx: *mut _Unwind_Context) -> usize;
+}
+
+const URC_NO_REASON: c_int = 0;
+const URC_STOP: c_int = 5;
+const MAX_FRAMES: u32 = 512;
+
+/// Where (and whether) to raise the panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Unwind from the signal frame now.
+    Unwind,
+    /// Replace the return address at `slot` (which holds `ret`) with the trampoline.
+    Hijack { slot: usize, ret: usize },
+    NotHere,
+}
+
+struct Walk {
+    pc: usize,
+    /// Unwinding from the signal frame is allowed (blocked in a system call).
+    blocked: bool,
+    seen: bool,
+    frames: u32,
+    /// Every frame so far lets a panic raised in the signal frame through.
+    direct: bool,
+    /// The innermost return address so far that is a call site with a landing pad, and the
+    /// frames since let a panic through.
+    hijack: Option<(usize, usize)>,
+    plan: Plan,
+}
+
+/// Walk the stack from the interrupted instruction the way the unwinder's search phase would.
+fn plan(pc: usize, blocked: bool) -> Plan {
+    let mut w = Walk { pc, blocked, seen: false, frames: 0, direct: blocked, hijack: None, plan: Plan::NotHere };
+    // SAFETY: the callback only reads the unwinder's context.
+    unsafe { _Unwind_Backtrace(step, &mut w as *mut Walk as *mut c_void) };
+    if w.plan == Plan::NotHere {
+        REFUSED_NO_CATCH.fetch_add(1, SeqCst);
+    }
+    w.plan
+}
+
+extern "C" fn step(ctx: *mut _Unwind_Context, arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the Walk passed by `plan`; ctx is the unwinder's, valid in the callback.
+    let w = unsafe { &mut *(arg as *mut Walk) };
+    w.frames += 1;
+    if w.frames > MAX_FRAMES {
+        return URC_STOP;
+    }
+    let mut before: c_int = 0;
+    let ip = unsafe { _Unwind_GetIPInfo(ctx, &mut before) };
+    // The CFA of the frame inside this one (the callee), see below.
+    let cfa = unsafe { _Unwind_GetCFA(ctx) };
+    let first = !w.seen;
+    if first {
+        // The handler's own frames and the signal trampoline come first.
+        if ip != w.pc || before == 0 {
+            return URC_NO_REASON;
+        }
+        w.seen = true;
+    } else if before != 0 {
+        return URC_STOP; // another signal frame: do not reason across it
+    }
+    if in_fixed(&OWN_CODE, ip) {
+        return URC_STOP; // no catch_unwind in cell code around the interrupted code
+    }
+    let (lsda, start) = unsafe { (_Unwind_GetLanguageSpecificData(ctx), _Unwind_GetRegionStart(ctx)) };
+    let action = if lsda.is_null() {
+        Action::Pass
+    } else {
+        let lookup = if before != 0 { ip } else { ip.wrapping_sub(1) };
+        // SAFETY: the unwinder's LSDA pointer is a valid call-site table.
+        match unsafe { find_action(lsda, start, lookup) } {
+            Some(a) => a,
+            None => Action::Abort,
+        }
+    };
+    if first {
+        // The interrupted frame: only matters for unwinding from the signal frame.
+        match action {
+            Action::Abort => w.direct = false,
+            Action::Catch if w.blocked => {
+                w.plan = Plan::Unwind;
+                return URC_STOP;
+            }
+            _ => {}
+        }
+        return URC_NO_REASON;
+    }
+    if action == Action::Abort {
+        REFUSED_ABORT.fetch_add(1, SeqCst);
+        w.direct = false;
+        w.hijack = None;
+        return URC_NO_REASON;
+    }
+    if w.hijack.is_none() && matches!(action, Action::Cleanup | Action::Catch) && cfa >= 8 {
+        // A call site with a landing pad. libgcc's context for a caller holds the CFA of the
+        // frame just unwound (the callee): its return address is just below.
+        let slot = cfa - 8;
+        // SAFETY: the slot is in this thread's stack, in the callee's frame.
+        if unsafe { *(slot as *const usize) } == ip {
+            w.hijack = Some((slot, ip));
+        }
+    }
+    if action == Action::Catch {
+        w.plan = if w.direct {
+            Plan::Unwind
+        } else if let Some((slot, ret)) = w.hijack {
+            Plan::Hijack { slot, ret }
+        } else {
+            Plan::NotHere
+        };
+        return URC_STOP;
+    }
+    URC_NO_REASON
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// No landing pad for this instruction (or no table): a panic passes on to the caller.
+    Pass,
+    /// A cleanup landing pad (drops), after which the panic goes on.
+    Cleanup,
+    /// A `catch_unwind`.
+    Catch,
+    /// Unwinding would abort here (the instruction is not covered by the call-site table, or an
+    /// exception filter).
+    Abort,
+}
+
+struct Reader {
+    p: *const u8,
+}
+
+impl Reader {
+    unsafe fn u8(&mut self) -> u8 {
+        let v = unsafe { *self.p };
+        self.p = unsafe { self.p.add(1) };
+        v
+    }
+    unsafe fn fixed<const N: usize>(&mut self) -> [u8; N] {
+        let mut b = [0u8; N];
+        for x in &mut b {
+            *x = unsafe { self.u8() };
+        }
+        b
+    }
+    unsafe fn uleb(&mut self) -> u64 {
+        let (mut v, mut shift) = (0u64, 0u32);
+        loop {
+            let b = unsafe { self.u8() };
+            if shift < 64 {
+                v |= ((b & 0x7f) as u64) << shift;
+            }
+            shift += 7;
+            if b & 0x80 == 0 {
+                return v;
+            }
+        }
+    }
+    unsafe fn sleb(&mut self) -> i64 {
+        let (mut v, mut shift) = (0i64, 0u32);
+        loop {
+            let b = unsafe { self.u8() };
+            if shift < 64 {
+                v |= ((b & 0x7f) as i64) << shift;
+            }
+            shift += 7;
+            if b & 0x80 == 0 {
+                if shift < 64 && b & 0x40 != 0 {
+                    v |= -1i64 << shift;
+                }
+                return v;
+            }
+        }
+    }
+    /// A value in DWARF EH encoding `enc` (its low nibble; offsets and plain values only).
+    unsafe fn encoded(&mut self, enc: u8) -> Option<u64> {
+        Some(match enc & 0x0f {
+            0x00 => u64::from_le_bytes(unsafe { self.fixed::<8>() }),
+            0x01 => unsafe { self.uleb() },
+            0x02 => u16::from_le_bytes(unsafe { self.fixed::<2>() }) as u64,
+            0x03 => u32::from_le_bytes(unsafe { self.fixed::<4>() }) as u64,
+            0x04 => u64::from_le_bytes(unsafe { self.fixed::<8>() }),
+            0x09 => (unsafe { self.sleb() }) as u64,
+            0x0a => i16::from_le_bytes(unsafe { self.fixed::<2>() }) as i64 as u64,
+            0x0b => i32::from_le_bytes(unsafe { self.fixed::<4>() }) as i64 as u64,
+            0x0c => i64::from_le_bytes(unsafe { self.fixed::<8>() }) as u64,
+            _ => return None,
+        })
+    }
+}
+
+const DW_EH_PE_OMIT: u8 = 0xff;
+
+/// What the personality routine's search phase does at `ip` in the function starting at
+/// `func_start`, from its LSDA (the gcc_except_table format, as read by Rust's
+/// `find_eh_action`). `None` when the table uses an encoding this reader does not know.
+unsafe fn find_action(lsda: *const u8, func_start: usize, ip: usize) -> Option<Action> {
+    let mut r = Reader { p: lsda };
+    unsafe {
+        let lpstart_enc = r.u8();
+        if lpstart_enc != DW_EH_PE_OMIT {
+            // Only its size matters here; indirect or aligned encodings are not expected.
+            if lpstart_enc & 0x70 > 0x30 || lpstart_enc & 0x80 != 0 {
+                return None;
+            }
+            r.encoded(lpstart_enc)?;
+        }
+        let ttype_enc = r.u8();
+        if ttype_enc != DW_EH_PE_OMIT {
+            r.uleb();
+        }
+        let cs_enc = r.u8();
+        let cs_len = r.uleb() as usize;
+        let action_table = r.p.add(cs_len);
+        while r.p < action_table {
+            let cs_start = r.encoded(cs_enc)? as usize;
+            let cs_size = r.encoded(cs_enc)? as usize;
+            let cs_lpad = r.encoded(cs_enc)?;
+            let cs_action = r.uleb();
+            if ip < func_start.wrapping_add(cs_start) {
+                break;
+            }
+            if ip < func_start.wrapping_add(cs_start + cs_size) {
+                if cs_lpad == 0 {
+                    return Some(Action::Pass);
+                }
+                if cs_action == 0 {
+                    return Some(Action::Cleanup);
+                }
+                let mut a = Reader { p: action_table.add(cs_action as usize - 1) };
+                let ttype_index = a.sleb();
+                return Some(match ttype_index {
+                    0 => Action::Cleanup,
+                    i if i > 0 => Action::Catch,
+                    _ => Action::Abort,
+                });
+            }
+        }
+        Some(Action::Abort)
+    }
+}
+
+// ----- finding the cells' libstd -----
+
+/// `std::panic::resume_unwind` and `GLOBAL_PANIC_COUNT` in the loaded `libstd-*.so`, as addresses.
+fn find_libstd(objects: &[Object]) -> Option<(usize, usize)> {
+    let std_obj = objects.iter().find(|o| {
+        let file = o.name.rsplit('/').next().unwrap_or("");
+        file.starts_with("libstd-") && file.ends_with(".so")
+    })?;
+    let [resume, count] = dynamic_symbols(std::path::Path::new(&std_obj.name), [is_resume_unwind, is_global_panic_count]);
+    Some((std_obj.base + resume? as usize, std_obj.base + count? as usize))
+}
+
+/// The mangled names of `std::panic::resume_unwind` (v0 and legacy mangling).
+fn is_resume_unwind(name: &[u8]) -> bool {
+    (name.starts_with(b"_RNvNtCs") && name.ends_with(b"_3std5panic13resume_unwind")) || name.starts_with(b"_ZN3std5panic13resume_unwind17h")
+}
+
+/// The mangled names of `std::panicking::panic_count::GLOBAL_PANIC_COUNT`.
+fn is_global_panic_count(name: &[u8]) -> bool {
+    (name.starts_with(b"_RNvNtNtCs") && name.ends_with(b"_3std9panicking11panic_count18GLOBAL_PANIC_COUNT"))
+        || name.starts_with(b"_ZN3std9panicking11panic_count18GLOBAL_PANIC_COUNT17h")
+}
+
+/// The values of the first defined dynamic symbols of an ELF64 little-endian file whose names
+/// satisfy each of `wants`.
+fn dynamic_symbols<const N: usize>(path: &std::path::Path, wants: [fn(&[u8]) -> bool; N]) -> [Option<u64>; N] {
+    let mut found = [None; N];
+    if let Some(data) = std::fs::read(path).ok() {
+        let _ = scan_dynsym(&data, &wants, &mut found);
+    }
+    found
+}
+
+fn scan_dynsym<const N: usize>(data: &[u8], wants: &[fn(&[u8]) -> bool; N], found: &mut [Option<u64>; N]) -> Option<()> {
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes(b.try_into().expect("2")));
+    let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4")));
+    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8")));
+    if data.get(0..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let shoff = u64_at(0x28)? as usize;
+    let shentsize = u16_at(0x3a)? as usize;
+    let shnum = u16_at(0x3c)? as usize;
+    for i in 0..shnum {
+        let sh = shoff + i * shentsize;
+        if u32_at(sh + 4)? != 11 {
+            continue; // not SHT_DYNSYM
+        }
+        let (off, size, link, entsize) = (u64_at(sh + 0x18)? as usize, u64_at(sh + 0x20)? as usize, u32_at(sh + 0x28)? as usize, u64_at(sh + 0x38)? as usize);
+        let strsh = shoff + link * shentsize;
+        let (stroff, strsize) = (u64_at(strsh + 0x18)? as usize, u64_at(strsh + 0x20)? as usize);
+        let strtab = data.get(stroff..stroff + strsize)?;
+        let entsize = if entsize == 0 { 24 } else { entsize };
+        for s in (off..off + size).step_by(entsize) {
+            let name_off = u32_at(s)? as usize;
+            let shndx = u16_at(s + 6)?;
+            let value = u64_at(s + 8)?;
+            if shndx == 0 || value == 0 {
+                continue;
+            }
+            let name = strtab.get(name_off..)?;
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            for (w, f) in wants.iter().zip(found.iter_mut()) {
+                if f.is_none() && w(name) {
+                    *f = Some(value);
+                }
+            }
+        }
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libstd_names() {
+        assert!(is_resume_unwind(b"_RNvNtCsjrHSEGnQ3l9_3std5panic13resume_unwind"));
+        assert!(is_resume_unwind(b"_ZN3std5panic13resume_unwind17h0123456789abcdefE"));
+        assert!(!is_resume_unwind(b"_RNvXNvNtCsjrHSEGnQ3l9_3std9panicking13resume_unwindNtB2_9RewrapBoxNtNtCsgEmfK2I1SDS_4core5panic12PanicPayload8take_box"));
+        assert!(is_global_panic_count(b"_RNvNtNtCsjrHSEGnQ3l9_3std9panicking11panic_count18GLOBAL_PANIC_COUNT"));
+        assert!(!is_global_panic_count(b"_RNvNtNtCsjrHSEGnQ3l9_3std9panicking11panic_count8increase"));
+    }
+
+    #[test]
+    fn the_toolchains_libstd_has_both_symbols() {
+        let Ok(out) = std::process::Command::new("rustc").args(["--print", "target-libdir"]).output() else { return };
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let Some(lib) = std::fs::read_dir(&dir).ok().and_then(|d| {
+            d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-") && n.to_string_lossy().ends_with(".so")))
+        }) else {
+            return;
+        };
+        let [a, b] = dynamic_symbols(&lib, [is_resume_unwind, is_global_panic_count]);
+        assert!(a.is_some() && b.is_some(), "{lib:?}: {a:?} {b:?}");
+    }
+
+    #[test]
+    fn call_site_tables() {
+        // lpstart omit, ttype udata4 (offset 0), call sites uleb128:
+        // [0x10, +0x08) no landing pad; [0x20, +0x10) lpad 0x40 action 1 (catch);
+        // [0x30, +0x04) lpad 0x50 action 0 (cleanup). Action table: ttype 1, next 0.
+        let lsda: Vec<u8> = vec![0xff, 0x03, 0x00, 0x01, 12, 0x10, 0x08, 0x00, 0x00, 0x20, 0x10, 0x40, 0x01, 0x30, 0x04, 0x50, 0x00, 0x01, 0x00];
+        let f = 0x1000usize;
+        let at = |ip: usize| unsafe { find_action(lsda.as_ptr(), f, f + ip) };
+        assert_eq!(at(0x12), Some(Action::Pass));
+        assert_eq!(at(0x25), Some(Action::Catch));
+        assert_eq!(at(0x31), Some(Action::Cleanup));
+        assert_eq!(at(0x05), Some(Action::Abort));
+        assert_eq!(at(0x19), Some(Action::Abort));
+        assert_eq!(at(0x40), Some(Action::Abort));
+    }
+}
