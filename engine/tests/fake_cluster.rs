@@ -52,6 +52,20 @@ pub extern "C" fn cell_sleep(store: *mut c_void) -> *mut c_void {
     std::thread::sleep(std::time::Duration::from_secs(60));
     store
 }
+
+/// As evcxr generates it: the user code inside catch_unwind, so an interrupt can stop it.
+#[no_mangle]
+pub extern "C" fn cell_sleep_catch(store: *mut c_void) -> *mut c_void {
+    if std::panic::catch_unwind(|| {
+        println!("sleeping");
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    })
+    .is_err()
+    {
+        println!("EVCXR_PANIC_NOTIFICATION");
+    }
+    store
+}
 "#;
 
 fn rustc_libdir() -> String {
@@ -163,6 +177,17 @@ impl Fake {
             o.extend(e.clone());
         }
         self.compiler_send("cell_reply", c).await;
+    }
+
+    /// Wait until request `msg_id` printed `text` on stdout.
+    async fn iopub_until_stdout(&mut self, msg_id: &str, text: &str) {
+        let mut out = String::new();
+        while !out.contains(text) {
+            let m = recv(&mut self.iopub, &self.s, "iopub").await;
+            if m.parent_msg_id() == Some(msg_id) && m.msg_type() == "stream" && m.content["name"] == "stdout" {
+                out.push_str(m.content["text"].as_str().unwrap_or(""));
+            }
+        }
     }
 
     /// iopub messages for request `msg_id` up to its idle status.
@@ -366,24 +391,68 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     assert_eq!(r.content["ename"], "UnsupportedPayload");
     assert_eq!(r.content["engine_info"]["method"], "apply");
 
-    // 7. Control while a cell runs: abort a queued request, signal the running one.
-    let sleeping = f.execute("cell_sleep").await;
+    // 7. Control while a cell runs: abort a queued request; SIGINT interrupts the running cell
+    //    (a panic injected into it) and the engine keeps its variables.
+    let sleeping = f.execute("cell_sleep_catch").await;
     let req = f.compiler_recv().await;
-    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep"})).await;
+    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep_catch"})).await;
     let queued = f.execute("cell_ok").await;
     f.send_engine("control", "abort_request", json!({"msg_ids": [queued]})).await;
     let r = f.reply("control").await;
     assert_eq!((r.msg_type(), r.content["status"].as_str()), ("abort_reply", Some("ok")));
+    f.iopub_until_stdout(&sleeping, "sleeping").await;
     f.send_engine("control", "signal_request", json!({"sig": "SIGINT"})).await;
     let r = f.reply("control").await;
     assert_eq!((r.msg_type(), r.content["status"].as_str()), ("signal_reply", Some("ok")));
     let done = f.compiler_recv().await;
-    assert_eq!(done.content["outcome"]["status"], "signal 2 (SIGINT)");
-    f.cell_reply(&sleeping, "error", json!({"ename": "EngineDied", "evalue": "x"})).await;
+    assert_eq!(done.content["outcome"], json!({"kind": "complete", "panicked": true, "error_occurred": false, "changed_types": []}), "a panic to the compiler");
+    f.cell_reply(&sleeping, "ok", json!({})).await;
     let r = f.reply("mux").await;
-    assert_eq!((r.parent_msg_id(), r.content["ename"].as_str()), (Some(sleeping.as_str()), Some("EngineWorkerDied")));
+    assert_eq!(r.parent_msg_id(), Some(sleeping.as_str()));
+    assert_eq!(r.content["status"], "error");
+    assert_eq!(r.content["ename"], "KeyboardInterrupt");
+    assert_eq!(r.content["evalue"], "the cell was interrupted (SIGINT); the engine kept its variables");
+    assert_eq!(r.content["engine_info"]["engine_id"], 0);
     let r = f.reply("mux").await;
     assert_eq!((r.parent_msg_id(), r.content["status"].as_str()), (Some(queued.as_str()), Some("aborted")));
+    let id = f.execute("cell_ok").await;
+    let (cell_id, _) = f.compile_and_load().await;
+    f.cell_reply(&cell_id, "ok", json!({})).await;
+    assert_eq!(f.reply("mux").await.content["status"], "ok");
+    assert!(stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls=2"), "same worker, same store");
+
+    // 7b. SIGINT to code that cannot be interrupted (no catch_unwind around it): after the grace
+    //     period the worker is killed, and the reply says the variables are lost.
+    let id = f.execute("cell_sleep").await;
+    let req = f.compiler_recv().await;
+    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep"})).await;
+    f.iopub_until_stdout(&id, "sleeping").await;
+    f.send_engine("control", "signal_request", json!({"sig": 2})).await;
+    assert_eq!(f.reply("control").await.content["status"], "ok");
+    let done = f.compiler_recv().await;
+    assert_eq!(done.content["outcome"]["kind"], "died");
+    let status = done.content["outcome"]["status"].as_str().unwrap();
+    assert!(status.contains("SIGINT") && status.contains("did not stop"), "{status}");
+    f.cell_reply(&id, "error", json!({"ename": "EngineDied", "evalue": "x"})).await;
+    let r = f.reply("mux").await;
+    assert_eq!((r.parent_msg_id(), r.content["ename"].as_str()), (Some(id.as_str()), Some("EngineWorkerDied")));
+    let ev = r.content["evalue"].as_str().unwrap();
+    assert!(ev.contains("did not stop") && ev.contains("lost"), "{ev}");
+
+    // 7c. SIGINT while nothing runs changes nothing.
+    for (i, sig) in [(1, None), (2, Some("SIGINT"))] {
+        if let Some(sig) = sig {
+            f.send_engine("control", "signal_request", json!({"sig": sig})).await;
+            assert_eq!(f.reply("control").await.content["status"], "ok");
+        }
+        let id = f.execute("cell_ok").await;
+        let (cell_id, outcome) = f.compile_and_load().await;
+        assert_eq!(outcome["panicked"], false);
+        f.cell_reply(&cell_id, "ok", json!({})).await;
+        assert_eq!(f.reply("mux").await.content["status"], "ok");
+        let out = stream_text(&f.iopub_until_idle(&id).await, "stdout");
+        assert!(out.contains(&format!("calls={i}")), "a fresh worker after the kill, then kept across an idle SIGINT: {out}");
+    }
 
     // 8. clear_request restarts the worker and tells the compiler.
     f.send_engine("control", "clear_request", json!({})).await;
