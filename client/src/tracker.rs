@@ -367,4 +367,26 @@ mod tests {
         assert!(h.join().unwrap());
         assert!(!tracker(1, false).wait_complete(Some(Instant::now())), "a passed deadline returns at once");
     }
+
+    #[test]
+    fn the_log_keeps_outputs_and_replies_in_arrival_order() {
+        let t = tracker(2, true);
+        t.add_io(1, "stream", &serde_json::json!({"name": "stdout", "text": "b"}));
+        t.add_io(0, "status", &serde_json::json!({"execution_state": "busy"}));
+        t.add_io(0, "display_data", &serde_json::json!({"data": {"text/plain": "d"}}));
+        t.set_outcome(1, reply("ok"), None);
+        t.add_io(0, "stream", &serde_json::json!({"name": "stderr", "text": "a"}));
+        t.set_outcome(0, reply("ok"), None);
+        let s = t.lock();
+        let seen: Vec<String> = s
+            .log
+            .iter()
+            .map(|e| match e {
+                LogEntry::Io { idx, msg_type, .. } => format!("{idx}:{msg_type}"),
+                LogEntry::Done(idx) => format!("{idx}:done"),
+            })
+            .collect();
+        // Status messages are not outputs.
+        assert_eq!(seen, ["1:stream", "0:display_data", "1:done", "0:stream", "0:done"]);
+    }
 }

@@ -65,7 +65,17 @@ impl Local {
     pub fn execute(&mut self, code: &str) -> LocalOutcome {
         if !self.rpx_added && mentions_rpx(code) {
             if let Some(path) = client_crate_path() {
-                self.shared.publish_stream(StreamName::Stderr, "Adding the rpx client crate to this kernel (its first build takes a minute or two)...\n");
+                self.shared.publish_stream(
+                    StreamName::Stderr,
+                    "Adding the rpx client crate to this kernel (its first build takes minutes; later kernels reuse evcxr's build cache)...\n",
+                );
+                let cache_mb = std::env::var("RPX_KERNEL_CACHE_MB").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1024);
+                if cache_mb > 0 {
+                    let cache = format!(":cache {cache_mb}");
+                    if let err @ LocalOutcome::Err(..) = self.run(&cache, &cache) {
+                        return err;
+                    }
+                }
                 let dep = format!(":dep rpx = {{ path = {:?} }}", path.to_string_lossy());
                 match self.run(&dep, &dep) {
                     LocalOutcome::Ok(_) => self.rpx_added = true,
