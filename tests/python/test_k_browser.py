@@ -24,7 +24,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-import kernel_fixtures as K
+pytest.register_assert_rewrite("kernel_fixtures")  # before its import: it is also a plugin
+import kernel_fixtures as K  # noqa: E402
 import rpx_helpers as H
 
 pytest_plugins = ["kernel_fixtures"]

@@ -13,7 +13,8 @@ import re
 import jupyter_kernel_test as jkt  # (not `from ... import KernelTests`: pytest would collect it)
 import pytest
 
-import kernel_fixtures as K
+pytest.register_assert_rewrite("kernel_fixtures")  # before its import: it is also a plugin
+import kernel_fixtures as K  # noqa: E402
 
 pytest_plugins = ["kernel_fixtures"]
 
