@@ -24,6 +24,9 @@ pub enum RemoteErrorKind {
     Aborted,
     /// A pulled or gathered name is not defined on the engine.
     Name,
+    /// The cell or call was interrupted (`Client::send_signal("SIGINT", ..)`, ename
+    /// `KeyboardInterrupt`); the engine kept its variables.
+    Interrupted,
     /// Anything else, with its `ename`.
     Other(String),
 }
@@ -40,6 +43,7 @@ impl RemoteErrorKind {
             "TaskTimeout" => RemoteErrorKind::Timeout,
             ename::ABORTED => RemoteErrorKind::Aborted,
             ename::NAME_ERROR => RemoteErrorKind::Name,
+            ename::INTERRUPTED => RemoteErrorKind::Interrupted,
             other => RemoteErrorKind::Other(other.to_string()),
         }
     }
@@ -57,6 +61,7 @@ impl RemoteErrorKind {
             RemoteErrorKind::Timeout => "the task could not start in time: raise .timeout(..), add engines, or check its dependencies",
             RemoteErrorKind::Aborted => "the task was aborted before it ran (Client::abort); submit it again if you still need it",
             RemoteErrorKind::Name => "push the value first (DirectView::push or scatter) or define it in a cell on that engine",
+            RemoteErrorKind::Interrupted => "the engine kept its variables (those the interrupted cell was defining are not kept); run the cell again if needed",
             RemoteErrorKind::Other(_) => "see the message and traceback above",
         }
     }
@@ -123,6 +128,7 @@ impl RemoteError {
             RemoteErrorKind::Timeout => format!("task timed out{on}"),
             RemoteErrorKind::Aborted => format!("task aborted{on}"),
             RemoteErrorKind::Name => format!("name not defined{on}"),
+            RemoteErrorKind::Interrupted => format!("interrupted{on}"),
             RemoteErrorKind::Other(ename) => format!("{ename}{on}"),
         };
         match &self.item {

@@ -56,8 +56,16 @@ static STATE: AtomicU8 = AtomicU8::new(IDLE);
 static PENDING: AtomicBool = AtomicBool::new(false);
 /// A return address was replaced by the trampoline and the panic is not raised yet.
 static HIJACKED: AtomicBool = AtomicBool::new(false);
-/// The return address the trampoline stands in for.
+/// The return address the trampoline stands in for, and where it was.
 static HIJACK_RET: AtomicUsize = AtomicUsize::new(0);
+static HIJACK_SLOT: AtomicUsize = AtomicUsize::new(0);
+/// Attempts since the return address was replaced; after a few the callee is taken to be one
+/// that does not return soon (a loop), the address is put back and a deeper frame is chosen.
+static HIJACK_AGE: AtomicU32 = AtomicU32::new(0);
+/// Only frames deeper than this return address slot may be chosen (one whose callee did not
+/// return soon).
+static STALE_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
+const HIJACK_PATIENCE: u32 = 3;
 /// The interrupt was delivered (the panic raised) during the current user code run.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// `std::panic::resume_unwind` of the cells' libstd, once found.
@@ -241,6 +249,7 @@ impl Interrupts {
         USER_CODE_LEN.store(self.user_code.len(), SeqCst);
         INTERRUPTED.store(false, SeqCst);
         HIJACKED.store(false, SeqCst);
+        STALE_SLOT.store(usize::MAX, SeqCst);
         STATE.store(RUNNING, SeqCst);
         if PENDING.load(SeqCst) {
             // Asked for while the command was being prepared: deliver it now.
@@ -341,9 +350,36 @@ fn decide(info: *mut libc::siginfo_t, ctx: *mut c_void) -> Option<(ResumeUnwind,
     } else if !PENDING.load(SeqCst) {
         return None;
     }
-    if STATE.load(SeqCst) != RUNNING || HIJACKED.load(SeqCst) || INTERRUPTED.load(SeqCst) {
-        // Remembered (`begin` delivers it), or already on its way: one per command.
+    if STATE.load(SeqCst) != RUNNING || INTERRUPTED.load(SeqCst) {
+        // Remembered (`begin` delivers it), or delivered: one per command.
         return None;
+    }
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted context.
+    let (pc, rax) = unsafe {
+        let uc = &*(ctx as *const libc::ucontext_t);
+        (uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize, uc.uc_mcontext.gregs[libc::REG_RAX as usize])
+    };
+    if HIJACKED.load(SeqCst) {
+        let trampoline = rpx_engine_interrupt_trampoline as *const () as usize;
+        if (trampoline..trampoline + 32).contains(&pc) {
+            return None; // the panic is on its way
+        }
+        let age = HIJACK_AGE.fetch_add(1, SeqCst) + 1;
+        if age < HIJACK_PATIENCE {
+            rearm(age);
+            return None;
+        }
+        // The callee has not returned: put its return address back and choose a deeper frame.
+        let slot = HIJACK_SLOT.load(SeqCst);
+        // SAFETY: the callee has not returned (the trampoline did not run), so its frame and
+        // the slot are live and hold the trampoline's address.
+        unsafe {
+            if *(slot as *const usize) == trampoline {
+                *(slot as *mut usize) = HIJACK_RET.load(SeqCst);
+            }
+        }
+        HIJACKED.store(false, SeqCst);
+        STALE_SLOT.store(slot, SeqCst);
     }
     let resume = RESUME.load(SeqCst);
     if resume == 0 || !PAYLOAD_READY.load(SeqCst) {
@@ -353,11 +389,6 @@ fn decide(info: *mut libc::siginfo_t, ctx: *mut c_void) -> Option<(ResumeUnwind,
         REFUSED_PANICKING.fetch_add(1, SeqCst);
         return retry();
     }
-    // SAFETY: with SA_SIGINFO the third argument is the interrupted context.
-    let (pc, rax) = unsafe {
-        let uc = &*(ctx as *const libc::ucontext_t);
-        (uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize, uc.uc_mcontext.gregs[libc::REG_RAX as usize])
-    };
     match plan(pc, blocked_in_syscall(pc, rax)) {
         Plan::Unwind => {
             PAYLOAD_READY.store(false, SeqCst);
@@ -371,23 +402,65 @@ fn decide(info: *mut libc::siginfo_t, ctx: *mut c_void) -> Option<(ResumeUnwind,
             Some((f, payload))
         }
         Plan::Hijack { slot, ret } => {
-            PENDING.store(false, SeqCst);
             HIJACK_RET.store(ret, SeqCst);
+            HIJACK_SLOT.store(slot, SeqCst);
+            HIJACK_AGE.store(0, SeqCst);
             HIJACKED.store(true, SeqCst);
-            // SAFETY: `slot` is the return address slot of a frame of this thread's stack, below
-            // the interrupted frame's caller chain; it held `ret` (checked by `plan`).
+            // SAFETY: `slot` is the return address slot of a frame of this thread's stack; it
+            // held `ret` (checked by `plan`).
             unsafe { *(slot as *mut usize) = rpx_engine_interrupt_trampoline as *const () as usize };
+            // Check on it soon: a callee that does not return soon is replaced by a deeper one.
+            rearm(0);
             None
         }
         Plan::NotHere => retry(),
     }
 }
 
-/// Try again in 1-2 ms (varying, so that a periodic loop is not sampled at the same place).
+/// Arm the timer for the next attempt in 1-2 ms (varying with `n`, so that a periodic loop is
+/// not sampled at the same place).
+fn rearm(n: u32) {
+    arm_timer(1_000_000 + (n.wrapping_mul(7919) % 1000) as i64 * 1000);
+}
+
+/// No point to interrupt at: try again soon.
 fn retry() -> Option<(ResumeUnwind, Box<dyn Any + Send>)> {
     let n = REFUSED.fetch_add(1, SeqCst);
-    arm_timer(1_000_000 + (n.wrapping_mul(7919) % 1000) as i64 * 1000);
+    if DEBUG.load(SeqCst) && n % 256 == 255 {
+        let counts = [n as usize + 1, REFUSED_ABORT.load(SeqCst) as usize, REFUSED_NO_CATCH.load(SeqCst) as usize, REFUSED_PANICKING.load(SeqCst) as usize];
+        debug_write(b"rpx interrupt: refused (total, would abort, no catch_unwind, panicking):", &counts);
+    }
+    rearm(n);
     None
+}
+
+/// Write `head` and decimal numbers on stderr with write(2) only (usable in the handler).
+fn debug_write(head: &[u8], values: &[usize]) {
+    let mut buf = [0u8; 256];
+    let mut n = head.len().min(160);
+    buf[..n].copy_from_slice(&head[..n]);
+    for &v in values {
+        buf[n] = b' ';
+        n += 1;
+        let mut digits = [0u8; 20];
+        let (mut k, mut x) = (0, v);
+        loop {
+            digits[k] = b'0' + (x % 10) as u8;
+            k += 1;
+            x /= 10;
+            if x == 0 {
+                break;
+            }
+        }
+        while k > 0 {
+            k -= 1;
+            buf[n] = digits[k];
+            n += 1;
+        }
+    }
+    buf[n] = b'\n';
+    // SAFETY: write(2) is async-signal-safe; buf is valid for n + 1 bytes.
+    unsafe { libc::write(2, buf.as_ptr() as *const c_void, n + 1) };
 }
 
 /// Whether a panic is in progress on any thread (libstd's global panic count).
@@ -477,17 +550,22 @@ pub fn in_user_code(pc: usize) -> bool {
 // ----- the trampoline -----
 
 // When the callee whose return address was replaced returns, it lands here with the stack as
-// right after its return: push the real return address back and jump to `raise_interrupt`, which
-// then looks called from the call site the compiler prepared for an unwind.
+// right after its return: mark the interrupt delivered (so the handler leaves it alone), push the
+// real return address back and jump to `raise_interrupt`, which then looks called from the call
+// site the compiler prepared for an unwind.
 std::arch::global_asm!(
     ".pushsection .text.rpx_engine_interrupt_trampoline,\"ax\",@progbits",
     ".globl rpx_engine_interrupt_trampoline",
     ".hidden rpx_engine_interrupt_trampoline",
     ".p2align 4",
     "rpx_engine_interrupt_trampoline:",
+    "mov byte ptr [rip + {interrupted}], 1",
+    "mov byte ptr [rip + {hijacked}], 0",
     "push qword ptr [rip + {ret}]",
     "jmp {raise}",
     ".popsection",
+    interrupted = sym INTERRUPTED,
+    hijacked = sym HIJACKED,
     ret = sym HIJACK_RET,
     raise = sym raise_interrupt,
 );
@@ -503,8 +581,7 @@ extern "C-unwind" fn raise_interrupt() -> ! {
     // the payload while HIJACKED is set.
     let payload = unsafe { (*PAYLOAD.0.get()).take() };
     let Some(payload) = payload.filter(|_| resume != 0) else { std::process::abort() };
-    INTERRUPTED.store(true, SeqCst);
-    HIJACKED.store(false, SeqCst);
+    PENDING.store(false, SeqCst);
     DELIVERED_HOW.store(2, SeqCst);
     // SAFETY: RESUME is the address of libstd's `std::panic::resume_unwind`.
     let f: ResumeUnwind = unsafe { std::mem::transmute::<usize, ResumeUnwind>(resume) };
@@ -622,7 +699,7 @@ extern "C" fn step(ctx: *mut _Unwind_Context, arg: *mut c_void) -> c_int {
         // frame just unwound (the callee): its return address is just below.
         let slot = cfa - 8;
         // SAFETY: the slot is in this thread's stack, in the callee's frame.
-        if unsafe { *(slot as *const usize) } == ip {
+        if slot < STALE_SLOT.load(SeqCst) && unsafe { *(slot as *const usize) } == ip {
             w.hijack = Some((slot, ip));
         }
     }
