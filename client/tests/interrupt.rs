@@ -10,10 +10,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{client, serial, Steps, TestCluster};
-use rpx::{AsyncResult, ExecuteResult, RemoteError, RemoteErrorKind};
+use rpx::{AsyncResult, Error, RemoteError, RemoteErrorKind};
 
 /// Wait (bounded) until the cell printed "started" on its engine (it was compiled and runs).
-fn wait_started(ar: &AsyncResult<ExecuteResult>) {
+fn wait_started<T: std::fmt::Debug>(ar: &AsyncResult<T>) {
     let end = Instant::now() + Duration::from_secs(120);
     while !ar.stdout().iter().any(|s| s.contains("started")) {
         assert!(!ar.ready(), "the cell ended before it was interrupted: {:?}", ar.get());
@@ -93,6 +93,27 @@ fn sigint_stops_the_running_cell_and_keeps_the_engines_variables() {
         let r = c.direct_view(..).execute("println!(\"{} {}\", kept + 1, later);").unwrap();
         assert!(r.errors().is_empty(), "{r}");
         assert_eq!(r.stdout(), vec!["42 43\n".to_string(), "42 43\n".to_string()]);
+    });
+
+    steps.run("a closure call is interrupted too", || {
+        let f = rpx::remote!(|secs: u64| -> u64 {
+            println!("started");
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            secs
+        });
+        let dv = c.direct_view(0usize);
+        assert_eq!(dv.apply(f, (0u64,)).unwrap(), vec![0], "compiled and run once");
+        let ar = dv.apply_async(f, (60u64,)).unwrap();
+        wait_started(&ar);
+        c.send_signal("SIGINT", 0usize).unwrap();
+        match ar.get_timeout(Duration::from_secs(60)) {
+            Err(Error::Remote(e)) => {
+                assert_eq!((e.kind.clone(), e.ename.as_str(), e.engine_id), (RemoteErrorKind::Interrupted, "KeyboardInterrupt", Some(0)), "{e}");
+                assert_eq!(e.message, "the call was interrupted (SIGINT); the engine kept its variables");
+            }
+            other => panic!("expected an interrupted call, got {other:?}"),
+        }
+        assert_eq!(stdout_of(&c, 0, "println!(\"{}\", kept + 1);"), "42\n");
     });
 
     steps.run("loops that cannot be interrupted: killed after the grace period, variables lost", || {
