@@ -46,10 +46,11 @@ const PANIC_GRACE: Duration = Duration::from_millis(150);
 /// Lines of worker stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
 /// After SIGINT, how long running user code has to stop before the worker is killed (its
-/// variables are lost then). A cell in a loop without calls can only be stopped this way.
+/// variables are lost then). A cell in a loop whose body cannot unwind (arithmetic, allocation)
+/// can only be stopped this way.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// SIGINT is sent again this often during the grace period (one that raced with the worker
-/// starting the code is not lost; code that caught the interrupt gets another).
+/// starting the code is not lost).
 const INTERRUPT_REPEAT: Duration = Duration::from_millis(250);
 
 /// Register, connect everything, and serve until shutdown. Returns the process exit code.

@@ -11,7 +11,8 @@
 //!   worker events as a state machine), control requests, iopub, heartbeat check, shutdown.
 //! - [`net`]: connecting sockets, the send/receive pump tasks, the heart, the compiler handshake.
 //! - [`child`]: spawning the worker, reading its pipes, noticing its death.
-//! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out.
+//! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out;
+//!   [`worker::interrupt`] turns SIGINT into a panic injected into the running cell.
 //! - [`namespace`]: the engine namespace on disk (pushed and pulled values, one file per name)
 //!   and the code that binds pushed values into cells or writes variables out for a pull. Pure
 //!   apart from file reads and writes.

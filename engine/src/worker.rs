@@ -159,7 +159,7 @@ fn call(libs: &mut HashMap<String, libloading::Library>, so_path: &str, fn_name:
         Err(e) => return (STATUS_LOAD_FAILED, format!("no {fn_name} in {so_path}: {e}").into_bytes()),
     };
     let f: ClosureFn = *f;
-    intr.register(f as usize);
+    intr.loaded();
     let mut out = Vec::new();
     intr.begin();
     // SAFETY: `args` is a valid buffer for the call; `collect` matches the sink signature.
@@ -184,7 +184,7 @@ fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void, intr: &mut int
             Err(e) => fail(&format!("dlsym failed for {fn_name} in {so_path}: {e}")),
         };
         let f: extern "C" fn(*mut c_void) -> *mut c_void = *f;
-        intr.register(f as usize);
+        intr.loaded();
         intr.begin();
         let store = f(store);
         (store, intr.end())

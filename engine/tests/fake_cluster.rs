@@ -454,6 +454,27 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
         assert!(out.contains(&format!("calls={i}")), "a fresh worker after the kill, then kept across an idle SIGINT: {out}");
     }
 
+    // 7d. SIGINT while the cell is being compiled: it does not run (the load is skipped, which
+    //     the compiler handles as a panic) and the reply says so.
+    let id = f.execute("cell_ok").await;
+    let req = f.compiler_recv().await;
+    assert_eq!(req.msg_type(), "cell_request");
+    f.send_engine("control", "signal_request", json!({"sig": "SIGINT"})).await;
+    assert_eq!(f.reply("control").await.content["status"], "ok");
+    f.compiler_send("load", json!({"cell_id": id, "so_path": f.so, "fn_name": "cell_ok"})).await;
+    let done = f.compiler_recv().await;
+    assert_eq!(done.content["outcome"]["kind"], "skipped");
+    f.cell_reply(&id, "ok", json!({})).await;
+    let r = f.reply("mux").await;
+    assert_eq!((r.parent_msg_id(), r.content["ename"].as_str()), (Some(id.as_str()), Some("KeyboardInterrupt")));
+    assert_eq!(r.content["evalue"], "the cell was interrupted (SIGINT) before it ran; the engine kept its variables");
+    assert!(!stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls="), "the cell did not run");
+    let id = f.execute("cell_ok").await;
+    f.compile_and_load().await;
+    f.cell_reply(&id, "ok", json!({})).await;
+    assert_eq!(f.reply("mux").await.content["status"], "ok");
+    assert!(stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls=3"), "the store is as before");
+
     // 8. clear_request restarts the worker and tells the compiler.
     f.send_engine("control", "clear_request", json!({})).await;
     assert_eq!(f.reply("control").await.content["status"], "ok");

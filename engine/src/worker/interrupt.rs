@@ -34,9 +34,15 @@
 //! command is being prepared (library loading) it is remembered and delivered once user code
 //! runs. A SIGINT that reaches another thread (one a cell started) is passed to the main thread.
 //!
+//! A callee that does not return within a few attempts (the cell's own loop, when it was the
+//! innermost such frame) gets its return address back and a deeper frame is chosen next time.
+//!
 //! Known limits: a real panic inside the callee whose return address was replaced, in the
 //! moment before it returns, cannot unwind past the trampoline and aborts the worker (reported
-//! as a worker death).
+//! as a worker death); so does a callee that leaves by `longjmp`. Unwinding from a blocked
+//! system call passes frames that called libc as if it could not unwind (as thread cancellation
+//! does); frames with destructors there refuse it (their call-site tables say so), frames
+//! without any are unwound through.
 
 use std::any::Any;
 use std::cell::UnsafeCell;
@@ -77,9 +83,6 @@ static MAIN_TID: AtomicI32 = AtomicI32::new(0);
 /// SIGINT to the main thread; TIMER_OK once created.
 static TIMER: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static TIMER_OK: AtomicBool = AtomicBool::new(false);
-/// Code ranges of the cells and closures loaded so far, published before user code runs.
-static USER_CODE: AtomicPtr<(usize, usize)> = AtomicPtr::new(std::ptr::null_mut());
-static USER_CODE_LEN: AtomicUsize = AtomicUsize::new(0);
 
 const FIXED: usize = 4;
 /// Executable ranges of this binary (frames the search must not reach).
@@ -105,10 +108,9 @@ static PAYLOAD_READY: AtomicBool = AtomicBool::new(false);
 
 type ResumeUnwind = fn(Box<dyn Any + Send>) -> !;
 
-/// The worker's side of interrupts: owns the list of user code ranges.
+/// The worker's side of interrupts.
 #[derive(Debug, Default)]
 pub struct Interrupts {
-    user_code: Vec<(usize, usize)>,
     installed: bool,
 }
 
@@ -217,18 +219,10 @@ impl Interrupts {
         STATE.store(BUSY, SeqCst);
     }
 
-    /// A library was loaded and `addr` is a function in it: its code counts as user code, and
-    /// the cells' libstd is looked up if it was not found yet.
-    pub fn register(&mut self, addr: usize) {
-        if !self.installed || self.user_code.iter().any(|&(s, e)| s <= addr && addr < e) {
-            return;
-        }
-        let objects = loaded_objects();
-        if let Some(o) = containing(&objects, addr) {
-            self.user_code.extend(o.exec.iter().copied());
-        }
-        if RESUME.load(SeqCst) == 0 {
-            if let Some((resume, count)) = find_libstd(&objects) {
+    /// A cell or closure library was loaded: find the cells' libstd if not found yet.
+    pub fn loaded(&mut self) {
+        if self.installed && RESUME.load(SeqCst) == 0 {
+            if let Some((resume, count)) = find_libstd(&loaded_objects()) {
                 PANIC_COUNT.store(count, SeqCst);
                 RESUME.store(resume, SeqCst);
             }
@@ -245,8 +239,6 @@ impl Interrupts {
             unsafe { *PAYLOAD.0.get() = Some(Box::new(PAYLOAD_TEXT)) };
             PAYLOAD_READY.store(true, SeqCst);
         }
-        USER_CODE.store(self.user_code.as_mut_ptr(), SeqCst);
-        USER_CODE_LEN.store(self.user_code.len(), SeqCst);
         INTERRUPTED.store(false, SeqCst);
         HIJACKED.store(false, SeqCst);
         STALE_SLOT.store(usize::MAX, SeqCst);
@@ -296,12 +288,6 @@ impl Interrupts {
     pub fn idle(&mut self) {
         STATE.store(IDLE, SeqCst);
         PENDING.store(false, SeqCst);
-    }
-
-    /// Whether a panic can be injected at all (the handler is installed and the cells' libstd
-    /// was found).
-    pub fn ready(&self) -> bool {
-        self.installed && RESUME.load(SeqCst) != 0
     }
 }
 
@@ -533,18 +519,6 @@ fn blocked_in_syscall(pc: usize, rax: i64) -> bool {
         return false;
     };
     UNWINDABLE_SYSCALLS.contains(&nr)
-}
-
-/// Whether `pc` is in the code of a loaded cell or closure.
-pub fn in_user_code(pc: usize) -> bool {
-    let user = USER_CODE.load(SeqCst);
-    if user.is_null() {
-        return false;
-    }
-    // SAFETY: the main thread published this slice before running user code and does not
-    // change it while user code runs.
-    let ranges = unsafe { std::slice::from_raw_parts(user, USER_CODE_LEN.load(SeqCst)) };
-    ranges.iter().any(|&(s, e)| s <= pc && pc < e)
 }
 
 // ----- the trampoline -----
@@ -870,7 +844,7 @@ fn is_global_panic_count(name: &[u8]) -> bool {
 /// satisfy each of `wants`.
 fn dynamic_symbols<const N: usize>(path: &std::path::Path, wants: [fn(&[u8]) -> bool; N]) -> [Option<u64>; N] {
     let mut found = [None; N];
-    if let Some(data) = std::fs::read(path).ok() {
+    if let Ok(data) = std::fs::read(path) {
         let _ = scan_dynsym(&data, &wants, &mut found);
     }
     found
