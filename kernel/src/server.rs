@@ -148,7 +148,11 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
     });
     // Keep the stdin socket open (input requests are not supported yet); drain anything sent.
     tokio::spawn(async move {
-        while stdin.recv().await.is_ok() {}
+        loop {
+            if stdin.recv().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     });
 
     let shared = Arc::new(Shared {
@@ -180,7 +184,14 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         let session = session.clone();
         tokio::spawn(async move {
             loop {
-                let Ok(m) = shell_recv.recv().await else { continue };
+                let m = match shell_recv.recv().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(error = %e, "shell socket");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 match session.decode(frames(m)) {
                     Ok(msg) => {
                         if shell_tx.send(ShellRequest { msg, reply: reply_tx.clone() }).is_err() {
@@ -199,6 +210,7 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
             Ok(m) => m,
             Err(e) => {
                 debug!(error = %e, "control socket");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };

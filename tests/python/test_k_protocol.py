@@ -1,0 +1,75 @@
+"""The rpx kernel at the protocol level, through jupyter_client's own sockets: messages signed
+with the wrong key and malformed frames are dropped without an answer and without harm, the
+control channel answers while a cell runs, and a shutdown request ends the kernel and its evcxr
+runtime (no orphan)."""
+
+import time
+from queue import Empty
+
+import psutil
+from jupyter_client.session import Session
+
+pytest_plugins = ["kernel_fixtures"]
+
+
+def no_reply_within(kc, seconds):
+    """Whatever arrives on shell within `seconds` (expected: nothing)."""
+    got = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            got.append(kc.get_shell_msg(timeout=0.2))
+        except Empty:
+            pass
+    return got
+
+
+def test_wrongly_signed_and_malformed_messages_are_dropped(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    k.run("let kept: u64 = 41;").assert_ok()
+    sock = k.kc.shell_channel.socket
+    forger = Session(key=b"not-the-kernel-key", username="intruder")
+    forger.send(sock, "execute_request", {"code": "let kept: u64 = 0;", "silent": False, "store_history": True,
+                                          "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
+    unsigned = Session(key=b"", username="intruder")
+    unsigned.send(sock, "execute_request", {"code": "let kept: u64 = 1;", "silent": False, "store_history": True,
+                                            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
+    sock.send_multipart([b"<IDS|MSG>", b"deadbeef", b"{not json", b"{}", b"{}", b"{}"])
+    sock.send_multipart([b"no delimiter at all"])
+    assert no_reply_within(k.kc, 3) == []
+    assert k.is_alive()
+    # None of them ran: the variable is as it was.
+    c = k.run("kept + 1").assert_ok()
+    assert c.results[0]["data"]["text/plain"] == "42", c.describe()
+
+
+def test_control_answers_while_a_cell_runs(start_kernel, no_cluster_env):
+    k = start_kernel(env=no_cluster_env)
+    k.run("1").assert_ok()
+    msg_id = k.kc.execute("std::thread::sleep(std::time::Duration::from_secs(5));")
+    # kernel_info on the control channel, while the shell is busy.
+    kc = k.kc
+    msg = kc.session.msg("kernel_info_request", {})
+    kc.control_channel.send(msg)
+    reply = kc.control_channel.get_msg(timeout=10)
+    assert reply["msg_type"] == "kernel_info_reply"
+    assert reply["content"]["language_info"]["name"] == "rust"
+    # The cell still finishes normally.
+    end = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < end, "the sleeping cell never replied"
+        r = kc.get_shell_msg(timeout=120)
+        if r["parent_header"].get("msg_id") == msg_id:
+            assert r["content"]["status"] == "ok", r["content"]
+            break
+
+
+def test_shutdown_ends_the_kernel_and_its_runtime(start_kernel, no_cluster_env):
+    k = start_kernel(env=no_cluster_env)
+    k.run("let x = 1;").assert_ok()
+    kernel = psutil.Process(k.km.provisioner.process.pid)
+    family = [kernel] + kernel.children(recursive=True)
+    assert len(family) >= 2, "the evcxr runtime runs as a child of the kernel"
+    k.km.shutdown_kernel(now=False)
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"still running after shutdown: {[p.pid for p in alive]}"
