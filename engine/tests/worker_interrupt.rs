@@ -1,7 +1,8 @@
 //! SIGINT to the real worker process while it runs cells shaped like evcxr's (an `extern "C"`
 //! function running the user code inside `catch_unwind`, in a cdylib linked to std dynamically):
 //! the cell stops, the worker reports it interrupted and keeps its store; SIGINT while idle does
-//! nothing. Each case prints how long the interrupt took (for the record, not asserted).
+//! nothing. Each case prints how long the interrupt took (for the record, not asserted);
+//! `RPX_INTERRUPT_ROUNDS=N` interrupts each cell N times (default 5).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -219,14 +220,16 @@ async fn sigint_unwinds_blocked_and_calling_cells_and_keeps_the_store() {
 
     for cell in ["cell_sleep", "cell_fn_calls", "cell_yield", "cell_clock", "cell_print"] {
         let mut times = Vec::new();
-        for _ in 0..5 {
+        let rounds: usize = std::env::var("RPX_INTERRUPT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+        for _ in 0..rounds {
             let (end, took) = w.interrupt(cell, Duration::from_secs(10)).await;
             assert_eq!(end, Some(INTERRUPTED), "{cell}");
             times.push(took);
             assert_eq!(w.run("print_kept").await, End::Complete { panicked: false, interrupted: false });
             assert!(w.text.contains("kept+1=42"), "{cell}: store kept: {}", w.text);
         }
-        eprintln!("MEASURED {cell}: interrupted in {times:?}");
+        times.sort();
+        eprintln!("MEASURED {cell}: {} interrupts, time to stop min {:?} median {:?} max {:?}", times.len(), times[0], times[times.len() / 2], times[times.len() - 1]);
     }
     // A quick cell after all that runs normally.
     assert_eq!(w.run("cell_quick").await, End::Complete { panicked: false, interrupted: false });
