@@ -13,7 +13,36 @@
 //!
 //! Libraries are never unloaded (cells register TLS destructors and leak statics into the store).
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
 pub mod interrupt;
+
+/// Interrupts are implemented for x86_64 Linux with glibc only; elsewhere the worker ignores
+/// SIGINT and the engine kills it when the grace period after an interrupt is over.
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")))]
+pub mod interrupt {
+    /// No-op stand-in for the x86_64 Linux implementation.
+    #[derive(Debug, Default)]
+    pub struct Interrupts;
+
+    impl Interrupts {
+        pub fn new() -> Interrupts {
+            Interrupts
+        }
+        /// Ignore SIGINT.
+        pub fn install(&mut self) -> Result<(), String> {
+            // SAFETY: setting a signal disposition.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+            Ok(())
+        }
+        pub fn busy(&mut self) {}
+        pub fn loaded(&mut self) {}
+        pub fn begin(&mut self) {}
+        pub fn end(&mut self) -> bool {
+            false
+        }
+        pub fn idle(&mut self) {}
+    }
+}
 
 use std::ffi::c_void;
 use std::collections::HashMap;
