@@ -1,19 +1,31 @@
 //! The kernel's own evcxr context, for cells that run locally: created in the background at
 //! start, streams the cell's stdout/stderr to iopub while it runs, turns rich output
 //! (`EVCXR_BEGIN_CONTENT mime`) into Jupyter mime bundles and rustc errors into tracebacks,
-//! answers completion and hover, and is interrupted by killing its runtime (as evcxr_jupyter).
-//! A cell that mentions `rpx::` first gets the `rpx` client crate as a dependency.
+//! answers completion and hover. The runtime that runs the cells is the engines' worker (this
+//! binary with [`WORKER_ENV`]), so an interrupt is a panic injected into the running cell: the
+//! cell stops and the variables from earlier cells stay; a cell that cannot be interrupted that
+//! way is killed after [`LOCAL_GRACE`] (its runtime restarts, local variables are lost). A cell
+//! that panics is an error (evcxr itself reports it only on stderr). A cell that mentions `rpx::`
+//! first gets the `rpx` client crate as a dependency.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use evcxr::{CommandContext, EvalContextOutputs};
+use std::time::{Duration, Instant};
+
+use evcxr::{CommandContext, EvalContext, EvalContextOutputs};
 use serde_json::{Map, Value};
 
 use crate::server::Shared;
 use rpx_magics::{IopubMsg, StreamName};
+
+/// Set on the runtime process: run as the engines' worker instead of evcxr's runtime.
+pub const WORKER_ENV: &str = "RPX_KERNEL_WORKER";
+
+/// How long an interrupted local cell gets to stop before its runtime is killed.
+pub const LOCAL_GRACE: Duration = Duration::from_secs(3);
 
 /// How a local cell ended.
 pub enum LocalOutcome {
@@ -23,10 +35,14 @@ pub enum LocalOutcome {
     Err(String, String, Vec<String>),
 }
 
-/// The evcxr context, or why there is none.
+type Job = Box<dyn FnOnce(&mut CommandContext) + Send>;
+
+/// A handle on the evcxr context, which lives on a thread of its own for the kernel's lifetime
+/// (the runtime it spawns dies with that thread: `PR_SET_PDEATHSIG`).
 pub struct Local {
-    ctx: Option<Result<CommandContext, String>>,
-    init: Option<mpsc::Receiver<Result<(CommandContext, EvalContextOutputs), String>>>,
+    jobs: mpsc::Sender<Job>,
+    /// Why the context could not be created, once known.
+    failed: Arc<Mutex<Option<String>>>,
     shared: Arc<Shared>,
     rpx_added: bool,
 }
@@ -34,31 +50,58 @@ pub struct Local {
 impl Local {
     /// Start creating the context in the background (evcxr warms rust-analyzer up: seconds).
     pub fn start(shared: Arc<Shared>) -> Local {
-        let (tx, rx) = mpsc::channel();
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let failed = Arc::new(Mutex::new(None));
+        let (fail, sh) = (failed.clone(), shared.clone());
         std::thread::Builder::new()
-            .name("evcxr-init".into())
+            .name("evcxr".into())
             .spawn(move || {
-                let r = CommandContext::new().map_err(|e| format!("cannot start evcxr: {e}"));
-                let _ = tx.send(r);
+                let mut ctx = match new_context() {
+                    Ok((ctx, outputs)) => {
+                        *sh.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(outputs.stderr.clone());
+                        forward(outputs.stdout, StreamName::Stdout, sh.clone());
+                        forward(outputs.stderr, StreamName::Stderr, sh.clone());
+                        *sh.child.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(ctx.process_handle());
+                        ctx
+                    }
+                    Err(e) => {
+                        *fail.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("cannot start evcxr: {e}"));
+                        return;
+                    }
+                };
+                while let Ok(job) = rx.recv() {
+                    job(&mut ctx);
+                }
             })
             .expect("spawn a thread");
-        Local { ctx: None, init: Some(rx), shared, rpx_added: false }
+        Local {
+            jobs,
+            failed,
+            shared,
+            rpx_added: false,
+        }
     }
 
-    fn ctx(&mut self) -> Result<&mut CommandContext, String> {
-        if let Some(rx) = self.init.take() {
-            let r = rx.recv().unwrap_or_else(|_| Err("the evcxr start-up thread died".into()));
-            self.ctx = Some(r.map(|(ctx, outputs)| {
-                forward(outputs.stdout, StreamName::Stdout, self.shared.clone());
-                forward(outputs.stderr, StreamName::Stderr, self.shared.clone());
-                *self.shared.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.process_handle());
-                ctx
-            }));
-        }
-        match self.ctx.as_mut().expect("set above") {
-            Ok(c) => Ok(c),
-            Err(e) => Err(e.clone()),
-        }
+    /// Run `f` on the context's thread and wait for it.
+    fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut CommandContext) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let (tx, rx) = mpsc::channel();
+        let gone = || {
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "the evcxr thread is gone".into())
+        };
+        self.jobs
+            .send(Box::new(move |ctx| drop(tx.send(f(ctx)))))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())
     }
 
     /// Run a cell.
@@ -69,7 +112,10 @@ impl Local {
                     StreamName::Stderr,
                     "Adding the rpx client crate to this kernel (its first build takes minutes; later kernels reuse evcxr's build cache)...\n",
                 );
-                let cache_mb = std::env::var("RPX_KERNEL_CACHE_MB").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1024);
+                let cache_mb = std::env::var("RPX_KERNEL_CACHE_MB")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1024);
                 if cache_mb > 0 {
                     let cache = format!(":cache {cache_mb}");
                     if let err @ LocalOutcome::Err(..) = self.run(&cache, &cache) {
@@ -87,17 +133,71 @@ impl Local {
     }
 
     fn run(&mut self, code: &str, shown: &str) -> LocalOutcome {
-        let shared = self.shared.clone();
-        let ctx = match self.ctx() {
-            Ok(c) => c,
-            Err(e) => return LocalOutcome::Err("KernelError".into(), e, vec![]),
+        let (shared, code, shown) = (self.shared.clone(), code.to_string(), shown.to_string());
+        self.call(move |ctx| run_in(ctx, &code, &shown, &shared))
+            .unwrap_or_else(|e| LocalOutcome::Err("KernelError".into(), e, vec![]))
+    }
+
+    /// Completions at byte `pos`: `(matches, start byte, end byte)`.
+    pub fn complete(
+        &mut self,
+        code: &str,
+        pos: usize,
+    ) -> Result<(Vec<String>, usize, usize), String> {
+        let code = code.to_string();
+        self.call(move |ctx| {
+            let c = ctx.completions(&code, pos).map_err(|e| e.to_string())?;
+            Ok((
+                c.completions.into_iter().map(|c| c.code).collect(),
+                c.start_offset,
+                c.end_offset,
+            ))
+        })?
+    }
+
+    /// Hover text at byte `pos`: `(plain, html)`.
+    pub fn inspect(&mut self, code: &str, pos: usize) -> Result<(String, String), String> {
+        let code = code.to_string();
+        self.call(move |ctx| ctx.hover_at(&code, pos).map_err(|e| e.to_string()))?
+    }
+}
+
+/// Run one cell in the context (on its thread) and say how it ended.
+fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) -> LocalOutcome {
+    shared.interrupted.store(false, Ordering::SeqCst);
+    *shared.panic.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    shared.local_seq.fetch_add(1, Ordering::SeqCst);
+    shared.local_running.store(true, Ordering::SeqCst);
+    let r = ctx.execute(code);
+    shared.local_running.store(false, Ordering::SeqCst);
+    let interrupted = shared.interrupted.swap(false, Ordering::SeqCst);
+    if r.is_ok() && !interrupted {
+        // A panic is only on stderr, written before the cell ended: let its lines arrive.
+        let end = Instant::now() + Duration::from_millis(50);
+        let pending = || {
+            shared
+                .stderr_rx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|rx| !rx.is_empty())
         };
-        shared.interrupted.store(false, Ordering::SeqCst);
-        shared.local_running.store(true, Ordering::SeqCst);
-        let r = ctx.execute(code);
-        shared.local_running.store(false, Ordering::SeqCst);
-        let interrupted = shared.interrupted.swap(false, Ordering::SeqCst);
-        match r {
+        while pending() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let panic = std::mem::take(&mut *shared.panic.lock().unwrap_or_else(|p| p.into_inner())).lines;
+    match r {
+            Ok(_) if interrupted => LocalOutcome::Err(
+                "KeyboardInterrupt".into(),
+                "the cell was interrupted (SIGINT); the kernel kept the variables of earlier cells".into(),
+                vec![],
+            ),
+            Ok(_) if !panic.is_empty() => {
+                let evalue = panic.get(1).cloned().unwrap_or_else(|| panic[0].clone());
+                LocalOutcome::Err("Panic".into(), evalue, panic)
+            }
             Ok(out) if out.content_by_mime_type.is_empty() => LocalOutcome::Ok(None),
             Ok(out) if out.content_by_mime_type.len() == 1 && out.content_by_mime_type.get("text/plain").is_some_and(|t| t == "()") => LocalOutcome::Ok(None),
             Ok(out) => {
@@ -136,26 +236,21 @@ impl Local {
                 LocalOutcome::Err(ename.into(), msg.trim_end().to_string(), vec![])
             }
         }
-    }
-
-    /// Completions at byte `pos`: `(matches, start byte, end byte)`.
-    pub fn complete(&mut self, code: &str, pos: usize) -> Result<(Vec<String>, usize, usize), String> {
-        let ctx = self.ctx()?;
-        let c = ctx.completions(code, pos).map_err(|e| e.to_string())?;
-        Ok((c.completions.into_iter().map(|c| c.code).collect(), c.start_offset, c.end_offset))
-    }
-
-    /// Hover text at byte `pos`: `(plain, html)`.
-    pub fn inspect(&mut self, code: &str, pos: usize) -> Result<(String, String), String> {
-        let ctx = self.ctx()?;
-        ctx.hover_at(code, pos).map_err(|e| e.to_string())
-    }
 }
 
 /// A result that is just `()` (a cell ending in `println!(..)` without `;`): not shown, as
 /// ipyparallel does not show `None`.
 pub fn is_unit(data: &Value) -> bool {
-    data.as_object().is_some_and(|d| d.len() == 1 && d.get("text/plain").and_then(Value::as_str) == Some("()"))
+    data.as_object()
+        .is_some_and(|d| d.len() == 1 && d.get("text/plain").and_then(Value::as_str) == Some("()"))
+}
+
+/// An evcxr context whose runtime is this binary as the engines' worker.
+fn new_context() -> Result<(CommandContext, EvalContextOutputs), evcxr::Error> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.env(WORKER_ENV, "1");
+    let (ctx, outputs) = EvalContext::with_subprocess_command(cmd)?;
+    Ok((CommandContext::with_eval_context(ctx), outputs))
 }
 
 fn mentions_rpx(code: &str) -> bool {
@@ -178,11 +273,15 @@ fn forward(rx: crossbeam_channel::Receiver<String>, name: StreamName, shared: Ar
         .name(format!("evcxr-{}", name.as_str()))
         .spawn(move || {
             while let Ok(line) = rx.recv() {
-                let mut text = line + "\n";
+                let mut lines = vec![line];
                 while let Ok(more) = rx.try_recv() {
-                    text.push_str(&more);
-                    text.push('\n');
+                    lines.push(more);
                 }
+                if name == StreamName::Stderr {
+                    shared.note_stderr(&lines);
+                }
+                let mut text = lines.join("\n");
+                text.push('\n');
                 shared.publish(&IopubMsg::Stream { name, text });
             }
         })

@@ -54,7 +54,11 @@ enum Cmd {
 }
 
 fn main() {
-    // evcxr re-runs this binary as its runtime (and as a rustc wrapper): that must come first.
+    // This binary is also the runtime of the local cells (the engines' worker, which turns
+    // SIGINT into a panic in the running cell) and evcxr's rustc wrapper: that must come first.
+    if std::env::var_os(local::WORKER_ENV).is_some() {
+        rpx_engine::worker::run();
+    }
     evcxr::runtime_hook();
     let args = Args::parse();
     tracing_subscriber::fmt()

@@ -4,7 +4,7 @@
 //! shell requests go, one at a time, to the [`crate::shell::Kernel`] thread.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,12 @@ pub struct Shared {
     pub interrupted: AtomicBool,
     /// A local (evcxr) cell is running: an interrupt kills its runtime.
     pub local_running: AtomicBool,
+    /// Counts local cells (so a late watchdog does not kill a later cell's runtime).
+    pub local_seq: AtomicU64,
+    /// The panic message of the running local cell (`thread '..' panicked at ..:` and what follows).
+    pub panic: Mutex<PanicText>,
+    /// The local runtime's stderr lines not yet forwarded (to wait for a panic message).
+    pub stderr_rx: Mutex<Option<crossbeam_channel::Receiver<String>>>,
     /// The evcxr runtime process, once the context exists.
     pub child: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
     topic_prefix: String,
@@ -67,19 +73,63 @@ impl Shared {
         *self.parent.lock().unwrap_or_else(|p| p.into_inner()) = parent;
     }
 
-    /// Kill the local runtime if a local cell is running (evcxr restarts it on the next cell).
-    fn interrupt(&self) {
+    /// Interrupt the running local cell: SIGINT to its runtime (the cell panics, earlier
+    /// variables stay), and if it is still running after [`crate::local::LOCAL_GRACE`], kill
+    /// the runtime (evcxr restarts it on the next cell). `%px` waits see the flag themselves.
+    fn interrupt(self: &Arc<Self>) {
         self.interrupted.store(true, Ordering::SeqCst);
-        if self.local_running.load(Ordering::SeqCst) {
-            if let Some(child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if !self.local_running.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let pid = child.lock().unwrap_or_else(|p| p.into_inner()).id();
+        // SAFETY: kill(2) with a pid of our own child and a valid signal number.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+        let seq = self.local_seq.load(Ordering::SeqCst);
+        let shared = self.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(crate::local::LOCAL_GRACE);
+            if shared.local_running.load(Ordering::SeqCst) && shared.local_seq.load(Ordering::SeqCst) == seq {
+                warn!("the interrupted local cell did not stop; killing its runtime");
                 let _ = child.lock().unwrap_or_else(|p| p.into_inner()).kill();
             }
-        }
+        });
+    }
+
+    /// Keep the panic message of the running local cell, from its stderr lines.
+    pub fn note_stderr(&self, lines: &[String]) {
+        self.panic.lock().unwrap_or_else(|p| p.into_inner()).note(lines);
     }
 
     fn kill_runtime(&self) {
         if let Some(child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = child.lock().unwrap_or_else(|p| p.into_inner()).kill();
+        }
+    }
+}
+
+/// The panic message in a local cell's stderr: `thread '..' panicked at FILE:` and the message
+/// lines after it, up to the backtrace or the `note:`.
+#[derive(Debug, Default)]
+pub struct PanicText {
+    pub lines: Vec<String>,
+    complete: bool,
+}
+
+impl PanicText {
+    fn note(&mut self, lines: &[String]) {
+        for l in lines {
+            if self.lines.is_empty() {
+                if l.starts_with("thread '") && l.contains("panicked at") {
+                    self.lines.push(l.clone());
+                }
+            } else if !self.complete {
+                if l.starts_with("stack backtrace") || l.starts_with("note: ") || self.lines.len() >= 20 {
+                    self.complete = true;
+                } else {
+                    self.lines.push(l.clone());
+                }
+            }
         }
     }
 }
@@ -162,6 +212,9 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         parent: Mutex::new(None),
         interrupted: AtomicBool::new(false),
         local_running: AtomicBool::new(false),
+        local_seq: AtomicU64::new(0),
+        panic: Mutex::new(PanicText::default()),
+        stderr_rx: Mutex::new(None),
         child: Mutex::new(None),
     });
 
@@ -257,4 +310,18 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
 pub fn reply(session: &Session, req: &ShellRequest, msg_type: &str, content: Value) {
     let (_, f) = session.msg(&req.msg.idents, msg_type, content, Some(&req.msg.header), json!({}), &[]);
     let _ = req.reply.send(message(f));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PanicText;
+
+    #[test]
+    fn a_panic_message_is_taken_from_stderr_without_its_backtrace() {
+        let mut p = PanicText::default();
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        p.note(&l(&["warming up", "thread '<unnamed>' panicked at src/lib.rs:3:1:", "boom 7"]));
+        p.note(&l(&["stack backtrace:", "   0: __rustc::rust_begin_unwind", "more"]));
+        assert_eq!(p.lines, ["thread '<unnamed>' panicked at src/lib.rs:3:1:", "boom 7"]);
+    }
 }

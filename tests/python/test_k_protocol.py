@@ -73,3 +73,60 @@ def test_shutdown_ends_the_kernel_and_its_runtime(start_kernel, no_cluster_env):
     k.km.shutdown_kernel(now=False)
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"still running after shutdown: {[p.pid for p in alive]}"
+
+
+def test_a_local_panic_is_an_error_and_keeps_earlier_variables(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    k.run("let before: u64 = 6;").assert_ok()
+    c = k.run('let during: u64 = 1; panic!("local boom {}", before);')
+    assert c.status == "error", c.describe()
+    assert c.reply["ename"] == "Panic" and c.reply["evalue"] == "local boom 6", c.describe()
+    assert k.run("before * 7").assert_ok().results[0]["data"]["text/plain"] == "42"
+
+
+def interrupt_local_cell(k, code):
+    """Run `code`, interrupt it once it printed `started`, return the reply content."""
+    kc = k.kc
+    msg_id = kc.execute(code)
+    end = time.monotonic() + 120
+    started = interrupted = False
+    reply = None
+    while reply is None:
+        assert time.monotonic() < end, "the interrupted cell never replied"
+        try:
+            m = kc.get_iopub_msg(timeout=0.1)
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream" \
+                    and "started" in m["content"]["text"]:
+                started = True
+        except Empty:
+            pass
+        if started and not interrupted:
+            k.km.interrupt_kernel()
+            interrupted = True
+        try:
+            r = kc.get_shell_msg(timeout=0)
+            if r["parent_header"].get("msg_id") == msg_id:
+                reply = r["content"]
+        except Empty:
+            pass
+    assert interrupted
+    return reply
+
+
+def test_interrupting_a_local_cell_keeps_the_kernels_variables(start_kernel, no_cluster_env):
+    k = start_kernel(env=no_cluster_env)
+    k.run("let kept: u64 = 41;").assert_ok()
+    for body in ["std::thread::sleep(std::time::Duration::from_secs(60));",
+                 "let l = std::net::TcpListener::bind(\"127.0.0.1:0\").unwrap(); let _ = l.accept();"]:
+        reply = interrupt_local_cell(k, f'println!("started"); {body}')
+        assert reply["status"] == "error", reply
+        assert reply["ename"] == "KeyboardInterrupt", reply
+        assert "kept the variables" in reply["evalue"], reply
+        c = k.run("kept + 1").assert_ok()
+        assert c.results[0]["data"]["text/plain"] == "42", c.describe()
+    # A loop in which nothing can unwind is stopped by killing the runtime, and says so.
+    reply = interrupt_local_cell(k, 'println!("started"); let mut x = 0u64; loop { x = std::hint::black_box(x.wrapping_add(1)); }')
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    assert "lost" in reply["evalue"], reply
+    c = k.run("kept + 1")
+    assert c.status == "error" and "kept" in c.error_text(), c.describe()
