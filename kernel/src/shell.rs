@@ -25,8 +25,10 @@ pub struct Kernel {
     local: Local,
     px: Px,
     execution_count: u64,
-    /// `(line number, input)` of every cell run with `store_history`.
-    history: Vec<(u64, String)>,
+    /// `(line number, input, result text)` of every cell run with `store_history`.
+    history: Vec<(u64, String, Option<String>)>,
+    /// The `text/plain` result of the cell running now (for the history's outputs).
+    result_text: Option<String>,
 }
 
 /// A failed cell: published as `error` and put in the `execute_reply`.
@@ -112,7 +114,7 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 
 impl Kernel {
     pub fn new(shared: Arc<Shared>) -> Kernel {
-        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new() }
+        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None }
     }
 
     /// Handle shell requests until the socket side goes away.
@@ -207,19 +209,20 @@ impl Kernel {
     }
 
     fn history_entries(&self, c: &Value) -> Vec<Value> {
-        let entry = |(n, code): &(u64, String)| json!([1, n, code]);
+        let output = c.get("output").and_then(Value::as_bool).unwrap_or(false);
+        let entry = |(n, code, out): &(u64, String, Option<String>)| if output { json!([1, n, [code, out]]) } else { json!([1, n, code]) };
         match c.get("hist_access_type").and_then(Value::as_str).unwrap_or("tail") {
             "range" => {
                 let start = c.get("start").and_then(Value::as_u64).unwrap_or(1);
                 let stop = c.get("stop").and_then(Value::as_u64).unwrap_or(u64::MAX);
-                self.history.iter().filter(|(n, _)| *n >= start && *n < stop).map(entry).collect()
+                self.history.iter().filter(|(n, _, _)| *n >= start && *n < stop).map(entry).collect()
             }
             "search" => {
                 let pattern = c.get("pattern").and_then(Value::as_str).unwrap_or("*");
                 let unique = c.get("unique").and_then(Value::as_bool).unwrap_or(false);
                 let mut seen = std::collections::HashSet::new();
-                let hits: Vec<&(u64, String)> =
-                    self.history.iter().filter(|(_, code)| glob(pattern, code)).filter(|(_, code)| !unique || seen.insert(code.clone())).collect();
+                let hits: Vec<&(u64, String, Option<String>)> =
+                    self.history.iter().filter(|(_, code, _)| glob(pattern, code)).filter(|(_, code, _)| !unique || seen.insert(code.clone())).collect();
                 let n = c.get("n").and_then(Value::as_u64).map_or(hits.len(), |n| n as usize);
                 hits[hits.len().saturating_sub(n)..].iter().map(|e| entry(e)).collect()
             }
@@ -237,7 +240,7 @@ impl Kernel {
         let store_history = c.get("store_history").and_then(Value::as_bool).unwrap_or(!silent) && !silent;
         if store_history {
             self.execution_count += 1;
-            self.history.push((self.execution_count, code.clone()));
+            self.history.push((self.execution_count, code.clone(), None));
         }
         let count = self.execution_count;
         self.shared.set_parent(Some(req.msg.header.clone()));
@@ -245,7 +248,13 @@ impl Kernel {
         if !silent {
             self.shared.publish_raw("execute_input", json!({ "code": code, "execution_count": count }), Some(&req.msg.header));
         }
+        self.result_text = None;
         let outcome = self.run_cell(&code, count, &req.msg.header.msg_id);
+        if store_history {
+            if let Some(last) = self.history.last_mut() {
+                last.2 = self.result_text.take();
+            }
+        }
         let content = match outcome {
             Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": {}, "payload": [] }),
             Err(e) => {
@@ -299,8 +308,9 @@ impl Kernel {
 
     /// A value shown by a local cell: plain text is the cell's result; anything richer
     /// (`EVCXR_BEGIN_CONTENT text/html`, images) is displayed.
-    fn show(&self, data: Map<String, Value>, count: u64) {
+    fn show(&mut self, data: Map<String, Value>, count: u64) {
         let only_text = data.keys().all(|k| k == "text/plain");
+        self.result_text = data.get("text/plain").and_then(Value::as_str).map(str::to_string);
         let data = Value::Object(data);
         if only_text {
             self.shared.publish(&IopubMsg::ExecuteResult { data, metadata: json!({}), execution_count: count });
