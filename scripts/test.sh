@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what is missing, build everything in release, and run every test: the Rust unit and
-# black-box tests (`cargo test`), then the Python interop suite (the real ipyparallel 9.2.0
-# client against rpx) in tests/python. Exits non-zero on any failure.
+# black-box tests (`cargo test`), then the Python suite in tests/python: the real ipyparallel
+# 9.2.0 client against rpx, and the `rpx` Jupyter kernel through jupyter_kernel_test,
+# jupyter_client, nbclient (notebooks/) and JupyterLab in headless chromium. Exits non-zero on
+# any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
