@@ -147,7 +147,7 @@ def run_cell_in_lab(env, kernel_name, display_name, language, source, expected, 
                 page = browser.new_page(viewport={"width": 1280, "height": 800})
                 page.set_default_timeout(PAGE_TIMEOUT * 1000)
                 try:
-                    return _drive(page, lab, expected, output_timeout)
+                    return _drive(page, lab, display_name, expected, output_timeout)
                 finally:
                     screenshot.parent.mkdir(parents=True, exist_ok=True)
                     try:
@@ -164,28 +164,36 @@ def run_cell_in_lab(env, kernel_name, display_name, language, source, expected, 
         lab.stop()
 
 
-def _drive(page, lab, expected, output_timeout):
+def _drive(page, lab, display_name, expected, output_timeout):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     t0 = time.monotonic()
     page.goto(lab.url("lab/tree/px-hello.ipynb"))
-    # The notebook is open and its kernel has started: the toolbar's kernel status says Idle.
+    # The notebook is open and connected to its kernel: the status bar reads "<kernel> | Idle".
+    # (The toolbar's execution indicator says idle before the kernel's websocket is connected;
+    # a cell run then is silently dropped by JupyterLab.)
     cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell").first
     cell.wait_for(state="visible")
+    ready = f"{display_name} | Idle"
     try:
         page.wait_for_function(
-            """() => {
-                const s = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
-                return s && s.getAttribute('data-status') === 'idle';
-            }""",
-            timeout=PAGE_TIMEOUT * 1000)
+            "([ready]) => (document.querySelector('#jp-main-statusbar')?.innerText || '').includes(ready)",
+            arg=[ready], timeout=PAGE_TIMEOUT * 1000, polling=250)
     except PlaywrightTimeout:
-        status = page.evaluate(
-            "() => [...document.querySelectorAll('.jp-Notebook-ExecutionIndicator')].map(e => e.getAttribute('data-status'))")
-        raise AssertionError(f"kernel not idle within {PAGE_TIMEOUT} s (execution indicator: {status})") from None
+        bar = page.evaluate("() => document.querySelector('#jp-main-statusbar')?.innerText")
+        raise AssertionError(f"the status bar did not read {ready!r} within {PAGE_TIMEOUT} s: {bar!r}") from None
     print(f"notebook open, kernel idle after {time.monotonic() - t0:.1f} s")
     cell.locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
+    prompt = cell.locator(".jp-InputPrompt")
+    try:  # queued or run: `[*]:` or `[1]:`
+        page.wait_for_function(
+            """() => /\\[(\\*|\\d+)\\]/.test(document.querySelector(
+                '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt')?.innerText || '')""",
+            timeout=30_000, polling=250)
+    except PlaywrightTimeout:
+        raise AssertionError(f"JupyterLab did not run the cell: its prompt still reads {prompt.inner_text()!r} "
+                             "30 s after Shift+Enter") from None
     outputs = cell.locator(".jp-OutputArea-output")
     try:
         page.wait_for_function(
