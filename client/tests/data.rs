@@ -18,6 +18,14 @@ fn push_pull_scatter_gather_on_four_engines() {
     let one = c.direct_view(0usize);
     let mut steps = Steps::default();
 
+    // Regression: only a push created the engine's namespace directory, so pulling a cell's
+    // variable from an engine that had nothing pushed panicked "cannot store ...".
+    steps.run("gather a cell variable before anything was pushed", || {
+        all.execute("let counts: Vec<u64> = vec![1, 2];").unwrap().check().unwrap();
+        let back: Vec<u64> = all.gather("counts").unwrap();
+        assert_eq!(back, vec![1, 2, 1, 2, 1, 2, 1, 2]);
+    });
+
     steps.run("push/pull a nested value on one engine", || {
         let v: Vec<(String, Vec<u64>)> = vec![("a".into(), vec![1, 2, 3]), ("".into(), vec![]), ("ü".into(), vec![u64::MAX])];
         one.push("nested", &v).unwrap();

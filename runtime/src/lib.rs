@@ -55,6 +55,11 @@ pub fn get<T: DeserializeOwned>(name: &str) -> T {
 pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
     let path = ns_path(name);
     let tmp = path.with_extension("rpx-tmp");
+    if let Some(dir) = path.parent() {
+        // Only a push creates the namespace directory: a pull of a cell's variable may come first.
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    }
     std::fs::write(&tmp, encode(value)).and_then(|_| std::fs::rename(&tmp, &path)).unwrap_or_else(|e| panic!("cannot store `{name}`: {e}"));
 }
 
