@@ -6,7 +6,10 @@
 //! ipyparallel's shape, a panic or a crash of user code is reported and the engine keeps
 //! serving, control requests are answered while a cell runs, shutdown unregisters.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{build_cells, rustc_libdir};
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -68,24 +71,6 @@ pub extern "C" fn cell_sleep_catch(store: *mut c_void) -> *mut c_void {
 }
 "#;
 
-fn rustc_libdir() -> String {
-    let out = Command::new("rustc").args(["--print", "target-libdir"]).output().expect("rustc runs");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn build_cells(dir: &Path) -> PathBuf {
-    let src = dir.join("cells.rs");
-    std::fs::write(&src, CELLS).unwrap();
-    let out = dir.join("libcells.so");
-    let st = Command::new("rustc")
-        .args(["--edition", "2021", "--crate-type", "cdylib", "-C", "prefer-dynamic", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("rustc runs");
-    assert!(st.success(), "building the test cells failed");
-    out
-}
 
 async fn router(id: Option<&str>) -> (RouterSocket, u16) {
     let mut o = SocketOptions::default();
@@ -222,7 +207,7 @@ impl Drop for Kill {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_runs_cells_survives_failures_and_answers_control() {
     let dir = tempfile::tempdir().unwrap();
-    let so = build_cells(dir.path());
+    let so = build_cells(dir.path(), CELLS, &[]);
     let s = Session::new(KEY.as_bytes(), "fake");
 
     let (mut reg, reg_port) = router(None).await;

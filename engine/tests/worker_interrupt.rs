@@ -4,13 +4,19 @@
 //! nothing. Each case prints how long the interrupt took (for the record, not asserted);
 //! `RPX_INTERRUPT_ROUNDS=N` interrupts each cell N times (default 5).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::{build_cells, rustc_libdir};
 
 use rpx_engine::child::{Worker, WorkerCommand, WorkerEvent};
 use rpx_engine::output::{StdoutEvent, StdoutParser};
 use tokio::sync::mpsc;
+
+/// Cells built at evcxr's default optimisation level.
+const EVCXR_OPT: &[&str] = &["-C", "opt-level=2"];
 
 const CELLS: &str = r#"
 use std::ffi::c_void;
@@ -91,25 +97,6 @@ pub extern "C" fn cell_sleep_no_catch(store: *mut c_void) -> *mut c_void {
 }
 "#;
 
-fn rustc_libdir() -> String {
-    let out = Command::new("rustc").args(["--print", "target-libdir"]).output().expect("rustc runs");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn build_cells(dir: &Path) -> PathBuf {
-    let src = dir.join("cells.rs");
-    std::fs::write(&src, CELLS).unwrap();
-    let out = dir.join("libcells.so");
-    // opt-level 2 as evcxr's default.
-    let st = Command::new("rustc")
-        .args(["--edition", "2021", "--crate-type", "cdylib", "-C", "prefer-dynamic", "-C", "opt-level=2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("rustc runs");
-    assert!(st.success(), "building the test cells failed");
-    out
-}
 
 struct W {
     w: Worker,
@@ -207,7 +194,7 @@ const INTERRUPTED: End = End::Complete { panicked: true, interrupted: true };
 #[tokio::test]
 async fn sigint_unwinds_blocked_and_calling_cells_and_keeps_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let so = build_cells(dir.path());
+    let so = build_cells(dir.path(), CELLS, EVCXR_OPT);
     let mut w = W::start(&so);
     assert_eq!(w.run("set_kept").await, End::Complete { panicked: false, interrupted: false });
 
@@ -238,7 +225,7 @@ async fn sigint_unwinds_blocked_and_calling_cells_and_keeps_the_store() {
 #[tokio::test]
 async fn sigint_on_code_that_cannot_be_unwound_leaves_it_running() {
     let dir = tempfile::tempdir().unwrap();
-    let so = build_cells(dir.path());
+    let so = build_cells(dir.path(), CELLS, EVCXR_OPT);
     for cell in ["cell_calls", "cell_mutex", "cell_tight", "cell_tight_with_drop", "cell_threads", "cell_sleep_no_catch"] {
         let mut w = W::start(&so);
         assert_eq!(w.run("set_kept").await, End::Complete { panicked: false, interrupted: false });
