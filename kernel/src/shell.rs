@@ -281,14 +281,12 @@ impl Kernel {
                 Command::PxResult(opts) => self.px.result(&opts)?,
                 Command::Px { code, options } => {
                     let run = self.px.config.effective(&options);
+                    let pending = self.px.submit(&code, &run, msg_id)?;
                     if run.local {
-                        let pending = self.px.submit(&code, &run, msg_id)?;
+                        // While the engines run it: `--local` runs it here too.
                         self.run_local(&code, count)?;
-                        self.px.finish(pending, &run)?;
-                    } else {
-                        let pending = self.px.submit(&code, &run, msg_id)?;
-                        self.px.finish(pending, &run)?;
                     }
+                    self.px.finish(pending, &run)?;
                 }
             }
         }
