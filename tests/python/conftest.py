@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ipyparallel
-import psutil
 import pytest
 
 import rpx_helpers as H
@@ -44,46 +43,11 @@ class Cluster:
         return H.pids_in(H.read_json(self.cluster_file) or {})
 
     def log_tail(self, n=40):
-        out = []
-        logdir = self.profile_dir / "log"
-        if logdir.is_dir():
-            for p in sorted(logdir.iterdir()):
-                try:
-                    lines = p.read_text(errors="replace").splitlines()[-n:]
-                except OSError:
-                    continue
-                out.append(f"--- {p.name}\n" + "\n".join(lines))
-        return "\n".join(out)
+        return H.log_tail(self.profile_dir, n)
 
     def live_rust_ids(self):
         ids = set(self.rc.ids)
         return [i for i in self.rust_ids if i in ids]
-
-
-def _sweep(rpx_dir, extra_pids):
-    """SIGKILL leftovers of this session's cluster. Returns descriptions of what was killed."""
-    victims = {}
-    for p in H.procs_with_env("RPX_DIR", str(rpx_dir)):
-        victims[p.pid] = p
-    for pid in extra_pids:
-        try:
-            p = psutil.Process(pid)
-        except psutil.Error:
-            continue
-        # only if it is still one of ours (pid reuse): it carries our RPX_DIR
-        if pid not in victims and p in H.procs_with_env("RPX_DIR", str(rpx_dir)):
-            victims[pid] = p
-    desc = []
-    for pid, p in victims.items():
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            desc.append(f"{pid} {H.cmdline(pid)[:120]}")
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(victims.values()), timeout=10)
-    return desc
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +105,7 @@ def cluster():
             H.wait_until(lambda: not H.procs_with_env("RPX_DIR", str(rpx_dir)), 10, what="cluster exit")
         except TimeoutError:
             pass
-        killed = _sweep(rpx_dir, pids)
+        killed = H.sweep(rpx_dir, pids)
         if killed:
             note("processes left after `ipcluster stop` (SIGKILLed)", "\n".join(killed))
         if os.environ.get("RPX_TEST_KEEP_DIR"):

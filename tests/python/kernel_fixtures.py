@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 
-import psutil
 import pytest
 
 import rpx_helpers as H
@@ -146,22 +145,6 @@ def jupyter_env():
 # clusters
 # ---------------------------------------------------------------------------------------------
 
-def _sweep(rpx_dir):
-    """SIGKILL every process carrying RPX_DIR=rpx_dir in its environment (a unique temp dir:
-    only this session's cluster, kernels and their children); describe what was killed."""
-    ours = {p.pid: p for p in H.procs_with_env("RPX_DIR", str(rpx_dir))}
-    desc = []
-    for pid, p in ours.items():
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            desc.append(f"{pid} {H.cmdline(pid)[:120]}")
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(ours.values()), timeout=10)
-    return desc
-
 
 @dataclass
 class KernelCluster:
@@ -184,16 +167,7 @@ class KernelCluster:
                               text=True, timeout=timeout)
 
     def log_tail(self, n=40):
-        out = []
-        logdir = self.profile_dir / "log"
-        if logdir.is_dir():
-            for p in sorted(logdir.iterdir()):
-                try:
-                    lines = p.read_text(errors="replace").splitlines()[-n:]
-                except OSError:
-                    continue
-                out.append(f"--- {p.name}\n" + "\n".join(lines))
-        return "\n".join(out)
+        return H.log_tail(self.profile_dir, n)
 
 
 @pytest.fixture(scope="session")
@@ -237,7 +211,7 @@ def kernel_cluster(jupyter_env):
             H.wait_until(lambda: not H.procs_with_env("RPX_DIR", str(rpx_dir)), 10, what="cluster exit")
         except TimeoutError:
             pass
-        killed = _sweep(rpx_dir)
+        killed = H.sweep(rpx_dir)
         if killed:
             note("kernel cluster: processes left after `ipcluster stop` and kernel shutdown (SIGKILLed)",
                  "\n".join(killed))
@@ -254,7 +228,7 @@ def no_cluster_env(jupyter_env):
     try:
         yield jupyter_env.kernel_env(rpx_dir)
     finally:
-        killed = _sweep(rpx_dir)
+        killed = H.sweep(rpx_dir)
         if killed:
             note("no-cluster kernels left running (SIGKILLed)", "\n".join(killed))
         shutil.rmtree(rpx_dir, ignore_errors=True)

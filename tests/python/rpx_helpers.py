@@ -235,3 +235,42 @@ def parse_reply(frames):
     """(header, content) of a received multipart reply, skipping routing identities."""
     i = frames.index(DELIM)
     return json.loads(frames[i + 2]), json.loads(frames[i + 5])
+
+
+def sweep(rpx_dir, extra_pids=()):
+    """SIGKILL every process left of a test cluster: those carrying RPX_DIR=rpx_dir (a unique
+    temp dir: only that cluster, its kernels and their children) and those of `extra_pids` that
+    still do (not a reused pid). Returns descriptions of what was killed."""
+    victims = {p.pid: p for p in procs_with_env("RPX_DIR", str(rpx_dir))}
+    for pid in extra_pids:
+        try:
+            p = psutil.Process(pid)
+        except psutil.Error:
+            continue
+        if pid not in victims and p in procs_with_env("RPX_DIR", str(rpx_dir)):
+            victims[pid] = p
+    desc = []
+    for pid, p in victims.items():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            desc.append(f"{pid} {cmdline(pid)[:120]}")
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=10)
+    return desc
+
+
+def log_tail(profile_dir, n=40):
+    """The last `n` lines of each log of a profile (for failure messages)."""
+    out = []
+    logdir = Path(profile_dir) / "log"
+    if logdir.is_dir():
+        for p in sorted(logdir.iterdir()):
+            try:
+                lines = p.read_text(errors="replace").splitlines()[-n:]
+            except OSError:
+                continue
+            out.append(f"--- {p.name}\n" + "\n".join(lines))
+    return "\n".join(out)
