@@ -11,6 +11,7 @@ use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 use rpx_protocol::apply::Closure;
+use rpx_protocol::compile::Artifact;
 
 /// Most arguments a remote closure may take (`rpx_runtime::abi::serve0..serve4`).
 pub const MAX_ARITY: usize = 4;
@@ -50,7 +51,7 @@ pub fn wrap(c: &Closure) -> Result<Wrapper, String> {
 pub enum Entry {
     /// Compiling; these engines (identity, request id) wait for it.
     Compiling { waiters: Vec<(Bytes, String)> },
-    Ready { so_path: String, fn_name: String },
+    Ready { artifact: Artifact, fn_name: String },
     /// It did not compile; the same source never will.
     Failed { evalue: String, traceback: Vec<String> },
 }
@@ -143,7 +144,8 @@ mod tests {
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
         assert_eq!(c.request(w.clone(), a.clone(), "r1".into()), Next::Compile(w.clone()));
         assert_eq!(c.request(w.clone(), b.clone(), "r2".into()), Next::Wait);
-        let ready = Entry::Ready { so_path: "/x.so".into(), fn_name: w.fn_name.clone() };
+        let artifact = Artifact { path: "/x.so".into(), sha256: "1".repeat(64), size: 9 };
+        let ready = Entry::Ready { artifact, fn_name: w.fn_name.clone() };
         assert_eq!(c.finish(&w.fn_name, ready.clone(), true), vec![(a.clone(), "r1".into()), (b, "r2".into())]);
         assert_eq!(c.request(w.clone(), a.clone(), "r3".into()), Next::Answer(ready));
 

@@ -7,8 +7,11 @@
 //! - [`closure`]: closure wrappers and the cache that compiles each closure once.
 //! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
 //! - [`diagnostics`]: rustc errors rendered against the user's cell.
+//! - [`artifacts`]: every compiled file announced to engines, by SHA-256, and the bytes served
+//!   to engines on other hosts.
 //! - this file: arguments, the engine-facing ROUTER socket and the event loop.
 
+mod artifacts;
 mod closure;
 mod context;
 mod diagnostics;
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use clap::Parser;
-use rpx_protocol::compile::{msg_type, CellRequest, ClosureReply, ClosureRequest, EngineHello, LoadDone};
+use rpx_protocol::compile::{msg_type, ArtifactReply, ArtifactRequest, CellRequest, ClosureReply, ClosureRequest, EngineHello, EngineHelloReply, HostProbe, LoadDone};
 use rpx_protocol::connection::{read_json, write_private_json, CompilerConnection};
 use rpx_protocol::{EngineConnection, Profile, Session};
 use serde_json::json;
@@ -53,6 +56,26 @@ struct Args {
     /// Milliseconds to wait for identical cells from the other engines of a group.
     #[arg(long, default_value_t = 15)]
     batch_window_ms: u64,
+    /// Interface to bind (`*` or `0.0.0.0` for all interfaces); engines on other hosts need an
+    /// address they can reach.
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: String,
+    /// Address written into the compiler's connection file when binding all interfaces.
+    #[arg(long)]
+    location: Option<String>,
+}
+
+impl Args {
+    /// The address to bind and the one engines should use, as `ipcontroller` decides them.
+    fn addresses(&self) -> (String, String) {
+        let bind = match self.ip.as_str() {
+            "*" | "0.0.0.0" => "0.0.0.0".to_string(),
+            "localhost" => "127.0.0.1".to_string(),
+            ip => ip.to_string(),
+        };
+        let public = if bind == "0.0.0.0" { self.location.clone().unwrap_or_else(|| "127.0.0.1".into()) } else { bind.clone() };
+        (bind, public)
+    }
 }
 
 fn main() {
@@ -94,27 +117,40 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let session = Session::new(conn.key.as_bytes(), "rpx-compiler");
 
-    // Work files (relay sockets, evcxr's build directories) live in one private directory that
-    // goes away with the compiler.
-    let work = std::env::temp_dir().join(format!("rpx-compiler-{}", std::process::id()));
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // Work files (relay sockets, evcxr's build directories, compiled artifacts) live in one
+    // private directory (0700, unpredictable name) that goes away with the compiler.
+    let work_dir = tempfile::Builder::new().prefix("rpx-compiler-").tempdir().context("creating the compiler's work directory")?;
+    let work = work_dir.path().to_path_buf();
     std::env::set_var("TMPDIR", &work);
     let runtime_dir = write_runtime_crate(&work).context("writing the rpx_runtime crate for evcxr")?;
+    // Engines that can read this token share the compiler's files and load artifacts by path.
+    let probe = HostProbe { path: work.join("host-token").display().to_string(), token: uuid::Uuid::new_v4().to_string() };
+    std::fs::write(&probe.path, &probe.token).context("writing the host token")?;
 
+    let (bind, public) = args.addresses();
     let mut router = zeromq::RouterSocket::new();
     let monitor = router.monitor();
-    let endpoint = router.bind("tcp://127.0.0.1:0").await.context("binding the compiler socket")?;
-    let url = endpoint.to_string();
+    let endpoint = router.bind(&format!("tcp://{bind}:0")).await.with_context(|| format!("binding the compiler socket on {bind}"))?;
+    let port = match &endpoint {
+        zeromq::Endpoint::Tcp(_, port) => *port,
+        other => bail!("the compiler bound an unexpected endpoint {other}"),
+    };
+    let url = format!("tcp://{public}:{port}");
     let compiler_file = args.file.as_ref().and_then(|f| f.parent()).map_or_else(|| profile.compiler_file(), |d| d.join(profile.compiler_file().file_name().expect("file name")));
     write_private_json(&compiler_file, &CompilerConnection { url: url.clone(), key: conn.key.clone(), pid: std::process::id() })?;
     tracing::info!(%url, file = %compiler_file.display(), "compiler listening");
-    let libdir = target_libdir();
+    let mut registry = artifacts::Registry::default();
+    let runtime_libs = registry.runtime_libs(std::path::Path::new(&target_libdir()));
+    if runtime_libs.is_empty() {
+        tracing::warn!("no libstd-*.so found in rustc's target-libdir: engines on other hosts cannot run cells");
+    }
+    let hello = EngineHelloReply { probe, runtime_libs };
 
     let exe = std::env::current_exe().context("locating the rpx-compiler binary")?;
     let env = context::Env { exe, socket_dir: work.clone(), runtime_dir };
-    let result = event_loop(router, monitor, session, libdir, env, Duration::from_millis(args.batch_window_ms)).await;
+    let result = event_loop(router, monitor, session, hello, registry, env, Duration::from_millis(args.batch_window_ms)).await;
     let _ = std::fs::remove_file(&compiler_file);
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work_dir);
     result
 }
 
@@ -134,7 +170,8 @@ async fn event_loop(
     router: zeromq::RouterSocket,
     mut monitor: futures::channel::mpsc::Receiver<SocketEvent>,
     session: Session,
-    libdir: String,
+    hello: EngineHelloReply,
+    mut registry: artifacts::Registry,
     env: context::Env,
     window: Duration,
 ) -> anyhow::Result<()> {
@@ -147,10 +184,11 @@ async fn event_loop(
     let mut state = Compiler::new(window);
     let mut closures = closure::Cache::default();
     let mut closure_ctx: Option<context::Handle> = None;
+    let mut hosts: HashMap<Bytes, String> = HashMap::new();
     let closure_reply = |to: Bytes, request_id: String, entry: &Entry| -> Action {
         let reply = match entry {
-            Entry::Ready { so_path, fn_name } => ClosureReply { request_id, status: "ok".into(), so_path: so_path.clone(), fn_name: fn_name.clone(), ename: String::new(), evalue: String::new(), traceback: vec![] },
-            Entry::Failed { evalue, traceback } => ClosureReply { request_id, status: "error".into(), so_path: String::new(), fn_name: String::new(), ename: "CompileError".into(), evalue: evalue.clone(), traceback: traceback.clone() },
+            Entry::Ready { artifact, fn_name } => ClosureReply { request_id, status: "ok".into(), artifact: Some(artifact.clone()), fn_name: fn_name.clone(), ename: String::new(), evalue: String::new(), traceback: vec![] },
+            Entry::Failed { evalue, traceback } => ClosureReply { request_id, status: "error".into(), artifact: None, fn_name: String::new(), ename: "CompileError".into(), evalue: evalue.clone(), traceback: traceback.clone() },
             Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
         };
         Action::Send { to, msg_type: msg_type::CLOSURE_REPLY, content: serde_json::to_value(reply).expect("serializes") }
@@ -215,6 +253,24 @@ async fn event_loop(
                     Err(e) => { tracing::warn!("dropped a message: {e}"); continue; }
                 };
                 let Some(from) = msg.idents.first().cloned() else { continue };
+                match msg.msg_type() {
+                    msg_type::PING => {
+                        send_to(&mut send, &session, &from, msg_type::PONG, json!({}), &[]).await;
+                        continue;
+                    }
+                    msg_type::ARTIFACT_REQUEST => {
+                        let host = hosts.get(&from).map_or("?", String::as_str);
+                        let (content, buffers) = serve_artifact(&mut registry, host, msg.content);
+                        send_to(&mut send, &session, &from, msg_type::ARTIFACT_REPLY, content, &buffers).await;
+                        continue;
+                    }
+                    msg_type::ENGINE_HELLO => {
+                        if let Ok(h) = serde_json::from_value::<EngineHello>(msg.content.clone()) {
+                            hosts.insert(from.clone(), h.hostname);
+                        }
+                    }
+                    _ => {}
+                }
                 if msg.msg_type() == msg_type::CLOSURE_REQUEST {
                     let req = match serde_json::from_value::<ClosureRequest>(msg.content) {
                         Ok(r) => r,
@@ -239,12 +295,13 @@ async fn event_loop(
                     };
                     continue;
                 }
-                pending = handle_engine_message(&mut state, &session, &libdir, from, msg);
+                pending = handle_engine_message(&mut state, &session, &hello, from, msg);
             }
             ev = monitor.next() => {
                 if let Some(SocketEvent::Disconnected(peer)) = ev {
                     let ident = Bytes::copy_from_slice(peer.as_ref());
                     tracing::info!(engine = %String::from_utf8_lossy(&ident), "engine disconnected");
+                    hosts.remove(&ident);
                     pending = state.on_engine_gone(&ident);
                 }
             }
@@ -260,7 +317,10 @@ async fn event_loop(
                     }
                     Event::ClosureDone { fn_name, outcome } => {
                         let (entry, final_) = match outcome {
-                            ClosureOutcome::Compiled { so_path } => (Entry::Ready { so_path, fn_name: fn_name.clone() }, true),
+                            ClosureOutcome::Compiled { so_path } => match registry.register(std::path::Path::new(&so_path)) {
+                                Ok(artifact) => (Entry::Ready { artifact, fn_name: fn_name.clone() }, true),
+                                Err(e) => (Entry::Failed { evalue: format!("cannot read the compiled closure {so_path}: {e}"), traceback: vec![] }, false),
+                            },
                             ClosureOutcome::CompileError { evalue, traceback } => (Entry::Failed { evalue, traceback }, true),
                             ClosureOutcome::Failed { message } => (Entry::Failed { evalue: format!("compiling the closure failed: {message}"), traceback: vec![] }, false),
                         };
@@ -273,10 +333,18 @@ async fn event_loop(
                         // An eval may already be queued there.
                         state.on_eval_done(ctx, EvalResult::Failed { message })
                     }
-                    Event::Load { ctx, so_path, fn_name, reply } => {
-                        loads.insert(ctx, reply);
-                        state.on_load_requested(ctx, &so_path, &fn_name)
-                    }
+                    Event::Load { ctx, so_path, fn_name, reply } => match registry.register(std::path::Path::new(&so_path)) {
+                        Ok(artifact) => {
+                            loads.insert(ctx, reply);
+                            state.on_load_requested(ctx, &artifact, &fn_name)
+                        }
+                        Err(e) => {
+                            // evcxr sees a panicked run; the eval then fails for its engines.
+                            tracing::error!(%so_path, "cannot read a compiled cell: {e}");
+                            let _ = reply.send(vec!["EVCXR_PANIC_NOTIFICATION".into()]);
+                            vec![]
+                        }
+                    },
                     Event::EvalDone { ctx, result } => {
                         let out = state.on_eval_done(ctx, result);
                         tracing::debug!(groups = ?state.groups(), "eval done");
@@ -295,13 +363,45 @@ async fn event_loop(
     }
 }
 
-fn handle_engine_message(state: &mut Compiler, session: &Session, libdir: &str, from: Bytes, msg: rpx_protocol::Message) -> Vec<Action> {
+/// Sign and send one message to an engine, with a bounded wait.
+async fn send_to(send: &mut zeromq::RouterSendHalf, session: &Session, to: &Bytes, msg_type: &'static str, content: serde_json::Value, buffers: &[Bytes]) {
+    let (_, frames) = session.msg(&[to.clone()], msg_type, content, None, json!({}), buffers);
+    let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        tracing::warn!(engine = %String::from_utf8_lossy(to), msg_type, "could not send to engine");
+    }
+}
+
+/// Answer an `artifact_request`: the reply's content and its one buffer (the bytes).
+fn serve_artifact(registry: &mut artifacts::Registry, host: &str, content: serde_json::Value) -> (serde_json::Value, Vec<Bytes>) {
+    let req = match serde_json::from_value::<ArtifactRequest>(content) {
+        Ok(r) => r,
+        Err(e) => {
+            let r = ArtifactReply { sha256: String::new(), status: "error".into(), size: 0, evalue: format!("malformed artifact_request: {e}") };
+            return (serde_json::to_value(r).expect("serializes"), vec![]);
+        }
+    };
+    match registry.serve(&req.sha256, host) {
+        Ok((bytes, times)) => {
+            tracing::info!(sha256 = %req.sha256, size = bytes.len(), %host, times, "artifact served");
+            let r = ArtifactReply { sha256: req.sha256, status: "ok".into(), size: bytes.len() as u64, evalue: String::new() };
+            (serde_json::to_value(r).expect("serializes"), vec![Bytes::from(bytes)])
+        }
+        Err(evalue) => {
+            tracing::warn!(sha256 = %req.sha256, %host, "artifact not served: {evalue}");
+            let r = ArtifactReply { sha256: req.sha256, status: "error".into(), size: 0, evalue };
+            (serde_json::to_value(r).expect("serializes"), vec![])
+        }
+    }
+}
+
+fn handle_engine_message(state: &mut Compiler, session: &Session, hello: &EngineHelloReply, from: Bytes, msg: rpx_protocol::Message) -> Vec<Action> {
     let content = msg.content.clone();
     match msg.msg_type() {
         msg_type::ENGINE_HELLO => match serde_json::from_value::<EngineHello>(content) {
             Ok(h) => {
-                tracing::info!(engine_id = h.engine_id, pid = h.pid, "engine joined");
-                let mut out = vec![Action::Send { to: from.clone(), msg_type: msg_type::ENGINE_HELLO_REPLY, content: json!({"target_libdir": libdir}) }];
+                tracing::info!(engine_id = h.engine_id, pid = h.pid, host = %h.hostname, "engine joined");
+                let mut out = vec![Action::Send { to: from.clone(), msg_type: msg_type::ENGINE_HELLO_REPLY, content: serde_json::to_value(hello).expect("serializes") }];
                 out.extend(state.on_hello(from, h.engine_id));
                 out
             }

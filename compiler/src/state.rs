@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rpx_protocol::compile::{msg_type, CellReply, Load, LoadOutcome};
+use rpx_protocol::compile::{msg_type, Artifact, CellReply, Load, LoadOutcome};
 use serde_json::Value;
 
 /// An engine's routing identity (its uuid).
@@ -395,7 +395,7 @@ impl Compiler {
     }
 
     /// A context's relay received `LOAD_AND_RUN`: send the artifact to the group's engines.
-    pub fn on_load_requested(&mut self, ctx: CtxId, so_path: &str, fn_name: &str) -> Vec<Action> {
+    pub fn on_load_requested(&mut self, ctx: CtxId, artifact: &Artifact, fn_name: &str) -> Vec<Action> {
         let mut out = Vec::new();
         let Some(r) = self.groups.get_mut(&ctx).and_then(|g| g.running.as_mut()) else {
             out.push(Action::Verdict { ctx, lines: vec![] });
@@ -408,7 +408,7 @@ impl Compiler {
         r.outcomes.clear();
         r.pending = Some(r.members.keys().cloned().collect());
         for (e, cell_id) in &r.members {
-            let load = Load { cell_id: cell_id.clone(), so_path: so_path.to_string(), fn_name: fn_name.to_string() };
+            let load = Load { cell_id: cell_id.clone(), artifact: artifact.clone(), fn_name: fn_name.to_string() };
             out.push(Action::Send { to: e.clone(), msg_type: msg_type::LOAD, content: serde_json::to_value(load).expect("serializes") });
         }
         out
@@ -601,6 +601,10 @@ mod tests {
         Bytes::from(vec![b'e', n])
     }
 
+    fn art(path: &str) -> Artifact {
+        Artifact { path: path.into(), sha256: "0".repeat(64), size: 1 }
+    }
+
     fn ok() -> LoadOutcome {
         LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: vec![] }
     }
@@ -641,7 +645,7 @@ mod tests {
         acts.extend(c.on_tick(now + Duration::from_secs(1)));
         let ev = evals(&acts);
         for (ctx, _) in &ev {
-            acts.extend(c.on_load_requested(*ctx, "/x.so", "f"));
+            acts.extend(c.on_load_requested(*ctx, &art("/x.so"), "f"));
             for (&e, o) in engines.iter().zip(outcomes) {
                 if c.engines[&id(e)].group == Some(*ctx) {
                     acts.extend(c.on_load_done(id(e), o.clone()));
@@ -660,7 +664,7 @@ mod tests {
         assert!(evals(&c.on_cell_request(id(1), "b".into(), "let x = 1;".into(), now)).is_empty());
         let a = c.on_cell_request(id(2), "c".into(), "let x = 1;".into(), now);
         assert_eq!(evals(&a), vec![(g, "let x = 1;".to_string())]);
-        let loads = c.on_load_requested(g, "/t/libcode_3.so", "run_user_code_2");
+        let loads = c.on_load_requested(g, &art("/t/libcode_3.so"), "run_user_code_2");
         assert_eq!(sends(&loads, msg_type::LOAD).len(), 3);
         let mut replies = 0;
         for i in 0..3 {
@@ -712,7 +716,7 @@ mod tests {
         for e in 0..3 {
             c.on_cell_request(id(e), format!("p{e}"), "let k = 1; maybe_panic();".into(), now);
         }
-        c.on_load_requested(g, "/p.so", "f");
+        c.on_load_requested(g, &art("/p.so"), "f");
         c.on_load_done(id(0), ok());
         c.on_load_done(id(1), panicked());
         c.on_load_done(id(2), ok());
@@ -735,7 +739,7 @@ mod tests {
         for e in 0..3 {
             c.on_cell_request(id(e), format!("s{e}"), "slow_on_0();".into(), now);
         }
-        c.on_load_requested(g, "/s.so", "f");
+        c.on_load_requested(g, &art("/s.so"), "f");
         // Engines 1 and 2 finish; engine 0 is still running.
         c.on_load_done(id(1), ok());
         c.on_load_done(id(2), ok());
@@ -762,7 +766,7 @@ mod tests {
         let now = Instant::now();
         c.on_cell_request(id(0), "a".into(), "std::process::abort();".into(), now);
         c.on_cell_request(id(1), "b".into(), "std::process::abort();".into(), now);
-        c.on_load_requested(g, "/a.so", "f");
+        c.on_load_requested(g, &art("/a.so"), "f");
         let a = c.on_load_done(id(0), LoadOutcome::Died { status: "signal 6 (SIGABRT)".into() });
         let r = sends(&a, msg_type::CELL_REPLY);
         assert_eq!(r[0].1["ename"], "EngineWorkerDied");
@@ -779,7 +783,7 @@ mod tests {
         let now = Instant::now();
         c.on_cell_request(id(0), "a".into(), "x".into(), now);
         c.on_cell_request(id(1), "b".into(), "x".into(), now);
-        c.on_load_requested(g, "/a.so", "f");
+        c.on_load_requested(g, &art("/a.so"), "f");
         c.on_load_done(id(0), ok());
         let a = c.on_engine_gone(&id(1));
         assert!(a.contains(&Action::Verdict { ctx: g, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));

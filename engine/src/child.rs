@@ -65,8 +65,9 @@ pub struct WorkerCommand {
 }
 
 impl WorkerCommand {
-    /// Re-execute this binary as a worker, with `target_libdir` on `LD_LIBRARY_PATH`.
-    pub fn this_binary(target_libdir: Option<&str>) -> std::io::Result<WorkerCommand> {
+    /// Re-execute this binary as a worker, with `libdirs` (where the runtime libraries that
+    /// compiled cells link are) first on `LD_LIBRARY_PATH`.
+    pub fn this_binary(libdirs: &[String]) -> std::io::Result<WorkerCommand> {
         let mut env = vec![
             (crate::worker::WORKER_ENV.to_string(), "1".to_string()),
             (crate::worker::PARENT_ENV.to_string(), std::process::id().to_string()),
@@ -74,12 +75,10 @@ impl WorkerCommand {
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             env.push(("RUST_BACKTRACE".into(), "0".into()));
         }
-        if let Some(dir) = target_libdir.filter(|d| !d.is_empty()) {
-            let path = match std::env::var("LD_LIBRARY_PATH") {
-                Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
-                _ => dir.to_string(),
-            };
-            env.push(("LD_LIBRARY_PATH".into(), path));
+        let mut dirs: Vec<String> = libdirs.iter().filter(|d| !d.is_empty()).cloned().collect();
+        if !dirs.is_empty() {
+            dirs.extend(std::env::var("LD_LIBRARY_PATH").ok().filter(|old| !old.is_empty()));
+            env.push(("LD_LIBRARY_PATH".into(), dirs.join(":")));
         }
         Ok(WorkerCommand { program: std::env::current_exe()?, args: vec![], env })
     }

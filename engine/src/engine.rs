@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rpx_protocol::apply::{ename, Closure, Op};
-use rpx_protocol::compile::{msg_type as cmsg, CellReply, CellRequest, ClosureReply, ClosureRequest, Load, LoadDone, LoadOutcome, WorkerRestarted};
+use rpx_protocol::compile::{msg_type as cmsg, Artifact, ArtifactReply, ArtifactRequest, CellReply, CellRequest, ClosureReply, ClosureRequest, Load, LoadDone, LoadOutcome, RuntimeLib, WorkerRestarted};
 use rpx_runtime::abi;
 use rpx_protocol::connection::EngineConnection;
 use rpx_protocol::{Header, Message, Session};
@@ -20,8 +20,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use crate::artifacts::{self, Fetcher, Kind, Step};
 use crate::child::{Worker, WorkerCommand, WorkerEvent};
-use crate::net::{self, Channel, CompilerLink, Frames, Inbound, LastPing, Outlet};
+use crate::liveness::{CompilerWatch, Watch};
+use crate::net::{self, Channel, CompilerLink, CompilerSource, Frames, Inbound, LastPing, Outlet};
 use crate::output::{find_panic, StderrTail, StdoutEvent, StdoutParser};
 use crate::reply::{self, EngineError, Identity};
 use crate::{Error, Result};
@@ -30,12 +32,17 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub connection: EngineConnection,
-    pub compiler_file: PathBuf,
+    pub compiler: CompilerSource,
+    /// The engine id to ask the controller for (`ipengine --mpi`: the rank).
+    pub requested_id: Option<u64>,
     /// Registration timeout.
     pub timeout: Duration,
     /// How long to wait for the compiler at startup.
     pub compiler_wait: Duration,
 }
+
+/// The engine's start index (ipcluster's launchers set it; otherwise the worker gets the id).
+pub const ENGINE_INDEX_ENV: &str = "RPX_ENGINE_INDEX";
 
 /// Streams are flushed at least this often while output is pending.
 const FLUSH_PERIOD: Duration = Duration::from_millis(50);
@@ -68,7 +75,11 @@ pub async fn run(cfg: Config) -> Result<i32> {
         .await
         .map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
     let (mut reg_send, mut reg_recv) = reg.split();
-    let (_, frames) = session.msg(&[], "registration_request", json!({"uuid": uuid}), None, json!({"engine": uuid}), &[]);
+    let mut request = json!({"uuid": uuid});
+    if let Some(id) = cfg.requested_id {
+        request["id"] = json!(id);
+    }
+    let (_, frames) = session.msg(&[], "registration_request", request, None, json!({"engine": uuid}), &[]);
     send_now(&mut reg_send, frames).await?;
     let deadline = Instant::now() + cfg.timeout;
     let reply = loop {
@@ -142,10 +153,10 @@ pub async fn run(cfg: Config) -> Result<i32> {
     }
 
     // Compiler.
-    tokio::spawn(net::connect_compiler(cfg.compiler_file.clone(), uuid.clone(), id, username.clone(), cfg.compiler_wait, inbound_tx.clone()));
+    tokio::spawn(net::connect_compiler(cfg.compiler.clone(), uuid.clone(), id, username.clone(), cfg.compiler_wait, inbound_tx.clone()));
 
     let (worker_tx, mut worker_rx) = mpsc::channel::<(u64, WorkerEvent)>(256);
-    let mut engine = Engine::new(me, session, outlets, worker_tx, inbound_tx, cfg.compiler_file.clone(), username);
+    let mut engine = Engine::new(me, session, outlets, worker_tx, inbound_tx, cfg.compiler.clone(), username);
     let hb_limit = (hb_period * 10).max(Duration::from_secs(5));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Io)?;
@@ -263,6 +274,8 @@ struct Cell {
     interrupt_requested: bool,
     /// The cell was interrupted (`Some(true)`: before the worker ran it).
     interrupted: Option<bool>,
+    /// An artifact of the cell could not be had or failed its check: it did not run.
+    refused: Option<String>,
 }
 
 /// A closure call (apply or map) in progress.
@@ -308,10 +321,16 @@ struct Engine {
     session: Session,
     out: Outlets,
     inbound_tx: mpsc::Sender<Inbound>,
-    compiler_file: PathBuf,
+    compiler_source: CompilerSource,
     username: String,
     compiler: CompilerState,
     reconnecting: bool,
+    /// The compiler's liveness, from its messages.
+    watch: CompilerWatch,
+    /// Where artifacts are loaded from, and the fetches under way.
+    fetcher: Fetcher,
+    /// The current compiler's runtime libraries, until the worker command names them.
+    runtime_libs: Option<Vec<RuntimeLib>>,
 
     queue: VecDeque<Request>,
     aborted: HashSet<String>,
@@ -343,7 +362,7 @@ struct Engine {
     /// Names whose namespace file holds the variable's current value (no cell ran since).
     fresh: HashSet<String>,
     /// Closures this engine has compiled: artifact and symbol.
-    closures: HashMap<Closure, (String, String)>,
+    closures: HashMap<Closure, (Artifact, String)>,
     call: Option<Call>,
     interrupt: Option<Interrupt>,
 }
@@ -355,7 +374,7 @@ impl Engine {
         out: Outlets,
         worker_tx: mpsc::Sender<(u64, WorkerEvent)>,
         inbound_tx: mpsc::Sender<Inbound>,
-        compiler_file: PathBuf,
+        compiler_source: CompilerSource,
         username: String,
     ) -> Engine {
         let me_uuid = me.uuid.clone();
@@ -364,10 +383,13 @@ impl Engine {
             session,
             out,
             inbound_tx,
-            compiler_file,
+            compiler_source,
             username,
             compiler: CompilerState::Connecting,
             reconnecting: true,
+            watch: CompilerWatch::new(Instant::now()),
+            fetcher: Fetcher::new(true, None),
+            runtime_libs: None,
             queue: VecDeque::new(),
             aborted: HashSet::new(),
             current: None,
@@ -397,7 +419,7 @@ impl Engine {
     }
 
     fn tick_period(&self) -> Duration {
-        let busy = self.current.is_some() || self.call.is_some() || !self.out_buf.is_empty() || !self.err_buf.is_empty();
+        let busy = self.current.is_some() || self.call.is_some() || !self.out_buf.is_empty() || !self.err_buf.is_empty() || self.fetcher.busy();
         if busy {
             FLUSH_PERIOD
         } else {
@@ -464,42 +486,56 @@ impl Engine {
             },
             Inbound::Compiler(frames) => self.on_compiler(frames).await,
             Inbound::CompilerReady(link) => {
-                info!(pid = link.pid, target_libdir = ?link.target_libdir, "compiler ready");
                 self.reconnecting = false;
-                let libdir = link.target_libdir.clone();
+                let same_host = std::fs::read_to_string(&link.hello.probe.path).is_ok_and(|t| t == link.hello.probe.token);
+                let cache = if same_host {
+                    None
+                } else {
+                    let dir = artifacts::default_dir();
+                    artifacts::Cache::open(&dir).map_err(|e| error!(dir = %dir.display(), error = %e, "cannot open the artifact cache")).ok()
+                };
+                info!(url = %link.url, same_host, cache = ?cache.as_ref().map(|c| c.dir().to_path_buf()), "compiler ready");
+                self.fetcher = Fetcher::new(same_host, cache);
+                self.runtime_libs = Some(link.hello.runtime_libs.clone());
+                self.watch = CompilerWatch::new(Instant::now());
                 let fresh_worker = self.worker.is_none();
                 self.compiler = CompilerState::Ready(link);
-                if self.worker_cmd.is_none() || libdir.is_some() {
-                    self.set_worker_cmd(libdir).await;
-                }
+                // The worker command waits for this compiler's runtime libraries.
+                self.worker_cmd = None;
                 if !fresh_worker {
                     // A new compiler knows nothing of this worker's variables.
                     self.restart_worker("killed by a new compiler connected").await;
                 }
-                self.ensure_worker();
+                self.progress().await;
             }
             Inbound::CompilerFailed(why) => {
                 warn!(%why, "no compiler");
                 self.reconnecting = false;
                 self.compiler = CompilerState::Absent(why);
                 if self.worker_cmd.is_none() {
-                    self.set_worker_cmd(None).await;
+                    // Pushes and pulls of pushed values need no compiled code.
+                    self.set_worker_cmd(vec![]);
                 }
                 self.ensure_worker();
+            }
+            Inbound::CompilerLost(link_id) => {
+                if matches!(&self.compiler, CompilerState::Ready(l) if l.id == link_id) {
+                    self.compiler_gone("its connection closed".into());
+                }
             }
             Inbound::BroadcastReady(out) => self.out.broadcast = Some(out),
         }
     }
 
-    async fn set_worker_cmd(&mut self, libdir: Option<String>) {
-        let libdir = match libdir {
-            Some(d) => Some(d),
-            None => rustc_target_libdir().await,
-        };
-        match WorkerCommand::this_binary(libdir.as_deref()) {
+    fn set_worker_cmd(&mut self, libdirs: Vec<String>) {
+        match WorkerCommand::this_binary(&libdirs) {
             Ok(mut c) => {
                 // Cells can read their engine's id, as `std::env::var("RPX_ENGINE_ID")`.
                 c.env.push(("RPX_ENGINE_ID".to_string(), self.me.id.to_string()));
+                if std::env::var_os(ENGINE_INDEX_ENV).is_none() {
+                    // Engines not started by ipcluster's local launcher (MPI ranks, by hand).
+                    c.env.push((ENGINE_INDEX_ENV.to_string(), self.me.id.to_string()));
+                }
                 c.env.push((rpx_runtime::NS_DIR_ENV.to_string(), self.ns_dir.display().to_string()));
                 self.worker_cmd = Some(c)
             }
@@ -708,6 +744,7 @@ impl Engine {
             grace_until: None,
             interrupt_requested: false,
             interrupted: None,
+            refused: None,
         });
     }
 
@@ -808,7 +845,17 @@ impl Engine {
         if call.interrupt_requested {
             return self.finish_call(Err(EngineError::interrupted("call", true)));
         }
-        let Some((so, func)) = self.closures.get(&call.closure).cloned() else { return };
+        let Some((artifact, func)) = self.closures.get(&call.closure).cloned() else { return };
+        if self.worker_cmd.is_none() && self.runtime_libs.is_some() {
+            return; // the runtime libraries are still being fetched
+        }
+        let so = match self.fetcher.want(&artifact, Kind::Code, Instant::now()) {
+            Step::Ready(path) => path.display().to_string(),
+            Step::Request(sha) => return self.request_artifact(sha),
+            Step::Wait => return,
+            Step::Failed(why) => return self.finish_call(Err(EngineError::new(ename::ARTIFACT_ERROR, why, vec![]))),
+        };
+        let Some(call) = &mut self.call else { return };
         call.running = true;
         self.ensure_worker();
         let sent = match (&mut self.worker, &self.call) {
@@ -830,8 +877,8 @@ impl Engine {
             warn!(request_id = %r.request_id, "closure_reply for a call that is not waiting; dropped");
             return;
         };
-        if r.status == "ok" {
-            self.closures.insert(call.closure.clone(), (r.so_path, r.fn_name));
+        if let (true, Some(artifact)) = (r.status == "ok", r.artifact) {
+            self.closures.insert(call.closure.clone(), (artifact, r.fn_name));
         } else {
             let ename = if r.ename.is_empty() { ename::COMPILE_ERROR.to_string() } else { r.ename };
             self.finish_call(Err(EngineError::new(&ename, r.evalue, r.traceback)));
@@ -883,7 +930,7 @@ impl Engine {
         }
         self.reconnecting = true;
         tokio::spawn(net::connect_compiler(
-            self.compiler_file.clone(),
+            self.compiler_source.clone(),
             self.me.uuid.clone(),
             self.me.id,
             self.username.clone(),
@@ -904,10 +951,23 @@ impl Engine {
                 return;
             }
         };
+        self.watch.heard(Instant::now());
         match m.msg_type() {
+            cmsg::PONG => {}
+            cmsg::ARTIFACT_REPLY => match serde_json::from_value::<ArtifactReply>(m.content) {
+                Ok(r) => {
+                    match self.fetcher.on_reply(&r, m.buffers.first().map(|b| &b[..])) {
+                        Some((sha, true)) => info!(sha256 = %sha, size = r.size, fetched = self.fetcher.fetched, "artifact fetched from the compiler"),
+                        Some((sha, false)) => warn!(sha256 = %sha, "artifact refused"),
+                        None => debug!(sha256 = %r.sha256, "artifact_reply nobody waits for; dropped"),
+                    }
+                    self.progress().await;
+                }
+                Err(e) => warn!(error = %e, "malformed artifact_reply dropped"),
+            },
             cmsg::LOAD => match serde_json::from_value::<Load>(m.content) {
                 Ok(load) => {
-                    debug!(cell_id = %load.cell_id, so = %load.so_path, "load");
+                    debug!(cell_id = %load.cell_id, so = %load.artifact.path, "load");
                     self.pending_loads.push_back(load);
                     self.run_next_load().await;
                 }
@@ -954,24 +1014,50 @@ impl Engine {
         }
     }
 
-    async fn run_next_load(&mut self) {
-        if self.loading.is_some() {
-            return;
-        }
-        let load = loop {
-            let Some(load) = self.pending_loads.pop_front() else { return };
-            let Some(cell) = self.current.as_mut().filter(|c| c.interrupt_requested && c.req.msg_id() == load.cell_id) else { break load };
-            // Interrupted before the worker ran it: it does not run (the compiler handles a
-            // skipped load as a panicked one).
+    /// Skip a load the worker will not run: tell the compiler (it handles a skipped load as a
+    /// panicked one) and mark the cell.
+    fn skip_load(&mut self, load: Load, reason: String, mark: impl FnOnce(&mut Cell)) {
+        if let Some(cell) = self.current.as_mut().filter(|c| c.req.msg_id() == load.cell_id) {
             cell.panicked = true;
-            cell.interrupted.get_or_insert(true);
-            info!(cell_id = %load.cell_id, "interrupted before it ran; load skipped");
-            let outcome = LoadOutcome::Skipped { reason: "interrupted (SIGINT) before it ran".into() };
-            self.to_compiler(cmsg::LOAD_DONE, serde_json::to_value(LoadDone { cell_id: load.cell_id, outcome }).expect("serializes"));
+            mark(cell);
+        }
+        info!(cell_id = %load.cell_id, %reason, "load skipped");
+        let outcome = LoadOutcome::Skipped { reason };
+        self.to_compiler(cmsg::LOAD_DONE, serde_json::to_value(LoadDone { cell_id: load.cell_id, outcome }).expect("serializes"));
+    }
+
+    async fn run_next_load(&mut self) {
+        if self.loading.is_some() || (self.worker_cmd.is_none() && self.runtime_libs.is_some()) {
+            return; // busy, or the runtime libraries are still being fetched
+        }
+        let (load, path) = loop {
+            let Some(load) = self.pending_loads.front().cloned() else { return };
+            if self.current.as_ref().is_some_and(|c| c.interrupt_requested && c.req.msg_id() == load.cell_id) {
+                self.pending_loads.pop_front();
+                self.skip_load(load, "interrupted (SIGINT) before it ran".into(), |c| {
+                    c.interrupted.get_or_insert(true);
+                });
+                continue;
+            }
+            match self.fetcher.want(&load.artifact, Kind::Code, Instant::now()) {
+                Step::Ready(path) => {
+                    self.pending_loads.pop_front();
+                    break (load, path);
+                }
+                Step::Request(sha) => return self.request_artifact(sha),
+                Step::Wait => return,
+                Step::Failed(why) => {
+                    self.pending_loads.pop_front();
+                    error!(cell_id = %load.cell_id, %why, "artifact refused; the cell does not run");
+                    self.skip_load(load, why.clone(), |c| {
+                        c.refused.get_or_insert(why);
+                    });
+                }
+            }
         };
         self.ensure_worker();
         self.loading = Some(Loading { cell_id: load.cell_id.clone(), panicked: false, error_occurred: false, changed_types: vec![] });
-        let line = format!("LOAD_AND_RUN {} {}", load.so_path, load.fn_name);
+        let line = format!("LOAD_AND_RUN {} {}", path.display(), load.fn_name);
         let sent = match &mut self.worker {
             Some(w) => w.send_line(&line).await.map_err(|e| e.to_string()),
             None => Err("the worker could not be started".to_string()),
@@ -1179,6 +1265,8 @@ impl Engine {
         let tail = self.stderr_tail.lines();
         let err = if let Some(e) = override_err {
             Some(e)
+        } else if let Some(why) = &cell.refused {
+            Some(EngineError::new(ename::ARTIFACT_ERROR, why.clone(), vec![]))
         } else if let Some(status) = &cell.died {
             Some(EngineError::worker_died(&self.me, status, tail))
         } else if let Some(before_run) = cell.interrupted.filter(|_| cell.panicked) {
@@ -1261,25 +1349,22 @@ impl Engine {
             self.flush_streams();
         }
         self.maybe_finish();
-        // A compiler that died never answers the cell or the closure compile waiting on it.
-        let closure_waiting = self.call.as_ref().is_some_and(|c| !c.running);
-        if self.current.is_some() || closure_waiting {
-            if let CompilerState::Ready(link) = &self.compiler {
-                if !net::pid_alive(link.pid) {
-                    let pid = link.pid;
-                    error!(pid, "the compiler died");
-                    self.compiler = CompilerState::Absent(format!("compiler pid {pid} exited"));
-                    self.spawn_reconnect();
-                    let died = EngineError::compiler_died(&format!("pid {pid} exited"));
-                    if closure_waiting {
-                        self.finish_call(Err(died.clone()));
-                    }
-                    if self.loading.is_none() {
-                        if let Some(cell) = self.current.take() {
-                            self.finalize(cell, Some(died));
-                        }
-                    }
+        for (sha, step) in self.fetcher.poll(Instant::now()) {
+            match step {
+                Step::Request(sha) => self.request_artifact(sha),
+                _ => debug!(sha256 = %sha, "artifact settled by another engine of this host"),
+            }
+        }
+        self.progress().await;
+        // A compiler that died, froze or lost its host never answers what waits on it.
+        if matches!(self.compiler, CompilerState::Ready(_)) {
+            let waiting = (self.current.as_ref().is_some_and(|c| c.reply.is_none())) || self.call.as_ref().is_some_and(|c| !c.running) || self.fetcher.busy();
+            match self.watch.check(Instant::now(), waiting) {
+                Watch::Quiet => {}
+                Watch::Ping => {
+                    self.to_compiler(cmsg::PING, json!({}));
                 }
+                Watch::Gone(silent) => self.compiler_gone(format!("it answered nothing for {} s", silent.as_secs())),
             }
         }
         if let CompilerState::Absent(why) = &self.compiler {
@@ -1299,6 +1384,67 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The compiler is gone (`why`): what waits on it fails now, and a new one is looked for.
+    fn compiler_gone(&mut self, why: String) {
+        let url = match &self.compiler {
+            CompilerState::Ready(l) => l.url.clone(),
+            _ => return,
+        };
+        error!(%url, %why, "the compiler is gone");
+        self.compiler = CompilerState::Absent(format!("the compiler at {url} is gone: {why}"));
+        self.fetcher.abort_all(&why);
+        self.spawn_reconnect();
+        let died = EngineError::compiler_died(&why);
+        if self.call.as_ref().is_some_and(|c| !c.running) {
+            self.finish_call(Err(died.clone()));
+        }
+        if self.loading.is_none() {
+            if let Some(cell) = self.current.take() {
+                if cell.reply.is_some() {
+                    self.current = Some(cell);
+                    self.maybe_finish();
+                } else {
+                    self.finalize(cell, Some(died));
+                }
+            }
+        }
+    }
+
+    fn request_artifact(&mut self, sha256: String) {
+        debug!(%sha256, "fetching an artifact from the compiler");
+        if !self.to_compiler(cmsg::ARTIFACT_REQUEST, serde_json::to_value(ArtifactRequest { sha256: sha256.clone() }).expect("serializes")) {
+            self.fetcher.abort_all("no compiler connected");
+        }
+    }
+
+    /// Move on with whatever waited for artifacts: the worker command (runtime libraries), the
+    /// next load, the waiting call.
+    async fn progress(&mut self) {
+        if self.worker_cmd.is_none() {
+            if let Some(libs) = self.runtime_libs.clone() {
+                let mut dirs = Vec::new();
+                for lib in &libs {
+                    match self.fetcher.want(&lib.artifact, Kind::Runtime { name: lib.name.clone() }, Instant::now()) {
+                        Step::Ready(p) => dirs.extend(p.parent().map(|d| d.display().to_string())),
+                        Step::Request(sha) => return self.request_artifact(sha),
+                        Step::Wait => return,
+                        Step::Failed(why) => error!(lib = %lib.name, %why, "runtime library refused; cells that need it will not load"),
+                    }
+                }
+                dirs.dedup();
+                info!(?dirs, "runtime libraries ready");
+                self.runtime_libs = None;
+                self.set_worker_cmd(dirs);
+                self.ensure_worker();
+            }
+        }
+        self.run_next_load().await;
+        if self.call.as_ref().is_some_and(|c| !c.running) {
+            self.run_call().await;
+        }
+        self.maybe_finish();
     }
 
     /// Unregister, stop the worker and let queued messages go out.
@@ -1330,14 +1476,4 @@ fn kernel_info() -> Value {
         "language_info": {"name": "rust", "file_extension": ".rs", "mimetype": "text/rust"},
         "banner": "rpx engine (Rust)",
     })
-}
-
-/// `rustc --print target-libdir`, if rustc is on PATH.
-async fn rustc_target_libdir() -> Option<String> {
-    let out = tokio::time::timeout(Duration::from_secs(10), tokio::process::Command::new("rustc").args(["--print", "target-libdir"]).output()).await.ok()?.ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!s.is_empty()).then_some(s)
 }

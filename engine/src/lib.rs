@@ -10,6 +10,9 @@
 //! - [`engine`]: the engine loop: registration, request queue, cells (compiler messages and
 //!   worker events as a state machine), control requests, iopub, heartbeat check, shutdown.
 //! - [`net`]: connecting sockets, the send/receive pump tasks, the heart, the compiler handshake.
+//! - [`artifacts`]: where compiled artifacts are loaded from: by path on the compiler's host,
+//!   else the per-host cache filled by one checked fetch per artifact and host. Pure decisions.
+//! - [`liveness`]: whether the compiler is still there, from its connection and pings. Pure.
 //! - [`child`]: spawning the worker, reading its pipes, noticing its death.
 //! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out;
 //!   [`worker::interrupt`] turns SIGINT into a panic injected into the running cell.
@@ -30,8 +33,10 @@
 //! assert_eq!(ev, vec![StdoutEvent::Text("hello\n".into()), StdoutEvent::Complete]);
 //! ```
 
+pub mod artifacts;
 pub mod child;
 pub mod engine;
+pub mod liveness;
 pub mod namespace;
 pub mod net;
 pub mod output;

@@ -1,6 +1,8 @@
-//! `ipengine`: an rpx engine. Reads the engine connection file, registers with the controller,
-//! finds the cluster's compiler and serves until shut down. Run with `RPX_ENGINE_WORKER=1` it is
-//! instead the worker process that runs compiled cells (see `rpx_engine::worker`).
+//! `ipengine`: an rpx engine. Takes its connection info from `RPX_CONNECTION_INFO` (controller and
+//! compiler, nothing to copy between hosts) or from the profile's connection files, registers
+//! with the controller (with `--mpi`, under its MPI rank), finds the cluster's compiler and serves
+//! until shut down. Run with `RPX_ENGINE_WORKER=1` it is instead the worker process that runs
+//! compiled cells (see `rpx_engine::worker`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -8,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rpx_engine::engine::{self, Config};
-use rpx_protocol::connection::{read_json, EngineConnection};
+use rpx_engine::net::CompilerSource;
+use rpx_protocol::connection::{read_json, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV};
 use rpx_protocol::Profile;
 
 /// An rpx engine: runs Rust cells for an rpx (ipyparallel-compatible) controller.
@@ -33,6 +36,26 @@ struct Args {
     /// Seconds to wait for the compiler at startup.
     #[arg(long, default_value_t = 30.0)]
     compiler_timeout: f64,
+    /// Take the engine id from the MPI launcher's rank (OMPI_COMM_WORLD_RANK, PMIX_RANK,
+    /// PMI_RANK or SLURM_PROCID), plus --id-base.
+    #[arg(long)]
+    mpi: bool,
+    /// Added to the rank under --mpi (for engines added to a cluster that has ids 0..N).
+    #[arg(long, default_value_t = 0, requires = "mpi")]
+    id_base: u64,
+}
+
+/// The rank variables of MPI launchers (and Slurm), in the order they are consulted.
+const RANK_VARS: [&str; 4] = ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"];
+
+/// The launcher's rank, from the first rank variable that is set.
+fn mpi_rank(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<u64> {
+    for var in RANK_VARS {
+        if let Some(v) = get(var) {
+            return v.trim().parse().with_context(|| format!("{var}={v:?} is not a rank"));
+        }
+    }
+    bail!("--mpi: none of {} is set; run ipengine --mpi under mpiexec or srun", RANK_VARS.join(", "))
 }
 
 fn main() {
@@ -62,14 +85,24 @@ fn run(args: Args) -> anyhow::Result<i32> {
         bail!("--timeout must be positive and --compiler-timeout not negative");
     }
     let timeout = Duration::from_secs_f64(args.timeout);
-    let profile = Profile::new(&args.profile, &args.cluster_id);
-    let file = args.file.clone().unwrap_or_else(|| profile.engine_file());
-    let connection = wait_for_file(&file, timeout)?;
-    let compiler_file = args.compiler_file.clone().unwrap_or_else(|| {
-        let name = profile.compiler_file().file_name().expect("has a name").to_owned();
-        file.parent().map_or_else(|| profile.compiler_file(), |d| d.join(&name))
-    });
-    let cfg = Config { connection, compiler_file, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout) };
+    let requested_id = if args.mpi { Some(mpi_rank(|v| std::env::var(v).ok())? + args.id_base) } else { None };
+    let (connection, compiler) = match std::env::var(CONNECTION_INFO_ENV).ok().filter(|_| args.file.is_none()) {
+        Some(line) => {
+            let info = ConnectionInfo::parse(&line).with_context(|| format!("{CONNECTION_INFO_ENV} is not an rpx connection info"))?;
+            (info.engine, CompilerSource::Given(info.compiler))
+        }
+        None => {
+            let profile = Profile::new(&args.profile, &args.cluster_id);
+            let file = args.file.clone().unwrap_or_else(|| profile.engine_file());
+            let connection = wait_for_file(&file, timeout)?;
+            let compiler_file = args.compiler_file.clone().unwrap_or_else(|| {
+                let name = profile.compiler_file().file_name().expect("has a name").to_owned();
+                file.parent().map_or_else(|| profile.compiler_file(), |d| d.join(&name))
+            });
+            (connection, CompilerSource::File(compiler_file))
+        }
+    };
+    let cfg = Config { connection, compiler, requested_id, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout) };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
     let code = rt.block_on(engine::run(cfg))?;
     // Do not wait for lingering socket tasks.
@@ -88,5 +121,27 @@ fn wait_for_file(file: &std::path::Path, timeout: Duration) -> anyhow::Result<En
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rank_comes_from_the_first_launcher_variable_set() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(mpi_rank(env(&[("OMPI_COMM_WORLD_RANK", "3"), ("PMI_RANK", "9")])).unwrap(), 3);
+        assert_eq!(mpi_rank(env(&[("PMI_RANK", "2")])).unwrap(), 2);
+        assert_eq!(mpi_rank(env(&[("SLURM_PROCID", "7")])).unwrap(), 7);
+        assert!(mpi_rank(env(&[("PMIX_RANK", "x")])).unwrap_err().to_string().contains("not a rank"));
+        assert!(mpi_rank(env(&[])).unwrap_err().to_string().contains("mpiexec"));
+    }
+
+    #[test]
+    fn mpi_options_parse() {
+        let a = Args::try_parse_from(["ipengine", "--mpi", "--id-base", "4"]).unwrap();
+        assert!(a.mpi && a.id_base == 4);
+        assert!(Args::try_parse_from(["ipengine", "--id-base", "4"]).is_err(), "--id-base needs --mpi");
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rpx_protocol::compile::{msg_type, EngineHello};
+use rpx_protocol::compile::{msg_type, EngineHello, EngineHelloReply};
 use rpx_protocol::connection::{read_json, CompilerConnection};
 use rpx_protocol::Session;
 use serde_json::json;
@@ -46,6 +46,8 @@ pub enum Inbound {
     CompilerReady(CompilerLink),
     /// No compiler could be reached.
     CompilerFailed(String),
+    /// The connection to the compiler with this link id dropped (socket monitor).
+    CompilerLost(u64),
     /// The broadcast leaf connection is up.
     BroadcastReady(Outlet),
 }
@@ -53,10 +55,35 @@ pub enum Inbound {
 /// A connected compiler.
 #[derive(Debug)]
 pub struct CompilerLink {
+    /// Tells this connection's [`Inbound::CompilerLost`] from an older one's.
+    pub id: u64,
+    pub url: String,
     pub out: Outlet,
     pub session: Session,
-    pub pid: u32,
-    pub target_libdir: Option<String>,
+    pub hello: EngineHelloReply,
+}
+
+/// Where an engine finds its compiler.
+#[derive(Debug, Clone)]
+pub enum CompilerSource {
+    /// The compiler's connection file (same host or shared filesystem), read at each connect.
+    File(PathBuf),
+    /// Given whole, from `RPX_CONNECTION_INFO`.
+    Given(CompilerConnection),
+}
+
+impl CompilerSource {
+    fn describe(&self) -> String {
+        match self {
+            CompilerSource::File(f) => format!("in {}", f.display()),
+            CompilerSource::Given(c) => format!("at {} (RPX_CONNECTION_INFO)", c.url),
+        }
+    }
+}
+
+/// This host's name (its UTS namespace's), for the compiler's log.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,21 +219,12 @@ pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout
     Ok(())
 }
 
-/// Is process `pid` alive (on this host)?
-pub fn pid_alive(pid: u32) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks for existence.
-    let r = unsafe { libc::kill(pid as i32, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// Find and greet the compiler: wait (up to `wait`) for its connection file and a live process,
-/// connect, send `engine_hello` until `engine_hello_reply` arrives. Reports the outcome to the
-/// engine loop as [`Inbound::CompilerReady`] or [`Inbound::CompilerFailed`].
-pub async fn connect_compiler(file: PathBuf, uuid: String, engine_id: u64, username: String, wait: Duration, inbound: mpsc::Sender<Inbound>) {
-    let outcome = compiler_handshake(&file, &uuid, engine_id, &username, wait, inbound.clone()).await;
+/// Find and greet the compiler: wait (up to `wait`) for its connection file if it comes from
+/// one, connect, send `engine_hello` until `engine_hello_reply` arrives. Reports the outcome to
+/// the engine loop as [`Inbound::CompilerReady`] or [`Inbound::CompilerFailed`]; later, a dropped
+/// connection as [`Inbound::CompilerLost`].
+pub async fn connect_compiler(source: CompilerSource, uuid: String, engine_id: u64, username: String, wait: Duration, inbound: mpsc::Sender<Inbound>) {
+    let outcome = compiler_handshake(&source, &uuid, engine_id, &username, wait, inbound.clone()).await;
     let msg = match outcome {
         Ok(link) => Inbound::CompilerReady(link),
         Err(e) => Inbound::CompilerFailed(e),
@@ -215,7 +233,7 @@ pub async fn connect_compiler(file: PathBuf, uuid: String, engine_id: u64, usern
 }
 
 async fn compiler_handshake(
-    file: &std::path::Path,
+    source: &CompilerSource,
     uuid: &str,
     engine_id: u64,
     username: &str,
@@ -224,23 +242,25 @@ async fn compiler_handshake(
 ) -> std::result::Result<CompilerLink, String> {
     let deadline = Instant::now() + wait;
     let left = || deadline.saturating_duration_since(Instant::now());
-    // The file, naming a live process.
-    let conn: CompilerConnection = loop {
-        match read_json::<CompilerConnection>(file) {
-            Ok(c) if pid_alive(c.pid) => break c,
-            Ok(c) => debug!(pid = c.pid, "compiler file names a dead process; waiting"),
-            Err(e) => debug!(error = %e, "no compiler file yet"),
-        }
-        if left().is_zero() {
-            return Err(format!("no live compiler announced in {} within {wait:?}", file.display()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let conn: CompilerConnection = match source {
+        CompilerSource::Given(c) => c.clone(),
+        CompilerSource::File(file) => loop {
+            match read_json::<CompilerConnection>(file) {
+                Ok(c) => break c,
+                Err(e) => debug!(error = %e, "no compiler file yet"),
+            }
+            if left().is_zero() {
+                return Err(format!("no compiler announced {} within {wait:?}", source.describe()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        },
     };
-    info!(url = %conn.url, pid = conn.pid, "connecting to the compiler");
+    info!(url = %conn.url, "connecting to the compiler");
     let session = Session::with_id(conn.key.as_bytes(), username, uuid);
-    let sock = connect_dealer(&conn.url, uuid, left().max(Duration::from_millis(100))).await.map_err(|e| e.to_string())?;
+    let mut sock = connect_dealer(&conn.url, uuid, left().max(Duration::from_millis(100))).await.map_err(|e| e.to_string())?;
+    let mut monitor = sock.monitor();
     let (mut tx_half, mut rx_half) = sock.split();
-    let hello = serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id() }).expect("serializes");
+    let hello = serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id(), hostname: hostname() }).expect("serializes");
     let reply = loop {
         let (_, frames) = session.msg(&[], msg_type::ENGINE_HELLO, hello.clone(), None, json!({"engine": uuid}), &[]);
         if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_protocol::zmq::message(frames))).await.unwrap_or(Err(zeromq::ZmqError::NoMessage)) {
@@ -267,7 +287,20 @@ async fn compiler_handshake(
             return Err(format!("the compiler at {} did not answer engine_hello within {wait:?}", conn.url));
         }
     };
-    let target_libdir = reply.content_str("target_libdir").map(str::to_string);
+    let hello: EngineHelloReply = serde_json::from_value(reply.content).map_err(|e| format!("the compiler at {} sent a malformed engine_hello_reply ({e}); is it the same rpx version?", conn.url))?;
+    static LINKS: AtomicU64 = AtomicU64::new(1);
+    let id = LINKS.fetch_add(1, Ordering::Relaxed);
+    // The connection's end is the compiler's end: a killed compiler's socket closes at once.
+    let lost = inbound.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(ev) = monitor.next().await {
+            if matches!(ev, zeromq::SocketEvent::Disconnected(_)) {
+                let _ = lost.send(Inbound::CompilerLost(id)).await;
+                break;
+            }
+        }
+    });
     // Hand the socket over to the pump tasks.
     let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
     tokio::spawn(async move {
@@ -290,5 +323,5 @@ async fn compiler_handshake(
             send_bounded(&mut tx_half, "compiler", frames).await;
         }
     });
-    Ok(CompilerLink { out, session, pid: conn.pid, target_libdir })
+    Ok(CompilerLink { id, url: conn.url, out, session, hello })
 }

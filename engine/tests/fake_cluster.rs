@@ -8,13 +8,13 @@
 
 mod common;
 
-use common::{build_cells, rustc_libdir};
+use common::build_cells;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rpx_protocol::connection::{write_private_json, CompilerConnection, EngineConnection};
+use rpx_protocol::connection::{write_private_json, CompilerConnection, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV};
 use rpx_protocol::{Message, Session};
 use serde_json::{json, Value};
 use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, SocketOptions};
@@ -100,7 +100,8 @@ struct Fake {
     reg: RouterSocket,
     iopub: SubSocket,
     compiler: RouterSocket,
-    so: String,
+    /// The test cells as an artifact (path, SHA-256, size).
+    art: Value,
 }
 
 impl Fake {
@@ -132,10 +133,15 @@ impl Fake {
         m
     }
 
+    /// The engine's next message to the compiler, past its liveness pings (sent while it waits).
     async fn compiler_recv(&mut self) -> Message {
-        let m = recv(&mut self.compiler, &self.s, "compiler message").await;
-        assert_eq!(m.idents, vec![self.uuid.clone()]);
-        m
+        loop {
+            let m = recv(&mut self.compiler, &self.s, "compiler message").await;
+            assert_eq!(m.idents, vec![self.uuid.clone()]);
+            if m.msg_type() != "compiler_ping" {
+                return m;
+            }
+        }
     }
 
     async fn compiler_send(&mut self, msg_type: &str, content: Value) {
@@ -149,7 +155,7 @@ impl Fake {
         assert_eq!(req.msg_type(), "cell_request");
         let cell_id = req.content["cell_id"].as_str().unwrap().to_string();
         let fn_name = req.content["code"].as_str().unwrap().trim().to_string();
-        self.compiler_send("load", json!({"cell_id": cell_id, "so_path": self.so, "fn_name": fn_name})).await;
+        self.compiler_send("load", json!({"cell_id": cell_id, "artifact": self.art, "fn_name": fn_name})).await;
         let done = self.compiler_recv().await;
         assert_eq!(done.msg_type(), "load_done");
         assert_eq!(done.content["cell_id"], cell_id.as_str());
@@ -192,6 +198,13 @@ impl Fake {
     }
 }
 
+/// The artifact description of a file, as the compiler sends it.
+fn artifact(path: &std::path::Path) -> Value {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap();
+    json!({"path": path, "sha256": hex::encode(sha2::Sha256::digest(&bytes)), "size": bytes.len()})
+}
+
 fn stream_text(msgs: &[Message], name: &str) -> String {
     msgs.iter().filter(|m| m.msg_type() == "stream" && m.content["name"] == name).map(|m| m.content["text"].as_str().unwrap().to_string()).collect()
 }
@@ -204,10 +217,20 @@ impl Drop for Kill {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_runs_cells_survives_failures_and_answers_control() {
-    let dir = tempfile::tempdir().unwrap();
-    let so = build_cells(dir.path(), CELLS, &[]);
+/// How the fake compiler presents itself to the engine.
+#[derive(Clone, Copy, PartialEq)]
+enum Host {
+    /// The engine can read the compiler's host probe: it loads artifacts by path.
+    Same,
+    /// It cannot (another host): it fetches artifacts into the cache directory given.
+    Other,
+}
+
+/// Bind a fake controller and compiler, start the real `ipengine` against them (connection
+/// files for a same-host engine, `RPX_CONNECTION_INFO` for another host's), register it and
+/// answer its `engine_hello`.
+async fn start(dir: &std::path::Path, host: Host, cache: &std::path::Path) -> (Fake, Kill, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let so = build_cells(dir, CELLS, &[]);
     let s = Session::new(KEY.as_bytes(), "fake");
 
     let (mut reg, reg_port) = router(None).await;
@@ -240,10 +263,7 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
         unpack: "json".into(),
         signature_scheme: "hmac-sha256".into(),
     };
-    let engine_file = dir.path().join("ipcontroller-engine.json");
-    write_private_json(&engine_file, &conn).unwrap();
-    let compiler_file = dir.path().join("rpx-compiler.json");
-    write_private_json(&compiler_file, &CompilerConnection { url: format!("tcp://127.0.0.1:{compiler_port}"), key: KEY.into(), pid: std::process::id() }).unwrap();
+    let compiler_conn = CompilerConnection { url: format!("tcp://127.0.0.1:{compiler_port}"), key: KEY.into(), pid: 0 };
 
     // Heartbeat: ping every 200 ms, drain pongs.
     tokio::spawn(async move {
@@ -262,16 +282,22 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
         }
     });
 
-    let engine = Command::new(env!("CARGO_BIN_EXE_ipengine"))
-        .arg("--file")
-        .arg(&engine_file)
-        .arg("--compiler-file")
-        .arg(&compiler_file)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut engine = Kill(engine);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipengine"));
+    cmd.env("RUST_LOG", "info").env("RPX_CACHE_DIR", cache).stderr(Stdio::inherit());
+    match host {
+        Host::Same => {
+            let engine_file = dir.join("ipcontroller-engine.json");
+            write_private_json(&engine_file, &conn).unwrap();
+            let compiler_file = dir.join("rpx-compiler.json");
+            write_private_json(&compiler_file, &compiler_conn).unwrap();
+            cmd.arg("--file").arg(&engine_file).arg("--compiler-file").arg(&compiler_file);
+        }
+        Host::Other => {
+            let info = ConnectionInfo { engine: conn, compiler: compiler_conn };
+            cmd.env(CONNECTION_INFO_ENV, info.to_line()).env("RPX_PROFILE", "no-such-profile");
+        }
+    }
+    let engine = Kill(cmd.spawn().unwrap());
 
     // Registration.
     let m = recv(&mut reg, &s, "registration_request").await;
@@ -286,12 +312,29 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     assert_eq!(hello.msg_type(), "engine_hello");
     assert_eq!(hello.content["uuid"], uuid.as_str());
     assert_eq!(hello.content["engine_id"], 0);
-    let (_, frames) = s.msg(&hello.idents, "engine_hello_reply", json!({"target_libdir": rustc_libdir()}), None, json!({}), &[]);
+    assert_eq!(hello.content["hostname"], std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim());
+    // A same-host engine reads the probe and loads artifacts by path; another host's cannot.
+    let probe = dir.join("host-token");
+    if host == Host::Same {
+        std::fs::write(&probe, "token-1").unwrap();
+    }
+    let libstd = common::libstd();
+    let reply = json!({"probe": {"path": probe, "token": "token-1"}, "runtime_libs": [{"name": libstd.file_name().unwrap().to_str().unwrap(), "artifact": artifact(&libstd)}]});
+    let (_, frames) = s.msg(&hello.idents, "engine_hello_reply", reply, None, json!({}), &[]);
     compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
 
-    let mut f = Fake { s, uuid: Bytes::from(uuid.clone()), mux, task, control, reg, iopub, compiler, so: so.display().to_string() };
+    let f = Fake { s, uuid: Bytes::from(uuid), mux, task, control, reg, iopub, compiler, art: artifact(&so) };
     // Let iopub subscriptions settle.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (f, engine, pongs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_runs_cells_survives_failures_and_answers_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (mut f, mut engine, pongs) = start(dir.path(), Host::Same, &cache).await;
+    let uuid = String::from_utf8(f.uuid.to_vec()).unwrap();
 
     // 1. A cell that prints and returns a value.
     let id = f.execute("cell_ok").await;
@@ -380,7 +423,7 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     //    (a panic injected into it) and the engine keeps its variables.
     let sleeping = f.execute("cell_sleep_catch").await;
     let req = f.compiler_recv().await;
-    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep_catch"})).await;
+    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "artifact": f.art, "fn_name": "cell_sleep_catch"})).await;
     let queued = f.execute("cell_ok").await;
     f.send_engine("control", "abort_request", json!({"msg_ids": [queued]})).await;
     let r = f.reply("control").await;
@@ -410,7 +453,7 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     //     period the worker is killed, and the reply says the variables are lost.
     let id = f.execute("cell_sleep").await;
     let req = f.compiler_recv().await;
-    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "so_path": f.so, "fn_name": "cell_sleep"})).await;
+    f.compiler_send("load", json!({"cell_id": req.content["cell_id"], "artifact": f.art, "fn_name": "cell_sleep"})).await;
     f.iopub_until_stdout(&id, "sleeping").await;
     f.send_engine("control", "signal_request", json!({"sig": 2})).await;
     assert_eq!(f.reply("control").await.content["status"], "ok");
@@ -446,7 +489,7 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     assert_eq!(req.msg_type(), "cell_request");
     f.send_engine("control", "signal_request", json!({"sig": "SIGINT"})).await;
     assert_eq!(f.reply("control").await.content["status"], "ok");
-    f.compiler_send("load", json!({"cell_id": id, "so_path": f.so, "fn_name": "cell_ok"})).await;
+    f.compiler_send("load", json!({"cell_id": id, "artifact": f.art, "fn_name": "cell_ok"})).await;
     let done = f.compiler_recv().await;
     assert_eq!(done.content["outcome"]["kind"], "skipped");
     f.cell_reply(&id, "ok", json!({})).await;
@@ -486,4 +529,89 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     .await
     .unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(!cache.exists(), "a same-host engine never needed the artifact cache");
+}
+
+impl Fake {
+    /// Answer the engine's `artifact_request` for `expect` (an artifact value) with `bytes`.
+    async fn serve_artifact(&mut self, expect: &Value, bytes: &[u8]) {
+        let req = self.compiler_recv().await;
+        assert_eq!(req.msg_type(), "artifact_request");
+        assert_eq!(req.content["sha256"], expect["sha256"]);
+        let (_, frames) = self.s.msg(
+            std::slice::from_ref(&self.uuid),
+            "artifact_reply",
+            json!({"sha256": expect["sha256"], "status": "ok", "size": bytes.len()}),
+            None,
+            json!({}),
+            &[Bytes::copy_from_slice(bytes)],
+        );
+        self.compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_on_another_host_fetches_each_artifact_once_and_refuses_tampered_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("host-cache");
+    let (f, _engine, _) = start(dir.path(), Host::Other, &cache).await;
+    let mut f = f;
+    let libstd = common::libstd();
+    let libstd_art = artifact(&libstd);
+
+    // The first cell: the runtime library, then the cell's artifact, each fetched and checked.
+    let id = f.execute("cell_ok").await;
+    f.serve_artifact(&libstd_art, &std::fs::read(&libstd).unwrap()).await;
+    let req = f.compiler_recv().await;
+    assert_eq!(req.msg_type(), "cell_request");
+    let art = f.art.clone();
+    f.compiler_send("load", json!({"cell_id": id, "artifact": art, "fn_name": "cell_ok"})).await;
+    let so = std::fs::read(art["path"].as_str().unwrap()).unwrap();
+    f.serve_artifact(&art, &so).await;
+    let done = f.compiler_recv().await;
+    assert_eq!((done.msg_type(), done.content["outcome"]["kind"].as_str()), ("load_done", Some("complete")));
+    f.cell_reply(&id, "ok", json!({})).await;
+    assert_eq!(f.reply("mux").await.content["status"], "ok");
+    assert!(stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls=1"));
+    // The cache holds both, private to the user.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::read(cache.join(format!("{}.so", art["sha256"].as_str().unwrap()))).unwrap(), so);
+
+    // The same artifact again: loaded from the cache, no request (the next message is load_done).
+    let id = f.execute("cell_ok").await;
+    f.compiler_recv().await;
+    f.compiler_send("load", json!({"cell_id": id, "artifact": art, "fn_name": "cell_ok"})).await;
+    let done = f.compiler_recv().await;
+    assert_eq!((done.msg_type(), done.content["outcome"]["kind"].as_str()), ("load_done", Some("complete")));
+    f.cell_reply(&id, "ok", json!({})).await;
+    assert!(stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls=2"), "state kept across cells");
+    assert_eq!(f.reply("mux").await.content["status"], "ok");
+
+    // A tampered artifact (bytes that do not match the signed hash) is refused; nothing runs.
+    let id = f.execute("cell_ok").await;
+    f.compiler_recv().await;
+    let mut bad = so.clone();
+    bad[so.len() / 2] ^= 0xff;
+    let claimed = json!({"path": "/compiler/libcode_9.so", "sha256": "ab".repeat(32), "size": so.len()});
+    f.compiler_send("load", json!({"cell_id": id, "artifact": claimed, "fn_name": "cell_ok"})).await;
+    f.serve_artifact(&claimed, &bad).await;
+    let done = f.compiler_recv().await;
+    assert_eq!(done.content["outcome"]["kind"], "skipped");
+    f.cell_reply(&id, "ok", json!({})).await;
+    let r = f.reply("mux").await;
+    assert_eq!(r.content["ename"], "ArtifactError");
+    let ev = r.content["evalue"].as_str().unwrap();
+    assert!(ev.contains("SHA-256") && ev.contains("refused"), "{ev}");
+    assert!(!stream_text(&f.iopub_until_idle(&id).await, "stdout").contains("calls="), "the cell did not run");
+    assert!(!cache.join(format!("{}.so", "ab".repeat(32))).exists(), "nothing bad was cached");
+
+    // The compiler's connection drops while a cell waits for it: the cell fails at once.
+    let id = f.execute("cell_ok").await;
+    f.compiler_recv().await;
+    drop(std::mem::replace(&mut f.compiler, RouterSocket::new()));
+    let r = f.reply("mux").await;
+    assert_eq!(r.content["ename"], "CompilerDied");
+    assert!(r.content["evalue"].as_str().unwrap().contains("connection closed"), "{}", r.content["evalue"]);
+    let _ = id;
 }

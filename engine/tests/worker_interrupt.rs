@@ -115,7 +115,7 @@ enum End {
 
 impl W {
     fn start(so: &Path) -> W {
-        let mut cmd = WorkerCommand::this_binary(Some(&rustc_libdir())).unwrap();
+        let mut cmd = WorkerCommand::this_binary(&[rustc_libdir()]).unwrap();
         cmd.program = env!("CARGO_BIN_EXE_ipengine").into();
         let (tx, rx) = mpsc::channel(256);
         let w = Worker::spawn(&cmd, 1, tx).unwrap();

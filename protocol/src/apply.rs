@@ -83,6 +83,8 @@ pub mod ename {
     /// The cell or call was interrupted (`signal_request` with SIGINT); the engine kept its
     /// variables (Python's name, which ipyparallel's users know).
     pub const INTERRUPTED: &str = "KeyboardInterrupt";
+    /// A compiled artifact could not be had or failed its hash check; nothing ran.
+    pub const ARTIFACT_ERROR: &str = "ArtifactError";
 }
 
 #[cfg(test)]

@@ -8,6 +8,15 @@
 //! engines with the same history, compiles once, and sends each engine one or more [`Load`]s
 //! (evcxr may retry a cell after a type change); the engine runs each artifact in its worker and
 //! answers [`LoadDone`]; finally the compiler sends [`CellReply`] with the cell's verdict.
+//!
+//! Compiled code travels by content: every [`Load`] and [`ClosureReply`] names an [`Artifact`]
+//! (path on the compiler's host, SHA-256, size) inside the signed content. An engine on the
+//! compiler's host loads the path as is; any other engine finds the artifact in its host's cache
+//! or asks for it with [`ArtifactRequest`], gets the bytes as the one buffer of an
+//! [`ArtifactReply`] and checks them against the hash before anything runs. The runtime libraries
+//! that artifacts link (`libstd-*.so`) are named in [`EngineHelloReply`] and travel the same way.
+//! While an engine waits on the compiler it sends [`msg_type::PING`]; the compiler answers
+//! [`msg_type::PONG`], so liveness comes from the connection, not from a process id.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +26,70 @@ pub struct EngineHello {
     pub engine_id: u64,
     pub uuid: String,
     pub pid: u32,
+    /// The engine's host name, for the compiler's log and its per-host fetch counts.
+    #[serde(default)]
+    pub hostname: String,
+}
+
+/// A compiled file named by its content.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Path on the compiler's host; never reused for other content.
+    pub path: String,
+    /// SHA-256 of the file's bytes, lowercase hex (64 characters).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl Artifact {
+    /// Is `sha256` a well-formed lowercase hex SHA-256 (safe to use as a file name)?
+    pub fn valid_hash(sha256: &str) -> bool {
+        sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+}
+
+/// A shared library that artifacts link dynamically (the toolchain's `libstd-<hash>.so`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeLib {
+    /// The file name the dynamic linker looks for (`libstd-d1237ef7159db0a2.so`).
+    pub name: String,
+    pub artifact: Artifact,
+}
+
+/// A file only processes on the compiler's host can read, and what it holds: an engine that
+/// reads `token` at `path` shares the compiler's files and loads artifacts by path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProbe {
+    pub path: String,
+    pub token: String,
+}
+
+/// `engine_hello_reply`: how this compiler's artifacts reach the engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineHelloReply {
+    pub probe: HostProbe,
+    /// Libraries every worker needs on its library path.
+    pub runtime_libs: Vec<RuntimeLib>,
+}
+
+/// `artifact_request`: send the artifact with this hash (only artifacts this compiler announced
+/// are served).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRequest {
+    pub sha256: String,
+}
+
+/// `artifact_reply`: the artifact's bytes in the message's one buffer (status `ok`), or why not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactReply {
+    pub sha256: String,
+    /// `ok` or `error`.
+    pub status: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub evalue: String,
 }
 
 /// `cell_request`: compile `code` and run it on the sending engine.
@@ -31,8 +104,7 @@ pub struct CellRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Load {
     pub cell_id: String,
-    /// Artifact path on this host; never reused for another artifact.
-    pub so_path: String,
+    pub artifact: Artifact,
     pub fn_name: String,
 }
 
@@ -97,7 +169,7 @@ pub struct ClosureReply {
     pub status: String,
     /// Artifact exporting `fn_name` with the `rpx_runtime::abi` signature (status `ok`).
     #[serde(default)]
-    pub so_path: String,
+    pub artifact: Option<Artifact>,
     #[serde(default)]
     pub fn_name: String,
     /// For errors: `CompileError` or `CompilerError`.
@@ -120,4 +192,32 @@ pub mod msg_type {
     pub const WORKER_RESTARTED: &str = "worker_restarted";
     pub const CLOSURE_REQUEST: &str = "closure_request";
     pub const CLOSURE_REPLY: &str = "closure_reply";
+    pub const ARTIFACT_REQUEST: &str = "artifact_request";
+    pub const ARTIFACT_REPLY: &str = "artifact_reply";
+    /// An engine waiting on the compiler checks it is alive; empty content.
+    pub const PING: &str = "compiler_ping";
+    /// The compiler's answer to [`PING`]; empty content.
+    pub const PONG: &str = "compiler_pong";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_hashes_are_checked_before_use_as_names() {
+        assert!(Artifact::valid_hash(&"ab".repeat(32)));
+        assert!(!Artifact::valid_hash(&"AB".repeat(32)), "uppercase is not what we write");
+        assert!(!Artifact::valid_hash("../../etc/passwd"));
+        assert!(!Artifact::valid_hash(&"a".repeat(63)));
+    }
+
+    #[test]
+    fn load_carries_the_artifact_in_its_content() {
+        let load = Load { cell_id: "c".into(), artifact: Artifact { path: "/w/libcode_1.so".into(), sha256: "0".repeat(64), size: 3 }, fn_name: "run_user_code_1".into() };
+        let v = serde_json::to_value(&load).unwrap();
+        assert_eq!(v["artifact"]["sha256"], "0".repeat(64));
+        assert_eq!(v["artifact"]["size"], 3);
+        assert_eq!(serde_json::from_value::<Load>(v).unwrap(), load);
+    }
 }

@@ -181,10 +181,40 @@ impl Profile {
 /// Where the shared compiler listens, written next to the engine connection file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompilerConnection {
-    /// `tcp://127.0.0.1:<port>`
+    /// `tcp://<ip or location>:<port>`
     pub url: String,
     pub key: String,
+    /// The compiler's pid on its own host (for `ipcluster`; engines never use it).
+    #[serde(default)]
     pub pid: u32,
+}
+
+/// The environment variable that carries an engine's whole [`ConnectionInfo`] as JSON, as
+/// ipyparallel's `IPP_CONNECTION_INFO` does: engines on other hosts need no file.
+pub const CONNECTION_INFO_ENV: &str = "RPX_CONNECTION_INFO";
+
+/// Everything an engine needs to join a cluster: the controller and the compiler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub engine: EngineConnection,
+    pub compiler: CompilerConnection,
+}
+
+impl ConnectionInfo {
+    /// One line of JSON (the value of [`CONNECTION_INFO_ENV`]).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("connection info serializes")
+    }
+
+    /// Parse the value of [`CONNECTION_INFO_ENV`].
+    pub fn parse(s: &str) -> Result<ConnectionInfo> {
+        Ok(serde_json::from_str(s)?)
+    }
+
+    /// Read the controller's engine file and the compiler's file of a profile.
+    pub fn read(engine_file: &Path, compiler_file: &Path) -> Result<ConnectionInfo> {
+        Ok(ConnectionInfo { engine: read_json(engine_file)?, compiler: read_json(compiler_file)? })
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
@@ -257,6 +287,33 @@ mod tests {
             keys,
             ["broadcast", "control", "curve_serverkey", "interface", "iopub", "key", "location", "mux", "notification", "pack", "registration", "signature_scheme", "ssh", "task", "task_scheme", "unpack"]
         );
+    }
+
+    #[test]
+    fn connection_info_is_one_line_that_parses_back() {
+        let engine = EngineConnection {
+            ssh: String::new(),
+            interface: "tcp://10.0.0.1".into(),
+            registration: 1,
+            control: 2,
+            mux: 3,
+            task: 4,
+            iopub: 5,
+            hb_ping: 6,
+            hb_pong: 7,
+            broadcast: vec![8, 9],
+            key: new_key(),
+            curve_serverkey: None,
+            location: "head".into(),
+            pack: "json".into(),
+            unpack: "json".into(),
+            signature_scheme: "hmac-sha256".into(),
+        };
+        let info = ConnectionInfo { compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0 }, engine };
+        let line = info.to_line();
+        assert!(!line.contains('\n'));
+        assert_eq!(ConnectionInfo::parse(&line).unwrap(), info);
+        assert!(ConnectionInfo::parse("{}").is_err());
     }
 
     #[test]

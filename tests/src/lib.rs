@@ -9,6 +9,9 @@
 //!   queue, execute on chosen engines with per-engine replies and iopub output).
 //! - processes: [`processes_mentioning`] scans `/proc` for processes whose command line or
 //!   environment mentions a string (the test's `RPX_DIR`), to prove nothing survives.
+//! - hosts: [`hosts`] / [`TestHosts`] make fake hosts on this machine (Linux namespaces with
+//!   their own hostname, `/tmp`, no Rust toolchain, a real `sshd`) on a private bridge, for
+//!   multi-host tests (root only); the `rpx-testhosts` binary offers them to the Python tests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -23,6 +26,9 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSoc
 
 use rpx_protocol::connection::read_json;
 use rpx_protocol::{ClientConnection, Message, Profile, Session};
+
+pub mod hosts;
+pub use hosts::{TestHost, TestHosts};
 
 // ---------------------------------------------------------------------------------------------
 // Binaries and commands

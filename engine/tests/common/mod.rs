@@ -10,6 +10,14 @@ pub fn rustc_libdir() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The toolchain's `libstd-*.so`.
+#[allow(dead_code)]
+pub fn libstd() -> PathBuf {
+    let dir = PathBuf::from(rustc_libdir());
+    let name = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with("libstd-") && n.ends_with(".so")).expect("the toolchain has a libstd-*.so");
+    dir.join(name)
+}
+
 /// Compile `source` into `dir/libcells.so` with the extra rustc `flags`.
 pub fn build_cells(dir: &Path, source: &str, flags: &[&str]) -> PathBuf {
     let src = dir.join("cells.rs");
