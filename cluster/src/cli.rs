@@ -2,14 +2,21 @@
 //!
 //! Two phases, as ripgrep does it: clap parses the raw arguments, then [`Target::new`] and
 //! the `check` methods turn them into values the commands can trust (safe file-name parts,
-//! a supported launcher, a positive timeout).
+//! a supported launcher with only its own options, host lists, a positive timeout):
+//! [`StartArgs::check`] gives a [`StartConfig`], [`EnginesArgs::check`] an [`EnginesConfig`],
+//! each with the chosen [`Launch`].
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rpx_protocol::Profile;
 
+use crate::launcher::hosts::{self, HostSpec};
+use crate::launcher::local::Local;
+use crate::launcher::mpi::Mpi;
+use crate::launcher::ssh::Ssh;
 use crate::Fail;
 
 /// Start, stop, list and grow rpx clusters (a controller, a shared compiler and N engines).
@@ -27,7 +34,7 @@ pub enum Command {
     Start(StartArgs),
     /// Stop a running cluster: engines, compiler and controller, with no orphans.
     Stop(StopArgs),
-    /// List the clusters under $RPX_DIR with their engine counts.
+    /// List the clusters under $RPX_DIR with their engine counts and what each launcher runs.
     List(ListArgs),
     /// Start N more engines against a running cluster.
     Engines(EnginesArgs),
@@ -44,35 +51,183 @@ pub struct ClusterArgs {
     pub cluster_id: String,
 }
 
-/// Where engines are launched.
+/// Where engines are launched (`--engines`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Launcher {
+pub enum LauncherKind {
     Local,
     Mpi,
     Ssh,
     Slurm,
 }
 
+impl LauncherKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LauncherKind::Local => "local",
+            LauncherKind::Mpi => "mpi",
+            LauncherKind::Ssh => "ssh",
+            LauncherKind::Slurm => "slurm",
+        }
+    }
+}
+
+/// How engines are launched: options shared by `start` and `engines`.
+#[derive(Debug, Clone, Args)]
+pub struct LaunchArgs {
+    /// Engine launcher: local (processes on this host), mpi (one mpiexec) or ssh (one ssh
+    /// connection per host). slurm is not supported yet.
+    #[arg(long, value_enum, default_value = "local")]
+    pub engines: LauncherKind,
+    /// mpi: extra mpiexec arguments, split like a shell would (e.g. "--host a,b").
+    #[arg(long = "mpi-args", value_name = "ARGS", allow_hyphen_values = true)]
+    pub mpi_args: Option<String>,
+    /// mpi: the mpiexec command (default: mpiexec from PATH; Open MPI and MPICH are told apart).
+    #[arg(long, value_name = "CMD")]
+    pub mpiexec: Option<String>,
+    /// ssh: hosts with engine counts, h1:2,h2:3 (or h1,h2: -n engines spread round-robin).
+    #[arg(long, value_name = "LIST")]
+    pub hosts: Option<String>,
+    /// ssh: a file of hosts, one a line: `host`, `host:n` or `host slots=n`; `#` comments.
+    #[arg(long, value_name = "FILE")]
+    pub hostfile: Option<PathBuf>,
+    /// ssh: the ipengine command on the hosts, split like a shell would (default: this
+    /// ipengine's absolute path, as on a shared filesystem).
+    #[arg(long = "engine-cmd", value_name = "CMD")]
+    pub engine_cmd: Option<String>,
+    /// ssh: the ssh program (default: ssh from PATH).
+    #[arg(long, value_name = "CMD")]
+    pub ssh: Option<String>,
+    /// ssh: extra ssh arguments, split like a shell would (e.g. "-F ssh_config" or "-p 2222").
+    #[arg(long = "ssh-args", value_name = "ARGS", allow_hyphen_values = true)]
+    pub ssh_args: Option<String>,
+}
+
+/// A checked launcher with its options.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    Local(Local),
+    Mpi(Mpi),
+    Ssh(Ssh),
+}
+
+impl LaunchArgs {
+    /// The launcher and the number of engines: `n` is `-n`; `default_n` the number without
+    /// `-n` (`None`: `-n` is required). ssh hosts with counts fix the number themselves.
+    pub fn check(&self, n: Option<usize>, default_n: Option<usize>) -> Result<(Launch, usize), Fail> {
+        if self.engines == LauncherKind::Slurm {
+            return Err(Fail::new(2, "--engines slurm is not supported yet; use --engines local, mpi or ssh"));
+        }
+        self.check_foreign_options()?;
+        let count = |n: Option<usize>| {
+            n.or(default_n).ok_or_else(|| Fail::usage(format!("-n is required with --engines {}", self.engines.name()))).and_then(check_count)
+        };
+        match self.engines {
+            LauncherKind::Mpi => Ok((Launch::Mpi(Mpi::new(self.mpiexec.clone(), split("--mpi-args", &self.mpi_args)?)), count(n)?)),
+            LauncherKind::Ssh => {
+                let specs = self.host_specs()?;
+                let total = hosts::total(&specs, n).map_err(Fail::usage).and_then(check_count)?;
+                let engine_cmd = match split("--engine-cmd", &self.engine_cmd)? {
+                    words if words.is_empty() && self.engine_cmd.is_some() => return Err(Fail::usage("--engine-cmd is empty")),
+                    words if words.is_empty() => None,
+                    words => Some(words),
+                };
+                Ok((Launch::Ssh(Ssh::new(specs, self.ssh.clone(), split("--ssh-args", &self.ssh_args)?, engine_cmd)), total))
+            }
+            _ => Ok((Launch::Local(Local), count(n)?)),
+        }
+    }
+
+    /// Options of one launcher given with another: a usage error naming the right one.
+    fn check_foreign_options(&self) -> Result<(), Fail> {
+        use LauncherKind::{Mpi, Ssh};
+        let given = [
+            ("--mpi-args", self.mpi_args.is_some(), Mpi),
+            ("--mpiexec", self.mpiexec.is_some(), Mpi),
+            ("--hosts", self.hosts.is_some(), Ssh),
+            ("--hostfile", self.hostfile.is_some(), Ssh),
+            ("--engine-cmd", self.engine_cmd.is_some(), Ssh),
+            ("--ssh", self.ssh.is_some(), Ssh),
+            ("--ssh-args", self.ssh_args.is_some(), Ssh),
+        ];
+        match given.iter().find(|(_, set, kind)| *set && *kind != self.engines) {
+            Some((flag, _, kind)) => Err(Fail::usage(format!("{flag} goes with --engines {} (this is --engines {})", kind.name(), self.engines.name()))),
+            None => Ok(()),
+        }
+    }
+
+    /// The hosts of `--hosts` or `--hostfile` (exactly one of them).
+    fn host_specs(&self) -> Result<Vec<HostSpec>, Fail> {
+        match (&self.hosts, &self.hostfile) {
+            (Some(_), Some(_)) => Err(Fail::usage("give --hosts or --hostfile, not both")),
+            (Some(list), None) => hosts::parse_hosts(list).map_err(|e| Fail::usage(format!("--hosts {list:?}: {e}"))),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file).map_err(|e| Fail::usage(format!("cannot read --hostfile {}: {e}", file.display())))?;
+                hosts::parse_hostfile(&text).map_err(|e| Fail::usage(format!("--hostfile {}: {e}", file.display())))
+            }
+            (None, None) => Err(Fail::usage("--engines ssh needs --hosts h1:2,h2:3 or --hostfile FILE")),
+        }
+    }
+}
+
+/// Split an option's value into words like a shell would (quotes, backslashes).
+fn split(flag: &str, value: &Option<String>) -> Result<Vec<String>, Fail> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(v) => shell_words::split(v).map_err(|e| Fail::usage(format!("cannot split {flag} {v:?} into words: {e}"))),
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct StartArgs {
-    /// Number of engines (default: the number of CPUs).
+    /// Number of engines (default: the number of CPUs; with --engines ssh, the hosts' counts,
+    /// else one per host).
     #[arg(short = 'n', long = "n")]
     pub n: Option<usize>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Address the controller binds to (default 127.0.0.1).
+    /// Address the controller and the compiler bind to (default 127.0.0.1; `*` or 0.0.0.0 for
+    /// all interfaces, as engines on other hosts need).
     #[arg(long)]
     pub ip: Option<String>,
+    /// Address written into the connection files when binding all interfaces (this host's
+    /// name or address as the engines' hosts reach it).
+    #[arg(long, value_name = "HOST")]
+    pub location: Option<String>,
     /// Return once all engines are registered and leave the cluster running.
     #[arg(long)]
     pub daemonize: bool,
-    /// Engine launcher. Only `local` is supported so far.
-    #[arg(long, value_enum, default_value = "local")]
-    pub engines: Launcher,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
     /// Seconds to wait for the controller's connection files, and again for the engines to
-    /// register.
+    /// register (and, for engines on other hosts, for the compiler's connection file).
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
+}
+
+/// Checked `start` arguments.
+#[derive(Debug, Clone)]
+pub struct StartConfig {
+    pub target: Target,
+    pub n: usize,
+    pub limit: Duration,
+    pub ip: Option<String>,
+    pub location: Option<String>,
+    pub daemonize: bool,
+}
+
+impl StartArgs {
+    pub fn check(&self) -> Result<(StartConfig, Launch), Fail> {
+        let (launch, n) = self.launch.check(self.n, Some(default_engine_count()))?;
+        let cfg = StartConfig {
+            limit: check_timeout(self.timeout)?,
+            ip: check_ip(&self.ip)?,
+            location: check_location(&self.location)?,
+            target: Target::new(&self.cluster)?,
+            n,
+            daemonize: self.daemonize,
+        };
+        Ok((cfg, launch))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -100,17 +255,35 @@ pub struct ListArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct EnginesArgs {
-    /// Number of engines to add.
+    /// Number of engines to add (with --engines ssh: default the hosts' counts, else one per
+    /// host).
     #[arg(short = 'n', long = "n")]
-    pub n: usize,
+    pub n: Option<usize>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Engine launcher. Only `local` is supported so far.
-    #[arg(long, value_enum, default_value = "local")]
-    pub engines: Launcher,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
     /// Seconds to wait for the new engines to register.
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
+}
+
+/// Checked `engines` arguments.
+#[derive(Debug, Clone)]
+pub struct EnginesConfig {
+    pub target: Target,
+    pub n: usize,
+    pub limit: Duration,
+}
+
+impl EnginesArgs {
+    pub fn check(&self) -> Result<(EnginesConfig, Launch), Fail> {
+        let (launch, n) = self.launch.check(self.n, None)?;
+        if n == 0 {
+            return Err(Fail::usage("-n must be at least 1"));
+        }
+        Ok((EnginesConfig { limit: check_timeout(self.timeout)?, target: Target::new(&self.cluster)?, n }, launch))
+    }
 }
 
 /// A checked profile + cluster id.
@@ -166,17 +339,6 @@ fn check_name(what: &str, value: &str, may_be_empty: bool) -> Result<(), Fail> {
     }
 }
 
-/// Refuse launchers other than `local` with exit code 2.
-pub fn check_launcher(l: Launcher) -> Result<(), Fail> {
-    match l {
-        Launcher::Local => Ok(()),
-        other => {
-            let name = format!("{other:?}").to_lowercase();
-            Err(Fail::new(2, format!("--engines {name} is not supported yet; only --engines local is")))
-        }
-    }
-}
-
 pub fn check_timeout(secs: f64) -> Result<Duration, Fail> {
     if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 {
         Ok(Duration::from_secs_f64(secs))
@@ -197,9 +359,23 @@ pub fn check_ip(ip: &Option<String>) -> Result<Option<String>, Fail> {
     }
 }
 
-/// Number of engines for `start`: `-n`, or the number of CPUs.
-pub fn engine_count(n: Option<usize>) -> Result<usize, Fail> {
-    let n = n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+/// `--location`: a host name or address for the connection files.
+pub fn check_location(location: &Option<String>) -> Result<Option<String>, Fail> {
+    match location {
+        Some(l) if l.is_empty() || l.starts_with('-') || l.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            Err(Fail::usage(format!("--location {l:?} is not a host name or address")))
+        }
+        other => Ok(other.clone()),
+    }
+}
+
+/// Engines `start` launches without `-n`: one per CPU.
+pub fn default_engine_count() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// At most 4096 engines per call.
+pub fn check_count(n: usize) -> Result<usize, Fail> {
     if n > 4096 {
         return Err(Fail::usage(format!("-n {n} is more engines than one ipcluster starts (at most 4096)")));
     }
@@ -226,7 +402,7 @@ mod tests {
         let Command::Start(a) = cli.command else { panic!("not start") };
         assert_eq!(a.n, Some(8));
         assert!(a.daemonize);
-        assert_eq!(a.engines, Launcher::Local);
+        assert_eq!(a.launch.engines, LauncherKind::Local);
         assert_eq!(a.timeout, 30.0);
         let t = Target::new(&a.cluster).unwrap();
         assert_eq!(t.profile.name, "big");
@@ -239,7 +415,8 @@ mod tests {
     fn bad_values_are_refused() {
         assert!(parse(&["start", "-n", "-3"]).is_err());
         assert!(parse(&["start", "--engines", "pbs"]).is_err());
-        assert!(parse(&["engines"]).is_err(), "engines needs -n");
+        assert_eq!(engines_check(&["engines"]).unwrap_err().code, 2, "engines needs -n");
+        assert_eq!(engines_check(&["engines", "-n", "0"]).unwrap_err().code, 2);
         assert!(check_timeout(0.0).is_err());
         assert!(check_timeout(f64::NAN).is_err());
         assert!(check_timeout(2.5).is_ok());
@@ -253,14 +430,83 @@ mod tests {
         assert!(Target::new(&bad).is_err());
     }
 
+    fn start_check(args: &[&str]) -> Result<(StartConfig, Launch), Fail> {
+        let Command::Start(a) = parse(args).unwrap().command else { panic!("not start") };
+        a.check()
+    }
+
+    fn engines_check(args: &[&str]) -> Result<(EnginesConfig, Launch), Fail> {
+        let Command::Engines(a) = parse(args).unwrap().command else { panic!("not engines") };
+        a.check()
+    }
+
     #[test]
-    fn other_launchers_exit_2() {
-        assert!(check_launcher(Launcher::Local).is_ok());
-        for l in [Launcher::Mpi, Launcher::Ssh, Launcher::Slurm] {
-            let e = check_launcher(l).unwrap_err();
+    fn slurm_is_refused_with_exit_2() {
+        for cmd in [&["start", "--engines", "slurm"][..], &["engines", "-n", "1", "--engines", "slurm"]] {
+            let e = if cmd[0] == "start" { start_check(cmd).unwrap_err() } else { engines_check(cmd).unwrap_err() };
             assert_eq!(e.code, 2);
             assert!(e.msg.contains("not supported yet"), "{}", e.msg);
         }
+    }
+
+    #[test]
+    fn local_mpi_and_ssh_are_accepted() {
+        let (cfg, l) = start_check(&["start", "-n", "3"]).unwrap();
+        assert!(matches!(l, Launch::Local(_)));
+        assert_eq!(cfg.n, 3);
+        let (cfg, l) = start_check(&["start", "--engines", "mpi", "-n", "4", "--mpi-args", "--host 'a b',c -x FOO", "--mpiexec", "mpiexec.mpich"]).unwrap();
+        let Launch::Mpi(m) = l else { panic!("mpi") };
+        assert_eq!((cfg.n, m.command.as_str()), (4, "mpiexec.mpich"));
+        assert_eq!(m.args, ["--host", "a b,c", "-x", "FOO"]);
+        let (cfg, l) = start_check(&["start", "--engines", "ssh", "--hosts", "h1:2,h2:3", "--ssh-args", "-F /x/cfg", "--engine-cmd", "/opt/rpx/ipengine --timeout 20", "--ip", "*", "--location", "head"]).unwrap();
+        let Launch::Ssh(s) = l else { panic!("ssh") };
+        assert_eq!(cfg.n, 5, "the hosts' counts");
+        assert_eq!((cfg.ip.as_deref(), cfg.location.as_deref()), (Some("*"), Some("head")));
+        assert_eq!(s.ssh_args, ["-F", "/x/cfg"]);
+        assert_eq!(s.engine_cmd, Some(vec!["/opt/rpx/ipengine".to_string(), "--timeout".into(), "20".into()]));
+        assert_eq!(s.program, "ssh");
+        let (cfg, _) = start_check(&["start", "--engines", "ssh", "--hosts", "h1,h2", "-n", "7"]).unwrap();
+        assert_eq!(cfg.n, 7, "-n spread over hosts without counts");
+        let (cfg, _) = engines_check(&["engines", "--engines", "ssh", "--hosts", "h1,h2"]).unwrap();
+        assert_eq!(cfg.n, 2, "one per host by default");
+    }
+
+    #[test]
+    fn hostfile_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hosts");
+        std::fs::write(&f, "# two hosts\nh1 slots=2\nh2:1\n").unwrap();
+        let (cfg, l) = start_check(&["start", "--engines", "ssh", "--hostfile", f.to_str().unwrap()]).unwrap();
+        let Launch::Ssh(s) = l else { panic!("ssh") };
+        assert_eq!((cfg.n, s.hosts.len()), (3, 2));
+        std::fs::write(&f, "h1 bogus\n").unwrap();
+        let e = start_check(&["start", "--engines", "ssh", "--hostfile", f.to_str().unwrap()]).unwrap_err();
+        assert!(e.code == 2 && e.msg.contains("line 1"), "{}", e.msg);
+        let e = start_check(&["start", "--engines", "ssh", "--hostfile", "/nonexistent/hosts"]).unwrap_err();
+        assert!(e.code == 2 && e.msg.contains("cannot read --hostfile"), "{}", e.msg);
+    }
+
+    #[test]
+    fn launcher_options_are_validated() {
+        let usage = |args: &[&str]| {
+            let e = start_check(args).unwrap_err();
+            assert_eq!(e.code, 2, "{args:?}: {}", e.msg);
+            e.msg
+        };
+        assert!(usage(&["start", "--hosts", "h1:2"]).contains("--hosts goes with --engines ssh (this is --engines local)"));
+        assert!(usage(&["start", "--engines", "mpi", "--hostfile", "f"]).contains("--hostfile goes with --engines ssh"));
+        assert!(usage(&["start", "--engines", "ssh", "--hosts", "h", "--mpi-args", "-x A"]).contains("--mpi-args goes with --engines mpi"));
+        assert!(usage(&["start", "--mpiexec", "m"]).contains("--mpiexec goes with --engines mpi"));
+        assert!(usage(&["start", "--ssh-args", "-p 2"]).contains("--ssh-args goes with --engines ssh"));
+        assert!(usage(&["start", "--engines", "ssh"]).contains("needs --hosts"));
+        assert!(usage(&["start", "--engines", "ssh", "--hosts", "a", "--hostfile", "f"]).contains("not both"));
+        assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1:2,h2:3", "-n", "4"]).contains("does not match"));
+        assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1:2,h2"]).contains("every host"));
+        assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1", "--ssh-args", "-o 'unterminated"]).contains("cannot split --ssh-args"));
+        assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1", "--engine-cmd", ""]).contains("--engine-cmd is empty"));
+        assert!(usage(&["start", "--engines", "mpi", "-n", "5000"]).contains("at most 4096"));
+        assert!(usage(&["start", "--location=-x"]).contains("--location"));
+        assert!(engines_check(&["engines", "--engines", "mpi"]).unwrap_err().msg.contains("-n is required with --engines mpi"));
     }
 
     #[test]

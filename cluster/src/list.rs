@@ -1,11 +1,15 @@
-//! `ipcluster list`: every cluster under `$RPX_DIR` with its state, as a table or JSON.
+//! `ipcluster list`: every cluster under `$RPX_DIR` with its state, as a table or JSON, and
+//! under each cluster what each launcher runs (`ssh 10.0.0.2: 2 engines (ssh pid 123)`,
+//! `mpi: 4 ranks (mpiexec pid 456)`), from the launchers' batched status.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::cli::{Format, ListArgs};
 use crate::hub::Hub;
+use crate::launcher::{self, LaunchStatus};
 use crate::procs;
 use crate::state::{self, ClusterState};
 use crate::stop::profile_of;
@@ -17,34 +21,39 @@ pub struct Row {
     pub cluster_id: String,
     /// The controller is alive.
     pub running: bool,
-    /// Registered engines as the controller reports them, or live engine processes when the
-    /// controller cannot be asked.
+    /// Registered engines as the controller reports them, or, when the controller cannot be
+    /// asked, live local engine processes plus the engines of launches whose process lives.
     pub engines: usize,
     /// Whether `engines` came from the controller (`true`) or from the process table.
     pub engines_from_controller: bool,
     pub controller_pid: u32,
     pub compiler_pid: Option<u32>,
+    /// Local engines' pids.
     pub engine_pids: Vec<u32>,
     pub ipcluster_pid: Option<u32>,
     pub started: String,
     pub client_file: String,
+    /// What each launcher runs: local engines, each mpiexec, each ssh connection.
+    pub launchers: Vec<LaunchStatus>,
 }
 
 fn row(file: &std::path::Path, st: ClusterState) -> Row {
     let profile = profile_of(file, &st);
     let running = state::is_running(&st, procs::is_proc);
-    let alive = st.engines.iter().filter(|e| procs::is_proc(e.pid, "ipengine")).count();
-    let registered = if running {
+    let registered: Option<BTreeSet<u64>> = if running {
         let t = Duration::from_millis(1500);
-        Hub::connect(&profile.client_file(), t).and_then(|mut h| h.engines(t)).ok().map(|m| m.len())
+        Hub::connect(&profile.client_file(), t).and_then(|mut h| h.engines(t)).ok().map(|m| m.into_keys().collect())
     } else {
         None
     };
+    let launchers = launcher::status_all(&st, registered.as_ref());
+    // Without the controller: live local engines, and every engine of a launch that lives.
+    let alive: usize = launchers.iter().map(|l| if l.launcher == "local" { l.alive } else if l.alive > 0 { l.engines } else { 0 }).sum();
     Row {
         profile: st.profile.clone(),
         cluster_id: st.cluster_id.clone(),
         running,
-        engines: registered.unwrap_or(alive),
+        engines: registered.as_ref().map_or(alive, BTreeSet::len),
         engines_from_controller: registered.is_some(),
         controller_pid: st.controller_pid,
         compiler_pid: st.compiler_pid,
@@ -52,6 +61,7 @@ fn row(file: &std::path::Path, st: ClusterState) -> Row {
         ipcluster_pid: st.ipcluster_pid,
         started: st.started.clone(),
         client_file: profile.client_file().display().to_string(),
+        launchers,
     }
 }
 
@@ -72,10 +82,16 @@ pub fn render(rows: &[Row]) -> String {
     }
     let widths: Vec<usize> = (0..5).map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
-    for c in &cells {
+    for (k, c) in cells.iter().enumerate() {
         let line: Vec<String> = (0..5).map(|i| if i == 4 { c[i].clone() } else { format!("{:<w$}", c[i], w = widths[i]) }).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
+        // Under a cluster with engines from other launchers: one line per launch.
+        if let Some(r) = k.checked_sub(1).map(|k| &rows[k]).filter(|r| r.launchers.iter().any(|l| l.launcher != "local")) {
+            for l in &r.launchers {
+                out.push_str(&format!("  {}\n", l.line()));
+            }
+        }
     }
     out
 }
@@ -115,10 +131,45 @@ mod tests {
             ipcluster_pid: None,
             started: "t".into(),
             client_file: "f".into(),
+            launchers: Vec::new(),
         };
         let t = render(&[r]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("PROFILE  CLUSTER ID  RUNNING  ENGINES  PIDS"), "{t}");
         assert!(lines[1].starts_with("default  ''          true     2        controller 10, compiler 11, engines 12,13"), "{t}");
+        assert_eq!(lines.len(), 2, "a local-only cluster has no launcher lines: {t}");
+    }
+
+    #[test]
+    fn launches_are_listed_under_their_cluster() {
+        use crate::launcher::mpi::{Flavour, MpiLaunch};
+        use crate::launcher::ssh::SshLaunch;
+        use crate::state::EngineProc;
+        let st = ClusterState {
+            profile: "p".into(),
+            cluster_id: "c1".into(),
+            profile_dir: "/r/profile_p".into(),
+            controller_pid: 10,
+            compiler_pid: Some(11),
+            engines: vec![EngineProc { pid: 12, index: 0, log: "/l/0".into() }],
+            mpi: vec![MpiLaunch { pid: 456, first_index: 1, n: 4, log: "/l/m".into(), mpiexec: "/m".into(), flavour: Flavour::Mpich }],
+            ssh: vec![SshLaunch { pid: 123, host: "10.0.0.2".into(), first_index: 5, n: 2, log: "/l/s".into(), remote_pids: vec![7, 8], ssh: vec!["ssh".into()] }],
+            started: "t".into(),
+            ipcluster_pid: None,
+            instance: "no-such-instance".into(),
+            launcher: "local".into(),
+            controller_log: "/l/c".into(),
+            compiler_log: "/l/x".into(),
+            client_file: "/f".into(),
+        };
+        let r = row(std::path::Path::new("/r/profile_p/security/cluster-c1.json"), st);
+        assert!(!r.running);
+        assert_eq!(r.engines, 0, "nothing runs");
+        let t = render(&[r]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("p        c1          false    0"), "{t}");
+        assert_eq!(lines[2], "  local: 1 engine (pids 12), exited", "{t}");
+        assert_eq!(lines[3], "  mpi: 4 ranks (mpiexec pid 456), exited", "{t}");
+        assert_eq!(lines[4], "  ssh 10.0.0.2: 2 engines (ssh pid 123, remote pids 7,8), exited", "{t}");
     }
 }

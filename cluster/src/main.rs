@@ -1,21 +1,32 @@
-//! `ipcluster`: start, stop, list and grow rpx clusters under profiles.
+//! `ipcluster`: start, stop, list and grow rpx clusters under profiles, with engines on this
+//! host (`--engines local`), under one mpiexec (`--engines mpi`) or over ssh on other hosts
+//! (`--engines ssh`).
 //!
 //! # Layout
-//! - [`cli`]: clap arguments and their validation into checked values.
-//! - [`state`]: the cluster state file (`security/cluster[-cid].json`) and the pure decisions
-//!   made from it (running or stale, which logs belong to a cluster).
+//! - [`cli`]: clap arguments and their validation into checked values (the launcher and its
+//!   options, the engine count, addresses).
+//! - [`launcher`]: the [`launcher::Launcher`] trait (start N engines, batched status, stop,
+//!   logs) and what a launching process keeps of its launches ([`launcher::Batch`]);
+//!   [`launcher::local`], [`launcher::mpi`] and [`launcher::ssh`] implement it, each with the
+//!   record it leaves in the cluster file; [`launcher::hosts`] parses `--hosts`/`--hostfile`
+//!   and places engines on hosts.
+//! - [`state`]: the cluster state file (`security/cluster[-cid].json`: controller, compiler and
+//!   every launcher's records) and the pure decisions made from it (running or stale, which
+//!   logs belong to a cluster).
 //! - [`procs`]: spawning members in their own session, `/proc` inspection, process-group
-//!   signals, log tails, and the SIGINT/SIGTERM flag.
+//!   signals, bounded child waits, log tails, and the SIGINT/SIGTERM flag.
 //! - [`hub`]: a tiny synchronous `connection_request` client of the controller.
 //! - [`start`]: `start` and `engines` (launch, wait for registration, foreground loop).
-//! - [`stop`]: `stop` (TERM, wait, KILL whole groups and tagged stragglers, remove files).
-//! - [`list`]: `list` as a table or JSON.
+//! - [`stop`]: `stop` (every launcher's stop, then TERM, wait, KILL whole groups and tagged
+//!   stragglers, remove files).
+//! - [`list`]: `list` as a table or JSON, with each launcher's engines.
 //!
 //! Exit codes: 0 success, 1 failure (with a message saying what to do), 2 unsupported
 //! option or bad usage.
 
 mod cli;
 mod hub;
+mod launcher;
 mod list;
 mod procs;
 mod start;

@@ -1,5 +1,7 @@
-//! Processes: spawning cluster members in their own session, inspecting them through
-//! `/proc`, signalling whole process groups, and reading log tails.
+//! Processes: spawning cluster members in their own session, finding programs on `PATH`,
+//! inspecting processes through `/proc` (alive, program, instance tag), signalling whole
+//! process groups, running and waiting for helper commands within a time bound, and reading
+//! log tails.
 //!
 //! Every member runs in its own session (`setsid`), so the terminal's Ctrl-C reaches only
 //! `ipcluster`, and so its process group (pgid = its pid) also holds the workers and relays it
@@ -34,6 +36,11 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 /// Start `bin args...` in a new session with stdin closed and stdout+stderr written to `log`,
 /// tagged with the cluster instance, with extra environment variables `env`.
 pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
+    spawn_with(bin, args, log, instance, env, Stdio::null())
+}
+
+/// [`spawn`] with a given stdin (the ssh launcher hands ssh a pipe that never ends).
+pub fn spawn_with(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&str, String)], stdin: Stdio) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -42,7 +49,7 @@ pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&s
         .with_context(|| format!("cannot open log file {}", log.display()))?;
     let err = out.try_clone().with_context(|| format!("cannot open log file {}", log.display()))?;
     let mut cmd = Command::new(bin);
-    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).env(INSTANCE_ENV, instance);
+    cmd.args(args).stdin(stdin).stdout(out).stderr(err).env(INSTANCE_ENV, instance);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -56,6 +63,61 @@ pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&s
         });
     }
     cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// The program `cmd` names: a path (with a `/`; made absolute) if it is an executable file,
+/// else the first executable `cmd` on `PATH`.
+pub fn find_program(cmd: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    if cmd.is_empty() {
+        return None;
+    }
+    if cmd.contains('/') {
+        let p = std::path::absolute(cmd).ok()?;
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| executable(p))
+}
+
+/// Run `cmd` (stdin closed) for at most `limit`; its stdout and stderr together, and its exit
+/// status (`None` if it had to be killed).
+pub fn output_bounded(cmd: &mut Command, limit: Duration) -> std::io::Result<(Option<std::process::ExitStatus>, String)> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let readers: Vec<_> = [child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>), child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>)]
+        .into_iter()
+        .flatten()
+        .map(|mut r| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                buf
+            })
+        })
+        .collect();
+    let mut status = None;
+    wait_until(limit, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let text = readers.into_iter().filter_map(|h| h.join().ok()).map(|b| String::from_utf8_lossy(&b).into_owned()).collect::<Vec<_>>().join("");
+    Ok((status, text))
+}
+
+/// Wait for all `children` for at most `limit`; SIGKILL and reap the ones still running.
+pub fn wait_all(children: &mut [Child], limit: Duration) {
+    wait_until(limit, || children.iter_mut().all(|c| !matches!(c.try_wait(), Ok(None))));
+    for c in children.iter_mut() {
+        if matches!(c.try_wait(), Ok(None)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Fields of `/proc/<pid>/stat` we use.
@@ -102,6 +164,17 @@ fn all_pids() -> Vec<u32> {
     rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
 }
 
+/// Does `pid` carry `RPX_CLUSTER_INSTANCE=<instance>` in its environment?
+fn has_tag(pid: u32, tag: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).map(|env| env.split(|b| *b == 0).any(|kv| kv == tag)).unwrap_or(false)
+}
+
+/// `pid` is a live process of the cluster `instance` (it carries the instance tag, so a reused
+/// pid does not count, whatever program it runs).
+pub fn is_member(pid: u32, instance: &str) -> bool {
+    !instance.is_empty() && alive(pid) && has_tag(pid, format!("{INSTANCE_ENV}={instance}").as_bytes())
+}
+
 /// Live processes whose process group is one of `pgids` or whose environment carries the
 /// cluster instance tag, except this process.
 pub fn members(pgids: &[u32], instance: &str) -> Vec<u32> {
@@ -117,9 +190,7 @@ pub fn members(pgids: &[u32], instance: &str) -> Vec<u32> {
             continue;
         }
         let in_group = st.pgid > 0 && pgids.contains(&(st.pgid as u32));
-        let tagged = !instance.is_empty()
-            && std::fs::read(format!("/proc/{pid}/environ")).map(|env| env.split(|b| *b == 0).any(|kv| kv == tag.as_bytes())).unwrap_or(false);
-        if in_group || tagged {
+        if in_group || (!instance.is_empty() && has_tag(pid, tag.as_bytes())) {
             out.push(pid);
         }
     }
@@ -207,7 +278,12 @@ pub fn stop_signal() -> Option<&'static str> {
 
 /// A log tail as an indented block under a title, for error messages.
 pub fn tail_block(title: &str, path: &Path) -> String {
-    let body: String = tail(path, 40).lines().map(|l| format!("    {l}\n")).collect();
+    tail_block_n(title, path, 40)
+}
+
+/// [`tail_block`] with the last `lines` lines.
+pub fn tail_block_n(title: &str, path: &Path, lines: usize) -> String {
+    let body: String = tail(path, lines).lines().map(|l| format!("    {l}\n")).collect();
     format!("--- {title} ({}):\n{body}", path.display())
 }
 
@@ -254,5 +330,42 @@ mod tests {
         std::fs::write(&p, (0..100).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
         assert_eq!(tail(&p, 2), "line 98\nline 99");
         assert!(tail(&dir.path().join("missing"), 2).contains("no log"));
+    }
+
+    #[test]
+    fn programs_are_found_on_path_or_by_path() {
+        assert_eq!(find_program("sh").map(|p| p.is_absolute()), Some(true));
+        assert_eq!(find_program("/bin/sh"), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(find_program("/etc/passwd"), None, "not executable");
+        assert_eq!(find_program("certainly-not-a-program-here"), None);
+        assert_eq!(find_program(""), None);
+    }
+
+    #[test]
+    fn bounded_output_and_waits() {
+        let (status, out) = output_bounded(Command::new("/bin/sh").args(["-c", "echo out; echo err >&2"]), Duration::from_secs(5)).unwrap();
+        assert!(status.unwrap().success());
+        assert!(out.contains("out") && out.contains("err"), "{out}");
+        let t = Instant::now();
+        let (status, _) = output_bounded(Command::new("/bin/sh").args(["-c", "exec sleep 30"]), Duration::from_millis(200)).unwrap();
+        assert!(status.is_none() && t.elapsed() < Duration::from_secs(5), "killed at the limit");
+        let mut kids = vec![Command::new("sleep").arg("30").spawn().unwrap(), Command::new("true").spawn().unwrap()];
+        let t = Instant::now();
+        wait_all(&mut kids, Duration::from_millis(200));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(kids.iter_mut().all(|c| c.try_wait().unwrap().is_some()), "all reaped");
+    }
+
+    #[test]
+    fn members_are_known_by_their_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let tag = uuid::Uuid::new_v4().to_string();
+        let mut child = spawn(Path::new("sleep"), &["30".into()], &dir.path().join("s.log"), &tag, &[]).unwrap();
+        assert!(is_member(child.id(), &tag));
+        assert!(!is_member(child.id(), "other"));
+        assert!(!is_member(child.id(), ""));
+        signal(child.id(), libc::SIGKILL);
+        let _ = child.wait();
+        assert!(!is_member(child.id(), &tag));
     }
 }

@@ -1,34 +1,33 @@
 //! `ipcluster start` and `ipcluster engines`: launch the controller, then the compiler and the
-//! engines at once, record them in the cluster file, wait until the engines are registered,
-//! and (without `--daemonize`) stay in the foreground until SIGINT/SIGTERM.
+//! engines (through the chosen [`Launcher`]), record them in the cluster file, wait until the
+//! engines are registered, and (without `--daemonize`) stay in the foreground until
+//! SIGINT/SIGTERM.
+//!
+//! The local launcher's engines read the profile's connection files themselves, so the compiler
+//! and the engines start at once. Engines of the other launchers get `RPX_CONNECTION_INFO`
+//! instead, so for them `start` first waits (bounded by `--timeout`) for the compiler's
+//! connection file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cli::{self, EnginesArgs, StartArgs, Target};
+use crate::cli::{EnginesArgs, EnginesConfig, Launch, StartArgs, StartConfig, Target};
 use crate::hub::Hub;
+use crate::launcher::local::Local;
+use crate::launcher::{profile_args, Batch, LaunchCtx, Launcher, Record};
 use crate::procs;
-use crate::state::{self, ClusterState, EngineProc};
+use crate::state::{self, ClusterState};
 use crate::stop;
 use crate::Fail;
+use rpx_protocol::connection::ConnectionInfo;
 use rpx_protocol::Profile;
 
-/// Each engine ipcluster starts gets its start index (0, 1, ...; `engines` continues the count)
-/// in this environment variable, which its worker inherits: code on the engine can read it.
-pub const ENGINE_INDEX_ENV: &str = "RPX_ENGINE_INDEX";
-
-/// Arguments every member gets: `--profile P [--cluster-id C]`.
-fn member_args(profile: &Profile) -> Vec<String> {
-    let mut a = vec!["--profile".to_string(), profile.name.clone()];
-    if !profile.cluster_id.is_empty() {
-        a.push("--cluster-id".into());
-        a.push(profile.cluster_id.clone());
-    }
-    a
-}
+/// How long a launch may take to report what it learns after its engines registered (ssh: the
+/// remote pids, printed before the engines even start).
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Remove this cluster's logs from earlier runs (as ipyparallel's `--clean-logs` does).
 fn clean_logs(profile: &Profile) {
@@ -76,24 +75,6 @@ fn check_not_running(target: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Members started by this process, for reaping and for failure reports.
-struct Launched {
-    controller: Child,
-    compiler: Option<Child>,
-    engines: Vec<(EngineProc, Child)>,
-}
-
-/// Start N engines with indices from `first`.
-fn spawn_engines(bin: &std::path::Path, profile: &Profile, first: usize, n: usize, instance: &str) -> anyhow::Result<Vec<(EngineProc, Child)>> {
-    let mut out = Vec::with_capacity(n);
-    for index in first..first + n {
-        let log = state::log_path(profile, "ipengine", index);
-        let child = procs::spawn(bin, &member_args(profile), &log, instance, &[(ENGINE_INDEX_ENV, index.to_string())])?;
-        out.push((EngineProc { pid: child.id(), index, log }, child));
-    }
-    Ok(out)
-}
-
 /// Why a wait ended without success.
 enum WaitEnd {
     Died(String),
@@ -127,273 +108,399 @@ fn wait_registered(hub: &mut Hub, want: usize, limit: Duration, mut watch: impl 
     }
 }
 
-/// "engine 3 (pid 123) exited with exit status: 1" for the first engine that exited.
-fn engine_exit(engines: &mut [(EngineProc, Child)]) -> Option<(String, PathBuf)> {
-    for (e, c) in engines.iter_mut() {
-        if let Ok(Some(status)) = c.try_wait() {
-            return Some((format!("engine {} (pid {}) exited with {status}", e.index, e.pid), e.log.clone()));
+/// `--profile P [--cluster-id C] [--ip ADDR] [--location HOST]`: for the controller and the
+/// compiler (the address options only when given, so a plain start passes what it always did).
+fn address_args(cfg: &StartConfig) -> Vec<String> {
+    let mut a = profile_args(&cfg.target.profile);
+    for (flag, value) in [("--ip", &cfg.ip), ("--location", &cfg.location)] {
+        if let Some(v) = value {
+            a.extend([flag.to_string(), v.clone()]);
         }
     }
-    None
+    a
+}
+
+/// The binaries `start` runs, next to ipcluster.
+struct Bins {
+    controller: PathBuf,
+    compiler: PathBuf,
+    engine: PathBuf,
+}
+
+impl Bins {
+    fn find() -> anyhow::Result<Bins> {
+        Ok(Bins { controller: procs::sibling("ipcontroller")?, compiler: procs::sibling("rpx-compiler")?, engine: procs::sibling("ipengine")? })
+    }
 }
 
 pub fn start(args: StartArgs, t0: Instant) -> anyhow::Result<i32> {
-    cli::check_launcher(args.engines)?;
-    let limit = cli::check_timeout(args.timeout)?;
-    let ip = cli::check_ip(&args.ip)?;
-    let n = cli::engine_count(args.n)?;
-    let target = Target::new(&args.cluster)?;
-    let profile = target.profile.clone();
-    procs::catch_stop_signals();
+    let (cfg, launch) = args.check()?;
+    match launch {
+        Launch::Local(l) => start_with(cfg, l, t0),
+        Launch::Mpi(m) => start_with(cfg, m, t0),
+        Launch::Ssh(s) => start_with(cfg, s, t0),
+    }
+}
 
-    let controller_bin = procs::sibling("ipcontroller")?;
-    let compiler_bin = procs::sibling("rpx-compiler")?;
-    let engine_bin = procs::sibling("ipengine")?;
+fn start_with<L: Launcher>(cfg: StartConfig, mut launcher: L, t0: Instant) -> anyhow::Result<i32> {
+    launcher.prepare()?;
+    procs::catch_stop_signals();
+    let bins = Bins::find()?;
+    let profile = cfg.target.profile.clone();
     profile.create_dirs().with_context(|| format!("cannot create the profile directory {}", profile.dir.display()))?;
-    check_not_running(&target)?;
+    check_not_running(&cfg.target)?;
     clean_logs(&profile);
 
-    let me = std::process::id();
-    let instance = uuid::Uuid::new_v4().to_string();
-    let controller_log = state::log_path(&profile, "ipcontroller", me);
-    let mut cargs = member_args(&profile);
-    if let Some(ip) = &ip {
-        cargs.push("--ip".into());
-        cargs.push(ip.clone());
-    }
-    let controller = procs::spawn(&controller_bin, &cargs, &controller_log, &instance, &[])?;
-    let mut st = ClusterState {
-        profile: profile.name.clone(),
-        cluster_id: profile.cluster_id.clone(),
-        profile_dir: profile.dir.clone(),
-        controller_pid: controller.id(),
-        compiler_pid: None,
-        engines: Vec::new(),
-        started: rpx_protocol::message::now_iso(),
-        ipcluster_pid: (!args.daemonize).then_some(me),
-        instance: instance.clone(),
-        launcher: "local".into(),
-        controller_log: controller_log.clone(),
-        compiler_log: PathBuf::new(),
-        client_file: profile.client_file(),
-    };
-    // Record the controller at once, so a concurrent start refuses and a crash is cleanable.
-    st.write(&profile.cluster_file())?;
-    let mut l = Launched { controller, compiler: None, engines: Vec::new() };
+    let mut s = Starting::<L>::controller(&cfg, &bins.controller)?;
+    let controller_log = s.st.controller_log.clone();
+    s.wait_files(&[profile.client_file(), profile.engine_file()], "the controller", &controller_log, cfg.limit)?;
+    s.spawn_compiler(&cfg, &bins.compiler)?;
+    let info = if L::NEEDS_CONNECTION_INFO { Some(s.connection_info(&launcher, cfg.limit)?) } else { None };
+    s.launch(&launcher, &bins.engine, info.as_deref(), cfg.n)?;
+    let count = s.wait_engines(cfg.n, cfg.limit)?;
 
-    // 1. The controller's connection files.
-    let deadline = Instant::now() + limit;
-    loop {
-        if profile.client_file().exists() && profile.engine_file().exists() {
-            break;
-        }
-        if let Ok(Some(status)) = l.controller.try_wait() {
-            let msg = format!("the controller exited with {status} before writing its connection files\n{}", procs::tail_block("ipcontroller log", &controller_log));
-            return Err(abort(&st, &profile, &mut l, msg));
-        }
-        if let Some(sig) = procs::stop_signal() {
-            return Err(abort(&st, &profile, &mut l, format!("interrupted by {sig} while starting; stopped what was started")));
-        }
-        if Instant::now() >= deadline {
-            let msg = format!(
-                "the controller did not write {} within {:.0} s\n{}",
-                profile.client_file().display(),
-                limit.as_secs_f64(),
-                procs::tail_block("ipcontroller log", &controller_log)
-            );
-            return Err(abort(&st, &profile, &mut l, msg));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-
-    // 2. The compiler and the engines, all at once.
-    let compiler_log = state::log_path(&profile, "rpx-compiler", me);
-    let launched = procs::spawn(&compiler_bin, &member_args(&profile), &compiler_log, &instance, &[]).and_then(|c| {
-        st.compiler_pid = Some(c.id());
-        st.compiler_log = compiler_log.clone();
-        l.compiler = Some(c);
-        spawn_engines(&engine_bin, &profile, 0, n, &instance)
-    });
-    match launched {
-        Ok(engines) => {
-            st.engines = engines.iter().map(|(e, _)| e.clone()).collect();
-            l.engines = engines;
-        }
-        Err(e) => return Err(abort(&st, &profile, &mut l, format!("{e:#}"))),
-    }
-    if let Err(e) = st.write(&profile.cluster_file()) {
-        return Err(abort(&st, &profile, &mut l, format!("{e:#}")));
-    }
-
-    // 3. Wait for registration.
-    let remaining = deadline.saturating_duration_since(Instant::now()).max(limit / 2);
-    let mut hub = match Hub::connect(&profile.client_file(), remaining) {
-        Ok(h) => h,
-        Err(e) => return Err(abort(&st, &profile, &mut l, format!("{e:#}\n{}", procs::tail_block("ipcontroller log", &controller_log)))),
-    };
-    let waited = wait_registered(&mut hub, n, limit, || {
-        if let Ok(Some(status)) = l.controller.try_wait() {
-            return Some(format!("the controller exited with {status}\n{}", procs::tail_block("ipcontroller log", &controller_log)));
-        }
-        if let Some(c) = l.compiler.as_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
-                return Some(format!("the compiler exited with {status}\n{}", procs::tail_block("rpx-compiler log", &compiler_log)));
-            }
-        }
-        engine_exit(&mut l.engines).map(|(why, log)| format!("{why}\n{}", procs::tail_block("engine log", &log)))
-    });
-    drop(hub);
-    match waited {
-        Ok(count) => {
-            println!("cluster started: {}, {count} engines registered in {:.2} s", target.describe(), t0.elapsed().as_secs_f64());
-            println!("connection file: {}", profile.client_file().display());
-            println!("logs: {}", profile.log_dir().display());
-        }
-        Err((end, got)) => {
-            let msg = match end {
-                WaitEnd::Died(why) => format!("{why}\n({got} of {n} engines had registered)"),
-                WaitEnd::Interrupted(sig) => format!("interrupted by {sig} while starting; stopped what was started"),
-                WaitEnd::TimedOut => {
-                    let mut m = format!("only {got} of {n} engines registered within {:.0} s; stopped the cluster\n", limit.as_secs_f64());
-                    m.push_str(&procs::tail_block("ipcontroller log", &controller_log));
-                    if let Some((e, _)) = l.engines.first() {
-                        m.push_str(&procs::tail_block(&format!("engine {} log", e.index), &e.log));
-                    }
-                    m.push_str(&procs::tail_block("rpx-compiler log", &compiler_log));
-                    m
-                }
-            };
-            return Err(abort(&st, &profile, &mut l, msg));
+    println!("cluster started: {}, {count} engines registered in {:.2} s", cfg.target.describe(), t0.elapsed().as_secs_f64());
+    if L::KIND != Local::KIND {
+        for line in L::status(&s.batch.records(), &s.st.instance, None).iter().map(|l| l.line()) {
+            println!("  {line}");
         }
     }
-
-    if args.daemonize {
-        println!("stop it with: ipcluster stop {}", target.flags());
+    println!("connection file: {}", profile.client_file().display());
+    println!("logs: {}", profile.log_dir().display());
+    if cfg.daemonize {
+        println!("stop it with: ipcluster stop {}", cfg.target.flags());
         return Ok(0);
     }
     println!("running in the foreground; Ctrl-C stops the cluster");
-    foreground(&target, st, l)
+    s.foreground()
 }
 
-/// Stop everything started so far, remove the files, and turn `msg` into the error to exit with.
-fn abort(st: &ClusterState, profile: &Profile, l: &mut Launched, msg: String) -> anyhow::Error {
-    let _ = stop::stop_state(st, true);
-    reap(l);
-    stop::remove_files(profile);
-    Fail::new(1, msg).into()
+/// A cluster being started: what runs so far, to record, watch, and stop on failure.
+struct Starting<L: Launcher> {
+    target: Target,
+    st: ClusterState,
+    controller: Child,
+    compiler: Option<Child>,
+    batch: Batch<L>,
 }
 
-fn reap(l: &mut Launched) {
-    let _ = l.controller.try_wait();
-    if let Some(c) = l.compiler.as_mut() {
-        let _ = c.try_wait();
+impl<L: Launcher> Starting<L> {
+    /// Start the controller and record it at once, so a concurrent start refuses and a crash
+    /// is cleanable.
+    fn controller(cfg: &StartConfig, bin: &Path) -> anyhow::Result<Starting<L>> {
+        let profile = &cfg.target.profile;
+        let me = std::process::id();
+        let instance = uuid::Uuid::new_v4().to_string();
+        let controller_log = state::log_path(profile, "ipcontroller", me);
+        let controller = procs::spawn(bin, &address_args(cfg), &controller_log, &instance, &[])?;
+        let st = ClusterState {
+            profile: profile.name.clone(),
+            cluster_id: profile.cluster_id.clone(),
+            profile_dir: profile.dir.clone(),
+            controller_pid: controller.id(),
+            compiler_pid: None,
+            engines: Vec::new(),
+            mpi: Vec::new(),
+            ssh: Vec::new(),
+            started: rpx_protocol::message::now_iso(),
+            ipcluster_pid: (!cfg.daemonize).then_some(me),
+            instance,
+            launcher: L::KIND.into(),
+            controller_log,
+            compiler_log: PathBuf::new(),
+            client_file: profile.client_file(),
+        };
+        let mut s = Starting { target: cfg.target.clone(), batch: Batch::new(&st), st, controller, compiler: None };
+        s.write()?;
+        Ok(s)
     }
-    for (_, c) in l.engines.iter_mut() {
-        let _ = c.try_wait();
-    }
-}
 
-/// Stay until SIGINT/SIGTERM (exit 0 after stopping) or the controller's death (exit 1).
-fn foreground(target: &Target, st: ClusterState, mut l: Launched) -> anyhow::Result<i32> {
-    let profile = &target.profile;
-    let mut reported: Vec<u32> = Vec::new();
-    let outcome = loop {
-        if let Some(sig) = procs::stop_signal() {
-            println!("{sig} received: stopping the cluster");
-            break Ok(0);
+    /// Write the cluster file; on failure stop everything.
+    fn write(&mut self) -> anyhow::Result<()> {
+        match self.st.write(&self.target.profile.cluster_file()) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.abort(format!("{e:#}"))),
         }
-        if let Ok(Some(status)) = l.controller.try_wait() {
-            break Err(format!("the controller (pid {}) exited with {status}; stopping the cluster\n{}", st.controller_pid, procs::tail_block("ipcontroller log", &st.controller_log)));
+    }
+
+    /// The controller or the compiler exited (`when`: appended to "exited with STATUS").
+    fn member_exit(&mut self, when: &str) -> Option<String> {
+        if let Ok(Some(status)) = self.controller.try_wait() {
+            return Some(format!("the controller exited with {status}{when}\n{}", procs::tail_block("ipcontroller log", &self.st.controller_log)));
         }
-        if !profile.cluster_file().exists() {
-            // Someone else (`ipcluster stop` racing us) removed the cluster: end quietly.
-            break Ok(0);
+        if let Some(Ok(Some(status))) = self.compiler.as_mut().map(Child::try_wait) {
+            return Some(format!("the compiler exited with {status}{when}\n{}", procs::tail_block("rpx-compiler log", &self.st.compiler_log)));
         }
-        for (e, c) in l.engines.iter_mut() {
-            if reported.contains(&e.pid) {
-                continue;
+        None
+    }
+
+    /// Wait until `files` exist (written by `who`, whose log is `log`).
+    fn wait_files(&mut self, files: &[PathBuf], who: &str, log: &Path, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if files.iter().all(|f| f.exists()) {
+                return Ok(());
             }
-            if let Ok(Some(status)) = c.try_wait() {
-                reported.push(e.pid);
-                eprintln!("ipcluster: engine {} (pid {}) exited with {status}; see {}", e.index, e.pid, e.log.display());
+            if let Some(why) = self.member_exit(" before writing its connection files") {
+                return Err(self.abort(why));
+            }
+            if let Some(sig) = procs::stop_signal() {
+                return Err(self.abort(format!("interrupted by {sig} while starting; stopped what was started")));
+            }
+            if Instant::now() >= deadline {
+                let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let msg = format!("{who} did not write {} within {:.0} s\n{}", files[0].display(), limit.as_secs_f64(), procs::tail_block(&name, log));
+                return Err(self.abort(msg));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn_compiler(&mut self, cfg: &StartConfig, bin: &Path) -> anyhow::Result<()> {
+        let log = state::log_path(&cfg.target.profile, "rpx-compiler", std::process::id());
+        match procs::spawn(bin, &address_args(cfg), &log, &self.st.instance, &[]) {
+            Ok(c) => {
+                self.st.compiler_pid = Some(c.id());
+                self.st.compiler_log = log;
+                self.compiler = Some(c);
+            }
+            Err(e) => return Err(self.abort(format!("{e:#}"))),
+        }
+        // Remote launchers wait for the compiler first: record it meanwhile.
+        if L::NEEDS_CONNECTION_INFO {
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the compiler's connection file, then `RPX_CONNECTION_INFO` for the engines.
+    fn connection_info(&mut self, launcher: &L, limit: Duration) -> anyhow::Result<String> {
+        let profile = self.target.profile.clone();
+        let log = self.st.compiler_log.clone();
+        self.wait_files(&[profile.compiler_file()], "the compiler", &log, limit)?;
+        match ConnectionInfo::read(&profile.engine_file(), &profile.compiler_file()) {
+            Ok(info) => {
+                if let Some(w) = launcher.warning(&info) {
+                    eprintln!("ipcluster: {w}");
+                }
+                Ok(info.to_line())
+            }
+            Err(e) => Err(self.abort(format!("cannot read the connection files for the engines: {e}"))),
+        }
+    }
+
+    fn launch(&mut self, launcher: &L, engine_bin: &Path, info: Option<&str>, n: usize) -> anyhow::Result<()> {
+        let (profile, instance) = (self.target.profile.clone(), self.st.instance.clone());
+        let ctx = LaunchCtx { profile: &profile, instance: &instance, engine_bin, connection: info };
+        match launcher.start(&ctx, 0, n) {
+            Ok(spawned) => self.batch.spawned = spawned,
+            Err(e) => return Err(self.abort(format!("{e:#}"))),
+        }
+        self.batch.record_into(&mut self.st);
+        self.write()
+    }
+
+    /// Between polls: a member died? a launch exited? a launch reported something to record?
+    fn watch(&mut self) -> Option<String> {
+        if let Some(why) = self.member_exit("") {
+            return Some(why);
+        }
+        if self.batch.observe() {
+            self.batch.record_into(&mut self.st);
+            let _ = self.st.write(&self.target.profile.cluster_file());
+        }
+        self.batch.exited()
+    }
+
+    fn wait_engines(&mut self, n: usize, limit: Duration) -> anyhow::Result<usize> {
+        let mut hub = match Hub::connect(&self.target.profile.client_file(), limit) {
+            Ok(h) => h,
+            Err(e) => return Err(self.abort(format!("{e:#}\n{}", procs::tail_block("ipcontroller log", &self.st.controller_log)))),
+        };
+        let waited = wait_registered(&mut hub, n, limit, || self.watch());
+        drop(hub);
+        match waited {
+            Ok(count) => {
+                if settle(&mut self.batch, &mut self.st) {
+                    self.write()?;
+                }
+                Ok(count)
+            }
+            Err((end, got)) => {
+                let msg = match end {
+                    WaitEnd::Died(why) => format!("{why}\n({got} of {n} engines had registered)"),
+                    WaitEnd::Interrupted(sig) => format!("interrupted by {sig} while starting; stopped what was started"),
+                    WaitEnd::TimedOut => format!(
+                        "only {got} of {n} engines registered within {:.0} s; stopped the cluster\n{}{}{}",
+                        limit.as_secs_f64(),
+                        procs::tail_block("ipcontroller log", &self.st.controller_log),
+                        self.batch.explain_timeout(),
+                        procs::tail_block("rpx-compiler log", &self.st.compiler_log)
+                    ),
+                };
+                Err(self.abort(msg))
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    // Engines added by `ipcluster engines` are in the file, not in `l`.
-    let current = ClusterState::read(&profile.cluster_file()).unwrap_or(st);
-    let report = stop::stop_state(&current, true);
-    reap(&mut l);
-    stop::remove_files(profile);
-    println!("{}", stop::summary(&current, &report));
-    match outcome {
-        Ok(code) => Ok(code),
-        Err(msg) => Err(Fail::new(1, msg).into()),
     }
+
+    /// Stop everything started so far, remove the files, and turn `msg` into the error to exit
+    /// with.
+    fn abort(&mut self, msg: String) -> anyhow::Error {
+        let _ = stop::stop_state(&self.st, true);
+        self.reap();
+        stop::remove_files(&self.target.profile);
+        Fail::new(1, msg).into()
+    }
+
+    fn reap(&mut self) {
+        let _ = self.controller.try_wait();
+        if let Some(c) = self.compiler.as_mut() {
+            let _ = c.try_wait();
+        }
+        self.batch.reap();
+    }
+
+    /// Stay until SIGINT/SIGTERM (exit 0 after stopping) or the controller's death (exit 1).
+    fn foreground(mut self) -> anyhow::Result<i32> {
+        let profile = self.target.profile.clone();
+        let outcome = loop {
+            if let Some(sig) = procs::stop_signal() {
+                println!("{sig} received: stopping the cluster");
+                break Ok(0);
+            }
+            if let Ok(Some(status)) = self.controller.try_wait() {
+                break Err(format!(
+                    "the controller (pid {}) exited with {status}; stopping the cluster\n{}",
+                    self.st.controller_pid,
+                    procs::tail_block("ipcontroller log", &self.st.controller_log)
+                ));
+            }
+            if !profile.cluster_file().exists() {
+                // Someone else (`ipcluster stop` racing us) removed the cluster: end quietly.
+                break Ok(0);
+            }
+            for line in self.batch.newly_exited() {
+                eprintln!("ipcluster: {line}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // Engines added by `ipcluster engines` are in the file, not in `self`.
+        let current = ClusterState::read(&profile.cluster_file()).unwrap_or_else(|_| self.st.clone());
+        let report = stop::stop_state(&current, true);
+        self.reap();
+        stop::remove_files(&profile);
+        println!("{}", stop::summary(&current, &report));
+        outcome.map_err(|msg| Fail::new(1, msg).into())
+    }
+}
+
+/// Let the new launches report what they learn (bounded); copy it into `st`. True if the
+/// records changed (and so the file needs writing).
+fn settle<L: Launcher>(batch: &mut Batch<L>, st: &mut ClusterState) -> bool {
+    let changed = batch.settle(SETTLE_LIMIT);
+    if !batch.all_settled() {
+        eprintln!("ipcluster: warning: not every launch reported its engines' pids within {} s; `ipcluster stop` ends them through their connection", SETTLE_LIMIT.as_secs());
+    }
+    if changed {
+        batch.record_into(st);
+    }
+    changed
 }
 
 pub fn engines(args: EnginesArgs, t0: Instant) -> anyhow::Result<i32> {
-    cli::check_launcher(args.engines)?;
-    let limit = cli::check_timeout(args.timeout)?;
-    let target = Target::new(&args.cluster)?;
-    if args.n == 0 {
-        return Err(Fail::usage("-n must be at least 1").into());
+    let (cfg, launch) = args.check()?;
+    match launch {
+        Launch::Local(l) => engines_with(cfg, l, t0),
+        Launch::Mpi(m) => engines_with(cfg, m, t0),
+        Launch::Ssh(s) => engines_with(cfg, s, t0),
     }
-    let profile = target.profile.clone();
-    let file = profile.cluster_file();
+}
+
+/// The state of the running cluster `target`, or the error saying none runs.
+fn running_cluster(target: &Target) -> anyhow::Result<ClusterState> {
+    let file = target.profile.cluster_file();
     let not_running = || Fail::new(1, format!("no cluster is running under {}; start one with `ipcluster start -n N {}`", target.describe(), target.flags()));
     if !file.exists() {
         return Err(not_running().into());
     }
-    let mut st = ClusterState::read(&file)?;
+    let st = ClusterState::read(&file)?;
     if !state::is_running(&st, procs::is_proc) {
         return Err(not_running().into());
     }
+    Ok(st)
+}
+
+/// `RPX_CONNECTION_INFO` of a running cluster, from its connection files.
+fn read_connection_info<L: Launcher>(launcher: &L, profile: &Profile) -> anyhow::Result<String> {
+    let info = ConnectionInfo::read(&profile.engine_file(), &profile.compiler_file()).map_err(|e| {
+        Fail::new(1, format!("cannot read the cluster's connection files ({e}); engines on other hosts need both {} and {}", profile.engine_file().display(), profile.compiler_file().display()))
+    })?;
+    if let Some(w) = launcher.warning(&info) {
+        eprintln!("ipcluster: {w}");
+    }
+    Ok(info.to_line())
+}
+
+fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -> anyhow::Result<i32> {
+    let profile = cfg.target.profile.clone();
+    let file = profile.cluster_file();
+    let mut st = running_cluster(&cfg.target)?;
+    launcher.prepare()?;
     procs::catch_stop_signals();
     let engine_bin = procs::sibling("ipengine")?;
-    let mut hub = Hub::connect(&profile.client_file(), limit)?;
-    let before = hub.engines(limit)?.len();
-    let first = st.next_index();
-    let mut new = spawn_engines(&engine_bin, &profile, first, args.n, &st.instance)?;
-    st.engines.extend(new.iter().map(|(e, _)| e.clone()));
-    st.write(&file)?;
+    let info = if L::NEEDS_CONNECTION_INFO { Some(read_connection_info(&launcher, &profile)?) } else { None };
+    let mut hub = Hub::connect(&profile.client_file(), cfg.limit)?;
+    let before = hub.engines(cfg.limit)?.len();
+    let mut batch = Batch::<L>::new(&st);
+    let instance = st.instance.clone();
+    let ctx = LaunchCtx { profile: &profile, instance: &instance, engine_bin: &engine_bin, connection: info.as_deref() };
+    batch.spawned = launcher.start(&ctx, st.next_index(), cfg.n)?;
+    batch.record_into(&mut st);
+    if let Err(e) = st.write(&file) {
+        batch.end(&instance);
+        return Err(e);
+    }
     let controller = st.controller_pid;
-    let waited = wait_registered(&mut hub, before + args.n, limit, || {
+    let waited = wait_registered(&mut hub, before + cfg.n, cfg.limit, || {
         if !procs::is_proc(controller, "ipcontroller") {
             return Some(format!("the controller (pid {controller}) exited"));
         }
-        engine_exit(&mut new).map(|(why, log)| format!("{why}\n{}", procs::tail_block("engine log", &log)))
+        if batch.observe() {
+            batch.record_into(&mut st);
+            let _ = st.write(&file);
+        }
+        batch.exited()
     });
     match waited {
         Ok(count) => {
-            let ids: Vec<String> = new.iter().map(|(e, _)| e.pid.to_string()).collect();
-            println!(
-                "added {} engine{} to the cluster ({}): {count} engines registered in {:.2} s (new pids {})",
-                args.n,
-                if args.n == 1 { "" } else { "s" },
-                target.describe(),
-                t0.elapsed().as_secs_f64(),
-                ids.join(", ")
-            );
+            if settle(&mut batch, &mut st) {
+                st.write(&file)?;
+            }
+            let new: Vec<String> = batch.spawned.iter().map(|s| format!("{} (pid {})", s.record.label(), s.record.leader().unwrap_or(0))).collect();
+            let s = if cfg.n == 1 { "" } else { "s" };
+            let secs = t0.elapsed().as_secs_f64();
+            println!("added {} engine{s} to the cluster ({}): {count} engines registered in {secs:.2} s (new: {})", cfg.n, cfg.target.describe(), new.join(", "));
             Ok(0)
         }
         Err((end, got)) => {
             // Take the new engines down again and forget them.
-            for (e, c) in new.iter_mut() {
-                procs::signal_group(e.pid, libc::SIGKILL);
-                let _ = c.wait();
-            }
-            let new_pids: Vec<u32> = new.iter().map(|(e, _)| e.pid).collect();
-            if let Ok(mut cur) = ClusterState::read(&file) {
-                cur.engines.retain(|e| !new_pids.contains(&e.pid));
-                let _ = cur.write(&file);
-            }
+            batch.end(&instance);
+            forget(&file, &batch);
             let why = match end {
                 WaitEnd::Died(w) => w,
                 WaitEnd::Interrupted(sig) => format!("interrupted by {sig}"),
-                WaitEnd::TimedOut => format!("the new engines did not register within {:.0} s\n{}", limit.as_secs_f64(), procs::tail_block("engine log", &new[0].0.log)),
+                WaitEnd::TimedOut => format!("the new engines did not register within {:.0} s\n{}", cfg.limit.as_secs_f64(), batch.explain_timeout()),
             };
-            Err(Fail::new(1, format!("{why}\n({got} engines registered, wanted {}); removed the new engines", before + args.n)).into())
+            Err(Fail::new(1, format!("{why}\n({got} engines registered, wanted {}); removed the new engines", before + cfg.n)).into())
         }
+    }
+}
+
+/// Remove `batch`'s launches from the cluster file.
+fn forget<L: Launcher>(file: &Path, batch: &Batch<L>) {
+    let leaders = batch.leaders();
+    if let Ok(mut cur) = ClusterState::read(file) {
+        L::records_mut(&mut cur).retain(|r| r.leader().is_none_or(|p| !leaders.contains(&p)));
+        let _ = cur.write(file);
     }
 }

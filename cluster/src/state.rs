@@ -1,25 +1,22 @@
 //! The cluster state file (`security/cluster[-cid].json`): which processes make up a running
-//! cluster, read by `stop`, `list` and `engines`; plus the pure decisions made from it
+//! cluster (controller, compiler, and what each launcher started: local engines, mpiexecs,
+//! ssh connections), read by `stop`, `list` and `engines`; plus the pure decisions made from it
 //! (is the cluster still running, which log files belong to it).
+//!
+//! Files written before launchers existed still read: every newer field has a default.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::launcher::mpi::MpiLaunch;
+use crate::launcher::ssh::SshLaunch;
+use crate::launcher;
 use rpx_protocol::connection::{read_json, write_private_json};
 use rpx_protocol::Profile;
 
-/// One engine process started by ipcluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineProc {
-    pub pid: u32,
-    /// Position in start order (0, 1, ...), continued by `ipcluster engines`. Not the engine
-    /// id the controller assigns.
-    pub index: usize,
-    #[serde(default)]
-    pub log: PathBuf,
-}
+pub use crate::launcher::local::EngineProc;
 
 /// The contents of `cluster[-cid].json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,8 +29,15 @@ pub struct ClusterState {
     pub controller_pid: u32,
     #[serde(default)]
     pub compiler_pid: Option<u32>,
+    /// Engines of the local launcher, one process each.
     #[serde(default)]
     pub engines: Vec<EngineProc>,
+    /// mpiexecs of the mpi launcher, one per `start`/`engines` call.
+    #[serde(default)]
+    pub mpi: Vec<MpiLaunch>,
+    /// ssh connections of the ssh launcher, one per host and `start`/`engines` call.
+    #[serde(default)]
+    pub ssh: Vec<SshLaunch>,
     /// ISO-8601 UTC.
     pub started: String,
     /// The foreground `ipcluster start` process; absent with `--daemonize`.
@@ -43,6 +47,7 @@ pub struct ClusterState {
     /// children): `stop` finds stragglers by it.
     #[serde(default)]
     pub instance: String,
+    /// The launcher `ipcluster start` used (`engines` may add others).
     #[serde(default = "local")]
     pub launcher: String,
     #[serde(default)]
@@ -70,16 +75,21 @@ impl ClusterState {
         write_private_json(path, self).with_context(|| format!("cannot write cluster file {}", path.display()))
     }
 
-    /// The next engine index for `ipcluster engines`.
+    /// The next engine index for `ipcluster engines`, after every launcher's engines.
     pub fn next_index(&self) -> usize {
-        self.engines.iter().map(|e| e.index + 1).max().unwrap_or(0)
+        launcher::all_records(self).iter().map(|(_, r)| r.indices().end).max().unwrap_or(0)
     }
 
-    /// Every pid recorded, controller first.
+    /// The local processes of every launch (each leads its own process group).
+    pub fn launch_pids(&self) -> Vec<u32> {
+        launcher::all_records(self).iter().filter_map(|(_, r)| r.leader()).collect()
+    }
+
+    /// Every local pid recorded (each leads its own process group), controller first.
     pub fn pids(&self) -> Vec<u32> {
         let mut v = vec![self.controller_pid];
         v.extend(self.compiler_pid);
-        v.extend(self.engines.iter().map(|e| e.pid));
+        v.extend(self.launch_pids());
         v
     }
 }
@@ -93,12 +103,20 @@ pub fn is_running(state: &ClusterState, is_proc: impl Fn(u32, &str) -> bool) -> 
 
 /// Does the log file name `name` belong to the program `prog` in cluster `cid`?
 /// `ipengine-3.log` is engine 3 of the default cluster, `ipengine-c1-3.log` of cluster `c1`;
-/// controller and compiler logs end in the launching pid the same way.
+/// controller and compiler logs end in the launching pid the same way; launchers' logs are
+/// `ipengine[-cid]-mpi-<first>.log` and `ipengine[-cid]-ssh-<host>-<first>.log`.
 pub fn is_log_of(name: &str, prog: &str, cid: &str) -> bool {
     let base = if cid.is_empty() { format!("{prog}-") } else { format!("{prog}-{cid}-") };
     let Some(rest) = name.strip_prefix(&base) else { return false };
-    let Some(num) = rest.strip_suffix(".log") else { return false };
-    !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit())
+    let Some(rest) = rest.strip_suffix(".log") else { return false };
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(first) = rest.strip_prefix("mpi-") {
+        return number(first);
+    }
+    if let Some(host_first) = rest.strip_prefix("ssh-") {
+        return host_first.rsplit_once('-').is_some_and(|(host, first)| !host.is_empty() && number(first));
+    }
+    number(rest)
 }
 
 /// `<prog>[-cid]-<n>.log` in the profile's log directory.
@@ -153,6 +171,8 @@ mod tests {
             controller_pid: 100,
             compiler_pid: Some(101),
             engines: vec![EngineProc { pid: 102, index: 0, log: "/l/0".into() }, EngineProc { pid: 103, index: 1, log: "/l/1".into() }],
+            mpi: Vec::new(),
+            ssh: Vec::new(),
             started: "2026-01-01T00:00:00.000000Z".into(),
             ipcluster_pid: None,
             instance: "abc".into(),
@@ -192,6 +212,40 @@ mod tests {
     }
 
     #[test]
+    fn launcher_records_round_trip_and_count() {
+        use crate::launcher::mpi::Flavour;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cluster.json");
+        let mut s = sample();
+        s.launcher = "ssh".into();
+        s.ssh.push(SshLaunch {
+            pid: 200,
+            host: "10.0.0.2".into(),
+            first_index: 2,
+            n: 3,
+            log: "/l/ipengine-ssh-10.0.0.2-2.log".into(),
+            remote_pids: vec![7, 8, 9],
+            ssh: vec!["/usr/bin/ssh".into(), "-F".into(), "/c".into()],
+        });
+        s.mpi.push(MpiLaunch { pid: 300, first_index: 5, n: 4, log: "/l/ipengine-mpi-5.log".into(), mpiexec: "/usr/bin/mpiexec".into(), flavour: Flavour::OpenMpi });
+        s.write(&p).unwrap();
+        assert_eq!(ClusterState::read(&p).unwrap(), s);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(v["ssh"][0]["host"], "10.0.0.2");
+        assert_eq!(v["ssh"][0]["remote_pids"], serde_json::json!([7, 8, 9]));
+        assert_eq!(v["mpi"][0]["flavour"], "openmpi");
+        assert_eq!(v["mpi"][0]["n"], 4);
+        assert_eq!(s.next_index(), 9, "after the mpi ranks 5..9");
+        assert_eq!(s.pids(), vec![100, 101, 102, 103, 300, 200]);
+        assert_eq!(s.launch_pids(), vec![102, 103, 300, 200]);
+        // A file written before launchers existed reads with empty launcher lists.
+        std::fs::write(&p, r#"{"profile":"x","controller_pid":5,"started":"t","engines":[{"pid":6,"index":0}]}"#).unwrap();
+        let old = ClusterState::read(&p).unwrap();
+        assert!(old.mpi.is_empty() && old.ssh.is_empty());
+        assert_eq!(old.next_index(), 1);
+    }
+
+    #[test]
     fn stale_when_controller_is_gone_or_reused() {
         let s = sample();
         assert!(is_running(&s, |pid, name| pid == 100 && name == "ipcontroller"));
@@ -218,6 +272,11 @@ mod tests {
         assert!(!is_log_of("ipengine-c1-3.log", "ipengine", "c2"));
         assert!(!is_log_of("ipengine-.log", "ipengine", ""));
         assert!(!is_log_of("ipcontroller-12.txt", "ipcontroller", ""));
+        assert!(is_log_of("ipengine-mpi-8.log", "ipengine", ""));
+        assert!(is_log_of("ipengine-c1-ssh-10.0.0.2-0.log", "ipengine", "c1"));
+        assert!(!is_log_of("ipengine-c1-ssh-10.0.0.2-0.log", "ipengine", ""));
+        assert!(!is_log_of("ipengine-ssh--0.log", "ipengine", ""));
+        assert!(!is_log_of("ipengine-mpi-x.log", "ipengine", ""));
         let p = Profile { name: "d".into(), dir: "/r/profile_d".into(), cluster_id: "c1".into() };
         assert_eq!(log_path(&p, "ipengine", 4), PathBuf::from("/r/profile_d/log/ipengine-c1-4.log"));
     }

@@ -55,14 +55,14 @@ impl Registry {
     /// The bytes of a registered artifact for `host`, read now (a file changed on disk since it
     /// was announced is sent as it is: the engine's hash check refuses it). Returns the bytes and
     /// how many times `host` has now fetched this hash.
-    pub fn serve(&mut self, sha256: &str, host: &str) -> Result<(Vec<u8>, u32), String> {
+    pub fn serve(&mut self, sha256: &str, host: &str) -> Result<(Vec<u8>, u32, &Path), String> {
         let Some(path) = self.by_hash.get(sha256) else {
             return Err(format!("this compiler announced no artifact with sha256 {sha256}"));
         };
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let n = self.served.entry((sha256.to_string(), host.to_string())).or_insert(0);
         *n += 1;
-        Ok((bytes, *n))
+        Ok((bytes, *n, path))
     }
 }
 
@@ -82,7 +82,7 @@ mod tests {
         assert_eq!(libs[0].name, "libstd-abc.so");
         assert_eq!(libs[0].artifact.size, 3);
         assert_eq!(libs[0].artifact.sha256, hex::encode(Sha256::digest(b"std")));
-        assert_eq!(r.serve(&libs[0].artifact.sha256, "h1").unwrap(), (b"std".to_vec(), 1));
+        assert_eq!(r.serve(&libs[0].artifact.sha256, "h1").unwrap(), (b"std".to_vec(), 1, lib.as_path()));
         assert_eq!(r.serve(&libs[0].artifact.sha256, "h1").unwrap().1, 2);
         assert_eq!(r.serve(&libs[0].artifact.sha256, "h2").unwrap().1, 1);
         assert!(r.serve(&"0".repeat(64), "h1").unwrap_err().contains("no artifact"));

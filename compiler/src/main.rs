@@ -382,8 +382,8 @@ fn serve_artifact(registry: &mut artifacts::Registry, host: &str, content: serde
         }
     };
     match registry.serve(&req.sha256, host) {
-        Ok((bytes, times)) => {
-            tracing::info!(sha256 = %req.sha256, size = bytes.len(), %host, times, "artifact served");
+        Ok((bytes, times, path)) => {
+            tracing::info!(sha256 = %req.sha256, size = bytes.len(), %host, times, path = %path.display(), "artifact served");
             let r = ArtifactReply { sha256: req.sha256, status: "ok".into(), size: bytes.len() as u64, evalue: String::new() };
             (serde_json::to_value(r).expect("serializes"), vec![Bytes::from(bytes)])
         }

@@ -1,0 +1,173 @@
+//! Engines on other hosts, started by `ipcluster start --engines ssh`: two "hosts" are network +
+//! mount + pid + uts namespaces with their own hostname, private `/tmp`, `/dev/shm` and
+//! `~/.cache`, no Rust toolchain, and a real sshd, on a bridge with no uplink
+//! (`rpx_tests::TestHosts`). The controller and the compiler stay on this host, bound to the
+//! bridge's address.
+//!
+//! What a user would check: cells and `remote!` closures run on the engines of both hosts and
+//! keep per-engine state; every compiled artifact (and libstd) crosses to each host once; an
+//! artifact tampered with on its way is refused and nothing runs; the compiler's files and pid
+//! do not exist on those hosts; `ipcluster stop` leaves nothing behind on any host; a host whose
+//! sshd is down gives a clear error.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{serial, Steps, TestCluster};
+use rpx_tests::{show, TestHosts};
+
+/// Create the hosts, or explain why not (a test that cannot create them fails, unless
+/// `RPX_SKIP_HOST_TESTS=1` says this machine cannot run them).
+fn hosts(names: &[&str]) -> Option<TestHosts> {
+    match TestHosts::create(names) {
+        Ok(h) => Some(h),
+        Err(e) if std::env::var("RPX_SKIP_HOST_TESTS").as_deref() == Ok("1") => {
+            eprintln!("skipped (RPX_SKIP_HOST_TESTS=1): {e:#}");
+            None
+        }
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
+/// `(sha256, host, times, path)` of every "artifact served" line of the compiler's log.
+fn served(log: &str) -> Vec<(String, String, u32, String)> {
+    let field = |line: &str, key: &str| -> String {
+        let start = line.find(&format!(" {key}=")).map(|i| i + key.len() + 2).unwrap_or(line.len());
+        line[start..].split_whitespace().next().unwrap_or("").to_string()
+    };
+    log.lines()
+        .filter(|l| l.contains("artifact served"))
+        .map(|l| (field(l, "sha256"), field(l, "host"), field(l, "times").parse().unwrap_or(0), field(l, "path")))
+        .collect()
+}
+
+#[test]
+fn ssh_engines_on_two_hosts() {
+    let _serial = serial();
+    let Some(hosts) = hosts(&["h1", "h2"]) else { return };
+    let (h1, h2) = (hosts.host("h1").ip.clone(), hosts.host("h2").ip.clone());
+    let mut cluster = TestCluster::empty();
+    cluster.n = 4;
+    let ssh_args = format!("-F {}", hosts.ssh_config().display());
+    let hosts_arg = format!("{h1}:2,{h2}:2");
+    let out = cluster.ipcluster(&["start", "--daemonize", "--ip", hosts.gateway(), "--engines", "ssh", "--hosts", &hosts_arg, "--ssh-args", &ssh_args, "--timeout", "120"]);
+    assert!(out.status.success(), "ipcluster start --engines ssh failed\n{}", show(&out));
+    let c = common::client(&cluster);
+    let dv = c.direct_view(..);
+    let state = cluster.cluster_state().expect("cluster file");
+    let compiler_pid = state["compiler_pid"].as_u64().expect("compiler pid");
+    let compiler_log = state["compiler_log"].as_str().expect("compiler log").to_string();
+    let mut steps = Steps::default();
+
+    steps.run("ipcluster list shows the ssh launcher's engines on both hosts", || {
+        let out = cluster.ipcluster(&["list"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(&h1) && text.contains(&h2), "{}", show(&out));
+    });
+
+    // Engine id -> host name, from a cell (compiled once, shipped to both hosts).
+    let mut where_: BTreeMap<usize, String> = BTreeMap::new();
+    steps.run("a cell runs on the engines of both hosts", || {
+        let r = dv.execute("let host = std::fs::read_to_string(\"/proc/sys/kernel/hostname\").unwrap(); println!(\"{}\", host.trim());").unwrap();
+        assert!(r.errors().is_empty(), "{:?}", r.errors());
+        where_ = r.engine_ids().into_iter().zip(r.stdout().into_iter().map(|s| s.trim().to_string())).collect();
+        let per_host = where_.values().fold(BTreeMap::<&str, usize>::new(), |mut m, h| {
+            *m.entry(h.as_str()).or_default() += 1;
+            m
+        });
+        assert_eq!(per_host, BTreeMap::from([("h1", 2), ("h2", 2)]), "{where_:?}");
+    });
+
+    steps.run("each engine keeps its own state across cells", || {
+        let r = dv.execute("let mine: String = format!(\"{}-{}\", std::env::var(\"RPX_ENGINE_ID\").unwrap(), host.trim());").unwrap();
+        assert!(r.errors().is_empty(), "{:?}", r.errors());
+        let r = dv.execute("println!(\"{mine}\");").unwrap();
+        let got: Vec<String> = r.stdout().iter().map(|s| s.trim().to_string()).collect();
+        let want: Vec<String> = r.engine_ids().iter().map(|id| format!("{id}-{}", where_[id])).collect();
+        assert_eq!(got, want);
+    });
+
+    steps.run("remote! closures run on both hosts, direct and load-balanced", || {
+        let hostnames: Vec<String> = dv.apply(rpx::remote!(|| std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()), ()).unwrap();
+        assert_eq!(hostnames.iter().collect::<BTreeSet<_>>(), BTreeSet::from([&"h1".to_string(), &"h2".to_string()]));
+        let sq: Vec<u64> = c.view().map(rpx::remote!(|x: u64| x * x), 0..40u64).unwrap();
+        assert_eq!(sq, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+    });
+
+    steps.run("every artifact crossed to each host once, libstd included", || {
+        let log = std::fs::read_to_string(&compiler_log).unwrap();
+        let s = served(&log);
+        let per_host = |h: &str| s.iter().filter(|(_, host, _, _)| host == h).map(|(sha, ..)| sha.clone()).collect::<Vec<_>>();
+        for h in ["h1", "h2"] {
+            let shas = per_host(h);
+            let distinct: BTreeSet<&String> = shas.iter().collect();
+            assert_eq!(shas.len(), distinct.len(), "{h} fetched an artifact twice:\n{log}");
+            // libstd, the three cells and the two closures so far.
+            assert!(shas.len() >= 6, "{h}: {shas:?}");
+            assert!(s.iter().any(|(_, host, _, path)| host == h && path.contains("libstd-")), "{h} got libstd");
+        }
+        assert!(s.iter().all(|(_, _, times, _)| *times == 1), "{s:?}");
+        assert!(s.iter().all(|(_, host, ..)| host == "h1" || host == "h2"), "nothing crossed to this host: {s:?}");
+    });
+
+    steps.run("the compiler's files, pid and toolchain do not exist on the hosts", || {
+        let environ = std::fs::read(format!("/proc/{compiler_pid}/environ")).unwrap_or_default();
+        let tmpdir = environ.split(|b| *b == 0).filter_map(|kv| std::str::from_utf8(kv).ok()).find_map(|kv| kv.strip_prefix("TMPDIR=")).map(str::to_string);
+        let tmpdir = tmpdir.expect("the compiler runs with TMPDIR set to its work directory");
+        assert!(std::path::Path::new(&tmpdir).is_dir(), "{tmpdir} exists here");
+        let sysroot = String::from_utf8(std::process::Command::new("rustc").args(["--print", "sysroot"]).output().unwrap().stdout).unwrap().trim().to_string();
+        for h in ["h1", "h2"] {
+            let o = hosts.exec(h, &["sh", "-c", &format!("test -e {tmpdir} && echo work; ls -A {sysroot}; cat /proc/{compiler_pid}/cmdline 2>/dev/null | tr '\\0' ' '")], Duration::from_secs(10));
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(!text.contains("work"), "{h} sees the compiler's work directory {tmpdir}");
+            assert!(!text.contains("rpx-compiler"), "{h} sees the compiler's pid {compiler_pid}: {text}");
+            assert!(text.trim().is_empty(), "{h} has a Rust toolchain or another trace: {text:?}");
+        }
+    });
+
+    steps.run("an artifact tampered with on its way to a host is refused and does not run", || {
+        let on = |h: &str| where_.iter().filter(|(_, host)| host.as_str() == h).map(|(id, _)| *id).collect::<Vec<_>>();
+        // Compiled and fetched by h1 only.
+        let r: Vec<u64> = c.direct_view(on("h1")).apply(rpx::remote!(|x: u64| x + 1000), (1,)).unwrap();
+        assert_eq!(r, vec![1001, 1001]);
+        let log = std::fs::read_to_string(&compiler_log).unwrap();
+        let (sha, _, _, path) = served(&log).into_iter().rev().find(|(_, host, ..)| host == "h1").unwrap();
+        // Change the compiled file on the compiler's host: the bytes no longer match the hash
+        // the compiler announced in the signed message.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = c.direct_view(on("h2")).apply(rpx::remote!(|x: u64| x + 1000), (1,)).unwrap_err();
+        let text = format!("{err}");
+        assert!(text.contains("ArtifactError") && text.contains("refused"), "{text}");
+        assert!(!text.contains("1001"));
+        // h1 loaded it before the change: it still runs there; h2 cached nothing.
+        let r: Vec<u64> = c.direct_view(on("h1")).apply(rpx::remote!(|x: u64| x + 1000), (2,)).unwrap();
+        assert_eq!(r, vec![1002, 1002]);
+        let cached = hosts.exec("h2", &["sh", "-c", &format!("ls ~/.cache/rpx | grep -c {sha}")], Duration::from_secs(10));
+        assert_eq!(String::from_utf8_lossy(&cached.stdout).trim(), "0", "nothing bad was cached on h2");
+    });
+
+    steps.run("ipcluster stop leaves no process on any host", || {
+        let out = cluster.ipcluster(&["stop"]);
+        assert!(out.status.success(), "{}", show(&out));
+        for h in ["h1", "h2"] {
+            let left = hosts.processes(h);
+            assert!(left.iter().all(|(_, cmd)| cmd.contains("sshd")), "{h} still runs {left:?}");
+        }
+        assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
+    });
+
+    steps.run("a host whose sshd is down gives a clear error and leaves nothing running", || {
+        hosts.stop_sshd("h2");
+        let out = cluster.ipcluster(&["start", "--daemonize", "--ip", hosts.gateway(), "--engines", "ssh", "--hosts", &format!("{h2}:1"), "--ssh-args", &ssh_args, "--timeout", "60"]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&h2) && err.contains("Connection refused"), "{err}");
+        assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
+    });
+    steps.finish();
+}
