@@ -113,15 +113,20 @@ fn ssh_engines_on_two_hosts() {
     });
 
     steps.run("the compiler's files, pid and toolchain do not exist on the hosts", || {
-        let environ = std::fs::read(format!("/proc/{compiler_pid}/environ")).unwrap_or_default();
-        let tmpdir = environ.split(|b| *b == 0).filter_map(|kv| std::str::from_utf8(kv).ok()).find_map(|kv| kv.strip_prefix("TMPDIR=")).map(str::to_string);
-        let tmpdir = tmpdir.expect("the compiler runs with TMPDIR set to its work directory");
-        assert!(std::path::Path::new(&tmpdir).is_dir(), "{tmpdir} exists here");
+        // The compiled cells and closures the hosts fetched live in the compiler's private work
+        // directory here.
+        let log = std::fs::read_to_string(&compiler_log).unwrap();
+        let paths: Vec<String> = served(&log).into_iter().map(|(.., path)| path).filter(|p| !p.contains("libstd-")).collect();
+        assert!(!paths.is_empty());
+        for p in &paths {
+            assert!(std::path::Path::new(p).is_file(), "{p} exists here");
+        }
+        let tmpdir = std::path::Path::new(&paths[0]).ancestors().find(|a| a.file_name().is_some_and(|n| n.to_string_lossy().starts_with("rpx-compiler-"))).expect("artifacts live in the compiler's work directory").display().to_string();
         let sysroot = String::from_utf8(std::process::Command::new("rustc").args(["--print", "sysroot"]).output().unwrap().stdout).unwrap().trim().to_string();
         for h in ["h1", "h2"] {
-            let o = hosts.exec(h, &["sh", "-c", &format!("test -e {tmpdir} && echo work; ls -A {sysroot}; cat /proc/{compiler_pid}/cmdline 2>/dev/null | tr '\\0' ' '")], Duration::from_secs(10));
+            let o = hosts.exec(h, &["sh", "-c", &format!("test -e {tmpdir} && echo work; test -e {} && echo artifact; ls -A {sysroot}; cat /proc/{compiler_pid}/cmdline 2>/dev/null | tr '\\0' ' '", paths[0])], Duration::from_secs(10));
             let text = String::from_utf8_lossy(&o.stdout);
-            assert!(!text.contains("work"), "{h} sees the compiler's work directory {tmpdir}");
+            assert!(!text.contains("work") && !text.contains("artifact"), "{h} sees the compiler's work directory {tmpdir}");
             assert!(!text.contains("rpx-compiler"), "{h} sees the compiler's pid {compiler_pid}: {text}");
             assert!(text.trim().is_empty(), "{h} has a Rust toolchain or another trace: {text:?}");
         }
@@ -147,8 +152,8 @@ fn ssh_engines_on_two_hosts() {
         // h1 loaded it before the change: it still runs there; h2 cached nothing.
         let r: Vec<u64> = c.direct_view(on("h1")).apply(rpx::remote!(|x: u64| x + 1000), (2,)).unwrap();
         assert_eq!(r, vec![1002, 1002]);
-        let cached = hosts.exec("h2", &["sh", "-c", &format!("ls ~/.cache/rpx | grep -c {sha}")], Duration::from_secs(10));
-        assert_eq!(String::from_utf8_lossy(&cached.stdout).trim(), "0", "nothing bad was cached on h2");
+        let cached = hosts.exec("h2", &["sh", "-c", &format!("ls ~/.cache/rpx/{sha}.so ~/.cache/rpx/runtime/{sha} 2>&1")], Duration::from_secs(10));
+        assert!(!cached.status.success(), "nothing bad was cached on h2: {}", String::from_utf8_lossy(&cached.stdout));
     });
 
     steps.run("ipcluster stop leaves no process on any host", || {
