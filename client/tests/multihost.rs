@@ -8,7 +8,7 @@
 //! keep per-engine state; every compiled artifact (and libstd) crosses to each host once; an
 //! artifact tampered with on its way is refused and nothing runs; the compiler's files and pid
 //! do not exist on those hosts; `ipcluster stop` leaves nothing behind on any host; a host whose
-//! sshd is down gives a clear error.
+//! sshd is down, refused authentication and engines that cannot register give clear errors.
 
 mod common;
 
@@ -164,6 +164,27 @@ fn ssh_engines_on_two_hosts() {
             assert!(left.iter().all(|(_, cmd)| cmd.contains("sshd")), "{h} still runs {left:?}");
         }
         assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
+    });
+
+    steps.run("refused authentication gives a clear error", || {
+        let args = format!("{ssh_args} -o PubkeyAuthentication=no");
+        let out = cluster.ipcluster(&["start", "--daemonize", "--ip", hosts.gateway(), "--engines", "ssh", "--hosts", &format!("{h1}:1"), "--ssh-args", &args, "--timeout", "60"]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&h1) && err.contains("Permission denied"), "{err}");
+        assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
+    });
+
+    steps.run("engines that cannot reach the controller time out with their host's log tail", || {
+        // The controller on loopback: the engines on h1 start but can never register.
+        let out = cluster.ipcluster(&["start", "--daemonize", "--engines", "ssh", "--hosts", &format!("{h1}:1"), "--ssh-args", &ssh_args, "--timeout", "5"]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("within 5 s") && err.contains(&h1), "{err}");
+        assert!(err.contains("ipengine") || err.contains("registration"), "the host's log tail is shown: {err}");
+        assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
+        let left = hosts.processes("h1");
+        assert!(left.iter().all(|(_, cmd)| cmd.contains("sshd")), "h1 still runs {left:?}");
     });
 
     steps.run("a host whose sshd is down gives a clear error and leaves nothing running", || {

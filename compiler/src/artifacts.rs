@@ -2,6 +2,11 @@
 //! closures, and the runtime libraries they link), hashed once when announced, and the bytes it
 //! serves to engines on other hosts. Only registered hashes are served, so an engine can never
 //! read an arbitrary file through the compiler.
+//!
+//! evcxr removes a context's build directory with the context (and reuses it after a reset),
+//! so each compiled artifact is copied, once, into the registry's own directory under its hash:
+//! an engine that joins later (or another host) still finds every closure and cell it is told
+//! to load. Runtime libraries stay where the toolchain keeps them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,20 +17,45 @@ use sha2::{Digest, Sha256};
 /// The artifacts this compiler announced, by SHA-256, and how often each host fetched them.
 #[derive(Debug, Default)]
 pub struct Registry {
+    /// Where compiled artifacts are kept (`<sha256>.so`); `None` keeps them where they are.
+    store: Option<PathBuf>,
     by_hash: HashMap<String, PathBuf>,
     /// (hash, host) -> times served.
     served: HashMap<(String, String), u32>,
 }
 
 /// Hash a file's bytes.
-pub fn describe(path: &Path) -> std::io::Result<Artifact> {
+fn describe(path: &Path) -> std::io::Result<Artifact> {
     let bytes = std::fs::read(path)?;
     Ok(Artifact { path: path.display().to_string(), sha256: hex::encode(Sha256::digest(&bytes)), size: bytes.len() as u64 })
 }
 
 impl Registry {
-    /// Hash `path` and remember it, so engines may fetch it.
+    /// A registry that keeps compiled artifacts in `store` (created, mode 0700).
+    pub fn new(store: &Path) -> std::io::Result<Registry> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(store)?;
+        Ok(Registry { store: Some(store.to_path_buf()), ..Registry::default() })
+    }
+
+    /// Hash a compiled artifact, keep a copy under its hash, and remember it so engines may
+    /// fetch it. The returned artifact names the kept copy.
     pub fn register(&mut self, path: &Path) -> std::io::Result<Artifact> {
+        let Some(store) = &self.store else { return self.register_in_place(path) };
+        let bytes = std::fs::read(path)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let kept = store.join(format!("{sha256}.so"));
+        if !kept.exists() {
+            let tmp = store.join(format!(".{sha256}.tmp"));
+            std::fs::write(&tmp, &bytes)?;
+            std::fs::rename(&tmp, &kept)?;
+        }
+        self.by_hash.insert(sha256.clone(), kept.clone());
+        Ok(Artifact { path: kept.display().to_string(), sha256, size: bytes.len() as u64 })
+    }
+
+    /// Hash a file that stays where it is (a runtime library) and remember it.
+    fn register_in_place(&mut self, path: &Path) -> std::io::Result<Artifact> {
         let a = describe(path)?;
         self.by_hash.insert(a.sha256.clone(), path.to_path_buf());
         Ok(a)
@@ -42,7 +72,7 @@ impl Registry {
         names.sort();
         names
             .into_iter()
-            .filter_map(|name| match self.register(&libdir.join(&name)) {
+            .filter_map(|name| match self.register_in_place(&libdir.join(&name)) {
                 Ok(artifact) => Some(RuntimeLib { name, artifact }),
                 Err(e) => {
                     tracing::warn!(%name, "cannot read a runtime library: {e}");
@@ -69,6 +99,25 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compiled_artifacts_are_kept_under_their_hash_after_the_build_directory_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = dir.path().join("ctx-1");
+        std::fs::create_dir_all(&build).unwrap();
+        std::fs::write(build.join("libcode_1.so"), b"cell one").unwrap();
+        let mut r = Registry::new(&dir.path().join("artifacts")).unwrap();
+        let a = r.register(&build.join("libcode_1.so")).unwrap();
+        assert_eq!(a.path, dir.path().join("artifacts").join(format!("{}.so", a.sha256)).display().to_string());
+        // evcxr drops the context and reuses the name for other code.
+        std::fs::remove_dir_all(&build).unwrap();
+        std::fs::create_dir_all(&build).unwrap();
+        std::fs::write(build.join("libcode_1.so"), b"another cell").unwrap();
+        assert_eq!(r.serve(&a.sha256, "h1").unwrap().0, b"cell one");
+        let b = r.register(&build.join("libcode_1.so")).unwrap();
+        assert_ne!(a.sha256, b.sha256);
+        assert_eq!(std::fs::read(&a.path).unwrap(), b"cell one");
+    }
 
     #[test]
     fn only_registered_artifacts_are_served_and_fetches_are_counted_per_host() {

@@ -19,7 +19,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rpx_protocol::compile::{Artifact, ArtifactReply};
+use rpx_protocol::compile::{Artifact, ArtifactReply, HostProbe, RuntimeLib};
 use sha2::{Digest, Sha256};
 
 /// Overrides where the per-host artifact cache lives.
@@ -146,6 +146,17 @@ pub enum Step {
     Failed(String),
 }
 
+/// Where the compiler's runtime libraries are.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RuntimeStep {
+    /// All that can be had are ready, in these directories (for the worker's library path).
+    Ready(Vec<String>),
+    /// Send an `artifact_request` for this hash, then wait.
+    Request(String),
+    /// Wait: a fetch is under way.
+    Wait,
+}
+
 #[derive(Debug)]
 struct Fetch {
     artifact: Artifact,
@@ -175,8 +186,43 @@ impl Fetcher {
         Fetcher { same_host, cache, fetches: HashMap::new(), failed: HashMap::new(), fetched: 0 }
     }
 
+    /// The fetcher for a newly connected compiler: this engine is on the compiler's host if it
+    /// can read the compiler's probe file; otherwise it uses the host's cache ([`default_dir`]).
+    pub fn for_compiler(probe: &HostProbe) -> Fetcher {
+        let same_host = std::fs::read_to_string(&probe.path).is_ok_and(|t| t == probe.token);
+        let cache = if same_host {
+            None
+        } else {
+            let dir = default_dir();
+            Cache::open(&dir).map_err(|e| tracing::error!(dir = %dir.display(), error = %e, "cannot open the artifact cache")).ok()
+        };
+        Fetcher::new(same_host, cache)
+    }
+
     pub fn same_host(&self) -> bool {
         self.same_host
+    }
+
+    /// The cache directory, if this engine uses one.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache.as_ref().map(Cache::dir)
+    }
+
+    /// The directories of the runtime libraries `libs` once each can be loaded (in order,
+    /// without repeats in a row). A library that cannot be had is left out (said in the log):
+    /// cells that need it will not load.
+    pub fn runtime_dirs(&mut self, libs: &[RuntimeLib], now: Instant) -> RuntimeStep {
+        let mut dirs = Vec::new();
+        for lib in libs {
+            match self.want(&lib.artifact, Kind::Runtime { name: lib.name.clone() }, now) {
+                Step::Ready(p) => dirs.extend(p.parent().map(|d| d.display().to_string())),
+                Step::Request(sha) => return RuntimeStep::Request(sha),
+                Step::Wait => return RuntimeStep::Wait,
+                Step::Failed(why) => tracing::error!(lib = %lib.name, %why, "runtime library refused; cells that need it will not load"),
+            }
+        }
+        dirs.dedup();
+        RuntimeStep::Ready(dirs)
     }
 
     /// Is a fetch under way (the engine then ticks often to [`Fetcher::poll`])?
@@ -384,6 +430,48 @@ mod tests {
         assert!(matches!(first.want(&a, Kind::Code, now), Step::Failed(w) if w.contains("went away")));
         // Still holding nothing: the second engine takes over.
         assert_eq!(second.poll(now), vec![(a.sha256.clone(), Step::Request(a.sha256.clone()))]);
+    }
+
+    fn lib(name: &str, path: &str, bytes: &[u8]) -> RuntimeLib {
+        RuntimeLib { name: name.into(), artifact: Artifact { path: path.into(), ..artifact(bytes) } }
+    }
+
+    #[test]
+    fn the_runtime_libraries_are_found_where_the_compiler_keeps_them_on_its_host() {
+        let libs = [lib("libstd-a.so", "/rt/lib/libstd-a.so", b"std"), lib("libfoo.so", "/rt/lib/libfoo.so", b"foo"), lib("libbar.so", "/other/libbar.so", b"bar")];
+        let mut f = Fetcher::new(true, None);
+        assert_eq!(f.runtime_dirs(&libs, Instant::now()), RuntimeStep::Ready(vec!["/rt/lib".into(), "/other".into()]));
+    }
+
+    #[test]
+    fn a_remote_engine_fetches_the_runtime_libraries_into_its_cache_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let libs = [lib("libstd-a.so", "/rt/libstd-a.so", b"std")];
+        let mut f = Fetcher::new(false, Some(cache));
+        let now = Instant::now();
+        let sha = libs[0].artifact.sha256.clone();
+        assert_eq!(f.runtime_dirs(&libs, now), RuntimeStep::Request(sha.clone()));
+        assert_eq!(f.runtime_dirs(&libs, now), RuntimeStep::Wait);
+        f.on_reply(&ok(&libs[0].artifact), Some(b"std"));
+        let want = dir.path().join("runtime").join(&sha).display().to_string();
+        assert_eq!(f.runtime_dirs(&libs, now), RuntimeStep::Ready(vec![want]));
+    }
+
+    #[test]
+    fn a_runtime_library_that_cannot_be_had_is_left_out() {
+        let mut f = Fetcher::new(false, None);
+        assert_eq!(f.runtime_dirs(&[lib("libstd-a.so", "/rt/libstd-a.so", b"std")], Instant::now()), RuntimeStep::Ready(vec![]));
+    }
+
+    #[test]
+    fn an_engine_that_reads_the_compilers_probe_is_on_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = dir.path().join("probe");
+        std::fs::write(&probe, "token-1").unwrap();
+        let mut f = Fetcher::for_compiler(&HostProbe { path: probe.display().to_string(), token: "token-1".into() });
+        assert!(f.same_host() && f.cache_dir().is_none());
+        assert_eq!(f.runtime_dirs(&[lib("libstd-a.so", "/rt/libstd-a.so", b"std")], Instant::now()), RuntimeStep::Ready(vec!["/rt".into()]));
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The supervisor's handle on its worker process: spawning it, reading its pipes and noticing
-//! its death.
+//! The supervisor's handle on its worker process: the command that starts it, spawning it,
+//! reading its pipes, noticing its death, and the [`WorkerSlot`] holding the running one.
 //!
 //! One reader task per worker incarnation owns the child and both pipes and sends
 //! [`WorkerEvent`]s tagged with the incarnation number, so events of a killed worker are easy to
 //! ignore. Killing is by pid; the reader task reaps the process.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,6 +81,130 @@ impl WorkerCommand {
             env.push(("LD_LIBRARY_PATH".into(), dirs.join(":")));
         }
         Ok(WorkerCommand { program: std::env::current_exe()?, args: vec![], env })
+    }
+
+    /// [`WorkerCommand::this_binary`] for the worker of engine `engine_id`, whose namespace is
+    /// `ns_dir`: cells can read their engine's id (`RPX_ENGINE_ID`) and index
+    /// ([`crate::engine::ENGINE_INDEX_ENV`], the id unless ipcluster's launcher set it).
+    pub fn for_engine(libdirs: &[String], engine_id: u64, ns_dir: &Path) -> std::io::Result<WorkerCommand> {
+        let mut c = WorkerCommand::this_binary(libdirs)?;
+        c.env.push(("RPX_ENGINE_ID".to_string(), engine_id.to_string()));
+        if std::env::var_os(crate::engine::ENGINE_INDEX_ENV).is_none() {
+            // Engines not started by ipcluster's local launcher (MPI ranks, by hand).
+            c.env.push((crate::engine::ENGINE_INDEX_ENV.to_string(), engine_id.to_string()));
+        }
+        c.env.push((rpx_runtime::NS_DIR_ENV.to_string(), ns_dir.display().to_string()));
+        Ok(c)
+    }
+}
+
+/// Why a write to the worker failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteFailed {
+    /// No worker runs (none could be started): nothing will report an exit.
+    NoWorker(String),
+    /// The worker is dying: its exit event follows.
+    Dying(String),
+}
+
+impl WriteFailed {
+    fn no_worker() -> WriteFailed {
+        WriteFailed::NoWorker("the worker could not be started".into())
+    }
+}
+
+/// The supervisor's worker slot: how to start workers, the running incarnation, and the
+/// incarnation number its events carry.
+#[derive(Debug)]
+pub struct WorkerSlot {
+    command: Option<WorkerCommand>,
+    worker: Option<Worker>,
+    generation: u64,
+    events: mpsc::Sender<(u64, WorkerEvent)>,
+}
+
+impl WorkerSlot {
+    /// An empty slot; workers will send their events to `events`.
+    pub fn new(events: mpsc::Sender<(u64, WorkerEvent)>) -> WorkerSlot {
+        WorkerSlot { command: None, worker: None, generation: 0, events }
+    }
+
+    /// Whether workers can be started (the command is known).
+    pub fn has_command(&self) -> bool {
+        self.command.is_some()
+    }
+
+    pub fn set_command(&mut self, command: Option<WorkerCommand>) {
+        self.command = command;
+    }
+
+    /// The running worker.
+    pub fn get(&self) -> Option<&Worker> {
+        self.worker.as_ref()
+    }
+
+    /// Whether an event tagged `generation` comes from the running worker.
+    pub fn is_current(&self, generation: u64) -> bool {
+        generation == self.generation && self.worker.is_some()
+    }
+
+    /// Start a worker unless one runs or the command is not known yet. Returns whether one was
+    /// started.
+    pub fn ensure(&mut self) -> bool {
+        if self.worker.is_some() {
+            return false;
+        }
+        let Some(cmd) = &self.command else { return false };
+        self.generation += 1;
+        match Worker::spawn(cmd, self.generation, self.events.clone()) {
+            Ok(w) => {
+                tracing::info!(pid = w.pid, generation = self.generation, "worker started");
+                self.worker = Some(w);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the worker");
+                false
+            }
+        }
+    }
+
+    /// The running worker exited and was reaped: its pid is never signalled again.
+    pub fn exited(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pid = -1;
+        }
+        self.worker = None;
+    }
+
+    /// Send `sig` to the running worker; without one there is nothing to signal.
+    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
+        let Some(w) = &self.worker else { return Ok(()) };
+        w.signal(sig)?;
+        tracing::info!(sig, pid = w.pid, "signalled the worker");
+        Ok(())
+    }
+
+    /// SIGINT to the running worker's main thread (see [`Worker::interrupt`]), if one runs.
+    pub fn interrupt(&self) -> std::io::Result<()> {
+        self.worker.as_ref().map_or(Ok(()), Worker::interrupt)
+    }
+
+    /// Write a command line to the running worker.
+    pub async fn send_line(&mut self, line: &str) -> Result<(), WriteFailed> {
+        let w = self.worker.as_mut().ok_or_else(WriteFailed::no_worker)?;
+        w.send_line(line).await.map_err(|e| WriteFailed::Dying(e.to_string()))
+    }
+
+    /// Ask the running worker to call a compiled closure (see [`Worker::send_call`]).
+    pub async fn send_call(&mut self, so_path: &str, fn_name: &str, mode: u32, args: &[u8]) -> Result<(), WriteFailed> {
+        let w = self.worker.as_mut().ok_or_else(WriteFailed::no_worker)?;
+        w.send_call(so_path, fn_name, mode, args).await.map_err(|e| WriteFailed::Dying(e.to_string()))
+    }
+
+    /// Take the running worker out of the slot (to kill it).
+    pub fn take(&mut self) -> Option<Worker> {
+        self.worker.take()
     }
 }
 

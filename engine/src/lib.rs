@@ -7,23 +7,45 @@
 //! exits kills only the worker; the supervisor reports it and starts a new one.
 //!
 //! # Layout
-//! - [`engine`]: the engine loop: registration, request queue, cells (compiler messages and
-//!   worker events as a state machine), control requests, iopub, heartbeat check, shutdown.
-//! - [`net`]: connecting sockets, the send/receive pump tasks, the heart, the compiler handshake.
-//! - [`artifacts`]: where compiled artifacts are loaded from: by path on the compiler's host,
-//!   else the per-host cache filled by one checked fetch per artifact and host. Pure decisions.
-//! - [`liveness`]: whether the compiler is still there, from its connection and pings. Pure.
-//! - [`child`]: spawning the worker, reading its pipes, noticing its death.
+//! - [`engine`]: the engine loop: wires socket, compiler, worker and clock events to the
+//!   decisions below and carries out what they return (send, publish, write to the worker);
+//!   control requests, heartbeat check, shutdown.
+//!
+//! Decisions, pure (unit-tested without sockets or processes):
+//! - [`queue`]: the shell request queue: which queued request may start now (one that needs
+//!   the compiler waits while it connects), aborted ids, abort of everything queued.
+//! - [`cell`]: a cell's state and the verdict it ends with (refused artifact, worker died,
+//!   interrupted, panic, compiler error), the panic grace, the loads the compiler sent (which
+//!   runs next, which are skipped), the pull error mapping, and the pushed-values bookkeeping
+//!   (what the next cell binds, which values are fresh, how a pull is answered).
+//! - [`call`]: closure calls: what a `closure_reply` means for the waiting call, the closures
+//!   compiled so far, the worker's result status as a reply or an error.
+//! - [`supervise`]: restarting the worker (at once, or on demand after five deaths at
+//!   startup) and following up an interrupt (SIGINT again, kill after the grace period).
+//! - [`compiler`]: the compiler as the engine sees it: connecting, ready or absent (and why),
+//!   one connection attempt at a time, gone when its connection drops or it stays silent;
+//!   decoding its messages.
+//! - [`liveness`]: whether the compiler is still there, from its connection and pings.
+//! - [`artifacts`]: where compiled artifacts and runtime libraries are loaded from: by path on
+//!   the compiler's host, else the per-host cache filled by one checked fetch per artifact and
+//!   host (decisions over the cache directory).
+//! - [`output`]: parsing the worker's stdout (user text, evcxr markers, content blocks) and
+//!   finding panic messages in its stderr.
+//! - [`reply`]: reply metadata and contents in ipyparallel's shape, and the engine's error kinds.
+//! - [`signals`]: signal names for `signal_request` and exit-status descriptions.
+//!
+//! Carrying them out:
+//! - [`outbox`]: what goes out to the controller: replies on the request's socket, iopub
+//!   publications, the worker's stdout/stderr buffered and flushed to iopub.
+//! - [`net`]: registration, connecting sockets, the send/receive pump tasks, the heart, the
+//!   compiler handshake.
+//! - [`child`]: the worker command, spawning the worker, reading its pipes, noticing its death,
+//!   the slot holding the running worker.
 //! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out;
 //!   [`worker::interrupt`] turns SIGINT into a panic injected into the running cell.
 //! - [`namespace`]: the engine namespace on disk (pushed and pulled values, one file per name)
 //!   and the code that binds pushed values into cells or writes variables out for a pull. Pure
 //!   apart from file reads and writes.
-//! - [`output`]: parsing the worker's stdout (user text, evcxr markers, content blocks) and
-//!   finding panic messages in its stderr. Pure.
-//! - [`reply`]: reply metadata and contents in ipyparallel's shape, and the engine's error kinds.
-//!   Pure.
-//! - [`signals`]: signal names for `signal_request` and exit-status descriptions. Pure.
 //!
 //! # Example
 //! ```
@@ -34,14 +56,20 @@
 //! ```
 
 pub mod artifacts;
+pub mod call;
+pub mod cell;
 pub mod child;
+pub mod compiler;
 pub mod engine;
 pub mod liveness;
 pub mod namespace;
 pub mod net;
+pub mod outbox;
 pub mod output;
+pub mod queue;
 pub mod reply;
 pub mod signals;
+pub mod supervise;
 pub mod worker;
 
 /// Errors of the engine library.

@@ -1,5 +1,5 @@
-//! Sockets: connecting them, and the small tasks that pump frames between them and the engine
-//! loop.
+//! Sockets: registering with the controller, connecting them, and the small tasks that pump
+//! frames between them and the engine loop.
 //!
 //! Each DEALER is split: a receive task forwards every message to the engine loop as an
 //! [`Inbound`], and a send task drains a bounded channel, bounding every send with a timeout
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rpx_protocol::compile::{msg_type, EngineHello, EngineHelloReply};
-use rpx_protocol::connection::{read_json, CompilerConnection};
+use rpx_protocol::connection::{read_json, CompilerConnection, EngineConnection};
 use rpx_protocol::Session;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -34,6 +34,36 @@ pub enum Channel {
     Task,
     Broadcast,
     Control,
+}
+
+/// Where outgoing messages go, one outlet per socket.
+#[derive(Debug)]
+pub struct Outlets {
+    pub mux: Outlet,
+    pub task: Outlet,
+    pub broadcast: Option<Outlet>,
+    pub control: Outlet,
+    pub iopub: Outlet,
+    pub registration: Outlet,
+}
+
+impl Outlets {
+    /// The outlet replies to a request from channel `c` go to.
+    pub fn for_channel(&self, c: Channel) -> Option<&Outlet> {
+        match c {
+            Channel::Mux => Some(&self.mux),
+            Channel::Task => Some(&self.task),
+            Channel::Broadcast => self.broadcast.as_ref(),
+            Channel::Control => Some(&self.control),
+        }
+    }
+}
+
+/// Queue `frames` on `outlet`; a full or closed outlet drops them (said in the log).
+pub fn push(outlet: &Outlet, frames: Frames, what: &str) {
+    if let Err(e) = outlet.try_send(frames) {
+        warn!(what, error = %e, "outgoing queue full or closed; message dropped");
+    }
 }
 
 /// Everything the engine loop receives from its sockets and helper tasks.
@@ -104,6 +134,107 @@ pub async fn connect_dealer(url: &str, identity: &str, timeout: Duration) -> Res
         Ok(Err(e)) => Err(Error::Connect(format!("{url}: {e}"))),
         Err(_) => Err(Error::Connect(format!("{url}: timed out after {timeout:?}"))),
     }
+}
+
+/// What the controller's `registration_reply` gave this engine.
+#[derive(Debug)]
+pub struct Registered {
+    pub id: u64,
+    /// The controller's heartbeat period.
+    pub hb_period: Duration,
+    /// The registration socket, kept for `unregistration_request`.
+    pub outlet: Outlet,
+}
+
+/// Register with the controller at `url` (asking for `requested_id` if given), waiting up to
+/// `timeout` for its reply.
+pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Option<u64>, timeout: Duration) -> Result<Registered> {
+    info!(%url, %uuid, "registering with the controller");
+    let reg = connect_dealer(url, uuid, timeout).await.map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
+    let (mut reg_send, mut reg_recv) = reg.split();
+    let mut request = json!({"uuid": uuid});
+    if let Some(id) = requested_id {
+        request["id"] = json!(id);
+    }
+    let (_, frames) = session.msg(&[], "registration_request", request, None, json!({"engine": uuid}), &[]);
+    send_now(&mut reg_send, frames).await?;
+    let deadline = Instant::now() + timeout;
+    let reply = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = match tokio::time::timeout(left, reg_recv.recv()).await {
+            Err(_) => return Err(Error::Registration(format!("no registration reply from the controller at {url} within {timeout:?}; is ipcontroller running?"))),
+            Ok(Err(e)) => {
+                debug!(error = %e, "registration receive error");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Ok(Ok(m)) => m,
+        };
+        match session.decode(m.into_vec()) {
+            Ok(msg) if msg.msg_type() == "registration_reply" => break msg,
+            Ok(msg) => warn!(msg_type = msg.msg_type(), "unexpected message on the registration socket"),
+            Err(e) => warn!(error = %e, "bad message on the registration socket dropped"),
+        }
+    };
+    if reply.content_str("status") != Some("ok") {
+        let why = reply.content_str("evalue").or(reply.content_str("reason")).unwrap_or("no reason given");
+        return Err(Error::Registration(format!("the controller refused registration: {why}")));
+    }
+    let id = reply.content.get("id").and_then(serde_json::Value::as_u64).ok_or_else(|| Error::Registration("registration reply has no id".into()))?;
+    let hb_period = Duration::from_millis(reply.content.get("hb_period").and_then(serde_json::Value::as_u64).unwrap_or(3000).max(10));
+    info!(engine_id = id, ?hb_period, "registered");
+    // The registration socket stays for unregistration.
+    let (outlet, mut rx) = mpsc::channel::<Frames>(16);
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            let _ = tokio::time::timeout(Duration::from_secs(2), reg_send.send(rpx_protocol::zmq::message(f))).await;
+        }
+        drop(reg_recv);
+    });
+    Ok(Registered { id, hb_period, outlet })
+}
+
+async fn send_now(s: &mut zeromq::DealerSendHalf, frames: Frames) -> Result<()> {
+    match tokio::time::timeout(Duration::from_secs(5), s.send(rpx_protocol::zmq::message(frames))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Connect(format!("send failed: {e}"))),
+        Err(_) => Err(Error::Connect("send timed out".into())),
+    }
+}
+
+/// Connect the engine's sockets to the controller: shell (mux, task), control, iopub and the
+/// heart, and in the background the broadcast leaf of engine `id` (announced to the engine
+/// loop as [`Inbound::BroadcastReady`]). Returns the outlets, with the registration socket's,
+/// and when the heart last heard a ping.
+pub async fn connect_engine(conn: &EngineConnection, uuid: &str, id: u64, t: Duration, registration: Outlet, inbound_tx: &mpsc::Sender<Inbound>) -> Result<(Outlets, LastPing)> {
+    let mux = connect_dealer(&conn.url(conn.mux), uuid, t).await?;
+    let task = connect_dealer(&conn.url(conn.task), uuid, t).await?;
+    let control = connect_dealer(&conn.url(conn.control), uuid, t).await?;
+    let iopub = connect_iopub(&conn.url(conn.iopub), uuid, t).await?;
+    let last_ping = LastPing::new();
+    start_heart(&conn.url(conn.hb_ping), &conn.url(conn.hb_pong), uuid, t, last_ping.clone()).await?;
+    let outlets = Outlets {
+        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| Inbound::Shell(Channel::Mux, f)),
+        task: spawn_dealer(task, "task", inbound_tx.clone(), |f| Inbound::Shell(Channel::Task, f)),
+        control: spawn_dealer(control, "control", inbound_tx.clone(), Inbound::Control),
+        broadcast: None,
+        iopub,
+        registration,
+    };
+    if !conn.broadcast.is_empty() {
+        let url = conn.url(conn.broadcast[(id as usize) % conn.broadcast.len()]);
+        let (uuid, inbound) = (uuid.to_string(), inbound_tx.clone());
+        tokio::spawn(async move {
+            match connect_dealer(&url, &uuid, Duration::from_secs(30)).await {
+                Ok(s) => {
+                    let out = spawn_dealer(s, "broadcast", inbound.clone(), |f| Inbound::Shell(Channel::Broadcast, f));
+                    let _ = inbound.send(Inbound::BroadcastReady(out)).await;
+                }
+                Err(e) => warn!(error = %e, "no broadcast scheduler connection; broadcast requests will not reach this engine"),
+            }
+        });
+    }
+    Ok((outlets, last_ping))
 }
 
 /// Start the receive and send tasks of a connected DEALER; received messages are wrapped by

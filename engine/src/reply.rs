@@ -3,6 +3,7 @@
 //!
 //! Pure functions over JSON values; the engine loop decides which one to send.
 
+use rpx_protocol::apply::Op;
 use rpx_protocol::message::{engine_info, error_content, now_iso};
 use serde_json::{json, Value};
 
@@ -80,6 +81,38 @@ pub fn iopub_error(err: &EngineError, me: &Identity, method: &str) -> Value {
 /// Content of the reply to an aborted request.
 pub fn aborted() -> Value {
     json!({"status": "aborted"})
+}
+
+/// Error reply content for a request the engine refuses (`method`: what was asked).
+pub fn simple_error(ename: &str, evalue: &str, me: &Identity, method: &str) -> Value {
+    error_content(ename, evalue, vec![format!("{ename}: {evalue}")], Some(me.engine_info(method)))
+}
+
+/// Reply content for a request type rpx engines do not handle.
+pub fn unsupported(msg_type: &str, me: &Identity) -> Value {
+    simple_error("UnsupportedRequest", &format!("rpx engines do not handle {msg_type}"), me, msg_type)
+}
+
+/// `kernel_info_reply` content.
+pub fn kernel_info() -> Value {
+    json!({
+        "status": "ok",
+        "protocol_version": rpx_protocol::message::PROTOCOL_VERSION,
+        "implementation": "rpx",
+        "implementation_version": env!("CARGO_PKG_VERSION"),
+        "language_info": {"name": "rust", "file_extension": ".rs", "mimetype": "text/rust"},
+        "banner": "rpx engine (Rust)",
+    })
+}
+
+/// What an `apply_request` with this content asks (its rpx payload), or the error it is
+/// answered with: Python's pickled functions are not for rpx engines.
+pub fn apply_op(content: &Value, me: &Identity) -> Result<Op, EngineError> {
+    match Op::from_content(content) {
+        None => Err(EngineError::unsupported_apply(me)),
+        Some(Err(e)) => Err(EngineError::new(rpx_protocol::apply::ename::UNSUPPORTED_PAYLOAD, format!("malformed rpx payload: {e}"), vec![])),
+        Some(Ok(op)) => Ok(op),
+    }
 }
 
 /// `foo_request` -> `foo_reply`.
@@ -209,6 +242,28 @@ mod tests {
         let i = EngineError::interrupted("cell", false);
         assert_eq!((i.ename.as_str(), i.evalue.as_str()), ("KeyboardInterrupt", "the cell was interrupted (SIGINT); the engine kept its variables"));
         assert!(EngineError::interrupted("call", true).evalue.contains("call was interrupted (SIGINT) before it ran"));
+    }
+
+    #[test]
+    fn a_request_rpx_does_not_handle_is_answered_with_unsupported_request() {
+        let c = unsupported("history_request", &me());
+        assert_eq!(c["status"], "error");
+        assert_eq!(c["ename"], "UnsupportedRequest");
+        assert_eq!(c["evalue"], "rpx engines do not handle history_request");
+        assert_eq!(c["traceback"], json!(["UnsupportedRequest: rpx engines do not handle history_request"]));
+        assert_eq!(c["engine_info"]["method"], "history_request");
+        assert_eq!(kernel_info()["language_info"]["name"], "rust");
+    }
+
+    #[test]
+    fn an_apply_request_without_an_rpx_payload_is_refused_as_python() {
+        let e = apply_op(&json!({"f": "pickled"}), &me()).unwrap_err();
+        assert_eq!(e, EngineError::unsupported_apply(&me()));
+        let bad = apply_op(&json!({"rpx": {"op": "fly"}}), &me()).unwrap_err();
+        assert_eq!(bad.ename, "UnsupportedPayload");
+        assert!(bad.evalue.starts_with("malformed rpx payload: "), "{}", bad.evalue);
+        let pull = Op::Pull { names: vec!["x".into()] };
+        assert_eq!(apply_op(&pull.to_content(), &me()), Ok(pull));
     }
 
     #[test]

@@ -1,0 +1,242 @@
+//! Closure calls (`apply` and `map` of Rust closures): the call in progress, the closures this
+//! engine has had compiled, what a `closure_reply` means for the waiting call, and how the
+//! worker's result status becomes the reply or an error.
+//!
+//! Pure: the engine loop sends the `closure_request`, writes the call to the worker and
+//! answers the request with what these functions decide.
+
+use std::collections::HashMap;
+
+use rpx_protocol::apply::{ename, Closure};
+use rpx_protocol::compile::{Artifact, ClosureReply, ClosureRequest};
+use rpx_runtime::abi;
+use serde_json::Value;
+
+use crate::queue::Request;
+use crate::reply::EngineError;
+
+/// A closure call (apply or map) in progress.
+#[derive(Debug)]
+pub struct Call {
+    pub req: Request,
+    /// Reply metadata, started when the call started.
+    pub md: Value,
+    /// `rpx_runtime::abi::MODE_APPLY` or `MODE_MAP`.
+    pub mode: u32,
+    pub closure: Closure,
+    /// Set once the worker was asked to run it.
+    pub running: bool,
+    /// SIGINT arrived while the closure was being compiled: it is not run.
+    pub interrupt_requested: bool,
+}
+
+/// What to do with a call the worker has not been asked to run yet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallStep {
+    /// Answer it with this error: SIGINT arrived before it ran.
+    Interrupted(EngineError),
+    /// Its closure is being compiled: wait for the `closure_reply`.
+    Compiling,
+    /// Load this artifact and call this symbol.
+    Run { artifact: Artifact, func: String },
+}
+
+/// What a `closure_reply` decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClosureVerdict {
+    /// No call waits for it: dropped.
+    Dropped,
+    /// The closure compiled; the waiting call can run.
+    Compiled,
+    /// The closure did not compile: answer the waiting call with this error.
+    Failed(EngineError),
+}
+
+/// Refuse a call without its argument buffer.
+pub fn check_arguments(req: &Request) -> Result<(), EngineError> {
+    if req.buffers.is_empty() {
+        return Err(EngineError::new(ename::UNSUPPORTED_PAYLOAD, "the call has no argument buffer", vec![]));
+    }
+    Ok(())
+}
+
+impl Call {
+    pub fn new(req: Request, md: Value, mode: u32, closure: Closure) -> Call {
+        Call { req, md, mode, closure, running: false, interrupt_requested: false }
+    }
+
+    /// The call id: its request's msg id.
+    pub fn id(&self) -> &str {
+        self.req.msg_id()
+    }
+
+    /// Still waiting (for its closure's compile, an artifact or the runtime libraries), not
+    /// handed to the worker yet.
+    pub fn waiting(&self) -> bool {
+        !self.running
+    }
+
+    /// What the compiler is asked when this engine has not compiled the closure yet.
+    pub fn closure_request(&self) -> ClosureRequest {
+        ClosureRequest { request_id: self.id().to_string(), closure: self.closure.clone() }
+    }
+
+    /// What to do now with this call, given the closures compiled so far.
+    pub fn next_step(&self, closures: &Closures) -> CallStep {
+        if self.interrupt_requested {
+            return CallStep::Interrupted(EngineError::interrupted("call", true));
+        }
+        match closures.0.get(&self.closure) {
+            Some((artifact, func)) => CallStep::Run { artifact: artifact.clone(), func: func.clone() },
+            None => CallStep::Compiling,
+        }
+    }
+}
+
+/// The closures compiled for this engine: artifact and symbol of each (compiled once, called
+/// any number of times).
+#[derive(Debug, Default)]
+pub struct Closures(HashMap<Closure, (Artifact, String)>);
+
+impl Closures {
+    pub fn knows(&self, closure: &Closure) -> bool {
+        self.0.contains_key(closure)
+    }
+
+    /// The compiler's `closure_reply` `r`: it concerns `call` if that call waits and has the
+    /// reply's id. A compiled closure is remembered.
+    pub fn on_reply(&mut self, call: Option<&Call>, r: ClosureReply) -> ClosureVerdict {
+        let Some(call) = call.filter(|c| c.waiting() && c.id() == r.request_id) else { return ClosureVerdict::Dropped };
+        match (r.status == "ok", r.artifact) {
+            (true, Some(artifact)) => {
+                self.0.insert(call.closure.clone(), (artifact, r.fn_name));
+                ClosureVerdict::Compiled
+            }
+            _ => {
+                let ename = if r.ename.is_empty() { ename::COMPILE_ERROR.to_string() } else { r.ename };
+                ClosureVerdict::Failed(EngineError::new(&ename, r.evalue, r.traceback))
+            }
+        }
+    }
+}
+
+/// The worker's result for the running call (an `rpx_runtime::abi` status and the bytes it
+/// wrote): the output to send back, or the error the call ends with.
+pub fn outcome(status: u32, data: Vec<u8>) -> Result<Vec<u8>, EngineError> {
+    let text = || String::from_utf8_lossy(&data).into_owned();
+    match status {
+        abi::STATUS_OK => Ok(data),
+        abi::STATUS_PANIC => Err(EngineError::panic(&text(), vec![])),
+        abi::STATUS_BAD_INPUT => Err(EngineError::new(ename::UNSUPPORTED_PAYLOAD, text(), vec![])),
+        crate::worker::STATUS_INTERRUPTED => Err(EngineError::interrupted("call", false)),
+        _ => Err(EngineError::new("CompilerError", text(), vec![])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn closure(src: &str) -> Closure {
+        Closure { source: src.into(), arg_types: vec!["u64".into()] }
+    }
+
+    fn call(id: &str, src: &str) -> Call {
+        let mut req = Request::for_test(id, "apply_request", json!({}));
+        req.buffers = vec![bytes::Bytes::from_static(b"\x01")];
+        Call::new(req, json!({}), abi::MODE_APPLY, closure(src))
+    }
+
+    fn artifact() -> Artifact {
+        Artifact { path: "/tmp/c.so".into(), sha256: "ab".repeat(32), size: 10 }
+    }
+
+    fn ok_reply(id: &str) -> ClosureReply {
+        ClosureReply { request_id: id.into(), status: "ok".into(), artifact: Some(artifact()), fn_name: "rpx_closure_1".into(), ename: String::new(), evalue: String::new(), traceback: vec![] }
+    }
+
+    fn error_reply(id: &str, ename: &str) -> ClosureReply {
+        ClosureReply { status: "error".into(), artifact: None, fn_name: String::new(), ename: ename.into(), evalue: "mismatched types".into(), ..ok_reply(id) }
+    }
+
+    #[test]
+    fn a_call_without_its_argument_buffer_is_refused() {
+        let mut c = call("a", "|x: u64| x");
+        assert_eq!(check_arguments(&c.req), Ok(()));
+        c.req.buffers.clear();
+        let e = check_arguments(&c.req).unwrap_err();
+        assert_eq!((e.ename.as_str(), e.evalue.as_str()), ("UnsupportedPayload", "the call has no argument buffer"));
+    }
+
+    #[test]
+    fn a_call_waits_for_its_closure_to_compile_then_runs_the_compiled_symbol() {
+        let mut closures = Closures::default();
+        let c = call("a", "|x: u64| x * 2");
+        assert_eq!(c.closure_request(), ClosureRequest { request_id: "a".into(), closure: closure("|x: u64| x * 2") });
+        assert_eq!(c.next_step(&closures), CallStep::Compiling);
+        assert_eq!(closures.on_reply(Some(&c), ok_reply("a")), ClosureVerdict::Compiled);
+        assert_eq!(c.next_step(&closures), CallStep::Run { artifact: artifact(), func: "rpx_closure_1".into() });
+    }
+
+    #[test]
+    fn a_closure_compiled_once_is_not_compiled_again_for_the_next_call() {
+        let mut closures = Closures::default();
+        let first = call("a", "|x: u64| x + 1");
+        closures.on_reply(Some(&first), ok_reply("a"));
+        let second = call("b", "|x: u64| x + 1");
+        assert!(closures.knows(&second.closure));
+        assert!(matches!(second.next_step(&closures), CallStep::Run { .. }));
+        assert!(!closures.knows(&closure("|x: u64| x + 2")));
+    }
+
+    #[test]
+    fn a_call_interrupted_while_its_closure_compiled_is_answered_interrupted_before_it_ran() {
+        let mut closures = Closures::default();
+        let mut c = call("a", "|x: u64| x");
+        closures.on_reply(Some(&c), ok_reply("a"));
+        c.interrupt_requested = true;
+        let CallStep::Interrupted(e) = c.next_step(&closures) else { panic!("not run") };
+        assert_eq!(e.ename, "KeyboardInterrupt");
+        assert_eq!(e.evalue, "the call was interrupted (SIGINT) before it ran; the engine kept its variables");
+    }
+
+    #[test]
+    fn a_closure_that_does_not_compile_fails_its_call_with_the_compilers_error() {
+        let mut closures = Closures::default();
+        let c = call("a", "|x: u64| x.nope()");
+        let ClosureVerdict::Failed(e) = closures.on_reply(Some(&c), error_reply("a", "")) else { panic!("failed") };
+        assert_eq!((e.ename.as_str(), e.evalue.as_str()), ("CompileError", "mismatched types"), "unnamed errors are compile errors");
+        let ClosureVerdict::Failed(e) = closures.on_reply(Some(&c), error_reply("a", "CompilerError")) else { panic!("failed") };
+        assert_eq!(e.ename, "CompilerError");
+        // `ok` without an artifact cannot run either.
+        let no_artifact = ClosureReply { artifact: None, ..ok_reply("a") };
+        assert!(matches!(closures.on_reply(Some(&c), no_artifact), ClosureVerdict::Failed(_)));
+        assert!(!closures.knows(&c.closure));
+    }
+
+    #[test]
+    fn a_closure_reply_nobody_waits_for_is_dropped() {
+        let mut closures = Closures::default();
+        assert_eq!(closures.on_reply(None, ok_reply("a")), ClosureVerdict::Dropped);
+        let mut c = call("a", "|x: u64| x");
+        assert_eq!(closures.on_reply(Some(&c), ok_reply("other")), ClosureVerdict::Dropped);
+        c.running = true;
+        assert_eq!(closures.on_reply(Some(&c), ok_reply("a")), ClosureVerdict::Dropped);
+        assert!(!closures.knows(&c.closure), "nothing was remembered");
+    }
+
+    #[test]
+    fn the_workers_result_status_becomes_the_reply_or_an_error() {
+        assert_eq!(outcome(abi::STATUS_OK, vec![1, 2]), Ok(vec![1, 2]));
+        let panic = outcome(abi::STATUS_PANIC, b"index out of bounds".to_vec()).unwrap_err();
+        assert_eq!((panic.ename.as_str(), panic.evalue.as_str()), ("Panic", "index out of bounds"));
+        assert_eq!(outcome(abi::STATUS_PANIC, vec![]).unwrap_err().evalue, "the cell panicked");
+        let bad = outcome(abi::STATUS_BAD_INPUT, b"cannot decode the arguments".to_vec()).unwrap_err();
+        assert_eq!((bad.ename.as_str(), bad.evalue.as_str()), ("UnsupportedPayload", "cannot decode the arguments"));
+        let int = outcome(crate::worker::STATUS_INTERRUPTED, vec![]).unwrap_err();
+        assert_eq!((int.ename.as_str(), int.evalue.as_str()), ("KeyboardInterrupt", "the call was interrupted (SIGINT); the engine kept its variables"));
+        let load = outcome(crate::worker::STATUS_LOAD_FAILED, b"cannot open c.so".to_vec()).unwrap_err();
+        assert_eq!((load.ename.as_str(), load.evalue.as_str()), ("CompilerError", "cannot open c.so"));
+    }
+}

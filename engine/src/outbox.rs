@@ -1,0 +1,302 @@
+//! What the engine sends to the controller: replies on the socket each request came from,
+//! iopub publications (status, inputs, results, errors) and the stdout/stderr text of the
+//! worker, buffered and published at least every [`FLUSH_PERIOD`] (at once past
+//! [`FLUSH_BYTES`]), with the running request as parent.
+//!
+//! The engine's decisions say what to send; [`Outbox`] signs it and queues it on the outlet of
+//! the right socket ([`crate::net::Outlets`]), never blocking the engine loop.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rpx_protocol::{Header, Session};
+use serde_json::{json, Value};
+use tracing::warn;
+
+use crate::net::{push, Outlets};
+use crate::queue::Request;
+use crate::reply::{self, EngineError, Identity};
+
+/// Streams are flushed at least this often while output is pending.
+pub const FLUSH_PERIOD: Duration = Duration::from_millis(50);
+/// Stream buffers are flushed early beyond this size.
+pub const FLUSH_BYTES: usize = 64 * 1024;
+
+/// The worker's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Signs and queues everything the engine sends, and buffers the worker's output.
+pub struct Outbox {
+    me: Identity,
+    session: Session,
+    pub outlets: Outlets,
+    out_buf: String,
+    err_buf: String,
+    stream_parent: Option<Header>,
+    last_flush: Instant,
+}
+
+impl Outbox {
+    pub fn new(me: Identity, session: Session, outlets: Outlets) -> Outbox {
+        Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now() }
+    }
+
+    /// Answer `req` on the socket it came from.
+    pub fn reply(&self, req: &Request, content: Value, md: Value) {
+        self.reply_with_buffers(req, content, md, &[]);
+    }
+
+    pub fn reply_with_buffers(&self, req: &Request, content: Value, md: Value, buffers: &[Bytes]) {
+        let msg_type = reply::reply_type(req.msg_type());
+        let md = reply::finish_metadata(md, &content, &self.me);
+        let (_, frames) = self.session.msg(&req.idents, &msg_type, content, Some(&req.header), md, buffers);
+        match self.outlets.for_channel(req.channel) {
+            Some(o) => push(o, frames, &msg_type),
+            None => warn!(msg_type, "no socket to reply on"),
+        }
+    }
+
+    /// Publish on iopub under the topic `engine.<id>.<kind>`.
+    pub fn publish(&self, kind: &str, msg_type: &str, content: Value, parent: Option<&Header>) {
+        let topic = Bytes::from(self.me.topic(kind));
+        let (_, frames) = self.session.msg(&[topic], msg_type, content, parent, reply::plain_metadata(&self.me), &[]);
+        push(&self.outlets.iopub, frames, msg_type);
+    }
+
+    /// Publish the engine's execution state (`busy`, `idle`) for the request `parent`.
+    pub fn status(&self, state: &str, parent: &Header) {
+        self.publish("status", "status", json!({"execution_state": state}), Some(parent));
+    }
+
+    /// Answer `req` at once with `content`, between `busy` and `idle`.
+    pub fn answer(&self, req: &Request, content: Value) {
+        self.status("busy", &req.header);
+        let md = reply::init_metadata(&req.metadata, &self.me);
+        self.reply(req, content, md);
+        self.status("idle", &req.header);
+    }
+
+    /// Answer `req` with success and these buffers (pushed, pulled or computed values), then
+    /// publish `idle`.
+    pub fn ok(&self, req: &Request, md: Value, buffers: &[Bytes]) {
+        self.reply_with_buffers(req, json!({"status": "ok"}), md, buffers);
+        self.status("idle", &req.header);
+    }
+
+    /// Answer a request aborted before it ran.
+    pub fn aborted(&self, req: &Request) {
+        self.answer(req, reply::aborted());
+    }
+
+    /// A cell (execution `count`) failed: publish the error and answer its `execute_request`.
+    pub fn execute_error(&mut self, req: &Request, md: Value, err: &EngineError, count: u64) {
+        self.flush_streams();
+        self.publish("error", "error", reply::iopub_error(err, &self.me, "execute"), Some(&req.header));
+        self.reply(req, reply::execute_error(err, count, &self.me), md);
+        self.status("idle", &req.header);
+    }
+
+    /// An `apply_request` (push, pull, call) failed: publish the error and answer it.
+    pub fn apply_error(&mut self, req: &Request, md: Value, err: &EngineError) {
+        self.flush_streams();
+        self.publish("error", "error", reply::iopub_error(err, &self.me, "apply"), Some(&req.header));
+        let mut c = rpx_protocol::message::error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(self.me.engine_info("apply")));
+        c["status"] = json!("error");
+        self.reply(req, c, md);
+        self.status("idle", &req.header);
+    }
+
+    /// Tell the controller this engine is going away.
+    pub fn unregister(&self) {
+        let (_, frames) = self.session.msg(&[], "unregistration_request", json!({"id": self.me.id}), None, reply::plain_metadata(&self.me), &[]);
+        push(&self.outlets.registration, frames, "unregistration_request");
+    }
+
+    /// Output from now on belongs to the request with this header.
+    pub fn set_stream_parent(&mut self, parent: Header) {
+        self.stream_parent = Some(parent);
+    }
+
+    fn buffer(&mut self, stream: Stream) -> &mut String {
+        match stream {
+            Stream::Stdout => &mut self.out_buf,
+            Stream::Stderr => &mut self.err_buf,
+        }
+    }
+
+    /// Output of the worker: buffered, and published at once when the stream's buffer is
+    /// over [`FLUSH_BYTES`].
+    pub fn write(&mut self, stream: Stream, text: &str) {
+        self.buffer(stream).push_str(text);
+        if self.buffer(stream).len() > FLUSH_BYTES {
+            self.flush_streams();
+        }
+    }
+
+    /// Text for a stream that goes out with the next flush.
+    pub fn append(&mut self, stream: Stream, text: &str) {
+        self.buffer(stream).push_str(text);
+    }
+
+    /// Is output waiting to be published?
+    pub fn pending(&self) -> bool {
+        !self.out_buf.is_empty() || !self.err_buf.is_empty()
+    }
+
+    /// Publish the buffered output, stdout first.
+    pub fn flush_streams(&mut self) {
+        for (name, buf) in [("stdout", std::mem::take(&mut self.out_buf)), ("stderr", std::mem::take(&mut self.err_buf))] {
+            if !buf.is_empty() {
+                self.publish(name, "stream", json!({"name": name, "text": buf}), self.stream_parent.as_ref());
+            }
+        }
+        self.last_flush = Instant::now();
+    }
+
+    /// Publish the buffered output if some waits and the last flush is [`FLUSH_PERIOD`] old at
+    /// `now`.
+    pub fn flush_if_due(&mut self, now: Instant) {
+        if self.pending() && now.saturating_duration_since(self.last_flush) >= FLUSH_PERIOD {
+            self.flush_streams();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{Channel, Frames};
+    use rpx_protocol::Message;
+    use tokio::sync::mpsc;
+
+    const KEY: &[u8] = b"outbox-key";
+
+    struct Sockets {
+        mux: mpsc::Receiver<Frames>,
+        task: mpsc::Receiver<Frames>,
+        iopub: mpsc::Receiver<Frames>,
+        registration: mpsc::Receiver<Frames>,
+    }
+
+    fn outbox() -> (Outbox, Sockets) {
+        let (mux, mux_rx) = mpsc::channel(64);
+        let (task, task_rx) = mpsc::channel(64);
+        let (control, _) = mpsc::channel(64);
+        let (iopub, iopub_rx) = mpsc::channel(64);
+        let (registration, reg_rx) = mpsc::channel(64);
+        let outlets = Outlets { mux, task, broadcast: None, control, iopub, registration };
+        let me = Identity { id: 2, uuid: "u-2".into() };
+        (Outbox::new(me, Session::new(KEY, "engine"), outlets), Sockets { mux: mux_rx, task: task_rx, iopub: iopub_rx, registration: reg_rx })
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Frames>) -> Vec<(String, Message)> {
+        let mut out = Vec::new();
+        while let Ok(frames) = rx.try_recv() {
+            let topic = String::from_utf8_lossy(&frames[0]).into_owned();
+            out.push((topic, Session::new(KEY, "test").decode(frames).expect("signed with the key")));
+        }
+        out
+    }
+
+    fn request(channel: Channel) -> Request {
+        let mut r = Request::for_test("req-1", "execute_request", json!({"code": "1"}));
+        r.channel = channel;
+        r.idents = vec![Bytes::from_static(b"client")];
+        r
+    }
+
+    #[test]
+    fn a_reply_goes_back_on_the_socket_its_request_came_from() {
+        let (out, mut s) = outbox();
+        let req = request(Channel::Task);
+        out.reply(&req, reply::execute_ok(3), reply::init_metadata(&json!({}), &out.me));
+        assert!(drain(&mut s.mux).is_empty());
+        let msgs = drain(&mut s.task);
+        assert_eq!(msgs.len(), 1);
+        let (ident, m) = &msgs[0];
+        assert_eq!(ident, "client");
+        assert_eq!(m.msg_type(), "execute_reply");
+        assert_eq!(m.parent_header["msg_id"], "req-1");
+        assert_eq!(m.content["execution_count"], 3);
+        assert_eq!(m.metadata["status"], "ok");
+        assert_eq!(m.metadata["engine"], "u-2");
+    }
+
+    #[test]
+    fn output_is_held_until_flushed_then_published_per_stream_with_the_request_as_parent() {
+        let (mut out, mut s) = outbox();
+        out.set_stream_parent(request(Channel::Mux).header);
+        out.write(Stream::Stderr, "warn\n");
+        out.write(Stream::Stdout, "hello ");
+        out.append(Stream::Stdout, "world\n");
+        assert!(out.pending());
+        assert!(drain(&mut s.iopub).is_empty(), "nothing published before a flush");
+        out.flush_streams();
+        assert!(!out.pending());
+        let msgs = drain(&mut s.iopub);
+        let got: Vec<(&str, &str, &str)> = msgs.iter().map(|(t, m)| (t.as_str(), m.content["name"].as_str().unwrap(), m.content["text"].as_str().unwrap())).collect();
+        assert_eq!(got, [("engine.2.stdout", "stdout", "hello world\n"), ("engine.2.stderr", "stderr", "warn\n")]);
+        assert!(msgs.iter().all(|(_, m)| m.parent_header["msg_id"] == "req-1"));
+    }
+
+    #[test]
+    fn output_past_64_kib_is_published_at_once() {
+        let (mut out, mut s) = outbox();
+        let big = "x".repeat(FLUSH_BYTES + 1);
+        out.append(Stream::Stdout, &big);
+        assert!(drain(&mut s.iopub).is_empty(), "appended text waits for the next flush");
+        out.flush_streams();
+        drain(&mut s.iopub);
+        out.write(Stream::Stdout, &big[..FLUSH_BYTES]);
+        assert!(drain(&mut s.iopub).is_empty(), "64 KiB exactly still waits");
+        out.write(Stream::Stdout, "y");
+        assert_eq!(drain(&mut s.iopub).len(), 1);
+    }
+
+    #[test]
+    fn pending_output_goes_out_once_the_flush_period_passed() {
+        let (mut out, mut s) = outbox();
+        out.flush_streams();
+        let flushed = Instant::now();
+        out.flush_if_due(flushed + FLUSH_PERIOD);
+        assert!(drain(&mut s.iopub).is_empty(), "nothing pending: nothing published");
+        out.append(Stream::Stdout, "tick\n");
+        out.flush_if_due(flushed);
+        assert!(out.pending());
+        out.flush_if_due(Instant::now() + FLUSH_PERIOD);
+        assert_eq!(drain(&mut s.iopub).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_apply_publishes_the_error_and_answers_with_status_error() {
+        let (mut out, mut s) = outbox();
+        let mut req = request(Channel::Mux);
+        req.header.msg_type = "apply_request".into();
+        out.append(Stream::Stdout, "before\n");
+        out.apply_error(&req, reply::init_metadata(&json!({}), &out.me), &EngineError::new("NameError", "name `x` is not defined on engine 2", vec![]));
+        let pubs: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.msg_type().to_string()).collect();
+        assert_eq!(pubs, ["stream", "error", "status"], "output first, then the error, then idle");
+        let (_, r) = drain(&mut s.mux).pop().expect("a reply");
+        assert_eq!(r.msg_type(), "apply_reply");
+        assert_eq!((r.content["status"].as_str(), r.content["ename"].as_str()), (Some("error"), Some("NameError")));
+        assert_eq!(r.metadata["status"], "error");
+        assert_eq!(r.metadata["engine_info"]["method"], "apply");
+    }
+
+    #[test]
+    fn an_aborted_request_is_answered_aborted_between_busy_and_idle() {
+        let (out, mut s) = outbox();
+        out.aborted(&request(Channel::Mux));
+        let states: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.content["execution_state"].as_str().unwrap().to_string()).collect();
+        assert_eq!(states, ["busy", "idle"]);
+        let (_, r) = drain(&mut s.mux).pop().unwrap();
+        assert_eq!(r.content["status"], "aborted");
+        out.unregister();
+        let (_, u) = drain(&mut s.registration).pop().unwrap();
+        assert_eq!((u.msg_type(), &u.content), ("unregistration_request", &json!({"id": 2})));
+    }
+}
