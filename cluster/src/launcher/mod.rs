@@ -363,6 +363,15 @@ impl<L: Launcher> Batch<L> {
     }
 }
 
+/// The program a launcher runs (`command`: a name on PATH or a path), or a failure naming the
+/// Debian package that has it and the option that picks another.
+pub fn require_program(command: &str, default: &str, launcher: &str, package: &str, option: &str) -> anyhow::Result<PathBuf> {
+    procs::find_program(command).ok_or_else(|| {
+        let what = if command == default { format!("{default} on PATH") } else { format!("{default}, and {option} {command:?} is not a program") };
+        crate::Fail::new(1, format!("--engines {launcher} needs {what} (Debian: apt-get install {package}), or pass {option}")).into()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

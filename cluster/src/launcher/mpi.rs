@@ -154,10 +154,7 @@ impl Launcher for Mpi {
 
     /// Find mpiexec and tell its flavour.
     fn prepare(&mut self) -> anyhow::Result<()> {
-        self.path = procs::find_program(&self.command).ok_or_else(|| {
-            let what = if self.command == "mpiexec" { "mpiexec on PATH".to_string() } else { format!("mpiexec, and --mpiexec {:?} is not a program", self.command) };
-            Fail::new(1, format!("--engines mpi needs {what} (Debian: apt-get install openmpi-bin or mpich), or pass --mpiexec"))
-        })?;
+        self.path = super::require_program(&self.command, "mpiexec", "mpi", "openmpi-bin or mpich", "--mpiexec")?;
         let (_, text) =
             procs::output_bounded(Command::new(&self.path).arg("--version"), Duration::from_secs(15)).map_err(|e| Fail::new(1, format!("cannot run {} --version: {e}", self.path.display())))?;
         self.flavour = detect(&text);

@@ -35,7 +35,6 @@ use super::hosts::{self, HostSpec, Placement};
 use super::{start_each, term_leaders, LaunchCtx, LaunchStatus, Launcher, Record, Spawned};
 use crate::procs;
 use crate::state::{self, ClusterState, INSTANCE_ENV};
-use crate::Fail;
 use rpx_protocol::connection::{ConnectionInfo, CONNECTION_INFO_ENV};
 
 /// The line the remote script prints once its engines run: `rpx-ssh-started <pid> <pid>...`.
@@ -266,10 +265,7 @@ impl Launcher for Ssh {
     }
 
     fn prepare(&mut self) -> anyhow::Result<()> {
-        self.path = procs::find_program(&self.program).ok_or_else(|| {
-            let what = if self.program == "ssh" { "ssh on PATH".to_string() } else { format!("ssh, and --ssh {:?} is not a program", self.program) };
-            Fail::new(1, format!("--engines ssh needs {what} (Debian: apt-get install openssh-client), or pass --ssh"))
-        })?;
+        self.path = super::require_program(&self.program, "ssh", "ssh", "openssh-client", "--ssh")?;
         Ok(())
     }
 
