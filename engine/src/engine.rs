@@ -68,6 +68,7 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let username = std::env::var("USER").unwrap_or_else(|_| "rpx".into());
     let session = Session::with_id(conn.key.as_bytes(), &username, &uuid);
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<Inbound>(1024);
+    crate::namespace::create(&uuid)?;
 
     let registered = net::register(&session, &conn.url(conn.registration), &uuid, cfg.requested_id, cfg.timeout).await?;
     let (id, hb_period) = (registered.id, registered.hb_period);

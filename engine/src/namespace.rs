@@ -6,6 +6,9 @@
 //! see them with the pushed type. A pull reads the file while it still holds the variable's
 //! value; otherwise a small cell writes the variables out first (`::rpx_runtime::put`).
 //! Closures read pushed values with `rpx::get`, which reads the same files.
+//!
+//! The directory is private: created fresh (mode 0700) when the engine starts, refusing one that
+//! already exists, and every value file is 0600.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,25 @@ pub fn dir_for(engine_uuid: &str) -> PathBuf {
     let shm = Path::new("/dev/shm");
     let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
     base.join(format!("rpx-ns-{engine_uuid}"))
+}
+
+/// Create the engine's namespace directory, fresh and private (0700). A directory (or link) that
+/// already exists at that path is refused: nothing planted there is ever read.
+pub fn create(engine_uuid: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = dir_for(engine_uuid);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create the engine namespace {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Write `bytes` to `path` through a temporary file, readable by the owner only.
+fn write_private(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(tmp, path)
 }
 
 /// Whether `name` can be a variable name in a cell.
@@ -44,11 +66,14 @@ pub fn store(dir: &Path, names: &[NamedType], buffers: &[Bytes]) -> Result<(), S
     if let Some(bad) = names.iter().find(|n| !is_identifier(&n.name)) {
         return Err(format!("`{}` is not a variable name", bad.name));
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the namespace {}: {e}", dir.display()))?;
+    if !dir.is_dir() {
+        // Removed behind the engine's back (a tmpfs cleaner): make it again, private.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("cannot create the namespace {}: {e}", dir.display()))?;
+    }
     for (n, b) in names.iter().zip(buffers) {
-        let path = dir.join(&n.name);
         let tmp = dir.join(format!(".{}.push", n.name));
-        std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| format!("cannot store `{}`: {e}", n.name))?;
+        write_private(&dir.join(&n.name), &tmp, b).map_err(|e| format!("cannot store `{}`: {e}", n.name))?;
     }
     Ok(())
 }
@@ -110,6 +135,25 @@ mod tests {
         let with_dep = with_bindings(&u, ":dep rand = \"0.8\"\nn");
         assert!(with_dep.starts_with(":dep rand = \"0.8\"\nlet n: u64"), "{with_dep}");
         assert!(with_dep.ends_with("\nn"));
+    }
+
+    #[test]
+    fn the_namespace_is_created_fresh_and_private_and_its_files_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let uuid = format!("test-{}", std::process::id());
+        let dir = create(&uuid).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let err = create(&uuid).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+        store(&dir, &[NamedType { name: "x".into(), type_name: "u8".into() }], &[Bytes::from_static(b"\x01")]).unwrap();
+        assert_eq!(mode(&dir.join("x")), 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A directory planted at the path of another engine is refused, not used.
+        let planted = dir_for(&format!("{uuid}-planted"));
+        std::fs::create_dir(&planted).unwrap();
+        assert!(create(&format!("{uuid}-planted")).is_err());
+        std::fs::remove_dir_all(&planted).unwrap();
     }
 
     #[test]

@@ -60,7 +60,16 @@ pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
         use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
     }
-    std::fs::write(&tmp, encode(value)).and_then(|_| std::fs::rename(&tmp, &path)).unwrap_or_else(|e| panic!("cannot store `{name}`: {e}"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Readable by the engine's user only, as every file of the namespace.
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&encode(value))?;
+        drop(f);
+        std::fs::rename(&tmp, &path)
+    };
+    write().unwrap_or_else(|e| panic!("cannot store `{name}`: {e}"));
 }
 
 /// The C ABI of compiled closures.
@@ -274,6 +283,8 @@ mod tests {
         std::env::set_var(super::NS_DIR_ENV, &dir);
         super::put("v", &vec![(1u8, "a".to_string())]);
         assert_eq!(super::get::<Vec<(u8, String)>>("v"), vec![(1, "a".to_string())]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(dir.join("v")).unwrap().permissions().mode() & 0o777, 0o600, "values are the owner's only");
         assert!(std::panic::catch_unwind(|| super::get::<u8>("missing")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
