@@ -1,0 +1,57 @@
+//! An engine learns that the compiler is gone from its connection, not from a pid (the compiler
+//! may run on another host): a frozen compiler (SIGSTOP) stops answering the engine's pings, a
+//! killed one closes its socket. Either way the cell waiting on it fails with a clear error
+//! instead of hanging, and a compiler that comes back is used again.
+
+use std::time::{Duration, Instant};
+
+use rpx_tests::TestCluster;
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+#[test]
+fn a_frozen_or_killed_compiler_fails_the_waiting_cell_with_a_clear_error() {
+    let cluster = TestCluster::start(1);
+    let mut c = cluster.client();
+    let id = c.wait_for_engines(1, Duration::from_secs(60)).unwrap()[0];
+    let out = c.execute_one(id, "let kept = 5u8;", LIMIT).unwrap();
+    assert_eq!(out.status, "ok", "{:#}", out.reply);
+    let compiler = cluster.cluster_state().unwrap()["compiler_pid"].as_i64().unwrap() as i32;
+
+    // Frozen: the cell fails once the compiler has not answered pings for the silence limit.
+    signal(compiler, libc::SIGSTOP);
+    let t0 = Instant::now();
+    let out = c.execute_one(id, "println!(\"{kept}\");", Duration::from_secs(90)).unwrap();
+    let waited = t0.elapsed();
+    signal(compiler, libc::SIGCONT);
+    assert_eq!(out.reply["ename"], "CompilerDied", "{:#}", out.reply);
+    assert!(out.reply["evalue"].as_str().unwrap().contains("answered nothing"), "{:#}", out.reply);
+    eprintln!("a frozen compiler was given up after {waited:.1?}");
+
+    // Thawed: the engine connects again and cells run (on a fresh worker: the new connection
+    // starts the engine's variables over, which the reply of a cell using them shows).
+    let mut ok = None;
+    for _ in 0..5 {
+        let out = c.execute_one(id, "println!(\"back\");", LIMIT).unwrap();
+        if out.status == "ok" {
+            ok = Some(out);
+            break;
+        }
+        assert_eq!(out.reply["ename"], "NoCompiler", "only 'no compiler yet' while it reconnects: {:#}", out.reply);
+    }
+    assert_eq!(ok.expect("cells run again once the compiler answers").stdout.trim(), "back");
+
+    // Killed: its socket closes and the waiting cell fails at once, without the silence limit.
+    signal(compiler, libc::SIGKILL);
+    let t0 = Instant::now();
+    let out = c.execute_one(id, "println!(\"again\");", Duration::from_secs(60)).unwrap();
+    assert_eq!(out.status, "error", "{:#}", out.reply);
+    let ename = out.reply["ename"].as_str().unwrap();
+    assert!(ename == "CompilerDied" || ename == "NoCompiler", "{:#}", out.reply);
+    eprintln!("a killed compiler failed the cell after {:.1?} ({ename})", t0.elapsed());
+}
