@@ -345,7 +345,6 @@ pub fn loopback_warning(who: &str, address: &str, hosts: &[HostSpec]) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     const INSTANCE: &str = "0b9e7a52-1111-4222-8333-944455556666";
 
@@ -461,9 +460,7 @@ exit $rc
 
     #[test]
     fn engines_end_when_the_connection_ends() {
-        if procs::find_program("setsid").is_none() {
-            return;
-        }
+        assert!(procs::find_program("setsid").is_some(), "the remote script starts engines with setsid (util-linux)");
         let dir = tempfile::tempdir().unwrap();
         let ssh = vec![fake_ssh(dir.path()).display().to_string(), "-F".into(), "/dev/null".into()];
         let tag = uuid::Uuid::new_v4().to_string();
@@ -484,16 +481,12 @@ exit $rc
         // Kill the local "ssh" only: the remote script sees EOF and ends its engines.
         procs::signal_group(s.record.pid, libc::SIGKILL);
         let _ = s.child.as_mut().unwrap().wait();
-        let t = Instant::now();
         assert!(procs::wait_until(Duration::from_secs(8), || procs::members(&[], &tag).is_empty()), "left: {:?}", procs::members(&[], &tag));
-        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
     fn stop_kills_remote_engines_first_then_the_connections() {
-        if procs::find_program("setsid").is_none() {
-            return;
-        }
+        assert!(procs::find_program("setsid").is_some(), "the remote script starts engines with setsid (util-linux)");
         let dir = tempfile::tempdir().unwrap();
         let ssh = vec![fake_ssh(dir.path()).display().to_string()];
         let tag = uuid::Uuid::new_v4().to_string();
@@ -512,10 +505,8 @@ exit $rc
         let records: Vec<SshLaunch> = spawned.iter().map(|s| s.record.clone()).collect();
         let remote: Vec<u32> = records.iter().flat_map(|r| r.remote_pids.clone()).collect();
         assert_eq!(remote.len(), 3);
-        let t = Instant::now();
         Ssh::stop(&records, &tag);
         assert!(remote.iter().all(|p| !procs::is_member(*p, &tag)), "remote engines are gone when stop returns");
-        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
         for s in spawned.iter_mut() {
             let _ = s.child.as_mut().unwrap().wait();
         }
@@ -526,9 +517,7 @@ exit $rc
 
     #[test]
     fn a_missing_engine_command_is_reported() {
-        if procs::find_program("setsid").is_none() {
-            return;
-        }
+        assert!(procs::find_program("setsid").is_some(), "the remote script starts engines with setsid (util-linux)");
         let dir = tempfile::tempdir().unwrap();
         let ssh = vec![fake_ssh(dir.path()).display().to_string()];
         let tag = uuid::Uuid::new_v4().to_string();
