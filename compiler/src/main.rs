@@ -63,6 +63,9 @@ struct Args {
     /// Address written into the compiler's connection file when binding all interfaces.
     #[arg(long)]
     location: Option<String>,
+    /// Port to bind (0: any free port); a restarted compiler takes its predecessor's.
+    #[arg(long, default_value_t = 0)]
+    port: u16,
 }
 
 impl Args {
@@ -130,7 +133,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (bind, public) = args.addresses();
     let mut router = zeromq::RouterSocket::new();
     let monitor = router.monitor();
-    let endpoint = router.bind(&format!("tcp://{bind}:0")).await.with_context(|| format!("binding the compiler socket on {bind}"))?;
+    let endpoint = rpx_guard::bind(&mut router, &format!("tcp://{bind}:{}", args.port)).await.with_context(|| format!("binding the compiler socket on {bind}"))?;
     let port = match &endpoint {
         zeromq::Endpoint::Tcp(_, port) => *port,
         other => bail!("the compiler bound an unexpected endpoint {other}"),

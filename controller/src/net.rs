@@ -60,9 +60,10 @@ fn router(identity: Option<&'static [u8]>) -> RouterSocket {
     RouterSocket::with_options(opts)
 }
 
-async fn bind<S: Socket>(s: &mut S, ip: &str, what: &'static str) -> Result<u16> {
-    let addr = format!("tcp://{ip}:0");
-    let ep = s.bind(&addr).await.map_err(|source| Error::Bind { what, addr, source })?;
+/// Bind `s` on `ip:port` (0: any free port) behind the guard; returns the port.
+async fn bind<S: Socket>(s: &mut S, ip: &str, port: u16, what: &'static str) -> Result<u16> {
+    let addr = format!("tcp://{ip}:{port}");
+    let ep = rpx_guard::bind(s, &addr).await.map_err(|source| Error::Bind { what, addr, source })?;
     Ok(port_of(&ep))
 }
 
@@ -79,7 +80,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Registration (shared by clients and engines).
     let mut reg = router(None);
-    let reg_port = bind(&mut reg, &ip, "registration").await?;
+    let reg_port = bind(&mut reg, &ip, 0, "registration").await?;
     let reg_mon = reg.monitor();
     let (reg_send, reg_recv) = reg.split();
     spawn_monitor(&mut tasks, Sock::Query, reg_mon, tx.clone());
@@ -97,7 +98,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                 _ => chan.engine_side_identity(),
             };
             let mut s = router(Some(ident));
-            let port = bind(&mut s, &ip, chan.name()).await?;
+            let port = bind(&mut s, &ip, 0, chan.name()).await?;
             ports.insert(chan, port);
             let mon = s.monitor();
             let (send, recv) = s.split();
@@ -109,9 +110,9 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Heartbeat.
     let mut hb_ping = PubSocket::new();
-    let hb_ping_port = bind(&mut hb_ping, &ip, "hb_ping").await?;
+    let hb_ping_port = bind(&mut hb_ping, &ip, 0, "hb_ping").await?;
     let mut hb_pong = router(None);
-    let hb_pong_port = bind(&mut hb_pong, &ip, "hb_pong").await?;
+    let hb_pong_port = bind(&mut hb_pong, &ip, 0, "hb_pong").await?;
     let mon = hb_pong.monitor();
     let (send, recv) = hb_pong.split();
     spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
@@ -120,14 +121,14 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Notification.
     let mut notification = PubSocket::new();
-    let notification_port = bind(&mut notification, &ip, "notification").await?;
+    let notification_port = bind(&mut notification, &ip, 0, "notification").await?;
 
     // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
     let mut iopub_in = SubSocket::new();
-    let iopub_engine_port = bind(&mut iopub_in, &ip, "iopub (engines)").await?;
+    let iopub_engine_port = bind(&mut iopub_in, &ip, 0, "iopub (engines)").await?;
     iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source })?;
     let mut iopub_out = PubSocket::new();
-    let iopub_client_port = bind(&mut iopub_out, &ip, "iopub (clients)").await?;
+    let iopub_client_port = bind(&mut iopub_out, &ip, 0, "iopub (clients)").await?;
     tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
 
     let interface = format!("tcp://{}", config.public_ip);

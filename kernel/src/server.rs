@@ -162,15 +162,15 @@ fn endpoint(info: &ConnectionInfo, port: u16) -> Result<String> {
 async fn serve(info: ConnectionInfo) -> Result<()> {
     let session = Session::new(info.key.as_bytes(), "rpx-kernel");
     let mut shell = RouterSocket::new();
-    shell.bind(&endpoint(&info, info.shell_port)?).await.context("cannot bind the shell socket")?;
+    rpx_guard::bind(&mut shell, &endpoint(&info, info.shell_port)?).await.context("cannot bind the shell socket")?;
     let mut control = RouterSocket::new();
-    control.bind(&endpoint(&info, info.control_port)?).await.context("cannot bind the control socket")?;
+    rpx_guard::bind(&mut control, &endpoint(&info, info.control_port)?).await.context("cannot bind the control socket")?;
     let mut stdin = RouterSocket::new();
-    stdin.bind(&endpoint(&info, info.stdin_port)?).await.context("cannot bind the stdin socket")?;
+    rpx_guard::bind(&mut stdin, &endpoint(&info, info.stdin_port)?).await.context("cannot bind the stdin socket")?;
     let mut iopub = PubSocket::new();
-    iopub.bind(&endpoint(&info, info.iopub_port)?).await.context("cannot bind the iopub socket")?;
+    rpx_guard::bind(&mut iopub, &endpoint(&info, info.iopub_port)?).await.context("cannot bind the iopub socket")?;
     let mut hb = RepSocket::new();
-    hb.bind(&endpoint(&info, info.hb_port)?).await.context("cannot bind the heartbeat socket")?;
+    rpx_guard::bind(&mut hb, &endpoint(&info, info.hb_port)?).await.context("cannot bind the heartbeat socket")?;
     info!(ip = %info.ip, shell = info.shell_port, "rpx kernel listening");
 
     let (iopub_tx, mut iopub_rx) = unbounded_channel::<ZmqMessage>();
