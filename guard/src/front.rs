@@ -1,0 +1,210 @@
+//! The TCP side of a guarded socket: the listener peers connect to, the private Unix socket the
+//! zeromq socket is bound on, and one relay per peer that passes inbound bytes through
+//! [`FrameCheck`] and outbound bytes unchanged.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{debug, warn};
+use zeromq::{Endpoint, Socket};
+
+use crate::zmtp::{FrameCheck, Step, Violation};
+use crate::{Error, Limits};
+
+/// Bytes read from a peer at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Refusals logged in full; after that, one line per thousand.
+const LOGGED_REFUSALS: u64 = 100;
+
+static REFUSALS: AtomicU64 = AtomicU64::new(0);
+
+/// The process's receive budget for large frames, in KiB, shared by every guarded socket (sized
+/// by the first bind's [`Limits::budget`]).
+fn budget(limits: &Limits) -> Arc<Semaphore> {
+    static BUDGET: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    BUDGET.get_or_init(|| Arc::new(Semaphore::new(usize::try_from(limits.budget / 1024).unwrap_or(Semaphore::MAX_PERMITS).min(Semaphore::MAX_PERMITS)))).clone()
+}
+
+/// Why a peer's connection was closed by the guard.
+#[derive(Debug)]
+enum Refused {
+    Violation(Violation),
+    Handshake,
+    Stalled,
+    Budget,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Violation(v) => v.fmt(f),
+            Refused::Handshake => f.write_str("no ZMTP handshake in time"),
+            Refused::Stalled => f.write_str("stalled in the middle of a large frame"),
+            Refused::Budget => f.write_str("the receive budget for large frames stayed exhausted"),
+        }
+    }
+}
+
+fn split_tcp(endpoint: &str) -> Result<(&str, u16), Error> {
+    let bad = || Error::Endpoint(endpoint.to_string());
+    let rest = endpoint.strip_prefix("tcp://").ok_or_else(bad)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((host, port.parse().map_err(|_| bad())?))
+}
+
+/// [`crate::bind`] with explicit limits.
+pub async fn bind_with<S: Socket>(socket: &mut S, endpoint: &str, limits: Limits) -> Result<Endpoint, Error> {
+    let (host, port) = split_tcp(endpoint)?;
+    let host = if host == "*" { "0.0.0.0" } else { host };
+    let listener = TcpListener::bind((host, port)).await.map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
+    let local = listener.local_addr().map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
+    let dir = tempfile::Builder::new().prefix(&format!("rpx-guard-{}-", std::process::id())).tempdir().map_err(Error::Private)?;
+    if let Some(parent) = dir.path().parent() {
+        sweep_stale(parent);
+    }
+    let path = dir.path().join("zmq");
+    let unix = std::os::unix::net::UnixListener::bind(&path).map_err(Error::Private)?;
+    socket.bind_listener(unix).await?;
+    let public = format!("tcp://{host}:{}", local.port()).parse::<Endpoint>().map_err(|_| Error::Endpoint(endpoint.to_string()))?;
+    let budget = budget(&limits);
+    tokio::spawn(accept(listener, dir, path, limits, budget));
+    Ok(public)
+}
+
+/// Remove the private directories of guards whose process is gone (killed before cleanup).
+fn sweep_stale(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("rpx-guard-")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Accept peers until the zeromq socket behind the guard is gone. `dir` (the private
+/// directory) lives as long as this task.
+async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, limits: Limits, budget: Arc<Semaphore>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little instead of spinning.
+                warn!(error = %e, "guard: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if active.load(Ordering::Relaxed) >= limits.max_connections {
+            log_refusal(peer, &format!("more than {} peers connected", limits.max_connections));
+            continue;
+        }
+        let unix = match UnixStream::connect(&path).await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, path = %path.display(), "guard: the socket behind the guard is gone; no longer listening");
+                break;
+            }
+        };
+        active.fetch_add(1, Ordering::Relaxed);
+        let (active, budget) = (active.clone(), budget.clone());
+        tokio::spawn(async move {
+            relay(tcp, unix, peer, limits, budget).await;
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    drop(dir);
+}
+
+fn log_refusal(peer: SocketAddr, why: &str) {
+    let n = REFUSALS.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= LOGGED_REFUSALS || n % 1000 == 0 {
+        warn!(%peer, refusals = n, "guard: connection closed: {why}");
+    }
+}
+
+/// Relay one peer until either side closes or the peer breaks the limits.
+async fn relay(tcp: TcpStream, unix: UnixStream, peer: SocketAddr, limits: Limits, budget: Arc<Semaphore>) {
+    let _ = tcp.set_nodelay(true);
+    let (mut from_peer, mut to_peer) = tcp.into_split();
+    let (mut from_zmq, mut to_zmq) = unix.into_split();
+    let outbound = async {
+        let _ = tokio::io::copy(&mut from_zmq, &mut to_peer).await;
+        let _ = to_peer.shutdown().await;
+    };
+    tokio::select! {
+        r = inbound(&mut from_peer, &mut to_zmq, limits, budget) => if let Err(why) = r {
+            log_refusal(peer, &why.to_string());
+        },
+        () = outbound => {}
+    }
+}
+
+/// Pass the peer's bytes to zeromq as the check allows. `Ok` when either side closed.
+async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, limits: Limits, budget: Arc<Semaphore>) -> Result<(), Refused> {
+    let mut check = FrameCheck::new(limits);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+    let handshake_by = Instant::now() + limits.handshake_timeout;
+    loop {
+        let read = from_peer.read(&mut buf);
+        let n = if !check.handshaken() {
+            timeout_at(handshake_by, read).await.map_err(|_| Refused::Handshake)?
+        } else if check.holds_reservation() {
+            timeout(limits.stall_timeout, read).await.map_err(|_| Refused::Stalled)?
+        } else {
+            read.await
+        };
+        let n = match n {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(n) => n,
+        };
+        let mut at = 0;
+        while at < n {
+            let forward = match check.step(&buf[at..n]).map_err(Refused::Violation)? {
+                Step::Forward(k) => k,
+                Step::Reserve { forward, len } => {
+                    drop(permit.take());
+                    let units = u32::try_from(len.div_ceil(1024)).map_err(|_| Refused::Budget)?;
+                    let acquire = budget.clone().acquire_many_owned(units);
+                    permit = Some(timeout(limits.stall_timeout, acquire).await.map_err(|_| Refused::Budget)?.map_err(|_| Refused::Budget)?);
+                    forward
+                }
+            };
+            if to_zmq.write_all(&buf[at..at + forward]).await.is_err() {
+                return Ok(());
+            }
+            at += forward;
+            if !check.holds_reservation() {
+                permit = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_split_into_host_and_port() {
+        assert_eq!(split_tcp("tcp://127.0.0.1:0").unwrap(), ("127.0.0.1", 0));
+        assert_eq!(split_tcp("tcp://*:5555").unwrap(), ("*", 5555));
+        assert_eq!(split_tcp("tcp://[::1]:80").unwrap(), ("::1", 80));
+        assert!(split_tcp("ipc:///tmp/x").is_err());
+        assert!(split_tcp("tcp://host").is_err());
+        assert!(split_tcp("tcp://host:99999").is_err());
+    }
+}
