@@ -52,7 +52,7 @@ pub enum Error {
         what: &'static str,
         addr: String,
         #[source]
-        source: zeromq::ZmqError,
+        source: rpx_guard::Error,
     },
     /// Connection files or profile directories could not be written.
     #[error(transparent)]

@@ -126,7 +126,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
     let mut iopub_in = SubSocket::new();
     let iopub_engine_port = bind(&mut iopub_in, &ip, 0, "iopub (engines)").await?;
-    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source })?;
+    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
     let mut iopub_out = PubSocket::new();
     let iopub_client_port = bind(&mut iopub_out, &ip, 0, "iopub (clients)").await?;
     tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
