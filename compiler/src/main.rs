@@ -35,7 +35,7 @@ use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 
 use crate::closure::{Entry, Next};
 use crate::context::{ClosureOutcome, Command, Event, Kind};
-use crate::state::{Action, Compiler, EvalResult};
+use crate::state::{Action, Compiler, EvalResult, Hist};
 
 /// The shared compiler of an rpx cluster.
 #[derive(Parser, Debug)]
@@ -147,7 +147,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if runtime_libs.is_empty() {
         tracing::warn!("no libstd-*.so found in rustc's target-libdir: engines on other hosts cannot run cells");
     }
-    let hello = EngineHelloReply { probe, runtime_libs };
+    let hello = EngineHelloReply { probe, runtime_libs, history_restored: false };
 
     let exe = std::env::current_exe().context("locating the rpx-compiler binary")?;
     let env = context::Env { exe, socket_dir: work.clone(), runtime_dir };
@@ -403,9 +403,11 @@ fn handle_engine_message(state: &mut Compiler, session: &Session, hello: &Engine
     match msg.msg_type() {
         msg_type::ENGINE_HELLO => match serde_json::from_value::<EngineHello>(content) {
             Ok(h) => {
-                tracing::info!(engine_id = h.engine_id, pid = h.pid, host = %h.hostname, "engine joined");
-                let mut out = vec![Action::Send { to: from.clone(), msg_type: msg_type::ENGINE_HELLO_REPLY, content: serde_json::to_value(hello).expect("serializes") }];
-                out.extend(state.on_hello(from, h.engine_id));
+                tracing::info!(engine_id = h.engine_id, pid = h.pid, host = %h.hostname, history = h.history.len(), "engine joined");
+                let reply = EngineHelloReply { history_restored: true, ..hello.clone() };
+                let mut out = vec![Action::Send { to: from.clone(), msg_type: msg_type::ENGINE_HELLO_REPLY, content: serde_json::to_value(reply).expect("serializes") }];
+                let history = h.history.into_iter().map(|c| Hist::from_engine(c.code, &c.outcome)).collect();
+                out.extend(state.on_hello(from, h.engine_id, history));
                 out
             }
             Err(e) => bad(session, &from, e),

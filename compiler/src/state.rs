@@ -90,6 +90,13 @@ pub struct Hist {
     pub verdict: Verdict,
 }
 
+impl Hist {
+    /// A cell of an engine's own history, as it ran on that engine.
+    pub fn from_engine(code: String, outcome: &LoadOutcome) -> Hist {
+        Hist { code, verdict: Verdict::of(outcome).for_history() }
+    }
+}
+
 /// How an eval ended in a context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EvalResult {
@@ -263,14 +270,29 @@ impl Compiler {
         }
     }
 
-    /// An engine introduced itself.
-    pub fn on_hello(&mut self, e: Ident, engine_id: u64) -> Vec<Action> {
+    /// An engine introduced itself. `history` is what its running worker has run (empty for a
+    /// fresh worker): the engine joins an idle group with exactly that history, or a new group
+    /// whose context replays it, so its context never believes in a variable it lacks. An
+    /// engine already known (it reconnected to this same compiler) keeps its group.
+    pub fn on_hello(&mut self, e: Ident, engine_id: u64, history: Vec<Hist>) -> Vec<Action> {
         let mut out = Vec::new();
         if self.engines.contains_key(&e) {
             return out;
         }
         self.engines.insert(e.clone(), EngineState { id: engine_id, group: None });
-        self.assign_fresh(&e, &mut out);
+        if history.is_empty() {
+            self.assign_fresh(&e, &mut out);
+            return out;
+        }
+        let same = self.groups.iter().find(|(ctx, g)| !g.engines.is_empty() && g.history == history && g.idle() && !self.in_open_batch(**ctx)).map(|(ctx, _)| *ctx);
+        let ctx = match same {
+            Some(ctx) => ctx,
+            None => self.take_spare(history, &mut out),
+        };
+        self.groups.get_mut(&ctx).expect("group").engines.insert(e.clone());
+        if let Some(st) = self.engines.get_mut(&e) {
+            st.group = Some(ctx);
+        }
         out
     }
 
@@ -629,7 +651,7 @@ mod tests {
         let a = c.start();
         assert_eq!(a, vec![Action::NewContext { ctx: 1 }]);
         for i in 0..n {
-            c.on_hello(id(i), i as u64);
+            c.on_hello(id(i), i as u64, vec![]);
         }
         assert_eq!(c.groups(), vec![(0..n as u64).collect::<Vec<_>>()]);
         (c, 1)
@@ -819,5 +841,30 @@ mod tests {
         assert_eq!(Verdict::reduce(&[ok(), panicked()]), Verdict::Panic);
         assert_eq!(Verdict::reduce(&[ct(&["q"]), ct(&["q"])]), Verdict::ChangedTypes(vec!["q".into()]));
         assert_eq!(Verdict::reduce(&[ct(&["q"]), ok()]), Verdict::Panic);
+    }
+
+    #[test]
+    fn engines_reconnecting_after_a_compiler_crash_share_a_replayed_context_per_history() {
+        let mut c = Compiler::new(Duration::from_millis(10));
+        c.start();
+        let ok = LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: vec![] };
+        let boom = LoadOutcome::Complete { panicked: true, error_occurred: false, changed_types: vec![] };
+        let h = |outs: &[&LoadOutcome]| -> Vec<Hist> { outs.iter().enumerate().map(|(i, o)| Hist::from_engine(format!("let v{i} = {i};"), o)).collect() };
+        // Two engines ran the same two cells fine; a third panicked in the second.
+        let a = c.on_hello(id(0), 0, h(&[&ok, &ok]));
+        let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("a replay");
+        assert_eq!(replay, h(&[&ok, &ok]));
+        let b = c.on_hello(id(1), 1, h(&[&ok, &ok]));
+        assert!(!b.iter().any(|x| matches!(x, Action::Replay { .. })), "the same history joins the replayed group: {b:?}");
+        let d = c.on_hello(id(2), 2, h(&[&ok, &boom]));
+        let replay = d.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("its own replay");
+        assert_eq!(replay[1].verdict, Verdict::Panic, "the panicked cell's variables are forgotten in its context");
+        // A fresh engine joins no group that believes in variables.
+        c.on_hello(id(3), 3, vec![]);
+        let mut groups = c.groups();
+        groups.sort();
+        assert_eq!(groups, vec![vec![0, 1], vec![2], vec![3]]);
+        // An engine the compiler already knows keeps its group whatever it says.
+        assert!(c.on_hello(id(2), 2, vec![]).is_empty());
     }
 }

@@ -31,6 +31,7 @@ use crate::call::{self, Call, CallStep, Closures, ClosureVerdict};
 use crate::cell::{Bindings, Cell, Ending, LoadStep, Loads, PullPlan, Purpose, Skip};
 use crate::child::{WorkerCommand, WorkerEvent, WorkerSlot, WriteFailed};
 use crate::compiler::{Compiler, CompilerMessage};
+use crate::history::WorkerHistory;
 use crate::liveness::Watch;
 use crate::net::{self, Channel, CompilerLink, CompilerSource, Frames, Inbound, Outlets};
 use crate::outbox::{Outbox, Stream, FLUSH_PERIOD};
@@ -74,7 +75,7 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let (id, hb_period) = (registered.id, registered.hb_period);
     let me = Identity { id, uuid: uuid.clone() };
     let (outlets, last_ping) = net::connect_engine(conn, &uuid, id, cfg.timeout, registered.outlet, &inbound_tx).await?;
-    tokio::spawn(net::connect_compiler(cfg.compiler.clone(), uuid.clone(), id, username.clone(), cfg.compiler_wait, inbound_tx.clone()));
+    tokio::spawn(net::connect_compiler(cfg.compiler.clone(), uuid.clone(), id, username.clone(), cfg.compiler_wait, Vec::new(), inbound_tx.clone()));
 
     let (worker_tx, mut worker_rx) = mpsc::channel::<(u64, WorkerEvent)>(256);
     let mut engine = Engine::new(me, session, outlets, worker_tx, inbound_tx, cfg.compiler.clone(), username);
@@ -123,6 +124,8 @@ struct Engine {
     fetcher: Fetcher,
     /// The current compiler's runtime libraries, until the worker command names them.
     runtime_libs: Option<Vec<RuntimeLib>>,
+    /// The runtime libraries the worker command was made for.
+    command_libs: Option<Vec<RuntimeLib>>,
 
     queue: Queue,
     current: Option<Cell>,
@@ -135,6 +138,10 @@ struct Engine {
     supervisor: Supervisor,
 
     exit_code: Option<i32>,
+    /// What the running worker has run, for a new compiler after a crash.
+    history: WorkerHistory,
+    /// The connection attempt under way carries the worker's whole history.
+    history_sent: bool,
 
     /// The engine namespace: one file per pushed or pulled name (`rpx_runtime::get`).
     ns_dir: PathBuf,
@@ -164,6 +171,7 @@ impl Engine {
             compiler: Compiler::new(Instant::now()),
             fetcher: Fetcher::new(true, None),
             runtime_libs: None,
+            command_libs: None,
             queue: Queue::new(),
             current: None,
             execution_count: 0,
@@ -173,6 +181,8 @@ impl Engine {
             loads: Loads::default(),
             supervisor: Supervisor::new(Instant::now()),
             exit_code: None,
+            history: WorkerHistory::default(),
+            history_sent: false,
             bindings: Bindings::default(),
             closures: Closures::default(),
             call: None,
@@ -193,7 +203,8 @@ impl Engine {
         self.compiler.send(msg_type, serde_json::to_value(content).expect("serializes"), reply::plain_metadata(&self.me))
     }
 
-    fn load_done(&self, done: LoadDone) {
+    fn load_done(&mut self, done: LoadDone) {
+        self.history.loaded(&done.cell_id, &done.outcome);
         self.to_compiler(cmsg::LOAD_DONE, done);
     }
 
@@ -240,14 +251,26 @@ impl Engine {
     async fn on_compiler_ready(&mut self, link: CompilerLink) {
         self.fetcher = Fetcher::for_compiler(&link.hello.probe);
         info!(url = %link.url, same_host = self.fetcher.same_host(), cache = ?self.fetcher.cache_dir(), "compiler ready");
-        self.runtime_libs = Some(link.hello.runtime_libs.clone());
         let fresh_worker = self.workers.get().is_none();
+        let kept = link.hello.history_restored && self.history_sent;
+        let libs_changed = self.command_libs.as_ref().is_some_and(|old| *old != link.hello.runtime_libs);
+        self.runtime_libs = Some(link.hello.runtime_libs.clone());
         self.compiler.connected(link, Instant::now());
-        // The worker command waits for this compiler's runtime libraries.
-        self.workers.set_command(None);
+        if libs_changed || !self.workers.has_command() {
+            // The worker command waits for this compiler's runtime libraries.
+            self.workers.set_command(None);
+        } else {
+            // Same libraries: the worker command stands.
+            self.runtime_libs = None;
+        }
         if !fresh_worker {
-            // A new compiler knows nothing of this worker's variables.
-            self.restart_worker("killed by a new compiler connected").await;
+            if kept && !libs_changed {
+                info!("the new compiler rebuilt this worker's context; variables kept");
+            } else {
+                // A new compiler that could not take the worker's history knows nothing of its
+                // variables.
+                self.restart_worker("killed by a new compiler connected (variables lost)").await;
+            }
         }
         self.progress().await;
     }
@@ -403,6 +426,7 @@ impl Engine {
         let cell_id = req.msg_id().to_string();
         info!(%cell_id, count, ?purpose, "cell");
         let code = crate::namespace::with_bindings(self.bindings.unbound(), &code);
+        self.history.requested(&cell_id, &code);
         self.to_compiler(cmsg::CELL_REQUEST, CellRequest { cell_id, code });
         self.current = Some(Cell::new(req, purpose, silent, count, md));
     }
@@ -516,12 +540,16 @@ impl Engine {
         if !self.compiler.start_attempt() {
             return;
         }
+        // A running worker's history lets a new compiler rebuild a context that matches it.
+        let history = if self.workers.get().is_some() { self.history.snapshot() } else { Some(Vec::new()) };
+        self.history_sent = history.is_some();
         tokio::spawn(net::connect_compiler(
             self.compiler_source.clone(),
             self.me.uuid.clone(),
             self.me.id,
             self.username.clone(),
             Duration::from_secs(30),
+            history.unwrap_or_default(),
             self.inbound_tx.clone(),
         ));
     }
@@ -662,6 +690,7 @@ impl Engine {
     /// The worker is gone (died or killed): tell the compiler through the running load if there
     /// is one, else with `worker_restarted`, and mark the running cell.
     fn worker_gone(&mut self, status: &str) {
+        self.history.clear();
         self.supervisor.worker_gone();
         self.bindings.worker_gone();
         if self.call.as_ref().is_some_and(|c| c.running) {
@@ -838,7 +867,7 @@ impl Engine {
                 RuntimeStep::Wait => return,
                 RuntimeStep::Ready(dirs) => {
                     info!(?dirs, "runtime libraries ready");
-                    self.runtime_libs = None;
+                    self.command_libs = self.runtime_libs.take();
                     self.set_worker_cmd(dirs);
                     self.ensure_worker();
                 }

@@ -61,6 +61,7 @@ pub mod cell;
 pub mod child;
 pub mod compiler;
 pub mod engine;
+pub mod history;
 pub mod liveness;
 pub mod namespace;
 pub mod net;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rpx_protocol::compile::{msg_type, EngineHello, EngineHelloReply};
+use rpx_protocol::compile::{msg_type, EngineHello, EngineHelloReply, HistoryCell};
 use rpx_protocol::connection::{read_json, CompilerConnection, EngineConnection};
 use rpx_protocol::Session;
 use serde_json::json;
@@ -354,8 +354,11 @@ pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout
 /// one, connect, send `engine_hello` until `engine_hello_reply` arrives. Reports the outcome to
 /// the engine loop as [`Inbound::CompilerReady`] or [`Inbound::CompilerFailed`]; later, a dropped
 /// connection as [`Inbound::CompilerLost`].
-pub async fn connect_compiler(source: CompilerSource, uuid: String, engine_id: u64, username: String, wait: Duration, inbound: mpsc::Sender<Inbound>) {
-    let outcome = compiler_handshake(&source, &uuid, engine_id, &username, wait, inbound.clone()).await;
+///
+/// `history` is what the engine's running worker has run (see [`crate::history`]), empty for a
+/// fresh worker.
+pub async fn connect_compiler(source: CompilerSource, uuid: String, engine_id: u64, username: String, wait: Duration, history: Vec<HistoryCell>, inbound: mpsc::Sender<Inbound>) {
+    let outcome = compiler_handshake(&source, &uuid, engine_id, &username, wait, history, inbound.clone()).await;
     let msg = match outcome {
         Ok(link) => Inbound::CompilerReady(link),
         Err(e) => Inbound::CompilerFailed(e),
@@ -369,6 +372,7 @@ async fn compiler_handshake(
     engine_id: u64,
     username: &str,
     wait: Duration,
+    history: Vec<HistoryCell>,
     inbound: mpsc::Sender<Inbound>,
 ) -> std::result::Result<CompilerLink, String> {
     let deadline = Instant::now() + wait;
@@ -391,7 +395,7 @@ async fn compiler_handshake(
     let mut sock = connect_dealer(&conn.url, uuid, left().max(Duration::from_millis(100))).await.map_err(|e| e.to_string())?;
     let mut monitor = sock.monitor();
     let (mut tx_half, mut rx_half) = sock.split();
-    let hello = serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id(), hostname: hostname() }).expect("serializes");
+    let hello = serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id(), hostname: hostname(), history }).expect("serializes");
     let reply = loop {
         let (_, frames) = session.msg(&[], msg_type::ENGINE_HELLO, hello.clone(), None, json!({"engine": uuid}), &[]);
         if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_protocol::zmq::message(frames))).await.unwrap_or(Err(zeromq::ZmqError::NoMessage)) {

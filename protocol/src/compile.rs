@@ -29,6 +29,18 @@ pub struct EngineHello {
     /// The engine's host name, for the compiler's log and its per-host fetch counts.
     #[serde(default)]
     pub hostname: String,
+    /// The cells the engine's running worker has run, in order, when it reconnects to a new
+    /// compiler (the old one crashed): the compiler rebuilds a context for it by replaying them,
+    /// so the worker and its variables are kept. Empty for a fresh worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryCell>,
+}
+
+/// One cell a worker ran: the code the compiler compiled for it and what it did there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryCell {
+    pub code: String,
+    pub outcome: LoadOutcome,
 }
 
 /// A compiled file named by its content.
@@ -71,6 +83,10 @@ pub struct EngineHelloReply {
     pub probe: HostProbe,
     /// Libraries every worker needs on its library path.
     pub runtime_libs: Vec<RuntimeLib>,
+    /// The compiler took the hello's history: the engine keeps its worker and variables.
+    /// (Absent from older compilers: the engine starts its worker over.)
+    #[serde(default)]
+    pub history_restored: bool,
 }
 
 /// `artifact_request`: send the artifact with this hash (only artifacts this compiler announced

@@ -3,6 +3,7 @@ with the wrong key and malformed frames are dropped without an answer and withou
 control channel answers while a cell runs, and a shutdown request ends the kernel and its evcxr
 runtime (no orphan)."""
 
+import socket
 import time
 from queue import Empty
 
@@ -40,6 +41,31 @@ def test_wrongly_signed_and_malformed_messages_are_dropped(rpx_kernel_no_cluster
     assert k.is_alive()
     # None of them ran: the variable is as it was.
     c = k.run("kept + 1").assert_ok()
+    assert c.results[0]["data"]["text/plain"] == "42", c.describe()
+
+
+def forge_until_closed(ip, port, payload):
+    """Send `payload` to a kernel port and wait (bounded) until the kernel closes it."""
+    with socket.create_connection((ip, port), timeout=30) as s:
+        s.sendall(payload)
+        while s.recv(4096):
+            pass
+
+
+def test_a_forged_frame_header_on_every_port_is_cut_off(rpx_kernel_no_cluster):
+    """A peer without the key sends a ZMTP greeting and a frame header declaring 2^62 bytes to
+    each of the kernel's five sockets (this used to abort the kernel): each connection is
+    closed, and the kernel keeps its variables and answers."""
+    k = rpx_kernel_no_cluster
+    k.run("let guarded: u64 = 6;").assert_ok()
+    info = k.km.get_connection_info()
+    greeting = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\0" * 16 + b"\0" * 32
+    forged = greeting + b"\x02" + (1 << 62).to_bytes(8, "big")
+    ports = [info[name] for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+    for port in ports:
+        forge_until_closed(info["ip"], port, forged)
+    assert k.is_alive()
+    c = k.run("guarded * 7").assert_ok()
     assert c.results[0]["data"]["text/plain"] == "42", c.describe()
 
 

@@ -55,3 +55,60 @@ fn a_frozen_or_killed_compiler_fails_the_waiting_cell_with_a_clear_error() {
     assert!(ename == "CompilerDied" || ename == "NoCompiler", "{:#}", out.reply);
     eprintln!("a killed compiler failed the cell after {:.1?} ({ename})", t0.elapsed());
 }
+
+/// A compiler started again on the same port after a crash (as `ipcluster`'s supervisor does)
+/// rebuilds every engine's context from the engine's own history: workers and variables are
+/// kept, including those of engines whose histories diverged.
+#[test]
+fn a_compiler_restarted_after_a_crash_keeps_the_engines_variables() {
+    let cluster = TestCluster::start(2);
+    let mut c = cluster.client();
+    let ids = c.wait_for_engines(2, Duration::from_secs(60)).unwrap();
+    for out in c.execute(&ids, "let kept = 5u8;", LIMIT).unwrap() {
+        assert_eq!(out.status, "ok", "{:#}", out.reply);
+    }
+    let out = c.execute_one(ids[0], "let only0 = String::from(\"first\");", LIMIT).unwrap();
+    assert_eq!(out.status, "ok", "{:#}", out.reply);
+
+    let state = cluster.cluster_state().unwrap();
+    let old = state["compiler_pid"].as_i64().unwrap() as i32;
+    let file: serde_json::Value = rpx_protocol::connection::read_json(&cluster.profile().compiler_file()).unwrap();
+    let port = file["url"].as_str().unwrap().rsplit(':').next().unwrap().to_string();
+    signal(old, libc::SIGKILL);
+    let gone_by = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{old}/stat")).exists() && std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        assert!(Instant::now() < gone_by, "the killed compiler is still there");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::File::create(cluster.rpx_dir().join("restarted-compiler.log")).unwrap();
+    let mut compiler = std::process::Command::new(rpx_tests::bin("rpx-compiler"))
+        .args(["--profile", "default", "--port", &port])
+        .env("RPX_DIR", cluster.rpx_dir())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start rpx-compiler");
+
+    // Cells fail with "no compiler" until the engines have reconnected, then run with the
+    // variables they had.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let outs = loop {
+        let outs = c.execute(&ids, "println!(\"{}\", kept + 1);", LIMIT).unwrap();
+        if outs.iter().all(|o| o.status == "ok") {
+            break outs;
+        }
+        for o in outs.iter().filter(|o| o.status != "ok") {
+            let ename = o.reply["ename"].as_str().unwrap_or_default();
+            assert!(ename == "NoCompiler" || ename == "CompilerDied", "only 'no compiler' while it comes back: {:#}", o.reply);
+        }
+        assert!(Instant::now() < deadline, "cells did not work again within 60 s of the restart");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for o in &outs {
+        assert_eq!(o.stdout.trim(), "6", "the variable survived the compiler crash: {:#}", o.reply);
+    }
+    let out = c.execute_one(ids[0], "println!(\"{only0}\");", LIMIT).unwrap();
+    assert_eq!((out.status.as_str(), out.stdout.trim()), ("ok", "first"), "{:#}", out.reply);
+    let _ = compiler.kill();
+    let _ = compiler.wait();
+}
