@@ -74,7 +74,8 @@ pub struct FrameCheck {
     state: State,
     /// Bytes of the current multipart message's frames so far.
     message: u64,
-    /// Whether the current frame continues into another one.
+    /// Whether the last message frame continues into another one (a command in between does
+    /// not end the message: zeromq keeps collecting it).
     more: bool,
     /// Whether the frame being received was announced by [`Step::Reserve`].
     reserved: bool,
@@ -156,7 +157,6 @@ impl FrameCheck {
             if len > self.limits.max_command {
                 return Err(Violation::CommandTooLarge { len, max: self.limits.max_command });
             }
-            self.more = false;
             return Ok(());
         }
         if len > self.limits.max_frame {
