@@ -66,6 +66,9 @@ pub enum Skip {
     Interrupted,
     /// Its artifact could not be had or failed its check.
     Refused(String),
+    /// Its cell is no longer running (it failed while the compiler was unreachable): a cell
+    /// that was reported failed must not run later.
+    Stale,
 }
 
 impl Skip {
@@ -74,6 +77,7 @@ impl Skip {
         match self {
             Skip::Interrupted => "interrupted (SIGINT) before it ran".into(),
             Skip::Refused(why) => why.clone(),
+            Skip::Stale => "its cell had already ended".into(),
         }
     }
 
@@ -149,6 +153,7 @@ impl Cell {
             Skip::Refused(w) => {
                 self.refused.get_or_insert_with(|| w.clone());
             }
+            Skip::Stale => {}
         }
     }
 
@@ -354,6 +359,10 @@ impl Loads {
         if cell.is_some_and(|c| c.skips_loads() && c.id() == load.cell_id) {
             let load = self.waiting.pop_front().expect("front exists");
             return LoadStep::Skip(load, Skip::Interrupted);
+        }
+        if !cell.is_some_and(|c| c.id() == load.cell_id) {
+            let load = self.waiting.pop_front().expect("front exists");
+            return LoadStep::Skip(load, Skip::Stale);
         }
         match fetch(&load.artifact) {
             Step::Ready(path) => {
@@ -721,6 +730,11 @@ mod tests {
         Load { cell_id: cell_id.into(), artifact: Artifact { path: format!("/a/{sha}.so"), sha256: sha.to_string().repeat(64), size: 1 }, fn_name: "run_user_code_1".into() }
     }
 
+    /// The running cell with this id.
+    fn running(id: &str) -> Cell {
+        Cell::new(Request::for_test(id, "execute_request", json!({"code": "1"})), Purpose::Execute, false, 7, json!({}))
+    }
+
     fn ready(a: &Artifact) -> Step {
         Step::Ready(PathBuf::from(&a.path))
     }
@@ -728,15 +742,15 @@ mod tests {
     #[test]
     fn loads_run_one_at_a_time_in_the_order_the_compiler_sent_them() {
         let mut loads = Loads::default();
-        assert_eq!(loads.next(None, ready), LoadStep::Idle);
+        assert_eq!(loads.next(Some(&running("c1")), ready), LoadStep::Idle);
         loads.push(load("c1", 'a'));
         loads.push(load("c1", 'b'));
         assert!(loads.has("c1") && !loads.has("c2"));
-        assert_eq!(loads.next(None, ready), LoadStep::Run(load("c1", 'a'), "/a/a.so".into()));
+        assert_eq!(loads.next(Some(&running("c1")), ready), LoadStep::Run(load("c1", 'a'), "/a/a.so".into()));
         assert_eq!(loads.running.as_ref().map(|l| l.cell_id.as_str()), Some("c1"));
-        assert_eq!(loads.next(None, |_| panic!("no fetch while one runs")), LoadStep::Idle);
+        assert_eq!(loads.next(Some(&running("c1")), |_| panic!("no fetch while one runs")), LoadStep::Idle);
         loads.running.take();
-        assert_eq!(loads.next(None, ready), LoadStep::Run(load("c1", 'b'), "/a/b.so".into()));
+        assert_eq!(loads.next(Some(&running("c1")), ready), LoadStep::Run(load("c1", 'b'), "/a/b.so".into()));
         loads.running.take();
         assert!(!loads.has("c1"));
     }
@@ -745,7 +759,7 @@ mod tests {
     fn a_cell_whose_load_was_running_when_the_worker_died_reports_its_death() {
         let mut loads = Loads::default();
         loads.push(load("c1", 'a'));
-        loads.next(None, ready);
+        loads.next(Some(&running("c1")), ready);
         let mut c = cell(Purpose::Execute);
         let done = loads.worker_died(Some(&mut c), "signal 11 (SIGSEGV)").expect("the load died");
         assert_eq!(done, LoadDone { cell_id: "c1".into(), outcome: LoadOutcome::Died { status: "signal 11 (SIGSEGV)".into() } });
@@ -761,7 +775,7 @@ mod tests {
         assert_eq!(c.died.as_deref(), Some("killed by clear_request"));
         // A load of an older cell dying does not mark the running cell.
         loads.push(load("old", 'a'));
-        loads.next(None, ready);
+        loads.next(Some(&running("old")), ready);
         let mut fresh = cell(Purpose::Execute);
         assert_eq!(loads.worker_died(Some(&mut fresh), "exit status 1").map(|d| d.cell_id), Some("old".to_string()));
         assert_eq!(fresh.died, None);
@@ -772,7 +786,7 @@ mod tests {
         let mut loads = Loads::default();
         assert_eq!(loads.completed(), None, "a completion nobody asked for");
         loads.push(load("c1", 'a'));
-        loads.next(None, ready);
+        loads.next(Some(&running("c1")), ready);
         if let Some(l) = &mut loads.running {
             l.note(StdoutEvent::ErrorOccurred, None);
         }
@@ -784,10 +798,10 @@ mod tests {
         let mut loads = Loads::default();
         loads.push(load("c1", 'a'));
         let sha = "a".repeat(64);
-        assert_eq!(loads.next(None, |a| Step::Request(a.sha256.clone())), LoadStep::Request(sha));
-        assert_eq!(loads.next(None, |_| Step::Wait), LoadStep::Wait);
+        assert_eq!(loads.next(Some(&running("c1")), |a| Step::Request(a.sha256.clone())), LoadStep::Request(sha));
+        assert_eq!(loads.next(Some(&running("c1")), |_| Step::Wait), LoadStep::Wait);
         assert!(loads.running.is_none() && loads.has("c1"), "it still waits");
-        assert_eq!(loads.next(None, ready), LoadStep::Run(load("c1", 'a'), "/a/a.so".into()));
+        assert_eq!(loads.next(Some(&running("c1")), ready), LoadStep::Run(load("c1", 'a'), "/a/a.so".into()));
     }
 
     #[test]
@@ -795,10 +809,10 @@ mod tests {
         let mut loads = Loads::default();
         loads.push(load("c1", 'a'));
         loads.push(load("c2", 'b'));
-        let step = loads.next(None, |_| Step::Failed("artifact aaaa failed its SHA-256 check".into()));
+        let step = loads.next(Some(&running("c1")), |_| Step::Failed("artifact aaaa failed its SHA-256 check".into()));
         assert_eq!(step, LoadStep::Skip(load("c1", 'a'), Skip::Refused("artifact aaaa failed its SHA-256 check".into())));
         assert!(loads.running.is_none());
-        assert_eq!(loads.next(None, ready), LoadStep::Run(load("c2", 'b'), "/a/b.so".into()));
+        assert_eq!(loads.next(Some(&running("c2")), ready), LoadStep::Run(load("c2", 'b'), "/a/b.so".into()));
     }
 
     #[test]
@@ -810,7 +824,7 @@ mod tests {
         assert_eq!(loads.next(Some(&c), |_| Step::Wait), LoadStep::Wait, "not interrupted: it waits for its artifact");
         c.interrupt_requested = true;
         assert_eq!(loads.next(Some(&c), |_| panic!("an interrupted cell's artifact is not fetched")), LoadStep::Skip(load("c1", 'a'), Skip::Interrupted));
-        assert_eq!(loads.next(Some(&c), ready), LoadStep::Run(load("other", 'b'), "/a/b.so".into()), "another cell's load runs");
+        assert_eq!(loads.next(Some(&running("other")), ready), LoadStep::Run(load("other", 'b'), "/a/b.so".into()), "the next cell's load runs");
     }
 
     #[test]
@@ -873,5 +887,15 @@ mod tests {
         b.pushed("new".into(), "u8".into());
         b.worker_gone();
         assert_eq!(b.stale(&names(&["old", "v", "new"])), names(&["old", "v"]));
+    }
+
+    #[test]
+    fn loads_of_a_cell_that_already_ended_are_skipped_not_run() {
+        // The cell failed while the compiler was unreachable; its load arrives afterwards.
+        let mut loads = Loads::default();
+        loads.push(load("gone", 'a'));
+        loads.push(load("c1", 'b'));
+        assert_eq!(loads.next(None, ready), LoadStep::Skip(load("gone", 'a'), Skip::Stale));
+        assert_eq!(loads.next(Some(&running("c1")), ready), LoadStep::Run(load("c1", 'b'), "/a/b.so".into()));
     }
 }

@@ -65,7 +65,11 @@ fn split_tcp(endpoint: &str) -> Result<(&str, u16), Error> {
 pub async fn bind_with<S: Socket>(socket: &mut S, endpoint: &str, limits: Limits) -> Result<Endpoint, Error> {
     let (host, port) = split_tcp(endpoint)?;
     let host = if host == "*" { "0.0.0.0" } else { host };
-    let listener = TcpListener::bind((host, port)).await.map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
+    let listener = match port {
+        0 => listen_outside_ephemeral(host).await,
+        port => TcpListener::bind((host, port)).await,
+    };
+    let listener = listener.map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
     let local = listener.local_addr().map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
     let dir = tempfile::Builder::new().prefix(&format!("rpx-guard-{}-", std::process::id())).tempdir().map_err(Error::Private)?;
     if let Some(parent) = dir.path().parent() {
@@ -78,6 +82,35 @@ pub async fn bind_with<S: Socket>(socket: &mut S, endpoint: &str, limits: Limits
     let budget = budget(&limits);
     tokio::spawn(accept(listener, dir, path, limits, budget));
     Ok(public)
+}
+
+/// The kernel's range of ephemeral (outgoing) ports.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A free port that no outgoing connection can take: outside the ephemeral range, so a
+/// process restarted on the same port (a compiler, `ipcontroller --reuse`) finds it free
+/// instead of held by some connection's source port (even an engine's own reconnect attempt,
+/// which can connect to itself). Falls back to any port.
+async fn listen_outside_ephemeral(host: &str) -> std::io::Result<TcpListener> {
+    let (low, high) = ephemeral_range();
+    let mut candidates: Vec<u16> = (10000..low.max(10000)).chain(high.saturating_add(1).max(10000)..=65535).collect();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as usize) ^ std::process::id() as usize;
+    for i in 0..candidates.len().min(64) {
+        let pick = (seed.wrapping_mul(2654435761).wrapping_add(i * 7919)) % candidates.len();
+        let port = candidates.swap_remove(pick);
+        if let Ok(l) = TcpListener::bind((host, port)).await {
+            return Ok(l);
+        }
+    }
+    TcpListener::bind((host, 0)).await
 }
 
 /// Remove the private directories of guards whose process is gone (killed before cleanup).
@@ -197,6 +230,16 @@ async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, lim
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn any_port_is_taken_outside_the_ephemeral_range() {
+        let (low, high) = ephemeral_range();
+        for _ in 0..5 {
+            let l = listen_outside_ephemeral("127.0.0.1").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            assert!(!(low..=high).contains(&port), "port {port} is in the ephemeral range {low}-{high}");
+        }
+    }
 
     #[test]
     fn endpoints_split_into_host_and_port() {
