@@ -39,6 +39,8 @@ pub mod wire;
 
 #[cfg(test)]
 mod hub_tests;
+#[cfg(test)]
+mod hub_store_tests;
 
 pub use net::{run, run_with_ready, Ready};
 
