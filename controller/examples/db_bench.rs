@@ -8,7 +8,9 @@
 //! Requests carry 2 buffers (200 + 16 bytes, the size of a pickled trivial `apply`), replies 1
 //! (64 bytes). All N are submitted at once (the controller queues them, 16 in flight per
 //! engine); the time is from the first submission to the last reply. For sqlite it also reports
-//! when the last record was committed to the file.
+//! when the last record was committed to the file, and how long the writer thread alone takes to
+//! store N such records (its CPU cost per record, which on a busy machine competes with the
+//! hub for cores).
 
 use std::time::{Duration, Instant};
 
@@ -119,6 +121,33 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
     (elapsed, committed)
 }
 
+/// The writer thread alone: seconds of one thread's work to store `n` records like the
+/// benchmark's (batches as the writer takes them), i.e. its CPU cost per record.
+fn writer_only(n: usize) -> f64 {
+    use rpx_controller::state::Record;
+    use rpx_controller::store::{self, StoreMsg, StoreOp, Writer};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tasks.db");
+    let mut w = Writer::new(store::open(&path, false).unwrap(), path);
+    let cli = Session::new(b"k", "bench-client");
+    let eng = Session::new(b"k", "bench-engine");
+    let records: Vec<Record> = (0..n)
+        .map(|_| {
+            let (h, req) = cli.msg(&[], "apply_request", json!({}), None, json!({"retries": 0}), &[Bytes::from(vec![1u8; 200]), Bytes::from(vec![2u8; 16])]);
+            let (_, rep) = eng.msg(&[], "apply_reply", json!({"status": "ok"}), Some(&h), json!({"status": "ok"}), &[Bytes::from(vec![7u8; 64])]);
+            let mut r = Record::submitted(&h.msg_id, rpx_controller::wire::Chan::Task, &req[1..], &Bytes::from_static(b"client"));
+            r.result = Some(rep[1..].to_vec());
+            r.completed = Some(rpx_protocol::message::now_iso());
+            r
+        })
+        .collect();
+    let t0 = Instant::now();
+    for chunk in records.chunks(4096) {
+        w.apply(chunk.iter().map(|r| StoreMsg { op: StoreOp::Put(Box::new(r.clone())), reply: None }).collect());
+    }
+    t0.elapsed().as_secs_f64()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -145,11 +174,15 @@ async fn main() {
         v[v.len() / 2]
     };
     let (m, s) = (median("memory"), median("sqlite"));
+    let w = writer_only(n);
+    eprintln!("writer thread alone: {n} records in {w:.3} s ({:.1} us per record)", w * 1e6 / n as f64);
     let summary = json!({
         "tasks": n, "engines": ENGINES, "reps": reps,
         "median_s": {"memory": m, "sqlite": s, "sqlite_all_committed": median("sqlite_committed")},
         "tasks_per_s": {"memory": n as f64 / m, "sqlite": n as f64 / s},
         "sqlite_over_memory": s / m,
+        "writer_thread_alone_s": w,
+        "writer_us_per_record": w * 1e6 / n as f64,
         "samples_s": samples,
         "date": rpx_protocol::message::now_iso(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

@@ -290,7 +290,15 @@ async fn to_store(hub: &mut Hub, store: Option<&store::StoreHandle>, lookups: &m
             _ => (None, None),
         };
         let Some(s) = store else { continue };
-        match tokio::time::timeout(store::SEND_TIMEOUT, s.tx.send(store::StoreMsg { op, reply })).await {
+        let msg = match s.tx.try_send(store::StoreMsg { op, reply }) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                error!(path = %s.path.display(), ?token, "the task database writer stopped; a record or lookup was dropped");
+                continue;
+            }
+        };
+        match tokio::time::timeout(store::SEND_TIMEOUT, s.tx.send(msg)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => error!(path = %s.path.display(), ?token, "the task database writer stopped; a record or lookup was dropped"),
             Err(_) => error!(path = %s.path.display(), ?token, "the task database writer is stuck; a record or lookup was dropped"),

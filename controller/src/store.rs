@@ -26,7 +26,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{params_from_iter, Connection, OpenFlags, Row};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -250,7 +250,7 @@ pub fn open(path: &Path, restore: bool) -> Result<Connection> {
     match (version, has_table) {
         (0, false) => {
             let cols: Vec<String> = COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
-            let ddl = format!("BEGIN; CREATE TABLE tasks ({}); CREATE INDEX tasks_submitted ON tasks(submitted); PRAGMA user_version={SCHEMA_VERSION}; COMMIT;", cols.join(", "));
+            let ddl = format!("BEGIN; CREATE TABLE tasks ({}); PRAGMA user_version={SCHEMA_VERSION}; COMMIT;", cols.join(", "));
             conn.execute_batch(&ddl).map_err(|e| db_error(path, format!("cannot create the schema (is the disk full or read-only?): {e}")))?;
         }
         (SCHEMA_VERSION, true) => {
@@ -325,37 +325,43 @@ pub fn decode_buffers(blob: Option<&[u8]>) -> Result<Vec<Bytes>, String> {
 }
 
 /// A JSON frame as SQL: text when it is UTF-8 (always, for frames that parsed), else a blob.
-fn frame_sql(b: Option<&Bytes>) -> SqlValue {
+fn frame_sql(b: Option<&Bytes>) -> ToSqlOutput<'_> {
     match b {
-        None => SqlValue::Null,
-        Some(b) => match std::str::from_utf8(b) {
-            Ok(s) => SqlValue::Text(s.to_string()),
-            Err(_) => SqlValue::Blob(b.to_vec()),
-        },
+        None => ToSqlOutput::Borrowed(ValueRef::Null),
+        Some(b) if std::str::from_utf8(b).is_ok() => ToSqlOutput::Borrowed(ValueRef::Text(b)),
+        Some(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
     }
 }
 
-fn opt_text(s: Option<&str>) -> SqlValue {
-    s.map_or(SqlValue::Null, |s| SqlValue::Text(s.to_string()))
+fn opt_text(s: Option<&str>) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(s.map_or(ValueRef::Null, |s| ValueRef::Text(s.as_bytes())))
 }
 
-fn io_text(r: &Record, key: &str) -> SqlValue {
+fn text(s: &str) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes()))
+}
+
+fn blob(b: Option<Vec<u8>>) -> ToSqlOutput<'static> {
+    b.map_or(ToSqlOutput::Borrowed(ValueRef::Null), |b| ToSqlOutput::Owned(SqlValue::Blob(b)))
+}
+
+fn io_text<'a>(r: &'a Record, key: &str) -> ToSqlOutput<'a> {
     match r.io.get(key) {
-        None => SqlValue::Null,
-        Some(Value::String(s)) if key == "stdout" || key == "stderr" => SqlValue::Text(s.clone()),
-        Some(v) => SqlValue::Text(v.to_string()),
+        None => ToSqlOutput::Borrowed(ValueRef::Null),
+        Some(Value::String(s)) if key == "stdout" || key == "stderr" => text(s),
+        Some(v) => ToSqlOutput::Owned(SqlValue::Text(v.to_string())),
     }
 }
 
-/// The row of a record, in [`COLUMNS`] order.
-fn to_row(r: &Record) -> Vec<SqlValue> {
+/// The row of a record, in [`COLUMNS`] order, borrowing from it where it can.
+fn to_row(r: &Record) -> Vec<ToSqlOutput<'_>> {
     let res = r.result.as_deref();
     vec![
-        SqlValue::Text(r.msg_id.clone()),
-        SqlValue::Text(r.chan.name().into()),
-        r.client.as_ref().map_or(SqlValue::Null, |c| SqlValue::Blob(c.to_vec())),
+        text(&r.msg_id),
+        text(r.chan.name()),
+        ToSqlOutput::Borrowed(r.client.as_ref().map_or(ValueRef::Null, |c| ValueRef::Blob(c))),
         opt_text(r.engine_uuid.as_deref()),
-        SqlValue::Text(r.submitted.clone()),
+        text(&r.submitted),
         opt_text(r.started.as_deref()),
         opt_text(r.completed.as_deref()),
         opt_text(r.received.as_deref()),
@@ -364,12 +370,12 @@ fn to_row(r: &Record) -> Vec<SqlValue> {
         frame_sql(r.request.get(2)),
         frame_sql(r.request.get(3)),
         frame_sql(r.request.get(4)),
-        encode_buffers(r.request.get(5..).unwrap_or_default()).map_or(SqlValue::Null, SqlValue::Blob),
+        blob(encode_buffers(r.request.get(5..).unwrap_or_default())),
         frame_sql(res.and_then(|s| s.get(1))),
         frame_sql(res.and_then(|s| s.get(2))),
         frame_sql(res.and_then(|s| s.get(3))),
         frame_sql(res.and_then(|s| s.get(4))),
-        res.and_then(|s| encode_buffers(s.get(5..).unwrap_or_default())).map_or(SqlValue::Null, SqlValue::Blob),
+        blob(res.and_then(|s| encode_buffers(s.get(5..).unwrap_or_default()))),
         io_text(r, "execute_input"),
         io_text(r, "execute_result"),
         io_text(r, "error"),
@@ -516,6 +522,7 @@ pub struct Writer {
     path: PathBuf,
     failed_writes: u64,
     last_error_log: Option<Instant>,
+    put_sql: String,
 }
 
 /// At most one write-failure log line per this period (the count of failures is in it).
@@ -523,7 +530,9 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Writer {
     pub fn new(conn: Connection, path: PathBuf) -> Writer {
-        Writer { conn, path, failed_writes: 0, last_error_log: None }
+        let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
+        let put_sql = format!("INSERT OR REPLACE INTO tasks ({}) VALUES ({})", names.join(","), vec!["?"; names.len()].join(","));
+        Writer { conn, path, failed_writes: 0, last_error_log: None, put_sql }
     }
 
     /// Apply batches until every sender is gone.
@@ -584,12 +593,10 @@ impl Writer {
     fn write(&mut self, op: &StoreOp) -> rusqlite::Result<()> {
         match op {
             StoreOp::Put(r) => {
-                let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-                let sql = format!("INSERT OR REPLACE INTO tasks ({}) VALUES ({})", names.join(","), vec!["?"; names.len()].join(","));
-                self.conn.prepare_cached(&sql)?.execute(params_from_iter(to_row(r)))?;
+                self.conn.prepare_cached(&self.put_sql)?.execute(params_from_iter(to_row(r)))?;
             }
             StoreOp::Io(r) => {
-                let vals = [io_text(r, "execute_input"), io_text(r, "execute_result"), io_text(r, "error"), io_text(r, "stdout"), io_text(r, "stderr"), SqlValue::Text(r.msg_id.clone())];
+                let vals = [io_text(r, "execute_input"), io_text(r, "execute_result"), io_text(r, "error"), io_text(r, "stdout"), io_text(r, "stderr"), text(&r.msg_id)];
                 self.conn
                     .prepare_cached("UPDATE tasks SET execute_input=?, execute_result=?, error=?, stdout=?, stderr=? WHERE msg_id=?")?
                     .execute(params_from_iter(vals))?;
