@@ -82,7 +82,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         DbKind::Sqlite => Some(store::spawn(&config.profile, config.restore)?),
         DbKind::Memory => None,
     };
-    let mut lookups = FuturesUnordered::new();
+    let mut lookups = FuturesUnordered::<store::Lookup>::new();
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
     let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
     let mut tasks = JoinSet::new();
@@ -235,7 +235,10 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, Inbound::Stored { token, answer }),
         }
         if !hub.store_ops.is_empty() {
-            to_store(&mut hub, store.as_ref(), &mut lookups).await;
+            match store.as_mut() {
+                Some(s) => s.submit(std::mem::take(&mut hub.store_ops), &mut lookups).await,
+                None => hub.store_ops.clear(),
+            }
         }
         while !comm.failures.is_empty() {
             for ev in std::mem::take(&mut comm.failures) {
@@ -264,46 +267,6 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         }
     }
     Ok(())
-}
-
-type Lookup = std::pin::Pin<Box<dyn Future<Output = (u64, store::Answer)> + Send>>;
-
-/// Hand the hub's queued database work to the writer thread. A full queue makes the hub wait
-/// (back-pressure), at most [`store::SEND_TIMEOUT`] per operation; then the operation is dropped
-/// with an error in the log (a lookup is answered with that error).
-async fn to_store(hub: &mut Hub, store: Option<&store::StoreHandle>, lookups: &mut FuturesUnordered<Lookup>) {
-    for op in std::mem::take(&mut hub.store_ops) {
-        let (reply, token) = match &op {
-            store::StoreOp::Query { token, .. } => {
-                let (tx, rx) = oneshot::channel();
-                let token = *token;
-                lookups.push(Box::pin(async move {
-                    let answer = match tokio::time::timeout(store::QUERY_TIMEOUT, rx).await {
-                        Ok(Ok(a)) => a,
-                        Ok(Err(_)) => store::Answer::failed("RuntimeError", "the task database is unavailable (its writer stopped; see the controller log)"),
-                        Err(_) => store::Answer::failed("TimeoutError", format!("the task database did not answer within {} s", store::QUERY_TIMEOUT.as_secs())),
-                    };
-                    (token, answer)
-                }));
-                (Some(tx), Some(token))
-            }
-            _ => (None, None),
-        };
-        let Some(s) = store else { continue };
-        let msg = match s.tx.try_send(store::StoreMsg { op, reply }) {
-            Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Full(msg)) => msg,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                error!(path = %s.path.display(), ?token, "the task database writer stopped; a record or lookup was dropped");
-                continue;
-            }
-        };
-        match tokio::time::timeout(store::SEND_TIMEOUT, s.tx.send(msg)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => error!(path = %s.path.display(), ?token, "the task database writer stopped; a record or lookup was dropped"),
-            Err(_) => error!(path = %s.path.display(), ?token, "the task database writer is stuck; a record or lookup was dropped"),
-        }
-    }
 }
 
 fn handle(hub: &mut Hub, comm: &mut NetComm, ev: Inbound) {

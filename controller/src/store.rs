@@ -172,6 +172,69 @@ pub struct StoreHandle {
     /// Completes when the thread has committed everything and exited.
     pub done: oneshot::Receiver<()>,
     pub path: PathBuf,
+    /// The writer did not take an operation within [`SEND_TIMEOUT`] (or stopped): operations
+    /// that find its queue full are dropped at once until it takes one again.
+    stuck: bool,
+    /// Operations dropped since the writer got stuck.
+    dropped: u64,
+}
+
+/// A lookup in flight; resolves to the token and the answer (an error answer if the writer
+/// stopped or did not answer within [`QUERY_TIMEOUT`]).
+pub type Lookup = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Answer)> + Send>>;
+
+impl StoreHandle {
+    /// Hand the hub's queued work to the writer thread, in order. A full queue makes the hub
+    /// wait (back-pressure), at most [`SEND_TIMEOUT`] once; if the writer is still stuck, work
+    /// is dropped without waiting (an error in the log, with a count when it recovers), and a
+    /// dropped lookup is answered with an error.
+    pub async fn submit(&mut self, ops: Vec<StoreOp>, lookups: &mut futures::stream::FuturesUnordered<Lookup>) {
+        for op in ops {
+            let reply = match &op {
+                StoreOp::Query { token, .. } => {
+                    let (tx, rx) = oneshot::channel();
+                    let token = *token;
+                    lookups.push(Box::pin(async move {
+                        let answer = match tokio::time::timeout(QUERY_TIMEOUT, rx).await {
+                            Ok(Ok(a)) => a,
+                            Ok(Err(_)) => Answer::failed("RuntimeError", "the task database is unavailable (its writer stopped or is stuck; see the controller log)"),
+                            Err(_) => Answer::failed("TimeoutError", format!("the task database did not answer within {} s", QUERY_TIMEOUT.as_secs())),
+                        };
+                        (token, answer)
+                    }));
+                    Some(tx)
+                }
+                _ => None,
+            };
+            let msg = match self.tx.try_send(StoreMsg { op, reply }) {
+                Ok(()) => {
+                    if std::mem::take(&mut self.stuck) {
+                        warn!(path = %self.path.display(), dropped = self.dropped, "the task database writer takes work again");
+                        self.dropped = 0;
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Full(msg)) if !self.stuck => msg,
+                Err(_) => {
+                    self.note_dropped("stopped or is stuck");
+                    continue;
+                }
+            };
+            match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.note_dropped("stopped"),
+                Err(_) => self.note_dropped("took nothing for 10 s"),
+            }
+        }
+    }
+
+    fn note_dropped(&mut self, why: &str) {
+        self.dropped += 1;
+        if !self.stuck {
+            self.stuck = true;
+            error!(path = %self.path.display(), "the task database writer {why}: records are not persisted (and lookups fail) until it takes work again");
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------------- opening
@@ -288,7 +351,7 @@ pub fn spawn(profile: &Profile, restore: bool) -> Result<StoreHandle> {
             let _ = done_tx.send(());
         })
         .map_err(|e| db_error(&path, format!("cannot start the writer thread: {e}")))?;
-    Ok(StoreHandle { tx, done, path })
+    Ok(StoreHandle { tx, done, path, stuck: false, dropped: 0 })
 }
 
 // ----------------------------------------------------------------------------------- encoding
@@ -888,6 +951,21 @@ mod tests {
             assert!(e.contains("cannot create"), "{e}");
         }
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stopped_writer_fails_lookups_instead_of_hanging() {
+        use futures::StreamExt;
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let (_keep, done) = oneshot::channel();
+        let mut h = StoreHandle { tx, done, path: "tasks.db".into(), stuck: false, dropped: 0 };
+        let mut lookups = futures::stream::FuturesUnordered::new();
+        h.submit(vec![StoreOp::Purge(Purge::All), StoreOp::Query { token: 7, query: Query::History }], &mut lookups).await;
+        let (token, answer) = tokio::time::timeout(Duration::from_secs(5), lookups.next()).await.unwrap().unwrap();
+        assert_eq!(token, 7);
+        assert!(matches!(answer, Answer::Failed { ref ename, .. } if ename == "RuntimeError"), "{answer:?}");
+        assert_eq!((h.stuck, h.dropped), (true, 2));
     }
 
     #[test]
