@@ -618,10 +618,9 @@ impl Writer {
 
     /// Apply one batch in one transaction; lookups in it see the writes before them.
     pub fn apply(&mut self, batch: Vec<StoreMsg>) {
-        let n = batch.len();
-        if let Err(e) = self.conn.execute_batch("BEGIN") {
-            self.write_failed(n as u64, &e);
-        }
+        // Writes applied in the open transaction: lost too if it is rolled back.
+        let mut in_tx = 0u64;
+        let _ = self.conn.execute_batch("BEGIN");
         for m in batch {
             match m.op {
                 StoreOp::Query { query, .. } => {
@@ -630,16 +629,22 @@ impl Writer {
                         let _ = reply.send(answer);
                     }
                 }
-                op => {
-                    if let Err(e) = self.write(&op) {
-                        self.write_failed(1, &e);
+                op => match self.write(&op) {
+                    Ok(()) => in_tx += 1,
+                    Err(e) => {
+                        // Some errors (a full disk) roll the whole transaction back.
+                        let lost = if self.conn.is_autocommit() { std::mem::take(&mut in_tx) } else { 0 };
+                        self.write_failed(1 + lost, &e);
+                        if self.conn.is_autocommit() {
+                            let _ = self.conn.execute_batch("BEGIN");
+                        }
                     }
-                }
+                },
             }
         }
         if !self.conn.is_autocommit() {
             if let Err(e) = self.conn.execute_batch("COMMIT") {
-                self.write_failed(n as u64, &e);
+                self.write_failed(in_tx, &e);
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
         }
@@ -951,6 +956,28 @@ mod tests {
             assert!(e.contains("cannot create"), "{e}");
         }
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+
+    /// A write that fails later (here: the file may not grow, as on a full disk) is counted and
+    /// logged; the writer keeps applying and answering what comes after it.
+    #[test]
+    fn a_failed_write_is_counted_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        put(&mut w, &record("small", "e", "1", &[], &[]));
+        let pages: i64 = w.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        w.conn.query_row(&format!("PRAGMA max_page_count={pages}"), [], |r| r.get::<_, i64>(0)).unwrap();
+        let big: &'static [u8] = Box::leak(vec![9u8; 1 << 20].into_boxed_slice());
+        put(&mut w, &record("big", "e", "2", &[big], &[]));
+        assert!(w.failed_writes >= 1, "the full database refused the record");
+        let (tx, mut rx) = oneshot::channel();
+        w.apply(vec![
+            StoreMsg { op: StoreOp::Resubmitted { msg_id: "small".into(), new_id: "s2".into() }, reply: None },
+            StoreMsg { op: StoreOp::Query { token: 1, query: Query::Records(vec!["small".into(), "big".into()]) }, reply: Some(tx) },
+        ]);
+        let got = records(rx.try_recv().unwrap());
+        assert_eq!(got.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>(), ["small"]);
+        assert_eq!(got[0].resubmitted.as_deref(), Some("s2"), "later writes still land");
     }
 
     #[tokio::test]
