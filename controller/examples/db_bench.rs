@@ -44,7 +44,13 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
     let key = config.key.clone();
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let ctrl = tokio::spawn(rpx_controller::run_with_ready(config, async { let _ = stop_rx.await; }, Some(ready_tx)));
+    let ctrl = tokio::spawn(rpx_controller::run_with_ready(
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+        Some(ready_tx),
+    ));
     let ready = ready_rx.await.unwrap();
     let (c, e) = (ready.client.clone(), ready.engine.clone());
 

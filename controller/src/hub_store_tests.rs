@@ -105,7 +105,14 @@ impl Env {
         self.ev(Inbound::Request(wire::parse_request(&self.client, Chan::Task, f).unwrap()));
         let es = Session::new(KEY, ENGINE);
         let result = vec![Bytes::from(vec![i as u8, 0, 255]), Bytes::from(format!("result {i}"))];
-        let (_, f) = es.msg(&[Bytes::from(ENGINE), Bytes::from_static(b"client-1")], "apply_reply", json!({"status": "ok"}), Some(&h), json!({"status": "ok", "engine": ENGINE, "started": "2026-01-01T00:00:00.000000Z"}), &result);
+        let (_, f) = es.msg(
+            &[Bytes::from(ENGINE), Bytes::from_static(b"client-1")],
+            "apply_reply",
+            json!({"status": "ok"}),
+            Some(&h),
+            json!({"status": "ok", "engine": ENGINE, "started": "2026-01-01T00:00:00.000000Z"}),
+            &result,
+        );
         self.ev(Inbound::Reply(wire::parse_reply(&es, Chan::Task, f).unwrap()));
         self.ev(Inbound::Io { parent: msg_id.clone(), msg_type: "stream".into(), content: json!({"name": "stdout", "text": format!("late {i}\n")}) });
         self.comm.0.clear();

@@ -117,10 +117,16 @@ pub enum StoreOp {
     /// Output (stdout, stderr, results, errors) that arrived after the record was written.
     Io(Box<Record>),
     /// The record `msg_id` was resubmitted as `new_id`.
-    Resubmitted { msg_id: String, new_id: String },
+    Resubmitted {
+        msg_id: String,
+        new_id: String,
+    },
     Purge(Purge),
     /// A lookup; the answer comes back as `Inbound::Stored { token, .. }`.
-    Query { token: u64, query: Query },
+    Query {
+        token: u64,
+        query: Query,
+    },
 }
 
 /// Which finished records `purge_request` drops.
@@ -149,7 +155,10 @@ pub enum Answer {
     Records(Vec<Record>),
     History(Vec<(String, String)>),
     /// The lookup failed; the hub answers the client with this error.
-    Failed { ename: String, evalue: String },
+    Failed {
+        ename: String,
+        evalue: String,
+    },
 }
 
 impl Answer {
@@ -291,8 +300,7 @@ pub fn open(path: &Path, restore: bool) -> Result<Connection> {
         }
         Err(e) => return Err(db_error(path, format!("cannot create it: {e}"))),
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| db_error(path, format!("cannot open it: {e}")))?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|e| db_error(path, format!("cannot open it: {e}")))?;
     if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
         return Err(db_error(path, "the file is not writable (check its owner and mode)"));
     }
@@ -665,9 +673,7 @@ impl Writer {
             }
             StoreOp::Io(r) => {
                 let vals = [io_text(r, "execute_input"), io_text(r, "execute_result"), io_text(r, "error"), io_text(r, "stdout"), io_text(r, "stderr"), text(&r.msg_id)];
-                self.conn
-                    .prepare_cached("UPDATE tasks SET execute_input=?, execute_result=?, error=?, stdout=?, stderr=? WHERE msg_id=?")?
-                    .execute(params_from_iter(vals))?;
+                self.conn.prepare_cached("UPDATE tasks SET execute_input=?, execute_result=?, error=?, stdout=?, stderr=? WHERE msg_id=?")?.execute(params_from_iter(vals))?;
             }
             StoreOp::Resubmitted { msg_id, new_id } => {
                 self.conn.prepare_cached("UPDATE tasks SET resubmitted=? WHERE msg_id=?")?.execute([new_id, msg_id])?;
@@ -750,7 +756,13 @@ mod tests {
             Bytes::from_static(b"{ }"),
         ];
         request.extend(bufs.iter().map(|b| Bytes::from_static(b)));
-        let mut result = vec![Bytes::from_static(b"rsig"), Bytes::from(format!(r#"{{"msg_type":"apply_reply","msg_id":"r{id}"}}"#)), request[1].clone(), Bytes::from_static(br#"{"status":"ok"}"#), Bytes::from_static(br#"{"status":  "ok"}"#)];
+        let mut result = vec![
+            Bytes::from_static(b"rsig"),
+            Bytes::from(format!(r#"{{"msg_type":"apply_reply","msg_id":"r{id}"}}"#)),
+            request[1].clone(),
+            Bytes::from_static(br#"{"status":"ok"}"#),
+            Bytes::from_static(br#"{"status":  "ok"}"#),
+        ];
         result.extend(result_bufs.iter().map(|b| Bytes::from_static(b)));
         let mut io = Map::new();
         io.insert("stdout".into(), json!("out\n"));
@@ -841,10 +853,7 @@ mod tests {
         }
         let mut late = a.clone();
         late.io.insert("stderr".into(), json!("warn\n"));
-        w.apply(vec![
-            StoreMsg { op: StoreOp::Io(Box::new(late)), reply: None },
-            StoreMsg { op: StoreOp::Resubmitted { msg_id: "a".into(), new_id: "a2".into() }, reply: None },
-        ]);
+        w.apply(vec![StoreMsg { op: StoreOp::Io(Box::new(late)), reply: None }, StoreMsg { op: StoreOp::Resubmitted { msg_id: "a".into(), new_id: "a2".into() }, reply: None }]);
         let got = records(w.query(&Query::Records(vec!["a".into()])).unwrap());
         assert_eq!(got[0].io["stderr"], "warn\n");
         assert_eq!(got[0].io["stdout"], "out\n");
@@ -866,10 +875,7 @@ mod tests {
         let mut w = writer(dir.path());
         let (tx, mut rx) = oneshot::channel();
         let a = record("a", "e0", "1", &[b"x"], &[]);
-        w.apply(vec![
-            StoreMsg { op: StoreOp::Put(Box::new(a.clone())), reply: None },
-            StoreMsg { op: StoreOp::Query { token: 1, query: Query::Records(vec!["a".into()]) }, reply: Some(tx) },
-        ]);
+        w.apply(vec![StoreMsg { op: StoreOp::Put(Box::new(a.clone())), reply: None }, StoreMsg { op: StoreOp::Query { token: 1, query: Query::Records(vec!["a".into()]) }, reply: Some(tx) }]);
         assert_eq!(records(rx.try_recv().unwrap()), vec![unsigned(a)]);
     }
 

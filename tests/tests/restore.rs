@@ -164,9 +164,8 @@ async fn run_tasks(c: &ClientConnection, e: &EngineConnection, n: usize) -> Vec<
 async fn wait_committed(db: &Path, n: i64) {
     let t0 = Instant::now();
     loop {
-        let count = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| c.query_row("SELECT count(*) FROM tasks", [], |r| r.get::<_, i64>(0)))
-            .unwrap_or(-1);
+        let count =
+            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).and_then(|c| c.query_row("SELECT count(*) FROM tasks", [], |r| r.get::<_, i64>(0))).unwrap_or(-1);
         if count == n {
             eprintln!("{n} records committed {:?} after the last reply", t0.elapsed());
             return;
