@@ -187,9 +187,9 @@ async fn results_survive_a_sigkilled_controller_with_restore() {
     let ids = run_tasks(&c, &e, 30).await;
     wait_committed(&db, ids.len() as i64).await;
     assert_eq!(mode(&db), 0o600);
-    let wal = dir.path().join("profile_default/security/tasks.db-wal");
-    if wal.exists() {
-        assert_eq!(mode(&wal), 0o600, "the WAL holds task data too");
+    for companion in ["tasks.db-wal", "tasks.db-shm"] {
+        let p = dir.path().join("profile_default/security").join(companion);
+        assert_eq!(mode(&p), 0o600, "{companion} holds task data too");
     }
 
     // What the live controller answers: the reference.
