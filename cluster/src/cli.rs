@@ -202,6 +202,10 @@ pub struct StartArgs {
     /// register (and, for engines on other hosts, for the compiler's connection file).
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
+    /// The controller's task record storage (`ipcontroller --db`): memory (default) or sqlite
+    /// (`<profile>/security/tasks.db`, served again by `ipcontroller --restore`).
+    #[arg(long, value_name = "memory|sqlite")]
+    pub db: Option<String>,
 }
 
 /// Checked `start` arguments.
@@ -213,6 +217,8 @@ pub struct StartConfig {
     pub ip: Option<String>,
     pub location: Option<String>,
     pub daemonize: bool,
+    /// `--db` for the controller, when given.
+    pub db: Option<String>,
 }
 
 impl StartArgs {
@@ -225,6 +231,11 @@ impl StartArgs {
             target: Target::new(&self.cluster)?,
             n,
             daemonize: self.daemonize,
+            db: match self.db.as_deref() {
+                None => None,
+                Some(v @ ("memory" | "sqlite")) => Some(v.to_string()),
+                Some(other) => return Err(Fail::usage(format!("--db {other:?}: use memory or sqlite"))),
+            },
         };
         Ok((cfg, launch))
     }
@@ -433,6 +444,13 @@ mod tests {
     fn start_check(args: &[&str]) -> Result<(StartConfig, Launch), Fail> {
         let Command::Start(a) = parse(args).unwrap().command else { panic!("not start") };
         a.check()
+    }
+
+    #[test]
+    fn start_passes_a_checked_db_choice() {
+        assert_eq!(start_check(&["start", "-n", "1"]).unwrap().0.db, None);
+        assert_eq!(start_check(&["start", "-n", "1", "--db", "sqlite"]).unwrap().0.db.as_deref(), Some("sqlite"));
+        assert_eq!(start_check(&["start", "-n", "1", "--db", "mongodb"]).unwrap_err().code, 2);
     }
 
     fn engines_check(args: &[&str]) -> Result<(EnginesConfig, Launch), Fail> {

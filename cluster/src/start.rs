@@ -192,7 +192,11 @@ impl<L: Launcher> Starting<L> {
         let me = std::process::id();
         let instance = uuid::Uuid::new_v4().to_string();
         let controller_log = state::log_path(profile, "ipcontroller", me);
-        let controller = procs::spawn(bin, &address_args(cfg), &controller_log, &instance, &[])?;
+        let mut args = address_args(cfg);
+        if let Some(db) = &cfg.db {
+            args.extend(["--db".to_string(), db.clone()]);
+        }
+        let controller = procs::spawn(bin, &args, &controller_log, &instance, &[])?;
         let st = ClusterState {
             profile: profile.name.clone(),
             cluster_id: profile.cluster_id.clone(),

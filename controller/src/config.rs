@@ -6,6 +6,7 @@ use clap::Parser;
 use rpx_protocol::Profile;
 
 use crate::scheduler::Scheme;
+use crate::store::DbKind;
 use crate::{Error, Result};
 
 /// Default per-engine high-water mark for load-balanced tasks.
@@ -47,6 +48,14 @@ pub struct Args {
     /// Bytes of buffers kept in task records (oldest dropped first).
     #[arg(long, default_value_t = 1 << 30)]
     pub record_bytes: usize,
+    /// Task record storage: `memory` (bounded, lost when the controller stops; ipyparallel 9's
+    /// default) or `sqlite` (also written to `<profile>/security/tasks.db`).
+    #[arg(long, default_value = "memory")]
+    pub db: String,
+    /// With `--db sqlite`: serve the records of the previous controller's database (after a
+    /// crash). Without it a new database is started and the old file kept as `tasks.db.prev`.
+    #[arg(long)]
+    pub restore: bool,
 }
 
 /// A checked configuration.
@@ -62,6 +71,9 @@ pub struct Config {
     pub ping: Duration,
     pub record_limit: usize,
     pub record_bytes: usize,
+    pub db: DbKind,
+    /// Serve the task records of the previous database (`--restore`).
+    pub restore: bool,
     /// The cluster key (a fresh one by default).
     pub key: String,
     /// Write (and at exit remove) the connection files.
@@ -72,6 +84,10 @@ impl Args {
     /// Validate the raw arguments.
     pub fn check(self) -> Result<Config> {
         let scheme: Scheme = self.scheme.parse().map_err(Error::Config)?;
+        let db: DbKind = self.db.parse().map_err(Error::Config)?;
+        if self.restore && db != DbKind::Sqlite {
+            return Err(Error::Config("--restore needs --db sqlite (an in-memory database has nothing to restore)".into()));
+        }
         if self.ping == 0 {
             return Err(Error::Config("--ping must be at least 1 ms".into()));
         }
@@ -90,6 +106,8 @@ impl Args {
             ping: Duration::from_millis(self.ping),
             record_limit: self.record_limit.max(1),
             record_bytes: self.record_bytes,
+            db,
+            restore: self.restore,
             key: rpx_protocol::connection::new_key(),
             write_files: true,
         })
@@ -108,6 +126,8 @@ impl Config {
             ping: Duration::from_millis(1000),
             record_limit: 1024,
             record_bytes: 1 << 30,
+            db: DbKind::Memory,
+            restore: false,
             key: rpx_protocol::connection::new_key(),
             write_files: false,
         }
@@ -122,6 +142,16 @@ mod tests {
     fn bad_scheme_is_rejected() {
         let a = Args::parse_from(["ipcontroller", "--scheme", "nope"]);
         assert!(matches!(a.check(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn db_options_are_checked() {
+        let c = Args::parse_from(["ipcontroller"]).check().unwrap();
+        assert_eq!((c.db, c.restore), (DbKind::Memory, false));
+        let c = Args::parse_from(["ipcontroller", "--db", "sqlite", "--restore"]).check().unwrap();
+        assert_eq!((c.db, c.restore), (DbKind::Sqlite, true));
+        assert!(matches!(Args::parse_from(["ipcontroller", "--restore"]).check(), Err(Error::Config(_))));
+        assert!(matches!(Args::parse_from(["ipcontroller", "--db", "mongodb"]).check(), Err(Error::Config(_))));
     }
 
     #[test]

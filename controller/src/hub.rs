@@ -18,6 +18,7 @@ use rpx_protocol::{Message, Session};
 
 use crate::scheduler::{choose, has_capacity, Scheme};
 use crate::state::{Dep, Done, Engine, Engines, InFlight, Job, Record, Records};
+use crate::store::{Answer, Purge, Query, StoreOp};
 use crate::wire::{reply_type, Chan, Reply, Request};
 
 /// The controller's sockets, as the hub names them.
@@ -59,6 +60,8 @@ pub enum Inbound {
     Io { parent: String, msg_type: String, content: Value },
     /// A send to `ident` failed or timed out.
     SendFailed { sock: Sock, ident: Bytes, reason: String },
+    /// The task database answered the lookup `token` (see [`StoreOp::Query`]).
+    Stored { token: u64, answer: Answer },
 }
 
 /// How long an engine may stay unreachable for routing after its registration reply before the
@@ -107,6 +110,20 @@ pub struct Hub {
     last_ping: Option<Instant>,
     exit_at: Option<Instant>,
     rng: rand::rngs::StdRng,
+    /// Records are also persisted (`--db sqlite`): finished records, purges and lookups of
+    /// records no longer in memory go to [`Hub::store_ops`].
+    pub persist: bool,
+    /// Work for the task database, taken by the network layer after every event.
+    pub store_ops: Vec<StoreOp>,
+    /// Client queries waiting for a database lookup, by token.
+    deferred: HashMap<u64, Deferred>,
+    next_token: u64,
+}
+
+/// A client query parked until the task database answers.
+struct Deferred {
+    ident: Bytes,
+    msg: Message,
 }
 
 /// Outcomes of finished tasks remembered for dependencies.
@@ -132,6 +149,10 @@ impl Hub {
             last_ping: None,
             exit_at: None,
             rng: rand::rngs::StdRng::from_entropy(),
+            persist: false,
+            store_ops: Vec::new(),
+            deferred: HashMap::new(),
+            next_token: 0,
         }
     }
 
@@ -164,6 +185,9 @@ impl Hub {
             Inbound::Io { parent, msg_type, content } => {
                 if let Some(r) = self.records.map.get_mut(&parent) {
                     r.add_io(&msg_type, &content);
+                    if self.persist && !r.pending() {
+                        self.store_ops.push(StoreOp::Io(Box::new(r.clone())));
+                    }
                 }
             }
             Inbound::Peer { sock, ident, connected } => self.on_peer(c, sock, ident, connected, now),
@@ -174,6 +198,7 @@ impl Hub {
                     warn!(?sock, ident = %String::from_utf8_lossy(&ident), %reason, "dropped a message: send failed");
                 }
             }
+            Inbound::Stored { token, answer } => self.on_stored(c, token, answer, now),
         }
     }
 
@@ -754,6 +779,8 @@ impl Hub {
     // ------------------------------------------------------------------ records
 
     fn complete_record(&mut self, msg_id: &str, signed: &[Bytes], started: Option<String>, completed: Option<String>, engine: &str) {
+        let persist = self.persist;
+        let mut finished = None;
         self.records.update(msg_id, |r| {
             r.result = Some(signed.to_vec());
             r.started = started;
@@ -762,7 +789,13 @@ impl Hub {
             if !engine.is_empty() {
                 r.engine_uuid = Some(engine.to_string());
             }
+            if persist {
+                finished = Some(Box::new(r.clone()));
+            }
         });
+        if let Some(r) = finished {
+            self.store_ops.push(StoreOp::Put(r));
+        }
     }
 
     // ------------------------------------------------------------------ queries
@@ -790,11 +823,8 @@ impl Hub {
                 self.query_reply(c, &ident, "connection_reply", json!({"status": "ok", "engines": engines}), &msg, &[]);
             }
             "queue_request" => self.on_queue_request(c, &ident, &msg),
-            "result_request" => self.on_result_request(c, &ident, &msg),
-            "history_request" => {
-                let history = self.records.history();
-                self.query_reply(c, &ident, "history_reply", json!({"status": "ok", "history": history}), &msg, &[]);
-            }
+            "result_request" => self.on_result_request(c, &ident, &msg, None),
+            "history_request" => self.on_history_request(c, &ident, &msg, None),
             "load_request" => {
                 let mut content = json!({"status": "ok"});
                 for e in self.engines.by_id.values().filter(|e| e.ready) {
@@ -803,8 +833,8 @@ impl Hub {
                 self.query_reply(c, &ident, "load_reply", content, &msg, &[]);
             }
             "purge_request" => self.on_purge(c, &ident, &msg),
-            "resubmit_request" => self.on_resubmit(c, &ident, &msg, now),
-            "db_request" => self.on_db_request(c, &ident, &msg),
+            "resubmit_request" => self.on_resubmit(c, &ident, &msg, now, None),
+            "db_request" => self.on_db_request(c, &ident, &msg, None),
             "shutdown_request" => {
                 info!("hub shutdown requested");
                 self.query_reply(c, &ident, "shutdown_reply", json!({"status": "ok"}), &msg, &[]);
@@ -862,36 +892,14 @@ impl Hub {
     }
 
     fn record_json(&self, r: &Record) -> Value {
-        let parse = |b: Option<&Bytes>| b.and_then(|b| serde_json::from_slice::<Value>(b).ok()).unwrap_or(Value::Null);
-        let res = r.result.as_ref();
-        let io = |key: &str| match r.io.get(key) {
-            Some(v) => v.clone(),
-            None if key == "stdout" || key == "stderr" => json!(""),
-            None => Value::Null,
-        };
-        json!({
-            "msg_id": r.msg_id,
-            "header": parse(r.request.get(1)),
-            "metadata": parse(r.request.get(3)),
-            "content": parse(r.request.get(4)),
-            "submitted": r.submitted,
-            "client_uuid": r.client.as_ref().map(|c| String::from_utf8_lossy(c).into_owned()),
-            "engine_uuid": r.engine_uuid,
-            "started": r.started,
-            "completed": r.completed,
-            "resubmitted": r.resubmitted,
-            "received": r.received,
-            "result_header": parse(res.and_then(|s| s.get(1))),
-            "result_metadata": parse(res.and_then(|s| s.get(3))),
-            "result_content": parse(res.and_then(|s| s.get(4))),
-            "queue": r.chan.name(),
-            "execute_input": io("execute_input"), "execute_result": io("execute_result"), "error": io("error"),
-            "stdout": io("stdout"), "stderr": io("stderr"),
-            "label": parse(r.request.get(3)).get("label").cloned().unwrap_or(Value::Null),
-        })
+        crate::store::record_json(r)
     }
 
-    fn on_result_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message) {
+    /// `stored`: the task database's answer, once a lookup of ids not in memory came back.
+    fn on_result_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
+        let looked_up = stored.is_some();
+        let fetched = fetched_by_id(stored);
+        let mut missing = Vec::new();
         let status_only = msg.content.get("status_only").and_then(Value::as_bool).unwrap_or(false);
         let mut ids: Vec<String> = msg.content.get("msg_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
         ids.sort();
@@ -899,9 +907,13 @@ impl Hub {
         let mut content = json!({"status": "ok"});
         let (mut pending, mut completed, mut buffers) = (Vec::new(), Vec::new(), Vec::new());
         for id in &ids {
-            let Some(r) = self.records.get(id) else {
+            let Some(r) = self.records.get(id).or_else(|| fetched.get(id)) else {
                 if self.jobs.contains_key(id) {
                     pending.push(id.clone());
+                    continue;
+                }
+                if self.persist && !looked_up {
+                    missing.push(id.clone());
                     continue;
                 }
                 return self.hub_error(c, ident, msg, "KeyError", &format!("No such message: {id}"));
@@ -922,6 +934,9 @@ impl Hub {
                 buffers.extend(r.result.as_ref().map(|s| s[5..].to_vec()).unwrap_or_default());
             }
         }
+        if !missing.is_empty() {
+            return self.defer(ident, msg, Query::Records(missing));
+        }
         content["pending"] = json!(pending);
         content["completed"] = json!(completed);
         self.query_reply(c, ident, "result_reply", content, msg, &buffers);
@@ -934,14 +949,20 @@ impl Hub {
                 for id in ids {
                     self.records.remove(&id);
                 }
+                if self.persist {
+                    self.store_ops.push(StoreOp::Purge(Purge::All));
+                }
             }
             Some(Value::Array(a)) => {
                 let ids: Vec<String> = a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
                 if let Some(p) = ids.iter().find(|id| self.records.get(id).is_some_and(Record::pending)) {
                     return self.hub_error(c, ident, msg, "IndexError", &format!("msg pending: {p:?}"));
                 }
-                for id in ids {
-                    self.records.remove(&id);
+                for id in &ids {
+                    self.records.remove(id);
+                }
+                if self.persist {
+                    self.store_ops.push(StoreOp::Purge(Purge::Ids(ids)));
                 }
             }
             _ => {}
@@ -955,20 +976,28 @@ impl Hub {
                 for id in ids {
                     self.records.remove(&id);
                 }
+                if self.persist {
+                    self.store_ops.push(StoreOp::Purge(Purge::Engine(uuid)));
+                }
             }
         }
         self.query_reply(c, ident, "purge_reply", json!({"status": "ok"}), msg, &[]);
     }
 
-    fn on_resubmit<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant) {
+    fn on_resubmit<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant, stored: Option<Answer>) {
+        let looked_up = stored.is_some();
+        let fetched = fetched_by_id(stored);
         let ids: Vec<String> = msg.content.get("msg_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
-        let missing: Vec<&String> = ids.iter().filter(|id| self.records.get(id).is_none()).collect();
+        let missing: Vec<String> = ids.iter().filter(|id| self.records.get(id).is_none() && !fetched.contains_key(*id)).cloned().collect();
         if !missing.is_empty() {
+            if self.persist && !looked_up {
+                return self.defer(ident, msg, Query::Records(missing));
+            }
             return self.hub_error(c, ident, msg, "KeyError", &format!("No such msg(s): {missing:?}"));
         }
         let mut mapping = Map::new();
         for old in &ids {
-            let rec = self.records.get(old).expect("checked").clone();
+            let rec = self.records.get(old).or_else(|| fetched.get(old)).expect("checked").clone();
             let Ok(Value::Object(mut header)) = serde_json::from_slice::<Value>(&rec.request[1]) else {
                 return self.hub_error(c, ident, msg, "ValueError", &format!("stored request {old} has a bad header"));
             };
@@ -980,6 +1009,9 @@ impl Hub {
             let content: Value = serde_json::from_slice(&rec.request[4]).unwrap_or_else(|_| json!({}));
             let signed = self.make_signed_with_header(&Value::Object(header), &parent, &json!({}), &content, &rec.request[5..]);
             self.records.update(old, |r| r.resubmitted = Some(new_id.clone()));
+            if self.persist {
+                self.store_ops.push(StoreOp::Resubmitted { msg_id: old.clone(), new_id: new_id.clone() });
+            }
             let req = Request {
                 chan: Chan::Task,
                 client: Bytes::from_static(HUB_IDENT),
@@ -1000,7 +1032,9 @@ impl Hub {
         self.query_reply(c, ident, "resubmit_reply", json!({"status": "ok", "resubmitted": mapping}), msg, &[]);
     }
 
-    fn on_db_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message) {
+    /// With `--db sqlite` the matching finished records come from the database (`stored`, after
+    /// a lookup) and only records not written yet (pending ones) from memory.
+    fn on_db_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
         let query = msg.content.get("query").cloned().unwrap_or_else(|| json!({}));
         let keys: Option<Vec<String>> = msg.content.get("keys").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
         let Value::Object(query) = query else {
@@ -1009,8 +1043,21 @@ impl Hub {
         let mut records = Vec::new();
         let (mut buffer_lens, mut result_buffer_lens, mut buffers) = (Vec::new(), Vec::new(), Vec::new());
         let want = |k: &str| keys.as_ref().is_some_and(|ks| ks.iter().any(|x| x == k));
-        for id in self.records.history() {
-            let r = self.records.get(&id).expect("in history");
+        let fetched = match stored {
+            Some(Answer::Records(rs)) => rs,
+            _ if self.persist => return self.defer(ident, msg, Query::Find { query, buffers: want("buffers"), result_buffers: want("result_buffers") }),
+            _ => Vec::new(),
+        };
+        let history = self.records.history();
+        let mut candidates: Vec<&Record> = fetched.iter().collect();
+        {
+            let stored_ids: HashSet<&str> = fetched.iter().map(|r| r.msg_id.as_str()).collect();
+            candidates.extend(history.iter().filter(|id| !stored_ids.contains(id.as_str())).map(|id| self.records.get(id).expect("in history")));
+        }
+        if !fetched.is_empty() {
+            candidates.sort_by(|a, b| a.submitted.cmp(&b.submitted));
+        }
+        for r in candidates {
             let full = self.record_json(r);
             match matches_query(&full, &query) {
                 Ok(true) => {}
@@ -1051,6 +1098,52 @@ impl Hub {
         self.query_reply(c, ident, "db_reply", content, msg, &buffers);
     }
 
+    fn on_history_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
+        let history: Vec<String> = if !self.persist {
+            self.records.history()
+        } else {
+            let Some(Answer::History(mut all)) = stored else {
+                return self.defer(ident, msg, Query::History);
+            };
+            // Stored (finished) records, then those only in memory (pending), by submission.
+            let stored_ids: HashSet<String> = all.iter().map(|(id, _)| id.clone()).collect();
+            for id in self.records.history() {
+                if !stored_ids.contains(&id) {
+                    let submitted = self.records.get(&id).map(|r| r.submitted.clone()).unwrap_or_default();
+                    all.push((id, submitted));
+                }
+            }
+            all.sort_by(|a, b| a.1.cmp(&b.1));
+            all.into_iter().map(|(id, _)| id).collect()
+        };
+        self.query_reply(c, ident, "history_reply", json!({"status": "ok", "history": history}), msg, &[]);
+    }
+
+    /// Park a client query until the task database answers `query`.
+    fn defer(&mut self, ident: &Bytes, msg: &Message, query: Query) {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.deferred.insert(token, Deferred { ident: ident.clone(), msg: msg.clone() });
+        self.store_ops.push(StoreOp::Query { token, query });
+    }
+
+    /// The task database answered: finish the query that waited for it.
+    fn on_stored<C: Comm>(&mut self, c: &mut C, token: u64, answer: Answer, now: Instant) {
+        let Some(Deferred { ident, msg }) = self.deferred.remove(&token) else {
+            return warn!(token, "an answer from the task database that no query waits for");
+        };
+        if let Answer::Failed { ename, evalue } = &answer {
+            return self.hub_error(c, &ident, &msg, ename, evalue);
+        }
+        match msg.msg_type() {
+            "result_request" => self.on_result_request(c, &ident, &msg, Some(answer)),
+            "history_request" => self.on_history_request(c, &ident, &msg, Some(answer)),
+            "resubmit_request" => self.on_resubmit(c, &ident, &msg, now, Some(answer)),
+            "db_request" => self.on_db_request(c, &ident, &msg, Some(answer)),
+            other => warn!(msg_type = other, "a deferred query of an unexpected type"),
+        }
+    }
+
     // ------------------------------------------------------------------ helpers
 
     fn make_signed(&self, msg_type: &str, parent: &Value, metadata: &Value, content: &Value, buffers: &[Bytes]) -> Vec<Bytes> {
@@ -1081,6 +1174,14 @@ impl Hub {
     fn notify<C: Comm>(&self, c: &mut C, msg_type: &str, content: Value) {
         let (_, frames) = self.session.msg(&[], msg_type, content, None, json!({}), &[]);
         c.send(Sock::Notification, frames);
+    }
+}
+
+/// Records from a database answer, by msg_id.
+fn fetched_by_id(stored: Option<Answer>) -> HashMap<String, Record> {
+    match stored {
+        Some(Answer::Records(rs)) => rs.into_iter().map(|r| (r.msg_id.clone(), r)).collect(),
+        _ => HashMap::new(),
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`hub`]: every decision (registration, routing, scheduling, retries, timeouts, engine death,
 //!   client queries) as `on_*` methods over the state and a [`hub::Comm`] that sends frames.
 //!   No socket in sight; unit tests drive it with a recording `Comm`.
+//! - [`store`]: persisted task records (`--db sqlite`, `--restore`): the SQLite file and the
+//!   writer thread that applies the hub's writes in batches and answers its lookups.
 //! - [`net`]: the tokio layer: binds the sockets, writes the connection files, runs one reader
 //!   task per socket, one bounded writer per peer, and the single hub task.
 //!
@@ -32,10 +34,13 @@ pub mod hub;
 pub mod net;
 pub mod scheduler;
 pub mod state;
+pub mod store;
 pub mod wire;
 
 #[cfg(test)]
 mod hub_tests;
+#[cfg(test)]
+mod hub_store_tests;
 
 pub use net::{run, run_with_ready, Ready};
 
@@ -54,6 +59,9 @@ pub enum Error {
         #[source]
         source: rpx_guard::Error,
     },
+    /// The task database cannot be used (`--db sqlite`).
+    #[error("task database {path}: {message}")]
+    Db { path: std::path::PathBuf, message: String },
     /// Connection files or profile directories could not be written.
     #[error(transparent)]
     Protocol(#[from] rpx_protocol::Error),

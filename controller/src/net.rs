@@ -12,6 +12,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -23,6 +24,7 @@ use rpx_protocol::{ClientConnection, EngineConnection, Session};
 
 use crate::config::Config;
 use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::store::{self, DbKind};
 use crate::wire::{self, Chan};
 use crate::{Error, Result};
 
@@ -74,6 +76,13 @@ fn hostname() -> String {
 /// Like [`run`], and sends the connection info on `ready` once every socket is bound.
 pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, ready: Option<oneshot::Sender<Ready>>) -> Result<()> {
     let ip = config.bind_ip.clone();
+    // The task database first: a damaged or unwritable file stops the controller before it
+    // binds anything or writes connection files.
+    let mut store = match config.db {
+        DbKind::Sqlite => Some(store::spawn(&config.profile, config.restore)?),
+        DbKind::Memory => None,
+    };
+    let mut lookups = FuturesUnordered::<store::Lookup>::new();
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
     let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
     let mut tasks = JoinSet::new();
@@ -186,6 +195,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         engine_info: serde_json::to_value(&engine).expect("serializes"),
     };
     let mut hub = Hub::new(session, hub_cfg, Instant::now());
+    hub.persist = store.is_some();
     let mut comm = NetComm {
         routers: senders,
         writers: HashMap::new(),
@@ -222,6 +232,13 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                 }
             }
             _ = tick.tick() => hub.on_tick(&mut comm, Instant::now()),
+            Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, Inbound::Stored { token, answer }),
+        }
+        if !hub.store_ops.is_empty() {
+            match store.as_mut() {
+                Some(s) => s.submit(std::mem::take(&mut hub.store_ops), &mut lookups).await,
+                None => hub.store_ops.clear(),
+            }
         }
         while !comm.failures.is_empty() {
             for ev in std::mem::take(&mut comm.failures) {
@@ -234,6 +251,12 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         }
     }
     drop(comm);
+    if let Some(s) = store.take() {
+        drop(s.tx);
+        if tokio::time::timeout(store::SEND_TIMEOUT, s.done).await.is_err() {
+            error!(path = %s.path.display(), "the task database writer did not finish in time; the last records may be lost");
+        }
+    }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if config.write_files {

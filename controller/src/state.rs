@@ -183,7 +183,7 @@ pub struct Done {
 }
 
 /// A task record for `result_request`, `history_request` and `queue_request`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub msg_id: String,
     pub chan: Chan,
