@@ -86,13 +86,19 @@ fn note_alive(st: &ClusterState, report: &mut StopReport) {
     }
 }
 
-/// A foreground `ipcluster` stops its own cluster; give it time to do so.
+/// The supervising `ipcluster` (foreground, or the detached supervisor of `--daemonize`) stops
+/// its own cluster, so it restarts nothing while the rest is stopped; give it time to do so,
+/// and SIGKILL it if it did not (the members are then stopped from here).
 fn stop_foreground(st: &ClusterState, report: &mut StopReport) {
     let me = std::process::id();
     if let Some(p) = st.ipcluster_pid.filter(|p| *p != me && procs::is_proc(*p, "ipcluster")) {
         report.foreground = Some(p);
         procs::signal(p, libc::SIGTERM);
-        procs::wait_until(Duration::from_secs(12), || !procs::alive(p));
+        if !procs::wait_until(Duration::from_secs(12), || !procs::alive(p)) {
+            procs::signal(p, libc::SIGKILL);
+            report.killed += 1;
+            procs::wait_until(Duration::from_secs(2), || !procs::alive(p));
+        }
     }
 }
 
@@ -102,7 +108,7 @@ fn kill_rest(st: &ClusterState, all_groups: &[u32], report: &mut StopReport) {
     if left.is_empty() {
         return;
     }
-    report.killed = left.len();
+    report.killed += left.len();
     for g in all_groups {
         procs::signal_group(*g, libc::SIGKILL);
     }
@@ -113,9 +119,10 @@ fn kill_rest(st: &ClusterState, all_groups: &[u32], report: &mut StopReport) {
     report.survivors = procs::members(all_groups, &st.instance);
 }
 
-/// Remove the cluster file and the connection files of `profile`'s cluster.
+/// Remove the cluster file (and its lock file) and the connection files of `profile`'s
+/// cluster.
 pub fn remove_files(profile: &Profile) {
-    for f in [profile.cluster_file(), profile.client_file(), profile.engine_file(), profile.compiler_file()] {
+    for f in [profile.cluster_file(), state::lock_path(&profile.cluster_file()), profile.client_file(), profile.engine_file(), profile.compiler_file()] {
         let _ = std::fs::remove_file(f);
     }
 }
@@ -135,7 +142,7 @@ pub fn summary(st: &ClusterState, report: &StopReport) -> String {
     parts.extend(report.launches.iter().cloned());
     let mut line = format!("stopped cluster ({}): {}", cli::describe(&st.profile, &st.cluster_id), parts.join(", "));
     if let Some(p) = report.foreground {
-        line.push_str(&format!(" (through its foreground ipcluster, pid {p})"));
+        line.push_str(&format!(" (through its supervising ipcluster, pid {p})"));
     }
     if report.killed > 0 {
         line.push_str(&format!("; {} process(es) ignored SIGTERM and were killed", report.killed));
@@ -215,6 +222,7 @@ mod tests {
             ssh: Vec::new(),
             started: String::new(),
             ipcluster_pid: None,
+            supervision: None,
             instance: instance.into(),
             launcher: "local".into(),
             controller_log: Default::default(),

@@ -107,6 +107,15 @@ pub fn rpx_dir() -> PathBuf {
     home.join(".rpx")
 }
 
+/// The namespace directory of the engine with this uuid (its pushed values): under
+/// `/dev/shm` when it exists, else the temporary directory. Created by the engine, removed by
+/// it when it stops, and by ipcluster's supervisor after the engine crashed.
+pub fn engine_namespace_dir(engine_uuid: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    base.join(format!("rpx-ns-{engine_uuid}"))
+}
+
 /// The profile named by `RPX_PROFILE`, or `default`.
 pub fn default_profile_name() -> String {
     std::env::var("RPX_PROFILE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
