@@ -187,17 +187,18 @@ fn start_with<L: Launcher>(cfg: StartConfig, mut launcher: L, t0: Instant) -> an
         compiler_args: address_args(&cfg),
         flags: cfg.target.flags(),
     };
-    let log = s.st.supervision.as_ref().and_then(|v| v.log.clone());
-    if let Some(log) = log.filter(|_| cfg.detached) {
-        println!("supervisor: pid {}, {}; log {}", std::process::id(), cfg.policy.describe(), log.display());
-        println!("stop it with: ipcluster stop {}", cfg.target.flags());
-        if let Err(e) = daemon::hand_off(&log) {
-            return Err(s.abort(format!("{e:#}")));
+    let log = s.st.supervision.as_ref().and_then(|v| v.log.clone()).filter(|_| cfg.detached);
+    s.supervise(setup, || match log {
+        Some(log) => {
+            println!("supervisor: pid {}, {}; log {}", std::process::id(), cfg.policy.describe(), log.display());
+            println!("stop it with: ipcluster stop {}", cfg.target.flags());
+            daemon::hand_off(&log)
         }
-    } else {
-        println!("running in the foreground ({}); Ctrl-C stops the cluster", cfg.policy.describe());
-    }
-    s.supervise(setup)
+        None => {
+            println!("running in the foreground ({}); Ctrl-C stops the cluster", cfg.policy.describe());
+            Ok(())
+        }
+    })
 }
 
 /// A cluster being started: what runs so far, to record, watch, and stop on failure.
@@ -392,24 +393,31 @@ impl<L: Launcher> Starting<L> {
         self.batch.reap();
     }
 
-    /// Supervise until SIGINT/SIGTERM (exit 0 after stopping) or the controller's death (exit
-    /// 1), then stop the cluster.
-    fn supervise(mut self, setup: Setup) -> anyhow::Result<i32> {
+    /// Take the members over, call `ready` (which says the cluster runs), and supervise until
+    /// SIGINT/SIGTERM (exit 0 after stopping) or the controller's death (exit 1), then stop
+    /// the cluster.
+    fn supervise(mut self, setup: Setup, ready: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<i32> {
         let profile = setup.profile.clone();
         // The local launcher's engines are supervised one by one; other launches are watched
         // and their exits reported.
         let engines = if L::KIND == Local::KIND { self.batch.take_children() } else { HashMap::new() };
         let members = Members { controller: self.controller, compiler: self.compiler.take(), engines };
+        // Built before `ready`, so it knows the engines' uuids before anyone learns that the
+        // cluster runs (and can clean up after an engine killed at once).
         let mut sup = Supervisor::new(setup, &self.st, members);
-        let batch = &mut self.batch;
-        let end = sup.run(|| batch.newly_exited());
-        let outcome = match end {
-            End::Stopped(Some(sig)) => {
-                println!("{sig} received: stopping the cluster");
-                Ok(0)
+        let outcome = match ready() {
+            Err(e) => Err(format!("{e:#}; stopping the cluster")),
+            Ok(()) => {
+                let batch = &mut self.batch;
+                match sup.run(|| batch.newly_exited()) {
+                    End::Stopped(Some(sig)) => {
+                        println!("{sig} received: stopping the cluster");
+                        Ok(0)
+                    }
+                    End::Stopped(None) => Ok(0),
+                    End::ControllerDied(msg) => Err(msg),
+                }
             }
-            End::Stopped(None) => Ok(0),
-            End::ControllerDied(msg) => Err(msg),
         };
         // Engines added by `ipcluster engines` and restarts are in the file, not in `self`.
         let current = ClusterState::read(&profile.cluster_file()).unwrap_or_else(|_| self.st.clone());
