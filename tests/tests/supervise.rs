@@ -250,3 +250,35 @@ fn an_engine_crashing_on_every_start_is_given_up_after_the_limit() {
     drop(client);
     stop_leaves_nothing(&c, &[]);
 }
+
+#[test]
+fn the_foreground_ipcluster_supervises_too() {
+    use std::io::Read;
+    let c = TestCluster::empty();
+    let mut child = c.command(&["start", "-n", "2", "--timeout", "120"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut client = poll(Duration::from_secs(120), || {
+        let mut cl = rpx_tests::Client::connect(&c.client_file(), Duration::from_secs(5)).ok()?;
+        (cl.ids().ok()?.len() == 2).then_some(cl)
+    })
+    .expect("the foreground cluster's engines registered");
+    let st = state(&c);
+    assert_eq!(st["ipcluster_pid"], child.id(), "the foreground ipcluster supervises");
+    let before = client.connection_request().unwrap();
+    let victim = engine_pid(&st, 1);
+    signal(victim, libc::SIGKILL);
+    let killed = Instant::now();
+    poll(Duration::from_secs(30), || client.connection_request().ok().filter(|now| now.len() == 2 && now.get(&1).is_some_and(|u| *u != before[&1])))
+        .unwrap_or_else(|| panic!("not healed\n{}", listing(&c)));
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(10), "healed in {took:?}");
+    drop(client);
+
+    signal(child.id(), libc::SIGTERM);
+    let status = poll(Duration::from_secs(30), || child.try_wait().unwrap()).expect("the foreground ipcluster ends after SIGTERM");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains(&format!("engine 1 (id 1) (pid {victim}) was killed by signal 9 (SIGKILL)")) && err.contains("restarted engine 1 (id 1) as pid"), "{err}");
+    let left = wait_no_process_mentioning(&c.rpx_dir().to_string_lossy(), Duration::from_secs(5));
+    assert!(left.is_empty(), "{left:#?}");
+}
