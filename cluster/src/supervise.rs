@@ -91,6 +91,8 @@ struct Member {
     uuid: Option<String>,
     /// Engines: the uuid of the process before a restart, not to be mistaken for the new one.
     old_uuid: Option<String>,
+    /// The compiler: its work directory, from its connection file.
+    work_dir: Option<PathBuf>,
 }
 
 impl Member {
@@ -180,7 +182,7 @@ impl Supervisor {
         let Members { controller, compiler, engines: mut children } = members;
         let mut list = Vec::new();
         if let Some(pid) = st.compiler_pid {
-            list.push(Member { role: Role::Compiler, pid, child: compiler, log: st.compiler_log.clone(), tracker: Tracker::new(now), life: Life::Running, uuid: None, old_uuid: None });
+            list.push(Member { role: Role::Compiler, pid, child: compiler, log: st.compiler_log.clone(), tracker: Tracker::new(now), life: Life::Running, uuid: None, old_uuid: None, work_dir: None });
         }
         let record = st.supervision.clone().unwrap_or_else(|| Supervision { restart: setup.policy.restart, restart_limit: setup.policy.limit, restart_window: setup.policy.window.as_secs_f64(), ..Default::default() });
         let mut s = Supervisor {
@@ -198,7 +200,6 @@ impl Supervisor {
             let child = children.remove(&e.pid);
             s.members.push(engine_member(e, child, now));
         }
-        // Children that are not local engines (none today) are still reaped at the end.
         s.poll_uuids(now, Duration::from_secs(2));
         s
     }
@@ -272,8 +273,8 @@ impl Supervisor {
         if self.members.iter().any(|m| matches!(m.role, Role::Engine { .. }) && matches!(m.life, Life::Running) && m.uuid.is_none()) {
             self.poll_uuids(now, UUID_POLL);
         }
-        if self.record.compiler_port.is_none() {
-            self.learn_compiler_port();
+        if self.members.iter().any(|m| m.role == Role::Compiler && matches!(m.life, Life::Running) && m.work_dir.is_none()) {
+            self.learn_compiler();
         }
     }
 
@@ -296,6 +297,13 @@ impl Supervisor {
                 }
             }
             m.old_uuid = Some(uuid);
+        }
+        if let Some(dir) = m.work_dir.take() {
+            match remove_work_dir(&dir) {
+                Ok(true) => cleaned = format!("; removed its work directory {}", dir.display()),
+                Ok(false) => {}
+                Err(e) => cleaned = format!("; could not remove its work directory {}: {e}", dir.display()),
+            }
         }
         let lost = match m.role {
             Role::Engine { .. } => "its variables are lost",
@@ -383,15 +391,19 @@ impl Supervisor {
         procs::spawn_appending(&self.setup.compiler_bin, &args, log, &self.setup.instance, &[])
     }
 
-    /// The running compiler's port, from its connection file (once it wrote it).
-    fn learn_compiler_port(&mut self) {
-        let Some(m) = self.members.iter().find(|m| m.role == Role::Compiler && matches!(m.life, Life::Running)) else { return };
+    /// The running compiler's port and work directory, from its connection file (once it
+    /// wrote it).
+    fn learn_compiler(&mut self) {
+        let Some(m) = self.members.iter_mut().find(|m| m.role == Role::Compiler && matches!(m.life, Life::Running)) else { return };
         let Ok(conn) = read_json::<CompilerConnection>(&self.setup.profile.compiler_file()) else { return };
         if conn.pid != m.pid {
             return;
         }
-        if let Some(port) = url_port(&conn.url) {
-            self.record.compiler_port = Some(port);
+        // Learned once per compiler process (an old compiler file without one: nothing to do).
+        m.work_dir = Some(conn.work_dir.unwrap_or_default());
+        let port = url_port(&conn.url);
+        if port.is_some() && port != self.record.compiler_port {
+            self.record.compiler_port = port;
             self.save(|_| {});
         }
     }
@@ -436,6 +448,17 @@ impl Supervisor {
     }
 }
 
+/// Remove a dead compiler's work directory: only a real directory (not a link) named
+/// `rpx-compiler-*`, as the compiler creates them. Ok(false): nothing to remove.
+fn remove_work_dir(dir: &Path) -> std::io::Result<bool> {
+    let named_so = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rpx-compiler-"));
+    let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+    if !named_so || !is_dir {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(dir).map(|()| true)
+}
+
 fn engine_member(e: &EngineProc, child: Option<Child>, now: Instant) -> Member {
     Member {
         role: Role::Engine { index: e.index, id: local::engine_id(e.index) },
@@ -446,6 +469,7 @@ fn engine_member(e: &EngineProc, child: Option<Child>, now: Instant) -> Member {
         life: Life::Running,
         uuid: None,
         old_uuid: None,
+        work_dir: None,
     }
 }
 
@@ -462,6 +486,24 @@ mod tests {
         assert_eq!(describe_exit(st), "was killed by signal 9 (SIGKILL)");
         let st = Command::new("/bin/sh").args(["-c", "kill -USR1 $$"]).status().unwrap();
         assert_eq!(describe_exit(st), format!("was killed by signal {}", libc::SIGUSR1));
+    }
+
+    #[test]
+    fn only_compiler_work_directories_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("rpx-compiler-abc123");
+        std::fs::create_dir_all(work.join("target/debug")).unwrap();
+        std::fs::write(work.join("host-token"), "t").unwrap();
+        let other = tmp.path().join("precious");
+        std::fs::create_dir(&other).unwrap();
+        let link = tmp.path().join("rpx-compiler-link");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        assert!(!remove_work_dir(&other).unwrap(), "not a compiler's");
+        assert!(!remove_work_dir(&link).unwrap(), "a link is not followed");
+        assert!(!remove_work_dir(Path::new("")).unwrap());
+        assert!(!remove_work_dir(&tmp.path().join("rpx-compiler-gone")).unwrap());
+        assert!(remove_work_dir(&work).unwrap());
+        assert!(!work.exists() && other.is_dir() && link.exists());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rpx_engine::engine::{self, Config};
 use rpx_engine::net::CompilerSource;
-use rpx_protocol::connection::{read_json, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV};
+use rpx_protocol::connection::{read_json, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV, ENGINE_RESTARTED_ENV};
 use rpx_protocol::Profile;
 
 /// An rpx engine: runs Rust cells for an rpx (ipyparallel-compatible) controller.
@@ -106,7 +106,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
             (connection, CompilerSource::File(compiler_file))
         }
     };
-    let cfg = Config { connection, compiler, requested_id, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout) };
+    let restart_notice = std::env::var(ENGINE_RESTARTED_ENV).ok().filter(|n| !n.trim().is_empty());
+    let cfg = Config { connection, compiler, requested_id, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout), restart_notice };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
     let code = rt.block_on(engine::run(cfg))?;
     // Do not wait for lingering socket tasks.

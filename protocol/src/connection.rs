@@ -196,11 +196,20 @@ pub struct CompilerConnection {
     /// The compiler's pid on its own host (for `ipcluster`; engines never use it).
     #[serde(default)]
     pub pid: u32,
+    /// The compiler's private work directory on its own host (evcxr's builds, artifacts), for
+    /// ipcluster's supervisor to remove after the compiler crashed; engines never use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<PathBuf>,
 }
 
 /// The environment variable that carries an engine's whole [`ConnectionInfo`] as JSON, as
 /// ipyparallel's `IPP_CONNECTION_INFO` does: engines on other hosts need no file.
 pub const CONNECTION_INFO_ENV: &str = "RPX_CONNECTION_INFO";
+
+/// Set by ipcluster's supervisor on an engine it restarts: a one-line notice (why the engine
+/// was restarted, and that its variables are lost) that the engine publishes on stderr with
+/// the first request it runs, so clients see it (`[stderr:2] ...` under `%px`).
+pub const ENGINE_RESTARTED_ENV: &str = "RPX_ENGINE_RESTARTED";
 
 /// Everything an engine needs to join a cluster: the controller and the compiler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -318,7 +327,7 @@ mod tests {
             unpack: "json".into(),
             signature_scheme: "hmac-sha256".into(),
         };
-        let info = ConnectionInfo { compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0 }, engine };
+        let info = ConnectionInfo { compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0, work_dir: None }, engine };
         let line = info.to_line();
         assert!(!line.contains('\n'));
         assert_eq!(ConnectionInfo::parse(&line).unwrap(), info);

@@ -139,6 +139,10 @@ fn a_killed_engine_is_replaced_under_its_id_within_10_s_and_serves() {
     assert!(out.iter().all(|o| o.status == "ok" && o.stdout.trim() == "7"), "{out:#?}");
     let out = client.execute_one(2, "println!(\"{}\", 6 * 7);", CELL).unwrap();
     assert_eq!((out.status.as_str(), out.stdout.trim()), ("ok", "42"), "{out:#?}");
+    // Its first request told the client (on stderr, as `%px` shows it) that it was restarted.
+    assert!(out.stderr.contains("[ipcluster] engine 2 was restarted: its previous process was killed by signal 9 (SIGKILL)") && out.stderr.contains("its variables are lost"), "{out:#?}");
+    let out = client.execute(&[0, 2], "println!(\"again\");", CELL).unwrap();
+    assert!(out.iter().all(|o| o.status == "ok" && o.stderr.is_empty()), "the notice comes once, and only from engine 2: {out:#?}");
     let out = client.execute_one(2, "println!(\"{kept}\");", CELL).unwrap();
     assert_eq!(out.status, "error", "engine 2's variables were lost: {out:#?}");
     drop(client);
@@ -167,6 +171,10 @@ fn a_killed_compiler_comes_back_on_its_port_and_cells_work_within_60_s() {
     let new = poll(Duration::from_secs(30), || state(&c)["compiler_pid"].as_u64().map(|p| p as u32).filter(|p| *p != old && alive(*p))).unwrap_or_else(|| panic!("no new compiler\n{}", listing(&c)));
     let second: CompilerConnection = poll(Duration::from_secs(60), || read_json::<CompilerConnection>(&compiler_file).ok().filter(|f| f.pid == new)).expect("the new compiler writes its connection file");
     assert_eq!(second.url, first.url, "same address and port");
+    // The dead compiler's work directory (evcxr's builds) was removed; the new one has its own.
+    let old_work = first.work_dir.clone().expect("the compiler names its work directory");
+    assert!(poll(Duration::from_secs(10), || (!old_work.exists()).then_some(())).is_some(), "{} left behind", old_work.display());
+    assert!(second.work_dir.as_ref().is_some_and(|w| w.is_dir() && *w != old_work));
 
     // Cells work again (the first ones may fail while the engines reconnect).
     let deadline = killed + Duration::from_secs(60);
@@ -195,6 +203,7 @@ fn a_killed_compiler_comes_back_on_its_port_and_cells_work_within_60_s() {
     assert!(text.contains(&format!("restarts: 1, last: compiler was killed by signal 9 (SIGKILL), restarted as pid {new}")), "{text}");
     drop(client);
     stop_leaves_nothing(&c, &[]);
+    assert!(!second.work_dir.unwrap().exists(), "a stopped compiler removes its work directory");
 }
 
 /// A directory with this build's `ipcluster`, `ipcontroller` and `rpx-compiler`, and an

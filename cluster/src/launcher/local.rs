@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{profile_args, start_each, term_leaders, LaunchCtx, LaunchStatus, Launcher, Record, Spawned, ENGINE_INDEX_ENV};
 use crate::procs;
 use crate::state::{self, ClusterState};
+use rpx_protocol::connection::ENGINE_RESTARTED_ENV;
 use rpx_protocol::Profile;
 
 /// The local launcher (it has no options).
@@ -63,10 +64,14 @@ pub fn engine_args(profile: &Profile, index: usize) -> Vec<String> {
 }
 
 /// Start the local engine with start index `index` again after it died, with the same id and
-/// log (appended to, after a line saying why, so the crash stays readable).
+/// log (appended to, after a line saying why, so the crash stays readable). The new engine
+/// tells its first client request that it was restarted and its variables are lost
+/// ([`ENGINE_RESTARTED_ENV`]).
 pub fn restart_engine(profile: &Profile, engine_bin: &Path, instance: &str, rec: &EngineProc, why: &str) -> anyhow::Result<std::process::Child> {
     procs::append_line(&rec.log, &format!("--- ipcluster: engine {} {why}; restarting it", rec.index));
-    procs::spawn_appending(engine_bin, &engine_args(profile, rec.index), &rec.log, instance, &[(ENGINE_INDEX_ENV, rec.index.to_string())])
+    let notice = format!("[ipcluster] engine {} was restarted: its previous process {why} (at {}); its variables are lost", engine_id(rec.index), rpx_protocol::message::now_iso());
+    let env = [(ENGINE_INDEX_ENV, rec.index.to_string()), (ENGINE_RESTARTED_ENV, notice)];
+    procs::spawn_appending(engine_bin, &engine_args(profile, rec.index), &rec.log, instance, &env)
 }
 
 impl Launcher for Local {
