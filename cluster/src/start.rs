@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::cli::{EnginesArgs, EnginesConfig, Launch, StartArgs, StartConfig, Target};
+use crate::daemon;
 use crate::hub::Hub;
 use crate::launcher::local::Local;
-use crate::daemon;
 use crate::launcher::{profile_args, Batch, LaunchCtx, Launcher, Record};
 use crate::procs;
 use crate::state::{self, ClusterState, Supervision};
