@@ -488,6 +488,85 @@ mod tests {
         assert_eq!(describe_exit(st), format!("was killed by signal {}", libc::SIGUSR1));
     }
 
+    /// A cluster of stand-ins: `sleep` as the controller, and a "compiler" that is `/bin/sh -c
+    /// SCRIPT` (so its restarts run the same script).
+    fn stand_in(dir: &Path, script: &str, policy: Policy) -> Supervisor {
+        let instance = uuid::Uuid::new_v4().to_string();
+        let profile = Profile { name: "t".into(), dir: dir.to_path_buf(), cluster_id: String::new() };
+        std::fs::create_dir_all(profile.security_dir()).unwrap();
+        let args = vec!["-c".to_string(), script.to_string()];
+        let controller = procs::spawn(Path::new("sleep"), &["1000".into()], &dir.join("c.log"), &instance, &[]).unwrap();
+        let compiler = procs::spawn(Path::new("/bin/sh"), &args, &dir.join("x.log"), &instance, &[]).unwrap();
+        let st = ClusterState {
+            profile: "t".into(),
+            cluster_id: String::new(),
+            profile_dir: dir.into(),
+            controller_pid: controller.id(),
+            compiler_pid: Some(compiler.id()),
+            engines: Vec::new(),
+            mpi: Vec::new(),
+            ssh: Vec::new(),
+            started: String::new(),
+            ipcluster_pid: Some(std::process::id()),
+            supervision: None,
+            instance: instance.clone(),
+            launcher: "local".into(),
+            controller_log: dir.join("c.log"),
+            compiler_log: dir.join("x.log"),
+            client_file: profile.client_file(),
+        };
+        st.write(&profile.cluster_file()).unwrap();
+        let setup = Setup { profile, instance, policy, engine_bin: "/nonexistent".into(), compiler_bin: "/bin/sh".into(), compiler_args: args, flags: "--profile t".into() };
+        Supervisor::new(setup, &st, Members { controller, compiler: Some(compiler), engines: HashMap::new() })
+    }
+
+    fn supervision(sup: &Supervisor) -> Supervision {
+        ClusterState::read(&sup.file).unwrap().supervision.unwrap_or_default()
+    }
+
+    /// Tick until `done` (bounded).
+    fn tick_until(sup: &mut Supervisor, mut done: impl FnMut(&Supervisor) -> bool) -> bool {
+        procs::wait_until(Duration::from_secs(10), || {
+            sup.tick(Instant::now());
+            done(sup)
+        })
+    }
+
+    #[test]
+    fn a_crash_looping_compiler_is_restarted_then_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy { limit: 2, first_delay: Duration::from_millis(10), ..Policy::default() };
+        let mut sup = stand_in(dir.path(), "echo started; exit 7", policy);
+        let first = sup.members[0].pid;
+        assert!(tick_until(&mut sup, |s| matches!(s.members[0].life, Life::Done)), "given up");
+        let v = supervision(&sup);
+        assert_eq!(v.restarts, 2, "{v:?}");
+        assert_eq!(v.recent[0].old_pid, first);
+        assert_eq!(v.recent[0].reason, "exited with status 7");
+        assert_eq!(v.given_up.len(), 1);
+        assert!(v.given_up[0].message.starts_with("the compiler (pid "), "{}", v.given_up[0].message);
+        assert!(v.given_up[0].message.contains("a crash loop") && v.given_up[0].message.contains("ipcluster stop --profile t"), "{}", v.given_up[0].message);
+        let st = ClusterState::read(&sup.file).unwrap();
+        assert_eq!(st.compiler_pid, Some(v.recent[1].new_pid), "the file follows the restarts");
+        // Every start appended to the same log, with the supervisor's lines between.
+        let log = std::fs::read_to_string(dir.path().join("x.log")).unwrap();
+        assert_eq!(log.matches("started").count(), 3, "{log}");
+        assert_eq!(log.matches("--- ipcluster: the compiler exited with status 7; restarting it").count(), 2, "{log}");
+        procs::signal(sup.controller_pid, libc::SIGKILL);
+        sup.reap();
+    }
+
+    #[test]
+    fn restarts_are_off_with_no_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sup = stand_in(dir.path(), "exit 0", Policy { restart: false, ..Policy::default() });
+        assert!(tick_until(&mut sup, |s| matches!(s.members[0].life, Life::Done)));
+        let v = supervision(&sup);
+        assert_eq!((v.restarts, v.given_up.len()), (0, 0), "nothing restarted, nothing given up: {v:?}");
+        procs::signal(sup.controller_pid, libc::SIGKILL);
+        sup.reap();
+    }
+
     #[test]
     fn only_compiler_work_directories_are_removed() {
         let tmp = tempfile::tempdir().unwrap();
