@@ -172,6 +172,8 @@ pub struct Supervisor {
     record: Supervision,
     hub: Option<Hub>,
     last_poll: Option<Instant>,
+    /// The cluster file could not be read at the last look (said once).
+    unreadable: bool,
 }
 
 impl Supervisor {
@@ -194,6 +196,7 @@ impl Supervisor {
             record,
             hub: None,
             last_poll: None,
+            unreadable: false,
             setup,
         };
         for e in &st.engines {
@@ -218,12 +221,24 @@ impl Supervisor {
                     procs::tail_block("ipcontroller log", &self.controller_log)
                 ));
             }
-            let Ok(st) = ClusterState::read(&self.file) else {
+            if !self.file.exists() {
                 // `ipcluster stop` racing us removed the cluster: end quietly.
                 return End::Stopped(None);
-            };
+            }
             let now = Instant::now();
-            self.sync_engines(&st, now);
+            // Written atomically, so a read fails only if something is badly wrong: say so once
+            // and go on watching the members known so far.
+            match ClusterState::read(&self.file) {
+                Ok(st) => {
+                    self.unreadable = false;
+                    self.sync_engines(&st, now);
+                }
+                Err(e) if !self.unreadable => {
+                    self.unreadable = true;
+                    say(&format!("{e:#}; supervising the members known so far"));
+                }
+                Err(_) => {}
+            }
             self.tick(now);
             for line in extra() {
                 say(&line);
