@@ -6,7 +6,8 @@
 //! on every host, then SIGTERM to the ssh groups), so engines can unregister while the
 //! controller still listens; then SIGTERM to the compiler's and the controller's groups; after
 //! ~5 s SIGKILL to whatever is left in those groups or carries the cluster's instance tag
-//! (workers, relays and MPI ranks included).
+//! (workers, relays and MPI ranks included); a compiler that had to be killed leaves its work
+//! directory, which is removed then.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -54,6 +55,7 @@ pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
     let all_groups: Vec<u32> = st.pids();
     report.processes_before = procs::members(&all_groups, &st.instance).len();
     let start = Instant::now();
+    let work_dir = compiler_work_dir(st);
 
     launcher::stop_all(st);
     let launch_groups = st.launch_pids();
@@ -66,7 +68,19 @@ pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
     let rest = Duration::from_secs(5).saturating_sub(start.elapsed()).max(Duration::from_millis(500));
     procs::wait_until(rest, || procs::members(&all_groups, &st.instance).is_empty());
     kill_rest(st, &all_groups, &mut report);
+    // A compiler that had to be killed could not remove its work directory (evcxr's builds).
+    if let Some(dir) = work_dir {
+        let _ = crate::supervise::remove_work_dir(&dir);
+    }
     report
+}
+
+/// The work directory the running compiler named in its connection file (if that file is the
+/// recorded compiler's).
+fn compiler_work_dir(st: &ClusterState) -> Option<std::path::PathBuf> {
+    let profile = Profile { name: st.profile.clone(), dir: st.profile_dir.clone(), cluster_id: st.cluster_id.clone() };
+    let conn: rpx_protocol::connection::CompilerConnection = rpx_protocol::connection::read_json(&profile.compiler_file()).ok()?;
+    (Some(conn.pid) == st.compiler_pid).then_some(conn.work_dir).flatten()
 }
 
 /// Which recorded members are alive before anything is signalled.

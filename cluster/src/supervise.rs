@@ -465,7 +465,7 @@ impl Supervisor {
 
 /// Remove a dead compiler's work directory: only a real directory (not a link) named
 /// `rpx-compiler-*`, as the compiler creates them. Ok(false): nothing to remove.
-fn remove_work_dir(dir: &Path) -> std::io::Result<bool> {
+pub fn remove_work_dir(dir: &Path) -> std::io::Result<bool> {
     let named_so = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rpx-compiler-"));
     let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
     if !named_so || !is_dir {

@@ -65,6 +65,15 @@ fn listing(c: &TestCluster) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The detached supervisor's log, for failure messages.
+fn supervisor_log(c: &TestCluster) -> String {
+    let log = c.cluster_state().and_then(|s| s["supervision"]["log"].as_str().map(PathBuf::from));
+    match log {
+        Some(l) => format!("--- supervisor log {}:\n{}", l.display(), std::fs::read_to_string(&l).unwrap_or_default()),
+        None => "(no supervisor log)".into(),
+    }
+}
+
 /// `ipcluster stop` succeeds and nothing of the cluster survives it: no process mentions its
 /// `RPX_DIR` (supervisor, controller, compiler, engines, workers), the supervisor is gone and
 /// no namespace of `uuids` is left.
@@ -200,7 +209,7 @@ fn a_killed_compiler_comes_back_on_its_port_and_cells_work_within_60_s() {
     assert!(ok, "cells did not work again within 60 s of the compiler's SIGKILL; tries: {tries:?}\n{}", listing(&c));
     eprintln!("cells worked again {took:.1?} after the compiler's SIGKILL ({} failed tries)", tries.len());
     let text = listing(&c);
-    assert!(text.contains(&format!("restarts: 1, last: compiler was killed by signal 9 (SIGKILL), restarted as pid {new}")), "{text}");
+    assert!(text.contains(&format!("restarts: 1, last: compiler was killed by signal 9 (SIGKILL), restarted as pid {new}")), "{text}\n{}", supervisor_log(&c));
     drop(client);
     stop_leaves_nothing(&c, &[]);
     assert!(!second.work_dir.unwrap().exists(), "a stopped compiler removes its work directory");
