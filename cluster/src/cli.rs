@@ -17,6 +17,7 @@ use crate::launcher::hosts::{self, HostSpec};
 use crate::launcher::local::Local;
 use crate::launcher::mpi::Mpi;
 use crate::launcher::ssh::Ssh;
+use crate::restart::Policy;
 use crate::Fail;
 
 /// Start, stop, list and grow rpx clusters (a controller, a shared compiler and N engines).
@@ -206,6 +207,22 @@ pub struct StartArgs {
     /// (`<profile>/security/tasks.db`, served again by `ipcontroller --restore`).
     #[arg(long, value_name = "memory|sqlite")]
     pub db: Option<String>,
+    /// Do not restart local engines or the compiler when they die (with --daemonize: leave
+    /// no supervisor process behind).
+    #[arg(long)]
+    pub no_restart: bool,
+    /// Give up on an engine or the compiler after this many restarts in a row that each died
+    /// within --restart-window of starting (a crash loop). Restarts wait 0.5 s, doubling up
+    /// to 30 s.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub restart_limit: u32,
+    /// Seconds: a member that dies sooner than this after its start counts towards
+    /// --restart-limit; one that ran longer starts the count over.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub restart_window: f64,
+    /// Internal: this process is the detached supervisor of `start --daemonize`.
+    #[arg(long = "detached-supervisor", hide = true)]
+    pub detached_supervisor: bool,
 }
 
 /// Checked `start` arguments.
@@ -219,6 +236,18 @@ pub struct StartConfig {
     pub daemonize: bool,
     /// `--db` for the controller, when given.
     pub db: Option<String>,
+    /// How dead members are restarted.
+    pub policy: Policy,
+    /// This process is the detached supervisor of `--daemonize`.
+    pub detached: bool,
+}
+
+impl StartConfig {
+    /// This process supervises the cluster once it runs: in the foreground, or as the
+    /// detached supervisor.
+    pub fn supervises(&self) -> bool {
+        !self.daemonize || self.detached
+    }
 }
 
 impl StartArgs {
@@ -236,6 +265,8 @@ impl StartArgs {
                 Some(v @ ("memory" | "sqlite")) => Some(v.to_string()),
                 Some(other) => return Err(Fail::usage(format!("--db {other:?}: use memory or sqlite"))),
             },
+            policy: check_policy(self.no_restart, self.restart_limit, self.restart_window)?,
+            detached: self.detached_supervisor && self.daemonize,
         };
         Ok((cfg, launch))
     }
@@ -356,6 +387,14 @@ pub fn check_timeout(secs: f64) -> Result<Duration, Fail> {
     } else {
         Err(Fail::usage(format!("--timeout must be a number of seconds > 0, got {secs}")))
     }
+}
+
+/// The restart policy from `--no-restart`, `--restart-limit` and `--restart-window`.
+pub fn check_policy(no_restart: bool, limit: u32, window: f64) -> Result<Policy, Fail> {
+    if !(window.is_finite() && window > 0.0 && window <= 86_400.0) {
+        return Err(Fail::usage(format!("--restart-window must be a number of seconds > 0, got {window}")));
+    }
+    Ok(Policy { restart: !no_restart, limit, window: Duration::from_secs_f64(window), ..Policy::default() })
 }
 
 /// `--ip` must be an IP address or `*` (the controller binds to it).
@@ -525,6 +564,25 @@ mod tests {
         assert!(usage(&["start", "--engines", "mpi", "-n", "5000"]).contains("at most 4096"));
         assert!(usage(&["start", "--location=-x"]).contains("--location"));
         assert!(engines_check(&["engines", "--engines", "mpi"]).unwrap_err().msg.contains("-n is required with --engines mpi"));
+    }
+
+    #[test]
+    fn restart_options() {
+        let (cfg, _) = start_check(&["start", "-n", "1"]).unwrap();
+        assert_eq!(cfg.policy, Policy::default());
+        assert!(cfg.supervises() && !cfg.detached, "the foreground supervises");
+        let (cfg, _) = start_check(&["start", "-n", "1", "--daemonize", "--no-restart", "--restart-limit", "2", "--restart-window", "5"]).unwrap();
+        assert!(!cfg.policy.restart);
+        assert_eq!((cfg.policy.limit, cfg.policy.window), (2, Duration::from_secs(5)));
+        assert!(!cfg.supervises(), "the launching command of --daemonize does not");
+        let (cfg, _) = start_check(&["start", "-n", "1", "--daemonize", "--detached-supervisor"]).unwrap();
+        assert!(cfg.detached && cfg.supervises());
+        let (cfg, _) = start_check(&["start", "-n", "1", "--detached-supervisor"]).unwrap();
+        assert!(!cfg.detached, "only with --daemonize");
+        assert_eq!(start_check(&["start", "--restart-window", "0"]).unwrap_err().code, 2);
+        assert!(parse(&["start", "--restart-limit", "-1"]).is_err());
+        let help = Cli::command().find_subcommand_mut("start").unwrap().render_help().to_string();
+        assert!(help.contains("--no-restart") && help.contains("--restart-limit") && !help.contains("detached-supervisor"), "{help}");
     }
 
     #[test]

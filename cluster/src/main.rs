@@ -16,7 +16,12 @@
 //! - [`procs`]: spawning members in their own session, `/proc` inspection, process-group
 //!   signals, bounded child waits, log tails, and the SIGINT/SIGTERM flag.
 //! - [`hub`]: a tiny synchronous `connection_request` client of the controller.
-//! - [`start`]: `start` and `engines` (launch, wait for registration, foreground loop).
+//! - [`start`]: `start` and `engines` (launch, wait for registration, then supervise).
+//! - [`supervise`]: the supervisor: watch the compiler and the local engines, clean up after
+//!   and restart the dead ones (same engine id, same compiler port), record it for `list`.
+//! - [`restart`]: the restart policy as pure decisions (backoff, crash-loop limit).
+//! - [`daemon`]: `start --daemonize` runs itself again as the detached supervisor and relays
+//!   its start.
 //! - [`stop`]: `stop` (every launcher's stop, then TERM, wait, KILL whole groups and tagged
 //!   stragglers, remove files).
 //! - [`list`]: `list` as a table or JSON, with each launcher's engines.
@@ -25,13 +30,16 @@
 //! option or bad usage.
 
 mod cli;
+mod daemon;
 mod hub;
 mod launcher;
 mod list;
 mod procs;
+mod restart;
 mod start;
 mod state;
 mod stop;
+mod supervise;
 
 use std::time::Instant;
 

@@ -39,6 +39,22 @@ pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&s
     spawn_with(bin, args, log, instance, env, Stdio::null())
 }
 
+/// [`spawn`], appending to `log` instead of truncating it (a restarted member keeps its
+/// predecessor's log).
+pub fn spawn_appending(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("cannot open log file {}", log.display()))?;
+    spawn_logged(bin, args, out, instance, env, Stdio::null())
+}
+
+/// Append one line to a log file (best effort: a log that cannot be written is no reason to
+/// fail).
+pub fn append_line(log: &Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 /// [`spawn`] with a given stdin (the ssh launcher hands ssh a pipe that never ends).
 pub fn spawn_with(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&str, String)], stdin: Stdio) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
@@ -47,7 +63,12 @@ pub fn spawn_with(bin: &Path, args: &[String], log: &Path, instance: &str, env: 
         .truncate(true)
         .open(log)
         .with_context(|| format!("cannot open log file {}", log.display()))?;
-    let err = out.try_clone().with_context(|| format!("cannot open log file {}", log.display()))?;
+    spawn_logged(bin, args, out, instance, env, stdin)
+}
+
+/// Start `bin` in a new session with stdout and stderr to the open log `out`.
+fn spawn_logged(bin: &Path, args: &[String], out: File, instance: &str, env: &[(&str, String)], stdin: Stdio) -> anyhow::Result<Child> {
+    let err = out.try_clone().context("cannot duplicate the log file descriptor")?;
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(stdin).stdout(out).stderr(err).env(INSTANCE_ENV, instance);
     for (k, v) in env {

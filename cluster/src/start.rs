@@ -1,13 +1,15 @@
 //! `ipcluster start` and `ipcluster engines`: launch the controller, then the compiler and the
 //! engines (through the chosen [`Launcher`]), record them in the cluster file, wait until the
-//! engines are registered, and (without `--daemonize`) stay in the foreground until
-//! SIGINT/SIGTERM.
+//! engines are registered, then supervise the cluster ([`crate::supervise`]) until
+//! SIGINT/SIGTERM: in the foreground, or with `--daemonize` as the detached supervisor
+//! ([`crate::daemon`]; `--daemonize --no-restart` leaves no supervisor).
 //!
 //! The local launcher's engines read the profile's connection files themselves, so the compiler
 //! and the engines start at once. Engines of the other launchers get `RPX_CONNECTION_INFO`
 //! instead, so for them `start` first waits (bounded by `--timeout`) for the compiler's
 //! connection file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -15,12 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::cli::{EnginesArgs, EnginesConfig, Launch, StartArgs, StartConfig, Target};
+use crate::daemon;
 use crate::hub::Hub;
 use crate::launcher::local::Local;
 use crate::launcher::{profile_args, Batch, LaunchCtx, Launcher, Record};
 use crate::procs;
-use crate::state::{self, ClusterState};
+use crate::state::{self, ClusterState, Supervision};
 use crate::stop;
+use crate::supervise::{End, Members, Setup, Supervisor};
 use crate::Fail;
 use rpx_protocol::connection::ConnectionInfo;
 use rpx_protocol::Profile;
@@ -34,7 +38,7 @@ fn clean_logs(profile: &Profile) {
     let Ok(rd) = std::fs::read_dir(profile.log_dir()) else { return };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if ["ipcontroller", "rpx-compiler", "ipengine"].iter().any(|p| state::is_log_of(&name, p, &profile.cluster_id)) {
+        if ["ipcontroller", "rpx-compiler", "ipengine", "ipcluster"].iter().any(|p| state::is_log_of(&name, p, &profile.cluster_id)) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -135,6 +139,9 @@ impl Bins {
 
 pub fn start(args: StartArgs, t0: Instant) -> anyhow::Result<i32> {
     let (cfg, launch) = args.check()?;
+    if cfg.daemonize && !cfg.detached && cfg.policy.restart {
+        return daemon::start_detached(cfg.limit);
+    }
     match launch {
         Launch::Local(l) => start_with(cfg, l, t0),
         Launch::Mpi(m) => start_with(cfg, m, t0),
@@ -167,12 +174,31 @@ fn start_with<L: Launcher>(cfg: StartConfig, mut launcher: L, t0: Instant) -> an
     }
     println!("connection file: {}", profile.client_file().display());
     println!("logs: {}", profile.log_dir().display());
-    if cfg.daemonize {
+    if !cfg.supervises() {
         println!("stop it with: ipcluster stop {}", cfg.target.flags());
         return Ok(0);
     }
-    println!("running in the foreground; Ctrl-C stops the cluster");
-    s.foreground()
+    let setup = Setup {
+        profile: profile.clone(),
+        instance: s.st.instance.clone(),
+        policy: cfg.policy,
+        engine_bin: bins.engine.clone(),
+        compiler_bin: bins.compiler.clone(),
+        compiler_args: address_args(&cfg),
+        flags: cfg.target.flags(),
+    };
+    let log = s.st.supervision.as_ref().and_then(|v| v.log.clone()).filter(|_| cfg.detached);
+    s.supervise(setup, || match log {
+        Some(log) => {
+            println!("supervisor: pid {}, {}; log {}", std::process::id(), cfg.policy.describe(), log.display());
+            println!("stop it with: ipcluster stop {}", cfg.target.flags());
+            daemon::hand_off(&log)
+        }
+        None => {
+            println!("running in the foreground ({}); Ctrl-C stops the cluster", cfg.policy.describe());
+            Ok(())
+        }
+    })
 }
 
 /// A cluster being started: what runs so far, to record, watch, and stop on failure.
@@ -207,7 +233,14 @@ impl<L: Launcher> Starting<L> {
             mpi: Vec::new(),
             ssh: Vec::new(),
             started: rpx_protocol::message::now_iso(),
-            ipcluster_pid: (!cfg.daemonize).then_some(me),
+            ipcluster_pid: cfg.supervises().then_some(me),
+            supervision: cfg.supervises().then(|| Supervision {
+                restart: cfg.policy.restart,
+                restart_limit: cfg.policy.limit,
+                restart_window: cfg.policy.window.as_secs_f64(),
+                log: cfg.detached.then(|| state::log_path(profile, "ipcluster", me)),
+                ..Supervision::default()
+            }),
             instance,
             launcher: L::KIND.into(),
             controller_log,
@@ -364,34 +397,37 @@ impl<L: Launcher> Starting<L> {
         self.batch.reap();
     }
 
-    /// Stay until SIGINT/SIGTERM (exit 0 after stopping) or the controller's death (exit 1).
-    fn foreground(mut self) -> anyhow::Result<i32> {
-        let profile = self.target.profile.clone();
-        let outcome = loop {
-            if let Some(sig) = procs::stop_signal() {
-                println!("{sig} received: stopping the cluster");
-                break Ok(0);
+    /// Take the members over, call `ready` (which says the cluster runs), and supervise until
+    /// SIGINT/SIGTERM (exit 0 after stopping) or the controller's death (exit 1), then stop
+    /// the cluster.
+    fn supervise(mut self, setup: Setup, ready: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<i32> {
+        let profile = setup.profile.clone();
+        // The local launcher's engines are supervised one by one; other launches are watched
+        // and their exits reported.
+        let engines = if L::KIND == Local::KIND { self.batch.take_children() } else { HashMap::new() };
+        let members = Members { controller: self.controller, compiler: self.compiler.take(), engines };
+        // Built before `ready`, so it knows the engines' uuids before anyone learns that the
+        // cluster runs (and can clean up after an engine killed at once).
+        let mut sup = Supervisor::new(setup, &self.st, members);
+        let outcome = match ready() {
+            Err(e) => Err(format!("{e:#}; stopping the cluster")),
+            Ok(()) => {
+                let batch = &mut self.batch;
+                match sup.run(|| batch.newly_exited()) {
+                    End::Stopped(Some(sig)) => {
+                        println!("{sig} received: stopping the cluster");
+                        Ok(0)
+                    }
+                    End::Stopped(None) => Ok(0),
+                    End::ControllerDied(msg) => Err(msg),
+                }
             }
-            if let Ok(Some(status)) = self.controller.try_wait() {
-                break Err(format!(
-                    "the controller (pid {}) exited with {status}; stopping the cluster\n{}",
-                    self.st.controller_pid,
-                    procs::tail_block("ipcontroller log", &self.st.controller_log)
-                ));
-            }
-            if !profile.cluster_file().exists() {
-                // Someone else (`ipcluster stop` racing us) removed the cluster: end quietly.
-                break Ok(0);
-            }
-            for line in self.batch.newly_exited() {
-                eprintln!("ipcluster: {line}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
         };
-        // Engines added by `ipcluster engines` are in the file, not in `self`.
+        // Engines added by `ipcluster engines` and restarts are in the file, not in `self`.
         let current = ClusterState::read(&profile.cluster_file()).unwrap_or_else(|_| self.st.clone());
         let report = stop::stop_state(&current, true);
-        self.reap();
+        sup.reap();
+        self.batch.reap();
         stop::remove_files(&profile);
         println!("{}", stop::summary(&current, &report));
         outcome.map_err(|msg| Fail::new(1, msg).into())
@@ -459,10 +495,13 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
     let instance = st.instance.clone();
     let ctx = LaunchCtx { profile: &profile, instance: &instance, engine_bin: &engine_bin, connection: info.as_deref() };
     batch.spawned = launcher.start(&ctx, st.next_index(), cfg.n)?;
-    batch.record_into(&mut st);
-    if let Err(e) = st.write(&file) {
-        batch.end(&instance);
-        return Err(e);
+    // The supervisor may write the file meanwhile: change it under its lock.
+    match ClusterState::update(&file, |cur| batch.record_into(cur)) {
+        Ok(()) => batch.record_into(&mut st),
+        Err(e) => {
+            batch.end(&instance);
+            return Err(e);
+        }
     }
     let controller = st.controller_pid;
     let waited = wait_registered(&mut hub, before + cfg.n, cfg.limit, || {
@@ -471,14 +510,14 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
         }
         if batch.observe() {
             batch.record_into(&mut st);
-            let _ = st.write(&file);
+            let _ = ClusterState::update(&file, |cur| batch.record_into(cur));
         }
         batch.exited()
     });
     match waited {
         Ok(count) => {
             if settle(&mut batch, &mut st) {
-                st.write(&file)?;
+                ClusterState::update(&file, |cur| batch.record_into(cur))?;
             }
             let new: Vec<String> = batch.spawned.iter().map(|s| format!("{} (pid {})", s.record.label(), s.record.leader().unwrap_or(0))).collect();
             let s = if cfg.n == 1 { "" } else { "s" };
@@ -503,8 +542,5 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
 /// Remove `batch`'s launches from the cluster file.
 fn forget<L: Launcher>(file: &Path, batch: &Batch<L>) {
     let leaders = batch.leaders();
-    if let Ok(mut cur) = ClusterState::read(file) {
-        L::records_mut(&mut cur).retain(|r| r.leader().is_none_or(|p| !leaders.contains(&p)));
-        let _ = cur.write(file);
-    }
+    let _ = ClusterState::update(file, |cur| L::records_mut(cur).retain(|r| r.leader().is_none_or(|p| !leaders.contains(&p))));
 }

@@ -40,9 +40,14 @@ pub struct ClusterState {
     pub ssh: Vec<SshLaunch>,
     /// ISO-8601 UTC.
     pub started: String,
-    /// The foreground `ipcluster start` process; absent with `--daemonize`.
+    /// The supervising `ipcluster` process: the foreground `ipcluster start`, or with
+    /// `--daemonize` the detached supervisor it left behind; absent with `--daemonize
+    /// --no-restart`. `stop` asks it to stop its cluster first.
     #[serde(default)]
     pub ipcluster_pid: Option<u32>,
+    /// What the supervisor does and did: its policy, restarts, members given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervision: Option<Supervision>,
     /// Value of `RPX_CLUSTER_INSTANCE` in every process ipcluster started (and so in their
     /// children): `stop` finds stragglers by it.
     #[serde(default)]
@@ -56,6 +61,84 @@ pub struct ClusterState {
     pub compiler_log: PathBuf,
     #[serde(default)]
     pub client_file: PathBuf,
+}
+
+/// The supervisor's section of the cluster file (written by the supervisor only).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Supervision {
+    /// Dead members are restarted (false: `--no-restart`).
+    pub restart: bool,
+    /// `--restart-limit`: restarts in a row, each followed by a death within the window,
+    /// before a member is given up.
+    pub restart_limit: u32,
+    /// `--restart-window`, seconds.
+    pub restart_window: f64,
+    /// The detached supervisor's log (`log/ipcluster[-cid]-<pid>.log`); none in the
+    /// foreground, which writes to its terminal.
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// The compiler's port, once known: a restarted compiler binds the same one.
+    #[serde(default)]
+    pub compiler_port: Option<u16>,
+    /// Restarts done since the cluster started.
+    #[serde(default)]
+    pub restarts: u64,
+    /// The latest restarts, oldest first (at most [`Supervision::KEPT`]).
+    #[serde(default)]
+    pub recent: Vec<RestartNote>,
+    /// Members no longer restarted (crash loops), oldest first.
+    #[serde(default)]
+    pub given_up: Vec<GaveUp>,
+}
+
+impl Supervision {
+    /// Restart notes kept in the file.
+    pub const KEPT: usize = 20;
+
+    /// Count a restart and keep its note.
+    pub fn note(&mut self, n: RestartNote) {
+        self.restarts += 1;
+        self.recent.push(n);
+        let over = self.recent.len().saturating_sub(Self::KEPT);
+        self.recent.drain(..over);
+    }
+}
+
+/// One restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartNote {
+    /// ISO-8601 UTC, when the new process was started.
+    pub at: String,
+    /// `engine 2 (id 2)` or `compiler`.
+    pub member: String,
+    /// Why it was restarted: `killed by signal 9 (SIGKILL)`, `exited with status 1`.
+    pub reason: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// What the restart lost, said to the user (`the engine's variables are lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+}
+
+impl RestartNote {
+    /// `engine 2 (id 2) killed by signal 9 (SIGKILL), restarted as pid 456 at T; its variables are lost`.
+    pub fn line(&self) -> String {
+        let mut s = format!("{} {}, restarted as pid {} at {}", self.member, self.reason, self.new_pid, self.at);
+        if let Some(l) = &self.lost {
+            s.push_str("; ");
+            s.push_str(l);
+        }
+        s
+    }
+}
+
+/// A member the supervisor gave up on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GaveUp {
+    pub at: String,
+    pub member: String,
+    /// The whole message, saying why and where to look.
+    pub message: String,
 }
 
 fn local() -> String {
@@ -75,6 +158,18 @@ impl ClusterState {
         write_private_json(path, self).with_context(|| format!("cannot write cluster file {}", path.display()))
     }
 
+    /// Read the cluster file at `path`, change it with `f` and write it back, holding an
+    /// exclusive lock (`<file>.lock`) so the supervisor and `ipcluster engines` do not undo
+    /// each other's changes. Fails if the file is gone (the cluster was stopped): it is never
+    /// recreated.
+    pub fn update<T>(path: &Path, f: impl FnOnce(&mut ClusterState) -> T) -> anyhow::Result<T> {
+        let _lock = Lock::take(path)?;
+        let mut st = ClusterState::read(path)?;
+        let out = f(&mut st);
+        st.write(path)?;
+        Ok(out)
+    }
+
     /// The next engine index for `ipcluster engines`, after every launcher's engines.
     pub fn next_index(&self) -> usize {
         launcher::all_records(self).iter().map(|(_, r)| r.indices().end).max().unwrap_or(0)
@@ -91,6 +186,48 @@ impl ClusterState {
         v.extend(self.compiler_pid);
         v.extend(self.launch_pids());
         v
+    }
+}
+
+/// The lock file of a cluster file.
+pub fn lock_path(cluster_file: &Path) -> PathBuf {
+    let mut name = cluster_file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lock");
+    cluster_file.with_file_name(name)
+}
+
+/// An exclusive `flock` on a cluster file's lock file, released on drop.
+struct Lock(std::fs::File);
+
+impl Lock {
+    fn take(cluster_file: &Path) -> anyhow::Result<Lock> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = lock_path(cluster_file);
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).with_context(|| format!("cannot open lock file {}", path.display()))?;
+        // Holders only read and write one small file: a bounded wait is plenty.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // SAFETY: flock on an open descriptor owned by `f`.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Lock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
+                return Err(anyhow::anyhow!("cannot lock {}: {e}", path.display()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: unlocking our own descriptor.
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
     }
 }
 
@@ -175,6 +312,7 @@ mod tests {
             ssh: Vec::new(),
             started: "2026-01-01T00:00:00.000000Z".into(),
             ipcluster_pid: None,
+            supervision: None,
             instance: "abc".into(),
             launcher: "local".into(),
             controller_log: "/l/c".into(),

@@ -6,7 +6,8 @@
 //! on every host, then SIGTERM to the ssh groups), so engines can unregister while the
 //! controller still listens; then SIGTERM to the compiler's and the controller's groups; after
 //! ~5 s SIGKILL to whatever is left in those groups or carries the cluster's instance tag
-//! (workers, relays and MPI ranks included).
+//! (workers, relays and MPI ranks included); a compiler that had to be killed leaves its work
+//! directory, which is removed then.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -54,6 +55,7 @@ pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
     let all_groups: Vec<u32> = st.pids();
     report.processes_before = procs::members(&all_groups, &st.instance).len();
     let start = Instant::now();
+    let work_dir = compiler_work_dir(st);
 
     launcher::stop_all(st);
     let launch_groups = st.launch_pids();
@@ -66,7 +68,19 @@ pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
     let rest = Duration::from_secs(5).saturating_sub(start.elapsed()).max(Duration::from_millis(500));
     procs::wait_until(rest, || procs::members(&all_groups, &st.instance).is_empty());
     kill_rest(st, &all_groups, &mut report);
+    // A compiler that had to be killed could not remove its work directory (evcxr's builds).
+    if let Some(dir) = work_dir {
+        let _ = crate::supervise::remove_work_dir(&dir);
+    }
     report
+}
+
+/// The work directory the running compiler named in its connection file (if that file is the
+/// recorded compiler's).
+fn compiler_work_dir(st: &ClusterState) -> Option<std::path::PathBuf> {
+    let profile = Profile { name: st.profile.clone(), dir: st.profile_dir.clone(), cluster_id: st.cluster_id.clone() };
+    let conn: rpx_protocol::connection::CompilerConnection = rpx_protocol::connection::read_json(&profile.compiler_file()).ok()?;
+    (Some(conn.pid) == st.compiler_pid).then_some(conn.work_dir).flatten()
 }
 
 /// Which recorded members are alive before anything is signalled.
@@ -86,13 +100,19 @@ fn note_alive(st: &ClusterState, report: &mut StopReport) {
     }
 }
 
-/// A foreground `ipcluster` stops its own cluster; give it time to do so.
+/// The supervising `ipcluster` (foreground, or the detached supervisor of `--daemonize`) stops
+/// its own cluster, so it restarts nothing while the rest is stopped; give it time to do so,
+/// and SIGKILL it if it did not (the members are then stopped from here).
 fn stop_foreground(st: &ClusterState, report: &mut StopReport) {
     let me = std::process::id();
     if let Some(p) = st.ipcluster_pid.filter(|p| *p != me && procs::is_proc(*p, "ipcluster")) {
         report.foreground = Some(p);
         procs::signal(p, libc::SIGTERM);
-        procs::wait_until(Duration::from_secs(12), || !procs::alive(p));
+        if !procs::wait_until(Duration::from_secs(12), || !procs::alive(p)) {
+            procs::signal(p, libc::SIGKILL);
+            report.killed += 1;
+            procs::wait_until(Duration::from_secs(2), || !procs::alive(p));
+        }
     }
 }
 
@@ -102,7 +122,7 @@ fn kill_rest(st: &ClusterState, all_groups: &[u32], report: &mut StopReport) {
     if left.is_empty() {
         return;
     }
-    report.killed = left.len();
+    report.killed += left.len();
     for g in all_groups {
         procs::signal_group(*g, libc::SIGKILL);
     }
@@ -113,9 +133,10 @@ fn kill_rest(st: &ClusterState, all_groups: &[u32], report: &mut StopReport) {
     report.survivors = procs::members(all_groups, &st.instance);
 }
 
-/// Remove the cluster file and the connection files of `profile`'s cluster.
+/// Remove the cluster file (and its lock file) and the connection files of `profile`'s
+/// cluster.
 pub fn remove_files(profile: &Profile) {
-    for f in [profile.cluster_file(), profile.client_file(), profile.engine_file(), profile.compiler_file()] {
+    for f in [profile.cluster_file(), state::lock_path(&profile.cluster_file()), profile.client_file(), profile.engine_file(), profile.compiler_file()] {
         let _ = std::fs::remove_file(f);
     }
 }
@@ -135,7 +156,7 @@ pub fn summary(st: &ClusterState, report: &StopReport) -> String {
     parts.extend(report.launches.iter().cloned());
     let mut line = format!("stopped cluster ({}): {}", cli::describe(&st.profile, &st.cluster_id), parts.join(", "));
     if let Some(p) = report.foreground {
-        line.push_str(&format!(" (through its foreground ipcluster, pid {p})"));
+        line.push_str(&format!(" (through its supervising ipcluster, pid {p})"));
     }
     if report.killed > 0 {
         line.push_str(&format!("; {} process(es) ignored SIGTERM and were killed", report.killed));
@@ -215,6 +236,7 @@ mod tests {
             ssh: Vec::new(),
             started: String::new(),
             ipcluster_pid: None,
+            supervision: None,
             instance: instance.into(),
             launcher: "local".into(),
             controller_log: Default::default(),

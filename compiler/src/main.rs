@@ -140,7 +140,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let url = format!("tcp://{public}:{port}");
     let compiler_file = args.file.as_ref().and_then(|f| f.parent()).map_or_else(|| profile.compiler_file(), |d| d.join(profile.compiler_file().file_name().expect("file name")));
-    write_private_json(&compiler_file, &CompilerConnection { url: url.clone(), key: conn.key.clone(), pid: std::process::id() })?;
+    write_private_json(&compiler_file, &CompilerConnection { url: url.clone(), key: conn.key.clone(), pid: std::process::id(), work_dir: Some(work.clone()) })?;
     tracing::info!(%url, file = %compiler_file.display(), "compiler listening");
     let mut registry = artifacts::Registry::new(&work.join("artifacts")).context("creating the artifact store")?;
     let runtime_libs = registry.runtime_libs(std::path::Path::new(&target_libdir()));

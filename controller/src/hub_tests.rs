@@ -112,18 +112,22 @@ impl Env {
 }
 
 #[test]
-fn engine_ids_are_handed_out_in_order_and_never_reused() {
+fn engine_ids_are_handed_out_in_order_and_never_reused_unless_requested() {
     let mut e = env(0);
     assert_eq!(e.engine(0), 0);
     assert_eq!(e.engine(1), 1);
     let id = e.hub.engines.id_of(uuid(0).as_bytes()).unwrap();
     e.hub.on_engine_died(&mut e.comm, id, "test", e.now);
-    assert_eq!(e.engine(2), 2);
-    // A requested id is honoured only if never used.
-    let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "x", "id": 0}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
-    let reply = e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap();
-    assert_eq!(reply.content["id"], 3);
+    assert_eq!(e.engine(2), 2, "a dead engine's id is not handed out unasked");
+    let mut register = |uuid: &str, id: u64| {
+        let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": uuid, "id": id}), None, json!({}), &[]);
+        e.ev(Inbound::Query(f));
+        e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap().content["id"].clone()
+    };
+    // A requested id is honoured unless a registered engine holds it: ipcluster restarts a
+    // dead engine under its id (`ipengine --id 0`); engine 1 still holds its own.
+    assert_eq!(register("x", 0), 0);
+    assert_eq!(register("y", 1), 3);
 }
 
 #[test]

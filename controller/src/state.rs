@@ -343,11 +343,13 @@ pub struct Engines {
 }
 
 impl Engines {
-    /// A new engine id: the requested one if it was never used, else the next of 0, 1, 2, ...
-    /// Ids are never reused.
+    /// A new engine id: the requested one unless a registered engine holds it, else the next
+    /// never used of 0, 1, 2, ... A requested id may be one whose engine died: ipcluster's
+    /// supervisor restarts a dead engine under its old id (`ipengine --id N`), so clients keep
+    /// addressing it by the same id. Unrequested ids are never reused.
     pub fn allocate_id(&mut self, requested: Option<u64>) -> u64 {
         if let Some(r) = requested {
-            if !self.used.contains(&r) {
+            if !self.by_id.contains_key(&r) {
                 self.used.insert(r);
                 self.next_id = self.next_id.max(r + 1);
                 return r;
@@ -440,15 +442,26 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_never_reused() {
+    fn ids_are_never_reused_unless_requested_after_their_engine_died() {
         let mut e = Engines::default();
-        assert_eq!(e.allocate_id(None), 0);
-        assert_eq!(e.allocate_id(None), 1);
-        assert_eq!(e.allocate_id(Some(5)), 5);
-        assert_eq!(e.allocate_id(Some(5)), 6);
-        assert_eq!(e.allocate_id(Some(1)), 7);
-        assert_eq!(e.allocate_id(Some(3)), 3);
-        assert_eq!(e.allocate_id(None), 8);
+        let now = Instant::now();
+        // As the hub does: allocate, then register under the id.
+        let mut register = |e: &mut Engines, requested: Option<u64>| {
+            let id = e.allocate_id(requested);
+            e.insert(Engine::new(id, &format!("uuid-{id}-{requested:?}"), now));
+            id
+        };
+        assert_eq!(register(&mut e, None), 0);
+        assert_eq!(register(&mut e, None), 1);
+        assert_eq!(register(&mut e, Some(5)), 5);
+        assert_eq!(register(&mut e, Some(5)), 6, "held by a registered engine");
+        assert_eq!(register(&mut e, Some(1)), 7);
+        assert_eq!(register(&mut e, Some(3)), 3);
+        assert_eq!(register(&mut e, None), 8);
+        // Engine 1 dies: a restarted engine asking for 1 gets it back; nobody else does.
+        e.remove(1);
+        assert_eq!(register(&mut e, None), 9, "unrequested ids are never reused");
+        assert_eq!(register(&mut e, Some(1)), 1);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How long to wait for the compiler at startup.
     pub compiler_wait: Duration,
+    /// This engine replaces one that died (ipcluster's supervisor says so): the notice to
+    /// publish on stderr with the first request it runs.
+    pub restart_notice: Option<String>,
 }
 
 /// The engine's start index (ipcluster's launchers set it; otherwise the worker gets the id).
@@ -79,6 +82,7 @@ pub async fn run(cfg: Config) -> Result<i32> {
 
     let (worker_tx, mut worker_rx) = mpsc::channel::<(u64, WorkerEvent)>(256);
     let mut engine = Engine::new(me, session, outlets, worker_tx, inbound_tx, cfg.compiler.clone(), username);
+    engine.restart_notice = cfg.restart_notice.clone();
     let hb_limit = (hb_period * 10).max(Duration::from_secs(5));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Io)?;
@@ -142,6 +146,9 @@ struct Engine {
     history: WorkerHistory,
     /// The connection attempt under way carries the worker's whole history.
     history_sent: bool,
+    /// Published on stderr with the first execute or apply request (see
+    /// [`Config::restart_notice`]).
+    restart_notice: Option<String>,
 
     /// The engine namespace: one file per pushed or pulled name (`rpx_runtime::get`).
     ns_dir: PathBuf,
@@ -183,6 +190,7 @@ impl Engine {
             exit_code: None,
             history: WorkerHistory::default(),
             history_sent: false,
+            restart_notice: None,
             bindings: Bindings::default(),
             closures: Closures::default(),
             call: None,
@@ -385,6 +393,13 @@ impl Engine {
     }
 
     async fn start(&mut self, req: Request) {
+        if matches!(req.msg_type(), "execute_request" | "apply_request") {
+            if let Some(notice) = self.restart_notice.take() {
+                self.out.set_stream_parent(req.header.clone());
+                self.out.append(Stream::Stderr, &format!("{notice}\n"));
+                self.out.flush_streams();
+            }
+        }
         match req.msg_type() {
             "execute_request" => {
                 self.out.status("busy", &req.header);

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rpx_engine::engine::{self, Config};
 use rpx_engine::net::CompilerSource;
-use rpx_protocol::connection::{read_json, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV};
+use rpx_protocol::connection::{read_json, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV, ENGINE_RESTARTED_ENV};
 use rpx_protocol::Profile;
 
 /// An rpx engine: runs Rust cells for an rpx (ipyparallel-compatible) controller.
@@ -43,6 +43,10 @@ struct Args {
     /// Added to the rank under --mpi (for engines added to a cluster that has ids 0..N).
     #[arg(long, default_value_t = 0, requires = "mpi")]
     id_base: u64,
+    /// Ask the controller for this engine id (granted unless a registered engine holds it;
+    /// ipcluster restarts a dead engine under its old id this way).
+    #[arg(long, conflicts_with = "mpi")]
+    id: Option<u64>,
 }
 
 /// The rank variables of MPI launchers (and Slurm), in the order they are consulted.
@@ -85,7 +89,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         bail!("--timeout must be positive and --compiler-timeout not negative");
     }
     let timeout = Duration::from_secs_f64(args.timeout);
-    let requested_id = if args.mpi { Some(mpi_rank(|v| std::env::var(v).ok())? + args.id_base) } else { None };
+    let requested_id = if args.mpi { Some(mpi_rank(|v| std::env::var(v).ok())? + args.id_base) } else { args.id };
     let (connection, compiler) = match std::env::var(CONNECTION_INFO_ENV).ok().filter(|_| args.file.is_none()) {
         Some(line) => {
             let info = ConnectionInfo::parse(&line).with_context(|| format!("{CONNECTION_INFO_ENV} is not an rpx connection info"))?;
@@ -102,7 +106,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
             (connection, CompilerSource::File(compiler_file))
         }
     };
-    let cfg = Config { connection, compiler, requested_id, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout) };
+    let restart_notice = std::env::var(ENGINE_RESTARTED_ENV).ok().filter(|n| !n.trim().is_empty());
+    let cfg = Config { connection, compiler, requested_id, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout), restart_notice };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
     let code = rt.block_on(engine::run(cfg))?;
     // Do not wait for lingering socket tasks.
@@ -143,5 +148,7 @@ mod tests {
         let a = Args::try_parse_from(["ipengine", "--mpi", "--id-base", "4"]).unwrap();
         assert!(a.mpi && a.id_base == 4);
         assert!(Args::try_parse_from(["ipengine", "--id-base", "4"]).is_err(), "--id-base needs --mpi");
+        assert_eq!(Args::try_parse_from(["ipengine", "--id", "3"]).unwrap().id, Some(3));
+        assert!(Args::try_parse_from(["ipengine", "--id", "3", "--mpi"]).is_err(), "--id or --mpi, not both");
     }
 }

@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use rpx_protocol::apply::NamedType;
 
-/// The namespace directory of an engine: on tmpfs when there is one.
+/// The namespace directory of an engine: on tmpfs when there is one (ipcluster's supervisor
+/// removes it after the engine crashed, so the rule lives in `rpx_protocol`).
 pub fn dir_for(engine_uuid: &str) -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-    base.join(format!("rpx-ns-{engine_uuid}"))
+    rpx_protocol::connection::engine_namespace_dir(engine_uuid)
 }
 
 /// Create the engine's namespace directory, fresh and private (0700). A directory (or link) that

@@ -263,7 +263,7 @@ async fn start(dir: &std::path::Path, host: Host, cache: &std::path::Path) -> (F
         unpack: "json".into(),
         signature_scheme: "hmac-sha256".into(),
     };
-    let compiler_conn = CompilerConnection { url: format!("tcp://127.0.0.1:{compiler_port}"), key: KEY.into(), pid: 0 };
+    let compiler_conn = CompilerConnection { url: format!("tcp://127.0.0.1:{compiler_port}"), key: KEY.into(), pid: 0, work_dir: None };
 
     // Heartbeat: ping every 200 ms, drain pongs.
     tokio::spawn(async move {

@@ -107,6 +107,15 @@ pub fn rpx_dir() -> PathBuf {
     home.join(".rpx")
 }
 
+/// The namespace directory of the engine with this uuid (its pushed values): under
+/// `/dev/shm` when it exists, else the temporary directory. Created by the engine, removed by
+/// it when it stops, and by ipcluster's supervisor after the engine crashed.
+pub fn engine_namespace_dir(engine_uuid: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    base.join(format!("rpx-ns-{engine_uuid}"))
+}
+
 /// The profile named by `RPX_PROFILE`, or `default`.
 pub fn default_profile_name() -> String {
     std::env::var("RPX_PROFILE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
@@ -187,11 +196,20 @@ pub struct CompilerConnection {
     /// The compiler's pid on its own host (for `ipcluster`; engines never use it).
     #[serde(default)]
     pub pid: u32,
+    /// The compiler's private work directory on its own host (evcxr's builds, artifacts), for
+    /// ipcluster's supervisor to remove after the compiler crashed; engines never use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<PathBuf>,
 }
 
 /// The environment variable that carries an engine's whole [`ConnectionInfo`] as JSON, as
 /// ipyparallel's `IPP_CONNECTION_INFO` does: engines on other hosts need no file.
 pub const CONNECTION_INFO_ENV: &str = "RPX_CONNECTION_INFO";
+
+/// Set by ipcluster's supervisor on an engine it restarts: a one-line notice (why the engine
+/// was restarted, and that its variables are lost) that the engine publishes on stderr with
+/// the first request it runs, so clients see it (`[stderr:2] ...` under `%px`).
+pub const ENGINE_RESTARTED_ENV: &str = "RPX_ENGINE_RESTARTED";
 
 /// Everything an engine needs to join a cluster: the controller and the compiler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,7 +327,7 @@ mod tests {
             unpack: "json".into(),
             signature_scheme: "hmac-sha256".into(),
         };
-        let info = ConnectionInfo { compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0 }, engine };
+        let info = ConnectionInfo { compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0, work_dir: None }, engine };
         let line = info.to_line();
         assert!(!line.contains('\n'));
         assert_eq!(ConnectionInfo::parse(&line).unwrap(), info);

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::{profile_args, start_each, term_leaders, LaunchCtx, LaunchStatus, Launcher, Record, Spawned, ENGINE_INDEX_ENV};
 use crate::procs;
 use crate::state::{self, ClusterState};
+use rpx_protocol::connection::ENGINE_RESTARTED_ENV;
+use rpx_protocol::Profile;
 
 /// The local launcher (it has no options).
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,6 +49,31 @@ impl Record for EngineProc {
     }
 }
 
+/// The engine id a local engine asks the controller for: its start index, so the supervisor
+/// can restart a dead engine under the same id.
+pub fn engine_id(index: usize) -> u64 {
+    index as u64
+}
+
+/// `ipengine` arguments of the local engine with start index `index`: the profile, and its
+/// engine id ([`engine_id`]).
+pub fn engine_args(profile: &Profile, index: usize) -> Vec<String> {
+    let mut a = profile_args(profile);
+    a.extend(["--id".to_string(), engine_id(index).to_string()]);
+    a
+}
+
+/// Start the local engine with start index `index` again after it died, with the same id and
+/// log (appended to, after a line saying why, so the crash stays readable). The new engine
+/// tells its first client request that it was restarted and its variables are lost
+/// ([`ENGINE_RESTARTED_ENV`]).
+pub fn restart_engine(profile: &Profile, engine_bin: &Path, instance: &str, rec: &EngineProc, why: &str) -> anyhow::Result<std::process::Child> {
+    procs::append_line(&rec.log, &format!("--- ipcluster: engine {} {why}; restarting it", rec.index));
+    let notice = format!("[ipcluster] engine {} was restarted: its previous process {why} (at {}); its variables are lost", engine_id(rec.index), rpx_protocol::message::now_iso());
+    let env = [(ENGINE_INDEX_ENV, rec.index.to_string()), (ENGINE_RESTARTED_ENV, notice)];
+    procs::spawn_appending(engine_bin, &engine_args(profile, rec.index), &rec.log, instance, &env)
+}
+
 impl Launcher for Local {
     type Record = EngineProc;
     const KIND: &'static str = "local";
@@ -60,10 +87,9 @@ impl Launcher for Local {
     }
 
     fn start(&self, ctx: &LaunchCtx, first: usize, n: usize) -> anyhow::Result<Vec<Spawned<EngineProc>>> {
-        let args = profile_args(ctx.profile);
         start_each(first..first + n, |index| {
             let log = state::log_path(ctx.profile, "ipengine", index);
-            let child = procs::spawn(ctx.engine_bin, &args, &log, ctx.instance, &[(ENGINE_INDEX_ENV, index.to_string())])?;
+            let child = procs::spawn(ctx.engine_bin, &engine_args(ctx.profile, index), &log, ctx.instance, &[(ENGINE_INDEX_ENV, index.to_string())])?;
             Ok(Spawned { record: EngineProc { pid: child.id(), index, log }, child: Some(child) })
         })
     }

@@ -349,6 +349,11 @@ impl<L: Launcher> Batch<L> {
         L::explain_timeout(&self.records())
     }
 
+    /// Hand the local children over (to the supervisor), by their leader's pid.
+    pub fn take_children(&mut self) -> std::collections::HashMap<u32, Child> {
+        self.spawned.iter_mut().filter_map(|s| Some((s.record.leader()?, s.child.take()?))).collect()
+    }
+
     /// Reap children that exited (no zombies while the foreground `ipcluster` runs on).
     pub fn reap(&mut self) {
         for c in self.spawned.iter_mut().filter_map(|s| s.child.as_mut()) {
