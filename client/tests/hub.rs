@@ -152,6 +152,23 @@ fn a_dead_controller_fails_pending_requests() {
     assert!(matches!(e, Error::Connection(_) | Error::NoEngines), "{e}");
 }
 
+/// Replies that never come (a frozen controller: the TCP connection stays open, nothing is
+/// answered) end the wait with a connection error instead of hanging.
+#[test]
+fn a_frozen_controller_fails_pending_waits_instead_of_hanging() {
+    let _serial = serial();
+    let cluster = TestCluster::start(1);
+    let c = client(&cluster);
+    let ar = c.direct_view(..).execute_async("std::thread::sleep(std::time::Duration::from_secs(120));").unwrap();
+    let pid = cluster.cluster_state().unwrap()["controller_pid"].as_u64().unwrap() as i32;
+    // SAFETY: plain syscalls.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let e = ar.get().unwrap_err();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(matches!(e, Error::Connection(_)), "{e}");
+    assert!(e.to_string().contains("controller"), "{e}");
+}
+
 #[test]
 fn shutdown_stops_controller_and_engines() {
     let _serial = serial();
