@@ -32,7 +32,7 @@ use crate::call::{self, Call, CallStep, Closures, ClosureVerdict};
 use crate::cell::{Bindings, Cell, Ending, LoadStep, Loads, PullPlan, Purpose, Skip};
 use crate::child::{WorkerCommand, WorkerEvent, WorkerSlot, WriteFailed};
 use crate::compiler::{Compiler, CompilerMessage};
-use crate::link::{Link, Step};
+use crate::link::{self, Link};
 use crate::liveness::Watch;
 use crate::net::{self, Channel, CompilerLink, CompilerSource, ControllerSource, Frames, Inbound, Outlets, Pings, Rejoined, Tasks};
 use crate::outbox::{Outbox, Stream, FLUSH_PERIOD};
@@ -353,8 +353,8 @@ impl Engine {
         let now = Instant::now();
         let c = &mut self.controller;
         match c.link.tick(now, c.pings.count()) {
-            Step::Quiet => {}
-            Step::Attempt { rebuild } => {
+            link::Step::Quiet => {}
+            link::Step::Attempt { rebuild } => {
                 if rebuild {
                     // The old sockets are no good: close them before new ones connect.
                     c.sock_tasks = Tasks::default();
@@ -364,7 +364,7 @@ impl Engine {
                 debug!(rebuild, ?limit, "registering with the controller again");
                 tokio::spawn(net::rejoin(c.source.clone(), self.username.clone(), self.me.uuid.clone(), self.me.id, rebuild, limit, self.inbound_tx.clone()));
             }
-            Step::GiveUp(msg) => {
+            link::Step::GiveUp(msg) => {
                 error!("{msg}");
                 self.exit_code = Some(1);
             }

@@ -240,7 +240,7 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
             Ok(Ok(m)) => m,
         };
         match session.decode(m.into_vec()) {
-            Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id() == Some(header.msg_id.as_str()) => break msg,
+            Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id().is_none_or(|p| p == header.msg_id) => break msg,
             Ok(msg) => warn!(msg_type = msg.msg_type(), "unexpected message on the registration socket"),
             Err(e) => warn!(error = %e, "bad message on the registration socket dropped"),
         }
