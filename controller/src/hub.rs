@@ -72,6 +72,9 @@ pub const FIRST_PONG_GRACE: Duration = Duration::from_secs(15);
 /// The reason [`Hub::on_engine_died`] gets for an engine that left by `unregistration_request`
 /// (it is not told it was evicted).
 pub const UNREGISTERED: &str = "unregistered";
+/// The end of the reason [`Hub::on_engine_died`] gets when one of the engine's connections
+/// closed (an evicted engine that is alive must then connect new sockets).
+pub const CONNECTION_CLOSED: &str = "connection closed";
 /// Evicted rpx engines remembered (to tell them to register again when heard from).
 const EVICTIONS_LIMIT: usize = 4096;
 /// msg_ids answered by the hub for dead or evicted engines, remembered to drop stale replies.
@@ -266,7 +269,7 @@ impl Hub {
             Sock::HbPong => {
                 if !connected {
                     if let Some(id) = self.engines.id_of(&ident) {
-                        self.on_engine_died(c, id, "heartbeat connection closed", now);
+                        self.on_engine_died(c, id, &format!("heartbeat {CONNECTION_CLOSED}"), now);
                     }
                 }
                 return;
@@ -289,7 +292,7 @@ impl Hub {
             if let Some(id) = self.engines.id_of(&ident) {
                 self.engines.get_mut(id).expect("indexed").connected.remove(&chan);
                 if matches!(chan, Chan::Mux | Chan::Task) {
-                    self.on_engine_died(c, id, &format!("{} connection closed", chan.name()), now);
+                    self.on_engine_died(c, id, &format!("{} {CONNECTION_CLOSED}", chan.name()), now);
                 }
             }
         }
@@ -394,7 +397,8 @@ impl Hub {
         }
         if let Some(to) = e.notice_to.clone().filter(|_| reason != UNREGISTERED) {
             let answered = inflight.iter().map(|(m, _)| m.clone()).collect();
-            let notice = EvictionNotice { id, uuid: e.uuid.clone(), registration: e.registration.clone(), reason: reason.to_string(), answered };
+            let reconnect = reason.ends_with(CONNECTION_CLOSED);
+            let notice = EvictionNotice { id, uuid: e.uuid.clone(), registration: e.registration.clone(), reason: reason.to_string(), answered, reconnect };
             self.evictions.insert(&e.uuid, Evicted { notice_to: to, notice, last_sent: None });
             // Told at once (a frozen engine reads it when it resumes), and again when heard from.
             self.tell_evicted(c, e.uuid.as_bytes(), now);

@@ -575,7 +575,7 @@ mod tests {
     }
 
     fn evicted(id: u64) -> Evicted {
-        let notice = rpx_protocol::registration::EvictionNotice { id, uuid: format!("u{id}"), registration: "r".into(), reason: "missed heartbeats".into(), answered: vec![] };
+        let notice = rpx_protocol::registration::EvictionNotice { id, uuid: format!("u{id}"), registration: "r".into(), reason: "missed heartbeats".into(), answered: vec![], reconnect: false };
         Evicted { notice_to: Bytes::from(format!("reg{id}")), notice, last_sent: None }
     }
 

@@ -344,7 +344,7 @@ impl Engine {
             running_answered = ?running_answered,
             "the controller evicted this engine; registering again (the worker and its variables are kept; requests it answered meanwhile will not run)"
         );
-        self.controller.link.lost(&format!("evicted by the controller ({})", notice.reason), false, Instant::now());
+        self.controller.link.lost(&format!("evicted by the controller ({})", notice.reason), notice.reconnect, Instant::now());
         self.step_link();
     }
 

@@ -180,7 +180,7 @@ mod tests {
     }
 
     fn notice(registration: &str) -> EvictionNotice {
-        EvictionNotice { id: 3, uuid: "me".into(), registration: registration.into(), reason: "missed heartbeats".into(), answered: vec![] }
+        EvictionNotice { id: 3, uuid: "me".into(), registration: registration.into(), reason: "missed heartbeats".into(), answered: vec![], reconnect: false }
     }
 
     #[test]

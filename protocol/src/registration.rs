@@ -48,6 +48,10 @@ pub struct EvictionNotice {
     /// `EngineError`, or queued again for another engine): the engine must not run them.
     #[serde(default)]
     pub answered: Vec<String>,
+    /// The controller lost one of the engine's connections: register again over new sockets
+    /// (otherwise the existing ones still work and only registration is needed).
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 /// Message type names of this module.
