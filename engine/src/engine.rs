@@ -6,7 +6,8 @@
 //! cell and its loads go ([`crate::cell`]), how a closure call ends ([`crate::call`]), when the
 //! worker is restarted or killed after SIGINT ([`crate::supervise`]), whether there is a
 //! compiler ([`crate::compiler`], [`crate::liveness`]), where artifacts come from
-//! ([`crate::artifacts`]).
+//! ([`crate::artifacts`]), whether the controller still has this engine and when to register
+//! again or give up ([`crate::link`]).
 //!
 //! Single-threaded by design (a `current_thread` runtime): one loop owns all state and handles
 //! one event at a time, so no locks are needed; socket I/O lives in small tasks (see
