@@ -196,6 +196,7 @@ struct Engine {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)] // the parts the engine loop is made of, each built in `run`
     fn new(
         me: Identity,
         session: Session,
