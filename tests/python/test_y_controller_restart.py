@@ -56,7 +56,12 @@ def test_python_client_survives_a_controller_restart_with_reuse(own_cluster):
                                         stderr=subprocess.STDOUT, start_new_session=True))
         # A new client from the same connection file reaches the restarted controller, and the
         # engines are back under their ids.
-        rc2 = ipyparallel.Client(str(client_file), timeout=30)
+        try:
+            rc2 = ipyparallel.Client(str(client_file), timeout=30)
+        except Exception as e:
+            log.flush()
+            pytest.fail(f"no client could connect to the restarted controller ({e!r}); its log:\n"
+                        + (rpx_dir / "ipcontroller-reuse.log").read_text(), pytrace=False)
         try:
             rc2.wait_for_engines(2, timeout=10)
             H.note("controller restart (--reuse)", f"engines back after {time.monotonic() - t0:.2f} s")
