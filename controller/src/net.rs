@@ -60,11 +60,26 @@ fn router(identity: Option<&'static [u8]>) -> RouterSocket {
     RouterSocket::with_options(opts)
 }
 
-/// Bind `s` on `ip:port` (0: any free port) behind the guard; returns the port.
+/// How long a `--reuse` controller retries binding a port of its connection files. The port
+/// was an ephemeral one, so while the controller was down an outgoing connection (an engine
+/// trying to reconnect, say) may briefly hold it as its local port.
+const REUSE_BIND_RETRY: Duration = Duration::from_secs(10);
+
+/// Bind `s` on `ip:port` (0: any free port) behind the guard; returns the port. A given port
+/// is retried for [`REUSE_BIND_RETRY`].
 async fn bind<S: Socket>(s: &mut S, ip: &str, port: u16, what: &'static str) -> Result<u16> {
     let addr = format!("tcp://{ip}:{port}");
-    let ep = rpx_guard::bind(s, &addr).await.map_err(|source| Error::Bind { what, addr, source })?;
-    Ok(port_of(&ep))
+    let deadline = Instant::now() + if port == 0 { Duration::ZERO } else { REUSE_BIND_RETRY };
+    loop {
+        match rpx_guard::bind(s, &addr).await {
+            Ok(ep) => return Ok(port_of(&ep)),
+            Err(source) if Instant::now() >= deadline => return Err(Error::Bind { what, addr, source }),
+            Err(e) => {
+                warn!(what, %addr, error = %e, "cannot bind the port of the connection file yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 fn hostname() -> String {
