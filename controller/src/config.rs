@@ -56,6 +56,11 @@ pub struct Args {
     /// crash). Without it a new database is started and the old file kept as `tasks.db.prev`.
     #[arg(long)]
     pub restore: bool,
+    /// Reuse the profile's existing connection files: bind the same ports with the same key, so
+    /// that engines and clients of a controller that died find this one (ipyparallel's flag).
+    /// The files are kept when this controller exits.
+    #[arg(long)]
+    pub reuse: bool,
 }
 
 /// A checked configuration.
@@ -78,6 +83,50 @@ pub struct Config {
     pub key: String,
     /// Write (and at exit remove) the connection files.
     pub write_files: bool,
+    /// `--reuse`: the ports and key of the profile's connection files, read and checked.
+    pub reuse: Option<Reused>,
+}
+
+/// The ports and key a `--reuse` controller takes over from the profile's connection files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reused {
+    pub client: rpx_protocol::ClientConnection,
+    pub engine: rpx_protocol::EngineConnection,
+}
+
+impl Reused {
+    /// Read both connection files of `profile` and check they describe one controller.
+    pub fn read(profile: &Profile) -> Result<Reused> {
+        fn read<T: serde::de::DeserializeOwned>(path: std::path::PathBuf) -> Result<T> {
+            let hint = "start ipcontroller without --reuse to write new ones";
+            let text = std::fs::read(&path).map_err(|e| Error::Config(format!("--reuse: cannot read the connection file {} ({e}); {hint}", path.display())))?;
+            serde_json::from_slice(&text).map_err(|e| Error::Config(format!("--reuse: {} is not a connection file ({e}); {hint}", path.display())))
+        }
+        let client: rpx_protocol::ClientConnection = read(profile.client_file())?;
+        let engine: rpx_protocol::EngineConnection = read(profile.engine_file())?;
+        Reused::check(client, engine).map_err(|why| Error::Config(format!("--reuse: the connection files in {} do not match: {why}", profile.dir.join("security").display())))
+    }
+
+    /// The two files must share key and registration port, and name a port for every socket.
+    pub fn check(client: rpx_protocol::ClientConnection, engine: rpx_protocol::EngineConnection) -> std::result::Result<Reused, String> {
+        if client.key != engine.key {
+            return Err("the client and engine files have different keys".into());
+        }
+        if client.key.is_empty() {
+            return Err("the key is empty".into());
+        }
+        if client.registration != engine.registration {
+            return Err(format!("registration port {} (client) vs {} (engine)", client.registration, engine.registration));
+        }
+        if engine.broadcast.len() != 1 {
+            return Err(format!("the engine file names {} broadcast ports; rpx binds one", engine.broadcast.len()));
+        }
+        let ports = [client.registration, client.control, client.mux, client.task, client.iopub, client.notification, client.broadcast, engine.control, engine.mux, engine.task, engine.iopub, engine.hb_ping, engine.hb_pong, engine.broadcast[0]];
+        if ports.contains(&0) {
+            return Err("a port is 0".into());
+        }
+        Ok(Reused { client, engine })
+    }
 }
 
 impl Args {
@@ -97,8 +146,12 @@ impl Args {
             ip => ip.to_string(),
         };
         let public_ip = if bind_ip == "0.0.0.0" { self.location.clone().unwrap_or_else(|| "127.0.0.1".into()) } else { bind_ip.clone() };
+        let profile = Profile::new(&self.profile, &self.cluster_id);
+        let reuse = if self.reuse { Some(Reused::read(&profile)?) } else { None };
         Ok(Config {
-            profile: Profile::new(&self.profile, &self.cluster_id),
+            key: reuse.as_ref().map_or_else(rpx_protocol::connection::new_key, |r| r.client.key.clone()),
+            reuse,
+            profile,
             bind_ip,
             public_ip,
             scheme,
@@ -108,7 +161,6 @@ impl Args {
             record_bytes: self.record_bytes,
             db,
             restore: self.restore,
-            key: rpx_protocol::connection::new_key(),
             write_files: true,
         })
     }
@@ -130,6 +182,7 @@ impl Config {
             restore: false,
             key: rpx_protocol::connection::new_key(),
             write_files: false,
+            reuse: None,
         }
     }
 }
@@ -152,6 +205,33 @@ mod tests {
         assert_eq!((c.db, c.restore), (DbKind::Sqlite, true));
         assert!(matches!(Args::parse_from(["ipcontroller", "--restore"]).check(), Err(Error::Config(_))));
         assert!(matches!(Args::parse_from(["ipcontroller", "--db", "mongodb"]).check(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn reuse_needs_readable_matching_connection_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile { name: "p".into(), dir: dir.path().join("profile_p"), cluster_id: String::new() };
+        let err = Reused::read(&profile).unwrap_err().to_string();
+        assert!(err.contains("--reuse: cannot read the connection file") && err.contains("without --reuse"), "{err}");
+        profile.create_dirs().unwrap();
+        std::fs::write(profile.client_file(), "{not json").unwrap();
+        let err = Reused::read(&profile).unwrap_err().to_string();
+        assert!(err.contains("is not a connection file"), "{err}");
+    }
+
+    #[test]
+    fn reused_files_must_describe_one_controller() {
+        let client: rpx_protocol::ClientConnection = serde_json::from_value(serde_json::json!({
+            "interface": "tcp://127.0.0.1", "registration": 1, "control": 2, "mux": 3, "task": 4, "iopub": 5,
+            "notification": 6, "broadcast": 7, "key": "k"})).unwrap();
+        let engine: rpx_protocol::EngineConnection = serde_json::from_value(serde_json::json!({
+            "interface": "tcp://127.0.0.1", "registration": 1, "control": 12, "mux": 13, "task": 14, "iopub": 15,
+            "hb_ping": 16, "hb_pong": 17, "broadcast": [18], "key": "k"})).unwrap();
+        assert!(Reused::check(client.clone(), engine.clone()).is_ok());
+        let other_key = rpx_protocol::EngineConnection { key: "j".into(), ..engine.clone() };
+        assert!(Reused::check(client.clone(), other_key).unwrap_err().contains("different keys"));
+        let other_reg = rpx_protocol::EngineConnection { registration: 9, ..engine };
+        assert!(Reused::check(client, other_reg).unwrap_err().contains("registration port"));
     }
 
     #[test]

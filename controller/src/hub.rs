@@ -13,11 +13,12 @@ use serde_json::{json, Map, Value};
 use tracing::{debug, info, warn};
 
 use rpx_protocol::message::{engine_info, error_content, now_iso};
+use rpx_protocol::registration::{msg_type as reg_msg, EvictionNotice, RegistrationReply, RegistrationRequest};
 use rpx_protocol::session::{join_frames, DELIMITER};
 use rpx_protocol::{Message, Session};
 
 use crate::scheduler::{choose, has_capacity, Scheme};
-use crate::state::{Dep, Done, Engine, Engines, InFlight, Job, Record, Records};
+use crate::state::{Answered, Dep, Done, Engine, Engines, Evicted, Evictions, InFlight, Job, Record, Records};
 use crate::store::{Answer, Purge, Query, StoreOp};
 use crate::wire::{reply_type, Chan, Reply, Request};
 
@@ -71,6 +72,16 @@ pub const REGISTRATION_FALLBACK: Duration = Duration::from_secs(3);
 pub const HB_MISSES: u32 = 3;
 /// Minimum grace before a never-answering engine is evicted.
 pub const FIRST_PONG_GRACE: Duration = Duration::from_secs(15);
+/// The reason [`Hub::on_engine_died`] gets for an engine that left by `unregistration_request`
+/// (it is not told it was evicted).
+pub const UNREGISTERED: &str = "unregistered";
+/// The end of the reason [`Hub::on_engine_died`] gets when one of the engine's connections
+/// closed (an evicted engine that is alive must then connect new sockets).
+pub const CONNECTION_CLOSED: &str = "connection closed";
+/// Evicted rpx engines remembered (to tell them to register again when heard from).
+const EVICTIONS_LIMIT: usize = 4096;
+/// msg_ids answered by the hub for dead or evicted engines, remembered to drop stale replies.
+const ANSWERED_LIMIT: usize = 200_000;
 
 /// The hub's settings.
 #[derive(Debug, Clone)]
@@ -104,6 +115,10 @@ pub struct Hub {
     done_order: VecDeque<String>,
     coalesce: HashMap<String, Coalesce>,
     pub records: Records,
+    /// Evicted rpx engines, told to register again when heard from.
+    pub evictions: Evictions,
+    /// Requests the hub answered for dead or evicted engines: late replies to them are stale.
+    answered: Answered,
     /// Identities connected to each engine-facing socket (also before they register).
     connected: HashMap<Chan, HashSet<Bytes>>,
     started: Instant,
@@ -136,6 +151,8 @@ impl Hub {
         Hub {
             session,
             records: Records::new(cfg.record_limit, cfg.record_bytes),
+            evictions: Evictions::new(EVICTIONS_LIMIT, cfg.ping.max(Duration::from_secs(1))),
+            answered: Answered::new(ANSWERED_LIMIT),
             cfg,
             engines: Engines::default(),
             jobs: HashMap::new(),
@@ -181,7 +198,7 @@ impl Hub {
             Inbound::Query(frames) => self.on_query(c, frames, now),
             Inbound::Request(r) => self.on_request(c, r, now),
             Inbound::Reply(r) => self.on_reply(c, r, now),
-            Inbound::Pong(ident) => self.on_pong(&ident, now),
+            Inbound::Pong(ident) => self.on_pong(c, &ident, now),
             Inbound::Io { parent, msg_type, content } => {
                 if let Some(r) = self.records.map.get_mut(&parent) {
                     r.add_io(&msg_type, &content);
@@ -245,11 +262,29 @@ impl Hub {
 
     // ------------------------------------------------------------------ engines
 
-    fn on_pong(&mut self, ident: &[u8], now: Instant) {
-        if let Some(id) = self.engines.id_of(ident) {
-            let e = self.engines.get_mut(id).expect("indexed");
-            e.last_seen = now;
-            e.ponged = true;
+    fn on_pong<C: Comm>(&mut self, c: &mut C, ident: &[u8], now: Instant) {
+        match self.engines.id_of(ident) {
+            Some(id) => {
+                let e = self.engines.get_mut(id).expect("indexed");
+                e.last_seen = now;
+                e.ponged = true;
+            }
+            None => self.tell_evicted(c, ident, now),
+        }
+    }
+
+    /// `ident` (an engine's uuid) was heard from but is not registered: if it is an rpx engine
+    /// this hub evicted, send it an [`EvictionNotice`] so that it registers again.
+    fn tell_evicted<C: Comm>(&mut self, c: &mut C, ident: &[u8], now: Instant) {
+        if self.evictions.is_empty() {
+            return;
+        }
+        let Ok(uuid) = std::str::from_utf8(ident) else { return };
+        if let Some((to, notice)) = self.evictions.heard(uuid, now) {
+            info!(engine_id = notice.id, %uuid, reason = %notice.reason, "an evicted engine is alive: telling it to register again");
+            let content = serde_json::to_value(&notice).expect("notice serializes");
+            let (_, frames) = self.session.msg(&[to], reg_msg::EVICTION_NOTICE, content, None, json!({}), &[]);
+            c.send(Sock::Query, frames);
         }
     }
 
@@ -259,7 +294,7 @@ impl Hub {
             Sock::HbPong => {
                 if !connected {
                     if let Some(id) = self.engines.id_of(&ident) {
-                        self.on_engine_died(c, id, "heartbeat connection closed", now);
+                        self.on_engine_died(c, id, &format!("heartbeat {CONNECTION_CLOSED}"), now);
                     }
                 }
                 return;
@@ -282,24 +317,42 @@ impl Hub {
             if let Some(id) = self.engines.id_of(&ident) {
                 self.engines.get_mut(id).expect("indexed").connected.remove(&chan);
                 if matches!(chan, Chan::Mux | Chan::Task) {
-                    self.on_engine_died(c, id, &format!("{} connection closed", chan.name()), now);
+                    self.on_engine_died(c, id, &format!("{} {CONNECTION_CLOSED}", chan.name()), now);
                 }
             }
         }
     }
 
     fn on_register<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant) {
-        let Some(uuid) = msg.content_str("uuid").map(str::to_string) else {
-            return self.hub_error(c, ident, msg, "KeyError", "registration_request without uuid");
+        let req: RegistrationRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(_) if msg.content.get("uuid").is_none() => return self.hub_error(c, ident, msg, "KeyError", "registration_request without uuid"),
+            Err(e) => return self.hub_error(c, ident, msg, "ValueError", &format!("bad registration_request: {e}")),
         };
-        if self.engines.id_of(uuid.as_bytes()).is_some() {
+        let uuid = req.uuid.clone();
+        if let Some(id) = self.engines.id_of(uuid.as_bytes()) {
+            // An rpx engine that believed us gone registers again while we still have it: it
+            // keeps its registration (id, tasks); notices now go to its new socket.
+            if req.notify_eviction && req.id.is_none_or(|r| r == id) {
+                let e = self.engines.get_mut(id).expect("indexed");
+                e.registration = msg.header.msg_id.clone();
+                e.notice_to = Some(ident.clone());
+                e.last_seen = now;
+                info!(engine_id = id, %uuid, "engine registered again while still registered; it keeps its id and tasks");
+                return self.registration_ok(c, ident, msg, id);
+            }
             warn!(%uuid, "registration refused: uuid in use");
             let content = error_content("KeyError", &format!("uuid {uuid:?} in use"), vec![format!("KeyError: uuid {uuid:?} in use")], None);
             return self.query_reply(c, ident, "registration_reply", content, msg, &[]);
         }
-        let requested = msg.content.get("id").and_then(Value::as_u64);
-        let id = self.engines.allocate_id(requested);
+        let id = self.engines.allocate_id(req.id, &uuid);
+        if let Some(asked) = req.id.filter(|r| *r != id) {
+            info!(asked, engine_id = id, %uuid, "the engine id asked for is held or was another engine's; a new one is given");
+        }
+        self.evictions.forget(&uuid);
         let mut e = Engine::new(id, &uuid, now);
+        e.registration = msg.header.msg_id.clone();
+        e.notice_to = req.notify_eviction.then(|| ident.clone());
         for chan in Chan::ALL {
             if self.connected.get(&chan).is_some_and(|s| s.contains(&e.ident)) {
                 e.connected.insert(chan);
@@ -307,17 +360,17 @@ impl Hub {
         }
         let routable = e.connected.contains(&Chan::Mux) || e.connected.contains(&Chan::Task);
         self.engines.insert(e);
-        let content = json!({
-            "id": id,
-            "status": "ok",
-            "hb_period": self.cfg.ping.as_millis() as u64,
-            "connection_info": self.cfg.engine_info,
-        });
-        self.query_reply(c, ident, "registration_reply", content, msg, &[]);
+        self.registration_ok(c, ident, msg, id);
         info!(engine_id = id, %uuid, "engine registering");
         if routable {
             self.make_ready(c, id, now);
         }
+    }
+
+    fn registration_ok<C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message, id: u64) {
+        let reply = RegistrationReply { status: "ok".into(), id, hb_period: self.cfg.ping.as_millis() as u64, connection_info: self.cfg.engine_info.clone() };
+        let content = serde_json::to_value(&reply).expect("reply serializes");
+        self.query_reply(c, ident, reg_msg::REGISTRATION_REPLY, content, msg, &[]);
     }
 
     fn make_ready<C: Comm>(&mut self, c: &mut C, id: u64, _now: Instant) {
@@ -359,12 +412,22 @@ impl Hub {
     pub fn on_engine_died<C: Comm>(&mut self, c: &mut C, id: u64, reason: &str, now: Instant) {
         let Some(e) = self.engines.remove(id) else { return };
         info!(engine_id = id, uuid = %e.uuid, %reason, inflight = e.inflight.len(), "engine died");
-        for set in self.connected.values_mut() {
-            set.remove(&e.ident);
-        }
+        // The socket-level facts in `self.connected` stay as they are: an evicted engine may
+        // still be connected, and registers again over those connections.
         self.notify(c, "unregistration_notification", json!({"id": id, "uuid": e.uuid}));
         let mut inflight: Vec<(String, InFlight)> = e.inflight.into_iter().collect();
         inflight.sort_by(|a, b| a.0.cmp(&b.0));
+        for (msg_id, _) in &inflight {
+            self.answered.insert(msg_id);
+        }
+        if let Some(to) = e.notice_to.clone().filter(|_| reason != UNREGISTERED) {
+            let answered = inflight.iter().map(|(m, _)| m.clone()).collect();
+            let reconnect = reason.ends_with(CONNECTION_CLOSED);
+            let notice = EvictionNotice { id, uuid: e.uuid.clone(), registration: e.registration.clone(), reason: reason.to_string(), answered, reconnect };
+            self.evictions.insert(&e.uuid, Evicted { notice_to: to, notice, last_sent: None });
+            // Told at once (a frozen engine reads it when it resumes), and again when heard from.
+            self.tell_evicted(c, e.uuid.as_bytes(), now);
+        }
         for (msg_id, inf) in inflight {
             if inf.chan == Chan::Task {
                 if let Some(job) = self.jobs.get_mut(&msg_id) {
@@ -448,6 +511,7 @@ impl Hub {
     fn on_reply<C: Comm>(&mut self, c: &mut C, r: Reply, now: Instant) {
         let Some(id) = self.engines.id_of(&r.engine) else {
             warn!(chan = r.chan.name(), engine = %String::from_utf8_lossy(&r.engine), msg_type = %r.msg_type, "dropped a message from an unregistered engine");
+            self.tell_evicted(c, &r.engine, now);
             return;
         };
         let e = self.engines.get_mut(id).expect("indexed");
@@ -463,6 +527,11 @@ impl Hub {
         let inf = e.inflight.remove(&parent);
         if inf.is_some() && matches!(r.chan, Chan::Mux | Chan::Task) {
             e.note_completed(&parent);
+        }
+        if inf.is_none() && self.answered.contains(&parent) {
+            // Answered (failed or queued again) when this engine was evicted; it ran it anyway.
+            info!(engine_id = id, msg_id = %parent, msg_type = %r.msg_type, "dropped a stale reply to a request answered when its engine was evicted");
+            return;
         }
         match r.chan {
             Chan::Mux | Chan::Control => {
@@ -647,7 +716,12 @@ impl Hub {
         let uuid = e.uuid.clone();
         let ours = was_inflight && self.jobs.get(&parent).is_some_and(|j| j.engine == Some(eid));
         if !ours {
-            self.forward_reply(c, r);
+            if self.jobs.contains_key(&parent) || self.done.contains_key(&parent) {
+                // The task is queued, running elsewhere or finished: this reply is not its answer.
+                info!(engine_id = eid, msg_id = %parent, "dropped a reply to a task this engine no longer runs");
+            } else {
+                self.forward_reply(c, r);
+            }
             return;
         }
         e.task_load = e.task_load.saturating_sub(1);
@@ -814,7 +888,7 @@ impl Hub {
             "unregistration_request" => {
                 let eid = msg.content.get("id").and_then(Value::as_u64);
                 match eid.filter(|id| self.engines.get(*id).is_some()) {
-                    Some(id) => self.on_engine_died(c, id, "unregistered", now),
+                    Some(id) => self.on_engine_died(c, id, UNREGISTERED, now),
                     None => info!(?eid, "unregistration of an unknown engine"),
                 }
             }

@@ -374,3 +374,155 @@ fn shutdown_request_replies_notifies_and_schedules_exit() {
     assert!(out.iter().any(|(s, f)| *s == Sock::Notification && decode(f).header.msg_type == "shutdown_notification"));
     assert!(e.hub.exit_at().is_some());
 }
+
+// ------------------------------------------------------------------ eviction and coming back
+
+impl Env {
+    /// Register engine `i` as an rpx engine (asking for eviction notices) from the registration
+    /// socket `reg-i`, asking for `id`; returns the reply and the request's msg_id.
+    fn rpx_register(&mut self, i: u64, id: Option<u64>) -> (Message, String) {
+        let u = uuid(i);
+        let content = serde_json::to_value(rpx_protocol::registration::RegistrationRequest { uuid: u.clone(), id, notify_eviction: true }).unwrap();
+        let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);
+        self.ev(Inbound::Query(f));
+        let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).expect("a registration reply");
+        (reply, h.msg_id)
+    }
+
+    fn rpx_engine(&mut self, i: u64) -> (u64, String) {
+        let (reply, reg) = self.rpx_register(i, None);
+        assert_eq!(reply.content["status"], "ok");
+        for chan in Chan::ALL {
+            self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(uuid(i)), connected: true });
+        }
+        self.comm.take();
+        (reply.content["id"].as_u64().unwrap(), reg)
+    }
+
+    fn evict(&mut self, i: u64) -> Vec<(Sock, Vec<Bytes>)> {
+        self.now += Duration::from_secs(20);
+        self.hub.on_tick(&mut self.comm, self.now);
+        // Other engines answered their pings.
+        let out = self.comm.take();
+        assert!(self.hub.engines.id_of(uuid(i).as_bytes()).is_none(), "engine {i} was evicted");
+        out
+    }
+}
+
+fn notices(out: &[(Sock, Vec<Bytes>)]) -> Vec<(Bytes, rpx_protocol::registration::EvictionNotice)> {
+    out.iter()
+        .filter(|(s, f)| *s == Sock::Query && decode(f).header.msg_type == "eviction_notice")
+        .map(|(_, f)| (f[0].clone(), serde_json::from_value(decode(f).content).unwrap()))
+        .collect()
+}
+
+#[test]
+fn an_evicted_rpx_engine_is_told_with_what_was_answered_for_it_and_gets_its_id_back() {
+    let mut e = env(0);
+    let (id, reg) = e.rpx_engine(0);
+    let a = e.submit(json!({}));
+    assert_eq!(e.dispatched(), vec![(uuid(0), a.clone())]);
+    let out = e.evict(0);
+    // The task failed (no retries) and the engine is told at once, on its registration socket.
+    assert_eq!(out.iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).count(), 1);
+    let told = notices(&out);
+    assert_eq!(told.len(), 1);
+    let (to, n) = &told[0];
+    assert_eq!(to.as_ref(), b"reg-0");
+    assert_eq!((n.id, n.uuid.as_str(), n.registration.as_str(), n.reason.as_str()), (id, uuid(0).as_str(), reg.as_str(), "missed heartbeats"));
+    assert_eq!(n.answered, vec![a.clone()]);
+    assert!(!n.reconnect, "its connections are fine: it registers again over them");
+    // Its pongs resume: told again, but at most once per period.
+    e.now += Duration::from_secs(2);
+    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    assert_eq!(notices(&e.comm.take()).len(), 1);
+    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    assert!(notices(&e.comm.take()).is_empty());
+    // It registers again asking for its id: it gets it, and is routable at once over the
+    // connections it kept.
+    let (reply, _) = e.rpx_register(0, Some(id));
+    assert_eq!((reply.content["status"].as_str(), reply.content["id"].as_u64()), (Some("ok"), Some(id)));
+    assert_eq!(e.hub.ids(), vec![id]);
+    // The late reply to the task failed at eviction is stale: dropped, not delivered twice.
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    assert!(e.comm.take().iter().all(|(s, _)| !matches!(s, Sock::Client(_))), "no second reply to the client");
+    // Nothing more to tell it.
+    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    assert!(notices(&e.comm.take()).is_empty());
+}
+
+#[test]
+fn a_task_retried_elsewhere_is_answered_once_by_the_engine_now_running_it() {
+    let mut e = env(0);
+    e.rpx_engine(0);
+    let a = e.submit(json!({"retries": 1}));
+    assert_eq!(e.dispatched(), vec![(uuid(0), a.clone())]);
+    e.rpx_engine(1);
+    // Engine 1 keeps answering pings; engine 0 is evicted and its task goes to engine 1.
+    e.now += Duration::from_secs(20);
+    e.ev(Inbound::Pong(Bytes::from(uuid(1))));
+    e.hub.on_tick(&mut e.comm, e.now);
+    let out = e.comm.take();
+    assert!(out.iter().all(|(s, _)| *s != Sock::Client(Chan::Task)), "retried, not failed");
+    let moved: Vec<String> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| String::from_utf8(f[0].to_vec()).unwrap()).collect();
+    assert_eq!(moved, vec![uuid(1)]);
+    // Engine 0 comes back and finishes the task anyway: dropped.
+    let (reply, _) = e.rpx_register(0, Some(0));
+    assert_eq!(reply.content["id"], 0);
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    assert!(e.comm.take().iter().all(|(s, _)| *s != Sock::Client(Chan::Task)));
+    // Engine 1's answer is the one the client gets.
+    e.engine_reply(1, Chan::Task, &a, "ok");
+    assert_eq!(e.comm.take().iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).count(), 1);
+}
+
+#[test]
+fn an_old_id_goes_only_to_the_engine_that_held_it() {
+    let mut e = env(0);
+    e.rpx_engine(0);
+    e.evict(0);
+    let (reply, _) = e.rpx_register(1, Some(0));
+    assert_eq!(reply.content["id"], 1, "another engine does not get engine 0's id");
+    let (reply, _) = e.rpx_register(0, Some(0));
+    assert_eq!(reply.content["id"], 0);
+}
+
+#[test]
+fn an_rpx_engine_registering_again_while_registered_keeps_its_registration() {
+    let mut e = env(0);
+    let (id, _) = e.rpx_engine(0);
+    let a = e.submit(json!({}));
+    e.dispatched();
+    let (reply, _) = e.rpx_register(0, Some(id));
+    assert_eq!((reply.content["status"].as_str(), reply.content["id"].as_u64()), (Some("ok"), Some(id)));
+    assert_eq!(e.hub.ids(), vec![id]);
+    // Its task is still its own: the reply is delivered.
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    assert_eq!(e.comm.take().iter().filter(|(s, _)| *s == Sock::Client(Chan::Task)).count(), 1);
+    // A Python engine's duplicate uuid is still refused (a_uuid_in_use_is_refused), and so is
+    // an rpx engine asking for another id under a uuid in use.
+    let (reply, _) = e.rpx_register(0, Some(id + 1));
+    assert_eq!(reply.content["status"], "error");
+}
+
+#[test]
+fn an_engine_that_unregistered_is_not_told_to_come_back() {
+    let mut e = env(0);
+    let (id, _) = e.rpx_engine(0);
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"reg-0")], "unregistration_request", json!({"id": id}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    assert!(notices(&e.comm.take()).is_empty());
+    assert!(e.hub.ids().is_empty());
+    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    assert!(notices(&e.comm.take()).is_empty());
+}
+
+#[test]
+fn an_engine_whose_connection_closed_is_told_to_reconnect() {
+    let mut e = env(0);
+    e.rpx_engine(0);
+    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
+    let told = notices(&e.comm.take());
+    assert_eq!(told.len(), 1);
+    assert!(told[0].1.reconnect && told[0].1.reason == "mux connection closed", "{:?}", told[0].1);
+}

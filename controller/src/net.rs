@@ -62,11 +62,26 @@ fn router(identity: Option<&'static [u8]>) -> RouterSocket {
     RouterSocket::with_options(opts)
 }
 
-/// Bind `s` on `ip:port` (0: any free port) behind the guard; returns the port.
+/// How long a `--reuse` controller retries binding a port of its connection files. The port
+/// was an ephemeral one, so while the controller was down an outgoing connection (an engine
+/// trying to reconnect, say) may briefly hold it as its local port.
+const REUSE_BIND_RETRY: Duration = Duration::from_secs(10);
+
+/// Bind `s` on `ip:port` (0: any free port) behind the guard; returns the port. A given port
+/// is retried for [`REUSE_BIND_RETRY`].
 async fn bind<S: Socket>(s: &mut S, ip: &str, port: u16, what: &'static str) -> Result<u16> {
     let addr = format!("tcp://{ip}:{port}");
-    let ep = rpx_guard::bind(s, &addr).await.map_err(|source| Error::Bind { what, addr, source })?;
-    Ok(port_of(&ep))
+    let deadline = Instant::now() + if port == 0 { Duration::ZERO } else { REUSE_BIND_RETRY };
+    loop {
+        match rpx_guard::bind(s, &addr).await {
+            Ok(ep) => return Ok(port_of(&ep)),
+            Err(source) if Instant::now() >= deadline => return Err(Error::Bind { what, addr, source }),
+            Err(e) => {
+                warn!(what, %addr, error = %e, "cannot bind the port of the connection file yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 fn hostname() -> String {
@@ -86,10 +101,31 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
     let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
     let mut tasks = JoinSet::new();
+    // `--reuse`: every socket on the port its connection file names (0: any free port).
+    let reused = config.reuse.as_ref();
+    let client_port = |chan: Chan| {
+        reused.map_or(0, |r| match chan {
+            Chan::Mux => r.client.mux,
+            Chan::Task => r.client.task,
+            Chan::Control => r.client.control,
+            Chan::Bcast => r.client.broadcast,
+        })
+    };
+    let engine_port = |chan: Chan| {
+        reused.map_or(0, |r| match chan {
+            Chan::Mux => r.engine.mux,
+            Chan::Task => r.engine.task,
+            Chan::Control => r.engine.control,
+            Chan::Bcast => r.engine.broadcast[0],
+        })
+    };
+    if let Some(r) = reused {
+        info!(registration = r.client.registration, "--reuse: binding the ports of the existing connection files");
+    }
 
     // Registration (shared by clients and engines).
     let mut reg = router(None);
-    let reg_port = bind(&mut reg, &ip, 0, "registration").await?;
+    let reg_port = bind(&mut reg, &ip, reused.map_or(0, |r| r.client.registration), "registration").await?;
     let reg_mon = reg.monitor();
     let (reg_send, reg_recv) = reg.split();
     spawn_monitor(&mut tasks, Sock::Query, reg_mon, tx.clone());
@@ -102,12 +138,12 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let mut engine_ports = HashMap::new();
     for chan in Chan::ALL {
         for (side, ports) in [(Sock::Client(chan), &mut client_ports), (Sock::Engine(chan), &mut engine_ports)] {
-            let ident = match side {
-                Sock::Client(c) => c.client_side_identity(),
-                _ => chan.engine_side_identity(),
+            let (ident, want) = match side {
+                Sock::Client(c) => (c.client_side_identity(), client_port(c)),
+                _ => (chan.engine_side_identity(), engine_port(chan)),
             };
             let mut s = router(Some(ident));
-            let port = bind(&mut s, &ip, 0, chan.name()).await?;
+            let port = bind(&mut s, &ip, want, chan.name()).await?;
             ports.insert(chan, port);
             let mon = s.monitor();
             let (send, recv) = s.split();
@@ -119,9 +155,9 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Heartbeat.
     let mut hb_ping = PubSocket::new();
-    let hb_ping_port = bind(&mut hb_ping, &ip, 0, "hb_ping").await?;
+    let hb_ping_port = bind(&mut hb_ping, &ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping").await?;
     let mut hb_pong = router(None);
-    let hb_pong_port = bind(&mut hb_pong, &ip, 0, "hb_pong").await?;
+    let hb_pong_port = bind(&mut hb_pong, &ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong").await?;
     let mon = hb_pong.monitor();
     let (send, recv) = hb_pong.split();
     spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
@@ -130,14 +166,14 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Notification.
     let mut notification = PubSocket::new();
-    let notification_port = bind(&mut notification, &ip, 0, "notification").await?;
+    let notification_port = bind(&mut notification, &ip, reused.map_or(0, |r| r.client.notification), "notification").await?;
 
     // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
     let mut iopub_in = SubSocket::new();
-    let iopub_engine_port = bind(&mut iopub_in, &ip, 0, "iopub (engines)").await?;
+    let iopub_engine_port = bind(&mut iopub_in, &ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)").await?;
     iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
     let mut iopub_out = PubSocket::new();
-    let iopub_client_port = bind(&mut iopub_out, &ip, 0, "iopub (clients)").await?;
+    let iopub_client_port = bind(&mut iopub_out, &ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)").await?;
     tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
 
     let interface = format!("tcp://{}", config.public_ip);
@@ -259,7 +295,8 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    if config.write_files {
+    // A `--reuse` controller keeps the files, for the next one started with `--reuse`.
+    if config.write_files && config.reuse.is_none() {
         for f in [config.profile.client_file(), config.profile.engine_file()] {
             if let Err(e) = std::fs::remove_file(&f) {
                 warn!(file = %f.display(), error = %e, "could not remove connection file");

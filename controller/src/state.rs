@@ -29,6 +29,11 @@ pub struct Engine {
     pub ident: Bytes,
     /// Registered (in `ids`, notification published) rather than waiting to become routable.
     pub ready: bool,
+    /// The msg_id of the `registration_request` that made this registration.
+    pub registration: String,
+    /// rpx engines: the registration-socket identity an [`rpx_protocol::registration::EvictionNotice`]
+    /// goes to if this registration ends while the engine lives.
+    pub notice_to: Option<Bytes>,
     pub registered_at: Instant,
     /// Last pong or message from the engine.
     pub last_seen: Instant,
@@ -56,6 +61,8 @@ impl Engine {
             uuid: uuid.to_string(),
             ident: Bytes::copy_from_slice(uuid.as_bytes()),
             ready: false,
+            registration: String::new(),
+            notice_to: None,
             registered_at: now,
             last_seen: now,
             ponged: false,
@@ -339,27 +346,29 @@ pub struct Engines {
     /// Ready engine ids, least recently used first.
     pub lru: VecDeque<u64>,
     next_id: u64,
-    used: HashSet<u64>,
+    /// Every id handed out, with the uuid of the engine that held it last.
+    holders: HashMap<u64, String>,
 }
 
 impl Engines {
-    /// A new engine id: the requested one unless a registered engine holds it, else the next
-    /// never used of 0, 1, 2, ... A requested id may be one whose engine died: ipcluster's
-    /// supervisor restarts a dead engine under its old id (`ipengine --id N`), so clients keep
+    /// A new engine id for the engine `uuid`: the `requested` one unless a registered engine
+    /// holds it, else the next never used of 0, 1, 2, ... A requested id may be one whose
+    /// engine is gone: an evicted engine registers again under its id, and ipcluster's
+    /// supervisor restarts a dead engine under its id (`ipengine --id N`), so clients keep
     /// addressing it by the same id. Unrequested ids are never reused.
-    pub fn allocate_id(&mut self, requested: Option<u64>) -> u64 {
+    pub fn allocate_id(&mut self, requested: Option<u64>, uuid: &str) -> u64 {
         if let Some(r) = requested {
             if !self.by_id.contains_key(&r) {
-                self.used.insert(r);
+                self.holders.insert(r, uuid.to_string());
                 self.next_id = self.next_id.max(r + 1);
                 return r;
             }
         }
-        while self.used.contains(&self.next_id) {
+        while self.holders.contains_key(&self.next_id) {
             self.next_id += 1;
         }
         let id = self.next_id;
-        self.used.insert(id);
+        self.holders.insert(id, uuid.to_string());
         self.next_id += 1;
         id
     }
@@ -395,6 +404,102 @@ impl Engines {
             self.lru.remove(pos);
             self.lru.push_back(id);
         }
+    }
+}
+
+/// An rpx engine whose registration ended while it may still live (missed heartbeats, a stuck
+/// send): what to tell it if it is heard from again.
+#[derive(Debug, Clone)]
+pub struct Evicted {
+    /// Its registration-socket identity.
+    pub notice_to: Bytes,
+    pub notice: rpx_protocol::registration::EvictionNotice,
+    /// When a notice was last sent (they are sent at most once per [`Evictions::repeat`]).
+    pub last_sent: Option<Instant>,
+}
+
+/// Evicted rpx engines by uuid, the oldest forgotten first beyond a bound.
+#[derive(Debug)]
+pub struct Evictions {
+    map: HashMap<String, Evicted>,
+    order: VecDeque<String>,
+    limit: usize,
+    /// Least time between two notices to one engine.
+    pub repeat: std::time::Duration,
+}
+
+impl Evictions {
+    pub fn new(limit: usize, repeat: std::time::Duration) -> Evictions {
+        Evictions { map: HashMap::new(), order: VecDeque::new(), limit: limit.max(1), repeat }
+    }
+
+    /// Remember an eviction (replacing an older one of the same engine).
+    pub fn insert(&mut self, uuid: &str, e: Evicted) {
+        if self.map.insert(uuid.to_string(), e).is_none() {
+            self.order.push_back(uuid.to_string());
+        }
+        while self.map.len() > self.limit {
+            let Some(old) = self.order.pop_front() else { break };
+            self.map.remove(&old);
+        }
+        if self.order.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.order.retain(|u| map.contains_key(u));
+        }
+    }
+
+    /// The engine registered again: nothing more to tell it.
+    pub fn forget(&mut self, uuid: &str) {
+        self.map.remove(uuid);
+    }
+
+    /// The engine `uuid` was heard from at `now` (a pong, a reply): the notice to send it, if
+    /// it was evicted and none was sent within [`Self::repeat`].
+    pub fn heard(&mut self, uuid: &str, now: Instant) -> Option<(Bytes, rpx_protocol::registration::EvictionNotice)> {
+        let e = self.map.get_mut(uuid)?;
+        if e.last_sent.is_some_and(|t| now.saturating_duration_since(t) < self.repeat) {
+            return None;
+        }
+        e.last_sent = Some(now);
+        Some((e.notice_to.clone(), e.notice.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// msg_ids the hub answered itself because the engine running them died or was evicted (or
+/// queued again for another engine): a late reply to one of them from the old engine is stale
+/// and is dropped, never delivered a second time. Bounded: the oldest are forgotten first.
+#[derive(Debug)]
+pub struct Answered {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+    limit: usize,
+}
+
+impl Answered {
+    pub fn new(limit: usize) -> Answered {
+        Answered { set: HashSet::new(), order: VecDeque::new(), limit: limit.max(1) }
+    }
+
+    pub fn insert(&mut self, msg_id: &str) {
+        if self.set.insert(msg_id.to_string()) {
+            self.order.push_back(msg_id.to_string());
+        }
+        while self.set.len() > self.limit {
+            let Some(old) = self.order.pop_front() else { break };
+            self.set.remove(&old);
+        }
+    }
+
+    pub fn contains(&self, msg_id: &str) -> bool {
+        self.set.contains(msg_id)
     }
 }
 
@@ -446,8 +551,8 @@ mod tests {
         let mut e = Engines::default();
         let now = Instant::now();
         // As the hub does: allocate, then register under the id.
-        let mut register = |e: &mut Engines, requested: Option<u64>| {
-            let id = e.allocate_id(requested);
+        let register = |e: &mut Engines, requested: Option<u64>| {
+            let id = e.allocate_id(requested, &format!("uuid-{requested:?}"));
             e.insert(Engine::new(id, &format!("uuid-{id}-{requested:?}"), now));
             id
         };
@@ -462,6 +567,55 @@ mod tests {
         e.remove(1);
         assert_eq!(register(&mut e, None), 9, "unrequested ids are never reused");
         assert_eq!(register(&mut e, Some(1)), 1);
+    }
+
+    #[test]
+    fn an_engine_gets_its_old_id_back_when_no_live_engine_holds_it() {
+        let mut e = Engines::default();
+        assert_eq!(e.allocate_id(None, "a"), 0);
+        // Engine "a" is gone (evicted): asking again for 0 under its own uuid gives 0 back.
+        assert_eq!(e.allocate_id(Some(0), "a"), 0);
+        // An id held by a live engine is not given out, even to the uuid that held it.
+        e.insert(Engine::new(0, "a", Instant::now()));
+        assert_eq!(e.allocate_id(Some(0), "a"), 1);
+        // A restarted controller has no history: the id asked for is free and never used.
+        let mut fresh = Engines::default();
+        assert_eq!(fresh.allocate_id(Some(4), "a"), 4);
+        assert_eq!(fresh.allocate_id(None, "z"), 5);
+    }
+
+    fn evicted(id: u64) -> Evicted {
+        let notice = rpx_protocol::registration::EvictionNotice { id, uuid: format!("u{id}"), registration: "r".into(), reason: "missed heartbeats".into(), answered: vec![], reconnect: false };
+        Evicted { notice_to: Bytes::from(format!("reg{id}")), notice, last_sent: None }
+    }
+
+    #[test]
+    fn an_evicted_engine_is_told_when_heard_from_at_most_once_per_period() {
+        let t0 = Instant::now();
+        let mut ev = Evictions::new(8, std::time::Duration::from_secs(1));
+        assert!(ev.heard("u1", t0).is_none(), "never evicted: nothing to tell");
+        ev.insert("u1", evicted(1));
+        let (to, notice) = ev.heard("u1", t0).expect("told at once");
+        assert_eq!((to.as_ref(), notice.id), (&b"reg1"[..], 1));
+        assert!(ev.heard("u1", t0 + std::time::Duration::from_millis(500)).is_none(), "not again within the period");
+        assert!(ev.heard("u1", t0 + std::time::Duration::from_secs(1)).is_some(), "again after it");
+        ev.forget("u1");
+        assert!(ev.heard("u1", t0 + std::time::Duration::from_secs(5)).is_none(), "registered again: nothing to tell");
+    }
+
+    #[test]
+    fn evictions_and_answered_ids_are_bounded_oldest_first() {
+        let mut ev = Evictions::new(2, std::time::Duration::ZERO);
+        for i in 0..3 {
+            ev.insert(&format!("u{i}"), evicted(i));
+        }
+        assert_eq!(ev.len(), 2);
+        assert!(ev.heard("u0", Instant::now()).is_none() && ev.heard("u2", Instant::now()).is_some());
+        let mut a = Answered::new(2);
+        for id in ["a", "b", "c"] {
+            a.insert(id);
+        }
+        assert!(!a.contains("a") && a.contains("b") && a.contains("c"));
     }
 
     #[test]

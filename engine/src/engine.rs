@@ -6,7 +6,8 @@
 //! cell and its loads go ([`crate::cell`]), how a closure call ends ([`crate::call`]), when the
 //! worker is restarted or killed after SIGINT ([`crate::supervise`]), whether there is a
 //! compiler ([`crate::compiler`], [`crate::liveness`]), where artifacts come from
-//! ([`crate::artifacts`]).
+//! ([`crate::artifacts`]), whether the controller still has this engine and when to register
+//! again or give up ([`crate::link`]).
 //!
 //! Single-threaded by design (a `current_thread` runtime): one loop owns all state and handles
 //! one event at a time, so no locks are needed; socket I/O lives in small tasks (see
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use rpx_protocol::apply::{ename, Closure, Op};
 use rpx_protocol::compile::{msg_type as cmsg, ArtifactRequest, CellRequest, Load, LoadDone, RuntimeLib, WorkerRestarted};
 use rpx_protocol::connection::EngineConnection;
+use rpx_protocol::registration::{msg_type as reg_msg, EvictionNotice};
 use rpx_protocol::Session;
 use rpx_runtime::abi;
 use serde_json::{json, Value};
@@ -32,8 +34,9 @@ use crate::cell::{Bindings, Cell, Ending, LoadStep, Loads, PullPlan, Purpose, Sk
 use crate::child::{WorkerCommand, WorkerEvent, WorkerSlot, WriteFailed};
 use crate::compiler::{Compiler, CompilerMessage};
 use crate::history::WorkerHistory;
+use crate::link::{self, Link};
 use crate::liveness::Watch;
-use crate::net::{self, Channel, CompilerLink, CompilerSource, Frames, Inbound, Outlets};
+use crate::net::{self, Channel, CompilerLink, CompilerSource, ControllerSource, Frames, Inbound, Outlets, Pings, Rejoined, Tasks};
 use crate::outbox::{Outbox, Stream, FLUSH_PERIOD};
 use crate::output::{StderrTail, StdoutEvent, StdoutParser};
 use crate::queue::{Next, Queue, Request};
@@ -47,6 +50,8 @@ pub use crate::supervise::INTERRUPT_GRACE;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub connection: EngineConnection,
+    /// The engine connection file `connection` came from, read again when registering anew.
+    pub connection_file: Option<PathBuf>,
     pub compiler: CompilerSource,
     /// The engine id to ask the controller for (`ipengine --mpi`: the rank).
     pub requested_id: Option<u64>,
@@ -57,6 +62,17 @@ pub struct Config {
     /// This engine replaces one that died (ipcluster's supervisor says so): the notice to
     /// publish on stderr with the first request it runs.
     pub restart_notice: Option<String>,
+    /// How long to keep trying to register again once the controller is lost (then exit).
+    pub reconnect_timeout: Duration,
+}
+
+/// Longest single attempt to register again (connects and the reply); attempts repeat until
+/// the reconnect timeout.
+const REJOIN_ATTEMPT: Duration = Duration::from_secs(3);
+
+/// Awake time without a heartbeat ping after which the controller counts as lost.
+fn silence_limit(hb_period: Duration) -> Duration {
+    (hb_period * 10).max(Duration::from_secs(5))
 }
 
 /// The engine's start index (ipcluster's launchers set it; otherwise the worker gets the id).
@@ -74,16 +90,38 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<Inbound>(1024);
     crate::namespace::create(&uuid)?;
 
-    let registered = net::register(&session, &conn.url(conn.registration), &uuid, cfg.requested_id, cfg.timeout).await?;
-    let (id, hb_period) = (registered.id, registered.hb_period);
+    let registration = net::register(&session, &conn.url(conn.registration), &uuid, cfg.requested_id, cfg.timeout, &inbound_tx).await?;
+    let id = registration.id;
     let me = Identity { id, uuid: uuid.clone() };
-    let (outlets, last_ping) = net::connect_engine(conn, &uuid, id, cfg.timeout, registered.outlet, &inbound_tx).await?;
+    let sockets = net::connect_engine(conn, &uuid, id, cfg.timeout, &inbound_tx).await?;
+    let outlets = Outlets {
+        mux: sockets.mux.clone(),
+        task: sockets.task.clone(),
+        control: sockets.control.clone(),
+        broadcast: None,
+        iopub: sockets.iopub.clone(),
+        registration: registration.outlet.clone(),
+    };
     tokio::spawn(net::connect_compiler(cfg.compiler.clone(), uuid.clone(), id, username.clone(), cfg.compiler_wait, Vec::new(), inbound_tx.clone()));
 
+    let source = match &cfg.connection_file {
+        Some(f) => ControllerSource::File(f.clone(), conn.clone()),
+        None => ControllerSource::Given(conn.clone()),
+    };
+    let link = Link::new(registration.request.clone(), cfg.reconnect_timeout, silence_limit(registration.hb_period), Instant::now());
+    let controller = Controller {
+        link,
+        source,
+        key: conn.key.clone(),
+        reg_generation: registration.generation,
+        sock_generation: sockets.generation,
+        pings: sockets.pings,
+        reg_tasks: registration.tasks,
+        sock_tasks: sockets.tasks,
+    };
     let (worker_tx, mut worker_rx) = mpsc::channel::<(u64, WorkerEvent)>(256);
-    let mut engine = Engine::new(me, session, outlets, worker_tx, inbound_tx, cfg.compiler.clone(), username);
+    let mut engine = Engine::new(me, session, outlets, worker_tx, inbound_tx, cfg.compiler.clone(), username, controller);
     engine.restart_notice = cfg.restart_notice.clone();
-    let hb_limit = (hb_period * 10).max(Duration::from_secs(5));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Io)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Io)?;
@@ -94,10 +132,7 @@ pub async fn run(cfg: Config) -> Result<i32> {
             Some((generation, ev)) = worker_rx.recv() => engine.on_worker(generation, ev).await,
             _ = tokio::time::sleep_until(next_tick) => {
                 engine.on_tick().await;
-                if last_ping.since() > hb_limit {
-                    error!(silence = ?last_ping.since(), "no heartbeat from the controller; it is gone, exiting");
-                    break engine.shutdown(1).await;
-                }
+                engine.step_link();
                 next_tick = tokio::time::Instant::now() + Duration::from_secs(1);
             }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break engine.shutdown(0).await; }
@@ -116,8 +151,25 @@ pub async fn run(cfg: Config) -> Result<i32> {
     Ok(code)
 }
 
+/// The engine's side of the controller: the link's state and the sockets it holds.
+struct Controller {
+    link: Link,
+    source: ControllerSource,
+    /// The key of the connection info in use.
+    key: String,
+    /// Generations of the current registration socket and other sockets (events of older
+    /// ones are ignored).
+    reg_generation: u64,
+    sock_generation: u64,
+    pings: Pings,
+    /// The tasks serving the sockets (dropping them closes the sockets).
+    reg_tasks: Tasks,
+    sock_tasks: Tasks,
+}
+
 struct Engine {
     me: Identity,
+    controller: Controller,
     session: Session,
     out: Outbox,
     inbound_tx: mpsc::Sender<Inbound>,
@@ -158,6 +210,7 @@ struct Engine {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)] // the parts the engine loop is made of, each built in `run`
     fn new(
         me: Identity,
         session: Session,
@@ -166,8 +219,10 @@ impl Engine {
         inbound_tx: mpsc::Sender<Inbound>,
         compiler_source: CompilerSource,
         username: String,
+        controller: Controller,
     ) -> Engine {
         Engine {
+            controller,
             out: Outbox::new(me.clone(), session.clone(), outlets),
             ns_dir: crate::namespace::dir_for(&me.uuid),
             me,
@@ -228,7 +283,10 @@ impl Engine {
             Inbound::Shell(channel, frames) => match self.session.decode(frames) {
                 Ok(m) => {
                     debug!(msg_type = m.msg_type(), msg_id = m.msg_id(), ?channel, "shell request");
-                    self.queue.push(Request::from_message(channel, m));
+                    let msg_id = m.msg_id().to_string();
+                    if !self.queue.push(Request::from_message(channel, m)) {
+                        info!(%msg_id, "dropped a request the controller answered when it evicted this engine");
+                    }
                 }
                 Err(e) => warn!(error = %e, ?channel, "bad shell message dropped"),
             },
@@ -252,8 +310,127 @@ impl Engine {
                     self.compiler_gone("its connection closed".into());
                 }
             }
-            Inbound::BroadcastReady(out) => self.out.outlets.broadcast = Some(out),
+            Inbound::BroadcastReady(generation, out, tasks) => {
+                if generation == self.controller.sock_generation {
+                    self.out.outlets.broadcast = Some(out);
+                    self.controller.sock_tasks.absorb(tasks);
+                }
+            }
+            Inbound::Registration(generation, frames) => {
+                if generation == self.controller.reg_generation {
+                    self.on_registration_message(frames);
+                }
+            }
+            Inbound::ControllerLost(generation, socket) => {
+                let c = &mut self.controller;
+                if generation == c.reg_generation || generation == c.sock_generation {
+                    if c.link.is_up() {
+                        warn!(socket, "the connection to the controller closed; registering again");
+                    }
+                    c.link.lost(&format!("its {socket} connection closed"), true, Instant::now());
+                    self.step_link();
+                }
+            }
+            Inbound::Rejoined(outcome) => self.on_rejoined(*outcome),
         }
+    }
+
+    // ----- the controller link -----
+
+    /// A message on the registration socket: an eviction notice ends the current
+    /// registration (the controller is alive), so the engine registers again.
+    fn on_registration_message(&mut self, frames: Frames) {
+        let m = match self.session.decode(frames) {
+            Ok(m) => m,
+            Err(e) => return warn!(error = %e, "bad message on the registration socket dropped"),
+        };
+        if m.msg_type() != reg_msg::EVICTION_NOTICE {
+            return debug!(msg_type = m.msg_type(), "unexpected message on the registration socket");
+        }
+        let notice: EvictionNotice = match serde_json::from_value(m.content) {
+            Ok(n) => n,
+            Err(e) => return warn!(error = %e, "malformed eviction notice dropped"),
+        };
+        if !self.controller.link.notice_applies(&notice, &self.me.uuid) {
+            return debug!(registration = %notice.registration, "eviction notice for an earlier registration ignored");
+        }
+        let dropped = self.queue.drop_answered(&notice.answered);
+        let running = [self.current.as_ref().map(|c| c.id().to_string()), self.call.as_ref().map(|c| c.id().to_string())];
+        let running_answered = running.iter().flatten().find(|id| notice.answered.contains(id));
+        warn!(
+            engine_id = notice.id,
+            reason = %notice.reason,
+            answered = notice.answered.len(),
+            dropped = dropped.len(),
+            running_answered = ?running_answered,
+            "the controller evicted this engine; registering again (the worker and its variables are kept; requests it answered meanwhile will not run)"
+        );
+        self.controller.link.lost(&format!("evicted by the controller ({})", notice.reason), notice.reconnect, Instant::now());
+        self.step_link();
+    }
+
+    /// Advance the link: start an attempt to register again, or give up and exit.
+    fn step_link(&mut self) {
+        let now = Instant::now();
+        let c = &mut self.controller;
+        match c.link.tick(now, c.pings.count()) {
+            link::Step::Quiet => {}
+            link::Step::Attempt { rebuild } => {
+                if rebuild {
+                    // The old sockets are no good: close them before new ones connect.
+                    c.sock_tasks = Tasks::default();
+                    c.sock_generation = 0;
+                }
+                let limit = REJOIN_ATTEMPT.min(c.link.time_left(now)).max(Duration::from_millis(200));
+                debug!(rebuild, ?limit, "registering with the controller again");
+                tokio::spawn(net::rejoin(c.source.clone(), self.username.clone(), self.me.uuid.clone(), self.me.id, rebuild, limit, self.inbound_tx.clone()));
+            }
+            link::Step::GiveUp(msg) => {
+                error!("{msg}");
+                self.exit_code = Some(1);
+            }
+        }
+    }
+
+    /// The outcome of an attempt to register again.
+    fn on_rejoined(&mut self, outcome: std::result::Result<Rejoined, String>) {
+        let now = Instant::now();
+        let r = match outcome {
+            Ok(r) => r,
+            Err(why) => {
+                let left = self.controller.link.time_left(now);
+                info!(%why, left_s = left.as_secs(), "registering again failed; retrying");
+                self.controller.link.attempt_failed(now);
+                return;
+            }
+        };
+        let Rejoined { conn, session, registration, sockets } = r;
+        let (down_for, why) = self.controller.link.down_since().map(|(t, w)| (now.saturating_duration_since(t), w.to_string())).unwrap_or_default();
+        if registration.id != self.me.id {
+            warn!(old = self.me.id, new = registration.id, "registered again under a new engine id: the old one is held by another engine");
+            self.me.id = registration.id;
+            self.out.set_identity(self.me.clone());
+        }
+        let c = &mut self.controller;
+        if conn.key != c.key {
+            info!("the controller's key changed; signing with the new one");
+            c.key = conn.key.clone();
+            self.session = session.clone();
+            self.out.set_session(session);
+        }
+        self.out.outlets.registration = registration.outlet;
+        c.reg_generation = registration.generation;
+        c.reg_tasks = registration.tasks;
+        if let Some(s) = sockets {
+            let o = &mut self.out.outlets;
+            (o.mux, o.task, o.control, o.iopub, o.broadcast) = (s.mux, s.task, s.control, s.iopub, None);
+            c.sock_generation = s.generation;
+            c.pings = s.pings;
+            c.sock_tasks = s.tasks;
+        }
+        c.link.silence_limit = silence_limit(registration.hb_period);
+        c.link.joined(registration.request, now);
+        info!(engine_id = self.me.id, down_s = down_for.as_secs_f64(), %why, "registered with the controller again; the worker and its variables were kept");
     }
 
     async fn on_compiler_ready(&mut self, link: CompilerLink) {

@@ -26,6 +26,9 @@
 //!   one connection attempt at a time, gone when its connection drops or it stays silent;
 //!   decoding its messages.
 //! - [`liveness`]: whether the compiler is still there, from its connection and pings.
+//! - [`link`]: the link to the controller: registered or lost (evicted, connection closed,
+//!   heartbeat silence while awake), when to register again and over which sockets, when to
+//!   give up (`ipengine --reconnect-timeout`).
 //! - [`artifacts`]: where compiled artifacts and runtime libraries are loaded from: by path on
 //!   the compiler's host, else the per-host cache filled by one checked fetch per artifact and
 //!   host (decisions over the cache directory).
@@ -37,8 +40,8 @@
 //! Carrying them out:
 //! - [`outbox`]: what goes out to the controller: replies on the request's socket, iopub
 //!   publications, the worker's stdout/stderr buffered and flushed to iopub.
-//! - [`net`]: registration, connecting sockets, the send/receive pump tasks, the heart, the
-//!   compiler handshake.
+//! - [`net`]: registration, connecting sockets, the send/receive pump tasks, the heart,
+//!   registering again over new sockets, the compiler handshake.
 //! - [`child`]: the worker command, spawning the worker, reading its pipes, noticing its death,
 //!   the slot holding the running worker.
 //! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out;
@@ -62,6 +65,7 @@ pub mod child;
 pub mod compiler;
 pub mod engine;
 pub mod history;
+pub mod link;
 pub mod liveness;
 pub mod namespace;
 pub mod net;

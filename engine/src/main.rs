@@ -36,6 +36,10 @@ struct Args {
     /// Seconds to wait for the compiler at startup.
     #[arg(long, default_value_t = 30.0)]
     compiler_timeout: f64,
+    /// Seconds to keep trying to register again once the controller is lost (it died, restarted
+    /// or evicted this engine); the worker and its variables are kept meanwhile. Then exit.
+    #[arg(long, env = "RPX_RECONNECT_TIMEOUT", default_value_t = 60.0)]
+    reconnect_timeout: f64,
     /// Take the engine id from the MPI launcher's rank (OMPI_COMM_WORLD_RANK, PMIX_RANK,
     /// PMI_RANK or SLURM_PROCID), plus --id-base.
     #[arg(long)]
@@ -88,12 +92,15 @@ fn run(args: Args) -> anyhow::Result<i32> {
     if !(args.timeout > 0.0 && args.compiler_timeout >= 0.0) {
         bail!("--timeout must be positive and --compiler-timeout not negative");
     }
+    if !(args.reconnect_timeout >= 0.0 && args.reconnect_timeout <= 1e9) {
+        bail!("--reconnect-timeout must be a number of seconds, 0 or more");
+    }
     let timeout = Duration::from_secs_f64(args.timeout);
     let requested_id = if args.mpi { Some(mpi_rank(|v| std::env::var(v).ok())? + args.id_base) } else { args.id };
-    let (connection, compiler) = match std::env::var(CONNECTION_INFO_ENV).ok().filter(|_| args.file.is_none()) {
+    let (connection, connection_file, compiler) = match std::env::var(CONNECTION_INFO_ENV).ok().filter(|_| args.file.is_none()) {
         Some(line) => {
             let info = ConnectionInfo::parse(&line).with_context(|| format!("{CONNECTION_INFO_ENV} is not an rpx connection info"))?;
-            (info.engine, CompilerSource::Given(info.compiler))
+            (info.engine, None, CompilerSource::Given(info.compiler))
         }
         None => {
             let profile = Profile::new(&args.profile, &args.cluster_id);
@@ -103,11 +110,20 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 let name = profile.compiler_file().file_name().expect("has a name").to_owned();
                 file.parent().map_or_else(|| profile.compiler_file(), |d| d.join(&name))
             });
-            (connection, CompilerSource::File(compiler_file))
+            (connection, Some(file), CompilerSource::File(compiler_file))
         }
     };
     let restart_notice = std::env::var(ENGINE_RESTARTED_ENV).ok().filter(|n| !n.trim().is_empty());
-    let cfg = Config { connection, compiler, requested_id, timeout, compiler_wait: Duration::from_secs_f64(args.compiler_timeout), restart_notice };
+    let cfg = Config {
+        connection,
+        connection_file,
+        compiler,
+        requested_id,
+        timeout,
+        compiler_wait: Duration::from_secs_f64(args.compiler_timeout),
+        reconnect_timeout: Duration::from_secs_f64(args.reconnect_timeout),
+        restart_notice,
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
     let code = rt.block_on(engine::run(cfg))?;
     // Do not wait for lingering socket tasks.

@@ -4,7 +4,10 @@
 //! Each DEALER is split: a receive task forwards every message to the engine loop as an
 //! [`Inbound`], and a send task drains a bounded channel, bounding every send with a timeout
 //! (zeromq 0.7 can block forever on a stalled peer). The heartbeat runs on its own task and only
-//! records when the last ping arrived.
+//! counts the pings that arrive. The tasks of one set of controller sockets are held in
+//! [`Tasks`] (dropped: stopped), and their closed connections are reported as
+//! [`Inbound::ControllerLost`], so that [`rejoin`] can replace them after a controller restart
+//! (zeromq 0.7's DEALERs do not reconnect by themselves).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rpx_protocol::compile::{msg_type, EngineHello, EngineHelloReply, HistoryCell};
 use rpx_protocol::connection::{read_json, CompilerConnection, EngineConnection};
+use rpx_protocol::registration::{msg_type as reg_msg, RegistrationReply, RegistrationRequest};
 use rpx_protocol::Session;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -78,8 +82,14 @@ pub enum Inbound {
     CompilerFailed(String),
     /// The connection to the compiler with this link id dropped (socket monitor).
     CompilerLost(u64),
-    /// The broadcast leaf connection is up.
-    BroadcastReady(Outlet),
+    /// The broadcast leaf connection of the sockets of this generation is up.
+    BroadcastReady(u64, Outlet, Tasks),
+    /// A message on the registration socket of this generation (an eviction notice).
+    Registration(u64, Frames),
+    /// A connection to the controller (of this generation, on this socket) closed.
+    ControllerLost(u64, &'static str),
+    /// The outcome of a [`rejoin`] attempt.
+    Rejoined(Box<std::result::Result<Rejoined, String>>),
 }
 
 /// A connected compiler.
@@ -128,7 +138,10 @@ fn options(identity: &str, connect_timeout: Duration) -> SocketOptions {
 
 /// A DEALER with `identity`, connected to `url` (waits up to `timeout` for the peer).
 pub async fn connect_dealer(url: &str, identity: &str, timeout: Duration) -> Result<DealerSocket> {
-    let mut s = DealerSocket::with_options(options(identity, timeout));
+    connect(DealerSocket::with_options(options(identity, timeout)), url, timeout).await
+}
+
+async fn connect(mut s: DealerSocket, url: &str, timeout: Duration) -> Result<DealerSocket> {
     match tokio::time::timeout(timeout + Duration::from_millis(500), s.connect(url)).await {
         Ok(Ok(())) => Ok(s),
         Ok(Err(e)) => Err(Error::Connect(format!("{url}: {e}"))),
@@ -136,27 +149,83 @@ pub async fn connect_dealer(url: &str, identity: &str, timeout: Duration) -> Res
     }
 }
 
-/// What the controller's `registration_reply` gave this engine.
+/// The tasks serving one set of controller sockets. Dropping it stops them, which closes the
+/// sockets: a link that is replaced leaves nothing behind.
+#[derive(Debug, Default)]
+pub struct Tasks(Vec<tokio::task::AbortHandle>);
+
+impl Tasks {
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&mut self, f: F) {
+        self.0.push(tokio::spawn(f).abort_handle());
+    }
+
+    /// Take over the tasks of `other`.
+    pub fn absorb(&mut self, mut other: Tasks) {
+        self.0.append(&mut other.0);
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// A new number for a set of controller sockets, so that events of replaced sockets are told
+/// from current ones.
+fn next_generation() -> u64 {
+    static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+    GENERATIONS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Report the first `Disconnected` of a socket's monitor as [`Inbound::ControllerLost`].
+fn watch_connection(tasks: &mut Tasks, mut monitor: futures::channel::mpsc::Receiver<zeromq::SocketEvent>, generation: u64, socket: &'static str, inbound: mpsc::Sender<Inbound>) {
+    tasks.spawn(async move {
+        use futures::StreamExt;
+        while let Some(ev) = monitor.next().await {
+            if matches!(ev, zeromq::SocketEvent::Disconnected(_)) {
+                let _ = inbound.send(Inbound::ControllerLost(generation, socket)).await;
+                break;
+            }
+        }
+    });
+}
+
+/// A registration with the controller.
 #[derive(Debug)]
-pub struct Registered {
+pub struct Registration {
     pub id: u64,
     /// The controller's heartbeat period.
     pub hb_period: Duration,
-    /// The registration socket, kept for `unregistration_request`.
+    /// The msg_id of the `registration_request` (eviction notices name it).
+    pub request: String,
+    /// The registration socket (unregistration goes out on it, eviction notices come in as
+    /// [`Inbound::Registration`]).
     pub outlet: Outlet,
+    pub generation: u64,
+    pub tasks: Tasks,
 }
 
-/// Register with the controller at `url` (asking for `requested_id` if given), waiting up to
-/// `timeout` for its reply.
-pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Option<u64>, timeout: Duration) -> Result<Registered> {
-    info!(%url, %uuid, "registering with the controller");
-    let reg = connect_dealer(url, uuid, timeout).await.map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
+/// Register with the controller at `url` over a new registration socket, asking for
+/// `requested_id` if given, waiting up to `timeout` for the socket and again for the reply.
+///
+/// The socket has no fixed identity: the controller answers the identity each connection gets,
+/// so a new registration socket never takes over an older connection's identity. The request
+/// asks for an eviction notice ([`RegistrationRequest::notify_eviction`]).
+pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Option<u64>, timeout: Duration, inbound: &mpsc::Sender<Inbound>) -> Result<Registration> {
+    info!(%url, %uuid, ?requested_id, "registering with the controller");
+    let mut o = SocketOptions::default();
+    o.connect_timeout(timeout);
+    let mut reg = connect(DealerSocket::with_options(o), url, timeout).await.map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
+    let generation = next_generation();
+    let mut tasks = Tasks::default();
+    watch_connection(&mut tasks, reg.monitor(), generation, "registration", inbound.clone());
     let (mut reg_send, mut reg_recv) = reg.split();
-    let mut request = json!({"uuid": uuid});
-    if let Some(id) = requested_id {
-        request["id"] = json!(id);
-    }
-    let (_, frames) = session.msg(&[], "registration_request", request, None, json!({"engine": uuid}), &[]);
+    let request = RegistrationRequest { uuid: uuid.to_string(), id: requested_id, notify_eviction: true };
+    let content = serde_json::to_value(&request).expect("serializes");
+    let (header, frames) = session.msg(&[], reg_msg::REGISTRATION_REQUEST, content, None, json!({"engine": uuid}), &[]);
     send_now(&mut reg_send, frames).await?;
     let deadline = Instant::now() + timeout;
     let reply = loop {
@@ -171,7 +240,7 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
             Ok(Ok(m)) => m,
         };
         match session.decode(m.into_vec()) {
-            Ok(msg) if msg.msg_type() == "registration_reply" => break msg,
+            Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id().is_none_or(|p| p == header.msg_id) => break msg,
             Ok(msg) => warn!(msg_type = msg.msg_type(), "unexpected message on the registration socket"),
             Err(e) => warn!(error = %e, "bad message on the registration socket dropped"),
         }
@@ -180,18 +249,33 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
         let why = reply.content_str("evalue").or(reply.content_str("reason")).unwrap_or("no reason given");
         return Err(Error::Registration(format!("the controller refused registration: {why}")));
     }
-    let id = reply.content.get("id").and_then(serde_json::Value::as_u64).ok_or_else(|| Error::Registration("registration reply has no id".into()))?;
-    let hb_period = Duration::from_millis(reply.content.get("hb_period").and_then(serde_json::Value::as_u64).unwrap_or(3000).max(10));
-    info!(engine_id = id, ?hb_period, "registered");
-    // The registration socket stays for unregistration.
+    let ok: RegistrationReply = serde_json::from_value(reply.content).map_err(|e| Error::Registration(format!("malformed registration reply: {e}")))?;
+    let hb_period = Duration::from_millis(ok.hb_period.max(10));
+    info!(engine_id = ok.id, ?hb_period, "registered");
+    // The socket stays: unregistration goes out on it, eviction notices come in.
     let (outlet, mut rx) = mpsc::channel::<Frames>(16);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(f) = rx.recv().await {
             let _ = tokio::time::timeout(Duration::from_secs(2), reg_send.send(rpx_protocol::zmq::message(f))).await;
         }
-        drop(reg_recv);
     });
-    Ok(Registered { id, hb_period, outlet })
+    let to_loop = inbound.clone();
+    tasks.spawn(async move {
+        loop {
+            match reg_recv.recv().await {
+                Ok(m) => {
+                    if to_loop.send(Inbound::Registration(generation, m.into_vec())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "registration receive error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(Registration { id: ok.id, hb_period, request: header.msg_id, outlet, generation, tasks })
 }
 
 async fn send_now(s: &mut zeromq::DealerSendHalf, frames: Frames) -> Result<()> {
@@ -202,47 +286,68 @@ async fn send_now(s: &mut zeromq::DealerSendHalf, frames: Frames) -> Result<()> 
     }
 }
 
+/// The engine's connected sockets to the controller, but for registration.
+#[derive(Debug)]
+pub struct Sockets {
+    pub generation: u64,
+    pub mux: Outlet,
+    pub task: Outlet,
+    pub control: Outlet,
+    pub iopub: Outlet,
+    /// Heartbeat pings received.
+    pub pings: Pings,
+    pub tasks: Tasks,
+}
+
 /// Connect the engine's sockets to the controller: shell (mux, task), control, iopub and the
 /// heart, and in the background the broadcast leaf of engine `id` (announced to the engine
-/// loop as [`Inbound::BroadcastReady`]). Returns the outlets, with the registration socket's,
-/// and when the heart last heard a ping.
-pub async fn connect_engine(conn: &EngineConnection, uuid: &str, id: u64, t: Duration, registration: Outlet, inbound_tx: &mpsc::Sender<Inbound>) -> Result<(Outlets, LastPing)> {
-    let mux = connect_dealer(&conn.url(conn.mux), uuid, t).await?;
-    let task = connect_dealer(&conn.url(conn.task), uuid, t).await?;
-    let control = connect_dealer(&conn.url(conn.control), uuid, t).await?;
-    let iopub = connect_iopub(&conn.url(conn.iopub), uuid, t).await?;
-    let last_ping = LastPing::new();
-    start_heart(&conn.url(conn.hb_ping), &conn.url(conn.hb_pong), uuid, t, last_ping.clone()).await?;
-    let outlets = Outlets {
-        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| Inbound::Shell(Channel::Mux, f)),
-        task: spawn_dealer(task, "task", inbound_tx.clone(), |f| Inbound::Shell(Channel::Task, f)),
-        control: spawn_dealer(control, "control", inbound_tx.clone(), Inbound::Control),
-        broadcast: None,
+/// loop as [`Inbound::BroadcastReady`]). A closed connection of mux, task or control is
+/// reported as [`Inbound::ControllerLost`].
+pub async fn connect_engine(conn: &EngineConnection, uuid: &str, id: u64, t: Duration, inbound_tx: &mpsc::Sender<Inbound>) -> Result<Sockets> {
+    let generation = next_generation();
+    let mut tasks = Tasks::default();
+    let mut mux = connect_dealer(&conn.url(conn.mux), uuid, t).await?;
+    let mut task = connect_dealer(&conn.url(conn.task), uuid, t).await?;
+    let mut control = connect_dealer(&conn.url(conn.control), uuid, t).await?;
+    for (s, name) in [(&mut mux, "mux"), (&mut task, "task"), (&mut control, "control")] {
+        watch_connection(&mut tasks, s.monitor(), generation, name, inbound_tx.clone());
+    }
+    let iopub = connect_iopub(&conn.url(conn.iopub), uuid, t, &mut tasks).await?;
+    let pings = Pings::new();
+    start_heart(&conn.url(conn.hb_ping), &conn.url(conn.hb_pong), uuid, t, pings.clone(), &mut tasks).await?;
+    let sockets = Sockets {
+        generation,
+        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| Inbound::Shell(Channel::Mux, f), &mut tasks),
+        task: spawn_dealer(task, "task", inbound_tx.clone(), |f| Inbound::Shell(Channel::Task, f), &mut tasks),
+        control: spawn_dealer(control, "control", inbound_tx.clone(), Inbound::Control, &mut tasks),
         iopub,
-        registration,
+        pings,
+        tasks,
     };
+    let mut sockets = sockets;
     if !conn.broadcast.is_empty() {
         let url = conn.url(conn.broadcast[(id as usize) % conn.broadcast.len()]);
         let (uuid, inbound) = (uuid.to_string(), inbound_tx.clone());
-        tokio::spawn(async move {
+        sockets.tasks.spawn(async move {
             match connect_dealer(&url, &uuid, Duration::from_secs(30)).await {
                 Ok(s) => {
-                    let out = spawn_dealer(s, "broadcast", inbound.clone(), |f| Inbound::Shell(Channel::Broadcast, f));
-                    let _ = inbound.send(Inbound::BroadcastReady(out)).await;
+                    let mut tasks = Tasks::default();
+                    let out = spawn_dealer(s, "broadcast", inbound.clone(), |f| Inbound::Shell(Channel::Broadcast, f), &mut tasks);
+                    let _ = inbound.send(Inbound::BroadcastReady(generation, out, tasks)).await;
                 }
                 Err(e) => warn!(error = %e, "no broadcast scheduler connection; broadcast requests will not reach this engine"),
             }
         });
     }
-    Ok((outlets, last_ping))
+    Ok(sockets)
 }
 
-/// Start the receive and send tasks of a connected DEALER; received messages are wrapped by
-/// `wrap` and sent to the engine loop.
-pub fn spawn_dealer(sock: DealerSocket, name: &'static str, inbound: mpsc::Sender<Inbound>, wrap: fn(Frames) -> Inbound) -> Outlet {
+/// Start the receive and send tasks of a connected DEALER (kept in `tasks`); received messages
+/// are wrapped by `wrap` and sent to the engine loop.
+pub fn spawn_dealer(sock: DealerSocket, name: &'static str, inbound: mpsc::Sender<Inbound>, wrap: fn(Frames) -> Inbound, tasks: &mut Tasks) -> Outlet {
     let (mut tx_half, mut rx_half) = sock.split();
     let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             match rx_half.recv().await {
                 Ok(m) => {
@@ -257,7 +362,7 @@ pub fn spawn_dealer(sock: DealerSocket, name: &'static str, inbound: mpsc::Sende
             }
         }
     });
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(frames) = rx.recv().await {
             send_bounded(&mut tx_half, name, frames).await;
         }
@@ -276,8 +381,8 @@ async fn send_bounded<S: SocketSend>(s: &mut S, name: &str, frames: Frames) {
     }
 }
 
-/// A PUB connected to the controller's iopub SUB, with its send task.
-pub async fn connect_iopub(url: &str, identity: &str, timeout: Duration) -> Result<Outlet> {
+/// A PUB connected to the controller's iopub SUB, with its send task (kept in `tasks`).
+pub async fn connect_iopub(url: &str, identity: &str, timeout: Duration, tasks: &mut Tasks) -> Result<Outlet> {
     let mut s = PubSocket::with_options(options(identity, timeout));
     match tokio::time::timeout(timeout + Duration::from_millis(500), s.connect(url)).await {
         Ok(Ok(())) => {}
@@ -285,7 +390,7 @@ pub async fn connect_iopub(url: &str, identity: &str, timeout: Duration) -> Resu
         Err(_) => return Err(Error::Connect(format!("{url}: timed out after {timeout:?}"))),
     }
     let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(frames) = rx.recv().await {
             send_bounded(&mut s, "iopub", frames).await;
         }
@@ -293,34 +398,25 @@ pub async fn connect_iopub(url: &str, identity: &str, timeout: Duration) -> Resu
     Ok(out)
 }
 
-/// Milliseconds since `epoch` of the last heartbeat ping, shared with the engine loop.
-#[derive(Debug, Clone)]
-pub struct LastPing {
-    epoch: Instant,
-    ms: Arc<AtomicU64>,
-}
+/// The number of heartbeat pings received, shared with the engine loop (see
+/// [`crate::link::Link::tick`]).
+#[derive(Debug, Clone, Default)]
+pub struct Pings(Arc<AtomicU64>);
 
-impl LastPing {
-    pub fn new() -> LastPing {
-        LastPing { epoch: Instant::now(), ms: Arc::new(AtomicU64::new(0)) }
+impl Pings {
+    pub fn new() -> Pings {
+        Pings::default()
     }
     fn touch(&self) {
-        self.ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
-    /// Time since the last ping (or since creation, if none came yet).
-    pub fn since(&self) -> Duration {
-        self.epoch.elapsed().saturating_sub(Duration::from_millis(self.ms.load(Ordering::Relaxed)))
-    }
-}
-
-impl Default for LastPing {
-    fn default() -> Self {
-        LastPing::new()
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
 /// The heart: a SUB on `hb_ping` echoing each ping on a DEALER (identity = uuid) to `hb_pong`.
-pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout: Duration, last: LastPing) -> Result<()> {
+pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout: Duration, pings: Pings, tasks: &mut Tasks) -> Result<()> {
     let mut sub = SubSocket::with_options(options(identity, timeout));
     sub.subscribe("").await.map_err(|e| Error::Connect(format!("hb_ping subscribe: {e}")))?;
     match tokio::time::timeout(timeout + Duration::from_millis(500), sub.connect(ping_url)).await {
@@ -329,11 +425,11 @@ pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout
         Err(_) => return Err(Error::Connect(format!("{ping_url}: timed out"))),
     }
     let mut pong = connect_dealer(pong_url, identity, timeout).await?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             match sub.recv().await {
                 Ok(m) => {
-                    last.touch();
+                    pings.touch();
                     match tokio::time::timeout(Duration::from_secs(1), pong.send(m)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => debug!(error = %e, "pong send failed"),
@@ -348,6 +444,55 @@ pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout
         }
     });
     Ok(())
+}
+
+/// What a successful [`rejoin`] brings.
+#[derive(Debug)]
+pub struct Rejoined {
+    /// The connection info used (read again from the engine file, if it came from one).
+    pub conn: EngineConnection,
+    pub session: Session,
+    pub registration: Registration,
+    /// New sockets, when they were rebuilt.
+    pub sockets: Option<Sockets>,
+}
+
+/// Where an engine finds its controller.
+#[derive(Debug, Clone)]
+pub enum ControllerSource {
+    /// The engine connection file, read again at each attempt (a restarted controller may
+    /// have written new ports or a new key).
+    File(PathBuf, EngineConnection),
+    /// Given whole (`RPX_CONNECTION_INFO`).
+    Given(EngineConnection),
+}
+
+impl ControllerSource {
+    /// The connection info to use now.
+    pub fn current(&self) -> EngineConnection {
+        match self {
+            ControllerSource::File(path, last) => read_json::<EngineConnection>(path).unwrap_or_else(|e| {
+                debug!(file = %path.display(), error = %e, "cannot read the engine connection file; using what was read before");
+                last.clone()
+            }),
+            ControllerSource::Given(c) => c.clone(),
+        }
+    }
+}
+
+/// One attempt to register again after the link was lost: new sockets first when `rebuild`,
+/// then a registration asking for `id` over a new registration socket. Every wait is bounded
+/// by `limit`. Reported to the engine loop as [`Inbound::Rejoined`].
+pub async fn rejoin(source: ControllerSource, username: String, uuid: String, id: u64, rebuild: bool, limit: Duration, inbound: mpsc::Sender<Inbound>) {
+    let attempt = async {
+        let conn = source.current();
+        let session = Session::with_id(conn.key.as_bytes(), &username, &uuid);
+        let sockets = if rebuild { Some(connect_engine(&conn, &uuid, id, limit, &inbound).await?) } else { None };
+        let registration = register(&session, &conn.url(conn.registration), &uuid, Some(id), limit, &inbound).await?;
+        Ok::<_, Error>(Rejoined { conn, session, registration, sockets })
+    };
+    let outcome = attempt.await.map_err(|e| e.to_string());
+    let _ = inbound.send(Inbound::Rejoined(Box::new(outcome))).await;
 }
 
 /// Find and greet the compiler: wait (up to `wait`) for its connection file if it comes from

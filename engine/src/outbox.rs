@@ -45,6 +45,16 @@ impl Outbox {
         Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now() }
     }
 
+    /// The engine's id changed (it registered again under a new one).
+    pub fn set_identity(&mut self, me: Identity) {
+        self.me = me;
+    }
+
+    /// Sign with `session` from now on (the controller's key changed).
+    pub fn set_session(&mut self, session: Session) {
+        self.session = session;
+    }
+
     /// Answer `req` on the socket it came from.
     pub fn reply(&self, req: &Request, content: Value, md: Value) {
         self.reply_with_buffers(req, content, md, &[]);

@@ -70,15 +70,46 @@ pub enum Next {
 pub struct Queue {
     waiting: VecDeque<Request>,
     aborted: HashSet<String>,
+    /// Ids the controller answered itself when it evicted this engine (oldest first): they
+    /// never run here, queued now or arriving later.
+    answered: HashSet<String>,
+    answered_order: VecDeque<String>,
 }
+
+/// Answered ids remembered for requests still in transit.
+const ANSWERED_LIMIT: usize = 10_000;
 
 impl Queue {
     pub fn new() -> Queue {
         Queue::default()
     }
 
-    pub fn push(&mut self, req: Request) {
+    /// Queue `req`; `false` if the controller already answered it (it is dropped).
+    pub fn push(&mut self, req: Request) -> bool {
+        if self.answered.contains(req.msg_id()) {
+            return false;
+        }
         self.waiting.push_back(req);
+        true
+    }
+
+    /// The controller answered these requests when it evicted this engine (failed them, or
+    /// queued them again for another engine): drop the queued ones, without a reply, and any
+    /// that arrive later. Returns the ids dropped now.
+    pub fn drop_answered(&mut self, ids: &[String]) -> Vec<String> {
+        for id in ids {
+            if self.answered.insert(id.clone()) {
+                self.answered_order.push_back(id.clone());
+            }
+        }
+        while self.answered.len() > ANSWERED_LIMIT {
+            let Some(old) = self.answered_order.pop_front() else { break };
+            self.answered.remove(&old);
+        }
+        let answered = &self.answered;
+        let (gone, kept): (Vec<Request>, Vec<Request>) = self.waiting.drain(..).partition(|r| answered.contains(r.msg_id()));
+        self.waiting = kept.into();
+        gone.iter().map(|r| r.msg_id().to_string()).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -231,6 +262,17 @@ mod tests {
         // An abort is used once: the same id again runs.
         q.push(execute("later", "2"));
         assert_eq!(started(q.next(false)), "later");
+    }
+
+    #[test]
+    fn requests_the_controller_answered_at_eviction_never_run() {
+        let mut q = Queue::new();
+        q.push(execute("a", "1"));
+        q.push(execute("b", "2"));
+        assert_eq!(q.drop_answered(&["a".into(), "late".into()]), ["a"]);
+        assert!(!q.push(execute("late", "3")), "one still in transit is dropped when it arrives");
+        assert_eq!(started(q.next(false)), "b");
+        assert!(q.next(false).is_none());
     }
 
     #[test]

@@ -303,8 +303,12 @@ async fn start(dir: &std::path::Path, host: Host, cache: &std::path::Path) -> (F
     let m = recv(&mut reg, &s, "registration_request").await;
     assert_eq!(m.msg_type(), "registration_request");
     let uuid = m.content["uuid"].as_str().unwrap().to_string();
-    assert_eq!(m.idents, vec![Bytes::from(uuid.clone())]);
-    let (_, frames) = s.msg(&m.idents, "registration_reply", json!({"id": 0, "status": "ok", "hb_period": 1000, "connection_info": {}}), None, json!({}), &[]);
+    // The registration socket has an identity of its own per connection (never the uuid, so a
+    // new registration socket cannot take over an old one's identity at the controller).
+    assert_eq!(m.idents.len(), 1);
+    assert_ne!(m.idents[0], Bytes::from(uuid.clone()));
+    assert_eq!(m.content["notify_eviction"], true);
+    let (_, frames) = s.msg(&m.idents, "registration_reply", json!({"id": 0, "status": "ok", "hb_period": 1000, "connection_info": {}}), Some(&m.header), json!({}), &[]);
     reg.send(rpx_protocol::zmq::message(frames)).await.unwrap();
 
     // Compiler hello.

@@ -9,6 +9,8 @@
 //!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
 //! - [`compile`]: the messages between thin engines and the shared compiler.
 //! - [`apply`]: rpx's closure, map, push and pull payloads inside `apply_request`.
+//! - [`registration`]: engine registration contents and the eviction notice that makes an
+//!   evicted rpx engine register again.
 //! - [`zmq`]: conversion between frames and `zeromq` messages.
 //!
 //! This crate opens no sockets: transports live in the crates that use it.
@@ -17,6 +19,7 @@ pub mod apply;
 pub mod compile;
 pub mod connection;
 pub mod message;
+pub mod registration;
 pub mod session;
 pub mod zmq;
 
