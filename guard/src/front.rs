@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -19,7 +19,7 @@ use zeromq::{Endpoint, Socket};
 use crate::zmtp::{FrameCheck, Step, Violation};
 use crate::{Error, Limits};
 
-/// Bytes read from a peer at a time.
+/// Bytes relayed at a time, each way (large messages cross in few, large copies).
 const READ_CHUNK: usize = 64 * 1024;
 /// Refusals logged in full; after that, one line per thousand.
 const LOGGED_REFUSALS: u64 = 100;
@@ -174,7 +174,11 @@ async fn relay(tcp: TcpStream, unix: UnixStream, peer: SocketAddr, limits: Limit
     let (mut from_peer, mut to_peer) = tcp.into_split();
     let (mut from_zmq, mut to_zmq) = unix.into_split();
     let outbound = async {
-        let _ = tokio::io::copy(&mut from_zmq, &mut to_peer).await;
+        while let Some(buf) = read_burst(&mut from_zmq, None).await {
+            if to_peer.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
         let _ = to_peer.shutdown().await;
     };
     tokio::select! {
@@ -185,25 +189,85 @@ async fn relay(tcp: TcpStream, unix: UnixStream, peer: SocketAddr, limits: Limit
     }
 }
 
+/// Wait until `from` is readable (at most until `deadline`), then read what is there in
+/// chunks of up to [`READ_CHUNK`] until it would block. Buffers exist only while bytes flow, so
+/// an idle peer costs no buffer. `None` at end of stream or on an error; `Some(empty)` when the
+/// deadline passed.
+async fn read_burst<R: Readable>(from: &mut R, deadline: Option<Instant>) -> Option<Vec<u8>> {
+    let ready = from.ready();
+    let ready = match deadline {
+        Some(d) => match timeout_at(d, ready).await {
+            Ok(r) => r,
+            Err(_) => return Some(Vec::new()),
+        },
+        None => ready.await,
+    };
+    ready.ok()?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match from.try_read_into(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return None,
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) if filled > 0 => break,
+            Err(_) => return None,
+        }
+    }
+    if filled == 0 {
+        // A spurious wake-up: nothing to read yet.
+        return Some(Vec::new());
+    }
+    buf.truncate(filled);
+    Some(buf)
+}
+
+/// The read halves the relay reads from.
+trait Readable {
+    async fn ready(&self) -> std::io::Result<()>;
+    fn try_read_into(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl Readable for OwnedReadHalf {
+    async fn ready(&self) -> std::io::Result<()> {
+        self.readable().await
+    }
+    fn try_read_into(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.try_read(buf)
+    }
+}
+
+impl Readable for tokio::net::unix::OwnedReadHalf {
+    async fn ready(&self) -> std::io::Result<()> {
+        self.readable().await
+    }
+    fn try_read_into(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.try_read(buf)
+    }
+}
+
 /// Pass the peer's bytes to zeromq as the check allows. `Ok` when either side closed.
 async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, limits: Limits, budget: Arc<Semaphore>) -> Result<(), Refused> {
     let mut check = FrameCheck::new(limits);
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut permit: Option<OwnedSemaphorePermit> = None;
     let handshake_by = Instant::now() + limits.handshake_timeout;
     loop {
-        let read = from_peer.read(&mut buf);
-        let n = if !check.handshaken() {
-            timeout_at(handshake_by, read).await.map_err(|_| Refused::Handshake)?
+        let deadline = if !check.handshaken() {
+            Some(handshake_by)
         } else if check.holds_reservation() {
-            timeout(limits.stall_timeout, read).await.map_err(|_| Refused::Stalled)?
+            Some(Instant::now() + limits.stall_timeout)
         } else {
-            read.await
+            None
         };
-        let n = match n {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(n) => n,
-        };
+        let Some(buf) = read_burst(from_peer, deadline).await else { return Ok(()) };
+        if buf.is_empty() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(if check.handshaken() { Refused::Stalled } else { Refused::Handshake });
+            }
+            continue;
+        }
+        let n = buf.len();
         let mut at = 0;
         while at < n {
             let forward = match check.step(&buf[at..n]).map_err(Refused::Violation)? {
