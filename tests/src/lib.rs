@@ -187,10 +187,18 @@ impl TestCluster {
     /// Start N engines and wait until they are registered; panics with ipcluster's output if
     /// it fails.
     pub fn start(n: usize) -> TestCluster {
+        TestCluster::start_with(n, &[])
+    }
+
+    /// [`TestCluster::start`] with more `ipcluster start` options (e.g. `--no-restart`).
+    pub fn start_with(n: usize, extra: &[&str]) -> TestCluster {
         let mut c = TestCluster::empty();
         c.n = n;
-        let out = c.ipcluster(&["start", "-n", &n.to_string(), "--daemonize", "--timeout", "120"]);
-        assert!(out.status.success(), "ipcluster start -n {n} --daemonize failed\n{}", show(&out));
+        let count = n.to_string();
+        let mut args = vec!["start", "-n", &count, "--daemonize", "--timeout", "120"];
+        args.extend_from_slice(extra);
+        let out = c.ipcluster(&args);
+        assert!(out.status.success(), "ipcluster start -n {n} --daemonize {extra:?} failed\n{}", show(&out));
         c
     }
 
