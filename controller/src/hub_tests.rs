@@ -477,14 +477,14 @@ fn a_task_retried_elsewhere_is_answered_once_by_the_engine_now_running_it() {
 }
 
 #[test]
-fn an_old_id_goes_only_to_the_engine_that_held_it() {
+fn an_evicted_engine_gets_its_old_id_back_and_keeps_it() {
     let mut e = env(0);
     e.rpx_engine(0);
     e.evict(0);
-    let (reply, _) = e.rpx_register(1, Some(0));
-    assert_eq!(reply.content["id"], 1, "another engine does not get engine 0's id");
     let (reply, _) = e.rpx_register(0, Some(0));
     assert_eq!(reply.content["id"], 0);
+    let (reply, _) = e.rpx_register(1, Some(0));
+    assert_eq!(reply.content["id"], 1, "another engine does not get an id a live engine holds");
 }
 
 #[test]

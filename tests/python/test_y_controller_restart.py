@@ -25,7 +25,7 @@ def own_cluster():
     env.pop("RPX_PROFILE", None)
     started = []
     try:
-        r = subprocess.run([str(H.RELEASE / "ipcluster"), "start", "-n", "2", "--daemonize"], env=env,
+        r = subprocess.run([str(H.RELEASE / "ipcluster"), "start", "-n", "2", "--daemonize", "--no-restart"], env=env,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
         yield rpx_dir, env, started

@@ -123,7 +123,9 @@ impl Drop for Controller {
 
 #[test]
 fn a_controller_killed_and_restarted_with_reuse_gets_its_engines_back_with_their_variables() {
-    let cluster = TestCluster::start(2);
+    // The controller is restarted by hand: without a supervisor, which stops the cluster when
+    // its controller dies.
+    let cluster = TestCluster::start_with(2, &["--no-restart"]);
     let mut c = cluster.client();
     let all = c.wait_for_engines(2, Duration::from_secs(60)).unwrap();
     for &id in &all {
@@ -180,7 +182,7 @@ fn reuse_without_connection_files_is_a_clear_error() {
 #[test]
 fn an_engine_whose_controller_never_returns_exits_after_its_reconnect_timeout() {
     let cluster = TestCluster::empty();
-    let out = run(cluster.command(&["start", "-n", "1", "--daemonize", "--timeout", "120"]).env("RPX_RECONNECT_TIMEOUT", "3"), Duration::from_secs(180));
+    let out = run(cluster.command(&["start", "-n", "1", "--daemonize", "--no-restart", "--timeout", "120"]).env("RPX_RECONNECT_TIMEOUT", "3"), Duration::from_secs(180));
     assert!(out.status.success(), "{}", show(&out));
     let mut c = cluster.client();
     let id = c.wait_for_engines(1, Duration::from_secs(60)).unwrap()[0];
