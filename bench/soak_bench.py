@@ -370,12 +370,19 @@ def summarize(rec):
     # growth: controller RSS once the backlog is full (first sample with >= 2 backlogs done)
     # against the end; a flat controller shows near-zero slope in MiB per 100k tasks
     steady = [s for s in ss if s["done"] >= min(2 * rec["backlog"], done // 2)] or ss
-    half = [s for s in steady if s["done"] >= (steady[0]["done"] + done) / 2] or steady
-    first_half = [s for s in steady if s not in half] or steady
+    # halves of the run by tasks done
+    half = [s for s in ss if s["done"] >= done / 2] or ss
+    first_half = [s for s in ss if s["done"] < done / 2] or ss
+    # growth over the second half of the run (by tasks done), least squares: a flat controller
+    # shows ~0 MiB per 100k tasks there
     slope = None
-    if steady[-1]["done"] > steady[0]["done"]:
-        slope = (steady[-1]["controller_kib"] - steady[0]["controller_kib"]) / 1024 / (
-            (steady[-1]["done"] - steady[0]["done"]) / 100_000)
+    if len(half) >= 3 and half[-1]["done"] > half[0]["done"]:
+        xs = [x["done"] / 100_000 for x in half]
+        ys = [x["controller_kib"] / 1024 for x in half]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        if var > 0:
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
     rec["stats"] = {
         "controller_mib_idle": round(idle[0]["controller_kib"] / 1024, 1),
         "done": done, "elapsed_s": round(elapsed, 2), "tasks_per_s": round(done / elapsed, 1) if elapsed else None,
@@ -401,6 +408,41 @@ def summarize(rec):
 # report
 # ------------------------------------------------------------------------------------------------
 
+def svg_chart(res, path, bound):
+    """Controller RSS (MiB) against tasks done, one line per system, the bound dashed."""
+    runs = [r for r in res["runs"] if any(s["phase"] == "run" for s in r.get("samples", []))]
+    if not runs:
+        return
+    W, H, L, B, T, R = 760, 380, 64, 44, 30, 150
+    xmax = max(s["done"] for r in runs for s in r["samples"]) or 1
+    ymax = max([s["controller_kib"] / 1024 for r in runs for s in r["samples"]] + [bound]) * 1.08
+    X = lambda v: L + (W - L - R) * v / xmax  # noqa: E731
+    Y = lambda v: H - B - (H - B - T) * v / ymax  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{L}" y="18" font-size="14">Controller RSS vs tasks done (backlog {res["args"]["backlog"]:,})</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
+    for i in range(6):
+        xv, yv = xmax * i / 5, ymax * i / 5
+        out.append(f'<text x="{X(xv):.0f}" y="{H - B + 16}" text-anchor="middle">{xv / 1000:,.0f}k</text>')
+        out.append(f'<text x="{L - 6}" y="{Y(yv) + 4:.0f}" text-anchor="end">{yv:.0f}</text>')
+        out.append(f'<line x1="{L}" y1="{Y(yv):.1f}" x2="{W - R}" y2="{Y(yv):.1f}" stroke="#ddd"/>')
+    out.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 8}" text-anchor="middle">tasks done</text>')
+    out.append(f'<text x="14" y="{(T + H - B) / 2:.0f}" transform="rotate(-90 14 {(T + H - B) / 2:.0f})" '
+               f'text-anchor="middle">MiB (VmRSS)</text>')
+    out.append(f'<line x1="{L}" y1="{Y(bound):.1f}" x2="{W - R}" y2="{Y(bound):.1f}" stroke="gray" stroke-dasharray="6 4"/>')
+    out.append(f'<text x="{W - R + 6}" y="{Y(bound) + 4:.0f}" fill="gray">bound {bound:.0f}</text>')
+    colors = {"rpx": "#c0392b", "ipyparallel": "#2c6fbb"}
+    for k, r in enumerate(runs):
+        pts = " ".join(f"{X(s['done']):.1f},{Y(s['controller_kib'] / 1024):.1f}" for s in r["samples"] if s["phase"] == "run")
+        c = colors.get(r["system"], "black")
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"/>')
+        out.append(f'<text x="{W - R + 6}" y="{T + 16 + 18 * k}" fill="{c}">{r["system"]}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
 def md_report(res, path):
     a = res["args"]
     lines = [f"# Soak: {a['tasks']:,} trivial load-balanced tasks, backlog {a['backlog']:,}, {a['engines']} engines",
@@ -415,7 +457,7 @@ def md_report(res, path):
             ("controller RSS peak, 2nd half of run (MiB)", "controller_mib_max_second_half", "{:.1f}"),
             ("controller RSS at end (MiB)", "controller_mib_end", "{:.1f}"),
             ("controller PSS start / peak / end (MiB)", "pss", None),
-            ("controller growth after backlog full (MiB / 100k tasks)", "controller_growth_mib_per_100k_tasks", "{:+.2f}"),
+            ("controller growth over the 2nd half of the run (MiB / 100k tasks, least squares)", "controller_growth_mib_per_100k_tasks", "{:+.2f}"),
             ("client RSS start / peak / end (MiB)", None, None),
             ("engines RSS at end, sum (MiB)", "engines_mib_end", "{:.1f}")]
     systems = [r for r in res["runs"]]
@@ -462,7 +504,8 @@ def md_report(res, path):
                      + " (tasks → MiB)")
     lines += ["", "Each side: one driver process; B tasks submitted, then wait for the oldest, drop it, top up to B.",
               "Nothing purged on either controller. RSS = VmRSS; ipyparallel's controller = its main process + "
-              "scheduler subprocesses, summed. Full time series in the .json next to this file.", ""]
+              "scheduler subprocesses, summed (their VmRSS sum counts shared pages once per process; PSS splits "
+              "them). Full time series in the .json next to this file; chart: the .svg.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -594,8 +637,9 @@ def main():
                           <= args.flat_tolerance_mib}
     jpath.write_text(json.dumps(res, indent=1))
     md_report(res, mpath)
+    svg_chart(res, mpath.with_suffix(".svg"), args.bound_mib)
     print(mpath.read_text())
-    log(f"results: {jpath} and {mpath}")
+    log(f"results: {jpath}, {mpath} and {mpath.with_suffix('.svg')}")
 
 
 if __name__ == "__main__":
