@@ -25,8 +25,10 @@ Sampled every `--interval` s: VmRSS (/proc/<pid>/status) of the controller (rpx:
 under it, i.e. its scheduler subprocesses, summed and also recorded one by one), of the driver
 (client) and of the engines (summed), with tasks done and elapsed time.
 
-Writes bench/results/soak-<timestamp>.json (parameters, binaries, every sample of both) and
-.md (summary). The `ipp-driver` subcommand is the ipyparallel driver this script runs.
+Writes bench/results/soak-<timestamp>.json (parameters, binaries, every sample of both), .md
+(summary) and .svg (controller RSS against tasks done). The `ipp-driver` subcommand is the
+ipyparallel driver this script runs; `report A.json B.json` makes one report of two runs made
+separately (`--only rpx`, then `--only ipp`).
 """
 import argparse
 import collections
@@ -282,6 +284,7 @@ class Ipp(System):
 def run_one(system, tasks, backlog, time_limit, interval):
     log(f"=== {system.name}: {tasks} tasks, backlog {backlog}" + (f", submission stops after {time_limit} s" if time_limit else ""))
     rec = {"system": system.name, "tasks_requested": tasks, "backlog": backlog, "time_limit_s": time_limit,
+           "drain_limit_s": system.args.ipp_drain_limit if (time_limit and system.name == "ipyparallel") else None,
            "describe": system.describe(), "samples": []}
     t_start = time.monotonic()
     system.start()
@@ -445,10 +448,10 @@ def svg_chart(res, path, bound):
 
 def md_report(res, path):
     a = res["args"]
-    lines = [f"# Soak: {a['tasks']:,} trivial load-balanced tasks, backlog {a['backlog']:,}, {a['engines']} engines",
+    lines = [f"# Soak: trivial load-balanced tasks, backlog {a['backlog']:,}, {a['engines']} engines",
              "", f"Run {res['started']} on {res['host']} ({os.cpu_count()} cores, shared). "
                  f"Command: `{res['command']}`", ""]
-    rows = [("tasks done", "done", "{:,}"), ("duration (s)", "elapsed_s", "{:.1f}"), ("tasks/s", "tasks_per_s", "{:,.0f}"),
+    rows = [("backlog (tasks outstanding)", "backlog", "{:,}"), ("tasks requested", "tasks_requested", "{:,}"), ("tasks done", "done", "{:,}"), ("duration (s)", "elapsed_s", "{:.1f}"), ("tasks/s", "tasks_per_s", "{:,.0f}"),
             ("controller RSS, idle cluster (MiB)", "controller_mib_idle", "{:.1f}"),
             ("controller RSS when the driver's clock starts (MiB)", "controller_mib_start", "{:.1f}"),
             ("controller RSS, backlog full (MiB)", "controller_mib_steady_start", "{:.1f}"),
@@ -466,7 +469,7 @@ def md_report(res, path):
     for label, key, fmt in rows:
         cells = []
         for r in systems:
-            st = r.get("stats", {})
+            st = dict(r.get("stats", {}), tasks_requested=r.get("tasks_requested"), backlog=r.get("backlog"))
             if key is None or key == "pss":
                 v = ([st.get("client_mib_start"), st.get("client_mib_peak"), st.get("client_mib_end")] if key is None else
                      [st.get("controller_pss_mib_start"), st.get("controller_pss_mib_peak"), st.get("controller_pss_mib_end")])
@@ -482,7 +485,7 @@ def md_report(res, path):
         if r["system"] == "ipyparallel" and r.get("time_limit_s"):
             note += (f" Submission capped at {r['time_limit_s']} s" +
                      (" (reached: submission stopped, the backlog then drained" +
-                      (f" for {a['ipp_drain_limit']} s and {st['abandoned']:,} tasks were abandoned)" if st.get("abandoned") else ")")
+                      (f" for {r.get('drain_limit_s')} s and {st['abandoned']:,} tasks were abandoned)" if st.get("abandoned") else ")")
                       if st.get("stopped_by_time") else " (not reached)") + ".")
         if r.get("driver_exit"):
             note += f" The driver FAILED (exit {r['driver_exit']}): {' / '.join(r.get('driver_stderr_tail', [])[-3:])}"
@@ -584,6 +587,8 @@ def ipp_driver(argv):
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "ipp-driver":
         return ipp_driver(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        return combine(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=1_000_000)
     p.add_argument("--backlog", type=int, default=40_000)
@@ -625,21 +630,44 @@ def main():
             res["runs"].append({"system": system.name, "error": repr(e), "samples": [], "describe": {}})
             system.cleanup()
         jpath.write_text(json.dumps(res, indent=1))
+    finish(res, jpath, mpath, args.bound_mib, args.flat_tolerance_mib)
+
+
+def finish(res, jpath, mpath, bound, tolerance):
+    """The verdict on rpx's controller, then the .json, .md and .svg."""
     rpx = next((r for r in res["runs"] if r["system"] == "rpx" and r.get("stats")), None)
     if rpx:
         st = rpx["stats"]
-        res["verdict"] = {"bound_mib": args.bound_mib, "peak_mib": st["controller_mib_peak"],
-                          "under_bound": st["controller_mib_peak"] <= args.bound_mib,
-                          "flat_tolerance_mib": args.flat_tolerance_mib,
+        res["verdict"] = {"bound_mib": bound, "peak_mib": st["controller_mib_peak"],
+                          "under_bound": st["controller_mib_peak"] <= bound,
+                          "flat_tolerance_mib": tolerance,
                           "first_half_mib": st["controller_mib_max_first_half"],
                           "second_half_mib": st["controller_mib_max_second_half"],
-                          "flat": st["controller_mib_max_second_half"] - st["controller_mib_max_first_half"]
-                          <= args.flat_tolerance_mib}
+                          "flat": st["controller_mib_max_second_half"] - st["controller_mib_max_first_half"] <= tolerance}
     jpath.write_text(json.dumps(res, indent=1))
     md_report(res, mpath)
-    svg_chart(res, mpath.with_suffix(".svg"), args.bound_mib)
+    svg_chart(res, mpath.with_suffix(".svg"), bound)
     print(mpath.read_text())
     log(f"results: {jpath}, {mpath} and {mpath.with_suffix('.svg')}")
+
+
+def combine(argv):
+    """`report A.json B.json`: one report from runs made by separate invocations (e.g. rpx, then
+    ipyparallel with a time limit chosen from the time left), written next to the first."""
+    p = argparse.ArgumentParser(prog="soak_bench.py report")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--bound-mib", type=float, default=256.0)
+    p.add_argument("--flat-tolerance-mib", type=float, default=16.0)
+    a = p.parse_args(argv)
+    parts = [json.loads(Path(f).read_text()) for f in a.files]
+    res = dict(parts[0])
+    res["runs"] = [r for part in parts for r in part["runs"]]
+    res["command"] = " ; ".join(part["command"] for part in parts)
+    res["combined_from"] = [str(Path(f).name) for f in a.files]
+    first = Path(a.files[0])
+    stamp = first.stem.removeprefix("soak-")
+    jpath = first.with_name(f"soak-{stamp}-combined.json")
+    finish(res, jpath, jpath.with_suffix(".md"), a.bound_mib, a.flat_tolerance_mib)
 
 
 if __name__ == "__main__":
