@@ -370,9 +370,8 @@ def summarize(rec):
     summ = rec.get("summary") or {}
     done = summ.get("done", ss[-1]["done"])
     elapsed = summ.get("elapsed_s", ss[-1]["driver_elapsed"] or ss[-1]["t"])
-    # growth: controller RSS once the backlog is full (first sample with >= 2 backlogs done)
-    # against the end; a flat controller shows near-zero slope in MiB per 100k tasks
-    steady = [s for s in ss if s["done"] >= min(2 * rec["backlog"], done // 2)] or ss
+    # the first sample with the whole backlog submitted
+    steady = [s for s in ss if s["submitted"] >= min(rec["backlog"], summ.get("submitted", rec["backlog"]))] or ss
     # halves of the run by tasks done
     half = [s for s in ss if s["done"] >= done / 2] or ss
     first_half = [s for s in ss if s["done"] < done / 2] or ss
@@ -454,7 +453,7 @@ def md_report(res, path):
     rows = [("backlog (tasks outstanding)", "backlog", "{:,}"), ("tasks requested", "tasks_requested", "{:,}"), ("tasks done", "done", "{:,}"), ("duration (s)", "elapsed_s", "{:.1f}"), ("tasks/s", "tasks_per_s", "{:,.0f}"),
             ("controller RSS, idle cluster (MiB)", "controller_mib_idle", "{:.1f}"),
             ("controller RSS when the driver's clock starts (MiB)", "controller_mib_start", "{:.1f}"),
-            ("controller RSS, backlog full (MiB)", "controller_mib_steady_start", "{:.1f}"),
+            ("controller RSS when the backlog was first full (MiB)", "controller_mib_steady_start", "{:.1f}"),
             ("controller RSS peak (MiB)", "controller_mib_peak", "{:.1f}"),
             ("controller RSS peak, 1st half of run (MiB)", "controller_mib_max_first_half", "{:.1f}"),
             ("controller RSS peak, 2nd half of run (MiB)", "controller_mib_max_second_half", "{:.1f}"),
