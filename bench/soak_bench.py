@@ -661,6 +661,9 @@ def combine(argv):
     parts = [json.loads(Path(f).read_text()) for f in a.files]
     res = dict(parts[0])
     res["runs"] = [r for part in parts for r in part["runs"]]
+    for r in res["runs"]:
+        if r.get("samples"):
+            summarize(r)
     res["command"] = " ; ".join(part["command"] for part in parts)
     res["combined_from"] = [str(Path(f).name) for f in a.files]
     first = Path(a.files[0])
