@@ -404,6 +404,11 @@ def summarize(rec):
         "stopped_by_time": summ.get("stopped_by_time"),
         "abandoned": summ.get("abandoned", 0),
     }
+    if ss[-1].get("controller_procs_kib"):
+        # per process, at the first run sample and at the end (ipyparallel: hub + schedulers)
+        first = ss[0].get("controller_procs_kib") or {}
+        rec["stats"]["controller_procs_mib_start_end"] = {
+            p: [round(first.get(p, 0) / 1024, 1), round(v / 1024, 1)] for p, v in ss[-1]["controller_procs_kib"].items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,6 +491,11 @@ def md_report(res, path):
                      (" (reached: submission stopped, the backlog then drained" +
                       (f" for {r.get('drain_limit_s')} s and {st['abandoned']:,} tasks were abandoned)" if st.get("abandoned") else ")")
                       if st.get("stopped_by_time") else " (not reached)") + ".")
+        procs = st.get("controller_procs_mib_start_end")
+        if procs:
+            main_pid = next(iter(r.get("controller_procs", {})), None)
+            note += (f" Its {len(procs)} controller processes, VmRSS MiB at start → end: " +
+                     ", ".join(f"{'main ' if p == main_pid else ''}{a:.0f} → {b:.0f}" for p, (a, b) in procs.items()) + ".")
         if r.get("driver_exit"):
             note += f" The driver FAILED (exit {r['driver_exit']}): {' / '.join(r.get('driver_stderr_tail', [])[-3:])}"
         lines.append(note)
