@@ -105,8 +105,19 @@ def pids_with_env(key, value):
     return out
 
 
-def children(pid):
-    """Direct and indirect children of pid."""
+def children(pid, kids=None):
+    """Direct and indirect children of pid (`kids`: a parent map from `parent_map()`)."""
+    kids = kids if kids is not None else parent_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in kids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def parent_map():
     kids = collections.defaultdict(list)
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -117,13 +128,7 @@ def children(pid):
         except (OSError, ValueError, IndexError):
             continue
         kids[ppid].append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for c in kids.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
+    return kids
 
 
 def kill_pids(pids, why):
@@ -252,11 +257,12 @@ class Ipp(System):
     def controller(self):
         main = [p for p in self.procs() if "ipyparallel.controller" in " ".join(cmdline(p))]
         # the scheduler subprocesses carry the same command line: keep the topmost one
-        mine = set(main)
-        top = [p for p in main if not any(p in children(q) for q in mine if q != p)]
+        kids = parent_map()
+        below = {c for q in main for c in children(q, kids)}
+        top = [p for p in main if p not in below]
         if len(top) != 1:
             raise RuntimeError(f"expected one ipyparallel controller, found {top} (of {main})")
-        return top[0], [top[0]] + children(top[0])
+        return top[0], [top[0]] + children(top[0], kids)
 
     def is_engine(self, p):
         cmd = " ".join(cmdline(p))
@@ -317,10 +323,15 @@ def run_one(system, tasks, backlog, time_limit, interval):
         t0 = time.monotonic()
         next_sample = t0
         last_print = t0
+        ctl_pids, eng_pids, found_at = None, None, 0.0
         while True:
-            _, ctl_pids = system.controller()
+            if ctl_pids is None or time.monotonic() - found_at > 30:
+                # the process tree, found again every 30 s (a /proc scan costs CPU the run needs)
+                _, ctl_pids = system.controller()
+                eng_pids = system.engines()
+                found_at = time.monotonic()
             per = {p: rss_kib(p) for p in ctl_pids}
-            eng = sum(rss_kib(p) for p in system.engines())
+            eng = sum(rss_kib(p) for p in eng_pids)
             s = {"t": round(time.monotonic() - t0, 3), "phase": "run" if state["elapsed"] is not None else "connect",
                  "done": state["done"], "submitted": state["submitted"],
                  "driver_elapsed": state["elapsed"], "controller_kib": sum(per.values()),
