@@ -13,6 +13,16 @@ pub const GREETING_LEN: usize = 64;
 /// is passed on, so it can account for the memory the receiver will set aside for them.
 pub const RESERVE_ABOVE: u64 = 64 * 1024;
 
+/// The greeting a ZMTP 3.0 peer with the NULL mechanism sends (tests and probes use it).
+pub fn null_greeting() -> [u8; GREETING_LEN] {
+    let mut g = [0u8; GREETING_LEN];
+    g[0] = 0xff;
+    g[9] = 0x7f;
+    g[10] = 3;
+    g[12..16].copy_from_slice(b"NULL");
+    g
+}
+
 const FLAG_MORE: u8 = 0b001;
 const FLAG_LONG: u8 = 0b010;
 const FLAG_COMMAND: u8 = 0b100;
@@ -205,13 +215,7 @@ mod tests {
     }
 
     fn greeting() -> Vec<u8> {
-        let mut g = vec![0u8; GREETING_LEN];
-        g[0] = 0xff;
-        g[9] = 0x7f;
-        g[10] = 3;
-        g[11] = 1;
-        g[12..16].copy_from_slice(b"NULL");
-        g
+        null_greeting().to_vec()
     }
 
     fn frame(flags: u8, body: &[u8]) -> Vec<u8> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use rpx_guard::front::bind_with;
-use rpx_guard::zmtp::GREETING_LEN;
+use rpx_guard::zmtp::null_greeting;
 use rpx_guard::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,12 +40,7 @@ async fn round_trip(port: u16, body: Bytes) -> Bytes {
 }
 
 fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; GREETING_LEN];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
+    null_greeting().to_vec()
 }
 
 /// Send `bytes` on a raw TCP connection and wait for the guard to close it; returns how many

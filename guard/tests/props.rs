@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use proptest::prelude::*;
-use rpx_guard::zmtp::{FrameCheck, Step, Violation, GREETING_LEN};
+use rpx_guard::zmtp::{null_greeting, FrameCheck, Step, Violation};
 use rpx_guard::Limits;
 
 /// Counts this thread's allocations while armed.
@@ -42,12 +42,7 @@ fn limits() -> Limits {
 }
 
 fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; GREETING_LEN];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
+    null_greeting().to_vec()
 }
 
 /// Feed `data` in reads of the given sizes, as the relay does; returns the bytes forwarded and
