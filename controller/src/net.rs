@@ -5,7 +5,9 @@
 //! - the iopub forwarder (SUB -> PUB, signature checked, frames unchanged), which never touches
 //!   the hub;
 //! - the hub task, which owns the [`Hub`] and a [`NetComm`] with one bounded writer task per
-//!   peer, so every send is bounded and a stuck engine only blocks its own writer.
+//!   peer, so every send is bounded and a stuck engine only blocks its own writer. Its clock
+//!   comes before other events, and heartbeat pongs have their own queue drained before every
+//!   liveness check, so a flood of requests can neither stop pings nor evict a live engine.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,6 +36,9 @@ pub const PEER_QUEUE: usize = 8192;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events queued from readers to the hub.
 const INBOUND_QUEUE: usize = 65536;
+/// Heartbeat pongs queued for the hub, on their own channel: they are drained before every
+/// liveness check, however many other events wait.
+const PONG_QUEUE: usize = 65536;
 
 /// What a running controller tells its starter: the contents of its connection files.
 #[derive(Debug, Clone)]
@@ -100,6 +105,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let mut lookups = FuturesUnordered::<store::Lookup>::new();
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
     let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
+    let (pong_tx, mut pong_rx) = mpsc::channel::<Inbound>(PONG_QUEUE);
     let mut tasks = JoinSet::new();
     // `--reuse`: every socket on the port its connection file names (0: any free port).
     let reused = config.reuse.as_ref();
@@ -161,7 +167,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let mon = hb_pong.monitor();
     let (send, recv) = hb_pong.split();
     spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
-    spawn_reader(&mut tasks, Sock::HbPong, recv, session.clone(), tx.clone());
+    spawn_reader(&mut tasks, Sock::HbPong, recv, session.clone(), pong_tx);
     drop(send);
 
     // Notification.
@@ -250,6 +256,9 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // The order below is the priority: the clock comes before the flood of events, so pings
+    // go out and liveness is judged every period however busy the hub is, and the pongs that
+    // arrived before a check are always counted by it.
     loop {
         tokio::select! {
             biased;
@@ -257,17 +266,23 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                 info!("shutting down on signal");
                 break;
             }
+            _ = tick.tick() => {
+                while let Ok(ev) = pong_rx.try_recv() {
+                    handle(&mut hub, &mut comm, ev);
+                }
+                hub.on_tick(&mut comm, Instant::now());
+            }
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
                 handle(&mut hub, &mut comm, ev);
-                for _ in 0..4096 {
+                for _ in 0..1024 {
                     match rx.try_recv() {
                         Ok(ev) => handle(&mut hub, &mut comm, ev),
                         Err(_) => break,
                     }
                 }
             }
-            _ = tick.tick() => hub.on_tick(&mut comm, Instant::now()),
+            Some(ev) = pong_rx.recv() => handle(&mut hub, &mut comm, ev),
             Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, Inbound::Stored { token, answer }),
         }
         if !hub.store_ops.is_empty() {
