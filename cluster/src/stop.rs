@@ -68,6 +68,8 @@ pub fn stop_state(st: &ClusterState, from_foreground: bool) -> StopReport {
     let rest = Duration::from_secs(5).saturating_sub(start.elapsed()).max(Duration::from_millis(500));
     procs::wait_until(rest, || procs::members(&all_groups, &st.instance).is_empty());
     kill_rest(st, &all_groups, &mut report);
+    // Engines killed here (or before, unsupervised) could not remove their namespaces.
+    rpx_protocol::connection::sweep_dead_namespaces();
     // A compiler that had to be killed could not remove its work directory (evcxr's builds).
     if let Some(dir) = work_dir {
         let _ = crate::supervise::remove_work_dir(&dir);

@@ -18,7 +18,7 @@ use rpx_protocol::session::{join_frames, DELIMITER};
 use rpx_protocol::{Message, Session};
 
 use crate::scheduler::{choose, has_capacity, Scheme};
-use crate::state::{Answered, Dep, Done, Engine, Engines, Evicted, Evictions, InFlight, Job, Record, Records};
+use crate::state::{Answered, Dep, DoneLog, Engine, Engines, Evicted, Evictions, InFlight, Job, Record, Records};
 use crate::store::{Answer, Purge, Query, StoreOp};
 use crate::wire::{reply_type, Chan, Reply, Request};
 
@@ -111,8 +111,7 @@ pub struct Hub {
     /// Queued (unassigned) job ids, oldest first; entries of jobs no longer queued are skipped.
     queue: VecDeque<String>,
     deadlines: BinaryHeap<Reverse<(Instant, String)>>,
-    done: HashMap<String, Done>,
-    done_order: VecDeque<String>,
+    done: DoneLog,
     coalesce: HashMap<String, Coalesce>,
     pub records: Records,
     /// Evicted rpx engines, told to register again when heard from.
@@ -158,8 +157,7 @@ impl Hub {
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             deadlines: BinaryHeap::new(),
-            done: HashMap::new(),
-            done_order: VecDeque::new(),
+            done: DoneLog::new(DONE_LIMIT),
             coalesce: HashMap::new(),
             connected: HashMap::new(),
             started: now,
@@ -598,7 +596,7 @@ impl Hub {
         let j = job(after, follow);
         self.jobs.insert(msg_id.clone(), j.clone());
         for dep in [&j.after, &j.follow] {
-            if dep.ids.iter().any(|d| *d == msg_id || !(self.jobs.contains_key(d) || self.done.contains_key(d))) {
+            if dep.ids.iter().any(|d| *d == msg_id || !(self.jobs.contains_key(d) || self.done.contains(d))) {
                 return self.fail_job(c, &msg_id, "InvalidDependency", &format!("Task {msg_id} depends on unknown or invalid tasks"));
             }
             if dep.unreachable(|d| self.done.get(d).is_some_and(|x| x.success), |d| self.done.get(d).is_some_and(|x| !x.success)) {
@@ -667,7 +665,7 @@ impl Hub {
             if !job.targets.is_empty() && !job.targets.contains(&e.uuid) {
                 continue;
             }
-            let on = |d: &str| done.get(d).is_some_and(|x| x.engine == e.uuid);
+            let on = |d: &str| done.get(d).is_some_and(|x| *x.engine == *e.uuid);
             if !job.follow.check(|d| completed(d) && on(d), |d| failed(d) && on(d)) {
                 continue;
             }
@@ -683,7 +681,7 @@ impl Hub {
                 }
             }
             if job.follow.all && !job.follow.is_empty() {
-                let dests: HashSet<&str> = job.follow.ids.iter().filter_map(|d| done.get(d)).map(|x| x.engine.as_str()).collect();
+                let dests: HashSet<&str> = job.follow.ids.iter().filter_map(|d| done.get(d)).map(|x| &*x.engine).collect();
                 if dests.len() > 1 {
                     self.fail_job(c, msg_id, "ImpossibleDependency", &format!("Task {msg_id} follows tasks that ran on different engines"));
                     return Placement::Failed;
@@ -716,7 +714,7 @@ impl Hub {
         let uuid = e.uuid.clone();
         let ours = was_inflight && self.jobs.get(&parent).is_some_and(|j| j.engine == Some(eid));
         if !ours {
-            if self.jobs.contains_key(&parent) || self.done.contains_key(&parent) {
+            if self.jobs.contains_key(&parent) || self.done.contains(&parent) {
                 // The task is queued, running elsewhere or finished: this reply is not its answer.
                 info!(engine_id = eid, msg_id = %parent, "dropped a reply to a task this engine no longer runs");
             } else {
@@ -745,14 +743,7 @@ impl Hub {
 
     fn finish_job(&mut self, msg_id: &str, success: bool, engine: &str) {
         self.jobs.remove(msg_id);
-        if self.done.insert(msg_id.to_string(), Done { success, engine: engine.to_string() }).is_none() {
-            self.done_order.push_back(msg_id.to_string());
-            while self.done_order.len() > DONE_LIMIT {
-                if let Some(old) = self.done_order.pop_front() {
-                    self.done.remove(&old);
-                }
-            }
-        }
+        self.done.insert(msg_id, success, engine);
     }
 
     /// Fail a job from the scheduler (TaskTimeout, InvalidDependency, ImpossibleDependency).

@@ -2,6 +2,7 @@
 //! load-balanced task queue, dependency bookkeeping and the bounded task records.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -183,10 +184,73 @@ impl Job {
 }
 
 /// Outcome of a finished load-balanced task, for dependencies.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
     pub success: bool,
-    pub engine: String,
+    /// The uuid of the engine that ran it (shared by every task that ran there).
+    pub engine: Arc<str>,
+}
+
+/// The outcomes of the last `limit` finished load-balanced tasks, compact enough to keep
+/// hundreds of thousands: a task is known by a 128-bit digest of its msg_id (collisions are
+/// out of reach: below 2^-90 for 10^9 tasks), and engine uuids are shared, not copied.
+#[derive(Debug)]
+pub struct DoneLog {
+    limit: usize,
+    map: HashMap<u128, Done>,
+    order: VecDeque<u128>,
+    engines: HashSet<Arc<str>>,
+}
+
+impl DoneLog {
+    pub fn new(limit: usize) -> DoneLog {
+        DoneLog { limit, map: HashMap::new(), order: VecDeque::new(), engines: HashSet::new() }
+    }
+
+    fn key(msg_id: &str) -> u128 {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(msg_id.as_bytes());
+        u128::from_le_bytes(d[..16].try_into().expect("16 bytes"))
+    }
+
+    pub fn get(&self, msg_id: &str) -> Option<&Done> {
+        self.map.get(&DoneLog::key(msg_id))
+    }
+
+    pub fn contains(&self, msg_id: &str) -> bool {
+        self.get(msg_id).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Remember an outcome (the first one for a task counts); the oldest beyond the limit goes.
+    pub fn insert(&mut self, msg_id: &str, success: bool, engine: &str) {
+        let key = DoneLog::key(msg_id);
+        if self.map.contains_key(&key) {
+            return;
+        }
+        let engine = match self.engines.get(engine) {
+            Some(e) => e.clone(),
+            None => {
+                // Uuids of engines no task remembers any more are dropped with the last of them.
+                if self.engines.len() >= 1024 {
+                    self.engines.retain(|e| Arc::strong_count(e) > 1);
+                }
+                let e: Arc<str> = Arc::from(engine);
+                self.engines.insert(e.clone());
+                e
+            }
+        };
+        self.map.insert(key, Done { success, engine });
+        self.order.push_back(key);
+        while self.order.len() > self.limit {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
 }
 
 /// A task record for `result_request`, `history_request` and `queue_request`.
@@ -653,5 +717,31 @@ mod io_tests {
         assert_eq!(r.io["stderr"], "e\n");
         assert_eq!(r.io["execute_result"]["data"]["text/plain"], "42");
         assert!(!r.io.contains_key("status"));
+    }
+
+    #[test]
+    fn the_done_log_keeps_the_last_outcomes_and_shares_engine_uuids() {
+        let mut log = DoneLog::new(3);
+        log.insert("a", true, "engine-1");
+        log.insert("b", false, "engine-1");
+        log.insert("a", false, "engine-2");
+        assert_eq!(log.get("a"), Some(&Done { success: true, engine: "engine-1".into() }), "the first outcome counts");
+        assert!(Arc::ptr_eq(&log.get("a").unwrap().engine, &log.get("b").unwrap().engine), "one uuid for both");
+        log.insert("c", true, "engine-2");
+        log.insert("d", true, "engine-2");
+        assert_eq!(log.len(), 3);
+        assert!(!log.contains("a"), "the oldest went");
+        assert!(log.contains("b") && log.contains("c") && log.contains("d"));
+        assert!(!log.contains("e"));
+    }
+
+    #[test]
+    fn the_done_log_forgets_uuids_no_outcome_refers_to() {
+        let mut log = DoneLog::new(1);
+        for i in 0..2000 {
+            log.insert(&format!("task-{i}"), true, &format!("engine-{i}"));
+        }
+        assert!(log.engines.len() <= 1024, "{}", log.engines.len());
+        assert_eq!(log.get("task-1999").map(|d| &*d.engine), Some("engine-1999"));
     }
 }

@@ -88,6 +88,9 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let username = std::env::var("USER").unwrap_or_else(|_| "rpx".into());
     let session = Session::with_id(conn.key.as_bytes(), &username, &uuid);
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<Inbound>(1024);
+    for dir in rpx_protocol::connection::sweep_dead_namespaces() {
+        info!(dir = %dir.display(), "removed the namespace of an engine that is gone");
+    }
     crate::namespace::create(&uuid)?;
 
     let registration = net::register(&session, &conn.url(conn.registration), &uuid, cfg.requested_id, cfg.timeout, &inbound_tx).await?;

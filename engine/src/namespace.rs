@@ -8,7 +8,9 @@
 //! Closures read pushed values with `rpx::get`, which reads the same files.
 //!
 //! The directory is private: created fresh (mode 0700) when the engine starts, refusing one that
-//! already exists, and every value file is 0600.
+//! already exists, and every value file is 0600. Its `.owner` file names the engine process, so
+//! directories of killed engines are found and removed (by the next engine on the host and by
+//! `ipcluster stop`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,10 @@ pub fn create(engine_uuid: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = dir_for(engine_uuid);
     std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create the engine namespace {}: {e}", dir.display())))?;
+    // Who owns it, so that whoever finds it after this engine was killed can tell it is dead.
+    let stamp = rpx_protocol::connection::process_stamp(std::process::id()).unwrap_or_default();
+    let owner = dir.join(rpx_protocol::connection::NAMESPACE_OWNER);
+    write_private(&owner, &dir.join(".owner.tmp"), stamp.as_bytes())?;
     Ok(dir)
 }
 

@@ -116,6 +116,62 @@ pub fn engine_namespace_dir(engine_uuid: &str) -> PathBuf {
     base.join(format!("rpx-ns-{engine_uuid}"))
 }
 
+/// The file in an engine's namespace directory that names the process owning it:
+/// `<pid> <start time>`, as [`process_stamp`] gives them.
+pub const NAMESPACE_OWNER: &str = ".owner";
+
+/// How old a namespace directory without an owner file must be to count as abandoned (an engine
+/// writes the file right after creating the directory).
+const UNOWNED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `<pid> <start time>` of a live process (start time in clock ticks since boot, from
+/// `/proc/<pid>/stat`), so that a reused pid never passes for the original process.
+pub fn process_stamp(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on: start time is 22.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let start = rest.split(' ').nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+/// Remove the engine namespace directories of this host whose engine is gone (killed before it
+/// could remove its own): the owner file names a process that no longer runs, or there is no
+/// owner file and the directory is older than a minute. Directories of other users are
+/// unreadable (0700) and left alone. Returns what was removed.
+pub fn sweep_dead_namespaces() -> Vec<PathBuf> {
+    match engine_namespace_dir("x").parent() {
+        Some(base) => sweep_dead_namespaces_in(base),
+        None => Vec::new(),
+    }
+}
+
+/// [`sweep_dead_namespaces`] in the directory `base`.
+pub fn sweep_dead_namespaces_in(base: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(base) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let named = entry.file_name().to_str().is_some_and(|n| n.starts_with("rpx-ns-"));
+        if !named || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dead = match std::fs::read_to_string(path.join(NAMESPACE_OWNER)) {
+            Ok(owner) => {
+                let pid = owner.split(' ').next().and_then(|p| p.parse::<u32>().ok());
+                pid.is_none_or(|pid| process_stamp(pid).as_deref() != Some(owner.trim()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNOWNED_GRACE))
+            }
+            Err(_) => false,
+        };
+        if dead && std::fs::remove_dir_all(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 /// The profile named by `RPX_PROFILE`, or `default`.
 pub fn default_profile_name() -> String {
     std::env::var("RPX_PROFILE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
@@ -340,5 +396,32 @@ mod tests {
         assert_eq!(p.client_file(), PathBuf::from("/r/profile_x/security/ipcontroller-client.json"));
         let p = Profile { cluster_id: "c1".into(), ..p };
         assert_eq!(p.engine_file(), PathBuf::from("/r/profile_x/security/ipcontroller-c1-engine.json"));
+    }
+
+    #[test]
+    fn only_namespaces_of_dead_engines_are_swept() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = |name: &str, owner: Option<String>| {
+            let d = base.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            if let Some(o) = owner {
+                std::fs::write(d.join(NAMESPACE_OWNER), o).unwrap();
+            }
+            d
+        };
+        let me = process_stamp(std::process::id()).expect("our own stamp");
+        let live = dir("rpx-ns-live", Some(me.clone()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let dead = dir("rpx-ns-dead", Some(format!("{dead_pid} 1")));
+        let reused = dir("rpx-ns-reused-pid", Some(format!("{} 1", std::process::id())));
+        let fresh_unowned = dir("rpx-ns-just-created", None);
+        let other = dir("not-a-namespace", Some(format!("{dead_pid} 1")));
+        let mut removed = sweep_dead_namespaces_in(base.path());
+        removed.sort();
+        assert_eq!(removed, vec![dead.clone(), reused.clone()]);
+        assert!(live.exists() && fresh_unowned.exists() && other.exists());
+        assert_eq!(me.split(' ').next(), Some(std::process::id().to_string().as_str()));
     }
 }
