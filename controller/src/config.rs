@@ -16,6 +16,8 @@ use crate::{Error, Result};
 /// tasks, while still holding most of a large backlog in the controller so that engines that
 /// join later, or finish early, get work. `--hwm 0` means unlimited.
 pub const DEFAULT_HWM: usize = 16;
+/// Default `--queue-limit`.
+pub const DEFAULT_QUEUE_LIMIT: usize = 1_000_000;
 
 /// `ipcontroller`: the rpx hub.
 #[derive(Parser, Debug, Clone)]
@@ -48,6 +50,10 @@ pub struct Args {
     /// Bytes of buffers kept in task records (oldest dropped first).
     #[arg(long, default_value_t = 1 << 30)]
     pub record_bytes: usize,
+    /// Load-balanced tasks the controller holds unfinished (queued or running); a task beyond
+    /// it is refused at once with a `QueueFull` error reply.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_LIMIT)]
+    pub queue_limit: usize,
     /// Task record storage: `memory` (bounded, lost when the controller stops; ipyparallel 9's
     /// default) or `sqlite` (also written to `<profile>/security/tasks.db`).
     #[arg(long, default_value = "memory")]
@@ -76,6 +82,7 @@ pub struct Config {
     pub ping: Duration,
     pub record_limit: usize,
     pub record_bytes: usize,
+    pub queue_limit: usize,
     pub db: DbKind,
     /// Serve the task records of the previous database (`--restore`).
     pub restore: bool,
@@ -159,6 +166,7 @@ impl Args {
             ping: Duration::from_millis(self.ping),
             record_limit: self.record_limit.max(1),
             record_bytes: self.record_bytes,
+            queue_limit: self.queue_limit.max(1),
             db,
             restore: self.restore,
             write_files: true,
@@ -178,6 +186,7 @@ impl Config {
             ping: Duration::from_millis(1000),
             record_limit: 1024,
             record_bytes: 1 << 30,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
             db: DbKind::Memory,
             restore: false,
             key: rpx_protocol::connection::new_key(),

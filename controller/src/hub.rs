@@ -49,10 +49,11 @@ pub trait Comm {
 pub enum Inbound {
     /// Raw frames from the `registration` ROUTER (decoded by the hub: this path is rare).
     Query(Vec<Bytes>),
-    /// A verified request from a client.
-    Request(Request),
+    /// A verified request from a client (boxed, as is the reply: events wait by the ten
+    /// thousand in the hub's queue, whose memory is sized by the largest variant).
+    Request(Box<Request>),
     /// A verified message from an engine.
-    Reply(Reply),
+    Reply(Box<Reply>),
     /// A heartbeat answer from `ident`.
     Pong(Bytes),
     /// A peer connected to (`connected`) or disconnected from a socket.
@@ -91,6 +92,8 @@ pub struct HubConfig {
     pub ping: Duration,
     pub record_limit: usize,
     pub record_bytes: usize,
+    /// Unfinished load-balanced tasks held at most (`--queue-limit`).
+    pub queue_limit: usize,
     /// The engine connection dict sent in `registration_reply.connection_info`.
     pub engine_info: Value,
 }
@@ -140,6 +143,8 @@ struct Deferred {
     msg: Message,
 }
 
+/// The error name of a task refused because the queue is full.
+pub const QUEUE_FULL: &str = "QueueFull";
 /// Outcomes of finished tasks remembered for dependencies.
 const DONE_LIMIT: usize = 200_000;
 /// The identity the hub uses as "client" for its own requests (resubmissions).
@@ -191,16 +196,20 @@ impl Hub {
     // ------------------------------------------------------------------ dispatch
 
     /// Handle one event.
+    /// Change `--queue-limit` (tests).
+    pub fn set_queue_limit(&mut self, limit: usize) {
+        self.cfg.queue_limit = limit.max(1);
+    }
+
     pub fn on_event<C: Comm>(&mut self, c: &mut C, ev: Inbound, now: Instant) {
         match ev {
             Inbound::Query(frames) => self.on_query(c, frames, now),
-            Inbound::Request(r) => self.on_request(c, r, now),
-            Inbound::Reply(r) => self.on_reply(c, r, now),
+            Inbound::Request(r) => self.on_request(c, *r, now),
+            Inbound::Reply(r) => self.on_reply(c, *r, now),
             Inbound::Pong(ident) => self.on_pong(c, &ident, now),
             Inbound::Io { parent, msg_type, content } => {
-                if let Some(r) = self.records.map.get_mut(&parent) {
-                    r.add_io(&msg_type, &content);
-                    if self.persist && !r.pending() {
+                if self.records.update(&parent, |r| r.add_io(&msg_type, &content)) && self.persist {
+                    if let Some(r) = self.records.get(&parent).filter(|r| !r.pending()) {
                         self.store_ops.push(StoreOp::Io(Box::new(r.clone())));
                     }
                 }
@@ -586,6 +595,13 @@ impl Hub {
             blacklist: HashSet::new(),
             engine: None,
         };
+        if self.jobs.len() >= self.cfg.queue_limit {
+            // Refused whole and at once: the client hears why, and nothing queued is lost.
+            self.jobs.insert(msg_id.clone(), job(Dep::default(), Dep::default()));
+            let limit = self.cfg.queue_limit;
+            warn!(msg_id = %msg_id, limit, "refused a task: the queue is full");
+            return self.fail_job(c, &msg_id, QUEUE_FULL, &format!("Task {msg_id} refused: the controller holds {limit} unfinished load-balanced tasks (--queue-limit)"));
+        }
         let (after, follow) = match deps {
             Ok(d) => d,
             Err(e) => {

@@ -42,7 +42,7 @@ fn decode(frames: &[Bytes]) -> Message {
 }
 
 fn hub(record_limit: usize) -> Hub {
-    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm: 0, ping: Duration::from_millis(1000), record_limit, record_bytes: 1 << 30, engine_info: json!({}) };
+    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm: 0, ping: Duration::from_millis(1000), record_limit, record_bytes: 1 << 30, queue_limit: 1_000_000, engine_info: json!({}) };
     let mut h = Hub::new(Session::new(KEY, "hub"), cfg, Instant::now());
     h.persist = true;
     h
@@ -102,7 +102,7 @@ impl Env {
     fn run_task(&mut self, i: usize) -> String {
         let (h, f) = self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, json!({}), &[Bytes::from(format!("arg{i}"))]);
         let msg_id = h.msg_id.clone();
-        self.ev(Inbound::Request(wire::parse_request(&self.client, Chan::Task, f).unwrap()));
+        self.ev(Inbound::Request(Box::new(wire::parse_request(&self.client, Chan::Task, f).unwrap())));
         let es = Session::new(KEY, ENGINE);
         let result = vec![Bytes::from(vec![i as u8, 0, 255]), Bytes::from(format!("result {i}"))];
         let (_, f) = es.msg(
@@ -113,7 +113,7 @@ impl Env {
             json!({"status": "ok", "engine": ENGINE, "started": "2026-01-01T00:00:00.000000Z"}),
             &result,
         );
-        self.ev(Inbound::Reply(wire::parse_reply(&es, Chan::Task, f).unwrap()));
+        self.ev(Inbound::Reply(Box::new(wire::parse_reply(&es, Chan::Task, f).unwrap())));
         self.ev(Inbound::Io { parent: msg_id.clone(), msg_type: "stream".into(), content: json!({"name": "stdout", "text": format!("late {i}\n")}) });
         self.comm.0.clear();
         msg_id

@@ -39,7 +39,7 @@ struct Env {
 
 fn env(hwm: usize) -> Env {
     let now = Instant::now();
-    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm, ping: Duration::from_millis(1000), record_limit: 1024, record_bytes: 1 << 30, engine_info: json!({}) };
+    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm, ping: Duration::from_millis(1000), record_limit: 1024, record_bytes: 1 << 30, queue_limit: 1_000_000, engine_info: json!({}) };
     Env { hub: Hub::new(Session::new(KEY, "hub"), cfg, now), comm: TestComm::default(), client: Session::new(KEY, "client"), now }
 }
 
@@ -81,7 +81,7 @@ impl Env {
     fn submit(&mut self, meta: Value) -> String {
         let (h, f) = self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, meta, &[Bytes::from_static(b"f")]);
         let r = wire::parse_request(&self.client, Chan::Task, f).unwrap();
-        self.ev(Inbound::Request(r));
+        self.ev(Inbound::Request(Box::new(r)));
         h.msg_id
     }
 
@@ -107,7 +107,7 @@ impl Env {
             &[],
         );
         let r = wire::parse_reply(&es, chan, f).unwrap();
-        self.ev(Inbound::Reply(r));
+        self.ev(Inbound::Reply(Box::new(r)));
     }
 }
 
@@ -237,7 +237,7 @@ fn engine_death_fails_exactly_its_tasks() {
     assert_eq!(d, vec![(uuid(0), a.clone()), (uuid(1), b.clone())]);
     // A direct (mux) request to engine 0 as well.
     let (mh, f) = e.client.msg(&[Bytes::from_static(b"client-1"), Bytes::from(uuid(0))], "execute_request", json!({"code": "1"}), None, json!({}), &[]);
-    e.ev(Inbound::Request(wire::parse_request(&e.client, Chan::Mux, f).unwrap()));
+    e.ev(Inbound::Request(Box::new(wire::parse_request(&e.client, Chan::Mux, f).unwrap())));
     e.comm.take();
     e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
     let out = e.comm.take();
@@ -314,6 +314,27 @@ fn tasks_time_out_in_the_queue() {
 }
 
 #[test]
+fn a_task_beyond_the_queue_limit_is_refused_at_once_and_the_others_run() {
+    let mut e = env(1);
+    e.hub.set_queue_limit(2);
+    e.engine(0);
+    let a = e.submit(json!({}));
+    let b = e.submit(json!({}));
+    assert_eq!(e.dispatched(), vec![(uuid(0), a.clone())], "a runs, b waits (hwm 1)");
+    let c = e.submit(json!({}));
+    let out = e.comm.take();
+    let m = decode(&out.iter().find(|(s, _)| *s == Sock::Client(Chan::Task)).expect("an answer to the third").1);
+    assert_eq!(m.parent_msg_id(), Some(c.as_str()));
+    assert_eq!(m.content["ename"], "QueueFull");
+    assert!(m.content["evalue"].as_str().unwrap().contains("holds 2 unfinished"), "{}", m.content);
+    assert_eq!(e.hub.unassigned(), vec![b.clone()], "nothing queued was lost");
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    assert_eq!(e.dispatched(), vec![(uuid(0), b)]);
+    let d = e.submit(json!({}));
+    assert_eq!(e.hub.unassigned(), vec![d], "room again once a task finished");
+}
+
+#[test]
 fn unknown_dependencies_are_invalid_and_after_waits() {
     let mut e = env(0);
     e.engine(0);
@@ -355,7 +376,7 @@ fn broadcast_fans_out_with_rewritten_ids() {
     e.engine(0);
     e.engine(1);
     let (h, f) = e.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, json!({"targets": [[uuid(0), 0], [uuid(1), 1]], "is_coalescing": false}), &[]);
-    e.ev(Inbound::Request(wire::parse_request(&e.client, Chan::Bcast, f).unwrap()));
+    e.ev(Inbound::Request(Box::new(wire::parse_request(&e.client, Chan::Bcast, f).unwrap())));
     let out = e.comm.take();
     let sent: Vec<Message> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Bcast)).map(|(_, f)| decode(f)).collect();
     assert_eq!(sent.len(), 2);

@@ -3,6 +3,12 @@
 
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: under a long load-balanced run glibc keeps the pages of
+/// freed task messages (its heap cannot shrink past live allocations), so the controller's
+/// resident size climbs in steps; see bench/results/soak-*.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

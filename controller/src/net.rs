@@ -234,6 +234,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         ping: config.ping,
         record_limit: config.record_limit,
         record_bytes: config.record_bytes,
+        queue_limit: config.queue_limit,
         engine_info: serde_json::to_value(&engine).expect("serializes"),
     };
     let mut hub = Hub::new(session, hub_cfg, Instant::now());
@@ -360,14 +361,14 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
                 Sock::Query => Inbound::Query(frames),
                 Sock::HbPong => Inbound::Pong(frames[0].clone()),
                 Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
-                    Ok(r) => Inbound::Request(r),
+                    Ok(r) => Inbound::Request(Box::new(r)),
                     Err(e) => {
                         warn!(chan = chan.name(), error = %e, "dropped a client message");
                         continue;
                     }
                 },
                 Sock::Engine(chan) => match wire::parse_reply(&session, chan, frames) {
-                    Ok(r) => Inbound::Reply(r),
+                    Ok(r) => Inbound::Reply(Box::new(r)),
                     Err(e) => {
                         warn!(chan = chan.name(), error = %e, "dropped an engine message");
                         continue;

@@ -275,8 +275,10 @@ pub struct Record {
 }
 
 impl Record {
+    /// Bytes held: request and reply frames, and the output kept.
     pub fn bytes(&self) -> usize {
-        self.request.iter().chain(self.result.iter().flatten()).map(Bytes::len).sum()
+        let frames: usize = self.request.iter().chain(self.result.iter().flatten()).map(Bytes::len).sum();
+        frames + ["stdout", "stderr"].iter().filter_map(|k| self.io.get(*k).and_then(serde_json::Value::as_str)).map(str::len).sum::<usize>()
     }
     /// A new record for a request the controller just received from `client`.
     pub fn submitted(msg_id: &str, chan: Chan, request: &[Bytes], client: &Bytes) -> Record {
@@ -303,9 +305,8 @@ impl Record {
             "stream" => {
                 let name = if content.get("name").and_then(Value::as_str) == Some("stderr") { "stderr" } else { "stdout" };
                 let text = content.get("text").and_then(Value::as_str).unwrap_or_default();
-                let mut s = self.io.get(name).and_then(Value::as_str).unwrap_or_default().to_string();
-                s.push_str(text);
-                self.io.insert(name.into(), Value::String(s));
+                let Value::String(kept) = self.io.entry(name).or_insert_with(|| Value::String(String::new())) else { return };
+                append_bounded(kept, text, RECORD_STREAM_LIMIT);
             }
             "execute_input" => {
                 self.io.insert("execute_input".into(), content.get("code").cloned().unwrap_or(Value::Null));
@@ -322,6 +323,30 @@ impl Record {
     }
 }
 
+
+/// Bytes of each output stream (stdout, stderr) a task record keeps; clients still receive all
+/// of it on iopub as it is published.
+pub const RECORD_STREAM_LIMIT: usize = 1 << 20;
+/// Appended once where a record's stream was cut.
+pub const RECORD_STREAM_CUT: &str = "\n[rpx: output beyond 1 MiB is not kept in the task record]\n";
+
+/// Append `text` to `kept` while it stays within `limit` bytes (cut at a char boundary), then
+/// mark the cut once.
+fn append_bounded(kept: &mut String, text: &str, limit: usize) {
+    if kept.ends_with(RECORD_STREAM_CUT) {
+        return;
+    }
+    if kept.len() + text.len() <= limit {
+        kept.push_str(text);
+        return;
+    }
+    let mut end = limit.saturating_sub(kept.len()).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    kept.push_str(&text[..end]);
+    kept.push_str(RECORD_STREAM_CUT);
+}
 
 /// Bounded task records: the oldest finished ones are dropped first; pending ones are kept.
 #[derive(Debug, Default)]
@@ -743,5 +768,38 @@ mod io_tests {
         }
         assert!(log.engines.len() <= 1024, "{}", log.engines.len());
         assert_eq!(log.get("task-1999").map(|d| &*d.engine), Some("engine-1999"));
+    }
+
+    #[test]
+    fn a_record_keeps_at_most_a_mebibyte_of_each_stream_and_says_where_it_was_cut() {
+        let mut r = Record::submitted("m", Chan::Task, &[], &Bytes::from_static(b"c"));
+        let line = "é".repeat(1000) + "\n"; // 2001 bytes, two-byte chars
+        for _ in 0..1000 {
+            r.add_io("stream", &serde_json::json!({"name": "stdout", "text": line}));
+        }
+        r.add_io("stream", &serde_json::json!({"name": "stderr", "text": "e\n"}));
+        let out = r.io["stdout"].as_str().unwrap();
+        assert!(out.len() <= RECORD_STREAM_LIMIT + RECORD_STREAM_CUT.len(), "{}", out.len());
+        assert!(out.ends_with(RECORD_STREAM_CUT) && out.starts_with(&line));
+        assert_eq!(out.matches("[rpx: output beyond").count(), 1);
+        assert_eq!(r.io["stderr"], "e\n");
+        assert_eq!(r.bytes(), out.len() + 2);
+    }
+
+    #[test]
+    fn output_counts_toward_the_record_byte_limit() {
+        let mut recs = Records::new(100, 4096);
+        recs.insert(Record::submitted("a", Chan::Task, &[], &Bytes::from_static(b"c")));
+        assert!(recs.update("a", |r| {
+            r.add_io("stream", &serde_json::json!({"name": "stdout", "text": "x".repeat(3000)}));
+            r.result = Some(vec![]);
+        }));
+        recs.insert(Record::submitted("b", Chan::Task, &[], &Bytes::from_static(b"c")));
+        assert!(recs.update("b", |r| {
+            r.add_io("stream", &serde_json::json!({"name": "stdout", "text": "y".repeat(3000)}));
+            r.result = Some(vec![]);
+        }));
+        assert!(recs.get("a").is_none(), "the oldest finished record went to stay under 4096 bytes");
+        assert_eq!(recs.bytes, 3000);
     }
 }
