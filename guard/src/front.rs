@@ -1,7 +1,7 @@
 //! The TCP side of a guarded socket: the listener peers connect to, the private Unix socket the
 //! zeromq socket is bound on, and one relay per peer that passes inbound bytes through
 //! [`FrameCheck`] and outbound bytes unchanged, and the identities of each listener's live
-//! connections ([`Holders`]).
+//! connections (`Holders`), checked against the listener's [`Takeover`] policy.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -219,7 +219,7 @@ async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, li
 
 fn log_refusal(peer: SocketAddr, why: &str) {
     let n = REFUSALS.fetch_add(1, Ordering::Relaxed) + 1;
-    if n <= LOGGED_REFUSALS || n % 1000 == 0 {
+    if n <= LOGGED_REFUSALS || n.is_multiple_of(1000) {
         warn!(%peer, refusals = n, "guard: connection closed: {why}");
     }
 }

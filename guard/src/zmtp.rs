@@ -92,7 +92,7 @@ enum State {
 /// is read, as zeromq does: a handshake whose first frame is not a READY command fails in
 /// zeromq, and the peer never gets an identity there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ready {
+enum ReadyParse {
     /// The first frame has not started.
     First,
     /// The command name's length byte.
@@ -130,7 +130,7 @@ pub struct FrameCheck {
     reserved: bool,
     /// Whether the greeting and the first command (READY) have been received.
     handshaken: bool,
-    ready: Ready,
+    ready: ReadyParse,
     /// The identity the READY command presents (the last `Identity` property, as zeromq reads
     /// it), `identity_len` bytes of it.
     identity: [u8; MAX_IDENTITY],
@@ -146,7 +146,7 @@ impl FrameCheck {
             more: false,
             reserved: false,
             handshaken: false,
-            ready: Ready::First,
+            ready: ReadyParse::First,
             identity: [0; MAX_IDENTITY],
             identity_len: 0,
         }
@@ -161,7 +161,7 @@ impl FrameCheck {
     /// after which this first returns `Some`, so a caller that looks after every step decides
     /// on the identity before zeromq has the whole command.
     pub fn identity(&self) -> Option<&[u8]> {
-        (self.ready == Ready::Done).then(|| &self.identity[..usize::from(self.identity_len)])
+        (self.ready == ReadyParse::Done).then(|| &self.identity[..usize::from(self.identity_len)])
     }
 
     /// Whether the peer has completed the ZMTP handshake (greeting and READY).
@@ -197,8 +197,8 @@ impl FrameCheck {
                     if flags & FLAG_COMMAND != 0 && flags & FLAG_MORE != 0 {
                         return Err(Violation::CommandWithMore);
                     }
-                    if self.ready == Ready::First {
-                        self.ready = if flags & FLAG_COMMAND != 0 { Ready::NameLen } else { Ready::NotReady };
+                    if self.ready == ReadyParse::First {
+                        self.ready = if flags & FLAG_COMMAND != 0 { ReadyParse::NameLen } else { ReadyParse::NotReady };
                     }
                     let need = if flags & FLAG_LONG != 0 { 8 } else { 1 };
                     self.state = State::Length { flags, need, acc: 0 };
@@ -270,36 +270,36 @@ impl FrameCheck {
 
     /// Whether the body being received is the READY command, still being read.
     fn reading_ready(&self) -> bool {
-        !matches!(self.ready, Ready::First | Ready::Done | Ready::NotReady)
+        !matches!(self.ready, ReadyParse::First | ReadyParse::Done | ReadyParse::NotReady)
     }
 
     /// Read one byte of the first command's body.
     fn ready_byte(&mut self, b: u8) -> Result<(), Violation> {
         self.ready = match self.ready {
-            Ready::NameLen if usize::from(b) == READY.len() => Ready::Name { len: b, at: 0 },
-            Ready::NameLen => Ready::NotReady,
-            Ready::Name { len, at } if READY[usize::from(at)] == b => {
+            ReadyParse::NameLen if usize::from(b) == READY.len() => ReadyParse::Name { len: b, at: 0 },
+            ReadyParse::NameLen => ReadyParse::NotReady,
+            ReadyParse::Name { len, at } if READY[usize::from(at)] == b => {
                 if at + 1 == len {
-                    Ready::PropNameLen
+                    ReadyParse::PropNameLen
                 } else {
-                    Ready::Name { len, at: at + 1 }
+                    ReadyParse::Name { len, at: at + 1 }
                 }
             }
-            Ready::Name { .. } => Ready::NotReady,
-            Ready::PropNameLen if b == 0 => Ready::ValueLen { identity: false, need: 4, acc: 0 },
-            Ready::PropNameLen => Ready::PropName { len: b, at: 0, identity: usize::from(b) == IDENTITY.len() },
-            Ready::PropName { len, at, identity } => {
+            ReadyParse::Name { .. } => ReadyParse::NotReady,
+            ReadyParse::PropNameLen if b == 0 => ReadyParse::ValueLen { identity: false, need: 4, acc: 0 },
+            ReadyParse::PropNameLen => ReadyParse::PropName { len: b, at: 0, identity: usize::from(b) == IDENTITY.len() },
+            ReadyParse::PropName { len, at, identity } => {
                 let identity = identity && IDENTITY[usize::from(at)] == b;
                 if at + 1 == len {
-                    Ready::ValueLen { identity, need: 4, acc: 0 }
+                    ReadyParse::ValueLen { identity, need: 4, acc: 0 }
                 } else {
-                    Ready::PropName { len, at: at + 1, identity }
+                    ReadyParse::PropName { len, at: at + 1, identity }
                 }
             }
-            Ready::ValueLen { identity, need, acc } => {
+            ReadyParse::ValueLen { identity, need, acc } => {
                 let acc = (acc << 8) | u32::from(b);
                 if need > 1 {
-                    Ready::ValueLen { identity, need: need - 1, acc }
+                    ReadyParse::ValueLen { identity, need: need - 1, acc }
                 } else {
                     if identity {
                         if acc as usize > MAX_IDENTITY {
@@ -309,24 +309,24 @@ impl FrameCheck {
                         self.identity_len = 0;
                     }
                     if acc == 0 {
-                        Ready::PropNameLen
+                        ReadyParse::PropNameLen
                     } else {
-                        Ready::Value { identity, left: acc }
+                        ReadyParse::Value { identity, left: acc }
                     }
                 }
             }
-            Ready::Value { identity, left } => {
+            ReadyParse::Value { identity, left } => {
                 if identity {
                     self.identity[usize::from(self.identity_len)] = b;
                     self.identity_len += 1;
                 }
                 if left == 1 {
-                    Ready::PropNameLen
+                    ReadyParse::PropNameLen
                 } else {
-                    Ready::Value { identity, left: left - 1 }
+                    ReadyParse::Value { identity, left: left - 1 }
                 }
             }
-            done @ (Ready::First | Ready::Done | Ready::NotReady) => done,
+            done @ (ReadyParse::First | ReadyParse::Done | ReadyParse::NotReady) => done,
         };
         Ok(())
     }
@@ -334,12 +334,12 @@ impl FrameCheck {
     /// The first frame ended: a READY command must end on a property boundary.
     fn end_ready(&mut self) -> Result<(), Violation> {
         self.ready = match self.ready {
-            Ready::PropNameLen => Ready::Done,
-            Ready::PropName { .. } | Ready::ValueLen { .. } | Ready::Value { .. } => {
+            ReadyParse::PropNameLen => ReadyParse::Done,
+            ReadyParse::PropName { .. } | ReadyParse::ValueLen { .. } | ReadyParse::Value { .. } => {
                 return Err(Violation::Ready("a property runs past the end of the command"));
             }
             // An empty command or a short name: not a READY command.
-            Ready::NameLen | Ready::Name { .. } => Ready::NotReady,
+            ReadyParse::NameLen | ReadyParse::Name { .. } => ReadyParse::NotReady,
             other => other,
         };
         Ok(())
