@@ -547,3 +547,40 @@ fn an_engine_whose_connection_closed_is_told_to_reconnect() {
     assert_eq!(told.len(), 1);
     assert!(told[0].1.reconnect && told[0].1.reason == "mux connection closed", "{:?}", told[0].1);
 }
+
+#[test]
+fn an_engine_identity_may_be_taken_over_only_while_its_engine_is_not_alive() {
+    let mut e = env(0);
+    let alive = e.hub.engines.alive();
+    let (u0, u1) = (uuid(0), uuid(1));
+    // Not an engine (yet): nothing to protect.
+    assert!(alive.may_take_over(u0.as_bytes()));
+    // Registered: protected from the registration on, before it is routable.
+    let (reply, _) = e.rpx_register(0, None);
+    let id = reply.content["id"].as_u64().unwrap();
+    assert!(!alive.may_take_over(u0.as_bytes()));
+    e.rpx_engine(1);
+    assert!(!alive.may_take_over(u1.as_bytes()));
+    // Missed heartbeats: evicted, so the engine reconnecting gets in; the other is still alive.
+    e.now += Duration::from_secs(20);
+    e.ev(Inbound::Pong(Bytes::from(u1.clone())));
+    e.hub.on_tick(&mut e.comm, e.now);
+    assert!(e.hub.engines.id_of(u0.as_bytes()).is_none());
+    assert!(alive.may_take_over(u0.as_bytes()));
+    assert!(!alive.may_take_over(u1.as_bytes()));
+    // Registered again under its id: protected again.
+    e.rpx_register(0, Some(id));
+    assert!(!alive.may_take_over(u0.as_bytes()));
+    // A closed mux connection, and an unregistration, each end it.
+    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(u0.clone()), connected: false });
+    assert!(alive.may_take_over(u0.as_bytes()));
+    let id1 = e.hub.engines.id_of(u1.as_bytes()).unwrap();
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"reg-1")], "unregistration_request", json!({"id": id1}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    e.comm.take();
+    assert!(alive.may_take_over(u1.as_bytes()));
+    // The shared set is exactly the engines table.
+    e.rpx_engine(2);
+    assert!(!alive.may_take_over(uuid(2).as_bytes()));
+    assert_eq!(e.hub.engines.by_ident.len(), 1);
+}

@@ -21,11 +21,13 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use zeromq::{Endpoint, PubSocket, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
+use rpx_guard::{never_take_over, Takeover};
 use rpx_protocol::connection::write_private_json;
 use rpx_protocol::{ClientConnection, EngineConnection, Session};
 
 use crate::config::Config;
 use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::state::{AliveEngines, Engines};
 use crate::store::{self, DbKind};
 use crate::wire::{self, Chan};
 use crate::{Error, Result};
@@ -72,13 +74,14 @@ fn router(identity: Option<&'static [u8]>) -> RouterSocket {
 /// trying to reconnect, say) may briefly hold it as its local port.
 const REUSE_BIND_RETRY: Duration = Duration::from_secs(10);
 
-/// Bind `s` on `ip:port` (0: any free port) behind the guard; returns the port. A given port
-/// is retried for [`REUSE_BIND_RETRY`].
-async fn bind<S: Socket>(s: &mut S, ip: &str, port: u16, what: &'static str) -> Result<u16> {
+/// Bind `s` on `ip:port` (0: any free port) behind the guard, with `takeover` deciding whether
+/// a new connection may take over the identity of a live one; returns the port. A given port is
+/// retried for [`REUSE_BIND_RETRY`].
+async fn bind<S: Socket>(s: &mut S, ip: &str, port: u16, what: &'static str, takeover: &Takeover) -> Result<u16> {
     let addr = format!("tcp://{ip}:{port}");
     let deadline = Instant::now() + if port == 0 { Duration::ZERO } else { REUSE_BIND_RETRY };
     loop {
-        match rpx_guard::bind(s, &addr).await {
+        match rpx_guard::bind_with_takeover(s, &addr, takeover.clone()).await {
             Ok(ep) => return Ok(port_of(&ep)),
             Err(source) if Instant::now() >= deadline => return Err(Error::Bind { what, addr, source }),
             Err(e) => {
@@ -129,9 +132,20 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         info!(registration = r.client.registration, "--reuse: binding the ports of the existing connection files");
     }
 
+    // An identity held by a live connection is never taken over on the client-facing sockets
+    // and the registration socket (rpx engines register from a socket without a fixed
+    // identity; ipyparallel engines do not reconnect); on the sockets engines connect to with
+    // their uuid as identity, only once the hub no longer considers that engine alive.
+    let alive = AliveEngines::default();
+    let never = never_take_over();
+    let engine_policy: Takeover = {
+        let alive = alive.clone();
+        std::sync::Arc::new(move |ident: &[u8]| alive.may_take_over(ident))
+    };
+
     // Registration (shared by clients and engines).
     let mut reg = router(None);
-    let reg_port = bind(&mut reg, &ip, reused.map_or(0, |r| r.client.registration), "registration").await?;
+    let reg_port = bind(&mut reg, &ip, reused.map_or(0, |r| r.client.registration), "registration", &never).await?;
     let reg_mon = reg.monitor();
     let (reg_send, reg_recv) = reg.split();
     spawn_monitor(&mut tasks, Sock::Query, reg_mon, tx.clone());
@@ -144,12 +158,12 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let mut engine_ports = HashMap::new();
     for chan in Chan::ALL {
         for (side, ports) in [(Sock::Client(chan), &mut client_ports), (Sock::Engine(chan), &mut engine_ports)] {
-            let (ident, want) = match side {
-                Sock::Client(c) => (c.client_side_identity(), client_port(c)),
-                _ => (chan.engine_side_identity(), engine_port(chan)),
+            let (ident, want, policy) = match side {
+                Sock::Client(c) => (c.client_side_identity(), client_port(c), &never),
+                _ => (chan.engine_side_identity(), engine_port(chan), &engine_policy),
             };
             let mut s = router(Some(ident));
-            let port = bind(&mut s, &ip, want, chan.name()).await?;
+            let port = bind(&mut s, &ip, want, chan.name(), policy).await?;
             ports.insert(chan, port);
             let mon = s.monitor();
             let (send, recv) = s.split();
@@ -161,9 +175,9 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Heartbeat.
     let mut hb_ping = PubSocket::new();
-    let hb_ping_port = bind(&mut hb_ping, &ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping").await?;
+    let hb_ping_port = bind(&mut hb_ping, &ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping", &engine_policy).await?;
     let mut hb_pong = router(None);
-    let hb_pong_port = bind(&mut hb_pong, &ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong").await?;
+    let hb_pong_port = bind(&mut hb_pong, &ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong", &engine_policy).await?;
     let mon = hb_pong.monitor();
     let (send, recv) = hb_pong.split();
     spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
@@ -172,14 +186,14 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 
     // Notification.
     let mut notification = PubSocket::new();
-    let notification_port = bind(&mut notification, &ip, reused.map_or(0, |r| r.client.notification), "notification").await?;
+    let notification_port = bind(&mut notification, &ip, reused.map_or(0, |r| r.client.notification), "notification", &never).await?;
 
     // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
     let mut iopub_in = SubSocket::new();
-    let iopub_engine_port = bind(&mut iopub_in, &ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)").await?;
+    let iopub_engine_port = bind(&mut iopub_in, &ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)", &engine_policy).await?;
     iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
     let mut iopub_out = PubSocket::new();
-    let iopub_client_port = bind(&mut iopub_out, &ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)").await?;
+    let iopub_client_port = bind(&mut iopub_out, &ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)", &never).await?;
     tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
 
     let interface = format!("tcp://{}", config.public_ip);
@@ -238,6 +252,8 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         engine_info: serde_json::to_value(&engine).expect("serializes"),
     };
     let mut hub = Hub::new(session, hub_cfg, Instant::now());
+    // No engine has registered yet: the hub starts on the set the guard's policy reads.
+    hub.engines = Engines::with_alive(alive);
     hub.persist = store.is_some();
     let mut comm = NetComm {
         routers: senders,

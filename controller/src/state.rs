@@ -2,7 +2,7 @@
 //! load-balanced task queue, dependency bookkeeping and the bounded task records.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -427,11 +427,42 @@ impl Records {
     }
 }
 
+/// The identities of the engines the hub considers alive: registered, and not since evicted
+/// (missed heartbeats, a closed connection, a stuck send) or unregistered. Shared with the
+/// guard's tasks, which let a new connection take over an engine identity a live connection
+/// holds only when its engine is not alive ([`AliveEngines::may_take_over`]). Updated by
+/// [`Engines::insert`] and [`Engines::remove`] only, so it is exactly `Engines::by_ident`'s keys.
+#[derive(Debug, Clone, Default)]
+pub struct AliveEngines(Arc<RwLock<HashSet<Bytes>>>);
+
+impl AliveEngines {
+    pub fn contains(&self, ident: &[u8]) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).contains(ident)
+    }
+
+    /// The guard's takeover policy: a live connection holding `ident` may be replaced only when
+    /// no alive engine has that identity (its engine was evicted or unregistered, so a restarted
+    /// or reconnecting engine gets in even while its old connection is half-open).
+    pub fn may_take_over(&self, ident: &[u8]) -> bool {
+        !self.contains(ident)
+    }
+
+    fn insert(&self, ident: Bytes) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).insert(ident);
+    }
+
+    fn remove(&self, ident: &[u8]) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(ident);
+    }
+}
+
 /// The engines, with id allocation.
 #[derive(Debug, Default)]
 pub struct Engines {
     pub by_id: BTreeMap<u64, Engine>,
     pub by_ident: HashMap<Bytes, u64>,
+    /// `by_ident`'s keys, shared with the guard (see [`AliveEngines`]).
+    alive: AliveEngines,
     /// Ready engine ids, least recently used first.
     pub lru: VecDeque<u64>,
     next_id: u64,
@@ -475,14 +506,27 @@ impl Engines {
         self.id_of(uuid.as_bytes()).and_then(|id| self.by_id.get(&id))
     }
 
+    /// The engines with these alive identities (the network layer shares its set with the
+    /// guard before any engine registers).
+    pub fn with_alive(alive: AliveEngines) -> Engines {
+        Engines { alive, ..Engines::default() }
+    }
+
+    /// A handle on the identities of the alive engines.
+    pub fn alive(&self) -> AliveEngines {
+        self.alive.clone()
+    }
+
     pub fn insert(&mut self, e: Engine) {
         self.by_ident.insert(e.ident.clone(), e.id);
+        self.alive.insert(e.ident.clone());
         self.by_id.insert(e.id, e);
     }
 
     pub fn remove(&mut self, id: u64) -> Option<Engine> {
         let e = self.by_id.remove(&id)?;
         self.by_ident.remove(&e.ident);
+        self.alive.remove(&e.ident);
         self.lru.retain(|x| *x != id);
         Some(e)
     }

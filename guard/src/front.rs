@@ -1,11 +1,13 @@
 //! The TCP side of a guarded socket: the listener peers connect to, the private Unix socket the
 //! zeromq socket is bound on, and one relay per peer that passes inbound bytes through
-//! [`FrameCheck`] and outbound bytes unchanged.
+//! [`FrameCheck`] and outbound bytes unchanged, and the identities of each listener's live
+//! connections (`Holders`), checked against the listener's [`Takeover`] policy.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedReadHalf;
@@ -13,11 +15,11 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use zeromq::{Endpoint, Socket};
 
 use crate::zmtp::{FrameCheck, Step, Violation};
-use crate::{Error, Limits};
+use crate::{Error, Limits, Options, Takeover};
 
 /// Bytes relayed at a time, each way (large messages cross in few, large copies).
 const READ_CHUNK: usize = 64 * 1024;
@@ -40,6 +42,8 @@ enum Refused {
     Handshake,
     Stalled,
     Budget,
+    /// A live connection holds the identity this one presented.
+    IdentityHeld(String),
 }
 
 impl std::fmt::Display for Refused {
@@ -49,6 +53,7 @@ impl std::fmt::Display for Refused {
             Refused::Handshake => f.write_str("no ZMTP handshake in time"),
             Refused::Stalled => f.write_str("stalled in the middle of a large frame"),
             Refused::Budget => f.write_str("the receive budget for large frames stayed exhausted"),
+            Refused::IdentityHeld(id) => write!(f, "identity {id:?} is held by a live connection and may not be taken over"),
         }
     }
 }
@@ -61,8 +66,59 @@ fn split_tcp(endpoint: &str) -> Result<(&str, u16), Error> {
     Ok((host, port.parse().map_err(|_| bad())?))
 }
 
+/// The identities of one listener's live connections, each with the token of the connection
+/// holding it.
+struct Holders {
+    live: Mutex<HashMap<Vec<u8>, u64>>,
+    next: AtomicU64,
+    takeover: Takeover,
+}
+
+/// A connection's hold on its identity, released when dropped (unless taken over since).
+struct Claim {
+    holders: Arc<Holders>,
+    identity: Vec<u8>,
+    token: u64,
+}
+
+impl Holders {
+    fn new(takeover: Takeover) -> Arc<Holders> {
+        Arc::new(Holders { live: Mutex::new(HashMap::new()), next: AtomicU64::new(0), takeover })
+    }
+
+    /// Hold `identity` for a new connection, unless a live connection holds it and the policy
+    /// does not let it be taken over.
+    fn claim(self: &Arc<Self>, identity: &[u8], peer: SocketAddr) -> Result<Claim, Refused> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.contains_key(identity) {
+            if !(self.takeover)(identity) {
+                return Err(Refused::IdentityHeld(String::from_utf8_lossy(identity).into_owned()));
+            }
+            info!(%peer, identity = %String::from_utf8_lossy(identity), "guard: a new connection takes over the identity of a live one, as the policy allows");
+        }
+        live.insert(identity.to_vec(), token);
+        Ok(Claim { holders: self.clone(), identity: identity.to_vec(), token })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut live = self.holders.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(&self.identity) == Some(&self.token) {
+            live.remove(&self.identity);
+        }
+    }
+}
+
 /// [`crate::bind`] with explicit limits.
 pub async fn bind_with<S: Socket>(socket: &mut S, endpoint: &str, limits: Limits) -> Result<Endpoint, Error> {
+    bind_options(socket, endpoint, Options::new(limits)).await
+}
+
+/// [`crate::bind`] with explicit limits and takeover policy.
+pub async fn bind_options<S: Socket>(socket: &mut S, endpoint: &str, options: Options) -> Result<Endpoint, Error> {
+    let Options { limits, takeover } = options;
     let (host, port) = split_tcp(endpoint)?;
     let host = if host == "*" { "0.0.0.0" } else { host };
     let listener = match port {
@@ -80,7 +136,7 @@ pub async fn bind_with<S: Socket>(socket: &mut S, endpoint: &str, limits: Limits
     socket.bind_listener(unix).await?;
     let public = format!("tcp://{host}:{}", local.port()).parse::<Endpoint>().map_err(|_| Error::Endpoint(endpoint.to_string()))?;
     let budget = budget(&limits);
-    tokio::spawn(accept(listener, dir, path, limits, budget));
+    tokio::spawn(accept(listener, dir, path, limits, budget, Holders::new(takeover)));
     Ok(public)
 }
 
@@ -128,7 +184,7 @@ fn sweep_stale(tmp: &Path) {
 
 /// Accept peers until the zeromq socket behind the guard is gone. `dir` (the private
 /// directory) lives as long as this task.
-async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, limits: Limits, budget: Arc<Semaphore>) {
+async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, limits: Limits, budget: Arc<Semaphore>, holders: Arc<Holders>) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -152,9 +208,9 @@ async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, li
             }
         };
         active.fetch_add(1, Ordering::Relaxed);
-        let (active, budget) = (active.clone(), budget.clone());
+        let (active, budget, holders) = (active.clone(), budget.clone(), holders.clone());
         tokio::spawn(async move {
-            relay(tcp, unix, peer, limits, budget).await;
+            relay(tcp, unix, peer, limits, budget, holders).await;
             active.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -163,13 +219,13 @@ async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, li
 
 fn log_refusal(peer: SocketAddr, why: &str) {
     let n = REFUSALS.fetch_add(1, Ordering::Relaxed) + 1;
-    if n <= LOGGED_REFUSALS || n % 1000 == 0 {
+    if n <= LOGGED_REFUSALS || n.is_multiple_of(1000) {
         warn!(%peer, refusals = n, "guard: connection closed: {why}");
     }
 }
 
 /// Relay one peer until either side closes or the peer breaks the limits.
-async fn relay(tcp: TcpStream, unix: UnixStream, peer: SocketAddr, limits: Limits, budget: Arc<Semaphore>) {
+async fn relay(tcp: TcpStream, unix: UnixStream, peer: SocketAddr, limits: Limits, budget: Arc<Semaphore>, holders: Arc<Holders>) {
     let _ = tcp.set_nodelay(true);
     let (mut from_peer, mut to_peer) = tcp.into_split();
     let (mut from_zmq, mut to_zmq) = unix.into_split();
@@ -182,7 +238,7 @@ async fn relay(tcp: TcpStream, unix: UnixStream, peer: SocketAddr, limits: Limit
         let _ = to_peer.shutdown().await;
     };
     tokio::select! {
-        r = inbound(&mut from_peer, &mut to_zmq, limits, budget) => if let Err(why) = r {
+        r = inbound(&mut from_peer, &mut to_zmq, peer, limits, budget, &holders) => if let Err(why) = r {
             log_refusal(peer, &why.to_string());
         },
         () = outbound => {}
@@ -247,9 +303,14 @@ impl Readable for tokio::net::unix::OwnedReadHalf {
     }
 }
 
-/// Pass the peer's bytes to zeromq as the check allows. `Ok` when either side closed.
-async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, limits: Limits, budget: Arc<Semaphore>) -> Result<(), Refused> {
+/// Pass the peer's bytes to zeromq as the check allows. `Ok` when either side closed. The
+/// connection holds the identity its READY command presents until this returns (or is
+/// dropped).
+async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, peer: SocketAddr, limits: Limits, budget: Arc<Semaphore>, holders: &Arc<Holders>) -> Result<(), Refused> {
     let mut check = FrameCheck::new(limits);
+    // `None` until the READY command has been seen whole; then the claim, if the identity is
+    // not empty.
+    let mut claim: Option<Option<Claim>> = None;
     let mut permit: Option<OwnedSemaphorePermit> = None;
     let handshake_by = Instant::now() + limits.handshake_timeout;
     loop {
@@ -270,7 +331,15 @@ async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, lim
         let n = buf.len();
         let mut at = 0;
         while at < n {
-            let forward = match check.step(&buf[at..n]).map_err(Refused::Violation)? {
+            let step = check.step(&buf[at..n]).map_err(Refused::Violation)?;
+            if claim.is_none() {
+                // The bytes just checked end the READY command: decide on its identity before
+                // passing them on.
+                if let Some(identity) = check.identity() {
+                    claim = Some(if identity.is_empty() { None } else { Some(holders.claim(identity, peer)?) });
+                }
+            }
+            let forward = match step {
                 Step::Forward(k) => k,
                 Step::Reserve { forward, len } => {
                     drop(permit.take());

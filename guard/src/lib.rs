@@ -10,12 +10,21 @@
 //! process before their header is passed on, so the memory zeromq sets aside for frames in
 //! flight is bounded across all peers. Outbound bytes are relayed unchanged.
 //!
+//! zeromq 0.7 keys a ROUTER's peers by the identity each presents in its READY command, and a
+//! second connection with a live peer's identity replaces it: it would receive what is routed
+//! to that peer. The guard therefore remembers, per listener, the identities of its live
+//! connections, and closes a new connection presenting one of them before its READY command
+//! reaches zeromq, unless the listener's [`Takeover`] policy lets that identity be taken over
+//! (the controller allows it for engines it no longer considers alive). An identity is free
+//! again once its connection ends.
+//!
 //! - [`zmtp`]: the pure streaming check.
 //! - [`front`]: the TCP listener and the per-connection relay.
 
 pub mod front;
 pub mod zmtp;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use zeromq::{Endpoint, Socket, ZmqError};
@@ -106,11 +115,48 @@ pub enum Error {
     Limits(String),
 }
 
+/// Whether a new connection may take over `identity`, which a live connection on the same
+/// listener holds (its READY command presented the same non-empty identity). Called from the
+/// guard's tasks: it must be cheap and must not block.
+pub type Takeover = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// The policy of [`bind`]: a live connection's identity is never taken over.
+pub fn never_take_over() -> Takeover {
+    Arc::new(|_: &[u8]| false)
+}
+
+/// How a socket is guarded.
+#[derive(Clone)]
+pub struct Options {
+    pub limits: Limits,
+    pub takeover: Takeover,
+}
+
+impl Options {
+    /// These limits, and identities of live connections never taken over.
+    pub fn new(limits: Limits) -> Options {
+        Options { limits, takeover: never_take_over() }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
 /// Bind `socket` on `endpoint` (`tcp://HOST:PORT`; `*` or `0.0.0.0` for every interface, port 0
-/// for any free one) behind the guard, with [`Limits::from_env`]. Returns the TCP endpoint
-/// peers connect to. Must run inside a tokio runtime, which the relay tasks live in.
+/// for any free one) behind the guard, with [`Limits::from_env`]; an identity held by a live
+/// connection is never taken over. Returns the TCP endpoint peers connect to. Must run inside
+/// a tokio runtime, which the relay tasks live in.
 pub async fn bind<S: Socket>(socket: &mut S, endpoint: &str) -> Result<Endpoint, Error> {
-    front::bind_with(socket, endpoint, Limits::from_env()?).await
+    front::bind_options(socket, endpoint, Options::new(Limits::from_env()?)).await
+}
+
+/// [`bind`], with `takeover` deciding whether a new connection may take over an identity a
+/// live connection holds.
+pub async fn bind_with_takeover<S: Socket>(socket: &mut S, endpoint: &str, takeover: Takeover) -> Result<Endpoint, Error> {
+    front::bind_options(socket, endpoint, Options { limits: Limits::from_env()?, takeover }).await
 }
 
 #[cfg(test)]

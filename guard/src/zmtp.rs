@@ -2,6 +2,10 @@
 //! greeting and every frame header and bounds each frame, each multipart message and each
 //! command before a byte of it is passed on. It never allocates and never buffers a body: a
 //! body is skipped by counting, so a peer's declared length costs nothing until it sends bytes.
+//! The one exception is the peer's READY command (the first frame after the greeting), whose
+//! properties are read as they stream by so that the `Identity` the peer presents is known
+//! ([`FrameCheck::identity`]) before the end of the command is passed on; the identity is kept
+//! in a bounded inline buffer.
 
 use std::fmt;
 
@@ -12,6 +16,9 @@ pub const GREETING_LEN: usize = 64;
 /// Frames above this size are announced to the caller ([`Step::Reserve`]) before their header
 /// is passed on, so it can account for the memory the receiver will set aside for them.
 pub const RESERVE_ABOVE: u64 = 64 * 1024;
+
+/// Longest identity ZMTP allows (and zeromq accepts).
+pub const MAX_IDENTITY: usize = 255;
 
 /// The greeting a ZMTP 3.0 peer with the NULL mechanism sends (tests and probes use it).
 pub fn null_greeting() -> [u8; GREETING_LEN] {
@@ -42,6 +49,9 @@ pub enum Violation {
     FrameTooLarge { len: u64, max: u64 },
     /// A multipart message adds up to more than [`Limits::max_message`].
     MessageTooLarge { total: u64, max: u64 },
+    /// The READY command's properties do not add up to its length, or its identity is longer
+    /// than [`MAX_IDENTITY`].
+    Ready(&'static str),
 }
 
 impl fmt::Display for Violation {
@@ -53,6 +63,7 @@ impl fmt::Display for Violation {
             Violation::CommandTooLarge { len, max } => write!(f, "command frame of {len} bytes exceeds the limit of {max}"),
             Violation::FrameTooLarge { len, max } => write!(f, "frame of {len} bytes exceeds the limit of {max}"),
             Violation::MessageTooLarge { total, max } => write!(f, "message of at least {total} bytes exceeds the limit of {max}"),
+            Violation::Ready(why) => write!(f, "malformed READY command: {why}"),
         }
     }
 }
@@ -77,6 +88,34 @@ enum State {
     Body { left: u64 },
 }
 
+/// Where the reading of the peer's READY command stands. Only the first frame after the greeting
+/// is read, as zeromq does: a handshake whose first frame is not a READY command fails in
+/// zeromq, and the peer never gets an identity there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadyParse {
+    /// The first frame has not started.
+    First,
+    /// The command name's length byte.
+    NameLen,
+    /// The command name, `at` bytes of `len` read, all matching `READY` so far.
+    Name { len: u8, at: u8 },
+    /// The length byte of the next property's name (the command may also end here).
+    PropNameLen,
+    /// A property name, `at` bytes of `len` read; `identity`: matching `Identity` so far.
+    PropName { len: u8, at: u8, identity: bool },
+    /// The 4-byte big-endian length of a property value.
+    ValueLen { identity: bool, need: u8, acc: u32 },
+    /// A property value, `left` bytes to go; an identity's bytes are kept.
+    Value { identity: bool, left: u32 },
+    /// The READY command was received whole: [`FrameCheck::identity`] is known.
+    Done,
+    /// The first frame is not a READY command: zeromq refuses the handshake itself.
+    NotReady,
+}
+
+const READY: &[u8] = b"READY";
+const IDENTITY: &[u8] = b"Identity";
+
 /// The check for one connection's inbound bytes.
 #[derive(Debug, Clone)]
 pub struct FrameCheck {
@@ -91,11 +130,38 @@ pub struct FrameCheck {
     reserved: bool,
     /// Whether the greeting and the first command (READY) have been received.
     handshaken: bool,
+    ready: ReadyParse,
+    /// The identity the READY command presents (the last `Identity` property, as zeromq reads
+    /// it), `identity_len` bytes of it.
+    identity: [u8; MAX_IDENTITY],
+    identity_len: u8,
 }
 
 impl FrameCheck {
     pub fn new(limits: Limits) -> FrameCheck {
-        FrameCheck { limits, state: State::Greeting { seen: 0 }, message: 0, more: false, reserved: false, handshaken: false }
+        FrameCheck {
+            limits,
+            state: State::Greeting { seen: 0 },
+            message: 0,
+            more: false,
+            reserved: false,
+            handshaken: false,
+            ready: ReadyParse::First,
+            identity: [0; MAX_IDENTITY],
+            identity_len: 0,
+        }
+    }
+
+    /// The identity the peer presented in its READY command, once that command has been
+    /// received whole (before then, and forever if the first frame is not a READY command:
+    /// `None`). Empty when the peer presented none or an empty one; zeromq then gives the
+    /// connection a random identity.
+    ///
+    /// The last bytes of the READY command are in the input of the [`FrameCheck::step`] call
+    /// after which this first returns `Some`, so a caller that looks after every step decides
+    /// on the identity before zeromq has the whole command.
+    pub fn identity(&self) -> Option<&[u8]> {
+        (self.ready == ReadyParse::Done).then(|| &self.identity[..usize::from(self.identity_len)])
     }
 
     /// Whether the peer has completed the ZMTP handshake (greeting and READY).
@@ -131,6 +197,9 @@ impl FrameCheck {
                     if flags & FLAG_COMMAND != 0 && flags & FLAG_MORE != 0 {
                         return Err(Violation::CommandWithMore);
                     }
+                    if self.ready == ReadyParse::First {
+                        self.ready = if flags & FLAG_COMMAND != 0 { ReadyParse::NameLen } else { ReadyParse::NotReady };
+                    }
                     let need = if flags & FLAG_LONG != 0 { 8 } else { 1 };
                     self.state = State::Length { flags, need, acc: 0 };
                 }
@@ -148,13 +217,18 @@ impl FrameCheck {
                         self.reserved = true;
                         return Ok(Step::Reserve { forward: at, len });
                     }
-                    self.end_body_if_done();
+                    self.end_body_if_done()?;
                 }
                 State::Body { left } => {
                     let take = left.min((data.len() - at) as u64);
+                    if self.reading_ready() {
+                        for &b in &data[at..at + take as usize] {
+                            self.ready_byte(b)?;
+                        }
+                    }
                     at += take as usize;
                     self.state = State::Body { left: left - take };
-                    self.end_body_if_done();
+                    self.end_body_if_done()?;
                 }
             }
         }
@@ -181,7 +255,7 @@ impl FrameCheck {
         Ok(())
     }
 
-    fn end_body_if_done(&mut self) {
+    fn end_body_if_done(&mut self) -> Result<(), Violation> {
         if self.state == (State::Body { left: 0 }) {
             self.state = State::Header;
             self.reserved = false;
@@ -189,7 +263,86 @@ impl FrameCheck {
             if !self.more {
                 self.message = 0;
             }
+            self.end_ready()?;
         }
+        Ok(())
+    }
+
+    /// Whether the body being received is the READY command, still being read.
+    fn reading_ready(&self) -> bool {
+        !matches!(self.ready, ReadyParse::First | ReadyParse::Done | ReadyParse::NotReady)
+    }
+
+    /// Read one byte of the first command's body.
+    fn ready_byte(&mut self, b: u8) -> Result<(), Violation> {
+        self.ready = match self.ready {
+            ReadyParse::NameLen if usize::from(b) == READY.len() => ReadyParse::Name { len: b, at: 0 },
+            ReadyParse::NameLen => ReadyParse::NotReady,
+            ReadyParse::Name { len, at } if READY[usize::from(at)] == b => {
+                if at + 1 == len {
+                    ReadyParse::PropNameLen
+                } else {
+                    ReadyParse::Name { len, at: at + 1 }
+                }
+            }
+            ReadyParse::Name { .. } => ReadyParse::NotReady,
+            ReadyParse::PropNameLen if b == 0 => ReadyParse::ValueLen { identity: false, need: 4, acc: 0 },
+            ReadyParse::PropNameLen => ReadyParse::PropName { len: b, at: 0, identity: usize::from(b) == IDENTITY.len() },
+            ReadyParse::PropName { len, at, identity } => {
+                let identity = identity && IDENTITY[usize::from(at)] == b;
+                if at + 1 == len {
+                    ReadyParse::ValueLen { identity, need: 4, acc: 0 }
+                } else {
+                    ReadyParse::PropName { len, at: at + 1, identity }
+                }
+            }
+            ReadyParse::ValueLen { identity, need, acc } => {
+                let acc = (acc << 8) | u32::from(b);
+                if need > 1 {
+                    ReadyParse::ValueLen { identity, need: need - 1, acc }
+                } else {
+                    if identity {
+                        if acc as usize > MAX_IDENTITY {
+                            return Err(Violation::Ready("the identity is longer than 255 bytes"));
+                        }
+                        // The last Identity property counts, as in zeromq.
+                        self.identity_len = 0;
+                    }
+                    if acc == 0 {
+                        ReadyParse::PropNameLen
+                    } else {
+                        ReadyParse::Value { identity, left: acc }
+                    }
+                }
+            }
+            ReadyParse::Value { identity, left } => {
+                if identity {
+                    self.identity[usize::from(self.identity_len)] = b;
+                    self.identity_len += 1;
+                }
+                if left == 1 {
+                    ReadyParse::PropNameLen
+                } else {
+                    ReadyParse::Value { identity, left: left - 1 }
+                }
+            }
+            done @ (ReadyParse::First | ReadyParse::Done | ReadyParse::NotReady) => done,
+        };
+        Ok(())
+    }
+
+    /// The first frame ended: a READY command must end on a property boundary.
+    fn end_ready(&mut self) -> Result<(), Violation> {
+        self.ready = match self.ready {
+            ReadyParse::PropNameLen => ReadyParse::Done,
+            ReadyParse::PropName { .. } | ReadyParse::ValueLen { .. } | ReadyParse::Value { .. } => {
+                return Err(Violation::Ready("a property runs past the end of the command"));
+            }
+            // An empty command or a short name: not a READY command.
+            ReadyParse::NameLen | ReadyParse::Name { .. } => ReadyParse::NotReady,
+            other => other,
+        };
+        Ok(())
     }
 }
 
@@ -318,5 +471,100 @@ mod tests {
         assert!(c.holds_reservation());
         assert_eq!(c.step(&bytes[header_end + 10..]).unwrap(), Step::Forward(bytes.len() - header_end - 10));
         assert!(!c.holds_reservation());
+    }
+
+    /// A READY command body with these properties, as zeromq writes it.
+    fn ready(props: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut body = b"\x05READY".to_vec();
+        for (name, value) in props {
+            body.push(name.len() as u8);
+            body.extend_from_slice(name);
+            body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            body.extend_from_slice(value);
+        }
+        body
+    }
+
+    fn session_with(ready_body: &[u8]) -> Vec<u8> {
+        [greeting(), frame(FLAG_COMMAND, ready_body), frame(0, b"after")].concat()
+    }
+
+    /// Feed `bytes` cut at `cut`; returns the identity as soon as it is known, with the number
+    /// of bytes handed to `step` by then.
+    fn identity_split_at(bytes: &[u8], cut: usize) -> Result<(Option<Vec<u8>>, usize), Violation> {
+        let mut c = FrameCheck::new(limits());
+        let mut given = 0;
+        for part in [&bytes[..cut], &bytes[cut..]] {
+            feed(&mut c, part)?;
+            given += part.len();
+            if let Some(id) = c.identity() {
+                return Ok((Some(id.to_vec()), given));
+            }
+        }
+        Ok((None, given))
+    }
+
+    #[test]
+    fn the_identity_is_read_from_ready_split_at_every_byte() {
+        let body = ready(&[(b"Socket-Type", b"DEALER"), (b"Identity", b"engine-uuid-1234")]);
+        let bytes = session_with(&body);
+        let ready_end = GREETING_LEN + 2 + body.len();
+        for cut in 0..=bytes.len() {
+            let (id, given) = identity_split_at(&bytes, cut).unwrap();
+            assert_eq!(id.as_deref(), Some(&b"engine-uuid-1234"[..]), "cut at {cut}");
+            // Known in the step that received the READY command's last byte.
+            assert_eq!(given, if cut >= ready_end { cut } else { bytes.len() }, "cut at {cut}");
+        }
+        let mut single = FrameCheck::new(limits());
+        for (i, b) in bytes.iter().enumerate() {
+            assert_eq!(single.identity().is_some(), i >= ready_end, "byte {i}");
+            single.step(std::slice::from_ref(b)).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_empty_or_absent_identity_is_empty_and_the_last_one_counts() {
+        let empty = session_with(&ready(&[(b"Socket-Type", b"ROUTER"), (b"Identity", b"")]));
+        let absent = session_with(&ready(&[(b"Socket-Type", b"ROUTER")]));
+        let bare = session_with(&ready(&[]));
+        let other_case = session_with(&ready(&[(b"identity", b"x")]));
+        let empty_name = session_with(&ready(&[(b"", b"v"), (b"Identity", b"y")]));
+        let twice = session_with(&ready(&[(b"Identity", b"first"), (b"Identity", b"second")]));
+        let longest = session_with(&ready(&[(b"Identity", &[9u8; MAX_IDENTITY])]));
+        for (bytes, want) in [(&empty, &b""[..]), (&absent, b""), (&bare, b""), (&other_case, b""), (&empty_name, b"y"), (&twice, b"second"), (&longest, &[9u8; MAX_IDENTITY])] {
+            let mut c = FrameCheck::new(Limits { max_command: 1000, ..limits() });
+            feed(&mut c, bytes).unwrap();
+            assert_eq!(c.identity(), Some(want));
+        }
+    }
+
+    #[test]
+    fn a_first_frame_that_is_not_ready_gives_no_identity() {
+        for first in [frame(0, b"\x05READY"), frame(FLAG_COMMAND, b"\x04PING"), frame(FLAG_COMMAND, b""), frame(FLAG_COMMAND, b"\x05REA"), frame(FLAG_COMMAND, b"\x05READX\x08Identity")] {
+            let mut c = FrameCheck::new(limits());
+            feed(&mut c, &[greeting(), first.clone(), frame(FLAG_COMMAND, &ready(&[(b"Identity", b"late")]))].concat()).unwrap();
+            assert_eq!(c.identity(), None, "{first:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_ready_properties_are_violations() {
+        let mut long_name = b"\x05READY\x09Identity".to_vec();
+        long_name.extend_from_slice(&[0; 4]);
+        let long_value = b"\x05READY\x08Identity\x00\x00\x00\x05abc".to_vec();
+        let cut_length = b"\x05READY\x08Identity\x00\x00".to_vec();
+        let no_length = b"\x05READY\x08Identity".to_vec();
+        let mut too_long = b"\x05READY\x08Identity\x00\x00\x01\x00".to_vec();
+        too_long.extend_from_slice(&[1; 256]);
+        for body in [long_name, long_value, cut_length, no_length] {
+            let mut c = FrameCheck::new(limits());
+            assert!(matches!(feed(&mut c, &session_with(&body)), Err(Violation::Ready(_))), "{body:?}");
+        }
+        let mut c = FrameCheck::new(Limits { max_command: 1000, ..limits() });
+        let bytes = session_with(&too_long);
+        // Refused at the value's length, before any byte of the identity.
+        let at = GREETING_LEN + 3 + 6 + 9 + 4;
+        assert!(c.step(&bytes[..at - 1]).is_ok());
+        assert_eq!(c.step(&bytes[at - 1..]), Err(Violation::Ready("the identity is longer than 255 bytes")));
     }
 }

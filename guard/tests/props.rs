@@ -1,6 +1,7 @@
 //! Property tests of the ZMTP check: arbitrary bytes and arbitrary frame sequences, cut into
 //! arbitrary reads, never panic, never allocate, forward only what the limits allow, and agree
-//! with a direct reading of the frames. `PROPTEST_CASES` sets the number of inputs (256 by
+//! with a direct reading of the frames; the identity read from a READY command is the one
+//! zeromq would read. `PROPTEST_CASES` sets the number of inputs (256 by
 //! default; the benchmark run uses 1,000,000).
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -48,6 +49,12 @@ fn greeting() -> Vec<u8> {
 /// Feed `data` in reads of the given sizes, as the relay does; returns the bytes forwarded and
 /// the verdict, and counts allocations made by the check.
 fn run(data: &[u8], reads: &[usize]) -> (usize, Result<(), Violation>, usize) {
+    let (forwarded, verdict, allocations, _) = run_check(data, reads);
+    (forwarded, verdict, allocations)
+}
+
+/// [`run`], also returning the identity the check read (checked to be at most 255 bytes).
+fn run_check(data: &[u8], reads: &[usize]) -> (usize, Result<(), Violation>, usize, Option<Vec<u8>>) {
     let mut check = FrameCheck::new(limits());
     let (mut at, mut forwarded) = (0, 0);
     let mut sizes = reads.iter().copied().cycle();
@@ -85,7 +92,37 @@ fn run(data: &[u8], reads: &[usize]) -> (usize, Result<(), Violation>, usize) {
         at = end;
     };
     ARMED.with(|a| a.set(false));
-    (forwarded, verdict, ALLOCATIONS.with(Cell::get))
+    let identity = check.identity().map(<[u8]>::to_vec);
+    assert!(identity.as_ref().is_none_or(|id| id.len() <= 255));
+    (forwarded, verdict, ALLOCATIONS.with(Cell::get), identity)
+}
+
+/// A READY command frame with these properties, and the identity zeromq reads from it (the last
+/// `Identity` property; empty if none).
+fn ready_frame(props: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, Vec<u8>) {
+    let mut body = b"\x05READY".to_vec();
+    let mut identity = Vec::new();
+    for (name, value) in props {
+        body.push(name.len() as u8);
+        body.extend_from_slice(name);
+        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        body.extend_from_slice(value);
+        if name == b"Identity" {
+            identity = value.clone();
+        }
+    }
+    let mut frame = vec![0x04, body.len() as u8];
+    if body.len() > 255 {
+        frame = vec![0x06];
+        frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    }
+    frame.extend(body);
+    (frame, identity)
+}
+
+fn property() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+    let name = prop_oneof![Just(b"Identity".to_vec()), Just(b"Socket-Type".to_vec()), Just(b"identity".to_vec()), proptest::collection::vec(any::<u8>(), 0..10)];
+    (name, proptest::collection::vec(any::<u8>(), 0..40))
 }
 
 /// A frame as a peer would write it.
@@ -156,6 +193,33 @@ proptest! {
         if verdict.is_ok() {
             prop_assert_eq!(forwarded, data.len());
         }
+    }
+
+    #[test]
+    fn arbitrary_ready_commands_never_panic_or_allocate(body in proptest::collection::vec(any::<u8>(), 0..300), tail in proptest::collection::vec(any::<u8>(), 0..64), reads in proptest::collection::vec(1usize..80, 1..8)) {
+        // A command frame whose body starts like READY and goes on with arbitrary bytes.
+        let mut ready = b"\x05READY".to_vec();
+        ready.extend(body);
+        let mut data = greeting();
+        data.push(0x04);
+        data.push(ready.len().min(255) as u8);
+        ready.truncate(255);
+        data.extend(ready);
+        data.extend(tail);
+        let (forwarded, _verdict, allocations, _identity) = run_check(&data, &reads);
+        prop_assert!(forwarded <= data.len());
+        prop_assert_eq!(allocations, 0);
+    }
+
+    #[test]
+    fn the_identity_is_the_one_zeromq_reads(props in proptest::collection::vec(property(), 0..6), reads in proptest::collection::vec(1usize..40, 1..8)) {
+        let (frame, identity) = ready_frame(&props);
+        let data = [greeting(), frame, vec![0x00, 0x01, 0x5a]].concat();
+        let (forwarded, verdict, allocations, read) = run_check(&data, &reads);
+        prop_assert_eq!(allocations, 0);
+        prop_assert!(verdict.is_ok(), "refused a well-formed READY: {:?}", verdict);
+        prop_assert_eq!(forwarded, data.len());
+        prop_assert_eq!(read, Some(identity));
     }
 
     #[test]

@@ -103,3 +103,66 @@ fn forged_headers_garbage_and_silence_close_the_connection_and_the_cluster_keeps
         assert_eq!(out.stdout.trim(), "42");
     }
 }
+
+/// The READY command of a DEALER presenting `identity`, as raw ZMTP.
+fn ready_as(identity: &[u8]) -> Vec<u8> {
+    let mut body = b"\x05READY".to_vec();
+    for (name, value) in [(&b"Socket-Type"[..], &b"DEALER"[..]), (b"Identity", identity)] {
+        body.push(name.len() as u8);
+        body.extend_from_slice(name);
+        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        body.extend_from_slice(value);
+    }
+    [vec![0x04, body.len() as u8], body].concat()
+}
+
+#[test]
+fn a_peer_presenting_a_live_engines_identity_on_its_mux_port_gets_nothing() {
+    use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
+
+    let cluster = TestCluster::start(1);
+    let mut c = cluster.client();
+    let ids = c.wait_for_engines(1, Duration::from_secs(60)).unwrap();
+    let id = ids[0];
+    let uuid = c.connection_request().unwrap()[&id].clone();
+    let engine_file = read_json::<Value>(&cluster.profile().engine_file()).unwrap();
+    let mux = engine_file["mux"].as_u64().unwrap() as u16;
+    for out in c.execute(&ids, "let kept = 41u64;", LIMIT).unwrap() {
+        assert_eq!(out.status, "ok", "{:#}", out.reply);
+    }
+
+    // On raw ZMTP, with a message right behind the READY command: the guard closes the
+    // connection (a takeover would have let zeromq route the engine's messages here).
+    let raw = [greeting(), ready_as(uuid.as_bytes()), vec![0x00, 6], b"stolen".to_vec()].concat();
+    send_until_closed(mux, &raw);
+
+    // A zeromq DEALER with the engine's identity: its connection is closed too. Its handshake
+    // may complete on its side before the guard has read its READY; its sends then start
+    // failing once it sees the connection closed.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _in_rt = rt.enter();
+    let mut o = SocketOptions::default();
+    o.peer_identity(uuid.as_bytes().try_into().expect("a uuid is a valid identity"));
+    let mut attacker = DealerSocket::with_options(o);
+    let url = format!("tcp://127.0.0.1:{mux}");
+    rt.block_on(async {
+        if tokio::time::timeout(Duration::from_secs(30), attacker.connect(&url)).await.is_ok_and(|r| r.is_ok()) {
+            let closed = async {
+                while attacker.send(ZmqMessage::from("not an engine reply")).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), closed).await.expect("the guard closes the attacker's connection");
+        }
+    });
+
+    // The real engine still gets what is sent to it, runs it and answers.
+    let out = c.execute_one(id, "println!(\"{}\", kept + 1);", LIMIT).unwrap();
+    assert_eq!(out.status, "ok", "{:#}", out.reply);
+    assert_eq!(out.stdout.trim(), "42");
+    assert_eq!(c.wait_for_engines(1, Duration::from_secs(30)).unwrap(), ids, "the engine stays registered");
+    // And the attacker got nothing (had it taken the identity over, the request would have
+    // been routed to it before the engine could answer).
+    let got = rt.block_on(tokio::time::timeout(Duration::from_secs(1), attacker.recv()));
+    assert!(!matches!(got, Ok(Ok(_))), "the attacker received {got:?}");
+}
