@@ -173,7 +173,7 @@ mod tests {
     fn link(id: u64) -> (CompilerLink, mpsc::Receiver<net::Frames>) {
         let (out, rx) = mpsc::channel(8);
         let hello = EngineHelloReply { probe: HostProbe { path: "/nonexistent".into(), token: "t".into() }, runtime_libs: vec![], history_restored: false };
-        (CompilerLink { id, url: format!("tcp://compiler:{id}"), out, session: Session::new(b"ck", "engine"), hello }, rx)
+        (CompilerLink { id, url: format!("tcp://compiler:{id}"), out, session: Session::new(b"ck", "engine"), hello, readers: Vec::new() }, rx)
     }
 
     #[test]

@@ -101,6 +101,17 @@ pub struct CompilerLink {
     pub out: Outlet,
     pub session: Session,
     pub hello: EngineHelloReply,
+    /// The tasks that read the connection: stopped when the link is dropped, so the socket
+    /// closes and the compiler (even one that was frozen) sees this connection end.
+    pub(crate) readers: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for CompilerLink {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
 }
 
 /// Where an engine finds its compiler.
@@ -572,7 +583,7 @@ async fn compiler_handshake(
     let id = LINKS.fetch_add(1, Ordering::Relaxed);
     // The connection's end is the compiler's end: a killed compiler's socket closes at once.
     let lost = inbound.clone();
-    tokio::spawn(async move {
+    let watch = tokio::spawn(async move {
         use futures::StreamExt;
         while let Some(ev) = monitor.next().await {
             if matches!(ev, zeromq::SocketEvent::Disconnected(_)) {
@@ -583,7 +594,7 @@ async fn compiler_handshake(
     });
     // Hand the socket over to the pump tasks.
     let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         loop {
             match rx_half.recv().await {
                 Ok(m) => {
@@ -603,5 +614,5 @@ async fn compiler_handshake(
             send_bounded(&mut tx_half, "compiler", frames).await;
         }
     });
-    Ok(CompilerLink { id, url: conn.url, out, session, hello })
+    Ok(CompilerLink { id, url: conn.url, out, session, hello, readers: vec![watch.abort_handle(), reader.abort_handle()] })
 }

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use zeromq::{Endpoint, Socket};
@@ -25,6 +25,10 @@ use crate::{Error, Limits, Options, Takeover};
 const READ_CHUNK: usize = 64 * 1024;
 /// Refusals logged in full; after that, one line per thousand.
 const LOGGED_REFUSALS: u64 = 100;
+/// How long a connection presenting a held identity waits for the holder to go before it is
+/// refused: a peer that reconnects often does so before its old connection's end has been read
+/// here (a process that was stopped, then resumed, reads both at once).
+const HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 static REFUSALS: AtomicU64 = AtomicU64::new(0);
 
@@ -72,6 +76,8 @@ struct Holders {
     live: Mutex<HashMap<Vec<u8>, u64>>,
     next: AtomicU64,
     takeover: Takeover,
+    /// Notified whenever a connection lets its identity go.
+    released: Notify,
 }
 
 /// A connection's hold on its identity, released when dropped (unless taken over since).
@@ -83,22 +89,33 @@ struct Claim {
 
 impl Holders {
     fn new(takeover: Takeover) -> Arc<Holders> {
-        Arc::new(Holders { live: Mutex::new(HashMap::new()), next: AtomicU64::new(0), takeover })
+        Arc::new(Holders { live: Mutex::new(HashMap::new()), next: AtomicU64::new(0), takeover, released: Notify::new() })
     }
 
     /// Hold `identity` for a new connection, unless a live connection holds it and the policy
-    /// does not let it be taken over.
-    fn claim(self: &Arc<Self>, identity: &[u8], peer: SocketAddr) -> Result<Claim, Refused> {
+    /// does not let it be taken over: then wait up to [`HOLDER_GRACE`] for the holder to go.
+    async fn claim(self: &Arc<Self>, identity: &[u8], peer: SocketAddr) -> Result<Claim, Refused> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if live.contains_key(identity) {
-            if !(self.takeover)(identity) {
+        let until = Instant::now() + HOLDER_GRACE;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                let held = live.contains_key(identity);
+                if !held || (self.takeover)(identity) {
+                    if held {
+                        info!(%peer, identity = %String::from_utf8_lossy(identity), "guard: a new connection takes over the identity of a live one, as the policy allows");
+                    }
+                    live.insert(identity.to_vec(), token);
+                    return Ok(Claim { holders: self.clone(), identity: identity.to_vec(), token });
+                }
+            }
+            if timeout_at(until, released).await.is_err() {
                 return Err(Refused::IdentityHeld(String::from_utf8_lossy(identity).into_owned()));
             }
-            info!(%peer, identity = %String::from_utf8_lossy(identity), "guard: a new connection takes over the identity of a live one, as the policy allows");
         }
-        live.insert(identity.to_vec(), token);
-        Ok(Claim { holders: self.clone(), identity: identity.to_vec(), token })
     }
 }
 
@@ -107,6 +124,7 @@ impl Drop for Claim {
         let mut live = self.holders.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.get(&self.identity) == Some(&self.token) {
             live.remove(&self.identity);
+            self.holders.released.notify_waiters();
         }
     }
 }
@@ -336,7 +354,7 @@ async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, pee
                 // The bytes just checked end the READY command: decide on its identity before
                 // passing them on.
                 if let Some(identity) = check.identity() {
-                    claim = Some(if identity.is_empty() { None } else { Some(holders.claim(identity, peer)?) });
+                    claim = Some(if identity.is_empty() { None } else { Some(holders.claim(identity, peer).await?) });
                 }
             }
             let forward = match step {
