@@ -66,13 +66,15 @@ pub enum Inbound {
     Stored { token: u64, answer: Answer },
 }
 
-/// How long an engine may stay unreachable for routing after its registration reply before the
-/// hub registers it anyway.
+/// How long an engine may stay unreachable for routing, or without a first pong, after its
+/// registration reply before the hub registers it anyway.
 pub const REGISTRATION_FALLBACK: Duration = Duration::from_secs(3);
 /// Heartbeat periods an engine may miss once it has answered one.
 pub const HB_MISSES: u32 = 3;
 /// Minimum grace before a never-answering engine is evicted.
 pub const FIRST_PONG_GRACE: Duration = Duration::from_secs(15);
+/// How often pings go out while an engine waits for its first pong (see [`Hub::first_ping_at`]).
+pub const FIRST_PING_EVERY: Duration = Duration::from_millis(20);
 /// The reason [`Hub::on_engine_died`] gets for an engine that left by `unregistration_request`
 /// (it is not told it was evicted).
 pub const UNREGISTERED: &str = "unregistered";
@@ -125,6 +127,8 @@ pub struct Hub {
     connected: HashMap<Chan, HashSet<Bytes>>,
     started: Instant,
     last_ping: Option<Instant>,
+    /// The last extra ping sent for engines awaiting their first pong.
+    last_first_ping: Option<Instant>,
     exit_at: Option<Instant>,
     rng: rand::rngs::StdRng,
     /// Records are also persisted (`--db sqlite`): finished records, purges and lookups of
@@ -167,6 +171,7 @@ impl Hub {
             connected: HashMap::new(),
             started: now,
             last_ping: None,
+            last_first_ping: None,
             exit_at: None,
             rng: rand::rngs::StdRng::from_entropy(),
             persist: false,
@@ -230,8 +235,7 @@ impl Hub {
     pub fn on_tick<C: Comm>(&mut self, c: &mut C, now: Instant) {
         if self.last_ping.is_none_or(|t| now.duration_since(t) >= self.cfg.ping) {
             self.last_ping = Some(now);
-            let lifetime = now.duration_since(self.started).as_secs_f64();
-            c.send(Sock::HbPing, vec![Bytes::from(format!("{lifetime:.6}"))]);
+            self.send_ping(c, now);
         }
         let ping = self.cfg.ping;
         let mut dead = Vec::new();
@@ -253,7 +257,7 @@ impl Hub {
                 e.connected.extend(Chan::ALL);
             }
             self.flush_outbox(c, id);
-            self.make_ready(c, id, now);
+            self.force_ready(c, id, now);
         }
         while let Some(Reverse((t, _))) = self.deadlines.peek() {
             if *t > now {
@@ -274,10 +278,35 @@ impl Hub {
             Some(id) => {
                 let e = self.engines.get_mut(id).expect("indexed");
                 e.last_seen = now;
+                let first = !e.ponged;
                 e.ponged = true;
+                if first && e.routable() {
+                    self.make_ready(c, id, now);
+                }
             }
             None => self.tell_evicted(c, ident, now),
         }
+    }
+
+    /// When to send an extra heartbeat ping: while an engine has registered but its heart has
+    /// not answered yet, every [`FIRST_PING_EVERY`], so that an engine is scheduled as soon as
+    /// its heart beats (as ipyparallel's hub does) rather than up to a period later.
+    pub fn first_ping_at(&self) -> Option<Instant> {
+        if !self.engines.by_id.values().any(|e| !e.ponged) {
+            return None;
+        }
+        Some(self.last_first_ping.map_or(self.started, |t| t + FIRST_PING_EVERY))
+    }
+
+    /// Send the extra ping that [`Hub::first_ping_at`] asked for.
+    pub fn on_first_ping<C: Comm>(&mut self, c: &mut C, now: Instant) {
+        self.last_first_ping = Some(now);
+        self.send_ping(c, now);
+    }
+
+    fn send_ping<C: Comm>(&self, c: &mut C, now: Instant) {
+        let lifetime = now.duration_since(self.started).as_secs_f64();
+        c.send(Sock::HbPing, vec![Bytes::from(format!("{lifetime:.6}"))]);
     }
 
     /// `ident` (an engine's uuid) was heard from but is not registered: if it is an rpx engine
@@ -365,13 +394,10 @@ impl Hub {
                 e.connected.insert(chan);
             }
         }
-        let routable = e.connected.contains(&Chan::Mux) || e.connected.contains(&Chan::Task);
         self.engines.insert(e);
         self.registration_ok(c, ident, msg, id);
         info!(engine_id = id, %uuid, "engine registering");
-        if routable {
-            self.make_ready(c, id, now);
-        }
+        self.make_ready(c, id, now);
     }
 
     fn registration_ok<C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message, id: u64) {
@@ -380,7 +406,17 @@ impl Hub {
         self.query_reply(c, ident, reg_msg::REGISTRATION_REPLY, content, msg, &[]);
     }
 
-    fn make_ready<C: Comm>(&mut self, c: &mut C, id: u64, _now: Instant) {
+    /// Registration completes, as in ipyparallel's hub, once the engine is reachable for routing
+    /// and its heart has beaten: an engine still starting up gets no tasks.
+    fn make_ready<C: Comm>(&mut self, c: &mut C, id: u64, now: Instant) {
+        let Some(e) = self.engines.get(id) else { return };
+        if e.ready || !e.routable() || !e.ponged {
+            return;
+        }
+        self.force_ready(c, id, now);
+    }
+
+    fn force_ready<C: Comm>(&mut self, c: &mut C, id: u64, _now: Instant) {
         let Some(e) = self.engines.get_mut(id) else { return };
         if e.ready {
             return;
@@ -720,6 +756,7 @@ impl Hub {
         let uuid = e.uuid.clone();
         self.records.update(msg_id, |r| r.engine_uuid = Some(uuid));
         let route = client.unwrap_or_else(|| Bytes::from_static(HUB_IDENT));
+        debug!(msg_id, engine_id = pick, load = self.engines.get(pick).map(|e| e.task_load), "task placed");
         self.send_to_engine(c, Chan::Task, pick, join_frames(vec![ident, route], frames_signed));
         Placement::Placed
     }

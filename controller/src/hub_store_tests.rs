@@ -95,6 +95,7 @@ impl Env {
         for chan in Chan::ALL {
             self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(ENGINE), connected: true });
         }
+        self.ev(Inbound::Pong(Bytes::from(ENGINE)));
         self.comm.0.clear();
     }
 

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use rpx_protocol::{Message, Session};
 
-use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock, FIRST_PING_EVERY, REGISTRATION_FALLBACK};
 use crate::scheduler::Scheme;
 use crate::wire::{self, Chan};
 
@@ -74,6 +74,7 @@ impl Env {
         for chan in Chan::ALL {
             self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(u.clone()), connected: true });
         }
+        self.ev(Inbound::Pong(Bytes::from(u.clone())));
         self.comm.take();
         reply.content["id"].as_u64().unwrap()
     }
@@ -141,20 +142,49 @@ fn a_uuid_in_use_is_refused() {
 }
 
 #[test]
-fn registration_is_announced_once_the_engine_is_routable() {
+fn registration_is_announced_once_the_engine_is_routable_and_its_heart_beats() {
     let mut e = env(0);
+    assert_eq!(e.hub.first_ping_at(), None, "no engine waits for a first pong");
     let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "u9"}), None, json!({}), &[]);
     e.ev(Inbound::Query(f));
     let out = e.comm.take();
     assert!(out.iter().all(|(s, _)| *s != Sock::Notification), "not yet routable");
     assert!(e.hub.ids().is_empty());
-    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from_static(b"u9"), connected: true });
+    // Until its heart answers, pings go out every FIRST_PING_EVERY rather than every period.
+    let at = e.hub.first_ping_at().expect("an extra ping is due");
+    assert!(at <= e.now);
+    e.hub.on_first_ping(&mut e.comm, e.now);
+    assert_eq!(e.comm.take().iter().filter(|(s, _)| *s == Sock::HbPing).count(), 1);
+    assert_eq!(e.hub.first_ping_at(), Some(e.now + FIRST_PING_EVERY));
+    for chan in [Chan::Mux, Chan::Task] {
+        e.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from_static(b"u9"), connected: true });
+    }
     let out = e.comm.take();
+    assert!(out.iter().all(|(s, _)| *s != Sock::Notification), "routable, but its heart has not beaten: still starting up");
+    assert!(e.hub.ids().is_empty());
+    let a = e.submit(json!({}));
+    assert!(e.dispatched().is_empty(), "no task goes to an engine still starting up");
+    e.ev(Inbound::Pong(Bytes::from_static(b"u9")));
+    assert_eq!(e.hub.first_ping_at(), None);
+    let out = e.comm.take();
+    assert!(out.iter().any(|(s, f)| *s == Sock::Engine(Chan::Task) && decode(f).header.msg_id == a), "the queued task goes to it now");
     let note = out.iter().find(|(s, _)| *s == Sock::Notification).map(|(_, f)| decode(f)).unwrap();
     assert_eq!(note.header.msg_type, "registration_notification");
     assert_eq!(note.content, json!({"id": 0, "uuid": "u9"}));
     let m = e.query(b"c", "connection_request", json!({}));
     assert_eq!(m.content["engines"], json!({"0": "u9"}));
+}
+
+#[test]
+fn an_engine_whose_heart_stays_silent_is_registered_after_the_fallback_delay() {
+    let mut e = env(0);
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "u9"}), None, json!({}), &[]);
+    e.ev(Inbound::Query(f));
+    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Task), ident: Bytes::from_static(b"u9"), connected: true });
+    e.hub.on_tick(&mut e.comm, e.now + REGISTRATION_FALLBACK / 2);
+    assert!(e.hub.ids().is_empty());
+    e.hub.on_tick(&mut e.comm, e.now + REGISTRATION_FALLBACK);
+    assert_eq!(e.hub.ids(), vec![0]);
 }
 
 #[test]
@@ -407,6 +437,8 @@ impl Env {
         let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);
         self.ev(Inbound::Query(f));
         let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).expect("a registration reply");
+        // Its heart answers the next ping.
+        self.ev(Inbound::Pong(Bytes::from(u)));
         (reply, h.msg_id)
     }
 

@@ -277,6 +277,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     // go out and liveness is judged every period however busy the hub is, and the pongs that
     // arrived before a check are always counted by it.
     loop {
+        let first_ping = hub.first_ping_at();
         tokio::select! {
             biased;
             _ = &mut shutdown => {
@@ -288,6 +289,9 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                     handle(&mut hub, &mut comm, ev);
                 }
                 hub.on_tick(&mut comm, Instant::now());
+            }
+            _ = tokio::time::sleep_until(first_ping.unwrap_or_else(Instant::now).into()), if first_ping.is_some() => {
+                hub.on_first_ping(&mut comm, Instant::now());
             }
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };

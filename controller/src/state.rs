@@ -52,6 +52,13 @@ pub struct Engine {
     pub recent_completed: VecDeque<String>,
 }
 
+impl Engine {
+    /// Connected on a socket tasks or direct requests reach it by.
+    pub fn routable(&self) -> bool {
+        self.connected.contains(&Chan::Mux) || self.connected.contains(&Chan::Task)
+    }
+}
+
 /// How many completed msg_ids per engine `queue_request(verbose=True)` can list.
 pub const RECENT_COMPLETED: usize = 1000;
 
