@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 use common::{client, serial, TestCluster};
 use rpx::{Error, RemoteErrorKind};
 
+/// Defined here, so the closure below builds on the client but not on the cluster.
+fn not_defined_remotely(x: u64) -> u64 {
+    x
+}
+
 /// The compiler's log, as the cluster file names it.
 fn compiler_log(cluster: &TestCluster) -> String {
     let path = cluster.cluster_state().expect("cluster file")["compiler_log"].as_str().expect("compiler_log").to_string();
