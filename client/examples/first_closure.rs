@@ -2,7 +2,7 @@
 //!
 //! For each of `RUNS` (3) fresh 2-engine clusters: start, run one cell (the cells' compiler
 //! context is then warm), wait until the compiler and its children are idle (under 5% of a core
-//! for 2 s, at most 180 s), then time the first call of a closure nobody compiled yet, then a
+//! for 2 s and no cargo or rustc running under it, at most 180 s), then time the first call of a closure nobody compiled yet, then a
 //! second new closure. The compiler's RSS (its own and with its child processes) is read when
 //! idle before the first closure and again after the second. With `--cold`, the first closure
 //! is called as soon as the engines are registered (no cell, no wait): the latency from
@@ -40,6 +40,20 @@ fn procs() -> Vec<(i64, i64, u64, u64)> {
     out
 }
 
+/// Whether a cargo or rustc runs under `root` (a build, however starved of CPU).
+fn building(root: i64) -> bool {
+    let all = procs();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if pid != root && (comm.trim() == "cargo" || comm.trim() == "rustc") {
+            return true;
+        }
+        stack.extend(all.iter().filter(|p| p.1 == pid).map(|p| p.0));
+    }
+    false
+}
+
 /// `root` and its descendants: (cpu ticks, rss bytes of root, rss bytes of the tree).
 fn tree(root: i64) -> (u64, u64, u64) {
     let all = procs();
@@ -62,7 +76,8 @@ fn tree(root: i64) -> (u64, u64, u64) {
     (cpu, own, total)
 }
 
-/// Wait until the compiler's process tree uses under 5% of a core over 2 s (at most `limit`).
+/// Wait until the compiler's process tree uses under 5% of a core over 2 s and runs no cargo
+/// or rustc (at most `limit`).
 fn wait_idle(root: i64, limit: Duration) -> f64 {
     let t0 = Instant::now();
     let ticks = 100.0; // USER_HZ
@@ -72,7 +87,7 @@ fn wait_idle(root: i64, limit: Duration) -> f64 {
         let now = tree(root).0;
         let used = (now - last) as f64 / ticks / 2.0;
         last = now;
-        if used < 0.05 {
+        if used < 0.05 && !building(root) {
             break;
         }
     }
