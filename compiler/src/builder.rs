@@ -3,8 +3,9 @@
 //!
 //! A closure wrapper is one item that depends on `rpx_runtime` and nothing else: it needs no
 //! variable store and no type inference, so evcxr (rust-analyzer, ~0.4 GB, ~6 s to create)
-//! brings nothing to it. The crate is written and built once when the compiler starts, in the
-//! background and at low priority, with a trivial closure: that build compiles `rpx_runtime`
+//! brings nothing to it. The crate is written and built once when the compiler's first cell
+//! context is ready (or at the first closure, if that comes sooner), in the background and at
+//! low priority, with a trivial closure: that build compiles `rpx_runtime`
 //! and its dependencies (serde, postcard) into the crate's own `target/`, where every later
 //! closure finds them fresh, so a closure only compiles its own code. A closure that arrives
 //! while that build runs waits for it in the thread's queue (one build at a time, never two).

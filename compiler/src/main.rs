@@ -187,10 +187,11 @@ async fn event_loop(
     let mut loads: HashMap<u64, mpsc::Sender<Vec<String>>> = HashMap::new();
     let mut state = Compiler::new(window);
     let mut closures = closure::Cache::default();
-    // Closures compile in their own crate, warmed up now in the background.
+    // Closures compile in their own crate, warmed up in the background once the first cell
+    // context is ready (so the two warm-ups do not share the CPU), or at the first closure.
     let closures_dir = env.socket_dir.join("closures");
     let spawn_builder = || builder::spawn(closures_dir.clone(), env.runtime_dir.clone(), ev_tx.clone());
-    let mut builder = spawn_builder();
+    let mut builder: Option<builder::Handle> = None;
     let mut closures_warm = false;
     let mut hosts: HashMap<Bytes, String> = HashMap::new();
     let closure_reply = |to: Bytes, request_id: String, entry: &Entry| -> Action {
@@ -296,11 +297,12 @@ async fn event_loop(
                         Next::Wait => vec![],
                         Next::Compile(w) => {
                             tracing::info!(fn_name = %w.fn_name, warm = closures_warm, "compiling a closure");
-                            if let Err(mpsc::SendError(w)) = builder.tx.send(w) {
+                            let b = builder.get_or_insert_with(spawn_builder);
+                            if let Err(mpsc::SendError(w)) = b.tx.send(w) {
                                 // The builder thread is gone (it panicked): start another.
                                 tracing::error!("the closure builder stopped; starting a new one");
-                                builder = spawn_builder();
-                                let _ = builder.tx.send(w);
+                                let b = builder.insert(spawn_builder());
+                                let _ = b.tx.send(w);
                             }
                             vec![]
                         }
@@ -320,7 +322,11 @@ async fn event_loop(
             ev = ev_rx.recv() => {
                 let Some(ev) = ev else { continue };
                 pending = match ev {
-                    Event::Ready { ctx, elapsed_ms } => { tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready"); vec![] }
+                    Event::Ready { ctx, elapsed_ms } => {
+                        tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready");
+                        builder.get_or_insert_with(spawn_builder);
+                        vec![]
+                    }
                     Event::ClosuresWarm { elapsed_ms, deps_built, error } => {
                         match error {
                             None => {
@@ -349,6 +355,7 @@ async fn event_loop(
                     }
                     Event::StartFailed { ctx, message } => {
                         tracing::error!(ctx, "{message}");
+                        builder.get_or_insert_with(spawn_builder);
                         failed.insert(ctx, message.clone());
                         // An eval may already be queued there.
                         state.on_eval_done(ctx, EvalResult::Failed { message })
