@@ -102,15 +102,6 @@ impl Cache {
         waiters
     }
 
-    /// The closure context died: every compile in progress ends, uncached; returns the waiters.
-    pub fn fail_all_compiling(&mut self) -> Vec<(Bytes, String)> {
-        let names: Vec<String> = self.entries.iter().filter(|(_, e)| matches!(e, Entry::Compiling { .. })).map(|(k, _)| k.clone()).collect();
-        names.iter().flat_map(|n| match self.entries.remove(n) {
-            Some(Entry::Compiling { waiters }) => waiters,
-            _ => vec![],
-        }).collect()
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -5,10 +5,8 @@
 //! each load is either answered at once (dry replay) or handed to the compiler's main loop, which
 //! dispatches it to engines and answers with the verdict lines.
 //!
-//! The closure context is the same kind of thread, stateless: it compiles closure wrappers
-//! ([`crate::closure`]) and runs nothing; the artifact path of each compile is captured from its
-//! relay's `LOAD_AND_RUN` line. Any context whose code mentions `rpx_runtime` gets that crate as
-//! a dependency first.
+//! Closures are not compiled here: [`crate::builder`] compiles them with plain cargo. Any
+//! context whose code mentions `rpx_runtime` gets that crate as a dependency first.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,7 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::closure::Wrapper;
+use crate::builder::ClosureOutcome;
 use crate::relay::RELAY_SOCKET_ENV;
 use crate::state::{CtxId, EvalResult, Hist};
 
@@ -26,32 +24,7 @@ use crate::state::{CtxId, EvalResult, Hist};
 pub enum Command {
     Replay(Vec<Hist>),
     Eval(String),
-    /// Compile a closure wrapper (closure context only).
-    Closure(Wrapper),
 }
-
-/// How a closure compile ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ClosureOutcome {
-    Compiled { so_path: String },
-    /// rustc refused it: final for this source.
-    CompileError { evalue: String, traceback: Vec<String> },
-    /// Anything else (evcxr or cargo failed): worth retrying later.
-    Failed { message: String },
-}
-
-/// Which kind of context a thread runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Cells of a group of engines.
-    Group,
-    /// Closures: stateless, compiles only.
-    Closures,
-}
-
-/// Closure compiles between two resets of the closure context: every earlier closure is part
-/// of each new compile until the context is cleared.
-const CLOSURES_PER_RESET: usize = 32;
 
 /// What a context thread reports to the main loop.
 #[derive(Debug)]
@@ -62,7 +35,11 @@ pub enum Event {
     Load { ctx: CtxId, so_path: String, fn_name: String, reply: mpsc::Sender<Vec<String>> },
     EvalDone { ctx: CtxId, result: EvalResult },
     ReplayDone { ctx: CtxId, has_vars: bool },
-    ClosureDone { fn_name: String, outcome: ClosureOutcome },
+    /// The closure builder's warm-up build ended (`error`: it failed; closures then build
+    /// their dependencies themselves).
+    ClosuresWarm { elapsed_ms: u128, deps_built: usize, error: Option<String> },
+    /// A closure compile ended; `deps_built` counts the dependency crates it had to compile.
+    ClosureDone { fn_name: String, outcome: ClosureOutcome, deps_built: usize, elapsed_ms: u128 },
 }
 
 /// How the relay connection answers loads right now.
@@ -89,12 +66,12 @@ pub struct Env {
 }
 
 /// Start a context thread.
-pub fn spawn(ctx: CtxId, kind: Kind, env: Env, events: UnboundedSender<Event>) -> Handle {
+pub fn spawn(ctx: CtxId, env: Env, events: UnboundedSender<Event>) -> Handle {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("ctx-{ctx}"))
         .spawn(move || {
-            if let Err(message) = run(ctx, kind, env, rx, events.clone()) {
+            if let Err(message) = run(ctx, env, rx, events.clone()) {
                 let _ = events.send(Event::StartFailed { ctx, message });
             }
         })
@@ -123,23 +100,16 @@ impl Evaluator {
         self.added |= needs;
         Ok(out)
     }
-
-    /// After `clear()`: the dependency is gone with the state.
-    fn cleared(&mut self) {
-        self.added = false;
-    }
 }
 
-fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSender<Event>) -> Result<(), String> {
+fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSender<Event>) -> Result<(), String> {
     let started = std::time::Instant::now();
     let path = env.socket_dir.join(format!("ctx-{ctx}.sock"));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))?;
     let mode = Arc::new(Mutex::new(Mode::Dry(vec![])));
-    let last_load: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     {
         let mode = mode.clone();
-        let last_load = last_load.clone();
         let events = events.clone();
         std::thread::Builder::new()
             .name(format!("relay-{ctx}"))
@@ -147,7 +117,7 @@ fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: Un
                 // evcxr restarts its child after a crash: accept every new relay connection.
                 for stream in listener.incoming() {
                     match stream {
-                        Ok(s) => serve_relay(ctx, s, &mode, &last_load, &events),
+                        Ok(s) => serve_relay(ctx, s, &mode, &events),
                         Err(e) => tracing::warn!(ctx, "relay accept failed: {e}"),
                     }
                 }
@@ -170,15 +140,12 @@ fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: Un
         std::thread::spawn(move || while rx.recv().is_ok() {});
     }
     let mut dep = Evaluator { dep_config: format!("{{ package = \"rpx-runtime\", path = {:?} }}", env.runtime_dir.display().to_string()), added: false };
-    // Group contexts pay rust-analyzer's warm-up (seconds, at the first variable-binding cell)
-    // now, before any engine waits, then forget the variable (clear keeps the warm analyzer).
-    // The closure context is created when the first closure arrives: that closure's own
-    // compile builds rpx_runtime, so a warm-up would only delay it.
-    if kind == Kind::Group && dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {
+    // Pay rust-analyzer's warm-up (seconds, at the first variable-binding cell) now, before
+    // any engine waits, then forget the variable (clear keeps the warm analyzer).
+    if dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {
         ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
     }
     drop(warming);
-    let mut closures_since_reset = 0usize;
     let _ = events.send(Event::Ready { ctx, elapsed_ms: started.elapsed().as_millis() });
     while let Ok(cmd) = rx.recv() {
         match cmd {
@@ -197,7 +164,7 @@ fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: Un
                 let result = match dep.eval(&mut ectx, &code) {
                     Ok(_) => EvalResult::Ok { has_vars: ectx.variables_and_types().next().is_some() },
                     Err(evcxr::Error::CompilationErrors(errors)) => {
-                        let (evalue, traceback) = crate::diagnostics::render(&code, &errors);
+                        let (evalue, traceback) = crate::diagnostics::render_evcxr(&code, &errors);
                         EvalResult::CompileError { evalue, traceback }
                     }
                     Err(e) => EvalResult::Failed { message: e.to_string() },
@@ -205,38 +172,13 @@ fn run(ctx: CtxId, kind: Kind, env: Env, rx: mpsc::Receiver<Command>, events: Un
                 *mode.lock().expect("mode lock") = Mode::Dry(vec![]);
                 let _ = events.send(Event::EvalDone { ctx, result });
             }
-            Command::Closure(w) => {
-                if closures_since_reset >= CLOSURES_PER_RESET {
-                    if let Err(e) = ectx.clear() {
-                        tracing::warn!(ctx, "resetting the closure context failed: {e}");
-                    }
-                    dep.cleared();
-                    closures_since_reset = 0;
-                }
-                *last_load.lock().expect("last load lock") = None;
-                let outcome = match dep.eval(&mut ectx, &w.code) {
-                    Ok(_) => {
-                        closures_since_reset += 1;
-                        match last_load.lock().expect("last load lock").take() {
-                            Some(so_path) => ClosureOutcome::Compiled { so_path },
-                            None => ClosureOutcome::Failed { message: "evcxr produced no artifact for the closure".into() },
-                        }
-                    }
-                    Err(evcxr::Error::CompilationErrors(errors)) => {
-                        let (evalue, traceback) = crate::diagnostics::render(&w.code, &errors);
-                        ClosureOutcome::CompileError { evalue, traceback }
-                    }
-                    Err(e) => ClosureOutcome::Failed { message: e.to_string() },
-                };
-                let _ = events.send(Event::ClosureDone { fn_name: w.fn_name, outcome });
-            }
         }
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
-fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, last_load: &Mutex<Option<String>>, events: &UnboundedSender<Event>) {
+fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, events: &UnboundedSender<Event>) {
     let Ok(mut out) = stream.try_clone() else { return };
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
@@ -246,7 +188,6 @@ fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, last_load: &M
         };
         let mut parts = rest.splitn(2, ' ');
         let (so_path, fn_name) = (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
-        *last_load.lock().expect("last load lock") = Some(so_path.clone());
         let current = mode.lock().expect("mode lock").clone();
         let lines = match current {
             Mode::Dry(lines) => lines,

@@ -5,6 +5,8 @@
 //! - [`state`]: every decision (batching, groups, forks, merges, verdicts) as plain functions.
 //! - [`context`]: one evcxr context per thread, and the Unix socket its relay talks to.
 //! - [`closure`]: closure wrappers and the cache that compiles each closure once.
+//! - [`builder`]: the thread that compiles closures with plain cargo, its dependencies built
+//!   once at startup.
 //! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
 //! - [`diagnostics`]: rustc errors rendered against the user's cell.
 //! - [`artifacts`]: every compiled file announced to engines, by SHA-256, and the bytes served
@@ -12,6 +14,7 @@
 //! - this file: arguments, the engine-facing ROUTER socket and the event loop.
 
 mod artifacts;
+mod builder;
 mod closure;
 mod context;
 mod diagnostics;
@@ -34,7 +37,8 @@ use tokio::sync::mpsc::unbounded_channel;
 use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 
 use crate::closure::{Entry, Next};
-use crate::context::{ClosureOutcome, Command, Event, Kind};
+use crate::builder::ClosureOutcome;
+use crate::context::{Command, Event};
 use crate::state::{Action, Compiler, EvalResult, Hist};
 
 /// The shared compiler of an rpx cluster.
@@ -166,9 +170,6 @@ fn write_runtime_crate(work: &std::path::Path) -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Context id of the closure context (group contexts count up from 0).
-const CLOSURE_CTX: u64 = u64::MAX;
-
 async fn event_loop(
     router: zeromq::RouterSocket,
     mut monitor: futures::channel::mpsc::Receiver<SocketEvent>,
@@ -186,7 +187,12 @@ async fn event_loop(
     let mut loads: HashMap<u64, mpsc::Sender<Vec<String>>> = HashMap::new();
     let mut state = Compiler::new(window);
     let mut closures = closure::Cache::default();
-    let mut closure_ctx: Option<context::Handle> = None;
+    // Closures compile in their own crate, warmed up in the background once the first cell
+    // context is ready (so the two warm-ups do not share the CPU), or at the first closure.
+    let closures_dir = env.socket_dir.join("closures");
+    let spawn_builder = || builder::spawn(closures_dir.clone(), env.runtime_dir.clone(), ev_tx.clone());
+    let mut builder: Option<builder::Handle> = None;
+    let mut closures_warm = false;
     let mut hosts: HashMap<Bytes, String> = HashMap::new();
     let closure_reply = |to: Bytes, request_id: String, entry: &Entry| -> Action {
         let reply = match entry {
@@ -214,7 +220,7 @@ async fn event_loop(
                         }
                     }
                     Action::NewContext { ctx } => {
-                        contexts.insert(ctx, context::spawn(ctx, Kind::Group, env.clone(), ev_tx.clone()));
+                        contexts.insert(ctx, context::spawn(ctx, env.clone(), ev_tx.clone()));
                     }
                     Action::Replay { ctx, cells } => {
                         if let Some(h) = contexts.get(&ctx) {
@@ -290,9 +296,14 @@ async fn event_loop(
                         Next::Answer(entry) => vec![closure_reply(from, req.request_id, &entry)],
                         Next::Wait => vec![],
                         Next::Compile(w) => {
-                            tracing::info!(fn_name = %w.fn_name, "compiling a closure");
-                            let h = closure_ctx.get_or_insert_with(|| context::spawn(CLOSURE_CTX, Kind::Closures, env.clone(), ev_tx.clone()));
-                            let _ = h.tx.send(Command::Closure(w));
+                            tracing::info!(fn_name = %w.fn_name, warm = closures_warm, "compiling a closure");
+                            let b = builder.get_or_insert_with(spawn_builder);
+                            if let Err(mpsc::SendError(w)) = b.tx.send(w) {
+                                // The builder thread is gone (it panicked): start another.
+                                tracing::error!("the closure builder stopped; starting a new one");
+                                let b = builder.insert(spawn_builder());
+                                let _ = b.tx.send(w);
+                            }
                             vec![]
                         }
                     };
@@ -311,27 +322,40 @@ async fn event_loop(
             ev = ev_rx.recv() => {
                 let Some(ev) = ev else { continue };
                 pending = match ev {
-                    Event::Ready { ctx, elapsed_ms } => { tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready"); vec![] }
-                    Event::StartFailed { ctx, message } if ctx == CLOSURE_CTX => {
-                        tracing::error!("closure context: {message}");
-                        closure_ctx = None;
-                        let failed = Entry::Failed { evalue: format!("the closure compiler could not start: {message}"), traceback: vec![] };
-                        closures.fail_all_compiling().into_iter().map(|(to, id)| closure_reply(to, id, &failed)).collect()
+                    Event::Ready { ctx, elapsed_ms } => {
+                        tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready");
+                        builder.get_or_insert_with(spawn_builder);
+                        vec![]
                     }
-                    Event::ClosureDone { fn_name, outcome } => {
+                    Event::ClosuresWarm { elapsed_ms, deps_built, error } => {
+                        match error {
+                            None => {
+                                closures_warm = true;
+                                tracing::info!(elapsed_ms, deps_built, "closure builder warm");
+                            }
+                            Some(e) => tracing::warn!(elapsed_ms, "closure builder not warm: {e}"),
+                        }
+                        vec![]
+                    }
+                    Event::ClosureDone { fn_name, outcome, deps_built, elapsed_ms } => {
                         let (entry, final_) = match outcome {
                             ClosureOutcome::Compiled { so_path } => match registry.register(std::path::Path::new(&so_path)) {
-                                Ok(artifact) => (Entry::Ready { artifact, fn_name: fn_name.clone() }, true),
+                                Ok(artifact) => {
+                                    // The registry keeps its own copy.
+                                    let _ = std::fs::remove_file(&so_path);
+                                    (Entry::Ready { artifact, fn_name: fn_name.clone() }, true)
+                                }
                                 Err(e) => (Entry::Failed { evalue: format!("cannot read the compiled closure {so_path}: {e}"), traceback: vec![] }, false),
                             },
                             ClosureOutcome::CompileError { evalue, traceback } => (Entry::Failed { evalue, traceback }, true),
                             ClosureOutcome::Failed { message } => (Entry::Failed { evalue: format!("compiling the closure failed: {message}"), traceback: vec![] }, false),
                         };
-                        tracing::info!(%fn_name, ok = matches!(entry, Entry::Ready { .. }), cached = closures.len(), "closure compiled");
+                        tracing::info!(%fn_name, ok = matches!(entry, Entry::Ready { .. }), warm = closures_warm, deps_built, elapsed_ms, cached = closures.len(), "closure compiled");
                         closures.finish(&fn_name, entry.clone(), final_).into_iter().map(|(to, id)| closure_reply(to, id, &entry)).collect()
                     }
                     Event::StartFailed { ctx, message } => {
                         tracing::error!(ctx, "{message}");
+                        builder.get_or_insert_with(spawn_builder);
                         failed.insert(ctx, message.clone());
                         // An eval may already be queued there.
                         state.on_eval_done(ctx, EvalResult::Failed { message })

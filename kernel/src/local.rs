@@ -212,7 +212,7 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
                 LocalOutcome::Ok(Some(data))
             }
             Err(evcxr::Error::CompilationErrors(errors)) => {
-                let (evalue, tb) = crate::diagnostics::render(shown, &errors);
+                let (evalue, tb) = crate::diagnostics::render_evcxr(shown, &errors);
                 LocalOutcome::Err("CompileError".into(), evalue, tb)
             }
             Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => LocalOutcome::Err(

@@ -14,7 +14,9 @@
 
 // The same rendering of rustc diagnostics as the cluster's compiler, so local and remote compile
 // errors read alike.
+// (The kernel renders evcxr's errors only; the rustc-JSON half serves the compiler's closures.)
 #[path = "../../compiler/src/diagnostics.rs"]
+#[allow(dead_code)]
 mod diagnostics;
 mod install;
 mod local;
