@@ -116,7 +116,7 @@ impl Pulled {
             return Some(Err(format!("{engine} answered with files, but this client did not ask for them")));
         };
         let read = match files.first() {
-            Some(vf) => dp::read_value_file(dir, vf).map(Bytes::from).map_err(|e| format!("the value pulled from {engine} was refused: {e}")),
+            Some(vf) => dp::read_value_file(dir, vf).map_err(|e| format!("the value pulled from {engine} was refused: {e}")),
             None => Err(format!("{engine} named no file for the pulled value")),
         };
         for vf in files.iter().filter(|vf| dp::is_transfer_name(&vf.file)) {

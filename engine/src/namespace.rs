@@ -285,11 +285,11 @@ mod tests {
         // Pull: snapshots with the digest known from the push.
         let out = export(d, &["a".to_string(), "b".to_string()], &digests).unwrap();
         assert_eq!(out[1].blake3, b.blake3);
-        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), b"new a");
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), &b"new a"[..]);
         store(d, &names[..1], &[Bytes::from_static(b"newer")]).unwrap();
-        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), b"new a", "a snapshot does not change");
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), &b"new a"[..], "a snapshot does not change");
         let again = export(d, &["a".to_string()], &digests).unwrap();
-        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &again[0]).unwrap(), b"newer", "a replaced value is hashed again");
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &again[0]).unwrap(), &b"newer"[..], "a replaced value is hashed again");
         assert!(export(d, &["a".to_string(), "nope".to_string()], &digests).unwrap_err().contains("`nope`"));
         let bad_name = vec![ValueFile { file: "../../etc/passwd".into(), size: 0, blake3: String::new() }];
         assert!(adopt(d, &names[..1], &bad_name, &mut digests).unwrap_err().contains("not a transfer file name"));

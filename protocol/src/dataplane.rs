@@ -21,7 +21,7 @@
 //! else (another host, another user, a Python client or engine, `RPX_DATA_PLANE=buffers`) uses
 //! message buffers, unchanged.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -173,9 +173,9 @@ pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
     if !is_transfer_name(&vf.file) {
         return Err(format!("`{}` is not a transfer file name", vf.file));
     }
-    let mut f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
+    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
-    let got = hash_reader(&mut f).map_err(|e| format!("{}: {e}", vf.file))?;
+    let got = if vf.size == 0 { digest(b"") } else { digest(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref()) };
     if got != vf.blake3 {
         return Err(format!("{}: digest mismatch (BLAKE3 {}.. where {}.. was announced): the file changed after it was written", vf.file, &got[..16], vf.blake3.get(..16).unwrap_or(&vf.blake3)));
     }
@@ -184,37 +184,65 @@ pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
 
 /// BLAKE3 of a file, read in 1 MiB slices.
 pub fn digest_file(path: &Path) -> std::io::Result<String> {
-    let mut f = open_private(path)?;
-    hash_reader(&mut f)
-}
-
-fn hash_reader(f: &mut std::fs::File) -> std::io::Result<String> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+    let f = open_private(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(digest(b""));
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(digest(Mapped::of(&f, len)?.as_ref()))
 }
 
-/// Read `dir/vf.file` whole, checking size and digest (one read into one buffer).
-pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<Vec<u8>, String> {
+/// Map `dir/vf.file` whole, checking size and digest: no copy (a private read-only mapping,
+/// populated at once). Pulled files are hard-link snapshots in the engine's private namespace
+/// that nobody rewrites (values are only ever replaced by rename), so the mapping is stable.
+pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
     if !is_transfer_name(&vf.file) {
         return Err(format!("`{}` is not a transfer file name", vf.file));
     }
-    let mut f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
+    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
-    let mut bytes = Vec::with_capacity(vf.size as usize);
-    f.read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", vf.file))?;
-    let got = digest(&bytes);
-    if got != vf.blake3 || bytes.len() as u64 != vf.size {
+    let bytes = if vf.size == 0 { bytes::Bytes::new() } else { bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?) };
+    if digest(&bytes) != vf.blake3 {
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
     }
     Ok(bytes)
+}
+
+/// A private read-only mapping of a whole file.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone.
+unsafe impl Send for Mapped {}
+// SAFETY: as above: shared references only read.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn of(f: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh mapping of `len` (> 0) bytes of an open file, checked for failure.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_POPULATE, f.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `of` mapped, once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 /// The pulled files of an `apply_reply` content, if it has them.
@@ -242,12 +270,12 @@ mod tests {
         let vf = write_value_file(dir.path(), b"hello").unwrap();
         assert_eq!(std::fs::metadata(dir.path().join(&vf.file)).unwrap().permissions().mode() & 0o777, 0o600);
         verify_value_file(dir.path(), &vf).unwrap();
-        assert_eq!(read_value_file(dir.path(), &vf).unwrap(), b"hello");
+        assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &b"hello"[..]);
         let empty = write_value_file(dir.path(), b"").unwrap();
-        assert_eq!(read_value_file(dir.path(), &empty).unwrap(), b"");
+        assert_eq!(read_value_file(dir.path(), &empty).unwrap(), &b""[..]);
         let other = tempfile::tempdir().unwrap();
         let linked = link_value_file(dir.path(), &vf, other.path()).unwrap();
-        assert_eq!(read_value_file(other.path(), &linked).unwrap(), b"hello");
+        assert_eq!(read_value_file(other.path(), &linked).unwrap(), &b"hello"[..]);
         std::fs::write(dir.path().join(&vf.file), b"jello").unwrap();
         assert!(verify_value_file(dir.path(), &vf).unwrap_err().contains("digest mismatch"));
         assert!(read_value_file(dir.path(), &vf).unwrap_err().contains("digest mismatch"));
