@@ -3,24 +3,47 @@
 # the same shapes (2 engines): apply round trip, 10,000 trivial load-balanced tasks at
 # chunksize 1, 100 MB push / pull / scatter / gather; rpx also times a new closure's compile.
 # usage: bench/client_bench.sh [PYTHON]   (PYTHON: a Python with ipyparallel 9, psutil, numpy;
-#        default /work/venv/bin/python). BENCH_REPS (3) applies to both.
-# Results: bench/results/client-<time>-{rpx,ipp}.json
+#        default: the project's .venv/bin/python). BENCH_REPS (3) applies to both.
+#        BENCH_ONLY=data: only the 100 MB transfers (both systems).
+#        BENCH_DATA_PLANE=both: rpx also measures the buffer path (shared memory off).
+#        CARGO_TARGET_DIR is honoured.
+# Results: bench/results/client-<time>-{rpx,ipp}.json and client-<time>-summary.md (medians,
+# rpx / ipyparallel ratios).
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
-py=${1:-/work/venv/bin/python}
+py=${1:-$here/.venv/bin/python}
+target=${CARGO_TARGET_DIR:-$here/target}
 stamp=$(date +%Y%m%d-%H%M%S)
 out="$here/bench/results"
 mkdir -p "$out"
 cd "$here"
 cargo build --release --workspace --examples >/dev/null
+parts="latency throughput data"
+[ "${BENCH_ONLY:-}" = data ] && parts="data"
 echo "=== rpx ($(date +%T))"
-./target/release/examples/bench_ops "$out/client-$stamp-rpx.json" >/dev/null
+"$target/release/examples/bench_ops" "$out/client-$stamp-rpx.json" >/dev/null
 echo "=== ipyparallel ($(date +%T))"
 # The peer scripts keep their state and results next to their own directory: run a copy.
 state=$(mktemp -d)
 mkdir -p "$state/bench"
 cp "$here"/../shared/bench/peers/*.py "$state/bench/"
-"$py" "$state/bench/ipp_ops.py" latency throughput data 2>&1 | tail -25
-cp "$state"/results/ipp_ops_latency_throughput_data.json "$out/client-$stamp-ipp.json"
+# shellcheck disable=SC2086
+"$py" "$state/bench/ipp_ops.py" $parts 2>&1 | tail -25
+cp "$state"/results/ipp_ops_${parts// /_}.json "$out/client-$stamp-ipp.json"
 rm -rf "$state"
-echo "results: $out/client-$stamp-{rpx,ipp}.json"
+"$py" - "$out/client-$stamp-rpx.json" "$out/client-$stamp-ipp.json" > "$out/client-$stamp-summary.md" <<'PY'
+import json, sys
+rpx, ipp = (json.load(open(p)) for p in sys.argv[1:3])
+d = ipp.get("data", {})
+print("| 100 MB | rpx GB/s (median) | ipyparallel GB/s (median) | rpx / ipyparallel |")
+print("|---|---|---|---|")
+for op, key in [("push (1 engine)", "push_1engine_MBps"), ("pull (1 engine)", "pull_1engine_MBps"), ("scatter (2 engines)", "scatter_2engines_MBps"), ("gather (2 engines)", "gather_2engines_MBps")]:
+    name = op.split()[0]
+    i = d[key]["median"] / 1000
+    for suffix, label in [("", ""), ("_buffers", " [rpx buffers]")]:
+        r = rpx.get(f"{name}_gb_per_s{suffix}")
+        if r:
+            print(f"| {op}{label} | {r['median']:.2f} (n={r['n']}, {r['min']:.2f}-{r['max']:.2f}) | {i:.2f} (n={d[key]['n']}) | x{r['median'] / i:.1f} |")
+PY
+cat "$out/client-$stamp-summary.md"
+echo "results: $out/client-$stamp-{rpx,ipp}.json, $out/client-$stamp-summary.md"

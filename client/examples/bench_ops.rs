@@ -41,6 +41,10 @@ fn main() -> rpx::Result<()> {
     report.insert("engines".into(), json!(n));
     report.insert("reps".into(), json!(reps));
 
+    // BENCH_ONLY=data: only the 100 MB transfers.
+    let only_data = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "data");
+    let dv_all = client.direct_view(..);
+    if !only_data {
     // Closure compile: the first call of a closure nobody compiled yet, then later calls.
     let nonce = std::process::id() as u64;
     let t = Instant::now();
@@ -94,7 +98,6 @@ fn main() -> rpx::Result<()> {
     let ntasks: u64 = std::env::var("BENCH_NTASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let mut lb_map = Vec::new();
     let mut dv_map = Vec::new();
-    let dv_all = client.direct_view(..);
     for _ in 0..reps {
         let t = Instant::now();
         let r: Vec<u64> = lb.chunksize(1).map(ident.clone(), 0..ntasks)?;
@@ -110,10 +113,18 @@ fn main() -> rpx::Result<()> {
     report.insert("lb_map_tasks_per_s".into(), stats(lb_map));
     report.insert("dv_map_items_per_s".into(), stats(dv_map));
 
-    // Data: 100 MB of f64 (1e8 bytes), as the peer's numpy array.
+    }
+
+    // Data: 100 MB of f64 (1e8 bytes), as the peer's numpy array. Same-host engines get the
+    // values through shared memory; BENCH_DATA_PLANE=both also measures the buffer path.
     let nbytes: usize = std::env::var("BENCH_NBYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000_000);
     let data: Vec<f64> = (0..nbytes / 8).map(|i| i as f64 * 0.5).collect();
     let gb = nbytes as f64 / 1e9;
+    let planes: &[bool] = if std::env::var("BENCH_DATA_PLANE").is_ok_and(|v| v == "both") { &[true, false] } else { &[true] };
+    for &shm in planes {
+    client.set_shared_memory(shm);
+    let suffix = if shm { "" } else { "_buffers" };
+    eprintln!("data plane: {}", if shm { "shared memory" } else { "buffers" });
     let (mut push, mut pull, mut scatter, mut gather) = (vec![], vec![], vec![], vec![]);
     for _ in 0..reps {
         let t = Instant::now();
@@ -139,10 +150,11 @@ fn main() -> rpx::Result<()> {
         median(scatter.clone()),
         median(gather.clone())
     );
-    report.insert("push_gb_per_s".into(), stats(push));
-    report.insert("pull_gb_per_s".into(), stats(pull));
-    report.insert("scatter_gb_per_s".into(), stats(scatter));
-    report.insert("gather_gb_per_s".into(), stats(gather));
+    report.insert(format!("push_gb_per_s{suffix}"), stats(push));
+    report.insert(format!("pull_gb_per_s{suffix}"), stats(pull));
+    report.insert(format!("scatter_gb_per_s{suffix}"), stats(scatter));
+    report.insert(format!("gather_gb_per_s{suffix}"), stats(gather));
+    }
 
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json");
     println!("{text}");

@@ -32,6 +32,8 @@ pub(crate) struct ClientInner {
     pub session: Session,
     pub ids: Arc<MsgIds>,
     pub file: PathBuf,
+    /// Hand values to same-host engines as files ([`Client::set_shared_memory`]).
+    pub shared_memory: std::sync::atomic::AtomicBool,
 }
 
 impl ClientInner {
@@ -53,9 +55,21 @@ impl ClientInner {
     #[allow(clippy::too_many_arguments)]
     pub fn direct(&self, chan: Chan, msg_type: &str, metadata: &Value, content: &Value, targets: &[(usize, String)], buffers: Vec<Vec<Bytes>>, needs_idle: bool) -> Result<Arc<Tracker>> {
         let frames = Frames::new(&self.session, &self.ids, metadata, content);
+        self.direct_frames(chan, msg_type, targets, buffers.into_iter().map(|b| (&frames, b)).collect(), needs_idle)
+    }
+
+    /// [`ClientInner::direct`] with a content of its own for each engine (same-host transfers
+    /// name each engine's files).
+    pub fn direct_each(&self, chan: Chan, msg_type: &str, targets: &[(usize, String)], parts: crate::dataplane::Parts, needs_idle: bool) -> Result<Arc<Tracker>> {
+        let md = json!({});
+        let frames: Vec<(Frames, Vec<Bytes>)> = parts.into_iter().map(|(content, b)| (Frames::new(&self.session, &self.ids, &md, &content), b)).collect();
+        self.direct_frames(chan, msg_type, targets, frames.iter().map(|(f, b)| (f, b.clone())).collect(), needs_idle)
+    }
+
+    fn direct_frames(&self, chan: Chan, msg_type: &str, targets: &[(usize, String)], each: Vec<(&Frames, Vec<Bytes>)>, needs_idle: bool) -> Result<Arc<Tracker>> {
         let mut tasks = Vec::with_capacity(targets.len());
         let mut msgs = Vec::with_capacity(targets.len());
-        for ((id, uuid), bufs) in targets.iter().zip(buffers) {
+        for ((id, uuid), (frames, bufs)) in targets.iter().zip(each) {
             let (msg_id, f) = frames.build(msg_type, Some(uuid), &bufs);
             tasks.push(TaskState::new(msg_id.clone(), Some(*id), frames.date().to_string()));
             msgs.push((msg_id, f));
@@ -292,7 +306,7 @@ impl Client {
         let session = Session::new(conn.key.as_bytes(), &user);
         let ids = Arc::new(MsgIds::new(&session));
         let io = Io::start(conn, session.clone(), ids.clone(), CONNECT_LIMIT)?;
-        let client = Client { inner: Arc::new(ClientInner { io, session, ids, file }) };
+        let client = Client { inner: Arc::new(ClientInner { io, session, ids, file, shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into() }) };
         client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;
         Ok(client)
     }
@@ -300,6 +314,21 @@ impl Client {
     /// The connection file this client was made from.
     pub fn connection_file(&self) -> &Path {
         &self.inner.file
+    }
+
+    /// Whether `push`, `pull`, `scatter` and `gather` may hand values to engines on this host as
+    /// files in their namespace (shared memory) instead of message buffers through the
+    /// controller. On by default; off when `RPX_DATA_PLANE=buffers` is set. Engines on other
+    /// hosts (or that cannot be verified as this host's) always get buffers.
+    pub fn set_shared_memory(&self, on: bool) {
+        self.inner.shared_memory.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The engines this client hands values to through shared memory right now, with their
+    /// namespace directories (empty when [`Client::set_shared_memory`] turned it off).
+    pub fn shared_memory_namespaces(&self) -> BTreeMap<usize, PathBuf> {
+        let engines = self.inner.io.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+        engines.into_iter().filter_map(|(id, uuid)| Some((id, self.inner.local_namespace(&uuid)?))).collect()
     }
 
     /// Ids of the live engines, ascending (kept current from the controller's notifications).

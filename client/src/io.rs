@@ -93,6 +93,9 @@ pub(crate) enum Command {
 #[derive(Debug, Default)]
 pub(crate) struct EngineTable {
     pub by_id: BTreeMap<usize, String>,
+    /// uuid -> where an rpx engine keeps its values (from the controller), for the same-host
+    /// data plane (`crate::dataplane`).
+    pub hosts: std::collections::HashMap<String, rpx_protocol::dataplane::HostIdentity>,
 }
 
 /// State shared between the IO thread and the blocking API.
@@ -114,6 +117,10 @@ impl Shared {
 
     pub fn uuid(&self, id: usize) -> Option<String> {
         self.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.get(&id).cloned()
+    }
+
+    pub fn host(&self, uuid: &str) -> Option<rpx_protocol::dataplane::HostIdentity> {
+        self.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.get(uuid).cloned()
     }
 
     pub fn lost(&self) -> Option<String> {
@@ -715,6 +722,9 @@ impl Dispatcher {
                 let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
                 match (msg.msg_type.as_str(), id, uuid) {
                     ("registration_notification", Some(id), Some(uuid)) => {
+                        if let Some(host) = msg.content.get(rpx_protocol::dataplane::NOTIFICATION_KEY).and_then(|h| serde_json::from_value(h.clone()).ok()) {
+                            self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.insert(uuid.clone(), host);
+                        }
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
                         all.insert(id, uuid);
                         self.set_engines(all);
@@ -740,6 +750,9 @@ impl Dispatcher {
         if msg.msg_type == "connection_reply" {
             if let Some(engines) = msg.content.get("engines").and_then(Value::as_object) {
                 let table: BTreeMap<usize, String> = engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
+                if let Some(hosts) = msg.content.get(rpx_protocol::dataplane::CONNECTION_REPLY_KEY).and_then(|h| serde_json::from_value(h.clone()).ok()) {
+                    self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts;
+                }
                 self.set_engines(table);
             }
         }

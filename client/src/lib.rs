@@ -52,6 +52,8 @@
 //!   and what to do).
 //! - `io` (private): the background thread and tokio runtime that own the sockets, and the
 //!   single dispatcher that matches replies and iopub output to requests.
+//! - `dataplane` (private): push / pull / scatter / gather through files in a same-host
+//!   engine's namespace (shared memory) instead of message buffers.
 //! - `tracker` (private): the per-request state shared by the IO thread and the handles.
 //!
 //! # Behaviour worth knowing
@@ -64,6 +66,7 @@
 //!   [`RemoteErrorKind::EngineDied`].
 
 mod client;
+mod dataplane;
 mod error;
 mod io;
 mod remote;

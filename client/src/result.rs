@@ -65,6 +65,17 @@ pub(crate) fn decode_buffer<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, i
     })
 }
 
+/// [`decode_buffer`] for a pull: the value comes from a same-host file when the reply names one.
+pub(crate) fn decode_pulled<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, pulled: &crate::dataplane::Pulled) -> std::result::Result<T, Failure> {
+    match pulled.bytes(t, &r.content, &engine_label(t)) {
+        None => decode_buffer(t, r, 0),
+        Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
+        Some(Ok(bytes)) => rpx_runtime::decode(&bytes).map_err(|e| {
+            Failure::Fatal(Error::Protocol(format!("the value from {} does not decode: {e}; the type the engines produce must match the one asked for here", engine_label(t))))
+        }),
+    }
+}
+
 /// Per-task values of a request made to several engines: all of them, or one error (a
 /// connection or protocol error first; else the remote errors, combined).
 pub(crate) fn collect_each<T>(tasks: &[TaskState], mut value: impl FnMut(&TaskState, &ReplyData) -> std::result::Result<T, Failure>) -> Result<Vec<T>> {

@@ -21,7 +21,7 @@ use crate::client::{ClientInner, Jobs};
 use crate::error::{Error, Result};
 use crate::io::{Chan, Frames};
 use crate::remote::{storage_type_name, type_name_of, Remote, RemoteFn};
-use crate::result::{collect_each, collect_one, decode_buffer, decode_chunk, describe_item, finish_execute, AsyncMapResult, AsyncResult, Describe, ExecuteResult};
+use crate::result::{collect_each, collect_one, decode_buffer, decode_chunk, decode_pulled, describe_item, finish_execute, AsyncMapResult, AsyncResult, Describe, ExecuteResult};
 use crate::targets::{chunk_ranges, partition, TargetSpec, Targets};
 use crate::tracker::Tracker;
 
@@ -169,9 +169,15 @@ impl DirectView {
     /// [`DirectView::push`] without waiting.
     pub fn push_async<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<AsyncResult<()>> {
         let targets = self.targets_now()?;
-        let content = op_content(&Op::Push { names: vec![NamedType { name: name.to_string(), type_name: storage_type_name::<T>() }] });
+        let named = NamedType { name: name.to_string(), type_name: storage_type_name::<T>() };
         let buf = encode(value);
-        let tracker = self.mux(&targets, &content, vec![vec![buf]; targets.len()], false)?;
+        self.send_pushes(&targets, named, &[buf], &vec![0; targets.len()])
+    }
+
+    /// Push `values[value_of[i]]` to target `i`: as files to same-host engines, else buffers.
+    fn send_pushes(&self, targets: &[(usize, String)], named: NamedType, values: &[Bytes], value_of: &[usize]) -> Result<AsyncResult<()>> {
+        let (parts, written) = crate::dataplane::push_parts(&self.client, targets, named, values, value_of)?;
+        let tracker = self.client.direct_each(Chan::Mux, "apply_request", targets, parts, false).inspect_err(|_| crate::dataplane::remove_files(&written))?;
         Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |_, _| Ok(())).map(|_| ())))
     }
 
@@ -183,9 +189,9 @@ impl DirectView {
     /// [`DirectView::pull`] without waiting.
     pub fn pull_async<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<AsyncResult<Vec<T>>> {
         let targets = self.targets_now()?;
-        let content = op_content(&Op::Pull { names: vec![name.to_string()] });
-        let tracker = self.mux(&targets, &content, vec![Vec::new(); targets.len()], false)?;
-        Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |t, r| decode_buffer(t, r, 0))))
+        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name);
+        let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
+        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled(t, r, &pulled))))
     }
 
     /// Split `items` into contiguous chunks, one per targeted engine in order (the first
@@ -197,10 +203,9 @@ impl DirectView {
     /// [`DirectView::scatter`] without waiting.
     pub fn scatter_async<T: Serialize>(&self, name: &str, items: &[T]) -> Result<AsyncResult<()>> {
         let targets = self.targets_now()?;
-        let content = op_content(&Op::Push { names: vec![NamedType { name: name.to_string(), type_name: format!("Vec<{}>", type_name_of::<T>()) }] });
-        let buffers: Vec<Vec<Bytes>> = partition(items.len(), targets.len()).into_iter().map(|r| vec![encode(&items[r])]).collect();
-        let tracker = self.mux(&targets, &content, buffers, false)?;
-        Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |_, _| Ok(())).map(|_| ())))
+        let named = NamedType { name: name.to_string(), type_name: format!("Vec<{}>", type_name_of::<T>()) };
+        let values: Vec<Bytes> = partition(items.len(), targets.len()).into_iter().map(|r| encode(&items[r])).collect();
+        self.send_pushes(&targets, named, &values, &(0..targets.len()).collect::<Vec<_>>())
     }
 
     /// Pull `name` (a `Vec<T>`) from each targeted engine and concatenate in engine order.
@@ -211,9 +216,9 @@ impl DirectView {
     /// [`DirectView::gather`] without waiting.
     pub fn gather_async<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<AsyncResult<Vec<T>>> {
         let targets = self.targets_now()?;
-        let content = op_content(&Op::Pull { names: vec![name.to_string()] });
-        let tracker = self.mux(&targets, &content, vec![Vec::new(); targets.len()], false)?;
-        Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |t, r| decode_buffer::<Vec<T>>(t, r, 0)).map(|v| v.into_iter().flatten().collect())))
+        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name);
+        let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
+        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(|v| v.into_iter().flatten().collect())))
     }
 }
 

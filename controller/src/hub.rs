@@ -373,6 +373,7 @@ impl Hub {
                 let e = self.engines.get_mut(id).expect("indexed");
                 e.registration = msg.header.msg_id.clone();
                 e.notice_to = Some(ident.clone());
+                e.host = req.host.clone();
                 e.last_seen = now;
                 info!(engine_id = id, %uuid, "engine registered again while still registered; it keeps its id and tasks");
                 return self.registration_ok(c, ident, msg, id);
@@ -389,6 +390,7 @@ impl Hub {
         let mut e = Engine::new(id, &uuid, now);
         e.registration = msg.header.msg_id.clone();
         e.notice_to = req.notify_eviction.then(|| ident.clone());
+        e.host = req.host.clone();
         for chan in Chan::ALL {
             if self.connected.get(&chan).is_some_and(|s| s.contains(&e.ident)) {
                 e.connected.insert(chan);
@@ -423,9 +425,14 @@ impl Hub {
         }
         e.ready = true;
         let uuid = e.uuid.clone();
+        let mut note = json!({"id": id, "uuid": uuid});
+        if let Some(host) = &e.host {
+            // Extra key: ipyparallel's client reads only id and uuid.
+            note[rpx_protocol::dataplane::NOTIFICATION_KEY] = json!(host);
+        }
         self.engines.lru.push_back(id);
         info!(engine_id = id, %uuid, "engine registered");
-        self.notify(c, "registration_notification", json!({"id": id, "uuid": uuid}));
+        self.notify(c, "registration_notification", note);
         self.schedule(c);
     }
 
@@ -938,7 +945,12 @@ impl Hub {
             }
             "connection_request" => {
                 let engines: Map<String, Value> = self.engines.by_id.values().filter(|e| e.ready).map(|e| (e.id.to_string(), json!(e.uuid))).collect();
-                self.query_reply(c, &ident, "connection_reply", json!({"status": "ok", "engines": engines}), &msg, &[]);
+                let mut content = json!({"status": "ok", "engines": engines});
+                let hosts: Map<String, Value> = self.engines.by_id.values().filter(|e| e.ready).filter_map(|e| Some((e.uuid.clone(), json!(e.host.as_ref()?)))).collect();
+                if !hosts.is_empty() {
+                    content[rpx_protocol::dataplane::CONNECTION_REPLY_KEY] = Value::Object(hosts);
+                }
+                self.query_reply(c, &ident, "connection_reply", content, &msg, &[]);
             }
             "queue_request" => self.on_queue_request(c, &ident, &msg),
             "result_request" => self.on_result_request(c, &ident, &msg, None),

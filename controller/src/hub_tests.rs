@@ -433,7 +433,7 @@ impl Env {
     /// socket `reg-i`, asking for `id`; returns the reply and the request's msg_id.
     fn rpx_register(&mut self, i: u64, id: Option<u64>) -> (Message, String) {
         let u = uuid(i);
-        let content = serde_json::to_value(rpx_protocol::registration::RegistrationRequest { uuid: u.clone(), id, notify_eviction: true }).unwrap();
+        let content = serde_json::to_value(rpx_protocol::registration::RegistrationRequest { uuid: u.clone(), id, notify_eviction: true, host: None }).unwrap();
         let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);
         self.ev(Inbound::Query(f));
         let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).expect("a registration reply");

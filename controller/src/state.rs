@@ -35,6 +35,9 @@ pub struct Engine {
     /// rpx engines: the registration-socket identity an [`rpx_protocol::registration::EvictionNotice`]
     /// goes to if this registration ends while the engine lives.
     pub notice_to: Option<Bytes>,
+    /// rpx engines: where the engine keeps its values (forwarded to clients, which decide
+    /// whether they can hand values over as files: `rpx_protocol::dataplane`).
+    pub host: Option<rpx_protocol::dataplane::HostIdentity>,
     pub registered_at: Instant,
     /// Last pong or message from the engine.
     pub last_seen: Instant,
@@ -71,6 +74,7 @@ impl Engine {
             ready: false,
             registration: String::new(),
             notice_to: None,
+            host: None,
             registered_at: now,
             last_seen: now,
             ponged: false,

@@ -207,6 +207,8 @@ struct Engine {
 
     /// The engine namespace: one file per pushed or pulled name (`rpx_runtime::get`).
     ns_dir: PathBuf,
+    /// Digests of value files adopted from same-host pushes (a pull of them hashes nothing).
+    digests: crate::namespace::Digests,
     bindings: Bindings,
     closures: Closures,
     call: Option<Call>,
@@ -228,6 +230,7 @@ impl Engine {
             controller,
             out: Outbox::new(me.clone(), session.clone(), outlets),
             ns_dir: crate::namespace::dir_for(&me.uuid),
+            digests: Default::default(),
             me,
             session,
             inbound_tx,
@@ -476,7 +479,7 @@ impl Engine {
         match req.msg_type() {
             "abort_request" => {
                 for r in self.queue.abort(&req.content) {
-                    self.out.aborted(&r);
+                    self.aborted(&r);
                 }
                 self.out.reply(&req, json!({"status": "ok"}), md);
             }
@@ -566,7 +569,7 @@ impl Engine {
         while self.current.is_none() && self.call.is_none() && self.exit_code.is_none() {
             match self.queue.next(self.compiler.connecting()) {
                 None => break,
-                Some(Next::Aborted(req)) => self.out.aborted(&req),
+                Some(Next::Aborted(req)) => self.aborted(&req),
                 Some(Next::Start(req)) => self.start(req).await,
             }
         }
@@ -636,7 +639,25 @@ impl Engine {
             Err(err) => return self.out.apply_error(&req, md, &err),
         };
         match op {
-            Op::Push { names } => match crate::namespace::store(&self.ns_dir, &names, &req.buffers) {
+            Op::Push { names, files } if !files.is_empty() => {
+                // Same host: the client wrote the values into the namespace (no buffers).
+                let adopted = if req.buffers.is_empty() {
+                    crate::namespace::adopt(&self.ns_dir, &names, &files, &mut self.digests)
+                } else {
+                    crate::namespace::discard(&self.ns_dir, &files);
+                    Err("a push with files must carry no buffers".into())
+                };
+                match adopted {
+                    Ok(()) => {
+                        for n in names {
+                            self.bindings.pushed(n.name, n.type_name);
+                        }
+                        self.out.ok(&req, md, &[]);
+                    }
+                    Err(e) => self.out.apply_error(&req, md, &EngineError::new(ename::UNSUPPORTED_PAYLOAD, e, vec![])),
+                }
+            }
+            Op::Push { names, .. } => match crate::namespace::store(&self.ns_dir, &names, &req.buffers) {
                 Ok(()) => {
                     for n in names {
                         self.bindings.pushed(n.name, n.type_name);
@@ -645,7 +666,7 @@ impl Engine {
                 }
                 Err(e) => self.out.apply_error(&req, md, &EngineError::new(ename::UNSUPPORTED_PAYLOAD, e, vec![])),
             },
-            Op::Pull { names } => match self.bindings.plan_pull(&names, self.compiler.absent().is_some()) {
+            Op::Pull { names, .. } => match self.bindings.plan_pull(&names, self.compiler.absent().is_some()) {
                 PullPlan::Refuse(err) => self.out.apply_error(&req, md, &err),
                 PullPlan::FromFiles => self.finish_pull(&req, md, &names),
                 PullPlan::NoCompiler => {
@@ -660,7 +681,22 @@ impl Engine {
         }
     }
 
+    /// Answer a request aborted before it ran (a same-host push's files are removed).
+    fn aborted(&self, req: &Request) {
+        if let Some(Ok(Op::Push { files, .. })) = Op::from_content(&req.content) {
+            crate::namespace::discard(&self.ns_dir, &files);
+        }
+        self.out.aborted(req);
+    }
+
     fn finish_pull(&mut self, req: &Request, md: Value, names: &[String]) {
+        if matches!(Op::from_content(&req.content), Some(Ok(Op::Pull { files: true, .. }))) {
+            // Same host: hard links the client reads, instead of the bytes.
+            return match crate::namespace::export(&self.ns_dir, names, &self.digests) {
+                Ok(files) => self.out.ok_with(req, md, rpx_protocol::dataplane::REPLY_FILES_KEY, json!(files)),
+                Err(e) => self.out.apply_error(req, md, &EngineError::new(ename::NAME_ERROR, e, vec![])),
+            };
+        }
         match crate::namespace::load(&self.ns_dir, names) {
             Ok(buffers) => self.out.ok(req, md, &buffers),
             Err(e) => self.out.apply_error(req, md, &EngineError::new(ename::NAME_ERROR, e, vec![])),

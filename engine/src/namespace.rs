@@ -7,6 +7,11 @@
 //! value; otherwise a small cell writes the variables out first (`::rpx_runtime::put`).
 //! Closures read pushed values with `rpx::get`, which reads the same files.
 //!
+//! A client on the same host hands values over as files instead (`rpx_protocol::dataplane`):
+//! it writes them under transfer names (`.xfer-<uuid>`, never a variable name), and [`adopt`]
+//! checks their size and digest and renames them into place; a pull is answered by [`export`]
+//! with hard links the client reads. Neither copies the bytes in the engine.
+//!
 //! The directory is private: created fresh (mode 0700) when the engine starts, refusing one that
 //! already exists, and every value file is 0600. Its `.owner` file names the engine process, so
 //! directories of killed engines are found and removed (by the next engine on the host and by
@@ -17,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rpx_protocol::apply::NamedType;
+use rpx_protocol::dataplane::ValueFile;
 
 /// The namespace directory of an engine: on tmpfs when there is one (ipcluster's supervisor
 /// removes it after the engine crashed, so the rule lives in `rpx_protocol`).
@@ -81,6 +87,91 @@ pub fn store(dir: &Path, names: &[NamedType], buffers: &[Bytes]) -> Result<(), S
         write_private(&dir.join(&n.name), &tmp, b).map_err(|e| format!("cannot store `{}`: {e}", n.name))?;
     }
     Ok(())
+}
+
+/// What the engine knows of its value files' digests: name -> (inode, size, BLAKE3), filled
+/// when a pushed file is adopted (its digest was just checked), so that pulling it back costs
+/// no hashing. Files are only ever replaced by rename, so an unchanged inode and size mean
+/// unchanged bytes.
+#[derive(Debug, Default)]
+pub struct Digests(std::collections::HashMap<String, (u64, u64, String)>);
+
+impl Digests {
+    fn get(&self, name: &str, ino: u64, size: u64) -> Option<&str> {
+        self.0.get(name).filter(|(i, s, _)| *i == ino && *s == size).map(|(_, _, d)| d.as_str())
+    }
+}
+
+/// Adopt files a same-host client wrote into the namespace (`rpx_protocol::dataplane`):
+/// `files[i]` becomes `names[i]`. Every file is checked (a transfer name, a regular file of
+/// this user, the announced size and BLAKE3) before any is renamed into place, so a refused
+/// push changes nothing; the refused push's files are removed.
+pub fn adopt(dir: &Path, names: &[NamedType], files: &[ValueFile], digests: &mut Digests) -> Result<(), String> {
+    let checked = check_adoption(dir, names, files);
+    if let Err(e) = checked {
+        discard(dir, files);
+        return Err(e);
+    }
+    for (n, f) in names.iter().zip(files) {
+        let to = dir.join(&n.name);
+        if let Err(e) = std::fs::rename(dir.join(&f.file), &to) {
+            discard(dir, files);
+            return Err(format!("cannot store `{}`: {e}", n.name));
+        }
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&to) {
+            Ok(md) => digests.0.insert(n.name.clone(), (md.ino(), md.size(), f.blake3.clone())),
+            Err(_) => digests.0.remove(&n.name),
+        };
+    }
+    Ok(())
+}
+
+fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile]) -> Result<(), String> {
+    if names.len() != files.len() {
+        return Err(format!("push of {} names came with {} files", names.len(), files.len()));
+    }
+    if let Some(bad) = names.iter().find(|n| !is_identifier(&n.name)) {
+        return Err(format!("`{}` is not a variable name", bad.name));
+    }
+    for (n, f) in names.iter().zip(files) {
+        rpx_protocol::dataplane::verify_value_file(dir, f).map_err(|e| format!("refused the pushed value `{}`: {e}; nothing was stored and `{}` keeps its previous value", n.name, n.name))?;
+    }
+    Ok(())
+}
+
+/// Remove the transfer files of a push that will not be adopted (refused or aborted).
+pub fn discard(dir: &Path, files: &[ValueFile]) {
+    for f in files.iter().filter(|f| rpx_protocol::dataplane::is_transfer_name(&f.file)) {
+        let _ = std::fs::remove_file(dir.join(&f.file));
+    }
+}
+
+/// Hand the values of `names` to a same-host client for a pull: each becomes a hard link under
+/// a transfer name (a snapshot no later push can change: values are replaced by rename, never
+/// rewritten), announced with its size and digest. The client reads and removes it.
+pub fn export(dir: &Path, names: &[String], digests: &Digests) -> Result<Vec<ValueFile>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<ValueFile> = Vec::with_capacity(names.len());
+    let result = names.iter().try_for_each(|n| {
+        let file = rpx_protocol::dataplane::transfer_name();
+        let link = dir.join(&file);
+        std::fs::hard_link(dir.join(n), &link).map_err(|e| format!("`{n}` has no value in the namespace ({e})"))?;
+        let md = std::fs::symlink_metadata(&link).map_err(|e| format!("`{n}`: {e}"))?;
+        let blake3 = match digests.get(n, md.ino(), md.size()) {
+            Some(d) => d.to_string(),
+            None => rpx_protocol::dataplane::digest_file(&link).map_err(|e| format!("`{n}`: {e}"))?,
+        };
+        out.push(ValueFile { file, size: md.size(), blake3 });
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(out),
+        Err(e) => {
+            discard(dir, &out);
+            Err(e)
+        }
+    }
 }
 
 /// Read the values of `names` for a pull.
@@ -171,6 +262,37 @@ mod tests {
         let bad = vec![NamedType { name: "../x".into(), type_name: "u8".into() }];
         assert!(store(dir.path(), &bad, &[Bytes::new()]).unwrap_err().contains("not a variable name"));
         assert!(store(dir.path(), &names, &[]).unwrap_err().contains("1 names came with 0 values"));
+    }
+
+    #[test]
+    fn adopted_files_become_values_and_a_tampered_one_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let names = vec![NamedType { name: "a".into(), type_name: "u8".into() }, NamedType { name: "b".into(), type_name: "u8".into() }];
+        store(d, &names[..1], &[Bytes::from_static(b"old")]).unwrap();
+        let mut digests = Digests::default();
+        let good = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
+        let bad = rpx_protocol::dataplane::write_value_file(d, b"new b").unwrap();
+        std::fs::write(d.join(&bad.file), b"evil!").unwrap();
+        let err = adopt(d, &names, &[good.clone(), bad.clone()], &mut digests).unwrap_err();
+        assert!(err.contains("refused the pushed value `b`") && err.contains("digest mismatch") && err.contains("keeps its previous value"), "{err}");
+        assert_eq!(load(d, &["a".to_string()]).unwrap(), vec![Bytes::from_static(b"old")], "nothing was adopted");
+        assert!(!d.join(&good.file).exists() && !d.join(&bad.file).exists(), "the refused push's files are gone");
+        let a = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
+        let b = rpx_protocol::dataplane::write_value_file(d, b"").unwrap();
+        adopt(d, &names, &[a, b.clone()], &mut digests).unwrap();
+        assert_eq!(load(d, &["a".to_string(), "b".to_string()]).unwrap(), vec![Bytes::from_static(b"new a"), Bytes::new()]);
+        // Pull: snapshots with the digest known from the push.
+        let out = export(d, &["a".to_string(), "b".to_string()], &digests).unwrap();
+        assert_eq!(out[1].blake3, b.blake3);
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), &b"new a"[..]);
+        store(d, &names[..1], &[Bytes::from_static(b"newer")]).unwrap();
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), &b"new a"[..], "a snapshot does not change");
+        let again = export(d, &["a".to_string()], &digests).unwrap();
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &again[0]).unwrap(), &b"newer"[..], "a replaced value is hashed again");
+        assert!(export(d, &["a".to_string(), "nope".to_string()], &digests).unwrap_err().contains("`nope`"));
+        let bad_name = vec![ValueFile { file: "../../etc/passwd".into(), size: 0, blake3: String::new() }];
+        assert!(adopt(d, &names[..1], &bad_name, &mut digests).unwrap_err().contains("not a transfer file name"));
     }
 
     #[test]

@@ -234,7 +234,7 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
     let mut tasks = Tasks::default();
     watch_connection(&mut tasks, reg.monitor(), generation, "registration", inbound.clone());
     let (mut reg_send, mut reg_recv) = reg.split();
-    let request = RegistrationRequest { uuid: uuid.to_string(), id: requested_id, notify_eviction: true };
+    let request = RegistrationRequest { uuid: uuid.to_string(), id: requested_id, notify_eviction: true, host: Some(rpx_protocol::dataplane::HostIdentity::of_engine(uuid)) };
     let content = serde_json::to_value(&request).expect("serializes");
     let (header, frames) = session.msg(&[], reg_msg::REGISTRATION_REQUEST, content, None, json!({"engine": uuid}), &[]);
     send_now(&mut reg_send, frames).await?;

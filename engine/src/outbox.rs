@@ -97,6 +97,14 @@ impl Outbox {
         self.status("idle", &req.header);
     }
 
+    /// Answer `req` with success and `key: value` in the content, no buffers.
+    pub fn ok_with(&self, req: &Request, md: Value, key: &str, value: Value) {
+        let mut content = json!({"status": "ok"});
+        content[key] = value;
+        self.reply_with_buffers(req, content, md, &[]);
+        self.status("idle", &req.header);
+    }
+
     /// Answer a request aborted before it ran.
     pub fn aborted(&self, req: &Request) {
         self.answer(req, reply::aborted());

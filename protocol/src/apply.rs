@@ -14,10 +14,15 @@
 //! | `push` | one `postcard(T)` per name | `[]` |
 //! | `pull` | `[]` | one `postcard(T)` per name |
 //!
+//! On one host, `push` and `pull` carry no value buffers: the values are files in the engine's
+//! namespace named in the op ([`crate::dataplane`]).
+//!
 //! Error replies carry `status: "error"`, `ename` (one of [`ename`]), `evalue`, `traceback` and
 //! `engine_info`.
 
 use serde::{Deserialize, Serialize};
+
+use crate::dataplane::ValueFile;
 
 /// Key of the payload in the `apply_request` content.
 pub const CONTENT_KEY: &str = "rpx";
@@ -48,10 +53,20 @@ pub enum Op {
     Apply { closure: Closure },
     /// Call the (one-argument) closure on every item of the chunk in `buffers[0]`.
     Map { closure: Closure },
-    /// Store `buffers[i]` as `names[i]` in the engine namespace.
-    Push { names: Vec<NamedType> },
-    /// Send back the current value of each name.
-    Pull { names: Vec<String> },
+    /// Store `buffers[i]` as `names[i]` in the engine namespace; or, with `files` (same host,
+    /// no buffers), adopt `files[i]` as `names[i]` ([`crate::dataplane`]).
+    Push {
+        names: Vec<NamedType>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<ValueFile>,
+    },
+    /// Send back the current value of each name: as buffers, or with `files` (same host) as
+    /// files the client reads ([`crate::dataplane::REPLY_FILES_KEY`]).
+    Pull {
+        names: Vec<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        files: bool,
+    },
 }
 
 impl Op {
@@ -99,5 +114,10 @@ mod tests {
         assert_eq!(Op::from_content(&content).unwrap().unwrap(), op);
         assert!(Op::from_content(&serde_json::json!({})).is_none());
         assert!(Op::from_content(&serde_json::json!({"rpx": {"op": "fly"}})).unwrap().is_err());
+        // The buffer forms stay as they were; the file forms only add fields.
+        let pull = Op::Pull { names: vec!["a".into()], files: false };
+        assert_eq!(pull.to_content(), serde_json::json!({"rpx": {"op": "pull", "names": ["a"]}}));
+        let push: Op = serde_json::from_value(serde_json::json!({"op": "push", "names": [{"name": "a", "type_name": "u8"}]})).unwrap();
+        assert_eq!(push, Op::Push { names: vec![NamedType { name: "a".into(), type_name: "u8".into() }], files: vec![] });
     }
 }

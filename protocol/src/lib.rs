@@ -7,6 +7,8 @@
 //! - [`message`]: [`Header`] and [`Message`], plus helpers to build replies and error contents.
 //! - [`connection`]: the `ipcontroller-{client,engine}.json` files in ipyparallel's format,
 //!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
+//! - [`dataplane`]: the same-host data plane: values handed over as files in the engine's
+//!   namespace (the rule deciding who may, transfer files, digests).
 //! - [`compile`]: the messages between thin engines and the shared compiler.
 //! - [`apply`]: rpx's closure, map, push and pull payloads inside `apply_request`.
 //! - [`registration`]: engine registration contents and the eviction notice that makes an
@@ -18,6 +20,7 @@
 pub mod apply;
 pub mod compile;
 pub mod connection;
+pub mod dataplane;
 pub mod message;
 pub mod registration;
 pub mod session;

@@ -20,6 +20,10 @@ pub struct RegistrationRequest {
     /// from if this registration ends while the engine is still alive.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub notify_eviction: bool,
+    /// rpx engines: where the engine keeps its values, so that clients on its host can hand
+    /// them over as files ([`crate::dataplane`]). The controller forwards it to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<crate::dataplane::HostIdentity>,
 }
 
 /// `registration_reply` content (`status: "ok"`; a refusal is an error content instead).
@@ -69,9 +73,9 @@ mod tests {
     #[test]
     fn a_python_engines_request_parses_and_ours_adds_only_optional_fields() {
         let py: RegistrationRequest = serde_json::from_value(json!({"uuid": "u"})).unwrap();
-        assert_eq!(py, RegistrationRequest { uuid: "u".into(), id: None, notify_eviction: false });
+        assert_eq!(py, RegistrationRequest { uuid: "u".into(), id: None, notify_eviction: false, host: None });
         assert_eq!(serde_json::to_value(&py).unwrap(), json!({"uuid": "u"}), "the plain request is ipyparallel's");
-        let ours = RegistrationRequest { uuid: "u".into(), id: Some(3), notify_eviction: true };
+        let ours = RegistrationRequest { uuid: "u".into(), id: Some(3), notify_eviction: true, host: None };
         assert_eq!(serde_json::to_value(&ours).unwrap(), json!({"uuid": "u", "id": 3, "notify_eviction": true}));
     }
 }

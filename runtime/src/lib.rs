@@ -27,7 +27,14 @@ pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
 
 /// Encode a value the way every rpx transfer does.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("postcard encoding into a Vec cannot fail for serde types")
+    // Sized first, then written once into a buffer of exactly that size (no regrowth copies:
+    // a 100 MB value would otherwise be copied about twice more while the buffer doubles).
+    let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default()).expect("postcard sizing cannot fail for serde types");
+    let mut buf = vec![0u8; size];
+    let used = postcard::to_slice(value, &mut buf).expect("postcard encoding into a buffer of its exact size cannot fail").len();
+    debug_assert_eq!(used, size);
+    buf.truncate(used);
+    buf
 }
 
 /// Decode a value encoded by [`encode`].

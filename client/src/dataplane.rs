@@ -1,0 +1,130 @@
+//! Push, pull, scatter and gather through shared memory when an engine is on this host
+//! (`rpx_protocol::dataplane` has the protocol and the rule deciding who may).
+//!
+//! A value for a same-host engine is encoded once into one buffer and written once into a
+//! transfer file in the engine's namespace; further engines on the host get a hard link to the
+//! same file (no copy). The signed request names the files (with size and BLAKE3) and carries no
+//! buffers, so the controller routes a few hundred bytes. A pull asks for files; the reply names
+//! hard links the client reads once, checks and removes. Every other engine gets the buffers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use rpx_protocol::apply::{NamedType, Op};
+use rpx_protocol::dataplane::{self as dp, ValueFile};
+use serde_json::Value;
+
+use crate::client::ClientInner;
+use crate::error::{Error, Result};
+use crate::tracker::TaskState;
+
+impl ClientInner {
+    /// The namespace directory of engine `uuid` if values can go to it as files.
+    pub fn local_namespace(&self, uuid: &str) -> Option<PathBuf> {
+        if !self.shared_memory.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        dp::local_namespace(uuid, &self.io.shared.host(uuid)?)
+    }
+}
+
+/// One request per target: its content and buffers.
+pub(crate) type Parts = Vec<(Value, Vec<Bytes>)>;
+
+/// Push requests storing one value per target as `named`: target `i` gets the encoded value
+/// `values[value_of[i]]` (a push shares one value, a scatter has one per target). Same-host
+/// targets get files (written once per value, hard-linked for further engines), the others
+/// buffers. Also returns the files written, to remove if the requests cannot be sent.
+pub(crate) fn push_parts(client: &ClientInner, targets: &[(usize, String)], named: NamedType, values: &[Bytes], value_of: &[usize]) -> Result<(Parts, Vec<(PathBuf, String)>)> {
+    // Files already written for a value: (dir, file) to link from.
+    let mut written: HashMap<usize, (PathBuf, ValueFile)> = HashMap::new();
+    let mut parts: Parts = Vec::with_capacity(targets.len());
+    let mut made: Vec<(PathBuf, String)> = Vec::new();
+    let result = targets.iter().enumerate().try_for_each(|(i, (id, uuid))| {
+        let v = value_of[i];
+        let Some(dir) = client.local_namespace(uuid) else {
+            parts.push((Op::Push { names: vec![named.clone()], files: vec![] }.to_content(), vec![values[v].clone()]));
+            return Ok(());
+        };
+        let linked = written.get(&v).and_then(|(from, vf)| dp::link_value_file(from, vf, &dir).ok());
+        let vf = match linked {
+            Some(vf) => vf,
+            None => {
+                let vf = dp::write_value_file(&dir, &values[v]).map_err(|e| Error::Protocol(format!("cannot write `{}` into the namespace of engine {id} ({}): {e}", named.name, dir.display())))?;
+                written.insert(v, (dir.clone(), vf.clone()));
+                vf
+            }
+        };
+        made.push((dir, vf.file.clone()));
+        parts.push((Op::Push { names: vec![named.clone()], files: vec![vf] }.to_content(), vec![]));
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok((parts, made)),
+        Err(e) => {
+            remove_files(&made);
+            Err(e)
+        }
+    }
+}
+
+/// Remove transfer files that will not be sent.
+pub(crate) fn remove_files(files: &[(PathBuf, String)]) {
+    for (dir, f) in files {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+/// Pull requests for `name`, and where the same-host targets' replies are read.
+pub(crate) fn pull_parts(client: &ClientInner, targets: &[(usize, String)], name: &str) -> (Parts, Pulled) {
+    let mut dirs = HashMap::new();
+    let parts = targets
+        .iter()
+        .map(|(id, uuid)| {
+            let dir = client.local_namespace(uuid);
+            let files = dir.is_some();
+            if let Some(d) = dir {
+                dirs.insert(*id, d);
+            }
+            (Op::Pull { names: vec![name.to_string()], files }.to_content(), vec![])
+        })
+        .collect();
+    (parts, Pulled { dirs, read: Mutex::new(HashMap::new()) })
+}
+
+/// The same-host side of a pull: each engine's namespace directory, and the values already read
+/// (a pulled file is read once and removed; asking the result again reuses the bytes).
+pub(crate) struct Pulled {
+    dirs: HashMap<usize, PathBuf>,
+    read: Mutex<HashMap<String, Bytes>>,
+}
+
+impl Pulled {
+    /// The bytes of the value a reply names as a file: read once, checked, the file removed.
+    /// `None` if the reply carries no files (the value is in its buffers).
+    pub fn bytes(&self, t: &TaskState, content: &Value, engine: &str) -> Option<std::result::Result<Bytes, String>> {
+        let files = match dp::files_from_content(content)? {
+            Ok(f) => f,
+            Err(e) => return Some(Err(format!("{engine} named pulled files this client cannot read: {e}"))),
+        };
+        if let Some(b) = self.read.lock().unwrap_or_else(|p| p.into_inner()).get(&t.msg_id) {
+            return Some(Ok(b.clone()));
+        }
+        let Some(dir) = t.engine_id.and_then(|id| self.dirs.get(&id)) else {
+            return Some(Err(format!("{engine} answered with files, but this client did not ask for them")));
+        };
+        let read = match files.first() {
+            Some(vf) => dp::read_value_file(dir, vf).map_err(|e| format!("the value pulled from {engine} was refused: {e}")),
+            None => Err(format!("{engine} named no file for the pulled value")),
+        };
+        for vf in files.iter().filter(|vf| dp::is_transfer_name(&vf.file)) {
+            let _ = std::fs::remove_file(dir.join(&vf.file));
+        }
+        if let Ok(b) = &read {
+            self.read.lock().unwrap_or_else(|p| p.into_inner()).insert(t.msg_id.clone(), b.clone());
+        }
+        Some(read)
+    }
+}

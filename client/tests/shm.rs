@@ -1,0 +1,161 @@
+//! Push, pull, scatter and gather through shared memory on one host (`rpx_protocol::dataplane`),
+//! on a real 4-engine cluster: every engine is reached through its namespace, nested and empty
+//! values, scatter/gather order, a 256 MiB value that never passes through the controller, a
+//! push made while a cell runs (the cell never sees it half-written), a tampered file refused
+//! with nothing lost, and the buffer path when shared memory is off
+//! (`Client::set_shared_memory(false)`, as `RPX_DATA_PLANE=buffers` does).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{client, serial, Steps, TestCluster};
+
+fn vm_hwm_kib(pid: i64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn transfer_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".xfer-")).collect()
+}
+
+#[test]
+fn shared_memory_transfers_on_four_engines() {
+    let _serial = serial();
+    let cluster = TestCluster::start(4);
+    let c = client(&cluster);
+    let all = c.direct_view(..);
+    let one = c.direct_view(0usize);
+    let mut steps = Steps::default();
+    let namespaces = c.shared_memory_namespaces();
+
+    steps.run("every engine on this host is reached through its namespace", || {
+        assert_eq!(namespaces.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3], "{namespaces:?}");
+        for dir in namespaces.values() {
+            assert!(dir.is_dir(), "{}", dir.display());
+        }
+    });
+
+    steps.run("nested values on every engine, and back", || {
+        let v: BTreeMap<String, Vec<(u8, Option<String>)>> = [("a".to_string(), vec![(1, Some("x".into())), (2, None)]), ("".to_string(), vec![])].into_iter().collect();
+        all.push("nested", &v).unwrap();
+        let back: Vec<BTreeMap<String, Vec<(u8, Option<String>)>>> = all.pull("nested").unwrap();
+        assert_eq!(back, vec![v.clone(); 4]);
+        // The cells and closures see it as always.
+        let r = all.execute("nested.len()").unwrap();
+        assert_eq!(r.results(), vec![Some("2".to_string()); 4], "{r}");
+        for dir in namespaces.values() {
+            assert!(transfer_files(dir).is_empty(), "no transfer file is left behind in {}", dir.display());
+        }
+    });
+
+    steps.run("0-byte values", || {
+        all.push("unit", &()).unwrap();
+        assert_eq!(all.pull::<()>("unit").unwrap(), vec![(); 4]);
+        all.scatter("none", &Vec::<u64>::new()).unwrap();
+        assert_eq!(all.gather::<u64>("none").unwrap(), Vec::<u64>::new());
+        all.push("empty", &Vec::<u8>::new()).unwrap();
+        assert_eq!(all.pull::<Vec<u8>>("empty").unwrap(), vec![Vec::<u8>::new(); 4]);
+    });
+
+    steps.run("scatter/gather keep engine order (101 items, one view in reverse order)", || {
+        let xs: Vec<u64> = (0..101).collect();
+        all.scatter("xs", &xs).unwrap();
+        assert_eq!(all.gather::<u64>("xs").unwrap(), xs);
+        let chunks: Vec<Vec<u64>> = all.pull("xs").unwrap();
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![26, 25, 25, 25]);
+        let rev = c.direct_view([3usize, 2, 1, 0]);
+        let words: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+        rev.scatter("words", &words).unwrap();
+        assert_eq!(rev.gather::<String>("words").unwrap(), words);
+        assert_eq!(one.pull::<Vec<String>>("words").unwrap(), vec![vec!["w8".to_string(), "w9".to_string()]], "engine 0 got the last chunk");
+    });
+
+    steps.run("a 256 MiB value: to every engine, back, scattered and gathered; the controller never holds it", || {
+        let controller = cluster.cluster_state().and_then(|s| s["controller_pid"].as_i64()).expect("controller pid");
+        let before = vm_hwm_kib(controller);
+        let big: Vec<u8> = (0..256usize << 20).map(|i| (i % 251) as u8).collect();
+        let t = Instant::now();
+        all.push("big", &big).unwrap();
+        let pushed = t.elapsed();
+        let t = Instant::now();
+        let back: Vec<Vec<u8>> = one.pull("big").unwrap();
+        let pulled = t.elapsed();
+        assert!(back[0] == big, "the value came back whole");
+        drop(back);
+        all.scatter("bigs", &big).unwrap();
+        let g: Vec<u8> = all.gather("bigs").unwrap();
+        assert!(g == big, "gathered in order");
+        let after = vm_hwm_kib(controller);
+        eprintln!("256 MiB: push to 4 engines {pushed:?}, pull from one {pulled:?}; controller peak RSS {before} -> {after} KiB");
+        assert!(after < before + 64 * 1024, "the controller's peak RSS grew from {before} to {after} KiB: it held the value");
+        assert!(pushed < Duration::from_secs(20) && pulled < Duration::from_secs(20));
+        all.execute("drop(big); drop(bigs);").unwrap();
+    });
+
+    steps.run("a value pushed while a cell runs is never seen half-written", || {
+        one.push("v", &vec![7u8; 1000]).unwrap();
+        let cell = one.execute_async("std::thread::sleep(std::time::Duration::from_millis(1500)); let w: Vec<u8> = ::rpx_runtime::get(\"v\"); (w.len(), w.iter().all(|b| *b == 7))").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let big = vec![9u8; 64 << 20];
+        let push = one.push_async("v", &big).unwrap();
+        assert!(!push.ready(), "the push waits for the cell");
+        let r = cell.get().unwrap();
+        assert_eq!(r.results(), vec![Some("(1000, true)".to_string())], "{r}");
+        push.get().unwrap();
+        let now: Vec<Vec<u8>> = one.pull("v").unwrap();
+        assert!(now[0] == big);
+    });
+
+    steps.run("a tampered file is refused with a clear error and nothing is lost", || {
+        one.push("t", &vec![1u8; 4096]).unwrap();
+        let dir = &namespaces[&0];
+        let cell = one.execute_async("std::thread::sleep(std::time::Duration::from_millis(1500));").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let push = one.push_async("t", &vec![2u8; 4096]).unwrap();
+        let files = transfer_files(dir);
+        assert_eq!(files.len(), 1, "{files:?}");
+        // Same size, other bytes: only the digest can tell.
+        let mut bytes = std::fs::read(dir.join(&files[0])).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(dir.join(&files[0]), &bytes).unwrap();
+        cell.get().unwrap().check().unwrap();
+        let err = push.get().unwrap_err().to_string();
+        assert!(err.contains("digest mismatch") && err.contains("`t` keeps its previous value") && err.contains("engine 0"), "{err}");
+        assert_eq!(one.pull::<Vec<u8>>("t").unwrap(), vec![vec![1u8; 4096]], "the old value is intact");
+        assert!(transfer_files(dir).is_empty(), "the refused file was removed");
+        one.push("t", &vec![3u8; 10]).unwrap();
+        assert_eq!(one.pull::<Vec<u8>>("t").unwrap(), vec![vec![3u8; 10]], "later pushes work");
+    });
+
+    steps.run("shared memory off: the buffer path, unchanged", || {
+        c.set_shared_memory(false);
+        assert!(c.shared_memory_namespaces().is_empty());
+        let v: Vec<(String, f64)> = vec![("x".into(), 1.5)];
+        all.push("buffered", &v).unwrap();
+        assert_eq!(all.pull::<Vec<(String, f64)>>("buffered").unwrap(), vec![v.clone(); 4]);
+        all.scatter("bx", &(0..10u32).collect::<Vec<_>>()).unwrap();
+        assert_eq!(all.gather::<u32>("bx").unwrap(), (0..10).collect::<Vec<_>>());
+        // Values cross between the paths: pushed as buffers, pulled as files, and back.
+        c.set_shared_memory(true);
+        assert_eq!(all.pull::<Vec<(String, f64)>>("buffered").unwrap(), vec![v; 4]);
+        all.push("filed", &42u64).unwrap();
+        c.set_shared_memory(false);
+        assert_eq!(all.pull::<u64>("filed").unwrap(), vec![42; 4]);
+        c.set_shared_memory(true);
+    });
+
+    steps.run("RPX_DATA_PLANE=buffers turns it off for a new client", || {
+        std::env::set_var("RPX_DATA_PLANE", "buffers");
+        let c2 = client(&cluster);
+        std::env::remove_var("RPX_DATA_PLANE");
+        assert!(c2.shared_memory_namespaces().is_empty());
+        c2.direct_view(..).push("from2", &5u8).unwrap();
+        assert_eq!(c2.direct_view(..).pull::<u8>("from2").unwrap(), vec![5; 4]);
+    });
+
+    steps.finish();
+}

@@ -1,0 +1,310 @@
+//! The same-host data plane: pushed and pulled values move as files in the engine's namespace
+//! directory (on tmpfs) instead of as message buffers through the controller.
+//!
+//! The request still goes through the controller, signed as always; only the bytes take the
+//! short way, and the controller never holds them:
+//!
+//! | op | request | `apply_reply` (status `ok`) |
+//! |---|---|---|
+//! | push | `Op::Push { names, files }`, no buffers: `files[i]` is a [`ValueFile`] the client wrote in the engine's namespace under a [transfer name](is_transfer_name) | `[]`; the engine verified each file's size and digest and renamed it to `names[i]` (all or none) |
+//! | pull | `Op::Pull { names, files: true }` | no buffers; content key [`REPLY_FILES_KEY`] lists one [`ValueFile`] per name: a hard link of the value under a transfer name, which the client reads, checks and removes |
+//!
+//! Transfer names start with `.` so they are never variable names: a cell or closure never sees
+//! a value that is still being written, and a push becomes visible only by the engine's
+//! atomic rename.
+//!
+//! Who may use it is decided by one rule, [`local_namespace`]: the engine announced a
+//! [`HostIdentity`] when it registered (forwarded by the controller in
+//! `registration_notification` and `connection_reply`), its host name and boot id are this
+//! host's, its directory is the one the namespace rule gives for its uuid, and that directory
+//! is a real directory owned by this user, private, whose owner process is alive here. Anything
+//! else (another host, another user, a Python client or engine, `RPX_DATA_PLANE=buffers`) uses
+//! message buffers, unchanged.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Set to `buffers` (or `off`, `0`) to send every value as message buffers, even on one host.
+pub const DATA_PLANE_ENV: &str = "RPX_DATA_PLANE";
+/// Key of the engine's [`HostIdentity`] in `registration_notification` content.
+pub const NOTIFICATION_KEY: &str = "rpx_host";
+/// Key of the `{uuid: HostIdentity}` map in `connection_reply` content.
+pub const CONNECTION_REPLY_KEY: &str = "rpx_hosts";
+/// Key of the pulled files (`[ValueFile]`) in an `apply_reply`'s content.
+pub const REPLY_FILES_KEY: &str = "rpx_files";
+/// Prefix of the names values have in a namespace while they are handed over.
+pub const TRANSFER_PREFIX: &str = ".xfer-";
+
+/// Where an rpx engine keeps its values, as it announces in its `registration_request`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostIdentity {
+    /// The engine's host name (`/proc/sys/kernel/hostname`).
+    pub hostname: String,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`): same host, same boot.
+    pub boot_id: String,
+    /// The engine's namespace directory.
+    pub ns_dir: String,
+}
+
+impl HostIdentity {
+    /// The identity of the engine `engine_uuid` running on this host.
+    pub fn of_engine(engine_uuid: &str) -> HostIdentity {
+        let (hostname, boot_id) = this_host();
+        HostIdentity { hostname, boot_id, ns_dir: crate::connection::engine_namespace_dir(engine_uuid).display().to_string() }
+    }
+}
+
+/// One value handed over as a file: its name in the namespace directory, size and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueFile {
+    /// The file's name in the engine's namespace directory (a [transfer name](is_transfer_name)).
+    pub file: String,
+    pub size: u64,
+    /// BLAKE3 of the file's bytes, hex.
+    pub blake3: String,
+}
+
+/// This host's name and boot id (read once).
+pub fn this_host() -> (String, String) {
+    static HOST: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        (read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/random/boot_id"))
+    })
+    .clone()
+}
+
+/// Whether `RPX_DATA_PLANE` forces message buffers.
+pub fn buffers_forced() -> bool {
+    std::env::var(DATA_PLANE_ENV).is_ok_and(|v| matches!(v.trim(), "buffers" | "off" | "0" | "no"))
+}
+
+/// THE rule: the namespace directory of engine `engine_uuid`, if this process may hand values
+/// to it through files (see the module docs); `None` means message buffers.
+pub fn local_namespace(engine_uuid: &str, host: &HostIdentity) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if buffers_forced() {
+        return None;
+    }
+    let (hostname, boot_id) = this_host();
+    if boot_id.is_empty() || host.boot_id != boot_id || host.hostname != hostname {
+        return None;
+    }
+    let dir = crate::connection::engine_namespace_dir(engine_uuid);
+    if Path::new(&host.ns_dir) != dir {
+        return None;
+    }
+    let md = std::fs::symlink_metadata(&dir).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_dir() || md.uid() != me || md.mode() & 0o077 != 0 {
+        return None;
+    }
+    // The directory's owner process runs here (it is not a dead engine's, nor one in another
+    // pid namespace that shares the mount).
+    let owner = std::fs::read_to_string(dir.join(crate::connection::NAMESPACE_OWNER)).ok()?;
+    let pid: u32 = owner.split(' ').next()?.parse().ok()?;
+    (crate::connection::process_stamp(pid).as_deref() == Some(owner.trim())).then_some(dir)
+}
+
+/// Whether `name` is a transfer name (`.xfer-` and a uuid): never a variable, never a path.
+pub fn is_transfer_name(name: &str) -> bool {
+    name.strip_prefix(TRANSFER_PREFIX).is_some_and(|rest| rest.len() == 36 && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+}
+
+/// A fresh transfer name.
+pub fn transfer_name() -> String {
+    format!("{TRANSFER_PREFIX}{}", uuid::Uuid::new_v4())
+}
+
+/// BLAKE3 of `bytes`, hex.
+pub fn digest(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Write `bytes` as a new transfer file in `dir` (0600, created fresh, one write).
+pub fn write_value_file(dir: &Path, bytes: &[u8]) -> std::io::Result<ValueFile> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = transfer_name();
+    let path = dir.join(&file);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+    let written = f.write_all(bytes);
+    if let Err(e) = written {
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(ValueFile { file, size: bytes.len() as u64, blake3: digest(bytes) })
+}
+
+/// The same file under a new transfer name in `to_dir` (a hard link: no copy), for another
+/// engine on the same host.
+pub fn link_value_file(from_dir: &Path, vf: &ValueFile, to_dir: &Path) -> std::io::Result<ValueFile> {
+    let file = transfer_name();
+    std::fs::hard_link(from_dir.join(&vf.file), to_dir.join(&file))?;
+    Ok(ValueFile { file, ..vf.clone() })
+}
+
+/// Why a handed-over file is refused.
+fn check_meta(f: &std::fs::File, vf: &ValueFile) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata().map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_file() || md.uid() != me || md.nlink() == 0 {
+        return Err("not a regular file of this user".into());
+    }
+    if md.size() != vf.size {
+        return Err(format!("size {} where {} was announced", md.size(), vf.size));
+    }
+    Ok(())
+}
+
+/// Check that `dir/vf.file` holds exactly the announced bytes (size, then BLAKE3, read in
+/// slices: nothing is kept in memory).
+pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
+    if !is_transfer_name(&vf.file) {
+        return Err(format!("`{}` is not a transfer file name", vf.file));
+    }
+    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
+    check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
+    let got = if vf.size == 0 { digest(b"") } else { digest(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref()) };
+    if got != vf.blake3 {
+        return Err(format!("{}: digest mismatch (BLAKE3 {}.. where {}.. was announced): the file changed after it was written", vf.file, &got[..16], vf.blake3.get(..16).unwrap_or(&vf.blake3)));
+    }
+    Ok(())
+}
+
+/// BLAKE3 of a file, read in 1 MiB slices.
+pub fn digest_file(path: &Path) -> std::io::Result<String> {
+    let f = open_private(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(digest(b""));
+    }
+    Ok(digest(Mapped::of(&f, len)?.as_ref()))
+}
+
+/// Map `dir/vf.file` whole, checking size and digest: no copy (a private read-only mapping,
+/// populated at once). Pulled files are hard-link snapshots in the engine's private namespace
+/// that nobody rewrites (values are only ever replaced by rename), so the mapping is stable.
+pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
+    if !is_transfer_name(&vf.file) {
+        return Err(format!("`{}` is not a transfer file name", vf.file));
+    }
+    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
+    check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
+    let bytes = if vf.size == 0 { bytes::Bytes::new() } else { bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?) };
+    if digest(&bytes) != vf.blake3 {
+        return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
+    }
+    Ok(bytes)
+}
+
+/// A private read-only mapping of a whole file.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone.
+unsafe impl Send for Mapped {}
+// SAFETY: as above: shared references only read.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn of(f: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh mapping of `len` (> 0) bytes of an open file, checked for failure.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_POPULATE, f.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `of` mapped, once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// The pulled files of an `apply_reply` content, if it has them.
+pub fn files_from_content(content: &serde_json::Value) -> Option<Result<Vec<ValueFile>, serde_json::Error>> {
+    content.get(REPLY_FILES_KEY).map(|v| serde_json::from_value(v.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_names_are_never_variables_or_paths() {
+        let n = transfer_name();
+        assert!(is_transfer_name(&n), "{n}");
+        for bad in ["a", ".xfer-", ".xfer-../../etc/passwd", &format!("{n}x"), "x.xfer-0"] {
+            assert!(!is_transfer_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn written_files_verify_and_read_back_and_tampering_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let vf = write_value_file(dir.path(), b"hello").unwrap();
+        assert_eq!(std::fs::metadata(dir.path().join(&vf.file)).unwrap().permissions().mode() & 0o777, 0o600);
+        verify_value_file(dir.path(), &vf).unwrap();
+        assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &b"hello"[..]);
+        let empty = write_value_file(dir.path(), b"").unwrap();
+        assert_eq!(read_value_file(dir.path(), &empty).unwrap(), &b""[..]);
+        let other = tempfile::tempdir().unwrap();
+        let linked = link_value_file(dir.path(), &vf, other.path()).unwrap();
+        assert_eq!(read_value_file(other.path(), &linked).unwrap(), &b"hello"[..]);
+        std::fs::write(dir.path().join(&vf.file), b"jello").unwrap();
+        assert!(verify_value_file(dir.path(), &vf).unwrap_err().contains("digest mismatch"));
+        assert!(read_value_file(dir.path(), &vf).unwrap_err().contains("digest mismatch"));
+        std::fs::write(dir.path().join(&vf.file), b"hell").unwrap();
+        assert!(verify_value_file(dir.path(), &vf).unwrap_err().contains("size 4 where 5"));
+    }
+
+    #[test]
+    fn the_rule_refuses_other_hosts_and_directories_not_matching_the_uuid() {
+        let (hostname, boot_id) = this_host();
+        let uuid = format!("dataplane-test-{}", std::process::id());
+        let id = HostIdentity::of_engine(&uuid);
+        assert_eq!(local_namespace(&uuid, &id), None, "no directory yet");
+        let dir = crate::connection::engine_namespace_dir(&uuid);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        }
+        let stamp = crate::connection::process_stamp(std::process::id()).unwrap();
+        std::fs::write(dir.join(crate::connection::NAMESPACE_OWNER), stamp).unwrap();
+        if !buffers_forced() {
+            assert_eq!(local_namespace(&uuid, &id), Some(dir.clone()));
+        }
+        assert_eq!(local_namespace(&uuid, &HostIdentity { hostname: format!("{hostname}-other"), ..id.clone() }), None);
+        assert_eq!(local_namespace(&uuid, &HostIdentity { boot_id: format!("{boot_id}-other"), ..id.clone() }), None);
+        assert_eq!(local_namespace(&uuid, &HostIdentity { ns_dir: "/tmp".into(), ..id.clone() }), None);
+        assert_eq!(local_namespace("another-uuid", &id), None);
+        std::fs::write(dir.join(crate::connection::NAMESPACE_OWNER), "1 0").unwrap();
+        assert_eq!(local_namespace(&uuid, &id), None, "the owner process is not alive");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
