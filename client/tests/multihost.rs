@@ -5,7 +5,8 @@
 //! bridge's address.
 //!
 //! What a user would check: cells and `remote!` closures run on the engines of both hosts and
-//! keep per-engine state; every compiled artifact (and libstd) crosses to each host once; an
+//! keep per-engine state; pushed, pulled, scattered and gathered values arrive whole as message
+//! buffers (shared memory is for one host only); every compiled artifact (and libstd) crosses to each host once; an
 //! artifact tampered with on its way is refused and nothing runs; the compiler's files and pid
 //! do not exist on those hosts; `ipcluster stop` leaves nothing behind on any host; a host whose
 //! sshd is down, refused authentication and engines that cannot register give clear errors.
@@ -94,6 +95,22 @@ fn ssh_engines_on_two_hosts() {
         assert_eq!(hostnames.iter().collect::<BTreeSet<_>>(), BTreeSet::from([&"h1".to_string(), &"h2".to_string()]));
         let sq: Vec<u64> = c.view().map(rpx::remote!(|x: u64| x * x), 0..40u64).unwrap();
         assert_eq!(sq, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
+    });
+
+    steps.run("values reach engines on other hosts whole, as buffers (no shared memory across hosts)", || {
+        assert!(c.shared_memory_namespaces().is_empty(), "no engine's namespace is on this host: {:?}", c.shared_memory_namespaces());
+        let nested: BTreeMap<String, Vec<Option<u32>>> = BTreeMap::from([("a".to_string(), vec![Some(1), None]), (String::new(), vec![])]);
+        dv.push("nested", &nested).unwrap();
+        assert_eq!(dv.pull::<BTreeMap<String, Vec<Option<u32>>>>("nested").unwrap(), vec![nested.clone(); 4]);
+        let big: Vec<u8> = (0..8usize << 20).map(|i| (i % 249) as u8).collect();
+        dv.push("big", &big).unwrap();
+        let back: Vec<Vec<u8>> = dv.pull("big").unwrap();
+        assert!(back.iter().all(|b| *b == big), "8 MiB came back whole from every engine");
+        let xs: Vec<u64> = (0..101).collect();
+        dv.scatter("xs", &xs).unwrap();
+        assert_eq!(dv.gather::<u64>("xs").unwrap(), xs, "scatter/gather keep engine order across hosts");
+        dv.push("empty", &Vec::<u8>::new()).unwrap();
+        assert_eq!(dv.pull::<Vec<u8>>("empty").unwrap(), vec![Vec::<u8>::new(); 4]);
     });
 
     steps.run("every artifact crossed to each host once, libstd included", || {

@@ -129,6 +129,8 @@ pub struct Hub {
     last_ping: Option<Instant>,
     /// The last extra ping sent for engines awaiting their first pong.
     last_first_ping: Option<Instant>,
+    /// No registration completes before this time (see [`Hub::hold_registrations`]).
+    hold_until: Option<Instant>,
     exit_at: Option<Instant>,
     rng: rand::rngs::StdRng,
     /// Records are also persisted (`--db sqlite`): finished records, purges and lookups of
@@ -172,6 +174,7 @@ impl Hub {
             started: now,
             last_ping: None,
             last_first_ping: None,
+            hold_until: None,
             exit_at: None,
             rng: rand::rngs::StdRng::from_entropy(),
             persist: false,
@@ -240,7 +243,11 @@ impl Hub {
         let ping = self.cfg.ping;
         let mut dead = Vec::new();
         let mut late = Vec::new();
+        let mut held = Vec::new();
         for e in self.engines.by_id.values() {
+            if !e.ready && e.routable() && e.ponged {
+                held.push(e.id);
+            }
             let limit = if e.ponged { ping * HB_MISSES + ping / 2 } else { (ping * 10).max(FIRST_PONG_GRACE) };
             if now.duration_since(e.last_seen) > limit {
                 dead.push(e.id);
@@ -250,6 +257,9 @@ impl Hub {
         }
         for id in dead {
             self.on_engine_died(c, id, "missed heartbeats", now);
+        }
+        for id in held {
+            self.make_ready(c, id, now);
         }
         for id in late {
             warn!(engine_id = id, "engine never became reachable for routing; registering it anyway");
@@ -296,6 +306,12 @@ impl Hub {
             return None;
         }
         Some(self.last_first_ping.map_or(self.started, |t| t + FIRST_PING_EVERY))
+    }
+
+    /// Complete no registration before `until` (a restarted controller: see `net`); the
+    /// engines ready by then are registered at the first tick after it.
+    pub fn hold_registrations(&mut self, until: Instant) {
+        self.hold_until = Some(until);
     }
 
     /// Send the extra ping that [`Hub::first_ping_at`] asked for.
@@ -412,7 +428,7 @@ impl Hub {
     /// and its heart has beaten: an engine still starting up gets no tasks.
     fn make_ready<C: Comm>(&mut self, c: &mut C, id: u64, now: Instant) {
         let Some(e) = self.engines.get(id) else { return };
-        if e.ready || !e.routable() || !e.ponged {
+        if e.ready || !e.routable() || !e.ponged || self.hold_until.is_some_and(|t| now < t) {
             return;
         }
         self.force_ready(c, id, now);

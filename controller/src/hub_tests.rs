@@ -188,6 +188,21 @@ fn an_engine_whose_heart_stays_silent_is_registered_after_the_fallback_delay() {
 }
 
 #[test]
+fn a_restarted_controller_completes_registrations_after_its_hold() {
+    let mut e = env(0);
+    let until = e.now + Duration::from_secs(1);
+    e.hub.hold_registrations(until);
+    e.engine(0);
+    assert!(e.hub.ids().is_empty(), "routable and ponged, but held");
+    e.hub.on_tick(&mut e.comm, until - Duration::from_millis(1));
+    assert!(e.hub.ids().is_empty());
+    e.hub.on_tick(&mut e.comm, until);
+    assert_eq!(e.hub.ids(), vec![0]);
+    let out = e.comm.take();
+    assert!(out.iter().any(|(s, f)| *s == Sock::Notification && decode(f).header.msg_type == "registration_notification"));
+}
+
+#[test]
 fn leastload_ties_go_to_the_least_recently_used_engine() {
     let mut e = env(0);
     e.engine(0);

@@ -255,6 +255,12 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     // No engine has registered yet: the hub starts on the set the guard's policy reads.
     hub.engines = Engines::with_alive(alive);
     hub.persist = store.is_some();
+    if reused.is_some() {
+        // Clients and engines of the previous controller reconnect together: registrations
+        // complete after one heartbeat period, once the clients' notification subscriptions
+        // are back, so no client misses an engine's return.
+        hub.hold_registrations(Instant::now() + config.ping);
+    }
     let mut comm = NetComm {
         routers: senders,
         writers: HashMap::new(),

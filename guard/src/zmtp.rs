@@ -30,6 +30,23 @@ pub fn null_greeting() -> [u8; GREETING_LEN] {
     g
 }
 
+/// The READY command a ZMTP 3 peer of `socket_type` presenting `identity` sends after its
+/// greeting (tests and probes use it).
+pub fn ready_command(socket_type: &[u8], identity: &[u8]) -> Vec<u8> {
+    let mut body = b"\x05READY".to_vec();
+    for (name, value) in [(&b"Socket-Type"[..], socket_type), (b"Identity", identity)] {
+        body.push(name.len() as u8);
+        body.extend_from_slice(name);
+        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        body.extend_from_slice(value);
+    }
+    let header = match u8::try_from(body.len()) {
+        Ok(short) => vec![FLAG_COMMAND, short],
+        Err(_) => [vec![FLAG_COMMAND | FLAG_LONG], (body.len() as u64).to_be_bytes().to_vec()].concat(),
+    };
+    [header, body].concat()
+}
+
 const FLAG_MORE: u8 = 0b001;
 const FLAG_LONG: u8 = 0b010;
 const FLAG_COMMAND: u8 = 0b100;
@@ -535,6 +552,16 @@ mod tests {
             let mut c = FrameCheck::new(Limits { max_command: 1000, ..limits() });
             feed(&mut c, bytes).unwrap();
             assert_eq!(c.identity(), Some(want));
+        }
+    }
+
+    #[test]
+    fn ready_command_short_and_long_is_read_back() {
+        for id in [&b"e"[..], &[7u8; MAX_IDENTITY]] {
+            let bytes = [null_greeting().to_vec(), ready_command(b"DEALER", id)].concat();
+            let mut c = FrameCheck::new(Limits { max_command: 1000, ..limits() });
+            feed(&mut c, &bytes).unwrap();
+            assert_eq!(c.identity(), Some(id));
         }
     }
 

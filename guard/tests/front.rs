@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use rpx_guard::front::{bind_options, bind_with};
-use rpx_guard::zmtp::null_greeting;
+use rpx_guard::zmtp::{null_greeting, ready_command};
 use rpx_guard::{Limits, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -164,14 +164,7 @@ async fn wait_for(events: &mut futures::channel::mpsc::Receiver<SocketEvent>, wh
 
 /// The READY command a DEALER presenting `identity` sends, as raw ZMTP.
 fn ready_as(identity: &[u8]) -> Vec<u8> {
-    let mut body = b"\x05READY".to_vec();
-    for (name, value) in [(&b"Socket-Type"[..], &b"DEALER"[..]), (b"Identity", identity)] {
-        body.push(name.len() as u8);
-        body.extend_from_slice(name);
-        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        body.extend_from_slice(value);
-    }
-    [vec![0x04, body.len() as u8], body].concat()
+    ready_command(b"DEALER", identity)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

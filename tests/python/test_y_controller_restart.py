@@ -63,7 +63,12 @@ def test_python_client_survives_a_controller_restart_with_reuse(own_cluster):
             pytest.fail(f"no client could connect to the restarted controller ({e!r}); its log:\n"
                         + (rpx_dir / "ipcontroller-reuse.log").read_text(), pytrace=False)
         try:
-            rc2.wait_for_engines(2, timeout=10)
+            try:
+                rc2.wait_for_engines(2, timeout=10)
+            except TimeoutError as e:
+                log.flush()
+                pytest.fail(f"{e}; the restarted controller's log:\n" + (rpx_dir / "ipcontroller-reuse.log").read_text(),
+                            pytrace=False)
             H.note("controller restart (--reuse)", f"engines back after {time.monotonic() - t0:.2f} s")
             assert sorted(rc2.ids) == ids
         finally:

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use rpx_guard::zmtp::{null_greeting, ready_command};
 use rpx_protocol::connection::read_json;
 use rpx_tests::TestCluster;
 use serde_json::Value;
@@ -15,12 +16,7 @@ const LIMIT: Duration = Duration::from_secs(240);
 
 /// A ZMTP 3.0 greeting with the NULL mechanism.
 fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
+    null_greeting().to_vec()
 }
 
 /// Send `bytes` to `port` and wait (bounded) until the other side closes the connection.
@@ -106,14 +102,7 @@ fn forged_headers_garbage_and_silence_close_the_connection_and_the_cluster_keeps
 
 /// The READY command of a DEALER presenting `identity`, as raw ZMTP.
 fn ready_as(identity: &[u8]) -> Vec<u8> {
-    let mut body = b"\x05READY".to_vec();
-    for (name, value) in [(&b"Socket-Type"[..], &b"DEALER"[..]), (b"Identity", identity)] {
-        body.push(name.len() as u8);
-        body.extend_from_slice(name);
-        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        body.extend_from_slice(value);
-    }
-    [vec![0x04, body.len() as u8], body].concat()
+    ready_command(b"DEALER", identity)
 }
 
 #[test]

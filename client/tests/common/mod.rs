@@ -82,3 +82,40 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
     }
     true
 }
+
+/// Orders a test against a cell running on an engine of this host by explicit signals: the
+/// cell's code from [`Gate::hold`] says it started, then waits (at most 120 s) until the test
+/// [`Gate::open`]s the gate.
+pub struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate { dir: tempfile::tempdir().expect("a private directory for the gate") }
+    }
+
+    /// Code for a cell: signal "started", then wait for the gate to open.
+    pub fn hold(&self) -> String {
+        let started = self.dir.path().join("started");
+        let open = self.dir.path().join("open");
+        format!(
+            "std::fs::write({started:?}, b\"\").unwrap(); \
+             let t0 = std::time::Instant::now(); \
+             while !std::path::Path::new({open:?}).exists() && t0.elapsed() < std::time::Duration::from_secs(120) {{ std::thread::sleep(std::time::Duration::from_millis(5)); }}"
+        )
+    }
+
+    /// Wait (at most 120 s) until the cell said it started.
+    pub fn wait_started(&self) {
+        let t0 = Instant::now();
+        while !self.dir.path().join("started").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "the cell never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn open(&self) {
+        std::fs::write(self.dir.path().join("open"), b"").expect("open the gate");
+    }
+}
