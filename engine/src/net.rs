@@ -22,7 +22,7 @@ use rpx_protocol::Session;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use zeromq::{DealerSocket, PubSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket};
+use zeromq::{DealerSocket, PubSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::{Error, Result};
 
@@ -436,6 +436,13 @@ pub async fn start_heart(ping_url: &str, pong_url: &str, identity: &str, timeout
         Err(_) => return Err(Error::Connect(format!("{ping_url}: timed out"))),
     }
     let mut pong = connect_dealer(pong_url, identity, timeout).await?;
+    // A first beat unasked: the controller schedules an engine once its heart has beaten, and
+    // this one beats as soon as it listens, without waiting for the next ping.
+    match tokio::time::timeout(timeout, pong.send(ZmqMessage::from("0"))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Connect(format!("{pong_url}: first beat: {e}"))),
+        Err(_) => return Err(Error::Connect(format!("{pong_url}: first beat timed out"))),
+    }
     tasks.spawn(async move {
         loop {
             match sub.recv().await {
