@@ -6,6 +6,7 @@
 //!
 //! ```sh
 //! cargo run --release -p rpx --example bench_ops -- [OUT.json]   # BENCH_REPS (3), BENCH_N (2)
+//! BENCH_ONLY=throughput|data, BENCH_NTASKS (10,000), BENCH_NBYTES (1e8)
 //! ```
 //! It starts its own cluster (`ipcluster start --daemonize` under a private `RPX_DIR`) from the
 //! binaries next to this one, and prints min/median/max per measure as JSON.
@@ -26,6 +27,36 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// CPU seconds (user + system) used so far by this process (`client`) and by each kind of
+/// process of the cluster under `rpx_dir` (found by their environment), summed per kind.
+fn cpu_by_role(rpx_dir: &std::path::Path) -> std::collections::BTreeMap<&'static str, f64> {
+    // SAFETY: plain sysconf query.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = |pid: &str| -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / tick)
+    };
+    let mut out = std::collections::BTreeMap::new();
+    out.insert("client", cpu("self").unwrap_or(0.0));
+    for p in rpx_tests::processes_mentioning(&rpx_dir.display().to_string()) {
+        let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
+        let role = if environ.windows(19).any(|w| w == b"RPX_ENGINE_WORKER=1") {
+            "worker"
+        } else if p.cmdline.contains("ipcontroller") {
+            "controller"
+        } else if p.cmdline.contains("ipengine") {
+            "engine"
+        } else if p.cmdline.contains("rpx-compiler") {
+            "compiler"
+        } else {
+            continue;
+        };
+        *out.entry(role).or_insert(0.0) += cpu(&p.pid.to_string()).unwrap_or(0.0);
+    }
+    out
+}
+
 fn main() -> rpx::Result<()> {
     let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
@@ -42,9 +73,12 @@ fn main() -> rpx::Result<()> {
     report.insert("reps".into(), json!(reps));
 
     // BENCH_ONLY=data: only the 100 MB transfers.
+    // BENCH_ONLY=throughput: only the 10,000 tasks (with CPU per task of each process).
     let only_data = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "data");
+    let only_tasks = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "throughput");
     let dv_all = client.direct_view(..);
     if !only_data {
+    if !only_tasks {
     // Closure compile: the first call of a closure nobody compiled yet, then later calls.
     let nonce = std::process::id() as u64;
     let t = Instant::now();
@@ -93,15 +127,23 @@ fn main() -> rpx::Result<()> {
         eprintln!("{name}: median {:.1} µs", median(all.clone()) * 1e6);
         report.insert(format!("{name}_s"), stats(per_rep));
     }
+    }
 
     // Throughput: 10,000 trivial tasks.
     let ntasks: u64 = std::env::var("BENCH_NTASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let mut lb_map = Vec::new();
     let mut dv_map = Vec::new();
+    let mut cpu_per_task: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     for _ in 0..reps {
+        let before = cpu_by_role(cluster.rpx_dir());
         let t = Instant::now();
         let r: Vec<u64> = lb.chunksize(1).map(ident.clone(), 0..ntasks)?;
         lb_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
+        let after = cpu_by_role(cluster.rpx_dir());
+        for (role, s) in after {
+            let used = s - before.get(role).copied().unwrap_or(0.0);
+            cpu_per_task.entry(role).or_default().push(used / ntasks as f64 * 1e6);
+        }
         assert_eq!(r.len() as u64, ntasks);
         assert_eq!(r[ntasks as usize - 1], ntasks - 1);
         let t = Instant::now();
@@ -111,6 +153,10 @@ fn main() -> rpx::Result<()> {
     }
     eprintln!("lb map chunksize 1: median {:.0} tasks/s; direct map: {:.0} items/s", median(lb_map.clone()), median(dv_map.clone()));
     report.insert("lb_map_tasks_per_s".into(), stats(lb_map));
+    for (role, us) in cpu_per_task {
+        eprintln!("lb map: {role} {:.1} µs of CPU per task (median)", median(us.clone()));
+        report.insert(format!("lb_map_cpu_us_per_task_{role}"), stats(us));
+    }
     report.insert("dv_map_items_per_s".into(), stats(dv_map));
 
     }
@@ -120,7 +166,13 @@ fn main() -> rpx::Result<()> {
     let nbytes: usize = std::env::var("BENCH_NBYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000_000);
     let data: Vec<f64> = (0..nbytes / 8).map(|i| i as f64 * 0.5).collect();
     let gb = nbytes as f64 / 1e9;
-    let planes: &[bool] = if std::env::var("BENCH_DATA_PLANE").is_ok_and(|v| v == "both") { &[true, false] } else { &[true] };
+    let planes: &[bool] = if only_tasks {
+        &[]
+    } else if std::env::var("BENCH_DATA_PLANE").is_ok_and(|v| v == "both") {
+        &[true, false]
+    } else {
+        &[true]
+    };
     for &shm in planes {
     client.set_shared_memory(shm);
     let suffix = if shm { "" } else { "_buffers" };
@@ -134,7 +186,7 @@ fn main() -> rpx::Result<()> {
         let back: Vec<Vec<f64>> = dv0.pull("a")?;
         pull.push(gb / t.elapsed().as_secs_f64());
         assert_eq!(back[0].len(), data.len());
-        assert_eq!(back[0][12345], data[12345]);
+        assert_eq!(back[0][data.len() / 2], data[data.len() / 2]);
         let t = Instant::now();
         dv_all.scatter("x", &data)?;
         scatter.push(gb / t.elapsed().as_secs_f64());

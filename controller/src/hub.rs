@@ -700,7 +700,9 @@ impl Hub {
             // it is (no pass over thousands of queued tasks per submission).
             return;
         }
-        let mut kept = VecDeque::new();
+        // Tasks that must wait stay at the front, in their order; the rest of the queue is not
+        // touched, so a submission or a reply costs O(tasks looked at), not O(queue length).
+        let mut kept = Vec::new();
         let mut seen = HashSet::new();
         while free > 0 {
             let Some(msg_id) = self.queue.pop_front() else { break };
@@ -710,12 +712,13 @@ impl Hub {
             }
             match self.place(c, &msg_id) {
                 Placement::Placed => free = free.saturating_sub(1),
-                Placement::Wait => kept.push_back(msg_id),
+                Placement::Wait => kept.push(msg_id),
                 Placement::Failed => {}
             }
         }
-        kept.extend(self.queue.drain(..));
-        self.queue = kept;
+        for msg_id in kept.into_iter().rev() {
+            self.queue.push_front(msg_id);
+        }
     }
 
     fn place<C: Comm>(&mut self, c: &mut C, msg_id: &str) -> Placement {

@@ -396,6 +396,24 @@ fn unknown_dependencies_are_invalid_and_after_waits() {
 }
 
 #[test]
+fn a_waiting_task_keeps_its_place_while_later_tasks_pass_it() {
+    let mut e = env(2);
+    e.engine(0);
+    let a = e.submit(json!({}));
+    let b = e.submit(json!({"after": [a.clone()]}));
+    let c = e.submit(json!({}));
+    let d = e.submit(json!({}));
+    let sent: Vec<String> = e.dispatched().into_iter().map(|(_, id)| id).collect();
+    assert_eq!(sent, vec![a.clone(), c.clone()], "b waits for a; c passes it; d waits for room");
+    assert_eq!(e.hub.unassigned(), vec![b.clone(), d.clone()], "the queue keeps its order");
+    e.engine_reply(0, Chan::Task, &a, "ok");
+    assert_eq!(e.dispatched().into_iter().map(|(_, id)| id).collect::<Vec<_>>(), vec![b], "b goes first once a is done");
+    e.engine_reply(0, Chan::Task, &c, "ok");
+    assert_eq!(e.dispatched().into_iter().map(|(_, id)| id).collect::<Vec<_>>(), vec![d]);
+    assert!(e.hub.unassigned().is_empty());
+}
+
+#[test]
 fn results_and_history_are_served() {
     let mut e = env(0);
     e.engine(0);

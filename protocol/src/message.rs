@@ -28,7 +28,8 @@ fn default_version() -> String {
 
 /// ISO-8601 UTC timestamp with microseconds and a `Z`, as Python's Session writes.
 pub fn now_iso() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    // The same text as `%Y-%m-%dT%H:%M:%S%.6fZ`, without parsing a format string per message.
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// A decoded, verified message. `frames` keeps the original signed JSON frames so that a
@@ -88,4 +89,14 @@ pub fn error_content(ename: &str, evalue: &str, traceback: Vec<String>, engine_i
 /// The `engine_info` block that engine errors carry.
 pub fn engine_info(engine_id: u64, engine_uuid: &str, method: &str) -> Value {
     json!({"engine_id": engine_id, "engine_uuid": engine_uuid, "method": method})
+}
+
+#[cfg(test)]
+mod date_tests {
+    #[test]
+    fn dates_are_utc_with_microseconds_as_python_writes_them() {
+        let d = super::now_iso();
+        let parsed = chrono::NaiveDateTime::parse_from_str(&d, "%Y-%m-%dT%H:%M:%S%.6fZ");
+        assert!(parsed.is_ok() && d.len() == "2026-12-04T05:50:23.123456Z".len(), "{d}");
+    }
 }
