@@ -330,8 +330,13 @@ impl Worker {
 
     /// Ask the worker to call a compiled closure; the answer is a [`WorkerEvent::CallResult`].
     pub async fn send_call(&mut self, so_path: &str, fn_name: &str, mode: u32, args: &[u8]) -> std::io::Result<()> {
-        let line = format!("CALL {so_path} {fn_name} {mode} {}\n", args.len());
-        self.write(&[line.as_bytes(), args]).await
+        let mut line = format!("CALL {so_path} {fn_name} {mode} {}\n", args.len()).into_bytes();
+        if args.len() <= 64 * 1024 {
+            // Small arguments go in the same write: one wake-up of the worker, not two.
+            line.extend_from_slice(args);
+            return self.write(&[&line]).await;
+        }
+        self.write(&[&line, args]).await
     }
 
     /// Write `parts` to the worker's stdin. The bound is 5 s plus 20 ms per MB, so large
