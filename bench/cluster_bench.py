@@ -1,6 +1,6 @@
 """rpx vs ipyparallel 9, side by side in one run: start-up, trivial cell on 8 vs 1 engine, idle memory.
 
-usage: /work/venv/bin/python bench/cluster_bench.py [--reps 3] [--n 8] [--cells 10] [--only rpx|ipp]
+usage: .venv/bin/python bench/cluster_bench.py [--reps 3] [--n 8] [--cells 10] [--only rpx|ipp]
        (cargo build --release first; needs ipyparallel and psutil in the Python that runs it)
 
 For each system, --reps times (fresh cluster each time, 8 engines):
@@ -39,7 +39,7 @@ import psutil
 try:
     import ipyparallel as ipp
 except ImportError:  # pragma: no cover
-    sys.exit("needs ipyparallel: run with /work/venv/bin/python (see bench/README.md)")
+    sys.exit("needs ipyparallel: run with the project .venv/bin/python (see bench/README.md)")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -8,8 +8,13 @@
    can reuse an earlier compile; runs interleaved, 2 warm-ups, then --cells timed runs each; a run
    is execute until the reply and the cell's `status: idle`.
 
+3. with --first-rpx CACHE_DIR (only this): the first `rpx::` cell of fresh kernels whose
+   XDG_CACHE_HOME is CACHE_DIR, after `rpx-kernel prepare` (timed too), --reps times; with
+   --cold also one kernel whose caches are empty (the build a user waited on before `prepare`).
+   Writes bench/results/kernel-first-rpx-<timestamp>.json.
+
 usage: .venv/bin/python bench/kernel_bench.py [--reps 3] [--cells 10] [--n 8]
-       [--evcxr-jupyter PATH]   (default: `evcxr_jupyter` on PATH or /work/tools/evcxr/bin)
+       [--evcxr-jupyter PATH] [--first-rpx CACHE_DIR [--cold]]   (default: `evcxr_jupyter` on PATH)
 (cargo build --release first.) Starts its own cluster (`ipcluster start -n N --daemonize`) in a
 temporary RPX_DIR and stops it at the end. Prints a markdown table and writes JSON to
 bench/results/kernel-<timestamp>.json.
@@ -85,10 +90,63 @@ def summary(xs):
 
 
 def find_evcxr_jupyter(arg):
-    for c in [arg, shutil.which("evcxr_jupyter"), "/work/tools/evcxr/bin/evcxr_jupyter"]:
+    for c in [arg, shutil.which("evcxr_jupyter")]:
         if c and Path(c).is_file():
             return c
     return None
+
+
+RPX_CELL = 'println!("{}", std::any::type_name::<rpx::Client>());'
+
+
+def first_rpx_cell(env):
+    """A fresh kernel: its first (plain) cell, then the time of its first `rpx::` cell."""
+    km = KernelManager(kernel_name="rpx")
+    km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        run_cell(kc, "1 + 1")
+        took, reply = run_cell(kc, RPX_CELL, timeout=3600)
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"the rpx cell failed: {reply}")
+        return took
+    finally:
+        stop(km, kc)
+
+
+def first_rpx(args, tmp):
+    """--first-rpx: the first `rpx::` cell of a kernel, with the client crate prepared (and cold)."""
+    cache = Path(args.first_rpx).resolve()
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), RPX_DIR=str(tmp / "rpx"), RPX_KERNEL_PREPARE="0",
+               RUST_BACKTRACE="0")
+    os.environ["JUPYTER_PATH"] = str(tmp / "share" / "jupyter")
+    results = {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg()}}
+    t0 = time.perf_counter()
+    r = subprocess.run([str(RELEASE / "rpx-kernel"), "prepare"], env=env, capture_output=True, text=True, check=True)
+    results["prepare"] = {"seconds": time.perf_counter() - t0, "output": r.stdout.strip()}
+    print(f"prepare: {results['prepare']['seconds']:.1f} s ({r.stdout.strip()})", file=sys.stderr)
+    prepared = []
+    for _ in range(args.reps):
+        prepared.append(first_rpx_cell(env))
+        print(f"first rpx cell, prepared: {prepared[-1]:.2f} s", file=sys.stderr)
+    results["prepared"] = summary(prepared)
+    if args.cold:
+        cold_cache = Path(tempfile.mkdtemp(prefix="rpx-kbench-cold-"))
+        cold = first_rpx_cell(dict(env, XDG_CACHE_HOME=str(cold_cache)))
+        shutil.rmtree(cold_cache, ignore_errors=True)
+        print(f"first rpx cell, cold: {cold:.2f} s", file=sys.stderr)
+        results["cold"] = cold
+    out = ROOT / "bench" / "results" / f"kernel-first-rpx-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"| first `rpx::` cell of a fresh kernel | seconds |\n|---|---|")
+    print(f"| prepared (median of {args.reps}) | {results['prepared']['median']:.2f} |")
+    if "cold" in results:
+        print(f"| nothing prepared, empty caches | {results['cold']:.2f} |")
+    print(f"\n(`rpx-kernel prepare` took {results['prepare']['seconds']:.1f} s; results in {out})")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
@@ -97,11 +155,19 @@ def main():
     ap.add_argument("--cells", type=int, default=10)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--evcxr-jupyter")
+    ap.add_argument("--first-rpx", metavar="CACHE_DIR",
+                    help="measure only the first `rpx::` cell of fresh kernels whose XDG_CACHE_HOME is CACHE_DIR "
+                         "(prepared first with `rpx-kernel prepare` if it is not)")
+    ap.add_argument("--cold", action="store_true",
+                    help="with --first-rpx: also one kernel with an empty cache (evcxr's too): minutes")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rpx-kbench-"))
     kernels = tmp / "share" / "jupyter" / "kernels"
-    subprocess.run([str(RELEASE / "rpx-kernel"), "install", "--prefix", str(tmp)], check=True, capture_output=True)
+    subprocess.run([str(RELEASE / "rpx-kernel"), "install", "--no-prepare", "--prefix", str(tmp)], check=True,
+                   capture_output=True)
+    if args.first_rpx:
+        return first_rpx(args, tmp)
     evcxr = find_evcxr_jupyter(args.evcxr_jupyter)
     if evcxr:
         (kernels / "evcxr").mkdir(parents=True, exist_ok=True)

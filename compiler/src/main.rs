@@ -39,7 +39,7 @@ use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 use crate::closure::{Entry, Next};
 use crate::builder::ClosureOutcome;
 use crate::context::{Command, Event};
-use crate::state::{Action, Compiler, EvalResult, Hist};
+use crate::state::{Action, Compiler, EvalResult, Hist, SparePolicy};
 
 /// The shared compiler of an rpx cluster.
 #[derive(Parser, Debug)]
@@ -60,6 +60,11 @@ struct Args {
     /// Milliseconds to wait for identical cells from the other engines of a group.
     #[arg(long, default_value_t = 15)]
     batch_window_ms: u64,
+    /// When to keep a spare context warm (~0.4 GB) so that engines forking into a group of their
+    /// own (`%px --targets`, a panic on some) do not wait for one: `after-fork` keeps one only
+    /// once engines have diverged.
+    #[arg(long, value_enum, env = "RPX_COMPILER_SPARE", default_value = "after-fork")]
+    spare_context: SparePolicy,
     /// Interface to bind (`*` or `0.0.0.0` for all interfaces); engines on other hosts need an
     /// address they can reach.
     #[arg(long, default_value = "127.0.0.1")]
@@ -155,7 +160,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let exe = std::env::current_exe().context("locating the rpx-compiler binary")?;
     let env = context::Env { exe, socket_dir: work.clone(), runtime_dir };
-    let result = event_loop(router, monitor, session, hello, registry, env, Duration::from_millis(args.batch_window_ms)).await;
+    let result = event_loop(router, monitor, session, hello, registry, env, Compiler::with_spare_policy(Duration::from_millis(args.batch_window_ms), args.spare_context)).await;
     let _ = std::fs::remove_file(&compiler_file);
     drop(work_dir);
     result
@@ -177,7 +182,7 @@ async fn event_loop(
     hello: EngineHelloReply,
     mut registry: artifacts::Registry,
     env: context::Env,
-    window: Duration,
+    mut state: Compiler,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
     let (mut send, mut recv) = router.split();
@@ -185,7 +190,6 @@ async fn event_loop(
     let mut contexts: HashMap<u64, context::Handle> = HashMap::new();
     let mut failed: HashMap<u64, String> = HashMap::new();
     let mut loads: HashMap<u64, mpsc::Sender<Vec<String>>> = HashMap::new();
-    let mut state = Compiler::new(window);
     let mut closures = closure::Cache::default();
     // Closures compile in their own crate, warmed up in the background once the first cell
     // context is ready (so the two warm-ups do not share the CPU), or at the first closure.

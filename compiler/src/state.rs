@@ -170,12 +170,28 @@ struct Batch {
     deadline: Instant,
 }
 
+/// When the compiler keeps a *spare* context ready (evcxr and rust-analyzer warmed up, ~0.4 GB),
+/// so that a group forking off (a `%px --targets` subset, a panic on some engines) or an engine
+/// arriving with a history does not wait seconds for a new context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SparePolicy {
+    /// Always: the latency of the first fork is bought with a second context from the start.
+    Always,
+    /// Once a second group has existed: a cluster whose engines never diverge keeps one context.
+    AfterFork,
+    /// Never: every new group waits for its context to be created.
+    Never,
+}
+
 /// The compiler's state.
 #[derive(Debug)]
 pub struct Compiler {
     engines: HashMap<Ident, EngineState>,
     groups: BTreeMap<CtxId, Group>,
     spare: Option<CtxId>,
+    spare_policy: SparePolicy,
+    /// More than one group has existed at once.
+    forked: bool,
     next_ctx: CtxId,
     batches: Vec<Batch>,
     /// How long to wait for identical cells from the other engines of a group.
@@ -199,11 +215,25 @@ fn ok_reply(to: &Ident, cell_id: &str) -> Action {
 }
 
 impl Compiler {
+    #[cfg(test)]
     pub fn new(window: Duration) -> Compiler {
-        Compiler { engines: HashMap::new(), groups: BTreeMap::new(), spare: None, next_ctx: 1, batches: Vec::new(), window }
+        Compiler::with_spare_policy(window, SparePolicy::AfterFork)
     }
 
-    /// Start warming the first context.
+    pub fn with_spare_policy(window: Duration, spare_policy: SparePolicy) -> Compiler {
+        Compiler {
+            engines: HashMap::new(),
+            groups: BTreeMap::new(),
+            spare: None,
+            spare_policy,
+            forked: false,
+            next_ctx: 1,
+            batches: Vec::new(),
+            window,
+        }
+    }
+
+    /// Start warming the first context (the spare that the first engines' group takes).
     pub fn start(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         self.ensure_spare(&mut out);
@@ -228,6 +258,7 @@ impl Compiler {
             .collect()
     }
 
+    /// Create a spare context unless there is one.
     fn ensure_spare(&mut self, out: &mut Vec<Action>) {
         if self.spare.is_none() {
             let ctx = self.next_ctx;
@@ -237,7 +268,8 @@ impl Compiler {
         }
     }
 
-    /// A new group on the spare context (and a new spare).
+    /// A new group on the spare context (created now if there is none), and a new spare if the
+    /// [`SparePolicy`] asks for one.
     fn take_spare(&mut self, history: Vec<Hist>, out: &mut Vec<Action>) -> CtxId {
         self.ensure_spare(out);
         let ctx = self.spare.take().expect("spare exists");
@@ -245,7 +277,15 @@ impl Compiler {
             out.push(Action::Replay { ctx, cells: history.clone() });
         }
         self.groups.insert(ctx, Group::new(history));
-        self.ensure_spare(out);
+        self.forked |= self.groups.len() > 1;
+        let keep = match self.spare_policy {
+            SparePolicy::Always => true,
+            SparePolicy::AfterFork => self.forked,
+            SparePolicy::Never => false,
+        };
+        if keep {
+            self.ensure_spare(out);
+        }
         ctx
     }
 
@@ -866,5 +906,44 @@ mod tests {
         assert_eq!(groups, vec![vec![0, 1], vec![2], vec![3]]);
         // An engine the compiler already knows keeps its group whatever it says.
         assert!(c.on_hello(id(2), 2, vec![]).is_empty());
+    }
+
+    fn new_contexts(a: &[Action]) -> usize {
+        a.iter().filter(|x| matches!(x, Action::NewContext { .. })).count()
+    }
+
+    #[test]
+    fn after_fork_a_cluster_that_never_diverges_keeps_one_context() {
+        let (mut c, _) = cluster(4);
+        assert_eq!(c.context_count(), 1, "no spare before any fork");
+        let a = run(&mut c, &[0, 1, 2, 3], "let x = 1;", &[ok(), ok(), ok(), ok()]);
+        assert_eq!(new_contexts(&a), 0);
+        assert_eq!(c.context_count(), 1);
+    }
+
+    #[test]
+    fn after_fork_the_first_fork_creates_its_context_then_a_spare_is_kept() {
+        let (mut c, _) = cluster(4);
+        let a = run(&mut c, &[0, 1], "let x = 1;", &[ok(), ok()]);
+        assert_eq!(c.groups(), vec![vec![2, 3], vec![0, 1]]);
+        assert_eq!(new_contexts(&a), 2, "the forked group's context and a spare for the next fork");
+        assert_eq!(c.context_count(), 3);
+        let a = run(&mut c, &[0], "let y = 2;", &[ok()]);
+        assert_eq!(new_contexts(&a), 1, "the next fork takes the spare and a new spare is made");
+        assert_eq!(c.context_count(), 4);
+    }
+
+    #[test]
+    fn always_keeps_a_spare_from_the_start_and_never_keeps_none() {
+        for (policy, at_start, after_fork) in [(SparePolicy::Always, 2, 3), (SparePolicy::Never, 1, 2)] {
+            let mut c = Compiler::with_spare_policy(Duration::from_millis(10), policy);
+            c.start();
+            for i in 0..4 {
+                c.on_hello(id(i), i as u64, vec![]);
+            }
+            assert_eq!(c.context_count(), at_start, "{policy:?}");
+            run(&mut c, &[0, 1], "let x = 1;", &[ok(), ok()]);
+            assert_eq!(c.context_count(), after_fork, "{policy:?}");
+        }
     }
 }

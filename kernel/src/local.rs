@@ -6,7 +6,8 @@
 //! cell stops and the variables from earlier cells stay; a cell that cannot be interrupted that
 //! way is killed after [`LOCAL_GRACE`] (its runtime restarts, local variables are lost). A cell
 //! that panics is an error (evcxr itself reports it only on stderr). A cell that mentions `rpx::`
-//! first gets the `rpx` client crate as a dependency.
+//! first gets the `rpx` client crate as a dependency, compiled ahead of time where
+//! [`crate::prepare`] has done so.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use evcxr::{CommandContext, EvalContext, EvalContextOutputs};
 use serde_json::{Map, Value};
 
+use crate::prepare;
 use crate::server::Shared;
 use rpx_magics::{IopubMsg, StreamName};
 
@@ -45,6 +47,8 @@ pub struct Local {
     failed: Arc<Mutex<Option<String>>>,
     shared: Arc<Shared>,
     rpx_added: bool,
+    /// The background `rpx-kernel prepare` this kernel started, if any (dies with the kernel).
+    _prepare: Option<std::process::Child>,
 }
 
 impl Local {
@@ -82,6 +86,7 @@ impl Local {
             failed,
             shared,
             rpx_added: false,
+            _prepare: client_crate_path().and_then(|c| prepare::spawn_background(&c)),
         }
     }
 
@@ -108,28 +113,37 @@ impl Local {
     pub fn execute(&mut self, code: &str) -> LocalOutcome {
         if !self.rpx_added && mentions_rpx(code) {
             if let Some(path) = client_crate_path() {
-                self.shared.publish_stream(
-                    StreamName::Stderr,
-                    "Adding the rpx client crate to this kernel (its first build takes minutes; later kernels reuse evcxr's build cache)...\n",
-                );
-                let cache_mb = std::env::var("RPX_KERNEL_CACHE_MB")
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(1024);
-                if cache_mb > 0 {
-                    let cache = format!(":cache {cache_mb}");
-                    if let err @ LocalOutcome::Err(..) = self.run(&cache, &cache) {
-                        return err;
-                    }
+                if let err @ LocalOutcome::Err(..) = self.add_rpx(&path) {
+                    return err;
                 }
-                let dep = format!(":dep rpx = {{ path = {:?} }}", path.to_string_lossy());
-                match self.run(&dep, &dep) {
-                    LocalOutcome::Ok(_) => self.rpx_added = true,
-                    err => return err,
-                }
+                self.rpx_added = true;
             }
         }
         self.run(code, code)
+    }
+
+    /// Add the client crate at `path` to the context: from the prepared seed when there is one
+    /// (waiting for a prepare that is running), else built here.
+    fn add_rpx(&mut self, path: &std::path::Path) -> LocalOutcome {
+        let say = |text: &str| self.shared.publish_stream(StreamName::Stderr, text);
+        if prepare::ready_seed(path).is_none() && prepare::running() {
+            say("Waiting for the rpx client crate, which is being compiled in the background (`rpx-kernel prepare`)...\n");
+            prepare::wait_for_running(path);
+        }
+        match (prepare::ready_seed(path), prepare::BuildDir::get()) {
+            (Some(seed), Some(tmpdir)) => {
+                if let Err(e) = prepare::merge_seed(&seed, tmpdir) {
+                    say(&format!("Could not use the prepared rpx client crate ({e:#}); building it...\n"));
+                }
+            }
+            _ => say("Adding the rpx client crate to this kernel (its first build takes minutes; `rpx-kernel prepare` does it ahead of time)...\n"),
+        }
+        for cmd in prepare::setup_commands(path) {
+            if let err @ LocalOutcome::Err(..) = self.run(&cmd, &cmd) {
+                return err;
+            }
+        }
+        LocalOutcome::Ok(None)
     }
 
     fn run(&mut self, code: &str, shown: &str) -> LocalOutcome {
@@ -246,7 +260,7 @@ pub fn is_unit(data: &Value) -> bool {
 }
 
 /// An evcxr context whose runtime is this binary as the engines' worker.
-fn new_context() -> Result<(CommandContext, EvalContextOutputs), evcxr::Error> {
+pub fn new_context() -> Result<(CommandContext, EvalContextOutputs), evcxr::Error> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.env(WORKER_ENV, "1");
     let (ctx, outputs) = EvalContext::with_subprocess_command(cmd)?;
@@ -258,7 +272,7 @@ fn mentions_rpx(code: &str) -> bool {
 }
 
 /// The `rpx` client crate's sources: `$RPX_CLIENT_PATH`, else the workspace this kernel was built in.
-fn client_crate_path() -> Option<PathBuf> {
+pub fn client_crate_path() -> Option<PathBuf> {
     let p = match std::env::var_os("RPX_CLIENT_PATH") {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../client")),

@@ -10,6 +10,7 @@
 //! - [`px`]: the `%px` family through `rpx::Client` and `rpx_magics`.
 //! - [`syntax`]: `is_complete` for Rust cells.
 //! - [`install`]: the kernelspec.
+//! - [`prepare`]: the `rpx` client crate compiled ahead of the first cell that uses it.
 //! - `diagnostics`: rustc errors rendered against the cell (shared with rpx-compiler).
 
 // The same rendering of rustc diagnostics as the cluster's compiler, so local and remote compile
@@ -20,6 +21,7 @@
 mod diagnostics;
 mod install;
 mod local;
+mod prepare;
 mod px;
 mod server;
 mod shell;
@@ -52,7 +54,36 @@ enum Cmd {
         /// Into PREFIX/share/jupyter/kernels (e.g. a virtualenv's prefix).
         #[arg(long)]
         prefix: Option<PathBuf>,
+        /// Do not compile the `rpx` client crate now (the first cell that uses it will, or a
+        /// kernel in the background).
+        #[arg(long)]
+        no_prepare: bool,
     },
+    /// Compile the `rpx` client crate into the user's cache, so that a kernel's first `rpx::`
+    /// cell takes seconds, not minutes.
+    Prepare {
+        /// Quiet, and give up at once if another prepare is running (a kernel's background run).
+        #[arg(long)]
+        background: bool,
+    },
+}
+
+/// `rpx-kernel prepare`, also the last step of `rpx-kernel install`.
+fn run_prepare(background: bool) -> anyhow::Result<()> {
+    let client = local::client_crate_path().ok_or_else(|| {
+        anyhow::anyhow!("cannot find the rpx client crate's sources (set RPX_CLIENT_PATH to its directory)")
+    })?;
+    if !background && prepare::ready_seed(&client).is_none() {
+        println!("Compiling the rpx client crate for the kernel (minutes, once)...");
+    }
+    match prepare::prepare(&client, !background)? {
+        prepare::Prepared::Built(dir, took) if !background => {
+            println!("Prepared the rpx client crate in {:.0} s: {}", took.as_secs_f64(), dir.display())
+        }
+        prepare::Prepared::Ready(dir) if !background => println!("The rpx client crate is prepared already: {}", dir.display()),
+        _ => {}
+    }
+    Ok(())
 }
 
 fn main() {
@@ -68,10 +99,19 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let r = match args.cmd {
-        Cmd::Kernel { connection_file } => server::run(&connection_file),
-        Cmd::Install { user, prefix } => install::install(user, prefix.as_deref()).map(|dir| {
-            println!("Installed the `{}` kernelspec in {}", install::KERNEL_NAME, dir.display());
+        Cmd::Kernel { connection_file } => prepare::BuildDir::create().and_then(|_| {
+            let r = server::run(&connection_file);
+            prepare::BuildDir::remove();
+            r
         }),
+        Cmd::Install { user, prefix, no_prepare } => install::install(user, prefix.as_deref()).and_then(|dir| {
+            println!("Installed the `{}` kernelspec in {}", install::KERNEL_NAME, dir.display());
+            if no_prepare {
+                return Ok(());
+            }
+            run_prepare(false)
+        }),
+        Cmd::Prepare { background } => run_prepare(background),
     };
     if let Err(e) = r {
         eprintln!("rpx-kernel: {e:#}");

@@ -299,6 +299,7 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         shared.status("idle", &msg.header);
         if exit {
             shared.kill_runtime();
+            crate::prepare::BuildDir::remove();
             // Let the reply and the status leave before the process does.
             tokio::time::sleep(Duration::from_millis(200)).await;
             std::process::exit(0);

@@ -8,7 +8,8 @@ Use it from a test module with
 (registered once however many modules name it, so session fixtures stay one per session).
 
 Fixtures
-- `jupyter_env` (session): runs `target/release/rpx-kernel install --prefix <tmp>` and points
+- `jupyter_env` (session): runs `target/release/rpx-kernel install --no-prepare --prefix <tmp>`
+  (test_k_prepare tests the prepare; kernels get RPX_KERNEL_PREPARE=0 for the same reason) and points
   this process at private Jupyter dirs: `JUPYTER_PATH=<tmp>/share/jupyter` (the rpx kernelspec,
   first on the path), `JUPYTER_DATA_DIR` / `JUPYTER_RUNTIME_DIR` / `JUPYTER_CONFIG_DIR` /
   `IPYTHONDIR` under <tmp> (nothing is read from or written to $HOME, and a stale user-installed
@@ -90,7 +91,9 @@ class JupyterEnv:
         """An environment for a kernel (or a Jupyter server) whose cluster is in rpx_dir."""
         env = dict(os.environ)
         env.update(self.vars)
-        env.update(RPX_DIR=str(rpx_dir), RPX_PROFILE=profile, RUST_BACKTRACE="0")
+        # No background `rpx-kernel prepare` (minutes of CPU) in every test kernel: test_k_prepare
+        # turns it back on where it is what is tested.
+        env.update(RPX_DIR=str(rpx_dir), RPX_PROFILE=profile, RUST_BACKTRACE="0", RPX_KERNEL_PREPARE="0")
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -99,7 +102,7 @@ def _install_kernelspec(root):
     if not KERNEL_BINARY.is_file():
         pytest.fail(f"{KERNEL_BINARY} missing: run `cargo build --release --workspace` first "
                     "(the kernel crate builds the `rpx-kernel` binary)", pytrace=False)
-    r = subprocess.run([str(KERNEL_BINARY), "install", "--prefix", str(root)], capture_output=True,
+    r = subprocess.run([str(KERNEL_BINARY), "install", "--no-prepare", "--prefix", str(root)], capture_output=True,
                        text=True, timeout=60)
     if r.returncode != 0:
         pytest.fail(f"`rpx-kernel install --prefix {root}` exited {r.returncode}\nstdout: {r.stdout}\n"

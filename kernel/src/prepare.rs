@@ -1,0 +1,304 @@
+//! The `rpx` client crate compiled ahead of the first cell that needs it.
+//!
+//! Building the client crate and its dependency tree inside evcxr takes minutes the first time.
+//! `rpx-kernel prepare` (run by `rpx-kernel install` unless `--no-prepare`, and in the
+//! background, at low priority, by a kernel that starts and finds nothing prepared) does that
+//! build once, in an evcxr context of its own, and keeps the context's build directory as a
+//! *seed*: `$XDG_CACHE_HOME/rpx/kernel/seed-<key>` (else `~/.cache/rpx/...`; directories
+//! 0700). A kernel's first `rpx::` cell copies the seed's compiled dependencies into its own
+//! evcxr build directory ([`merge_seed`]), so cargo finds them fresh and builds only the cell.
+//!
+//! The seed is only a cache: cargo's own fingerprints decide what is fresh, so a stale seed (a
+//! new toolchain, an edited client crate) costs a rebuild, never a wrong result. A seed is
+//! built in `building-<pid>` under an exclusive lock and renamed into place when complete, so a
+//! kernel never copies half a build.
+
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+/// `RPX_KERNEL_PREPARE=0`: a starting kernel does not prepare the client crate in the
+/// background.
+pub const PREPARE_ENV: &str = "RPX_KERNEL_PREPARE";
+
+/// The longest a prepare may take, and so the longest anyone waits for one.
+pub const PREPARE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// The file that marks a complete seed.
+const READY: &str = "READY";
+
+/// The cell a prepare runs: it names the client crate, so evcxr builds it and its dependencies.
+const PROBE: &str = "let _rpx_prepared = std::any::type_name::<rpx::Client>();";
+
+/// The evcxr commands that add the client crate at `client` to a context: the same in a
+/// prepare and in a kernel, so cargo sees the same build in both.
+pub fn setup_commands(client: &Path) -> Vec<String> {
+    let cache_mb = std::env::var("RPX_KERNEL_CACHE_MB").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1024);
+    let mut c = Vec::new();
+    if cache_mb > 0 {
+        c.push(format!(":cache {cache_mb}"));
+    }
+    c.push(format!(":dep rpx = {{ path = {:?} }}", client.to_string_lossy()));
+    c
+}
+
+/// `$XDG_CACHE_HOME/rpx/kernel`, else `$HOME/.cache/rpx/kernel`.
+pub fn cache_root() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?).join(".cache"),
+    };
+    Ok(base.join("rpx").join("kernel"))
+}
+
+/// Where the seed for this kernel binary and this client crate lives.
+pub fn seed_dir(root: &Path, client: &Path) -> PathBuf {
+    // SipHash with fixed keys: the same key for the same binary, client and options.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client.hash(&mut h);
+    std::env::current_exe().ok().hash(&mut h);
+    setup_commands(client).hash(&mut h);
+    root.join(format!("seed-{}-{:016x}", env!("CARGO_PKG_VERSION"), h.finish()))
+}
+
+/// The seed, if one is complete.
+pub fn ready_seed(client: &Path) -> Option<PathBuf> {
+    let dir = seed_dir(&cache_root().ok()?, client);
+    dir.join(READY).is_file().then_some(dir)
+}
+
+/// How a prepare ended.
+pub enum Prepared {
+    /// Built now, in this long.
+    Built(PathBuf, Duration),
+    /// It was there already.
+    Ready(PathBuf),
+    /// Another prepare holds the lock (only when not waiting for it).
+    Busy,
+}
+
+/// The exclusive lock on a cache root: held while a seed is built (released when the file
+/// closes).
+struct Lock(#[allow(dead_code)] File);
+
+impl Lock {
+    /// Take the lock; `wait` bounds how long to wait for another holder (zero: try once).
+    fn take(root: &Path, wait: Duration) -> Result<Option<Lock>> {
+        let path = root.join("lock");
+        let f = File::options().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let end = Instant::now() + wait;
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is passed.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(Lock(f)));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+            if Instant::now() >= end {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Whether some process holds the lock of `root` now.
+    fn held(root: &Path) -> bool {
+        matches!(Lock::take(root, Duration::ZERO), Ok(None))
+    }
+}
+
+/// A private directory (0700), created with its parents.
+fn private_dir(p: &Path) -> Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p).with_context(|| format!("cannot create {}", p.display()))
+}
+
+/// Build the seed for `client` unless it is there. With `wait`, waits (at most
+/// [`PREPARE_LIMIT`]) for a prepare that another process is running; without, returns
+/// [`Prepared::Busy`]. Must run before this process starts threads: it sets `EVCXR_TMPDIR`.
+pub fn prepare(client: &Path, wait: bool) -> Result<Prepared> {
+    let root = cache_root()?;
+    private_dir(&root)?;
+    let seed = seed_dir(&root, client);
+    if seed.join(READY).is_file() {
+        return Ok(Prepared::Ready(seed));
+    }
+    let Some(_lock) = Lock::take(&root, if wait { PREPARE_LIMIT } else { Duration::ZERO })? else {
+        if wait {
+            bail!("another `rpx-kernel prepare` held {} for longer than {:?}", root.display(), PREPARE_LIMIT);
+        }
+        return Ok(Prepared::Busy);
+    };
+    if seed.join(READY).is_file() {
+        return Ok(Prepared::Ready(seed));
+    }
+    // Builds that died half-way (the lock is ours: nobody else is building).
+    for e in std::fs::read_dir(&root)?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("building-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let started = Instant::now();
+    let build = root.join(format!("building-{}", std::process::id()));
+    private_dir(&build)?;
+    std::env::set_var("EVCXR_TMPDIR", &build);
+    let (mut ctx, outputs) = crate::local::new_context().map_err(|e| anyhow::anyhow!("cannot start evcxr: {e}"))?;
+    // evcxr's compiler output: shown to whoever runs the prepare, and kept for its error.
+    let stderr = std::thread::spawn(move || outputs.stderr.iter().collect::<Vec<_>>());
+    let mut failure = None;
+    for cmd in setup_commands(client).iter().chain([&PROBE.to_string()]) {
+        if let Err(e) = ctx.execute(cmd) {
+            failure = Some(format!("`{cmd}` failed: {e}"));
+            break;
+        }
+    }
+    drop(ctx);
+    let lines = stderr.join().unwrap_or_default();
+    if let Some(f) = failure {
+        let _ = std::fs::remove_dir_all(&build);
+        bail!("{f}\n{}", lines.join("\n"));
+    }
+    File::create(build.join(READY))?;
+    if seed.exists() {
+        std::fs::remove_dir_all(&seed)?;
+    }
+    std::fs::rename(&build, &seed).with_context(|| format!("cannot move {} to {}", build.display(), seed.display()))?;
+    Ok(Prepared::Built(seed, started.elapsed()))
+}
+
+/// Start `rpx-kernel prepare --background` at low priority, unless [`PREPARE_ENV`] is `0`, a
+/// seed is ready or another prepare is running. It dies with this process.
+pub fn spawn_background(client: &Path) -> Option<Child> {
+    if std::env::var(PREPARE_ENV).is_ok_and(|v| v == "0") || ready_seed(client).is_some() {
+        return None;
+    }
+    let root = cache_root().ok()?;
+    if Lock::held(&root) {
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["prepare", "--background"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            Ok(())
+        });
+    }
+    cmd.spawn().ok()
+}
+
+/// Wait (at most [`PREPARE_LIMIT`]) while a prepare is running anywhere for this cache: true if
+/// a seed is ready at the end.
+pub fn wait_for_running(client: &Path) -> bool {
+    let Ok(root) = cache_root() else { return false };
+    let end = Instant::now() + PREPARE_LIMIT;
+    while ready_seed(client).is_none() && Lock::held(&root) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ready_seed(client).is_some()
+}
+
+/// Whether a prepare is running for this user's cache now.
+pub fn running() -> bool {
+    cache_root().is_ok_and(|r| Lock::held(&r))
+}
+
+/// Copy the seed's build into the evcxr build directory `tmpdir` (files already there are kept:
+/// the context's own crate), with its lock file unless the context already locks other crates.
+pub fn merge_seed(seed: &Path, tmpdir: &Path) -> Result<()> {
+    let out = Command::new("cp")
+        .args(["-a", "-n", "--reflink=auto"])
+        .arg(seed.join("target").join("."))
+        .arg(tmpdir.join("target"))
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run cp")?;
+    if !out.status.success() {
+        bail!("copying {} failed: {}", seed.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let lock = tmpdir.join("Cargo.lock");
+    let packages = std::fs::read_to_string(&lock).map(|t| t.matches("[[package]]").count()).unwrap_or(0);
+    if packages <= 1 {
+        std::fs::copy(seed.join("Cargo.lock"), &lock).context("cannot copy the seed's Cargo.lock")?;
+    }
+    Ok(())
+}
+
+/// The evcxr build directory of this kernel: made private at start (`EVCXR_TMPDIR`), removed
+/// when the kernel exits.
+pub struct BuildDir;
+
+static BUILD_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+impl BuildDir {
+    /// Create it and point evcxr at it. Call before any thread starts.
+    pub fn create() -> Result<&'static Path> {
+        let dir = tempfile::Builder::new().prefix("rpx-kernel-").tempdir().context("cannot create the kernel's build directory")?.keep();
+        std::env::set_var("EVCXR_TMPDIR", &dir);
+        Ok(BUILD_DIR.get_or_init(|| dir))
+    }
+
+    /// The directory, once created.
+    pub fn get() -> Option<&'static Path> {
+        BUILD_DIR.get().map(PathBuf::as_path)
+    }
+
+    /// Remove it (the kernel is exiting).
+    pub fn remove() {
+        if let Some(d) = BUILD_DIR.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_is_keyed_by_client_crate_and_kept_under_the_cache_root() {
+        let root = Path::new("/cache/rpx/kernel");
+        let a = seed_dir(root, Path::new("/src/a/client"));
+        let b = seed_dir(root, Path::new("/src/b/client"));
+        assert_ne!(a, b);
+        assert_eq!(a, seed_dir(root, Path::new("/src/a/client")));
+        assert!(a.starts_with(root), "{a:?}");
+        assert!(a.file_name().unwrap().to_string_lossy().starts_with(concat!("seed-", env!("CARGO_PKG_VERSION"))));
+    }
+
+    #[test]
+    fn kernels_and_prepares_add_the_client_crate_with_the_same_commands() {
+        let c = setup_commands(Path::new("/src/client"));
+        assert_eq!(c.last().unwrap(), r#":dep rpx = { path = "/src/client" }"#);
+    }
+
+    #[test]
+    fn a_merge_keeps_the_contexts_own_files_and_takes_the_seeds_dependencies() {
+        let t = tempfile::tempdir().unwrap();
+        let (seed, ctx) = (t.path().join("seed"), t.path().join("ctx"));
+        for d in [seed.join("target/debug/deps"), ctx.join("target/debug/deps")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(seed.join("target/debug/deps/libdep.rlib"), "dep").unwrap();
+        std::fs::write(seed.join("target/debug/deps/libctx.so"), "old").unwrap();
+        std::fs::write(ctx.join("target/debug/deps/libctx.so"), "new").unwrap();
+        std::fs::write(seed.join("Cargo.lock"), "[[package]]\nname = \"ctx\"\n[[package]]\nname = \"rpx\"\n").unwrap();
+        std::fs::write(ctx.join("Cargo.lock"), "[[package]]\nname = \"ctx\"\n").unwrap();
+        merge_seed(&seed, &ctx).unwrap();
+        let read = |p: &str| std::fs::read_to_string(ctx.join(p)).unwrap();
+        assert_eq!(read("target/debug/deps/libdep.rlib"), "dep");
+        assert_eq!(read("target/debug/deps/libctx.so"), "new");
+        assert!(read("Cargo.lock").contains("rpx"));
+    }
+}
