@@ -292,7 +292,10 @@ fn forward(rx: crossbeam_channel::Receiver<String>, name: StreamName, shared: Ar
                     lines.push(more);
                 }
                 if name == StreamName::Stderr {
-                    shared.note_stderr(&lines);
+                    lines = shared.note_stderr(&lines);
+                    if lines.is_empty() {
+                        continue;
+                    }
                 }
                 let mut text = lines.join("\n");
                 text.push('\n');

@@ -97,8 +97,10 @@ impl Shared {
     }
 
     /// Keep the panic message of the running local cell, from its stderr lines.
-    pub fn note_stderr(&self, lines: &[String]) {
-        self.panic.lock().unwrap_or_else(|p| p.into_inner()).note(lines);
+    /// Take note of a local cell's stderr lines; returns those to publish as its stderr (a
+    /// panic report is not among them: it becomes the cell's error, shown once).
+    pub fn note_stderr(&self, lines: &[String]) -> Vec<String> {
+        self.panic.lock().unwrap_or_else(|p| p.into_inner()).note(lines)
     }
 
     fn kill_runtime(&self) {
@@ -108,29 +110,89 @@ impl Shared {
     }
 }
 
-/// The panic message in a local cell's stderr: `thread '..' panicked at FILE:` and the message
-/// lines after it, up to the backtrace or the `note:`.
+/// The panic report in a local cell's stderr: `thread '..' panicked at FILE:`, the message lines
+/// after it, and what the runtime adds (`note: run with RUST_BACKTRACE=1 ...`, or with
+/// `RUST_BACKTRACE` set, `stack backtrace:` and its indented frames and closing note). It is the
+/// cell's error, so it is kept out of the cell's stderr stream.
 #[derive(Debug, Default)]
 pub struct PanicText {
     pub lines: Vec<String>,
-    complete: bool,
+    state: PanicState,
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum PanicState {
+    /// No panic seen in this cell.
+    #[default]
+    None,
+    /// In the message lines.
+    Message,
+    /// In `stack backtrace:`'s frames.
+    Backtrace,
+    /// The report ended: later lines are ordinary stderr.
+    Done,
+}
+
+/// The most lines of a panic message kept out of stderr (a panic printing more is unusual; the
+/// rest is published as stderr, nothing is lost).
+const PANIC_MESSAGE_LINES: usize = 50;
+
 impl PanicText {
-    fn note(&mut self, lines: &[String]) {
+    /// Returns the lines that are not part of the panic report.
+    fn note(&mut self, lines: &[String]) -> Vec<String> {
+        let mut rest = Vec::new();
         for l in lines {
-            if self.lines.is_empty() {
-                if l.starts_with("thread '") && l.contains("panicked at") {
+            match self.state {
+                PanicState::None if l.starts_with("thread '") && l.contains("panicked at") => {
                     self.lines.push(l.clone());
+                    self.state = PanicState::Message;
                 }
-            } else if !self.complete {
-                if l.starts_with("stack backtrace") || l.starts_with("note: ") || self.lines.len() >= 20 {
-                    self.complete = true;
-                } else {
+                PanicState::Message if l.starts_with("stack backtrace:") => {
                     self.lines.push(l.clone());
+                    self.state = PanicState::Backtrace;
                 }
+                PanicState::Message | PanicState::Backtrace if l.starts_with("note: ") => {
+                    self.lines.push(l.clone());
+                    self.state = PanicState::Done;
+                }
+                PanicState::Message if self.lines.len() < PANIC_MESSAGE_LINES => self.lines.push(l.clone()),
+                PanicState::Backtrace if l.starts_with(' ') => self.lines.push(l.clone()),
+                PanicState::Message | PanicState::Backtrace => {
+                    self.state = PanicState::Done;
+                    rest.push(l.clone());
+                }
+                PanicState::None | PanicState::Done => rest.push(l.clone()),
             }
         }
+        rest
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::PanicText;
+
+    fn lines(t: &str) -> Vec<String> {
+        t.lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_panic_report_is_taken_out_of_stderr_and_the_rest_is_kept() {
+        let mut p = PanicText::default();
+        let rest = p.note(&lines("before\nthread 'main' panicked at src/lib.rs:3:5:\nboom 7\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"));
+        assert_eq!(rest, ["before"]);
+        assert_eq!(p.lines[1], "boom 7");
+        assert_eq!(p.note(&lines("after")), ["after"]);
+    }
+
+    #[test]
+    fn a_backtrace_split_over_several_reads_stays_in_the_report() {
+        let mut p = PanicText::default();
+        assert!(p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom")).is_empty());
+        assert!(p.note(&lines("stack backtrace:\n   0: rust_begin_unwind\n             at /rustc/library/std/src/panicking.rs:5")).is_empty());
+        assert!(p.note(&lines("   1: ctx::run_user_code_1\nnote: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.")).is_empty());
+        assert_eq!(p.lines.len(), 7);
+        assert_eq!(p.note(&lines("later output")), ["later output"]);
     }
 }
 
@@ -311,18 +373,4 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
 pub fn reply(session: &Session, req: &ShellRequest, msg_type: &str, content: Value) {
     let (_, f) = session.msg(&req.msg.idents, msg_type, content, Some(&req.msg.header), json!({}), &[]);
     let _ = req.reply.send(message(f));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PanicText;
-
-    #[test]
-    fn a_panic_message_is_taken_from_stderr_without_its_backtrace() {
-        let mut p = PanicText::default();
-        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        p.note(&l(&["warming up", "thread '<unnamed>' panicked at src/lib.rs:3:1:", "boom 7"]));
-        p.note(&l(&["stack backtrace:", "   0: __rustc::rust_begin_unwind", "more"]));
-        assert_eq!(p.lines, ["thread '<unnamed>' panicked at src/lib.rs:3:1:", "boom 7"]);
-    }
 }

@@ -80,6 +80,12 @@ class TestRpxKernel(jkt.KernelTests):
     def history_helper(self, execute_first, timeout=WAIT, **histargs):
         return super().history_helper(execute_first, timeout=timeout, **histargs)
 
+    def test_error_panic(self):
+        # The upstream test_error with a panic as the sample: one output, the error (the panic
+        # report is not also on stderr).
+        self.code_generate_error = 'panic!("boom");'
+        self.test_error()
+
     # -- what a user checks beyond the message spec ----------------------------------------
     def test_compile_error_shows_rustc_diagnostic(self):
         self.flush_channels()

@@ -10,6 +10,8 @@ from queue import Empty
 import psutil
 from jupyter_client.session import Session
 
+from kernel_fixtures import FIRST_CELL_TIMEOUT
+
 pytest_plugins = ["kernel_fixtures"]
 
 
@@ -107,6 +109,7 @@ def test_a_local_panic_is_an_error_and_keeps_earlier_variables(rpx_kernel_no_clu
     c = k.run('let during: u64 = 1; panic!("local boom {}", before);')
     assert c.status == "error", c.describe()
     assert c.reply["ename"] == "Panic" and c.reply["evalue"] == "local boom 6", c.describe()
+    assert [t for t, _ in c.messages] == ["error"], f"the panic is shown once, as the error\n{c.describe()}"
     assert k.run("before * 7").assert_ok().results[0]["data"]["text/plain"] == "42"
 
 
@@ -156,3 +159,14 @@ def test_interrupting_a_local_cell_keeps_the_kernels_variables(start_kernel, no_
     assert "lost" in reply["evalue"], reply
     c = k.run("kept + 1")
     assert c.status == "error" and "kept" in c.error_text(), c.describe()
+
+
+def test_a_local_panic_with_rust_backtrace_is_one_error_holding_the_backtrace(start_kernel, no_cluster_env):
+    k = start_kernel(env=dict(no_cluster_env, RUST_BACKTRACE="1"))
+    k.run('eprintln!("before");', timeout=FIRST_CELL_TIMEOUT).assert_ok()
+    c = k.run('eprintln!("ordinary"); panic!("boom");')
+    assert c.status == "error" and c.reply["evalue"] == "boom", c.describe()
+    assert [t for t, _ in c.messages] == ["stream", "error"], c.describe()
+    assert c.stderr == "ordinary\n", c.describe()
+    tb = "\n".join(c.errors[0]["traceback"])
+    assert "stack backtrace:" in tb and "panicked at" in tb, tb
