@@ -235,7 +235,7 @@ pub fn merge_seed(seed: &Path, tmpdir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The evcxr build directory of this kernel: made private at start (`EVCXR_TMPDIR`), removed
+/// The evcxr build directory of this kernel: made at start (0700, `EVCXR_TMPDIR`), removed
 /// when the kernel exits.
 pub struct BuildDir;
 
@@ -244,7 +244,10 @@ static BUILD_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 impl BuildDir {
     /// Create it and point evcxr at it. Call before any thread starts.
     pub fn create() -> Result<&'static Path> {
-        let dir = tempfile::Builder::new().prefix("rpx-kernel-").tempdir().context("cannot create the kernel's build directory")?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("rpx-kernel-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir().context("cannot create the kernel's build directory")?.keep();
         std::env::set_var("EVCXR_TMPDIR", &dir);
         Ok(BUILD_DIR.get_or_init(|| dir))
     }

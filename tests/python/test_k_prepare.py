@@ -8,6 +8,8 @@ Each test gets its own XDG_CACHE_HOME, so what it sees was prepared by the test 
 import os
 import subprocess
 
+import psutil
+
 import pytest
 
 import rpx_helpers as H
@@ -42,8 +44,15 @@ def environ_of(pid):
         return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
 
 
+def argv(pid):
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
 def background_prepares(kpid):
-    return [p for p in children(kpid) if "prepare" in (H.cmdline(p) or [])]
+    return [p for p in children(kpid) if argv(p)[1:2] == ["prepare"]]
 
 
 def test_prepare_then_a_kernel_uses_the_prepared_crate(jupyter_env, no_cluster_env, start_kernel, tmp_path):
@@ -63,8 +72,12 @@ def test_prepare_then_a_kernel_uses_the_prepared_crate(jupyter_env, no_cluster_e
 
     k = start_kernel(env=env)
     kpid = kernel_pid(k)
-    build_dir = environ_of(kpid)[b"EVCXR_TMPDIR"].decode()
-    assert os.path.isdir(build_dir)
+    assert k.run("1 + 1", timeout=FIRST_CELL_TIMEOUT).status == "ok"
+    # The kernel's private evcxr build directory, as its runtime (a child) inherited it.
+    dirs = {environ_of(p).get(b"EVCXR_TMPDIR") for p in children(kpid)} - {None}
+    assert len(dirs) == 1, dirs
+    build_dir = dirs.pop().decode()
+    assert os.path.isdir(build_dir) and oct(os.stat(build_dir).st_mode & 0o777) == "0o700"
     assert background_prepares(kpid) == [], "a kernel started a prepare although one is ready"
     cell = k.run('println!("{}", std::any::type_name::<rpx::Client>());', timeout=FIRST_CELL_TIMEOUT)
     assert cell.status == "ok", cell.text
@@ -91,7 +104,7 @@ def test_a_kernel_prepares_in_the_background_at_low_priority_and_the_prepare_die
     kpid = kernel_pid(k)
     H.wait_until(lambda: background_prepares(kpid), timeout=CELL_TIMEOUT, what="a background `rpx-kernel prepare`")
     (prep,) = background_prepares(kpid)
-    assert H.cmdline(prep)[1:] == ["prepare", "--background"], H.cmdline(prep)
+    assert argv(prep)[1:] == ["prepare", "--background"], argv(prep)
     assert nice_of(prep) == 19
     # A second kernel sees the prepare running and does not start another.
     k2 = start_kernel(env=env)
