@@ -131,7 +131,7 @@ def start_controller(system, args, work):
     if system == "rpx":
         env["RPX_DIR"] = str(work)
         env.pop("RPX_PROFILE", None)
-        cmd = [str(args.bin_dir / "ipcontroller"), "--profile", "default", "--ping", str(args.rpx_ping)]
+        cmd = [str(args.ipcontroller or args.bin_dir / "ipcontroller"), "--profile", "default", "--ping", str(args.rpx_ping)]
         sec = work / "profile_default" / "security"
         period = args.rpx_ping / 1000
     else:
@@ -276,6 +276,7 @@ def main():
     ap.add_argument("--only", choices=["rpx", "ipp"])
     ap.add_argument("--python", default=sys.executable, help="Python with ipyparallel 9 (default: this one)")
     ap.add_argument("--bin-dir", type=Path, default=default_bin_dir())
+    ap.add_argument("--ipcontroller", type=Path, help="rpx controller binary (default: BIN_DIR/ipcontroller), e.g. an older build to compare")
     ap.add_argument("--rpx-ping", type=int, default=1000, help="rpx heartbeat period, ms (its default)")
     ap.add_argument("--ipp-ping", type=int, default=3000, help="ipyparallel HeartMonitor.period, ms (its default)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -304,6 +305,7 @@ def main():
         "rpx_ping_ms": args.rpx_ping, "ipp_ping_ms": args.ipp_ping,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "python": args.python, "cpus": os.cpu_count(),
+        "ipcontroller": str(args.ipcontroller or args.bin_dir / "ipcontroller"),
     }
     try:
         import ipyparallel
