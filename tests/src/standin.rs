@@ -239,8 +239,9 @@ impl Observer {
             }
         });
         let mut o = Observer { session, query, events, reader, registered: HashMap::new(), unregistered: HashSet::new() };
-        // The subscription is in place once the controller answers a query after it: PUB/SUB
-        // has no acknowledgement, so give the subscription a moment to reach the publisher.
+        // PUB/SUB has no acknowledgement: once the controller answers a query on another
+        // connection it is up, and a short pause lets the subscription reach its publisher.
+        // (The hub's own list, `engines`, is the authoritative count in any case.)
         o.engines(Duration::from_secs(10)).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(o)
