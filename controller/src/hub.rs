@@ -73,8 +73,13 @@ pub const REGISTRATION_FALLBACK: Duration = Duration::from_secs(3);
 pub const HB_MISSES: u32 = 3;
 /// Minimum grace before a never-answering engine is evicted.
 pub const FIRST_PONG_GRACE: Duration = Duration::from_secs(15);
-/// How often pings go out while an engine waits for its first pong (see [`Hub::first_ping_at`]).
+/// How often pings go out while an engine waits for its first pong (see [`Hub::first_ping_at`]),
+/// in a small cluster.
 pub const FIRST_PING_EVERY: Duration = Duration::from_millis(20);
+/// Heartbeat answers per second the extra pings may draw at most: every engine's heart answers
+/// every ping, so the extra pings are spaced by the number of engines over this (1,000 engines:
+/// one extra ping per 0.5 s, not 50,000 answers a second during a registration storm).
+pub const FIRST_PONGS_PER_SEC: u64 = 2000;
 /// The reason [`Hub::on_engine_died`] gets for an engine that left by `unregistration_request`
 /// (it is not told it was evicted).
 pub const UNREGISTERED: &str = "unregistered";
@@ -127,6 +132,9 @@ pub struct Hub {
     connected: HashMap<Chan, HashSet<Bytes>>,
     started: Instant,
     last_ping: Option<Instant>,
+    /// Registered engines whose heart has not answered yet (kept here so that whether an extra
+    /// ping is due is known in O(1), not by a pass over every engine after each event).
+    awaiting_pong: HashSet<u64>,
     /// The last extra ping sent for engines awaiting their first pong.
     last_first_ping: Option<Instant>,
     /// No registration completes before this time (see [`Hub::hold_registrations`]).
@@ -173,6 +181,7 @@ impl Hub {
             connected: HashMap::new(),
             started: now,
             last_ping: None,
+            awaiting_pong: HashSet::new(),
             last_first_ping: None,
             hold_until: None,
             exit_at: None,
@@ -290,8 +299,11 @@ impl Hub {
                 e.last_seen = now;
                 let first = !e.ponged;
                 e.ponged = true;
-                if first && e.routable() {
-                    self.make_ready(c, id, now);
+                if first {
+                    self.awaiting_pong.remove(&id);
+                    if e.routable() {
+                        self.make_ready(c, id, now);
+                    }
                 }
             }
             None => self.tell_evicted(c, ident, now),
@@ -300,12 +312,19 @@ impl Hub {
 
     /// When to send an extra heartbeat ping: while an engine has registered but its heart has
     /// not answered yet, every [`FIRST_PING_EVERY`], so that an engine is scheduled as soon as
-    /// its heart beats (as ipyparallel's hub does) rather than up to a period later.
+    /// its heart beats (as ipyparallel's hub does) rather than up to a period later. Spaced by
+    /// [`first_ping_spacing`] so that the answers stay under [`FIRST_PONGS_PER_SEC`]. O(1): the
+    /// network layer asks after every batch of events.
     pub fn first_ping_at(&self) -> Option<Instant> {
-        if !self.engines.by_id.values().any(|e| !e.ponged) {
+        if self.awaiting_pong.is_empty() {
             return None;
         }
-        Some(self.last_first_ping.map_or(self.started, |t| t + FIRST_PING_EVERY))
+        Some(self.last_first_ping.map_or(self.started, |t| t + first_ping_spacing(self.engines.by_id.len())))
+    }
+
+    /// Registered engines whose heart has not answered yet.
+    pub fn awaiting_first_pong(&self) -> usize {
+        self.awaiting_pong.len()
     }
 
     /// Complete no registration before `until` (a restarted controller: see `net`); the
@@ -413,6 +432,7 @@ impl Hub {
             }
         }
         self.engines.insert(e);
+        self.awaiting_pong.insert(id);
         self.registration_ok(c, ident, msg, id);
         info!(engine_id = id, %uuid, "engine registering");
         self.make_ready(c, id, now);
@@ -477,6 +497,7 @@ impl Hub {
     /// `unregistration_notification` and fail (or retry) everything it had.
     pub fn on_engine_died<C: Comm>(&mut self, c: &mut C, id: u64, reason: &str, now: Instant) {
         let Some(e) = self.engines.remove(id) else { return };
+        self.awaiting_pong.remove(&id);
         info!(engine_id = id, uuid = %e.uuid, %reason, inflight = e.inflight.len(), "engine died");
         // The socket-level facts in `self.connected` stay as they are: an evicted engine may
         // still be connected, and registers again over those connections.
@@ -1378,6 +1399,12 @@ pub fn matches_query(rec: &Value, query: &Map<String, Value>) -> Result<bool, St
         }
     }
     Ok(true)
+}
+
+/// The least time between two extra pings (see [`Hub::first_ping_at`]) with `engines`
+/// registered engines, each of whose hearts answers every ping.
+pub fn first_ping_spacing(engines: usize) -> Duration {
+    FIRST_PING_EVERY.max(Duration::from_micros(engines as u64 * 1_000_000 / FIRST_PONGS_PER_SEC))
 }
 
 /// Frames after the delimiter, for tests and tools: split `[idents.., DELIM, signed..]`.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use rpx_protocol::{Message, Session};
 
-use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock, FIRST_PING_EVERY, REGISTRATION_FALLBACK};
+use crate::hub::{first_ping_spacing, Comm, Hub, HubConfig, Inbound, Sock, FIRST_PING_EVERY, REGISTRATION_FALLBACK};
 use crate::scheduler::Scheme;
 use crate::wire::{self, Chan};
 
@@ -173,6 +173,44 @@ fn registration_is_announced_once_the_engine_is_routable_and_its_heart_beats() {
     assert_eq!(note.content, json!({"id": 0, "uuid": "u9"}));
     let m = e.query(b"c", "connection_request", json!({}));
     assert_eq!(m.content["engines"], json!({"0": "u9"}));
+}
+
+/// Regression: whether an extra ping was due was found by a pass over every engine, after every
+/// event (every pong): O(engines) per pong, quadratic per heartbeat period. The engines awaiting
+/// their first pong are now a set, and the extra pings are spaced by the number of engines.
+#[test]
+fn engines_awaiting_a_first_pong_are_a_set_and_extra_pings_are_spaced_by_the_engine_count() {
+    let mut e = env(0);
+    let n = 1000u64;
+    for i in 0..n {
+        let u = uuid(i);
+        let (_, f) = e.client.msg(&[Bytes::from(u.clone())], "registration_request", json!({"uuid": u}), None, json!({}), &[]);
+        e.ev(Inbound::Query(f));
+        for chan in [Chan::Mux, Chan::Task] {
+            e.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(uuid(i)), connected: true });
+        }
+    }
+    e.comm.take();
+    assert_eq!(e.hub.awaiting_first_pong(), n as usize);
+    // 1,000 hearts answer every ping: one extra ping per 0.5 s keeps them at 2,000 answers/s.
+    assert_eq!(first_ping_spacing(n as usize), Duration::from_millis(500));
+    assert_eq!(first_ping_spacing(8), FIRST_PING_EVERY, "a small cluster is pinged as often as before");
+    e.hub.on_first_ping(&mut e.comm, e.now);
+    assert_eq!(e.hub.first_ping_at(), Some(e.now + Duration::from_millis(500)));
+    for i in 0..n - 1 {
+        e.ev(Inbound::Pong(Bytes::from(uuid(i))));
+    }
+    // A second pong of an engine that answered already changes nothing.
+    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    assert_eq!(e.hub.awaiting_first_pong(), 1);
+    assert_eq!(e.hub.ids().len(), (n - 1) as usize, "each engine registered at its first pong");
+    assert!(e.hub.first_ping_at().is_some(), "one engine still waits");
+    // The last one dies before its heart beats: nothing waits any more.
+    e.ev(Inbound::Peer { sock: Sock::HbPong, ident: Bytes::from(uuid(n - 1)), connected: false });
+    assert_eq!(e.hub.awaiting_first_pong(), 0);
+    assert_eq!(e.hub.first_ping_at(), None);
+    let notes = e.comm.take().into_iter().filter(|(s, _)| *s == Sock::Notification).count();
+    assert_eq!(notes, n as usize, "999 registrations and one unregistration");
 }
 
 #[test]

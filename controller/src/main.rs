@@ -26,6 +26,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    match rpx_controller::net::raise_open_files_limit() {
+        Ok((now, before)) if now != before => tracing::info!(before, now, "raised the open-file limit to its hard limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit; many engines may exhaust it"),
+    }
     let config = rpx_controller::config::Args::parse().check()?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

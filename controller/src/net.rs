@@ -41,6 +41,31 @@ const INBOUND_QUEUE: usize = 65536;
 /// Heartbeat pongs queued for the hub, on their own channel: they are drained before every
 /// liveness check, however many other events wait.
 const PONG_QUEUE: usize = 65536;
+/// Events (or pongs) the hub handles in one turn once it wakes: what is ready is drained, then
+/// the loop looks at its clock again.
+const BATCH: usize = 1024;
+
+/// Raise this process's soft limit on open files to its hard limit: every engine holds several
+/// connections to the controller (and the guard relays each through a socket pair), so a
+/// thousand engines need far more than the usual soft limit of 1024. Returns the limit now in
+/// force and the one before, or the error of `setrlimit`.
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write to / read from a valid rlimit of this stack frame.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let before = lim.rlim_cur;
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok((lim.rlim_cur as u64, before as u64))
+    }
+}
 
 /// What a running controller tells its starter: the contents of its connection files.
 #[derive(Debug, Clone)]
@@ -291,10 +316,11 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                 break;
             }
             _ = tick.tick() => {
+                let now = Instant::now();
                 while let Ok(ev) = pong_rx.try_recv() {
-                    handle(&mut hub, &mut comm, ev);
+                    handle_at(&mut hub, &mut comm, ev, now);
                 }
-                hub.on_tick(&mut comm, Instant::now());
+                hub.on_tick(&mut comm, now);
             }
             _ = tokio::time::sleep_until(first_ping.unwrap_or_else(Instant::now).into()), if first_ping.is_some() => {
                 hub.on_first_ping(&mut comm, Instant::now());
@@ -302,14 +328,25 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
                 handle(&mut hub, &mut comm, ev);
-                for _ in 0..1024 {
+                for _ in 0..BATCH {
                     match rx.try_recv() {
                         Ok(ev) => handle(&mut hub, &mut comm, ev),
                         Err(_) => break,
                     }
                 }
             }
-            Some(ev) = pong_rx.recv() => handle(&mut hub, &mut comm, ev),
+            // Pongs in batches: at a thousand engines a period brings a thousand of them, and
+            // each wake-up of the hub costs more than handling one.
+            Some(ev) = pong_rx.recv() => {
+                let now = Instant::now();
+                handle_at(&mut hub, &mut comm, ev, now);
+                for _ in 0..BATCH {
+                    match pong_rx.try_recv() {
+                        Ok(ev) => handle_at(&mut hub, &mut comm, ev, now),
+                        Err(_) => break,
+                    }
+                }
+            }
             Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, Inbound::Stored { token, answer }),
         }
         if !hub.store_ops.is_empty() {
@@ -349,10 +386,14 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
 }
 
 fn handle(hub: &mut Hub, comm: &mut NetComm, ev: Inbound) {
+    handle_at(hub, comm, ev, Instant::now());
+}
+
+fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: Inbound, now: Instant) {
     if let Inbound::Peer { sock, ident, connected: false } = &ev {
         comm.writers.remove(&(*sock, ident.clone()));
     }
-    hub.on_event(comm, ev, Instant::now());
+    hub.on_event(comm, ev, now);
 }
 
 fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel::mpsc::Receiver<SocketEvent>, tx: mpsc::Sender<Inbound>) {

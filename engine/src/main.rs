@@ -30,7 +30,8 @@ struct Args {
     /// Compiler connection file (default: rpx-compiler[-CLUSTER_ID].json next to the engine file).
     #[arg(long)]
     compiler_file: Option<PathBuf>,
-    /// Seconds to wait for the connection file and the registration reply.
+    /// Seconds to wait for the connection file, and in all for registration: while the
+    /// controller does not answer, the request is sent again after jittered, doubling waits.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
     /// Seconds to wait for the compiler at startup.

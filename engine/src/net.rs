@@ -219,14 +219,38 @@ pub struct Registration {
     pub tasks: Tasks,
 }
 
+/// First wait for a registration reply before the request is sent again.
+pub const REGISTER_FIRST_WAIT: Duration = Duration::from_millis(1000);
+/// Longest wait between two sends of the registration request.
+pub const REGISTER_MAX_WAIT: Duration = Duration::from_secs(8);
+
+/// The wait after the `attempt`-th send (0-based) of a registration request: doubling from
+/// [`REGISTER_FIRST_WAIT`] up to [`REGISTER_MAX_WAIT`], scaled by `jitter` in [0, 1) to between
+/// half and one and a half times that, so that a thousand engines started together do not
+/// resend in step.
+pub fn register_wait(attempt: u32, jitter: f64) -> Duration {
+    let base = REGISTER_FIRST_WAIT.saturating_mul(1u32 << attempt.min(16)).min(REGISTER_MAX_WAIT);
+    base.mul_f64(0.5 + jitter.clamp(0.0, 1.0))
+}
+
 /// Register with the controller at `url` over a new registration socket, asking for
-/// `requested_id` if given, waiting up to `timeout` for the socket and again for the reply.
+/// `requested_id` if given, within `timeout` in all (connecting included).
+///
+/// While no reply comes, the same signed request is sent again after jittered, doubling waits
+/// ([`register_wait`]): a controller busy with a storm of registrations answers the first copy
+/// it reads, and a copy it reads after registering the engine is answered with the same
+/// registration (the request asks for eviction notices, so the controller keeps the engine's
+/// id: see the hub's `on_register`). When `timeout` runs out, the error says how many requests
+/// went unanswered for how long.
 ///
 /// The socket has no fixed identity: the controller answers the identity each connection gets,
 /// so a new registration socket never takes over an older connection's identity. The request
 /// asks for an eviction notice ([`RegistrationRequest::notify_eviction`]).
 pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Option<u64>, timeout: Duration, inbound: &mpsc::Sender<Inbound>) -> Result<Registration> {
     info!(%url, %uuid, ?requested_id, "registering with the controller");
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
     let mut o = SocketOptions::default();
     o.connect_timeout(timeout);
     let mut reg = connect(DealerSocket::with_options(o), url, timeout).await.map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
@@ -237,24 +261,39 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
     let request = RegistrationRequest { uuid: uuid.to_string(), id: requested_id, notify_eviction: true, host: Some(rpx_protocol::dataplane::HostIdentity::of_engine(uuid)) };
     let content = serde_json::to_value(&request).expect("serializes");
     let (header, frames) = session.msg(&[], reg_msg::REGISTRATION_REQUEST, content, None, json!({"engine": uuid}), &[]);
-    send_now(&mut reg_send, frames).await?;
-    let deadline = Instant::now() + timeout;
-    let reply = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = match tokio::time::timeout(left, reg_recv.recv()).await {
-            Err(_) => return Err(Error::Registration(format!("no registration reply from the controller at {url} within {timeout:?}; is ipcontroller running?"))),
-            Ok(Err(e)) => {
-                debug!(error = %e, "registration receive error");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-            Ok(Ok(m)) => m,
-        };
-        match session.decode(m.into_vec()) {
-            Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id().is_none_or(|p| p == header.msg_id) => break msg,
-            Ok(msg) => warn!(msg_type = msg.msg_type(), "unexpected message on the registration socket"),
-            Err(e) => warn!(error = %e, "bad message on the registration socket dropped"),
+    let mut sent = 0u32;
+    let reply = 'sends: loop {
+        match send_now(&mut reg_send, frames.clone(), left()).await {
+            Ok(()) => sent += 1,
+            Err(e) => warn!(error = %e, "cannot send the registration request; trying again"),
         }
+        let until = Instant::now() + register_wait(sent.saturating_sub(1), rand::random::<f64>()).min(left());
+        loop {
+            let m = match tokio::time::timeout(until.saturating_duration_since(Instant::now()), reg_recv.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "registration receive error");
+                    tokio::time::sleep(Duration::from_millis(20).min(left())).await;
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(Ok(m)) => m,
+            };
+            match session.decode(m.into_vec()) {
+                Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id().is_none_or(|p| p == header.msg_id) => break 'sends msg,
+                Ok(msg) => warn!(msg_type = msg.msg_type(), "unexpected message on the registration socket"),
+                Err(e) => warn!(error = %e, "bad message on the registration socket dropped"),
+            }
+        }
+        if left().is_zero() {
+            return Err(Error::Registration(format!(
+                "no registration reply from the controller at {url}: {sent} request(s) over {:.1} s went unanswered; is ipcontroller running there (and is --timeout long enough for this many engines)?",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+        debug!(sent, "no registration reply yet; sending the request again");
     };
     if reply.content_str("status") != Some("ok") {
         let why = reply.content_str("evalue").or(reply.content_str("reason")).unwrap_or("no reason given");
@@ -289,8 +328,46 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
     Ok(Registration { id: ok.id, hb_period, request: header.msg_id, outlet, generation, tasks })
 }
 
-async fn send_now(s: &mut zeromq::DealerSendHalf, frames: Frames) -> Result<()> {
-    match tokio::time::timeout(Duration::from_secs(5), s.send(rpx_protocol::zmq::message(frames))).await {
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_waits_double_with_jitter_up_to_a_bound() {
+        assert_eq!(register_wait(0, 0.5), REGISTER_FIRST_WAIT);
+        assert_eq!(register_wait(1, 0.5), REGISTER_FIRST_WAIT * 2);
+        assert_eq!(register_wait(2, 0.5), REGISTER_FIRST_WAIT * 4);
+        assert_eq!(register_wait(30, 0.5), REGISTER_MAX_WAIT, "capped, however many attempts");
+        assert_eq!(register_wait(0, 0.0), REGISTER_FIRST_WAIT / 2);
+        assert_eq!(register_wait(0, 1.0), REGISTER_FIRST_WAIT * 3 / 2);
+        assert_eq!(register_wait(u32::MAX, 7.0), REGISTER_MAX_WAIT * 3 / 2, "jitter is clamped");
+    }
+
+    /// No controller at all: registration gives up within its timeout with an error that says
+    /// what went unanswered.
+    #[tokio::test]
+    async fn registration_without_a_controller_fails_within_its_timeout_with_a_clear_error() {
+        // A ROUTER that never answers: the socket connects, the requests go unanswered.
+        let mut silent = zeromq::RouterSocket::new();
+        let ep = silent.bind("tcp://127.0.0.1:0").await.unwrap();
+        let url = ep.to_string();
+        let (tx, _rx) = mpsc::channel(16);
+        let session = Session::new(b"k", "u");
+        let t = Instant::now();
+        let err = register(&session, &url, "uuid-x", None, Duration::from_millis(2500), &tx).await.unwrap_err().to_string();
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(2400) && took < Duration::from_secs(5), "{took:?}");
+        assert!(err.contains("no registration reply") && err.contains("went unanswered") && err.contains(&url), "{err}");
+        let mut copies = 0;
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(100), silent.recv()).await {
+            copies += 1;
+        }
+        assert!(copies >= 2, "the request was sent again while unanswered: {copies}");
+    }
+}
+
+async fn send_now(s: &mut zeromq::DealerSendHalf, frames: Frames, limit: Duration) -> Result<()> {
+    match tokio::time::timeout(limit.min(SEND_TIMEOUT), s.send(rpx_protocol::zmq::message(frames))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::Connect(format!("send failed: {e}"))),
         Err(_) => Err(Error::Connect("send timed out".into())),

@@ -141,7 +141,7 @@ pub async fn bind_options<S: Socket>(socket: &mut S, endpoint: &str, options: Op
     let host = if host == "*" { "0.0.0.0" } else { host };
     let listener = match port {
         0 => listen_outside_ephemeral(host).await,
-        port => TcpListener::bind((host, port)).await,
+        port => listen(host, port).await,
     };
     let listener = listener.map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
     let local = listener.local_addr().map_err(|source| Error::Listen { addr: endpoint.to_string(), source })?;
@@ -169,6 +169,28 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// Connections a listener holds waiting for `accept` (the kernel caps it at
+/// `net.core.somaxconn`). Tokio's default of 1024 overflowed when a thousand engines connected
+/// their five sockets at once: each connection whose handshake found the queue full was
+/// retried by its peer's kernel one second later (SYN retransmission), which put seconds on
+/// registration at scale.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// A TCP listener on `host:port` (as `TcpListener::bind`, `SO_REUSEADDR` set) with a queue of
+/// [`LISTEN_BACKLOG`] connections.
+async fn listen(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, format!("{host}: no address to listen on"))))
+}
+
 /// A free port that no outgoing connection can take: outside the ephemeral range, so a
 /// process restarted on the same port (a compiler, `ipcontroller --reuse`) finds it free
 /// instead of held by some connection's source port (even an engine's own reconnect attempt,
@@ -180,11 +202,11 @@ async fn listen_outside_ephemeral(host: &str) -> std::io::Result<TcpListener> {
     for i in 0..candidates.len().min(64) {
         let pick = (seed.wrapping_mul(2654435761).wrapping_add(i * 7919)) % candidates.len();
         let port = candidates.swap_remove(pick);
-        if let Ok(l) = TcpListener::bind((host, port)).await {
+        if let Ok(l) = listen(host, port).await {
             return Ok(l);
         }
     }
-    TcpListener::bind((host, 0)).await
+    listen(host, 0).await
 }
 
 /// Remove the private directories of guards whose process is gone (killed before cleanup).

@@ -12,6 +12,9 @@
 //! - hosts: [`hosts`] / [`TestHosts`] make fake hosts on this machine (Linux namespaces with
 //!   their own hostname, `/tmp`, no Rust toolchain, a real `sshd`) on a private bridge, for
 //!   multi-host tests (root only); the `rpx-testhosts` binary offers them to the Python tests.
+//! - stand-ins: [`standin`] runs many lightweight engines (registration and heartbeat only) in
+//!   one process, against rpx's controller or ipyparallel's; the `rpx-standin` binary drives
+//!   them for `bench/scale_bench.py`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -28,6 +31,7 @@ use rpx_protocol::connection::read_json;
 use rpx_protocol::{ClientConnection, Message, Profile, Session};
 
 pub mod hosts;
+pub mod standin;
 pub use hosts::{TestHost, TestHosts};
 
 // ---------------------------------------------------------------------------------------------
