@@ -146,6 +146,9 @@ pub fn start(args: StartArgs, t0: Instant) -> anyhow::Result<i32> {
         Launch::Local(l) => start_with(cfg, l, t0),
         Launch::Mpi(m) => start_with(cfg, m, t0),
         Launch::Ssh(s) => start_with(cfg, s, t0),
+        Launch::Slurm(b) => start_with(cfg, b, t0),
+        Launch::Sge(b) => start_with(cfg, b, t0),
+        Launch::Pbs(b) => start_with(cfg, b, t0),
     }
 }
 
@@ -232,6 +235,9 @@ impl<L: Launcher> Starting<L> {
             engines: Vec::new(),
             mpi: Vec::new(),
             ssh: Vec::new(),
+            slurm: Vec::new(),
+            sge: Vec::new(),
+            pbs: Vec::new(),
             started: rpx_protocol::message::now_iso(),
             ipcluster_pid: cfg.supervises().then_some(me),
             supervision: cfg.supervises().then(|| Supervision {
@@ -453,6 +459,9 @@ pub fn engines(args: EnginesArgs, t0: Instant) -> anyhow::Result<i32> {
         Launch::Local(l) => engines_with(cfg, l, t0),
         Launch::Mpi(m) => engines_with(cfg, m, t0),
         Launch::Ssh(s) => engines_with(cfg, s, t0),
+        Launch::Slurm(b) => engines_with(cfg, b, t0),
+        Launch::Sge(b) => engines_with(cfg, b, t0),
+        Launch::Pbs(b) => engines_with(cfg, b, t0),
     }
 }
 
@@ -539,8 +548,9 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
     }
 }
 
-/// Remove `batch`'s launches from the cluster file.
+/// Remove `batch`'s launches from the cluster file (told by their first engine index, which
+/// no other launch shares).
 fn forget<L: Launcher>(file: &Path, batch: &Batch<L>) {
-    let leaders = batch.leaders();
-    let _ = ClusterState::update(file, |cur| L::records_mut(cur).retain(|r| r.leader().is_none_or(|p| !leaders.contains(&p))));
+    let firsts: Vec<usize> = batch.records().iter().map(|r| r.indices().start).collect();
+    let _ = ClusterState::update(file, |cur| L::records_mut(cur).retain(|r| !firsts.contains(&r.indices().start)));
 }
