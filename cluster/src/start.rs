@@ -535,14 +535,15 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
             Ok(0)
         }
         Err((end, got)) => {
-            // Take the new engines down again and forget them.
-            batch.end(&instance);
-            forget(&file, &batch);
+            // Explained first (a batch job's state before it is cancelled), then the new
+            // engines are taken down again and forgotten.
             let why = match end {
                 WaitEnd::Died(w) => w,
                 WaitEnd::Interrupted(sig) => format!("interrupted by {sig}"),
                 WaitEnd::TimedOut => format!("the new engines did not register within {:.0} s\n{}", cfg.limit.as_secs_f64(), batch.explain_timeout()),
             };
+            batch.end(&instance);
+            forget(&file, &batch);
             Err(Fail::new(1, format!("{why}\n({got} engines registered, wanted {}); removed the new engines", before + cfg.n)).into())
         }
     }

@@ -12,6 +12,8 @@
 //! - hosts: [`hosts`] / [`TestHosts`] make fake hosts on this machine (Linux namespaces with
 //!   their own hostname, `/tmp`, no Rust toolchain, a real `sshd`) on a private bridge, for
 //!   multi-host tests (root only); the `rpx-testhosts` binary offers them to the Python tests.
+//! - batch schedulers: [`slurm`] / [`TestSlurm`] run a real Slurm (munged, slurmctld, a slurmd
+//!   per test host) and [`sge`] / [`TestSge`] a real Grid Engine, for the batch launchers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -28,7 +30,11 @@ use rpx_protocol::connection::read_json;
 use rpx_protocol::{ClientConnection, Message, Profile, Session};
 
 pub mod hosts;
+pub mod sge;
+pub mod slurm;
 pub use hosts::{TestHost, TestHosts};
+pub use sge::TestSge;
+pub use slurm::TestSlurm;
 
 // ---------------------------------------------------------------------------------------------
 // Binaries and commands
@@ -181,6 +187,14 @@ impl TestCluster {
     /// A private `RPX_DIR` without a cluster yet.
     pub fn empty() -> TestCluster {
         let dir = tempfile::Builder::new().prefix("rpx-test-").tempdir().expect("temp dir");
+        TestCluster { dir, profile: "default".into(), n: 0 }
+    }
+
+    /// [`TestCluster::empty`] with its private `RPX_DIR` (mode 0700) under `parent`: e.g.
+    /// `/var/tmp`, which test hosts see (they hide `/tmp`), for batch jobs whose output files
+    /// the nodes write into the profile's log directory.
+    pub fn empty_in(parent: &Path) -> TestCluster {
+        let dir = tempfile::Builder::new().prefix("rpx-test-").tempdir_in(parent).expect("temp dir");
         TestCluster { dir, profile: "default".into(), n: 0 }
     }
 
