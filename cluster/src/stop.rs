@@ -88,6 +88,11 @@ fn compiler_work_dir(st: &ClusterState) -> Option<std::path::PathBuf> {
 /// Which recorded members are alive before anything is signalled.
 fn note_alive(st: &ClusterState, report: &mut StopReport) {
     for (kind, r) in launcher::all_records(st) {
+        if r.leader().is_none() {
+            // A batch job: cancelled through its scheduler, whatever its state.
+            report.launches.push(format!("{kind} {} ({}, cancelled)", r.label(), r.count()));
+            continue;
+        }
         let Some(pid) = r.leader().filter(|_| r.alive(&st.instance)) else { continue };
         if kind == Local::KIND {
             report.was_alive.push((r.label(), pid));
