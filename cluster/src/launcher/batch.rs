@@ -228,7 +228,7 @@ pub trait Scheduler {
     const SUBMIT: &'static str;
     const STATUS: &'static str;
     const CANCEL: &'static str;
-    /// The Debian package with the client programs.
+    /// Where the client programs come from (`Debian: apt-get install slurm-client`).
     const PACKAGE: &'static str;
     /// The job template used without `--job-template`.
     const DEFAULT_TEMPLATE: &'static str;
@@ -407,9 +407,9 @@ pub fn poll<S: Scheduler>(records: &[BatchJob]) -> Result<BTreeMap<String, JobSt
     Ok(states)
 }
 
-/// Why a job is not running, with its output file's tail.
-fn explain_job(rec: &BatchJob, state: &JobState, detail: Option<&String>) -> String {
-    let mut s = format!("{} job {} (engines {}..{}) is {}", "batch", rec.job_id, rec.first_index, rec.first_index + rec.n, state.describe());
+/// Why a job (of the scheduler `kind`) is not running, with its output file's tail.
+fn explain_job(kind: &str, rec: &BatchJob, state: &JobState, detail: Option<&String>) -> String {
+    let mut s = format!("{kind} job {} (engines {}..{}) is {}", rec.job_id, rec.first_index, rec.first_index + rec.n, state.describe());
     if let Some(d) = detail.filter(|d| !d.is_empty()) {
         s.push_str(&format!(": {d}"));
     }
@@ -436,7 +436,9 @@ impl<S: Scheduler> Launcher for BatchLauncher<S> {
 
     fn prepare(&mut self) -> anyhow::Result<()> {
         for p in [S::SUBMIT, S::STATUS, S::CANCEL] {
-            super::require_program(p, p, S::KIND, S::PACKAGE, "PATH")?;
+            if procs::find_program(p).is_none() {
+                return Err(Fail::new(1, format!("--engines {} needs {p} on PATH ({}): run ipcluster where {} jobs can be submitted", S::KIND, S::PACKAGE, S::NAME)).into());
+            }
         }
         Ok(())
     }
@@ -463,14 +465,14 @@ impl<S: Scheduler> Launcher for BatchLauncher<S> {
             return None;
         }
         let details = S::details(&bad.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>());
-        Some(bad.iter().map(|r| explain_job(r, &states[&r.job_id], details.get(&r.job_id))).collect::<Vec<_>>().join("\n"))
+        Some(bad.iter().map(|r| explain_job(S::KIND, r, &states[&r.job_id], details.get(&r.job_id))).collect::<Vec<_>>().join("\n"))
     }
 
     fn explain_timeout(records: &[BatchJob]) -> String {
         match poll::<S>(records) {
             Ok(states) => {
                 let details = S::details(&records.iter().map(|r| r.job_id.clone()).collect::<Vec<_>>());
-                records.iter().map(|r| format!("{}\n", explain_job(r, &states[&r.job_id], details.get(&r.job_id)))).collect()
+                records.iter().map(|r| format!("{}\n", explain_job(S::KIND, r, &states[&r.job_id], details.get(&r.job_id)))).collect()
             }
             Err(e) => format!("cannot ask {} about the jobs: {e}\n", S::NAME),
         }

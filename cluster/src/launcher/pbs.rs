@@ -1,7 +1,8 @@
 //! `--engines pbs`: PBS Pro / OpenPBS (and Torque, whose array index variable the script also
-//! reads). One array job (`-J 1-K`, one subjob per engine) per `--engines-per-job` engines,
-//! submitted with `qsub`; each subjob starts one engine with the start index `FIRST +
-//! PBS_ARRAY_INDEX - 1` as its id. Status: `qstat -f -t IDS`; stop: `qdel IDS`.
+//! reads). One array job (`-J 1-K`, one subjob per engine; a plain job for one engine, as PBS
+//! Pro wants at least two subjobs in an array) per `--engines-per-job` engines, submitted with
+//! `qsub`; each subjob starts one engine with the start index `FIRST + PBS_ARRAY_INDEX - 1` as
+//! its id. Status: `qstat -f IDS`; stop: `qdel IDS`.
 //!
 //! No PBS server is packaged for Debian, so this launcher is tested on its text only (the job
 //! script, job ids, `qstat -f` output), never against a real server.
@@ -14,8 +15,8 @@ use crate::state::ClusterState;
 /// The job script without `--job-template`.
 pub const DEFAULT_TEMPLATE: &str = "#!/bin/sh
 #PBS -N {{ name }}
-#PBS -J 1-{{ n }}
-#PBS -o {{ output }}
+{% if n > 1 %}#PBS -J 1-{{ n }}
+{% endif %}#PBS -o {{ output }}
 #PBS -j oe
 #PBS -V
 {{ directives }}
@@ -32,7 +33,7 @@ impl Scheduler for Pbs {
     const SUBMIT: &'static str = "qsub";
     const STATUS: &'static str = "qstat";
     const CANCEL: &'static str = "qdel";
-    const PACKAGE: &'static str = "a PBS client (openpbs or torque; not packaged by Debian)";
+    const PACKAGE: &'static str = "from OpenPBS, PBS Pro or Torque; Debian packages none";
     const DEFAULT_TEMPLATE: &'static str = DEFAULT_TEMPLATE;
 
     fn check(o: &JobOptions) -> Result<(), String> {
@@ -144,6 +145,8 @@ mod tests {
              RPX_ENGINE_INDEX=$(( 0 + ${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-1}} - 1 )); export RPX_ENGINE_INDEX; exec /opt/ipengine --id \"$RPX_ENGINE_INDEX\"\n"
         );
         assert!(BatchLauncher::<Pbs>::new(JobOptions { nodes: Some(2), ..JobOptions::default() }).is_err());
+        let one = BatchLauncher::<Pbs>::new(JobOptions::default()).unwrap().script(&JobSpec { n: 1, ..job() }).unwrap();
+        assert!(one.starts_with("#!/bin/sh\n#PBS -N rpx-default-0\n#PBS -o ") && !one.contains("-J"), "one engine, no array: {one}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Scheduler for Sge {
     const SUBMIT: &'static str = "qsub";
     const STATUS: &'static str = "qstat";
     const CANCEL: &'static str = "qdel";
-    const PACKAGE: &'static str = "gridengine-client";
+    const PACKAGE: &'static str = "Debian: apt-get install gridengine-client";
     const DEFAULT_TEMPLATE: &'static str = DEFAULT_TEMPLATE;
 
     /// Array tasks are placed one by one: nodes, engines per node and QOS have no meaning here.

@@ -29,7 +29,7 @@ impl Scheduler for Slurm {
     const SUBMIT: &'static str = "sbatch";
     const STATUS: &'static str = "squeue";
     const CANCEL: &'static str = "scancel";
-    const PACKAGE: &'static str = "slurm-client";
+    const PACKAGE: &'static str = "Debian: apt-get install slurm-client";
     const DEFAULT_TEMPLATE: &'static str = DEFAULT_TEMPLATE;
 
     fn check(_opts: &JobOptions) -> Result<(), String> {
