@@ -118,6 +118,18 @@ fn slurm_engines_on_two_nodes() {
     });
 
     let mut where_: BTreeMap<usize, String> = BTreeMap::new();
+    steps.run("the job script is private and holds no key (the key travels in the job's environment)", || {
+        use std::os::unix::fs::PermissionsExt;
+        let st = cluster.cluster_state().expect("cluster file");
+        let script = std::path::Path::new(st["slurm"][0]["dir"].as_str().expect("job dir")).join("job.sh");
+        let text = std::fs::read_to_string(&script).unwrap();
+        let conn: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cluster.client_file()).unwrap()).unwrap();
+        let key = conn["key"].as_str().expect("key").to_string();
+        assert!(!key.is_empty() && !text.contains(&key), "{text}");
+        assert!(text.contains("#SBATCH --ntasks=4") && text.contains("#SBATCH --ntasks-per-node=2") && text.contains("srun "), "{text}");
+        assert_eq!(std::fs::metadata(&script).unwrap().permissions().mode() & 0o077, 0, "{} is private", script.display());
+    });
+
     steps.run("cells run on two engines of each node, ids from SLURM_PROCID", || {
         let dv = c.direct_view(..);
         let r = dv.execute("let host = std::fs::read_to_string(\"/proc/sys/kernel/hostname\").unwrap(); println!(\"{} {}\", host.trim(), std::env::var(\"SLURM_PROCID\").unwrap());").unwrap();
