@@ -9,7 +9,8 @@
 //! load-balanced map on engines of both nodes; `ipcluster list` shows the jobs; `ipcluster
 //! engines` adds jobs; `ipcluster stop` cancels every job (squeue empty, no engine left); a
 //! partition that does not exist gives Slurm's error; a job that never starts or fails gives
-//! its state, reason and output file; a job cancelled from outside is reported by `list`.
+//! its state, reason and output file; a job cancelled from outside is reported by `list`;
+//! engines whose controller died exit by themselves, so their job ends.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Output;
@@ -221,6 +222,31 @@ fn slurm_engines_on_two_nodes() {
         assert!(text.contains(&format!("slurm job {}: 2 engines (ids 0..2), CANCELLED", ids[0])), "{text}");
         let out = ipcluster(&cluster, &slurm, &["stop"]);
         assert!(out.status.success(), "{}", show(&out));
+        assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
+    });
+
+    steps.run("engines whose controller is gone for good exit by themselves and their job ends", || {
+        // No supervisor (it would cancel the job itself), and engines that give the controller
+        // 3 s to come back (RPX_RECONNECT_TIMEOUT reaches them through the job's environment).
+        let mut cmd = cluster.command(&["start", "-n", "2", "--daemonize", "--no-restart", "--ip", &gw, "--engines", "slurm", "--timeout", "120"]);
+        cmd.envs(slurm.env()).env("RPX_RECONNECT_TIMEOUT", "3");
+        let out = rpx_tests::run(&mut cmd, Duration::from_secs(180));
+        assert!(out.status.success(), "{}", show(&out));
+        let st = cluster.cluster_state().expect("cluster file");
+        for pid in [st["controller_pid"].as_i64().unwrap(), st["compiler_pid"].as_i64().unwrap()] {
+            // SAFETY: plain syscall on a pid of this test's cluster.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let t = Instant::now();
+        let ended = wait_for(Duration::from_secs(60), || slurm.live_jobs().is_empty().then_some(()));
+        assert!(ended.is_some(), "the job still runs: {}", slurm.live_jobs());
+        eprintln!("the job ended {:.1?} after its controller was killed", t.elapsed());
+        for h in ["n1", "n2"] {
+            let left: Vec<_> = hosts.processes(h).into_iter().filter(|(_, cmd)| !cmd.contains("slurmd")).collect();
+            assert!(left.is_empty(), "{h} still runs {left:?}");
+        }
+        let out = ipcluster(&cluster, &slurm, &["stop"]);
+        assert!(out.status.success() || out.status.code() == Some(1), "{}", show(&out));
         assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
     });
 
