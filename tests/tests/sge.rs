@@ -5,8 +5,9 @@
 //! to the job (`-V`).
 //!
 //! What a user would check: `ipcluster start -n 4 --engines sge` runs cells on four engines,
-//! ids from `SGE_TASK_ID`; `ipcluster list` shows the job; `ipcluster stop` deletes it (qstat
-//! empty, no engine left); an unknown queue gives Grid Engine's error.
+//! ids from `SGE_TASK_ID`; `ipcluster list` shows the job; `ipcluster engines` adds jobs, and
+//! one deleted from outside (`qdel`) is reported by `list`; `ipcluster stop` deletes every job
+//! (qstat empty, no engine left); an unknown queue gives Grid Engine's error.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -53,6 +54,24 @@ fn sge_start_cells_stop() {
     assert!(r.errors().is_empty(), "state kept: {:?}", r.errors());
     let sq: Vec<u64> = c.view().map(rpx::remote!(|x: u64| x * x), 0..20u64).unwrap();
     assert_eq!(sq, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+
+    // Two more engines as two more jobs; one of them deleted from outside is reported.
+    let out = ipcluster(&cluster, &sge, &["engines", "-n", "2", "--engines", "sge", "--engines-per-job", "1", "--timeout", "120"]);
+    assert!(out.status.success(), "{}", show(&out));
+    c.wait_for_engines(6, Duration::from_secs(60)).expect("6 engines");
+    let st = cluster.cluster_state().expect("cluster file");
+    let jobs: Vec<String> = st["sge"].as_array().unwrap().iter().map(|j| j["job_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    let o = sge.run("qdel", &[&jobs[2]]);
+    assert!(o.status.success(), "{}", show(&o));
+    let end = Instant::now() + Duration::from_secs(30);
+    while sge.jobs().lines().any(|l| l.split_whitespace().next() == Some(jobs[2].as_str())) {
+        assert!(Instant::now() < end, "qstat still lists job {}: {}", jobs[2], sge.jobs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = String::from_utf8_lossy(&ipcluster(&cluster, &sge, &["list"]).stdout).into_owned();
+    assert!(text.contains(&format!("sge job {}: 1 engine (ids 5..6), ended (no longer known to the scheduler)", jobs[2])), "{text}");
+    assert!(text.contains(&format!("sge job {}: 1 engine (ids 4..5), running on localhost", jobs[1])), "{text}");
     drop(c);
 
     let out = ipcluster(&cluster, &sge, &["stop"]);
