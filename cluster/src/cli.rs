@@ -13,7 +13,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rpx_protocol::Profile;
 
+use crate::launcher::batch::{self, JobOptions};
 use crate::launcher::hosts::{self, HostSpec};
+use crate::launcher::{PbsLauncher, SgeLauncher, SlurmLauncher};
 use crate::launcher::local::Local;
 use crate::launcher::mpi::Mpi;
 use crate::launcher::ssh::Ssh;
@@ -59,6 +61,8 @@ pub enum LauncherKind {
     Mpi,
     Ssh,
     Slurm,
+    Sge,
+    Pbs,
 }
 
 impl LauncherKind {
@@ -68,15 +72,19 @@ impl LauncherKind {
             LauncherKind::Mpi => "mpi",
             LauncherKind::Ssh => "ssh",
             LauncherKind::Slurm => "slurm",
+            LauncherKind::Sge => "sge",
+            LauncherKind::Pbs => "pbs",
         }
     }
+
 }
 
 /// How engines are launched: options shared by `start` and `engines`.
 #[derive(Debug, Clone, Args)]
 pub struct LaunchArgs {
-    /// Engine launcher: local (processes on this host), mpi (one mpiexec) or ssh (one ssh
-    /// connection per host). slurm is not supported yet.
+    /// Engine launcher: local (processes on this host), mpi (one mpiexec), ssh (one ssh
+    /// connection per host), or a batch scheduler: slurm (sbatch), sge (Grid Engine qsub) or
+    /// pbs (PBS Pro/OpenPBS qsub).
     #[arg(long, value_enum, default_value = "local")]
     pub engines: LauncherKind,
     /// mpi: extra mpiexec arguments, split like a shell would (e.g. "--host a,b").
@@ -91,8 +99,8 @@ pub struct LaunchArgs {
     /// ssh: a file of hosts, one a line: `host`, `host:n` or `host slots=n`; `#` comments.
     #[arg(long, value_name = "FILE")]
     pub hostfile: Option<PathBuf>,
-    /// ssh: the ipengine command on the hosts, split like a shell would (default: this
-    /// ipengine's absolute path, as on a shared filesystem).
+    /// ssh, slurm, sge, pbs: the ipengine command on the hosts or nodes, split like a shell
+    /// would (default: this ipengine's absolute path, as on a shared filesystem).
     #[arg(long = "engine-cmd", value_name = "CMD")]
     pub engine_cmd: Option<String>,
     /// ssh: the ssh program (default: ssh from PATH).
@@ -101,6 +109,40 @@ pub struct LaunchArgs {
     /// ssh: extra ssh arguments, split like a shell would (e.g. "-F ssh_config" or "-p 2222").
     #[arg(long = "ssh-args", value_name = "ARGS", allow_hyphen_values = true)]
     pub ssh_args: Option<String>,
+    /// slurm: the partition to submit to.
+    #[arg(long, value_name = "NAME")]
+    pub partition: Option<String>,
+    /// sge, pbs: the queue to submit to.
+    #[arg(long, value_name = "NAME")]
+    pub queue: Option<String>,
+    /// slurm, sge, pbs: the account (project) to charge.
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// slurm: the quality of service.
+    #[arg(long, value_name = "NAME")]
+    pub qos: Option<String>,
+    /// slurm, sge, pbs: the jobs' time limit: minutes, MM:SS, HH:MM:SS or D-HH:MM:SS.
+    #[arg(long, value_name = "TIME")]
+    pub time: Option<String>,
+    /// slurm: nodes per job.
+    #[arg(long, value_name = "N")]
+    pub nodes: Option<usize>,
+    /// slurm: engines (tasks) per node.
+    #[arg(long = "engines-per-node", value_name = "N")]
+    pub engines_per_node: Option<usize>,
+    /// slurm, sge, pbs: at most this many engines per job; more engines make more jobs
+    /// (default: one job for all).
+    #[arg(long = "engines-per-job", value_name = "N")]
+    pub engines_per_job: Option<usize>,
+    /// slurm, sge, pbs: an extra scheduler option for the job script, without its prefix
+    /// (e.g. "--mem=2G" for slurm, "-l mem_free=2G" for sge); repeatable.
+    #[arg(long = "directive", value_name = "OPTION", allow_hyphen_values = true)]
+    pub directives: Vec<String>,
+    /// slurm, sge, pbs: the job script template (minijinja syntax; variables: name, n,
+    /// first_index, output, directives, engine_command, queue, account, qos, time, nodes,
+    /// engines_per_node). It must use {{ engine_command }}.
+    #[arg(long = "job-template", value_name = "FILE")]
+    pub job_template: Option<PathBuf>,
 }
 
 /// A checked launcher with its options.
@@ -109,15 +151,15 @@ pub enum Launch {
     Local(Local),
     Mpi(Mpi),
     Ssh(Ssh),
+    Slurm(SlurmLauncher),
+    Sge(SgeLauncher),
+    Pbs(PbsLauncher),
 }
 
 impl LaunchArgs {
     /// The launcher and the number of engines: `n` is `-n`; `default_n` the number without
     /// `-n` (`None`: `-n` is required). ssh hosts with counts fix the number themselves.
     pub fn check(&self, n: Option<usize>, default_n: Option<usize>) -> Result<(Launch, usize), Fail> {
-        if self.engines == LauncherKind::Slurm {
-            return Err(Fail::new(2, "--engines slurm is not supported yet; use --engines local, mpi or ssh"));
-        }
         self.check_foreign_options()?;
         let count = |n: Option<usize>| {
             n.or(default_n).ok_or_else(|| Fail::usage(format!("-n is required with --engines {}", self.engines.name()))).and_then(check_count)
@@ -134,24 +176,79 @@ impl LaunchArgs {
                 };
                 Ok((Launch::Ssh(Ssh::new(specs, self.ssh.clone(), split("--ssh-args", &self.ssh_args)?, engine_cmd)), total))
             }
-            _ => Ok((Launch::Local(Local), count(n)?)),
+            LauncherKind::Slurm => Ok((Launch::Slurm(SlurmLauncher::new(self.job_options()?)?), count(n)?)),
+            LauncherKind::Sge => Ok((Launch::Sge(SgeLauncher::new(self.job_options()?)?), count(n)?)),
+            LauncherKind::Pbs => Ok((Launch::Pbs(PbsLauncher::new(self.job_options()?)?), count(n)?)),
+            LauncherKind::Local => Ok((Launch::Local(Local), count(n)?)),
         }
+    }
+
+    /// The batch options, checked (the scheduler then refuses those it has no use for).
+    fn job_options(&self) -> Result<JobOptions, Fail> {
+        let positive = |flag: &str, v: Option<usize>| match v {
+            Some(0) => Err(Fail::usage(format!("{flag} must be at least 1"))),
+            v => Ok(v),
+        };
+        let name = |flag: &str, v: &Option<String>| match v {
+            Some(s) if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) => Err(Fail::usage(format!("{flag} {s:?}: a name without spaces"))),
+            v => Ok(v.clone()),
+        };
+        for d in &self.directives {
+            if d.trim().is_empty() || d.contains(['\n', '\r']) {
+                return Err(Fail::usage(format!("--directive {d:?}: one scheduler option on one line")));
+            }
+        }
+        let template = match &self.job_template {
+            None => None,
+            Some(p) => Some((p.clone(), std::fs::read_to_string(p).map_err(|e| Fail::usage(format!("cannot read --job-template {}: {e}", p.display())))?)),
+        };
+        let engine_cmd = match split("--engine-cmd", &self.engine_cmd)? {
+            words if words.is_empty() && self.engine_cmd.is_some() => return Err(Fail::usage("--engine-cmd is empty")),
+            words if words.is_empty() => None,
+            words => Some(words),
+        };
+        Ok(JobOptions {
+            queue: name("--partition", &self.partition)?.or(name("--queue", &self.queue)?),
+            account: name("--account", &self.account)?,
+            qos: name("--qos", &self.qos)?,
+            time: self.time.as_deref().map(batch::parse_time).transpose().map_err(Fail::usage)?,
+            nodes: positive("--nodes", self.nodes)?,
+            engines_per_node: positive("--engines-per-node", self.engines_per_node)?,
+            directives: self.directives.clone(),
+            template,
+            engines_per_job: positive("--engines-per-job", self.engines_per_job)?,
+            engine_cmd,
+        })
     }
 
     /// Options of one launcher given with another: a usage error naming the right one.
     fn check_foreign_options(&self) -> Result<(), Fail> {
-        use LauncherKind::{Mpi, Ssh};
-        let given = [
-            ("--mpi-args", self.mpi_args.is_some(), Mpi),
-            ("--mpiexec", self.mpiexec.is_some(), Mpi),
-            ("--hosts", self.hosts.is_some(), Ssh),
-            ("--hostfile", self.hostfile.is_some(), Ssh),
-            ("--engine-cmd", self.engine_cmd.is_some(), Ssh),
-            ("--ssh", self.ssh.is_some(), Ssh),
-            ("--ssh-args", self.ssh_args.is_some(), Ssh),
+        use LauncherKind::{Mpi, Pbs, Sge, Slurm, Ssh};
+        const BATCH: &[LauncherKind] = &[Slurm, Sge, Pbs];
+        let given: [(&str, bool, &[LauncherKind]); 17] = [
+            ("--mpi-args", self.mpi_args.is_some(), &[Mpi]),
+            ("--mpiexec", self.mpiexec.is_some(), &[Mpi]),
+            ("--hosts", self.hosts.is_some(), &[Ssh]),
+            ("--hostfile", self.hostfile.is_some(), &[Ssh]),
+            ("--engine-cmd", self.engine_cmd.is_some(), &[Ssh, Slurm, Sge, Pbs]),
+            ("--ssh", self.ssh.is_some(), &[Ssh]),
+            ("--ssh-args", self.ssh_args.is_some(), &[Ssh]),
+            ("--partition", self.partition.is_some(), &[Slurm]),
+            ("--queue", self.queue.is_some(), &[Sge, Pbs]),
+            ("--account", self.account.is_some(), BATCH),
+            ("--qos", self.qos.is_some(), &[Slurm]),
+            ("--time", self.time.is_some(), BATCH),
+            ("--nodes", self.nodes.is_some(), &[Slurm]),
+            ("--engines-per-node", self.engines_per_node.is_some(), &[Slurm]),
+            ("--engines-per-job", self.engines_per_job.is_some(), BATCH),
+            ("--directive", !self.directives.is_empty(), BATCH),
+            ("--job-template", self.job_template.is_some(), BATCH),
         ];
-        match given.iter().find(|(_, set, kind)| *set && *kind != self.engines) {
-            Some((flag, _, kind)) => Err(Fail::usage(format!("{flag} goes with --engines {} (this is --engines {})", kind.name(), self.engines.name()))),
+        match given.iter().find(|(_, set, kinds)| *set && !kinds.contains(&self.engines)) {
+            Some((flag, _, kinds)) => {
+                let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+                Err(Fail::usage(format!("{flag} goes with --engines {} (this is --engines {})", names.join("|"), self.engines.name())))
+            }
             None => Ok(()),
         }
     }
@@ -464,7 +561,7 @@ mod tests {
     #[test]
     fn bad_values_are_refused() {
         assert!(parse(&["start", "-n", "-3"]).is_err());
-        assert!(parse(&["start", "--engines", "pbs"]).is_err());
+        assert!(parse(&["start", "--engines", "lsf"]).is_err());
         assert_eq!(engines_check(&["engines"]).unwrap_err().code, 2, "engines needs -n");
         assert_eq!(engines_check(&["engines", "-n", "0"]).unwrap_err().code, 2);
         assert!(check_timeout(0.0).is_err());
@@ -498,12 +595,48 @@ mod tests {
     }
 
     #[test]
-    fn slurm_is_refused_with_exit_2() {
-        for cmd in [&["start", "--engines", "slurm"][..], &["engines", "-n", "1", "--engines", "slurm"]] {
-            let e = if cmd[0] == "start" { start_check(cmd).unwrap_err() } else { engines_check(cmd).unwrap_err() };
-            assert_eq!(e.code, 2);
-            assert!(e.msg.contains("not supported yet"), "{}", e.msg);
-        }
+    fn batch_launchers_take_their_options() {
+        let (cfg, l) = start_check(&[
+            "start", "--engines", "slurm", "-n", "8", "--partition", "debug", "--account", "a1", "--qos", "hi", "--time", "1:00:00", "--nodes", "2",
+            "--engines-per-node", "2", "--engines-per-job", "4", "--directive", "--mem=1G", "--engine-cmd", "/opt/ipengine",
+        ])
+        .unwrap();
+        let Launch::Slurm(s) = l else { panic!("slurm") };
+        assert_eq!(cfg.n, 8);
+        let o = &s.opts;
+        assert_eq!((o.queue.as_deref(), o.account.as_deref(), o.qos.as_deref(), o.time), (Some("debug"), Some("a1"), Some("hi"), Some(3600)));
+        assert_eq!((o.nodes, o.engines_per_node, o.engines_per_job), (Some(2), Some(2), Some(4)));
+        assert_eq!(o.directives, ["--mem=1G"]);
+        assert_eq!(o.engine_cmd, Some(vec!["/opt/ipengine".to_string()]));
+        let (_, l) = engines_check(&["engines", "-n", "2", "--engines", "sge", "--queue", "all.q", "--time", "30"]).unwrap();
+        let Launch::Sge(s) = l else { panic!("sge") };
+        assert_eq!((s.opts.queue.as_deref(), s.opts.time), (Some("all.q"), Some(1800)));
+        assert!(matches!(start_check(&["start", "-n", "1", "--engines", "pbs"]).unwrap().1, Launch::Pbs(_)));
+    }
+
+    #[test]
+    fn bad_batch_options_are_refused_with_exit_2() {
+        let usage = |args: &[&str]| {
+            let e = start_check(args).unwrap_err();
+            assert_eq!(e.code, 2, "{args:?}: {}", e.msg);
+            e.msg
+        };
+        assert!(usage(&["start", "--engines", "slurm", "--queue", "q"]).contains("--queue goes with --engines sge|pbs"));
+        assert!(usage(&["start", "--engines", "sge", "--partition", "p"]).contains("--partition goes with --engines slurm"));
+        assert!(usage(&["start", "--partition", "p"]).contains("(this is --engines local)"));
+        assert!(usage(&["start", "--engines", "mpi", "--time", "5"]).contains("--time goes with"));
+        assert!(usage(&["start", "--engines", "sge", "--nodes", "2"]).contains("--nodes goes with --engines slurm"));
+        assert!(usage(&["start", "--engines", "slurm", "--time", "soon"]).contains("--time \"soon\""));
+        assert!(usage(&["start", "--engines", "slurm", "--engines-per-job", "0"]).contains("at least 1"));
+        assert!(usage(&["start", "--engines", "slurm", "--partition", "a b"]).contains("without spaces"));
+        assert!(usage(&["start", "--engines", "slurm", "--directive", "a\nb"]).contains("one line"));
+        assert!(usage(&["start", "--engines", "slurm", "--job-template", "/nonexistent/t.sh"]).contains("cannot read --job-template"));
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t.sh");
+        std::fs::write(&t, "#!/bin/sh\necho no engines\n").unwrap();
+        assert!(usage(&["start", "--engines", "slurm", "--job-template", t.to_str().unwrap()]).contains("engine_command"));
+        std::fs::write(&t, "#!/bin/sh\n{{ engine_command }}\n").unwrap();
+        assert!(usage(&["start", "--engines", "slurm", "--account", "x", "--job-template", t.to_str().unwrap()]).contains("would be ignored"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `ipcluster`: start, stop, list and grow rpx clusters under profiles, with engines on this
-//! host (`--engines local`), under one mpiexec (`--engines mpi`) or over ssh on other hosts
-//! (`--engines ssh`).
+//! host (`--engines local`), under one mpiexec (`--engines mpi`), over ssh on other hosts
+//! (`--engines ssh`) or in batch jobs (`--engines slurm|sge|pbs`).
 //!
 //! # Layout
 //! - [`cli`]: clap arguments and their validation into checked values (the launcher and its
@@ -9,7 +9,9 @@
 //!   logs) and what a launching process keeps of its launches ([`launcher::Batch`]);
 //!   [`launcher::local`], [`launcher::mpi`] and [`launcher::ssh`] implement it, each with the
 //!   record it leaves in the cluster file; [`launcher::hosts`] parses `--hosts`/`--hostfile`
-//!   and places engines on hosts.
+//!   and places engines on hosts; [`launcher::batch`] implements it once for the batch
+//!   schedulers ([`launcher::slurm`], [`launcher::sge`], [`launcher::pbs`]: job-script dialect,
+//!   job ids, status parsing).
 //! - [`state`]: the cluster state file (`security/cluster[-cid].json`: controller, compiler and
 //!   every launcher's records) and the pure decisions made from it (running or stale, which
 //!   logs belong to a cluster).

@@ -146,6 +146,9 @@ pub fn start(args: StartArgs, t0: Instant) -> anyhow::Result<i32> {
         Launch::Local(l) => start_with(cfg, l, t0),
         Launch::Mpi(m) => start_with(cfg, m, t0),
         Launch::Ssh(s) => start_with(cfg, s, t0),
+        Launch::Slurm(b) => start_with(cfg, b, t0),
+        Launch::Sge(b) => start_with(cfg, b, t0),
+        Launch::Pbs(b) => start_with(cfg, b, t0),
     }
 }
 
@@ -232,6 +235,9 @@ impl<L: Launcher> Starting<L> {
             engines: Vec::new(),
             mpi: Vec::new(),
             ssh: Vec::new(),
+            slurm: Vec::new(),
+            sge: Vec::new(),
+            pbs: Vec::new(),
             started: rpx_protocol::message::now_iso(),
             ipcluster_pid: cfg.supervises().then_some(me),
             supervision: cfg.supervises().then(|| Supervision {
@@ -453,6 +459,9 @@ pub fn engines(args: EnginesArgs, t0: Instant) -> anyhow::Result<i32> {
         Launch::Local(l) => engines_with(cfg, l, t0),
         Launch::Mpi(m) => engines_with(cfg, m, t0),
         Launch::Ssh(s) => engines_with(cfg, s, t0),
+        Launch::Slurm(b) => engines_with(cfg, b, t0),
+        Launch::Sge(b) => engines_with(cfg, b, t0),
+        Launch::Pbs(b) => engines_with(cfg, b, t0),
     }
 }
 
@@ -526,21 +535,23 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
             Ok(0)
         }
         Err((end, got)) => {
-            // Take the new engines down again and forget them.
-            batch.end(&instance);
-            forget(&file, &batch);
+            // Explained first (a batch job's state before it is cancelled), then the new
+            // engines are taken down again and forgotten.
             let why = match end {
                 WaitEnd::Died(w) => w,
                 WaitEnd::Interrupted(sig) => format!("interrupted by {sig}"),
                 WaitEnd::TimedOut => format!("the new engines did not register within {:.0} s\n{}", cfg.limit.as_secs_f64(), batch.explain_timeout()),
             };
+            batch.end(&instance);
+            forget(&file, &batch);
             Err(Fail::new(1, format!("{why}\n({got} engines registered, wanted {}); removed the new engines", before + cfg.n)).into())
         }
     }
 }
 
-/// Remove `batch`'s launches from the cluster file.
+/// Remove `batch`'s launches from the cluster file (told by their first engine index, which
+/// no other launch shares).
 fn forget<L: Launcher>(file: &Path, batch: &Batch<L>) {
-    let leaders = batch.leaders();
-    let _ = ClusterState::update(file, |cur| L::records_mut(cur).retain(|r| r.leader().is_none_or(|p| !leaders.contains(&p))));
+    let firsts: Vec<usize> = batch.records().iter().map(|r| r.indices().start).collect();
+    let _ = ClusterState::update(file, |cur| L::records_mut(cur).retain(|r| !firsts.contains(&r.indices().start)));
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::launcher::batch::BatchJob;
 use crate::launcher::mpi::MpiLaunch;
 use crate::launcher::ssh::SshLaunch;
 use crate::launcher;
@@ -38,6 +39,13 @@ pub struct ClusterState {
     /// ssh connections of the ssh launcher, one per host and `start`/`engines` call.
     #[serde(default)]
     pub ssh: Vec<SshLaunch>,
+    /// Batch jobs submitted to Slurm, Grid Engine and PBS, one per submission.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slurm: Vec<BatchJob>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sge: Vec<BatchJob>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pbs: Vec<BatchJob>,
     /// ISO-8601 UTC.
     pub started: String,
     /// The supervising `ipcluster` process: the foreground `ipcluster start`, or with
@@ -247,8 +255,10 @@ pub fn is_log_of(name: &str, prog: &str, cid: &str) -> bool {
     let Some(rest) = name.strip_prefix(&base) else { return false };
     let Some(rest) = rest.strip_suffix(".log") else { return false };
     let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if let Some(first) = rest.strip_prefix("mpi-") {
-        return number(first);
+    for kind in ["mpi-", "slurm-", "sge-", "pbs-"] {
+        if let Some(first) = rest.strip_prefix(kind) {
+            return number(first);
+        }
     }
     if let Some(host_first) = rest.strip_prefix("ssh-") {
         return host_first.rsplit_once('-').is_some_and(|(host, first)| !host.is_empty() && number(first));
@@ -310,6 +320,9 @@ mod tests {
             engines: vec![EngineProc { pid: 102, index: 0, log: "/l/0".into() }, EngineProc { pid: 103, index: 1, log: "/l/1".into() }],
             mpi: Vec::new(),
             ssh: Vec::new(),
+            slurm: Vec::new(),
+            sge: Vec::new(),
+            pbs: Vec::new(),
             started: "2026-01-01T00:00:00.000000Z".into(),
             ipcluster_pid: None,
             supervision: None,

@@ -88,6 +88,11 @@ fn compiler_work_dir(st: &ClusterState) -> Option<std::path::PathBuf> {
 /// Which recorded members are alive before anything is signalled.
 fn note_alive(st: &ClusterState, report: &mut StopReport) {
     for (kind, r) in launcher::all_records(st) {
+        if r.leader().is_none() {
+            // A batch job: cancelled through its scheduler, whatever its state.
+            report.launches.push(format!("{kind} {} ({}, cancelled)", r.label(), r.count()));
+            continue;
+        }
         let Some(pid) = r.leader().filter(|_| r.alive(&st.instance)) else { continue };
         if kind == Local::KIND {
             report.was_alive.push((r.label(), pid));
@@ -236,6 +241,9 @@ mod tests {
             engines: Vec::new(),
             mpi: Vec::new(),
             ssh: Vec::new(),
+            slurm: Vec::new(),
+            sge: Vec::new(),
+            pbs: Vec::new(),
             started: String::new(),
             ipcluster_pid: None,
             supervision: None,

@@ -211,6 +211,15 @@ impl TestHosts {
         crate::run(&mut cmd, limit)
     }
 
+    /// A command that runs inside the host (all its namespaces, working directory `/`, the same
+    /// reduced environment as [`TestHosts::exec`]): add the program and its arguments, spawn
+    /// it, and end it yourself (it also ends with the host). For daemons such as `slurmd`.
+    pub fn command(&self, host: &str) -> Command {
+        let mut cmd = host_command(self.host(host).pid);
+        cmd.arg("--");
+        cmd
+    }
+
     /// Processes in the host's pid namespace other than its init and its sshd (pid in the
     /// namespace, command line), sorted by pid. Zombies are left out.
     pub fn processes(&self, host: &str) -> Vec<(u32, String)> {

@@ -15,6 +15,8 @@
 //! - stand-ins: [`standin`] runs many lightweight engines (registration and heartbeat only) in
 //!   one process, against rpx's controller or ipyparallel's; the `rpx-standin` binary drives
 //!   them for `bench/scale_bench.py`.
+//! - batch schedulers: [`slurm`] / [`TestSlurm`] run a real Slurm (munged, slurmctld, a slurmd
+//!   per test host) and [`sge`] / [`TestSge`] a real Grid Engine, for the batch launchers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -31,8 +33,12 @@ use rpx_protocol::connection::read_json;
 use rpx_protocol::{ClientConnection, Message, Profile, Session};
 
 pub mod hosts;
+pub mod sge;
+pub mod slurm;
 pub mod standin;
 pub use hosts::{TestHost, TestHosts};
+pub use sge::TestSge;
+pub use slurm::TestSlurm;
 
 // ---------------------------------------------------------------------------------------------
 // Binaries and commands
@@ -185,6 +191,14 @@ impl TestCluster {
     /// A private `RPX_DIR` without a cluster yet.
     pub fn empty() -> TestCluster {
         let dir = tempfile::Builder::new().prefix("rpx-test-").tempdir().expect("temp dir");
+        TestCluster { dir, profile: "default".into(), n: 0 }
+    }
+
+    /// [`TestCluster::empty`] with its private `RPX_DIR` (mode 0700) under `parent`: e.g.
+    /// `/var/tmp`, which test hosts see (they hide `/tmp`), for batch jobs whose output files
+    /// the nodes write into the profile's log directory.
+    pub fn empty_in(parent: &Path) -> TestCluster {
+        let dir = tempfile::Builder::new().prefix("rpx-test-").tempdir_in(parent).expect("temp dir");
         TestCluster { dir, profile: "default".into(), n: 0 }
     }
 

@@ -88,9 +88,12 @@ fn stop_with_nothing_running_fails() {
 #[test]
 fn unsupported_launcher_exits_2() {
     let c = TestCluster::empty();
-    let out = c.ipcluster(&["start", "-n", "1", "--engines", "slurm", "--daemonize"]);
+    let out = c.ipcluster(&["start", "-n", "1", "--engines", "lsf", "--daemonize"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    assert!(text(&out).contains("not supported yet"), "{}", show(&out));
+    assert!(text(&out).contains("invalid value 'lsf'"), "{}", show(&out));
+    let out = c.ipcluster(&["start", "-n", "1", "--engines", "slurm", "--queue", "q", "--daemonize"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(text(&out).contains("--queue goes with --engines sge|pbs"), "{}", show(&out));
     assert!(c.processes().is_empty());
 }
 

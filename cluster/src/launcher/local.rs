@@ -109,6 +109,8 @@ impl Launcher for Local {
             remote_pids: Vec::new(),
             registered: None,
             logs: records.iter().map(|e| e.log.clone()).collect(),
+            job: None,
+            state: None,
         }]
     }
 

@@ -17,10 +17,17 @@
 //! - [`mpi`]: one `mpiexec -n N ipengine --mpi`, Open MPI or MPICH.
 //! - [`ssh`]: one ssh connection per host whose life is the life of that host's engines.
 //! - [`hosts`]: `--hosts` / `--hostfile` parsing and placing engines on hosts.
+//! - [`batch`]: what the batch schedulers share (job options, job scripts rendered through a
+//!   template, submission records, job states, the generic [`batch::BatchLauncher`]);
+//!   [`slurm`], [`sge`] and [`pbs`]: each scheduler's script dialect, ids and status parsing.
 
+pub mod batch;
 pub mod hosts;
 pub mod local;
 pub mod mpi;
+pub mod pbs;
+pub mod sge;
+pub mod slurm;
 pub mod ssh;
 
 use std::collections::BTreeSet;
@@ -121,11 +128,29 @@ pub struct LaunchStatus {
     /// registered with ids in its index range, as `ipengine --mpi` asks for).
     pub registered: Option<usize>,
     pub logs: Vec<PathBuf>,
+    /// The batch scheduler's job id (slurm, sge, pbs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The job's state as the scheduler reports it: `running on h1,h2`, `pending (Resources)`,
+    /// `CANCELLED`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 impl LaunchStatus {
     /// `ssh 10.0.0.2: 2 engines (ssh pid 123)`, `mpi: 4 ranks (mpiexec pid 456)`.
     pub fn line(&self) -> String {
+        if let Some(job) = &self.job {
+            let n = self.engines;
+            let mut line = format!("{} job {job}: {n} engine{} (ids {}..{}), {}", self.launcher, if n == 1 { "" } else { "s" }, self.first_index, self.first_index + n, self.state.as_deref().unwrap_or("unknown"));
+            if let Some(r) = self.registered {
+                line.push_str(&format!(", {r} registered"));
+            }
+            if let Some(log) = self.logs.first() {
+                line.push_str(&format!("; output {}", log.display()));
+            }
+            return line;
+        }
         let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
         let (what, holder) = match self.launcher {
             "local" => (format!("{} engine{}", self.engines, if self.engines == 1 { "" } else { "s" }), format!("pids {}", pids.join(","))),
@@ -195,6 +220,11 @@ pub trait Launcher {
         let pid = rec.leader().map(|p| format!(" (pid {p})")).unwrap_or_default();
         format!("{}{pid} exited with {status}\n{}", rec.label(), procs::tail_block(&format!("{} log", rec.label()), rec.log()))
     }
+    /// A launch that failed or ended without a local process to tell it (batch jobs: the
+    /// scheduler's state), explained; polled at most once a second while engines register.
+    fn failed(_records: &[Self::Record]) -> Option<String> {
+        None
+    }
     /// The logs to show when engines did not register in time.
     fn explain_timeout(records: &[Self::Record]) -> String {
         records.first().map(|r| procs::tail_block(&format!("{} log", r.label()), r.log())).unwrap_or_default()
@@ -249,14 +279,25 @@ pub fn all_records(st: &ClusterState) -> Vec<(&'static str, &dyn Record)> {
     v.extend(st.engines.iter().map(|r| (local::Local::KIND, r as &dyn Record)));
     v.extend(st.mpi.iter().map(|r| (mpi::Mpi::KIND, r as &dyn Record)));
     v.extend(st.ssh.iter().map(|r| (ssh::Ssh::KIND, r as &dyn Record)));
+    v.extend(st.slurm.iter().map(|r| ("slurm", r as &dyn Record)));
+    v.extend(st.sge.iter().map(|r| ("sge", r as &dyn Record)));
+    v.extend(st.pbs.iter().map(|r| ("pbs", r as &dyn Record)));
     v
 }
+
+/// The batch launchers.
+pub type SlurmLauncher = batch::BatchLauncher<slurm::Slurm>;
+pub type SgeLauncher = batch::BatchLauncher<sge::Sge>;
+pub type PbsLauncher = batch::BatchLauncher<pbs::Pbs>;
 
 /// The status of every launch of a cluster, launcher by launcher.
 pub fn status_all(st: &ClusterState, registered: Option<&BTreeSet<u64>>) -> Vec<LaunchStatus> {
     let mut v = local::Local::status(&st.engines, &st.instance, registered);
     v.extend(mpi::Mpi::status(&st.mpi, &st.instance, registered));
     v.extend(ssh::Ssh::status(&st.ssh, &st.instance, registered));
+    v.extend(SlurmLauncher::status(&st.slurm, &st.instance, registered));
+    v.extend(SgeLauncher::status(&st.sge, &st.instance, registered));
+    v.extend(PbsLauncher::status(&st.pbs, &st.instance, registered));
     v
 }
 
@@ -265,6 +306,9 @@ pub fn stop_all(st: &ClusterState) {
     local::Local::stop(&st.engines, &st.instance);
     mpi::Mpi::stop(&st.mpi, &st.instance);
     ssh::Ssh::stop(&st.ssh, &st.instance);
+    SlurmLauncher::stop(&st.slurm, &st.instance);
+    SgeLauncher::stop(&st.sge, &st.instance);
+    PbsLauncher::stop(&st.pbs, &st.instance);
 }
 
 /// What the launching process keeps about the launches it just made: their records (the
@@ -274,12 +318,14 @@ pub struct Batch<L: Launcher> {
     pub spawned: Vec<Spawned<L::Record>>,
     /// Leaders whose exit was already reported.
     reported: Vec<u32>,
+    /// When [`Launcher::failed`] was last asked.
+    polled: Option<std::time::Instant>,
 }
 
 impl<L: Launcher> Batch<L> {
     /// Nothing launched yet; launches will be recorded after the `st`'s current ones.
     pub fn new(st: &ClusterState) -> Batch<L> {
-        Batch { at: L::records(st).len(), spawned: Vec::new(), reported: Vec::new() }
+        Batch { at: L::records(st).len(), spawned: Vec::new(), reported: Vec::new(), polled: None }
     }
 
     /// Copy the records into the cluster state (replacing earlier copies).
@@ -293,16 +339,20 @@ impl<L: Launcher> Batch<L> {
         self.spawned.iter().map(|s| s.record.clone()).collect()
     }
 
-    pub fn leaders(&self) -> Vec<u32> {
-        self.spawned.iter().filter_map(|s| s.record.leader()).collect()
-    }
-
     /// The first launch whose local process exited, explained.
     pub fn exited(&mut self) -> Option<String> {
-        self.spawned.iter_mut().find_map(|s| {
+        let exit = self.spawned.iter_mut().find_map(|s| {
             let status = s.child.as_mut()?.try_wait().ok()??;
             Some(L::explain_exit(&s.record, status))
-        })
+        });
+        if exit.is_some() {
+            return exit;
+        }
+        if self.polled.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return None;
+        }
+        self.polled = Some(std::time::Instant::now());
+        L::failed(&self.records())
     }
 
     /// Launches whose local process exited since the last call: one line each, for a
@@ -382,7 +432,7 @@ mod tests {
     use super::*;
 
     fn status(launcher: &'static str, host: Option<&str>, alive: usize) -> LaunchStatus {
-        LaunchStatus { launcher, host: host.map(str::to_string), first_index: 0, engines: 2, pids: vec![123], alive, remote_pids: Vec::new(), registered: None, logs: Vec::new() }
+        LaunchStatus { launcher, host: host.map(str::to_string), first_index: 0, engines: 2, pids: vec![123], alive, remote_pids: Vec::new(), registered: None, logs: Vec::new(), job: None, state: None }
     }
 
     #[test]
@@ -399,5 +449,12 @@ mod tests {
         let mut l = status("local", None, 1);
         l.pids = vec![1, 2];
         assert_eq!(l.line(), "local: 2 engines (pids 1,2), some exited (1 of 2 alive)");
+        let mut j = status("slurm", None, 1);
+        j.pids = Vec::new();
+        j.job = Some("42".into());
+        j.state = Some("running on h1,h2".into());
+        j.registered = Some(2);
+        j.logs = vec!["/p/log/ipengine-slurm-0.log".into()];
+        assert_eq!(j.line(), "slurm job 42: 2 engines (ids 0..2), running on h1,h2, 2 registered; output /p/log/ipengine-slurm-0.log");
     }
 }

@@ -193,6 +193,8 @@ impl Launcher for Mpi {
                 remote_pids: Vec::new(),
                 registered: registered.map(|ids| ids.iter().filter(|id| r.indices().contains(&(**id as usize))).count()),
                 logs: vec![r.log.clone()],
+                job: None,
+                state: None,
             })
             .collect()
     }

@@ -320,6 +320,8 @@ impl Launcher for Ssh {
                 remote_pids: r.remote_pids.clone(),
                 registered: None,
                 logs: vec![r.log.clone()],
+                job: None,
+                state: None,
             })
             .collect()
     }
