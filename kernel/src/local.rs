@@ -201,7 +201,14 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let panic = std::mem::take(&mut *shared.panic.lock().unwrap_or_else(|p| p.into_inner())).lines;
+    let mut report = std::mem::take(&mut *shared.panic.lock().unwrap_or_else(|p| p.into_inner()));
+    // Blank lines held back in case a panic report followed them (it starts with one) were the
+    // cell's own.
+    let held = report.take_held_blanks();
+    if held > 0 {
+        shared.publish(&IopubMsg::Stream { name: StreamName::Stderr, text: "\n".repeat(held) });
+    }
+    let panic = report.lines;
     match r {
             Ok(_) if interrupted => LocalOutcome::Err(
                 "KeyboardInterrupt".into(),

@@ -118,6 +118,8 @@ impl Shared {
 pub struct PanicText {
     pub lines: Vec<String>,
     state: PanicState,
+    /// Blank lines not yet published: the runtime writes one before a panic report.
+    held_blanks: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +131,8 @@ enum PanicState {
     Message,
     /// In `stack backtrace:`'s frames.
     Backtrace,
+    /// Just after the report's closing note: the blank line the runtime writes after it.
+    Trailing,
     /// The report ended: later lines are ordinary stderr.
     Done,
 }
@@ -138,14 +142,21 @@ enum PanicState {
 const PANIC_MESSAGE_LINES: usize = 50;
 
 impl PanicText {
-    /// Returns the lines that are not part of the panic report.
+    /// Returns the lines that are not part of the panic report (blank lines are held until the
+    /// next line shows whether a report starts; [`PanicText::take_held_blanks`] at the cell's end).
     fn note(&mut self, lines: &[String]) -> Vec<String> {
         let mut rest = Vec::new();
         for l in lines {
             match self.state {
+                PanicState::None if l.trim().is_empty() => self.held_blanks += 1,
                 PanicState::None if l.starts_with("thread '") && l.contains("panicked at") => {
+                    self.held_blanks = 0;
                     self.lines.push(l.clone());
                     self.state = PanicState::Message;
+                }
+                PanicState::None => {
+                    rest.extend(std::iter::repeat_n(String::new(), std::mem::take(&mut self.held_blanks)));
+                    rest.push(l.clone());
                 }
                 PanicState::Message if l.starts_with("stack backtrace:") => {
                     self.lines.push(l.clone());
@@ -153,18 +164,24 @@ impl PanicText {
                 }
                 PanicState::Message | PanicState::Backtrace if l.starts_with("note: ") => {
                     self.lines.push(l.clone());
-                    self.state = PanicState::Done;
+                    self.state = PanicState::Trailing;
                 }
+                PanicState::Trailing if l.trim().is_empty() => {}
                 PanicState::Message if self.lines.len() < PANIC_MESSAGE_LINES => self.lines.push(l.clone()),
                 PanicState::Backtrace if l.starts_with(' ') => self.lines.push(l.clone()),
-                PanicState::Message | PanicState::Backtrace => {
+                PanicState::Message | PanicState::Backtrace | PanicState::Trailing => {
                     self.state = PanicState::Done;
                     rest.push(l.clone());
                 }
-                PanicState::None | PanicState::Done => rest.push(l.clone()),
+                PanicState::Done => rest.push(l.clone()),
             }
         }
         rest
+    }
+
+    /// The blank lines still held back (none are after this).
+    pub fn take_held_blanks(&mut self) -> usize {
+        std::mem::take(&mut self.held_blanks)
     }
 }
 
@@ -179,10 +196,18 @@ mod panic_tests {
     #[test]
     fn a_panic_report_is_taken_out_of_stderr_and_the_rest_is_kept() {
         let mut p = PanicText::default();
-        let rest = p.note(&lines("before\nthread 'main' panicked at src/lib.rs:3:5:\nboom 7\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"));
-        assert_eq!(rest, ["before"]);
+        assert_eq!(p.note(&lines("before\n\nmore")), ["before", "", "more"], "blank lines between others are kept");
+        assert!(p.note(&["".to_string()]).is_empty(), "a blank line is held: a report may follow");
+        let rest = p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom 7\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"));
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(p.take_held_blanks(), 0, "the blank line before the report was part of it");
         assert_eq!(p.lines[1], "boom 7");
-        assert_eq!(p.note(&lines("after")), ["after"]);
+        assert!(p.note(&["".to_string()]).is_empty(), "the blank line after the report is part of it");
+        assert_eq!(p.note(&lines("after\n")), ["after"]);
+        assert_eq!(p.note(&["".to_string()]), [""], "after the report, blank lines pass");
+        let mut q = PanicText::default();
+        assert_eq!(q.note(&["x".to_string(), String::new()]), ["x"]);
+        assert_eq!(q.take_held_blanks(), 1, "a blank line at the end of a cell without a panic is the cell's own");
     }
 
     #[test]
