@@ -119,9 +119,15 @@ pub fn transfer_name() -> String {
     format!("{TRANSFER_PREFIX}{}", uuid::Uuid::new_v4())
 }
 
+/// Inputs from this size on are hashed on every core (BLAKE3 is a tree hash: same digest).
+const PARALLEL_DIGEST_FROM: usize = 1 << 20;
+
 /// BLAKE3 of `bytes`, hex.
 pub fn digest(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
+    if bytes.len() < PARALLEL_DIGEST_FROM {
+        return blake3::hash(bytes).to_hex().to_string();
+    }
+    blake3::Hasher::new().update_rayon(bytes).finalize().to_hex().to_string()
 }
 
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
@@ -129,19 +135,28 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
-/// Write `bytes` as a new transfer file in `dir` (0600, created fresh, one write).
+/// Write `bytes` as a new transfer file in `dir` (0600, created fresh, one write; a large value
+/// is hashed while it is written).
 pub fn write_value_file(dir: &Path, bytes: &[u8]) -> std::io::Result<ValueFile> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = transfer_name();
     let path = dir.join(&file);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
-    let written = f.write_all(bytes);
+    let (written, blake3) = if bytes.len() < PARALLEL_DIGEST_FROM {
+        (f.write_all(bytes), digest(bytes))
+    } else {
+        std::thread::scope(|s| {
+            let hashing = s.spawn(|| digest(bytes));
+            let written = f.write_all(bytes);
+            (written, hashing.join().expect("hashing does not panic"))
+        })
+    };
     if let Err(e) = written {
         drop(f);
         let _ = std::fs::remove_file(&path);
         return Err(e);
     }
-    Ok(ValueFile { file, size: bytes.len() as u64, blake3: digest(bytes) })
+    Ok(ValueFile { file, size: bytes.len() as u64, blake3 })
 }
 
 /// The same file under a new transfer name in `to_dir` (a hard link: no copy), for another
