@@ -2,13 +2,15 @@
 # rpx's client benchmark and ipyparallel's peer benchmark, one after the other in one run, with
 # the same shapes (2 engines): apply round trip, 10,000 trivial load-balanced tasks at
 # chunksize 1, 100 MB push / pull / scatter / gather; rpx also times a new closure's compile.
-# usage: bench/client_bench.sh [PYTHON]   (PYTHON: a Python with ipyparallel 9, psutil, numpy;
-#        default: the project's .venv/bin/python). BENCH_REPS (3) applies to both.
+# usage: bench/client_bench.sh [PYTHON]   (PYTHON: a Python with ipyparallel 9, psutil, numpy,
+#        and dask[distributed] / ray for those peers; default: the project's .venv/bin/python).
+#        BENCH_REPS (3) applies to all. BENCH_PEERS (default "ipp"; "ipp dask ray" for all three)
+#        picks the peers from ../shared/bench/peers, run one after the other after rpx.
 #        BENCH_ONLY=data: only the 100 MB transfers (both systems).
 #        BENCH_DATA_PLANE=both: rpx also measures the buffer path (shared memory off).
 #        CARGO_TARGET_DIR is honoured.
-# Results: bench/results/client-<time>-{rpx,ipp}.json and client-<time>-summary.md (medians,
-# rpx / ipyparallel ratios).
+# Results: bench/results/client-<time>-{rpx,<peer>}.json and client-<time>-summary.md (medians,
+# and how many times rpx is faster than each peer: bench/client_summary.py).
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-$here/.venv/bin/python}
@@ -22,28 +24,36 @@ parts="latency throughput data"
 [ "${BENCH_ONLY:-}" = data ] && parts="data"
 echo "=== rpx ($(date +%T))"
 "$target/release/examples/bench_ops" "$out/client-$stamp-rpx.json" >/dev/null
-echo "=== ipyparallel ($(date +%T))"
-# The peer scripts keep their state and results next to their own directory: run a copy.
+# The peer scripts keep their state and results next to their own directory: run copies.
 state=$(mktemp -d)
+trap 'rm -rf "$state"' EXIT
 mkdir -p "$state/bench"
 cp "$here"/../shared/bench/peers/*.py "$state/bench/"
-# shellcheck disable=SC2086
-"$py" "$state/bench/ipp_ops.py" $parts 2>&1 | tail -25
-cp "$state"/results/ipp_ops_${parts// /_}.json "$out/client-$stamp-ipp.json"
-rm -rf "$state"
-"$py" - "$out/client-$stamp-rpx.json" "$out/client-$stamp-ipp.json" > "$out/client-$stamp-summary.md" <<'PY'
+peers=()
+for peer in ${BENCH_PEERS:-ipp}; do
+    echo "=== $peer ($(date +%T))"
+    # shellcheck disable=SC2086
+    "$py" "$state/bench/${peer}_ops.py" $parts 2>&1 | tail -25
+    cp "$state"/results/${peer}_ops_${parts// /_}.json "$out/client-$stamp-$peer.json"
+    peers+=("$peer=$out/client-$stamp-$peer.json")
+done
+"$py" "$here/bench/client_summary.py" "$out/client-$stamp-rpx.json" "${peers[@]}" > "$out/client-$stamp-summary.md"
+if [ -f "$out/client-$stamp-ipp.json" ]; then
+    "$py" - "$out/client-$stamp-rpx.json" "$out/client-$stamp-ipp.json" >> "$out/client-$stamp-summary.md" <<'PY'
 import json, sys
 rpx, ipp = (json.load(open(p)) for p in sys.argv[1:3])
 d = ipp.get("data", {})
-print("| 100 MB | rpx GB/s (median) | ipyparallel GB/s (median) | rpx / ipyparallel |")
-print("|---|---|---|---|")
-for op, key in [("push (1 engine)", "push_1engine_MBps"), ("pull (1 engine)", "pull_1engine_MBps"), ("scatter (2 engines)", "scatter_2engines_MBps"), ("gather (2 engines)", "gather_2engines_MBps")]:
-    name = op.split()[0]
-    i = d[key]["median"] / 1000
-    for suffix, label in [("", ""), ("_buffers", " [rpx buffers]")]:
-        r = rpx.get(f"{name}_gb_per_s{suffix}")
-        if r:
-            print(f"| {op}{label} | {r['median']:.2f} (n={r['n']}, {r['min']:.2f}-{r['max']:.2f}) | {i:.2f} (n={d[key]['n']}) | x{r['median'] / i:.1f} |")
+if any(k.endswith("_buffers") for k in rpx):
+    print()
+    print("| 100 MB, rpx's buffer path (shared memory off) | rpx GB/s (median) | ipyparallel GB/s (median) | rpx / ipyparallel |")
+    print("|---|---|---|---|")
+    for op, key in [("push (1 engine)", "push_1engine_MBps"), ("pull (1 engine)", "pull_1engine_MBps"), ("scatter (2 engines)", "scatter_2engines_MBps"), ("gather (2 engines)", "gather_2engines_MBps")]:
+        name = op.split()[0]
+        r = rpx.get(f"{name}_gb_per_s_buffers")
+        if r and key in d:
+            i = d[key]["median"] / 1000
+            print(f"| {op} | {r['median']:.2f} (n={r['n']}, {r['min']:.2f}-{r['max']:.2f}) | {i:.2f} | x{r['median'] / i:.1f} |")
 PY
+fi
 cat "$out/client-$stamp-summary.md"
-echo "results: $out/client-$stamp-{rpx,ipp}.json, $out/client-$stamp-summary.md"
+echo "results: $out/client-$stamp-*.json, $out/client-$stamp-summary.md"

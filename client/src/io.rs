@@ -12,7 +12,8 @@
 //!   a `connection_request`; no answer within [`LIVENESS_TIMEOUT`] counts as a lost controller
 //!   (a frozen controller or a dead host never closes the TCP connection);
 //! - every send is bounded by [`SEND_LIMIT`];
-//! - iopub output is waited for at most [`IDLE_GRACE`] after a task's reply.
+//! - iopub output is waited for at most [`IDLE_GRACE`] after a task's reply, and not at all
+//!   after a quiet one (`rpx_protocol::apply::QUIET_KEY`: the engine published nothing for it).
 //!
 //! Messages are built and signed on the caller's thread ([`Frames`]); the dispatcher only
 //! registers and sends them, and readers decode in parallel on the runtime's workers.
@@ -764,10 +765,15 @@ impl Dispatcher {
         self.unreplied = self.unreplied.saturating_sub(1);
         let status = msg.content.get("status").and_then(Value::as_str).unwrap_or(if msg.msg_type == "hub_error" { "error" } else { "ok" }).to_string();
         let Light { metadata, content, buffers, date, .. } = msg;
+        // The engine published nothing for it (not even `idle`): the reply is all there is.
+        let quiet = metadata.get(rpx_protocol::apply::QUIET_KEY).and_then(Value::as_bool) == Some(true);
         let reply = ReplyData { status, content, metadata, date, buffers };
         route.tracker.set_outcome(route.idx, Outcome::Reply(reply), engine_id);
         self.touched.push(route.tracker.clone());
-        if route.idle {
+        if quiet {
+            route.tracker.settle(route.idx);
+            self.routes.remove(&parent);
+        } else if route.idle {
             self.routes.remove(&parent);
         } else {
             self.linger.push_back((Instant::now() + IDLE_GRACE, parent));

@@ -210,6 +210,13 @@ fn closures_on_four_engines() {
         assert_eq!(ar.stdout(), (0..4).map(|i| format!("hello from {i}\n")).collect::<Vec<_>>());
     });
 
+    steps.run("a call that prints nothing is complete with its reply (no wait for iopub)", || {
+        let ar = dv.apply_async(rpx::remote!(|x: u64| x * 2), (21u64,)).unwrap();
+        assert_eq!(ar.get().unwrap(), vec![42u64; 4]);
+        assert!(ar.wait_for_output(Duration::ZERO), "the engines answered quietly: nothing more to wait for");
+        assert_eq!(ar.stdout(), vec![String::new(); 4]);
+    });
+
     steps.run(".await on a map", || {
         let ar = view.chunksize(5).map_async(rpx::remote!(|x: u64| x + 1), 0..50u64).unwrap();
         let out = futures::executor::block_on(ar).unwrap();

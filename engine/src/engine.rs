@@ -576,6 +576,12 @@ impl Engine {
     }
 
     async fn start(&mut self, req: Request) {
+        if req.msg_type() == "apply_request" {
+            // The previous request's output goes out under its own parent; this one's `busy`
+            // waits for its first publication (a quiet call answers with its reply alone).
+            self.out.flush_streams();
+            self.out.defer_busy(&req.header);
+        }
         if matches!(req.msg_type(), "execute_request" | "apply_request") {
             if let Some(notice) = self.restart_notice.take() {
                 self.out.set_stream_parent(req.header.clone());
@@ -632,7 +638,6 @@ impl Engine {
     // ----- rpx apply payloads: push, pull, closures -----
 
     async fn start_apply(&mut self, req: Request) {
-        self.out.status("busy", &req.header);
         let md = reply::init_metadata(&req.metadata, &self.me);
         let op = match reply::apply_op(&req.content, &self.me) {
             Ok(op) => op,

@@ -5,7 +5,14 @@
 //!
 //! The engine's decisions say what to send; [`Outbox`] signs it and queues it on the outlet of
 //! the right socket ([`crate::net::Outlets`]), never blocking the engine loop.
+//!
+//! An rpx `apply_request` holds its `busy` status back ([`Outbox::defer_busy`]): it goes out
+//! just before the first publication for anything, and a request answered by [`Outbox::ok`]
+//! with nothing published is answered quietly (no status at all, the reply's metadata says
+//! [`rpx_protocol::apply::QUIET_KEY`]). A trivial closure call costs one reply, not three
+//! messages.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,11 +45,13 @@ pub struct Outbox {
     err_buf: String,
     stream_parent: Option<Header>,
     last_flush: Instant,
+    /// The request whose `busy` status waits for its first publication.
+    held_busy: Mutex<Option<Header>>,
 }
 
 impl Outbox {
     pub fn new(me: Identity, session: Session, outlets: Outlets) -> Outbox {
-        Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now() }
+        Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now(), held_busy: Mutex::new(None) }
     }
 
     /// The engine's id changed (it registered again under a new one).
@@ -70,11 +79,45 @@ impl Outbox {
         }
     }
 
-    /// Publish on iopub under the topic `engine.<id>.<kind>`.
+    /// Publish on iopub under the topic `engine.<id>.<kind>` (after the held `busy`, if any).
     pub fn publish(&self, kind: &str, msg_type: &str, content: Value, parent: Option<&Header>) {
+        let held = self.held_busy.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(busy) = held {
+            self.send_iopub("status", "status", json!({"execution_state": "busy"}), Some(&busy));
+        }
+        self.send_iopub(kind, msg_type, content, parent);
+    }
+
+    fn send_iopub(&self, kind: &str, msg_type: &str, content: Value, parent: Option<&Header>) {
         let topic = Bytes::from(self.me.topic(kind));
         let (_, frames) = self.session.msg(&[topic], msg_type, content, parent, reply::plain_metadata(&self.me), &[]);
         push(&self.outlets.iopub, frames, msg_type);
+    }
+
+    /// Hold the `busy` status of the request `parent` until something is published.
+    pub fn defer_busy(&self, parent: &Header) {
+        *self.held_busy.lock().unwrap_or_else(|p| p.into_inner()) = Some(parent.clone());
+    }
+
+    /// Whether nothing was published for `req` since its `busy` was held (and forget it).
+    fn take_quiet(&self, req: &Request) -> bool {
+        let mut held = self.held_busy.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet = held.as_ref().is_some_and(|h| h.msg_id == req.header.msg_id);
+        if quiet {
+            *held = None;
+        }
+        quiet
+    }
+
+    /// Answer `req` with `content` and publish `idle`, or answer it quietly if nothing was
+    /// published for it.
+    fn finish(&self, req: &Request, content: Value, mut md: Value, buffers: &[Bytes]) {
+        if self.take_quiet(req) {
+            md[rpx_protocol::apply::QUIET_KEY] = json!(true);
+            return self.reply_with_buffers(req, content, md, buffers);
+        }
+        self.reply_with_buffers(req, content, md, buffers);
+        self.status("idle", &req.header);
     }
 
     /// Publish the engine's execution state (`busy`, `idle`) for the request `parent`.
@@ -91,18 +134,16 @@ impl Outbox {
     }
 
     /// Answer `req` with success and these buffers (pushed, pulled or computed values), then
-    /// publish `idle`.
+    /// publish `idle` (or nothing, if nothing was published for it since [`Outbox::defer_busy`]).
     pub fn ok(&self, req: &Request, md: Value, buffers: &[Bytes]) {
-        self.reply_with_buffers(req, json!({"status": "ok"}), md, buffers);
-        self.status("idle", &req.header);
+        self.finish(req, json!({"status": "ok"}), md, buffers);
     }
 
     /// Answer `req` with success and `key: value` in the content, no buffers.
     pub fn ok_with(&self, req: &Request, md: Value, key: &str, value: Value) {
         let mut content = json!({"status": "ok"});
         content[key] = value;
-        self.reply_with_buffers(req, content, md, &[]);
-        self.status("idle", &req.header);
+        self.finish(req, content, md, &[]);
     }
 
     /// Answer a request aborted before it ran.
@@ -303,6 +344,49 @@ mod tests {
         assert_eq!((r.content["status"].as_str(), r.content["ename"].as_str()), (Some("error"), Some("NameError")));
         assert_eq!(r.metadata["status"], "error");
         assert_eq!(r.metadata["engine_info"]["method"], "apply");
+    }
+
+    fn apply(msg_id: &str) -> Request {
+        let mut req = Request::for_test(msg_id, "apply_request", json!({}));
+        req.idents = vec![Bytes::from_static(b"client")];
+        req
+    }
+
+    #[test]
+    fn a_request_that_published_nothing_is_answered_by_its_reply_alone_marked_quiet() {
+        let (out, mut s) = outbox();
+        let req = apply("call-1");
+        out.defer_busy(&req.header);
+        out.ok(&req, reply::init_metadata(&json!({}), &out.me), &[Bytes::from_static(b"result")]);
+        assert!(drain(&mut s.iopub).is_empty(), "no busy, no idle");
+        let (_, r) = drain(&mut s.mux).pop().expect("a reply");
+        assert_eq!(r.metadata[rpx_protocol::apply::QUIET_KEY], true);
+        assert_eq!(r.buffers, vec![Bytes::from_static(b"result")]);
+        // The next request is not quiet by inheritance: it is answered between busy and idle.
+        out.aborted(&apply("call-2"));
+        assert_eq!(drain(&mut s.iopub).len(), 2);
+        assert!(drain(&mut s.mux).pop().unwrap().1.metadata.get(rpx_protocol::apply::QUIET_KEY).is_none());
+    }
+
+    #[test]
+    fn a_held_busy_goes_out_before_the_first_publication_and_idle_follows_the_reply() {
+        let (mut out, mut s) = outbox();
+        let req = apply("call-1");
+        out.defer_busy(&req.header);
+        out.set_stream_parent(req.header.clone());
+        out.append(Stream::Stdout, "hi\n");
+        out.flush_streams();
+        out.ok(&req, reply::init_metadata(&json!({}), &out.me), &[]);
+        let pubs: Vec<(String, String)> = drain(&mut s.iopub).into_iter().map(|(_, m)| (m.msg_type().to_string(), m.content["execution_state"].as_str().unwrap_or("").to_string())).collect();
+        assert_eq!(pubs, [("status".into(), "busy".into()), ("stream".into(), String::new()), ("status".into(), "idle".into())]);
+        let (_, r) = drain(&mut s.mux).pop().expect("a reply");
+        assert!(r.metadata.get(rpx_protocol::apply::QUIET_KEY).is_none());
+
+        let failing = apply("call-2");
+        out.defer_busy(&failing.header);
+        out.apply_error(&failing, reply::init_metadata(&json!({}), &out.me), &EngineError::new("Panic", "boom", vec![]));
+        let pubs: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.msg_type().to_string()).collect();
+        assert_eq!(pubs, ["status", "error", "status"], "busy, the error, idle");
     }
 
     #[test]

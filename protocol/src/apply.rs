@@ -19,6 +19,12 @@
 //!
 //! Error replies carry `status: "error"`, `ename` (one of [`ename`]), `evalue`, `traceback` and
 //! `engine_info`.
+//!
+//! An rpx request that publishes nothing on iopub (a closure without output, a push, a pull
+//! from files) publishes no `busy`/`idle` status either: its reply's metadata says so with
+//! [`QUIET_KEY`], and the reply is then all there is to wait for. A request that does publish
+//! (output, an error) gets `busy` before its first publication and `idle` after its reply, as
+//! every other request.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +32,9 @@ use crate::dataplane::ValueFile;
 
 /// Key of the payload in the `apply_request` content.
 pub const CONTENT_KEY: &str = "rpx";
+/// Reply metadata key, `true` when the engine published nothing on iopub for the request (no
+/// status, no output): no `idle` follows the reply.
+pub const QUIET_KEY: &str = "rpx_quiet";
 
 /// A closure to run on engines, as the client wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
