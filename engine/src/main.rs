@@ -72,6 +72,14 @@ fn main() {
     if std::env::var_os(rpx_engine::worker::WORKER_ENV).is_some() {
         rpx_engine::worker::run();
     }
+    // No glibc fastbins in the engine (the worker keeps the default for the user's code): each
+    // message frees chunks that make glibc consolidate its fastbins, a third of the engine's
+    // CPU per task. Measured (bench_ops, 10,000 load-balanced tasks): engine 46 -> 40 us.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: a malloc tuning call with a documented parameter, before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
