@@ -13,6 +13,9 @@ For each system, --reps times (fresh cluster each time, 8 engines):
   2. trivial cell: rpx `execute('let _t = 1;')`, ipyparallel `execute('pass')`, on all 8 engines and on
      engine 0 alone, interleaved, 2 warm-ups then --cells timed runs each; a run = submit, reply on
      every engine, and all outputs in (what execute(block=True) waits for). Per repetition the median.
+     Before that, --cells runs on all 8 alone, while the engines are still in step: for rpx one
+     compile serves them all; after a cell on engine 0 alone, engine 0 has a history of its own and
+     each cell on all 8 is compiled for two groups.
   3. memory (psutil VmRSS): one idle engine (rpx: engine + its worker and any other descendants;
      ipyparallel: engine + nanny) and the whole cluster (every process of it: ipcluster daemon,
      controller and its children, compiler and its children, engines, workers / nannies). Taken
@@ -362,6 +365,16 @@ def one_rep(system, args):
         f"cluster {m['cluster_kib'] // 1024} MiB in {m['nprocs']} processes")
 
     all_v, one_v = rc[:], rc[rc.ids[0]]
+    # All engines in step first: for rpx one compile serves all 8. A cell on engine 0 alone
+    # then gives it a history of its own, and every later cell on all 8 is compiled for both
+    # groups (engine 0's and the others').
+    timed_cell(all_v, system.trivial)
+    in_step = []
+    with Probe(system.pids) as pr:
+        for _ in range(args.cells):
+            in_step.append(timed_cell(all_v, system.trivial)[0])
+    out["cell_all_in_step_s"] = in_step
+    out["cell_all_in_step_median_s"] = statistics.median(in_step)
     for _ in range(2):
         timed_cell(all_v, system.trivial)
         timed_cell(one_v, system.trivial)
@@ -379,10 +392,12 @@ def one_rep(system, args):
     out["cell_all_median_s"] = statistics.median(t_all)
     out["cell_one_median_s"] = statistics.median(t_one)
     out["cell_ratio_all_over_one"] = out["cell_all_median_s"] / out["cell_one_median_s"]
+    out["cell_ratio_in_step_over_one"] = out["cell_all_in_step_median_s"] / out["cell_one_median_s"]
     out["cell_outputs_incomplete"] = incomplete
     out["cell_foreign_cores"] = pr.foreign_cores
     log(f"  {system.name}: trivial cell on {n}: {out['cell_all_median_s'] * 1e3:.1f} ms, on 1: "
-        f"{out['cell_one_median_s'] * 1e3:.1f} ms, ratio {out['cell_ratio_all_over_one']:.2f}")
+        f"{out['cell_one_median_s'] * 1e3:.1f} ms, ratio {out['cell_ratio_all_over_one']:.2f}; "
+        f"on {n} in step: {out['cell_all_in_step_median_s'] * 1e3:.1f} ms, ratio {out['cell_ratio_in_step_over_one']:.2f}")
     time.sleep(1)
     out["mem_after_cells"] = system.memory()
     out["leftovers_after_stop"] = system.stop()
@@ -399,6 +414,9 @@ MEASURES = [
     ("cell_all_ms", "trivial cell on 8 engines (median of reps' medians)", "ms", 1e3, lambda r: r["cell_all_median_s"]),
     ("cell_one_ms", "trivial cell on 1 engine", "ms", 1e3, lambda r: r["cell_one_median_s"]),
     ("cell_ratio", "ratio 8 engines / 1 engine", "x", 1, lambda r: r["cell_ratio_all_over_one"]),
+    ("cell_in_step_ms", "trivial cell on 8 engines in step (before any cell on 1 engine)", "ms", 1e3,
+     lambda r: r["cell_all_in_step_median_s"]),
+    ("cell_in_step_ratio", "ratio 8 engines in step / 1 engine", "x", 1, lambda r: r["cell_ratio_in_step_over_one"]),
     ("engine_idle_mib", "idle engine RSS (rpx: engine+worker; ipp: engine+nanny), median engine", "MiB",
      1 / 1024, lambda r: statistics.median(r["mem_idle"]["engine_kib"]) if r["mem_idle"]["engine_kib"] else None),
     ("cluster_idle_mib", "whole cluster RSS, n=8, idle", "MiB", 1 / 1024, lambda r: r["mem_idle"]["cluster_kib"]),
