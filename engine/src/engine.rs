@@ -955,8 +955,13 @@ impl Engine {
             match ev {
                 StdoutEvent::Text(t) => self.out.write(Stream::Stdout, &t),
                 StdoutEvent::InputRequest { prompt, .. } => {
-                    self.out.append(Stream::Stderr, &format!("[rpx] input is not supported on engines; {prompt:?} gets an empty line\n"));
-                    let _ = self.workers.send_line("").await;
+                    // No frontend to ask: stop the code where it waits for its line (the
+                    // interrupt unwinds the blocked read), and say why in the cell's error.
+                    warn!(%prompt, "the running code asked for input; engines cannot give it");
+                    if let Some(cell) = &mut self.current {
+                        cell.stdin_refused.get_or_insert(prompt);
+                    }
+                    self.interrupt();
                 }
                 StdoutEvent::Complete => {
                     match self.loads.completed() {

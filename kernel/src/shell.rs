@@ -157,7 +157,7 @@ impl Kernel {
                 let cursor = c.get("cursor_pos").and_then(Value::as_u64).map_or(code.chars().count(), |p| p as usize);
                 let mut r = InspectReply::default();
                 match self.local.inspect(code, byte_offset(code, cursor)) {
-                    Ok((plain, html)) if !plain.trim().is_empty() => {
+                    Ok((plain, html)) if has_documentation(&plain) => {
                         r.found = true;
                         r.data = serde_json::from_value(json!({ "text/plain": plain, "text/html": html })).unwrap_or_default();
                     }
@@ -244,6 +244,9 @@ impl Kernel {
         }
         let count = self.execution_count;
         self.shared.set_parent(Some(req.msg.header.clone()));
+        let allow_stdin = c.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false);
+        *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) =
+            allow_stdin.then(|| (req.msg.idents.clone(), req.msg.header.clone()));
         self.shared.interrupted.store(false, Ordering::SeqCst);
         if !silent {
             self.shared.publish_raw("execute_input", json!({ "code": code, "execution_count": count }), Some(&req.msg.header));
@@ -264,6 +267,7 @@ impl Kernel {
         };
         reply(&self.shared.session, req, "execute_reply", content);
         self.shared.set_parent(None);
+        *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Run every command of a cell, stopping at the first failure.
@@ -318,6 +322,13 @@ impl Kernel {
     }
 }
 
+/// Whether hover text says something: rust-analyzer answers "No documentation found" (in
+/// various wrappings) for a position it knows nothing about.
+fn has_documentation(plain: &str) -> bool {
+    let t = plain.trim().trim_matches(|c: char| c == '`' || c == '*' || c == '_' || c.is_whitespace());
+    !t.is_empty() && !t.eq_ignore_ascii_case("No documentation found") && !t.eq_ignore_ascii_case("No documentation found.")
+}
+
 /// Shell-style glob (`*`, `?`) over the whole text, as IPython's history search.
 fn glob(pattern: &str, text: &str) -> bool {
     fn go(p: &[char], t: &[char]) -> bool {
@@ -351,6 +362,14 @@ mod tests {
         assert_eq!(byte_offset(s, 5), 6);
         assert_eq!(char_offset(s, 6), 5);
         assert_eq!(byte_offset(s, 100), s.len());
+    }
+
+    #[test]
+    fn hover_without_documentation_is_not_found() {
+        assert!(!has_documentation("No documentation found"));
+        assert!(!has_documentation("  _No documentation found._\n"));
+        assert!(!has_documentation(""));
+        assert!(has_documentation("```rust\nlet x: i32\n```"));
     }
 
     #[test]
