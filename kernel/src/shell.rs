@@ -117,22 +117,38 @@ impl Kernel {
         Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None }
     }
 
-    /// Handle shell requests until the socket side goes away.
+    /// Handle shell requests until the socket side goes away. After a cell fails with
+    /// `stop_on_error` (the default), the `execute_request`s already waiting are answered
+    /// `aborted` without running, as ipykernel does, so "Run all" stops at the failed cell;
+    /// other requests waiting are handled as usual.
     pub fn serve(mut self, rx: mpsc::Receiver<ShellRequest>) {
         while let Ok(req) = rx.recv() {
             self.shared.status("busy", &req.msg.header);
-            self.handle(&req);
+            let stop = self.handle(&req);
             self.shared.status("idle", &req.msg.header);
+            if stop {
+                while let Ok(next) = rx.try_recv() {
+                    self.shared.status("busy", &next.msg.header);
+                    if next.msg.msg_type() == "execute_request" {
+                        debug!(msg_id = %next.msg.header.msg_id, "aborted: an earlier cell failed");
+                        reply(&self.shared.session, &next, "execute_reply", json!({ "status": "aborted", "execution_count": self.execution_count }));
+                    } else {
+                        self.handle(&next);
+                    }
+                    self.shared.status("idle", &next.msg.header);
+                }
+            }
         }
     }
 
-    fn handle(&mut self, req: &ShellRequest) {
+    /// Handle one request; true when it was a cell that failed with `stop_on_error`.
+    fn handle(&mut self, req: &ShellRequest) -> bool {
         let c = &req.msg.content;
         let shared = self.shared.clone();
         let session = &shared.session;
         match req.msg.msg_type() {
             "kernel_info_request" => reply(session, req, "kernel_info_reply", kernel_info()),
-            "execute_request" => self.execute(req),
+            "execute_request" => return self.execute(req),
             "is_complete_request" => {
                 let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
                 let r = match is_complete(code) {
@@ -183,6 +199,7 @@ impl Kernel {
             }
             other => warn!(msg_type = other, "unhandled shell message"),
         }
+        false
     }
 
     fn complete(&mut self, code: &str, cursor: usize) -> CompleteReply {
@@ -233,8 +250,10 @@ impl Kernel {
         }
     }
 
-    fn execute(&mut self, req: &ShellRequest) {
+    /// Run a cell and reply; true when it failed and asked `stop_on_error` (not silent).
+    fn execute(&mut self, req: &ShellRequest) -> bool {
         let c = &req.msg.content;
+        let stop_on_error = c.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true);
         let code = c.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
         let silent = c.get("silent").and_then(Value::as_bool).unwrap_or(false);
         let store_history = c.get("store_history").and_then(Value::as_bool).unwrap_or(!silent) && !silent;
@@ -258,6 +277,7 @@ impl Kernel {
                 last.2 = self.result_text.take();
             }
         }
+        let failed = outcome.is_err();
         let content = match outcome {
             Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": {}, "payload": [] }),
             Err(e) => {
@@ -268,6 +288,7 @@ impl Kernel {
         reply(&self.shared.session, req, "execute_reply", content);
         self.shared.set_parent(None);
         *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        failed && stop_on_error && !silent
     }
 
     /// Run every command of a cell, stopping at the first failure.

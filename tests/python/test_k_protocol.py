@@ -132,6 +132,34 @@ def test_a_question_mark_on_an_err_in_a_local_cell_is_the_error_shown_once(rpx_k
     assert ok.stdout == "42\n" and not ok.stderr, ok.describe()
 
 
+def test_run_all_stops_at_a_failed_cell(rpx_kernel_no_cluster):
+    # "Run all" sends every cell at once; with stop_on_error (the default) the cells queued
+    # behind a failed one are answered `aborted` and do not run. stop_on_error=False runs them.
+    k = rpx_kernel_no_cluster
+    kc = k.kc
+    k.drain_iopub()
+    first = kc.execute('let n: u64 = "x".parse()?;')
+    queued = [kc.execute('println!("ran {}", 1);'), kc.execute('println!("ran {}", 2);')]
+    replies = {}
+    deadline = time.monotonic() + 180
+    while len(replies) < 3:
+        assert time.monotonic() < deadline, f"replies so far: {replies}"
+        try:
+            r = kc.get_shell_msg(timeout=1)
+        except Empty:
+            continue
+        replies[r["parent_header"]["msg_id"]] = r["content"]
+    assert replies[first]["status"] == "error" and replies[first]["ename"] == "Error", replies
+    assert [replies[m]["status"] for m in queued] == ["aborted", "aborted"], replies
+    after = k.run('println!("runs again");').assert_ok()
+    assert after.stdout == "runs again\n", after.describe()
+    assert "ran " not in after.stdout
+    # Without stop_on_error the next cells run.
+    first = kc.execute('let n: u64 = "x".parse()?;', stop_on_error=False)
+    c = k.run('println!("ran anyway");').assert_ok()
+    assert c.stdout == "ran anyway\n", c.describe()
+
+
 def test_a_local_cell_reading_input_asks_the_frontend(rpx_kernel_no_cluster):
     k = rpx_kernel_no_cluster
     k.run(':dep evcxr_input = "1"', timeout=300).assert_ok()
