@@ -184,7 +184,7 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     *shared.hold.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
     *shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
     shared.local_running.store(true, Ordering::SeqCst);
-    let mut callbacks = evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&req.prompt, req.is_password) };
+    let mut callbacks = evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
     let mut r = ctx.execute_with_callbacks(code, &mut callbacks);
     shared.local_running.store(false, Ordering::SeqCst);
     // The relay's notice that a `?` returned an error (see `crate::relay`).

@@ -202,6 +202,11 @@ impl Px {
             }
             if interrupted_at.is_some_and(|t| t.elapsed() > INTERRUPT_GRACE) {
                 let running: Vec<usize> = run.targets.iter().copied().filter(|id| !done.contains(id)).collect();
+                if progress_shown.is_some() {
+                    // Finalized with what is known: not every engine is done.
+                    let n = run.targets.len();
+                    self.shared.publish(&progress_message(&progress_id, false, done.len().min(n), n, run.submitted.elapsed(), true));
+                }
                 return Err(CellError::new(
                     "KeyboardInterrupt",
                     format!("interrupted; engines {running:?} did not stop within {INTERRUPT_GRACE:?} and keep running (see %pxresult)"),

@@ -25,6 +25,16 @@ pub const ERROR_MIME: &str = "application/vnd.rpx.question-mark-error";
 /// Written on stderr after the error's text: the lines before it were the error.
 pub const ERROR_MARK: &str = "RPX_QUESTION_MARK_ERROR_END";
 
+/// evcxr cuts an input request's prompt at its first `:` (`EVCXR_INPUT_REQUEST:pin: ` asks
+/// `pin`): the relay writes the prompt's colons as this private-use character, and the kernel
+/// turns them back ([`restore_prompt`]).
+pub const PROMPT_COLON: char = '\u{E03A}';
+
+/// An input request's prompt as the cell wrote it.
+pub fn restore_prompt(prompt: &str) -> String {
+    prompt.replace(PROMPT_COLON, ":")
+}
+
 /// Signalled when the relay thread has copied everything (at EOF).
 static DRAINED: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
 
@@ -111,6 +121,16 @@ fn relay(input: &mut impl std::io::Read, out: &mut impl Write) {
 fn relayed(lines: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(lines.len());
     for line in lines.split_inclusive(|&b| b == b'\n') {
+        if let Some(rest) = line.strip_prefix(b"EVCXR_INPUT_REQUEST") {
+            // `EVCXR_INPUT_REQUEST:<prompt>` or `EVCXR_INPUT_REQUEST_PASSWORD:<prompt>`.
+            let text = String::from_utf8_lossy(rest);
+            if let Some((kind, prompt)) = text.split_once(':') {
+                if kind.is_empty() || kind == "_PASSWORD" {
+                    out.extend_from_slice(format!("EVCXR_INPUT_REQUEST{kind}:{}", prompt.replace(':', &PROMPT_COLON.to_string())).as_bytes());
+                    continue;
+                }
+            }
+        }
         out.extend_from_slice(line);
         if line.strip_suffix(b"\n").unwrap_or(line) == ERROR_OCCURRED.as_bytes() {
             let mut err = std::io::stderr().lock();
@@ -137,5 +157,19 @@ mod tests {
         let mut out = Vec::new();
         relay(&mut &b"xEVCXR_ERROR_OCCURRED\n"[..], &mut out);
         assert_eq!(out, b"xEVCXR_ERROR_OCCURRED\n", "only the whole line is the marker");
+    }
+
+    #[test]
+    fn colons_in_an_input_prompt_survive_evcxr() {
+        let mut out = Vec::new();
+        relay(&mut &b"EVCXR_INPUT_REQUEST_PASSWORD:pin: \nEVCXR_INPUT_REQUEST:a:b\nplain: x\n"[..], &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[2], "plain: x");
+        // What evcxr does with the line, then the kernel.
+        for (line, want) in [(lines[0], "pin: "), (lines[1], "a:b")] {
+            let prompt = line.split(':').nth(1).unwrap_or_default();
+            assert_eq!(restore_prompt(prompt), want);
+        }
     }
 }

@@ -29,6 +29,8 @@ pub struct Kernel {
     history: Vec<(u64, String, Option<String>)>,
     /// The `text/plain` result of the cell running now (for the history's outputs).
     result_text: Option<String>,
+    /// The running cell is `silent`: its result is not published (as ipykernel).
+    silent: bool,
 }
 
 /// A failed cell: published as `error` and put in the `execute_reply`.
@@ -114,7 +116,7 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 
 impl Kernel {
     pub fn new(shared: Arc<Shared>) -> Kernel {
-        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None }
+        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None, silent: false }
     }
 
     /// Handle shell requests until the socket side goes away. After a cell fails with
@@ -257,6 +259,21 @@ impl Kernel {
         let code = c.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
         let silent = c.get("silent").and_then(Value::as_bool).unwrap_or(false);
         let store_history = c.get("store_history").and_then(Value::as_bool).unwrap_or(!silent) && !silent;
+        self.silent = silent;
+        // Not evaluated (a Rust expression is a compiled cell): each is answered with an error
+        // saying so, rather than dropped.
+        let user_expressions: Map<String, Value> = c
+            .get("user_expressions")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.keys()
+                    .map(|k| {
+                        let evalue = "rpx-kernel does not evaluate user_expressions; run the expression as a cell";
+                        (k.clone(), json!({ "status": "error", "ename": "NotImplementedError", "evalue": evalue, "traceback": [format!("NotImplementedError: {evalue}")] }))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         if store_history {
             self.execution_count += 1;
             self.history.push((self.execution_count, code.clone(), None));
@@ -279,7 +296,7 @@ impl Kernel {
         }
         let failed = outcome.is_err();
         let content = match outcome {
-            Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": {}, "payload": [] }),
+            Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": user_expressions, "payload": [] }),
             Err(e) => {
                 self.shared.publish(&IopubMsg::Error { ename: e.ename.clone(), evalue: e.evalue.clone(), traceback: e.traceback.clone() });
                 json!({ "status": "error", "execution_count": count, "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback, "user_expressions": {}, "payload": [] })
@@ -334,6 +351,9 @@ impl Kernel {
     fn show(&mut self, data: Map<String, Value>, count: u64) {
         let only_text = data.keys().all(|k| k == "text/plain");
         self.result_text = data.get("text/plain").and_then(Value::as_str).map(str::to_string);
+        if self.silent {
+            return;
+        }
         let data = Value::Object(data);
         if only_text {
             self.shared.publish(&IopubMsg::ExecuteResult { data, metadata: json!({}), execution_count: count });

@@ -160,6 +160,26 @@ def test_run_all_stops_at_a_failed_cell(rpx_kernel_no_cluster):
     assert c.stdout == "ran anyway\n", c.describe()
 
 
+def test_user_expressions_are_answered_and_silent_cells_show_no_result(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    kc = k.kc
+    msg_id = kc.execute("let ue: u64 = 2;", user_expressions={"double": "ue * 2"})
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "no reply"
+        try:
+            r = kc.get_shell_msg(timeout=1)
+        except Empty:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            break
+    ue = r["content"]["user_expressions"]
+    assert list(ue) == ["double"] and ue["double"]["status"] == "error", r["content"]
+    assert "user_expressions" in ue["double"]["evalue"], ue
+    quiet = k.run("ue + 40", silent=True)
+    assert quiet.status == "ok" and quiet.messages == [], quiet.describe()
+
+
 def test_a_local_cell_reading_input_asks_the_frontend(rpx_kernel_no_cluster):
     k = rpx_kernel_no_cluster
     k.run(':dep evcxr_input = "1"', timeout=300).assert_ok()
