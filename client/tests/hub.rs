@@ -98,9 +98,11 @@ fn cells_queues_and_targets_on_four_engines() {
         let q = r.engines[2].error.as_ref().expect("a `?` on an Err is an error");
         assert_eq!((q.ename.as_str(), q.message.as_str()), ("Error", "invalid digit found in string"), "{q}");
         assert_eq!(err.remote_errors().len(), 3);
-        // The same through the async handle (what %px waits on).
-        let e2 = c.direct_view(..).execute_async(code).unwrap().get().unwrap_err();
-        assert_eq!(e2.execute_result().map(|r| r.errors().len()), Some(3), "{e2}");
+        // The same through the async handle on the targets a `%%px --targets 1:3` uses.
+        let e2 = c.direct_view(1..3).execute_async(code).unwrap().get().unwrap_err();
+        let r2 = e2.execute_result().expect("every targeted engine's outcome");
+        assert_eq!((r2.engine_ids(), r2.errors().len()), (vec![1, 2], 2), "{e2}");
+        assert_eq!(r2.stdout(), vec!["out 1\n".to_string(), "out 2\n".to_string()]);
         // The opt-out gives per-engine results, Ok.
         let all = c.direct_view(..).execute_results(code).unwrap();
         assert_eq!(all.errors().len(), 3, "{all}");
