@@ -61,6 +61,8 @@ pub struct Cell {
     pub error_occurred: bool,
     /// The cell asked for input (its prompt): engines have no frontend, so it was stopped.
     pub stdin_refused: Option<String>,
+    /// Ticks in a row the worker was seen blocked reading stdin while running this cell.
+    pub stdin_reads_seen: u32,
 }
 
 /// Why a load of the cell is not run.
@@ -131,6 +133,7 @@ impl Cell {
             refused: None,
             error_occurred: false,
             stdin_refused: None,
+            stdin_reads_seen: 0,
         }
     }
 
@@ -205,10 +208,11 @@ impl Cell {
             return Some(EngineError::new(ename::ARTIFACT_ERROR, why.clone(), vec![]));
         }
         if let Some(prompt) = &self.stdin_refused {
+            let prompt = if prompt.is_empty() { "a plain read of stdin".to_string() } else { format!("{prompt:?}") };
             let lost = if self.died.is_some() { " (its worker did not stop and was restarted: the engine's variables are lost)" } else { "" };
             return Some(EngineError::new(
                 ename::STDIN_NOT_IMPLEMENTED,
-                format!("the cell asked for input ({prompt:?}) on engine {}, but engines have no frontend to answer input requests; the cell was stopped there{lost}. Give engines their input with push or scatter, or in the cell's code", me.id),
+                format!("the cell asked for input ({prompt}) on engine {}, but engines have no frontend to answer input requests; the cell was stopped there{lost}. Give engines their input with push or scatter, or in the cell's code", me.id),
                 vec![],
             ));
         }

@@ -78,6 +78,10 @@ fn silence_limit(hb_period: Duration) -> Duration {
 /// The engine's start index (ipcluster's launchers set it; otherwise the worker gets the id).
 pub const ENGINE_INDEX_ENV: &str = "RPX_ENGINE_INDEX";
 
+/// Ticks (of [`crate::outbox::FLUSH_PERIOD`] while a cell runs) a worker blocked reading its
+/// stdin is left before the cell is refused input.
+const STDIN_READ_TICKS: u32 = 8;
+
 /// Lines of worker stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
 
@@ -545,6 +549,26 @@ impl Engine {
         // The worker ignores SIGINT while it runs nothing.
         if let Err(e) = self.workers.interrupt() {
             warn!(error = %e, "cannot send SIGINT to the worker");
+        }
+    }
+
+    /// A cell that reads stdin without evcxr's input request (a plain `std::io::stdin()` read)
+    /// would wait on the worker's command pipe forever. Seen blocked in `read(0, ..)` for
+    /// [`STDIN_READ_TICKS`] ticks in a row while it runs the cell (a command in the pipe is
+    /// read at once), it is stopped and refused as an input request is.
+    fn check_stdin_read(&mut self) {
+        let running = self.loads.running.as_ref().map(|l| l.cell_id.clone());
+        let pid = self.workers.get().map_or(-1, |w| w.pid);
+        let Some(cell) = self.current.as_mut() else { return };
+        if cell.stdin_refused.is_some() || running.as_deref() != Some(cell.id()) || !crate::output::blocked_reading_stdin(pid) {
+            cell.stdin_reads_seen = 0;
+            return;
+        }
+        cell.stdin_reads_seen += 1;
+        if cell.stdin_reads_seen >= STDIN_READ_TICKS {
+            warn!("the running cell reads stdin; engines cannot give it input");
+            cell.stdin_refused = Some(String::new());
+            self.interrupt();
         }
     }
 
@@ -1049,6 +1073,7 @@ impl Engine {
 
     async fn on_tick(&mut self) {
         self.follow_interrupt().await;
+        self.check_stdin_read();
         if let Some(t) = self.parser.take_partial_text() {
             self.out.append(Stream::Stdout, &t);
         }

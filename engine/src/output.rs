@@ -41,6 +41,19 @@ pub enum StdoutEvent {
     Complete,
 }
 
+/// Whether a line of `/proc/<pid>/syscall` says the thread is blocked in `read(0, ...)`: the
+/// syscall number in decimal, then the arguments in hex.
+pub fn is_stdin_read(syscall_line: &str) -> bool {
+    let mut parts = syscall_line.split_whitespace();
+    parts.next().and_then(|n| n.parse::<i64>().ok()) == Some(libc::SYS_read) && parts.next() == Some("0x0")
+}
+
+/// Whether process `pid`'s main thread is blocked reading its stdin (false when it cannot be
+/// told).
+pub fn blocked_reading_stdin(pid: i32) -> bool {
+    pid > 0 && std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|l| is_stdin_read(&l))
+}
+
 /// Incremental parser for the worker's stdout. Keeps a partial line and an open content block
 /// between chunks.
 #[derive(Debug, Default)]
@@ -479,5 +492,14 @@ mod tests {
         let p = find_panic(&old).unwrap();
         assert_eq!((p.message.as_str(), p.location.as_str()), ("boom", "src/lib.rs:3:9"));
         assert!(find_panic(&["no panic here".to_string()]).is_none());
+    }
+
+    #[test]
+    fn a_read_of_fd_0_is_told_from_other_syscalls() {
+        let read = libc::SYS_read;
+        assert!(is_stdin_read(&format!("{read} 0x0 0x5581a0 0x2000 0x0 0x0 0x0 0x7ffc 0x7f12\n")));
+        assert!(!is_stdin_read(&format!("{read} 0x3 0x5581a0 0x2000 0x0 0x0 0x0 0x7ffc 0x7f12")), "another fd");
+        assert!(!is_stdin_read("running"));
+        assert!(!is_stdin_read(&format!("{} 0x0 0x1", read + 1)));
     }
 }

@@ -185,7 +185,16 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     *shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
     shared.local_running.store(true, Ordering::SeqCst);
     let mut callbacks = evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
-    let mut r = ctx.execute_with_callbacks(code, &mut callbacks);
+    let runtime_pid = shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut r = std::thread::scope(|scope| {
+        if let Some(pid) = runtime_pid {
+            scope.spawn(|| watch_plain_stdin_reads(shared, pid, &done));
+        }
+        let r = ctx.execute_with_callbacks(code, &mut callbacks);
+        done.store(true, Ordering::SeqCst);
+        r
+    });
     shared.local_running.store(false, Ordering::SeqCst);
     // The relay's notice that a `?` returned an error (see `crate::relay`).
     let question_mark = r.as_mut().is_ok_and(|out| out.content_by_mime_type.remove(crate::relay::ERROR_MIME).is_some());
@@ -220,14 +229,15 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     shared.release_stderr(true);
     let panic = report.lines;
     match r {
-            Ok(_) if !interrupted && panic.is_empty() && stdin_refused.is_some() => LocalOutcome::Err(
-                "StdinNotImplementedError".into(),
-                format!(
-                    "the cell asked for input ({:?}), but this frontend does not accept input requests (allow_stdin is false), so it got an empty line",
-                    stdin_refused.unwrap_or_default()
-                ),
-                vec![],
-            ),
+            Ok(_) if !interrupted && panic.is_empty() && stdin_refused.is_some() => {
+                let prompt = stdin_refused.unwrap_or_default();
+                let evalue = if prompt.is_empty() {
+                    "the cell read stdin, but this frontend does not accept input requests (allow_stdin is false); the cell was stopped there".to_string()
+                } else {
+                    format!("the cell asked for input ({prompt:?}), but this frontend does not accept input requests (allow_stdin is false), so it got an empty line")
+                };
+                LocalOutcome::Err("StdinNotImplementedError".into(), evalue, vec![])
+            }
             Ok(_) if !interrupted && panic.is_empty() && question_mark.is_some() => {
                 let text = question_mark.unwrap_or_default();
                 let evalue = text.join("\n").trim().to_string();
@@ -286,6 +296,50 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
                 LocalOutcome::Err(ename.into(), msg.trim_end().to_string(), vec![])
             }
         }
+}
+
+/// How often, and how many times in a row, the runtime must be seen blocked reading its stdin
+/// (outside an input request) before the kernel acts on it.
+const STDIN_POLL: Duration = Duration::from_millis(50);
+const STDIN_POLLS: u32 = 8;
+
+/// A plain `std::io::stdin()` read in a local cell (no `EVCXR_INPUT_REQUEST` line first) would
+/// wait on evcxr's command pipe forever. Seen blocked in `read(0, ..)` for a while (a command in
+/// the pipe is read at once), it gets its line from the frontend (an `input_request` with an
+/// empty prompt, the reply written to the runtime's stdin) or, when the frontend takes no
+/// input, the cell is stopped (the interrupt unwinds the read) and fails.
+fn watch_plain_stdin_reads(shared: &Shared, pid: i32, done: &std::sync::atomic::AtomicBool) {
+    let mut seen = 0;
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(STDIN_POLL);
+        if shared.in_input.load(Ordering::SeqCst) || !rpx_engine::output::blocked_reading_stdin(pid) {
+            seen = 0;
+            continue;
+        }
+        seen += 1;
+        if seen < STDIN_POLLS {
+            continue;
+        }
+        seen = 0;
+        if shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            let line = shared.read_input("", false);
+            if done.load(Ordering::SeqCst) {
+                return;
+            }
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/fd/0"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot give the local cell its input");
+            }
+        } else {
+            shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(String::new);
+            // SAFETY: kill(2) with our runtime's pid and a valid signal number.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+            return;
+        }
+    }
 }
 
 /// A result that is just `()` (a cell ending in `println!(..)` without `;`): not shown, as

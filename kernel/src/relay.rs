@@ -131,6 +131,11 @@ fn relayed(lines: &[u8]) -> Vec<u8> {
                 }
             }
         }
+        // The worker's own notice of an interrupted cell is for an engine's supervisor; evcxr
+        // would show it as the cell's output.
+        if line.strip_suffix(b"\n").unwrap_or(line) == rpx_engine::output::INTERRUPTED.as_bytes() {
+            continue;
+        }
         out.extend_from_slice(line);
         if line.strip_suffix(b"\n").unwrap_or(line) == ERROR_OCCURRED.as_bytes() {
             let mut err = std::io::stderr().lock();
@@ -154,6 +159,9 @@ mod tests {
             String::from_utf8(out).unwrap(),
             format!("a\nEVCXR_ERROR_OCCURRED\nEVCXR_BEGIN_CONTENT {ERROR_MIME}\n1\nEVCXR_END_CONTENT\nb\npartial")
         );
+        let mut out = Vec::new();
+        relay(&mut &b"RPX_INTERRUPTED\nEVCXR_EXECUTION_COMPLETE\n"[..], &mut out);
+        assert_eq!(out, b"EVCXR_EXECUTION_COMPLETE\n", "the worker's interrupt notice is not the cell's output");
         let mut out = Vec::new();
         relay(&mut &b"xEVCXR_ERROR_OCCURRED\n"[..], &mut out);
         assert_eq!(out, b"xEVCXR_ERROR_OCCURRED\n", "only the whole line is the marker");

@@ -52,8 +52,10 @@ pub struct Shared {
     pub input_requests: Mutex<Option<UnboundedSender<ZmqMessage>>>,
     /// The running `execute_request` (idents, header) when it allows stdin (`allow_stdin`).
     pub stdin_parent: Mutex<Option<(Vec<Bytes>, Header)>>,
-    /// A local cell asked for input that could not be given: its prompt.
+    /// A local cell asked for input that could not be given: its prompt (empty: a plain read).
     pub stdin_refused: Mutex<Option<String>>,
+    /// An input request of the local cell is waiting for its reply.
+    pub in_input: AtomicBool,
     topic_prefix: String,
 }
 
@@ -203,6 +205,14 @@ impl Shared {
         };
         let replies = self.input_replies.lock().unwrap_or_else(|p| p.into_inner());
         let Some(replies) = replies.as_ref() else { return String::new() };
+        self.in_input.store(true, Ordering::SeqCst);
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&self.in_input);
         while replies.try_recv().is_ok() {}
         let (_, f) = self.session.msg(&idents, "input_request", json!({ "prompt": prompt, "password": password }), Some(&header), json!({}), &[]);
         if let Some(tx) = self.input_requests.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -462,6 +472,7 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         input_requests: Mutex::new(Some(input_req_tx)),
         stdin_parent: Mutex::new(None),
         stdin_refused: Mutex::new(None),
+        in_input: AtomicBool::new(false),
     });
 
     // Shell: requests go to one thread, in order; its replies come back to be sent.

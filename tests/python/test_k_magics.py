@@ -231,6 +231,16 @@ def test_reading_stdin_on_the_engines_fails_with_a_clear_error(k):
     assert "StdinNotImplementedError" in text and "your name? " in text, c.describe()
     assert "engines have no frontend" in text, c.describe()
     assert "got " not in c.stdout, f"the cell must stop at the read\n{c.describe()}"
+    # A plain read of stdin (no input request first) is stopped too, instead of hanging.
+    plain = k.run('%%px --no-stream\nlet mut line = String::new();\n'
+                  'std::io::stdin().read_line(&mut line).unwrap();\nprintln!("got {line:?}");',
+                  timeout=max(CELL_TIMEOUT, 240))
+    assert plain.status == "error", plain.describe()
+    text = plain.error_text()
+    assert "StdinNotImplementedError" in text and "a plain read of stdin" in text, plain.describe()
+    for e in ENGINES:
+        assert f"[{e}:execute]" in text, plain.describe()
+    assert "got " not in plain.stdout, plain.describe()
     after = k.run("%px stdin_kept + 1", timeout=max(CELL_TIMEOUT, 240)).assert_ok()
     assert results(after) == {e: "4" for e in ENGINES}, after.describe()
 

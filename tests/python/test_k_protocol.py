@@ -198,6 +198,23 @@ def test_a_local_cell_reading_input_asks_the_frontend(rpx_kernel_no_cluster):
     assert "allow_stdin" in no.reply["evalue"] and "name? " in no.reply["evalue"], no.describe()
 
 
+def test_a_plain_stdin_read_in_a_local_cell_gets_its_line_from_the_frontend(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    k.run("let plain_kept: u64 = 8;").assert_ok()
+    code = ('let mut line = String::new(); std::io::stdin().read_line(&mut line).unwrap(); '
+            'println!("read {:?}", line);')
+    c = k.run(code, answer=lambda prompt, password: "typed here")
+    c.assert_ok()
+    assert c.input_requests == [{"prompt": "", "password": False}], c.describe()
+    assert c.stdout == 'read "typed here\\n"\n', c.describe()
+    # Without a frontend that takes input the read is stopped: an error, not a hang.
+    no = k.run(code)
+    assert no.status == "error" and no.reply["ename"] == "StdinNotImplementedError", no.describe()
+    assert "read stdin" in no.reply["evalue"] and "stopped" in no.reply["evalue"], no.describe()
+    assert no.stdout == "", no.describe()
+    assert k.run("plain_kept + 1").assert_ok().results[0]["data"]["text/plain"] == "9"
+
+
 def interrupt_local_cell(k, code):
     """Run `code`, interrupt it once it printed `started`, return the reply content."""
     kc = k.kc
