@@ -189,7 +189,8 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     let done = std::sync::atomic::AtomicBool::new(false);
     let mut r = std::thread::scope(|scope| {
         if let Some(pid) = runtime_pid {
-            scope.spawn(|| watch_plain_stdin_reads(shared, pid, &done));
+            let done = &done;
+            scope.spawn(move || watch_plain_stdin_reads(shared, pid, done));
         }
         let r = ctx.execute_with_callbacks(code, &mut callbacks);
         done.store(true, Ordering::SeqCst);
