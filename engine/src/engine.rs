@@ -192,6 +192,9 @@ struct Engine {
 
     queue: Queue,
     current: Option<Cell>,
+    /// The worker (pid) and the buffer of its own blocked read of commands, seen while idle
+    /// (see [`Engine::check_stdin_read`]).
+    worker_read: Option<(i32, String)>,
     execution_count: u64,
 
     workers: WorkerSlot,
@@ -246,6 +249,7 @@ impl Engine {
             command_libs: None,
             queue: Queue::new(),
             current: None,
+            worker_read: None,
             execution_count: 0,
             workers: WorkerSlot::new(worker_tx),
             parser: StdoutParser::new(),
@@ -559,8 +563,17 @@ impl Engine {
     fn check_stdin_read(&mut self) {
         let running = self.loads.running.as_ref().map(|l| l.cell_id.clone());
         let pid = self.workers.get().map_or(-1, |w| w.pid);
+        let reading = crate::output::reading_stdin(pid);
+        if running.is_none() && self.call.is_none() {
+            // Idle: this is the worker's own read of its commands.
+            if reading.is_some() {
+                self.worker_read = reading.map(|b| (pid, b));
+            }
+            return;
+        }
+        let own = self.worker_read.as_ref().is_some_and(|(p, b)| *p == pid && Some(b) == reading.as_ref());
         let Some(cell) = self.current.as_mut() else { return };
-        if cell.stdin_refused.is_some() || running.as_deref() != Some(cell.id()) || !crate::output::blocked_reading_stdin(pid) {
+        if cell.stdin_refused.is_some() || running.as_deref() != Some(cell.id()) || reading.is_none() || own {
             cell.stdin_reads_seen = 0;
             return;
         }

@@ -186,11 +186,13 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     shared.local_running.store(true, Ordering::SeqCst);
     let mut callbacks = evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
     let runtime_pid = shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
+    // The idle runtime waits for its next command: the buffer of that read is its own.
+    let idle_read = runtime_pid.and_then(|pid| rpx_engine::output::reading_stdin(pid).map(|b| (pid, b)));
     let done = std::sync::atomic::AtomicBool::new(false);
     let mut r = std::thread::scope(|scope| {
-        if let Some(pid) = runtime_pid {
+        if let Some((pid, own)) = idle_read {
             let done = &done;
-            scope.spawn(move || watch_plain_stdin_reads(shared, pid, done));
+            scope.spawn(move || watch_plain_stdin_reads(shared, pid, &own, done));
         }
         let r = ctx.execute_with_callbacks(code, &mut callbacks);
         done.store(true, Ordering::SeqCst);
@@ -309,11 +311,14 @@ const STDIN_POLLS: u32 = 8;
 /// the pipe is read at once), it gets its line from the frontend (an `input_request` with an
 /// empty prompt, the reply written to the runtime's stdin) or, when the frontend takes no
 /// input, the cell is stopped (the interrupt unwinds the read) and fails.
-fn watch_plain_stdin_reads(shared: &Shared, pid: i32, done: &std::sync::atomic::AtomicBool) {
+/// `own` is the buffer of the runtime's own read of its commands (evcxr's next `LOAD_AND_RUN`,
+/// while the cell compiles), which is not the cell's.
+fn watch_plain_stdin_reads(shared: &Shared, pid: i32, own: &str, done: &std::sync::atomic::AtomicBool) {
     let mut seen = 0;
     while !done.load(Ordering::SeqCst) {
         std::thread::sleep(STDIN_POLL);
-        if shared.in_input.load(Ordering::SeqCst) || !rpx_engine::output::blocked_reading_stdin(pid) {
+        let reading = rpx_engine::output::reading_stdin(pid);
+        if shared.in_input.load(Ordering::SeqCst) || reading.is_none_or(|b| b == own) {
             seen = 0;
             continue;
         }
