@@ -133,7 +133,7 @@ impl ClientInner {
         for t in &s.tasks {
             match &t.outcome {
                 Some(Outcome::Reply(r)) if r.status == "ok" => {}
-                Some(Outcome::Reply(r)) => failed.push(RemoteError::from_reply(&r.content, t.engine_id)),
+                Some(Outcome::Reply(r)) => failed.push(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr)),
                 Some(Outcome::Lost(why)) => return Err(Error::Connection(why.clone())),
                 None => {}
             }
@@ -141,7 +141,8 @@ impl ClientInner {
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(combine_engine_errors(failed, s.tasks.len()))
+            let outputs = s.tasks.iter().map(|t| crate::result::TaskOutput { msg_id: t.msg_id.clone(), engine_id: t.engine_id, stdout: t.io.stdout.clone(), stderr: t.io.stderr.clone() }).collect();
+            Err(combine_engine_errors(failed, s.tasks.len(), outputs))
         }
     }
 

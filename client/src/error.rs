@@ -80,12 +80,16 @@ pub struct RemoteError {
     pub traceback: Vec<String>,
     /// For a map: which item, as `index: Debug text of the input`.
     pub item: Option<String>,
+    /// What the failing task printed on stdout before it failed (for a map, its whole chunk's).
+    pub stdout: String,
+    /// What the failing task printed on stderr before it failed.
+    pub stderr: String,
 }
 
 impl RemoteError {
     /// A new error of `ename` (the kind follows from it).
     pub fn new(ename: &str, message: impl Into<String>, engine_id: Option<usize>) -> RemoteError {
-        RemoteError { engine_id, kind: RemoteErrorKind::from_ename(ename), ename: ename.to_string(), message: message.into(), traceback: Vec::new(), item: None }
+        RemoteError { engine_id, kind: RemoteErrorKind::from_ename(ename), ename: ename.to_string(), message: message.into(), traceback: Vec::new(), item: None, stdout: String::new(), stderr: String::new() }
     }
 
     /// The error carried by a reply content (`status: error` with `ename`, `evalue`,
@@ -102,6 +106,13 @@ impl RemoteError {
         let message = content.get("evalue").and_then(Value::as_str).unwrap_or("").to_string();
         let traceback = content.get("traceback").and_then(Value::as_array).map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect()).unwrap_or_default();
         RemoteError { traceback, ..RemoteError::new(ename, message, engine_id) }
+    }
+
+    /// The same error, with what its task printed.
+    pub fn with_output(mut self, stdout: &str, stderr: &str) -> RemoteError {
+        self.stdout = stdout.to_string();
+        self.stderr = stderr.to_string();
+        self
     }
 
     /// The same error, for map item `index` whose input reads `debug`.
@@ -175,8 +186,14 @@ pub enum Error {
     Map { failed: Vec<(usize, RemoteError)>, total: usize },
     /// A direct request failed on several engines: one error per failing engine, out of
     /// `total` engines.
+    /// `outputs` holds what every engine printed (stdout and stderr), failed or not.
     #[error("{}", engines_message(failed, *total))]
-    Engines { failed: Vec<RemoteError>, total: usize },
+    Engines { failed: Vec<RemoteError>, total: usize, outputs: Vec<crate::result::TaskOutput> },
+    /// A cell ([`crate::DirectView::execute`]) failed on one or more engines. It holds every
+    /// engine's outcome, failed or not: stdout, stderr, results, errors ([`Error::execute_result`]).
+    /// [`crate::DirectView::execute_results`] returns the same as `Ok` instead.
+    #[error("{}", execute_message(.0))]
+    Execute(Box<crate::result::ExecuteResult>),
     /// The controller cannot be reached (never was, went away, or this client was closed).
     #[error("cannot reach the rpx controller: {0}")]
     Connection(String),
@@ -194,6 +211,57 @@ pub enum Error {
     Protocol(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Every engine's outcome of a failed cell ([`Error::Execute`]): stdout, stderr, results
+    /// and errors, in target order.
+    pub fn execute_result(&self) -> Option<&crate::result::ExecuteResult> {
+        match self {
+            Error::Execute(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// [`Error::execute_result`], by value.
+    pub fn into_execute_result(self) -> Option<crate::result::ExecuteResult> {
+        match self {
+            Error::Execute(r) => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// The remote errors this error carries, whatever its shape (one task, several engines, map
+    /// items, a cell); empty for local errors (connection, timeout, ...).
+    pub fn remote_errors(&self) -> Vec<&RemoteError> {
+        match self {
+            Error::Remote(e) => vec![e],
+            Error::Map { failed, .. } => failed.iter().map(|(_, e)| e).collect(),
+            Error::Engines { failed, .. } => failed.iter().collect(),
+            Error::Execute(r) => r.errors(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn execute_message(r: &crate::result::ExecuteResult) -> String {
+    let failed: Vec<&RemoteError> = r.errors();
+    let total = r.engines.len();
+    let mut s = if total == 1 && failed.len() == 1 {
+        return format!("the cell failed: {}\n  (Error::execute_result() has its output; DirectView::execute_results() returns per-engine results instead)", failed[0]);
+    } else {
+        let ids: Vec<String> = failed.iter().map(|e| e.engine_id.map_or("?".to_string(), |i| i.to_string())).collect();
+        format!("the cell failed on {} of {total} engines ({})", failed.len(), ids.join(", "))
+    };
+    for e in failed.iter().take(LISTED) {
+        s.push_str("\n- ");
+        s.push_str(&e.to_string().replace('\n', "\n  "));
+    }
+    if failed.len() > LISTED {
+        s.push_str(&format!("\n- ... and {} more", failed.len() - LISTED));
+    }
+    s.push_str("\n  (Error::execute_result() has every engine's output; DirectView::execute_results() returns per-engine results instead)");
+    s
 }
 
 impl From<RemoteError> for Error {
@@ -245,11 +313,12 @@ fn engines_message(failed: &[RemoteError], total: usize) -> String {
 }
 
 /// One error for several per-engine errors: the error itself when there is one.
-pub(crate) fn combine_engine_errors(mut failed: Vec<RemoteError>, total: usize) -> Error {
+/// `outputs`: what every engine printed.
+pub(crate) fn combine_engine_errors(mut failed: Vec<RemoteError>, total: usize, outputs: Vec<crate::result::TaskOutput>) -> Error {
     if failed.len() == 1 && total == 1 {
         Error::Remote(Box::new(failed.remove(0)))
     } else {
-        Error::Engines { failed, total }
+        Error::Engines { failed, total, outputs }
     }
 }
 
@@ -316,9 +385,9 @@ mod tests {
 
     #[test]
     fn engine_errors_combine() {
-        let one = combine_engine_errors(vec![RemoteError::new("NameError", "no `x`", Some(2))], 1);
+        let one = combine_engine_errors(vec![RemoteError::new("NameError", "no `x`", Some(2))], 1, vec![]);
         assert!(matches!(one, Error::Remote(ref e) if e.kind == RemoteErrorKind::Name));
-        let two = combine_engine_errors(vec![RemoteError::new("NameError", "no `x`", Some(2)), RemoteError::new("NameError", "no `x`", Some(3))], 4);
+        let two = combine_engine_errors(vec![RemoteError::new("NameError", "no `x`", Some(2)), RemoteError::new("NameError", "no `x`", Some(3))], 4, vec![]);
         let text = two.to_string();
         assert!(text.starts_with("failed on 2 of 4 engines (2, 3)"), "{text}");
         assert!(Error::NoEngines.to_string().contains("ipcluster start"));

@@ -19,8 +19,14 @@
 //!
 //!     // Direct: every call goes to each targeted engine.
 //!     let dv = client.direct_view(..);
-//!     let r = dv.execute("let a = 40 + 2; println!(\"{a}\");")?;
+//!     let r = dv.execute("let a = 40 + 2; println!(\"{a}\");")?; // Err if it failed on any engine
 //!     println!("{:?}", r.stdout()); // one String per engine
+//!     match dv.execute("let n: u64 = \"x\".parse()?;") {
+//!         // A failed cell still gives every engine's output and error.
+//!         Err(e) => println!("{}", e.execute_result().expect("a cell's outcome")),
+//!         Ok(_) => unreachable!("a `?` on an Err fails the cell"),
+//!     }
+//!     let each = dv.execute_results("1 + 1")?; // the opt-out: Ok, failures inside each engine's result
 //!     dv.push("scale", &3u64)?;
 //!     let scaled: Vec<u64> = dv.apply(rpx::remote!(|x: u64| x * rpx::get::<u64>("scale")), (2,))?;
 //!     dv.scatter("xs", &(0..16).collect::<Vec<u64>>())?;
@@ -31,7 +37,7 @@
 //!     let ar = view.chunksize(100).map_async(rpx::remote!(|x: u64| x + 1), 0..100_000)?;
 //!     let (done, total) = ar.progress();
 //!     let all = ar.get()?;
-//!     # let _ = (scaled, done, total, all);
+//!     # let _ = (scaled, done, total, all, each);
 //!     Ok(())
 //! }
 //! ```

@@ -47,7 +47,7 @@ pub(crate) fn ok_reply(t: &TaskState) -> std::result::Result<&ReplyData, Failure
         None => Err(Failure::Fatal(Error::Protocol(format!("task {} has no reply yet", t.msg_id)))),
         Some(Outcome::Lost(why)) => Err(Failure::Fatal(Error::Connection(why.clone()))),
         Some(Outcome::Reply(r)) if r.status == "ok" => Ok(r),
-        Some(Outcome::Reply(r)) => Err(Failure::Remote(Box::new(RemoteError::from_reply(&r.content, t.engine_id)))),
+        Some(Outcome::Reply(r)) => Err(Failure::Remote(Box::new(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr)))),
     }
 }
 
@@ -91,7 +91,7 @@ pub(crate) fn collect_each<T>(tasks: &[TaskState], mut value: impl FnMut(&TaskSt
     if remote.is_empty() {
         Ok(out)
     } else {
-        Err(combine_engine_errors(remote, tasks.len()))
+        Err(combine_engine_errors(remote, tasks.len(), tasks.iter().map(output).collect()))
     }
 }
 
@@ -383,9 +383,10 @@ impl EngineOutput {
     }
 }
 
-/// The per-engine outcome of [`crate::DirectView::execute`], in target order. A cell that fails
-/// on some engines is still an `ExecuteResult` (each failing engine has its `error`); use
-/// [`ExecuteResult::check`] to turn failures into an [`Error`].
+/// The per-engine outcome of a cell, in target order: what [`crate::DirectView::execute`]
+/// returns when every engine succeeded, what [`Error::Execute`] holds when some failed, and
+/// what [`crate::DirectView::execute_results`] always returns (each failing engine has its
+/// `error`; [`ExecuteResult::check`] turns failures into an [`Error::Execute`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecuteResult {
     pub engines: Vec<EngineOutput>,
@@ -421,13 +422,12 @@ impl ExecuteResult {
         self.engines.iter().find(|e| e.engine_id == id)
     }
 
-    /// `Ok(self)` when every engine succeeded, else the error(s).
+    /// `Ok(self)` when every engine succeeded, else [`Error::Execute`] holding all of it.
     pub fn check(self) -> Result<ExecuteResult> {
-        let errors: Vec<RemoteError> = self.engines.iter().filter_map(|e| e.error.clone()).collect();
-        if errors.is_empty() {
+        if self.engines.iter().all(EngineOutput::is_ok) {
             Ok(self)
         } else {
-            Err(combine_engine_errors(errors, self.engines.len()))
+            Err(Error::Execute(Box::new(self)))
         }
     }
 }
@@ -461,8 +461,13 @@ impl fmt::Display for ExecuteResult {
     }
 }
 
-/// Build the [`ExecuteResult`] of an execute request. Only connection loss is an `Err`.
+/// The outcome of an execute request: [`Error::Execute`] when the cell failed on an engine.
 pub(crate) fn finish_execute(tasks: &[TaskState]) -> Result<ExecuteResult> {
+    finish_execute_results(tasks)?.check()
+}
+
+/// Build the [`ExecuteResult`] of an execute request. Only connection loss is an `Err`.
+pub(crate) fn finish_execute_results(tasks: &[TaskState]) -> Result<ExecuteResult> {
     let mut engines = Vec::with_capacity(tasks.len());
     for t in tasks {
         let mut e = EngineOutput {
@@ -480,7 +485,7 @@ pub(crate) fn finish_execute(tasks: &[TaskState]) -> Result<ExecuteResult> {
             Some(Outcome::Reply(r)) => {
                 e.execution_count = r.content.get("execution_count").and_then(Value::as_u64);
                 if r.status != "ok" {
-                    e.error = Some(RemoteError::from_reply(&r.content, t.engine_id));
+                    e.error = Some(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr));
                 }
             }
         }
@@ -519,7 +524,7 @@ pub(crate) fn decode_chunk<R: DeserializeOwned>(t: &TaskState, range: Range<usiz
         None => fatal(&|| Error::Protocol(format!("map task {} has no reply yet", t.msg_id))),
         Some(Outcome::Lost(why)) => fatal(&|| Error::Connection(why.clone())),
         Some(Outcome::Reply(r)) if r.status != "ok" => {
-            let e = RemoteError::from_reply(&r.content, t.engine_id);
+            let e = RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr);
             (0..n).map(|i| item_err(&e, i)).collect()
         }
         Some(Outcome::Reply(r)) => {
@@ -539,7 +544,7 @@ pub(crate) fn decode_chunk<R: DeserializeOwned>(t: &TaskState, range: Range<usiz
                 .enumerate()
                 .map(|(i, v)| match v {
                     Ok(v) => Ok(v),
-                    Err(panic) => item_err(&RemoteError::new("Panic", panic, t.engine_id), i),
+                    Err(panic) => item_err(&RemoteError::new("Panic", panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i),
                 })
                 .collect()
         }
@@ -872,7 +877,10 @@ mod tests {
         assert_eq!(v, vec![7, 8]);
         let tasks = vec![ok_task(0, vec![enc(&7u64)]), err_task(1, json!({"status": "error", "ename": "NameError", "evalue": "`x` is not defined"}))];
         match collect_each::<u64>(&tasks, |t, r| decode_buffer(t, r, 0)) {
-            Err(Error::Engines { failed, total: 2 }) => assert_eq!((failed[0].engine_id, failed[0].kind.clone()), (Some(1), crate::RemoteErrorKind::Name)),
+            Err(Error::Engines { failed, total: 2, outputs }) => {
+                assert_eq!((failed[0].engine_id, failed[0].kind.clone()), (Some(1), crate::RemoteErrorKind::Name));
+                assert_eq!(outputs.iter().map(|o| o.engine_id).collect::<Vec<_>>(), [Some(0), Some(1)], "every engine's output");
+            }
             other => panic!("{other:?}"),
         }
         let bad = vec![ok_task(0, vec![Bytes::new()])];
@@ -896,13 +904,25 @@ mod tests {
             r.content = json!({"status": "ok", "execution_count": 3});
         }
         let b = err_task(1, json!({"status": "error", "ename": "CompileError", "evalue": "error[E0425]", "engine_info": {"engine_id": 1}}));
-        let r = finish_execute(&[a, b]).unwrap();
+        let tasks = [a, b];
+        let r = finish_execute_results(&tasks).unwrap();
         assert_eq!(r.stdout(), vec!["hi\n".to_string(), String::new()]);
         assert_eq!(r.results(), vec![Some("42".to_string()), None]);
         assert_eq!(r.errors().len(), 1);
         let text = r.to_string();
         assert!(text.contains("[stdout:0] hi") && text.contains("Out[0:3]: 42") && text.contains("[1:execute] compile error on engine 1"), "{text}");
-        assert!(matches!(r.check(), Err(Error::Engines { .. })));
+        assert!(matches!(r.clone().check(), Err(Error::Execute(ref all)) if **all == r));
+        // execute's rule: a failure is an Err that still holds every engine's outcome.
+        let e = finish_execute(&tasks).unwrap_err();
+        assert_eq!(e.execute_result(), Some(&r));
+        assert_eq!(e.remote_errors().len(), 1);
+        let text = e.to_string();
+        assert!(text.starts_with("the cell failed on 1 of 2 engines (1)") && text.contains("execute_results()"), "{text}");
+        let mut ok = ok_task(0, vec![]);
+        if let Some(Outcome::Reply(r)) = &mut ok.outcome {
+            r.content = json!({"status": "ok", "execution_count": 1});
+        }
+        assert!(finish_execute(&[ok]).is_ok());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::client::{ClientInner, Jobs};
 use crate::error::{Error, Result};
 use crate::io::{Chan, Frames};
 use crate::remote::{storage_type_name, type_name_of, Remote, RemoteFn};
-use crate::result::{collect_each, collect_one, decode_buffer, decode_chunk, decode_pulled, describe_item, finish_execute, AsyncMapResult, AsyncResult, Describe, ExecuteResult};
+use crate::result::{collect_each, collect_one, decode_buffer, decode_chunk, decode_pulled, describe_item, finish_execute, finish_execute_results, AsyncMapResult, AsyncResult, Describe, ExecuteResult};
 use crate::targets::{chunk_ranges, partition, TargetSpec, Targets};
 use crate::tracker::Tracker;
 
@@ -80,17 +80,39 @@ impl DirectView {
     }
 
     /// Run a Rust cell on every targeted engine and wait for each engine's outcome and output.
-    /// A cell that fails on some engines still returns `Ok` (see [`ExecuteResult::check`]).
+    ///
+    /// A cell that fails on any engine (compile error, panic, a `?` on an `Err`, engine died)
+    /// is an `Err`, as for [`DirectView::apply`] and [`DirectView::map`]: [`Error::Execute`],
+    /// which still holds every engine's stdout, stderr, result and error
+    /// ([`Error::execute_result`]). To get per-engine results with the failures inside, use
+    /// [`DirectView::execute_results`].
     pub fn execute(&self, code: &str) -> Result<ExecuteResult> {
         self.execute_async(code)?.get()
     }
 
     /// [`DirectView::execute`] without waiting.
     pub fn execute_async(&self, code: &str) -> Result<AsyncResult<ExecuteResult>> {
+        self.submit_execute(code, finish_execute)
+    }
+
+    /// The opt-out of [`DirectView::execute`]'s rule: per-engine results, `Ok` even when the
+    /// cell failed on some engines (each failing engine has its `error`; see
+    /// [`ExecuteResult::errors`], [`ExecuteResult::check`]). Only a failure to reach the
+    /// engines is an `Err`.
+    pub fn execute_results(&self, code: &str) -> Result<ExecuteResult> {
+        self.execute_results_async(code)?.get()
+    }
+
+    /// [`DirectView::execute_results`] without waiting.
+    pub fn execute_results_async(&self, code: &str) -> Result<AsyncResult<ExecuteResult>> {
+        self.submit_execute(code, finish_execute_results)
+    }
+
+    fn submit_execute(&self, code: &str, finish: fn(&[crate::tracker::TaskState]) -> Result<ExecuteResult>) -> Result<AsyncResult<ExecuteResult>> {
         let targets = self.targets_now()?;
         let content = json!({"code": code, "silent": false, "store_history": true, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
         let tracker = self.mux(&targets, &content, vec![Vec::new(); targets.len()], true)?;
-        Ok(AsyncResult::new(tracker, finish_execute))
+        Ok(AsyncResult::new(tracker, finish))
     }
 
     /// Call `remote` with `args` (a tuple: `()`, `(a,)`, `(a, b)`, ...) on every targeted

@@ -88,8 +88,9 @@ fn push_pull_scatter_gather_on_four_engines() {
         }
         assert!(e.to_string().contains("push"), "says what to do: {e}");
         match all.gather::<u64>("never_pushed").unwrap_err() {
-            Error::Engines { failed, total } => {
+            Error::Engines { failed, total, outputs } => {
                 assert_eq!(total, 4);
+                assert_eq!(outputs.len(), 4, "every engine's output is kept");
                 assert!(failed.iter().all(|f| f.kind == RemoteErrorKind::Name), "{failed:#?}");
             }
             other => panic!("{other}"),

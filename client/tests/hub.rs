@@ -67,14 +67,48 @@ fn cells_queues_and_targets_on_four_engines() {
     });
 
     steps.run("execute: a compile error reaches the caller with rustc's diagnostic", || {
-        let r = c.direct_view(0usize).execute("let w: u64 = not_defined_anywhere;").unwrap();
+        let err = c.direct_view(0usize).execute("let w: u64 = not_defined_anywhere;").unwrap_err();
+        assert!(err.to_string().contains("compile error on engine 0"), "{err}");
+        let r = err.execute_result().expect("the error holds the cell's outcome");
         let e = r.engines[0].error.as_ref().expect("the cell failed");
         assert_eq!(e.kind, RemoteErrorKind::Compile);
         assert_eq!(e.engine_id, Some(0));
         assert!(e.message.contains("not_defined_anywhere"), "{e}");
+        // The opt-out: per-engine results, the failure inside.
+        let r = c.direct_view(0usize).execute_results("let w: u64 = not_defined_anywhere;").unwrap();
+        assert_eq!(r.errors().len(), 1, "{r}");
         let err = r.check().unwrap_err();
-        assert!(matches!(err, Error::Remote(_)), "{err}");
-        assert!(err.to_string().contains("compile error on engine 0"), "{err}");
+        assert!(matches!(err, Error::Execute(_)), "{err}");
+    });
+
+    steps.run("execute: a cell failing on some engines is an Err that keeps every engine's output", || {
+        let code = r#"println!("out {eid}"); eprintln!("err {eid}"); if eid % 2 == 1 { panic!("odd engine {eid}"); } let n: u64 = if eid == 2 { "x".parse()? } else { eid }; n * 100"#;
+        let err = c.direct_view(..).execute(code).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("the cell failed on 3 of 4 engines (1, 2, 3)"), "{text}");
+        assert!(text.contains("odd engine 1") && text.contains("invalid digit found in string"), "{text}");
+        let r = err.execute_result().expect("every engine's outcome");
+        assert_eq!(r.engine_ids(), vec![0, 1, 2, 3]);
+        for (i, e) in r.engines.iter().enumerate() {
+            assert!(e.stdout.contains(&format!("out {i}")), "engine {i}'s stdout is kept: {r}");
+            assert!(e.stderr.contains(&format!("err {i}")), "engine {i}'s stderr is kept: {r}");
+        }
+        assert!(r.engines[0].is_ok() && r.engines[0].result_text() == Some("0"), "{r}");
+        assert_eq!(r.engines[1].error.as_ref().map(|e| e.kind.clone()), Some(RemoteErrorKind::Panic), "{r}");
+        let q = r.engines[2].error.as_ref().expect("a `?` on an Err is an error");
+        assert_eq!((q.ename.as_str(), q.message.as_str()), ("Error", "invalid digit found in string"), "{q}");
+        assert_eq!(err.remote_errors().len(), 3);
+        // The same through the async handle on the targets a `%%px --targets 1:3` uses.
+        let e2 = c.direct_view(1..3).execute_async(code).unwrap().get().unwrap_err();
+        let r2 = e2.execute_result().expect("every targeted engine's outcome");
+        assert_eq!((r2.engine_ids(), r2.errors().len()), (vec![1, 2], 2), "{e2}");
+        assert_eq!(r2.stdout(), vec!["out 1\n".to_string(), "out 2\n".to_string()]);
+        // The opt-out gives per-engine results, Ok.
+        let all = c.direct_view(..).execute_results(code).unwrap();
+        assert_eq!(all.errors().len(), 3, "{all}");
+        assert_eq!(all.stdout()[3], "out 3\n");
+        let all = c.direct_view(..).execute_results_async(code).unwrap().get().unwrap();
+        assert_eq!(all.results()[0].as_deref(), Some("0"), "{all}");
     });
 
     steps.run("queue_status counts completed requests", || {
@@ -102,7 +136,8 @@ fn cells_queues_and_targets_on_four_engines() {
         let first = dv.execute_async("std::thread::sleep(std::time::Duration::from_secs(3)); println!(\"first done\");").unwrap();
         let second = dv.execute_async("println!(\"second ran\");").unwrap();
         c.abort(&second).unwrap();
-        let r2 = second.get().unwrap();
+        let err = second.get().unwrap_err();
+        let r2 = err.execute_result().expect("the aborted cell's outcome");
         let e = r2.engines[0].error.as_ref().expect("the second cell was aborted");
         assert_eq!(e.kind, RemoteErrorKind::Aborted, "{e}");
         assert!(!r2.engines[0].stdout.contains("second ran"));

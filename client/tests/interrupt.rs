@@ -27,7 +27,8 @@ fn interrupt(c: &rpx::Client, code: &str) -> RemoteError {
     let ar = c.direct_view(0usize).execute_async(code).unwrap();
     wait_started(&ar);
     c.send_signal("SIGINT", 0usize).unwrap();
-    let r = ar.get_timeout(Duration::from_secs(60)).expect("the interrupted cell answers");
+    let e = ar.get_timeout(Duration::from_secs(60)).expect_err("the interrupted cell fails");
+    let r = e.execute_result().unwrap_or_else(|| panic!("a failed cell holds every engine's outcome: {e}"));
     r.engines[0].error.clone().unwrap_or_else(|| panic!("the interrupted cell failed: {r}"))
 }
 
@@ -61,7 +62,7 @@ fn sigint_stops_the_running_cell_and_keeps_the_engines_variables() {
         assert_interrupted(&e);
         assert!(e.to_string().contains("interrupted on engine 0"), "{e}");
         assert_eq!(stdout_of(&c, 0, "println!(\"{}\", kept + 1);"), "42\n");
-        let r = c.direct_view(0usize).execute("println!(\"{}\", fresh);").unwrap();
+        let r = c.direct_view(0usize).execute_results("println!(\"{}\", fresh);").unwrap();
         let e = r.engines[0].error.as_ref().expect("`fresh` was not kept");
         assert_eq!(e.kind, RemoteErrorKind::Compile, "{e}");
     });
@@ -129,7 +130,7 @@ fn sigint_stops_the_running_cell_and_keeps_the_engines_variables() {
             match e.kind {
                 RemoteErrorKind::EngineDied => {
                     assert!(e.message.contains("SIGINT") && e.message.contains("did not stop") && e.message.contains("lost"), "{e}");
-                    let r = c.direct_view(0usize).execute("println!(\"{}\", kept);").unwrap();
+                    let r = c.direct_view(0usize).execute_results("println!(\"{}\", kept);").unwrap();
                     assert_eq!(r.engines[0].error.as_ref().map(|e| e.kind.clone()), Some(RemoteErrorKind::Compile), "{r}");
                     // Put the variable back for the next case.
                     assert_eq!(stdout_of(&c, 0, "let kept: u64 = 41; println!(\"again\");"), "again\n");

@@ -57,6 +57,12 @@ pub struct Cell {
     pub interrupted: Option<bool>,
     /// An artifact of the cell could not be had or failed its check: it did not run.
     pub refused: Option<String>,
+    /// A `?` at the cell's top level returned an error (evcxr's `EVCXR_ERROR_OCCURRED`).
+    pub error_occurred: bool,
+    /// The cell asked for input (its prompt): engines have no frontend, so it was stopped.
+    pub stdin_refused: Option<String>,
+    /// Ticks in a row the worker was seen blocked reading stdin while running this cell.
+    pub stdin_reads_seen: u32,
 }
 
 /// Why a load of the cell is not run.
@@ -125,6 +131,9 @@ impl Cell {
             interrupt_requested: false,
             interrupted: None,
             refused: None,
+            error_occurred: false,
+            stdin_refused: None,
+            stdin_reads_seen: 0,
         }
     }
 
@@ -170,7 +179,9 @@ impl Cell {
         if self.reply.is_none() || loads_pending {
             return false;
         }
-        if self.panicked && self.died.is_none() && self.interrupted.is_none() && find_panic(&stderr.panic_lines()).is_none_or(|p| p.message.is_empty()) {
+        let panic_text_missing = self.panicked && self.interrupted.is_none() && find_panic(&stderr.panic_lines()).is_none_or(|p| p.message.is_empty());
+        let error_text_missing = self.error_occurred && !self.panicked && question_mark_text(stderr).is_none();
+        if self.died.is_none() && self.stdin_refused.is_none() && (panic_text_missing || error_text_missing) {
             match self.grace_until {
                 None => {
                     self.grace_until = Some(now + PANIC_GRACE);
@@ -196,6 +207,15 @@ impl Cell {
         if let Some(why) = &self.refused {
             return Some(EngineError::new(ename::ARTIFACT_ERROR, why.clone(), vec![]));
         }
+        if let Some(prompt) = &self.stdin_refused {
+            let prompt = if prompt.is_empty() { "a plain read of stdin".to_string() } else { format!("{prompt:?}") };
+            let lost = if self.died.is_some() { " (its worker did not stop and was restarted: the engine's variables are lost)" } else { "" };
+            return Some(EngineError::new(
+                ename::STDIN_NOT_IMPLEMENTED,
+                format!("the cell asked for input ({prompt}) on engine {}, but engines have no frontend to answer input requests; the cell was stopped there{lost}. Give engines their input with push or scatter, or in the cell's code", me.id),
+                vec![],
+            ));
+        }
         if let Some(status) = &self.died {
             return Some(EngineError::worker_died(me, status, stderr.lines()));
         }
@@ -207,6 +227,14 @@ impl Cell {
                 Some(p) => EngineError::panic(&p.message, p.lines),
                 None => EngineError::panic("", stderr.lines()),
             });
+        }
+        if self.error_occurred {
+            let text = question_mark_text(stderr).unwrap_or_else(|| "a `?` in the cell returned an error (its text was empty)".into());
+            let tb = vec![
+                format!("Error: {text}"),
+                "note: a `?` in the cell returned this error, so the cell stopped there; variables it defined are not kept".into(),
+            ];
+            return Some(EngineError::new(ename::QUESTION_MARK_ERROR, text, tb));
         }
         match &self.reply {
             Some(r) if r.status != "ok" => {
@@ -241,6 +269,12 @@ impl Cell {
             Publication { kind: "displaypub", msg_type: "display_data", content: json!({"data": data, "metadata": {}, "transient": {}}) }
         })
     }
+}
+
+/// The text of the error a top-level `?` returned: evcxr's generated code writes it on stderr
+/// (`Display`) just before its marker, so it is the last line there.
+fn question_mark_text(stderr: &StderrTail) -> Option<String> {
+    stderr.lines().into_iter().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim_end().to_string())
 }
 
 /// The error a failed pull of `names` reports: a compile error that cannot find one of the
@@ -289,7 +323,12 @@ impl Loading {
                     c.interrupted = Some(false);
                 }
             }
-            StdoutEvent::ErrorOccurred => self.error_occurred = true,
+            StdoutEvent::ErrorOccurred => {
+                self.error_occurred = true;
+                if let Some(c) = cell {
+                    c.error_occurred = true;
+                }
+            }
             StdoutEvent::ChangedType(name) => self.changed_types.push(name),
             StdoutEvent::Content { mime, data } => {
                 if let Some(c) = cell {

@@ -78,6 +78,10 @@ fn silence_limit(hb_period: Duration) -> Duration {
 /// The engine's start index (ipcluster's launchers set it; otherwise the worker gets the id).
 pub const ENGINE_INDEX_ENV: &str = "RPX_ENGINE_INDEX";
 
+/// Ticks (of [`crate::outbox::FLUSH_PERIOD`] while a cell runs) a worker blocked reading its
+/// stdin is left before the cell is refused input.
+const STDIN_READ_TICKS: u32 = 8;
+
 /// Lines of worker stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
 
@@ -188,6 +192,9 @@ struct Engine {
 
     queue: Queue,
     current: Option<Cell>,
+    /// The worker (pid) and the buffer of its own blocked read of commands, seen while idle
+    /// (see [`Engine::check_stdin_read`]).
+    worker_read: Option<(i32, String)>,
     execution_count: u64,
 
     workers: WorkerSlot,
@@ -242,6 +249,7 @@ impl Engine {
             command_libs: None,
             queue: Queue::new(),
             current: None,
+            worker_read: None,
             execution_count: 0,
             workers: WorkerSlot::new(worker_tx),
             parser: StdoutParser::new(),
@@ -545,6 +553,35 @@ impl Engine {
         // The worker ignores SIGINT while it runs nothing.
         if let Err(e) = self.workers.interrupt() {
             warn!(error = %e, "cannot send SIGINT to the worker");
+        }
+    }
+
+    /// A cell that reads stdin without evcxr's input request (a plain `std::io::stdin()` read)
+    /// would wait on the worker's command pipe forever. Seen blocked in `read(0, ..)` for
+    /// [`STDIN_READ_TICKS`] ticks in a row while it runs the cell (a command in the pipe is
+    /// read at once), it is stopped and refused as an input request is.
+    fn check_stdin_read(&mut self) {
+        let running = self.loads.running.as_ref().map(|l| l.cell_id.clone());
+        let pid = self.workers.get().map_or(-1, |w| w.pid);
+        let reading = crate::output::reading_stdin(pid);
+        if running.is_none() && self.call.is_none() {
+            // Idle: this is the worker's own read of its commands.
+            if reading.is_some() {
+                self.worker_read = reading.map(|b| (pid, b));
+            }
+            return;
+        }
+        let own = self.worker_read.as_ref().is_some_and(|(p, b)| *p == pid && Some(b) == reading.as_ref());
+        let Some(cell) = self.current.as_mut() else { return };
+        if cell.stdin_refused.is_some() || running.as_deref() != Some(cell.id()) || reading.is_none() || own {
+            cell.stdin_reads_seen = 0;
+            return;
+        }
+        cell.stdin_reads_seen += 1;
+        if cell.stdin_reads_seen >= STDIN_READ_TICKS {
+            warn!("the running cell reads stdin; engines cannot give it input");
+            cell.stdin_refused = Some(String::new());
+            self.interrupt();
         }
     }
 
@@ -960,8 +997,13 @@ impl Engine {
             match ev {
                 StdoutEvent::Text(t) => self.out.write(Stream::Stdout, &t),
                 StdoutEvent::InputRequest { prompt, .. } => {
-                    self.out.append(Stream::Stderr, &format!("[rpx] input is not supported on engines; {prompt:?} gets an empty line\n"));
-                    let _ = self.workers.send_line("").await;
+                    // No frontend to ask: stop the code where it waits for its line (the
+                    // interrupt unwinds the blocked read), and say why in the cell's error.
+                    warn!(%prompt, "the running code asked for input; engines cannot give it");
+                    if let Some(cell) = &mut self.current {
+                        cell.stdin_refused.get_or_insert(prompt);
+                    }
+                    self.interrupt();
                 }
                 StdoutEvent::Complete => {
                     match self.loads.completed() {
@@ -1049,6 +1091,7 @@ impl Engine {
 
     async fn on_tick(&mut self) {
         self.follow_interrupt().await;
+        self.check_stdin_read();
         if let Some(t) = self.parser.take_partial_text() {
             self.out.append(Stream::Stdout, &t);
         }

@@ -108,6 +108,10 @@ pub fn run() -> ! {
             Err(e) => fail(&format!("cannot read stdin: {e}")),
         }
         let cmd = line.trim_end_matches(['\n', '\r']);
+        if cmd.is_empty() {
+            // The answer to an input request whose reader was interrupted (evcxr sends one).
+            continue;
+        }
         intr.busy();
         match parse_command(cmd) {
             Some(Command::Load { so_path, fn_name }) => {

@@ -65,7 +65,7 @@ impl Local {
                         *sh.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(outputs.stderr.clone());
                         forward(outputs.stdout, StreamName::Stdout, sh.clone());
-                        forward(outputs.stderr, StreamName::Stderr, sh.clone());
+                        forward_stderr(outputs.stderr, sh.clone());
                         *sh.child.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some(ctx.process_handle());
                         ctx
@@ -181,9 +181,26 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     shared.interrupted.store(false, Ordering::SeqCst);
     *shared.panic.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
     shared.local_seq.fetch_add(1, Ordering::SeqCst);
+    *shared.hold.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    *shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
     shared.local_running.store(true, Ordering::SeqCst);
-    let r = ctx.execute(code);
+    let mut callbacks = evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
+    let runtime_pid = shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
+    // The idle runtime waits for its next command: the buffer of that read is its own.
+    let idle_read = runtime_pid.and_then(|pid| rpx_engine::output::reading_stdin(pid).map(|b| (pid, b)));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut r = std::thread::scope(|scope| {
+        if let Some((pid, own)) = idle_read {
+            let done = &done;
+            scope.spawn(move || watch_plain_stdin_reads(shared, pid, &own, done));
+        }
+        let r = ctx.execute_with_callbacks(code, &mut callbacks);
+        done.store(true, Ordering::SeqCst);
+        r
+    });
     shared.local_running.store(false, Ordering::SeqCst);
+    // The relay's notice that a `?` returned an error (see `crate::relay`).
+    let question_mark = r.as_mut().is_ok_and(|out| out.content_by_mime_type.remove(crate::relay::ERROR_MIME).is_some());
     let interrupted = shared.interrupted.swap(false, Ordering::SeqCst);
     if r.is_ok() && !interrupted {
         // A panic is only on stderr, written before the cell ended: let its lines arrive.
@@ -201,6 +218,10 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    // The error's text is on stderr, just before the relay's mark: wait for the forwarder to
+    // take it out (bounded: without it the error still shows, with a generic message).
+    let question_mark = question_mark.then(|| shared.take_error_text(Duration::from_secs(2)).unwrap_or_default());
+    let stdin_refused = shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()).take();
     let mut report = std::mem::take(&mut *shared.panic.lock().unwrap_or_else(|p| p.into_inner()));
     // Blank lines held back in case a panic report followed them (it starts with one) were the
     // cell's own.
@@ -208,8 +229,29 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     if held > 0 {
         shared.publish(&IopubMsg::Stream { name: StreamName::Stderr, text: "\n".repeat(held) });
     }
+    shared.release_stderr(true);
     let panic = report.lines;
     match r {
+            Ok(_) if !interrupted && panic.is_empty() && stdin_refused.is_some() => {
+                let prompt = stdin_refused.unwrap_or_default();
+                let evalue = if prompt.is_empty() {
+                    "the cell read stdin, but this frontend does not accept input requests (allow_stdin is false); the cell was stopped there".to_string()
+                } else {
+                    format!("the cell asked for input ({prompt:?}), but this frontend does not accept input requests (allow_stdin is false), so it got an empty line")
+                };
+                LocalOutcome::Err("StdinNotImplementedError".into(), evalue, vec![])
+            }
+            Ok(_) if !interrupted && panic.is_empty() && question_mark.is_some() => {
+                let text = question_mark.unwrap_or_default();
+                let evalue = text.join("\n").trim().to_string();
+                let evalue = if evalue.is_empty() { "a `?` in the cell returned an error (its text was empty)".to_string() } else { evalue };
+                let mut tb: Vec<String> = text.iter().enumerate().map(|(i, l)| if i == 0 { format!("Error: {l}") } else { l.clone() }).collect();
+                if tb.is_empty() {
+                    tb.push(format!("Error: {evalue}"));
+                }
+                tb.push("note: a `?` in the cell returned this error, so the cell stopped there; variables it defined are not kept".into());
+                LocalOutcome::Err("Error".into(), evalue, tb)
+            }
             Ok(_) if interrupted => LocalOutcome::Err(
                 "KeyboardInterrupt".into(),
                 "the cell was interrupted (SIGINT); the kernel kept the variables of earlier cells".into(),
@@ -259,6 +301,53 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
         }
 }
 
+/// How often, and how many times in a row, the runtime must be seen blocked reading its stdin
+/// (outside an input request) before the kernel acts on it.
+const STDIN_POLL: Duration = Duration::from_millis(50);
+const STDIN_POLLS: u32 = 8;
+
+/// A plain `std::io::stdin()` read in a local cell (no `EVCXR_INPUT_REQUEST` line first) would
+/// wait on evcxr's command pipe forever. Seen blocked in `read(0, ..)` for a while (a command in
+/// the pipe is read at once), it gets its line from the frontend (an `input_request` with an
+/// empty prompt, the reply written to the runtime's stdin) or, when the frontend takes no
+/// input, the cell is stopped (the interrupt unwinds the read) and fails.
+/// `own` is the buffer of the runtime's own read of its commands (evcxr's next `LOAD_AND_RUN`,
+/// while the cell compiles), which is not the cell's.
+fn watch_plain_stdin_reads(shared: &Shared, pid: i32, own: &str, done: &std::sync::atomic::AtomicBool) {
+    let mut seen = 0;
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(STDIN_POLL);
+        let reading = rpx_engine::output::reading_stdin(pid);
+        if shared.in_input.load(Ordering::SeqCst) || reading.is_none_or(|b| b == own) {
+            seen = 0;
+            continue;
+        }
+        seen += 1;
+        if seen < STDIN_POLLS {
+            continue;
+        }
+        seen = 0;
+        if shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            let line = shared.read_input("", false);
+            if done.load(Ordering::SeqCst) {
+                return;
+            }
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/fd/0"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot give the local cell its input");
+            }
+        } else {
+            shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(String::new);
+            // SAFETY: kill(2) with our runtime's pid and a valid signal number.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+            return;
+        }
+    }
+}
+
 /// A result that is just `()` (a cell ending in `println!(..)` without `;`): not shown, as
 /// ipyparallel does not show `None`.
 pub fn is_unit(data: &Value) -> bool {
@@ -298,16 +387,40 @@ fn forward(rx: crossbeam_channel::Receiver<String>, name: StreamName, shared: Ar
                 while let Ok(more) = rx.try_recv() {
                     lines.push(more);
                 }
-                if name == StreamName::Stderr {
-                    lines = shared.note_stderr(&lines);
-                    if lines.is_empty() {
-                        continue;
-                    }
-                }
                 let mut text = lines.join("\n");
                 text.push('\n');
                 shared.publish(&IopubMsg::Stream { name, text });
             }
+        })
+        .expect("spawn a thread");
+}
+
+/// Forward the runtime's stderr to iopub: a panic report is kept out (it becomes the cell's
+/// error), and the last lines are held for [`crate::server::STDERR_HOLD`] in case the relay's
+/// mark says they were the text of an error a `?` returned (that too becomes the error).
+fn forward_stderr(rx: crossbeam_channel::Receiver<String>, shared: Arc<Shared>) {
+    std::thread::Builder::new()
+        .name("evcxr-stderr".into())
+        .spawn(move || loop {
+            let line = match rx.recv_timeout(crate::server::STDERR_HOLD) {
+                Ok(line) => line,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    shared.release_stderr(false);
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut lines = vec![line];
+            while let Ok(more) = rx.try_recv() {
+                lines.push(more);
+            }
+            let lines = shared.note_stderr(&lines);
+            let (publish, marked) = shared.hold.lock().unwrap_or_else(|p| p.into_inner()).note(lines, Instant::now());
+            if marked {
+                shared.hold_cv.notify_all();
+            }
+            shared.publish_lines(StreamName::Stderr, publish);
+            shared.release_stderr(false);
         })
         .expect("spawn a thread");
 }

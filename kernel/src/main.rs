@@ -9,6 +9,7 @@
 //! - [`local`]: the kernel's own evcxr context for local cells.
 //! - [`px`]: the `%px` family through `rpx::Client` and `rpx_magics`.
 //! - [`syntax`]: `is_complete` for Rust cells.
+//! - [`relay`]: the local runtime's stdout relay that tells the kernel a `?` returned an error.
 //! - [`install`]: the kernelspec.
 //! - [`prepare`]: the `rpx` client crate compiled ahead of the first cell that uses it.
 //! - `diagnostics`: rustc errors rendered against the cell (shared with rpx-compiler).
@@ -23,6 +24,7 @@ mod install;
 mod local;
 mod prepare;
 mod px;
+mod relay;
 mod server;
 mod shell;
 mod syntax;
@@ -90,6 +92,7 @@ fn main() {
     // This binary is also the runtime of the local cells (the engines' worker, which turns
     // SIGINT into a panic in the running cell) and evcxr's rustc wrapper: that must come first.
     if std::env::var_os(local::WORKER_ENV).is_some() {
+        relay::install();
         rpx_engine::worker::run();
     }
     evcxr::runtime_hook();

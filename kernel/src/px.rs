@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rpx::{AsyncResult, ExecuteResult, TaskEvent};
 use rpx_magics::{
-    error_report, interrupt_line, render_outputs, verbose_line, EngineOutput, ExecOptions, GroupOutputs, MagicError,
+    error_report, interrupt_line, progress_due, progress_message, progress_text, render_outputs, verbose_line, EngineOutput, ExecOptions, GroupOutputs, MagicError,
     OutputEvent, PxConfig, PxOptions, RenderOptions, Signal, StreamName, StreamStyle, Streamer,
 };
 
@@ -53,6 +53,7 @@ pub struct Run {
     targets: Vec<usize>,
     single: bool,
     display_id: String,
+    submitted: Instant,
 }
 
 /// The magics' state: the client, the sticky config, autopx and the last run.
@@ -107,7 +108,7 @@ impl Px {
             let ename = if matches!(e, rpx::Error::Connection(_)) { "ConnectionError" } else { "EngineError" };
             CellError::new(ename, e.to_string(), vec![])
         })?;
-        Ok(Run { ar, targets, single: run.targets.is_single(), display_id: display_id.to_string() })
+        Ok(Run { ar, targets, single: run.targets.is_single(), display_id: display_id.to_string(), submitted: Instant::now() })
     }
 
     /// After [`Px::submit`]: wait and show the outputs (`--block`), or keep the run for
@@ -117,7 +118,7 @@ impl Px {
             self.last = Some(run);
             return Ok(());
         }
-        let r = self.collect(&run, opts.stream, opts.group_outputs, &opts.signal_on_interrupt);
+        let r = self.collect(&run, opts.stream, opts.group_outputs, &opts.signal_on_interrupt, opts.progress_after);
         self.last = Some(run);
         r
     }
@@ -127,18 +128,22 @@ impl Px {
         let run = self.last.take().ok_or(MagicError::NoLastResult)?;
         let group = opts.group_outputs.unwrap_or(self.config.group_outputs);
         let signal = self.config.signal_on_interrupt.clone();
-        let r = self.collect(&run, false, group, &signal);
+        let r = self.collect(&run, false, group, &signal, self.config.progress_after);
         self.last = Some(run);
         r
     }
 
-    fn collect(&mut self, run: &Run, stream: bool, group: GroupOutputs, signal: &Signal) -> Result<(), PxError> {
+    fn collect(&mut self, run: &Run, stream: bool, group: GroupOutputs, signal: &Signal, progress_after: f64) -> Result<(), PxError> {
         let mut streamer = Streamer::new(StreamStyle::Text, run.display_id.clone(), RenderOptions::default());
         let mut outputs: Vec<EngineOutput> = run.targets.iter().map(|&id| EngineOutput::new(id, Vec::new())).collect();
         let mut done: HashSet<usize> = HashSet::new();
         let mut lost = false;
         let mut interrupted_at: Option<Instant> = None;
         let mut cursor = 0;
+        // The progress display (`--progress-after`): its id and the text last shown.
+        let progress_id = format!("px-progress-{}", run.display_id);
+        let mut progress_shown: Option<String> = None;
+        let waiting_since = Instant::now();
         loop {
             let events = run.ar.next_events(&mut cursor, TICK);
             let idle = events.is_empty();
@@ -171,6 +176,16 @@ impl Px {
             if idle && run.ar.finished() {
                 break;
             }
+            // Only a wait that is still going shows progress (a cell that was done before this
+            // wait, as for `%pxresult` of a finished run, shows none).
+            if progress_due(progress_after, waiting_since.elapsed()) {
+                let elapsed = run.submitted.elapsed();
+                let text = progress_text(done.len(), run.targets.len(), elapsed, false);
+                if progress_shown.as_deref() != Some(text.as_str()) {
+                    self.shared.publish(&progress_message(&progress_id, progress_shown.is_none(), done.len(), run.targets.len(), elapsed, false));
+                    progress_shown = Some(text);
+                }
+            }
             if self.shared.interrupted.swap(false, Ordering::SeqCst) && interrupted_at.is_none() {
                 interrupted_at = Some(Instant::now());
                 self.shared.publish_stream(StreamName::Stderr, &interrupt_line(signal));
@@ -187,6 +202,11 @@ impl Px {
             }
             if interrupted_at.is_some_and(|t| t.elapsed() > INTERRUPT_GRACE) {
                 let running: Vec<usize> = run.targets.iter().copied().filter(|id| !done.contains(id)).collect();
+                if progress_shown.is_some() {
+                    // Finalized with what is known: not every engine is done.
+                    let n = run.targets.len();
+                    self.shared.publish(&progress_message(&progress_id, false, done.len().min(n), n, run.submitted.elapsed(), true));
+                }
                 return Err(CellError::new(
                     "KeyboardInterrupt",
                     format!("interrupted; engines {running:?} did not stop within {INTERRUPT_GRACE:?} and keep running (see %pxresult)"),
@@ -194,6 +214,10 @@ impl Px {
                 )
                 .into());
             }
+        }
+        if progress_shown.is_some() {
+            let n = run.targets.len();
+            self.shared.publish(&progress_message(&progress_id, false, done.len().min(n), n, run.submitted.elapsed(), true));
         }
         if lost {
             self.client = None;

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
@@ -42,7 +42,74 @@ pub struct Shared {
     pub stderr_rx: Mutex<Option<crossbeam_channel::Receiver<String>>>,
     /// The evcxr runtime process, once the context exists.
     pub child: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
+    /// The local cell's last stderr lines, held back briefly (see [`StderrHold`]).
+    pub hold: Mutex<StderrHold>,
+    /// Notified when a `?` error's text has been taken out of stderr.
+    pub hold_cv: Condvar,
+    /// The frontend's `input_reply`s (the stdin socket's task sends them here).
+    pub input_replies: Mutex<Option<mpsc::Receiver<Message>>>,
+    /// Where `input_request`s go (to the stdin socket's task).
+    pub input_requests: Mutex<Option<UnboundedSender<ZmqMessage>>>,
+    /// The running `execute_request` (idents, header) when it allows stdin (`allow_stdin`).
+    pub stdin_parent: Mutex<Option<(Vec<Bytes>, Header)>>,
+    /// A local cell asked for input that could not be given: its prompt (empty: a plain read).
+    pub stdin_refused: Mutex<Option<String>>,
+    /// An input request of the local cell is waiting for its reply.
+    pub in_input: AtomicBool,
     topic_prefix: String,
+}
+
+/// How long a local cell's last stderr lines are held back before they are published: long
+/// enough for the relay's [`crate::relay::ERROR_MARK`] to follow a `?` error's text (written
+/// microseconds apart), short enough not to be seen.
+pub const STDERR_HOLD: Duration = Duration::from_millis(100);
+
+/// A local cell's stderr lines not yet published, in case they turn out to be the text of an
+/// error that a `?` returned (the relay's mark follows them); and that text once it did.
+#[derive(Debug, Default)]
+pub struct StderrHold {
+    held: Vec<String>,
+    since: Option<Instant>,
+    /// The text of the `?` error of the running cell, once its mark arrived.
+    pub error: Option<Vec<String>>,
+}
+
+impl StderrHold {
+    /// New stderr lines of the running cell: returns those to publish now, and whether a mark
+    /// came. The line just before a mark is the error's text (evcxr writes `Display` of the
+    /// error with one `eprintln!`: one line for almost every error; the lines of a longer one
+    /// before its last are published as stderr, not lost). The last lines of a batch are held.
+    pub fn note(&mut self, lines: Vec<String>, now: Instant) -> (Vec<String>, bool) {
+        let mut publish = Vec::new();
+        let mut marked = false;
+        for l in lines {
+            if l == crate::relay::ERROR_MARK {
+                let mut text = std::mem::take(&mut self.held);
+                let last = text.pop();
+                publish.append(&mut text);
+                self.since = None;
+                self.error = Some(last.into_iter().collect());
+                marked = true;
+            } else {
+                if self.held.is_empty() {
+                    self.since = Some(now);
+                }
+                self.held.push(l);
+            }
+        }
+        (publish, marked)
+    }
+
+    /// The held lines, if they have waited [`STDERR_HOLD`] (or `all`).
+    pub fn release(&mut self, now: Instant, all: bool) -> Vec<String> {
+        match self.since {
+            Some(t) if all || now.duration_since(t) >= STDERR_HOLD => {
+                self.since = None;
+                std::mem::take(&mut self.held)
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl Shared {
@@ -101,6 +168,65 @@ impl Shared {
     /// panic report is not among them: it becomes the cell's error, shown once).
     pub fn note_stderr(&self, lines: &[String]) -> Vec<String> {
         self.panic.lock().unwrap_or_else(|p| p.into_inner()).note(lines)
+    }
+
+    /// Publish the local cell's held stderr lines (at its end, or when they have waited).
+    pub fn release_stderr(&self, all: bool) {
+        let lines = self.hold.lock().unwrap_or_else(|p| p.into_inner()).release(Instant::now(), all);
+        self.publish_lines(StreamName::Stderr, lines);
+    }
+
+    /// Publish whole lines on a stream.
+    pub fn publish_lines(&self, name: StreamName, lines: Vec<String>) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        self.publish(&IopubMsg::Stream { name, text });
+    }
+
+    /// Wait (at most `limit`) for the text of the running local cell's `?` error.
+    pub fn take_error_text(&self, limit: Duration) -> Option<Vec<String>> {
+        let g = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, _) = self.hold_cv.wait_timeout_while(g, limit, |h| h.error.is_none()).unwrap_or_else(|p| p.into_inner());
+        g.error.take()
+    }
+
+    /// A local cell reads input (`evcxr_input::get_string`): ask the frontend with an
+    /// `input_request` on the stdin channel and wait for its `input_reply` (or an interrupt).
+    /// Without a frontend that accepts input (`allow_stdin` false) the cell gets an empty line
+    /// and fails when it ends (see [`Shared::stdin_refused`]).
+    pub fn read_input(&self, prompt: &str, password: bool) -> String {
+        let parent = self.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some((idents, header)) = parent else {
+            self.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| prompt.to_string());
+            return String::new();
+        };
+        let replies = self.input_replies.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(replies) = replies.as_ref() else { return String::new() };
+        self.in_input.store(true, Ordering::SeqCst);
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&self.in_input);
+        while replies.try_recv().is_ok() {}
+        let (_, f) = self.session.msg(&idents, "input_request", json!({ "prompt": prompt, "password": password }), Some(&header), json!({}), &[]);
+        if let Some(tx) = self.input_requests.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(message(f));
+        }
+        loop {
+            match replies.recv_timeout(Duration::from_millis(50)) {
+                Ok(m) if m.parent_header.get("msg_id").and_then(Value::as_str).is_some_and(|id| id != header.msg_id) => continue,
+                Ok(m) => return m.content.get("value").and_then(Value::as_str).unwrap_or_default().to_string(),
+                Err(mpsc::RecvTimeoutError::Timeout) if self.interrupted.load(Ordering::SeqCst) => return String::new(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return String::new(),
+            }
+        }
     }
 
     fn kill_runtime(&self) {
@@ -211,6 +337,23 @@ mod panic_tests {
     }
 
     #[test]
+    fn the_line_before_a_question_mark_mark_is_the_error_and_the_rest_is_stderr() {
+        use super::{StderrHold, STDERR_HOLD};
+        let t0 = std::time::Instant::now();
+        let mut h = StderrHold::default();
+        let (now, marked) = h.note(lines("before"), t0);
+        assert!(now.is_empty() && !marked, "the last lines are held");
+        let (now, marked) = h.note(lines(&format!("invalid digit found in string\n{}", crate::relay::ERROR_MARK)), t0);
+        assert_eq!((now, marked), (vec!["before".to_string()], true));
+        assert_eq!(h.error.take(), Some(vec!["invalid digit found in string".to_string()]));
+        assert!(h.note(lines("later"), t0).0.is_empty());
+        assert!(h.release(t0, false).is_empty(), "held until it has waited");
+        assert_eq!(h.release(t0 + STDERR_HOLD, false), ["later"]);
+        h.note(lines("end"), t0);
+        assert_eq!(h.release(t0, true), ["end"], "the cell's end releases everything");
+    }
+
+    #[test]
     fn a_backtrace_split_over_several_reads_stays_in_the_report() {
         let mut p = PanicText::default();
         assert!(p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom")).is_empty());
@@ -283,14 +426,34 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
             }
         }
     });
-    // Keep the stdin socket open (input requests are not supported yet); drain anything sent.
+    // The stdin socket: `input_request`s out (for the local cell reading input), `input_reply`s in.
+    let (input_tx, input_rx) = mpsc::channel::<Message>();
+    let (input_req_tx, mut input_req_rx) = unbounded_channel::<ZmqMessage>();
+    let (mut stdin_send, mut stdin_recv) = stdin.split();
     tokio::spawn(async move {
-        loop {
-            if stdin.recv().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        while let Some(m) = input_req_rx.recv().await {
+            if tokio::time::timeout(SEND_LIMIT, stdin_send.send(m)).await.is_err() {
+                warn!("an input_request took too long to send; dropped");
             }
         }
     });
+    {
+        let session = session.clone();
+        tokio::spawn(async move {
+            loop {
+                match stdin_recv.recv().await {
+                    Ok(m) => match session.decode(frames(m)) {
+                        Ok(msg) if msg.msg_type() == "input_reply" => {
+                            let _ = input_tx.send(msg);
+                        }
+                        Ok(msg) => debug!(msg_type = msg.msg_type(), "unexpected message on stdin"),
+                        Err(e) => warn!(error = %e, "dropped a stdin message"),
+                    },
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        });
+    }
 
     let shared = Arc::new(Shared {
         topic_prefix: format!("kernel.{}", session.session),
@@ -303,6 +466,13 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         panic: Mutex::new(PanicText::default()),
         stderr_rx: Mutex::new(None),
         child: Mutex::new(None),
+        hold: Mutex::new(StderrHold::default()),
+        hold_cv: Condvar::new(),
+        input_replies: Mutex::new(Some(input_rx)),
+        input_requests: Mutex::new(Some(input_req_tx)),
+        stdin_parent: Mutex::new(None),
+        stdin_refused: Mutex::new(None),
+        in_input: AtomicBool::new(false),
     });
 
     // Shell: requests go to one thread, in order; its replies come back to be sent.

@@ -29,6 +29,8 @@ pub struct Kernel {
     history: Vec<(u64, String, Option<String>)>,
     /// The `text/plain` result of the cell running now (for the history's outputs).
     result_text: Option<String>,
+    /// The running cell is `silent`: its result is not published (as ipykernel).
+    silent: bool,
 }
 
 /// A failed cell: published as `error` and put in the `execute_reply`.
@@ -114,25 +116,41 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 
 impl Kernel {
     pub fn new(shared: Arc<Shared>) -> Kernel {
-        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None }
+        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None, silent: false }
     }
 
-    /// Handle shell requests until the socket side goes away.
+    /// Handle shell requests until the socket side goes away. After a cell fails with
+    /// `stop_on_error` (the default), the `execute_request`s already waiting are answered
+    /// `aborted` without running, as ipykernel does, so "Run all" stops at the failed cell;
+    /// other requests waiting are handled as usual.
     pub fn serve(mut self, rx: mpsc::Receiver<ShellRequest>) {
         while let Ok(req) = rx.recv() {
             self.shared.status("busy", &req.msg.header);
-            self.handle(&req);
+            let stop = self.handle(&req);
             self.shared.status("idle", &req.msg.header);
+            if stop {
+                while let Ok(next) = rx.try_recv() {
+                    self.shared.status("busy", &next.msg.header);
+                    if next.msg.msg_type() == "execute_request" {
+                        debug!(msg_id = %next.msg.header.msg_id, "aborted: an earlier cell failed");
+                        reply(&self.shared.session, &next, "execute_reply", json!({ "status": "aborted", "execution_count": self.execution_count }));
+                    } else {
+                        self.handle(&next);
+                    }
+                    self.shared.status("idle", &next.msg.header);
+                }
+            }
         }
     }
 
-    fn handle(&mut self, req: &ShellRequest) {
+    /// Handle one request; true when it was a cell that failed with `stop_on_error`.
+    fn handle(&mut self, req: &ShellRequest) -> bool {
         let c = &req.msg.content;
         let shared = self.shared.clone();
         let session = &shared.session;
         match req.msg.msg_type() {
             "kernel_info_request" => reply(session, req, "kernel_info_reply", kernel_info()),
-            "execute_request" => self.execute(req),
+            "execute_request" => return self.execute(req),
             "is_complete_request" => {
                 let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
                 let r = match is_complete(code) {
@@ -157,7 +175,7 @@ impl Kernel {
                 let cursor = c.get("cursor_pos").and_then(Value::as_u64).map_or(code.chars().count(), |p| p as usize);
                 let mut r = InspectReply::default();
                 match self.local.inspect(code, byte_offset(code, cursor)) {
-                    Ok((plain, html)) if !plain.trim().is_empty() => {
+                    Ok((plain, html)) if has_documentation(&plain) => {
                         r.found = true;
                         r.data = serde_json::from_value(json!({ "text/plain": plain, "text/html": html })).unwrap_or_default();
                     }
@@ -183,6 +201,7 @@ impl Kernel {
             }
             other => warn!(msg_type = other, "unhandled shell message"),
         }
+        false
     }
 
     fn complete(&mut self, code: &str, cursor: usize) -> CompleteReply {
@@ -233,17 +252,37 @@ impl Kernel {
         }
     }
 
-    fn execute(&mut self, req: &ShellRequest) {
+    /// Run a cell and reply; true when it failed and asked `stop_on_error` (not silent).
+    fn execute(&mut self, req: &ShellRequest) -> bool {
         let c = &req.msg.content;
+        let stop_on_error = c.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true);
         let code = c.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
         let silent = c.get("silent").and_then(Value::as_bool).unwrap_or(false);
         let store_history = c.get("store_history").and_then(Value::as_bool).unwrap_or(!silent) && !silent;
+        self.silent = silent;
+        // Not evaluated (a Rust expression is a compiled cell): each is answered with an error
+        // saying so, rather than dropped.
+        let user_expressions: Map<String, Value> = c
+            .get("user_expressions")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.keys()
+                    .map(|k| {
+                        let evalue = "rpx-kernel does not evaluate user_expressions; run the expression as a cell";
+                        (k.clone(), json!({ "status": "error", "ename": "NotImplementedError", "evalue": evalue, "traceback": [format!("NotImplementedError: {evalue}")] }))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         if store_history {
             self.execution_count += 1;
             self.history.push((self.execution_count, code.clone(), None));
         }
         let count = self.execution_count;
         self.shared.set_parent(Some(req.msg.header.clone()));
+        let allow_stdin = c.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false);
+        *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) =
+            allow_stdin.then(|| (req.msg.idents.clone(), req.msg.header.clone()));
         self.shared.interrupted.store(false, Ordering::SeqCst);
         if !silent {
             self.shared.publish_raw("execute_input", json!({ "code": code, "execution_count": count }), Some(&req.msg.header));
@@ -255,8 +294,9 @@ impl Kernel {
                 last.2 = self.result_text.take();
             }
         }
+        let failed = outcome.is_err();
         let content = match outcome {
-            Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": {}, "payload": [] }),
+            Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": user_expressions, "payload": [] }),
             Err(e) => {
                 self.shared.publish(&IopubMsg::Error { ename: e.ename.clone(), evalue: e.evalue.clone(), traceback: e.traceback.clone() });
                 json!({ "status": "error", "execution_count": count, "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback, "user_expressions": {}, "payload": [] })
@@ -264,6 +304,8 @@ impl Kernel {
         };
         reply(&self.shared.session, req, "execute_reply", content);
         self.shared.set_parent(None);
+        *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        failed && stop_on_error && !silent
     }
 
     /// Run every command of a cell, stopping at the first failure.
@@ -309,6 +351,9 @@ impl Kernel {
     fn show(&mut self, data: Map<String, Value>, count: u64) {
         let only_text = data.keys().all(|k| k == "text/plain");
         self.result_text = data.get("text/plain").and_then(Value::as_str).map(str::to_string);
+        if self.silent {
+            return;
+        }
         let data = Value::Object(data);
         if only_text {
             self.shared.publish(&IopubMsg::ExecuteResult { data, metadata: json!({}), execution_count: count });
@@ -316,6 +361,13 @@ impl Kernel {
             self.shared.publish(&IopubMsg::DisplayData { data, metadata: json!({}), display_id: None });
         }
     }
+}
+
+/// Whether hover text says something: rust-analyzer answers "No documentation found" (in
+/// various wrappings) for a position it knows nothing about.
+fn has_documentation(plain: &str) -> bool {
+    let t = plain.trim().trim_matches(|c: char| c == '`' || c == '*' || c == '_' || c.is_whitespace());
+    !t.is_empty() && !t.eq_ignore_ascii_case("No documentation found") && !t.eq_ignore_ascii_case("No documentation found.")
 }
 
 /// Shell-style glob (`*`, `?`) over the whole text, as IPython's history search.
@@ -351,6 +403,14 @@ mod tests {
         assert_eq!(byte_offset(s, 5), 6);
         assert_eq!(char_offset(s, 6), 5);
         assert_eq!(byte_offset(s, 100), s.len());
+    }
+
+    #[test]
+    fn hover_without_documentation_is_not_found() {
+        assert!(!has_documentation("No documentation found"));
+        assert!(!has_documentation("  _No documentation found._\n"));
+        assert!(!has_documentation(""));
+        assert!(has_documentation("```rust\nlet x: i32\n```"));
     }
 
     #[test]

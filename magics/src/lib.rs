@@ -16,6 +16,7 @@
 //! - [`render`]: finished outputs grouped by `--group-outputs` ([`render_outputs`]); the
 //!   `--verbose` and interrupt lines.
 //! - [`stream`]: outputs rendered as they arrive ([`Streamer`]).
+//! - [`progress`]: the progress display of a long blocking `%px` (`--progress-after`).
 //! - [`failure`]: the error a failed run reports ([`ErrorReport`], [`error_report`]).
 //! - [`error`]: [`MagicError`], everything that can be wrong with a magic.
 //!
@@ -87,6 +88,7 @@ pub mod failure;
 pub mod options;
 pub mod output;
 pub mod parse;
+pub mod progress;
 pub mod render;
 pub mod stream;
 pub mod targets;
@@ -102,5 +104,6 @@ pub use parse::{
 pub use render::{
     interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions,
 };
+pub use progress::{progress_due, progress_message, progress_text};
 pub use stream::{StreamStyle, Streamer};
 pub use targets::{Slice, TargetSpec};

@@ -109,6 +109,10 @@ pub mod ename {
     pub const INTERRUPTED: &str = "KeyboardInterrupt";
     /// A compiled artifact could not be had or failed its hash check; nothing ran.
     pub const ARTIFACT_ERROR: &str = "ArtifactError";
+    /// A `?` at a cell's top level returned this error (its `Display` text is the message).
+    pub const QUESTION_MARK_ERROR: &str = "Error";
+    /// The code asked for input (`evcxr_input`), which engines cannot give.
+    pub const STDIN_NOT_IMPLEMENTED: &str = "StdinNotImplementedError";
 }
 
 #[cfg(test)]

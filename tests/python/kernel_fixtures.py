@@ -255,6 +255,7 @@ class Cell:
     reply: dict  # execute_reply content
     messages: list  # [(msg_type, content)] of this cell's iopub outputs, in order
     elapsed: float
+    input_requests: list = field(default_factory=list)  # `input_request` contents it sent
 
     @property
     def status(self):
@@ -429,8 +430,13 @@ class Kernel:
 
     # -- cells ------------------------------------------------------------------------------
     def run(self, code, timeout=None, silent=False, store_history=True, stop_on_error=True,
-            allow_stdin=False):
-        """Execute one cell; wait (bounded) for its execute_reply and its `status: idle`."""
+            allow_stdin=False, answer=None):
+        """Execute one cell; wait (bounded) for its execute_reply and its `status: idle`.
+
+        `answer(prompt, password) -> str` answers the cell's `input_request`s on the stdin
+        channel (it implies `allow_stdin`); the requests are kept in `Cell.input_requests`."""
+        allow_stdin = allow_stdin or answer is not None
+        input_requests = []
         if timeout is None:
             timeout = FIRST_CELL_TIMEOUT if self.cells_run == 0 else CELL_TIMEOUT
         self.cells_run += 1
@@ -461,6 +467,15 @@ class Kernel:
                             idle = True
                     elif t in OUTPUT_TYPES:
                         messages.append((t, msg["content"]))
+            if answer is not None and reply is None:
+                try:
+                    req = self.kc.get_stdin_msg(timeout=0)
+                except Empty:
+                    req = None
+                if req is not None and req["msg_type"] == "input_request" \
+                        and req.get("parent_header", {}).get("msg_id") == msg_id:
+                    input_requests.append(req["content"])
+                    self.kc.input(answer(req["content"]["prompt"], req["content"].get("password", False)))
             if reply is None:
                 try:
                     r = self.kc.get_shell_msg(timeout=0 if not idle else min(left, 0.2))
@@ -468,7 +483,9 @@ class Kernel:
                     r = None
                 if r is not None and r.get("parent_header", {}).get("msg_id") == msg_id:
                     reply = r["content"]
-        return Cell(code, msg_id, reply, messages, time.monotonic() - t0)
+        cell = Cell(code, msg_id, reply, messages, time.monotonic() - t0)
+        cell.input_requests = input_requests
+        return cell
 
     def request(self, method, *args, timeout=SHELL_TIMEOUT, **kwargs):
         """A shell request (`complete`, `inspect`, `is_complete`, `history`, `kernel_info`)

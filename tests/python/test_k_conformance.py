@@ -23,7 +23,7 @@ WAIT = 120  # seconds for any one reply or cell
 
 @pytest.fixture(scope="class")
 def _rpx_kernel_for_class(request, no_cluster_env):
-    k = K.Kernel.start(no_cluster_env)
+    k = K.Kernel.start(dict(no_cluster_env, **getattr(request.cls, "kernel_env", {})))
     warm = k.run("let warm_up: u64 = 1;", timeout=K.FIRST_CELL_TIMEOUT)
     assert warm.status == "ok", f"warm-up cell failed\n{warm.describe()}\n--- kernel log\n{k.log_tail()}"
     request.cls.kernel = k
@@ -86,6 +86,12 @@ class TestRpxKernel(jkt.KernelTests):
         self.code_generate_error = 'panic!("boom");'
         self.test_error()
 
+    def test_error_question_mark(self):
+        # The upstream test_error with a `?` on an Err as the sample: an error reply (so "Run
+        # all" stops) and one output, the error.
+        self.code_generate_error = 'let n: u32 = "not a number".parse()?;'
+        self.test_error()
+
     # -- what a user checks beyond the message spec ----------------------------------------
     def test_compile_error_shows_rustc_diagnostic(self):
         self.flush_channels()
@@ -117,3 +123,9 @@ class TestRpxKernel(jkt.KernelTests):
         a = self.kernel.run("let c1 = 1;", timeout=WAIT).assert_ok()
         b = self.kernel.run("let c2 = 2;", timeout=WAIT).assert_ok()
         assert b.execution_count == a.execution_count + 1, (a.reply, b.reply)
+
+
+class TestRpxKernelWithRustBacktrace(TestRpxKernel):
+    """The same suite with RUST_BACKTRACE=1 in the kernel's environment: a panic's backtrace
+    and a `?` error must not add outputs (each error sample is still one `error`)."""
+    kernel_env = {"RUST_BACKTRACE": "1"}

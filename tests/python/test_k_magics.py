@@ -43,6 +43,9 @@ def k(rpx_kernel):
     # The first %px of a cluster may wait for a cold compiler.
     rpx_kernel.run('println!("kernel warm");').assert_ok()
     rpx_kernel.run('%px println!("engines warm");', timeout=PX_FIRST_TIMEOUT).assert_ok()
+    # These tests check what each cell shows; on a loaded machine any %px may run past the
+    # default 2 s and add a progress display. It has a test of its own, which turns it on.
+    rpx_kernel.run("%pxconfig --progress-after -1").assert_ok()
     return rpx_kernel
 
 
@@ -202,6 +205,81 @@ def test_a_single_target_error_is_a_remote_error(k):
     assert c.reply["ename"] == "RemoteError", c.describe()
     assert c.reply["evalue"].startswith("[3:execute]"), c.describe()
     assert "only three" in c.error_text(), c.describe()
+
+
+def test_a_question_mark_on_an_err_is_an_error_on_every_engine(k):
+    k.run("%px let qm_kept: u64 = 1;").assert_ok()
+    c = k.run('%%px --no-stream\nlet n: u64 = "x1".parse()?;\nprintln!("not reached {n}");')
+    assert c.status == "error", c.describe()
+    text = c.error_text()
+    for e in ENGINES:
+        assert f"[{e}:execute]" in text, c.describe()
+    assert "invalid digit found in string" in text, c.describe()
+    assert "not reached" not in c.stdout, c.describe()
+    one = k.run('%%px --targets 2 --no-stream\nlet n: u64 = "x1".parse()?;')
+    assert one.status == "error" and one.reply["evalue"].startswith("[2:execute]"), one.describe()
+    assert "Error: invalid digit found in string" in one.error_text(), one.describe()
+    after = k.run("%px qm_kept + 1", timeout=max(CELL_TIMEOUT, 240)).assert_ok()
+    assert results(after) == {e: "2" for e in ENGINES}, after.describe()
+
+
+def test_reading_stdin_on_the_engines_fails_with_a_clear_error(k):
+    # evcxr_input's protocol (what `evcxr_input::get_string` prints and reads), without a crate.
+    k.run("%px let stdin_kept: u64 = 3;").assert_ok()
+    c = k.run('%%px --no-stream\nprintln!("EVCXR_INPUT_REQUEST:your name? ");\n'
+              'let mut line = String::new();\nstd::io::stdin().read_line(&mut line).unwrap();\n'
+              'println!("got {line:?}");', timeout=max(CELL_TIMEOUT, 240))
+    assert c.status == "error", c.describe()
+    text = c.error_text()
+    assert "StdinNotImplementedError" in text and "your name? " in text, c.describe()
+    assert "engines have no frontend" in text, c.describe()
+    assert "got " not in c.stdout, f"the cell must stop at the read\n{c.describe()}"
+    # A plain read of stdin (no input request first) is stopped too, instead of hanging.
+    plain = k.run('%%px --no-stream\nlet mut line = String::new();\n'
+                  'std::io::stdin().read_line(&mut line).unwrap();\nprintln!("got {line:?}");',
+                  timeout=max(CELL_TIMEOUT, 240))
+    assert plain.status == "error", plain.describe()
+    text = plain.error_text()
+    assert "StdinNotImplementedError" in text and "a plain read of stdin" in text, plain.describe()
+    for e in ENGINES:
+        assert f"[{e}:execute]" in text, plain.describe()
+    assert "got " not in plain.stdout, plain.describe()
+    after = k.run("%px stdin_kept + 1", timeout=max(CELL_TIMEOUT, 240)).assert_ok()
+    assert results(after) == {e: "4" for e in ENGINES}, after.describe()
+
+
+def progress_displays(cell):
+    """The progress display's messages: [(msg_type, text/plain)], and its final shown text."""
+    msgs = [(t, c["data"].get("text/plain", "")) for t, c in cell.messages
+            if t in ("display_data", "update_display_data")
+            and (c.get("transient") or {}).get("display_id", "").startswith("px-progress-")]
+    shown = [o["data"].get("text/plain", "") for o in cell.outputs
+             if o["output_type"] == "display_data" and o["data"].get("text/plain", "").startswith("%px: ")]
+    return msgs, shown
+
+
+def test_a_long_blocking_px_shows_progress_after_progress_after_seconds(k):
+    c = k.run("%%px --progress-after 1\nstd::thread::sleep(std::time::Duration::from_secs(4));",
+              timeout=max(CELL_TIMEOUT, 240)).assert_ok()
+    # (The module turned progress off with %pxconfig; a cell's own option wins.)
+    msgs, shown = progress_displays(c)
+    assert msgs and msgs[0][0] == "display_data", c.describe()
+    assert re.match(r"%px: [0-4]/4 engines done after \d+ s", msgs[0][1]), msgs
+    assert any(t == "update_display_data" for t, _ in msgs[1:]), f"updated in place\n{msgs}"
+    # Finalized at the end: the one display shown reads as done.
+    assert len(shown) == 1 and re.match(r"%px: 4/4 engines done in \d+\.\d s", shown[0]), (shown, msgs)
+    # Quick cells show none (a cell done before --progress-after); -1 never shows it.
+    quick = k.run('%%px --progress-after 5\nprintln!("quick");').assert_ok()
+    assert progress_displays(quick) == ([], []), quick.describe()
+    never = k.run("%%px --progress-after -1\nstd::thread::sleep(std::time::Duration::from_millis(1500));").assert_ok()
+    assert progress_displays(never) == ([], []), never.describe()
+    # %pxconfig sets it for later cells.
+    try:
+        k.run("%pxconfig --progress-after 0").assert_ok()
+        at_once = k.run("%px std::thread::sleep(std::time::Duration::from_millis(1500));").assert_ok()
+        assert progress_displays(at_once)[1], at_once.describe()
+    finally:
+        k.run("%pxconfig --progress-after -1").assert_ok()
 
 
 def test_bad_option_is_refused_and_nothing_runs(k):

@@ -113,6 +113,108 @@ def test_a_local_panic_is_an_error_and_keeps_earlier_variables(rpx_kernel_no_clu
     assert k.run("before * 7").assert_ok().results[0]["data"]["text/plain"] == "42"
 
 
+def test_a_question_mark_on_an_err_in_a_local_cell_is_the_error_shown_once(rpx_kernel_no_cluster):
+    # "Run all" must stop at this cell: the reply is an error, and the error's text is shown
+    # once, as the error (not also on stderr); stderr written before it stays stderr.
+    k = rpx_kernel_no_cluster
+    k.run("let qm_before: u64 = 5;").assert_ok()
+    c = k.run('eprintln!("before"); let qm_during: u64 = 1; let n: u64 = "x1".parse()?; println!("not reached {n}");')
+    assert c.status == "error", c.describe()
+    assert c.reply["ename"] == "Error" and c.reply["evalue"] == "invalid digit found in string", c.describe()
+    assert [t for t, _ in c.messages] == ["stream", "error"], c.describe()
+    assert c.stderr == "before\n" and c.stdout == "", c.describe()
+    tb = "\n".join(c.errors[0]["traceback"])
+    assert "invalid digit found in string" in tb and "`?`" in tb, tb
+    assert c.text.count("invalid digit found in string") == 1, c.describe()
+    assert k.run("qm_before + 1").assert_ok().results[0]["data"]["text/plain"] == "6"
+    # A cell whose `?` meets an Ok is fine.
+    ok = k.run('let m: u64 = "7".parse()?; println!("{}", m * 6);').assert_ok()
+    assert ok.stdout == "42\n" and not ok.stderr, ok.describe()
+
+
+def test_run_all_stops_at_a_failed_cell(rpx_kernel_no_cluster):
+    # "Run all" sends every cell at once; with stop_on_error (the default) the cells queued
+    # behind a failed one are answered `aborted` and do not run. stop_on_error=False runs them.
+    k = rpx_kernel_no_cluster
+    kc = k.kc
+    k.drain_iopub()
+    first = kc.execute('let n: u64 = "x".parse()?;')
+    queued = [kc.execute('println!("ran {}", 1);'), kc.execute('println!("ran {}", 2);')]
+    replies = {}
+    deadline = time.monotonic() + 180
+    while len(replies) < 3:
+        assert time.monotonic() < deadline, f"replies so far: {replies}"
+        try:
+            r = kc.get_shell_msg(timeout=1)
+        except Empty:
+            continue
+        replies[r["parent_header"]["msg_id"]] = r["content"]
+    assert replies[first]["status"] == "error" and replies[first]["ename"] == "Error", replies
+    assert [replies[m]["status"] for m in queued] == ["aborted", "aborted"], replies
+    after = k.run('println!("runs again");').assert_ok()
+    assert after.stdout == "runs again\n", after.describe()
+    assert "ran " not in after.stdout
+    # Without stop_on_error the next cells run.
+    first = kc.execute('let n: u64 = "x".parse()?;', stop_on_error=False)
+    c = k.run('println!("ran anyway");').assert_ok()
+    assert c.stdout == "ran anyway\n", c.describe()
+
+
+def test_user_expressions_are_answered_and_silent_cells_show_no_result(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    kc = k.kc
+    msg_id = kc.execute("let ue: u64 = 2;", user_expressions={"double": "ue * 2"})
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "no reply"
+        try:
+            r = kc.get_shell_msg(timeout=1)
+        except Empty:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            break
+    ue = r["content"]["user_expressions"]
+    assert list(ue) == ["double"] and ue["double"]["status"] == "error", r["content"]
+    assert "user_expressions" in ue["double"]["evalue"], ue
+    quiet = k.run("ue + 40", silent=True)
+    assert quiet.status == "ok" and quiet.messages == [], quiet.describe()
+
+
+def test_a_local_cell_reading_input_asks_the_frontend(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    k.run(':dep evcxr_input = "1"', timeout=300).assert_ok()
+    c = k.run('let who = evcxr_input::get_string("your name? "); println!("hello {who}");',
+              answer=lambda prompt, password: "Ada")
+    c.assert_ok()
+    assert c.input_requests == [{"prompt": "your name? ", "password": False}], c.describe()
+    assert c.stdout == "hello Ada\n", c.describe()
+    pw = k.run('let pw = evcxr_input::get_password("pin: "); println!("{} chars", pw.len());',
+               answer=lambda prompt, password: "1234" if password else "wrong")
+    pw.assert_ok()
+    assert pw.input_requests == [{"prompt": "pin: ", "password": True}] and pw.stdout == "4 chars\n", pw.describe()
+    # A frontend that does not take input (allow_stdin false, as nbclient): a clear error.
+    no = k.run('let who2 = evcxr_input::get_string("name? "); println!("hi {who2}");')
+    assert no.status == "error" and no.reply["ename"] == "StdinNotImplementedError", no.describe()
+    assert "allow_stdin" in no.reply["evalue"] and "name? " in no.reply["evalue"], no.describe()
+
+
+def test_a_plain_stdin_read_in_a_local_cell_gets_its_line_from_the_frontend(rpx_kernel_no_cluster):
+    k = rpx_kernel_no_cluster
+    k.run("let plain_kept: u64 = 8;").assert_ok()
+    code = ('let mut line = String::new(); std::io::stdin().read_line(&mut line).unwrap(); '
+            'println!("read {:?}", line);')
+    c = k.run(code, answer=lambda prompt, password: "typed here")
+    c.assert_ok()
+    assert c.input_requests == [{"prompt": "", "password": False}], c.describe()
+    assert c.stdout == 'read "typed here\\n"\n', c.describe()
+    # Without a frontend that takes input the read is stopped: an error, not a hang.
+    no = k.run(code)
+    assert no.status == "error" and no.reply["ename"] == "StdinNotImplementedError", no.describe()
+    assert "read stdin" in no.reply["evalue"] and "stopped" in no.reply["evalue"], no.describe()
+    assert no.stdout == "", no.describe()
+    assert k.run("plain_kept + 1").assert_ok().results[0]["data"]["text/plain"] == "9"
+
+
 def interrupt_local_cell(k, code):
     """Run `code`, interrupt it once it printed `started`, return the reply content."""
     kc = k.kc
@@ -170,3 +272,8 @@ def test_a_local_panic_with_rust_backtrace_is_one_error_holding_the_backtrace(st
     assert c.stderr == "ordinary\n", c.describe()
     tb = "\n".join(c.errors[0]["traceback"])
     assert "stack backtrace:" in tb and "panicked at" in tb, tb
+    # A `?` on an Err is one error too, backtrace or not.
+    q = k.run('eprintln!("ordinary"); let n: i32 = "q".parse()?;')
+    assert q.status == "error" and q.reply["ename"] == "Error", q.describe()
+    assert q.reply["evalue"] == "invalid digit found in string", q.describe()
+    assert [t for t, _ in q.messages] == ["stream", "error"] and q.stderr == "ordinary\n", q.describe()
