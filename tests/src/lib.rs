@@ -305,6 +305,10 @@ pub struct ExecOutput {
     pub errors: Vec<Value>,
     /// Whether iopub `status: idle` for this request arrived.
     pub idle: bool,
+    /// `header.date` of each iopub `stream` message, in arrival order.
+    pub stream_dates: Vec<String>,
+    /// `header.date` of the `execute_reply`.
+    pub reply_date: String,
 }
 
 impl ExecOutput {
@@ -478,6 +482,7 @@ impl Client {
                         if let Some(&i) = msg.parent_msg_id().and_then(|p| by_id.get(p)) {
                             let o = &mut outs[i];
                             o.status = msg.content_str("status").unwrap_or("unknown").to_string();
+                            o.reply_date = msg.header.date.clone();
                             o.reply = msg.content;
                             o.reply_metadata = msg.metadata;
                         }
@@ -489,6 +494,7 @@ impl Client {
                             let o = &mut outs[i];
                             match msg.msg_type() {
                                 "stream" => {
+                                    o.stream_dates.push(msg.header.date.clone());
                                     let text = msg.content_str("text").unwrap_or_default().to_string();
                                     if msg.content_str("name") == Some("stderr") { o.stderr.push_str(&text) } else { o.stdout.push_str(&text) }
                                 }

@@ -40,6 +40,21 @@ fn eight_engines_run_rust_cells() {
         assert_eq!(o.stdout, format!("engine {} says hi\n", o.engine_id));
     }
 
+    // A cell's output is published before its reply: every stream message is older than the
+    // execute_reply (dates are fixed-width UTC, so they compare as text), and none is missing.
+    let code = r#"for i in 0..3 { println!("out {i}"); eprintln!("err {i}"); std::thread::sleep(std::time::Duration::from_millis(60)); } println!("last out"); eprint!("last err");"#;
+    let outs = c.execute(&ids, code, LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("out 0\nout 1\nout 2\nlast out\n", "err 0\nerr 1\nerr 2\nlast err"), "engine {}", o.engine_id);
+        assert!(o.idle, "engine {}: idle follows the reply", o.engine_id);
+        assert!(o.stream_dates.len() >= 2, "output over 180 ms goes out in several messages: {:?}", o.stream_dates);
+        assert_eq!(o.reply_date.len(), "2026-12-04T16:50:00.123456Z".len(), "{}", o.reply_date);
+        for d in &o.stream_dates {
+            assert!(d.as_str() <= o.reply_date.as_str(), "engine {}: stream published at {d}, after its reply at {}", o.engine_id, o.reply_date);
+        }
+    }
+
     // State persists: the last expression becomes each engine's execute_result.
     let outs = c.execute(&ids, "eid * 10", LIMIT).unwrap();
     assert_ok(&outs);
