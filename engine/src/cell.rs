@@ -271,6 +271,17 @@ impl Cell {
     }
 }
 
+impl Cell {
+    /// The text of the error its top-level `?` returned, if one did (it is the cell's error).
+    pub fn question_mark_error_text(&self, stderr: &StderrTail) -> Option<String> {
+        if self.error_occurred && !self.panicked {
+            question_mark_text(stderr)
+        } else {
+            None
+        }
+    }
+}
+
 /// The text of the error a top-level `?` returned: evcxr's generated code writes it on stderr
 /// (`Display`) just before its marker, so it is the last line there.
 fn question_mark_text(stderr: &StderrTail) -> Option<String> {

@@ -1037,6 +1037,10 @@ impl Engine {
 
     /// Answer a finished cell; `override_err` (the compiler is gone) replaces its verdict.
     fn finalize(&mut self, cell: Cell, override_err: Option<EngineError>) {
+        if let Some(text) = cell.question_mark_error_text(&self.stderr_tail) {
+            // Shown once: as the cell's error, not also as its last stderr line.
+            self.out.drop_stderr_tail(&text);
+        }
         self.out.flush_streams();
         if let Some(note) = cell.note() {
             self.out.append(Stream::Stderr, &note);

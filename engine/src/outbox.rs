@@ -28,6 +28,10 @@ use crate::reply::{self, EngineError, Identity};
 pub const FLUSH_PERIOD: Duration = Duration::from_millis(50);
 /// Stream buffers are flushed early beyond this size.
 pub const FLUSH_BYTES: usize = 64 * 1024;
+/// The last line of stderr waits this long before a periodic flush publishes it: the text of
+/// the error a top-level `?` returned is written there just before the cell ends, and is
+/// shown as the cell's error instead ([`Outbox::drop_stderr_tail`]), not twice.
+pub const STDERR_TAIL_HOLD: Duration = Duration::from_millis(100);
 
 /// The worker's output streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +49,15 @@ pub struct Outbox {
     err_buf: String,
     stream_parent: Option<Header>,
     last_flush: Instant,
+    /// When stderr text was last buffered.
+    err_written: Instant,
     /// The request whose `busy` status waits for its first publication.
     held_busy: Mutex<Option<Header>>,
 }
 
 impl Outbox {
     pub fn new(me: Identity, session: Session, outlets: Outlets) -> Outbox {
-        Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now(), held_busy: Mutex::new(None) }
+        Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now(), err_written: Instant::now(), held_busy: Mutex::new(None) }
     }
 
     /// The engine's id changed (it registered again under a new one).
@@ -190,6 +196,9 @@ impl Outbox {
     /// Output of the worker: buffered, and published at once when the stream's buffer is
     /// over [`FLUSH_BYTES`].
     pub fn write(&mut self, stream: Stream, text: &str) {
+        if stream == Stream::Stderr {
+            self.err_written = Instant::now();
+        }
         self.buffer(stream).push_str(text);
         if self.buffer(stream).len() > FLUSH_BYTES {
             self.flush_streams();
@@ -217,11 +226,33 @@ impl Outbox {
     }
 
     /// Publish the buffered output if some waits and the last flush is [`FLUSH_PERIOD`] old at
-    /// `now`.
+    /// `now`; the last line of stderr stays until it is [`STDERR_TAIL_HOLD`] old.
     pub fn flush_if_due(&mut self, now: Instant) {
-        if self.pending() && now.saturating_duration_since(self.last_flush) >= FLUSH_PERIOD {
-            self.flush_streams();
+        if !self.pending() || now.saturating_duration_since(self.last_flush) < FLUSH_PERIOD {
+            return;
         }
+        let held = if now.saturating_duration_since(self.err_written) < STDERR_TAIL_HOLD { self.take_last_stderr_line() } else { String::new() };
+        self.flush_streams();
+        self.err_buf = held;
+    }
+
+    /// The last complete line of the unpublished stderr, taken out of it.
+    fn take_last_stderr_line(&mut self) -> String {
+        let Some(body) = self.err_buf.strip_suffix('\n') else { return String::new() };
+        let start = body.rfind('\n').map_or(0, |i| i + 1);
+        self.err_buf.split_off(start)
+    }
+
+    /// Remove `text` (one line) from the end of the unpublished stderr, if it is there: it is
+    /// the text of a `?` error that the cell's error shows. Returns whether it was.
+    pub fn drop_stderr_tail(&mut self, text: &str) -> bool {
+        let body = self.err_buf.strip_suffix('\n').unwrap_or(&self.err_buf);
+        let start = body.rfind('\n').map_or(0, |i| i + 1);
+        if body[start..].trim_end() != text.trim_end() {
+            return false;
+        }
+        self.err_buf.truncate(start);
+        true
     }
 }
 
@@ -328,6 +359,26 @@ mod tests {
         assert!(out.pending());
         out.flush_if_due(Instant::now() + FLUSH_PERIOD);
         assert_eq!(drain(&mut s.iopub).len(), 1);
+    }
+
+    #[test]
+    fn the_last_stderr_line_waits_for_its_hold_and_can_be_dropped_as_an_error_text() {
+        let (mut out, mut s) = outbox();
+        out.write(Stream::Stderr, "warning: slow\nparse error: bad digit\n");
+        let written = Instant::now();
+        out.flush_if_due(written + FLUSH_PERIOD);
+        let texts: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.content["text"].as_str().unwrap().to_string()).collect();
+        assert_eq!(texts, ["warning: slow\n"], "the last line is held");
+        assert!(out.drop_stderr_tail("parse error: bad digit"));
+        out.flush_streams();
+        assert!(drain(&mut s.iopub).is_empty(), "the error's text is not published as stderr");
+
+        // A line that is not the error's text goes out once its hold is over.
+        out.write(Stream::Stderr, "progress 1\n");
+        assert!(!out.drop_stderr_tail("another text"));
+        out.flush_if_due(Instant::now() + STDERR_TAIL_HOLD + FLUSH_PERIOD);
+        let texts: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.content["text"].as_str().unwrap().to_string()).collect();
+        assert_eq!(texts, ["progress 1\n"]);
     }
 
     #[test]

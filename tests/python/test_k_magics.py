@@ -215,6 +215,7 @@ def test_a_question_mark_on_an_err_is_an_error_on_every_engine(k):
     for e in ENGINES:
         assert f"[{e}:execute]" in text, c.describe()
     assert "invalid digit found in string" in text, c.describe()
+    assert "invalid digit" not in c.stderr, "shown once, as the error: " + c.describe()
     assert "not reached" not in c.stdout, c.describe()
     one = k.run('%%px --targets 2 --no-stream\nlet n: u64 = "x1".parse()?;')
     assert one.status == "error" and one.reply["evalue"].startswith("[2:execute]"), one.describe()

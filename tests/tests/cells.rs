@@ -55,6 +55,15 @@ fn eight_engines_run_rust_cells() {
         }
     }
 
+    // A top-level `?` on an `Err` fails the cell with the error's text, shown once: as the error,
+    // not also as the cell's last stderr line. Output before it stays.
+    let outs = c.execute(&ids, r#"eprintln!("before"); let n: u64 = "12x".parse()?; println!("not reached {n}");"#, LIMIT).unwrap();
+    for o in &outs {
+        assert_eq!(o.status, "error", "engine {}: {:#}", o.engine_id, o.reply);
+        assert_eq!((o.reply["ename"].as_str(), evalue(o)), (Some("Error"), "invalid digit found in string"));
+        assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("", "before\n"), "engine {}", o.engine_id);
+    }
+
     // State persists: the last expression becomes each engine's execute_result.
     let outs = c.execute(&ids, "eid * 10", LIMIT).unwrap();
     assert_ok(&outs);
