@@ -126,31 +126,30 @@ impl Kernel {
     pub fn serve(mut self, rx: mpsc::Receiver<ShellRequest>) {
         while let Ok(req) = rx.recv() {
             self.shared.status("busy", &req.msg.header);
-            let stop = self.handle(&req);
+            let behind = self.handle(&req, &rx);
             self.shared.status("idle", &req.msg.header);
-            if stop {
-                while let Ok(next) = rx.try_recv() {
-                    self.shared.status("busy", &next.msg.header);
-                    if next.msg.msg_type() == "execute_request" {
-                        debug!(msg_id = %next.msg.header.msg_id, "aborted: an earlier cell failed");
-                        reply(&self.shared.session, &next, "execute_reply", json!({ "status": "aborted", "execution_count": self.execution_count }));
-                    } else {
-                        self.handle(&next);
-                    }
-                    self.shared.status("idle", &next.msg.header);
+            for next in behind {
+                self.shared.status("busy", &next.msg.header);
+                if next.msg.msg_type() == "execute_request" {
+                    debug!(msg_id = %next.msg.header.msg_id, "aborted: an earlier cell failed");
+                    reply(&self.shared.session, &next, "execute_reply", json!({ "status": "aborted", "execution_count": self.execution_count }));
+                } else {
+                    self.handle(&next, &rx);
                 }
+                self.shared.status("idle", &next.msg.header);
             }
         }
     }
 
-    /// Handle one request; true when it was a cell that failed with `stop_on_error`.
-    fn handle(&mut self, req: &ShellRequest) -> bool {
+    /// Handle one request; when it was a cell that failed with `stop_on_error`, the requests
+    /// that were waiting when it failed (taken from `waiting`).
+    fn handle(&mut self, req: &ShellRequest, waiting: &mpsc::Receiver<ShellRequest>) -> Vec<ShellRequest> {
         let c = &req.msg.content;
         let shared = self.shared.clone();
         let session = &shared.session;
         match req.msg.msg_type() {
             "kernel_info_request" => reply(session, req, "kernel_info_reply", kernel_info()),
-            "execute_request" => return self.execute(req),
+            "execute_request" => return self.execute(req, waiting),
             "is_complete_request" => {
                 let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
                 let r = match is_complete(code) {
@@ -201,7 +200,7 @@ impl Kernel {
             }
             other => warn!(msg_type = other, "unhandled shell message"),
         }
-        false
+        Vec::new()
     }
 
     fn complete(&mut self, code: &str, cursor: usize) -> CompleteReply {
@@ -252,8 +251,10 @@ impl Kernel {
         }
     }
 
-    /// Run a cell and reply; true when it failed and asked `stop_on_error` (not silent).
-    fn execute(&mut self, req: &ShellRequest) -> bool {
+    /// Run a cell and reply. When it failed and asked `stop_on_error` (not silent), returns
+    /// the requests waiting before its reply went out: "Run all" queued them behind it, while a
+    /// request sent after the reply was seen is the user's next step and runs.
+    fn execute(&mut self, req: &ShellRequest, waiting: &mpsc::Receiver<ShellRequest>) -> Vec<ShellRequest> {
         let c = &req.msg.content;
         let stop_on_error = c.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true);
         let code = c.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
@@ -302,10 +303,11 @@ impl Kernel {
                 json!({ "status": "error", "execution_count": count, "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback, "user_expressions": {}, "payload": [] })
             }
         };
+        let behind: Vec<ShellRequest> = if failed && stop_on_error && !silent { std::iter::from_fn(|| waiting.try_recv().ok()).collect() } else { Vec::new() };
         reply(&self.shared.session, req, "execute_reply", content);
         self.shared.set_parent(None);
         *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        failed && stop_on_error && !silent
+        behind
     }
 
     /// Run every command of a cell, stopping at the first failure.

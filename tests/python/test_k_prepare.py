@@ -29,8 +29,11 @@ def kernel_pid(k):
 def children(pid):
     out = []
     for d in os.listdir("/proc"):
-        if d.isdigit() and H.ppid_of(int(d)) == pid:
-            out.append(int(d))
+        try:
+            if d.isdigit() and H.ppid_of(int(d)) == pid:
+                out.append(int(d))
+        except FileNotFoundError:
+            pass  # it exited between the listing and the read
     return out
 
 
