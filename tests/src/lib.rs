@@ -43,6 +43,21 @@ pub use slurm::TestSlurm;
 // ---------------------------------------------------------------------------------------------
 // Binaries and commands
 
+/// Call `f` every `every` until it gives `Some` or `limit` has passed (then `None`): the one
+/// bounded wait of the tests for a state they cannot be told about.
+pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// The workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()

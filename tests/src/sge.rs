@@ -146,16 +146,10 @@ impl TestSge {
     }
 
     fn wait(&self, what: &str, ok: impl Fn(&TestSge) -> bool) -> anyhow::Result<()> {
-        let end = Instant::now() + START_LIMIT;
-        loop {
-            if ok(self) {
-                return Ok(());
-            }
-            if Instant::now() >= end {
-                bail!("Grid Engine: gave up waiting {} s for {what}\n{}", START_LIMIT.as_secs(), self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if crate::poll(START_LIMIT, Duration::from_millis(100), || ok(self).then_some(())).is_none() {
+            bail!("Grid Engine: gave up waiting {} s for {what}\n{}", START_LIMIT.as_secs(), self.logs());
         }
+        Ok(())
     }
 
     fn qconf(&self, args: &[&str]) -> Output {

@@ -155,16 +155,10 @@ impl TestSlurm {
 
     /// Poll `ok` every 100 ms until it holds or `limit` passes (then fail with the logs).
     fn wait(&self, what: &str, limit: Duration, ok: impl Fn(&TestSlurm) -> bool) -> anyhow::Result<()> {
-        let end = Instant::now() + limit;
-        loop {
-            if ok(self) {
-                return Ok(());
-            }
-            if Instant::now() >= end {
-                bail!("Slurm: gave up waiting {:.0} s for {what}\n{}", limit.as_secs_f64(), self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if crate::poll(limit, Duration::from_millis(100), || ok(self).then_some(())).is_none() {
+            bail!("Slurm: gave up waiting {:.0} s for {what}\n{}", limit.as_secs_f64(), self.logs());
         }
+        Ok(())
     }
 
     /// The tails of the daemons' logs.

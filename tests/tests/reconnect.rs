@@ -29,16 +29,7 @@ fn alive(pid: i32) -> bool {
 
 /// Poll `cond` every 50 ms until it holds or `limit` passes; returns whether it held.
 fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    rpx_tests::poll(limit, Duration::from_millis(50), || cond().then_some(())).is_some()
 }
 
 /// The ids the controller has registered now (an empty list while it cannot be asked).
@@ -156,18 +147,7 @@ fn a_controller_killed_and_restarted_with_reuse_gets_its_engines_back_with_their
 /// A client connected to the controller of `file`, retried until `limit` (the controller may
 /// still be binding).
 fn wait_for_client(file: &Path, limit: Duration) -> Option<Client> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Ok(mut c) = Client::connect(file, Duration::from_secs(2)) {
-            if c.ids().is_ok() {
-                return Some(c);
-            }
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rpx_tests::poll(limit, Duration::from_millis(100), || Client::connect(file, Duration::from_secs(2)).ok().and_then(|mut c| c.ids().is_ok().then_some(c)))
 }
 
 #[test]

@@ -56,17 +56,8 @@ fn job_ids(cluster: &TestCluster) -> Vec<String> {
 }
 
 /// Poll `f` every 100 ms until it gives `Some`, for at most `limit`.
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(limit: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    rpx_tests::poll(limit, Duration::from_millis(100), f)
 }
 
 /// Named steps: each runs even if an earlier one failed; the test fails at the end listing

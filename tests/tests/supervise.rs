@@ -37,17 +37,8 @@ fn alive(pid: u32) -> bool {
 }
 
 /// Poll `f` every 50 ms until it gives a value or `limit` passes.
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll<T>(limit: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    rpx_tests::poll(limit, Duration::from_millis(50), f)
 }
 
 fn state(c: &TestCluster) -> Value {
