@@ -236,19 +236,26 @@ impl Outbox {
         self.err_buf = held;
     }
 
+    /// Where the last line of the unpublished stderr starts (ended by a newline or not).
+    fn last_stderr_line_start(&self) -> usize {
+        let body = self.err_buf.strip_suffix('\n').unwrap_or(&self.err_buf);
+        body.rfind('\n').map_or(0, |i| i + 1)
+    }
+
     /// The last complete line of the unpublished stderr, taken out of it.
     fn take_last_stderr_line(&mut self) -> String {
-        let Some(body) = self.err_buf.strip_suffix('\n') else { return String::new() };
-        let start = body.rfind('\n').map_or(0, |i| i + 1);
+        if !self.err_buf.ends_with('\n') {
+            return String::new();
+        }
+        let start = self.last_stderr_line_start();
         self.err_buf.split_off(start)
     }
 
     /// Remove `text` (one line) from the end of the unpublished stderr, if it is there: it is
     /// the text of a `?` error that the cell's error shows. Returns whether it was.
     pub fn drop_stderr_tail(&mut self, text: &str) -> bool {
-        let body = self.err_buf.strip_suffix('\n').unwrap_or(&self.err_buf);
-        let start = body.rfind('\n').map_or(0, |i| i + 1);
-        if body[start..].trim_end() != text.trim_end() {
+        let start = self.last_stderr_line_start();
+        if self.err_buf[start..].trim_end() != text.trim_end() {
             return false;
         }
         self.err_buf.truncate(start);

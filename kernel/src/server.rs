@@ -428,15 +428,9 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
     });
     // The stdin socket: `input_request`s out (for the local cell reading input), `input_reply`s in.
     let (input_tx, input_rx) = mpsc::channel::<Message>();
-    let (input_req_tx, mut input_req_rx) = unbounded_channel::<ZmqMessage>();
-    let (mut stdin_send, mut stdin_recv) = stdin.split();
-    tokio::spawn(async move {
-        while let Some(m) = input_req_rx.recv().await {
-            if tokio::time::timeout(SEND_LIMIT, stdin_send.send(m)).await.is_err() {
-                warn!("an input_request took too long to send; dropped");
-            }
-        }
-    });
+    let (input_req_tx, input_req_rx) = unbounded_channel::<ZmqMessage>();
+    let (stdin_send, mut stdin_recv) = stdin.split();
+    spawn_sender(stdin_send, input_req_rx, "an input_request");
     {
         let session = session.clone();
         tokio::spawn(async move {
@@ -477,19 +471,13 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
 
     // Shell: requests go to one thread, in order; its replies come back to be sent.
     let (shell_tx, shell_rx) = mpsc::channel::<ShellRequest>();
-    let (reply_tx, mut reply_rx) = unbounded_channel::<ZmqMessage>();
+    let (reply_tx, reply_rx) = unbounded_channel::<ZmqMessage>();
     {
         let shared = shared.clone();
         std::thread::Builder::new().name("shell".into()).spawn(move || crate::shell::Kernel::new(shared).serve(shell_rx))?;
     }
-    let (mut shell_send, mut shell_recv) = shell.split();
-    tokio::spawn(async move {
-        while let Some(m) = reply_rx.recv().await {
-            if tokio::time::timeout(SEND_LIMIT, shell_send.send(m)).await.is_err() {
-                warn!("a shell reply took too long to send; dropped");
-            }
-        }
-    });
+    let (shell_send, mut shell_recv) = shell.split();
+    spawn_sender(shell_send, reply_rx, "a shell reply");
     {
         let session = session.clone();
         tokio::spawn(async move {
@@ -562,6 +550,18 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
             std::process::exit(0);
         }
     }
+}
+
+/// Send what `rx` carries on a ROUTER's send half, each send bounded by [`SEND_LIMIT`] (`what`
+/// names the message in the warning when one is dropped).
+fn spawn_sender(mut half: zeromq::RouterSendHalf, mut rx: tokio::sync::mpsc::UnboundedReceiver<ZmqMessage>, what: &'static str) {
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if tokio::time::timeout(SEND_LIMIT, half.send(m)).await.is_err() {
+                warn!("{what} took too long to send; dropped");
+            }
+        }
+    });
 }
 
 /// Encode a reply on the shell channel.
