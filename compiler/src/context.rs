@@ -145,6 +145,11 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSende
     if dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {
         ectx.clear().map_err(|e| format!("resetting the warmed-up context failed: {e}"))?;
     }
+    // Every cell compiled from here on exports the worker's flush (nothing runs on engines: the
+    // relay is still dry).
+    if let Err(e) = dep.eval(&mut ectx, rpx_protocol::compile::cell_abi::FLUSH_ITEM) {
+        tracing::warn!(ctx, "cells will not flush their stdout: {e}");
+    }
     drop(warming);
     let _ = events.send(Event::Ready { ctx, elapsed_ms: started.elapsed().as_millis() });
     while let Ok(cmd) = rx.recv() {

@@ -220,7 +220,13 @@ fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void, intr: &mut int
         intr.loaded();
         intr.begin();
         let store = f(store);
-        (store, intr.end())
+        let interrupted = intr.end();
+        // The cell's output sits in the shared libstd's stdout buffer until flushed there.
+        // SAFETY: the compiler's cells export this symbol with exactly this signature.
+        if let Ok(flush) = unsafe { lib.get::<extern "C" fn()>(rpx_protocol::compile::cell_abi::FLUSH_FN) } {
+            flush();
+        }
+        (store, interrupted)
     };
     // Never unload: the store and TLS destructors may point into the library.
     std::mem::forget(lib);

@@ -197,6 +197,20 @@ pub struct ClosureReply {
     pub traceback: Vec<String>,
 }
 
+/// What every compiled cell exports besides its own function, for the worker that runs it.
+pub mod cell_abi {
+    /// The symbol the worker calls after each cell: it flushes the cells' `std::io::stdout`.
+    /// Cells link the toolchain's shared libstd, whose stdout buffer the worker's own (static)
+    /// std cannot reach; without this a cell's last line without a newline would show up in
+    /// the next cell's output.
+    pub const FLUSH_FN: &[u8] = b"rpx_flush_stdio";
+    /// The item that defines [`FLUSH_FN`]: evaluated once in every compiler context (evcxr
+    /// re-emits a context's items into each cell it compiles). The engine's output parser finds
+    /// the worker's completion marker after a flushed partial line; evcxr's own parser (the
+    /// kernel's local cells) wants it on a line of its own, so local cells do not export it.
+    pub const FLUSH_ITEM: &str = "#[unsafe(no_mangle)] pub extern \"C\" fn rpx_flush_stdio() { use std::io::Write as _; let _ = std::io::stdout().flush(); }";
+}
+
 /// Message type names.
 pub mod msg_type {
     pub const ENGINE_HELLO: &str = "engine_hello";

@@ -55,6 +55,18 @@ fn eight_engines_run_rust_cells() {
         }
     }
 
+    // Output without a final newline belongs to its own cell, not to the start of the next one.
+    let outs = c.execute(&ids, r#"print!("p1"); eprint!("e1");"#, LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("p1", "e1"), "engine {}", o.engine_id);
+    }
+    let outs = c.execute(&ids, r#"println!("p2");"#, LIMIT).unwrap();
+    assert_ok(&outs);
+    for o in &outs {
+        assert_eq!(o.stdout, "p2\n", "engine {}: nothing of the previous cell", o.engine_id);
+    }
+
     // A top-level `?` on an `Err` fails the cell with the error's text, shown once: as the error,
     // not also as the cell's last stderr line. Output before it stays.
     let outs = c.execute(&ids, r#"eprintln!("before"); let n: u64 = "12x".parse()?; println!("not reached {n}");"#, LIMIT).unwrap();
