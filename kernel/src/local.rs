@@ -359,7 +359,10 @@ pub fn is_unit(data: &Value) -> bool {
 pub fn new_context() -> Result<(CommandContext, EvalContextOutputs), evcxr::Error> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.env(WORKER_ENV, "1");
-    let (ctx, outputs) = EvalContext::with_subprocess_command(cmd)?;
+    let (mut ctx, outputs) = EvalContext::with_subprocess_command(cmd)?;
+    // Every cell compiled from here on exports the worker's flush (see the relay for the
+    // marker that may then follow a partial line).
+    ctx.eval(rpx_protocol::compile::cell_abi::FLUSH_ITEM)?;
     Ok((CommandContext::with_eval_context(ctx), outputs))
 }
 

@@ -121,6 +121,18 @@ fn relay(input: &mut impl std::io::Read, out: &mut impl Write) {
 fn relayed(lines: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(lines.len());
     for line in lines.split_inclusive(|&b| b == b'\n') {
+        // The worker's markers follow the cell's flushed stdout, which may end without a
+        // newline: evcxr finds a marker only on a line of its own.
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        let marker = [rpx_engine::output::EXECUTION_COMPLETE, rpx_engine::output::INTERRUPTED].into_iter().find(|m| body.len() > m.len() && body.ends_with(m.as_bytes()));
+        let (text, line) = match marker {
+            Some(m) => line.split_at(body.len() - m.len()),
+            None => (&line[..0], line),
+        };
+        if !text.is_empty() {
+            out.extend_from_slice(text);
+            out.push(b'\n');
+        }
         if let Some(rest) = line.strip_prefix(b"EVCXR_INPUT_REQUEST") {
             // `EVCXR_INPUT_REQUEST:<prompt>` or `EVCXR_INPUT_REQUEST_PASSWORD:<prompt>`.
             let text = String::from_utf8_lossy(rest);
@@ -162,6 +174,9 @@ mod tests {
         let mut out = Vec::new();
         relay(&mut &b"RPX_INTERRUPTED\nEVCXR_EXECUTION_COMPLETE\n"[..], &mut out);
         assert_eq!(out, b"EVCXR_EXECUTION_COMPLETE\n", "the worker's interrupt notice is not the cell's output");
+        let mut out = Vec::new();
+        relay(&mut &b"p1EVCXR_EXECUTION_COMPLETE\np2RPX_INTERRUPTED\nEVCXR_EXECUTION_COMPLETE\n"[..], &mut out);
+        assert_eq!(out, b"p1\nEVCXR_EXECUTION_COMPLETE\np2\nEVCXR_EXECUTION_COMPLETE\n", "a marker after a flushed partial line gets a line of its own");
         let mut out = Vec::new();
         relay(&mut &b"xEVCXR_ERROR_OCCURRED\n"[..], &mut out);
         assert_eq!(out, b"xEVCXR_ERROR_OCCURRED\n", "only the whole line is the marker");

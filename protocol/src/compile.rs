@@ -204,10 +204,10 @@ pub mod cell_abi {
     /// std cannot reach; without this a cell's last line without a newline would show up in
     /// the next cell's output.
     pub const FLUSH_FN: &[u8] = b"rpx_flush_stdio";
-    /// The item that defines [`FLUSH_FN`]: evaluated once in every compiler context (evcxr
-    /// re-emits a context's items into each cell it compiles). The engine's output parser finds
-    /// the worker's completion marker after a flushed partial line; evcxr's own parser (the
-    /// kernel's local cells) wants it on a line of its own, so local cells do not export it.
+    /// The item that defines [`FLUSH_FN`]: evaluated once in every evcxr context that compiles
+    /// cells (evcxr re-emits a context's items into each cell it compiles). The worker's
+    /// completion marker may then follow a partial line on stdout: the engine's output parser
+    /// finds it there, and the kernel's stdout relay puts it on a line of its own for evcxr.
     pub const FLUSH_ITEM: &str = "#[unsafe(no_mangle)] pub extern \"C\" fn rpx_flush_stdio() { use std::io::Write as _; let _ = std::io::stdout().flush(); }";
 }
 

@@ -132,6 +132,17 @@ def test_a_question_mark_on_an_err_in_a_local_cell_is_the_error_shown_once(rpx_k
     assert ok.stdout == "42\n" and not ok.stderr, ok.describe()
 
 
+def test_output_without_a_final_newline_stays_with_its_own_cell(rpx_kernel_no_cluster):
+    # Cells share the toolchain's libstd and its stdout buffer: the worker flushes it after
+    # each cell, so the text is this cell's output and not the start of the next one's (evcxr
+    # reads stdout by lines, so locally it ends with one).
+    k = rpx_kernel_no_cluster
+    c = k.run('print!("p1");').assert_ok()
+    assert c.stdout == "p1\n", c.describe()
+    nxt = k.run('println!("p2");').assert_ok()
+    assert nxt.stdout == "p2\n", nxt.describe()
+
+
 def test_run_all_stops_at_a_failed_cell(rpx_kernel_no_cluster):
     # "Run all" sends every cell at once; with stop_on_error (the default) the cells queued
     # behind a failed one are answered `aborted` and do not run. stop_on_error=False runs them.
