@@ -657,6 +657,12 @@ impl<R> AsyncMapResult<R> {
     pub fn stdout(&self) -> Vec<String> {
         self.tracker.lock().tasks.iter().map(|t| t.io.stdout.clone()).collect()
     }
+
+    /// Wait for each task's output to arrive (as [`AsyncResult::wait_for_output`]), at most
+    /// `timeout`; whether it did.
+    pub fn wait_for_output(&self, timeout: Duration) -> bool {
+        self.tracker.wait_until(Some(Instant::now() + timeout), |s| s.replied == s.tasks.len() && s.settled == s.tasks.len())
+    }
 }
 
 fn items_done(s: &TrackerState, chunks: &[Range<usize>]) -> usize {

@@ -217,6 +217,30 @@ fn closures_on_four_engines() {
         assert_eq!(ar.stdout(), vec![String::new(); 4]);
     });
 
+    steps.run("each load-balanced task's output is its own, though engines hand calls to their worker ahead", || {
+        // Odd items end their output without a newline: the next call's output follows it
+        // on the worker's pipes at once.
+        let f = rpx::remote!(|x: u64| {
+            if x % 2 == 1 {
+                print!("out {x}");
+                eprint!("err {x}");
+            } else {
+                println!("out {x}");
+                eprintln!("err {x}");
+            }
+            x
+        });
+        let ar = view.chunksize(1).map_async(f, 0..400u64).unwrap();
+        assert_eq!(ar.get().unwrap(), (0..400).collect::<Vec<u64>>());
+        assert!(ar.wait_for_output(Duration::from_secs(30)));
+        let outs = ar.outputs();
+        assert_eq!(outs.len(), 400);
+        for (x, o) in outs.iter().enumerate() {
+            let nl = if x % 2 == 1 { "" } else { "\n" };
+            assert_eq!((o.stdout.as_str(), o.stderr.as_str()), (format!("out {x}{nl}").as_str(), format!("err {x}{nl}").as_str()), "task {x} on engine {:?}", o.engine_id);
+        }
+    });
+
     steps.run(".await on a map", || {
         let ar = view.chunksize(5).map_async(rpx::remote!(|x: u64| x + 1), 0..50u64).unwrap();
         let out = futures::executor::block_on(ar).unwrap();

@@ -3,7 +3,10 @@
 //! worker's result status becomes the reply or an error.
 //!
 //! Pure: the engine loop sends the `closure_request`, writes the call to the worker and
-//! answers the request with what these functions decide.
+//! answers the request with what these functions decide. Calls of a closure the worker already
+//! runs are written to it ahead of time ([`PIPE_DEPTH`]); each is answered once its result and
+//! the worker's end-of-call markers on stdout and stderr are in ([`Call::settled`]), so its
+//! output is exactly what the worker wrote before those markers.
 
 use std::collections::HashMap;
 
@@ -14,6 +17,11 @@ use serde_json::Value;
 
 use crate::queue::Request;
 use crate::reply::EngineError;
+
+/// How many calls the engine hands the worker ahead of the one whose output it is publishing.
+/// Each saves the worker a wait for the engine between two calls; they are started when
+/// written, so an abort no longer reaches them.
+pub const PIPE_DEPTH: usize = 8;
 
 /// A closure call (apply or map) in progress.
 #[derive(Debug)]
@@ -28,6 +36,15 @@ pub struct Call {
     pub running: bool,
     /// SIGINT arrived while the closure was being compiled: it is not run.
     pub interrupt_requested: bool,
+    /// What the worker answered, once it has.
+    pub result: Option<Result<Vec<u8>, EngineError>>,
+    /// The worker's end-of-call marker was seen on stdout / on stderr: the call's output is all in.
+    pub stdout_done: bool,
+    pub stderr_done: bool,
+    /// Output the worker wrote for this call while an earlier one was still being answered:
+    /// published when this call's turn comes.
+    pub held_stdout: String,
+    pub held_stderr: String,
 }
 
 /// What to do with a call the worker has not been asked to run yet.
@@ -62,7 +79,12 @@ pub fn check_arguments(req: &Request) -> Result<(), EngineError> {
 
 impl Call {
     pub fn new(req: Request, md: Value, mode: u32, closure: Closure) -> Call {
-        Call { req, md, mode, closure, running: false, interrupt_requested: false }
+        Call { req, md, mode, closure, running: false, interrupt_requested: false, result: None, stdout_done: false, stderr_done: false, held_stdout: String::new(), held_stderr: String::new() }
+    }
+
+    /// Handed to the worker, and its result and all its output are in: it can be answered.
+    pub fn settled(&self) -> bool {
+        self.running && self.result.is_some() && self.stdout_done && self.stderr_done
     }
 
     /// The call id: its request's msg id.
@@ -101,6 +123,11 @@ pub struct Closures(HashMap<Closure, (Artifact, String)>);
 impl Closures {
     pub fn knows(&self, closure: &Closure) -> bool {
         self.0.contains_key(closure)
+    }
+
+    /// The artifact and symbol of a compiled closure.
+    pub fn compiled(&self, closure: &Closure) -> Option<(Artifact, String)> {
+        self.0.get(closure).cloned()
     }
 
     /// The compiler's `closure_reply` `r`: it concerns `call` if that call waits and has the

@@ -346,7 +346,7 @@ impl Loading {
                     c.content.insert(mime, data);
                 }
             }
-            StdoutEvent::Text(_) | StdoutEvent::InputRequest { .. } | StdoutEvent::Complete => {}
+            StdoutEvent::Text(_) | StdoutEvent::InputRequest { .. } | StdoutEvent::Complete | StdoutEvent::CallEnd => {}
         }
     }
 

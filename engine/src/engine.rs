@@ -38,7 +38,7 @@ use crate::link::{self, Link};
 use crate::liveness::Watch;
 use crate::net::{self, Channel, CompilerLink, CompilerSource, ControllerSource, Frames, Inbound, Outlets, Pings, Rejoined, Tasks};
 use crate::outbox::{Outbox, Stream, FLUSH_PERIOD};
-use crate::output::{StderrTail, StdoutEvent, StdoutParser};
+use crate::output::{StderrMarks, StderrPiece, StderrTail, StdoutEvent, StdoutParser};
 use crate::queue::{Next, Queue, Request};
 use crate::reply::{self, EngineError, Identity};
 use crate::supervise::{InterruptStep, Restart, Supervisor};
@@ -218,7 +218,12 @@ struct Engine {
     digests: crate::namespace::Digests,
     bindings: Bindings,
     closures: Closures,
+    /// The call whose output is being published: waiting for its closure, or in the worker.
     call: Option<Call>,
+    /// Calls handed to the worker after `call`, in order (see [`call::PIPE_DEPTH`]).
+    piped: std::collections::VecDeque<Call>,
+    /// Finds the worker's end-of-call markers in its stderr.
+    stderr_marks: StderrMarks,
 }
 
 impl Engine {
@@ -263,6 +268,8 @@ impl Engine {
             bindings: Bindings::default(),
             closures: Closures::default(),
             call: None,
+            piped: Default::default(),
+            stderr_marks: StderrMarks::default(),
         }
     }
 
@@ -610,6 +617,109 @@ impl Engine {
                 Some(Next::Start(req)) => self.start(req).await,
             }
         }
+        self.pipe_calls().await;
+    }
+
+    /// Hand the worker the next queued calls of the closure it is running, up to
+    /// [`call::PIPE_DEPTH`] ahead, so it goes from one to the next without waiting for the
+    /// engine. Anything else in the queue (a cell, a push, another closure, an abort) waits
+    /// for its turn as usual.
+    async fn pipe_calls(&mut self) {
+        while self.piped.len() < call::PIPE_DEPTH && self.current.is_none() && self.exit_code.is_none() && self.restart_notice.is_none() {
+            let Some(head) = self.call.as_ref().filter(|c| c.running) else { return };
+            let Some(front) = self.queue.front() else { return };
+            if front.msg_type() != "apply_request" || call::check_arguments(front).is_err() {
+                return;
+            }
+            let (mode, closure) = match Op::from_content(&front.content) {
+                Some(Ok(Op::Apply { closure })) => (abi::MODE_APPLY, closure),
+                Some(Ok(Op::Map { closure })) => (abi::MODE_MAP, closure),
+                _ => return,
+            };
+            if closure != head.closure {
+                return;
+            }
+            let Some((artifact, func)) = self.closures.compiled(&closure) else { return };
+            let so = match self.fetcher.want(&artifact, Kind::Code, Instant::now()) {
+                Step::Ready(path) => path.display().to_string(),
+                Step::Request(sha) => return self.request_artifact(sha),
+                _ => return,
+            };
+            let Some(Next::Start(req)) = self.queue.next(self.compiler.connecting()) else { return };
+            let md = reply::init_metadata(&req.metadata, &self.me);
+            let mut c = Call::new(req, md, mode, closure);
+            c.running = true;
+            match self.workers.send_call(&so, &func, mode, &c.req.buffers[0]).await {
+                Ok(()) => self.piped.push_back(c),
+                Err(WriteFailed::NoWorker(e)) => {
+                    // Answered in its turn, after the calls ahead of it.
+                    c.result = Some(Err(EngineError::worker_died(&self.me, &format!("not run: {e}"), vec![])));
+                    (c.stdout_done, c.stderr_done) = (true, true);
+                    self.piped.push_back(c);
+                    return;
+                }
+                // The worker is dying; its exit event fails the call.
+                Err(WriteFailed::Dying(e)) => {
+                    warn!(error = %e, "cannot write to the worker");
+                    self.piped.push_back(c);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answer the calls at the head whose result and output are all in, in order; each next
+    /// one becomes the call whose output is published.
+    fn settle_calls(&mut self) {
+        while let Some(outcome) = self.call.as_mut().filter(|c| c.settled()).and_then(|c| c.result.take()) {
+            self.finish_call(outcome);
+            if let Some(next) = self.piped.pop_front() {
+                self.promote(next);
+            }
+        }
+    }
+
+    /// `next`, handed to the worker ahead, becomes the call whose output is published (what
+    /// it wrote meanwhile first).
+    fn promote(&mut self, mut next: Call) {
+        self.out.flush_streams();
+        self.out.defer_busy(&next.req.header);
+        self.out.set_stream_parent(next.req.header.clone());
+        self.stderr_tail.clear();
+        let (out, err) = (std::mem::take(&mut next.held_stdout), std::mem::take(&mut next.held_stderr));
+        self.call = Some(next);
+        if !out.is_empty() {
+            self.out.write(Stream::Stdout, &out);
+        }
+        if !err.is_empty() {
+            self.publish_stderr(&err);
+        }
+    }
+
+    /// Worker output for a call handed to it ahead: the head call's output on `stream` is all
+    /// in, so this text is a later call's. Returns the text back when it is the head's (or a
+    /// cell's) to publish now.
+    fn hold_for_piped<'a>(&mut self, stream: Stream, text: &'a str) -> Option<&'a str> {
+        let head_done = |c: &Call| c.running && if stream == Stream::Stdout { c.stdout_done } else { c.stderr_done };
+        if !self.call.as_ref().is_some_and(head_done) {
+            return Some(text);
+        }
+        let held = match stream {
+            Stream::Stdout => self.piped.iter_mut().find(|c| !c.stdout_done).map(|c| &mut c.held_stdout),
+            Stream::Stderr => self.piped.iter_mut().find(|c| !c.stderr_done).map(|c| &mut c.held_stderr),
+        };
+        match held {
+            Some(h) => {
+                h.push_str(text);
+                None
+            }
+            None => Some(text),
+        }
+    }
+
+    /// The first call in the worker for which `pending` holds (calls are answered in order).
+    fn first_in_worker(&mut self, pending: impl Fn(&Call) -> bool) -> Option<&mut Call> {
+        self.call.iter_mut().filter(|c| c.running).chain(self.piped.iter_mut()).find(|c| pending(c))
     }
 
     async fn start(&mut self, req: Request) {
@@ -870,6 +980,7 @@ impl Engine {
     fn ensure_worker(&mut self) {
         if self.workers.ensure() {
             self.parser = StdoutParser::new();
+            self.stderr_marks = StderrMarks::default();
             self.supervisor.spawned(Instant::now());
         }
     }
@@ -927,21 +1038,41 @@ impl Engine {
                 self.on_stdout_events(events).await;
             }
             WorkerEvent::Stderr(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                self.stderr_tail.feed(&text);
-                self.out.write(Stream::Stderr, &text);
-                if self.current.as_ref().is_some_and(Cell::waits_for_panic_message) {
-                    self.maybe_finish();
+                for piece in self.stderr_marks.feed(&String::from_utf8_lossy(&bytes)) {
+                    match piece {
+                        StderrPiece::Text(text) => self.on_stderr_text(&text),
+                        StderrPiece::CallEnd => match self.first_in_worker(|c| !c.stderr_done) {
+                            Some(c) => {
+                                c.stderr_done = true;
+                                self.settle_calls();
+                            }
+                            None => warn!("an end of call on stderr nobody waits for"),
+                        },
+                    }
                 }
             }
-            WorkerEvent::CallResult { status, data } => {
-                if self.call.as_ref().is_some_and(|c| c.running) {
-                    self.finish_call(call::outcome(status, data));
-                } else {
-                    warn!(status, "a call result nobody waits for; dropped");
+            WorkerEvent::CallResult { status, data } => match self.first_in_worker(|c| c.result.is_none()) {
+                Some(c) => {
+                    c.result = Some(call::outcome(status, data));
+                    self.settle_calls();
                 }
-            }
+                None => warn!(status, "a call result nobody waits for; dropped"),
+            },
             WorkerEvent::Exited(status) => self.on_worker_exit(status).await,
+        }
+    }
+
+    fn on_stderr_text(&mut self, text: &str) {
+        if let Some(text) = self.hold_for_piped(Stream::Stderr, text) {
+            self.publish_stderr(text);
+        }
+    }
+
+    fn publish_stderr(&mut self, text: &str) {
+        self.stderr_tail.feed(text);
+        self.out.write(Stream::Stderr, text);
+        if self.current.as_ref().is_some_and(Cell::waits_for_panic_message) {
+            self.maybe_finish();
         }
     }
 
@@ -966,9 +1097,18 @@ impl Engine {
         self.history.clear();
         self.supervisor.worker_gone();
         self.bindings.worker_gone();
+        if let Some(t) = self.stderr_marks.take_held() {
+            self.on_stderr_text(&t);
+        }
         if self.call.as_ref().is_some_and(|c| c.running) {
             let err = EngineError::worker_died(&self.me, status, self.stderr_tail.lines());
             self.finish_call(Err(err));
+            // The calls handed to it after that one did not run to the end either.
+            while let Some(next) = self.piped.pop_front() {
+                self.promote(next);
+                let err = EngineError::worker_died(&self.me, status, self.stderr_tail.lines());
+                self.finish_call(Err(err));
+            }
         }
         match self.loads.worker_died(self.current.as_mut(), status) {
             Some(done) => self.load_done(done),
@@ -995,7 +1135,11 @@ impl Engine {
     async fn on_stdout_events(&mut self, events: Vec<StdoutEvent>) {
         for ev in events {
             match ev {
-                StdoutEvent::Text(t) => self.out.write(Stream::Stdout, &t),
+                StdoutEvent::Text(t) => {
+                    if let Some(t) = self.hold_for_piped(Stream::Stdout, &t) {
+                        self.out.write(Stream::Stdout, t);
+                    }
+                }
                 StdoutEvent::InputRequest { prompt, .. } => {
                     // No frontend to ask: stop the code where it waits for its line (the
                     // interrupt unwinds the blocked read), and say why in the cell's error.
@@ -1005,6 +1149,13 @@ impl Engine {
                     }
                     self.interrupt();
                 }
+                StdoutEvent::CallEnd => match self.first_in_worker(|c| !c.stdout_done) {
+                    Some(c) => {
+                        c.stdout_done = true;
+                        self.settle_calls();
+                    }
+                    None => warn!("an end of call on stdout nobody waits for"),
+                },
                 StdoutEvent::Complete => {
                     match self.loads.completed() {
                         Some(done) => self.load_done(done),
@@ -1097,7 +1248,12 @@ impl Engine {
         self.follow_interrupt().await;
         self.check_stdin_read();
         if let Some(t) = self.parser.take_partial_text() {
-            self.out.append(Stream::Stdout, &t);
+            if let Some(t) = self.hold_for_piped(Stream::Stdout, &t) {
+                self.out.append(Stream::Stdout, t);
+            }
+        }
+        if let Some(t) = self.stderr_marks.take_held() {
+            self.on_stderr_text(&t);
         }
         self.out.flush_if_due(Instant::now());
         self.maybe_finish();

@@ -12,6 +12,10 @@ pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
 /// The worker's own marker: the cell was interrupted (SIGINT); printed after the cell returned,
 /// before [`EXECUTION_COMPLETE`].
 pub const INTERRUPTED: &str = "RPX_INTERRUPTED";
+/// The worker's own marker after each closure call, on stdout and on stderr: what came before
+/// it on that stream was the call's output (calls are handed to the worker ahead of time, so a
+/// stream can hold the next call's output right behind it).
+pub const CALL_END: &str = "RPX_CALL_END";
 /// A `?` in user code returned an error.
 pub const ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
 /// Prefix of `EVCXR_VARIABLE_CHANGED_TYPE:<name>`.
@@ -39,6 +43,8 @@ pub enum StdoutEvent {
     /// The cell asks for input; `password` for the password variant.
     InputRequest { prompt: String, password: bool },
     Complete,
+    /// The worker's [`CALL_END`] marker.
+    CallEnd,
 }
 
 /// The buffer address of a `read(0, buf, len)` that a line of `/proc/<pid>/syscall` shows the
@@ -108,18 +114,8 @@ impl StdoutParser {
         if self.content.is_some() || self.partial.is_empty() {
             return None;
         }
-        const MARK: &[u8] = b"EVCXR_";
         let p = &self.partial;
-        let mut end = p.windows(MARK.len()).position(|w| w == MARK).unwrap_or(p.len());
-        if end == p.len() {
-            // Keep back a trailing prefix of the marker start ("EV", "EVCX", ...).
-            for k in (1..MARK.len()).rev() {
-                if p.len() >= k && p[p.len() - k..] == MARK[..k] {
-                    end = p.len() - k;
-                    break;
-                }
-            }
-        }
+        let end = [&b"EVCXR_"[..], b"RPX_"].into_iter().map(|mark| held_from(p, mark)).min().unwrap_or(p.len());
         let end = match std::str::from_utf8(&p[..end]) {
             Ok(_) => end,
             Err(e) if e.error_len().is_none() => e.valid_up_to(),
@@ -176,6 +172,7 @@ impl StdoutParser {
             (EXECUTION_COMPLETE, StdoutEvent::Complete),
             (PANIC_NOTIFICATION, StdoutEvent::Panic),
             (INTERRUPTED, StdoutEvent::Interrupted),
+            (CALL_END, StdoutEvent::CallEnd),
             (ERROR_OCCURRED, StdoutEvent::ErrorOccurred),
         ] {
             if let Some(prefix) = line.strip_suffix(marker) {
@@ -337,6 +334,57 @@ pub fn find_panic(lines: &[String]) -> Option<PanicInfo> {
     };
     let end = lines[start..].iter().position(|l| l.starts_with("note: ")).map_or(lines.len(), |p| start + p);
     Some(PanicInfo { message, location, lines: lines[start..end].to_vec() })
+}
+
+/// Where the text that may belong to a marker starting with `mark` begins in `p`: the first
+/// `mark`, else a trailing prefix of it ("EV", "EVCX", ...), else the end.
+fn held_from(p: &[u8], mark: &[u8]) -> usize {
+    if let Some(at) = p.windows(mark.len()).position(|w| w == mark) {
+        return at;
+    }
+    (1..mark.len()).rev().find(|&k| p.len() >= k && p[p.len() - k..] == mark[..k]).map_or(p.len(), |k| p.len() - k)
+}
+
+/// One piece of the worker's stderr: user text, or the end of a call's output ([`CALL_END`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StderrPiece {
+    Text(String),
+    CallEnd,
+}
+
+/// Finds [`CALL_END`] lines in the worker's stderr, which is otherwise passed on as it comes:
+/// only a trailing prefix of the marker is held back until the next chunk (or [`Self::take_held`]).
+#[derive(Debug, Default)]
+pub struct StderrMarks {
+    held: String,
+}
+
+impl StderrMarks {
+    pub fn feed(&mut self, chunk: &str) -> Vec<StderrPiece> {
+        let mark = format!("{CALL_END}\n");
+        let mut text = std::mem::take(&mut self.held);
+        text.push_str(chunk);
+        let mut out = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(&mark) {
+            if at > 0 {
+                out.push(StderrPiece::Text(rest[..at].to_string()));
+            }
+            out.push(StderrPiece::CallEnd);
+            rest = &rest[at + mark.len()..];
+        }
+        let keep = held_from(rest.as_bytes(), mark.as_bytes());
+        if keep > 0 {
+            out.push(StderrPiece::Text(rest[..keep].to_string()));
+        }
+        self.held = rest[keep..].to_string();
+        out
+    }
+
+    /// Text held back as a possible start of the marker (for a periodic flush, or at the end).
+    pub fn take_held(&mut self) -> Option<String> {
+        (!self.held.is_empty()).then(|| std::mem::take(&mut self.held))
+    }
 }
 
 #[cfg(test)]
@@ -501,6 +549,29 @@ mod tests {
         let p = find_panic(&old).unwrap();
         assert_eq!((p.message.as_str(), p.location.as_str()), ("boom", "src/lib.rs:3:9"));
         assert!(find_panic(&["no panic here".to_string()]).is_none());
+    }
+
+    #[test]
+    fn call_ends_on_stdout_follow_partial_lines() {
+        let mut p = StdoutParser::new();
+        let ev = p.feed(b"one\nRPX_CALL_END\ntwoRPX_CALL_END\nthr");
+        assert_eq!(ev, vec![StdoutEvent::Text("one\n".into()), StdoutEvent::CallEnd, StdoutEvent::Text("two".into()), StdoutEvent::CallEnd]);
+        assert_eq!(p.take_partial_text().as_deref(), Some("thr"));
+        p.feed(b"ee RPX_CA");
+        assert_eq!(p.take_partial_text().as_deref(), Some("ee "), "a possible marker start is held back");
+        assert_eq!(p.feed(b"LL_END\n"), vec![StdoutEvent::CallEnd]);
+    }
+
+    #[test]
+    fn call_ends_on_stderr_split_anywhere() {
+        let mut m = StderrMarks::default();
+        assert_eq!(m.feed("err 1\nRPX_CALL_END\nerr"), vec![StderrPiece::Text("err 1\n".into()), StderrPiece::CallEnd, StderrPiece::Text("err".into())]);
+        assert_eq!(m.feed(" 2RPX_CALL"), vec![StderrPiece::Text(" 2".into())]);
+        assert_eq!(m.feed("_END\n"), vec![StderrPiece::CallEnd]);
+        assert_eq!(m.feed("RPX_ is text"), vec![StderrPiece::Text("RPX_ is text".into())]);
+        assert_eq!(m.feed("tail RPX"), vec![StderrPiece::Text("tail ".into())]);
+        assert_eq!(m.take_held().as_deref(), Some("RPX"));
+        assert_eq!(m.take_held(), None);
     }
 
     #[test]

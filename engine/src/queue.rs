@@ -112,6 +112,11 @@ impl Queue {
         gone.iter().map(|r| r.msg_id().to_string()).collect()
     }
 
+    /// The request [`Queue::next`] would consider first, left queued.
+    pub fn front(&self) -> Option<&Request> {
+        self.waiting.front()
+    }
+
     pub fn len(&self) -> usize {
         self.waiting.len()
     }

@@ -5,7 +5,9 @@
 //!   then print `EVCXR_EXECUTION_COMPLETE` on stdout.
 //! - `CALL <so_path> <fn_name> <mode> <len>` followed by `len` raw bytes: call a compiled closure
 //!   (`rpx_runtime::abi`) and write `[status: u32 LE][len: u64 LE][bytes]` on the result pipe
-//!   (fd [`RESULT_FD`]), after the closure's own output was flushed.
+//!   (fd [`RESULT_FD`]), after the closure's own output was flushed; then a
+//!   [`crate::output::CALL_END`] line on stdout and on stderr. Calls may be written ahead: the
+//!   worker reads its commands in order.
 //!
 //! SIGINT interrupts the running cell or closure by injecting a panic into it (see [`interrupt`]);
 //! the worker then prints [`crate::output::INTERRUPTED`] before `EVCXR_EXECUTION_COMPLETE`, or
@@ -138,6 +140,12 @@ pub fn run() -> ! {
                 if let Err(e) = written {
                     fail(&format!("cannot write a result: {e}"));
                 }
+                // The call's own output was flushed (by the runtime) before it returned: what
+                // follows on stdout and stderr belongs to the next call.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", crate::output::CALL_END);
+                let _ = out.flush();
+                let _ = writeln!(std::io::stderr().lock(), "{}", crate::output::CALL_END);
                 args.clear();
             }
             None => fail(&format!("unrecognised line {cmd:?} (expected `LOAD_AND_RUN <so> <fn>` or `CALL <so> <fn> <mode> <len>`)")),
