@@ -129,8 +129,6 @@ impl Shared {
     }
 }
 
-/// Builds signed frames for many messages that share metadata and content (a map's tasks):
-/// those JSON frames are serialized once, each message gets its own header and signature.
 /// Unique message ids for one client: `<session>_<pid>_<n>`, as Python's Session writes them
 /// (without a `getpid` per message).
 #[derive(Debug)]
@@ -153,6 +151,8 @@ impl MsgIds {
     }
 }
 
+/// Builds signed frames for many messages that share metadata and content (a map's tasks):
+/// those JSON frames are serialized once, each message gets its own header and signature.
 #[derive(Clone)]
 pub(crate) struct Frames {
     session: Session,

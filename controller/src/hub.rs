@@ -1,7 +1,16 @@
 //! Every decision the controller makes, as methods over the [`Hub`] state and a [`Comm`] that
-//! sends frames: registration, routing between clients and engines, load-balanced scheduling
-//! (retries, timeouts, dependencies), broadcast fan-out, engine death, heartbeats and client
-//! queries. Nothing here touches a socket or the clock; callers pass `now`.
+//! sends frames: registration (an engine is ready once it is reachable for routing and its heart
+//! answered, or after [`REGISTRATION_FALLBACK`]), routing between clients and engines,
+//! load-balanced scheduling (queue limit, retries, timeouts, dependencies), broadcast fan-out and
+//! coalesced replies, heartbeats, eviction (and the notice that makes an evicted rpx engine
+//! register again), engine death, task records (with their iopub output), and client queries
+//! (queue, result, history, db, purge, resubmit, shutdown). With `--db sqlite` the hub queues the
+//! task database's work in [`Hub::store_ops`] for the network layer and parks a query that needs
+//! a lookup until [`Inbound::Stored`] answers it.
+//!
+//! Nothing here touches a socket: frames are decoded, built and signed with the hub's
+//! [`Session`] and handed to the [`Comm`]. Callers pass `now` for every timing decision; only
+//! the ISO dates written into message headers and task records read the wall clock.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};

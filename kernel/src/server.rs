@@ -32,9 +32,11 @@ pub struct Shared {
     parent: Mutex<Option<Header>>,
     /// Set by `interrupt_request`; whoever runs the cell takes it.
     pub interrupted: AtomicBool,
-    /// A local (evcxr) cell is running: an interrupt kills its runtime.
+    /// A local (evcxr) cell is running: an interrupt sends SIGINT to its runtime (the engines'
+    /// worker, which turns it into a panic in the cell, so earlier variables stay) and kills the
+    /// runtime only if the cell is still running after [`crate::local::LOCAL_GRACE`].
     pub local_running: AtomicBool,
-    /// Counts local cells (so a late watchdog does not kill a later cell's runtime).
+    /// Counts local cells (so a late interrupt watchdog does not kill a later cell's runtime).
     pub local_seq: AtomicU64,
     /// The panic message of the running local cell (`thread '..' panicked at ..:` and what follows).
     pub panic: Mutex<PanicText>,

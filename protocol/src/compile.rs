@@ -150,7 +150,11 @@ pub struct CellReply {
     pub cell_id: String,
     /// `ok` or `error`.
     pub status: String,
-    /// For errors: `CompileError`, `Panic`, `EngineDied`, `OutOfSync`, `CompilerError`.
+    /// For errors, what rpx-compiler sends: `CompileError` (rustc rejected the cell),
+    /// `CompilerError` (the engine has not sent `engine_hello`, or the evcxr context failed to
+    /// start or failed other than with compile errors) or `EngineWorkerDied` (the engine's
+    /// [`LoadDone`] said its worker died). Panics and `?` errors are not sent here: the engine
+    /// reports those from what its worker said. An empty `ename` reads as `CompileError`.
     #[serde(default)]
     pub ename: String,
     #[serde(default)]
@@ -188,7 +192,9 @@ pub struct ClosureReply {
     pub artifact: Option<Artifact>,
     #[serde(default)]
     pub fn_name: String,
-    /// For errors: `CompileError` or `CompilerError`.
+    /// For errors: always `CompileError` from rpx-compiler, also when the closure could not be
+    /// wrapped, cargo could not run or the built library could not be kept or read (the
+    /// `evalue` says which); an empty `ename` reads as `CompileError` on the engine.
     #[serde(default)]
     pub ename: String,
     #[serde(default)]
