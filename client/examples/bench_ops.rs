@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo run --release -p rpx --example bench_ops -- [OUT.json]   # BENCH_REPS (3), BENCH_N (2)
-//! BENCH_ONLY=throughput|data, BENCH_NTASKS (10,000), BENCH_NBYTES (1e8)
+//! BENCH_ONLY=latency|throughput|data, BENCH_NTASKS (10,000), BENCH_NBYTES (1e8)
 //! ```
 //! It starts its own cluster (`ipcluster start --daemonize` under a private `RPX_DIR`) from the
 //! binaries next to this one, and prints min/median/max per measure as JSON.
@@ -91,101 +91,107 @@ fn main() -> rpx::Result<()> {
     // BENCH_ONLY=throughput: only the 10,000 tasks (with CPU per task of each process).
     let only_data = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "data");
     let only_tasks = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "throughput");
+    // BENCH_ONLY=latency: only the apply round trips.
+    let only_latency = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "latency");
     let dv_all = client.direct_view(..);
     if !only_data {
-    if !only_tasks {
-    // Closure compile: the first call of a closure nobody compiled yet, then later calls.
-    let nonce = std::process::id() as u64;
-    let t = Instant::now();
-    let first: Vec<u64> = dv0.apply(remote!(|x: u64| x ^ 0x5eed), (nonce,))?;
-    let first_call = t.elapsed().as_secs_f64();
-    assert_eq!(first[0], nonce ^ 0x5eed);
-    let later: Vec<f64> = (0..200)
-        .map(|i| {
+        if !only_tasks && !only_latency {
+            // Closure compile: the first call of a closure nobody compiled yet, then later calls.
+            let nonce = std::process::id() as u64;
             let t = Instant::now();
-            let r: Vec<u64> = dv0.apply(remote!(|x: u64| x ^ 0x5eed), (i,)).expect("apply");
-            assert_eq!(r[0], i ^ 0x5eed);
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    eprintln!("closure: first call {first_call:.3} s, later calls median {:.1} µs", median(later.clone()) * 1e6);
-    report.insert("closure_first_call_s".into(), json!(first_call));
-    report.insert("closure_later_call_s".into(), stats(later));
-
-    }
-    // The measured closure is compiled before the clock starts.
-    let _: Vec<u64> = dv_all.apply(ident.clone(), (0,))?;
-    // Nothing measured below competes with the compiler's start-up work.
-    let waited = wait_compiler_idle(cluster.rpx_dir());
-    eprintln!("compiler idle after {waited:.1} s");
-    report.insert("compiler_idle_wait_s".into(), json!(waited));
-    if !only_tasks {
-    // Latency: sequential trivial apply round trips, after warm-up.
-    for (name, direct) in [("apply_direct", true), ("apply_lb", false)] {
-        let mut per_rep = Vec::new();
-        let mut per_rep_mean = Vec::new();
-        let mut all = Vec::new();
-        for _ in 0..reps {
-            for i in 0..100u64 {
-                if direct {
-                    dv0.apply(ident.clone(), (i,))?;
-                } else {
-                    lb.apply(ident.clone(), (i,))?;
+            let first: Vec<u64> = dv0.apply(remote!(|x: u64| x ^ 0x5eed), (nonce,))?;
+            let first_call = t.elapsed().as_secs_f64();
+            assert_eq!(first[0], nonce ^ 0x5eed);
+            let later: Vec<f64> = (0..200)
+                .map(|i| {
+                    let t = Instant::now();
+                    let r: Vec<u64> = dv0.apply(remote!(|x: u64| x ^ 0x5eed), (i,)).expect("apply");
+                    assert_eq!(r[0], i ^ 0x5eed);
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            eprintln!("closure: first call {first_call:.3} s, later calls median {:.1} µs", median(later.clone()) * 1e6);
+            report.insert("closure_first_call_s".into(), json!(first_call));
+            report.insert("closure_later_call_s".into(), stats(later));
+        }
+        // The measured closure is compiled before the clock starts.
+        let _: Vec<u64> = dv_all.apply(ident.clone(), (0,))?;
+        // Nothing measured below competes with the compiler's start-up work.
+        let waited = wait_compiler_idle(cluster.rpx_dir());
+        eprintln!("compiler idle after {waited:.1} s");
+        report.insert("compiler_idle_wait_s".into(), json!(waited));
+        if !only_tasks {
+            // Latency: sequential trivial apply round trips, after warm-up.
+            for (name, direct) in [("apply_direct", true), ("apply_lb", false)] {
+                let mut per_rep = Vec::new();
+                let mut per_rep_mean = Vec::new();
+                let mut all = Vec::new();
+                for _ in 0..reps {
+                    for i in 0..100u64 {
+                        if direct {
+                            dv0.apply(ident.clone(), (i,))?;
+                        } else {
+                            lb.apply(ident.clone(), (i,))?;
+                        }
+                    }
+                    let mut times = Vec::with_capacity(1000);
+                    for i in 0..1000u64 {
+                        let t = Instant::now();
+                        if direct {
+                            let r: Vec<u64> = dv0.apply(ident.clone(), (i,))?;
+                            assert_eq!(r[0], i);
+                        } else {
+                            let r: u64 = lb.apply(ident.clone(), (i,))?;
+                            assert_eq!(r, i);
+                        }
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                    per_rep.push(median(times.clone()));
+                    per_rep_mean.push(times.iter().sum::<f64>() / times.len() as f64);
+                    all.extend(times);
                 }
+                eprintln!("{name}: median {:.1} µs", median(all.clone()) * 1e6);
+                report.insert(format!("{name}_s"), stats(per_rep));
+                // The peers' scripts report the mean of each repetition's calls: the same, for them.
+                report.insert(format!("{name}_mean_s"), stats(per_rep_mean));
             }
-            let mut times = Vec::with_capacity(1000);
-            for i in 0..1000u64 {
+        }
+
+        if !only_latency {
+            // Throughput: 10,000 trivial tasks.
+            let ntasks: u64 = std::env::var("BENCH_NTASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+            let mut lb_map = Vec::new();
+            let mut dv_map = Vec::new();
+            let mut cpu_per_task: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+            for _ in 0..reps {
+                let before = cpu_by_role(cluster.rpx_dir());
                 let t = Instant::now();
-                if direct {
-                    let r: Vec<u64> = dv0.apply(ident.clone(), (i,))?;
-                    assert_eq!(r[0], i);
-                } else {
-                    let r: u64 = lb.apply(ident.clone(), (i,))?;
-                    assert_eq!(r, i);
+                let r: Vec<u64> = lb.chunksize(1).map(ident.clone(), 0..ntasks)?;
+                lb_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
+                let after = cpu_by_role(cluster.rpx_dir());
+                for (role, s) in after {
+                    let used = s - before.get(role).copied().unwrap_or(0.0);
+                    cpu_per_task.entry(role).or_default().push(used / ntasks as f64 * 1e6);
                 }
-                times.push(t.elapsed().as_secs_f64());
+                assert_eq!(r.len() as u64, ntasks);
+                assert_eq!(r[ntasks as usize - 1], ntasks - 1);
+                let t = Instant::now();
+                let r: Vec<u64> = dv_all.map(ident.clone(), 0..ntasks)?;
+                dv_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
+                assert_eq!(r.len() as u64, ntasks);
             }
-            per_rep.push(median(times.clone()));
-            per_rep_mean.push(times.iter().sum::<f64>() / times.len() as f64);
-            all.extend(times);
+            eprintln!(
+                "lb map chunksize 1: median {:.0} tasks/s; direct map: {:.0} items/s",
+                median(lb_map.clone()),
+                median(dv_map.clone())
+            );
+            report.insert("lb_map_tasks_per_s".into(), stats(lb_map));
+            for (role, us) in cpu_per_task {
+                eprintln!("lb map: {role} {:.1} µs of CPU per task (median)", median(us.clone()));
+                report.insert(format!("lb_map_cpu_us_per_task_{role}"), stats(us));
+            }
+            report.insert("dv_map_items_per_s".into(), stats(dv_map));
         }
-        eprintln!("{name}: median {:.1} µs", median(all.clone()) * 1e6);
-        report.insert(format!("{name}_s"), stats(per_rep));
-        // The peers' scripts report the mean of each repetition's calls: the same, for them.
-        report.insert(format!("{name}_mean_s"), stats(per_rep_mean));
-    }
-    }
-
-    // Throughput: 10,000 trivial tasks.
-    let ntasks: u64 = std::env::var("BENCH_NTASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let mut lb_map = Vec::new();
-    let mut dv_map = Vec::new();
-    let mut cpu_per_task: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
-    for _ in 0..reps {
-        let before = cpu_by_role(cluster.rpx_dir());
-        let t = Instant::now();
-        let r: Vec<u64> = lb.chunksize(1).map(ident.clone(), 0..ntasks)?;
-        lb_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
-        let after = cpu_by_role(cluster.rpx_dir());
-        for (role, s) in after {
-            let used = s - before.get(role).copied().unwrap_or(0.0);
-            cpu_per_task.entry(role).or_default().push(used / ntasks as f64 * 1e6);
-        }
-        assert_eq!(r.len() as u64, ntasks);
-        assert_eq!(r[ntasks as usize - 1], ntasks - 1);
-        let t = Instant::now();
-        let r: Vec<u64> = dv_all.map(ident.clone(), 0..ntasks)?;
-        dv_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
-        assert_eq!(r.len() as u64, ntasks);
-    }
-    eprintln!("lb map chunksize 1: median {:.0} tasks/s; direct map: {:.0} items/s", median(lb_map.clone()), median(dv_map.clone()));
-    report.insert("lb_map_tasks_per_s".into(), stats(lb_map));
-    for (role, us) in cpu_per_task {
-        eprintln!("lb map: {role} {:.1} µs of CPU per task (median)", median(us.clone()));
-        report.insert(format!("lb_map_cpu_us_per_task_{role}"), stats(us));
-    }
-    report.insert("dv_map_items_per_s".into(), stats(dv_map));
-
     }
 
     // Data: 100 MB of f64 (1e8 bytes), as the peer's numpy array. Same-host engines get the
@@ -193,7 +199,7 @@ fn main() -> rpx::Result<()> {
     let nbytes: usize = std::env::var("BENCH_NBYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000_000);
     let data: Vec<f64> = (0..nbytes / 8).map(|i| i as f64 * 0.5).collect();
     let gb = nbytes as f64 / 1e9;
-    let planes: &[bool] = if only_tasks {
+    let planes: &[bool] = if only_tasks || only_latency {
         &[]
     } else if std::env::var("BENCH_DATA_PLANE").is_ok_and(|v| v == "both") {
         &[true, false]
@@ -201,38 +207,38 @@ fn main() -> rpx::Result<()> {
         &[true]
     };
     for &shm in planes {
-    client.set_shared_memory(shm);
-    let suffix = if shm { "" } else { "_buffers" };
-    eprintln!("data plane: {}", if shm { "shared memory" } else { "buffers" });
-    let (mut push, mut pull, mut scatter, mut gather) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..reps {
-        let t = Instant::now();
-        dv0.push("a", &data)?;
-        push.push(gb / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let back: Vec<Vec<f64>> = dv0.pull("a")?;
-        pull.push(gb / t.elapsed().as_secs_f64());
-        assert_eq!(back[0].len(), data.len());
-        assert_eq!(back[0][data.len() / 2], data[data.len() / 2]);
-        let t = Instant::now();
-        dv_all.scatter("x", &data)?;
-        scatter.push(gb / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let g: Vec<f64> = dv_all.gather("x")?;
-        gather.push(gb / t.elapsed().as_secs_f64());
-        assert_eq!(g.len(), data.len());
-    }
-    eprintln!(
-        "100 MB: push {:.2} GB/s, pull {:.2} GB/s, scatter {:.2} GB/s, gather {:.2} GB/s (medians)",
-        median(push.clone()),
-        median(pull.clone()),
-        median(scatter.clone()),
-        median(gather.clone())
-    );
-    report.insert(format!("push_gb_per_s{suffix}"), stats(push));
-    report.insert(format!("pull_gb_per_s{suffix}"), stats(pull));
-    report.insert(format!("scatter_gb_per_s{suffix}"), stats(scatter));
-    report.insert(format!("gather_gb_per_s{suffix}"), stats(gather));
+        client.set_shared_memory(shm);
+        let suffix = if shm { "" } else { "_buffers" };
+        eprintln!("data plane: {}", if shm { "shared memory" } else { "buffers" });
+        let (mut push, mut pull, mut scatter, mut gather) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..reps {
+            let t = Instant::now();
+            dv0.push("a", &data)?;
+            push.push(gb / t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let back: Vec<Vec<f64>> = dv0.pull("a")?;
+            pull.push(gb / t.elapsed().as_secs_f64());
+            assert_eq!(back[0].len(), data.len());
+            assert_eq!(back[0][data.len() / 2], data[data.len() / 2]);
+            let t = Instant::now();
+            dv_all.scatter("x", &data)?;
+            scatter.push(gb / t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let g: Vec<f64> = dv_all.gather("x")?;
+            gather.push(gb / t.elapsed().as_secs_f64());
+            assert_eq!(g.len(), data.len());
+        }
+        eprintln!(
+            "100 MB: push {:.2} GB/s, pull {:.2} GB/s, scatter {:.2} GB/s, gather {:.2} GB/s (medians)",
+            median(push.clone()),
+            median(pull.clone()),
+            median(scatter.clone()),
+            median(gather.clone())
+        );
+        report.insert(format!("push_gb_per_s{suffix}"), stats(push));
+        report.insert(format!("pull_gb_per_s{suffix}"), stats(pull));
+        report.insert(format!("scatter_gb_per_s{suffix}"), stats(scatter));
+        report.insert(format!("gather_gb_per_s{suffix}"), stats(gather));
     }
 
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json");

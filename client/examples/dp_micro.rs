@@ -11,9 +11,17 @@ fn main() {
     let path = std::path::PathBuf::from(format!("/dev/shm/rpx-dp-micro-{}", std::process::id()));
     std::fs::create_dir(&path).unwrap();
     struct Gone(std::path::PathBuf);
-    impl Drop for Gone { fn drop(&mut self) { let _ = std::fs::remove_dir_all(&self.0); } }
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
     let dir = Gone(path);
-    impl Gone { fn path(&self) -> &std::path::Path { &self.0 } }
+    impl Gone {
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
     let t = Instant::now();
     let vf = rpx_protocol::dataplane::write_value_file(dir.path(), &buf).unwrap();
     println!("write+digest {:?}", t.elapsed());

@@ -44,7 +44,9 @@ impl ClientInner {
     /// Resolve a target selection against the live engines, with their uuids.
     pub fn resolve(&self, spec: &TargetSpec) -> Result<Vec<(usize, String)>> {
         let ids = spec.resolve(&self.ids())?;
-        ids.into_iter().map(|id| self.io.shared.uuid(id).map(|u| (id, u)).ok_or_else(|| Error::Targets(format!("engine {id} is not registered")))).collect()
+        ids.into_iter()
+            .map(|id| self.io.shared.uuid(id).map(|u| (id, u)).ok_or_else(|| Error::Targets(format!("engine {id} is not registered"))))
+            .collect()
     }
 
     fn tracker(&self, tasks: Vec<TaskState>, needs_idle: bool) -> Arc<Tracker> {
@@ -53,20 +55,44 @@ impl ClientInner {
 
     /// Send one message per engine (`mux` or `control`), each with its own buffers.
     #[allow(clippy::too_many_arguments)]
-    pub fn direct(&self, chan: Chan, msg_type: &str, metadata: &Value, content: &Value, targets: &[(usize, String)], buffers: Vec<Vec<Bytes>>, needs_idle: bool) -> Result<Arc<Tracker>> {
+    pub fn direct(
+        &self,
+        chan: Chan,
+        msg_type: &str,
+        metadata: &Value,
+        content: &Value,
+        targets: &[(usize, String)],
+        buffers: Vec<Vec<Bytes>>,
+        needs_idle: bool,
+    ) -> Result<Arc<Tracker>> {
         let frames = Frames::new(&self.session, &self.ids, metadata, content);
         self.direct_frames(chan, msg_type, targets, buffers.into_iter().map(|b| (&frames, b)).collect(), needs_idle)
     }
 
     /// [`ClientInner::direct`] with a content of its own for each engine (same-host transfers
     /// name each engine's files).
-    pub fn direct_each(&self, chan: Chan, msg_type: &str, targets: &[(usize, String)], parts: crate::dataplane::Parts, needs_idle: bool) -> Result<Arc<Tracker>> {
+    pub fn direct_each(
+        &self,
+        chan: Chan,
+        msg_type: &str,
+        targets: &[(usize, String)],
+        parts: crate::dataplane::Parts,
+        needs_idle: bool,
+    ) -> Result<Arc<Tracker>> {
         let md = json!({});
-        let frames: Vec<(Frames, Vec<Bytes>)> = parts.into_iter().map(|(content, b)| (Frames::new(&self.session, &self.ids, &md, &content), b)).collect();
+        let frames: Vec<(Frames, Vec<Bytes>)> =
+            parts.into_iter().map(|(content, b)| (Frames::new(&self.session, &self.ids, &md, &content), b)).collect();
         self.direct_frames(chan, msg_type, targets, frames.iter().map(|(f, b)| (f, b.clone())).collect(), needs_idle)
     }
 
-    fn direct_frames(&self, chan: Chan, msg_type: &str, targets: &[(usize, String)], each: Vec<(&Frames, Vec<Bytes>)>, needs_idle: bool) -> Result<Arc<Tracker>> {
+    fn direct_frames(
+        &self,
+        chan: Chan,
+        msg_type: &str,
+        targets: &[(usize, String)],
+        each: Vec<(&Frames, Vec<Bytes>)>,
+        needs_idle: bool,
+    ) -> Result<Arc<Tracker>> {
         let mut tasks = Vec::with_capacity(targets.len());
         let mut msgs = Vec::with_capacity(targets.len());
         for ((id, uuid), (frames, bufs)) in targets.iter().zip(each) {
@@ -75,7 +101,11 @@ impl ClientInner {
             msgs.push((msg_id, f));
         }
         let tracker = self.tracker(tasks, needs_idle);
-        let out = msgs.into_iter().enumerate().map(|(idx, (msg_id, frames))| Outgoing { chan, frames, msg_id, tracker: tracker.clone(), idx }).collect();
+        let out = msgs
+            .into_iter()
+            .enumerate()
+            .map(|(idx, (msg_id, frames))| Outgoing { chan, frames, msg_id, tracker: tracker.clone(), idx })
+            .collect();
         self.io.send(Command::Submit(out))?;
         Ok(tracker)
     }
@@ -90,7 +120,11 @@ impl ClientInner {
             out.push((msg_id, f));
         }
         let tracker = self.tracker(tasks, false);
-        let out = out.into_iter().enumerate().map(|(idx, (msg_id, frames))| Outgoing { chan: Chan::Task, frames, msg_id, tracker: tracker.clone(), idx }).collect();
+        let out = out
+            .into_iter()
+            .enumerate()
+            .map(|(idx, (msg_id, frames))| Outgoing { chan: Chan::Task, frames, msg_id, tracker: tracker.clone(), idx })
+            .collect();
         self.io.send(Command::Submit(out))?;
         Ok(tracker)
     }
@@ -133,7 +167,9 @@ impl ClientInner {
         for t in &s.tasks {
             match &t.outcome {
                 Some(Outcome::Reply(r)) if r.status == "ok" => {}
-                Some(Outcome::Reply(r)) => failed.push(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr)),
+                Some(Outcome::Reply(r)) => {
+                    failed.push(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr))
+                }
                 Some(Outcome::Lost(why)) => return Err(Error::Connection(why.clone())),
                 None => {}
             }
@@ -141,7 +177,16 @@ impl ClientInner {
         if failed.is_empty() {
             Ok(())
         } else {
-            let outputs = s.tasks.iter().map(|t| crate::result::TaskOutput { msg_id: t.msg_id.clone(), engine_id: t.engine_id, stdout: t.io.stdout.clone(), stderr: t.io.stderr.clone() }).collect();
+            let outputs = s
+                .tasks
+                .iter()
+                .map(|t| crate::result::TaskOutput {
+                    msg_id: t.msg_id.clone(),
+                    engine_id: t.engine_id,
+                    stdout: t.io.stdout.clone(),
+                    stderr: t.io.stderr.clone(),
+                })
+                .collect();
             Err(combine_engine_errors(failed, s.tasks.len(), outputs))
         }
     }
@@ -294,7 +339,8 @@ impl Client {
                 path.display()
             )));
         }
-        let conn: ClientConnection = read_json(&path).map_err(|e| Error::Connection(format!("cannot read the connection file {}: {e}", path.display())))?;
+        let conn: ClientConnection =
+            read_json(&path).map_err(|e| Error::Connection(format!("cannot read the connection file {}: {e}", path.display())))?;
         Client::from_connection(&conn, path)
     }
 
@@ -307,7 +353,9 @@ impl Client {
         let session = Session::new(conn.key.as_bytes(), &user);
         let ids = Arc::new(MsgIds::new(&session));
         let io = Io::start(conn, session.clone(), ids.clone(), CONNECT_LIMIT)?;
-        let client = Client { inner: Arc::new(ClientInner { io, session, ids, file, shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into() }) };
+        let client = Client {
+            inner: Arc::new(ClientInner { io, session, ids, file, shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into() }),
+        };
         client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;
         Ok(client)
     }
@@ -404,7 +452,11 @@ impl Client {
     /// Every msg_id the controller has recorded, in submission order (its records are bounded).
     pub fn hub_history(&self) -> Result<Vec<String>> {
         let r = self.inner.query("history_request", json!({}), QUERY_LIMIT)?;
-        Ok(r.content.get("history").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default())
+        Ok(r.content
+            .get("history")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default())
     }
 
     /// Abort the unfinished tasks of `jobs` that have not started yet: they fail with
@@ -437,7 +489,8 @@ impl Client {
 
     /// Stop the cluster: every engine, then the controller. Afterwards this client is closed.
     pub fn shutdown(&self) -> Result<()> {
-        let targets = self.inner.resolve(&TargetSpec::All).or_else(|e| if matches!(e, Error::NoEngines) { Ok(Vec::new()) } else { Err(e) })?;
+        let targets =
+            self.inner.resolve(&TargetSpec::All).or_else(|e| if matches!(e, Error::NoEngines) { Ok(Vec::new()) } else { Err(e) })?;
         if !targets.is_empty() {
             if let Err(e) = self.inner.control(&targets, "shutdown_request", json!({"restart": false}), QUERY_LIMIT) {
                 tracing::warn!(error = %e, "engines did not all confirm shutdown; stopping the controller anyway");

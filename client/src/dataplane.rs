@@ -37,7 +37,13 @@ pub(crate) type Parts = Vec<(Value, Vec<Bytes>)>;
 /// `values[value_of[i]]` (a push shares one value, a scatter has one per target). Same-host
 /// targets get files (written once per value, hard-linked for further engines), the others
 /// buffers. Also returns the files written, to remove if the requests cannot be sent.
-pub(crate) fn push_parts(client: &ClientInner, targets: &[(usize, String)], named: NamedType, values: &[Bytes], value_of: &[usize]) -> Result<(Parts, Vec<(PathBuf, String)>)> {
+pub(crate) fn push_parts(
+    client: &ClientInner,
+    targets: &[(usize, String)],
+    named: NamedType,
+    values: &[Bytes],
+    value_of: &[usize],
+) -> Result<(Parts, Vec<(PathBuf, String)>)> {
     // Files already written for a value: (dir, file) to link from.
     let mut written: HashMap<usize, (PathBuf, ValueFile)> = HashMap::new();
     let mut parts: Parts = Vec::with_capacity(targets.len());
@@ -52,7 +58,9 @@ pub(crate) fn push_parts(client: &ClientInner, targets: &[(usize, String)], name
         let vf = match linked {
             Some(vf) => vf,
             None => {
-                let vf = dp::write_value_file(&dir, &values[v]).map_err(|e| Error::Protocol(format!("cannot write `{}` into the namespace of engine {id} ({}): {e}", named.name, dir.display())))?;
+                let vf = dp::write_value_file(&dir, &values[v]).map_err(|e| {
+                    Error::Protocol(format!("cannot write `{}` into the namespace of engine {id} ({}): {e}", named.name, dir.display()))
+                })?;
                 written.insert(v, (dir.clone(), vf.clone()));
                 vf
             }

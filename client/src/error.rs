@@ -89,14 +89,24 @@ pub struct RemoteError {
 impl RemoteError {
     /// A new error of `ename` (the kind follows from it).
     pub fn new(ename: &str, message: impl Into<String>, engine_id: Option<usize>) -> RemoteError {
-        RemoteError { engine_id, kind: RemoteErrorKind::from_ename(ename), ename: ename.to_string(), message: message.into(), traceback: Vec::new(), item: None, stdout: String::new(), stderr: String::new() }
+        RemoteError {
+            engine_id,
+            kind: RemoteErrorKind::from_ename(ename),
+            ename: ename.to_string(),
+            message: message.into(),
+            traceback: Vec::new(),
+            item: None,
+            stdout: String::new(),
+            stderr: String::new(),
+        }
     }
 
     /// The error carried by a reply content (`status: error` with `ename`, `evalue`,
     /// `traceback`, `engine_info`, or `status: aborted`). `engine_id` is used when the content
     /// does not name the engine.
     pub fn from_reply(content: &Value, engine_id: Option<usize>) -> RemoteError {
-        let engine_id = content.get("engine_info").and_then(|i| i.get("engine_id")).and_then(Value::as_u64).map(|i| i as usize).or(engine_id);
+        let engine_id =
+            content.get("engine_info").and_then(|i| i.get("engine_id")).and_then(Value::as_u64).map(|i| i as usize).or(engine_id);
         if content.get("status").and_then(Value::as_str) == Some("aborted") {
             let mut e = RemoteError::new("TaskAborted", "the task was aborted before it started", engine_id);
             e.kind = RemoteErrorKind::Aborted;
@@ -104,7 +114,11 @@ impl RemoteError {
         }
         let ename = content.get("ename").and_then(Value::as_str).unwrap_or("UnknownError");
         let message = content.get("evalue").and_then(Value::as_str).unwrap_or("").to_string();
-        let traceback = content.get("traceback").and_then(Value::as_array).map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        let traceback = content
+            .get("traceback")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
         RemoteError { traceback, ..RemoteError::new(ename, message, engine_id) }
     }
 
@@ -151,7 +165,11 @@ impl RemoteError {
     /// Traceback lines that add something to the message.
     fn useful_traceback(&self) -> Vec<&str> {
         let plain = format!("{}: {}", self.ename, self.message);
-        self.traceback.iter().map(String::as_str).filter(|l| !l.trim().is_empty() && *l != plain && !self.message.contains(l.trim())).collect()
+        self.traceback
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !l.trim().is_empty() && *l != plain && !self.message.contains(l.trim()))
+            .collect()
     }
 }
 
@@ -274,7 +292,11 @@ impl From<RemoteError> for Error {
 const LISTED: usize = 5;
 
 fn map_message(failed: &[(usize, RemoteError)], total: usize) -> String {
-    let mut s = if failed.len() == total { format!("all {total} map items failed") } else { format!("{} of {total} map items failed", failed.len()) };
+    let mut s = if failed.len() == total {
+        format!("all {total} map items failed")
+    } else {
+        format!("{} of {total} map items failed", failed.len())
+    };
     let items: Vec<String> = failed.iter().take(20).map(|(i, _)| i.to_string()).collect();
     s.push_str(&format!(" (items {}{})", items.join(", "), if failed.len() > 20 { ", ..." } else { "" }));
     // Group identical causes (a compile error fails every item the same way).
@@ -353,7 +375,10 @@ mod tests {
         assert_eq!((aborted.kind.clone(), aborted.engine_id), (RemoteErrorKind::Aborted, Some(1)));
         assert!(aborted.to_string().contains("task aborted on engine 1"));
 
-        let died = RemoteError::from_reply(&json!({"status": "error", "ename": "EngineError", "evalue": "Engine 2 died while running task m1", "engine_info": {"engine_id": 2}}), None);
+        let died = RemoteError::from_reply(
+            &json!({"status": "error", "ename": "EngineError", "evalue": "Engine 2 died while running task m1", "engine_info": {"engine_id": 2}}),
+            None,
+        );
         assert_eq!(died.kind, RemoteErrorKind::EngineDied);
         assert!(died.to_string().starts_with("engine 2 died while running the task"), "{died}");
 
@@ -364,14 +389,16 @@ mod tests {
 
     #[test]
     fn item_and_multiline_messages_display() {
-        let e = RemoteError::new("CompileError", "error[E0425]: cannot find value `y`\n --> src/lib.rs:1:5", Some(0)).for_item(4, Some("7"));
+        let e =
+            RemoteError::new("CompileError", "error[E0425]: cannot find value `y`\n --> src/lib.rs:1:5", Some(0)).for_item(4, Some("7"));
         let text = e.to_string();
         assert!(text.starts_with("compile error on engine 0 (map item 4: 7):\nerror[E0425]"), "{text}");
     }
 
     #[test]
     fn map_errors_group_identical_causes() {
-        let failed: Vec<(usize, RemoteError)> = (0..3).map(|i| (i, RemoteError::new("CompileError", "bad code", Some(0)).for_item(i, None))).collect();
+        let failed: Vec<(usize, RemoteError)> =
+            (0..3).map(|i| (i, RemoteError::new("CompileError", "bad code", Some(0)).for_item(i, None))).collect();
         let text = Error::Map { failed, total: 3 }.to_string();
         assert!(text.starts_with("all 3 map items failed (items 0, 1, 2)"), "{text}");
         assert!(text.contains("3 items like this: compile error on engine 0"), "{text}");
@@ -387,7 +414,11 @@ mod tests {
     fn engine_errors_combine() {
         let one = combine_engine_errors(vec![RemoteError::new("NameError", "no `x`", Some(2))], 1, vec![]);
         assert!(matches!(one, Error::Remote(ref e) if e.kind == RemoteErrorKind::Name));
-        let two = combine_engine_errors(vec![RemoteError::new("NameError", "no `x`", Some(2)), RemoteError::new("NameError", "no `x`", Some(3))], 4, vec![]);
+        let two = combine_engine_errors(
+            vec![RemoteError::new("NameError", "no `x`", Some(2)), RemoteError::new("NameError", "no `x`", Some(3))],
+            4,
+            vec![],
+        );
         let text = two.to_string();
         assert!(text.starts_with("failed on 2 of 4 engines (2, 3)"), "{text}");
         assert!(Error::NoEngines.to_string().contains("ipcluster start"));

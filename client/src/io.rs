@@ -32,7 +32,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, warn};
-use zeromq::{DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError};
+use zeromq::{
+    DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
+};
 
 use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
 use rpx_protocol::session::DELIMITER;
@@ -386,7 +388,9 @@ async fn dealer(url: String, limit: Duration) -> Result<(DealerSocket, futures::
     match tokio::time::timeout(limit, s.connect(&url)).await {
         Ok(Ok(())) => Ok((s, mon)),
         Ok(Err(e)) => Err(Error::Connection(format!("cannot connect to {url}: {e}"))),
-        Err(_) => Err(Error::Connection(format!("no controller answered at {url} within {limit:?}: is the cluster running? (`ipcluster list`)"))),
+        Err(_) => {
+            Err(Error::Connection(format!("no controller answered at {url} within {limit:?}: is the cluster running? (`ipcluster list`)")))
+        }
     }
 }
 
@@ -498,7 +502,8 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<In
         };
         let ev = match kind.as_str() {
             "status" => {
-                let idle = serde_json::from_slice::<StateOnly>(&frames[pos + 5]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
+                let idle =
+                    serde_json::from_slice::<StateOnly>(&frames[pos + 5]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
                 if !idle {
                     continue;
                 }
@@ -642,7 +647,12 @@ impl Dispatcher {
                     retried += Duration::from_millis(20);
                 }
                 Ok(Err(e)) => return Err(format!("cannot send on the {} socket: {e}", chan.name())),
-                Err(_) => return Err(format!("sending on the {} socket did not finish within {SEND_LIMIT:?}: the controller is not reading", chan.name())),
+                Err(_) => {
+                    return Err(format!(
+                        "sending on the {} socket did not finish within {SEND_LIMIT:?}: the controller is not reading",
+                        chan.name()
+                    ))
+                }
             }
         }
     }
@@ -718,7 +728,9 @@ impl Dispatcher {
                 let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
                 match (msg.msg_type.as_str(), id, uuid) {
                     ("registration_notification", Some(id), Some(uuid)) => {
-                        if let Some(host) = msg.content.get(rpx_protocol::dataplane::NOTIFICATION_KEY).and_then(|h| serde_json::from_value(h.clone()).ok()) {
+                        if let Some(host) =
+                            msg.content.get(rpx_protocol::dataplane::NOTIFICATION_KEY).and_then(|h| serde_json::from_value(h.clone()).ok())
+                        {
                             self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.insert(uuid.clone(), host);
                         }
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
@@ -745,15 +757,19 @@ impl Dispatcher {
         }
         if msg.msg_type == "connection_reply" {
             if let Some(engines) = msg.content.get("engines").and_then(Value::as_object) {
-                let table: BTreeMap<usize, String> = engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
-                if let Some(hosts) = msg.content.get(rpx_protocol::dataplane::CONNECTION_REPLY_KEY).and_then(|h| serde_json::from_value(h.clone()).ok()) {
+                let table: BTreeMap<usize, String> =
+                    engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
+                if let Some(hosts) =
+                    msg.content.get(rpx_protocol::dataplane::CONNECTION_REPLY_KEY).and_then(|h| serde_json::from_value(h.clone()).ok())
+                {
                     self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts;
                 }
                 self.set_engines(table);
             }
         }
         let engine_id = self.engine_of(&msg);
-        let unknown_engine = msg.metadata.get("engine").and_then(Value::as_str).is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
+        let unknown_engine =
+            msg.metadata.get("engine").and_then(Value::as_str).is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
         let Some(route) = self.routes.get_mut(&parent) else {
             debug!(msg_type = %msg.msg_type, %parent, "reply to no pending request");
             return;
@@ -763,7 +779,12 @@ impl Dispatcher {
         }
         route.replied = true;
         self.unreplied = self.unreplied.saturating_sub(1);
-        let status = msg.content.get("status").and_then(Value::as_str).unwrap_or(if msg.msg_type == "hub_error" { "error" } else { "ok" }).to_string();
+        let status = msg
+            .content
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or(if msg.msg_type == "hub_error" { "error" } else { "ok" })
+            .to_string();
         let Light { metadata, content, buffers, date, .. } = msg;
         // The engine published nothing for it (not even `idle`): the reply is all there is.
         let quiet = metadata.get(rpx_protocol::apply::QUIET_KEY).and_then(Value::as_bool) == Some(true);

@@ -242,7 +242,10 @@ mod tests {
         assert_eq!(type_name_of::<std::borrow::Cow<'static, str>>(), "std::borrow::Cow<'_, str>");
         // The default hasher is not printed; an explicit one is, and must be nameable too.
         type H = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
-        assert_eq!(type_name_of::<HashMap<u8, u8, H>>(), "std::collections::HashMap<u8, u8, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>");
+        assert_eq!(
+            type_name_of::<HashMap<u8, u8, H>>(),
+            "std::collections::HashMap<u8, u8, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>"
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ pub(crate) fn ok_reply(t: &TaskState) -> std::result::Result<&ReplyData, Failure
         None => Err(Failure::Fatal(Error::Protocol(format!("task {} has no reply yet", t.msg_id)))),
         Some(Outcome::Lost(why)) => Err(Failure::Fatal(Error::Connection(why.clone()))),
         Some(Outcome::Reply(r)) if r.status == "ok" => Ok(r),
-        Some(Outcome::Reply(r)) => Err(Failure::Remote(Box::new(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr)))),
+        Some(Outcome::Reply(r)) => {
+            Err(Failure::Remote(Box::new(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr))))
+        }
     }
 }
 
@@ -58,27 +60,44 @@ fn engine_label(t: &TaskState) -> String {
 /// Decode buffer `i` of a reply as `T`.
 pub(crate) fn decode_buffer<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, i: usize) -> std::result::Result<T, Failure> {
     let Some(buf) = r.buffers.get(i) else {
-        return Err(Failure::Fatal(Error::Protocol(format!("{} sent no result buffer for task {} (is it an rpx engine?)", engine_label(t), t.msg_id))));
+        return Err(Failure::Fatal(Error::Protocol(format!(
+            "{} sent no result buffer for task {} (is it an rpx engine?)",
+            engine_label(t),
+            t.msg_id
+        ))));
     };
     rpx_runtime::decode(buf).map_err(|e| {
-        Failure::Fatal(Error::Protocol(format!("the value from {} does not decode: {e}; the type the engines produce must match the one asked for here", engine_label(t))))
+        Failure::Fatal(Error::Protocol(format!(
+            "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
+            engine_label(t)
+        )))
     })
 }
 
 /// [`decode_buffer`] for a pull: the value comes from a same-host file when the reply names one.
-pub(crate) fn decode_pulled<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, pulled: &crate::dataplane::Pulled) -> std::result::Result<T, Failure> {
+pub(crate) fn decode_pulled<T: DeserializeOwned>(
+    t: &TaskState,
+    r: &ReplyData,
+    pulled: &crate::dataplane::Pulled,
+) -> std::result::Result<T, Failure> {
     match pulled.bytes(t, &r.content, &engine_label(t)) {
         None => decode_buffer(t, r, 0),
         Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
         Some(Ok(bytes)) => rpx_runtime::decode(&bytes).map_err(|e| {
-            Failure::Fatal(Error::Protocol(format!("the value from {} does not decode: {e}; the type the engines produce must match the one asked for here", engine_label(t))))
+            Failure::Fatal(Error::Protocol(format!(
+                "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
+                engine_label(t)
+            )))
         }),
     }
 }
 
 /// Per-task values of a request made to several engines: all of them, or one error (a
 /// connection or protocol error first; else the remote errors, combined).
-pub(crate) fn collect_each<T>(tasks: &[TaskState], mut value: impl FnMut(&TaskState, &ReplyData) -> std::result::Result<T, Failure>) -> Result<Vec<T>> {
+pub(crate) fn collect_each<T>(
+    tasks: &[TaskState],
+    mut value: impl FnMut(&TaskState, &ReplyData) -> std::result::Result<T, Failure>,
+) -> Result<Vec<T>> {
     let mut out = Vec::with_capacity(tasks.len());
     let mut remote = Vec::new();
     for t in tasks {
@@ -96,7 +115,10 @@ pub(crate) fn collect_each<T>(tasks: &[TaskState], mut value: impl FnMut(&TaskSt
 }
 
 /// The value of a single-task request.
-pub(crate) fn collect_one<T>(tasks: &[TaskState], value: impl FnOnce(&TaskState, &ReplyData) -> std::result::Result<T, Failure>) -> Result<T> {
+pub(crate) fn collect_one<T>(
+    tasks: &[TaskState],
+    value: impl FnOnce(&TaskState, &ReplyData) -> std::result::Result<T, Failure>,
+) -> Result<T> {
     let t = tasks.first().ok_or_else(|| Error::Protocol("a request without tasks".into()))?;
     ok_reply(t).and_then(|r| value(t, r)).map_err(Failure::into_error)
 }
@@ -168,9 +190,11 @@ fn wait_with_bar(tracker: &Tracker, unit: &str, progress: impl Fn(&TrackerState)
     }
     let (done, total) = progress(&tracker.lock());
     let bar = indicatif::ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::stderr());
-    let style = indicatif::ProgressStyle::with_template(&format!("{{spinner}} {{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{{spinner}} {{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_position(done as u64);
     while !tracker.wait_complete(Some(Instant::now() + Duration::from_millis(100))) {
@@ -197,7 +221,9 @@ pub enum TaskEvent {
 
 fn task_event(tasks: &[TaskState], e: &LogEntry) -> TaskEvent {
     match e {
-        LogEntry::Io { idx, msg_type, content } => TaskEvent::Output { engine_id: tasks[*idx].engine_id, msg_type: msg_type.clone(), content: content.clone() },
+        LogEntry::Io { idx, msg_type, content } => {
+            TaskEvent::Output { engine_id: tasks[*idx].engine_id, msg_type: msg_type.clone(), content: content.clone() }
+        }
         LogEntry::Done(idx) => {
             let t = &tasks[*idx];
             let error = match &t.outcome {
@@ -587,7 +613,15 @@ pub struct AsyncMapResult<R> {
 
 impl<R> Clone for AsyncMapResult<R> {
     fn clone(&self) -> Self {
-        AsyncMapResult { tracker: self.tracker.clone(), chunks: self.chunks.clone(), inputs: self.inputs.clone(), describe: self.describe, total: self.total, ordered: self.ordered, _r: PhantomData }
+        AsyncMapResult {
+            tracker: self.tracker.clone(),
+            chunks: self.chunks.clone(),
+            inputs: self.inputs.clone(),
+            describe: self.describe,
+            total: self.total,
+            ordered: self.ordered,
+            _r: PhantomData,
+        }
     }
 }
 
@@ -599,7 +633,14 @@ impl<R> fmt::Debug for AsyncMapResult<R> {
 }
 
 impl<R> AsyncMapResult<R> {
-    pub(crate) fn new(tracker: Arc<Tracker>, chunks: Vec<Range<usize>>, inputs: Vec<Bytes>, describe: Describe, total: usize, ordered: bool) -> AsyncMapResult<R> {
+    pub(crate) fn new(
+        tracker: Arc<Tracker>,
+        chunks: Vec<Range<usize>>,
+        inputs: Vec<Bytes>,
+        describe: Describe,
+        total: usize,
+        ordered: bool,
+    ) -> AsyncMapResult<R> {
         AsyncMapResult { tracker, chunks: chunks.into(), inputs: inputs.into(), describe, total, ordered, _r: PhantomData }
     }
 
@@ -851,13 +892,16 @@ mod tests {
         let input = enc(&vec!["a".to_string(), "b".to_string()]);
         let t = err_task(2, json!({"status": "error", "ename": "EngineError", "evalue": "Engine 2 died", "engine_info": {"engine_id": 2}}));
         let r: Vec<Result<u8>> = decode_chunk(&t, 4..6, &input, describe_item::<String>);
-        let items: Vec<String> = r.iter().map(|x| match x {
-            Err(Error::Remote(e)) => {
-                assert_eq!(e.kind, crate::RemoteErrorKind::EngineDied);
-                e.item.clone().unwrap()
-            }
-            other => panic!("{other:?}"),
-        }).collect();
+        let items: Vec<String> = r
+            .iter()
+            .map(|x| match x {
+                Err(Error::Remote(e)) => {
+                    assert_eq!(e.kind, crate::RemoteErrorKind::EngineDied);
+                    e.item.clone().unwrap()
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
         assert_eq!(items, vec!["4: \"a\"", "5: \"b\""]);
 
         let mut lost = TaskState::new("x".into(), None, String::new());
@@ -881,7 +925,10 @@ mod tests {
         let tasks = vec![ok_task(0, vec![enc(&7u64)]), ok_task(1, vec![enc(&8u64)])];
         let v: Vec<u64> = collect_each(&tasks, |t, r| decode_buffer(t, r, 0)).unwrap();
         assert_eq!(v, vec![7, 8]);
-        let tasks = vec![ok_task(0, vec![enc(&7u64)]), err_task(1, json!({"status": "error", "ename": "NameError", "evalue": "`x` is not defined"}))];
+        let tasks = vec![
+            ok_task(0, vec![enc(&7u64)]),
+            err_task(1, json!({"status": "error", "ename": "NameError", "evalue": "`x` is not defined"})),
+        ];
         match collect_each::<u64>(&tasks, |t, r| decode_buffer(t, r, 0)) {
             Err(Error::Engines { failed, total: 2, outputs }) => {
                 assert_eq!((failed[0].engine_id, failed[0].kind.clone()), (Some(1), crate::RemoteErrorKind::Name));
@@ -916,7 +963,10 @@ mod tests {
         assert_eq!(r.results(), vec![Some("42".to_string()), None]);
         assert_eq!(r.errors().len(), 1);
         let text = r.to_string();
-        assert!(text.contains("[stdout:0] hi") && text.contains("Out[0:3]: 42") && text.contains("[1:execute] compile error on engine 1"), "{text}");
+        assert!(
+            text.contains("[stdout:0] hi") && text.contains("Out[0:3]: 42") && text.contains("[1:execute] compile error on engine 1"),
+            "{text}"
+        );
         assert!(matches!(r.clone().check(), Err(Error::Execute(ref all)) if **all == r));
         // execute's rule: a failure is an Err that still holds every engine's outcome.
         let e = finish_execute(&tasks).unwrap_err();

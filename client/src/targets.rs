@@ -42,7 +42,9 @@ pub enum TargetSpec {
 }
 
 fn parse_int(s: &str, whole: &str) -> Result<i64> {
-    s.trim().parse::<i64>().map_err(|_| Error::Targets(format!("`{whole}`: `{}` is not an engine number (use e.g. `all`, `0`, `0:4`, `::2`, `1,3,5`)", s.trim())))
+    s.trim().parse::<i64>().map_err(|_| {
+        Error::Targets(format!("`{whole}`: `{}` is not an engine number (use e.g. `all`, `0`, `0:4`, `::2`, `1,3,5`)", s.trim()))
+    })
 }
 
 fn parse_opt(s: &str, whole: &str) -> Result<Option<i64>> {

@@ -119,7 +119,17 @@ pub(crate) struct Tracker {
 impl Tracker {
     pub fn new(tasks: Vec<TaskState>, needs_idle: bool, io: Option<Arc<Shared>>) -> Arc<Tracker> {
         Arc::new(Tracker {
-            state: Mutex::new(TrackerState { tasks, replied: 0, settled: 0, done_order: Vec::new(), log: Vec::new(), sealed: true, waiters: 0, complete_waiters: 0, wakers: Vec::new() }),
+            state: Mutex::new(TrackerState {
+                tasks,
+                replied: 0,
+                settled: 0,
+                done_order: Vec::new(),
+                log: Vec::new(),
+                sealed: true,
+                waiters: 0,
+                complete_waiters: 0,
+                wakers: Vec::new(),
+            }),
             cv: Condvar::new(),
             needs_idle,
             io,
@@ -307,7 +317,13 @@ mod tests {
     use super::*;
 
     fn reply(status: &str) -> Outcome {
-        Outcome::Reply(ReplyData { status: status.into(), content: Value::Null, metadata: Value::Null, date: String::new(), buffers: vec![] })
+        Outcome::Reply(ReplyData {
+            status: status.into(),
+            content: Value::Null,
+            metadata: Value::Null,
+            date: String::new(),
+            buffers: vec![],
+        })
     }
 
     fn tracker(n: usize, needs_idle: bool) -> Arc<Tracker> {

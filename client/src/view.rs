@@ -21,7 +21,10 @@ use crate::client::{ClientInner, Jobs};
 use crate::error::{Error, Result};
 use crate::io::{Chan, Frames};
 use crate::remote::{storage_type_name, type_name_of, Remote, RemoteFn};
-use crate::result::{collect_each, collect_one, decode_buffer, decode_chunk, decode_pulled, describe_item, finish_execute, finish_execute_results, AsyncMapResult, AsyncResult, Describe, ExecuteResult};
+use crate::result::{
+    collect_each, collect_one, decode_buffer, decode_chunk, decode_pulled, describe_item, finish_execute, finish_execute_results,
+    AsyncMapResult, AsyncResult, Describe, ExecuteResult,
+};
 use crate::targets::{chunk_ranges, partition, TargetSpec, Targets};
 use crate::tracker::Tracker;
 
@@ -108,7 +111,11 @@ impl DirectView {
         self.submit_execute(code, finish_execute_results)
     }
 
-    fn submit_execute(&self, code: &str, finish: fn(&[crate::tracker::TaskState]) -> Result<ExecuteResult>) -> Result<AsyncResult<ExecuteResult>> {
+    fn submit_execute(
+        &self,
+        code: &str,
+        finish: fn(&[crate::tracker::TaskState]) -> Result<ExecuteResult>,
+    ) -> Result<AsyncResult<ExecuteResult>> {
         let targets = self.targets_now()?;
         let content = json!({"code": code, "silent": false, "store_history": true, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
         let tracker = self.mux(&targets, &content, vec![Vec::new(); targets.len()], true)?;
@@ -173,7 +180,8 @@ impl DirectView {
             return Ok(self.client.empty_map(true));
         }
         let targets = self.targets_now()?;
-        let parts: Vec<(Range<usize>, (usize, String))> = partition(items.len(), targets.len()).into_iter().zip(targets).filter(|(r, _)| !r.is_empty()).collect();
+        let parts: Vec<(Range<usize>, (usize, String))> =
+            partition(items.len(), targets.len()).into_iter().zip(targets).filter(|(r, _)| !r.is_empty()).collect();
         let content = op_content(&Op::Map { closure: remote.closure::<(A,)>() });
         let inputs: Vec<Bytes> = parts.iter().map(|(r, _)| encode(&items[r.clone()])).collect();
         let engines: Vec<(usize, String)> = parts.iter().map(|(_, t)| t.clone()).collect();
@@ -199,7 +207,10 @@ impl DirectView {
     /// Push `values[value_of[i]]` to target `i`: as files to same-host engines, else buffers.
     fn send_pushes(&self, targets: &[(usize, String)], named: NamedType, values: &[Bytes], value_of: &[usize]) -> Result<AsyncResult<()>> {
         let (parts, written) = crate::dataplane::push_parts(&self.client, targets, named, values, value_of)?;
-        let tracker = self.client.direct_each(Chan::Mux, "apply_request", targets, parts, false).inspect_err(|_| crate::dataplane::remove_files(&written))?;
+        let tracker = self
+            .client
+            .direct_each(Chan::Mux, "apply_request", targets, parts, false)
+            .inspect_err(|_| crate::dataplane::remove_files(&written))?;
         Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |_, _| Ok(())).map(|_| ())))
     }
 
@@ -240,7 +251,9 @@ impl DirectView {
         let targets = self.targets_now()?;
         let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
-        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(|v| v.into_iter().flatten().collect())))
+        Ok(AsyncResult::new(tracker, move |tasks| {
+            collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(|v| v.into_iter().flatten().collect())
+        }))
     }
 }
 
@@ -410,7 +423,12 @@ impl LoadBalancedView {
         Args: Serialize,
         F::Output: DeserializeOwned + 'static,
     {
-        let frames = Frames::new(&self.client.session, &self.client.ids, &self.metadata()?, &op_content(&Op::Apply { closure: remote.closure::<Args>() }));
+        let frames = Frames::new(
+            &self.client.session,
+            &self.client.ids,
+            &self.metadata()?,
+            &op_content(&Op::Apply { closure: remote.closure::<Args>() }),
+        );
         let tracker = self.client.tasks(&frames, vec![vec![encode(&args)]])?;
         Ok(AsyncResult::new(tracker, |tasks| collect_one(tasks, |t, r| decode_buffer(t, r, 0))))
     }
@@ -448,7 +466,12 @@ impl LoadBalancedView {
         if items.is_empty() {
             return Ok(self.client.empty_map(self.opts.ordered));
         }
-        let frames = Frames::new(&self.client.session, &self.client.ids, &self.metadata()?, &op_content(&Op::Map { closure: remote.closure::<(A,)>() }));
+        let frames = Frames::new(
+            &self.client.session,
+            &self.client.ids,
+            &self.metadata()?,
+            &op_content(&Op::Map { closure: remote.closure::<(A,)>() }),
+        );
         let chunks = chunk_ranges(items.len(), self.opts.chunksize);
         let inputs: Vec<Bytes> = chunks.iter().map(|r| encode(&items[r.clone()])).collect();
         let tracker = self.client.tasks(&frames, inputs.iter().map(|b| vec![b.clone()]).collect())?;
@@ -467,7 +490,9 @@ impl LoadBalancedView {
         A: Serialize + DeserializeOwned + Debug,
         R: DeserializeOwned,
     {
-        let setup = self.metadata().map(|md| Frames::new(&self.client.session, &self.client.ids, &md, &op_content(&Op::Map { closure: remote.closure::<(A,)>() })));
+        let setup = self.metadata().map(|md| {
+            Frames::new(&self.client.session, &self.client.ids, &md, &op_content(&Op::Map { closure: remote.closure::<(A,)>() }))
+        });
         Imap {
             client: self.client.clone(),
             frames: setup,
@@ -576,7 +601,10 @@ where
             let want = self.consumed;
             let ordered = self.ordered;
             let seen = self.tracker.lock().replied;
-            self.tracker.wait_until(None, |s| if ordered { s.tasks[want].outcome.is_some() } else { s.done_order.len() > want } || s.replied > seen);
+            self.tracker.wait_until(
+                None,
+                |s| if ordered { s.tasks[want].outcome.is_some() } else { s.done_order.len() > want } || s.replied > seen,
+            );
             let task = {
                 let s = self.tracker.lock();
                 if ordered {

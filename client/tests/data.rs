@@ -34,7 +34,10 @@ fn push_pull_scatter_gather_on_four_engines() {
     });
 
     steps.run("push/pull a map of options on all engines", || {
-        let m: BTreeMap<String, Option<Vec<f64>>> = [("x".to_string(), Some(vec![1.5, -2.0])), ("none".to_string(), None), ("empty".to_string(), Some(vec![]))].into_iter().collect();
+        let m: BTreeMap<String, Option<Vec<f64>>> =
+            [("x".to_string(), Some(vec![1.5, -2.0])), ("none".to_string(), None), ("empty".to_string(), Some(vec![]))]
+                .into_iter()
+                .collect();
         all.push("table", &m).unwrap();
         let back: Vec<BTreeMap<String, Option<Vec<f64>>>> = all.pull("table").unwrap();
         assert_eq!(back.len(), 4);

@@ -41,7 +41,9 @@ fn cells_queues_and_targets_on_four_engines() {
 
     steps.run("execute: stdout and results per engine, in target order", || {
         let dv = c.direct_view(..);
-        let r = dv.execute(r#"let eid: u64 = std::env::var("RPX_ENGINE_ID").unwrap().parse().unwrap(); println!("engine {eid} says hi");"#).unwrap();
+        let r = dv
+            .execute(r#"let eid: u64 = std::env::var("RPX_ENGINE_ID").unwrap().parse().unwrap(); println!("engine {eid} says hi");"#)
+            .unwrap();
         assert_eq!(r.engine_ids(), vec![0, 1, 2, 3]);
         assert_eq!(r.stdout(), (0..4).map(|i| format!("engine {i} says hi\n")).collect::<Vec<_>>());
         assert!(r.errors().is_empty(), "{r}");

@@ -58,7 +58,10 @@ fn sigint_stops_the_running_cell_and_keeps_the_engines_variables() {
     });
 
     steps.run("a cell blocked in sleep is interrupted; its new variable is dropped, the old one kept", || {
-        let e = interrupt(&c, "let fresh: u64 = 5; println!(\"started\"); std::thread::sleep(std::time::Duration::from_secs(60)); println!(\"{fresh}\");");
+        let e = interrupt(
+            &c,
+            "let fresh: u64 = 5; println!(\"started\"); std::thread::sleep(std::time::Duration::from_secs(60)); println!(\"{fresh}\");",
+        );
         assert_interrupted(&e);
         assert!(e.to_string().contains("interrupted on engine 0"), "{e}");
         assert_eq!(stdout_of(&c, 0, "println!(\"{}\", kept + 1);"), "42\n");
@@ -109,7 +112,11 @@ fn sigint_stops_the_running_cell_and_keeps_the_engines_variables() {
         c.send_signal("SIGINT", 0usize).unwrap();
         match ar.get_timeout(Duration::from_secs(60)) {
             Err(Error::Remote(e)) => {
-                assert_eq!((e.kind.clone(), e.ename.as_str(), e.engine_id), (RemoteErrorKind::Interrupted, "KeyboardInterrupt", Some(0)), "{e}");
+                assert_eq!(
+                    (e.kind.clone(), e.ename.as_str(), e.engine_id),
+                    (RemoteErrorKind::Interrupted, "KeyboardInterrupt", Some(0)),
+                    "{e}"
+                );
                 assert_eq!(e.message, "the call was interrupted (SIGINT); the engine kept its variables");
             }
             other => panic!("expected an interrupted call, got {other:?}"),

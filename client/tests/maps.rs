@@ -42,7 +42,19 @@ fn closures_on_four_engines() {
     steps.run("load-balanced apply", || {
         let sum: u64 = view.apply(rpx::remote!(|a: u64, b: u64| a + b), (1, 2)).unwrap();
         assert_eq!(sum, 3);
-        let s: String = view.apply(rpx::remote!(|a: String, n: usize, sep: char, upper: bool| { let s = vec![a; n].join(&sep.to_string()); if upper { s.to_uppercase() } else { s } }), ("ab".to_string(), 3usize, '-', true)).unwrap();
+        let s: String = view
+            .apply(
+                rpx::remote!(|a: String, n: usize, sep: char, upper: bool| {
+                    let s = vec![a; n].join(&sep.to_string());
+                    if upper {
+                        s.to_uppercase()
+                    } else {
+                        s
+                    }
+                }),
+                ("ab".to_string(), 3usize, '-', true),
+            )
+            .unwrap();
         assert_eq!(s, "AB-AB-AB");
     });
 
@@ -94,7 +106,8 @@ fn closures_on_four_engines() {
     steps.run("imap keeps a bounded number of tasks in flight", || {
         let out: Vec<u64> = view.imap(rpx::remote!(|x: u64| x * 2), 0..20u64, 3).map(|r| r.unwrap()).collect();
         assert_eq!(out, (0..20).map(|x| x * 2).collect::<Vec<u64>>());
-        let mut out: Vec<u64> = view.ordered(false).chunksize(4).imap(rpx::remote!(|x: u64| x * 2), 0..10u64, 2).map(|r| r.unwrap()).collect();
+        let mut out: Vec<u64> =
+            view.ordered(false).chunksize(4).imap(rpx::remote!(|x: u64| x * 2), 0..10u64, 2).map(|r| r.unwrap()).collect();
         out.sort();
         assert_eq!(out, (0..10).map(|x| x * 2).collect::<Vec<u64>>());
         // An endless input is consumed lazily.
@@ -126,7 +139,10 @@ fn closures_on_four_engines() {
                 assert_eq!(total, 6);
                 assert_eq!(failed.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![3]);
                 let text = Error::Map { failed, total }.to_string();
-                assert!(text.contains("1 of 6 map items failed") && text.contains("three is not allowed") && text.contains("map item 3"), "{text}");
+                assert!(
+                    text.contains("1 of 6 map items failed") && text.contains("three is not allowed") && text.contains("map item 3"),
+                    "{text}"
+                );
             }
             other => panic!("{other}"),
         }
@@ -192,7 +208,15 @@ fn closures_on_four_engines() {
 
     steps.run("abort a queued task: it fails with Aborted, the running one completes", || {
         let on_one = view.targets(0usize);
-        let first = on_one.apply_async(rpx::remote!(|ms: u64| { std::thread::sleep(std::time::Duration::from_millis(ms)); ms }), (3000u64,)).unwrap();
+        let first = on_one
+            .apply_async(
+                rpx::remote!(|ms: u64| {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    ms
+                }),
+                (3000u64,),
+            )
+            .unwrap();
         let second = on_one.apply_async(rpx::remote!(|| 2u8), ()).unwrap();
         c.abort(&second).unwrap();
         match second.get().unwrap_err() {
@@ -237,7 +261,12 @@ fn closures_on_four_engines() {
         assert_eq!(outs.len(), 400);
         for (x, o) in outs.iter().enumerate() {
             let nl = if x % 2 == 1 { "" } else { "\n" };
-            assert_eq!((o.stdout.as_str(), o.stderr.as_str()), (format!("out {x}{nl}").as_str(), format!("err {x}{nl}").as_str()), "task {x} on engine {:?}", o.engine_id);
+            assert_eq!(
+                (o.stdout.as_str(), o.stderr.as_str()),
+                (format!("out {x}{nl}").as_str(), format!("err {x}{nl}").as_str()),
+                "task {x} on engine {:?}",
+                o.engine_id
+            );
         }
     });
 
@@ -266,7 +295,8 @@ fn an_engine_killed_mid_map_fails_only_its_items() {
     // The engine process of engine 1 is its worker's parent.
     let victim: Vec<u32> = c.direct_view(1usize).apply(rpx::remote!(std::os::unix::process::parent_id), ()).unwrap();
     let victim = victim[0];
-    let pids: Vec<u32> = cluster.cluster_state().unwrap()["engines"].as_array().unwrap().iter().map(|e| e["pid"].as_u64().unwrap() as u32).collect();
+    let pids: Vec<u32> =
+        cluster.cluster_state().unwrap()["engines"].as_array().unwrap().iter().map(|e| e["pid"].as_u64().unwrap() as u32).collect();
     assert!(pids.contains(&victim), "engine 1's process {victim} is one of the cluster's engines {pids:?}");
 
     let ar = c.view().map_async(napper, vec![1500u64; 12]).unwrap();

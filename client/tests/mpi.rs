@@ -7,7 +7,6 @@
 
 mod common;
 
-
 use common::{serial, Steps, TestCluster};
 use rpx_tests::{show, TestHosts};
 
@@ -37,7 +36,10 @@ fn four_ranks(steps: &mut Steps, mpiexec: &str, extra: &[&str]) -> Vec<String> {
         assert_eq!(ranks, ids);
     });
     steps.run(&format!("{mpiexec}: a load-balanced map runs on the ranks"), || {
-        let got: Vec<(u64, String)> = c.view().map(rpx::remote!(|x: u64| (x * 3, std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string())), 0..32u64).unwrap();
+        let got: Vec<(u64, String)> = c
+            .view()
+            .map(rpx::remote!(|x: u64| (x * 3, std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string())), 0..32u64)
+            .unwrap();
         assert_eq!(got.iter().map(|(x, _)| *x).collect::<Vec<_>>(), (0..32u64).map(|x| x * 3).collect::<Vec<_>>());
         hostnames = got.into_iter().map(|(_, h)| h).collect();
     });

@@ -53,7 +53,20 @@ fn ssh_engines_on_two_hosts() {
     cluster.n = 4;
     let ssh_args = format!("-F {}", hosts.ssh_config().display());
     let hosts_arg = format!("{h1}:2,{h2}:2");
-    let out = cluster.ipcluster(&["start", "--daemonize", "--ip", hosts.gateway(), "--engines", "ssh", "--hosts", &hosts_arg, "--ssh-args", &ssh_args, "--timeout", "120"]);
+    let out = cluster.ipcluster(&[
+        "start",
+        "--daemonize",
+        "--ip",
+        hosts.gateway(),
+        "--engines",
+        "ssh",
+        "--hosts",
+        &hosts_arg,
+        "--ssh-args",
+        &ssh_args,
+        "--timeout",
+        "120",
+    ]);
     assert!(out.status.success(), "ipcluster start --engines ssh failed\n{}", show(&out));
     let c = common::client(&cluster);
     let dv = c.direct_view(..);
@@ -71,7 +84,9 @@ fn ssh_engines_on_two_hosts() {
     // Engine id -> host name, from a cell (compiled once, shipped to both hosts).
     let mut where_: BTreeMap<usize, String> = BTreeMap::new();
     steps.run("a cell runs on the engines of both hosts", || {
-        let r = dv.execute("let host = std::fs::read_to_string(\"/proc/sys/kernel/hostname\").unwrap(); println!(\"{}\", host.trim());").unwrap();
+        let r = dv
+            .execute("let host = std::fs::read_to_string(\"/proc/sys/kernel/hostname\").unwrap(); println!(\"{}\", host.trim());")
+            .unwrap();
         assert!(r.errors().is_empty(), "{:?}", r.errors());
         where_ = r.engine_ids().into_iter().zip(r.stdout().into_iter().map(|s| s.trim().to_string())).collect();
         let per_host = where_.values().fold(BTreeMap::<&str, usize>::new(), |mut m, h| {
@@ -91,7 +106,8 @@ fn ssh_engines_on_two_hosts() {
     });
 
     steps.run("remote! closures run on both hosts, direct and load-balanced", || {
-        let hostnames: Vec<String> = dv.apply(rpx::remote!(|| std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()), ()).unwrap();
+        let hostnames: Vec<String> =
+            dv.apply(rpx::remote!(|| std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()), ()).unwrap();
         assert_eq!(hostnames.iter().collect::<BTreeSet<_>>(), BTreeSet::from([&"h1".to_string(), &"h2".to_string()]));
         let sq: Vec<u64> = c.view().map(rpx::remote!(|x: u64| x * x), 0..40u64).unwrap();
         assert_eq!(sq, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
@@ -169,7 +185,8 @@ fn ssh_engines_on_two_hosts() {
         // h1 loaded it before the change: it still runs there; h2 cached nothing.
         let r: Vec<u64> = c.direct_view(on("h1")).apply(rpx::remote!(|x: u64| x + 1000), (2,)).unwrap();
         assert_eq!(r, vec![1002, 1002]);
-        let cached = hosts.exec("h2", &["sh", "-c", &format!("ls ~/.cache/rpx/{sha}.so ~/.cache/rpx/runtime/{sha} 2>&1")], Duration::from_secs(10));
+        let cached =
+            hosts.exec("h2", &["sh", "-c", &format!("ls ~/.cache/rpx/{sha}.so ~/.cache/rpx/runtime/{sha} 2>&1")], Duration::from_secs(10));
         assert!(!cached.status.success(), "nothing bad was cached on h2: {}", String::from_utf8_lossy(&cached.stdout));
     });
 
@@ -185,7 +202,20 @@ fn ssh_engines_on_two_hosts() {
 
     steps.run("refused authentication gives a clear error", || {
         let args = format!("{ssh_args} -o PubkeyAuthentication=no");
-        let out = cluster.ipcluster(&["start", "--daemonize", "--ip", hosts.gateway(), "--engines", "ssh", "--hosts", &format!("{h1}:1"), "--ssh-args", &args, "--timeout", "60"]);
+        let out = cluster.ipcluster(&[
+            "start",
+            "--daemonize",
+            "--ip",
+            hosts.gateway(),
+            "--engines",
+            "ssh",
+            "--hosts",
+            &format!("{h1}:1"),
+            "--ssh-args",
+            &args,
+            "--timeout",
+            "60",
+        ]);
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&h1) && err.contains("Permission denied"), "{err}");
@@ -194,7 +224,18 @@ fn ssh_engines_on_two_hosts() {
 
     steps.run("engines that cannot reach the controller time out with their host's log tail", || {
         // The controller on loopback: the engines on h1 start but can never register.
-        let out = cluster.ipcluster(&["start", "--daemonize", "--engines", "ssh", "--hosts", &format!("{h1}:1"), "--ssh-args", &ssh_args, "--timeout", "5"]);
+        let out = cluster.ipcluster(&[
+            "start",
+            "--daemonize",
+            "--engines",
+            "ssh",
+            "--hosts",
+            &format!("{h1}:1"),
+            "--ssh-args",
+            &ssh_args,
+            "--timeout",
+            "5",
+        ]);
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("within 5 s") && err.contains(&h1), "{err}");
@@ -206,7 +247,20 @@ fn ssh_engines_on_two_hosts() {
 
     steps.run("a host whose sshd is down gives a clear error and leaves nothing running", || {
         hosts.stop_sshd("h2");
-        let out = cluster.ipcluster(&["start", "--daemonize", "--ip", hosts.gateway(), "--engines", "ssh", "--hosts", &format!("{h2}:1"), "--ssh-args", &ssh_args, "--timeout", "60"]);
+        let out = cluster.ipcluster(&[
+            "start",
+            "--daemonize",
+            "--ip",
+            hosts.gateway(),
+            "--engines",
+            "ssh",
+            "--hosts",
+            &format!("{h2}:1"),
+            "--ssh-args",
+            &ssh_args,
+            "--timeout",
+            "60",
+        ]);
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&h2) && err.contains("Connection refused"), "{err}");

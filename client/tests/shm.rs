@@ -18,7 +18,12 @@ fn vm_hwm_kib(pid: i64) -> u64 {
 }
 
 fn transfer_files(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".xfer-")).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".xfer-"))
+        .collect()
 }
 
 #[test]
@@ -39,7 +44,8 @@ fn shared_memory_transfers_on_four_engines() {
     });
 
     steps.run("nested values on every engine, and back", || {
-        let v: BTreeMap<String, Vec<(u8, Option<String>)>> = [("a".to_string(), vec![(1, Some("x".into())), (2, None)]), ("".to_string(), vec![])].into_iter().collect();
+        let v: BTreeMap<String, Vec<(u8, Option<String>)>> =
+            [("a".to_string(), vec![(1, Some("x".into())), (2, None)]), ("".to_string(), vec![])].into_iter().collect();
         all.push("nested", &v).unwrap();
         let back: Vec<BTreeMap<String, Vec<(u8, Option<String>)>>> = all.pull("nested").unwrap();
         assert_eq!(back, vec![v.clone(); 4]);
@@ -70,7 +76,11 @@ fn shared_memory_transfers_on_four_engines() {
         let words: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
         rev.scatter("words", &words).unwrap();
         assert_eq!(rev.gather::<String>("words").unwrap(), words);
-        assert_eq!(one.pull::<Vec<String>>("words").unwrap(), vec![vec!["w8".to_string(), "w9".to_string()]], "engine 0 got the last chunk");
+        assert_eq!(
+            one.pull::<Vec<String>>("words").unwrap(),
+            vec![vec!["w8".to_string(), "w9".to_string()]],
+            "engine 0 got the last chunk"
+        );
     });
 
     steps.run("a 256 MiB value: to every engine, back, scattered and gathered; the controller never holds it", || {
@@ -109,7 +119,9 @@ fn shared_memory_transfers_on_four_engines() {
     steps.run("a value pushed while a cell runs is never seen half-written", || {
         one.push("v", &vec![7u8; 1000]).unwrap();
         let gate = Gate::new();
-        let cell = one.execute_async(&format!("{} let w: Vec<u8> = ::rpx_runtime::get(\"v\"); (w.len(), w.iter().all(|b| *b == 7))", gate.hold())).unwrap();
+        let cell = one
+            .execute_async(&format!("{} let w: Vec<u8> = ::rpx_runtime::get(\"v\"); (w.len(), w.iter().all(|b| *b == 7))", gate.hold()))
+            .unwrap();
         gate.wait_started();
         let big = vec![9u8; 64 << 20];
         let push = one.push_async("v", &big).unwrap();

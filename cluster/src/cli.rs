@@ -15,10 +15,10 @@ use rpx_protocol::Profile;
 
 use crate::launcher::batch::{self, JobOptions};
 use crate::launcher::hosts::{self, HostSpec};
-use crate::launcher::{PbsLauncher, SgeLauncher, SlurmLauncher};
 use crate::launcher::local::Local;
 use crate::launcher::mpi::Mpi;
 use crate::launcher::ssh::Ssh;
+use crate::launcher::{PbsLauncher, SgeLauncher, SlurmLauncher};
 use crate::restart::Policy;
 use crate::Fail;
 
@@ -76,7 +76,6 @@ impl LauncherKind {
             LauncherKind::Pbs => "pbs",
         }
     }
-
 }
 
 /// How engines are launched: options shared by `start` and `engines`.
@@ -162,7 +161,9 @@ impl LaunchArgs {
     pub fn check(&self, n: Option<usize>, default_n: Option<usize>) -> Result<(Launch, usize), Fail> {
         self.check_foreign_options()?;
         let count = |n: Option<usize>| {
-            n.or(default_n).ok_or_else(|| Fail::usage(format!("-n is required with --engines {}", self.engines.name()))).and_then(check_count)
+            n.or(default_n)
+                .ok_or_else(|| Fail::usage(format!("-n is required with --engines {}", self.engines.name())))
+                .and_then(check_count)
         };
         match self.engines {
             LauncherKind::Mpi => Ok((Launch::Mpi(Mpi::new(self.mpiexec.clone(), split("--mpi-args", &self.mpi_args)?)), count(n)?)),
@@ -190,7 +191,9 @@ impl LaunchArgs {
             v => Ok(v),
         };
         let name = |flag: &str, v: &Option<String>| match v {
-            Some(s) if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) => Err(Fail::usage(format!("{flag} {s:?}: a name without spaces"))),
+            Some(s) if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                Err(Fail::usage(format!("{flag} {s:?}: a name without spaces")))
+            }
             v => Ok(v.clone()),
         };
         for d in &self.directives {
@@ -200,7 +203,10 @@ impl LaunchArgs {
         }
         let template = match &self.job_template {
             None => None,
-            Some(p) => Some((p.clone(), std::fs::read_to_string(p).map_err(|e| Fail::usage(format!("cannot read --job-template {}: {e}", p.display())))?)),
+            Some(p) => Some((
+                p.clone(),
+                std::fs::read_to_string(p).map_err(|e| Fail::usage(format!("cannot read --job-template {}: {e}", p.display())))?,
+            )),
         };
         let engine_cmd = match split("--engine-cmd", &self.engine_cmd)? {
             words if words.is_empty() && self.engine_cmd.is_some() => return Err(Fail::usage("--engine-cmd is empty")),
@@ -259,7 +265,8 @@ impl LaunchArgs {
             (Some(_), Some(_)) => Err(Fail::usage("give --hosts or --hostfile, not both")),
             (Some(list), None) => hosts::parse_hosts(list).map_err(|e| Fail::usage(format!("--hosts {list:?}: {e}"))),
             (None, Some(file)) => {
-                let text = std::fs::read_to_string(file).map_err(|e| Fail::usage(format!("cannot read --hostfile {}: {e}", file.display())))?;
+                let text =
+                    std::fs::read_to_string(file).map_err(|e| Fail::usage(format!("cannot read --hostfile {}: {e}", file.display())))?;
                 hosts::parse_hostfile(&text).map_err(|e| Fail::usage(format!("--hostfile {}: {e}", file.display())))
             }
             (None, None) => Err(Fail::usage("--engines ssh needs --hosts h1:2,h2:3 or --hostfile FILE")),
@@ -597,14 +604,38 @@ mod tests {
     #[test]
     fn batch_launchers_take_their_options() {
         let (cfg, l) = start_check(&[
-            "start", "--engines", "slurm", "-n", "8", "--partition", "debug", "--account", "a1", "--qos", "hi", "--time", "1:00:00", "--nodes", "2",
-            "--engines-per-node", "2", "--engines-per-job", "4", "--directive", "--mem=1G", "--engine-cmd", "/opt/ipengine",
+            "start",
+            "--engines",
+            "slurm",
+            "-n",
+            "8",
+            "--partition",
+            "debug",
+            "--account",
+            "a1",
+            "--qos",
+            "hi",
+            "--time",
+            "1:00:00",
+            "--nodes",
+            "2",
+            "--engines-per-node",
+            "2",
+            "--engines-per-job",
+            "4",
+            "--directive",
+            "--mem=1G",
+            "--engine-cmd",
+            "/opt/ipengine",
         ])
         .unwrap();
         let Launch::Slurm(s) = l else { panic!("slurm") };
         assert_eq!(cfg.n, 8);
         let o = &s.opts;
-        assert_eq!((o.queue.as_deref(), o.account.as_deref(), o.qos.as_deref(), o.time), (Some("debug"), Some("a1"), Some("hi"), Some(3600)));
+        assert_eq!(
+            (o.queue.as_deref(), o.account.as_deref(), o.qos.as_deref(), o.time),
+            (Some("debug"), Some("a1"), Some("hi"), Some(3600))
+        );
         assert_eq!((o.nodes, o.engines_per_node, o.engines_per_job), (Some(2), Some(2), Some(4)));
         assert_eq!(o.directives, ["--mem=1G"]);
         assert_eq!(o.engine_cmd, Some(vec!["/opt/ipengine".to_string()]));
@@ -636,7 +667,9 @@ mod tests {
         std::fs::write(&t, "#!/bin/sh\necho no engines\n").unwrap();
         assert!(usage(&["start", "--engines", "slurm", "--job-template", t.to_str().unwrap()]).contains("engine_command"));
         std::fs::write(&t, "#!/bin/sh\n{{ engine_command }}\n").unwrap();
-        assert!(usage(&["start", "--engines", "slurm", "--account", "x", "--job-template", t.to_str().unwrap()]).contains("would be ignored"));
+        assert!(
+            usage(&["start", "--engines", "slurm", "--account", "x", "--job-template", t.to_str().unwrap()]).contains("would be ignored")
+        );
     }
 
     #[test]
@@ -644,11 +677,28 @@ mod tests {
         let (cfg, l) = start_check(&["start", "-n", "3"]).unwrap();
         assert!(matches!(l, Launch::Local(_)));
         assert_eq!(cfg.n, 3);
-        let (cfg, l) = start_check(&["start", "--engines", "mpi", "-n", "4", "--mpi-args", "--host 'a b',c -x FOO", "--mpiexec", "mpiexec.mpich"]).unwrap();
+        let (cfg, l) =
+            start_check(&["start", "--engines", "mpi", "-n", "4", "--mpi-args", "--host 'a b',c -x FOO", "--mpiexec", "mpiexec.mpich"])
+                .unwrap();
         let Launch::Mpi(m) = l else { panic!("mpi") };
         assert_eq!((cfg.n, m.command.as_str()), (4, "mpiexec.mpich"));
         assert_eq!(m.args, ["--host", "a b,c", "-x", "FOO"]);
-        let (cfg, l) = start_check(&["start", "--engines", "ssh", "--hosts", "h1:2,h2:3", "--ssh-args", "-F /x/cfg", "--engine-cmd", "/opt/rpx/ipengine --timeout 20", "--ip", "*", "--location", "head"]).unwrap();
+        let (cfg, l) = start_check(&[
+            "start",
+            "--engines",
+            "ssh",
+            "--hosts",
+            "h1:2,h2:3",
+            "--ssh-args",
+            "-F /x/cfg",
+            "--engine-cmd",
+            "/opt/rpx/ipengine --timeout 20",
+            "--ip",
+            "*",
+            "--location",
+            "head",
+        ])
+        .unwrap();
         let Launch::Ssh(s) = l else { panic!("ssh") };
         assert_eq!(cfg.n, 5, "the hosts' counts");
         assert_eq!((cfg.ip.as_deref(), cfg.location.as_deref()), (Some("*"), Some("head")));
@@ -692,7 +742,9 @@ mod tests {
         assert!(usage(&["start", "--engines", "ssh", "--hosts", "a", "--hostfile", "f"]).contains("not both"));
         assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1:2,h2:3", "-n", "4"]).contains("does not match"));
         assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1:2,h2"]).contains("every host"));
-        assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1", "--ssh-args", "-o 'unterminated"]).contains("cannot split --ssh-args"));
+        assert!(
+            usage(&["start", "--engines", "ssh", "--hosts", "h1", "--ssh-args", "-o 'unterminated"]).contains("cannot split --ssh-args")
+        );
         assert!(usage(&["start", "--engines", "ssh", "--hosts", "h1", "--engine-cmd", ""]).contains("--engine-cmd is empty"));
         assert!(usage(&["start", "--engines", "mpi", "-n", "5000"]).contains("at most 4096"));
         assert!(usage(&["start", "--location=-x"]).contains("--location"));
@@ -704,7 +756,8 @@ mod tests {
         let (cfg, _) = start_check(&["start", "-n", "1"]).unwrap();
         assert_eq!(cfg.policy, Policy::default());
         assert!(cfg.supervises() && !cfg.detached, "the foreground supervises");
-        let (cfg, _) = start_check(&["start", "-n", "1", "--daemonize", "--no-restart", "--restart-limit", "2", "--restart-window", "5"]).unwrap();
+        let (cfg, _) =
+            start_check(&["start", "-n", "1", "--daemonize", "--no-restart", "--restart-limit", "2", "--restart-window", "5"]).unwrap();
         assert!(!cfg.policy.restart);
         assert_eq!((cfg.policy.limit, cfg.policy.window), (2, Duration::from_secs(5)));
         assert!(!cfg.supervises(), "the launching command of --daemonize does not");

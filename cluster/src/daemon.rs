@@ -85,7 +85,11 @@ pub fn start_detached(limit: Duration) -> anyhow::Result<i32> {
     match child.try_wait() {
         Ok(Some(status)) => Ok(status.code().unwrap_or(1)),
         _ => {
-            let msg = if waited { "cannot learn how the detached supervisor ended" } else { "the detached supervisor closed its output without being ready or exiting" };
+            let msg = if waited {
+                "cannot learn how the detached supervisor ended"
+            } else {
+                "the detached supervisor closed its output without being ready or exiting"
+            };
             Err(Fail::new(1, format!("{msg} (pid {}); check with `ipcluster list`", child.id())).into())
         }
     }
@@ -109,7 +113,11 @@ fn relay(from: impl Read + Send + 'static, ready: Option<Arc<AtomicBool>>, to_st
                     continue;
                 }
             }
-            let _ = if to_stderr { std::io::stderr().write_all(&line) } else { std::io::stdout().write_all(&line).and_then(|()| std::io::stdout().flush()) };
+            let _ = if to_stderr {
+                std::io::stderr().write_all(&line)
+            } else {
+                std::io::stdout().write_all(&line).and_then(|()| std::io::stdout().flush())
+            };
         }
     })
 }
@@ -120,7 +128,11 @@ pub fn hand_off(log: &Path) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     println!("{READY}");
     std::io::stdout().flush().context("cannot tell the launching ipcluster that the cluster runs")?;
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("cannot open the supervisor log {}", log.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open the supervisor log {}", log.display()))?;
     for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
         // SAFETY: dup2 onto the standard descriptors; `f` stays open until both are done.
         if unsafe { libc::dup2(f.as_raw_fd(), fd) } == -1 {

@@ -54,7 +54,18 @@ fn row(file: &std::path::Path, st: ClusterState) -> Row {
     };
     let launchers = launcher::status_all(&st, registered.as_ref());
     // Without the controller: live local engines, and every engine of a launch that lives.
-    let alive: usize = launchers.iter().map(|l| if l.launcher == "local" { l.alive } else if l.alive > 0 { l.engines } else { 0 }).sum();
+    let alive: usize = launchers
+        .iter()
+        .map(|l| {
+            if l.launcher == "local" {
+                l.alive
+            } else if l.alive > 0 {
+                l.engines
+            } else {
+                0
+            }
+        })
+        .sum();
     Row {
         profile: st.profile.clone(),
         cluster_id: st.cluster_id.clone(),
@@ -86,7 +97,13 @@ pub fn render(rows: &[Row]) -> String {
             pids.push_str(&format!(", engines {}", e.join(",")));
         }
         let engines = if r.engines_from_controller || !r.running { r.engines.to_string() } else { format!("{} (processes)", r.engines) };
-        cells.push([r.profile.clone(), if r.cluster_id.is_empty() { "''".into() } else { r.cluster_id.clone() }, r.running.to_string(), engines, pids]);
+        cells.push([
+            r.profile.clone(),
+            if r.cluster_id.is_empty() { "''".into() } else { r.cluster_id.clone() },
+            r.running.to_string(),
+            engines,
+            pids,
+        ]);
     }
     let widths: Vec<usize> = (0..5).map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
@@ -114,7 +131,13 @@ pub fn render(rows: &[Row]) -> String {
 pub fn supervision_lines(r: &Row) -> Vec<String> {
     let Some(v) = &r.supervision else { return Vec::new() };
     let mut out = Vec::new();
-    let policy = Policy { restart: v.restart, limit: v.restart_limit, window: Duration::from_secs_f64(v.restart_window.max(0.0)), ..Policy::default() }.describe();
+    let policy = Policy {
+        restart: v.restart,
+        limit: v.restart_limit,
+        window: Duration::from_secs_f64(v.restart_window.max(0.0)),
+        ..Policy::default()
+    }
+    .describe();
     let mut line = match r.ipcluster_pid {
         Some(p) if r.supervisor_alive => format!("supervisor: pid {p}, {policy}"),
         Some(p) => format!("supervisor: pid {p} is not running: nothing is restarted"),
@@ -182,7 +205,13 @@ mod tests {
     #[test]
     fn supervision_is_listed_with_restarts_and_crash_loops() {
         use crate::state::{GaveUp, RestartNote};
-        let mut v = Supervision { restart: true, restart_limit: 5, restart_window: 60.0, log: Some("/l/ipcluster-9.log".into()), ..Default::default() };
+        let mut v = Supervision {
+            restart: true,
+            restart_limit: 5,
+            restart_window: 60.0,
+            log: Some("/l/ipcluster-9.log".into()),
+            ..Default::default()
+        };
         let row = |v: &Supervision, alive: bool| Row {
             profile: "default".into(),
             cluster_id: String::new(),
@@ -203,13 +232,31 @@ mod tests {
             supervision_lines(&row(&v, true)),
             ["supervisor: pid 9, restarts on (give up after 5 in a row that each died within 60 s), log /l/ipcluster-9.log", "restarts: 0"]
         );
-        v.note(RestartNote { at: "T1".into(), member: "compiler".into(), reason: "exited with status 1".into(), old_pid: 11, new_pid: 20, lost: None });
-        v.note(RestartNote { at: "T2".into(), member: "engine 2 (id 2)".into(), reason: "was killed by signal 9 (SIGKILL)".into(), old_pid: 12, new_pid: 21, lost: Some("its variables are lost".into()) });
+        v.note(RestartNote {
+            at: "T1".into(),
+            member: "compiler".into(),
+            reason: "exited with status 1".into(),
+            old_pid: 11,
+            new_pid: 20,
+            lost: None,
+        });
+        v.note(RestartNote {
+            at: "T2".into(),
+            member: "engine 2 (id 2)".into(),
+            reason: "was killed by signal 9 (SIGKILL)".into(),
+            old_pid: 12,
+            new_pid: 21,
+            lost: Some("its variables are lost".into()),
+        });
         v.given_up.push(GaveUp { at: "T3".into(), member: "engine 3 (id 3)".into(), message: "engine 3 (id 3) ... a crash loop".into() });
         let t = render(&[row(&v, false)]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[2], "  supervisor: pid 9 is not running: nothing is restarted, log /l/ipcluster-9.log", "{t}");
-        assert_eq!(lines[3], "  restarts: 2, last: engine 2 (id 2) was killed by signal 9 (SIGKILL), restarted as pid 21 at T2; its variables are lost", "{t}");
+        assert_eq!(
+            lines[3],
+            "  restarts: 2, last: engine 2 (id 2) was killed by signal 9 (SIGKILL), restarted as pid 21 at T2; its variables are lost",
+            "{t}"
+        );
         assert_eq!(lines[4], "  not restarted (since T3): engine 3 (id 3) ... a crash loop", "{t}");
         assert_eq!(lines.len(), 5, "{t}");
     }
@@ -227,7 +274,15 @@ mod tests {
             compiler_pid: Some(11),
             engines: vec![EngineProc { pid: 12, index: 0, log: "/l/0".into() }],
             mpi: vec![MpiLaunch { pid: 456, first_index: 1, n: 4, log: "/l/m".into(), mpiexec: "/m".into(), flavour: Flavour::Mpich }],
-            ssh: vec![SshLaunch { pid: 123, host: "10.0.0.2".into(), first_index: 5, n: 2, log: "/l/s".into(), remote_pids: vec![7, 8], ssh: vec!["ssh".into()] }],
+            ssh: vec![SshLaunch {
+                pid: 123,
+                host: "10.0.0.2".into(),
+                first_index: 5,
+                n: 2,
+                log: "/l/s".into(),
+                remote_pids: vec![7, 8],
+                ssh: vec!["ssh".into()],
+            }],
             slurm: Vec::new(),
             sge: Vec::new(),
             pbs: Vec::new(),

@@ -42,7 +42,11 @@ pub fn spawn(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&s
 /// [`spawn`], appending to `log` instead of truncating it (a restarted member keeps its
 /// predecessor's log).
 pub fn spawn_appending(bin: &Path, args: &[String], log: &Path, instance: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("cannot open log file {}", log.display()))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open log file {}", log.display()))?;
     spawn_logged(bin, args, out, instance, env, Stdio::null())
 }
 
@@ -106,17 +110,20 @@ pub fn find_program(cmd: &str) -> Option<PathBuf> {
 /// status (`None` if it had to be killed).
 pub fn output_bounded(cmd: &mut Command, limit: Duration) -> std::io::Result<(Option<std::process::ExitStatus>, String)> {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let readers: Vec<_> = [child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>), child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>)]
-        .into_iter()
-        .flatten()
-        .map(|mut r| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = r.read_to_end(&mut buf);
-                buf
-            })
+    let readers: Vec<_> = [
+        child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>),
+        child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
         })
-        .collect();
+    })
+    .collect();
     let mut status = None;
     wait_until(limit, || {
         status = child.try_wait().ok().flatten();
@@ -126,7 +133,8 @@ pub fn output_bounded(cmd: &mut Command, limit: Duration) -> std::io::Result<(Op
         let _ = child.kill();
         let _ = child.wait();
     }
-    let text = readers.into_iter().filter_map(|h| h.join().ok()).map(|b| String::from_utf8_lossy(&b).into_owned()).collect::<Vec<_>>().join("");
+    let text =
+        readers.into_iter().filter_map(|h| h.join().ok()).map(|b| String::from_utf8_lossy(&b).into_owned()).collect::<Vec<_>>().join("");
     Ok((status, text))
 }
 

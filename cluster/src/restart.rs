@@ -29,7 +29,13 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { restart: true, limit: 5, window: Duration::from_secs(60), first_delay: Duration::from_millis(500), max_delay: Duration::from_secs(30) }
+        Policy {
+            restart: true,
+            limit: 5,
+            window: Duration::from_secs(60),
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
     }
 }
 

@@ -68,7 +68,11 @@ fn check_not_running(target: &Target) -> anyhow::Result<()> {
                 eprintln!(
                     "ipcluster: removed the stale cluster file of a cluster under {} that is no longer running{}",
                     target.describe(),
-                    if report.processes_before == 0 { String::new() } else { format!(" (stopped {} leftover process(es))", report.processes_before) }
+                    if report.processes_before == 0 {
+                        String::new()
+                    } else {
+                        format!(" (stopped {} leftover process(es))", report.processes_before)
+                    }
                 );
             }
             Err(e) => eprintln!("ipcluster: removing unreadable cluster file: {e:#}"),
@@ -88,7 +92,12 @@ enum WaitEnd {
 
 /// Wait until the controller reports at least `want` engines, checking `watch` (a member
 /// died?) and the stop signal between polls.
-fn wait_registered(hub: &mut Hub, want: usize, limit: Duration, mut watch: impl FnMut() -> Option<String>) -> Result<usize, (WaitEnd, usize)> {
+fn wait_registered(
+    hub: &mut Hub,
+    want: usize,
+    limit: Duration,
+    mut watch: impl FnMut() -> Option<String>,
+) -> Result<usize, (WaitEnd, usize)> {
     let deadline = Instant::now() + limit;
     let mut last = 0;
     loop {
@@ -133,7 +142,11 @@ struct Bins {
 
 impl Bins {
     fn find() -> anyhow::Result<Bins> {
-        Ok(Bins { controller: procs::sibling("ipcontroller")?, compiler: procs::sibling("rpx-compiler")?, engine: procs::sibling("ipengine")? })
+        Ok(Bins {
+            controller: procs::sibling("ipcontroller")?,
+            compiler: procs::sibling("rpx-compiler")?,
+            engine: procs::sibling("ipengine")?,
+        })
     }
 }
 
@@ -269,10 +282,16 @@ impl<L: Launcher> Starting<L> {
     /// The controller or the compiler exited (`when`: appended to "exited with STATUS").
     fn member_exit(&mut self, when: &str) -> Option<String> {
         if let Ok(Some(status)) = self.controller.try_wait() {
-            return Some(format!("the controller exited with {status}{when}\n{}", procs::tail_block("ipcontroller log", &self.st.controller_log)));
+            return Some(format!(
+                "the controller exited with {status}{when}\n{}",
+                procs::tail_block("ipcontroller log", &self.st.controller_log)
+            ));
         }
         if let Some(Ok(Some(status))) = self.compiler.as_mut().map(Child::try_wait) {
-            return Some(format!("the compiler exited with {status}{when}\n{}", procs::tail_block("rpx-compiler log", &self.st.compiler_log)));
+            return Some(format!(
+                "the compiler exited with {status}{when}\n{}",
+                procs::tail_block("rpx-compiler log", &self.st.compiler_log)
+            ));
         }
         None
     }
@@ -292,7 +311,12 @@ impl<L: Launcher> Starting<L> {
             }
             if Instant::now() >= deadline {
                 let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let msg = format!("{who} did not write {} within {:.0} s\n{}", files[0].display(), limit.as_secs_f64(), procs::tail_block(&name, log));
+                let msg = format!(
+                    "{who} did not write {} within {:.0} s\n{}",
+                    files[0].display(),
+                    limit.as_secs_f64(),
+                    procs::tail_block(&name, log)
+                );
                 return Err(self.abort(msg));
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -468,7 +492,9 @@ pub fn engines(args: EnginesArgs, t0: Instant) -> anyhow::Result<i32> {
 /// The state of the running cluster `target`, or the error saying none runs.
 fn running_cluster(target: &Target) -> anyhow::Result<ClusterState> {
     let file = target.profile.cluster_file();
-    let not_running = || Fail::new(1, format!("no cluster is running under {}; start one with `ipcluster start -n N {}`", target.describe(), target.flags()));
+    let not_running = || {
+        Fail::new(1, format!("no cluster is running under {}; start one with `ipcluster start -n N {}`", target.describe(), target.flags()))
+    };
     if !file.exists() {
         return Err(not_running().into());
     }
@@ -482,7 +508,14 @@ fn running_cluster(target: &Target) -> anyhow::Result<ClusterState> {
 /// `RPX_CONNECTION_INFO` of a running cluster, from its connection files.
 fn read_connection_info<L: Launcher>(launcher: &L, profile: &Profile) -> anyhow::Result<String> {
     let info = ConnectionInfo::read(&profile.engine_file(), &profile.compiler_file()).map_err(|e| {
-        Fail::new(1, format!("cannot read the cluster's connection files ({e}); engines on other hosts need both {} and {}", profile.engine_file().display(), profile.compiler_file().display()))
+        Fail::new(
+            1,
+            format!(
+                "cannot read the cluster's connection files ({e}); engines on other hosts need both {} and {}",
+                profile.engine_file().display(),
+                profile.compiler_file().display()
+            ),
+        )
     })?;
     if let Some(w) = launcher.warning(&info) {
         eprintln!("ipcluster: {w}");
@@ -528,10 +561,16 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
             if settle(&mut batch, &mut st) {
                 ClusterState::update(&file, |cur| batch.record_into(cur))?;
             }
-            let new: Vec<String> = batch.spawned.iter().map(|s| format!("{} (pid {})", s.record.label(), s.record.leader().unwrap_or(0))).collect();
+            let new: Vec<String> =
+                batch.spawned.iter().map(|s| format!("{} (pid {})", s.record.label(), s.record.leader().unwrap_or(0))).collect();
             let s = if cfg.n == 1 { "" } else { "s" };
             let secs = t0.elapsed().as_secs_f64();
-            println!("added {} engine{s} to the cluster ({}): {count} engines registered in {secs:.2} s (new: {})", cfg.n, cfg.target.describe(), new.join(", "));
+            println!(
+                "added {} engine{s} to the cluster ({}): {count} engines registered in {secs:.2} s (new: {})",
+                cfg.n,
+                cfg.target.describe(),
+                new.join(", ")
+            );
             Ok(0)
         }
         Err((end, got)) => {
@@ -540,7 +579,9 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
             let why = match end {
                 WaitEnd::Died(w) => w,
                 WaitEnd::Interrupted(sig) => format!("interrupted by {sig}"),
-                WaitEnd::TimedOut => format!("the new engines did not register within {:.0} s\n{}", cfg.limit.as_secs_f64(), batch.explain_timeout()),
+                WaitEnd::TimedOut => {
+                    format!("the new engines did not register within {:.0} s\n{}", cfg.limit.as_secs_f64(), batch.explain_timeout())
+                }
             };
             batch.end(&instance);
             forget(&file, &batch);

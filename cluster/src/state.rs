@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::launcher;
 use crate::launcher::batch::BatchJob;
 use crate::launcher::mpi::MpiLaunch;
 use crate::launcher::ssh::SshLaunch;
-use crate::launcher;
 use rpx_protocol::connection::{read_json, write_private_json};
 use rpx_protocol::Profile;
 
@@ -212,7 +212,13 @@ impl Lock {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
         let path = lock_path(cluster_file);
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).with_context(|| format!("cannot open lock file {}", path.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
         // Holders only read and write one small file: a bounded wait is plenty.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -378,7 +384,14 @@ mod tests {
             remote_pids: vec![7, 8, 9],
             ssh: vec!["/usr/bin/ssh".into(), "-F".into(), "/c".into()],
         });
-        s.mpi.push(MpiLaunch { pid: 300, first_index: 5, n: 4, log: "/l/ipengine-mpi-5.log".into(), mpiexec: "/usr/bin/mpiexec".into(), flavour: Flavour::OpenMpi });
+        s.mpi.push(MpiLaunch {
+            pid: 300,
+            first_index: 5,
+            n: 4,
+            log: "/l/ipengine-mpi-5.log".into(),
+            mpiexec: "/usr/bin/mpiexec".into(),
+            flavour: Flavour::OpenMpi,
+        });
         s.write(&p).unwrap();
         assert_eq!(ClusterState::read(&p).unwrap(), s);
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
@@ -435,7 +448,12 @@ mod tests {
     #[test]
     fn finds_cluster_files_of_every_profile() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["profile_a/security/cluster.json", "profile_b/security/cluster-c1.json", "profile_b/security/ipcontroller-client.json", "other/security/cluster.json"] {
+        for f in [
+            "profile_a/security/cluster.json",
+            "profile_b/security/cluster-c1.json",
+            "profile_b/security/ipcontroller-client.json",
+            "other/security/cluster.json",
+        ] {
             let p = dir.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, "{}").unwrap();

@@ -100,7 +100,9 @@ fn note_alive(st: &ClusterState, report: &mut StopReport) {
             report.launches.push(format!("{} (pid {pid}, {})", r.label(), r.count()));
         }
     }
-    for (role, pid, prog) in st.compiler_pid.map(|c| ("compiler", c, "rpx-compiler")).into_iter().chain([("controller", st.controller_pid, "ipcontroller")]) {
+    for (role, pid, prog) in
+        st.compiler_pid.map(|c| ("compiler", c, "rpx-compiler")).into_iter().chain([("controller", st.controller_pid, "ipcontroller")])
+    {
         if procs::is_proc(pid, prog) {
             report.was_alive.push((role.to_string(), pid));
         }
@@ -143,7 +145,13 @@ fn kill_rest(st: &ClusterState, all_groups: &[u32], report: &mut StopReport) {
 /// Remove the cluster file (and its lock file) and the connection files of `profile`'s
 /// cluster.
 pub fn remove_files(profile: &Profile) {
-    for f in [profile.cluster_file(), state::lock_path(&profile.cluster_file()), profile.client_file(), profile.engine_file(), profile.compiler_file()] {
+    for f in [
+        profile.cluster_file(),
+        state::lock_path(&profile.cluster_file()),
+        profile.client_file(),
+        profile.engine_file(),
+        profile.compiler_file(),
+    ] {
         let _ = std::fs::remove_file(f);
     }
 }
@@ -185,7 +193,11 @@ pub fn stop(args: StopArgs) -> anyhow::Result<i32> {
     };
     if files.is_empty() {
         let what = if args.all { format!("profile {}", target.profile.name) } else { target.describe() };
-        return Err(Fail::new(1, format!("no cluster is running under {what} (no cluster file in {})", target.profile.security_dir().display())).into());
+        return Err(Fail::new(
+            1,
+            format!("no cluster is running under {what} (no cluster file in {})", target.profile.security_dir().display()),
+        )
+        .into());
     }
     let mut stopped_any = false;
     let mut problems = Vec::new();
@@ -202,7 +214,11 @@ pub fn stop(args: StopArgs) -> anyhow::Result<i32> {
         let report = stop_state(&st, false);
         remove_files(&profile);
         if !report.was_alive.iter().any(|(r, _)| r == "controller") && report.foreground.is_none() {
-            let leftovers = if report.processes_before > 0 { format!("stopped {} leftover process(es), ", report.processes_before) } else { String::new() };
+            let leftovers = if report.processes_before > 0 {
+                format!("stopped {} leftover process(es), ", report.processes_before)
+            } else {
+                String::new()
+            };
             problems.push(format!(
                 "no cluster is running under {} (its controller had already exited; {leftovers}removed the stale cluster file)",
                 cli::describe(&st.profile, &st.cluster_id)
@@ -283,7 +299,14 @@ mod tests {
         let mut mpiexec = sh("setsid sleep 1000 & setsid sleep 1000 & wait", &dir.path().join("m.log"), &instance);
         assert!(procs::wait_until(Duration::from_secs(5), || procs::members(&[], &instance).len() >= 5));
         let mut st = state(dir.path(), &instance, ctl.id());
-        st.mpi = vec![MpiLaunch { pid: mpiexec.id(), first_index: 0, n: 2, log: dir.path().join("m.log"), mpiexec: "/bin/sh".into(), flavour: Flavour::Other }];
+        st.mpi = vec![MpiLaunch {
+            pid: mpiexec.id(),
+            first_index: 0,
+            n: 2,
+            log: dir.path().join("m.log"),
+            mpiexec: "/bin/sh".into(),
+            flavour: Flavour::Other,
+        }];
         let report = stop_state(&st, true);
         let _ = ctl.wait();
         let _ = mpiexec.wait();

@@ -72,7 +72,11 @@ enum Role {
 enum Life {
     Running,
     /// Died; to be started again at `at`.
-    Due { at: Instant, reason: String, old_pid: u32 },
+    Due {
+        at: Instant,
+        reason: String,
+        old_pid: u32,
+    },
     /// Not restarted any more (a crash loop, or restarts are off).
     Done,
 }
@@ -120,7 +124,8 @@ impl Member {
                 Ok(None) => None,
                 Err(e) => Some(format!("could not be waited for ({e})")),
             },
-            None => (!procs::is_member(self.pid, instance)).then(|| "is gone (exit status unknown: another ipcluster command started it)".to_string()),
+            None => (!procs::is_member(self.pid, instance))
+                .then(|| "is gone (exit status unknown: another ipcluster command started it)".to_string()),
         }
     }
 }
@@ -184,9 +189,24 @@ impl Supervisor {
         let Members { controller, compiler, engines: mut children } = members;
         let mut list = Vec::new();
         if let Some(pid) = st.compiler_pid {
-            list.push(Member { role: Role::Compiler, pid, child: compiler, log: st.compiler_log.clone(), tracker: Tracker::new(now), life: Life::Running, uuid: None, old_uuid: None, work_dir: None });
+            list.push(Member {
+                role: Role::Compiler,
+                pid,
+                child: compiler,
+                log: st.compiler_log.clone(),
+                tracker: Tracker::new(now),
+                life: Life::Running,
+                uuid: None,
+                old_uuid: None,
+                work_dir: None,
+            });
         }
-        let record = st.supervision.clone().unwrap_or_else(|| Supervision { restart: setup.policy.restart, restart_limit: setup.policy.limit, restart_window: setup.policy.window.as_secs_f64(), ..Default::default() });
+        let record = st.supervision.clone().unwrap_or_else(|| Supervision {
+            restart: setup.policy.restart,
+            restart_limit: setup.policy.limit,
+            restart_window: setup.policy.window.as_secs_f64(),
+            ..Default::default()
+        });
         let mut s = Supervisor {
             file: setup.profile.cluster_file(),
             controller_pid: st.controller_pid,
@@ -327,14 +347,23 @@ impl Supervisor {
         let what = format!("{} (pid {}) {reason}{cleaned}", m.label(), m.pid);
         match m.tracker.on_exit(&policy, now) {
             Decision::Restart { after, nth } => {
-                say(&format!("{what}; {lost}; restarting it in {:.1} s (restart {nth} of at most {} in a row)", after.as_secs_f64(), policy.limit));
+                say(&format!(
+                    "{what}; {lost}; restarting it in {:.1} s (restart {nth} of at most {} in a row)",
+                    after.as_secs_f64(),
+                    policy.limit
+                ));
                 m.life = Life::Due { at: now + after, reason, old_pid: m.pid };
             }
             Decision::GiveUp { restarts } => {
                 m.life = Life::Done;
                 let advice = match m.role {
-                    Role::Engine { .. } => format!("once the cause is fixed, add an engine with `ipcluster engines -n 1 {}`", self.setup.flags),
-                    Role::Compiler => format!("cells fail until the cluster is restarted (`ipcluster stop {0}`, then `ipcluster start {0}`)", self.setup.flags),
+                    Role::Engine { .. } => {
+                        format!("once the cause is fixed, add an engine with `ipcluster engines -n 1 {}`", self.setup.flags)
+                    }
+                    Role::Compiler => format!(
+                        "cells fail until the cluster is restarted (`ipcluster stop {0}`, then `ipcluster start {0}`)",
+                        self.setup.flags
+                    ),
                 };
                 let message = format!(
                     "{what}; it died within {} s of each of its last {restarts} restarts: a crash loop, so it is not restarted again; see its log {}; {advice}",
@@ -534,7 +563,15 @@ mod tests {
             client_file: profile.client_file(),
         };
         st.write(&profile.cluster_file()).unwrap();
-        let setup = Setup { profile, instance, policy, engine_bin: "/nonexistent".into(), compiler_bin: "/bin/sh".into(), compiler_args: args, flags: "--profile t".into() };
+        let setup = Setup {
+            profile,
+            instance,
+            policy,
+            engine_bin: "/nonexistent".into(),
+            compiler_bin: "/bin/sh".into(),
+            compiler_args: args,
+            flags: "--profile t".into(),
+        };
         Supervisor::new(setup, &st, Members { controller, compiler: Some(compiler), engines: HashMap::new() })
     }
 
@@ -563,7 +600,11 @@ mod tests {
         assert_eq!(v.recent[0].reason, "exited with status 7");
         assert_eq!(v.given_up.len(), 1);
         assert!(v.given_up[0].message.starts_with("the compiler (pid "), "{}", v.given_up[0].message);
-        assert!(v.given_up[0].message.contains("a crash loop") && v.given_up[0].message.contains("ipcluster stop --profile t"), "{}", v.given_up[0].message);
+        assert!(
+            v.given_up[0].message.contains("a crash loop") && v.given_up[0].message.contains("ipcluster stop --profile t"),
+            "{}",
+            v.given_up[0].message
+        );
         let st = ClusterState::read(&sup.file).unwrap();
         assert_eq!(st.compiler_pid, Some(v.recent[1].new_pid), "the file follows the restarts");
         // Every start appended to the same log, with the supervisor's lines between.
@@ -615,12 +656,26 @@ mod tests {
     fn restart_notes_are_bounded_and_counted() {
         let mut s = Supervision::default();
         for i in 0..30u32 {
-            s.note(RestartNote { at: "t".into(), member: "compiler".into(), reason: "exited with status 1".into(), old_pid: i, new_pid: i + 1, lost: None });
+            s.note(RestartNote {
+                at: "t".into(),
+                member: "compiler".into(),
+                reason: "exited with status 1".into(),
+                old_pid: i,
+                new_pid: i + 1,
+                lost: None,
+            });
         }
         assert_eq!(s.restarts, 30);
         assert_eq!(s.recent.len(), Supervision::KEPT);
         assert_eq!(s.recent.last().unwrap().old_pid, 29, "the newest is kept");
-        let n = RestartNote { at: "T".into(), member: "engine 2 (id 2)".into(), reason: "was killed by signal 9 (SIGKILL)".into(), old_pid: 1, new_pid: 456, lost: Some("its variables are lost".into()) };
+        let n = RestartNote {
+            at: "T".into(),
+            member: "engine 2 (id 2)".into(),
+            reason: "was killed by signal 9 (SIGKILL)".into(),
+            old_pid: 1,
+            new_pid: 456,
+            lost: Some("its variables are lost".into()),
+        };
         assert_eq!(n.line(), "engine 2 (id 2) was killed by signal 9 (SIGKILL), restarted as pid 456 at T; its variables are lost");
     }
 }

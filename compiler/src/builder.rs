@@ -33,11 +33,18 @@ const CRATE: &str = "rpx_closures";
 /// How a closure compile ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClosureOutcome {
-    Compiled { so_path: String },
+    Compiled {
+        so_path: String,
+    },
     /// rustc refused it: final for this source.
-    CompileError { evalue: String, traceback: Vec<String> },
+    CompileError {
+        evalue: String,
+        traceback: Vec<String>,
+    },
     /// Anything else (cargo failed, a dependency did not build): worth retrying later.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// What one cargo build did.
@@ -62,7 +69,13 @@ pub fn parse_cargo_json(stdout: &str) -> (usize, Option<PathBuf>, Vec<Diag>) {
         let ours = v["target"]["name"].as_str() == Some(CRATE);
         match v["reason"].as_str() {
             Some("compiler-artifact") if ours => {
-                library = v["filenames"].as_array().into_iter().flatten().filter_map(Value::as_str).find(|f| f.ends_with(".so")).map(PathBuf::from);
+                library = v["filenames"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .find(|f| f.ends_with(".so"))
+                    .map(PathBuf::from);
             }
             Some("compiler-artifact") if v["fresh"].as_bool() == Some(false) => deps_built += 1,
             Some("compiler-message") if ours => diags.push(Diag::from_rustc_json(&v["message"], "src/lib.rs")),
@@ -208,12 +221,19 @@ pub fn spawn(dir: PathBuf, runtime_dir: PathBuf, events: UnboundedSender<Event>)
                     let _ = events.send(Event::ClosuresWarm { elapsed_ms: 0, deps_built: 0, error: Some(message.clone()) });
                     // Answer every request so nobody waits for a builder that cannot build.
                     while let Ok(w) = rx.recv() {
-                        let _ = events.send(Event::ClosureDone { fn_name: w.fn_name, outcome: ClosureOutcome::Failed { message: message.clone() }, deps_built: 0, elapsed_ms: 0 });
+                        let _ = events.send(Event::ClosureDone {
+                            fn_name: w.fn_name,
+                            outcome: ClosureOutcome::Failed { message: message.clone() },
+                            deps_built: 0,
+                            elapsed_ms: 0,
+                        });
                     }
                     return;
                 }
             };
-            let warm_up = crate::closure::wrap(&rpx_protocol::apply::Closure { source: "|x: u64| x".into(), arg_types: vec!["u64".into()] }).expect("the warm-up closure wraps");
+            let warm_up =
+                crate::closure::wrap(&rpx_protocol::apply::Closure { source: "|x: u64| x".into(), arg_types: vec!["u64".into()] })
+                    .expect("the warm-up closure wraps");
             let (deps_built, error) = match krate.build(&warm_up.code, true) {
                 Ok(r) if r.success => (r.deps_built, None),
                 Ok(r) => (r.deps_built, Some(format!("the warm-up build failed:\n{}", r.stderr_tail))),

@@ -50,10 +50,18 @@ pub fn wrap(c: &Closure) -> Result<Wrapper, String> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
     /// Compiling; these engines (identity, request id) wait for it.
-    Compiling { waiters: Vec<(Bytes, String)> },
-    Ready { artifact: Artifact, fn_name: String },
+    Compiling {
+        waiters: Vec<(Bytes, String)>,
+    },
+    Ready {
+        artifact: Artifact,
+        fn_name: String,
+    },
     /// It did not compile; the same source never will.
-    Failed { evalue: String, traceback: Vec<String> },
+    Failed {
+        evalue: String,
+        traceback: Vec<String>,
+    },
 }
 
 /// What to do about a closure request.

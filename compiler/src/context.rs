@@ -29,17 +29,43 @@ pub enum Command {
 /// What a context thread reports to the main loop.
 #[derive(Debug)]
 pub enum Event {
-    Ready { ctx: CtxId, elapsed_ms: u128 },
-    StartFailed { ctx: CtxId, message: String },
+    Ready {
+        ctx: CtxId,
+        elapsed_ms: u128,
+    },
+    StartFailed {
+        ctx: CtxId,
+        message: String,
+    },
     /// evcxr asked the relay to run an artifact; answer through `reply`.
-    Load { ctx: CtxId, so_path: String, fn_name: String, reply: mpsc::Sender<Vec<String>> },
-    EvalDone { ctx: CtxId, result: EvalResult },
-    ReplayDone { ctx: CtxId, has_vars: bool },
+    Load {
+        ctx: CtxId,
+        so_path: String,
+        fn_name: String,
+        reply: mpsc::Sender<Vec<String>>,
+    },
+    EvalDone {
+        ctx: CtxId,
+        result: EvalResult,
+    },
+    ReplayDone {
+        ctx: CtxId,
+        has_vars: bool,
+    },
     /// The closure builder's warm-up build ended (`error`: it failed; closures then build
     /// their dependencies themselves).
-    ClosuresWarm { elapsed_ms: u128, deps_built: usize, error: Option<String> },
+    ClosuresWarm {
+        elapsed_ms: u128,
+        deps_built: usize,
+        error: Option<String>,
+    },
     /// A closure compile ended; `deps_built` counts the dependency crates it had to compile.
-    ClosureDone { fn_name: String, outcome: ClosureOutcome, deps_built: usize, elapsed_ms: u128 },
+    ClosureDone {
+        fn_name: String,
+        outcome: ClosureOutcome,
+        deps_built: usize,
+        elapsed_ms: u128,
+    },
 }
 
 /// How the relay connection answers loads right now.
@@ -134,12 +160,16 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSende
     let exe = env.exe.clone();
     let mut cmd = std::process::Command::new(exe);
     cmd.env(RELAY_SOCKET_ENV, &path);
-    let (mut ectx, outputs) = evcxr::EvalContext::with_subprocess_command(cmd).map_err(|e| format!("creating the evcxr context failed: {e}"))?;
+    let (mut ectx, outputs) =
+        evcxr::EvalContext::with_subprocess_command(cmd).map_err(|e| format!("creating the evcxr context failed: {e}"))?;
     // Nothing useful arrives here (engines stream their own output), but the channels must drain.
     for rx in [outputs.stdout, outputs.stderr] {
         std::thread::spawn(move || while rx.recv().is_ok() {});
     }
-    let mut dep = Evaluator { dep_config: format!("{{ package = \"rpx-runtime\", path = {:?} }}", env.runtime_dir.display().to_string()), added: false };
+    let mut dep = Evaluator {
+        dep_config: format!("{{ package = \"rpx-runtime\", path = {:?} }}", env.runtime_dir.display().to_string()),
+        added: false,
+    };
     // Pay rust-analyzer's warm-up (seconds, at the first variable-binding cell) now, before
     // any engine waits, then forget the variable (clear keeps the warm analyzer).
     if dep.eval(&mut ectx, "let rpx_warm_up: u64 = 1;").is_ok() {

@@ -40,7 +40,14 @@ impl Diag {
                 .iter()
                 .filter_map(|m| {
                     let s = m.span.as_ref()?;
-                    Some(DiagSpan { start_line: s.start_line, start_column: s.start_column, end_line: s.end_line, end_column: s.end_column, is_primary: m.is_primary, label: m.label.clone() })
+                    Some(DiagSpan {
+                        start_line: s.start_line,
+                        start_column: s.start_column,
+                        end_line: s.end_line,
+                        end_column: s.end_column,
+                        is_primary: m.is_primary,
+                        label: m.label.clone(),
+                    })
                 })
                 .collect(),
             help: e.help(),

@@ -29,15 +29,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use clap::Parser;
-use rpx_protocol::compile::{msg_type, ArtifactReply, ArtifactRequest, CellRequest, ClosureReply, ClosureRequest, EngineHello, EngineHelloReply, HostProbe, LoadDone};
+use rpx_protocol::compile::{
+    msg_type, ArtifactReply, ArtifactRequest, CellRequest, ClosureReply, ClosureRequest, EngineHello, EngineHelloReply, HostProbe, LoadDone,
+};
 use rpx_protocol::connection::{read_json, write_private_json, CompilerConnection};
 use rpx_protocol::{EngineConnection, Profile, Session};
 use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 
-use crate::closure::{Entry, Next};
 use crate::builder::ClosureOutcome;
+use crate::closure::{Entry, Next};
 use crate::context::{Command, Event};
 use crate::state::{Action, Compiler, EvalResult, Hist, SparePolicy};
 
@@ -142,14 +144,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (bind, public) = args.addresses();
     let mut router = zeromq::RouterSocket::new();
     let monitor = router.monitor();
-    let endpoint = rpx_guard::bind(&mut router, &format!("tcp://{bind}:{}", args.port)).await.with_context(|| format!("binding the compiler socket on {bind}"))?;
+    let endpoint = rpx_guard::bind(&mut router, &format!("tcp://{bind}:{}", args.port))
+        .await
+        .with_context(|| format!("binding the compiler socket on {bind}"))?;
     let port = match &endpoint {
         zeromq::Endpoint::Tcp(_, port) => *port,
         other => bail!("the compiler bound an unexpected endpoint {other}"),
     };
     let url = format!("tcp://{public}:{port}");
-    let compiler_file = args.file.as_ref().and_then(|f| f.parent()).map_or_else(|| profile.compiler_file(), |d| d.join(profile.compiler_file().file_name().expect("file name")));
-    write_private_json(&compiler_file, &CompilerConnection { url: url.clone(), key: conn.key.clone(), pid: std::process::id(), work_dir: Some(work.clone()) })?;
+    let compiler_file = args
+        .file
+        .as_ref()
+        .and_then(|f| f.parent())
+        .map_or_else(|| profile.compiler_file(), |d| d.join(profile.compiler_file().file_name().expect("file name")));
+    write_private_json(
+        &compiler_file,
+        &CompilerConnection { url: url.clone(), key: conn.key.clone(), pid: std::process::id(), work_dir: Some(work.clone()) },
+    )?;
     tracing::info!(%url, file = %compiler_file.display(), "compiler listening");
     let mut registry = artifacts::Registry::new(&work.join("artifacts")).context("creating the artifact store")?;
     let runtime_libs = registry.runtime_libs(std::path::Path::new(&target_libdir()));
@@ -160,7 +171,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let exe = std::env::current_exe().context("locating the rpx-compiler binary")?;
     let env = context::Env { exe, socket_dir: work.clone(), runtime_dir };
-    let result = event_loop(router, monitor, session, hello, registry, env, Compiler::with_spare_policy(Duration::from_millis(args.batch_window_ms), args.spare_context)).await;
+    let result = event_loop(
+        router,
+        monitor,
+        session,
+        hello,
+        registry,
+        env,
+        Compiler::with_spare_policy(Duration::from_millis(args.batch_window_ms), args.spare_context),
+    )
+    .await;
     let _ = std::fs::remove_file(&compiler_file);
     drop(work_dir);
     result
@@ -200,8 +220,24 @@ async fn event_loop(
     let mut hosts: HashMap<Bytes, String> = HashMap::new();
     let closure_reply = |to: Bytes, request_id: String, entry: &Entry| -> Action {
         let reply = match entry {
-            Entry::Ready { artifact, fn_name } => ClosureReply { request_id, status: "ok".into(), artifact: Some(artifact.clone()), fn_name: fn_name.clone(), ename: String::new(), evalue: String::new(), traceback: vec![] },
-            Entry::Failed { evalue, traceback } => ClosureReply { request_id, status: "error".into(), artifact: None, fn_name: String::new(), ename: "CompileError".into(), evalue: evalue.clone(), traceback: traceback.clone() },
+            Entry::Ready { artifact, fn_name } => ClosureReply {
+                request_id,
+                status: "ok".into(),
+                artifact: Some(artifact.clone()),
+                fn_name: fn_name.clone(),
+                ename: String::new(),
+                evalue: String::new(),
+                traceback: vec![],
+            },
+            Entry::Failed { evalue, traceback } => ClosureReply {
+                request_id,
+                status: "error".into(),
+                artifact: None,
+                fn_name: String::new(),
+                ename: "CompileError".into(),
+                evalue: evalue.clone(),
+                traceback: traceback.clone(),
+            },
             Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
         };
         Action::Send { to, msg_type: msg_type::CLOSURE_REPLY, content: serde_json::to_value(reply).expect("serializes") }
@@ -395,7 +431,14 @@ async fn event_loop(
 }
 
 /// Sign and send one message to an engine, with a bounded wait.
-async fn send_to(send: &mut zeromq::RouterSendHalf, session: &Session, to: &Bytes, msg_type: &'static str, content: serde_json::Value, buffers: &[Bytes]) {
+async fn send_to(
+    send: &mut zeromq::RouterSendHalf,
+    session: &Session,
+    to: &Bytes,
+    msg_type: &'static str,
+    content: serde_json::Value,
+    buffers: &[Bytes],
+) {
     let (_, frames) = session.msg(&[to.clone()], msg_type, content, None, json!({}), buffers);
     let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
     if !matches!(sent, Ok(Ok(()))) {
@@ -408,7 +451,12 @@ fn serve_artifact(registry: &mut artifacts::Registry, host: &str, content: serde
     let req = match serde_json::from_value::<ArtifactRequest>(content) {
         Ok(r) => r,
         Err(e) => {
-            let r = ArtifactReply { sha256: String::new(), status: "error".into(), size: 0, evalue: format!("malformed artifact_request: {e}") };
+            let r = ArtifactReply {
+                sha256: String::new(),
+                status: "error".into(),
+                size: 0,
+                evalue: format!("malformed artifact_request: {e}"),
+            };
             return (serde_json::to_value(r).expect("serializes"), vec![]);
         }
     };
@@ -426,14 +474,24 @@ fn serve_artifact(registry: &mut artifacts::Registry, host: &str, content: serde
     }
 }
 
-fn handle_engine_message(state: &mut Compiler, session: &Session, hello: &EngineHelloReply, from: Bytes, msg: rpx_protocol::Message) -> Vec<Action> {
+fn handle_engine_message(
+    state: &mut Compiler,
+    session: &Session,
+    hello: &EngineHelloReply,
+    from: Bytes,
+    msg: rpx_protocol::Message,
+) -> Vec<Action> {
     let content = msg.content.clone();
     match msg.msg_type() {
         msg_type::ENGINE_HELLO => match serde_json::from_value::<EngineHello>(content) {
             Ok(h) => {
                 tracing::info!(engine_id = h.engine_id, pid = h.pid, host = %h.hostname, history = h.history.len(), "engine joined");
                 let reply = EngineHelloReply { history_restored: true, ..hello.clone() };
-                let mut out = vec![Action::Send { to: from.clone(), msg_type: msg_type::ENGINE_HELLO_REPLY, content: serde_json::to_value(reply).expect("serializes") }];
+                let mut out = vec![Action::Send {
+                    to: from.clone(),
+                    msg_type: msg_type::ENGINE_HELLO_REPLY,
+                    content: serde_json::to_value(reply).expect("serializes"),
+                }];
                 let history = h.history.into_iter().map(|c| Hist::from_engine(c.code, &c.outcome)).collect();
                 out.extend(state.on_hello(from, h.engine_id, history));
                 out

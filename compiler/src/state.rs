@@ -324,7 +324,11 @@ impl Compiler {
             self.assign_fresh(&e, &mut out);
             return out;
         }
-        let same = self.groups.iter().find(|(ctx, g)| !g.engines.is_empty() && g.history == history && g.idle() && !self.in_open_batch(**ctx)).map(|(ctx, _)| *ctx);
+        let same = self
+            .groups
+            .iter()
+            .find(|(ctx, g)| !g.engines.is_empty() && g.history == history && g.idle() && !self.in_open_batch(**ctx))
+            .map(|(ctx, _)| *ctx);
         let ctx = match same {
             Some(ctx) => ctx,
             None => self.take_spare(history, &mut out),
@@ -340,7 +344,15 @@ impl Compiler {
     pub fn on_cell_request(&mut self, e: Ident, cell_id: String, code: String, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         let Some(group) = self.engines.get(&e).and_then(|s| s.group) else {
-            out.push(reply(&e, &cell_id, "error", "CompilerError", "this engine has not introduced itself to the compiler (engine_hello)", vec![], None));
+            out.push(reply(
+                &e,
+                &cell_id,
+                "error",
+                "CompilerError",
+                "this engine has not introduced itself to the compiler (engine_hello)",
+                vec![],
+                None,
+            ));
             return out;
         };
         let deadline = now + self.window;
@@ -533,7 +545,8 @@ impl Compiler {
         let mut out = Vec::new();
         let Some(g) = self.groups.get_mut(&ctx) else { return out };
         let Some(r) = g.running.take() else { return out };
-        let unreplied: Vec<(Ident, String)> = r.members.iter().filter(|(e, _)| !r.replied.contains(*e)).map(|(e, c)| (e.clone(), c.clone())).collect();
+        let unreplied: Vec<(Ident, String)> =
+            r.members.iter().filter(|(e, _)| !r.replied.contains(*e)).map(|(e, c)| (e.clone(), c.clone())).collect();
         let mut split: Option<(BTreeMap<Ident, String>, Vec<Hist>)> = None;
         match &result {
             EvalResult::CompileError { evalue, traceback } => {
@@ -603,10 +616,13 @@ impl Compiler {
         let twin = self
             .groups
             .iter()
-            .find(|(other, h)| **other != ctx && h.idle() && !h.engines.is_empty() && h.history == g.history && !self.in_open_batch(**other))
+            .find(|(other, h)| {
+                **other != ctx && h.idle() && !h.engines.is_empty() && h.history == g.history && !self.in_open_batch(**other)
+            })
             .map(|(other, _)| *other);
         if let Some(into) = twin {
-            let moved: Vec<Ident> = self.groups.get_mut(&ctx).map(|g| std::mem::take(&mut g.engines)).unwrap_or_default().into_iter().collect();
+            let moved: Vec<Ident> =
+                self.groups.get_mut(&ctx).map(|g| std::mem::take(&mut g.engines)).unwrap_or_default().into_iter().collect();
             for e in &moved {
                 if let Some(st) = self.engines.get_mut(e) {
                     st.group = Some(into);
@@ -681,7 +697,13 @@ mod tests {
 
     fn sends(a: &[Action], t: &str) -> Vec<(Ident, Value)> {
         a.iter()
-            .filter_map(|x| if let Action::Send { to, msg_type, content } = x { (*msg_type == t).then(|| (to.clone(), content.clone())) } else { None })
+            .filter_map(|x| {
+                if let Action::Send { to, msg_type, content } = x {
+                    (*msg_type == t).then(|| (to.clone(), content.clone()))
+                } else {
+                    None
+                }
+            })
             .collect()
     }
 
@@ -876,7 +898,11 @@ mod tests {
 
     #[test]
     fn verdict_reduction() {
-        let ct = |v: &[&str]| LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: v.iter().map(|s| s.to_string()).collect() };
+        let ct = |v: &[&str]| LoadOutcome::Complete {
+            panicked: false,
+            error_occurred: false,
+            changed_types: v.iter().map(|s| s.to_string()).collect(),
+        };
         assert_eq!(Verdict::reduce(&[ok(), ok()]), Verdict::Ok);
         assert_eq!(Verdict::reduce(&[ok(), panicked()]), Verdict::Panic);
         assert_eq!(Verdict::reduce(&[ct(&["q"]), ct(&["q"])]), Verdict::ChangedTypes(vec!["q".into()]));
@@ -889,15 +915,19 @@ mod tests {
         c.start();
         let ok = LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: vec![] };
         let boom = LoadOutcome::Complete { panicked: true, error_occurred: false, changed_types: vec![] };
-        let h = |outs: &[&LoadOutcome]| -> Vec<Hist> { outs.iter().enumerate().map(|(i, o)| Hist::from_engine(format!("let v{i} = {i};"), o)).collect() };
+        let h = |outs: &[&LoadOutcome]| -> Vec<Hist> {
+            outs.iter().enumerate().map(|(i, o)| Hist::from_engine(format!("let v{i} = {i};"), o)).collect()
+        };
         // Two engines ran the same two cells fine; a third panicked in the second.
         let a = c.on_hello(id(0), 0, h(&[&ok, &ok]));
-        let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("a replay");
+        let replay =
+            a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("a replay");
         assert_eq!(replay, h(&[&ok, &ok]));
         let b = c.on_hello(id(1), 1, h(&[&ok, &ok]));
         assert!(!b.iter().any(|x| matches!(x, Action::Replay { .. })), "the same history joins the replayed group: {b:?}");
         let d = c.on_hello(id(2), 2, h(&[&ok, &boom]));
-        let replay = d.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("its own replay");
+        let replay =
+            d.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("its own replay");
         assert_eq!(replay[1].verdict, Verdict::Panic, "the panicked cell's variables are forgotten in its context");
         // A fresh engine joins no group that believes in variables.
         c.on_hello(id(3), 3, vec![]);

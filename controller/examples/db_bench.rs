@@ -59,7 +59,9 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
         let uuid = format!("bench-engine-{i}");
         let eng = Session::with_id(key.as_bytes(), "engine", &uuid);
         let mut reg = dealer(&e.url(e.registration), Some(&uuid)).await;
-        reg.send(rpx_protocol::zmq::message(eng.msg(&[], "registration_request", json!({"uuid": uuid}), None, json!({}), &[]).1)).await.unwrap();
+        reg.send(rpx_protocol::zmq::message(eng.msg(&[], "registration_request", json!({"uuid": uuid}), None, json!({}), &[]).1))
+            .await
+            .unwrap();
         reg.recv().await.unwrap();
         let _mux = dealer(&e.url(e.mux), Some(&uuid)).await;
         let mut task = dealer(&e.url(e.task), Some(&uuid)).await;
@@ -139,8 +141,16 @@ fn writer_only(n: usize) -> f64 {
     let eng = Session::new(b"k", "bench-engine");
     let records: Vec<Record> = (0..n)
         .map(|_| {
-            let (h, req) = cli.msg(&[], "apply_request", json!({}), None, json!({"retries": 0}), &[Bytes::from(vec![1u8; 200]), Bytes::from(vec![2u8; 16])]);
-            let (_, rep) = eng.msg(&[], "apply_reply", json!({"status": "ok"}), Some(&h), json!({"status": "ok"}), &[Bytes::from(vec![7u8; 64])]);
+            let (h, req) = cli.msg(
+                &[],
+                "apply_request",
+                json!({}),
+                None,
+                json!({"retries": 0}),
+                &[Bytes::from(vec![1u8; 200]), Bytes::from(vec![2u8; 16])],
+            );
+            let (_, rep) =
+                eng.msg(&[], "apply_reply", json!({"status": "ok"}), Some(&h), json!({"status": "ok"}), &[Bytes::from(vec![7u8; 64])]);
             let mut r = Record::submitted(&h.msg_id, rpx_controller::wire::Chan::Task, &req[1..], &Bytes::from_static(b"client"));
             r.result = Some(rep[1..].to_vec());
             r.completed = Some(rpx_protocol::message::now_iso());
@@ -167,7 +177,11 @@ async fn main() {
         for db in [DbKind::Memory, DbKind::Sqlite] {
             let (t, committed) = one(db, n).await;
             let name = if db == DbKind::Memory { "memory" } else { "sqlite" };
-            eprintln!("rep {rep} {name}: {n} tasks in {t:.3} s ({:.0} tasks/s){}", n as f64 / t, committed.map(|c| format!(", all committed at {c:.3} s")).unwrap_or_default());
+            eprintln!(
+                "rep {rep} {name}: {n} tasks in {t:.3} s ({:.0} tasks/s){}",
+                n as f64 / t,
+                committed.map(|c| format!(", all committed at {c:.3} s")).unwrap_or_default()
+            );
             samples[name].as_array_mut().unwrap().push(json!(t));
             if let Some(c) = committed {
                 samples["sqlite_committed"].as_array_mut().unwrap().push(json!(c));

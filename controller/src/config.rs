@@ -21,7 +21,11 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 1_000_000;
 
 /// `ipcontroller`: the rpx hub.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ipcontroller", version, about = "rpx controller: registration, routing, load-balanced scheduling, heartbeats and results, wire-compatible with ipyparallel 9")]
+#[command(
+    name = "ipcontroller",
+    version,
+    about = "rpx controller: registration, routing, load-balanced scheduling, heartbeats and results, wire-compatible with ipyparallel 9"
+)]
 pub struct Args {
     /// Profile name (directory `$RPX_DIR/profile_<name>`).
     #[arg(long, env = "RPX_PROFILE", default_value = "default")]
@@ -106,12 +110,16 @@ impl Reused {
     pub fn read(profile: &Profile) -> Result<Reused> {
         fn read<T: serde::de::DeserializeOwned>(path: std::path::PathBuf) -> Result<T> {
             let hint = "start ipcontroller without --reuse to write new ones";
-            let text = std::fs::read(&path).map_err(|e| Error::Config(format!("--reuse: cannot read the connection file {} ({e}); {hint}", path.display())))?;
-            serde_json::from_slice(&text).map_err(|e| Error::Config(format!("--reuse: {} is not a connection file ({e}); {hint}", path.display())))
+            let text = std::fs::read(&path)
+                .map_err(|e| Error::Config(format!("--reuse: cannot read the connection file {} ({e}); {hint}", path.display())))?;
+            serde_json::from_slice(&text)
+                .map_err(|e| Error::Config(format!("--reuse: {} is not a connection file ({e}); {hint}", path.display())))
         }
         let client: rpx_protocol::ClientConnection = read(profile.client_file())?;
         let engine: rpx_protocol::EngineConnection = read(profile.engine_file())?;
-        Reused::check(client, engine).map_err(|why| Error::Config(format!("--reuse: the connection files in {} do not match: {why}", profile.dir.join("security").display())))
+        Reused::check(client, engine).map_err(|why| {
+            Error::Config(format!("--reuse: the connection files in {} do not match: {why}", profile.dir.join("security").display()))
+        })
     }
 
     /// The two files must share key and registration port, and name a port for every socket.
@@ -128,7 +136,22 @@ impl Reused {
         if engine.broadcast.len() != 1 {
             return Err(format!("the engine file names {} broadcast ports; rpx binds one", engine.broadcast.len()));
         }
-        let ports = [client.registration, client.control, client.mux, client.task, client.iopub, client.notification, client.broadcast, engine.control, engine.mux, engine.task, engine.iopub, engine.hb_ping, engine.hb_pong, engine.broadcast[0]];
+        let ports = [
+            client.registration,
+            client.control,
+            client.mux,
+            client.task,
+            client.iopub,
+            client.notification,
+            client.broadcast,
+            engine.control,
+            engine.mux,
+            engine.task,
+            engine.iopub,
+            engine.hb_ping,
+            engine.hb_pong,
+            engine.broadcast[0],
+        ];
         if ports.contains(&0) {
             return Err("a port is 0".into());
         }
@@ -232,10 +255,12 @@ mod tests {
     fn reused_files_must_describe_one_controller() {
         let client: rpx_protocol::ClientConnection = serde_json::from_value(serde_json::json!({
             "interface": "tcp://127.0.0.1", "registration": 1, "control": 2, "mux": 3, "task": 4, "iopub": 5,
-            "notification": 6, "broadcast": 7, "key": "k"})).unwrap();
+            "notification": 6, "broadcast": 7, "key": "k"}))
+        .unwrap();
         let engine: rpx_protocol::EngineConnection = serde_json::from_value(serde_json::json!({
             "interface": "tcp://127.0.0.1", "registration": 1, "control": 12, "mux": 13, "task": 14, "iopub": 15,
-            "hb_ping": 16, "hb_pong": 17, "broadcast": [18], "key": "k"})).unwrap();
+            "hb_ping": 16, "hb_pong": 17, "broadcast": [18], "key": "k"}))
+        .unwrap();
         assert!(Reused::check(client.clone(), engine.clone()).is_ok());
         let other_key = rpx_protocol::EngineConnection { key: "j".into(), ..engine.clone() };
         assert!(Reused::check(client.clone(), other_key).unwrap_err().contains("different keys"));

@@ -406,7 +406,9 @@ impl Hub {
     fn on_register<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant) {
         let req: RegistrationRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(_) if msg.content.get("uuid").is_none() => return self.hub_error(c, ident, msg, "KeyError", "registration_request without uuid"),
+            Err(_) if msg.content.get("uuid").is_none() => {
+                return self.hub_error(c, ident, msg, "KeyError", "registration_request without uuid")
+            }
             Err(e) => return self.hub_error(c, ident, msg, "ValueError", &format!("bad registration_request: {e}")),
         };
         let uuid = req.uuid.clone();
@@ -423,7 +425,8 @@ impl Hub {
                 return self.registration_ok(c, ident, msg, id);
             }
             warn!(%uuid, "registration refused: uuid in use");
-            let content = error_content("KeyError", &format!("uuid {uuid:?} in use"), vec![format!("KeyError: uuid {uuid:?} in use")], None);
+            let content =
+                error_content("KeyError", &format!("uuid {uuid:?} in use"), vec![format!("KeyError: uuid {uuid:?} in use")], None);
             return self.query_reply(c, ident, "registration_reply", content, msg, &[]);
         }
         let id = self.engines.allocate_id(req.id, &uuid);
@@ -448,7 +451,12 @@ impl Hub {
     }
 
     fn registration_ok<C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message, id: u64) {
-        let reply = RegistrationReply { status: "ok".into(), id, hb_period: self.cfg.ping.as_millis() as u64, connection_info: self.cfg.engine_info.clone() };
+        let reply = RegistrationReply {
+            status: "ok".into(),
+            id,
+            hb_period: self.cfg.ping.as_millis() as u64,
+            connection_info: self.cfg.engine_info.clone(),
+        };
         let content = serde_json::to_value(&reply).expect("reply serializes");
         self.query_reply(c, ident, reg_msg::REGISTRATION_REPLY, content, msg, &[]);
     }
@@ -519,7 +527,14 @@ impl Hub {
         if let Some(to) = e.notice_to.clone().filter(|_| reason != UNREGISTERED) {
             let answered = inflight.iter().map(|(m, _)| m.clone()).collect();
             let reconnect = reason.ends_with(CONNECTION_CLOSED);
-            let notice = EvictionNotice { id, uuid: e.uuid.clone(), registration: e.registration.clone(), reason: reason.to_string(), answered, reconnect };
+            let notice = EvictionNotice {
+                id,
+                uuid: e.uuid.clone(),
+                registration: e.registration.clone(),
+                reason: reason.to_string(),
+                answered,
+                reconnect,
+            };
             self.evictions.insert(&e.uuid, Evicted { notice_to: to, notice, last_sent: None });
             // Told at once (a frozen engine reads it when it resumes), and again when heard from.
             self.tell_evicted(c, e.uuid.as_bytes(), now);
@@ -541,9 +556,11 @@ impl Hub {
             }
             let evalue = format!("Engine {id} died while running task {msg_id}");
             let method = inf.msg_type.strip_suffix("_request").unwrap_or(&inf.msg_type).to_string();
-            let content = error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], Some(engine_info(id, &e.uuid, &method)));
+            let content =
+                error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], Some(engine_info(id, &e.uuid, &method)));
             let parent: Value = serde_json::from_slice(&inf.header).unwrap_or_else(|_| json!({}));
-            let mut md = json!({"engine": e.uuid, "status": "error", "dependencies_met": true, "engine_info": engine_info(id, &e.uuid, &method)});
+            let mut md =
+                json!({"engine": e.uuid, "status": "error", "dependencies_met": true, "engine_info": engine_info(id, &e.uuid, &method)});
             if inf.chan == Chan::Bcast {
                 let orig = msg_id.strip_suffix(&format!("_{}", e.uuid)).unwrap_or(&msg_id).to_string();
                 let coalescing = self.coalesce.remove(&orig).is_some();
@@ -591,7 +608,10 @@ impl Hub {
         };
         let e = self.engines.get_mut(id).expect("indexed");
         let ident = e.ident.clone();
-        e.inflight.insert(r.msg_id.clone(), InFlight { chan: r.chan, client: Some(r.client.clone()), msg_type: r.msg_type.clone(), header: r.signed[1].clone() });
+        e.inflight.insert(
+            r.msg_id.clone(),
+            InFlight { chan: r.chan, client: Some(r.client.clone()), msg_type: r.msg_type.clone(), header: r.signed[1].clone() },
+        );
         if r.chan == Chan::Mux {
             let mut rec = Record::submitted(&r.msg_id, Chan::Mux, &r.signed, &r.client);
             rec.engine_uuid = Some(String::from_utf8_lossy(&ident).into_owned());
@@ -689,7 +709,12 @@ impl Hub {
             self.jobs.insert(msg_id.clone(), job(Dep::default(), Dep::default()));
             let limit = self.cfg.queue_limit;
             warn!(msg_id = %msg_id, limit, "refused a task: the queue is full");
-            return self.fail_job(c, &msg_id, QUEUE_FULL, &format!("Task {msg_id} refused: the controller holds {limit} unfinished load-balanced tasks (--queue-limit)"));
+            return self.fail_job(
+                c,
+                &msg_id,
+                QUEUE_FULL,
+                &format!("Task {msg_id} refused: the controller holds {limit} unfinished load-balanced tasks (--queue-limit)"),
+            );
         }
         let (after, follow) = match deps {
             Ok(d) => d,
@@ -782,9 +807,15 @@ impl Hub {
         }
         if candidates.is_empty() {
             if !job.targets.is_empty() {
-                let live: HashSet<&str> = self.engines.by_id.values().filter(|e| !job.blacklist.contains(&e.id)).map(|e| e.uuid.as_str()).collect();
+                let live: HashSet<&str> =
+                    self.engines.by_id.values().filter(|e| !job.blacklist.contains(&e.id)).map(|e| e.uuid.as_str()).collect();
                 if !job.targets.iter().any(|t| live.contains(t.as_str())) {
-                    self.fail_job(c, msg_id, "ImpossibleDependency", &format!("Task {msg_id} targets only engines that are gone or already failed it"));
+                    self.fail_job(
+                        c,
+                        msg_id,
+                        "ImpossibleDependency",
+                        &format!("Task {msg_id} targets only engines that are gone or already failed it"),
+                    );
                     return Placement::Failed;
                 }
             }
@@ -890,7 +921,15 @@ impl Hub {
         meta.insert("is_broadcast".into(), json!(true));
         meta.insert("is_coalescing".into(), json!(r.info.is_coalescing));
         if r.info.is_coalescing {
-            self.coalesce.insert(orig.clone(), Coalesce { client: r.client.clone(), route: r.route.clone(), targets: r.info.bcast_targets.clone(), replies: HashMap::new() });
+            self.coalesce.insert(
+                orig.clone(),
+                Coalesce {
+                    client: r.client.clone(),
+                    route: r.route.clone(),
+                    targets: r.info.bcast_targets.clone(),
+                    replies: HashMap::new(),
+                },
+            );
         }
         let m = Bytes::from(serde_json::to_vec(&meta).expect("json"));
         for (uuid, _) in &r.info.bcast_targets {
@@ -904,7 +943,10 @@ impl Hub {
                 Some(id) => {
                     let e = self.engines.get_mut(id).expect("indexed");
                     let ident = e.ident.clone();
-                    e.inflight.insert(child.clone(), InFlight { chan: Chan::Bcast, client: Some(r.client.clone()), msg_type: r.msg_type.clone(), header: h });
+                    e.inflight.insert(
+                        child.clone(),
+                        InFlight { chan: Chan::Bcast, client: Some(r.client.clone()), msg_type: r.msg_type.clone(), header: h },
+                    );
                     let mut idents = vec![ident, r.client.clone()];
                     idents.extend(r.route.iter().cloned());
                     self.send_to_engine(c, Chan::Bcast, id, join_frames(idents, signed));
@@ -915,7 +957,8 @@ impl Hub {
                     let evalue = format!("Engine {uuid:?} is not registered; cannot run task {child}");
                     let content = error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], None);
                     let parent: Value = Value::Object(header.clone());
-                    let md = json!({"status": "error", "is_broadcast": true, "is_coalescing": r.info.is_coalescing, "original_msg_id": orig});
+                    let md =
+                        json!({"status": "error", "is_broadcast": true, "is_coalescing": r.info.is_coalescing, "original_msg_id": orig});
                     let signed = self.make_signed(&reply_type(&r.msg_type), &parent, &md, &content, &[]);
                     c.send(Sock::Client(Chan::Bcast), join_frames(vec![r.client.clone()], signed));
                 }
@@ -993,9 +1036,16 @@ impl Hub {
                 }
             }
             "connection_request" => {
-                let engines: Map<String, Value> = self.engines.by_id.values().filter(|e| e.ready).map(|e| (e.id.to_string(), json!(e.uuid))).collect();
+                let engines: Map<String, Value> =
+                    self.engines.by_id.values().filter(|e| e.ready).map(|e| (e.id.to_string(), json!(e.uuid))).collect();
                 let mut content = json!({"status": "ok", "engines": engines});
-                let hosts: Map<String, Value> = self.engines.by_id.values().filter(|e| e.ready).filter_map(|e| Some((e.uuid.clone(), json!(e.host.as_ref()?)))).collect();
+                let hosts: Map<String, Value> = self
+                    .engines
+                    .by_id
+                    .values()
+                    .filter(|e| e.ready)
+                    .filter_map(|e| Some((e.uuid.clone(), json!(e.host.as_ref()?))))
+                    .collect();
                 if !hosts.is_empty() {
                     content[rpx_protocol::dataplane::CONNECTION_REPLY_KEY] = Value::Object(hosts);
                 }
@@ -1080,7 +1130,12 @@ impl Hub {
         let fetched = fetched_by_id(stored);
         let mut missing = Vec::new();
         let status_only = msg.content.get("status_only").and_then(Value::as_bool).unwrap_or(false);
-        let mut ids: Vec<String> = msg.content.get("msg_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        let mut ids: Vec<String> = msg
+            .content
+            .get("msg_ids")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
         ids.sort();
         ids.dedup();
         let mut content = json!({"status": "ok"});
@@ -1151,7 +1206,13 @@ impl Hub {
                 let Some(uuid) = eid.as_u64().and_then(|id| self.engines.get(id)).map(|e| e.uuid.clone()) else {
                     return self.hub_error(c, ident, msg, "IndexError", &format!("No such engine: {eid}"));
                 };
-                let ids: Vec<String> = self.records.map.values().filter(|r| !r.pending() && r.engine_uuid.as_deref() == Some(&uuid)).map(|r| r.msg_id.clone()).collect();
+                let ids: Vec<String> = self
+                    .records
+                    .map
+                    .values()
+                    .filter(|r| !r.pending() && r.engine_uuid.as_deref() == Some(&uuid))
+                    .map(|r| r.msg_id.clone())
+                    .collect();
                 for id in ids {
                     self.records.remove(&id);
                 }
@@ -1166,7 +1227,12 @@ impl Hub {
     fn on_resubmit<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant, stored: Option<Answer>) {
         let looked_up = stored.is_some();
         let fetched = fetched_by_id(stored);
-        let ids: Vec<String> = msg.content.get("msg_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        let ids: Vec<String> = msg
+            .content
+            .get("msg_ids")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
         let missing: Vec<String> = ids.iter().filter(|id| self.records.get(id).is_none() && !fetched.contains_key(*id)).cloned().collect();
         if !missing.is_empty() {
             if self.persist && !looked_up {
@@ -1215,7 +1281,8 @@ impl Hub {
     /// a lookup) and only records not written yet (pending ones) from memory.
     fn on_db_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
         let query = msg.content.get("query").cloned().unwrap_or_else(|| json!({}));
-        let keys: Option<Vec<String>> = msg.content.get("keys").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
+        let keys: Option<Vec<String>> =
+            msg.content.get("keys").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
         let Value::Object(query) = query else {
             return self.hub_error(c, ident, msg, "TypeError", "db query must be a dict");
         };
@@ -1224,14 +1291,17 @@ impl Hub {
         let want = |k: &str| keys.as_ref().is_some_and(|ks| ks.iter().any(|x| x == k));
         let fetched = match stored {
             Some(Answer::Records(rs)) => rs,
-            _ if self.persist => return self.defer(ident, msg, Query::Find { query, buffers: want("buffers"), result_buffers: want("result_buffers") }),
+            _ if self.persist => {
+                return self.defer(ident, msg, Query::Find { query, buffers: want("buffers"), result_buffers: want("result_buffers") })
+            }
             _ => Vec::new(),
         };
         let history = self.records.history();
         let mut candidates: Vec<&Record> = fetched.iter().collect();
         {
             let stored_ids: HashSet<&str> = fetched.iter().map(|r| r.msg_id.as_str()).collect();
-            candidates.extend(history.iter().filter(|id| !stored_ids.contains(id.as_str())).map(|id| self.records.get(id).expect("in history")));
+            candidates
+                .extend(history.iter().filter(|id| !stored_ids.contains(id.as_str())).map(|id| self.records.get(id).expect("in history")));
         }
         if !fetched.is_empty() {
             candidates.sort_by(|a, b| a.submitted.cmp(&b.submitted));

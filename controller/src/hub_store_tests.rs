@@ -42,7 +42,15 @@ fn decode(frames: &[Bytes]) -> Message {
 }
 
 fn hub(record_limit: usize) -> Hub {
-    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm: 0, ping: Duration::from_millis(1000), record_limit, record_bytes: 1 << 30, queue_limit: 1_000_000, engine_info: json!({}) };
+    let cfg = HubConfig {
+        scheme: Scheme::LeastLoad,
+        hwm: 0,
+        ping: Duration::from_millis(1000),
+        record_limit,
+        record_bytes: 1 << 30,
+        queue_limit: 1_000_000,
+        engine_info: json!({}),
+    };
     let mut h = Hub::new(Session::new(KEY, "hub"), cfg, Instant::now());
     h.persist = true;
     h
@@ -51,7 +59,14 @@ fn hub(record_limit: usize) -> Hub {
 fn env(dir: &std::path::Path, record_limit: usize, restore: bool) -> Env {
     let path = dir.join("tasks.db");
     let writer = Writer::new(store::open(&path, restore).unwrap(), path);
-    Env { hub: hub(record_limit), comm: Sent::default(), writer, client: Session::new(KEY, "client"), now: Instant::now(), fail_lookups: false }
+    Env {
+        hub: hub(record_limit),
+        comm: Sent::default(),
+        writer,
+        client: Session::new(KEY, "client"),
+        now: Instant::now(),
+        fail_lookups: false,
+    }
 }
 
 const ENGINE: &str = "engine-uuid-0";
@@ -75,7 +90,11 @@ impl Env {
             }
             self.writer.apply(batch);
             for (token, mut rx) in answers {
-                let answer = if self.fail_lookups { Answer::failed("RuntimeError", "disk on fire") } else { rx.try_recv().expect("answered in the batch") };
+                let answer = if self.fail_lookups {
+                    Answer::failed("RuntimeError", "disk on fire")
+                } else {
+                    rx.try_recv().expect("answered in the batch")
+                };
                 self.hub.on_event(&mut self.comm, Inbound::Stored { token, answer }, self.now);
             }
         }
@@ -101,7 +120,14 @@ impl Env {
 
     /// Submit a task and answer it from the engine with `result` as its buffer; returns its id.
     fn run_task(&mut self, i: usize) -> String {
-        let (h, f) = self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, json!({}), &[Bytes::from(format!("arg{i}"))]);
+        let (h, f) = self.client.msg(
+            &[Bytes::from_static(b"client-1")],
+            "apply_request",
+            json!({}),
+            None,
+            json!({}),
+            &[Bytes::from(format!("arg{i}"))],
+        );
         let msg_id = h.msg_id.clone();
         self.ev(Inbound::Request(Box::new(wire::parse_request(&self.client, Chan::Task, f).unwrap())));
         let es = Session::new(KEY, ENGINE);
@@ -115,7 +141,11 @@ impl Env {
             &result,
         );
         self.ev(Inbound::Reply(Box::new(wire::parse_reply(&es, Chan::Task, f).unwrap())));
-        self.ev(Inbound::Io { parent: msg_id.clone(), msg_type: "stream".into(), content: json!({"name": "stdout", "text": format!("late {i}\n")}) });
+        self.ev(Inbound::Io {
+            parent: msg_id.clone(),
+            msg_type: "stream".into(),
+            content: json!({"name": "stdout", "text": format!("late {i}\n")}),
+        });
         self.comm.0.clear();
         msg_id
     }
@@ -151,7 +181,10 @@ fn evicted_and_restored_records_are_answered_from_the_database() {
         let h = e.query("history_request", json!({}));
         assert_eq!(h.content["history"], json!(ids));
 
-        let d = e.query("db_request", json!({"query": {"msg_id": {"$in": ids}}, "keys": ["msg_id", "buffers", "result_buffers", "engine_uuid"]}));
+        let d = e.query(
+            "db_request",
+            json!({"query": {"msg_id": {"$in": ids}}, "keys": ["msg_id", "buffers", "result_buffers", "engine_uuid"]}),
+        );
         assert_eq!(d.content["records"].as_array().unwrap().len(), ids.len());
         assert_eq!(d.content["records"][1]["engine_uuid"], ENGINE);
         assert_eq!(d.content["buffer_lens"], json!(vec![1; ids.len()]));

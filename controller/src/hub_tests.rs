@@ -39,7 +39,15 @@ struct Env {
 
 fn env(hwm: usize) -> Env {
     let now = Instant::now();
-    let cfg = HubConfig { scheme: Scheme::LeastLoad, hwm, ping: Duration::from_millis(1000), record_limit: 1024, record_bytes: 1 << 30, queue_limit: 1_000_000, engine_info: json!({}) };
+    let cfg = HubConfig {
+        scheme: Scheme::LeastLoad,
+        hwm,
+        ping: Duration::from_millis(1000),
+        record_limit: 1024,
+        record_bytes: 1 << 30,
+        queue_limit: 1_000_000,
+        engine_info: json!({}),
+    };
     Env { hub: Hub::new(Session::new(KEY, "hub"), cfg, now), comm: TestComm::default(), client: Session::new(KEY, "client"), now }
 }
 
@@ -80,7 +88,8 @@ impl Env {
     }
 
     fn submit(&mut self, meta: Value) -> String {
-        let (h, f) = self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, meta, &[Bytes::from_static(b"f")]);
+        let (h, f) =
+            self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, meta, &[Bytes::from_static(b"f")]);
         let r = wire::parse_request(&self.client, Chan::Task, f).unwrap();
         self.ev(Inbound::Request(Box::new(r)));
         h.msg_id
@@ -98,7 +107,14 @@ impl Env {
 
     fn engine_reply(&mut self, engine: u64, chan: Chan, msg_id: &str, status: &str) {
         let es = Session::new(KEY, &uuid(engine));
-        let parent = rpx_protocol::Header { msg_id: msg_id.into(), msg_type: "apply_request".into(), username: "u".into(), session: "s".into(), date: String::new(), version: "5.4".into() };
+        let parent = rpx_protocol::Header {
+            msg_id: msg_id.into(),
+            msg_type: "apply_request".into(),
+            username: "u".into(),
+            session: "s".into(),
+            date: String::new(),
+            version: "5.4".into(),
+        };
         let (_, f) = es.msg(
             &[Bytes::from(uuid(engine)), Bytes::from_static(b"client-1")],
             "apply_reply",
@@ -121,7 +137,8 @@ fn engine_ids_are_handed_out_in_order_and_never_reused_unless_requested() {
     e.hub.on_engine_died(&mut e.comm, id, "test", e.now);
     assert_eq!(e.engine(2), 2, "a dead engine's id is not handed out unasked");
     let mut register = |uuid: &str, id: u64| {
-        let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": uuid, "id": id}), None, json!({}), &[]);
+        let (_, f) =
+            e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": uuid, "id": id}), None, json!({}), &[]);
         e.ev(Inbound::Query(f));
         e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap().content["id"].clone()
     };
@@ -302,7 +319,8 @@ fn retries_go_to_a_different_engine() {
     e.engine_reply(eid, Chan::Task, &id, "error");
     let out = e.comm.take();
     assert!(out.iter().all(|(s, _)| *s != Sock::Client(Chan::Task)), "the failure is not relayed while retries remain");
-    let again: Vec<_> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| String::from_utf8(f[0].to_vec()).unwrap()).collect();
+    let again: Vec<_> =
+        out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| String::from_utf8(f[0].to_vec()).unwrap()).collect();
     assert_eq!(again, vec![uuid(1 - eid)]);
     e.engine_reply(1 - eid, Chan::Task, &id, "error");
     let out = e.comm.take();
@@ -319,7 +337,14 @@ fn engine_death_fails_exactly_its_tasks() {
     let d = e.dispatched();
     assert_eq!(d, vec![(uuid(0), a.clone()), (uuid(1), b.clone())]);
     // A direct (mux) request to engine 0 as well.
-    let (mh, f) = e.client.msg(&[Bytes::from_static(b"client-1"), Bytes::from(uuid(0))], "execute_request", json!({"code": "1"}), None, json!({}), &[]);
+    let (mh, f) = e.client.msg(
+        &[Bytes::from_static(b"client-1"), Bytes::from(uuid(0))],
+        "execute_request",
+        json!({"code": "1"}),
+        None,
+        json!({}),
+        &[],
+    );
     e.ev(Inbound::Request(Box::new(wire::parse_request(&e.client, Chan::Mux, f).unwrap())));
     e.comm.take();
     e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
@@ -429,7 +454,8 @@ fn unknown_dependencies_are_invalid_and_after_waits() {
     let b = e.submit(json!({"after": [a.clone()]}));
     assert_eq!(e.dispatched(), vec![(uuid(0), a.clone())]);
     e.engine_reply(0, Chan::Task, &a, "ok");
-    let sent: Vec<_> = e.comm.take().into_iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| decode(&f).header.msg_id).collect();
+    let sent: Vec<_> =
+        e.comm.take().into_iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| decode(&f).header.msg_id).collect();
     assert_eq!(sent, vec![b]);
 }
 
@@ -476,7 +502,14 @@ fn broadcast_fans_out_with_rewritten_ids() {
     let mut e = env(0);
     e.engine(0);
     e.engine(1);
-    let (h, f) = e.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, json!({"targets": [[uuid(0), 0], [uuid(1), 1]], "is_coalescing": false}), &[]);
+    let (h, f) = e.client.msg(
+        &[Bytes::from_static(b"client-1")],
+        "apply_request",
+        json!({}),
+        None,
+        json!({"targets": [[uuid(0), 0], [uuid(1), 1]], "is_coalescing": false}),
+        &[],
+    );
     e.ev(Inbound::Request(Box::new(wire::parse_request(&e.client, Chan::Bcast, f).unwrap())));
     let out = e.comm.take();
     let sent: Vec<Message> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Bcast)).map(|(_, f)| decode(f)).collect();
@@ -504,7 +537,13 @@ impl Env {
     /// socket `reg-i`, asking for `id`; returns the reply and the request's msg_id.
     fn rpx_register(&mut self, i: u64, id: Option<u64>) -> (Message, String) {
         let u = uuid(i);
-        let content = serde_json::to_value(rpx_protocol::registration::RegistrationRequest { uuid: u.clone(), id, notify_eviction: true, host: None }).unwrap();
+        let content = serde_json::to_value(rpx_protocol::registration::RegistrationRequest {
+            uuid: u.clone(),
+            id,
+            notify_eviction: true,
+            host: None,
+        })
+        .unwrap();
         let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);
         self.ev(Inbound::Query(f));
         let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).expect("a registration reply");
@@ -553,7 +592,10 @@ fn an_evicted_rpx_engine_is_told_with_what_was_answered_for_it_and_gets_its_id_b
     assert_eq!(told.len(), 1);
     let (to, n) = &told[0];
     assert_eq!(to.as_ref(), b"reg-0");
-    assert_eq!((n.id, n.uuid.as_str(), n.registration.as_str(), n.reason.as_str()), (id, uuid(0).as_str(), reg.as_str(), "missed heartbeats"));
+    assert_eq!(
+        (n.id, n.uuid.as_str(), n.registration.as_str(), n.reason.as_str()),
+        (id, uuid(0).as_str(), reg.as_str(), "missed heartbeats")
+    );
     assert_eq!(n.answered, vec![a.clone()]);
     assert!(!n.reconnect, "its connections are fine: it registers again over them");
     // Its pongs resume: told again, but at most once per period.
@@ -588,7 +630,8 @@ fn a_task_retried_elsewhere_is_answered_once_by_the_engine_now_running_it() {
     e.hub.on_tick(&mut e.comm, e.now);
     let out = e.comm.take();
     assert!(out.iter().all(|(s, _)| *s != Sock::Client(Chan::Task)), "retried, not failed");
-    let moved: Vec<String> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| String::from_utf8(f[0].to_vec()).unwrap()).collect();
+    let moved: Vec<String> =
+        out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Task)).map(|(_, f)| String::from_utf8(f[0].to_vec()).unwrap()).collect();
     assert_eq!(moved, vec![uuid(1)]);
     // Engine 0 comes back and finishes the task anyway: dropped.
     let (reply, _) = e.rpx_register(0, Some(0));

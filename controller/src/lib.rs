@@ -42,9 +42,9 @@ pub mod store;
 pub mod wire;
 
 #[cfg(test)]
-mod hub_tests;
-#[cfg(test)]
 mod hub_store_tests;
+#[cfg(test)]
+mod hub_tests;
 
 pub use net::{run, run_with_ready, Ready};
 

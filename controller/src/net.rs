@@ -19,7 +19,9 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
-use zeromq::{Endpoint, PubSocket, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{
+    Endpoint, PubSocket, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
+};
 
 use rpx_guard::{never_take_over, Takeover};
 use rpx_protocol::connection::write_private_json;
@@ -118,7 +120,11 @@ async fn bind<S: Socket>(s: &mut S, ip: &str, port: u16, what: &'static str, tak
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Like [`run`], and sends the connection info on `ready` once every socket is bound.
@@ -286,13 +292,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         // are back, so no client misses an engine's return.
         hub.hold_registrations(Instant::now() + config.ping);
     }
-    let mut comm = NetComm {
-        routers: senders,
-        writers: HashMap::new(),
-        pubs: HashMap::new(),
-        failures: Vec::new(),
-        tx: tx.clone(),
-    };
+    let mut comm = NetComm { routers: senders, writers: HashMap::new(), pubs: HashMap::new(), failures: Vec::new(), tx: tx.clone() };
     comm.pubs.insert(Sock::Notification, spawn_pub(notification));
     comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
     drop(tx);

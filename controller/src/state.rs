@@ -289,7 +289,8 @@ impl Record {
     /// Bytes held: request and reply frames, and the output kept.
     pub fn bytes(&self) -> usize {
         let frames: usize = self.request.iter().chain(self.result.iter().flatten()).map(Bytes::len).sum();
-        frames + ["stdout", "stderr"].iter().filter_map(|k| self.io.get(*k).and_then(serde_json::Value::as_str)).map(str::len).sum::<usize>()
+        frames
+            + ["stdout", "stderr"].iter().filter_map(|k| self.io.get(*k).and_then(serde_json::Value::as_str)).map(str::len).sum::<usize>()
     }
     /// A new record for a request the controller just received from `client`.
     pub fn submitted(msg_id: &str, chan: Chan, request: &[Bytes], client: &Bytes) -> Record {
@@ -333,7 +334,6 @@ impl Record {
         self.result.is_none()
     }
 }
-
 
 /// Bytes of each output stream (stdout, stderr) a task record keeps; clients still receive all
 /// of it on iopub as it is published.
@@ -729,7 +729,14 @@ mod tests {
     }
 
     fn evicted(id: u64) -> Evicted {
-        let notice = rpx_protocol::registration::EvictionNotice { id, uuid: format!("u{id}"), registration: "r".into(), reason: "missed heartbeats".into(), answered: vec![], reconnect: false };
+        let notice = rpx_protocol::registration::EvictionNotice {
+            id,
+            uuid: format!("u{id}"),
+            registration: "r".into(),
+            reason: "missed heartbeats".into(),
+            answered: vec![],
+            reconnect: false,
+        };
         Evicted { notice_to: Bytes::from(format!("reg{id}")), notice, last_sent: None }
     }
 

@@ -206,8 +206,14 @@ impl StoreHandle {
                     lookups.push(Box::pin(async move {
                         let answer = match tokio::time::timeout(QUERY_TIMEOUT, rx).await {
                             Ok(Ok(a)) => a,
-                            Ok(Err(_)) => Answer::failed("RuntimeError", "the task database is unavailable (its writer stopped or is stuck; see the controller log)"),
-                            Err(_) => Answer::failed("TimeoutError", format!("the task database did not answer within {} s", QUERY_TIMEOUT.as_secs())),
+                            Ok(Err(_)) => Answer::failed(
+                                "RuntimeError",
+                                "the task database is unavailable (its writer stopped or is stuck; see the controller log)",
+                            ),
+                            Err(_) => Answer::failed(
+                                "TimeoutError",
+                                format!("the task database did not answer within {} s", QUERY_TIMEOUT.as_secs()),
+                            ),
                         };
                         (token, answer)
                     }));
@@ -296,15 +302,19 @@ pub fn open(path: &Path, restore: bool) -> Result<Connection> {
     match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
         Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| db_error(path, format!("cannot make it private (0600): {e}")))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| db_error(path, format!("cannot make it private (0600): {e}")))?;
         }
         Err(e) => return Err(db_error(path, format!("cannot create it: {e}"))),
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|e| db_error(path, format!("cannot open it: {e}")))?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| db_error(path, format!("cannot open it: {e}")))?;
     if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
         return Err(db_error(path, "the file is not writable (check its owner and mode)"));
     }
-    let corrupt = |e: rusqlite::Error| db_error(path, format!("{e}; the file is damaged or not an rpx task database: move it away, or start without --restore"));
+    let corrupt = |e: rusqlite::Error| {
+        db_error(path, format!("{e}; the file is damaged or not an rpx task database: move it away, or start without --restore"))
+    };
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(corrupt)?;
     if !mode.eq_ignore_ascii_case("wal") {
         warn!(%mode, "the task database could not switch to WAL mode; writes will be slower");
@@ -317,22 +327,32 @@ pub fn open(path: &Path, restore: bool) -> Result<Connection> {
         }
     }
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(corrupt)?;
-    let has_table: bool = conn.query_row("SELECT count(*) FROM sqlite_master WHERE type='table' AND name='tasks'", [], |r| r.get::<_, i64>(0)).map_err(corrupt)? > 0;
+    let has_table: bool = conn
+        .query_row("SELECT count(*) FROM sqlite_master WHERE type='table' AND name='tasks'", [], |r| r.get::<_, i64>(0))
+        .map_err(corrupt)?
+        > 0;
     match (version, has_table) {
         (0, false) => {
             let cols: Vec<String> = COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
             let ddl = format!("BEGIN; CREATE TABLE tasks ({}); PRAGMA user_version={SCHEMA_VERSION}; COMMIT;", cols.join(", "));
-            conn.execute_batch(&ddl).map_err(|e| db_error(path, format!("cannot create the schema (is the disk full or read-only?): {e}")))?;
+            conn.execute_batch(&ddl)
+                .map_err(|e| db_error(path, format!("cannot create the schema (is the disk full or read-only?): {e}")))?;
         }
         (SCHEMA_VERSION, true) => {
             let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('tasks')").map_err(corrupt)?;
-            let names: Vec<String> = stmt.query_map([], |r| r.get(0)).map_err(corrupt)?.collect::<rusqlite::Result<_>>().map_err(corrupt)?;
+            let names: Vec<String> =
+                stmt.query_map([], |r| r.get(0)).map_err(corrupt)?.collect::<rusqlite::Result<_>>().map_err(corrupt)?;
             let want: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
             if names != want {
                 return Err(db_error(path, format!("table `tasks` has columns {names:?}, expected {want:?}: move the file away")));
             }
         }
-        (v, _) => return Err(db_error(path, format!("schema version {v} is not {SCHEMA_VERSION} (written by another rpx version?): move the file away"))),
+        (v, _) => {
+            return Err(db_error(
+                path,
+                format!("schema version {v} is not {SCHEMA_VERSION} (written by another rpx version?): move the file away"),
+            ))
+        }
     }
     // Prove the file takes writes now rather than at the first finished task.
     conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}")).map_err(|e| db_error(path, format!("cannot write to it: {e}")))?;
@@ -490,7 +510,11 @@ fn from_row(row: &Row) -> rusqlite::Result<Record> {
     let mut io = Map::new();
     for (i, key) in [(19, "execute_input"), (20, "execute_result"), (21, "error"), (22, "stdout"), (23, "stderr")] {
         if let Some(s) = text(i)? {
-            let v = if key == "stdout" || key == "stderr" { Value::String(s) } else { serde_json::from_str(&s).map_err(|e| conversion(i, e.to_string()))? };
+            let v = if key == "stdout" || key == "stderr" {
+                Value::String(s)
+            } else {
+                serde_json::from_str(&s).map_err(|e| conversion(i, e.to_string()))?
+            };
             io.insert(key.into(), v);
         }
     }
@@ -632,7 +656,9 @@ impl Writer {
         for m in batch {
             match m.op {
                 StoreOp::Query { query, .. } => {
-                    let answer = self.query(&query).unwrap_or_else(|e| Answer::failed("RuntimeError", format!("task database {}: {e}", self.path.display())));
+                    let answer = self
+                        .query(&query)
+                        .unwrap_or_else(|e| Answer::failed("RuntimeError", format!("task database {}: {e}", self.path.display())));
                     if let Some(reply) = m.reply {
                         let _ = reply.send(answer);
                     }
@@ -672,8 +698,17 @@ impl Writer {
                 self.conn.prepare_cached(&self.put_sql)?.execute(params_from_iter(to_row(r)))?;
             }
             StoreOp::Io(r) => {
-                let vals = [io_text(r, "execute_input"), io_text(r, "execute_result"), io_text(r, "error"), io_text(r, "stdout"), io_text(r, "stderr"), text(&r.msg_id)];
-                self.conn.prepare_cached("UPDATE tasks SET execute_input=?, execute_result=?, error=?, stdout=?, stderr=? WHERE msg_id=?")?.execute(params_from_iter(vals))?;
+                let vals = [
+                    io_text(r, "execute_input"),
+                    io_text(r, "execute_result"),
+                    io_text(r, "error"),
+                    io_text(r, "stdout"),
+                    io_text(r, "stderr"),
+                    text(&r.msg_id),
+                ];
+                self.conn
+                    .prepare_cached("UPDATE tasks SET execute_input=?, execute_result=?, error=?, stdout=?, stderr=? WHERE msg_id=?")?
+                    .execute(params_from_iter(vals))?;
             }
             StoreOp::Resubmitted { msg_id, new_id } => {
                 self.conn.prepare_cached("UPDATE tasks SET resubmitted=? WHERE msg_id=?")?.execute([new_id, msg_id])?;
@@ -853,14 +888,22 @@ mod tests {
         }
         let mut late = a.clone();
         late.io.insert("stderr".into(), json!("warn\n"));
-        w.apply(vec![StoreMsg { op: StoreOp::Io(Box::new(late)), reply: None }, StoreMsg { op: StoreOp::Resubmitted { msg_id: "a".into(), new_id: "a2".into() }, reply: None }]);
+        w.apply(vec![
+            StoreMsg { op: StoreOp::Io(Box::new(late)), reply: None },
+            StoreMsg { op: StoreOp::Resubmitted { msg_id: "a".into(), new_id: "a2".into() }, reply: None },
+        ]);
         let got = records(w.query(&Query::Records(vec!["a".into()])).unwrap());
         assert_eq!(got[0].io["stderr"], "warn\n");
         assert_eq!(got[0].io["stdout"], "out\n");
         assert_eq!(got[0].resubmitted.as_deref(), Some("a2"));
 
         w.apply(vec![StoreMsg { op: StoreOp::Purge(Purge::Engine("e1".into())), reply: None }]);
-        let ids = |w: &Writer| records(w.query(&Query::Find { query: Map::new(), buffers: false, result_buffers: false }).unwrap()).into_iter().map(|r| r.msg_id).collect::<Vec<_>>();
+        let ids = |w: &Writer| {
+            records(w.query(&Query::Find { query: Map::new(), buffers: false, result_buffers: false }).unwrap())
+                .into_iter()
+                .map(|r| r.msg_id)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids(&w), ["a"]);
         put(&mut w, &b);
         w.apply(vec![StoreMsg { op: StoreOp::Purge(Purge::Ids(vec!["a".into(), "zz".into()])), reply: None }]);
@@ -875,7 +918,10 @@ mod tests {
         let mut w = writer(dir.path());
         let (tx, mut rx) = oneshot::channel();
         let a = record("a", "e0", "1", &[b"x"], &[]);
-        w.apply(vec![StoreMsg { op: StoreOp::Put(Box::new(a.clone())), reply: None }, StoreMsg { op: StoreOp::Query { token: 1, query: Query::Records(vec!["a".into()]) }, reply: Some(tx) }]);
+        w.apply(vec![
+            StoreMsg { op: StoreOp::Put(Box::new(a.clone())), reply: None },
+            StoreMsg { op: StoreOp::Query { token: 1, query: Query::Records(vec!["a".into()]) }, reply: Some(tx) },
+        ]);
         assert_eq!(records(rx.try_recv().unwrap()), vec![unsigned(a)]);
     }
 
@@ -907,7 +953,14 @@ mod tests {
         assert_eq!(with[0].result.as_ref().unwrap()[5..], [Bytes::from_static(b"res")]);
         let without = find(json!({"msg_id": "m0"}), false);
         assert_eq!(without[0].request.len(), 5);
-        match w.query(&Query::Find { query: json!({"msg_id": {"$regex": "m"}}).as_object().unwrap().clone(), buffers: false, result_buffers: false }).unwrap() {
+        match w
+            .query(&Query::Find {
+                query: json!({"msg_id": {"$regex": "m"}}).as_object().unwrap().clone(),
+                buffers: false,
+                result_buffers: false,
+            })
+            .unwrap()
+        {
             Answer::Failed { ename, evalue } => assert!(ename == "ValueError" && evalue.contains("$regex"), "{evalue}"),
             other => panic!("{other:?}"),
         }

@@ -13,7 +13,6 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend};
 use rpx_controller::config::Config;
 use rpx_protocol::{Message, Profile, Session};
 
-
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn dealer(url: &str, identity: Option<&str>) -> DealerSocket {
@@ -43,7 +42,13 @@ async fn fake_engine_and_client_round_trip() {
     let key = config.key.clone();
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let ctrl = tokio::spawn(rpx_controller::run_with_ready(config, async { let _ = stop_rx.await; }, Some(ready_tx)));
+    let ctrl = tokio::spawn(rpx_controller::run_with_ready(
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+        Some(ready_tx),
+    ));
     let ready = ready_rx.await.unwrap();
     let (c, e) = (&ready.client, &ready.engine);
 
@@ -82,7 +87,19 @@ async fn fake_engine_and_client_round_trip() {
     assert_eq!(got.header.msg_id, h.msg_id, "the bad message was dropped");
     assert_eq!(got.idents.len(), 1, "engine gets [client_id, DELIM, ...]");
     let client_id = got.idents[0].clone();
-    send(&mut emux, eng.msg(std::slice::from_ref(&client_id), "execute_reply", json!({"status": "ok", "execution_count": 1}), Some(&got.header), json!({"engine": uuid, "status": "ok"}), &[]).1).await;
+    send(
+        &mut emux,
+        eng.msg(
+            std::slice::from_ref(&client_id),
+            "execute_reply",
+            json!({"status": "ok", "execution_count": 1}),
+            Some(&got.header),
+            json!({"engine": uuid, "status": "ok"}),
+            &[],
+        )
+        .1,
+    )
+    .await;
     let back = recv(&mut cmux, &cli).await;
     assert_eq!(back.idents, vec![Bytes::from(uuid)], "client gets [engine_uuid, DELIM, ...]");
     assert_eq!(back.parent_msg_id(), Some(h.msg_id.as_str()));
@@ -94,7 +111,19 @@ async fn fake_engine_and_client_round_trip() {
     let got = recv(&mut etask, &eng).await;
     assert_eq!(got.header.msg_id, th.msg_id);
     assert_eq!(got.buffers, vec![Bytes::from_static(b"payload")]);
-    send(&mut etask, eng.msg(&got.idents, "apply_reply", json!({"status": "ok"}), Some(&got.header), json!({"engine": uuid, "status": "ok"}), &[Bytes::from_static(b"result")]).1).await;
+    send(
+        &mut etask,
+        eng.msg(
+            &got.idents,
+            "apply_reply",
+            json!({"status": "ok"}),
+            Some(&got.header),
+            json!({"engine": uuid, "status": "ok"}),
+            &[Bytes::from_static(b"result")],
+        )
+        .1,
+    )
+    .await;
     let back = recv(&mut ctask, &cli).await;
     assert_eq!(back.parent_msg_id(), Some(th.msg_id.as_str()));
     assert_eq!(back.buffers, vec![Bytes::from_static(b"result")]);

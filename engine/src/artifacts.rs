@@ -53,7 +53,12 @@ pub enum Kind {
 /// Check `bytes` against the artifact's size and hash.
 pub fn verify(a: &Artifact, bytes: &[u8]) -> Result<(), String> {
     if bytes.len() as u64 != a.size {
-        return Err(format!("artifact {} is {} bytes, expected {} (truncated or replaced); refused", short(&a.sha256), bytes.len(), a.size));
+        return Err(format!(
+            "artifact {} is {} bytes, expected {} (truncated or replaced); refused",
+            short(&a.sha256),
+            bytes.len(),
+            a.size
+        ));
     }
     let got = hex::encode(Sha256::digest(bytes));
     if got != a.sha256 {
@@ -104,7 +109,12 @@ impl Cache {
 
     /// Take the artifact's lock without waiting; `None` if another process holds it.
     pub fn try_lock(&self, sha256: &str) -> std::io::Result<Option<Lock>> {
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(self.dir.join(format!("{sha256}.lock")))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join(format!("{sha256}.lock")))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
             return Ok(Some(Lock(f)));
@@ -242,10 +252,17 @@ impl Fetcher {
             return Step::Failed(format!("the compiler named an artifact with a malformed hash {:?}; refused", a.sha256));
         }
         if a.size > MAX_ARTIFACT_BYTES {
-            return Step::Failed(format!("artifact {} is {} bytes, more than the {} bytes an engine accepts; refused", short(&a.sha256), a.size, MAX_ARTIFACT_BYTES));
+            return Step::Failed(format!(
+                "artifact {} is {} bytes, more than the {} bytes an engine accepts; refused",
+                short(&a.sha256),
+                a.size,
+                MAX_ARTIFACT_BYTES
+            ));
         }
         let Some(cache) = &self.cache else {
-            return Step::Failed("this engine is not on the compiler's host and has no artifact cache directory (set RPX_CACHE_DIR)".into());
+            return Step::Failed(
+                "this engine is not on the compiler's host and has no artifact cache directory (set RPX_CACHE_DIR)".into(),
+            );
         };
         if let Some(p) = cache.lookup(a, &kind) {
             return Step::Ready(p);
@@ -312,7 +329,10 @@ impl Fetcher {
             let f = &self.fetches[&sha];
             if now.duration_since(f.started) > FETCH_TIMEOUT {
                 self.fetches.remove(&sha);
-                self.failed.insert(sha.clone(), format!("fetching artifact {} from the compiler took more than {} s; gave up", short(&sha), FETCH_TIMEOUT.as_secs()));
+                self.failed.insert(
+                    sha.clone(),
+                    format!("fetching artifact {} from the compiler took more than {} s; gave up", short(&sha), FETCH_TIMEOUT.as_secs()),
+                );
                 out.push((sha, Step::Wait));
                 continue;
             }
@@ -438,7 +458,11 @@ mod tests {
 
     #[test]
     fn the_runtime_libraries_are_found_where_the_compiler_keeps_them_on_its_host() {
-        let libs = [lib("libstd-a.so", "/rt/lib/libstd-a.so", b"std"), lib("libfoo.so", "/rt/lib/libfoo.so", b"foo"), lib("libbar.so", "/other/libbar.so", b"bar")];
+        let libs = [
+            lib("libstd-a.so", "/rt/lib/libstd-a.so", b"std"),
+            lib("libfoo.so", "/rt/lib/libfoo.so", b"foo"),
+            lib("libbar.so", "/other/libbar.so", b"bar"),
+        ];
         let mut f = Fetcher::new(true, None);
         assert_eq!(f.runtime_dirs(&libs, Instant::now()), RuntimeStep::Ready(vec!["/rt/lib".into(), "/other".into()]));
     }
@@ -471,7 +495,10 @@ mod tests {
         std::fs::write(&probe, "token-1").unwrap();
         let mut f = Fetcher::for_compiler(&HostProbe { path: probe.display().to_string(), token: "token-1".into() });
         assert!(f.same_host() && f.cache_dir().is_none());
-        assert_eq!(f.runtime_dirs(&[lib("libstd-a.so", "/rt/libstd-a.so", b"std")], Instant::now()), RuntimeStep::Ready(vec!["/rt".into()]));
+        assert_eq!(
+            f.runtime_dirs(&[lib("libstd-a.so", "/rt/libstd-a.so", b"std")], Instant::now()),
+            RuntimeStep::Ready(vec!["/rt".into()])
+        );
     }
 
     #[test]

@@ -79,7 +79,19 @@ pub fn check_arguments(req: &Request) -> Result<(), EngineError> {
 
 impl Call {
     pub fn new(req: Request, md: Value, mode: u32, closure: Closure) -> Call {
-        Call { req, md, mode, closure, running: false, interrupt_requested: false, result: None, stdout_done: false, stderr_done: false, held_stdout: String::new(), held_stderr: String::new() }
+        Call {
+            req,
+            md,
+            mode,
+            closure,
+            running: false,
+            interrupt_requested: false,
+            result: None,
+            stdout_done: false,
+            stderr_done: false,
+            held_stdout: String::new(),
+            held_stderr: String::new(),
+        }
     }
 
     /// Handed to the worker, and its result and all its output are in: it can be answered.
@@ -180,11 +192,26 @@ mod tests {
     }
 
     fn ok_reply(id: &str) -> ClosureReply {
-        ClosureReply { request_id: id.into(), status: "ok".into(), artifact: Some(artifact()), fn_name: "rpx_closure_1".into(), ename: String::new(), evalue: String::new(), traceback: vec![] }
+        ClosureReply {
+            request_id: id.into(),
+            status: "ok".into(),
+            artifact: Some(artifact()),
+            fn_name: "rpx_closure_1".into(),
+            ename: String::new(),
+            evalue: String::new(),
+            traceback: vec![],
+        }
     }
 
     fn error_reply(id: &str, ename: &str) -> ClosureReply {
-        ClosureReply { status: "error".into(), artifact: None, fn_name: String::new(), ename: ename.into(), evalue: "mismatched types".into(), ..ok_reply(id) }
+        ClosureReply {
+            status: "error".into(),
+            artifact: None,
+            fn_name: String::new(),
+            ename: ename.into(),
+            evalue: "mismatched types".into(),
+            ..ok_reply(id)
+        }
     }
 
     #[test]
@@ -254,6 +281,23 @@ mod tests {
     }
 
     #[test]
+    fn a_call_is_answered_once_its_result_and_both_end_markers_are_in() {
+        let mut c = call("a", "|x: u64| x");
+        c.result = Some(Ok(vec![1]));
+        (c.stdout_done, c.stderr_done) = (true, true);
+        assert!(!c.settled(), "not handed to the worker yet");
+        c.running = true;
+        assert!(c.settled());
+        for unset in 0..3 {
+            let mut d = call("b", "|x: u64| x");
+            d.running = true;
+            d.result = (unset != 0).then(|| Ok(vec![]));
+            (d.stdout_done, d.stderr_done) = (unset != 1, unset != 2);
+            assert!(!d.settled(), "missing piece {unset}: its output may still be on its way");
+        }
+    }
+
+    #[test]
     fn the_workers_result_status_becomes_the_reply_or_an_error() {
         assert_eq!(outcome(abi::STATUS_OK, vec![1, 2]), Ok(vec![1, 2]));
         let panic = outcome(abi::STATUS_PANIC, b"index out of bounds".to_vec()).unwrap_err();
@@ -262,7 +306,10 @@ mod tests {
         let bad = outcome(abi::STATUS_BAD_INPUT, b"cannot decode the arguments".to_vec()).unwrap_err();
         assert_eq!((bad.ename.as_str(), bad.evalue.as_str()), ("UnsupportedPayload", "cannot decode the arguments"));
         let int = outcome(crate::worker::STATUS_INTERRUPTED, vec![]).unwrap_err();
-        assert_eq!((int.ename.as_str(), int.evalue.as_str()), ("KeyboardInterrupt", "the call was interrupted (SIGINT); the engine kept its variables"));
+        assert_eq!(
+            (int.ename.as_str(), int.evalue.as_str()),
+            ("KeyboardInterrupt", "the call was interrupted (SIGINT); the engine kept its variables")
+        );
         let load = outcome(crate::worker::STATUS_LOAD_FAILED, b"cannot open c.so".to_vec()).unwrap_err();
         assert_eq!((load.ename.as_str(), load.evalue.as_str()), ("CompilerError", "cannot open c.so"));
     }

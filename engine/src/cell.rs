@@ -179,7 +179,8 @@ impl Cell {
         if self.reply.is_none() || loads_pending {
             return false;
         }
-        let panic_text_missing = self.panicked && self.interrupted.is_none() && find_panic(&stderr.panic_lines()).is_none_or(|p| p.message.is_empty());
+        let panic_text_missing =
+            self.panicked && self.interrupted.is_none() && find_panic(&stderr.panic_lines()).is_none_or(|p| p.message.is_empty());
         let error_text_missing = self.error_occurred && !self.panicked && question_mark_text(stderr).is_none();
         if self.died.is_none() && self.stdin_refused.is_none() && (panic_text_missing || error_text_missing) {
             match self.grace_until {
@@ -209,7 +210,8 @@ impl Cell {
         }
         if let Some(prompt) = &self.stdin_refused {
             let prompt = if prompt.is_empty() { "a plain read of stdin".to_string() } else { format!("{prompt:?}") };
-            let lost = if self.died.is_some() { " (its worker did not stop and was restarted: the engine's variables are lost)" } else { "" };
+            let lost =
+                if self.died.is_some() { " (its worker did not stop and was restarted: the engine's variables are lost)" } else { "" };
             return Some(EngineError::new(
                 ename::STDIN_NOT_IMPLEMENTED,
                 format!("the cell asked for input ({prompt}) on engine {}, but engines have no frontend to answer input requests; the cell was stopped there{lost}. Give engines their input with push or scatter, or in the cell's code", me.id),
@@ -264,7 +266,11 @@ impl Cell {
         }
         let data: serde_json::Map<String, Value> = self.content.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         Some(if data.contains_key("text/plain") {
-            Publication { kind: "execute_result", msg_type: "execute_result", content: json!({"data": data, "metadata": {}, "execution_count": self.count}) }
+            Publication {
+                kind: "execute_result",
+                msg_type: "execute_result",
+                content: json!({"data": data, "metadata": {}, "execution_count": self.count}),
+            }
         } else {
             Publication { kind: "displaypub", msg_type: "display_data", content: json!({"data": data, "metadata": {}, "transient": {}}) }
         })
@@ -354,7 +360,11 @@ impl Loading {
     pub fn completed(self) -> LoadDone {
         LoadDone {
             cell_id: self.cell_id,
-            outcome: LoadOutcome::Complete { panicked: self.panicked, error_occurred: self.error_occurred, changed_types: self.changed_types },
+            outcome: LoadOutcome::Complete {
+                panicked: self.panicked,
+                error_occurred: self.error_occurred,
+                changed_types: self.changed_types,
+            },
         }
     }
 
@@ -611,7 +621,10 @@ mod tests {
         let e = c.verdict(&me(), &stderr("")).unwrap();
         assert_eq!(e.ename, "KeyboardInterrupt");
         assert_eq!(e.evalue, "the cell was interrupted (SIGINT) before it ran; the engine kept its variables");
-        assert_eq!(Skip::Interrupted.load_done("c1".into()).outcome, LoadOutcome::Skipped { reason: "interrupted (SIGINT) before it ran".into() });
+        assert_eq!(
+            Skip::Interrupted.load_done("c1".into()).outcome,
+            LoadOutcome::Skipped { reason: "interrupted (SIGINT) before it ran".into() }
+        );
     }
 
     #[test]
@@ -659,7 +672,10 @@ mod tests {
         let mut c = cell(Purpose::Execute);
         c.reply = Some(CellReply { traceback: vec!["error[E0425]".into()], ..reply("error", "", "cannot find value `y`") });
         let e = c.verdict(&me(), &stderr("")).unwrap();
-        assert_eq!((e.ename.as_str(), e.evalue.as_str(), e.traceback.clone()), ("CompileError", "cannot find value `y`", vec!["error[E0425]".to_string()]));
+        assert_eq!(
+            (e.ename.as_str(), e.evalue.as_str(), e.traceback.clone()),
+            ("CompileError", "cannot find value `y`", vec!["error[E0425]".to_string()])
+        );
         c.reply = Some(reply("error", "OutOfSync", "lost"));
         assert_eq!(c.verdict(&me(), &stderr("")).unwrap().ename, "OutOfSync");
         assert_eq!(c.ending(Some(e.clone()), 4), Ending::Failed(e));
@@ -731,7 +747,13 @@ mod tests {
         l.note(StdoutEvent::ChangedType("x".into()), None);
         l.note(StdoutEvent::Content { mime: "text/plain".into(), data: "1".into() }, None);
         assert!(!c.panicked && c.content.is_empty());
-        assert_eq!(l.completed(), LoadDone { cell_id: "old".into(), outcome: LoadOutcome::Complete { panicked: true, error_occurred: true, changed_types: vec!["x".into()] } });
+        assert_eq!(
+            l.completed(),
+            LoadDone {
+                cell_id: "old".into(),
+                outcome: LoadOutcome::Complete { panicked: true, error_occurred: true, changed_types: vec!["x".into()] }
+            }
+        );
         c.reply = Some(reply("ok", "", ""));
         assert_eq!(c.verdict(&me(), &stderr("")), None);
         assert_eq!(Loading::new("c1".into()).died("signal 9 (SIGKILL)").outcome, LoadOutcome::Died { status: "signal 9 (SIGKILL)".into() });
@@ -777,7 +799,11 @@ mod tests {
     }
 
     fn load(cell_id: &str, sha: char) -> Load {
-        Load { cell_id: cell_id.into(), artifact: Artifact { path: format!("/a/{sha}.so"), sha256: sha.to_string().repeat(64), size: 1 }, fn_name: "run_user_code_1".into() }
+        Load {
+            cell_id: cell_id.into(),
+            artifact: Artifact { path: format!("/a/{sha}.so"), sha256: sha.to_string().repeat(64), size: 1 },
+            fn_name: "run_user_code_1".into(),
+        }
     }
 
     /// The running cell with this id.
@@ -840,7 +866,10 @@ mod tests {
         if let Some(l) = &mut loads.running {
             l.note(StdoutEvent::ErrorOccurred, None);
         }
-        assert_eq!(loads.completed().map(|d| d.outcome), Some(LoadOutcome::Complete { panicked: false, error_occurred: true, changed_types: vec![] }));
+        assert_eq!(
+            loads.completed().map(|d| d.outcome),
+            Some(LoadOutcome::Complete { panicked: false, error_occurred: true, changed_types: vec![] })
+        );
     }
 
     #[test]
@@ -873,8 +902,15 @@ mod tests {
         let mut c = cell(Purpose::Execute);
         assert_eq!(loads.next(Some(&c), |_| Step::Wait), LoadStep::Wait, "not interrupted: it waits for its artifact");
         c.interrupt_requested = true;
-        assert_eq!(loads.next(Some(&c), |_| panic!("an interrupted cell's artifact is not fetched")), LoadStep::Skip(load("c1", 'a'), Skip::Interrupted));
-        assert_eq!(loads.next(Some(&running("other")), ready), LoadStep::Run(load("other", 'b'), "/a/b.so".into()), "the next cell's load runs");
+        assert_eq!(
+            loads.next(Some(&c), |_| panic!("an interrupted cell's artifact is not fetched")),
+            LoadStep::Skip(load("c1", 'a'), Skip::Interrupted)
+        );
+        assert_eq!(
+            loads.next(Some(&running("other")), ready),
+            LoadStep::Run(load("other", 'b'), "/a/b.so".into()),
+            "the next cell's load runs"
+        );
     }
 
     #[test]
@@ -912,7 +948,10 @@ mod tests {
         b.pushed("b".into(), "u8".into());
         let e = EngineError::new("CompileError", "cannot find type `Foo`", vec!["let a: Foo = ::rpx_runtime::get(\"a\");".into()]);
         let said = b.after_cell(&Purpose::Execute, Some(&e)).expect("a message");
-        assert_eq!(said, "[rpx] the pushed values a, b could not become variables (see the error); push them again with a type the engines can name\n");
+        assert_eq!(
+            said,
+            "[rpx] the pushed values a, b could not become variables (see the error); push them again with a type the engines can name\n"
+        );
         assert!(b.unbound().is_empty(), "the next cell does not try again");
     }
 

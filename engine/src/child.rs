@@ -19,7 +19,10 @@ pub enum WorkerEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// A closure call returned (`rpx_runtime::abi` status and output bytes).
-    CallResult { status: u32, data: Vec<u8> },
+    CallResult {
+        status: u32,
+        data: Vec<u8>,
+    },
     /// The worker is gone; the status described (`signal 6 (SIGABRT)`, `exit status 99`).
     Exited(String),
 }

@@ -126,7 +126,9 @@ impl Compiler {
         let (content, buffers) = (m.content, m.buffers);
         let msg = match m.header.msg_type.as_str() {
             msg_type::PONG | msg_type::ENGINE_HELLO_REPLY => CompilerMessage::Heard,
-            msg_type::ARTIFACT_REPLY => CompilerMessage::ArtifactReply(parse(content, msg_type::ARTIFACT_REPLY)?, buffers.into_iter().next()),
+            msg_type::ARTIFACT_REPLY => {
+                CompilerMessage::ArtifactReply(parse(content, msg_type::ARTIFACT_REPLY)?, buffers.into_iter().next())
+            }
             msg_type::LOAD => CompilerMessage::Load(parse(content, msg_type::LOAD)?),
             msg_type::CELL_REPLY => CompilerMessage::CellReply(parse(content, msg_type::CELL_REPLY)?),
             msg_type::CLOSURE_REPLY => CompilerMessage::ClosureReply(parse(content, msg_type::CLOSURE_REPLY)?),
@@ -172,8 +174,22 @@ mod tests {
 
     fn link(id: u64) -> (CompilerLink, mpsc::Receiver<net::Frames>) {
         let (out, rx) = mpsc::channel(8);
-        let hello = EngineHelloReply { probe: HostProbe { path: "/nonexistent".into(), token: "t".into() }, runtime_libs: vec![], history_restored: false };
-        (CompilerLink { id, url: format!("tcp://compiler:{id}"), out, session: Session::new(b"ck", "engine"), hello, readers: Vec::new() }, rx)
+        let hello = EngineHelloReply {
+            probe: HostProbe { path: "/nonexistent".into(), token: "t".into() },
+            runtime_libs: vec![],
+            history_restored: false,
+        };
+        (
+            CompilerLink {
+                id,
+                url: format!("tcp://compiler:{id}"),
+                out,
+                session: Session::new(b"ck", "engine"),
+                hello,
+                readers: Vec::new(),
+            },
+            rx,
+        )
     }
 
     #[test]

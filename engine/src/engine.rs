@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::artifacts::{Fetcher, Kind, RuntimeStep, Step};
-use crate::call::{self, Call, CallStep, Closures, ClosureVerdict};
+use crate::call::{self, Call, CallStep, ClosureVerdict, Closures};
 use crate::cell::{Bindings, Cell, Ending, LoadStep, Loads, PullPlan, Purpose, Skip};
 use crate::child::{WorkerCommand, WorkerEvent, WorkerSlot, WriteFailed};
 use crate::compiler::{Compiler, CompilerMessage};
@@ -109,7 +109,15 @@ pub async fn run(cfg: Config) -> Result<i32> {
         iopub: sockets.iopub.clone(),
         registration: registration.outlet.clone(),
     };
-    tokio::spawn(net::connect_compiler(cfg.compiler.clone(), uuid.clone(), id, username.clone(), cfg.compiler_wait, Vec::new(), inbound_tx.clone()));
+    tokio::spawn(net::connect_compiler(
+        cfg.compiler.clone(),
+        uuid.clone(),
+        id,
+        username.clone(),
+        cfg.compiler_wait,
+        Vec::new(),
+        inbound_tx.clone(),
+    ));
 
     let source = match &cfg.connection_file {
         Some(f) => ControllerSource::File(f.clone(), conn.clone()),
@@ -404,7 +412,15 @@ impl Engine {
                 }
                 let limit = REJOIN_ATTEMPT.min(c.link.time_left(now)).max(Duration::from_millis(200));
                 debug!(rebuild, ?limit, "registering with the controller again");
-                tokio::spawn(net::rejoin(c.source.clone(), self.username.clone(), self.me.uuid.clone(), self.me.id, rebuild, limit, self.inbound_tx.clone()));
+                tokio::spawn(net::rejoin(
+                    c.source.clone(),
+                    self.username.clone(),
+                    self.me.uuid.clone(),
+                    self.me.id,
+                    rebuild,
+                    limit,
+                    self.inbound_tx.clone(),
+                ));
             }
             link::Step::GiveUp(msg) => {
                 error!("{msg}");
@@ -426,7 +442,8 @@ impl Engine {
             }
         };
         let Rejoined { conn, session, registration, sockets } = r;
-        let (down_for, why) = self.controller.link.down_since().map(|(t, w)| (now.saturating_duration_since(t), w.to_string())).unwrap_or_default();
+        let (down_for, why) =
+            self.controller.link.down_since().map(|(t, w)| (now.saturating_duration_since(t), w.to_string())).unwrap_or_default();
         if registration.id != self.me.id {
             warn!(old = self.me.id, new = registration.id, "registered again under a new engine id: the old one is held by another engine");
             self.me.id = registration.id;
@@ -540,7 +557,11 @@ impl Engine {
 
     /// The load or call the worker is running: its cell id or msg id.
     fn running_target(&self) -> Option<String> {
-        self.loads.running.as_ref().map(|l| l.cell_id.clone()).or_else(|| self.call.as_ref().filter(|c| c.running).map(|c| c.id().to_string()))
+        self.loads
+            .running
+            .as_ref()
+            .map(|l| l.cell_id.clone())
+            .or_else(|| self.call.as_ref().filter(|c| c.running).map(|c| c.id().to_string()))
     }
 
     /// SIGINT: interrupt the running cell or call, keeping the engine's variables (see
@@ -595,7 +616,9 @@ impl Engine {
     /// Follow an interrupt: poke the worker again, or kill it when the grace period is over.
     async fn follow_interrupt(&mut self) {
         let (loading, call) = (&self.loads.running, &self.call);
-        let running = |target: &str| loading.as_ref().is_some_and(|l| l.cell_id == target) || call.as_ref().is_some_and(|c| c.running && c.id() == target);
+        let running = |target: &str| {
+            loading.as_ref().is_some_and(|l| l.cell_id == target) || call.as_ref().is_some_and(|c| c.running && c.id() == target)
+        };
         match self.supervisor.follow(Instant::now(), running) {
             InterruptStep::Quiet => {}
             InterruptStep::Poke => {
@@ -763,7 +786,12 @@ impl Engine {
         }
         if !silent {
             self.execution_count += 1;
-            self.out.publish("execute_input", "execute_input", json!({"code": code, "execution_count": self.execution_count}), Some(&req.header));
+            self.out.publish(
+                "execute_input",
+                "execute_input",
+                json!({"code": code, "execution_count": self.execution_count}),
+                Some(&req.header),
+            );
         }
         let count = self.execution_count;
         if let Some(why) = self.compiler.absent() {
@@ -943,7 +971,9 @@ impl Engine {
             CompilerMessage::Heard => {}
             CompilerMessage::ArtifactReply(r, bytes) => {
                 match self.fetcher.on_reply(&r, bytes.as_deref()) {
-                    Some((sha, true)) => info!(sha256 = %sha, size = r.size, fetched = self.fetcher.fetched, "artifact fetched from the compiler"),
+                    Some((sha, true)) => {
+                        info!(sha256 = %sha, size = r.size, fetched = self.fetcher.fetched, "artifact fetched from the compiler")
+                    }
                     Some((sha, false)) => warn!(sha256 = %sha, "artifact refused"),
                     None => debug!(sha256 = %r.sha256, "artifact_reply nobody waits for; dropped"),
                 }
@@ -1265,7 +1295,9 @@ impl Engine {
         }
         self.progress().await;
         // A compiler that died, froze or lost its host never answers what waits on it.
-        let waiting = self.current.as_ref().is_some_and(|c| c.reply.is_none()) || self.call.as_ref().is_some_and(Call::waiting) || self.fetcher.busy();
+        let waiting = self.current.as_ref().is_some_and(|c| c.reply.is_none())
+            || self.call.as_ref().is_some_and(Call::waiting)
+            || self.fetcher.busy();
         match self.compiler.check(Instant::now(), waiting) {
             Watch::Quiet => {}
             Watch::Ping => {
@@ -1333,4 +1365,3 @@ impl Engine {
         code
     }
 }
-

@@ -32,7 +32,9 @@ const MAX_TICK_GAP: Duration = Duration::from_secs(2);
 pub enum Step {
     Quiet,
     /// Start a registration attempt; `rebuild`: connect new sockets first.
-    Attempt { rebuild: bool },
+    Attempt {
+        rebuild: bool,
+    },
     /// Give up: exit with this message.
     GiveUp(String),
 }
@@ -40,14 +42,7 @@ pub enum Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Up,
-    Down {
-        since: Instant,
-        why: String,
-        rebuild: bool,
-        attempting: bool,
-        failures: u32,
-        next_attempt: Instant,
-    },
+    Down { since: Instant, why: String, rebuild: bool, attempting: bool, failures: u32, next_attempt: Instant },
 }
 
 /// The link to the controller.
@@ -180,7 +175,14 @@ mod tests {
     }
 
     fn notice(registration: &str) -> EvictionNotice {
-        EvictionNotice { id: 3, uuid: "me".into(), registration: registration.into(), reason: "missed heartbeats".into(), answered: vec![], reconnect: false }
+        EvictionNotice {
+            id: 3,
+            uuid: "me".into(),
+            registration: registration.into(),
+            reason: "missed heartbeats".into(),
+            answered: vec![],
+            reconnect: false,
+        }
     }
 
     #[test]

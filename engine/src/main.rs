@@ -160,7 +160,8 @@ mod tests {
 
     #[test]
     fn the_rank_comes_from_the_first_launcher_variable_set() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let env =
+            |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
         assert_eq!(mpi_rank(env(&[("OMPI_COMM_WORLD_RANK", "3"), ("PMI_RANK", "9")])).unwrap(), 3);
         assert_eq!(mpi_rank(env(&[("PMI_RANK", "2")])).unwrap(), 2);
         assert_eq!(mpi_rank(env(&[("SLURM_PROCID", "7")])).unwrap(), 7);

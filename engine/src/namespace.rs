@@ -35,7 +35,10 @@ pub fn dir_for(engine_uuid: &str) -> PathBuf {
 pub fn create(engine_uuid: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = dir_for(engine_uuid);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create the engine namespace {}: {e}", dir.display())))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create the engine namespace {}: {e}", dir.display())))?;
     // Who owns it, so that whoever finds it after this engine was killed can tell it is dead.
     let stamp = rpx_protocol::connection::process_stamp(std::process::id()).unwrap_or_default();
     let owner = dir.join(rpx_protocol::connection::NAMESPACE_OWNER);
@@ -62,8 +65,9 @@ pub fn is_identifier(name: &str) -> bool {
 
 fn is_keyword(name: &str) -> bool {
     const KEYWORDS: &[&str] = &[
-        "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern", "false", "fn", "for", "gen", "if", "impl", "in", "let", "loop",
-        "match", "mod", "move", "mut", "pub", "ref", "return", "self", "Self", "static", "struct", "super", "trait", "true", "type", "unsafe", "use", "where", "while",
+        "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern", "false", "fn", "for", "gen", "if",
+        "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return", "self", "Self", "static", "struct", "super",
+        "trait", "true", "type", "unsafe", "use", "where", "while",
     ];
     KEYWORDS.contains(&name)
 }
@@ -80,7 +84,11 @@ pub fn store(dir: &Path, names: &[NamedType], buffers: &[Bytes]) -> Result<(), S
     if !dir.is_dir() {
         // Removed behind the engine's back (a tmpfs cleaner): make it again, private.
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("cannot create the namespace {}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create the namespace {}: {e}", dir.display()))?;
     }
     for (n, b) in names.iter().zip(buffers) {
         let tmp = dir.join(format!(".{}.push", n.name));
@@ -135,7 +143,9 @@ fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile]) -> Resul
         return Err(format!("`{}` is not a variable name", bad.name));
     }
     for (n, f) in names.iter().zip(files) {
-        rpx_protocol::dataplane::verify_value_file(dir, f).map_err(|e| format!("refused the pushed value `{}`: {e}; nothing was stored and `{}` keeps its previous value", n.name, n.name))?;
+        rpx_protocol::dataplane::verify_value_file(dir, f).map_err(|e| {
+            format!("refused the pushed value `{}`: {e}; nothing was stored and `{}` keeps its previous value", n.name, n.name)
+        })?;
     }
     Ok(())
 }
@@ -176,7 +186,10 @@ pub fn export(dir: &Path, names: &[String], digests: &Digests) -> Result<Vec<Val
 
 /// Read the values of `names` for a pull.
 pub fn load(dir: &Path, names: &[String]) -> Result<Vec<Bytes>, String> {
-    names.iter().map(|n| std::fs::read(dir.join(n)).map(Bytes::from).map_err(|e| format!("`{n}` has no value in the namespace ({e})"))).collect()
+    names
+        .iter()
+        .map(|n| std::fs::read(dir.join(n)).map(Bytes::from).map_err(|e| format!("`{n}` has no value in the namespace ({e})")))
+        .collect()
 }
 
 /// The user's code preceded by the bindings of pushed values (one line, so rustc's line numbers
@@ -275,7 +288,10 @@ mod tests {
         let bad = rpx_protocol::dataplane::write_value_file(d, b"new b").unwrap();
         std::fs::write(d.join(&bad.file), b"evil!").unwrap();
         let err = adopt(d, &names, &[good.clone(), bad.clone()], &mut digests).unwrap_err();
-        assert!(err.contains("refused the pushed value `b`") && err.contains("digest mismatch") && err.contains("keeps its previous value"), "{err}");
+        assert!(
+            err.contains("refused the pushed value `b`") && err.contains("digest mismatch") && err.contains("keeps its previous value"),
+            "{err}"
+        );
         assert_eq!(load(d, &["a".to_string()]).unwrap(), vec![Bytes::from_static(b"old")], "nothing was adopted");
         assert!(!d.join(&good.file).exists() && !d.join(&bad.file).exists(), "the refused push's files are gone");
         let a = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();

@@ -192,7 +192,13 @@ fn next_generation() -> u64 {
 }
 
 /// Report the first `Disconnected` of a socket's monitor as [`Inbound::ControllerLost`].
-fn watch_connection(tasks: &mut Tasks, mut monitor: futures::channel::mpsc::Receiver<zeromq::SocketEvent>, generation: u64, socket: &'static str, inbound: mpsc::Sender<Inbound>) {
+fn watch_connection(
+    tasks: &mut Tasks,
+    mut monitor: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
+    generation: u64,
+    socket: &'static str,
+    inbound: mpsc::Sender<Inbound>,
+) {
     tasks.spawn(async move {
         use futures::StreamExt;
         while let Some(ev) = monitor.next().await {
@@ -246,19 +252,33 @@ pub fn register_wait(attempt: u32, jitter: f64) -> Duration {
 /// The socket has no fixed identity: the controller answers the identity each connection gets,
 /// so a new registration socket never takes over an older connection's identity. The request
 /// asks for an eviction notice ([`RegistrationRequest::notify_eviction`]).
-pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Option<u64>, timeout: Duration, inbound: &mpsc::Sender<Inbound>) -> Result<Registration> {
+pub async fn register(
+    session: &Session,
+    url: &str,
+    uuid: &str,
+    requested_id: Option<u64>,
+    timeout: Duration,
+    inbound: &mpsc::Sender<Inbound>,
+) -> Result<Registration> {
     info!(%url, %uuid, ?requested_id, "registering with the controller");
     let started = Instant::now();
     let deadline = started + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     let mut o = SocketOptions::default();
     o.connect_timeout(timeout);
-    let mut reg = connect(DealerSocket::with_options(o), url, timeout).await.map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
+    let mut reg = connect(DealerSocket::with_options(o), url, timeout)
+        .await
+        .map_err(|e| Error::Registration(format!("cannot reach the controller's registration port: {e}")))?;
     let generation = next_generation();
     let mut tasks = Tasks::default();
     watch_connection(&mut tasks, reg.monitor(), generation, "registration", inbound.clone());
     let (mut reg_send, mut reg_recv) = reg.split();
-    let request = RegistrationRequest { uuid: uuid.to_string(), id: requested_id, notify_eviction: true, host: Some(rpx_protocol::dataplane::HostIdentity::of_engine(uuid)) };
+    let request = RegistrationRequest {
+        uuid: uuid.to_string(),
+        id: requested_id,
+        notify_eviction: true,
+        host: Some(rpx_protocol::dataplane::HostIdentity::of_engine(uuid)),
+    };
     let content = serde_json::to_value(&request).expect("serializes");
     let (header, frames) = session.msg(&[], reg_msg::REGISTRATION_REQUEST, content, None, json!({"engine": uuid}), &[]);
     let mut sent = 0u32;
@@ -282,7 +302,9 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
                 Ok(Ok(m)) => m,
             };
             match session.decode(m.into_vec()) {
-                Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id().is_none_or(|p| p == header.msg_id) => break 'sends msg,
+                Ok(msg) if msg.msg_type() == reg_msg::REGISTRATION_REPLY && msg.parent_msg_id().is_none_or(|p| p == header.msg_id) => {
+                    break 'sends msg
+                }
                 Ok(msg) => warn!(msg_type = msg.msg_type(), "unexpected message on the registration socket"),
                 Err(e) => warn!(error = %e, "bad message on the registration socket dropped"),
             }
@@ -299,7 +321,8 @@ pub async fn register(session: &Session, url: &str, uuid: &str, requested_id: Op
         let why = reply.content_str("evalue").or(reply.content_str("reason")).unwrap_or("no reason given");
         return Err(Error::Registration(format!("the controller refused registration: {why}")));
     }
-    let ok: RegistrationReply = serde_json::from_value(reply.content).map_err(|e| Error::Registration(format!("malformed registration reply: {e}")))?;
+    let ok: RegistrationReply =
+        serde_json::from_value(reply.content).map_err(|e| Error::Registration(format!("malformed registration reply: {e}")))?;
     let hb_period = Duration::from_millis(ok.hb_period.max(10));
     info!(engine_id = ok.id, ?hb_period, "registered");
     // The socket stays: unregistration goes out on it, eviction notices come in.
@@ -391,7 +414,13 @@ pub struct Sockets {
 /// heart, and in the background the broadcast leaf of engine `id` (announced to the engine
 /// loop as [`Inbound::BroadcastReady`]). A closed connection of mux, task or control is
 /// reported as [`Inbound::ControllerLost`].
-pub async fn connect_engine(conn: &EngineConnection, uuid: &str, id: u64, t: Duration, inbound_tx: &mpsc::Sender<Inbound>) -> Result<Sockets> {
+pub async fn connect_engine(
+    conn: &EngineConnection,
+    uuid: &str,
+    id: u64,
+    t: Duration,
+    inbound_tx: &mpsc::Sender<Inbound>,
+) -> Result<Sockets> {
     let generation = next_generation();
     let mut tasks = Tasks::default();
     let mut mux = connect_dealer(&conn.url(conn.mux), uuid, t).await?;
@@ -432,7 +461,13 @@ pub async fn connect_engine(conn: &EngineConnection, uuid: &str, id: u64, t: Dur
 
 /// Start the receive and send tasks of a connected DEALER (kept in `tasks`); received messages
 /// are wrapped by `wrap` and sent to the engine loop.
-pub fn spawn_dealer(sock: DealerSocket, name: &'static str, inbound: mpsc::Sender<Inbound>, wrap: fn(Frames) -> Inbound, tasks: &mut Tasks) -> Outlet {
+pub fn spawn_dealer(
+    sock: DealerSocket,
+    name: &'static str,
+    inbound: mpsc::Sender<Inbound>,
+    wrap: fn(Frames) -> Inbound,
+    tasks: &mut Tasks,
+) -> Outlet {
     let (mut tx_half, mut rx_half) = sock.split();
     let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
     tasks.spawn(async move {
@@ -578,7 +613,15 @@ impl ControllerSource {
 /// One attempt to register again after the link was lost: new sockets first when `rebuild`,
 /// then a registration asking for `id` over a new registration socket. Every wait is bounded
 /// by `limit`. Reported to the engine loop as [`Inbound::Rejoined`].
-pub async fn rejoin(source: ControllerSource, username: String, uuid: String, id: u64, rebuild: bool, limit: Duration, inbound: mpsc::Sender<Inbound>) {
+pub async fn rejoin(
+    source: ControllerSource,
+    username: String,
+    uuid: String,
+    id: u64,
+    rebuild: bool,
+    limit: Duration,
+    inbound: mpsc::Sender<Inbound>,
+) {
     let attempt = async {
         let conn = source.current();
         let session = Session::with_id(conn.key.as_bytes(), &username, &uuid);
@@ -597,7 +640,15 @@ pub async fn rejoin(source: ControllerSource, username: String, uuid: String, id
 ///
 /// `history` is what the engine's running worker has run (see [`crate::history`]), empty for a
 /// fresh worker.
-pub async fn connect_compiler(source: CompilerSource, uuid: String, engine_id: u64, username: String, wait: Duration, history: Vec<HistoryCell>, inbound: mpsc::Sender<Inbound>) {
+pub async fn connect_compiler(
+    source: CompilerSource,
+    uuid: String,
+    engine_id: u64,
+    username: String,
+    wait: Duration,
+    history: Vec<HistoryCell>,
+    inbound: mpsc::Sender<Inbound>,
+) {
     let outcome = compiler_handshake(&source, &uuid, engine_id, &username, wait, history, inbound.clone()).await;
     let msg = match outcome {
         Ok(link) => Inbound::CompilerReady(link),
@@ -635,10 +686,15 @@ async fn compiler_handshake(
     let mut sock = connect_dealer(&conn.url, uuid, left().max(Duration::from_millis(100))).await.map_err(|e| e.to_string())?;
     let mut monitor = sock.monitor();
     let (mut tx_half, mut rx_half) = sock.split();
-    let hello = serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id(), hostname: hostname(), history }).expect("serializes");
+    let hello =
+        serde_json::to_value(EngineHello { engine_id, uuid: uuid.to_string(), pid: std::process::id(), hostname: hostname(), history })
+            .expect("serializes");
     let reply = loop {
         let (_, frames) = session.msg(&[], msg_type::ENGINE_HELLO, hello.clone(), None, json!({"engine": uuid}), &[]);
-        if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_protocol::zmq::message(frames))).await.unwrap_or(Err(zeromq::ZmqError::NoMessage)) {
+        if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_protocol::zmq::message(frames)))
+            .await
+            .unwrap_or(Err(zeromq::ZmqError::NoMessage))
+        {
             debug!(error = %e, "engine_hello send failed; retrying");
         }
         let until = Instant::now() + Duration::from_secs(2).min(left().max(Duration::from_millis(10)));
@@ -662,7 +718,8 @@ async fn compiler_handshake(
             return Err(format!("the compiler at {} did not answer engine_hello within {wait:?}", conn.url));
         }
     };
-    let hello: EngineHelloReply = serde_json::from_value(reply.content).map_err(|e| format!("the compiler at {} sent a malformed engine_hello_reply ({e}); is it the same rpx version?", conn.url))?;
+    let hello: EngineHelloReply = serde_json::from_value(reply.content)
+        .map_err(|e| format!("the compiler at {} sent a malformed engine_hello_reply ({e}); is it the same rpx version?", conn.url))?;
     static LINKS: AtomicU64 = AtomicU64::new(1);
     let id = LINKS.fetch_add(1, Ordering::Relaxed);
     // The connection's end is the compiler's end: a killed compiler's socket closes at once.

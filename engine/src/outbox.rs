@@ -57,7 +57,17 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(me: Identity, session: Session, outlets: Outlets) -> Outbox {
-        Outbox { me, session, outlets, out_buf: String::new(), err_buf: String::new(), stream_parent: None, last_flush: Instant::now(), err_written: Instant::now(), held_busy: Mutex::new(None) }
+        Outbox {
+            me,
+            session,
+            outlets,
+            out_buf: String::new(),
+            err_buf: String::new(),
+            stream_parent: None,
+            last_flush: Instant::now(),
+            err_written: Instant::now(),
+            held_busy: Mutex::new(None),
+        }
     }
 
     /// The engine's id changed (it registered again under a new one).
@@ -169,7 +179,8 @@ impl Outbox {
     pub fn apply_error(&mut self, req: &Request, md: Value, err: &EngineError) {
         self.flush_streams();
         self.publish("error", "error", reply::iopub_error(err, &self.me, "apply"), Some(&req.header));
-        let mut c = rpx_protocol::message::error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(self.me.engine_info("apply")));
+        let mut c =
+            rpx_protocol::message::error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(self.me.engine_info("apply")));
         c["status"] = json!("error");
         self.reply(req, c, md);
         self.status("idle", &req.header);
@@ -177,7 +188,8 @@ impl Outbox {
 
     /// Tell the controller this engine is going away.
     pub fn unregister(&self) {
-        let (_, frames) = self.session.msg(&[], "unregistration_request", json!({"id": self.me.id}), None, reply::plain_metadata(&self.me), &[]);
+        let (_, frames) =
+            self.session.msg(&[], "unregistration_request", json!({"id": self.me.id}), None, reply::plain_metadata(&self.me), &[]);
         push(&self.outlets.registration, frames, "unregistration_request");
     }
 
@@ -231,7 +243,8 @@ impl Outbox {
         if !self.pending() || now.saturating_duration_since(self.last_flush) < FLUSH_PERIOD {
             return;
         }
-        let held = if now.saturating_duration_since(self.err_written) < STDERR_TAIL_HOLD { self.take_last_stderr_line() } else { String::new() };
+        let held =
+            if now.saturating_duration_since(self.err_written) < STDERR_TAIL_HOLD { self.take_last_stderr_line() } else { String::new() };
         self.flush_streams();
         self.err_buf = held;
     }
@@ -287,7 +300,10 @@ mod tests {
         let (registration, reg_rx) = mpsc::channel(64);
         let outlets = Outlets { mux, task, broadcast: None, control, iopub, registration };
         let me = Identity { id: 2, uuid: "u-2".into() };
-        (Outbox::new(me, Session::new(KEY, "engine"), outlets), Sockets { mux: mux_rx, task: task_rx, iopub: iopub_rx, registration: reg_rx })
+        (
+            Outbox::new(me, Session::new(KEY, "engine"), outlets),
+            Sockets { mux: mux_rx, task: task_rx, iopub: iopub_rx, registration: reg_rx },
+        )
     }
 
     fn drain(rx: &mut mpsc::Receiver<Frames>) -> Vec<(String, Message)> {
@@ -335,7 +351,8 @@ mod tests {
         out.flush_streams();
         assert!(!out.pending());
         let msgs = drain(&mut s.iopub);
-        let got: Vec<(&str, &str, &str)> = msgs.iter().map(|(t, m)| (t.as_str(), m.content["name"].as_str().unwrap(), m.content["text"].as_str().unwrap())).collect();
+        let got: Vec<(&str, &str, &str)> =
+            msgs.iter().map(|(t, m)| (t.as_str(), m.content["name"].as_str().unwrap(), m.content["text"].as_str().unwrap())).collect();
         assert_eq!(got, [("engine.2.stdout", "stdout", "hello world\n"), ("engine.2.stderr", "stderr", "warn\n")]);
         assert!(msgs.iter().all(|(_, m)| m.parent_header["msg_id"] == "req-1"));
     }
@@ -394,7 +411,11 @@ mod tests {
         let mut req = request(Channel::Mux);
         req.header.msg_type = "apply_request".into();
         out.append(Stream::Stdout, "before\n");
-        out.apply_error(&req, reply::init_metadata(&json!({}), &out.me), &EngineError::new("NameError", "name `x` is not defined on engine 2", vec![]));
+        out.apply_error(
+            &req,
+            reply::init_metadata(&json!({}), &out.me),
+            &EngineError::new("NameError", "name `x` is not defined on engine 2", vec![]),
+        );
         let pubs: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.msg_type().to_string()).collect();
         assert_eq!(pubs, ["stream", "error", "status"], "output first, then the error, then idle");
         let (_, r) = drain(&mut s.mux).pop().expect("a reply");
@@ -435,7 +456,10 @@ mod tests {
         out.append(Stream::Stdout, "hi\n");
         out.flush_streams();
         out.ok(&req, reply::init_metadata(&json!({}), &out.me), &[]);
-        let pubs: Vec<(String, String)> = drain(&mut s.iopub).into_iter().map(|(_, m)| (m.msg_type().to_string(), m.content["execution_state"].as_str().unwrap_or("").to_string())).collect();
+        let pubs: Vec<(String, String)> = drain(&mut s.iopub)
+            .into_iter()
+            .map(|(_, m)| (m.msg_type().to_string(), m.content["execution_state"].as_str().unwrap_or("").to_string()))
+            .collect();
         assert_eq!(pubs, [("status".into(), "busy".into()), ("stream".into(), String::new()), ("status".into(), "idle".into())]);
         let (_, r) = drain(&mut s.mux).pop().expect("a reply");
         assert!(r.metadata.get(rpx_protocol::apply::QUIET_KEY).is_none());
@@ -451,7 +475,8 @@ mod tests {
     fn an_aborted_request_is_answered_aborted_between_busy_and_idle() {
         let (out, mut s) = outbox();
         out.aborted(&request(Channel::Mux));
-        let states: Vec<String> = drain(&mut s.iopub).into_iter().map(|(_, m)| m.content["execution_state"].as_str().unwrap().to_string()).collect();
+        let states: Vec<String> =
+            drain(&mut s.iopub).into_iter().map(|(_, m)| m.content["execution_state"].as_str().unwrap().to_string()).collect();
         assert_eq!(states, ["busy", "idle"]);
         let (_, r) = drain(&mut s.mux).pop().unwrap();
         assert_eq!(r.content["status"], "aborted");

@@ -39,9 +39,15 @@ pub enum StdoutEvent {
     ErrorOccurred,
     ChangedType(String),
     /// A complete `EVCXR_BEGIN_CONTENT <mime>` ... `EVCXR_END_CONTENT` block; lines joined by `\n`.
-    Content { mime: String, data: String },
+    Content {
+        mime: String,
+        data: String,
+    },
     /// The cell asks for input; `password` for the password variant.
-    InputRequest { prompt: String, password: bool },
+    InputRequest {
+        prompt: String,
+        password: bool,
+    },
     Complete,
     /// The worker's [`CALL_END`] marker.
     CallEnd,
@@ -426,10 +432,7 @@ mod tests {
         let mut ev = p.feed(b"x\nEVCXR_BEGIN_CONTENT text/plain\n4");
         ev.extend(p.feed(b"2\nsecond line\nEVCXR_END_"));
         ev.extend(p.feed(b"CONTENT\nEVCXR_EXECUTION_COMPLETE\n"));
-        assert_eq!(
-            ev,
-            vec![text("x\n"), Content { mime: "text/plain".into(), data: "42\nsecond line".into() }, Complete]
-        );
+        assert_eq!(ev, vec![text("x\n"), Content { mime: "text/plain".into(), data: "42\nsecond line".into() }, Complete]);
     }
 
     #[test]
@@ -542,8 +545,7 @@ mod tests {
 
     #[test]
     fn panic_message_multiline_and_old_format() {
-        let lines: Vec<String> =
-            ["thread 'main' panicked at src/lib.rs:1:1:", "line one", "line two"].map(String::from).to_vec();
+        let lines: Vec<String> = ["thread 'main' panicked at src/lib.rs:1:1:", "line one", "line two"].map(String::from).to_vec();
         assert_eq!(find_panic(&lines).unwrap().message, "line one\nline two");
         let old: Vec<String> = ["thread 'main' panicked at 'boom', src/lib.rs:3:9"].map(String::from).to_vec();
         let p = find_panic(&old).unwrap();
@@ -555,7 +557,10 @@ mod tests {
     fn call_ends_on_stdout_follow_partial_lines() {
         let mut p = StdoutParser::new();
         let ev = p.feed(b"one\nRPX_CALL_END\ntwoRPX_CALL_END\nthr");
-        assert_eq!(ev, vec![StdoutEvent::Text("one\n".into()), StdoutEvent::CallEnd, StdoutEvent::Text("two".into()), StdoutEvent::CallEnd]);
+        assert_eq!(
+            ev,
+            vec![StdoutEvent::Text("one\n".into()), StdoutEvent::CallEnd, StdoutEvent::Text("two".into()), StdoutEvent::CallEnd]
+        );
         assert_eq!(p.take_partial_text().as_deref(), Some("thr"));
         p.feed(b"ee RPX_CA");
         assert_eq!(p.take_partial_text().as_deref(), Some("ee "), "a possible marker start is held back");
@@ -565,7 +570,10 @@ mod tests {
     #[test]
     fn call_ends_on_stderr_split_anywhere() {
         let mut m = StderrMarks::default();
-        assert_eq!(m.feed("err 1\nRPX_CALL_END\nerr"), vec![StderrPiece::Text("err 1\n".into()), StderrPiece::CallEnd, StderrPiece::Text("err".into())]);
+        assert_eq!(
+            m.feed("err 1\nRPX_CALL_END\nerr"),
+            vec![StderrPiece::Text("err 1\n".into()), StderrPiece::CallEnd, StderrPiece::Text("err".into())]
+        );
         assert_eq!(m.feed(" 2RPX_CALL"), vec![StderrPiece::Text(" 2".into())]);
         assert_eq!(m.feed("_END\n"), vec![StderrPiece::CallEnd]);
         assert_eq!(m.feed("RPX_ is text"), vec![StderrPiece::Text("RPX_ is text".into())]);

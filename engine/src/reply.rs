@@ -110,7 +110,9 @@ pub fn kernel_info() -> Value {
 pub fn apply_op(content: &Value, me: &Identity) -> Result<Op, EngineError> {
     match Op::from_content(content) {
         None => Err(EngineError::unsupported_apply(me)),
-        Some(Err(e)) => Err(EngineError::new(rpx_protocol::apply::ename::UNSUPPORTED_PAYLOAD, format!("malformed rpx payload: {e}"), vec![])),
+        Some(Err(e)) => {
+            Err(EngineError::new(rpx_protocol::apply::ename::UNSUPPORTED_PAYLOAD, format!("malformed rpx payload: {e}"), vec![]))
+        }
         Some(Ok(op)) => Ok(op),
     }
 }
@@ -240,7 +242,10 @@ mod tests {
         assert!(d.evalue.contains("signal 6 (SIGABRT)") && d.evalue.contains("variables were lost"));
         assert_eq!(iopub_error(&d, &me(), "execute")["engine_info"]["method"], "execute");
         let i = EngineError::interrupted("cell", false);
-        assert_eq!((i.ename.as_str(), i.evalue.as_str()), ("KeyboardInterrupt", "the cell was interrupted (SIGINT); the engine kept its variables"));
+        assert_eq!(
+            (i.ename.as_str(), i.evalue.as_str()),
+            ("KeyboardInterrupt", "the cell was interrupted (SIGINT); the engine kept its variables")
+        );
         assert!(EngineError::interrupted("call", true).evalue.contains("call was interrupted (SIGINT) before it ran"));
     }
 

@@ -91,7 +91,8 @@ impl Supervisor {
     /// SIGINT for the same code keeps the first one's deadline.
     pub fn interrupting(&mut self, target: &str, now: Instant) {
         if self.interrupt.as_ref().is_none_or(|i| i.target != target) {
-            self.interrupt = Some(Interrupt { target: target.to_string(), deadline: now + INTERRUPT_GRACE, next_poke: now + INTERRUPT_REPEAT });
+            self.interrupt =
+                Some(Interrupt { target: target.to_string(), deadline: now + INTERRUPT_GRACE, next_poke: now + INTERRUPT_REPEAT });
         }
     }
 

@@ -46,8 +46,8 @@ pub mod interrupt {
     }
 }
 
-use std::ffi::c_void;
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::io::{BufRead, Read, Write};
 
 /// Environment variable that makes `ipengine` run as a worker.
@@ -132,6 +132,13 @@ pub fn run() -> ! {
                     fail(&format!("cannot read {len} argument bytes: {e}"));
                 }
                 let (status, out) = call(&mut libs, so_path, fn_name, mode, &args, &mut intr);
+                // The call's own output was flushed (by the runtime) before it returned: what
+                // follows on stdout and stderr belongs to the next call. The markers go first,
+                // each in one write, so the engine usually finds all three when it wakes.
+                let end = format!("{}\n", crate::output::CALL_END);
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(end.as_bytes()).and_then(|_| stdout.flush());
+                let _ = std::io::stderr().lock().write_all(end.as_bytes());
                 let written = results
                     .write_all(&status.to_le_bytes())
                     .and_then(|_| results.write_all(&(out.len() as u64).to_le_bytes()))
@@ -140,12 +147,6 @@ pub fn run() -> ! {
                 if let Err(e) = written {
                     fail(&format!("cannot write a result: {e}"));
                 }
-                // The call's own output was flushed (by the runtime) before it returned: what
-                // follows on stdout and stderr belongs to the next call.
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{}", crate::output::CALL_END);
-                let _ = out.flush();
-                let _ = writeln!(std::io::stderr().lock(), "{}", crate::output::CALL_END);
                 args.clear();
             }
             None => fail(&format!("unrecognised line {cmd:?} (expected `LOAD_AND_RUN <so> <fn>` or `CALL <so> <fn> <mode> <len>`)")),
@@ -183,7 +184,14 @@ extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
 /// Signature of a compiled closure (`rpx_runtime::abi::ClosureFn`).
 type ClosureFn = unsafe extern "C" fn(u32, *const u8, usize, extern "C" fn(*mut c_void, *const u8, usize), *mut c_void) -> u32;
 
-fn call(libs: &mut HashMap<String, libloading::Library>, so_path: &str, fn_name: &str, mode: u32, args: &[u8], intr: &mut interrupt::Interrupts) -> (u32, Vec<u8>) {
+fn call(
+    libs: &mut HashMap<String, libloading::Library>,
+    so_path: &str,
+    fn_name: &str,
+    mode: u32,
+    args: &[u8],
+    intr: &mut interrupt::Interrupts,
+) -> (u32, Vec<u8>) {
     if !libs.contains_key(so_path) {
         // SAFETY: loading a library runs its initialisers; the compiler built it for this purpose.
         match unsafe { libloading::Library::new(so_path) } {
@@ -252,11 +260,17 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so run_user_code_3"), Some(Command::Load { so_path: "/tmp/a.so", fn_name: "run_user_code_3" }));
+        assert_eq!(
+            parse_command("LOAD_AND_RUN /tmp/a.so run_user_code_3"),
+            Some(Command::Load { so_path: "/tmp/a.so", fn_name: "run_user_code_3" })
+        );
         assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so"), None);
         assert_eq!(parse_command("RUN /tmp/a.so f"), None);
         assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so f g"), None);
-        assert_eq!(parse_command("CALL /tmp/c.so rpx_closure_ab 1 42"), Some(Command::Call { so_path: "/tmp/c.so", fn_name: "rpx_closure_ab", mode: 1, len: 42 }));
+        assert_eq!(
+            parse_command("CALL /tmp/c.so rpx_closure_ab 1 42"),
+            Some(Command::Call { so_path: "/tmp/c.so", fn_name: "rpx_closure_ab", mode: 1, len: 42 })
+        );
         assert_eq!(parse_command("CALL /tmp/c.so f 1"), None);
         assert_eq!(parse_command("CALL /tmp/c.so f x 3"), None);
         assert_eq!(parse_command("CALL /tmp/c.so f 1 3 4"), None);

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rpx_protocol::connection::{write_private_json, CompilerConnection, ConnectionInfo, EngineConnection, CONNECTION_INFO_ENV};
 use rpx_protocol::{Message, Session};
 use serde_json::{json, Value};
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, SocketOptions};
+use zeromq::{PubSocket, RouterSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket};
 
 const KEY: &str = "test-key";
 const T: Duration = Duration::from_secs(20);
@@ -70,7 +70,6 @@ pub extern "C" fn cell_sleep_catch(store: *mut c_void) -> *mut c_void {
     store
 }
 "#;
-
 
 async fn router(id: Option<&str>) -> (RouterSocket, u16) {
     let mut o = SocketOptions::default();
@@ -206,7 +205,10 @@ fn artifact(path: &std::path::Path) -> Value {
 }
 
 fn stream_text(msgs: &[Message], name: &str) -> String {
-    msgs.iter().filter(|m| m.msg_type() == "stream" && m.content["name"] == name).map(|m| m.content["text"].as_str().unwrap().to_string()).collect()
+    msgs.iter()
+        .filter(|m| m.msg_type() == "stream" && m.content["name"] == name)
+        .map(|m| m.content["text"].as_str().unwrap().to_string())
+        .collect()
 }
 
 struct Kill(Child);
@@ -308,7 +310,14 @@ async fn start(dir: &std::path::Path, host: Host, cache: &std::path::Path) -> (F
     assert_eq!(m.idents.len(), 1);
     assert_ne!(m.idents[0], Bytes::from(uuid.clone()));
     assert_eq!(m.content["notify_eviction"], true);
-    let (_, frames) = s.msg(&m.idents, "registration_reply", json!({"id": 0, "status": "ok", "hb_period": 1000, "connection_info": {}}), Some(&m.header), json!({}), &[]);
+    let (_, frames) = s.msg(
+        &m.idents,
+        "registration_reply",
+        json!({"id": 0, "status": "ok", "hb_period": 1000, "connection_info": {}}),
+        Some(&m.header),
+        json!({}),
+        &[],
+    );
     reg.send(rpx_protocol::zmq::message(frames)).await.unwrap();
 
     // Compiler hello.
@@ -411,7 +420,12 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     let id = f.execute("let x: u32 = \"no\";").await;
     let req = f.compiler_recv().await;
     assert_eq!(req.msg_type(), "cell_request", "the blank cell never reached the compiler");
-    f.cell_reply(&id, "error", json!({"ename": "CompileError", "evalue": "error[E0308]: mismatched types", "traceback": ["error[E0308]: mismatched types"]})).await;
+    f.cell_reply(
+        &id,
+        "error",
+        json!({"ename": "CompileError", "evalue": "error[E0308]: mismatched types", "traceback": ["error[E0308]: mismatched types"]}),
+    )
+    .await;
     let r = f.reply("mux").await;
     assert_eq!(r.content["ename"], "CompileError");
     assert_eq!(r.content["evalue"], "error[E0308]: mismatched types");
@@ -437,7 +451,11 @@ async fn engine_runs_cells_survives_failures_and_answers_control() {
     let r = f.reply("control").await;
     assert_eq!((r.msg_type(), r.content["status"].as_str()), ("signal_reply", Some("ok")));
     let done = f.compiler_recv().await;
-    assert_eq!(done.content["outcome"], json!({"kind": "complete", "panicked": true, "error_occurred": false, "changed_types": []}), "a panic to the compiler");
+    assert_eq!(
+        done.content["outcome"],
+        json!({"kind": "complete", "panicked": true, "error_occurred": false, "changed_types": []}),
+        "a panic to the compiler"
+    );
     f.cell_reply(&sleeping, "ok", json!({})).await;
     let r = f.reply("mux").await;
     assert_eq!(r.parent_msg_id(), Some(sleeping.as_str()));

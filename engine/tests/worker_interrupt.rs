@@ -97,7 +97,6 @@ pub extern "C" fn cell_sleep_no_catch(store: *mut c_void) -> *mut c_void {
 }
 "#;
 
-
 struct W {
     w: Worker,
     rx: mpsc::Receiver<(u64, WorkerEvent)>,
@@ -216,7 +215,13 @@ async fn sigint_unwinds_blocked_and_calling_cells_and_keeps_the_store() {
             assert!(w.text.contains("kept+1=42"), "{cell}: store kept: {}", w.text);
         }
         times.sort();
-        eprintln!("MEASURED {cell}: {} interrupts, time to stop min {:?} median {:?} max {:?}", times.len(), times[0], times[times.len() / 2], times[times.len() - 1]);
+        eprintln!(
+            "MEASURED {cell}: {} interrupts, time to stop min {:?} median {:?} max {:?}",
+            times.len(),
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
     }
     // A quick cell after all that runs normally.
     assert_eq!(w.run("cell_quick").await, End::Complete { panicked: false, interrupted: false });

@@ -58,16 +58,15 @@ async fn output_then_abort_is_reported_with_the_signal() {
     let mut p = StdoutParser::new();
     let mut ev = p.feed(out.as_bytes());
     ev.extend(p.finish());
-    assert_eq!(
-        ev,
-        vec![StdoutEvent::Text("user line\n".into()), StdoutEvent::Content { mime: "text/plain".into(), data: "42".into() }]
-    );
+    assert_eq!(ev, vec![StdoutEvent::Text("user line\n".into()), StdoutEvent::Content { mime: "text/plain".into(), data: "42".into() }]);
 }
 
 #[tokio::test]
 async fn closure_results_arrive_framed_on_the_result_pipe() {
     // A fake worker: prints, then writes two framed results on fd 3 ([status u32][len u64][bytes]).
-    let cmd = sh(r"echo printed by the closure; printf '\000\000\000\000\005\000\000\000\000\000\000\000hello\001\000\000\000\004\000\000\000\000\000\000\000boom' >&3");
+    let cmd = sh(
+        r"echo printed by the closure; printf '\000\000\000\000\005\000\000\000\000\000\000\000hello\001\000\000\000\004\000\000\000\000\000\000\000boom' >&3",
+    );
     let r = run(&cmd, None).await;
     assert_eq!(r.out, "printed by the closure\n");
     assert_eq!(r.calls, vec![(0, b"hello".to_vec()), (1, b"boom".to_vec())]);

@@ -36,7 +36,11 @@ static REFUSALS: AtomicU64 = AtomicU64::new(0);
 /// by the first bind's [`Limits::budget`]).
 fn budget(limits: &Limits) -> Arc<Semaphore> {
     static BUDGET: OnceLock<Arc<Semaphore>> = OnceLock::new();
-    BUDGET.get_or_init(|| Arc::new(Semaphore::new(usize::try_from(limits.budget / 1024).unwrap_or(Semaphore::MAX_PERMITS).min(Semaphore::MAX_PERMITS)))).clone()
+    BUDGET
+        .get_or_init(|| {
+            Arc::new(Semaphore::new(usize::try_from(limits.budget / 1024).unwrap_or(Semaphore::MAX_PERMITS).min(Semaphore::MAX_PERMITS)))
+        })
+        .clone()
 }
 
 /// Why a peer's connection was closed by the guard.
@@ -198,7 +202,8 @@ async fn listen(host: &str, port: u16) -> std::io::Result<TcpListener> {
 async fn listen_outside_ephemeral(host: &str) -> std::io::Result<TcpListener> {
     let (low, high) = ephemeral_range();
     let mut candidates: Vec<u16> = (10000..low.max(10000)).chain(high.saturating_add(1).max(10000)..=65535).collect();
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as usize) ^ std::process::id() as usize;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as usize)
+        ^ std::process::id() as usize;
     for i in 0..candidates.len().min(64) {
         let pick = (seed.wrapping_mul(2654435761).wrapping_add(i * 7919)) % candidates.len();
         let port = candidates.swap_remove(pick);
@@ -224,7 +229,14 @@ fn sweep_stale(tmp: &Path) {
 
 /// Accept peers until the zeromq socket behind the guard is gone. `dir` (the private
 /// directory) lives as long as this task.
-async fn accept(listener: TcpListener, dir: tempfile::TempDir, path: PathBuf, limits: Limits, budget: Arc<Semaphore>, holders: Arc<Holders>) {
+async fn accept(
+    listener: TcpListener,
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    limits: Limits,
+    budget: Arc<Semaphore>,
+    holders: Arc<Holders>,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -344,7 +356,14 @@ impl Readable for tokio::net::unix::OwnedReadHalf {
 /// Pass the peer's bytes to zeromq as the check allows. `Ok` when either side closed. The
 /// connection holds the identity its READY command presents until this returns (or is
 /// dropped).
-async fn inbound(from_peer: &mut OwnedReadHalf, to_zmq: &mut OwnedWriteHalf, peer: SocketAddr, limits: Limits, budget: Arc<Semaphore>, holders: &Arc<Holders>) -> Result<(), Refused> {
+async fn inbound(
+    from_peer: &mut OwnedReadHalf,
+    to_zmq: &mut OwnedWriteHalf,
+    peer: SocketAddr,
+    limits: Limits,
+    budget: Arc<Semaphore>,
+    holders: &Arc<Holders>,
+) -> Result<(), Refused> {
     let mut check = FrameCheck::new(limits);
     // `None` until the READY command has been seen whole; then the claim, if the identity is
     // not empty.

@@ -70,7 +70,10 @@ impl Limits {
     /// The defaults, with the message and frame bound taken from [`MAX_MESSAGE_ENV`] if set.
     pub fn from_env() -> Result<Limits, Error> {
         match std::env::var(MAX_MESSAGE_ENV) {
-            Ok(v) => Limits::with_max_message(parse_size(&v).ok_or_else(|| Error::Limits(format!("{MAX_MESSAGE_ENV}={v:?} is not a size (bytes, or a number with K, M or G)")))?),
+            Ok(v) => Limits::with_max_message(
+                parse_size(&v)
+                    .ok_or_else(|| Error::Limits(format!("{MAX_MESSAGE_ENV}={v:?} is not a size (bytes, or a number with K, M or G)")))?,
+            ),
             Err(_) => Ok(Limits::default()),
         }
     }

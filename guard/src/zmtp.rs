@@ -445,7 +445,10 @@ mod tests {
     #[test]
     fn frames_commands_and_messages_are_bounded() {
         let mut c = FrameCheck::new(limits());
-        assert!(matches!(feed(&mut c, &[greeting(), frame(0, &[0; 1001])].concat()), Err(Violation::FrameTooLarge { len: 1001, max: 1000 })));
+        assert!(matches!(
+            feed(&mut c, &[greeting(), frame(0, &[0; 1001])].concat()),
+            Err(Violation::FrameTooLarge { len: 1001, max: 1000 })
+        ));
         let mut c = FrameCheck::new(limits());
         let two = [greeting(), frame(FLAG_MORE, &[0; 1000]), frame(0, &[0; 501])].concat();
         assert!(matches!(feed(&mut c, &two), Err(Violation::MessageTooLarge { total: 1501, max: 1500 })));
@@ -548,7 +551,15 @@ mod tests {
         let empty_name = session_with(&ready(&[(b"", b"v"), (b"Identity", b"y")]));
         let twice = session_with(&ready(&[(b"Identity", b"first"), (b"Identity", b"second")]));
         let longest = session_with(&ready(&[(b"Identity", &[9u8; MAX_IDENTITY])]));
-        for (bytes, want) in [(&empty, &b""[..]), (&absent, b""), (&bare, b""), (&other_case, b""), (&empty_name, b"y"), (&twice, b"second"), (&longest, &[9u8; MAX_IDENTITY])] {
+        for (bytes, want) in [
+            (&empty, &b""[..]),
+            (&absent, b""),
+            (&bare, b""),
+            (&other_case, b""),
+            (&empty_name, b"y"),
+            (&twice, b"second"),
+            (&longest, &[9u8; MAX_IDENTITY]),
+        ] {
             let mut c = FrameCheck::new(Limits { max_command: 1000, ..limits() });
             feed(&mut c, bytes).unwrap();
             assert_eq!(c.identity(), Some(want));
@@ -567,7 +578,13 @@ mod tests {
 
     #[test]
     fn a_first_frame_that_is_not_ready_gives_no_identity() {
-        for first in [frame(0, b"\x05READY"), frame(FLAG_COMMAND, b"\x04PING"), frame(FLAG_COMMAND, b""), frame(FLAG_COMMAND, b"\x05REA"), frame(FLAG_COMMAND, b"\x05READX\x08Identity")] {
+        for first in [
+            frame(0, b"\x05READY"),
+            frame(FLAG_COMMAND, b"\x04PING"),
+            frame(FLAG_COMMAND, b""),
+            frame(FLAG_COMMAND, b"\x05REA"),
+            frame(FLAG_COMMAND, b"\x05READX\x08Identity"),
+        ] {
             let mut c = FrameCheck::new(limits());
             feed(&mut c, &[greeting(), first.clone(), frame(FLAG_COMMAND, &ready(&[(b"Identity", b"late")]))].concat()).unwrap();
             assert_eq!(c.identity(), None, "{first:?}");

@@ -204,7 +204,8 @@ async fn a_live_identity_is_not_taken_over_and_is_free_once_its_connection_ends(
     // Once the first connection has ended (its disconnection is what the router reports, after
     // the guard released the identity), the identity is free.
     drop(first);
-    wait_for(&mut router_events, "engine-1 disconnected", |ev| matches!(ev, SocketEvent::Disconnected(id) if id.as_ref() == b"engine-1")).await;
+    wait_for(&mut router_events, "engine-1 disconnected", |ev| matches!(ev, SocketEvent::Disconnected(id) if id.as_ref() == b"engine-1"))
+        .await;
     let (mut again, _) = dealer_as("engine-1", port).await;
     echo(&mut again, b"back").await;
     // Other identities (and empty ones) were never affected.

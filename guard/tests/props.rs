@@ -121,7 +121,12 @@ fn ready_frame(props: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn property() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
-    let name = prop_oneof![Just(b"Identity".to_vec()), Just(b"Socket-Type".to_vec()), Just(b"identity".to_vec()), proptest::collection::vec(any::<u8>(), 0..10)];
+    let name = prop_oneof![
+        Just(b"Identity".to_vec()),
+        Just(b"Socket-Type".to_vec()),
+        Just(b"identity".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..10)
+    ];
     (name, proptest::collection::vec(any::<u8>(), 0..40))
 }
 

@@ -62,17 +62,14 @@ impl Local {
             .spawn(move || {
                 let mut ctx = match new_context() {
                     Ok((ctx, outputs)) => {
-                        *sh.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(outputs.stderr.clone());
+                        *sh.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(outputs.stderr.clone());
                         forward(outputs.stdout, StreamName::Stdout, sh.clone());
                         forward_stderr(outputs.stderr, sh.clone());
-                        *sh.child.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(ctx.process_handle());
+                        *sh.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.process_handle());
                         ctx
                     }
                     Err(e) => {
-                        *fail.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("cannot start evcxr: {e}"));
+                        *fail.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("cannot start evcxr: {e}"));
                         return;
                     }
                 };
@@ -81,31 +78,14 @@ impl Local {
                 }
             })
             .expect("spawn a thread");
-        Local {
-            jobs,
-            failed,
-            shared,
-            rpx_added: false,
-            _prepare: client_crate_path().and_then(|c| prepare::spawn_background(&c)),
-        }
+        Local { jobs, failed, shared, rpx_added: false, _prepare: client_crate_path().and_then(|c| prepare::spawn_background(&c)) }
     }
 
     /// Run `f` on the context's thread and wait for it.
-    fn call<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut CommandContext) -> R + Send + 'static,
-    ) -> Result<R, String> {
+    fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut CommandContext) -> R + Send + 'static) -> Result<R, String> {
         let (tx, rx) = mpsc::channel();
-        let gone = || {
-            self.failed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "the evcxr thread is gone".into())
-        };
-        self.jobs
-            .send(Box::new(move |ctx| drop(tx.send(f(ctx)))))
-            .map_err(|_| gone())?;
+        let gone = || self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "the evcxr thread is gone".into());
+        self.jobs.send(Box::new(move |ctx| drop(tx.send(f(ctx))))).map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())
     }
 
@@ -148,24 +128,15 @@ impl Local {
 
     fn run(&mut self, code: &str, shown: &str) -> LocalOutcome {
         let (shared, code, shown) = (self.shared.clone(), code.to_string(), shown.to_string());
-        self.call(move |ctx| run_in(ctx, &code, &shown, &shared))
-            .unwrap_or_else(|e| LocalOutcome::Err("KernelError".into(), e, vec![]))
+        self.call(move |ctx| run_in(ctx, &code, &shown, &shared)).unwrap_or_else(|e| LocalOutcome::Err("KernelError".into(), e, vec![]))
     }
 
     /// Completions at byte `pos`: `(matches, start byte, end byte)`.
-    pub fn complete(
-        &mut self,
-        code: &str,
-        pos: usize,
-    ) -> Result<(Vec<String>, usize, usize), String> {
+    pub fn complete(&mut self, code: &str, pos: usize) -> Result<(Vec<String>, usize, usize), String> {
         let code = code.to_string();
         self.call(move |ctx| {
             let c = ctx.completions(&code, pos).map_err(|e| e.to_string())?;
-            Ok((
-                c.completions.into_iter().map(|c| c.code).collect(),
-                c.start_offset,
-                c.end_offset,
-            ))
+            Ok((c.completions.into_iter().map(|c| c.code).collect(), c.start_offset, c.end_offset))
         })?
     }
 
@@ -184,8 +155,10 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     *shared.hold.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
     *shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
     shared.local_running.store(true, Ordering::SeqCst);
-    let mut callbacks = evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
-    let runtime_pid = shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
+    let mut callbacks =
+        evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
+    let runtime_pid =
+        shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
     // The idle runtime waits for its next command: the buffer of that read is its own.
     let idle_read = runtime_pid.and_then(|pid| rpx_engine::output::reading_stdin(pid).map(|b| (pid, b)));
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -205,14 +178,7 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     if r.is_ok() && !interrupted {
         // A panic is only on stderr, written before the cell ended: let its lines arrive.
         let end = Instant::now() + Duration::from_millis(50);
-        let pending = || {
-            shared
-                .stderr_rx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .is_some_and(|rx| !rx.is_empty())
-        };
+        let pending = || shared.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|rx| !rx.is_empty());
         while pending() && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -232,73 +198,81 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     shared.release_stderr(true);
     let panic = report.lines;
     match r {
-            Ok(_) if !interrupted && panic.is_empty() && stdin_refused.is_some() => {
-                let prompt = stdin_refused.unwrap_or_default();
-                let evalue = if prompt.is_empty() {
-                    "the cell read stdin, but this frontend does not accept input requests (allow_stdin is false); the cell was stopped there".to_string()
-                } else {
-                    format!("the cell asked for input ({prompt:?}), but this frontend does not accept input requests (allow_stdin is false), so it got an empty line")
-                };
-                LocalOutcome::Err("StdinNotImplementedError".into(), evalue, vec![])
-            }
-            Ok(_) if !interrupted && panic.is_empty() && question_mark.is_some() => {
-                let text = question_mark.unwrap_or_default();
-                let evalue = text.join("\n").trim().to_string();
-                let evalue = if evalue.is_empty() { "a `?` in the cell returned an error (its text was empty)".to_string() } else { evalue };
-                let mut tb: Vec<String> = text.iter().enumerate().map(|(i, l)| if i == 0 { format!("Error: {l}") } else { l.clone() }).collect();
-                if tb.is_empty() {
-                    tb.push(format!("Error: {evalue}"));
-                }
-                tb.push("note: a `?` in the cell returned this error, so the cell stopped there; variables it defined are not kept".into());
-                LocalOutcome::Err("Error".into(), evalue, tb)
-            }
-            Ok(_) if interrupted => LocalOutcome::Err(
-                "KeyboardInterrupt".into(),
-                "the cell was interrupted (SIGINT); the kernel kept the variables of earlier cells".into(),
-                vec![],
-            ),
-            Ok(_) if !panic.is_empty() => {
-                let evalue = panic.get(1).cloned().unwrap_or_else(|| panic[0].clone());
-                LocalOutcome::Err("Panic".into(), evalue, panic)
-            }
-            Ok(out) if out.content_by_mime_type.is_empty() => LocalOutcome::Ok(None),
-            Ok(out) if out.content_by_mime_type.len() == 1 && out.content_by_mime_type.get("text/plain").is_some_and(|t| t == "()") => LocalOutcome::Ok(None),
-            Ok(out) => {
-                let data = out
-                    .content_by_mime_type
-                    .into_iter()
-                    .map(|(mime, text)| {
-                        let v = if mime.contains("json") { serde_json::from_str(&text).unwrap_or(Value::String(text)) } else { Value::String(text) };
-                        (mime, v)
-                    })
-                    .collect();
-                LocalOutcome::Ok(Some(data))
-            }
-            Err(evcxr::Error::CompilationErrors(errors)) => {
-                let (evalue, tb) = crate::diagnostics::render_evcxr(shown, &errors);
-                LocalOutcome::Err("CompileError".into(), evalue, tb)
-            }
-            Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => LocalOutcome::Err(
-                "KeyboardInterrupt".into(),
-                "the cell was interrupted; the kernel's local variables were lost (its Rust runtime restarted)".into(),
-                vec![why],
-            ),
-            Err(evcxr::Error::SubprocessTerminated(why)) => LocalOutcome::Err(
-                "RuntimeDied".into(),
-                format!("{why}; the kernel's local variables were lost (its Rust runtime restarted)"),
-                vec![],
-            ),
-            Err(evcxr::Error::TypeRedefinedVariablesLost(vars)) => LocalOutcome::Err(
-                "VariablesLost".into(),
-                format!("a type was redefined, so these variables were dropped: {}", vars.join(", ")),
-                vec![],
-            ),
-            Err(e) => {
-                let msg = e.to_string();
-                let ename = if msg.contains("panicked") { "Panic" } else { "Error" };
-                LocalOutcome::Err(ename.into(), msg.trim_end().to_string(), vec![])
-            }
+        Ok(_) if !interrupted && panic.is_empty() && stdin_refused.is_some() => {
+            let prompt = stdin_refused.unwrap_or_default();
+            let evalue = if prompt.is_empty() {
+                "the cell read stdin, but this frontend does not accept input requests (allow_stdin is false); the cell was stopped there"
+                    .to_string()
+            } else {
+                format!("the cell asked for input ({prompt:?}), but this frontend does not accept input requests (allow_stdin is false), so it got an empty line")
+            };
+            LocalOutcome::Err("StdinNotImplementedError".into(), evalue, vec![])
         }
+        Ok(_) if !interrupted && panic.is_empty() && question_mark.is_some() => {
+            let text = question_mark.unwrap_or_default();
+            let evalue = text.join("\n").trim().to_string();
+            let evalue = if evalue.is_empty() { "a `?` in the cell returned an error (its text was empty)".to_string() } else { evalue };
+            let mut tb: Vec<String> =
+                text.iter().enumerate().map(|(i, l)| if i == 0 { format!("Error: {l}") } else { l.clone() }).collect();
+            if tb.is_empty() {
+                tb.push(format!("Error: {evalue}"));
+            }
+            tb.push("note: a `?` in the cell returned this error, so the cell stopped there; variables it defined are not kept".into());
+            LocalOutcome::Err("Error".into(), evalue, tb)
+        }
+        Ok(_) if interrupted => LocalOutcome::Err(
+            "KeyboardInterrupt".into(),
+            "the cell was interrupted (SIGINT); the kernel kept the variables of earlier cells".into(),
+            vec![],
+        ),
+        Ok(_) if !panic.is_empty() => {
+            let evalue = panic.get(1).cloned().unwrap_or_else(|| panic[0].clone());
+            LocalOutcome::Err("Panic".into(), evalue, panic)
+        }
+        Ok(out) if out.content_by_mime_type.is_empty() => LocalOutcome::Ok(None),
+        Ok(out) if out.content_by_mime_type.len() == 1 && out.content_by_mime_type.get("text/plain").is_some_and(|t| t == "()") => {
+            LocalOutcome::Ok(None)
+        }
+        Ok(out) => {
+            let data = out
+                .content_by_mime_type
+                .into_iter()
+                .map(|(mime, text)| {
+                    let v = if mime.contains("json") {
+                        serde_json::from_str(&text).unwrap_or(Value::String(text))
+                    } else {
+                        Value::String(text)
+                    };
+                    (mime, v)
+                })
+                .collect();
+            LocalOutcome::Ok(Some(data))
+        }
+        Err(evcxr::Error::CompilationErrors(errors)) => {
+            let (evalue, tb) = crate::diagnostics::render_evcxr(shown, &errors);
+            LocalOutcome::Err("CompileError".into(), evalue, tb)
+        }
+        Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => LocalOutcome::Err(
+            "KeyboardInterrupt".into(),
+            "the cell was interrupted; the kernel's local variables were lost (its Rust runtime restarted)".into(),
+            vec![why],
+        ),
+        Err(evcxr::Error::SubprocessTerminated(why)) => LocalOutcome::Err(
+            "RuntimeDied".into(),
+            format!("{why}; the kernel's local variables were lost (its Rust runtime restarted)"),
+            vec![],
+        ),
+        Err(evcxr::Error::TypeRedefinedVariablesLost(vars)) => LocalOutcome::Err(
+            "VariablesLost".into(),
+            format!("a type was redefined, so these variables were dropped: {}", vars.join(", ")),
+            vec![],
+        ),
+        Err(e) => {
+            let msg = e.to_string();
+            let ename = if msg.contains("panicked") { "Panic" } else { "Error" };
+            LocalOutcome::Err(ename.into(), msg.trim_end().to_string(), vec![])
+        }
+    }
 }
 
 /// How often, and how many times in a row, the runtime must be seen blocked reading its stdin
@@ -351,8 +325,7 @@ fn watch_plain_stdin_reads(shared: &Shared, pid: i32, own: &str, done: &std::syn
 /// A result that is just `()` (a cell ending in `println!(..)` without `;`): not shown, as
 /// ipyparallel does not show `None`.
 pub fn is_unit(data: &Value) -> bool {
-    data.as_object()
-        .is_some_and(|d| d.len() == 1 && d.get("text/plain").and_then(Value::as_str) == Some("()"))
+    data.as_object().is_some_and(|d| d.len() == 1 && d.get("text/plain").and_then(Value::as_str) == Some("()"))
 }
 
 /// An evcxr context whose runtime is this binary as the engines' worker.

@@ -72,9 +72,8 @@ enum Cmd {
 
 /// `rpx-kernel prepare`, also the last step of `rpx-kernel install`.
 fn run_prepare(background: bool) -> anyhow::Result<()> {
-    let client = local::client_crate_path().ok_or_else(|| {
-        anyhow::anyhow!("cannot find the rpx client crate's sources (set RPX_CLIENT_PATH to its directory)")
-    })?;
+    let client = local::client_crate_path()
+        .ok_or_else(|| anyhow::anyhow!("cannot find the rpx client crate's sources (set RPX_CLIENT_PATH to its directory)"))?;
     if !background && prepare::ready_seed(&client).is_none() {
         println!("Compiling the rpx client crate for the kernel (minutes, once)...");
     }

@@ -247,7 +247,9 @@ impl BuildDir {
         let dir = tempfile::Builder::new()
             .prefix("rpx-kernel-")
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir().context("cannot create the kernel's build directory")?.keep();
+            .tempdir()
+            .context("cannot create the kernel's build directory")?
+            .keep();
         std::env::set_var("EVCXR_TMPDIR", &dir);
         Ok(BUILD_DIR.get_or_init(|| dir))
     }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use rpx::{AsyncResult, ExecuteResult, TaskEvent};
 use rpx_magics::{
-    error_report, interrupt_line, progress_due, progress_message, progress_text, render_outputs, verbose_line, EngineOutput, ExecOptions, GroupOutputs, MagicError,
-    OutputEvent, PxConfig, PxOptions, RenderOptions, Signal, StreamName, StreamStyle, Streamer,
+    error_report, interrupt_line, progress_due, progress_message, progress_text, render_outputs, verbose_line, EngineOutput, ExecOptions,
+    GroupOutputs, MagicError, OutputEvent, PxConfig, PxOptions, RenderOptions, Signal, StreamName, StreamStyle, Streamer,
 };
 
 use crate::server::Shared;
@@ -73,9 +73,8 @@ impl Px {
     fn client(&mut self) -> Result<&rpx::Client, PxError> {
         if self.client.is_none() {
             let profile = rpx_protocol::connection::default_profile_name();
-            let c = rpx::Client::connect().map_err(|e| {
-                CellError::new("NoCluster", format!("cannot reach an rpx cluster for profile `{profile}`: {e}"), vec![])
-            })?;
+            let c = rpx::Client::connect()
+                .map_err(|e| CellError::new("NoCluster", format!("cannot reach an rpx cluster for profile `{profile}`: {e}"), vec![]))?;
             self.client = Some(c);
         }
         Ok(self.client.as_ref().expect("set above"))
@@ -182,7 +181,14 @@ impl Px {
                 let elapsed = run.submitted.elapsed();
                 let text = progress_text(done.len(), run.targets.len(), elapsed, false);
                 if progress_shown.as_deref() != Some(text.as_str()) {
-                    self.shared.publish(&progress_message(&progress_id, progress_shown.is_none(), done.len(), run.targets.len(), elapsed, false));
+                    self.shared.publish(&progress_message(
+                        &progress_id,
+                        progress_shown.is_none(),
+                        done.len(),
+                        run.targets.len(),
+                        elapsed,
+                        false,
+                    ));
                     progress_shown = Some(text);
                 }
             }

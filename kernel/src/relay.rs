@@ -124,7 +124,9 @@ fn relayed(lines: &[u8]) -> Vec<u8> {
         // The worker's markers follow the cell's flushed stdout, which may end without a
         // newline: evcxr finds a marker only on a line of its own.
         let body = line.strip_suffix(b"\n").unwrap_or(line);
-        let marker = [rpx_engine::output::EXECUTION_COMPLETE, rpx_engine::output::INTERRUPTED].into_iter().find(|m| body.len() > m.len() && body.ends_with(m.as_bytes()));
+        let marker = [rpx_engine::output::EXECUTION_COMPLETE, rpx_engine::output::INTERRUPTED]
+            .into_iter()
+            .find(|m| body.len() > m.len() && body.ends_with(m.as_bytes()));
         let (text, line) = match marker {
             Some(m) => line.split_at(body.len() - m.len()),
             None => (&line[..0], line),
@@ -138,7 +140,9 @@ fn relayed(lines: &[u8]) -> Vec<u8> {
             let text = String::from_utf8_lossy(rest);
             if let Some((kind, prompt)) = text.split_once(':') {
                 if kind.is_empty() || kind == "_PASSWORD" {
-                    out.extend_from_slice(format!("EVCXR_INPUT_REQUEST{kind}:{}", prompt.replace(':', &PROMPT_COLON.to_string())).as_bytes());
+                    out.extend_from_slice(
+                        format!("EVCXR_INPUT_REQUEST{kind}:{}", prompt.replace(':', &PROMPT_COLON.to_string())).as_bytes(),
+                    );
                     continue;
                 }
             }
@@ -176,7 +180,10 @@ mod tests {
         assert_eq!(out, b"EVCXR_EXECUTION_COMPLETE\n", "the worker's interrupt notice is not the cell's output");
         let mut out = Vec::new();
         relay(&mut &b"p1EVCXR_EXECUTION_COMPLETE\np2RPX_INTERRUPTED\nEVCXR_EXECUTION_COMPLETE\n"[..], &mut out);
-        assert_eq!(out, b"p1\nEVCXR_EXECUTION_COMPLETE\np2\nEVCXR_EXECUTION_COMPLETE\n", "a marker after a flushed partial line gets a line of its own");
+        assert_eq!(
+            out, b"p1\nEVCXR_EXECUTION_COMPLETE\np2\nEVCXR_EXECUTION_COMPLETE\n",
+            "a marker after a flushed partial line gets a line of its own"
+        );
         let mut out = Vec::new();
         relay(&mut &b"xEVCXR_ERROR_OCCURRED\n"[..], &mut out);
         assert_eq!(out, b"xEVCXR_ERROR_OCCURRED\n", "only the whole line is the marker");

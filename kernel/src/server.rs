@@ -216,7 +216,8 @@ impl Shared {
         }
         let _done = Done(&self.in_input);
         while replies.try_recv().is_ok() {}
-        let (_, f) = self.session.msg(&idents, "input_request", json!({ "prompt": prompt, "password": password }), Some(&header), json!({}), &[]);
+        let (_, f) =
+            self.session.msg(&idents, "input_request", json!({ "prompt": prompt, "password": password }), Some(&header), json!({}), &[]);
         if let Some(tx) = self.input_requests.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(message(f));
         }
@@ -359,8 +360,14 @@ mod panic_tests {
     fn a_backtrace_split_over_several_reads_stays_in_the_report() {
         let mut p = PanicText::default();
         assert!(p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom")).is_empty());
-        assert!(p.note(&lines("stack backtrace:\n   0: rust_begin_unwind\n             at /rustc/library/std/src/panicking.rs:5")).is_empty());
-        assert!(p.note(&lines("   1: ctx::run_user_code_1\nnote: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.")).is_empty());
+        assert!(p
+            .note(&lines("stack backtrace:\n   0: rust_begin_unwind\n             at /rustc/library/std/src/panicking.rs:5"))
+            .is_empty());
+        assert!(p
+            .note(&lines(
+                "   1: ctx::run_user_code_1\nnote: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace."
+            ))
+            .is_empty());
         assert_eq!(p.lines.len(), 7);
         assert_eq!(p.note(&lines("later output")), ["later output"]);
     }
@@ -375,7 +382,8 @@ pub struct ShellRequest {
 /// Read the connection file and serve until a `shutdown_request`.
 pub fn run(connection_file: &Path) -> Result<()> {
     let text = std::fs::read_to_string(connection_file).with_context(|| format!("cannot read {}", connection_file.display()))?;
-    let info: ConnectionInfo = serde_json::from_str(&text).with_context(|| format!("{} is not a Jupyter connection file", connection_file.display()))?;
+    let info: ConnectionInfo =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a Jupyter connection file", connection_file.display()))?;
     if !info.signature_scheme.is_empty() && info.signature_scheme != "hmac-sha256" {
         bail!("unsupported signature scheme {:?} (rpx-kernel signs with hmac-sha256)", info.signature_scheme);
     }

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 
 use jupyter_protocol::{
-    CommInfoReply, CompleteReply, HelpLink, InspectReply, IsCompleteReply, IsCompleteReplyStatus, KernelInfoReply,
-    LanguageInfo, ReplyStatus,
+    CommInfoReply, CompleteReply, HelpLink, InspectReply, IsCompleteReply, IsCompleteReplyStatus, KernelInfoReply, LanguageInfo,
+    ReplyStatus,
 };
 use serde_json::{json, Map, Value};
 use tracing::{debug, warn};
@@ -16,7 +16,7 @@ use rpx_magics::{autopx_message, parse_cell_autopx, Command, IopubMsg, MagicErro
 
 use crate::local::{Local, LocalOutcome};
 use crate::px::{Px, PxError};
-use crate::server::{reply, ShellRequest, Shared};
+use crate::server::{reply, Shared, ShellRequest};
 use crate::syntax::{is_complete, Completeness};
 
 /// The kernel's cell-running state.
@@ -116,7 +116,15 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 
 impl Kernel {
     pub fn new(shared: Arc<Shared>) -> Kernel {
-        Kernel { local: Local::start(shared.clone()), px: Px::new(shared.clone()), shared, execution_count: 0, history: Vec::new(), result_text: None, silent: false }
+        Kernel {
+            local: Local::start(shared.clone()),
+            px: Px::new(shared.clone()),
+            shared,
+            execution_count: 0,
+            history: Vec::new(),
+            result_text: None,
+            silent: false,
+        }
     }
 
     /// Handle shell requests until the socket side goes away. After a cell fails with
@@ -132,7 +140,12 @@ impl Kernel {
                 self.shared.status("busy", &next.msg.header);
                 if next.msg.msg_type() == "execute_request" {
                     debug!(msg_id = %next.msg.header.msg_id, "aborted: an earlier cell failed");
-                    reply(&self.shared.session, &next, "execute_reply", json!({ "status": "aborted", "execution_count": self.execution_count }));
+                    reply(
+                        &self.shared.session,
+                        &next,
+                        "execute_reply",
+                        json!({ "status": "aborted", "execution_count": self.execution_count }),
+                    );
                 } else {
                     self.handle(&next, &rx);
                 }
@@ -187,7 +200,9 @@ impl Kernel {
                 let history = self.history_entries(c);
                 reply(session, req, "history_reply", json!({ "status": "ok", "history": history }));
             }
-            "comm_info_request" => reply(session, req, "comm_info_reply", serde_json::to_value(CommInfoReply::default()).expect("serializable")),
+            "comm_info_request" => {
+                reply(session, req, "comm_info_reply", serde_json::to_value(CommInfoReply::default()).expect("serializable"))
+            }
             "comm_open" => {
                 // No comm targets are offered: close it at once, as the protocol asks.
                 let id = c.get("comm_id").cloned().unwrap_or(Value::Null);
@@ -211,7 +226,11 @@ impl Kernel {
         let word = code[line_start..pos].trim_start();
         if word.starts_with('%') && !word.contains(char::is_whitespace) {
             let start = pos - word.len();
-            r.matches = ["%px", "%%px", "%autopx", "%pxresult", "%pxconfig"].iter().filter(|m| m.starts_with(word)).map(|m| m.to_string()).collect();
+            r.matches = ["%px", "%%px", "%autopx", "%pxresult", "%pxconfig"]
+                .iter()
+                .filter(|m| m.starts_with(word))
+                .map(|m| m.to_string())
+                .collect();
             r.cursor_start = char_offset(code, start);
             return r;
         }
@@ -239,8 +258,12 @@ impl Kernel {
                 let pattern = c.get("pattern").and_then(Value::as_str).unwrap_or("*");
                 let unique = c.get("unique").and_then(Value::as_bool).unwrap_or(false);
                 let mut seen = std::collections::HashSet::new();
-                let hits: Vec<&(u64, String, Option<String>)> =
-                    self.history.iter().filter(|(_, code, _)| glob(pattern, code)).filter(|(_, code, _)| !unique || seen.insert(code.clone())).collect();
+                let hits: Vec<&(u64, String, Option<String>)> = self
+                    .history
+                    .iter()
+                    .filter(|(_, code, _)| glob(pattern, code))
+                    .filter(|(_, code, _)| !unique || seen.insert(code.clone()))
+                    .collect();
                 let n = c.get("n").and_then(Value::as_u64).map_or(hits.len(), |n| n as usize);
                 hits[hits.len().saturating_sub(n)..].iter().map(|e| entry(e)).collect()
             }
@@ -303,7 +326,8 @@ impl Kernel {
                 json!({ "status": "error", "execution_count": count, "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback, "user_expressions": {}, "payload": [] })
             }
         };
-        let behind: Vec<ShellRequest> = if failed && stop_on_error && !silent { std::iter::from_fn(|| waiting.try_recv().ok()).collect() } else { Vec::new() };
+        let behind: Vec<ShellRequest> =
+            if failed && stop_on_error && !silent { std::iter::from_fn(|| waiting.try_recv().ok()).collect() } else { Vec::new() };
         reply(&self.shared.session, req, "execute_reply", content);
         self.shared.set_parent(None);
         *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) = None;

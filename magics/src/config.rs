@@ -136,31 +136,16 @@ mod tests {
     fn pxconfig_is_sticky() {
         let mut c = PxConfig::default();
         c.apply(&opts(Magic::PxConfig, "-t ::2 --noblock"));
-        assert_eq!(
-            c.targets,
-            TargetSpec::Slice(Slice {
-                step: Some(2),
-                ..Slice::default()
-            })
-        );
+        assert_eq!(c.targets, TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() }));
         assert!(!c.block);
         // A later %pxconfig changes only what it names.
         c.apply(&opts(Magic::PxConfig, "--verbose --no-stream -e"));
-        assert_eq!(
-            c.targets,
-            TargetSpec::Slice(Slice {
-                step: Some(2),
-                ..Slice::default()
-            })
-        );
+        assert_eq!(c.targets, TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() }));
         assert!(!c.block);
         assert!(c.verbose);
         assert!(!c.stream);
         assert_eq!(c.group_outputs, GroupOutputs::Engine);
-        c.apply(&opts(
-            Magic::PxConfig,
-            "-t 1 --block --progress-after -1 --signal-on-interrupt 9",
-        ));
+        c.apply(&opts(Magic::PxConfig, "-t 1 --block --progress-after -1 --signal-on-interrupt 9"));
         assert_eq!(c.targets, TargetSpec::Index(1));
         assert!(c.block);
         assert_eq!(c.progress_after, -1.0);
@@ -175,18 +160,8 @@ mod tests {
     fn cell_options_are_not_sticky() {
         let c = PxConfig::default();
         let before = c.clone();
-        let e = c.effective(&opts(
-            Magic::CellPx,
-            "--targets 0:2 --noblock --no-stream --verbose -r --local",
-        ));
-        assert_eq!(
-            e.targets,
-            TargetSpec::Slice(Slice {
-                start: Some(0),
-                stop: Some(2),
-                step: None
-            })
-        );
+        let e = c.effective(&opts(Magic::CellPx, "--targets 0:2 --noblock --no-stream --verbose -r --local"));
+        assert_eq!(e.targets, TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None }));
         assert!(!e.block);
         assert!(!e.stream);
         assert!(e.verbose);

@@ -8,8 +8,7 @@ use crate::options::Magic;
 pub type Result<T, E = MagicError> = std::result::Result<T, E>;
 
 /// The magics rpx knows, as listed in error messages.
-pub const VALID_MAGICS: &str =
-    "%px CODE, %%px [options], %autopx, %pxresult [options], %pxconfig [options]";
+pub const VALID_MAGICS: &str = "%px CODE, %%px [options], %autopx, %pxresult [options], %pxconfig [options]";
 
 /// The target forms, as listed in error messages.
 pub const TARGET_FORMS: &str =
@@ -29,9 +28,7 @@ pub enum MagicError {
         suggestion: Option<String>,
     },
     /// A line magic written as a cell magic (`%%pxconfig`).
-    #[error(
-        "`%%{name}` is not a cell magic: write `%{name}` (one `%`); the only cell magic is %%px"
-    )]
+    #[error("`%%{name}` is not a cell magic: write `%{name}` (one `%`); the only cell magic is %%px")]
     NotACellMagic {
         /// The magic's name without `%`.
         name: String,
@@ -185,20 +182,13 @@ mod tests {
 
     #[test]
     fn messages_without_a_parser_test_elsewhere() {
-        assert_eq!(
-            MagicError::NoLastResult.to_string(),
-            "%pxresult recalls last %px result, which has not yet been used."
-        );
+        assert_eq!(MagicError::NoLastResult.to_string(), "%pxresult recalls last %px result, which has not yet been used.");
         assert_eq!(
             MagicError::NoEngines.to_string(),
             "no engines are registered; start some with `ipcluster start -n 4` or `ipcluster engines -n 4`"
         );
         assert_eq!(
-            MagicError::UnknownMagic {
-                given: "%x".into(),
-                suggestion: None
-            }
-            .to_string(),
+            MagicError::UnknownMagic { given: "%x".into(), suggestion: None }.to_string(),
             format!("unknown magic `%x`; valid magics: {VALID_MAGICS}")
         );
         assert_eq!(fmt_ids(&[]), "[]");

@@ -32,11 +32,7 @@ pub struct ErrorReport {
 impl ErrorReport {
     /// The iopub `error` message.
     pub fn to_iopub(&self) -> IopubMsg {
-        IopubMsg::Error {
-            ename: self.ename.clone(),
-            evalue: self.evalue.clone(),
-            traceback: self.traceback.clone(),
-        }
+        IopubMsg::Error { ename: self.ename.clone(), evalue: self.evalue.clone(), traceback: self.traceback.clone() }
     }
 
     /// The `execute_reply` content for this failure (without `execution_count`, which the
@@ -78,10 +74,7 @@ pub(crate) fn remote_line(engine_id: usize, err: &ErrorOutput) -> String {
 /// failed. `single` is [`crate::TargetSpec::is_single`] of the cell's targets: then the one
 /// error is a `RemoteError`; otherwise all are gathered in a `CompositeError`.
 pub fn error_report(engines: &[EngineOutput], single: bool) -> Option<ErrorReport> {
-    let errors: Vec<(usize, &ErrorOutput)> = engines
-        .iter()
-        .flat_map(|e| e.errors().map(move |err| (e.engine_id, err)))
-        .collect();
+    let errors: Vec<(usize, &ErrorOutput)> = engines.iter().flat_map(|e| e.errors().map(move |err| (e.engine_id, err))).collect();
     if errors.is_empty() {
         return None;
     }
@@ -99,12 +92,7 @@ pub fn error_report(engines: &[EngineOutput], single: bool) -> Option<ErrorRepor
     let mut evalue = "one or more exceptions raised in: %px".to_string();
     let mut traceback = Vec::new();
     for (id, err) in errors.iter().take(TB_LIMIT) {
-        evalue.push_str(&format!(
-            "\n{}{}: {}",
-            engine_label(*id),
-            err.ename,
-            err.evalue
-        ));
+        evalue.push_str(&format!("\n{}{}: {}", engine_label(*id), err.ename, err.evalue));
         traceback.push(format!("{}:", engine_label(*id)));
         traceback.extend(traceback_lines(err));
         traceback.push(String::new());
@@ -114,23 +102,13 @@ pub fn error_report(engines: &[EngineOutput], single: bool) -> Option<ErrorRepor
         evalue.push_str(&format!("\n.... {more} more exceptions ..."));
         traceback.push(format!("... {more} more exceptions ..."));
     }
-    Some(ErrorReport {
-        ename: "CompositeError".to_string(),
-        evalue,
-        traceback,
-        failed_engines,
-    })
+    Some(ErrorReport { ename: "CompositeError".to_string(), evalue, traceback, failed_engines })
 }
 
 /// The report after errors were streamed as they came: `AlreadyDisplayedError`, `N errors`.
 pub(crate) fn already_displayed(count: usize, failed_engines: Vec<usize>) -> ErrorReport {
     let text = format!("{count} errors");
-    ErrorReport {
-        ename: "AlreadyDisplayedError".to_string(),
-        evalue: text.clone(),
-        traceback: vec![text],
-        failed_engines,
-    }
+    ErrorReport { ename: "AlreadyDisplayedError".to_string(), evalue: text.clone(), traceback: vec![text], failed_engines }
 }
 
 #[cfg(test)]
@@ -146,10 +124,7 @@ mod tests {
                 OutputEvent::error(
                     "Panic",
                     format!("oops! {id}"),
-                    vec![
-                        format!("thread 'main' panicked at src/lib.rs:3:5:\noops! {id}"),
-                        "note: run with RUST_BACKTRACE=1".into(),
-                    ],
+                    vec![format!("thread 'main' panicked at src/lib.rs:3:5:\noops! {id}"), "note: run with RUST_BACKTRACE=1".into()],
                 ),
             ],
         )
@@ -186,14 +161,7 @@ mod tests {
             ]
         );
         assert_eq!(r.failed_engines, vec![1, 2]);
-        assert_eq!(
-            r.to_iopub(),
-            IopubMsg::Error {
-                ename: r.ename.clone(),
-                evalue: r.evalue.clone(),
-                traceback: r.traceback.clone()
-            }
-        );
+        assert_eq!(r.to_iopub(), IopubMsg::Error { ename: r.ename.clone(), evalue: r.evalue.clone(), traceback: r.traceback.clone() });
         assert_eq!(
             r.reply_content(),
             json!({ "status": "error", "ename": "CompositeError", "evalue": r.evalue, "traceback": r.traceback })
@@ -208,32 +176,16 @@ mod tests {
             r.evalue,
             "one or more exceptions raised in: %px\n[0:execute]Panic: oops! 0\n[1:execute]Panic: oops! 1\n[2:execute]Panic: oops! 2\n[3:execute]Panic: oops! 3\n.... 2 more exceptions ..."
         );
-        assert_eq!(
-            r.traceback
-                .iter()
-                .filter(|l| l.ends_with(":execute]:"))
-                .count(),
-            4
-        );
+        assert_eq!(r.traceback.iter().filter(|l| l.ends_with(":execute]:")).count(), 4);
         assert_eq!(r.traceback.last().unwrap(), "... 2 more exceptions ...");
         assert_eq!(r.failed_engines, vec![0, 1, 2, 3, 4, 5]);
     }
 
     #[test]
     fn missing_traceback() {
-        let dead = EngineOutput::new(
-            3,
-            vec![OutputEvent::error(
-                "EngineError",
-                "engine 3 died (signal 9)",
-                vec![],
-            )],
-        );
+        let dead = EngineOutput::new(3, vec![OutputEvent::error("EngineError", "engine 3 died (signal 9)", vec![])]);
         let r = error_report(std::slice::from_ref(&dead), false).unwrap();
-        assert_eq!(
-            r.traceback,
-            vec!["[3:execute]:", "No traceback available", ""]
-        );
+        assert_eq!(r.traceback, vec!["[3:execute]:", "No traceback available", ""]);
         let r = error_report(&[dead], true).unwrap();
         assert_eq!(r.traceback, vec!["[3:execute]", "No traceback available"]);
     }

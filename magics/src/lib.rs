@@ -98,12 +98,8 @@ pub use error::{MagicError, Result};
 pub use failure::{engine_label, error_report, ErrorReport, TB_LIMIT};
 pub use options::{GroupOutputs, Magic, PxOptions, Signal};
 pub use output::{EngineOutput, ErrorOutput, IopubMsg, OutputEvent, StreamName};
-pub use parse::{
-    autopx_message, parse_cell, parse_cell_autopx, Command, AUTOPX_DISABLED, AUTOPX_ENABLED,
-};
-pub use render::{
-    interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions,
-};
+pub use parse::{autopx_message, parse_cell, parse_cell_autopx, Command, AUTOPX_DISABLED, AUTOPX_ENABLED};
 pub use progress::{progress_due, progress_message, progress_text};
+pub use render::{interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions};
 pub use stream::{StreamStyle, Streamer};
 pub use targets::{Slice, TargetSpec};

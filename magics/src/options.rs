@@ -39,18 +39,7 @@ impl Magic {
 
     fn accepts(self, opt: Opt) -> bool {
         use Opt::*;
-        let exec = matches!(
-            opt,
-            Targets
-                | Block
-                | NoBlock
-                | Stream
-                | NoStream
-                | Verbose
-                | NoVerbose
-                | ProgressAfter
-                | SignalOnInterrupt
-        );
+        let exec = matches!(opt, Targets | Block | NoBlock | Stream | NoStream | Verbose | NoVerbose | ProgressAfter | SignalOnInterrupt);
         let output = matches!(opt, GroupOutputs | GroupOrder | GroupEngine);
         opt == Help
             || match self {
@@ -143,10 +132,8 @@ impl FromStr for GroupOutputs {
 }
 
 /// Signal names `--signal-on-interrupt` accepts (with or without `SIG`, any case).
-pub const SIGNAL_NAMES: &[&str] = &[
-    "SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGABRT",
-    "SIGALRM", "SIGSTOP", "SIGCONT", "SIGTSTP",
-];
+pub const SIGNAL_NAMES: &[&str] =
+    &["SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGABRT", "SIGALRM", "SIGSTOP", "SIGCONT", "SIGTSTP"];
 
 /// The signal sent to the engines when the user interrupts a blocking `%px`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -182,11 +169,7 @@ impl FromStr for Signal {
             };
         }
         let up = s.to_ascii_uppercase();
-        let name = if up.starts_with("SIG") {
-            up
-        } else {
-            format!("SIG{up}")
-        };
+        let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
         if SIGNAL_NAMES.contains(&name.as_str()) {
             Ok(Signal::Name(name))
         } else {
@@ -290,13 +273,7 @@ const OPTS: &[OptSpec] = &[
         metavar: None,
         help: "return at once; see the output with %pxresult",
     },
-    OptSpec {
-        opt: Opt::Stream,
-        short: None,
-        long: Some("stream"),
-        metavar: None,
-        help: "show output as it arrives (default)",
-    },
+    OptSpec { opt: Opt::Stream, short: None, long: Some("stream"), metavar: None, help: "show output as it arrives (default)" },
     OptSpec {
         opt: Opt::NoStream,
         short: None,
@@ -304,20 +281,8 @@ const OPTS: &[OptSpec] = &[
         metavar: None,
         help: "show output when all engines are done, grouped by --group-outputs",
     },
-    OptSpec {
-        opt: Opt::Verbose,
-        short: None,
-        long: Some("verbose"),
-        metavar: None,
-        help: "print which engines each execution runs on",
-    },
-    OptSpec {
-        opt: Opt::NoVerbose,
-        short: None,
-        long: Some("no-verbose"),
-        metavar: None,
-        help: "do not (default)",
-    },
+    OptSpec { opt: Opt::Verbose, short: None, long: Some("verbose"), metavar: None, help: "print which engines each execution runs on" },
+    OptSpec { opt: Opt::NoVerbose, short: None, long: Some("no-verbose"), metavar: None, help: "do not (default)" },
     OptSpec {
         opt: Opt::ProgressAfter,
         short: None,
@@ -330,8 +295,7 @@ const OPTS: &[OptSpec] = &[
         short: None,
         long: Some("signal-on-interrupt"),
         metavar: Some("SIG"),
-        help:
-            "signal sent to the engines on interrupt: SIGINT (default), SIGKILL, 9, 0 (none), ...",
+        help: "signal sent to the engines on interrupt: SIGINT (default), SIGKILL, 9, 0 (none), ...",
     },
     OptSpec {
         opt: Opt::GroupOutputs,
@@ -340,34 +304,10 @@ const OPTS: &[OptSpec] = &[
         metavar: Some("engine|order|type"),
         help: "how to order outputs when not streaming (default type)",
     },
-    OptSpec {
-        opt: Opt::GroupEngine,
-        short: Some('e'),
-        long: None,
-        metavar: None,
-        help: "same as --group-outputs=engine",
-    },
-    OptSpec {
-        opt: Opt::GroupOrder,
-        short: Some('r'),
-        long: None,
-        metavar: None,
-        help: "same as --group-outputs=order",
-    },
-    OptSpec {
-        opt: Opt::Local,
-        short: None,
-        long: Some("local"),
-        metavar: None,
-        help: "also run the cell in the kernel",
-    },
-    OptSpec {
-        opt: Opt::Help,
-        short: Some('h'),
-        long: Some("help"),
-        metavar: None,
-        help: "show this help",
-    },
+    OptSpec { opt: Opt::GroupEngine, short: Some('e'), long: None, metavar: None, help: "same as --group-outputs=engine" },
+    OptSpec { opt: Opt::GroupOrder, short: Some('r'), long: None, metavar: None, help: "same as --group-outputs=order" },
+    OptSpec { opt: Opt::Local, short: None, long: Some("local"), metavar: None, help: "also run the cell in the kernel" },
+    OptSpec { opt: Opt::Help, short: Some('h'), long: Some("help"), metavar: None, help: "show this help" },
 ];
 
 /// Whether `word` (the first word of a `%px` line) is one of the long options, so that
@@ -391,10 +331,7 @@ impl PxOptions {
             i += 1;
             if let Some(long) = word.strip_prefix("--") {
                 if long.is_empty() || long.starts_with('=') {
-                    return Err(MagicError::UnexpectedArgument {
-                        magic,
-                        arg: word.clone(),
-                    });
+                    return Err(MagicError::UnexpectedArgument { magic, arg: word.clone() });
                 }
                 let (name, inline) = match long.split_once('=') {
                     Some((n, v)) => (n, Some(v.to_string())),
@@ -403,13 +340,7 @@ impl PxOptions {
                 let spec = lookup_long(magic, name, word)?;
                 let value = match (spec.metavar, inline) {
                     (None, None) => None,
-                    (None, Some(v)) => {
-                        return Err(MagicError::UnexpectedValue {
-                            magic,
-                            option: spec.name(),
-                            value: v,
-                        })
-                    }
+                    (None, Some(v)) => return Err(MagicError::UnexpectedValue { magic, option: spec.name(), value: v }),
                     (Some(_), Some(v)) => Some(v),
                     (Some(m), None) => Some(take_value(magic, spec, m, &words, &mut i)?),
                 };
@@ -420,12 +351,10 @@ impl PxOptions {
                 let mut rest = &word[1..];
                 while let Some(c) = rest.chars().next() {
                     rest = &rest[c.len_utf8()..];
-                    let spec = magic.specs().find(|s| s.short == Some(c)).ok_or_else(|| {
-                        MagicError::UnknownOption {
-                            magic,
-                            option: format!("-{c}"),
-                        }
-                    })?;
+                    let spec = magic
+                        .specs()
+                        .find(|s| s.short == Some(c))
+                        .ok_or_else(|| MagicError::UnknownOption { magic, option: format!("-{c}") })?;
                     match spec.metavar {
                         None => opts.set(magic, spec, None)?,
                         Some(m) => {
@@ -440,10 +369,7 @@ impl PxOptions {
                     }
                 }
             } else {
-                return Err(MagicError::UnexpectedArgument {
-                    magic,
-                    arg: word.clone(),
-                });
+                return Err(MagicError::UnexpectedArgument { magic, arg: word.clone() });
             }
         }
         Ok(opts)
@@ -451,12 +377,8 @@ impl PxOptions {
 
     fn set(&mut self, magic: Magic, spec: &OptSpec, value: Option<String>) -> Result<()> {
         let value = value.unwrap_or_default();
-        let invalid = |expected: &str| MagicError::InvalidValue {
-            magic,
-            option: spec.name(),
-            value: value.clone(),
-            expected: expected.to_string(),
-        };
+        let invalid =
+            |expected: &str| MagicError::InvalidValue { magic, option: spec.name(), value: value.clone(), expected: expected.to_string() };
         match spec.opt {
             Opt::Targets => self.targets = Some(value.parse()?),
             Opt::Block => self.block = Some(true),
@@ -468,9 +390,7 @@ impl PxOptions {
             Opt::GroupEngine => self.group_outputs = Some(GroupOutputs::Engine),
             Opt::GroupOrder => self.group_outputs = Some(GroupOutputs::Order),
             Opt::GroupOutputs => {
-                let g = value
-                    .parse()
-                    .map_err(|_| invalid("one of engine, order, type"))?;
+                let g = value.parse().map_err(|_| invalid("one of engine, order, type"))?;
                 self.group_outputs = Some(g);
             }
             Opt::ProgressAfter => {
@@ -479,18 +399,14 @@ impl PxOptions {
                     .parse()
                     .ok()
                     .filter(|v: &f64| v.is_finite())
-                    .ok_or_else(|| {
-                        invalid("a number of seconds (-1: never show progress, 0: show it at once)")
-                    })?;
+                    .ok_or_else(|| invalid("a number of seconds (-1: never show progress, 0: show it at once)"))?;
                 self.progress_after = Some(secs);
             }
             Opt::SignalOnInterrupt => {
-                let sig = value.trim().parse().map_err(|_| {
-                    invalid(&format!(
-                        "a signal number 0-64 (0: send none) or a name: {}",
-                        SIGNAL_NAMES.join(", ")
-                    ))
-                })?;
+                let sig = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(&format!("a signal number 0-64 (0: send none) or a name: {}", SIGNAL_NAMES.join(", "))))?;
                 self.signal_on_interrupt = Some(sig);
             }
             Opt::Local => self.local = true,
@@ -505,23 +421,13 @@ fn looks_negative(word: &str) -> bool {
     word.as_bytes().get(1).is_some_and(|b| b.is_ascii_digit())
 }
 
-fn take_value(
-    magic: Magic,
-    spec: &OptSpec,
-    metavar: &'static str,
-    words: &[String],
-    i: &mut usize,
-) -> Result<String> {
+fn take_value(magic: Magic, spec: &OptSpec, metavar: &'static str, words: &[String], i: &mut usize) -> Result<String> {
     match words.get(*i) {
         Some(w) if !(w.starts_with('-') && w.len() > 1 && !looks_negative(w)) => {
             *i += 1;
             Ok(w.clone())
         }
-        _ => Err(MagicError::MissingValue {
-            magic,
-            option: spec.name(),
-            metavar,
-        }),
+        _ => Err(MagicError::MissingValue { magic, option: spec.name(), metavar }),
     }
 }
 
@@ -530,20 +436,13 @@ fn lookup_long(magic: Magic, name: &str, written: &str) -> Result<&'static OptSp
     if let Some(s) = longs().find(|s| s.long == Some(name)) {
         return Ok(s);
     }
-    let candidates: Vec<&OptSpec> = longs()
-        .filter(|s| s.long.is_some_and(|l| l.starts_with(name)))
-        .collect();
+    let candidates: Vec<&OptSpec> = longs().filter(|s| s.long.is_some_and(|l| l.starts_with(name))).collect();
     match candidates.as_slice() {
         [one] => Ok(one),
-        [] => Err(MagicError::UnknownOption {
-            magic,
-            option: written.split('=').next().unwrap_or(written).to_string(),
-        }),
-        many => Err(MagicError::AmbiguousOption {
-            magic,
-            option: written.to_string(),
-            candidates: many.iter().map(|s| s.name()).collect(),
-        }),
+        [] => Err(MagicError::UnknownOption { magic, option: written.split('=').next().unwrap_or(written).to_string() }),
+        many => {
+            Err(MagicError::AmbiguousOption { magic, option: written.to_string(), candidates: many.iter().map(|s| s.name()).collect() })
+        }
     }
 }
 
@@ -629,11 +528,7 @@ mod tests {
 
     #[test]
     fn targets_in_every_spelling() {
-        let two = Some(TargetSpec::Slice(Slice {
-            start: Some(0),
-            stop: Some(2),
-            step: None,
-        }));
+        let two = Some(TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None }));
         assert_eq!(cell("--targets 0:2").targets, two);
         assert_eq!(cell("--targets=0:2").targets, two);
         assert_eq!(cell("-t 0:2").targets, two);
@@ -642,22 +537,10 @@ mod tests {
         assert_eq!(cell("--tar 0:2").targets, two);
         assert_eq!(cell("--targets '0:2'").targets, two);
         assert_eq!(cell("-t -1").targets, Some(TargetSpec::Index(-1)));
-        assert_eq!(
-            cell("-t -2:").targets,
-            Some(TargetSpec::Slice(Slice {
-                start: Some(-2),
-                ..Slice::default()
-            }))
-        );
+        assert_eq!(cell("-t -2:").targets, Some(TargetSpec::Slice(Slice { start: Some(-2), ..Slice::default() })));
         assert_eq!(cell("-t all").targets, Some(TargetSpec::All));
-        assert_eq!(
-            cell("-t 1,3,5").targets,
-            Some(TargetSpec::List(vec![1, 3, 5]))
-        );
-        assert_eq!(
-            cell("-t \"1, 3\"").targets,
-            Some(TargetSpec::List(vec![1, 3]))
-        );
+        assert_eq!(cell("-t 1,3,5").targets, Some(TargetSpec::List(vec![1, 3, 5])));
+        assert_eq!(cell("-t \"1, 3\"").targets, Some(TargetSpec::List(vec![1, 3])));
         assert_eq!(cell("-t [0,3]").targets, Some(TargetSpec::List(vec![0, 3])));
     }
 
@@ -686,32 +569,14 @@ mod tests {
 
     #[test]
     fn group_outputs() {
-        assert_eq!(
-            cell("--group-outputs=engine").group_outputs,
-            Some(GroupOutputs::Engine)
-        );
-        assert_eq!(
-            cell("--group-outputs engine").group_outputs,
-            Some(GroupOutputs::Engine)
-        );
-        assert_eq!(
-            cell("--group-outputs=order").group_outputs,
-            Some(GroupOutputs::Order)
-        );
-        assert_eq!(
-            cell("--group-outputs=type").group_outputs,
-            Some(GroupOutputs::Type)
-        );
-        assert_eq!(
-            cell("--group engine").group_outputs,
-            Some(GroupOutputs::Engine)
-        );
+        assert_eq!(cell("--group-outputs=engine").group_outputs, Some(GroupOutputs::Engine));
+        assert_eq!(cell("--group-outputs engine").group_outputs, Some(GroupOutputs::Engine));
+        assert_eq!(cell("--group-outputs=order").group_outputs, Some(GroupOutputs::Order));
+        assert_eq!(cell("--group-outputs=type").group_outputs, Some(GroupOutputs::Type));
+        assert_eq!(cell("--group engine").group_outputs, Some(GroupOutputs::Engine));
         assert_eq!(cell("-e").group_outputs, Some(GroupOutputs::Engine));
         assert_eq!(cell("-r").group_outputs, Some(GroupOutputs::Order));
-        assert_eq!(
-            cell("-e --group-outputs=type").group_outputs,
-            Some(GroupOutputs::Type)
-        );
+        assert_eq!(cell("-e --group-outputs=type").group_outputs, Some(GroupOutputs::Type));
     }
 
     #[test]
@@ -720,36 +585,18 @@ mod tests {
         assert_eq!(cell("--progress-after=-1").progress_after, Some(-1.0));
         assert_eq!(cell("--progress-after -1").progress_after, Some(-1.0));
         assert_eq!(cell("--progress-after 0.5").progress_after, Some(0.5));
-        assert_eq!(
-            cell("--signal-on-interrupt SIGKILL").signal_on_interrupt,
-            Some(Signal::Name("SIGKILL".into()))
-        );
-        assert_eq!(
-            cell("--signal-on-interrupt term").signal_on_interrupt,
-            Some(Signal::Name("SIGTERM".into()))
-        );
-        assert_eq!(
-            cell("--signal-on-interrupt 9").signal_on_interrupt,
-            Some(Signal::Number(9))
-        );
-        assert_eq!(
-            cell("--signal-on-interrupt 0").signal_on_interrupt,
-            Some(Signal::Number(0))
-        );
+        assert_eq!(cell("--signal-on-interrupt SIGKILL").signal_on_interrupt, Some(Signal::Name("SIGKILL".into())));
+        assert_eq!(cell("--signal-on-interrupt term").signal_on_interrupt, Some(Signal::Name("SIGTERM".into())));
+        assert_eq!(cell("--signal-on-interrupt 9").signal_on_interrupt, Some(Signal::Number(9)));
+        assert_eq!(cell("--signal-on-interrupt 0").signal_on_interrupt, Some(Signal::Number(0)));
     }
 
     #[test]
     fn bundled_short_flags() {
         let o = cell("-be");
-        assert_eq!(
-            (o.block, o.group_outputs),
-            (Some(true), Some(GroupOutputs::Engine))
-        );
+        assert_eq!((o.block, o.group_outputs), (Some(true), Some(GroupOutputs::Engine)));
         let o = cell("-at1");
-        assert_eq!(
-            (o.block, o.targets),
-            (Some(false), Some(TargetSpec::Index(1)))
-        );
+        assert_eq!((o.block, o.targets), (Some(false), Some(TargetSpec::Index(1))));
         let o = cell("-bt 0:2 --no-stream -r");
         assert_eq!(o.block, Some(true));
         assert_eq!(o.stream, Some(false));
@@ -759,14 +606,13 @@ mod tests {
 
     #[test]
     fn everything_at_once() {
-        let o = cell("--targets ::2 --noblock --no-stream --verbose --group-outputs=engine --local --progress-after 3 --signal-on-interrupt SIGINT");
+        let o = cell(
+            "--targets ::2 --noblock --no-stream --verbose --group-outputs=engine --local --progress-after 3 --signal-on-interrupt SIGINT",
+        );
         assert_eq!(
             o,
             PxOptions {
-                targets: Some(TargetSpec::Slice(Slice {
-                    step: Some(2),
-                    ..Slice::default()
-                })),
+                targets: Some(TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() })),
                 block: Some(false),
                 stream: Some(false),
                 verbose: Some(true),
@@ -782,8 +628,7 @@ mod tests {
     #[test]
     fn which_magic_takes_what() {
         // %pxconfig: execution options and output grouping, not --local.
-        let o =
-            PxOptions::parse(Magic::PxConfig, "-t ::2 --noblock --no-stream --verbose -e").unwrap();
+        let o = PxOptions::parse(Magic::PxConfig, "-t ::2 --noblock --no-stream --verbose -e").unwrap();
         assert_eq!(o.block, Some(false));
         assert_eq!(o.group_outputs, Some(GroupOutputs::Engine));
         assert_eq!(
@@ -793,12 +638,7 @@ mod tests {
         // %pxresult: output grouping only.
         let o = PxOptions::parse(Magic::PxResult, "--group-outputs=order").unwrap();
         assert_eq!(o.group_outputs, Some(GroupOutputs::Order));
-        assert_eq!(
-            PxOptions::parse(Magic::PxResult, "-e")
-                .unwrap()
-                .group_outputs,
-            Some(GroupOutputs::Engine)
-        );
+        assert_eq!(PxOptions::parse(Magic::PxResult, "-e").unwrap().group_outputs, Some(GroupOutputs::Engine));
         assert_eq!(
             err(Magic::PxResult, "--block").to_string(),
             "unknown option `--block` for %pxresult; valid options: --group-outputs engine|order|type, -e, -r, -h/--help"
@@ -808,10 +648,7 @@ mod tests {
             "unknown option `-t` for %pxresult; valid options: --group-outputs engine|order|type, -e, -r, -h/--help"
         );
         // %pxresult --no is not ambiguous there: nothing matches.
-        assert!(matches!(
-            err(Magic::PxResult, "--no"),
-            MagicError::UnknownOption { .. }
-        ));
+        assert!(matches!(err(Magic::PxResult, "--no"), MagicError::UnknownOption { .. }));
     }
 
     #[test]
@@ -821,34 +658,10 @@ mod tests {
             e.to_string(),
             "unknown option `--targts` for %%px; valid options: -t/--targets T, -b/--block, -a/--noblock, --stream, --no-stream, --verbose, --no-verbose, --progress-after SECONDS, --signal-on-interrupt SIG, --group-outputs engine|order|type, -e, -r, --local, -h/--help"
         );
-        assert_eq!(
-            err(Magic::CellPx, "--bogus=3"),
-            MagicError::UnknownOption {
-                magic: Magic::CellPx,
-                option: "--bogus".into()
-            }
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-x"),
-            MagicError::UnknownOption {
-                magic: Magic::CellPx,
-                option: "-x".into()
-            }
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-bx"),
-            MagicError::UnknownOption {
-                magic: Magic::CellPx,
-                option: "-x".into()
-            }
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-o out"),
-            MagicError::UnknownOption {
-                magic: Magic::CellPx,
-                option: "-o".into()
-            }
-        );
+        assert_eq!(err(Magic::CellPx, "--bogus=3"), MagicError::UnknownOption { magic: Magic::CellPx, option: "--bogus".into() });
+        assert_eq!(err(Magic::CellPx, "-x"), MagicError::UnknownOption { magic: Magic::CellPx, option: "-x".into() });
+        assert_eq!(err(Magic::CellPx, "-bx"), MagicError::UnknownOption { magic: Magic::CellPx, option: "-x".into() });
+        assert_eq!(err(Magic::CellPx, "-o out"), MagicError::UnknownOption { magic: Magic::CellPx, option: "-o".into() });
     }
 
     #[test]
@@ -857,34 +670,19 @@ mod tests {
             err(Magic::CellPx, "--no").to_string(),
             "ambiguous option `--no` for %%px: could be --noblock, --no-stream, --no-verbose"
         );
-        assert_eq!(
-            err(Magic::CellPx, "--s").to_string(),
-            "ambiguous option `--s` for %%px: could be --stream, --signal-on-interrupt"
-        );
+        assert_eq!(err(Magic::CellPx, "--s").to_string(), "ambiguous option `--s` for %%px: could be --stream, --signal-on-interrupt");
     }
 
     #[test]
     fn missing_and_unexpected_values() {
-        assert_eq!(
-            err(Magic::CellPx, "--targets").to_string(),
-            "option `--targets` of %%px needs a value: --targets T"
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-t").to_string(),
-            "option `--targets` of %%px needs a value: --targets T"
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-t --block").to_string(),
-            "option `--targets` of %%px needs a value: --targets T"
-        );
+        assert_eq!(err(Magic::CellPx, "--targets").to_string(), "option `--targets` of %%px needs a value: --targets T");
+        assert_eq!(err(Magic::CellPx, "-t").to_string(), "option `--targets` of %%px needs a value: --targets T");
+        assert_eq!(err(Magic::CellPx, "-t --block").to_string(), "option `--targets` of %%px needs a value: --targets T");
         assert_eq!(
             err(Magic::CellPx, "--group-outputs").to_string(),
             "option `--group-outputs` of %%px needs a value: --group-outputs engine|order|type"
         );
-        assert_eq!(
-            err(Magic::CellPx, "--block=yes").to_string(),
-            "option `--block` of %%px takes no value (got `yes`)"
-        );
+        assert_eq!(err(Magic::CellPx, "--block=yes").to_string(), "option `--block` of %%px takes no value (got `yes`)");
     }
 
     #[test]
@@ -897,9 +695,7 @@ mod tests {
             err(Magic::CellPx, "--progress-after soon").to_string(),
             "invalid value `soon` for `--progress-after` of %%px: expected a number of seconds (-1: never show progress, 0: show it at once)"
         );
-        assert!(err(Magic::CellPx, "--progress-after inf")
-            .to_string()
-            .starts_with("invalid value `inf`"));
+        assert!(err(Magic::CellPx, "--progress-after inf").to_string().starts_with("invalid value `inf`"));
         assert_eq!(
             err(Magic::CellPx, "--signal-on-interrupt SIGFOO").to_string(),
             format!(
@@ -907,17 +703,9 @@ mod tests {
                 SIGNAL_NAMES.join(", ")
             )
         );
-        assert!(matches!(
-            err(Magic::CellPx, "--signal-on-interrupt 99"),
-            MagicError::InvalidValue { .. }
-        ));
-        assert!(matches!(
-            err(Magic::CellPx, "-t x"),
-            MagicError::InvalidTargets { .. }
-        ));
-        assert!(err(Magic::CellPx, "--targets 1:2:3:4")
-            .to_string()
-            .starts_with("invalid targets `1:2:3:4`"));
+        assert!(matches!(err(Magic::CellPx, "--signal-on-interrupt 99"), MagicError::InvalidValue { .. }));
+        assert!(matches!(err(Magic::CellPx, "-t x"), MagicError::InvalidTargets { .. }));
+        assert!(err(Magic::CellPx, "--targets 1:2:3:4").to_string().starts_with("invalid targets `1:2:3:4`"));
     }
 
     #[test]
@@ -926,35 +714,11 @@ mod tests {
             err(Magic::CellPx, "--block 0:2").to_string(),
             "unexpected argument `0:2` for %%px; valid options: -t/--targets T, -b/--block, -a/--noblock, --stream, --no-stream, --verbose, --no-verbose, --progress-after SECONDS, --signal-on-interrupt SIG, --group-outputs engine|order|type, -e, -r, --local, -h/--help"
         );
-        assert_eq!(
-            err(Magic::CellPx, "-t 1, 3"),
-            MagicError::UnexpectedArgument {
-                magic: Magic::CellPx,
-                arg: "3".into()
-            }
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-1"),
-            MagicError::UnexpectedArgument {
-                magic: Magic::CellPx,
-                arg: "-1".into()
-            }
-        );
-        assert_eq!(
-            err(Magic::CellPx, "--"),
-            MagicError::UnexpectedArgument {
-                magic: Magic::CellPx,
-                arg: "--".into()
-            }
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-t '0:2").to_string(),
-            "unclosed quote in the options of %%px"
-        );
-        assert_eq!(
-            err(Magic::CellPx, "-t \"0:2").to_string(),
-            "unclosed quote in the options of %%px"
-        );
+        assert_eq!(err(Magic::CellPx, "-t 1, 3"), MagicError::UnexpectedArgument { magic: Magic::CellPx, arg: "3".into() });
+        assert_eq!(err(Magic::CellPx, "-1"), MagicError::UnexpectedArgument { magic: Magic::CellPx, arg: "-1".into() });
+        assert_eq!(err(Magic::CellPx, "--"), MagicError::UnexpectedArgument { magic: Magic::CellPx, arg: "--".into() });
+        assert_eq!(err(Magic::CellPx, "-t '0:2").to_string(), "unclosed quote in the options of %%px");
+        assert_eq!(err(Magic::CellPx, "-t \"0:2").to_string(), "unclosed quote in the options of %%px");
     }
 
     #[test]
@@ -970,9 +734,7 @@ mod tests {
     #[test]
     fn usage_lists_options() {
         let u = Magic::CellPx.usage();
-        assert!(u.starts_with(
-            "usage: %%px [options]\nCODE...\n\nRun the rest of the cell on the engines."
-        ));
+        assert!(u.starts_with("usage: %%px [options]\nCODE...\n\nRun the rest of the cell on the engines."));
         assert!(u.contains("\n  -t/--targets T  "));
         assert!(u.contains("--local"));
         let u = Magic::PxResult.usage();

@@ -75,40 +75,22 @@ pub enum OutputEvent {
 impl OutputEvent {
     /// Stdout text.
     pub fn stdout(text: impl Into<String>) -> Self {
-        OutputEvent::Stream {
-            name: StreamName::Stdout,
-            text: text.into(),
-        }
+        OutputEvent::Stream { name: StreamName::Stdout, text: text.into() }
     }
 
     /// Stderr text.
     pub fn stderr(text: impl Into<String>) -> Self {
-        OutputEvent::Stream {
-            name: StreamName::Stderr,
-            text: text.into(),
-        }
+        OutputEvent::Stream { name: StreamName::Stderr, text: text.into() }
     }
 
     /// An execute result with only `text/plain`.
     pub fn result_text(execution_count: u64, text: impl Into<String>) -> Self {
-        OutputEvent::ExecuteResult {
-            execution_count,
-            data: json!({ "text/plain": text.into() }),
-            metadata: json!({}),
-        }
+        OutputEvent::ExecuteResult { execution_count, data: json!({ "text/plain": text.into() }), metadata: json!({}) }
     }
 
     /// An error.
-    pub fn error(
-        ename: impl Into<String>,
-        evalue: impl Into<String>,
-        traceback: Vec<String>,
-    ) -> Self {
-        OutputEvent::Error(ErrorOutput {
-            ename: ename.into(),
-            evalue: evalue.into(),
-            traceback,
-        })
+    pub fn error(ename: impl Into<String>, evalue: impl Into<String>, traceback: Vec<String>) -> Self {
+        OutputEvent::Error(ErrorOutput { ename: ename.into(), evalue: evalue.into(), traceback })
     }
 
     /// The event for an engine's iopub message, from its `msg_type` and `content`: `stream`,
@@ -116,12 +98,7 @@ impl OutputEvent {
     /// `execute_input`, ...) or a content missing its fields is `None`.
     pub fn from_iopub(msg_type: &str, content: &Value) -> Option<OutputEvent> {
         let s = |k: &str| content.get(k).and_then(Value::as_str).map(str::to_string);
-        let meta = || {
-            content
-                .get("metadata")
-                .cloned()
-                .unwrap_or_else(|| json!({}))
-        };
+        let meta = || content.get("metadata").cloned().unwrap_or_else(|| json!({}));
         match msg_type {
             "stream" => {
                 let name = match content.get("name")?.as_str()? {
@@ -129,34 +106,21 @@ impl OutputEvent {
                     "stderr" => StreamName::Stderr,
                     _ => return None,
                 };
-                Some(OutputEvent::Stream {
-                    name,
-                    text: s("text")?,
-                })
+                Some(OutputEvent::Stream { name, text: s("text")? })
             }
             "execute_result" => Some(OutputEvent::ExecuteResult {
-                execution_count: content
-                    .get("execution_count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
+                execution_count: content.get("execution_count").and_then(Value::as_u64).unwrap_or(0),
                 data: content.get("data")?.clone(),
                 metadata: meta(),
             }),
-            "display_data" => Some(OutputEvent::DisplayData {
-                data: content.get("data")?.clone(),
-                metadata: meta(),
-            }),
+            "display_data" => Some(OutputEvent::DisplayData { data: content.get("data")?.clone(), metadata: meta() }),
             "error" => Some(OutputEvent::Error(ErrorOutput {
                 ename: s("ename").unwrap_or_default(),
                 evalue: s("evalue").unwrap_or_default(),
                 traceback: content
                     .get("traceback")
                     .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|l| l.as_str().map(str::to_string))
-                            .collect()
-                    })
+                    .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
                     .unwrap_or_default(),
             })),
             _ => None,
@@ -254,36 +218,20 @@ impl IopubMsg {
     pub fn content(&self) -> Value {
         match self {
             IopubMsg::Stream { name, text } => json!({ "name": name.as_str(), "text": text }),
-            IopubMsg::DisplayData {
-                data,
-                metadata,
-                display_id,
-            } => {
+            IopubMsg::DisplayData { data, metadata, display_id } => {
                 let mut c = json!({ "data": data, "metadata": metadata });
                 if let Some(id) = display_id {
                     c["transient"] = json!({ "display_id": id });
                 }
                 c
             }
-            IopubMsg::UpdateDisplayData {
-                data,
-                metadata,
-                display_id,
-            } => {
+            IopubMsg::UpdateDisplayData { data, metadata, display_id } => {
                 json!({ "data": data, "metadata": metadata, "transient": { "display_id": display_id } })
             }
-            IopubMsg::ExecuteResult {
-                data,
-                metadata,
-                execution_count,
-            } => {
+            IopubMsg::ExecuteResult { data, metadata, execution_count } => {
                 json!({ "data": data, "metadata": metadata, "execution_count": execution_count })
             }
-            IopubMsg::Error {
-                ename,
-                evalue,
-                traceback,
-            } => {
+            IopubMsg::Error { ename, evalue, traceback } => {
                 json!({ "ename": ename, "evalue": evalue, "traceback": traceback })
             }
         }
@@ -293,9 +241,7 @@ impl IopubMsg {
     pub fn text(&self) -> Option<&str> {
         match self {
             IopubMsg::Stream { text, .. } => Some(text),
-            IopubMsg::DisplayData { data, .. }
-            | IopubMsg::UpdateDisplayData { data, .. }
-            | IopubMsg::ExecuteResult { data, .. } => {
+            IopubMsg::DisplayData { data, .. } | IopubMsg::UpdateDisplayData { data, .. } | IopubMsg::ExecuteResult { data, .. } => {
                 data.get("text/plain").and_then(Value::as_str)
             }
             IopubMsg::Error { .. } => None,
@@ -320,126 +266,48 @@ mod tests {
 
     #[test]
     fn from_iopub_contents() {
+        assert_eq!(OutputEvent::from_iopub("stream", &json!({"name": "stdout", "text": "hi\n"})), Some(OutputEvent::stdout("hi\n")));
+        assert_eq!(OutputEvent::from_iopub("stream", &json!({"name": "stderr", "text": "x"})), Some(OutputEvent::stderr("x")));
+        assert_eq!(OutputEvent::from_iopub("stream", &json!({"name": "other", "text": "x"})), None);
         assert_eq!(
-            OutputEvent::from_iopub("stream", &json!({"name": "stdout", "text": "hi\n"})),
-            Some(OutputEvent::stdout("hi\n"))
-        );
-        assert_eq!(
-            OutputEvent::from_iopub("stream", &json!({"name": "stderr", "text": "x"})),
-            Some(OutputEvent::stderr("x"))
-        );
-        assert_eq!(
-            OutputEvent::from_iopub("stream", &json!({"name": "other", "text": "x"})),
-            None
-        );
-        assert_eq!(
-            OutputEvent::from_iopub(
-                "execute_result",
-                &json!({"execution_count": 3, "data": {"text/plain": "42"}, "metadata": {}})
-            ),
+            OutputEvent::from_iopub("execute_result", &json!({"execution_count": 3, "data": {"text/plain": "42"}, "metadata": {}})),
             Some(OutputEvent::result_text(3, "42"))
         );
         assert_eq!(
             OutputEvent::from_iopub("display_data", &json!({"data": {"text/html": "<b>x</b>"}})),
-            Some(OutputEvent::DisplayData {
-                data: json!({"text/html": "<b>x</b>"}),
-                metadata: json!({})
-            })
+            Some(OutputEvent::DisplayData { data: json!({"text/html": "<b>x</b>"}), metadata: json!({}) })
         );
         assert_eq!(
-            OutputEvent::from_iopub(
-                "error",
-                &json!({"ename": "Panic", "evalue": "boom", "traceback": ["a", "b"]})
-            ),
-            Some(OutputEvent::error(
-                "Panic",
-                "boom",
-                vec!["a".into(), "b".into()]
-            ))
+            OutputEvent::from_iopub("error", &json!({"ename": "Panic", "evalue": "boom", "traceback": ["a", "b"]})),
+            Some(OutputEvent::error("Panic", "boom", vec!["a".into(), "b".into()]))
         );
-        assert_eq!(
-            OutputEvent::from_iopub("status", &json!({"execution_state": "idle"})),
-            None
-        );
+        assert_eq!(OutputEvent::from_iopub("status", &json!({"execution_state": "idle"})), None);
         assert_eq!(OutputEvent::from_iopub("display_data", &json!({})), None);
     }
 
     #[test]
     fn contents() {
-        let m = IopubMsg::Stream {
-            name: StreamName::Stderr,
-            text: "x".into(),
-        };
-        assert_eq!(
-            (m.msg_type(), m.content()),
-            ("stream", json!({"name": "stderr", "text": "x"}))
-        );
-        let m = IopubMsg::DisplayData {
-            data: json!({"text/plain": "a"}),
-            metadata: json!({}),
-            display_id: None,
-        };
-        assert_eq!(
-            (m.msg_type(), m.content()),
-            (
-                "display_data",
-                json!({"data": {"text/plain": "a"}, "metadata": {}})
-            )
-        );
+        let m = IopubMsg::Stream { name: StreamName::Stderr, text: "x".into() };
+        assert_eq!((m.msg_type(), m.content()), ("stream", json!({"name": "stderr", "text": "x"})));
+        let m = IopubMsg::DisplayData { data: json!({"text/plain": "a"}), metadata: json!({}), display_id: None };
+        assert_eq!((m.msg_type(), m.content()), ("display_data", json!({"data": {"text/plain": "a"}, "metadata": {}})));
         assert_eq!(m.text(), Some("a"));
-        let m = IopubMsg::DisplayData {
-            data: json!({}),
-            metadata: json!({}),
-            display_id: Some("d".into()),
-        };
-        assert_eq!(
-            m.content(),
-            json!({"data": {}, "metadata": {}, "transient": {"display_id": "d"}})
-        );
-        let m = IopubMsg::UpdateDisplayData {
-            data: json!({}),
-            metadata: json!({}),
-            display_id: "d".into(),
-        };
+        let m = IopubMsg::DisplayData { data: json!({}), metadata: json!({}), display_id: Some("d".into()) };
+        assert_eq!(m.content(), json!({"data": {}, "metadata": {}, "transient": {"display_id": "d"}}));
+        let m = IopubMsg::UpdateDisplayData { data: json!({}), metadata: json!({}), display_id: "d".into() };
         assert_eq!(
             (m.msg_type(), m.content()),
-            (
-                "update_display_data",
-                json!({"data": {}, "metadata": {}, "transient": {"display_id": "d"}})
-            )
+            ("update_display_data", json!({"data": {}, "metadata": {}, "transient": {"display_id": "d"}}))
         );
-        let m = IopubMsg::ExecuteResult {
-            data: json!({}),
-            metadata: json!({}),
-            execution_count: 4,
-        };
-        assert_eq!(
-            (m.msg_type(), m.content()),
-            (
-                "execute_result",
-                json!({"data": {}, "metadata": {}, "execution_count": 4})
-            )
-        );
-        let m = IopubMsg::Error {
-            ename: "E".into(),
-            evalue: "v".into(),
-            traceback: vec!["t".into()],
-        };
-        assert_eq!(
-            (m.msg_type(), m.content()),
-            (
-                "error",
-                json!({"ename": "E", "evalue": "v", "traceback": ["t"]})
-            )
-        );
+        let m = IopubMsg::ExecuteResult { data: json!({}), metadata: json!({}), execution_count: 4 };
+        assert_eq!((m.msg_type(), m.content()), ("execute_result", json!({"data": {}, "metadata": {}, "execution_count": 4})));
+        let m = IopubMsg::Error { ename: "E".into(), evalue: "v".into(), traceback: vec!["t".into()] };
+        assert_eq!((m.msg_type(), m.content()), ("error", json!({"ename": "E", "evalue": "v", "traceback": ["t"]})));
     }
 
     #[test]
     fn engine_metadata() {
         assert_eq!(with_engine(&Value::Null, 3), json!({"engine": 3}));
-        assert_eq!(
-            with_engine(&json!({"a": 1}), 0),
-            json!({"a": 1, "engine": 0})
-        );
+        assert_eq!(with_engine(&json!({"a": 1}), 0), json!({"a": 1, "engine": 0}));
     }
 }

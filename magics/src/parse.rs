@@ -67,35 +67,22 @@ pub fn parse_cell(text: &str) -> Result<Vec<Command>> {
                 }
                 let code = lines[first + 1..].concat();
                 if code.trim().is_empty() {
-                    return Err(MagicError::MissingCode {
-                        magic: Magic::CellPx,
-                    });
+                    return Err(MagicError::MissingCode { magic: Magic::CellPx });
                 }
                 Ok(vec![Command::Px { code, options }])
             }
-            n if LINE_MAGICS.contains(&n) => Err(MagicError::NotACellMagic {
-                name: n.to_string(),
-            }),
-            n => Err(MagicError::UnknownMagic {
-                given: format!("%%{n}"),
-                suggestion: suggest(n, &["px"]).map(|s| format!("%%{s}")),
-            }),
+            n if LINE_MAGICS.contains(&n) => Err(MagicError::NotACellMagic { name: n.to_string() }),
+            n => Err(MagicError::UnknownMagic { given: format!("%%{n}"), suggestion: suggest(n, &["px"]).map(|s| format!("%%{s}")) }),
         };
     }
-    if !lines
-        .iter()
-        .any(|l| line_magic(l).is_some() || cell_magic(l).is_some())
-    {
+    if !lines.iter().any(|l| line_magic(l).is_some() || cell_magic(l).is_some()) {
         return Ok(vec![Command::Local(text.to_string())]);
     }
     let mut out = Vec::new();
     let mut local = String::new();
     for (i, line) in lines.iter().enumerate() {
         if let Some(after) = cell_magic(line) {
-            return Err(MagicError::CellMagicNotFirst {
-                given: format!("%%{}", split_name(after).0),
-                line: i + 1,
-            });
+            return Err(MagicError::CellMagicNotFirst { given: format!("%%{}", split_name(after).0), line: i + 1 });
         }
         let Some(after) = line_magic(line) else {
             local.push_str(line);
@@ -129,10 +116,7 @@ pub fn parse_cell_autopx(text: &str, autopx_on: bool) -> Result<Vec<Command>> {
             }
             Command::Local(code) if on => {
                 if !code.trim().is_empty() {
-                    out.push(Command::Px {
-                        code,
-                        options: PxOptions::default(),
-                    });
+                    out.push(Command::Px { code, options: PxOptions::default() });
                 }
             }
             other => out.push(other),
@@ -151,17 +135,13 @@ pub fn autopx_message(now_on: bool) -> &'static str {
 }
 
 fn help(magic: Magic) -> Command {
-    Command::Help {
-        magic,
-        text: magic.usage(),
-    }
+    Command::Help { magic, text: magic.usage() }
 }
 
 /// The text after `%` if `line` is a line magic (`%` then a letter or `_`).
 fn line_magic(line: &str) -> Option<&str> {
     let rest = line.trim_start().strip_prefix('%')?;
-    rest.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        .then_some(rest)
+    rest.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_').then_some(rest)
 }
 
 /// The text after `%%` if `line` is a cell magic.
@@ -192,14 +172,9 @@ fn parse_line_magic(after: &str) -> Result<Command> {
             }
             let first = code.split_whitespace().next().unwrap_or_default();
             if is_long_option(first) {
-                return Err(MagicError::LineMagicTakesNoOptions {
-                    option: first.to_string(),
-                });
+                return Err(MagicError::LineMagicTakesNoOptions { option: first.to_string() });
             }
-            Ok(Command::Px {
-                code: code.to_string(),
-                options: PxOptions::default(),
-            })
+            Ok(Command::Px { code: code.to_string(), options: PxOptions::default() })
         }
         "autopx" => {
             if is_help {
@@ -207,32 +182,18 @@ fn parse_line_magic(after: &str) -> Result<Command> {
             }
             match rest.split_whitespace().next() {
                 None => Ok(Command::Autopx),
-                Some(arg) => Err(MagicError::UnexpectedArgument {
-                    magic: Magic::Autopx,
-                    arg: arg.to_string(),
-                }),
+                Some(arg) => Err(MagicError::UnexpectedArgument { magic: Magic::Autopx, arg: arg.to_string() }),
             }
         }
         "pxresult" | "result" => {
             let o = PxOptions::parse(Magic::PxResult, rest)?;
-            Ok(if o.help {
-                help(Magic::PxResult)
-            } else {
-                Command::PxResult(o)
-            })
+            Ok(if o.help { help(Magic::PxResult) } else { Command::PxResult(o) })
         }
         "pxconfig" => {
             let o = PxOptions::parse(Magic::PxConfig, rest)?;
-            Ok(if o.help {
-                help(Magic::PxConfig)
-            } else {
-                Command::PxConfig(o)
-            })
+            Ok(if o.help { help(Magic::PxConfig) } else { Command::PxConfig(o) })
         }
-        n => Err(MagicError::UnknownMagic {
-            given: format!("%{n}"),
-            suggestion: suggest(n, LINE_MAGICS).map(|s| format!("%{s}")),
-        }),
+        n => Err(MagicError::UnknownMagic { given: format!("%{n}"), suggestion: suggest(n, LINE_MAGICS).map(|s| format!("%{s}")) }),
     }
 }
 
@@ -276,22 +237,12 @@ mod tests {
     }
 
     fn px(code: &str) -> Command {
-        Command::Px {
-            code: code.to_string(),
-            options: PxOptions::default(),
-        }
+        Command::Px { code: code.to_string(), options: PxOptions::default() }
     }
 
     #[test]
     fn plain_cells_are_untouched() {
-        for s in [
-            "let a = 1;",
-            "",
-            "  \n",
-            "let x = a\n    % b;\n",
-            "let x = a\n%2;",
-            "println!(\"%px\");",
-        ] {
+        for s in ["let a = 1;", "", "  \n", "let x = a\n    % b;\n", "let x = a\n%2;", "println!(\"%px\");"] {
             assert_eq!(parse(s), vec![Command::Local(s.to_string())], "{s:?}");
         }
         // The limit: a line of a string literal that starts with `%name` is read as a magic.
@@ -300,10 +251,7 @@ mod tests {
 
     #[test]
     fn line_px() {
-        assert_eq!(
-            parse("%px let v: Vec<u64> = (0..10).collect();"),
-            vec![px("let v: Vec<u64> = (0..10).collect();")]
-        );
+        assert_eq!(parse("%px let v: Vec<u64> = (0..10).collect();"), vec![px("let v: Vec<u64> = (0..10).collect();")]);
         assert_eq!(parse("  %px   a += 1;  \n"), vec![px("a += 1;")]);
         assert_eq!(parse("\n%px a\n\n"), vec![px("a")]);
         // The rest of the line is code, even if it looks like options for another magic.
@@ -313,14 +261,8 @@ mod tests {
 
     #[test]
     fn line_px_without_code_is_an_error() {
-        assert_eq!(
-            parse_cell("%px").unwrap_err(),
-            MagicError::MissingCode { magic: Magic::Px }
-        );
-        assert_eq!(
-            err("%px   "),
-            "%px needs code to run on the engines, e.g. `%px println!(\"hi\");`"
-        );
+        assert_eq!(parse_cell("%px").unwrap_err(), MagicError::MissingCode { magic: Magic::Px });
+        assert_eq!(err("%px   "), "%px needs code to run on the engines, e.g. `%px println!(\"hi\");`");
     }
 
     #[test]
@@ -329,28 +271,18 @@ mod tests {
             err("%px --targets 0 a"),
             "%px takes no options (the rest of the line is code, and `--targets` is not Rust); put the options on a cell magic: `%%px --targets ...` on the first line, the code below"
         );
-        assert!(matches!(
-            parse_cell("%px --block=1 x").unwrap_err(),
-            MagicError::LineMagicTakesNoOptions { .. }
-        ));
+        assert!(matches!(parse_cell("%px --block=1 x").unwrap_err(), MagicError::LineMagicTakesNoOptions { .. }));
     }
 
     #[test]
     fn cell_px() {
-        assert_eq!(
-            parse("%%px\nlet a = 1;\nlet b = 2;\n"),
-            vec![px("let a = 1;\nlet b = 2;\n")]
-        );
+        assert_eq!(parse("%%px\nlet a = 1;\nlet b = 2;\n"), vec![px("let a = 1;\nlet b = 2;\n")]);
         assert_eq!(
             parse("\n%%px --targets 0:2 --noblock\nprintln!(\"{}\", 1);"),
             vec![Command::Px {
                 code: "println!(\"{}\", 1);".into(),
                 options: PxOptions {
-                    targets: Some(TargetSpec::Slice(Slice {
-                        start: Some(0),
-                        stop: Some(2),
-                        step: None
-                    })),
+                    targets: Some(TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None })),
                     block: Some(false),
                     ..PxOptions::default()
                 }
@@ -363,28 +295,19 @@ mod tests {
             parse("%%px -e\r\nx\r\n"),
             vec![Command::Px {
                 code: "x\r\n".into(),
-                options: PxOptions {
-                    group_outputs: Some(GroupOutputs::Engine),
-                    ..PxOptions::default()
-                }
+                options: PxOptions { group_outputs: Some(GroupOutputs::Engine), ..PxOptions::default() }
             }]
         );
     }
 
     #[test]
     fn cell_px_errors() {
-        assert_eq!(
-            parse_cell("%%px").unwrap_err(),
-            MagicError::MissingCode {
-                magic: Magic::CellPx
-            }
-        );
+        assert_eq!(parse_cell("%%px").unwrap_err(), MagicError::MissingCode { magic: Magic::CellPx });
         assert_eq!(
             err("%%px -t 0\n  \n"),
             "%%px needs code to run on the engines, e.g. `%%px` on the first line and `println!(\"hi\");` below it"
         );
-        assert!(err("%%px --targts 1\nx")
-            .starts_with("unknown option `--targts` for %%px; valid options: -t/--targets T, "));
+        assert!(err("%%px --targts 1\nx").starts_with("unknown option `--targts` for %%px; valid options: -t/--targets T, "));
         assert_eq!(
             err("let a = 1;\n%%px\nx"),
             "`%%px` must be on the first line of the cell (it is on line 2); use `%px CODE` for a single line"
@@ -394,36 +317,21 @@ mod tests {
     #[test]
     fn other_line_magics() {
         assert_eq!(parse("%autopx"), vec![Command::Autopx]);
-        assert_eq!(
-            parse("%pxresult"),
-            vec![Command::PxResult(PxOptions::default())]
-        );
+        assert_eq!(parse("%pxresult"), vec![Command::PxResult(PxOptions::default())]);
         assert_eq!(
             parse("%result -e"),
-            vec![Command::PxResult(PxOptions {
-                group_outputs: Some(GroupOutputs::Engine),
-                ..PxOptions::default()
-            })]
+            vec![Command::PxResult(PxOptions { group_outputs: Some(GroupOutputs::Engine), ..PxOptions::default() })]
         );
-        assert_eq!(
-            parse("%pxconfig"),
-            vec![Command::PxConfig(PxOptions::default())]
-        );
+        assert_eq!(parse("%pxconfig"), vec![Command::PxConfig(PxOptions::default())]);
         assert_eq!(
             parse("%pxconfig --noblock -t ::2"),
             vec![Command::PxConfig(PxOptions {
                 block: Some(false),
-                targets: Some(TargetSpec::Slice(Slice {
-                    step: Some(2),
-                    ..Slice::default()
-                })),
+                targets: Some(TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() })),
                 ..PxOptions::default()
             })]
         );
-        assert_eq!(
-            err("%autopx on"),
-            "unexpected argument `on` for %autopx; %autopx takes no arguments (it toggles)"
-        );
+        assert_eq!(err("%autopx on"), "unexpected argument `on` for %autopx; %autopx takes no arguments (it toggles)");
         assert!(err("%pxresult --block").starts_with("unknown option `--block` for %pxresult"));
         assert!(err("%pxconfig --local").starts_with("unknown option `--local` for %pxconfig"));
     }
@@ -438,14 +346,7 @@ mod tests {
             ("%pxresult --help", Magic::PxResult),
             ("%pxconfig --help", Magic::PxConfig),
         ] {
-            assert_eq!(
-                parse(s),
-                vec![Command::Help {
-                    magic: m,
-                    text: m.usage()
-                }],
-                "{s}"
-            );
+            assert_eq!(parse(s), vec![Command::Help { magic: m, text: m.usage() }], "{s}");
         }
     }
 
@@ -457,45 +358,21 @@ mod tests {
         );
         assert_eq!(
             parse_cell("%pxconfigs -t 1").unwrap_err(),
-            MagicError::UnknownMagic {
-                given: "%pxconfigs".into(),
-                suggestion: Some("%pxconfig".into())
-            }
+            MagicError::UnknownMagic { given: "%pxconfigs".into(), suggestion: Some("%pxconfig".into()) }
         );
         assert_eq!(
             parse_cell("%autpx").unwrap_err(),
-            MagicError::UnknownMagic {
-                given: "%autopx".replace("autopx", "autpx"),
-                suggestion: Some("%autopx".into())
-            }
+            MagicError::UnknownMagic { given: "%autopx".replace("autopx", "autpx"), suggestion: Some("%autopx".into()) }
         );
-        assert_eq!(
-            parse_cell("%timeit x").unwrap_err(),
-            MagicError::UnknownMagic {
-                given: "%timeit".into(),
-                suggestion: None
-            }
-        );
+        assert_eq!(parse_cell("%timeit x").unwrap_err(), MagicError::UnknownMagic { given: "%timeit".into(), suggestion: None });
         assert_eq!(
             err("%%pxx\nx"),
             "unknown magic `%%pxx` (did you mean `%%px`?); valid magics: %px CODE, %%px [options], %autopx, %pxresult [options], %pxconfig [options]"
         );
-        assert_eq!(
-            parse_cell("%%time\nx").unwrap_err(),
-            MagicError::UnknownMagic {
-                given: "%%time".into(),
-                suggestion: None
-            }
-        );
-        assert_eq!(
-            err("%%pxconfig -t 1\n"),
-            "`%%pxconfig` is not a cell magic: write `%pxconfig` (one `%`); the only cell magic is %%px"
-        );
+        assert_eq!(parse_cell("%%time\nx").unwrap_err(), MagicError::UnknownMagic { given: "%%time".into(), suggestion: None });
+        assert_eq!(err("%%pxconfig -t 1\n"), "`%%pxconfig` is not a cell magic: write `%pxconfig` (one `%`); the only cell magic is %%px");
         for n in ["autopx", "pxresult", "result"] {
-            assert_eq!(
-                parse_cell(&format!("%%{n}")).unwrap_err(),
-                MagicError::NotACellMagic { name: n.into() }
-            );
+            assert_eq!(parse_cell(&format!("%%{n}")).unwrap_err(), MagicError::NotACellMagic { name: n.into() });
         }
     }
 
@@ -506,11 +383,7 @@ mod tests {
             parse(cell),
             vec![
                 Command::PxConfig(PxOptions {
-                    targets: Some(TargetSpec::Slice(Slice {
-                        start: Some(0),
-                        stop: Some(2),
-                        step: None
-                    })),
+                    targets: Some(TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None })),
                     ..PxOptions::default()
                 }),
                 Command::Local("let local = 1;\nlet more = 2;\n".into()),
@@ -531,36 +404,18 @@ mod tests {
     fn autopx_runs_plain_code_on_engines() {
         let on = |s| parse_cell_autopx(s, true).unwrap();
         let off = |s| parse_cell_autopx(s, false).unwrap();
-        assert_eq!(
-            on("let a = 5;\nlet b = 6;"),
-            vec![px("let a = 5;\nlet b = 6;")]
-        );
+        assert_eq!(on("let a = 5;\nlet b = 6;"), vec![px("let a = 5;\nlet b = 6;")]);
         assert_eq!(off("let a = 5;"), vec![Command::Local("let a = 5;".into())]);
         // Magics still work while autopx is on.
-        assert_eq!(
-            on("%pxconfig --noblock"),
-            vec![Command::PxConfig(PxOptions {
-                block: Some(false),
-                ..PxOptions::default()
-            })]
-        );
-        assert_eq!(
-            on("%pxresult"),
-            vec![Command::PxResult(PxOptions::default())]
-        );
+        assert_eq!(on("%pxconfig --noblock"), vec![Command::PxConfig(PxOptions { block: Some(false), ..PxOptions::default() })]);
+        assert_eq!(on("%pxresult"), vec![Command::PxResult(PxOptions::default())]);
         assert_eq!(on("%%px -t 0\nx"), parse("%%px -t 0\nx"));
         // A cell `%autopx` turns it off; nothing runs on the engines.
         assert_eq!(on("%autopx"), vec![Command::Autopx]);
         assert_eq!(on("  %autopx  \n"), vec![Command::Autopx]);
         // The toggle applies to the lines after it in the same cell.
-        assert_eq!(
-            on("%autopx\nlet a = 1;"),
-            vec![Command::Autopx, Command::Local("let a = 1;".into())]
-        );
-        assert_eq!(
-            off("%autopx\nlet a = 1;"),
-            vec![Command::Autopx, px("let a = 1;")]
-        );
+        assert_eq!(on("%autopx\nlet a = 1;"), vec![Command::Autopx, Command::Local("let a = 1;".into())]);
+        assert_eq!(off("%autopx\nlet a = 1;"), vec![Command::Autopx, px("let a = 1;")]);
         // An empty cell does nothing, on or off.
         assert_eq!(on(""), vec![]);
         assert_eq!(on("\n  \n"), vec![]);

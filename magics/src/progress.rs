@@ -29,7 +29,10 @@ pub fn progress_text(done: usize, total: usize, elapsed: Duration, finished: boo
 /// The display message: the first one a `display_data` (`first`), later ones updates of it.
 pub fn progress_message(display_id: &str, first: bool, done: usize, total: usize, elapsed: Duration, finished: bool) -> IopubMsg {
     let text = progress_text(done, total, elapsed, finished);
-    let html = format!("<progress value=\"{done}\" max=\"{total}\" style=\"width: 12em\"></progress> <code>{}</code>", text.replace('&', "&amp;").replace('<', "&lt;"));
+    let html = format!(
+        "<progress value=\"{done}\" max=\"{total}\" style=\"width: 12em\"></progress> <code>{}</code>",
+        text.replace('&', "&amp;").replace('<', "&lt;")
+    );
     let data = json!({ "text/plain": text, "text/html": html });
     if first {
         IopubMsg::DisplayData { data, metadata: json!({}), display_id: Some(display_id.to_string()) }

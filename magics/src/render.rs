@@ -30,10 +30,7 @@ pub(crate) fn push_stream(out: &mut Vec<IopubMsg>, name: StreamName, text: &str)
             return;
         }
     }
-    out.push(IopubMsg::Stream {
-        name,
-        text: text.to_string(),
-    });
+    out.push(IopubMsg::Stream { name, text: text.to_string() });
 }
 
 /// ipyparallel's `_display_stream` state: the prefix `[stdout:N] ` plus a newline is written
@@ -48,11 +45,7 @@ pub(crate) struct StreamPrinter {
 
 impl StreamPrinter {
     pub(crate) fn new() -> Self {
-        StreamPrinter {
-            last: None,
-            last_name: StreamName::Stdout,
-            trailing_newline: true,
-        }
+        StreamPrinter { last: None, last_name: StreamName::Stdout, trailing_newline: true }
     }
 
     fn close_line(&mut self, out: &mut Vec<IopubMsg>) {
@@ -65,13 +58,7 @@ impl StreamPrinter {
     }
 
     /// Engine `engine_id` wrote `text` to `name`.
-    pub(crate) fn show(
-        &mut self,
-        out: &mut Vec<IopubMsg>,
-        name: StreamName,
-        engine_id: usize,
-        text: &str,
-    ) {
+    pub(crate) fn show(&mut self, out: &mut Vec<IopubMsg>, name: StreamName, engine_id: usize, text: &str) {
         if text.is_empty() {
             return;
         }
@@ -108,56 +95,30 @@ impl StreamPrinter {
 /// The `[output:N]` line ipyparallel shows above an engine's rich outputs (a `display_data`
 /// with only `text/plain`).
 pub fn output_header(engine_id: usize) -> IopubMsg {
-    IopubMsg::DisplayData {
-        data: json!({ "text/plain": format!("[output:{engine_id}]") }),
-        metadata: json!({}),
-        display_id: None,
-    }
+    IopubMsg::DisplayData { data: json!({ "text/plain": format!("[output:{engine_id}]") }), metadata: json!({}), display_id: None }
 }
 
 /// An engine's `display_data`, republished with `metadata.engine` set.
 pub(crate) fn republish(engine_id: usize, data: &Value, metadata: &Value) -> IopubMsg {
-    IopubMsg::DisplayData {
-        data: data.clone(),
-        metadata: with_engine(metadata, engine_id),
-        display_id: None,
-    }
+    IopubMsg::DisplayData { data: data.clone(), metadata: with_engine(metadata, engine_id), display_id: None }
 }
 
 /// An engine's execute result as ipyparallel shows it: a `display_data` whose `text/plain` is
 /// `Out[N:k]: ` + the value's text (on the next line if the text has several lines), other mime
 /// types unchanged, `metadata.engine` set.
-pub fn result_display(
-    engine_id: usize,
-    execution_count: u64,
-    data: &Value,
-    metadata: &Value,
-    opts: &RenderOptions,
-) -> IopubMsg {
+pub fn result_display(engine_id: usize, execution_count: u64, data: &Value, metadata: &Value, opts: &RenderOptions) -> IopubMsg {
     let mut data = data.clone();
     if let Some(text) = data.get("text/plain").and_then(Value::as_str) {
         let plain = if text.is_empty() {
             String::new()
         } else {
-            let body = if text.contains('\n') && !text.starts_with('\n') {
-                format!("\n{text}")
-            } else {
-                text.to_string()
-            };
-            let (red, normal) = if opts.color {
-                ("\x1b[0;31m", "\x1b[0m")
-            } else {
-                ("", "")
-            };
+            let body = if text.contains('\n') && !text.starts_with('\n') { format!("\n{text}") } else { text.to_string() };
+            let (red, normal) = if opts.color { ("\x1b[0;31m", "\x1b[0m") } else { ("", "") };
             format!("{red}Out[{engine_id}:{execution_count}]: {normal}{body}")
         };
         data["text/plain"] = Value::String(plain);
     }
-    IopubMsg::DisplayData {
-        data,
-        metadata: with_engine(metadata, engine_id),
-        display_id: None,
-    }
+    IopubMsg::DisplayData { data, metadata: with_engine(metadata, engine_id), display_id: None }
 }
 
 /// One engine's outputs, gathered by kind.
@@ -171,29 +132,13 @@ struct Gathered<'a> {
 
 impl<'a> Gathered<'a> {
     fn new(e: &'a EngineOutput) -> Self {
-        let mut g = Gathered {
-            id: e.engine_id,
-            stdout: String::new(),
-            stderr: String::new(),
-            displays: Vec::new(),
-            result: None,
-        };
+        let mut g = Gathered { id: e.engine_id, stdout: String::new(), stderr: String::new(), displays: Vec::new(), result: None };
         for ev in &e.events {
             match ev {
-                OutputEvent::Stream {
-                    name: StreamName::Stdout,
-                    text,
-                } => g.stdout.push_str(text),
-                OutputEvent::Stream {
-                    name: StreamName::Stderr,
-                    text,
-                } => g.stderr.push_str(text),
+                OutputEvent::Stream { name: StreamName::Stdout, text } => g.stdout.push_str(text),
+                OutputEvent::Stream { name: StreamName::Stderr, text } => g.stderr.push_str(text),
                 OutputEvent::DisplayData { data, metadata } => g.displays.push((data, metadata)),
-                OutputEvent::ExecuteResult {
-                    execution_count,
-                    data,
-                    metadata,
-                } => g.result = Some((*execution_count, data, metadata)),
+                OutputEvent::ExecuteResult { execution_count, data, metadata } => g.result = Some((*execution_count, data, metadata)),
                 OutputEvent::Error(_) => {}
             }
         }
@@ -214,11 +159,7 @@ impl<'a> Gathered<'a> {
 /// Streams are `stream` messages (`[stdout:N] ` + newline + text); consecutive text of one
 /// stream is merged into one message. Errors are not shown here: see
 /// [`crate::error_report`].
-pub fn render_outputs(
-    engines: &[EngineOutput],
-    group: GroupOutputs,
-    opts: &RenderOptions,
-) -> Vec<IopubMsg> {
+pub fn render_outputs(engines: &[EngineOutput], group: GroupOutputs, opts: &RenderOptions) -> Vec<IopubMsg> {
     let all: Vec<Gathered> = engines.iter().map(Gathered::new).collect();
     let mut out = Vec::new();
     let mut p = StreamPrinter::new();
@@ -310,25 +251,15 @@ mod tests {
     }
 
     fn stream(name: StreamName, text: &str) -> IopubMsg {
-        IopubMsg::Stream {
-            name,
-            text: text.to_string(),
-        }
+        IopubMsg::Stream { name, text: text.to_string() }
     }
 
     fn display(text: &str, engine: usize) -> IopubMsg {
-        IopubMsg::DisplayData {
-            data: json!({ "text/plain": text }),
-            metadata: json!({ "engine": engine }),
-            display_id: None,
-        }
+        IopubMsg::DisplayData { data: json!({ "text/plain": text }), metadata: json!({ "engine": engine }), display_id: None }
     }
 
     fn html(i: usize) -> Ev {
-        Ev::DisplayData {
-            data: json!({ "text/html": format!("<p>{i}</p>"), "text/plain": format!("HTML {i}") }),
-            metadata: Value::Null,
-        }
+        Ev::DisplayData { data: json!({ "text/html": format!("<p>{i}</p>"), "text/plain": format!("HTML {i}") }), metadata: Value::Null }
     }
 
     fn html_out(i: usize, engine: usize) -> IopubMsg {
@@ -366,14 +297,8 @@ mod tests {
         assert_eq!(
             msgs,
             vec![
-                stream(
-                    StreamName::Stdout,
-                    "[stdout:0] \nstdout\nstdout2\n[stdout:1] \nstdout\nstdout2\n"
-                ),
-                stream(
-                    StreamName::Stderr,
-                    "[stderr:0] \nstderr\nstderr2\n[stderr:1] \nstderr\nstderr2\n"
-                ),
+                stream(StreamName::Stdout, "[stdout:0] \nstdout\nstdout2\n[stdout:1] \nstdout\nstdout2\n"),
+                stream(StreamName::Stderr, "[stderr:0] \nstderr\nstderr2\n[stderr:1] \nstderr\nstderr2\n"),
                 output_header(0),
                 html_out(1, 0),
                 html_out(2, 0),
@@ -415,14 +340,8 @@ mod tests {
         assert_eq!(
             msgs,
             vec![
-                stream(
-                    StreamName::Stdout,
-                    "[stdout:0] \nstdout\nstdout2\n[stdout:1] \nstdout\nstdout2\n"
-                ),
-                stream(
-                    StreamName::Stderr,
-                    "[stderr:0] \nstderr\nstderr2\n[stderr:1] \nstderr\nstderr2\n"
-                ),
+                stream(StreamName::Stdout, "[stdout:0] \nstdout\nstdout2\n[stdout:1] \nstdout\nstdout2\n"),
+                stream(StreamName::Stderr, "[stderr:0] \nstderr\nstderr2\n[stderr:1] \nstderr\nstderr2\n"),
                 output_header(0),
                 html_out(1, 0),
                 output_header(1),
@@ -440,22 +359,9 @@ mod tests {
     #[test]
     fn order_shows_engines_with_fewer_displays() {
         // ipyparallel skips every display of an engine with fewer than the most; rpx shows them.
-        let engines = vec![
-            EngineOutput::new(0, vec![html(1), html(2)]),
-            EngineOutput::new(1, vec![html(1)]),
-        ];
+        let engines = vec![EngineOutput::new(0, vec![html(1), html(2)]), EngineOutput::new(1, vec![html(1)])];
         let msgs = render_outputs(&engines, GroupOutputs::Order, &plain());
-        assert_eq!(
-            msgs,
-            vec![
-                output_header(0),
-                html_out(1, 0),
-                output_header(1),
-                html_out(1, 1),
-                output_header(0),
-                html_out(2, 0)
-            ]
-        );
+        assert_eq!(msgs, vec![output_header(0), html_out(1, 0), output_header(1), html_out(1, 1), output_header(0), html_out(2, 0)]);
     }
 
     #[test]
@@ -466,114 +372,62 @@ mod tests {
             EngineOutput::new(2, vec![Ev::stdout("c\n")]),
         ];
         let msgs = render_outputs(&engines, GroupOutputs::Type, &plain());
-        assert_eq!(
-            msgs,
-            vec![stream(
-                StreamName::Stdout,
-                "[stdout:0] \na\n[stdout:1] \nb\n[stdout:2] \nc\n"
-            )]
-        );
+        assert_eq!(msgs, vec![stream(StreamName::Stdout, "[stdout:0] \na\n[stdout:1] \nb\n[stdout:2] \nc\n")]);
         assert!(!msgs[0].text().unwrap().contains("\n\n"));
     }
 
     #[test]
     fn missing_newline_goes_to_the_stream_that_lacks_it() {
-        let engines = vec![EngineOutput::new(
-            0,
-            vec![Ev::stdout("out"), Ev::stderr("err")],
-        )];
+        let engines = vec![EngineOutput::new(0, vec![Ev::stdout("out"), Ev::stderr("err")])];
         let msgs = render_outputs(&engines, GroupOutputs::Engine, &plain());
-        assert_eq!(
-            msgs,
-            vec![
-                stream(StreamName::Stdout, "[stdout:0] \nout\n"),
-                stream(StreamName::Stderr, "[stderr:0] \nerr")
-            ]
-        );
+        assert_eq!(msgs, vec![stream(StreamName::Stdout, "[stdout:0] \nout\n"), stream(StreamName::Stderr, "[stderr:0] \nerr")]);
     }
 
     #[test]
     fn chunks_are_joined_per_engine() {
         let engines = vec![
-            EngineOutput::new(
-                0,
-                vec![Ev::stdout("a"), Ev::stdout("b\n"), Ev::stdout("c\n")],
-            ),
+            EngineOutput::new(0, vec![Ev::stdout("a"), Ev::stdout("b\n"), Ev::stdout("c\n")]),
             EngineOutput::new(1, vec![]),
             EngineOutput::new(2, vec![Ev::stdout("")]),
         ];
         let msgs = render_outputs(&engines, GroupOutputs::Type, &plain());
-        assert_eq!(
-            msgs,
-            vec![stream(StreamName::Stdout, "[stdout:0] \nab\nc\n")]
-        );
+        assert_eq!(msgs, vec![stream(StreamName::Stdout, "[stdout:0] \nab\nc\n")]);
     }
 
     #[test]
     fn engine_header_also_for_a_lone_result() {
-        let engines = vec![
-            EngineOutput::new(3, vec![Ev::result_text(2, "42")]),
-            EngineOutput::new(4, vec![Ev::stdout("x\n")]),
-        ];
+        let engines = vec![EngineOutput::new(3, vec![Ev::result_text(2, "42")]), EngineOutput::new(4, vec![Ev::stdout("x\n")])];
         assert_eq!(
             render_outputs(&engines, GroupOutputs::Engine, &plain()),
-            vec![
-                output_header(3),
-                display("Out[3:2]: 42", 3),
-                stream(StreamName::Stdout, "[stdout:4] \nx\n")
-            ]
+            vec![output_header(3), display("Out[3:2]: 42", 3), stream(StreamName::Stdout, "[stdout:4] \nx\n")]
         );
         // `type` shows no header for results alone.
         assert_eq!(
             render_outputs(&engines, GroupOutputs::Type, &plain()),
-            vec![
-                stream(StreamName::Stdout, "[stdout:4] \nx\n"),
-                display("Out[3:2]: 42", 3)
-            ]
+            vec![stream(StreamName::Stdout, "[stdout:4] \nx\n"), display("Out[3:2]: 42", 3)]
         );
     }
 
     #[test]
     fn nothing_to_show() {
         assert_eq!(render_outputs(&[], GroupOutputs::Type, &plain()), vec![]);
-        let engines = vec![EngineOutput::new(
-            0,
-            vec![Ev::error("Panic", "boom", vec![])],
-        )];
-        for g in [
-            GroupOutputs::Type,
-            GroupOutputs::Engine,
-            GroupOutputs::Order,
-        ] {
+        let engines = vec![EngineOutput::new(0, vec![Ev::error("Panic", "boom", vec![])])];
+        for g in [GroupOutputs::Type, GroupOutputs::Engine, GroupOutputs::Order] {
             assert_eq!(render_outputs(&engines, g, &plain()), vec![]);
         }
     }
 
     #[test]
     fn results() {
-        let r = |text: &str| {
-            result_display(2, 7, &json!({ "text/plain": text }), &Value::Null, &plain())
-        };
+        let r = |text: &str| result_display(2, 7, &json!({ "text/plain": text }), &Value::Null, &plain());
         assert_eq!(r("42").text(), Some("Out[2:7]: 42"));
         assert_eq!(r("[\n    1,\n]").text(), Some("Out[2:7]: \n[\n    1,\n]"));
         assert_eq!(r("\nalready").text(), Some("Out[2:7]: \nalready"));
         assert_eq!(r("").text(), Some(""));
-        let colored = result_display(
-            0,
-            1,
-            &json!({ "text/plain": "1" }),
-            &Value::Null,
-            &RenderOptions { color: true },
-        );
+        let colored = result_display(0, 1, &json!({ "text/plain": "1" }), &Value::Null, &RenderOptions { color: true });
         assert_eq!(colored.text(), Some("\x1b[0;31mOut[0:1]: \x1b[0m1"));
         // Other mime types are kept; metadata gains the engine.
-        let rich = result_display(
-            1,
-            3,
-            &json!({ "text/plain": "x", "text/html": "<b>x</b>" }),
-            &json!({ "a": 1 }),
-            &plain(),
-        );
+        let rich = result_display(1, 3, &json!({ "text/plain": "x", "text/html": "<b>x</b>" }), &json!({ "a": 1 }), &plain());
         assert_eq!(
             rich,
             IopubMsg::DisplayData {
@@ -589,31 +443,13 @@ mod tests {
     #[test]
     fn verbose() {
         let ids: Vec<usize> = (0..16).collect();
-        assert_eq!(
-            verbose_line(true, &TargetSpec::All, &ids),
-            "Parallel execution on engine(s): all\n"
-        );
-        assert_eq!(
-            verbose_line(false, &TargetSpec::All, &ids),
-            "Async parallel execution on engine(s): all\n"
-        );
-        assert_eq!(
-            verbose_line(true, &TargetSpec::Index(-1), &[15]),
-            "Parallel execution on engine(s): 15\n"
-        );
+        assert_eq!(verbose_line(true, &TargetSpec::All, &ids), "Parallel execution on engine(s): all\n");
+        assert_eq!(verbose_line(false, &TargetSpec::All, &ids), "Async parallel execution on engine(s): all\n");
+        assert_eq!(verbose_line(true, &TargetSpec::Index(-1), &[15]), "Parallel execution on engine(s): 15\n");
         let t: TargetSpec = "0:4".parse().unwrap();
-        assert_eq!(
-            verbose_line(true, &t, &[0, 1, 2, 3]),
-            "Parallel execution on engine(s): [0, 1, 2, 3]\n"
-        );
+        assert_eq!(verbose_line(true, &t, &[0, 1, 2, 3]), "Parallel execution on engine(s): [0, 1, 2, 3]\n");
         let t: TargetSpec = ":".parse().unwrap();
-        assert_eq!(
-            verbose_line(true, &t, &ids),
-            "Parallel execution on engine(s): [0, 1, 2, 3, ..., 12, 13, 14, 15]\n"
-        );
-        assert_eq!(
-            interrupt_line(&Signal::default()),
-            "Received Keyboard Interrupt. Sending signal SIGINT to engines...\n"
-        );
+        assert_eq!(verbose_line(true, &t, &ids), "Parallel execution on engine(s): [0, 1, 2, 3, ..., 12, 13, 14, 15]\n");
+        assert_eq!(interrupt_line(&Signal::default()), "Received Keyboard Interrupt. Sending signal SIGINT to engines...\n");
     }
 }

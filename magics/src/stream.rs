@@ -8,9 +8,7 @@ use serde_json::json;
 
 use crate::failure::{already_displayed, remote_line, remote_traceback, ErrorReport, TB_LIMIT};
 use crate::output::{IopubMsg, OutputEvent, StreamName};
-use crate::render::{
-    output_header, push_stream, republish, result_display, RenderOptions, StreamPrinter,
-};
+use crate::render::{output_header, push_stream, republish, result_display, RenderOptions, StreamPrinter};
 
 /// How streamed stdout/stderr appear.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,11 +39,7 @@ pub struct Streamer {
 impl Streamer {
     /// A streamer. `display_id_base` must be unique per run (the cell's msg_id will do); it is
     /// used only by [`StreamStyle::DisplayUpdate`].
-    pub fn new(
-        style: StreamStyle,
-        display_id_base: impl Into<String>,
-        opts: RenderOptions,
-    ) -> Self {
+    pub fn new(style: StreamStyle, display_id_base: impl Into<String>, opts: RenderOptions) -> Self {
         Streamer {
             style,
             display_id_base: display_id_base.into(),
@@ -79,17 +73,9 @@ impl Streamer {
                     let data = json!({ "text/plain": format!("[{name}:{engine_id}] {so_far}") });
                     let display_id = format!("{}-{engine_id}-{name}", self.display_id_base);
                     if self.shown.insert(display_id.clone()) {
-                        out.push(IopubMsg::DisplayData {
-                            data,
-                            metadata: json!({}),
-                            display_id: Some(display_id),
-                        });
+                        out.push(IopubMsg::DisplayData { data, metadata: json!({}), display_id: Some(display_id) });
                     } else {
-                        out.push(IopubMsg::UpdateDisplayData {
-                            data,
-                            metadata: json!({}),
-                            display_id,
-                        });
+                        out.push(IopubMsg::UpdateDisplayData { data, metadata: json!({}), display_id });
                     }
                 }
             },
@@ -98,30 +84,17 @@ impl Streamer {
                 out.push(output_header(engine_id));
                 out.push(republish(engine_id, data, metadata));
             }
-            OutputEvent::ExecuteResult {
-                execution_count,
-                data,
-                metadata,
-            } => {
+            OutputEvent::ExecuteResult { execution_count, data, metadata } => {
                 self.printer.interrupt();
-                out.push(result_display(
-                    engine_id,
-                    *execution_count,
-                    data,
-                    metadata,
-                    &self.opts,
-                ));
+                out.push(result_display(engine_id, *execution_count, data, metadata, &self.opts));
             }
             OutputEvent::Error(err) => {
                 self.errors += 1;
                 if !self.failed.contains(&engine_id) {
                     self.failed.push(engine_id);
                 }
-                let mut text = if self.errors <= TB_LIMIT {
-                    remote_traceback(engine_id, err).join("\n")
-                } else {
-                    remote_line(engine_id, err)
-                };
+                let mut text =
+                    if self.errors <= TB_LIMIT { remote_traceback(engine_id, err).join("\n") } else { remote_line(engine_id, err) };
                 text.push('\n');
                 match self.style {
                     StreamStyle::Text => self.printer.raw(&mut out, StreamName::Stderr, &text),
@@ -161,10 +134,7 @@ mod tests {
 
     /// Feeds `(engine, event)`s and returns every message, in order.
     fn feed(s: &mut Streamer, events: &[(usize, Ev)]) -> Vec<IopubMsg> {
-        events
-            .iter()
-            .flat_map(|(id, ev)| s.event(*id, ev))
-            .collect()
+        events.iter().flat_map(|(id, ev)| s.event(*id, ev)).collect()
     }
 
     /// What a notebook would show for consecutive stream messages of one name: their
@@ -179,10 +149,7 @@ mod tests {
     }
 
     fn stream(name: StreamName, text: &str) -> IopubMsg {
-        IopubMsg::Stream {
-            name,
-            text: text.to_string(),
-        }
+        IopubMsg::Stream { name, text: text.to_string() }
     }
 
     #[test]
@@ -190,13 +157,7 @@ mod tests {
         let mut s = text_streamer();
         let msgs = feed(
             &mut s,
-            &[
-                (0, Ev::stdout("a\n")),
-                (0, Ev::stdout("b\n")),
-                (1, Ev::stdout("c\n")),
-                (0, Ev::stdout("d\n")),
-                (0, Ev::stdout("e\n")),
-            ],
+            &[(0, Ev::stdout("a\n")), (0, Ev::stdout("b\n")), (1, Ev::stdout("c\n")), (0, Ev::stdout("d\n")), (0, Ev::stdout("e\n"))],
         );
         assert_eq!(
             msgs,
@@ -208,23 +169,13 @@ mod tests {
                 stream(StreamName::Stdout, "e\n"),
             ]
         );
-        assert_eq!(
-            joined(&msgs, StreamName::Stdout),
-            "[stdout:0] \na\nb\n[stdout:1] \nc\n[stdout:0] \nd\ne\n"
-        );
+        assert_eq!(joined(&msgs, StreamName::Stdout), "[stdout:0] \na\nb\n[stdout:1] \nc\n[stdout:0] \nd\ne\n");
     }
 
     #[test]
     fn a_line_cut_by_another_engine_is_ended_first() {
         let mut s = text_streamer();
-        let msgs = feed(
-            &mut s,
-            &[
-                (0, Ev::stdout("hel")),
-                (1, Ev::stdout("x\n")),
-                (0, Ev::stdout("lo\n")),
-            ],
-        );
+        let msgs = feed(&mut s, &[(0, Ev::stdout("hel")), (1, Ev::stdout("x\n")), (0, Ev::stdout("lo\n"))]);
         let all = joined(&msgs, StreamName::Stdout);
         assert_eq!(all, "[stdout:0] \nhel\n[stdout:1] \nx\n[stdout:0] \nlo\n");
         assert!(!all.contains("\n\n"));
@@ -237,15 +188,7 @@ mod tests {
     #[test]
     fn stdout_and_stderr_have_their_own_prefixes() {
         let mut s = text_streamer();
-        let msgs = feed(
-            &mut s,
-            &[
-                (0, Ev::stdout("o1\n")),
-                (0, Ev::stderr("e1\n")),
-                (0, Ev::stdout("o2\n")),
-                (1, Ev::stderr("e2")),
-            ],
-        );
+        let msgs = feed(&mut s, &[(0, Ev::stdout("o1\n")), (0, Ev::stderr("e1\n")), (0, Ev::stdout("o2\n")), (1, Ev::stderr("e2"))]);
         assert_eq!(
             msgs,
             vec![
@@ -260,28 +203,13 @@ mod tests {
     #[test]
     fn displays_and_results() {
         let mut s = text_streamer();
-        let html = Ev::DisplayData {
-            data: json!({ "text/html": "<i>x</i>" }),
-            metadata: json!({ "k": "v" }),
-        };
-        let msgs = feed(
-            &mut s,
-            &[
-                (0, Ev::stdout("a")),
-                (0, html),
-                (0, Ev::stdout("b\n")),
-                (1, Ev::result_text(4, "42")),
-            ],
-        );
+        let html = Ev::DisplayData { data: json!({ "text/html": "<i>x</i>" }), metadata: json!({ "k": "v" }) };
+        let msgs = feed(&mut s, &[(0, Ev::stdout("a")), (0, html), (0, Ev::stdout("b\n")), (1, Ev::result_text(4, "42"))]);
         assert_eq!(
             msgs,
             vec![
                 stream(StreamName::Stdout, "[stdout:0] \na"),
-                IopubMsg::DisplayData {
-                    data: json!({ "text/plain": "[output:0]" }),
-                    metadata: json!({}),
-                    display_id: None
-                },
+                IopubMsg::DisplayData { data: json!({ "text/plain": "[output:0]" }), metadata: json!({}), display_id: None },
                 IopubMsg::DisplayData {
                     data: json!({ "text/html": "<i>x</i>" }),
                     metadata: json!({ "k": "v", "engine": 0 }),
@@ -289,34 +217,19 @@ mod tests {
                 },
                 // A new output area after the display: the prefix again.
                 stream(StreamName::Stdout, "[stdout:0] \nb\n"),
-                IopubMsg::DisplayData {
-                    data: json!({ "text/plain": "Out[1:4]: 42" }),
-                    metadata: json!({ "engine": 1 }),
-                    display_id: None
-                },
+                IopubMsg::DisplayData { data: json!({ "text/plain": "Out[1:4]: 42" }), metadata: json!({ "engine": 1 }), display_id: None },
             ]
         );
     }
 
     fn boom(id: usize) -> Ev {
-        Ev::error(
-            "Panic",
-            format!("oops! {id}"),
-            vec![format!("panicked at src/lib.rs:1:1:\noops! {id}")],
-        )
+        Ev::error("Panic", format!("oops! {id}"), vec![format!("panicked at src/lib.rs:1:1:\noops! {id}")])
     }
 
     #[test]
     fn errors_as_they_come() {
         let mut s = text_streamer();
-        let msgs = feed(
-            &mut s,
-            &[
-                (0, Ev::stderr("warn")),
-                (0, boom(0)),
-                (0, Ev::stderr("more\n")),
-            ],
-        );
+        let msgs = feed(&mut s, &[(0, Ev::stderr("warn")), (0, boom(0)), (0, Ev::stderr("more\n"))]);
         assert_eq!(
             joined(&msgs, StreamName::Stderr),
             "[stderr:0] \nwarn\n[0:execute]\npanicked at src/lib.rs:1:1:\noops! 0\n[stderr:0] \nmore\n"
@@ -339,13 +252,8 @@ mod tests {
         let events: Vec<(usize, Ev)> = (0..6).map(|id| (id, boom(id))).collect();
         let msgs = feed(&mut s, &events);
         let err = joined(&msgs, StreamName::Stderr);
-        let expected_full: String = (0..4)
-            .map(|id| format!("[{id}:execute]\npanicked at src/lib.rs:1:1:\noops! {id}\n"))
-            .collect();
-        assert_eq!(
-            err,
-            format!("{expected_full}[4:execute] Panic: oops! 4\n[5:execute] Panic: oops! 5\n")
-        );
+        let expected_full: String = (0..4).map(|id| format!("[{id}:execute]\npanicked at src/lib.rs:1:1:\noops! {id}\n")).collect();
+        assert_eq!(err, format!("{expected_full}[4:execute] Panic: oops! 4\n[5:execute] Panic: oops! 5\n"));
         assert_eq!(err.matches("oops!").count(), 6);
         let r = s.error_report().unwrap();
         assert_eq!(r.traceback, vec!["6 errors"]);
@@ -372,30 +280,14 @@ mod tests {
     #[test]
     fn display_update_style() {
         let mut s = Streamer::new(StreamStyle::DisplayUpdate, "msg1", RenderOptions::default());
-        let msgs = feed(
-            &mut s,
-            &[
-                (0, Ev::stdout("a\n")),
-                (1, Ev::stdout("x\n")),
-                (0, Ev::stdout("b\n")),
-                (0, Ev::stderr("e\n")),
-                (1, boom(1)),
-            ],
-        );
+        let msgs =
+            feed(&mut s, &[(0, Ev::stdout("a\n")), (1, Ev::stdout("x\n")), (0, Ev::stdout("b\n")), (0, Ev::stderr("e\n")), (1, boom(1))]);
         let d = |text: &str, id: &str, update: bool| {
             let data = json!({ "text/plain": text });
             if update {
-                IopubMsg::UpdateDisplayData {
-                    data,
-                    metadata: json!({}),
-                    display_id: id.into(),
-                }
+                IopubMsg::UpdateDisplayData { data, metadata: json!({}), display_id: id.into() }
             } else {
-                IopubMsg::DisplayData {
-                    data,
-                    metadata: json!({}),
-                    display_id: Some(id.into()),
-                }
+                IopubMsg::DisplayData { data, metadata: json!({}), display_id: Some(id.into()) }
             }
         };
         assert_eq!(
@@ -405,15 +297,9 @@ mod tests {
                 d("[stdout:1] x\n", "msg1-1-stdout", false),
                 d("[stdout:0] a\nb\n", "msg1-0-stdout", true),
                 d("[stderr:0] e\n", "msg1-0-stderr", false),
-                stream(
-                    StreamName::Stderr,
-                    "[1:execute]\npanicked at src/lib.rs:1:1:\noops! 1\n"
-                ),
+                stream(StreamName::Stderr, "[1:execute]\npanicked at src/lib.rs:1:1:\noops! 1\n"),
             ]
         );
-        assert_eq!(
-            msgs[2].content()["transient"]["display_id"],
-            Value::from("msg1-0-stdout")
-        );
+        assert_eq!(msgs[2].content()["transient"]["display_id"], Value::from("msg1-0-stdout"));
     }
 }

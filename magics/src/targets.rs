@@ -98,10 +98,7 @@ impl TargetSpec {
             return Err(MagicError::NoEngines);
         }
         let pick = |requested: i64| -> Result<usize> {
-            let missing = || MagicError::NoSuchEngine {
-                requested,
-                ids: ids.to_vec(),
-            };
+            let missing = || MagicError::NoSuchEngine { requested, ids: ids.to_vec() };
             if requested < 0 {
                 let pos = ids.len() as i64 + requested;
                 if pos < 0 {
@@ -133,10 +130,7 @@ impl TargetSpec {
             TargetSpec::Slice(s) => {
                 let out: Vec<usize> = s.indices(ids.len()).into_iter().map(|p| ids[p]).collect();
                 if out.is_empty() {
-                    Err(MagicError::NoTargets {
-                        spec: self.to_string(),
-                        ids: ids.to_vec(),
-                    })
+                    Err(MagicError::NoTargets { spec: self.to_string(), ids: ids.to_vec() })
                 } else {
                     Ok(out)
                 }
@@ -164,10 +158,7 @@ impl FromStr for TargetSpec {
     type Err = MagicError;
 
     fn from_str(spec: &str) -> Result<Self> {
-        let bad = |reason: &str| MagicError::InvalidTargets {
-            spec: spec.to_string(),
-            reason: reason.to_string(),
-        };
+        let bad = |reason: &str| MagicError::InvalidTargets { spec: spec.to_string(), reason: reason.to_string() };
         let s = spec.trim();
         if s.is_empty() {
             return Err(bad("it is empty"));
@@ -175,14 +166,9 @@ impl FromStr for TargetSpec {
         if s.eq_ignore_ascii_case("all") {
             return Ok(TargetSpec::All);
         }
-        let int = |p: &str| -> Result<i64> {
-            p.trim()
-                .parse::<i64>()
-                .map_err(|_| bad(&format!("`{}` is not an integer", p.trim())))
-        };
+        let int = |p: &str| -> Result<i64> { p.trim().parse::<i64>().map_err(|_| bad(&format!("`{}` is not an integer", p.trim()))) };
         // `[1,3]` / `(1,3)` are lists; so is `[0]`.
-        let bracketed =
-            (s.starts_with('[') && s.ends_with(']')) || (s.starts_with('(') && s.ends_with(')'));
+        let bracketed = (s.starts_with('[') && s.ends_with(']')) || (s.starts_with('(') && s.ends_with(')'));
         if bracketed || s.contains(',') {
             let inner = if bracketed { &s[1..s.len() - 1] } else { s };
             if inner.contains(':') {
@@ -265,9 +251,7 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in [
-            "all", "3", "-1", "[1,3,5]", "0:4", "::2", "1::2", ":", "-2:", "::-1", "1:5:2",
-        ] {
+        for s in ["all", "3", "-1", "[1,3,5]", "0:4", "::2", "1::2", ":", "-2:", "::-1", "1:5:2"] {
             assert_eq!(t(s).to_string(), s);
             assert_eq!(t(&t(s).to_string()), t(s));
         }
@@ -315,23 +299,14 @@ mod tests {
     #[test]
     fn out_of_range_errors_say_so() {
         let e = t("6").resolve(&IDS).unwrap_err();
-        assert_eq!(
-            e,
-            MagicError::NoSuchEngine {
-                requested: 6,
-                ids: IDS.to_vec()
-            }
-        );
+        assert_eq!(e, MagicError::NoSuchEngine { requested: 6, ids: IDS.to_vec() });
         assert_eq!(e.to_string(), "no engine 6 (engines: [0, 1, 2, 3, 4, 5])");
         let e = t("-7").resolve(&IDS).unwrap_err();
         assert_eq!(e.to_string(), "no engine -7 (engines: [0, 1, 2, 3, 4, 5])");
         let e = t("1,9").resolve(&IDS).unwrap_err();
         assert_eq!(e.to_string(), "no engine 9 (engines: [0, 1, 2, 3, 4, 5])");
         let e = t("10:").resolve(&IDS).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "targets `10:` select no engine (engines: [0, 1, 2, 3, 4, 5])"
-        );
+        assert_eq!(e.to_string(), "targets `10:` select no engine (engines: [0, 1, 2, 3, 4, 5])");
         let e = t("3:1").resolve(&IDS).unwrap_err();
         assert!(matches!(e, MagicError::NoTargets { .. }));
         assert_eq!(t("all").resolve(&[]).unwrap_err(), MagicError::NoEngines);
@@ -341,17 +316,10 @@ mod tests {
     #[test]
     fn parse_errors_name_the_problem() {
         let err = |s: &str| s.parse::<TargetSpec>().unwrap_err().to_string();
-        assert_eq!(
-            err("x"),
-            format!(
-                "invalid targets `x`: `x` is not an integer; valid forms: {}",
-                crate::error::TARGET_FORMS
-            )
-        );
+        assert_eq!(err("x"), format!("invalid targets `x`: `x` is not an integer; valid forms: {}", crate::error::TARGET_FORMS));
         assert!(err("").starts_with("invalid targets ``: it is empty;"));
         assert!(err("::0").starts_with("invalid targets `::0`: slice step cannot be zero;"));
-        assert!(err("1:2:3:4")
-            .starts_with("invalid targets `1:2:3:4`: a slice has at most three parts"));
+        assert!(err("1:2:3:4").starts_with("invalid targets `1:2:3:4`: a slice has at most three parts"));
         assert!(err("1,,2").starts_with("invalid targets `1,,2`: `` is not an integer"));
         assert!(err("[]").starts_with("invalid targets `[]`: the list is empty"));
         assert!(err("[0:2]").starts_with("invalid targets `[0:2]`: a list cannot contain a slice"));

@@ -214,7 +214,8 @@ pub mod cell_abi {
     /// cells (evcxr re-emits a context's items into each cell it compiles). The worker's
     /// completion marker may then follow a partial line on stdout: the engine's output parser
     /// finds it there, and the kernel's stdout relay puts it on a line of its own for evcxr.
-    pub const FLUSH_ITEM: &str = "#[unsafe(no_mangle)] pub extern \"C\" fn rpx_flush_stdio() { use std::io::Write as _; let _ = std::io::stdout().flush(); }";
+    pub const FLUSH_ITEM: &str =
+        "#[unsafe(no_mangle)] pub extern \"C\" fn rpx_flush_stdio() { use std::io::Write as _; let _ = std::io::stdout().flush(); }";
 }
 
 /// Message type names.
@@ -250,7 +251,11 @@ mod tests {
 
     #[test]
     fn load_carries_the_artifact_in_its_content() {
-        let load = Load { cell_id: "c".into(), artifact: Artifact { path: "/w/libcode_1.so".into(), sha256: "0".repeat(64), size: 3 }, fn_name: "run_user_code_1".into() };
+        let load = Load {
+            cell_id: "c".into(),
+            artifact: Artifact { path: "/w/libcode_1.so".into(), sha256: "0".repeat(64), size: 3 },
+            fn_name: "run_user_code_1".into(),
+        };
         let v = serde_json::to_value(&load).unwrap();
         assert_eq!(v["artifact"]["sha256"], "0".repeat(64));
         assert_eq!(v["artifact"]["size"], 3);

@@ -225,7 +225,8 @@ impl Profile {
     }
     /// `security/rpx-compiler[-cid].json`: where rpx engines find the shared compiler.
     pub fn compiler_file(&self) -> PathBuf {
-        let name = if self.cluster_id.is_empty() { "rpx-compiler.json".to_string() } else { format!("rpx-compiler-{}.json", self.cluster_id) };
+        let name =
+            if self.cluster_id.is_empty() { "rpx-compiler.json".to_string() } else { format!("rpx-compiler-{}.json", self.cluster_id) };
         self.security_dir().join(name)
     }
     /// `security/cluster[-cid].json`: the running cluster's processes, for `ipcluster list/stop`.
@@ -293,8 +294,7 @@ impl ConnectionInfo {
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 
 /// Write `value` as pretty JSON to `path` atomically (temporary file in the same directory,
@@ -359,7 +359,24 @@ mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["broadcast", "control", "curve_serverkey", "interface", "iopub", "key", "location", "mux", "notification", "pack", "registration", "signature_scheme", "ssh", "task", "task_scheme", "unpack"]
+            [
+                "broadcast",
+                "control",
+                "curve_serverkey",
+                "interface",
+                "iopub",
+                "key",
+                "location",
+                "mux",
+                "notification",
+                "pack",
+                "registration",
+                "signature_scheme",
+                "ssh",
+                "task",
+                "task_scheme",
+                "unpack"
+            ]
         );
     }
 
@@ -383,7 +400,10 @@ mod tests {
             unpack: "json".into(),
             signature_scheme: "hmac-sha256".into(),
         };
-        let info = ConnectionInfo { compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0, work_dir: None }, engine };
+        let info = ConnectionInfo {
+            compiler: CompilerConnection { url: "tcp://10.0.0.1:9".into(), key: engine.key.clone(), pid: 0, work_dir: None },
+            engine,
+        };
         let line = info.to_line();
         assert!(!line.contains('\n'));
         assert_eq!(ConnectionInfo::parse(&line).unwrap(), info);

@@ -190,9 +190,18 @@ pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
     }
     let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
-    let got = if vf.size == 0 { digest(b"") } else { digest(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref()) };
+    let got = if vf.size == 0 {
+        digest(b"")
+    } else {
+        digest(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref())
+    };
     if got != vf.blake3 {
-        return Err(format!("{}: digest mismatch (BLAKE3 {}.. where {}.. was announced): the file changed after it was written", vf.file, &got[..16], vf.blake3.get(..16).unwrap_or(&vf.blake3)));
+        return Err(format!(
+            "{}: digest mismatch (BLAKE3 {}.. where {}.. was announced): the file changed after it was written",
+            vf.file,
+            &got[..16],
+            vf.blake3.get(..16).unwrap_or(&vf.blake3)
+        ));
     }
     Ok(())
 }
@@ -216,7 +225,11 @@ pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, Strin
     }
     let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
-    let bytes = if vf.size == 0 { bytes::Bytes::new() } else { bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?) };
+    let bytes = if vf.size == 0 {
+        bytes::Bytes::new()
+    } else {
+        bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?)
+    };
     if digest(&bytes) != vf.blake3 {
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
     }
@@ -238,7 +251,8 @@ impl Mapped {
     fn of(f: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
         use std::os::fd::AsRawFd;
         // SAFETY: a fresh mapping of `len` (> 0) bytes of an open file, checked for failure.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_POPULATE, f.as_raw_fd(), 0) };
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_POPULATE, f.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }

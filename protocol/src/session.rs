@@ -161,10 +161,7 @@ impl Session {
 
 /// Split raw frames into identities and `[signature, header, parent, metadata, content, buffers...]`.
 fn split_frames(mut frames: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<Bytes>)> {
-    let pos = frames
-        .iter()
-        .position(|f| f.as_ref() == DELIMITER)
-        .ok_or_else(|| Error::Malformed("no <IDS|MSG> delimiter".into()))?;
+    let pos = frames.iter().position(|f| f.as_ref() == DELIMITER).ok_or_else(|| Error::Malformed("no <IDS|MSG> delimiter".into()))?;
     let rest = frames.split_off(pos + 1);
     frames.pop();
     if rest.len() < 5 {

@@ -55,7 +55,10 @@ fn frame_bytes() -> impl Strategy<Value = Vec<u8>> {
         Just(b"<IDS|MSG>".to_vec()),
         Just(b"{}".to_vec()),
         "[ -~]{0,40}".prop_map(String::into_bytes),
-        Just(br#"{"msg_id":"a","msg_type":"execute_request","username":"u","session":"s","date":"2026-01-01T00:00:00Z","version":"5.3"}"#.to_vec()),
+        Just(
+            br#"{"msg_id":"a","msg_type":"execute_request","username":"u","session":"s","date":"2026-01-01T00:00:00Z","version":"5.3"}"#
+                .to_vec()
+        ),
     ]
 }
 

@@ -29,7 +29,8 @@ pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // Sized first, then written once into a buffer of exactly that size (no regrowth copies:
     // a 100 MB value would otherwise be copied about twice more while the buffer doubles).
-    let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default()).expect("postcard sizing cannot fail for serde types");
+    let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
+        .expect("postcard sizing cannot fail for serde types");
     let mut buf = vec![0u8; size];
     let used = postcard::to_slice(value, &mut buf).expect("postcard encoding into a buffer of its exact size cannot fail").len();
     debug_assert_eq!(used, size);
@@ -165,7 +166,14 @@ pub mod abi {
     ///
     /// # Safety
     /// `input` must point to `len` readable bytes.
-    pub unsafe fn serve1<A: DeserializeOwned, R: Serialize, F: Fn(A) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+    pub unsafe fn serve1<A: DeserializeOwned, R: Serialize, F: Fn(A) -> R>(
+        f: F,
+        mode: u32,
+        input_ptr: *const u8,
+        len: usize,
+        sink: Sink,
+        ctx: *mut c_void,
+    ) -> u32 {
         // SAFETY: forwarded from the caller.
         let bytes = unsafe { input(input_ptr, len) };
         match mode {
@@ -178,7 +186,8 @@ pub mod abi {
                         return STATUS_BAD_INPUT;
                     }
                 };
-                let results: Vec<Result<R, String>> = items.into_iter().map(|a| catch_unwind(AssertUnwindSafe(|| f(a))).map_err(|p| panic_message(&*p))).collect();
+                let results: Vec<Result<R, String>> =
+                    items.into_iter().map(|a| catch_unwind(AssertUnwindSafe(|| f(a))).map_err(|p| panic_message(&*p))).collect();
                 flush();
                 emit(sink, ctx, &super::encode(&results));
                 STATUS_OK
@@ -202,7 +211,14 @@ pub mod abi {
     ///
     /// # Safety
     /// `input` must point to `len` readable bytes.
-    pub unsafe fn serve0<R: Serialize, F: Fn() -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+    pub unsafe fn serve0<R: Serialize, F: Fn() -> R>(
+        f: F,
+        mode: u32,
+        input_ptr: *const u8,
+        len: usize,
+        sink: Sink,
+        ctx: *mut c_void,
+    ) -> u32 {
         if !apply_only(mode, 0, sink, ctx) {
             return STATUS_BAD_INPUT;
         }
@@ -214,7 +230,14 @@ pub mod abi {
     ///
     /// # Safety
     /// `input` must point to `len` readable bytes.
-    pub unsafe fn serve2<A: DeserializeOwned, B: DeserializeOwned, R: Serialize, F: Fn(A, B) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+    pub unsafe fn serve2<A: DeserializeOwned, B: DeserializeOwned, R: Serialize, F: Fn(A, B) -> R>(
+        f: F,
+        mode: u32,
+        input_ptr: *const u8,
+        len: usize,
+        sink: Sink,
+        ctx: *mut c_void,
+    ) -> u32 {
         if !apply_only(mode, 2, sink, ctx) {
             return STATUS_BAD_INPUT;
         }
@@ -226,7 +249,14 @@ pub mod abi {
     ///
     /// # Safety
     /// `input` must point to `len` readable bytes.
-    pub unsafe fn serve3<A: DeserializeOwned, B: DeserializeOwned, C: DeserializeOwned, R: Serialize, F: Fn(A, B, C) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+    pub unsafe fn serve3<A: DeserializeOwned, B: DeserializeOwned, C: DeserializeOwned, R: Serialize, F: Fn(A, B, C) -> R>(
+        f: F,
+        mode: u32,
+        input_ptr: *const u8,
+        len: usize,
+        sink: Sink,
+        ctx: *mut c_void,
+    ) -> u32 {
         if !apply_only(mode, 3, sink, ctx) {
             return STATUS_BAD_INPUT;
         }
@@ -238,7 +268,21 @@ pub mod abi {
     ///
     /// # Safety
     /// `input` must point to `len` readable bytes.
-    pub unsafe fn serve4<A: DeserializeOwned, B: DeserializeOwned, C: DeserializeOwned, D: DeserializeOwned, R: Serialize, F: Fn(A, B, C, D) -> R>(f: F, mode: u32, input_ptr: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+    pub unsafe fn serve4<
+        A: DeserializeOwned,
+        B: DeserializeOwned,
+        C: DeserializeOwned,
+        D: DeserializeOwned,
+        R: Serialize,
+        F: Fn(A, B, C, D) -> R,
+    >(
+        f: F,
+        mode: u32,
+        input_ptr: *const u8,
+        len: usize,
+        sink: Sink,
+        ctx: *mut c_void,
+    ) -> u32 {
         if !apply_only(mode, 4, sink, ctx) {
             return STATUS_BAD_INPUT;
         }

@@ -168,7 +168,10 @@ impl TestHosts {
 
     /// The host called `name`; panics if there is none.
     pub fn host(&self, name: &str) -> &TestHost {
-        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no test host {name:?} (have {:?})", self.hosts.iter().map(|h| &h.name).collect::<Vec<_>>()))
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no test host {name:?} (have {:?})", self.hosts.iter().map(|h| &h.name).collect::<Vec<_>>()))
     }
 
     /// The bridge's address, e.g. `10.213.57.1`: the root namespace as the hosts reach it.
@@ -278,7 +281,8 @@ impl TestHosts {
         );
         std::fs::write(self.ssh_config(), config).context("write ssh_config")?;
         let wrapper = self.ssh_wrapper();
-        std::fs::write(&wrapper, format!("#!/bin/sh\nexec ssh -F '{}' \"$@\"\n", self.ssh_config().display())).context("write the ssh wrapper")?;
+        std::fs::write(&wrapper, format!("#!/bin/sh\nexec ssh -F '{}' \"$@\"\n", self.ssh_config().display()))
+            .context("write the ssh wrapper")?;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
         Ok(())
     }
@@ -327,19 +331,44 @@ impl TestHosts {
         let log_path = self.dir_path.join(format!("init-{name}.log"));
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = sys_command("unshare");
-        cmd.args(["--net", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc", "--propagation", "private", "--kill-child", "--", "sh", "-c", SETUP, "rpx-host-setup", name])
-            .arg(sysroot.map(Path::as_os_str).unwrap_or_default())
-            .arg(cache)
-            .arg(REAPER)
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log);
+        cmd.args([
+            "--net",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--propagation",
+            "private",
+            "--kill-child",
+            "--",
+            "sh",
+            "-c",
+            SETUP,
+            "rpx-host-setup",
+            name,
+        ])
+        .arg(sysroot.map(Path::as_os_str).unwrap_or_default())
+        .arg(cache)
+        .arg(REAPER)
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log);
         let mut child = cmd.spawn().context("run unshare")?;
         let lifeline = child.stdin.take();
         let stdout = child.stdout.take().expect("piped");
         let unshare_pid = child.id();
-        self.state.push(HostState { name: name.to_string(), unshare: Some(child), lifeline, init_pid: None, pid_ns: None, veth: None, sshd: Mutex::new(None) });
+        self.state.push(HostState {
+            name: name.to_string(),
+            unshare: Some(child),
+            lifeline,
+            init_pid: None,
+            pid_ns: None,
+            veth: None,
+            sshd: Mutex::new(None),
+        });
 
         // The init prints `ready` once its mounts and hostname are set.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -348,7 +377,9 @@ impl TestHosts {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(15)).map_err(|_| anyhow!("the namespace did not get ready within 15 s; {}", log_tail(&log_path)))?;
+        let line = rx
+            .recv_timeout(Duration::from_secs(15))
+            .map_err(|_| anyhow!("the namespace did not get ready within 15 s; {}", log_tail(&log_path)))?;
         if line.trim() != "ready" {
             bail!("setting up the namespace failed; {}", log_tail(&log_path));
         }
@@ -366,7 +397,10 @@ impl TestHosts {
         // The veth pair: root side on the bridge, `eth0` inside.
         let veth = loop {
             let v = format!("rpxv{}", &hex(&random_bytes())[..8]);
-            let out = output_within(sys_command("ip").args(["link", "add", &v, "type", "veth", "peer", "name", "eth0", "netns", &init.to_string()]), Duration::from_secs(10))?;
+            let out = output_within(
+                sys_command("ip").args(["link", "add", &v, "type", "veth", "peer", "name", "eth0", "netns", &init.to_string()]),
+                Duration::from_secs(10),
+            )?;
             if out.status.success() {
                 break v;
             }
@@ -433,7 +467,10 @@ impl TestHosts {
             }
             if Instant::now() >= deadline {
                 let names: Vec<&str> = waiting.iter().map(|&i| self.hosts[i].name.as_str()).collect();
-                bail!("sshd of {names:?} did not accept a login within {SSH_READY_LIMIT:?} (last error: {last_error}); {}", log_tail(&self.dir_path.join(format!("sshd-{}.log", names[0]))));
+                bail!(
+                    "sshd of {names:?} did not accept a login within {SSH_READY_LIMIT:?} (last error: {last_error}); {}",
+                    log_tail(&self.dir_path.join(format!("sshd-{}.log", names[0])))
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -488,7 +525,11 @@ fn end_host(st: &mut HostState) -> anyhow::Result<()> {
         // The init is unshare's only child; unshare is not reaped yet, so the pid is not reused.
         let init = st.init_pid.or_else(|| children_of(upid).first().copied());
         let own_ns = pid_ns(std::process::id());
-        let ns = st.pid_ns.take().or_else(|| init.filter(|p| Stat::read(*p).is_some_and(|s| s.ppid == upid)).and_then(pid_ns)).filter(|ns| Some(ns) != own_ns.as_ref());
+        let ns = st
+            .pid_ns
+            .take()
+            .or_else(|| init.filter(|p| Stat::read(*p).is_some_and(|s| s.ppid == upid)).and_then(pid_ns))
+            .filter(|ns| Some(ns) != own_ns.as_ref());
         if matches!(unshare.try_wait(), Ok(None)) {
             if let Some(init) = init.filter(|p| Stat::read(*p).is_some_and(|s| s.ppid == upid)) {
                 kill(init, libc::SIGKILL);
@@ -602,7 +643,14 @@ fn missing_prerequisites() -> Vec<String> {
     if uid != 0 {
         missing.push(format!("not running as root (uid {uid})"));
     }
-    for (tool, package) in [("unshare", "util-linux"), ("nsenter", "util-linux"), ("ip", "iproute2"), ("perl", "perl-base"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")] {
+    for (tool, package) in [
+        ("unshare", "util-linux"),
+        ("nsenter", "util-linux"),
+        ("ip", "iproute2"),
+        ("perl", "perl-base"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+    ] {
         if !SYS_PATH.split(':').any(|d| Path::new(d).join(tool).is_file()) {
             missing.push(format!("{tool} is missing (Debian package {package})"));
         }
@@ -674,7 +722,14 @@ fn sys_command(program: &str) -> Command {
 fn host_command(pid: u32) -> Command {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let mut cmd = Command::new("nsenter");
-    cmd.env_clear().env("PATH", SYS_PATH).env("HOME", home).env("USER", "root").env("LOGNAME", "root").env("LANG", "C").current_dir("/").args(["-t", &pid.to_string(), "-a"]);
+    cmd.env_clear()
+        .env("PATH", SYS_PATH)
+        .env("HOME", home)
+        .env("USER", "root")
+        .env("LOGNAME", "root")
+        .env("LANG", "C")
+        .current_dir("/")
+        .args(["-t", &pid.to_string(), "-a"]);
     // nsenter is looked up with the PATH given to the child.
     cmd
 }
@@ -697,19 +752,23 @@ fn check(cmd: &mut Command) -> anyhow::Result<()> {
 /// Run a command with stdin from /dev/null, capturing its output; kill it and fail after `limit`.
 fn output_within(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
     let desc = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("cannot run {desc}"))?;
-    let readers: Vec<_> = [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)]
-        .into_iter()
-        .map(|r| {
-            std::thread::spawn(move || {
-                let mut v = Vec::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut v);
-                }
-                v
-            })
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("cannot run {desc}"))?;
+    let readers: Vec<_> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .map(|r| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
         })
-        .collect();
+    })
+    .collect();
     let status = match wait_child(&mut child, limit) {
         Some(s) => s,
         None => {
@@ -761,7 +820,9 @@ impl Stat {
 }
 
 fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc").map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect()).unwrap_or_default()
+    std::fs::read_dir("/proc")
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect())
+        .unwrap_or_default()
 }
 
 fn children_of(parent: u32) -> Vec<u32> {

@@ -87,7 +87,8 @@ pub fn bin(name: &str) -> PathBuf {
 /// and panic with what it printed.
 pub fn run(cmd: &mut Command, limit: Duration) -> Output {
     let desc = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let t_out = std::thread::spawn(move || {
@@ -351,7 +352,9 @@ fn dealer(rt: &tokio::runtime::Runtime, url: &str, limit: Duration) -> anyhow::R
     let mut opts = SocketOptions::default();
     opts.connect_timeout(limit);
     let mut s = DealerSocket::with_options(opts);
-    rt.block_on(tokio::time::timeout(limit, s.connect(url))).map_err(|_| anyhow!("timed out connecting to {url}"))?.with_context(|| format!("connect {url}"))?;
+    rt.block_on(tokio::time::timeout(limit, s.connect(url)))
+        .map_err(|_| anyhow!("timed out connecting to {url}"))?
+        .with_context(|| format!("connect {url}"))?;
     Ok(s)
 }
 
@@ -433,7 +436,10 @@ impl Client {
         if !self.engines.contains_key(&engine_id) {
             self.connection_request()?;
         }
-        self.engines.get(&engine_id).cloned().ok_or_else(|| anyhow!("engine {engine_id} is not registered (have {:?})", self.engines.keys()))
+        self.engines
+            .get(&engine_id)
+            .cloned()
+            .ok_or_else(|| anyhow!("engine {engine_id} is not registered (have {:?})", self.engines.keys()))
     }
 
     /// Run `code` on one engine.
@@ -535,12 +541,22 @@ async fn send_bounded(sock: &mut DealerSocket, frames: Vec<Bytes>, deadline: Ins
         .map_err(|e| anyhow!("send failed: {e}"))
 }
 
-fn request(rt: &tokio::runtime::Runtime, session: &Session, sock: &mut DealerSocket, msg_id: String, frames: Vec<Bytes>, limit: Duration) -> anyhow::Result<Message> {
+fn request(
+    rt: &tokio::runtime::Runtime,
+    session: &Session,
+    sock: &mut DealerSocket,
+    msg_id: String,
+    frames: Vec<Bytes>,
+    limit: Duration,
+) -> anyhow::Result<Message> {
     let deadline = Instant::now() + limit;
     rt.block_on(async {
         send_bounded(sock, frames, deadline).await?;
         loop {
-            let m = tokio::time::timeout_at(deadline.into(), sock.recv()).await.map_err(|_| anyhow!("no reply to {msg_id} within {limit:?}"))?.map_err(|e| anyhow!("recv: {e}"))?;
+            let m = tokio::time::timeout_at(deadline.into(), sock.recv())
+                .await
+                .map_err(|_| anyhow!("no reply to {msg_id} within {limit:?}"))?
+                .map_err(|e| anyhow!("recv: {e}"))?;
             let Ok(msg) = session.decode(rpx_protocol::zmq::frames(m)) else { continue };
             if msg.parent_msg_id() == Some(msg_id.as_str()) {
                 return Ok(msg);

@@ -36,11 +36,18 @@ pub struct TestSge {
 
 /// What is missing for a Grid Engine test.
 pub fn missing() -> Vec<String> {
-    ["/usr/sbin/sge_qmaster", "/usr/sbin/sge_execd", "/usr/lib/gridengine/qsub", "/usr/lib/gridengine/spoolinit", "/usr/lib/gridengine/spooldefaults", "/var/lib/gridengine/bin"]
-        .iter()
-        .filter(|p| !Path::new(p).exists())
-        .map(|p| format!("{p} (apt-get install gridengine-master gridengine-exec gridengine-client)"))
-        .collect()
+    [
+        "/usr/sbin/sge_qmaster",
+        "/usr/sbin/sge_execd",
+        "/usr/lib/gridengine/qsub",
+        "/usr/lib/gridengine/spoolinit",
+        "/usr/lib/gridengine/spooldefaults",
+        "/var/lib/gridengine/bin",
+    ]
+    .iter()
+    .filter(|p| !Path::new(p).exists())
+    .map(|p| format!("{p} (apt-get install gridengine-master gridengine-exec gridengine-client)"))
+    .collect()
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -97,7 +104,12 @@ impl TestSge {
             .collect();
         let conf_file = root.join("files/configuration");
         std::fs::write(&conf_file, conf)?;
-        s.check(Command::new(format!("{SGE_BIN}/spoolinit")).args(["classic", "libspoolc", &format!("{r}/default/common;{r}/qmaster"), "init"]))?;
+        s.check(Command::new(format!("{SGE_BIN}/spoolinit")).args([
+            "classic",
+            "libspoolc",
+            &format!("{r}/default/common;{r}/qmaster"),
+            "init",
+        ]))?;
         s.check(Command::new(format!("{SGE_BIN}/spooldefaults")).arg("configuration").arg(&conf_file))?;
         s.check(Command::new(format!("{SGE_BIN}/spooldefaults")).args(["complexes", &format!("{SGE_SHARE}/util/resources/centry")]))?;
         s.check(Command::new(format!("{SGE_BIN}/spooldefaults")).args(["usersets", &format!("{SGE_SHARE}/util/resources/usersets")]))?;
@@ -109,10 +121,17 @@ impl TestSge {
         let f = root.join("files");
         std::fs::write(f.join("exechost"), EXEC_HOST)?;
         std::fs::write(f.join("queue"), queue(slots))?;
-        let sconf = String::from_utf8_lossy(&s.qconf(&["-ssconf"]).stdout).lines().map(|l| if l.starts_with("schedule_interval") { "schedule_interval 0:0:1\n".to_string() } else { format!("{l}\n") }).collect::<String>();
+        let sconf = String::from_utf8_lossy(&s.qconf(&["-ssconf"]).stdout)
+            .lines()
+            .map(|l| if l.starts_with("schedule_interval") { "schedule_interval 0:0:1\n".to_string() } else { format!("{l}\n") })
+            .collect::<String>();
         std::fs::write(f.join("sconf"), sconf)?;
         for args in [vec!["-Ae", "exechost"], vec!["-as", "localhost"], vec!["-Msconf", "sconf"], vec!["-Aq", "queue"]] {
-            let a: Vec<String> = args.iter().enumerate().map(|(i, a)| if i == 1 && args[0] != "-as" { f.join(a).display().to_string() } else { a.to_string() }).collect();
+            let a: Vec<String> = args
+                .iter()
+                .enumerate()
+                .map(|(i, a)| if i == 1 && args[0] != "-as" { f.join(a).display().to_string() } else { a.to_string() })
+                .collect();
             let o = s.qconf(&a.iter().map(String::as_str).collect::<Vec<_>>());
             if !o.status.success() {
                 bail!("qconf {a:?} failed: {}", crate::show(&o));
@@ -159,7 +178,12 @@ impl TestSge {
     /// The daemons' output and messages files (tails).
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for p in [self.root.join("files/qmaster.out"), self.root.join("files/execd.out"), self.root.join("qmaster/messages"), self.root.join("execd/localhost/messages")] {
+        for p in [
+            self.root.join("files/qmaster.out"),
+            self.root.join("files/execd.out"),
+            self.root.join("qmaster/messages"),
+            self.root.join("execd/localhost/messages"),
+        ] {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
             out.push_str(&format!("--- {}\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
@@ -192,7 +216,11 @@ impl TestSge {
     /// `qstat -u '*'` job rows (empty when no job is left).
     pub fn jobs(&self) -> String {
         let o = self.run("qstat", &["-u", "*"]);
-        String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect::<Vec<_>>().join("\n")
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn root(&self) -> &Path {

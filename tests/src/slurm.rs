@@ -36,11 +36,19 @@ pub struct TestSlurm {
 
 /// Whether this machine has what a Slurm test needs, or what is missing.
 pub fn missing() -> Vec<String> {
-    ["/usr/sbin/munged", "/usr/bin/munge", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/bin/squeue", "/usr/bin/scancel"]
-        .iter()
-        .filter(|p| !Path::new(p).exists())
-        .map(|p| format!("{p} (apt-get install slurm-wlm munge)"))
-        .collect()
+    [
+        "/usr/sbin/munged",
+        "/usr/bin/munge",
+        "/usr/sbin/slurmctld",
+        "/usr/sbin/slurmd",
+        "/usr/bin/sbatch",
+        "/usr/bin/squeue",
+        "/usr/bin/scancel",
+    ]
+    .iter()
+    .filter(|p| !Path::new(p).exists())
+    .map(|p| format!("{p} (apt-get install slurm-wlm munge)"))
+    .collect()
 }
 
 /// A TCP port free on this host now.
@@ -64,7 +72,13 @@ impl TestSlurm {
         let dir = tempfile::Builder::new().prefix("rpx-slurm-").tempdir_in("/var/tmp").context("create a private directory in /var/tmp")?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
         let d = dir.path().to_path_buf();
-        let mut s = TestSlurm { dir_path: d.clone(), dir: Some(dir), conf: d.join("slurm.conf"), daemons: Vec::new(), nodes: hosts.hosts().iter().map(|h| h.name.clone()).collect() };
+        let mut s = TestSlurm {
+            dir_path: d.clone(),
+            dir: Some(dir),
+            conf: d.join("slurm.conf"),
+            daemons: Vec::new(),
+            nodes: hosts.hosts().iter().map(|h| h.name.clone()).collect(),
+        };
         // From here on, an error drops `s`, which ends what was started.
         for sub in ["munge", "state", "spool", "log"] {
             std::fs::create_dir(d.join(sub))?;
@@ -143,10 +157,11 @@ impl TestSlurm {
         if !enc.status.success() {
             return false;
         }
-        let mut un = match Command::new("unmunge").arg("-S").arg(sock).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
-            Ok(c) => c,
-            Err(_) => return false,
-        };
+        let mut un =
+            match Command::new("unmunge").arg("-S").arg(sock).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
         if let Some(mut i) = un.stdin.take() {
             let _ = std::io::Write::write_all(&mut i, &enc.stdout);
         }
@@ -175,7 +190,11 @@ impl TestSlurm {
 
     /// `sinfo -h -N -o '%N %t'`: one `node state` line per node.
     pub fn sinfo_nodes(&self) -> String {
-        self.command("sinfo").args(["-h", "-N", "-o", "%N %t"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+        self.command("sinfo")
+            .args(["-h", "-N", "-o", "%N %t"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     /// A Slurm client command (`sbatch`, `squeue`, ...) that uses this cluster.

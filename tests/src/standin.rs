@@ -289,10 +289,14 @@ impl Observer {
     /// The hub's engine list (`connection_request`): id -> uuid.
     pub async fn engines(&mut self, limit: Duration) -> anyhow::Result<HashMap<String, String>> {
         let (header, frames) = self.session.msg(&[], "connection_request", json!({}), None, json!({}), &[]);
-        tokio::time::timeout(limit, self.query.send(rpx_protocol::zmq::message(frames))).await.map_err(|_| anyhow!("connection_request send timed out"))??;
+        tokio::time::timeout(limit, self.query.send(rpx_protocol::zmq::message(frames)))
+            .await
+            .map_err(|_| anyhow!("connection_request send timed out"))??;
         let end = Instant::now() + limit;
         loop {
-            let m: ZmqMessage = tokio::time::timeout(end.saturating_duration_since(Instant::now()), self.query.recv()).await.map_err(|_| anyhow!("no connection_reply within {limit:?}"))??;
+            let m: ZmqMessage = tokio::time::timeout(end.saturating_duration_since(Instant::now()), self.query.recv())
+                .await
+                .map_err(|_| anyhow!("no connection_reply within {limit:?}"))??;
             let msg = self.session.decode(m.into_vec())?;
             if msg.msg_type() == "connection_reply" && msg.parent_msg_id() == Some(header.msg_id.as_str()) {
                 let mut out = HashMap::new();
@@ -308,7 +312,13 @@ impl Observer {
 }
 
 /// Start `n` stand-ins at once (each its own task); failures are counted in `counters`.
-pub fn spawn_many(ep: &Endpoints, uuids: &[String], opts: &Options, counters: &Arc<Counters>, t0: Instant) -> Vec<tokio::task::JoinHandle<Option<Standin>>> {
+pub fn spawn_many(
+    ep: &Endpoints,
+    uuids: &[String],
+    opts: &Options,
+    counters: &Arc<Counters>,
+    t0: Instant,
+) -> Vec<tokio::task::JoinHandle<Option<Standin>>> {
     uuids
         .iter()
         .map(|u| {

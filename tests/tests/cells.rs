@@ -33,7 +33,11 @@ fn eight_engines_run_rust_cells() {
 
     // Per-engine stdout, from one cell sent to all eight engines.
     let outs = c
-        .execute(&ids, r#"let eid: u64 = std::env::var("RPX_ENGINE_ID").unwrap().parse().unwrap(); println!("engine {eid} says hi");"#, LIMIT)
+        .execute(
+            &ids,
+            r#"let eid: u64 = std::env::var("RPX_ENGINE_ID").unwrap().parse().unwrap(); println!("engine {eid} says hi");"#,
+            LIMIT,
+        )
         .unwrap();
     assert_ok(&outs);
     for o in &outs {
@@ -46,12 +50,22 @@ fn eight_engines_run_rust_cells() {
     let outs = c.execute(&ids, code, LIMIT).unwrap();
     assert_ok(&outs);
     for o in &outs {
-        assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("out 0\nout 1\nout 2\nlast out\n", "err 0\nerr 1\nerr 2\nlast err"), "engine {}", o.engine_id);
+        assert_eq!(
+            (o.stdout.as_str(), o.stderr.as_str()),
+            ("out 0\nout 1\nout 2\nlast out\n", "err 0\nerr 1\nerr 2\nlast err"),
+            "engine {}",
+            o.engine_id
+        );
         assert!(o.idle, "engine {}: idle follows the reply", o.engine_id);
         assert!(o.stream_dates.len() >= 2, "output over 180 ms goes out in several messages: {:?}", o.stream_dates);
         assert_eq!(o.reply_date.len(), "2026-12-04T16:50:00.123456Z".len(), "{}", o.reply_date);
         for d in &o.stream_dates {
-            assert!(d.as_str() <= o.reply_date.as_str(), "engine {}: stream published at {d}, after its reply at {}", o.engine_id, o.reply_date);
+            assert!(
+                d.as_str() <= o.reply_date.as_str(),
+                "engine {}: stream published at {d}, after its reply at {}",
+                o.engine_id,
+                o.reply_date
+            );
         }
     }
 

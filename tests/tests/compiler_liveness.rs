@@ -79,7 +79,9 @@ fn a_compiler_restarted_after_a_crash_keeps_the_engines_variables() {
     let port = file["url"].as_str().unwrap().rsplit(':').next().unwrap().to_string();
     signal(old, libc::SIGKILL);
     let gone_by = Instant::now() + Duration::from_secs(30);
-    while std::path::Path::new(&format!("/proc/{old}/stat")).exists() && std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+    while std::path::Path::new(&format!("/proc/{old}/stat")).exists()
+        && std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| !s.contains(") Z"))
+    {
         assert!(Instant::now() < gone_by, "the killed compiler is still there");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -56,7 +56,11 @@ fn links() -> String {
 fn ports_of(bridge: &str) -> Vec<String> {
     let o = run(Command::new("ip").args(["-o", "link", "show", "master", bridge]), LIMIT);
     assert!(o.status.success(), "{}", show(&o));
-    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().nth(1)).map(|n| n.trim_end_matches(':').split('@').next().unwrap().to_string()).collect()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|n| n.trim_end_matches(':').split('@').next().unwrap().to_string())
+        .collect()
 }
 
 fn pid_ns(pid: u32) -> Option<PathBuf> {
@@ -87,7 +91,13 @@ impl Footprint {
         for (pid, ns) in &self.inits {
             assert_ne!(pid_ns(*pid).as_ref(), Some(ns), "init {pid} is still alive");
             // No process at all is left in that pid namespace.
-            let left: Vec<String> = std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())).filter(|p| pid_ns(*p).as_ref() == Some(ns)).map(|p| p.to_string()).collect();
+            let left: Vec<String> = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+                .filter(|p| pid_ns(*p).as_ref() == Some(ns))
+                .map(|p| p.to_string())
+                .collect();
             assert!(left.is_empty(), "processes {left:?} left in the pid namespace of init {pid}");
         }
         assert!(!self.dir.exists(), "{} left behind", self.dir.display());
@@ -124,7 +134,11 @@ fn two_hosts_are_separate_machines_until_dropped() {
     assert!(gw.starts_with("10.213."), "{gw}");
     assert_eq!(hosts.subnet(), format!("{prefix}.0/24"));
     assert_eq!((h1.ip.as_str(), h2.ip.as_str()), (format!("{prefix}.2").as_str(), format!("{prefix}.3").as_str()));
-    assert!(hosts.dir().starts_with("/var/tmp") && hosts.dir().file_name().unwrap().to_str().unwrap().starts_with("rpx-hosts-"), "{}", hosts.dir().display());
+    assert!(
+        hosts.dir().starts_with("/var/tmp") && hosts.dir().file_name().unwrap().to_str().unwrap().starts_with("rpx-hosts-"),
+        "{}",
+        hosts.dir().display()
+    );
     assert_eq!(std::fs::metadata(hosts.dir()).unwrap().permissions().mode() & 0o777, 0o700);
     let bridge = hosts.bridge().to_string();
     assert!(bridge.starts_with("rpxb") && bridge.len() == 10, "{bridge}");
@@ -241,7 +255,11 @@ fn two_hosts_are_separate_machines_until_dropped() {
     assert_eq!((peer.as_str(), text.trim()), (h1.ip.as_str(), "hello-from-h1"));
     // No route leads anywhere else: asking the kernel sends nothing.
     let o = hosts.exec("h1", &["ip", "route", "get", "1.1.1.1"], LIMIT);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unreachable"), "h1 has a route to the outside: {}", show(&o));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unreachable"),
+        "h1 has a route to the outside: {}",
+        show(&o)
+    );
     assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default(), forward_before, "ip forwarding changed");
 
     // Without its sshd, a host refuses connections at once; the other one still answers.
@@ -286,7 +304,13 @@ fn bad_names_are_refused() {
 #[test]
 fn rpx_testhosts_ends_on_stdin_eof_and_on_sigterm() {
     for how in ["stdin EOF", "SIGTERM"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rpx-testhosts")).args(["up", "b1", "b2"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rpx-testhosts"))
+            .args(["up", "b1", "b2"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -306,7 +330,12 @@ fn rpx_testhosts_ends_on_stdin_eof_and_on_sigterm() {
         let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("no {k}: {v}")).to_string();
         let dir = PathBuf::from(s("dir"));
         let bridge = s("bridge");
-        assert!(dir.is_dir() && s("ssh_config") == dir.join("ssh_config").to_str().unwrap() && s("ssh_wrapper") == dir.join("ssh").to_str().unwrap(), "{v}");
+        assert!(
+            dir.is_dir()
+                && s("ssh_config") == dir.join("ssh_config").to_str().unwrap()
+                && s("ssh_wrapper") == dir.join("ssh").to_str().unwrap(),
+            "{v}"
+        );
         assert!(s("gateway").starts_with("10.213.") && s("subnet").ends_with(".0/24"), "{v}");
         let hosts = v["hosts"].as_array().unwrap();
         assert_eq!(hosts.iter().map(|h| h["name"].as_str().unwrap()).collect::<Vec<_>>(), ["b1", "b2"]);

@@ -39,7 +39,9 @@ fn ids(c: &mut Client) -> Vec<u64> {
 
 /// Define `kept` on engine `id` and return the engine's pid and its worker's pid.
 fn define_kept(c: &mut Client, id: u64, value: &str) -> (i32, i32) {
-    let code = format!("let kept: String = String::from({value:?}); println!(\"{{}} {{}}\", std::os::unix::process::parent_id(), std::process::id());");
+    let code = format!(
+        "let kept: String = String::from({value:?}); println!(\"{{}} {{}}\", std::os::unix::process::parent_id(), std::process::id());"
+    );
     let o = c.execute_one(id, &code, LIMIT).unwrap();
     assert_eq!(o.status, "ok", "{:#}\n{}", o.reply, o.stderr);
     let pids: Vec<i32> = o.stdout.split_whitespace().map(|p| p.parse().unwrap()).collect();
@@ -132,8 +134,9 @@ fn a_controller_killed_and_restarted_with_reuse_gets_its_engines_back_with_their
     let _restarted = Controller::start(cluster.rpx_dir(), &log);
     let restarted_at = Instant::now();
     // A client reading the same connection file reaches it; the engines come back within 10 s.
-    let mut c = wait_for_client(&cluster.client_file(), Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no client could connect to the restarted controller\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let mut c = wait_for_client(&cluster.client_file(), Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!("no client could connect to the restarted controller\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+    });
     let back = c.wait_for_engines(2, Duration::from_secs(10).saturating_sub(restarted_at.elapsed()));
     let back = back.unwrap_or_else(|e| panic!("{e}\n--- restarted controller:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
     eprintln!("{} engines back {:.1?} after the restart", back.len(), restarted_at.elapsed());
@@ -147,13 +150,16 @@ fn a_controller_killed_and_restarted_with_reuse_gets_its_engines_back_with_their
 /// A client connected to the controller of `file`, retried until `limit` (the controller may
 /// still be binding).
 fn wait_for_client(file: &Path, limit: Duration) -> Option<Client> {
-    rpx_tests::poll(limit, Duration::from_millis(100), || Client::connect(file, Duration::from_secs(2)).ok().and_then(|mut c| c.ids().is_ok().then_some(c)))
+    rpx_tests::poll(limit, Duration::from_millis(100), || {
+        Client::connect(file, Duration::from_secs(2)).ok().and_then(|mut c| c.ids().is_ok().then_some(c))
+    })
 }
 
 #[test]
 fn reuse_without_connection_files_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(Command::new(bin("ipcontroller")).args(["--reuse", "--profile", "none"]).env("RPX_DIR", dir.path()), Duration::from_secs(30));
+    let out =
+        run(Command::new(bin("ipcontroller")).args(["--reuse", "--profile", "none"]).env("RPX_DIR", dir.path()), Duration::from_secs(30));
     assert!(!out.status.success(), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--reuse: cannot read the connection file") && err.contains("ipcontroller-client.json"), "{}", show(&out));
@@ -162,7 +168,10 @@ fn reuse_without_connection_files_is_a_clear_error() {
 #[test]
 fn an_engine_whose_controller_never_returns_exits_after_its_reconnect_timeout() {
     let cluster = TestCluster::empty();
-    let out = run(cluster.command(&["start", "-n", "1", "--daemonize", "--no-restart", "--timeout", "120"]).env("RPX_RECONNECT_TIMEOUT", "3"), Duration::from_secs(180));
+    let out = run(
+        cluster.command(&["start", "-n", "1", "--daemonize", "--no-restart", "--timeout", "120"]).env("RPX_RECONNECT_TIMEOUT", "3"),
+        Duration::from_secs(180),
+    );
     assert!(out.status.success(), "{}", show(&out));
     let mut c = cluster.client();
     let id = c.wait_for_engines(1, Duration::from_secs(60)).unwrap()[0];
@@ -176,6 +185,9 @@ fn an_engine_whose_controller_never_returns_exits_after_its_reconnect_timeout() 
     eprintln!("the engine exited {:.1?} after its controller was killed", killed.elapsed());
     assert!(wait_until(Duration::from_secs(10), || !alive(worker)), "the engine's worker {worker} was left running");
     let logs = std::fs::read_dir(cluster.profile().log_dir()).unwrap();
-    let said = logs.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("ipengine")).any(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("reconnect timeout of 3 s"));
+    let said = logs
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ipengine"))
+        .any(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("reconnect timeout of 3 s"));
     assert!(said, "the engine's log says why it exited");
 }

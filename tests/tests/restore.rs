@@ -139,9 +139,17 @@ async fn run_tasks(c: &ClientConnection, e: &EngineConnection, n: usize) -> Vec<
     let mut cmux = dealer(&c.url(c.mux), None).await;
     let mut ids = Vec::new();
     // Binary buffers, some empty, some large, so that a byte lost or reordered shows.
-    let result_bufs = |i: usize| vec![Bytes::from(vec![(i % 251) as u8; 1 + i * 997]), Bytes::new(), Bytes::from(format!("\0\u{ff}result {i}"))];
+    let result_bufs =
+        |i: usize| vec![Bytes::from(vec![(i % 251) as u8; 1 + i * 997]), Bytes::new(), Bytes::from(format!("\0\u{ff}result {i}"))];
     for i in 0..n {
-        let (h, f) = cli.msg(&[], "apply_request", json!({}), None, json!({"retries": 0}), &[Bytes::from(format!("arg {i}")), Bytes::from_static(b"\xff\x00")]);
+        let (h, f) = cli.msg(
+            &[],
+            "apply_request",
+            json!({}),
+            None,
+            json!({"retries": 0}),
+            &[Bytes::from(format!("arg {i}")), Bytes::from_static(b"\xff\x00")],
+        );
         send(&mut ctask, f).await;
         let got = recv(&mut etask, &eng).await;
         assert_eq!(got.header.msg_id, h.msg_id);
@@ -154,7 +162,19 @@ async fn run_tasks(c: &ClientConnection, e: &EngineConnection, n: usize) -> Vec<
     let (h, f) = cli.msg(&[Bytes::from(ENGINE)], "execute_request", json!({"code": "direct"}), None, json!({}), &[]);
     send(&mut cmux, f).await;
     let got = recv(&mut emux, &eng).await;
-    send(&mut emux, eng.msg(&got.idents, "execute_reply", json!({"status": "ok", "execution_count": 1}), Some(&got.header), json!({"engine": ENGINE, "status": "ok"}), &[]).1).await;
+    send(
+        &mut emux,
+        eng.msg(
+            &got.idents,
+            "execute_reply",
+            json!({"status": "ok", "execution_count": 1}),
+            Some(&got.header),
+            json!({"engine": ENGINE, "status": "ok"}),
+            &[],
+        )
+        .1,
+    )
+    .await;
     recv(&mut cmux, &cli).await;
     ids.push(h.msg_id);
     ids
@@ -164,8 +184,9 @@ async fn run_tasks(c: &ClientConnection, e: &EngineConnection, n: usize) -> Vec<
 async fn wait_committed(db: &Path, n: i64) {
     let t0 = Instant::now();
     loop {
-        let count =
-            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).and_then(|c| c.query_row("SELECT count(*) FROM tasks", [], |r| r.get::<_, i64>(0))).unwrap_or(-1);
+        let count = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT count(*) FROM tasks", [], |r| r.get::<_, i64>(0)))
+            .unwrap_or(-1);
         if count == n {
             eprintln!("{n} records committed {:?} after the last reply", t0.elapsed());
             return;
@@ -198,7 +219,19 @@ async fn results_survive_a_sigkilled_controller_with_restore() {
     assert_eq!(before.header.msg_type, "result_reply", "{:?}", before.content);
     let history_before = q.ask("history_request", json!({})).await.content["history"].clone();
     assert_eq!(history_before, json!(ids));
-    let keys = json!(["msg_id", "header", "content", "buffers", "result_header", "result_content", "result_buffers", "engine_uuid", "queue", "submitted", "completed"]);
+    let keys = json!([
+        "msg_id",
+        "header",
+        "content",
+        "buffers",
+        "result_header",
+        "result_content",
+        "result_buffers",
+        "engine_uuid",
+        "queue",
+        "submitted",
+        "completed"
+    ]);
     let db_before = q.ask("db_request", json!({"query": {"engine_uuid": ENGINE}, "keys": keys})).await;
 
     // Crash.
@@ -219,7 +252,8 @@ async fn results_survive_a_sigkilled_controller_with_restore() {
     let db_after = q.ask("db_request", json!({"query": {"engine_uuid": ENGINE}, "keys": keys})).await;
     assert_eq!(db_after.content, db_before.content);
     assert_eq!(db_after.buffers, db_before.buffers);
-    let some = q.ask("db_request", json!({"query": {"msg_id": {"$in": [ids[3].clone(), ids[7].clone()]}}, "keys": ["msg_id", "queue"]})).await;
+    let some =
+        q.ask("db_request", json!({"query": {"msg_id": {"$in": [ids[3].clone(), ids[7].clone()]}}, "keys": ["msg_id", "queue"]})).await;
     assert_eq!(some.content["records"], json!([{"msg_id": ids[3], "queue": "task"}, {"msg_id": ids[7], "queue": "task"}]));
     let mux = q.ask("db_request", json!({"query": {"queue": "mux"}, "keys": ["msg_id"]})).await;
     assert_eq!(mux.content["records"], json!([{"msg_id": ids.last().unwrap()}]));

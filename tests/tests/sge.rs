@@ -32,7 +32,11 @@ fn sge_start_cells_stop() {
     };
     let cluster = TestCluster::empty_in(std::path::Path::new("/var/tmp"));
     let t = Instant::now();
-    let out = ipcluster(&cluster, &sge, &["start", "-n", "4", "--daemonize", "--engines", "sge", "--queue", rpx_tests::sge::QUEUE, "--timeout", "120"]);
+    let out = ipcluster(
+        &cluster,
+        &sge,
+        &["start", "-n", "4", "--daemonize", "--engines", "sge", "--queue", rpx_tests::sge::QUEUE, "--timeout", "120"],
+    );
     assert!(out.status.success(), "ipcluster start --engines sge failed\n{}\n{}", show(&out), sge.logs());
     eprintln!("started 4 engines through Grid Engine in {:.1?}", t.elapsed());
     let st = cluster.cluster_state().expect("cluster file");
@@ -40,7 +44,11 @@ fn sge_start_cells_stop() {
 
     let out = ipcluster(&cluster, &sge, &["list"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("sge job {job}: 4 engines (ids 0..4), running on localhost")) && text.contains("4 registered"), "{}", show(&out));
+    assert!(
+        text.contains(&format!("sge job {job}: 4 engines (ids 0..4), running on localhost")) && text.contains("4 registered"),
+        "{}",
+        show(&out)
+    );
 
     let c = rpx::Client::from_file(cluster.client_file()).expect("connect");
     c.wait_for_engines(4, Duration::from_secs(60)).expect("4 engines");

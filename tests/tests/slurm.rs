@@ -74,7 +74,8 @@ impl Steps {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             Ok(()) => eprintln!("--- ok: {name} ({:.1?})", t.elapsed()),
             Err(p) => {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let msg =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
                 eprintln!("--- FAILED: {name}: {msg}");
                 self.failed.push(format!("{name}: {msg}"));
             }
@@ -93,7 +94,11 @@ fn slurm_engines_on_two_nodes() {
     let cluster = TestCluster::empty_in(std::path::Path::new("/var/tmp"));
     let gw = hosts.gateway().to_string();
     let t = Instant::now();
-    let out = ipcluster(&cluster, &slurm, &["start", "-n", "4", "--daemonize", "--ip", &gw, "--engines", "slurm", "--engines-per-node", "2", "--timeout", "120"]);
+    let out = ipcluster(
+        &cluster,
+        &slurm,
+        &["start", "-n", "4", "--daemonize", "--ip", &gw, "--engines", "slurm", "--engines-per-node", "2", "--timeout", "120"],
+    );
     assert!(out.status.success(), "ipcluster start --engines slurm failed\n{}\n{}", show(&out), slurm.logs());
     eprintln!("started 4 engines through Slurm in {:.1?}", t.elapsed());
     let first_job = job_ids(&cluster);
@@ -141,7 +146,10 @@ fn slurm_engines_on_two_nodes() {
     });
 
     steps.run("a load-balanced map runs on engines of both nodes", || {
-        let got: Vec<(u64, String)> = c.view().map(rpx::remote!(|x: u64| (x * x, std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string())), 0..64u64).unwrap();
+        let got: Vec<(u64, String)> = c
+            .view()
+            .map(rpx::remote!(|x: u64| (x * x, std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string())), 0..64u64)
+            .unwrap();
         assert_eq!(got.iter().map(|(v, _)| *v).collect::<Vec<_>>(), (0..64u64).map(|x| x * x).collect::<Vec<_>>());
         let hosts_used: BTreeSet<&str> = got.iter().map(|(_, h)| h.as_str()).collect();
         assert_eq!(hosts_used, BTreeSet::from(["n1", "n2"]));
@@ -173,7 +181,11 @@ fn slurm_engines_on_two_nodes() {
     });
 
     steps.run("a partition that does not exist gives Slurm's error", || {
-        let out = ipcluster(&cluster, &slurm, &["start", "-n", "1", "--daemonize", "--ip", &gw, "--engines", "slurm", "--partition", "nope", "--timeout", "60"]);
+        let out = ipcluster(
+            &cluster,
+            &slurm,
+            &["start", "-n", "1", "--daemonize", "--ip", &gw, "--engines", "slurm", "--partition", "nope", "--timeout", "60"],
+        );
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Slurm refused the job") && err.contains("invalid partition specified: nope"), "{err}");
@@ -182,16 +194,40 @@ fn slurm_engines_on_two_nodes() {
     });
 
     steps.run("a job that never starts: its state and reason, then it is cancelled", || {
-        let out = ipcluster(&cluster, &slurm, &["start", "-n", "1", "--daemonize", "--ip", &gw, "--engines", "slurm", "--directive", "--begin=now+1hour", "--timeout", "8"]);
+        let out = ipcluster(
+            &cluster,
+            &slurm,
+            &["start", "-n", "1", "--daemonize", "--ip", &gw, "--engines", "slurm", "--directive", "--begin=now+1hour", "--timeout", "8"],
+        );
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("only 0 of 1 engines registered") && err.contains("is pending (BeginTime)") && err.contains("job output file: "), "{err}");
+        assert!(
+            err.contains("only 0 of 1 engines registered") && err.contains("is pending (BeginTime)") && err.contains("job output file: "),
+            "{err}"
+        );
         assert_eq!(slurm.live_jobs(), "", "the pending job was cancelled");
         assert!(cluster.processes().is_empty(), "{:?}", cluster.processes());
     });
 
     steps.run("a job that fails: its state, reason and output", || {
-        let out = ipcluster(&cluster, &slurm, &["start", "-n", "2", "--daemonize", "--ip", &gw, "--engines", "slurm", "--engine-cmd", "/nonexistent/ipengine", "--timeout", "60"]);
+        let out = ipcluster(
+            &cluster,
+            &slurm,
+            &[
+                "start",
+                "-n",
+                "2",
+                "--daemonize",
+                "--ip",
+                &gw,
+                "--engines",
+                "slurm",
+                "--engine-cmd",
+                "/nonexistent/ipengine",
+                "--timeout",
+                "60",
+            ],
+        );
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is FAILED") && err.contains("job output file: ") && err.contains("/nonexistent/ipengine"), "{err}");
@@ -219,7 +255,8 @@ fn slurm_engines_on_two_nodes() {
     steps.run("engines whose controller is gone for good exit by themselves and their job ends", || {
         // No supervisor (it would cancel the job itself), and engines that give the controller
         // 3 s to come back (RPX_RECONNECT_TIMEOUT reaches them through the job's environment).
-        let mut cmd = cluster.command(&["start", "-n", "2", "--daemonize", "--no-restart", "--ip", &gw, "--engines", "slurm", "--timeout", "120"]);
+        let mut cmd =
+            cluster.command(&["start", "-n", "2", "--daemonize", "--no-restart", "--ip", &gw, "--engines", "slurm", "--timeout", "120"]);
         cmd.envs(slurm.env()).env("RPX_RECONNECT_TIMEOUT", "3");
         let out = rpx_tests::run(&mut cmd, Duration::from_secs(180));
         assert!(out.status.success(), "{}", show(&out));

@@ -47,7 +47,9 @@ fn state(c: &TestCluster) -> Value {
 
 /// The pid of the local engine with start index `index`.
 fn engine_pid(st: &Value, index: u64) -> u32 {
-    st["engines"].as_array().unwrap().iter().find(|e| e["index"] == index).unwrap_or_else(|| panic!("no engine {index} in {st:#}"))["pid"].as_u64().unwrap() as u32
+    st["engines"].as_array().unwrap().iter().find(|e| e["index"] == index).unwrap_or_else(|| panic!("no engine {index} in {st:#}"))["pid"]
+        .as_u64()
+        .unwrap() as u32
 }
 
 fn listing(c: &TestCluster) -> String {
@@ -124,7 +126,8 @@ fn a_killed_engine_is_replaced_under_its_id_within_10_s_and_serves() {
     // The listing and the cluster file say what happened; the variables of engine 2 are gone.
     assert!(text.contains(&format!("supervisor: pid {supervisor}, restarts on")), "{text}");
     assert!(
-        text.contains(&format!("restarts: 1, last: engine 2 (id 2) was killed by signal 9 (SIGKILL), restarted as pid {new_pid}")) && text.contains("its variables are lost"),
+        text.contains(&format!("restarts: 1, last: engine 2 (id 2) was killed by signal 9 (SIGKILL), restarted as pid {new_pid}"))
+            && text.contains("its variables are lost"),
         "{text}"
     );
     let sup = &state(&c)["supervision"];
@@ -132,7 +135,11 @@ fn a_killed_engine_is_replaced_under_its_id_within_10_s_and_serves() {
     assert_eq!(sup["recent"][0]["old_pid"], victim);
     let log = PathBuf::from(sup["log"].as_str().expect("the detached supervisor's log"));
     let log_text = std::fs::read_to_string(&log).unwrap();
-    assert!(log_text.contains(&format!("engine 2 (id 2) (pid {victim}) was killed by signal 9 (SIGKILL)")) && log_text.contains("its variables are lost"), "{log_text}");
+    assert!(
+        log_text.contains(&format!("engine 2 (id 2) (pid {victim}) was killed by signal 9 (SIGKILL)"))
+            && log_text.contains("its variables are lost"),
+        "{log_text}"
+    );
 
     // A cell runs on all 4; the others still have `kept`, engine 2 starts over.
     let out = client.execute(&[0, 1, 3], "println!(\"{kept}\");", CELL).unwrap();
@@ -140,7 +147,11 @@ fn a_killed_engine_is_replaced_under_its_id_within_10_s_and_serves() {
     let out = client.execute_one(2, "println!(\"{}\", 6 * 7);", CELL).unwrap();
     assert_eq!((out.status.as_str(), out.stdout.trim()), ("ok", "42"), "{out:#?}");
     // Its first request told the client (on stderr, as `%px` shows it) that it was restarted.
-    assert!(out.stderr.contains("[ipcluster] engine 2 was restarted: its previous process was killed by signal 9 (SIGKILL)") && out.stderr.contains("its variables are lost"), "{out:#?}");
+    assert!(
+        out.stderr.contains("[ipcluster] engine 2 was restarted: its previous process was killed by signal 9 (SIGKILL)")
+            && out.stderr.contains("its variables are lost"),
+        "{out:#?}"
+    );
     let out = client.execute(&[0, 2], "println!(\"again\");", CELL).unwrap();
     assert!(out.iter().all(|o| o.status == "ok" && o.stderr.is_empty()), "the notice comes once, and only from engine 2: {out:#?}");
     let out = client.execute_one(2, "println!(\"{kept}\");", CELL).unwrap();
@@ -163,13 +174,17 @@ fn a_killed_compiler_comes_back_on_its_port_and_cells_work_within_60_s() {
     let old = state(&c)["compiler_pid"].as_u64().unwrap() as u32;
     assert_eq!(first.pid, old);
     // The supervisor learned the port it will restart the compiler on.
-    let port = poll(Duration::from_secs(10), || state(&c)["supervision"]["compiler_port"].as_u64()).expect("the supervisor records the compiler's port");
+    let port = poll(Duration::from_secs(10), || state(&c)["supervision"]["compiler_port"].as_u64())
+        .expect("the supervisor records the compiler's port");
     assert!(first.url.ends_with(&format!(":{port}")), "{} vs {port}", first.url);
 
     signal(old, libc::SIGKILL);
     let killed = Instant::now();
-    let new = poll(Duration::from_secs(30), || state(&c)["compiler_pid"].as_u64().map(|p| p as u32).filter(|p| *p != old && alive(*p))).unwrap_or_else(|| panic!("no new compiler\n{}", listing(&c)));
-    let second: CompilerConnection = poll(Duration::from_secs(60), || read_json::<CompilerConnection>(&compiler_file).ok().filter(|f| f.pid == new)).expect("the new compiler writes its connection file");
+    let new = poll(Duration::from_secs(30), || state(&c)["compiler_pid"].as_u64().map(|p| p as u32).filter(|p| *p != old && alive(*p)))
+        .unwrap_or_else(|| panic!("no new compiler\n{}", listing(&c)));
+    let second: CompilerConnection =
+        poll(Duration::from_secs(60), || read_json::<CompilerConnection>(&compiler_file).ok().filter(|f| f.pid == new))
+            .expect("the new compiler writes its connection file");
     assert_eq!(second.url, first.url, "same address and port");
     // The dead compiler's work directory (evcxr's builds) was removed; the new one has its own.
     let old_work = first.work_dir.clone().expect("the compiler names its work directory");
@@ -189,7 +204,10 @@ fn a_killed_compiler_comes_back_on_its_port_and_cells_work_within_60_s() {
             Ok(out) => {
                 for o in &out {
                     let ename = o.reply["ename"].as_str().unwrap_or_default().to_string();
-                    assert!(o.status == "ok" || ename == "CompilerDied" || ename == "NoCompiler", "only 'compiler gone' errors while reconnecting: {o:#?}");
+                    assert!(
+                        o.status == "ok" || ename == "CompilerDied" || ename == "NoCompiler",
+                        "only 'compiler gone' errors while reconnecting: {o:#?}"
+                    );
                 }
                 tries.push(out.iter().map(|o| o.status.clone()).collect::<Vec<_>>());
             }
@@ -200,7 +218,11 @@ fn a_killed_compiler_comes_back_on_its_port_and_cells_work_within_60_s() {
     assert!(ok, "cells did not work again within 60 s of the compiler's SIGKILL; tries: {tries:?}\n{}", listing(&c));
     eprintln!("cells worked again {took:.1?} after the compiler's SIGKILL ({} failed tries)", tries.len());
     let text = listing(&c);
-    assert!(text.contains(&format!("restarts: 1, last: compiler was killed by signal 9 (SIGKILL), restarted as pid {new}")), "{text}\n{}", supervisor_log(&c));
+    assert!(
+        text.contains(&format!("restarts: 1, last: compiler was killed by signal 9 (SIGKILL), restarted as pid {new}")),
+        "{text}\n{}",
+        supervisor_log(&c)
+    );
     drop(client);
     stop_leaves_nothing(&c, &[]);
     assert!(!second.work_dir.unwrap().exists(), "a stopped compiler removes its work directory");
@@ -236,7 +258,10 @@ fn an_engine_crashing_on_every_start_is_given_up_after_the_limit() {
     let marks = work.path().join("marks");
     std::fs::create_dir(&marks).unwrap();
     let mut cmd = std::process::Command::new(bins.join("ipcluster"));
-    cmd.args(["start", "-n", "2", "--daemonize", "--restart-limit", "2", "--timeout", "120"]).env("RPX_DIR", c.rpx_dir()).env_remove("RPX_PROFILE").env("RPX_TEST_MARKS", &marks);
+    cmd.args(["start", "-n", "2", "--daemonize", "--restart-limit", "2", "--timeout", "120"])
+        .env("RPX_DIR", c.rpx_dir())
+        .env_remove("RPX_PROFILE")
+        .env("RPX_TEST_MARKS", &marks);
     let out = run(&mut cmd, Duration::from_secs(180));
     assert!(out.status.success(), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("supervisor: pid"), "{}", show(&out));
@@ -251,7 +276,9 @@ fn an_engine_crashing_on_every_start_is_given_up_after_the_limit() {
     .unwrap_or_else(|| panic!("engine 1 was never given up\n{}", listing(&c)));
     assert_eq!(gave_up["member"], "engine 1 (id 1)", "{gave_up:#}");
     let msg = gave_up["message"].as_str().unwrap();
-    for part in ["engine 1 (id 1)", "exited with status 1", "a crash loop", "not restarted again", "ipengine-1.log", "ipcluster engines -n 1"] {
+    for part in
+        ["engine 1 (id 1)", "exited with status 1", "a crash loop", "not restarted again", "ipengine-1.log", "ipcluster engines -n 1"]
+    {
         assert!(msg.contains(part), "{part:?} missing from: {msg}");
     }
     let st = state(&c);
@@ -274,7 +301,12 @@ fn an_engine_crashing_on_every_start_is_given_up_after_the_limit() {
 fn the_foreground_ipcluster_supervises_too() {
     use std::io::Read;
     let c = TestCluster::empty();
-    let mut child = c.command(&["start", "-n", "2", "--timeout", "120"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = c
+        .command(&["start", "-n", "2", "--timeout", "120"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut client = poll(Duration::from_secs(120), || {
         let mut cl = rpx_tests::Client::connect(&c.client_file(), Duration::from_secs(5)).ok()?;
         (cl.ids().ok()?.len() == 2).then_some(cl)
@@ -286,8 +318,10 @@ fn the_foreground_ipcluster_supervises_too() {
     let victim = engine_pid(&st, 1);
     signal(victim, libc::SIGKILL);
     let killed = Instant::now();
-    poll(Duration::from_secs(30), || client.connection_request().ok().filter(|now| now.len() == 2 && now.get(&1).is_some_and(|u| *u != before[&1])))
-        .unwrap_or_else(|| panic!("not healed\n{}", listing(&c)));
+    poll(Duration::from_secs(30), || {
+        client.connection_request().ok().filter(|now| now.len() == 2 && now.get(&1).is_some_and(|u| *u != before[&1]))
+    })
+    .unwrap_or_else(|| panic!("not healed\n{}", listing(&c)));
     let took = killed.elapsed();
     assert!(took <= Duration::from_secs(10), "healed in {took:?}");
     drop(client);
@@ -297,7 +331,11 @@ fn the_foreground_ipcluster_supervises_too() {
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(status.success(), "{status}\n{err}");
-    assert!(err.contains(&format!("engine 1 (id 1) (pid {victim}) was killed by signal 9 (SIGKILL)")) && err.contains("restarted engine 1 (id 1) as pid"), "{err}");
+    assert!(
+        err.contains(&format!("engine 1 (id 1) (pid {victim}) was killed by signal 9 (SIGKILL)"))
+            && err.contains("restarted engine 1 (id 1) as pid"),
+        "{err}"
+    );
     let left = wait_no_process_mentioning(&c.rpx_dir().to_string_lossy(), Duration::from_secs(5));
     assert!(left.is_empty(), "{left:#?}");
 }

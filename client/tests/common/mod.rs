@@ -40,7 +40,8 @@ impl Steps {
                 self.passed.push(name.to_string());
             }
             Err(p) => {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let msg =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
                 eprintln!("--- FAILED: {name}: {msg}");
                 self.failed.push(format!("{name}: {msg}"));
             }

@@ -64,7 +64,8 @@ pub struct JobOptions {
 /// seconds.
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let bad = || format!("--time {s:?}: use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS");
-    let num = |p: &str| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { p.parse::<u64>().map_err(|_| bad()) } else { Err(bad()) };
+    let num =
+        |p: &str| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { p.parse::<u64>().map_err(|_| bad()) } else { Err(bad()) };
     let (days, rest) = match s.split_once('-') {
         Some((d, r)) => (num(d)?, r),
         None => (0, s),
@@ -167,7 +168,8 @@ pub fn check_template(path: &Path, text: &str, opts: &JobOptions) -> Result<(), 
         return Err(format!("--job-template {name} never uses {{{{ engine_command }}}}, so its jobs would start no engine: put it on the script's last line"));
     }
     if !used.contains("directives") {
-        let unused: Vec<&str> = option_vars(opts).iter().filter(|(var, _, given)| *given && !used.contains(*var)).map(|(_, flag, _)| *flag).collect();
+        let unused: Vec<&str> =
+            option_vars(opts).iter().filter(|(var, _, given)| *given && !used.contains(*var)).map(|(_, flag, _)| *flag).collect();
         if !unused.is_empty() || !opts.directives.is_empty() {
             let mut flags = unused;
             if !opts.directives.is_empty() {
@@ -355,7 +357,11 @@ impl<S: Scheduler> BatchLauncher<S> {
         let cid = if profile.cluster_id.is_empty() { String::new() } else { format!("-{}", profile.cluster_id) };
         let dir = profile.dir.join("batch").join(format!("{}{cid}-{first}", S::KIND));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         let output = state::log_path(profile, "ipengine", format!("{}-{first}", S::KIND));
         let _ = std::fs::remove_file(&output);
         let engine = self.opts.engine_cmd.clone().unwrap_or_else(|| vec![ctx.engine_bin.display().to_string()]);
@@ -365,15 +371,31 @@ impl<S: Scheduler> BatchLauncher<S> {
         let script = dir.join("job.sh");
         write_private(&script, &text)?;
         let mut cmd = Command::new(S::SUBMIT);
-        cmd.args(S::submit_args()).arg(&script).current_dir(&dir).env(CONNECTION_INFO_ENV, ctx.connection()?).env(INSTANCE_ENV, ctx.instance);
-        let (status, out) = procs::output_bounded(&mut cmd, COMMAND_LIMIT).map_err(|e| Fail::new(1, format!("cannot run {}: {e}", S::SUBMIT)))?;
+        cmd.args(S::submit_args())
+            .arg(&script)
+            .current_dir(&dir)
+            .env(CONNECTION_INFO_ENV, ctx.connection()?)
+            .env(INSTANCE_ENV, ctx.instance);
+        let (status, out) =
+            procs::output_bounded(&mut cmd, COMMAND_LIMIT).map_err(|e| Fail::new(1, format!("cannot run {}: {e}", S::SUBMIT)))?;
         let id = match status {
             Some(s) if s.success() => S::parse_job_id(&out),
             _ => None,
         };
         let Some(job_id) = id else {
             let how = status.map_or_else(|| format!("did not finish within {} s", COMMAND_LIMIT.as_secs()), |s| format!("failed ({s})"));
-            return Err(Fail::new(1, format!("{} refused the job for engines {first}..{} ({} {how}):\n{}\njob script: {}", S::NAME, range.end, S::SUBMIT, out.trim_end(), script.display())).into());
+            return Err(Fail::new(
+                1,
+                format!(
+                    "{} refused the job for engines {first}..{} ({} {how}):\n{}\njob script: {}",
+                    S::NAME,
+                    range.end,
+                    S::SUBMIT,
+                    out.trim_end(),
+                    script.display()
+                ),
+            )
+            .into());
         };
         let _ = write_private(&dir.join("job_id"), &format!("{job_id}\n"));
         Ok(BatchJob { job_id, first_index: first, n: range.len(), output, dir, submitted: rpx_protocol::message::now_iso() })
@@ -383,7 +405,13 @@ impl<S: Scheduler> BatchLauncher<S> {
 /// Write a file only its owner may read.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     f.write_all(text.as_bytes()).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(())
 }
@@ -395,10 +423,16 @@ pub fn poll<S: Scheduler>(records: &[BatchJob]) -> Result<BTreeMap<String, JobSt
     if ids.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let (status, out) = procs::output_bounded(Command::new(S::STATUS).args(S::status_args(&ids)), COMMAND_LIMIT).map_err(|e| format!("cannot run {}: {e}", S::STATUS))?;
+    let (status, out) = procs::output_bounded(Command::new(S::STATUS).args(S::status_args(&ids)), COMMAND_LIMIT)
+        .map_err(|e| format!("cannot run {}: {e}", S::STATUS))?;
     let mut states = S::parse_status(&out, &ids);
     // squeue -j with only unknown ids fails; qstat -j likewise: the jobs are then gone.
-    if states.is_empty() && !status.is_some_and(|s| s.success()) && !out.to_lowercase().contains("invalid job id") && !out.contains("do not exist") && !out.contains("Unknown Job Id") {
+    if states.is_empty()
+        && !status.is_some_and(|s| s.success())
+        && !out.to_lowercase().contains("invalid job id")
+        && !out.contains("do not exist")
+        && !out.contains("Unknown Job Id")
+    {
         return Err(format!("{} failed: {}", S::STATUS, out.trim()));
     }
     for id in &ids {
@@ -437,7 +471,16 @@ impl<S: Scheduler> Launcher for BatchLauncher<S> {
     fn prepare(&mut self) -> anyhow::Result<()> {
         for p in [S::SUBMIT, S::STATUS, S::CANCEL] {
             if procs::find_program(p).is_none() {
-                return Err(Fail::new(1, format!("--engines {} needs {p} on PATH ({}): run ipcluster where {} jobs can be submitted", S::KIND, S::PACKAGE, S::NAME)).into());
+                return Err(Fail::new(
+                    1,
+                    format!(
+                        "--engines {} needs {p} on PATH ({}): run ipcluster where {} jobs can be submitted",
+                        S::KIND,
+                        S::PACKAGE,
+                        S::NAME
+                    ),
+                )
+                .into());
             }
         }
         Ok(())
@@ -522,7 +565,13 @@ impl<S: Scheduler> Launcher for BatchLauncher<S> {
                 Ok(_) => std::thread::sleep(Duration::from_millis(300)),
             }
         }
-        eprintln!("ipcluster: warning: {} still lists jobs {} as pending or running {} s after {}", S::NAME, ids.join(" "), CANCEL_WAIT.as_secs(), S::CANCEL);
+        eprintln!(
+            "ipcluster: warning: {} still lists jobs {} as pending or running {} s after {}",
+            S::NAME,
+            ids.join(" "),
+            CANCEL_WAIT.as_secs(),
+            S::CANCEL
+        );
     }
 }
 

@@ -69,7 +69,9 @@ fn parse_hostfile_line(line: &str) -> Result<HostSpec, String> {
 /// `host`, `host:n`, `user@host:n`, `[v6addr]:n`; a bare IPv6 address is a host without count.
 fn parse_entry(s: &str) -> Result<HostSpec, String> {
     let (host, count) = match s.rsplit_once(':') {
-        Some((h, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => (h, Some(parse_count(n, s)?)),
+        Some((h, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => {
+            (h, Some(parse_count(n, s)?))
+        }
         _ => (s, None),
     };
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -113,7 +115,9 @@ pub fn total(specs: &[HostSpec], n: Option<usize>) -> Result<usize, String> {
     if specs.iter().all(|s| s.count.is_some()) {
         let sum: usize = specs.iter().filter_map(|s| s.count).sum();
         return match n {
-            Some(n) if n != sum => Err(format!("-n {n} does not match the {sum} engines the host counts add up to; drop -n or make them agree")),
+            Some(n) if n != sum => {
+                Err(format!("-n {n} does not match the {sum} engines the host counts add up to; drop -n or make them agree"))
+            }
             _ => Ok(sum),
         };
     }
@@ -210,7 +214,10 @@ mod tests {
         assert_eq!(spread(&twice, 3), vec![("h1".into(), 2), ("h2".into(), 1)]);
         let counted = parse_hosts("h1:2,h2:3,h1:1").unwrap();
         assert_eq!(spread(&counted, 6), vec![("h1".into(), 3), ("h2".into(), 3)]);
-        assert_eq!(place(&counted, 6, 4), vec![Placement { host: "h1".into(), first: 4, n: 3 }, Placement { host: "h2".into(), first: 7, n: 3 }]);
+        assert_eq!(
+            place(&counted, 6, 4),
+            vec![Placement { host: "h1".into(), first: 4, n: 3 }, Placement { host: "h2".into(), first: 7, n: 3 }]
+        );
     }
 
     #[test]

@@ -67,9 +67,19 @@ pub fn engine_args(profile: &Profile, index: usize) -> Vec<String> {
 /// log (appended to, after a line saying why, so the crash stays readable). The new engine
 /// tells its first client request that it was restarted and its variables are lost
 /// ([`ENGINE_RESTARTED_ENV`]).
-pub fn restart_engine(profile: &Profile, engine_bin: &Path, instance: &str, rec: &EngineProc, why: &str) -> anyhow::Result<std::process::Child> {
+pub fn restart_engine(
+    profile: &Profile,
+    engine_bin: &Path,
+    instance: &str,
+    rec: &EngineProc,
+    why: &str,
+) -> anyhow::Result<std::process::Child> {
     procs::append_line(&rec.log, &format!("--- ipcluster: engine {} {why}; restarting it", rec.index));
-    let notice = format!("[ipcluster] engine {} was restarted: its previous process {why} (at {}); its variables are lost", engine_id(rec.index), rpx_protocol::message::now_iso());
+    let notice = format!(
+        "[ipcluster] engine {} was restarted: its previous process {why} (at {}); its variables are lost",
+        engine_id(rec.index),
+        rpx_protocol::message::now_iso()
+    );
     let env = [(ENGINE_INDEX_ENV, rec.index.to_string()), (ENGINE_RESTARTED_ENV, notice)];
     procs::spawn_appending(engine_bin, &engine_args(profile, rec.index), &rec.log, instance, &env)
 }
@@ -89,7 +99,13 @@ impl Launcher for Local {
     fn start(&self, ctx: &LaunchCtx, first: usize, n: usize) -> anyhow::Result<Vec<Spawned<EngineProc>>> {
         start_each(first..first + n, |index| {
             let log = state::log_path(ctx.profile, "ipengine", index);
-            let child = procs::spawn(ctx.engine_bin, &engine_args(ctx.profile, index), &log, ctx.instance, &[(ENGINE_INDEX_ENV, index.to_string())])?;
+            let child = procs::spawn(
+                ctx.engine_bin,
+                &engine_args(ctx.profile, index),
+                &log,
+                ctx.instance,
+                &[(ENGINE_INDEX_ENV, index.to_string())],
+            )?;
             Ok(Spawned { record: EngineProc { pid: child.id(), index, log }, child: Some(child) })
         })
     }

@@ -142,7 +142,14 @@ impl LaunchStatus {
     pub fn line(&self) -> String {
         if let Some(job) = &self.job {
             let n = self.engines;
-            let mut line = format!("{} job {job}: {n} engine{} (ids {}..{}), {}", self.launcher, if n == 1 { "" } else { "s" }, self.first_index, self.first_index + n, self.state.as_deref().unwrap_or("unknown"));
+            let mut line = format!(
+                "{} job {job}: {n} engine{} (ids {}..{}), {}",
+                self.launcher,
+                if n == 1 { "" } else { "s" },
+                self.first_index,
+                self.first_index + n,
+                self.state.as_deref().unwrap_or("unknown")
+            );
             if let Some(r) = self.registered {
                 line.push_str(&format!(", {r} registered"));
             }
@@ -154,8 +161,12 @@ impl LaunchStatus {
         let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
         let (what, holder) = match self.launcher {
             "local" => (format!("{} engine{}", self.engines, if self.engines == 1 { "" } else { "s" }), format!("pids {}", pids.join(","))),
-            "mpi" => (format!("{} rank{}", self.engines, if self.engines == 1 { "" } else { "s" }), format!("mpiexec pid {}", pids.join(","))),
-            other => (format!("{} engine{}", self.engines, if self.engines == 1 { "" } else { "s" }), format!("{other} pid {}", pids.join(","))),
+            "mpi" => {
+                (format!("{} rank{}", self.engines, if self.engines == 1 { "" } else { "s" }), format!("mpiexec pid {}", pids.join(",")))
+            }
+            other => {
+                (format!("{} engine{}", self.engines, if self.engines == 1 { "" } else { "s" }), format!("{other} pid {}", pids.join(",")))
+            }
         };
         let mut line = match &self.host {
             Some(h) => format!("{} {h}: {what} ({holder}", self.launcher),
@@ -247,7 +258,10 @@ pub fn term_leaders<R: Record>(records: &[R]) {
 }
 
 /// Start one launch per item; if one fails, SIGKILL the ones already started and fail.
-pub fn start_each<I, R: Record>(items: impl IntoIterator<Item = I>, mut one: impl FnMut(I) -> anyhow::Result<Spawned<R>>) -> anyhow::Result<Vec<Spawned<R>>> {
+pub fn start_each<I, R: Record>(
+    items: impl IntoIterator<Item = I>,
+    mut one: impl FnMut(I) -> anyhow::Result<Spawned<R>>,
+) -> anyhow::Result<Vec<Spawned<R>>> {
     let mut out = Vec::new();
     for item in items {
         match one(item) {
@@ -422,7 +436,8 @@ impl<L: Launcher> Batch<L> {
 /// Debian package that has it and the option that picks another.
 pub fn require_program(command: &str, default: &str, launcher: &str, package: &str, option: &str) -> anyhow::Result<PathBuf> {
     procs::find_program(command).ok_or_else(|| {
-        let what = if command == default { format!("{default} on PATH") } else { format!("{default}, and {option} {command:?} is not a program") };
+        let what =
+            if command == default { format!("{default} on PATH") } else { format!("{default}, and {option} {command:?} is not a program") };
         crate::Fail::new(1, format!("--engines {launcher} needs {what} (Debian: apt-get install {package}), or pass {option}")).into()
     })
 }
@@ -432,7 +447,19 @@ mod tests {
     use super::*;
 
     fn status(launcher: &'static str, host: Option<&str>, alive: usize) -> LaunchStatus {
-        LaunchStatus { launcher, host: host.map(str::to_string), first_index: 0, engines: 2, pids: vec![123], alive, remote_pids: Vec::new(), registered: None, logs: Vec::new(), job: None, state: None }
+        LaunchStatus {
+            launcher,
+            host: host.map(str::to_string),
+            first_index: 0,
+            engines: 2,
+            pids: vec![123],
+            alive,
+            remote_pids: Vec::new(),
+            registered: None,
+            logs: Vec::new(),
+            job: None,
+            state: None,
+        }
     }
 
     #[test]

@@ -155,11 +155,14 @@ impl Launcher for Mpi {
     /// Find mpiexec and tell its flavour.
     fn prepare(&mut self) -> anyhow::Result<()> {
         self.path = super::require_program(&self.command, "mpiexec", "mpi", "openmpi-bin or mpich", "--mpiexec")?;
-        let (_, text) =
-            procs::output_bounded(Command::new(&self.path).arg("--version"), Duration::from_secs(15)).map_err(|e| Fail::new(1, format!("cannot run {} --version: {e}", self.path.display())))?;
+        let (_, text) = procs::output_bounded(Command::new(&self.path).arg("--version"), Duration::from_secs(15))
+            .map_err(|e| Fail::new(1, format!("cannot run {} --version: {e}", self.path.display())))?;
         self.flavour = detect(&text);
         if self.flavour == Flavour::Other {
-            eprintln!("ipcluster: {} --version names neither Open MPI nor MPICH (Hydra); starting it without flavour-specific options", self.path.display());
+            eprintln!(
+                "ipcluster: {} --version names neither Open MPI nor MPICH (Hydra); starting it without flavour-specific options",
+                self.path.display()
+            );
         }
         Ok(())
     }
@@ -176,7 +179,12 @@ impl Launcher for Mpi {
     }
 
     fn explain_exit(rec: &MpiLaunch, status: ExitStatus) -> String {
-        format!("mpiexec (pid {}) exited with {status} before its {} engines registered\n{}", rec.pid, rec.n, procs::tail_block("mpiexec log", &rec.log))
+        format!(
+            "mpiexec (pid {}) exited with {status} before its {} engines registered\n{}",
+            rec.pid,
+            rec.n,
+            procs::tail_block("mpiexec log", &rec.log)
+        )
     }
 
     /// mpiexec alive, and how many engines with ids in its range the controller reports.
@@ -227,7 +235,14 @@ mod tests {
         let a = argv(Flavour::OpenMpi, 2, &[], Path::new("/e"), 0, false);
         assert_eq!(a.join(" "), "--oversubscribe --tag-output -x RPX_CONNECTION_INFO -x RPX_CLUSTER_INSTANCE -n 2 /e --mpi --id-base 0");
         let e = env(Flavour::OpenMpi, "{\"k\":1}", true);
-        assert_eq!(e, vec![("RPX_CONNECTION_INFO", "{\"k\":1}".to_string()), ("OMPI_ALLOW_RUN_AS_ROOT", "1".into()), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1".into())]);
+        assert_eq!(
+            e,
+            vec![
+                ("RPX_CONNECTION_INFO", "{\"k\":1}".to_string()),
+                ("OMPI_ALLOW_RUN_AS_ROOT", "1".into()),
+                ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1".into())
+            ]
+        );
         assert_eq!(env(Flavour::OpenMpi, "x", false).len(), 1);
     }
 

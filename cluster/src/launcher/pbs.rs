@@ -37,7 +37,9 @@ impl Scheduler for Pbs {
     const DEFAULT_TEMPLATE: &'static str = DEFAULT_TEMPLATE;
 
     fn check(o: &JobOptions) -> Result<(), String> {
-        for (flag, given) in [("--qos", o.qos.is_some()), ("--nodes", o.nodes.is_some()), ("--engines-per-node", o.engines_per_node.is_some())] {
+        for (flag, given) in
+            [("--qos", o.qos.is_some()), ("--nodes", o.nodes.is_some()), ("--engines-per-node", o.engines_per_node.is_some())]
+        {
             if given {
                 return Err(format!("{flag} has no PBS equivalent here (each engine is one subjob of an array job): use --directive with the resource request you mean (e.g. --directive \"-l select=1:ncpus=1\")"));
             }
@@ -131,12 +133,24 @@ mod tests {
     use crate::launcher::batch::BatchLauncher;
 
     fn job() -> JobSpec {
-        JobSpec { name: "rpx-default-0".into(), first: 0, n: 8, output: "/p/log/ipengine-pbs-0.log".into(), engine: vec!["/opt/ipengine".into()] }
+        JobSpec {
+            name: "rpx-default-0".into(),
+            first: 0,
+            n: 8,
+            output: "/p/log/ipengine-pbs-0.log".into(),
+            engine: vec!["/opt/ipengine".into()],
+        }
     }
 
     #[test]
     fn default_script_is_an_array_job_of_one_engine_per_subjob() {
-        let o = JobOptions { queue: Some("workq".into()), account: Some("p1".into()), time: Some(5400), directives: vec!["-l select=1:ncpus=1".into()], ..JobOptions::default() };
+        let o = JobOptions {
+            queue: Some("workq".into()),
+            account: Some("p1".into()),
+            time: Some(5400),
+            directives: vec!["-l select=1:ncpus=1".into()],
+            ..JobOptions::default()
+        };
         let s = BatchLauncher::<Pbs>::new(o).unwrap().script(&job()).unwrap();
         assert_eq!(
             s,

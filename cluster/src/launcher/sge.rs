@@ -28,7 +28,13 @@ pub struct Sge;
 fn state_of(letters: &str, queue: &str) -> JobState {
     if letters.contains('E') {
         JobState::Ended { state: letters.to_string(), reason: "error state; qstat -j tells why".into() }
-    } else if letters.contains('r') || letters.contains('t') || letters.contains('s') || letters.contains('S') || letters.contains('T') || letters.contains('d') {
+    } else if letters.contains('r')
+        || letters.contains('t')
+        || letters.contains('s')
+        || letters.contains('S')
+        || letters.contains('T')
+        || letters.contains('d')
+    {
         JobState::Running { nodes: queue.split_once('@').map_or(queue, |(_, h)| h).to_string() }
     } else {
         JobState::Pending { reason: letters.to_string() }
@@ -46,7 +52,9 @@ impl Scheduler for Sge {
 
     /// Array tasks are placed one by one: nodes, engines per node and QOS have no meaning here.
     fn check(o: &JobOptions) -> Result<(), String> {
-        for (flag, given) in [("--qos", o.qos.is_some()), ("--nodes", o.nodes.is_some()), ("--engines-per-node", o.engines_per_node.is_some())] {
+        for (flag, given) in
+            [("--qos", o.qos.is_some()), ("--nodes", o.nodes.is_some()), ("--engines-per-node", o.engines_per_node.is_some())]
+        {
             if given {
                 return Err(format!("{flag} has no Grid Engine equivalent (each engine is one task of an array job): use --directive with the resource request you mean (e.g. --directive \"-l h=node1\")"));
             }
@@ -128,7 +136,10 @@ impl Scheduler for Sge {
 
     /// `error reason` lines of `qstat -j IDS`, per job.
     fn details(ids: &[String]) -> BTreeMap<String, String> {
-        let Ok((_, text)) = crate::procs::output_bounded(std::process::Command::new("qstat").args(["-j", &ids.join(",")]), std::time::Duration::from_secs(15)) else {
+        let Ok((_, text)) = crate::procs::output_bounded(
+            std::process::Command::new("qstat").args(["-j", &ids.join(",")]),
+            std::time::Duration::from_secs(15),
+        ) else {
             return BTreeMap::new();
         };
         parse_details(&text)
@@ -169,7 +180,13 @@ mod tests {
     use crate::launcher::batch::BatchLauncher;
 
     fn job() -> JobSpec {
-        JobSpec { name: "rpx-default-2".into(), first: 2, n: 4, output: "/p/log/ipengine-sge-2.log".into(), engine: vec!["/opt/ipengine".into()] }
+        JobSpec {
+            name: "rpx-default-2".into(),
+            first: 2,
+            n: 4,
+            output: "/p/log/ipengine-sge-2.log".into(),
+            engine: vec!["/opt/ipengine".into()],
+        }
     }
 
     #[test]
@@ -184,10 +201,20 @@ mod tests {
 
     #[test]
     fn options_become_directives_and_foreign_ones_are_refused() {
-        let o = JobOptions { queue: Some("all.q".into()), account: Some("p".into()), time: Some(3600), directives: vec!["-l mem=1G".into()], ..JobOptions::default() };
+        let o = JobOptions {
+            queue: Some("all.q".into()),
+            account: Some("p".into()),
+            time: Some(3600),
+            directives: vec!["-l mem=1G".into()],
+            ..JobOptions::default()
+        };
         let s = BatchLauncher::<Sge>::new(o).unwrap().script(&job()).unwrap();
         assert!(s.contains("#$ -V\n#$ -q all.q\n#$ -A p\n#$ -l h_rt=01:00:00\n#$ -l mem=1G\nRPX_ENGINE_INDEX"), "{s}");
-        for o in [JobOptions { qos: Some("x".into()), ..JobOptions::default() }, JobOptions { nodes: Some(2), ..JobOptions::default() }, JobOptions { engines_per_node: Some(2), ..JobOptions::default() }] {
+        for o in [
+            JobOptions { qos: Some("x".into()), ..JobOptions::default() },
+            JobOptions { nodes: Some(2), ..JobOptions::default() },
+            JobOptions { engines_per_node: Some(2), ..JobOptions::default() },
+        ] {
             let e = BatchLauncher::<Sge>::new(o).unwrap_err();
             assert!(e.code == 2 && e.msg.contains("no Grid Engine equivalent"), "{}", e.msg);
         }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::batch::{directive_lines, dhms, BatchJob, JobOptions, JobSpec, JobState, Scheduler};
+use super::batch::{dhms, directive_lines, BatchJob, JobOptions, JobSpec, JobState, Scheduler};
 use crate::state::ClusterState;
 
 /// The job script without `--job-template`.
@@ -87,8 +87,12 @@ impl Scheduler for Slurm {
                 continue;
             }
             let s = match *state {
-                "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD" | "RESIZING" => JobState::Pending { reason: reason.to_string() },
-                "RUNNING" | "COMPLETING" | "SUSPENDED" | "STOPPED" | "SIGNALING" | "STAGE_OUT" => JobState::Running { nodes: nodes.to_string() },
+                "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD" | "RESIZING" => {
+                    JobState::Pending { reason: reason.to_string() }
+                }
+                "RUNNING" | "COMPLETING" | "SUSPENDED" | "STOPPED" | "SIGNALING" | "STAGE_OUT" => {
+                    JobState::Running { nodes: nodes.to_string() }
+                }
                 other => JobState::Ended { state: other.to_string(), reason: reason.to_string() },
             };
             out.insert(id.to_string(), s);
@@ -111,7 +115,13 @@ mod tests {
     use std::path::PathBuf;
 
     fn job() -> JobSpec {
-        JobSpec { name: "rpx-default-4".into(), first: 4, n: 3, output: "/p/log/ipengine-slurm-4.log".into(), engine: vec!["/opt/rpx bin/ipengine".into()] }
+        JobSpec {
+            name: "rpx-default-4".into(),
+            first: 4,
+            n: 3,
+            output: "/p/log/ipengine-slurm-4.log".into(),
+            engine: vec!["/opt/rpx bin/ipengine".into()],
+        }
     }
 
     #[test]

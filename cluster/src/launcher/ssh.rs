@@ -159,12 +159,28 @@ pub fn stdin_with_line(line: &str) -> std::io::Result<File> {
 /// Start `placement`'s engines over one ssh connection: `ssh_cmd` is the ssh program and its
 /// options, `engine_cmd` the ipengine command on the host, `connection` the line for
 /// `RPX_CONNECTION_INFO`. Output goes to `log` here.
-pub fn start_host(ssh_cmd: &[String], placement: &Placement, engine_cmd: &[String], instance: &str, connection: &str, log: &Path) -> anyhow::Result<Spawned<SshLaunch>> {
+pub fn start_host(
+    ssh_cmd: &[String],
+    placement: &Placement,
+    engine_cmd: &[String],
+    instance: &str,
+    connection: &str,
+    log: &Path,
+) -> anyhow::Result<Spawned<SshLaunch>> {
     let (program, ssh_args) = ssh_cmd.split_first().ok_or_else(|| anyhow::anyhow!("no ssh program"))?;
     let script = remote_script(instance, engine_cmd, placement.first..placement.first + placement.n);
     let stdin = stdin_with_line(connection)?;
-    let child = procs::spawn_with(Path::new(program), &ssh_argv(ssh_args, &[], &placement.host, &script), log, instance, &[], Stdio::from(stdin))?;
-    let record = SshLaunch { pid: child.id(), host: placement.host.clone(), first_index: placement.first, n: placement.n, log: log.to_path_buf(), remote_pids: Vec::new(), ssh: ssh_cmd.to_vec() };
+    let child =
+        procs::spawn_with(Path::new(program), &ssh_argv(ssh_args, &[], &placement.host, &script), log, instance, &[], Stdio::from(stdin))?;
+    let record = SshLaunch {
+        pid: child.id(),
+        host: placement.host.clone(),
+        first_index: placement.first,
+        n: placement.n,
+        log: log.to_path_buf(),
+        remote_pids: Vec::new(),
+        ssh: ssh_cmd.to_vec(),
+    };
     Ok(Spawned { record, child: Some(child) })
 }
 
@@ -270,7 +286,8 @@ impl Launcher for Ssh {
     }
 
     fn warning(&self, info: &ConnectionInfo) -> Option<String> {
-        loopback_warning("the controller", &info.engine.interface, &self.hosts).or_else(|| loopback_warning("the compiler", &info.compiler.url, &self.hosts))
+        loopback_warning("the controller", &info.engine.interface, &self.hosts)
+            .or_else(|| loopback_warning("the compiler", &info.compiler.url, &self.hosts))
     }
 
     fn start(&self, ctx: &LaunchCtx, first: usize, n: usize) -> anyhow::Result<Vec<Spawned<SshLaunch>>> {
@@ -355,7 +372,12 @@ mod tests {
         let s = remote_script(INSTANCE, &["/opt/rpx/ipengine".into()], 3..5);
         assert!(!s.contains('\n') && !s.contains('\''), "{s}");
         assert!(s.starts_with("IFS= read -r RPX_CONNECTION_INFO || "), "{s}");
-        assert!(s.contains("export RPX_CONNECTION_INFO; RPX_CLUSTER_INSTANCE=0b9e7a52-1111-4222-8333-944455556666; export RPX_CLUSTER_INSTANCE"), "{s}");
+        assert!(
+            s.contains(
+                "export RPX_CONNECTION_INFO; RPX_CLUSTER_INSTANCE=0b9e7a52-1111-4222-8333-944455556666; export RPX_CLUSTER_INSTANCE"
+            ),
+            "{s}"
+        );
         assert!(s.contains("RPX_ENGINE_INDEX=$1 /opt/rpx/ipengine </dev/null >&6 2>&1"), "{s}");
         assert!(s.contains("for i in 3 4; do rpx_start $i; done"), "{s}");
         assert!(s.contains(r#"echo "rpx-ssh-started$rpx_pids"; cat >/dev/null; rpx_end $rpx_pids"#), "{s}");
@@ -402,7 +424,10 @@ mod tests {
     fn loopback_controller_warns_only_for_remote_hosts() {
         let hosts = hosts::parse_hosts("localhost:1,10.0.0.2:2").unwrap();
         let w = loopback_warning("the controller", "tcp://127.0.0.1", &hosts).unwrap();
-        assert!(w.contains("the controller listens on tcp://127.0.0.1, which engines on 10.0.0.2 cannot reach") && w.contains("--ip"), "{w}");
+        assert!(
+            w.contains("the controller listens on tcp://127.0.0.1, which engines on 10.0.0.2 cannot reach") && w.contains("--ip"),
+            "{w}"
+        );
         assert!(loopback_warning("the compiler", "tcp://10.0.0.1:5", &hosts).is_none());
         assert!(loopback_warning("the controller", "tcp://127.0.0.1", &hosts::parse_hosts("localhost").unwrap()).is_none());
     }
@@ -471,7 +496,11 @@ exit $rc
         let mut s = start_host(&ssh, &p, &fake_engine(), &tag, "{\"key\":\"k\"}", &log).unwrap();
         settle(&mut s.record);
         assert_eq!(s.record.remote_pids.len(), 2);
-        assert!(procs::wait_until(Duration::from_secs(5), || procs::tail(&log, 10).contains("[engine 4] engine 4 info {\"key\":\"k\"}")), "{}", procs::tail(&log, 10));
+        assert!(
+            procs::wait_until(Duration::from_secs(5), || procs::tail(&log, 10).contains("[engine 4] engine 4 info {\"key\":\"k\"}")),
+            "{}",
+            procs::tail(&log, 10)
+        );
         for p in &s.record.remote_pids {
             assert!(procs::is_member(*p, &tag), "engine {p} runs with the instance tag");
         }
@@ -483,7 +512,11 @@ exit $rc
         // Kill the local "ssh" only: the remote script sees EOF and ends its engines.
         procs::signal_group(s.record.pid, libc::SIGKILL);
         let _ = s.child.as_mut().unwrap().wait();
-        assert!(procs::wait_until(Duration::from_secs(8), || procs::members(&[], &tag).is_empty()), "left: {:?}", procs::members(&[], &tag));
+        assert!(
+            procs::wait_until(Duration::from_secs(8), || procs::members(&[], &tag).is_empty()),
+            "left: {:?}",
+            procs::members(&[], &tag)
+        );
     }
 
     #[test]
@@ -512,9 +545,16 @@ exit $rc
         for s in spawned.iter_mut() {
             let _ = s.child.as_mut().unwrap().wait();
         }
-        assert!(procs::wait_until(Duration::from_secs(5), || procs::members(&[], &tag).is_empty()), "left: {:?}", procs::members(&[], &tag));
+        assert!(
+            procs::wait_until(Duration::from_secs(5), || procs::members(&[], &tag).is_empty()),
+            "left: {:?}",
+            procs::members(&[], &tag)
+        );
         let status = Ssh::status(&records, &tag, None);
-        assert_eq!(status[1].line(), format!("ssh h2: 2 engines (ssh pid {}, remote pids {},{}), exited", records[1].pid, remote[1], remote[2]));
+        assert_eq!(
+            status[1].line(),
+            format!("ssh h2: 2 engines (ssh pid {}, remote pids {},{}), exited", records[1].pid, remote[1], remote[2])
+        );
     }
 
     #[test]

@@ -126,7 +126,8 @@ fn loaded_objects() -> Vec<Object> {
     unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
         // SAFETY: dl_iterate_phdr passes a valid info; data is the Vec below.
         let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<Object>)) };
-        let name = if info.dlpi_name.is_null() { String::new() } else { unsafe { CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned() };
+        let name =
+            if info.dlpi_name.is_null() { String::new() } else { unsafe { CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned() };
         let mut exec = Vec::new();
         for i in 0..info.dlpi_phnum as usize {
             // SAFETY: dlpi_phdr has dlpi_phnum entries.
@@ -297,10 +298,8 @@ fn arm_timer(ns: i64) {
         return;
     }
     let t = TIMER.load(SeqCst);
-    let its = libc::itimerspec {
-        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-        it_value: libc::timespec { tv_sec: 0, tv_nsec: ns },
-    };
+    let its =
+        libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value: libc::timespec { tv_sec: 0, tv_nsec: ns } };
     // SAFETY: timer_settime is async-signal-safe; `t` is the timer created at install.
     unsafe { libc::timer_settime(t, 0, &its, std::ptr::null_mut()) };
 }
@@ -413,7 +412,12 @@ fn rearm(n: u32) {
 fn retry() -> Option<(ResumeUnwind, Box<dyn Any + Send>)> {
     let n = REFUSED.fetch_add(1, SeqCst);
     if DEBUG.load(SeqCst) && n % 256 == 255 {
-        let counts = [n as usize + 1, REFUSED_ABORT.load(SeqCst) as usize, REFUSED_NO_CATCH.load(SeqCst) as usize, REFUSED_PANICKING.load(SeqCst) as usize];
+        let counts = [
+            n as usize + 1,
+            REFUSED_ABORT.load(SeqCst) as usize,
+            REFUSED_NO_CATCH.load(SeqCst) as usize,
+            REFUSED_PANICKING.load(SeqCst) as usize,
+        ];
         debug_write(b"rpx interrupt: refused (total, would abort, no catch_unwind, panicking):", &counts);
     }
     rearm(n);
@@ -586,7 +590,10 @@ enum Plan {
     /// Unwind from the signal frame now.
     Unwind,
     /// Replace the return address at `slot` (which holds `ret`) with the trampoline.
-    Hijack { slot: usize, ret: usize },
+    Hijack {
+        slot: usize,
+        ret: usize,
+    },
     NotHere,
 }
 
@@ -865,7 +872,8 @@ fn scan_dynsym<const N: usize>(data: &[u8], wants: &[fn(&[u8]) -> bool; N], foun
         if u32_at(sh + 4)? != 11 {
             continue; // not SHT_DYNSYM
         }
-        let (off, size, link, entsize) = (u64_at(sh + 0x18)? as usize, u64_at(sh + 0x20)? as usize, u32_at(sh + 0x28)? as usize, u64_at(sh + 0x38)? as usize);
+        let (off, size, link, entsize) =
+            (u64_at(sh + 0x18)? as usize, u64_at(sh + 0x20)? as usize, u32_at(sh + 0x28)? as usize, u64_at(sh + 0x38)? as usize);
         let strsh = shoff + link * shentsize;
         let (stroff, strsize) = (u64_at(strsh + 0x18)? as usize, u64_at(strsh + 0x20)? as usize);
         let strtab = data.get(stroff..stroff + strsize)?;
@@ -897,7 +905,9 @@ mod tests {
     fn libstd_names() {
         assert!(is_resume_unwind(b"_RNvNtCsjrHSEGnQ3l9_3std5panic13resume_unwind"));
         assert!(is_resume_unwind(b"_ZN3std5panic13resume_unwind17h0123456789abcdefE"));
-        assert!(!is_resume_unwind(b"_RNvXNvNtCsjrHSEGnQ3l9_3std9panicking13resume_unwindNtB2_9RewrapBoxNtNtCsgEmfK2I1SDS_4core5panic12PanicPayload8take_box"));
+        assert!(!is_resume_unwind(
+            b"_RNvXNvNtCsjrHSEGnQ3l9_3std9panicking13resume_unwindNtB2_9RewrapBoxNtNtCsgEmfK2I1SDS_4core5panic12PanicPayload8take_box"
+        ));
         assert!(is_global_panic_count(b"_RNvNtNtCsjrHSEGnQ3l9_3std9panicking11panic_count18GLOBAL_PANIC_COUNT"));
         assert!(!is_global_panic_count(b"_RNvNtNtCsjrHSEGnQ3l9_3std9panicking11panic_count8increase"));
     }
@@ -907,7 +917,9 @@ mod tests {
         let Ok(out) = std::process::Command::new("rustc").args(["--print", "target-libdir"]).output() else { return };
         let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let Some(lib) = std::fs::read_dir(&dir).ok().and_then(|d| {
-            d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-") && n.to_string_lossy().ends_with(".so")))
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-") && n.to_string_lossy().ends_with(".so")))
         }) else {
             return;
         };
@@ -920,7 +932,8 @@ mod tests {
         // lpstart omit, ttype udata4 (offset 0), call sites uleb128:
         // [0x10, +0x08) no landing pad; [0x20, +0x10) lpad 0x40 action 1 (catch);
         // [0x30, +0x04) lpad 0x50 action 0 (cleanup). Action table: ttype 1, next 0.
-        let lsda: Vec<u8> = vec![0xff, 0x03, 0x00, 0x01, 12, 0x10, 0x08, 0x00, 0x00, 0x20, 0x10, 0x40, 0x01, 0x30, 0x04, 0x50, 0x00, 0x01, 0x00];
+        let lsda: Vec<u8> =
+            vec![0xff, 0x03, 0x00, 0x01, 12, 0x10, 0x08, 0x00, 0x00, 0x20, 0x10, 0x40, 0x01, 0x30, 0x04, 0x50, 0x00, 0x01, 0x00];
         let f = 0x1000usize;
         let at = |ip: usize| unsafe { find_action(lsda.as_ptr(), f, f + ip) };
         assert_eq!(at(0x12), Some(Action::Pass));

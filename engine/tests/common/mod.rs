@@ -14,7 +14,12 @@ pub fn rustc_libdir() -> String {
 #[allow(dead_code)]
 pub fn libstd() -> PathBuf {
     let dir = PathBuf::from(rustc_libdir());
-    let name = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with("libstd-") && n.ends_with(".so")).expect("the toolchain has a libstd-*.so");
+    let name = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libstd-") && n.ends_with(".so"))
+        .expect("the toolchain has a libstd-*.so");
     dir.join(name)
 }
 

@@ -46,7 +46,11 @@ fn main() -> anyhow::Result<()> {
     if (limit as usize) < n * 6 + 64 {
         eprintln!("rpx-standin: warning: the open-file limit {limit} may be too low for {n} stand-ins (5 sockets each)");
     }
-    let rt = if threads <= 1 { tokio::runtime::Builder::new_current_thread().enable_all().build()? } else { tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()? };
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
     rt.block_on(run(engine, client, n, Duration::from_secs_f64(within), Duration::from_secs_f64(hold)))
 }
 
