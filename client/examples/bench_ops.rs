@@ -115,7 +115,7 @@ fn main() -> rpx::Result<()> {
             report.insert("closure_later_call_s".into(), stats(later));
         }
         // The measured closure is compiled before the clock starts.
-        let _: Vec<u64> = dv_all.apply(ident.clone(), (0,))?;
+        let _: Vec<u64> = dv_all.apply(ident, (0,))?;
         // Nothing measured below competes with the compiler's start-up work.
         let waited = wait_compiler_idle(cluster.rpx_dir());
         eprintln!("compiler idle after {waited:.1} s");
@@ -129,19 +129,19 @@ fn main() -> rpx::Result<()> {
                 for _ in 0..reps {
                     for i in 0..100u64 {
                         if direct {
-                            dv0.apply(ident.clone(), (i,))?;
+                            dv0.apply(ident, (i,))?;
                         } else {
-                            lb.apply(ident.clone(), (i,))?;
+                            lb.apply(ident, (i,))?;
                         }
                     }
                     let mut times = Vec::with_capacity(1000);
                     for i in 0..1000u64 {
                         let t = Instant::now();
                         if direct {
-                            let r: Vec<u64> = dv0.apply(ident.clone(), (i,))?;
+                            let r: Vec<u64> = dv0.apply(ident, (i,))?;
                             assert_eq!(r[0], i);
                         } else {
-                            let r: u64 = lb.apply(ident.clone(), (i,))?;
+                            let r: u64 = lb.apply(ident, (i,))?;
                             assert_eq!(r, i);
                         }
                         times.push(t.elapsed().as_secs_f64());
@@ -166,7 +166,7 @@ fn main() -> rpx::Result<()> {
             for _ in 0..reps {
                 let before = cpu_by_role(cluster.rpx_dir());
                 let t = Instant::now();
-                let r: Vec<u64> = lb.chunksize(1).map(ident.clone(), 0..ntasks)?;
+                let r: Vec<u64> = lb.chunksize(1).map(ident, 0..ntasks)?;
                 lb_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
                 let after = cpu_by_role(cluster.rpx_dir());
                 for (role, s) in after {
@@ -176,7 +176,7 @@ fn main() -> rpx::Result<()> {
                 assert_eq!(r.len() as u64, ntasks);
                 assert_eq!(r[ntasks as usize - 1], ntasks - 1);
                 let t = Instant::now();
-                let r: Vec<u64> = dv_all.map(ident.clone(), 0..ntasks)?;
+                let r: Vec<u64> = dv_all.map(ident, 0..ntasks)?;
                 dv_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
                 assert_eq!(r.len() as u64, ntasks);
             }

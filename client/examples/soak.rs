@@ -78,7 +78,7 @@ fn run(args: &Args) -> rpx::Result<()> {
     let lb = client.view().chunksize(1);
     let f = rpx::remote!(|x: u64| x + 1);
     // Compile the closure (and warm the path) before the clock starts.
-    let v: u64 = lb.apply(f.clone(), (41u64,))?;
+    let v: u64 = lb.apply(f, (41u64,))?;
     assert_eq!(v, 42);
 
     let mut out = std::io::stdout().lock();
@@ -99,7 +99,7 @@ fn run(args: &Args) -> rpx::Result<()> {
                 stopped_by_time = true;
                 break;
             }
-            outstanding.push_back((submitted, lb.apply_async(f.clone(), (submitted,))?));
+            outstanding.push_back((submitted, lb.apply_async(f, (submitted,))?));
             submitted += 1;
             if submitted % 1000 == 0 && Instant::now() >= next_report {
                 let _ = writeln!(out, "progress {done} {submitted} {:.3}", start.elapsed().as_secs_f64());

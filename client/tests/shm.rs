@@ -47,7 +47,8 @@ fn shared_memory_transfers_on_four_engines() {
         let v: BTreeMap<String, Vec<(u8, Option<String>)>> =
             [("a".to_string(), vec![(1, Some("x".into())), (2, None)]), ("".to_string(), vec![])].into_iter().collect();
         all.push("nested", &v).unwrap();
-        let back: Vec<BTreeMap<String, Vec<(u8, Option<String>)>>> = all.pull("nested").unwrap();
+        type Nested = BTreeMap<String, Vec<(u8, Option<String>)>>;
+        let back: Vec<Nested> = all.pull("nested").unwrap();
         assert_eq!(back, vec![v.clone(); 4]);
         // The cells and closures see it as always.
         let r = all.execute("nested.len()").unwrap();

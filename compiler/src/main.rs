@@ -253,7 +253,7 @@ async fn event_loop(
             for action in pending.drain(..) {
                 match action {
                     Action::Send { to, msg_type, content } => {
-                        let (_, frames) = session.msg(&[to.clone()], msg_type, content, None, json!({}), &[]);
+                        let (_, frames) = session.msg(std::slice::from_ref(&to), msg_type, content, None, json!({}), &[]);
                         let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
                         if !matches!(sent, Ok(Ok(()))) {
                             tracing::warn!(engine = %String::from_utf8_lossy(&to), msg_type, "could not send to engine");
@@ -439,7 +439,7 @@ async fn send_to(
     content: serde_json::Value,
     buffers: &[Bytes],
 ) {
-    let (_, frames) = session.msg(&[to.clone()], msg_type, content, None, json!({}), buffers);
+    let (_, frames) = session.msg(std::slice::from_ref(to), msg_type, content, None, json!({}), buffers);
     let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
     if !matches!(sent, Ok(Ok(()))) {
         tracing::warn!(engine = %String::from_utf8_lossy(to), msg_type, "could not send to engine");

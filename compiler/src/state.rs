@@ -60,10 +60,10 @@ impl Verdict {
     /// Reduce the outcomes of every engine that ran a load.
     pub fn reduce<'a>(outcomes: impl IntoIterator<Item = &'a LoadOutcome>) -> Verdict {
         let all: Vec<Verdict> = outcomes.into_iter().map(Verdict::of).collect();
-        if all.iter().any(|v| *v == Verdict::Panic) {
+        if all.contains(&Verdict::Panic) {
             return Verdict::Panic;
         }
-        if all.iter().any(|v| *v == Verdict::ErrorOccurred) {
+        if all.contains(&Verdict::ErrorOccurred) {
             return Verdict::ErrorOccurred;
         }
         match all.first() {

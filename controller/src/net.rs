@@ -65,7 +65,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        Ok((lim.rlim_cur as u64, before as u64))
+        Ok((lim.rlim_cur, before))
     }
 }
 

@@ -236,6 +236,10 @@ impl DoneLog {
         self.map.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     /// Remember an outcome (the first one for a task counts); the oldest beyond the limit goes.
     pub fn insert(&mut self, msg_id: &str, success: bool, engine: &str) {
         let key = DoneLog::key(msg_id);

@@ -420,7 +420,7 @@ impl Loads {
             let load = self.waiting.pop_front().expect("front exists");
             return LoadStep::Skip(load, Skip::Interrupted);
         }
-        if !cell.is_some_and(|c| c.id() == load.cell_id) {
+        if cell.is_none_or(|c| c.id() != load.cell_id) {
             let load = self.waiting.pop_front().expect("front exists");
             return LoadStep::Skip(load, Skip::Stale);
         }

@@ -35,7 +35,7 @@ pub enum CompilerMessage {
 #[derive(Debug)]
 enum State {
     Connecting,
-    Ready(CompilerLink),
+    Ready(Box<CompilerLink>),
     Absent(String),
 }
 
@@ -80,7 +80,7 @@ impl Compiler {
     pub fn connected(&mut self, link: CompilerLink, now: Instant) {
         self.attempting = false;
         self.watch = CompilerWatch::new(now);
-        self.state = State::Ready(link);
+        self.state = State::Ready(Box::new(link));
     }
 
     /// A connection attempt failed.

@@ -324,7 +324,7 @@ impl Engine {
                 Err(e) => warn!(error = %e, "bad control message dropped"),
             },
             Inbound::Compiler(frames) => self.on_compiler(frames).await,
-            Inbound::CompilerReady(link) => self.on_compiler_ready(link).await,
+            Inbound::CompilerReady(link) => self.on_compiler_ready(*link).await,
             Inbound::CompilerFailed(why) => {
                 warn!(%why, "no compiler");
                 self.compiler.failed(why);

@@ -77,7 +77,7 @@ pub enum Inbound {
     Control(Frames),
     Compiler(Frames),
     /// The compiler answered `engine_hello`.
-    CompilerReady(CompilerLink),
+    CompilerReady(Box<CompilerLink>),
     /// No compiler could be reached.
     CompilerFailed(String),
     /// The connection to the compiler with this link id dropped (socket monitor).
@@ -651,7 +651,7 @@ pub async fn connect_compiler(
 ) {
     let outcome = compiler_handshake(&source, &uuid, engine_id, &username, wait, history, inbound.clone()).await;
     let msg = match outcome {
-        Ok(link) => Inbound::CompilerReady(link),
+        Ok(link) => Inbound::CompilerReady(Box::new(link)),
         Err(e) => Inbound::CompilerFailed(e),
     };
     let _ = inbound.send(msg).await;

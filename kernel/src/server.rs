@@ -314,65 +314,6 @@ impl PanicText {
     }
 }
 
-#[cfg(test)]
-mod panic_tests {
-    use super::PanicText;
-
-    fn lines(t: &str) -> Vec<String> {
-        t.lines().map(String::from).collect()
-    }
-
-    #[test]
-    fn a_panic_report_is_taken_out_of_stderr_and_the_rest_is_kept() {
-        let mut p = PanicText::default();
-        assert_eq!(p.note(&lines("before\n\nmore")), ["before", "", "more"], "blank lines between others are kept");
-        assert!(p.note(&["".to_string()]).is_empty(), "a blank line is held: a report may follow");
-        let rest = p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom 7\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"));
-        assert!(rest.is_empty(), "{rest:?}");
-        assert_eq!(p.take_held_blanks(), 0, "the blank line before the report was part of it");
-        assert_eq!(p.lines[1], "boom 7");
-        assert!(p.note(&["".to_string()]).is_empty(), "the blank line after the report is part of it");
-        assert_eq!(p.note(&lines("after\n")), ["after"]);
-        assert_eq!(p.note(&["".to_string()]), [""], "after the report, blank lines pass");
-        let mut q = PanicText::default();
-        assert_eq!(q.note(&["x".to_string(), String::new()]), ["x"]);
-        assert_eq!(q.take_held_blanks(), 1, "a blank line at the end of a cell without a panic is the cell's own");
-    }
-
-    #[test]
-    fn the_line_before_a_question_mark_mark_is_the_error_and_the_rest_is_stderr() {
-        use super::{StderrHold, STDERR_HOLD};
-        let t0 = std::time::Instant::now();
-        let mut h = StderrHold::default();
-        let (now, marked) = h.note(lines("before"), t0);
-        assert!(now.is_empty() && !marked, "the last lines are held");
-        let (now, marked) = h.note(lines(&format!("invalid digit found in string\n{}", crate::relay::ERROR_MARK)), t0);
-        assert_eq!((now, marked), (vec!["before".to_string()], true));
-        assert_eq!(h.error.take(), Some(vec!["invalid digit found in string".to_string()]));
-        assert!(h.note(lines("later"), t0).0.is_empty());
-        assert!(h.release(t0, false).is_empty(), "held until it has waited");
-        assert_eq!(h.release(t0 + STDERR_HOLD, false), ["later"]);
-        h.note(lines("end"), t0);
-        assert_eq!(h.release(t0, true), ["end"], "the cell's end releases everything");
-    }
-
-    #[test]
-    fn a_backtrace_split_over_several_reads_stays_in_the_report() {
-        let mut p = PanicText::default();
-        assert!(p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom")).is_empty());
-        assert!(p
-            .note(&lines("stack backtrace:\n   0: rust_begin_unwind\n             at /rustc/library/std/src/panicking.rs:5"))
-            .is_empty());
-        assert!(p
-            .note(&lines(
-                "   1: ctx::run_user_code_1\nnote: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace."
-            ))
-            .is_empty());
-        assert_eq!(p.lines.len(), 7);
-        assert_eq!(p.note(&lines("later output")), ["later output"]);
-    }
-}
-
 /// A shell request for the shell thread, and where its reply goes.
 pub struct ShellRequest {
     pub msg: Message,
@@ -578,4 +519,63 @@ fn spawn_sender(mut half: zeromq::RouterSendHalf, mut rx: tokio::sync::mpsc::Unb
 pub fn reply(session: &Session, req: &ShellRequest, msg_type: &str, content: Value) {
     let (_, f) = session.msg(&req.msg.idents, msg_type, content, Some(&req.msg.header), json!({}), &[]);
     let _ = req.reply.send(message(f));
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::PanicText;
+
+    fn lines(t: &str) -> Vec<String> {
+        t.lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_panic_report_is_taken_out_of_stderr_and_the_rest_is_kept() {
+        let mut p = PanicText::default();
+        assert_eq!(p.note(&lines("before\n\nmore")), ["before", "", "more"], "blank lines between others are kept");
+        assert!(p.note(&["".to_string()]).is_empty(), "a blank line is held: a report may follow");
+        let rest = p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom 7\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"));
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(p.take_held_blanks(), 0, "the blank line before the report was part of it");
+        assert_eq!(p.lines[1], "boom 7");
+        assert!(p.note(&["".to_string()]).is_empty(), "the blank line after the report is part of it");
+        assert_eq!(p.note(&lines("after\n")), ["after"]);
+        assert_eq!(p.note(&["".to_string()]), [""], "after the report, blank lines pass");
+        let mut q = PanicText::default();
+        assert_eq!(q.note(&["x".to_string(), String::new()]), ["x"]);
+        assert_eq!(q.take_held_blanks(), 1, "a blank line at the end of a cell without a panic is the cell's own");
+    }
+
+    #[test]
+    fn the_line_before_a_question_mark_mark_is_the_error_and_the_rest_is_stderr() {
+        use super::{StderrHold, STDERR_HOLD};
+        let t0 = std::time::Instant::now();
+        let mut h = StderrHold::default();
+        let (now, marked) = h.note(lines("before"), t0);
+        assert!(now.is_empty() && !marked, "the last lines are held");
+        let (now, marked) = h.note(lines(&format!("invalid digit found in string\n{}", crate::relay::ERROR_MARK)), t0);
+        assert_eq!((now, marked), (vec!["before".to_string()], true));
+        assert_eq!(h.error.take(), Some(vec!["invalid digit found in string".to_string()]));
+        assert!(h.note(lines("later"), t0).0.is_empty());
+        assert!(h.release(t0, false).is_empty(), "held until it has waited");
+        assert_eq!(h.release(t0 + STDERR_HOLD, false), ["later"]);
+        h.note(lines("end"), t0);
+        assert_eq!(h.release(t0, true), ["end"], "the cell's end releases everything");
+    }
+
+    #[test]
+    fn a_backtrace_split_over_several_reads_stays_in_the_report() {
+        let mut p = PanicText::default();
+        assert!(p.note(&lines("thread 'main' panicked at src/lib.rs:3:5:\nboom")).is_empty());
+        assert!(p
+            .note(&lines("stack backtrace:\n   0: rust_begin_unwind\n             at /rustc/library/std/src/panicking.rs:5"))
+            .is_empty());
+        assert!(p
+            .note(&lines(
+                "   1: ctx::run_user_code_1\nnote: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace."
+            ))
+            .is_empty());
+        assert_eq!(p.lines.len(), 7);
+        assert_eq!(p.note(&lines("later output")), ["later output"]);
+    }
 }
