@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{client, serial, Steps, TestCluster};
 use rpx::{Error, RemoteErrorKind};
+use rpx_tests::Gate;
 
 /// Defined only in this test: a closure calling it compiles here but not on the engines.
 #[allow(dead_code)]
@@ -87,19 +88,36 @@ fn closures_on_four_engines() {
     });
 
     steps.run("ordered vs unordered iteration when later items finish first", || {
-        let slow = rpx::remote!(|x: u64| {
-            std::thread::sleep(std::time::Duration::from_millis((4 - x) * 200));
+        // Ordered by signals: item x ends only after item x + 1 has (a file in a directory the
+        // engines read from their namespace), so items finish 3, 2, 1, 0 on the four engines.
+        let chain = rpx::remote!(|x: u64| {
+            let dir: String = rpx::get("chain_dir");
+            let dir = std::path::Path::new(&dir);
+            let t0 = std::time::Instant::now();
+            while x < 3 && !dir.join((x + 1).to_string()).exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            std::fs::write(dir.join(x.to_string()), b"").unwrap();
             x
         });
-        // Warm up: every engine has the closure before the timed items start.
-        let _: Vec<u64> = dv.apply(slow, (4u64,)).unwrap();
-        let ar = view.map_async(slow, 0..4u64).unwrap();
+        let fresh_chain = || {
+            let d = tempfile::tempdir().unwrap();
+            dv.push("chain_dir", &d.path().display().to_string()).unwrap();
+            d
+        };
+        // Warm up: every engine has the closure before the ordered items start.
+        let warm = fresh_chain();
+        let _: Vec<u64> = dv.apply(chain, (3u64,)).unwrap();
+        drop(warm);
+        let _d = fresh_chain();
+        let ar = view.map_async(chain, 0..4u64).unwrap();
         let in_order: Vec<u64> = ar.iter().map(|r| r.unwrap()).collect();
         assert_eq!(in_order, vec![0, 1, 2, 3]);
         let done_order: Vec<u64> = ar.iter_unordered().map(|r| r.unwrap()).collect();
         assert_eq!(done_order, vec![3, 2, 1, 0]);
         // A map made unordered returns completion order.
-        let unordered: Vec<u64> = view.ordered(false).map(slow, 0..4u64).unwrap();
+        let _d = fresh_chain();
+        let unordered: Vec<u64> = view.ordered(false).map(chain, 0..4u64).unwrap();
         assert_eq!(unordered, vec![3, 2, 1, 0]);
     });
 
@@ -208,17 +226,29 @@ fn closures_on_four_engines() {
 
     steps.run("abort a queued task: it fails with Aborted, the running one completes", || {
         let on_one = view.targets(0usize);
+        // The first task runs until the test opens its gate: the second is still queued when
+        // it is aborted.
+        let gate = Gate::new();
         let first = on_one
             .apply_async(
-                rpx::remote!(|ms: u64| {
-                    std::thread::sleep(std::time::Duration::from_millis(ms));
-                    ms
+                rpx::remote!(|dir: String| {
+                    let dir = std::path::Path::new(&dir);
+                    std::fs::write(dir.join("started"), b"").unwrap();
+                    let t0 = std::time::Instant::now();
+                    while !dir.join("open").exists() && t0.elapsed() < std::time::Duration::from_secs(120) {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    3000u64
                 }),
-                (3000u64,),
+                (gate.path().display().to_string(),),
             )
             .unwrap();
+        gate.wait_started();
         let second = on_one.apply_async(rpx::remote!(|| 2u8), ()).unwrap();
         c.abort(&second).unwrap();
+        assert!(!first.ready(), "the first task still runs when the second is aborted");
+        // The engine answers the aborted task when its turn comes, after the first.
+        gate.open();
         match second.get().unwrap_err() {
             Error::Remote(r) => assert_eq!(r.kind, RemoteErrorKind::Aborted, "{r}"),
             other => panic!("{other}"),

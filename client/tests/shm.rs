@@ -10,7 +10,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use common::{client, serial, Gate, Steps, TestCluster};
+use common::{client, serial, Steps, TestCluster};
+use rpx_tests::Gate;
 
 fn vm_hwm_kib(pid: i64) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -1,5 +1,6 @@
 """Rust cells on rpx engines through the Python client's DirectView.execute."""
 
+import time
 import pytest
 from ipyparallel import error
 
@@ -76,15 +77,26 @@ def test_runtime_output_on_stderr(rc, cluster):
     assert strip_all(ar.stderr) == ["to stderr"] * len(ids), ar.stderr
 
 
-def test_long_cell_on_one_engine_does_not_hold_up_the_others(rc, cluster):
+def test_long_cell_on_one_engine_does_not_hold_up_the_others(rc, cluster, tmp_path):
+    # Ordered by signals: the long cell says it started, then waits until the test opens its
+    # gate, so the others' answers are known to come while it still runs.
     ids = cluster.live_rust_ids()
     slow, rest = ids[0], ids[1:]
-    long_ar = rc[slow].execute("std::thread::sleep(std::time::Duration::from_secs(20));", block=False)
+    started, gate = tmp_path / "started", tmp_path / "open"
+    hold = (f'std::fs::write("{started}", b"").unwrap(); let t0 = std::time::Instant::now(); '
+            f'while !std::path::Path::new("{gate}").exists() && t0.elapsed() < std::time::Duration::from_secs(120) '
+            '{ std::thread::sleep(std::time::Duration::from_millis(5)); }')
+    long_ar = rc[slow].execute(hold, block=False)
     try:
+        deadline = time.monotonic() + H.CELL_TIMEOUT
+        while not started.exists():
+            assert time.monotonic() < deadline, "the long cell never started"
+            assert not long_ar.ready(), long_ar.get()
+            time.sleep(0.01)
         ar, _ = H.run_cell(rc[rest], 'println!("not waiting");', timeout=H.CELL_TIMEOUT)
         assert strip_all(ar.stdout) == ["not waiting"] * len(rest)
-        # ordering, not timing: the others answered while the long cell was still running
-        assert not long_ar.ready(), "the others only answered after the 20 s cell on engine %d ended" % slow
+        assert not long_ar.ready(), "the others only answered after the long cell on engine %d ended" % slow
     finally:
+        gate.touch()
         long_ar.get(timeout=H.CELL_TIMEOUT)
         H.finish_output(long_ar)

@@ -43,6 +43,54 @@ pub use slurm::TestSlurm;
 // ---------------------------------------------------------------------------------------------
 // Binaries and commands
 
+/// Orders a test against a cell running on an engine of this host by explicit signals: the
+/// cell's code from [`Gate::hold`] says it started, then waits (at most 120 s) until the test
+/// [`Gate::open`]s the gate.
+pub struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate::new()
+    }
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate { dir: tempfile::tempdir().expect("a private directory for the gate") }
+    }
+
+    /// Code for a cell: signal "started", then wait for the gate to open.
+    pub fn hold(&self) -> String {
+        let started = self.dir.path().join("started");
+        let open = self.dir.path().join("open");
+        format!(
+            "std::fs::write({started:?}, b\"\").unwrap(); \
+             let t0 = std::time::Instant::now(); \
+             while !std::path::Path::new({open:?}).exists() && t0.elapsed() < std::time::Duration::from_secs(120) {{ std::thread::sleep(std::time::Duration::from_millis(5)); }}"
+        )
+    }
+
+    /// Wait (at most 120 s) until the cell said it started.
+    pub fn wait_started(&self) {
+        let started = self.dir.path().join("started");
+        assert!(
+            poll(Duration::from_secs(120), Duration::from_millis(5), || started.exists().then_some(())).is_some(),
+            "the cell never started"
+        );
+    }
+
+    pub fn open(&self) {
+        std::fs::write(self.dir.path().join("open"), b"").expect("open the gate");
+    }
+
+    /// The gate's directory (for code that writes `started` and waits for `open` itself).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 /// Call `f` every `every` until it gives `Some` or `limit` has passed (then `None`): the one
 /// bounded wait of the tests for a state they cannot be told about.
 pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {

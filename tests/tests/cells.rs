@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpx_tests::{ExecOutput, TestCluster};
+use rpx_tests::{ExecOutput, Gate, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -147,24 +147,27 @@ fn eight_engines_run_rust_cells() {
     let o = c.execute_one(5, "let fresh: u64 = 5; fresh + 1", LIMIT).unwrap();
     assert_eq!(o.result_text(), Some("6"), "{:#}", o.reply);
 
-    // A 30 s cell on engine 0 does not hold up engines 1..7, even for cells that define variables.
+    // A cell held running on engine 0 does not hold up engines 1..7, even for cells that define
+    // variables: they answer while it is still running (it waits for the test's gate).
+    let gate = Gate::new();
     let slow_done = Arc::new(AtomicBool::new(false));
     let mut slow_client = cluster.client();
     let slow = {
-        let slow_done = slow_done.clone();
+        let (slow_done, code) = (slow_done.clone(), format!("{} println!(\"slow done\");", gate.hold()));
         std::thread::spawn(move || {
-            let o = slow_client.execute_one(0, "std::thread::sleep(std::time::Duration::from_secs(30)); println!(\"slow done\");", LIMIT);
+            let o = slow_client.execute_one(0, &code, LIMIT);
             slow_done.store(true, Ordering::SeqCst);
             o
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    gate.wait_started();
     let rest: Vec<u64> = (1..8).collect();
     let outs = c.execute(&rest, r#"let after: String = std::env::var("RPX_ENGINE_ID").unwrap();"#, LIMIT).unwrap();
     assert_ok(&outs);
     let outs = c.execute(&rest, "after.len()", LIMIT).unwrap();
     assert_ok(&outs);
-    assert!(!slow_done.load(Ordering::SeqCst), "engines 1..7 answered only after engine 0's 30 s cell finished");
+    assert!(!slow_done.load(Ordering::SeqCst), "engines 1..7 answered only after engine 0's held cell finished");
+    gate.open();
     let o = slow.join().unwrap().unwrap();
     assert_eq!(o.status, "ok", "{:#}", o.reply);
     assert_eq!(o.stdout, "slow done\n");
