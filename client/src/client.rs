@@ -461,7 +461,8 @@ impl Client {
 
     /// Abort the unfinished tasks of `jobs` that have not started yet: they fail with
     /// [`crate::RemoteErrorKind::Aborted`]. Running tasks are not interrupted (see
-    /// [`Client::send_signal`]).
+    /// [`Client::send_signal`]). An engine hands its worker the next few queued calls of the
+    /// closure it is running ahead of time; those count as started.
     pub fn abort<J: Jobs + ?Sized>(&self, jobs: &J) -> Result<()> {
         let ids = jobs.job_ids();
         if ids.is_empty() {
