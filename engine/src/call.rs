@@ -21,8 +21,9 @@ use crate::reply::EngineError;
 /// How many calls the engine hands the worker ahead of the one whose output it is publishing.
 /// Each saves the worker a wait for the engine between two calls; they are started when
 /// written, so an abort no longer reaches them. Measured with `bench_ops` (10,000 trivial
-/// tasks on 2 engines): 1 ahead gave no gain (21k tasks/s), 2 and 8 the same ~26k.
-pub const PIPE_DEPTH: usize = 2;
+/// tasks on 2 engines, tasks/s per run): 1 ahead 21k (no gain); 2 ahead 23-26k; 4 ahead
+/// 26-27k; 8 ahead 24-28k. 4 keeps nearly all the gain with few calls past an abort.
+pub const PIPE_DEPTH: usize = 4;
 
 /// A closure call (apply or map) in progress.
 #[derive(Debug)]
