@@ -668,7 +668,12 @@ impl Engine {
                 Step::Request(sha) => return self.request_artifact(sha),
                 _ => return,
             };
-            let Some(Next::Start(req)) = self.queue.next(self.compiler.connecting()) else { return };
+            let req = match self.queue.next(self.compiler.connecting()) {
+                Some(Next::Start(req)) => req,
+                // Named by an abort before it was handed ahead: answered now, as `pump` would.
+                Some(Next::Aborted(req)) => return self.aborted(&req),
+                None => return,
+            };
             let md = reply::init_metadata(&req.metadata, &self.me);
             let mut c = Call::new(req, md, mode, closure);
             c.running = true;
