@@ -16,7 +16,7 @@ use rpx_protocol::{ClientConnection, Profile, Session};
 use crate::error::{combine_engine_errors, Error, RemoteError, Result};
 use crate::io::{Chan, Command, Frames, Io, MsgIds, Outgoing};
 use crate::result::{AsyncMapResult, AsyncResult};
-use crate::targets::{TargetSpec, Targets};
+use crate::targets::{TargetError, TargetSpec, Targets};
 use crate::tracker::{Outcome, ReplyData, TaskState, Tracker};
 use crate::view::{DirectView, LoadBalancedView};
 
@@ -45,7 +45,13 @@ impl ClientInner {
     pub fn resolve(&self, spec: &TargetSpec) -> Result<Vec<(usize, String)>> {
         let ids = spec.resolve(&self.ids())?;
         ids.into_iter()
-            .map(|id| self.io.shared.uuid(id).map(|u| (id, u)).ok_or_else(|| Error::Targets(format!("engine {id} is not registered"))))
+            .map(|id| {
+                self.io
+                    .shared
+                    .uuid(id)
+                    .map(|u| (id, u))
+                    .ok_or_else(|| Error::Targets(TargetError::NoSuchEngine { requested: id as i64, ids: self.ids() }))
+            })
             .collect()
     }
 

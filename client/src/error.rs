@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::targets::TargetError;
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -222,8 +224,8 @@ pub enum Error {
     #[error("no engines are registered: start some with `ipcluster start -n 4 --daemonize` (or `ipcluster engines -n 4`), or wait with Client::wait_for_engines")]
     NoEngines,
     /// A target selection is malformed or names engines that are not registered.
-    #[error("invalid targets: {0}")]
-    Targets(String),
+    #[error(transparent)]
+    Targets(TargetError),
     /// A message or value did not have the expected shape.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -280,6 +282,17 @@ fn execute_message(r: &crate::result::ExecuteResult) -> String {
     }
     s.push_str("\n  (Error::execute_result() has every engine's output; DirectView::execute_results() returns per-engine results instead)");
     s
+}
+
+/// A target error is [`Error::Targets`], except "no engines at all", which is [`Error::NoEngines`]
+/// (its message says how to start some).
+impl From<TargetError> for Error {
+    fn from(e: TargetError) -> Error {
+        match e {
+            TargetError::NoEngines => Error::NoEngines,
+            other => Error::Targets(other),
+        }
+    }
 }
 
 impl From<RemoteError> for Error {

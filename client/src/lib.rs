@@ -52,8 +52,8 @@
 //!   iteration, per-item results), [`ExecuteResult`], timings and outputs; reply decoding.
 //! - [`remote`](Remote): [`remote!`] / [`Remote`], the [`RemoteFn`] arity trait, and
 //!   [`sanitize_type_name`] for the argument types engines compile closures with.
-//! - [`targets`](TargetSpec): the [`Targets`] trait, the `%px --targets` grammar
-//!   ([`TargetSpec::parse`]), and the [`partition`] / [`chunk_ranges`] splits.
+//! - [`targets`](TargetSpec): the [`Targets`] trait, the target grammar shared with the magics
+//!   ([`TargetSpec::parse`], from `rpx_protocol::targets`), and the [`partition`] / [`chunk_ranges`] splits.
 //! - [`error`](Error): [`Error`] and [`RemoteError`] (what failed, on which engine and item,
 //!   and what to do).
 //! - `io` (private): the background thread and tokio runtime that own the sockets, and the
@@ -86,7 +86,7 @@ pub use error::{Error, RemoteError, RemoteErrorKind, Result};
 pub use io::{IDLE_GRACE, LIVENESS_TIMEOUT, PROBE_AFTER, SEND_LIMIT};
 pub use remote::{sanitize_type_name, storage_type_name, type_name_of, Remote, RemoteFn};
 pub use result::{parse_date, AsyncMapResult, AsyncResult, EngineOutput, ExecuteResult, MapIter, TaskEvent, TaskOutput, TaskTiming};
-pub use targets::{chunk_ranges, partition, slice_indices, Selector, TargetSpec, Targets};
+pub use targets::{chunk_ranges, partition, slice_indices, Selector, Slice, TargetError, TargetSpec, Targets};
 pub use view::{DirectView, Imap, LoadBalancedView, MapOptions};
 
 /// Inside a remote closure: read a value pushed to the engine, e.g.

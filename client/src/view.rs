@@ -25,7 +25,7 @@ use crate::result::{
     collect_each, collect_one, decode_buffer, decode_chunk, decode_pulled, describe_item, finish_execute, finish_execute_results,
     AsyncMapResult, AsyncResult, Describe, ExecuteResult,
 };
-use crate::targets::{chunk_ranges, partition, TargetSpec, Targets};
+use crate::targets::{chunk_ranges, partition, TargetError, TargetSpec, Targets};
 use crate::tracker::Tracker;
 
 fn encode<T: Serialize + ?Sized>(v: &T) -> Bytes {
@@ -46,7 +46,7 @@ fn op_content(op: &Op) -> Value {
 #[derive(Clone)]
 pub struct DirectView {
     client: Arc<ClientInner>,
-    targets: std::result::Result<TargetSpec, String>,
+    targets: std::result::Result<TargetSpec, TargetError>,
 }
 
 impl Debug for DirectView {
@@ -56,14 +56,14 @@ impl Debug for DirectView {
 }
 
 impl DirectView {
-    pub(crate) fn new(client: Arc<ClientInner>, targets: Result<TargetSpec>) -> DirectView {
-        DirectView { client, targets: targets.map_err(|e| e.to_string()) }
+    pub(crate) fn new(client: Arc<ClientInner>, targets: std::result::Result<TargetSpec, TargetError>) -> DirectView {
+        DirectView { client, targets }
     }
 
     fn targets_now(&self) -> Result<Vec<(usize, String)>> {
         match &self.targets {
             Ok(spec) => self.client.resolve(spec),
-            Err(e) => Err(Error::Targets(e.trim_start_matches("invalid targets: ").to_string())),
+            Err(e) => Err(e.clone().into()),
         }
     }
 
@@ -297,7 +297,7 @@ pub struct LoadBalancedView {
     client: Arc<ClientInner>,
     opts: MapOptions,
     /// An invalid `targets(..)` selection, reported at submission.
-    bad_targets: Option<String>,
+    bad_targets: Option<TargetError>,
 }
 
 impl Debug for LoadBalancedView {
@@ -369,7 +369,7 @@ impl LoadBalancedView {
             }
             Err(e) => {
                 let mut v = self.clone();
-                v.bad_targets = Some(e.to_string());
+                v.bad_targets = Some(e);
                 v
             }
         }
@@ -377,7 +377,7 @@ impl LoadBalancedView {
 
     fn metadata(&self) -> Result<Value> {
         if let Some(e) = &self.bad_targets {
-            return Err(Error::Targets(e.trim_start_matches("invalid targets: ").to_string()));
+            return Err(e.clone().into());
         }
         let mut m = Map::new();
         if self.opts.retries > 0 {

@@ -133,20 +133,7 @@ impl Member {
 /// `was killed by signal 9 (SIGKILL)`, `exited with status 1`.
 pub fn describe_exit(status: ExitStatus) -> String {
     if let Some(sig) = status.signal() {
-        let name = match sig {
-            libc::SIGKILL => "SIGKILL",
-            libc::SIGTERM => "SIGTERM",
-            libc::SIGINT => "SIGINT",
-            libc::SIGSEGV => "SIGSEGV",
-            libc::SIGABRT => "SIGABRT",
-            libc::SIGBUS => "SIGBUS",
-            libc::SIGILL => "SIGILL",
-            libc::SIGFPE => "SIGFPE",
-            libc::SIGHUP => "SIGHUP",
-            libc::SIGPIPE => "SIGPIPE",
-            _ => "",
-        };
-        return if name.is_empty() { format!("was killed by signal {sig}") } else { format!("was killed by signal {sig} ({name})") };
+        return format!("was killed by signal {}", rpx_protocol::signals::describe(sig));
     }
     match status.code() {
         Some(code) => format!("exited with status {code}"),
@@ -529,7 +516,11 @@ mod tests {
         let st = Command::new("/bin/sh").args(["-c", "kill -9 $$"]).status().unwrap();
         assert_eq!(describe_exit(st), "was killed by signal 9 (SIGKILL)");
         let st = Command::new("/bin/sh").args(["-c", "kill -USR1 $$"]).status().unwrap();
-        assert_eq!(describe_exit(st), format!("was killed by signal {}", libc::SIGUSR1));
+        assert_eq!(describe_exit(st), format!("was killed by signal {} (SIGUSR1)", libc::SIGUSR1));
+        // A real-time signal has no name in the table: the number alone.
+        let st = Command::new("/bin/sh").args(["-c", "kill -s RTMIN+3 $$ || kill -37 $$"]).status().unwrap();
+        let sig = std::os::unix::process::ExitStatusExt::signal(&st).unwrap();
+        assert_eq!(describe_exit(st), format!("was killed by signal {sig}"));
     }
 
     /// A cluster of stand-ins: `sleep` as the controller, and a "compiler" that is `/bin/sh -c

@@ -1,51 +1,16 @@
-//! Signal names and numbers (for `signal_request`) and human descriptions of how a process ended.
+//! Reading the signal of a `signal_request` (a number or a name from `rpx_protocol::signals`) and
+//! human descriptions of how a process ended.
 
+use rpx_protocol::signals;
 use serde_json::Value;
-
-const SIGNALS: &[(&str, i32)] = &[
-    ("SIGHUP", libc::SIGHUP),
-    ("SIGINT", libc::SIGINT),
-    ("SIGQUIT", libc::SIGQUIT),
-    ("SIGILL", libc::SIGILL),
-    ("SIGTRAP", libc::SIGTRAP),
-    ("SIGABRT", libc::SIGABRT),
-    ("SIGBUS", libc::SIGBUS),
-    ("SIGFPE", libc::SIGFPE),
-    ("SIGKILL", libc::SIGKILL),
-    ("SIGUSR1", libc::SIGUSR1),
-    ("SIGSEGV", libc::SIGSEGV),
-    ("SIGUSR2", libc::SIGUSR2),
-    ("SIGPIPE", libc::SIGPIPE),
-    ("SIGALRM", libc::SIGALRM),
-    ("SIGTERM", libc::SIGTERM),
-    ("SIGCHLD", libc::SIGCHLD),
-    ("SIGCONT", libc::SIGCONT),
-    ("SIGSTOP", libc::SIGSTOP),
-    ("SIGTSTP", libc::SIGTSTP),
-    ("SIGTTIN", libc::SIGTTIN),
-    ("SIGTTOU", libc::SIGTTOU),
-    ("SIGURG", libc::SIGURG),
-    ("SIGXCPU", libc::SIGXCPU),
-    ("SIGXFSZ", libc::SIGXFSZ),
-    ("SIGVTALRM", libc::SIGVTALRM),
-    ("SIGPROF", libc::SIGPROF),
-    ("SIGWINCH", libc::SIGWINCH),
-    ("SIGIO", libc::SIGIO),
-    ("SIGSYS", libc::SIGSYS),
-];
-
-/// The name of a signal number, e.g. `SIGABRT` for 6.
-pub fn signal_name(sig: i32) -> Option<&'static str> {
-    SIGNALS.iter().find(|(_, n)| *n == sig).map(|(name, _)| *name)
-}
 
 /// Parse a signal given as a number or a name (`2`, `"2"`, `"SIGINT"`, `"INT"`, `"sigint"`).
 pub fn parse_signal(v: &Value) -> Result<i32, String> {
     let valid = |n: i64| -> Result<i32, String> {
-        if (1..=64).contains(&n) {
+        if (1..=i64::from(signals::MAX_SIGNAL)).contains(&n) {
             Ok(n as i32)
         } else {
-            Err(format!("signal number {n} is out of range (1-64)"))
+            Err(format!("signal number {n} is out of range (1-{})", signals::MAX_SIGNAL))
         }
     };
     match v {
@@ -55,12 +20,8 @@ pub fn parse_signal(v: &Value) -> Result<i32, String> {
             if let Ok(n) = s.parse::<i64>() {
                 return valid(n);
             }
-            let upper = s.to_ascii_uppercase();
-            let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-            SIGNALS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, num)| *num)
+            signals::lookup(s)
+                .map(|(_, num)| num)
                 .ok_or_else(|| format!("unknown signal name {s:?} (use a number or a name such as SIGINT)"))
         }
         other => Err(format!("signal must be an integer or a name, got {other}")),
@@ -81,10 +42,7 @@ pub fn describe_exit(status: &std::process::ExitStatus) -> String {
 
 /// `signal 6 (SIGABRT)`.
 pub fn describe_signal(sig: i32) -> String {
-    match signal_name(sig) {
-        Some(name) => format!("signal {sig} ({name})"),
-        None => format!("signal {sig}"),
-    }
+    format!("signal {}", signals::describe(sig))
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ impl Px {
         if ids.is_empty() {
             ids = client.wait_for_engines(1, ENGINE_WAIT).unwrap_or_default();
         }
-        let targets = run.targets.resolve(&ids)?;
+        let targets = run.targets.resolve(&ids).map_err(MagicError::from)?;
         if run.verbose {
             shared.publish_stream(StreamName::Stdout, &verbose_line(run.block, &run.targets, &targets));
         }

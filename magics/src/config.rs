@@ -3,7 +3,7 @@
 //! that cell's `%%px` options on top, which never stick).
 
 use crate::options::{GroupOutputs, PxOptions, Signal};
-use crate::targets::TargetSpec;
+use crate::TargetSpec;
 
 /// Defaults for `%px`, `%%px` and `%autopx` cells, kept by the kernel for its lifetime.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,7 +100,7 @@ impl PxConfig {
 mod tests {
     use super::*;
     use crate::options::Magic;
-    use crate::targets::Slice;
+    use crate::{Selector, Slice};
 
     fn opts(magic: Magic, line: &str) -> PxOptions {
         PxOptions::parse(magic, line).unwrap()
@@ -136,23 +136,23 @@ mod tests {
     fn pxconfig_is_sticky() {
         let mut c = PxConfig::default();
         c.apply(&opts(Magic::PxConfig, "-t ::2 --noblock"));
-        assert_eq!(c.targets, TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() }));
+        assert_eq!(c.targets, TargetSpec::Select(vec![Selector::Slice(Slice { step: Some(2), ..Slice::default() })]));
         assert!(!c.block);
         // A later %pxconfig changes only what it names.
         c.apply(&opts(Magic::PxConfig, "--verbose --no-stream -e"));
-        assert_eq!(c.targets, TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() }));
+        assert_eq!(c.targets, TargetSpec::Select(vec![Selector::Slice(Slice { step: Some(2), ..Slice::default() })]));
         assert!(!c.block);
         assert!(c.verbose);
         assert!(!c.stream);
         assert_eq!(c.group_outputs, GroupOutputs::Engine);
         c.apply(&opts(Magic::PxConfig, "-t 1 --block --progress-after -1 --signal-on-interrupt 9"));
-        assert_eq!(c.targets, TargetSpec::Index(1));
+        assert_eq!(c.targets, TargetSpec::One(1));
         assert!(c.block);
         assert_eq!(c.progress_after, -1.0);
         assert_eq!(c.signal_on_interrupt, Signal::Number(9));
         // Every later cell sees it.
         let e = c.effective(&PxOptions::default());
-        assert_eq!(e.targets, TargetSpec::Index(1));
+        assert_eq!(e.targets, TargetSpec::One(1));
         assert!(e.verbose);
     }
 
@@ -161,7 +161,7 @@ mod tests {
         let c = PxConfig::default();
         let before = c.clone();
         let e = c.effective(&opts(Magic::CellPx, "--targets 0:2 --noblock --no-stream --verbose -r --local"));
-        assert_eq!(e.targets, TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None }));
+        assert_eq!(e.targets, TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(0), stop: Some(2), step: None })]));
         assert!(!e.block);
         assert!(!e.stream);
         assert!(e.verbose);
@@ -181,7 +181,7 @@ mod tests {
         c.apply(&opts(Magic::PxConfig, "--noblock -t 1,2"));
         let e = c.effective(&opts(Magic::CellPx, "--block"));
         assert!(e.block);
-        assert_eq!(e.targets, TargetSpec::List(vec![1, 2]));
+        assert_eq!(e.targets, TargetSpec::Select(vec![Selector::Id(1), Selector::Id(2)]));
         let e = c.effective(&opts(Magic::CellPx, "-t all"));
         assert!(!e.block);
         assert_eq!(e.targets, TargetSpec::All);

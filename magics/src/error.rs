@@ -10,9 +10,8 @@ pub type Result<T, E = MagicError> = std::result::Result<T, E>;
 /// The magics rpx knows, as listed in error messages.
 pub const VALID_MAGICS: &str = "%px CODE, %%px [options], %autopx, %pxresult [options], %pxconfig [options]";
 
-/// The target forms, as listed in error messages.
-pub const TARGET_FORMS: &str =
-    "all, an engine id (0, or -1 for the last), a slice of the engine list (0:4, ::2, 1::2, -2:), a list (1,3,5 or [1,3,5])";
+use rpx_protocol::targets::TargetError;
+pub use rpx_protocol::targets::{fmt_ids, TARGET_FORMS};
 
 /// Everything that can be wrong with a magic. Nothing has been sent to any engine when one of
 /// these is returned.
@@ -117,30 +116,10 @@ pub enum MagicError {
         /// Which magic.
         magic: Magic,
     },
-    /// A target specification that does not parse.
-    #[error("invalid targets `{spec}`: {reason}; valid forms: {TARGET_FORMS}")]
-    InvalidTargets {
-        /// The specification as written.
-        spec: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A target engine id that is not registered.
-    #[error("no engine {requested} (engines: {})", fmt_ids(.ids))]
-    NoSuchEngine {
-        /// The id or negative index asked for.
-        requested: i64,
-        /// The engines there are.
-        ids: Vec<usize>,
-    },
-    /// A target specification that selects no engine (a slice past the end).
-    #[error("targets `{spec}` select no engine (engines: {})", fmt_ids(.ids))]
-    NoTargets {
-        /// The specification.
-        spec: String,
-        /// The engines there are.
-        ids: Vec<usize>,
-    },
+    /// A target specification that does not parse, names an engine that is not registered or
+    /// selects none (the one grammar's error, `rpx_protocol::targets`).
+    #[error(transparent)]
+    Targets(TargetError),
     /// No engine is registered at all.
     #[error("no engines are registered; start some with `ipcluster start -n 4` or `ipcluster engines -n 4`")]
     NoEngines,
@@ -170,10 +149,15 @@ fn takes(m: Magic) -> String {
     }
 }
 
-/// `[0, 1, 2]`, as Python prints a list.
-pub(crate) fn fmt_ids(ids: &[usize]) -> String {
-    let inner: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-    format!("[{}]", inner.join(", "))
+/// A target error is [`MagicError::Targets`], except "no engines at all", which is
+/// [`MagicError::NoEngines`] (its message says how to start some).
+impl From<TargetError> for MagicError {
+    fn from(e: TargetError) -> MagicError {
+        match e {
+            TargetError::NoEngines => MagicError::NoEngines,
+            other => MagicError::Targets(other),
+        }
+    }
 }
 
 #[cfg(test)]

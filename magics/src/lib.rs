@@ -9,7 +9,8 @@
 //!   magics refused.
 //! - [`options`]: option lines → [`PxOptions`]: the flags each magic takes (ipyparallel's,
 //!   argparse-style), [`GroupOutputs`], [`Signal`], `--help` text ([`Magic::usage`]).
-//! - [`targets`]: the `--targets` grammar, [`TargetSpec`] and [`TargetSpec::resolve`].
+//! - `--targets`: the one target grammar of `rpx_protocol::targets`, re-exported as
+//!   [`TargetSpec`] (with [`TargetSpec::resolve`]).
 //! - [`config`]: [`PxConfig`] (sticky `%pxconfig` defaults) and [`ExecOptions`] (one cell's).
 //! - [`output`]: what engines produced ([`OutputEvent`], [`EngineOutput`]) and what the kernel
 //!   publishes ([`IopubMsg`]).
@@ -91,7 +92,6 @@ pub mod parse;
 pub mod progress;
 pub mod render;
 pub mod stream;
-pub mod targets;
 
 pub use config::{ExecOptions, PxConfig};
 pub use error::{MagicError, Result};
@@ -101,5 +101,5 @@ pub use output::{EngineOutput, ErrorOutput, IopubMsg, OutputEvent, StreamName};
 pub use parse::{autopx_message, parse_cell, parse_cell_autopx, Command, AUTOPX_DISABLED, AUTOPX_ENABLED};
 pub use progress::{progress_due, progress_message, progress_text};
 pub use render::{interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions};
+pub use rpx_protocol::targets::{Selector, Slice, TargetError, TargetSpec};
 pub use stream::{StreamStyle, Streamer};
-pub use targets::{Slice, TargetSpec};

@@ -7,8 +7,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use rpx_protocol::signals;
+
 use crate::error::{MagicError, Result};
-use crate::targets::TargetSpec;
+use crate::TargetSpec;
 
 /// The magics, as named in errors and help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,16 +133,18 @@ impl FromStr for GroupOutputs {
     }
 }
 
-/// Signal names `--signal-on-interrupt` accepts (with or without `SIG`, any case).
-pub const SIGNAL_NAMES: &[&str] =
-    &["SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGABRT", "SIGALRM", "SIGSTOP", "SIGCONT", "SIGTSTP"];
+/// The signal names `--signal-on-interrupt` accepts (with or without `SIG`, any case): those of
+/// the one table in `rpx_protocol::signals`, for the error message.
+pub fn signal_names() -> String {
+    signals::SIGNALS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+}
 
 /// The signal sent to the engines when the user interrupts a blocking `%px`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Signal {
     /// A number (`0` sends nothing, as ipyparallel's nop).
     Number(u8),
-    /// A name from [`SIGNAL_NAMES`], upper case with `SIG`.
+    /// A name from `rpx_protocol::signals::SIGNALS`, upper case with `SIG`.
     Name(String),
 }
 
@@ -164,17 +168,11 @@ impl FromStr for Signal {
     fn from_str(s: &str) -> std::result::Result<Self, ()> {
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
             return match s.parse::<u8>() {
-                Ok(n) if n <= 64 => Ok(Signal::Number(n)),
+                Ok(n) if i32::from(n) <= signals::MAX_SIGNAL => Ok(Signal::Number(n)),
                 _ => Err(()),
             };
         }
-        let up = s.to_ascii_uppercase();
-        let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
-        if SIGNAL_NAMES.contains(&name.as_str()) {
-            Ok(Signal::Name(name))
-        } else {
-            Err(())
-        }
+        signals::lookup(s).map(|(name, _)| Signal::Name(name.to_string())).ok_or(())
     }
 }
 
@@ -380,7 +378,7 @@ impl PxOptions {
         let invalid =
             |expected: &str| MagicError::InvalidValue { magic, option: spec.name(), value: value.clone(), expected: expected.to_string() };
         match spec.opt {
-            Opt::Targets => self.targets = Some(value.parse()?),
+            Opt::Targets => self.targets = Some(value.parse::<TargetSpec>().map_err(MagicError::from)?),
             Opt::Block => self.block = Some(true),
             Opt::NoBlock => self.block = Some(false),
             Opt::Stream => self.stream = Some(true),
@@ -403,10 +401,9 @@ impl PxOptions {
                 self.progress_after = Some(secs);
             }
             Opt::SignalOnInterrupt => {
-                let sig = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| invalid(&format!("a signal number 0-64 (0: send none) or a name: {}", SIGNAL_NAMES.join(", "))))?;
+                let sig = value.trim().parse().map_err(|_| {
+                    invalid(&format!("a signal number 0-{} (0: send none) or a name: {}", signals::MAX_SIGNAL, signal_names()))
+                })?;
                 self.signal_on_interrupt = Some(sig);
             }
             Opt::Local => self.local = true,
@@ -510,7 +507,7 @@ fn split_words(magic: Magic, line: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::targets::Slice;
+    use crate::{Selector, Slice};
 
     fn cell(line: &str) -> PxOptions {
         PxOptions::parse(Magic::CellPx, line).unwrap()
@@ -528,7 +525,7 @@ mod tests {
 
     #[test]
     fn targets_in_every_spelling() {
-        let two = Some(TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None }));
+        let two = Some(TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(0), stop: Some(2), step: None })]));
         assert_eq!(cell("--targets 0:2").targets, two);
         assert_eq!(cell("--targets=0:2").targets, two);
         assert_eq!(cell("-t 0:2").targets, two);
@@ -536,12 +533,12 @@ mod tests {
         assert_eq!(cell("-t=0:2").targets, two);
         assert_eq!(cell("--tar 0:2").targets, two);
         assert_eq!(cell("--targets '0:2'").targets, two);
-        assert_eq!(cell("-t -1").targets, Some(TargetSpec::Index(-1)));
-        assert_eq!(cell("-t -2:").targets, Some(TargetSpec::Slice(Slice { start: Some(-2), ..Slice::default() })));
+        assert_eq!(cell("-t -1").targets, Some(TargetSpec::One(-1)));
+        assert_eq!(cell("-t -2:").targets, Some(TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(-2), ..Slice::default() })])));
         assert_eq!(cell("-t all").targets, Some(TargetSpec::All));
-        assert_eq!(cell("-t 1,3,5").targets, Some(TargetSpec::List(vec![1, 3, 5])));
-        assert_eq!(cell("-t \"1, 3\"").targets, Some(TargetSpec::List(vec![1, 3])));
-        assert_eq!(cell("-t [0,3]").targets, Some(TargetSpec::List(vec![0, 3])));
+        assert_eq!(cell("-t 1,3,5").targets, Some(TargetSpec::Select(vec![Selector::Id(1), Selector::Id(3), Selector::Id(5)])));
+        assert_eq!(cell("-t \"1, 3\"").targets, Some(TargetSpec::Select(vec![Selector::Id(1), Selector::Id(3)])));
+        assert_eq!(cell("-t [0,3]").targets, Some(TargetSpec::Select(vec![Selector::Id(0), Selector::Id(3)])));
     }
 
     #[test]
@@ -596,7 +593,7 @@ mod tests {
         let o = cell("-be");
         assert_eq!((o.block, o.group_outputs), (Some(true), Some(GroupOutputs::Engine)));
         let o = cell("-at1");
-        assert_eq!((o.block, o.targets), (Some(false), Some(TargetSpec::Index(1))));
+        assert_eq!((o.block, o.targets), (Some(false), Some(TargetSpec::One(1))));
         let o = cell("-bt 0:2 --no-stream -r");
         assert_eq!(o.block, Some(true));
         assert_eq!(o.stream, Some(false));
@@ -612,7 +609,7 @@ mod tests {
         assert_eq!(
             o,
             PxOptions {
-                targets: Some(TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() })),
+                targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { step: Some(2), ..Slice::default() })])),
                 block: Some(false),
                 stream: Some(false),
                 verbose: Some(true),
@@ -700,11 +697,11 @@ mod tests {
             err(Magic::CellPx, "--signal-on-interrupt SIGFOO").to_string(),
             format!(
                 "invalid value `SIGFOO` for `--signal-on-interrupt` of %%px: expected a signal number 0-64 (0: send none) or a name: {}",
-                SIGNAL_NAMES.join(", ")
+                signal_names()
             )
         );
         assert!(matches!(err(Magic::CellPx, "--signal-on-interrupt 99"), MagicError::InvalidValue { .. }));
-        assert!(matches!(err(Magic::CellPx, "-t x"), MagicError::InvalidTargets { .. }));
+        assert!(matches!(err(Magic::CellPx, "-t x"), MagicError::Targets(crate::TargetError::Invalid { .. })));
         assert!(err(Magic::CellPx, "--targets 1:2:3:4").to_string().starts_with("invalid targets `1:2:3:4`"));
     }
 

@@ -226,7 +226,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
     use crate::options::GroupOutputs;
-    use crate::targets::{Slice, TargetSpec};
+    use crate::{Selector, Slice, TargetSpec};
 
     fn parse(s: &str) -> Vec<Command> {
         parse_cell(s).unwrap()
@@ -282,7 +282,7 @@ mod tests {
             vec![Command::Px {
                 code: "println!(\"{}\", 1);".into(),
                 options: PxOptions {
-                    targets: Some(TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None })),
+                    targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(0), stop: Some(2), step: None })])),
                     block: Some(false),
                     ..PxOptions::default()
                 }
@@ -327,7 +327,7 @@ mod tests {
             parse("%pxconfig --noblock -t ::2"),
             vec![Command::PxConfig(PxOptions {
                 block: Some(false),
-                targets: Some(TargetSpec::Slice(Slice { step: Some(2), ..Slice::default() })),
+                targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { step: Some(2), ..Slice::default() })])),
                 ..PxOptions::default()
             })]
         );
@@ -383,7 +383,7 @@ mod tests {
             parse(cell),
             vec![
                 Command::PxConfig(PxOptions {
-                    targets: Some(TargetSpec::Slice(Slice { start: Some(0), stop: Some(2), step: None })),
+                    targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(0), stop: Some(2), step: None })])),
                     ..PxOptions::default()
                 }),
                 Command::Local("let local = 1;\nlet more = 2;\n".into()),

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::error::fmt_ids;
 use crate::options::{GroupOutputs, Signal};
 use crate::output::{with_engine, EngineOutput, IopubMsg, OutputEvent, StreamName};
-use crate::targets::TargetSpec;
+use crate::TargetSpec;
 
 /// Presentation choices.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -225,7 +225,7 @@ pub fn verbose_line(block: bool, targets: &TargetSpec, resolved: &[usize]) -> St
     let base = if block { "Parallel" } else { "Async parallel" };
     let shown = match targets {
         TargetSpec::All => "all".to_string(),
-        TargetSpec::Index(_) if resolved.len() == 1 => resolved[0].to_string(),
+        TargetSpec::One(_) if resolved.len() == 1 => resolved[0].to_string(),
         _ if resolved.len() > 10 => {
             let head = fmt_ids(&resolved[..4]);
             let tail = fmt_ids(&resolved[resolved.len() - 4..]);
@@ -445,7 +445,7 @@ mod tests {
         let ids: Vec<usize> = (0..16).collect();
         assert_eq!(verbose_line(true, &TargetSpec::All, &ids), "Parallel execution on engine(s): all\n");
         assert_eq!(verbose_line(false, &TargetSpec::All, &ids), "Async parallel execution on engine(s): all\n");
-        assert_eq!(verbose_line(true, &TargetSpec::Index(-1), &[15]), "Parallel execution on engine(s): 15\n");
+        assert_eq!(verbose_line(true, &TargetSpec::One(-1), &[15]), "Parallel execution on engine(s): 15\n");
         let t: TargetSpec = "0:4".parse().unwrap();
         assert_eq!(verbose_line(true, &t, &[0, 1, 2, 3]), "Parallel execution on engine(s): [0, 1, 2, 3]\n");
         let t: TargetSpec = ":".parse().unwrap();

@@ -13,6 +13,9 @@
 //! - [`apply`]: rpx's closure, map, push and pull payloads inside `apply_request`.
 //! - [`registration`]: engine registration contents and the eviction notice that makes an
 //!   evicted rpx engine register again.
+//! - [`targets`]: the one target grammar (`all`, `3`, `0:4`, `1,3,5`) and its resolution, read
+//!   by the client's views and the magics' `--targets`.
+//! - [`signals`]: the one table of signal names and numbers.
 //! - [`zmq`]: conversion between frames and `zeromq` messages.
 //!
 //! This crate opens no sockets: transports live in the crates that use it.
@@ -24,6 +27,8 @@ pub mod dataplane;
 pub mod message;
 pub mod registration;
 pub mod session;
+pub mod signals;
+pub mod targets;
 pub mod zmq;
 
 pub use connection::{ClientConnection, EngineConnection, Profile};
