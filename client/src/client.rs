@@ -14,7 +14,7 @@ use rpx_protocol::connection::{default_profile_name, read_json};
 use rpx_protocol::{ClientConnection, Profile, Session};
 
 use crate::error::{combine_engine_errors, Error, RemoteError, Result};
-use crate::io::{Chan, Command, Frames, Io, MsgIds, Outgoing};
+use crate::io::{Chan, Frames, Io, IoRequest, MsgIds, Outgoing};
 use crate::result::{AsyncMapResult, AsyncResult};
 use crate::targets::{TargetError, TargetSpec, Targets};
 use crate::tracker::{Outcome, ReplyData, TaskState, Tracker};
@@ -112,7 +112,7 @@ impl ClientInner {
             .enumerate()
             .map(|(idx, (msg_id, frames))| Outgoing { chan, frames, msg_id, tracker: tracker.clone(), idx })
             .collect();
-        self.io.send(Command::Submit(out))?;
+        self.io.send(IoRequest::Submit(out))?;
         Ok(tracker)
     }
 
@@ -131,7 +131,7 @@ impl ClientInner {
             .enumerate()
             .map(|(idx, (msg_id, frames))| Outgoing { chan: Chan::Task, frames, msg_id, tracker: tracker.clone(), idx })
             .collect();
-        self.io.send(Command::Submit(out))?;
+        self.io.send(IoRequest::Submit(out))?;
         Ok(tracker)
     }
 
@@ -139,7 +139,7 @@ impl ClientInner {
     pub fn task_into(&self, tracker: &Arc<Tracker>, frames: &Frames, buffers: &[Bytes]) -> Result<()> {
         let (msg_id, f) = frames.build("apply_request", None, buffers);
         let idx = tracker.push(TaskState::new(msg_id.clone(), None, frames.date().to_string()));
-        self.io.send(Command::Submit(vec![Outgoing { chan: Chan::Task, frames: f, msg_id, tracker: tracker.clone(), idx }]))
+        self.io.send(IoRequest::Submit(vec![Outgoing { chan: Chan::Task, frames: f, msg_id, tracker: tracker.clone(), idx }]))
     }
 
     /// A hub query on the registration socket; the reply, or an error.
@@ -147,7 +147,7 @@ impl ClientInner {
         let frames = Frames::new(&self.session, &self.ids, &json!({}), &content);
         let (msg_id, f) = frames.build(msg_type, None, &[]);
         let tracker = self.tracker(vec![TaskState::new(msg_id.clone(), None, frames.date().to_string())], false);
-        self.io.send(Command::Submit(vec![Outgoing { chan: Chan::Query, frames: f, msg_id, tracker: tracker.clone(), idx: 0 }]))?;
+        self.io.send(IoRequest::Submit(vec![Outgoing { chan: Chan::Query, frames: f, msg_id, tracker: tracker.clone(), idx: 0 }]))?;
         if !tracker.wait_complete(Some(Instant::now() + limit)) {
             return Err(Error::Timeout(format!("the controller did not answer a {msg_type} within {limit:?}")));
         }
@@ -416,7 +416,7 @@ impl Client {
             }
             if now >= next_refresh {
                 // Notifications are the fast path; a periodic refresh covers a missed one.
-                let _ = self.inner.io.send(Command::Refresh);
+                let _ = self.inner.io.send(IoRequest::Refresh);
                 next_refresh = now + Duration::from_secs(1);
             }
             let wait = (end.min(next_refresh)).saturating_duration_since(now).max(Duration::from_millis(1));

@@ -83,7 +83,7 @@ pub(crate) struct Outgoing {
 }
 
 /// What the blocking API asks of the IO thread.
-pub(crate) enum Command {
+pub(crate) enum IoRequest {
     /// Register each message's task, then send it (in order).
     Submit(Vec<Outgoing>),
     /// Refresh the engine table with a `connection_request`.
@@ -238,7 +238,7 @@ fn decode_light(session: &Session, frames: Vec<Bytes>) -> std::result::Result<Li
 }
 
 /// What reader tasks tell the dispatcher.
-enum Inbound {
+enum ReaderEvent {
     /// A reply on a DEALER.
     Reply(Light),
     /// iopub output (`stream`, `execute_result`, `display_data`, `error`).
@@ -252,7 +252,7 @@ enum Inbound {
 /// Handle to the IO thread.
 pub(crate) struct Io {
     pub shared: Arc<Shared>,
-    cmd: UnboundedSender<Command>,
+    cmd: UnboundedSender<IoRequest>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -332,16 +332,16 @@ impl Io {
     }
 
     /// Hand a command to the dispatcher.
-    pub fn send(&self, cmd: Command) -> Result<()> {
+    pub fn send(&self, cmd: IoRequest) -> Result<()> {
         if let Some(why) = self.shared.lost() {
-            if let Command::Submit(out) = &cmd {
+            if let IoRequest::Submit(out) = &cmd {
                 fail_outgoing(out, &why);
             }
             return Err(Error::Connection(why));
         }
         self.cmd.send(cmd).map_err(|e| {
             let why = "the client's IO thread has stopped".to_string();
-            if let Command::Submit(out) = &e.0 {
+            if let IoRequest::Submit(out) = &e.0 {
                 fail_outgoing(out, &why);
             }
             Error::Connection(why)
@@ -350,7 +350,7 @@ impl Io {
 
     /// Stop the thread (pending requests fail with a connection error) and wait for it.
     pub fn close(&self) {
-        let _ = self.cmd.send(Command::Close);
+        let _ = self.cmd.send(IoRequest::Close);
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             if h.thread().id() != std::thread::current().id() {
@@ -406,7 +406,7 @@ async fn sub(url: String, limit: Duration) -> Result<SubSocket> {
 }
 
 /// Connect every socket and start the reader tasks.
-async fn open(conn: &ClientConnection, session: &Session, limit: Duration, tx: UnboundedSender<Inbound>) -> Result<Sends> {
+async fn open(conn: &ClientConnection, session: &Session, limit: Duration, tx: UnboundedSender<ReaderEvent>) -> Result<Sends> {
     let (q, m, t, c, io, nt) = tokio::try_join!(
         dealer(conn.url(conn.registration), limit),
         dealer(conn.url(conn.mux), limit),
@@ -429,28 +429,28 @@ async fn open(conn: &ClientConnection, session: &Session, limit: Duration, tx: U
     Ok(Sends { query: next(), mux: next(), task: next(), control: next() })
 }
 
-async fn watch(mut mon: futures::channel::mpsc::Receiver<SocketEvent>, chan: Chan, tx: UnboundedSender<Inbound>) {
+async fn watch(mut mon: futures::channel::mpsc::Receiver<SocketEvent>, chan: Chan, tx: UnboundedSender<ReaderEvent>) {
     while let Some(ev) = mon.next().await {
         if let SocketEvent::Disconnected(_) = ev {
-            let _ = tx.send(Inbound::Lost(format!("the controller closed the {} connection (it stopped or crashed)", chan.name())));
+            let _ = tx.send(ReaderEvent::Lost(format!("the controller closed the {} connection (it stopped or crashed)", chan.name())));
             return;
         }
     }
 }
 
-async fn read_dealer(mut recv: DealerRecvHalf, chan: Chan, session: Session, tx: UnboundedSender<Inbound>) {
+async fn read_dealer(mut recv: DealerRecvHalf, chan: Chan, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         match recv.recv().await {
             Ok(m) => match decode_light(&session, rpx_protocol::zmq::frames(m)) {
                 Ok(msg) => {
-                    if tx.send(Inbound::Reply(msg)).is_err() {
+                    if tx.send(ReaderEvent::Reply(msg)).is_err() {
                         return;
                     }
                 }
                 Err(e) => warn!(socket = chan.name(), error = %e, "dropped a bad message"),
             },
             Err(e) => {
-                let _ = tx.send(Inbound::Lost(format!("receiving on the {} socket failed: {e}", chan.name())));
+                let _ = tx.send(ReaderEvent::Lost(format!("receiving on the {} socket failed: {e}", chan.name())));
                 return;
             }
         }
@@ -475,7 +475,7 @@ struct ParentId {
     msg_id: Option<String>,
 }
 
-async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Inbound>) {
+async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         let m = match sub.recv().await {
             Ok(m) => m,
@@ -512,12 +512,12 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<In
                     continue;
                 };
                 match serde_json::from_slice::<ParentId>(&signed[2]).ok().and_then(|p| p.msg_id) {
-                    Some(id) => Inbound::Idle(id),
+                    Some(id) => ReaderEvent::Idle(id),
                     None => continue,
                 }
             }
             "stream" | "execute_result" | "display_data" | "error" => match decode_light(&session, frames) {
-                Ok(msg) => Inbound::Io(msg),
+                Ok(msg) => ReaderEvent::Io(msg),
                 Err(e) => {
                     warn!(error = %e, "dropped a bad iopub message");
                     continue;
@@ -531,12 +531,12 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<In
     }
 }
 
-async fn read_notifications(mut sub: SubSocket, session: Session, tx: UnboundedSender<Inbound>) {
+async fn read_notifications(mut sub: SubSocket, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         match sub.recv().await {
             Ok(m) => match decode_light(&session, rpx_protocol::zmq::frames(m)) {
                 Ok(msg) => {
-                    if tx.send(Inbound::Notification(msg)).is_err() {
+                    if tx.send(ReaderEvent::Notification(msg)).is_err() {
                         return;
                     }
                 }
@@ -573,7 +573,7 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    async fn run(mut self, mut cmd_rx: UnboundedReceiver<Command>, mut in_rx: UnboundedReceiver<Inbound>) {
+    async fn run(mut self, mut cmd_rx: UnboundedReceiver<IoRequest>, mut in_rx: UnboundedReceiver<ReaderEvent>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inbound = Vec::with_capacity(256);
@@ -597,13 +597,13 @@ impl Dispatcher {
                     }
                     for c in std::mem::take(&mut cmds) {
                         match c {
-                            Command::Close => {
+                            IoRequest::Close => {
                                 self.lose("the client was closed".into());
                                 self.flush();
                                 return;
                             }
-                            Command::Refresh => self.refresh().await,
-                            Command::Submit(out) => self.submit(out).await,
+                            IoRequest::Refresh => self.refresh().await,
+                            IoRequest::Submit(out) => self.submit(out).await,
                         }
                     }
                     self.flush();
@@ -704,17 +704,17 @@ impl Dispatcher {
         self.shared.engines_cv.notify_all();
     }
 
-    async fn on_inbound(&mut self, ev: Inbound) {
+    async fn on_inbound(&mut self, ev: ReaderEvent) {
         self.last_rx = Instant::now();
         match ev {
-            Inbound::Reply(msg) => self.on_reply(msg).await,
-            Inbound::Io(msg) => {
+            ReaderEvent::Reply(msg) => self.on_reply(msg).await,
+            ReaderEvent::Io(msg) => {
                 if let Some(r) = msg.parent.as_deref().and_then(|p| self.routes.get(p)) {
                     r.tracker.add_io(r.idx, &msg.msg_type, &msg.content);
                     self.touched.push(r.tracker.clone());
                 }
             }
-            Inbound::Idle(parent) => {
+            ReaderEvent::Idle(parent) => {
                 let Some(r) = self.routes.get_mut(&parent) else { return };
                 r.idle = true;
                 r.tracker.settle(r.idx);
@@ -723,7 +723,7 @@ impl Dispatcher {
                     self.routes.remove(&parent);
                 }
             }
-            Inbound::Notification(msg) => {
+            ReaderEvent::Notification(msg) => {
                 let id = msg.content.get("id").and_then(Value::as_u64).map(|i| i as usize);
                 let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
                 match (msg.msg_type.as_str(), id, uuid) {
@@ -746,7 +746,7 @@ impl Dispatcher {
                     _ => {}
                 }
             }
-            Inbound::Lost(why) => self.lose(why),
+            ReaderEvent::Lost(why) => self.lose(why),
         }
     }
 

@@ -12,7 +12,7 @@ use jupyter_protocol::{
 use serde_json::{json, Map, Value};
 use tracing::{debug, warn};
 
-use rpx_magics::{autopx_message, parse_cell_autopx, Command, IopubMsg, MagicError, StreamName};
+use rpx_magics::{autopx_message, parse_cell_autopx, CellStep, IopubMsg, MagicError, StreamName};
 
 use crate::local::{Local, LocalOutcome};
 use crate::px::{Px, PxError};
@@ -339,15 +339,15 @@ impl Kernel {
         let commands = parse_cell_autopx(code, self.px.autopx)?;
         for cmd in commands {
             match cmd {
-                Command::Local(code) => self.run_local(&code, count)?,
-                Command::Autopx => {
+                CellStep::Local(code) => self.run_local(&code, count)?,
+                CellStep::Autopx => {
                     self.px.autopx = !self.px.autopx;
                     self.shared.publish_stream(StreamName::Stdout, &format!("{}\n", autopx_message(self.px.autopx)));
                 }
-                Command::Help { text, .. } => self.shared.publish_stream(StreamName::Stdout, &format!("{}\n", text.trim_end())),
-                Command::PxConfig(opts) => self.px.config.apply(&opts),
-                Command::PxResult(opts) => self.px.result(&opts)?,
-                Command::Px { code, options } => {
+                CellStep::Help { text, .. } => self.shared.publish_stream(StreamName::Stdout, &format!("{}\n", text.trim_end())),
+                CellStep::PxConfig(opts) => self.px.config.apply(&opts),
+                CellStep::PxResult(opts) => self.px.result(&opts)?,
+                CellStep::Px { code, options } => {
                     let run = self.px.config.effective(&options);
                     let pending = self.px.submit(&code, &run, msg_id)?;
                     if run.local {

@@ -4,7 +4,7 @@
 //! no sockets: the kernel runs the commands through the client and feeds the outputs back.
 //!
 //! # Layout
-//! - [`parse`]: cell text → [`Command`]s ([`parse_cell`], [`parse_cell_autopx`]): `%px CODE`,
+//! - [`parse`]: cell text → [`CellStep`]s ([`parse_cell`], [`parse_cell_autopx`]): `%px CODE`,
 //!   `%%px [options]`, `%autopx`, `%pxresult`, `%pxconfig`, local code between them; unknown
 //!   magics refused.
 //! - [`options`]: option lines → [`PxOptions`]: the flags each magic takes (ipyparallel's,
@@ -23,7 +23,7 @@
 //!
 //! # Kernel flow
 //! 1. `parse_cell_autopx(code, autopx_on)?`; on `Err`, reply with the error and run nothing.
-//! 2. For each [`Command`]: `Local` → evcxr; `PxConfig(o)` → [`PxConfig::apply`]; `Autopx` →
+//! 2. For each [`CellStep`]: `Local` → evcxr; `PxConfig(o)` → [`PxConfig::apply`]; `Autopx` →
 //!    flip the flag, print [`autopx_message`]; `Help` → print the text; `PxResult(o)` → render
 //!    the last run (or [`MagicError::NoLastResult`]); `Px { code, options }` →
 //!    `let run = config.effective(&options)`, resolve `run.targets`, print [`verbose_line`] if
@@ -48,19 +48,19 @@
 //! # Example
 //! ```
 //! use rpx_magics::{
-//!     error_report, parse_cell, render_outputs, Command, EngineOutput, IopubMsg, OutputEvent, PxConfig,
+//!     error_report, parse_cell, render_outputs, CellStep, EngineOutput, IopubMsg, OutputEvent, PxConfig,
 //!     RenderOptions, StreamName,
 //! };
 //!
 //! let mut config = PxConfig::default();
 //! for cmd in parse_cell("%pxconfig --no-stream").unwrap() {
-//!     if let Command::PxConfig(opts) = cmd {
+//!     if let CellStep::PxConfig(opts) = cmd {
 //!         config.apply(&opts); // sticky
 //!     }
 //! }
 //!
 //! let cmds = parse_cell("%%px --targets ::2\nprintln!(\"hi\");").unwrap();
-//! let Command::Px { code, options } = &cmds[0] else { unreachable!() };
+//! let CellStep::Px { code, options } = &cmds[0] else { unreachable!() };
 //! assert_eq!(code, "println!(\"hi\");");
 //! let run = config.effective(options); // --targets holds for this cell only
 //! assert_eq!(run.targets.resolve(&[0, 1, 2, 3]).unwrap(), vec![0, 2]);
@@ -98,7 +98,7 @@ pub use error::{MagicError, Result};
 pub use failure::{engine_label, error_report, ErrorReport, TB_LIMIT};
 pub use options::{GroupOutputs, Magic, PxOptions, Signal};
 pub use output::{EngineOutput, ErrorOutput, IopubMsg, OutputEvent, StreamName};
-pub use parse::{autopx_message, parse_cell, parse_cell_autopx, Command, AUTOPX_DISABLED, AUTOPX_ENABLED};
+pub use parse::{autopx_message, parse_cell, parse_cell_autopx, CellStep, AUTOPX_DISABLED, AUTOPX_ENABLED};
 pub use progress::{progress_due, progress_message, progress_text};
 pub use render::{interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions};
 pub use rpx_protocol::targets::{Selector, Slice, TargetError, TargetSpec};

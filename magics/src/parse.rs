@@ -1,4 +1,4 @@
-//! Cell text → [`Command`]s: recognises `%%px [options]` on the first line, the line magics
+//! Cell text → [`CellStep`]s: recognises `%%px [options]` on the first line, the line magics
 //! `%px CODE`, `%autopx`, `%pxresult`, `%pxconfig` on any line (runs of other lines are local
 //! code), refuses unknown `%magic`s, and turns local code into `%%px` runs while `%autopx` is on
 //! ([`parse_cell_autopx`]). The whole cell is checked before anything runs.
@@ -13,7 +13,7 @@ pub const AUTOPX_DISABLED: &str = "%autopx disabled";
 
 /// One thing to do, in cell order.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Command {
+pub enum CellStep {
     /// Rust code for the kernel's own evcxr context (a plain cell, or lines between magics).
     Local(String),
     /// Run `code` on the engines with these options (`%px CODE` has none; `%%px OPTIONS` has
@@ -43,19 +43,19 @@ const LINE_MAGICS: &[&str] = &["px", "autopx", "pxresult", "pxconfig", "result"]
 
 /// Parses a cell into the commands to run, in order.
 ///
-/// - A cell whose first non-blank line is `%%px [options]` is one [`Command::Px`] with the rest
+/// - A cell whose first non-blank line is `%%px [options]` is one [`CellStep::Px`] with the rest
 ///   of the cell as code (an empty body is an error).
 /// - Otherwise every line that starts (after indentation) with `%name` is a line magic, and the
-///   runs of other lines between them are [`Command::Local`] (blank runs are dropped).
-/// - A cell with no magic line is exactly `[Command::Local(text)]`, unchanged.
+///   runs of other lines between them are [`CellStep::Local`] (blank runs are dropped).
+/// - A cell with no magic line is exactly `[CellStep::Local(text)]`, unchanged.
 ///
 /// A line counts as a magic line only if `%` is followed by a letter or `_` (or `%%` by one),
 /// so `% b` continuing a Rust expression is code. Every magic in the cell is checked before
 /// anything is returned: on `Err`, nothing should run.
-pub fn parse_cell(text: &str) -> Result<Vec<Command>> {
+pub fn parse_cell(text: &str) -> Result<Vec<CellStep>> {
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let Some(first) = lines.iter().position(|l| !l.trim().is_empty()) else {
-        return Ok(vec![Command::Local(text.to_string())]);
+        return Ok(vec![CellStep::Local(text.to_string())]);
     };
     if let Some(after) = cell_magic(lines[first]) {
         let (name, rest) = split_name(after);
@@ -69,14 +69,14 @@ pub fn parse_cell(text: &str) -> Result<Vec<Command>> {
                 if code.trim().is_empty() {
                     return Err(MagicError::MissingCode { magic: Magic::CellPx });
                 }
-                Ok(vec![Command::Px { code, options }])
+                Ok(vec![CellStep::Px { code, options }])
             }
             n if LINE_MAGICS.contains(&n) => Err(MagicError::NotACellMagic { name: n.to_string() }),
             n => Err(MagicError::UnknownMagic { given: format!("%%{n}"), suggestion: suggest(n, &["px"]).map(|s| format!("%%{s}")) }),
         };
     }
     if !lines.iter().any(|l| line_magic(l).is_some() || cell_magic(l).is_some()) {
-        return Ok(vec![Command::Local(text.to_string())]);
+        return Ok(vec![CellStep::Local(text.to_string())]);
     }
     let mut out = Vec::new();
     let mut local = String::new();
@@ -89,34 +89,34 @@ pub fn parse_cell(text: &str) -> Result<Vec<Command>> {
             continue;
         };
         if !local.trim().is_empty() {
-            out.push(Command::Local(std::mem::take(&mut local)));
+            out.push(CellStep::Local(std::mem::take(&mut local)));
         }
         local.clear();
         out.push(parse_line_magic(after)?);
     }
     if !local.trim().is_empty() {
-        out.push(Command::Local(local));
+        out.push(CellStep::Local(local));
     }
     Ok(out)
 }
 
 /// [`parse_cell`] for a kernel whose autopx is `autopx_on` at the start of the cell: while
-/// autopx is on (following the [`Command::Autopx`] toggles inside the cell), local code becomes
-/// [`Command::Px`] with no options, so it runs on the engines with the config's defaults.
+/// autopx is on (following the [`CellStep::Autopx`] toggles inside the cell), local code becomes
+/// [`CellStep::Px`] with no options, so it runs on the engines with the config's defaults.
 /// Magics keep working; a cell that is just `%autopx` turns it off. The kernel still flips its
-/// own flag on each [`Command::Autopx`].
-pub fn parse_cell_autopx(text: &str, autopx_on: bool) -> Result<Vec<Command>> {
+/// own flag on each [`CellStep::Autopx`].
+pub fn parse_cell_autopx(text: &str, autopx_on: bool) -> Result<Vec<CellStep>> {
     let mut on = autopx_on;
     let mut out = Vec::new();
     for cmd in parse_cell(text)? {
         match cmd {
-            Command::Autopx => {
+            CellStep::Autopx => {
                 on = !on;
-                out.push(Command::Autopx);
+                out.push(CellStep::Autopx);
             }
-            Command::Local(code) if on => {
+            CellStep::Local(code) if on => {
                 if !code.trim().is_empty() {
-                    out.push(Command::Px { code, options: PxOptions::default() });
+                    out.push(CellStep::Px { code, options: PxOptions::default() });
                 }
             }
             other => out.push(other),
@@ -134,8 +134,8 @@ pub fn autopx_message(now_on: bool) -> &'static str {
     }
 }
 
-fn help(magic: Magic) -> Command {
-    Command::Help { magic, text: magic.usage() }
+fn help(magic: Magic) -> CellStep {
+    CellStep::Help { magic, text: magic.usage() }
 }
 
 /// The text after `%` if `line` is a line magic (`%` then a letter or `_`).
@@ -158,7 +158,7 @@ fn split_name(after: &str) -> (&str, &str) {
     }
 }
 
-fn parse_line_magic(after: &str) -> Result<Command> {
+fn parse_line_magic(after: &str) -> Result<CellStep> {
     let (name, rest) = split_name(after);
     let is_help = matches!(rest.trim(), "--help" | "-h");
     match name {
@@ -174,24 +174,24 @@ fn parse_line_magic(after: &str) -> Result<Command> {
             if is_long_option(first) {
                 return Err(MagicError::LineMagicTakesNoOptions { option: first.to_string() });
             }
-            Ok(Command::Px { code: code.to_string(), options: PxOptions::default() })
+            Ok(CellStep::Px { code: code.to_string(), options: PxOptions::default() })
         }
         "autopx" => {
             if is_help {
                 return Ok(help(Magic::Autopx));
             }
             match rest.split_whitespace().next() {
-                None => Ok(Command::Autopx),
+                None => Ok(CellStep::Autopx),
                 Some(arg) => Err(MagicError::UnexpectedArgument { magic: Magic::Autopx, arg: arg.to_string() }),
             }
         }
         "pxresult" | "result" => {
             let o = PxOptions::parse(Magic::PxResult, rest)?;
-            Ok(if o.help { help(Magic::PxResult) } else { Command::PxResult(o) })
+            Ok(if o.help { help(Magic::PxResult) } else { CellStep::PxResult(o) })
         }
         "pxconfig" => {
             let o = PxOptions::parse(Magic::PxConfig, rest)?;
-            Ok(if o.help { help(Magic::PxConfig) } else { Command::PxConfig(o) })
+            Ok(if o.help { help(Magic::PxConfig) } else { CellStep::PxConfig(o) })
         }
         n => Err(MagicError::UnknownMagic { given: format!("%{n}"), suggestion: suggest(n, LINE_MAGICS).map(|s| format!("%{s}")) }),
     }
@@ -228,7 +228,7 @@ mod tests {
     use crate::options::GroupOutputs;
     use crate::{Selector, Slice, TargetSpec};
 
-    fn parse(s: &str) -> Vec<Command> {
+    fn parse(s: &str) -> Vec<CellStep> {
         parse_cell(s).unwrap()
     }
 
@@ -236,14 +236,14 @@ mod tests {
         parse_cell(s).unwrap_err().to_string()
     }
 
-    fn px(code: &str) -> Command {
-        Command::Px { code: code.to_string(), options: PxOptions::default() }
+    fn px(code: &str) -> CellStep {
+        CellStep::Px { code: code.to_string(), options: PxOptions::default() }
     }
 
     #[test]
     fn plain_cells_are_untouched() {
         for s in ["let a = 1;", "", "  \n", "let x = a\n    % b;\n", "let x = a\n%2;", "println!(\"%px\");"] {
-            assert_eq!(parse(s), vec![Command::Local(s.to_string())], "{s:?}");
+            assert_eq!(parse(s), vec![CellStep::Local(s.to_string())], "{s:?}");
         }
         // The limit: a line of a string literal that starts with `%name` is read as a magic.
         assert!(parse_cell("let s = \"\n%px\";").is_err());
@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(parse("%%px\nlet a = 1;\nlet b = 2;\n"), vec![px("let a = 1;\nlet b = 2;\n")]);
         assert_eq!(
             parse("\n%%px --targets 0:2 --noblock\nprintln!(\"{}\", 1);"),
-            vec![Command::Px {
+            vec![CellStep::Px {
                 code: "println!(\"{}\", 1);".into(),
                 options: PxOptions {
                     targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(0), stop: Some(2), step: None })])),
@@ -293,7 +293,7 @@ mod tests {
         // CRLF line ends.
         assert_eq!(
             parse("%%px -e\r\nx\r\n"),
-            vec![Command::Px {
+            vec![CellStep::Px {
                 code: "x\r\n".into(),
                 options: PxOptions { group_outputs: Some(GroupOutputs::Engine), ..PxOptions::default() }
             }]
@@ -316,16 +316,16 @@ mod tests {
 
     #[test]
     fn other_line_magics() {
-        assert_eq!(parse("%autopx"), vec![Command::Autopx]);
-        assert_eq!(parse("%pxresult"), vec![Command::PxResult(PxOptions::default())]);
+        assert_eq!(parse("%autopx"), vec![CellStep::Autopx]);
+        assert_eq!(parse("%pxresult"), vec![CellStep::PxResult(PxOptions::default())]);
         assert_eq!(
             parse("%result -e"),
-            vec![Command::PxResult(PxOptions { group_outputs: Some(GroupOutputs::Engine), ..PxOptions::default() })]
+            vec![CellStep::PxResult(PxOptions { group_outputs: Some(GroupOutputs::Engine), ..PxOptions::default() })]
         );
-        assert_eq!(parse("%pxconfig"), vec![Command::PxConfig(PxOptions::default())]);
+        assert_eq!(parse("%pxconfig"), vec![CellStep::PxConfig(PxOptions::default())]);
         assert_eq!(
             parse("%pxconfig --noblock -t ::2"),
-            vec![Command::PxConfig(PxOptions {
+            vec![CellStep::PxConfig(PxOptions {
                 block: Some(false),
                 targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { step: Some(2), ..Slice::default() })])),
                 ..PxOptions::default()
@@ -346,7 +346,7 @@ mod tests {
             ("%pxresult --help", Magic::PxResult),
             ("%pxconfig --help", Magic::PxConfig),
         ] {
-            assert_eq!(parse(s), vec![Command::Help { magic: m, text: m.usage() }], "{s}");
+            assert_eq!(parse(s), vec![CellStep::Help { magic: m, text: m.usage() }], "{s}");
         }
     }
 
@@ -382,14 +382,14 @@ mod tests {
         assert_eq!(
             parse(cell),
             vec![
-                Command::PxConfig(PxOptions {
+                CellStep::PxConfig(PxOptions {
                     targets: Some(TargetSpec::Select(vec![Selector::Slice(Slice { start: Some(0), stop: Some(2), step: None })])),
                     ..PxOptions::default()
                 }),
-                Command::Local("let local = 1;\nlet more = 2;\n".into()),
+                CellStep::Local("let local = 1;\nlet more = 2;\n".into()),
                 px("let a = 1;"),
-                Command::PxResult(PxOptions::default()),
-                Command::Local("println!(\"done\");".into()),
+                CellStep::PxResult(PxOptions::default()),
+                CellStep::Local("println!(\"done\");".into()),
             ]
         );
     }
@@ -405,17 +405,17 @@ mod tests {
         let on = |s| parse_cell_autopx(s, true).unwrap();
         let off = |s| parse_cell_autopx(s, false).unwrap();
         assert_eq!(on("let a = 5;\nlet b = 6;"), vec![px("let a = 5;\nlet b = 6;")]);
-        assert_eq!(off("let a = 5;"), vec![Command::Local("let a = 5;".into())]);
+        assert_eq!(off("let a = 5;"), vec![CellStep::Local("let a = 5;".into())]);
         // Magics still work while autopx is on.
-        assert_eq!(on("%pxconfig --noblock"), vec![Command::PxConfig(PxOptions { block: Some(false), ..PxOptions::default() })]);
-        assert_eq!(on("%pxresult"), vec![Command::PxResult(PxOptions::default())]);
+        assert_eq!(on("%pxconfig --noblock"), vec![CellStep::PxConfig(PxOptions { block: Some(false), ..PxOptions::default() })]);
+        assert_eq!(on("%pxresult"), vec![CellStep::PxResult(PxOptions::default())]);
         assert_eq!(on("%%px -t 0\nx"), parse("%%px -t 0\nx"));
         // A cell `%autopx` turns it off; nothing runs on the engines.
-        assert_eq!(on("%autopx"), vec![Command::Autopx]);
-        assert_eq!(on("  %autopx  \n"), vec![Command::Autopx]);
+        assert_eq!(on("%autopx"), vec![CellStep::Autopx]);
+        assert_eq!(on("  %autopx  \n"), vec![CellStep::Autopx]);
         // The toggle applies to the lines after it in the same cell.
-        assert_eq!(on("%autopx\nlet a = 1;"), vec![Command::Autopx, Command::Local("let a = 1;".into())]);
-        assert_eq!(off("%autopx\nlet a = 1;"), vec![Command::Autopx, px("let a = 1;")]);
+        assert_eq!(on("%autopx\nlet a = 1;"), vec![CellStep::Autopx, CellStep::Local("let a = 1;".into())]);
+        assert_eq!(off("%autopx\nlet a = 1;"), vec![CellStep::Autopx, px("let a = 1;")]);
         // An empty cell does nothing, on or off.
         assert_eq!(on(""), vec![]);
         assert_eq!(on("\n  \n"), vec![]);
