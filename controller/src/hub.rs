@@ -6,7 +6,7 @@
 //! register again), engine death, task records (with their iopub output), and client queries
 //! (queue, result, history, db, purge, resubmit, shutdown). With `--db sqlite` the hub queues the
 //! task database's work in [`Hub::store_ops`] for the network layer and parks a query that needs
-//! a lookup until [`Inbound::Stored`] answers it.
+//! a lookup until [`HubEvent::Stored`] answers it.
 //!
 //! Nothing here touches a socket: frames are decoded, built and signed with the hub's
 //! [`Session`] and handed to the [`Comm`]. Callers pass `now` for every timing decision; only
@@ -55,7 +55,7 @@ pub trait Comm {
 
 /// What the network layer tells the hub.
 #[derive(Debug)]
-pub enum Inbound {
+pub enum HubEvent {
     /// Raw frames from the `registration` ROUTER (decoded by the hub: this path is rare).
     Query(Vec<Bytes>),
     /// A verified request from a client (boxed, as is the reply: events wait by the ten
@@ -227,28 +227,28 @@ impl Hub {
         self.cfg.queue_limit = limit.max(1);
     }
 
-    pub fn on_event<C: Comm>(&mut self, c: &mut C, ev: Inbound, now: Instant) {
+    pub fn on_event<C: Comm>(&mut self, c: &mut C, ev: HubEvent, now: Instant) {
         match ev {
-            Inbound::Query(frames) => self.on_query(c, frames, now),
-            Inbound::Request(r) => self.on_request(c, *r, now),
-            Inbound::Reply(r) => self.on_reply(c, *r, now),
-            Inbound::Pong(ident) => self.on_pong(c, &ident, now),
-            Inbound::Io { parent, msg_type, content } => {
+            HubEvent::Query(frames) => self.on_query(c, frames, now),
+            HubEvent::Request(r) => self.on_request(c, *r, now),
+            HubEvent::Reply(r) => self.on_reply(c, *r, now),
+            HubEvent::Pong(ident) => self.on_pong(c, &ident, now),
+            HubEvent::Io { parent, msg_type, content } => {
                 if self.records.update(&parent, |r| r.add_io(&msg_type, &content)) && self.persist {
                     if let Some(r) = self.records.get(&parent).filter(|r| !r.pending()) {
                         self.store_ops.push(StoreOp::Io(Box::new(r.clone())));
                     }
                 }
             }
-            Inbound::Peer { sock, ident, connected } => self.on_peer(c, sock, ident, connected, now),
-            Inbound::SendFailed { sock, ident, reason } => {
+            HubEvent::Peer { sock, ident, connected } => self.on_peer(c, sock, ident, connected, now),
+            HubEvent::SendFailed { sock, ident, reason } => {
                 if let (Sock::Engine(_) | Sock::HbPong, Some(id)) = (sock, self.engines.id_of(&ident)) {
                     self.on_engine_died(c, id, &format!("send failed: {reason}"), now);
                 } else {
                     warn!(?sock, ident = %String::from_utf8_lossy(&ident), %reason, "dropped a message: send failed");
                 }
             }
-            Inbound::Stored { token, answer } => self.on_stored(c, token, answer, now),
+            HubEvent::Stored { token, answer } => self.on_stored(c, token, answer, now),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The tokio layer: binds every socket, writes the connection files, and runs
 //! - one reader task per socket (engine- and client-facing ROUTERs are split and always polled,
-//!   so a dead peer is noticed at once), which verifies and parses frames into [`Inbound`]s;
+//!   so a dead peer is noticed at once), which verifies and parses frames into [`HubEvent`]s;
 //! - one monitor task per ROUTER, turning `Accepted`/`Disconnected` into peer events;
 //! - the iopub forwarder (SUB -> PUB, signature checked, frames unchanged), which never touches
 //!   the hub;
@@ -28,7 +28,7 @@ use rpx_protocol::connection::write_private_json;
 use rpx_protocol::{ClientConnection, EngineConnection, Session};
 
 use crate::config::Config;
-use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::hub::{Comm, Hub, HubConfig, HubEvent, Sock};
 use crate::state::{AliveEngines, Engines};
 use crate::store::{self, DbKind};
 use crate::wire::{self, Chan};
@@ -138,8 +138,8 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     };
     let mut lookups = FuturesUnordered::<store::Lookup>::new();
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
-    let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
-    let (pong_tx, mut pong_rx) = mpsc::channel::<Inbound>(PONG_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<HubEvent>(INBOUND_QUEUE);
+    let (pong_tx, mut pong_rx) = mpsc::channel::<HubEvent>(PONG_QUEUE);
     let mut tasks = JoinSet::new();
     // `--reuse`: every socket on the port its connection file names (0: any free port).
     let reused = config.reuse.as_ref();
@@ -347,7 +347,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                     }
                 }
             }
-            Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, Inbound::Stored { token, answer }),
+            Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, HubEvent::Stored { token, answer }),
         }
         if !hub.store_ops.is_empty() {
             match store.as_mut() {
@@ -385,18 +385,18 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     Ok(())
 }
 
-fn handle(hub: &mut Hub, comm: &mut NetComm, ev: Inbound) {
+fn handle(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent) {
     handle_at(hub, comm, ev, Instant::now());
 }
 
-fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: Inbound, now: Instant) {
-    if let Inbound::Peer { sock, ident, connected: false } = &ev {
+fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent, now: Instant) {
+    if let HubEvent::Peer { sock, ident, connected: false } = &ev {
         comm.writers.remove(&(*sock, ident.clone()));
     }
     hub.on_event(comm, ev, now);
 }
 
-fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel::mpsc::Receiver<SocketEvent>, tx: mpsc::Sender<Inbound>) {
+fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel::mpsc::Receiver<SocketEvent>, tx: mpsc::Sender<HubEvent>) {
     tasks.spawn(async move {
         while let Some(ev) = mon.next().await {
             let (ident, connected) = match ev {
@@ -405,14 +405,14 @@ fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel:
                 _ => continue,
             };
             debug!(?sock, ident = %String::from_utf8_lossy(&ident), connected, "peer");
-            if tx.send(Inbound::Peer { sock, ident, connected }).await.is_err() {
+            if tx.send(HubEvent::Peer { sock, ident, connected }).await.is_err() {
                 break;
             }
         }
     });
 }
 
-fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRecvHalf, session: Session, tx: mpsc::Sender<Inbound>) {
+fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRecvHalf, session: Session, tx: mpsc::Sender<HubEvent>) {
     tasks.spawn(async move {
         loop {
             let msg = match recv.recv().await {
@@ -425,17 +425,17 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
             };
             let frames = msg.into_vec();
             let ev = match sock {
-                Sock::Query => Inbound::Query(frames),
-                Sock::HbPong => Inbound::Pong(frames[0].clone()),
+                Sock::Query => HubEvent::Query(frames),
+                Sock::HbPong => HubEvent::Pong(frames[0].clone()),
                 Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
-                    Ok(r) => Inbound::Request(Box::new(r)),
+                    Ok(r) => HubEvent::Request(Box::new(r)),
                     Err(e) => {
                         warn!(chan = chan.name(), error = %e, "dropped a client message");
                         continue;
                     }
                 },
                 Sock::Engine(chan) => match wire::parse_reply(&session, chan, frames) {
-                    Ok(r) => Inbound::Reply(Box::new(r)),
+                    Ok(r) => HubEvent::Reply(Box::new(r)),
                     Err(e) => {
                         warn!(chan = chan.name(), error = %e, "dropped an engine message");
                         continue;
@@ -454,7 +454,7 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
 const RECORDED_IO: [&str; 4] = ["stream", "execute_input", "execute_result", "error"];
 
 /// The parent msg_id, type and content of an iopub message worth recording, from its signed frames.
-fn recorded_io(signed: &[Bytes]) -> Option<Inbound> {
+fn recorded_io(signed: &[Bytes]) -> Option<HubEvent> {
     #[derive(serde::Deserialize)]
     struct Head {
         msg_type: String,
@@ -469,10 +469,10 @@ fn recorded_io(signed: &[Bytes]) -> Option<Inbound> {
     }
     let parent: Parent = serde_json::from_slice(signed.get(2)?).ok()?;
     let content = serde_json::from_slice(signed.get(4)?).ok()?;
-    Some(Inbound::Io { parent: parent.msg_id?, msg_type: head.msg_type, content })
+    Some(HubEvent::Io { parent: parent.msg_id?, msg_type: head.msg_type, content })
 }
 
-async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session, tx: mpsc::Sender<Inbound>) {
+async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session, tx: mpsc::Sender<HubEvent>) {
     loop {
         let msg = match sub.recv().await {
             Ok(m) => m,
@@ -518,8 +518,8 @@ pub struct NetComm {
     writers: HashMap<(Sock, Bytes), mpsc::Sender<ZmqMessage>>,
     pubs: HashMap<Sock, mpsc::Sender<ZmqMessage>>,
     /// Send failures noticed while sending, handed back to the hub.
-    failures: Vec<Inbound>,
-    tx: mpsc::Sender<Inbound>,
+    failures: Vec<HubEvent>,
+    tx: mpsc::Sender<HubEvent>,
 }
 
 impl NetComm {
@@ -540,7 +540,7 @@ impl NetComm {
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("send blocked for {SEND_TIMEOUT:?}"),
                 };
-                let _ = report.try_send(Inbound::SendFailed { sock, ident: id.clone(), reason });
+                let _ = report.try_send(HubEvent::SendFailed { sock, ident: id.clone(), reason });
                 break;
             }
         });
@@ -567,7 +567,7 @@ impl Comm for NetComm {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.writers.remove(&(sock, ident.clone()));
-                self.failures.push(Inbound::SendFailed { sock, ident, reason: format!("{PEER_QUEUE} messages queued: peer stuck") });
+                self.failures.push(HubEvent::SendFailed { sock, ident, reason: format!("{PEER_QUEUE} messages queued: peer stuck") });
             }
             Err(mpsc::error::TrySendError::Closed(m)) => {
                 self.writers.remove(&(sock, ident.clone()));

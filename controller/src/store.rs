@@ -7,7 +7,7 @@
 //! queued up in one transaction per batch (so a burst of finished tasks costs one commit) and
 //! answers lookups on the same connection, in order: a lookup always sees every write queued
 //! before it. Answers go back through a oneshot per lookup and reach the hub as
-//! [`crate::hub::Inbound::Stored`].
+//! [`crate::hub::HubEvent::Stored`].
 //!
 //! Only finished records are written (a crash loses in-flight tasks anyway). Records are never
 //! loaded wholesale: after `--restore`, `result_request`, `history_request`, `db_request` and
@@ -122,7 +122,7 @@ pub enum StoreOp {
         new_id: String,
     },
     Purge(Purge),
-    /// A lookup; the answer comes back as `Inbound::Stored { token, .. }`.
+    /// A lookup; the answer comes back as `HubEvent::Stored { token, .. }`.
     Query {
         token: u64,
         query: Query,
