@@ -9,7 +9,10 @@
 //! - [`wire`]: verifying raw frames and reading the few header/metadata fields routing needs.
 //! - [`hub`]: every decision (registration, routing, scheduling, retries, timeouts, engine death,
 //!   client queries) as `on_*` methods over the state and a [`hub::Comm`] that sends frames.
-//!   No socket in sight; unit tests drive it with a recording `Comm`.
+//!   No socket in sight; unit tests drive it with a recording `Comm`. `hub/mod.rs` holds the
+//!   state, event dispatch and ticks; `engines.rs` registration, heartbeats, eviction and engine
+//!   death; `routing.rs` mux/control routing and replies; `tasks.rs` load-balanced scheduling and
+//!   task records; `broadcast.rs` fan-out and coalescing; `queries.rs` the client queries.
 //! - [`store`]: persisted task records (`--db sqlite`, `--restore`): the SQLite file and the
 //!   writer thread that applies the hub's writes in batches and answers its lookups.
 //! - [`net`]: the tokio layer: binds the sockets, writes the connection files, runs one reader
