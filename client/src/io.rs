@@ -37,7 +37,7 @@ use zeromq::{
 };
 
 use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
-use rpx_protocol::session::DELIMITER;
+use rpx_protocol::session::{json_frame, split_at_delimiter};
 use rpx_protocol::{ClientConnection, Session};
 
 use crate::error::{Error, Result};
@@ -192,19 +192,10 @@ impl Frames {
             date: self.date.clone(),
             version: PROTOCOL_VERSION.to_string(),
         };
-        let h = Bytes::from(serde_json::to_vec(&header).expect("header serializes"));
-        let sig = self.session.sign(&[&h, &self.parent, &self.metadata, &self.content]);
-        let mut frames = Vec::with_capacity(7 + buffers.len());
-        if let Some(id) = ident {
-            frames.push(Bytes::copy_from_slice(id.as_bytes()));
-        }
-        frames.push(Bytes::from_static(DELIMITER));
-        frames.push(Bytes::from(sig));
-        frames.push(h);
-        frames.push(self.parent.clone());
-        frames.push(self.metadata.clone());
-        frames.push(self.content.clone());
-        frames.extend(buffers.iter().cloned());
+        let h = json_frame(&header);
+        let ident = ident.map(|id| Bytes::copy_from_slice(id.as_bytes()));
+        let frames =
+            self.session.frames(ident, h, self.parent.clone(), self.metadata.clone(), self.content.clone(), buffers.iter().cloned());
         (header.msg_id, frames)
     }
 }
@@ -491,19 +482,16 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<In
             }
         };
         let frames = rpx_protocol::zmq::frames(m);
-        let Some(pos) = frames.iter().position(|f| f.as_ref() == DELIMITER) else { continue };
-        if frames.len() < pos + 6 {
-            continue;
-        }
+        let Some((_, signed)) = split_at_delimiter(&frames).filter(|(_, s)| s.len() >= 5) else { continue };
         // Read the type first: most iopub traffic (busy/idle, inputs) needs no full decode.
-        let kind = match serde_json::from_slice::<TypeOnly>(&frames[pos + 2]) {
+        let kind = match serde_json::from_slice::<TypeOnly>(&signed[1]) {
             Ok(t) => t.msg_type.into_owned(),
             Err(_) => continue,
         };
         let ev = match kind.as_str() {
             "status" => {
                 let idle =
-                    serde_json::from_slice::<StateOnly>(&frames[pos + 5]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
+                    serde_json::from_slice::<StateOnly>(&signed[4]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
                 if !idle {
                     continue;
                 }

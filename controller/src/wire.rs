@@ -249,6 +249,7 @@ pub fn reply_type(request_type: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rpx_protocol::session::json_frame;
     use serde_json::json;
 
     fn frames(s: &Session, idents: &[&'static [u8]], meta: Value) -> Vec<Bytes> {
@@ -276,16 +277,15 @@ mod tests {
         let s = Session::new(b"k", "t");
         let h = serde_json::to_vec(&s.header("execute_request")).unwrap();
         let content = b"not json at all".to_vec();
-        let sig = s.sign(&[&h, b"{}", b"{}", &content]);
-        let f = session_frames(&[b"client"], sig, h, content);
+        let f = s.frames(
+            [Bytes::from_static(b"client")],
+            Bytes::from(h),
+            json_frame(&json!({})),
+            json_frame(&json!({})),
+            Bytes::from(content),
+            [],
+        );
         assert!(matches!(parse_request(&s, Chan::Mux, f), Err(DropReason::Malformed(m)) if m.starts_with("content")));
-    }
-
-    fn session_frames(idents: &[&'static [u8]], sig: String, h: Vec<u8>, content: Vec<u8>) -> Vec<Bytes> {
-        let mut f: Vec<Bytes> = idents.iter().map(|i| Bytes::from_static(i)).collect();
-        f.push(Bytes::from_static(rpx_protocol::session::DELIMITER));
-        f.extend([Bytes::from(sig), Bytes::from(h), Bytes::from_static(b"{}"), Bytes::from_static(b"{}"), Bytes::from(content)]);
-        f
     }
 
     #[test]

@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tracing::warn;
 
+use rpx_protocol::hub::BroadcastMetadata;
 use rpx_protocol::message::error_content;
-use rpx_protocol::session::join_frames;
+use rpx_protocol::session::{join_frames, json_frame};
 
 use super::{Coalesce, Comm, Hub, Sock};
 use crate::state::InFlight;
@@ -18,14 +18,11 @@ impl Hub {
         let Ok(Value::Object(mut header)) = serde_json::from_slice::<Value>(&r.signed[1]) else {
             return warn!("dropped a broadcast with a bad header");
         };
-        let mut meta = match serde_json::from_slice::<Value>(&r.signed[3]) {
-            Ok(Value::Object(m)) => m,
-            _ => Map::new(),
-        };
-        let orig = meta.get("original_msg_id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| r.msg_id.clone());
-        meta.insert("original_msg_id".into(), json!(orig));
-        meta.insert("is_broadcast".into(), json!(true));
-        meta.insert("is_coalescing".into(), json!(r.info.is_coalescing));
+        let mut meta: BroadcastMetadata = serde_json::from_slice(&r.signed[3]).unwrap_or_default();
+        let orig = meta.original_msg_id.clone().unwrap_or_else(|| r.msg_id.clone());
+        meta.original_msg_id = Some(orig.clone());
+        meta.is_broadcast = true;
+        meta.is_coalescing = r.info.is_coalescing;
         if r.info.is_coalescing {
             self.coalesce.insert(
                 orig.clone(),
@@ -37,14 +34,14 @@ impl Hub {
                 },
             );
         }
-        let m = Bytes::from(serde_json::to_vec(&meta).expect("json"));
+        let m = json_frame(&meta);
         for (uuid, _) in &r.info.bcast_targets {
             let child = format!("{orig}_{uuid}");
             header.insert("msg_id".into(), json!(child));
-            let h = Bytes::from(serde_json::to_vec(&header).expect("json"));
-            let sig = Bytes::from(self.session.sign(&[&h, &r.signed[2], &m, &r.signed[4]]));
-            let mut signed = vec![sig, h.clone(), r.signed[2].clone(), m.clone(), r.signed[4].clone()];
-            signed.extend(r.signed[5..].iter().cloned());
+            // A new header and metadata; the content and buffers are forwarded as received.
+            let h = json_frame(&header);
+            let signed =
+                self.session.signed_part(h.clone(), r.signed[2].clone(), m.clone(), r.signed[4].clone(), r.signed[5..].iter().cloned());
             match self.engines.id_of(uuid.as_bytes()) {
                 Some(id) => {
                     let e = self.engines.get_mut(id).expect("indexed");
@@ -63,9 +60,14 @@ impl Hub {
                     let evalue = format!("Engine {uuid:?} is not registered; cannot run task {child}");
                     let content = error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], None);
                     let parent: Value = Value::Object(header.clone());
-                    let md =
-                        json!({"status": "error", "is_broadcast": true, "is_coalescing": r.info.is_coalescing, "original_msg_id": orig});
-                    let signed = self.make_signed(&reply_type(&r.msg_type), &parent, &md, &content, &[]);
+                    let md = BroadcastMetadata {
+                        is_broadcast: true,
+                        is_coalescing: r.info.is_coalescing,
+                        original_msg_id: Some(orig.clone()),
+                        broadcast_targets: None,
+                        other: [("status".to_string(), json!("error"))].into_iter().collect(),
+                    };
+                    let signed = self.make_signed(&reply_type(&r.msg_type), &parent, &md, &content);
                     c.send(Sock::Client(Chan::Bcast), join_frames(vec![r.client.clone()], signed));
                 }
             }
@@ -79,21 +81,18 @@ impl Hub {
             return;
         }
         let co = self.coalesce.remove(orig).expect("present");
-        let parse = |b: &Bytes| serde_json::from_slice::<Value>(b).unwrap_or_else(|_| json!({}));
-        let (h, p, mut m, content) = (parse(&r.signed[1]), parse(&r.signed[2]), parse(&r.signed[3]), parse(&r.signed[4]));
-        m["broadcast_targets"] = json!(co.targets.iter().map(|(u, i)| json!([u, i])).collect::<Vec<_>>());
-        m["original_msg_id"] = json!(orig);
-        m["is_coalescing"] = json!(true);
-        m["is_broadcast"] = json!(true);
+        let mut m: BroadcastMetadata = serde_json::from_slice(&r.signed[3]).unwrap_or_default();
+        m.broadcast_targets = Some(co.targets.clone());
+        m.original_msg_id = Some(orig.to_string());
+        m.is_coalescing = true;
+        m.is_broadcast = true;
         let mut buffers = Vec::new();
         for (u, _) in &co.targets {
             buffers.extend(co.replies.get(u).cloned().unwrap_or_default());
         }
-        let enc = |v: &Value| Bytes::from(serde_json::to_vec(v).expect("json"));
-        let (h, p, m, content) = (enc(&h), enc(&p), enc(&m), enc(&content));
-        let sig = Bytes::from(self.session.sign(&[&h, &p, &m, &content]));
-        let mut signed = vec![sig, h, p, m, content];
-        signed.extend(buffers);
+        // The last engine's reply with the metadata above and every engine's buffers; its
+        // header, parent and content are forwarded as received.
+        let signed = self.session.signed_part(r.signed[1].clone(), r.signed[2].clone(), json_frame(&m), r.signed[4].clone(), buffers);
         let mut idents = vec![co.client];
         idents.extend(co.route);
         c.send(Sock::Client(Chan::Bcast), join_frames(idents, signed));

@@ -143,7 +143,7 @@ impl Hub {
             warn!(%uuid, "registration refused: uuid in use");
             let content =
                 error_content("KeyError", &format!("uuid {uuid:?} in use"), vec![format!("KeyError: uuid {uuid:?} in use")], None);
-            return self.query_reply(c, ident, "registration_reply", content, msg, &[]);
+            return self.query_reply(c, ident, "registration_reply", &content, msg, &[]);
         }
         let id = self.engines.allocate_id(req.id, &uuid);
         if let Some(asked) = req.id.filter(|r| *r != id) {
@@ -174,7 +174,7 @@ impl Hub {
             connection_info: self.cfg.engine_info.clone(),
         };
         let content = serde_json::to_value(&reply).expect("reply serializes");
-        self.query_reply(c, ident, reg_msg::REGISTRATION_REPLY, content, msg, &[]);
+        self.query_reply(c, ident, reg_msg::REGISTRATION_REPLY, &content, msg, &[]);
     }
 
     /// Registration completes, as in ipyparallel's hub, once the engine is reachable for routing
@@ -201,7 +201,7 @@ impl Hub {
         }
         self.engines.lru.push_back(id);
         info!(engine_id = id, %uuid, "engine registered");
-        self.notify(c, "registration_notification", note);
+        self.notify(c, "registration_notification", &note);
         self.schedule(c);
     }
 
@@ -234,7 +234,7 @@ impl Hub {
         info!(engine_id = id, uuid = %e.uuid, %reason, inflight = e.inflight.len(), "engine died");
         // The socket-level facts in `self.connected` stay as they are: an evicted engine may
         // still be connected, and registers again over those connections.
-        self.notify(c, "unregistration_notification", json!({"id": id, "uuid": e.uuid}));
+        self.notify(c, "unregistration_notification", &json!({"id": id, "uuid": e.uuid}));
         let mut inflight: Vec<(String, InFlight)> = e.inflight.into_iter().collect();
         inflight.sort_by(|a, b| a.0.cmp(&b.0));
         for (msg_id, _) in &inflight {
@@ -284,7 +284,7 @@ impl Hub {
                 md["is_coalescing"] = json!(coalescing);
                 md["original_msg_id"] = json!(orig);
             }
-            let signed = self.make_signed(&reply_type(&inf.msg_type), &parent, &md, &content, &[]);
+            let signed = self.make_signed(&reply_type(&inf.msg_type), &parent, &md, &content);
             if inf.chan == Chan::Task {
                 self.finish_job(&msg_id, false, &e.uuid);
             }

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::SeedableRng;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use rpx_protocol::message::error_content;
-use rpx_protocol::session::DELIMITER;
+use rpx_protocol::session::json_frame;
 use rpx_protocol::{Message, Session};
 
 use crate::scheduler::Scheme;
@@ -308,44 +309,58 @@ impl Hub {
 
     // ------------------------------------------------------------------ helpers
 
-    fn make_signed(&self, msg_type: &str, parent: &Value, metadata: &Value, content: &Value, buffers: &[Bytes]) -> Vec<Bytes> {
-        let header = serde_json::to_value(self.session.header(msg_type)).expect("header serializes");
-        self.make_signed_with_header(&header, parent, metadata, content, buffers)
+    /// The signed part of a new message from the hub (see [`Session::signed_part`]).
+    fn make_signed(&self, msg_type: &str, parent: &Value, metadata: &impl Serialize, content: &impl Serialize) -> Vec<Bytes> {
+        self.make_signed_with_header(&self.session.header(msg_type), parent, metadata, content, &[])
     }
 
-    fn make_signed_with_header(&self, header: &Value, parent: &Value, metadata: &Value, content: &Value, buffers: &[Bytes]) -> Vec<Bytes> {
-        let enc = |v: &Value| Bytes::from(serde_json::to_vec(v).expect("json"));
-        let (h, p, m, c) = (enc(header), enc(parent), enc(metadata), enc(content));
-        let sig = Bytes::from(self.session.sign(&[&h, &p, &m, &c]));
-        let mut out = vec![sig, h, p, m, c];
-        out.extend(buffers.iter().cloned());
-        out
+    fn make_signed_with_header(
+        &self,
+        header: &impl Serialize,
+        parent: &Value,
+        metadata: &impl Serialize,
+        content: &impl Serialize,
+        buffers: &[Bytes],
+    ) -> Vec<Bytes> {
+        self.session.signed_part(json_frame(header), json_frame(parent), json_frame(metadata), json_frame(content), buffers.iter().cloned())
     }
 
-    fn query_reply<C: Comm>(&self, c: &mut C, ident: &Bytes, msg_type: &str, content: Value, parent: &Message, buffers: &[Bytes]) {
-        let (_, frames) = self.session.msg(std::slice::from_ref(ident), msg_type, content, Some(&parent.header), json!({}), buffers);
+    fn query_reply<C: Comm>(
+        &self,
+        c: &mut C,
+        ident: &Bytes,
+        msg_type: &str,
+        content: &impl Serialize,
+        parent: &Message,
+        buffers: &[Bytes],
+    ) {
+        let header = json_frame(&self.session.header(msg_type));
+        let frames = self.session.frames(
+            [ident.clone()],
+            header,
+            json_frame(&parent.header),
+            json_frame(&json!({})),
+            json_frame(content),
+            buffers.iter().cloned(),
+        );
         c.send(Sock::Query, frames);
     }
 
     fn hub_error<C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message, ename: &str, evalue: &str) {
         warn!(msg_type = %msg.msg_type(), %ename, %evalue, "query failed");
         let content = error_content(ename, evalue, vec![format!("{ename}: {evalue}")], None);
-        self.query_reply(c, ident, "hub_error", content, msg, &[]);
+        self.query_reply(c, ident, "hub_error", &content, msg, &[]);
     }
 
-    fn notify<C: Comm>(&self, c: &mut C, msg_type: &str, content: Value) {
-        let (_, frames) = self.session.msg(&[], msg_type, content, None, json!({}), &[]);
+    fn notify<C: Comm>(&self, c: &mut C, msg_type: &str, content: &impl Serialize) {
+        let header = json_frame(&self.session.header(msg_type));
+        let frames = self.session.frames([], header, json_frame(&json!({})), json_frame(&json!({})), json_frame(content), []);
         c.send(Sock::Notification, frames);
     }
 }
 
+/// The least time between two extra pings (see [`Hub::first_ping_at`]) with `engines`
 /// registered engines, each of whose hearts answers every ping.
 pub fn first_ping_spacing(engines: usize) -> Duration {
     FIRST_PING_EVERY.max(Duration::from_micros(engines as u64 * 1_000_000 / FIRST_PONGS_PER_SEC))
-}
-
-/// Frames after the delimiter, for tests and tools: split `[idents.., DELIM, signed..]`.
-pub fn split_at_delimiter(frames: &[Bytes]) -> Option<(&[Bytes], &[Bytes])> {
-    let pos = frames.iter().position(|f| f.as_ref() == DELIMITER)?;
-    Some((&frames[..pos], &frames[pos + 1..]))
 }

@@ -49,7 +49,7 @@ impl Hub {
                 if !hosts.is_empty() {
                     content[rpx_protocol::dataplane::CONNECTION_REPLY_KEY] = Value::Object(hosts);
                 }
-                self.query_reply(c, &ident, "connection_reply", content, &msg, &[]);
+                self.query_reply(c, &ident, "connection_reply", &content, &msg, &[]);
             }
             "queue_request" => self.on_queue_request(c, &ident, &msg),
             "result_request" => self.on_result_request(c, &ident, &msg, None),
@@ -59,15 +59,15 @@ impl Hub {
                 for e in self.engines.by_id.values().filter(|e| e.ready) {
                     content[e.id.to_string()] = json!(e.inflight.len());
                 }
-                self.query_reply(c, &ident, "load_reply", content, &msg, &[]);
+                self.query_reply(c, &ident, "load_reply", &content, &msg, &[]);
             }
             "purge_request" => self.on_purge(c, &ident, &msg),
             "resubmit_request" => self.on_resubmit(c, &ident, &msg, now, None),
             "db_request" => self.on_db_request(c, &ident, &msg, None),
             "shutdown_request" => {
                 info!("hub shutdown requested");
-                self.query_reply(c, &ident, "shutdown_reply", json!({"status": "ok"}), &msg, &[]);
-                self.notify(c, "shutdown_notification", json!({"status": "ok"}));
+                self.query_reply(c, &ident, "shutdown_reply", &json!({"status": "ok"}), &msg, &[]);
+                self.notify(c, "shutdown_notification", &json!({"status": "ok"}));
                 self.exit_at = Some(now + Duration::from_secs(1));
             }
             other => {
@@ -95,7 +95,7 @@ impl Hub {
         }
         let unassigned = self.unassigned();
         content["unassigned"] = if verbose { json!(unassigned) } else { json!(unassigned.len()) };
-        self.query_reply(c, ident, "queue_reply", content, msg, &[]);
+        self.query_reply(c, ident, "queue_reply", &content, msg, &[]);
     }
 
     /// Engine ids from `targets`: null (all), an int, a uuid, or a list of those.
@@ -173,7 +173,7 @@ impl Hub {
         }
         content["pending"] = json!(pending);
         content["completed"] = json!(completed);
-        self.query_reply(c, ident, "result_reply", content, msg, &buffers);
+        self.query_reply(c, ident, "result_reply", &content, msg, &buffers);
     }
 
     fn on_purge<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message) {
@@ -221,7 +221,7 @@ impl Hub {
                 }
             }
         }
-        self.query_reply(c, ident, "purge_reply", json!({"status": "ok"}), msg, &[]);
+        self.query_reply(c, ident, "purge_reply", &json!({"status": "ok"}), msg, &[]);
     }
 
     fn on_resubmit<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant, stored: Option<Answer>) {
@@ -274,7 +274,7 @@ impl Hub {
             self.records.update(&new_id, |r| r.client = None);
             mapping.insert(old.clone(), json!(new_id));
         }
-        self.query_reply(c, ident, "resubmit_reply", json!({"status": "ok", "resubmitted": mapping}), msg, &[]);
+        self.query_reply(c, ident, "resubmit_reply", &json!({"status": "ok", "resubmitted": mapping}), msg, &[]);
     }
 
     /// With `--db sqlite` the matching finished records come from the database (`stored`, after
@@ -344,7 +344,7 @@ impl Hub {
             "buffer_lens": if want("buffers") { json!(buffer_lens) } else { Value::Null },
             "result_buffer_lens": if want("result_buffers") { json!(result_buffer_lens) } else { Value::Null },
         });
-        self.query_reply(c, ident, "db_reply", content, msg, &buffers);
+        self.query_reply(c, ident, "db_reply", &content, msg, &buffers);
     }
 
     fn on_history_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
@@ -365,7 +365,7 @@ impl Hub {
             all.sort_by(|a, b| a.1.cmp(&b.1));
             all.into_iter().map(|(id, _)| id).collect()
         };
-        self.query_reply(c, ident, "history_reply", json!({"status": "ok", "history": history}), msg, &[]);
+        self.query_reply(c, ident, "history_reply", &json!({"status": "ok", "history": history}), msg, &[]);
     }
 
     /// Park a client query until the task database answers `query`.

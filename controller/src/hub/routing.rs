@@ -30,7 +30,7 @@ impl Hub {
             let evalue = format!("Engine {who:?} is not registered; cannot run task {}", r.msg_id);
             let content = error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], None);
             let parent: Value = serde_json::from_slice(&r.signed[1]).unwrap_or_else(|_| json!({}));
-            let signed = self.make_signed(&reply_type(&r.msg_type), &parent, &json!({"status": "error"}), &content, &[]);
+            let signed = self.make_signed(&reply_type(&r.msg_type), &parent, &json!({"status": "error"}), &content);
             c.send(Sock::Client(r.chan), join_frames(vec![r.client], signed));
             return;
         };

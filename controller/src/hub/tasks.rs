@@ -229,7 +229,7 @@ impl Hub {
         }
         let parent: Value = serde_json::from_slice(&job.signed[1]).unwrap_or_else(|_| json!({}));
         let content = error_content(ename, evalue, vec![format!("{ename}: {evalue}")], None);
-        let signed = self.make_signed(&reply_type(&job.msg_type), &parent, &json!({}), &content, &[]);
+        let signed = self.make_signed(&reply_type(&job.msg_type), &parent, &json!({}), &content);
         let client = job.client.clone();
         self.finish_job(msg_id, false, "");
         self.complete_record(msg_id, &signed, None, None, "");
