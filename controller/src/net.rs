@@ -129,18 +129,137 @@ fn hostname() -> String {
 
 /// Like [`run`], and sends the connection info on `ready` once every socket is bound.
 pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, ready: Option<oneshot::Sender<Ready>>) -> Result<()> {
-    let ip = config.bind_ip.clone();
     // The task database first: a damaged or unwritable file stops the controller before it
     // binds anything or writes connection files.
-    let mut store = match config.db {
+    let store = match config.db {
         DbKind::Sqlite => Some(store::spawn(&config.profile, config.restore)?),
         DbKind::Memory => None,
     };
-    let mut lookups = FuturesUnordered::<store::Lookup>::new();
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
-    let (tx, mut rx) = mpsc::channel::<HubEvent>(INBOUND_QUEUE);
-    let (pong_tx, mut pong_rx) = mpsc::channel::<HubEvent>(PONG_QUEUE);
+    let (tx, rx) = mpsc::channel::<HubEvent>(INBOUND_QUEUE);
+    let (pong_tx, pong_rx) = mpsc::channel::<HubEvent>(PONG_QUEUE);
     let mut tasks = JoinSet::new();
+    let alive = AliveEngines::default();
+    let bound = bind_sockets(&config, &session, &alive, &tx, pong_tx, &mut tasks).await?;
+    let (client, engine) = connection_info(&config, &bound);
+    if config.write_files {
+        config.profile.create_dirs()?;
+        write_private_json(&config.profile.client_file(), &client)?;
+        write_private_json(&config.profile.engine_file(), &engine)?;
+        info!(client = %config.profile.client_file().display(), engine = %config.profile.engine_file().display(), "wrote connection files");
+    }
+    let Bound { senders, client_ports, engine_ports, registration, hb_ping, hb_ping_port, hb_pong_port, notification, .. } = bound;
+    info!(?client_ports, ?engine_ports, registration, hb_ping = hb_ping_port, hb_pong = hb_pong_port, "controller listening");
+    let hub = new_hub(&config, session, &engine, alive, store.is_some());
+    let mut comm = NetComm { routers: senders, writers: HashMap::new(), pubs: HashMap::new(), failures: Vec::new(), tx: tx.clone() };
+    comm.pubs.insert(Sock::Notification, spawn_pub(notification));
+    comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
+    drop(tx);
+    if let Some(r) = ready {
+        let _ = r.send(Ready { client, engine });
+    }
+    let store = hub_loop(hub, comm, Queues { rx, pong_rx }, store, config.ping, shutdown).await;
+    finish(&config, store, tasks).await;
+    Ok(())
+}
+
+/// The bound sockets (their send halves and ports) that the connection files and the hub need.
+struct Bound {
+    senders: HashMap<Sock, RouterSendHalf>,
+    client_ports: HashMap<Chan, u16>,
+    engine_ports: HashMap<Chan, u16>,
+    registration: u16,
+    hb_ping: PubSocket,
+    hb_ping_port: u16,
+    hb_pong_port: u16,
+    notification: PubSocket,
+    notification_port: u16,
+    iopub_engine_port: u16,
+    iopub_client_port: u16,
+}
+
+/// Bind every socket (with `--reuse`, on the ports of the existing connection files) and spawn
+/// its reader and monitor tasks, and the iopub forwarder.
+async fn bind_sockets(
+    config: &Config,
+    session: &Session,
+    alive: &AliveEngines,
+    tx: &mpsc::Sender<HubEvent>,
+    pong_tx: mpsc::Sender<HubEvent>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Bound> {
+    let ip = &config.bind_ip;
+    let reused = config.reuse.as_ref();
+    if let Some(r) = reused {
+        info!(registration = r.client.registration, "--reuse: binding the ports of the existing connection files");
+    }
+    // An identity held by a live connection is never taken over on the client-facing sockets
+    // and the registration socket (rpx engines register from a socket without a fixed
+    // identity; ipyparallel engines do not reconnect); on the sockets engines connect to with
+    // their uuid as identity, only once the hub no longer considers that engine alive.
+    let never = never_take_over();
+    let engine_policy: Takeover = {
+        let alive = alive.clone();
+        std::sync::Arc::new(move |ident: &[u8]| alive.may_take_over(ident))
+    };
+
+    // Registration (shared by clients and engines).
+    let mut reg = router(None);
+    let registration = bind(&mut reg, ip, reused.map_or(0, |r| r.client.registration), "registration", &never).await?;
+    let reg_mon = reg.monitor();
+    let (reg_send, reg_recv) = reg.split();
+    spawn_monitor(tasks, Sock::Query, reg_mon, tx.clone());
+    spawn_reader(tasks, Sock::Query, reg_recv, session.clone(), tx.clone());
+    let mut senders: HashMap<Sock, RouterSendHalf> = HashMap::new();
+    senders.insert(Sock::Query, reg_send);
+    let (client_ports, engine_ports) = bind_channels(config, session, &engine_policy, tx, tasks, &mut senders).await?;
+
+    // Heartbeat.
+    let mut hb_ping = PubSocket::new();
+    let hb_ping_port = bind(&mut hb_ping, ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping", &engine_policy).await?;
+    let mut hb_pong = router(None);
+    let hb_pong_port = bind(&mut hb_pong, ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong", &engine_policy).await?;
+    let mon = hb_pong.monitor();
+    let (send, recv) = hb_pong.split();
+    spawn_monitor(tasks, Sock::HbPong, mon, tx.clone());
+    spawn_reader(tasks, Sock::HbPong, recv, session.clone(), pong_tx);
+    drop(send);
+
+    // Notification.
+    let mut notification = PubSocket::new();
+    let notification_port = bind(&mut notification, ip, reused.map_or(0, |r| r.client.notification), "notification", &never).await?;
+
+    // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
+    let mut iopub_in = SubSocket::new();
+    let iopub_engine_port = bind(&mut iopub_in, ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)", &engine_policy).await?;
+    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
+    let mut iopub_out = PubSocket::new();
+    let iopub_client_port = bind(&mut iopub_out, ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)", &never).await?;
+    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
+    Ok(Bound {
+        senders,
+        client_ports,
+        engine_ports,
+        registration,
+        hb_ping,
+        hb_ping_port,
+        hb_pong_port,
+        notification,
+        notification_port,
+        iopub_engine_port,
+        iopub_client_port,
+    })
+}
+
+/// Bind the client-facing and engine-facing ROUTER pair of every channel; returns their ports.
+async fn bind_channels(
+    config: &Config,
+    session: &Session,
+    engine_policy: &Takeover,
+    tx: &mpsc::Sender<HubEvent>,
+    tasks: &mut JoinSet<()>,
+    senders: &mut HashMap<Sock, RouterSendHalf>,
+) -> Result<(HashMap<Chan, u16>, HashMap<Chan, u16>)> {
     // `--reuse`: every socket on the port its connection file names (0: any free port).
     let reused = config.reuse.as_ref();
     let client_port = |chan: Chan| {
@@ -159,87 +278,43 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             Chan::Bcast => r.engine.broadcast[0],
         })
     };
-    if let Some(r) = reused {
-        info!(registration = r.client.registration, "--reuse: binding the ports of the existing connection files");
-    }
-
-    // An identity held by a live connection is never taken over on the client-facing sockets
-    // and the registration socket (rpx engines register from a socket without a fixed
-    // identity; ipyparallel engines do not reconnect); on the sockets engines connect to with
-    // their uuid as identity, only once the hub no longer considers that engine alive.
-    let alive = AliveEngines::default();
     let never = never_take_over();
-    let engine_policy: Takeover = {
-        let alive = alive.clone();
-        std::sync::Arc::new(move |ident: &[u8]| alive.may_take_over(ident))
-    };
-
-    // Registration (shared by clients and engines).
-    let mut reg = router(None);
-    let reg_port = bind(&mut reg, &ip, reused.map_or(0, |r| r.client.registration), "registration", &never).await?;
-    let reg_mon = reg.monitor();
-    let (reg_send, reg_recv) = reg.split();
-    spawn_monitor(&mut tasks, Sock::Query, reg_mon, tx.clone());
-    spawn_reader(&mut tasks, Sock::Query, reg_recv, session.clone(), tx.clone());
-
-    // Channels: client-facing and engine-facing ROUTER pairs.
-    let mut senders: HashMap<Sock, RouterSendHalf> = HashMap::new();
-    senders.insert(Sock::Query, reg_send);
     let mut client_ports = HashMap::new();
     let mut engine_ports = HashMap::new();
     for chan in Chan::ALL {
         for (side, ports) in [(Sock::Client(chan), &mut client_ports), (Sock::Engine(chan), &mut engine_ports)] {
             let (ident, want, policy) = match side {
                 Sock::Client(c) => (c.client_side_identity(), client_port(c), &never),
-                _ => (chan.engine_side_identity(), engine_port(chan), &engine_policy),
+                _ => (chan.engine_side_identity(), engine_port(chan), engine_policy),
             };
             let mut s = router(Some(ident));
-            let port = bind(&mut s, &ip, want, chan.name(), policy).await?;
+            let port = bind(&mut s, &config.bind_ip, want, chan.name(), policy).await?;
             ports.insert(chan, port);
             let mon = s.monitor();
             let (send, recv) = s.split();
-            spawn_monitor(&mut tasks, side, mon, tx.clone());
-            spawn_reader(&mut tasks, side, recv, session.clone(), tx.clone());
+            spawn_monitor(tasks, side, mon, tx.clone());
+            spawn_reader(tasks, side, recv, session.clone(), tx.clone());
             senders.insert(side, send);
         }
     }
+    Ok((client_ports, engine_ports))
+}
 
-    // Heartbeat.
-    let mut hb_ping = PubSocket::new();
-    let hb_ping_port = bind(&mut hb_ping, &ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping", &engine_policy).await?;
-    let mut hb_pong = router(None);
-    let hb_pong_port = bind(&mut hb_pong, &ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong", &engine_policy).await?;
-    let mon = hb_pong.monitor();
-    let (send, recv) = hb_pong.split();
-    spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
-    spawn_reader(&mut tasks, Sock::HbPong, recv, session.clone(), pong_tx);
-    drop(send);
-
-    // Notification.
-    let mut notification = PubSocket::new();
-    let notification_port = bind(&mut notification, &ip, reused.map_or(0, |r| r.client.notification), "notification", &never).await?;
-
-    // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
-    let mut iopub_in = SubSocket::new();
-    let iopub_engine_port = bind(&mut iopub_in, &ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)", &engine_policy).await?;
-    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
-    let mut iopub_out = PubSocket::new();
-    let iopub_client_port = bind(&mut iopub_out, &ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)", &never).await?;
-    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
-
+/// The connection files' contents for the bound ports.
+fn connection_info(config: &Config, b: &Bound) -> (ClientConnection, EngineConnection) {
     let interface = format!("tcp://{}", config.public_ip);
     let location = hostname();
     let client = ClientConnection {
         ssh: String::new(),
         interface: interface.clone(),
-        registration: reg_port,
-        control: client_ports[&Chan::Control],
-        mux: client_ports[&Chan::Mux],
-        task: client_ports[&Chan::Task],
+        registration: b.registration,
+        control: b.client_ports[&Chan::Control],
+        mux: b.client_ports[&Chan::Mux],
+        task: b.client_ports[&Chan::Task],
         task_scheme: config.scheme.name().into(),
-        iopub: iopub_client_port,
-        notification: notification_port,
-        broadcast: client_ports[&Chan::Bcast],
+        iopub: b.iopub_client_port,
+        notification: b.notification_port,
+        broadcast: b.client_ports[&Chan::Bcast],
         key: config.key.clone(),
         curve_serverkey: None,
         location: location.clone(),
@@ -250,14 +325,14 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let engine = EngineConnection {
         ssh: String::new(),
         interface,
-        registration: reg_port,
-        control: engine_ports[&Chan::Control],
-        mux: engine_ports[&Chan::Mux],
-        task: engine_ports[&Chan::Task],
-        iopub: iopub_engine_port,
-        hb_ping: hb_ping_port,
-        hb_pong: hb_pong_port,
-        broadcast: vec![engine_ports[&Chan::Bcast]],
+        registration: b.registration,
+        control: b.engine_ports[&Chan::Control],
+        mux: b.engine_ports[&Chan::Mux],
+        task: b.engine_ports[&Chan::Task],
+        iopub: b.iopub_engine_port,
+        hb_ping: b.hb_ping_port,
+        hb_pong: b.hb_pong_port,
+        broadcast: vec![b.engine_ports[&Chan::Bcast]],
         key: config.key.clone(),
         curve_serverkey: None,
         location,
@@ -265,14 +340,11 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         unpack: "json".into(),
         signature_scheme: "hmac-sha256".into(),
     };
-    if config.write_files {
-        config.profile.create_dirs()?;
-        write_private_json(&config.profile.client_file(), &client)?;
-        write_private_json(&config.profile.engine_file(), &engine)?;
-        info!(client = %config.profile.client_file().display(), engine = %config.profile.engine_file().display(), "wrote connection files");
-    }
-    info!(?client_ports, ?engine_ports, registration = reg_port, hb_ping = hb_ping_port, hb_pong = hb_pong_port, "controller listening");
+    (client, engine)
+}
 
+/// The hub, configured, on the set of alive engines the guard's policy reads.
+fn new_hub(config: &Config, session: Session, engine: &EngineConnection, alive: AliveEngines, persist: bool) -> Hub {
     let hub_cfg = HubConfig {
         scheme: config.scheme,
         hwm: config.hwm,
@@ -280,27 +352,39 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         record_limit: config.record_limit,
         record_bytes: config.record_bytes,
         queue_limit: config.queue_limit,
-        engine_info: serde_json::to_value(&engine).expect("serializes"),
+        engine_info: serde_json::to_value(engine).expect("serializes"),
     };
     let mut hub = Hub::new(session, hub_cfg, Instant::now());
     // No engine has registered yet: the hub starts on the set the guard's policy reads.
     hub.engines = Engines::with_alive(alive);
-    hub.persist = store.is_some();
-    if reused.is_some() {
+    hub.persist = persist;
+    if config.reuse.is_some() {
         // Clients and engines of the previous controller reconnect together: registrations
         // complete after one heartbeat period, once the clients' notification subscriptions
         // are back, so no client misses an engine's return.
         hub.hold_registrations(Instant::now() + config.ping);
     }
-    let mut comm = NetComm { routers: senders, writers: HashMap::new(), pubs: HashMap::new(), failures: Vec::new(), tx: tx.clone() };
-    comm.pubs.insert(Sock::Notification, spawn_pub(notification));
-    comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
-    drop(tx);
-    if let Some(r) = ready {
-        let _ = r.send(Ready { client, engine });
-    }
+    hub
+}
 
-    let tick_every = config.ping.min(Duration::from_millis(100));
+/// The hub's event queues: everything but pongs, and pongs.
+struct Queues {
+    rx: mpsc::Receiver<HubEvent>,
+    pong_rx: mpsc::Receiver<HubEvent>,
+}
+
+/// The hub task: runs until `shutdown`, a hub `shutdown_request`, or every sender is gone;
+/// returns the task database handle to close.
+async fn hub_loop(
+    mut hub: Hub,
+    mut comm: NetComm,
+    Queues { mut rx, mut pong_rx }: Queues,
+    mut store: Option<store::StoreHandle>,
+    ping: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Option<store::StoreHandle> {
+    let mut lookups = FuturesUnordered::<store::Lookup>::new();
+    let tick_every = ping.min(Duration::from_millis(100));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -365,8 +449,13 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             break;
         }
     }
-    drop(comm);
-    if let Some(s) = store.take() {
+    store
+}
+
+/// Close the task database (waiting for its last writes), stop the socket tasks, and remove
+/// the connection files (a `--reuse` controller keeps them, for the next one).
+async fn finish(config: &Config, store: Option<store::StoreHandle>, mut tasks: JoinSet<()>) {
+    if let Some(s) = store {
         drop(s.tx);
         if tokio::time::timeout(store::SEND_TIMEOUT, s.done).await.is_err() {
             error!(path = %s.path.display(), "the task database writer did not finish in time; the last records may be lost");
@@ -382,7 +471,6 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             }
         }
     }
-    Ok(())
 }
 
 fn handle(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent) {
