@@ -36,6 +36,7 @@ use zeromq::{
     DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
 };
 
+use rpx_protocol::hub::{ConnectionReply, EngineNotification, OK};
 use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
 use rpx_protocol::session::{json_frame, split_at_delimiter};
 use rpx_protocol::{ClientConnection, Session};
@@ -454,6 +455,13 @@ struct TypeOnly<'a> {
     msg_type: std::borrow::Cow<'a, str>,
 }
 
+/// The `status` of a reply's content, if it says.
+#[derive(Deserialize)]
+struct ReplyStatus {
+    #[serde(default)]
+    status: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct StateOnly<'a> {
     #[serde(borrow, default)]
@@ -712,25 +720,23 @@ impl Dispatcher {
                 }
             }
             Inbound::Notification(msg) => {
-                let id = msg.content.get("id").and_then(Value::as_u64).map(|i| i as usize);
-                let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
-                match (msg.msg_type.as_str(), id, uuid) {
-                    ("registration_notification", Some(id), Some(uuid)) => {
-                        if let Some(host) =
-                            msg.content.get(rpx_protocol::dataplane::NOTIFICATION_KEY).and_then(|h| serde_json::from_value(h.clone()).ok())
-                        {
+                let note = EngineNotification::deserialize(&msg.content).ok();
+                match (msg.msg_type.as_str(), note) {
+                    ("registration_notification", Some(EngineNotification { id, uuid, host })) => {
+                        if let Some(host) = host {
                             self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.insert(uuid.clone(), host);
                         }
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
-                        all.insert(id, uuid);
+                        all.insert(id as usize, uuid);
                         self.set_engines(all);
                     }
-                    ("unregistration_notification", Some(id), _) => {
+                    ("unregistration_notification", Some(EngineNotification { id, .. })) => {
+                        let id = id as usize;
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
                         all.remove(&id);
                         self.set_engines(all);
                     }
-                    ("shutdown_notification", _, _) => self.lose(CONTROLLER_SHUT_DOWN.into()),
+                    ("shutdown_notification", _) => self.lose(CONTROLLER_SHUT_DOWN.into()),
                     _ => {}
                 }
             }
@@ -744,13 +750,11 @@ impl Dispatcher {
             self.probe = None;
         }
         if msg.msg_type == "connection_reply" {
-            if let Some(engines) = msg.content.get("engines").and_then(Value::as_object) {
-                let table: BTreeMap<usize, String> =
-                    engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
-                if let Some(hosts) =
-                    msg.content.get(rpx_protocol::dataplane::CONNECTION_REPLY_KEY).and_then(|h| serde_json::from_value(h.clone()).ok())
-                {
-                    self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts;
+            if let Some(ConnectionReply { engines, hosts, .. }) = ConnectionReply::deserialize(&msg.content).ok().filter(|r| r.status == OK)
+            {
+                let table: BTreeMap<usize, String> = engines.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
+                if let Some(hosts) = hosts {
+                    self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts.into_iter().collect();
                 }
                 self.set_engines(table);
             }
@@ -767,12 +771,10 @@ impl Dispatcher {
         }
         route.replied = true;
         self.unreplied = self.unreplied.saturating_sub(1);
-        let status = msg
-            .content
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or(if msg.msg_type == "hub_error" { "error" } else { "ok" })
-            .to_string();
+        let status = ReplyStatus::deserialize(&msg.content)
+            .ok()
+            .and_then(|s| s.status)
+            .unwrap_or_else(|| if msg.msg_type == "hub_error" { "error" } else { "ok" }.to_string());
         let Light { metadata, content, buffers, date, .. } = msg;
         // The engine published nothing for it (not even `idle`): the reply is all there is.
         let quiet = metadata.get(rpx_protocol::apply::QUIET_KEY).and_then(Value::as_bool) == Some(true);

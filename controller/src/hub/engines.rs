@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use rpx_protocol::hub::{BroadcastMetadata, EngineNotification};
 use rpx_protocol::message::{engine_info, error_content};
 use rpx_protocol::registration::{msg_type as reg_msg, EvictionNotice, RegistrationReply, RegistrationRequest};
 use rpx_protocol::session::join_frames;
@@ -122,7 +123,7 @@ impl Hub {
     pub(super) fn on_register<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant) {
         let req: RegistrationRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(_) if msg.content.get("uuid").is_none() => {
+            Err(_) if !msg.content.as_object().is_some_and(|c| c.contains_key("uuid")) => {
                 return self.hub_error(c, ident, msg, "KeyError", "registration_request without uuid")
             }
             Err(e) => return self.hub_error(c, ident, msg, "ValueError", &format!("bad registration_request: {e}")),
@@ -194,11 +195,7 @@ impl Hub {
         }
         e.ready = true;
         let uuid = e.uuid.clone();
-        let mut note = json!({"id": id, "uuid": uuid});
-        if let Some(host) = &e.host {
-            // Extra key: ipyparallel's client reads only id and uuid.
-            note[rpx_protocol::dataplane::NOTIFICATION_KEY] = json!(host);
-        }
+        let note = EngineNotification { id, uuid: uuid.clone(), host: e.host.clone() };
         self.engines.lru.push_back(id);
         info!(engine_id = id, %uuid, "engine registered");
         self.notify(c, "registration_notification", &note);
@@ -234,7 +231,7 @@ impl Hub {
         info!(engine_id = id, uuid = %e.uuid, %reason, inflight = e.inflight.len(), "engine died");
         // The socket-level facts in `self.connected` stay as they are: an evicted engine may
         // still be connected, and registers again over those connections.
-        self.notify(c, "unregistration_notification", &json!({"id": id, "uuid": e.uuid}));
+        self.notify(c, "unregistration_notification", &EngineNotification { id, uuid: e.uuid.clone(), host: None });
         let mut inflight: Vec<(String, InFlight)> = e.inflight.into_iter().collect();
         inflight.sort_by(|a, b| a.0.cmp(&b.0));
         for (msg_id, _) in &inflight {
@@ -275,15 +272,23 @@ impl Hub {
             let content =
                 error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], Some(engine_info(id, &e.uuid, &method)));
             let parent: Value = serde_json::from_slice(&inf.header).unwrap_or_else(|_| json!({}));
-            let mut md =
+            let md =
                 json!({"engine": e.uuid, "status": "error", "dependencies_met": true, "engine_info": engine_info(id, &e.uuid, &method)});
-            if inf.chan == Chan::Bcast {
+            let md = if inf.chan == Chan::Bcast {
                 let orig = msg_id.strip_suffix(&format!("_{}", e.uuid)).unwrap_or(&msg_id).to_string();
                 let coalescing = self.coalesce.remove(&orig).is_some();
-                md["is_broadcast"] = json!(true);
-                md["is_coalescing"] = json!(coalescing);
-                md["original_msg_id"] = json!(orig);
-            }
+                let other = serde_json::from_value(md).expect("an object");
+                let bcast = BroadcastMetadata {
+                    is_broadcast: true,
+                    is_coalescing: coalescing,
+                    original_msg_id: Some(orig),
+                    broadcast_targets: None,
+                    other,
+                };
+                serde_json::to_value(bcast).expect("metadata serializes")
+            } else {
+                md
+            };
             let signed = self.make_signed(&reply_type(&inf.msg_type), &parent, &md, &content);
             if inf.chan == Chan::Task {
                 self.finish_job(&msg_id, false, &e.uuid);

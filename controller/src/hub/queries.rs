@@ -1,13 +1,19 @@
 //! Client queries on the registration socket: connection, queue, result, history, db, purge,
 //! resubmit, load and shutdown requests, with lookups parked until the task database answers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::{debug, info, warn};
 
+use rpx_protocol::hub::{
+    ConnectionReply, DbReply, DbRequest, EngineQueue, EngineRef, HistoryReply, LoadReply, PurgeIds, PurgeRequest, QueueReply, QueueRequest,
+    ResubmitReply, ResubmitRequest, ResultReply, ResultRequest, StatusReply, Targets, Unassigned, UnregistrationRequest, OK,
+};
 use rpx_protocol::message::now_iso;
 use rpx_protocol::Message;
 
@@ -15,6 +21,12 @@ use super::{Comm, Deferred, Hub, HUB_IDENT, UNREGISTERED};
 use crate::state::Record;
 use crate::store::{Answer, Purge, Query, StoreOp};
 use crate::wire::{Chan, Request};
+
+/// The `msg_type` of a stored request's header.
+#[derive(Deserialize)]
+struct MsgType {
+    msg_type: String,
+}
 
 impl Hub {
     pub(super) fn on_query<C: Comm>(&mut self, c: &mut C, frames: Vec<Bytes>, now: Instant) {
@@ -29,36 +41,25 @@ impl Hub {
         match msg.msg_type() {
             "registration_request" => self.on_register(c, &ident, &msg, now),
             "unregistration_request" => {
-                let eid = msg.content.get("id").and_then(Value::as_u64);
+                let eid = UnregistrationRequest::deserialize(&msg.content).unwrap_or_default().id;
                 match eid.filter(|id| self.engines.get(*id).is_some()) {
                     Some(id) => self.on_engine_died(c, id, UNREGISTERED, now),
                     None => info!(?eid, "unregistration of an unknown engine"),
                 }
             }
             "connection_request" => {
-                let engines: Map<String, Value> =
-                    self.engines.by_id.values().filter(|e| e.ready).map(|e| (e.id.to_string(), json!(e.uuid))).collect();
-                let mut content = json!({"status": "ok", "engines": engines});
-                let hosts: Map<String, Value> = self
-                    .engines
-                    .by_id
-                    .values()
-                    .filter(|e| e.ready)
-                    .filter_map(|e| Some((e.uuid.clone(), json!(e.host.as_ref()?))))
-                    .collect();
-                if !hosts.is_empty() {
-                    content[rpx_protocol::dataplane::CONNECTION_REPLY_KEY] = Value::Object(hosts);
-                }
+                let ready = || self.engines.by_id.values().filter(|e| e.ready);
+                let engines = ready().map(|e| (e.id.to_string(), e.uuid.clone())).collect();
+                let hosts: BTreeMap<_, _> = ready().filter_map(|e| Some((e.uuid.clone(), e.host.clone()?))).collect();
+                let content = ConnectionReply { status: OK.into(), engines, hosts: (!hosts.is_empty()).then_some(hosts) };
                 self.query_reply(c, &ident, "connection_reply", &content, &msg, &[]);
             }
             "queue_request" => self.on_queue_request(c, &ident, &msg),
             "result_request" => self.on_result_request(c, &ident, &msg, None),
             "history_request" => self.on_history_request(c, &ident, &msg, None),
             "load_request" => {
-                let mut content = json!({"status": "ok"});
-                for e in self.engines.by_id.values().filter(|e| e.ready) {
-                    content[e.id.to_string()] = json!(e.inflight.len());
-                }
+                let loads = self.engines.by_id.values().filter(|e| e.ready).map(|e| (e.id.to_string(), e.inflight.len())).collect();
+                let content = LoadReply { status: OK.into(), loads };
                 self.query_reply(c, &ident, "load_reply", &content, &msg, &[]);
             }
             "purge_request" => self.on_purge(c, &ident, &msg),
@@ -66,8 +67,8 @@ impl Hub {
             "db_request" => self.on_db_request(c, &ident, &msg, None),
             "shutdown_request" => {
                 info!("hub shutdown requested");
-                self.query_reply(c, &ident, "shutdown_reply", &json!({"status": "ok"}), &msg, &[]);
-                self.notify(c, "shutdown_notification", &json!({"status": "ok"}));
+                self.query_reply(c, &ident, "shutdown_reply", &StatusReply::ok(), &msg, &[]);
+                self.notify(c, "shutdown_notification", &StatusReply::ok());
                 self.exit_at = Some(now + Duration::from_secs(1));
             }
             other => {
@@ -78,39 +79,36 @@ impl Hub {
     }
 
     fn on_queue_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message) {
-        let verbose = msg.content.get("verbose").and_then(Value::as_bool).unwrap_or(false);
-        let ids = match self.validate_targets(msg.content.get("targets")) {
+        let Some(req) = self.query_content::<QueueRequest, C>(c, ident, msg) else { return };
+        let ids = match self.validate_targets(req.targets) {
             Ok(ids) => ids,
             Err(e) => return self.hub_error(c, ident, msg, "IndexError", &e),
         };
-        let mut content = json!({"status": "ok"});
+        let mut engines = BTreeMap::new();
         for id in ids {
             let e = self.engines.get(id).expect("validated");
             let (mux, task) = (e.inflight_on(Chan::Mux), e.inflight_on(Chan::Task));
-            content[id.to_string()] = if verbose {
-                json!({"queue": mux, "completed": e.recent_completed, "tasks": task})
+            let queues = if req.verbose {
+                EngineQueue::Verbose { queue: mux, completed: e.recent_completed.iter().cloned().collect(), tasks: task }
             } else {
-                json!({"queue": mux.len(), "completed": e.completed, "tasks": task.len()})
+                EngineQueue::Counts { queue: mux.len(), completed: e.completed, tasks: task.len() }
             };
+            engines.insert(id.to_string(), queues);
         }
         let unassigned = self.unassigned();
-        content["unassigned"] = if verbose { json!(unassigned) } else { json!(unassigned.len()) };
-        self.query_reply(c, ident, "queue_reply", &content, msg, &[]);
+        let unassigned = if req.verbose { Unassigned::Ids(unassigned) } else { Unassigned::Count(unassigned.len()) };
+        self.query_reply(c, ident, "queue_reply", &QueueReply { status: OK.into(), engines, unassigned }, msg, &[]);
     }
 
     /// Engine ids from `targets`: null (all), an int, a uuid, or a list of those.
-    fn validate_targets(&self, targets: Option<&Value>) -> Result<Vec<u64>, String> {
-        let list = match targets {
-            None | Some(Value::Null) => return Ok(self.ids()),
-            Some(Value::Array(a)) => a.clone(),
-            Some(v) => vec![v.clone()],
-        };
+    fn validate_targets(&self, targets: Option<Targets>) -> Result<Vec<u64>, String> {
+        let Some(targets) = targets else { return Ok(self.ids()) };
         let mut out = Vec::new();
-        for t in list {
+        for t in targets.into_vec() {
             let id = match &t {
-                Value::Number(n) => n.as_u64().filter(|id| self.engines.get(*id).is_some_and(|e| e.ready)),
-                Value::String(s) => self.engines.by_uuid(s).filter(|e| e.ready).map(|e| e.id),
-                _ => None,
+                EngineRef::Id(n) => Some(*n).filter(|id| self.engines.get(*id).is_some_and(|e| e.ready)),
+                EngineRef::Uuid(s) => self.engines.by_uuid(s).filter(|e| e.ready).map(|e| e.id),
+                EngineRef::Other(_) => None,
             };
             out.push(id.ok_or_else(|| format!("No Such Engine: {t}"))?);
         }
@@ -120,8 +118,15 @@ impl Hub {
         Ok(out)
     }
 
-    fn record_json(&self, r: &Record) -> Value {
-        crate::store::record_json(r)
+    /// The content of a query as `T`, or `None` after answering a `hub_error` that says why not.
+    fn query_content<T: DeserializeOwned, C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message) -> Option<T> {
+        match T::deserialize(&msg.content) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.hub_error(c, ident, msg, "ValueError", &format!("bad {}: {e}", msg.msg_type()));
+                None
+            }
+        }
     }
 
     /// `stored`: the task database's answer, once a lookup of ids not in memory came back.
@@ -129,16 +134,10 @@ impl Hub {
         let looked_up = stored.is_some();
         let fetched = fetched_by_id(stored);
         let mut missing = Vec::new();
-        let status_only = msg.content.get("status_only").and_then(Value::as_bool).unwrap_or(false);
-        let mut ids: Vec<String> = msg
-            .content
-            .get("msg_ids")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
+        let Some(ResultRequest { msg_ids: mut ids, status_only }) = self.query_content(c, ident, msg) else { return };
         ids.sort();
         ids.dedup();
-        let mut content = json!({"status": "ok"});
+        let mut results = BTreeMap::new();
         let (mut pending, mut completed, mut buffers) = (Vec::new(), Vec::new(), Vec::new());
         for id in &ids {
             let Some(r) = self.records.get(id).or_else(|| fetched.get(id)) else {
@@ -158,27 +157,21 @@ impl Hub {
             }
             completed.push(id.clone());
             if !status_only {
-                let full = self.record_json(r);
-                content[id.as_str()] = json!({
-                    "header": full["header"], "metadata": full["metadata"],
-                    "result_header": full["result_header"], "result_metadata": full["result_metadata"],
-                    "result_content": full["result_content"], "received": full["received"],
-                    "io": {"execute_input": full["execute_input"], "execute_result": full["execute_result"], "error": full["error"], "stdout": full["stdout"], "stderr": full["stderr"]},
-                });
+                results.insert(id.clone(), crate::store::result_record(r));
                 buffers.extend(r.result.as_ref().map(|s| s[5..].to_vec()).unwrap_or_default());
             }
         }
         if !missing.is_empty() {
             return self.defer(ident, msg, Query::Records(missing));
         }
-        content["pending"] = json!(pending);
-        content["completed"] = json!(completed);
+        let content = ResultReply { status: OK.into(), results, pending, completed };
         self.query_reply(c, ident, "result_reply", &content, msg, &buffers);
     }
 
     fn on_purge<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message) {
-        match msg.content.get("msg_ids") {
-            Some(Value::String(s)) if s == "all" => {
+        let Some(req) = self.query_content::<PurgeRequest, C>(c, ident, msg) else { return };
+        match req.msg_ids {
+            Some(PurgeIds::Named(s)) if s == "all" => {
                 let ids: Vec<String> = self.records.map.values().filter(|r| !r.pending()).map(|r| r.msg_id.clone()).collect();
                 for id in ids {
                     self.records.remove(&id);
@@ -187,8 +180,7 @@ impl Hub {
                     self.store_ops.push(StoreOp::Purge(Purge::All));
                 }
             }
-            Some(Value::Array(a)) => {
-                let ids: Vec<String> = a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            Some(PurgeIds::Ids(ids)) => {
                 if let Some(p) = ids.iter().find(|id| self.records.get(id).is_some_and(Record::pending)) {
                     return self.hub_error(c, ident, msg, "IndexError", &format!("msg pending: {p:?}"));
                 }
@@ -201,9 +193,13 @@ impl Hub {
             }
             _ => {}
         }
-        if let Some(Value::Array(eids)) = msg.content.get("engine_ids") {
+        if let Some(eids) = req.engine_ids {
             for eid in eids {
-                let Some(uuid) = eid.as_u64().and_then(|id| self.engines.get(id)).map(|e| e.uuid.clone()) else {
+                let id = match eid {
+                    EngineRef::Id(id) => Some(id),
+                    _ => None,
+                };
+                let Some(uuid) = id.and_then(|id| self.engines.get(id)).map(|e| e.uuid.clone()) else {
                     return self.hub_error(c, ident, msg, "IndexError", &format!("No such engine: {eid}"));
                 };
                 let ids: Vec<String> = self
@@ -221,18 +217,13 @@ impl Hub {
                 }
             }
         }
-        self.query_reply(c, ident, "purge_reply", &json!({"status": "ok"}), msg, &[]);
+        self.query_reply(c, ident, "purge_reply", &StatusReply::ok(), msg, &[]);
     }
 
     fn on_resubmit<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, now: Instant, stored: Option<Answer>) {
         let looked_up = stored.is_some();
         let fetched = fetched_by_id(stored);
-        let ids: Vec<String> = msg
-            .content
-            .get("msg_ids")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
+        let Some(ResubmitRequest { msg_ids: ids }) = self.query_content(c, ident, msg) else { return };
         let missing: Vec<String> = ids.iter().filter(|id| self.records.get(id).is_none() && !fetched.contains_key(*id)).cloned().collect();
         if !missing.is_empty() {
             if self.persist && !looked_up {
@@ -240,7 +231,7 @@ impl Hub {
             }
             return self.hub_error(c, ident, msg, "KeyError", &format!("No such msg(s): {missing:?}"));
         }
-        let mut mapping = Map::new();
+        let mut mapping = BTreeMap::new();
         for old in &ids {
             let rec = self.records.get(old).or_else(|| fetched.get(old)).expect("checked").clone();
             let Ok(Value::Object(mut header)) = serde_json::from_slice::<Value>(&rec.request[1]) else {
@@ -250,7 +241,7 @@ impl Hub {
             let new_id = self.session.new_msg_id();
             header.insert("msg_id".into(), json!(new_id));
             header.insert("date".into(), json!(now_iso()));
-            let msg_type = header.get("msg_type").and_then(Value::as_str).unwrap_or("apply_request").to_string();
+            let msg_type = serde_json::from_slice::<MsgType>(&rec.request[1]).map_or_else(|_| "apply_request".to_string(), |h| h.msg_type);
             let content: Value = serde_json::from_slice(&rec.request[4]).unwrap_or_else(|_| json!({}));
             let signed = self.make_signed_with_header(&Value::Object(header), &parent, &json!({}), &content, &rec.request[5..]);
             self.records.update(old, |r| r.resubmitted = Some(new_id.clone()));
@@ -272,17 +263,15 @@ impl Hub {
                 j.client = None;
             }
             self.records.update(&new_id, |r| r.client = None);
-            mapping.insert(old.clone(), json!(new_id));
+            mapping.insert(old.clone(), new_id);
         }
-        self.query_reply(c, ident, "resubmit_reply", &json!({"status": "ok", "resubmitted": mapping}), msg, &[]);
+        self.query_reply(c, ident, "resubmit_reply", &ResubmitReply { status: OK.into(), resubmitted: mapping }, msg, &[]);
     }
 
     /// With `--db sqlite` the matching finished records come from the database (`stored`, after
     /// a lookup) and only records not written yet (pending ones) from memory.
     fn on_db_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
-        let query = msg.content.get("query").cloned().unwrap_or_else(|| json!({}));
-        let keys: Option<Vec<String>> =
-            msg.content.get("keys").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
+        let Some(DbRequest { query, keys }) = self.query_content(c, ident, msg) else { return };
         let Value::Object(query) = query else {
             return self.hub_error(c, ident, msg, "TypeError", "db query must be a dict");
         };
@@ -307,7 +296,7 @@ impl Hub {
             candidates.sort_by(|a, b| a.submitted.cmp(&b.submitted));
         }
         for r in candidates {
-            let full = self.record_json(r);
+            let full = crate::store::record_json(r);
             match matches_query(&full, &query) {
                 Ok(true) => {}
                 Ok(false) => continue,
@@ -316,7 +305,7 @@ impl Hub {
             let rec = match &keys {
                 Some(ks) => {
                     let mut m = Map::new();
-                    m.insert("msg_id".into(), full["msg_id"].clone());
+                    m.insert("msg_id".into(), json!(r.msg_id));
                     for k in ks {
                         if let Some(v) = full.get(k) {
                             m.insert(k.clone(), v.clone());
@@ -338,12 +327,12 @@ impl Hub {
             }
             records.push(rec);
         }
-        let content = json!({
-            "status": "ok",
-            "records": records,
-            "buffer_lens": if want("buffers") { json!(buffer_lens) } else { Value::Null },
-            "result_buffer_lens": if want("result_buffers") { json!(result_buffer_lens) } else { Value::Null },
-        });
+        let content = DbReply {
+            status: OK.into(),
+            records,
+            buffer_lens: want("buffers").then_some(buffer_lens),
+            result_buffer_lens: want("result_buffers").then_some(result_buffer_lens),
+        };
         self.query_reply(c, ident, "db_reply", &content, msg, &buffers);
     }
 
@@ -365,7 +354,7 @@ impl Hub {
             all.sort_by(|a, b| a.1.cmp(&b.1));
             all.into_iter().map(|(id, _)| id).collect()
         };
-        self.query_reply(c, ident, "history_reply", &json!({"status": "ok", "history": history}), msg, &[]);
+        self.query_reply(c, ident, "history_reply", &HistoryReply { status: OK.into(), history }, msg, &[]);
     }
 
     /// Park a client query until the task database answers `query`.
