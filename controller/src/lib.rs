@@ -20,7 +20,7 @@
 //!
 //! # Concurrency
 //! The hub is a single task that owns all state (no locks). Reader tasks verify signatures and
-//! parse headers in parallel and send [`hub::HubEvent`] events over a channel; the hub answers
+//! parse headers in parallel and send [`hub::HubEvent`]s over a channel; the hub answers
 //! through per-peer bounded writer tasks, so a stuck engine never blocks the others. The one
 //! thing shared is the set of alive engine identities ([`state::AliveEngines`], a `RwLock`
 //! written by the hub when an engine registers or dies, read by the guard's tasks when a

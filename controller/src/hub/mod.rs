@@ -11,6 +11,16 @@
 //! Nothing here touches a socket: frames are decoded, built and signed with the hub's
 //! [`Session`] and handed to the [`Comm`]. Callers pass `now` for every timing decision; only
 //! the ISO dates written into message headers and task records read the wall clock.
+//!
+//! # Layout
+//! - this file: the [`Hub`] state, [`HubEvent`] dispatch, ticks, and the helpers that sign
+//!   replies and notifications;
+//! - `engines.rs`: heartbeats, registration, eviction notices, engine death;
+//! - `routing.rs`: mux and control requests, and replies from engines;
+//! - `tasks.rs`: load-balanced submission, scheduling, retries, failures, task records;
+//! - `broadcast.rs`: broadcast fan-out and coalesced replies;
+//! - `queries.rs`: client queries on the registration socket (contents typed in
+//!   [`rpx_protocol::hub`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
