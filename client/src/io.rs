@@ -36,8 +36,9 @@ use zeromq::{
     DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
 };
 
+use rpx_protocol::hub::{ConnectionReply, EngineNotification, OK};
 use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
-use rpx_protocol::session::DELIMITER;
+use rpx_protocol::session::{json_frame, split_at_delimiter};
 use rpx_protocol::{ClientConnection, Session};
 
 use crate::error::{Error, Result};
@@ -192,19 +193,10 @@ impl Frames {
             date: self.date.clone(),
             version: PROTOCOL_VERSION.to_string(),
         };
-        let h = Bytes::from(serde_json::to_vec(&header).expect("header serializes"));
-        let sig = self.session.sign(&[&h, &self.parent, &self.metadata, &self.content]);
-        let mut frames = Vec::with_capacity(7 + buffers.len());
-        if let Some(id) = ident {
-            frames.push(Bytes::copy_from_slice(id.as_bytes()));
-        }
-        frames.push(Bytes::from_static(DELIMITER));
-        frames.push(Bytes::from(sig));
-        frames.push(h);
-        frames.push(self.parent.clone());
-        frames.push(self.metadata.clone());
-        frames.push(self.content.clone());
-        frames.extend(buffers.iter().cloned());
+        let h = json_frame(&header);
+        let ident = ident.map(|id| Bytes::copy_from_slice(id.as_bytes()));
+        let frames =
+            self.session.frames(ident, h, self.parent.clone(), self.metadata.clone(), self.content.clone(), buffers.iter().cloned());
         (header.msg_id, frames)
     }
 }
@@ -463,6 +455,13 @@ struct TypeOnly<'a> {
     msg_type: std::borrow::Cow<'a, str>,
 }
 
+/// The `status` of a reply's content, if it says.
+#[derive(Deserialize)]
+struct ReplyStatus {
+    #[serde(default)]
+    status: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct StateOnly<'a> {
     #[serde(borrow, default)]
@@ -491,19 +490,16 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Re
             }
         };
         let frames = rpx_protocol::zmq::frames(m);
-        let Some(pos) = frames.iter().position(|f| f.as_ref() == DELIMITER) else { continue };
-        if frames.len() < pos + 6 {
-            continue;
-        }
+        let Some((_, signed)) = split_at_delimiter(&frames).filter(|(_, s)| s.len() >= 5) else { continue };
         // Read the type first: most iopub traffic (busy/idle, inputs) needs no full decode.
-        let kind = match serde_json::from_slice::<TypeOnly>(&frames[pos + 2]) {
+        let kind = match serde_json::from_slice::<TypeOnly>(&signed[1]) {
             Ok(t) => t.msg_type.into_owned(),
             Err(_) => continue,
         };
         let ev = match kind.as_str() {
             "status" => {
                 let idle =
-                    serde_json::from_slice::<StateOnly>(&frames[pos + 5]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
+                    serde_json::from_slice::<StateOnly>(&signed[4]).ok().and_then(|s| s.execution_state).is_some_and(|s| s == "idle");
                 if !idle {
                     continue;
                 }
@@ -724,25 +720,23 @@ impl Dispatcher {
                 }
             }
             ReaderEvent::Notification(msg) => {
-                let id = msg.content.get("id").and_then(Value::as_u64).map(|i| i as usize);
-                let uuid = msg.content.get("uuid").and_then(Value::as_str).map(str::to_string);
-                match (msg.msg_type.as_str(), id, uuid) {
-                    ("registration_notification", Some(id), Some(uuid)) => {
-                        if let Some(host) =
-                            msg.content.get(rpx_protocol::dataplane::NOTIFICATION_KEY).and_then(|h| serde_json::from_value(h.clone()).ok())
-                        {
+                let note = EngineNotification::deserialize(&msg.content).ok();
+                match (msg.msg_type.as_str(), note) {
+                    ("registration_notification", Some(EngineNotification { id, uuid, host })) => {
+                        if let Some(host) = host {
                             self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.insert(uuid.clone(), host);
                         }
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
-                        all.insert(id, uuid);
+                        all.insert(id as usize, uuid);
                         self.set_engines(all);
                     }
-                    ("unregistration_notification", Some(id), _) => {
+                    ("unregistration_notification", Some(EngineNotification { id, .. })) => {
+                        let id = id as usize;
                         let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
                         all.remove(&id);
                         self.set_engines(all);
                     }
-                    ("shutdown_notification", _, _) => self.lose(CONTROLLER_SHUT_DOWN.into()),
+                    ("shutdown_notification", _) => self.lose(CONTROLLER_SHUT_DOWN.into()),
                     _ => {}
                 }
             }
@@ -756,13 +750,11 @@ impl Dispatcher {
             self.probe = None;
         }
         if msg.msg_type == "connection_reply" {
-            if let Some(engines) = msg.content.get("engines").and_then(Value::as_object) {
-                let table: BTreeMap<usize, String> =
-                    engines.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
-                if let Some(hosts) =
-                    msg.content.get(rpx_protocol::dataplane::CONNECTION_REPLY_KEY).and_then(|h| serde_json::from_value(h.clone()).ok())
-                {
-                    self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts;
+            if let Some(ConnectionReply { engines, hosts, .. }) = ConnectionReply::deserialize(&msg.content).ok().filter(|r| r.status == OK)
+            {
+                let table: BTreeMap<usize, String> = engines.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
+                if let Some(hosts) = hosts {
+                    self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts.into_iter().collect();
                 }
                 self.set_engines(table);
             }
@@ -779,12 +771,10 @@ impl Dispatcher {
         }
         route.replied = true;
         self.unreplied = self.unreplied.saturating_sub(1);
-        let status = msg
-            .content
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or(if msg.msg_type == "hub_error" { "error" } else { "ok" })
-            .to_string();
+        let status = ReplyStatus::deserialize(&msg.content)
+            .ok()
+            .and_then(|s| s.status)
+            .unwrap_or_else(|| if msg.msg_type == "hub_error" { "error" } else { "ok" }.to_string());
         let Light { metadata, content, buffers, date, .. } = msg;
         // The engine published nothing for it (not even `idle`): the reply is all there is.
         let quiet = metadata.get(rpx_protocol::apply::QUIET_KEY).and_then(Value::as_bool) == Some(true);

@@ -7,10 +7,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend};
 
 use rpx_protocol::connection::read_json;
+use rpx_protocol::hub::{ConnectionReply, OK};
 use rpx_protocol::{ClientConnection, Session};
 
 /// A DEALER connected to the controller's registration (query) socket.
@@ -68,15 +70,14 @@ impl Hub {
 
 /// `{status: ok, engines: {"0": uuid, ...}}` into a map.
 pub fn parse_engines(content: &Value) -> anyhow::Result<BTreeMap<u64, String>> {
-    if content.get("status").and_then(Value::as_str) != Some("ok") {
+    let reply = ConnectionReply::deserialize(content).with_context(|| format!("bad connection_reply: {content}"))?;
+    if reply.status != OK {
         bail!("connection_request failed: {content}");
     }
     let mut out = BTreeMap::new();
-    if let Some(map) = content.get("engines").and_then(Value::as_object) {
-        for (k, v) in map {
-            let id: u64 = k.parse().with_context(|| format!("engine id {k:?} is not a number"))?;
-            out.insert(id, v.as_str().unwrap_or_default().to_string());
-        }
+    for (k, v) in reply.engines {
+        let id: u64 = k.parse().with_context(|| format!("engine id {k:?} is not a number"))?;
+        out.insert(id, v);
     }
     Ok(out)
 }

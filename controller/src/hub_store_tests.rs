@@ -1,7 +1,7 @@
 //! Unit tests of the hub with a task database (`--db sqlite`): records evicted from memory, or
 //! written by a previous hub, are answered from the database; purges reach it; a failed lookup
 //! is a `hub_error`. The hub's store operations are applied to a real [`Writer`] on a temporary
-//! file, and its answers fed back as [`Inbound::Stored`], as the network layer does.
+//! file, and its answers fed back as [`HubEvent::Stored`], as the network layer does.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use rpx_protocol::{Message, Session};
 
-use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::hub::{Comm, Hub, HubConfig, HubEvent, Sock};
 use crate::scheduler::Scheme;
 use crate::store::{self, Answer, StoreMsg, StoreOp, Writer};
 use crate::wire::{self, Chan};
@@ -73,7 +73,7 @@ const ENGINE: &str = "engine-uuid-0";
 
 impl Env {
     /// One event, then the store round trips it caused, as `net` does.
-    fn ev(&mut self, ev: Inbound) {
+    fn ev(&mut self, ev: HubEvent) {
         self.hub.on_event(&mut self.comm, ev, self.now);
         while !self.hub.store_ops.is_empty() {
             let mut answers = Vec::new();
@@ -95,14 +95,14 @@ impl Env {
                 } else {
                     rx.try_recv().expect("answered in the batch")
                 };
-                self.hub.on_event(&mut self.comm, Inbound::Stored { token, answer }, self.now);
+                self.hub.on_event(&mut self.comm, HubEvent::Stored { token, answer }, self.now);
             }
         }
     }
 
     fn query(&mut self, msg_type: &str, content: Value) -> Message {
         let (_, f) = self.client.msg(&[Bytes::from_static(b"q")], msg_type, content, None, json!({}), &[]);
-        self.ev(Inbound::Query(f));
+        self.ev(HubEvent::Query(f));
         let out = std::mem::take(&mut self.comm.0);
         let (_, frames) = out.into_iter().rev().find(|(s, _)| *s == Sock::Query).expect("a query reply");
         decode(&frames)
@@ -110,11 +110,11 @@ impl Env {
 
     fn engine(&mut self) {
         let (_, f) = self.client.msg(&[Bytes::from(ENGINE)], "registration_request", json!({"uuid": ENGINE}), None, json!({}), &[]);
-        self.ev(Inbound::Query(f));
+        self.ev(HubEvent::Query(f));
         for chan in Chan::ALL {
-            self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(ENGINE), connected: true });
+            self.ev(HubEvent::Peer { sock: Sock::Engine(chan), ident: Bytes::from(ENGINE), connected: true });
         }
-        self.ev(Inbound::Pong(Bytes::from(ENGINE)));
+        self.ev(HubEvent::Pong(Bytes::from(ENGINE)));
         self.comm.0.clear();
     }
 
@@ -129,7 +129,7 @@ impl Env {
             &[Bytes::from(format!("arg{i}"))],
         );
         let msg_id = h.msg_id.clone();
-        self.ev(Inbound::Request(Box::new(wire::parse_request(&self.client, Chan::Task, f).unwrap())));
+        self.ev(HubEvent::Request(Box::new(wire::parse_request(&self.client, Chan::Task, f).unwrap())));
         let es = Session::new(KEY, ENGINE);
         let result = vec![Bytes::from(vec![i as u8, 0, 255]), Bytes::from(format!("result {i}"))];
         let (_, f) = es.msg(
@@ -140,8 +140,8 @@ impl Env {
             json!({"status": "ok", "engine": ENGINE, "started": "2026-01-01T00:00:00.000000Z"}),
             &result,
         );
-        self.ev(Inbound::Reply(Box::new(wire::parse_reply(&es, Chan::Task, f).unwrap())));
-        self.ev(Inbound::Io {
+        self.ev(HubEvent::Reply(Box::new(wire::parse_reply(&es, Chan::Task, f).unwrap())));
+        self.ev(HubEvent::Io {
             parent: msg_id.clone(),
             msg_type: "stream".into(),
             content: json!({"name": "stdout", "text": format!("late {i}\n")}),

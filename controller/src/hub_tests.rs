@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use rpx_protocol::{Message, Session};
 
-use crate::hub::{first_ping_spacing, Comm, Hub, HubConfig, Inbound, Sock, FIRST_PING_EVERY, REGISTRATION_FALLBACK};
+use crate::hub::{first_ping_spacing, Comm, Hub, HubConfig, HubEvent, Sock, FIRST_PING_EVERY, REGISTRATION_FALLBACK};
 use crate::scheduler::Scheme;
 use crate::wire::{self, Chan};
 
@@ -60,13 +60,13 @@ fn uuid(i: u64) -> String {
 }
 
 impl Env {
-    fn ev(&mut self, ev: Inbound) {
+    fn ev(&mut self, ev: HubEvent) {
         self.hub.on_event(&mut self.comm, ev, self.now);
     }
 
     fn query(&mut self, ident: &'static [u8], msg_type: &str, content: Value) -> Message {
         let (_, f) = self.client.msg(&[Bytes::from_static(ident)], msg_type, content, None, json!({}), &[]);
-        self.ev(Inbound::Query(f));
+        self.ev(HubEvent::Query(f));
         let out = self.comm.take();
         let (_, frames) = out.into_iter().find(|(s, _)| *s == Sock::Query).expect("a query reply");
         decode(&frames)
@@ -76,13 +76,13 @@ impl Env {
     fn engine(&mut self, i: u64) -> u64 {
         let u = uuid(i);
         let (_, f) = self.client.msg(&[Bytes::from(u.clone())], "registration_request", json!({"uuid": u}), None, json!({}), &[]);
-        self.ev(Inbound::Query(f));
+        self.ev(HubEvent::Query(f));
         let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap();
         assert_eq!(reply.content["status"], "ok");
         for chan in Chan::ALL {
-            self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(u.clone()), connected: true });
+            self.ev(HubEvent::Peer { sock: Sock::Engine(chan), ident: Bytes::from(u.clone()), connected: true });
         }
-        self.ev(Inbound::Pong(Bytes::from(u.clone())));
+        self.ev(HubEvent::Pong(Bytes::from(u.clone())));
         self.comm.take();
         reply.content["id"].as_u64().unwrap()
     }
@@ -91,7 +91,7 @@ impl Env {
         let (h, f) =
             self.client.msg(&[Bytes::from_static(b"client-1")], "apply_request", json!({}), None, meta, &[Bytes::from_static(b"f")]);
         let r = wire::parse_request(&self.client, Chan::Task, f).unwrap();
-        self.ev(Inbound::Request(Box::new(r)));
+        self.ev(HubEvent::Request(Box::new(r)));
         h.msg_id
     }
 
@@ -124,7 +124,7 @@ impl Env {
             &[],
         );
         let r = wire::parse_reply(&es, chan, f).unwrap();
-        self.ev(Inbound::Reply(Box::new(r)));
+        self.ev(HubEvent::Reply(Box::new(r)));
     }
 }
 
@@ -139,7 +139,7 @@ fn engine_ids_are_handed_out_in_order_and_never_reused_unless_requested() {
     let mut register = |uuid: &str, id: u64| {
         let (_, f) =
             e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": uuid, "id": id}), None, json!({}), &[]);
-        e.ev(Inbound::Query(f));
+        e.ev(HubEvent::Query(f));
         e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap().content["id"].clone()
     };
     // A requested id is honoured unless a registered engine holds it: ipcluster restarts a
@@ -163,7 +163,7 @@ fn registration_is_announced_once_the_engine_is_routable_and_its_heart_beats() {
     let mut e = env(0);
     assert_eq!(e.hub.first_ping_at(), None, "no engine waits for a first pong");
     let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "u9"}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
+    e.ev(HubEvent::Query(f));
     let out = e.comm.take();
     assert!(out.iter().all(|(s, _)| *s != Sock::Notification), "not yet routable");
     assert!(e.hub.ids().is_empty());
@@ -174,14 +174,14 @@ fn registration_is_announced_once_the_engine_is_routable_and_its_heart_beats() {
     assert_eq!(e.comm.take().iter().filter(|(s, _)| *s == Sock::HbPing).count(), 1);
     assert_eq!(e.hub.first_ping_at(), Some(e.now + FIRST_PING_EVERY));
     for chan in [Chan::Mux, Chan::Task] {
-        e.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from_static(b"u9"), connected: true });
+        e.ev(HubEvent::Peer { sock: Sock::Engine(chan), ident: Bytes::from_static(b"u9"), connected: true });
     }
     let out = e.comm.take();
     assert!(out.iter().all(|(s, _)| *s != Sock::Notification), "routable, but its heart has not beaten: still starting up");
     assert!(e.hub.ids().is_empty());
     let a = e.submit(json!({}));
     assert!(e.dispatched().is_empty(), "no task goes to an engine still starting up");
-    e.ev(Inbound::Pong(Bytes::from_static(b"u9")));
+    e.ev(HubEvent::Pong(Bytes::from_static(b"u9")));
     assert_eq!(e.hub.first_ping_at(), None);
     let out = e.comm.take();
     assert!(out.iter().any(|(s, f)| *s == Sock::Engine(Chan::Task) && decode(f).header.msg_id == a), "the queued task goes to it now");
@@ -202,9 +202,9 @@ fn engines_awaiting_a_first_pong_are_a_set_and_extra_pings_are_spaced_by_the_eng
     for i in 0..n {
         let u = uuid(i);
         let (_, f) = e.client.msg(&[Bytes::from(u.clone())], "registration_request", json!({"uuid": u}), None, json!({}), &[]);
-        e.ev(Inbound::Query(f));
+        e.ev(HubEvent::Query(f));
         for chan in [Chan::Mux, Chan::Task] {
-            e.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(uuid(i)), connected: true });
+            e.ev(HubEvent::Peer { sock: Sock::Engine(chan), ident: Bytes::from(uuid(i)), connected: true });
         }
     }
     e.comm.take();
@@ -215,15 +215,15 @@ fn engines_awaiting_a_first_pong_are_a_set_and_extra_pings_are_spaced_by_the_eng
     e.hub.on_first_ping(&mut e.comm, e.now);
     assert_eq!(e.hub.first_ping_at(), Some(e.now + Duration::from_millis(500)));
     for i in 0..n - 1 {
-        e.ev(Inbound::Pong(Bytes::from(uuid(i))));
+        e.ev(HubEvent::Pong(Bytes::from(uuid(i))));
     }
     // A second pong of an engine that answered already changes nothing.
-    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    e.ev(HubEvent::Pong(Bytes::from(uuid(0))));
     assert_eq!(e.hub.awaiting_first_pong(), 1);
     assert_eq!(e.hub.ids().len(), (n - 1) as usize, "each engine registered at its first pong");
     assert!(e.hub.first_ping_at().is_some(), "one engine still waits");
     // The last one dies before its heart beats: nothing waits any more.
-    e.ev(Inbound::Peer { sock: Sock::HbPong, ident: Bytes::from(uuid(n - 1)), connected: false });
+    e.ev(HubEvent::Peer { sock: Sock::HbPong, ident: Bytes::from(uuid(n - 1)), connected: false });
     assert_eq!(e.hub.awaiting_first_pong(), 0);
     assert_eq!(e.hub.first_ping_at(), None);
     let notes = e.comm.take().into_iter().filter(|(s, _)| *s == Sock::Notification).count();
@@ -234,8 +234,8 @@ fn engines_awaiting_a_first_pong_are_a_set_and_extra_pings_are_spaced_by_the_eng
 fn an_engine_whose_heart_stays_silent_is_registered_after_the_fallback_delay() {
     let mut e = env(0);
     let (_, f) = e.client.msg(&[Bytes::from_static(b"r")], "registration_request", json!({"uuid": "u9"}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
-    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Task), ident: Bytes::from_static(b"u9"), connected: true });
+    e.ev(HubEvent::Query(f));
+    e.ev(HubEvent::Peer { sock: Sock::Engine(Chan::Task), ident: Bytes::from_static(b"u9"), connected: true });
     e.hub.on_tick(&mut e.comm, e.now + REGISTRATION_FALLBACK / 2);
     assert!(e.hub.ids().is_empty());
     e.hub.on_tick(&mut e.comm, e.now + REGISTRATION_FALLBACK);
@@ -345,9 +345,9 @@ fn engine_death_fails_exactly_its_tasks() {
         json!({}),
         &[],
     );
-    e.ev(Inbound::Request(Box::new(wire::parse_request(&e.client, Chan::Mux, f).unwrap())));
+    e.ev(HubEvent::Request(Box::new(wire::parse_request(&e.client, Chan::Mux, f).unwrap())));
     e.comm.take();
-    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
+    e.ev(HubEvent::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
     let out = e.comm.take();
     let note = decode(&out.iter().find(|(s, _)| *s == Sock::Notification).unwrap().1);
     assert_eq!(note.header.msg_type, "unregistration_notification");
@@ -395,8 +395,8 @@ fn bad_messages_are_dropped() {
     let mut e = env(0);
     let other = Session::new(b"wrong", "x");
     let (_, f) = other.msg(&[Bytes::from_static(b"c")], "connection_request", json!({}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
-    e.ev(Inbound::Query(vec![Bytes::from_static(b"garbage")]));
+    e.ev(HubEvent::Query(f));
+    e.ev(HubEvent::Query(vec![Bytes::from_static(b"garbage")]));
     assert!(e.comm.take().is_empty());
     // A reply from an engine nobody registered is dropped too.
     e.engine_reply(5, Chan::Mux, "m", "ok");
@@ -510,7 +510,7 @@ fn broadcast_fans_out_with_rewritten_ids() {
         json!({"targets": [[uuid(0), 0], [uuid(1), 1]], "is_coalescing": false}),
         &[],
     );
-    e.ev(Inbound::Request(Box::new(wire::parse_request(&e.client, Chan::Bcast, f).unwrap())));
+    e.ev(HubEvent::Request(Box::new(wire::parse_request(&e.client, Chan::Bcast, f).unwrap())));
     let out = e.comm.take();
     let sent: Vec<Message> = out.iter().filter(|(s, _)| *s == Sock::Engine(Chan::Bcast)).map(|(_, f)| decode(f)).collect();
     assert_eq!(sent.len(), 2);
@@ -523,7 +523,7 @@ fn broadcast_fans_out_with_rewritten_ids() {
 fn shutdown_request_replies_notifies_and_schedules_exit() {
     let mut e = env(0);
     let (_, f) = e.client.msg(&[Bytes::from_static(b"c")], "shutdown_request", json!({}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
+    e.ev(HubEvent::Query(f));
     let out = e.comm.take();
     assert!(out.iter().any(|(s, f)| *s == Sock::Query && decode(f).header.msg_type == "shutdown_reply"));
     assert!(out.iter().any(|(s, f)| *s == Sock::Notification && decode(f).header.msg_type == "shutdown_notification"));
@@ -545,10 +545,10 @@ impl Env {
         })
         .unwrap();
         let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);
-        self.ev(Inbound::Query(f));
+        self.ev(HubEvent::Query(f));
         let reply = self.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).expect("a registration reply");
         // Its heart answers the next ping.
-        self.ev(Inbound::Pong(Bytes::from(u)));
+        self.ev(HubEvent::Pong(Bytes::from(u)));
         (reply, h.msg_id)
     }
 
@@ -556,7 +556,7 @@ impl Env {
         let (reply, reg) = self.rpx_register(i, None);
         assert_eq!(reply.content["status"], "ok");
         for chan in Chan::ALL {
-            self.ev(Inbound::Peer { sock: Sock::Engine(chan), ident: Bytes::from(uuid(i)), connected: true });
+            self.ev(HubEvent::Peer { sock: Sock::Engine(chan), ident: Bytes::from(uuid(i)), connected: true });
         }
         self.comm.take();
         (reply.content["id"].as_u64().unwrap(), reg)
@@ -600,9 +600,9 @@ fn an_evicted_rpx_engine_is_told_with_what_was_answered_for_it_and_gets_its_id_b
     assert!(!n.reconnect, "its connections are fine: it registers again over them");
     // Its pongs resume: told again, but at most once per period.
     e.now += Duration::from_secs(2);
-    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    e.ev(HubEvent::Pong(Bytes::from(uuid(0))));
     assert_eq!(notices(&e.comm.take()).len(), 1);
-    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    e.ev(HubEvent::Pong(Bytes::from(uuid(0))));
     assert!(notices(&e.comm.take()).is_empty());
     // It registers again asking for its id: it gets it, and is routable at once over the
     // connections it kept.
@@ -613,7 +613,7 @@ fn an_evicted_rpx_engine_is_told_with_what_was_answered_for_it_and_gets_its_id_b
     e.engine_reply(0, Chan::Task, &a, "ok");
     assert!(e.comm.take().iter().all(|(s, _)| !matches!(s, Sock::Client(_))), "no second reply to the client");
     // Nothing more to tell it.
-    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    e.ev(HubEvent::Pong(Bytes::from(uuid(0))));
     assert!(notices(&e.comm.take()).is_empty());
 }
 
@@ -626,7 +626,7 @@ fn a_task_retried_elsewhere_is_answered_once_by_the_engine_now_running_it() {
     e.rpx_engine(1);
     // Engine 1 keeps answering pings; engine 0 is evicted and its task goes to engine 1.
     e.now += Duration::from_secs(20);
-    e.ev(Inbound::Pong(Bytes::from(uuid(1))));
+    e.ev(HubEvent::Pong(Bytes::from(uuid(1))));
     e.hub.on_tick(&mut e.comm, e.now);
     let out = e.comm.take();
     assert!(out.iter().all(|(s, _)| *s != Sock::Client(Chan::Task)), "retried, not failed");
@@ -677,10 +677,10 @@ fn an_engine_that_unregistered_is_not_told_to_come_back() {
     let mut e = env(0);
     let (id, _) = e.rpx_engine(0);
     let (_, f) = e.client.msg(&[Bytes::from_static(b"reg-0")], "unregistration_request", json!({"id": id}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
+    e.ev(HubEvent::Query(f));
     assert!(notices(&e.comm.take()).is_empty());
     assert!(e.hub.ids().is_empty());
-    e.ev(Inbound::Pong(Bytes::from(uuid(0))));
+    e.ev(HubEvent::Pong(Bytes::from(uuid(0))));
     assert!(notices(&e.comm.take()).is_empty());
 }
 
@@ -688,7 +688,7 @@ fn an_engine_that_unregistered_is_not_told_to_come_back() {
 fn an_engine_whose_connection_closed_is_told_to_reconnect() {
     let mut e = env(0);
     e.rpx_engine(0);
-    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
+    e.ev(HubEvent::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(uuid(0)), connected: false });
     let told = notices(&e.comm.take());
     assert_eq!(told.len(), 1);
     assert!(told[0].1.reconnect && told[0].1.reason == "mux connection closed", "{:?}", told[0].1);
@@ -709,7 +709,7 @@ fn an_engine_identity_may_be_taken_over_only_while_its_engine_is_not_alive() {
     assert!(!alive.may_take_over(u1.as_bytes()));
     // Missed heartbeats: evicted, so the engine reconnecting gets in; the other is still alive.
     e.now += Duration::from_secs(20);
-    e.ev(Inbound::Pong(Bytes::from(u1.clone())));
+    e.ev(HubEvent::Pong(Bytes::from(u1.clone())));
     e.hub.on_tick(&mut e.comm, e.now);
     assert!(e.hub.engines.id_of(u0.as_bytes()).is_none());
     assert!(alive.may_take_over(u0.as_bytes()));
@@ -718,11 +718,11 @@ fn an_engine_identity_may_be_taken_over_only_while_its_engine_is_not_alive() {
     e.rpx_register(0, Some(id));
     assert!(!alive.may_take_over(u0.as_bytes()));
     // A closed mux connection, and an unregistration, each end it.
-    e.ev(Inbound::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(u0.clone()), connected: false });
+    e.ev(HubEvent::Peer { sock: Sock::Engine(Chan::Mux), ident: Bytes::from(u0.clone()), connected: false });
     assert!(alive.may_take_over(u0.as_bytes()));
     let id1 = e.hub.engines.id_of(u1.as_bytes()).unwrap();
     let (_, f) = e.client.msg(&[Bytes::from_static(b"reg-1")], "unregistration_request", json!({"id": id1}), None, json!({}), &[]);
-    e.ev(Inbound::Query(f));
+    e.ev(HubEvent::Query(f));
     e.comm.take();
     assert!(alive.may_take_over(u1.as_bytes()));
     // The shared set is exactly the engines table.

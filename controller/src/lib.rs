@@ -9,7 +9,10 @@
 //! - [`wire`]: verifying raw frames and reading the few header/metadata fields routing needs.
 //! - [`hub`]: every decision (registration, routing, scheduling, retries, timeouts, engine death,
 //!   client queries) as `on_*` methods over the state and a [`hub::Comm`] that sends frames.
-//!   No socket in sight; unit tests drive it with a recording `Comm`.
+//!   No socket in sight; unit tests drive it with a recording `Comm`. `hub/mod.rs` holds the
+//!   state, event dispatch and ticks; `engines.rs` registration, heartbeats, eviction and engine
+//!   death; `routing.rs` mux/control routing and replies; `tasks.rs` load-balanced scheduling and
+//!   task records; `broadcast.rs` fan-out and coalescing; `queries.rs` the client queries.
 //! - [`store`]: persisted task records (`--db sqlite`, `--restore`): the SQLite file and the
 //!   writer thread that applies the hub's writes in batches and answers its lookups.
 //! - [`net`]: the tokio layer: binds the sockets, writes the connection files, runs one reader
@@ -17,7 +20,7 @@
 //!
 //! # Concurrency
 //! The hub is a single task that owns all state (no locks). Reader tasks verify signatures and
-//! parse headers in parallel and send [`hub::Inbound`] events over a channel; the hub answers
+//! parse headers in parallel and send [`hub::HubEvent`]s over a channel; the hub answers
 //! through per-peer bounded writer tasks, so a stuck engine never blocks the others. The one
 //! thing shared is the set of alive engine identities ([`state::AliveEngines`], a `RwLock`
 //! written by the hub when an engine registers or dies, read by the guard's tasks when a

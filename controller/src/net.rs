@@ -1,6 +1,6 @@
 //! The tokio layer: binds every socket, writes the connection files, and runs
 //! - one reader task per socket (engine- and client-facing ROUTERs are split and always polled,
-//!   so a dead peer is noticed at once), which verifies and parses frames into [`Inbound`]s;
+//!   so a dead peer is noticed at once), which verifies and parses frames into [`HubEvent`]s;
 //! - one monitor task per ROUTER, turning `Accepted`/`Disconnected` into peer events;
 //! - the iopub forwarder (SUB -> PUB, signature checked, frames unchanged), which never touches
 //!   the hub;
@@ -28,7 +28,7 @@ use rpx_protocol::connection::write_private_json;
 use rpx_protocol::{ClientConnection, EngineConnection, Session};
 
 use crate::config::Config;
-use crate::hub::{Comm, Hub, HubConfig, Inbound, Sock};
+use crate::hub::{Comm, Hub, HubConfig, HubEvent, Sock};
 use crate::state::{AliveEngines, Engines};
 use crate::store::{self, DbKind};
 use crate::wire::{self, Chan};
@@ -129,18 +129,137 @@ fn hostname() -> String {
 
 /// Like [`run`], and sends the connection info on `ready` once every socket is bound.
 pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, ready: Option<oneshot::Sender<Ready>>) -> Result<()> {
-    let ip = config.bind_ip.clone();
     // The task database first: a damaged or unwritable file stops the controller before it
     // binds anything or writes connection files.
-    let mut store = match config.db {
+    let store = match config.db {
         DbKind::Sqlite => Some(store::spawn(&config.profile, config.restore)?),
         DbKind::Memory => None,
     };
-    let mut lookups = FuturesUnordered::<store::Lookup>::new();
     let session = Session::new(config.key.as_bytes(), "rpx-controller");
-    let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_QUEUE);
-    let (pong_tx, mut pong_rx) = mpsc::channel::<Inbound>(PONG_QUEUE);
+    let (tx, rx) = mpsc::channel::<HubEvent>(INBOUND_QUEUE);
+    let (pong_tx, pong_rx) = mpsc::channel::<HubEvent>(PONG_QUEUE);
     let mut tasks = JoinSet::new();
+    let alive = AliveEngines::default();
+    let bound = bind_sockets(&config, &session, &alive, &tx, pong_tx, &mut tasks).await?;
+    let (client, engine) = connection_info(&config, &bound);
+    if config.write_files {
+        config.profile.create_dirs()?;
+        write_private_json(&config.profile.client_file(), &client)?;
+        write_private_json(&config.profile.engine_file(), &engine)?;
+        info!(client = %config.profile.client_file().display(), engine = %config.profile.engine_file().display(), "wrote connection files");
+    }
+    let Bound { senders, client_ports, engine_ports, registration, hb_ping, hb_ping_port, hb_pong_port, notification, .. } = bound;
+    info!(?client_ports, ?engine_ports, registration, hb_ping = hb_ping_port, hb_pong = hb_pong_port, "controller listening");
+    let hub = new_hub(&config, session, &engine, alive, store.is_some());
+    let mut comm = NetComm { routers: senders, writers: HashMap::new(), pubs: HashMap::new(), failures: Vec::new(), tx: tx.clone() };
+    comm.pubs.insert(Sock::Notification, spawn_pub(notification));
+    comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
+    drop(tx);
+    if let Some(r) = ready {
+        let _ = r.send(Ready { client, engine });
+    }
+    let store = hub_loop(hub, comm, Queues { rx, pong_rx }, store, config.ping, shutdown).await;
+    finish(&config, store, tasks).await;
+    Ok(())
+}
+
+/// The bound sockets (their send halves and ports) that the connection files and the hub need.
+struct Bound {
+    senders: HashMap<Sock, RouterSendHalf>,
+    client_ports: HashMap<Chan, u16>,
+    engine_ports: HashMap<Chan, u16>,
+    registration: u16,
+    hb_ping: PubSocket,
+    hb_ping_port: u16,
+    hb_pong_port: u16,
+    notification: PubSocket,
+    notification_port: u16,
+    iopub_engine_port: u16,
+    iopub_client_port: u16,
+}
+
+/// Bind every socket (with `--reuse`, on the ports of the existing connection files) and spawn
+/// its reader and monitor tasks, and the iopub forwarder.
+async fn bind_sockets(
+    config: &Config,
+    session: &Session,
+    alive: &AliveEngines,
+    tx: &mpsc::Sender<HubEvent>,
+    pong_tx: mpsc::Sender<HubEvent>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Bound> {
+    let ip = &config.bind_ip;
+    let reused = config.reuse.as_ref();
+    if let Some(r) = reused {
+        info!(registration = r.client.registration, "--reuse: binding the ports of the existing connection files");
+    }
+    // An identity held by a live connection is never taken over on the client-facing sockets
+    // and the registration socket (rpx engines register from a socket without a fixed
+    // identity; ipyparallel engines do not reconnect); on the sockets engines connect to with
+    // their uuid as identity, only once the hub no longer considers that engine alive.
+    let never = never_take_over();
+    let engine_policy: Takeover = {
+        let alive = alive.clone();
+        std::sync::Arc::new(move |ident: &[u8]| alive.may_take_over(ident))
+    };
+
+    // Registration (shared by clients and engines).
+    let mut reg = router(None);
+    let registration = bind(&mut reg, ip, reused.map_or(0, |r| r.client.registration), "registration", &never).await?;
+    let reg_mon = reg.monitor();
+    let (reg_send, reg_recv) = reg.split();
+    spawn_monitor(tasks, Sock::Query, reg_mon, tx.clone());
+    spawn_reader(tasks, Sock::Query, reg_recv, session.clone(), tx.clone());
+    let mut senders: HashMap<Sock, RouterSendHalf> = HashMap::new();
+    senders.insert(Sock::Query, reg_send);
+    let (client_ports, engine_ports) = bind_channels(config, session, &engine_policy, tx, tasks, &mut senders).await?;
+
+    // Heartbeat.
+    let mut hb_ping = PubSocket::new();
+    let hb_ping_port = bind(&mut hb_ping, ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping", &engine_policy).await?;
+    let mut hb_pong = router(None);
+    let hb_pong_port = bind(&mut hb_pong, ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong", &engine_policy).await?;
+    let mon = hb_pong.monitor();
+    let (send, recv) = hb_pong.split();
+    spawn_monitor(tasks, Sock::HbPong, mon, tx.clone());
+    spawn_reader(tasks, Sock::HbPong, recv, session.clone(), pong_tx);
+    drop(send);
+
+    // Notification.
+    let mut notification = PubSocket::new();
+    let notification_port = bind(&mut notification, ip, reused.map_or(0, |r| r.client.notification), "notification", &never).await?;
+
+    // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
+    let mut iopub_in = SubSocket::new();
+    let iopub_engine_port = bind(&mut iopub_in, ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)", &engine_policy).await?;
+    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
+    let mut iopub_out = PubSocket::new();
+    let iopub_client_port = bind(&mut iopub_out, ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)", &never).await?;
+    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
+    Ok(Bound {
+        senders,
+        client_ports,
+        engine_ports,
+        registration,
+        hb_ping,
+        hb_ping_port,
+        hb_pong_port,
+        notification,
+        notification_port,
+        iopub_engine_port,
+        iopub_client_port,
+    })
+}
+
+/// Bind the client-facing and engine-facing ROUTER pair of every channel; returns their ports.
+async fn bind_channels(
+    config: &Config,
+    session: &Session,
+    engine_policy: &Takeover,
+    tx: &mpsc::Sender<HubEvent>,
+    tasks: &mut JoinSet<()>,
+    senders: &mut HashMap<Sock, RouterSendHalf>,
+) -> Result<(HashMap<Chan, u16>, HashMap<Chan, u16>)> {
     // `--reuse`: every socket on the port its connection file names (0: any free port).
     let reused = config.reuse.as_ref();
     let client_port = |chan: Chan| {
@@ -159,87 +278,43 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             Chan::Bcast => r.engine.broadcast[0],
         })
     };
-    if let Some(r) = reused {
-        info!(registration = r.client.registration, "--reuse: binding the ports of the existing connection files");
-    }
-
-    // An identity held by a live connection is never taken over on the client-facing sockets
-    // and the registration socket (rpx engines register from a socket without a fixed
-    // identity; ipyparallel engines do not reconnect); on the sockets engines connect to with
-    // their uuid as identity, only once the hub no longer considers that engine alive.
-    let alive = AliveEngines::default();
     let never = never_take_over();
-    let engine_policy: Takeover = {
-        let alive = alive.clone();
-        std::sync::Arc::new(move |ident: &[u8]| alive.may_take_over(ident))
-    };
-
-    // Registration (shared by clients and engines).
-    let mut reg = router(None);
-    let reg_port = bind(&mut reg, &ip, reused.map_or(0, |r| r.client.registration), "registration", &never).await?;
-    let reg_mon = reg.monitor();
-    let (reg_send, reg_recv) = reg.split();
-    spawn_monitor(&mut tasks, Sock::Query, reg_mon, tx.clone());
-    spawn_reader(&mut tasks, Sock::Query, reg_recv, session.clone(), tx.clone());
-
-    // Channels: client-facing and engine-facing ROUTER pairs.
-    let mut senders: HashMap<Sock, RouterSendHalf> = HashMap::new();
-    senders.insert(Sock::Query, reg_send);
     let mut client_ports = HashMap::new();
     let mut engine_ports = HashMap::new();
     for chan in Chan::ALL {
         for (side, ports) in [(Sock::Client(chan), &mut client_ports), (Sock::Engine(chan), &mut engine_ports)] {
             let (ident, want, policy) = match side {
                 Sock::Client(c) => (c.client_side_identity(), client_port(c), &never),
-                _ => (chan.engine_side_identity(), engine_port(chan), &engine_policy),
+                _ => (chan.engine_side_identity(), engine_port(chan), engine_policy),
             };
             let mut s = router(Some(ident));
-            let port = bind(&mut s, &ip, want, chan.name(), policy).await?;
+            let port = bind(&mut s, &config.bind_ip, want, chan.name(), policy).await?;
             ports.insert(chan, port);
             let mon = s.monitor();
             let (send, recv) = s.split();
-            spawn_monitor(&mut tasks, side, mon, tx.clone());
-            spawn_reader(&mut tasks, side, recv, session.clone(), tx.clone());
+            spawn_monitor(tasks, side, mon, tx.clone());
+            spawn_reader(tasks, side, recv, session.clone(), tx.clone());
             senders.insert(side, send);
         }
     }
+    Ok((client_ports, engine_ports))
+}
 
-    // Heartbeat.
-    let mut hb_ping = PubSocket::new();
-    let hb_ping_port = bind(&mut hb_ping, &ip, reused.map_or(0, |r| r.engine.hb_ping), "hb_ping", &engine_policy).await?;
-    let mut hb_pong = router(None);
-    let hb_pong_port = bind(&mut hb_pong, &ip, reused.map_or(0, |r| r.engine.hb_pong), "hb_pong", &engine_policy).await?;
-    let mon = hb_pong.monitor();
-    let (send, recv) = hb_pong.split();
-    spawn_monitor(&mut tasks, Sock::HbPong, mon, tx.clone());
-    spawn_reader(&mut tasks, Sock::HbPong, recv, session.clone(), pong_tx);
-    drop(send);
-
-    // Notification.
-    let mut notification = PubSocket::new();
-    let notification_port = bind(&mut notification, &ip, reused.map_or(0, |r| r.client.notification), "notification", &never).await?;
-
-    // IOPub: engines' PUB/XPUB -> our SUB -> our PUB -> clients' SUB.
-    let mut iopub_in = SubSocket::new();
-    let iopub_engine_port = bind(&mut iopub_in, &ip, reused.map_or(0, |r| r.engine.iopub), "iopub (engines)", &engine_policy).await?;
-    iopub_in.subscribe("").await.map_err(|source| Error::Bind { what: "iopub subscribe", addr: ip.clone(), source: source.into() })?;
-    let mut iopub_out = PubSocket::new();
-    let iopub_client_port = bind(&mut iopub_out, &ip, reused.map_or(0, |r| r.client.iopub), "iopub (clients)", &never).await?;
-    tasks.spawn(iopub_forwarder(iopub_in, iopub_out, session.clone(), tx.clone()));
-
+/// The connection files' contents for the bound ports.
+fn connection_info(config: &Config, b: &Bound) -> (ClientConnection, EngineConnection) {
     let interface = format!("tcp://{}", config.public_ip);
     let location = hostname();
     let client = ClientConnection {
         ssh: String::new(),
         interface: interface.clone(),
-        registration: reg_port,
-        control: client_ports[&Chan::Control],
-        mux: client_ports[&Chan::Mux],
-        task: client_ports[&Chan::Task],
+        registration: b.registration,
+        control: b.client_ports[&Chan::Control],
+        mux: b.client_ports[&Chan::Mux],
+        task: b.client_ports[&Chan::Task],
         task_scheme: config.scheme.name().into(),
-        iopub: iopub_client_port,
-        notification: notification_port,
-        broadcast: client_ports[&Chan::Bcast],
+        iopub: b.iopub_client_port,
+        notification: b.notification_port,
+        broadcast: b.client_ports[&Chan::Bcast],
         key: config.key.clone(),
         curve_serverkey: None,
         location: location.clone(),
@@ -250,14 +325,14 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     let engine = EngineConnection {
         ssh: String::new(),
         interface,
-        registration: reg_port,
-        control: engine_ports[&Chan::Control],
-        mux: engine_ports[&Chan::Mux],
-        task: engine_ports[&Chan::Task],
-        iopub: iopub_engine_port,
-        hb_ping: hb_ping_port,
-        hb_pong: hb_pong_port,
-        broadcast: vec![engine_ports[&Chan::Bcast]],
+        registration: b.registration,
+        control: b.engine_ports[&Chan::Control],
+        mux: b.engine_ports[&Chan::Mux],
+        task: b.engine_ports[&Chan::Task],
+        iopub: b.iopub_engine_port,
+        hb_ping: b.hb_ping_port,
+        hb_pong: b.hb_pong_port,
+        broadcast: vec![b.engine_ports[&Chan::Bcast]],
         key: config.key.clone(),
         curve_serverkey: None,
         location,
@@ -265,14 +340,11 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         unpack: "json".into(),
         signature_scheme: "hmac-sha256".into(),
     };
-    if config.write_files {
-        config.profile.create_dirs()?;
-        write_private_json(&config.profile.client_file(), &client)?;
-        write_private_json(&config.profile.engine_file(), &engine)?;
-        info!(client = %config.profile.client_file().display(), engine = %config.profile.engine_file().display(), "wrote connection files");
-    }
-    info!(?client_ports, ?engine_ports, registration = reg_port, hb_ping = hb_ping_port, hb_pong = hb_pong_port, "controller listening");
+    (client, engine)
+}
 
+/// The hub, configured, on the set of alive engines the guard's policy reads.
+fn new_hub(config: &Config, session: Session, engine: &EngineConnection, alive: AliveEngines, persist: bool) -> Hub {
     let hub_cfg = HubConfig {
         scheme: config.scheme,
         hwm: config.hwm,
@@ -280,27 +352,39 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
         record_limit: config.record_limit,
         record_bytes: config.record_bytes,
         queue_limit: config.queue_limit,
-        engine_info: serde_json::to_value(&engine).expect("serializes"),
+        engine_info: serde_json::to_value(engine).expect("serializes"),
     };
     let mut hub = Hub::new(session, hub_cfg, Instant::now());
     // No engine has registered yet: the hub starts on the set the guard's policy reads.
     hub.engines = Engines::with_alive(alive);
-    hub.persist = store.is_some();
-    if reused.is_some() {
+    hub.persist = persist;
+    if config.reuse.is_some() {
         // Clients and engines of the previous controller reconnect together: registrations
         // complete after one heartbeat period, once the clients' notification subscriptions
         // are back, so no client misses an engine's return.
         hub.hold_registrations(Instant::now() + config.ping);
     }
-    let mut comm = NetComm { routers: senders, writers: HashMap::new(), pubs: HashMap::new(), failures: Vec::new(), tx: tx.clone() };
-    comm.pubs.insert(Sock::Notification, spawn_pub(notification));
-    comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
-    drop(tx);
-    if let Some(r) = ready {
-        let _ = r.send(Ready { client, engine });
-    }
+    hub
+}
 
-    let tick_every = config.ping.min(Duration::from_millis(100));
+/// The hub's event queues: everything but pongs, and pongs.
+struct Queues {
+    rx: mpsc::Receiver<HubEvent>,
+    pong_rx: mpsc::Receiver<HubEvent>,
+}
+
+/// The hub task: runs until `shutdown`, a hub `shutdown_request`, or every sender is gone;
+/// returns the task database handle to close.
+async fn hub_loop(
+    mut hub: Hub,
+    mut comm: NetComm,
+    Queues { mut rx, mut pong_rx }: Queues,
+    mut store: Option<store::StoreHandle>,
+    ping: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Option<store::StoreHandle> {
+    let mut lookups = FuturesUnordered::<store::Lookup>::new();
+    let tick_every = ping.min(Duration::from_millis(100));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -347,7 +431,7 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
                     }
                 }
             }
-            Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, Inbound::Stored { token, answer }),
+            Some((token, answer)) = lookups.next(), if !lookups.is_empty() => handle(&mut hub, &mut comm, HubEvent::Stored { token, answer }),
         }
         if !hub.store_ops.is_empty() {
             match store.as_mut() {
@@ -365,8 +449,13 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             break;
         }
     }
-    drop(comm);
-    if let Some(s) = store.take() {
+    store
+}
+
+/// Close the task database (waiting for its last writes), stop the socket tasks, and remove
+/// the connection files (a `--reuse` controller keeps them, for the next one).
+async fn finish(config: &Config, store: Option<store::StoreHandle>, mut tasks: JoinSet<()>) {
+    if let Some(s) = store {
         drop(s.tx);
         if tokio::time::timeout(store::SEND_TIMEOUT, s.done).await.is_err() {
             error!(path = %s.path.display(), "the task database writer did not finish in time; the last records may be lost");
@@ -382,21 +471,20 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
             }
         }
     }
-    Ok(())
 }
 
-fn handle(hub: &mut Hub, comm: &mut NetComm, ev: Inbound) {
+fn handle(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent) {
     handle_at(hub, comm, ev, Instant::now());
 }
 
-fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: Inbound, now: Instant) {
-    if let Inbound::Peer { sock, ident, connected: false } = &ev {
+fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent, now: Instant) {
+    if let HubEvent::Peer { sock, ident, connected: false } = &ev {
         comm.writers.remove(&(*sock, ident.clone()));
     }
     hub.on_event(comm, ev, now);
 }
 
-fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel::mpsc::Receiver<SocketEvent>, tx: mpsc::Sender<Inbound>) {
+fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel::mpsc::Receiver<SocketEvent>, tx: mpsc::Sender<HubEvent>) {
     tasks.spawn(async move {
         while let Some(ev) = mon.next().await {
             let (ident, connected) = match ev {
@@ -405,14 +493,14 @@ fn spawn_monitor(tasks: &mut JoinSet<()>, sock: Sock, mut mon: futures::channel:
                 _ => continue,
             };
             debug!(?sock, ident = %String::from_utf8_lossy(&ident), connected, "peer");
-            if tx.send(Inbound::Peer { sock, ident, connected }).await.is_err() {
+            if tx.send(HubEvent::Peer { sock, ident, connected }).await.is_err() {
                 break;
             }
         }
     });
 }
 
-fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRecvHalf, session: Session, tx: mpsc::Sender<Inbound>) {
+fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRecvHalf, session: Session, tx: mpsc::Sender<HubEvent>) {
     tasks.spawn(async move {
         loop {
             let msg = match recv.recv().await {
@@ -425,17 +513,17 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
             };
             let frames = msg.into_vec();
             let ev = match sock {
-                Sock::Query => Inbound::Query(frames),
-                Sock::HbPong => Inbound::Pong(frames[0].clone()),
+                Sock::Query => HubEvent::Query(frames),
+                Sock::HbPong => HubEvent::Pong(frames[0].clone()),
                 Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
-                    Ok(r) => Inbound::Request(Box::new(r)),
+                    Ok(r) => HubEvent::Request(Box::new(r)),
                     Err(e) => {
                         warn!(chan = chan.name(), error = %e, "dropped a client message");
                         continue;
                     }
                 },
                 Sock::Engine(chan) => match wire::parse_reply(&session, chan, frames) {
-                    Ok(r) => Inbound::Reply(Box::new(r)),
+                    Ok(r) => HubEvent::Reply(Box::new(r)),
                     Err(e) => {
                         warn!(chan = chan.name(), error = %e, "dropped an engine message");
                         continue;
@@ -454,7 +542,7 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
 const RECORDED_IO: [&str; 4] = ["stream", "execute_input", "execute_result", "error"];
 
 /// The parent msg_id, type and content of an iopub message worth recording, from its signed frames.
-fn recorded_io(signed: &[Bytes]) -> Option<Inbound> {
+fn recorded_io(signed: &[Bytes]) -> Option<HubEvent> {
     #[derive(serde::Deserialize)]
     struct Head {
         msg_type: String,
@@ -469,10 +557,10 @@ fn recorded_io(signed: &[Bytes]) -> Option<Inbound> {
     }
     let parent: Parent = serde_json::from_slice(signed.get(2)?).ok()?;
     let content = serde_json::from_slice(signed.get(4)?).ok()?;
-    Some(Inbound::Io { parent: parent.msg_id?, msg_type: head.msg_type, content })
+    Some(HubEvent::Io { parent: parent.msg_id?, msg_type: head.msg_type, content })
 }
 
-async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session, tx: mpsc::Sender<Inbound>) {
+async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Session, tx: mpsc::Sender<HubEvent>) {
     loop {
         let msg = match sub.recv().await {
             Ok(m) => m,
@@ -518,8 +606,8 @@ pub struct NetComm {
     writers: HashMap<(Sock, Bytes), mpsc::Sender<ZmqMessage>>,
     pubs: HashMap<Sock, mpsc::Sender<ZmqMessage>>,
     /// Send failures noticed while sending, handed back to the hub.
-    failures: Vec<Inbound>,
-    tx: mpsc::Sender<Inbound>,
+    failures: Vec<HubEvent>,
+    tx: mpsc::Sender<HubEvent>,
 }
 
 impl NetComm {
@@ -540,7 +628,7 @@ impl NetComm {
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("send blocked for {SEND_TIMEOUT:?}"),
                 };
-                let _ = report.try_send(Inbound::SendFailed { sock, ident: id.clone(), reason });
+                let _ = report.try_send(HubEvent::SendFailed { sock, ident: id.clone(), reason });
                 break;
             }
         });
@@ -567,7 +655,7 @@ impl Comm for NetComm {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.writers.remove(&(sock, ident.clone()));
-                self.failures.push(Inbound::SendFailed { sock, ident, reason: format!("{PEER_QUEUE} messages queued: peer stuck") });
+                self.failures.push(HubEvent::SendFailed { sock, ident, reason: format!("{PEER_QUEUE} messages queued: peer stuck") });
             }
             Err(mpsc::error::TrySendError::Closed(m)) => {
                 self.writers.remove(&(sock, ident.clone()));

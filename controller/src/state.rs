@@ -6,7 +6,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::Value;
+
+use rpx_protocol::hub::Dependency;
 
 use crate::wire::Chan;
 
@@ -116,25 +119,17 @@ impl Dep {
     /// Read `[ids...]` or `{dependencies, all, success, failure}`; `None` means no dependency.
     pub fn parse(v: Option<&Value>) -> Result<Dep, String> {
         let empty = Dep { ids: HashSet::new(), all: true, success: true, failure: false };
-        let Some(v) = v else { return Ok(empty) };
-        let ids_of = |a: &Vec<Value>| -> Result<HashSet<String>, String> {
-            a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| format!("dependency id {x} is not a string"))).collect()
+        let dep = match v {
+            None | Some(Value::Null) => return Ok(empty),
+            Some(v) => Dependency::deserialize(v).map_err(|e| format!("bad dependency {v}: {e}"))?,
         };
-        match v {
-            Value::Null => Ok(empty),
-            Value::String(s) => Ok(Dep { ids: [s.clone()].into(), ..empty }),
-            Value::Array(a) => Ok(Dep { ids: ids_of(a)?, ..empty }),
-            Value::Object(o) => {
-                let ids = match o.get("dependencies") {
-                    Some(Value::Array(a)) => ids_of(a)?,
-                    None | Some(Value::Null) => HashSet::new(),
-                    Some(x) => return Err(format!("bad dependencies {x}")),
-                };
-                let flag = |k: &str, d: bool| o.get(k).and_then(Value::as_bool).unwrap_or(d);
-                Ok(Dep { ids, all: flag("all", true), success: flag("success", true), failure: flag("failure", false) })
+        Ok(match dep {
+            Dependency::One(id) => Dep { ids: [id].into(), ..empty },
+            Dependency::Ids(ids) => Dep { ids: ids.into_iter().collect(), ..empty },
+            Dependency::Spec(s) => {
+                Dep { ids: s.dependencies.unwrap_or_default().into_iter().collect(), all: s.all, success: s.success, failure: s.failure }
             }
-            other => Err(format!("bad dependency {other}")),
-        }
+        })
     }
 
     pub fn is_empty(&self) -> bool {

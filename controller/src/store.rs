@@ -7,7 +7,7 @@
 //! queued up in one transaction per batch (so a burst of finished tasks costs one commit) and
 //! answers lookups on the same connection, in order: a lookup always sees every write queued
 //! before it. Answers go back through a oneshot per lookup and reach the hub as
-//! [`crate::hub::Inbound::Stored`].
+//! [`crate::hub::HubEvent::Stored`].
 //!
 //! Only finished records are written (a crash loses in-flight tasks anyway). Records are never
 //! loaded wholesale: after `--restore`, `result_request`, `history_request`, `db_request` and
@@ -32,6 +32,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use rpx_protocol::hub::{ResultIo, ResultRecord};
 use rpx_protocol::Profile;
 
 use crate::hub::matches_query;
@@ -122,7 +123,7 @@ pub enum StoreOp {
         new_id: String,
     },
     Purge(Purge),
-    /// A lookup; the answer comes back as `Inbound::Stored { token, .. }`.
+    /// A lookup; the answer comes back as `HubEvent::Stored { token, .. }`.
     Query {
         token: u64,
         query: Query,
@@ -538,11 +539,7 @@ fn from_row(row: &Row) -> rusqlite::Result<Record> {
 pub fn record_json(r: &Record) -> Value {
     let parse = |b: Option<&Bytes>| b.and_then(|b| serde_json::from_slice::<Value>(b).ok()).unwrap_or(Value::Null);
     let res = r.result.as_ref();
-    let io = |key: &str| match r.io.get(key) {
-        Some(v) => v.clone(),
-        None if key == "stdout" || key == "stderr" => json!(""),
-        None => Value::Null,
-    };
+    let io = |key: &str| record_io(r, key);
     json!({
         "msg_id": r.msg_id,
         "header": parse(r.request.get(1)),
@@ -561,8 +558,45 @@ pub fn record_json(r: &Record) -> Value {
         "queue": r.chan.name(),
         "execute_input": io("execute_input"), "execute_result": io("execute_result"), "error": io("error"),
         "stdout": io("stdout"), "stderr": io("stderr"),
-        "label": parse(r.request.get(3)).get("label").cloned().unwrap_or(Value::Null),
+        "label": r.request.get(3).and_then(|m| serde_json::from_slice::<Labelled>(m).ok()).map_or(Value::Null, |m| m.label),
     })
+}
+
+/// The `label` a client may put in a request's metadata.
+#[derive(serde::Deserialize)]
+struct Labelled {
+    #[serde(default)]
+    label: Value,
+}
+
+/// What `result_request` returns for a finished record (the fields of [`record_json`] it names).
+pub fn result_record(r: &Record) -> ResultRecord {
+    let parse = |b: Option<&Bytes>| b.and_then(|b| serde_json::from_slice::<Value>(b).ok()).unwrap_or(Value::Null);
+    let res = r.result.as_ref();
+    ResultRecord {
+        header: parse(r.request.get(1)),
+        metadata: parse(r.request.get(3)),
+        result_header: parse(res.and_then(|s| s.get(1))),
+        result_metadata: parse(res.and_then(|s| s.get(3))),
+        result_content: parse(res.and_then(|s| s.get(4))),
+        received: r.received.clone(),
+        io: ResultIo {
+            execute_input: record_io(r, "execute_input"),
+            execute_result: record_io(r, "execute_result"),
+            error: record_io(r, "error"),
+            stdout: record_io(r, "stdout"),
+            stderr: record_io(r, "stderr"),
+        },
+    }
+}
+
+/// One kind of a record's iopub output: `""` for no stream output, `null` for the rest.
+fn record_io(r: &Record, key: &str) -> Value {
+    match r.io.get(key) {
+        Some(v) => v.clone(),
+        None if key == "stdout" || key == "stderr" => json!(""),
+        None => Value::Null,
+    }
 }
 
 /// The SQL pre-filter for a `db_request` query: conditions on [`TEXT_KEYS`] with string

@@ -52,7 +52,7 @@ impl Chan {
 
 /// Why frames were dropped.
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum Drop {
+pub enum DropReason {
     #[error("bad frames: {0}")]
     Malformed(String),
     #[error("invalid signature")]
@@ -61,10 +61,10 @@ pub enum Drop {
     NoIdentity,
 }
 
-fn verify(session: &Session, frames: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<Bytes>), Drop> {
+fn verify(session: &Session, frames: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<Bytes>), DropReason> {
     session.verify_frames(frames).map_err(|e| match e {
-        rpx_protocol::Error::BadSignature => Drop::BadSignature,
-        other => Drop::Malformed(other.to_string()),
+        rpx_protocol::Error::BadSignature => DropReason::BadSignature,
+        other => DropReason::Malformed(other.to_string()),
     })
 }
 
@@ -114,8 +114,8 @@ struct StatusOnly {
     status: Option<String>,
 }
 
-fn header(signed: &[Bytes]) -> Result<HeaderLite, Drop> {
-    serde_json::from_slice(&signed[1]).map_err(|e| Drop::Malformed(format!("header: {e}")))
+fn header(signed: &[Bytes]) -> Result<HeaderLite, DropReason> {
+    serde_json::from_slice(&signed[1]).map_err(|e| DropReason::Malformed(format!("header: {e}")))
 }
 
 /// Metadata of a request that the schedulers read.
@@ -150,17 +150,17 @@ pub struct Request {
 }
 
 /// Verify and read a request received on a client-facing ROUTER.
-pub fn parse_request(session: &Session, chan: Chan, frames: Vec<Bytes>) -> Result<Request, Drop> {
+pub fn parse_request(session: &Session, chan: Chan, frames: Vec<Bytes>) -> Result<Request, DropReason> {
     let (mut idents, signed) = verify(session, frames)?;
     if idents.is_empty() {
-        return Err(Drop::NoIdentity);
+        return Err(DropReason::NoIdentity);
     }
     let client = idents.remove(0);
     let h = header(&signed)?;
     // A correctly signed message whose other JSON frames do not parse would reach an engine that
     // can never answer it; refuse it here (validation only, nothing is built).
     for (i, name) in [(2, "parent_header"), (3, "metadata"), (4, "content")] {
-        serde_json::from_slice::<serde::de::IgnoredAny>(&signed[i]).map_err(|e| Drop::Malformed(format!("{name}: {e}")))?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&signed[i]).map_err(|e| DropReason::Malformed(format!("{name}: {e}")))?;
     }
     let mut info = RequestInfo::default();
     if matches!(chan, Chan::Task | Chan::Bcast) {
@@ -176,7 +176,7 @@ pub fn parse_request(session: &Session, chan: Chan, frames: Vec<Bytes>) -> Resul
                     let id = t.get(1).and_then(Value::as_u64);
                     match (uuid, id) {
                         (Some(u), Some(i)) => info.bcast_targets.push((u.to_string(), i)),
-                        _ => return Err(Drop::Malformed(format!("broadcast target {t}"))),
+                        _ => return Err(DropReason::Malformed(format!("broadcast target {t}"))),
                     }
                 }
             }
@@ -211,10 +211,10 @@ pub struct Reply {
 }
 
 /// Verify and read a message received on an engine-facing ROUTER.
-pub fn parse_reply(session: &Session, chan: Chan, frames: Vec<Bytes>) -> Result<Reply, Drop> {
+pub fn parse_reply(session: &Session, chan: Chan, frames: Vec<Bytes>) -> Result<Reply, DropReason> {
     let (mut idents, signed) = verify(session, frames)?;
     if idents.is_empty() {
-        return Err(Drop::NoIdentity);
+        return Err(DropReason::NoIdentity);
     }
     let engine = idents.remove(0);
     let h = header(&signed)?;
@@ -249,6 +249,7 @@ pub fn reply_type(request_type: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rpx_protocol::session::json_frame;
     use serde_json::json;
 
     fn frames(s: &Session, idents: &[&'static [u8]], meta: Value) -> Vec<Bytes> {
@@ -276,16 +277,15 @@ mod tests {
         let s = Session::new(b"k", "t");
         let h = serde_json::to_vec(&s.header("execute_request")).unwrap();
         let content = b"not json at all".to_vec();
-        let sig = s.sign(&[&h, b"{}", b"{}", &content]);
-        let f = session_frames(&[b"client"], sig, h, content);
-        assert!(matches!(parse_request(&s, Chan::Mux, f), Err(Drop::Malformed(m)) if m.starts_with("content")));
-    }
-
-    fn session_frames(idents: &[&'static [u8]], sig: String, h: Vec<u8>, content: Vec<u8>) -> Vec<Bytes> {
-        let mut f: Vec<Bytes> = idents.iter().map(|i| Bytes::from_static(i)).collect();
-        f.push(Bytes::from_static(rpx_protocol::session::DELIMITER));
-        f.extend([Bytes::from(sig), Bytes::from(h), Bytes::from_static(b"{}"), Bytes::from_static(b"{}"), Bytes::from(content)]);
-        f
+        let f = s.frames(
+            [Bytes::from_static(b"client")],
+            Bytes::from(h),
+            json_frame(&json!({})),
+            json_frame(&json!({})),
+            Bytes::from(content),
+            [],
+        );
+        assert!(matches!(parse_request(&s, Chan::Mux, f), Err(DropReason::Malformed(m)) if m.starts_with("content")));
     }
 
     #[test]
@@ -293,10 +293,10 @@ mod tests {
         let s = Session::new(b"k", "t");
         let other = Session::new(b"other", "t");
         let f = frames(&other, &[b"client"], json!({}));
-        assert_eq!(parse_request(&s, Chan::Mux, f).unwrap_err(), Drop::BadSignature);
-        assert!(matches!(parse_request(&s, Chan::Mux, vec![Bytes::from_static(b"x")]), Err(Drop::Malformed(_))));
+        assert_eq!(parse_request(&s, Chan::Mux, f).unwrap_err(), DropReason::BadSignature);
+        assert!(matches!(parse_request(&s, Chan::Mux, vec![Bytes::from_static(b"x")]), Err(DropReason::Malformed(_))));
         let f = frames(&s, &[], json!({}));
-        assert_eq!(parse_request(&s, Chan::Mux, f).unwrap_err(), Drop::NoIdentity);
+        assert_eq!(parse_request(&s, Chan::Mux, f).unwrap_err(), DropReason::NoIdentity);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rpx_protocol::hub::UnregistrationRequest;
 use rpx_protocol::{Header, Session};
 use serde_json::{json, Value};
 use tracing::warn;
@@ -188,8 +189,8 @@ impl Outbox {
 
     /// Tell the controller this engine is going away.
     pub fn unregister(&self) {
-        let (_, frames) =
-            self.session.msg(&[], "unregistration_request", json!({"id": self.me.id}), None, reply::plain_metadata(&self.me), &[]);
+        let content = serde_json::to_value(UnregistrationRequest { id: Some(self.me.id) }).expect("content serializes");
+        let (_, frames) = self.session.msg(&[], "unregistration_request", content, None, reply::plain_metadata(&self.me), &[]);
         push(&self.outlets.registration, frames, "unregistration_request");
     }
 

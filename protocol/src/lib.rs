@@ -2,14 +2,17 @@
 //! files and profile directories, and the messages rpx's own processes exchange.
 //!
 //! # Layout
-//! - [`session`]: [`Session`] signs and encodes messages into multipart frames and decodes and
-//!   verifies them back into [`Message`]s. The only place that knows the frame layout.
+//! - [`session`]: [`Session`] signs and encodes messages into multipart frames (from JSON values,
+//!   or from frames already serialized: [`Session::frames`], [`Session::signed_part`]) and decodes
+//!   and verifies them back into [`Message`]s. The only place that knows the frame layout.
 //! - [`message`]: [`Header`] and [`Message`], plus helpers to build replies and error contents.
 //! - [`connection`]: the `ipcontroller-{client,engine}.json` files in ipyparallel's format,
 //!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
 //! - [`dataplane`]: the same-host data plane: values handed over as files in the engine's
 //!   namespace (the rule deciding who may, transfer files, digests).
 //! - [`compile`]: the messages between thin engines and the shared compiler.
+//! - [`hub`]: the hub's query, reply and notification contents (connection, queue, result,
+//!   history, db, purge, resubmit, load), broadcast metadata keys and task dependencies.
 //! - [`apply`]: rpx's closure, map, push and pull payloads inside `apply_request`.
 //! - [`registration`]: engine registration contents and the eviction notice that makes an
 //!   evicted rpx engine register again.
@@ -24,6 +27,7 @@ pub mod apply;
 pub mod compile;
 pub mod connection;
 pub mod dataplane;
+pub mod hub;
 pub mod message;
 pub mod registration;
 pub mod session;

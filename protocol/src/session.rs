@@ -100,21 +100,39 @@ impl Session {
         content: &Value,
         buffers: &[Bytes],
     ) -> Vec<Bytes> {
-        let h = serde_json::to_vec(header).expect("header serializes");
-        let p = serde_json::to_vec(parent_header).expect("json serializes");
-        let m = serde_json::to_vec(metadata).expect("json serializes");
-        let c = serde_json::to_vec(content).expect("json serializes");
-        let sig = self.sign(&[&h, &p, &m, &c]);
-        let mut frames = Vec::with_capacity(idents.len() + 6 + buffers.len());
-        frames.extend(idents.iter().cloned());
-        frames.push(Bytes::from_static(DELIMITER));
-        frames.push(Bytes::from(sig));
-        frames.push(Bytes::from(h));
-        frames.push(Bytes::from(p));
-        frames.push(Bytes::from(m));
-        frames.push(Bytes::from(c));
-        frames.extend(buffers.iter().cloned());
-        frames
+        let (h, p, m, c) = (json_frame(header), json_frame(parent_header), json_frame(metadata), json_frame(content));
+        self.frames(idents.iter().cloned(), h, p, m, c, buffers.iter().cloned())
+    }
+
+    /// The signed part of a message from its already-serialized JSON frames:
+    /// `[signature, header, parent_header, metadata, content, buffers...]`. Nothing is copied, so
+    /// a router can forward a message with a new header or metadata and the content as received.
+    /// [`join_frames`] puts routing identities in front.
+    pub fn signed_part(
+        &self,
+        header: Bytes,
+        parent_header: Bytes,
+        metadata: Bytes,
+        content: Bytes,
+        buffers: impl IntoIterator<Item = Bytes>,
+    ) -> Vec<Bytes> {
+        let sig = Bytes::from(self.sign(&[&header, &parent_header, &metadata, &content]));
+        let mut out = vec![sig, header, parent_header, metadata, content];
+        out.extend(buffers);
+        out
+    }
+
+    /// Frames ready to send: `idents`, the delimiter, then [`Session::signed_part`].
+    pub fn frames(
+        &self,
+        idents: impl IntoIterator<Item = Bytes>,
+        header: Bytes,
+        parent_header: Bytes,
+        metadata: Bytes,
+        content: Bytes,
+        buffers: impl IntoIterator<Item = Bytes>,
+    ) -> Vec<Bytes> {
+        join_frames(idents.into_iter().collect(), self.signed_part(header, parent_header, metadata, content, buffers))
     }
 
     /// Build and encode a new message of `msg_type` in reply to `parent` (if any).
@@ -159,6 +177,11 @@ impl Session {
     }
 }
 
+/// One JSON frame.
+pub fn json_frame<T: serde::Serialize + ?Sized>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).expect("message frames serialize"))
+}
+
 /// Split raw frames into identities and `[signature, header, parent, metadata, content, buffers...]`.
 fn split_frames(mut frames: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<Bytes>)> {
     let pos = frames.iter().position(|f| f.as_ref() == DELIMITER).ok_or_else(|| Error::Malformed("no <IDS|MSG> delimiter".into()))?;
@@ -168,6 +191,13 @@ fn split_frames(mut frames: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<Bytes>)> {
         return Err(Error::Malformed(format!("{} frames after the delimiter, need at least 5", rest.len())));
     }
     Ok((frames, rest))
+}
+
+/// Split `[idents.., <IDS|MSG>, signed..]` without verifying anything, for a reader that peeks
+/// at a frame (the header's type) before deciding to decode.
+pub fn split_at_delimiter(frames: &[Bytes]) -> Option<(&[Bytes], &[Bytes])> {
+    let pos = frames.iter().position(|f| f.as_ref() == DELIMITER)?;
+    Some((&frames[..pos], &frames[pos + 1..]))
 }
 
 /// Rebuild frames from identities and a signed part produced by [`Session::verify_frames`].
