@@ -8,7 +8,6 @@
 //! - [`builder`]: the thread that compiles closures with plain cargo, its dependencies built
 //!   once at startup.
 //! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
-//! - [`diagnostics`]: rustc errors rendered against the user's cell.
 //! - [`artifacts`]: every compiled file announced to engines, by SHA-256, and the bytes served
 //!   to engines on other hosts.
 //! - this file: arguments, the engine-facing ROUTER socket and the event loop.
@@ -17,7 +16,6 @@ mod artifacts;
 mod builder;
 mod closure;
 mod context;
-mod diagnostics;
 mod relay;
 mod state;
 

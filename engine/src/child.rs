@@ -57,6 +57,9 @@ impl ResultFramer {
     }
 }
 
+/// Environment variable that makes `ipengine` run as its worker ([`rpx_worker::run`]).
+pub const WORKER_ENV: &str = "RPX_ENGINE_WORKER";
+
 /// How to start workers.
 #[derive(Debug, Clone)]
 pub struct WorkerCommand {
@@ -71,10 +74,8 @@ impl WorkerCommand {
     /// Re-execute this binary as a worker, with `libdirs` (where the runtime libraries that
     /// compiled cells link are) first on `LD_LIBRARY_PATH`.
     pub fn this_binary(libdirs: &[String]) -> std::io::Result<WorkerCommand> {
-        let mut env = vec![
-            (crate::worker::WORKER_ENV.to_string(), "1".to_string()),
-            (crate::worker::PARENT_ENV.to_string(), std::process::id().to_string()),
-        ];
+        let mut env =
+            vec![(WORKER_ENV.to_string(), "1".to_string()), (rpx_worker::process::PARENT_ENV.to_string(), std::process::id().to_string())];
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             env.push(("RUST_BACKTRACE".into(), "0".into()));
         }
@@ -235,7 +236,7 @@ impl Worker {
         // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
         unsafe {
             c.pre_exec(move || {
-                let fd = crate::worker::RESULT_FD;
+                let fd = rpx_worker::process::RESULT_FD;
                 if write_fd == fd {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -374,7 +375,7 @@ impl Worker {
         }
     }
 
-    /// Send SIGINT to the worker's main thread, where cells run (see [`crate::worker::interrupt`]).
+    /// Send SIGINT to the worker's main thread, where cells run (see [`rpx_worker::interrupt`]).
     pub fn interrupt(&self) -> std::io::Result<()> {
         if self.pid <= 0 {
             return Err(std::io::Error::other("worker has no pid"));

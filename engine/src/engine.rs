@@ -565,7 +565,7 @@ impl Engine {
     }
 
     /// SIGINT: interrupt the running cell or call, keeping the engine's variables (see
-    /// [`crate::worker::interrupt`]); if it has not stopped after [`INTERRUPT_GRACE`] the worker
+    /// [`rpx_worker::interrupt`]); if it has not stopped after [`INTERRUPT_GRACE`] the worker
     /// is killed. A cell or closure still being compiled is not run. Otherwise nothing happens.
     fn interrupt(&mut self) {
         if let Some(cell) = &mut self.current {
@@ -591,7 +591,7 @@ impl Engine {
     fn check_stdin_read(&mut self) {
         let running = self.loads.running.as_ref().map(|l| l.cell_id.clone());
         let pid = self.workers.get().map_or(-1, |w| w.pid);
-        let reading = crate::output::reading_stdin(pid);
+        let reading = rpx_worker::stdin::reading_stdin(pid);
         if running.is_none() && self.call.is_none() {
             // Idle: this is the worker's own read of its commands.
             if reading.is_some() {
