@@ -50,7 +50,7 @@ use crate::child::{WorkerEvent, WorkerSlot};
 use crate::compiler::Compiler;
 use crate::history::WorkerHistory;
 use crate::link::Link;
-use crate::net::{Channel, CompilerSource, ControllerSource, Inbound, Outlets, Pings, Tasks};
+use crate::net::{Channel, CompilerSource, ControllerSource, LoopEvent, Outlets, Pings, Tasks};
 use crate::outbox::{Outbox, FLUSH_PERIOD};
 use crate::output::{StderrMarks, StderrTail, StdoutParser};
 use crate::queue::{Queue, Request};
@@ -105,7 +105,7 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let uuid = uuid::Uuid::new_v4().to_string();
     let username = std::env::var("USER").unwrap_or_else(|_| "rpx".into());
     let session = Session::with_id(conn.key.as_bytes(), &username, &uuid);
-    let (inbound_tx, mut inbound_rx) = mpsc::channel::<Inbound>(1024);
+    let (inbound_tx, mut inbound_rx) = mpsc::channel::<LoopEvent>(1024);
     for dir in rpx_protocol::connection::sweep_dead_namespaces() {
         info!(dir = %dir.display(), "removed the namespace of an engine that is gone");
     }
@@ -201,7 +201,7 @@ struct Engine {
     controller: Controller,
     session: Session,
     out: Outbox,
-    inbound_tx: mpsc::Sender<Inbound>,
+    inbound_tx: mpsc::Sender<LoopEvent>,
     compiler_source: CompilerSource,
     username: String,
     compiler: Compiler,
@@ -255,7 +255,7 @@ impl Engine {
         session: Session,
         outlets: Outlets,
         worker_tx: mpsc::Sender<(u64, WorkerEvent)>,
-        inbound_tx: mpsc::Sender<Inbound>,
+        inbound_tx: mpsc::Sender<LoopEvent>,
         compiler_source: CompilerSource,
         username: String,
         controller: Controller,
@@ -321,9 +321,9 @@ impl Engine {
 
     // ----- events -----
 
-    async fn on_inbound(&mut self, ev: Inbound) {
+    async fn on_inbound(&mut self, ev: LoopEvent) {
         match ev {
-            Inbound::Shell(channel, frames) => match self.session.decode(frames) {
+            LoopEvent::Shell(channel, frames) => match self.session.decode(frames) {
                 Ok(m) => {
                     debug!(msg_type = m.msg_type(), msg_id = m.msg_id(), ?channel, "shell request");
                     let msg_id = m.msg_id().to_string();
@@ -333,13 +333,13 @@ impl Engine {
                 }
                 Err(e) => warn!(error = %e, ?channel, "bad shell message dropped"),
             },
-            Inbound::Control(frames) => match self.session.decode(frames) {
+            LoopEvent::Control(frames) => match self.session.decode(frames) {
                 Ok(m) => self.on_control(Request::from_message(Channel::Control, m)).await,
                 Err(e) => warn!(error = %e, "bad control message dropped"),
             },
-            Inbound::Compiler(frames) => self.on_compiler(frames).await,
-            Inbound::CompilerReady(link) => self.on_compiler_ready(*link).await,
-            Inbound::CompilerFailed(why) => {
+            LoopEvent::Compiler(frames) => self.on_compiler(frames).await,
+            LoopEvent::CompilerReady(link) => self.on_compiler_ready(*link).await,
+            LoopEvent::CompilerFailed(why) => {
                 warn!(%why, "no compiler");
                 self.compiler.failed(why);
                 if !self.workers.has_command() {
@@ -348,23 +348,23 @@ impl Engine {
                 }
                 self.ensure_worker();
             }
-            Inbound::CompilerLost(link_id) => {
+            LoopEvent::CompilerLost(link_id) => {
                 if self.compiler.is_current(link_id) {
                     self.compiler_gone("its connection closed".into());
                 }
             }
-            Inbound::BroadcastReady(generation, out, tasks) => {
+            LoopEvent::BroadcastReady(generation, out, tasks) => {
                 if generation == self.controller.sock_generation {
                     self.out.outlets.broadcast = Some(out);
                     self.controller.sock_tasks.absorb(tasks);
                 }
             }
-            Inbound::Registration(generation, frames) => {
+            LoopEvent::Registration(generation, frames) => {
                 if generation == self.controller.reg_generation {
                     self.on_registration_message(frames);
                 }
             }
-            Inbound::ControllerLost(generation, socket) => {
+            LoopEvent::ControllerLost(generation, socket) => {
                 let c = &mut self.controller;
                 if generation == c.reg_generation || generation == c.sock_generation {
                     if c.link.is_up() {
@@ -374,7 +374,7 @@ impl Engine {
                     self.step_link();
                 }
             }
-            Inbound::Rejoined(outcome) => self.on_rejoined(*outcome),
+            LoopEvent::Rejoined(outcome) => self.on_rejoined(*outcome),
         }
     }
 }

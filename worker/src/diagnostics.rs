@@ -103,3 +103,35 @@ pub fn render(code: &str, origin: &str, diags: &[Diag]) -> (String, Vec<String>)
     }
     (evalue, traceback)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_render_against_the_code_and_warnings_are_left_out() {
+        let error = Diag {
+            level: "error".into(),
+            code: Some("E0308".into()),
+            message: "mismatched types".into(),
+            spans: vec![DiagSpan {
+                start_line: 1,
+                start_column: 14,
+                end_line: 1,
+                end_column: 18,
+                is_primary: true,
+                label: "expected `u32`".into(),
+            }],
+            help: vec!["try `1`".into()],
+            hint: Some("a hint".into()),
+        };
+        let warning = Diag { level: "warning".into(), message: "unused".into(), ..Diag::default() };
+        let (evalue, tb) = render("let x: u32 = \"a\";", "cell", &[warning.clone(), error]);
+        assert_eq!(evalue, "mismatched types");
+        assert_eq!(
+            tb,
+            ["error[E0308]: mismatched types\n --> cell:1:14\n  |\n1 | let x: u32 = \"a\";\n  |              ^^^^ expected `u32`\nhelp: try `1`\nhint: a hint"]
+        );
+        assert_eq!(render("", "cell", &[warning]), ("compilation failed".into(), vec!["error: compilation failed".into()]));
+    }
+}
