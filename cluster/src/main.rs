@@ -3,8 +3,8 @@
 //! (`--engines ssh`) or in batch jobs (`--engines slurm|sge|pbs`).
 //!
 //! # Layout
-//! - [`cli`]: clap arguments and their validation into checked values (the launcher and its
-//!   options, the engine count, addresses).
+//! - [`cli`]: clap arguments ([`cli::ClusterCommand`]: the subcommands) and their validation into
+//!   checked values (the launcher and its options, the engine count, addresses).
 //! - [`launcher`]: the [`launcher::Launcher`] trait (start N engines, batched status, stop,
 //!   logs) and what a launching process keeps of its launches ([`launcher::Batch`]);
 //!   [`launcher::local`], [`launcher::mpi`] and [`launcher::ssh`] implement it, each with the

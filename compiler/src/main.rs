@@ -10,7 +10,9 @@
 //! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
 //! - [`artifacts`]: every compiled file announced to engines, by SHA-256, and the bytes served
 //!   to engines on other hosts.
-//! - this file: arguments, the engine-facing ROUTER socket and the event loop.
+//! - this file: arguments, the engine-facing ROUTER socket and the event loop (`Server`: what
+//!   the loop owns, a method per kind of event; rustc's diagnostics render with
+//!   `rpx_worker::diagnostics`).
 
 mod artifacts;
 mod builder;

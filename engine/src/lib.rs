@@ -40,8 +40,9 @@
 //! Carrying them out:
 //! - [`outbox`]: what goes out to the controller: replies on the request's socket, iopub
 //!   publications, the worker's stdout/stderr buffered and flushed to iopub.
-//! - [`net`]: registration, connecting sockets, the send/receive pump tasks, the heart,
-//!   registering again over new sockets, the compiler handshake.
+//! - [`net`]: registration, connecting sockets, the send/receive pump tasks (which hand the
+//!   loop [`net::LoopEvent`]s), the heart, registering again over new sockets, the compiler
+//!   handshake.
 //! - [`child`]: the worker command, spawning the worker, reading its pipes, noticing its death,
 //!   the slot holding the running worker. The worker process itself (`LOAD_AND_RUN` and `CALL`
 //!   on stdin, markers out, SIGINT as a panic in the running cell) is the `rpx-worker` crate,

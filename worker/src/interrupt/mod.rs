@@ -43,6 +43,12 @@
 //! system call passes frames that called libc as if it could not unwind (as thread cancellation
 //! does); frames with destructors there refuse it (their call-site tables say so), frames
 //! without any are unwound through.
+//!
+//! # Layout
+//! This file: the state the handler and the worker share, [`Interrupts`] (the worker's side),
+//! the SIGINT handler and the trampoline. `search`: the dry run of the unwinder's search phase
+//! that finds where a panic may be raised. `libstd`: finding `resume_unwind` and the panic count
+//! in the cells' libstd.
 
 use std::any::Any;
 use std::cell::UnsafeCell;
