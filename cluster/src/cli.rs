@@ -27,11 +27,12 @@ use crate::Fail;
 #[command(name = "ipcluster", version, about, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: ClusterCommand,
 }
 
+/// What `ipcluster` does: its subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum ClusterCommand {
     /// Start a controller, the compiler and N engines; stay in the foreground until Ctrl-C
     /// unless --daemonize.
     Start(StartArgs),
@@ -553,7 +554,7 @@ mod tests {
     #[test]
     fn start_arguments() {
         let cli = parse(&["start", "-n", "8", "--profile", "big", "--daemonize", "--cluster-id", "c1", "--ip", "0.0.0.0"]).unwrap();
-        let Command::Start(a) = cli.command else { panic!("not start") };
+        let ClusterCommand::Start(a) = cli.command else { panic!("not start") };
         assert_eq!(a.n, Some(8));
         assert!(a.daemonize);
         assert_eq!(a.launch.engines, LauncherKind::Local);
@@ -585,7 +586,7 @@ mod tests {
     }
 
     fn start_check(args: &[&str]) -> Result<(StartConfig, Launch), Fail> {
-        let Command::Start(a) = parse(args).unwrap().command else { panic!("not start") };
+        let ClusterCommand::Start(a) = parse(args).unwrap().command else { panic!("not start") };
         a.check()
     }
 
@@ -597,7 +598,7 @@ mod tests {
     }
 
     fn engines_check(args: &[&str]) -> Result<(EnginesConfig, Launch), Fail> {
-        let Command::Engines(a) = parse(args).unwrap().command else { panic!("not engines") };
+        let ClusterCommand::Engines(a) = parse(args).unwrap().command else { panic!("not engines") };
         a.check()
     }
 
@@ -774,8 +775,8 @@ mod tests {
     #[test]
     fn list_output_format() {
         let cli = parse(&["list", "-o", "json"]).unwrap();
-        assert!(matches!(cli.command, Command::List(ListArgs { output: Format::Json })));
+        assert!(matches!(cli.command, ClusterCommand::List(ListArgs { output: Format::Json })));
         let cli = parse(&["list"]).unwrap();
-        assert!(matches!(cli.command, Command::List(ListArgs { output: Format::Text })));
+        assert!(matches!(cli.command, ClusterCommand::List(ListArgs { output: Format::Text })));
     }
 }

@@ -15,16 +15,16 @@ use rpx_protocol::connection::read_json;
 use rpx_protocol::hub::{ConnectionReply, OK};
 use rpx_protocol::{ClientConnection, Session};
 
-/// A DEALER connected to the controller's registration (query) socket.
-pub struct Hub {
+/// A client of the controller's hub: a DEALER connected to its registration (query) socket.
+pub struct HubClient {
     rt: tokio::runtime::Runtime,
     sock: DealerSocket,
     session: Session,
 }
 
-impl Hub {
+impl HubClient {
     /// Read the client connection file and connect within `timeout`.
-    pub fn connect(client_file: &Path, timeout: Duration) -> anyhow::Result<Hub> {
+    pub fn connect(client_file: &Path, timeout: Duration) -> anyhow::Result<HubClient> {
         let conn: ClientConnection = read_json(client_file).with_context(|| format!("cannot read {}", client_file.display()))?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a tokio runtime")?;
         // zeromq sockets may spawn tasks when created: create them inside the runtime.
@@ -38,7 +38,7 @@ impl Hub {
             .with_context(|| format!("cannot connect to the controller at {url}"))?;
         let session = Session::new(conn.key.as_bytes(), "ipcluster");
         drop(_guard);
-        Ok(Hub { rt, sock, session })
+        Ok(HubClient { rt, sock, session })
     }
 
     /// Registered engines, id -> uuid, from one `connection_request`.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::{Format, ListArgs};
-use crate::hub::Hub;
+use crate::hub::HubClient;
 use crate::launcher::{self, LaunchStatus};
 use crate::procs;
 use crate::restart::Policy;
@@ -48,7 +48,7 @@ fn row(file: &std::path::Path, st: ClusterState) -> Row {
     let running = state::is_running(&st, procs::is_proc);
     let registered: Option<BTreeSet<u64>> = if running {
         let t = Duration::from_millis(1500);
-        Hub::connect(&profile.client_file(), t).and_then(|mut h| h.engines(t)).ok().map(|m| m.into_keys().collect())
+        HubClient::connect(&profile.client_file(), t).and_then(|mut h| h.engines(t)).ok().map(|m| m.into_keys().collect())
     } else {
         None
     };

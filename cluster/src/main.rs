@@ -3,8 +3,8 @@
 //! (`--engines ssh`) or in batch jobs (`--engines slurm|sge|pbs`).
 //!
 //! # Layout
-//! - [`cli`]: clap arguments and their validation into checked values (the launcher and its
-//!   options, the engine count, addresses).
+//! - [`cli`]: clap arguments ([`cli::ClusterCommand`]: the subcommands) and their validation into
+//!   checked values (the launcher and its options, the engine count, addresses).
 //! - [`launcher`]: the [`launcher::Launcher`] trait (start N engines, batched status, stop,
 //!   logs) and what a launching process keeps of its launches ([`launcher::Batch`]);
 //!   [`launcher::local`], [`launcher::mpi`] and [`launcher::ssh`] implement it, each with the
@@ -17,7 +17,8 @@
 //!   logs belong to a cluster).
 //! - [`procs`]: spawning members in their own session, `/proc` inspection, process-group
 //!   signals, bounded child waits, log tails, and the SIGINT/SIGTERM flag.
-//! - [`hub`]: a tiny synchronous `connection_request` client of the controller.
+//! - [`hub`]: [`hub::HubClient`], a tiny synchronous `connection_request` client of the
+//!   controller's hub.
 //! - [`start`]: `start` and `engines` (launch, wait for registration, then supervise).
 //! - [`supervise`]: the supervisor: watch the compiler and the local engines, clean up after
 //!   and restart the dead ones (same engine id, same compiler port), record it for `list`.
@@ -81,10 +82,10 @@ fn main() {
     }
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Start(a) => start::start(a, t0),
-        cli::Command::Stop(a) => stop::stop(a),
-        cli::Command::List(a) => list::list(a),
-        cli::Command::Engines(a) => start::engines(a, t0),
+        cli::ClusterCommand::Start(a) => start::start(a, t0),
+        cli::ClusterCommand::Stop(a) => stop::stop(a),
+        cli::ClusterCommand::List(a) => list::list(a),
+        cli::ClusterCommand::Engines(a) => start::engines(a, t0),
     };
     match result {
         Ok(code) => std::process::exit(code),

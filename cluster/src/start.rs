@@ -18,7 +18,7 @@ use anyhow::Context;
 
 use crate::cli::{EnginesArgs, EnginesConfig, Launch, StartArgs, StartConfig, Target};
 use crate::daemon;
-use crate::hub::Hub;
+use crate::hub::HubClient;
 use crate::launcher::local::Local;
 use crate::launcher::{profile_args, Batch, LaunchCtx, Launcher, Record};
 use crate::procs;
@@ -93,7 +93,7 @@ enum WaitEnd {
 /// Wait until the controller reports at least `want` engines, checking `watch` (a member
 /// died?) and the stop signal between polls.
 fn wait_registered(
-    hub: &mut Hub,
+    hub: &mut HubClient,
     want: usize,
     limit: Duration,
     mut watch: impl FnMut() -> Option<String>,
@@ -380,7 +380,7 @@ impl<L: Launcher> Starting<L> {
     }
 
     fn wait_engines(&mut self, n: usize, limit: Duration) -> anyhow::Result<usize> {
-        let mut hub = match Hub::connect(&self.target.profile.client_file(), limit) {
+        let mut hub = match HubClient::connect(&self.target.profile.client_file(), limit) {
             Ok(h) => h,
             Err(e) => return Err(self.abort(format!("{e:#}\n{}", procs::tail_block("ipcontroller log", &self.st.controller_log)))),
         };
@@ -531,7 +531,7 @@ fn engines_with<L: Launcher>(cfg: EnginesConfig, mut launcher: L, t0: Instant) -
     procs::catch_stop_signals();
     let engine_bin = procs::sibling("ipengine")?;
     let info = if L::NEEDS_CONNECTION_INFO { Some(read_connection_info(&launcher, &profile)?) } else { None };
-    let mut hub = Hub::connect(&profile.client_file(), cfg.limit)?;
+    let mut hub = HubClient::connect(&profile.client_file(), cfg.limit)?;
     let before = hub.engines(cfg.limit)?.len();
     let mut batch = Batch::<L>::new(&st);
     let instance = st.instance.clone();

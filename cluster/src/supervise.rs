@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::hub::Hub;
+use crate::hub::HubClient;
 use crate::launcher::local::{self, EngineProc};
 use crate::procs;
 use crate::restart::{Decision, Policy, Tracker};
@@ -162,7 +162,7 @@ pub struct Supervisor {
     members: Vec<Member>,
     /// The file's supervision section as this supervisor keeps it.
     record: Supervision,
-    hub: Option<Hub>,
+    hub: Option<HubClient>,
     last_poll: Option<Instant>,
     /// The cluster file could not be read at the last look (said once).
     unreadable: bool,
@@ -448,7 +448,7 @@ impl Supervisor {
         self.last_poll = Some(now);
         let limit = Duration::from_secs(1);
         if self.hub.is_none() {
-            self.hub = Hub::connect(&self.setup.profile.client_file(), limit).ok();
+            self.hub = HubClient::connect(&self.setup.profile.client_file(), limit).ok();
         }
         let Some(hub) = self.hub.as_mut() else { return };
         let registered = match hub.engines(limit) {

@@ -20,12 +20,13 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use serde_json::Value;
+use cargo_metadata::diagnostic::{Diagnostic, DiagnosticLevel};
+use cargo_metadata::Message;
+use rpx_worker::diagnostics::{render, Diag, DiagSpan};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::closure::Wrapper;
 use crate::context::Event;
-use crate::diagnostics::{render, Diag};
 
 /// The closure crate's name (and its library's).
 const CRATE: &str = "rpx_closures";
@@ -64,25 +65,68 @@ pub struct BuildReport {
 /// Read cargo's `--message-format=json` output.
 pub fn parse_cargo_json(stdout: &str) -> (usize, Option<PathBuf>, Vec<Diag>) {
     let (mut deps_built, mut library, mut diags) = (0, None, Vec::new());
-    for line in stdout.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-        let ours = v["target"]["name"].as_str() == Some(CRATE);
-        match v["reason"].as_str() {
-            Some("compiler-artifact") if ours => {
-                library = v["filenames"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .find(|f| f.ends_with(".so"))
-                    .map(PathBuf::from);
+    for message in Message::parse_stream(stdout.as_bytes()).map_while(Result::ok) {
+        match message {
+            Message::CompilerArtifact(a) if a.target.name == CRATE => {
+                library = a.filenames.iter().find(|f| f.as_str().ends_with(".so")).map(|f| PathBuf::from(f.as_std_path()));
             }
-            Some("compiler-artifact") if v["fresh"].as_bool() == Some(false) => deps_built += 1,
-            Some("compiler-message") if ours => diags.push(Diag::from_rustc_json(&v["message"], "src/lib.rs")),
+            Message::CompilerArtifact(a) if !a.fresh => deps_built += 1,
+            Message::CompilerMessage(m) if m.target.name == CRATE => diags.push(diag_from_rustc(&m.message, "src/lib.rs")),
             _ => {}
         }
     }
     (deps_built, library, diags)
+}
+
+/// A rustc diagnostic of the closure crate as a [`Diag`]; only spans in `file` (the one source
+/// file the code was written to) are kept.
+fn diag_from_rustc(d: &Diagnostic, file: &str) -> Diag {
+    let spans = d
+        .spans
+        .iter()
+        .filter(|s| s.file_name.ends_with(file))
+        .map(|s| DiagSpan {
+            start_line: s.line_start,
+            start_column: s.column_start,
+            end_line: s.line_end,
+            end_column: s.column_end,
+            is_primary: s.is_primary,
+            label: s.label.clone().unwrap_or_default(),
+        })
+        .collect();
+    let help = d
+        .children
+        .iter()
+        .filter(|c| c.level == DiagnosticLevel::Help)
+        .map(|c| {
+            let mut text = c.message.clone();
+            if let Some(r) = c.spans.first().and_then(|s| s.suggested_replacement.as_deref()) {
+                text.push_str(&format!("\n\n{}", r.trim_end()));
+            }
+            text
+        })
+        .collect();
+    Diag {
+        level: level_name(d.level).to_string(),
+        code: d.code.as_ref().map(|c| c.code.clone()),
+        message: d.message.clone(),
+        spans,
+        help,
+        hint: None,
+    }
+}
+
+/// A diagnostic level as rustc spells it in its JSON.
+fn level_name(level: DiagnosticLevel) -> &'static str {
+    match level {
+        DiagnosticLevel::Ice => "error: internal compiler error",
+        DiagnosticLevel::Error => "error",
+        DiagnosticLevel::Warning => "warning",
+        DiagnosticLevel::FailureNote => "failure-note",
+        DiagnosticLevel::Note => "note",
+        DiagnosticLevel::Help => "help",
+        _ => "",
+    }
 }
 
 /// The host's target triple (evcxr passes `--target` so `RUSTFLAGS` skip build scripts).
@@ -254,15 +298,48 @@ pub fn spawn(dir: PathBuf, runtime_dir: PathBuf, events: UnboundedSender<Event>)
 mod tests {
     use super::*;
 
+    /// One line of cargo's JSON output for package `name`, `reason` and the rest of the fields.
+    fn cargo_line(reason: &str, name: &str, rest: serde_json::Value) -> String {
+        let mut v = serde_json::json!({
+            "reason": reason, "package_id": format!("registry+https://github.com/rust-lang/crates.io-index#{name}@1.0.0"),
+            "manifest_path": format!("/r/{name}/Cargo.toml"),
+            "target": {"kind": ["lib"], "crate_types": ["lib"], "name": name, "src_path": format!("/r/{name}/src/lib.rs"), "edition": "2021", "doc": true, "doctest": true, "test": true},
+        });
+        let (serde_json::Value::Object(v), serde_json::Value::Object(rest)) = (&mut v, rest) else { unreachable!() };
+        v.extend(rest);
+        serde_json::to_string(v).unwrap()
+    }
+
+    /// A `compiler-artifact` line.
+    fn artifact(name: &str, file: &str, fresh: bool) -> String {
+        let profile =
+            serde_json::json!({"opt_level": "2", "debuginfo": 0, "debug_assertions": false, "overflow_checks": false, "test": false});
+        cargo_line(
+            "compiler-artifact",
+            name,
+            serde_json::json!({"profile": profile, "features": [], "filenames": [file], "executable": null, "fresh": fresh}),
+        )
+    }
+
+    /// rustc's JSON for a span.
+    fn span(file: &str, line: usize, columns: (usize, usize), primary: bool, label: Option<&str>) -> serde_json::Value {
+        serde_json::json!({
+            "file_name": file, "byte_start": 0, "byte_end": 1, "line_start": line, "line_end": line, "column_start": columns.0,
+            "column_end": columns.1, "is_primary": primary, "label": label, "text": [], "suggested_replacement": null,
+            "suggestion_applicability": null, "expansion": null
+        })
+    }
+
     #[test]
     fn cargo_json_gives_the_library_the_dependencies_built_and_the_errors() {
+        let message = serde_json::json!({"level": "error", "message": "mismatched types", "code": {"code": "E0308", "explanation": null}, "spans": [], "children": [], "rendered": null});
         let out = [
-            r#"{"reason":"compiler-artifact","package_id":"serde 1.0","target":{"name":"serde"},"filenames":["/t/libserde.rlib"],"fresh":false}"#,
-            r#"{"reason":"compiler-artifact","package_id":"postcard 1.0","target":{"name":"postcard"},"filenames":["/t/libpostcard.rlib"],"fresh":true}"#,
-            r#"{"reason":"compiler-message","target":{"name":"rpx_closures"},"message":{"level":"error","message":"mismatched types","code":{"code":"E0308"},"spans":[],"children":[]}}"#,
-            r#"{"reason":"compiler-artifact","target":{"name":"rpx_closures"},"filenames":["/t/x/debug/librpx_closures.so"],"fresh":false}"#,
-            "not json",
-            r#"{"reason":"build-finished","success":true}"#,
+            artifact("serde", "/t/libserde.rlib", false),
+            artifact("postcard", "/t/libpostcard.rlib", true),
+            cargo_line("compiler-message", "rpx_closures", serde_json::json!({"message": message})),
+            artifact("rpx_closures", "/t/x/debug/librpx_closures.so", false),
+            "not json".into(),
+            r#"{"reason":"build-finished","success":true}"#.into(),
         ]
         .join("\n");
         let (deps, lib, diags) = parse_cargo_json(&out);
@@ -270,5 +347,49 @@ mod tests {
         assert_eq!(lib, Some(PathBuf::from("/t/x/debug/librpx_closures.so")));
         assert_eq!(diags.len(), 1);
         assert_eq!(diags[0].code.as_deref(), Some("E0308"));
+    }
+
+    #[test]
+    fn rustc_json_errors_render_against_the_code() {
+        let code = "fn f() {\n    helper(1)\n}";
+        let m = serde_json::json!({
+            "level": "error", "message": "cannot find function `helper` in this scope",
+            "code": {"code": "E0425", "explanation": "..."},
+            "spans": [
+                span("src/lib.rs", 2, (5, 11), true, Some("not found in this scope")),
+                span("/home/x/.cargo/registry/src/serde/lib.rs", 90, (1, 2), false, None)
+            ],
+            "children": [
+                {"level": "help", "message": "consider importing this function", "spans": [], "children": [], "code": null, "rendered": null},
+                {"level": "note", "message": "n", "spans": [], "children": [], "code": null, "rendered": null}
+            ],
+            "rendered": null
+        });
+        let d = diag_from_rustc(&serde_json::from_value(m).unwrap(), "src/lib.rs");
+        assert_eq!(d.spans.len(), 1);
+        let (evalue, tb) = render(code, "closure", &[d, Diag { level: "warning".into(), ..Diag::default() }]);
+        assert_eq!(evalue, "cannot find function `helper` in this scope");
+        assert_eq!(tb.len(), 1);
+        assert_eq!(tb[0], "error[E0425]: cannot find function `helper` in this scope\n --> closure:2:5\n  |\n2 |     helper(1)\n  |     ^^^^^^ not found in this scope\nhelp: consider importing this function");
+    }
+
+    #[test]
+    fn cargo_json_as_cargo_writes_it() {
+        // Captured from `cargo build --message-format=json` (rust 1.95) on a closure crate.
+        let out = concat!(
+            r#"{"reason":"compiler-message","package_id":"path+file:///tmp/c#rpx_closures@0.0.0","manifest_path":"/tmp/c/Cargo.toml","target":{"kind":["cdylib"],"crate_types":["cdylib"],"name":"rpx_closures","src_path":"/tmp/c/src/lib.rs","edition":"2021","doc":true,"doctest":false,"test":true},"message":{"rendered":"error[E0425]: cannot find function `helper` in this scope\n","$message_type":"diagnostic","children":[],"level":"error","message":"cannot find function `helper` in this scope","spans":[{"byte_end":26,"byte_start":20,"column_end":11,"column_start":5,"expansion":null,"file_name":"src/lib.rs","is_primary":true,"label":"not found in this scope","line_end":2,"line_start":2,"suggested_replacement":null,"suggestion_applicability":null,"text":[{"highlight_end":11,"highlight_start":5,"text":"    helper(1)"}]}],"code":{"code":"E0425","explanation":"An unresolved name was used."}}}"#,
+            "\n",
+            r#"{"reason":"compiler-message","package_id":"path+file:///tmp/c#rpx_closures@0.0.0","manifest_path":"/tmp/c/Cargo.toml","target":{"kind":["cdylib"],"crate_types":["cdylib"],"name":"rpx_closures","src_path":"/tmp/c/src/lib.rs","edition":"2021","doc":true,"doctest":false,"test":true},"message":{"rendered":"For more information about this error, try `rustc --explain E0425`.\n","$message_type":"diagnostic","children":[],"level":"failure-note","message":"For more information about this error, try `rustc --explain E0425`.","spans":[],"code":null}}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///tmp/c#rpx_closures@0.0.0","manifest_path":"/tmp/c/Cargo.toml","target":{"kind":["cdylib"],"crate_types":["cdylib"],"name":"rpx_closures","src_path":"/tmp/c/src/lib.rs","edition":"2021","doc":true,"doctest":false,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":false},"features":[],"filenames":["/tmp/c/t/debug/librpx_closures.so"],"executable":null,"fresh":false}"#,
+            "\n",
+            r#"{"reason":"build-finished","success":false}"#,
+        );
+        let (deps, lib, diags) = parse_cargo_json(out);
+        assert_eq!((deps, lib), (0, Some(PathBuf::from("/tmp/c/t/debug/librpx_closures.so"))));
+        assert_eq!(diags.iter().map(|d| d.level.as_str()).collect::<Vec<_>>(), ["error", "failure-note"]);
+        let (evalue, tb) = render("fn f() -> u32 {\n    helper(1)\n}", "closure", &diags);
+        assert_eq!(evalue, "cannot find function `helper` in this scope");
+        assert_eq!(tb, ["error[E0425]: cannot find function `helper` in this scope\n --> closure:2:5\n  |\n2 |     helper(1)\n  |     ^^^^^^ not found in this scope"]);
     }
 }

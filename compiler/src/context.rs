@@ -1,6 +1,6 @@
 //! One evcxr context on its own thread, with the Unix socket its relay connects to.
 //!
-//! The thread takes [`Command`]s in order (replay, eval) and reports [`Event`]s. While an eval
+//! The thread takes [`Job`]s in order (replay, eval) and reports [`Event`]s. While an eval
 //! runs, evcxr writes `LOAD_AND_RUN` to its relay; the relay's connection is served here, and
 //! each load is either answered at once (dry replay) or handed to the compiler's main loop, which
 //! dispatches it to engines and answers with the verdict lines.
@@ -21,7 +21,7 @@ use crate::state::{CtxId, EvalResult, Hist};
 
 /// Work for a context thread.
 #[derive(Debug)]
-pub enum Command {
+pub enum Job {
     Replay(Vec<Hist>),
     Eval(String),
 }
@@ -79,7 +79,7 @@ enum Mode {
 
 /// Handle to a context thread. Dropping it ends the thread (and the evcxr context).
 pub struct Handle {
-    pub tx: mpsc::Sender<Command>,
+    pub tx: mpsc::Sender<Job>,
 }
 
 /// Where the `rpx_runtime` crate's source is, for `:dep`.
@@ -128,7 +128,7 @@ impl Evaluator {
     }
 }
 
-fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSender<Event>) -> Result<(), String> {
+fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Job>, events: UnboundedSender<Event>) -> Result<(), String> {
     let started = std::time::Instant::now();
     let path = env.socket_dir.join(format!("ctx-{ctx}.sock"));
     let _ = std::fs::remove_file(&path);
@@ -184,7 +184,7 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSende
     let _ = events.send(Event::Ready { ctx, elapsed_ms: started.elapsed().as_millis() });
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Command::Replay(cells) => {
+            Job::Replay(cells) => {
                 for cell in cells {
                     *mode.lock().expect("mode lock") = Mode::Dry(cell.verdict.lines());
                     if let Err(e) = dep.eval(&mut ectx, &cell.code) {
@@ -194,12 +194,12 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Command>, events: UnboundedSende
                 let has_vars = ectx.variables_and_types().next().is_some();
                 let _ = events.send(Event::ReplayDone { ctx, has_vars });
             }
-            Command::Eval(code) => {
+            Job::Eval(code) => {
                 *mode.lock().expect("mode lock") = Mode::Live;
                 let result = match dep.eval(&mut ectx, &code) {
                     Ok(_) => EvalResult::Ok { has_vars: ectx.variables_and_types().next().is_some() },
                     Err(evcxr::Error::CompilationErrors(errors)) => {
-                        let (evalue, traceback) = crate::diagnostics::render_evcxr(&code, &errors);
+                        let (evalue, traceback) = rpx_worker::diagnostics::render_evcxr(&code, &errors);
                         EvalResult::CompileError { evalue, traceback }
                     }
                     Err(e) => EvalResult::Failed { message: e.to_string() },

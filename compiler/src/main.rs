@@ -8,16 +8,16 @@
 //! - [`builder`]: the thread that compiles closures with plain cargo, its dependencies built
 //!   once at startup.
 //! - [`relay`]: the tiny child evcxr starts per context; bridges evcxr's pipes to the compiler.
-//! - [`diagnostics`]: rustc errors rendered against the user's cell.
 //! - [`artifacts`]: every compiled file announced to engines, by SHA-256, and the bytes served
 //!   to engines on other hosts.
-//! - this file: arguments, the engine-facing ROUTER socket and the event loop.
+//! - this file: arguments, the engine-facing ROUTER socket and the event loop (`Server`: what
+//!   the loop owns, a method per kind of event; rustc's diagnostics render with
+//!   `rpx_worker::diagnostics`).
 
 mod artifacts;
 mod builder;
 mod closure;
 mod context;
-mod diagnostics;
 mod relay;
 mod state;
 
@@ -40,7 +40,7 @@ use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend};
 
 use crate::builder::ClosureOutcome;
 use crate::closure::{Entry, Next};
-use crate::context::{Command, Event};
+use crate::context::{Event, Job};
 use crate::state::{Action, Compiler, EvalResult, Hist, SparePolicy};
 
 /// The shared compiler of an rpx cluster.
@@ -195,239 +195,319 @@ fn write_runtime_crate(work: &std::path::Path) -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The compiler's loop: engine messages, the router's monitor, the context threads' and the
+/// closure builder's events, and the clock, each turned into [`Action`]s that [`Server::carry_out`]
+/// carries out.
 async fn event_loop(
     router: zeromq::RouterSocket,
     mut monitor: futures::channel::mpsc::Receiver<SocketEvent>,
     session: Session,
     hello: EngineHelloReply,
-    mut registry: artifacts::Registry,
+    registry: artifacts::Registry,
     env: context::Env,
-    mut state: Compiler,
+    state: Compiler,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let (mut send, mut recv) = router.split();
+    let (send, mut recv) = router.split();
     let (ev_tx, mut ev_rx) = unbounded_channel::<Event>();
-    let mut contexts: HashMap<u64, context::Handle> = HashMap::new();
-    let mut failed: HashMap<u64, String> = HashMap::new();
-    let mut loads: HashMap<u64, mpsc::Sender<Vec<String>>> = HashMap::new();
-    let mut closures = closure::Cache::default();
-    // Closures compile in their own crate, warmed up in the background once the first cell
-    // context is ready (so the two warm-ups do not share the CPU), or at the first closure.
-    let closures_dir = env.socket_dir.join("closures");
-    let spawn_builder = || builder::spawn(closures_dir.clone(), env.runtime_dir.clone(), ev_tx.clone());
-    let mut builder: Option<builder::Handle> = None;
-    let mut closures_warm = false;
-    let mut hosts: HashMap<Bytes, String> = HashMap::new();
-    let closure_reply = |to: Bytes, request_id: String, entry: &Entry| -> Action {
-        let reply = match entry {
-            Entry::Ready { artifact, fn_name } => ClosureReply {
-                request_id,
-                status: "ok".into(),
-                artifact: Some(artifact.clone()),
-                fn_name: fn_name.clone(),
-                ename: String::new(),
-                evalue: String::new(),
-                traceback: vec![],
-            },
-            Entry::Failed { evalue, traceback } => ClosureReply {
-                request_id,
-                status: "error".into(),
-                artifact: None,
-                fn_name: String::new(),
-                ename: "CompileError".into(),
-                evalue: evalue.clone(),
-                traceback: traceback.clone(),
-            },
-            Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
-        };
-        Action::Send { to, msg_type: msg_type::CLOSURE_REPLY, content: serde_json::to_value(reply).expect("serializes") }
-    };
-    let mut wake: Option<Instant> = None;
-    let mut pending = state.start();
+    let mut server = Server::new(send, session, hello, registry, env, state, ev_tx);
+    let mut pending = server.state.start();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
     loop {
-        // Carry out actions; a failed context answers its evals at once.
-        while !pending.is_empty() {
-            let mut next = Vec::new();
-            for action in pending.drain(..) {
-                match action {
-                    Action::Send { to, msg_type, content } => {
-                        let (_, frames) = session.msg(std::slice::from_ref(&to), msg_type, content, None, json!({}), &[]);
-                        let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            tracing::warn!(engine = %String::from_utf8_lossy(&to), msg_type, "could not send to engine");
-                        }
-                    }
-                    Action::NewContext { ctx } => {
-                        contexts.insert(ctx, context::spawn(ctx, env.clone(), ev_tx.clone()));
-                    }
-                    Action::Replay { ctx, cells } => {
-                        if let Some(h) = contexts.get(&ctx) {
-                            let _ = h.tx.send(Command::Replay(cells));
-                        }
-                    }
-                    Action::Eval { ctx, code } => match failed.get(&ctx) {
-                        Some(message) => next.extend(state.on_eval_done(ctx, EvalResult::Failed { message: message.clone() })),
-                        None => {
-                            if let Some(h) = contexts.get(&ctx) {
-                                let _ = h.tx.send(Command::Eval(code));
-                            }
-                        }
-                    },
-                    Action::Verdict { ctx, lines } => {
-                        if let Some(tx) = loads.remove(&ctx) {
-                            let _ = tx.send(lines);
-                        }
-                    }
-                    Action::DropContext { ctx } => {
-                        contexts.remove(&ctx);
-                        failed.remove(&ctx);
-                        tracing::debug!(ctx, "dropped context");
-                    }
-                    Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
-                }
-            }
-            pending = next;
-        }
-        let sleep_until = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        server.carry_out(std::mem::take(&mut pending)).await;
+        let sleep_until = server.wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             msg = recv.recv() => {
                 let frames = match msg {
                     Ok(m) => rpx_protocol::zmq::frames(m),
                     Err(e) => { tracing::warn!("receive failed: {e}"); continue; }
                 };
-                let msg = match session.decode(frames) {
-                    Ok(m) => m,
-                    Err(e) => { tracing::warn!("dropped a message: {e}"); continue; }
-                };
-                let Some(from) = msg.idents.first().cloned() else { continue };
-                match msg.msg_type() {
-                    msg_type::PING => {
-                        send_to(&mut send, &session, &from, msg_type::PONG, json!({}), &[]).await;
-                        continue;
-                    }
-                    msg_type::ARTIFACT_REQUEST => {
-                        let host = hosts.get(&from).map_or("?", String::as_str);
-                        let (content, buffers) = serve_artifact(&mut registry, host, msg.content);
-                        send_to(&mut send, &session, &from, msg_type::ARTIFACT_REPLY, content, &buffers).await;
-                        continue;
-                    }
-                    msg_type::ENGINE_HELLO => {
-                        if let Ok(h) = serde_json::from_value::<EngineHello>(msg.content.clone()) {
-                            hosts.insert(from.clone(), h.hostname);
-                        }
-                    }
-                    _ => {}
-                }
-                if msg.msg_type() == msg_type::CLOSURE_REQUEST {
-                    let req = match serde_json::from_value::<ClosureRequest>(msg.content) {
-                        Ok(r) => r,
-                        Err(e) => { pending = bad(&session, &from, e); continue; }
-                    };
-                    let wrapper = match closure::wrap(&req.closure) {
-                        Ok(w) => w,
-                        Err(why) => {
-                            pending = vec![closure_reply(from, req.request_id, &Entry::Failed { evalue: why.clone(), traceback: vec![why] })];
-                            continue;
-                        }
-                    };
-                    pending = match closures.request(wrapper, from.clone(), req.request_id.clone()) {
-                        Next::Answer(entry) => vec![closure_reply(from, req.request_id, &entry)],
-                        Next::Wait => vec![],
-                        Next::Compile(w) => {
-                            tracing::info!(fn_name = %w.fn_name, warm = closures_warm, "compiling a closure");
-                            let b = builder.get_or_insert_with(spawn_builder);
-                            if let Err(mpsc::SendError(w)) = b.tx.send(w) {
-                                // The builder thread is gone (it panicked): start another.
-                                tracing::error!("the closure builder stopped; starting a new one");
-                                let b = builder.insert(spawn_builder());
-                                let _ = b.tx.send(w);
-                            }
-                            vec![]
-                        }
-                    };
-                    continue;
-                }
-                pending = handle_engine_message(&mut state, &session, &hello, from, msg);
+                pending = server.on_message(frames).await;
             }
             ev = monitor.next() => {
                 if let Some(SocketEvent::Disconnected(peer)) = ev {
                     let ident = Bytes::copy_from_slice(peer.as_ref());
                     tracing::info!(engine = %String::from_utf8_lossy(&ident), "engine disconnected");
-                    hosts.remove(&ident);
-                    pending = state.on_engine_gone(&ident);
+                    server.hosts.remove(&ident);
+                    pending = server.state.on_engine_gone(&ident);
                 }
             }
             ev = ev_rx.recv() => {
                 let Some(ev) = ev else { continue };
-                pending = match ev {
-                    Event::Ready { ctx, elapsed_ms } => {
-                        tracing::info!(ctx, elapsed_ms, contexts = state.context_count(), "context ready");
-                        builder.get_or_insert_with(spawn_builder);
-                        vec![]
-                    }
-                    Event::ClosuresWarm { elapsed_ms, deps_built, error } => {
-                        match error {
-                            None => {
-                                closures_warm = true;
-                                tracing::info!(elapsed_ms, deps_built, "closure builder warm");
-                            }
-                            Some(e) => tracing::warn!(elapsed_ms, "closure builder not warm: {e}"),
-                        }
-                        vec![]
-                    }
-                    Event::ClosureDone { fn_name, outcome, deps_built, elapsed_ms } => {
-                        let (entry, final_) = match outcome {
-                            ClosureOutcome::Compiled { so_path } => match registry.register(std::path::Path::new(&so_path)) {
-                                Ok(artifact) => {
-                                    // The registry keeps its own copy.
-                                    let _ = std::fs::remove_file(&so_path);
-                                    (Entry::Ready { artifact, fn_name: fn_name.clone() }, true)
-                                }
-                                Err(e) => (Entry::Failed { evalue: format!("cannot read the compiled closure {so_path}: {e}"), traceback: vec![] }, false),
-                            },
-                            ClosureOutcome::CompileError { evalue, traceback } => (Entry::Failed { evalue, traceback }, true),
-                            ClosureOutcome::Failed { message } => (Entry::Failed { evalue: format!("compiling the closure failed: {message}"), traceback: vec![] }, false),
-                        };
-                        tracing::info!(%fn_name, ok = matches!(entry, Entry::Ready { .. }), warm = closures_warm, deps_built, elapsed_ms, cached = closures.len(), "closure compiled");
-                        closures.finish(&fn_name, entry.clone(), final_).into_iter().map(|(to, id)| closure_reply(to, id, &entry)).collect()
-                    }
-                    Event::StartFailed { ctx, message } => {
-                        tracing::error!(ctx, "{message}");
-                        builder.get_or_insert_with(spawn_builder);
-                        failed.insert(ctx, message.clone());
-                        // An eval may already be queued there.
-                        state.on_eval_done(ctx, EvalResult::Failed { message })
-                    }
-                    Event::Load { ctx, so_path, fn_name, reply } => match registry.register(std::path::Path::new(&so_path)) {
-                        Ok(artifact) => {
-                            loads.insert(ctx, reply);
-                            state.on_load_requested(ctx, &artifact, &fn_name)
-                        }
-                        Err(e) => {
-                            // evcxr sees a panicked run; the eval then fails for its engines.
-                            tracing::error!(%so_path, "cannot read a compiled cell: {e}");
-                            let _ = reply.send(vec!["EVCXR_PANIC_NOTIFICATION".into()]);
-                            vec![]
-                        }
-                    },
-                    Event::EvalDone { ctx, result } => {
-                        let out = state.on_eval_done(ctx, result);
-                        tracing::debug!(groups = ?state.groups(), "eval done");
-                        out
-                    }
-                    Event::ReplayDone { ctx, has_vars } => state.on_replay_done(ctx, has_vars),
-                };
+                pending = server.on_event(ev);
             }
             _ = tokio::time::sleep_until(sleep_until.into()) => {
-                wake = None;
-                pending = state.on_tick(Instant::now());
+                server.wake = None;
+                pending = server.state.on_tick(Instant::now());
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
         }
     }
+}
+
+/// What the compiler's loop owns: the router's sending half, the decisions ([`Compiler`]), the
+/// context threads, the closure cache and builder, and the artifacts.
+struct Server {
+    send: zeromq::RouterSendHalf,
+    session: Session,
+    hello: EngineHelloReply,
+    registry: artifacts::Registry,
+    env: context::Env,
+    state: Compiler,
+    ev_tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    contexts: HashMap<u64, context::Handle>,
+    /// Contexts that could not start, and why (their evals fail at once).
+    failed: HashMap<u64, String>,
+    /// Loads evcxr waits on, by context: answered with the verdict lines.
+    loads: HashMap<u64, mpsc::Sender<Vec<String>>>,
+    closures: closure::Cache,
+    builder: Option<builder::Handle>,
+    closures_warm: bool,
+    /// Each engine's host (from its hello), for the artifact log.
+    hosts: HashMap<Bytes, String>,
+    /// The earliest time the decisions asked to be woken at.
+    wake: Option<Instant>,
+}
+
+impl Server {
+    fn new(
+        send: zeromq::RouterSendHalf,
+        session: Session,
+        hello: EngineHelloReply,
+        registry: artifacts::Registry,
+        env: context::Env,
+        state: Compiler,
+        ev_tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> Server {
+        Server {
+            send,
+            session,
+            hello,
+            registry,
+            env,
+            state,
+            ev_tx,
+            contexts: HashMap::new(),
+            failed: HashMap::new(),
+            loads: HashMap::new(),
+            closures: closure::Cache::default(),
+            builder: None,
+            closures_warm: false,
+            hosts: HashMap::new(),
+            wake: None,
+        }
+    }
+
+    /// The closure builder, started if it is not running. Closures compile in their own crate,
+    /// warmed up in the background once the first cell context is ready (so the two warm-ups do
+    /// not share the CPU), or at the first closure.
+    fn builder(&mut self) -> &mut builder::Handle {
+        let (dir, runtime_dir, ev_tx) = (self.env.socket_dir.join("closures"), self.env.runtime_dir.clone(), self.ev_tx.clone());
+        self.builder.get_or_insert_with(|| builder::spawn(dir, runtime_dir, ev_tx))
+    }
+
+    /// Carry out actions; a failed context answers its evals at once.
+    async fn carry_out(&mut self, mut pending: Vec<Action>) {
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for action in pending.drain(..) {
+                match action {
+                    Action::Send { to, msg_type, content } => {
+                        let (_, frames) = self.session.msg(std::slice::from_ref(&to), msg_type, content, None, json!({}), &[]);
+                        let sent = tokio::time::timeout(Duration::from_secs(5), self.send.send(rpx_protocol::zmq::message(frames))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            tracing::warn!(engine = %String::from_utf8_lossy(&to), msg_type, "could not send to engine");
+                        }
+                    }
+                    Action::NewContext { ctx } => {
+                        self.contexts.insert(ctx, context::spawn(ctx, self.env.clone(), self.ev_tx.clone()));
+                    }
+                    Action::Replay { ctx, cells } => {
+                        if let Some(h) = self.contexts.get(&ctx) {
+                            let _ = h.tx.send(Job::Replay(cells));
+                        }
+                    }
+                    Action::Eval { ctx, code } => match self.failed.get(&ctx) {
+                        Some(message) => next.extend(self.state.on_eval_done(ctx, EvalResult::Failed { message: message.clone() })),
+                        None => {
+                            if let Some(h) = self.contexts.get(&ctx) {
+                                let _ = h.tx.send(Job::Eval(code));
+                            }
+                        }
+                    },
+                    Action::Verdict { ctx, lines } => {
+                        if let Some(tx) = self.loads.remove(&ctx) {
+                            let _ = tx.send(lines);
+                        }
+                    }
+                    Action::DropContext { ctx } => {
+                        self.contexts.remove(&ctx);
+                        self.failed.remove(&ctx);
+                        tracing::debug!(ctx, "dropped context");
+                    }
+                    Action::WakeAt(t) => self.wake = Some(self.wake.map_or(t, |w| w.min(t))),
+                }
+            }
+            pending = next;
+        }
+    }
+
+    /// A message from an engine: pings and artifact requests are answered here, closure
+    /// requests go to the closure cache, the rest to the decisions.
+    async fn on_message(&mut self, frames: Vec<Bytes>) -> Vec<Action> {
+        let msg = match self.session.decode(frames) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("dropped a message: {e}");
+                return vec![];
+            }
+        };
+        let Some(from) = msg.idents.first().cloned() else { return vec![] };
+        match msg.msg_type() {
+            msg_type::PING => {
+                send_to(&mut self.send, &self.session, &from, msg_type::PONG, json!({}), &[]).await;
+                return vec![];
+            }
+            msg_type::ARTIFACT_REQUEST => {
+                let host = self.hosts.get(&from).map_or("?", String::as_str);
+                let (content, buffers) = serve_artifact(&mut self.registry, host, msg.content);
+                send_to(&mut self.send, &self.session, &from, msg_type::ARTIFACT_REPLY, content, &buffers).await;
+                return vec![];
+            }
+            msg_type::ENGINE_HELLO => {
+                if let Ok(h) = serde_json::from_value::<EngineHello>(msg.content.clone()) {
+                    self.hosts.insert(from.clone(), h.hostname);
+                }
+            }
+            msg_type::CLOSURE_REQUEST => return self.on_closure_request(from, msg.content),
+            _ => {}
+        }
+        handle_engine_message(&mut self.state, &self.session, &self.hello, from, msg)
+    }
+
+    /// A `closure_request`: answered from the cache, or waiting for a build under way, or
+    /// handed to the builder.
+    fn on_closure_request(&mut self, from: Bytes, content: serde_json::Value) -> Vec<Action> {
+        let req = match serde_json::from_value::<ClosureRequest>(content) {
+            Ok(r) => r,
+            Err(e) => return bad(&self.session, &from, e),
+        };
+        let wrapper = match closure::wrap(&req.closure) {
+            Ok(w) => w,
+            Err(why) => return vec![closure_reply(from, req.request_id, &Entry::Failed { evalue: why.clone(), traceback: vec![why] })],
+        };
+        match self.closures.request(wrapper, from.clone(), req.request_id.clone()) {
+            Next::Answer(entry) => vec![closure_reply(from, req.request_id, &entry)],
+            Next::Wait => vec![],
+            Next::Compile(w) => {
+                tracing::info!(fn_name = %w.fn_name, warm = self.closures_warm, "compiling a closure");
+                if let Err(mpsc::SendError(w)) = self.builder().tx.send(w) {
+                    // The builder thread is gone (it panicked): start another.
+                    tracing::error!("the closure builder stopped; starting a new one");
+                    self.builder = None;
+                    let _ = self.builder().tx.send(w);
+                }
+                vec![]
+            }
+        }
+    }
+
+    /// An event of a context thread or of the closure builder.
+    fn on_event(&mut self, ev: Event) -> Vec<Action> {
+        match ev {
+            Event::Ready { ctx, elapsed_ms } => {
+                tracing::info!(ctx, elapsed_ms, contexts = self.state.context_count(), "context ready");
+                self.builder();
+                vec![]
+            }
+            Event::ClosuresWarm { elapsed_ms, deps_built, error } => {
+                match error {
+                    None => {
+                        self.closures_warm = true;
+                        tracing::info!(elapsed_ms, deps_built, "closure builder warm");
+                    }
+                    Some(e) => tracing::warn!(elapsed_ms, "closure builder not warm: {e}"),
+                }
+                vec![]
+            }
+            Event::ClosureDone { fn_name, outcome, deps_built, elapsed_ms } => {
+                self.on_closure_done(fn_name, outcome, deps_built, elapsed_ms)
+            }
+            Event::StartFailed { ctx, message } => {
+                tracing::error!(ctx, "{message}");
+                self.builder();
+                self.failed.insert(ctx, message.clone());
+                // An eval may already be queued there.
+                self.state.on_eval_done(ctx, EvalResult::Failed { message })
+            }
+            Event::Load { ctx, so_path, fn_name, reply } => match self.registry.register(std::path::Path::new(&so_path)) {
+                Ok(artifact) => {
+                    self.loads.insert(ctx, reply);
+                    self.state.on_load_requested(ctx, &artifact, &fn_name)
+                }
+                Err(e) => {
+                    // evcxr sees a panicked run; the eval then fails for its engines.
+                    tracing::error!(%so_path, "cannot read a compiled cell: {e}");
+                    let _ = reply.send(vec!["EVCXR_PANIC_NOTIFICATION".into()]);
+                    vec![]
+                }
+            },
+            Event::EvalDone { ctx, result } => {
+                let out = self.state.on_eval_done(ctx, result);
+                tracing::debug!(groups = ?self.state.groups(), "eval done");
+                out
+            }
+            Event::ReplayDone { ctx, has_vars } => self.state.on_replay_done(ctx, has_vars),
+        }
+    }
+
+    /// A closure build ended: its artifact is registered and every request waiting for it answered.
+    fn on_closure_done(&mut self, fn_name: String, outcome: ClosureOutcome, deps_built: usize, elapsed_ms: u128) -> Vec<Action> {
+        let (entry, final_) = match outcome {
+            ClosureOutcome::Compiled { so_path } => match self.registry.register(std::path::Path::new(&so_path)) {
+                Ok(artifact) => {
+                    // The registry keeps its own copy.
+                    let _ = std::fs::remove_file(&so_path);
+                    (Entry::Ready { artifact, fn_name: fn_name.clone() }, true)
+                }
+                Err(e) => (Entry::Failed { evalue: format!("cannot read the compiled closure {so_path}: {e}"), traceback: vec![] }, false),
+            },
+            ClosureOutcome::CompileError { evalue, traceback } => (Entry::Failed { evalue, traceback }, true),
+            ClosureOutcome::Failed { message } => {
+                (Entry::Failed { evalue: format!("compiling the closure failed: {message}"), traceback: vec![] }, false)
+            }
+        };
+        tracing::info!(%fn_name, ok = matches!(entry, Entry::Ready { .. }), warm = self.closures_warm, deps_built, elapsed_ms, cached = self.closures.len(), "closure compiled");
+        self.closures.finish(&fn_name, entry.clone(), final_).into_iter().map(|(to, id)| closure_reply(to, id, &entry)).collect()
+    }
+}
+
+/// The `closure_reply` to `to` for a finished closure entry.
+fn closure_reply(to: Bytes, request_id: String, entry: &Entry) -> Action {
+    let reply = match entry {
+        Entry::Ready { artifact, fn_name } => ClosureReply {
+            request_id,
+            status: "ok".into(),
+            artifact: Some(artifact.clone()),
+            fn_name: fn_name.clone(),
+            ename: String::new(),
+            evalue: String::new(),
+            traceback: vec![],
+        },
+        Entry::Failed { evalue, traceback } => ClosureReply {
+            request_id,
+            status: "error".into(),
+            artifact: None,
+            fn_name: String::new(),
+            ename: "CompileError".into(),
+            evalue: evalue.clone(),
+            traceback: traceback.clone(),
+        },
+        Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
+    };
+    Action::Send { to, msg_type: msg_type::CLOSURE_REPLY, content: serde_json::to_value(reply).expect("serializes") }
 }
 
 /// Sign and send one message to an engine, with a bounded wait.

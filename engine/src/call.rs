@@ -169,7 +169,7 @@ pub fn outcome(status: u32, data: Vec<u8>) -> Result<Vec<u8>, EngineError> {
         abi::STATUS_OK => Ok(data),
         abi::STATUS_PANIC => Err(EngineError::panic(&text(), vec![])),
         abi::STATUS_BAD_INPUT => Err(EngineError::new(ename::UNSUPPORTED_PAYLOAD, text(), vec![])),
-        crate::worker::STATUS_INTERRUPTED => Err(EngineError::interrupted("call", false)),
+        rpx_worker::process::STATUS_INTERRUPTED => Err(EngineError::interrupted("call", false)),
         _ => Err(EngineError::new("CompilerError", text(), vec![])),
     }
 }
@@ -307,12 +307,12 @@ mod tests {
         assert_eq!(outcome(abi::STATUS_PANIC, vec![]).unwrap_err().evalue, "the cell panicked");
         let bad = outcome(abi::STATUS_BAD_INPUT, b"cannot decode the arguments".to_vec()).unwrap_err();
         assert_eq!((bad.ename.as_str(), bad.evalue.as_str()), ("UnsupportedPayload", "cannot decode the arguments"));
-        let int = outcome(crate::worker::STATUS_INTERRUPTED, vec![]).unwrap_err();
+        let int = outcome(rpx_worker::process::STATUS_INTERRUPTED, vec![]).unwrap_err();
         assert_eq!(
             (int.ename.as_str(), int.evalue.as_str()),
             ("KeyboardInterrupt", "the call was interrupted (SIGINT); the engine kept its variables")
         );
-        let load = outcome(crate::worker::STATUS_LOAD_FAILED, b"cannot open c.so".to_vec()).unwrap_err();
+        let load = outcome(rpx_worker::process::STATUS_LOAD_FAILED, b"cannot open c.so".to_vec()).unwrap_err();
         assert_eq!((load.ename.as_str(), load.evalue.as_str()), ("CompilerError", "cannot open c.so"));
     }
 }

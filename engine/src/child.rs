@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStdin, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 
 /// What a worker produced.
@@ -57,6 +57,9 @@ impl ResultFramer {
     }
 }
 
+/// Environment variable that makes `ipengine` run as its worker ([`rpx_worker::run`]).
+pub const WORKER_ENV: &str = "RPX_ENGINE_WORKER";
+
 /// How to start workers.
 #[derive(Debug, Clone)]
 pub struct WorkerCommand {
@@ -71,10 +74,8 @@ impl WorkerCommand {
     /// Re-execute this binary as a worker, with `libdirs` (where the runtime libraries that
     /// compiled cells link are) first on `LD_LIBRARY_PATH`.
     pub fn this_binary(libdirs: &[String]) -> std::io::Result<WorkerCommand> {
-        let mut env = vec![
-            (crate::worker::WORKER_ENV.to_string(), "1".to_string()),
-            (crate::worker::PARENT_ENV.to_string(), std::process::id().to_string()),
-        ];
+        let mut env =
+            vec![(WORKER_ENV.to_string(), "1".to_string()), (rpx_worker::process::PARENT_ENV.to_string(), std::process::id().to_string())];
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             env.push(("RUST_BACKTRACE".into(), "0".into()));
         }
@@ -222,107 +223,15 @@ pub struct Worker {
 impl Worker {
     /// Spawn a worker; its events arrive on `events` tagged with `generation`.
     pub fn spawn(cmd: &WorkerCommand, generation: u64, events: mpsc::Sender<(u64, WorkerEvent)>) -> std::io::Result<Worker> {
-        // The result pipe: the worker writes closure results on fd 3.
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 fills two fds on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 returned two fresh fds that we now own.
-        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let write_fd = write_end.as_raw_fd();
-        let mut c = Command::new(&cmd.program);
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-        unsafe {
-            c.pre_exec(move || {
-                let fd = crate::worker::RESULT_FD;
-                if write_fd == fd {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(write_fd, fd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        c.args(&cmd.args)
-            .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            // A terminal's Ctrl-C goes to the supervisor, which then stops the worker itself.
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = c.spawn()?;
+        let (read_end, write_end) = result_pipe()?;
+        let mut child = worker_process(cmd, write_end.as_raw_fd()).spawn()?;
         drop(write_end);
-        let mut results = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
+        let results = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
         let pid = child.id().map(|p| p as i32).unwrap_or(-1);
         let stdin = child.stdin.take();
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        tokio::spawn(async move {
-            let mut out_buf = vec![0u8; 16 * 1024];
-            let mut err_buf = vec![0u8; 16 * 1024];
-            let mut res_buf = vec![0u8; 256 * 1024];
-            let mut framer = ResultFramer::default();
-            let (mut out_open, mut err_open, mut res_open) = (true, true, true);
-            let mut status: Option<String> = None;
-            let mut drain_deadline: Option<tokio::time::Instant> = None;
-            loop {
-                let pipes_open = out_open || err_open || res_open;
-                if !pipes_open && status.is_some() {
-                    break;
-                }
-                if !pipes_open && status.is_none() {
-                    // Pipes closed: the process is exiting.
-                    let st = child.wait().await.map(|s| crate::signals::describe_exit(&s));
-                    status = Some(st.unwrap_or_else(|e| format!("unknown status ({e})")));
-                    continue;
-                }
-                let deadline = drain_deadline;
-                tokio::select! {
-                    biased;
-                    r = stderr.read(&mut err_buf), if err_open => match r {
-                        Ok(0) | Err(_) => err_open = false,
-                        Ok(n) => {
-                            if events.send((generation, WorkerEvent::Stderr(err_buf[..n].to_vec()))).await.is_err() {
-                                return;
-                            }
-                        }
-                    },
-                    r = stdout.read(&mut out_buf), if out_open => match r {
-                        Ok(0) | Err(_) => out_open = false,
-                        Ok(n) => {
-                            if events.send((generation, WorkerEvent::Stdout(out_buf[..n].to_vec()))).await.is_err() {
-                                return;
-                            }
-                        }
-                    },
-                    // Last: output the closure printed before returning is forwarded first.
-                    r = results.read(&mut res_buf), if res_open => match r {
-                        Ok(0) | Err(_) => res_open = false,
-                        Ok(n) => {
-                            for (status, data) in framer.feed(&res_buf[..n]) {
-                                if events.send((generation, WorkerEvent::CallResult { status, data })).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    },
-                    st = child.wait(), if status.is_none() => {
-                        status = Some(match st {
-                            Ok(s) => crate::signals::describe_exit(&s),
-                            Err(e) => format!("unknown status ({e})"),
-                        });
-                        // Something the worker started may hold the pipes open; do not wait long.
-                        drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(200));
-                    },
-                    _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break,
-                }
-            }
-            let _ = events.send((generation, WorkerEvent::Exited(status.unwrap_or_default()))).await;
-        });
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        tokio::spawn(forward_pipes(child, stdout, stderr, results, generation, events));
         Ok(Worker { generation, pid, stdin })
     }
 
@@ -374,7 +283,7 @@ impl Worker {
         }
     }
 
-    /// Send SIGINT to the worker's main thread, where cells run (see [`crate::worker::interrupt`]).
+    /// Send SIGINT to the worker's main thread, where cells run (see [`rpx_worker::interrupt`]).
     pub fn interrupt(&self) -> std::io::Result<()> {
         if self.pid <= 0 {
             return Err(std::io::Error::other("worker has no pid"));
@@ -392,6 +301,120 @@ impl Worker {
         let _ = self.signal(libc::SIGKILL);
         self.stdin = None;
     }
+}
+
+/// The result pipe (close-on-exec): the worker writes closure results on its write end, which
+/// becomes its fd [`rpx_worker::process::RESULT_FD`].
+fn result_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh fds that we now own.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((read_end, write_end))
+}
+
+/// The worker's process: `cmd` with `write_fd` (the result pipe) as its fd
+/// [`rpx_worker::process::RESULT_FD`], its standard streams piped, in a process group of its own.
+fn worker_process(cmd: &WorkerCommand, write_fd: i32) -> Command {
+    let mut c = Command::new(&cmd.program);
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            let fd = rpx_worker::process::RESULT_FD;
+            if write_fd == fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(write_fd, fd) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.args(&cmd.args)
+        .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // A terminal's Ctrl-C goes to the supervisor, which then stops the worker itself.
+        .process_group(0)
+        .kill_on_drop(true);
+    c
+}
+
+/// Forward the worker's stdout, stderr and closure results to `events` as they come (tagged
+/// with `generation`), then its exit status once it is gone and its pipes are drained.
+async fn forward_pipes(
+    mut child: Child,
+    mut stdout: ChildStdout,
+    mut stderr: ChildStderr,
+    mut results: tokio::net::unix::pipe::Receiver,
+    generation: u64,
+    events: mpsc::Sender<(u64, WorkerEvent)>,
+) {
+    let mut out_buf = vec![0u8; 16 * 1024];
+    let mut err_buf = vec![0u8; 16 * 1024];
+    let mut res_buf = vec![0u8; 256 * 1024];
+    let mut framer = ResultFramer::default();
+    let (mut out_open, mut err_open, mut res_open) = (true, true, true);
+    let mut status: Option<String> = None;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let pipes_open = out_open || err_open || res_open;
+        if !pipes_open && status.is_some() {
+            break;
+        }
+        if !pipes_open && status.is_none() {
+            // Pipes closed: the process is exiting.
+            let st = child.wait().await.map(|s| crate::signals::describe_exit(&s));
+            status = Some(st.unwrap_or_else(|e| format!("unknown status ({e})")));
+            continue;
+        }
+        let deadline = drain_deadline;
+        tokio::select! {
+            biased;
+            r = stderr.read(&mut err_buf), if err_open => match r {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => {
+                    if events.send((generation, WorkerEvent::Stderr(err_buf[..n].to_vec()))).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            r = stdout.read(&mut out_buf), if out_open => match r {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => {
+                    if events.send((generation, WorkerEvent::Stdout(out_buf[..n].to_vec()))).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            // Last: output the closure printed before returning is forwarded first.
+            r = results.read(&mut res_buf), if res_open => match r {
+                Ok(0) | Err(_) => res_open = false,
+                Ok(n) => {
+                    for (status, data) in framer.feed(&res_buf[..n]) {
+                        if events.send((generation, WorkerEvent::CallResult { status, data })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            },
+            st = child.wait(), if status.is_none() => {
+                status = Some(match st {
+                    Ok(s) => crate::signals::describe_exit(&s),
+                    Err(e) => format!("unknown status ({e})"),
+                });
+                // Something the worker started may hold the pipes open; do not wait long.
+                drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+            },
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break,
+        }
+    }
+    let _ = events.send((generation, WorkerEvent::Exited(status.unwrap_or_default()))).await;
 }
 
 impl Drop for Worker {

@@ -33,19 +33,20 @@
 //!   the compiler's host, else the per-host cache filled by one checked fetch per artifact and
 //!   host (decisions over the cache directory).
 //! - [`output`]: parsing the worker's stdout (user text, evcxr markers, content blocks) and
-//!   finding panic messages in its stderr.
+//!   finding panic messages in its stderr (the markers are `rpx_worker::markers`).
 //! - [`reply`]: reply metadata and contents in ipyparallel's shape, and the engine's error kinds.
 //! - [`signals`]: signal names for `signal_request` and exit-status descriptions.
 //!
 //! Carrying them out:
 //! - [`outbox`]: what goes out to the controller: replies on the request's socket, iopub
 //!   publications, the worker's stdout/stderr buffered and flushed to iopub.
-//! - [`net`]: registration, connecting sockets, the send/receive pump tasks, the heart,
-//!   registering again over new sockets, the compiler handshake.
+//! - [`net`]: registration, connecting sockets, the send/receive pump tasks (which hand the
+//!   loop [`net::LoopEvent`]s), the heart, registering again over new sockets, the compiler
+//!   handshake.
 //! - [`child`]: the worker command, spawning the worker, reading its pipes, noticing its death,
-//!   the slot holding the running worker.
-//! - [`worker`]: the worker process itself (plain std): `LOAD_AND_RUN` lines in, markers out;
-//!   [`worker::interrupt`] turns SIGINT into a panic injected into the running cell.
+//!   the slot holding the running worker. The worker process itself (`LOAD_AND_RUN` and `CALL`
+//!   on stdin, markers out, SIGINT as a panic in the running cell) is the `rpx-worker` crate,
+//!   shared with the kernel.
 //! - [`namespace`]: the engine namespace on disk (pushed and pulled values, one file per name)
 //!   and the code that binds pushed values into cells or writes variables out for a pull. Pure
 //!   apart from file reads and writes.
@@ -75,7 +76,6 @@ pub mod queue;
 pub mod reply;
 pub mod signals;
 pub mod supervise;
-pub mod worker;
 
 /// Errors of the engine library.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 //! compiler, nothing to copy between hosts) or from the profile's connection files, registers
 //! with the controller (with `--mpi`, under its MPI rank), finds the cluster's compiler and serves
 //! until shut down. Run with `RPX_ENGINE_WORKER=1` it is instead the worker process that runs
-//! compiled cells (see `rpx_engine::worker`).
+//! compiled cells (see `rpx_worker`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -69,8 +69,8 @@ fn mpi_rank(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<u64> {
 
 fn main() {
     // The worker must not start a runtime or parse arguments: detect it first.
-    if std::env::var_os(rpx_engine::worker::WORKER_ENV).is_some() {
-        rpx_engine::worker::run();
+    if std::env::var_os(rpx_engine::child::WORKER_ENV).is_some() {
+        rpx_worker::run();
     }
     // No glibc fastbins in the engine (the worker keeps the default for the user's code): each
     // message frees chunks that make glibc consolidate its fastbins, a third of the engine's

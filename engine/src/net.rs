@@ -2,11 +2,11 @@
 //! frames between them and the engine loop.
 //!
 //! Each DEALER is split: a receive task forwards every message to the engine loop as an
-//! [`Inbound`], and a send task drains a bounded channel, bounding every send with a timeout
+//! [`LoopEvent`], and a send task drains a bounded channel, bounding every send with a timeout
 //! (zeromq 0.7 can block forever on a stalled peer). The heartbeat runs on its own task and only
 //! counts the pings that arrive. The tasks of one set of controller sockets are held in
 //! [`Tasks`] (dropped: stopped), and their closed connections are reported as
-//! [`Inbound::ControllerLost`], so that [`rejoin`] can replace them after a controller restart
+//! [`LoopEvent::ControllerLost`], so that [`rejoin`] can replace them after a controller restart
 //! (zeromq 0.7's DEALERs do not reconnect by themselves).
 
 use std::path::PathBuf;
@@ -72,7 +72,7 @@ pub fn push(outlet: &Outlet, frames: Frames, what: &str) {
 
 /// Everything the engine loop receives from its sockets and helper tasks.
 #[derive(Debug)]
-pub enum Inbound {
+pub enum LoopEvent {
     Shell(Channel, Frames),
     Control(Frames),
     Compiler(Frames),
@@ -95,7 +95,7 @@ pub enum Inbound {
 /// A connected compiler.
 #[derive(Debug)]
 pub struct CompilerLink {
-    /// Tells this connection's [`Inbound::CompilerLost`] from an older one's.
+    /// Tells this connection's [`LoopEvent::CompilerLost`] from an older one's.
     pub id: u64,
     pub url: String,
     pub out: Outlet,
@@ -191,19 +191,19 @@ fn next_generation() -> u64 {
     GENERATIONS.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Report the first `Disconnected` of a socket's monitor as [`Inbound::ControllerLost`].
+/// Report the first `Disconnected` of a socket's monitor as [`LoopEvent::ControllerLost`].
 fn watch_connection(
     tasks: &mut Tasks,
     mut monitor: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
     generation: u64,
     socket: &'static str,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<LoopEvent>,
 ) {
     tasks.spawn(async move {
         use futures::StreamExt;
         while let Some(ev) = monitor.next().await {
             if matches!(ev, zeromq::SocketEvent::Disconnected(_)) {
-                let _ = inbound.send(Inbound::ControllerLost(generation, socket)).await;
+                let _ = inbound.send(LoopEvent::ControllerLost(generation, socket)).await;
                 break;
             }
         }
@@ -219,7 +219,7 @@ pub struct Registration {
     /// The msg_id of the `registration_request` (eviction notices name it).
     pub request: String,
     /// The registration socket (unregistration goes out on it, eviction notices come in as
-    /// [`Inbound::Registration`]).
+    /// [`LoopEvent::Registration`]).
     pub outlet: Outlet,
     pub generation: u64,
     pub tasks: Tasks,
@@ -258,7 +258,7 @@ pub async fn register(
     uuid: &str,
     requested_id: Option<u64>,
     timeout: Duration,
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &mpsc::Sender<LoopEvent>,
 ) -> Result<Registration> {
     info!(%url, %uuid, ?requested_id, "registering with the controller");
     let started = Instant::now();
@@ -337,7 +337,7 @@ pub async fn register(
         loop {
             match reg_recv.recv().await {
                 Ok(m) => {
-                    if to_loop.send(Inbound::Registration(generation, m.into_vec())).await.is_err() {
+                    if to_loop.send(LoopEvent::Registration(generation, m.into_vec())).await.is_err() {
                         break;
                     }
                 }
@@ -412,14 +412,14 @@ pub struct Sockets {
 
 /// Connect the engine's sockets to the controller: shell (mux, task), control, iopub and the
 /// heart, and in the background the broadcast leaf of engine `id` (announced to the engine
-/// loop as [`Inbound::BroadcastReady`]). A closed connection of mux, task or control is
-/// reported as [`Inbound::ControllerLost`].
+/// loop as [`LoopEvent::BroadcastReady`]). A closed connection of mux, task or control is
+/// reported as [`LoopEvent::ControllerLost`].
 pub async fn connect_engine(
     conn: &EngineConnection,
     uuid: &str,
     id: u64,
     t: Duration,
-    inbound_tx: &mpsc::Sender<Inbound>,
+    inbound_tx: &mpsc::Sender<LoopEvent>,
 ) -> Result<Sockets> {
     let generation = next_generation();
     let mut tasks = Tasks::default();
@@ -434,9 +434,9 @@ pub async fn connect_engine(
     start_heart(&conn.url(conn.hb_ping), &conn.url(conn.hb_pong), uuid, t, pings.clone(), &mut tasks).await?;
     let sockets = Sockets {
         generation,
-        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| Inbound::Shell(Channel::Mux, f), &mut tasks),
-        task: spawn_dealer(task, "task", inbound_tx.clone(), |f| Inbound::Shell(Channel::Task, f), &mut tasks),
-        control: spawn_dealer(control, "control", inbound_tx.clone(), Inbound::Control, &mut tasks),
+        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| LoopEvent::Shell(Channel::Mux, f), &mut tasks),
+        task: spawn_dealer(task, "task", inbound_tx.clone(), |f| LoopEvent::Shell(Channel::Task, f), &mut tasks),
+        control: spawn_dealer(control, "control", inbound_tx.clone(), LoopEvent::Control, &mut tasks),
         iopub,
         pings,
         tasks,
@@ -449,8 +449,8 @@ pub async fn connect_engine(
             match connect_dealer(&url, &uuid, Duration::from_secs(30)).await {
                 Ok(s) => {
                     let mut tasks = Tasks::default();
-                    let out = spawn_dealer(s, "broadcast", inbound.clone(), |f| Inbound::Shell(Channel::Broadcast, f), &mut tasks);
-                    let _ = inbound.send(Inbound::BroadcastReady(generation, out, tasks)).await;
+                    let out = spawn_dealer(s, "broadcast", inbound.clone(), |f| LoopEvent::Shell(Channel::Broadcast, f), &mut tasks);
+                    let _ = inbound.send(LoopEvent::BroadcastReady(generation, out, tasks)).await;
                 }
                 Err(e) => warn!(error = %e, "no broadcast scheduler connection; broadcast requests will not reach this engine"),
             }
@@ -464,8 +464,8 @@ pub async fn connect_engine(
 pub fn spawn_dealer(
     sock: DealerSocket,
     name: &'static str,
-    inbound: mpsc::Sender<Inbound>,
-    wrap: fn(Frames) -> Inbound,
+    inbound: mpsc::Sender<LoopEvent>,
+    wrap: fn(Frames) -> LoopEvent,
     tasks: &mut Tasks,
 ) -> Outlet {
     let (mut tx_half, mut rx_half) = sock.split();
@@ -612,7 +612,7 @@ impl ControllerSource {
 
 /// One attempt to register again after the link was lost: new sockets first when `rebuild`,
 /// then a registration asking for `id` over a new registration socket. Every wait is bounded
-/// by `limit`. Reported to the engine loop as [`Inbound::Rejoined`].
+/// by `limit`. Reported to the engine loop as [`LoopEvent::Rejoined`].
 pub async fn rejoin(
     source: ControllerSource,
     username: String,
@@ -620,7 +620,7 @@ pub async fn rejoin(
     id: u64,
     rebuild: bool,
     limit: Duration,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<LoopEvent>,
 ) {
     let attempt = async {
         let conn = source.current();
@@ -630,13 +630,13 @@ pub async fn rejoin(
         Ok::<_, Error>(Rejoined { conn, session, registration, sockets })
     };
     let outcome = attempt.await.map_err(|e| e.to_string());
-    let _ = inbound.send(Inbound::Rejoined(Box::new(outcome))).await;
+    let _ = inbound.send(LoopEvent::Rejoined(Box::new(outcome))).await;
 }
 
 /// Find and greet the compiler: wait (up to `wait`) for its connection file if it comes from
 /// one, connect, send `engine_hello` until `engine_hello_reply` arrives. Reports the outcome to
-/// the engine loop as [`Inbound::CompilerReady`] or [`Inbound::CompilerFailed`]; later, a dropped
-/// connection as [`Inbound::CompilerLost`].
+/// the engine loop as [`LoopEvent::CompilerReady`] or [`LoopEvent::CompilerFailed`]; later, a dropped
+/// connection as [`LoopEvent::CompilerLost`].
 ///
 /// `history` is what the engine's running worker has run (see [`crate::history`]), empty for a
 /// fresh worker.
@@ -647,12 +647,12 @@ pub async fn connect_compiler(
     username: String,
     wait: Duration,
     history: Vec<HistoryCell>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<LoopEvent>,
 ) {
     let outcome = compiler_handshake(&source, &uuid, engine_id, &username, wait, history, inbound.clone()).await;
     let msg = match outcome {
-        Ok(link) => Inbound::CompilerReady(Box::new(link)),
-        Err(e) => Inbound::CompilerFailed(e),
+        Ok(link) => LoopEvent::CompilerReady(Box::new(link)),
+        Err(e) => LoopEvent::CompilerFailed(e),
     };
     let _ = inbound.send(msg).await;
 }
@@ -664,7 +664,7 @@ async fn compiler_handshake(
     username: &str,
     wait: Duration,
     history: Vec<HistoryCell>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<LoopEvent>,
 ) -> std::result::Result<CompilerLink, String> {
     let deadline = Instant::now() + wait;
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -728,7 +728,7 @@ async fn compiler_handshake(
         use futures::StreamExt;
         while let Some(ev) = monitor.next().await {
             if matches!(ev, zeromq::SocketEvent::Disconnected(_)) {
-                let _ = lost.send(Inbound::CompilerLost(id)).await;
+                let _ = lost.send(LoopEvent::CompilerLost(id)).await;
                 break;
             }
         }
@@ -739,7 +739,7 @@ async fn compiler_handshake(
         loop {
             match rx_half.recv().await {
                 Ok(m) => {
-                    if inbound.send(Inbound::Compiler(m.into_vec())).await.is_err() {
+                    if inbound.send(LoopEvent::Compiler(m.into_vec())).await.is_err() {
                         break;
                     }
                 }

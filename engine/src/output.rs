@@ -5,27 +5,10 @@
 
 use std::collections::VecDeque;
 
-/// The worker finished a `LOAD_AND_RUN`.
-pub const EXECUTION_COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
-/// User code panicked (caught by the generated wrapper).
-pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
-/// The worker's own marker: the cell was interrupted (SIGINT); printed after the cell returned,
-/// before [`EXECUTION_COMPLETE`].
-pub const INTERRUPTED: &str = "RPX_INTERRUPTED";
-/// The worker's own marker after each closure call, on stdout and on stderr: what came before
-/// it on that stream was the call's output (calls are handed to the worker ahead of time, so a
-/// stream can hold the next call's output right behind it).
-pub const CALL_END: &str = "RPX_CALL_END";
-/// A `?` in user code returned an error.
-pub const ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
-/// Prefix of `EVCXR_VARIABLE_CHANGED_TYPE:<name>`.
-pub const VARIABLE_CHANGED_TYPE: &str = "EVCXR_VARIABLE_CHANGED_TYPE:";
-/// Prefix of `EVCXR_BEGIN_CONTENT <mime>`.
-pub const BEGIN_CONTENT: &str = "EVCXR_BEGIN_CONTENT ";
-/// End of a content block.
-pub const END_CONTENT: &str = "EVCXR_END_CONTENT";
-/// Prefix of `EVCXR_INPUT_REQUEST:<prompt>` (and `EVCXR_INPUT_REQUEST_PASSWORD:<prompt>`).
-pub const INPUT_REQUEST: &str = "EVCXR_INPUT_REQUEST";
+use rpx_worker::markers::{
+    BEGIN_CONTENT, CALL_END, END_CONTENT, ERROR_OCCURRED, EXECUTION_COMPLETE, INPUT_REQUEST, INTERRUPTED, PANIC_NOTIFICATION,
+    VARIABLE_CHANGED_TYPE,
+};
 
 /// One thing recognised in the worker's stdout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,28 +34,6 @@ pub enum StdoutEvent {
     Complete,
     /// The worker's [`CALL_END`] marker.
     CallEnd,
-}
-
-/// The buffer address of a `read(0, buf, len)` that a line of `/proc/<pid>/syscall` shows the
-/// thread blocked in (the syscall number in decimal, then the arguments in hex); `None` for
-/// any other state. The worker's own command reads use one buffer; a cell's read of stdin
-/// (through its own copy of std) another, which tells them apart.
-pub fn stdin_read_buffer(syscall_line: &str) -> Option<&str> {
-    let mut parts = syscall_line.split_whitespace();
-    if parts.next().and_then(|n| n.parse::<i64>().ok()) != Some(libc::SYS_read) || parts.next() != Some("0x0") {
-        return None;
-    }
-    parts.next()
-}
-
-/// The buffer of the `read(0, ..)` process `pid`'s main thread is blocked in, if it is (`None`
-/// too when it cannot be told).
-pub fn reading_stdin(pid: i32) -> Option<String> {
-    if pid <= 0 {
-        return None;
-    }
-    let line = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
-    stdin_read_buffer(&line).map(str::to_string)
 }
 
 /// Incremental parser for the worker's stdout. Keeps a partial line and an open content block
@@ -580,14 +541,5 @@ mod tests {
         assert_eq!(m.feed("tail RPX"), vec![StderrPiece::Text("tail ".into())]);
         assert_eq!(m.take_held().as_deref(), Some("RPX"));
         assert_eq!(m.take_held(), None);
-    }
-
-    #[test]
-    fn a_read_of_fd_0_is_told_from_other_syscalls() {
-        let read = libc::SYS_read;
-        assert_eq!(stdin_read_buffer(&format!("{read} 0x0 0x5581a0 0x2000 0x0 0x0 0x0 0x7ffc 0x7f12\n")), Some("0x5581a0"));
-        assert_eq!(stdin_read_buffer(&format!("{read} 0x3 0x5581a0 0x2000 0x0 0x0 0x0 0x7ffc 0x7f12")), None, "another fd");
-        assert_eq!(stdin_read_buffer("running"), None);
-        assert_eq!(stdin_read_buffer(&format!("{} 0x0 0x1", read + 1)), None);
     }
 }

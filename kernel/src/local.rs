@@ -160,7 +160,7 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     let runtime_pid =
         shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
     // The idle runtime waits for its next command: the buffer of that read is its own.
-    let idle_read = runtime_pid.and_then(|pid| rpx_engine::output::reading_stdin(pid).map(|b| (pid, b)));
+    let idle_read = runtime_pid.and_then(|pid| rpx_worker::stdin::reading_stdin(pid).map(|b| (pid, b)));
     let done = std::sync::atomic::AtomicBool::new(false);
     let mut r = std::thread::scope(|scope| {
         if let Some((pid, own)) = idle_read {
@@ -249,7 +249,7 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
             LocalOutcome::Ok(Some(data))
         }
         Err(evcxr::Error::CompilationErrors(errors)) => {
-            let (evalue, tb) = crate::diagnostics::render_evcxr(shown, &errors);
+            let (evalue, tb) = rpx_worker::diagnostics::render_evcxr(shown, &errors);
             LocalOutcome::Err("CompileError".into(), evalue, tb)
         }
         Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => LocalOutcome::Err(
@@ -291,7 +291,7 @@ fn watch_plain_stdin_reads(shared: &Shared, pid: i32, own: &str, done: &std::syn
     let mut seen = 0;
     while !done.load(Ordering::SeqCst) {
         std::thread::sleep(STDIN_POLL);
-        let reading = rpx_engine::output::reading_stdin(pid);
+        let reading = rpx_worker::stdin::reading_stdin(pid);
         if shared.in_input.load(Ordering::SeqCst) || reading.is_none_or(|b| b == own) {
             seen = 0;
             continue;

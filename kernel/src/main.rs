@@ -12,14 +12,10 @@
 //! - [`relay`]: the local runtime's stdout relay that tells the kernel a `?` returned an error.
 //! - [`install`]: the kernelspec.
 //! - [`prepare`]: the `rpx` client crate compiled ahead of the first cell that uses it.
-//! - `diagnostics`: rustc errors rendered against the cell (shared with rpx-compiler).
+//!
+//! The local runtime is `rpx_worker`'s worker process (this binary re-executed), and compile
+//! errors render with `rpx_worker::diagnostics`, as the cluster's compiler renders them.
 
-// The same rendering of rustc diagnostics as the cluster's compiler, so local and remote compile
-// errors read alike.
-// (The kernel renders evcxr's errors only; the rustc-JSON half serves the compiler's closures.)
-#[path = "../../compiler/src/diagnostics.rs"]
-#[allow(dead_code)]
-mod diagnostics;
 mod install;
 mod local;
 mod prepare;
@@ -92,7 +88,7 @@ fn main() {
     // SIGINT into a panic in the running cell) and evcxr's rustc wrapper: that must come first.
     if std::env::var_os(local::WORKER_ENV).is_some() {
         relay::install();
-        rpx_engine::worker::run();
+        rpx_worker::run();
     }
     evcxr::runtime_hook();
     let args = Args::parse();

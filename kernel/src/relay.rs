@@ -18,8 +18,8 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// The line evcxr's generated code prints after a `?` returned an error.
-pub const ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
+use rpx_worker::markers::ERROR_OCCURRED;
+
 /// The mime type of the content block that tells the kernel a cell's `?` returned an error.
 pub const ERROR_MIME: &str = "application/vnd.rpx.question-mark-error";
 /// Written on stderr after the error's text: the lines before it were the error.
@@ -124,7 +124,7 @@ fn relayed(lines: &[u8]) -> Vec<u8> {
         // The worker's markers follow the cell's flushed stdout, which may end without a
         // newline: evcxr finds a marker only on a line of its own.
         let body = line.strip_suffix(b"\n").unwrap_or(line);
-        let marker = [rpx_engine::output::EXECUTION_COMPLETE, rpx_engine::output::INTERRUPTED]
+        let marker = [rpx_worker::markers::EXECUTION_COMPLETE, rpx_worker::markers::INTERRUPTED]
             .into_iter()
             .find(|m| body.len() > m.len() && body.ends_with(m.as_bytes()));
         let (text, line) = match marker {
@@ -149,7 +149,7 @@ fn relayed(lines: &[u8]) -> Vec<u8> {
         }
         // The worker's own notice of an interrupted cell is for an engine's supervisor; evcxr
         // would show it as the cell's output.
-        if line.strip_suffix(b"\n").unwrap_or(line) == rpx_engine::output::INTERRUPTED.as_bytes() {
+        if line.strip_suffix(b"\n").unwrap_or(line) == rpx_worker::markers::INTERRUPTED.as_bytes() {
             continue;
         }
         out.extend_from_slice(line);

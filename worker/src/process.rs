@@ -1,57 +1,25 @@
 //! The worker process: loads compiled cells and runs them. Plain std, no tokio, no sockets.
 //!
-//! `ipengine` re-executes itself with `RPX_ENGINE_WORKER=1`; [`run`] then reads commands on stdin:
+//! `ipengine` re-executes itself as its worker, and `rpx-kernel` runs as one for its local cells
+//! (evcxr's runtime); [`run`] then reads instructions on stdin:
 //! - `LOAD_AND_RUN <so_path> <fn_name>`: call a cell function with the variable store pointer,
 //!   then print `EVCXR_EXECUTION_COMPLETE` on stdout.
 //! - `CALL <so_path> <fn_name> <mode> <len>` followed by `len` raw bytes: call a compiled closure
 //!   (`rpx_runtime::abi`) and write `[status: u32 LE][len: u64 LE][bytes]` on the result pipe
 //!   (fd [`RESULT_FD`]), after the closure's own output was flushed; then a
-//!   [`crate::output::CALL_END`] line on stdout and on stderr. Calls may be written ahead: the
-//!   worker reads its commands in order.
+//!   [`crate::markers::CALL_END`] line on stdout and on stderr. Calls may be written ahead: the
+//!   worker reads its instructions in order.
 //!
-//! SIGINT interrupts the running cell or closure by injecting a panic into it (see [`interrupt`]);
-//! the worker then prints [`crate::output::INTERRUPTED`] before `EVCXR_EXECUTION_COMPLETE`, or
+//! SIGINT interrupts the running cell or closure by injecting a panic into it (see [`crate::interrupt`]);
+//! the worker then prints [`crate::markers::INTERRUPTED`] before `EVCXR_EXECUTION_COMPLETE`, or
 //! answers a call with [`STATUS_INTERRUPTED`]. SIGINT while nothing runs is ignored.
 //!
 //! Libraries are never unloaded (cells register TLS destructors and leak statics into the store).
-
-#[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
-pub mod interrupt;
-
-/// Interrupts are implemented for x86_64 Linux with glibc only; elsewhere the worker ignores
-/// SIGINT and the engine kills it when the grace period after an interrupt is over.
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")))]
-pub mod interrupt {
-    /// No-op stand-in for the x86_64 Linux implementation.
-    #[derive(Debug, Default)]
-    pub struct Interrupts;
-
-    impl Interrupts {
-        pub fn new() -> Interrupts {
-            Interrupts
-        }
-        /// Ignore SIGINT.
-        pub fn install(&mut self) -> Result<(), String> {
-            // SAFETY: setting a signal disposition.
-            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-            Ok(())
-        }
-        pub fn busy(&mut self) {}
-        pub fn loaded(&mut self) {}
-        pub fn begin(&mut self) {}
-        pub fn end(&mut self) -> bool {
-            false
-        }
-        pub fn idle(&mut self) {}
-    }
-}
 
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::{BufRead, Read, Write};
 
-/// Environment variable that makes `ipengine` run as a worker.
-pub const WORKER_ENV: &str = "RPX_ENGINE_WORKER";
 /// The supervisor's pid, so the worker can tell whether it was orphaned before PDEATHSIG was set.
 pub const PARENT_ENV: &str = "RPX_ENGINE_PARENT";
 
@@ -67,9 +35,9 @@ pub const STATUS_LOAD_FAILED: u32 = 100;
 /// message.
 pub const STATUS_INTERRUPTED: u32 = 101;
 
-/// A parsed stdin command.
+/// What one stdin line tells the worker to do.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Command<'a> {
+pub enum Instruction<'a> {
     Load { so_path: &'a str, fn_name: &'a str },
     Call { so_path: &'a str, fn_name: &'a str, mode: u32, len: usize },
 }
@@ -89,7 +57,7 @@ pub fn run() -> ! {
         }
     }
 
-    let mut intr = interrupt::Interrupts::new();
+    let mut intr = crate::interrupt::Interrupts::new();
     if let Err(e) = intr.install() {
         eprintln!("rpx engine worker: interrupts are off ({e}); SIGINT is ignored");
     }
@@ -115,18 +83,18 @@ pub fn run() -> ! {
             continue;
         }
         intr.busy();
-        match parse_command(cmd) {
-            Some(Command::Load { so_path, fn_name }) => {
+        match parse_instruction(cmd) {
+            Some(Instruction::Load { so_path, fn_name }) => {
                 let interrupted;
                 (store, interrupted) = load_and_run(so_path, fn_name, store, &mut intr);
                 let mut out = std::io::stdout().lock();
                 if interrupted {
-                    let _ = writeln!(out, "{}", crate::output::INTERRUPTED);
+                    let _ = writeln!(out, "{}", crate::markers::INTERRUPTED);
                 }
-                let _ = writeln!(out, "{}", crate::output::EXECUTION_COMPLETE);
+                let _ = writeln!(out, "{}", crate::markers::EXECUTION_COMPLETE);
                 let _ = out.flush();
             }
-            Some(Command::Call { so_path, fn_name, mode, len }) => {
+            Some(Instruction::Call { so_path, fn_name, mode, len }) => {
                 args.resize(len, 0);
                 if let Err(e) = input.read_exact(&mut args) {
                     fail(&format!("cannot read {len} argument bytes: {e}"));
@@ -135,7 +103,7 @@ pub fn run() -> ! {
                 // The call's own output was flushed (by the runtime) before it returned: what
                 // follows on stdout and stderr belongs to the next call. The markers go first,
                 // each in one write, so the engine usually finds all three when it wakes.
-                let end = format!("{}\n", crate::output::CALL_END);
+                let end = format!("{}\n", crate::markers::CALL_END);
                 let mut stdout = std::io::stdout().lock();
                 let _ = stdout.write_all(end.as_bytes()).and_then(|_| stdout.flush());
                 let _ = std::io::stderr().lock().write_all(end.as_bytes());
@@ -155,14 +123,14 @@ pub fn run() -> ! {
     }
 }
 
-/// Parse one stdin command line.
-pub fn parse_command(line: &str) -> Option<Command<'_>> {
+/// Parse one stdin line.
+pub fn parse_instruction(line: &str) -> Option<Instruction<'_>> {
     if let Some(rest) = line.strip_prefix("LOAD_AND_RUN ") {
         let (so_path, fn_name) = rest.split_once(' ')?;
         if so_path.is_empty() || fn_name.is_empty() || fn_name.contains(' ') {
             return None;
         }
-        return Some(Command::Load { so_path, fn_name });
+        return Some(Instruction::Load { so_path, fn_name });
     }
     let rest = line.strip_prefix("CALL ")?;
     let mut parts = rest.split(' ');
@@ -170,7 +138,7 @@ pub fn parse_command(line: &str) -> Option<Command<'_>> {
     if so_path.is_empty() || fn_name.is_empty() || parts.next().is_some() {
         return None;
     }
-    Some(Command::Call { so_path, fn_name, mode, len })
+    Some(Instruction::Call { so_path, fn_name, mode, len })
 }
 
 extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
@@ -190,7 +158,7 @@ fn call(
     fn_name: &str,
     mode: u32,
     args: &[u8],
-    intr: &mut interrupt::Interrupts,
+    intr: &mut crate::interrupt::Interrupts,
 ) -> (u32, Vec<u8>) {
     if !libs.contains_key(so_path) {
         // SAFETY: loading a library runs its initialisers; the compiler built it for this purpose.
@@ -220,7 +188,7 @@ fn call(
 }
 
 /// Run a cell; returns the new store and whether the cell was interrupted.
-fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void, intr: &mut interrupt::Interrupts) -> (*mut c_void, bool) {
+fn load_and_run(so_path: &str, fn_name: &str, store: *mut c_void, intr: &mut crate::interrupt::Interrupts) -> (*mut c_void, bool) {
     // SAFETY: loading a library runs its initialisers; the compiler built it for this purpose.
     let lib = match unsafe { libloading::Library::new(so_path) } {
         Ok(lib) => lib,
@@ -261,18 +229,18 @@ mod tests {
     #[test]
     fn commands() {
         assert_eq!(
-            parse_command("LOAD_AND_RUN /tmp/a.so run_user_code_3"),
-            Some(Command::Load { so_path: "/tmp/a.so", fn_name: "run_user_code_3" })
+            parse_instruction("LOAD_AND_RUN /tmp/a.so run_user_code_3"),
+            Some(Instruction::Load { so_path: "/tmp/a.so", fn_name: "run_user_code_3" })
         );
-        assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so"), None);
-        assert_eq!(parse_command("RUN /tmp/a.so f"), None);
-        assert_eq!(parse_command("LOAD_AND_RUN /tmp/a.so f g"), None);
+        assert_eq!(parse_instruction("LOAD_AND_RUN /tmp/a.so"), None);
+        assert_eq!(parse_instruction("RUN /tmp/a.so f"), None);
+        assert_eq!(parse_instruction("LOAD_AND_RUN /tmp/a.so f g"), None);
         assert_eq!(
-            parse_command("CALL /tmp/c.so rpx_closure_ab 1 42"),
-            Some(Command::Call { so_path: "/tmp/c.so", fn_name: "rpx_closure_ab", mode: 1, len: 42 })
+            parse_instruction("CALL /tmp/c.so rpx_closure_ab 1 42"),
+            Some(Instruction::Call { so_path: "/tmp/c.so", fn_name: "rpx_closure_ab", mode: 1, len: 42 })
         );
-        assert_eq!(parse_command("CALL /tmp/c.so f 1"), None);
-        assert_eq!(parse_command("CALL /tmp/c.so f x 3"), None);
-        assert_eq!(parse_command("CALL /tmp/c.so f 1 3 4"), None);
+        assert_eq!(parse_instruction("CALL /tmp/c.so f 1"), None);
+        assert_eq!(parse_instruction("CALL /tmp/c.so f x 3"), None);
+        assert_eq!(parse_instruction("CALL /tmp/c.so f 1 3 4"), None);
     }
 }

@@ -1,10 +1,11 @@
-//! Rendering of rustc's diagnostics against the user's code, in rustc's familiar layout.
+//! Rendering of rustc's diagnostics against the user's code, in rustc's familiar layout, so that
+//! the kernel's local cells and the cluster's compiler show compile errors alike.
 //!
-//! Diagnostics come from evcxr (cells) or straight from cargo's JSON messages (closures,
-//! [`crate::builder`]); both become a [`Diag`] first.
+//! Diagnostics come from evcxr (cells; with the `evcxr` feature) or from cargo's JSON messages
+//! (the compiler's closures); both become a [`Diag`] first.
 
+#[cfg(feature = "evcxr")]
 use evcxr::CompilationError;
-use serde_json::Value;
 
 /// One rustc diagnostic, with spans in lines of the code it is rendered against.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -28,6 +29,7 @@ pub struct DiagSpan {
     pub label: String,
 }
 
+#[cfg(feature = "evcxr")]
 impl Diag {
     /// An error evcxr reported, its spans already mapped to the user's cell.
     pub fn from_evcxr(e: &CompilationError) -> Diag {
@@ -54,52 +56,10 @@ impl Diag {
             hint: e.evcxr_extra_hint().map(str::to_string),
         }
     }
-
-    /// The `message` of a cargo `compiler-message` (rustc's JSON diagnostic); only spans in
-    /// `file` (the one source file the code was written to) are kept.
-    pub fn from_rustc_json(m: &Value, file: &str) -> Diag {
-        let spans = m["spans"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["file_name"].as_str().is_some_and(|f| f.ends_with(file)))
-            .map(|s| {
-                let n = |k: &str| s[k].as_u64().unwrap_or(0) as usize;
-                DiagSpan {
-                    start_line: n("line_start"),
-                    start_column: n("column_start"),
-                    end_line: n("line_end"),
-                    end_column: n("column_end"),
-                    is_primary: s["is_primary"].as_bool().unwrap_or(false),
-                    label: s["label"].as_str().unwrap_or_default().to_string(),
-                }
-            })
-            .collect();
-        let help = m["children"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["level"].as_str() == Some("help"))
-            .filter_map(|c| {
-                let mut text = c["message"].as_str()?.to_string();
-                if let Some(r) = c["spans"][0]["suggested_replacement"].as_str() {
-                    text.push_str(&format!("\n\n{}", r.trim_end()));
-                }
-                Some(text)
-            })
-            .collect();
-        Diag {
-            level: m["level"].as_str().unwrap_or_default().to_string(),
-            code: m["code"]["code"].as_str().map(str::to_string),
-            message: m["message"].as_str().unwrap_or_default().to_string(),
-            spans,
-            help,
-            hint: None,
-        }
-    }
 }
 
 /// [`render`] for the errors evcxr reported against a cell.
+#[cfg(feature = "evcxr")]
 pub fn render_evcxr(code: &str, errors: &[CompilationError]) -> (String, Vec<String>) {
     render(code, "cell", &errors.iter().map(Diag::from_evcxr).collect::<Vec<_>>())
 }
@@ -149,22 +109,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rustc_json_errors_render_against_the_code() {
-        let code = "fn f() {\n    helper(1)\n}";
-        let m = serde_json::json!({
-            "level": "error", "message": "cannot find function `helper` in this scope",
-            "code": {"code": "E0425", "explanation": "..."},
-            "spans": [
-                {"file_name": "src/lib.rs", "line_start": 2, "line_end": 2, "column_start": 5, "column_end": 11, "is_primary": true, "label": "not found in this scope"},
-                {"file_name": "/home/x/.cargo/registry/src/serde/lib.rs", "line_start": 90, "line_end": 90, "column_start": 1, "column_end": 2, "is_primary": false, "label": null}
-            ],
-            "children": [{"level": "help", "message": "consider importing this function", "spans": []}, {"level": "note", "message": "n", "spans": []}]
-        });
-        let d = Diag::from_rustc_json(&m, "src/lib.rs");
-        assert_eq!(d.spans.len(), 1);
-        let (evalue, tb) = render(code, "closure", &[d, Diag { level: "warning".into(), ..Diag::default() }]);
-        assert_eq!(evalue, "cannot find function `helper` in this scope");
-        assert_eq!(tb.len(), 1);
-        assert_eq!(tb[0], "error[E0425]: cannot find function `helper` in this scope\n --> closure:2:5\n  |\n2 |     helper(1)\n  |     ^^^^^^ not found in this scope\nhelp: consider importing this function");
+    fn errors_render_against_the_code_and_warnings_are_left_out() {
+        let error = Diag {
+            level: "error".into(),
+            code: Some("E0308".into()),
+            message: "mismatched types".into(),
+            spans: vec![DiagSpan {
+                start_line: 1,
+                start_column: 14,
+                end_line: 1,
+                end_column: 18,
+                is_primary: true,
+                label: "expected `u32`".into(),
+            }],
+            help: vec!["try `1`".into()],
+            hint: Some("a hint".into()),
+        };
+        let warning = Diag { level: "warning".into(), message: "unused".into(), ..Diag::default() };
+        let (evalue, tb) = render("let x: u32 = \"a\";", "cell", &[warning.clone(), error]);
+        assert_eq!(evalue, "mismatched types");
+        assert_eq!(
+            tb,
+            ["error[E0308]: mismatched types\n --> cell:1:14\n  |\n1 | let x: u32 = \"a\";\n  |              ^^^^ expected `u32`\nhelp: try `1`\nhint: a hint"]
+        );
+        assert_eq!(render("", "cell", &[warning]), ("compilation failed".into(), vec!["error: compilation failed".into()]));
     }
 }

@@ -1,0 +1,304 @@
+//! Unit tests of [`super`]'s decisions.
+
+use super::*;
+
+fn id(n: u8) -> Ident {
+    Bytes::from(vec![b'e', n])
+}
+
+fn art(path: &str) -> Artifact {
+    Artifact { path: path.into(), sha256: "0".repeat(64), size: 1 }
+}
+
+fn ok() -> LoadOutcome {
+    LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: vec![] }
+}
+
+fn panicked() -> LoadOutcome {
+    LoadOutcome::Complete { panicked: true, error_occurred: false, changed_types: vec![] }
+}
+
+fn evals(a: &[Action]) -> Vec<(CtxId, String)> {
+    a.iter().filter_map(|x| if let Action::Eval { ctx, code } = x { Some((*ctx, code.clone())) } else { None }).collect()
+}
+
+fn sends(a: &[Action], t: &str) -> Vec<(Ident, Value)> {
+    a.iter()
+        .filter_map(|x| {
+            if let Action::Send { to, msg_type, content } = x {
+                (*msg_type == t).then(|| (to.clone(), content.clone()))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// n engines, all in the first group.
+fn cluster(n: u8) -> (Compiler, CtxId) {
+    let mut c = Compiler::new(Duration::from_millis(10));
+    let a = c.start();
+    assert_eq!(a, vec![Action::NewContext { ctx: 1 }]);
+    for i in 0..n {
+        c.on_hello(id(i), i as u64, vec![]);
+    }
+    assert_eq!(c.groups(), vec![(0..n as u64).collect::<Vec<_>>()]);
+    (c, 1)
+}
+
+/// Run one cell on the given engines through a whole eval with the given outcomes.
+fn run(c: &mut Compiler, engines: &[u8], code: &str, outcomes: &[LoadOutcome]) -> Vec<Action> {
+    let now = Instant::now();
+    let mut acts = Vec::new();
+    for &e in engines {
+        acts.extend(c.on_cell_request(id(e), format!("cell-{e}"), code.into(), now));
+    }
+    acts.extend(c.on_tick(now + Duration::from_secs(1)));
+    let ev = evals(&acts);
+    for (ctx, _) in &ev {
+        acts.extend(c.on_load_requested(*ctx, &art("/x.so"), "f"));
+        for (&e, o) in engines.iter().zip(outcomes) {
+            if c.engines[&id(e)].group == Some(*ctx) {
+                acts.extend(c.on_load_done(id(e), o.clone()));
+            }
+        }
+        acts.extend(c.on_eval_done(*ctx, EvalResult::Ok { has_vars: true }));
+    }
+    acts
+}
+
+#[test]
+fn identical_cells_from_a_whole_group_compile_once_without_waiting() {
+    let (mut c, g) = cluster(3);
+    let now = Instant::now();
+    assert!(evals(&c.on_cell_request(id(0), "a".into(), "let x = 1;".into(), now)).is_empty());
+    assert!(evals(&c.on_cell_request(id(1), "b".into(), "let x = 1;".into(), now)).is_empty());
+    let a = c.on_cell_request(id(2), "c".into(), "let x = 1;".into(), now);
+    assert_eq!(evals(&a), vec![(g, "let x = 1;".to_string())]);
+    let loads = c.on_load_requested(g, &art("/t/libcode_3.so"), "run_user_code_2");
+    assert_eq!(sends(&loads, msg_type::LOAD).len(), 3);
+    let mut replies = 0;
+    for i in 0..3 {
+        let a = c.on_load_done(id(i), ok());
+        replies += sends(&a, msg_type::CELL_REPLY).len();
+        if i == 2 {
+            assert!(a.contains(&Action::Verdict { ctx: g, lines: vec![] }));
+        }
+    }
+    assert_eq!(replies, 3, "each engine is answered as soon as its own load completes");
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
+}
+
+#[test]
+fn a_subset_cell_forks_the_subset_with_a_replayed_history() {
+    let (mut c, g) = cluster(4);
+    run(&mut c, &[0, 1, 2, 3], "let x = 1;", &[ok(), ok(), ok(), ok()]);
+    let a = run(&mut c, &[0, 1], "let y = 2;", &[ok(), ok()]);
+    let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
+    assert_eq!(replay, vec![Hist { code: "let x = 1;".into(), verdict: Verdict::Ok }]);
+    let ev = evals(&a);
+    assert_eq!(ev.len(), 1);
+    assert_ne!(ev[0].0, g);
+    assert_eq!(c.groups(), vec![vec![2, 3], vec![0, 1]]);
+    // A cell on all engines now compiles once per group.
+    let a = run(&mut c, &[0, 1, 2, 3], "println!(\"{x}\");", &[ok(), ok(), ok(), ok()]);
+    assert_eq!(evals(&a).len(), 2);
+    assert_eq!(sends(&a, msg_type::CELL_REPLY).len(), 4);
+}
+
+#[test]
+fn a_panic_on_one_engine_splits_clean_engines_into_a_context_that_keeps_the_variables() {
+    let (mut c, _) = cluster(3);
+    let a = run(&mut c, &[0, 1, 2], "let z = 7; maybe_panic();", &[ok(), panicked(), ok()]);
+    assert!(a.contains(&Action::Verdict { ctx: 1, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
+    let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
+    assert_eq!(replay.last().unwrap().verdict, Verdict::Ok);
+    assert_eq!(c.groups(), vec![vec![1], vec![0, 2]]);
+}
+
+/// Regression: engines that asked for their next cell while a cell that panicked elsewhere
+/// was finishing were split into a group of their own, and their deferred request was
+/// dropped: they waited forever (the 8-engine cells test hung on engines 0 and 1).
+#[test]
+fn requests_deferred_across_a_panic_split_follow_their_engines() {
+    let (mut c, g) = cluster(3);
+    let now = Instant::now();
+    for e in 0..3 {
+        c.on_cell_request(id(e), format!("p{e}"), "let k = 1; maybe_panic();".into(), now);
+    }
+    c.on_load_requested(g, &art("/p.so"), "f");
+    c.on_load_done(id(0), ok());
+    c.on_load_done(id(1), panicked());
+    c.on_load_done(id(2), ok());
+    // Every load is in; the eval has not returned yet. Engines 0 and 2 ask for the next cell.
+    c.on_cell_request(id(0), "n0".into(), "k".into(), now);
+    assert!(evals(&c.on_cell_request(id(2), "n2".into(), "k".into(), now)).is_empty());
+    let a = c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    let a: Vec<Action> = a.into_iter().chain(c.on_tick(now + Duration::from_secs(1))).collect();
+    let ev = evals(&a);
+    assert_eq!(ev.len(), 1, "{a:?}");
+    assert_ne!(ev[0].0, g, "the next cell runs in the clean engines' new group");
+    assert_eq!(ev[0].1, "k");
+    assert_eq!(c.groups(), vec![vec![1], vec![0, 2]]);
+}
+
+#[test]
+fn engines_done_with_a_slow_cell_fork_instead_of_waiting() {
+    let (mut c, g) = cluster(3);
+    let now = Instant::now();
+    for e in 0..3 {
+        c.on_cell_request(id(e), format!("s{e}"), "slow_on_0();".into(), now);
+    }
+    c.on_load_requested(g, &art("/s.so"), "f");
+    // Engines 1 and 2 finish; engine 0 is still running.
+    c.on_load_done(id(1), ok());
+    c.on_load_done(id(2), ok());
+    c.on_cell_request(id(1), "n1".into(), "next();".into(), now);
+    let a = c.on_cell_request(id(2), "n2".into(), "next();".into(), now);
+    assert!(evals(&a).is_empty(), "waits for the batch window, not for engine 0");
+    let a = c.on_tick(now + Duration::from_millis(20));
+    let ev = evals(&a);
+    assert_eq!(ev.len(), 1);
+    assert_ne!(ev[0].0, g);
+    let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).unwrap();
+    assert_eq!(replay, vec![Hist { code: "slow_on_0();".into(), verdict: Verdict::Ok }]);
+    // Engine 0 finishes later; the old group's verdict only covers engine 0.
+    let a = c.on_load_done(id(0), ok());
+    assert!(a.contains(&Action::Verdict { ctx: g, lines: vec![] }));
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    assert_eq!(c.groups(), vec![vec![0], vec![1, 2]]);
+}
+
+#[test]
+fn a_dead_worker_moves_its_engine_to_a_fresh_context() {
+    let (mut c, g) = cluster(2);
+    run(&mut c, &[0, 1], "let v = vec![1];", &[ok(), ok()]);
+    let now = Instant::now();
+    c.on_cell_request(id(0), "a".into(), "std::process::abort();".into(), now);
+    c.on_cell_request(id(1), "b".into(), "std::process::abort();".into(), now);
+    c.on_load_requested(g, &art("/a.so"), "f");
+    let a = c.on_load_done(id(0), LoadOutcome::Died { status: "signal 6 (SIGABRT)".into() });
+    let r = sends(&a, msg_type::CELL_REPLY);
+    assert_eq!(r[0].1["ename"], "EngineWorkerDied");
+    assert!(r[0].1["evalue"].as_str().unwrap().contains("variables were lost"));
+    let a = c.on_load_done(id(1), ok());
+    assert!(a.contains(&Action::Verdict { ctx: g, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    assert_eq!(c.groups().len(), 2);
+}
+
+#[test]
+fn a_disconnected_engine_never_leaves_a_load_waiting() {
+    let (mut c, g) = cluster(2);
+    let now = Instant::now();
+    c.on_cell_request(id(0), "a".into(), "x".into(), now);
+    c.on_cell_request(id(1), "b".into(), "x".into(), now);
+    c.on_load_requested(g, &art("/a.so"), "f");
+    c.on_load_done(id(0), ok());
+    let a = c.on_engine_gone(&id(1));
+    assert!(a.contains(&Action::Verdict { ctx: g, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
+}
+
+#[test]
+fn compile_errors_reach_every_engine_and_change_nothing() {
+    let (mut c, g) = cluster(2);
+    let now = Instant::now();
+    c.on_cell_request(id(0), "a".into(), "bad".into(), now);
+    c.on_cell_request(id(1), "b".into(), "bad".into(), now);
+    let a = c.on_eval_done(g, EvalResult::CompileError { evalue: "cannot find value `bad`".into(), traceback: vec![] });
+    let r = sends(&a, msg_type::CELL_REPLY);
+    assert_eq!(r.len(), 2);
+    assert!(r.iter().all(|(_, c)| c["ename"] == "CompileError"));
+    assert_eq!(c.groups(), vec![vec![0, 1]]);
+    assert!(c.groups[&g].history.is_empty());
+}
+
+#[test]
+fn groups_with_identical_histories_merge() {
+    let (mut c, _) = cluster(2);
+    run(&mut c, &[0], "let a = 1;", &[ok()]);
+    assert_eq!(c.groups().len(), 2);
+    run(&mut c, &[1], "let a = 1;", &[ok()]);
+    assert_eq!(c.groups(), vec![vec![0, 1]]);
+}
+
+#[test]
+fn verdict_reduction() {
+    let ct = |v: &[&str]| LoadOutcome::Complete {
+        panicked: false,
+        error_occurred: false,
+        changed_types: v.iter().map(|s| s.to_string()).collect(),
+    };
+    assert_eq!(Verdict::reduce(&[ok(), ok()]), Verdict::Ok);
+    assert_eq!(Verdict::reduce(&[ok(), panicked()]), Verdict::Panic);
+    assert_eq!(Verdict::reduce(&[ct(&["q"]), ct(&["q"])]), Verdict::ChangedTypes(vec!["q".into()]));
+    assert_eq!(Verdict::reduce(&[ct(&["q"]), ok()]), Verdict::Panic);
+}
+
+#[test]
+fn engines_reconnecting_after_a_compiler_crash_share_a_replayed_context_per_history() {
+    let mut c = Compiler::new(Duration::from_millis(10));
+    c.start();
+    let ok = LoadOutcome::Complete { panicked: false, error_occurred: false, changed_types: vec![] };
+    let boom = LoadOutcome::Complete { panicked: true, error_occurred: false, changed_types: vec![] };
+    let h = |outs: &[&LoadOutcome]| -> Vec<Hist> {
+        outs.iter().enumerate().map(|(i, o)| Hist::from_engine(format!("let v{i} = {i};"), o)).collect()
+    };
+    // Two engines ran the same two cells fine; a third panicked in the second.
+    let a = c.on_hello(id(0), 0, h(&[&ok, &ok]));
+    let replay = a.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("a replay");
+    assert_eq!(replay, h(&[&ok, &ok]));
+    let b = c.on_hello(id(1), 1, h(&[&ok, &ok]));
+    assert!(!b.iter().any(|x| matches!(x, Action::Replay { .. })), "the same history joins the replayed group: {b:?}");
+    let d = c.on_hello(id(2), 2, h(&[&ok, &boom]));
+    let replay =
+        d.iter().find_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).expect("its own replay");
+    assert_eq!(replay[1].verdict, Verdict::Panic, "the panicked cell's variables are forgotten in its context");
+    // A fresh engine joins no group that believes in variables.
+    c.on_hello(id(3), 3, vec![]);
+    let mut groups = c.groups();
+    groups.sort();
+    assert_eq!(groups, vec![vec![0, 1], vec![2], vec![3]]);
+    // An engine the compiler already knows keeps its group whatever it says.
+    assert!(c.on_hello(id(2), 2, vec![]).is_empty());
+}
+
+fn new_contexts(a: &[Action]) -> usize {
+    a.iter().filter(|x| matches!(x, Action::NewContext { .. })).count()
+}
+
+#[test]
+fn after_fork_a_cluster_that_never_diverges_keeps_one_context() {
+    let (mut c, _) = cluster(4);
+    assert_eq!(c.context_count(), 1, "no spare before any fork");
+    let a = run(&mut c, &[0, 1, 2, 3], "let x = 1;", &[ok(), ok(), ok(), ok()]);
+    assert_eq!(new_contexts(&a), 0);
+    assert_eq!(c.context_count(), 1);
+}
+
+#[test]
+fn after_fork_the_first_fork_creates_its_context_then_a_spare_is_kept() {
+    let (mut c, _) = cluster(4);
+    let a = run(&mut c, &[0, 1], "let x = 1;", &[ok(), ok()]);
+    assert_eq!(c.groups(), vec![vec![2, 3], vec![0, 1]]);
+    assert_eq!(new_contexts(&a), 2, "the forked group's context and a spare for the next fork");
+    assert_eq!(c.context_count(), 3);
+    let a = run(&mut c, &[0], "let y = 2;", &[ok()]);
+    assert_eq!(new_contexts(&a), 1, "the next fork takes the spare and a new spare is made");
+    assert_eq!(c.context_count(), 4);
+}
+
+#[test]
+fn always_keeps_a_spare_from_the_start_and_never_keeps_none() {
+    for (policy, at_start, after_fork) in [(SparePolicy::Always, 2, 3), (SparePolicy::Never, 1, 2)] {
+        let mut c = Compiler::with_spare_policy(Duration::from_millis(10), policy);
+        c.start();
+        for i in 0..4 {
+            c.on_hello(id(i), i as u64, vec![]);
+        }
+        assert_eq!(c.context_count(), at_start, "{policy:?}");
+        run(&mut c, &[0, 1], "let x = 1;", &[ok(), ok()]);
+        assert_eq!(c.context_count(), after_fork, "{policy:?}");
+    }
+}
