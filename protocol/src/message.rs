@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::content::{EngineInfo, ErrorContent};
 
 /// Protocol version written into every header.
 pub const PROTOCOL_VERSION: &str = "5.4";
@@ -57,7 +59,7 @@ impl Message {
 
     /// The parent's `msg_id`, if this message has a parent.
     pub fn parent_msg_id(&self) -> Option<&str> {
-        self.parent_header.get("msg_id").and_then(Value::as_str)
+        self.parent_header.as_object()?.get("msg_id")?.as_str()
     }
 
     /// The parent header as a typed value, if present and well formed.
@@ -72,23 +74,19 @@ impl Message {
 }
 
 /// Content of an error reply in ipyparallel's shape: `status`, `ename`, `evalue`, `traceback`
-/// and, when an engine produced it, `engine_info`.
+/// and, when an engine produced it, `engine_info` (as [`engine_info`] builds it). Built by
+/// [`ErrorContent::reply`].
 pub fn error_content(ename: &str, evalue: &str, traceback: Vec<String>, engine_info: Option<Value>) -> Value {
-    let mut c = json!({
-        "status": "error",
-        "ename": ename,
-        "evalue": evalue,
-        "traceback": traceback,
-    });
+    let mut c = ErrorContent::bare(ename, evalue, traceback).reply(None);
     if let Some(info) = engine_info {
         c["engine_info"] = info;
     }
     c
 }
 
-/// The `engine_info` block that engine errors carry.
+/// The `engine_info` block that engine errors carry ([`EngineInfo`] as JSON).
 pub fn engine_info(engine_id: u64, engine_uuid: &str, method: &str) -> Value {
-    json!({"engine_id": engine_id, "engine_uuid": engine_uuid, "method": method})
+    serde_json::to_value(EngineInfo::new(engine_id, engine_uuid, method)).expect("serializable")
 }
 
 #[cfg(test)]
