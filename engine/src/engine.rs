@@ -520,12 +520,12 @@ impl Engine {
                 self.out.reply(&req, json!({"status": "ok"}), md);
             }
             "signal_request" => {
-                let content = self.signal(req.content.get("sig").unwrap_or(&Value::Null));
+                let content = self.signal(&rpx_protocol::content::read_or_default::<rpx_protocol::content::SignalRequest>(&req.content).sig);
                 self.out.reply(&req, content, md);
             }
             "shutdown_request" => {
-                let restart = req.content.get("restart").cloned().unwrap_or(Value::Bool(false));
-                self.out.reply(&req, json!({"status": "ok", "restart": restart}), md);
+                let shutdown: rpx_protocol::content::ShutdownRequest = rpx_protocol::content::read_or_default(&req.content);
+                self.out.reply(&req, shutdown.reply(), md);
                 self.out.status("idle", &req.header);
                 self.exit_code = Some(0);
                 return;
@@ -767,8 +767,8 @@ impl Engine {
         match req.msg_type() {
             "execute_request" => {
                 self.out.status("busy", &req.header);
-                let code = req.content.get("code").and_then(Value::as_str).unwrap_or("").to_string();
-                let silent = req.content.get("silent").and_then(Value::as_bool).unwrap_or(false);
+                let exec = rpx_protocol::content::ExecuteRequest::read(&req.content);
+                let (code, silent) = (exec.code.clone(), exec.silent());
                 self.start_cell(req, code, silent, Purpose::Execute);
             }
             "apply_request" => self.start_apply(req).await,

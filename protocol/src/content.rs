@@ -139,6 +139,18 @@ impl From<&str> for ErrorName {
     }
 }
 
+impl From<String> for ErrorName {
+    fn from(name: String) -> ErrorName {
+        ErrorName::parse(&name)
+    }
+}
+
+impl From<&String> for ErrorName {
+    fn from(name: &String) -> ErrorName {
+        ErrorName::parse(name)
+    }
+}
+
 impl PartialEq<&str> for ErrorName {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
@@ -222,6 +234,76 @@ impl ErrorContent {
             c["engine_info"] = serde_json::to_value(info).expect("serializable");
         }
         c
+    }
+}
+
+/// Something that names an engine by its id (an engine's identity, or the id itself).
+pub trait EngineRef {
+    /// The engine id.
+    fn engine_id(&self) -> u64;
+}
+
+impl EngineRef for u64 {
+    fn engine_id(&self) -> u64 {
+        *self
+    }
+}
+
+/// The errors rpx engines report, with the text users see.
+impl ErrorContent {
+    /// A Python client sent pickled Python in an `apply_request`.
+    pub fn unsupported_apply(engine: &impl EngineRef) -> ErrorContent {
+        ErrorContent::new(
+            ErrorName::UnsupportedPayload,
+            format!(
+                "engine {} is an rpx engine: it runs Rust cells and cannot unpickle Python functions; \
+                 use execute() with Rust code, or start Python engines for apply()",
+                engine.engine_id()
+            ),
+            vec![],
+        )
+    }
+
+    /// No compiler is reachable.
+    pub fn no_compiler() -> ErrorContent {
+        ErrorContent::new(ErrorName::NoCompiler, "no rpx compiler for this cluster (start the cluster with ipcluster)", vec![])
+    }
+
+    /// The compiler process went away while this cell was being compiled.
+    pub fn compiler_died(detail: &str) -> ErrorContent {
+        ErrorContent::new(
+            ErrorName::CompilerDied,
+            format!("the rpx compiler went away while compiling this cell ({detail}); restart the cluster"),
+            vec![],
+        )
+    }
+
+    /// The worker died while running the cell.
+    pub fn worker_died(engine: &impl EngineRef, status: &str, stderr_tail: Vec<String>) -> ErrorContent {
+        let evalue = format!(
+            "the worker process of engine {} died ({status}) while running this cell; it was restarted \
+             and all of this engine's variables were lost",
+            engine.engine_id()
+        );
+        let mut tb = stderr_tail;
+        let ename = ErrorName::EngineWorkerDied;
+        tb.push(format!("{ename}: {evalue}"));
+        ErrorContent::new(ename, evalue, tb)
+    }
+
+    /// The cell or closure call (`what`) was interrupted by SIGINT: a panic injected into it
+    /// unwound to its `catch_unwind`, so the engine kept its variables (a cell's new ones are
+    /// dropped, as after any panic). `before_run`: it was stopped before the worker ran it.
+    pub fn interrupted(what: &str, before_run: bool) -> ErrorContent {
+        let when = if before_run { " before it ran" } else { "" };
+        let evalue = format!("the {what} was interrupted (SIGINT){when}; the engine kept its variables");
+        ErrorContent::new(ErrorName::KeyboardInterrupt, evalue, vec![])
+    }
+
+    /// User code panicked.
+    pub fn panic(message: &str, lines: Vec<String>) -> ErrorContent {
+        let evalue = if message.is_empty() { "the cell panicked".to_string() } else { message.to_string() };
+        ErrorContent::new(ErrorName::Panic, evalue, lines)
     }
 }
 
