@@ -232,7 +232,11 @@ async fn event_loop(
                 status: "error".into(),
                 artifact: None,
                 fn_name: String::new(),
-                error: rpx_protocol::content::ErrorContent::bare(rpx_protocol::content::ErrorName::CompileError, evalue.clone(), traceback.clone()),
+                error: rpx_protocol::content::ErrorContent::bare(
+                    rpx_protocol::content::ErrorName::CompileError,
+                    evalue.clone(),
+                    traceback.clone(),
+                ),
             },
             Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
         };

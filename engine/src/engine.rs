@@ -520,7 +520,8 @@ impl Engine {
                 self.out.reply(&req, json!({"status": "ok"}), md);
             }
             "signal_request" => {
-                let content = self.signal(&rpx_protocol::content::read_or_default::<rpx_protocol::content::SignalRequest>(&req.content).sig);
+                let content =
+                    self.signal(&rpx_protocol::content::read_or_default::<rpx_protocol::content::SignalRequest>(&req.content).sig);
                 self.out.reply(&req, content, md);
             }
             "shutdown_request" => {

@@ -4,7 +4,7 @@
 //! Pure functions over JSON values; the engine loop decides which one to send.
 
 use rpx_protocol::apply::Op;
-use rpx_protocol::content::{ReplyStatus, EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, ReplyContent};
+use rpx_protocol::content::{EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, ReplyContent, ReplyStatus};
 use rpx_protocol::message::now_iso;
 use serde_json::{json, Value};
 
@@ -103,9 +103,7 @@ pub fn kernel_info() -> Value {
 pub fn apply_op(content: &Value, me: &Identity) -> Result<Op, EngineError> {
     match Op::from_content(content) {
         None => Err(EngineError::unsupported_apply(me)),
-        Some(Err(e)) => {
-            Err(EngineError::new(ErrorName::UnsupportedPayload, format!("malformed rpx payload: {e}"), vec![]))
-        }
+        Some(Err(e)) => Err(EngineError::new(ErrorName::UnsupportedPayload, format!("malformed rpx payload: {e}"), vec![])),
         Some(Ok(op)) => Ok(op),
     }
 }

@@ -176,6 +176,13 @@ pub(crate) fn fmt_ids(ids: &[usize]) -> String {
     format!("[{}]", inner.join(", "))
 }
 
+/// A magic used wrongly, as the cell's error: `UsageError` with the message.
+impl From<MagicError> for rpx_protocol::content::ErrorContent {
+    fn from(e: MagicError) -> Self {
+        rpx_protocol::content::ErrorContent::new(rpx_protocol::content::ErrorName::UsageError, e.to_string(), vec![])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

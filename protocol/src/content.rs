@@ -116,6 +116,12 @@ error_names! {
     RuntimeDied = "RuntimeDied",
     /// The kernel lost or could not reach the cluster.
     ConnectionError = "ConnectionError",
+    /// The kernel found no cluster to connect to.
+    NoCluster = "NoCluster",
+    /// The client lost its connection while a task was waiting (rpx's client).
+    ConnectionLost = "ConnectionLost",
+    /// A type was redefined and the kernel's local variables of that type were dropped.
+    VariablesLost = "VariablesLost",
     /// An error reply without a name, as rpx's client reports it.
     UnknownError = "UnknownError",
 }
@@ -187,6 +193,11 @@ fn lenient_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
         Value::Array(a) => a.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None }).collect(),
         _ => Vec::new(),
     })
+}
+
+/// `Some(value)` when present, also for null (`None` only when absent, by `default`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// `Some` when the value reads as `T`, `None` when it is absent or does not.
@@ -358,6 +369,21 @@ impl ReplyContent {
     }
 }
 
+/// Metadata of an engine's messages as rpx reads it: the `engine` uuid that ipyparallel's
+/// engines (and rpx's) put in every message they send.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct EngineMetadata {
+    #[serde(default, deserialize_with = "lenient_option")]
+    pub engine: Option<String>,
+}
+
+impl EngineMetadata {
+    /// Read a message's metadata.
+    pub fn read(metadata: &Value) -> EngineMetadata {
+        read_or_default(metadata)
+    }
+}
+
 /// `execute_request` as rpx reads it. rpx's own type: `jupyter_protocol::ExecuteRequest`
 /// requires `silent` and `store_history`, which clients may leave out and rpx defaults
 /// (`silent: false`, `store_history: !silent`), and it wants `user_expressions` as strings.
@@ -445,20 +471,31 @@ impl ExecuteReply {
     }
 }
 
-/// `stream` content. rpx's own type: a stream name other than `stdout` or `stderr` reads
-/// (and is then ignored) instead of failing as `jupyter_protocol::StreamContent`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// `stream` content as rpx reads it (`None` for a missing or non-string field). rpx's own
+/// type: a stream name other than `stdout` or `stderr`, or a missing field, reads (and the
+/// reader decides) instead of failing as `jupyter_protocol::StreamContent`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 pub struct Stream {
-    #[serde(default, deserialize_with = "lenient_string")]
-    pub name: String,
-    #[serde(default, deserialize_with = "lenient_string")]
-    pub text: String,
+    #[serde(default, deserialize_with = "lenient_option")]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "lenient_option")]
+    pub text: Option<String>,
 }
 
 impl Stream {
+    /// Read a stream content.
+    pub fn read(content: &Value) -> Stream {
+        read_or_default(content)
+    }
+
     /// Whether this is stderr (anything else counts as stdout where rpx collects text).
     pub fn is_stderr(&self) -> bool {
-        self.name == "stderr"
+        self.name.as_deref() == Some("stderr")
+    }
+
+    /// The content as sent: `name` (`stdout`, `stderr`) and `text`.
+    pub fn content(name: &str, text: &str) -> Value {
+        json!({ "name": name, "text": text })
     }
 }
 
@@ -468,9 +505,9 @@ impl Stream {
 /// absent); `transient.display_id` and `execution_count` when present.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct DisplayContent {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub data: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub metadata: Option<Value>,
     #[serde(default, deserialize_with = "lenient_option")]
     pub transient: Option<Transient>,
@@ -518,9 +555,12 @@ impl DisplayContent {
     }
 }
 
+/// The plain-text mime type, the key of a bundle's text form.
+pub const TEXT_PLAIN: &str = "text/plain";
+
 /// The `text/plain` entry of a mime bundle, if it is a string.
 pub fn plain_text(data: &Value) -> Option<&str> {
-    data.as_object()?.get("text/plain")?.as_str()
+    data.as_object()?.get(TEXT_PLAIN)?.as_str()
 }
 
 /// `execute_input` content.
