@@ -88,11 +88,12 @@ pub struct RemoteError {
 
 impl RemoteError {
     /// A new error of `ename` (the kind follows from it).
-    pub fn new(ename: &str, message: impl Into<String>, engine_id: Option<usize>) -> RemoteError {
+    pub fn new(ename: impl Into<ErrorName>, message: impl Into<String>, engine_id: Option<usize>) -> RemoteError {
+        let ename = ename.into();
         RemoteError {
             engine_id,
-            kind: RemoteErrorKind::from_ename(ename),
-            ename: ename.to_string(),
+            kind: RemoteErrorKind::from_ename(ename.as_str()),
+            ename: ename.as_str().to_string(),
             message: message.into(),
             traceback: Vec::new(),
             item: None,
@@ -108,14 +109,14 @@ impl RemoteError {
         let reply = ReplyContent::read(content);
         let engine_id = reply.engine_id().map(|i| i as usize).or(engine_id);
         if reply.status == Some(ReplyStatus::Aborted) {
-            let mut e = RemoteError::new(ErrorName::TaskAborted.as_str(), "the task was aborted before it started", engine_id);
+            let mut e = RemoteError::new(ErrorName::TaskAborted, "the task was aborted before it started", engine_id);
             e.kind = RemoteErrorKind::Aborted;
             return e;
         }
         let ErrorContent { ename, evalue, traceback } = reply.error;
         // A reply without an `ename` (or with a non-string or empty one).
         let ename = if ename.as_str().is_empty() { ErrorName::UnknownError } else { ename };
-        RemoteError { traceback, ..RemoteError::new(ename.as_str(), evalue, engine_id) }
+        RemoteError { traceback, ..RemoteError::new(ename, evalue, engine_id) }
     }
 
     /// The same error, with what its task printed.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use rpx_protocol::content::{ReplyContent, TEXT_PLAIN};
+use rpx_protocol::content::{ErrorName, ReplyContent, TEXT_PLAIN};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -230,7 +230,7 @@ fn task_event(tasks: &[TaskState], e: &LogEntry) -> TaskEvent {
             let error = match &t.outcome {
                 Some(Outcome::Reply(r)) if r.status == "ok" => None,
                 Some(Outcome::Reply(r)) => Some(RemoteError::from_reply(&r.content, t.engine_id)),
-                Some(Outcome::Lost(why)) => Some(RemoteError::new("ConnectionLost", why.clone(), t.engine_id)),
+                Some(Outcome::Lost(why)) => Some(RemoteError::new(ErrorName::ConnectionLost, why.clone(), t.engine_id)),
                 None => None,
             };
             TaskEvent::Done { engine_id: t.engine_id, error }
@@ -571,7 +571,7 @@ pub(crate) fn decode_chunk<R: DeserializeOwned>(t: &TaskState, range: Range<usiz
                 .enumerate()
                 .map(|(i, v)| match v {
                     Ok(v) => Ok(v),
-                    Err(panic) => item_err(&RemoteError::new("Panic", panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i),
+                    Err(panic) => item_err(&RemoteError::new(ErrorName::Panic, panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i),
                 })
                 .collect()
         }

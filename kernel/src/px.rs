@@ -25,8 +25,6 @@ const TICK: Duration = Duration::from_millis(50);
 const INTERRUPT_GRACE: Duration = Duration::from_secs(15);
 /// How long a `%px` waits for a first engine when none is registered yet.
 const ENGINE_WAIT: Duration = Duration::from_secs(2);
-/// What a lost connection looks like in a task's error.
-const CONNECTION_LOST: &str = "ConnectionLost";
 
 /// Why a `%px` did not run or failed.
 pub enum PxError {
@@ -186,7 +184,7 @@ impl Px {
                     TaskEvent::Done { engine_id: Some(id), error } => {
                         done.insert(id);
                         let Some(e) = error else { continue };
-                        lost |= e.ename == CONNECTION_LOST;
+                        lost |= ErrorName::parse(&e.ename) == ErrorName::ConnectionLost;
                         (id, OutputEvent::error(e.ename, e.message, e.traceback))
                     }
                     _ => continue,

@@ -233,19 +233,39 @@ impl ErrorContent {
 
     /// An error reply's content: `status: error`, the error, and `engine_info` when given.
     pub fn reply(&self, engine_info: Option<&EngineInfo>) -> Value {
-        let mut c = self.iopub(engine_info);
-        c["status"] = json!("error");
-        c
+        json!(ErrorMessage { status: Some(ReplyStatus::Error), error: self, engine_info, execute: None })
+    }
+
+    /// An error reply's content with an `engine_info` already in JSON (the controller's).
+    pub fn reply_with_info(&self, engine_info: Option<Value>) -> Value {
+        json!(ErrorMessage { status: Some(ReplyStatus::Error), error: self, engine_info, execute: None })
     }
 
     /// The iopub `error` content, with `engine_info` when given (engines add it).
     pub fn iopub(&self, engine_info: Option<&EngineInfo>) -> Value {
-        let mut c = serde_json::to_value(self).expect("serializable");
-        if let Some(info) = engine_info {
-            c["engine_info"] = serde_json::to_value(info).expect("serializable");
-        }
-        c
+        json!(ErrorMessage { status: None, error: self, engine_info, execute: None })
     }
+}
+
+/// An error as sent: iopub `error` (no `status`), an error reply, or an `execute_reply` error.
+#[derive(Serialize)]
+struct ErrorMessage<'a, I: Serialize> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<ReplyStatus>,
+    #[serde(flatten)]
+    error: &'a ErrorContent,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_info: Option<I>,
+    #[serde(flatten)]
+    execute: Option<ExecuteFields>,
+}
+
+/// What an `execute_reply` adds to an error: ipykernel's fields.
+#[derive(Serialize)]
+struct ExecuteFields {
+    execution_count: u64,
+    user_expressions: Map<String, Value>,
+    payload: [Value; 0],
 }
 
 /// Something that names an engine by its id (an engine's identity, or the id itself).
@@ -460,11 +480,8 @@ impl ExecuteReply {
                 json!({ "status": "ok", "execution_count": execution_count, "user_expressions": user_expressions, "payload": [] })
             }
             ExecuteReply::Error { execution_count, error, engine_info } => {
-                let mut c = error.reply(engine_info.as_ref());
-                c["execution_count"] = json!(execution_count);
-                c["user_expressions"] = json!({});
-                c["payload"] = json!([]);
-                c
+                let execute = Some(ExecuteFields { execution_count: *execution_count, user_expressions: Map::new(), payload: [] });
+                json!(ErrorMessage { status: Some(ReplyStatus::Error), error, engine_info: engine_info.as_ref(), execute })
             }
             ExecuteReply::Aborted { execution_count } => json!({ "status": "aborted", "execution_count": execution_count }),
         }
@@ -529,11 +546,10 @@ impl DisplayContent {
 
     /// `display_data` content: `data`, `metadata`, and `transient.display_id` when given.
     pub fn display_data(data: &Value, metadata: &Value, display_id: Option<&str>) -> Value {
-        let mut c = json!({ "data": data, "metadata": metadata });
-        if let Some(id) = display_id {
-            c["transient"] = json!(Transient { display_id: id.to_string() });
+        match display_id {
+            Some(id) => json!({ "data": data, "metadata": metadata, "transient": Transient { display_id: id.to_string() } }),
+            None => json!({ "data": data, "metadata": metadata }),
         }
-        c
     }
 
     /// `update_display_data` content.
@@ -720,6 +736,7 @@ mod tests {
             json!({"status": "error", "ename": "NameError", "evalue": "no x", "traceback": ["NameError: no x"],
                    "engine_info": {"engine_id": 3, "engine_uuid": "u", "method": "apply"}})
         );
+        assert_eq!(e.iopub(None), json!({"ename": "NameError", "evalue": "no x", "traceback": ["NameError: no x"]}));
         let r = ReplyContent::read(&json!({"status": "error", "evalue": 1, "traceback": ["a", 2, "b"], "engine_info": {"engine_id": 2}}));
         assert_eq!(r.status, Some(ReplyStatus::Error));
         assert_eq!((r.error.ename.as_str(), r.error.evalue.as_str()), ("", ""));
