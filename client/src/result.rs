@@ -571,7 +571,9 @@ pub(crate) fn decode_chunk<R: DeserializeOwned>(t: &TaskState, range: Range<usiz
                 .enumerate()
                 .map(|(i, v)| match v {
                     Ok(v) => Ok(v),
-                    Err(panic) => item_err(&RemoteError::new(ErrorName::Panic, panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i),
+                    Err(panic) => {
+                        item_err(&RemoteError::new(ErrorName::Panic, panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i)
+                    }
                 })
                 .collect()
         }
