@@ -769,7 +769,7 @@ impl Engine {
             "execute_request" => {
                 self.out.status("busy", &req.header);
                 let exec = rpx_protocol::content::ExecuteRequest::read(&req.content);
-                let (code, silent) = (exec.code.clone(), exec.silent());
+                let (silent, code) = (exec.silent(), exec.code);
                 self.start_cell(req, code, silent, Purpose::Execute);
             }
             "apply_request" => self.start_apply(req).await,

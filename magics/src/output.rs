@@ -108,7 +108,7 @@ impl OutputEvent {
                     _ => OutputEvent::DisplayData { data: d.data?, metadata },
                 })
             }
-            "error" => Some(OutputEvent::Error(serde_json::from_value(content.clone()).unwrap_or_default())),
+            "error" => Some(OutputEvent::Error(rpx_protocol::content::read_or_default(content))),
             _ => None,
         }
     }

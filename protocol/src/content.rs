@@ -350,9 +350,9 @@ impl From<jupyter_protocol::ReplyError> for ErrorContent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineInfo {
     pub engine_id: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub engine_uuid: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub method: String,
 }
 
@@ -380,7 +380,7 @@ pub struct ReplyContent {
 impl ReplyContent {
     /// Read a reply content; anything that is not an object reads as empty.
     pub fn read(content: &Value) -> ReplyContent {
-        serde_json::from_value(content.clone()).unwrap_or_default()
+        Deserialize::deserialize(content).unwrap_or_default()
     }
 
     /// The id of the engine the content names in `engine_info`.
@@ -427,7 +427,7 @@ pub struct ExecuteRequest {
 impl ExecuteRequest {
     /// Read an `execute_request` content; fields that do not read take their defaults.
     pub fn read(content: &Value) -> ExecuteRequest {
-        serde_json::from_value(content.clone()).unwrap_or(ExecuteRequest {
+        Deserialize::deserialize(content).unwrap_or(ExecuteRequest {
             code: String::new(),
             silent: None,
             store_history: None,
@@ -541,7 +541,7 @@ pub struct Transient {
 impl DisplayContent {
     /// Read a display content.
     pub fn read(content: &Value) -> DisplayContent {
-        serde_json::from_value(content.clone()).unwrap_or_default()
+        Deserialize::deserialize(content).unwrap_or_default()
     }
 
     /// `display_data` content: `data`, `metadata`, and `transient.display_id` when given.
@@ -708,7 +708,7 @@ pub struct SignalRequest {
 
 /// Read a request content as `T`, or `T::default()` when it does not read (not an object).
 pub fn read_or_default<T: serde::de::DeserializeOwned + Default>(content: &Value) -> T {
-    serde_json::from_value(content.clone()).unwrap_or_default()
+    Deserialize::deserialize(content).unwrap_or_default()
 }
 
 #[cfg(test)]
