@@ -4,7 +4,7 @@
 //! Pure functions over JSON values; the engine loop decides which one to send.
 
 use rpx_protocol::apply::Op;
-use rpx_protocol::content::{EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, ReplyContent, ReplyStatus};
+use rpx_protocol::content::{EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, FinishMetadata, ReplyContent, ReplyStatus};
 use rpx_protocol::message::now_iso;
 use serde_json::{json, Value};
 
@@ -44,10 +44,8 @@ pub fn init_metadata(request_metadata: &Value, me: &Identity) -> Value {
 pub fn finish_metadata(mut md: Value, content: &Value, me: &Identity) -> Value {
     let reply = ReplyContent::read(content);
     let status = reply.status.unwrap_or_default();
-    md["status"] = json!(status);
-    if status == ReplyStatus::Error {
-        md["engine_info"] = json!(reply.engine_info.unwrap_or_else(|| me.engine_info("")));
-    }
+    let engine_info = (status == ReplyStatus::Error).then(|| reply.engine_info.unwrap_or_else(|| me.engine_info("")));
+    FinishMetadata { status, engine_info }.apply_to(&mut md);
     md
 }
 

@@ -389,6 +389,24 @@ impl ReplyContent {
     }
 }
 
+/// What an engine adds to a reply's metadata once the request is handled (ipyparallel's
+/// `finish_metadata`): the reply's `status` and, on errors, `engine_info`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FinishMetadata {
+    pub status: ReplyStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_info: Option<EngineInfo>,
+}
+
+impl FinishMetadata {
+    /// Set these fields in `metadata` (an object; anything else is left as it is).
+    pub fn apply_to(&self, metadata: &mut Value) {
+        if let (Value::Object(md), Value::Object(fields)) = (metadata, json!(self)) {
+            md.extend(fields);
+        }
+    }
+}
+
 /// Metadata of an engine's messages as rpx reads it: the `engine` uuid that ipyparallel's
 /// engines (and rpx's) put in every message they send.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
