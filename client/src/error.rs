@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use rpx_protocol::content::{ErrorContent, ErrorName, ReplyContent, ReplyStatus};
 use serde_json::Value;
 
 use crate::targets::TargetError;
@@ -36,17 +37,16 @@ pub enum RemoteErrorKind {
 impl RemoteErrorKind {
     /// The kind for an `ename` of an error reply.
     pub fn from_ename(ename: &str) -> RemoteErrorKind {
-        use rpx_protocol::apply::ename;
-        match ename {
-            ename::COMPILE_ERROR => RemoteErrorKind::Compile,
-            ename::PANIC => RemoteErrorKind::Panic,
+        match ErrorName::parse(ename) {
+            ErrorName::CompileError => RemoteErrorKind::Compile,
+            ErrorName::Panic => RemoteErrorKind::Panic,
             // `EngineError`: the controller's name when an engine died with the task.
-            ename::ENGINE_DIED | "EngineError" => RemoteErrorKind::EngineDied,
-            "TaskTimeout" => RemoteErrorKind::Timeout,
-            ename::ABORTED => RemoteErrorKind::Aborted,
-            ename::NAME_ERROR => RemoteErrorKind::Name,
-            ename::INTERRUPTED => RemoteErrorKind::Interrupted,
-            other => RemoteErrorKind::Other(other.to_string()),
+            ErrorName::EngineWorkerDied | ErrorName::EngineError => RemoteErrorKind::EngineDied,
+            ErrorName::TaskTimeout => RemoteErrorKind::Timeout,
+            ErrorName::TaskAborted => RemoteErrorKind::Aborted,
+            ErrorName::NameError => RemoteErrorKind::Name,
+            ErrorName::KeyboardInterrupt => RemoteErrorKind::Interrupted,
+            other => RemoteErrorKind::Other(other.as_str().to_string()),
         }
     }
 
@@ -90,11 +90,12 @@ pub struct RemoteError {
 
 impl RemoteError {
     /// A new error of `ename` (the kind follows from it).
-    pub fn new(ename: &str, message: impl Into<String>, engine_id: Option<usize>) -> RemoteError {
+    pub fn new(ename: impl Into<ErrorName>, message: impl Into<String>, engine_id: Option<usize>) -> RemoteError {
+        let ename = ename.into();
         RemoteError {
             engine_id,
-            kind: RemoteErrorKind::from_ename(ename),
-            ename: ename.to_string(),
+            kind: RemoteErrorKind::from_ename(ename.as_str()),
+            ename: ename.as_str().to_string(),
             message: message.into(),
             traceback: Vec::new(),
             item: None,
@@ -107,21 +108,17 @@ impl RemoteError {
     /// `traceback`, `engine_info`, or `status: aborted`). `engine_id` is used when the content
     /// does not name the engine.
     pub fn from_reply(content: &Value, engine_id: Option<usize>) -> RemoteError {
-        let engine_id =
-            content.get("engine_info").and_then(|i| i.get("engine_id")).and_then(Value::as_u64).map(|i| i as usize).or(engine_id);
-        if content.get("status").and_then(Value::as_str) == Some("aborted") {
-            let mut e = RemoteError::new("TaskAborted", "the task was aborted before it started", engine_id);
+        let reply = ReplyContent::read(content);
+        let engine_id = reply.engine_id().map(|i| i as usize).or(engine_id);
+        if reply.status == Some(ReplyStatus::Aborted) {
+            let mut e = RemoteError::new(ErrorName::TaskAborted, "the task was aborted before it started", engine_id);
             e.kind = RemoteErrorKind::Aborted;
             return e;
         }
-        let ename = content.get("ename").and_then(Value::as_str).unwrap_or("UnknownError");
-        let message = content.get("evalue").and_then(Value::as_str).unwrap_or("").to_string();
-        let traceback = content
-            .get("traceback")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
-        RemoteError { traceback, ..RemoteError::new(ename, message, engine_id) }
+        let ErrorContent { ename, evalue, traceback } = reply.error;
+        // A reply without an `ename` (or with a non-string or empty one).
+        let ename = if ename.as_str().is_empty() { ErrorName::UnknownError } else { ename };
+        RemoteError { traceback, ..RemoteError::new(ename, evalue, engine_id) }
     }
 
     /// The same error, with what its task printed.

@@ -682,12 +682,12 @@ impl Dispatcher {
     }
 
     fn engine_of(&self, msg: &Light) -> Option<usize> {
-        if let Some(uuid) = msg.metadata.get("engine").and_then(Value::as_str) {
-            if let Some(id) = self.uuids.get(uuid) {
+        if let Some(uuid) = rpx_protocol::content::EngineMetadata::read(&msg.metadata).engine {
+            if let Some(id) = self.uuids.get(&uuid) {
                 return Some(*id);
             }
         }
-        msg.content.get("engine_info").and_then(|i| i.get("engine_id")).and_then(Value::as_u64).map(|i| i as usize)
+        rpx_protocol::content::ReplyContent::read(&msg.content).engine_id().map(|i| i as usize)
     }
 
     fn set_engines(&mut self, engines: BTreeMap<usize, String>) {

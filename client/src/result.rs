@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use rpx_protocol::content::{ErrorName, ReplyContent, TEXT_PLAIN};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -229,7 +230,7 @@ fn task_event(tasks: &[TaskState], e: &LogEntry) -> TaskEvent {
             let error = match &t.outcome {
                 Some(Outcome::Reply(r)) if r.status == "ok" => None,
                 Some(Outcome::Reply(r)) => Some(RemoteError::from_reply(&r.content, t.engine_id)),
-                Some(Outcome::Lost(why)) => Some(RemoteError::new("ConnectionLost", why.clone(), t.engine_id)),
+                Some(Outcome::Lost(why)) => Some(RemoteError::new(ErrorName::ConnectionLost, why.clone(), t.engine_id)),
                 None => None,
             };
             TaskEvent::Done { engine_id: t.engine_id, error }
@@ -401,7 +402,7 @@ pub struct EngineOutput {
 impl EngineOutput {
     /// The `text/plain` form of the result.
     pub fn result_text(&self) -> Option<&str> {
-        self.result.as_ref()?.get("text/plain")?.as_str()
+        self.result.as_ref()?.get(TEXT_PLAIN)?.as_str()
     }
 
     pub fn is_ok(&self) -> bool {
@@ -509,7 +510,7 @@ pub(crate) fn finish_execute_results(tasks: &[TaskState]) -> Result<ExecuteResul
             Some(Outcome::Lost(why)) => return Err(Error::Connection(why.clone())),
             None => return Err(Error::Protocol(format!("execute {} has no reply", t.msg_id))),
             Some(Outcome::Reply(r)) => {
-                e.execution_count = r.content.get("execution_count").and_then(Value::as_u64);
+                e.execution_count = ReplyContent::read(&r.content).execution_count;
                 if r.status != "ok" {
                     e.error = Some(RemoteError::from_reply(&r.content, t.engine_id).with_output(&t.io.stdout, &t.io.stderr));
                 }
@@ -570,7 +571,9 @@ pub(crate) fn decode_chunk<R: DeserializeOwned>(t: &TaskState, range: Range<usiz
                 .enumerate()
                 .map(|(i, v)| match v {
                     Ok(v) => Ok(v),
-                    Err(panic) => item_err(&RemoteError::new("Panic", panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i),
+                    Err(panic) => {
+                        item_err(&RemoteError::new(ErrorName::Panic, panic, t.engine_id).with_output(&t.io.stdout, &t.io.stderr), i)
+                    }
                 })
                 .collect()
         }

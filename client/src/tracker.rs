@@ -8,6 +8,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use bytes::Bytes;
+use rpx_protocol::content::{DisplayContent, Stream};
 use serde_json::{Map, Value};
 
 use crate::io::Shared;
@@ -211,11 +212,12 @@ impl Tracker {
     pub fn add_io(&self, idx: usize, msg_type: &str, content: &Value) {
         let mut s = self.lock();
         let Some(t) = s.tasks.get_mut(idx) else { return };
-        let data = || content.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
+        let data = || DisplayContent::read(content).data_map();
         match msg_type {
             "stream" => {
-                let text = content.get("text").and_then(Value::as_str).unwrap_or_default();
-                if content.get("name").and_then(Value::as_str) == Some("stderr") {
+                let stream = Stream::read(content);
+                let text = stream.text.as_deref().unwrap_or_default();
+                if stream.is_stderr() {
                     t.io.stderr.push_str(text);
                 } else {
                     t.io.stdout.push_str(text);

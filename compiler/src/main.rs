@@ -33,6 +33,7 @@ use rpx_protocol::compile::{
     msg_type, ArtifactReply, ArtifactRequest, CellRequest, ClosureReply, ClosureRequest, EngineHello, EngineHelloReply, HostProbe, LoadDone,
 };
 use rpx_protocol::connection::{read_json, write_private_json, CompilerConnection};
+use rpx_protocol::content::{ErrorContent, ErrorName};
 use rpx_protocol::{EngineConnection, Profile, Session};
 use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
@@ -492,18 +493,14 @@ fn closure_reply(to: Bytes, request_id: String, entry: &Entry) -> Action {
             status: "ok".into(),
             artifact: Some(artifact.clone()),
             fn_name: fn_name.clone(),
-            ename: String::new(),
-            evalue: String::new(),
-            traceback: vec![],
+            error: Default::default(),
         },
         Entry::Failed { evalue, traceback } => ClosureReply {
             request_id,
             status: "error".into(),
             artifact: None,
             fn_name: String::new(),
-            ename: "CompileError".into(),
-            evalue: evalue.clone(),
-            traceback: traceback.clone(),
+            error: ErrorContent::bare(ErrorName::CompileError, evalue.clone(), traceback.clone()),
         },
         Entry::Compiling { .. } => unreachable!("only finished entries are sent"),
     };

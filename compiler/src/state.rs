@@ -202,9 +202,7 @@ fn reply(to: &Ident, cell_id: &str, status: &str, ename: &str, evalue: &str, tra
     let r = CellReply {
         cell_id: cell_id.to_string(),
         status: status.to_string(),
-        ename: ename.to_string(),
-        evalue: evalue.to_string(),
-        traceback,
+        error: rpx_protocol::content::ErrorContent::bare(ename, evalue, traceback),
         note,
     };
     Action::Send { to: to.clone(), msg_type: msg_type::CELL_REPLY, content: serde_json::to_value(r).expect("serializes") }

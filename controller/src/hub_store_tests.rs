@@ -91,7 +91,7 @@ impl Env {
             self.writer.apply(batch);
             for (token, mut rx) in answers {
                 let answer = if self.fail_lookups {
-                    Answer::failed("RuntimeError", "disk on fire")
+                    Answer::failed(rpx_protocol::content::ErrorName::RuntimeError, "disk on fire")
                 } else {
                     rx.try_recv().expect("answered in the batch")
                 };

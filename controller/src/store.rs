@@ -30,6 +30,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::Profile;
 
 use crate::hub::matches_query;
@@ -160,14 +161,14 @@ pub enum Answer {
     History(Vec<(String, String)>),
     /// The lookup failed; the hub answers the client with this error.
     Failed {
-        ename: String,
+        ename: ErrorName,
         evalue: String,
     },
 }
 
 impl Answer {
-    pub fn failed(ename: &str, evalue: impl Into<String>) -> Answer {
-        Answer::Failed { ename: ename.into(), evalue: evalue.into() }
+    pub fn failed(ename: ErrorName, evalue: impl Into<String>) -> Answer {
+        Answer::Failed { ename, evalue: evalue.into() }
     }
 }
 
@@ -211,11 +212,11 @@ impl StoreHandle {
                         let answer = match tokio::time::timeout(QUERY_TIMEOUT, rx).await {
                             Ok(Ok(a)) => a,
                             Ok(Err(_)) => Answer::failed(
-                                "RuntimeError",
+                                ErrorName::RuntimeError,
                                 "the task database is unavailable (its writer stopped or is stuck; see the controller log)",
                             ),
                             Err(_) => Answer::failed(
-                                "TimeoutError",
+                                ErrorName::TimeoutError,
                                 format!("the task database did not answer within {} s", QUERY_TIMEOUT.as_secs()),
                             ),
                         };
@@ -435,7 +436,7 @@ impl Writer {
                 StoreOp::Query { query, .. } => {
                     let answer = self
                         .query(&query)
-                        .unwrap_or_else(|e| Answer::failed("RuntimeError", format!("task database {}: {e}", self.path.display())));
+                        .unwrap_or_else(|e| Answer::failed(ErrorName::RuntimeError, format!("task database {}: {e}", self.path.display())));
                     if let Some(reply) = m.reply {
                         let _ = reply.send(answer);
                     }
@@ -546,7 +547,7 @@ impl Writer {
                     match matches_query(&record_json(&r), query) {
                         Ok(true) => out.push(r),
                         Ok(false) => {}
-                        Err(e) => return Ok(Answer::failed("ValueError", e)),
+                        Err(e) => return Ok(Answer::failed(ErrorName::ValueError, e)),
                     }
                 }
                 Ok(Answer::Records(out))

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use rpx_protocol::apply::{ename, Closure};
 use rpx_protocol::compile::{Artifact, ClosureReply, ClosureRequest};
+use rpx_protocol::content::ErrorName;
 use rpx_runtime::abi;
 use serde_json::Value;
 
@@ -154,8 +155,8 @@ impl Closures {
                 ClosureVerdict::Compiled
             }
             _ => {
-                let ename = if r.ename.is_empty() { ename::COMPILE_ERROR.to_string() } else { r.ename };
-                ClosureVerdict::Failed(EngineError::new(&ename, r.evalue, r.traceback))
+                let ename = if r.error.ename.as_str().is_empty() { ename::COMPILE_ERROR } else { r.error.ename };
+                ClosureVerdict::Failed(EngineError::new(ename, r.error.evalue, r.error.traceback))
             }
         }
     }
@@ -170,13 +171,14 @@ pub fn outcome(status: u32, data: Vec<u8>) -> Result<Vec<u8>, EngineError> {
         abi::STATUS_PANIC => Err(EngineError::panic(&text(), vec![])),
         abi::STATUS_BAD_INPUT => Err(EngineError::new(ename::UNSUPPORTED_PAYLOAD, text(), vec![])),
         rpx_worker::process::STATUS_INTERRUPTED => Err(EngineError::interrupted("call", false)),
-        _ => Err(EngineError::new("CompilerError", text(), vec![])),
+        _ => Err(EngineError::new(ErrorName::CompilerError, text(), vec![])),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rpx_protocol::content::ErrorContent;
     use serde_json::json;
 
     fn closure(src: &str) -> Closure {
@@ -199,9 +201,7 @@ mod tests {
             status: "ok".into(),
             artifact: Some(artifact()),
             fn_name: "rpx_closure_1".into(),
-            ename: String::new(),
-            evalue: String::new(),
-            traceback: vec![],
+            error: Default::default(),
         }
     }
 
@@ -210,8 +210,7 @@ mod tests {
             status: "error".into(),
             artifact: None,
             fn_name: String::new(),
-            ename: ename.into(),
-            evalue: "mismatched types".into(),
+            error: ErrorContent::bare(ename, "mismatched types", vec![]),
             ..ok_reply(id)
         }
     }

@@ -240,8 +240,8 @@ impl Cell {
         }
         match &self.reply {
             Some(r) if r.status != "ok" => {
-                let ename = if r.ename.is_empty() { "CompileError" } else { r.ename.as_str() };
-                Some(EngineError::new(ename, r.evalue.clone(), r.traceback.clone()))
+                let ename = if r.error.ename.as_str().is_empty() { ename::COMPILE_ERROR } else { r.error.ename.clone() };
+                Some(EngineError::new(ename, r.error.evalue.clone(), r.error.traceback.clone()))
             }
             _ => None,
         }
@@ -297,7 +297,7 @@ fn question_mark_text(stderr: &StderrTail) -> Option<String> {
 /// The error a failed pull of `names` reports: a compile error that cannot find one of the
 /// names is a `NameError`; any other compile error says the pull failed.
 pub fn pull_error(e: EngineError, names: &[String], engine_id: u64) -> EngineError {
-    if e.ename != "CompileError" {
+    if e.ename != ename::COMPILE_ERROR {
         return e;
     }
     let missing = names.iter().find(|n| {
@@ -522,7 +522,7 @@ impl Bindings {
     /// stderr) rather than breaking every later cell. A successful pull leaves its names
     /// fresh; any user cell that compiled may have changed every variable.
     pub fn after_cell(&mut self, purpose: &Purpose, err: Option<&EngineError>) -> Option<String> {
-        let compile_failed = err.is_some_and(|e| e.ename == "CompileError");
+        let compile_failed = err.is_some_and(|e| e.ename == ename::COMPILE_ERROR);
         let mut said = None;
         if !compile_failed {
             self.unbound.clear();

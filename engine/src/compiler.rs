@@ -251,7 +251,7 @@ mod tests {
         c.connected(link(1).0, t0);
         let reply = json!({"cell_id": "c1", "status": "error", "ename": "CompileError", "evalue": "bad"});
         match c.decode(from_compiler("cell_reply", reply), t0 + SILENCE) {
-            Some(CompilerMessage::CellReply(r)) => assert_eq!((r.cell_id.as_str(), r.ename.as_str()), ("c1", "CompileError")),
+            Some(CompilerMessage::CellReply(r)) => assert_eq!((r.cell_id.as_str(), r.error.ename.as_str()), ("c1", "CompileError")),
             other => panic!("{other:?}"),
         }
         assert_eq!(c.check(t0 + SILENCE * 2 - Duration::from_millis(1), true), Watch::Ping, "heard at the cell_reply");

@@ -180,10 +180,7 @@ impl Outbox {
     pub fn apply_error(&mut self, req: &Request, md: Value, err: &EngineError) {
         self.flush_streams();
         self.publish("error", "error", reply::iopub_error(err, &self.me, "apply"), Some(&req.header));
-        let mut c =
-            rpx_protocol::message::error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(self.me.engine_info("apply")));
-        c["status"] = json!("error");
-        self.reply(req, c, md);
+        self.reply(req, err.reply(Some(&self.me.engine_info("apply"))), md);
         self.status("idle", &req.header);
     }
 

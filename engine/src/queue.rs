@@ -7,6 +7,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use bytes::Bytes;
+use rpx_protocol::content::{read_or_default, AbortRequest, ExecuteRequest};
 use rpx_protocol::{Header, Message};
 use serde_json::Value;
 
@@ -50,7 +51,7 @@ impl Request {
 /// `apply_request` carrying an rpx payload (closures and pulls may need a compile).
 pub fn needs_compiler(req: &Request) -> bool {
     match req.msg_type() {
-        "execute_request" => !req.content.get("code").and_then(Value::as_str).unwrap_or("").trim().is_empty(),
+        "execute_request" => !ExecuteRequest::read(&req.content).code.trim().is_empty(),
         "apply_request" => req.content.get(rpx_protocol::apply::CONTENT_KEY).is_some(),
         _ => false,
     }
@@ -157,11 +158,7 @@ impl Queue {
 
 /// The ids an `abort_request` names; `None` when it names none (abort everything queued).
 fn abort_ids(content: &Value) -> Option<Vec<String>> {
-    let ids: Vec<String> = match content.get("msg_ids") {
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-        Some(Value::String(s)) => vec![s.clone()],
-        _ => return None,
-    };
+    let ids = read_or_default::<AbortRequest>(content).msg_ids;
     (!ids.is_empty()).then_some(ids)
 }
 

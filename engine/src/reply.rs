@@ -4,7 +4,8 @@
 //! Pure functions over JSON values; the engine loop decides which one to send.
 
 use rpx_protocol::apply::Op;
-use rpx_protocol::message::{engine_info, error_content, now_iso};
+use rpx_protocol::content::{EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, FinishMetadata, ReplyContent, ReplyStatus};
+use rpx_protocol::message::now_iso;
 use serde_json::{json, Value};
 
 /// Who this engine is, for `metadata.engine` and `engine_info`.
@@ -15,8 +16,8 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn engine_info(&self, method: &str) -> Value {
-        engine_info(self.id, &self.uuid, method)
+    pub fn engine_info(&self, method: &str) -> EngineInfo {
+        EngineInfo::new(self.id, &self.uuid, method)
     }
 
     /// The iopub topic for `kind` (`stdout`, `status`, ...): `engine.<id>.<kind>`.
@@ -41,11 +42,10 @@ pub fn init_metadata(request_metadata: &Value, me: &Identity) -> Value {
 
 /// Complete reply metadata from the reply content: `status`, and `engine_info` on errors.
 pub fn finish_metadata(mut md: Value, content: &Value, me: &Identity) -> Value {
-    let status = content.get("status").cloned().unwrap_or_else(|| Value::String("ok".into()));
-    md["status"] = status.clone();
-    if status == "error" {
-        md["engine_info"] = content.get("engine_info").cloned().unwrap_or_else(|| me.engine_info(""));
-    }
+    let reply = ReplyContent::read(content);
+    let status = reply.status.unwrap_or_default();
+    let engine_info = (status == ReplyStatus::Error).then(|| reply.engine_info.unwrap_or_else(|| me.engine_info("")));
+    FinishMetadata { status, engine_info }.apply_to(&mut md);
     md
 }
 
@@ -56,26 +56,17 @@ pub fn plain_metadata(me: &Identity) -> Value {
 
 /// `execute_reply` content for success.
 pub fn execute_ok(execution_count: u64) -> Value {
-    json!({"status": "ok", "execution_count": execution_count, "user_expressions": {}, "payload": []})
+    ExecuteReply::Ok { execution_count, user_expressions: Default::default() }.to_value()
 }
 
 /// `execute_reply` content for an error.
 pub fn execute_error(err: &EngineError, execution_count: u64, me: &Identity) -> Value {
-    let mut c = error_content(&err.ename, &err.evalue, err.traceback.clone(), Some(me.engine_info("execute")));
-    c["execution_count"] = json!(execution_count);
-    c["user_expressions"] = json!({});
-    c["payload"] = json!([]);
-    c
+    ExecuteReply::Error { execution_count, error: err.clone(), engine_info: Some(me.engine_info("execute")) }.to_value()
 }
 
 /// iopub `error` content for an error.
 pub fn iopub_error(err: &EngineError, me: &Identity, method: &str) -> Value {
-    json!({
-        "ename": err.ename,
-        "evalue": err.evalue,
-        "traceback": err.traceback,
-        "engine_info": me.engine_info(method),
-    })
+    err.iopub(Some(&me.engine_info(method)))
 }
 
 /// Content of the reply to an aborted request.
@@ -84,13 +75,13 @@ pub fn aborted() -> Value {
 }
 
 /// Error reply content for a request the engine refuses (`method`: what was asked).
-pub fn simple_error(ename: &str, evalue: &str, me: &Identity, method: &str) -> Value {
-    error_content(ename, evalue, vec![format!("{ename}: {evalue}")], Some(me.engine_info(method)))
+pub fn simple_error(ename: impl Into<ErrorName>, evalue: &str, me: &Identity, method: &str) -> Value {
+    ErrorContent::new(ename, evalue, vec![]).reply(Some(&me.engine_info(method)))
 }
 
 /// Reply content for a request type rpx engines do not handle.
 pub fn unsupported(msg_type: &str, me: &Identity) -> Value {
-    simple_error("UnsupportedRequest", &format!("rpx engines do not handle {msg_type}"), me, msg_type)
+    simple_error(ErrorName::UnsupportedRequest, &format!("rpx engines do not handle {msg_type}"), me, msg_type)
 }
 
 /// `kernel_info_reply` content.
@@ -110,9 +101,7 @@ pub fn kernel_info() -> Value {
 pub fn apply_op(content: &Value, me: &Identity) -> Result<Op, EngineError> {
     match Op::from_content(content) {
         None => Err(EngineError::unsupported_apply(me)),
-        Some(Err(e)) => {
-            Err(EngineError::new(rpx_protocol::apply::ename::UNSUPPORTED_PAYLOAD, format!("malformed rpx payload: {e}"), vec![]))
-        }
+        Some(Err(e)) => Err(EngineError::new(ErrorName::UnsupportedPayload, format!("malformed rpx payload: {e}"), vec![])),
         Some(Ok(op)) => Ok(op),
     }
 }
@@ -125,74 +114,13 @@ pub fn reply_type(request_type: &str) -> String {
     }
 }
 
-/// An error an rpx engine reports for a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineError {
-    pub ename: String,
-    pub evalue: String,
-    pub traceback: Vec<String>,
-}
+/// An error an rpx engine reports for a request: the one error type, whose constructors
+/// ([`ErrorContent::no_compiler`], [`ErrorContent::worker_died`], ...) say what users see.
+pub type EngineError = ErrorContent;
 
-impl EngineError {
-    pub fn new(ename: &str, evalue: impl Into<String>, traceback: Vec<String>) -> EngineError {
-        let evalue = evalue.into();
-        let traceback = if traceback.is_empty() { vec![format!("{ename}: {evalue}")] } else { traceback };
-        EngineError { ename: ename.to_string(), evalue, traceback }
-    }
-
-    /// A Python client sent pickled Python in an `apply_request`.
-    pub fn unsupported_apply(me: &Identity) -> EngineError {
-        EngineError::new(
-            "UnsupportedPayload",
-            format!(
-                "engine {} is an rpx engine: it runs Rust cells and cannot unpickle Python functions; \
-                 use execute() with Rust code, or start Python engines for apply()",
-                me.id
-            ),
-            vec![],
-        )
-    }
-
-    /// No compiler is reachable.
-    pub fn no_compiler() -> EngineError {
-        EngineError::new("NoCompiler", "no rpx compiler for this cluster (start the cluster with ipcluster)", vec![])
-    }
-
-    /// The compiler process went away while this cell was being compiled.
-    pub fn compiler_died(detail: &str) -> EngineError {
-        EngineError::new(
-            "CompilerDied",
-            format!("the rpx compiler went away while compiling this cell ({detail}); restart the cluster"),
-            vec![],
-        )
-    }
-
-    /// The worker died while running the cell.
-    pub fn worker_died(me: &Identity, status: &str, stderr_tail: Vec<String>) -> EngineError {
-        let evalue = format!(
-            "the worker process of engine {} died ({status}) while running this cell; it was restarted \
-             and all of this engine's variables were lost",
-            me.id
-        );
-        let mut tb = stderr_tail;
-        let ename = rpx_protocol::apply::ename::ENGINE_DIED;
-        tb.push(format!("{ename}: {evalue}"));
-        EngineError::new(ename, evalue, tb)
-    }
-
-    /// The cell or closure call (`what`) was interrupted by SIGINT: a panic injected into it
-    /// unwound to its `catch_unwind`, so the engine kept its variables (a cell's new ones are
-    /// dropped, as after any panic). `before_run`: it was stopped before the worker ran it.
-    pub fn interrupted(what: &str, before_run: bool) -> EngineError {
-        let when = if before_run { " before it ran" } else { "" };
-        let evalue = format!("the {what} was interrupted (SIGINT){when}; the engine kept its variables");
-        EngineError::new(rpx_protocol::apply::ename::INTERRUPTED, evalue, vec![])
-    }
-
-    /// User code panicked.
-    pub fn panic(message: &str, lines: Vec<String>) -> EngineError {
-        let evalue = if message.is_empty() { "the cell panicked".to_string() } else { message.to_string() };
-        EngineError::new("Panic", evalue, lines)
+impl EngineRef for Identity {
+    fn engine_id(&self) -> u64 {
+        self.id
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evcxr::{CommandContext, EvalContext, EvalContextOutputs};
+use rpx_protocol::content::{plain_text, ErrorContent, ErrorName};
 use serde_json::{Map, Value};
 
 use crate::prepare;
@@ -33,8 +34,8 @@ pub const LOCAL_GRACE: Duration = Duration::from_secs(3);
 pub enum LocalOutcome {
     /// Ran; its result or rich output, if any (mime type -> data).
     Ok(Option<Map<String, Value>>),
-    /// Failed: `(ename, evalue, traceback)`.
-    Err(String, String, Vec<String>),
+    /// Failed.
+    Err(ErrorContent),
 }
 
 type Job = Box<dyn FnOnce(&mut CommandContext) + Send>;
@@ -128,7 +129,8 @@ impl Local {
 
     fn run(&mut self, code: &str, shown: &str) -> LocalOutcome {
         let (shared, code, shown) = (self.shared.clone(), code.to_string(), shown.to_string());
-        self.call(move |ctx| run_in(ctx, &code, &shown, &shared)).unwrap_or_else(|e| LocalOutcome::Err("KernelError".into(), e, vec![]))
+        self.call(move |ctx| run_in(ctx, &code, &shown, &shared))
+            .unwrap_or_else(|e| LocalOutcome::Err(ErrorContent::new(ErrorName::KernelError, e, vec![])))
     }
 
     /// Completions at byte `pos`: `(matches, start byte, end byte)`.
@@ -155,34 +157,13 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
     *shared.hold.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
     *shared.stdin_refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
     shared.local_running.store(true, Ordering::SeqCst);
-    let mut callbacks =
-        evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
-    let runtime_pid =
-        shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
-    // The idle runtime waits for its next command: the buffer of that read is its own.
-    let idle_read = runtime_pid.and_then(|pid| rpx_worker::stdin::reading_stdin(pid).map(|b| (pid, b)));
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let mut r = std::thread::scope(|scope| {
-        if let Some((pid, own)) = idle_read {
-            let done = &done;
-            scope.spawn(move || watch_plain_stdin_reads(shared, pid, &own, done));
-        }
-        let r = ctx.execute_with_callbacks(code, &mut callbacks);
-        done.store(true, Ordering::SeqCst);
-        r
-    });
+    let mut r = execute_watched(ctx, code, shared);
     shared.local_running.store(false, Ordering::SeqCst);
     // The relay's notice that a `?` returned an error (see `crate::relay`).
     let question_mark = r.as_mut().is_ok_and(|out| out.content_by_mime_type.remove(crate::relay::ERROR_MIME).is_some());
     let interrupted = shared.interrupted.swap(false, Ordering::SeqCst);
     if r.is_ok() && !interrupted {
-        // A panic is only on stderr, written before the cell ended: let its lines arrive.
-        let end = Instant::now() + Duration::from_millis(50);
-        let pending = || shared.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|rx| !rx.is_empty());
-        while pending() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(2));
+        let_stderr_arrive(shared);
     }
     // The error's text is on stderr, just before the relay's mark: wait for the forwarder to
     // take it out (bounded: without it the error still shows, with a generic message).
@@ -196,7 +177,56 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
         shared.publish(&IopubMsg::Stream { name: StreamName::Stderr, text: "\n".repeat(held) });
     }
     shared.release_stderr(true);
-    let panic = report.lines;
+    let ended = Ended { interrupted, panic: report.lines, stdin_refused, question_mark };
+    outcome(r, ended, shown)
+}
+
+/// Run the cell in the evcxr context, watching for plain stdin reads of the runtime meanwhile.
+fn execute_watched(ctx: &mut CommandContext, code: &str, shared: &Shared) -> Result<evcxr::EvalOutputs, evcxr::Error> {
+    let mut callbacks =
+        evcxr::EvalCallbacks { input_reader: &|req| shared.read_input(&crate::relay::restore_prompt(&req.prompt), req.is_password) };
+    let runtime_pid =
+        shared.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).id() as i32);
+    // The idle runtime waits for its next command: the buffer of that read is its own.
+    let idle_read = runtime_pid.and_then(|pid| rpx_worker::stdin::reading_stdin(pid).map(|b| (pid, b)));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        if let Some((pid, own)) = idle_read {
+            let done = &done;
+            scope.spawn(move || watch_plain_stdin_reads(shared, pid, &own, done));
+        }
+        let r = ctx.execute_with_callbacks(code, &mut callbacks);
+        done.store(true, Ordering::SeqCst);
+        r
+    })
+}
+
+/// A panic is only on stderr, written before the cell ended: let its lines arrive.
+fn let_stderr_arrive(shared: &Shared) {
+    let end = Instant::now() + Duration::from_millis(50);
+    let pending = || shared.stderr_rx.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|rx| !rx.is_empty());
+    while pending() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(2));
+}
+
+/// What was seen of a local cell's end besides evcxr's result.
+struct Ended {
+    /// An interrupt came while it ran.
+    interrupted: bool,
+    /// Its panic report's lines (empty: no panic).
+    panic: Vec<String>,
+    /// It asked for input that could not be given: the prompt.
+    stdin_refused: Option<String>,
+    /// A `?` returned an error: its text's lines.
+    question_mark: Option<Vec<String>>,
+}
+
+/// How the cell ended, from evcxr's result and what else was seen.
+fn outcome(r: Result<evcxr::EvalOutputs, evcxr::Error>, ended: Ended, shown: &str) -> LocalOutcome {
+    let Ended { interrupted, panic, stdin_refused, question_mark } = ended;
+    let err = |ename: ErrorName, evalue: String, tb: Vec<String>| LocalOutcome::Err(ErrorContent::new(ename, evalue, tb));
     match r {
         Ok(_) if !interrupted && panic.is_empty() && stdin_refused.is_some() => {
             let prompt = stdin_refused.unwrap_or_default();
@@ -206,7 +236,7 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
             } else {
                 format!("the cell asked for input ({prompt:?}), but this frontend does not accept input requests (allow_stdin is false), so it got an empty line")
             };
-            LocalOutcome::Err("StdinNotImplementedError".into(), evalue, vec![])
+            err(ErrorName::StdinNotImplementedError, evalue, vec![])
         }
         Ok(_) if !interrupted && panic.is_empty() && question_mark.is_some() => {
             let text = question_mark.unwrap_or_default();
@@ -218,16 +248,16 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
                 tb.push(format!("Error: {evalue}"));
             }
             tb.push("note: a `?` in the cell returned this error, so the cell stopped there; variables it defined are not kept".into());
-            LocalOutcome::Err("Error".into(), evalue, tb)
+            err(ErrorName::Error, evalue, tb)
         }
-        Ok(_) if interrupted => LocalOutcome::Err(
-            "KeyboardInterrupt".into(),
+        Ok(_) if interrupted => err(
+            ErrorName::KeyboardInterrupt,
             "the cell was interrupted (SIGINT); the kernel kept the variables of earlier cells".into(),
             vec![],
         ),
         Ok(_) if !panic.is_empty() => {
             let evalue = panic.get(1).cloned().unwrap_or_else(|| panic[0].clone());
-            LocalOutcome::Err("Panic".into(), evalue, panic)
+            err(ErrorName::Panic, evalue, panic)
         }
         Ok(out) if out.content_by_mime_type.is_empty() => LocalOutcome::Ok(None),
         Ok(out) if out.content_by_mime_type.len() == 1 && out.content_by_mime_type.get("text/plain").is_some_and(|t| t == "()") => {
@@ -250,27 +280,23 @@ fn run_in(ctx: &mut CommandContext, code: &str, shown: &str, shared: &Shared) ->
         }
         Err(evcxr::Error::CompilationErrors(errors)) => {
             let (evalue, tb) = rpx_worker::diagnostics::render_evcxr(shown, &errors);
-            LocalOutcome::Err("CompileError".into(), evalue, tb)
+            err(ErrorName::CompileError, evalue, tb)
         }
-        Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => LocalOutcome::Err(
-            "KeyboardInterrupt".into(),
+        Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => err(
+            ErrorName::KeyboardInterrupt,
             "the cell was interrupted; the kernel's local variables were lost (its Rust runtime restarted)".into(),
             vec![why],
         ),
-        Err(evcxr::Error::SubprocessTerminated(why)) => LocalOutcome::Err(
-            "RuntimeDied".into(),
-            format!("{why}; the kernel's local variables were lost (its Rust runtime restarted)"),
-            vec![],
-        ),
-        Err(evcxr::Error::TypeRedefinedVariablesLost(vars)) => LocalOutcome::Err(
-            "VariablesLost".into(),
-            format!("a type was redefined, so these variables were dropped: {}", vars.join(", ")),
-            vec![],
-        ),
+        Err(evcxr::Error::SubprocessTerminated(why)) => {
+            err(ErrorName::RuntimeDied, format!("{why}; the kernel's local variables were lost (its Rust runtime restarted)"), vec![])
+        }
+        Err(evcxr::Error::TypeRedefinedVariablesLost(vars)) => {
+            err(ErrorName::VariablesLost, format!("a type was redefined, so these variables were dropped: {}", vars.join(", ")), vec![])
+        }
         Err(e) => {
             let msg = e.to_string();
-            let ename = if msg.contains("panicked") { "Panic" } else { "Error" };
-            LocalOutcome::Err(ename.into(), msg.trim_end().to_string(), vec![])
+            let ename = if msg.contains("panicked") { ErrorName::Panic } else { ErrorName::Error };
+            err(ename, msg.trim_end().to_string(), vec![])
         }
     }
 }
@@ -325,7 +351,7 @@ fn watch_plain_stdin_reads(shared: &Shared, pid: i32, own: &str, done: &std::syn
 /// A result that is just `()` (a cell ending in `println!(..)` without `;`): not shown, as
 /// ipyparallel does not show `None`.
 pub fn is_unit(data: &Value) -> bool {
-    data.as_object().is_some_and(|d| d.len() == 1 && d.get("text/plain").and_then(Value::as_str) == Some("()"))
+    data.as_object().is_some_and(|d| d.len() == 1) && plain_text(data) == Some("()")
 }
 
 /// An evcxr context whose runtime is this binary as the engines' worker.

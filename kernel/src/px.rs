@@ -17,6 +17,7 @@ use rpx_magics::{
 
 use crate::server::Shared;
 use crate::shell::CellError;
+use rpx_protocol::content::ErrorName;
 
 /// How often a waiting `%px` looks for an interrupt.
 const TICK: Duration = Duration::from_millis(50);
@@ -24,8 +25,6 @@ const TICK: Duration = Duration::from_millis(50);
 const INTERRUPT_GRACE: Duration = Duration::from_secs(15);
 /// How long a `%px` waits for a first engine when none is registered yet.
 const ENGINE_WAIT: Duration = Duration::from_secs(2);
-/// What a lost connection looks like in a task's error.
-const CONNECTION_LOST: &str = "ConnectionLost";
 
 /// Why a `%px` did not run or failed.
 pub enum PxError {
@@ -73,8 +72,9 @@ impl Px {
     fn client(&mut self) -> Result<&rpx::Client, PxError> {
         if self.client.is_none() {
             let profile = rpx_protocol::connection::default_profile_name();
-            let c = rpx::Client::connect()
-                .map_err(|e| CellError::new("NoCluster", format!("cannot reach an rpx cluster for profile `{profile}`: {e}"), vec![]))?;
+            let c = rpx::Client::connect().map_err(|e| {
+                CellError::new(ErrorName::NoCluster, format!("cannot reach an rpx cluster for profile `{profile}`: {e}"), vec![])
+            })?;
             self.client = Some(c);
         }
         Ok(self.client.as_ref().expect("set above"))
@@ -84,7 +84,7 @@ impl Px {
     pub fn submit(&mut self, code: &str, run: &ExecOptions, display_id: &str) -> Result<Run, PxError> {
         match self.try_submit(code, run, display_id) {
             // The cluster we knew went away (restarted?): connect again once.
-            Err(PxError::Cell(e)) if e.ename == "ConnectionError" => {
+            Err(PxError::Cell(e)) if e.ename == ErrorName::ConnectionError => {
                 self.client = None;
                 self.try_submit(code, run, display_id)
             }
@@ -104,7 +104,7 @@ impl Px {
             shared.publish_stream(StreamName::Stdout, &verbose_line(run.block, &run.targets, &targets));
         }
         let ar = client.direct_view(targets.clone()).execute_async(code).map_err(|e| {
-            let ename = if matches!(e, rpx::Error::Connection(_)) { "ConnectionError" } else { "EngineError" };
+            let ename = if matches!(e, rpx::Error::Connection(_)) { ErrorName::ConnectionError } else { ErrorName::EngineError };
             CellError::new(ename, e.to_string(), vec![])
         })?;
         Ok(Run { ar, targets, single: run.targets.is_single(), display_id: display_id.to_string(), submitted: Instant::now() })
@@ -130,6 +130,32 @@ impl Px {
         let r = self.collect(&run, false, group, &signal, self.config.progress_after);
         self.last = Some(run);
         r
+    }
+
+    /// The progress display while the wait goes on: shown (or updated) when its text changed.
+    fn show_progress(&self, run: &Run, done: usize, progress_id: &str, shown: &mut Option<String>) {
+        let elapsed = run.submitted.elapsed();
+        let text = progress_text(done, run.targets.len(), elapsed, false);
+        if shown.as_deref() != Some(text.as_str()) {
+            self.shared.publish(&progress_message(progress_id, shown.is_none(), done, run.targets.len(), elapsed, false));
+            *shown = Some(text);
+        }
+    }
+
+    /// The user interrupted the wait: say so, and send `signal` to the engines still running
+    /// (none for signal 0).
+    fn signal_running(&self, run: &Run, done: &HashSet<usize>, signal: &Signal) {
+        self.shared.publish_stream(StreamName::Stderr, &interrupt_line(signal));
+        let running: Vec<usize> = run.targets.iter().copied().filter(|id| !done.contains(id)).collect();
+        if let (Some(client), false) = (&self.client, running.is_empty() || *signal == Signal::Number(0)) {
+            let sig = match signal {
+                Signal::Number(n) => rpx::Signal::Number(i32::from(*n)),
+                Signal::Name(s) => rpx::Signal::Name(s.clone()),
+            };
+            if let Err(e) = client.send_signal(sig, running) {
+                self.shared.publish_stream(StreamName::Stderr, &format!("could not signal the engines: {e}\n"));
+            }
+        }
     }
 
     fn collect(&mut self, run: &Run, stream: bool, group: GroupOutputs, signal: &Signal, progress_after: f64) -> Result<(), PxError> {
@@ -158,7 +184,7 @@ impl Px {
                     TaskEvent::Done { engine_id: Some(id), error } => {
                         done.insert(id);
                         let Some(e) = error else { continue };
-                        lost |= e.ename == CONNECTION_LOST;
+                        lost |= ErrorName::parse(&e.ename) == ErrorName::ConnectionLost;
                         (id, OutputEvent::error(e.ename, e.message, e.traceback))
                     }
                     _ => continue,
@@ -178,33 +204,11 @@ impl Px {
             // Only a wait that is still going shows progress (a cell that was done before this
             // wait, as for `%pxresult` of a finished run, shows none).
             if progress_due(progress_after, waiting_since.elapsed()) {
-                let elapsed = run.submitted.elapsed();
-                let text = progress_text(done.len(), run.targets.len(), elapsed, false);
-                if progress_shown.as_deref() != Some(text.as_str()) {
-                    self.shared.publish(&progress_message(
-                        &progress_id,
-                        progress_shown.is_none(),
-                        done.len(),
-                        run.targets.len(),
-                        elapsed,
-                        false,
-                    ));
-                    progress_shown = Some(text);
-                }
+                self.show_progress(run, done.len(), &progress_id, &mut progress_shown);
             }
             if self.shared.interrupted.swap(false, Ordering::SeqCst) && interrupted_at.is_none() {
                 interrupted_at = Some(Instant::now());
-                self.shared.publish_stream(StreamName::Stderr, &interrupt_line(signal));
-                let running: Vec<usize> = run.targets.iter().copied().filter(|id| !done.contains(id)).collect();
-                if let (Some(client), false) = (&self.client, running.is_empty() || *signal == Signal::Number(0)) {
-                    let sig = match signal {
-                        Signal::Number(n) => rpx::Signal::Number(i32::from(*n)),
-                        Signal::Name(s) => rpx::Signal::Name(s.clone()),
-                    };
-                    if let Err(e) = client.send_signal(sig, running) {
-                        self.shared.publish_stream(StreamName::Stderr, &format!("could not signal the engines: {e}\n"));
-                    }
-                }
+                self.signal_running(run, &done, signal);
             }
             if interrupted_at.is_some_and(|t| t.elapsed() > INTERRUPT_GRACE) {
                 let running: Vec<usize> = run.targets.iter().copied().filter(|id| !done.contains(id)).collect();
@@ -214,7 +218,7 @@ impl Px {
                     self.shared.publish(&progress_message(&progress_id, false, done.len().min(n), n, run.submitted.elapsed(), true));
                 }
                 return Err(CellError::new(
-                    "KeyboardInterrupt",
+                    ErrorName::KeyboardInterrupt,
                     format!("interrupted; engines {running:?} did not stop within {INTERRUPT_GRACE:?} and keep running (see %pxresult)"),
                     vec![],
                 )
@@ -235,7 +239,7 @@ impl Px {
         }
         let report = if stream { streamer.error_report() } else { error_report(&outputs, run.single) };
         match report {
-            Some(r) => Err(CellError { ename: r.ename, evalue: r.evalue, traceback: r.traceback }.into()),
+            Some(r) => Err(r.error.into()),
             None => Ok(()),
         }
     }

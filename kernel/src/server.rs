@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
-use jupyter_protocol::ConnectionInfo;
+use rpx_protocol::connection::KernelConnection as ConnectionInfo;
+use rpx_protocol::content::{read_or_default, InputReply, InputRequest, InterruptReply, ShutdownRequest, Status};
 use rpx_protocol::message::Header;
 use rpx_protocol::zmq::{frames, message};
 use rpx_protocol::{Message, Session};
@@ -135,7 +136,7 @@ impl Shared {
 
     /// `status` (`busy`, `idle`) for a request.
     pub fn status(&self, state: &str, parent: &Header) {
-        self.publish_raw("status", json!({ "execution_state": state }), Some(parent));
+        self.publish_raw("status", json!(Status { execution_state: state.to_string() }), Some(parent));
     }
 
     pub fn set_parent(&self, parent: Option<Header>) {
@@ -216,15 +217,15 @@ impl Shared {
         }
         let _done = Done(&self.in_input);
         while replies.try_recv().is_ok() {}
-        let (_, f) =
-            self.session.msg(&idents, "input_request", json!({ "prompt": prompt, "password": password }), Some(&header), json!({}), &[]);
+        let request = json!(InputRequest { prompt: prompt.to_string(), password });
+        let (_, f) = self.session.msg(&idents, "input_request", request, Some(&header), json!({}), &[]);
         if let Some(tx) = self.input_requests.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(message(f));
         }
         loop {
             match replies.recv_timeout(Duration::from_millis(50)) {
-                Ok(m) if m.parent_header.get("msg_id").and_then(Value::as_str).is_some_and(|id| id != header.msg_id) => continue,
-                Ok(m) => return m.content.get("value").and_then(Value::as_str).unwrap_or_default().to_string(),
+                Ok(m) if m.parent_msg_id().is_some_and(|id| id != header.msg_id) => continue,
+                Ok(m) => return read_or_default::<InputReply>(&m.content).value,
                 Err(mpsc::RecvTimeoutError::Timeout) if self.interrupted.load(Ordering::SeqCst) => return String::new(),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return String::new(),
@@ -340,66 +341,36 @@ fn endpoint(info: &ConnectionInfo, port: u16) -> Result<String> {
     Ok(format!("tcp://{}:{port}", info.ip))
 }
 
+/// The five sockets of the connection file, bound.
+struct Sockets {
+    shell: RouterSocket,
+    control: RouterSocket,
+    stdin: RouterSocket,
+    iopub: PubSocket,
+    hb: RepSocket,
+}
+
+async fn bind_sockets(info: &ConnectionInfo) -> Result<Sockets> {
+    let mut shell = RouterSocket::new();
+    rpx_guard::bind(&mut shell, &endpoint(info, info.shell_port)?).await.context("cannot bind the shell socket")?;
+    let mut control = RouterSocket::new();
+    rpx_guard::bind(&mut control, &endpoint(info, info.control_port)?).await.context("cannot bind the control socket")?;
+    let mut stdin = RouterSocket::new();
+    rpx_guard::bind(&mut stdin, &endpoint(info, info.stdin_port)?).await.context("cannot bind the stdin socket")?;
+    let mut iopub = PubSocket::new();
+    rpx_guard::bind(&mut iopub, &endpoint(info, info.iopub_port)?).await.context("cannot bind the iopub socket")?;
+    let mut hb = RepSocket::new();
+    rpx_guard::bind(&mut hb, &endpoint(info, info.hb_port)?).await.context("cannot bind the heartbeat socket")?;
+    Ok(Sockets { shell, control, stdin, iopub, hb })
+}
+
 async fn serve(info: ConnectionInfo) -> Result<()> {
     let session = Session::new(info.key.as_bytes(), "rpx-kernel");
-    let mut shell = RouterSocket::new();
-    rpx_guard::bind(&mut shell, &endpoint(&info, info.shell_port)?).await.context("cannot bind the shell socket")?;
-    let mut control = RouterSocket::new();
-    rpx_guard::bind(&mut control, &endpoint(&info, info.control_port)?).await.context("cannot bind the control socket")?;
-    let mut stdin = RouterSocket::new();
-    rpx_guard::bind(&mut stdin, &endpoint(&info, info.stdin_port)?).await.context("cannot bind the stdin socket")?;
-    let mut iopub = PubSocket::new();
-    rpx_guard::bind(&mut iopub, &endpoint(&info, info.iopub_port)?).await.context("cannot bind the iopub socket")?;
-    let mut hb = RepSocket::new();
-    rpx_guard::bind(&mut hb, &endpoint(&info, info.hb_port)?).await.context("cannot bind the heartbeat socket")?;
+    let Sockets { shell, control, stdin, iopub, hb } = bind_sockets(&info).await?;
     info!(ip = %info.ip, shell = info.shell_port, "rpx kernel listening");
-
-    let (iopub_tx, mut iopub_rx) = unbounded_channel::<ZmqMessage>();
-    tokio::spawn(async move {
-        while let Some(m) = iopub_rx.recv().await {
-            if tokio::time::timeout(SEND_LIMIT, iopub.send(m)).await.is_err() {
-                warn!("an iopub message took too long to send; dropped");
-            }
-        }
-    });
-    tokio::spawn(async move {
-        loop {
-            match hb.recv().await {
-                Ok(m) => {
-                    if tokio::time::timeout(SEND_LIMIT, hb.send(m)).await.is_err() {
-                        warn!("heartbeat reply timed out");
-                    }
-                }
-                Err(e) => {
-                    debug!(error = %e, "heartbeat socket");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    });
-    // The stdin socket: `input_request`s out (for the local cell reading input), `input_reply`s in.
-    let (input_tx, input_rx) = mpsc::channel::<Message>();
-    let (input_req_tx, input_req_rx) = unbounded_channel::<ZmqMessage>();
-    let (stdin_send, mut stdin_recv) = stdin.split();
-    spawn_sender(stdin_send, input_req_rx, "an input_request");
-    {
-        let session = session.clone();
-        tokio::spawn(async move {
-            loop {
-                match stdin_recv.recv().await {
-                    Ok(m) => match session.decode(frames(m)) {
-                        Ok(msg) if msg.msg_type() == "input_reply" => {
-                            let _ = input_tx.send(msg);
-                        }
-                        Ok(msg) => debug!(msg_type = msg.msg_type(), "unexpected message on stdin"),
-                        Err(e) => warn!(error = %e, "dropped a stdin message"),
-                    },
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
-            }
-        });
-    }
-
+    let iopub_tx = spawn_iopub(iopub);
+    spawn_heartbeat(hb);
+    let (input_rx, input_req_tx) = spawn_stdin(stdin, session.clone());
     let shared = Arc::new(Shared {
         topic_prefix: format!("kernel.{}", session.session),
         session: session.clone(),
@@ -419,41 +390,100 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         stdin_refused: Mutex::new(None),
         in_input: AtomicBool::new(false),
     });
+    spawn_shell(shell, session.clone(), shared.clone())?;
+    control_loop(control, session, shared).await
+}
 
-    // Shell: requests go to one thread, in order; its replies come back to be sent.
-    let (shell_tx, shell_rx) = mpsc::channel::<ShellRequest>();
-    let (reply_tx, reply_rx) = unbounded_channel::<ZmqMessage>();
-    {
-        let shared = shared.clone();
-        std::thread::Builder::new().name("shell".into()).spawn(move || crate::shell::Kernel::new(shared).serve(shell_rx))?;
-    }
-    let (shell_send, mut shell_recv) = shell.split();
-    spawn_sender(shell_send, reply_rx, "a shell reply");
-    {
-        let session = session.clone();
-        tokio::spawn(async move {
-            loop {
-                let m = match shell_recv.recv().await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        debug!(error = %e, "shell socket");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
+/// The iopub socket's task: sends what the returned channel carries.
+fn spawn_iopub(mut iopub: PubSocket) -> UnboundedSender<ZmqMessage> {
+    let (iopub_tx, mut iopub_rx) = unbounded_channel::<ZmqMessage>();
+    tokio::spawn(async move {
+        while let Some(m) = iopub_rx.recv().await {
+            if tokio::time::timeout(SEND_LIMIT, iopub.send(m)).await.is_err() {
+                warn!("an iopub message took too long to send; dropped");
+            }
+        }
+    });
+    iopub_tx
+}
+
+/// The heartbeat socket's task: echoes every ping.
+fn spawn_heartbeat(mut hb: RepSocket) {
+    tokio::spawn(async move {
+        loop {
+            match hb.recv().await {
+                Ok(m) => {
+                    if tokio::time::timeout(SEND_LIMIT, hb.send(m)).await.is_err() {
+                        warn!("heartbeat reply timed out");
                     }
-                };
-                match session.decode(frames(m)) {
-                    Ok(msg) => {
-                        if shell_tx.send(ShellRequest { msg, reply: reply_tx.clone() }).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "dropped a shell message"),
+                }
+                Err(e) => {
+                    debug!(error = %e, "heartbeat socket");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
-        });
-    }
+        }
+    });
+}
 
-    // Control, handled here so that it answers while a cell runs.
+/// The stdin socket's tasks: `input_request`s out (for the local cell reading input, sent on
+/// the returned sender), `input_reply`s in (on the returned receiver).
+fn spawn_stdin(stdin: RouterSocket, session: Session) -> (mpsc::Receiver<Message>, UnboundedSender<ZmqMessage>) {
+    let (input_tx, input_rx) = mpsc::channel::<Message>();
+    let (input_req_tx, input_req_rx) = unbounded_channel::<ZmqMessage>();
+    let (stdin_send, mut stdin_recv) = stdin.split();
+    spawn_sender(stdin_send, input_req_rx, "an input_request");
+    tokio::spawn(async move {
+        loop {
+            match stdin_recv.recv().await {
+                Ok(m) => match session.decode(frames(m)) {
+                    Ok(msg) if msg.msg_type() == "input_reply" => {
+                        let _ = input_tx.send(msg);
+                    }
+                    Ok(msg) => debug!(msg_type = msg.msg_type(), "unexpected message on stdin"),
+                    Err(e) => warn!(error = %e, "dropped a stdin message"),
+                },
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    });
+    (input_rx, input_req_tx)
+}
+
+/// Shell: requests go to one thread ([`crate::shell::Kernel`]), in order; its replies come back
+/// to be sent.
+fn spawn_shell(shell: RouterSocket, session: Session, shared: Arc<Shared>) -> Result<()> {
+    let (shell_tx, shell_rx) = mpsc::channel::<ShellRequest>();
+    let (reply_tx, reply_rx) = unbounded_channel::<ZmqMessage>();
+    std::thread::Builder::new().name("shell".into()).spawn(move || crate::shell::Kernel::new(shared).serve(shell_rx))?;
+    let (shell_send, mut shell_recv) = shell.split();
+    spawn_sender(shell_send, reply_rx, "a shell reply");
+    tokio::spawn(async move {
+        loop {
+            let m = match shell_recv.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(error = %e, "shell socket");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            match session.decode(frames(m)) {
+                Ok(msg) => {
+                    if shell_tx.send(ShellRequest { msg, reply: reply_tx.clone() }).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => warn!(error = %e, "dropped a shell message"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Control, handled here so that it answers while a cell runs; exits the process after a
+/// `shutdown_request`.
+async fn control_loop(mut control: RouterSocket, session: Session, shared: Arc<Shared>) -> Result<()> {
     loop {
         let m = match control.recv().await {
             Ok(m) => m,
@@ -471,23 +501,9 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
             }
         };
         shared.status("busy", &msg.header);
-        let (content, exit) = match msg.msg_type() {
-            "kernel_info_request" => (crate::shell::kernel_info(), false),
-            "interrupt_request" => {
-                info!("interrupt requested");
-                shared.interrupt();
-                (serde_json::to_value(jupyter_protocol::InterruptReply::new())?, false)
-            }
-            "shutdown_request" => {
-                let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
-                info!(restart, "shutdown requested");
-                (json!({ "status": "ok", "restart": restart }), true)
-            }
-            other => {
-                debug!(msg_type = other, "unhandled control message");
-                shared.status("idle", &msg.header);
-                continue;
-            }
+        let Some((content, exit)) = control_reply(&shared, &msg)? else {
+            shared.status("idle", &msg.header);
+            continue;
         };
         let reply_type = msg.msg_type().replace("_request", "_reply");
         let (_, f) = session.msg(&msg.idents, &reply_type, content, Some(&msg.header), json!({}), &[]);
@@ -501,6 +517,28 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
             std::process::exit(0);
         }
     }
+}
+
+/// The reply content to a control request and whether the kernel then exits; `None` for a
+/// request the kernel does not answer.
+fn control_reply(shared: &Arc<Shared>, msg: &Message) -> Result<Option<(Value, bool)>> {
+    Ok(Some(match msg.msg_type() {
+        "kernel_info_request" => (crate::shell::kernel_info(), false),
+        "interrupt_request" => {
+            info!("interrupt requested");
+            shared.interrupt();
+            (serde_json::to_value(InterruptReply::new())?, false)
+        }
+        "shutdown_request" => {
+            let req: ShutdownRequest = read_or_default(&msg.content);
+            info!(restart = req.restart(), "shutdown requested");
+            (req.reply(), true)
+        }
+        other => {
+            debug!(msg_type = other, "unhandled control message");
+            return Ok(None);
+        }
+    }))
 }
 
 /// Send what `rx` carries on a ROUTER's send half, each send bounded by [`SEND_LIMIT`] (`what`

@@ -5,14 +5,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 
-use jupyter_protocol::{
-    CommInfoReply, CompleteReply, HelpLink, InspectReply, IsCompleteReply, IsCompleteReplyStatus, KernelInfoReply, LanguageInfo,
-    ReplyStatus,
+use rpx_protocol::content::{
+    plain_text, read_or_default, CodeAtCursor, CodeMirrorMode, CommInfoReply, CommOpen, CompleteReply, ErrorContent, ErrorName,
+    ExecuteInput, ExecuteReply, ExecuteRequest, HelpLink, HistoryRequest, InspectReply, IsCompleteReply, IsCompleteReplyStatus,
+    IsCompleteRequest, KernelInfoReply, LanguageInfo, ReplyStatus, ShutdownRequest,
 };
 use serde_json::{json, Map, Value};
 use tracing::{debug, warn};
 
-use rpx_magics::{autopx_message, parse_cell_autopx, CellStep, IopubMsg, MagicError, StreamName};
+use rpx_magics::{autopx_message, parse_cell_autopx, CellStep, IopubMsg, StreamName};
 
 use crate::local::{Local, LocalOutcome};
 use crate::px::{Px, PxError};
@@ -34,26 +35,7 @@ pub struct Kernel {
 }
 
 /// A failed cell: published as `error` and put in the `execute_reply`.
-pub struct CellError {
-    pub ename: String,
-    pub evalue: String,
-    pub traceback: Vec<String>,
-}
-
-impl CellError {
-    pub fn new(ename: impl Into<String>, evalue: impl Into<String>, traceback: Vec<String>) -> CellError {
-        let evalue = evalue.into();
-        let ename = ename.into();
-        let traceback = if traceback.is_empty() { vec![format!("{ename}: {evalue}")] } else { traceback };
-        CellError { ename, evalue, traceback }
-    }
-}
-
-impl From<MagicError> for CellError {
-    fn from(e: MagicError) -> CellError {
-        CellError::new("UsageError", e.to_string(), vec![])
-    }
-}
+pub type CellError = ErrorContent;
 
 impl From<PxError> for CellError {
     fn from(e: PxError) -> CellError {
@@ -77,7 +59,7 @@ pub fn kernel_info() -> Value {
             mimetype: Some("text/rust".into()),
             file_extension: Some(".rs".into()),
             pygments_lexer: Some("rust".into()),
-            codemirror_mode: Some(jupyter_protocol::CodeMirrorMode::Simple("rust".into())),
+            codemirror_mode: Some(CodeMirrorMode::Simple("rust".into())),
             nbconvert_exporter: None,
         },
         banner: format!(
@@ -144,7 +126,7 @@ impl Kernel {
                         &self.shared.session,
                         &next,
                         "execute_reply",
-                        json!({ "status": "aborted", "execution_count": self.execution_count }),
+                        ExecuteReply::Aborted { execution_count: self.execution_count }.to_value(),
                     );
                 } else {
                     self.handle(&next, &rx);
@@ -164,29 +146,27 @@ impl Kernel {
             "kernel_info_request" => reply(session, req, "kernel_info_reply", kernel_info()),
             "execute_request" => return self.execute(req, waiting),
             "is_complete_request" => {
-                let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
-                let r = match is_complete(code) {
+                let r = match is_complete(&read_or_default::<IsCompleteRequest>(c).code) {
                     Completeness::Complete => IsCompleteReply::new(IsCompleteReplyStatus::Complete, String::new()),
                     Completeness::Incomplete(indent) => IsCompleteReply::incomplete(indent),
                     Completeness::Invalid => IsCompleteReply::new(IsCompleteReplyStatus::Invalid, String::new()),
                 };
+                let incomplete = matches!(r.status, IsCompleteReplyStatus::Incomplete);
                 let mut v = serde_json::to_value(r).expect("serializable");
-                if v["status"] != "incomplete" {
+                if !incomplete {
                     v.as_object_mut().expect("object").remove("indent");
                 }
                 reply(session, req, "is_complete_reply", v);
             }
             "complete_request" => {
-                let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
-                let cursor = c.get("cursor_pos").and_then(Value::as_u64).map_or(code.chars().count(), |p| p as usize);
-                let r = self.complete(code, cursor);
+                let at: CodeAtCursor = read_or_default(c);
+                let r = self.complete(&at.code, at.cursor());
                 reply(session, req, "complete_reply", serde_json::to_value(r).expect("serializable"));
             }
             "inspect_request" => {
-                let code = c.get("code").and_then(Value::as_str).unwrap_or_default();
-                let cursor = c.get("cursor_pos").and_then(Value::as_u64).map_or(code.chars().count(), |p| p as usize);
+                let at: CodeAtCursor = read_or_default(c);
                 let mut r = InspectReply::default();
-                match self.local.inspect(code, byte_offset(code, cursor)) {
+                match self.local.inspect(&at.code, byte_offset(&at.code, at.cursor())) {
                     Ok((plain, html)) if has_documentation(&plain) => {
                         r.found = true;
                         r.data = serde_json::from_value(json!({ "text/plain": plain, "text/html": html })).unwrap_or_default();
@@ -197,7 +177,7 @@ impl Kernel {
                 reply(session, req, "inspect_reply", serde_json::to_value(r).expect("serializable"));
             }
             "history_request" => {
-                let history = self.history_entries(c);
+                let history = self.history_entries(&read_or_default(c));
                 reply(session, req, "history_reply", json!({ "status": "ok", "history": history }));
             }
             "comm_info_request" => {
@@ -205,13 +185,11 @@ impl Kernel {
             }
             "comm_open" => {
                 // No comm targets are offered: close it at once, as the protocol asks.
-                let id = c.get("comm_id").cloned().unwrap_or(Value::Null);
-                self.shared.publish_raw("comm_close", json!({ "comm_id": id, "data": {} }), Some(&req.msg.header));
+                self.shared.publish_raw("comm_close", read_or_default::<CommOpen>(c).close(), Some(&req.msg.header));
             }
             "comm_msg" | "comm_close" => {}
             "shutdown_request" => {
-                let restart = c.get("restart").and_then(Value::as_bool).unwrap_or(false);
-                reply(session, req, "shutdown_reply", json!({ "status": "ok", "restart": restart }));
+                reply(session, req, "shutdown_reply", read_or_default::<ShutdownRequest>(c).reply());
             }
             other => warn!(msg_type = other, "unhandled shell message"),
         }
@@ -245,18 +223,18 @@ impl Kernel {
         r
     }
 
-    fn history_entries(&self, c: &Value) -> Vec<Value> {
-        let output = c.get("output").and_then(Value::as_bool).unwrap_or(false);
+    fn history_entries(&self, c: &HistoryRequest) -> Vec<Value> {
+        let output = c.output.unwrap_or(false);
         let entry = |(n, code, out): &(u64, String, Option<String>)| if output { json!([1, n, [code, out]]) } else { json!([1, n, code]) };
-        match c.get("hist_access_type").and_then(Value::as_str).unwrap_or("tail") {
+        match c.hist_access_type.as_deref().unwrap_or("tail") {
             "range" => {
-                let start = c.get("start").and_then(Value::as_u64).unwrap_or(1);
-                let stop = c.get("stop").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                let start = c.start.unwrap_or(1);
+                let stop = c.stop.unwrap_or(u64::MAX);
                 self.history.iter().filter(|(n, _, _)| *n >= start && *n < stop).map(entry).collect()
             }
             "search" => {
-                let pattern = c.get("pattern").and_then(Value::as_str).unwrap_or("*");
-                let unique = c.get("unique").and_then(Value::as_bool).unwrap_or(false);
+                let pattern = c.pattern.as_deref().unwrap_or("*");
+                let unique = c.unique.unwrap_or(false);
                 let mut seen = std::collections::HashSet::new();
                 let hits: Vec<&(u64, String, Option<String>)> = self
                     .history
@@ -264,11 +242,11 @@ impl Kernel {
                     .filter(|(_, code, _)| glob(pattern, code))
                     .filter(|(_, code, _)| !unique || seen.insert(code.clone()))
                     .collect();
-                let n = c.get("n").and_then(Value::as_u64).map_or(hits.len(), |n| n as usize);
+                let n = c.n.map_or(hits.len(), |n| n as usize);
                 hits[hits.len().saturating_sub(n)..].iter().map(|e| entry(e)).collect()
             }
             _ => {
-                let n = c.get("n").and_then(Value::as_u64).unwrap_or(10) as usize;
+                let n = c.n.unwrap_or(10) as usize;
                 self.history[self.history.len().saturating_sub(n)..].iter().map(entry).collect()
             }
         }
@@ -278,38 +256,27 @@ impl Kernel {
     /// the requests waiting before its reply went out: "Run all" queued them behind it, while a
     /// request sent after the reply was seen is the user's next step and runs.
     fn execute(&mut self, req: &ShellRequest, waiting: &mpsc::Receiver<ShellRequest>) -> Vec<ShellRequest> {
-        let c = &req.msg.content;
-        let stop_on_error = c.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true);
-        let code = c.get("code").and_then(Value::as_str).unwrap_or_default().to_string();
-        let silent = c.get("silent").and_then(Value::as_bool).unwrap_or(false);
-        let store_history = c.get("store_history").and_then(Value::as_bool).unwrap_or(!silent) && !silent;
+        let c = ExecuteRequest::read(&req.msg.content);
+        let (stop_on_error, silent, store_history) = (c.stop_on_error(), c.silent(), c.store_history());
+        let code = c.code.clone();
         self.silent = silent;
-        // Not evaluated (a Rust expression is a compiled cell): each is answered with an error
-        // saying so, rather than dropped.
-        let user_expressions: Map<String, Value> = c
-            .get("user_expressions")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.keys()
-                    .map(|k| {
-                        let evalue = "rpx-kernel does not evaluate user_expressions; run the expression as a cell";
-                        (k.clone(), json!({ "status": "error", "ename": "NotImplementedError", "evalue": evalue, "traceback": [format!("NotImplementedError: {evalue}")] }))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let user_expressions = unevaluated(&c);
         if store_history {
             self.execution_count += 1;
             self.history.push((self.execution_count, code.clone(), None));
         }
         let count = self.execution_count;
         self.shared.set_parent(Some(req.msg.header.clone()));
-        let allow_stdin = c.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false);
+        let allow_stdin = c.allow_stdin();
         *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) =
             allow_stdin.then(|| (req.msg.idents.clone(), req.msg.header.clone()));
         self.shared.interrupted.store(false, Ordering::SeqCst);
         if !silent {
-            self.shared.publish_raw("execute_input", json!({ "code": code, "execution_count": count }), Some(&req.msg.header));
+            self.shared.publish_raw(
+                "execute_input",
+                json!(ExecuteInput { code: code.clone(), execution_count: count }),
+                Some(&req.msg.header),
+            );
         }
         self.result_text = None;
         let outcome = self.run_cell(&code, count, &req.msg.header.msg_id);
@@ -320,15 +287,15 @@ impl Kernel {
         }
         let failed = outcome.is_err();
         let content = match outcome {
-            Ok(()) => json!({ "status": "ok", "execution_count": count, "user_expressions": user_expressions, "payload": [] }),
-            Err(e) => {
-                self.shared.publish(&IopubMsg::Error { ename: e.ename.clone(), evalue: e.evalue.clone(), traceback: e.traceback.clone() });
-                json!({ "status": "error", "execution_count": count, "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback, "user_expressions": {}, "payload": [] })
+            Ok(()) => ExecuteReply::Ok { execution_count: count, user_expressions },
+            Err(error) => {
+                self.shared.publish(&IopubMsg::Error(error.clone()));
+                ExecuteReply::Error { execution_count: count, error, engine_info: None }
             }
         };
         let behind: Vec<ShellRequest> =
             if failed && stop_on_error && !silent { std::iter::from_fn(|| waiting.try_recv().ok()).collect() } else { Vec::new() };
-        reply(&self.shared.session, req, "execute_reply", content);
+        reply(&self.shared.session, req, "execute_reply", content.to_value());
         self.shared.set_parent(None);
         *self.shared.stdin_parent.lock().unwrap_or_else(|p| p.into_inner()) = None;
         behind
@@ -368,7 +335,7 @@ impl Kernel {
                 self.show(data, count);
                 Ok(())
             }
-            LocalOutcome::Err(ename, evalue, tb) => Err(CellError::new(ename, evalue, tb)),
+            LocalOutcome::Err(e) => Err(e),
         }
     }
 
@@ -376,17 +343,25 @@ impl Kernel {
     /// (`EVCXR_BEGIN_CONTENT text/html`, images) is displayed.
     fn show(&mut self, data: Map<String, Value>, count: u64) {
         let only_text = data.keys().all(|k| k == "text/plain");
-        self.result_text = data.get("text/plain").and_then(Value::as_str).map(str::to_string);
+        let data = Value::Object(data);
+        self.result_text = plain_text(&data).map(str::to_string);
         if self.silent {
             return;
         }
-        let data = Value::Object(data);
         if only_text {
             self.shared.publish(&IopubMsg::ExecuteResult { data, metadata: json!({}), execution_count: count });
         } else {
             self.shared.publish(&IopubMsg::DisplayData { data, metadata: json!({}), display_id: None });
         }
     }
+}
+
+/// The `user_expressions` of an `execute_reply`: not evaluated (a Rust expression is a
+/// compiled cell), each is answered with an error saying so, rather than dropped.
+fn unevaluated(req: &ExecuteRequest) -> Map<String, Value> {
+    let evalue = "rpx-kernel does not evaluate user_expressions; run the expression as a cell";
+    let error = ErrorContent::new(ErrorName::NotImplementedError, evalue, vec![]).reply(None);
+    req.user_expressions.iter().flat_map(|m| m.keys()).map(|k| (k.clone(), error.clone())).collect()
 }
 
 /// Whether hover text says something: rust-analyzer answers "No documentation found" (in

@@ -160,6 +160,13 @@ impl From<TargetError> for MagicError {
     }
 }
 
+/// A magic used wrongly, as the cell's error: `UsageError` with the message.
+impl From<MagicError> for rpx_protocol::content::ErrorContent {
+    fn from(e: MagicError) -> Self {
+        rpx_protocol::content::ErrorContent::new(rpx_protocol::content::ErrorName::UsageError, e.to_string(), vec![])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,10 @@
 //! for a single-engine target, or, when the errors were already streamed, an
 //! `AlreadyDisplayedError` that just says `N errors`.
 
-use serde_json::{json, Value};
+use rpx_protocol::content::{ErrorContent, ErrorName};
+use serde_json::Value;
 
-use crate::output::{EngineOutput, ErrorOutput, IopubMsg};
+use crate::output::{EngineOutput, IopubMsg};
 
 /// How many tracebacks a `CompositeError` shows (and how many a stream prints in full).
 pub const TB_LIMIT: usize = 4;
@@ -18,13 +19,10 @@ const METHOD: &str = "execute";
 /// [`Self::reply_content`] in the `execute_reply`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorReport {
-    /// `CompositeError`, `RemoteError` or `AlreadyDisplayedError`.
-    pub ename: String,
-    /// The summary (for `CompositeError`: the first line plus one `[N:execute]Kind: message`
-    /// line per failed engine).
-    pub evalue: String,
-    /// The lines a front end shows.
-    pub traceback: Vec<String>,
+    /// `ename`: `CompositeError`, `RemoteError` or `AlreadyDisplayedError`; `evalue`: the
+    /// summary (for `CompositeError`: the first line plus one `[N:execute]Kind: message` line per
+    /// failed engine); `traceback`: the lines a front end shows.
+    pub error: ErrorContent,
     /// The engines that failed, in engine order as given.
     pub failed_engines: Vec<usize>,
 }
@@ -32,13 +30,13 @@ pub struct ErrorReport {
 impl ErrorReport {
     /// The iopub `error` message.
     pub fn to_iopub(&self) -> IopubMsg {
-        IopubMsg::Error { ename: self.ename.clone(), evalue: self.evalue.clone(), traceback: self.traceback.clone() }
+        IopubMsg::Error(self.error.clone())
     }
 
     /// The `execute_reply` content for this failure (without `execution_count`, which the
     /// kernel adds).
     pub fn reply_content(&self) -> Value {
-        json!({ "status": "error", "ename": self.ename, "evalue": self.evalue, "traceback": self.traceback })
+        self.error.reply(None)
     }
 }
 
@@ -49,7 +47,7 @@ pub fn engine_label(engine_id: usize) -> String {
 
 /// The traceback's lines (the list joined and split again, as ipyparallel does), or
 /// `No traceback available`.
-fn traceback_lines(err: &ErrorOutput) -> Vec<String> {
+fn traceback_lines(err: &ErrorContent) -> Vec<String> {
     let joined = err.traceback.join("\n");
     if joined.is_empty() {
         vec!["No traceback available".to_string()]
@@ -59,14 +57,14 @@ fn traceback_lines(err: &ErrorOutput) -> Vec<String> {
 }
 
 /// A single engine's error as a `RemoteError` renders it: `[N:execute]`, then the traceback.
-pub(crate) fn remote_traceback(engine_id: usize, err: &ErrorOutput) -> Vec<String> {
+pub(crate) fn remote_traceback(engine_id: usize, err: &ErrorContent) -> Vec<String> {
     let mut lines = vec![engine_label(engine_id)];
     lines.extend(traceback_lines(err));
     lines
 }
 
 /// `[N:execute] Kind: message`, a `RemoteError`'s one-line form.
-pub(crate) fn remote_line(engine_id: usize, err: &ErrorOutput) -> String {
+pub(crate) fn remote_line(engine_id: usize, err: &ErrorContent) -> String {
     format!("{} {}: {}", engine_label(engine_id), err.ename, err.evalue)
 }
 
@@ -74,7 +72,7 @@ pub(crate) fn remote_line(engine_id: usize, err: &ErrorOutput) -> String {
 /// failed. `single` is [`crate::TargetSpec::is_single`] of the cell's targets: then the one
 /// error is a `RemoteError`; otherwise all are gathered in a `CompositeError`.
 pub fn error_report(engines: &[EngineOutput], single: bool) -> Option<ErrorReport> {
-    let errors: Vec<(usize, &ErrorOutput)> = engines.iter().flat_map(|e| e.errors().map(move |err| (e.engine_id, err))).collect();
+    let errors: Vec<(usize, &ErrorContent)> = engines.iter().flat_map(|e| e.errors().map(move |err| (e.engine_id, err))).collect();
     if errors.is_empty() {
         return None;
     }
@@ -82,12 +80,8 @@ pub fn error_report(engines: &[EngineOutput], single: bool) -> Option<ErrorRepor
     failed_engines.dedup();
     if single && errors.len() == 1 {
         let (id, err) = errors[0];
-        return Some(ErrorReport {
-            ename: "RemoteError".to_string(),
-            evalue: remote_line(id, err),
-            traceback: remote_traceback(id, err),
-            failed_engines,
-        });
+        let error = ErrorContent::bare(ErrorName::RemoteError, remote_line(id, err), remote_traceback(id, err));
+        return Some(ErrorReport { error, failed_engines });
     }
     let mut evalue = "one or more exceptions raised in: %px".to_string();
     let mut traceback = Vec::new();
@@ -102,19 +96,20 @@ pub fn error_report(engines: &[EngineOutput], single: bool) -> Option<ErrorRepor
         evalue.push_str(&format!("\n.... {more} more exceptions ..."));
         traceback.push(format!("... {more} more exceptions ..."));
     }
-    Some(ErrorReport { ename: "CompositeError".to_string(), evalue, traceback, failed_engines })
+    Some(ErrorReport { error: ErrorContent::bare(ErrorName::CompositeError, evalue, traceback), failed_engines })
 }
 
 /// The report after errors were streamed as they came: `AlreadyDisplayedError`, `N errors`.
 pub(crate) fn already_displayed(count: usize, failed_engines: Vec<usize>) -> ErrorReport {
     let text = format!("{count} errors");
-    ErrorReport { ename: "AlreadyDisplayedError".to_string(), evalue: text.clone(), traceback: vec![text], failed_engines }
+    ErrorReport { error: ErrorContent::bare(ErrorName::AlreadyDisplayedError, text.clone(), vec![text]), failed_engines }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::output::OutputEvent;
+    use serde_json::json;
 
     fn failing(id: usize) -> EngineOutput {
         EngineOutput::new(
@@ -143,10 +138,10 @@ mod tests {
     #[test]
     fn composite_error() {
         let r = error_report(&[ok(0), failing(1), failing(2)], false).unwrap();
-        assert_eq!(r.ename, "CompositeError");
-        assert_eq!(r.evalue, "one or more exceptions raised in: %px\n[1:execute]Panic: oops! 1\n[2:execute]Panic: oops! 2");
+        assert_eq!(r.error.ename, "CompositeError");
+        assert_eq!(r.error.evalue, "one or more exceptions raised in: %px\n[1:execute]Panic: oops! 1\n[2:execute]Panic: oops! 2");
         assert_eq!(
-            r.traceback,
+            r.error.traceback,
             vec![
                 "[1:execute]:",
                 "thread 'main' panicked at src/lib.rs:3:5:",
@@ -161,10 +156,10 @@ mod tests {
             ]
         );
         assert_eq!(r.failed_engines, vec![1, 2]);
-        assert_eq!(r.to_iopub(), IopubMsg::Error { ename: r.ename.clone(), evalue: r.evalue.clone(), traceback: r.traceback.clone() });
+        assert_eq!(r.to_iopub(), IopubMsg::Error(r.error.clone()));
         assert_eq!(
             r.reply_content(),
-            json!({ "status": "error", "ename": "CompositeError", "evalue": r.evalue, "traceback": r.traceback })
+            json!({ "status": "error", "ename": "CompositeError", "evalue": r.error.evalue, "traceback": r.error.traceback })
         );
     }
 
@@ -173,11 +168,11 @@ mod tests {
         let engines: Vec<EngineOutput> = (0..6).map(failing).collect();
         let r = error_report(&engines, false).unwrap();
         assert_eq!(
-            r.evalue,
+            r.error.evalue,
             "one or more exceptions raised in: %px\n[0:execute]Panic: oops! 0\n[1:execute]Panic: oops! 1\n[2:execute]Panic: oops! 2\n[3:execute]Panic: oops! 3\n.... 2 more exceptions ..."
         );
-        assert_eq!(r.traceback.iter().filter(|l| l.ends_with(":execute]:")).count(), 4);
-        assert_eq!(r.traceback.last().unwrap(), "... 2 more exceptions ...");
+        assert_eq!(r.error.traceback.iter().filter(|l| l.ends_with(":execute]:")).count(), 4);
+        assert_eq!(r.error.traceback.last().unwrap(), "... 2 more exceptions ...");
         assert_eq!(r.failed_engines, vec![0, 1, 2, 3, 4, 5]);
     }
 
@@ -185,9 +180,9 @@ mod tests {
     fn missing_traceback() {
         let dead = EngineOutput::new(3, vec![OutputEvent::error("EngineError", "engine 3 died (signal 9)", vec![])]);
         let r = error_report(std::slice::from_ref(&dead), false).unwrap();
-        assert_eq!(r.traceback, vec!["[3:execute]:", "No traceback available", ""]);
+        assert_eq!(r.error.traceback, vec!["[3:execute]:", "No traceback available", ""]);
         let r = error_report(&[dead], true).unwrap();
-        assert_eq!(r.traceback, vec!["[3:execute]", "No traceback available"]);
+        assert_eq!(r.error.traceback, vec!["[3:execute]", "No traceback available"]);
     }
 
     #[test]
@@ -196,14 +191,16 @@ mod tests {
         assert_eq!(
             r,
             ErrorReport {
-                ename: "RemoteError".into(),
-                evalue: "[1:execute] Panic: oops! 1".into(),
-                traceback: vec![
-                    "[1:execute]".into(),
-                    "thread 'main' panicked at src/lib.rs:3:5:".into(),
-                    "oops! 1".into(),
-                    "note: run with RUST_BACKTRACE=1".into()
-                ],
+                error: ErrorContent::bare(
+                    "RemoteError",
+                    "[1:execute] Panic: oops! 1",
+                    vec![
+                        "[1:execute]".into(),
+                        "thread 'main' panicked at src/lib.rs:3:5:".into(),
+                        "oops! 1".into(),
+                        "note: run with RUST_BACKTRACE=1".into()
+                    ]
+                ),
                 failed_engines: vec![1],
             }
         );
@@ -212,8 +209,8 @@ mod tests {
     #[test]
     fn already_displayed_says_how_many() {
         let r = already_displayed(6, vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(r.ename, "AlreadyDisplayedError");
-        assert_eq!(r.evalue, "6 errors");
-        assert_eq!(r.traceback, vec!["6 errors"]);
+        assert_eq!(r.error.ename, "AlreadyDisplayedError");
+        assert_eq!(r.error.evalue, "6 errors");
+        assert_eq!(r.error.traceback, vec!["6 errors"]);
     }
 }

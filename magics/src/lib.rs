@@ -79,8 +79,8 @@
 //! assert_eq!(msgs[0], IopubMsg::Stream { name: StreamName::Stdout, text: "[stdout:0] \nhi\n[stdout:2] \nhi\n".into() });
 //! assert_eq!(msgs[1].text(), Some("Out[0:1]: ()"));
 //! let failure = error_report(&outputs, run.targets.is_single()).unwrap();
-//! assert_eq!(failure.ename, "CompositeError");
-//! assert_eq!(failure.evalue, "one or more exceptions raised in: %px\n[2:execute]Panic: boom");
+//! assert_eq!(failure.error.ename, "CompositeError");
+//! assert_eq!(failure.error.evalue, "one or more exceptions raised in: %px\n[2:execute]Panic: boom");
 //! ```
 
 pub mod config;
@@ -97,7 +97,7 @@ pub use config::{ExecOptions, PxConfig};
 pub use error::{MagicError, Result};
 pub use failure::{engine_label, error_report, ErrorReport, TB_LIMIT};
 pub use options::{GroupOutputs, Magic, PxOptions, Signal};
-pub use output::{EngineOutput, ErrorOutput, IopubMsg, OutputEvent, StreamName};
+pub use output::{EngineOutput, IopubMsg, OutputEvent, StreamName};
 pub use parse::{autopx_message, parse_cell, parse_cell_autopx, CellStep, AUTOPX_DISABLED, AUTOPX_ENABLED};
 pub use progress::{progress_due, progress_message, progress_text};
 pub use render::{interrupt_line, output_header, render_outputs, result_display, verbose_line, RenderOptions};

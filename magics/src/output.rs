@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use rpx_protocol::content::{plain_text, DisplayContent, ErrorContent, ErrorName, Stream};
 use serde_json::{json, Map, Value};
 
 /// `stdout` or `stderr`.
@@ -29,17 +30,6 @@ impl fmt::Display for StreamName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// An error raised on an engine (iopub `error` content, or an error reply).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ErrorOutput {
-    /// Error kind (`Panic`, `CompileError`, `EngineError`, `ZeroDivisionError`, ...).
-    pub ename: String,
-    /// Message.
-    pub evalue: String,
-    /// Traceback lines; empty if there is none.
-    pub traceback: Vec<String>,
 }
 
 /// One output of one engine, in the order the engine produced it.
@@ -68,8 +58,9 @@ pub enum OutputEvent {
         /// Metadata (an object or null).
         metadata: Value,
     },
-    /// An error.
-    Error(ErrorOutput),
+    /// An error raised on an engine (iopub `error` content, or an error reply); its traceback
+    /// is empty if there is none.
+    Error(ErrorContent),
 }
 
 impl OutputEvent {
@@ -89,40 +80,35 @@ impl OutputEvent {
     }
 
     /// An error.
-    pub fn error(ename: impl Into<String>, evalue: impl Into<String>, traceback: Vec<String>) -> Self {
-        OutputEvent::Error(ErrorOutput { ename: ename.into(), evalue: evalue.into(), traceback })
+    pub fn error(ename: impl Into<ErrorName>, evalue: impl Into<String>, traceback: Vec<String>) -> Self {
+        OutputEvent::Error(ErrorContent::bare(ename, evalue, traceback))
     }
 
     /// The event for an engine's iopub message, from its `msg_type` and `content`: `stream`,
     /// `execute_result`, `display_data` and `error` become events; anything else (`status`,
     /// `execute_input`, ...) or a content missing its fields is `None`.
     pub fn from_iopub(msg_type: &str, content: &Value) -> Option<OutputEvent> {
-        let s = |k: &str| content.get(k).and_then(Value::as_str).map(str::to_string);
-        let meta = || content.get("metadata").cloned().unwrap_or_else(|| json!({}));
         match msg_type {
             "stream" => {
-                let name = match content.get("name")?.as_str()? {
+                let stream = Stream::read(content);
+                let name = match stream.name.as_deref()? {
                     "stdout" => StreamName::Stdout,
                     "stderr" => StreamName::Stderr,
                     _ => return None,
                 };
-                Some(OutputEvent::Stream { name, text: s("text")? })
+                Some(OutputEvent::Stream { name, text: stream.text? })
             }
-            "execute_result" => Some(OutputEvent::ExecuteResult {
-                execution_count: content.get("execution_count").and_then(Value::as_u64).unwrap_or(0),
-                data: content.get("data")?.clone(),
-                metadata: meta(),
-            }),
-            "display_data" => Some(OutputEvent::DisplayData { data: content.get("data")?.clone(), metadata: meta() }),
-            "error" => Some(OutputEvent::Error(ErrorOutput {
-                ename: s("ename").unwrap_or_default(),
-                evalue: s("evalue").unwrap_or_default(),
-                traceback: content
-                    .get("traceback")
-                    .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
-                    .unwrap_or_default(),
-            })),
+            "execute_result" | "display_data" => {
+                let d = DisplayContent::read(content);
+                let metadata = d.metadata.unwrap_or_else(|| json!({}));
+                Some(match msg_type {
+                    "execute_result" => {
+                        OutputEvent::ExecuteResult { execution_count: d.execution_count.unwrap_or(0), data: d.data?, metadata }
+                    }
+                    _ => OutputEvent::DisplayData { data: d.data?, metadata },
+                })
+            }
+            "error" => Some(OutputEvent::Error(rpx_protocol::content::read_or_default(content))),
             _ => None,
         }
     }
@@ -144,7 +130,7 @@ impl EngineOutput {
     }
 
     /// The errors among the events.
-    pub fn errors(&self) -> impl Iterator<Item = &ErrorOutput> {
+    pub fn errors(&self) -> impl Iterator<Item = &ErrorContent> {
         self.events.iter().filter_map(|e| match e {
             OutputEvent::Error(err) => Some(err),
             _ => None,
@@ -191,15 +177,8 @@ pub enum IopubMsg {
         /// The kernel's execution count.
         execution_count: u64,
     },
-    /// `error`.
-    Error {
-        /// Error kind.
-        ename: String,
-        /// Message.
-        evalue: String,
-        /// Lines, shown joined with newlines.
-        traceback: Vec<String>,
-    },
+    /// `error`; its traceback lines are shown joined with newlines.
+    Error(ErrorContent),
 }
 
 impl IopubMsg {
@@ -210,30 +189,18 @@ impl IopubMsg {
             IopubMsg::DisplayData { .. } => "display_data",
             IopubMsg::UpdateDisplayData { .. } => "update_display_data",
             IopubMsg::ExecuteResult { .. } => "execute_result",
-            IopubMsg::Error { .. } => "error",
+            IopubMsg::Error(_) => "error",
         }
     }
 
     /// The Jupyter message `content`.
     pub fn content(&self) -> Value {
         match self {
-            IopubMsg::Stream { name, text } => json!({ "name": name.as_str(), "text": text }),
-            IopubMsg::DisplayData { data, metadata, display_id } => {
-                let mut c = json!({ "data": data, "metadata": metadata });
-                if let Some(id) = display_id {
-                    c["transient"] = json!({ "display_id": id });
-                }
-                c
-            }
-            IopubMsg::UpdateDisplayData { data, metadata, display_id } => {
-                json!({ "data": data, "metadata": metadata, "transient": { "display_id": display_id } })
-            }
-            IopubMsg::ExecuteResult { data, metadata, execution_count } => {
-                json!({ "data": data, "metadata": metadata, "execution_count": execution_count })
-            }
-            IopubMsg::Error { ename, evalue, traceback } => {
-                json!({ "ename": ename, "evalue": evalue, "traceback": traceback })
-            }
+            IopubMsg::Stream { name, text } => Stream::content(name.as_str(), text),
+            IopubMsg::DisplayData { data, metadata, display_id } => DisplayContent::display_data(data, metadata, display_id.as_deref()),
+            IopubMsg::UpdateDisplayData { data, metadata, display_id } => DisplayContent::update_display_data(data, metadata, display_id),
+            IopubMsg::ExecuteResult { data, metadata, execution_count } => DisplayContent::execute_result(data, metadata, *execution_count),
+            IopubMsg::Error(error) => error.iopub(None),
         }
     }
 
@@ -242,9 +209,9 @@ impl IopubMsg {
         match self {
             IopubMsg::Stream { text, .. } => Some(text),
             IopubMsg::DisplayData { data, .. } | IopubMsg::UpdateDisplayData { data, .. } | IopubMsg::ExecuteResult { data, .. } => {
-                data.get("text/plain").and_then(Value::as_str)
+                plain_text(data)
             }
-            IopubMsg::Error { .. } => None,
+            IopubMsg::Error(_) => None,
         }
     }
 }
@@ -301,7 +268,7 @@ mod tests {
         );
         let m = IopubMsg::ExecuteResult { data: json!({}), metadata: json!({}), execution_count: 4 };
         assert_eq!((m.msg_type(), m.content()), ("execute_result", json!({"data": {}, "metadata": {}, "execution_count": 4})));
-        let m = IopubMsg::Error { ename: "E".into(), evalue: "v".into(), traceback: vec!["t".into()] };
+        let m = IopubMsg::Error(ErrorContent::bare("E", "v", vec!["t".into()]));
         assert_eq!((m.msg_type(), m.content()), ("error", json!({"ename": "E", "evalue": "v", "traceback": ["t"]})));
     }
 

@@ -108,7 +108,7 @@ pub(crate) fn republish(engine_id: usize, data: &Value, metadata: &Value) -> Iop
 /// types unchanged, `metadata.engine` set.
 pub fn result_display(engine_id: usize, execution_count: u64, data: &Value, metadata: &Value, opts: &RenderOptions) -> IopubMsg {
     let mut data = data.clone();
-    if let Some(text) = data.get("text/plain").and_then(Value::as_str) {
+    if let Some(text) = rpx_protocol::content::plain_text(&data) {
         let plain = if text.is_empty() {
             String::new()
         } else {
@@ -116,7 +116,9 @@ pub fn result_display(engine_id: usize, execution_count: u64, data: &Value, meta
             let (red, normal) = if opts.color { ("\x1b[0;31m", "\x1b[0m") } else { ("", "") };
             format!("{red}Out[{engine_id}:{execution_count}]: {normal}{body}")
         };
-        data["text/plain"] = Value::String(plain);
+        if let Some(m) = data.as_object_mut() {
+            m.insert("text/plain".into(), Value::String(plain));
+        }
     }
     IopubMsg::DisplayData { data, metadata: with_engine(metadata, engine_id), display_id: None }
 }

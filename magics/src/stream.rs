@@ -238,9 +238,7 @@ mod tests {
         assert_eq!(
             s.error_report(),
             Some(ErrorReport {
-                ename: "AlreadyDisplayedError".into(),
-                evalue: "1 errors".into(),
-                traceback: vec!["1 errors".into()],
+                error: rpx_protocol::content::ErrorContent::bare("AlreadyDisplayedError", "1 errors", vec!["1 errors".into()]),
                 failed_engines: vec![0]
             })
         );
@@ -256,7 +254,7 @@ mod tests {
         assert_eq!(err, format!("{expected_full}[4:execute] Panic: oops! 4\n[5:execute] Panic: oops! 5\n"));
         assert_eq!(err.matches("oops!").count(), 6);
         let r = s.error_report().unwrap();
-        assert_eq!(r.traceback, vec!["6 errors"]);
+        assert_eq!(r.error.traceback, vec!["6 errors"]);
         assert_eq!(r.failed_engines, vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(s.failed_engines(), &[0, 1, 2, 3, 4, 5]);
     }

@@ -92,27 +92,29 @@ impl Op {
 
 /// `ename` values of rpx error replies.
 pub mod ename {
+    use crate::content::ErrorName;
+
     /// The closure (or a pull's serializing cell) did not compile; `evalue` has rustc's diagnostic.
-    pub const COMPILE_ERROR: &str = "CompileError";
+    pub const COMPILE_ERROR: ErrorName = ErrorName::CompileError;
     /// The closure panicked (apply); `evalue` is the panic message.
-    pub const PANIC: &str = "Panic";
+    pub const PANIC: ErrorName = ErrorName::Panic;
     /// The engine's worker died while running the task (or a cell); its variables are gone.
-    pub const ENGINE_DIED: &str = "EngineWorkerDied";
+    pub const ENGINE_DIED: ErrorName = ErrorName::EngineWorkerDied;
     /// A pulled name is not defined on the engine.
-    pub const NAME_ERROR: &str = "NameError";
+    pub const NAME_ERROR: ErrorName = ErrorName::NameError;
     /// A payload this engine cannot run (bad encoding, wrong arity, Python payload).
-    pub const UNSUPPORTED_PAYLOAD: &str = "UnsupportedPayload";
+    pub const UNSUPPORTED_PAYLOAD: ErrorName = ErrorName::UnsupportedPayload;
     /// The task was aborted before it ran.
-    pub const ABORTED: &str = "TaskAborted";
+    pub const ABORTED: ErrorName = ErrorName::TaskAborted;
     /// The cell or call was interrupted (`signal_request` with SIGINT); the engine kept its
     /// variables (Python's name, which ipyparallel's users know).
-    pub const INTERRUPTED: &str = "KeyboardInterrupt";
+    pub const INTERRUPTED: ErrorName = ErrorName::KeyboardInterrupt;
     /// A compiled artifact could not be had or failed its hash check; nothing ran.
-    pub const ARTIFACT_ERROR: &str = "ArtifactError";
+    pub const ARTIFACT_ERROR: ErrorName = ErrorName::ArtifactError;
     /// A `?` at a cell's top level returned this error (its `Display` text is the message).
-    pub const QUESTION_MARK_ERROR: &str = "Error";
+    pub const QUESTION_MARK_ERROR: ErrorName = ErrorName::Error;
     /// The code asked for input (`evcxr_input`), which engines cannot give.
-    pub const STDIN_NOT_IMPLEMENTED: &str = "StdinNotImplementedError";
+    pub const STDIN_NOT_IMPLEMENTED: ErrorName = ErrorName::StdinNotImplementedError;
 }
 
 #[cfg(test)]

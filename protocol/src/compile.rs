@@ -20,6 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::content::ErrorContent;
+
 /// `engine_hello`: an engine introduces itself after registering with the controller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineHello {
@@ -155,12 +157,9 @@ pub struct CellReply {
     /// start or failed other than with compile errors) or `EngineWorkerDied` (the engine's
     /// [`LoadDone`] said its worker died). Panics and `?` errors are not sent here: the engine
     /// reports those from what its worker said. An empty `ename` reads as `CompileError`.
-    #[serde(default)]
-    pub ename: String,
-    #[serde(default)]
-    pub evalue: String,
-    #[serde(default)]
-    pub traceback: Vec<String>,
+    /// Sent as top-level `ename`, `evalue`, `traceback` (empty for `ok`).
+    #[serde(flatten)]
+    pub error: ErrorContent,
     /// Text to show on the engine's stderr after the cell, e.g. which variables were not kept.
     #[serde(default)]
     pub note: Option<String>,
@@ -195,12 +194,9 @@ pub struct ClosureReply {
     /// For errors: always `CompileError` from rpx-compiler, also when the closure could not be
     /// wrapped, cargo could not run or the built library could not be kept or read (the
     /// `evalue` says which); an empty `ename` reads as `CompileError` on the engine.
-    #[serde(default)]
-    pub ename: String,
-    #[serde(default)]
-    pub evalue: String,
-    #[serde(default)]
-    pub traceback: Vec<String>,
+    /// Sent as top-level `ename`, `evalue`, `traceback` (empty for `ok`).
+    #[serde(flatten)]
+    pub error: ErrorContent,
 }
 
 /// What every compiled cell exports besides its own function, for the worker that runs it.

@@ -7,6 +7,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// A Jupyter kernel's connection file (`jupyter-protocol`'s type), as rpx-kernel reads it.
+pub use jupyter_protocol::ConnectionInfo as KernelConnection;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{Error, Result};

@@ -6,6 +6,10 @@
 //!   or from frames already serialized: [`Session::frames`], [`Session::signed_part`]) and decodes
 //!   and verifies them back into [`Message`]s. The only place that knows the frame layout.
 //! - [`message`]: [`Header`] and [`Message`], plus helpers to build replies and error contents.
+//! - [`content`]: typed contents of the execution family (`execute_*`, `apply_reply`'s error and
+//!   `engine_info`, iopub outputs, stdin, the kernel's shell and control requests, `abort_request`,
+//!   `signal_request`) on `jupyter-protocol`'s types, and the one error type
+//!   ([`content::ErrorContent`], [`content::ErrorName`]).
 //! - [`connection`]: the `ipcontroller-{client,engine}.json` files in ipyparallel's format,
 //!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
 //! - [`dataplane`]: the same-host data plane: values handed over as files in the engine's
@@ -26,6 +30,7 @@
 pub mod apply;
 pub mod compile;
 pub mod connection;
+pub mod content;
 pub mod dataplane;
 pub mod hub;
 pub mod message;

@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::content::{EngineInfo, ErrorContent, ErrorName};
 
 /// Protocol version written into every header.
 pub const PROTOCOL_VERSION: &str = "5.4";
@@ -57,7 +59,12 @@ impl Message {
 
     /// The parent's `msg_id`, if this message has a parent.
     pub fn parent_msg_id(&self) -> Option<&str> {
-        self.parent_header.get("msg_id").and_then(Value::as_str)
+        /// The one field of a parent header read here, borrowed.
+        #[derive(Deserialize)]
+        struct ParentId<'a> {
+            msg_id: &'a str,
+        }
+        ParentId::deserialize(&self.parent_header).ok().map(|p| p.msg_id)
     }
 
     /// The parent header as a typed value, if present and well formed.
@@ -72,23 +79,37 @@ impl Message {
 }
 
 /// Content of an error reply in ipyparallel's shape: `status`, `ename`, `evalue`, `traceback`
-/// and, when an engine produced it, `engine_info`.
-pub fn error_content(ename: &str, evalue: &str, traceback: Vec<String>, engine_info: Option<Value>) -> Value {
-    let mut c = json!({
-        "status": "error",
-        "ename": ename,
-        "evalue": evalue,
-        "traceback": traceback,
-    });
-    if let Some(info) = engine_info {
-        c["engine_info"] = info;
-    }
-    c
+/// and, when an engine produced it, `engine_info` (as [`engine_info`] builds it). Built by
+/// [`ErrorContent::reply`].
+pub fn error_content(ename: impl Into<ErrorName>, evalue: &str, traceback: Vec<String>, engine_info: Option<Value>) -> Value {
+    ErrorContent::bare(ename, evalue, traceback).reply_with_info(engine_info)
 }
 
-/// The `engine_info` block that engine errors carry.
+/// The `engine_info` block that engine errors carry ([`EngineInfo`] as JSON).
 pub fn engine_info(engine_id: u64, engine_uuid: &str, method: &str) -> Value {
-    json!({"engine_id": engine_id, "engine_uuid": engine_uuid, "method": method})
+    serde_json::to_value(EngineInfo::new(engine_id, engine_uuid, method)).expect("serializable")
+}
+
+#[cfg(test)]
+mod content_tests {
+    use serde_json::json;
+
+    #[test]
+    fn parent_ids_and_error_contents() {
+        let mut m =
+            crate::Session::new(b"k", "s").decode(crate::Session::new(b"k", "s").msg(&[], "x", json!({}), None, json!({}), &[]).1).unwrap();
+        assert_eq!(m.parent_msg_id(), None);
+        m.parent_header = json!({"msg_id": "p1", "msg_type": "execute_request"});
+        assert_eq!(m.parent_msg_id(), Some("p1"));
+        m.parent_header = json!({"msg_id": 3});
+        assert_eq!(m.parent_msg_id(), None);
+        let c = super::error_content("KeyError", "k", vec!["KeyError: k".into()], Some(super::engine_info(1, "u", "m")));
+        assert_eq!(
+            c,
+            json!({"status": "error", "ename": "KeyError", "evalue": "k", "traceback": ["KeyError: k"],
+                   "engine_info": {"engine_id": 1, "engine_uuid": "u", "method": "m"}})
+        );
+    }
 }
 
 #[cfg(test)]

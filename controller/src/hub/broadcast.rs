@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use serde_json::{json, Value};
 use tracing::warn;
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::hub::BroadcastMetadata;
 use rpx_protocol::message::error_content;
 use rpx_protocol::session::{join_frames, json_frame};
@@ -58,7 +59,7 @@ impl Hub {
                     warn!(engine = %uuid, "broadcast to an unknown engine");
                     self.coalesce.remove(&orig);
                     let evalue = format!("Engine {uuid:?} is not registered; cannot run task {child}");
-                    let content = error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], None);
+                    let content = error_content(ErrorName::EngineError, &evalue, vec![format!("EngineError: {evalue}")], None);
                     let parent: Value = Value::Object(header.clone());
                     let md = BroadcastMetadata {
                         is_broadcast: true,

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::hub::{BroadcastMetadata, EngineNotification};
 use rpx_protocol::message::{engine_info, error_content};
 use rpx_protocol::registration::{msg_type as reg_msg, EvictionNotice, RegistrationReply, RegistrationRequest};
@@ -124,9 +125,9 @@ impl Hub {
         let req: RegistrationRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
             Err(_) if !msg.content.as_object().is_some_and(|c| c.contains_key("uuid")) => {
-                return self.hub_error(c, ident, msg, "KeyError", "registration_request without uuid")
+                return self.hub_error(c, ident, msg, ErrorName::KeyError, "registration_request without uuid")
             }
-            Err(e) => return self.hub_error(c, ident, msg, "ValueError", &format!("bad registration_request: {e}")),
+            Err(e) => return self.hub_error(c, ident, msg, ErrorName::ValueError, &format!("bad registration_request: {e}")),
         };
         let uuid = req.uuid.clone();
         if let Some(id) = self.engines.id_of(uuid.as_bytes()) {
@@ -143,7 +144,7 @@ impl Hub {
             }
             warn!(%uuid, "registration refused: uuid in use");
             let content =
-                error_content("KeyError", &format!("uuid {uuid:?} in use"), vec![format!("KeyError: uuid {uuid:?} in use")], None);
+                error_content(ErrorName::KeyError, &format!("uuid {uuid:?} in use"), vec![format!("KeyError: uuid {uuid:?} in use")], None);
             return self.query_reply(c, ident, "registration_reply", &content, msg, &[]);
         }
         let id = self.engines.allocate_id(req.id, &uuid);
@@ -269,8 +270,12 @@ impl Hub {
             }
             let evalue = format!("Engine {id} died while running task {msg_id}");
             let method = inf.msg_type.strip_suffix("_request").unwrap_or(&inf.msg_type).to_string();
-            let content =
-                error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], Some(engine_info(id, &e.uuid, &method)));
+            let content = error_content(
+                ErrorName::EngineError,
+                &evalue,
+                vec![format!("EngineError: {evalue}")],
+                Some(engine_info(id, &e.uuid, &method)),
+            );
             let parent: Value = serde_json::from_slice(&inf.header).unwrap_or_else(|_| json!({}));
             let md =
                 json!({"engine": e.uuid, "status": "error", "dependencies_met": true, "engine_info": engine_info(id, &e.uuid, &method)});

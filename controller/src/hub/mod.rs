@@ -32,6 +32,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::message::error_content;
 use rpx_protocol::session::json_frame;
 use rpx_protocol::{Message, Session};
@@ -312,7 +313,7 @@ impl Hub {
             let Reverse((_, id)) = self.deadlines.pop().expect("peeked");
             if self.jobs.get(&id).is_some_and(|j| j.engine.is_none()) {
                 info!(msg_id = %id, "task timed out in the queue");
-                self.fail_job(c, &id, "TaskTimeout", &format!("Task {id} timed out before it could start"));
+                self.fail_job(c, &id, ErrorName::TaskTimeout, &format!("Task {id} timed out before it could start"));
             }
         }
     }
@@ -356,9 +357,10 @@ impl Hub {
         c.send(Sock::Query, frames);
     }
 
-    fn hub_error<C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message, ename: &str, evalue: &str) {
+    fn hub_error<C: Comm>(&self, c: &mut C, ident: &Bytes, msg: &Message, ename: ErrorName, evalue: &str) {
         warn!(msg_type = %msg.msg_type(), %ename, %evalue, "query failed");
-        let content = error_content(ename, evalue, vec![format!("{ename}: {evalue}")], None);
+        let traceback = vec![format!("{ename}: {evalue}")];
+        let content = error_content(ename, evalue, traceback, None);
         self.query_reply(c, ident, "hub_error", &content, msg, &[]);
     }
 

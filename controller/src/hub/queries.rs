@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::{debug, info, warn};
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::hub::{
     ConnectionReply, DbReply, DbRequest, EngineQueue, EngineRef, HistoryReply, LoadReply, PurgeIds, PurgeRequest, QueueReply, QueueRequest,
     ResubmitReply, ResubmitRequest, ResultReply, ResultRequest, StatusReply, Targets, Unassigned, UnregistrationRequest, OK,
@@ -73,7 +74,7 @@ impl Hub {
             }
             other => {
                 warn!(msg_type = other, "unknown query type");
-                self.hub_error(c, &ident, &msg, "KeyError", &format!("Bad Message Type: {other:?}"));
+                self.hub_error(c, &ident, &msg, ErrorName::KeyError, &format!("Bad Message Type: {other:?}"));
             }
         }
     }
@@ -82,7 +83,7 @@ impl Hub {
         let Some(req) = self.query_content::<QueueRequest, C>(c, ident, msg) else { return };
         let ids = match self.validate_targets(req.targets) {
             Ok(ids) => ids,
-            Err(e) => return self.hub_error(c, ident, msg, "IndexError", &e),
+            Err(e) => return self.hub_error(c, ident, msg, ErrorName::IndexError, &e),
         };
         let mut engines = BTreeMap::new();
         for id in ids {
@@ -123,7 +124,7 @@ impl Hub {
         match T::deserialize(&msg.content) {
             Ok(t) => Some(t),
             Err(e) => {
-                self.hub_error(c, ident, msg, "ValueError", &format!("bad {}: {e}", msg.msg_type()));
+                self.hub_error(c, ident, msg, ErrorName::ValueError, &format!("bad {}: {e}", msg.msg_type()));
                 None
             }
         }
@@ -149,7 +150,7 @@ impl Hub {
                     missing.push(id.clone());
                     continue;
                 }
-                return self.hub_error(c, ident, msg, "KeyError", &format!("No such message: {id}"));
+                return self.hub_error(c, ident, msg, ErrorName::KeyError, &format!("No such message: {id}"));
             };
             if r.pending() {
                 pending.push(id.clone());
@@ -182,7 +183,7 @@ impl Hub {
             }
             Some(PurgeIds::Ids(ids)) => {
                 if let Some(p) = ids.iter().find(|id| self.records.get(id).is_some_and(Record::pending)) {
-                    return self.hub_error(c, ident, msg, "IndexError", &format!("msg pending: {p:?}"));
+                    return self.hub_error(c, ident, msg, ErrorName::IndexError, &format!("msg pending: {p:?}"));
                 }
                 for id in &ids {
                     self.records.remove(id);
@@ -200,7 +201,7 @@ impl Hub {
                     _ => None,
                 };
                 let Some(uuid) = id.and_then(|id| self.engines.get(id)).map(|e| e.uuid.clone()) else {
-                    return self.hub_error(c, ident, msg, "IndexError", &format!("No such engine: {eid}"));
+                    return self.hub_error(c, ident, msg, ErrorName::IndexError, &format!("No such engine: {eid}"));
                 };
                 let ids: Vec<String> = self
                     .records
@@ -229,13 +230,13 @@ impl Hub {
             if self.persist && !looked_up {
                 return self.defer(ident, msg, Query::Records(missing));
             }
-            return self.hub_error(c, ident, msg, "KeyError", &format!("No such msg(s): {missing:?}"));
+            return self.hub_error(c, ident, msg, ErrorName::KeyError, &format!("No such msg(s): {missing:?}"));
         }
         let mut mapping = BTreeMap::new();
         for old in &ids {
             let rec = self.records.get(old).or_else(|| fetched.get(old)).expect("checked").clone();
             let Ok(Value::Object(mut header)) = serde_json::from_slice::<Value>(&rec.request[1]) else {
-                return self.hub_error(c, ident, msg, "ValueError", &format!("stored request {old} has a bad header"));
+                return self.hub_error(c, ident, msg, ErrorName::ValueError, &format!("stored request {old} has a bad header"));
             };
             let parent = Value::Object(header.clone());
             let new_id = self.session.new_msg_id();
@@ -273,7 +274,7 @@ impl Hub {
     fn on_db_request<C: Comm>(&mut self, c: &mut C, ident: &Bytes, msg: &Message, stored: Option<Answer>) {
         let Some(DbRequest { query, keys }) = self.query_content(c, ident, msg) else { return };
         let Value::Object(query) = query else {
-            return self.hub_error(c, ident, msg, "TypeError", "db query must be a dict");
+            return self.hub_error(c, ident, msg, ErrorName::TypeError, "db query must be a dict");
         };
         let mut records = Vec::new();
         let (mut buffer_lens, mut result_buffer_lens, mut buffers) = (Vec::new(), Vec::new(), Vec::new());
@@ -300,7 +301,7 @@ impl Hub {
             match matches_query(&full, &query) {
                 Ok(true) => {}
                 Ok(false) => continue,
-                Err(e) => return self.hub_error(c, ident, msg, "ValueError", &e),
+                Err(e) => return self.hub_error(c, ident, msg, ErrorName::ValueError, &e),
             }
             let rec = match &keys {
                 Some(ks) => {
@@ -371,7 +372,7 @@ impl Hub {
             return warn!(token, "an answer from the task database that no query waits for");
         };
         if let Answer::Failed { ename, evalue } = &answer {
-            return self.hub_error(c, &ident, &msg, ename, evalue);
+            return self.hub_error(c, &ident, &msg, ename.clone(), evalue);
         }
         match msg.msg_type() {
             "result_request" => self.on_result_request(c, &ident, &msg, Some(answer)),

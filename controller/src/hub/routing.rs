@@ -5,6 +5,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::message::error_content;
 use rpx_protocol::session::join_frames;
 
@@ -28,7 +29,7 @@ impl Hub {
             let who = target.map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
             warn!(chan = r.chan.name(), engine = %who, msg_id = %r.msg_id, "request for an unknown engine");
             let evalue = format!("Engine {who:?} is not registered; cannot run task {}", r.msg_id);
-            let content = error_content("EngineError", &evalue, vec![format!("EngineError: {evalue}")], None);
+            let content = error_content(ErrorName::EngineError, &evalue, vec![format!("EngineError: {evalue}")], None);
             let parent: Value = serde_json::from_slice(&r.signed[1]).unwrap_or_else(|_| json!({}));
             let signed = self.make_signed(&reply_type(&r.msg_type), &parent, &json!({"status": "error"}), &content);
             c.send(Sock::Client(r.chan), join_frames(vec![r.client], signed));

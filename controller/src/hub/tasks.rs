@@ -9,10 +9,11 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
+use rpx_protocol::content::ErrorName;
 use rpx_protocol::message::{error_content, now_iso};
 use rpx_protocol::session::join_frames;
 
-use super::{Comm, Hub, Sock, HUB_IDENT, QUEUE_FULL};
+use super::{Comm, Hub, Sock, HUB_IDENT};
 use crate::scheduler::{choose, has_capacity};
 use crate::state::{Dep, InFlight, Job, Record};
 use crate::store::StoreOp;
@@ -44,7 +45,7 @@ impl Hub {
             return self.fail_job(
                 c,
                 &msg_id,
-                QUEUE_FULL,
+                ErrorName::QueueFull,
                 &format!("Task {msg_id} refused: the controller holds {limit} unfinished load-balanced tasks (--queue-limit)"),
             );
         }
@@ -52,17 +53,27 @@ impl Hub {
             Ok(d) => d,
             Err(e) => {
                 self.jobs.insert(msg_id.clone(), job(Dep::default(), Dep::default()));
-                return self.fail_job(c, &msg_id, "InvalidDependency", &format!("Task {msg_id}: {e}"));
+                return self.fail_job(c, &msg_id, ErrorName::InvalidDependency, &format!("Task {msg_id}: {e}"));
             }
         };
         let j = job(after, follow);
         self.jobs.insert(msg_id.clone(), j.clone());
         for dep in [&j.after, &j.follow] {
             if dep.ids.iter().any(|d| *d == msg_id || !(self.jobs.contains_key(d) || self.done.contains(d))) {
-                return self.fail_job(c, &msg_id, "InvalidDependency", &format!("Task {msg_id} depends on unknown or invalid tasks"));
+                return self.fail_job(
+                    c,
+                    &msg_id,
+                    ErrorName::InvalidDependency,
+                    &format!("Task {msg_id} depends on unknown or invalid tasks"),
+                );
             }
             if dep.unreachable(|d| self.done.get(d).is_some_and(|x| x.success), |d| self.done.get(d).is_some_and(|x| !x.success)) {
-                return self.fail_job(c, &msg_id, "ImpossibleDependency", &format!("Task {msg_id} has dependencies that cannot be met"));
+                return self.fail_job(
+                    c,
+                    &msg_id,
+                    ErrorName::ImpossibleDependency,
+                    &format!("Task {msg_id} has dependencies that cannot be met"),
+                );
             }
         }
         if let Some(d) = j.deadline {
@@ -115,7 +126,7 @@ impl Hub {
         let failed = |d: &str| done.get(d).is_some_and(|x| !x.success);
         if !job.after.check(completed, failed) {
             if job.after.unreachable(completed, failed) {
-                self.fail_job(c, msg_id, "ImpossibleDependency", &format!("Task {msg_id} has dependencies that cannot be met"));
+                self.fail_job(c, msg_id, ErrorName::ImpossibleDependency, &format!("Task {msg_id} has dependencies that cannot be met"));
                 return Placement::Failed;
             }
             return Placement::Wait;
@@ -145,7 +156,7 @@ impl Hub {
                     self.fail_job(
                         c,
                         msg_id,
-                        "ImpossibleDependency",
+                        ErrorName::ImpossibleDependency,
                         &format!("Task {msg_id} targets only engines that are gone or already failed it"),
                     );
                     return Placement::Failed;
@@ -154,7 +165,12 @@ impl Hub {
             if job.follow.all && !job.follow.is_empty() {
                 let dests: HashSet<&str> = job.follow.ids.iter().filter_map(|d| done.get(d)).map(|x| &*x.engine).collect();
                 if dests.len() > 1 {
-                    self.fail_job(c, msg_id, "ImpossibleDependency", &format!("Task {msg_id} follows tasks that ran on different engines"));
+                    self.fail_job(
+                        c,
+                        msg_id,
+                        ErrorName::ImpossibleDependency,
+                        &format!("Task {msg_id} follows tasks that ran on different engines"),
+                    );
                     return Placement::Failed;
                 }
             }
@@ -219,7 +235,7 @@ impl Hub {
     }
 
     /// Fail a job from the scheduler (TaskTimeout, InvalidDependency, ImpossibleDependency).
-    pub(super) fn fail_job<C: Comm>(&mut self, c: &mut C, msg_id: &str, ename: &str, evalue: &str) {
+    pub(super) fn fail_job<C: Comm>(&mut self, c: &mut C, msg_id: &str, ename: ErrorName, evalue: &str) {
         let Some(job) = self.jobs.get(msg_id) else { return };
         if let Some(eid) = job.engine {
             if let Some(e) = self.engines.get_mut(eid) {
@@ -228,7 +244,8 @@ impl Hub {
             }
         }
         let parent: Value = serde_json::from_slice(&job.signed[1]).unwrap_or_else(|_| json!({}));
-        let content = error_content(ename, evalue, vec![format!("{ename}: {evalue}")], None);
+        let traceback = vec![format!("{ename}: {evalue}")];
+        let content = error_content(ename, evalue, traceback, None);
         let signed = self.make_signed(&reply_type(&job.msg_type), &parent, &json!({}), &content);
         let client = job.client.clone();
         self.finish_job(msg_id, false, "");

@@ -1,6 +1,7 @@
 //! Unit tests of [`super`]'s decisions.
 
 use super::*;
+use rpx_protocol::content::ErrorContent;
 
 fn me() -> Identity {
     Identity { id: 4, uuid: "u-4".into() }
@@ -11,7 +12,7 @@ fn cell(purpose: Purpose) -> Cell {
 }
 
 fn reply(status: &str, ename: &str, evalue: &str) -> CellReply {
-    CellReply { cell_id: "c1".into(), status: status.into(), ename: ename.into(), evalue: evalue.into(), traceback: vec![], note: None }
+    CellReply { cell_id: "c1".into(), status: status.into(), error: ErrorContent::bare(ename, evalue, vec![]), note: None }
 }
 
 fn stderr(text: &str) -> StderrTail {
@@ -117,7 +118,10 @@ fn a_panic_without_a_message_says_the_cell_panicked_and_shows_stderr() {
 #[test]
 fn a_compile_error_reports_the_compilers_error_named_compile_error_when_unnamed() {
     let mut c = cell(Purpose::Execute);
-    c.reply = Some(CellReply { traceback: vec!["error[E0425]".into()], ..reply("error", "", "cannot find value `y`") });
+    c.reply = Some(CellReply {
+        error: ErrorContent::bare("", "cannot find value `y`", vec!["error[E0425]".into()]),
+        ..reply("error", "", "cannot find value `y`")
+    });
     let e = c.verdict(&me(), &stderr("")).unwrap();
     assert_eq!(
         (e.ename.as_str(), e.evalue.as_str(), e.traceback.clone()),

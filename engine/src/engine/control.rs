@@ -6,6 +6,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use rpx_protocol::content::ErrorName;
+
 use super::{Engine, STDIN_READ_TICKS};
 use crate::queue::Request;
 use crate::reply;
@@ -27,12 +29,13 @@ impl Engine {
                 self.out.reply(&req, json!({"status": "ok"}), md);
             }
             "signal_request" => {
-                let content = self.signal(req.content.get("sig").unwrap_or(&Value::Null));
+                let content =
+                    self.signal(&rpx_protocol::content::read_or_default::<rpx_protocol::content::SignalRequest>(&req.content).sig);
                 self.out.reply(&req, content, md);
             }
             "shutdown_request" => {
-                let restart = req.content.get("restart").cloned().unwrap_or(Value::Bool(false));
-                self.out.reply(&req, json!({"status": "ok", "restart": restart}), md);
+                let shutdown: rpx_protocol::content::ShutdownRequest = rpx_protocol::content::read_or_default(&req.content);
+                self.out.reply(&req, shutdown.reply(), md);
                 self.out.status("idle", &req.header);
                 self.exit_code = Some(0);
                 return;
@@ -56,9 +59,9 @@ impl Engine {
             }
             Ok(sig) => match self.workers.signal(sig) {
                 Ok(()) => json!({"status": "ok"}),
-                Err(e) => reply::simple_error("SignalError", &format!("cannot signal the worker: {e}"), &self.me, "signal"),
+                Err(e) => reply::simple_error(ErrorName::SignalError, &format!("cannot signal the worker: {e}"), &self.me, "signal"),
             },
-            Err(e) => reply::simple_error("ValueError", &e, &self.me, "signal"),
+            Err(e) => reply::simple_error(ErrorName::ValueError, &e, &self.me, "signal"),
         }
     }
 

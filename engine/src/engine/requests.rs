@@ -6,7 +6,7 @@ use std::time::Instant;
 use rpx_protocol::apply::Op;
 use rpx_protocol::compile::{msg_type as cmsg, CellRequest};
 use rpx_runtime::abi;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::Engine;
@@ -156,8 +156,8 @@ impl Engine {
         match req.msg_type() {
             "execute_request" => {
                 self.out.status("busy", &req.header);
-                let code = req.content.get("code").and_then(Value::as_str).unwrap_or("").to_string();
-                let silent = req.content.get("silent").and_then(Value::as_bool).unwrap_or(false);
+                let exec = rpx_protocol::content::ExecuteRequest::read(&req.content);
+                let (silent, code) = (exec.silent(), exec.code);
                 self.start_cell(req, code, silent, Purpose::Execute);
             }
             "apply_request" => self.start_apply(req).await,
