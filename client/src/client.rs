@@ -458,11 +458,7 @@ impl Client {
     /// Every msg_id the controller has recorded, in submission order (its records are bounded).
     pub fn hub_history(&self) -> Result<Vec<String>> {
         let r = self.inner.query("history_request", json!({}), QUERY_LIMIT)?;
-        Ok(r.content
-            .get("history")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default())
+        Ok(rpx_protocol::hub::HistoryReply::read_history(&r.content))
     }
 
     /// Abort the unfinished tasks of `jobs` that have not started yet: they fail with

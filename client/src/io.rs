@@ -36,6 +36,7 @@ use zeromq::{
     DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
 };
 
+use rpx_protocol::content::EngineMetadata;
 use rpx_protocol::hub::{ConnectionReply, EngineNotification, OK};
 use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
 use rpx_protocol::session::{json_frame, split_at_delimiter};
@@ -433,7 +434,7 @@ async fn watch(mut mon: futures::channel::mpsc::Receiver<SocketEvent>, chan: Cha
 async fn read_dealer(mut recv: DealerRecvHalf, chan: Chan, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         match recv.recv().await {
-            Ok(m) => match decode_light(&session, rpx_protocol::zmq::frames(m)) {
+            Ok(m) => match decode_light(&session, rpx_guard::zmq::frames(m)) {
                 Ok(msg) => {
                     if tx.send(ReaderEvent::Reply(msg)).is_err() {
                         return;
@@ -489,7 +490,7 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Re
                 continue;
             }
         };
-        let frames = rpx_protocol::zmq::frames(m);
+        let frames = rpx_guard::zmq::frames(m);
         let Some((_, signed)) = split_at_delimiter(&frames).filter(|(_, s)| s.len() >= 5) else { continue };
         // Read the type first: most iopub traffic (busy/idle, inputs) needs no full decode.
         let kind = match serde_json::from_slice::<TypeOnly>(&signed[1]) {
@@ -530,7 +531,7 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Re
 async fn read_notifications(mut sub: SubSocket, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         match sub.recv().await {
-            Ok(m) => match decode_light(&session, rpx_protocol::zmq::frames(m)) {
+            Ok(m) => match decode_light(&session, rpx_guard::zmq::frames(m)) {
                 Ok(msg) => {
                     if tx.send(ReaderEvent::Notification(msg)).is_err() {
                         return;
@@ -630,7 +631,7 @@ impl Dispatcher {
             Chan::Task => &mut self.sends.task,
             Chan::Control => &mut self.sends.control,
         };
-        let mut msg = rpx_protocol::zmq::message(frames);
+        let mut msg = rpx_guard::zmq::message(frames);
         let deadline = Instant::now() + SEND_LIMIT;
         let mut retried = Duration::ZERO;
         loop {
@@ -682,7 +683,7 @@ impl Dispatcher {
     }
 
     fn engine_of(&self, msg: &Light) -> Option<usize> {
-        if let Some(uuid) = rpx_protocol::content::EngineMetadata::read(&msg.metadata).engine {
+        if let Some(uuid) = EngineMetadata::read(&msg.metadata).engine {
             if let Some(id) = self.uuids.get(&uuid) {
                 return Some(*id);
             }
@@ -760,8 +761,7 @@ impl Dispatcher {
             }
         }
         let engine_id = self.engine_of(&msg);
-        let unknown_engine =
-            msg.metadata.get("engine").and_then(Value::as_str).is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
+        let unknown_engine = EngineMetadata::read(&msg.metadata).engine.is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(&u));
         let Some(route) = self.routes.get_mut(&parent) else {
             debug!(msg_type = %msg.msg_type, %parent, "reply to no pending request");
             return;

@@ -48,7 +48,7 @@ impl HubClient {
         let session = &self.session;
         let sock = &mut self.sock;
         let reply = self.rt.block_on(async {
-            tokio::time::timeout_at(deadline.into(), sock.send(rpx_protocol::zmq::message(frames)))
+            tokio::time::timeout_at(deadline.into(), sock.send(rpx_guard::zmq::message(frames)))
                 .await
                 .map_err(|_| anyhow!("timed out sending connection_request"))?
                 .map_err(|e| anyhow!("cannot send connection_request: {e}"))?;
@@ -58,7 +58,7 @@ impl HubClient {
                     .map_err(|_| anyhow!("the controller did not answer connection_request within {timeout:?}"))?
                     .map_err(|e| anyhow!("receive from the controller failed: {e}"))?;
                 // Replies to earlier, timed-out requests and bad messages are skipped.
-                let Ok(m) = session.decode(rpx_protocol::zmq::frames(msg)) else { continue };
+                let Ok(m) = session.decode(rpx_guard::zmq::frames(msg)) else { continue };
                 if m.parent_msg_id() == Some(header.msg_id.as_str()) {
                     return Ok::<_, anyhow::Error>(m);
                 }

@@ -221,7 +221,7 @@ async fn event_loop(
         tokio::select! {
             msg = recv.recv() => {
                 let frames = match msg {
-                    Ok(m) => rpx_protocol::zmq::frames(m),
+                    Ok(m) => rpx_guard::zmq::frames(m),
                     Err(e) => { tracing::warn!("receive failed: {e}"); continue; }
                 };
                 pending = server.on_message(frames).await;
@@ -317,7 +317,7 @@ impl Server {
                 match action {
                     Action::Send { to, msg_type, content } => {
                         let (_, frames) = self.session.msg(std::slice::from_ref(&to), msg_type, content, None, json!({}), &[]);
-                        let sent = tokio::time::timeout(Duration::from_secs(5), self.send.send(rpx_protocol::zmq::message(frames))).await;
+                        let sent = tokio::time::timeout(Duration::from_secs(5), self.send.send(rpx_guard::zmq::message(frames))).await;
                         if !matches!(sent, Ok(Ok(()))) {
                             tracing::warn!(engine = %String::from_utf8_lossy(&to), msg_type, "could not send to engine");
                         }
@@ -517,7 +517,7 @@ async fn send_to(
     buffers: &[Bytes],
 ) {
     let (_, frames) = session.msg(std::slice::from_ref(to), msg_type, content, None, json!({}), buffers);
-    let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_protocol::zmq::message(frames))).await;
+    let sent = tokio::time::timeout(Duration::from_secs(5), send.send(rpx_guard::zmq::message(frames))).await;
     if !matches!(sent, Ok(Ok(()))) {
         tracing::warn!(engine = %String::from_utf8_lossy(to), msg_type, "could not send to engine");
     }

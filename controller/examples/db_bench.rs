@@ -59,7 +59,7 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
         let uuid = format!("bench-engine-{i}");
         let eng = Session::with_id(key.as_bytes(), "engine", &uuid);
         let mut reg = dealer(&e.url(e.registration), Some(&uuid)).await;
-        reg.send(rpx_protocol::zmq::message(eng.msg(&[], "registration_request", json!({"uuid": uuid}), None, json!({}), &[]).1))
+        reg.send(rpx_guard::zmq::message(eng.msg(&[], "registration_request", json!({"uuid": uuid}), None, json!({}), &[]).1))
             .await
             .unwrap();
         reg.recv().await.unwrap();
@@ -72,7 +72,7 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
                 let m = eng.decode(m.into_vec()).unwrap();
                 let md = json!({"engine": uuid, "status": "ok", "started": rpx_protocol::message::now_iso()});
                 let f = eng.msg(&m.idents, "apply_reply", json!({"status": "ok"}), Some(&m.header), md, &result).1;
-                if task.send(rpx_protocol::zmq::message(f)).await.is_err() {
+                if task.send(rpx_guard::zmq::message(f)).await.is_err() {
                     break;
                 }
             }
@@ -81,7 +81,7 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
     let cli = Session::new(key.as_bytes(), "bench-client");
     let mut query = dealer(&c.url(c.registration), None).await;
     loop {
-        query.send(rpx_protocol::zmq::message(cli.msg(&[], "connection_request", json!({}), None, json!({}), &[]).1)).await.unwrap();
+        query.send(rpx_guard::zmq::message(cli.msg(&[], "connection_request", json!({}), None, json!({}), &[]).1)).await.unwrap();
         let r = cli.decode(query.recv().await.unwrap().into_vec()).unwrap();
         if r.content["engines"].as_object().is_some_and(|o| o.len() == ENGINES) {
             break;
@@ -96,7 +96,7 @@ async fn one(db: DbKind, n: usize) -> (f64, Option<f64>) {
         tokio::spawn(async move {
             for _ in 0..n {
                 let f = cli.msg(&[], "apply_request", json!({}), None, json!({"retries": 0}), &bufs).1;
-                tx.send(rpx_protocol::zmq::message(f)).await.unwrap();
+                tx.send(rpx_guard::zmq::message(f)).await.unwrap();
             }
             tx
         })

@@ -577,7 +577,7 @@ async fn iopub_forwarder(mut sub: SubSocket, mut publ: PubSocket, session: Sessi
                 if let Some(io) = recorded_io(&signed) {
                     let _ = tx.try_send(io);
                 }
-                if let Err(e) = publ.send(rpx_protocol::zmq::message(frames)).await {
+                if let Err(e) = publ.send(rpx_guard::zmq::message(frames)).await {
                     warn!(error = %e, "iopub publish failed");
                 }
             }
@@ -640,7 +640,7 @@ impl NetComm {
 impl Comm for NetComm {
     fn send(&mut self, sock: Sock, frames: Vec<Bytes>) {
         if let Some(p) = self.pubs.get(&sock) {
-            if p.try_send(rpx_protocol::zmq::message(frames)).is_err() {
+            if p.try_send(rpx_guard::zmq::message(frames)).is_err() {
                 warn!(?sock, "publish queue full; message dropped");
             }
             return;
@@ -651,7 +651,7 @@ impl Comm for NetComm {
         }
         let ident = frames[0].clone();
         let w = self.writer(sock, ident.clone());
-        match w.try_send(rpx_protocol::zmq::message(frames)) {
+        match w.try_send(rpx_guard::zmq::message(frames)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.writers.remove(&(sock, ident.clone()));

@@ -311,16 +311,18 @@ impl Record {
 
     /// Record one iopub message whose parent is this request.
     pub fn add_io(&mut self, msg_type: &str, content: &serde_json::Value) {
+        use rpx_protocol::content::{ExecuteInput, Stream};
         use serde_json::Value;
         match msg_type {
             "stream" => {
-                let name = if content.get("name").and_then(Value::as_str) == Some("stderr") { "stderr" } else { "stdout" };
-                let text = content.get("text").and_then(Value::as_str).unwrap_or_default();
+                let stream = Stream::read(content);
+                let name = if stream.is_stderr() { "stderr" } else { "stdout" };
+                let text = stream.text.as_deref().unwrap_or_default();
                 let Value::String(kept) = self.io.entry(name).or_insert_with(|| Value::String(String::new())) else { return };
                 append_bounded(kept, text, RECORD_STREAM_LIMIT);
             }
             "execute_input" => {
-                self.io.insert("execute_input".into(), content.get("code").cloned().unwrap_or(Value::Null));
+                self.io.insert("execute_input".into(), ExecuteInput::code_as_sent(content));
             }
             "execute_result" | "error" => {
                 self.io.insert(msg_type.into(), content.clone());

@@ -31,7 +31,7 @@ async fn recv(s: &mut DealerSocket, session: &Session) -> Message {
 }
 
 async fn send(s: &mut DealerSocket, frames: Vec<Bytes>) {
-    tokio::time::timeout(WAIT, s.send(rpx_protocol::zmq::message(frames))).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.send(rpx_guard::zmq::message(frames))).await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -329,7 +329,7 @@ pub async fn register(
     let (outlet, mut rx) = mpsc::channel::<Frames>(16);
     tasks.spawn(async move {
         while let Some(f) = rx.recv().await {
-            let _ = tokio::time::timeout(Duration::from_secs(2), reg_send.send(rpx_protocol::zmq::message(f))).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), reg_send.send(rpx_guard::zmq::message(f))).await;
         }
     });
     let to_loop = inbound.clone();
@@ -390,7 +390,7 @@ mod tests {
 }
 
 async fn send_now(s: &mut zeromq::DealerSendHalf, frames: Frames, limit: Duration) -> Result<()> {
-    match tokio::time::timeout(limit.min(SEND_TIMEOUT), s.send(rpx_protocol::zmq::message(frames))).await {
+    match tokio::time::timeout(limit.min(SEND_TIMEOUT), s.send(rpx_guard::zmq::message(frames))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::Connect(format!("send failed: {e}"))),
         Err(_) => Err(Error::Connect("send timed out".into())),
@@ -497,7 +497,7 @@ async fn send_bounded<S: SocketSend>(s: &mut S, name: &str, frames: Frames) {
     if frames.is_empty() {
         return;
     }
-    match tokio::time::timeout(SEND_TIMEOUT, s.send(rpx_protocol::zmq::message(frames))).await {
+    match tokio::time::timeout(SEND_TIMEOUT, s.send(rpx_guard::zmq::message(frames))).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(socket = name, error = %e, "send failed; message dropped"),
         Err(_) => warn!(socket = name, "send timed out; message dropped"),
@@ -691,7 +691,7 @@ async fn compiler_handshake(
             .expect("serializes");
     let reply = loop {
         let (_, frames) = session.msg(&[], msg_type::ENGINE_HELLO, hello.clone(), None, json!({"engine": uuid}), &[]);
-        if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_protocol::zmq::message(frames)))
+        if let Err(e) = tokio::time::timeout(SEND_TIMEOUT, tx_half.send(rpx_guard::zmq::message(frames)))
             .await
             .unwrap_or(Err(zeromq::ZmqError::NoMessage))
         {

@@ -112,7 +112,7 @@ impl Fake {
             "task" => &mut self.task,
             _ => &mut self.control,
         };
-        sock.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+        sock.send(rpx_guard::zmq::message(frames)).await.unwrap();
         h.msg_id
     }
 
@@ -145,7 +145,7 @@ impl Fake {
 
     async fn compiler_send(&mut self, msg_type: &str, content: Value) {
         let (_, frames) = self.s.msg(std::slice::from_ref(&self.uuid), msg_type, content, None, json!({}), &[]);
-        self.compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+        self.compiler.send(rpx_guard::zmq::message(frames)).await.unwrap();
     }
 
     /// Play the compiler for one cell whose code names the cell function; returns load_done.
@@ -318,7 +318,7 @@ async fn start(dir: &std::path::Path, host: Host, cache: &std::path::Path) -> (F
         json!({}),
         &[],
     );
-    reg.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+    reg.send(rpx_guard::zmq::message(frames)).await.unwrap();
 
     // Compiler hello.
     let hello = recv(&mut compiler, &s, "engine_hello").await;
@@ -334,7 +334,7 @@ async fn start(dir: &std::path::Path, host: Host, cache: &std::path::Path) -> (F
     let libstd = common::libstd();
     let reply = json!({"probe": {"path": probe, "token": "token-1"}, "runtime_libs": [{"name": libstd.file_name().unwrap().to_str().unwrap(), "artifact": artifact(&libstd)}]});
     let (_, frames) = s.msg(&hello.idents, "engine_hello_reply", reply, None, json!({}), &[]);
-    compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+    compiler.send(rpx_guard::zmq::message(frames)).await.unwrap();
 
     let f = Fake { s, uuid: Bytes::from(uuid), mux, task, control, reg, iopub, compiler, art: artifact(&so) };
     // Let iopub subscriptions settle.
@@ -568,7 +568,7 @@ impl Fake {
             json!({}),
             &[Bytes::copy_from_slice(bytes)],
         );
-        self.compiler.send(rpx_protocol::zmq::message(frames)).await.unwrap();
+        self.compiler.send(rpx_guard::zmq::message(frames)).await.unwrap();
     }
 }
 

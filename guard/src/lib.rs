@@ -20,8 +20,10 @@
 //!
 //! - [`zmtp`]: the pure streaming check.
 //! - [`front`]: the TCP listener and the per-connection relay.
+//! - [`zmq`]: frames to and from `zeromq` messages, for every process that talks over zeromq.
 
 pub mod front;
+pub mod zmq;
 pub mod zmtp;
 
 use std::sync::Arc;

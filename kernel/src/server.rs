@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
+use rpx_guard::zmq::{frames, message};
 use rpx_protocol::connection::KernelConnection as ConnectionInfo;
 use rpx_protocol::content::{read_or_default, InputReply, InputRequest, InterruptReply, ShutdownRequest, Status};
 use rpx_protocol::message::Header;
-use rpx_protocol::zmq::{frames, message};
 use rpx_protocol::{Message, Session};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};

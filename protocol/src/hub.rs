@@ -186,6 +186,19 @@ pub struct HistoryReply {
     pub history: Vec<String>,
 }
 
+impl HistoryReply {
+    /// The msg_ids of a `history_reply` as a client reads them: entries that are not strings
+    /// are skipped, a missing list is empty.
+    pub fn read_history(content: &serde_json::Value) -> Vec<String> {
+        #[derive(Deserialize, Default)]
+        struct History {
+            #[serde(default, deserialize_with = "crate::content::lenient_strings")]
+            history: Vec<String>,
+        }
+        crate::content::read_or_default::<History>(content).history
+    }
+}
+
 /// Content of `db_request`: a Mongo-style `query` over task records and the `keys` to return.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DbRequest {

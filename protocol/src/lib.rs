@@ -23,9 +23,9 @@
 //! - [`targets`]: the one target grammar (`all`, `3`, `0:4`, `1,3,5`) and its resolution, read
 //!   by the client's views and the magics' `--targets`.
 //! - [`signals`]: the one table of signal names and numbers.
-//! - [`zmq`]: conversion between frames and `zeromq` messages.
 //!
-//! This crate opens no sockets: transports live in the crates that use it.
+//! This crate opens no sockets and does not depend on zeromq: the conversion between frames
+//! and zeromq messages is `rpx_guard::zmq`, and transports live in the crates that use it.
 
 pub mod apply;
 pub mod compile;
@@ -38,7 +38,6 @@ pub mod registration;
 pub mod session;
 pub mod signals;
 pub mod targets;
-pub mod zmq;
 
 pub use connection::{ClientConnection, EngineConnection, Profile};
 pub use message::{Header, Message};

@@ -547,7 +547,7 @@ impl Client {
                 tokio::select! {
                     m = mux.recv() => {
                         let m = m.map_err(|e| anyhow!("mux recv: {e}"))?;
-                        let Ok(msg) = session.decode(rpx_protocol::zmq::frames(m)) else { continue };
+                        let Ok(msg) = session.decode(rpx_guard::zmq::frames(m)) else { continue };
                         if let Some(&i) = msg.parent_msg_id().and_then(|p| by_id.get(p)) {
                             let o = &mut outs[i];
                             o.status = msg.content_str("status").unwrap_or("unknown").to_string();
@@ -558,7 +558,7 @@ impl Client {
                     }
                     m = iopub.recv() => {
                         let m = m.map_err(|e| anyhow!("iopub recv: {e}"))?;
-                        let Ok(msg) = session.decode(rpx_protocol::zmq::frames(m)) else { continue };
+                        let Ok(msg) = session.decode(rpx_guard::zmq::frames(m)) else { continue };
                         if let Some(&i) = msg.parent_msg_id().and_then(|p| by_id.get(p)) {
                             let o = &mut outs[i];
                             match msg.msg_type() {
@@ -583,7 +583,7 @@ impl Client {
 }
 
 async fn send_bounded(sock: &mut DealerSocket, frames: Vec<Bytes>, deadline: Instant) -> anyhow::Result<()> {
-    tokio::time::timeout_at(deadline.into(), sock.send(rpx_protocol::zmq::message(frames)))
+    tokio::time::timeout_at(deadline.into(), sock.send(rpx_guard::zmq::message(frames)))
         .await
         .map_err(|_| anyhow!("timed out sending"))?
         .map_err(|e| anyhow!("send failed: {e}"))
@@ -605,7 +605,7 @@ fn request(
                 .await
                 .map_err(|_| anyhow!("no reply to {msg_id} within {limit:?}"))?
                 .map_err(|e| anyhow!("recv: {e}"))?;
-            let Ok(msg) = session.decode(rpx_protocol::zmq::frames(m)) else { continue };
+            let Ok(msg) = session.decode(rpx_guard::zmq::frames(m)) else { continue };
             if msg.parent_msg_id() == Some(msg_id.as_str()) {
                 return Ok(msg);
             }

@@ -149,7 +149,7 @@ pub async fn register(ep: &Endpoints, uuid: String, opts: &Options, counters: &A
     let mut wait = opts.first_resend;
     let mut attempt = 0u32;
     let reply = 'outer: loop {
-        match tokio::time::timeout(opts.socket_timeout.min(left()), reg.send(rpx_protocol::zmq::message(frames.clone()))).await {
+        match tokio::time::timeout(opts.socket_timeout.min(left()), reg.send(rpx_guard::zmq::message(frames.clone()))).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => bail!("sending registration_request: {e}"),
             Err(_) => bail!("sending registration_request timed out"),
@@ -289,7 +289,7 @@ impl Observer {
     /// The hub's engine list (`connection_request`): id -> uuid.
     pub async fn engines(&mut self, limit: Duration) -> anyhow::Result<HashMap<String, String>> {
         let (header, frames) = self.session.msg(&[], "connection_request", json!({}), None, json!({}), &[]);
-        tokio::time::timeout(limit, self.query.send(rpx_protocol::zmq::message(frames)))
+        tokio::time::timeout(limit, self.query.send(rpx_guard::zmq::message(frames)))
             .await
             .map_err(|_| anyhow!("connection_request send timed out"))??;
         let end = Instant::now() + limit;

@@ -55,7 +55,7 @@ fn a_flood_of_requests_evicts_no_engine_and_the_cluster_serves_after_it() {
                 while flooding.load(Ordering::SeqCst) {
                     window.acquire().await.unwrap().forget();
                     let frames = session.msg(&[], "queue_request", json!({"targets": null, "verbose": false}), None, json!({}), &[]).1;
-                    if tx.send(rpx_protocol::zmq::message(frames)).await.is_err() {
+                    if tx.send(rpx_guard::zmq::message(frames)).await.is_err() {
                         break;
                     }
                 }

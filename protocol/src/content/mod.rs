@@ -292,6 +292,19 @@ pub struct ExecuteInput {
     pub execution_count: u64,
 }
 
+impl ExecuteInput {
+    /// The `code` of an `execute_input` content as it was sent (`null` when absent), for the
+    /// hub's task records, which keep what the engine published.
+    pub fn code_as_sent(content: &Value) -> Value {
+        #[derive(Deserialize, Default)]
+        struct Code {
+            #[serde(default)]
+            code: Value,
+        }
+        read_or_default::<Code>(content).code
+    }
+}
+
 /// `status` content: `busy`, `idle` or `starting`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

@@ -1,4 +1,5 @@
-//! Conversion between multipart frames and `zeromq` messages.
+//! Conversion between the multipart frames `rpx_protocol::Session` builds and reads and
+//! `zeromq` messages: the glue every process that talks over zeromq uses.
 
 use bytes::Bytes;
 use zeromq::ZmqMessage;
