@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use cargo_metadata::diagnostic::{Diagnostic, DiagnosticLevel};
 use cargo_metadata::Message;
-use rpx_worker::diagnostics::{render, Diag, DiagSpan};
+use rpx_diagnostics::{render, Diag, DiagSpan};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::closure::Wrapper;

@@ -199,7 +199,7 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Job>, events: UnboundedSender<Ev
                 let result = match dep.eval(&mut ectx, &code) {
                     Ok(_) => EvalResult::Ok { has_vars: ectx.variables_and_types().next().is_some() },
                     Err(evcxr::Error::CompilationErrors(errors)) => {
-                        let (evalue, traceback) = rpx_worker::diagnostics::render_evcxr(&code, &errors);
+                        let (evalue, traceback) = rpx_diagnostics::render_evcxr(&code, &errors);
                         EvalResult::CompileError { evalue, traceback }
                     }
                     Err(e) => EvalResult::Failed { message: e.to_string() },

@@ -12,7 +12,7 @@
 //!   to engines on other hosts.
 //! - this file: arguments, the engine-facing ROUTER socket and the event loop (`Server`: what
 //!   the loop owns, a method per kind of event; rustc's diagnostics render with
-//!   `rpx_worker::diagnostics`).
+//!   `rpx_diagnostics`).
 
 mod artifacts;
 mod builder;

@@ -279,7 +279,7 @@ fn outcome(r: Result<evcxr::EvalOutputs, evcxr::Error>, ended: Ended, shown: &st
             LocalOutcome::Ok(Some(data))
         }
         Err(evcxr::Error::CompilationErrors(errors)) => {
-            let (evalue, tb) = rpx_worker::diagnostics::render_evcxr(shown, &errors);
+            let (evalue, tb) = rpx_diagnostics::render_evcxr(shown, &errors);
             err(ErrorName::CompileError, evalue, tb)
         }
         Err(evcxr::Error::SubprocessTerminated(why)) if interrupted => err(

@@ -14,7 +14,7 @@
 //! - [`prepare`]: the `rpx` client crate compiled ahead of the first cell that uses it.
 //!
 //! The local runtime is `rpx_worker`'s worker process (this binary re-executed), and compile
-//! errors render with `rpx_worker::diagnostics`, as the cluster's compiler renders them.
+//! errors render with `rpx_diagnostics`, as the cluster's compiler renders them.
 
 mod install;
 mod local;

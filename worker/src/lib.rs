@@ -1,7 +1,8 @@
 //! What the rpx engine (`ipengine`) and the rpx kernel (`rpx-kernel`) share: the worker process
 //! that loads compiled cells and closures and runs them (both binaries re-execute themselves as
-//! one), how SIGINT interrupts it, the marker lines it and evcxr's generated code write, and the
-//! rendering of rustc's diagnostics that the kernel and the compiler show alike.
+//! one), how SIGINT interrupts it, and the marker lines it and evcxr's generated code write.
+//! Nothing here depends on evcxr: it is linked into every engine (rustc's diagnostics, which
+//! the kernel and the compiler render alike, are `rpx-diagnostics`).
 //!
 //! # Layout
 //! - [`process`]: the worker process itself (plain std): `LOAD_AND_RUN` and `CALL` on stdin,
@@ -11,7 +12,6 @@
 //!   cells' libstd in `interrupt/libstd.rs`).
 //! - [`markers`]: the marker lines on the worker's stdout and stderr.
 //! - [`stdin`]: whether the worker's main thread is blocked reading stdin (a cell's plain read).
-//! - [`diagnostics`]: rustc's diagnostics rendered against the user's code.
 //!
 //! # Example
 //! ```
@@ -22,7 +22,6 @@
 //! );
 //! ```
 
-pub mod diagnostics;
 pub mod markers;
 pub mod process;
 pub mod stdin;

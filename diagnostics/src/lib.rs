@@ -1,10 +1,11 @@
 //! Rendering of rustc's diagnostics against the user's code, in rustc's familiar layout, so that
 //! the kernel's local cells and the cluster's compiler show compile errors alike.
 //!
-//! Diagnostics come from evcxr (cells; with the `evcxr` feature) or from cargo's JSON messages
-//! (the compiler's closures); both become a [`Diag`] first.
+//! Diagnostics come from evcxr (cells) or from cargo's JSON messages (the compiler's closures);
+//! both become a [`Diag`] first. A crate of its own, used by the kernel and the compiler only:
+//! it depends on evcxr, which must stay out of the engine (in a shared crate, Cargo's feature
+//! unification linked evcxr into `ipengine`: 7.8 MB became 26.5 MB, +5 MiB per engine).
 
-#[cfg(feature = "evcxr")]
 use evcxr::CompilationError;
 
 /// One rustc diagnostic, with spans in lines of the code it is rendered against.
@@ -29,7 +30,6 @@ pub struct DiagSpan {
     pub label: String,
 }
 
-#[cfg(feature = "evcxr")]
 impl Diag {
     /// An error evcxr reported, its spans already mapped to the user's cell.
     pub fn from_evcxr(e: &CompilationError) -> Diag {
@@ -59,7 +59,6 @@ impl Diag {
 }
 
 /// [`render`] for the errors evcxr reported against a cell.
-#[cfg(feature = "evcxr")]
 pub fn render_evcxr(code: &str, errors: &[CompilationError]) -> (String, Vec<String>) {
     render(code, "cell", &errors.iter().map(Diag::from_evcxr).collect::<Vec<_>>())
 }
