@@ -682,11 +682,11 @@ impl Dispatcher {
         }
     }
 
-    fn engine_of(&self, msg: &Light) -> Option<usize> {
-        if let Some(uuid) = EngineMetadata::read(&msg.metadata).engine {
-            if let Some(id) = self.uuids.get(&uuid) {
-                return Some(*id);
-            }
+    /// The engine a reply came from: its `engine` uuid (`uuid`, read once from the metadata by
+    /// the caller) if known, else the `engine_info` of the content.
+    fn engine_of(&self, uuid: Option<&str>, msg: &Light) -> Option<usize> {
+        if let Some(id) = uuid.and_then(|u| self.uuids.get(u)) {
+            return Some(*id);
         }
         rpx_protocol::content::ReplyContent::read(&msg.content).engine_id().map(|i| i as usize)
     }
@@ -760,8 +760,9 @@ impl Dispatcher {
                 self.set_engines(table);
             }
         }
-        let engine_id = self.engine_of(&msg);
-        let unknown_engine = EngineMetadata::read(&msg.metadata).engine.is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(&u));
+        let uuid = EngineMetadata::read(&msg.metadata).engine;
+        let engine_id = self.engine_of(uuid.as_deref(), &msg);
+        let unknown_engine = uuid.as_deref().is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
         let Some(route) = self.routes.get_mut(&parent) else {
             debug!(msg_type = %msg.msg_type, %parent, "reply to no pending request");
             return;
