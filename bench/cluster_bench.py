@@ -336,6 +336,36 @@ class Ipp(System):
 # one repetition
 # ------------------------------------------------------------------------------------------------
 
+def settle(system, max_wait=180.0, quiet=0.05, hold=2.0):
+    """Wait (at most `max_wait` s) until the cluster's processes together use under `quiet`
+    of a core for `hold` s: start-up work in the background (rpx's closure builder warm-up,
+    its cargo and rustc children) is over. Returns the seconds waited."""
+    t0 = time.monotonic()
+    calm_since = None
+    while time.monotonic() - t0 < max_wait:
+        procs = system.procs()
+        before = {}
+        for p in procs:
+            try:
+                before[p.pid] = sum(p.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        time.sleep(0.5)
+        used = 0.0
+        for p in procs:
+            try:
+                used += sum(p.cpu_times()[:2]) - before.get(p.pid, 0.0)
+            except psutil.Error:
+                pass
+        if used / 0.5 < quiet:
+            calm_since = calm_since or time.monotonic()
+            if time.monotonic() - calm_since >= hold:
+                break
+        else:
+            calm_since = None
+    return time.monotonic() - t0
+
+
 def timed_cell(view, code, timeout=180):
     t0 = time.perf_counter()
     ar = view.execute(code, block=False)
@@ -363,6 +393,10 @@ def one_rep(system, args):
     m = out["mem_idle"]
     log(f"  {system.name}: idle engine {[k // 1024 for k in m['engine_kib']]} MiB, "
         f"cluster {m['cluster_kib'] // 1024} MiB in {m['nprocs']} processes")
+    out["settle_s"] = settle(system)
+    out["mem_settled"] = system.memory()
+    log(f"  {system.name}: settled after {out['settle_s']:.1f} s: cluster {out['mem_settled']['cluster_kib'] // 1024} MiB "
+        f"in {out['mem_settled']['nprocs']} processes")
 
     all_v, one_v = rc[:], rc[rc.ids[0]]
     # All engines in step first: for rpx one compile serves all 8. A cell on engine 0 alone
@@ -421,6 +455,9 @@ MEASURES = [
      1 / 1024, lambda r: statistics.median(r["mem_idle"]["engine_kib"]) if r["mem_idle"]["engine_kib"] else None),
     ("cluster_idle_mib", "whole cluster RSS, n=8, idle", "MiB", 1 / 1024, lambda r: r["mem_idle"]["cluster_kib"]),
     ("cluster_nprocs", "processes in the cluster", "", 1, lambda r: r["mem_idle"]["nprocs"]),
+    ("cluster_settled_mib", "whole cluster RSS, n=8, idle once settled (under 5% of a core for 2 s)", "MiB", 1 / 1024,
+     lambda r: r["mem_settled"]["cluster_kib"]),
+    ("settle_s", "seconds until settled after the first cell", "s", 1, lambda r: r["settle_s"]),
     ("engine_after_mib", "engine RSS after the cell benchmark, median engine", "MiB", 1 / 1024,
      lambda r: statistics.median(r["mem_after_cells"]["engine_kib"]) if r["mem_after_cells"]["engine_kib"] else None),
     ("cluster_after_mib", "whole cluster RSS after the cell benchmark", "MiB", 1 / 1024,

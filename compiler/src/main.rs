@@ -18,6 +18,7 @@ mod artifacts;
 mod builder;
 mod closure;
 mod context;
+mod memory;
 mod relay;
 mod state;
 
@@ -215,8 +216,12 @@ async fn event_loop(
     let mut pending = server.state.start();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
+    let trimmer = memory::Trimmer::spawn();
     loop {
         server.carry_out(std::mem::take(&mut pending)).await;
+        if std::mem::take(&mut server.trim_due) {
+            trimmer.request();
+        }
         let sleep_until = server.wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             msg = recv.recv() => {
@@ -270,6 +275,9 @@ struct Server {
     hosts: HashMap<Bytes, String>,
     /// The earliest time the decisions asked to be woken at.
     wake: Option<Instant>,
+    /// Work ended (a context warmed, evaluated, replayed or went away; a closure built): the
+    /// heap's freed pages go back to the system once the actions are carried out.
+    trim_due: bool,
 }
 
 impl Server {
@@ -298,6 +306,7 @@ impl Server {
             closures_warm: false,
             hosts: HashMap::new(),
             wake: None,
+            trim_due: false,
         }
     }
 
@@ -346,6 +355,7 @@ impl Server {
                     Action::DropContext { ctx } => {
                         self.contexts.remove(&ctx);
                         self.failed.remove(&ctx);
+                        self.trim_due = true;
                         tracing::debug!(ctx, "dropped context");
                     }
                     Action::WakeAt(t) => self.wake = Some(self.wake.map_or(t, |w| w.min(t))),
@@ -417,6 +427,7 @@ impl Server {
 
     /// An event of a context thread or of the closure builder.
     fn on_event(&mut self, ev: Event) -> Vec<Action> {
+        self.trim_due = !matches!(ev, Event::Load { .. });
         match ev {
             Event::Ready { ctx, elapsed_ms } => {
                 tracing::info!(ctx, elapsed_ms, contexts = self.state.context_count(), "context ready");
