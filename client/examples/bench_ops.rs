@@ -2,7 +2,8 @@
 //! (`../shared/bench/peers/ipp_ops.py latency throughput data`) so the two compare side by side:
 //! on a 2-engine cluster, one trivial apply round trip (direct and load-balanced), 10,000
 //! trivial load-balanced tasks at chunksize 1, a direct map over both engines, 100 MB push, pull,
-//! scatter and gather, and the compile of a new closure against later calls of it.
+//! scatter and gather, and the compile of a new closure against later calls of it (as soon as the
+//! cluster is up, and again on a warm cluster), and where a direct round trip's time goes.
 //!
 //! ```sh
 //! cargo run --release -p rpx --example bench_ops -- [OUT.json]   # BENCH_REPS (3), BENCH_N (2)
@@ -120,6 +121,17 @@ fn main() -> rpx::Result<()> {
         let waited = wait_compiler_idle(cluster.rpx_dir());
         eprintln!("compiler idle after {waited:.1} s");
         report.insert("compiler_idle_wait_s".into(), json!(waited));
+        if !only_tasks && !only_latency {
+            // The issue's row: the first call of a new closure on a warm cluster (the compiler's
+            // start-up work, the closure builder's dependency build included, is over).
+            let nonce = std::process::id() as u64;
+            let t = Instant::now();
+            let first: Vec<u64> = dv0.apply(remote!(|x: u64| x.rotate_left(7) ^ 0xc0ffee), (nonce,))?;
+            let warm_first = t.elapsed().as_secs_f64();
+            assert_eq!(first[0], nonce.rotate_left(7) ^ 0xc0ffee);
+            eprintln!("closure: first call on a warm cluster {warm_first:.3} s");
+            report.insert("closure_first_call_warm_s".into(), json!(warm_first));
+        }
         if !only_tasks {
             // Latency: sequential trivial apply round trips, after warm-up.
             for (name, direct) in [("apply_direct", true), ("apply_lb", false)] {
@@ -155,6 +167,36 @@ fn main() -> rpx::Result<()> {
                 // The peers' scripts report the mean of each repetition's calls: the same, for them.
                 report.insert(format!("{name}_mean_s"), stats(per_rep_mean));
             }
+        }
+
+        if !only_tasks {
+            // Where a direct round trip's time goes, from the task's own timestamps: client to
+            // engine (submitted -> started: client, controller, two sockets), in the engine
+            // (started -> completed: decode, the worker's round trip, encode), engine to client
+            // (completed -> the client has the result: two sockets, controller, client).
+            let (mut to_engine, mut in_engine, mut back) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..1000u64 {
+                let ar = dv0.apply_async(ident, (i,))?;
+                let r = ar.get()?;
+                let received = chrono::Utc::now();
+                assert_eq!(r[0], i);
+                let t = &ar.timings()[0];
+                let us = |d: chrono::Duration| d.num_nanoseconds().unwrap_or(0) as f64 / 1e3;
+                if let (Some(s), Some(b), Some(c)) = (t.submitted, t.started, t.completed) {
+                    to_engine.push(us(b - s));
+                    in_engine.push(us(c - b));
+                    back.push(us(received - c));
+                }
+            }
+            eprintln!(
+                "direct round trip budget (medians, µs): client -> engine {:.0}, in the engine {:.0}, engine -> client {:.0}",
+                median(to_engine.clone()),
+                median(in_engine.clone()),
+                median(back.clone())
+            );
+            report.insert("budget_to_engine_us".into(), stats(to_engine));
+            report.insert("budget_in_engine_us".into(), stats(in_engine));
+            report.insert("budget_back_us".into(), stats(back));
         }
 
         if !only_latency {

@@ -1,0 +1,216 @@
+//! The floor under an rpx round trip: the same process topology as a direct `apply` (client ->
+//! controller -> engine -> worker and back) built from nothing but the zeromq crate and a pipe,
+//! with no rpx logic (no signing, JSON, scheduling or task records). Each process runs a
+//! current-thread tokio runtime, as rpx's controller and engine do.
+//!
+//! Measures, interleaved round by round so every setup sees the same machine noise, medians of
+//! 100-byte round trips:
+//! 1. `one_hop`: client DEALER <-> echo DEALER through one ROUTER (the zeromq crate's own round trip);
+//! 2. `two_hops`: client -> forwarding process (ROUTER front, ROUTER back) -> echo process;
+//! 3. `two_hops_pipe`: as 2, the echo process asking a child process over a pipe pair for each
+//!    reply (the engine -> worker round trip).
+//!
+//! `cargo run --release -p rpx-guard --example hop_floor -- [ROUNDS] [OUT.json]`
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use bytes::Bytes;
+use zeromq::{DealerSocket, Endpoint, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+const BODY: usize = 100;
+const TRIPS: usize = 1000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+fn port(ep: Endpoint) -> u16 {
+    let Endpoint::Tcp(_, port) = ep else { panic!("tcp endpoint") };
+    port
+}
+
+/// Start this example again in `role`; returns the child and the port it prints first.
+fn spawn(role: &str, args: &[String]) -> (Child, u16) {
+    let mut child = Command::new(std::env::current_exe().expect("exe"))
+        .arg(role)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("port line");
+    (child, line.trim().parse().expect("a port"))
+}
+
+/// Forwarding process: clients on `front`, echo processes on `back` (the first that says hello).
+async fn forward() {
+    let (mut front, mut back) = (RouterSocket::new(), RouterSocket::new());
+    let fp = port(front.bind("tcp://127.0.0.1:0").await.expect("bind"));
+    let bp = port(back.bind("tcp://127.0.0.1:0").await.expect("bind"));
+    println!("{fp}");
+    println!("{bp}");
+    let echo_id = back.recv().await.expect("hello").get(0).expect("identity").clone();
+    loop {
+        tokio::select! {
+            m = front.recv() => {
+                let Ok(m) = m else { break };
+                let mut frames = m.into_vec();
+                // [client, body] -> [echo, client, body]
+                frames.insert(0, echo_id.clone());
+                if back.send(ZmqMessage::try_from(frames).expect("frames")).await.is_err() { break }
+            }
+            m = back.recv() => {
+                let Ok(m) = m else { break };
+                let mut frames = m.into_vec();
+                // [echo, client, body] -> [client, body]
+                frames.remove(0);
+                if front.send(ZmqMessage::try_from(frames).expect("frames")).await.is_err() { break }
+            }
+        }
+    }
+}
+
+/// Echo process: a DEALER connected to `port`; with `pipe`, each reply first goes through a
+/// child process over a pipe pair (8-byte length, then the body).
+async fn echo(port: u16, pipe: bool) {
+    let mut d = DealerSocket::new();
+    d.connect(&format!("tcp://127.0.0.1:{port}")).await.expect("connect");
+    d.send(ZmqMessage::from(Bytes::from_static(b"hello"))).await.expect("hello");
+    let mut worker = pipe.then(|| {
+        Command::new(std::env::current_exe().expect("exe"))
+            .arg("pipe-child")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the pipe child")
+    });
+    while let Ok(m) = d.recv().await {
+        let mut frames = m.into_vec();
+        if let Some(w) = worker.as_mut() {
+            let body = frames.pop().expect("body");
+            let (i, o) = (w.stdin.as_mut().expect("stdin"), w.stdout.as_mut().expect("stdout"));
+            i.write_all(&(body.len() as u64).to_le_bytes()).and_then(|()| i.write_all(&body)).expect("to the child");
+            let mut len = [0u8; 8];
+            o.read_exact(&mut len).expect("from the child");
+            let mut back = vec![0u8; u64::from_le_bytes(len) as usize];
+            o.read_exact(&mut back).expect("from the child");
+            frames.push(Bytes::from(back));
+        }
+        if d.send(ZmqMessage::try_from(frames).expect("frames")).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// The worker's stand-in: reads length-prefixed bodies on stdin, writes them back on stdout.
+fn pipe_child() {
+    let (mut i, mut o) = (std::io::stdin().lock(), std::io::stdout().lock());
+    let mut len = [0u8; 8];
+    while i.read_exact(&mut len).is_ok() {
+        let mut body = vec![0u8; u64::from_le_bytes(len) as usize];
+        i.read_exact(&mut body).expect("body");
+        o.write_all(&len).and_then(|()| o.write_all(&body)).and_then(|()| o.flush()).expect("reply");
+    }
+}
+
+/// One-hop echo: a ROUTER that sends every message back.
+async fn router_echo() {
+    let mut r = RouterSocket::new();
+    println!("{}", port(r.bind("tcp://127.0.0.1:0").await.expect("bind")));
+    while let Ok(m) = r.recv().await {
+        if r.send(m).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn client(port: u16) -> DealerSocket {
+    let mut d = DealerSocket::new();
+    d.connect(&format!("tcp://127.0.0.1:{port}")).await.expect("connect");
+    d
+}
+
+/// Median round trip (µs) of `TRIPS` sequential 100-byte messages.
+async fn trips(d: &mut DealerSocket) -> f64 {
+    let body = Bytes::from(vec![7u8; BODY]);
+    let mut times = Vec::with_capacity(TRIPS);
+    for _ in 0..TRIPS {
+        let t = Instant::now();
+        d.send(ZmqMessage::from(body.clone())).await.expect("send");
+        let r = d.recv().await.expect("recv");
+        assert_eq!(r.get(r.len() - 1).map(Bytes::len), Some(BODY));
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    median(times)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A forwarding process with an echo process (with or without the pipe child) behind it;
+/// returns the children and the forwarder's front port.
+fn two_hops(pipe: bool) -> (Vec<Child>, u16) {
+    let mut fwd = Command::new(std::env::current_exe().expect("exe")).arg("forward").stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut out = BufReader::new(fwd.stdout.take().expect("stdout"));
+    let mut read = || {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("port line");
+        line.trim().parse::<u16>().expect("a port")
+    };
+    let (front, back) = (read(), read());
+    let echo = Command::new(std::env::current_exe().expect("exe"))
+        .args(["echo", &back.to_string(), if pipe { "pipe" } else { "direct" }])
+        .spawn()
+        .expect("spawn");
+    (vec![fwd, echo], front)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("forward") => return runtime().block_on(forward()),
+        Some("echo") => return runtime().block_on(echo(args[1].parse().expect("port"), args[2] == "pipe")),
+        Some("router-echo") => return runtime().block_on(router_echo()),
+        Some("pipe-child") => return pipe_child(),
+        _ => {}
+    }
+    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let out = args.get(1).cloned();
+    let rt = runtime();
+    let (mut one_child, one_port) = spawn("router-echo", &[]);
+    let (mut two, two_port) = two_hops(false);
+    let (mut three, three_port) = two_hops(true);
+    let mut results: Vec<(&str, Vec<f64>)> = vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![])];
+    rt.block_on(async {
+        let mut socks = [client(one_port).await, client(two_port).await, client(three_port).await];
+        for s in socks.iter_mut() {
+            trips(s).await; // warm-up
+        }
+        for _ in 0..rounds {
+            for (i, s) in socks.iter_mut().enumerate() {
+                let m = trips(s).await;
+                results[i].1.push(m);
+            }
+        }
+    });
+    let mut json = serde_json::Map::new();
+    for (name, meds) in &results {
+        let m = median(meds.clone());
+        eprintln!("{name}: median round trip {m:.1} µs (rounds: {meds:.0?})");
+        json.insert(format!("{name}_us"), serde_json::json!({"median": m, "rounds": meds}));
+    }
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json");
+    println!("{text}");
+    if let Some(p) = out {
+        std::fs::write(&p, text).expect("write the results");
+    }
+    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
