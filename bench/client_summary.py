@@ -84,6 +84,18 @@ def main():
         parts = ", ".join(f"{role} {us:.0f}" for role, us in sorted(cpu.items()) if us)
         print(f"\nrpx CPU per load-balanced task (µs, medians): {parts}; total {sum(cpu.values()):.0f}.")
 
+    budget = [(name, rpx.get(f"budget_{key}_us", {}).get("median")) for name, key in
+              [("client -> engine", "to_engine"), ("in the engine (worker round trip included)", "in_engine"),
+               ("engine -> client", "back")]]
+    if all(v is not None for _, v in budget):
+        parts = ", ".join(f"{name} {v:.0f}" for name, v in budget)
+        print(f"\nrpx direct round trip by segment (µs, medians of 1,000, from the task's timestamps): {parts}.")
+    closure = [(name, rpx.get(key)) for name, key in [("as soon as the cluster is up", "closure_first_call_s"),
+                                                      ("on a warm cluster", "closure_first_call_warm_s")]]
+    if any(v is not None for _, v in closure):
+        parts = ", ".join(f"{name} {v:.2f} s" for name, v in closure if v is not None)
+        print(f"\nrpx first call of a new closure: {parts}.")
+
 
 if __name__ == "__main__":
     main()

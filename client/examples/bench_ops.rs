@@ -78,13 +78,20 @@ fn main() -> rpx::Result<()> {
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let out_path = std::env::args().nth(1);
     eprintln!("starting a {n}-engine cluster");
-    let cluster = rpx_tests::TestCluster::start(n);
-    let client = rpx::Client::from_file(cluster.client_file())?;
+    let mut report = serde_json::Map::new();
+    // BENCH_CLIENT_FILE: a running cluster's client connection file (engines elsewhere, e.g. on
+    // other hosts), used instead of starting one; only with BENCH_ONLY=data.
+    let external = std::env::var_os("BENCH_CLIENT_FILE").map(std::path::PathBuf::from);
+    if external.is_some() && !std::env::var("BENCH_ONLY").is_ok_and(|v| v == "data") {
+        return Err(rpx::Error::Connection("BENCH_CLIENT_FILE needs BENCH_ONLY=data".into()));
+    }
+    let cluster = external.is_none().then(|| rpx_tests::TestCluster::start(n));
+    let client = rpx::Client::from_file(external.unwrap_or_else(|| cluster.as_ref().expect("started").client_file()))?;
     client.wait_for_engines(n, Duration::from_secs(120))?;
+    report.insert("same_host_engines".into(), json!(client.shared_memory_namespaces().len()));
     let dv0 = client.direct_view(0);
     let lb = client.view();
     let ident = remote!(|x: u64| x);
-    let mut report = serde_json::Map::new();
     report.insert("engines".into(), json!(n));
     report.insert("reps".into(), json!(reps));
 
@@ -118,7 +125,7 @@ fn main() -> rpx::Result<()> {
         // The measured closure is compiled before the clock starts.
         let _: Vec<u64> = dv_all.apply(ident, (0,))?;
         // Nothing measured below competes with the compiler's start-up work.
-        let waited = wait_compiler_idle(cluster.rpx_dir());
+        let waited = wait_compiler_idle(cluster.as_ref().expect("started").rpx_dir());
         eprintln!("compiler idle after {waited:.1} s");
         report.insert("compiler_idle_wait_s".into(), json!(waited));
         if !only_tasks && !only_latency {
@@ -206,11 +213,11 @@ fn main() -> rpx::Result<()> {
             let mut dv_map = Vec::new();
             let mut cpu_per_task: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
             for _ in 0..reps {
-                let before = cpu_by_role(cluster.rpx_dir());
+                let before = cpu_by_role(cluster.as_ref().expect("started").rpx_dir());
                 let t = Instant::now();
                 let r: Vec<u64> = lb.chunksize(1).map(ident, 0..ntasks)?;
                 lb_map.push(ntasks as f64 / t.elapsed().as_secs_f64());
-                let after = cpu_by_role(cluster.rpx_dir());
+                let after = cpu_by_role(cluster.as_ref().expect("started").rpx_dir());
                 for (role, s) in after {
                     let used = s - before.get(role).copied().unwrap_or(0.0);
                     cpu_per_task.entry(role).or_default().push(used / ntasks as f64 * 1e6);

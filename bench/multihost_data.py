@@ -1,0 +1,165 @@
+"""100 MB push / pull / scatter / gather to engines on another host: rpx next to ipyparallel 9,
+in one run (the issue's row "engine on another host").
+
+The other host is a network + mount + pid namespace with a real sshd on a private bridge
+(`target/release/rpx-testhosts`, root only; no uplink, no route out). Both systems put their
+controller on this host, bound to the bridge's address, and 2 engines on the other host:
+- rpx: `ipcluster start --engines ssh`; the values go as buffers through the controller (the
+  shared-memory path is for engines on the client's own host), measured by the client
+  benchmark `bench_ops` (`BENCH_ONLY=data`, `BENCH_CLIENT_FILE` pointing at this cluster):
+  a Vec<f64> of 1e8 bytes;
+- ipyparallel: `ipcontroller --ip <bridge address>` here, two `ipengine --file` started on the
+  other host over ssh; a float64 numpy array of 1e8 bytes, measured as
+  `../shared/bench/peers/ipp_ops.py` does (`rc[0].push`, `rc[0].pull`, `rc[:].scatter`,
+  `rc[:].gather`, blocking).
+The two alternate, `--reps` times each; each run reports medians of 3 transfers.
+
+    cargo build --release --workspace --examples
+    .venv/bin/python bench/multihost_data.py             # or PYTHON with ipyparallel + numpy
+    .venv/bin/python bench/multihost_data.py --reps 3
+
+Prints a markdown table and writes every sample to bench/results/multihost-data-<time>.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ipyparallel
+import numpy as np
+
+from multihost_bench import BIN, REPO, Cluster, log
+
+NBYTES = 100_000_000
+TRANSFERS = 3
+
+
+def rpx_run(hosts):
+    ip = hosts["hosts"][0]["ip"]
+    c = Cluster(hosts)
+    try:
+        c.start(2, *c.ssh_args(f"{ip}:2"))
+        c.rc.close()
+        c.rc = None
+        out = Path(tempfile.mkstemp(prefix="rpx-mhdata-", suffix=".json")[1])
+        env = dict(c.env, BENCH_ONLY="data", BENCH_N="2", BENCH_REPS=str(TRANSFERS), BENCH_NBYTES=str(NBYTES),
+                   BENCH_CLIENT_FILE=str(c.dir / "profile_default/security/ipcontroller-client.json"))
+        subprocess.run([str(BIN / "examples" / "bench_ops"), str(out)], env=env, check=True, timeout=900,
+                       stdout=subprocess.DEVNULL)
+        r = json.loads(out.read_text())
+        out.unlink()
+        assert r["same_host_engines"] == 0, "the engines must be on the other host"
+        return {k: r[f"{k}_gb_per_s"]["median"] for k in ("push", "pull", "scatter", "gather")}
+    finally:
+        c.stop()
+
+
+def ipp_run(hosts):
+    ip = hosts["hosts"][0]["ip"]
+    ssh = ["ssh", "-F", hosts["ssh_config"], ip]
+    # Under the repository: the other host has its own /tmp but shares this file system.
+    state = Path(tempfile.mkdtemp(prefix="ipp-mhdata-", dir=REPO / "target"))
+    env = dict(os.environ, IPYTHONDIR=str(state))
+    ctl = subprocess.Popen([sys.executable, "-m", "ipyparallel.controller", "--ip", hosts["gateway"],
+                            "--profile-dir", str(state / "profile")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engines = None
+    rc = None
+    try:
+        security = state / "profile" / "security"
+        deadline = time.monotonic() + 60
+        while not (security / "ipcontroller-engine.json").exists() or not (security / "ipcontroller-client.json").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("ipcontroller wrote no connection files")
+            time.sleep(0.1)
+        time.sleep(0.5)  # the files are written whole before the controller listens; be safe
+        cmd = "; ".join(f"(IPYTHONDIR={state} {sys.executable} -m ipyparallel.engine "
+                       f"--file={security / 'ipcontroller-engine.json'} >/dev/null 2>&1 &)" for _ in range(2))
+        engines = subprocess.run(ssh + [cmd], timeout=60, check=True)
+        rc = ipyparallel.Client(str(security / "ipcontroller-client.json"), timeout=30)
+        rc.wait_for_engines(2, timeout=120)
+        hostnames = rc[:].apply_sync(lambda: __import__("socket").gethostname())
+        assert all(h != __import__("socket").gethostname() for h in hostnames), f"engines on this host: {hostnames}"
+        arr = np.arange(NBYTES // 8, dtype=np.float64)
+        mb = arr.nbytes / 1e9
+        e0, dv = rc[0], rc[:]
+        e0.push({"a": arr[:1000]}, block=True)
+        push, pull, scat, gath = [], [], [], []
+        for _ in range(TRANSFERS):
+            t0 = time.perf_counter()
+            e0.push({"a": arr}, block=True)
+            push.append(mb / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            back = e0.pull("a", block=True)
+            pull.append(mb / (time.perf_counter() - t0))
+            assert back.shape == arr.shape and np.array_equal(back[::4099], arr[::4099])
+            del back
+            e0.execute("del a", block=True)
+            t0 = time.perf_counter()
+            dv.scatter("x", arr, block=True)
+            scat.append(mb / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            back = dv.gather("x", block=True)
+            gath.append(mb / (time.perf_counter() - t0))
+            assert back.shape == arr.shape and np.array_equal(back[::4099], arr[::4099])
+            del back
+            dv.execute("del x", block=True)
+        med = statistics.median
+        return {"push": med(push), "pull": med(pull), "scatter": med(scat), "gather": med(gath)}
+    finally:
+        if rc is not None:
+            try:
+                rc.shutdown(hub=False, block=True)
+            except Exception as e:  # noqa: BLE001
+                log("  ipp engine shutdown:", e)
+            rc.close()
+        ctl.terminate()
+        try:
+            ctl.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ctl.kill()
+        if engines is not None:
+            subprocess.run(ssh + ["pkill -f ipyparallel.engine || true"], timeout=30)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    proc = subprocess.Popen([str(BIN / "rpx-testhosts"), "up", "h1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    hosts = json.loads(proc.stdout.readline())
+    record = {"nbytes": NBYTES, "transfers_per_run": TRANSFERS, "rpx": [], "ipp": []}
+    try:
+        for rep in range(args.reps):
+            for system in (["rpx", "ipp"] if rep % 2 == 0 else ["ipp", "rpx"]):
+                r = rpx_run(hosts) if system == "rpx" else ipp_run(hosts)
+                record[system].append(r)
+                log(f"rep {rep} {system}: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in r.items()))
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    med = statistics.median
+    print(f"| 100 MB, engines on another host (median of {args.reps} runs' medians) | rpx GB/s | ipyparallel GB/s | rpx / ipp |")
+    print("|---|---|---|---|")
+    summary = {}
+    for k in ("push", "pull", "scatter", "gather"):
+        a, b = med([r[k] for r in record["rpx"]]), med([r[k] for r in record["ipp"]])
+        summary[k] = {"rpx": a, "ipp": b, "ratio": a / b}
+        print(f"| {k} | {a:.2f} | {b:.2f} | x{a / b:.2f} |")
+    record["summary"] = summary
+    out = REPO / "bench" / "results" / f"multihost-data-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(record, indent=1))
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
