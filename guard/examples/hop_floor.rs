@@ -10,6 +10,10 @@
 //! 3. `two_hops_pipe`: as 2, the echo process asking a child process over a pipe pair for each
 //!    reply (the engine -> worker round trip).
 //!
+//! and the transport floor under a 100 MB push to an engine on another host: one 100 MB message
+//! through the forwarding process to a process that answers with a 1-byte acknowledgement
+//! (`push_100mb_gb_per_s`, as the client benchmark counts: bytes / time until the answer).
+//!
 //! `cargo run --release -p rpx-guard --example hop_floor -- [ROUNDS] [OUT.json]`
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,6 +25,7 @@ use zeromq::{DealerSocket, Endpoint, RouterSocket, Socket, SocketRecv, SocketSen
 
 const BODY: usize = 100;
 const TRIPS: usize = 1000;
+const LARGE: usize = 100_000_000;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
@@ -74,8 +79,9 @@ async fn forward() {
 }
 
 /// Echo process: a DEALER connected to `port`; with `pipe`, each reply first goes through a
-/// child process over a pipe pair (8-byte length, then the body).
-async fn echo(port: u16, pipe: bool) {
+/// child process over a pipe pair (8-byte length, then the body); with `ack`, the reply's body
+/// is one byte.
+async fn echo(port: u16, pipe: bool, ack: bool) {
     let mut d = DealerSocket::new();
     d.connect(&format!("tcp://127.0.0.1:{port}")).await.expect("connect");
     d.send(ZmqMessage::from(Bytes::from_static(b"hello"))).await.expect("hello");
@@ -98,6 +104,10 @@ async fn echo(port: u16, pipe: bool) {
             let mut back = vec![0u8; u64::from_le_bytes(len) as usize];
             o.read_exact(&mut back).expect("from the child");
             frames.push(Bytes::from(back));
+        }
+        if ack {
+            frames.pop();
+            frames.push(Bytes::from_static(b"k"));
         }
         if d.send(ZmqMessage::try_from(frames).expect("frames")).await.is_err() {
             break;
@@ -152,9 +162,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A forwarding process with an echo process (with or without the pipe child) behind it;
-/// returns the children and the forwarder's front port.
-fn two_hops(pipe: bool) -> (Vec<Child>, u16) {
+/// A forwarding process with an echo process behind it (`mode`: direct, pipe or ack); returns
+/// the children and the forwarder's front port.
+fn two_hops(mode: &str) -> (Vec<Child>, u16) {
     let mut fwd = Command::new(std::env::current_exe().expect("exe")).arg("forward").stdout(Stdio::piped()).spawn().expect("spawn");
     let mut out = BufReader::new(fwd.stdout.take().expect("stdout"));
     let mut read = || {
@@ -163,10 +173,7 @@ fn two_hops(pipe: bool) -> (Vec<Child>, u16) {
         line.trim().parse::<u16>().expect("a port")
     };
     let (front, back) = (read(), read());
-    let echo = Command::new(std::env::current_exe().expect("exe"))
-        .args(["echo", &back.to_string(), if pipe { "pipe" } else { "direct" }])
-        .spawn()
-        .expect("spawn");
+    let echo = Command::new(std::env::current_exe().expect("exe")).args(["echo", &back.to_string(), mode]).spawn().expect("spawn");
     (vec![fwd, echo], front)
 }
 
@@ -174,7 +181,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("forward") => return runtime().block_on(forward()),
-        Some("echo") => return runtime().block_on(echo(args[1].parse().expect("port"), args[2] == "pipe")),
+        Some("echo") => return runtime().block_on(echo(args[1].parse().expect("port"), args[2] == "pipe", args[2] == "ack")),
         Some("router-echo") => return runtime().block_on(router_echo()),
         Some("pipe-child") => return pipe_child(),
         _ => {}
@@ -183,19 +190,28 @@ fn main() {
     let out = args.get(1).cloned();
     let rt = runtime();
     let (mut one_child, one_port) = spawn("router-echo", &[]);
-    let (mut two, two_port) = two_hops(false);
-    let (mut three, three_port) = two_hops(true);
+    let (mut two, two_port) = two_hops("direct");
+    let (mut three, three_port) = two_hops("pipe");
+    let (mut big, big_port) = two_hops("ack");
+    let mut pushes = Vec::new();
     let mut results: Vec<(&str, Vec<f64>)> = vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![])];
     rt.block_on(async {
         let mut socks = [client(one_port).await, client(two_port).await, client(three_port).await];
         for s in socks.iter_mut() {
             trips(s).await; // warm-up
         }
+        let mut big_sock = client(big_port).await;
+        let value = Bytes::from(vec![1u8; LARGE]);
         for _ in 0..rounds {
             for (i, s) in socks.iter_mut().enumerate() {
                 let m = trips(s).await;
                 results[i].1.push(m);
             }
+            let t = Instant::now();
+            big_sock.send(ZmqMessage::from(value.clone())).await.expect("send");
+            let r = big_sock.recv().await.expect("recv");
+            assert_eq!(r.get(r.len() - 1).map(Bytes::len), Some(1));
+            pushes.push(LARGE as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
     });
     let mut json = serde_json::Map::new();
@@ -204,12 +220,15 @@ fn main() {
         eprintln!("{name}: median round trip {m:.1} µs (rounds: {meds:.0?})");
         json.insert(format!("{name}_us"), serde_json::json!({"median": m, "rounds": meds}));
     }
+    let m = median(pushes.clone());
+    eprintln!("push_100mb: median {m:.2} GB/s (rounds: {pushes:.2?})");
+    json.insert("push_100mb_gb_per_s".into(), serde_json::json!({"median": m, "rounds": pushes}));
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("json");
     println!("{text}");
     if let Some(p) = out {
         std::fs::write(&p, text).expect("write the results");
     }
-    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()) {
+    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()).chain(big.iter_mut()) {
         let _ = c.kill();
         let _ = c.wait();
     }
