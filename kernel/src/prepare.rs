@@ -9,7 +9,8 @@
 //! evcxr build directory ([`merge_seed`]), so cargo finds them fresh and builds only the cell.
 //!
 //! The seed is only a cache: cargo's own fingerprints decide what is fresh, so a stale seed (a
-//! new toolchain, an edited client crate) costs a rebuild, never a wrong result. A seed is
+//! new toolchain) costs a rebuild, never a wrong result; an edited client crate or a rebuilt
+//! kernel keys a new seed ([`seed_dir`]), and the one built last replaces the others. A seed is
 //! built in `building-<pid>` under an exclusive lock and renamed into place when complete, so a
 //! kernel never copies half a build.
 
@@ -58,14 +59,48 @@ pub fn cache_root() -> Result<PathBuf> {
     Ok(base.join("rpx").join("kernel"))
 }
 
-/// Where the seed for this kernel binary and this client crate lives.
+/// Where the seed for this kernel binary and this client crate lives: keyed by the binary
+/// (path, size, modification time), the client crate's path and sources ([`sources_stamp`]) and
+/// the setup commands, so an edited client crate or a rebuilt kernel gets a seed of its own
+/// instead of rebuilding the changed crates at every kernel's first `rpx::` cell.
 pub fn seed_dir(root: &Path, client: &Path) -> PathBuf {
     // SipHash with fixed keys: the same key for the same binary, client and options.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     client.hash(&mut h);
-    std::env::current_exe().ok().hash(&mut h);
+    let exe = std::env::current_exe().ok();
+    exe.hash(&mut h);
+    exe.and_then(|e| e.metadata().ok()).map(|m| (m.len(), m.modified().ok())).hash(&mut h);
+    sources_stamp(client).hash(&mut h);
     setup_commands(client).hash(&mut h);
     root.join(format!("seed-{}-{:016x}", env!("CARGO_PKG_VERSION"), h.finish()))
+}
+
+/// Most source files a stamp looks at (a client path pointing somewhere huge stays cheap).
+const STAMP_FILES: usize = 20_000;
+
+/// The relative path, size and modification time of every Rust source, `Cargo.toml` and
+/// `Cargo.lock` in the client crate's workspace (its parent directory, where its path
+/// dependencies live; `target` and hidden directories skipped), in a stable order.
+fn sources_stamp(client: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let base = client.parent().unwrap_or(client);
+    let mut out: Vec<_> = walkdir::WalkDir::new(base)
+        .max_depth(6)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !(e.file_name() == "target" || e.file_name().to_string_lossy().starts_with('.')))
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy();
+            e.file_type().is_file() && (name.ends_with(".rs") || name == "Cargo.toml" || name == "Cargo.lock")
+        })
+        .take(STAMP_FILES)
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.path().strip_prefix(base).unwrap_or(e.path()).to_path_buf(), m.len(), m.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// The seed, if one is complete.
@@ -171,6 +206,13 @@ pub fn prepare(client: &Path, wait: bool) -> Result<Prepared> {
         std::fs::remove_dir_all(&seed)?;
     }
     std::fs::rename(&build, &seed).with_context(|| format!("cannot move {} to {}", build.display(), seed.display()))?;
+    // Seeds of earlier builds or sources (hundreds of MB each) go: a kernel still using one
+    // has copied it already, and one that has not rebuilds what changed.
+    for e in std::fs::read_dir(&root)?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("seed-") && e.path() != seed {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     Ok(Prepared::Built(seed, started.elapsed()))
 }
 
@@ -280,6 +322,28 @@ mod tests {
         assert_eq!(a, seed_dir(root, Path::new("/src/a/client")));
         assert!(a.starts_with(root), "{a:?}");
         assert!(a.file_name().unwrap().to_string_lossy().starts_with(concat!("seed-", env!("CARGO_PKG_VERSION"))));
+    }
+
+    #[test]
+    fn an_edited_client_workspace_keys_a_new_seed_and_its_build_output_does_not() {
+        let t = tempfile::tempdir().unwrap();
+        let (ws, root) = (t.path().join("ws"), t.path().join("cache"));
+        let client = ws.join("client");
+        for d in [client.join("src"), ws.join("protocol/src"), ws.join("target/release")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(client.join("Cargo.toml"), "[package]\nname = \"rpx\"\n").unwrap();
+        std::fs::write(client.join("src/lib.rs"), "pub struct Client;\n").unwrap();
+        std::fs::write(ws.join("protocol/src/lib.rs"), "pub struct Session;\n").unwrap();
+        let first = seed_dir(&root, &client);
+        assert_eq!(first, seed_dir(&root, &client), "the same sources key the same seed");
+        std::fs::write(ws.join("target/release/libx.rlib"), "built").unwrap();
+        assert_eq!(first, seed_dir(&root, &client), "build output is not a source");
+        std::fs::write(ws.join("protocol/src/lib.rs"), "pub struct Session { pub key: Vec<u8> }\n").unwrap();
+        let edited = seed_dir(&root, &client);
+        assert_ne!(first, edited, "a path dependency of the client was edited");
+        std::fs::write(client.join("src/extra.rs"), "").unwrap();
+        assert_ne!(edited, seed_dir(&root, &client), "a source file was added to the client");
     }
 
     #[test]
