@@ -1,0 +1,116 @@
+"""Issue 11's table from the benchmarks' own result files: every row, rpx next to ipyparallel as
+measured in the same run, the ratio, the target, and whether it is met.
+
+usage: python bench/issue_table.py [--results DIR]
+Reads the newest file of each kind in bench/results (or DIR):
+- client-<time>-rpx.json and client-<time>-ipp.json (bench/client_bench.sh): data, tasks, round trips,
+  first call of a new closure;
+- multihost-data-<time>.json (bench/multihost_data.py): 100 MB to engines on another host;
+- <time>.json from bench/cluster_bench.py (with both systems): cells on 8 vs 1 engine, memory;
+- kernel-first-rpx-<time>.json (bench/kernel_bench.py --first-rpx): the first rpx:: cell.
+Prints a markdown table naming the file behind each row.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def newest(results, pattern, test=lambda p: True):
+    files = sorted((p for p in results.glob("*.json") if re.fullmatch(pattern, p.name) and test(p)), key=lambda p: p.name)
+    return files[-1] if files else None
+
+
+def med(doc, *path):
+    for k in path:
+        if not isinstance(doc, dict) or k not in doc:
+            return None
+        doc = doc[k]
+    return doc.get("median") if isinstance(doc, dict) else doc
+
+
+def both_systems(p):
+    try:
+        s = json.loads(p.read_text()).get("summary", {})
+    except (OSError, ValueError):
+        return False
+    return "rpx" in s and "ipp" in s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=HERE / "results")
+    results = ap.parse_args().results
+    rows = []  # (measure, rpx, ipp, ratio text, target text, met, source)
+
+    client = newest(results, r"client-\d{8}-\d{6}-rpx\.json")
+    if client:
+        ipp_file = client.with_name(client.name.replace("-rpx.json", "-ipp.json"))
+        rpx = json.loads(client.read_text())
+        ipp = json.loads(ipp_file.read_text()) if ipp_file.exists() else {}
+        src = client.name[: -len("-rpx.json")]
+        for op, key in [("push", "push_1engine_MBps"), ("pull", "pull_1engine_MBps"),
+                        ("scatter", "scatter_2engines_MBps"), ("gather", "gather_2engines_MBps")]:
+            r, i = med(rpx, f"{op}_gb_per_s"), med(ipp, "data", key)
+            i = i / 1000 if i is not None else None
+            ratio = r / i if r is not None and i else None
+            rows.append((f"{op} 100 MB, same host (GB/s)", r, i, ratio and f"x{ratio:.1f}", ">= 10x",
+                         ratio is not None and ratio >= 10, src))
+        r, i = med(rpx, "lb_map_tasks_per_s"), med(ipp, "throughput", "lview_map_async_chunk1", "tasks_per_s")
+        ratio = r / i if r is not None and i else None
+        rows.append(("load-balanced map, 10,000 trivial tasks, chunksize 1 (tasks/s)", r, i, ratio and f"x{ratio:.0f}",
+                     ">= 100x", ratio is not None and ratio >= 100, src))
+        for name, rk, ik in [("direct", "apply_direct_mean_s", ("latency", "direct_rc0", "us_per_rtt")),
+                             ("load-balanced", "apply_lb_mean_s", ("latency", "loadbalanced", "us_per_rtt"))]:
+            r, i = med(rpx, rk), med(ipp, *ik)
+            r = r * 1e6 if r is not None else None
+            ratio = i / r if r and i is not None else None
+            rows.append((f"one trivial apply round trip, {name} (µs)", r, i, ratio and f"1/{ratio:.1f}", "<= 1/25",
+                         ratio is not None and ratio >= 25, src))
+        r = rpx.get("closure_first_call_warm_s")
+        rows.append(("first call of a new remote! closure, warm cluster (s)", r, None, "", "<= 3 s",
+                     r is not None and r <= 3, src))
+
+    mh = newest(results, r"multihost-data-\d{8}-\d{6}\.json")
+    if mh:
+        s = json.loads(mh.read_text()).get("summary", {})
+        for op in ("push", "pull", "scatter", "gather"):
+            if op in s:
+                rows.append((f"{op} 100 MB, engines on another host (GB/s)", s[op]["rpx"], s[op]["ipp"],
+                             f"x{s[op]['ratio']:.2f}", ">= 2x", s[op]["ratio"] >= 2, mh.name))
+
+    cb = newest(results, r"\d{8}-\d{6}\.json", both_systems)
+    if cb:
+        s = json.loads(cb.read_text())["summary"]
+        for label, key in [("trivial cell on 8 engines / on 1, in step (x)", "cell_in_step_ratio"),
+                           ("trivial cell on 8 engines / on 1, after a fork (x)", "cell_ratio")]:
+            r, i = med(s["rpx"], key), med(s["ipp"], key)
+            rows.append((label, r, i, "", "<= 1.2x", r is not None and r <= 1.2, cb.name))
+        for label, key, target, limit in [("whole cluster, n = 8, idle once settled (MiB)", "cluster_settled_mib", "<= 0.5x", 0.5),
+                                          ("whole cluster, n = 8, after the cell benchmark (MiB)", "cluster_after_mib", "<= 1x", 1.0)]:
+            r, i = med(s["rpx"], key), med(s["ipp"], key)
+            ratio = r / i if r is not None and i else None
+            rows.append((label, r, i, ratio and f"x{ratio:.2f}", target, ratio is not None and ratio <= limit, cb.name))
+
+    kf = newest(results, r"kernel-first-rpx-\d{8}-\d{6}\.json")
+    if kf:
+        r = med(json.loads(kf.read_text()), "prepared")
+        rows.append(("first rpx:: cell in a fresh kernel, client crate prepared (s)", r, None, "", "<= 10 s",
+                     r is not None and r <= 10, kf.name))
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+
+    print("| measure | rpx | ipyparallel 9 (same run) | rpx vs ipp | target | met | source |")
+    print("|---|---:|---:|---:|---|---|---|")
+    for m, r, i, ratio, target, met, src in rows:
+        print(f"| {m} | {fmt(r)} | {fmt(i)} | {ratio or ''} | {target} | {'yes' if met else '**no**'} | {src} |")
+
+
+if __name__ == "__main__":
+    main()
