@@ -253,6 +253,9 @@ class System:
     def belongs_to_engine(self, p, engine):
         return False
 
+    def notes(self):
+        return []
+
 
 class Rpx(System):
     name = "rpx"
@@ -279,6 +282,14 @@ class Rpx(System):
 
     def stop_cmd(self):
         return [str(self.bin / "ipcluster"), "stop"]
+
+    def notes(self):
+        """The compiler's log lines about its contexts (how many there are, and why)."""
+        lines = []
+        for f in sorted((self.state / "rpx" / "profile_default" / "log").glob("rpx-compiler-*.log")):
+            lines += [l.strip()[:240] for l in f.read_text(errors="replace").splitlines()
+                      if "context ready" in l or "group" in l or "spare" in l]
+        return lines[-30:]
 
     def is_engine(self, p):
         try:
@@ -395,6 +406,7 @@ def one_rep(system, args):
         f"cluster {m['cluster_kib'] // 1024} MiB in {m['nprocs']} processes")
     out["settle_s"] = settle(system)
     out["mem_settled"] = system.memory()
+    out["notes_settled"] = system.notes()
     log(f"  {system.name}: settled after {out['settle_s']:.1f} s: cluster {out['mem_settled']['cluster_kib'] // 1024} MiB "
         f"in {out['mem_settled']['nprocs']} processes")
 

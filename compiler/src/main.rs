@@ -432,7 +432,7 @@ impl Server {
             Event::Ready { ctx, elapsed_ms } => {
                 tracing::info!(ctx, elapsed_ms, contexts = self.state.context_count(), "context ready");
                 self.builder();
-                vec![]
+                self.state.on_context_started(ctx, Instant::now())
             }
             Event::ClosuresWarm { elapsed_ms, deps_built, error } => {
                 match error {
@@ -451,8 +451,10 @@ impl Server {
                 tracing::error!(ctx, "{message}");
                 self.builder();
                 self.failed.insert(ctx, message.clone());
-                // An eval may already be queued there.
-                self.state.on_eval_done(ctx, EvalResult::Failed { message })
+                // An eval may already be queued there; parked batches go out (and fail at once).
+                let mut out = self.state.on_eval_done(ctx, EvalResult::Failed { message });
+                out.extend(self.state.on_context_started(ctx, Instant::now()));
+                out
             }
             Event::Load { ctx, so_path, fn_name, reply } => match self.registry.register(std::path::Path::new(&so_path)) {
                 Ok(artifact) => {

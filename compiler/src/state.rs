@@ -168,6 +168,9 @@ struct Batch {
     code: String,
     engines: BTreeMap<Ident, String>,
     deadline: Instant,
+    /// The window closed while the group's context was still starting: the batch waits for it
+    /// (nothing could run sooner) and keeps collecting engines instead of forking the early ones.
+    parked: bool,
 }
 
 /// When the compiler keeps a *spare* context ready (evcxr and rust-analyzer warmed up, ~0.4 GB),
@@ -196,6 +199,8 @@ pub struct Compiler {
     batches: Vec<Batch>,
     /// How long to wait for identical cells from the other engines of a group.
     window: Duration,
+    /// Contexts that have started (evcxr and rust-analyzer warmed up, or failed to start).
+    started: BTreeSet<CtxId>,
 }
 
 fn reply(to: &Ident, cell_id: &str, status: &str, ename: &str, evalue: &str, traceback: Vec<String>, note: Option<String>) -> Action {
@@ -228,6 +233,7 @@ impl Compiler {
             next_ctx: 1,
             batches: Vec::new(),
             window,
+            started: BTreeSet::new(),
         }
     }
 
@@ -357,7 +363,7 @@ impl Compiler {
         let idx = match self.batches.iter().position(|b| b.group == group && b.code == code && !b.engines.contains_key(&e)) {
             Some(i) => i,
             None => {
-                self.batches.push(Batch { group, code, engines: BTreeMap::new(), deadline });
+                self.batches.push(Batch { group, code, engines: BTreeMap::new(), deadline, parked: false });
                 self.batches.len() - 1
             }
         };
@@ -376,15 +382,34 @@ impl Compiler {
     /// Dispatch batches whose collection window has closed.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
-        let (due, rest): (Vec<Batch>, Vec<Batch>) = std::mem::take(&mut self.batches).into_iter().partition(|b| b.deadline <= now);
+        let (due, rest): (Vec<Batch>, Vec<Batch>) =
+            std::mem::take(&mut self.batches).into_iter().partition(|b| b.deadline <= now && !b.parked);
         self.batches = rest;
         for b in due {
             self.dispatch(b, &mut out);
         }
-        if let Some(next) = self.batches.iter().map(|b| b.deadline).min() {
+        if let Some(next) = self.batches.iter().filter(|b| !b.parked).map(|b| b.deadline).min() {
             out.push(Action::WakeAt(next));
         }
         out
+    }
+
+    /// Tests: every context that exists has started.
+    #[cfg(test)]
+    pub fn mark_all_started(&mut self) {
+        let all: Vec<CtxId> = self.groups.keys().copied().chain(self.spare).collect();
+        self.started.extend(all);
+    }
+
+    /// Context `ctx` has started (or failed to): batches parked for it go out now, with every
+    /// engine that asked meanwhile.
+    pub fn on_context_started(&mut self, ctx: CtxId, now: Instant) -> Vec<Action> {
+        self.started.insert(ctx);
+        for b in self.batches.iter_mut().filter(|b| b.group == ctx && b.parked) {
+            b.parked = false;
+            b.deadline = now;
+        }
+        self.on_tick(now)
     }
 
     fn dispatch(&mut self, mut b: Batch, out: &mut Vec<Action>) {
@@ -427,6 +452,11 @@ impl Compiler {
         if b.engines.keys().eq(g.engines.iter()) {
             g.running = Some(Running { code: b.code.clone(), members: b.engines, ..Default::default() });
             out.push(Action::Eval { ctx: b.group, code: b.code });
+        } else if !self.started.contains(&b.group) {
+            // Forking the engines that asked first would start a second context (and a spare)
+            // that is no sooner ready than this one: wait for it with the rest of the group.
+            b.parked = true;
+            self.batches.push(b);
         } else {
             let history = g.history.clone();
             self.fork(b.group, b.engines, history, Some(b.code), out);
@@ -462,6 +492,7 @@ impl Compiler {
     fn drop_if_empty(&mut self, ctx: CtxId, out: &mut Vec<Action>) {
         if self.groups.get(&ctx).is_some_and(|g| g.engines.is_empty() && g.idle()) && !self.in_open_batch(ctx) {
             self.groups.remove(&ctx);
+            self.started.remove(&ctx);
             out.push(Action::DropContext { ctx });
         }
     }

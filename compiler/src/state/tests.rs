@@ -43,11 +43,13 @@ fn cluster(n: u8) -> (Compiler, CtxId) {
         c.on_hello(id(i), i as u64, vec![]);
     }
     assert_eq!(c.groups(), vec![(0..n as u64).collect::<Vec<_>>()]);
+    c.mark_all_started();
     (c, 1)
 }
 
 /// Run one cell on the given engines through a whole eval with the given outcomes.
 fn run(c: &mut Compiler, engines: &[u8], code: &str, outcomes: &[LoadOutcome]) -> Vec<Action> {
+    c.mark_all_started();
     let now = Instant::now();
     let mut acts = Vec::new();
     for &e in engines {
@@ -301,4 +303,48 @@ fn always_keeps_a_spare_from_the_start_and_never_keeps_none() {
         run(&mut c, &[0, 1], "let x = 1;", &[ok(), ok()]);
         assert_eq!(c.context_count(), after_fork, "{policy:?}");
     }
+}
+
+#[test]
+fn a_group_asking_while_its_context_starts_runs_the_cell_once_without_forking() {
+    let mut c = Compiler::new(Duration::from_millis(10));
+    assert_eq!(c.start(), vec![Action::NewContext { ctx: 1 }]);
+    for i in 0..3 {
+        c.on_hello(id(i), i as u64, vec![]);
+    }
+    let now = Instant::now();
+    let code = "let x = 1;";
+    c.on_cell_request(id(0), "c0".into(), code.into(), now);
+    let a = c.on_tick(now + Duration::from_secs(1));
+    assert!(evals(&a).is_empty(), "the window closed, but the context has not started: nothing runs yet ({a:?})");
+    assert_eq!(new_contexts(&a), 0, "no fork and no spare for the engine that asked first");
+    assert!(!a.iter().any(|x| matches!(x, Action::WakeAt(_))), "a parked batch needs no timer: {a:?}");
+    let mut a = c.on_cell_request(id(1), "c1".into(), code.into(), now + Duration::from_secs(2));
+    a.extend(c.on_cell_request(id(2), "c2".into(), code.into(), now + Duration::from_secs(3)));
+    assert_eq!(evals(&a), vec![(1, code.to_string())], "the whole group asked: one eval in the first context");
+    assert_eq!(new_contexts(&a), 0);
+    assert!(c.on_context_started(1, now + Duration::from_secs(4)).is_empty(), "nothing was left parked");
+    assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
+    assert_eq!(c.context_count(), 1);
+}
+
+#[test]
+fn a_part_of_a_group_still_alone_when_the_context_starts_forks_as_before() {
+    let mut c = Compiler::new(Duration::from_millis(10));
+    c.start();
+    for i in 0..2 {
+        c.on_hello(id(i), i as u64, vec![]);
+    }
+    let now = Instant::now();
+    let mut a = c.on_cell_request(id(0), "c0".into(), "let y = 2;".into(), now);
+    a.extend(c.on_tick(now + Duration::from_secs(1)));
+    assert!(evals(&a).is_empty());
+    let a = c.on_context_started(1, now + Duration::from_secs(5));
+    assert_eq!(
+        new_contexts(&a),
+        2,
+        "engine 0 forks into a context of its own once waiting cannot help (and a spare is kept after a fork): {a:?}"
+    );
+    assert_eq!(evals(&a).len(), 1);
+    assert_eq!(c.groups().len(), 2);
 }
