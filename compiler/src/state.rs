@@ -168,8 +168,9 @@ struct Batch {
     code: String,
     engines: BTreeMap<Ident, String>,
     deadline: Instant,
-    /// The window closed while the group's context was still starting: the batch waits for it
-    /// (nothing could run sooner) and keeps collecting engines instead of forking the early ones.
+    /// The group's context is still starting: the batch waits for it (nothing could run
+    /// sooner), collecting the engines that ask meanwhile, instead of running on (or forking)
+    /// the engines that asked first.
     parked: bool,
 }
 
@@ -299,10 +300,15 @@ impl Compiler {
 
     /// Put an engine with an empty variable store into a group that believes in no variables.
     fn assign_fresh(&mut self, e: &Ident, out: &mut Vec<Action>) {
+        // A group collecting a cell takes no newcomer (its batch would no longer cover it and
+        // the engines that asked would fork), unless its context is still starting: then the
+        // batch waits anyway, and the newcomer asks for the same cell meanwhile.
         let joinable = self
             .groups
             .iter()
-            .find(|(ctx, g)| !g.engines.is_empty() && !g.has_vars && g.idle() && !self.in_open_batch(**ctx))
+            .find(|(ctx, g)| {
+                !g.engines.is_empty() && !g.has_vars && g.idle() && (!self.in_open_batch(**ctx) || !self.started.contains(*ctx))
+            })
             .map(|(ctx, _)| *ctx);
         let ctx = match joinable {
             Some(ctx) => ctx,
@@ -370,7 +376,11 @@ impl Compiler {
         self.batches[idx].engines.insert(e, cell_id);
         let g = &self.groups[&group];
         let covers = self.batches[idx].engines.keys().eq(g.engines.iter());
-        if covers && g.running.is_none() {
+        if covers && g.running.is_none() && !self.started.contains(&group) {
+            // Nothing can run before the context has started, and engines that introduce
+            // themselves meanwhile join this group (see `assign_fresh`): they ask too.
+            self.batches[idx].parked = true;
+        } else if covers && g.running.is_none() {
             let b = self.batches.remove(idx);
             self.dispatch(b, &mut out);
         } else {

@@ -137,7 +137,8 @@ fn requests_deferred_across_a_panic_split_follow_their_engines() {
     c.on_cell_request(id(0), "n0".into(), "k".into(), now);
     assert!(evals(&c.on_cell_request(id(2), "n2".into(), "k".into(), now)).is_empty());
     let a = c.on_eval_done(g, EvalResult::Ok { has_vars: true });
-    let a: Vec<Action> = a.into_iter().chain(c.on_tick(now + Duration::from_secs(1))).collect();
+    let mut a: Vec<Action> = a.into_iter().chain(c.on_tick(now + Duration::from_secs(1))).collect();
+    a.extend(start_new(&mut c, &a, now));
     let ev = evals(&a);
     assert_eq!(ev.len(), 1, "{a:?}");
     assert_ne!(ev[0].0, g, "the next cell runs in the clean engines' new group");
@@ -266,6 +267,12 @@ fn engines_reconnecting_after_a_compiler_crash_share_a_replayed_context_per_hist
     assert!(c.on_hello(id(2), 2, vec![]).is_empty());
 }
 
+/// Start every context created in `a` (as their Ready events would), with what that sends.
+fn start_new(c: &mut Compiler, a: &[Action], now: Instant) -> Vec<Action> {
+    let new: Vec<CtxId> = a.iter().filter_map(|x| if let Action::NewContext { ctx } = x { Some(*ctx) } else { None }).collect();
+    new.into_iter().flat_map(|ctx| c.on_context_started(ctx, now)).collect()
+}
+
 fn new_contexts(a: &[Action]) -> usize {
     a.iter().filter(|x| matches!(x, Action::NewContext { .. })).count()
 }
@@ -321,9 +328,10 @@ fn a_group_asking_while_its_context_starts_runs_the_cell_once_without_forking() 
     assert!(!a.iter().any(|x| matches!(x, Action::WakeAt(_))), "a parked batch needs no timer: {a:?}");
     let mut a = c.on_cell_request(id(1), "c1".into(), code.into(), now + Duration::from_secs(2));
     a.extend(c.on_cell_request(id(2), "c2".into(), code.into(), now + Duration::from_secs(3)));
+    assert!(evals(&a).is_empty() && new_contexts(&a) == 0, "still waiting for the context: {a:?}");
+    let a = c.on_context_started(1, now + Duration::from_secs(4));
     assert_eq!(evals(&a), vec![(1, code.to_string())], "the whole group asked: one eval in the first context");
     assert_eq!(new_contexts(&a), 0);
-    assert!(c.on_context_started(1, now + Duration::from_secs(4)).is_empty(), "nothing was left parked");
     assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
     assert_eq!(c.context_count(), 1);
 }
@@ -347,4 +355,26 @@ fn a_part_of_a_group_still_alone_when_the_context_starts_forks_as_before() {
     );
     assert_eq!(evals(&a).len(), 1);
     assert_eq!(c.groups().len(), 2);
+}
+
+#[test]
+fn engines_introducing_themselves_while_the_first_context_starts_join_its_first_cell() {
+    let mut c = Compiler::new(Duration::from_millis(10));
+    c.start();
+    let now = Instant::now();
+    let code = "let z = 3;";
+    c.on_hello(id(0), 0, vec![]);
+    c.on_hello(id(1), 1, vec![]);
+    let mut a = c.on_cell_request(id(0), "c0".into(), code.into(), now);
+    a.extend(c.on_cell_request(id(1), "c1".into(), code.into(), now));
+    assert!(evals(&a).is_empty(), "the group asked whole, but its context is starting: the batch waits ({a:?})");
+    // A third engine introduces itself (late, on a loaded machine) and asks for the same cell.
+    let a = c.on_hello(id(2), 2, vec![]);
+    assert_eq!(new_contexts(&a), 0, "it joins the starting group: no context of its own, no spare");
+    assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
+    c.on_cell_request(id(2), "c2".into(), code.into(), now);
+    let a = c.on_context_started(1, now + Duration::from_secs(5));
+    assert_eq!(evals(&a), vec![(1, code.to_string())], "one eval for all three: {a:?}");
+    assert_eq!(new_contexts(&a), 0);
+    assert_eq!(c.context_count(), 1);
 }
