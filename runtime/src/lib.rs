@@ -2,7 +2,8 @@
 //! shares so both ends agree on encodings.
 //!
 //! # Layout
-//! - [`encode`] / [`decode`]: the one value encoding of rpx (postcard over serde).
+//! - [`encode`] / [`decode`]: the one value encoding of rpx (postcard over serde);
+//!   [`encode_chunked`] hands the same bytes out in pieces.
 //! - [`get`] / [`put`]: the engine namespace of pushed and pulled values, one file per
 //!   name in the directory `RPX_NS_DIR` that the engine gives its worker.
 //! - [`abi`]: the C ABI of a compiled closure (`serve0` .. `serve4`), which decodes arguments,
@@ -36,6 +37,83 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     debug_assert_eq!(used, size);
     buf.truncate(used);
     buf
+}
+
+/// [`encode`] in pieces of `chunk` bytes (the last one shorter) handed to `sink` as the value is
+/// walked: the same bytes, never held whole (how a same-host push writes a value straight into
+/// its transfer file). The first error of `sink` stops the encoding and is returned.
+pub fn encode_chunked<T, F>(value: &T, chunk: usize, sink: F) -> std::io::Result<()>
+where
+    T: Serialize + ?Sized,
+    F: FnMut(&[u8]) -> std::io::Result<()>,
+{
+    let mut failed = None;
+    let flavor = Chunks { buf: Vec::with_capacity(chunk.max(1)), sink, failed: &mut failed };
+    match postcard::serialize_with_flavor::<T, _, ()>(value, flavor) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(failed.unwrap_or_else(|| std::io::Error::other(format!("cannot encode the value: {e}")))),
+    }
+}
+
+/// The postcard flavor of [`encode_chunked`]: a buffer of fixed capacity, emptied into `sink`
+/// when full (the common small writes stay inlined copies).
+struct Chunks<'a, F> {
+    buf: Vec<u8>,
+    sink: F,
+    failed: &'a mut Option<std::io::Error>,
+}
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()>> Chunks<'_, F> {
+    /// Fill the buffer with `data`, handing it to the sink each time it is full.
+    #[cold]
+    fn spill(&mut self, mut data: &[u8]) -> postcard::Result<()> {
+        loop {
+            let take = data.len().min(self.buf.capacity() - self.buf.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if data.is_empty() && self.buf.len() < self.buf.capacity() {
+                return Ok(());
+            }
+            self.hand_out()?;
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn hand_out(&mut self) -> postcard::Result<()> {
+        let given = (self.sink)(&self.buf);
+        self.buf.clear();
+        given.map_err(|e| {
+            *self.failed = Some(e);
+            postcard::Error::SerializeBufferFull
+        })
+    }
+}
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()>> postcard::ser_flavors::Flavor for Chunks<'_, F> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if data.len() <= self.buf.capacity() - self.buf.len() {
+            self.buf.extend_from_slice(data);
+            return Ok(());
+        }
+        self.spill(data)
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn finalize(mut self) -> postcard::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.hand_out()
+    }
 }
 
 /// Decode a value encoded by [`encode`].
@@ -295,6 +373,31 @@ pub mod abi {
 mod tests {
     use super::abi::*;
     use std::ffi::c_void;
+
+    #[test]
+    fn chunked_encoding_gives_the_same_bytes_in_pieces_and_stops_at_the_first_error() {
+        let values: (Vec<f64>, String, Vec<(u64, bool)>) = ((0..1000).map(|i| i as f64).collect(), "x".repeat(300), vec![(7, true); 50]);
+        let whole = super::encode(&values);
+        for chunk in [1, 7, 8, 64, 1000, whole.len(), whole.len() + 1] {
+            let mut pieces: Vec<Vec<u8>> = vec![];
+            super::encode_chunked(&values, chunk, |p| {
+                pieces.push(p.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            assert!(pieces.iter().all(|p| !p.is_empty()), "chunk {chunk}");
+            assert!(pieces.iter().rev().skip(1).all(|p| p.len() >= chunk), "only the last piece is short (chunk {chunk})");
+            assert_eq!(pieces.concat(), whole, "chunk {chunk}");
+        }
+        let mut calls = 0;
+        let err = super::encode_chunked(&values, 64, |_| {
+            calls += 1;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert_eq!((err.to_string().as_str(), calls), ("disk full", 1));
+        super::encode_chunked(&(), 64, |_| panic!("nothing to hand out")).unwrap();
+    }
 
     extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
         // SAFETY: tests pass a &mut Vec<u8> as ctx and a valid buffer.
