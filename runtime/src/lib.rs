@@ -137,6 +137,9 @@ pub fn get<T: DeserializeOwned>(name: &str) -> T {
     decode(&bytes).unwrap_or_else(|e| panic!("pushed value `{name}`: {e}"))
 }
 
+/// The pieces [`put`] writes a value in (small enough to stay in cache).
+const PUT_CHUNK: usize = 1 << 20;
+
 /// Store `value` as `name` in this engine's namespace, where a pull reads it.
 pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
     let path = ns_path(name);
@@ -151,7 +154,8 @@ pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
         use std::os::unix::fs::OpenOptionsExt;
         // Readable by the engine's user only, as every file of the namespace.
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&encode(value))?;
+        // Straight into the file in pieces: a large value is never encoded whole in memory.
+        encode_chunked(value, PUT_CHUNK, |piece| f.write_all(piece))?;
         drop(f);
         std::fs::rename(&tmp, &path)
     };
