@@ -157,10 +157,16 @@ pub fn remove_later(paths: Vec<PathBuf>) {
     }
     let removing = std::thread::Builder::new().name("rpx-ns-remove".into()).spawn({
         let paths = paths.clone();
-        move || paths.iter().for_each(|p| drop(std::fs::remove_file(p)))
+        move || {
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     });
     if removing.is_err() {
-        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+        for p in &paths {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
