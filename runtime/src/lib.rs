@@ -48,17 +48,19 @@ where
     F: FnMut(&[u8]) -> std::io::Result<()>,
 {
     let mut failed = None;
-    let flavor = Chunks { buf: Vec::with_capacity(chunk.max(1)), sink, failed: &mut failed };
+    // The buffer grows to `chunk` as needed: a small value costs no large allocation.
+    let flavor = Chunks { buf: Vec::new(), chunk: chunk.max(1), sink, failed: &mut failed };
     match postcard::serialize_with_flavor::<T, _, ()>(value, flavor) {
         Ok(()) => Ok(()),
         Err(e) => Err(failed.unwrap_or_else(|| std::io::Error::other(format!("cannot encode the value: {e}")))),
     }
 }
 
-/// The postcard flavor of [`encode_chunked`]: a buffer of fixed capacity, emptied into `sink`
-/// when full (the common small writes stay inlined copies).
+/// The postcard flavor of [`encode_chunked`]: a buffer of up to `chunk` bytes, emptied into
+/// `sink` when full (the common small writes stay inlined copies).
 struct Chunks<'a, F> {
     buf: Vec<u8>,
+    chunk: usize,
     sink: F,
     failed: &'a mut Option<std::io::Error>,
 }
@@ -68,10 +70,10 @@ impl<F: FnMut(&[u8]) -> std::io::Result<()>> Chunks<'_, F> {
     #[cold]
     fn spill(&mut self, mut data: &[u8]) -> postcard::Result<()> {
         loop {
-            let take = data.len().min(self.buf.capacity() - self.buf.len());
+            let take = data.len().min(self.chunk - self.buf.len());
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if data.is_empty() && self.buf.len() < self.buf.capacity() {
+            if data.is_empty() && self.buf.len() < self.chunk {
                 return Ok(());
             }
             self.hand_out()?;
@@ -96,7 +98,7 @@ impl<F: FnMut(&[u8]) -> std::io::Result<()>> postcard::ser_flavors::Flavor for C
 
     #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        if data.len() <= self.buf.capacity() - self.buf.len() {
+        if data.len() <= self.chunk - self.buf.len() {
             self.buf.extend_from_slice(data);
             return Ok(());
         }
