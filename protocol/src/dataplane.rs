@@ -256,33 +256,20 @@ pub fn digest_file(path: &Path) -> std::io::Result<String> {
 /// populated at once). Pulled files are hard-link snapshots in the engine's private namespace
 /// that nobody rewrites (values are only ever replaced by rename), so the mapping is stable.
 pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
-    let bytes = map_value_file(dir, vf)?;
-    check_digest(&bytes, vf)?;
-    Ok(bytes)
-}
-
-/// [`read_value_file`] without the digest: the caller checks it with [`check_digest`] before
-/// anything it made from the bytes is used (for example while it decodes them).
-pub fn map_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
     if !is_transfer_name(&vf.file) {
         return Err(format!("`{}` is not a transfer file name", vf.file));
     }
     let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
-    Ok(if vf.size == 0 {
+    let bytes = if vf.size == 0 {
         bytes::Bytes::new()
     } else {
         bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?)
-    })
-}
-
-/// Whether `bytes` are what `vf` announced (BLAKE3 on this thread only: meant to run beside
-/// other work on the same bytes).
-pub fn check_digest(bytes: &[u8], vf: &ValueFile) -> Result<(), String> {
-    if blake3::hash(bytes).to_hex().as_str() != vf.blake3 {
+    };
+    if digest(&bytes) != vf.blake3 {
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
     }
-    Ok(())
+    Ok(bytes)
 }
 
 /// A private read-only mapping of a whole file.
