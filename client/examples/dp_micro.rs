@@ -1,13 +1,19 @@
-//! Where a same-host push of 100 MB of f64 spends its time (encode, digest, write, read, decode).
+//! Where a same-host push and pull of 100 MB of f64 spend their time, step by step as the data
+//! plane takes them (`BENCH_REPS` runs, 5 by default; the minimum and median of each step):
+//! - push, client: the value encoded straight into a transfer file (hashed on the way);
+//! - push, engine: the file verified (size, BLAKE3);
+//! - pull, client: the file mapped and its digest checked, then decoded;
+//!
+//! and, for reference, the separate passes before the push was streamed: encode into memory,
+//! digest, write+digest of encoded bytes, decode alone.
+use std::collections::BTreeMap;
 use std::time::Instant;
+
+use rpx_protocol::dataplane as dp;
+
 fn main() {
+    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let data: Vec<f64> = (0..12_500_000).map(|i| i as f64 * 0.5).collect();
-    let t = Instant::now();
-    let buf = rpx_runtime::encode(&data);
-    println!("encode {:?}", t.elapsed());
-    let t = Instant::now();
-    let d = rpx_protocol::dataplane::digest(&buf);
-    println!("digest {:?}", t.elapsed());
     let path = std::path::PathBuf::from(format!("/dev/shm/rpx-dp-micro-{}", std::process::id()));
     std::fs::create_dir(&path).unwrap();
     struct Gone(std::path::PathBuf);
@@ -17,21 +23,48 @@ fn main() {
         }
     }
     let dir = Gone(path);
-    impl Gone {
-        fn path(&self) -> &std::path::Path {
-            &self.0
-        }
+    let dir = dir.0.as_path();
+    let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut time = |step: &'static str, t: Instant| times.entry(step).or_default().push(t.elapsed().as_secs_f64() * 1e3);
+    for _ in 0..reps {
+        // The data plane's steps.
+        let t = Instant::now();
+        let vf = dp::write_value_file_with(dir, |w| {
+            rpx_runtime::encode_chunked(&data, rpx_protocol::dataplane::STREAM_CHUNK, |p| std::io::Write::write_all(w, p))
+        })
+        .unwrap();
+        time("1 push: encode+digest+write (streamed)", t);
+        let t = Instant::now();
+        dp::verify_value_file(dir, &vf).unwrap();
+        time("2 push: engine verify", t);
+        let t = Instant::now();
+        let bytes = dp::read_value_file(dir, &vf).unwrap();
+        time("3 pull: map+digest", t);
+        let t = Instant::now();
+        let back: Vec<f64> = rpx_runtime::decode(&bytes).unwrap();
+        time("4 pull: decode", t);
+        assert_eq!(back.len(), data.len());
+        drop((back, bytes));
+        std::fs::remove_file(dir.join(&vf.file)).unwrap();
+        // The separate passes, for reference.
+        let t = Instant::now();
+        let buf = rpx_runtime::encode(&data);
+        time("r encode into memory", t);
+        let t = Instant::now();
+        let d = dp::digest(&buf);
+        time("r digest (all cores)", t);
+        let t = Instant::now();
+        let vf = dp::write_value_file(dir, &buf).unwrap();
+        time("r write+digest of encoded bytes", t);
+        assert_eq!(vf.blake3, d);
+        let t = Instant::now();
+        let back: Vec<f64> = rpx_runtime::decode(&buf).unwrap();
+        time("r decode alone", t);
+        assert_eq!(back.len(), data.len());
+        std::fs::remove_file(dir.join(&vf.file)).unwrap();
     }
-    let t = Instant::now();
-    let vf = rpx_protocol::dataplane::write_value_file(dir.path(), &buf).unwrap();
-    println!("write+digest {:?}", t.elapsed());
-    let t = Instant::now();
-    rpx_protocol::dataplane::verify_value_file(dir.path(), &vf).unwrap();
-    println!("verify {:?}", t.elapsed());
-    let t = Instant::now();
-    let back = rpx_protocol::dataplane::read_value_file(dir.path(), &vf).unwrap();
-    println!("read+digest {:?}", t.elapsed());
-    let t = Instant::now();
-    let v: Vec<f64> = rpx_runtime::decode(&back).unwrap();
-    println!("decode {:?} {}", t.elapsed(), v.len() + d.len());
+    for (step, mut ms) in times {
+        ms.sort_by(|a, b| a.total_cmp(b));
+        println!("{step:42} min {:6.1} ms  median {:6.1} ms", ms[0], ms[ms.len() / 2]);
+    }
 }

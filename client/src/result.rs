@@ -81,15 +81,18 @@ pub(crate) fn decode_pulled<T: DeserializeOwned>(
     r: &ReplyData,
     pulled: &crate::dataplane::Pulled,
 ) -> std::result::Result<T, Failure> {
-    match pulled.bytes(t, &r.content, &engine_label(t)) {
-        None => decode_buffer(t, r, 0),
-        Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
-        Some(Ok(bytes)) => rpx_runtime::decode(&bytes).map_err(|e| {
+    let decode = |bytes: &[u8]| {
+        rpx_runtime::decode(bytes).map_err(|e| {
             Failure::Fatal(Error::Protocol(format!(
                 "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
                 engine_label(t)
             )))
-        }),
+        })
+    };
+    match pulled.value(t, &r.content, &engine_label(t), decode) {
+        None => decode_buffer(t, r, 0),
+        Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
+        Some(Ok(value)) => value,
     }
 }
 

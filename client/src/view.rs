@@ -200,12 +200,17 @@ impl DirectView {
     pub fn push_async<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<AsyncResult<()>> {
         let targets = self.targets_now()?;
         let named = NamedType { name: name.to_string(), type_name: storage_type_name::<T>() };
-        let buf = encode(value);
-        self.send_pushes(&targets, named, &[buf], &vec![0; targets.len()])
+        self.send_pushes(&targets, named, &[value], &vec![0; targets.len()])
     }
 
     /// Push `values[value_of[i]]` to target `i`: as files to same-host engines, else buffers.
-    fn send_pushes(&self, targets: &[(usize, String)], named: NamedType, values: &[Bytes], value_of: &[usize]) -> Result<AsyncResult<()>> {
+    fn send_pushes<V: Serialize + ?Sized>(
+        &self,
+        targets: &[(usize, String)],
+        named: NamedType,
+        values: &[&V],
+        value_of: &[usize],
+    ) -> Result<AsyncResult<()>> {
         let (parts, written) = crate::dataplane::push_parts(&self.client, targets, named, values, value_of)?;
         let tracker = self
             .client
@@ -237,7 +242,7 @@ impl DirectView {
     pub fn scatter_async<T: Serialize>(&self, name: &str, items: &[T]) -> Result<AsyncResult<()>> {
         let targets = self.targets_now()?;
         let named = NamedType { name: name.to_string(), type_name: format!("Vec<{}>", type_name_of::<T>()) };
-        let values: Vec<Bytes> = partition(items.len(), targets.len()).into_iter().map(|r| encode(&items[r])).collect();
+        let values: Vec<&[T]> = partition(items.len(), targets.len()).into_iter().map(|r| &items[r]).collect();
         self.send_pushes(&targets, named, &values, &(0..targets.len()).collect::<Vec<_>>())
     }
 
@@ -251,10 +256,19 @@ impl DirectView {
         let targets = self.targets_now()?;
         let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
-        Ok(AsyncResult::new(tracker, move |tasks| {
-            collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(|v| v.into_iter().flatten().collect())
-        }))
+        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(concat)))
     }
+}
+
+/// The parts of a gather in order, in one vector: the first part grown to the total (no
+/// element-by-element regrowth), the others moved in after it.
+fn concat<T>(parts: Vec<Vec<T>>) -> Vec<T> {
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let mut parts = parts.into_iter();
+    let mut out = parts.next().unwrap_or_default();
+    out.reserve_exact(total - out.len());
+    parts.for_each(|mut p| out.append(&mut p));
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -114,16 +114,28 @@ impl Digests {
 /// `files[i]` becomes `names[i]`. Every file is checked (a transfer name, a regular file of
 /// this user, the announced size and BLAKE3) before any is renamed into place, so a refused
 /// push changes nothing; the refused push's files are removed.
-pub fn adopt(dir: &Path, names: &[NamedType], files: &[ValueFile], digests: &mut Digests) -> Result<(), String> {
+///
+/// The values replaced are kept under [old names](OLD_PREFIX) and returned: freeing a large
+/// file's pages costs about as much as writing them, so the caller removes them with
+/// [`remove_later`] once the push is answered.
+pub fn adopt(dir: &Path, names: &[NamedType], files: &[ValueFile], digests: &mut Digests) -> Result<Vec<PathBuf>, String> {
     let checked = check_adoption(dir, names, files);
     if let Err(e) = checked {
         discard(dir, files);
         return Err(e);
     }
+    let mut replaced = Vec::new();
     for (n, f) in names.iter().zip(files) {
         let to = dir.join(&n.name);
+        // A second link keeps the old value's pages until the reply is out (the rename below
+        // still replaces the name atomically: a reader sees the old value or the new one).
+        let old = dir.join(format!("{OLD_PREFIX}{}", uuid::Uuid::new_v4()));
+        if std::fs::hard_link(&to, &old).is_ok() {
+            replaced.push(old);
+        }
         if let Err(e) = std::fs::rename(dir.join(&f.file), &to) {
             discard(dir, files);
+            remove_later(replaced);
             return Err(format!("cannot store `{}`: {e}", n.name));
         }
         use std::os::unix::fs::MetadataExt;
@@ -132,7 +144,30 @@ pub fn adopt(dir: &Path, names: &[NamedType], files: &[ValueFile], digests: &mut
             Err(_) => digests.0.remove(&n.name),
         };
     }
-    Ok(())
+    Ok(replaced)
+}
+
+/// Prefix of the names replaced values have until [`remove_later`] removes them.
+pub const OLD_PREFIX: &str = ".old-";
+
+/// Remove replaced values on a thread of their own (their pages are freed off the request path).
+pub fn remove_later(paths: Vec<PathBuf>) {
+    if paths.is_empty() {
+        return;
+    }
+    let removing = std::thread::Builder::new().name("rpx-ns-remove".into()).spawn({
+        let paths = paths.clone();
+        move || {
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    });
+    if removing.is_err() {
+        for p in &paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile]) -> Result<(), String> {
@@ -296,7 +331,10 @@ mod tests {
         assert!(!d.join(&good.file).exists() && !d.join(&bad.file).exists(), "the refused push's files are gone");
         let a = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
         let b = rpx_protocol::dataplane::write_value_file(d, b"").unwrap();
-        adopt(d, &names, &[a, b.clone()], &mut digests).unwrap();
+        let replaced = adopt(d, &names, &[a, b.clone()], &mut digests).unwrap();
+        assert_eq!(replaced.len(), 1, "only `a` had a value");
+        assert_eq!(std::fs::read(&replaced[0]).unwrap(), b"old", "the replaced value is kept until removed");
+        remove_later(replaced.clone());
         assert_eq!(load(d, &["a".to_string(), "b".to_string()]).unwrap(), vec![Bytes::from_static(b"new a"), Bytes::new()]);
         // Pull: snapshots with the digest known from the push.
         let out = export(d, &["a".to_string(), "b".to_string()], &digests).unwrap();

@@ -138,25 +138,61 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
 /// Write `bytes` as a new transfer file in `dir` (0600, created fresh, one write; a large value
 /// is hashed while it is written).
 pub fn write_value_file(dir: &Path, bytes: &[u8]) -> std::io::Result<ValueFile> {
+    write_value_file_with(dir, |w| w.write_all(bytes))
+}
+
+/// Write a new transfer file in `dir` (0600, created fresh) with what `fill` writes into the
+/// [`Streamer`] it gets, hashed on the way: a value encoded in pieces (`rpx_runtime::encode_chunked`
+/// with [`STREAM_CHUNK`]) goes straight into the file, each piece hashed and written while it is
+/// still in cache, and is never held whole in memory. The file is removed if `fill` fails.
+pub fn write_value_file_with<F>(dir: &Path, fill: F) -> std::io::Result<ValueFile>
+where
+    F: FnOnce(&mut Streamer) -> std::io::Result<()>,
+{
     use std::os::unix::fs::OpenOptionsExt;
     let file = transfer_name();
     let path = dir.join(&file);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
-    let (written, blake3) = if bytes.len() < PARALLEL_DIGEST_FROM {
-        (f.write_all(bytes), digest(bytes))
-    } else {
-        std::thread::scope(|s| {
-            let hashing = s.spawn(|| digest(bytes));
-            let written = f.write_all(bytes);
-            (written, hashing.join().expect("hashing does not panic"))
-        })
-    };
-    if let Err(e) = written {
-        drop(f);
-        let _ = std::fs::remove_file(&path);
-        return Err(e);
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+    let mut s = Streamer { file: f, hasher: blake3::Hasher::new(), size: 0 };
+    match fill(&mut s) {
+        Ok(()) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.finalize().to_hex().to_string() }),
+        Err(e) => {
+            drop(s);
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
     }
-    Ok(ValueFile { file, size: bytes.len() as u64, blake3 })
+}
+
+/// The size of the pieces a value is best written in by [`write_value_file_with`] (they fit in
+/// a core's L2 cache: hashed and written while hot).
+pub const STREAM_CHUNK: usize = 1 << 20;
+
+/// What [`write_value_file_with`] writes through: hashes, then writes to the file.
+pub struct Streamer {
+    file: std::fs::File,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Write for Streamer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        for piece in data.chunks(STREAM_CHUNK) {
+            self.hasher.update(piece);
+            self.file.write_all(piece)?;
+            self.size += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The same file under a new transfer name in `to_dir` (a hard link: no copy), for another
@@ -310,6 +346,28 @@ mod tests {
         assert!(read_value_file(dir.path(), &vf).unwrap_err().contains("digest mismatch"));
         std::fs::write(dir.path().join(&vf.file), b"hell").unwrap();
         assert!(verify_value_file(dir.path(), &vf).unwrap_err().contains("size 4 where 5"));
+    }
+
+    #[test]
+    fn streamed_files_hold_what_was_written_with_its_digest_and_a_failed_fill_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..STREAM_CHUNK * 2 + 12345).map(|i| (i * 7 % 251) as u8).collect();
+        let vf = write_value_file_with(dir.path(), |w| {
+            for piece in bytes.chunks(100_000) {
+                w.write_all(piece)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((vf.size, vf.blake3.as_str()), (bytes.len() as u64, digest(&bytes).as_str()));
+        assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &bytes[..]);
+        let err = write_value_file_with(dir.path(), |w| {
+            w.write_all(b"half a value")?;
+            Err(std::io::Error::other("the encoder failed"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "the encoder failed");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the first file is left");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! shares so both ends agree on encodings.
 //!
 //! # Layout
-//! - [`encode`] / [`decode`]: the one value encoding of rpx (postcard over serde).
+//! - [`encode`] / [`decode`]: the one value encoding of rpx (postcard over serde);
+//!   [`encode_chunked`] hands the same bytes out in pieces.
 //! - [`get`] / [`put`]: the engine namespace of pushed and pulled values, one file per
 //!   name in the directory `RPX_NS_DIR` that the engine gives its worker.
 //! - [`abi`]: the C ABI of a compiled closure (`serve0` .. `serve4`), which decodes arguments,
@@ -38,6 +39,85 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     buf
 }
 
+/// [`encode`] in pieces of `chunk` bytes (the last one shorter) handed to `sink` as the value is
+/// walked: the same bytes, never held whole (how a same-host push writes a value straight into
+/// its transfer file). The first error of `sink` stops the encoding and is returned.
+pub fn encode_chunked<T, F>(value: &T, chunk: usize, sink: F) -> std::io::Result<()>
+where
+    T: Serialize + ?Sized,
+    F: FnMut(&[u8]) -> std::io::Result<()>,
+{
+    let mut failed = None;
+    // The buffer grows to `chunk` as needed: a small value costs no large allocation.
+    let flavor = Chunks { buf: Vec::new(), chunk: chunk.max(1), sink, failed: &mut failed };
+    match postcard::serialize_with_flavor::<T, _, ()>(value, flavor) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(failed.unwrap_or_else(|| std::io::Error::other(format!("cannot encode the value: {e}")))),
+    }
+}
+
+/// The postcard flavor of [`encode_chunked`]: a buffer of up to `chunk` bytes, emptied into
+/// `sink` when full (the common small writes stay inlined copies).
+struct Chunks<'a, F> {
+    buf: Vec<u8>,
+    chunk: usize,
+    sink: F,
+    failed: &'a mut Option<std::io::Error>,
+}
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()>> Chunks<'_, F> {
+    /// Fill the buffer with `data`, handing it to the sink each time it is full.
+    #[cold]
+    fn spill(&mut self, mut data: &[u8]) -> postcard::Result<()> {
+        loop {
+            let take = data.len().min(self.chunk - self.buf.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if data.is_empty() && self.buf.len() < self.chunk {
+                return Ok(());
+            }
+            self.hand_out()?;
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn hand_out(&mut self) -> postcard::Result<()> {
+        let given = (self.sink)(&self.buf);
+        self.buf.clear();
+        given.map_err(|e| {
+            *self.failed = Some(e);
+            postcard::Error::SerializeBufferFull
+        })
+    }
+}
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()>> postcard::ser_flavors::Flavor for Chunks<'_, F> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if data.len() <= self.chunk - self.buf.len() {
+            self.buf.extend_from_slice(data);
+            return Ok(());
+        }
+        self.spill(data)
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn finalize(mut self) -> postcard::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.hand_out()
+    }
+}
+
 /// Decode a value encoded by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     postcard::from_bytes(bytes).map_err(|e| format!("cannot decode the value as {}: {e}", std::any::type_name::<T>()))
@@ -59,6 +139,9 @@ pub fn get<T: DeserializeOwned>(name: &str) -> T {
     decode(&bytes).unwrap_or_else(|e| panic!("pushed value `{name}`: {e}"))
 }
 
+/// The pieces [`put`] writes a value in (small enough to stay in cache).
+const PUT_CHUNK: usize = 1 << 20;
+
 /// Store `value` as `name` in this engine's namespace, where a pull reads it.
 pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
     let path = ns_path(name);
@@ -73,7 +156,8 @@ pub fn put<T: Serialize + ?Sized>(name: &str, value: &T) {
         use std::os::unix::fs::OpenOptionsExt;
         // Readable by the engine's user only, as every file of the namespace.
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&encode(value))?;
+        // Straight into the file in pieces: a large value is never encoded whole in memory.
+        encode_chunked(value, PUT_CHUNK, |piece| f.write_all(piece))?;
         drop(f);
         std::fs::rename(&tmp, &path)
     };
@@ -295,6 +379,31 @@ pub mod abi {
 mod tests {
     use super::abi::*;
     use std::ffi::c_void;
+
+    #[test]
+    fn chunked_encoding_gives_the_same_bytes_in_pieces_and_stops_at_the_first_error() {
+        let values: (Vec<f64>, String, Vec<(u64, bool)>) = ((0..1000).map(|i| i as f64).collect(), "x".repeat(300), vec![(7, true); 50]);
+        let whole = super::encode(&values);
+        for chunk in [1, 7, 8, 64, 1000, whole.len(), whole.len() + 1] {
+            let mut pieces: Vec<Vec<u8>> = vec![];
+            super::encode_chunked(&values, chunk, |p| {
+                pieces.push(p.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            assert!(pieces.iter().all(|p| !p.is_empty()), "chunk {chunk}");
+            assert!(pieces.iter().rev().skip(1).all(|p| p.len() >= chunk), "only the last piece is short (chunk {chunk})");
+            assert_eq!(pieces.concat(), whole, "chunk {chunk}");
+        }
+        let mut calls = 0;
+        let err = super::encode_chunked(&values, 64, |_| {
+            calls += 1;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert_eq!((err.to_string().as_str(), calls), ("disk full", 1));
+        super::encode_chunked(&(), 64, |_| panic!("nothing to hand out")).unwrap();
+    }
 
     extern "C" fn collect(ctx: *mut c_void, ptr: *const u8, len: usize) {
         // SAFETY: tests pass a &mut Vec<u8> as ctx and a valid buffer.

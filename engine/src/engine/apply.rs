@@ -38,11 +38,12 @@ impl Engine {
                     Err("a push with files must carry no buffers".into())
                 };
                 match adopted {
-                    Ok(()) => {
+                    Ok(replaced) => {
                         for n in names {
                             self.bindings.pushed(n.name, n.type_name);
                         }
                         self.out.ok(&req, md, &[]);
+                        crate::namespace::remove_later(replaced);
                     }
                     Err(e) => self.out.apply_error(&req, md, &EngineError::new(ename::UNSUPPORTED_PAYLOAD, e, vec![])),
                 }
