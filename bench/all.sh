@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every row of issue 11's table, rpx next to ipyparallel 9 (each benchmark runs both in one run),
+# then the table itself (bench/issue_table.py: values, ratios, targets, met or not).
+# usage: bench/all.sh [PYTHON]
+#   PYTHON: a Python with ipyparallel 9, psutil, numpy and jupyter_client (default: the
+#   project's .venv/bin/python, made by scripts/test.sh). BENCH_PEERS is passed to
+#   client_bench.sh ("ipp dask ray" adds Dask and Ray). The cross-host rows need root (network
+#   namespaces); without it they are skipped. BENCH_KERNEL_CACHE: where the kernel's prepared
+#   client crate is kept between runs (default: target/bench-kernel-cache).
+# About 25 minutes on 2 cores. Results: bench/results/*, the table in
+# bench/results/issue11-<time>.md.
+set -eu
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${1:-$here/.venv/bin/python}
+stamp=$(date +%Y%m%d-%H%M%S)
+cd "$here"
+cargo build --release --workspace --examples >/dev/null
+echo "=== client benchmark: round trips, tasks, 100 MB, closures ($(date +%T))"
+bash bench/client_bench.sh "$py"
+echo "=== cluster benchmark: start-up, cells on 8 vs 1 engine, memory ($(date +%T))"
+"$py" bench/cluster_bench.py --reps "${BENCH_REPS:-3}" | tail -20
+if [ "$(id -u)" = 0 ]; then
+    echo "=== 100 MB to engines on another host ($(date +%T))"
+    "$py" bench/multihost_data.py --reps "${BENCH_REPS:-3}"
+else
+    echo "=== not root: the cross-host rows are skipped"
+fi
+echo "=== the first rpx:: cell of a fresh kernel ($(date +%T))"
+cache=${BENCH_KERNEL_CACHE:-$here/target/bench-kernel-cache}
+mkdir -p "$cache" && chmod 700 "$cache"
+"$py" bench/kernel_bench.py --first-rpx "$cache" --reps 3 2>&1 | grep -v '^ *Compiling'
+echo "=== the transport floor under a round trip and a 100 MB push ($(date +%T))"
+target/release/examples/hop_floor 5 "bench/results/hop-floor-$stamp.json" >/dev/null
+"$py" bench/issue_table.py | tee "bench/results/issue11-$stamp.md"
