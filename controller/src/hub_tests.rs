@@ -542,6 +542,7 @@ impl Env {
             id,
             notify_eviction: true,
             host: None,
+            batches: false,
         })
         .unwrap();
         let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);

@@ -70,6 +70,9 @@ pub enum Sock {
 /// Sends frames. For ROUTER sockets the first frame is the destination identity.
 pub trait Comm {
     fn send(&mut self, sock: Sock, frames: Vec<Bytes>);
+    /// The peer `ident` on `sock` reads rpx batches ([`rpx_protocol::batch`]): messages queued
+    /// for it together may go as one.
+    fn batches_to(&mut self, _sock: Sock, _ident: Bytes) {}
 }
 
 /// What the network layer tells the hub.
