@@ -490,6 +490,9 @@ fn handle(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent) {
 fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent, now: Instant) {
     if let HubEvent::Peer { sock, ident, connected: false } = &ev {
         comm.writers.remove(&(*sock, ident.clone()));
+        if matches!(sock, Sock::Client(_)) {
+            comm.batching.remove(&(*sock, ident.clone()));
+        }
     }
     hub.on_event(comm, ev, now);
 }
@@ -526,7 +529,13 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
                 Sock::Query => HubEvent::Query(frames),
                 Sock::HbPong => HubEvent::Pong(frames[0].clone()),
                 Sock::Client(_) | Sock::Engine(_) => {
-                    for frames in unbatch(&session, sock, frames) {
+                    let messages = unbatch(&session, sock, frames);
+                    if let (Sock::Client(_), Some(ident)) = (sock, messages.batched_from) {
+                        if tx.send(HubEvent::BatchesFrom { sock, ident }).await.is_err() {
+                            return;
+                        }
+                    }
+                    for frames in messages.messages {
                         let ev = match sock {
                             Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
                                 Ok(r) => HubEvent::Request(Box::new(r)),
@@ -562,19 +571,26 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
 /// The messages in `frames` from a peer of a ROUTER: the frames themselves, or the messages of
 /// an rpx [`batch`] (each behind the peer's identity, as if it had come alone). A malformed
 /// batch is refused whole, with the reason in the log.
-fn unbatch(session: &Session, sock: Sock, mut frames: Vec<Bytes>) -> Vec<Vec<Bytes>> {
+fn unbatch(session: &Session, sock: Sock, mut frames: Vec<Bytes>) -> Unbatched {
     if !frames.get(1..).is_some_and(batch::is_batch) {
-        return vec![frames];
+        return Unbatched { messages: vec![frames], batched_from: None };
     }
     let rest = frames.split_off(1);
     let ident = frames.pop().expect("one identity");
     match batch::decode(session, rest) {
-        Ok(messages) => messages.into_iter().map(|m| join_ident(&ident, m)).collect(),
+        Ok(messages) => Unbatched { messages: messages.into_iter().map(|m| join_ident(&ident, m)).collect(), batched_from: Some(ident) },
         Err(e) => {
             warn!(?sock, peer = %String::from_utf8_lossy(&ident), error = %e, "refused a malformed batch");
-            Vec::new()
+            Unbatched { messages: Vec::new(), batched_from: None }
         }
     }
+}
+
+/// What [`unbatch`] found in one zeromq message.
+struct Unbatched {
+    messages: Vec<Vec<Bytes>>,
+    /// The peer, when the messages came in a valid batch.
+    batched_from: Option<Bytes>,
 }
 
 fn join_ident(ident: &Bytes, m: Vec<Bytes>) -> Vec<Bytes> {

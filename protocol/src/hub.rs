@@ -238,6 +238,11 @@ pub struct ConnectionReply {
     /// Key [`crate::dataplane::CONNECTION_REPLY_KEY`].
     #[serde(rename = "rpx_hosts", default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<BTreeMap<String, HostIdentity>>,
+    /// rpx controllers: load-balanced requests may come in [`crate::batch`] batches (an extra
+    /// key: ipyparallel's client reads only `engines`). A client that sends one is answered in
+    /// batches too.
+    #[serde(rename = "rpx_batches", default, skip_serializing_if = "std::ops::Not::not")]
+    pub batches: bool,
 }
 
 /// Content of `unregistration_request`.

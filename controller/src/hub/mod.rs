@@ -95,6 +95,8 @@ pub enum HubEvent {
     SendFailed { sock: Sock, ident: Bytes, reason: String },
     /// The task database answered the lookup `token` (see [`StoreOp::Query`]).
     Stored { token: u64, answer: Answer },
+    /// The client `ident` sent an rpx batch on `sock`: it reads them too.
+    BatchesFrom { sock: Sock, ident: Bytes },
 }
 
 /// How long an engine may stay unreachable for routing, or without a first pong, after its
@@ -271,6 +273,7 @@ impl Hub {
                 }
             }
             HubEvent::Stored { token, answer } => self.on_stored(c, token, answer, now),
+            HubEvent::BatchesFrom { sock, ident } => c.batches_to(sock, ident),
         }
     }
 
