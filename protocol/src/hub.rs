@@ -330,7 +330,7 @@ mod tests {
     fn extra_keys_match_the_dataplane_constants() {
         let n = EngineNotification { id: 1, uuid: "u".into(), host: Some(host()) };
         assert!(serde_json::to_value(&n).unwrap().get(crate::dataplane::NOTIFICATION_KEY).is_some());
-        let r = ConnectionReply { status: ok(), engines: BTreeMap::new(), hosts: Some([("u".to_string(), host())].into()) };
+        let r = ConnectionReply { status: ok(), engines: BTreeMap::new(), hosts: Some([("u".to_string(), host())].into()), batches: false };
         assert!(serde_json::to_value(&r).unwrap().get(crate::dataplane::CONNECTION_REPLY_KEY).is_some());
     }
 
