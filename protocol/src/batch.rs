@@ -32,6 +32,9 @@ pub const MAX_MESSAGES: usize = 64;
 pub const MAX_INNER_BYTES: usize = 64 * 1024;
 /// Most bytes of inner messages in one batch.
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Largest content frame of a batch: `{"parts":[..]}` with [`MAX_MESSAGES`] counts of up to
+/// 10 digits fits well under it, and a larger one is refused before it is parsed.
+const MAX_CONTENT_BYTES: usize = 1024;
 /// Fewest frames of an inner message: `<IDS|MSG>`, signature and the four JSON frames.
 const MIN_INNER_FRAMES: u32 = 6;
 
@@ -77,6 +80,10 @@ pub fn encode(session: &Session, idents: Vec<Bytes>, messages: Vec<Vec<Bytes>>) 
 pub fn decode(session: &Session, frames: Vec<Bytes>) -> Result<Vec<Vec<Bytes>>> {
     if !is_batch(&frames) {
         return Err(Error::Malformed("not a batch: the first frame is not the rpx batch marker".into()));
+    }
+    // [MARKER, <IDS|MSG>, signature, header, parent, metadata, content, ..]
+    if let Some(content) = frames.get(6).filter(|c| c.len() > MAX_CONTENT_BYTES) {
+        return Err(Error::Malformed(format!("a batch's content of {} bytes (at most {MAX_CONTENT_BYTES})", content.len())));
     }
     let msg = session.decode(frames)?;
     if msg.header.msg_type != MSG_TYPE {
@@ -227,6 +234,8 @@ mod tests {
         assert!(err(lying(vec![], vec![])).contains("a batch of 0 messages"));
         assert!(err(lying(vec![6; MAX_MESSAGES + 1], flat.clone())).contains("a batch of 65 messages"));
         assert!(err(lying(vec![u32::MAX, u32::MAX, 12], flat)).contains("carries 24"));
+        // Counts too many to be read at all: refused by size before the content is parsed.
+        assert!(err(lying(vec![6; 1000], vec![])).contains("bytes (at most 1024)"));
         // Not a batch at all, or a batch marker on another message type.
         assert!(err(msgs[0].clone()).contains("not a batch"));
         let mut wrong_type = s.msg(&[Bytes::from_static(MARKER)], "apply_request", json!({"parts": [6]}), None, json!({}), &[]).1;
