@@ -1,5 +1,6 @@
 //! rpx batches from a client on the controller's task socket, on a real cluster: a batch of
-//! load-balanced requests becomes that many tasks, each answered on its own; a malformed batch
+//! load-balanced requests becomes that many tasks, each answered on its own (the replies may
+//! come back batched, each still its own signed reply); a malformed batch
 //! is refused whole (the controller says why in its log, none of its messages becomes a task)
 //! and the controller goes on serving.
 
@@ -22,14 +23,19 @@ fn request(session: &Session) -> (String, Vec<Bytes>) {
     (h.msg_id, frames)
 }
 
-/// The replies' parent msg_ids, until `want` of them are in.
+/// The replies' parent msg_ids, until `want` of them are in (a client that sent a batch may
+/// get its replies in batches too).
 async fn replies(s: &mut DealerSocket, session: &Session, want: usize) -> Vec<String> {
     let mut got = Vec::new();
     while got.len() < want {
         let m = tokio::time::timeout(Duration::from_secs(60), s.recv()).await.expect("a reply within a minute").unwrap();
-        let m = session.decode(m.into_vec()).expect("a signed reply");
-        assert_eq!(m.msg_type(), "apply_reply");
-        got.push(m.parent_msg_id().expect("a parent").to_string());
+        let frames = m.into_vec();
+        let messages = if batch::is_batch(&frames) { batch::decode(session, frames).expect("a valid batch") } else { vec![frames] };
+        for frames in messages {
+            let m = session.decode(frames).expect("a signed reply");
+            assert_eq!(m.msg_type(), "apply_reply");
+            got.push(m.parent_msg_id().expect("a parent").to_string());
+        }
     }
     got
 }
