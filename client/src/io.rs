@@ -40,7 +40,7 @@ use rpx_protocol::content::EngineMetadata;
 use rpx_protocol::hub::{ConnectionReply, EngineNotification, OK};
 use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
 use rpx_protocol::session::{json_frame, split_at_delimiter};
-use rpx_protocol::{ClientConnection, Session};
+use rpx_protocol::{batch, ClientConnection, Session};
 
 use crate::error::{Error, Result};
 use crate::tracker::{Outcome, ReplyData, Tracker};
@@ -307,6 +307,7 @@ impl Io {
                         probe: None,
                         lost: None,
                         touched: Vec::new(),
+                        batches: false,
                     };
                     // A task (not the thread's own future), so that replies decoded by a reader
                     // task wake it on the same worker without a thread switch.
@@ -434,14 +435,30 @@ async fn watch(mut mon: futures::channel::mpsc::Receiver<SocketEvent>, chan: Cha
 async fn read_dealer(mut recv: DealerRecvHalf, chan: Chan, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         match recv.recv().await {
-            Ok(m) => match decode_light(&session, rpx_guard::zmq::frames(m)) {
-                Ok(msg) => {
-                    if tx.send(ReaderEvent::Reply(msg)).is_err() {
-                        return;
+            Ok(m) => {
+                let frames = rpx_guard::zmq::frames(m);
+                let messages = if batch::is_batch(&frames) {
+                    match batch::decode(&session, frames) {
+                        Ok(messages) => messages,
+                        Err(e) => {
+                            warn!(socket = chan.name(), error = %e, "refused a malformed batch from the controller");
+                            continue;
+                        }
+                    }
+                } else {
+                    vec![frames]
+                };
+                for frames in messages {
+                    match decode_light(&session, frames) {
+                        Ok(msg) => {
+                            if tx.send(ReaderEvent::Reply(msg)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => warn!(socket = chan.name(), error = %e, "dropped a bad message"),
                     }
                 }
-                Err(e) => warn!(socket = chan.name(), error = %e, "dropped a bad message"),
-            },
+            }
             Err(e) => {
                 let _ = tx.send(ReaderEvent::Lost(format!("receiving on the {} socket failed: {e}", chan.name())));
                 return;
@@ -567,6 +584,9 @@ struct Dispatcher {
     probe: Option<(String, Instant)>,
     lost: Option<String>,
     touched: Vec<Arc<Tracker>>,
+    /// The controller reads rpx batches ([`ConnectionReply::batches`]): the load-balanced
+    /// requests of one submission go in batches.
+    batches: bool,
 }
 
 impl Dispatcher {
@@ -655,6 +675,10 @@ impl Dispatcher {
     }
 
     async fn submit(&mut self, out: Vec<Outgoing>) {
+        // Load-balanced requests of one submission go to a controller that reads batches in
+        // batches (each still its own signed request); the others one by one, in order.
+        let mut tasks = batch::Batcher::default();
+        let mut queued = 0;
         for o in out {
             if let Some(why) = &self.lost {
                 o.tracker.set_outcome(o.idx, Outcome::Lost(why.clone()), None);
@@ -663,7 +687,31 @@ impl Dispatcher {
             }
             self.routes.insert(o.msg_id.clone(), Route { tracker: o.tracker.clone(), idx: o.idx, replied: false, idle: false });
             self.unreplied += 1;
+            if self.batches && o.chan == Chan::Task {
+                tasks.push(o.frames);
+                queued += 1;
+                continue;
+            }
+            if queued > 0 {
+                queued = 0;
+                self.send_tasks(std::mem::take(&mut tasks)).await;
+            }
             if let Err(why) = self.send(o.chan, o.frames).await {
+                self.lose(why);
+            }
+        }
+        if queued > 0 {
+            self.send_tasks(tasks).await;
+        }
+    }
+
+    async fn send_tasks(&mut self, tasks: batch::Batcher) {
+        for send in tasks.finish() {
+            let frames = match send {
+                batch::Send::Single(frames) => frames,
+                batch::Send::Batch(messages) => batch::encode(&self.session, vec![], messages),
+            };
+            if let Err(why) = self.send(Chan::Task, frames).await {
                 self.lose(why);
             }
         }
@@ -751,8 +799,10 @@ impl Dispatcher {
             self.probe = None;
         }
         if msg.msg_type == "connection_reply" {
-            if let Some(ConnectionReply { engines, hosts, .. }) = ConnectionReply::deserialize(&msg.content).ok().filter(|r| r.status == OK)
+            if let Some(ConnectionReply { engines, hosts, batches, .. }) =
+                ConnectionReply::deserialize(&msg.content).ok().filter(|r| r.status == OK)
             {
+                self.batches = batches;
                 let table: BTreeMap<usize, String> = engines.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
                 if let Some(hosts) = hosts {
                     self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts.into_iter().collect();

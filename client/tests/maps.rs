@@ -300,6 +300,34 @@ fn closures_on_four_engines() {
         }
     });
 
+    steps.run("a long map at chunksize 1, batched between controller and engines: every task its own, results in order", || {
+        // Thousands of queued tasks go to the engines, and their replies come back, in rpx
+        // batches (protocol/src/batch.rs); each task keeps its msg_id, engine and result.
+        let n = 3000u64;
+        let f = rpx::remote!(|x: u64| {
+            if x % 499 == 7 {
+                panic!("item {x} fails");
+            }
+            x * 3
+        });
+        let ar = view.chunksize(1).map_async(f, 0..n).unwrap();
+        let results = ar.results();
+        assert_eq!(results.len(), n as usize);
+        for (x, r) in (0..n).zip(&results) {
+            match r {
+                Ok(v) => assert_eq!((x, *v), (x, x * 3)),
+                Err(e) => {
+                    assert_eq!(x % 499, 7, "item {x} failed: {e}");
+                    assert!(e.to_string().contains(&format!("item {x} fails")), "{e}");
+                }
+            }
+        }
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), (0..n).filter(|x| x % 499 == 7).count());
+        let ids: std::collections::HashSet<String> = ar.msg_ids().into_iter().collect();
+        assert_eq!(ids.len(), n as usize, "one task, one msg_id each");
+        assert!(ar.engine_ids().iter().all(|e| e.is_some()));
+    });
+
     steps.run(".await on a map", || {
         let ar = view.chunksize(5).map_async(rpx::remote!(|x: u64| x + 1), 0..50u64).unwrap();
         let out = futures::executor::block_on(ar).unwrap();

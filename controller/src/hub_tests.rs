@@ -14,11 +14,17 @@ use crate::wire::{self, Chan};
 #[derive(Default)]
 struct TestComm {
     sent: Vec<(Sock, Vec<Bytes>)>,
+    /// Peers the hub said read rpx batches.
+    batches: Vec<(Sock, Bytes)>,
 }
 
 impl Comm for TestComm {
     fn send(&mut self, sock: Sock, frames: Vec<Bytes>) {
         self.sent.push((sock, frames));
+    }
+
+    fn batches_to(&mut self, sock: Sock, ident: Bytes) {
+        self.batches.push((sock, ident));
     }
 }
 
@@ -542,6 +548,7 @@ impl Env {
             id,
             notify_eviction: true,
             host: None,
+            batches: false,
         })
         .unwrap();
         let (h, f) = self.client.msg(&[Bytes::from(format!("reg-{i}"))], "registration_request", content, None, json!({}), &[]);
@@ -729,4 +736,37 @@ fn an_engine_identity_may_be_taken_over_only_while_its_engine_is_not_alive() {
     e.rpx_engine(2);
     assert!(!alive.may_take_over(uuid(2).as_bytes()));
     assert_eq!(e.hub.engines.by_ident.len(), 1);
+}
+
+#[test]
+fn only_peers_that_announce_batches_get_them() {
+    let mut e = env(0);
+    // ipyparallel's engines send `{uuid}`: no batches for them, and the reply's extra key is
+    // harmless to them.
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"py")], "registration_request", json!({"uuid": uuid(0)}), None, json!({}), &[]);
+    e.ev(HubEvent::Query(f));
+    let reply = e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap();
+    assert_eq!(reply.content["status"], "ok");
+    assert_eq!(reply.content["batches"], true, "the controller reads batches from any engine");
+    assert!(e.comm.batches.is_empty());
+    // An rpx engine that says it reads batches gets its task requests in batches.
+    let content = serde_json::to_value(rpx_protocol::registration::RegistrationRequest {
+        uuid: uuid(1),
+        id: None,
+        notify_eviction: true,
+        host: None,
+        batches: true,
+    })
+    .unwrap();
+    let (_, f) = e.client.msg(&[Bytes::from_static(b"reg-1")], "registration_request", content, None, json!({}), &[]);
+    e.ev(HubEvent::Query(f));
+    assert_eq!(e.comm.batches, vec![(Sock::Engine(Chan::Task), Bytes::from(uuid(1)))]);
+    let reply = e.comm.take().into_iter().find(|(s, _)| *s == Sock::Query).map(|(_, f)| decode(&f)).unwrap();
+    assert_eq!(reply.content["batches"], true);
+    // A client that sent a batch gets its replies in batches; connection_reply says the
+    // controller reads them.
+    e.ev(HubEvent::BatchesFrom { sock: Sock::Client(Chan::Task), ident: Bytes::from_static(b"client-1") });
+    assert_eq!(e.comm.batches[1], (Sock::Client(Chan::Task), Bytes::from_static(b"client-1")));
+    let reply = e.query(b"client-1", "connection_request", json!({}));
+    assert_eq!(reply.content["rpx_batches"], true);
 }

@@ -11,6 +11,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,7 +27,7 @@ use zeromq::{
 
 use rpx_guard::{never_take_over, Takeover};
 use rpx_protocol::connection::write_private_json;
-use rpx_protocol::{ClientConnection, EngineConnection, Session};
+use rpx_protocol::{batch, ClientConnection, EngineConnection, Session};
 
 use crate::config::Config;
 use crate::hub::{Comm, Hub, HubConfig, HubEvent, Sock};
@@ -150,8 +152,16 @@ pub async fn run_with_ready(config: Config, shutdown: impl Future<Output = ()>, 
     }
     let Bound { senders, client_ports, engine_ports, registration, hb_ping, hb_ping_port, hb_pong_port, notification, .. } = bound;
     info!(?client_ports, ?engine_ports, registration, hb_ping = hb_ping_port, hb_pong = hb_pong_port, "controller listening");
+    let mut comm = NetComm {
+        routers: senders,
+        writers: HashMap::new(),
+        pubs: HashMap::new(),
+        failures: Vec::new(),
+        tx: tx.clone(),
+        batching: HashMap::new(),
+        session: session.clone(),
+    };
     let hub = new_hub(&config, session, &engine, alive, store.is_some());
-    let mut comm = NetComm { routers: senders, writers: HashMap::new(), pubs: HashMap::new(), failures: Vec::new(), tx: tx.clone() };
     comm.pubs.insert(Sock::Notification, spawn_pub(notification));
     comm.pubs.insert(Sock::HbPing, spawn_pub(hb_ping));
     drop(tx);
@@ -480,6 +490,9 @@ fn handle(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent) {
 fn handle_at(hub: &mut Hub, comm: &mut NetComm, ev: HubEvent, now: Instant) {
     if let HubEvent::Peer { sock, ident, connected: false } = &ev {
         comm.writers.remove(&(*sock, ident.clone()));
+        if matches!(sock, Sock::Client(_)) {
+            comm.batching.remove(&(*sock, ident.clone()));
+        }
     }
     hub.on_event(comm, ev, now);
 }
@@ -515,20 +528,37 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
             let ev = match sock {
                 Sock::Query => HubEvent::Query(frames),
                 Sock::HbPong => HubEvent::Pong(frames[0].clone()),
-                Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
-                    Ok(r) => HubEvent::Request(Box::new(r)),
-                    Err(e) => {
-                        warn!(chan = chan.name(), error = %e, "dropped a client message");
-                        continue;
+                Sock::Client(_) | Sock::Engine(_) => {
+                    let messages = unbatch(&session, sock, frames);
+                    if let (Sock::Client(_), Some(ident)) = (sock, messages.batched_from) {
+                        if tx.send(HubEvent::BatchesFrom { sock, ident }).await.is_err() {
+                            return;
+                        }
                     }
-                },
-                Sock::Engine(chan) => match wire::parse_reply(&session, chan, frames) {
-                    Ok(r) => HubEvent::Reply(Box::new(r)),
-                    Err(e) => {
-                        warn!(chan = chan.name(), error = %e, "dropped an engine message");
-                        continue;
+                    for frames in messages.messages {
+                        let ev = match sock {
+                            Sock::Client(chan) => match wire::parse_request(&session, chan, frames) {
+                                Ok(r) => HubEvent::Request(Box::new(r)),
+                                Err(e) => {
+                                    warn!(chan = chan.name(), error = %e, "dropped a client message");
+                                    continue;
+                                }
+                            },
+                            Sock::Engine(chan) => match wire::parse_reply(&session, chan, frames) {
+                                Ok(r) => HubEvent::Reply(Box::new(r)),
+                                Err(e) => {
+                                    warn!(chan = chan.name(), error = %e, "dropped an engine message");
+                                    continue;
+                                }
+                            },
+                            _ => unreachable!("client and engine sockets only"),
+                        };
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
                     }
-                },
+                    continue;
+                }
                 Sock::Notification | Sock::HbPing => continue,
             };
             if tx.send(ev).await.is_err() {
@@ -536,6 +566,38 @@ fn spawn_reader(tasks: &mut JoinSet<()>, sock: Sock, mut recv: zeromq::RouterRec
             }
         }
     });
+}
+
+/// The messages in `frames` from a peer of a ROUTER: the frames themselves, or the messages of
+/// an rpx [`batch`] (each behind the peer's identity, as if it had come alone). A malformed
+/// batch is refused whole, with the reason in the log.
+fn unbatch(session: &Session, sock: Sock, mut frames: Vec<Bytes>) -> Unbatched {
+    if !frames.get(1..).is_some_and(batch::is_batch) {
+        return Unbatched { messages: vec![frames], batched_from: None };
+    }
+    let rest = frames.split_off(1);
+    let ident = frames.pop().expect("one identity");
+    match batch::decode(session, rest) {
+        Ok(messages) => Unbatched { messages: messages.into_iter().map(|m| join_ident(&ident, m)).collect(), batched_from: Some(ident) },
+        Err(e) => {
+            warn!(?sock, peer = %String::from_utf8_lossy(&ident), error = %e, "refused a malformed batch");
+            Unbatched { messages: Vec::new(), batched_from: None }
+        }
+    }
+}
+
+/// What [`unbatch`] found in one zeromq message.
+struct Unbatched {
+    messages: Vec<Vec<Bytes>>,
+    /// The peer, when the messages came in a valid batch.
+    batched_from: Option<Bytes>,
+}
+
+fn join_ident(ident: &Bytes, m: Vec<Bytes>) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(m.len() + 1);
+    out.push(ident.clone());
+    out.extend(m);
+    out
 }
 
 /// Which iopub messages become part of a task record.
@@ -600,10 +662,16 @@ fn spawn_pub(mut s: PubSocket) -> mpsc::Sender<ZmqMessage> {
     tx
 }
 
-/// [`Comm`] over the real sockets: one bounded writer task per (socket, peer).
+/// [`Comm`] over the real sockets: one bounded writer task per (socket, peer). A writer to a
+/// peer that reads rpx batches ([`Comm::batches_to`]) sends what is queued when it wakes as
+/// batches.
 pub struct NetComm {
     routers: HashMap<Sock, RouterSendHalf>,
-    writers: HashMap<(Sock, Bytes), mpsc::Sender<ZmqMessage>>,
+    writers: HashMap<(Sock, Bytes), mpsc::Sender<Vec<Bytes>>>,
+    /// Peers that read batches (shared with their writer tasks).
+    batching: HashMap<(Sock, Bytes), Arc<AtomicBool>>,
+    /// Signs batches.
+    session: Session,
     pubs: HashMap<Sock, mpsc::Sender<ZmqMessage>>,
     /// Send failures noticed while sending, handed back to the hub.
     failures: Vec<HubEvent>,
@@ -611,25 +679,50 @@ pub struct NetComm {
 }
 
 impl NetComm {
-    fn writer(&mut self, sock: Sock, ident: Bytes) -> mpsc::Sender<ZmqMessage> {
+    fn writer(&mut self, sock: Sock, ident: Bytes) -> mpsc::Sender<Vec<Bytes>> {
         if let Some(w) = self.writers.get(&(sock, ident.clone())) {
             if !w.is_closed() {
                 return w.clone();
             }
         }
-        let (wtx, mut wrx) = mpsc::channel::<ZmqMessage>(PEER_QUEUE);
+        let (wtx, mut wrx) = mpsc::channel::<Vec<Bytes>>(PEER_QUEUE);
         let mut half = self.routers.get(&sock).expect("router socket").clone();
         let report = self.tx.clone();
         let id = ident.clone();
+        let batching = self.batching.entry((sock, ident.clone())).or_default().clone();
+        let session = self.session.clone();
         tokio::spawn(async move {
-            while let Some(m) = wrx.recv().await {
-                let reason = match tokio::time::timeout(SEND_TIMEOUT, half.send(m)).await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("send blocked for {SEND_TIMEOUT:?}"),
+            while let Some(frames) = wrx.recv().await {
+                let sends = if batching.load(Ordering::Relaxed) {
+                    // What is queued now goes together; nothing waits for more.
+                    let mut batcher = batch::Batcher::default();
+                    batcher.push(frames[1..].to_vec());
+                    for _ in 1..batch::MAX_MESSAGES {
+                        match wrx.try_recv() {
+                            Ok(f) => batcher.push(f[1..].to_vec()),
+                            Err(_) => break,
+                        }
+                    }
+                    batcher
+                        .finish()
+                        .into_iter()
+                        .map(|send| match send {
+                            batch::Send::Single(m) => join_ident(&id, m),
+                            batch::Send::Batch(messages) => batch::encode(&session, vec![id.clone()], messages),
+                        })
+                        .collect()
+                } else {
+                    vec![frames]
                 };
-                let _ = report.try_send(HubEvent::SendFailed { sock, ident: id.clone(), reason });
-                break;
+                for frames in sends {
+                    let reason = match tokio::time::timeout(SEND_TIMEOUT, half.send(rpx_guard::zmq::message(frames))).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("send blocked for {SEND_TIMEOUT:?}"),
+                    };
+                    let _ = report.try_send(HubEvent::SendFailed { sock, ident: id.clone(), reason });
+                    return;
+                }
             }
         });
         self.writers.insert((sock, ident), wtx.clone());
@@ -651,7 +744,7 @@ impl Comm for NetComm {
         }
         let ident = frames[0].clone();
         let w = self.writer(sock, ident.clone());
-        match w.try_send(rpx_guard::zmq::message(frames)) {
+        match w.try_send(frames) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.writers.remove(&(sock, ident.clone()));
@@ -663,5 +756,9 @@ impl Comm for NetComm {
                 let _ = w.try_send(m);
             }
         }
+    }
+
+    fn batches_to(&mut self, sock: Sock, ident: Bytes) {
+        self.batching.entry((sock, ident)).or_default().store(true, Ordering::Relaxed);
     }
 }

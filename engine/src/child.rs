@@ -206,6 +206,13 @@ impl WorkerSlot {
         w.send_call(so_path, fn_name, mode, args).await.map_err(|e| WriteFailed::Dying(e.to_string()))
     }
 
+    /// Ask the running worker for several calls of one closure in one write (see
+    /// [`Worker::send_calls`]).
+    pub async fn send_calls(&mut self, so_path: &str, fn_name: &str, mode: u32, args: &[&[u8]]) -> Result<(), WriteFailed> {
+        let w = self.worker.as_mut().ok_or_else(WriteFailed::no_worker)?;
+        w.send_calls(so_path, fn_name, mode, args).await.map_err(|e| WriteFailed::Dying(e.to_string()))
+    }
+
     /// Take the running worker out of the slot (to kill it).
     pub fn take(&mut self) -> Option<Worker> {
         self.worker.take()
@@ -249,6 +256,25 @@ impl Worker {
             return self.write(&[&line]).await;
         }
         self.write(&[&line, args]).await
+    }
+
+    /// Several calls of one closure, written as consecutive `CALL` instructions: the small ones
+    /// in one write (one wake-up of the worker for all of them), each large argument on its own.
+    pub async fn send_calls(&mut self, so_path: &str, fn_name: &str, mode: u32, args: &[&[u8]]) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for a in args {
+            buf.extend_from_slice(format!("CALL {so_path} {fn_name} {mode} {}\n", a.len()).as_bytes());
+            if a.len() <= 64 * 1024 {
+                buf.extend_from_slice(a);
+            } else {
+                self.write(&[&buf, a]).await?;
+                buf.clear();
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.write(&[&buf]).await
     }
 
     /// Write `parts` to the worker's stdin. The bound is 5 s plus 20 ms per MB, so large

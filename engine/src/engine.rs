@@ -96,6 +96,10 @@ pub const ENGINE_INDEX_ENV: &str = "RPX_ENGINE_INDEX";
 /// stdin is left before the cell is refused input.
 const STDIN_READ_TICKS: u32 = 8;
 
+/// Most events that are already waiting handled in one turn of the loop before it pumps the
+/// queue (a bound, so the clock and signals still get their turn under a flood).
+const DRAIN: usize = 64;
+
 /// Lines of worker stderr kept for error reports.
 const STDERR_TAIL: usize = 20;
 
@@ -114,7 +118,8 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let registration = net::register(&session, &conn.url(conn.registration), &uuid, cfg.requested_id, cfg.timeout, &inbound_tx).await?;
     let id = registration.id;
     let me = Identity { id, uuid: uuid.clone() };
-    let sockets = net::connect_engine(conn, &uuid, id, cfg.timeout, &inbound_tx).await?;
+    let sockets = net::connect_engine(conn, &session, &uuid, id, cfg.timeout, &inbound_tx).await?;
+    sockets.batches.store(registration.batches, std::sync::atomic::Ordering::Relaxed);
     let outlets = Outlets {
         mux: sockets.mux.clone(),
         task: sockets.task.clone(),
@@ -157,8 +162,22 @@ pub async fn run(cfg: Config) -> Result<i32> {
     let mut next_tick = tokio::time::Instant::now() + Duration::from_secs(1);
     let code = loop {
         tokio::select! {
-            Some(ev) = inbound_rx.recv() => engine.on_inbound(ev).await,
-            Some((generation, ev)) = worker_rx.recv() => engine.on_worker(generation, ev).await,
+            // What else is already waiting is handled before the queue is pumped, so the calls
+            // that arrived together go to the worker together (see `Engine::pipe_calls`).
+            Some(ev) = inbound_rx.recv() => {
+                engine.on_inbound(ev).await;
+                for _ in 0..DRAIN {
+                    let Ok(ev) = inbound_rx.try_recv() else { break };
+                    engine.on_inbound(ev).await;
+                }
+            }
+            Some((generation, ev)) = worker_rx.recv() => {
+                engine.on_worker(generation, ev).await;
+                for _ in 0..DRAIN {
+                    let Ok((generation, ev)) = worker_rx.try_recv() else { break };
+                    engine.on_worker(generation, ev).await;
+                }
+            }
             _ = tokio::time::sleep_until(next_tick) => {
                 engine.on_tick().await;
                 engine.step_link();

@@ -10,7 +10,7 @@
 //! (zeromq 0.7's DEALERs do not reconnect by themselves).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use rpx_protocol::compile::{msg_type, EngineHello, EngineHelloReply, HistoryCell};
 use rpx_protocol::connection::{read_json, CompilerConnection, EngineConnection};
 use rpx_protocol::registration::{msg_type as reg_msg, RegistrationReply, RegistrationRequest};
-use rpx_protocol::Session;
+use rpx_protocol::{batch, Session};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -223,6 +223,8 @@ pub struct Registration {
     pub outlet: Outlet,
     pub generation: u64,
     pub tasks: Tasks,
+    /// The controller reads batches of replies ([`RegistrationReply::batches`]).
+    pub batches: bool,
 }
 
 /// First wait for a registration reply before the request is sent again.
@@ -278,6 +280,7 @@ pub async fn register(
         id: requested_id,
         notify_eviction: true,
         host: Some(rpx_protocol::dataplane::HostIdentity::of_engine(uuid)),
+        batches: true,
     };
     let content = serde_json::to_value(&request).expect("serializes");
     let (header, frames) = session.msg(&[], reg_msg::REGISTRATION_REQUEST, content, None, json!({"engine": uuid}), &[]);
@@ -348,7 +351,7 @@ pub async fn register(
             }
         }
     });
-    Ok(Registration { id: ok.id, hb_period, request: header.msg_id, outlet, generation, tasks })
+    Ok(Registration { id: ok.id, hb_period, request: header.msg_id, outlet, generation, tasks, batches: ok.batches })
 }
 
 #[cfg(test)]
@@ -408,6 +411,8 @@ pub struct Sockets {
     /// Heartbeat pings received.
     pub pings: Pings,
     pub tasks: Tasks,
+    /// Whether the task socket sends batches (set once the controller said it reads them).
+    pub batches: Arc<AtomicBool>,
 }
 
 /// Connect the engine's sockets to the controller: shell (mux, task), control, iopub and the
@@ -416,6 +421,7 @@ pub struct Sockets {
 /// reported as [`LoopEvent::ControllerLost`].
 pub async fn connect_engine(
     conn: &EngineConnection,
+    session: &Session,
     uuid: &str,
     id: u64,
     t: Duration,
@@ -431,25 +437,43 @@ pub async fn connect_engine(
     }
     let iopub = connect_iopub(&conn.url(conn.iopub), uuid, t, &mut tasks).await?;
     let pings = Pings::new();
+    let batches = Arc::new(AtomicBool::new(false));
     start_heart(&conn.url(conn.hb_ping), &conn.url(conn.hb_pong), uuid, t, pings.clone(), &mut tasks).await?;
     let sockets = Sockets {
         generation,
-        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| LoopEvent::Shell(Channel::Mux, f), &mut tasks),
-        task: spawn_dealer(task, "task", inbound_tx.clone(), |f| LoopEvent::Shell(Channel::Task, f), &mut tasks),
-        control: spawn_dealer(control, "control", inbound_tx.clone(), LoopEvent::Control, &mut tasks),
+        mux: spawn_dealer(mux, "mux", inbound_tx.clone(), |f| LoopEvent::Shell(Channel::Mux, f), &mut tasks, session, None),
+        task: spawn_dealer(
+            task,
+            "task",
+            inbound_tx.clone(),
+            |f| LoopEvent::Shell(Channel::Task, f),
+            &mut tasks,
+            session,
+            Some(batches.clone()),
+        ),
+        control: spawn_dealer(control, "control", inbound_tx.clone(), LoopEvent::Control, &mut tasks, session, None),
         iopub,
         pings,
         tasks,
+        batches,
     };
     let mut sockets = sockets;
     if !conn.broadcast.is_empty() {
         let url = conn.url(conn.broadcast[(id as usize) % conn.broadcast.len()]);
-        let (uuid, inbound) = (uuid.to_string(), inbound_tx.clone());
+        let (uuid, inbound, session) = (uuid.to_string(), inbound_tx.clone(), session.clone());
         sockets.tasks.spawn(async move {
             match connect_dealer(&url, &uuid, Duration::from_secs(30)).await {
                 Ok(s) => {
                     let mut tasks = Tasks::default();
-                    let out = spawn_dealer(s, "broadcast", inbound.clone(), |f| LoopEvent::Shell(Channel::Broadcast, f), &mut tasks);
+                    let out = spawn_dealer(
+                        s,
+                        "broadcast",
+                        inbound.clone(),
+                        |f| LoopEvent::Shell(Channel::Broadcast, f),
+                        &mut tasks,
+                        &session,
+                        None,
+                    );
                     let _ = inbound.send(LoopEvent::BroadcastReady(generation, out, tasks)).await;
                 }
                 Err(e) => warn!(error = %e, "no broadcast scheduler connection; broadcast requests will not reach this engine"),
@@ -460,22 +484,41 @@ pub async fn connect_engine(
 }
 
 /// Start the receive and send tasks of a connected DEALER (kept in `tasks`); received messages
-/// are wrapped by `wrap` and sent to the engine loop.
+/// are wrapped by `wrap` and sent to the engine loop, those of a [`batch`] one by one in order.
+/// With `batches` set (the controller reads them), the messages queued for sending when the
+/// send task wakes go out together as batches.
 pub fn spawn_dealer(
     sock: DealerSocket,
     name: &'static str,
     inbound: mpsc::Sender<LoopEvent>,
     wrap: fn(Frames) -> LoopEvent,
     tasks: &mut Tasks,
+    session: &Session,
+    batches: Option<Arc<AtomicBool>>,
 ) -> Outlet {
     let (mut tx_half, mut rx_half) = sock.split();
     let (out, mut rx) = mpsc::channel::<Frames>(OUTLET_CAPACITY);
+    let reader = session.clone();
     tasks.spawn(async move {
         loop {
             match rx_half.recv().await {
                 Ok(m) => {
-                    if inbound.send(wrap(m.into_vec())).await.is_err() {
-                        break;
+                    let frames = m.into_vec();
+                    let messages = if batch::is_batch(&frames) {
+                        match batch::decode(&reader, frames) {
+                            Ok(inner) => inner,
+                            Err(e) => {
+                                warn!(socket = name, error = %e, "refused a malformed batch from the controller");
+                                continue;
+                            }
+                        }
+                    } else {
+                        vec![frames]
+                    };
+                    for frames in messages {
+                        if inbound.send(wrap(frames)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Err(e) => {
@@ -485,9 +528,30 @@ pub fn spawn_dealer(
             }
         }
     });
+    let session = session.clone();
     tasks.spawn(async move {
         while let Some(frames) = rx.recv().await {
-            send_bounded(&mut tx_half, name, frames).await;
+            if !batches.as_ref().is_some_and(|b| b.load(Ordering::Relaxed)) {
+                send_bounded(&mut tx_half, name, frames).await;
+                continue;
+            }
+            // What is queued now goes together; nothing waits for more.
+            let mut batcher = batch::Batcher::default();
+            batcher.push(frames);
+            for _ in 1..batch::MAX_MESSAGES {
+                match rx.try_recv() {
+                    Ok(f) if f.is_empty() => {}
+                    Ok(f) => batcher.push(f),
+                    Err(_) => break,
+                }
+            }
+            for send in batcher.finish() {
+                let frames = match send {
+                    batch::Send::Single(f) => f,
+                    batch::Send::Batch(messages) => batch::encode(&session, vec![], messages),
+                };
+                send_bounded(&mut tx_half, name, frames).await;
+            }
         }
     });
     out
@@ -625,8 +689,11 @@ pub async fn rejoin(
     let attempt = async {
         let conn = source.current();
         let session = Session::with_id(conn.key.as_bytes(), &username, &uuid);
-        let sockets = if rebuild { Some(connect_engine(&conn, &uuid, id, limit, &inbound).await?) } else { None };
+        let sockets = if rebuild { Some(connect_engine(&conn, &session, &uuid, id, limit, &inbound).await?) } else { None };
         let registration = register(&session, &conn.url(conn.registration), &uuid, Some(id), limit, &inbound).await?;
+        if let Some(s) = &sockets {
+            s.batches.store(registration.batches, Ordering::Relaxed);
+        }
         Ok::<_, Error>(Rejoined { conn, session, registration, sockets })
     };
     let outcome = attempt.await.map_err(|e| e.to_string());

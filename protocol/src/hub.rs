@@ -238,6 +238,11 @@ pub struct ConnectionReply {
     /// Key [`crate::dataplane::CONNECTION_REPLY_KEY`].
     #[serde(rename = "rpx_hosts", default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<BTreeMap<String, HostIdentity>>,
+    /// rpx controllers: load-balanced requests may come in [`crate::batch`] batches (an extra
+    /// key: ipyparallel's client reads only `engines`). A client that sends one is answered in
+    /// batches too.
+    #[serde(rename = "rpx_batches", default, skip_serializing_if = "std::ops::Not::not")]
+    pub batches: bool,
 }
 
 /// Content of `unregistration_request`.
@@ -325,7 +330,7 @@ mod tests {
     fn extra_keys_match_the_dataplane_constants() {
         let n = EngineNotification { id: 1, uuid: "u".into(), host: Some(host()) };
         assert!(serde_json::to_value(&n).unwrap().get(crate::dataplane::NOTIFICATION_KEY).is_some());
-        let r = ConnectionReply { status: ok(), engines: BTreeMap::new(), hosts: Some([("u".to_string(), host())].into()) };
+        let r = ConnectionReply { status: ok(), engines: BTreeMap::new(), hosts: Some([("u".to_string(), host())].into()), batches: false };
         assert!(serde_json::to_value(&r).unwrap().get(crate::dataplane::CONNECTION_REPLY_KEY).is_some());
     }
 

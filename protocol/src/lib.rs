@@ -23,11 +23,14 @@
 //! - [`targets`]: the one target grammar (`all`, `3`, `0:4`, `1,3,5`) and its resolution, read
 //!   by the client's views and the magics' `--targets`.
 //! - [`signals`]: the one table of signal names and numbers.
+//! - [`batch`]: rpx-only batches, several signed messages in one zeromq message between rpx
+//!   peers that announced them (the load-balanced task path).
 //!
 //! This crate opens no sockets and does not depend on zeromq: the conversion between frames
 //! and zeromq messages is `rpx_guard::zmq`, and transports live in the crates that use it.
 
 pub mod apply;
+pub mod batch;
 pub mod compile;
 pub mod connection;
 pub mod content;

@@ -24,6 +24,9 @@ pub struct RegistrationRequest {
     /// them over as files ([`crate::dataplane`]). The controller forwards it to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<crate::dataplane::HostIdentity>,
+    /// rpx engines: the engine reads [`crate::batch`] batches of task requests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batches: bool,
 }
 
 /// `registration_reply` content (`status: "ok"`; a refusal is an error content instead).
@@ -36,6 +39,10 @@ pub struct RegistrationReply {
     /// The engine connection dict (the engine connection file's content).
     #[serde(default)]
     pub connection_info: serde_json::Value,
+    /// rpx controllers: the controller reads [`crate::batch`] batches of replies from this
+    /// engine (absent from ipyparallel's controller, so an engine never batches to it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batches: bool,
 }
 
 /// `eviction_notice`: the controller no longer has this engine registered (it missed
@@ -73,9 +80,9 @@ mod tests {
     #[test]
     fn a_python_engines_request_parses_and_ours_adds_only_optional_fields() {
         let py: RegistrationRequest = serde_json::from_value(json!({"uuid": "u"})).unwrap();
-        assert_eq!(py, RegistrationRequest { uuid: "u".into(), id: None, notify_eviction: false, host: None });
+        assert_eq!(py, RegistrationRequest { uuid: "u".into(), id: None, notify_eviction: false, host: None, batches: false });
         assert_eq!(serde_json::to_value(&py).unwrap(), json!({"uuid": "u"}), "the plain request is ipyparallel's");
-        let ours = RegistrationRequest { uuid: "u".into(), id: Some(3), notify_eviction: true, host: None };
+        let ours = RegistrationRequest { uuid: "u".into(), id: Some(3), notify_eviction: true, host: None, batches: false };
         assert_eq!(serde_json::to_value(&ours).unwrap(), json!({"uuid": "u", "id": 3, "notify_eviction": true}));
     }
 }

@@ -139,6 +139,9 @@ impl Hub {
                 e.notice_to = Some(ident.clone());
                 e.host = req.host.clone();
                 e.last_seen = now;
+                if req.batches {
+                    c.batches_to(Sock::Engine(Chan::Task), e.ident.clone());
+                }
                 info!(engine_id = id, %uuid, "engine registered again while still registered; it keeps its id and tasks");
                 return self.registration_ok(c, ident, msg, id);
             }
@@ -156,6 +159,9 @@ impl Hub {
         e.registration = msg.header.msg_id.clone();
         e.notice_to = req.notify_eviction.then(|| ident.clone());
         e.host = req.host.clone();
+        if req.batches {
+            c.batches_to(Sock::Engine(Chan::Task), e.ident.clone());
+        }
         for chan in Chan::ALL {
             if self.connected.get(&chan).is_some_and(|s| s.contains(&e.ident)) {
                 e.connected.insert(chan);
@@ -174,6 +180,7 @@ impl Hub {
             id,
             hb_period: self.cfg.ping.as_millis() as u64,
             connection_info: self.cfg.engine_info.clone(),
+            batches: true,
         };
         let content = serde_json::to_value(&reply).expect("reply serializes");
         self.query_reply(c, ident, reg_msg::REGISTRATION_REPLY, &content, msg, &[]);

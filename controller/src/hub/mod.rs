@@ -70,6 +70,9 @@ pub enum Sock {
 /// Sends frames. For ROUTER sockets the first frame is the destination identity.
 pub trait Comm {
     fn send(&mut self, sock: Sock, frames: Vec<Bytes>);
+    /// The peer `ident` on `sock` reads rpx batches ([`rpx_protocol::batch`]): messages queued
+    /// for it together may go as one.
+    fn batches_to(&mut self, _sock: Sock, _ident: Bytes) {}
 }
 
 /// What the network layer tells the hub.
@@ -92,6 +95,8 @@ pub enum HubEvent {
     SendFailed { sock: Sock, ident: Bytes, reason: String },
     /// The task database answered the lookup `token` (see [`StoreOp::Query`]).
     Stored { token: u64, answer: Answer },
+    /// The client `ident` sent an rpx batch on `sock`: it reads them too.
+    BatchesFrom { sock: Sock, ident: Bytes },
 }
 
 /// How long an engine may stay unreachable for routing, or without a first pong, after its
@@ -268,6 +273,7 @@ impl Hub {
                 }
             }
             HubEvent::Stored { token, answer } => self.on_stored(c, token, answer, now),
+            HubEvent::BatchesFrom { sock, ident } => c.batches_to(sock, ident),
         }
     }
 

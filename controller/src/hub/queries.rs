@@ -52,7 +52,7 @@ impl Hub {
                 let ready = || self.engines.by_id.values().filter(|e| e.ready);
                 let engines = ready().map(|e| (e.id.to_string(), e.uuid.clone())).collect();
                 let hosts: BTreeMap<_, _> = ready().filter_map(|e| Some((e.uuid.clone(), e.host.clone()?))).collect();
-                let content = ConnectionReply { status: OK.into(), engines, hosts: (!hosts.is_empty()).then_some(hosts) };
+                let content = ConnectionReply { status: OK.into(), engines, hosts: (!hosts.is_empty()).then_some(hosts), batches: true };
                 self.query_reply(c, &ident, "connection_reply", &content, &msg, &[]);
             }
             "queue_request" => self.on_queue_request(c, &ident, &msg),

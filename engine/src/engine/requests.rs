@@ -34,54 +34,72 @@ impl Engine {
 
     /// Hand the worker the next queued calls of the closure it is running, up to
     /// [`call::PIPE_DEPTH`] ahead, so it goes from one to the next without waiting for the
-    /// engine. Anything else in the queue (a cell, a push, another closure, an abort) waits
+    /// engine. The calls that are queued now go in one write (nothing waits for more to
+    /// arrive). Anything else in the queue (a cell, a push, another closure, an abort) waits
     /// for its turn as usual.
     pub(super) async fn pipe_calls(&mut self) {
-        while self.piped.len() < call::PIPE_DEPTH && self.current.is_none() && self.exit_code.is_none() && self.restart_notice.is_none() {
-            let Some(head) = self.call.as_ref().filter(|c| c.running) else { return };
-            let Some(front) = self.queue.front() else { return };
+        let mut batch: Vec<Call> = Vec::new();
+        let mut target: Option<(String, String, u32)> = None;
+        while self.piped.len() + batch.len() < call::PIPE_DEPTH
+            && self.current.is_none()
+            && self.exit_code.is_none()
+            && self.restart_notice.is_none()
+        {
+            let Some(head) = self.call.as_ref().filter(|c| c.running) else { break };
+            let Some(front) = self.queue.front() else { break };
             if front.msg_type() != "apply_request" || call::check_arguments(front).is_err() {
-                return;
+                break;
             }
             let (mode, closure) = match Op::from_content(&front.content) {
                 Some(Ok(Op::Apply { closure })) => (abi::MODE_APPLY, closure),
                 Some(Ok(Op::Map { closure })) => (abi::MODE_MAP, closure),
-                _ => return,
+                _ => break,
             };
-            if closure != head.closure {
-                return;
+            if closure != head.closure || target.as_ref().is_some_and(|t| t.2 != mode) {
+                break;
             }
-            let Some((artifact, func)) = self.closures.compiled(&closure) else { return };
+            let Some((artifact, func)) = self.closures.compiled(&closure) else { break };
             let so = match self.fetcher.want(&artifact, Kind::Code, Instant::now()) {
                 Step::Ready(path) => path.display().to_string(),
-                Step::Request(sha) => return self.request_artifact(sha),
-                _ => return,
+                Step::Request(sha) => {
+                    self.request_artifact(sha);
+                    break;
+                }
+                _ => break,
             };
             let req = match self.queue.next(self.compiler.connecting()) {
                 Some(Next::Start(req)) => req,
                 // Named by an abort before it was handed ahead: answered now, as `pump` would.
-                Some(Next::Aborted(req)) => return self.aborted(&req),
-                None => return,
+                Some(Next::Aborted(req)) => {
+                    self.aborted(&req);
+                    break;
+                }
+                None => break,
             };
             let md = reply::init_metadata(&req.metadata, &self.me);
             let mut c = Call::new(req, md, mode, closure);
             c.running = true;
-            match self.workers.send_call(&so, &func, mode, &c.req.buffers[0]).await {
-                Ok(()) => self.piped.push_back(c),
+            batch.push(c);
+            target.get_or_insert((so, func, mode));
+        }
+        let Some((so, func, mode)) = target else { return };
+        let args: Vec<&[u8]> = batch.iter().map(|c| &c.req.buffers[0][..]).collect();
+        let written = self.workers.send_calls(&so, &func, mode, &args).await;
+        for mut c in batch {
+            match &written {
+                Ok(()) => {}
                 Err(WriteFailed::NoWorker(e)) => {
                     // Answered in its turn, after the calls ahead of it.
                     c.result = Some(Err(EngineError::worker_died(&self.me, &format!("not run: {e}"), vec![])));
                     (c.stdout_done, c.stderr_done) = (true, true);
-                    self.piped.push_back(c);
-                    return;
                 }
                 // The worker is dying; its exit event fails the call.
-                Err(WriteFailed::Dying(e)) => {
-                    warn!(error = %e, "cannot write to the worker");
-                    self.piped.push_back(c);
-                    return;
-                }
+                Err(WriteFailed::Dying(_)) => {}
             }
+            self.piped.push_back(c);
+        }
+        if let Err(WriteFailed::Dying(e)) = &written {
+            warn!(error = %e, "cannot write to the worker");
         }
     }
 
