@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{client, serial, Steps, TestCluster};
 use rpx::{Error, RemoteErrorKind};
@@ -88,37 +88,51 @@ fn closures_on_four_engines() {
     });
 
     steps.run("ordered vs unordered iteration when later items finish first", || {
-        // Ordered by signals: item x ends only after item x + 1 has (a file in a directory the
-        // engines read from their namespace), so items finish 3, 2, 1, 0 on the four engines.
-        let chain = rpx::remote!(|x: u64| {
+        // Ordered by signals: item x ends only once the test has created `go-x`, and the test
+        // creates it only after the client has received the result of item x + 1; so results
+        // reach the client in the order 3, 2, 1, 0, whatever the machine's load.
+        let gated = rpx::remote!(|x: u64| {
             let dir: String = rpx::get("chain_dir");
-            let dir = std::path::Path::new(&dir);
+            let go = std::path::Path::new(&dir).join(format!("go-{x}"));
             let t0 = std::time::Instant::now();
-            while x < 3 && !dir.join((x + 1).to_string()).exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+            while !go.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            std::fs::write(dir.join(x.to_string()), b"").unwrap();
             x
         });
-        let fresh_chain = || {
+        let fresh_dir = || {
             let d = tempfile::tempdir().unwrap();
             dv.push("chain_dir", &d.path().display().to_string()).unwrap();
             d
         };
+        // Release items 3, 2, 1, 0 one by one, each after the client holds the one before.
+        let release = |dir: &std::path::Path, progress: &dyn Fn() -> usize| {
+            for (done, x) in (0..4u64).rev().enumerate() {
+                std::fs::write(dir.join(format!("go-{x}")), b"").unwrap();
+                let t0 = Instant::now();
+                while progress() < done + 1 {
+                    assert!(t0.elapsed() < Duration::from_secs(60), "item {x}'s result never reached the client");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
         // Warm up: every engine has the closure before the ordered items start.
-        let warm = fresh_chain();
-        let _: Vec<u64> = dv.apply(chain, (3u64,)).unwrap();
+        let warm = fresh_dir();
+        std::fs::write(warm.path().join("go-3"), b"").unwrap();
+        let _: Vec<u64> = dv.apply(gated, (3u64,)).unwrap();
         drop(warm);
-        let _d = fresh_chain();
-        let ar = view.map_async(chain, 0..4u64).unwrap();
+        let d = fresh_dir();
+        let ar = view.map_async(gated, 0..4u64).unwrap();
+        release(d.path(), &|| ar.progress().0);
         let in_order: Vec<u64> = ar.iter().map(|r| r.unwrap()).collect();
         assert_eq!(in_order, vec![0, 1, 2, 3]);
         let done_order: Vec<u64> = ar.iter_unordered().map(|r| r.unwrap()).collect();
         assert_eq!(done_order, vec![3, 2, 1, 0]);
         // A map made unordered returns completion order.
-        let _d = fresh_chain();
-        let unordered: Vec<u64> = view.ordered(false).map(chain, 0..4u64).unwrap();
-        assert_eq!(unordered, vec![3, 2, 1, 0]);
+        let d = fresh_dir();
+        let ar = view.ordered(false).map_async(gated, 0..4u64).unwrap();
+        release(d.path(), &|| ar.progress().0);
+        assert_eq!(ar.get().unwrap(), vec![3, 2, 1, 0]);
     });
 
     steps.run("imap keeps a bounded number of tasks in flight", || {
