@@ -223,7 +223,7 @@ pub fn prepare(client: &Path, wait: bool) -> Result<Prepared> {
         let _ = std::fs::remove_dir_all(&build);
         bail!("{f}\n{}", lines.join("\n"));
     }
-    let missing = missing_dep_files(&build.join("target"));
+    let missing = missing_dep_files(&build);
     if !missing.is_empty() {
         let shown: Vec<_> = missing.iter().take(5).map(|p| p.display().to_string()).collect();
         tracing::warn!(
@@ -262,16 +262,17 @@ fn bypass_evcxr_cache(is_wrapper: bool, seed_build: bool) -> bool {
     is_wrapper && seed_build
 }
 
-/// The files named as dependencies by the dep-info (`.d`) files under `target` that do not
-/// exist: each makes cargo rebuild its crate at every build.
-pub fn missing_dep_files(target: &Path) -> Vec<PathBuf> {
-    let mut missing: Vec<PathBuf> = walkdir::WalkDir::new(target)
+/// The files named as dependencies by the dep-info (`.d`) files under `<dir>/target` that do
+/// not exist (relative ones are relative to `dir`, where cargo runs rustc for the context's own
+/// crate): each makes cargo rebuild its crate at every build.
+pub fn missing_dep_files(dir: &Path) -> Vec<PathBuf> {
+    let mut missing: Vec<PathBuf> = walkdir::WalkDir::new(dir.join("target"))
         .into_iter()
         .flatten()
         .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "d"))
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .flat_map(|text| dep_info_files(&text))
-        .filter(|p| !p.exists())
+        .filter(|p| !dir.join(p).exists())
         .collect();
     missing.sort();
     missing.dedup();
@@ -482,7 +483,8 @@ mod tests {
     fn dep_info_naming_another_builds_out_dir_is_found() {
         // What evcxr's cache gave a seed build: dep-info naming an earlier build's OUT_DIR.
         let t = tempfile::tempdir().unwrap();
-        let (target, src) = (t.path().join("building-2/target"), t.path().join("src.rs"));
+        let build = t.path().join("building-2");
+        let (target, src) = (build.join("target"), t.path().join("src.rs"));
         let out = target.join("x86_64-unknown-linux-gnu/debug/build/serde_core-2/out");
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join("private.rs"), "").unwrap();
@@ -493,9 +495,12 @@ mod tests {
         std::fs::write(deps.join("serde_core-9.d"), format!("{}: {} {}\n", deps.join("x.rmeta").display(), src.display(), gone.display()))
             .unwrap();
         std::fs::write(deps.join("thiserror-9.d"), format!("x: {} {}\n", src.display(), out.join("private.rs").display())).unwrap();
-        assert_eq!(missing_dep_files(&target), [gone]);
+        std::fs::create_dir_all(build.join("src")).unwrap();
+        std::fs::write(build.join("src/lib.rs"), "").unwrap();
+        std::fs::write(deps.join("ctx-9.d"), "x: src/lib.rs\n").unwrap();
+        assert_eq!(missing_dep_files(&build), [gone]);
         std::fs::remove_file(deps.join("serde_core-9.d")).unwrap();
-        assert!(missing_dep_files(&target).is_empty(), "this build's own OUT_DIR files exist");
+        assert!(missing_dep_files(&build).is_empty(), "this build's own OUT_DIR files exist, and the context's relative source");
     }
 
     #[test]
