@@ -11,6 +11,7 @@
 3. with --first-rpx CACHE_DIR (only this): the first `rpx::` cell of fresh kernels whose
    XDG_CACHE_HOME is CACHE_DIR, after `rpx-kernel prepare` (timed too), --reps times; with
    --cold also one kernel whose caches are empty (the build a user waited on before `prepare`).
+   Also records the crates cargo compiled in each prepared first cell (expected: none).
    Writes bench/results/kernel-first-rpx-<timestamp>.json.
 
 usage: .venv/bin/python bench/kernel_bench.py [--reps 3] [--cells 10] [--n 8]
@@ -38,8 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
 
 
-def run_cell(kc, code, timeout=600):
-    """Execute and wait for the reply and the cell's idle status; returns (seconds, reply content)."""
+def run_cell(kc, code, timeout=600, streams=None):
+    """Execute and wait for the reply and the cell's idle status; returns (seconds, reply content).
+    With `streams` (a list), the cell's stream output is appended to it."""
     t0 = time.perf_counter()
     msg_id = kc.execute(code)
     reply, idle = None, False
@@ -53,6 +55,8 @@ def run_cell(kc, code, timeout=600):
                 if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status" \
                         and m["content"]["execution_state"] == "idle":
                     idle = True
+                elif m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream" and streams is not None:
+                    streams.append(m["content"]["text"])
             except Empty:
                 pass
         if reply is None:
@@ -100,7 +104,9 @@ RPX_CELL = 'println!("{}", std::any::type_name::<rpx::Client>());'
 
 
 def first_rpx_cell(env):
-    """A fresh kernel: its first (plain) cell, then the time of its first `rpx::` cell."""
+    """A fresh kernel: its first (plain) cell, then the time of its first `rpx::` cell and the
+    crates cargo compiled for it (evcxr shows `Compiling <crate>`; with a sound prepared crate,
+    none: a list here means the prepared build was not fresh for the kernel's cargo)."""
     km = KernelManager(kernel_name="rpx")
     km.start_kernel(env=env)
     kc = km.client()
@@ -108,10 +114,12 @@ def first_rpx_cell(env):
     try:
         kc.wait_for_ready(timeout=120)
         run_cell(kc, "1 + 1")
-        took, reply = run_cell(kc, RPX_CELL, timeout=3600)
+        streams = []
+        took, reply = run_cell(kc, RPX_CELL, timeout=3600, streams=streams)
         if reply.get("status") != "ok":
             raise RuntimeError(f"the rpx cell failed: {reply}")
-        return took
+        compiled = [ln.split()[1] for ln in "".join(streams).splitlines() if ln.strip().startswith("Compiling ")]
+        return took, compiled
     finally:
         stop(km, kc)
 
@@ -127,14 +135,17 @@ def first_rpx(args, tmp):
     r = subprocess.run([str(RELEASE / "rpx-kernel"), "prepare"], env=env, capture_output=True, text=True, check=True)
     results["prepare"] = {"seconds": time.perf_counter() - t0, "output": r.stdout.strip()}
     print(f"prepare: {results['prepare']['seconds']:.1f} s ({r.stdout.strip()})", file=sys.stderr)
-    prepared = []
+    prepared, recompiled = [], []
     for _ in range(args.reps):
-        prepared.append(first_rpx_cell(env))
-        print(f"first rpx cell, prepared: {prepared[-1]:.2f} s", file=sys.stderr)
+        took, compiled = first_rpx_cell(env)
+        prepared.append(took)
+        recompiled.append(compiled)
+        print(f"first rpx cell, prepared: {took:.2f} s; crates compiled: {len(compiled)} {compiled}", file=sys.stderr)
     results["prepared"] = summary(prepared)
+    results["prepared_crates_compiled"] = recompiled
     if args.cold:
         cold_cache = Path(tempfile.mkdtemp(prefix="rpx-kbench-cold-"))
-        cold = first_rpx_cell(dict(env, XDG_CACHE_HOME=str(cold_cache)))
+        cold, _ = first_rpx_cell(dict(env, XDG_CACHE_HOME=str(cold_cache)))
         shutil.rmtree(cold_cache, ignore_errors=True)
         print(f"first rpx cell, cold: {cold:.2f} s", file=sys.stderr)
         results["cold"] = cold
@@ -143,6 +154,7 @@ def first_rpx(args, tmp):
     out.write_text(json.dumps(results, indent=1))
     print(f"| first `rpx::` cell of a fresh kernel | seconds |\n|---|---|")
     print(f"| prepared (median of {args.reps}) | {results['prepared']['median']:.2f} |")
+    print(f"| crates compiled by those cells (prepared) | {max(len(c) for c in recompiled)} at most |")
     if "cold" in results:
         print(f"| nothing prepared, empty caches | {results['cold']:.2f} |")
     print(f"\n(`rpx-kernel prepare` took {results['prepare']['seconds']:.1f} s; results in {out})")

@@ -90,6 +90,9 @@ fn main() {
         relay::install();
         rpx_worker::run();
     }
+    // A seed build's rustc wrapper compiles rather than take crates from evcxr's cache (see
+    // `prepare`), so the seed's dep-info names its own files.
+    prepare::wrapper_hook();
     evcxr::runtime_hook();
     let args = Args::parse();
     tracing_subscriber::fmt()

@@ -13,6 +13,17 @@
 //! kernel keys a new seed ([`seed_dir`]), and the one built last replaces the others. A seed is
 //! built in `building-<pid>` under an exclusive lock and renamed into place when complete, so a
 //! kernel never copies half a build.
+//!
+//! A seed is relocatable because cargo records the files a crate was compiled from relative to
+//! the target directory when they are inside it (a build script's `OUT_DIR` output, such as the
+//! `private.rs` that serde_core and thiserror `include!`). That holds only if rustc wrote the
+//! dep-info in this build: evcxr's compilation cache (`:cache`, `$XDG_CACHE_HOME/evcxr`) hands
+//! back a cached crate's files verbatim, `.d` included, and that names the `OUT_DIR` of the
+//! build that filled the cache (an earlier `building-<pid>`, long gone). Cargo then finds the
+//! file missing, so the crate and everything that depends on it is rebuilt by every cargo run
+//! of every kernel (and the rebuild, again from the cache, records the same missing path). So a
+//! seed build compiles every crate itself ([`SEED_BUILD_ENV`], [`wrapper_hook`]), and checks
+//! that the dep-info it keeps names only files that exist ([`missing_dep_files`]).
 
 use std::fs::File;
 use std::hash::{Hash, Hasher};
@@ -31,6 +42,16 @@ pub const PREPARE_ENV: &str = "RPX_KERNEL_PREPARE";
 
 /// The longest a prepare may take, and so the longest anyone waits for one.
 pub const PREPARE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// Set in a prepare's environment, so that cargo and the rustc wrapper it runs (this binary)
+/// inherit it: the wrapper then compiles instead of taking crates from evcxr's cache
+/// ([`wrapper_hook`]). Cargo tracks no such variable, so the build is the one a kernel's cargo
+/// sees.
+pub const SEED_BUILD_ENV: &str = "RPX_KERNEL_SEED_BUILD";
+
+/// evcxr's marks on the rustc wrapper: the process is the wrapper; `:cache` is on.
+const EVCXR_WRAPPER_ENV: &str = "EVCXR_RUSTC_WRAPPER";
+const EVCXR_CACHE_ENV: &str = "EVCXR_CACHE_ENABLED";
 
 /// The file that marks a complete seed.
 const READY: &str = "READY";
@@ -185,6 +206,7 @@ pub fn prepare(client: &Path, wait: bool) -> Result<Prepared> {
     let build = root.join(format!("building-{}", std::process::id()));
     private_dir(&build)?;
     std::env::set_var("EVCXR_TMPDIR", &build);
+    std::env::set_var(SEED_BUILD_ENV, "1");
     let (mut ctx, outputs) = crate::local::new_context().map_err(|e| anyhow::anyhow!("cannot start evcxr: {e}"))?;
     // evcxr's compiler output: shown to whoever runs the prepare, and kept for its error.
     let stderr = std::thread::spawn(move || outputs.stderr.iter().collect::<Vec<_>>());
@@ -201,6 +223,16 @@ pub fn prepare(client: &Path, wait: bool) -> Result<Prepared> {
         let _ = std::fs::remove_dir_all(&build);
         bail!("{f}\n{}", lines.join("\n"));
     }
+    let missing = missing_dep_files(&build);
+    if !missing.is_empty() {
+        let shown: Vec<_> = missing.iter().take(5).map(|p| p.display().to_string()).collect();
+        tracing::warn!(
+            "the prepared build's dep-info names {} files that do not exist (e.g. {}): cargo will rebuild the crates \
+             compiled from them in every kernel",
+            missing.len(),
+            shown.join(", ")
+        );
+    }
     File::create(build.join(READY))?;
     if seed.exists() {
         std::fs::remove_dir_all(&seed)?;
@@ -214,6 +246,70 @@ pub fn prepare(client: &Path, wait: bool) -> Result<Prepared> {
         }
     }
     Ok(Prepared::Built(seed, started.elapsed()))
+}
+
+/// Called first thing in `main`: when this process is evcxr's rustc wrapper in a seed build,
+/// turn evcxr's compilation cache off for it, so rustc compiles the crate and writes dep-info
+/// that names this build's own files (see the module's doc). Single-threaded at that point.
+pub fn wrapper_hook() {
+    if bypass_evcxr_cache(std::env::var_os(EVCXR_WRAPPER_ENV).is_some(), std::env::var_os(SEED_BUILD_ENV).is_some()) {
+        std::env::remove_var(EVCXR_CACHE_ENV);
+    }
+}
+
+/// Whether a process takes crates from evcxr's cache: not the wrapper of a seed build.
+fn bypass_evcxr_cache(is_wrapper: bool, seed_build: bool) -> bool {
+    is_wrapper && seed_build
+}
+
+/// The files named as dependencies by the dep-info (`.d`) files under `<dir>/target` that do
+/// not exist (relative ones are relative to `dir`, where cargo runs rustc for the context's own
+/// crate): each makes cargo rebuild its crate at every build.
+pub fn missing_dep_files(dir: &Path) -> Vec<PathBuf> {
+    let mut missing: Vec<PathBuf> = walkdir::WalkDir::new(dir.join("target"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "d"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|text| dep_info_files(&text))
+        .filter(|p| !dir.join(p).exists())
+        .collect();
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
+/// The dependencies listed in a Makefile-style dep-info file as rustc writes it (`out: dep dep`,
+/// spaces in paths escaped with `\`; `# env-dep:` comments skipped).
+fn dep_info_files(text: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        // The target ends at the first unescaped ": ".
+        let Some(deps) = split_unescaped(line, ": ").map(|(_, d)| d) else { continue };
+        let mut cur = String::new();
+        let mut chars = deps.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ' ' => out.extend((!cur.is_empty()).then(|| PathBuf::from(std::mem::take(&mut cur)))),
+                c => cur.push(c),
+            }
+        }
+        out.extend((!cur.is_empty()).then(|| PathBuf::from(cur)));
+    }
+    out
+}
+
+/// `line` split at the first `sep` not preceded by a backslash.
+fn split_unescaped<'a>(line: &'a str, sep: &str) -> Option<(&'a str, &'a str)> {
+    let mut from = 0;
+    while let Some(i) = line[from..].find(sep).map(|i| i + from) {
+        if !line[..i].ends_with('\\') {
+            return Some((&line[..i], &line[i + sep.len()..]));
+        }
+        from = i + 1;
+    }
+    None
 }
 
 /// Start `rpx-kernel prepare --background` at low priority, unless [`PREPARE_ENV`] is `0`, a
@@ -350,6 +446,61 @@ mod tests {
     fn kernels_and_prepares_add_the_client_crate_with_the_same_commands() {
         let c = setup_commands(Path::new("/src/client"));
         assert_eq!(c.last().unwrap(), r#":dep rpx = { path = "/src/client" }"#);
+    }
+
+    #[test]
+    fn only_the_rustc_wrapper_of_a_seed_build_bypasses_evcxrs_cache() {
+        assert!(bypass_evcxr_cache(true, true));
+        assert!(!bypass_evcxr_cache(true, false), "a kernel's own builds keep evcxr's cache");
+        assert!(!bypass_evcxr_cache(false, true), "the prepare process itself is not the wrapper");
+    }
+
+    #[test]
+    fn dep_info_lists_the_dependencies_with_escaped_spaces_and_without_env_deps() {
+        let text = "/t/deps/serde_core-1.d: /reg/serde_core/src/lib.rs /t/build/serde_core-2/out/private.rs\n\
+                    \n\
+                    /t/deps/libserde_core-1.rmeta: /reg/serde_core/src/lib.rs /my\\ dir/a.rs\n\
+                    \n\
+                    /reg/serde_core/src/lib.rs:\n\
+                    /t/build/serde_core-2/out/private.rs:\n\
+                    \n\
+                    # env-dep:OUT_DIR=/t/build/serde_core-2/out\n";
+        let files = dep_info_files(text);
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            files,
+            [
+                p("/reg/serde_core/src/lib.rs"),
+                p("/t/build/serde_core-2/out/private.rs"),
+                p("/reg/serde_core/src/lib.rs"),
+                p("/my dir/a.rs")
+            ]
+        );
+        assert_eq!(dep_info_files("/a\\: b.d: /x.rs\n"), [p("/x.rs")], "an escaped colon is part of the target");
+    }
+
+    #[test]
+    fn dep_info_naming_another_builds_out_dir_is_found() {
+        // What evcxr's cache gave a seed build: dep-info naming an earlier build's OUT_DIR.
+        let t = tempfile::tempdir().unwrap();
+        let build = t.path().join("building-2");
+        let (target, src) = (build.join("target"), t.path().join("src.rs"));
+        let out = target.join("x86_64-unknown-linux-gnu/debug/build/serde_core-2/out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("private.rs"), "").unwrap();
+        std::fs::write(&src, "").unwrap();
+        let deps = target.join("x86_64-unknown-linux-gnu/debug/deps");
+        std::fs::create_dir_all(&deps).unwrap();
+        let gone = t.path().join("building-1/target/x86_64-unknown-linux-gnu/debug/build/serde_core-2/out/private.rs");
+        std::fs::write(deps.join("serde_core-9.d"), format!("{}: {} {}\n", deps.join("x.rmeta").display(), src.display(), gone.display()))
+            .unwrap();
+        std::fs::write(deps.join("thiserror-9.d"), format!("x: {} {}\n", src.display(), out.join("private.rs").display())).unwrap();
+        std::fs::create_dir_all(build.join("src")).unwrap();
+        std::fs::write(build.join("src/lib.rs"), "").unwrap();
+        std::fs::write(deps.join("ctx-9.d"), "x: src/lib.rs\n").unwrap();
+        assert_eq!(missing_dep_files(&build), [gone]);
+        std::fs::remove_file(deps.join("serde_core-9.d")).unwrap();
+        assert!(missing_dep_files(&build).is_empty(), "this build's own OUT_DIR files exist, and the context's relative source");
     }
 
     #[test]
