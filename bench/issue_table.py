@@ -37,7 +37,7 @@ def both_systems(p):
         s = json.loads(p.read_text()).get("summary", {})
     except (OSError, ValueError):
         return False
-    return "rpx" in s and "ipp" in s
+    return "rpx" in s and "ipyparallel" in s
 
 
 def main():
@@ -87,11 +87,11 @@ def main():
         s = json.loads(cb.read_text())["summary"]
         for label, key in [("trivial cell on 8 engines / on 1, in step (x)", "cell_in_step_ratio"),
                            ("trivial cell on 8 engines / on 1, after a fork (x)", "cell_ratio")]:
-            r, i = med(s["rpx"], key), med(s["ipp"], key)
+            r, i = med(s["rpx"], key), med(s["ipyparallel"], key)
             rows.append((label, r, i, "", "<= 1.2x", r is not None and r <= 1.2, cb.name))
         for label, key, target, limit in [("whole cluster, n = 8, idle once settled (MiB)", "cluster_settled_mib", "<= 0.5x", 0.5),
                                           ("whole cluster, n = 8, after the cell benchmark (MiB)", "cluster_after_mib", "<= 1x", 1.0)]:
-            r, i = med(s["rpx"], key), med(s["ipp"], key)
+            r, i = med(s["rpx"], key), med(s["ipyparallel"], key)
             ratio = r / i if r is not None and i else None
             rows.append((label, r, i, ratio and f"x{ratio:.2f}", target, ratio is not None and ratio <= limit, cb.name))
 
