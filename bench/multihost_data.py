@@ -91,28 +91,25 @@ def ipp_run(hosts):
         mb = arr.nbytes / 1e9
         e0, dv = rc[0], rc[:]
         e0.push({"a": arr[:1000]}, block=True)
-        push, pull, scat, gath = [], [], [], []
+        rates = {"push": [], "pull": [], "scatter": [], "gather": []}
+
+        def timed(op, call):
+            t0 = time.perf_counter()
+            out = call()
+            rates[op].append(mb / (time.perf_counter() - t0))
+            return out
+
+        def check(back):
+            assert back.shape == arr.shape and np.array_equal(back[::4099], arr[::4099])
+
+        pairs = [("push", lambda: e0.push({"a": arr}, block=True), "pull", lambda: e0.pull("a", block=True), e0, "a"),
+                 ("scatter", lambda: dv.scatter("x", arr, block=True), "gather", lambda: dv.gather("x", block=True), dv, "x")]
         for _ in range(TRANSFERS):
-            t0 = time.perf_counter()
-            e0.push({"a": arr}, block=True)
-            push.append(mb / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            back = e0.pull("a", block=True)
-            pull.append(mb / (time.perf_counter() - t0))
-            assert back.shape == arr.shape and np.array_equal(back[::4099], arr[::4099])
-            del back
-            e0.execute("del a", block=True)
-            t0 = time.perf_counter()
-            dv.scatter("x", arr, block=True)
-            scat.append(mb / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            back = dv.gather("x", block=True)
-            gath.append(mb / (time.perf_counter() - t0))
-            assert back.shape == arr.shape and np.array_equal(back[::4099], arr[::4099])
-            del back
-            dv.execute("del x", block=True)
-        med = statistics.median
-        return {"push": med(push), "pull": med(pull), "scatter": med(scat), "gather": med(gath)}
+            for put_op, put, get_op, get, view, name in pairs:
+                timed(put_op, put)
+                check(timed(get_op, get))
+                view.execute(f"del {name}", block=True)  # as ipp_ops.py does
+        return {op: statistics.median(v) for op, v in rates.items()}
     finally:
         if rc is not None:
             try:
