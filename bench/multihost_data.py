@@ -4,10 +4,11 @@ in one run (the issue's row "engine on another host").
 The other host is a network + mount + pid namespace with a real sshd on a private bridge
 (`target/release/rpx-testhosts`, root only; no uplink, no route out). Both systems put their
 controller on this host, bound to the bridge's address, and 2 engines on the other host:
-- rpx: `ipcluster start --engines ssh`; the values go as buffers through the controller (the
-  shared-memory path is for engines on the client's own host), measured by the client
+- rpx: `ipcluster start --engines ssh`; the values stream over the engines' data links
+  (client <-> engine, the controller routing only the signed requests), measured by the client
   benchmark `bench_ops` (`BENCH_ONLY=data`, `BENCH_CLIENT_FILE` pointing at this cluster):
-  a Vec<f64> of 1e8 bytes;
+  a Vec<f64> of 1e8 bytes; with `--with-buffers`, also rpx with `RPX_DATA_PLANE=buffers`
+  (message buffers stored and forwarded by the controller), as a third system;
 - ipyparallel: `ipcontroller --ip <bridge address>` here, two `ipengine --file` started on the
   other host over ssh; a float64 numpy array of 1e8 bytes, measured as
   `../shared/bench/peers/ipp_ops.py` does (`rc[0].push`, `rc[0].pull`, `rc[:].scatter`,
@@ -16,7 +17,7 @@ The two alternate, `--reps` times each; each run reports medians of 3 transfers.
 
     cargo build --release --workspace --examples
     .venv/bin/python bench/multihost_data.py             # or PYTHON with ipyparallel + numpy
-    .venv/bin/python bench/multihost_data.py --reps 3
+    .venv/bin/python bench/multihost_data.py --reps 3 --with-buffers
 
 Prints a markdown table and writes every sample to bench/results/multihost-data-<time>.json.
 """
@@ -41,7 +42,7 @@ NBYTES = 100_000_000
 TRANSFERS = 3
 
 
-def rpx_run(hosts):
+def rpx_run(hosts, buffers=False):
     ip = hosts["hosts"][0]["ip"]
     c = Cluster(hosts)
     try:
@@ -51,11 +52,14 @@ def rpx_run(hosts):
         out = Path(tempfile.mkstemp(prefix="rpx-mhdata-", suffix=".json")[1])
         env = dict(c.env, BENCH_ONLY="data", BENCH_N="2", BENCH_REPS=str(TRANSFERS), BENCH_NBYTES=str(NBYTES),
                    BENCH_CLIENT_FILE=str(c.dir / "profile_default/security/ipcontroller-client.json"))
+        if buffers:
+            env["RPX_DATA_PLANE"] = "buffers"
         subprocess.run([str(BIN / "examples" / "bench_ops"), str(out)], env=env, check=True, timeout=900,
                        stdout=subprocess.DEVNULL)
         r = json.loads(out.read_text())
         out.unlink()
         assert r["same_host_engines"] == 0, "the engines must be on the other host"
+        assert r["data_link_engines"] == (0 if buffers else 2), f"data links in use: {r['data_link_engines']}"
         return {k: r[f"{k}_gb_per_s"]["median"] for k in ("push", "pull", "scatter", "gather")}
     finally:
         c.stop()
@@ -130,28 +134,37 @@ def ipp_run(hosts):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--with-buffers", action="store_true",
+                    help="also measure rpx with RPX_DATA_PLANE=buffers (through the controller)")
     args = ap.parse_args()
+    systems = ["rpx", "ipp"] + (["rpx_buffers"] if args.with_buffers else [])
     proc = subprocess.Popen([str(BIN / "rpx-testhosts"), "up", "h1"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     hosts = json.loads(proc.stdout.readline())
-    record = {"nbytes": NBYTES, "transfers_per_run": TRANSFERS, "rpx": [], "ipp": []}
+    record = {"nbytes": NBYTES, "transfers_per_run": TRANSFERS, **{name: [] for name in systems}}
+    runs = {"rpx": lambda: rpx_run(hosts), "ipp": lambda: ipp_run(hosts), "rpx_buffers": lambda: rpx_run(hosts, buffers=True)}
     try:
         for rep in range(args.reps):
-            for system in (["rpx", "ipp"] if rep % 2 == 0 else ["ipp", "rpx"]):
-                r = rpx_run(hosts) if system == "rpx" else ipp_run(hosts)
+            for system in (systems if rep % 2 == 0 else systems[::-1]):
+                r = runs[system]()
                 record[system].append(r)
                 log(f"rep {rep} {system}: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in r.items()))
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
     med = statistics.median
-    print(f"| 100 MB, engines on another host (median of {args.reps} runs' medians) | rpx GB/s | ipyparallel GB/s | rpx / ipp |")
-    print("|---|---|---|---|")
+    extra = " rpx through the controller GB/s |" if args.with_buffers else ""
+    print(f"| 100 MB, engines on another host (median of {args.reps} runs' medians) | rpx GB/s | ipyparallel GB/s | rpx / ipp |{extra}")
+    print("|---|---|---|---|" + ("---|" if extra else ""))
     summary = {}
     for k in ("push", "pull", "scatter", "gather"):
         a, b = med([r[k] for r in record["rpx"]]), med([r[k] for r in record["ipp"]])
         summary[k] = {"rpx": a, "ipp": b, "ratio": a / b}
-        print(f"| {k} | {a:.2f} | {b:.2f} | x{a / b:.2f} |")
+        row = f"| {k} | {a:.2f} | {b:.2f} | x{a / b:.2f} |"
+        if args.with_buffers:
+            summary[k]["rpx_buffers"] = med([r[k] for r in record["rpx_buffers"]])
+            row += f" {summary[k]['rpx_buffers']:.2f} |"
+        print(row)
     record["summary"] = summary
     out = REPO / "bench" / "results" / f"multihost-data-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=1))

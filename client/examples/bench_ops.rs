@@ -89,6 +89,7 @@ fn main() -> rpx::Result<()> {
     let client = rpx::Client::from_file(external.unwrap_or_else(|| cluster.as_ref().expect("started").client_file()))?;
     client.wait_for_engines(n, Duration::from_secs(120))?;
     report.insert("same_host_engines".into(), json!(client.shared_memory_namespaces().len()));
+    report.insert("data_link_engines".into(), json!(client.data_links().len()));
     let dv0 = client.direct_view(0);
     let lb = client.view();
     let ident = remote!(|x: u64| x);

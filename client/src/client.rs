@@ -32,8 +32,11 @@ pub(crate) struct ClientInner {
     pub session: Session,
     pub ids: Arc<MsgIds>,
     pub file: PathBuf,
-    /// Hand values to same-host engines as files ([`Client::set_shared_memory`]).
+    /// Hand values to same-host engines as files, and stream them over data links to engines
+    /// on other hosts ([`Client::set_shared_memory`]).
     pub shared_memory: std::sync::atomic::AtomicBool,
+    /// Engine uuid -> whether its data link can be reached from here (`crate::datalink`).
+    pub links: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl ClientInner {
@@ -360,7 +363,7 @@ impl Client {
         let ids = Arc::new(MsgIds::new(&session));
         let io = Io::start(conn, session.clone(), ids.clone(), CONNECT_LIMIT)?;
         let client = Client {
-            inner: Arc::new(ClientInner { io, session, ids, file, shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into() }),
+            inner: Arc::new(ClientInner { io, session, ids, file, shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into(), links: Default::default() }),
         };
         client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;
         Ok(client)
@@ -373,8 +376,9 @@ impl Client {
 
     /// Whether `push`, `pull`, `scatter` and `gather` may hand values to engines on this host as
     /// files in their namespace (shared memory) instead of message buffers through the
-    /// controller. On by default; off when `RPX_DATA_PLANE=buffers` is set. Engines on other
-    /// hosts (or that cannot be verified as this host's) always get buffers.
+    /// controller, and stream values of 1 MiB or more straight to engines on other hosts over
+    /// their data links. On by default; off when `RPX_DATA_PLANE=buffers` is set. Engines that
+    /// cannot be verified as this host's and have no reachable link get buffers.
     pub fn set_shared_memory(&self, on: bool) {
         self.inner.shared_memory.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -384,6 +388,14 @@ impl Client {
     pub fn shared_memory_namespaces(&self) -> BTreeMap<usize, PathBuf> {
         let engines = self.inner.io.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
         engines.into_iter().filter_map(|(id, uuid)| Some((id, self.inner.local_namespace(&uuid)?))).collect()
+    }
+
+    /// The engines on other hosts this client streams large values to over their data links
+    /// right now, with the links' addresses (empty when [`Client::set_shared_memory`] turned
+    /// the data plane off). Finding out whether a link is reachable connects to it once.
+    pub fn data_links(&self) -> BTreeMap<usize, std::net::SocketAddr> {
+        let engines = self.inner.io.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+        engines.into_iter().filter_map(|(id, uuid)| Some((id, self.inner.link_address(&uuid)?))).collect()
     }
 
     /// Ids of the live engines, ascending (kept current from the controller's notifications).

@@ -6,8 +6,9 @@
 //! the value, no copy of it in memory. Further engines on the host get a hard link to the same
 //! file (no copy). The signed request names the files (with size and BLAKE3) and carries no
 //! buffers, so the controller routes a few hundred bytes. A pull asks for files; the reply names
-//! hard links the client maps (no copy), checks, decodes and removes. Every other engine gets
-//! the buffers.
+//! hard links the client maps (no copy), checks, decodes and removes. Engines on other hosts
+//! with a data link get the same requests, the files written and fetched over the link
+//! (`crate::datalink`); every other engine gets the buffers.
 //!
 //! Where the time goes for 100 MB (`examples/dp_micro.rs`): a push is bounded by the kernel
 //! allocating and zeroing fresh tmpfs pages as they are written (about half the client's step),
@@ -19,7 +20,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use rpx_protocol::apply::{NamedType, Op};
@@ -60,10 +61,35 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
     // Files already written for a value: (dir, file) to link from; buffers already encoded.
     let mut written: HashMap<usize, (PathBuf, ValueFile)> = HashMap::new();
     let mut encoded: HashMap<usize, Bytes> = HashMap::new();
+    // Engines on other hosts with a data link: each value streamed once to all of its targets;
+    // what each target's link stored (`None`: buffers).
+    let mut streamed: HashMap<usize, ValueFile> = HashMap::new();
+    let mut by_value: HashMap<usize, Vec<(usize, String, std::net::SocketAddr)>> = HashMap::new();
+    for (i, (_, uuid)) in targets.iter().enumerate() {
+        if let Some(addr) = client.link_address(uuid) {
+            by_value.entry(value_of[i]).or_default().push((i, uuid.clone(), addr));
+        }
+    }
+    for (v, linked) in by_value {
+        let to: Vec<(String, std::net::SocketAddr)> = linked.iter().map(|(_, u, a)| (u.clone(), *a)).collect();
+        let pushed = crate::datalink::push_over_links(client, values[v], &to);
+        if let Some(small) = pushed.small {
+            encoded.insert(v, small);
+        }
+        for ((i, ..), file) in linked.into_iter().zip(pushed.files) {
+            if let Some(vf) = file {
+                streamed.insert(i, vf);
+            }
+        }
+    }
     let mut parts: Parts = Vec::with_capacity(targets.len());
     let mut made: Vec<(PathBuf, String)> = Vec::new();
     let result = targets.iter().enumerate().try_for_each(|(i, (id, uuid))| {
         let v = value_of[i];
+        if let Some(vf) = streamed.remove(&i) {
+            parts.push((Op::Push { names: vec![named.clone()], files: vec![vf] }.to_content(), vec![]));
+            return Ok(());
+        }
         let Some(dir) = client.local_namespace(uuid) else {
             let buf = encoded.entry(v).or_insert_with(|| Bytes::from(rpx_runtime::encode(values[v]))).clone();
             parts.push((Op::Push { names: vec![named.clone()], files: vec![] }.to_content(), vec![buf]));
@@ -103,27 +129,36 @@ pub(crate) fn remove_files(files: &[(PathBuf, String)]) {
     }
 }
 
-/// Pull requests for `name`, and where the same-host targets' replies are read.
-pub(crate) fn pull_parts(client: &ClientInner, targets: &[(usize, String)], name: &str) -> (Parts, Pulled) {
+/// Pull requests for `name`, and where the same-host targets' replies are read and the other
+/// hosts' fetched.
+pub(crate) fn pull_parts(client: &Arc<ClientInner>, targets: &[(usize, String)], name: &str) -> (Parts, Pulled) {
     let mut dirs = HashMap::new();
+    let mut links = HashMap::new();
     let parts = targets
         .iter()
         .map(|(id, uuid)| {
             let dir = client.local_namespace(uuid);
-            let files = dir.is_some();
+            let link = if dir.is_none() { client.link_address(uuid) } else { None };
+            let files = dir.is_some() || link.is_some();
             if let Some(d) = dir {
                 dirs.insert(*id, d);
+            }
+            if let Some(a) = link {
+                links.insert(*id, (uuid.clone(), a));
             }
             (Op::Pull { names: vec![name.to_string()], files }.to_content(), vec![])
         })
         .collect();
-    (parts, Pulled { dirs, read: Mutex::new(HashMap::new()) })
+    (parts, Pulled { dirs, links, client: client.clone(), read: Mutex::new(HashMap::new()) })
 }
 
-/// The same-host side of a pull: each engine's namespace directory, and the values already read
-/// (a pulled file is read once and removed; asking the result again reuses the bytes).
+/// The file side of a pull: each same-host engine's namespace directory, each other host's data
+/// link, and the values already read (a pulled file is read once and removed; asking the
+/// result again reuses the bytes).
 pub(crate) struct Pulled {
     dirs: HashMap<usize, PathBuf>,
+    links: HashMap<usize, (String, std::net::SocketAddr)>,
+    client: Arc<ClientInner>,
     read: Mutex<HashMap<String, Bytes>>,
 }
 
@@ -145,10 +180,22 @@ impl Pulled {
         if let Some(b) = self.read.lock().unwrap_or_else(|p| p.into_inner()).get(&t.msg_id).cloned() {
             return Some(Ok(decode(&b)));
         }
+        let refused = |e: String| format!("the value pulled from {engine} was refused: {e}");
+        if let Some((uuid, addr)) = t.engine_id.and_then(|id| self.links.get(&id)) {
+            // Another host: fetched over its data link, checked against the signed reply.
+            let read = match files.first() {
+                Some(vf) => crate::datalink::fetch(&self.client, uuid, *addr, vf).map_err(refused).map(Bytes::from),
+                None => Err(format!("{engine} named no file for the pulled value")),
+            };
+            return Some(read.map(|bytes| {
+                let value = decode(&bytes);
+                self.read.lock().unwrap_or_else(|p| p.into_inner()).insert(t.msg_id.clone(), bytes);
+                value
+            }));
+        }
         let Some(dir) = t.engine_id.and_then(|id| self.dirs.get(&id)) else {
             return Some(Err(format!("{engine} answered with files, but this client did not ask for them")));
         };
-        let refused = |e: String| format!("the value pulled from {engine} was refused: {e}");
         let read = match files.first() {
             // Checked (all cores) before it is decoded: measured on 2 shared cores, hashing beside
             // the decoding was no faster, since both wait on the same memory.

@@ -60,6 +60,8 @@
 //!   single dispatcher that matches replies and iopub output to requests.
 //! - `dataplane` (private): push / pull / scatter / gather through files in a same-host
 //!   engine's namespace (shared memory) instead of message buffers.
+//! - `datalink` (private): large values streamed straight to and from engines on other hosts
+//!   over their data links, the controller routing only the requests.
 //! - `tracker` (private): the per-request state shared by the IO thread and the handles.
 //!
 //! # Behaviour worth knowing
@@ -72,6 +74,7 @@
 //!   [`RemoteErrorKind::EngineDied`].
 
 mod client;
+mod datalink;
 mod dataplane;
 mod error;
 mod io;

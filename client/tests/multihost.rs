@@ -5,8 +5,10 @@
 //! bridge's address.
 //!
 //! What a user would check: cells and `remote!` closures run on the engines of both hosts and
-//! keep per-engine state; pushed, pulled, scattered and gathered values arrive whole as message
-//! buffers (shared memory is for one host only); every compiled artifact (and libstd) crosses to each host once; an
+//! keep per-engine state; pushed, pulled, scattered and gathered values arrive whole, the large
+//! ones straight over the engines' data links (the controller refuses anything above 4 MiB
+//! here), the small ones and all of them with the data plane off as message buffers through the
+//! controller; every compiled artifact (and libstd) crosses to each host once; an
 //! artifact tampered with on its way is refused and nothing runs; the compiler's files and pid
 //! do not exist on those hosts; `ipcluster stop` leaves nothing behind on any host; a host whose
 //! sshd is down, refused authentication and engines that cannot register give clear errors.
@@ -53,7 +55,9 @@ fn ssh_engines_on_two_hosts() {
     cluster.n = 4;
     let ssh_args = format!("-F {}", hosts.ssh_config().display());
     let hosts_arg = format!("{h1}:2,{h2}:2");
-    let out = cluster.ipcluster(&[
+    // The controller refuses messages above 4 MiB: the 8 MiB values below can only have taken
+    // the engines' data links.
+    let mut start = cluster.command(&[
         "start",
         "--daemonize",
         "--ip",
@@ -67,6 +71,7 @@ fn ssh_engines_on_two_hosts() {
         "--timeout",
         "120",
     ]);
+    let out = rpx_tests::run(start.env("RPX_MAX_MESSAGE_SIZE", "4M"), Duration::from_secs(180));
     assert!(out.status.success(), "ipcluster start --engines ssh failed\n{}", show(&out));
     let c = common::client(&cluster);
     let dv = c.direct_view(..);
@@ -113,20 +118,45 @@ fn ssh_engines_on_two_hosts() {
         assert_eq!(sq, (0..40u64).map(|x| x * x).collect::<Vec<_>>());
     });
 
-    steps.run("values reach engines on other hosts whole, as buffers (no shared memory across hosts)", || {
+    steps.run("values reach engines on other hosts whole: large ones over the engines' data links", || {
         assert!(c.shared_memory_namespaces().is_empty(), "no engine's namespace is on this host: {:?}", c.shared_memory_namespaces());
+        let links = c.data_links();
+        assert_eq!(links.keys().copied().collect::<Vec<_>>(), c.ids(), "every engine has a reachable data link");
+        for (id, addr) in &links {
+            assert_eq!(addr.ip().to_string(), if where_[id] == "h1" { h1.clone() } else { h2.clone() }, "engine {id}'s link is on its host");
+        }
+        // Small values go as buffers through the controller.
         let nested: BTreeMap<String, Vec<Option<u32>>> = BTreeMap::from([("a".to_string(), vec![Some(1), None]), (String::new(), vec![])]);
         dv.push("nested", &nested).unwrap();
         assert_eq!(dv.pull::<BTreeMap<String, Vec<Option<u32>>>>("nested").unwrap(), vec![nested.clone(); 4]);
+        // 8 MiB is twice what the controller accepts: these went over the links.
         let big: Vec<u8> = (0..8usize << 20).map(|i| (i % 249) as u8).collect();
         dv.push("big", &big).unwrap();
         let back: Vec<Vec<u8>> = dv.pull("big").unwrap();
         assert!(back.iter().all(|b| *b == big), "8 MiB came back whole from every engine");
-        let xs: Vec<u64> = (0..101).collect();
+        let sums: Vec<u64> = dv.apply(rpx::remote!(|| rpx::get::<Vec<u8>>("big").iter().map(|b| *b as u64).sum::<u64>()), ()).unwrap();
+        assert_eq!(sums, vec![big.iter().map(|b| *b as u64).sum::<u64>(); 4], "closures read the streamed value");
+        let r = dv.execute("let n = big.len(); println!(\"{n} {}\", big[12345]);").unwrap();
+        assert!(r.errors().is_empty(), "{:?}", r.errors());
+        assert!(r.stdout().iter().all(|s| s.trim() == format!("{} {}", 8usize << 20, 12345 % 249)), "{:?}", r.stdout());
+        let xs: Vec<u64> = (0..(3usize << 20) as u64).collect();
         dv.scatter("xs", &xs).unwrap();
-        assert_eq!(dv.gather::<u64>("xs").unwrap(), xs, "scatter/gather keep engine order across hosts");
+        assert_eq!(dv.gather::<u64>("xs").unwrap(), xs, "a 24 MiB scatter/gather keeps engine order across hosts");
+        let small: Vec<u64> = (0..101).collect();
+        dv.scatter("small", &small).unwrap();
+        assert_eq!(dv.gather::<u64>("small").unwrap(), small);
         dv.push("empty", &Vec::<u8>::new()).unwrap();
         assert_eq!(dv.pull::<Vec<u8>>("empty").unwrap(), vec![Vec::<u8>::new(); 4]);
+    });
+
+    steps.run("with the data plane off, values go through the controller as buffers", || {
+        c.set_shared_memory(false);
+        assert!(c.data_links().is_empty());
+        let mid: Vec<u8> = (0..2usize << 20).map(|i| (i % 241) as u8).collect();
+        dv.push("mid", &mid).unwrap();
+        assert!(dv.pull::<Vec<u8>>("mid").unwrap().iter().all(|b| *b == mid));
+        c.set_shared_memory(true);
+        assert!(dv.pull::<Vec<u8>>("mid").unwrap().iter().all(|b| *b == mid), "and over the links again");
     });
 
     steps.run("every artifact crossed to each host once, libstd included", || {

@@ -113,7 +113,10 @@ pub async fn run(cfg: Config) -> Result<i32> {
     for dir in rpx_protocol::connection::sweep_dead_namespaces() {
         info!(dir = %dir.display(), "removed the namespace of an engine that is gone");
     }
-    crate::namespace::create(&uuid)?;
+    let ns_dir = crate::namespace::create(&uuid)?;
+    // Values of engines on other hosts stream over a link of their own (announced at registration).
+    let max_value = rpx_guard::Limits::from_env().map(|l| l.max_message).unwrap_or(rpx_guard::Limits::default().max_message);
+    crate::datalink::start(&conn.interface, &uuid, &session, &ns_dir, max_value);
 
     let registration = net::register(&session, &conn.url(conn.registration), &uuid, cfg.requested_id, cfg.timeout, &inbound_tx).await?;
     let id = registration.id;

@@ -50,6 +50,9 @@
 //! - [`namespace`]: the engine namespace on disk (pushed and pulled values, one file per name)
 //!   and the code that binds pushed values into cells or writes variables out for a pull. Pure
 //!   apart from file reads and writes.
+//! - [`datalink`]: the cross-host data link: a listener and a thread per transfer writing a
+//!   pushed value into the namespace or sending a pull's snapshot, and the ledger of what it
+//!   received and may send (`rpx_protocol::datalink`).
 //!
 //! # Example
 //! ```
@@ -64,6 +67,7 @@ pub mod call;
 pub mod cell;
 pub mod child;
 pub mod compiler;
+pub mod datalink;
 pub mod engine;
 pub mod history;
 pub mod link;

@@ -113,13 +113,20 @@ impl Digests {
 /// Adopt files a same-host client wrote into the namespace (`rpx_protocol::dataplane`):
 /// `files[i]` becomes `names[i]`. Every file is checked (a transfer name, a regular file of
 /// this user, the announced size and BLAKE3) before any is renamed into place, so a refused
-/// push changes nothing; the refused push's files are removed.
+/// push changes nothing; the refused push's files are removed. A file for which `received` says
+/// the data link wrote it with exactly the announced size and digest is not hashed again.
 ///
 /// The values replaced are kept under [old names](OLD_PREFIX) and returned: freeing a large
 /// file's pages costs about as much as writing them, so the caller removes them with
 /// [`remove_later`] once the push is answered.
-pub fn adopt(dir: &Path, names: &[NamedType], files: &[ValueFile], digests: &mut Digests) -> Result<Vec<PathBuf>, String> {
-    let checked = check_adoption(dir, names, files);
+pub fn adopt(
+    dir: &Path,
+    names: &[NamedType],
+    files: &[ValueFile],
+    digests: &mut Digests,
+    received: impl Fn(&ValueFile) -> bool,
+) -> Result<Vec<PathBuf>, String> {
+    let checked = check_adoption(dir, names, files, received);
     if let Err(e) = checked {
         discard(dir, files);
         return Err(e);
@@ -170,7 +177,7 @@ pub fn remove_later(paths: Vec<PathBuf>) {
     }
 }
 
-fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile]) -> Result<(), String> {
+fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile], received: impl Fn(&ValueFile) -> bool) -> Result<(), String> {
     if names.len() != files.len() {
         return Err(format!("push of {} names came with {} files", names.len(), files.len()));
     }
@@ -178,6 +185,11 @@ fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile]) -> Resul
         return Err(format!("`{}` is not a variable name", bad.name));
     }
     for (n, f) in names.iter().zip(files) {
+        if rpx_protocol::dataplane::is_transfer_name(&f.file) && received(f) {
+            // The data link wrote this file and hashed it on the way: the signed request
+            // announces exactly that size and digest.
+            continue;
+        }
         rpx_protocol::dataplane::verify_value_file(dir, f).map_err(|e| {
             format!("refused the pushed value `{}`: {e}; nothing was stored and `{}` keeps its previous value", n.name, n.name)
         })?;
@@ -322,7 +334,7 @@ mod tests {
         let good = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
         let bad = rpx_protocol::dataplane::write_value_file(d, b"new b").unwrap();
         std::fs::write(d.join(&bad.file), b"evil!").unwrap();
-        let err = adopt(d, &names, &[good.clone(), bad.clone()], &mut digests).unwrap_err();
+        let err = adopt(d, &names, &[good.clone(), bad.clone()], &mut digests, |_| false).unwrap_err();
         assert!(
             err.contains("refused the pushed value `b`") && err.contains("digest mismatch") && err.contains("keeps its previous value"),
             "{err}"
@@ -331,7 +343,7 @@ mod tests {
         assert!(!d.join(&good.file).exists() && !d.join(&bad.file).exists(), "the refused push's files are gone");
         let a = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
         let b = rpx_protocol::dataplane::write_value_file(d, b"").unwrap();
-        let replaced = adopt(d, &names, &[a, b.clone()], &mut digests).unwrap();
+        let replaced = adopt(d, &names, &[a, b.clone()], &mut digests, |_| false).unwrap();
         assert_eq!(replaced.len(), 1, "only `a` had a value");
         assert_eq!(std::fs::read(&replaced[0]).unwrap(), b"old", "the replaced value is kept until removed");
         remove_later(replaced.clone());
@@ -346,7 +358,7 @@ mod tests {
         assert_eq!(rpx_protocol::dataplane::read_value_file(d, &again[0]).unwrap(), &b"newer"[..], "a replaced value is hashed again");
         assert!(export(d, &["a".to_string(), "nope".to_string()], &digests).unwrap_err().contains("`nope`"));
         let bad_name = vec![ValueFile { file: "../../etc/passwd".into(), size: 0, blake3: String::new() }];
-        assert!(adopt(d, &names[..1], &bad_name, &mut digests).unwrap_err().contains("not a transfer file name"));
+        assert!(adopt(d, &names[..1], &bad_name, &mut digests, |_| false).unwrap_err().contains("not a transfer file name"));
     }
 
     #[test]

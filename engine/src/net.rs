@@ -279,7 +279,10 @@ pub async fn register(
         uuid: uuid.to_string(),
         id: requested_id,
         notify_eviction: true,
-        host: Some(rpx_protocol::dataplane::HostIdentity::of_engine(uuid)),
+        host: Some(rpx_protocol::dataplane::HostIdentity {
+            data: crate::datalink::announced(),
+            ..rpx_protocol::dataplane::HostIdentity::of_engine(uuid)
+        }),
         batches: true,
     };
     let content = serde_json::to_value(&request).expect("serializes");

@@ -46,13 +46,21 @@ pub struct HostIdentity {
     pub boot_id: String,
     /// The engine's namespace directory.
     pub ns_dir: String,
+    /// `ip:port` of the engine's data link (`crate::datalink`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 impl HostIdentity {
     /// The identity of the engine `engine_uuid` running on this host.
     pub fn of_engine(engine_uuid: &str) -> HostIdentity {
         let (hostname, boot_id) = this_host();
-        HostIdentity { hostname, boot_id, ns_dir: crate::connection::engine_namespace_dir(engine_uuid).display().to_string() }
+        HostIdentity {
+            hostname,
+            boot_id,
+            ns_dir: crate::connection::engine_namespace_dir(engine_uuid).display().to_string(),
+            data: None,
+        }
     }
 }
 

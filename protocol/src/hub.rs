@@ -330,12 +330,15 @@ mod tests {
     fn extra_keys_match_the_dataplane_constants() {
         let n = EngineNotification { id: 1, uuid: "u".into(), host: Some(host()) };
         assert!(serde_json::to_value(&n).unwrap().get(crate::dataplane::NOTIFICATION_KEY).is_some());
+        // The engine's data link reaches clients through the controller unchanged.
+        let back: EngineNotification = serde_json::from_value(serde_json::to_value(&n).unwrap()).unwrap();
+        assert_eq!(back.host.and_then(|h| h.data).as_deref(), Some("10.0.0.2:4000"));
         let r = ConnectionReply { status: ok(), engines: BTreeMap::new(), hosts: Some([("u".to_string(), host())].into()), batches: false };
         assert!(serde_json::to_value(&r).unwrap().get(crate::dataplane::CONNECTION_REPLY_KEY).is_some());
     }
 
     fn host() -> HostIdentity {
-        HostIdentity { hostname: "h".into(), boot_id: "b".into(), ns_dir: "/n".into() }
+        HostIdentity { hostname: "h".into(), boot_id: "b".into(), ns_dir: "/n".into(), data: Some("10.0.0.2:4000".into()) }
     }
 
     #[test]

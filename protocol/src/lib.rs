@@ -14,6 +14,8 @@
 //!   profile directories under `$RPX_DIR`, and private (0600), atomic file writes.
 //! - [`dataplane`]: the same-host data plane: values handed over as files in the engine's
 //!   namespace (the rule deciding who may, transfer files, digests).
+//! - [`datalink`]: the cross-host data plane: values streamed between a client and an engine
+//!   on another host over a connection of their own, checked against the signed request's digest.
 //! - [`compile`]: the messages between thin engines and the shared compiler.
 //! - [`hub`]: the hub's query, reply and notification contents (connection, queue, result,
 //!   history, db, purge, resubmit, load), broadcast metadata keys and task dependencies.
@@ -34,6 +36,7 @@ pub mod batch;
 pub mod compile;
 pub mod connection;
 pub mod content;
+pub mod datalink;
 pub mod dataplane;
 pub mod hub;
 pub mod message;

@@ -30,9 +30,10 @@ impl Engine {
         };
         match op {
             Op::Push { names, files } if !files.is_empty() => {
-                // Same host: the client wrote the values into the namespace (no buffers).
+                // The values are in the namespace already: written by a client on this host, or
+                // by the data link for a client on another.
                 let adopted = if req.buffers.is_empty() {
-                    crate::namespace::adopt(&self.ns_dir, &names, &files, &mut self.digests)
+                    crate::namespace::adopt(&self.ns_dir, &names, &files, &mut self.digests, crate::datalink::received)
                 } else {
                     crate::namespace::discard(&self.ns_dir, &files);
                     Err("a push with files must carry no buffers".into())
@@ -82,9 +83,13 @@ impl Engine {
 
     pub(super) fn finish_pull(&mut self, req: &Request, md: Value, names: &[String]) {
         if matches!(Op::from_content(&req.content), Some(Ok(Op::Pull { files: true, .. }))) {
-            // Same host: hard links the client reads, instead of the bytes.
+            // Hard links the client reads (same host) or fetches (data link), not the bytes.
             return match crate::namespace::export(&self.ns_dir, names, &self.digests) {
-                Ok(files) => self.out.ok_with(req, md, rpx_protocol::dataplane::REPLY_FILES_KEY, json!(files)),
+                Ok(files) => {
+                    // A client on another host fetches them over the data link.
+                    crate::datalink::offer(&files);
+                    self.out.ok_with(req, md, rpx_protocol::dataplane::REPLY_FILES_KEY, json!(files))
+                }
                 Err(e) => self.out.apply_error(req, md, &EngineError::new(ename::NAME_ERROR, e, vec![])),
             };
         }
