@@ -60,7 +60,8 @@ def rpx_run(hosts, buffers=False):
         out.unlink()
         assert r["same_host_engines"] == 0, "the engines must be on the other host"
         assert r["data_link_engines"] == (0 if buffers else 2), f"data links in use: {r['data_link_engines']}"
-        return {k: r[f"{k}_gb_per_s"]["median"] for k in ("push", "pull", "scatter", "gather")}
+        suffix = "_buffers" if buffers else ""
+        return {k: r[f"{k}_gb_per_s{suffix}"]["median"] for k in ("push", "pull", "scatter", "gather")}
     finally:
         c.stop()
 

@@ -253,6 +253,9 @@ fn main() -> rpx::Result<()> {
         &[]
     } else if std::env::var("BENCH_DATA_PLANE").is_ok_and(|v| v == "both") {
         &[true, false]
+    } else if rpx_protocol::dataplane::buffers_forced() {
+        // RPX_DATA_PLANE=buffers: measure the buffer path alone, as asked.
+        &[false]
     } else {
         &[true]
     };

@@ -363,7 +363,14 @@ impl Client {
         let ids = Arc::new(MsgIds::new(&session));
         let io = Io::start(conn, session.clone(), ids.clone(), CONNECT_LIMIT)?;
         let client = Client {
-            inner: Arc::new(ClientInner { io, session, ids, file, shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into(), links: Default::default() }),
+            inner: Arc::new(ClientInner {
+                io,
+                session,
+                ids,
+                file,
+                shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into(),
+                links: Default::default(),
+            }),
         };
         client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;
         Ok(client)

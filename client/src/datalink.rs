@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rpx_protocol::datalink::{self as link, Ack, Hello, LinkOp};
 use rpx_protocol::dataplane::{ValueFile, STREAM_CHUNK};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::warn;
 
@@ -136,4 +137,34 @@ pub(crate) fn fetch(client: &ClientInner, uuid: &str, addr: SocketAddr, vf: &Val
         Ack::Refused(why) => Err(format!("the engine's data link refused the fetch: {why}")),
         other => Err(format!("the engine's data link answered out of place: {other:?}")),
     }
+}
+
+/// [`fetch`], decoded as it arrives: a plain vector (`rpx_runtime::is_plain`) is read straight
+/// into its own memory, with no copy of the bytes kept. The value is returned only once its
+/// bytes match the signed reply's digest; the inner error is a value that does not decode.
+pub(crate) fn fetch_owned<T: DeserializeOwned + 'static>(
+    client: &ClientInner,
+    uuid: &str,
+    addr: SocketAddr,
+    vf: &ValueFile,
+) -> Result<Result<T, String>, String> {
+    let mut s = client
+        .open_link(uuid, addr, LinkOp::Fetch { file: vf.file.clone() })
+        .map_err(|e| format!("cannot reach the engine's data link at {addr}: {e}"))?;
+    let size = match link::read_ack(&mut s)? {
+        Ack::Sending { size } if size == vf.size => size,
+        Ack::Sending { size } => return Err(format!("the link offered {size} bytes where the engine's reply announced {}", vf.size)),
+        Ack::Refused(why) => return Err(format!("the engine's data link refused the fetch: {why}")),
+        other => return Err(format!("the engine's data link answered out of place: {other:?}")),
+    };
+    let size = usize::try_from(size).map_err(|_| "a value larger than this machine's memory".to_string())?;
+    let mut hasher = blake3::Hasher::new();
+    let value = rpx_runtime::read_owned::<T>(&mut s, size, |piece| {
+        hasher.update(piece);
+    })
+    .map_err(|e| format!("the link was cut: {e}"))?;
+    if hasher.finalize().to_hex().as_str() != vf.blake3 {
+        return Err("the bytes on the link do not match the digest in the engine's signed reply".into());
+    }
+    Ok(value)
 }

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rpx_protocol::apply::{NamedType, Op};
 use rpx_protocol::dataplane::{self as dp, ValueFile};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -131,7 +132,9 @@ pub(crate) fn remove_files(files: &[(PathBuf, String)]) {
 
 /// Pull requests for `name`, and where the same-host targets' replies are read and the other
 /// hosts' fetched.
-pub(crate) fn pull_parts(client: &Arc<ClientInner>, targets: &[(usize, String)], name: &str) -> (Parts, Pulled) {
+/// `once`: the result is read once, at once (a blocking `pull` or `gather`), so a plain vector
+/// fetched over a data link is decoded as it arrives and no copy of its bytes is kept.
+pub(crate) fn pull_parts(client: &Arc<ClientInner>, targets: &[(usize, String)], name: &str, once: bool) -> (Parts, Pulled) {
     let mut dirs = HashMap::new();
     let mut links = HashMap::new();
     let parts = targets
@@ -149,7 +152,7 @@ pub(crate) fn pull_parts(client: &Arc<ClientInner>, targets: &[(usize, String)],
             (Op::Pull { names: vec![name.to_string()], files }.to_content(), vec![])
         })
         .collect();
-    (parts, Pulled { dirs, links, client: client.clone(), read: Mutex::new(HashMap::new()) })
+    (parts, Pulled { dirs, links, client: client.clone(), once, read: Mutex::new(HashMap::new()) })
 }
 
 /// The file side of a pull: each same-host engine's namespace directory, each other host's data
@@ -159,10 +162,32 @@ pub(crate) struct Pulled {
     dirs: HashMap<usize, PathBuf>,
     links: HashMap<usize, (String, std::net::SocketAddr)>,
     client: Arc<ClientInner>,
+    once: bool,
     read: Mutex<HashMap<String, Bytes>>,
 }
 
 impl Pulled {
+    /// The value of a reply naming a snapshot on another host's data link, read straight into
+    /// a plain vector: only for a result read once ([`pull_parts`]), and `None` for any other
+    /// case ([`Pulled::value`] then reads it). `Err` if the fetch is refused; the inner `Err`
+    /// if the value does not decode.
+    pub fn read_plain<T: DeserializeOwned + 'static>(
+        &self,
+        t: &TaskState,
+        content: &Value,
+        engine: &str,
+    ) -> Option<std::result::Result<std::result::Result<T, String>, String>> {
+        if !self.once || !rpx_runtime::is_plain::<T>() {
+            return None;
+        }
+        let (uuid, addr) = t.engine_id.and_then(|id| self.links.get(&id))?;
+        let vf = dp::files_from_content(content)?.ok()?.into_iter().next()?;
+        Some(
+            crate::datalink::fetch_owned::<T>(&self.client, uuid, *addr, &vf)
+                .map_err(|e| format!("the value pulled from {engine} was refused: {e}")),
+        )
+    }
+
     /// The value a reply names as a file, made by `decode` from its bytes: mapped (no copy),
     /// checked against the announced digest, decoded, the file removed. `None` if the reply carries no
     /// files (the value is in its buffers); `Some(Err)` if the file is refused.

@@ -60,6 +60,16 @@ fn engine_label(t: &TaskState) -> String {
 
 /// Decode buffer `i` of a reply as `T`.
 pub(crate) fn decode_buffer<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, i: usize) -> std::result::Result<T, Failure> {
+    decode_buffer_with(t, r, i, rpx_runtime::decode)
+}
+
+/// [`decode_buffer`] with the decoder given.
+fn decode_buffer_with<T>(
+    t: &TaskState,
+    r: &ReplyData,
+    i: usize,
+    decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+) -> std::result::Result<T, Failure> {
     let Some(buf) = r.buffers.get(i) else {
         return Err(Failure::Fatal(Error::Protocol(format!(
             "{} sent no result buffer for task {} (is it an rpx engine?)",
@@ -67,7 +77,7 @@ pub(crate) fn decode_buffer<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, i
             t.msg_id
         ))));
     };
-    rpx_runtime::decode(buf).map_err(|e| {
+    decode(buf).map_err(|e| {
         Failure::Fatal(Error::Protocol(format!(
             "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
             engine_label(t)
@@ -75,22 +85,34 @@ pub(crate) fn decode_buffer<T: DeserializeOwned>(t: &TaskState, r: &ReplyData, i
     })
 }
 
-/// [`decode_buffer`] for a pull: the value comes from a same-host file when the reply names one.
-pub(crate) fn decode_pulled<T: DeserializeOwned>(
+/// [`decode_buffer`] for a pull: the value comes from a same-host file or the data link when the
+/// reply names one; vectors of plain numbers decode by one copy (`rpx_runtime::decode_owned`).
+pub(crate) fn decode_pulled<T: DeserializeOwned + 'static>(
     t: &TaskState,
     r: &ReplyData,
     pulled: &crate::dataplane::Pulled,
 ) -> std::result::Result<T, Failure> {
     let decode = |bytes: &[u8]| {
-        rpx_runtime::decode(bytes).map_err(|e| {
+        rpx_runtime::decode_owned(bytes).map_err(|e| {
             Failure::Fatal(Error::Protocol(format!(
                 "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
                 engine_label(t)
             )))
         })
     };
+    if let Some(read) = pulled.read_plain::<T>(t, &r.content, &engine_label(t)) {
+        return match read {
+            Ok(value) => value.map_err(|e| {
+                Failure::Fatal(Error::Protocol(format!(
+                    "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
+                    engine_label(t)
+                )))
+            }),
+            Err(e) => Err(Failure::Fatal(Error::Protocol(e))),
+        };
+    }
     match pulled.value(t, &r.content, &engine_label(t), decode) {
-        None => decode_buffer(t, r, 0),
+        None => decode_buffer_with(t, r, 0, rpx_runtime::decode_owned::<T>),
         Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
         Some(Ok(value)) => value,
     }

@@ -221,13 +221,18 @@ impl DirectView {
 
     /// The value of `name` on each targeted engine, in target order.
     pub fn pull<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<Vec<T>> {
-        self.pull_async(name)?.get()
+        self.pull_with(name, true)?.get()
     }
 
     /// [`DirectView::pull`] without waiting.
     pub fn pull_async<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<AsyncResult<Vec<T>>> {
+        self.pull_with(name, false)
+    }
+
+    /// A pull; `once` when its result is read once, at once (`crate::dataplane::pull_parts`).
+    fn pull_with<T: DeserializeOwned + 'static>(&self, name: &str, once: bool) -> Result<AsyncResult<Vec<T>>> {
         let targets = self.targets_now()?;
-        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name);
+        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, once);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
         Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled(t, r, &pulled))))
     }
@@ -248,13 +253,18 @@ impl DirectView {
 
     /// Pull `name` (a `Vec<T>`) from each targeted engine and concatenate in engine order.
     pub fn gather<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<Vec<T>> {
-        self.gather_async(name)?.get()
+        self.gather_with(name, true)?.get()
     }
 
     /// [`DirectView::gather`] without waiting.
     pub fn gather_async<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<AsyncResult<Vec<T>>> {
+        self.gather_with(name, false)
+    }
+
+    /// A gather; `once` as for [`DirectView::pull_with`].
+    fn gather_with<T: DeserializeOwned + 'static>(&self, name: &str, once: bool) -> Result<AsyncResult<Vec<T>>> {
         let targets = self.targets_now()?;
-        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name);
+        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, once);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
         Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(concat)))
     }

@@ -123,7 +123,11 @@ fn ssh_engines_on_two_hosts() {
         let links = c.data_links();
         assert_eq!(links.keys().copied().collect::<Vec<_>>(), c.ids(), "every engine has a reachable data link");
         for (id, addr) in &links {
-            assert_eq!(addr.ip().to_string(), if where_[id] == "h1" { h1.clone() } else { h2.clone() }, "engine {id}'s link is on its host");
+            assert_eq!(
+                addr.ip().to_string(),
+                if where_[id] == "h1" { h1.clone() } else { h2.clone() },
+                "engine {id}'s link is on its host"
+            );
         }
         // Small values go as buffers through the controller.
         let nested: BTreeMap<String, Vec<Option<u32>>> = BTreeMap::from([("a".to_string(), vec![Some(1), None]), (String::new(), vec![])]);

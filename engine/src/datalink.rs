@@ -23,6 +23,9 @@ use tracing::{debug, info, warn};
 
 /// Connections served at once; more are refused.
 const MAX_CONNECTIONS: usize = 16;
+/// How long a new connection has to send its hello (a connection that says nothing holds one
+/// of the [`MAX_CONNECTIONS`] no longer than this).
+const HELLO: Duration = Duration::from_secs(5);
 /// Longest silence of a client in the middle of a transfer.
 const STALL: Duration = Duration::from_secs(30);
 /// How long a received file or an offered snapshot waits for its request before it is removed.
@@ -199,9 +202,10 @@ impl Server {
 
     /// One connection: a signed hello, then a push or a fetch.
     fn serve(&self, stream: &mut TcpStream) -> Result<(), String> {
-        stream.set_read_timeout(Some(STALL)).and_then(|_| stream.set_write_timeout(Some(STALL))).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(HELLO)).and_then(|_| stream.set_write_timeout(Some(STALL))).map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
         let hello = link::read_hello(stream, &self.session, &self.engine)?;
+        stream.set_read_timeout(Some(STALL)).map_err(|e| e.to_string())?;
         match hello.op {
             LinkOp::Push => self.receive(stream),
             LinkOp::Fetch { file } => self.send(stream, &file),
@@ -213,7 +217,11 @@ impl Server {
         let mut reader = std::io::BufReader::with_capacity(256 << 10, &*stream);
         let vf = dp::write_value_file_with(&self.dir, |w| link::read_frames(&mut reader, self.max, |piece| w.write_all(piece)).map(|_| ()))
             .map_err(|e| format!("the pushed value was not stored: {e}"))?;
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner()).received.insert(vf.file.clone(), (vf.size, vf.blake3.clone(), Instant::now()));
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received
+            .insert(vf.file.clone(), (vf.size, vf.blake3.clone(), Instant::now()));
         debug!(file = %vf.file, size = vf.size, ms = started.elapsed().as_millis() as u64, "data link received a value");
         link::write_ack(stream, &Ack::Stored(vf)).map_err(|e| e.to_string())
     }

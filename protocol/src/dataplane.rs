@@ -55,12 +55,7 @@ impl HostIdentity {
     /// The identity of the engine `engine_uuid` running on this host.
     pub fn of_engine(engine_uuid: &str) -> HostIdentity {
         let (hostname, boot_id) = this_host();
-        HostIdentity {
-            hostname,
-            boot_id,
-            ns_dir: crate::connection::engine_namespace_dir(engine_uuid).display().to_string(),
-            data: None,
-        }
+        HostIdentity { hostname, boot_id, ns_dir: crate::connection::engine_namespace_dir(engine_uuid).display().to_string(), data: None }
     }
 }
 

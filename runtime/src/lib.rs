@@ -123,6 +123,134 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     postcard::from_bytes(bytes).map_err(|e| format!("cannot decode the value as {}: {e}", std::any::type_name::<T>()))
 }
 
+/// [`decode`] for owned values, with vectors of `f64`, `f32`, `u8` and `i8` read by copying
+/// their bytes: postcard lays such a vector out as a varint length and then each element's
+/// little-endian bytes, which is its layout in memory on a little-endian machine. The value is
+/// the one [`decode`] gives (anything else, or bytes that are not exactly such a vector, goes
+/// through [`decode`]); a 100 MB `Vec<f64>` decodes in one copy instead of element by element.
+pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, String> {
+    match decode_plain::<T>(bytes) {
+        Some(v) => Ok(v),
+        None => decode(bytes),
+    }
+}
+
+/// Whether [`decode_owned`] and [`read_owned`] take `T` by copying its bytes (a vector of
+/// `f64`, `f32`, `u8` or `i8` on a little-endian machine).
+pub fn is_plain<T: 'static>() -> bool {
+    use std::any::TypeId;
+    let t = TypeId::of::<T>();
+    cfg!(target_endian = "little")
+        && [TypeId::of::<Vec<f64>>(), TypeId::of::<Vec<f32>>(), TypeId::of::<Vec<u8>>(), TypeId::of::<Vec<i8>>()].contains(&t)
+}
+
+/// Read exactly `size` bytes of an encoded value from `r` and decode them as [`decode_owned`]
+/// does, a plain vector ([`is_plain`]) straight into its own memory (the bytes are never held
+/// anywhere else), anything else through a buffer. `seen` gets every byte read, in order (to
+/// hash them); the caller must not use the value before it has checked them.
+pub fn read_owned<T: DeserializeOwned + 'static>(
+    r: &mut impl std::io::Read,
+    size: usize,
+    mut seen: impl FnMut(&[u8]),
+) -> std::io::Result<Result<T, String>> {
+    use std::any::{Any, TypeId};
+    /// The vector if the varint length read from `r` says exactly `size` bytes; else the bytes
+    /// read so far.
+    fn plain<E: Copy + Default>(
+        r: &mut impl std::io::Read,
+        size: usize,
+        seen: &mut impl FnMut(&[u8]),
+    ) -> std::io::Result<Result<Vec<E>, Vec<u8>>> {
+        let mut prefix = Vec::with_capacity(10);
+        while prefix.len() < size.min(10) {
+            let mut b = [0u8];
+            r.read_exact(&mut b)?;
+            prefix.push(b[0]);
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        seen(&prefix);
+        let n = postcard::take_from_bytes::<u64>(&prefix).ok().and_then(|(n, _)| usize::try_from(n).ok());
+        let Some(n) = n.filter(|n| n.checked_mul(std::mem::size_of::<E>()).and_then(|b| b.checked_add(prefix.len())) == Some(size)) else {
+            return Ok(Err(prefix));
+        };
+        // Zeroed by the allocator (fresh pages, not written until the socket fills them).
+        let mut v: Vec<E> = vec![E::default(); n];
+        // SAFETY: the vector's `n` initialized elements are `n * size_of::<E>()` bytes; `E` is
+        // one of f64, f32, u8 and i8, for which any bytes written through this view are a
+        // valid value.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<E>()) };
+        for piece in bytes.chunks_mut(1 << 20) {
+            r.read_exact(piece)?;
+            seen(piece);
+        }
+        Ok(Ok(v))
+    }
+    let t = TypeId::of::<T>();
+    let got: Option<Result<Box<dyn Any>, Vec<u8>>> = if !is_plain::<T>() {
+        None
+    } else if t == TypeId::of::<Vec<f64>>() {
+        Some(plain::<f64>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
+    } else if t == TypeId::of::<Vec<f32>>() {
+        Some(plain::<f32>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
+    } else if t == TypeId::of::<Vec<u8>>() {
+        Some(plain::<u8>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
+    } else {
+        Some(plain::<i8>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
+    };
+    let mut buf = match got {
+        Some(Ok(v)) => return Ok(v.downcast::<T>().map(|b| *b).map_err(|_| "a plain vector of another type".to_string())),
+        Some(Err(prefix)) => prefix,
+        None => Vec::new(),
+    };
+    let start = buf.len();
+    buf.resize(size, 0);
+    for piece in buf[start..].chunks_mut(1 << 20) {
+        r.read_exact(piece)?;
+        seen(piece);
+    }
+    Ok(decode_owned(&buf))
+}
+
+/// A vector of plain numbers (every bit pattern valid) read from postcard bytes by one copy.
+fn decode_plain<T: 'static>(bytes: &[u8]) -> Option<T> {
+    use std::any::{Any, TypeId};
+    fn plain<E: Copy>(bytes: &[u8]) -> Option<Vec<E>> {
+        let (n, rest) = postcard::take_from_bytes::<u64>(bytes).ok()?;
+        let n = usize::try_from(n).ok()?;
+        if rest.len() != n.checked_mul(std::mem::size_of::<E>())? {
+            return None;
+        }
+        let mut v: Vec<E> = Vec::with_capacity(n);
+        // SAFETY: `v` has room for `n` elements, that is `rest.len()` bytes; `E` is one of f64,
+        // f32, u8 and i8, for which every bit pattern is a valid value and whose postcard bytes
+        // are their little-endian memory (checked by the caller): after the copy the first `n`
+        // elements are initialized.
+        unsafe {
+            std::ptr::copy_nonoverlapping(rest.as_ptr(), v.as_mut_ptr() as *mut u8, rest.len());
+            v.set_len(n);
+        }
+        Some(v)
+    }
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    let t = TypeId::of::<T>();
+    let v: Box<dyn Any> = if t == TypeId::of::<Vec<f64>>() {
+        Box::new(plain::<f64>(bytes)?)
+    } else if t == TypeId::of::<Vec<f32>>() {
+        Box::new(plain::<f32>(bytes)?)
+    } else if t == TypeId::of::<Vec<u8>>() {
+        Box::new(plain::<u8>(bytes)?)
+    } else if t == TypeId::of::<Vec<i8>>() {
+        Box::new(plain::<i8>(bytes)?)
+    } else {
+        return None;
+    };
+    v.downcast::<T>().ok().map(|b| *b)
+}
+
 fn ns_path(name: &str) -> PathBuf {
     match std::env::var_os(NS_DIR_ENV) {
         Some(dir) => PathBuf::from(dir).join(name),
@@ -379,6 +507,65 @@ pub mod abi {
 mod tests {
     use super::abi::*;
     use std::ffi::c_void;
+
+    #[test]
+    fn plain_vectors_decode_to_what_postcard_gives() {
+        use super::{decode, decode_owned, encode};
+        fn same<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug + 'static>(v: T) {
+            let bytes = encode(&v);
+            assert_eq!(decode_owned::<T>(&bytes).unwrap(), v);
+            assert_eq!(decode_owned::<T>(&bytes).unwrap(), decode::<T>(&bytes).unwrap());
+        }
+        // Lengths around the varint's byte boundaries, and odd bit patterns.
+        for n in [0usize, 1, 127, 128, 16_383, 16_384, 100_001] {
+            same((0..n).map(|i| i as f64 * -0.37).collect::<Vec<f64>>());
+            same((0..n).map(|i| i as f32 + 0.5).collect::<Vec<f32>>());
+            same((0..n).map(|i| (i * 31) as u8).collect::<Vec<u8>>());
+            same((0..n).map(|i| (i * 31) as i8).collect::<Vec<i8>>());
+        }
+        let odd = vec![f64::INFINITY, -0.0, f64::MIN_POSITIVE, f64::from_bits(0x7ff8_0000_0000_0001)];
+        let back: Vec<f64> = decode_owned(&encode(&odd)).unwrap();
+        assert_eq!(back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), odd.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        // Not exactly such a vector: postcard decides (a short value is an error, as it is there).
+        let bytes = encode(&vec![1.5f64; 10]);
+        assert!(decode_owned::<Vec<f64>>(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode_owned::<Vec<f64>>(&longer).unwrap(), decode::<Vec<f64>>(&longer).unwrap());
+        // Other types are postcard's alone.
+        same(vec![(1u64, "a".to_string())]);
+        same(vec![300u32, 7]);
+    }
+
+    #[test]
+    fn values_read_from_a_stream_are_what_decode_gives_and_every_byte_is_seen() {
+        use super::{decode, encode, is_plain, read_owned};
+        fn read<T: serde::de::DeserializeOwned + 'static>(bytes: &[u8], size: usize) -> (Result<T, String>, Vec<u8>) {
+            let mut seen = Vec::new();
+            let v = read_owned::<T>(&mut &bytes[..], size, |p| seen.extend_from_slice(p)).unwrap();
+            (v, seen)
+        }
+        assert!(is_plain::<Vec<f64>>() && is_plain::<Vec<u8>>() && !is_plain::<Vec<u64>>() && !is_plain::<f64>());
+        for n in [0usize, 1, 200, 300_000] {
+            let v: Vec<f64> = (0..n).map(|i| i as f64 / 3.0).collect();
+            let bytes = encode(&v);
+            let (got, seen) = read::<Vec<f64>>(&bytes, bytes.len());
+            assert_eq!((got.unwrap(), seen), (v, bytes.clone()));
+            let s: Vec<String> = (0..n.min(500)).map(|i| i.to_string()).collect();
+            let bytes = encode(&s);
+            let (got, seen) = read::<Vec<String>>(&bytes, bytes.len());
+            assert_eq!((got.unwrap(), seen), (s, bytes));
+        }
+        // A length that does not match the size: read through a buffer, and postcard decides.
+        let mut bytes = encode(&vec![2.5f64; 100]);
+        bytes.extend_from_slice(&[9, 9]);
+        let (got, seen) = read::<Vec<f64>>(&bytes, bytes.len());
+        assert_eq!((got.unwrap(), seen.len()), (decode::<Vec<f64>>(&bytes).unwrap(), bytes.len()));
+        let (got, _) = read::<Vec<u8>>(&bytes[..5], 5);
+        assert!(got.is_err(), "a value cut short is an error");
+        // A stream that ends early is an I/O error, not a value.
+        assert!(read_owned::<Vec<f64>>(&mut &bytes[..50], 802, |_| ()).is_err());
+    }
 
     #[test]
     fn chunked_encoding_gives_the_same_bytes_in_pieces_and_stops_at_the_first_error() {

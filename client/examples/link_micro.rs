@@ -1,0 +1,165 @@
+//! Where a push and a pull of 100 MB of f64 over a data link (`rpx_protocol::datalink`) spend
+//! their time, step by step, over loopback TCP in one process (`BENCH_REPS` runs, 5 by default;
+//! the minimum and median of each step). The engine's side is played by a thread doing what the
+//! engine's link does (frames into a transfer file, hashed; a snapshot sent with `io::copy`,
+//! which is `sendfile`); the client's side is the client's own code path:
+//! - push: the value encoded in 1 MiB pieces, each hashed and framed onto the socket, while the
+//!   other side writes and hashes them into a tmpfs file;
+//! - pull: the snapshot sent by the kernel, read into memory and hashed, then decoded as the
+//!   client decodes a pull (`rpx_runtime::decode_owned`: a `Vec<f64>` by one copy);
+//!
+//! - pull as a blocking `pull` reads it: straight into the `Vec<f64>` (`rpx_runtime::read_owned`),
+//!   hashed on the way, no copy of the bytes;
+//!
+//! and, for reference, the bare socket: 100 MB into a buffer allocated once.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+use rpx_protocol::datalink::{self as link, Ack};
+use rpx_protocol::dataplane::{self as dp, STREAM_CHUNK};
+
+fn main() {
+    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let data: Vec<f64> = (0..12_500_000).map(|i| i as f64 * 0.5).collect();
+    let path = std::path::PathBuf::from(format!("/dev/shm/rpx-link-micro-{}", std::process::id()));
+    std::fs::create_dir(&path).unwrap();
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Gone(path);
+    let dir = dir.0.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut record = |step: &'static str, ms: f64| times.entry(step).or_default().push(ms);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let mut raw = vec![0u8; 100_000_000];
+    for _ in 0..reps {
+        // Push: the engine's side receives into a transfer file.
+        let recv_dir = dir.clone();
+        let engine = {
+            let l = listener.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let t = Instant::now();
+                let mut r = std::io::BufReader::with_capacity(256 << 10, &s);
+                let vf =
+                    dp::write_value_file_with(&recv_dir, |w| link::read_frames(&mut r, u64::MAX, |p| w.write_all(p)).map(|_| ())).unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                link::write_ack(&mut s, &Ack::Stored(vf.clone())).unwrap();
+                (vf, ms)
+            })
+        };
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut hasher = blake3::Hasher::new();
+        rpx_runtime::encode_chunked(&data, STREAM_CHUNK, |p| {
+            hasher.update(p);
+            link::write_frame(&mut s, p)
+        })
+        .unwrap();
+        let sent = t.elapsed();
+        link::end_frames(&mut s).unwrap();
+        let Ack::Stored(vf) = link::read_ack(&mut s).unwrap() else { panic!() };
+        record("1 push: whole (client ‖ engine)", ms(t));
+        record("1a push: client encode+hash+send", sent.as_secs_f64() * 1e3);
+        let (_, engine_ms) = engine.join().unwrap();
+        record("1b push: engine recv+hash+write", engine_ms);
+        assert_eq!(vf.blake3, hasher.finalize().to_hex().as_str());
+
+        // Pull: the engine's side sends the snapshot with io::copy (sendfile).
+        let file = dir.join(&vf.file);
+        let engine = {
+            let l = listener.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut f = std::fs::File::open(&file).unwrap();
+                let size = f.metadata().unwrap().len();
+                link::write_ack(&mut s, &Ack::Sending { size }).unwrap();
+                std::io::copy(&mut f, &mut s).unwrap();
+                let _ = std::fs::remove_file(&file);
+            })
+        };
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        let Ack::Sending { size } = link::read_ack(&mut s).unwrap() else { panic!() };
+        let bytes = link::read_fetched(&mut s, size, &vf).unwrap();
+        record("2a pull: fetch (read, hashed)", ms(t));
+        let t2 = Instant::now();
+        let back: Vec<f64> = rpx_runtime::decode_owned(&bytes).unwrap();
+        record("2b pull: decode", ms(t2));
+        record("2 pull: whole", ms(t));
+        assert_eq!(back.len(), data.len());
+        drop((bytes, back));
+        engine.join().unwrap();
+
+        // Pull as a blocking `pull` reads it: straight into the Vec<f64> (read_owned), hashed.
+        let vf2 = {
+            let mut h = blake3::Hasher::new();
+            rpx_runtime::encode_chunked(&data, STREAM_CHUNK, |p| {
+                h.update(p);
+                Ok(())
+            })
+            .unwrap();
+            let file = dir.join(dp::transfer_name());
+            std::fs::write(&file, rpx_runtime::encode(&data)).unwrap();
+            (file, h.finalize().to_hex().to_string())
+        };
+        let engine = {
+            let l = listener.try_clone().unwrap();
+            let file = vf2.0.clone();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut f = std::fs::File::open(&file).unwrap();
+                let size = f.metadata().unwrap().len();
+                link::write_ack(&mut s, &Ack::Sending { size }).unwrap();
+                std::io::copy(&mut f, &mut s).unwrap();
+                let _ = std::fs::remove_file(&file);
+            })
+        };
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        let Ack::Sending { size } = link::read_ack(&mut s).unwrap() else { panic!() };
+        let mut h = blake3::Hasher::new();
+        let back: Vec<f64> = rpx_runtime::read_owned(&mut s, size as usize, |p| {
+            h.update(p);
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.finalize().to_hex().as_str(), vf2.1);
+        record("4 pull read straight into the value (blocking pull)", ms(t));
+        assert_eq!(back.len(), data.len());
+        drop(back);
+        engine.join().unwrap();
+
+        // Reference: the bare socket, into a buffer allocated (and faulted in) once.
+        let sender = {
+            let l = listener.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let out = vec![1u8; 100_000_000];
+                s.write_all(&out).unwrap();
+            })
+        };
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        std::io::Read::read_exact(&mut s, &mut raw).unwrap();
+        record("3 reference: bare socket, 100 MB", ms(t));
+        sender.join().unwrap();
+    }
+    for (step, mut v) in times {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "{step:<40} min {:7.1} ms  median {:7.1} ms  ({:.2} GB/s at the median)",
+            v[0],
+            v[v.len() / 2],
+            0.1 / (v[v.len() / 2] / 1e3)
+        );
+    }
+}
