@@ -13,7 +13,8 @@ controller on this host, bound to the bridge's address, and 2 engines on the oth
   other host over ssh; a float64 numpy array of 1e8 bytes, measured as
   `../shared/bench/peers/ipp_ops.py` does (`rc[0].push`, `rc[0].pull`, `rc[:].scatter`,
   `rc[:].gather`, blocking).
-The two alternate, `--reps` times each; each run reports medians of 3 transfers.
+The two alternate, `--reps` times each; each run reports medians of 3 transfers. Each repetition
+also times 100 MB over one plain TCP connection each way (the transport's ceiling).
 
     cargo build --release --workspace --examples
     .venv/bin/python bench/multihost_data.py             # or PYTHON with ipyparallel + numpy
@@ -132,6 +133,46 @@ def ipp_run(hosts):
         shutil.rmtree(state, ignore_errors=True)
 
 
+def receive_timed(s, n):
+    """`n` bytes from socket `s` into a buffer allocated once: the buffer, and GB/s from the
+    first byte to the last."""
+    import time
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = s.recv_into(mv, n)
+    t = time.perf_counter()
+    while got < n:
+        k = s.recv_into(mv[got:], n - got)
+        assert k, "connection closed early"
+        got += k
+    return buf, n / 1e9 / (time.perf_counter() - t)
+
+
+def raw_tcp(hosts):
+    """The transport's ceiling: 100 MB over one plain TCP connection between this host and the
+    other, each way (Python sockets: `sendall`, and `receive_timed` on the receiving side)."""
+    import inspect
+    import shlex
+    import socket
+    ip = hosts["hosts"][0]["ip"]
+    gw = hosts["gateway"]
+    srv = socket.socket()
+    srv.bind((gw, 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    code = (f"import socket\n{inspect.getsource(receive_timed)}s = socket.create_connection(({gw!r}, {port}))\n"
+            f"buf, rate = receive_timed(s, {NBYTES})\nprint(rate, flush=True)\ns.sendall(buf)\ns.close()\n")
+    remote = subprocess.Popen(["ssh", "-F", hosts["ssh_config"], ip, "python3 -c " + shlex.quote(code)],
+                              stdout=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    conn.sendall(bytes(NBYTES))
+    _, from_host = receive_timed(conn, NBYTES)
+    to_host = float(remote.communicate(timeout=60)[0].strip())
+    conn.close()
+    srv.close()
+    return {"to_host": to_host, "from_host": from_host}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
@@ -144,12 +185,15 @@ def main():
     hosts = json.loads(proc.stdout.readline())
     record = {"nbytes": NBYTES, "transfers_per_run": TRANSFERS, **{name: [] for name in systems}}
     runs = {"rpx": lambda: rpx_run(hosts), "ipp": lambda: ipp_run(hosts), "rpx_buffers": lambda: rpx_run(hosts, buffers=True)}
+    record["raw_tcp"] = []
     try:
         for rep in range(args.reps):
             for system in (systems if rep % 2 == 0 else systems[::-1]):
                 r = runs[system]()
                 record[system].append(r)
                 log(f"rep {rep} {system}: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in r.items()))
+            record["raw_tcp"].append(raw_tcp(hosts))
+            log(f"rep {rep} plain TCP: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in record["raw_tcp"][-1].items()))
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
@@ -166,6 +210,11 @@ def main():
             summary[k]["rpx_buffers"] = med([r[k] for r in record["rpx_buffers"]])
             row += f" {summary[k]['rpx_buffers']:.2f} |"
         print(row)
+    raw = {k: med([r[k] for r in record["raw_tcp"]]) for k in ("to_host", "from_host")}
+    summary["raw_tcp"] = raw
+    print(f"\nplain TCP, one connection, 100 MB (the transport's ceiling): to the host {raw['to_host']:.2f} GB/s, "
+          f"from it {raw['from_host']:.2f} GB/s; ipyparallel x2 would be "
+          f"{2 * summary['push']['ipp']:.2f} GB/s push, {2 * summary['pull']['ipp']:.2f} GB/s pull")
     record["summary"] = summary
     out = REPO / "bench" / "results" / f"multihost-data-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=1))
