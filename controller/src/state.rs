@@ -53,6 +53,8 @@ pub struct Engine {
     pub inflight: HashMap<String, InFlight>,
     /// Load-balanced tasks in flight.
     pub task_load: usize,
+    /// How fast it finishes them (its task limit: `crate::scheduler::Pace`).
+    pub pace: crate::scheduler::Pace,
     pub completed: u64,
     /// The most recent completed msg_ids (for verbose `queue_request`).
     pub recent_completed: VecDeque<String>,
@@ -85,6 +87,7 @@ impl Engine {
             outbox: Vec::new(),
             inflight: HashMap::new(),
             task_load: 0,
+            pace: Default::default(),
             completed: 0,
             recent_completed: VecDeque::new(),
         }

@@ -85,7 +85,7 @@ impl Hub {
                 }
                 self.forward_reply(c, r);
             }
-            Chan::Task => self.on_task_reply(c, id, r, inf.is_some()),
+            Chan::Task => self.on_task_reply(c, id, r, inf.is_some(), now),
             Chan::Bcast => {
                 let orig = parent.strip_suffix(&format!("_{uuid}")).unwrap_or(&parent).to_string();
                 if self.coalesce.contains_key(&orig) {

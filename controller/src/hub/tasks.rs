@@ -91,7 +91,12 @@ impl Hub {
         let mut free: usize = if self.cfg.hwm == 0 {
             usize::MAX
         } else {
-            self.engines.lru.iter().filter_map(|id| self.engines.get(*id)).map(|e| self.cfg.hwm.saturating_sub(e.task_load)).sum()
+            self.engines
+                .lru
+                .iter()
+                .filter_map(|id| self.engines.get(*id))
+                .map(|e| e.pace.limit(self.cfg.hwm).saturating_sub(e.task_load))
+                .sum()
         };
         if free == 0 {
             // Every engine is at its high-water mark: nothing to place, and the queue stays as
@@ -135,7 +140,7 @@ impl Hub {
         let mut loads = Vec::new();
         for &eid in &self.engines.lru {
             let e = self.engines.get(eid).expect("lru engines exist");
-            if !has_capacity(e.task_load, self.cfg.hwm) || job.blacklist.contains(&eid) {
+            if !has_capacity(e.task_load, e.pace.limit(self.cfg.hwm)) || job.blacklist.contains(&eid) {
                 continue;
             }
             if !job.targets.is_empty() && !job.targets.contains(&e.uuid) {
@@ -196,7 +201,7 @@ impl Hub {
         Placement::Placed
     }
 
-    pub(super) fn on_task_reply<C: Comm>(&mut self, c: &mut C, eid: u64, r: Reply, was_inflight: bool) {
+    pub(super) fn on_task_reply<C: Comm>(&mut self, c: &mut C, eid: u64, r: Reply, was_inflight: bool, now: Instant) {
         let parent = r.parent_msg_id.clone().unwrap_or_default();
         let e = self.engines.get_mut(eid).expect("exists");
         let uuid = e.uuid.clone();
@@ -211,6 +216,7 @@ impl Hub {
             return;
         }
         e.task_load = e.task_load.saturating_sub(1);
+        e.pace.finished(now, e.task_load);
         let success = r.status.as_deref() == Some("ok");
         let job = self.jobs.get_mut(&parent).expect("checked");
         if !r.dependencies_met || (!success && job.retries > 0) {
