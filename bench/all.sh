@@ -21,7 +21,7 @@ echo "=== cluster benchmark: start-up, cells on 8 vs 1 engine, memory ($(date +%
 "$py" bench/cluster_bench.py --reps "${BENCH_REPS:-3}" | tail -20
 if [ "$(id -u)" = 0 ]; then
     echo "=== 100 MB to engines on another host ($(date +%T))"
-    "$py" bench/multihost_data.py --reps "${BENCH_REPS:-3}"
+    "$py" bench/multihost_data.py --reps "${BENCH_REPS:-3}" --with-buffers
 else
     echo "=== not root: the cross-host rows are skipped"
 fi

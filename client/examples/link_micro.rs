@@ -23,16 +23,8 @@ use rpx_protocol::dataplane::{self as dp, STREAM_CHUNK};
 fn main() {
     let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let data: Vec<f64> = (0..12_500_000).map(|i| i as f64 * 0.5).collect();
-    let path = std::path::PathBuf::from(format!("/dev/shm/rpx-link-micro-{}", std::process::id()));
-    std::fs::create_dir(&path).unwrap();
-    struct Gone(std::path::PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = Gone(path);
-    let dir = dir.0.clone();
+    let tmp = tempfile::Builder::new().prefix("rpx-link-micro-").tempdir_in("/dev/shm").unwrap();
+    let dir = tmp.path().to_path_buf();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -74,18 +66,7 @@ fn main() {
         assert_eq!(vf.blake3, hasher.finalize().to_hex().as_str());
 
         // Pull: the engine's side sends the snapshot with io::copy (sendfile).
-        let file = dir.join(&vf.file);
-        let engine = {
-            let l = listener.try_clone().unwrap();
-            std::thread::spawn(move || {
-                let (mut s, _) = l.accept().unwrap();
-                let mut f = std::fs::File::open(&file).unwrap();
-                let size = f.metadata().unwrap().len();
-                link::write_ack(&mut s, &Ack::Sending { size }).unwrap();
-                std::io::copy(&mut f, &mut s).unwrap();
-                let _ = std::fs::remove_file(&file);
-            })
-        };
+        let engine = send_snapshot(&listener, dir.join(&vf.file));
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
         let Ack::Sending { size } = link::read_ack(&mut s).unwrap() else { panic!() };
@@ -111,18 +92,7 @@ fn main() {
             std::fs::write(&file, rpx_runtime::encode(&data)).unwrap();
             (file, h.finalize().to_hex().to_string())
         };
-        let engine = {
-            let l = listener.try_clone().unwrap();
-            let file = vf2.0.clone();
-            std::thread::spawn(move || {
-                let (mut s, _) = l.accept().unwrap();
-                let mut f = std::fs::File::open(&file).unwrap();
-                let size = f.metadata().unwrap().len();
-                link::write_ack(&mut s, &Ack::Sending { size }).unwrap();
-                std::io::copy(&mut f, &mut s).unwrap();
-                let _ = std::fs::remove_file(&file);
-            })
-        };
+        let engine = send_snapshot(&listener, vf2.0.clone());
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
         let Ack::Sending { size } = link::read_ack(&mut s).unwrap() else { panic!() };
@@ -162,4 +132,18 @@ fn main() {
             0.1 / (v[v.len() / 2] / 1e3)
         );
     }
+}
+
+/// Play the engine's side of a fetch: accept one connection, announce the file and send it
+/// with `io::copy` (sendfile), then remove it.
+fn send_snapshot(listener: &TcpListener, file: std::path::PathBuf) -> std::thread::JoinHandle<()> {
+    let l = listener.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut f = std::fs::File::open(&file).unwrap();
+        let size = f.metadata().unwrap().len();
+        link::write_ack(&mut s, &Ack::Sending { size }).unwrap();
+        std::io::copy(&mut f, &mut s).unwrap();
+        let _ = std::fs::remove_file(&file);
+    })
 }
