@@ -126,17 +126,27 @@ pub(crate) fn push_over_links<T: Serialize + ?Sized>(client: &ClientInner, value
     LinkPush { files, small: None }
 }
 
-/// Fetch the pull snapshot `vf` from engine `uuid`'s link: its bytes, checked against the size
-/// and digest of the engine's signed reply.
-pub(crate) fn fetch(client: &ClientInner, uuid: &str, addr: SocketAddr, vf: &ValueFile) -> Result<Vec<u8>, String> {
+/// Ask engine `uuid`'s link for the pull snapshot `vf`: the connection, positioned at its bytes,
+/// and their count (the signed reply's size, which the link must offer).
+fn open_fetch(client: &ClientInner, uuid: &str, addr: SocketAddr, vf: &ValueFile) -> Result<(TcpStream, usize), String> {
     let mut s = client
         .open_link(uuid, addr, LinkOp::Fetch { file: vf.file.clone() })
         .map_err(|e| format!("cannot reach the engine's data link at {addr}: {e}"))?;
-    match link::read_ack(&mut s)? {
-        Ack::Sending { size } => link::read_fetched(&mut s, size, vf),
-        Ack::Refused(why) => Err(format!("the engine's data link refused the fetch: {why}")),
-        other => Err(format!("the engine's data link answered out of place: {other:?}")),
-    }
+    let size = match link::read_ack(&mut s)? {
+        Ack::Sending { size } if size == vf.size => size,
+        Ack::Sending { size } => return Err(format!("the link offered {size} bytes where the engine's reply announced {}", vf.size)),
+        Ack::Refused(why) => return Err(format!("the engine's data link refused the fetch: {why}")),
+        other => return Err(format!("the engine's data link answered out of place: {other:?}")),
+    };
+    let size = usize::try_from(size).map_err(|_| "a value larger than this machine's memory".to_string())?;
+    Ok((s, size))
+}
+
+/// Fetch the pull snapshot `vf` from engine `uuid`'s link: its bytes, checked against the size
+/// and digest of the engine's signed reply.
+pub(crate) fn fetch(client: &ClientInner, uuid: &str, addr: SocketAddr, vf: &ValueFile) -> Result<Vec<u8>, String> {
+    let (mut s, size) = open_fetch(client, uuid, addr, vf)?;
+    link::read_fetched(&mut s, size as u64, vf)
 }
 
 /// [`fetch`], decoded as it arrives: a plain vector (`rpx_runtime::is_plain`) is read straight
@@ -148,16 +158,7 @@ pub(crate) fn fetch_owned<T: DeserializeOwned + 'static>(
     addr: SocketAddr,
     vf: &ValueFile,
 ) -> Result<Result<T, String>, String> {
-    let mut s = client
-        .open_link(uuid, addr, LinkOp::Fetch { file: vf.file.clone() })
-        .map_err(|e| format!("cannot reach the engine's data link at {addr}: {e}"))?;
-    let size = match link::read_ack(&mut s)? {
-        Ack::Sending { size } if size == vf.size => size,
-        Ack::Sending { size } => return Err(format!("the link offered {size} bytes where the engine's reply announced {}", vf.size)),
-        Ack::Refused(why) => return Err(format!("the engine's data link refused the fetch: {why}")),
-        other => return Err(format!("the engine's data link answered out of place: {other:?}")),
-    };
-    let size = usize::try_from(size).map_err(|_| "a value larger than this machine's memory".to_string())?;
+    let (mut s, size) = open_fetch(client, uuid, addr, vf)?;
     let mut hasher = blake3::Hasher::new();
     let value = rpx_runtime::read_owned::<T>(&mut s, size, |piece| {
         hasher.update(piece);

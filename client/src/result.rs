@@ -77,12 +77,15 @@ fn decode_buffer_with<T>(
             t.msg_id
         ))));
     };
-    decode(buf).map_err(|e| {
-        Failure::Fatal(Error::Protocol(format!(
-            "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
-            engine_label(t)
-        )))
-    })
+    decode(buf).map_err(|e| undecodable(t, &e))
+}
+
+/// A value from `t`'s engine that does not decode as the type asked for.
+fn undecodable(t: &TaskState, e: &str) -> Failure {
+    Failure::Fatal(Error::Protocol(format!(
+        "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
+        engine_label(t)
+    )))
 }
 
 /// [`decode_buffer`] for a pull: the value comes from a same-host file or the data link when the
@@ -92,22 +95,10 @@ pub(crate) fn decode_pulled<T: DeserializeOwned + 'static>(
     r: &ReplyData,
     pulled: &crate::dataplane::Pulled,
 ) -> std::result::Result<T, Failure> {
-    let decode = |bytes: &[u8]| {
-        rpx_runtime::decode_owned(bytes).map_err(|e| {
-            Failure::Fatal(Error::Protocol(format!(
-                "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
-                engine_label(t)
-            )))
-        })
-    };
+    let decode = |bytes: &[u8]| rpx_runtime::decode_owned(bytes).map_err(|e| undecodable(t, &e));
     if let Some(read) = pulled.read_plain::<T>(t, &r.content, &engine_label(t)) {
         return match read {
-            Ok(value) => value.map_err(|e| {
-                Failure::Fatal(Error::Protocol(format!(
-                    "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
-                    engine_label(t)
-                )))
-            }),
+            Ok(value) => value.map_err(|e| undecodable(t, &e)),
             Err(e) => Err(Failure::Fatal(Error::Protocol(e))),
         };
     }

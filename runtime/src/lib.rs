@@ -124,15 +124,13 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 }
 
 /// [`decode`] for owned values, with vectors of `f64`, `f32`, `u8` and `i8` read by copying
-/// their bytes: postcard lays such a vector out as a varint length and then each element's
-/// little-endian bytes, which is its layout in memory on a little-endian machine. The value is
-/// the one [`decode`] gives (anything else, or bytes that are not exactly such a vector, goes
-/// through [`decode`]); a 100 MB `Vec<f64>` decodes in one copy instead of element by element.
+/// their bytes (see [`read_owned`]): the value is the one [`decode`] gives; a 100 MB `Vec<f64>`
+/// decodes in one copy instead of element by element.
 pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, String> {
-    match decode_plain::<T>(bytes) {
-        Some(v) => Ok(v),
-        None => decode(bytes),
+    if !is_plain::<T>() {
+        return decode(bytes);
     }
+    read_owned(&mut &bytes[..], bytes.len(), |_| ()).unwrap_or_else(|e| Err(format!("cannot decode the value: {e}")))
 }
 
 /// Whether [`decode_owned`] and [`read_owned`] take `T` by copying its bytes (a vector of
@@ -144,9 +142,11 @@ pub fn is_plain<T: 'static>() -> bool {
         && [TypeId::of::<Vec<f64>>(), TypeId::of::<Vec<f32>>(), TypeId::of::<Vec<u8>>(), TypeId::of::<Vec<i8>>()].contains(&t)
 }
 
-/// Read exactly `size` bytes of an encoded value from `r` and decode them as [`decode_owned`]
-/// does, a plain vector ([`is_plain`]) straight into its own memory (the bytes are never held
-/// anywhere else), anything else through a buffer. `seen` gets every byte read, in order (to
+/// Read exactly `size` bytes of an encoded value from `r` and decode them as [`decode`] does,
+/// a plain vector ([`is_plain`]) straight into its own memory (the bytes are never held anywhere
+/// else: postcard lays such a vector out as a varint length and then each element's
+/// little-endian bytes, its layout in memory on a little-endian machine), anything else, or
+/// bytes that are not exactly such a vector, through a buffer and [`decode`]. `seen` gets every byte read, in order (to
 /// hash them); the caller must not use the value before it has checked them.
 pub fn read_owned<T: DeserializeOwned + 'static>(
     r: &mut impl std::io::Read,
@@ -210,45 +210,7 @@ pub fn read_owned<T: DeserializeOwned + 'static>(
         r.read_exact(piece)?;
         seen(piece);
     }
-    Ok(decode_owned(&buf))
-}
-
-/// A vector of plain numbers (every bit pattern valid) read from postcard bytes by one copy.
-fn decode_plain<T: 'static>(bytes: &[u8]) -> Option<T> {
-    use std::any::{Any, TypeId};
-    fn plain<E: Copy>(bytes: &[u8]) -> Option<Vec<E>> {
-        let (n, rest) = postcard::take_from_bytes::<u64>(bytes).ok()?;
-        let n = usize::try_from(n).ok()?;
-        if rest.len() != n.checked_mul(std::mem::size_of::<E>())? {
-            return None;
-        }
-        let mut v: Vec<E> = Vec::with_capacity(n);
-        // SAFETY: `v` has room for `n` elements, that is `rest.len()` bytes; `E` is one of f64,
-        // f32, u8 and i8, for which every bit pattern is a valid value and whose postcard bytes
-        // are their little-endian memory (checked by the caller): after the copy the first `n`
-        // elements are initialized.
-        unsafe {
-            std::ptr::copy_nonoverlapping(rest.as_ptr(), v.as_mut_ptr() as *mut u8, rest.len());
-            v.set_len(n);
-        }
-        Some(v)
-    }
-    if cfg!(target_endian = "big") {
-        return None;
-    }
-    let t = TypeId::of::<T>();
-    let v: Box<dyn Any> = if t == TypeId::of::<Vec<f64>>() {
-        Box::new(plain::<f64>(bytes)?)
-    } else if t == TypeId::of::<Vec<f32>>() {
-        Box::new(plain::<f32>(bytes)?)
-    } else if t == TypeId::of::<Vec<u8>>() {
-        Box::new(plain::<u8>(bytes)?)
-    } else if t == TypeId::of::<Vec<i8>>() {
-        Box::new(plain::<i8>(bytes)?)
-    } else {
-        return None;
-    };
-    v.downcast::<T>().ok().map(|b| *b)
+    Ok(decode(&buf))
 }
 
 fn ns_path(name: &str) -> PathBuf {
