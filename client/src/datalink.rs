@@ -158,9 +158,35 @@ pub(crate) fn fetch_owned<T: DeserializeOwned + 'static>(
     addr: SocketAddr,
     vf: &ValueFile,
 ) -> Result<Result<T, String>, String> {
+    fetch_checked(client, uuid, addr, vf, |s, size, seen| rpx_runtime::read_owned::<T>(s, size, seen))
+}
+
+/// [`fetch`] into `dst`, the bytes of the `n` elements of a plain vector the snapshot encodes (a
+/// part of a gather, read in its place: `rpx_runtime::read_plain_into`). `dst` holds the value
+/// only once this returns `Ok(Ok(()))`; the inner error is a value that is not such a vector.
+pub(crate) fn fetch_into(
+    client: &ClientInner,
+    uuid: &str,
+    addr: SocketAddr,
+    vf: &ValueFile,
+    n: usize,
+    dst: &mut [u8],
+) -> Result<Result<(), String>, String> {
+    fetch_checked(client, uuid, addr, vf, |s, size, seen| rpx_runtime::read_plain_into(s, size, n, dst, seen))
+}
+
+/// Open the fetch of `vf`, let `read` take its bytes (passing each to `seen`), and return what it
+/// made only if they match the signed reply's digest.
+fn fetch_checked<V>(
+    client: &ClientInner,
+    uuid: &str,
+    addr: SocketAddr,
+    vf: &ValueFile,
+    read: impl FnOnce(&mut TcpStream, usize, &mut dyn FnMut(&[u8])) -> std::io::Result<V>,
+) -> Result<V, String> {
     let (mut s, size) = open_fetch(client, uuid, addr, vf)?;
     let mut hasher = blake3::Hasher::new();
-    let value = rpx_runtime::read_owned::<T>(&mut s, size, |piece| {
+    let value = read(&mut s, size, &mut |piece| {
         hasher.update(piece);
     })
     .map_err(|e| format!("the link was cut: {e}"))?;

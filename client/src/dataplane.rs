@@ -239,3 +239,98 @@ impl Pulled {
         }))
     }
 }
+
+/// Where one part of a gather of plain vectors comes from.
+enum Source<'a> {
+    /// The reply's buffer (the value came through the controller).
+    Buffer(&'a Bytes),
+    /// A snapshot in a same-host engine's namespace directory.
+    File(&'a PathBuf, ValueFile),
+    /// A snapshot on another host's data link (engine uuid, address).
+    Link(&'a (String, std::net::SocketAddr), ValueFile),
+}
+
+impl Pulled {
+    /// A gather of plain vectors (`rpx_runtime::is_plain`) read once, at once: the whole result
+    /// is made at its final size and each engine's part read straight into its place, the parts
+    /// at the same time (the links fetched in parallel, same-host files copied on every core), so
+    /// no part is copied again to concatenate them. `None` (nothing read) for any other case,
+    /// including a reply that is not `ok`: the caller's general path then reads and reports it.
+    pub fn gather_plain<V: 'static>(&self, tasks: &[TaskState]) -> Option<Result<V>> {
+        if !self.once || !rpx_runtime::is_plain::<V>() {
+            return None;
+        }
+        let mut parts = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let r = crate::result::ok_reply(t).ok()?;
+            let source = match dp::files_from_content(&r.content) {
+                None => Source::Buffer(r.buffers.first()?),
+                Some(files) => {
+                    let vf = files.ok()?.into_iter().next()?;
+                    let id = t.engine_id?;
+                    match self.links.get(&id) {
+                        Some(link) => Source::Link(link, vf),
+                        None => Source::File(self.dirs.get(&id)?, vf),
+                    }
+                }
+            };
+            let size = match &source {
+                Source::Buffer(b) => b.len(),
+                Source::File(_, vf) | Source::Link(_, vf) => usize::try_from(vf.size).ok()?,
+            };
+            parts.push((t, source, size, rpx_runtime::plain_count::<V>(size)?));
+        }
+        let total = parts.iter().try_fold(0usize, |sum, p| sum.checked_add(p.3))?;
+        let mut out: V = rpx_runtime::plain_zeroed(total)?;
+        let elem = rpx_runtime::plain_bytes_mut(&mut out)?.len().checked_div(total).unwrap_or(1);
+        let mut rest = rpx_runtime::plain_bytes_mut(&mut out)?;
+        let mut jobs = Vec::with_capacity(parts.len());
+        for (t, source, size, n) in parts {
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * elem);
+            rest = tail;
+            jobs.push((t, source, size, n, dst));
+        }
+        let workers = jobs.len().min(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)));
+        let jobs = Mutex::new(jobs.into_iter());
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let Some((t, source, size, n, dst)) = jobs.lock().unwrap_or_else(|p| p.into_inner()).next() else { break };
+                    if let Err(e) = self.read_part(t, source, size, n, dst) {
+                        failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                });
+            }
+        });
+        Some(match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(out),
+        })
+    }
+
+    /// Read one part of [`Pulled::gather_plain`] from `source` (`size` bytes encoding `n`
+    /// elements) into `dst`, checked against its reply's digest; a same-host snapshot is removed.
+    fn read_part(&self, t: &TaskState, source: Source<'_>, size: usize, n: usize, dst: &mut [u8]) -> Result<()> {
+        let refused = |e: String| Error::Protocol(format!("the value pulled from {} was refused: {e}", crate::result::engine_label(t)));
+        let undecodable = |e: String| crate::result::undecodable(t, &e).into_error();
+        let copy = |bytes: &[u8], dst: &mut [u8]| -> Result<()> {
+            rpx_runtime::read_plain_into(&mut &bytes[..], size, n, dst, |_| ())
+                .map_err(|e| undecodable(e.to_string()))?
+                .map_err(undecodable)
+        };
+        match source {
+            Source::Buffer(b) => copy(b, dst),
+            Source::Link((uuid, addr), vf) => {
+                crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst).map_err(refused)?.map_err(undecodable)
+            }
+            Source::File(dir, vf) => {
+                let read = dp::read_value_file(dir, &vf).map_err(refused).and_then(|bytes| copy(&bytes, dst));
+                if dp::is_transfer_name(&vf.file) {
+                    let _ = std::fs::remove_file(dir.join(&vf.file));
+                }
+                read
+            }
+        }
+    }
+}

@@ -34,7 +34,7 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    fn into_error(self) -> Error {
+    pub(crate) fn into_error(self) -> Error {
         match self {
             Failure::Remote(e) => Error::Remote(e),
             Failure::Fatal(e) => e,
@@ -54,7 +54,7 @@ pub(crate) fn ok_reply(t: &TaskState) -> std::result::Result<&ReplyData, Failure
     }
 }
 
-fn engine_label(t: &TaskState) -> String {
+pub(crate) fn engine_label(t: &TaskState) -> String {
     t.engine_id.map_or_else(|| "the engine".to_string(), |id| format!("engine {id}"))
 }
 
@@ -81,7 +81,7 @@ fn decode_buffer_with<T>(
 }
 
 /// A value from `t`'s engine that does not decode as the type asked for.
-fn undecodable(t: &TaskState, e: &str) -> Failure {
+pub(crate) fn undecodable(t: &TaskState, e: &str) -> Failure {
     Failure::Fatal(Error::Protocol(format!(
         "the value from {} does not decode: {e}; the type the engines produce must match the one asked for here",
         engine_label(t)

@@ -266,7 +266,10 @@ impl DirectView {
         let targets = self.targets_now()?;
         let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, once);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
-        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(concat)))
+        Ok(AsyncResult::new(tracker, move |tasks| match pulled.gather_plain::<Vec<T>>(tasks) {
+            Some(whole) => whole,
+            None => collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(concat),
+        }))
     }
 }
 

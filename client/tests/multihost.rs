@@ -146,6 +146,9 @@ fn ssh_engines_on_two_hosts() {
         let xs: Vec<u64> = (0..(3usize << 20) as u64).collect();
         dv.scatter("xs", &xs).unwrap();
         assert_eq!(dv.gather::<u64>("xs").unwrap(), xs, "a 24 MiB scatter/gather keeps engine order across hosts");
+        let fs: Vec<f64> = (0..3usize << 20).map(|i| i as f64 * 0.25).collect();
+        dv.scatter("fs", &fs).unwrap();
+        assert_eq!(dv.gather::<f64>("fs").unwrap(), fs, "a 24 MiB gather of f64, each part fetched into its place");
         let small: Vec<u64> = (0..101).collect();
         dv.scatter("small", &small).unwrap();
         assert_eq!(dv.gather::<u64>("small").unwrap(), small);

@@ -83,6 +83,21 @@ fn shared_memory_transfers_on_four_engines() {
             vec![vec!["w8".to_string(), "w9".to_string()]],
             "engine 0 got the last chunk"
         );
+        // Plain vectors are gathered straight into one vector, each part in its place.
+        let fs: Vec<f64> = (0..1001).map(|i| i as f64 / 7.0).collect();
+        rev.scatter("fs", &fs).unwrap();
+        assert_eq!(rev.gather::<f64>("fs").unwrap(), fs);
+        assert_eq!(
+            all.gather::<f64>("fs").unwrap(),
+            [&fs[751..], &fs[501..751], &fs[251..501], &fs[..251]].concat(),
+            "in the view's order (engine 3 got the first 251)"
+        );
+        let bs: Vec<i8> = (0..300).map(|i| (i % 200 - 100) as i8).collect();
+        all.scatter("bs", &bs).unwrap();
+        assert_eq!(all.gather::<i8>("bs").unwrap(), bs);
+        for dir in namespaces.values() {
+            assert!(transfer_files(dir).is_empty(), "no transfer file is left behind in {}", dir.display());
+        }
     });
 
     steps.run("a 256 MiB value: to every engine, back, scattered and gathered; the controller never holds it", || {
@@ -168,6 +183,9 @@ fn shared_memory_transfers_on_four_engines() {
         assert_eq!(all.pull::<Vec<(String, f64)>>("buffered").unwrap(), vec![v.clone(); 4]);
         all.scatter("bx", &(0..10u32).collect::<Vec<_>>()).unwrap();
         assert_eq!(all.gather::<u32>("bx").unwrap(), (0..10).collect::<Vec<_>>());
+        let fs: Vec<f32> = (0..130).map(|i| i as f32 * 0.5).collect();
+        all.scatter("fx", &fs).unwrap();
+        assert_eq!(all.gather::<f32>("fx").unwrap(), fs, "plain vectors from buffers, in place");
         // Values cross between the paths: pushed as buffers, pulled as files, and back.
         c.set_shared_memory(true);
         assert_eq!(all.pull::<Vec<(String, f64)>>("buffered").unwrap(), vec![v; 4]);

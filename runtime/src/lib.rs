@@ -213,6 +213,92 @@ pub fn read_owned<T: DeserializeOwned + 'static>(
     Ok(decode(&buf))
 }
 
+/// For a plain vector type `T` ([`is_plain`]): how many elements an encoding of `size` bytes
+/// holds (a varint length `n`, then `n` elements), or `None` for another type or a size no such
+/// vector has. Lets a gather size its whole result before any part is read.
+pub fn plain_count<T: 'static>(size: usize) -> Option<usize> {
+    let elem = plain_elem_size::<T>()?;
+    (1..=10).find_map(|prefix| {
+        let body = size.checked_sub(prefix)?;
+        let n = (body % elem == 0).then_some(body / elem)?;
+        (postcard::to_stdvec(&(n as u64)).ok()?.len() == prefix).then_some(n)
+    })
+}
+
+/// The size of one element of a plain vector type `T` ([`is_plain`]).
+fn plain_elem_size<T: 'static>() -> Option<usize> {
+    use std::any::TypeId;
+    let t = TypeId::of::<T>();
+    if !is_plain::<T>() {
+        None
+    } else if t == TypeId::of::<Vec<f64>>() {
+        Some(8)
+    } else if t == TypeId::of::<Vec<f32>>() {
+        Some(4)
+    } else {
+        Some(1)
+    }
+}
+
+/// A plain vector `T` ([`is_plain`]) of `n` zeroed elements (fresh pages, untouched until they
+/// are filled), to be filled in place through [`plain_bytes_mut`]; `None` for another type.
+pub fn plain_zeroed<T: 'static>(n: usize) -> Option<T> {
+    use std::any::{Any, TypeId};
+    let t = TypeId::of::<T>();
+    let v: Box<dyn Any> = match plain_elem_size::<T>()? {
+        8 => Box::new(vec![0f64; n]),
+        4 => Box::new(vec![0f32; n]),
+        _ if t == TypeId::of::<Vec<u8>>() => Box::new(vec![0u8; n]),
+        _ => Box::new(vec![0i8; n]),
+    };
+    v.downcast::<T>().ok().map(|b| *b)
+}
+
+/// The bytes of a plain vector's elements ([`is_plain`]), to fill in place; `None` for another type.
+pub fn plain_bytes_mut<T: 'static>(v: &mut T) -> Option<&mut [u8]> {
+    fn bytes<E>(v: &mut [E]) -> &mut [u8] {
+        // SAFETY: only called with f64, f32, u8 and i8, which have no padding and for which any
+        // bytes written through this view are a valid value.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+    }
+    let is_u8 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<Vec<u8>>();
+    let any = v as &mut dyn std::any::Any;
+    match plain_elem_size::<T>()? {
+        8 => any.downcast_mut::<Vec<f64>>().map(|v| bytes(v)),
+        4 => any.downcast_mut::<Vec<f32>>().map(|v| bytes(v)),
+        _ if is_u8 => any.downcast_mut::<Vec<u8>>().map(|v| v.as_mut_slice()),
+        _ => any.downcast_mut::<Vec<i8>>().map(|v| bytes(v)),
+    }
+}
+
+/// Read one plain vector's encoding of `size` bytes from `r` into `dst`, the bytes of `n`
+/// elements (a part of a larger vector made by [`plain_zeroed`]): the inner `Err` if its length
+/// prefix does not say `n` elements in exactly `size` bytes. `seen` gets every byte read, in
+/// order; the caller must not use `dst` before it has checked them.
+pub fn read_plain_into(
+    r: &mut impl std::io::Read,
+    size: usize,
+    n: usize,
+    dst: &mut [u8],
+    mut seen: impl FnMut(&[u8]),
+) -> std::io::Result<Result<(), String>> {
+    let Some(prefix_len) = size.checked_sub(dst.len()).filter(|p| (1..=10).contains(p)) else {
+        return Ok(Err(format!("{size} bytes cannot hold a vector of {} bytes of elements", dst.len())));
+    };
+    let mut prefix = [0u8; 10];
+    r.read_exact(&mut prefix[..prefix_len])?;
+    seen(&prefix[..prefix_len]);
+    match postcard::take_from_bytes::<u64>(&prefix[..prefix_len]) {
+        Ok((len, [])) if len == n as u64 => {}
+        _ => return Ok(Err(format!("the value is not a vector of {n} elements in {size} bytes"))),
+    }
+    for piece in dst.chunks_mut(1 << 20) {
+        r.read_exact(piece)?;
+        seen(piece);
+    }
+    Ok(Ok(()))
+}
+
 fn ns_path(name: &str) -> PathBuf {
     match std::env::var_os(NS_DIR_ENV) {
         Some(dir) => PathBuf::from(dir).join(name),
@@ -527,6 +613,48 @@ mod tests {
         assert!(got.is_err(), "a value cut short is an error");
         // A stream that ends early is an I/O error, not a value.
         assert!(read_owned::<Vec<f64>>(&mut &bytes[..50], 802, |_| ()).is_err());
+    }
+
+    #[test]
+    fn plain_vectors_fill_in_place_from_parts_as_decode_reads_them() {
+        use super::{decode, encode, plain_bytes_mut, plain_count, plain_zeroed, read_plain_into};
+        // Parts across the varint boundaries, read into one vector in order.
+        let parts: Vec<Vec<f64>> = [0usize, 1, 127, 128, 16_384, 5].iter().map(|&n| (0..n).map(|i| i as f64 - 0.25).collect()).collect();
+        let sizes: Vec<usize> = parts.iter().map(|p| encode(p).len()).collect();
+        let counts: Vec<usize> = sizes.iter().map(|&s| plain_count::<Vec<f64>>(s).unwrap()).collect();
+        assert_eq!(counts, parts.iter().map(Vec::len).collect::<Vec<_>>());
+        let mut out: Vec<f64> = plain_zeroed(counts.iter().sum()).unwrap();
+        let mut rest = plain_bytes_mut(&mut out).unwrap();
+        for (p, (&size, &n)) in parts.iter().zip(sizes.iter().zip(&counts)) {
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * 8);
+            rest = tail;
+            let bytes = encode(p);
+            let mut seen = Vec::new();
+            read_plain_into(&mut &bytes[..], size, n, dst, |b| seen.extend_from_slice(b)).unwrap().unwrap();
+            assert_eq!(seen, bytes, "every byte is seen, in order");
+        }
+        assert_eq!(out, parts.concat());
+        // Bytes of other vectors: u8 with every size, i8, f32.
+        for n in [0usize, 1, 127, 128, 300] {
+            let v: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            assert_eq!(plain_count::<Vec<u8>>(encode(&v).len()), Some(n));
+        }
+        let v = vec![-3i8, 4];
+        let mut o: Vec<i8> = plain_zeroed(2).unwrap();
+        read_plain_into(&mut &encode(&v)[..], 3, 2, plain_bytes_mut(&mut o).unwrap(), |_| ()).unwrap().unwrap();
+        assert_eq!(o, v);
+        assert_eq!(decode::<Vec<f32>>(&encode(&vec![1.5f32])).unwrap(), vec![1.5]);
+        assert_eq!(plain_count::<Vec<f32>>(encode(&vec![1.5f32; 3]).len()), Some(3));
+        // Not plain, impossible sizes, a prefix that says another length, a cut stream.
+        assert_eq!(plain_count::<Vec<u64>>(9), None);
+        assert!(plain_zeroed::<Vec<String>>(1).is_none());
+        assert_eq!(plain_count::<Vec<f64>>(0), None);
+        assert_eq!(plain_count::<Vec<f64>>(10), None);
+        let bytes = encode(&vec![1.0f64, 2.0]);
+        let mut dst = [0u8; 8];
+        assert!(read_plain_into(&mut &bytes[..], 9, 1, &mut dst, |_| ()).unwrap().is_err(), "2 elements are not 1");
+        let mut dst = [0u8; 16];
+        assert!(read_plain_into(&mut &bytes[..10], 17, 2, &mut dst, |_| ()).is_err(), "a stream that ends early");
     }
 
     #[test]
