@@ -28,6 +28,8 @@ ROWS = [
      {"ipp": "data.gather_2engines_MBps", "dask": "data.gather_2workers_MBps", "ray": "data.gather_2actors_MBps"}),
 ]
 
+ROWS_BY_KEY = {key: paths for _, key, _, _, paths in ROWS}
+
 
 def lookup(doc, path):
     for part in path.split("."):

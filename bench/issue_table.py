@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--results", type=Path, default=HERE / "results")
     results = ap.parse_args().results
     rows = []  # (measure, rpx, ipp, ratio text, target text, met, source)
+    # (where, fresh memory GB/s, new tmpfs file GB/s, {op: (rpx, ipp, target x)}, source)
+    floors = []
 
     client = newest(results, r"client-\d{8}-\d{6}-rpx\.json")
     if client:
@@ -64,6 +66,10 @@ def main():
             goal = targets[unit]
             rows.append((f"{row} ({unit})", r, i, shown, f">= {goal}x" if higher else f"<= 1/{goal}",
                          times is not None and times >= goal, src))
+        floors.append(("same host", med(rpx, "fresh_memory_copy_gb_per_s"), med(rpx, "fresh_tmpfs_write_gb_per_s"),
+                       {op: (client_summary.rpx_value(rpx, f"{op}_gb_per_s", "GB/s"),
+                             client_summary.peer_value(ipp, client_summary.ROWS_BY_KEY[f"{op}_gb_per_s"]["ipp"], "GB/s"), 10)
+                        for op in ("push", "pull", "scatter", "gather")}, src))
         r = rpx.get("closure_first_call_warm_s")
         rows.append(("first call of a new remote! closure, warm cluster (s)", r, None, "", "<= 3 s",
                      r is not None and r <= 3, src))
@@ -75,6 +81,9 @@ def main():
             if op in s:
                 rows.append((f"{op} 100 MB, engines on another host (GB/s)", s[op]["rpx"], s[op]["ipp"],
                              f"x{s[op]['ratio']:.2f}", ">= 2x", s[op]["ratio"] >= 2, mh.name))
+        if "fresh_memory_copy" in s:
+            floors.append(("another host", s["fresh_memory_copy"], None,
+                           {op: (s[op]["rpx"], s[op]["ipp"], 2) for op in ("push", "pull", "scatter", "gather") if op in s}, mh.name))
 
     cb = newest(results, r"\d{8}-\d{6}\.json", both_systems)
     if cb:
@@ -104,6 +113,16 @@ def main():
     print("|---|---:|---:|---:|---|---|---|")
     for m, r, i, ratio, target, met, src in rows:
         print(f"| {m} | {fmt(r)} | {fmt(i)} | {ratio or ''} | {target} | {'yes' if met else '**no**'} | {src} |")
+    if floors:
+        # A 100 MB value that lands in new memory costs at least one pass of the kernel supplying
+        # fresh pages, whoever moves it: the bound under the data rows, measured in the same run.
+        print("\n| 100 MB, this machine's floor (same run) | fresh memory, 100 MB copy GB/s | new tmpfs file GB/s |"
+              " rpx GB/s: push / pull / scatter / gather | the target needs GB/s | source |")
+        print("|---|---:|---:|---|---|---|")
+        for where, heap, tmpfs, ops, src in floors:
+            got = " / ".join(fmt(r) for r, _, _ in ops.values())
+            need = " / ".join(fmt(i * x) if i else "-" for _, i, x in ops.values())
+            print(f"| {where} | {fmt(heap)} | {fmt(tmpfs)} | {got} | {need} | {src} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ controller on this host, bound to the bridge's address, and 2 engines on the oth
   `../shared/bench/peers/ipp_ops.py` does (`rc[0].push`, `rc[0].pull`, `rc[:].scatter`,
   `rc[:].gather`, blocking).
 The two alternate, `--reps` times each; each run reports medians of 3 transfers. Each repetition
-also times 100 MB over one plain TCP connection each way (the transport's ceiling).
+also times 100 MB over one plain TCP connection each way (the transport's ceiling), and bench_ops
+times 100 MB copied into fresh memory on this host (what a pulled value costs at least here).
 
     cargo build --release --workspace --examples
     .venv/bin/python bench/multihost_data.py             # or PYTHON with ipyparallel + numpy
@@ -62,7 +63,11 @@ def rpx_run(hosts, buffers=False):
         assert r["same_host_engines"] == 0, "the engines must be on the other host"
         assert r["data_link_engines"] == (0 if buffers else 2), f"data links in use: {r['data_link_engines']}"
         suffix = "_buffers" if buffers else ""
-        return {k: r[f"{k}_gb_per_s{suffix}"]["median"] for k in ("push", "pull", "scatter", "gather")}
+        got = {k: r[f"{k}_gb_per_s{suffix}"]["median"] for k in ("push", "pull", "scatter", "gather")}
+        if not buffers:
+            # This host's floor for a value that lands in new memory (a pulled vector), same run.
+            got["fresh_memory"] = r["fresh_memory_copy_gb_per_s"]["median"]
+        return got
     finally:
         c.stop()
 
@@ -212,9 +217,12 @@ def main():
         print(row)
     raw = {k: med([r[k] for r in record["raw_tcp"]]) for k in ("to_host", "from_host")}
     summary["raw_tcp"] = raw
+    fresh = med([r["fresh_memory"] for r in record["rpx"]])
+    summary["fresh_memory_copy"] = fresh
     print(f"\nplain TCP, one connection, 100 MB (the transport's ceiling): to the host {raw['to_host']:.2f} GB/s, "
           f"from it {raw['from_host']:.2f} GB/s; ipyparallel x2 would be "
           f"{2 * summary['push']['ipp']:.2f} GB/s push, {2 * summary['pull']['ipp']:.2f} GB/s pull")
+    print(f"100 MB copied into fresh memory on this host (the floor under a pulled or gathered value): {fresh:.2f} GB/s")
     record["summary"] = summary
     out = REPO / "bench" / "results" / f"multihost-data-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=1))

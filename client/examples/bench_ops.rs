@@ -306,6 +306,35 @@ fn main() -> rpx::Result<()> {
         report.insert(format!("scatter_gb_per_s{suffix}"), stats(scatter));
         report.insert(format!("gather_gb_per_s{suffix}"), stats(gather));
     }
+    if !planes.is_empty() {
+        // The floor under any transfer that leaves the value in new memory (a pulled or gathered
+        // vector in this process, a pushed value's new file in a namespace): the same bytes
+        // copied into freshly allocated memory, and written into a new tmpfs file, in this run.
+        let src: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let dir = tempfile::Builder::new().prefix("rpx-bench-floor-").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir());
+        let dir = dir.map_err(|e| rpx::Error::Connection(format!("no directory for the memory floor: {e}")))?;
+        let (mut heap, mut file) = (vec![], vec![]);
+        for _ in 0..reps {
+            let t = Instant::now();
+            let mut v: Vec<u8> = Vec::with_capacity(src.len());
+            v.extend_from_slice(&src);
+            heap.push(gb / t.elapsed().as_secs_f64());
+            std::hint::black_box(&v);
+            drop(v);
+            let t = Instant::now();
+            let path = dir.path().join("floor");
+            std::fs::write(&path, &src).map_err(|e| rpx::Error::Connection(format!("cannot write {}: {e}", path.display())))?;
+            file.push(gb / t.elapsed().as_secs_f64());
+            let _ = std::fs::remove_file(&path);
+        }
+        eprintln!(
+            "fresh memory: a 100 MB copy {:.2} GB/s, a new 100 MB tmpfs file {:.2} GB/s (medians)",
+            median(heap.clone()),
+            median(file.clone())
+        );
+        report.insert("fresh_memory_copy_gb_per_s".into(), stats(heap));
+        report.insert("fresh_tmpfs_write_gb_per_s".into(), stats(file));
+    }
 
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json");
     println!("{text}");
