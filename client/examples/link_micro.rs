@@ -1,15 +1,16 @@
 //! Where a push and a pull of 100 MB of f64 over a data link (`rpx_protocol::datalink`) spend
 //! their time, step by step, over loopback TCP in one process (`BENCH_REPS` runs, 5 by default;
 //! the minimum and median of each step). The engine's side is played by a thread doing what the
-//! engine's link does (frames into a transfer file, hashed; a snapshot sent with `io::copy`,
-//! which is `sendfile`); the client's side is the client's own code path:
+//! engine's link does (frames into a transfer file, hashed; a snapshot sent with
+//! `rpx_protocol::datalink::send_file`); the client's side is the client's own code path:
 //! - push: the value encoded in 1 MiB pieces, each hashed and framed onto the socket, while the
 //!   other side writes and hashes them into a tmpfs file;
 //! - pull: the snapshot sent by the kernel, read into memory and hashed, then decoded as the
 //!   client decodes a pull (`rpx_runtime::decode_owned`: a `Vec<f64>` by one copy);
 //!
-//! - pull as a blocking `pull` reads it: straight into the `Vec<f64>` (`rpx_runtime::read_owned`),
-//!   hashed on the way, no copy of the bytes;
+//! - pull as a blocking `pull` reads it: straight into the `Vec<f64>`, hashed on a second thread
+//!   while the socket is read (`rpx_protocol::datalink::read_hashed`), no copy of the bytes; and,
+//!   to compare, read by `rpx_runtime::read_owned` with the hashing inline;
 //!
 //! and, for reference, the bare socket: 100 MB into a buffer allocated once.
 use std::collections::BTreeMap;
@@ -65,7 +66,7 @@ fn main() {
         record("1b push: engine recv+hash+write", engine_ms);
         assert_eq!(vf.blake3, hasher.finalize().to_hex().as_str());
 
-        // Pull: the engine's side sends the snapshot with io::copy (sendfile).
+        // Pull: the engine's side sends the snapshot as the engine does.
         let engine = send_snapshot(&listener, dir.join(&vf.file));
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
@@ -103,6 +104,32 @@ fn main() {
         .unwrap()
         .unwrap();
         assert_eq!(h.finalize().to_hex().as_str(), vf2.1);
+        record("4a pull read straight into the value, hashed inline", ms(t));
+        assert_eq!(back.len(), data.len());
+        drop(back);
+        engine.join().unwrap();
+
+        // As a blocking `pull` reads it now: into the vector made at its size, hashed on a
+        // second thread while the socket is read (`datalink::read_hashed`).
+        let engine = send_snapshot(&listener, {
+            let f = dir.join(dp::transfer_name());
+            std::fs::write(&f, rpx_runtime::encode(&data)).unwrap();
+            f
+        });
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        let Ack::Sending { size } = link::read_ack(&mut s).unwrap() else { panic!() };
+        let size = size as usize;
+        let n = rpx_runtime::plain_count::<Vec<f64>>(size).unwrap();
+        let mut back: Vec<f64> = rpx_runtime::plain_zeroed(n).unwrap();
+        let body = rpx_runtime::plain_bytes_mut(&mut back).unwrap();
+        let mut prefix = vec![0u8; rpx_runtime::plain_prefix_len(size, body.len()).unwrap()];
+        std::io::Read::read_exact(&mut s, &mut prefix).unwrap();
+        rpx_runtime::check_plain_prefix(&prefix, n, size).unwrap();
+        let mut h = blake3::Hasher::new();
+        h.update(&prefix);
+        link::read_hashed(&mut s, body, &mut h).unwrap();
+        assert_eq!(h.finalize().to_hex().as_str(), vf2.1);
         record("4 pull read straight into the value (blocking pull)", ms(t));
         assert_eq!(back.len(), data.len());
         drop(back);
@@ -135,15 +162,15 @@ fn main() {
 }
 
 /// Play the engine's side of a fetch: accept one connection, announce the file and send it
-/// with `io::copy` (sendfile), then remove it.
+/// as the engine does (`link::send_file`), then remove it.
 fn send_snapshot(listener: &TcpListener, file: std::path::PathBuf) -> std::thread::JoinHandle<()> {
     let l = listener.try_clone().unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let mut f = std::fs::File::open(&file).unwrap();
+        let f = std::fs::File::open(&file).unwrap();
         let size = f.metadata().unwrap().len();
         link::write_ack(&mut s, &Ack::Sending { size }).unwrap();
-        std::io::copy(&mut f, &mut s).unwrap();
+        link::send_file(&f, size, &s).unwrap();
         let _ = std::fs::remove_file(&file);
     })
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use rpx_protocol::datalink::{self as link, Ack, Hello, LinkOp};
 use rpx_protocol::dataplane::{ValueFile, STREAM_CHUNK};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::warn;
 
@@ -149,21 +148,10 @@ pub(crate) fn fetch(client: &ClientInner, uuid: &str, addr: SocketAddr, vf: &Val
     link::read_fetched(&mut s, size as u64, vf)
 }
 
-/// [`fetch`], decoded as it arrives: a plain vector (`rpx_runtime::is_plain`) is read straight
-/// into its own memory, with no copy of the bytes kept. The value is returned only once its
-/// bytes match the signed reply's digest; the inner error is a value that does not decode.
-pub(crate) fn fetch_owned<T: DeserializeOwned + 'static>(
-    client: &ClientInner,
-    uuid: &str,
-    addr: SocketAddr,
-    vf: &ValueFile,
-) -> Result<Result<T, String>, String> {
-    fetch_checked(client, uuid, addr, vf, |s, size, seen| rpx_runtime::read_owned::<T>(s, size, seen))
-}
-
-/// [`fetch`] into `dst`, the bytes of the `n` elements of a plain vector the snapshot encodes (a
-/// part of a gather, read in its place: `rpx_runtime::read_plain_into`). `dst` holds the value
-/// only once this returns `Ok(Ok(()))`; the inner error is a value that is not such a vector.
+/// [`fetch`] into `dst`, the bytes of the `n` elements of a plain vector the snapshot encodes
+/// (a pulled vector, or a part of a gather read in its place), hashed beside the reading
+/// (`link::read_hashed`). `dst` holds the value only once this returns `Ok(Ok(()))`; the inner
+/// error is a value that is not such a vector.
 pub(crate) fn fetch_into(
     client: &ClientInner,
     uuid: &str,
@@ -172,26 +160,19 @@ pub(crate) fn fetch_into(
     n: usize,
     dst: &mut [u8],
 ) -> Result<Result<(), String>, String> {
-    fetch_checked(client, uuid, addr, vf, |s, size, seen| rpx_runtime::read_plain_into(s, size, n, dst, seen))
-}
-
-/// Open the fetch of `vf`, let `read` take its bytes (passing each to `seen`), and return what it
-/// made only if they match the signed reply's digest.
-fn fetch_checked<V>(
-    client: &ClientInner,
-    uuid: &str,
-    addr: SocketAddr,
-    vf: &ValueFile,
-    read: impl FnOnce(&mut TcpStream, usize, &mut dyn FnMut(&[u8])) -> std::io::Result<V>,
-) -> Result<V, String> {
     let (mut s, size) = open_fetch(client, uuid, addr, vf)?;
-    let mut hasher = blake3::Hasher::new();
-    let value = read(&mut s, size, &mut |piece| {
-        hasher.update(piece);
-    })
-    .map_err(|e| format!("the link was cut: {e}"))?;
-    if hasher.finalize().to_hex().as_str() != vf.blake3 {
-        return Err("the bytes on the link do not match the digest in the engine's signed reply".into());
+    let prefix_len = match rpx_runtime::plain_prefix_len(size, dst.len()) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut prefix = [0u8; 10];
+    let cut = |e: std::io::Error| format!("the link was cut: {e}");
+    std::io::Read::read_exact(&mut s, &mut prefix[..prefix_len]).map_err(cut)?;
+    if let Err(e) = rpx_runtime::check_plain_prefix(&prefix[..prefix_len], n, size) {
+        return Ok(Err(e));
     }
-    Ok(value)
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&prefix[..prefix_len]);
+    link::read_hashed(&mut s, dst, &mut hasher).map_err(cut)?;
+    link::check_digest(hasher, vf).map(Ok)
 }

@@ -182,10 +182,10 @@ impl Pulled {
         }
         let (uuid, addr) = t.engine_id.and_then(|id| self.links.get(&id))?;
         let vf = dp::files_from_content(content)?.ok()?.into_iter().next()?;
-        Some(
-            crate::datalink::fetch_owned::<T>(&self.client, uuid, *addr, &vf)
-                .map_err(|e| format!("the value pulled from {engine} was refused: {e}")),
-        )
+        let n = rpx_runtime::plain_count::<T>(usize::try_from(vf.size).ok()?)?;
+        let mut value: T = rpx_runtime::plain_zeroed(n)?;
+        let read = crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, rpx_runtime::plain_bytes_mut(&mut value)?);
+        Some(read.map(|r| r.map(|()| value)).map_err(|e| format!("the value pulled from {engine} was refused: {e}")))
     }
 
     /// The value a reply names as a file, made by `decode` from its bytes: mapped (no copy),

@@ -234,12 +234,10 @@ impl Server {
         let opened = std::fs::File::open(&path);
         // The snapshot is read through the open file from here on: its name can go.
         let _ = std::fs::remove_file(&path);
-        let mut f = opened.map_err(|e| format!("`{file}`: {e}"))?;
+        let f = opened.map_err(|e| format!("`{file}`: {e}"))?;
         let size = f.metadata().map_err(|e| e.to_string())?.len();
         link::write_ack(stream, &Ack::Sending { size }).map_err(|e| e.to_string())?;
-        // A file to a socket: the kernel copies (sendfile), nothing passes through this process.
-        std::io::copy(&mut f, stream).map_err(|e| format!("the link was cut while sending `{file}`: {e}"))?;
-        stream.flush().map_err(|e| e.to_string())
+        link::send_file(&f, size, &*stream).map_err(|e| format!("the link was cut while sending `{file}`: {e}"))
     }
 }
 

@@ -271,6 +271,23 @@ pub fn plain_bytes_mut<T: 'static>(v: &mut T) -> Option<&mut [u8]> {
     }
 }
 
+/// The length of the length prefix of a plain vector's encoding of `size` bytes whose elements
+/// take `body` bytes (1 to 10 bytes), or why there is none.
+pub fn plain_prefix_len(size: usize, body: usize) -> Result<usize, String> {
+    size.checked_sub(body)
+        .filter(|p| (1..=10).contains(p))
+        .ok_or_else(|| format!("{size} bytes cannot hold a vector of {body} bytes of elements"))
+}
+
+/// Whether `prefix` is exactly the length prefix of a plain vector of `n` elements (the value
+/// of `size` bytes it starts); the error says why not.
+pub fn check_plain_prefix(prefix: &[u8], n: usize, size: usize) -> Result<(), String> {
+    match postcard::take_from_bytes::<u64>(prefix) {
+        Ok((len, [])) if len == n as u64 => Ok(()),
+        _ => Err(format!("the value is not a vector of {n} elements in {size} bytes")),
+    }
+}
+
 /// Read one plain vector's encoding of `size` bytes from `r` into `dst`, the bytes of `n`
 /// elements (a part of a larger vector made by [`plain_zeroed`]): the inner `Err` if its length
 /// prefix does not say `n` elements in exactly `size` bytes. `seen` gets every byte read, in
@@ -282,15 +299,15 @@ pub fn read_plain_into(
     dst: &mut [u8],
     mut seen: impl FnMut(&[u8]),
 ) -> std::io::Result<Result<(), String>> {
-    let Some(prefix_len) = size.checked_sub(dst.len()).filter(|p| (1..=10).contains(p)) else {
-        return Ok(Err(format!("{size} bytes cannot hold a vector of {} bytes of elements", dst.len())));
+    let prefix_len = match plain_prefix_len(size, dst.len()) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
     };
     let mut prefix = [0u8; 10];
     r.read_exact(&mut prefix[..prefix_len])?;
     seen(&prefix[..prefix_len]);
-    match postcard::take_from_bytes::<u64>(&prefix[..prefix_len]) {
-        Ok((len, [])) if len == n as u64 => {}
-        _ => return Ok(Err(format!("the value is not a vector of {n} elements in {size} bytes"))),
+    if let Err(e) = check_plain_prefix(&prefix[..prefix_len], n, size) {
+        return Ok(Err(e));
     }
     for piece in dst.chunks_mut(1 << 20) {
         r.read_exact(piece)?;
