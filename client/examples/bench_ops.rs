@@ -28,16 +28,23 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Clock ticks per second of `/proc`'s CPU times.
+fn tick() -> f64 {
+    // SAFETY: plain sysconf query.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// CPU seconds (user + system) used so far by process `pid` (or `self`).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / tick())
+}
+
 /// CPU seconds (user + system) used so far by this process (`client`) and by each kind of
 /// process of the cluster under `rpx_dir` (found by their environment), summed per kind.
 fn cpu_by_role(rpx_dir: &std::path::Path) -> std::collections::BTreeMap<&'static str, f64> {
-    // SAFETY: plain sysconf query.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = |pid: &str| -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-        Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / tick)
-    };
+    let cpu = cpu_seconds;
     let mut out = std::collections::BTreeMap::new();
     out.insert("client", cpu("self").unwrap_or(0.0));
     for p in rpx_tests::processes_mentioning(&rpx_dir.display().to_string()) {
@@ -58,19 +65,34 @@ fn cpu_by_role(rpx_dir: &std::path::Path) -> std::collections::BTreeMap<&'static
     out
 }
 
-/// Wait (up to 3 minutes) until the compiler's background work after start-up is done: its
-/// processes use under 5% of a core over 2 s. Returns the seconds waited.
-fn wait_compiler_idle(rpx_dir: &std::path::Path) -> f64 {
+/// Wait until the machine is quiet, as the peers' scripts do before they measure
+/// (`../shared/bench/peers/common.py`, `wait_quiet`): every other process together uses under
+/// `BENCH_QUIET_CORES` (0.25) cores over 2 s, for at most `BENCH_QUIET_WAIT` (300) seconds. This
+/// covers the compiler's start-up work (cargo and rustc warming the closure crate's
+/// dependencies), whose short-lived processes a sample of the cluster's own processes misses.
+/// Returns the seconds waited and whether the machine became quiet.
+fn wait_quiet() -> (f64, bool) {
+    let env = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (threshold, max_wait) = (env("BENCH_QUIET_CORES", 0.25), env("BENCH_QUIET_WAIT", 300.0));
+    // CPU seconds the whole machine spent busy (user, nice, system, irq, softirq, steal).
+    let busy = || -> f64 {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<f64>() / tick()
+    };
+    let own = || cpu_seconds("self").unwrap_or(0.0);
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(180) {
-        let before = cpu_by_role(rpx_dir).get("compiler").copied().unwrap_or(0.0);
+    loop {
+        let (b, o) = (busy(), own());
         std::thread::sleep(Duration::from_secs(2));
-        let after = cpu_by_role(rpx_dir).get("compiler").copied().unwrap_or(0.0);
-        if after - before < 0.1 {
-            break;
+        let foreign = ((busy() - b) - (own() - o)) / 2.0;
+        if foreign < threshold {
+            return (t.elapsed().as_secs_f64(), true);
+        }
+        if t.elapsed().as_secs_f64() > max_wait {
+            return (t.elapsed().as_secs_f64(), false);
         }
     }
-    t.elapsed().as_secs_f64()
 }
 
 fn main() -> rpx::Result<()> {
@@ -86,12 +108,6 @@ fn main() -> rpx::Result<()> {
         return Err(rpx::Error::Connection("BENCH_CLIENT_FILE needs BENCH_ONLY=data".into()));
     }
     let cluster = external.is_none().then(|| rpx_tests::TestCluster::start(n));
-    // The cluster's RPX_DIR (an external cluster's client file is RPX_DIR/profile_*/security/..).
-    let rpx_dir = match (&cluster, &external) {
-        (Some(c), _) => c.rpx_dir().to_path_buf(),
-        (None, Some(f)) => f.ancestors().nth(3).map(std::path::Path::to_path_buf).unwrap_or_default(),
-        (None, None) => unreachable!("one of them is set"),
-    };
     let client = rpx::Client::from_file(external.unwrap_or_else(|| cluster.as_ref().expect("started").client_file()))?;
     client.wait_for_engines(n, Duration::from_secs(120))?;
     report.insert("same_host_engines".into(), json!(client.shared_memory_namespaces().len()));
@@ -132,9 +148,10 @@ fn main() -> rpx::Result<()> {
         // The measured closure is compiled before the clock starts.
         let _: Vec<u64> = dv_all.apply(ident, (0,))?;
         // Nothing measured below competes with the compiler's start-up work.
-        let waited = wait_compiler_idle(&rpx_dir);
-        eprintln!("compiler idle after {waited:.1} s");
-        report.insert("compiler_idle_wait_s".into(), json!(waited));
+        let (waited, quiet) = wait_quiet();
+        eprintln!("machine quiet: {quiet} after {waited:.1} s");
+        report.insert("quiet_wait_s".into(), json!(waited));
+        report.insert("quiet".into(), json!(quiet));
         if !only_tasks && !only_latency {
             // The row: the first call of a new closure on a warm cluster (the compiler's
             // start-up work, the closure builder's dependency build included, is over).
@@ -268,9 +285,10 @@ fn main() -> rpx::Result<()> {
     if only_data {
         // Nothing measured below competes with the compiler's start-up work (warming the
         // closure crate's dependencies), which the other systems do not have.
-        let waited = wait_compiler_idle(&rpx_dir);
-        eprintln!("compiler idle after {waited:.1} s");
-        report.insert("compiler_idle_wait_s".into(), json!(waited));
+        let (waited, quiet) = wait_quiet();
+        eprintln!("machine quiet: {quiet} after {waited:.1} s");
+        report.insert("quiet_wait_s".into(), json!(waited));
+        report.insert("quiet".into(), json!(quiet));
     }
     for &shm in planes {
         client.set_shared_memory(shm);

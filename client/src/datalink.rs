@@ -1,8 +1,10 @@
 //! The client's end of the cross-host data link (`rpx_protocol::datalink`): values of at least
 //! 1 MiB for engines on other hosts are encoded straight onto a TCP connection to the engine
 //! (one pass: each 1 MiB piece hashed and written to every engine that gets the value), and
-//! pulled values are fetched from it, checked against the digest of the engine's signed reply.
-//! The controller routes only the requests.
+//! pulled values are fetched from it, checked against the digest of the engine's signed reply
+//! (a vector of plain numbers straight into its own memory, hashed on a second thread while
+//! the socket is read; the parts of a gather fetched at the same time). The controller routes
+//! only the requests.
 //!
 //! An engine whose link cannot be reached is remembered, and its values go as message buffers
 //! through the controller, as before; a link that fails in the middle of a push falls back the

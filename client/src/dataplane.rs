@@ -185,7 +185,7 @@ impl Pulled {
         let n = rpx_runtime::plain_count::<T>(usize::try_from(vf.size).ok()?)?;
         let mut value: T = rpx_runtime::plain_zeroed(n)?;
         let read = crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, rpx_runtime::plain_bytes_mut(&mut value)?);
-        Some(read.map(|r| r.map(|()| value)).map_err(|e| format!("the value pulled from {engine} was refused: {e}")))
+        Some(read.map(|r| r.map(|()| value)).map_err(|e| refused(engine, &e)))
     }
 
     /// The value a reply names as a file, made by `decode` from its bytes: mapped (no copy),
@@ -205,11 +205,11 @@ impl Pulled {
         if let Some(b) = self.read.lock().unwrap_or_else(|p| p.into_inner()).get(&t.msg_id).cloned() {
             return Some(Ok(decode(&b)));
         }
-        let refused = |e: String| format!("the value pulled from {engine} was refused: {e}");
+        let refuse = |e: String| refused(engine, &e);
         if let Some((uuid, addr)) = t.engine_id.and_then(|id| self.links.get(&id)) {
             // Another host: fetched over its data link, checked against the signed reply.
             let read = match files.first() {
-                Some(vf) => crate::datalink::fetch(&self.client, uuid, *addr, vf).map_err(refused).map(Bytes::from),
+                Some(vf) => crate::datalink::fetch(&self.client, uuid, *addr, vf).map_err(refuse).map(Bytes::from),
                 None => Err(format!("{engine} named no file for the pulled value")),
             };
             return Some(read.map(|bytes| {
@@ -224,7 +224,7 @@ impl Pulled {
         let read = match files.first() {
             // Checked (all cores) before it is decoded: measured on 2 shared cores, hashing beside
             // the decoding was no faster, since both wait on the same memory.
-            Some(vf) => dp::read_value_file(dir, vf).map_err(refused).map(|bytes| {
+            Some(vf) => dp::read_value_file(dir, vf).map_err(refuse).map(|bytes| {
                 let value = decode(&bytes);
                 (bytes, value)
             }),
@@ -238,6 +238,11 @@ impl Pulled {
             value
         }))
     }
+}
+
+/// Why a value pulled from `engine` is not used.
+fn refused(engine: &str, why: &str) -> String {
+    format!("the value pulled from {engine} was refused: {why}")
 }
 
 /// Where one part of a gather of plain vectors comes from.
@@ -312,7 +317,7 @@ impl Pulled {
     /// Read one part of [`Pulled::gather_plain`] from `source` (`size` bytes encoding `n`
     /// elements) into `dst`, checked against its reply's digest; a same-host snapshot is removed.
     fn read_part(&self, t: &TaskState, source: Source<'_>, size: usize, n: usize, dst: &mut [u8]) -> Result<()> {
-        let refused = |e: String| Error::Protocol(format!("the value pulled from {} was refused: {e}", crate::result::engine_label(t)));
+        let refuse = |e: String| Error::Protocol(refused(&crate::result::engine_label(t), &e));
         let undecodable = |e: String| crate::result::undecodable(t, &e).into_error();
         let copy = |bytes: &[u8], dst: &mut [u8]| -> Result<()> {
             rpx_runtime::read_plain_into(&mut &bytes[..], size, n, dst, |_| ())
@@ -322,10 +327,10 @@ impl Pulled {
         match source {
             Source::Buffer(b) => copy(b, dst),
             Source::Link((uuid, addr), vf) => {
-                crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst).map_err(refused)?.map_err(undecodable)
+                crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst).map_err(refuse)?.map_err(undecodable)
             }
             Source::File(dir, vf) => {
-                let read = dp::read_value_file(dir, &vf).map_err(refused).and_then(|bytes| copy(&bytes, dst));
+                let read = dp::read_value_file(dir, &vf).map_err(refuse).and_then(|bytes| copy(&bytes, dst));
                 if dp::is_transfer_name(&vf.file) {
                     let _ = std::fs::remove_file(dir.join(&vf.file));
                 }

@@ -252,6 +252,8 @@ impl DirectView {
     }
 
     /// Pull `name` (a `Vec<T>`) from each targeted engine and concatenate in engine order.
+    /// A vector of `f64`, `f32`, `u8` or `i8` is made at its final size and each engine's part
+    /// read straight into its place, the parts at the same time (no copy to concatenate).
     pub fn gather<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<Vec<T>> {
         self.gather_with(name, true)?.get()
     }
