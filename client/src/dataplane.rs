@@ -6,7 +6,8 @@
 //! the value, no copy of it in memory. Further engines on the host get a hard link to the same
 //! file (no copy). The signed request names the files (with size and BLAKE3) and carries no
 //! buffers, so the controller routes a few hundred bytes. A pull asks for files; the reply names
-//! hard links the client maps (no copy), checks, decodes and removes. Engines on other hosts
+//! hard links the client maps (no copy), checks, decodes and removes; a gather of plain vectors
+//! reads every part straight into its place in the result ([`Pulled::gather_plain`]). Engines on other hosts
 //! with a data link get the same requests, the files written and fetched over the link
 //! (`crate::datalink`); every other engine gets the buffers.
 //!
