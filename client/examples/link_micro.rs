@@ -10,7 +10,7 @@
 //!
 //! - pull as a blocking `pull` reads it: straight into the `Vec<f64>`, hashed on a second thread
 //!   while the socket is read (`rpx_protocol::datalink::read_hashed`), no copy of the bytes; and,
-//!   to compare, read by `rpx_runtime::read_owned` with the hashing inline;
+//!   to compare, read by `rpx_runtime::read_plain_into` with the hashing inline;
 //!
 //! and, for reference, the bare socket: 100 MB into a buffer allocated once.
 use std::collections::BTreeMap;
@@ -81,7 +81,7 @@ fn main() {
         drop((bytes, back));
         engine.join().unwrap();
 
-        // Pull as a blocking `pull` reads it: straight into the Vec<f64> (read_owned), hashed.
+        // A pull straight into the Vec<f64>, hashed inline as the bytes are read.
         let vf2 = {
             let mut h = blake3::Hasher::new();
             rpx_runtime::encode_chunked(&data, STREAM_CHUNK, |p| {
@@ -97,8 +97,11 @@ fn main() {
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
         let Ack::Sending { size } = link::read_ack(&mut s).unwrap() else { panic!() };
+        let size = size as usize;
+        let n = rpx_runtime::plain_count::<Vec<f64>>(size).unwrap();
+        let mut back: Vec<f64> = rpx_runtime::plain_zeroed(n).unwrap();
         let mut h = blake3::Hasher::new();
-        let back: Vec<f64> = rpx_runtime::read_owned(&mut s, size as usize, |p| {
+        rpx_runtime::read_plain_into(&mut s, size, n, rpx_runtime::plain_bytes_mut(&mut back).unwrap(), |p| {
             h.update(p);
         })
         .unwrap()
@@ -123,11 +126,12 @@ fn main() {
         let n = rpx_runtime::plain_count::<Vec<f64>>(size).unwrap();
         let mut back: Vec<f64> = rpx_runtime::plain_zeroed(n).unwrap();
         let body = rpx_runtime::plain_bytes_mut(&mut back).unwrap();
-        let mut prefix = vec![0u8; rpx_runtime::plain_prefix_len(size, body.len()).unwrap()];
-        std::io::Read::read_exact(&mut s, &mut prefix).unwrap();
-        rpx_runtime::check_plain_prefix(&prefix, n, size).unwrap();
         let mut h = blake3::Hasher::new();
-        h.update(&prefix);
+        rpx_runtime::read_plain_prefix(&mut s, size, n, body.len(), &mut |p: &[u8]| {
+            h.update(p);
+        })
+        .unwrap()
+        .unwrap();
         link::read_hashed(&mut s, body, &mut h).unwrap();
         assert_eq!(h.finalize().to_hex().as_str(), vf2.1);
         record("4 pull read straight into the value (blocking pull)", ms(t));

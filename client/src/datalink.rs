@@ -163,18 +163,15 @@ pub(crate) fn fetch_into(
     dst: &mut [u8],
 ) -> Result<Result<(), String>, String> {
     let (mut s, size) = open_fetch(client, uuid, addr, vf)?;
-    let prefix_len = match rpx_runtime::plain_prefix_len(size, dst.len()) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut prefix = [0u8; 10];
     let cut = |e: std::io::Error| format!("the link was cut: {e}");
-    std::io::Read::read_exact(&mut s, &mut prefix[..prefix_len]).map_err(cut)?;
-    if let Err(e) = rpx_runtime::check_plain_prefix(&prefix[..prefix_len], n, size) {
+    let mut hasher = blake3::Hasher::new();
+    if let Err(e) = rpx_runtime::read_plain_prefix(&mut s, size, n, dst.len(), &mut |p: &[u8]| {
+        hasher.update(p);
+    })
+    .map_err(cut)?
+    {
         return Ok(Err(e));
     }
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&prefix[..prefix_len]);
     link::read_hashed(&mut s, dst, &mut hasher).map_err(cut)?;
     link::check_digest(hasher, vf).map(Ok)
 }

@@ -288,7 +288,7 @@ impl Pulled {
         }
         let total = parts.iter().try_fold(0usize, |sum, p| sum.checked_add(p.3))?;
         let mut out: V = rpx_runtime::plain_zeroed(total)?;
-        let elem = rpx_runtime::plain_bytes_mut(&mut out)?.len().checked_div(total).unwrap_or(1);
+        let elem = rpx_runtime::plain_elem_size::<V>()?;
         let mut rest = rpx_runtime::plain_bytes_mut(&mut out)?;
         let mut jobs = Vec::with_capacity(parts.len());
         for (t, source, size, n) in parts {

@@ -124,93 +124,29 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 }
 
 /// [`decode`] for owned values, with vectors of `f64`, `f32`, `u8` and `i8` read by copying
-/// their bytes (see [`read_owned`]): the value is the one [`decode`] gives; a 100 MB `Vec<f64>`
-/// decodes in one copy instead of element by element.
+/// their bytes (postcard lays such a vector out as a varint length and then each element's
+/// little-endian bytes, its layout in memory on a little-endian machine): the value is the one
+/// [`decode`] gives; a 100 MB `Vec<f64>` decodes in one copy instead of element by element.
+/// Anything else, or bytes that are not exactly such a vector, goes through [`decode`].
 pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, String> {
-    if !is_plain::<T>() {
+    let Some(n) = plain_count::<T>(bytes.len()) else {
         return decode(bytes);
+    };
+    let mut v: T = plain_zeroed(n).expect("plain_count is only Some for plain vectors");
+    let dst = plain_bytes_mut(&mut v).expect("a plain vector");
+    match read_plain_into(&mut &bytes[..], bytes.len(), n, dst, |_| ()) {
+        Ok(Ok(())) => Ok(v),
+        _ => decode(bytes),
     }
-    read_owned(&mut &bytes[..], bytes.len(), |_| ()).unwrap_or_else(|e| Err(format!("cannot decode the value: {e}")))
 }
 
-/// Whether [`decode_owned`] and [`read_owned`] take `T` by copying its bytes (a vector of
+/// Whether [`decode_owned`] and the `plain_*` functions take `T` by copying its bytes (a vector of
 /// `f64`, `f32`, `u8` or `i8` on a little-endian machine).
 pub fn is_plain<T: 'static>() -> bool {
     use std::any::TypeId;
     let t = TypeId::of::<T>();
     cfg!(target_endian = "little")
         && [TypeId::of::<Vec<f64>>(), TypeId::of::<Vec<f32>>(), TypeId::of::<Vec<u8>>(), TypeId::of::<Vec<i8>>()].contains(&t)
-}
-
-/// Read exactly `size` bytes of an encoded value from `r` and decode them as [`decode`] does,
-/// a plain vector ([`is_plain`]) straight into its own memory (the bytes are never held anywhere
-/// else: postcard lays such a vector out as a varint length and then each element's
-/// little-endian bytes, its layout in memory on a little-endian machine), anything else, or
-/// bytes that are not exactly such a vector, through a buffer and [`decode`]. `seen` gets every byte read, in order (to
-/// hash them); the caller must not use the value before it has checked them.
-pub fn read_owned<T: DeserializeOwned + 'static>(
-    r: &mut impl std::io::Read,
-    size: usize,
-    mut seen: impl FnMut(&[u8]),
-) -> std::io::Result<Result<T, String>> {
-    use std::any::{Any, TypeId};
-    /// The vector if the varint length read from `r` says exactly `size` bytes; else the bytes
-    /// read so far.
-    fn plain<E: Copy + Default>(
-        r: &mut impl std::io::Read,
-        size: usize,
-        seen: &mut impl FnMut(&[u8]),
-    ) -> std::io::Result<Result<Vec<E>, Vec<u8>>> {
-        let mut prefix = Vec::with_capacity(10);
-        while prefix.len() < size.min(10) {
-            let mut b = [0u8];
-            r.read_exact(&mut b)?;
-            prefix.push(b[0]);
-            if b[0] & 0x80 == 0 {
-                break;
-            }
-        }
-        seen(&prefix);
-        let n = postcard::take_from_bytes::<u64>(&prefix).ok().and_then(|(n, _)| usize::try_from(n).ok());
-        let Some(n) = n.filter(|n| n.checked_mul(std::mem::size_of::<E>()).and_then(|b| b.checked_add(prefix.len())) == Some(size)) else {
-            return Ok(Err(prefix));
-        };
-        // Zeroed by the allocator (fresh pages, not written until the socket fills them).
-        let mut v: Vec<E> = vec![E::default(); n];
-        // SAFETY: the vector's `n` initialized elements are `n * size_of::<E>()` bytes; `E` is
-        // one of f64, f32, u8 and i8, for which any bytes written through this view are a
-        // valid value.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<E>()) };
-        for piece in bytes.chunks_mut(1 << 20) {
-            r.read_exact(piece)?;
-            seen(piece);
-        }
-        Ok(Ok(v))
-    }
-    let t = TypeId::of::<T>();
-    let got: Option<Result<Box<dyn Any>, Vec<u8>>> = if !is_plain::<T>() {
-        None
-    } else if t == TypeId::of::<Vec<f64>>() {
-        Some(plain::<f64>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
-    } else if t == TypeId::of::<Vec<f32>>() {
-        Some(plain::<f32>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
-    } else if t == TypeId::of::<Vec<u8>>() {
-        Some(plain::<u8>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
-    } else {
-        Some(plain::<i8>(r, size, &mut seen)?.map(|v| Box::new(v) as Box<dyn Any>))
-    };
-    let mut buf = match got {
-        Some(Ok(v)) => return Ok(v.downcast::<T>().map(|b| *b).map_err(|_| "a plain vector of another type".to_string())),
-        Some(Err(prefix)) => prefix,
-        None => Vec::new(),
-    };
-    let start = buf.len();
-    buf.resize(size, 0);
-    for piece in buf[start..].chunks_mut(1 << 20) {
-        r.read_exact(piece)?;
-        seen(piece);
-    }
-    Ok(decode(&buf))
 }
 
 /// For a plain vector type `T` ([`is_plain`]): how many elements an encoding of `size` bytes
@@ -225,8 +161,8 @@ pub fn plain_count<T: 'static>(size: usize) -> Option<usize> {
     })
 }
 
-/// The size of one element of a plain vector type `T` ([`is_plain`]).
-fn plain_elem_size<T: 'static>() -> Option<usize> {
+/// The size in bytes of one element of a plain vector type `T` ([`is_plain`]).
+pub fn plain_elem_size<T: 'static>() -> Option<usize> {
     use std::any::TypeId;
     let t = TypeId::of::<T>();
     if !is_plain::<T>() {
@@ -273,7 +209,7 @@ pub fn plain_bytes_mut<T: 'static>(v: &mut T) -> Option<&mut [u8]> {
 
 /// The length of the length prefix of a plain vector's encoding of `size` bytes whose elements
 /// take `body` bytes (1 to 10 bytes), or why there is none.
-pub fn plain_prefix_len(size: usize, body: usize) -> Result<usize, String> {
+fn plain_prefix_len(size: usize, body: usize) -> Result<usize, String> {
     size.checked_sub(body)
         .filter(|p| (1..=10).contains(p))
         .ok_or_else(|| format!("{size} bytes cannot hold a vector of {body} bytes of elements"))
@@ -281,11 +217,31 @@ pub fn plain_prefix_len(size: usize, body: usize) -> Result<usize, String> {
 
 /// Whether `prefix` is exactly the length prefix of a plain vector of `n` elements (the value
 /// of `size` bytes it starts); the error says why not.
-pub fn check_plain_prefix(prefix: &[u8], n: usize, size: usize) -> Result<(), String> {
+fn check_plain_prefix(prefix: &[u8], n: usize, size: usize) -> Result<(), String> {
     match postcard::take_from_bytes::<u64>(prefix) {
         Ok((len, [])) if len == n as u64 => Ok(()),
         _ => Err(format!("the value is not a vector of {n} elements in {size} bytes")),
     }
+}
+
+/// Read the length prefix of a plain vector's encoding of `size` bytes whose `n` elements take
+/// `body` bytes, and pass it to `seen`: the inner `Err` if it does not say exactly that. `r` is
+/// then at the elements' bytes.
+pub fn read_plain_prefix(
+    r: &mut impl std::io::Read,
+    size: usize,
+    n: usize,
+    body: usize,
+    seen: &mut impl FnMut(&[u8]),
+) -> std::io::Result<Result<(), String>> {
+    let prefix_len = match plain_prefix_len(size, body) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut prefix = [0u8; 10];
+    r.read_exact(&mut prefix[..prefix_len])?;
+    seen(&prefix[..prefix_len]);
+    Ok(check_plain_prefix(&prefix[..prefix_len], n, size))
 }
 
 /// Read one plain vector's encoding of `size` bytes from `r` into `dst`, the bytes of `n`
@@ -299,14 +255,7 @@ pub fn read_plain_into(
     dst: &mut [u8],
     mut seen: impl FnMut(&[u8]),
 ) -> std::io::Result<Result<(), String>> {
-    let prefix_len = match plain_prefix_len(size, dst.len()) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut prefix = [0u8; 10];
-    r.read_exact(&mut prefix[..prefix_len])?;
-    seen(&prefix[..prefix_len]);
-    if let Err(e) = check_plain_prefix(&prefix[..prefix_len], n, size) {
+    if let Err(e) = read_plain_prefix(r, size, n, dst.len(), &mut seen)? {
         return Ok(Err(e));
     }
     for piece in dst.chunks_mut(1 << 20) {
@@ -603,75 +552,30 @@ mod tests {
     }
 
     #[test]
-    fn values_read_from_a_stream_are_what_decode_gives_and_every_byte_is_seen() {
-        use super::{decode, encode, is_plain, read_owned};
-        fn read<T: serde::de::DeserializeOwned + 'static>(bytes: &[u8], size: usize) -> (Result<T, String>, Vec<u8>) {
-            let mut seen = Vec::new();
-            let v = read_owned::<T>(&mut &bytes[..], size, |p| seen.extend_from_slice(p)).unwrap();
-            (v, seen)
-        }
+    fn plain_values_are_what_decode_gives_and_a_stream_read_into_place_is_seen_whole() {
+        use super::{decode, decode_owned, encode, is_plain, plain_bytes_mut, plain_count, plain_zeroed, read_plain_into};
         assert!(is_plain::<Vec<f64>>() && is_plain::<Vec<u8>>() && !is_plain::<Vec<u64>>() && !is_plain::<f64>());
         for n in [0usize, 1, 200, 300_000] {
             let v: Vec<f64> = (0..n).map(|i| i as f64 / 3.0).collect();
             let bytes = encode(&v);
-            let (got, seen) = read::<Vec<f64>>(&bytes, bytes.len());
-            assert_eq!((got.unwrap(), seen), (v, bytes.clone()));
+            assert_eq!(decode_owned::<Vec<f64>>(&bytes).unwrap(), v);
+            let mut got: Vec<f64> = plain_zeroed(plain_count::<Vec<f64>>(bytes.len()).unwrap()).unwrap();
+            let mut seen = Vec::new();
+            read_plain_into(&mut &bytes[..], bytes.len(), n, plain_bytes_mut(&mut got).unwrap(), |p| seen.extend_from_slice(p))
+                .unwrap()
+                .unwrap();
+            assert_eq!((got, seen), (v, bytes.clone()));
             let s: Vec<String> = (0..n.min(500)).map(|i| i.to_string()).collect();
-            let bytes = encode(&s);
-            let (got, seen) = read::<Vec<String>>(&bytes, bytes.len());
-            assert_eq!((got.unwrap(), seen), (s, bytes));
+            assert_eq!(decode_owned::<Vec<String>>(&encode(&s)).unwrap(), s);
         }
-        // A length that does not match the size: read through a buffer, and postcard decides.
+        // A length that does not match the size: postcard decides.
         let mut bytes = encode(&vec![2.5f64; 100]);
         bytes.extend_from_slice(&[9, 9]);
-        let (got, seen) = read::<Vec<f64>>(&bytes, bytes.len());
-        assert_eq!((got.unwrap(), seen.len()), (decode::<Vec<f64>>(&bytes).unwrap(), bytes.len()));
-        let (got, _) = read::<Vec<u8>>(&bytes[..5], 5);
-        assert!(got.is_err(), "a value cut short is an error");
+        assert_eq!(decode_owned::<Vec<f64>>(&bytes).unwrap(), decode::<Vec<f64>>(&bytes).unwrap());
+        assert!(decode_owned::<Vec<u8>>(&bytes[..5]).is_err(), "a value cut short is an error");
         // A stream that ends early is an I/O error, not a value.
-        assert!(read_owned::<Vec<f64>>(&mut &bytes[..50], 802, |_| ()).is_err());
-    }
-
-    #[test]
-    fn plain_vectors_fill_in_place_from_parts_as_decode_reads_them() {
-        use super::{decode, encode, plain_bytes_mut, plain_count, plain_zeroed, read_plain_into};
-        // Parts across the varint boundaries, read into one vector in order.
-        let parts: Vec<Vec<f64>> = [0usize, 1, 127, 128, 16_384, 5].iter().map(|&n| (0..n).map(|i| i as f64 - 0.25).collect()).collect();
-        let sizes: Vec<usize> = parts.iter().map(|p| encode(p).len()).collect();
-        let counts: Vec<usize> = sizes.iter().map(|&s| plain_count::<Vec<f64>>(s).unwrap()).collect();
-        assert_eq!(counts, parts.iter().map(Vec::len).collect::<Vec<_>>());
-        let mut out: Vec<f64> = plain_zeroed(counts.iter().sum()).unwrap();
-        let mut rest = plain_bytes_mut(&mut out).unwrap();
-        for (p, (&size, &n)) in parts.iter().zip(sizes.iter().zip(&counts)) {
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * 8);
-            rest = tail;
-            let bytes = encode(p);
-            let mut seen = Vec::new();
-            read_plain_into(&mut &bytes[..], size, n, dst, |b| seen.extend_from_slice(b)).unwrap().unwrap();
-            assert_eq!(seen, bytes, "every byte is seen, in order");
-        }
-        assert_eq!(out, parts.concat());
-        // Bytes of other vectors: u8 with every size, i8, f32.
-        for n in [0usize, 1, 127, 128, 300] {
-            let v: Vec<u8> = (0..n).map(|i| i as u8).collect();
-            assert_eq!(plain_count::<Vec<u8>>(encode(&v).len()), Some(n));
-        }
-        let v = vec![-3i8, 4];
-        let mut o: Vec<i8> = plain_zeroed(2).unwrap();
-        read_plain_into(&mut &encode(&v)[..], 3, 2, plain_bytes_mut(&mut o).unwrap(), |_| ()).unwrap().unwrap();
-        assert_eq!(o, v);
-        assert_eq!(decode::<Vec<f32>>(&encode(&vec![1.5f32])).unwrap(), vec![1.5]);
-        assert_eq!(plain_count::<Vec<f32>>(encode(&vec![1.5f32; 3]).len()), Some(3));
-        // Not plain, impossible sizes, a prefix that says another length, a cut stream.
-        assert_eq!(plain_count::<Vec<u64>>(9), None);
-        assert!(plain_zeroed::<Vec<String>>(1).is_none());
-        assert_eq!(plain_count::<Vec<f64>>(0), None);
-        assert_eq!(plain_count::<Vec<f64>>(10), None);
-        let bytes = encode(&vec![1.0f64, 2.0]);
-        let mut dst = [0u8; 8];
-        assert!(read_plain_into(&mut &bytes[..], 9, 1, &mut dst, |_| ()).unwrap().is_err(), "2 elements are not 1");
-        let mut dst = [0u8; 16];
-        assert!(read_plain_into(&mut &bytes[..10], 17, 2, &mut dst, |_| ()).is_err(), "a stream that ends early");
+        let mut dst = vec![0u8; 800];
+        assert!(read_plain_into(&mut &bytes[..50], 801, 100, &mut dst, |_| ()).is_err());
     }
 
     #[test]
