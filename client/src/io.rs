@@ -43,7 +43,7 @@ use rpx_protocol::session::{json_frame, split_at_delimiter};
 use rpx_protocol::{batch, ClientConnection, Session};
 
 use crate::error::{Error, Result};
-use crate::tracker::{Outcome, ReplyData, Tracker};
+use crate::tracker::{LazyJson, Outcome, ReplyData, Tracker};
 
 /// Quiet time with tasks pending before the controller is probed.
 pub const PROBE_AFTER: Duration = Duration::from_secs(2);
@@ -208,8 +208,8 @@ struct Light {
     msg_type: String,
     date: String,
     parent: Option<String>,
-    metadata: Value,
-    content: Value,
+    metadata: LazyJson,
+    content: LazyJson,
     buffers: Vec<Bytes>,
 }
 
@@ -225,8 +225,11 @@ fn decode_light(session: &Session, frames: Vec<Bytes>) -> std::result::Result<Li
     let (_, signed) = session.verify_frames(frames).map_err(|e| e.to_string())?;
     let h: HeaderLite = serde_json::from_slice(&signed[1]).map_err(|e| format!("header: {e}"))?;
     let parent = serde_json::from_slice::<ParentId>(&signed[2]).map_err(|e| format!("parent header: {e}"))?.msg_id;
-    let metadata = serde_json::from_slice(&signed[3]).map_err(|e| format!("metadata: {e}"))?;
-    let content = serde_json::from_slice(&signed[4]).map_err(|e| format!("content: {e}"))?;
+    // Checked to be JSON now (nothing is built); parsed when something reads them.
+    for (i, name) in [(3, "metadata"), (4, "content")] {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&signed[i]).map_err(|e| format!("{name}: {e}"))?;
+    }
+    let (metadata, content) = (LazyJson::new(signed[3].clone()), LazyJson::new(signed[4].clone()));
     Ok(Light { msg_type: h.msg_type, date: h.date, parent, metadata, content, buffers: signed[5..].to_vec() })
 }
 
@@ -769,7 +772,7 @@ impl Dispatcher {
                 }
             }
             ReaderEvent::Notification(msg) => {
-                let note = EngineNotification::deserialize(&msg.content).ok();
+                let note = EngineNotification::deserialize(&*msg.content).ok();
                 match (msg.msg_type.as_str(), note) {
                     ("registration_notification", Some(EngineNotification { id, uuid, host })) => {
                         if let Some(host) = host {
@@ -800,7 +803,7 @@ impl Dispatcher {
         }
         if msg.msg_type == "connection_reply" {
             if let Some(ConnectionReply { engines, hosts, batches, .. }) =
-                ConnectionReply::deserialize(&msg.content).ok().filter(|r| r.status == OK)
+                ConnectionReply::deserialize(&*msg.content).ok().filter(|r| r.status == OK)
             {
                 self.batches = batches;
                 let table: BTreeMap<usize, String> = engines.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
@@ -810,7 +813,8 @@ impl Dispatcher {
                 self.set_engines(table);
             }
         }
-        let uuid = EngineMetadata::read(&msg.metadata).engine;
+        // Read straight from the frame: the metadata is built into a `Value` only if asked for.
+        let EngineMetadata { engine: uuid, quiet } = serde_json::from_slice(msg.metadata.raw()).unwrap_or_default();
         let engine_id = self.engine_of(uuid.as_deref(), &msg);
         let unknown_engine = uuid.as_deref().is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
         let Some(route) = self.routes.get_mut(&parent) else {
@@ -822,13 +826,13 @@ impl Dispatcher {
         }
         route.replied = true;
         self.unreplied = self.unreplied.saturating_sub(1);
-        let status = ReplyStatus::deserialize(&msg.content)
+        let status = serde_json::from_slice::<ReplyStatus>(msg.content.raw())
             .ok()
             .and_then(|s| s.status)
             .unwrap_or_else(|| if msg.msg_type == "hub_error" { "error" } else { "ok" }.to_string());
         let Light { metadata, content, buffers, date, .. } = msg;
         // The engine published nothing for it (not even `idle`): the reply is all there is.
-        let quiet = metadata.get(rpx_protocol::apply::QUIET_KEY).and_then(Value::as_bool) == Some(true);
+        let quiet = quiet == Some(true);
         let reply = ReplyData { status, content, metadata, date, buffers };
         route.tracker.set_outcome(route.idx, Outcome::Reply(reply), engine_id);
         self.touched.push(route.tracker.clone());

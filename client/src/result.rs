@@ -853,14 +853,15 @@ impl<R: DeserializeOwned> Iterator for MapIter<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::LazyJson;
     use serde_json::json;
 
     fn ok_task(engine: usize, buffers: Vec<Bytes>) -> TaskState {
         let mut t = TaskState::new(format!("m{engine}"), Some(engine), "2024-01-01T00:00:00.000000Z".into());
         t.outcome = Some(Outcome::Reply(ReplyData {
             status: "ok".into(),
-            content: json!({"status": "ok"}),
-            metadata: json!({"started": "2024-01-01T00:00:01.000000Z"}),
+            content: LazyJson::from_value(json!({"status": "ok"})),
+            metadata: LazyJson::from_value(json!({"started": "2024-01-01T00:00:01.000000Z"})),
             date: "2024-01-01T00:00:03.500000Z".into(),
             buffers,
         }));
@@ -871,7 +872,7 @@ mod tests {
         let mut t = ok_task(engine, vec![]);
         if let Some(Outcome::Reply(r)) = &mut t.outcome {
             r.status = content["status"].as_str().unwrap().to_string();
-            r.content = content;
+            r.content = LazyJson::from_value(content);
         }
         t
     }
@@ -973,7 +974,7 @@ mod tests {
         a.io.stdout = "hi\n".into();
         a.io.results.push(json!({"text/plain": "42"}).as_object().unwrap().clone());
         if let Some(Outcome::Reply(r)) = &mut a.outcome {
-            r.content = json!({"status": "ok", "execution_count": 3});
+            r.content = LazyJson::from_value(json!({"status": "ok", "execution_count": 3}));
         }
         let b = err_task(1, json!({"status": "error", "ename": "CompileError", "evalue": "error[E0425]", "engine_info": {"engine_id": 1}}));
         let tasks = [a, b];
@@ -995,7 +996,7 @@ mod tests {
         assert!(text.starts_with("the cell failed on 1 of 2 engines (1)") && text.contains("execute_results()"), "{text}");
         let mut ok = ok_task(0, vec![]);
         if let Some(Outcome::Reply(r)) = &mut ok.outcome {
-            r.content = json!({"status": "ok", "execution_count": 1});
+            r.content = LazyJson::from_value(json!({"status": "ok", "execution_count": 1}));
         }
         assert!(finish_execute(&[ok]).is_ok());
     }

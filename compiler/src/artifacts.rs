@@ -27,7 +27,7 @@ pub struct Registry {
 /// Hash a file's bytes.
 fn describe(path: &Path) -> std::io::Result<Artifact> {
     let bytes = std::fs::read(path)?;
-    Ok(Artifact { path: path.display().to_string(), sha256: hex::encode(Sha256::digest(&bytes)), size: bytes.len() as u64 })
+    Ok(Artifact { path: path.display().to_string(), sha256: const_hex::encode(Sha256::digest(&bytes)), size: bytes.len() as u64 })
 }
 
 impl Registry {
@@ -43,7 +43,7 @@ impl Registry {
     pub fn register(&mut self, path: &Path) -> std::io::Result<Artifact> {
         let Some(store) = &self.store else { return self.register_in_place(path) };
         let bytes = std::fs::read(path)?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let sha256 = const_hex::encode(Sha256::digest(&bytes));
         let kept = store.join(format!("{sha256}.so"));
         if !kept.exists() {
             let tmp = store.join(format!(".{sha256}.tmp"));
@@ -130,7 +130,7 @@ mod tests {
         assert_eq!(libs.len(), 1);
         assert_eq!(libs[0].name, "libstd-abc.so");
         assert_eq!(libs[0].artifact.size, 3);
-        assert_eq!(libs[0].artifact.sha256, hex::encode(Sha256::digest(b"std")));
+        assert_eq!(libs[0].artifact.sha256, const_hex::encode(Sha256::digest(b"std")));
         assert_eq!(r.serve(&libs[0].artifact.sha256, "h1").unwrap(), (b"std".to_vec(), 1, lib.as_path()));
         assert_eq!(r.serve(&libs[0].artifact.sha256, "h1").unwrap().1, 2);
         assert_eq!(r.serve(&libs[0].artifact.sha256, "h2").unwrap().1, 1);

@@ -60,7 +60,7 @@ pub fn verify(a: &Artifact, bytes: &[u8]) -> Result<(), String> {
             a.size
         ));
     }
-    let got = hex::encode(Sha256::digest(bytes));
+    let got = const_hex::encode(Sha256::digest(bytes));
     if got != a.sha256 {
         return Err(format!("artifact {} failed its SHA-256 check (got {}); refused, nothing ran", short(&a.sha256), short(&got)));
     }
@@ -360,7 +360,7 @@ mod tests {
     use super::*;
 
     fn artifact(bytes: &[u8]) -> Artifact {
-        Artifact { path: "/compiler/only/libcode_1.so".into(), sha256: hex::encode(Sha256::digest(bytes)), size: bytes.len() as u64 }
+        Artifact { path: "/compiler/only/libcode_1.so".into(), sha256: const_hex::encode(Sha256::digest(bytes)), size: bytes.len() as u64 }
     }
 
     fn ok(a: &Artifact) -> ArtifactReply {

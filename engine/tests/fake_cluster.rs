@@ -201,7 +201,7 @@ impl Fake {
 fn artifact(path: &std::path::Path) -> Value {
     use sha2::Digest;
     let bytes = std::fs::read(path).unwrap();
-    json!({"path": path, "sha256": hex::encode(sha2::Sha256::digest(&bytes)), "size": bytes.len()})
+    json!({"path": path, "sha256": const_hex::encode(sha2::Sha256::digest(&bytes)), "size": bytes.len()})
 }
 
 fn stream_text(msgs: &[Message], name: &str) -> String {

@@ -86,7 +86,7 @@ impl Op {
 
     /// The payload of an `apply_request` content, if it is an rpx one.
     pub fn from_content(content: &serde_json::Value) -> Option<Result<Op, serde_json::Error>> {
-        content.get(CONTENT_KEY).map(|v| serde_json::from_value(v.clone()))
+        content.get(CONTENT_KEY).map(Op::deserialize)
     }
 }
 

@@ -78,7 +78,7 @@ impl Session {
         for p in parts {
             mac.update(p);
         }
-        hex::encode(mac.finalize().into_bytes())
+        const_hex::encode(mac.finalize().into_bytes())
     }
 
     /// Whether `signature` (hex) is this key's HMAC over `parts`; always true with an empty key.
@@ -88,7 +88,8 @@ impl Session {
 
     fn verify(&self, signature: &[u8], parts: &[&[u8]]) -> bool {
         let Some(mut mac) = self.mac.clone() else { return true };
-        let Ok(sig) = hex::decode(signature) else { return false };
+        // An HMAC-SHA256 is 32 bytes; any other length is not a signature of this key.
+        let Ok(sig) = const_hex::decode_to_array::<_, 32>(signature) else { return false };
         for p in parts {
             mac.update(p);
         }
@@ -151,8 +152,16 @@ impl Session {
         buffers: &[Bytes],
     ) -> (Header, Vec<Bytes>) {
         let header = self.header(msg_type);
-        let parent = parent.map_or_else(|| Value::Object(Default::default()), |p| serde_json::to_value(p).expect("header serializes"));
-        let frames = self.encode(idents, &header, &parent, &metadata, &content, buffers);
+        // The parent header is written as it is, not through a `Value`.
+        let parent = parent.map_or_else(|| Bytes::from_static(b"{}"), json_frame);
+        let frames = self.frames(
+            idents.iter().cloned(),
+            json_frame(&header),
+            parent,
+            json_frame(&metadata),
+            json_frame(&content),
+            buffers.iter().cloned(),
+        );
         (header, frames)
     }
 

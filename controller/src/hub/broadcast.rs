@@ -1,7 +1,6 @@
 //! Broadcast fan-out to the targeted engines and coalesced replies.
 
-use std::collections::HashMap;
-
+use foldhash::{HashMap, HashMapExt};
 use serde_json::{json, Value};
 use tracing::warn;
 

@@ -23,10 +23,11 @@
 //!   [`rpx_protocol::hub`]).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::{json, Value};

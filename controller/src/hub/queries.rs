@@ -1,10 +1,11 @@
 //! Client queries on the registration socket: connection, queue, result, history, db, purge,
 //! resubmit, load and shutdown requests, with lookups parked until the task database answers.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt, HashSet};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};

@@ -2,10 +2,10 @@
 //! engines, retries, failures, and completing task records.
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashSet, HashSetExt};
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 

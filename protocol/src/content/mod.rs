@@ -101,6 +101,10 @@ impl FinishMetadata {
 pub struct EngineMetadata {
     #[serde(default, deserialize_with = "lenient_option")]
     pub engine: Option<String>,
+    /// A reply the engine answered quietly: nothing was published for its request, not even
+    /// `idle` ([`crate::apply::QUIET_KEY`]).
+    #[serde(rename = "rpx_quiet", default, deserialize_with = "lenient_option")]
+    pub quiet: Option<bool>,
 }
 
 impl EngineMetadata {
@@ -433,6 +437,18 @@ pub fn read_or_default<T: serde::de::DeserializeOwned + Default>(content: &Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_metadata_reads_the_quiet_marker_from_value_or_bytes() {
+        let md = json!({"engine": "u1", crate::apply::QUIET_KEY: true, "started": "x"});
+        let read = EngineMetadata::read(&md);
+        assert_eq!((read.engine.as_deref(), read.quiet), (Some("u1"), Some(true)));
+        let from_bytes: EngineMetadata = serde_json::from_slice(md.to_string().as_bytes()).unwrap();
+        assert_eq!(from_bytes, read);
+        // A marker that is not a bool is ignored, and the uuid still read.
+        let odd: EngineMetadata = serde_json::from_slice(br#"{"engine": "u2", "rpx_quiet": "yes"}"#).unwrap();
+        assert_eq!((odd.engine.as_deref(), odd.quiet), (Some("u2"), None));
+    }
 
     #[test]
     fn error_names_round_trip_as_their_strings() {
