@@ -95,6 +95,11 @@ static MAIN_TID: AtomicI32 = AtomicI32::new(0);
 /// SIGINT to the main thread; TIMER_OK once created.
 static TIMER: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static TIMER_OK: AtomicBool = AtomicBool::new(false);
+/// The retry timer is armed: `end` disarms it only then (a system call per closure call saved).
+static TIMER_ARMED: AtomicBool = AtomicBool::new(false);
+/// The handler ran since the last `end`: SIGINT may still be blocked on this thread (an unwind
+/// out of the handler leaves it so), and `end` unblocks it only then.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
 const FIXED: usize = 4;
 /// Executable ranges of this binary (frames the search must not reach).
@@ -268,16 +273,22 @@ impl Interrupts {
         if !self.installed {
             return false;
         }
+        // From here on the handler neither arms the timer nor unwinds (the state is not RUNNING),
+        // so the two checks below see everything it did.
         STATE.store(BUSY, SeqCst);
-        arm_timer(0);
+        if TIMER_ARMED.load(SeqCst) {
+            arm_timer(0);
+        }
         HIJACKED.store(false, SeqCst);
         // After an unwind out of the handler SIGINT is still blocked on this thread.
-        // SAFETY: changing this thread's signal mask.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        if SIGNALLED.swap(false, SeqCst) {
+            // SAFETY: changing this thread's signal mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            }
         }
         let delivered = INTERRUPTED.swap(false, SeqCst);
         let refused = REFUSED.swap(0, SeqCst);
@@ -309,6 +320,7 @@ fn arm_timer(ns: i64) {
     if !TIMER_OK.load(SeqCst) {
         return;
     }
+    TIMER_ARMED.store(ns > 0, SeqCst);
     let t = TIMER.load(SeqCst);
     let its =
         libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value: libc::timespec { tv_sec: 0, tv_nsec: ns } };
@@ -317,6 +329,7 @@ fn arm_timer(ns: i64) {
 }
 
 extern "C-unwind" fn on_sigint(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    SIGNALLED.store(true, SeqCst);
     // SAFETY: errno is this thread's.
     let errno = unsafe { *libc::__errno_location() };
     if let Some((resume, payload)) = decide(info, ctx) {
