@@ -12,9 +12,8 @@ use std::collections::HashMap;
 
 use rpx_protocol::apply::{ename, Closure};
 use rpx_protocol::compile::{Artifact, ClosureReply, ClosureRequest};
-use rpx_protocol::content::ErrorName;
+use rpx_protocol::content::{ErrorName, ReplyMetadata};
 use rpx_runtime::abi;
-use serde_json::Value;
 
 use crate::queue::Request;
 use crate::reply::EngineError;
@@ -31,7 +30,7 @@ pub const PIPE_DEPTH: usize = 4;
 pub struct Call {
     pub req: Request,
     /// Reply metadata, started when the call started.
-    pub md: Value,
+    pub md: ReplyMetadata,
     /// `rpx_runtime::abi::MODE_APPLY` or `MODE_MAP`.
     pub mode: u32,
     pub closure: Closure,
@@ -81,7 +80,7 @@ pub fn check_arguments(req: &Request) -> Result<(), EngineError> {
 }
 
 impl Call {
-    pub fn new(req: Request, md: Value, mode: u32, closure: Closure) -> Call {
+    pub fn new(req: Request, md: ReplyMetadata, mode: u32, closure: Closure) -> Call {
         Call {
             req,
             md,
@@ -188,7 +187,7 @@ mod tests {
     fn call(id: &str, src: &str) -> Call {
         let mut req = Request::for_test(id, "apply_request", json!({}));
         req.buffers = vec![bytes::Bytes::from_static(b"\x01")];
-        Call::new(req, json!({}), abi::MODE_APPLY, closure(src))
+        Call::new(req, ReplyMetadata::start(&json!({}), "u", String::new()), abi::MODE_APPLY, closure(src))
     }
 
     fn artifact() -> Artifact {

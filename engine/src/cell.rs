@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rpx_protocol::apply::ename;
 use rpx_protocol::compile::{Artifact, CellReply, Load, LoadDone, LoadOutcome};
+use rpx_protocol::content::ReplyMetadata;
 use serde_json::{json, Value};
 
 use crate::artifacts::Step;
@@ -41,7 +42,7 @@ pub struct Cell {
     pub silent: bool,
     pub count: u64,
     /// Reply metadata, started when the cell started.
-    pub md: Value,
+    pub md: ReplyMetadata,
     /// User code panicked (or a load of the cell was skipped).
     pub panicked: bool,
     /// The worker died while running the cell: how.
@@ -116,7 +117,7 @@ pub enum Ending {
 }
 
 impl Cell {
-    pub fn new(req: Request, purpose: Purpose, silent: bool, count: u64, md: Value) -> Cell {
+    pub fn new(req: Request, purpose: Purpose, silent: bool, count: u64, md: ReplyMetadata) -> Cell {
         Cell {
             req,
             purpose,

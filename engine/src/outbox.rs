@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rpx_protocol::content::ReplyMetadata;
 use rpx_protocol::hub::UnregistrationRequest;
+use rpx_protocol::session::json_frame;
 use rpx_protocol::{Header, Session};
 use serde_json::{json, Value};
 use tracing::warn;
@@ -82,14 +84,21 @@ impl Outbox {
     }
 
     /// Answer `req` on the socket it came from.
-    pub fn reply(&self, req: &Request, content: Value, md: Value) {
+    pub fn reply(&self, req: &Request, content: Value, md: ReplyMetadata) {
         self.reply_with_buffers(req, content, md, &[]);
     }
 
-    pub fn reply_with_buffers(&self, req: &Request, content: Value, md: Value, buffers: &[Bytes]) {
+    pub fn reply_with_buffers(&self, req: &Request, content: Value, md: ReplyMetadata, buffers: &[Bytes]) {
         let msg_type = reply::reply_type(req.msg_type());
         let md = reply::finish_metadata(md, &content, &self.me);
-        let (_, frames) = self.session.msg(&req.idents, &msg_type, content, Some(&req.header), md, buffers);
+        let frames = self.session.frames(
+            req.idents.iter().cloned(),
+            json_frame(&self.session.header(&msg_type)),
+            json_frame(&req.header),
+            json_frame(&md),
+            json_frame(&content),
+            buffers.iter().cloned(),
+        );
         match self.outlets.for_channel(req.channel) {
             Some(o) => push(o, frames, &msg_type),
             None => warn!(msg_type, "no socket to reply on"),
@@ -128,9 +137,9 @@ impl Outbox {
 
     /// Answer `req` with `content` and publish `idle`, or answer it quietly if nothing was
     /// published for it.
-    fn finish(&self, req: &Request, content: Value, mut md: Value, buffers: &[Bytes]) {
+    fn finish(&self, req: &Request, content: Value, mut md: ReplyMetadata, buffers: &[Bytes]) {
         if self.take_quiet(req) {
-            md[rpx_protocol::apply::QUIET_KEY] = json!(true);
+            md.quiet = true;
             return self.reply_with_buffers(req, content, md, buffers);
         }
         self.reply_with_buffers(req, content, md, buffers);
@@ -152,12 +161,12 @@ impl Outbox {
 
     /// Answer `req` with success and these buffers (pushed, pulled or computed values), then
     /// publish `idle` (or nothing, if nothing was published for it since [`Outbox::defer_busy`]).
-    pub fn ok(&self, req: &Request, md: Value, buffers: &[Bytes]) {
+    pub fn ok(&self, req: &Request, md: ReplyMetadata, buffers: &[Bytes]) {
         self.finish(req, json!({"status": "ok"}), md, buffers);
     }
 
     /// Answer `req` with success and `key: value` in the content, no buffers.
-    pub fn ok_with(&self, req: &Request, md: Value, key: &str, value: Value) {
+    pub fn ok_with(&self, req: &Request, md: ReplyMetadata, key: &str, value: Value) {
         let mut content = json!({"status": "ok"});
         content[key] = value;
         self.finish(req, content, md, &[]);
@@ -169,7 +178,7 @@ impl Outbox {
     }
 
     /// A cell (execution `count`) failed: publish the error and answer its `execute_request`.
-    pub fn execute_error(&mut self, req: &Request, md: Value, err: &EngineError, count: u64) {
+    pub fn execute_error(&mut self, req: &Request, md: ReplyMetadata, err: &EngineError, count: u64) {
         self.flush_streams();
         self.publish("error", "error", reply::iopub_error(err, &self.me, "execute"), Some(&req.header));
         self.reply(req, reply::execute_error(err, count, &self.me), md);
@@ -177,7 +186,7 @@ impl Outbox {
     }
 
     /// An `apply_request` (push, pull, call) failed: publish the error and answer it.
-    pub fn apply_error(&mut self, req: &Request, md: Value, err: &EngineError) {
+    pub fn apply_error(&mut self, req: &Request, md: ReplyMetadata, err: &EngineError) {
         self.flush_streams();
         self.publish("error", "error", reply::iopub_error(err, &self.me, "apply"), Some(&req.header));
         self.reply(req, err.reply(Some(&self.me.engine_info("apply"))), md);

@@ -1,10 +1,10 @@
 //! Reply metadata and contents in ipyparallel's shape (`init_metadata` / `finish_metadata` of
 //! ipyparallel's kernel), and the error kinds an rpx engine reports.
 //!
-//! Pure functions over JSON values; the engine loop decides which one to send.
+//! Pure functions over typed metadata and JSON contents; the engine loop decides which one to send.
 
 use rpx_protocol::apply::Op;
-use rpx_protocol::content::{EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, FinishMetadata, ReplyContent, ReplyStatus};
+use rpx_protocol::content::{EngineInfo, EngineRef, ErrorContent, ErrorName, ExecuteReply, ReplyContent, ReplyMetadata, ReplyStatus};
 use rpx_protocol::message::now_iso;
 use serde_json::{json, Value};
 
@@ -27,25 +27,16 @@ impl Identity {
 }
 
 /// Metadata of a reply before the handler runs, copying the broadcast fields of the request.
-pub fn init_metadata(request_metadata: &Value, me: &Identity) -> Value {
-    let get = |k: &str| request_metadata.get(k).cloned();
-    json!({
-        "started": now_iso(),
-        "dependencies_met": true,
-        "engine": me.uuid,
-        "is_broadcast": get("is_broadcast").unwrap_or(Value::Bool(false)),
-        "is_coalescing": get("is_coalescing").unwrap_or(Value::Bool(false)),
-        "original_msg_id": get("original_msg_id").unwrap_or_else(|| Value::String(String::new())),
-        "label": get("label").unwrap_or(Value::Null),
-    })
+pub fn init_metadata(request_metadata: &Value, me: &Identity) -> ReplyMetadata {
+    ReplyMetadata::start(request_metadata, &me.uuid, now_iso())
 }
 
 /// Complete reply metadata from the reply content: `status`, and `engine_info` on errors.
-pub fn finish_metadata(mut md: Value, content: &Value, me: &Identity) -> Value {
+pub fn finish_metadata(mut md: ReplyMetadata, content: &Value, me: &Identity) -> ReplyMetadata {
     let reply = ReplyContent::read(content);
     let status = reply.status.unwrap_or_default();
-    let engine_info = (status == ReplyStatus::Error).then(|| reply.engine_info.unwrap_or_else(|| me.engine_info("")));
-    FinishMetadata { status, engine_info }.apply_to(&mut md);
+    md.engine_info = (status == ReplyStatus::Error).then(|| reply.engine_info.unwrap_or_else(|| me.engine_info("")));
+    md.status = Some(status);
     md
 }
 
@@ -134,7 +125,8 @@ mod tests {
 
     #[test]
     fn metadata_copies_broadcast_fields_and_marks_errors() {
-        let md = init_metadata(&json!({"is_broadcast": true, "original_msg_id": "m1"}), &me());
+        let start = init_metadata(&json!({"is_broadcast": true, "original_msg_id": "m1"}), &me());
+        let md = serde_json::to_value(&start).unwrap();
         assert_eq!(md["engine"], "u-3");
         assert_eq!(md["dependencies_met"], true);
         assert_eq!(md["is_broadcast"], true);
@@ -142,13 +134,13 @@ mod tests {
         assert_eq!(md["is_coalescing"], false);
         assert!(md["started"].as_str().unwrap().ends_with('Z'));
 
-        let ok = finish_metadata(md.clone(), &execute_ok(1), &me());
+        let ok = serde_json::to_value(finish_metadata(start.clone(), &execute_ok(1), &me())).unwrap();
         assert_eq!(ok["status"], "ok");
         assert!(ok.get("engine_info").is_none());
 
         let err = EngineError::panic("boom", vec![]);
         let c = execute_error(&err, 4, &me());
-        let md = finish_metadata(md, &c, &me());
+        let md = serde_json::to_value(finish_metadata(start, &c, &me())).unwrap();
         assert_eq!(md["status"], "error");
         assert_eq!(md["engine_info"], json!({"engine_id": 3, "engine_uuid": "u-3", "method": "execute"}));
     }

@@ -8,7 +8,13 @@ fn me() -> Identity {
 }
 
 fn cell(purpose: Purpose) -> Cell {
-    Cell::new(Request::for_test("c1", "execute_request", json!({"code": "1"})), purpose, false, 7, json!({}))
+    Cell::new(
+        Request::for_test("c1", "execute_request", json!({"code": "1"})),
+        purpose,
+        false,
+        7,
+        ReplyMetadata::start(&json!({}), "u", String::new()),
+    )
 }
 
 fn reply(status: &str, ename: &str, evalue: &str) -> CellReply {
@@ -259,7 +265,13 @@ fn load(cell_id: &str, sha: char) -> Load {
 
 /// The running cell with this id.
 fn running(id: &str) -> Cell {
-    Cell::new(Request::for_test(id, "execute_request", json!({"code": "1"})), Purpose::Execute, false, 7, json!({}))
+    Cell::new(
+        Request::for_test(id, "execute_request", json!({"code": "1"})),
+        Purpose::Execute,
+        false,
+        7,
+        ReplyMetadata::start(&json!({}), "u", String::new()),
+    )
 }
 
 fn ready(a: &Artifact) -> Step {

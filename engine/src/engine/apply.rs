@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rpx_protocol::apply::{ename, Closure, Op};
 use rpx_protocol::compile::msg_type as cmsg;
+use rpx_protocol::content::ReplyMetadata;
 use rpx_runtime::abi;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::Engine;
@@ -81,7 +82,7 @@ impl Engine {
         self.out.aborted(req);
     }
 
-    pub(super) fn finish_pull(&mut self, req: &Request, md: Value, names: &[String]) {
+    pub(super) fn finish_pull(&mut self, req: &Request, md: ReplyMetadata, names: &[String]) {
         if matches!(Op::from_content(&req.content), Some(Ok(Op::Pull { files: true, .. }))) {
             // Hard links the client reads (same host) or fetches (data link), not the bytes.
             return match crate::namespace::export(&self.ns_dir, names, &self.digests) {
@@ -99,7 +100,7 @@ impl Engine {
         }
     }
 
-    pub(super) async fn start_call(&mut self, req: Request, md: Value, mode: u32, closure: Closure) {
+    pub(super) async fn start_call(&mut self, req: Request, md: ReplyMetadata, mode: u32, closure: Closure) {
         if let Err(err) = call::check_arguments(&req) {
             return self.out.apply_error(&req, md, &err);
         }

@@ -77,20 +77,57 @@ impl ReplyContent {
     }
 }
 
-/// What an engine adds to a reply's metadata once the request is handled (ipyparallel's
-/// `finish_metadata`): the reply's `status` and, on errors, `engine_info`.
+/// The metadata of an engine's reply, in ipyparallel's shape: started when the engine takes the
+/// request (its kernel's `init_metadata`: when, which engine, the broadcast fields copied from
+/// the request) and completed when it answers (`finish_metadata`: the reply's `status` and, on
+/// errors, `engine_info`). Written straight to JSON, not built as a map per reply.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FinishMetadata {
-    pub status: ReplyStatus,
+pub struct ReplyMetadata {
+    pub started: String,
+    pub dependencies_met: bool,
+    /// The engine's uuid.
+    pub engine: String,
+    pub is_broadcast: Value,
+    pub is_coalescing: Value,
+    pub original_msg_id: Value,
+    pub label: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<ReplyStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_info: Option<EngineInfo>,
+    /// Nothing was published for the request, not even `idle` ([`crate::apply::QUIET_KEY`]).
+    #[serde(rename = "rpx_quiet", skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
-impl FinishMetadata {
-    /// Set these fields in `metadata` (an object; anything else is left as it is).
-    pub fn apply_to(&self, metadata: &mut Value) {
-        if let (Value::Object(md), Value::Object(fields)) = (metadata, json!(self)) {
-            md.extend(fields);
+/// The fields of a request's metadata that its reply's metadata repeats.
+#[derive(Debug, Default, Deserialize)]
+struct CopiedFields {
+    #[serde(default)]
+    is_broadcast: Option<Value>,
+    #[serde(default)]
+    is_coalescing: Option<Value>,
+    #[serde(default)]
+    original_msg_id: Option<Value>,
+    #[serde(default)]
+    label: Option<Value>,
+}
+
+impl ReplyMetadata {
+    /// Started now, by engine `engine` (uuid), for a request with `request_metadata`.
+    pub fn start(request_metadata: &Value, engine: &str, started: String) -> ReplyMetadata {
+        let c: CopiedFields = Deserialize::deserialize(request_metadata).unwrap_or_default();
+        ReplyMetadata {
+            started,
+            dependencies_met: true,
+            engine: engine.to_string(),
+            is_broadcast: c.is_broadcast.unwrap_or(Value::Bool(false)),
+            is_coalescing: c.is_coalescing.unwrap_or(Value::Bool(false)),
+            original_msg_id: c.original_msg_id.unwrap_or_else(|| Value::String(String::new())),
+            label: c.label.unwrap_or(Value::Null),
+            status: None,
+            engine_info: None,
+            quiet: false,
         }
     }
 }
@@ -437,6 +474,26 @@ pub fn read_or_default<T: serde::de::DeserializeOwned + Default>(content: &Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_metadata_copies_the_request_fields_and_writes_quiet_under_its_key() {
+        let md = ReplyMetadata::start(&json!({"is_broadcast": true, "original_msg_id": "m1", "label": [1]}), "u-3", "t".into());
+        let v = serde_json::to_value(&md).unwrap();
+        assert_eq!(
+            v,
+            json!({"started": "t", "dependencies_met": true, "engine": "u-3", "is_broadcast": true, "is_coalescing": false,
+                   "original_msg_id": "m1", "label": [1]})
+        );
+        // Metadata that is not an object copies nothing; status, engine_info and quiet appear once set.
+        let mut md = ReplyMetadata::start(&json!("odd"), "u-3", "t".into());
+        (md.status, md.engine_info, md.quiet) = (Some(ReplyStatus::Error), Some(EngineInfo::new(3, "u-3", "apply")), true);
+        let v = serde_json::to_value(&md).unwrap();
+        assert_eq!((&v["is_broadcast"], &v["original_msg_id"], &v["label"]), (&json!(false), &json!(""), &Value::Null));
+        assert_eq!(v["status"], "error");
+        assert_eq!(v["engine_info"], json!({"engine_id": 3, "engine_uuid": "u-3", "method": "apply"}));
+        assert_eq!(v[crate::apply::QUIET_KEY], true);
+        assert_eq!(EngineMetadata::read(&v).quiet, Some(true));
+    }
 
     #[test]
     fn engine_metadata_reads_the_quiet_marker_from_value_or_bytes() {
