@@ -26,6 +26,10 @@ const FILE_WAIT: Duration = Duration::from_secs(2);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// Limit for hub queries and control requests.
 const QUERY_LIMIT: Duration = Duration::from_secs(10);
+/// Load-balanced tasks of one submission in the first piece handed to the IO thread (see
+/// [`ClientInner::tasks`]), and in each piece after it.
+const FIRST_PIECE: usize = 32;
+const PIECE: usize = 512;
 
 pub(crate) struct ClientInner {
     pub io: Io,
@@ -121,20 +125,26 @@ impl ClientInner {
 
     /// Submit load-balanced tasks (one per buffer list) on the `task` socket.
     pub fn tasks(&self, frames: &Frames, buffers: Vec<Vec<Bytes>>) -> Result<Arc<Tracker>> {
-        let mut tasks = Vec::with_capacity(buffers.len());
-        let mut out = Vec::with_capacity(buffers.len());
-        for bufs in &buffers {
-            let (msg_id, f) = frames.build("apply_request", None, bufs);
-            tasks.push(TaskState::new(msg_id.clone(), None, frames.date().to_string()));
-            out.push((msg_id, f));
-        }
+        let ids: Vec<String> = buffers.iter().map(|_| frames.next_id()).collect();
+        let tasks = ids.iter().map(|id| TaskState::new(id.clone(), None, frames.date().to_string())).collect();
         let tracker = self.tracker(tasks, false);
-        let out = out
-            .into_iter()
-            .enumerate()
-            .map(|(idx, (msg_id, frames))| Outgoing { chan: Chan::Task, frames, msg_id, tracker: tracker.clone(), idx })
-            .collect();
-        self.io.send(IoRequest::Submit(out))?;
+        // Signed and handed to the IO thread in pieces, the first one small: the engines start
+        // on it while this thread signs the rest, instead of idling until all are signed.
+        let mut start = 0;
+        while start < ids.len() {
+            let end = ids.len().min(start + if start == 0 { FIRST_PIECE } else { PIECE });
+            let out = (start..end)
+                .map(|idx| Outgoing {
+                    chan: Chan::Task,
+                    frames: frames.build_as(ids[idx].clone(), "apply_request", None, &buffers[idx]),
+                    msg_id: ids[idx].clone(),
+                    tracker: tracker.clone(),
+                    idx,
+                })
+                .collect();
+            self.io.send(IoRequest::Submit(out))?;
+            start = end;
+        }
         Ok(tracker)
     }
 

@@ -186,8 +186,20 @@ impl Frames {
 
     /// `(msg_id, frames)` of a new message; `ident` is the target engine's uuid on mux/control.
     pub fn build(&self, msg_type: &str, ident: Option<&str>, buffers: &[Bytes]) -> (String, Vec<Bytes>) {
+        let msg_id = self.ids.next();
+        let frames = self.build_as(msg_id.clone(), msg_type, ident, buffers);
+        (msg_id, frames)
+    }
+
+    /// A msg_id for a message built later with [`Frames::build_as`].
+    pub fn next_id(&self) -> String {
+        self.ids.next()
+    }
+
+    /// The frames of a new message with a msg_id taken from [`Frames::next_id`].
+    pub fn build_as(&self, msg_id: String, msg_type: &str, ident: Option<&str>, buffers: &[Bytes]) -> Vec<Bytes> {
         let header = Header {
-            msg_id: self.ids.next(),
+            msg_id,
             msg_type: msg_type.to_string(),
             username: self.session.username.clone(),
             session: self.session.session.clone(),
@@ -196,9 +208,7 @@ impl Frames {
         };
         let h = json_frame(&header);
         let ident = ident.map(|id| Bytes::copy_from_slice(id.as_bytes()));
-        let frames =
-            self.session.frames(ident, h, self.parent.clone(), self.metadata.clone(), self.content.clone(), buffers.iter().cloned());
-        (header.msg_id, frames)
+        self.session.frames(ident, h, self.parent.clone(), self.metadata.clone(), self.content.clone(), buffers.iter().cloned())
     }
 }
 
