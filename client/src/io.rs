@@ -932,4 +932,30 @@ mod tests {
         assert_eq!(m2.parent_header, json!({}));
         assert!(id1.starts_with(&format!("{}_{}_", session.session, std::process::id())));
     }
+
+    #[test]
+    fn a_reply_is_checked_to_be_json_when_it_arrives_and_read_when_asked() {
+        let session = Session::new(b"key", "me");
+        let parent = session.header("apply_request");
+        let md = json!({"engine": "u-1", rpx_protocol::apply::QUIET_KEY: true, "started": "2024-01-01T00:00:00Z"});
+        let (_, frames) = session.msg(&[], "apply_reply", json!({"status": "ok"}), Some(&parent), md.clone(), &[]);
+        let light = decode_light(&session, frames).expect("valid reply");
+        assert_eq!(light.parent.as_deref(), Some(parent.msg_id.as_str()));
+        // What the dispatcher reads straight from the frame...
+        let read: EngineMetadata = serde_json::from_slice(light.metadata.raw()).unwrap();
+        assert_eq!((read.engine.as_deref(), read.quiet), (Some("u-1"), Some(true)));
+        // ...and the whole value, for whoever asks for it later.
+        assert_eq!(*light.metadata, md);
+        assert_eq!(light.content["status"], "ok");
+        // A signed reply whose metadata or content is not JSON is refused, saying which.
+        for (i, name) in [(3, "metadata"), (4, "content")] {
+            let h = json_frame(&session.header("apply_reply"));
+            let mut json = [json_frame(&parent), json_frame(&md), json_frame(&json!({"status": "ok"}))];
+            json[i - 2] = Bytes::from_static(b"{not json");
+            let [p, m, c] = json;
+            let frames = session.frames(std::iter::empty(), h, p, m, c, std::iter::empty());
+            let err = decode_light(&session, frames).err().expect("refused");
+            assert!(err.starts_with(name), "{err}");
+        }
+    }
 }
