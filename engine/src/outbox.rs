@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rpx_protocol::content::ReplyMetadata;
 use rpx_protocol::hub::UnregistrationRequest;
-use rpx_protocol::session::json_frame;
 use rpx_protocol::{Header, Session};
 use serde_json::{json, Value};
 use tracing::warn;
@@ -91,14 +90,7 @@ impl Outbox {
     pub fn reply_with_buffers(&self, req: &Request, content: Value, md: ReplyMetadata, buffers: &[Bytes]) {
         let msg_type = reply::reply_type(req.msg_type());
         let md = reply::finish_metadata(md, &content, &self.me);
-        let frames = self.session.frames(
-            req.idents.iter().cloned(),
-            json_frame(&self.session.header(&msg_type)),
-            json_frame(&req.header),
-            json_frame(&md),
-            json_frame(&content),
-            buffers.iter().cloned(),
-        );
+        let (_, frames) = self.session.msg(&req.idents, &msg_type, content, Some(&req.header), md, buffers);
         match self.outlets.for_channel(req.channel) {
             Some(o) => push(o, frames, &msg_type),
             None => warn!(msg_type, "no socket to reply on"),

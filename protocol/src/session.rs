@@ -141,14 +141,16 @@ impl Session {
         join_frames(idents.into_iter().collect(), self.signed_part(header, parent_header, metadata, content, buffers))
     }
 
-    /// Build and encode a new message of `msg_type` in reply to `parent` (if any).
+    /// Build and encode a new message of `msg_type` in reply to `parent` (if any); the metadata
+    /// is any serializable value (a JSON object, or a typed one such as
+    /// [`crate::content::ReplyMetadata`], written straight to JSON).
     pub fn msg(
         &self,
         idents: &[Bytes],
         msg_type: &str,
         content: Value,
         parent: Option<&Header>,
-        metadata: Value,
+        metadata: impl serde::Serialize,
         buffers: &[Bytes],
     ) -> (Header, Vec<Bytes>) {
         let header = self.header(msg_type);
