@@ -44,9 +44,8 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
 /// CPU seconds (user + system) used so far by this process (`client`) and by each kind of
 /// process of the cluster under `rpx_dir` (found by their environment), summed per kind.
 fn cpu_by_role(rpx_dir: &std::path::Path) -> std::collections::BTreeMap<&'static str, f64> {
-    let cpu = cpu_seconds;
     let mut out = std::collections::BTreeMap::new();
-    out.insert("client", cpu("self").unwrap_or(0.0));
+    out.insert("client", cpu_seconds("self").unwrap_or(0.0));
     for p in rpx_tests::processes_mentioning(&rpx_dir.display().to_string()) {
         let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
         let role = if environ.windows(19).any(|w| w == b"RPX_ENGINE_WORKER=1") {
@@ -60,7 +59,7 @@ fn cpu_by_role(rpx_dir: &std::path::Path) -> std::collections::BTreeMap<&'static
             // dependencies after start-up), and ipcluster.
             "compiler"
         };
-        *out.entry(role).or_insert(0.0) += cpu(&p.pid.to_string()).unwrap_or(0.0);
+        *out.entry(role).or_insert(0.0) += cpu_seconds(&p.pid.to_string()).unwrap_or(0.0);
     }
     out
 }
@@ -93,6 +92,14 @@ fn wait_quiet() -> (f64, bool) {
             return (t.elapsed().as_secs_f64(), false);
         }
     }
+}
+
+/// [`wait_quiet`], said on stderr and recorded in the report.
+fn wait_quiet_into(report: &mut serde_json::Map<String, serde_json::Value>) {
+    let (waited, quiet) = wait_quiet();
+    eprintln!("machine quiet: {quiet} after {waited:.1} s");
+    report.insert("quiet_wait_s".into(), json!(waited));
+    report.insert("quiet".into(), json!(quiet));
 }
 
 fn main() -> rpx::Result<()> {
@@ -148,10 +155,7 @@ fn main() -> rpx::Result<()> {
         // The measured closure is compiled before the clock starts.
         let _: Vec<u64> = dv_all.apply(ident, (0,))?;
         // Nothing measured below competes with the compiler's start-up work.
-        let (waited, quiet) = wait_quiet();
-        eprintln!("machine quiet: {quiet} after {waited:.1} s");
-        report.insert("quiet_wait_s".into(), json!(waited));
-        report.insert("quiet".into(), json!(quiet));
+        wait_quiet_into(&mut report);
         if !only_tasks && !only_latency {
             // The row: the first call of a new closure on a warm cluster (the compiler's
             // start-up work, the closure builder's dependency build included, is over).
@@ -285,10 +289,7 @@ fn main() -> rpx::Result<()> {
     if only_data {
         // Nothing measured below competes with the compiler's start-up work (warming the
         // closure crate's dependencies), which the other systems do not have.
-        let (waited, quiet) = wait_quiet();
-        eprintln!("machine quiet: {quiet} after {waited:.1} s");
-        report.insert("quiet_wait_s".into(), json!(waited));
-        report.insert("quiet".into(), json!(quiet));
+        wait_quiet_into(&mut report);
     }
     for &shm in planes {
         client.set_shared_memory(shm);

@@ -130,20 +130,22 @@ impl ClientInner {
         let tracker = self.tracker(tasks, false);
         // Signed and handed to the IO thread in pieces, the first one small: the engines start
         // on it while this thread signs the rest, instead of idling until all are signed.
-        let mut start = 0;
-        while start < ids.len() {
-            let end = ids.len().min(start + if start == 0 { FIRST_PIECE } else { PIECE });
-            let out = (start..end)
-                .map(|idx| Outgoing {
+        let mut pending = ids.into_iter().zip(buffers).enumerate().peekable();
+        let mut piece = FIRST_PIECE;
+        while pending.peek().is_some() {
+            let out = pending
+                .by_ref()
+                .take(piece)
+                .map(|(idx, (msg_id, bufs))| Outgoing {
                     chan: Chan::Task,
-                    frames: frames.build_as(ids[idx].clone(), "apply_request", None, &buffers[idx]),
-                    msg_id: ids[idx].clone(),
+                    frames: frames.build_as(msg_id.clone(), "apply_request", None, &bufs),
+                    msg_id,
                     tracker: tracker.clone(),
                     idx,
                 })
                 .collect();
             self.io.send(IoRequest::Submit(out))?;
-            start = end;
+            piece = PIECE;
         }
         Ok(tracker)
     }

@@ -579,6 +579,48 @@ mod tests {
     }
 
     #[test]
+    fn plain_vectors_fill_in_place_from_parts_as_decode_reads_them() {
+        use super::{decode, encode, plain_bytes_mut, plain_count, plain_zeroed, read_plain_into};
+        // Parts across the varint boundaries, read into one vector in order.
+        let parts: Vec<Vec<f64>> = [0usize, 1, 127, 128, 16_384, 5].iter().map(|&n| (0..n).map(|i| i as f64 - 0.25).collect()).collect();
+        let sizes: Vec<usize> = parts.iter().map(|p| encode(p).len()).collect();
+        let counts: Vec<usize> = sizes.iter().map(|&s| plain_count::<Vec<f64>>(s).unwrap()).collect();
+        assert_eq!(counts, parts.iter().map(Vec::len).collect::<Vec<_>>());
+        let mut out: Vec<f64> = plain_zeroed(counts.iter().sum()).unwrap();
+        let mut rest = plain_bytes_mut(&mut out).unwrap();
+        for (p, (&size, &n)) in parts.iter().zip(sizes.iter().zip(&counts)) {
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * 8);
+            rest = tail;
+            let bytes = encode(p);
+            let mut seen = Vec::new();
+            read_plain_into(&mut &bytes[..], size, n, dst, |b| seen.extend_from_slice(b)).unwrap().unwrap();
+            assert_eq!(seen, bytes, "every byte is seen, in order");
+        }
+        assert_eq!(out, parts.concat());
+        // Bytes of other vectors: u8 with every size, i8, f32.
+        for n in [0usize, 1, 127, 128, 300] {
+            let v: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            assert_eq!(plain_count::<Vec<u8>>(encode(&v).len()), Some(n));
+        }
+        let v = vec![-3i8, 4];
+        let mut o: Vec<i8> = plain_zeroed(2).unwrap();
+        read_plain_into(&mut &encode(&v)[..], 3, 2, plain_bytes_mut(&mut o).unwrap(), |_| ()).unwrap().unwrap();
+        assert_eq!(o, v);
+        assert_eq!(decode::<Vec<f32>>(&encode(&vec![1.5f32])).unwrap(), vec![1.5]);
+        assert_eq!(plain_count::<Vec<f32>>(encode(&vec![1.5f32; 3]).len()), Some(3));
+        // Not plain, impossible sizes, a prefix that says another length, a cut stream.
+        assert_eq!(plain_count::<Vec<u64>>(9), None);
+        assert!(plain_zeroed::<Vec<String>>(1).is_none());
+        assert_eq!(plain_count::<Vec<f64>>(0), None);
+        assert_eq!(plain_count::<Vec<f64>>(10), None);
+        let bytes = encode(&vec![1.0f64, 2.0]);
+        let mut dst = [0u8; 8];
+        assert!(read_plain_into(&mut &bytes[..], 9, 1, &mut dst, |_| ()).unwrap().is_err(), "2 elements are not 1");
+        let mut dst = [0u8; 16];
+        assert!(read_plain_into(&mut &bytes[..10], 17, 2, &mut dst, |_| ()).is_err(), "a stream that ends early");
+    }
+
+    #[test]
     fn chunked_encoding_gives_the_same_bytes_in_pieces_and_stops_at_the_first_error() {
         let values: (Vec<f64>, String, Vec<(u64, bool)>) = ((0..1000).map(|i| i as f64).collect(), "x".repeat(300), vec![(7, true); 50]);
         let whole = super::encode(&values);
