@@ -8,11 +8,13 @@
 //! Closures are not compiled here: [`crate::builder`] compiles them with plain cargo. Any
 //! context whose code mentions `rpx_runtime` gets that crate as a dependency first.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
+use evcxr::EvalContext;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::builder::ClosureOutcome;
@@ -196,8 +198,12 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Job>, events: UnboundedSender<Ev
             }
             Job::Eval(code) => {
                 *mode.lock().expect("mode lock") = Mode::Live;
+                let before = believed(&ectx);
                 let result = match dep.eval(&mut ectx, &code) {
-                    Ok(_) => EvalResult::Ok { has_vars: ectx.variables_and_types().next().is_some() },
+                    Ok(_) => {
+                        let after = believed(&ectx);
+                        EvalResult::Ok { has_vars: !after.0.is_empty(), changed: after != before }
+                    }
                     Err(evcxr::Error::CompilationErrors(errors)) => {
                         let (evalue, traceback) = rpx_diagnostics::render_evcxr(&code, &errors);
                         EvalResult::CompileError { evalue, traceback }
@@ -211,6 +217,14 @@ fn run(ctx: CtxId, env: Env, rx: mpsc::Receiver<Job>, events: UnboundedSender<Ev
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// What a context believes in: its variables with their types, and its item names.
+fn believed(ectx: &EvalContext) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    (
+        ectx.variables_and_types().map(|(v, t)| (v.to_string(), t.to_string())).collect(),
+        ectx.defined_item_names().map(str::to_string).collect(),
+    )
 }
 
 fn serve_relay(ctx: CtxId, stream: UnixStream, mode: &Mutex<Mode>, events: &UnboundedSender<Event>) {

@@ -8,7 +8,9 @@
 //! members run a cell (a subset target, a slow engine still busy, a panic on some), those engines
 //! move to a new group whose context is rebuilt by replaying the group's history without running
 //! anything ("dry" replay), so every engine always has a context that matches its own state.
-//! Groups whose histories become identical again are merged.
+//! A subset cell that may leave the context as it found it ([`neutral`]) runs in the group's
+//! own context instead; only if it did change it do the other members fork off. Groups whose
+//! histories become identical again are merged.
 //!
 //! Nothing here touches sockets or evcxr: callers feed events and carry out [`Action`]s.
 
@@ -100,7 +102,8 @@ impl Hist {
 /// How an eval ended in a context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EvalResult {
-    Ok { has_vars: bool },
+    /// `changed`: the eval changed the context's variables (names or types) or item names.
+    Ok { has_vars: bool, changed: bool },
     CompileError { evalue: String, traceback: Vec<String> },
     Failed { message: String },
 }
@@ -141,6 +144,10 @@ struct Running {
     outcomes: BTreeMap<Ident, LoadOutcome>,
     /// The last load's verdict over the engines still in the group.
     verdict: Option<Verdict>,
+    /// Only `members`, a part of the group, run this cell, in the group's own context: the
+    /// other members did not run it (they fork off if it changes the context, or if they ask
+    /// for a cell while it runs).
+    in_place: bool,
 }
 
 #[derive(Debug)]
@@ -438,23 +445,28 @@ impl Compiler {
         }
         let g = self.groups.get_mut(&b.group).expect("a group with members");
         if let Some(r) = &g.running {
-            // Members that already finished the running cell ask for the next one.
+            // Members that already finished the running cell ask for the next one, or (a cell
+            // run in place on a part of the group) members that did not run it.
             let loading = r.pending.as_ref().is_some_and(|p| !p.is_empty());
             if !loading {
                 // The eval is compiling or about to finish: wait for it.
                 g.deferred.push(b);
                 return;
             }
-            // Fork them, split by what the running cell did on each of them.
-            let mut by_verdict: BTreeMap<String, (Verdict, BTreeMap<Ident, String>)> = BTreeMap::new();
+            // The cell may run for long: fork them, split by what it did on each of them (`None`:
+            // did not run it, and keeps the group's history as it is).
+            let mut by_verdict: BTreeMap<String, (Option<Verdict>, BTreeMap<Ident, String>)> = BTreeMap::new();
             for (e, cell) in b.engines {
-                let v = r.outcomes.get(&e).map(Verdict::of).unwrap_or(Verdict::Panic).for_history();
+                let v = r
+                    .members
+                    .contains_key(&e)
+                    .then(|| r.outcomes.get(&e).map(Verdict::of).unwrap_or(Verdict::Panic).for_history());
                 by_verdict.entry(format!("{v:?}")).or_insert_with(|| (v, BTreeMap::new())).1.insert(e, cell);
             }
             let running_code = r.code.clone();
             for (_, (v, engines)) in by_verdict {
                 let mut history = self.groups[&b.group].history.clone();
-                history.push(Hist { code: running_code.clone(), verdict: v });
+                history.extend(v.map(|verdict| Hist { code: running_code.clone(), verdict }));
                 self.fork(b.group, engines, history, Some(b.code.clone()), out);
             }
             return;
@@ -467,6 +479,11 @@ impl Compiler {
             // that is no sooner ready than this one: wait for it with the rest of the group.
             b.parked = true;
             self.batches.push(b);
+        } else if neutral::may_leave_context_alone(&b.code, g.history.last()) {
+            // Likely nothing for the others to fork from: run it here for the engines that
+            // asked; if it did change the context, the others fork off (`on_eval_done`).
+            g.running = Some(Running { code: b.code.clone(), members: b.engines, in_place: true, ..Default::default() });
+            out.push(Action::Eval { ctx: b.group, code: b.code });
         } else {
             let history = g.history.clone();
             self.fork(b.group, b.engines, history, Some(b.code), out);
@@ -586,7 +603,7 @@ impl Compiler {
         let Some(r) = g.running.take() else { return out };
         let unreplied: Vec<(Ident, String)> =
             r.members.iter().filter(|(e, _)| !r.replied.contains(*e)).map(|(e, c)| (e.clone(), c.clone())).collect();
-        let mut split: Option<(BTreeMap<Ident, String>, Vec<Hist>)> = None;
+        let mut splits: Vec<(BTreeMap<Ident, String>, Vec<Hist>)> = Vec::new();
         match &result {
             EvalResult::CompileError { evalue, traceback } => {
                 for (e, c) in &unreplied {
@@ -598,32 +615,46 @@ impl Compiler {
                     out.push(reply(e, c, "error", "CompilerError", message, vec![], None));
                 }
             }
-            EvalResult::Ok { has_vars } => {
+            EvalResult::Ok { has_vars, changed } => {
                 for (e, c) in &unreplied {
                     out.push(ok_reply(e, c));
                 }
-                let verdict = r.verdict.clone().unwrap_or(Verdict::Ok).for_history();
-                // Engines that ran the cell cleanly while others panicked keep its variables in
-                // a context of their own; the panicked ones stay here, where evcxr forgot them.
-                if verdict == Verdict::Panic {
-                    let clean: BTreeMap<Ident, String> = r
-                        .outcomes
-                        .iter()
-                        .filter(|(e, o)| g.engines.contains(*e) && Verdict::of(o) == Verdict::Ok)
-                        .map(|(e, _)| (e.clone(), String::new()))
-                        .collect();
-                    if !clean.is_empty() {
-                        let mut h = g.history.clone();
-                        h.push(Hist { code: r.code.clone(), verdict: Verdict::Ok });
-                        split = Some((clean, h));
+                // A part of the group's cell that left the context as it was changes nothing:
+                // the group stays whole, its history too.
+                if *changed || !r.in_place {
+                    if r.in_place {
+                        // The context now holds what the engines that ran the cell hold: the
+                        // others fork off with the history they have.
+                        let rest: BTreeMap<Ident, String> =
+                            g.engines.iter().filter(|e| !r.members.contains_key(*e)).map(|e| (e.clone(), String::new())).collect();
+                        if !rest.is_empty() {
+                            splits.push((rest, g.history.clone()));
+                        }
                     }
+                    let verdict = r.verdict.clone().unwrap_or(Verdict::Ok).for_history();
+                    // Engines that ran the cell cleanly while others panicked keep its variables
+                    // in a context of their own; the panicked ones stay here, where evcxr forgot
+                    // them.
+                    if verdict == Verdict::Panic {
+                        let clean: BTreeMap<Ident, String> = r
+                            .outcomes
+                            .iter()
+                            .filter(|(e, o)| g.engines.contains(*e) && Verdict::of(o) == Verdict::Ok)
+                            .map(|(e, _)| (e.clone(), String::new()))
+                            .collect();
+                        if !clean.is_empty() {
+                            let mut h = g.history.clone();
+                            h.push(Hist { code: r.code.clone(), verdict: Verdict::Ok });
+                            splits.push((clean, h));
+                        }
+                    }
+                    g.history.push(Hist { code: r.code.clone(), verdict });
+                    g.has_vars = *has_vars;
                 }
-                g.history.push(Hist { code: r.code.clone(), verdict });
-                g.has_vars = *has_vars;
             }
         }
-        if let Some((clean, history)) = split {
-            self.fork(ctx, clean, history, None, &mut out);
+        for (engines, history) in splits {
+            self.fork(ctx, engines, history, None, &mut out);
         }
         if let Some(g) = self.groups.get_mut(&ctx) {
             let deferred = std::mem::take(&mut g.deferred);
@@ -710,5 +741,6 @@ impl Compiler {
     }
 }
 
+mod neutral;
 #[cfg(test)]
 mod tests;

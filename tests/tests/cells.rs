@@ -1,7 +1,8 @@
 //! Rust cells on a real 8-engine cluster (controller, shared compiler and engines as processes on
 //! loopback), driven through the wire protocol the way a client does: per-engine output, state
-//! across cells, compile errors, a panic on one engine, an abort, divergent histories, and a long
-//! cell on one engine that must not hold up the others.
+//! across cells, compile errors, a panic on one engine, an abort, divergent histories (a cell on
+//! one engine that moves a variable), and a long cell on one engine that must not hold up the
+//! others.
 //!
 //! One cluster serves the whole scenario (an evcxr context costs seconds to warm), so the steps
 //! run in order inside one test.
@@ -135,6 +136,24 @@ fn eight_engines_run_rust_cells() {
     assert_ok(&outs);
     for o in &outs {
         assert_eq!(o.stdout, format!("all {}\n", o.engine_id));
+    }
+
+    // A cell without `let` on one engine runs in its group's own context; when it moved a
+    // variable, that context follows the engine that ran it and the others keep theirs.
+    let outs = c.execute(&ids, r#"let moved: String = format!("m{eid}");"#, LIMIT).unwrap();
+    assert_ok(&outs);
+    let o = c.execute_one(1, "moved.len()", LIMIT).unwrap();
+    assert_eq!(o.result_text(), Some("2"), "{:#}", o.reply);
+    let o = c.execute_one(0, "drop(moved);", LIMIT).unwrap();
+    assert_eq!(o.status, "ok", "{:#}", o.reply);
+    let outs = c.execute(&ids, "moved.len()", LIMIT).unwrap();
+    for o in &outs {
+        if o.engine_id == 0 {
+            assert_eq!(o.status, "error");
+            assert!(evalue(o).contains("cannot find value `moved`"), "{:#}", o.reply);
+        } else {
+            assert_eq!(o.result_text(), Some("2"), "engine {}: {:#}", o.engine_id, o.reply);
+        }
     }
 
     // An abort in user code kills engine 5's worker: reported, restarted, variables gone, still serving.

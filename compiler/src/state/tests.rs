@@ -47,8 +47,14 @@ fn cluster(n: u8) -> (Compiler, CtxId) {
     (c, 1)
 }
 
-/// Run one cell on the given engines through a whole eval with the given outcomes.
+/// Run one cell on the given engines through a whole eval with the given outcomes; every eval
+/// reports that it changed its context.
 fn run(c: &mut Compiler, engines: &[u8], code: &str, outcomes: &[LoadOutcome]) -> Vec<Action> {
+    run_changing(c, engines, code, outcomes, true)
+}
+
+/// [`run`], with evals that report `changed`.
+fn run_changing(c: &mut Compiler, engines: &[u8], code: &str, outcomes: &[LoadOutcome], changed: bool) -> Vec<Action> {
     c.mark_all_started();
     let now = Instant::now();
     let mut acts = Vec::new();
@@ -64,7 +70,7 @@ fn run(c: &mut Compiler, engines: &[u8], code: &str, outcomes: &[LoadOutcome]) -
                 acts.extend(c.on_load_done(id(e), o.clone()));
             }
         }
-        acts.extend(c.on_eval_done(*ctx, EvalResult::Ok { has_vars: true }));
+        acts.extend(c.on_eval_done(*ctx, EvalResult::Ok { has_vars: true, changed }));
     }
     acts
 }
@@ -88,7 +94,7 @@ fn identical_cells_from_a_whole_group_compile_once_without_waiting() {
         }
     }
     assert_eq!(replies, 3, "each engine is answered as soon as its own load completes");
-    c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true, changed: true });
     assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
 }
 
@@ -107,6 +113,87 @@ fn a_subset_cell_forks_the_subset_with_a_replayed_history() {
     let a = run(&mut c, &[0, 1, 2, 3], "println!(\"{x}\");", &[ok(), ok(), ok(), ok()]);
     assert_eq!(evals(&a).len(), 2);
     assert_eq!(sends(&a, msg_type::CELL_REPLY).len(), 4);
+}
+
+fn replays(a: &[Action]) -> Vec<Vec<Hist>> {
+    a.iter().filter_map(|x| if let Action::Replay { cells, .. } = x { Some(cells.clone()) } else { None }).collect()
+}
+
+/// The trivial cell on one engine after the same cell on all: it runs in the group's context,
+/// and the next cell on all engines still compiles once.
+#[test]
+fn a_subset_cell_that_leaves_the_context_alone_runs_in_the_group_without_forking() {
+    let (mut c, g) = cluster(4);
+    run(&mut c, &[0, 1, 2, 3], "let _t = 1;", &[ok(), ok(), ok(), ok()]);
+    let a = run_changing(&mut c, &[0], "let _t = 1;", &[ok()], false);
+    assert_eq!(evals(&a), vec![(g, "let _t = 1;".to_string())]);
+    assert_eq!(sends(&a, msg_type::LOAD).iter().map(|(to, _)| to.clone()).collect::<Vec<_>>(), vec![id(0)], "only engine 0 runs it");
+    assert_eq!(sends(&a, msg_type::CELL_REPLY).len(), 1);
+    assert!(replays(&a).is_empty() && new_contexts(&a) == 0, "no fork: {a:?}");
+    assert_eq!(c.groups(), vec![vec![0, 1, 2, 3]]);
+    let a = run(&mut c, &[0, 1, 2, 3], "let _t = 1;", &[ok(), ok(), ok(), ok()]);
+    assert_eq!(evals(&a).len(), 1);
+    // A cell without `let` that prints a value on two engines, likewise.
+    let a = run_changing(&mut c, &[1, 2], "println!(\"{_t}\");", &[ok(), ok()], false);
+    assert_eq!(evals(&a), vec![(g, "println!(\"{_t}\");".to_string())]);
+    assert_eq!(c.groups(), vec![vec![0, 1, 2, 3]]);
+}
+
+/// A candidate cell that did change the context (it moved a variable): the context now
+/// matches the engines that ran it, and the others fork off with the history they have.
+#[test]
+fn a_subset_cell_that_changed_the_context_forks_the_others_with_their_history() {
+    let (mut c, g) = cluster(4);
+    run(&mut c, &[0, 1, 2, 3], "let x = String::new();", &[ok(), ok(), ok(), ok()]);
+    let a = run_changing(&mut c, &[0, 1], "drop(x);", &[ok(), ok()], true);
+    assert_eq!(evals(&a), vec![(g, "drop(x);".to_string())]);
+    assert_eq!(replays(&a), vec![vec![Hist { code: "let x = String::new();".into(), verdict: Verdict::Ok }]]);
+    assert_eq!(c.groups(), vec![vec![0, 1], vec![2, 3]]);
+    assert_eq!(c.engines[&id(0)].group, Some(g));
+    let a = run(&mut c, &[0, 1, 2, 3], "1", &[ok(), ok(), ok(), ok()]);
+    assert_eq!(evals(&a).len(), 2, "one compile per group now");
+    assert_eq!(sends(&a, msg_type::CELL_REPLY).len(), 4);
+}
+
+/// The other members' requests wait while a cell run in place on a part of their group
+/// compiles, then go out in the group they turn out to belong to; while such a cell runs (it may
+/// run for long) they fork off with the history they have, not as if they had run it.
+#[test]
+fn requests_of_the_other_members_wait_for_a_compile_in_place_but_not_for_its_run() {
+    let (mut c, g) = cluster(3);
+    run(&mut c, &[0, 1, 2], "let k = 1;", &[ok(), ok(), ok()]);
+    let now = Instant::now();
+    c.on_cell_request(id(0), "p0".into(), "k".into(), now);
+    let a = c.on_tick(now + Duration::from_secs(1));
+    assert_eq!(evals(&a), vec![(g, "k".to_string())]);
+    for e in 1..3 {
+        c.on_cell_request(id(e), format!("n{e}"), "k + 1".into(), now);
+    }
+    let a = c.on_tick(now + Duration::from_secs(2));
+    assert!(evals(&a).is_empty() && replays(&a).is_empty(), "engines 1 and 2 wait while it compiles: {a:?}");
+    c.on_load_requested(g, &art("/k.so"), "f");
+    c.on_load_done(id(0), ok());
+    let a = c.on_eval_done(g, EvalResult::Ok { has_vars: true, changed: false });
+    assert_eq!(evals(&a), vec![(g, "k + 1".to_string())], "{a:?}");
+    assert!(replays(&a).is_empty());
+    assert_eq!(c.groups(), vec![vec![0, 1, 2]]);
+    let loads = c.on_load_requested(g, &art("/k1.so"), "f");
+    assert_eq!(sends(&loads, msg_type::LOAD).iter().map(|(to, _)| to.clone()).collect::<Vec<_>>(), vec![id(1), id(2)]);
+    c.on_load_done(id(1), ok());
+    c.on_load_done(id(2), ok());
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true, changed: false });
+
+    // Engine 1 runs a cell in place; engine 2 asks while it runs.
+    c.on_cell_request(id(1), "s1".into(), "k * 2".into(), now);
+    c.on_tick(now + Duration::from_secs(3));
+    c.on_load_requested(g, &art("/k2.so"), "f");
+    c.on_cell_request(id(2), "m2".into(), "k - 1".into(), now);
+    let a = c.on_tick(now + Duration::from_secs(4));
+    assert_eq!(replays(&a), vec![vec![Hist { code: "let k = 1;".into(), verdict: Verdict::Ok }]], "{a:?}");
+    let ev = evals(&a);
+    assert_eq!(ev.len(), 1);
+    assert_ne!(ev[0].0, g);
+    assert_eq!(c.groups(), vec![vec![0, 1], vec![2]]);
 }
 
 #[test]
@@ -136,7 +223,7 @@ fn requests_deferred_across_a_panic_split_follow_their_engines() {
     // Every load is in; the eval has not returned yet. Engines 0 and 2 ask for the next cell.
     c.on_cell_request(id(0), "n0".into(), "k".into(), now);
     assert!(evals(&c.on_cell_request(id(2), "n2".into(), "k".into(), now)).is_empty());
-    let a = c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    let a = c.on_eval_done(g, EvalResult::Ok { has_vars: true, changed: true });
     let mut a: Vec<Action> = a.into_iter().chain(c.on_tick(now + Duration::from_secs(1))).collect();
     a.extend(start_new(&mut c, &a, now));
     let ev = evals(&a);
@@ -169,7 +256,7 @@ fn engines_done_with_a_slow_cell_fork_instead_of_waiting() {
     // Engine 0 finishes later; the old group's verdict only covers engine 0.
     let a = c.on_load_done(id(0), ok());
     assert!(a.contains(&Action::Verdict { ctx: g, lines: vec![] }));
-    c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true, changed: true });
     assert_eq!(c.groups(), vec![vec![0], vec![1, 2]]);
 }
 
@@ -187,7 +274,7 @@ fn a_dead_worker_moves_its_engine_to_a_fresh_context() {
     assert!(r[0].1["evalue"].as_str().unwrap().contains("variables were lost"));
     let a = c.on_load_done(id(1), ok());
     assert!(a.contains(&Action::Verdict { ctx: g, lines: vec!["EVCXR_PANIC_NOTIFICATION".into()] }));
-    c.on_eval_done(g, EvalResult::Ok { has_vars: true });
+    c.on_eval_done(g, EvalResult::Ok { has_vars: true, changed: true });
     assert_eq!(c.groups().len(), 2);
 }
 
