@@ -7,8 +7,10 @@ Reads the newest file of each kind in bench/results (or DIR):
   first call of a new closure;
 - multihost-data-<time>.json (bench/multihost_data.py): 100 MB to engines on another host;
 - <time>.json from bench/cluster_bench.py (with both systems): cells on 8 vs 1 engine, memory;
-- kernel-first-rpx-<time>.json (bench/kernel_bench.py --first-rpx): the first rpx:: cell.
-Prints a markdown table naming the file behind each row.
+- kernel-first-rpx-<time>.json (bench/kernel_bench.py --first-rpx): the first rpx:: cell;
+- hop-floor-<time>.json (guard/examples/hop_floor.rs): the transport floor under a round trip.
+Prints a markdown table naming the file behind each row, then the floors under the data rows and
+under the round trips.
 """
 
 import argparse
@@ -49,6 +51,8 @@ def main():
     rows = []  # (measure, rpx, ipp, ratio text, target text, met, source)
     # (where, fresh memory GB/s, new tmpfs file GB/s, {op: (rpx, ipp, target x)}, source)
     floors = []
+    # (measure, rpx µs, the target in µs, source) for the round trips.
+    trips = []
 
     client = newest(results, r"client-\d{8}-\d{6}-rpx\.json")
     if client:
@@ -66,6 +70,8 @@ def main():
             goal = targets[unit]
             rows.append((f"{row} ({unit})", r, i, shown, f">= {goal}x" if higher else f"<= 1/{goal}",
                          times is not None and times >= goal, src))
+            if unit == "µs":
+                trips.append((row, r, i and i / goal, src))
         floors.append(("same host", med(rpx, "fresh_memory_copy_gb_per_s"), med(rpx, "fresh_tmpfs_write_gb_per_s"),
                        {op: (client_summary.rpx_value(rpx, f"{op}_gb_per_s", "GB/s"),
                              client_summary.peer_value(ipp, client_summary.ROWS_BY_KEY[f"{op}_gb_per_s"]["ipp"], "GB/s"), 10)
@@ -123,6 +129,17 @@ def main():
             got = " / ".join(fmt(r) for r, _, _ in ops.values())
             need = " / ".join(fmt(i * x) if i else "-" for _, i, x in ops.values())
             print(f"| {where} | {fmt(heap)} | {fmt(tmpfs)} | {got} | {need} | {src} |")
+    hop = newest(results, r"hop-floor-\d{8}-\d{6}\.json")
+    if hop and trips:
+        # The same processes and hops as a direct apply (client -> controller -> engine -> worker
+        # and back) with nothing but zeromq and a pipe: what any round trip through them costs.
+        h = json.loads(hop.read_text())
+        bare, guarded = med(h, "two_hops_pipe_us"), med(h, "two_hops_pipe_guarded_us")
+        print("\n| round trip (µs) | rpx | the target | floor: 2 zeromq hops + a pipe | the same, controller's sockets guarded |"
+              " sources |")
+        print("|---|---:|---:|---:|---:|---|")
+        for row, r, goal, src in trips:
+            print(f"| {row} | {fmt(r)} | {fmt(goal)} | {fmt(bare)} | {fmt(guarded)} | {src}, {hop.name} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@
 //! 1. `one_hop`: client DEALER <-> echo DEALER through one ROUTER (the zeromq crate's own round trip);
 //! 2. `two_hops`: client -> forwarding process (ROUTER front, ROUTER back) -> echo process;
 //! 3. `two_hops_pipe`: as 2, the echo process asking a child process over a pipe pair for each
-//!    reply (the engine -> worker round trip).
+//!    reply (the engine -> worker round trip);
+//! 4. `two_hops_pipe_guarded`: as 3, the forwarding process binding both of its sockets behind
+//!    [`rpx_guard::bind`], as the controller does (every frame header checked and relayed over a
+//!    Unix socket before zeromq reads it).
 //!
 //! and the transport floor under a 100 MB push to an engine on another host: one 100 MB message
 //! through the forwarding process to a process that answers with a 1-byte acknowledgement
@@ -50,11 +53,16 @@ fn spawn(role: &str, args: &[String]) -> (Child, u16) {
     (child, line.trim().parse().expect("a port"))
 }
 
-/// Forwarding process: clients on `front`, echo processes on `back` (the first that says hello).
-async fn forward() {
+/// Forwarding process: clients on `front`, echo processes on `back` (the first that says hello);
+/// `guarded`: both bound behind the guard.
+async fn forward(guarded: bool) {
     let (mut front, mut back) = (RouterSocket::new(), RouterSocket::new());
-    let fp = port(front.bind("tcp://127.0.0.1:0").await.expect("bind"));
-    let bp = port(back.bind("tcp://127.0.0.1:0").await.expect("bind"));
+    let any = "tcp://127.0.0.1:0";
+    let (fp, bp) = if guarded {
+        (port(rpx_guard::bind(&mut front, any).await.expect("bind")), port(rpx_guard::bind(&mut back, any).await.expect("bind")))
+    } else {
+        (port(front.bind(any).await.expect("bind")), port(back.bind(any).await.expect("bind")))
+    };
     println!("{fp}");
     println!("{bp}");
     let echo_id = back.recv().await.expect("hello").get(0).expect("identity").clone();
@@ -162,10 +170,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A forwarding process with an echo process behind it (`mode`: direct, pipe or ack); returns
-/// the children and the forwarder's front port.
-fn two_hops(mode: &str) -> (Vec<Child>, u16) {
-    let mut fwd = Command::new(std::env::current_exe().expect("exe")).arg("forward").stdout(Stdio::piped()).spawn().expect("spawn");
+/// A forwarding process (`forward`: plain or guarded) with an echo process behind it (`mode`:
+/// direct, pipe or ack); returns the children and the forwarder's front port.
+fn two_hops(forward: &str, mode: &str) -> (Vec<Child>, u16) {
+    let mut fwd = Command::new(std::env::current_exe().expect("exe")).arg(forward).stdout(Stdio::piped()).spawn().expect("spawn");
     let mut out = BufReader::new(fwd.stdout.take().expect("stdout"));
     let mut read = || {
         let mut line = String::new();
@@ -180,7 +188,8 @@ fn two_hops(mode: &str) -> (Vec<Child>, u16) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("forward") => return runtime().block_on(forward()),
+        Some("forward") => return runtime().block_on(forward(false)),
+        Some("forward-guarded") => return runtime().block_on(forward(true)),
         Some("echo") => return runtime().block_on(echo(args[1].parse().expect("port"), args[2] == "pipe", args[2] == "ack")),
         Some("router-echo") => return runtime().block_on(router_echo()),
         Some("pipe-child") => return pipe_child(),
@@ -190,13 +199,15 @@ fn main() {
     let out = args.get(1).cloned();
     let rt = runtime();
     let (mut one_child, one_port) = spawn("router-echo", &[]);
-    let (mut two, two_port) = two_hops("direct");
-    let (mut three, three_port) = two_hops("pipe");
-    let (mut big, big_port) = two_hops("ack");
+    let (mut two, two_port) = two_hops("forward", "direct");
+    let (mut three, three_port) = two_hops("forward", "pipe");
+    let (mut four, four_port) = two_hops("forward-guarded", "pipe");
+    let (mut big, big_port) = two_hops("forward", "ack");
     let mut pushes = Vec::new();
-    let mut results: Vec<(&str, Vec<f64>)> = vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![])];
+    let mut results: Vec<(&str, Vec<f64>)> =
+        vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![]), ("two_hops_pipe_guarded", vec![])];
     rt.block_on(async {
-        let mut socks = [client(one_port).await, client(two_port).await, client(three_port).await];
+        let mut socks = [client(one_port).await, client(two_port).await, client(three_port).await, client(four_port).await];
         for s in socks.iter_mut() {
             trips(s).await; // warm-up
         }
@@ -228,7 +239,7 @@ fn main() {
     if let Some(p) = out {
         std::fs::write(&p, text).expect("write the results");
     }
-    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()).chain(big.iter_mut()) {
+    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()).chain(four.iter_mut()).chain(big.iter_mut()) {
         let _ = c.kill();
         let _ = c.wait();
     }
