@@ -102,10 +102,18 @@ impl Hist {
 /// How an eval ended in a context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EvalResult {
-    /// `changed`: the eval changed the context's variables (names or types) or item names.
-    Ok { has_vars: bool, changed: bool },
-    CompileError { evalue: String, traceback: Vec<String> },
-    Failed { message: String },
+    Ok {
+        has_vars: bool,
+        /// The eval changed the context's variables (names or types) or item names.
+        changed: bool,
+    },
+    CompileError {
+        evalue: String,
+        traceback: Vec<String>,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// Something the caller must do.
@@ -457,10 +465,7 @@ impl Compiler {
             // did not run it, and keeps the group's history as it is).
             let mut by_verdict: BTreeMap<String, (Option<Verdict>, BTreeMap<Ident, String>)> = BTreeMap::new();
             for (e, cell) in b.engines {
-                let v = r
-                    .members
-                    .contains_key(&e)
-                    .then(|| r.outcomes.get(&e).map(Verdict::of).unwrap_or(Verdict::Panic).for_history());
+                let v = r.members.contains_key(&e).then(|| r.outcomes.get(&e).map(Verdict::of).unwrap_or(Verdict::Panic).for_history());
                 by_verdict.entry(format!("{v:?}")).or_insert_with(|| (v, BTreeMap::new())).1.insert(e, cell);
             }
             let running_code = r.code.clone();
