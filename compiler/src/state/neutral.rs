@@ -1,7 +1,8 @@
 //! Which cells can leave a compiler context's state as they found it, read from their source.
 //!
 //! A cell that only runs statements (no items, `use`, `extern crate`, attributes, `:` commands,
-//! `?` or `.await`, which switch evcxr's modes) changes what its context believes in only
+//! macro calls in braces, which may expand to items, `?` or `.await`, which switch evcxr's
+//! modes) changes what its context believes in only
 //! through the variables its top-level `let`s bind or the variables it moves. With no `let`,
 //! or with exactly the `let`s of the group's last cell (same names, same mutability), the
 //! context is unchanged if its variables' names and types are: the eval reports that, and
@@ -10,7 +11,7 @@
 
 use syn::parse::Parser;
 use syn::visit::Visit;
-use syn::{Block, ExprAwait, ExprTry, Stmt};
+use syn::{Block, ExprAwait, ExprTry, MacroDelimiter, Stmt};
 
 use super::{Hist, Verdict};
 
@@ -22,6 +23,7 @@ pub fn may_leave_context_alone(code: &str, last: Option<&Hist>) -> bool {
     for stmt in &stmts {
         match stmt {
             Stmt::Item(_) => return false,
+            Stmt::Macro(m) if matches!(m.mac.delimiter, MacroDelimiter::Brace(_)) => return false,
             Stmt::Local(_) => binds = true,
             Stmt::Expr(..) | Stmt::Macro(_) => {}
         }
@@ -84,6 +86,7 @@ mod tests {
             "struct S;",
             "impl S {}",
             "macro_rules! m { () => {} }",
+            "thread_local! { static X: u8 = 1; }",
             ":dep serde",
             "#![allow(unused)]\nx",
             "let y = f()?;",
