@@ -1,6 +1,7 @@
 //! Where a same-host push and pull of 100 MB of f64 spend their time, step by step as the data
 //! plane takes them (`BENCH_REPS` runs, 5 by default; the minimum and median of each step):
-//! - push, client: the value encoded straight into a transfer file (hashed on the way);
+//! - push, client: the value encoded straight into a transfer file (hashed on the way), the
+//!   file written by the encoding thread or by a second one (what the client does);
 //! - push, engine: the file verified (size, BLAKE3);
 //! - pull, client: the file mapped and its digest checked, then decoded;
 //!
@@ -52,6 +53,13 @@ fn main() {
         })
         .unwrap();
         time("1 push: encode+digest+write (streamed)", t);
+        std::fs::remove_file(dir.join(&vf.file)).unwrap();
+        let t = Instant::now();
+        let vf = dp::write_value_file_beside(dir, |w| {
+            rpx_runtime::encode_chunked(&data, rpx_protocol::dataplane::STREAM_CHUNK, |p| std::io::Write::write_all(w, p))
+        })
+        .unwrap();
+        time("1b push: as 1, the file written beside", t);
         let t = Instant::now();
         dp::verify_value_file(dir, &vf).unwrap();
         time("2 push: engine verify", t);

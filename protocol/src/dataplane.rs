@@ -152,10 +152,7 @@ pub fn write_value_file_with<F>(dir: &Path, fill: F) -> std::io::Result<ValueFil
 where
     F: FnOnce(&mut Streamer) -> std::io::Result<()>,
 {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = transfer_name();
-    let path = dir.join(&file);
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+    let (file, path, f) = new_transfer_file(dir)?;
     let mut s = Streamer { file: f, hasher: blake3::Hasher::new(), size: 0 };
     match fill(&mut s) {
         Ok(()) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.finalize().to_hex().to_string() }),
@@ -164,6 +161,87 @@ where
             let _ = std::fs::remove_file(&path);
             Err(e)
         }
+    }
+}
+
+/// A new transfer file in `dir` (0600, created fresh, not through a symlink): its name, path
+/// and the file open for writing.
+fn new_transfer_file(dir: &Path) -> std::io::Result<(String, PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = transfer_name();
+    let path = dir.join(&file);
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+    Ok((file, path, f))
+}
+
+/// Pieces [`write_value_file_beside`] may have handed to its writing thread and not yet written.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// [`write_value_file_with`], with the file written on a second thread while `fill` encodes and
+/// hashes the next pieces: the kernel's work of supplying a new file's pages (most of a write
+/// to tmpfs) then runs beside the encoding and hashing instead of after each piece. For a
+/// process with a core to spare for it (a client pushing to an engine on its host).
+pub fn write_value_file_beside<F>(dir: &Path, fill: F) -> std::io::Result<ValueFile>
+where
+    F: FnOnce(&mut Beside) -> std::io::Result<()>,
+{
+    let (file, path, f) = new_transfer_file(dir)?;
+    let written = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITES_IN_FLIGHT);
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer = std::thread::Builder::new().name("rpx-value-write".into()).spawn_scoped(s, move || {
+            let mut f = &f;
+            for piece in rx {
+                f.write_all(&piece)?;
+                // The filling side may be gone already (it failed): the buffer is then dropped.
+                let _ = back_tx.send(piece);
+            }
+            Ok::<(), std::io::Error>(())
+        })?;
+        let mut b = Beside { to_writer: Some(tx), spares: back_rx, hasher: blake3::Hasher::new(), size: 0 };
+        let filled = fill(&mut b);
+        b.to_writer = None;
+        let wrote = writer.join().map_err(|_| std::io::Error::other("the thread writing the value file panicked"))?;
+        // The writer's own error first: a fill that failed because the writer had stopped says less.
+        wrote.and(filled).map(|()| ValueFile { file: file.clone(), size: b.size, blake3: b.hasher.finalize().to_hex().to_string() })
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    written
+}
+
+/// What [`write_value_file_beside`] writes through: hashes each piece, then hands a copy of it to
+/// the writing thread (in buffers it gets back once written).
+pub struct Beside {
+    to_writer: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    spares: std::sync::mpsc::Receiver<Vec<u8>>,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Write for Beside {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let stopped = || std::io::Error::other("the thread writing the value file stopped");
+        let tx = self.to_writer.as_ref().ok_or_else(stopped)?;
+        for piece in data.chunks(STREAM_CHUNK) {
+            self.hasher.update(piece);
+            let mut buf = self.spares.try_recv().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(piece);
+            tx.send(buf).map_err(|_| stopped())?;
+            self.size += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -371,6 +449,32 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.to_string(), "the encoder failed");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the first file is left");
+    }
+
+    /// More pieces than may be in flight (the writer's buffers come back and are reused), in
+    /// pieces that straddle [`STREAM_CHUNK`]: the same file and digest as written inline.
+    #[test]
+    fn files_written_beside_hold_what_was_written_with_its_digest_and_a_failed_fill_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..STREAM_CHUNK * (WRITES_IN_FLIGHT * 3) + 777).map(|i| (i * 13 % 253) as u8).collect();
+        let vf = write_value_file_beside(dir.path(), |w| {
+            for piece in bytes.chunks(STREAM_CHUNK + 4097) {
+                w.write_all(piece)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((vf.size, vf.blake3.as_str()), (bytes.len() as u64, digest(&bytes).as_str()));
+        assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &bytes[..]);
+        let empty = write_value_file_beside(dir.path(), |_| Ok(())).unwrap();
+        assert_eq!((empty.size, empty.blake3.as_str()), (0, digest(b"").as_str()));
+        let err = write_value_file_beside(dir.path(), |w| {
+            w.write_all(&bytes[..STREAM_CHUNK * 2])?;
+            Err(std::io::Error::other("the encoder failed"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "the encoder failed");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "only the two written files are left");
     }
 
     #[test]
