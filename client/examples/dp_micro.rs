@@ -45,6 +45,7 @@ fn main() {
     };
     let size = overwrite(&recycled).unwrap() as usize;
     let arena = map_shared(&recycled, size);
+    let last = encoded_last_byte(&data);
     for _ in 0..reps {
         // The data plane's steps.
         let t = Instant::now();
@@ -107,7 +108,7 @@ fn main() {
         let view = map_populated(&recycled, size);
         time("d pull: a mapped view, nothing read", t);
         // SAFETY: `view` maps `size` readable bytes until the munmap below.
-        assert_eq!(unsafe { *(view as *const u8).add(size - 1) }, encoded_last_byte(&data));
+        assert_eq!(unsafe { *(view as *const u8).add(size - 1) }, last);
         // SAFETY: unmapping exactly what `map_populated` mapped.
         unsafe { libc::munmap(view, size) };
     }

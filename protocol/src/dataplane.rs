@@ -152,26 +152,10 @@ pub fn write_value_file_with<F>(dir: &Path, fill: F) -> std::io::Result<ValueFil
 where
     F: FnOnce(&mut Streamer) -> std::io::Result<()>,
 {
-    let (file, path, f) = new_transfer_file(dir)?;
-    let mut s = Streamer { file: f, hasher: blake3::Hasher::new(), size: 0 };
-    match fill(&mut s) {
-        Ok(()) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.finalize().to_hex().to_string() }),
-        Err(e) => {
-            drop(s);
-            let _ = std::fs::remove_file(&path);
-            Err(e)
-        }
-    }
-}
-
-/// A new transfer file in `dir` (0600, created fresh, not through a symlink): its name, path
-/// and the file open for writing.
-fn new_transfer_file(dir: &Path) -> std::io::Result<(String, PathBuf, std::fs::File)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = transfer_name();
-    let path = dir.join(&file);
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
-    Ok((file, path, f))
+    write_new_file(dir, |f| {
+        let mut s = Streamer::new(Sink::File(f));
+        fill(&mut s).map(|()| s)
+    })
 }
 
 /// Pieces [`write_value_file_beside`] may have handed to its writing thread and not yet written.
@@ -183,65 +167,45 @@ const WRITES_IN_FLIGHT: usize = 4;
 /// process with a core to spare for it (a client pushing to an engine on its host).
 pub fn write_value_file_beside<F>(dir: &Path, fill: F) -> std::io::Result<ValueFile>
 where
-    F: FnOnce(&mut Beside) -> std::io::Result<()>,
+    F: FnOnce(&mut Streamer) -> std::io::Result<()>,
 {
-    let (file, path, f) = new_transfer_file(dir)?;
-    let written = std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITES_IN_FLIGHT);
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let writer = std::thread::Builder::new().name("rpx-value-write".into()).spawn_scoped(s, move || {
-            let mut f = &f;
-            for piece in rx {
-                f.write_all(&piece)?;
-                // The filling side may be gone already (it failed): the buffer is then dropped.
-                let _ = back_tx.send(piece);
-            }
-            Ok::<(), std::io::Error>(())
-        })?;
-        let mut b = Beside { to_writer: Some(tx), spares: back_rx, hasher: blake3::Hasher::new(), size: 0 };
-        let filled = fill(&mut b);
-        b.to_writer = None;
-        let wrote = writer.join().map_err(|_| std::io::Error::other("the thread writing the value file panicked"))?;
-        // The writer's own error first: a fill that failed because the writer had stopped says less.
-        wrote.and(filled).map(|()| ValueFile { file: file.clone(), size: b.size, blake3: b.hasher.finalize().to_hex().to_string() })
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&path);
-    }
-    written
+    write_new_file(dir, |f| {
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITES_IN_FLIGHT);
+            let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            let writer = std::thread::Builder::new().name("rpx-value-write".into()).spawn_scoped(s, move || {
+                let mut f = &f;
+                for piece in rx {
+                    f.write_all(&piece)?;
+                    // The filling side may be gone already (it failed): the buffer is then dropped.
+                    let _ = back_tx.send(piece);
+                }
+                Ok::<(), std::io::Error>(())
+            })?;
+            let mut streamer = Streamer::new(Sink::Writer { to: tx, spares: back_rx });
+            let filled = fill(&mut streamer);
+            // Closing the channel ends the writer once it has written everything sent.
+            streamer.sink = Sink::Closed;
+            let wrote = writer.join().map_err(|_| std::io::Error::other("the thread writing the value file panicked"))?;
+            // The writer's own error first: a fill that failed because the writer had stopped says less.
+            wrote.and(filled).map(|()| streamer)
+        })
+    })
 }
 
-/// What [`write_value_file_beside`] writes through: hashes each piece, then hands a copy of it to
-/// the writing thread (in buffers it gets back once written).
-pub struct Beside {
-    to_writer: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    spares: std::sync::mpsc::Receiver<Vec<u8>>,
-    hasher: blake3::Hasher,
-    size: u64,
-}
-
-impl Write for Beside {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.write_all(data)?;
-        Ok(data.len())
-    }
-
-    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        let stopped = || std::io::Error::other("the thread writing the value file stopped");
-        let tx = self.to_writer.as_ref().ok_or_else(stopped)?;
-        for piece in data.chunks(STREAM_CHUNK) {
-            self.hasher.update(piece);
-            let mut buf = self.spares.try_recv().unwrap_or_default();
-            buf.clear();
-            buf.extend_from_slice(piece);
-            tx.send(buf).map_err(|_| stopped())?;
-            self.size += piece.len() as u64;
+/// A new transfer file in `dir` (0600, created fresh, not through a symlink), filled by `fill`
+/// from the open file; removed if `fill` fails.
+fn write_new_file(dir: &Path, fill: impl FnOnce(std::fs::File) -> std::io::Result<Streamer>) -> std::io::Result<ValueFile> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = transfer_name();
+    let path = dir.join(&file);
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+    match fill(f) {
+        Ok(s) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.finalize().to_hex().to_string() }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
         }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -249,11 +213,30 @@ impl Write for Beside {
 /// a core's L2 cache: hashed and written while hot).
 pub const STREAM_CHUNK: usize = 1 << 20;
 
-/// What [`write_value_file_with`] writes through: hashes, then writes to the file.
+/// What [`write_value_file_with`] and [`write_value_file_beside`] write through: hashes each
+/// piece, then writes it to the file or hands a copy of it to the writing thread.
 pub struct Streamer {
-    file: std::fs::File,
+    sink: Sink,
     hasher: blake3::Hasher,
     size: u64,
+}
+
+/// Where a [`Streamer`]'s hashed pieces go.
+enum Sink {
+    File(std::fs::File),
+    /// The writing thread, and the buffers it gives back once written.
+    Writer {
+        to: std::sync::mpsc::SyncSender<Vec<u8>>,
+        spares: std::sync::mpsc::Receiver<Vec<u8>>,
+    },
+    /// The writing thread was told to finish: nothing more is taken.
+    Closed,
+}
+
+impl Streamer {
+    fn new(sink: Sink) -> Streamer {
+        Streamer { sink, hasher: blake3::Hasher::new(), size: 0 }
+    }
 }
 
 impl Write for Streamer {
@@ -263,9 +246,19 @@ impl Write for Streamer {
     }
 
     fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let stopped = || std::io::Error::other("the thread writing the value file stopped");
         for piece in data.chunks(STREAM_CHUNK) {
             self.hasher.update(piece);
-            self.file.write_all(piece)?;
+            match &mut self.sink {
+                Sink::File(f) => f.write_all(piece)?,
+                Sink::Writer { to, spares } => {
+                    let mut buf = spares.try_recv().unwrap_or_default();
+                    buf.clear();
+                    buf.extend_from_slice(piece);
+                    to.send(buf).map_err(|_| stopped())?;
+                }
+                Sink::Closed => return Err(stopped()),
+            }
             self.size += piece.len() as u64;
         }
         Ok(())
