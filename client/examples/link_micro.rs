@@ -41,8 +41,10 @@ fn main() {
                 let (mut s, _) = l.accept().unwrap();
                 let t = Instant::now();
                 let mut r = std::io::BufReader::with_capacity(256 << 10, &s);
-                let vf =
-                    dp::write_value_file_with(&recv_dir, |w| link::read_frames(&mut r, u64::MAX, |p| w.write_all(p)).map(|_| ())).unwrap();
+                let vf = dp::write_value_file_with(&recv_dir, dp::Integrity::Digest, |w| {
+                    link::read_frames(&mut r, u64::MAX, |p| w.write_all(p)).map(|_| ())
+                })
+                .unwrap();
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 link::write_ack(&mut s, &Ack::Stored(vf.clone())).unwrap();
                 (vf, ms)
@@ -64,7 +66,7 @@ fn main() {
         record("1a push: client encode+hash+send", sent.as_secs_f64() * 1e3);
         let (_, engine_ms) = engine.join().unwrap();
         record("1b push: engine recv+hash+write", engine_ms);
-        assert_eq!(vf.blake3, hasher.finalize().to_hex().as_str());
+        assert_eq!(vf.blake3.as_deref(), Some(hasher.finalize().to_hex().as_str()));
 
         // Pull: the engine's side sends the snapshot as the engine does.
         let engine = send_snapshot(&listener, dir.join(&vf.file));

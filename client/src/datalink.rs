@@ -117,7 +117,7 @@ pub(crate) fn push_over_links<T: Serialize + ?Sized>(client: &ClientInner, value
         let Some(mut s) = l else { continue };
         let stored = link::end_frames(&mut s).map_err(|e| e.to_string()).and_then(|_| link::read_ack(&mut s));
         match stored {
-            Ok(Ack::Stored(vf)) if vf.size == size && vf.blake3 == digest => *file = Some(vf),
+            Ok(Ack::Stored(vf)) if vf.size == size && vf.blake3.as_ref() == Some(&digest) => *file = Some(vf),
             Ok(Ack::Stored(vf)) => client.link_failed(uuid, *addr, &format!("the engine stored {} bytes with another digest", vf.size)),
             Ok(Ack::Refused(why)) => client.link_failed(uuid, *addr, &why),
             Ok(other) => client.link_failed(uuid, *addr, &format!("an answer out of place: {other:?}")),

@@ -2,23 +2,21 @@
 //! (`rpx_protocol::dataplane` has the protocol and the rule deciding who may).
 //!
 //! A value for a same-host engine is encoded straight into a transfer file in the engine's
-//! namespace, in 1 MiB pieces each hashed (BLAKE3) while in cache and handed to a second thread
-//! that writes them (`rpx_protocol::dataplane::write_value_file_beside`): one pass over the
-//! value, never a copy of it whole in memory. Further engines on the host get a hard link to the same
-//! file (no copy). The signed request names the files (with size and BLAKE3) and carries no
-//! buffers, so the controller routes a few hundred bytes. A pull asks for files; the reply names
-//! hard links the client maps (no copy), checks, decodes and removes; a gather of plain vectors
-//! reads every part straight into its place in the result ([`Pulled::gather_plain`]). Engines on other hosts
-//! with a data link get the same requests, the files written and fetched over the link
+//! namespace, in 1 MiB pieces handed to a second thread that writes them
+//! (`rpx_protocol::dataplane::write_value_file_beside`): one pass over the value, never a copy
+//! of it whole in memory. Further engines on the host get a hard link to the same file (no
+//! copy). The signed request names the files (with their size) and carries no buffers, so the
+//! controller routes a few hundred bytes. A pull asks for files; the reply names hard links the
+//! client maps (no copy), checks, decodes and removes; a gather of plain vectors reads every
+//! part straight into its place in the result ([`Pulled::gather_plain`]). Nothing is hashed on
+//! one host: the engine's private namespace directory vouches for the files
+//! (`rpx_protocol::dataplane`'s module docs say why). Engines on other hosts with a data link
+//! get the same requests, the files written and fetched over the link with their BLAKE3
 //! (`crate::datalink`); every other engine gets the buffers.
 //!
 //! Where the time goes for 100 MB (`examples/dp_micro.rs`): a push is bounded by the kernel
 //! allocating and zeroing fresh tmpfs pages as they are written (on the writing thread, beside
-//! the encoding and hashing: 89-93 ms for the client's step written inline, 62-66 ms beside),
-//! then the engine's one digest pass; a pull by faulting in the fresh memory of the decoded
-//! value. The digests stay on both sides: the engine's check is what refuses a file changed
-//! after the client wrote it (before the old value is replaced), the client's what refuses a
-//! pulled snapshot changed after the engine announced it.
+//! the encoding); a pull by faulting in the fresh memory of the decoded value.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use rpx_protocol::apply::{NamedType, Op};
+use rpx_protocol::apply::{NamedType, Op, PullFiles};
 use rpx_protocol::dataplane::{self as dp, ValueFile};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -103,7 +101,7 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
         let vf = match linked {
             Some(vf) => vf,
             None => {
-                let vf = dp::write_value_file_beside(&dir, |w| {
+                let vf = dp::write_value_file_beside(&dir, dp::Integrity::Namespace, |w| {
                     rpx_runtime::encode_chunked(values[v], dp::STREAM_CHUNK, |piece| w.write_all(piece))
                 })
                 .map_err(|e| {
@@ -145,7 +143,11 @@ pub(crate) fn pull_parts(client: &Arc<ClientInner>, targets: &[(usize, String)],
         .map(|(id, uuid)| {
             let dir = client.local_namespace(uuid);
             let link = if dir.is_none() { client.link_address(uuid) } else { None };
-            let files = dir.is_some() || link.is_some();
+            let files = match (&dir, &link) {
+                (Some(_), _) => Some(PullFiles::SameHost),
+                (None, Some(_)) => Some(PullFiles::DataLink),
+                (None, None) => None,
+            };
             if let Some(d) = dir {
                 dirs.insert(*id, d);
             }
@@ -192,7 +194,7 @@ impl Pulled {
     }
 
     /// The value a reply names as a file, made by `decode` from its bytes: mapped (no copy),
-    /// checked against the announced digest, decoded, the file removed. `None` if the reply carries no
+    /// checked (size, kind, owner), decoded, the file removed. `None` if the reply carries no
     /// files (the value is in its buffers); `Some(Err)` if the file is refused.
     pub fn value<T, E>(
         &self,
@@ -225,8 +227,6 @@ impl Pulled {
             return Some(Err(format!("{engine} answered with files, but this client did not ask for them")));
         };
         let read = match files.first() {
-            // Checked (all cores) before it is decoded: measured on 2 shared cores, hashing beside
-            // the decoding was no faster, since both wait on the same memory.
             Some(vf) => dp::read_value_file(dir, vf).map_err(refuse).map(|bytes| {
                 let value = decode(&bytes);
                 (bytes, value)
@@ -318,7 +318,8 @@ impl Pulled {
     }
 
     /// Read one part of [`Pulled::gather_plain`] from `source` (`size` bytes encoding `n`
-    /// elements) into `dst`, checked against its reply's digest; a same-host snapshot is removed.
+    /// elements) into `dst`, checked against its reply (a data link's bytes against its digest);
+    /// a same-host snapshot is removed.
     fn read_part(&self, t: &TaskState, source: Source<'_>, size: usize, n: usize, dst: &mut [u8]) -> Result<()> {
         let refuse = |e: String| Error::Protocol(refused(&crate::result::engine_label(t), &e));
         let undecodable = |e: String| crate::result::undecodable(t, &e).into_error();

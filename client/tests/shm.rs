@@ -1,8 +1,8 @@
 //! Push, pull, scatter and gather through shared memory on one host (`rpx_protocol::dataplane`),
 //! on a real 4-engine cluster: every engine is reached through its namespace, nested and empty
 //! values, scatter/gather order, a 256 MiB value that never passes through the controller, a
-//! 1 GiB value, a push made while a cell runs (the cell never sees it half-written), a tampered file refused
-//! with nothing lost, and the buffer path when shared memory is off
+//! 1 GiB value, a push made while a cell runs (the cell never sees it half-written), a file cut
+//! short or swapped for a link refused with nothing lost, and the buffer path when shared memory is off
 //! (`Client::set_shared_memory(false)`, as `RPX_DATA_PLANE=buffers` does).
 
 mod common;
@@ -151,26 +151,33 @@ fn shared_memory_transfers_on_four_engines() {
         assert!(now[0] == big);
     });
 
-    steps.run("a tampered file is refused with a clear error and nothing is lost", || {
+    steps.run("a file cut short or swapped for a link is refused with a clear error and nothing is lost", || {
         one.push("t", &vec![1u8; 4096]).unwrap();
         let dir = &namespaces[&0];
-        let gate = Gate::new();
-        let cell = one.execute_async(&gate.hold()).unwrap();
-        gate.wait_started();
-        let push = one.push_async("t", &vec![2u8; 4096]).unwrap();
-        let files = transfer_files(dir);
-        assert_eq!(files.len(), 1, "{files:?}");
-        // Same size, other bytes: only the digest can tell.
-        let mut bytes = std::fs::read(dir.join(&files[0])).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(dir.join(&files[0]), &bytes).unwrap();
-        gate.open();
-        cell.get().unwrap().check().unwrap();
-        let err = push.get().unwrap_err().to_string();
-        assert!(err.contains("digest mismatch") && err.contains("`t` keeps its previous value") && err.contains("engine 0"), "{err}");
+        // Each push waits behind a held cell while its file is damaged.
+        let damaged = |damage: &dyn Fn(&std::path::Path)| {
+            let gate = Gate::new();
+            let cell = one.execute_async(&gate.hold()).unwrap();
+            gate.wait_started();
+            let push = one.push_async("t", &vec![2u8; 4096]).unwrap();
+            let files = transfer_files(dir);
+            assert_eq!(files.len(), 1, "{files:?}");
+            damage(&dir.join(&files[0]));
+            gate.open();
+            cell.get().unwrap().check().unwrap();
+            push.get().unwrap_err().to_string()
+        };
+        let err = damaged(&|f| std::fs::write(f, [2u8; 100]).unwrap());
+        assert!(err.contains("size 100 where") && err.contains("`t` keeps its previous value") && err.contains("engine 0"), "{err}");
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), [2u8; 4096]).unwrap();
+        let err = damaged(&|f| {
+            std::fs::remove_file(f).unwrap();
+            std::os::unix::fs::symlink(outside.path(), f).unwrap();
+        });
+        assert!(err.contains("refused the pushed value `t`") && err.contains("`t` keeps its previous value"), "{err}");
         assert_eq!(one.pull::<Vec<u8>>("t").unwrap(), vec![vec![1u8; 4096]], "the old value is intact");
-        assert!(transfer_files(dir).is_empty(), "the refused file was removed");
+        assert!(transfer_files(dir).is_empty(), "the refused files were removed");
         one.push("t", &vec![3u8; 10]).unwrap();
         assert_eq!(one.pull::<Vec<u8>>("t").unwrap(), vec![vec![3u8; 10]], "later pushes work");
     });

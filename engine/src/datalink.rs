@@ -34,20 +34,21 @@ pub const UNCLAIMED: Duration = Duration::from_secs(600);
 /// Transfer files the link wrote and snapshots it may send, with when.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    received: HashMap<String, (u64, String, Instant)>,
+    received: HashMap<String, (u64, Option<String>, Instant)>,
     offered: HashMap<String, Instant>,
 }
 
 impl Ledger {
-    /// Whether `vf` is a file this link received whole with exactly that size and digest (the
-    /// entry is used up).
-    pub fn take_received(&mut self, vf: &ValueFile) -> bool {
+    /// What this link knows of the transfer file `vf` names: whether it received it whole
+    /// with exactly that size and digest (the entry is then used up).
+    pub fn take_received(&mut self, vf: &ValueFile) -> Received {
         match self.received.get(&vf.file) {
-            Some((size, digest, _)) if *size == vf.size && *digest == vf.blake3 => {
+            None => Received::NotByLink,
+            Some((size, digest, _)) if *size == vf.size && digest.is_some() && *digest == vf.blake3 => {
                 self.received.remove(&vf.file);
-                true
+                Received::AsAnnounced
             }
-            _ => false,
+            Some(_) => Received::NotAsAnnounced,
         }
     }
 
@@ -63,6 +64,17 @@ impl Ledger {
         self.offered.retain(|_, t| !old(t));
         out
     }
+}
+
+/// What the data link says of a transfer file a push names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// The link did not write it (a client on this host did, or nobody).
+    NotByLink,
+    /// The link wrote it, and hashed it on the way, with the size and digest announced.
+    AsAnnounced,
+    /// The link wrote it, but the push announces another size or digest (or none).
+    NotAsAnnounced,
 }
 
 /// The engine's link: where clients reach it, and its ledger.
@@ -84,9 +96,12 @@ pub fn announced() -> Option<String> {
     current().map(|l| l.address.to_string())
 }
 
-/// Whether `vf` was received whole by the link (see [`Ledger::take_received`]).
-pub fn received(vf: &ValueFile) -> bool {
-    current().is_some_and(|l| l.ledger.lock().unwrap_or_else(|p| p.into_inner()).take_received(vf))
+/// What the link knows of `vf` (see [`Ledger::take_received`]).
+pub fn received(vf: &ValueFile) -> Received {
+    match current() {
+        Some(l) => l.ledger.lock().unwrap_or_else(|p| p.into_inner()).take_received(vf),
+        None => Received::NotByLink,
+    }
 }
 
 /// Let clients fetch these pull snapshots (once each).
@@ -215,8 +230,10 @@ impl Server {
     fn receive(&self, stream: &mut TcpStream) -> Result<(), String> {
         let started = Instant::now();
         let mut reader = std::io::BufReader::with_capacity(256 << 10, &*stream);
-        let vf = dp::write_value_file_with(&self.dir, |w| link::read_frames(&mut reader, self.max, |piece| w.write_all(piece)).map(|_| ()))
-            .map_err(|e| format!("the pushed value was not stored: {e}"))?;
+        let vf = dp::write_value_file_with(&self.dir, dp::Integrity::Digest, |w| {
+            link::read_frames(&mut reader, self.max, |piece| w.write_all(piece)).map(|_| ())
+        })
+        .map_err(|e| format!("the pushed value was not stored: {e}"))?;
         self.ledger
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -248,19 +265,22 @@ mod tests {
     #[test]
     fn the_ledger_hands_out_each_received_file_once_and_only_as_received() {
         let mut l = Ledger::default();
-        let vf = ValueFile { file: dp::transfer_name(), size: 10, blake3: "ab".into() };
-        l.received.insert(vf.file.clone(), (10, "ab".into(), Instant::now()));
-        assert!(!l.take_received(&ValueFile { size: 11, ..vf.clone() }), "another size");
-        assert!(!l.take_received(&ValueFile { blake3: "cd".into(), ..vf.clone() }), "another digest");
-        assert!(l.take_received(&vf));
-        assert!(!l.take_received(&vf), "used up");
+        let vf = ValueFile { file: dp::transfer_name(), size: 10, blake3: Some("ab".into()) };
+        l.received.insert(vf.file.clone(), (10, Some("ab".into()), Instant::now()));
+        let other = |vf: ValueFile| ValueFile { file: dp::transfer_name(), ..vf };
+        assert_eq!(l.take_received(&other(vf.clone())), Received::NotByLink);
+        assert_eq!(l.take_received(&ValueFile { size: 11, ..vf.clone() }), Received::NotAsAnnounced, "another size");
+        assert_eq!(l.take_received(&ValueFile { blake3: Some("cd".into()), ..vf.clone() }), Received::NotAsAnnounced, "another digest");
+        assert_eq!(l.take_received(&ValueFile { blake3: None, ..vf.clone() }), Received::NotAsAnnounced, "no digest");
+        assert_eq!(l.take_received(&vf), Received::AsAnnounced);
+        assert_eq!(l.take_received(&vf), Received::NotByLink, "used up");
     }
 
     #[test]
     fn unclaimed_entries_expire() {
         let mut l = Ledger::default();
         let t0 = Instant::now();
-        l.received.insert("a".into(), (1, "x".into(), t0));
+        l.received.insert("a".into(), (1, Some("x".into()), t0));
         l.offered.insert("b".into(), t0);
         l.offered.insert("read-by-its-client".into(), t0);
         let exists = |f: &str| f != "read-by-its-client";
@@ -297,9 +317,9 @@ mod tests {
         link::write_frame(&mut s, &value).unwrap();
         link::end_frames(&mut s).unwrap();
         let Ack::Stored(vf) = link::read_ack(&mut s).unwrap() else { panic!("not stored") };
-        assert_eq!((vf.size, vf.blake3.clone()), (value.len() as u64, dp::digest(&value)));
+        assert_eq!((vf.size, vf.blake3.clone()), (value.len() as u64, Some(dp::digest(&value))));
         assert_eq!(std::fs::read(dir.path().join(&vf.file)).unwrap(), value);
-        assert!(ledger.lock().unwrap().take_received(&vf));
+        assert_eq!(ledger.lock().unwrap().take_received(&vf), Received::AsAnnounced);
 
         // Signed with another key: refused, and no file appears.
         let before = std::fs::read_dir(dir.path()).unwrap().count();

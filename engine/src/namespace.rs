@@ -9,8 +9,9 @@
 //!
 //! A client on the same host hands values over as files instead (`rpx_protocol::dataplane`):
 //! it writes them under transfer names (`.xfer-<uuid>`, never a variable name), and [`adopt`]
-//! checks their size and digest and renames them into place; a pull is answered by [`export`]
-//! with hard links the client reads. Neither copies the bytes in the engine.
+//! checks them (kind, owner, size; the digest of bytes that crossed hosts) and renames them
+//! into place; a pull is answered by [`export`] with hard links the client reads. Neither
+//! copies the bytes in the engine, and on one host neither reads them.
 //!
 //! The directory is private: created fresh (mode 0700) when the engine starts, refusing one that
 //! already exists, and every value file is 0600. Its `.owner` file names the engine process, so
@@ -22,7 +23,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rpx_protocol::apply::NamedType;
-use rpx_protocol::dataplane::ValueFile;
+use rpx_protocol::dataplane::{Integrity, ValueFile};
+
+use crate::datalink::Received;
 
 /// The namespace directory of an engine: on tmpfs when there is one (ipcluster's supervisor
 /// removes it after the engine crashed, so the rule lives in `rpx_protocol`).
@@ -98,8 +101,8 @@ pub fn store(dir: &Path, names: &[NamedType], buffers: &[Bytes]) -> Result<(), S
 }
 
 /// What the engine knows of its value files' digests: name -> (inode, size, BLAKE3), filled
-/// when a pushed file is adopted (its digest was just checked), so that pulling it back costs
-/// no hashing. Files are only ever replaced by rename, so an unchanged inode and size mean
+/// when a pushed file that came with a digest is adopted (its digest was just checked), so that
+/// pulling it back over a data link costs no hashing. Files are only ever replaced by rename, so an unchanged inode and size mean
 /// unchanged bytes.
 #[derive(Debug, Default)]
 pub struct Digests(std::collections::HashMap<String, (u64, u64, String)>);
@@ -110,11 +113,13 @@ impl Digests {
     }
 }
 
-/// Adopt files a same-host client wrote into the namespace (`rpx_protocol::dataplane`):
-/// `files[i]` becomes `names[i]`. Every file is checked (a transfer name, a regular file of
-/// this user, the announced size and BLAKE3) before any is renamed into place, so a refused
-/// push changes nothing; the refused push's files are removed. A file for which `received` says
-/// the data link wrote it with exactly the announced size and digest is not hashed again.
+/// Adopt files a same-host client or the data link wrote into the namespace
+/// (`rpx_protocol::dataplane`): `files[i]` becomes `names[i]`. Every file is checked (a
+/// transfer name, a regular file of this user, the announced size, and the BLAKE3 if one was
+/// announced) before any is renamed into place, so a refused push changes nothing; the refused
+/// push's files are removed. A file for which `received` says the data link wrote it with
+/// exactly the announced size and digest is not hashed again; one the link wrote must come with
+/// that digest (bytes that crossed hosts are never taken on their size alone).
 ///
 /// The values replaced are kept under [old names](OLD_PREFIX) and returned: freeing a large
 /// file's pages costs about as much as writing them, so the caller removes them with
@@ -124,7 +129,7 @@ pub fn adopt(
     names: &[NamedType],
     files: &[ValueFile],
     digests: &mut Digests,
-    received: impl Fn(&ValueFile) -> bool,
+    received: impl Fn(&ValueFile) -> Received,
 ) -> Result<Vec<PathBuf>, String> {
     let checked = check_adoption(dir, names, files, received);
     if let Err(e) = checked {
@@ -146,9 +151,9 @@ pub fn adopt(
             return Err(format!("cannot store `{}`: {e}", n.name));
         }
         use std::os::unix::fs::MetadataExt;
-        match std::fs::symlink_metadata(&to) {
-            Ok(md) => digests.0.insert(n.name.clone(), (md.ino(), md.size(), f.blake3.clone())),
-            Err(_) => digests.0.remove(&n.name),
+        match (std::fs::symlink_metadata(&to), &f.blake3) {
+            (Ok(md), Some(d)) => digests.0.insert(n.name.clone(), (md.ino(), md.size(), d.clone())),
+            _ => digests.0.remove(&n.name),
         };
     }
     Ok(replaced)
@@ -177,7 +182,7 @@ pub fn remove_later(paths: Vec<PathBuf>) {
     }
 }
 
-fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile], received: impl Fn(&ValueFile) -> bool) -> Result<(), String> {
+fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile], received: impl Fn(&ValueFile) -> Received) -> Result<(), String> {
     if names.len() != files.len() {
         return Err(format!("push of {} names came with {} files", names.len(), files.len()));
     }
@@ -185,10 +190,19 @@ fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile], received
         return Err(format!("`{}` is not a variable name", bad.name));
     }
     for (n, f) in names.iter().zip(files) {
-        if rpx_protocol::dataplane::is_transfer_name(&f.file) && received(f) {
-            // The data link wrote this file and hashed it on the way: the signed request
-            // announces exactly that size and digest.
-            continue;
+        if rpx_protocol::dataplane::is_transfer_name(&f.file) {
+            match received(f) {
+                // The data link wrote this file and hashed it on the way: the signed request
+                // announces exactly that size and digest.
+                Received::AsAnnounced => continue,
+                Received::NotAsAnnounced if f.blake3.is_none() => {
+                    return Err(format!(
+                        "refused the pushed value `{}`: it came over the data link, but the push announced no digest for it; nothing was stored and `{}` keeps its previous value",
+                        n.name, n.name
+                    ))
+                }
+                Received::NotAsAnnounced | Received::NotByLink => {}
+            }
         }
         rpx_protocol::dataplane::verify_value_file(dir, f).map_err(|e| {
             format!("refused the pushed value `{}`: {e}; nothing was stored and `{}` keeps its previous value", n.name, n.name)
@@ -204,10 +218,12 @@ pub fn discard(dir: &Path, files: &[ValueFile]) {
     }
 }
 
-/// Hand the values of `names` to a same-host client for a pull: each becomes a hard link under
-/// a transfer name (a snapshot no later push can change: values are replaced by rename, never
-/// rewritten), announced with its size and digest. The client reads and removes it.
-pub fn export(dir: &Path, names: &[String], digests: &Digests) -> Result<Vec<ValueFile>, String> {
+/// Hand the values of `names` to a client for a pull: each becomes a hard link under a
+/// transfer name (a snapshot no later push can change: values are replaced by rename, never
+/// rewritten), announced with its size, and with its digest for [`Integrity::Digest`] (a
+/// client on another host; known from the push or hashed now). The client reads (on this host)
+/// or fetches it over the data link, and it is removed.
+pub fn export(dir: &Path, names: &[String], integrity: Integrity, digests: &Digests) -> Result<Vec<ValueFile>, String> {
     use std::os::unix::fs::MetadataExt;
     let mut out: Vec<ValueFile> = Vec::with_capacity(names.len());
     let result = names.iter().try_for_each(|n| {
@@ -215,9 +231,10 @@ pub fn export(dir: &Path, names: &[String], digests: &Digests) -> Result<Vec<Val
         let link = dir.join(&file);
         std::fs::hard_link(dir.join(n), &link).map_err(|e| format!("`{n}` has no value in the namespace ({e})"))?;
         let md = std::fs::symlink_metadata(&link).map_err(|e| format!("`{n}`: {e}"))?;
-        let blake3 = match digests.get(n, md.ino(), md.size()) {
-            Some(d) => d.to_string(),
-            None => rpx_protocol::dataplane::digest_file(&link).map_err(|e| format!("`{n}`: {e}"))?,
+        let blake3 = match (integrity, digests.get(n, md.ino(), md.size())) {
+            (Integrity::Namespace, _) => None,
+            (Integrity::Digest, Some(d)) => Some(d.to_string()),
+            (Integrity::Digest, None) => Some(rpx_protocol::dataplane::digest_file(&link).map_err(|e| format!("`{n}`: {e}"))?),
         };
         out.push(ValueFile { file, size: md.size(), blake3 });
         Ok(())
@@ -331,34 +348,67 @@ mod tests {
         let names = vec![NamedType { name: "a".into(), type_name: "u8".into() }, NamedType { name: "b".into(), type_name: "u8".into() }];
         store(d, &names[..1], &[Bytes::from_static(b"old")]).unwrap();
         let mut digests = Digests::default();
-        let good = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
-        let bad = rpx_protocol::dataplane::write_value_file(d, b"new b").unwrap();
+        let write = |b: &[u8]| rpx_protocol::dataplane::write_value_file(d, Integrity::Digest, b).unwrap();
+        let (good, bad) = (write(b"new a"), write(b"new b"));
         std::fs::write(d.join(&bad.file), b"evil!").unwrap();
-        let err = adopt(d, &names, &[good.clone(), bad.clone()], &mut digests, |_| false).unwrap_err();
+        let err = adopt(d, &names, &[good.clone(), bad.clone()], &mut digests, |_| Received::NotByLink).unwrap_err();
         assert!(
             err.contains("refused the pushed value `b`") && err.contains("digest mismatch") && err.contains("keeps its previous value"),
             "{err}"
         );
         assert_eq!(load(d, &["a".to_string()]).unwrap(), vec![Bytes::from_static(b"old")], "nothing was adopted");
         assert!(!d.join(&good.file).exists() && !d.join(&bad.file).exists(), "the refused push's files are gone");
-        let a = rpx_protocol::dataplane::write_value_file(d, b"new a").unwrap();
-        let b = rpx_protocol::dataplane::write_value_file(d, b"").unwrap();
-        let replaced = adopt(d, &names, &[a, b.clone()], &mut digests, |_| false).unwrap();
+        let (a, b) = (write(b"new a"), write(b""));
+        let replaced = adopt(d, &names, &[a, b.clone()], &mut digests, |_| Received::NotByLink).unwrap();
         assert_eq!(replaced.len(), 1, "only `a` had a value");
         assert_eq!(std::fs::read(&replaced[0]).unwrap(), b"old", "the replaced value is kept until removed");
         remove_later(replaced.clone());
         assert_eq!(load(d, &["a".to_string(), "b".to_string()]).unwrap(), vec![Bytes::from_static(b"new a"), Bytes::new()]);
-        // Pull: snapshots with the digest known from the push.
-        let out = export(d, &["a".to_string(), "b".to_string()], &digests).unwrap();
+        // Pull over a data link: snapshots with the digest known from the push.
+        let out = export(d, &["a".to_string(), "b".to_string()], Integrity::Digest, &digests).unwrap();
         assert_eq!(out[1].blake3, b.blake3);
         assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), &b"new a"[..]);
         store(d, &names[..1], &[Bytes::from_static(b"newer")]).unwrap();
         assert_eq!(rpx_protocol::dataplane::read_value_file(d, &out[0]).unwrap(), &b"new a"[..], "a snapshot does not change");
-        let again = export(d, &["a".to_string()], &digests).unwrap();
-        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &again[0]).unwrap(), &b"newer"[..], "a replaced value is hashed again");
-        assert!(export(d, &["a".to_string(), "nope".to_string()], &digests).unwrap_err().contains("`nope`"));
-        let bad_name = vec![ValueFile { file: "../../etc/passwd".into(), size: 0, blake3: String::new() }];
-        assert!(adopt(d, &names[..1], &bad_name, &mut digests, |_| false).unwrap_err().contains("not a transfer file name"));
+        let again = export(d, &["a".to_string()], Integrity::Digest, &digests).unwrap();
+        assert_eq!(
+            again[0].blake3.as_deref(),
+            Some(rpx_protocol::dataplane::digest(b"newer").as_str()),
+            "a replaced value is hashed again"
+        );
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &again[0]).unwrap(), &b"newer"[..]);
+        // Pull on this host: snapshots with no digest, nothing hashed.
+        let here = export(d, &["a".to_string()], Integrity::Namespace, &digests).unwrap();
+        assert_eq!((here[0].size, here[0].blake3.as_deref()), (5, None));
+        assert_eq!(rpx_protocol::dataplane::read_value_file(d, &here[0]).unwrap(), &b"newer"[..]);
+        assert!(export(d, &["a".to_string(), "nope".to_string()], Integrity::Digest, &digests).unwrap_err().contains("`nope`"));
+        let bad_name = vec![ValueFile { file: "../../etc/passwd".into(), size: 0, blake3: None }];
+        assert!(adopt(d, &names[..1], &bad_name, &mut digests, |_| Received::NotByLink).unwrap_err().contains("not a transfer file name"));
+    }
+
+    /// A same-host push's files come without a digest: adopted on their kind, owner and size; a
+    /// file the data link wrote is never adopted without the digest it was received with.
+    #[test]
+    fn same_host_files_are_adopted_without_a_digest_but_link_files_never_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let names = vec![NamedType { name: "a".into(), type_name: "u8".into() }];
+        let mut digests = Digests::default();
+        let write = |b: &[u8]| rpx_protocol::dataplane::write_value_file(d, Integrity::Namespace, b).unwrap();
+        let short = write(b"12345");
+        std::fs::write(d.join(&short.file), b"1234").unwrap();
+        let err = adopt(d, &names, &[short.clone()], &mut digests, |_| Received::NotByLink).unwrap_err();
+        assert!(err.contains("size 4 where 5") && err.contains("keeps its previous value"), "{err}");
+        assert!(!d.join(&short.file).exists(), "the refused file is gone");
+        let from_link = write(b"linked");
+        let err = adopt(d, &names, &[from_link.clone()], &mut digests, |_| Received::NotAsAnnounced).unwrap_err();
+        assert!(err.contains("announced no digest"), "{err}");
+        assert!(load(d, &["a".to_string()]).is_err(), "nothing was stored");
+        let ok = write(b"value");
+        adopt(d, &names, &[ok], &mut digests, |_| Received::NotByLink).unwrap();
+        assert_eq!(load(d, &["a".to_string()]).unwrap(), vec![Bytes::from_static(b"value")]);
+        let out = export(d, &["a".to_string()], Integrity::Digest, &digests).unwrap();
+        assert_eq!(out[0].blake3.as_deref(), Some(rpx_protocol::dataplane::digest(b"value").as_str()), "hashed for a data link");
     }
 
     #[test]

@@ -187,7 +187,7 @@ mod tests {
         let bad = apply_op(&json!({"rpx": {"op": "fly"}}), &me()).unwrap_err();
         assert_eq!(bad.ename, "UnsupportedPayload");
         assert!(bad.evalue.starts_with("malformed rpx payload: "), "{}", bad.evalue);
-        let pull = Op::Pull { names: vec!["x".into()], files: false };
+        let pull = Op::Pull { names: vec!["x".into()], files: None };
         assert_eq!(apply_op(&pull.to_content(), &me()), Ok(pull));
     }
 

@@ -69,13 +69,26 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         files: Vec<ValueFile>,
     },
-    /// Send back the current value of each name: as buffers, or with `files` (same host) as
-    /// files the client reads ([`crate::dataplane::REPLY_FILES_KEY`]).
+    /// Send back the current value of each name: as buffers, or with `files` as files the
+    /// client reads ([`crate::dataplane::REPLY_FILES_KEY`]) on this host or over the engine's
+    /// data link.
     Pull {
         names: Vec<String>,
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        files: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        files: Option<PullFiles>,
     },
+}
+
+/// Who reads a pull's files, which decides whether they are announced with a digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullFiles {
+    /// A client on the engine's host, in the engine's private namespace directory: the files
+    /// are guarded by that directory's permissions ([`crate::dataplane`]), no digest.
+    SameHost,
+    /// A client on another host, over the engine's data link: each file with its BLAKE3, which
+    /// the signed reply carries and the client checks as the bytes arrive.
+    DataLink,
 }
 
 impl Op {
@@ -130,8 +143,10 @@ mod tests {
         assert!(Op::from_content(&serde_json::json!({})).is_none());
         assert!(Op::from_content(&serde_json::json!({"rpx": {"op": "fly"}})).unwrap().is_err());
         // The buffer forms stay as they were; the file forms only add fields.
-        let pull = Op::Pull { names: vec!["a".into()], files: false };
+        let pull = Op::Pull { names: vec!["a".into()], files: None };
         assert_eq!(pull.to_content(), serde_json::json!({"rpx": {"op": "pull", "names": ["a"]}}));
+        let pull = Op::Pull { names: vec!["a".into()], files: Some(PullFiles::SameHost) };
+        assert_eq!(pull.to_content(), serde_json::json!({"rpx": {"op": "pull", "names": ["a"], "files": "same_host"}}));
         let push: Op = serde_json::from_value(serde_json::json!({"op": "push", "names": [{"name": "a", "type_name": "u8"}]})).unwrap();
         assert_eq!(push, Op::Push { names: vec![NamedType { name: "a".into(), type_name: "u8".into() }], files: vec![] });
     }

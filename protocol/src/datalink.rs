@@ -10,7 +10,7 @@
 //! | op | on the link | through the controller |
 //! |---|---|---|
 //! | push | client: signed [`Hello`] (`Push`), [frames](write_frame) of at most [`STREAM_CHUNK`] bytes, an empty frame; engine: [`Ack::Stored`] (the transfer file it wrote, size, BLAKE3) | then `Op::Push { files }` naming that file: the engine adopts it as a same-host push |
-//! | pull | client: signed [`Hello`] (`Fetch`, a file the reply named); engine: [`Ack::Sending`], the bytes | first `Op::Pull { files: true }`: the reply names a snapshot (`ValueFile`) of each value |
+//! | pull | client: signed [`Hello`] (`Fetch`, a file the reply named); engine: [`Ack::Sending`], the bytes | first `Op::Pull { files: Some(PullFiles::DataLink) }`: the reply names a snapshot (`ValueFile`) of each value |
 //!
 //! Bounds: a hello is at most [`MAX_HELLO`] bytes and is checked (signature, engine) before the
 //! engine allocates or writes anything; frames are at most [`STREAM_CHUNK`] bytes and a value
@@ -187,7 +187,10 @@ pub fn read_fetched(r: &mut impl Read, sending: u64, announced: &ValueFile) -> R
 
 /// Whether the bytes `hasher` saw are the `announced` value (its BLAKE3, from the signed reply).
 pub fn check_digest(hasher: blake3::Hasher, announced: &ValueFile) -> Result<(), String> {
-    if hasher.finalize().to_hex().as_str() != announced.blake3 {
+    let Some(digest) = &announced.blake3 else {
+        return Err("the engine's reply announced no digest for bytes that cross hosts".into());
+    };
+    if hasher.finalize().to_hex().as_str() != digest {
         return Err("the bytes on the link do not match the digest in the engine's signed reply".into());
     }
     Ok(())
@@ -334,7 +337,8 @@ mod tests {
     #[test]
     fn a_fetched_value_must_match_the_signed_size_and_digest() {
         let value = vec![7u8; STREAM_CHUNK + 5];
-        let vf = ValueFile { file: crate::dataplane::transfer_name(), size: value.len() as u64, blake3: crate::dataplane::digest(&value) };
+        let vf =
+            ValueFile { file: crate::dataplane::transfer_name(), size: value.len() as u64, blake3: Some(crate::dataplane::digest(&value)) };
         assert_eq!(read_fetched(&mut value.as_slice(), vf.size, &vf).unwrap(), value);
         assert!(read_fetched(&mut value.as_slice(), vf.size + 1, &vf).unwrap_err().contains("announced"));
         let mut changed = value.clone();
@@ -344,12 +348,13 @@ mod tests {
         // Large enough to be hashed on a second thread: the same bytes and digest, in order, and
         // a stream cut in the middle is an error, not a value.
         let big: Vec<u8> = (0..5 * STREAM_CHUNK + 3).map(|i| (i % 253) as u8).collect();
-        let vf_big = ValueFile { file: crate::dataplane::transfer_name(), size: big.len() as u64, blake3: crate::dataplane::digest(&big) };
+        let vf_big =
+            ValueFile { file: crate::dataplane::transfer_name(), size: big.len() as u64, blake3: Some(crate::dataplane::digest(&big)) };
         assert!(read_fetched(&mut big.as_slice(), vf_big.size, &vf_big).unwrap() == big);
         let mut dst = vec![0u8; big.len()];
         let mut h = blake3::Hasher::new();
         read_hashed(&mut big.as_slice(), &mut dst, &mut h).unwrap();
-        assert!(dst == big && h.finalize().to_hex().as_str() == vf_big.blake3);
+        assert!(dst == big && Some(h.finalize().to_hex().as_str()) == vf_big.blake3.as_deref());
         assert!(read_hashed(&mut &big[..3 * STREAM_CHUNK + 7], &mut dst, &mut blake3::Hasher::new()).is_err());
         assert!(read_fetched(&mut &big[..3 * STREAM_CHUNK], vf_big.size, &vf_big).unwrap_err().contains("was cut"));
         let mut wire = Vec::new();

@@ -6,13 +6,20 @@
 //!
 //! | op | request | `apply_reply` (status `ok`) |
 //! |---|---|---|
-//! | push | `Op::Push { names, files }`, no buffers: `files[i]` is a [`ValueFile`] the client wrote in the engine's namespace under a [transfer name](is_transfer_name) | `[]`; the engine verified each file's size and digest and renamed it to `names[i]` (all or none) |
-//! | pull | `Op::Pull { names, files: true }` | no buffers; content key [`REPLY_FILES_KEY`] lists one [`ValueFile`] per name: a hard link of the value under a transfer name, which the client reads, checks and removes |
+//! | push | `Op::Push { names, files }`, no buffers: `files[i]` is a [`ValueFile`] the client wrote in the engine's namespace under a [transfer name](is_transfer_name) | `[]`; the engine checked each file (a regular file of this user, the announced size) and renamed it to `names[i]` (all or none) |
+//! | pull | `Op::Pull { names, files: Some(PullFiles::SameHost) }` | no buffers; content key [`REPLY_FILES_KEY`] lists one [`ValueFile`] per name: a hard link of the value under a transfer name, which the client reads, checks and removes |
 //!
 //! Transfer names start with `.` so they are never variable names: a cell or closure never sees
 //! a value that is still being written, and a push becomes visible only by the engine's
 //! atomic rename.
 //!
+//! What keeps a handed-over file's bytes as the client or engine wrote them is the namespace
+//! directory's permissions ([`Integrity::Namespace`]), not a digest: it is private (0700) to
+//! the user both run as, so whoever could change a file in it between the write and the read
+//! runs as that user too, and can read the connection file's key and sign any request it likes;
+//! a digest would stop nobody a signature does not. Bytes that cross hosts on the data link
+//! (`crate::datalink`) are different: they pass through the network, so they travel with their
+//! BLAKE3 in the signed request or reply ([`Integrity::Digest`]) and are checked as they arrive.//!
 //! Who may use it is decided by one rule, [`local_namespace`]: the engine announced a
 //! [`HostIdentity`] when it registered (forwarded by the controller in
 //! `registration_notification` and `connection_reply`), its host name and boot id are this
@@ -65,8 +72,21 @@ pub struct ValueFile {
     /// The file's name in the engine's namespace directory (a [transfer name](is_transfer_name)).
     pub file: String,
     pub size: u64,
-    /// BLAKE3 of the file's bytes, hex.
-    pub blake3: String,
+    /// BLAKE3 of the file's bytes, hex, for bytes that crossed hosts ([`Integrity::Digest`]);
+    /// none for a file handed over on one host ([`Integrity::Namespace`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+}
+
+/// What vouches for a transfer file's bytes (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// The bytes crossed hosts: their BLAKE3 is computed as they are written and announced in
+    /// the signed message, and checked by whoever reads them.
+    Digest,
+    /// The bytes stayed in the engine's private namespace directory on this host: its
+    /// permissions vouch for them; nothing is hashed.
+    Namespace,
 }
 
 /// This host's name and boot id (read once).
@@ -138,22 +158,23 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
-/// Write `bytes` as a new transfer file in `dir` (0600, created fresh, one write; a large value
-/// is hashed while it is written).
-pub fn write_value_file(dir: &Path, bytes: &[u8]) -> std::io::Result<ValueFile> {
-    write_value_file_with(dir, |w| w.write_all(bytes))
+/// Write `bytes` as a new transfer file in `dir` (0600, created fresh, one write; with
+/// [`Integrity::Digest`], hashed while it is written).
+pub fn write_value_file(dir: &Path, integrity: Integrity, bytes: &[u8]) -> std::io::Result<ValueFile> {
+    write_value_file_with(dir, integrity, |w| w.write_all(bytes))
 }
 
 /// Write a new transfer file in `dir` (0600, created fresh) with what `fill` writes into the
-/// [`Streamer`] it gets, hashed on the way: a value encoded in pieces (`rpx_runtime::encode_chunked`
-/// with [`STREAM_CHUNK`]) goes straight into the file, each piece hashed and written while it is
-/// still in cache, and is never held whole in memory. The file is removed if `fill` fails.
-pub fn write_value_file_with<F>(dir: &Path, fill: F) -> std::io::Result<ValueFile>
+/// [`Streamer`] it gets (with [`Integrity::Digest`], hashed on the way): a value encoded in
+/// pieces (`rpx_runtime::encode_chunked` with [`STREAM_CHUNK`]) goes straight into the file,
+/// each piece hashed and written while it is still in cache, and is never held whole in
+/// memory. The file is removed if `fill` fails.
+pub fn write_value_file_with<F>(dir: &Path, integrity: Integrity, fill: F) -> std::io::Result<ValueFile>
 where
     F: FnOnce(&mut Streamer) -> std::io::Result<()>,
 {
     write_new_file(dir, |f| {
-        let mut s = Streamer::new(Sink::File(f));
+        let mut s = Streamer::new(Sink::File(f), integrity);
         fill(&mut s).map(|()| s)
     })
 }
@@ -161,11 +182,11 @@ where
 /// Pieces [`write_value_file_beside`] may have handed to its writing thread and not yet written.
 const WRITES_IN_FLIGHT: usize = 4;
 
-/// [`write_value_file_with`], with the file written on a second thread while `fill` encodes and
-/// hashes the next pieces: the kernel's work of supplying a new file's pages (most of a write
-/// to tmpfs) then runs beside the encoding and hashing instead of after each piece. For a
-/// process with a core to spare for it (a client pushing to an engine on its host).
-pub fn write_value_file_beside<F>(dir: &Path, fill: F) -> std::io::Result<ValueFile>
+/// [`write_value_file_with`], with the file written on a second thread while `fill` encodes
+/// (and hashes) the next pieces: the kernel's work of supplying a new file's pages (most of a
+/// write to tmpfs) then runs beside the encoding instead of after each piece. For a process
+/// with a core to spare for it (a client pushing to an engine on its host).
+pub fn write_value_file_beside<F>(dir: &Path, integrity: Integrity, fill: F) -> std::io::Result<ValueFile>
 where
     F: FnOnce(&mut Streamer) -> std::io::Result<()>,
 {
@@ -182,7 +203,7 @@ where
                 }
                 Ok::<(), std::io::Error>(())
             })?;
-            let mut streamer = Streamer::new(Sink::Writer { to: tx, spares: back_rx });
+            let mut streamer = Streamer::new(Sink::Writer { to: tx, spares: back_rx }, integrity);
             let filled = fill(&mut streamer);
             // Closing the channel ends the writer once it has written everything sent.
             streamer.sink = Sink::Closed;
@@ -201,7 +222,7 @@ fn write_new_file(dir: &Path, fill: impl FnOnce(std::fs::File) -> std::io::Resul
     let path = dir.join(&file);
     let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
     match fill(f) {
-        Ok(s) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.finalize().to_hex().to_string() }),
+        Ok(s) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.map(|h| h.finalize().to_hex().to_string()) }),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
             Err(e)
@@ -214,10 +235,11 @@ fn write_new_file(dir: &Path, fill: impl FnOnce(std::fs::File) -> std::io::Resul
 pub const STREAM_CHUNK: usize = 1 << 20;
 
 /// What [`write_value_file_with`] and [`write_value_file_beside`] write through: hashes each
-/// piece, then writes it to the file or hands a copy of it to the writing thread.
+/// piece (for [`Integrity::Digest`]), then writes it to the file or hands a copy of it to the
+/// writing thread.
 pub struct Streamer {
     sink: Sink,
-    hasher: blake3::Hasher,
+    hasher: Option<blake3::Hasher>,
     size: u64,
 }
 
@@ -234,8 +256,9 @@ enum Sink {
 }
 
 impl Streamer {
-    fn new(sink: Sink) -> Streamer {
-        Streamer { sink, hasher: blake3::Hasher::new(), size: 0 }
+    fn new(sink: Sink, integrity: Integrity) -> Streamer {
+        let hasher = (integrity == Integrity::Digest).then(blake3::Hasher::new);
+        Streamer { sink, hasher, size: 0 }
     }
 }
 
@@ -248,7 +271,9 @@ impl Write for Streamer {
     fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         let stopped = || std::io::Error::other("the thread writing the value file stopped");
         for piece in data.chunks(STREAM_CHUNK) {
-            self.hasher.update(piece);
+            if let Some(h) = &mut self.hasher {
+                h.update(piece);
+            }
             match &mut self.sink {
                 Sink::File(f) => f.write_all(piece)?,
                 Sink::Writer { to, spares } => {
@@ -292,25 +317,27 @@ fn check_meta(f: &std::fs::File, vf: &ValueFile) -> Result<(), String> {
     Ok(())
 }
 
-/// Check that `dir/vf.file` holds exactly the announced bytes (size, then BLAKE3, read in
-/// slices: nothing is kept in memory).
+/// Check that `dir/vf.file` holds exactly the announced bytes: a regular file of this user of
+/// the announced size, and if a digest was announced, its BLAKE3 (read in slices: nothing is
+/// kept in memory).
 pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
     if !is_transfer_name(&vf.file) {
         return Err(format!("`{}` is not a transfer file name", vf.file));
     }
     let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
+    let Some(announced) = &vf.blake3 else { return Ok(()) };
     let got = if vf.size == 0 {
         digest(b"")
     } else {
         digest(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref())
     };
-    if got != vf.blake3 {
+    if got != *announced {
         return Err(format!(
             "{}: digest mismatch (BLAKE3 {}.. where {}.. was announced): the file changed after it was written",
             vf.file,
             &got[..16],
-            vf.blake3.get(..16).unwrap_or(&vf.blake3)
+            announced.get(..16).unwrap_or(announced)
         ));
     }
     Ok(())
@@ -326,9 +353,10 @@ pub fn digest_file(path: &Path) -> std::io::Result<String> {
     Ok(digest(Mapped::of(&f, len)?.as_ref()))
 }
 
-/// Map `dir/vf.file` whole, checking size and digest: no copy (a private read-only mapping,
-/// populated at once). Pulled files are hard-link snapshots in the engine's private namespace
-/// that nobody rewrites (values are only ever replaced by rename), so the mapping is stable.
+/// Map `dir/vf.file` whole, checking its size (and digest, if one was announced): no copy (a
+/// private read-only mapping, populated at once). Pulled files are hard-link snapshots in the
+/// engine's private namespace that nobody rewrites (values are only ever replaced by rename),
+/// so the mapping is stable.
 pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
     if !is_transfer_name(&vf.file) {
         return Err(format!("`{}` is not a transfer file name", vf.file));
@@ -340,7 +368,7 @@ pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, Strin
     } else {
         bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?)
     };
-    if digest(&bytes) != vf.blake3 {
+    if vf.blake3.as_ref().is_some_and(|d| digest(&bytes) != *d) {
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
     }
     Ok(bytes)
@@ -406,11 +434,11 @@ mod tests {
     fn written_files_verify_and_read_back_and_tampering_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let vf = write_value_file(dir.path(), b"hello").unwrap();
+        let vf = write_value_file(dir.path(), Integrity::Digest, b"hello").unwrap();
         assert_eq!(std::fs::metadata(dir.path().join(&vf.file)).unwrap().permissions().mode() & 0o777, 0o600);
         verify_value_file(dir.path(), &vf).unwrap();
         assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &b"hello"[..]);
-        let empty = write_value_file(dir.path(), b"").unwrap();
+        let empty = write_value_file(dir.path(), Integrity::Digest, b"").unwrap();
         assert_eq!(read_value_file(dir.path(), &empty).unwrap(), &b""[..]);
         let other = tempfile::tempdir().unwrap();
         let linked = link_value_file(dir.path(), &vf, other.path()).unwrap();
@@ -422,20 +450,40 @@ mod tests {
         assert!(verify_value_file(dir.path(), &vf).unwrap_err().contains("size 4 where 5"));
     }
 
+    /// A file handed over on one host has no digest: its size, kind and owner are still checked.
+    #[test]
+    fn same_host_files_carry_no_digest_and_are_checked_by_size_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let vf = write_value_file(dir.path(), Integrity::Namespace, b"hello").unwrap();
+        assert_eq!((vf.size, vf.blake3.as_deref()), (5, None));
+        assert!(!serde_json::to_string(&vf).unwrap().contains("blake3"), "nothing announced");
+        verify_value_file(dir.path(), &vf).unwrap();
+        assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &b"hello"[..]);
+        std::fs::write(dir.path().join(&vf.file), b"hell").unwrap();
+        assert!(verify_value_file(dir.path(), &vf).unwrap_err().contains("size 4 where 5"));
+        assert!(read_value_file(dir.path(), &vf).unwrap_err().contains("size 4 where 5"));
+        std::fs::remove_file(dir.path().join(&vf.file)).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join(&vf.file)).unwrap();
+        assert!(verify_value_file(dir.path(), &vf).is_err(), "a symlink is never followed");
+        std::fs::remove_file(dir.path().join(&vf.file)).unwrap();
+        std::fs::create_dir(dir.path().join(&vf.file)).unwrap();
+        assert!(verify_value_file(dir.path(), &vf).is_err(), "a directory is not a value");
+    }
+
     #[test]
     fn streamed_files_hold_what_was_written_with_its_digest_and_a_failed_fill_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let bytes: Vec<u8> = (0..STREAM_CHUNK * 2 + 12345).map(|i| (i * 7 % 251) as u8).collect();
-        let vf = write_value_file_with(dir.path(), |w| {
+        let vf = write_value_file_with(dir.path(), Integrity::Digest, |w| {
             for piece in bytes.chunks(100_000) {
                 w.write_all(piece)?;
             }
             Ok(())
         })
         .unwrap();
-        assert_eq!((vf.size, vf.blake3.as_str()), (bytes.len() as u64, digest(&bytes).as_str()));
+        assert_eq!((vf.size, vf.blake3.as_deref()), (bytes.len() as u64, Some(digest(&bytes).as_str())));
         assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &bytes[..]);
-        let err = write_value_file_with(dir.path(), |w| {
+        let err = write_value_file_with(dir.path(), Integrity::Digest, |w| {
             w.write_all(b"half a value")?;
             Err(std::io::Error::other("the encoder failed"))
         })
@@ -450,18 +498,18 @@ mod tests {
     fn files_written_beside_hold_what_was_written_with_its_digest_and_a_failed_fill_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let bytes: Vec<u8> = (0..STREAM_CHUNK * (WRITES_IN_FLIGHT * 3) + 777).map(|i| (i * 13 % 253) as u8).collect();
-        let vf = write_value_file_beside(dir.path(), |w| {
+        let vf = write_value_file_beside(dir.path(), Integrity::Digest, |w| {
             for piece in bytes.chunks(STREAM_CHUNK + 4097) {
                 w.write_all(piece)?;
             }
             Ok(())
         })
         .unwrap();
-        assert_eq!((vf.size, vf.blake3.as_str()), (bytes.len() as u64, digest(&bytes).as_str()));
+        assert_eq!((vf.size, vf.blake3.as_deref()), (bytes.len() as u64, Some(digest(&bytes).as_str())));
         assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &bytes[..]);
-        let empty = write_value_file_beside(dir.path(), |_| Ok(())).unwrap();
-        assert_eq!((empty.size, empty.blake3.as_str()), (0, digest(b"").as_str()));
-        let err = write_value_file_beside(dir.path(), |w| {
+        let empty = write_value_file_beside(dir.path(), Integrity::Digest, |_| Ok(())).unwrap();
+        assert_eq!((empty.size, empty.blake3.as_deref()), (0, Some(digest(b"").as_str())));
+        let err = write_value_file_beside(dir.path(), Integrity::Namespace, |w| {
             w.write_all(&bytes[..STREAM_CHUNK * 2])?;
             Err(std::io::Error::other("the encoder failed"))
         })

@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rpx_protocol::apply::{ename, Closure, Op};
+use rpx_protocol::apply::{ename, Closure, Op, PullFiles};
 use rpx_protocol::compile::msg_type as cmsg;
 use rpx_protocol::content::ReplyMetadata;
+use rpx_protocol::dataplane::Integrity;
 use rpx_runtime::abi;
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -83,12 +84,17 @@ impl Engine {
     }
 
     pub(super) fn finish_pull(&mut self, req: &Request, md: ReplyMetadata, names: &[String]) {
-        if matches!(Op::from_content(&req.content), Some(Ok(Op::Pull { files: true, .. }))) {
+        if let Some(Ok(Op::Pull { files: Some(reader), .. })) = Op::from_content(&req.content) {
             // Hard links the client reads (same host) or fetches (data link), not the bytes.
-            return match crate::namespace::export(&self.ns_dir, names, &self.digests) {
+            let integrity = match reader {
+                PullFiles::SameHost => Integrity::Namespace,
+                PullFiles::DataLink => Integrity::Digest,
+            };
+            return match crate::namespace::export(&self.ns_dir, names, integrity, &self.digests) {
                 Ok(files) => {
-                    // A client on another host fetches them over the data link.
-                    crate::datalink::offer(&files);
+                    if reader == PullFiles::DataLink {
+                        crate::datalink::offer(&files);
+                    }
                     self.out.ok_with(req, md, rpx_protocol::dataplane::REPLY_FILES_KEY, json!(files))
                 }
                 Err(e) => self.out.apply_error(req, md, &EngineError::new(ename::NAME_ERROR, e, vec![])),
