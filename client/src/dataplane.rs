@@ -172,10 +172,11 @@ pub(crate) struct Pulled {
 }
 
 impl Pulled {
-    /// The value of a reply naming a snapshot on another host's data link, read straight into
-    /// a plain vector: only for a result read once ([`pull_parts`]), and `None` for any other
-    /// case ([`Pulled::value`] then reads it). `Err` if the fetch is refused; the inner `Err`
-    /// if the value does not decode.
+    /// The value of a reply naming a snapshot on this host or on another host's data link,
+    /// read straight into a plain vector (fresh memory in huge pages, filled on every core or as
+    /// it arrives): only for a result read once ([`pull_parts`]), and `None` for any other case
+    /// ([`Pulled::value`] then reads it). `Err` if the file is refused; the inner `Err` if the
+    /// value does not decode.
     pub fn read_plain<T: DeserializeOwned + 'static>(
         &self,
         t: &TaskState,
@@ -185,11 +186,20 @@ impl Pulled {
         if !self.once || !rpx_runtime::is_plain::<T>() {
             return None;
         }
-        let (uuid, addr) = t.engine_id.and_then(|id| self.links.get(&id))?;
+        let id = t.engine_id?;
         let vf = dp::files_from_content(content)?.ok()?.into_iter().next()?;
-        let n = rpx_runtime::plain_count::<T>(usize::try_from(vf.size).ok()?)?;
+        let size = usize::try_from(vf.size).ok()?;
+        let n = rpx_runtime::plain_count::<T>(size)?;
         let mut value: T = rpx_runtime::plain_zeroed(n)?;
-        let read = crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, rpx_runtime::plain_bytes_mut(&mut value)?);
+        let dst = rpx_runtime::plain_bytes_mut(&mut value)?;
+        let read = if let Some((uuid, addr)) = self.links.get(&id) {
+            crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst)
+        } else {
+            let dir = self.dirs.get(&id)?;
+            let read = read_file_plain(dir, &vf, size, n, dst);
+            remove_snapshot(dir, &vf);
+            read
+        };
         Some(read.map(|r| r.map(|()| value)).map_err(|e| refused(engine, &e)))
     }
 
@@ -233,13 +243,49 @@ impl Pulled {
             }),
             None => Err(format!("{engine} named no file for the pulled value")),
         };
-        for vf in files.iter().filter(|vf| dp::is_transfer_name(&vf.file)) {
-            let _ = std::fs::remove_file(dir.join(&vf.file));
+        for vf in &files {
+            remove_snapshot(dir, vf);
         }
         Some(read.map(|(bytes, value)| {
             self.read.lock().unwrap_or_else(|p| p.into_inner()).insert(t.msg_id.clone(), bytes);
             value
         }))
+    }
+}
+
+/// Read a same-host snapshot of a plain vector (`size` bytes encoding `n` elements) into `dst`:
+/// its length prefix checked, then its elements read from the file straight into place on every
+/// core (`pread` of 4 MiB parts: the kernel copies from the file's pages, so neither the file is
+/// mapped nor its bytes copied twice). A snapshot announced with a digest is mapped and checked
+/// against it first. `Err` if the file is refused; the inner `Err` if the prefix is not `n`
+/// elements in `size` bytes.
+fn read_file_plain(
+    dir: &std::path::Path,
+    vf: &ValueFile,
+    size: usize,
+    n: usize,
+    dst: &mut [u8],
+) -> std::result::Result<std::result::Result<(), String>, String> {
+    use std::os::unix::fs::FileExt;
+    if vf.blake3.is_some() {
+        let bytes = dp::read_value_file(dir, vf)?;
+        return rpx_runtime::read_plain_into(&mut &bytes[..], size, n, dst, |_| ()).map_err(|e| e.to_string());
+    }
+    let f = dp::open_value_file(dir, vf)?;
+    let cut = |e: std::io::Error| format!("{}: {e}", vf.file);
+    if let Err(e) = rpx_runtime::read_plain_prefix(&mut &f, size, n, dst.len(), &mut |_| ()).map_err(cut)? {
+        return Ok(Err(e));
+    }
+    // The prefix was checked: it is what comes before the elements.
+    let prefix = size - dst.len();
+    rpx_runtime::fill_on_every_core(dst, |at, part| f.read_exact_at(part, (prefix + at) as u64)).map_err(cut)?;
+    Ok(Ok(()))
+}
+
+/// Remove a pulled snapshot once read (only ever a transfer name in the engine's namespace).
+fn remove_snapshot(dir: &std::path::Path, vf: &ValueFile) {
+    if dp::is_transfer_name(&vf.file) {
+        let _ = std::fs::remove_file(dir.join(&vf.file));
     }
 }
 
@@ -334,11 +380,9 @@ impl Pulled {
                 crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst).map_err(refuse)?.map_err(undecodable)
             }
             Source::File(dir, vf) => {
-                let read = dp::read_value_file(dir, &vf).map_err(refuse).and_then(|bytes| copy(&bytes, dst));
-                if dp::is_transfer_name(&vf.file) {
-                    let _ = std::fs::remove_file(dir.join(&vf.file));
-                }
-                read
+                let read = read_file_plain(dir, &vf, size, n, dst);
+                remove_snapshot(dir, &vf);
+                read.map_err(refuse)?.map_err(undecodable)
             }
         }
     }

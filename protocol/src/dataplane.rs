@@ -321,11 +321,7 @@ fn check_meta(f: &std::fs::File, vf: &ValueFile) -> Result<(), String> {
 /// the announced size, and if a digest was announced, its BLAKE3 (read in slices: nothing is
 /// kept in memory).
 pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
-    if !is_transfer_name(&vf.file) {
-        return Err(format!("`{}` is not a transfer file name", vf.file));
-    }
-    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
-    check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
+    let f = open_value_file(dir, vf)?;
     let Some(announced) = &vf.blake3 else { return Ok(()) };
     let got = if vf.size == 0 {
         digest(b"")
@@ -358,11 +354,7 @@ pub fn digest_file(path: &Path) -> std::io::Result<String> {
 /// engine's private namespace that nobody rewrites (values are only ever replaced by rename),
 /// so the mapping is stable.
 pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
-    if !is_transfer_name(&vf.file) {
-        return Err(format!("`{}` is not a transfer file name", vf.file));
-    }
-    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
-    check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
+    let f = open_value_file(dir, vf)?;
     let bytes = if vf.size == 0 {
         bytes::Bytes::new()
     } else {
@@ -372,6 +364,18 @@ pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, Strin
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
     }
     Ok(bytes)
+}
+
+/// Open `dir/vf.file` for reading, checked: a transfer name, not through a symlink, a regular
+/// file of this user of the announced size. Whoever reads it checks the digest, if one was
+/// announced.
+pub fn open_value_file(dir: &Path, vf: &ValueFile) -> Result<std::fs::File, String> {
+    if !is_transfer_name(&vf.file) {
+        return Err(format!("`{}` is not a transfer file name", vf.file));
+    }
+    let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
+    check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
+    Ok(f)
 }
 
 /// A private read-only mapping of a whole file.

@@ -33,6 +33,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
         .expect("postcard sizing cannot fail for serde types");
     let mut buf = vec![0u8; size];
+    advise_huge_pages(&mut buf);
     let used = postcard::to_slice(value, &mut buf).expect("postcard encoding into a buffer of its exact size cannot fail").len();
     debug_assert_eq!(used, size);
     buf.truncate(used);
@@ -144,25 +145,46 @@ pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, St
     }
 }
 
-/// From this many bytes on, [`copy_on_every_core`] splits its copy between threads.
+/// From this many bytes on, [`fill_on_every_core`] splits its work between threads.
 const PARALLEL_COPY_FROM: usize = 16 << 20;
 
-/// `dst.copy_from_slice(src)` (same lengths), for a large copy by up to 4 threads taking 4 MiB
-/// parts in turn: a decoded vector is new memory whose pages the kernel supplies as the copy
-/// first touches them, a fault per 4 KiB, and split, the faults are taken on every core at once.
-/// A thread that cannot be started leaves its parts to the others.
+/// `dst.copy_from_slice(src)` (same lengths), on every core for a large copy
+/// ([`fill_on_every_core`]).
 fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
+    let copied = fill_on_every_core(dst, |at, part| {
+        part.copy_from_slice(&src[at..at + part.len()]);
+        Ok(())
+    });
+    copied.expect("a memory copy cannot fail");
+}
+
+/// Fill `dst` by calling `fill(offset, part)` for its parts: for a large `dst` (16 MiB on), 4 MiB
+/// parts taken in turn by up to 4 threads, else the whole of it at once. A filled vector is new
+/// memory whose pages the kernel supplies as the fill first touches them, and split, that work is
+/// done on every core at once. A thread that cannot be started leaves its parts to the others;
+/// the first error stops the fill and is returned.
+pub fn fill_on_every_core<F>(dst: &mut [u8], fill: F) -> std::io::Result<()>
+where
+    F: Fn(usize, &mut [u8]) -> std::io::Result<()> + Sync,
+{
     const PART: usize = 4 << 20;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
     if dst.len() < PARALLEL_COPY_FROM || threads < 2 {
-        dst.copy_from_slice(src);
-        return;
+        return fill(0, dst);
     }
-    let parts = std::sync::Mutex::new(dst.chunks_mut(PART).zip(src.chunks(PART)));
+    let parts = std::sync::Mutex::new(dst.chunks_mut(PART).enumerate());
+    let failed = std::sync::Mutex::new(None);
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
     let work = || loop {
-        let next = parts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next();
-        let Some((d, from)) = next else { break };
-        d.copy_from_slice(from);
+        let next = lock(&parts).next();
+        let Some((i, part)) = next else { break };
+        if let Err(e) = fill(i * PART, part) {
+            lock(&failed).get_or_insert(e);
+            // Nothing more is worth filling.
+            lock(&parts).by_ref().for_each(drop);
+        }
     };
     std::thread::scope(|s| {
         for _ in 1..threads {
@@ -170,6 +192,7 @@ fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
         }
         work();
     });
+    failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).map_or(Ok(()), Err)
 }
 
 /// Whether [`decode_owned`] and the `plain_*` functions take `T` by copying its bytes (a vector of
@@ -209,7 +232,8 @@ pub fn plain_elem_size<T: 'static>() -> Option<usize> {
 }
 
 /// A plain vector `T` ([`is_plain`]) of `n` zeroed elements (fresh pages, untouched until they
-/// are filled), to be filled in place through [`plain_bytes_mut`]; `None` for another type.
+/// are filled, in huge pages where the kernel has them: [`advise_huge_pages`]), to be filled in
+/// place through [`plain_bytes_mut`]; `None` for another type.
 pub fn plain_zeroed<T: 'static>(n: usize) -> Option<T> {
     use std::any::{Any, TypeId};
     let t = TypeId::of::<T>();
@@ -219,7 +243,31 @@ pub fn plain_zeroed<T: 'static>(n: usize) -> Option<T> {
         _ if t == TypeId::of::<Vec<u8>>() => Box::new(vec![0u8; n]),
         _ => Box::new(vec![0i8; n]),
     };
-    v.downcast::<T>().ok().map(|b| *b)
+    let mut v = v.downcast::<T>().ok().map(|b| *b)?;
+    advise_huge_pages(plain_bytes_mut(&mut v)?);
+    Some(v)
+}
+
+/// From this size on, [`advise_huge_pages`] asks for huge pages.
+const HUGE_PAGES_FROM: usize = 8 << 20;
+
+/// Ask the kernel to supply the untouched memory of a large new buffer in transparent huge
+/// pages (`MADV_HUGEPAGE`, for kernels whose THP mode is `madvise`, the usual default): filling
+/// it then takes a fault per 2 MiB instead of per 4 KiB, 5x faster for 100 MB on the VM
+/// the benchmarks run on (`dp_micro`'s reference steps). Only whole pages inside the buffer are
+/// advised; the advice is a hint, and where huge pages are off or short it changes nothing.
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    if buf.len() < HUGE_PAGES_FROM {
+        return;
+    }
+    const PAGE: usize = 4096;
+    let start = (buf.as_mut_ptr() as usize).next_multiple_of(PAGE);
+    let end = (buf.as_mut_ptr() as usize + buf.len()) & !(PAGE - 1);
+    if end > start {
+        // SAFETY: advice on whole pages inside `buf`, memory this process owns; MADV_HUGEPAGE
+        // never changes the contents, and a failure (THP not built in) is ignored.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
 }
 
 /// The bytes of a plain vector's elements ([`is_plain`]), to fill in place; `None` for another type.
@@ -552,6 +600,7 @@ pub mod abi {
 #[cfg(test)]
 mod tests {
     use super::abi::*;
+    use super::{decode_owned, encode, fill_on_every_core, plain_zeroed, PARALLEL_COPY_FROM};
     use std::ffi::c_void;
 
     #[test]
@@ -652,6 +701,40 @@ mod tests {
         assert!(read_plain_into(&mut &bytes[..], 9, 1, &mut dst, |_| ()).unwrap().is_err(), "2 elements are not 1");
         let mut dst = [0u8; 16];
         assert!(read_plain_into(&mut &bytes[..10], 17, 2, &mut dst, |_| ()).is_err(), "a stream that ends early");
+    }
+
+    /// Parts are filled at their own offsets, by several threads for a large buffer (the last
+    /// part short), whole for a small one; the first error is returned.
+    #[test]
+    fn a_fill_on_every_core_puts_each_part_at_its_offset_and_returns_the_first_error() {
+        for len in [1000, (40 << 20) + 123] {
+            let mut dst = vec![0u8; len];
+            let calls = std::sync::atomic::AtomicUsize::new(0);
+            fill_on_every_core(&mut dst, |at, part| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for (i, b) in part.iter_mut().enumerate() {
+                    *b = ((at + i) % 251) as u8;
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert!(dst.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "len {len}");
+            let parts = if len < PARALLEL_COPY_FROM { 1 } else { len.div_ceil(4 << 20) };
+            assert_eq!(calls.into_inner(), parts);
+        }
+        let mut dst = vec![0u8; 40 << 20];
+        let err = fill_on_every_core(&mut dst, |at, _| if at == 8 << 20 { Err(std::io::Error::other("short read")) } else { Ok(()) });
+        assert_eq!(err.unwrap_err().to_string(), "short read");
+    }
+
+    /// Huge-page advice changes nothing a program sees: not the contents, not what is written.
+    #[test]
+    fn huge_page_advice_keeps_the_bytes() {
+        let mut v: Vec<f64> = plain_zeroed(3_000_000).unwrap();
+        assert!(v.iter().all(|x| *x == 0.0));
+        v[2_999_999] = 1.5;
+        let bytes = encode(&v);
+        assert_eq!(decode_owned::<Vec<f64>>(&bytes).unwrap(), v);
     }
 
     #[test]
