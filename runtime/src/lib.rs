@@ -150,7 +150,7 @@ const PARALLEL_COPY_FROM: usize = 16 << 20;
 
 /// `dst.copy_from_slice(src)` (same lengths), on every core for a large copy
 /// ([`fill_on_every_core`]).
-fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
+pub fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
     let copied = fill_on_every_core(dst, |at, part| {
         part.copy_from_slice(&src[at..at + part.len()]);
         Ok(())
@@ -163,7 +163,7 @@ fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
 /// memory whose pages the kernel supplies as the fill first touches them, and split, that work is
 /// done on every core at once. A thread that cannot be started leaves its parts to the others;
 /// the first error stops the fill and is returned.
-pub fn fill_on_every_core<F>(dst: &mut [u8], fill: F) -> std::io::Result<()>
+fn fill_on_every_core<F>(dst: &mut [u8], fill: F) -> std::io::Result<()>
 where
     F: Fn(usize, &mut [u8]) -> std::io::Result<()> + Sync,
 {
