@@ -16,7 +16,9 @@
 //!
 //! Where the time goes for 100 MB (`examples/dp_micro.rs`): a push is bounded by the kernel
 //! allocating and zeroing fresh tmpfs pages as they are written (on the writing thread, beside
-//! the encoding); a pull by faulting in the fresh memory of the decoded value.
+//! the encoding: 43-48 ms); a pull by mapping the snapshot (8-12 ms) and filling the new vector,
+//! in huge pages and on every core (16 ms for a fresh 100 MB vector in huge pages, 66 in 4 KiB
+//! pages).
 
 use std::collections::HashMap;
 use std::io::Write;
