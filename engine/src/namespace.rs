@@ -397,11 +397,11 @@ mod tests {
         let write = |b: &[u8]| rpx_protocol::dataplane::write_value_file(d, Integrity::Namespace, b).unwrap();
         let short = write(b"12345");
         std::fs::write(d.join(&short.file), b"1234").unwrap();
-        let err = adopt(d, &names, &[short.clone()], &mut digests, |_| Received::NotByLink).unwrap_err();
+        let err = adopt(d, &names, std::slice::from_ref(&short), &mut digests, |_| Received::NotByLink).unwrap_err();
         assert!(err.contains("size 4 where 5") && err.contains("keeps its previous value"), "{err}");
         assert!(!d.join(&short.file).exists(), "the refused file is gone");
         let from_link = write(b"linked");
-        let err = adopt(d, &names, &[from_link.clone()], &mut digests, |_| Received::NotAsAnnounced).unwrap_err();
+        let err = adopt(d, &names, std::slice::from_ref(&from_link), &mut digests, |_| Received::NotAsAnnounced).unwrap_err();
         assert!(err.contains("announced no digest"), "{err}");
         assert!(load(d, &["a".to_string()]).is_err(), "nothing was stored");
         let ok = write(b"value");
