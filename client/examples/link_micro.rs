@@ -8,8 +8,8 @@
 //! - pull: the snapshot sent by the kernel, read into memory and hashed, then decoded as the
 //!   client decodes a pull (`rpx_runtime::decode_owned`: a `Vec<f64>` by one copy);
 //!
-//! - pull as a blocking `pull` reads it: straight into the `Vec<f64>`, hashed on a second thread
-//!   while the socket is read (`rpx_protocol::datalink::read_hashed`), no copy of the bytes; and,
+//! - pull as a blocking `pull` reads it: straight into the `Vec<f64>` (huge pages), each piece
+//!   hashed as it arrives (`rpx_protocol::datalink::read_hashed`), no copy of the bytes; and,
 //!   to compare, read by `rpx_runtime::read_plain_into` with the hashing inline;
 //!
 //! and, for reference, the bare socket: 100 MB into a buffer allocated once.
@@ -114,8 +114,8 @@ fn main() {
         drop(back);
         engine.join().unwrap();
 
-        // As a blocking `pull` reads it now: into the vector made at its size, hashed on a
-        // second thread while the socket is read (`datalink::read_hashed`).
+        // As a blocking `pull` reads it now: into the vector made at its size, hashed piece by
+        // piece as it is read (`datalink::read_hashed`).
         let engine = send_snapshot(&listener, {
             let f = dir.join(dp::transfer_name());
             std::fs::write(&f, rpx_runtime::encode(&data)).unwrap();

@@ -2,8 +2,8 @@
 //! 1 MiB for engines on other hosts are encoded straight onto a TCP connection to the engine
 //! (one pass: each 1 MiB piece hashed and written to every engine that gets the value), and
 //! pulled values are fetched from it, checked against the digest of the engine's signed reply
-//! (a vector of plain numbers straight into its own memory, hashed on a second thread while
-//! the socket is read; the parts of a gather fetched at the same time). The controller routes
+//! (a vector of plain numbers straight into its own memory, in huge pages, each piece hashed
+//! as it arrives; the parts of a gather fetched at the same time). The controller routes
 //! only the requests.
 //!
 //! An engine whose link cannot be reached is remembered, and its values go as message buffers
@@ -151,7 +151,7 @@ pub(crate) fn fetch(client: &ClientInner, uuid: &str, addr: SocketAddr, vf: &Val
 }
 
 /// [`fetch`] into `dst`, the bytes of the `n` elements of a plain vector the snapshot encodes
-/// (a pulled vector, or a part of a gather read in its place), hashed beside the reading
+/// (a pulled vector, or a part of a gather read in its place), hashed as it is read
 /// (`link::read_hashed`). `dst` holds the value only once this returns `Ok(Ok(()))`; the inner
 /// error is a value that is not such a vector.
 pub(crate) fn fetch_into(
