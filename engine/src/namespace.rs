@@ -102,8 +102,8 @@ pub fn store(dir: &Path, names: &[NamedType], buffers: &[Bytes]) -> Result<(), S
 
 /// What the engine knows of its value files' digests: name -> (inode, size, BLAKE3), filled
 /// when a pushed file that came with a digest is adopted (its digest was just checked), so that
-/// pulling it back over a data link costs no hashing. Files are only ever replaced by rename, so an unchanged inode and size mean
-/// unchanged bytes.
+/// pulling it back over a data link costs no hashing. Files are only ever replaced by rename,
+/// so an unchanged inode and size mean unchanged bytes.
 #[derive(Debug, Default)]
 pub struct Digests(std::collections::HashMap<String, (u64, u64, String)>);
 

@@ -91,6 +91,16 @@ pub enum PullFiles {
     DataLink,
 }
 
+impl PullFiles {
+    /// What vouches for the files such a reader gets.
+    pub fn integrity(self) -> crate::dataplane::Integrity {
+        match self {
+            PullFiles::SameHost => crate::dataplane::Integrity::Namespace,
+            PullFiles::DataLink => crate::dataplane::Integrity::Digest,
+        }
+    }
+}
+
 impl Op {
     /// The payload as `apply_request` content.
     pub fn to_content(&self) -> serde_json::Value {

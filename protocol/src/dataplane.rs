@@ -369,7 +369,7 @@ pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, Strin
 /// Open `dir/vf.file` for reading, checked: a transfer name, not through a symlink, a regular
 /// file of this user of the announced size. Whoever reads it checks the digest, if one was
 /// announced.
-pub fn open_value_file(dir: &Path, vf: &ValueFile) -> Result<std::fs::File, String> {
+fn open_value_file(dir: &Path, vf: &ValueFile) -> Result<std::fs::File, String> {
     if !is_transfer_name(&vf.file) {
         return Err(format!("`{}` is not a transfer file name", vf.file));
     }

@@ -145,46 +145,25 @@ pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, St
     }
 }
 
-/// From this many bytes on, [`fill_on_every_core`] splits its work between threads.
+/// From this many bytes on, [`copy_on_every_core`] splits its copy between threads.
 const PARALLEL_COPY_FROM: usize = 16 << 20;
 
-/// `dst.copy_from_slice(src)` (same lengths), on every core for a large copy
-/// ([`fill_on_every_core`]).
+/// `dst.copy_from_slice(src)` (same lengths), for a large copy by up to 4 threads taking 4 MiB
+/// parts in turn: a filled vector is new memory whose pages the kernel supplies as the copy
+/// first touches them, and split, that work is done on every core at once. A thread that
+/// cannot be started leaves its parts to the others.
 pub fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
-    let copied = fill_on_every_core(dst, |at, part| {
-        part.copy_from_slice(&src[at..at + part.len()]);
-        Ok(())
-    });
-    copied.expect("a memory copy cannot fail");
-}
-
-/// Fill `dst` by calling `fill(offset, part)` for its parts: for a large `dst` (16 MiB on), 4 MiB
-/// parts taken in turn by up to 4 threads, else the whole of it at once. A filled vector is new
-/// memory whose pages the kernel supplies as the fill first touches them, and split, that work is
-/// done on every core at once. A thread that cannot be started leaves its parts to the others;
-/// the first error stops the fill and is returned.
-fn fill_on_every_core<F>(dst: &mut [u8], fill: F) -> std::io::Result<()>
-where
-    F: Fn(usize, &mut [u8]) -> std::io::Result<()> + Sync,
-{
     const PART: usize = 4 << 20;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
     if dst.len() < PARALLEL_COPY_FROM || threads < 2 {
-        return fill(0, dst);
+        dst.copy_from_slice(src);
+        return;
     }
-    let parts = std::sync::Mutex::new(dst.chunks_mut(PART).enumerate());
-    let failed = std::sync::Mutex::new(None);
-    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+    let parts = std::sync::Mutex::new(dst.chunks_mut(PART).zip(src.chunks(PART)));
     let work = || loop {
-        let next = lock(&parts).next();
-        let Some((i, part)) = next else { break };
-        if let Err(e) = fill(i * PART, part) {
-            lock(&failed).get_or_insert(e);
-            // Nothing more is worth filling.
-            lock(&parts).by_ref().for_each(drop);
-        }
+        let next = parts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next();
+        let Some((d, from)) = next else { break };
+        d.copy_from_slice(from);
     };
     std::thread::scope(|s| {
         for _ in 1..threads {
@@ -192,7 +171,6 @@ where
         }
         work();
     });
-    failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).map_or(Ok(()), Err)
 }
 
 /// Whether [`decode_owned`] and the `plain_*` functions take `T` by copying its bytes (a vector of
@@ -600,7 +578,7 @@ pub mod abi {
 #[cfg(test)]
 mod tests {
     use super::abi::*;
-    use super::{decode_owned, encode, fill_on_every_core, plain_zeroed, PARALLEL_COPY_FROM};
+    use super::{advise_huge_pages, copy_on_every_core, decode_owned, encode, plain_zeroed, HUGE_PAGES_FROM, PARALLEL_COPY_FROM};
     use std::ffi::c_void;
 
     #[test]
@@ -703,33 +681,25 @@ mod tests {
         assert!(read_plain_into(&mut &bytes[..10], 17, 2, &mut dst, |_| ()).is_err(), "a stream that ends early");
     }
 
-    /// Parts are filled at their own offsets, by several threads for a large buffer (the last
-    /// part short), whole for a small one; the first error is returned.
+    /// A large copy in parts on several threads (the last part short) and a small one whole:
+    /// every byte lands at its own offset.
     #[test]
-    fn a_fill_on_every_core_puts_each_part_at_its_offset_and_returns_the_first_error() {
-        for len in [1000, (40 << 20) + 123] {
+    fn a_copy_on_every_core_puts_each_part_at_its_offset() {
+        for len in [1000, PARALLEL_COPY_FROM + (8 << 20) + 123] {
+            let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let mut dst = vec![0u8; len];
-            let calls = std::sync::atomic::AtomicUsize::new(0);
-            fill_on_every_core(&mut dst, |at, part| {
-                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                for (i, b) in part.iter_mut().enumerate() {
-                    *b = ((at + i) % 251) as u8;
-                }
-                Ok(())
-            })
-            .unwrap();
-            assert!(dst.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "len {len}");
-            let parts = if len < PARALLEL_COPY_FROM { 1 } else { len.div_ceil(4 << 20) };
-            assert_eq!(calls.into_inner(), parts);
+            copy_on_every_core(&mut dst, &src);
+            assert!(dst == src, "len {len}");
         }
-        let mut dst = vec![0u8; 40 << 20];
-        let err = fill_on_every_core(&mut dst, |at, _| if at == 8 << 20 { Err(std::io::Error::other("short read")) } else { Ok(()) });
-        assert_eq!(err.unwrap_err().to_string(), "short read");
     }
 
-    /// Huge-page advice changes nothing a program sees: not the contents, not what is written.
+    /// Huge-page advice changes nothing a program sees: bytes written before it stay, a zeroed
+    /// vector made with it reads as zeros and round-trips.
     #[test]
     fn huge_page_advice_keeps_the_bytes() {
+        let mut written: Vec<u8> = (0..HUGE_PAGES_FROM + 4099).map(|i| (i % 253) as u8).collect();
+        advise_huge_pages(&mut written);
+        assert!(written.iter().enumerate().all(|(i, b)| *b == (i % 253) as u8));
         let mut v: Vec<f64> = plain_zeroed(3_000_000).unwrap();
         assert!(v.iter().all(|x| *x == 0.0));
         v[2_999_999] = 1.5;

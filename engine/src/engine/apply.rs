@@ -7,7 +7,6 @@ use bytes::Bytes;
 use rpx_protocol::apply::{ename, Closure, Op, PullFiles};
 use rpx_protocol::compile::msg_type as cmsg;
 use rpx_protocol::content::ReplyMetadata;
-use rpx_protocol::dataplane::Integrity;
 use rpx_runtime::abi;
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -86,11 +85,7 @@ impl Engine {
     pub(super) fn finish_pull(&mut self, req: &Request, md: ReplyMetadata, names: &[String]) {
         if let Some(Ok(Op::Pull { files: Some(reader), .. })) = Op::from_content(&req.content) {
             // Hard links the client reads (same host) or fetches (data link), not the bytes.
-            let integrity = match reader {
-                PullFiles::SameHost => Integrity::Namespace,
-                PullFiles::DataLink => Integrity::Digest,
-            };
-            return match crate::namespace::export(&self.ns_dir, names, integrity, &self.digests) {
+            return match crate::namespace::export(&self.ns_dir, names, reader.integrity(), &self.digests) {
                 Ok(files) => {
                     if reader == PullFiles::DataLink {
                         crate::datalink::offer(&files);
