@@ -4,7 +4,7 @@
 //! engine's link does (frames into a transfer file, hashed; a snapshot sent with
 //! `rpx_protocol::datalink::send_file`); the client's side is the client's own code path:
 //! - push: the value encoded in 1 MiB pieces, each hashed and framed onto the socket, while the
-//!   other side writes and hashes them into a tmpfs file;
+//!   other side hashes them and writes them into a tmpfs file on a second thread, as the engine does;
 //! - pull: the snapshot sent by the kernel, read into memory and hashed, then decoded as the
 //!   client decodes a pull (`rpx_runtime::decode_owned`: a `Vec<f64>` by one copy);
 //!
@@ -33,40 +33,22 @@ fn main() {
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let mut raw = vec![0u8; 100_000_000];
     for _ in 0..reps {
-        // Push: the engine's side receives into a transfer file.
-        let recv_dir = dir.clone();
-        let engine = {
-            let l = listener.try_clone().unwrap();
-            std::thread::spawn(move || {
-                let (mut s, _) = l.accept().unwrap();
-                let t = Instant::now();
-                let mut r = std::io::BufReader::with_capacity(256 << 10, &s);
-                let vf = dp::write_value_file_with(&recv_dir, dp::Integrity::Digest, |w| {
-                    link::read_frames(&mut r, u64::MAX, |p| w.write_all(p)).map(|_| ())
-                })
-                .unwrap();
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                link::write_ack(&mut s, &Ack::Stored(vf.clone())).unwrap();
-                (vf, ms)
-            })
-        };
-        let t = Instant::now();
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut hasher = blake3::Hasher::new();
-        rpx_runtime::encode_chunked(&data, STREAM_CHUNK, |p| {
-            hasher.update(p);
-            link::write_frame(&mut s, p)
-        })
-        .unwrap();
-        let sent = t.elapsed();
-        link::end_frames(&mut s).unwrap();
-        let Ack::Stored(vf) = link::read_ack(&mut s).unwrap() else { panic!() };
-        record("1 push: whole (client ‖ engine)", ms(t));
-        record("1a push: client encode+hash+send", sent.as_secs_f64() * 1e3);
-        let (_, engine_ms) = engine.join().unwrap();
-        record("1b push: engine recv+hash+write", engine_ms);
-        assert_eq!(vf.blake3.as_deref(), Some(hasher.finalize().to_hex().as_str()));
+        // Push as rpx does now, then the earlier ways alternated with it: the client encoding
+        // element by element (the generic path), the engine writing the file on its reading thread.
+        let mut pushed = None;
+        for (label, plain, beside) in PUSHES {
+            let (vf, digest, whole, client, engine) = push(&listener, addr, &dir, &data, plain, beside);
+            assert_eq!(vf.blake3.as_deref(), Some(digest.as_str()));
+            record(label[0], whole);
+            record(label[1], client);
+            record(label[2], engine);
+            if plain && beside {
+                pushed = Some(vf);
+            } else {
+                let _ = std::fs::remove_file(dir.join(&vf.file));
+            }
+        }
+        let vf = pushed.expect("the first push is rpx's own");
 
         // Pull: the engine's side sends the snapshot as the engine does.
         let engine = send_snapshot(&listener, dir.join(&vf.file));
@@ -165,6 +147,72 @@ fn main() {
             0.1 / (v[v.len() / 2] / 1e3)
         );
     }
+}
+
+/// The pushes measured: step labels (whole, client, engine), whether the client sends a plain
+/// vector from its memory (else element by element), whether the engine writes beside its reads.
+const PUSHES: [([&str; 3], bool, bool); 4] = [
+    (["1 push: whole (client ‖ engine)", "1a push: client encode+hash+send", "1b push: engine recv+hash+write"], true, true),
+    (["5 push, before: element by element, written inline", "5a client", "5b engine"], false, false),
+    (["6 push: element by element, written beside", "6a client", "6b engine"], false, true),
+    (["7 push: from memory, written inline", "7a client", "7b engine"], true, false),
+];
+
+/// One push of `data` over a link: the transfer file, the client's digest, and the times (ms) of
+/// the whole push, the client's sending and the engine's side.
+fn push(
+    listener: &TcpListener,
+    addr: std::net::SocketAddr,
+    dir: &std::path::Path,
+    data: &Vec<f64>,
+    plain: bool,
+    beside: bool,
+) -> (dp::ValueFile, String, f64, f64, f64) {
+    /// The same bytes as a `Vec<f64>`, serialized element by element (serde's generic path).
+    struct Elementwise<'a>(&'a [f64]);
+    impl serde::Serialize for Elementwise<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter())
+        }
+    }
+    let recv_dir = dir.to_path_buf();
+    let engine = {
+        let l = listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let t = Instant::now();
+            let mut r = std::io::BufReader::with_capacity(256 << 10, &s);
+            let fill = |w: &mut dp::Streamer| link::read_frames(&mut r, u64::MAX, |p| w.write_all(p)).map(|_| ());
+            let vf = if beside {
+                dp::write_value_file_beside(&recv_dir, dp::Integrity::Digest, None, fill)
+            } else {
+                dp::write_value_file_with(&recv_dir, dp::Integrity::Digest, fill)
+            }
+            .unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            link::write_ack(&mut s, &Ack::Stored(vf.clone())).unwrap();
+            (vf, ms)
+        })
+    };
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut hasher = blake3::Hasher::new();
+    let mut send = |p: &[u8]| {
+        hasher.update(p);
+        link::write_frame(&mut s, p)
+    };
+    if plain {
+        rpx_runtime::encode_chunked(data, STREAM_CHUNK, &mut send).unwrap();
+    } else {
+        rpx_runtime::encode_chunked(&Elementwise(data), STREAM_CHUNK, &mut send).unwrap();
+    }
+    let sent = t.elapsed().as_secs_f64() * 1e3;
+    link::end_frames(&mut s).unwrap();
+    let Ack::Stored(vf) = link::read_ack(&mut s).unwrap() else { panic!() };
+    let whole = t.elapsed().as_secs_f64() * 1e3;
+    let (_, engine_ms) = engine.join().unwrap();
+    (vf, hasher.finalize().to_hex().to_string(), whole, sent, engine_ms)
 }
 
 /// Play the engine's side of a fetch: accept one connection, announce the file and send it

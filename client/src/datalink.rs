@@ -79,6 +79,7 @@ pub(crate) fn push_over_links<T: Serialize + ?Sized>(client: &ClientInner, value
     let mut small: Option<Bytes> = None;
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
+    let announced = rpx_runtime::plain_encoded_len(value).map(|n| n as u64);
     let encoded = rpx_runtime::encode_chunked(value, STREAM_CHUNK, |piece| {
         if links.is_empty() && small.is_none() {
             if piece.len() < STREAM_CHUNK {
@@ -89,7 +90,7 @@ pub(crate) fn push_over_links<T: Serialize + ?Sized>(client: &ClientInner, value
             links = targets
                 .iter()
                 .map(|(uuid, addr)| {
-                    client.open_link(uuid, *addr, LinkOp::Push).map_err(|e| client.link_failed(uuid, *addr, &e.to_string())).ok()
+                    client.open_link(uuid, *addr, LinkOp::Push { size: announced }).map_err(|e| client.link_failed(uuid, *addr, &e.to_string())).ok()
                 })
                 .collect();
         }

@@ -103,7 +103,8 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
         let vf = match linked {
             Some(vf) => vf,
             None => {
-                let vf = dp::write_value_file_beside(&dir, dp::Integrity::Namespace, |w| {
+                let size = rpx_runtime::plain_encoded_len(values[v]).map(|n| n as u64);
+                let vf = dp::write_value_file_beside(&dir, dp::Integrity::Namespace, size, |w| {
                     rpx_runtime::encode_chunked(values[v], dp::STREAM_CHUNK, |piece| w.write_all(piece))
                 })
                 .map_err(|e| {

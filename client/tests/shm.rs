@@ -1,7 +1,8 @@
 //! Push, pull, scatter and gather through shared memory on one host (`rpx_protocol::dataplane`),
 //! on a real 4-engine cluster: every engine is reached through its namespace, nested and empty
 //! values, scatter/gather order, a 256 MiB value that never passes through the controller, a
-//! 1 GiB value, a push made while a cell runs (the cell never sees it half-written), a file cut
+//! 1 GiB value, a push made while a cell runs (the cell never sees it half-written), a replaced
+//! value's pages written over by a later push but never while a cell holds them, a file cut
 //! short or swapped for a link refused with nothing lost, and the buffer path when shared memory is off
 //! (`Client::set_shared_memory(false)`, as `RPX_DATA_PLANE=buffers` does).
 
@@ -149,6 +150,40 @@ fn shared_memory_transfers_on_four_engines() {
         push.get().unwrap();
         let now: Vec<Vec<u8>> = one.pull("v").unwrap();
         assert!(now[0] == big);
+    });
+
+    steps.run("a large value replaced is written over by a later push, never while a cell still holds it", || {
+        use std::os::unix::fs::MetadataExt;
+        let dir = &namespaces[&0];
+        let ino = || std::fs::metadata(dir.join("spare_s")).unwrap().ino();
+        let n = 2usize << 20; // 16 MiB of f64: above rpx_protocol::dataplane::SPARE_FROM
+        let push = |x: f64| one.push("spare_s", &vec![x; n]).unwrap();
+        let last = |expected: f64| {
+            let r = one.execute("(spare_s.len(), spare_s[0], spare_s[spare_s.len() - 1])").unwrap();
+            assert_eq!(r.results(), vec![Some(format!("({n}, {expected:?}, {expected:?})"))], "{r}");
+        };
+        push(1.5);
+        let first = ino();
+        push(2.5);
+        push(3.5);
+        last(3.5);
+        assert_eq!(ino(), first, "the third push was written over the first value's pages");
+        let spares = std::fs::read_dir(dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".spare-")).count();
+        assert!(spares <= 2, "{spares} spares");
+        // A cell keeps the value's file open: those pages are never reused.
+        let r = one.execute("let held = std::fs::File::open(format!(\"{}/spare_s\", std::env::var(\"RPX_NS_DIR\").unwrap())).unwrap();").unwrap();
+        r.check().unwrap();
+        push(4.5);
+        push(5.5);
+        last(5.5);
+        assert_ne!(ino(), first, "the held file was not written over");
+        let r = one
+            .execute("{ use std::io::Read; let mut b = Vec::new(); (&held).read_to_end(&mut b).unwrap(); (b.len(), f64::from_le_bytes(b[b.len() - 8..].try_into().unwrap())) }")
+            .unwrap();
+        let size = rpx_runtime::encode(&vec![3.5f64; n]).len();
+        assert_eq!(r.results(), vec![Some(format!("({size}, 3.5)"))], "{r}");
+        one.execute("drop(held); drop(spare_s);").unwrap().check().unwrap();
+        assert!(transfer_files(dir).is_empty(), "no transfer file is left behind");
     });
 
     steps.run("a file cut short or swapped for a link is refused with a clear error and nothing is lost", || {

@@ -222,15 +222,19 @@ impl Server {
         let hello = link::read_hello(stream, &self.session, &self.engine)?;
         stream.set_read_timeout(Some(STALL)).map_err(|e| e.to_string())?;
         match hello.op {
-            LinkOp::Push => self.receive(stream),
+            LinkOp::Push { size } => self.receive(stream, size.filter(|s| *s <= self.max)),
             LinkOp::Fetch { file } => self.send(stream, &file),
         }
     }
 
-    fn receive(&self, stream: &mut TcpStream) -> Result<(), String> {
+    /// Receive a pushed value into a transfer file (over a spare's pages when `size` is given
+    /// and one fits), hashed as it arrives.
+    fn receive(&self, stream: &mut TcpStream, size: Option<u64>) -> Result<(), String> {
         let started = Instant::now();
         let mut reader = std::io::BufReader::with_capacity(256 << 10, &*stream);
-        let vf = dp::write_value_file_with(&self.dir, dp::Integrity::Digest, |w| {
+        // Received and hashed on this thread, written to tmpfs on a second one: the kernel's work
+        // of supplying the new file's pages is most of a write, and runs beside the next reads.
+        let vf = dp::write_value_file_beside(&self.dir, dp::Integrity::Digest, size, |w| {
             link::read_frames(&mut reader, self.max, |piece| w.write_all(piece)).map(|_| ())
         })
         .map_err(|e| format!("the pushed value was not stored: {e}"))?;
@@ -313,7 +317,7 @@ mod tests {
 
         let value: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 253) as u8).collect();
         let mut s = TcpStream::connect(addr).unwrap();
-        link::write_hello(&mut s, &session, &link::Hello { engine: "e".into(), op: LinkOp::Push }).unwrap();
+        link::write_hello(&mut s, &session, &link::Hello { engine: "e".into(), op: LinkOp::Push { size: None } }).unwrap();
         link::write_frame(&mut s, &value).unwrap();
         link::end_frames(&mut s).unwrap();
         let Ack::Stored(vf) = link::read_ack(&mut s).unwrap() else { panic!("not stored") };
@@ -324,7 +328,7 @@ mod tests {
         // Signed with another key: refused, and no file appears.
         let before = std::fs::read_dir(dir.path()).unwrap().count();
         let mut s = TcpStream::connect(addr).unwrap();
-        link::write_hello(&mut s, &Session::new(b"other", "u"), &link::Hello { engine: "e".into(), op: LinkOp::Push }).unwrap();
+        link::write_hello(&mut s, &Session::new(b"other", "u"), &link::Hello { engine: "e".into(), op: LinkOp::Push { size: None } }).unwrap();
         let _ = link::write_frame(&mut s, &value[..1000]);
         let Ack::Refused(why) = link::read_ack(&mut s).unwrap() else { panic!("accepted a forged hello") };
         assert!(why.contains("signature"), "{why}");

@@ -11,7 +11,9 @@
 //! it writes them under transfer names (`.xfer-<uuid>`, never a variable name), and [`adopt`]
 //! checks them (kind, owner, size; the digest of bytes that crossed hosts) and renames them
 //! into place; a pull is answered by [`export`] with hard links the client reads. Neither
-//! copies the bytes in the engine, and on one host neither reads them.
+//! copies the bytes in the engine, and on one host neither reads them. A large value replaced
+//! by a push is kept as a spare for the next transfer file to be written over ([`retire`]),
+//! when nothing but the engine can still read it: no other name, no other open file or mapping.
 //!
 //! The directory is private: created fresh (mode 0700) when the engine starts, refusing one that
 //! already exists, and every value file is 0600. Its `.owner` file names the engine process, so
@@ -102,8 +104,9 @@ pub fn store(dir: &Path, names: &[NamedType], buffers: &[Bytes]) -> Result<(), S
 
 /// What the engine knows of its value files' digests: name -> (inode, size, BLAKE3), filled
 /// when a pushed file that came with a digest is adopted (its digest was just checked), so that
-/// pulling it back over a data link costs no hashing. Files are only ever replaced by rename,
-/// so an unchanged inode and size mean unchanged bytes.
+/// pulling it back over a data link costs no hashing. A value's file is only ever replaced by
+/// rename, never written while it is a value (a spare is written over only once no name holds
+/// it), so an unchanged inode and size under a name mean unchanged bytes.
 #[derive(Debug, Default)]
 pub struct Digests(std::collections::HashMap<String, (u64, u64, String)>);
 
@@ -122,8 +125,8 @@ impl Digests {
 /// that digest (bytes that crossed hosts are never taken on their size alone).
 ///
 /// The values replaced are kept under [old names](OLD_PREFIX) and returned: freeing a large
-/// file's pages costs about as much as writing them, so the caller removes them with
-/// [`remove_later`] once the push is answered.
+/// file's pages costs about as much as writing them, so the caller hands them to [`retire`]
+/// once the push is answered.
 pub fn adopt(
     dir: &Path,
     names: &[NamedType],
@@ -147,7 +150,7 @@ pub fn adopt(
         }
         if let Err(e) = std::fs::rename(dir.join(&f.file), &to) {
             discard(dir, files);
-            remove_later(replaced);
+            retire(dir, replaced, SPARE_TTL);
             return Err(format!("cannot store `{}`: {e}", n.name));
         }
         use std::os::unix::fs::MetadataExt;
@@ -159,27 +162,89 @@ pub fn adopt(
     Ok(replaced)
 }
 
-/// Prefix of the names replaced values have until [`remove_later`] removes them.
+/// Prefix of the names replaced values have until [`retire`] keeps or removes them.
 pub const OLD_PREFIX: &str = ".old-";
 
-/// Remove replaced values on a thread of their own (their pages are freed off the request path).
-pub fn remove_later(paths: Vec<PathBuf>) {
-    if paths.is_empty() {
-        return;
+/// Most spares a namespace holds at once.
+pub const MAX_SPARES: usize = 2;
+/// How long a spare is kept unclaimed before its pages are freed.
+pub const SPARE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Once a push is answered, the values it replaced (under [old names](OLD_PREFIX)): each that
+/// may be written over ([`unshared`], from [`SPARE_FROM`](rpx_protocol::dataplane::SPARE_FROM)
+/// bytes) becomes a spare while the namespace has fewer than [`MAX_SPARES`]; the rest are
+/// removed on a thread of their own, and each spare is removed there after `ttl` unless a
+/// transfer file claimed it first. Returns that thread.
+pub fn retire(dir: &Path, replaced: Vec<PathBuf>, ttl: std::time::Duration) -> Option<std::thread::JoinHandle<()>> {
+    use rpx_protocol::dataplane::SPARE_PREFIX;
+    if replaced.is_empty() {
+        return None;
     }
-    let removing = std::thread::Builder::new().name("rpx-ns-remove".into()).spawn({
-        let paths = paths.clone();
-        move || {
-            for p in &paths {
+    let mut spares = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX))).count())
+        .unwrap_or(MAX_SPARES);
+    let mut remove: Vec<PathBuf> = Vec::new();
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for old in replaced {
+        let spare = dir.join(format!("{SPARE_PREFIX}{}", uuid::Uuid::new_v4()));
+        if spares < MAX_SPARES && unshared(&old, || std::fs::rename(&old, &spare)).is_ok() {
+            spares += 1;
+            kept.push(spare);
+        } else {
+            remove.push(old);
+        }
+    }
+    let all: Vec<PathBuf> = remove.iter().chain(&kept).cloned().collect();
+    let work = move || {
+        for p in &remove {
+            let _ = std::fs::remove_file(p);
+        }
+        if !kept.is_empty() {
+            std::thread::sleep(ttl);
+            for p in &kept {
                 let _ = std::fs::remove_file(p);
             }
         }
-    });
-    if removing.is_err() {
-        for p in &paths {
-            let _ = std::fs::remove_file(p);
+    };
+    match std::thread::Builder::new().name("rpx-ns-retire".into()).spawn(work) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            // No thread: free everything now rather than keep pages nothing would free.
+            for p in &all {
+                let _ = std::fs::remove_file(p);
+            }
+            None
         }
     }
+}
+
+/// Run `then` on the file at `path` if nothing but this process can read or change it: a regular
+/// file of at least `SPARE_FROM` bytes with one name, that no other open file or mapping
+/// holds, in this process or another. Checked by a write lease (`F_SETLEASE`), which the
+/// kernel grants only then, held while `then` runs (an `open` of it meanwhile waits for the
+/// lease to be released, and its break signal is one that is ignored by default).
+fn unshared(path: &Path, then: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    /// `F_SETSIG` (Linux's fcntl.h; not in the libc crate for this target).
+    const F_SETSIG: libc::c_int = 10;
+    let busy = || std::io::Error::other("held elsewhere");
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let md = f.metadata()?;
+    if !md.is_file() || md.nlink() != 1 || md.size() < rpx_protocol::dataplane::SPARE_FROM {
+        return Err(busy());
+    }
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl on a file descriptor this function owns, with integer arguments only.
+    unsafe {
+        if libc::fcntl(fd, F_SETSIG, libc::SIGWINCH) != 0 || libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) != 0 {
+            return Err(busy());
+        }
+    }
+    let done = then();
+    // SAFETY: as above; closing the file would release the lease as well.
+    unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+    done
 }
 
 fn check_adoption(dir: &Path, names: &[NamedType], files: &[ValueFile], received: impl Fn(&ValueFile) -> Received) -> Result<(), String> {
@@ -362,7 +427,10 @@ mod tests {
         let replaced = adopt(d, &names, &[a, b.clone()], &mut digests, |_| Received::NotByLink).unwrap();
         assert_eq!(replaced.len(), 1, "only `a` had a value");
         assert_eq!(std::fs::read(&replaced[0]).unwrap(), b"old", "the replaced value is kept until removed");
-        remove_later(replaced.clone());
+        if let Some(h) = retire(d, replaced.clone(), SPARE_TTL) {
+            h.join().unwrap();
+        }
+        assert!(!replaced[0].exists(), "a small replaced value is removed");
         assert_eq!(load(d, &["a".to_string(), "b".to_string()]).unwrap(), vec![Bytes::from_static(b"new a"), Bytes::new()]);
         // Pull over a data link: snapshots with the digest known from the push.
         let out = export(d, &["a".to_string(), "b".to_string()], Integrity::Digest, &digests).unwrap();
@@ -384,6 +452,75 @@ mod tests {
         assert!(export(d, &["a".to_string(), "nope".to_string()], Integrity::Digest, &digests).unwrap_err().contains("`nope`"));
         let bad_name = vec![ValueFile { file: "../../etc/passwd".into(), size: 0, blake3: None }];
         assert!(adopt(d, &names[..1], &bad_name, &mut digests, |_| Received::NotByLink).unwrap_err().contains("not a transfer file name"));
+    }
+
+    /// A large replaced value becomes a spare only when nothing else can read it (no other name,
+    /// no open file or mapping here or in another process), at most [`MAX_SPARES`] of them, and
+    /// is freed after its time; the next large transfer file is written over it.
+    #[test]
+    fn replaced_values_become_spares_only_when_nothing_else_holds_them() {
+        use rpx_protocol::dataplane::{SPARE_FROM, SPARE_PREFIX};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = dir.path();
+        let big = vec![3u8; SPARE_FROM as usize];
+        let old = |tag: &str| {
+            let p = d.join(format!("{OLD_PREFIX}{tag}"));
+            std::fs::write(&p, &big).unwrap();
+            p
+        };
+        let spares = || -> Vec<PathBuf> {
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SPARE_PREFIX)).collect()
+        };
+        let long = std::time::Duration::from_secs(600);
+        // Held: open here, mapped with its file closed, open in a child process, another name.
+        let open = old("open");
+        let reader = std::fs::File::open(&open).unwrap();
+        let mapped = old("mapped");
+        let map = {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(&mapped).unwrap();
+            // SAFETY: a fresh read-only shared mapping of a file this test owns, unmapped below.
+            unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) }
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let child_held = old("child");
+        let mut child = std::process::Command::new("sleep").arg("60").stdin(std::fs::File::open(&child_held).unwrap()).spawn().unwrap();
+        let linked = old("linked");
+        std::fs::hard_link(&linked, d.join(".snapshot")).unwrap();
+        let small = d.join(format!("{OLD_PREFIX}small"));
+        std::fs::write(&small, b"tiny").unwrap();
+        let held = vec![open.clone(), mapped.clone(), child_held.clone(), linked.clone(), small.clone()];
+        retire(d, held.clone(), long).unwrap().join().unwrap();
+        assert!(spares().is_empty(), "nothing held elsewhere became a spare");
+        assert!(held.iter().all(|p| !p.exists()), "and all were removed");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(map, 4096) };
+        drop(reader);
+        // Free: spares, two at most; the third is removed.
+        let free: Vec<PathBuf> = (0..3).map(|i| old(&format!("free{i}"))).collect();
+        let inodes: Vec<u64> = free.iter().map(|p| std::fs::metadata(p).unwrap().ino()).collect();
+        let waiting = retire(d, free.clone(), long).unwrap();
+        let kept = spares();
+        assert_eq!(kept.len(), MAX_SPARES);
+        assert!(kept.iter().all(|p| inodes[..2].contains(&std::fs::metadata(p).unwrap().ino())));
+        assert!(free.iter().all(|p| !p.exists()));
+        // The next large transfer file is written over one.
+        let value = vec![9u8; SPARE_FROM as usize + 5];
+        let vf = rpx_protocol::dataplane::write_value_file_beside(d, Integrity::Namespace, Some(value.len() as u64), |w| {
+            std::io::Write::write_all(w, &value)
+        })
+        .unwrap();
+        assert!(inodes[..2].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()));
+        assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
+        assert_eq!(spares().len(), 1);
+        drop(waiting);
+        // Unclaimed spares are freed after their time.
+        let h = retire(d, vec![old("brief")], std::time::Duration::ZERO).unwrap();
+        h.join().unwrap();
+        assert_eq!(spares().len(), 1, "the spare kept for 600 s stays, the brief one is gone");
     }
 
     /// A same-host push's files come without a digest: adopted on their kind, owner and size; a

@@ -42,8 +42,13 @@ pub const MAX_ACK: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkOp {
-    /// Frames follow; the engine writes them into a new transfer file.
-    Push,
+    /// Frames follow; the engine writes them into a transfer file. `size`, the value's size
+    /// if the client knows it ahead, lets the engine write it over a spare's pages
+    /// (`crate::dataplane::claim_spare`); the file is cut to what arrives whatever it says.
+    Push {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+    },
     /// The engine sends the named transfer file (a snapshot a pull reply announced).
     Fetch { file: String },
 }

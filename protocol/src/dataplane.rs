@@ -20,6 +20,13 @@
 //! a digest would stop nobody a signature does not. Bytes that cross hosts on the data link
 //! (`crate::datalink`) are different: they pass through the network, so they travel with their
 //! BLAKE3 in the signed request or reply ([`Integrity::Digest`]) and are checked as they arrive.//!
+//! Writing a new 100 MB tmpfs file costs twice what writing over pages that exist does (the
+//! kernel allocates and zeroes each page first), so an engine keeps the pages of a large value
+//! it replaced as a *spare* ([`SPARE_PREFIX`]) when nothing else can still read them, and the
+//! next transfer file of about that size is written over a spare ([`write_value_file_beside`]
+//! with a size): claimed by renaming it to a fresh transfer name, so it has one writer, and cut
+//! to the value's size. The engine decides what may become a spare and how long it is kept.
+//!
 //! Who may use it is decided by one rule, [`local_namespace`]: the engine announced a
 //! [`HostIdentity`] when it registered (forwarded by the controller in
 //! `registration_notification` and `connection_reply`), its host name and boot id are this
@@ -43,6 +50,11 @@ pub const CONNECTION_REPLY_KEY: &str = "rpx_hosts";
 pub const REPLY_FILES_KEY: &str = "rpx_files";
 /// Prefix of the names values have in a namespace while they are handed over.
 pub const TRANSFER_PREFIX: &str = ".xfer-";
+/// Prefix of spare files: the pages of a replaced value, kept to be written over.
+pub const SPARE_PREFIX: &str = ".spare-";
+/// Values from this size on are written over a spare when there is one (smaller ones cost
+/// little to write fresh, and would free most of a large spare's pages when they cut it).
+pub const SPARE_FROM: u64 = 8 << 20;
 
 /// Where an rpx engine keeps its values, as it announces in its `registration_request`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,12 +197,17 @@ const WRITES_IN_FLIGHT: usize = 4;
 /// [`write_value_file_with`], with the file written on a second thread while `fill` encodes
 /// (and hashes) the next pieces: the kernel's work of supplying a new file's pages (most of a
 /// write to tmpfs) then runs beside the encoding instead of after each piece. For a process
-/// with a core to spare for it (a client pushing to an engine on its host).
-pub fn write_value_file_beside<F>(dir: &Path, integrity: Integrity, fill: F) -> std::io::Result<ValueFile>
+/// with a core to spare for it: a client pushing to an engine on its host, an engine's data
+/// link receiving a value from another host.
+///
+/// `size`, the value's size if known, lets a value of at least [`SPARE_FROM`] bytes be written
+/// over a spare in `dir` ([`claim_spare`]) instead of a new file.
+pub fn write_value_file_beside<F>(dir: &Path, integrity: Integrity, size: Option<u64>, fill: F) -> std::io::Result<ValueFile>
 where
     F: FnOnce(&mut Streamer) -> std::io::Result<()>,
 {
-    write_new_file(dir, |f| {
+    let spare = size.filter(|s| *s >= SPARE_FROM).and_then(|s| claim_spare(dir, s));
+    write_transfer_file(dir, spare, |f| {
         std::thread::scope(|s| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITES_IN_FLIGHT);
             let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -217,17 +234,72 @@ where
 /// A new transfer file in `dir` (0600, created fresh, not through a symlink), filled by `fill`
 /// from the open file; removed if `fill` fails.
 fn write_new_file(dir: &Path, fill: impl FnOnce(std::fs::File) -> std::io::Result<Streamer>) -> std::io::Result<ValueFile> {
+    write_transfer_file(dir, None, fill)
+}
+
+/// [`write_new_file`], written over `spare` (a claimed spare: its transfer name and the file
+/// open for writing at its start) if given, and then cut to what was written.
+fn write_transfer_file(
+    dir: &Path,
+    spare: Option<(String, std::fs::File)>,
+    fill: impl FnOnce(std::fs::File) -> std::io::Result<Streamer>,
+) -> std::io::Result<ValueFile> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = transfer_name();
+    let (file, f, cut) = match spare {
+        Some((file, f)) => {
+            let cut = f.try_clone()?;
+            (file, f, Some(cut))
+        }
+        None => {
+            let file = transfer_name();
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(dir.join(&file))?;
+            (file, f, None)
+        }
+    };
     let path = dir.join(&file);
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)?;
-    match fill(f) {
+    let filled = fill(f).and_then(|s| match &cut {
+        Some(c) => c.set_len(s.size).map(|()| s),
+        None => Ok(s),
+    });
+    match filled {
         Ok(s) => Ok(ValueFile { file, size: s.size, blake3: s.hasher.map(|h| h.finalize().to_hex().to_string()) }),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
             Err(e)
         }
     }
+}
+
+/// Claim a spare in `dir` for a value of `size` bytes: the smallest spare that holds it, else
+/// the largest. The spare is renamed to a fresh transfer name (of two claimants, one rename
+/// wins; the other tries the next spare) and opened for writing without following links; one
+/// that is not a regular file of this user with no other name is removed. `None` when there is
+/// no spare to claim.
+pub fn claim_spare(dir: &Path, size: u64) -> Option<(String, std::fs::File)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut spares: Vec<(u64, std::ffi::OsString)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX)))
+        .filter_map(|e| Some((e.metadata().ok()?.size(), e.file_name())))
+        .collect();
+    // Those that hold the value, smallest first, then the others, largest first.
+    spares.sort_by_key(|(s, _)| if *s >= size { (0, *s) } else { (1, u64::MAX - *s) });
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    spares.into_iter().find_map(|(_, spare)| {
+        let file = transfer_name();
+        let path = dir.join(&file);
+        std::fs::rename(dir.join(spare), &path).ok()?;
+        let opened = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(&path);
+        match opened {
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file() && m.uid() == me && m.nlink() == 1) => Some((file, f)),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    })
 }
 
 /// The size of the pieces a value is best written in by [`write_value_file_with`] (they fit in
@@ -502,7 +574,7 @@ mod tests {
     fn files_written_beside_hold_what_was_written_with_its_digest_and_a_failed_fill_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let bytes: Vec<u8> = (0..STREAM_CHUNK * (WRITES_IN_FLIGHT * 3) + 777).map(|i| (i * 13 % 253) as u8).collect();
-        let vf = write_value_file_beside(dir.path(), Integrity::Digest, |w| {
+        let vf = write_value_file_beside(dir.path(), Integrity::Digest, None, |w| {
             for piece in bytes.chunks(STREAM_CHUNK + 4097) {
                 w.write_all(piece)?;
             }
@@ -511,15 +583,67 @@ mod tests {
         .unwrap();
         assert_eq!((vf.size, vf.blake3.as_deref()), (bytes.len() as u64, Some(digest(&bytes).as_str())));
         assert_eq!(read_value_file(dir.path(), &vf).unwrap(), &bytes[..]);
-        let empty = write_value_file_beside(dir.path(), Integrity::Digest, |_| Ok(())).unwrap();
+        let empty = write_value_file_beside(dir.path(), Integrity::Digest, None, |_| Ok(())).unwrap();
         assert_eq!((empty.size, empty.blake3.as_deref()), (0, Some(digest(b"").as_str())));
-        let err = write_value_file_beside(dir.path(), Integrity::Namespace, |w| {
+        let err = write_value_file_beside(dir.path(), Integrity::Namespace, None, |w| {
             w.write_all(&bytes[..STREAM_CHUNK * 2])?;
             Err(std::io::Error::other("the encoder failed"))
         })
         .unwrap_err();
         assert_eq!(err.to_string(), "the encoder failed");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "only the two written files are left");
+    }
+
+    /// A value of a known size from [`SPARE_FROM`] on is written over the spare that fits it best
+    /// (same inode, cut to the value's size, the spare's name gone); a smaller value, or one of
+    /// unknown size, gets a new file; a spare that is a link is removed, never written through.
+    #[test]
+    fn large_values_are_written_over_the_best_fitting_spare_and_cut_to_size() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let spare = |name: &str, size: u64| {
+            let path = d.join(format!("{SPARE_PREFIX}{name}"));
+            std::fs::write(&path, vec![0xEEu8; size as usize]).unwrap();
+            std::fs::metadata(&path).unwrap().ino()
+        };
+        let small = spare("small", SPARE_FROM + 10);
+        let large = spare("large", 3 * SPARE_FROM);
+        let value: Vec<u8> = (0..2 * SPARE_FROM).map(|i| (i % 241) as u8).collect();
+        let write = |size: Option<u64>| {
+            write_value_file_beside(d, Integrity::Namespace, size, |w| w.write_all(&value)).unwrap()
+        };
+        let spares = || {
+            let mut v: Vec<String> =
+                std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with(SPARE_PREFIX)).collect();
+            v.sort();
+            v
+        };
+        // Of two spares, the one that holds the value; cut to its size.
+        let vf = write(Some(value.len() as u64));
+        let md = std::fs::metadata(d.join(&vf.file)).unwrap();
+        assert_eq!((md.ino(), md.len(), vf.size), (large, value.len() as u64, value.len() as u64));
+        assert!(std::fs::read(d.join(&vf.file)).unwrap() == value, "the spare's old bytes are all gone");
+        assert_eq!(spares(), vec![format!("{SPARE_PREFIX}small")]);
+        // No size, or a small value: a new file, the spare left alone.
+        for size in [None, Some(SPARE_FROM - 1)] {
+            let vf = write(size);
+            assert!(![small, large].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()), "{size:?}");
+        }
+        assert_eq!(spares().len(), 1);
+        // None holds it: the largest there is, grown.
+        let vf = write(Some(value.len() as u64));
+        assert_eq!(std::fs::metadata(d.join(&vf.file)).unwrap().ino(), small);
+        assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
+        assert!(spares().is_empty());
+        // A spare swapped for a link to a file outside is removed, the file outside untouched.
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), b"outside").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.join(format!("{SPARE_PREFIX}link"))).unwrap();
+        let vf = write(Some(value.len() as u64));
+        assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
+        assert_eq!(std::fs::read(outside.path()).unwrap(), b"outside");
+        assert!(spares().is_empty(), "the link is gone");
     }
 
     #[test]

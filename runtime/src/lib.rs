@@ -26,8 +26,17 @@ use serde::Serialize;
 /// Environment variable naming the engine's namespace directory.
 pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
 
-/// Encode a value the way every rpx transfer does.
+/// Encode a value the way every rpx transfer does. A plain vector or slice ([`plain_elements`])
+/// is its length prefix and one copy of its elements' memory, on every core.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    if let Some(elements) = plain_elements(value) {
+        let prefix = postcard::to_stdvec(&elements.count).expect("a length always encodes");
+        let mut buf = vec![0u8; prefix.len() + elements.bytes.len()];
+        advise_huge_pages(&mut buf);
+        buf[..prefix.len()].copy_from_slice(&prefix);
+        copy_on_every_core(&mut buf[prefix.len()..], elements.bytes);
+        return buf;
+    }
     // Sized first, then written once into a buffer of exactly that size (no regrowth copies:
     // a 100 MB value would otherwise be copied about twice more while the buffer doubles).
     let size = postcard::serialize_with_flavor::<T, _, usize>(value, postcard::ser_flavors::Size::default())
@@ -42,12 +51,17 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 
 /// [`encode`] in pieces of `chunk` bytes (the last one shorter) handed to `sink` as the value is
 /// walked: the same bytes, never held whole (how a same-host push writes a value straight into
-/// its transfer file). The first error of `sink` stops the encoding and is returned.
+/// its transfer file). The elements of a plain vector or slice ([`plain_elements`]) are handed
+/// out from the value's own memory, not copied. The first error of `sink` stops the encoding
+/// and is returned.
 pub fn encode_chunked<T, F>(value: &T, chunk: usize, sink: F) -> std::io::Result<()>
 where
     T: Serialize + ?Sized,
     F: FnMut(&[u8]) -> std::io::Result<()>,
 {
+    if let Some(elements) = plain_elements(value) {
+        return elements.in_pieces(chunk.max(1), sink);
+    }
     let mut failed = None;
     // The buffer grows to `chunk` as needed: a small value costs no large allocation.
     let flavor = Chunks { buf: Vec::new(), chunk: chunk.max(1), sink, failed: &mut failed };
@@ -55,6 +69,71 @@ where
         Ok(()) => Ok(()),
         Err(e) => Err(failed.unwrap_or_else(|| std::io::Error::other(format!("cannot encode the value: {e}")))),
     }
+}
+
+/// The elements of a plain vector or slice, as [`encode`] lays them out after the length prefix.
+struct PlainElements<'a> {
+    count: u64,
+    bytes: &'a [u8],
+}
+
+impl PlainElements<'_> {
+    /// The encoding (length prefix, then the elements) in pieces of `chunk` bytes, the last
+    /// shorter, as [`encode_chunked`]'s generic path cuts them: the first piece is assembled
+    /// (prefix and the first elements), every later one is a slice of the value's memory.
+    fn in_pieces(&self, chunk: usize, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut first = postcard::to_stdvec(&self.count).expect("a length always encodes");
+        // Enough elements to end the pieces holding the prefix on a piece boundary.
+        let head = ((chunk - first.len() % chunk) % chunk).min(self.bytes.len());
+        first.extend_from_slice(&self.bytes[..head]);
+        for piece in first.chunks(chunk) {
+            sink(piece)?;
+        }
+        self.bytes[head..].chunks(chunk).try_for_each(sink)
+    }
+}
+
+/// The size of [`encode`]'s bytes for a vector or slice of `f64`, `f32`, `u8` or `i8`, known
+/// without encoding it (a same-host push picks the file it writes over by it); `None` for other
+/// types.
+pub fn plain_encoded_len<T: ?Sized>(value: &T) -> Option<usize> {
+    let elements = plain_elements(value)?;
+    let prefix = postcard::serialize_with_flavor::<u64, _, usize>(&elements.count, postcard::ser_flavors::Size::default()).ok()?;
+    Some(prefix + elements.bytes.len())
+}
+
+/// The elements of `value` if it is a vector or slice of `f64`, `f32`, `u8` or `i8` (`Vec<E>` or
+/// `[E]`) on a little-endian machine, whose postcard encoding is a varint length and then the
+/// elements' bytes as they lie in memory; `None` for any other type. `T` need not be
+/// `'static` (`typeid` compares types with their lifetimes erased; the types matched have none).
+fn plain_elements<T: ?Sized>(value: &T) -> Option<PlainElements<'_>> {
+    use std::any::TypeId;
+    fn of<E>(v: &[E]) -> PlainElements<'_> {
+        // SAFETY: only called with f64, f32, u8 and i8: no padding, every byte initialised.
+        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) };
+        PlainElements { count: v.len() as u64, bytes }
+    }
+    /// `value` as `[E]` if `T` is `Vec<E>` or `[E]`.
+    fn slice<T: ?Sized, E: 'static>(value: &T) -> Option<&[E]> {
+        let t = typeid::of::<T>();
+        if t == TypeId::of::<Vec<E>>() {
+            // SAFETY: `T` is `Vec<E>` (same type id, and `Vec<E>` has no lifetime to differ in).
+            Some(unsafe { &*(value as *const T).cast::<Vec<E>>() }.as_slice())
+        } else if t == TypeId::of::<[E]>() {
+            // SAFETY: `T` is `[E]`: its size is the elements' and the pointer is to the first.
+            Some(unsafe { std::slice::from_raw_parts((value as *const T).cast::<E>(), std::mem::size_of_val(value) / std::mem::size_of::<E>()) })
+        } else {
+            None
+        }
+    }
+    if !cfg!(target_endian = "little") {
+        return None;
+    }
+    slice::<T, f64>(value)
+        .map(of)
+        .or_else(|| slice::<T, f32>(value).map(of))
+        .or_else(|| slice::<T, u8>(value).map(of))
+        .or_else(|| slice::<T, i8>(value).map(of))
 }
 
 /// The postcard flavor of [`encode_chunked`]: a buffer of up to `chunk` bytes, emptied into
@@ -679,6 +758,49 @@ mod tests {
         assert!(read_plain_into(&mut &bytes[..], 9, 1, &mut dst, |_| ()).unwrap().is_err(), "2 elements are not 1");
         let mut dst = [0u8; 16];
         assert!(read_plain_into(&mut &bytes[..10], 17, 2, &mut dst, |_| ()).is_err(), "a stream that ends early");
+    }
+
+    /// Plain vectors and slices, taken from their memory, encode to postcard's bytes, whole and
+    /// in pieces cut where the generic encoder cuts them; borrowed and other types are unchanged.
+    #[test]
+    fn plain_vectors_and_slices_encode_from_their_memory_to_postcards_bytes() {
+        use super::{encode, encode_chunked, plain_elements};
+        fn pieces<T: serde::Serialize + ?Sized>(v: &T, chunk: usize) -> Vec<Vec<u8>> {
+            let mut got = Vec::new();
+            encode_chunked(v, chunk, |p| {
+                got.push(p.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            got
+        }
+        fn check<T: serde::Serialize + ?Sized>(v: &T, plain: bool) {
+            let expected = postcard::to_stdvec(v).unwrap();
+            assert_eq!(plain_elements(v).is_some(), plain, "{}", std::any::type_name::<T>());
+            assert!(encode(v) == expected, "{}", std::any::type_name::<T>());
+            assert_eq!(super::plain_encoded_len(v), plain.then_some(expected.len()));
+            for chunk in [1, 2, 3, 7, 128, 129, 1 << 20] {
+                let cut: Vec<Vec<u8>> = expected.chunks(chunk).map(<[u8]>::to_vec).collect();
+                assert!(pieces(v, chunk) == cut, "{} in pieces of {chunk}", std::any::type_name::<T>());
+            }
+        }
+        let large = super::PARALLEL_COPY_FROM / 8 + 5;
+        for n in [0usize, 1, 127, 128, 16_384, 200_001, large] {
+            let f: Vec<f64> = (0..n).map(|i| i as f64 * -0.37).collect();
+            check(&f, true);
+            check(&f[n / 3..], true);
+            check(&(0..n).map(|i| i as f32 + 0.5).collect::<Vec<f32>>(), true);
+            let b: Vec<u8> = (0..n).map(|i| (i * 31) as u8).collect();
+            check(&b, true);
+            check(&b[..n / 2], true);
+            check(&(0..n.min(1000)).map(|i| (i * 7) as i8).collect::<Vec<i8>>()[..], true);
+        }
+        // Types that only look alike, and types with a lifetime, go through postcard.
+        check(&vec![300u64, 7], false);
+        check(&[1.5f64, 2.5], false);
+        let text = String::from("borrowed");
+        check(&vec![text.as_str(); 3], false);
+        check(&vec![vec![1.0f64; 4]; 2], false);
     }
 
     /// A large copy in parts on several threads (the last part short) and a small one whole:
