@@ -6,6 +6,7 @@
 //!   and written over a spare (the pages of a value the engine replaced);
 //! - push, engine: the file checked (size, kind, owner), and with its BLAKE3 (as before);
 //! - pull, client: the file mapped (and its digest checked, as before), then decoded;
+//! - a pushed value read on the engine (`rpx_runtime::get`): mapped and copied into place, and as before;
 //!
 //! and, for reference, the separate passes before the push was streamed: encode into memory,
 //! digest, write+digest of encoded bytes, decode alone; and the two steps a same-host data plane
@@ -112,6 +113,19 @@ fn main() {
         let back: Vec<f64> = rpx_runtime::decode(&buf).unwrap();
         time("r decode alone", t);
         assert_eq!(back.len(), data.len());
+        drop(back);
+        // A pushed value read by a cell or closure on the engine (`rpx_runtime::get`): read
+        // straight into the vector, and as it was read before (the file whole, then decoded).
+        std::env::set_var(rpx_runtime::NS_DIR_ENV, dir);
+        let t = Instant::now();
+        let got: Vec<f64> = rpx_runtime::get(&vf.file);
+        time("5 engine: get, mapped and copied into place", t);
+        assert!(got == data);
+        drop(got);
+        let t = Instant::now();
+        let got: Vec<f64> = rpx_runtime::decode(&std::fs::read(dir.join(&vf.file)).unwrap()).unwrap();
+        time("5b engine: get as before, read whole then decoded", t);
+        drop(got);
         std::fs::remove_file(dir.join(&vf.file)).unwrap();
         // A fresh 100 MB vector filled, in 4 KiB pages and advised into huge pages (what a
         // pulled or gathered plain vector is decoded into).

@@ -398,7 +398,7 @@ pub fn verify_value_file(dir: &Path, vf: &ValueFile) -> Result<(), String> {
     let got = if vf.size == 0 {
         digest(b"")
     } else {
-        digest(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref())
+        digest(rpx_runtime::Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?.as_ref())
     };
     if got != *announced {
         return Err(format!(
@@ -418,7 +418,7 @@ pub fn digest_file(path: &Path) -> std::io::Result<String> {
     if len == 0 {
         return Ok(digest(b""));
     }
-    Ok(digest(Mapped::of(&f, len)?.as_ref()))
+    Ok(digest(rpx_runtime::Mapped::of(&f, len)?.as_ref()))
 }
 
 /// Map `dir/vf.file` whole, checking its size (and digest, if one was announced): no copy (a
@@ -430,7 +430,7 @@ pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, Strin
     let bytes = if vf.size == 0 {
         bytes::Bytes::new()
     } else {
-        bytes::Bytes::from_owner(Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?)
+        bytes::Bytes::from_owner(rpx_runtime::Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?)
     };
     if vf.blake3.as_ref().is_some_and(|d| digest(&bytes) != *d) {
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
@@ -448,44 +448,6 @@ fn open_value_file(dir: &Path, vf: &ValueFile) -> Result<std::fs::File, String> 
     let f = open_private(&dir.join(&vf.file)).map_err(|e| format!("{}: {e}", vf.file))?;
     check_meta(&f, vf).map_err(|e| format!("{}: {e}", vf.file))?;
     Ok(f)
-}
-
-/// A private read-only mapping of a whole file.
-struct Mapped {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by this value alone.
-unsafe impl Send for Mapped {}
-// SAFETY: as above: shared references only read.
-unsafe impl Sync for Mapped {}
-
-impl Mapped {
-    fn of(f: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh mapping of `len` (> 0) bytes of an open file, checked for failure.
-        let ptr =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_POPULATE, f.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapped { ptr, len })
-    }
-}
-
-impl AsRef<[u8]> for Mapped {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes until drop.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `of` mapped, once.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
 }
 
 /// The pulled files of an `apply_reply` content, if it has them.

@@ -6,6 +6,9 @@
 //!   [`encode_chunked`] hands the same bytes out in pieces.
 //! - [`get`] / [`put`]: the engine namespace of pushed and pulled values, one file per
 //!   name in the directory `RPX_NS_DIR` that the engine gives its worker.
+//! - Plain vectors (`f64`, `f32`, `u8`, `i8`): encoded from and decoded into their memory in one
+//!   copy ([`is_plain`], [`plain_zeroed`], [`copy_on_every_core`], [`Mapped`] files), in huge
+//!   pages when large ([`advise_huge_pages`]).
 //! - [`abi`]: the C ABI of a compiled closure (`serve0` .. `serve4`), which decodes arguments,
 //!   calls the closure, catches panics and encodes results.
 //!
@@ -209,18 +212,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// [`decode`] gives; a 100 MB `Vec<f64>` decodes in one copy instead of element by element.
 /// Anything else, or bytes that are not exactly such a vector, goes through [`decode`].
 pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, String> {
-    let Some(n) = plain_count::<T>(bytes.len()) else {
-        return decode(bytes);
-    };
-    let mut v: T = plain_zeroed(n).expect("plain_count is only Some for plain vectors");
-    let dst = plain_bytes_mut(&mut v).expect("a plain vector");
-    let mut elements = bytes;
-    match read_plain_prefix(&mut elements, bytes.len(), n, dst.len(), &mut |_| ()) {
-        Ok(Ok(())) if elements.len() == dst.len() => {
-            copy_on_every_core(dst, elements);
-            Ok(v)
-        }
-        _ => decode(bytes),
+    match plain_vec_from(bytes) {
+        Some(v) => Ok(v),
+        None => decode(bytes),
     }
 }
 
@@ -255,8 +249,13 @@ pub fn copy_on_every_core(dst: &mut [u8], src: &[u8]) {
 /// Whether [`decode_owned`] and the `plain_*` functions take `T` by copying its bytes (a vector of
 /// `f64`, `f32`, `u8` or `i8` on a little-endian machine).
 pub fn is_plain<T: 'static>() -> bool {
+    is_plain_vec::<T>()
+}
+
+/// [`is_plain`] for any `T`, `'static` or not.
+fn is_plain_vec<T: ?Sized>() -> bool {
     use std::any::TypeId;
-    let t = TypeId::of::<T>();
+    let t = typeid::of::<T>();
     cfg!(target_endian = "little")
         && [TypeId::of::<Vec<f64>>(), TypeId::of::<Vec<f32>>(), TypeId::of::<Vec<u8>>(), TypeId::of::<Vec<i8>>()].contains(&t)
 }
@@ -402,6 +401,45 @@ pub fn read_plain_into(
     Ok(Ok(()))
 }
 
+/// A private read-only mapping of a whole file.
+pub struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone.
+unsafe impl Send for Mapped {}
+// SAFETY: as above: shared references only read.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    /// Map `len` (> 0) bytes of `f`, its pages mapped up front (`MAP_POPULATE`).
+    pub fn of(f: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh mapping of `len` (> 0) bytes of an open file, checked for failure.
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_POPULATE, f.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `of` mapped, once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 fn ns_path(name: &str) -> PathBuf {
     match std::env::var_os(NS_DIR_ENV) {
         Some(dir) => PathBuf::from(dir).join(name),
@@ -412,10 +450,50 @@ fn ns_path(name: &str) -> PathBuf {
 /// The value pushed to this engine as `name` (for example by `DirectView::push`).
 ///
 /// Panics when nothing was pushed under that name or it does not decode as `T`.
+///
+/// A vector of `f64`, `f32`, `u8` or `i8` is copied from a mapping of the file straight into its
+/// memory (in huge pages when large, on every core); anything else is read whole and decoded.
 pub fn get<T: DeserializeOwned>(name: &str) -> T {
     let path = ns_path(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("no value named `{name}` was pushed to this engine ({e})"));
+    let absent = |e: std::io::Error| -> ! { panic!("no value named `{name}` was pushed to this engine ({e})") };
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| absent(e));
+    let size = f.metadata().ok().and_then(|m| usize::try_from(m.len()).ok()).unwrap_or(0);
+    if size > 0 && is_plain_vec::<T>() {
+        if let Some(v) = Mapped::of(&f, size).ok().and_then(|m| plain_vec_from::<T>(m.as_ref())) {
+            return v;
+        }
+    }
+    // Not a plain vector, or not one of the file's size: postcard reads it and says what is wrong.
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| absent(e));
     decode(&bytes).unwrap_or_else(|e| panic!("pushed value `{name}`: {e}"))
+}
+
+/// A plain vector `T` (a `Vec` of `f64`, `f32`, `u8` or `i8`; `T` need not be `'static`)
+/// decoded from `bytes` by one copy of its elements, on every core; `None` for other types, or
+/// bytes that are not exactly such a vector.
+fn plain_vec_from<T>(bytes: &[u8]) -> Option<T> {
+    fn copy<E: 'static, T>(bytes: &[u8]) -> Option<T> {
+        if typeid::of::<T>() != std::any::TypeId::of::<Vec<E>>() {
+            return None;
+        }
+        let n = plain_count::<Vec<E>>(bytes.len())?;
+        let mut v: Vec<E> = plain_zeroed(n)?;
+        let dst = plain_bytes_mut(&mut v)?;
+        let mut elements = bytes;
+        read_plain_prefix(&mut elements, bytes.len(), n, dst.len(), &mut |_| ()).ok()?.ok()?;
+        if elements.len() != dst.len() {
+            return None;
+        }
+        copy_on_every_core(dst, elements);
+        let v = std::mem::ManuallyDrop::new(v);
+        // SAFETY: `T` is `Vec<E>` (same type id; `Vec<E>` has no lifetime to differ in): the
+        // vector is moved into a `T`, and `ManuallyDrop` keeps it from being dropped twice.
+        Some(unsafe { std::mem::transmute_copy::<Vec<E>, T>(&v) })
+    }
+    if !is_plain_vec::<T>() {
+        return None;
+    }
+    copy::<f64, T>(bytes).or_else(|| copy::<f32, T>(bytes)).or_else(|| copy::<u8, T>(bytes)).or_else(|| copy::<i8, T>(bytes))
 }
 
 /// The pieces [`put`] writes a value in (small enough to stay in cache).
@@ -895,6 +973,25 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(dir.join("v")).unwrap().permissions().mode() & 0o777, 0o600, "values are the owner's only");
         assert!(std::panic::catch_unwind(|| super::get::<u8>("missing")).is_err());
+        // Plain vectors are read into place: the values postcard gives, at every size.
+        for n in [0usize, 1, 128, 200_001, (super::HUGE_PAGES_FROM / 8) + 3] {
+            let f: Vec<f64> = (0..n).map(|i| i as f64 * 1.25 - 7.0).collect();
+            super::put("f", &f);
+            assert!(super::get::<Vec<f64>>("f") == f, "{n}");
+            let b: Vec<u8> = (0..n).map(|i| (i % 255) as u8).collect();
+            super::put("b", &b[..]);
+            assert!(super::get::<Vec<u8>>("b") == b, "{n}");
+            if n > 0 {
+                assert!(std::panic::catch_unwind(|| super::get::<Vec<f32>>("b")).is_err(), "{n} bytes are not {n} f32s");
+            }
+        }
+        // A file cut short is an error whichever way it is read, not a shorter vector.
+        super::put("f", &vec![1.5f64; 1000]);
+        let cut = std::fs::read(dir.join("f")).unwrap();
+        std::fs::write(dir.join("f"), &cut[..cut.len() - 3]).unwrap();
+        let err = std::panic::catch_unwind(|| super::get::<Vec<f64>>("f")).unwrap_err();
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("pushed value `f`"), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
