@@ -90,7 +90,10 @@ pub(crate) fn push_over_links<T: Serialize + ?Sized>(client: &ClientInner, value
             links = targets
                 .iter()
                 .map(|(uuid, addr)| {
-                    client.open_link(uuid, *addr, LinkOp::Push { size: announced }).map_err(|e| client.link_failed(uuid, *addr, &e.to_string())).ok()
+                    client
+                        .open_link(uuid, *addr, LinkOp::Push { size: announced })
+                        .map_err(|e| client.link_failed(uuid, *addr, &e.to_string()))
+                        .ok()
                 })
                 .collect();
         }

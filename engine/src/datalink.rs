@@ -328,7 +328,8 @@ mod tests {
         // Signed with another key: refused, and no file appears.
         let before = std::fs::read_dir(dir.path()).unwrap().count();
         let mut s = TcpStream::connect(addr).unwrap();
-        link::write_hello(&mut s, &Session::new(b"other", "u"), &link::Hello { engine: "e".into(), op: LinkOp::Push { size: None } }).unwrap();
+        link::write_hello(&mut s, &Session::new(b"other", "u"), &link::Hello { engine: "e".into(), op: LinkOp::Push { size: None } })
+            .unwrap();
         let _ = link::write_frame(&mut s, &value[..1000]);
         let Ack::Refused(why) = link::read_ack(&mut s).unwrap() else { panic!("accepted a forged hello") };
         assert!(why.contains("signature"), "{why}");

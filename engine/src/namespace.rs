@@ -470,7 +470,11 @@ mod tests {
             p
         };
         let spares = || -> Vec<PathBuf> {
-            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SPARE_PREFIX)).collect()
+            std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SPARE_PREFIX))
+                .collect()
         };
         let long = std::time::Duration::from_secs(600);
         // Held: open here, mapped with its file closed, open in a child process, another name.

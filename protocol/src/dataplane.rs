@@ -252,7 +252,12 @@ fn write_transfer_file(
         }
         None => {
             let file = transfer_name();
-            let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(dir.join(&file))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dir.join(&file))?;
             (file, f, None)
         }
     };
@@ -572,12 +577,13 @@ mod tests {
         let small = spare("small", SPARE_FROM + 10);
         let large = spare("large", 3 * SPARE_FROM);
         let value: Vec<u8> = (0..2 * SPARE_FROM).map(|i| (i % 241) as u8).collect();
-        let write = |size: Option<u64>| {
-            write_value_file_beside(d, Integrity::Namespace, size, |w| w.write_all(&value)).unwrap()
-        };
+        let write = |size: Option<u64>| write_value_file_beside(d, Integrity::Namespace, size, |w| w.write_all(&value)).unwrap();
         let spares = || {
-            let mut v: Vec<String> =
-                std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with(SPARE_PREFIX)).collect();
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with(SPARE_PREFIX))
+                .collect();
             v.sort();
             v
         };

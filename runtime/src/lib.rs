@@ -124,7 +124,9 @@ fn plain_elements<T: ?Sized>(value: &T) -> Option<PlainElements<'_>> {
             Some(unsafe { &*(value as *const T).cast::<Vec<E>>() }.as_slice())
         } else if t == TypeId::of::<[E]>() {
             // SAFETY: `T` is `[E]`: its size is the elements' and the pointer is to the first.
-            Some(unsafe { std::slice::from_raw_parts((value as *const T).cast::<E>(), std::mem::size_of_val(value) / std::mem::size_of::<E>()) })
+            Some(unsafe {
+                std::slice::from_raw_parts((value as *const T).cast::<E>(), std::mem::size_of_val(value) / std::mem::size_of::<E>())
+            })
         } else {
             None
         }
