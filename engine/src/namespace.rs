@@ -495,8 +495,9 @@ mod tests {
         let small = d.join(format!("{OLD_PREFIX}small"));
         std::fs::write(&small, b"tiny").unwrap();
         let held = vec![open.clone(), mapped.clone(), child_held.clone(), linked.clone(), small.clone()];
-        retire(d, held.clone(), long).unwrap().join().unwrap();
+        let removing = retire(d, held.clone(), long).unwrap();
         assert!(spares().is_empty(), "nothing held elsewhere became a spare");
+        removing.join().unwrap();
         assert!(held.iter().all(|p| !p.exists()), "and all were removed");
         child.kill().unwrap();
         child.wait().unwrap();
@@ -506,11 +507,15 @@ mod tests {
         // Free: spares, two at most; the third is removed.
         let free: Vec<PathBuf> = (0..3).map(|i| old(&format!("free{i}"))).collect();
         let inodes: Vec<u64> = free.iter().map(|p| std::fs::metadata(p).unwrap().ino()).collect();
-        let waiting = retire(d, free.clone(), long).unwrap();
+        let waiting = retire(d, free[..2].to_vec(), long).unwrap();
         let kept = spares();
         assert_eq!(kept.len(), MAX_SPARES);
         assert!(kept.iter().all(|p| inodes[..2].contains(&std::fs::metadata(p).unwrap().ino())));
-        assert!(free.iter().all(|p| !p.exists()));
+        assert!(free[..2].iter().all(|p| !p.exists()), "renamed to spares");
+        // The namespace is full: the next one is removed, and its thread has nothing to wait for.
+        retire(d, free[2..].to_vec(), long).unwrap().join().unwrap();
+        assert!(!free[2].exists());
+        assert_eq!(spares().len(), MAX_SPARES);
         // The next large transfer file is written over one.
         let value = vec![9u8; SPARE_FROM as usize + 5];
         let vf = rpx_protocol::dataplane::write_value_file_beside(d, Integrity::Namespace, Some(value.len() as u64), |w| {
