@@ -260,6 +260,8 @@ struct Engine {
     ns_dir: PathBuf,
     /// Digests of value files adopted from same-host pushes (a pull of them hashes nothing).
     digests: crate::namespace::Digests,
+    /// Replaced values kept for later transfer files to be written over.
+    spares: crate::namespace::Spares,
     bindings: Bindings,
     closures: Closures,
     /// The call whose output is being published: waiting for its closure, or in the worker.
@@ -287,6 +289,7 @@ impl Engine {
             out: Outbox::new(me.clone(), session.clone(), outlets),
             ns_dir: crate::namespace::dir_for(&me.uuid),
             digests: Default::default(),
+            spares: Default::default(),
             me,
             session,
             inbound_tx,

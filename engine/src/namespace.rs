@@ -12,7 +12,7 @@
 //! checks them (kind, owner, size; the digest of bytes that crossed hosts) and renames them
 //! into place; a pull is answered by [`export`] with hard links the client reads. Neither
 //! copies the bytes in the engine, and on one host neither reads them. A large value replaced
-//! by a push is kept as a spare for the next transfer file to be written over ([`retire`]),
+//! by a push is kept as a spare for the next transfer file to be written over ([`Spares`]),
 //! when nothing but the engine can still read it: no other name, no other open file or mapping.
 //!
 //! The directory is private: created fresh (mode 0700) when the engine starts, refusing one that
@@ -20,8 +20,10 @@
 //! directories of killed engines are found and removed (by the next engine on the host and by
 //! `ipcluster stop`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rpx_protocol::apply::NamedType;
@@ -125,8 +127,8 @@ impl Digests {
 /// that digest (bytes that crossed hosts are never taken on their size alone).
 ///
 /// The values replaced are kept under [old names](OLD_PREFIX) and returned: freeing a large
-/// file's pages costs about as much as writing them, so the caller hands them to [`retire`]
-/// once the push is answered.
+/// file's pages costs about as much as writing them, so the caller hands them to
+/// [`Spares::retire`] once the push is answered.
 pub fn adopt(
     dir: &Path,
     names: &[NamedType],
@@ -150,7 +152,7 @@ pub fn adopt(
         }
         if let Err(e) = std::fs::rename(dir.join(&f.file), &to) {
             discard(dir, files);
-            retire(dir, replaced, SPARE_TTL);
+            remove_later(replaced);
             return Err(format!("cannot store `{}`: {e}", n.name));
         }
         use std::os::unix::fs::MetadataExt;
@@ -162,57 +164,75 @@ pub fn adopt(
     Ok(replaced)
 }
 
-/// Prefix of the names replaced values have until [`retire`] keeps or removes them.
+/// Prefix of the names replaced values have until [`Spares::retire`] keeps or removes them.
 pub const OLD_PREFIX: &str = ".old-";
 
 /// Most spares a namespace holds at once.
 pub const MAX_SPARES: usize = 2;
 /// How long a spare is kept unclaimed before its pages are freed.
-pub const SPARE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const SPARE_TTL: Duration = Duration::from_secs(30);
 
-/// Once a push is answered, the values it replaced (under [old names](OLD_PREFIX)): each that
-/// may be written over ([`unshared`], from [`SPARE_FROM`](rpx_protocol::dataplane::SPARE_FROM)
-/// bytes) becomes a spare while the namespace has fewer than [`MAX_SPARES`]; the rest are
-/// removed on a thread of their own, and each spare is removed there after `ttl` unless a
-/// transfer file claimed it first. Returns that thread.
-pub fn retire(dir: &Path, replaced: Vec<PathBuf>, ttl: std::time::Duration) -> Option<std::thread::JoinHandle<()>> {
-    use rpx_protocol::dataplane::SPARE_PREFIX;
-    if replaced.is_empty() {
+/// The spares the engine made in its namespace, oldest first, with the time each is freed
+/// unless a transfer file claims it first (claiming renames it: it is then simply gone).
+#[derive(Debug, Default)]
+pub struct Spares {
+    expiring: VecDeque<(PathBuf, Instant)>,
+}
+
+impl Spares {
+    /// Once a push is answered, the values it replaced (under [old names](OLD_PREFIX)): each
+    /// that may be written over ([`unshared`], from
+    /// [`SPARE_FROM`](rpx_protocol::dataplane::SPARE_FROM) bytes) becomes a spare, freed at
+    /// `now` + [`SPARE_TTL`], while the namespace has fewer than [`MAX_SPARES`]; the rest are
+    /// removed ([`remove_later`], whose thread is returned).
+    pub fn retire(&mut self, dir: &Path, replaced: Vec<PathBuf>, now: Instant) -> Option<JoinHandle<()>> {
+        use rpx_protocol::dataplane::SPARE_PREFIX;
+        if replaced.is_empty() {
+            return None;
+        }
+        let mut spares = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX))).count())
+            .unwrap_or(MAX_SPARES);
+        let mut remove: Vec<PathBuf> = Vec::new();
+        for old in replaced {
+            let spare = dir.join(format!("{SPARE_PREFIX}{}", uuid::Uuid::new_v4()));
+            if spares < MAX_SPARES && unshared(&old, || std::fs::rename(&old, &spare)).is_ok() {
+                spares += 1;
+                self.expiring.push_back((spare, now + SPARE_TTL));
+            } else {
+                remove.push(old);
+            }
+        }
+        remove_later(remove)
+    }
+
+    /// Free the spares whose time has come by `now` (on the engine's periodic tick); returns the
+    /// removing thread.
+    pub fn expire(&mut self, now: Instant) -> Option<JoinHandle<()>> {
+        let mut due = Vec::new();
+        while self.expiring.front().is_some_and(|(_, at)| *at <= now) {
+            due.extend(self.expiring.pop_front().map(|(p, _)| p));
+        }
+        remove_later(due)
+    }
+}
+
+/// Remove files on a thread of their own (freeing a large file's pages costs about as much as
+/// writing them: off the request path), or here if no thread can be started; returns the thread.
+fn remove_later(paths: Vec<PathBuf>) -> Option<JoinHandle<()>> {
+    if paths.is_empty() {
         return None;
     }
-    let mut spares = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX))).count())
-        .unwrap_or(MAX_SPARES);
-    let mut remove: Vec<PathBuf> = Vec::new();
-    let mut kept: Vec<PathBuf> = Vec::new();
-    for old in replaced {
-        let spare = dir.join(format!("{SPARE_PREFIX}{}", uuid::Uuid::new_v4()));
-        if spares < MAX_SPARES && unshared(&old, || std::fs::rename(&old, &spare)).is_ok() {
-            spares += 1;
-            kept.push(spare);
-        } else {
-            remove.push(old);
-        }
-    }
-    let all: Vec<PathBuf> = remove.iter().chain(&kept).cloned().collect();
-    let work = move || {
-        for p in &remove {
+    let remove = |paths: &[PathBuf]| {
+        for p in paths {
             let _ = std::fs::remove_file(p);
         }
-        if !kept.is_empty() {
-            std::thread::sleep(ttl);
-            for p in &kept {
-                let _ = std::fs::remove_file(p);
-            }
-        }
     };
-    match std::thread::Builder::new().name("rpx-ns-retire".into()).spawn(work) {
+    let kept = paths.clone();
+    match std::thread::Builder::new().name("rpx-ns-remove".into()).spawn(move || remove(&paths)) {
         Ok(h) => Some(h),
         Err(_) => {
-            // No thread: free everything now rather than keep pages nothing would free.
-            for p in &all {
-                let _ = std::fs::remove_file(p);
-            }
+            remove(&kept);
             None
         }
     }
@@ -427,7 +447,7 @@ mod tests {
         let replaced = adopt(d, &names, &[a, b.clone()], &mut digests, |_| Received::NotByLink).unwrap();
         assert_eq!(replaced.len(), 1, "only `a` had a value");
         assert_eq!(std::fs::read(&replaced[0]).unwrap(), b"old", "the replaced value is kept until removed");
-        if let Some(h) = retire(d, replaced.clone(), SPARE_TTL) {
+        if let Some(h) = Spares::default().retire(d, replaced.clone(), Instant::now()) {
             h.join().unwrap();
         }
         assert!(!replaced[0].exists(), "a small replaced value is removed");
@@ -476,7 +496,8 @@ mod tests {
                 .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SPARE_PREFIX))
                 .collect()
         };
-        let long = std::time::Duration::from_secs(600);
+        let mut kept_spares = Spares::default();
+        let t0 = Instant::now();
         // Held: open here, mapped with its file closed, open in a child process, another name.
         let open = old("open");
         let reader = std::fs::File::open(&open).unwrap();
@@ -495,7 +516,7 @@ mod tests {
         let small = d.join(format!("{OLD_PREFIX}small"));
         std::fs::write(&small, b"tiny").unwrap();
         let held = vec![open.clone(), mapped.clone(), child_held.clone(), linked.clone(), small.clone()];
-        let removing = retire(d, held.clone(), long).unwrap();
+        let removing = kept_spares.retire(d, held.clone(), t0).unwrap();
         assert!(spares().is_empty(), "nothing held elsewhere became a spare");
         removing.join().unwrap();
         assert!(held.iter().all(|p| !p.exists()), "and all were removed");
@@ -507,13 +528,13 @@ mod tests {
         // Free: spares, two at most; the third is removed.
         let free: Vec<PathBuf> = (0..3).map(|i| old(&format!("free{i}"))).collect();
         let inodes: Vec<u64> = free.iter().map(|p| std::fs::metadata(p).unwrap().ino()).collect();
-        let waiting = retire(d, free[..2].to_vec(), long).unwrap();
+        assert!(kept_spares.retire(d, free[..2].to_vec(), t0).is_none(), "nothing to remove");
         let kept = spares();
         assert_eq!(kept.len(), MAX_SPARES);
         assert!(kept.iter().all(|p| inodes[..2].contains(&std::fs::metadata(p).unwrap().ino())));
         assert!(free[..2].iter().all(|p| !p.exists()), "renamed to spares");
         // The namespace is full: the next one is removed, and its thread has nothing to wait for.
-        retire(d, free[2..].to_vec(), long).unwrap().join().unwrap();
+        kept_spares.retire(d, free[2..].to_vec(), t0).unwrap().join().unwrap();
         assert!(!free[2].exists());
         assert_eq!(spares().len(), MAX_SPARES);
         // The next large transfer file is written over one.
@@ -525,11 +546,16 @@ mod tests {
         assert!(inodes[..2].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()));
         assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
         assert_eq!(spares().len(), 1);
-        drop(waiting);
-        // Unclaimed spares are freed after their time.
-        let h = retire(d, vec![old("brief")], std::time::Duration::ZERO).unwrap();
-        h.join().unwrap();
-        assert_eq!(spares().len(), 1, "the spare kept for 600 s stays, the brief one is gone");
+        // Unclaimed spares are freed once their time has come, not before; one made later stays.
+        assert!(kept_spares.retire(d, vec![old("later")], t0 + SPARE_TTL).is_none());
+        assert!(kept_spares.expire(t0 + SPARE_TTL - Duration::from_millis(1)).is_none());
+        assert_eq!(spares().len(), 2);
+        kept_spares.expire(t0 + SPARE_TTL).unwrap().join().unwrap();
+        let left = spares();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(!inodes.contains(&std::fs::metadata(&left[0]).unwrap().ino()), "the later spare is the one left");
+        kept_spares.expire(t0 + 2 * SPARE_TTL).unwrap().join().unwrap();
+        assert!(spares().is_empty());
     }
 
     /// A same-host push's files come without a digest: adopted on their kind, owner and size; a

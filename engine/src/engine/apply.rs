@@ -45,7 +45,7 @@ impl Engine {
                             self.bindings.pushed(n.name, n.type_name);
                         }
                         self.out.ok(&req, md, &[]);
-                        crate::namespace::retire(&self.ns_dir, replaced, crate::namespace::SPARE_TTL);
+                        self.spares.retire(&self.ns_dir, replaced, Instant::now());
                     }
                     Err(e) => self.out.apply_error(&req, md, &EngineError::new(ename::UNSUPPORTED_PAYLOAD, e, vec![])),
                 }

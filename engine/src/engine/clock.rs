@@ -27,6 +27,7 @@ impl Engine {
             self.on_stderr_text(&t);
         }
         self.out.flush_if_due(Instant::now());
+        self.spares.expire(Instant::now());
         self.maybe_finish();
         for (sha, step) in self.fetcher.poll(Instant::now()) {
             match step {
