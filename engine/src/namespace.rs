@@ -181,10 +181,10 @@ pub struct Spares {
 
 impl Spares {
     /// Once a push is answered, the values it replaced (under [old names](OLD_PREFIX)): each
-    /// that may be written over ([`unshared`], from
+    /// that may be written over (`unshared`, from
     /// [`SPARE_FROM`](rpx_protocol::dataplane::SPARE_FROM) bytes) becomes a spare, freed at
     /// `now` + [`SPARE_TTL`], while the namespace has fewer than [`MAX_SPARES`]; the rest are
-    /// removed ([`remove_later`], whose thread is returned).
+    /// removed (`remove_later`, whose thread is returned).
     pub fn retire(&mut self, dir: &Path, replaced: Vec<PathBuf>, now: Instant) -> Option<JoinHandle<()>> {
         use rpx_protocol::dataplane::SPARE_PREFIX;
         if replaced.is_empty() {

@@ -219,7 +219,7 @@ pub fn read_hashed(r: &mut impl Read, dst: &mut [u8], hasher: &mut blake3::Hashe
 const SEND_PIECE: usize = 256 << 10;
 
 /// Send the first `size` bytes of `f` (a pull snapshot) to `to`, read and written on through a
-/// buffer of [`SEND_PIECE`] bytes; a file that ends early is an error. Not `sendfile(2)`: with the
+/// buffer of `SEND_PIECE` bytes; a file that ends early is an error. Not `sendfile(2)`: with the
 /// receiver on the same machine (the test hosts), `link_micro` pulled 100 MB in 111-114 ms with
 /// `sendfile` against 69-87 ms this way, since each piece reaches the receiver while still in
 /// cache (`std::io::copy`'s 8 KiB pieces: 94-106 ms).

@@ -19,7 +19,8 @@
 //! runs as that user too, and can read the connection file's key and sign any request it likes;
 //! a digest would stop nobody a signature does not. Bytes that cross hosts on the data link
 //! (`crate::datalink`) are different: they pass through the network, so they travel with their
-//! BLAKE3 in the signed request or reply ([`Integrity::Digest`]) and are checked as they arrive.//!
+//! BLAKE3 in the signed request or reply ([`Integrity::Digest`]) and are checked as they arrive.
+//!
 //! Writing a new 100 MB tmpfs file costs twice what writing over pages that exist does (the
 //! kernel allocates and zeroes each page first), so an engine keeps the pages of a large value
 //! it replaced as a *spare* ([`SPARE_PREFIX`]) when nothing else can still read them, and the

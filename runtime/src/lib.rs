@@ -29,7 +29,7 @@ use serde::Serialize;
 /// Environment variable naming the engine's namespace directory.
 pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
 
-/// Encode a value the way every rpx transfer does. A plain vector or slice ([`plain_elements`])
+/// Encode a value the way every rpx transfer does. A `Vec` or slice of `f64`, `f32`, `u8` or `i8`
 /// is its length prefix and one copy of its elements' memory, on every core.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     if let Some(elements) = plain_elements(value) {
@@ -54,7 +54,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 
 /// [`encode`] in pieces of `chunk` bytes (the last one shorter) handed to `sink` as the value is
 /// walked: the same bytes, never held whole (how a same-host push writes a value straight into
-/// its transfer file). The elements of a plain vector or slice ([`plain_elements`]) are handed
+/// its transfer file). The elements of a `Vec` or slice of `f64`, `f32`, `u8` or `i8` are handed
 /// out from the value's own memory, not copied. The first error of `sink` stops the encoding
 /// and is returned.
 pub fn encode_chunked<T, F>(value: &T, chunk: usize, sink: F) -> std::io::Result<()>
