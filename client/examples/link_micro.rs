@@ -123,12 +123,13 @@ fn main() {
         drop(back);
         engine.join().unwrap();
 
-        // Reference: the bare socket, into a buffer allocated (and faulted in) once.
+        // Reference: the bare socket, from a buffer filled before the clock starts into one
+        // allocated (and faulted in) once.
+        let out = vec![1u8; 100_000_000];
         let sender = {
             let l = listener.try_clone().unwrap();
             std::thread::spawn(move || {
                 let (mut s, _) = l.accept().unwrap();
-                let out = vec![1u8; 100_000_000];
                 s.write_all(&out).unwrap();
             })
         };
