@@ -33,10 +33,10 @@ pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
 /// is its length prefix and one copy of its elements' memory, on every core.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     if let Some(elements) = plain_elements(value) {
-        let prefix = postcard::to_stdvec(&elements.count).expect("a length always encodes");
+        let prefix = LengthPrefix::of(elements.count);
         let mut buf = vec![0u8; prefix.len() + elements.bytes.len()];
         advise_huge_pages(&mut buf);
-        buf[..prefix.len()].copy_from_slice(&prefix);
+        buf[..prefix.len()].copy_from_slice(prefix.bytes());
         copy_on_every_core(&mut buf[prefix.len()..], elements.bytes);
         return buf;
     }
@@ -85,7 +85,7 @@ impl PlainElements<'_> {
     /// shorter, as [`encode_chunked`]'s generic path cuts them: the first piece is assembled
     /// (prefix and the first elements), every later one is a slice of the value's memory.
     fn in_pieces(&self, chunk: usize, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
-        let mut first = postcard::to_stdvec(&self.count).expect("a length always encodes");
+        let mut first = LengthPrefix::of(self.count).bytes().to_vec();
         // Enough elements to end the pieces holding the prefix on a piece boundary.
         let head = ((chunk - first.len() % chunk) % chunk).min(self.bytes.len());
         first.extend_from_slice(&self.bytes[..head]);
@@ -101,44 +101,127 @@ impl PlainElements<'_> {
 /// types.
 pub fn plain_encoded_len<T: ?Sized>(value: &T) -> Option<usize> {
     let elements = plain_elements(value)?;
-    let prefix = postcard::serialize_with_flavor::<u64, _, usize>(&elements.count, postcard::ser_flavors::Size::default()).ok()?;
-    Some(prefix + elements.bytes.len())
+    Some(LengthPrefix::of(elements.count).len() + elements.bytes.len())
+}
+
+/// The length prefix postcard writes before a sequence of `count` elements (a varint of 1 to 10
+/// bytes): the one place a plain vector's prefix is made or measured.
+struct LengthPrefix {
+    buf: [u8; 10],
+    len: usize,
+}
+
+impl LengthPrefix {
+    fn of(count: u64) -> LengthPrefix {
+        let mut buf = [0u8; 10];
+        let len = postcard::to_slice(&count, &mut buf).expect("a u64 varint fits in 10 bytes").len();
+        LengthPrefix { buf, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// The element types whose vectors (and slices) are plain: no padding, every bit pattern a
+/// value, and postcard writes each as its little-endian bytes, which on a little-endian machine
+/// are its bytes in memory. The list of them is [`with_plain`]'s, and nowhere else.
+trait PlainElem: Copy + Default + 'static {}
+impl PlainElem for f64 {}
+impl PlainElem for f32 {}
+impl PlainElem for u8 {}
+impl PlainElem for i8 {}
+
+/// Work done knowing the element type `E` of a plain vector or slice `T` ([`with_plain`] calls
+/// [`OnPlain::on`] only when `T` is `Vec<E>`, or `[E]` if slices are asked for).
+trait OnPlain {
+    type Out;
+    fn on<E: PlainElem>(self) -> Self::Out;
+}
+
+/// `work.on::<E>()` if `T` is `Vec<E>` (or, with `slices`, `[E]`) for a plain element type `E`
+/// (`f64`, `f32`, `u8`, `i8`) on a little-endian machine; `None` for every other type. `T` need
+/// not be `'static` (`typeid` compares types with their lifetimes erased; the types matched have
+/// none).
+fn with_plain<T: ?Sized, W: OnPlain>(slices: bool, work: W) -> Option<W::Out> {
+    fn is<T: ?Sized, E: 'static>(slices: bool) -> bool {
+        let t = typeid::of::<T>();
+        t == std::any::TypeId::of::<Vec<E>>() || (slices && t == std::any::TypeId::of::<[E]>())
+    }
+    if !cfg!(target_endian = "little") {
+        None
+    } else if is::<T, f64>(slices) {
+        Some(work.on::<f64>())
+    } else if is::<T, f32>(slices) {
+        Some(work.on::<f32>())
+    } else if is::<T, u8>(slices) {
+        Some(work.on::<u8>())
+    } else if is::<T, i8>(slices) {
+        Some(work.on::<i8>())
+    } else {
+        None
+    }
+}
+
+/// The size of one element (what [`with_plain`] learns first of every plain type).
+struct ElemSize;
+
+impl OnPlain for ElemSize {
+    type Out = usize;
+    fn on<E: PlainElem>(self) -> usize {
+        std::mem::size_of::<E>()
+    }
+}
+
+/// A `Vec<E>` as the `T` it is.
+///
+/// # Safety
+/// `T` must be `Vec<E>`.
+unsafe fn vec_as<E, T>(v: Vec<E>) -> T {
+    let v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `T` is `Vec<E>` (the caller's promise): the vector is moved into a `T`, and
+    // `ManuallyDrop` keeps it from being dropped twice.
+    unsafe { std::mem::transmute_copy::<Vec<E>, T>(&v) }
+}
+
+/// The bytes of a slice of plain elements.
+fn elem_bytes<E: PlainElem>(v: &[E]) -> &[u8] {
+    // SAFETY: a plain element has no padding: every byte of the slice is initialised.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// The bytes of a slice of plain elements, to fill in place.
+fn elem_bytes_mut<E: PlainElem>(v: &mut [E]) -> &mut [u8] {
+    // SAFETY: a plain element has no padding and any bytes written are a valid value.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// The elements of `value` if it is a vector or slice of `f64`, `f32`, `u8` or `i8` (`Vec<E>` or
 /// `[E]`) on a little-endian machine, whose postcard encoding is a varint length and then the
-/// elements' bytes as they lie in memory; `None` for any other type. `T` need not be
-/// `'static` (`typeid` compares types with their lifetimes erased; the types matched have none).
+/// elements' bytes as they lie in memory; `None` for any other type.
 fn plain_elements<T: ?Sized>(value: &T) -> Option<PlainElements<'_>> {
-    use std::any::TypeId;
-    fn of<E>(v: &[E]) -> PlainElements<'_> {
-        // SAFETY: only called with f64, f32, u8 and i8: no padding, every byte initialised.
-        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) };
-        PlainElements { count: v.len() as u64, bytes }
-    }
-    /// `value` as `[E]` if `T` is `Vec<E>` or `[E]`.
-    fn slice<T: ?Sized, E: 'static>(value: &T) -> Option<&[E]> {
-        let t = typeid::of::<T>();
-        if t == TypeId::of::<Vec<E>>() {
-            // SAFETY: `T` is `Vec<E>` (same type id, and `Vec<E>` has no lifetime to differ in).
-            Some(unsafe { &*(value as *const T).cast::<Vec<E>>() }.as_slice())
-        } else if t == TypeId::of::<[E]>() {
-            // SAFETY: `T` is `[E]`: its size is the elements' and the pointer is to the first.
-            Some(unsafe {
-                std::slice::from_raw_parts((value as *const T).cast::<E>(), std::mem::size_of_val(value) / std::mem::size_of::<E>())
-            })
-        } else {
-            None
+    struct Elements<'a, T: ?Sized>(&'a T);
+    impl<'a, T: ?Sized> OnPlain for Elements<'a, T> {
+        type Out = PlainElements<'a>;
+        fn on<E: PlainElem>(self) -> PlainElements<'a> {
+            let v: &[E] = if typeid::of::<T>() == std::any::TypeId::of::<Vec<E>>() {
+                // SAFETY: `T` is `Vec<E>` (same type id, and `Vec<E>` has no lifetime to differ in).
+                unsafe { &*(self.0 as *const T).cast::<Vec<E>>() }.as_slice()
+            } else {
+                // SAFETY: `T` is `[E]` (`with_plain`'s promise): its size is the elements' and the
+                // pointer is to the first.
+                unsafe {
+                    std::slice::from_raw_parts((self.0 as *const T).cast::<E>(), std::mem::size_of_val(self.0) / std::mem::size_of::<E>())
+                }
+            };
+            PlainElements { count: v.len() as u64, bytes: elem_bytes(v) }
         }
     }
-    if !cfg!(target_endian = "little") {
-        return None;
-    }
-    slice::<T, f64>(value)
-        .map(of)
-        .or_else(|| slice::<T, f32>(value).map(of))
-        .or_else(|| slice::<T, u8>(value).map(of))
-        .or_else(|| slice::<T, i8>(value).map(of))
+    with_plain::<T, _>(true, Elements(value))
 }
 
 /// The postcard flavor of [`encode_chunked`]: a buffer of up to `chunk` bytes, emptied into
@@ -256,54 +339,49 @@ pub fn is_plain<T: 'static>() -> bool {
 
 /// [`is_plain`] for any `T`, `'static` or not.
 fn is_plain_vec<T: ?Sized>() -> bool {
-    use std::any::TypeId;
-    let t = typeid::of::<T>();
-    cfg!(target_endian = "little")
-        && [TypeId::of::<Vec<f64>>(), TypeId::of::<Vec<f32>>(), TypeId::of::<Vec<u8>>(), TypeId::of::<Vec<i8>>()].contains(&t)
+    with_plain::<T, _>(false, ElemSize).is_some()
 }
 
 /// For a plain vector type `T` ([`is_plain`]): how many elements an encoding of `size` bytes
 /// holds (a varint length `n`, then `n` elements), or `None` for another type or a size no such
 /// vector has. Lets a gather size its whole result before any part is read.
 pub fn plain_count<T: 'static>(size: usize) -> Option<usize> {
-    let elem = plain_elem_size::<T>()?;
+    count_in(size, plain_elem_size::<T>()?)
+}
+
+/// How many elements of `elem` bytes an encoding of `size` bytes holds, if it can be one.
+fn count_in(size: usize, elem: usize) -> Option<usize> {
     (1..=10).find_map(|prefix| {
         let body = size.checked_sub(prefix)?;
         let n = (body % elem == 0).then_some(body / elem)?;
-        (postcard::to_stdvec(&(n as u64)).ok()?.len() == prefix).then_some(n)
+        (LengthPrefix::of(n as u64).len() == prefix).then_some(n)
     })
 }
 
 /// The size in bytes of one element of a plain vector type `T` ([`is_plain`]).
 pub fn plain_elem_size<T: 'static>() -> Option<usize> {
-    use std::any::TypeId;
-    let t = TypeId::of::<T>();
-    if !is_plain::<T>() {
-        None
-    } else if t == TypeId::of::<Vec<f64>>() {
-        Some(8)
-    } else if t == TypeId::of::<Vec<f32>>() {
-        Some(4)
-    } else {
-        Some(1)
-    }
+    with_plain::<T, _>(false, ElemSize)
 }
 
 /// A plain vector `T` ([`is_plain`]) of `n` zeroed elements (fresh pages, untouched until they
 /// are filled, in huge pages where the kernel has them: [`advise_huge_pages`]), to be filled in
 /// place through [`plain_bytes_mut`]; `None` for another type.
 pub fn plain_zeroed<T: 'static>(n: usize) -> Option<T> {
-    use std::any::{Any, TypeId};
-    let t = TypeId::of::<T>();
-    let v: Box<dyn Any> = match plain_elem_size::<T>()? {
-        8 => Box::new(vec![0f64; n]),
-        4 => Box::new(vec![0f32; n]),
-        _ if t == TypeId::of::<Vec<u8>>() => Box::new(vec![0u8; n]),
-        _ => Box::new(vec![0i8; n]),
-    };
-    let mut v = v.downcast::<T>().ok().map(|b| *b)?;
-    advise_huge_pages(plain_bytes_mut(&mut v)?);
-    Some(v)
+    with_plain::<T, _>(false, Zeroed::<T>(n, std::marker::PhantomData))
+}
+
+/// A plain vector `T` of `n` zeroed elements ([`plain_zeroed`]).
+struct Zeroed<T>(usize, std::marker::PhantomData<T>);
+
+impl<T> OnPlain for Zeroed<T> {
+    type Out = T;
+    fn on<E: PlainElem>(self) -> T {
+        // Zeroed memory straight from the allocator (fresh pages for a large vector).
+        let mut v = vec![E::default(); self.0];
+        advise_huge_pages(elem_bytes_mut(&mut v));
+        // SAFETY: `with_plain` calls `on` only when `T` is `Vec<E>`.
+        unsafe { vec_as::<E, T>(v) }
+    }
 }
 
 /// From this size on, [`advise_huge_pages`] asks for huge pages.
@@ -330,19 +408,15 @@ pub fn advise_huge_pages(buf: &mut [u8]) {
 
 /// The bytes of a plain vector's elements ([`is_plain`]), to fill in place; `None` for another type.
 pub fn plain_bytes_mut<T: 'static>(v: &mut T) -> Option<&mut [u8]> {
-    fn bytes<E>(v: &mut [E]) -> &mut [u8] {
-        // SAFETY: only called with f64, f32, u8 and i8, which have no padding and for which any
-        // bytes written through this view are a valid value.
-        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+    struct BytesMut<'a, T>(&'a mut T);
+    impl<'a, T> OnPlain for BytesMut<'a, T> {
+        type Out = &'a mut [u8];
+        fn on<E: PlainElem>(self) -> &'a mut [u8] {
+            // SAFETY: `with_plain` calls `on` only when `T` is `Vec<E>`.
+            elem_bytes_mut(unsafe { &mut *(self.0 as *mut T).cast::<Vec<E>>() })
+        }
     }
-    let is_u8 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<Vec<u8>>();
-    let any = v as &mut dyn std::any::Any;
-    match plain_elem_size::<T>()? {
-        8 => any.downcast_mut::<Vec<f64>>().map(|v| bytes(v)),
-        4 => any.downcast_mut::<Vec<f32>>().map(|v| bytes(v)),
-        _ if is_u8 => any.downcast_mut::<Vec<u8>>().map(|v| v.as_mut_slice()),
-        _ => any.downcast_mut::<Vec<i8>>().map(|v| bytes(v)),
-    }
+    with_plain::<T, _>(false, BytesMut(v))
 }
 
 /// The length of the length prefix of a plain vector's encoding of `size` bytes whose elements
@@ -474,28 +548,25 @@ pub fn get<T: DeserializeOwned>(name: &str) -> T {
 /// decoded from `bytes` by one copy of its elements, on every core; `None` for other types, or
 /// bytes that are not exactly such a vector.
 fn plain_vec_from<T>(bytes: &[u8]) -> Option<T> {
-    fn copy<E: 'static, T>(bytes: &[u8]) -> Option<T> {
-        if typeid::of::<T>() != std::any::TypeId::of::<Vec<E>>() {
-            return None;
+    struct FromBytes<'a, T>(&'a [u8], std::marker::PhantomData<T>);
+    impl<T> OnPlain for FromBytes<'_, T> {
+        type Out = Option<T>;
+        fn on<E: PlainElem>(self) -> Option<T> {
+            let bytes = self.0;
+            let n = count_in(bytes.len(), std::mem::size_of::<E>())?;
+            let mut v: Vec<E> = Zeroed::<Vec<E>>(n, std::marker::PhantomData).on::<E>();
+            let dst = elem_bytes_mut(&mut v);
+            let mut elements = bytes;
+            read_plain_prefix(&mut elements, bytes.len(), n, dst.len(), &mut |_| ()).ok()?.ok()?;
+            if elements.len() != dst.len() {
+                return None;
+            }
+            copy_on_every_core(dst, elements);
+            // SAFETY: `with_plain` calls `on` only when `T` is `Vec<E>`.
+            Some(unsafe { vec_as::<E, T>(v) })
         }
-        let n = plain_count::<Vec<E>>(bytes.len())?;
-        let mut v: Vec<E> = plain_zeroed(n)?;
-        let dst = plain_bytes_mut(&mut v)?;
-        let mut elements = bytes;
-        read_plain_prefix(&mut elements, bytes.len(), n, dst.len(), &mut |_| ()).ok()?.ok()?;
-        if elements.len() != dst.len() {
-            return None;
-        }
-        copy_on_every_core(dst, elements);
-        let v = std::mem::ManuallyDrop::new(v);
-        // SAFETY: `T` is `Vec<E>` (same type id; `Vec<E>` has no lifetime to differ in): the
-        // vector is moved into a `T`, and `ManuallyDrop` keeps it from being dropped twice.
-        Some(unsafe { std::mem::transmute_copy::<Vec<E>, T>(&v) })
     }
-    if !is_plain_vec::<T>() {
-        return None;
-    }
-    copy::<f64, T>(bytes).or_else(|| copy::<f32, T>(bytes)).or_else(|| copy::<u8, T>(bytes)).or_else(|| copy::<i8, T>(bytes))
+    with_plain::<T, _>(false, FromBytes(bytes, std::marker::PhantomData)).flatten()
 }
 
 /// The pieces [`put`] writes a value in (small enough to stay in cache).
