@@ -167,37 +167,65 @@ pub fn adopt(
 /// Prefix of the names replaced values have until [`Spares::retire`] keeps or removes them.
 pub const OLD_PREFIX: &str = ".old-";
 
-/// Most spares a namespace holds at once.
-pub const MAX_SPARES: usize = 2;
+/// Most spares a namespace holds at once: enough for a loop that moves values of a few sizes
+/// again and again, each size finding a spare of its own
+/// ([`claim_spare`](rpx_protocol::dataplane::claim_spare) leaves much larger ones alone).
+pub const MAX_SPARES: usize = 4;
+/// Most bytes a namespace's spares hold at once (memory the replaced values held a moment
+/// before, kept for at most [`SPARE_TTL`]).
+pub const MAX_SPARE_BYTES: u64 = 2 << 30;
 /// How long a spare is kept unclaimed before its pages are freed.
 pub const SPARE_TTL: Duration = Duration::from_secs(30);
 
 /// The spares the engine made in its namespace, oldest first, with the time each is freed
 /// unless a transfer file claims it first (claiming renames it: it is then simply gone).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Spares {
     expiring: VecDeque<(PathBuf, Instant)>,
+    most: usize,
+    most_bytes: u64,
+}
+
+impl Default for Spares {
+    fn default() -> Spares {
+        Spares::bounded(MAX_SPARES, MAX_SPARE_BYTES)
+    }
 }
 
 impl Spares {
+    /// Spares of at most `most` files and `most_bytes` bytes in all.
+    pub fn bounded(most: usize, most_bytes: u64) -> Spares {
+        Spares { expiring: VecDeque::new(), most, most_bytes }
+    }
+
     /// Once a push is answered, the values it replaced (under [old names](OLD_PREFIX)): each
     /// that may be written over (`unshared`, from
     /// [`SPARE_FROM`](rpx_protocol::dataplane::SPARE_FROM) bytes) becomes a spare, freed at
-    /// `now` + [`SPARE_TTL`], while the namespace has fewer than [`MAX_SPARES`]; the rest are
-    /// removed (`remove_later`, whose thread is returned).
+    /// `now` + [`SPARE_TTL`], while the namespace's spares stay within their bounds (by default
+    /// [`MAX_SPARES`] files and [`MAX_SPARE_BYTES`] bytes); the rest are removed
+    /// (`remove_later`, whose thread is returned).
     pub fn retire(&mut self, dir: &Path, replaced: Vec<PathBuf>, now: Instant) -> Option<JoinHandle<()>> {
         use rpx_protocol::dataplane::SPARE_PREFIX;
+        use std::os::unix::fs::MetadataExt;
         if replaced.is_empty() {
             return None;
         }
-        let mut spares = std::fs::read_dir(dir)
-            .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX))).count())
-            .unwrap_or(MAX_SPARES);
+        let sizes: Option<Vec<u64>> = std::fs::read_dir(dir).ok().map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX)))
+                .filter_map(|e| e.metadata().ok().map(|m| m.size()))
+                .collect()
+        });
+        // A namespace that cannot be listed keeps no more spares.
+        let (mut count, mut bytes) = sizes.map_or((self.most, self.most_bytes), |s| (s.len(), s.iter().sum()));
         let mut remove: Vec<PathBuf> = Vec::new();
         for old in replaced {
             let spare = dir.join(format!("{SPARE_PREFIX}{}", uuid::Uuid::new_v4()));
-            if spares < MAX_SPARES && unshared(&old, || std::fs::rename(&old, &spare)).is_ok() {
-                spares += 1;
+            let size = std::fs::symlink_metadata(&old).map_or(u64::MAX, |m| m.size());
+            let fits = count < self.most && bytes.saturating_add(size) <= self.most_bytes;
+            if fits && unshared(&old, || std::fs::rename(&old, &spare)).is_ok() {
+                count += 1;
+                bytes += size;
                 self.expiring.push_back((spare, now + SPARE_TTL));
             } else {
                 remove.push(old);
@@ -525,25 +553,31 @@ mod tests {
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(map, 4096) };
         drop(reader);
-        // Free: spares, two at most; the third is removed.
-        let free: Vec<PathBuf> = (0..3).map(|i| old(&format!("free{i}"))).collect();
+        // Free: spares, up to the bound on their number; the next is removed.
+        let free: Vec<PathBuf> = (0..=MAX_SPARES).map(|i| old(&format!("free{i}"))).collect();
         let inodes: Vec<u64> = free.iter().map(|p| std::fs::metadata(p).unwrap().ino()).collect();
-        assert!(kept_spares.retire(d, free[..2].to_vec(), t0).is_none(), "nothing to remove");
+        assert!(kept_spares.retire(d, free[..MAX_SPARES].to_vec(), t0).is_none(), "nothing to remove");
         let kept = spares();
         assert_eq!(kept.len(), MAX_SPARES);
-        assert!(kept.iter().all(|p| inodes[..2].contains(&std::fs::metadata(p).unwrap().ino())));
-        assert!(free[..2].iter().all(|p| !p.exists()), "renamed to spares");
+        assert!(kept.iter().all(|p| inodes[..MAX_SPARES].contains(&std::fs::metadata(p).unwrap().ino())));
+        assert!(free[..MAX_SPARES].iter().all(|p| !p.exists()), "renamed to spares");
         // The namespace is full: the next one is removed, and its thread has nothing to wait for.
-        kept_spares.retire(d, free[2..].to_vec(), t0).unwrap().join().unwrap();
-        assert!(!free[2].exists());
+        kept_spares.retire(d, free[MAX_SPARES..].to_vec(), t0).unwrap().join().unwrap();
+        assert!(!free[MAX_SPARES].exists());
         assert_eq!(spares().len(), MAX_SPARES);
+        // Claimed spares leave room; the next transfer files are written over them, one each.
+        for _ in 2..MAX_SPARES {
+            let (file, _) = rpx_protocol::dataplane::claim_spare(d, SPARE_FROM).unwrap();
+            std::fs::remove_file(d.join(file)).unwrap();
+        }
+        assert_eq!(spares().len(), 2);
         // The next large transfer file is written over one.
         let value = vec![9u8; SPARE_FROM as usize + 5];
         let vf = rpx_protocol::dataplane::write_value_file_beside(d, Integrity::Namespace, Some(value.len() as u64), |w| {
             std::io::Write::write_all(w, &value)
         })
         .unwrap();
-        assert!(inodes[..2].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()));
+        assert!(inodes[..MAX_SPARES].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()));
         assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
         assert_eq!(spares().len(), 1);
         // Unclaimed spares are freed once their time has come, not before; one made later stays.
@@ -556,6 +590,14 @@ mod tests {
         assert!(!inodes.contains(&std::fs::metadata(&left[0]).unwrap().ino()), "the later spare is the one left");
         kept_spares.expire(t0 + 2 * SPARE_TTL).unwrap().join().unwrap();
         assert!(spares().is_empty());
+        // Bounded in bytes: a spare that would take the namespace's spares over the bound is
+        // removed, though there is room for more files.
+        let mut by_bytes = Spares::bounded(MAX_SPARES, 2 * SPARE_FROM);
+        let (first, second, third) = (old("b0"), old("b1"), old("b2"));
+        assert!(by_bytes.retire(d, vec![first, second], t0).is_none());
+        by_bytes.retire(d, vec![third.clone()], t0).unwrap().join().unwrap();
+        assert!(!third.exists());
+        assert_eq!(spares().len(), 2);
     }
 
     /// A same-host push's files come without a digest: adopted on their kind, owner and size; a

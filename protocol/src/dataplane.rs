@@ -276,8 +276,12 @@ fn write_transfer_file(
     }
 }
 
-/// Claim a spare in `dir` for a value of `size` bytes: the smallest spare that holds it, else
-/// the largest. The spare is renamed to a fresh transfer name (of two claimants, one rename
+/// Claim a spare in `dir` for a value of `size` bytes: the smallest that holds it with at most
+/// half as much again to spare, else the largest that is too small (written over, then grown).
+/// A much larger spare is left for a larger value: cutting it would free most of its pages, and
+/// in a loop moving values of two sizes (a 100 MB push and a 50 MB scatter part to the same
+/// engine) each value would take the other's spare, the larger one then written half into new
+/// pages every time. The spare is renamed to a fresh transfer name (of two claimants, one rename
 /// wins; the other tries the next spare) and opened for writing without following links; one
 /// that is not a regular file of this user with no other name is removed. `None` when there is
 /// no spare to claim.
@@ -289,7 +293,10 @@ pub fn claim_spare(dir: &Path, size: u64) -> Option<(String, std::fs::File)> {
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX)))
         .filter_map(|e| Some((e.metadata().ok()?.size(), e.file_name())))
         .collect();
-    // Those that hold the value, smallest first, then the others, largest first.
+    // Those that hold the value without being much larger, smallest first, then the smaller
+    // ones, largest first; much larger ones not at all.
+    let roomy = size.saturating_add(size / 2);
+    spares.retain(|(s, _)| *s <= roomy);
     spares.sort_by_key(|(s, _)| if *s >= size { (0, *s) } else { (1, u64::MAX - *s) });
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
@@ -563,8 +570,9 @@ mod tests {
     }
 
     /// A value of a known size from [`SPARE_FROM`] on is written over the spare that fits it best
-    /// (same inode, cut to the value's size, the spare's name gone); a smaller value, or one of
-    /// unknown size, gets a new file; a spare that is a link is removed, never written through.
+    /// (same inode, cut to the value's size, the spare's name gone), never over a much larger one;
+    /// a smaller value, or one of unknown size, gets a new file; a spare that is a link is
+    /// removed, never written through.
     #[test]
     fn large_values_are_written_over_the_best_fitting_spare_and_cut_to_size() {
         use std::os::unix::fs::MetadataExt;
@@ -576,7 +584,8 @@ mod tests {
             std::fs::metadata(&path).unwrap().ino()
         };
         let small = spare("small", SPARE_FROM + 10);
-        let large = spare("large", 3 * SPARE_FROM);
+        let large = spare("large", 2 * SPARE_FROM + SPARE_FROM / 2);
+        let huge = spare("huge", 4 * SPARE_FROM);
         let value: Vec<u8> = (0..2 * SPARE_FROM).map(|i| (i % 241) as u8).collect();
         let write = |size: Option<u64>| write_value_file_beside(d, Integrity::Namespace, size, |w| w.write_all(&value)).unwrap();
         let spares = || {
@@ -588,22 +597,31 @@ mod tests {
             v.sort();
             v
         };
-        // Of two spares, the one that holds the value; cut to its size.
+        // Of three spares, the one that holds the value with the least to spare, not the huge
+        // one; cut to its size.
         let vf = write(Some(value.len() as u64));
         let md = std::fs::metadata(d.join(&vf.file)).unwrap();
         assert_eq!((md.ino(), md.len(), vf.size), (large, value.len() as u64, value.len() as u64));
         assert!(std::fs::read(d.join(&vf.file)).unwrap() == value, "the spare's old bytes are all gone");
-        assert_eq!(spares(), vec![format!("{SPARE_PREFIX}small")]);
-        // No size, or a small value: a new file, the spare left alone.
+        assert_eq!(spares(), vec![format!("{SPARE_PREFIX}huge"), format!("{SPARE_PREFIX}small")]);
+        // No size, or a small value: a new file, the spares left alone.
         for size in [None, Some(SPARE_FROM - 1)] {
             let vf = write(size);
-            assert!(![small, large].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()), "{size:?}");
+            assert!(![small, large, huge].contains(&std::fs::metadata(d.join(&vf.file)).unwrap().ino()), "{size:?}");
         }
-        assert_eq!(spares().len(), 1);
-        // None holds it: the largest there is, grown.
+        assert_eq!(spares().len(), 2);
+        // None holds it without being much larger: the largest that is too small, grown.
         let vf = write(Some(value.len() as u64));
         assert_eq!(std::fs::metadata(d.join(&vf.file)).unwrap().ino(), small);
         assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
+        assert_eq!(spares(), vec![format!("{SPARE_PREFIX}huge")]);
+        // Only a much larger one: a new file; the huge spare is left for a value of its size.
+        let vf = write(Some(value.len() as u64));
+        assert_ne!(std::fs::metadata(d.join(&vf.file)).unwrap().ino(), huge);
+        assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
+        assert_eq!(spares(), vec![format!("{SPARE_PREFIX}huge")]);
+        let vf = write(Some(4 * SPARE_FROM));
+        assert_eq!(std::fs::metadata(d.join(&vf.file)).unwrap().ino(), huge, "a value of its size takes it");
         assert!(spares().is_empty());
         // A spare swapped for a link to a file outside is removed, the file outside untouched.
         let outside = tempfile::NamedTempFile::new().unwrap();
@@ -613,6 +631,7 @@ mod tests {
         assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
         assert_eq!(std::fs::read(outside.path()).unwrap(), b"outside");
         assert!(spares().is_empty(), "the link is gone");
+        assert!(outside.path().exists());
     }
 
     #[test]
