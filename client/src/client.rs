@@ -41,6 +41,8 @@ pub(crate) struct ClientInner {
     pub shared_memory: std::sync::atomic::AtomicBool,
     /// Engine uuid -> whether its data link can be reached from here (`crate::datalink`).
     pub links: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// Same-host engines' spares mapped ahead of the pushes that write over them.
+    pub premaps: crate::premap::Premaps,
 }
 
 impl ClientInner {
@@ -382,6 +384,7 @@ impl Client {
                 file,
                 shared_memory: (!rpx_protocol::dataplane::buffers_forced()).into(),
                 links: Default::default(),
+                premaps: Default::default(),
             }),
         };
         client.inner.query("connection_request", json!({}), CONNECT_LIMIT)?;

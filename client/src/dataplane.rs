@@ -104,9 +104,15 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
             Some(vf) => vf,
             None => {
                 let size = rpx_runtime::plain_encoded_len(values[v]).map(|n| n as u64);
-                let vf = dp::write_value_file_beside(&dir, dp::Integrity::Namespace, size, |w| {
-                    rpx_runtime::encode_chunked(values[v], dp::STREAM_CHUNK, |piece| w.write_all(piece))
-                })
+                // Over a spare mapped ahead (a plain vector's bytes copied into place), else
+                // written the usual way.
+                let premapped = size.and_then(|s| client.premaps.write_over(&dir, s, |dst| rpx_runtime::encode_plain_into(values[v], dst)));
+                let vf = match premapped {
+                    Some(vf) => Ok(vf),
+                    None => dp::write_value_file_beside(&dir, dp::Integrity::Namespace, size, |w| {
+                        rpx_runtime::encode_chunked(values[v], dp::STREAM_CHUNK, |piece| w.write_all(piece))
+                    }),
+                }
                 .map_err(|e| {
                     Error::Protocol(format!("cannot write `{}` into the namespace of engine {id} ({}): {e}", named.name, dir.display()))
                 })?;

@@ -78,6 +78,7 @@ mod datalink;
 mod dataplane;
 mod error;
 mod io;
+mod premap;
 mod remote;
 mod result;
 mod targets;

@@ -216,7 +216,22 @@ impl DirectView {
             .client
             .direct_each(Chan::Mux, "apply_request", targets, parts, false)
             .inspect_err(|_| crate::dataplane::remove_files(&written))?;
-        Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |_, _| Ok(())).map(|_| ())))
+        // Same-host engines name their spares in the reply: mapped ahead of the next push.
+        let dirs: std::collections::HashMap<usize, std::path::PathBuf> =
+            targets.iter().filter_map(|(id, uuid)| self.client.local_namespace(uuid).map(|d| (*id, d))).collect();
+        let client = self.client.clone();
+        Ok(AsyncResult::new(tracker, move |tasks| {
+            collect_each(tasks, |t, r| {
+                if let Some(dir) = t.engine_id.and_then(|id| dirs.get(&id)) {
+                    let spares = rpx_protocol::dataplane::spares_from_content(&r.content);
+                    if !spares.is_empty() {
+                        client.premaps.offer(dir, spares);
+                    }
+                }
+                Ok(())
+            })
+            .map(|_| ())
+        }))
     }
 
     /// The value of `name` on each targeted engine, in target order.

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use rpx_protocol::apply::NamedType;
@@ -174,8 +174,7 @@ pub const MAX_SPARES: usize = 4;
 /// Most bytes a namespace's spares hold at once (memory the replaced values held a moment
 /// before, kept for at most [`SPARE_TTL`]).
 pub const MAX_SPARE_BYTES: u64 = 2 << 30;
-/// How long a spare is kept unclaimed before its pages are freed.
-pub const SPARE_TTL: Duration = Duration::from_secs(30);
+pub use rpx_protocol::dataplane::SPARE_TTL;
 
 /// The spares the engine made in its namespace, oldest first, with the time each is freed
 /// unless a transfer file claims it first (claiming renames it: it is then simply gone).
@@ -202,13 +201,13 @@ impl Spares {
     /// that may be written over (`unshared`, from
     /// [`SPARE_FROM`](rpx_protocol::dataplane::SPARE_FROM) bytes) becomes a spare, freed at
     /// `now` + [`SPARE_TTL`], while the namespace's spares stay within their bounds (by default
-    /// [`MAX_SPARES`] files and [`MAX_SPARE_BYTES`] bytes); the rest are removed
-    /// (`remove_later`, whose thread is returned).
-    pub fn retire(&mut self, dir: &Path, replaced: Vec<PathBuf>, now: Instant) -> Option<JoinHandle<()>> {
+    /// [`MAX_SPARES`] files and [`MAX_SPARE_BYTES`] bytes); returns the rest, to be removed
+    /// ([`remove_later`], once the push is answered).
+    pub fn retire(&mut self, dir: &Path, replaced: Vec<PathBuf>, now: Instant) -> Vec<PathBuf> {
         use rpx_protocol::dataplane::SPARE_PREFIX;
         use std::os::unix::fs::MetadataExt;
         if replaced.is_empty() {
-            return None;
+            return Vec::new();
         }
         let sizes: Option<Vec<u64>> = std::fs::read_dir(dir).ok().map(|d| {
             d.filter_map(Result::ok)
@@ -231,7 +230,20 @@ impl Spares {
                 remove.push(old);
             }
         }
-        remove_later(remove)
+        remove
+    }
+
+    /// The spares this engine made that are still there (not claimed, not freed), oldest first:
+    /// what a push's reply names ([`REPLY_SPARES_KEY`](rpx_protocol::dataplane::REPLY_SPARES_KEY)).
+    pub fn listed(&self) -> Vec<rpx_protocol::dataplane::Spare> {
+        use std::os::unix::fs::MetadataExt;
+        self.expiring
+            .iter()
+            .filter_map(|(path, _)| {
+                let size = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file())?.size();
+                Some(rpx_protocol::dataplane::Spare { file: path.file_name()?.to_str()?.to_string(), size })
+            })
+            .collect()
     }
 
     /// Free the spares whose time has come by `now` (on the engine's periodic tick); returns the
@@ -247,7 +259,7 @@ impl Spares {
 
 /// Remove files on a thread of their own (freeing a large file's pages costs about as much as
 /// writing them: off the request path), or here if no thread can be started; returns the thread.
-fn remove_later(paths: Vec<PathBuf>) -> Option<JoinHandle<()>> {
+pub fn remove_later(paths: Vec<PathBuf>) -> Option<JoinHandle<()>> {
     if paths.is_empty() {
         return None;
     }
@@ -397,6 +409,7 @@ pub fn put_cell(names: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn identifiers() {
@@ -475,7 +488,7 @@ mod tests {
         let replaced = adopt(d, &names, &[a, b.clone()], &mut digests, |_| Received::NotByLink).unwrap();
         assert_eq!(replaced.len(), 1, "only `a` had a value");
         assert_eq!(std::fs::read(&replaced[0]).unwrap(), b"old", "the replaced value is kept until removed");
-        if let Some(h) = Spares::default().retire(d, replaced.clone(), Instant::now()) {
+        if let Some(h) = remove_later(Spares::default().retire(d, replaced.clone(), Instant::now())) {
             h.join().unwrap();
         }
         assert!(!replaced[0].exists(), "a small replaced value is removed");
@@ -544,7 +557,7 @@ mod tests {
         let small = d.join(format!("{OLD_PREFIX}small"));
         std::fs::write(&small, b"tiny").unwrap();
         let held = vec![open.clone(), mapped.clone(), child_held.clone(), linked.clone(), small.clone()];
-        let removing = kept_spares.retire(d, held.clone(), t0).unwrap();
+        let removing = remove_later(kept_spares.retire(d, held.clone(), t0)).unwrap();
         assert!(spares().is_empty(), "nothing held elsewhere became a spare");
         removing.join().unwrap();
         assert!(held.iter().all(|p| !p.exists()), "and all were removed");
@@ -556,13 +569,18 @@ mod tests {
         // Free: spares, up to the bound on their number; the next is removed.
         let free: Vec<PathBuf> = (0..=MAX_SPARES).map(|i| old(&format!("free{i}"))).collect();
         let inodes: Vec<u64> = free.iter().map(|p| std::fs::metadata(p).unwrap().ino()).collect();
-        assert!(kept_spares.retire(d, free[..MAX_SPARES].to_vec(), t0).is_none(), "nothing to remove");
+        assert!(kept_spares.retire(d, free[..MAX_SPARES].to_vec(), t0).is_empty(), "nothing to remove");
+        let mut listed: Vec<u64> = kept_spares.listed().iter().map(|s| std::fs::metadata(d.join(&s.file)).unwrap().ino()).collect();
+        listed.sort();
+        let mut expected = inodes[..MAX_SPARES].to_vec();
+        expected.sort();
+        assert_eq!(listed, expected, "a push's reply names the spares");
         let kept = spares();
         assert_eq!(kept.len(), MAX_SPARES);
         assert!(kept.iter().all(|p| inodes[..MAX_SPARES].contains(&std::fs::metadata(p).unwrap().ino())));
         assert!(free[..MAX_SPARES].iter().all(|p| !p.exists()), "renamed to spares");
         // The namespace is full: the next one is removed, and its thread has nothing to wait for.
-        kept_spares.retire(d, free[MAX_SPARES..].to_vec(), t0).unwrap().join().unwrap();
+        remove_later(kept_spares.retire(d, free[MAX_SPARES..].to_vec(), t0)).unwrap().join().unwrap();
         assert!(!free[MAX_SPARES].exists());
         assert_eq!(spares().len(), MAX_SPARES);
         // Claimed spares leave room; the next transfer files are written over them, one each.
@@ -571,6 +589,7 @@ mod tests {
             std::fs::remove_file(d.join(file)).unwrap();
         }
         assert_eq!(spares().len(), 2);
+        assert_eq!(kept_spares.listed().len(), 2, "claimed spares are no longer named");
         // The next large transfer file is written over one.
         let value = vec![9u8; SPARE_FROM as usize + 5];
         let vf = rpx_protocol::dataplane::write_value_file_beside(d, Integrity::Namespace, Some(value.len() as u64), |w| {
@@ -581,7 +600,7 @@ mod tests {
         assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
         assert_eq!(spares().len(), 1);
         // Unclaimed spares are freed once their time has come, not before; one made later stays.
-        assert!(kept_spares.retire(d, vec![old("later")], t0 + SPARE_TTL).is_none());
+        assert!(kept_spares.retire(d, vec![old("later")], t0 + SPARE_TTL).is_empty());
         assert!(kept_spares.expire(t0 + SPARE_TTL - Duration::from_millis(1)).is_none());
         assert_eq!(spares().len(), 2);
         kept_spares.expire(t0 + SPARE_TTL).unwrap().join().unwrap();
@@ -594,8 +613,9 @@ mod tests {
         // removed, though there is room for more files.
         let mut by_bytes = Spares::bounded(MAX_SPARES, 2 * SPARE_FROM);
         let (first, second, third) = (old("b0"), old("b1"), old("b2"));
-        assert!(by_bytes.retire(d, vec![first, second], t0).is_none());
-        by_bytes.retire(d, vec![third.clone()], t0).unwrap().join().unwrap();
+        assert!(by_bytes.retire(d, vec![first, second], t0).is_empty());
+        assert_eq!(by_bytes.retire(d, vec![third.clone()], t0), vec![third.clone()]);
+        std::fs::remove_file(&third).unwrap();
         assert!(!third.exists());
         assert_eq!(spares().len(), 2);
     }

@@ -6,7 +6,7 @@
 //!
 //! | op | request | `apply_reply` (status `ok`) |
 //! |---|---|---|
-//! | push | `Op::Push { names, files }`, no buffers: `files[i]` is a [`ValueFile`] the client wrote in the engine's namespace under a [transfer name](is_transfer_name) | `[]`; the engine checked each file (a regular file of this user, the announced size) and renamed it to `names[i]` (all or none) |
+//! | push | `Op::Push { names, files }`, no buffers: `files[i]` is a [`ValueFile`] the client wrote in the engine's namespace under a [transfer name](is_transfer_name) | `[]`; the engine checked each file (a regular file of this user, the announced size) and renamed it to `names[i]` (all or none); content key [`REPLY_SPARES_KEY`] lists the namespace's [`Spare`]s once the values they replaced were retired |
 //! | pull | `Op::Pull { names, files: Some(PullFiles::SameHost) }` | no buffers; content key [`REPLY_FILES_KEY`] lists one [`ValueFile`] per name: a hard link of the value under a transfer name, which the client reads, checks and removes |
 //!
 //! Transfer names start with `.` so they are never variable names: a cell or closure never sees
@@ -26,7 +26,10 @@
 //! it replaced as a *spare* ([`SPARE_PREFIX`]) when nothing else can still read them, and the
 //! next transfer file of about that size is written over a spare ([`write_value_file_beside`]
 //! with a size): claimed by renaming it to a fresh transfer name, so it has one writer, and cut
-//! to the value's size. The engine decides what may become a spare and how long it is kept.
+//! to the value's size. The engine decides what may become a spare and how long it is kept
+//! ([`SPARE_TTL`]). A push's reply names the spares there are, so that a same-host client can
+//! map one for writing before its next push (the mapping, not the copy, is most of the cost of
+//! writing 100 MB over a spare) and claim it by the same rename ([`claim_named_spare`]).
 //!
 //! Who may use it is decided by one rule, [`local_namespace`]: the engine announced a
 //! [`HostIdentity`] when it registered (forwarded by the controller in
@@ -53,6 +56,53 @@ pub const REPLY_FILES_KEY: &str = "rpx_files";
 pub const TRANSFER_PREFIX: &str = ".xfer-";
 /// Prefix of spare files: the pages of a replaced value, kept to be written over.
 pub const SPARE_PREFIX: &str = ".spare-";
+/// Key of the namespace's spares ([`Spare`]s) in a same-host push's `apply_reply` content.
+pub const REPLY_SPARES_KEY: &str = "rpx_spares";
+/// How long an engine keeps a spare unclaimed before freeing its pages.
+pub const SPARE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A spare in an engine's namespace, as a push's reply names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spare {
+    /// Its name in the namespace ([`SPARE_PREFIX`] and a uuid).
+    pub file: String,
+    pub size: u64,
+}
+
+/// Whether `name` is a spare's name (`.spare-` and a uuid): never a variable, never a path.
+pub fn is_spare_name(name: &str) -> bool {
+    name.strip_prefix(SPARE_PREFIX).is_some_and(|rest| rest.len() == 36 && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+}
+
+/// The spares a push's `apply_reply` content names (none if it names none, or none well formed).
+pub fn spares_from_content(content: &serde_json::Value) -> Vec<Spare> {
+    let listed: Vec<Spare> = content.get(REPLY_SPARES_KEY).and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
+    listed.into_iter().filter(|s| is_spare_name(&s.file)).collect()
+}
+
+/// Claim the spare `spare` of `dir`, known to the caller as the file `ino` of `size` bytes it
+/// holds open (and has mapped): renamed to a fresh transfer name, then checked to be that file,
+/// still of that size, a regular file of this user with no other name. The transfer name, or `None` if another claimant renamed it
+/// first (or it is gone); a file that is not the one expected is removed.
+pub fn claim_named_spare(dir: &Path, spare: &str, ino: u64, size: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if !is_spare_name(spare) {
+        return None;
+    }
+    let file = transfer_name();
+    let path = dir.join(&file);
+    std::fs::rename(dir.join(spare), &path).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() && m.uid() == me && m.nlink() == 1 && m.ino() == ino && m.size() == size => Some(file),
+        _ => {
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+    }
+}
+
 /// Values from this size on are written over a spare when there is one (smaller ones cost
 /// little to write fresh, and would free most of a large spare's pages when they cut it).
 pub const SPARE_FROM: u64 = 8 << 20;

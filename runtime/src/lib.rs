@@ -104,6 +104,22 @@ pub fn plain_encoded_len<T: ?Sized>(value: &T) -> Option<usize> {
     Some(LengthPrefix::of(elements.count).len() + elements.bytes.len())
 }
 
+/// Write [`encode`]'s bytes of a vector or slice of `f64`, `f32`, `u8` or `i8` into `dst`, which
+/// must be exactly [`plain_encoded_len`] bytes (a mapping of the file it goes to): the length
+/// prefix, then the elements copied on every core. `false`, with nothing written, for any other
+/// type or length.
+pub fn encode_plain_into<T: ?Sized>(value: &T, dst: &mut [u8]) -> bool {
+    let Some(elements) = plain_elements(value) else { return false };
+    let prefix = LengthPrefix::of(elements.count);
+    if dst.len() != prefix.len() + elements.bytes.len() {
+        return false;
+    }
+    let (head, body) = dst.split_at_mut(prefix.len());
+    head.copy_from_slice(prefix.bytes());
+    copy_on_every_core(body, elements.bytes);
+    true
+}
+
 /// The length prefix postcard writes before a sequence of `count` elements (a varint of 1 to 10
 /// bytes): the one place a plain vector's prefix is made or measured.
 struct LengthPrefix {
@@ -930,6 +946,14 @@ mod tests {
             assert_eq!(plain_elements(v).is_some(), plain, "{}", std::any::type_name::<T>());
             assert!(encode(v) == expected, "{}", std::any::type_name::<T>());
             assert_eq!(super::plain_encoded_len(v), plain.then_some(expected.len()));
+            let mut into = vec![0xAAu8; expected.len()];
+            assert_eq!(super::encode_plain_into(v, &mut into), plain);
+            assert!(into == if plain { expected.clone() } else { vec![0xAA; expected.len()] }, "{}", std::any::type_name::<T>());
+            let mut longer = vec![0xAAu8; expected.len() + 1];
+            assert!(
+                !super::encode_plain_into(v, &mut longer) && longer.iter().all(|&b| b == 0xAA),
+                "a buffer of another size is left alone"
+            );
             for chunk in [1, 2, 3, 7, 128, 129, 1 << 20] {
                 let cut: Vec<Vec<u8>> = expected.chunks(chunk).map(<[u8]>::to_vec).collect();
                 assert!(pieces(v, chunk) == cut, "{} in pieces of {chunk}", std::any::type_name::<T>());

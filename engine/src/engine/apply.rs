@@ -44,8 +44,16 @@ impl Engine {
                         for n in names {
                             self.bindings.pushed(n.name, n.type_name);
                         }
-                        self.out.ok(&req, md, &[]);
-                        self.spares.retire(&self.ns_dir, replaced, Instant::now());
+                        // Spares first, so that the reply can name them (a same-host client maps
+                        // one ahead of its next push); what is freed is freed after the reply.
+                        let removing = self.spares.retire(&self.ns_dir, replaced, Instant::now());
+                        let spares = self.spares.listed();
+                        if spares.is_empty() {
+                            self.out.ok(&req, md, &[]);
+                        } else {
+                            self.out.ok_with(&req, md, rpx_protocol::dataplane::REPLY_SPARES_KEY, json!(spares));
+                        }
+                        crate::namespace::remove_later(removing);
                     }
                     Err(e) => self.out.apply_error(&req, md, &EngineError::new(ename::UNSUPPORTED_PAYLOAD, e, vec![])),
                 }

@@ -1,0 +1,308 @@
+//! Spares mapped ahead of the pushes that write over them (same host only).
+//!
+//! Writing 100 MB over a spare's existing pages costs about 20 ms, and most of it is the kernel
+//! setting up the mapping page by page, not the copy (`examples/dp_micro.rs`, step 1e: mapped
+//! and populated for writing beforehand 10 ms, then the copy 5-7 ms on two cores). A push's
+//! reply names the spares its engine holds (`rpx_protocol::dataplane::REPLY_SPARES_KEY`);
+//! [`Premaps`] maps them on a thread of its own, off every request's path, and the next push of
+//! a plain vector that fits one claims it by the same rename any claimant uses
+//! (`rpx_protocol::dataplane::claim_named_spare`), copies the value into the mapping and hands
+//! the mapping back to the thread to be unmapped.
+//!
+//! Nothing is ever written through a mapping before its rename succeeded: until then the spare
+//! belongs to the engine (which may free it, or give it to another claimant), and a mapping of
+//! a spare someone else claimed is only dropped. Mappings are dropped when a later reply no
+//! longer names their spare, when the file is gone, and at the latest after
+//! [`SPARE_TTL`](rpx_protocol::dataplane::SPARE_TTL) (when the engine frees unclaimed spares), so
+//! the client never keeps a freed spare's pages alive for long. A push does not wait for the
+//! thread: a spare not yet mapped is claimed the usual way (`write_value_file_beside`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use memmap2::{Advice, MmapMut, MmapOptions};
+use rpx_protocol::dataplane::{self as dp, Spare, ValueFile, SPARE_TTL};
+
+/// Most spares mapped ahead per namespace.
+const MAX_PER_NAMESPACE: usize = 4;
+/// How often the thread looks for mapped spares that are gone.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// A spare mapped for writing, not yet claimed.
+struct Premapped {
+    file: String,
+    ino: u64,
+    map: MmapMut,
+    /// The spare's file, kept open for cutting it to the value's size once claimed.
+    handle: std::fs::File,
+    mapped_at: Instant,
+}
+
+/// What the mapping thread is asked to do.
+enum Job {
+    /// The spares `dir` holds now: map those not mapped, drop mappings of the others.
+    Offer(PathBuf, Vec<Spare>),
+    /// Unmap (a claimed spare, written).
+    Unmap(MmapMut),
+    /// Answered once every job before it is done and gone spares are dropped (tests).
+    #[cfg(test)]
+    Settle(Sender<()>),
+}
+
+/// The client's spares mapped ahead, by namespace directory, and the thread that maps them.
+#[derive(Default)]
+pub(crate) struct Premaps {
+    mapped: Arc<Mutex<HashMap<PathBuf, Vec<Premapped>>>>,
+    jobs: Mutex<Option<Sender<Job>>>,
+}
+
+impl Premaps {
+    /// The spares `dir` holds after a push (from its reply): mapped on the thread, in the
+    /// background.
+    pub fn offer(&self, dir: &Path, spares: Vec<Spare>) {
+        self.send(Job::Offer(dir.to_path_buf(), spares));
+    }
+
+    /// Wait until every offer made so far is mapped (or refused), at most `limit`.
+    #[cfg(test)]
+    pub fn settle(&self, limit: Duration) -> bool {
+        let (tx, rx) = channel();
+        self.send(Job::Settle(tx));
+        rx.recv_timeout(limit).is_ok()
+    }
+
+    /// How many spares of `dir` are mapped ahead.
+    #[cfg(test)]
+    pub fn mapped_in(&self, dir: &Path) -> usize {
+        self.mapped.lock().unwrap_or_else(|p| p.into_inner()).get(dir).map_or(0, Vec::len)
+    }
+
+    /// Write `size` bytes with `fill` over a spare of `dir` mapped ahead that holds them with at
+    /// most half as much again to spare (as `claim_spare` picks), claimed first. `None` when
+    /// no such spare is mapped or the claim fails (another claimant won, or it is gone): the
+    /// caller writes a transfer file the usual way. `fill` gets exactly `size` bytes.
+    pub fn write_over(&self, dir: &Path, size: u64, fill: impl FnOnce(&mut [u8]) -> bool) -> Option<ValueFile> {
+        let roomy = size.saturating_add(size / 2);
+        let picked = {
+            let mut mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+            let list = mapped.get_mut(dir)?;
+            let best =
+                (0..list.len()).filter(|&i| (size..=roomy).contains(&(list[i].map.len() as u64))).min_by_key(|&i| list[i].map.len())?;
+            list.swap_remove(best)
+        };
+        let Premapped { file: spare, ino, mut map, handle, .. } = picked;
+        let written = dp::claim_named_spare(dir, &spare, ino, map.len() as u64).and_then(|file| {
+            let len = usize::try_from(size).ok()?;
+            if !fill(&mut map[..len]) {
+                let _ = std::fs::remove_file(dir.join(&file));
+                return None;
+            }
+            if map.len() != len && handle.set_len(size).is_err() {
+                let _ = std::fs::remove_file(dir.join(&file));
+                return None;
+            }
+            Some(ValueFile { file, size, blake3: None })
+        });
+        self.send(Job::Unmap(map));
+        written
+    }
+
+    fn send(&self, job: Job) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.is_none() {
+            let (tx, rx) = channel();
+            let mapped = self.mapped.clone();
+            let started = std::thread::Builder::new().name("rpx-premap".into()).spawn(move || run(rx, mapped));
+            if started.is_err() {
+                // No thread: nothing is mapped ahead; pushes write the usual way.
+                return;
+            }
+            *jobs = Some(tx);
+        }
+        if let Some(tx) = jobs.as_ref() {
+            let _ = tx.send(job);
+        }
+    }
+}
+
+/// The mapping thread: runs jobs, and drops mappings of spares that are gone or old.
+fn run(rx: Receiver<Job>, mapped: Arc<Mutex<HashMap<PathBuf, Vec<Premapped>>>>) {
+    // Mapping ahead should use time no one else wants: lowest priority, so that the user's own
+    // threads come first. (On 2 busy cores it still slows a pull or gather that overlaps it:
+    // the populating is kernel work the pull's mapping and page faults contend with.)
+    // SAFETY: setpriority on this thread's own id (Linux threads have their own nice value).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    let lock = || mapped.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        match rx.recv_timeout(SWEEP) {
+            Ok(Job::Offer(dir, spares)) => {
+                // Drop mappings of spares no longer listed (claimed or freed since).
+                let stale: Vec<Premapped> = {
+                    let mut all = lock();
+                    let list = all.entry(dir.clone()).or_default();
+                    let (keep, stale) = std::mem::take(list).into_iter().partition(|p| spares.iter().any(|s| s.file == p.file));
+                    *list = keep;
+                    stale
+                };
+                drop(stale);
+                for spare in spares {
+                    let known = lock().get(&dir).is_some_and(|l| l.len() >= MAX_PER_NAMESPACE || l.iter().any(|p| p.file == spare.file));
+                    if known || spare.size < dp::SPARE_FROM {
+                        continue;
+                    }
+                    if let Some(p) = map_spare(&dir, &spare) {
+                        lock().entry(dir.clone()).or_default().push(p);
+                    }
+                }
+            }
+            Ok(Job::Unmap(map)) => drop(map),
+            #[cfg(test)]
+            Ok(Job::Settle(ack)) => {
+                drop(gone(&mut lock()));
+                let _ = ack.send(());
+            }
+            Err(RecvTimeoutError::Timeout) => drop(gone(&mut lock())),
+            // The client is gone: its mappings go with the thread.
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Take out the mappings of spares that are gone (claimed or freed) or as old as the time the
+/// engine keeps a spare, to be dropped once the lock is released.
+fn gone(all: &mut HashMap<PathBuf, Vec<Premapped>>) -> Vec<Premapped> {
+    let mut gone = Vec::new();
+    for (dir, list) in all.iter_mut() {
+        let (keep, old): (Vec<Premapped>, Vec<Premapped>) = std::mem::take(list).into_iter().partition(|p| {
+            p.mapped_at.elapsed() < SPARE_TTL && std::fs::symlink_metadata(dir.join(&p.file)).is_ok_and(|m| m.ino() == p.ino)
+        });
+        *list = keep;
+        gone.extend(old);
+    }
+    all.retain(|_, l| !l.is_empty());
+    gone
+}
+
+/// Map spare `spare` of `dir` for writing, its pages populated for writing (so that the copy
+/// takes no fault): `None` if it is not a regular file of this user with one name and the
+/// listed size, or cannot be mapped.
+fn map_spare(dir: &Path, spare: &Spare) -> Option<Premapped> {
+    if !dp::is_spare_name(&spare.file) {
+        return None;
+    }
+    let handle = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(dir.join(&spare.file)).ok()?;
+    let md = handle.metadata().ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_file() || md.uid() != me || md.nlink() != 1 || md.size() != spare.size {
+        return None;
+    }
+    let len = usize::try_from(spare.size).ok()?;
+    // SAFETY: a shared mapping of a spare file in this user's private namespace directory. Its
+    // pages are only written after this client claimed the file by renaming it
+    // (`Premaps::write_over`); until then nothing reads or writes them through this mapping, and
+    // the file is never cut while mapped by another claimant without the claim failing here
+    // first (a file cut under the mapping would fault only if touched, which is never done
+    // unclaimed).
+    let map = unsafe { MmapOptions::new().len(len).map_mut(&handle) }.ok()?;
+    // Without it the copy faults each page for writing itself: slower, still right.
+    let _ = map.advise(Advice::PopulateWrite);
+    Some(Premapped { file: spare.file.clone(), ino: md.ino(), map, handle, mapped_at: Instant::now() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    fn spare(dir: &Path, size: u64) -> (Spare, u64) {
+        let file = dp::transfer_name().replace(dp::TRANSFER_PREFIX, dp::SPARE_PREFIX);
+        std::fs::write(dir.join(&file), vec![0xEEu8; size as usize]).unwrap();
+        let ino = std::fs::metadata(dir.join(&file)).unwrap().ino();
+        (Spare { file, size }, ino)
+    }
+
+    fn fill_with(value: &[u8]) -> impl FnOnce(&mut [u8]) -> bool + '_ {
+        move |dst| {
+            assert_eq!(dst.len(), value.len(), "the fill gets exactly the value's size");
+            dst.copy_from_slice(value);
+            true
+        }
+    }
+
+    /// An offered spare is mapped ahead; the next value of about its size is written over it
+    /// (same file, cut to the value's size, under a transfer name, the spare's name gone), and
+    /// the mapping is used once.
+    #[test]
+    fn an_offered_spare_is_written_over_once_claimed() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = dir.path();
+        let premaps = Premaps::default();
+        let (s, ino) = spare(d, dp::SPARE_FROM + 4096);
+        premaps.offer(d, vec![s.clone()]);
+        assert!(premaps.settle(LIMIT));
+        assert_eq!(premaps.mapped_in(d), 1);
+        let value: Vec<u8> = (0..dp::SPARE_FROM + 100).map(|i| (i % 251) as u8).collect();
+        let vf = premaps.write_over(d, value.len() as u64, fill_with(&value)).unwrap();
+        assert!(dp::is_transfer_name(&vf.file));
+        assert_eq!((vf.size, vf.blake3.as_deref()), (value.len() as u64, None));
+        let md = std::fs::metadata(d.join(&vf.file)).unwrap();
+        assert_eq!((md.ino(), md.len()), (ino, value.len() as u64));
+        assert!(std::fs::read(d.join(&vf.file)).unwrap() == value);
+        assert!(!d.join(&s.file).exists());
+        assert_eq!(premaps.mapped_in(d), 0);
+        assert!(premaps.write_over(d, value.len() as u64, fill_with(&value)).is_none(), "used once");
+    }
+
+    /// A spare someone else claimed first is never written; a much larger spare is left mapped
+    /// for a value of its size; a failed fill leaves no file; spares no longer listed, or gone,
+    /// are dropped.
+    #[test]
+    fn only_a_spare_this_client_claimed_is_written() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = dir.path();
+        let premaps = Premaps::default();
+        let value = vec![7u8; dp::SPARE_FROM as usize];
+        // Claimed by another (renamed away) after it was mapped here.
+        let (taken, taken_ino) = spare(d, dp::SPARE_FROM);
+        premaps.offer(d, vec![taken.clone()]);
+        assert!(premaps.settle(LIMIT));
+        std::fs::rename(d.join(&taken.file), d.join("claimed-elsewhere")).unwrap();
+        assert!(premaps.write_over(d, value.len() as u64, fill_with(&value)).is_none());
+        assert_eq!(std::fs::metadata(d.join("claimed-elsewhere")).unwrap().ino(), taken_ino);
+        assert!(std::fs::read(d.join("claimed-elsewhere")).unwrap().iter().all(|&b| b == 0xEE), "not written");
+        // Much larger than the value: left for a value of its size.
+        let (huge, _) = spare(d, 4 * dp::SPARE_FROM);
+        premaps.offer(d, vec![huge.clone()]);
+        assert!(premaps.settle(LIMIT));
+        assert!(premaps.write_over(d, value.len() as u64, fill_with(&value)).is_none());
+        assert_eq!(premaps.mapped_in(d), 1);
+        // A fill that fails: the claimed file is removed, nothing is adopted.
+        let vf = premaps.write_over(d, 4 * dp::SPARE_FROM, |_| false);
+        assert!(vf.is_none());
+        assert!(!d.join(&huge.file).exists());
+        assert_eq!(std::fs::read_dir(d).unwrap().count(), 1, "only the file claimed elsewhere is left");
+        // Not listed any more, or gone: dropped.
+        let (a, _) = spare(d, dp::SPARE_FROM);
+        let (b, _) = spare(d, dp::SPARE_FROM);
+        premaps.offer(d, vec![a.clone(), b.clone()]);
+        assert!(premaps.settle(LIMIT));
+        assert_eq!(premaps.mapped_in(d), 2);
+        premaps.offer(d, vec![b.clone()]);
+        assert!(premaps.settle(LIMIT));
+        assert_eq!(premaps.mapped_in(d), 1);
+        std::fs::remove_file(d.join(&b.file)).unwrap();
+        assert!(premaps.settle(LIMIT));
+        assert_eq!(premaps.mapped_in(d), 0);
+        // Not a spare's name, or small: never mapped.
+        let (small, _) = spare(d, dp::SPARE_FROM - 1);
+        premaps.offer(d, vec![small, Spare { file: "../escape".into(), size: dp::SPARE_FROM }]);
+        assert!(premaps.settle(LIMIT));
+        assert_eq!(premaps.mapped_in(d), 0);
+    }
+}
