@@ -14,11 +14,13 @@
 //! get the same requests, the files written and fetched over the link with their BLAKE3
 //! (`crate::datalink`); every other engine gets the buffers.
 //!
-//! Where the time goes for 100 MB (`examples/dp_micro.rs`): a push is bounded by the kernel
-//! allocating and zeroing fresh tmpfs pages as they are written (on the writing thread, beside
-//! the encoding: 43-48 ms); a pull by mapping the snapshot (8-12 ms) and filling the new vector,
-//! in huge pages and on every core (16 ms for a fresh 100 MB vector in huge pages, 66 in 4 KiB
-//! pages).
+//! Where the time goes for 100 MB (`examples/dp_micro.rs`): a push into a new file is bounded by
+//! the kernel allocating and zeroing fresh tmpfs pages as they are written (on the writing
+//! thread, beside the encoding: 35-48 ms); over an engine's spare, by the kernel mapping the
+//! existing pages as they are written (20 ms); over a spare mapped ahead (`crate::premap`), by
+//! the copy alone (7 ms). A pull is bounded by mapping the snapshot (6-12 ms) and filling the new
+//! vector, in huge pages and on every core (9-16 ms for a fresh 100 MB vector in huge pages, 45-66
+//! in 4 KiB pages).
 
 use std::collections::HashMap;
 use std::io::Write;
