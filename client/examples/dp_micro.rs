@@ -3,9 +3,15 @@
 //! - push, client: the value encoded straight into a transfer file, the file written by the
 //!   encoding thread or by a second one (what the client does), with no digest (as on one host
 //!   now) and with a BLAKE3 computed on the way (as before, and as a data link does);
-//!   and written over a spare (the pages of a value the engine replaced);
+//!   and written over a spare (the pages of a value the engine replaced); over a spare mapped
+//!   and populated for writing ahead (what the client does once a reply named it, 1e: the
+//!   mapping, the copy and the unmapping timed apart); and two ways of writing a new file that
+//!   are slower than `write` from one thread, kept as measured (1f: mapped and copied into on
+//!   every core, each page faulted in; 1g: two threads writing halves, serialised by the file);
 //! - push, engine: the file checked (size, kind, owner), and with its BLAKE3 (as before);
-//! - pull, client: the file mapped (and its digest checked, as before), then decoded;
+//! - pull, client: the file mapped (and its digest checked, as before), then decoded; and a plain
+//!   vector's pull as it is done, mapped and copied into fresh huge pages on every core, with the
+//!   mapping populated up front (4b, as `Mapped` does) or faulted in by the copying threads (4c);
 //! - a pushed value read on the engine (`rpx_runtime::get`): mapped and copied into place, and as before;
 //!
 //! and, for reference, the separate passes before the push was streamed: encode into memory,
@@ -70,6 +76,52 @@ fn main() {
         })
         .unwrap();
         time("1c push: as 1b, no digest (one host)", t);
+        // A new file of the value's size, mapped, the value copied into it on every core (each
+        // core faulting in its own fresh pages).
+        std::fs::remove_file(dir.join(&vf.file)).unwrap();
+        let t = Instant::now();
+        let fresh = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.join(&vf.file)).unwrap();
+        fresh.set_len(size as u64).unwrap();
+        let fm = map_shared(&fresh, size);
+        {
+            let prefix = rpx_runtime::postcard::to_stdvec(&(data.len() as u64)).unwrap();
+            // SAFETY: `fm` maps `size` writable bytes: the prefix, then the elements' bytes.
+            let dst = unsafe { std::slice::from_raw_parts_mut(fm as *mut u8, size) };
+            dst[..prefix.len()].copy_from_slice(&prefix);
+            // SAFETY: f64 has no padding: the vector's memory is `8 * len` initialised bytes.
+            let elements = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 8) };
+            rpx_runtime::copy_on_every_core(&mut dst[prefix.len()..], elements);
+        }
+        time("1f push: a new file mapped, copied into on every core", t);
+        let t = Instant::now();
+        // SAFETY: unmapping exactly what `map_shared` mapped.
+        unsafe { libc::munmap(fm, size) };
+        time("1f push: that new file unmapped", t);
+        // A new file written by two threads at once, each its half with `pwrite`.
+        std::fs::remove_file(dir.join(&vf.file)).unwrap();
+        let t = Instant::now();
+        {
+            use std::os::unix::fs::FileExt;
+            let fresh = std::fs::OpenOptions::new().write(true).create_new(true).open(dir.join(&vf.file)).unwrap();
+            let prefix = rpx_runtime::postcard::to_stdvec(&(data.len() as u64)).unwrap();
+            // SAFETY: f64 has no padding: the vector's memory is `8 * len` initialised bytes.
+            let elements = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 8) };
+            fresh.write_all_at(&prefix, 0).unwrap();
+            let half = elements.len() / 2;
+            let p = prefix.len() as u64;
+            std::thread::scope(|sc| {
+                let f = &fresh;
+                sc.spawn(move || {
+                    for (i, c) in elements[half..].chunks(1 << 20).enumerate() {
+                        f.write_all_at(c, p + half as u64 + (i << 20) as u64).unwrap();
+                    }
+                });
+                for (i, c) in elements[..half].chunks(1 << 20).enumerate() {
+                    f.write_all_at(c, p + (i << 20) as u64).unwrap();
+                }
+            });
+        }
+        time("1g push: a new file written by two threads", t);
         // The previous value's pages kept as a spare (as an engine keeps a replaced value) and
         // written over, the value's size known (a plain vector).
         std::fs::rename(dir.join(&vf.file), dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();
@@ -119,6 +171,23 @@ fn main() {
         let t = Instant::now();
         let back: Vec<f64> = rpx_runtime::decode(&bytes).unwrap();
         time("4 pull: decode", t);
+        // What a pull of a plain vector does: the snapshot mapped, copied into a fresh vector in
+        // huge pages on every core; and the same with the source's pages left to the copying
+        // threads to fault in (no MAP_POPULATE).
+        for (step, populate) in
+            [("4b pull: mapped populated, copied into place", true), ("4c pull: mapped unpopulated, copied into place", false)]
+        {
+            let t = Instant::now();
+            let f = std::fs::File::open(dir.join(&vf.file)).unwrap();
+            let src = if populate { map_populated(&f, size) } else { map_read(&f, size) };
+            let mut v: Vec<u8> = rpx_runtime::plain_zeroed(size).unwrap();
+            // SAFETY: `src` maps `size` readable bytes until the munmap below.
+            rpx_runtime::copy_on_every_core(&mut v, unsafe { std::slice::from_raw_parts(src as *const u8, size) });
+            time(step, t);
+            // SAFETY: unmapping exactly what was mapped.
+            unsafe { libc::munmap(src, size) };
+            std::hint::black_box(&v);
+        }
         assert_eq!(back.len(), data.len());
         drop((back, bytes));
         std::fs::remove_file(dir.join(&vf.file)).unwrap();
@@ -190,6 +259,15 @@ fn main() {
         ms.sort_by(|a, b| a.total_cmp(b));
         println!("{step:42} min {:6.1} ms  median {:6.1} ms", ms[0], ms[ms.len() / 2]);
     }
+}
+
+/// A private read-only mapping of the first `len` bytes of `f`, its pages faulted in as read.
+fn map_read(f: &std::fs::File, len: usize) -> *mut libc::c_void {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh mapping of `len` (> 0) bytes of an open file, checked for failure.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    p
 }
 
 /// A private read-only mapping of the first `len` bytes of `f`, its pages mapped up front.
