@@ -107,7 +107,7 @@ impl Premaps {
             }
             Some(ValueFile { file, size, blake3: None })
         });
-        if std::env::var("XX_SYNCUNMAP").is_ok() { drop(map) } else { self.send(Job::Unmap(map)); }
+        self.send(Job::Unmap(map));
         written
     }
 
