@@ -83,15 +83,8 @@ fn main() {
         let fresh = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.join(&vf.file)).unwrap();
         fresh.set_len(size as u64).unwrap();
         let fm = map_shared(&fresh, size);
-        {
-            let prefix = rpx_runtime::postcard::to_stdvec(&(data.len() as u64)).unwrap();
-            // SAFETY: `fm` maps `size` writable bytes: the prefix, then the elements' bytes.
-            let dst = unsafe { std::slice::from_raw_parts_mut(fm as *mut u8, size) };
-            dst[..prefix.len()].copy_from_slice(&prefix);
-            // SAFETY: f64 has no padding: the vector's memory is `8 * len` initialised bytes.
-            let elements = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 8) };
-            rpx_runtime::copy_on_every_core(&mut dst[prefix.len()..], elements);
-        }
+        // SAFETY: `fm` maps `size` writable bytes, the encoding's size.
+        assert!(rpx_runtime::encode_plain_into(&data, unsafe { std::slice::from_raw_parts_mut(fm as *mut u8, size) }));
         time("1f push: a new file mapped, copied into on every core", t);
         let t = Instant::now();
         // SAFETY: unmapping exactly what `map_shared` mapped.
@@ -142,13 +135,8 @@ fn main() {
         assert_eq!(populated, 0);
         time("1e push: a spare mapped and populated for writing (beforehand)", t);
         let t = Instant::now();
-        let prefix = rpx_runtime::postcard::to_stdvec(&(data.len() as u64)).unwrap();
-        // SAFETY: `premapped` maps `size` writable bytes: the prefix, then the elements' bytes.
-        let dst = unsafe { std::slice::from_raw_parts_mut(premapped as *mut u8, size) };
-        dst[..prefix.len()].copy_from_slice(&prefix);
-        // SAFETY: f64 has no padding: the vector's memory is `8 * len` initialised bytes.
-        let elements = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 8) };
-        rpx_runtime::copy_on_every_core(&mut dst[prefix.len()..], elements);
+        // SAFETY: `premapped` maps `size` writable bytes, the encoding's size.
+        assert!(rpx_runtime::encode_plain_into(&data, unsafe { std::slice::from_raw_parts_mut(premapped as *mut u8, size) }));
         time("1e push: copied into the premapped spare", t);
         let t = Instant::now();
         // SAFETY: unmapping exactly what `map_shared` mapped.
