@@ -48,6 +48,9 @@ impl ClientInner {
     }
 }
 
+/// The transfer files a push wrote: (engine id, its namespace directory, file).
+pub(crate) type Written = Vec<(usize, PathBuf, String)>;
+
 /// One request per target: its content and buffers.
 pub(crate) type Parts = Vec<(Value, Vec<Bytes>)>;
 
@@ -63,7 +66,7 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
     named: NamedType,
     values: &[&T],
     value_of: &[usize],
-) -> Result<(Parts, Vec<(PathBuf, String)>)> {
+) -> Result<(Parts, Written)> {
     // Files already written for a value: (dir, file) to link from; buffers already encoded.
     let mut written: HashMap<usize, (PathBuf, ValueFile)> = HashMap::new();
     let mut encoded: HashMap<usize, Bytes> = HashMap::new();
@@ -89,7 +92,7 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
         }
     }
     let mut parts: Parts = Vec::with_capacity(targets.len());
-    let mut made: Vec<(PathBuf, String)> = Vec::new();
+    let mut made: Written = Vec::new();
     let result = targets.iter().enumerate().try_for_each(|(i, (id, uuid))| {
         let v = value_of[i];
         if let Some(vf) = streamed.remove(&i) {
@@ -122,7 +125,7 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
                 vf
             }
         };
-        made.push((dir, vf.file.clone()));
+        made.push((*id, dir, vf.file.clone()));
         parts.push((Op::Push { names: vec![named.clone()], files: vec![vf] }.to_content(), vec![]));
         Ok(())
     });
@@ -136,8 +139,8 @@ pub(crate) fn push_parts<T: Serialize + ?Sized>(
 }
 
 /// Remove transfer files that will not be sent.
-pub(crate) fn remove_files(files: &[(PathBuf, String)]) {
-    for (dir, f) in files {
+pub(crate) fn remove_files(files: &Written) {
+    for (_, dir, f) in files {
         let _ = std::fs::remove_file(dir.join(f));
     }
 }

@@ -81,17 +81,15 @@ impl Premaps {
         self.mapped.lock().unwrap_or_else(|p| p.into_inner()).get(dir).map_or(0, Vec::len)
     }
 
-    /// Write `size` bytes with `fill` over a spare of `dir` mapped ahead that holds them with at
-    /// most half as much again to spare (as `claim_spare` picks), claimed first. `None` when
+    /// Write `size` bytes with `fill` over a spare of `dir` mapped ahead that fits them
+    /// ([`spare_fits`](dp::spare_fits), the smallest first), claimed first. `None` when
     /// no such spare is mapped or the claim fails (another claimant won, or it is gone): the
     /// caller writes a transfer file the usual way. `fill` gets exactly `size` bytes.
     pub fn write_over(&self, dir: &Path, size: u64, fill: impl FnOnce(&mut [u8]) -> bool) -> Option<ValueFile> {
-        let roomy = size.saturating_add(size / 2);
         let picked = {
             let mut mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
             let list = mapped.get_mut(dir)?;
-            let best =
-                (0..list.len()).filter(|&i| (size..=roomy).contains(&(list[i].map.len() as u64))).min_by_key(|&i| list[i].map.len())?;
+            let best = (0..list.len()).filter(|&i| dp::spare_fits(list[i].map.len() as u64, size)).min_by_key(|&i| list[i].map.len())?;
             list.swap_remove(best)
         };
         let Premapped { file: spare, ino, mut map, handle, .. } = picked;

@@ -217,8 +217,7 @@ impl DirectView {
             .direct_each(Chan::Mux, "apply_request", targets, parts, false)
             .inspect_err(|_| crate::dataplane::remove_files(&written))?;
         // Same-host engines name their spares in the reply: mapped ahead of the next push.
-        let dirs: std::collections::HashMap<usize, std::path::PathBuf> =
-            targets.iter().filter_map(|(id, uuid)| self.client.local_namespace(uuid).map(|d| (*id, d))).collect();
+        let dirs: std::collections::HashMap<usize, std::path::PathBuf> = written.into_iter().map(|(id, dir, _)| (id, dir)).collect();
         let client = self.client.clone();
         Ok(AsyncResult::new(tracker, move |tasks| {
             collect_each(tasks, |t, r| {

@@ -209,14 +209,9 @@ impl Spares {
         if replaced.is_empty() {
             return Vec::new();
         }
-        let sizes: Option<Vec<u64>> = std::fs::read_dir(dir).ok().map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(SPARE_PREFIX)))
-                .filter_map(|e| e.metadata().ok().map(|m| m.size()))
-                .collect()
-        });
-        // A namespace that cannot be listed keeps no more spares.
-        let (mut count, mut bytes) = sizes.map_or((self.most, self.most_bytes), |s| (s.len(), s.iter().sum()));
+        // The spares there are: those this engine made and nobody claimed or freed yet.
+        let kept = self.listed();
+        let (mut count, mut bytes) = (kept.len(), kept.iter().map(|s| s.size).sum::<u64>());
         let mut remove: Vec<PathBuf> = Vec::new();
         for old in replaced {
             let spare = dir.join(format!("{SPARE_PREFIX}{}", uuid::Uuid::new_v4()));

@@ -71,7 +71,18 @@ pub struct Spare {
 
 /// Whether `name` is a spare's name (`.spare-` and a uuid): never a variable, never a path.
 pub fn is_spare_name(name: &str) -> bool {
-    name.strip_prefix(SPARE_PREFIX).is_some_and(|rest| rest.len() == 36 && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+    is_prefixed_uuid(name, SPARE_PREFIX)
+}
+
+/// Whether `name` is `prefix` and then a uuid.
+fn is_prefixed_uuid(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| rest.len() == 36 && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+}
+
+/// Whether a spare of `spare` bytes may take a value of `size`: it holds it with at most half as
+/// much again to spare (a much larger spare is left for a larger value; see [`claim_spare`]).
+pub fn spare_fits(spare: u64, size: u64) -> bool {
+    (size..=size.saturating_add(size / 2)).contains(&spare)
 }
 
 /// The spares a push's `apply_reply` content names (none if it names none, or none well formed).
@@ -82,8 +93,9 @@ pub fn spares_from_content(content: &serde_json::Value) -> Vec<Spare> {
 
 /// Claim the spare `spare` of `dir`, known to the caller as the file `ino` of `size` bytes it
 /// holds open (and has mapped): renamed to a fresh transfer name, then checked to be that file,
-/// still of that size, a regular file of this user with no other name. The transfer name, or `None` if another claimant renamed it
-/// first (or it is gone); a file that is not the one expected is removed.
+/// still of that size, a regular file of this user with no other name. The transfer name, or
+/// `None` if another claimant renamed it first (or it is gone); a file that is not the one
+/// expected is removed.
 pub fn claim_named_spare(dir: &Path, spare: &str, ino: u64, size: u64) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     if !is_spare_name(spare) {
@@ -197,7 +209,7 @@ pub fn local_namespace(engine_uuid: &str, host: &HostIdentity) -> Option<PathBuf
 
 /// Whether `name` is a transfer name (`.xfer-` and a uuid): never a variable, never a path.
 pub fn is_transfer_name(name: &str) -> bool {
-    name.strip_prefix(TRANSFER_PREFIX).is_some_and(|rest| rest.len() == 36 && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+    is_prefixed_uuid(name, TRANSFER_PREFIX)
 }
 
 /// A fresh transfer name.
@@ -345,8 +357,7 @@ pub fn claim_spare(dir: &Path, size: u64) -> Option<(String, std::fs::File)> {
         .collect();
     // Those that hold the value without being much larger, smallest first, then the smaller
     // ones, largest first; much larger ones not at all.
-    let roomy = size.saturating_add(size / 2);
-    spares.retain(|(s, _)| *s <= roomy);
+    spares.retain(|(s, _)| *s < size || spare_fits(*s, size));
     spares.sort_by_key(|(s, _)| if *s >= size { (0, *s) } else { (1, u64::MAX - *s) });
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
