@@ -217,15 +217,16 @@ impl Pulled {
         Some(read.map(|r| r.map(|()| value)).map_err(|e| refused(engine, &e)))
     }
 
-    /// The value a reply names as a file, made by `decode` from its bytes: mapped (no copy),
-    /// checked (size, kind, owner), decoded, the file removed. `None` if the reply carries no
+    /// The value a reply names as a file, made by `decode` from its bytes: mapped (no copy; a
+    /// `decode` that keeps the `Bytes` keeps the mapping), checked (size, kind, owner), decoded,
+    /// the file removed. `None` if the reply carries no
     /// files (the value is in its buffers); `Some(Err)` if the file is refused.
     pub fn value<T, E>(
         &self,
         t: &TaskState,
         content: &Value,
         engine: &str,
-        decode: impl FnOnce(&[u8]) -> std::result::Result<T, E>,
+        decode: impl FnOnce(&Bytes) -> std::result::Result<T, E>,
     ) -> Option<std::result::Result<std::result::Result<T, E>, String>> {
         let files = match dp::files_from_content(content)? {
             Ok(f) => f,

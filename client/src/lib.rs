@@ -83,6 +83,7 @@ mod remote;
 mod result;
 mod targets;
 mod tracker;
+mod vecview;
 mod view;
 
 pub use client::{Client, EngineQueue, Jobs, QueueStatus, Signal};
@@ -91,9 +92,10 @@ pub use io::{IDLE_GRACE, LIVENESS_TIMEOUT, PROBE_AFTER, SEND_LIMIT};
 pub use remote::{sanitize_type_name, storage_type_name, type_name_of, Remote, RemoteFn};
 pub use result::{parse_date, AsyncMapResult, AsyncResult, EngineOutput, ExecuteResult, MapIter, TaskEvent, TaskOutput, TaskTiming};
 pub use targets::{chunk_ranges, partition, slice_indices, Selector, Slice, TargetError, TargetSpec, Targets};
+pub use vecview::VecView;
 pub use view::{DirectView, Imap, LoadBalancedView, MapOptions};
 
 /// Inside a remote closure: read a value pushed to the engine, e.g.
 /// `rpx::get::<u64>("scale")` after `dv.push("scale", &3u64)`. It panics (failing the task with
 /// a clear message) when nothing was pushed under that name; outside an engine it panics too.
-pub use rpx_runtime::get;
+pub use rpx_runtime::{get, PlainElem};

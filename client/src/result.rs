@@ -70,14 +70,13 @@ fn decode_buffer_with<T>(
     i: usize,
     decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
 ) -> std::result::Result<T, Failure> {
-    let Some(buf) = r.buffers.get(i) else {
-        return Err(Failure::Fatal(Error::Protocol(format!(
-            "{} sent no result buffer for task {} (is it an rpx engine?)",
-            engine_label(t),
-            t.msg_id
-        ))));
-    };
+    let Some(buf) = r.buffers.get(i) else { return Err(no_buffer(t)) };
     decode(buf).map_err(|e| undecodable(t, &e))
+}
+
+/// A reply that carries no result buffer where one was expected.
+fn no_buffer(t: &TaskState) -> Failure {
+    Failure::Fatal(Error::Protocol(format!("{} sent no result buffer for task {} (is it an rpx engine?)", engine_label(t), t.msg_id)))
 }
 
 /// A value from `t`'s engine that does not decode as the type asked for.
@@ -95,7 +94,7 @@ pub(crate) fn decode_pulled<T: DeserializeOwned + 'static>(
     r: &ReplyData,
     pulled: &crate::dataplane::Pulled,
 ) -> std::result::Result<T, Failure> {
-    let decode = |bytes: &[u8]| rpx_runtime::decode_owned(bytes).map_err(|e| undecodable(t, &e));
+    let decode = |bytes: &Bytes| rpx_runtime::decode_owned(bytes).map_err(|e| undecodable(t, &e));
     if let Some(read) = pulled.read_plain::<T>(t, &r.content, &engine_label(t)) {
         return match read {
             Ok(value) => value.map_err(|e| undecodable(t, &e)),
@@ -104,6 +103,21 @@ pub(crate) fn decode_pulled<T: DeserializeOwned + 'static>(
     }
     match pulled.value(t, &r.content, &engine_label(t), decode) {
         None => decode_buffer_with(t, r, 0, rpx_runtime::decode_owned::<T>),
+        Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
+        Some(Ok(value)) => value,
+    }
+}
+
+/// The vector a pull reply holds (a same-host snapshot, a file on another host's data link,
+/// or the reply's buffer) as a [`crate::VecView`]: a snapshot mapped stays where it lies.
+pub(crate) fn view_pulled<E: rpx_runtime::PlainElem>(
+    t: &TaskState,
+    r: &ReplyData,
+    pulled: &crate::dataplane::Pulled,
+) -> std::result::Result<crate::VecView<E>, Failure> {
+    let view = |bytes: &Bytes| crate::VecView::from_encoded(bytes.clone()).map_err(|e| undecodable(t, &e));
+    match pulled.value(t, &r.content, &engine_label(t), view) {
+        None => r.buffers.first().map_or_else(|| Err(no_buffer(t)), view),
         Some(Err(e)) => Err(Failure::Fatal(Error::Protocol(e))),
         Some(Ok(value)) => value,
     }

@@ -27,6 +27,8 @@ use crate::result::{
 };
 use crate::targets::{chunk_ranges, partition, TargetError, TargetSpec, Targets};
 use crate::tracker::Tracker;
+use crate::vecview::VecView;
+use rpx_runtime::PlainElem;
 
 fn encode<T: Serialize + ?Sized>(v: &T) -> Bytes {
     Bytes::from(rpx_runtime::encode(v))
@@ -249,6 +251,33 @@ impl DirectView {
         let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, once);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
         Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled(t, r, &pulled))))
+    }
+
+    /// The vector `name` (a `Vec` of `f64`, `f32`, `u8` or `i8`) on each targeted engine, in
+    /// target order, read where it lies: from an engine on this host, its snapshot is mapped
+    /// into this process instead of copied into a new vector (no copy, no memory beyond the
+    /// engine's; see [`VecView`]). Use it like a slice; [`VecView::into_vec`] copies it out.
+    ///
+    /// ```no_run
+    /// # fn main() -> rpx::Result<()> {
+    /// let dv = rpx::Client::connect()?.direct_view(..);
+    /// dv.push("x", &vec![0.5f64; 1 << 20])?;
+    /// for x in dv.pull_view::<f64>("x")? {
+    ///     println!("{} elements, sum {}", x.len(), x.iter().sum::<f64>());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pull_view<E: PlainElem>(&self, name: &str) -> Result<Vec<VecView<E>>> {
+        self.pull_view_async(name)?.get()
+    }
+
+    /// [`DirectView::pull_view`] without waiting.
+    pub fn pull_view_async<E: PlainElem>(&self, name: &str) -> Result<AsyncResult<Vec<VecView<E>>>> {
+        let targets = self.targets_now()?;
+        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, false);
+        let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
+        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| crate::result::view_pulled(t, r, &pulled))))
     }
 
     /// Split `items` into contiguous chunks, one per targeted engine in order (the first

@@ -3,7 +3,8 @@
 //! values, scatter/gather order, a 256 MiB value that never passes through the controller, a
 //! 1 GiB value, a push made while a cell runs (the cell never sees it half-written), a replaced
 //! value's pages written over by a later push but never while a cell holds them, a file cut
-//! short or swapped for a link refused with nothing lost, and the buffer path when shared memory is off
+//! short or swapped for a link refused with nothing lost, `pull_view` reading snapshots where
+//! they lie, and the buffer path when shared memory is off
 //! (`Client::set_shared_memory(false)`, as `RPX_DATA_PLANE=buffers` does).
 
 mod common;
@@ -209,6 +210,45 @@ fn shared_memory_transfers_on_four_engines() {
         for dir in namespaces.values() {
             assert!(transfer_files(dir).is_empty(), "no transfer file is left behind");
         }
+    });
+
+    steps.run("pull_view maps each engine's snapshot where it lies, and a view keeps the value it pulled", || {
+        let n = 3 << 20;
+        let v: Vec<f64> = (0..n).map(|i| i as f64 * 0.5 - 3.0).collect();
+        all.push("viewed", &v).unwrap();
+        let views = all.pull_view::<f64>("viewed").unwrap();
+        assert_eq!(views.len(), 4);
+        for (i, w) in views.iter().enumerate() {
+            assert!(w.is_zero_copy(), "engine {i}: mapped, not copied");
+            assert!(**w == v[..], "engine {i}: the pushed value");
+        }
+        for dir in namespaces.values() {
+            assert!(transfer_files(dir).is_empty(), "the snapshots' names are gone once mapped");
+        }
+        // The engines replace the value, three times over (a replaced value's pages become a
+        // spare the next push writes over, unless something still maps them): the views keep
+        // what they pulled, and cells and pulls see the new value.
+        for round in 1..=3 {
+            all.push("viewed", &vec![-(round as f64); n]).unwrap();
+            let r = all.execute("viewed[0]").unwrap();
+            assert_eq!(r.results(), vec![Some(format!("{:?}", -(round as f64))); 4], "{r}");
+        }
+        assert!(views.iter().all(|w| **w == v[..]), "a view keeps the value it pulled");
+        let again = one.pull_view::<f64>("viewed").unwrap();
+        assert!(again[0].is_zero_copy() && again[0].iter().all(|&x| x == -3.0));
+        drop(views);
+        // A small vector reads the same, copied; the wrong element type is a clear error.
+        one.push("small", &vec![1u8, 2, 3]).unwrap();
+        assert_eq!(one.pull_view::<u8>("small").unwrap()[0], vec![1u8, 2, 3]);
+        let err = one.pull_view::<f64>("small").unwrap_err().to_string();
+        assert!(err.contains("not a vector of f64") && err.contains("engine 0"), "{err}");
+        assert_eq!(one.pull::<Vec<u8>>("small").unwrap(), vec![vec![1u8, 2, 3]], "the value is intact");
+        // Through the controller (shared memory off): the same elements.
+        c.set_shared_memory(false);
+        let buffered = one.pull_view::<f64>("viewed").unwrap();
+        c.set_shared_memory(true);
+        assert!(buffered[0].iter().all(|&x| x == -3.0) && buffered[0].len() == n);
+        assert_eq!(buffered.into_iter().next().unwrap().into_vec(), vec![-3.0; n]);
     });
 
     steps.run("a file cut short or swapped for a link is refused with a clear error and nothing is lost", || {

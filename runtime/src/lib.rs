@@ -33,7 +33,7 @@ pub const NS_DIR_ENV: &str = "RPX_NS_DIR";
 /// is its length prefix and one copy of its elements' memory, on every core.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     if let Some(elements) = plain_elements(value) {
-        let prefix = LengthPrefix::of(elements.count);
+        let prefix = elements.prefix();
         let mut buf = vec![0u8; prefix.len() + elements.bytes.len()];
         advise_huge_pages(&mut buf);
         buf[..prefix.len()].copy_from_slice(prefix.bytes());
@@ -81,11 +81,16 @@ struct PlainElements<'a> {
 }
 
 impl PlainElements<'_> {
+    /// The length prefix written before these elements.
+    fn prefix(&self) -> LengthPrefix {
+        LengthPrefix::of(self.count, self.bytes.len())
+    }
+
     /// The encoding (length prefix, then the elements) in pieces of `chunk` bytes, the last
     /// shorter, as [`encode_chunked`]'s generic path cuts them: the first piece is assembled
     /// (prefix and the first elements), every later one is a slice of the value's memory.
     fn in_pieces(&self, chunk: usize, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
-        let mut first = LengthPrefix::of(self.count).bytes().to_vec();
+        let mut first = self.prefix().bytes().to_vec();
         // Enough elements to end the pieces holding the prefix on a piece boundary.
         let head = ((chunk - first.len() % chunk) % chunk).min(self.bytes.len());
         first.extend_from_slice(&self.bytes[..head]);
@@ -101,7 +106,7 @@ impl PlainElements<'_> {
 /// types.
 pub fn plain_encoded_len<T: ?Sized>(value: &T) -> Option<usize> {
     let elements = plain_elements(value)?;
-    Some(LengthPrefix::of(elements.count).len() + elements.bytes.len())
+    Some(elements.prefix().len() + elements.bytes.len())
 }
 
 /// Write [`encode`]'s bytes of a vector or slice of `f64`, `f32`, `u8` or `i8` into `dst`, which
@@ -110,7 +115,7 @@ pub fn plain_encoded_len<T: ?Sized>(value: &T) -> Option<usize> {
 /// type or length.
 pub fn encode_plain_into<T: ?Sized>(value: &T, dst: &mut [u8]) -> bool {
     let Some(elements) = plain_elements(value) else { return false };
-    let prefix = LengthPrefix::of(elements.count);
+    let prefix = elements.prefix();
     if dst.len() != prefix.len() + elements.bytes.len() {
         return false;
     }
@@ -120,16 +125,35 @@ pub fn encode_plain_into<T: ?Sized>(value: &T, dst: &mut [u8]) -> bool {
     true
 }
 
-/// The length prefix postcard writes before a sequence of `count` elements (a varint of 1 to 10
-/// bytes): the one place a plain vector's prefix is made or measured.
+/// Plain vectors with at least this many bytes of elements get an 8-byte length prefix (an
+/// overlong varint, which postcard reads like any other), so their elements start 8 bytes into
+/// the encoding: in a file mapped at a page boundary they lie aligned for every plain type, and a
+/// pulled vector can be read where it lies instead of copied. Smaller ones keep postcard's
+/// shortest prefix.
+pub const ALIGNED_FROM: usize = 64 * 1024;
+
+/// Where the elements of a vector of [`ALIGNED_FROM`] bytes or more start in its encoding.
+pub const ALIGNED_PREFIX: usize = 8;
+
+/// The length prefix written before a plain vector of `count` elements taking `body` bytes: a
+/// varint of 1 to 10 bytes (postcard's), or of [`ALIGNED_PREFIX`] bytes from [`ALIGNED_FROM`]
+/// bytes of elements. The one place a plain vector's prefix is made or measured.
 struct LengthPrefix {
     buf: [u8; 10],
     len: usize,
 }
 
 impl LengthPrefix {
-    fn of(count: u64) -> LengthPrefix {
+    fn of(count: u64, body: usize) -> LengthPrefix {
         let mut buf = [0u8; 10];
+        if body >= ALIGNED_FROM && count < 1 << (7 * ALIGNED_PREFIX) {
+            // Seven bits a byte, low bits first, every byte but the last marked "more follows".
+            for (i, b) in buf[..ALIGNED_PREFIX].iter_mut().enumerate() {
+                let more = if i + 1 < ALIGNED_PREFIX { 0x80 } else { 0 };
+                *b = ((count >> (7 * i)) & 0x7f) as u8 | more;
+            }
+            return LengthPrefix { buf, len: ALIGNED_PREFIX };
+        }
         let len = postcard::to_slice(&count, &mut buf).expect("a u64 varint fits in 10 bytes").len();
         LengthPrefix { buf, len }
     }
@@ -143,14 +167,24 @@ impl LengthPrefix {
     }
 }
 
-/// The element types whose vectors (and slices) are plain: no padding, every bit pattern a
-/// value, and postcard writes each as its little-endian bytes, which on a little-endian machine
-/// are its bytes in memory. The list of them is [`with_plain`]'s, and nowhere else.
-trait PlainElem: Copy + Default + 'static {}
+/// The element types whose vectors (and slices) are plain: `f64`, `f32`, `u8` and `i8`. No
+/// padding, every bit pattern a value, and postcard writes each as its little-endian bytes,
+/// which on a little-endian machine are its bytes in memory. Sealed: the list of them is
+/// [`with_plain`]'s, and nowhere else.
+pub trait PlainElem: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug + Serialize + DeserializeOwned + 'static {}
 impl PlainElem for f64 {}
 impl PlainElem for f32 {}
 impl PlainElem for u8 {}
 impl PlainElem for i8 {}
+
+mod sealed {
+    /// Keeps [`super::PlainElem`] to the types listed with it.
+    pub trait Sealed {}
+    impl Sealed for f64 {}
+    impl Sealed for f32 {}
+    impl Sealed for u8 {}
+    impl Sealed for i8 {}
+}
 
 /// Work done knowing the element type `E` of a plain vector or slice `T` ([`with_plain`] calls
 /// [`OnPlain::on`] only when `T` is `Vec<E>`, or `[E]` if slices are asked for).
@@ -370,7 +404,7 @@ fn count_in(size: usize, elem: usize) -> Option<usize> {
     (1..=10).find_map(|prefix| {
         let body = size.checked_sub(prefix)?;
         let n = (body % elem == 0).then_some(body / elem)?;
-        (LengthPrefix::of(n as u64).len() == prefix).then_some(n)
+        (LengthPrefix::of(n as u64, body).len() == prefix).then_some(n)
     })
 }
 
@@ -942,8 +976,20 @@ mod tests {
             got
         }
         fn check<T: serde::Serialize + ?Sized>(v: &T, plain: bool) {
-            let expected = postcard::to_stdvec(v).unwrap();
+            let canonical = postcard::to_stdvec(v).unwrap();
             assert_eq!(plain_elements(v).is_some(), plain, "{}", std::any::type_name::<T>());
+            // From ALIGNED_FROM bytes of elements the prefix is the same length as an overlong
+            // varint of 8 bytes, and the elements follow it as postcard writes them.
+            let expected = match plain_elements(v) {
+                Some(e) if e.bytes.len() >= super::ALIGNED_FROM => {
+                    let mut x = encode(v);
+                    assert_eq!(postcard::take_from_bytes::<u64>(&x[..super::ALIGNED_PREFIX]).unwrap(), (e.count, &[][..]));
+                    assert!(x[super::ALIGNED_PREFIX..] == canonical[canonical.len() - e.bytes.len()..]);
+                    x.truncate(super::ALIGNED_PREFIX + e.bytes.len());
+                    x
+                }
+                _ => canonical,
+            };
             assert!(encode(v) == expected, "{}", std::any::type_name::<T>());
             assert_eq!(super::plain_encoded_len(v), plain.then_some(expected.len()));
             let mut into = vec![0xAAu8; expected.len()];
@@ -976,6 +1022,39 @@ mod tests {
         let text = String::from("borrowed");
         check(&vec![text.as_str(); 3], false);
         check(&vec![vec![1.0f64; 4]; 2], false);
+    }
+
+    /// A plain vector of ALIGNED_FROM bytes of elements or more is written with an 8-byte
+    /// prefix (its elements 8 bytes in) that postcard and every plain reader take as its length;
+    /// one byte less keeps the shortest prefix. Each size has exactly one element count.
+    #[test]
+    fn large_plain_vectors_put_their_elements_eight_bytes_in() {
+        use super::{decode, decode_owned, encode, plain_count, ALIGNED_FROM, ALIGNED_PREFIX};
+        use std::collections::VecDeque;
+        for n in [ALIGNED_FROM / 8 - 1, ALIGNED_FROM / 8, ALIGNED_FROM / 8 + 1, 3 << 20] {
+            let v: Vec<f64> = (0..n).map(|i| i as f64 * 0.5 - 7.0).collect();
+            let bytes = encode(&v);
+            let prefix = bytes.len() - n * 8;
+            assert_eq!(prefix == ALIGNED_PREFIX, n * 8 >= ALIGNED_FROM, "{n} elements: {prefix}-byte prefix");
+            assert_eq!(plain_count::<Vec<f64>>(bytes.len()), Some(n));
+            assert_eq!(decode_owned::<Vec<f64>>(&bytes).unwrap(), v);
+            // Through postcard's own reader (a type that is not plain).
+            assert_eq!(decode::<VecDeque<f64>>(&bytes).unwrap(), VecDeque::from(v.clone()));
+        }
+        for n in [ALIGNED_FROM - 1, ALIGNED_FROM] {
+            let v: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let bytes = encode(&v);
+            assert_eq!(bytes.len() - n == ALIGNED_PREFIX, n >= ALIGNED_FROM);
+            assert_eq!(plain_count::<Vec<u8>>(bytes.len()), Some(n));
+            assert_eq!(decode::<Vec<u8>>(&bytes).unwrap(), v);
+        }
+        // Every size from below to above the boundary is the encoding of at most one count
+        // (some of none), and plain_count finds it.
+        for size in ALIGNED_FROM - 16..ALIGNED_FROM + 32 {
+            let fits: Vec<usize> = (1..=10).filter_map(|p| size.checked_sub(p)).filter(|&n| encode(&vec![0u8; n]).len() == size).collect();
+            assert!(fits.len() <= 1, "{size} bytes: {fits:?}");
+            assert_eq!(plain_count::<Vec<u8>>(size), fits.first().copied(), "{size} bytes");
+        }
     }
 
     /// A large copy in parts on several threads (the last part short) and a small one whole:
