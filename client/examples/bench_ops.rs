@@ -1,7 +1,8 @@
 //! rpx's client benchmark, in the shapes of ipyparallel's peer benchmark
 //! (`../shared/bench/peers/ipp_ops.py latency throughput data`) so the two compare side by side:
 //! on a 2-engine cluster, one trivial apply round trip (direct and load-balanced), 10,000
-//! trivial load-balanced tasks at chunksize 1, a direct map over both engines, 100 MB push, pull,
+//! trivial load-balanced tasks at chunksize 1, a direct map over both engines, 100 MB push, pull
+//! (into a new vector, and read where it lies with `pull_view`),
 //! scatter and gather, and the compile of a new closure against later calls of it (as soon as the
 //! cluster is up, and again on a warm cluster), and where a direct round trip's time goes.
 //!
@@ -296,6 +297,7 @@ fn main() -> rpx::Result<()> {
         let suffix = if shm { "" } else { "_buffers" };
         eprintln!("data plane: {}", if shm { "shared memory" } else { "buffers" });
         let (mut push, mut pull, mut scatter, mut gather) = (vec![], vec![], vec![], vec![]);
+        let mut pull_view = vec![];
         for _ in 0..reps {
             let t = Instant::now();
             dv0.push("a", &data)?;
@@ -305,6 +307,14 @@ fn main() -> rpx::Result<()> {
             pull.push(gb / t.elapsed().as_secs_f64());
             assert_eq!(back[0].len(), data.len());
             assert_eq!(back[0][data.len() / 2], data[data.len() / 2]);
+            drop(back);
+            // The same value read where it lies (a view of the engine's snapshot on this host).
+            let t = Instant::now();
+            let view = dv0.pull_view::<f64>("a")?;
+            pull_view.push(gb / t.elapsed().as_secs_f64());
+            assert_eq!(view[0].len(), data.len());
+            assert_eq!(view[0][data.len() / 2], data[data.len() / 2]);
+            drop(view);
             let t = Instant::now();
             dv_all.scatter("x", &data)?;
             scatter.push(gb / t.elapsed().as_secs_f64());
@@ -322,6 +332,8 @@ fn main() -> rpx::Result<()> {
         );
         report.insert(format!("push_gb_per_s{suffix}"), stats(push));
         report.insert(format!("pull_gb_per_s{suffix}"), stats(pull));
+        eprintln!("100 MB: pull_view {:.2} GB/s (median)", median(pull_view.clone()));
+        report.insert(format!("pull_view_gb_per_s{suffix}"), stats(pull_view));
         report.insert(format!("scatter_gb_per_s{suffix}"), stats(scatter));
         report.insert(format!("gather_gb_per_s{suffix}"), stats(gather));
     }
