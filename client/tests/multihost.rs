@@ -138,6 +138,8 @@ fn ssh_engines_on_two_hosts() {
         dv.push("big", &big).unwrap();
         let back: Vec<Vec<u8>> = dv.pull("big").unwrap();
         assert!(back.iter().all(|b| *b == big), "8 MiB came back whole from every engine");
+        let views = dv.pull_view::<u8>("big").unwrap();
+        assert!(views.len() == 4 && views.iter().all(|w| **w == big[..]), "pull_view: 8 MiB over every link");
         let sums: Vec<u64> = dv.apply(rpx::remote!(|| rpx::get::<Vec<u8>>("big").iter().map(|b| *b as u64).sum::<u64>()), ()).unwrap();
         assert_eq!(sums, vec![big.iter().map(|b| *b as u64).sum::<u64>(); 4], "closures read the streamed value");
         let r = dv.execute("let n = big.len(); println!(\"{n} {}\", big[12345]);").unwrap();
