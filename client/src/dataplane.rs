@@ -210,6 +210,7 @@ impl Pulled {
             crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst)
         } else {
             let dir = self.dirs.get(&id)?;
+            let _reading = self.client.premaps.reading();
             let read = read_file_plain(dir, &vf, size, n, dst);
             remove_snapshot(dir, &vf);
             read
@@ -251,6 +252,7 @@ impl Pulled {
         let Some(dir) = t.engine_id.and_then(|id| self.dirs.get(&id)) else {
             return Some(Err(format!("{engine} answered with files, but this client did not ask for them")));
         };
+        let _reading = self.client.premaps.reading();
         let read = match files.first() {
             Some(vf) => dp::read_value_file(dir, vf).map_err(refuse).map(|bytes| {
                 let value = decode(&bytes);
@@ -357,6 +359,7 @@ impl Pulled {
             jobs.push((t, source, size, n, dst));
         }
         let workers = jobs.len().min(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)));
+        let _reading = self.client.premaps.reading();
         let jobs = Mutex::new(jobs.into_iter());
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|s| {
