@@ -31,4 +31,8 @@ mkdir -p "$cache" && chmod 700 "$cache"
 "$py" bench/kernel_bench.py --first-rpx "$cache" --reps 3 2>&1 | grep -v '^ *Compiling'
 echo "=== the transport floor under a round trip and a 100 MB push ($(date +%T))"
 target/release/examples/hop_floor 5 "bench/results/hop-floor-$stamp.json" >/dev/null
+if [ "$(id -u)" = 0 ] && command -v perf >/dev/null; then
+    echo "=== where a round trip's time goes, process by process ($(date +%T))"
+    "$py" bench/roundtrip_profile.py target/release "bench/results/roundtrip-profile-$stamp.md"
+fi
 "$py" bench/issue_table.py | tee "bench/results/issue11-$stamp.md"
