@@ -2,7 +2,7 @@
 //! returns.
 
 use std::marker::PhantomData;
-use std::mem::{align_of, size_of};
+use std::mem::size_of;
 
 use bytes::Bytes;
 use rpx_runtime::PlainElem;
@@ -40,7 +40,7 @@ impl<E: PlainElem> VecView<E> {
         rpx_runtime::read_plain_prefix(&mut &bytes[..], bytes.len(), n, body, &mut |_| ())
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("{}: {e}", not()))?;
-        let inner = if (bytes.as_ptr() as usize + start) % align_of::<E>() == 0 {
+        let inner = if bytes.as_ptr().wrapping_add(start).cast::<E>().is_aligned() {
             Inner::Mapped { bytes, start, len: n, elem: PhantomData }
         } else {
             Inner::Owned(rpx_runtime::decode_owned::<Vec<E>>(&bytes)?)
