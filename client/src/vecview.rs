@@ -34,12 +34,13 @@ impl<E: PlainElem> VecView<E> {
     /// exactly such a vector.
     pub(crate) fn from_encoded(bytes: Bytes) -> Result<VecView<E>, String> {
         let not = || format!("{} bytes are not a vector of {}", bytes.len(), std::any::type_name::<E>());
-        let n = rpx_runtime::plain_count::<Vec<E>>(bytes.len()).ok_or_else(not)?;
-        let body = n * size_of::<E>();
-        let start = bytes.len() - body;
-        rpx_runtime::read_plain_prefix(&mut &bytes[..], bytes.len(), n, body, &mut |_| ())
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{}: {e}", not()))?;
+        // The length prefix as written (postcard's shortest, or the 8-byte one of large vectors).
+        let (n, elements) = rpx_runtime::postcard::take_from_bytes::<u64>(&bytes).map_err(|_| not())?;
+        let n = usize::try_from(n).map_err(|_| not())?;
+        if n.checked_mul(size_of::<E>()) != Some(elements.len()) {
+            return Err(not());
+        }
+        let start = bytes.len() - elements.len();
         let inner = if bytes.as_ptr().wrapping_add(start).cast::<E>().is_aligned() {
             Inner::Mapped { bytes, start, len: n, elem: PhantomData }
         } else {
@@ -125,6 +126,11 @@ mod tests {
             assert_eq!(view, v);
             assert_eq!(view.into_vec(), v);
         }
+        // The same vector with postcard's shortest prefix (as written before large vectors got
+        // an 8-byte one) reads the same.
+        let shortest = rpx_runtime::postcard::to_stdvec(&v).unwrap();
+        assert!(shortest.len() < enc.len());
+        assert_eq!(VecView::<f64>::from_encoded(Bytes::from(shortest)).unwrap(), v);
         // Small vectors (a short prefix) read the same way.
         let small = rpx_runtime::encode(&vec![1u8, 2, 3]);
         assert_eq!(VecView::<u8>::from_encoded(Bytes::from(small)).unwrap(), vec![1u8, 2, 3]);
