@@ -247,10 +247,17 @@ impl DirectView {
 
     /// A pull; `once` when its result is read once, at once (`crate::dataplane::pull_parts`).
     fn pull_with<T: DeserializeOwned + 'static>(&self, name: &str, once: bool) -> Result<AsyncResult<Vec<T>>> {
+        let (tracker, pulled) = self.send_pulls(name, once)?;
+        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled(t, r, &pulled))))
+    }
+
+    /// Pull requests for `name` sent to every target, and the file side of their replies
+    /// (`once` as for [`DirectView::pull_with`]): what `pull`, `pull_view` and `gather` share.
+    fn send_pulls(&self, name: &str, once: bool) -> Result<(Arc<Tracker>, crate::dataplane::Pulled)> {
         let targets = self.targets_now()?;
         let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, once);
         let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
-        Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| decode_pulled(t, r, &pulled))))
+        Ok((tracker, pulled))
     }
 
     /// The vector `name` (a `Vec` of `f64`, `f32`, `u8` or `i8`) on each targeted engine, in
@@ -274,9 +281,7 @@ impl DirectView {
 
     /// [`DirectView::pull_view`] without waiting.
     pub fn pull_view_async<E: PlainElem>(&self, name: &str) -> Result<AsyncResult<Vec<VecView<E>>>> {
-        let targets = self.targets_now()?;
-        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, false);
-        let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
+        let (tracker, pulled) = self.send_pulls(name, false)?;
         Ok(AsyncResult::new(tracker, move |tasks| collect_each(tasks, |t, r| crate::result::view_pulled(t, r, &pulled))))
     }
 
@@ -308,9 +313,7 @@ impl DirectView {
 
     /// A gather; `once` as for [`DirectView::pull_with`].
     fn gather_with<T: DeserializeOwned + 'static>(&self, name: &str, once: bool) -> Result<AsyncResult<Vec<T>>> {
-        let targets = self.targets_now()?;
-        let (parts, pulled) = crate::dataplane::pull_parts(&self.client, &targets, name, once);
-        let tracker = self.client.direct_each(Chan::Mux, "apply_request", &targets, parts, false)?;
+        let (tracker, pulled) = self.send_pulls(name, once)?;
         Ok(AsyncResult::new(tracker, move |tasks| match pulled.gather_plain::<Vec<T>>(tasks) {
             Some(whole) => whole,
             None => collect_each(tasks, |t, r| decode_pulled::<Vec<T>>(t, r, &pulled)).map(concat),

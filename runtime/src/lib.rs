@@ -169,21 +169,21 @@ impl LengthPrefix {
 
 /// The element types whose vectors (and slices) are plain: `f64`, `f32`, `u8` and `i8`. No
 /// padding, every bit pattern a value, and postcard writes each as its little-endian bytes,
-/// which on a little-endian machine are its bytes in memory. Sealed: the list of them is
-/// [`with_plain`]'s, and nowhere else.
+/// which on a little-endian machine are its bytes in memory. Sealed: implemented for exactly
+/// the types `with_plain` recognises (`plain_elem_types!` lists them for both traits).
 pub trait PlainElem: sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug + Serialize + DeserializeOwned + 'static {}
-impl PlainElem for f64 {}
-impl PlainElem for f32 {}
-impl PlainElem for u8 {}
-impl PlainElem for i8 {}
+
+/// `PlainElem` (and its seal) for each plain element type, listed once.
+macro_rules! plain_elem_types {
+    ($($t:ty),*) => {
+        $(impl PlainElem for $t {} impl sealed::Sealed for $t {})*
+    };
+}
+plain_elem_types!(f64, f32, u8, i8);
 
 mod sealed {
-    /// Keeps [`super::PlainElem`] to the types listed with it.
+    /// Keeps [`super::PlainElem`] to the types `plain_elem_types!` lists.
     pub trait Sealed {}
-    impl Sealed for f64 {}
-    impl Sealed for f32 {}
-    impl Sealed for u8 {}
-    impl Sealed for i8 {}
 }
 
 /// Work done knowing the element type `E` of a plain vector or slice `T` ([`with_plain`] calls
