@@ -40,7 +40,8 @@ pub struct Call {
     pub interrupt_requested: bool,
     /// What the worker answered, once it has.
     pub result: Option<Result<Vec<u8>, EngineError>>,
-    /// The worker's end-of-call marker was seen on stdout / on stderr: the call's output is all in.
+    /// The call's output on stdout / on stderr is all in: the worker's end-of-call marker was
+    /// seen there, or its result said none follows (the stream was read to its end).
     pub stdout_done: bool,
     pub stderr_done: bool,
     /// Output the worker wrote for this call while an earlier one was still being answered:

@@ -18,40 +18,50 @@ use tokio::sync::mpsc;
 pub enum WorkerEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    /// A closure call returned (`rpx_runtime::abi` status and output bytes).
+    /// A closure call returned (`rpx_runtime::abi` status and output bytes); `ends` names the
+    /// streams on which a `CALL_END` marker follows its output (`rpx_worker::process::END_ON_STDOUT`,
+    /// `END_ON_STDERR`): the others were read to the end of its output before this event.
     CallResult {
         status: u32,
+        ends: u32,
         data: Vec<u8>,
     },
     /// The worker is gone; the status described (`signal 6 (SIGABRT)`, `exit status 99`).
     Exited(String),
 }
 
-/// Splits the result pipe's byte stream into `[status u32][len u64][bytes]` frames.
+/// Splits the result pipe's byte stream into `[status u32][ends u32][len u64][bytes]` frames.
 #[derive(Debug, Default)]
 pub struct ResultFramer {
     buf: Vec<u8>,
 }
 
+/// One frame's header: status, ends, length.
+const FRAME_HEAD: usize = 16;
+
+/// A call's result as the worker framed it: status, ends, bytes.
+pub type CallFrame = (u32, u32, Vec<u8>);
+
 impl ResultFramer {
     /// Feed bytes; returns the complete frames.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<CallFrame> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         loop {
-            if self.buf.len() < 12 {
+            if self.buf.len() < FRAME_HEAD {
                 break;
             }
-            let status = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
-            let len = u64::from_le_bytes(self.buf[4..12].try_into().expect("8 bytes")) as usize;
-            if self.buf.len() < 12 + len {
-                self.buf.reserve(12 + len - self.buf.len());
+            let word = |at: usize| u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes"));
+            let (status, ends) = (word(0), word(4));
+            let len = u64::from_le_bytes(self.buf[8..FRAME_HEAD].try_into().expect("8 bytes")) as usize;
+            if self.buf.len() < FRAME_HEAD + len {
+                self.buf.reserve(FRAME_HEAD + len - self.buf.len());
                 break;
             }
-            let rest = self.buf.split_off(12 + len);
+            let rest = self.buf.split_off(FRAME_HEAD + len);
             let mut frame = std::mem::replace(&mut self.buf, rest);
-            frame.drain(..12);
-            out.push((status, frame));
+            frame.drain(..FRAME_HEAD);
+            out.push((status, ends, frame));
         }
         out
     }
@@ -401,7 +411,20 @@ async fn forward_pipes(
         }
         let deadline = drain_deadline;
         tokio::select! {
+            // Results first: a call's result is written after all of its output the worker
+            // did not mark (that output was read already, see `rpx_worker::process`), and
+            // before the next call's output, which must not be read ahead of it.
             biased;
+            r = results.read(&mut res_buf), if res_open => match r {
+                Ok(0) | Err(_) => res_open = false,
+                Ok(n) => {
+                    for (status, ends, data) in framer.feed(&res_buf[..n]) {
+                        if events.send((generation, WorkerEvent::CallResult { status, ends, data })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            },
             r = stderr.read(&mut err_buf), if err_open => match r {
                 Ok(0) | Err(_) => err_open = false,
                 Ok(n) => {
@@ -415,17 +438,6 @@ async fn forward_pipes(
                 Ok(n) => {
                     if events.send((generation, WorkerEvent::Stdout(out_buf[..n].to_vec()))).await.is_err() {
                         return;
-                    }
-                }
-            },
-            // Last: output the closure printed before returning is forwarded first.
-            r = results.read(&mut res_buf), if res_open => match r {
-                Ok(0) | Err(_) => res_open = false,
-                Ok(n) => {
-                    for (status, data) in framer.feed(&res_buf[..n]) {
-                        if events.send((generation, WorkerEvent::CallResult { status, data })).await.is_err() {
-                            return;
-                        }
                     }
                 }
             },
@@ -455,6 +467,7 @@ mod tests {
 
     fn frame(status: u32, data: &[u8]) -> Vec<u8> {
         let mut v = status.to_le_bytes().to_vec();
+        v.extend((status % 4).to_le_bytes());
         v.extend((data.len() as u64).to_le_bytes());
         v.extend(data);
         v
@@ -470,7 +483,7 @@ mod tests {
         for chunk in bytes.chunks(7) {
             got.extend(f.feed(chunk));
         }
-        assert_eq!(got, vec![(0, b"hello".to_vec()), (1, vec![]), (2, vec![7u8; 1000])]);
+        assert_eq!(got, vec![(0, 0, b"hello".to_vec()), (1, 1, vec![]), (2, 2, vec![7u8; 1000])]);
         assert!(f.feed(&[]).is_empty());
     }
 }

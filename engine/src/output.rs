@@ -96,6 +96,16 @@ impl StdoutParser {
         Some(text)
     }
 
+    /// The worker's pipe was read to the end of a call's output and no marker follows it: the
+    /// partial line (if any) is that output's last text, whatever it looks like (a possible
+    /// start of a marker included). An open content block is kept (closures print none).
+    pub fn take_call_tail(&mut self) -> Option<String> {
+        if self.content.is_some() || self.partial.is_empty() {
+            return None;
+        }
+        Some(String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned())
+    }
+
     /// End of stream: the partial line (if any) becomes user text without a newline; an
     /// unterminated content block is returned as user text too, so nothing is lost.
     pub fn finish(&mut self) -> Vec<StdoutEvent> {

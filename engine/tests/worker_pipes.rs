@@ -19,7 +19,7 @@ struct Run {
     err: String,
     status: String,
     /// Closure results from the result pipe, as `(status, bytes)`.
-    calls: Vec<(u32, Vec<u8>)>,
+    calls: Vec<(u32, u32, Vec<u8>)>,
 }
 
 /// Collect a worker's events until it exits.
@@ -41,7 +41,7 @@ async fn run(cmd: &WorkerCommand, stdin_line: Option<&str>) -> Run {
         match ev {
             WorkerEvent::Stdout(b) => out.extend(b),
             WorkerEvent::Stderr(b) => err.extend(b),
-            WorkerEvent::CallResult { status, data } => calls.push((status, data)),
+            WorkerEvent::CallResult { status, ends, data } => calls.push((status, ends, data)),
             WorkerEvent::Exited(status) => {
                 return Run { out: String::from_utf8(out).unwrap(), err: String::from_utf8(err).unwrap(), status, calls };
             }
@@ -63,13 +63,14 @@ async fn output_then_abort_is_reported_with_the_signal() {
 
 #[tokio::test]
 async fn closure_results_arrive_framed_on_the_result_pipe() {
-    // A fake worker: prints, then writes two framed results on fd 3 ([status u32][len u64][bytes]).
+    // A fake worker: prints, then writes two framed results on fd 3 ([status u32][ends u32]
+    // [len u64][bytes]).
     let cmd = sh(
-        r"echo printed by the closure; printf '\000\000\000\000\005\000\000\000\000\000\000\000hello\001\000\000\000\004\000\000\000\000\000\000\000boom' >&3",
+        r"echo printed by the closure; printf '\000\000\000\000\003\000\000\000\005\000\000\000\000\000\000\000hello\001\000\000\000\000\000\000\000\004\000\000\000\000\000\000\000boom' >&3",
     );
     let r = run(&cmd, None).await;
     assert_eq!(r.out, "printed by the closure\n");
-    assert_eq!(r.calls, vec![(0, b"hello".to_vec()), (1, b"boom".to_vec())]);
+    assert_eq!(r.calls, vec![(0, 3, b"hello".to_vec()), (1, 0, b"boom".to_vec())]);
     assert_eq!(r.status, "exit status 0");
 }
 

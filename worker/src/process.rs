@@ -5,10 +5,13 @@
 //! - `LOAD_AND_RUN <so_path> <fn_name>`: call a cell function with the variable store pointer,
 //!   then print `EVCXR_EXECUTION_COMPLETE` on stdout.
 //! - `CALL <so_path> <fn_name> <mode> <len>` followed by `len` raw bytes: call a compiled closure
-//!   (`rpx_runtime::abi`) and write `[status: u32 LE][len: u64 LE][bytes]` on the result pipe
-//!   (fd [`RESULT_FD`]), after the closure's own output was flushed; then a
-//!   [`crate::markers::CALL_END`] line on stdout and on stderr. Calls may be written ahead: the
-//!   worker reads its instructions in order.
+//!   (`rpx_runtime::abi`) and, after the closure's own output was flushed, write a
+//!   [`crate::markers::CALL_END`] line on each of stdout and stderr whose pipe still holds
+//!   unread output, then `[status: u32 LE][ends: u32 LE][len: u64 LE][bytes]` on the result
+//!   pipe (fd [`RESULT_FD`]), `ends` saying which streams got the marker ([`END_ON_STDOUT`],
+//!   [`END_ON_STDERR`]). A stream whose pipe was empty has been read to its end: its reader
+//!   has had all of the call's output on it before the result, which it reads first. Calls may
+//!   be written ahead: the worker reads its instructions in order.
 //!
 //! SIGINT interrupts the running cell or closure by injecting a panic into it (see [`crate::interrupt`]);
 //! the worker then prints [`crate::markers::INTERRUPTED`] before `EVCXR_EXECUTION_COMPLETE`, or
@@ -28,6 +31,13 @@ pub const EXIT_PROTOCOL: i32 = 99;
 
 /// The worker's end of the result pipe.
 pub const RESULT_FD: i32 = 3;
+
+/// Bit of a call result's `ends`: a [`crate::markers::CALL_END`] line follows the call's output
+/// on stdout.
+pub const END_ON_STDOUT: u32 = 1;
+/// Bit of a call result's `ends`: a [`crate::markers::CALL_END`] line follows the call's output
+/// on stderr.
+pub const END_ON_STDERR: u32 = 2;
 
 /// Status written on the result pipe when the closure symbol cannot be loaded.
 pub const STATUS_LOAD_FAILED: u32 = 100;
@@ -101,14 +111,26 @@ pub fn run() -> ! {
                 }
                 let (status, out) = call(&mut libs, so_path, fn_name, mode, &args, &mut intr);
                 // The call's own output was flushed (by the runtime) before it returned: what
-                // follows on stdout and stderr belongs to the next call. The markers go first,
-                // each in one write, so the engine usually finds all three when it wakes.
+                // follows on stdout and stderr belongs to the next call. A stream whose pipe
+                // still holds some of it gets a marker behind it (one write); one the engine has
+                // read to its end needs none, which spares a write and a wakeup per stream on
+                // every quiet call. The markers go first, so the engine usually finds all of
+                // them when it wakes.
                 let end = format!("{}\n", crate::markers::CALL_END);
+                let mut ends = 0;
                 let mut stdout = std::io::stdout().lock();
-                let _ = stdout.write_all(end.as_bytes()).and_then(|_| stdout.flush());
-                let _ = std::io::stderr().lock().write_all(end.as_bytes());
+                let _ = stdout.flush();
+                if unread_output(libc::STDOUT_FILENO) {
+                    let _ = stdout.write_all(end.as_bytes()).and_then(|_| stdout.flush());
+                    ends |= END_ON_STDOUT;
+                }
+                if unread_output(libc::STDERR_FILENO) {
+                    let _ = std::io::stderr().lock().write_all(end.as_bytes());
+                    ends |= END_ON_STDERR;
+                }
                 let written = results
                     .write_all(&status.to_le_bytes())
+                    .and_then(|_| results.write_all(&ends.to_le_bytes()))
                     .and_then(|_| results.write_all(&(out.len() as u64).to_le_bytes()))
                     .and_then(|_| results.write_all(&out))
                     .and_then(|_| results.flush());
@@ -185,6 +207,15 @@ fn call(
         return (STATUS_INTERRUPTED, b"the call was interrupted (SIGINT)".to_vec());
     }
     (status, out)
+}
+
+/// Whether the pipe (or other file) on `fd` may still hold output its reader has not read: true
+/// unless the kernel says it holds none (`FIONREAD`, which a pipe answers on its write end too).
+fn unread_output(fd: i32) -> bool {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points to one.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) };
+    r != 0 || pending != 0
 }
 
 /// Run a cell; returns the new store and whether the cell was interrupted.

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use rpx_protocol::compile::{msg_type as cmsg, Load, WorkerRestarted};
+use rpx_worker::process::{END_ON_STDERR, END_ON_STDOUT};
 use tracing::{debug, error, info, warn};
 
 use super::Engine;
@@ -91,15 +92,36 @@ impl Engine {
                     }
                 }
             }
-            WorkerEvent::CallResult { status, data } => match self.first_in_worker(|c| c.result.is_none()) {
-                Some(c) => {
-                    c.result = Some(call::outcome(status, data));
-                    self.settle_calls();
-                }
-                None => warn!(status, "a call result nobody waits for; dropped"),
-            },
+            WorkerEvent::CallResult { status, ends, data } => self.on_call_result(status, ends, data).await,
             WorkerEvent::Exited(status) => self.on_worker_exit(status).await,
         }
+    }
+
+    /// A call's result: the first call in the worker without one is answered once its output
+    /// is all in. A stream without an end marker for it (`ends`) was read to the end of its
+    /// output already, so what the parsers still hold back is the last of it.
+    async fn on_call_result(&mut self, status: u32, ends: u32, data: Vec<u8>) {
+        if self.first_in_worker(|c| c.result.is_none()).is_none() {
+            warn!(status, "a call result nobody waits for; dropped");
+            return;
+        }
+        let (stdout_ended, stderr_ended) = (ends & END_ON_STDOUT == 0, ends & END_ON_STDERR == 0);
+        if stdout_ended {
+            if let Some(t) = self.parser.take_call_tail() {
+                self.on_stdout_events(vec![StdoutEvent::Text(t)]).await;
+            }
+        }
+        if stderr_ended {
+            if let Some(t) = self.stderr_marks.take_held() {
+                self.on_stderr_text(&t);
+            }
+        }
+        if let Some(c) = self.first_in_worker(|c| c.result.is_none()) {
+            c.result = Some(call::outcome(status, data));
+            c.stdout_done |= stdout_ended;
+            c.stderr_done |= stderr_ended;
+        }
+        self.settle_calls();
     }
 
     pub(super) fn on_stderr_text(&mut self, text: &str) {
