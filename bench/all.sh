@@ -6,8 +6,9 @@
 #   project's .venv/bin/python, made by scripts/test.sh). BENCH_PEERS is passed to
 #   client_bench.sh ("ipp dask ray" adds Dask and Ray). The cross-host rows need root (network
 #   namespaces); without it they are skipped. BENCH_KERNEL_CACHE: where the kernel's prepared
-#   client crate is kept between runs (default: target/bench-kernel-cache).
-# About 25 minutes on 2 cores. Results: bench/results/*, the table in
+#   client crate is kept between runs (default: target/bench-kernel-cache). BENCH_PAIRS (3):
+#   rpx / ipyparallel pairs of the alternated task benchmark.
+# About 35 minutes on 2 cores. Results: bench/results/*, the table in
 # bench/results/issue11-<time>.md.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +18,8 @@ cd "$here"
 cargo build --release --workspace --examples >/dev/null
 echo "=== client benchmark: round trips, tasks, 100 MB, closures ($(date +%T))"
 bash bench/client_bench.sh "$py"
+echo "=== 10,000 tasks, rpx and ipyparallel run by turns ($(date +%T))"
+"$py" bench/tasks_alternated.py --pairs "${BENCH_PAIRS:-3}" "bench/results/tasks-alternated-$stamp.json"
 echo "=== cluster benchmark: start-up, cells on 8 vs 1 engine, memory ($(date +%T))"
 "$py" bench/cluster_bench.py --reps "${BENCH_REPS:-3}" | tail -20
 if [ "$(id -u)" = 0 ]; then

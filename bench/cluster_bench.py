@@ -349,8 +349,9 @@ class Ipp(System):
 
 def settle(system, max_wait=180.0, quiet=0.05, hold=2.0):
     """Wait (at most `max_wait` s) until the cluster's processes together use under `quiet`
-    of a core for `hold` s: start-up work in the background (rpx's closure builder warm-up,
-    its cargo and rustc children) is over. Returns the seconds waited."""
+    of a core for `hold` s and no process of it started or ended meanwhile: start-up work in
+    the background (rpx's closure builder warm-up, its cargo and rustc children, some of which
+    live for less than one sample) is over. Returns the seconds waited."""
     t0 = time.monotonic()
     calm_since = None
     while time.monotonic() - t0 < max_wait:
@@ -368,7 +369,8 @@ def settle(system, max_wait=180.0, quiet=0.05, hold=2.0):
                 used += sum(p.cpu_times()[:2]) - before.get(p.pid, 0.0)
             except psutil.Error:
                 pass
-        if used / 0.5 < quiet:
+        same = {p.pid for p in system.procs()} == set(before)
+        if same and used / 0.5 < quiet:
             calm_since = calm_since or time.monotonic()
             if time.monotonic() - calm_since >= hold:
                 break

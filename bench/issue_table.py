@@ -8,7 +8,9 @@ Reads the newest file of each kind in bench/results (or DIR):
 - multihost-data-<time>.json (bench/multihost_data.py): 100 MB to engines on another host;
 - <time>.json from bench/cluster_bench.py (with both systems): cells on 8 vs 1 engine, memory;
 - kernel-first-rpx-<time>.json (bench/kernel_bench.py --first-rpx): the first rpx:: cell;
-- hop-floor-<time>.json (guard/examples/hop_floor.rs): the transport floor under a round trip.
+- hop-floor-<time>.json (guard/examples/hop_floor.rs): the transport floor under a round trip;
+- tasks-alternated-<time>.json (bench/tasks_alternated.py): the tasks row again, the two systems
+  run by turns.
 Prints a markdown table naming the file behind each row, then the floors under the data rows and
 under the round trips.
 """
@@ -79,6 +81,14 @@ def main():
         r = rpx.get("closure_first_call_warm_s")
         rows.append(("first call of a new remote! closure, warm cluster (s)", r, None, "", "<= 3 s",
                      r is not None and r <= 3, src))
+
+    alt = newest(results, r"tasks-alternated-\d{8}-\d{6}\.json")
+    if alt:
+        s = json.loads(alt.read_text())["summary"]
+        per_pair = ", ".join(f"x{x:.0f}" for x in s["ratio_per_pair"])
+        rows.append((f"the same 10,000 tasks, rpx and ipyparallel run by turns ({s['pairs']} pairs: {per_pair}) (tasks/s)",
+                     s["rpx_tasks_per_s"], s["ipp_tasks_per_s"], f"x{s['ratio_of_medians']:.1f}", ">= 100x",
+                     s["ratio_of_medians"] >= 100, alt.name))
 
     mh = newest(results, r"multihost-data-\d{8}-\d{6}\.json")
     if mh:

@@ -1,0 +1,75 @@
+"""10,000 trivial load-balanced tasks at chunksize 1: rpx and ipyparallel 9 run by turns.
+
+usage: python bench/tasks_alternated.py [--pairs N] [--bin-dir DIR] [OUT.json]
+
+Task throughput moves with the machine's load more than any other row (on a shared 2-core host,
+rpx's CPU per task varies by half between runs an hour apart), and client_bench.sh measures the
+two systems minutes apart. Here each pair runs rpx (`bench_ops`, BENCH_ONLY=throughput) and then
+ipyparallel (`../shared/bench/peers/ipp_ops.py throughput`), both the median of their
+BENCH_REPS (3) maps, so drift hits both alike; the summary gives each system's median over the
+runs, their ratio, and the ratio pair by pair. Run with the Python that has ipyparallel (the
+project's .venv). Writes bench/results/tasks-alternated-<time>.json unless OUT is given.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def rpx_run(bins, out):
+    env = dict(os.environ, BENCH_ONLY="throughput", RPX_BIN_DIR=str(bins))
+    subprocess.run([str(bins / "examples" / "bench_ops"), str(out)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    return json.loads(out.read_text())["lb_map_tasks_per_s"]["median"]
+
+
+def ipp_run(state):
+    subprocess.run([sys.executable, str(state / "bench" / "ipp_ops.py"), "throughput"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+    doc = json.loads((state / "results" / "ipp_ops_throughput.json").read_text())
+    return doc["throughput"]["lview_map_async_chunk1"]["tasks_per_s"]["median"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--bin-dir", type=Path, default=Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release")
+    ap.add_argument("out", nargs="?", type=Path)
+    args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error("--pairs must be at least 1")
+    out = args.out or HERE / "results" / f"tasks-alternated-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="rpx-tasks-alt-") as tmp:
+        state = Path(tmp)
+        # The peer scripts keep their state and results next to their own directory: run copies.
+        (state / "bench").mkdir()
+        for f in (ROOT.parent / "shared" / "bench" / "peers").glob("*.py"):
+            shutil.copy(f, state / "bench")
+        for pair in range(args.pairs):
+            r = rpx_run(args.bin_dir, state / f"rpx-{pair}.json")
+            i = ipp_run(state)
+            runs.append({"pair": pair + 1, "rpx_tasks_per_s": r, "ipp_tasks_per_s": i, "ratio": r / i})
+            print(f"pair {pair + 1}: rpx {r:,.0f} tasks/s, ipyparallel {i:,.0f} tasks/s, x{r / i:.1f}", flush=True)
+    rpx = statistics.median(x["rpx_tasks_per_s"] for x in runs)
+    ipp = statistics.median(x["ipp_tasks_per_s"] for x in runs)
+    summary = {"rpx_tasks_per_s": rpx, "ipp_tasks_per_s": ipp, "ratio_of_medians": rpx / ipp,
+               "ratio_per_pair": [x["ratio"] for x in runs], "pairs": args.pairs,
+               "reps_per_run": int(os.environ.get("BENCH_REPS", "3"))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
+    print(f"medians: rpx {rpx:,.0f}, ipyparallel {ipp:,.0f} tasks/s: x{rpx / ipp:.1f} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
