@@ -14,7 +14,8 @@ use rpx_worker::process::{END_ON_STDERR, END_ON_STDOUT};
 use tokio::sync::mpsc;
 
 /// Closures with `rpx_runtime::abi`'s signature: `quiet` only answers, `loud` prints its
-/// argument on both streams (odd ones without a newline) and answers it.
+/// argument on both streams (odd ones without a newline) and answers it, `closes_stdout` closes
+/// the worker's stdout and answers.
 const CLOSURES: &str = r#"
 use std::ffi::c_void;
 type Sink = extern "C" fn(*mut c_void, *const u8, usize);
@@ -37,6 +38,17 @@ pub unsafe extern "C" fn loud(_mode: u32, args: *const u8, len: usize, sink: Sin
         eprintln!("err {x}");
     }
     std::io::stdout().flush().unwrap();
+    sink(ctx, args, len);
+    0
+}
+
+extern "C" {
+    fn close(fd: i32) -> i32;
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn closes_stdout(_mode: u32, args: *const u8, len: usize, sink: Sink, ctx: *mut c_void) -> u32 {
+    close(1);
     sink(ctx, args, len);
     0
 }
@@ -127,4 +139,10 @@ async fn a_calls_output_is_in_before_its_result_or_ends_at_the_marker_it_announc
     // A quiet call after them is answered by its result alone again.
     let seen = call(&mut w, &mut rx, &so, "quiet", 7).await;
     assert_eq!((seen.ends, seen.stdout.as_str(), seen.stderr.as_str()), (0, "", ""));
+    // User code that closes stdout: no marker can follow on it, and none is announced (the
+    // engine would wait for it); the worker goes on answering.
+    let seen = call(&mut w, &mut rx, &so, "closes_stdout", 8).await;
+    assert_eq!((seen.result, seen.ends & END_ON_STDOUT), (vec![8], 0));
+    let seen = call(&mut w, &mut rx, &so, "quiet", 9).await;
+    assert_eq!((seen.result, seen.ends), (vec![9], 0));
 }

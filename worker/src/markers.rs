@@ -9,9 +9,10 @@ pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
 /// The worker's own marker: the cell was interrupted (SIGINT); printed after the cell returned,
 /// before [`EXECUTION_COMPLETE`].
 pub const INTERRUPTED: &str = "RPX_INTERRUPTED";
-/// The worker's own marker after each closure call, on stdout and on stderr: what came before
-/// it on that stream was the call's output (calls are handed to the worker ahead of time, so a
-/// stream can hold the next call's output right behind it).
+/// The worker's own marker after a closure call's output, on stdout or stderr when that
+/// stream's pipe still held some of it as the call returned (the call's result says which): what
+/// came before it on that stream was the call's output (calls are handed to the worker ahead of
+/// time, so a stream can hold the next call's output right behind it).
 pub const CALL_END: &str = "RPX_CALL_END";
 /// A `?` in user code returned an error.
 pub const ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";

@@ -120,12 +120,11 @@ pub fn run() -> ! {
                 let mut ends = 0;
                 let mut stdout = std::io::stdout().lock();
                 let _ = stdout.flush();
-                if unread_output(libc::STDOUT_FILENO) {
-                    let _ = stdout.write_all(end.as_bytes()).and_then(|_| stdout.flush());
+                // A marker that could not be written is not announced (the engine would wait for it).
+                if unread_output(libc::STDOUT_FILENO) && stdout.write_all(end.as_bytes()).and_then(|_| stdout.flush()).is_ok() {
                     ends |= END_ON_STDOUT;
                 }
-                if unread_output(libc::STDERR_FILENO) {
-                    let _ = std::io::stderr().lock().write_all(end.as_bytes());
+                if unread_output(libc::STDERR_FILENO) && std::io::stderr().lock().write_all(end.as_bytes()).is_ok() {
                     ends |= END_ON_STDERR;
                 }
                 let written = results
@@ -210,12 +209,16 @@ fn call(
 }
 
 /// Whether the pipe (or other file) on `fd` may still hold output its reader has not read: true
-/// unless the kernel says it holds none (`FIONREAD`, which a pipe answers on its write end too).
+/// unless the kernel says it holds none (`FIONREAD`, which a pipe answers on its write end too)
+/// or `fd` is closed (user code closed it: nothing more comes through it, and std would drop a
+/// marker written to it without an error).
 fn unread_output(fd: i32) -> bool {
     let mut pending: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer, which points to one.
-    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) };
-    r != 0 || pending != 0
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) } == 0 {
+        return pending != 0;
+    }
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::EBADF)
 }
 
 /// Run a cell; returns the new store and whether the cell was interrupted.
