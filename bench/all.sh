@@ -7,7 +7,9 @@
 #   client_bench.sh ("ipp dask ray" adds Dask and Ray). The cross-host rows need root (network
 #   namespaces); without it they are skipped. BENCH_KERNEL_CACHE: where the kernel's prepared
 #   client crate is kept between runs (default: target/bench-kernel-cache). BENCH_PAIRS (3):
-#   rpx / ipyparallel pairs of the alternated task benchmark.
+#   rpx / ipyparallel pairs of the alternated task benchmark. BENCH_LOOP_REPS (7): transfers of
+#   the second data run, whose medians are the steady state (client_bench.sh's 3 repetitions
+#   are mostly first transfers of a size).
 # About 35 minutes on 2 cores. Results: bench/results/*, the table in
 # bench/results/issue11-<time>.md.
 set -eu
@@ -18,6 +20,8 @@ cd "$here"
 cargo build --release --workspace --examples >/dev/null
 echo "=== client benchmark: round trips, tasks, 100 MB, closures ($(date +%T))"
 bash bench/client_bench.sh "$py"
+echo "=== 100 MB transfers in a loop of ${BENCH_LOOP_REPS:-7}, rpx then ipyparallel ($(date +%T))"
+BENCH_ONLY=data BENCH_REPS=${BENCH_LOOP_REPS:-7} BENCH_PEERS=ipp BENCH_NAME=data-loop bash bench/client_bench.sh "$py" | tail -12
 echo "=== 10,000 tasks, rpx and ipyparallel run by turns ($(date +%T))"
 "$py" bench/tasks_alternated.py --pairs "${BENCH_PAIRS:-3}" "bench/results/tasks-alternated-$stamp.json"
 echo "=== cluster benchmark: start-up, cells on 8 vs 1 engine, memory ($(date +%T))"

@@ -8,14 +8,15 @@
 #        picks the peers from ../shared/bench/peers, run one after the other after rpx.
 #        BENCH_ONLY=data: only the 100 MB transfers (both systems).
 #        BENCH_DATA_PLANE=both: rpx also measures the buffer path (shared memory off).
-#        CARGO_TARGET_DIR is honoured.
-# Results: bench/results/client-<time>-{rpx,<peer>}.json and client-<time>-summary.md (medians,
+#        BENCH_NAME (client): the results' name (all.sh names its run of the transfers in a loop
+#        "data-loop"). CARGO_TARGET_DIR is honoured.
+# Results: bench/results/<name>-<time>-{rpx,<peer>}.json and <name>-<time>-summary.md (medians,
 # and how many times rpx is faster than each peer: bench/client_summary.py).
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-$here/.venv/bin/python}
 target=${CARGO_TARGET_DIR:-$here/target}
-stamp=$(date +%Y%m%d-%H%M%S)
+stamp=${BENCH_NAME:-client}-$(date +%Y%m%d-%H%M%S)
 out="$here/bench/results"
 mkdir -p "$out"
 cd "$here"
@@ -23,7 +24,7 @@ cargo build --release --workspace --examples >/dev/null
 parts="latency throughput data"
 [ "${BENCH_ONLY:-}" = data ] && parts="data"
 echo "=== rpx ($(date +%T))"
-"$target/release/examples/bench_ops" "$out/client-$stamp-rpx.json" >/dev/null
+"$target/release/examples/bench_ops" "$out/$stamp-rpx.json" >/dev/null
 # The peer scripts keep their state and results next to their own directory: run copies.
 state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT
@@ -34,12 +35,12 @@ for peer in ${BENCH_PEERS:-ipp}; do
     echo "=== $peer ($(date +%T))"
     # shellcheck disable=SC2086
     "$py" "$state/bench/${peer}_ops.py" $parts 2>&1 | tail -25
-    cp "$state"/results/${peer}_ops_${parts// /_}.json "$out/client-$stamp-$peer.json"
-    peers+=("$peer=$out/client-$stamp-$peer.json")
+    cp "$state"/results/${peer}_ops_${parts// /_}.json "$out/$stamp-$peer.json"
+    peers+=("$peer=$out/$stamp-$peer.json")
 done
-"$py" "$here/bench/client_summary.py" "$out/client-$stamp-rpx.json" "${peers[@]}" > "$out/client-$stamp-summary.md"
-if [ -f "$out/client-$stamp-ipp.json" ]; then
-    "$py" - "$out/client-$stamp-rpx.json" "$out/client-$stamp-ipp.json" >> "$out/client-$stamp-summary.md" <<'PY'
+"$py" "$here/bench/client_summary.py" "$out/$stamp-rpx.json" "${peers[@]}" > "$out/$stamp-summary.md"
+if [ -f "$out/$stamp-ipp.json" ]; then
+    "$py" - "$out/$stamp-rpx.json" "$out/$stamp-ipp.json" >> "$out/$stamp-summary.md" <<'PY'
 import json, sys
 rpx, ipp = (json.load(open(p)) for p in sys.argv[1:3])
 d = ipp.get("data", {})
@@ -55,5 +56,5 @@ if any(k.endswith("_buffers") for k in rpx):
             print(f"| {op} | {r['median']:.2f} (n={r['n']}, {r['min']:.2f}-{r['max']:.2f}) | {i:.2f} | x{r['median'] / i:.1f} |")
 PY
 fi
-cat "$out/client-$stamp-summary.md"
-echo "results: $out/client-$stamp-*.json, $out/client-$stamp-summary.md"
+cat "$out/$stamp-summary.md"
+echo "results: $out/$stamp-*.json, $out/$stamp-summary.md"

@@ -5,6 +5,8 @@ usage: python bench/issue_table.py [--results DIR]
 Reads the newest file of each kind in bench/results (or DIR):
 - client-<time>-rpx.json and client-<time>-ipp.json (bench/client_bench.sh): data, tasks, round trips,
   first call of a new closure;
+- data-loop-<time>-rpx.json and -ipp.json (client_bench.sh, BENCH_ONLY=data, all.sh's 7
+  repetitions): the 100 MB rows again, in a loop;
 - multihost-data-<time>.json (bench/multihost_data.py): 100 MB to engines on another host;
 - <time>.json from bench/cluster_bench.py (with both systems): cells on 8 vs 1 engine, memory;
 - kernel-first-rpx-<time>.json (bench/kernel_bench.py --first-rpx): the first rpx:: cell;
@@ -46,12 +48,22 @@ def both_systems(p):
     return "rpx" in s and "ipyparallel" in s
 
 
+def same_host_floors(where, rpx, ipp, src):
+    """A row of the floors table from one client_bench.sh run's rpx and ipyparallel results."""
+    ops = {op: (client_summary.rpx_value(rpx, f"{op}_gb_per_s", "GB/s"),
+                client_summary.peer_value(ipp, client_summary.ROWS_BY_KEY[f"{op}_gb_per_s"]["ipp"], "GB/s"), 10)
+           for op in ("push", "pull", "scatter", "gather")}
+    return (where, med(rpx, "fresh_memory_copy_gb_per_s"), med(rpx, "fresh_tmpfs_write_gb_per_s"),
+            med(rpx, "snapshot_read_floor_gb_per_s"), med(rpx, "snapshot_read_floor_2_gb_per_s"), ops, src)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=HERE / "results")
     results = ap.parse_args().results
     rows = []  # (measure, rpx, ipp, ratio text, target text, met, source)
-    # (where, fresh memory GB/s, new tmpfs file GB/s, {op: (rpx, ipp, target x)}, source)
+    # (where, fresh memory GB/s, new tmpfs file GB/s, a snapshot read into a new vector from 1 / 2
+    # files GB/s, {op: (rpx, ipp, target x)}, source)
     floors = []
     # (measure, rpx µs, the target in µs, source) for the round trips.
     trips = []
@@ -74,13 +86,26 @@ def main():
                          times is not None and times >= goal, src))
             if unit == "µs":
                 trips.append((row, r, i and i / goal, src))
-        floors.append(("same host", med(rpx, "fresh_memory_copy_gb_per_s"), med(rpx, "fresh_tmpfs_write_gb_per_s"),
-                       {op: (client_summary.rpx_value(rpx, f"{op}_gb_per_s", "GB/s"),
-                             client_summary.peer_value(ipp, client_summary.ROWS_BY_KEY[f"{op}_gb_per_s"]["ipp"], "GB/s"), 10)
-                        for op in ("push", "pull", "scatter", "gather")}, src))
+        floors.append(same_host_floors("same host", rpx, ipp, src))
         r = rpx.get("closure_first_call_warm_s")
         rows.append(("first call of a new remote! closure, warm cluster (s)", r, None, "", "<= 3 s",
                      r is not None and r <= 3, src))
+
+    loop = newest(results, r"data-loop-\d{8}-\d{6}-rpx\.json")
+    if loop:
+        ipp_file = loop.with_name(loop.name.replace("-rpx.json", "-ipp.json"))
+        rpx = json.loads(loop.read_text())
+        ipp = json.loads(ipp_file.read_text()) if ipp_file.exists() else {}
+        src = loop.name[: -len("-rpx.json")]
+        n = rpx.get("reps")
+        for row, key, unit, higher, paths in client_summary.ROWS:
+            if unit != "GB/s":
+                continue
+            r, i = client_summary.rpx_value(rpx, key, unit), client_summary.peer_value(ipp, paths["ipp"], unit)
+            times = r / i if r and i else None
+            rows.append((f"{row}, in a loop of {n} (GB/s)", r, i, times and f"x{times:.1f}", ">= 10x",
+                         times is not None and times >= 10, src))
+        floors.append(same_host_floors(f"same host, in a loop of {n}", rpx, ipp, src))
 
     alt = newest(results, r"tasks-alternated-\d{8}-\d{6}\.json")
     if alt:
@@ -98,7 +123,7 @@ def main():
                 rows.append((f"{op} 100 MB, engines on another host (GB/s)", s[op]["rpx"], s[op]["ipp"],
                              f"x{s[op]['ratio']:.2f}", ">= 2x", s[op]["ratio"] >= 2, mh.name))
         if "fresh_memory_copy" in s:
-            floors.append(("another host", s["fresh_memory_copy"], None,
+            floors.append(("another host", s["fresh_memory_copy"], None, None, None,
                            {op: (s[op]["rpx"], s[op]["ipp"], 2) for op in ("push", "pull", "scatter", "gather") if op in s}, mh.name))
 
     cb = newest(results, r"\d{8}-\d{6}\.json", both_systems)
@@ -132,13 +157,17 @@ def main():
     if floors:
         # A 100 MB value that lands in new memory costs at least one pass of the kernel supplying
         # fresh pages, whoever moves it: the bound under the data rows, measured in the same run.
+        # The snapshot read is what a same-host pull (1 file) or gather (2) does at the least, with
+        # no messages: the files mapped and a new vector filled from them on every core.
         print("\n| 100 MB, this machine's floor (same run) | fresh memory, 100 MB copy GB/s | new tmpfs file GB/s |"
+              " a snapshot read into a new vector, from 1 / 2 files GB/s |"
               " rpx GB/s: push / pull / scatter / gather | the target needs GB/s | source |")
-        print("|---|---:|---:|---|---|---|")
-        for where, heap, tmpfs, ops, src in floors:
+        print("|---|---:|---:|---:|---|---|---|")
+        for where, heap, tmpfs, read1, read2, ops, src in floors:
             got = " / ".join(fmt(r) for r, _, _ in ops.values())
             need = " / ".join(fmt(i * x) if i else "-" for _, i, x in ops.values())
-            print(f"| {where} | {fmt(heap)} | {fmt(tmpfs)} | {got} | {need} | {src} |")
+            reads = f"{fmt(read1)} / {fmt(read2)}" if read1 else "-"
+            print(f"| {where} | {fmt(heap)} | {fmt(tmpfs)} | {reads} | {got} | {need} | {src} |")
     hop = newest(results, r"hop-floor-\d{8}-\d{6}\.json")
     if hop and trips:
         # The same processes and hops as a direct apply (client -> controller -> engine -> worker

@@ -103,6 +103,50 @@ fn wait_quiet_into(report: &mut serde_json::Map<String, serde_json::Value>) {
     report.insert("quiet".into(), json!(quiet));
 }
 
+/// Seconds to do what a same-host `pull` (`parts` = 1) or `gather` (2) of `src` must do at the
+/// least, with no cluster and no messages: map the snapshot files (written beforehand, untimed),
+/// make the new vector and copy each part into place, the parts at once and each on every core,
+/// as the client reads them. The mappings are dropped after the clock stops (the client drops
+/// them off the caller's path too). The floor under those rows for this machine, in this run.
+fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize) -> rpx::Result<f64> {
+    let err = |e: std::io::Error| rpx::Error::Connection(format!("read floor in {}: {e}", dir.display()));
+    let part = src.len().div_ceil(parts);
+    let mut files = Vec::new();
+    for (i, chunk) in src.chunks(part).enumerate() {
+        let path = dir.join(format!("snapshot-{i}"));
+        std::fs::write(&path, chunk).map_err(err)?;
+        files.push((std::fs::File::open(&path).map_err(err)?, chunk.len()));
+        std::fs::remove_file(&path).map_err(err)?;
+    }
+    let t = Instant::now();
+    let mut out: Vec<f64> = rpx_runtime::plain_zeroed(src.len() / 8).expect("a plain vector");
+    let dst = rpx_runtime::plain_bytes_mut(&mut out).expect("a plain vector");
+    let maps = std::thread::scope(|s| {
+        let mut rest = dst;
+        let mut running = Vec::new();
+        for (f, len) in &files {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(*len);
+            rest = tail;
+            running.push(s.spawn(move || {
+                let map = rpx_runtime::Mapped::of(f, *len)?;
+                rpx_runtime::copy_on_every_core(mine, map.as_ref());
+                Ok::<_, std::io::Error>(map)
+            }));
+        }
+        running.into_iter().map(|h| h.join().expect("no panic")).collect::<std::io::Result<Vec<_>>>()
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let maps = maps.map_err(err)?;
+    assert!(out == bytes_as_f64(src), "the floor read the bytes it wrote");
+    drop(maps);
+    Ok(secs)
+}
+
+/// `bytes` (a little-endian f64 vector's bytes) as f64s.
+fn bytes_as_f64(bytes: &[u8]) -> Vec<f64> {
+    bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+}
+
 fn main() -> rpx::Result<()> {
     let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
@@ -345,7 +389,10 @@ fn main() -> rpx::Result<()> {
         let dir = tempfile::Builder::new().prefix("rpx-bench-floor-").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir());
         let dir = dir.map_err(|e| rpx::Error::Connection(format!("no directory for the memory floor: {e}")))?;
         let (mut heap, mut file) = (vec![], vec![]);
+        let (mut read1, mut read2) = (vec![], vec![]);
         for _ in 0..reps {
+            read1.push(gb / read_floor(dir.path(), &src, 1)?);
+            read2.push(gb / read_floor(dir.path(), &src, 2)?);
             let t = Instant::now();
             let mut v: Vec<u8> = Vec::with_capacity(src.len());
             v.extend_from_slice(&src);
@@ -363,6 +410,13 @@ fn main() -> rpx::Result<()> {
             median(heap.clone()),
             median(file.clone())
         );
+        eprintln!(
+            "a 100 MB snapshot read into a new vector with no messages: from 1 file {:.2} GB/s, from 2 {:.2} GB/s (medians)",
+            median(read1.clone()),
+            median(read2.clone())
+        );
+        report.insert("snapshot_read_floor_gb_per_s".into(), stats(read1));
+        report.insert("snapshot_read_floor_2_gb_per_s".into(), stats(read2));
         report.insert("fresh_memory_copy_gb_per_s".into(), stats(heap));
         report.insert("fresh_tmpfs_write_gb_per_s".into(), stats(file));
     }
