@@ -48,6 +48,16 @@ def both_systems(p):
     return "rpx" in s and "ipyparallel" in s
 
 
+def client_bench_run(results, name):
+    """The newest client_bench.sh run named `name`: (rpx's results, ipyparallel's or {}, the run's name)."""
+    found = newest(results, name + r"-\d{8}-\d{6}-rpx\.json")
+    if not found:
+        return None
+    ipp_file = found.with_name(found.name.replace("-rpx.json", "-ipp.json"))
+    ipp = json.loads(ipp_file.read_text()) if ipp_file.exists() else {}
+    return json.loads(found.read_text()), ipp, found.name[: -len("-rpx.json")]
+
+
 def same_host_floors(where, rpx, ipp, src):
     """A row of the floors table from one client_bench.sh run's rpx and ipyparallel results."""
     ops = {op: (client_summary.rpx_value(rpx, f"{op}_gb_per_s", "GB/s"),
@@ -68,12 +78,9 @@ def main():
     # (measure, rpx µs, the target in µs, source) for the round trips.
     trips = []
 
-    client = newest(results, r"client-\d{8}-\d{6}-rpx\.json")
+    client = client_bench_run(results, "client")
     if client:
-        ipp_file = client.with_name(client.name.replace("-rpx.json", "-ipp.json"))
-        rpx = json.loads(client.read_text())
-        ipp = json.loads(ipp_file.read_text()) if ipp_file.exists() else {}
-        src = client.name[: -len("-rpx.json")]
+        rpx, ipp, src = client
         # The rows client_bench.sh measures, read as client_summary.py reads them; issue 11's
         # target for each, as how many times rpx must beat ipyparallel.
         targets = {"µs": 25, "tasks/s": 100, "GB/s": 10}
@@ -91,12 +98,9 @@ def main():
         rows.append(("first call of a new remote! closure, warm cluster (s)", r, None, "", "<= 3 s",
                      r is not None and r <= 3, src))
 
-    loop = newest(results, r"data-loop-\d{8}-\d{6}-rpx\.json")
+    loop = client_bench_run(results, "data-loop")
     if loop:
-        ipp_file = loop.with_name(loop.name.replace("-rpx.json", "-ipp.json"))
-        rpx = json.loads(loop.read_text())
-        ipp = json.loads(ipp_file.read_text()) if ipp_file.exists() else {}
-        src = loop.name[: -len("-rpx.json")]
+        rpx, ipp, src = loop
         n = rpx.get("reps")
         for row, key, unit, higher, paths in client_summary.ROWS:
             if unit != "GB/s":

@@ -211,7 +211,7 @@ impl Pulled {
         } else {
             let dir = self.dirs.get(&id)?;
             let _reading = self.client.premaps.reading();
-            let read = read_file_plain(dir, &vf, size, n, dst);
+            let read = read_file_plain(&self.client, dir, &vf, size, n, dst);
             remove_snapshot(dir, &vf);
             read
         };
@@ -274,17 +274,20 @@ impl Pulled {
 /// mapped (and checked against its digest, if one was announced), its length prefix checked,
 /// its elements copied into place on every core (the copy is what fills `dst`'s new pages).
 /// Measured for 100 MB against reading the file into place with `pread` on every core: 28 ms
-/// against 54 (the page cache's per-page read path is slower than mapping and copying). `Err`
-/// if the file is refused; the inner `Err` if the prefix is not `n` elements in `size` bytes.
+/// against 54 (the page cache's per-page read path is slower than mapping and copying). The
+/// mapping is then dropped: a large one by the client's background thread
+/// ([`Premaps::release`](crate::premap::Premaps::release)), off the caller's path. `Err` if the
+/// file is refused; the inner `Err` if the prefix is not `n` elements in `size` bytes.
 fn read_file_plain(
+    client: &ClientInner,
     dir: &std::path::Path,
     vf: &ValueFile,
     size: usize,
     n: usize,
     dst: &mut [u8],
 ) -> std::result::Result<std::result::Result<(), String>, String> {
-    let bytes = dp::read_value_file(dir, vf)?;
-    let mut elements = &bytes[..];
+    let mapped = dp::map_value_file(dir, vf)?;
+    let mut elements = mapped.as_ref().map_or(&[][..], |m| m.as_ref());
     let prefix = rpx_runtime::read_plain_prefix(&mut elements, size, n, dst.len(), &mut |_| ());
     let read = match prefix.map_err(|e| format!("{}: {e}", vf.file))? {
         Ok(()) if elements.len() == dst.len() => {
@@ -294,22 +297,15 @@ fn read_file_plain(
         Ok(()) => Err(format!("{} bytes of elements where {} were expected", elements.len(), dst.len())),
         Err(e) => Err(e),
     };
-    unmap_later(bytes);
+    if let Some(m) = mapped.filter(|m| m.as_ref().len() >= RELEASE_FROM) {
+        client.premaps.release(m);
+    }
     Ok(read)
 }
 
-/// Mappings from this many bytes on are unmapped by [`unmap_later`] on a thread of their own.
-const UNMAP_LATER_FROM: usize = 16 << 20;
-
-/// Drop a read mapping once its bytes are copied: a large one on a thread of its own, since
-/// unmapping a populated mapping costs the kernel about 3.5 ms per 100 MB, which the pull or
-/// gather need not wait for; a small one (or if no thread can be started) here.
-fn unmap_later(bytes: Bytes) {
-    if bytes.len() >= UNMAP_LATER_FROM {
-        // A thread that cannot be started drops its closure, and the mapping with it, here.
-        let _ = std::thread::Builder::new().name("rpx-unmap".into()).spawn(move || drop(bytes));
-    }
-}
+/// Snapshot mappings from this many bytes on are unmapped in the background; smaller ones at
+/// once (tearing them down costs less than handing them over).
+const RELEASE_FROM: usize = 16 << 20;
 
 /// Remove a pulled snapshot once read (only ever a transfer name in the engine's namespace).
 fn remove_snapshot(dir: &std::path::Path, vf: &ValueFile) {
@@ -410,7 +406,7 @@ impl Pulled {
                 crate::datalink::fetch_into(&self.client, uuid, *addr, &vf, n, dst).map_err(refuse)?.map_err(undecodable)
             }
             Source::File(dir, vf) => {
-                let read = read_file_plain(dir, &vf, size, n, dst);
+                let read = read_file_plain(&self.client, dir, &vf, size, n, dst);
                 remove_snapshot(dir, &vf);
                 read.map_err(refuse)?.map_err(undecodable)
             }

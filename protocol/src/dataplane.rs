@@ -500,16 +500,22 @@ pub fn digest_file(path: &Path) -> std::io::Result<String> {
 /// engine's private namespace that nobody rewrites (values are only ever replaced by rename),
 /// so the mapping is stable.
 pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
+    Ok(map_value_file(dir, vf)?.map_or_else(bytes::Bytes::new, bytes::Bytes::from_owner))
+}
+
+/// [`read_value_file`]'s mapping itself (`None` for an empty file), for a reader that copies
+/// the bytes out and decides when and how the mapping goes.
+pub fn map_value_file(dir: &Path, vf: &ValueFile) -> Result<Option<rpx_runtime::Mapped>, String> {
     let f = open_value_file(dir, vf)?;
-    let bytes = if vf.size == 0 {
-        bytes::Bytes::new()
-    } else {
-        bytes::Bytes::from_owner(rpx_runtime::Mapped::of(&f, vf.size as usize).map_err(|e| format!("{}: {e}", vf.file))?)
+    let mapped = match vf.size {
+        0 => None,
+        n => Some(rpx_runtime::Mapped::of(&f, n as usize).map_err(|e| format!("{}: {e}", vf.file))?),
     };
-    if vf.blake3.as_ref().is_some_and(|d| digest(&bytes) != *d) {
+    let bytes = mapped.as_ref().map_or(&[][..], |m| m.as_ref());
+    if vf.blake3.as_ref().is_some_and(|d| digest(bytes) != *d) {
         return Err(format!("{}: digest mismatch: the file changed after the engine announced it", vf.file));
     }
-    Ok(bytes)
+    Ok(mapped)
 }
 
 /// Open `dir/vf.file` for reading, checked: a transfer name, not through a symlink, a regular

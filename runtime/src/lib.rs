@@ -564,16 +564,31 @@ impl AsRef<[u8]> for Mapped {
 /// other threads' mappings and page faults go on.
 const UNMAP_PIECE: usize = 8 << 20;
 
-impl Drop for Mapped {
-    fn drop(&mut self) {
+impl Mapped {
+    /// Unmap now, in pieces, calling `before_piece` before each one: a caller unmapping in the
+    /// background waits there while others need the process's mapping lock.
+    pub fn unmap_pausing(mut self, mut before_piece: impl FnMut()) {
+        self.unmap(&mut before_piece);
+    }
+
+    fn unmap(&mut self, before_piece: &mut dyn FnMut()) {
         let mut at = 0;
         while at < self.len {
+            before_piece();
             let piece = UNMAP_PIECE.min(self.len - at);
             // SAFETY: unmapping what `of` mapped, once, piece by piece (`at` is a multiple of
-            // the piece size, itself a multiple of the page size).
+            // the piece size, itself a multiple of the page size); `len` is then 0, so drop
+            // unmaps nothing again.
             unsafe { libc::munmap((self.ptr as *mut u8).add(at) as *mut libc::c_void, piece) };
             at += piece;
         }
+        self.len = 0;
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        self.unmap(&mut || ());
     }
 }
 
@@ -871,6 +886,28 @@ mod tests {
     use super::abi::*;
     use super::{advise_huge_pages, copy_on_every_core, decode_owned, encode, plain_zeroed, HUGE_PAGES_FROM, PARALLEL_COPY_FROM};
     use std::ffi::c_void;
+
+    /// A mapping unmapped in pieces reads the file's bytes until then, announces each piece once
+    /// (the last one short), and is gone from the process afterwards (drop unmaps nothing again).
+    #[test]
+    fn a_mapping_unmapped_in_pieces_is_gone() {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        let name = c"rpx-unmap-pieces-test";
+        // SAFETY: a new memfd, owned by the File from here on.
+        let mut f = unsafe { std::fs::File::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
+        let len = 2 * super::UNMAP_PIECE + 4096 * 3;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+        f.write_all(&bytes).unwrap();
+        let mapped = super::Mapped::of(&f, len).unwrap();
+        assert!(mapped.as_ref() == &bytes[..]);
+        let in_maps = || std::fs::read_to_string("/proc/self/maps").unwrap().contains("rpx-unmap-pieces-test");
+        assert!(in_maps());
+        let mut pieces = 0;
+        mapped.unmap_pausing(|| pieces += 1);
+        assert_eq!(pieces, 3);
+        assert!(!in_maps(), "the whole mapping is gone");
+    }
 
     #[test]
     fn plain_vectors_decode_to_what_postcard_gives() {
