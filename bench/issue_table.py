@@ -63,8 +63,9 @@ def same_host_floors(where, rpx, ipp, src):
     ops = {op: (client_summary.rpx_value(rpx, f"{op}_gb_per_s", "GB/s"),
                 client_summary.peer_value(ipp, client_summary.ROWS_BY_KEY[f"{op}_gb_per_s"]["ipp"], "GB/s"), 10)
            for op in ("push", "pull", "scatter", "gather")}
-    return (where, med(rpx, "fresh_memory_copy_gb_per_s"), med(rpx, "fresh_tmpfs_write_gb_per_s"),
-            med(rpx, "snapshot_read_floor_gb_per_s"), med(rpx, "snapshot_read_floor_2_gb_per_s"), ops, src)
+    return (where, med(rpx, "fresh_memory_copy_gb_per_s"), med(rpx, "fresh_memory_parallel_copy_gb_per_s"),
+            med(rpx, "fresh_tmpfs_write_gb_per_s"), med(rpx, "snapshot_read_floor_gb_per_s"),
+            med(rpx, "snapshot_read_floor_2_gb_per_s"), ops, src)
 
 
 def main():
@@ -72,8 +73,8 @@ def main():
     ap.add_argument("--results", type=Path, default=HERE / "results")
     results = ap.parse_args().results
     rows = []  # (measure, rpx, ipp, ratio text, target text, met, source)
-    # (where, fresh memory GB/s, new tmpfs file GB/s, a snapshot read into a new vector from 1 / 2
-    # files GB/s, {op: (rpx, ipp, target x)}, source)
+    # (where, fresh memory GB/s (one thread; huge pages on every core), new tmpfs file GB/s, a
+    # snapshot read into a new vector from 1 / 2 files GB/s, {op: (rpx, ipp, target x)}, source)
     floors = []
     # (measure, rpx µs, the target in µs, source) for the round trips.
     trips = []
@@ -127,7 +128,7 @@ def main():
                 rows.append((f"{op} 100 MB, engines on another host (GB/s)", s[op]["rpx"], s[op]["ipp"],
                              f"x{s[op]['ratio']:.2f}", ">= 2x", s[op]["ratio"] >= 2, mh.name))
         if "fresh_memory_copy" in s:
-            floors.append(("another host", s["fresh_memory_copy"], None, None, None,
+            floors.append(("another host", s["fresh_memory_copy"], None, None, None, None,
                            {op: (s[op]["rpx"], s[op]["ipp"], 2) for op in ("push", "pull", "scatter", "gather") if op in s}, mh.name))
 
     cb = newest(results, r"\d{8}-\d{6}\.json", both_systems)
@@ -163,15 +164,16 @@ def main():
         # fresh pages, whoever moves it: the bound under the data rows, measured in the same run.
         # The snapshot read is what a same-host pull (1 file) or gather (2) does at the least, with
         # no messages: the files mapped and a new vector filled from them on every core.
-        print("\n| 100 MB, this machine's floor (same run) | fresh memory, 100 MB copy GB/s | new tmpfs file GB/s |"
+        print("\n| 100 MB, this machine's floor (same run) | fresh memory, 100 MB copy GB/s |"
+              " the same into a new vector in huge pages, on every core GB/s | new tmpfs file GB/s |"
               " a snapshot read into a new vector, from 1 / 2 files GB/s |"
               " rpx GB/s: push / pull / scatter / gather | the target needs GB/s | source |")
-        print("|---|---:|---:|---:|---|---|---|")
-        for where, heap, tmpfs, read1, read2, ops, src in floors:
+        print("|---|---:|---:|---:|---:|---|---|---|")
+        for where, heap, heap_parallel, tmpfs, read1, read2, ops, src in floors:
             got = " / ".join(fmt(r) for r, _, _ in ops.values())
             need = " / ".join(fmt(i * x) if i else "-" for _, i, x in ops.values())
             reads = f"{fmt(read1)} / {fmt(read2)}" if read1 else "-"
-            print(f"| {where} | {fmt(heap)} | {fmt(tmpfs)} | {reads} | {got} | {need} | {src} |")
+            print(f"| {where} | {fmt(heap)} | {fmt(heap_parallel)} | {fmt(tmpfs)} | {reads} | {got} | {need} | {src} |")
     hop = newest(results, r"hop-floor-\d{8}-\d{6}\.json")
     if hop and trips:
         # The same processes and hops as a direct apply (client -> controller -> engine -> worker

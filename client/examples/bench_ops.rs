@@ -103,12 +103,34 @@ fn wait_quiet_into(report: &mut serde_json::Map<String, serde_json::Value>) {
     report.insert("quiet".into(), json!(quiet));
 }
 
+/// When each timed operation ran, by name: [start, end] on the monotonic clock (the clock
+/// `perf record --clockid monotonic` stamps its samples with; `bench/data_profile.py` reads them).
+type Windows = std::collections::BTreeMap<&'static str, Vec<[f64; 2]>>;
+
+/// Seconds on the monotonic clock.
+fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Run `op`, its window kept in `windows` under `name`: its value and its seconds.
+fn timed<T>(windows: &mut Windows, name: &'static str, op: impl FnOnce() -> rpx::Result<T>) -> rpx::Result<(T, f64)> {
+    let start = monotonic();
+    let value = op()?;
+    let end = monotonic();
+    windows.entry(name).or_default().push([start, end]);
+    Ok((value, end - start))
+}
+
 /// Seconds to do what a same-host `pull` (`parts` = 1) or `gather` (2) of `src` must do at the
 /// least, with no cluster and no messages: map the snapshot files (written beforehand, untimed),
 /// make the new vector and copy each part into place, the parts at once and each on every core,
 /// as the client reads them. The mappings are dropped after the clock stops (the client drops
-/// them off the caller's path too). The floor under those rows for this machine, in this run.
-fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize) -> rpx::Result<f64> {
+/// them off the caller's path too). The floor under those rows for this machine, in this run;
+/// its window is added to `window`.
+fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize, window: &mut Vec<[f64; 2]>) -> rpx::Result<f64> {
     let err = |e: std::io::Error| rpx::Error::Connection(format!("read floor in {}: {e}", dir.display()));
     let part = src.len().div_ceil(parts);
     let mut files = Vec::new();
@@ -118,7 +140,7 @@ fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize) -> rpx::Result<f6
         files.push((std::fs::File::open(&path).map_err(err)?, chunk.len()));
         std::fs::remove_file(&path).map_err(err)?;
     }
-    let t = Instant::now();
+    let start = monotonic();
     let mut out: Vec<f64> = rpx_runtime::plain_zeroed(src.len() / 8).expect("a plain vector");
     let dst = rpx_runtime::plain_bytes_mut(&mut out).expect("a plain vector");
     let maps = std::thread::scope(|s| {
@@ -135,11 +157,12 @@ fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize) -> rpx::Result<f6
         }
         running.into_iter().map(|h| h.join().expect("no panic")).collect::<std::io::Result<Vec<_>>>()
     });
-    let secs = t.elapsed().as_secs_f64();
+    let end = monotonic();
+    window.push([start, end]);
     let maps = maps.map_err(err)?;
     assert!(out == bytes_as_f64(src), "the floor read the bytes it wrote");
     drop(maps);
-    Ok(secs)
+    Ok(end - start)
 }
 
 /// `bytes` (a little-endian f64 vector's bytes) as f64s.
@@ -342,31 +365,28 @@ fn main() -> rpx::Result<()> {
         eprintln!("data plane: {}", if shm { "shared memory" } else { "buffers" });
         let (mut push, mut pull, mut scatter, mut gather) = (vec![], vec![], vec![], vec![]);
         let mut pull_view = vec![];
+        let mut windows = Windows::new();
         for _ in 0..reps {
-            let t = Instant::now();
-            dv0.push("a", &data)?;
-            push.push(gb / t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let back: Vec<Vec<f64>> = dv0.pull("a")?;
-            pull.push(gb / t.elapsed().as_secs_f64());
+            let ((), secs) = timed(&mut windows, "push", || dv0.push("a", &data))?;
+            push.push(gb / secs);
+            let (back, secs) = timed(&mut windows, "pull", || -> rpx::Result<Vec<Vec<f64>>> { dv0.pull("a") })?;
+            pull.push(gb / secs);
             assert_eq!(back[0].len(), data.len());
             assert_eq!(back[0][data.len() / 2], data[data.len() / 2]);
             drop(back);
             // The same value read where it lies (a view of the engine's snapshot on this host).
-            let t = Instant::now();
-            let view = dv0.pull_view::<f64>("a")?;
-            pull_view.push(gb / t.elapsed().as_secs_f64());
+            let (view, secs) = timed(&mut windows, "pull_view", || dv0.pull_view::<f64>("a"))?;
+            pull_view.push(gb / secs);
             assert_eq!(view[0].len(), data.len());
             assert_eq!(view[0][data.len() / 2], data[data.len() / 2]);
             drop(view);
-            let t = Instant::now();
-            dv_all.scatter("x", &data)?;
-            scatter.push(gb / t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let g: Vec<f64> = dv_all.gather("x")?;
-            gather.push(gb / t.elapsed().as_secs_f64());
+            let ((), secs) = timed(&mut windows, "scatter", || dv_all.scatter("x", &data))?;
+            scatter.push(gb / secs);
+            let (g, secs) = timed(&mut windows, "gather", || -> rpx::Result<Vec<f64>> { dv_all.gather("x") })?;
+            gather.push(gb / secs);
             assert_eq!(g.len(), data.len());
         }
+        report.insert(format!("data_windows_s{suffix}"), json!(windows));
         eprintln!(
             "100 MB: push {:.2} GB/s, pull {:.2} GB/s, scatter {:.2} GB/s, gather {:.2} GB/s (medians)",
             median(push.clone()),
@@ -388,15 +408,24 @@ fn main() -> rpx::Result<()> {
         let src: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         let dir = tempfile::Builder::new().prefix("rpx-bench-floor-").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir());
         let dir = dir.map_err(|e| rpx::Error::Connection(format!("no directory for the memory floor: {e}")))?;
-        let (mut heap, mut file) = (vec![], vec![]);
+        let (mut heap, mut heap_parallel, mut file) = (vec![], vec![], vec![]);
         let (mut read1, mut read2) = (vec![], vec![]);
+        let mut windows = Windows::new();
         for _ in 0..reps {
-            read1.push(gb / read_floor(dir.path(), &src, 1)?);
-            read2.push(gb / read_floor(dir.path(), &src, 2)?);
+            read1.push(gb / read_floor(dir.path(), &src, 1, windows.entry("snapshot_read_floor").or_default())?);
+            read2.push(gb / read_floor(dir.path(), &src, 2, windows.entry("snapshot_read_floor_2").or_default())?);
             let t = Instant::now();
             let mut v: Vec<u8> = Vec::with_capacity(src.len());
             v.extend_from_slice(&src);
             heap.push(gb / t.elapsed().as_secs_f64());
+            std::hint::black_box(&v);
+            drop(v);
+            // The same into a new vector made as a pull makes it (huge pages, filled on every
+            // core): the least any pull into new memory costs here, whatever brings the bytes.
+            let t = Instant::now();
+            let mut v: Vec<u8> = rpx_runtime::plain_zeroed(src.len()).expect("a plain vector");
+            rpx_runtime::copy_on_every_core(&mut v, &src);
+            heap_parallel.push(gb / t.elapsed().as_secs_f64());
             std::hint::black_box(&v);
             drop(v);
             let t = Instant::now();
@@ -415,9 +444,12 @@ fn main() -> rpx::Result<()> {
             median(read1.clone()),
             median(read2.clone())
         );
+        report.insert("floor_windows_s".into(), json!(windows));
         report.insert("snapshot_read_floor_gb_per_s".into(), stats(read1));
         report.insert("snapshot_read_floor_2_gb_per_s".into(), stats(read2));
+        eprintln!("a 100 MB copy into a new vector in huge pages, on every core: {:.2} GB/s (median)", median(heap_parallel.clone()));
         report.insert("fresh_memory_copy_gb_per_s".into(), stats(heap));
+        report.insert("fresh_memory_parallel_copy_gb_per_s".into(), stats(heap_parallel));
         report.insert("fresh_tmpfs_write_gb_per_s".into(), stats(file));
     }
 
