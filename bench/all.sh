@@ -41,5 +41,7 @@ target/release/examples/hop_floor 5 "bench/results/hop-floor-$stamp.json" >/dev/
 if [ "$(id -u)" = 0 ] && command -v perf >/dev/null; then
     echo "=== where a round trip's time goes, process by process ($(date +%T))"
     "$py" bench/roundtrip_profile.py target/release "bench/results/roundtrip-profile-$stamp.md"
+    echo "=== where the same-host 100 MB transfers' time goes ($(date +%T))"
+    "$py" bench/data_profile.py target/release "bench/results/data-profile-$stamp.md"
 fi
 "$py" bench/issue_table.py | tee "bench/results/issue11-$stamp.md"

@@ -126,8 +126,8 @@ fn timed<T>(windows: &mut Windows, name: &'static str, op: impl FnOnce() -> rpx:
 
 /// Seconds to do what a same-host `pull` (`parts` = 1) or `gather` (2) of `src` must do at the
 /// least, with no cluster and no messages: map the snapshot files (written beforehand, untimed),
-/// make the new vector and copy each part into place, the parts at once and each on every core,
-/// as the client reads them. The mappings are dropped after the clock stops (the client drops
+/// make the new vector and copy each part into place, the parts at once and each on every core
+/// (each thread mapping in the pages it copies), as the client reads them. The mappings are dropped after the clock stops (the client drops
 /// them off the caller's path too). The floor under those rows for this machine, in this run;
 /// its window is added to `window`.
 fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize, window: &mut Vec<[f64; 2]>) -> rpx::Result<f64> {
@@ -150,8 +150,8 @@ fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize, window: &mut Vec<
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(*len);
             rest = tail;
             running.push(s.spawn(move || {
-                let map = rpx_runtime::Mapped::of(f, *len)?;
-                rpx_runtime::copy_on_every_core(mine, map.as_ref());
+                let map = rpx_runtime::Mapped::unpopulated(f, *len)?;
+                rpx_runtime::copy_from_mapping_on_every_core(mine, map.as_ref());
                 Ok::<_, std::io::Error>(map)
             }));
         }
