@@ -22,6 +22,7 @@ Prints a markdown table (and writes it to OUT.md if given). BIN_DIR defaults to 
 import collections
 import json
 import os
+import pathlib
 import re
 import statistics
 import subprocess
@@ -117,8 +118,7 @@ def main():
         "", *lines])
     print(text)
     if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        pathlib.Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
