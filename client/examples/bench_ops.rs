@@ -127,9 +127,9 @@ fn timed<T>(windows: &mut Windows, name: &'static str, op: impl FnOnce() -> rpx:
 /// Seconds to do what a same-host `pull` (`parts` = 1) or `gather` (2) of `src` must do at the
 /// least, with no cluster and no messages: map the snapshot files (written beforehand, untimed),
 /// make the new vector and copy each part into place, the parts at once and each on every core
-/// (each thread mapping in the pages it copies), as the client reads them. The mappings are dropped after the clock stops (the client drops
-/// them off the caller's path too). The floor under those rows for this machine, in this run;
-/// its window is added to `window`.
+/// (each thread mapping in the pages it copies), as the client reads them. The mappings are
+/// dropped after the clock stops (the client drops them off the caller's path too). The floor
+/// under those rows for this machine, in this run; its window is added to `window`.
 fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize, window: &mut Vec<[f64; 2]>) -> rpx::Result<f64> {
     let err = |e: std::io::Error| rpx::Error::Connection(format!("read floor in {}: {e}", dir.display()));
     let part = src.len().div_ceil(parts);
@@ -160,14 +160,9 @@ fn read_floor(dir: &std::path::Path, src: &[u8], parts: usize, window: &mut Vec<
     let end = monotonic();
     window.push([start, end]);
     let maps = maps.map_err(err)?;
-    assert!(out == bytes_as_f64(src), "the floor read the bytes it wrote");
+    assert!(rpx_runtime::plain_bytes_mut(&mut out).expect("a plain vector") == src, "the floor read the bytes it wrote");
     drop(maps);
     Ok(end - start)
-}
-
-/// `bytes` (a little-endian f64 vector's bytes) as f64s.
-fn bytes_as_f64(bytes: &[u8]) -> Vec<f64> {
-    bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
 }
 
 fn main() -> rpx::Result<()> {

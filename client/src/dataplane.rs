@@ -276,8 +276,8 @@ impl Pulled {
 /// thread that copies it (the copy is also what fills `dst`'s new pages).
 /// Measured for 100 MB against reading the file into place with `pread` on every core: 28 ms
 /// against 54 (the page cache's per-page read path is slower than mapping and copying). The
-/// mapping is then dropped: a large one by the client's background thread
-/// ([`Premaps::release`](crate::premap::Premaps::release)), off the caller's path. `Err` if the
+/// mapping is then released ([`Premaps::release`](crate::premap::Premaps::release): a large one
+/// unmapped off the caller's path). `Err` if the
 /// file is refused; the inner `Err` if the prefix is not `n` elements in `size` bytes.
 fn read_file_plain(
     client: &ClientInner,
@@ -298,15 +298,11 @@ fn read_file_plain(
         Ok(()) => Err(format!("{} bytes of elements where {} were expected", elements.len(), dst.len())),
         Err(e) => Err(e),
     };
-    if let Some(m) = mapped.filter(|m| m.as_ref().len() >= RELEASE_FROM) {
+    if let Some(m) = mapped {
         client.premaps.release(m);
     }
     Ok(read)
 }
-
-/// Snapshot mappings from this many bytes on are unmapped in the background; smaller ones at
-/// once (tearing them down costs less than handing them over).
-const RELEASE_FROM: usize = 16 << 20;
 
 /// Remove a pulled snapshot once read (only ever a transfer name in the engine's namespace).
 fn remove_snapshot(dir: &std::path::Path, vf: &ValueFile) {

@@ -46,6 +46,8 @@ const SWEEP: Duration = Duration::from_secs(1);
 const POPULATE_PIECE: usize = 4 << 20;
 /// The longest the thread waits for reads to end before it goes on anyway.
 const YIELD_LIMIT: Duration = Duration::from_secs(1);
+/// Pulled snapshot mappings from this many bytes on are unmapped on the thread.
+const RELEASE_LATER_FROM: usize = 16 << 20;
 /// The longest, in all, the unmapping of a pulled snapshot waits for reads: until unmapped its
 /// removed file's pages stay in memory.
 const RELEASE_YIELD_LIMIT: Duration = Duration::from_millis(100);
@@ -124,12 +126,16 @@ impl Premaps {
         Reading(self.reads.clone())
     }
 
-    /// Unmap a pulled snapshot whose bytes were copied out, on a thread of its own: unmapping 100 MB of
-    /// populated pages costs the kernel about 3.5 ms, which the pull need not wait for, and
-    /// pausing while a read is in progress keeps it from slowing the next pull's mapping (the
-    /// process's mapping lock; measured: a `pull_view` right after a pull 10.4 -> 7.8 GB/s when
-    /// the unmapping ran beside it).
+    /// Unmap a pulled snapshot whose bytes were copied out, on a thread of its own: unmapping
+    /// 100 MB of populated pages costs the kernel about 3.5 ms, which the pull need not wait
+    /// for, and pausing while a read is in progress keeps it from slowing the next pull's
+    /// mapping (the process's mapping lock; measured: a `pull_view` right after a pull 10.4 ->
+    /// 7.8 GB/s when the unmapping ran beside it). A small mapping is unmapped here and now
+    /// (tearing it down costs less than handing it over).
     pub fn release(&self, map: rpx_runtime::Mapped) {
+        if map.as_ref().len() < RELEASE_LATER_FROM {
+            return;
+        }
         let reads = self.reads.clone();
         let run = move |rx: Receiver<rpx_runtime::Mapped>| {
             for map in rx {
@@ -379,18 +385,26 @@ mod tests {
         assert_eq!(premaps.mapped_in(d), 0);
     }
 
-    /// A pulled snapshot handed to the thread is unmapped, and a read that never ends delays
-    /// that only a little: its removed file's pages are freed all the same.
+    /// A large pulled snapshot handed to the thread is unmapped, and a read that never ends
+    /// delays that only a little: its removed file's pages are freed all the same. A small one
+    /// is unmapped at once.
     #[test]
     fn a_released_snapshot_is_unmapped_even_during_a_read() {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
         let premaps = Premaps::default();
         let in_maps = |path: &Path| std::fs::read_to_string("/proc/self/maps").unwrap().contains(path.to_str().unwrap());
-        for reading in [false, true] {
-            let path = dir.path().join(format!("snapshot-{reading}"));
-            std::fs::write(&path, vec![7u8; 3 << 20]).unwrap();
-            let map = rpx_runtime::Mapped::of(&std::fs::File::open(&path).unwrap(), 3 << 20).unwrap();
+        let mapped = |name: &str, len: usize| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![7u8; len]).unwrap();
+            let map = rpx_runtime::Mapped::of(&std::fs::File::open(&path).unwrap(), len).unwrap();
             assert!(in_maps(&path));
+            (path, map)
+        };
+        let (path, map) = mapped("small", RELEASE_LATER_FROM - 4096);
+        premaps.release(map);
+        assert!(!in_maps(&path), "a small snapshot is unmapped at once");
+        for reading in [false, true] {
+            let (path, map) = mapped(&format!("snapshot-{reading}"), RELEASE_LATER_FROM);
             let read = reading.then(|| premaps.reading());
             premaps.release(map);
             let deadline = Instant::now() + LIMIT;

@@ -588,21 +588,7 @@ impl Mapped {
         }
         Ok(Mapped { ptr, len })
     }
-}
 
-impl AsRef<[u8]> for Mapped {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes until drop.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-/// [`Mapped`] unmaps in pieces of this many bytes: each `munmap` holds the process's mapping
-/// lock while it tears its pages down (about 3.5 ms per 100 MB at once), and between pieces
-/// other threads' mappings and page faults go on.
-const UNMAP_PIECE: usize = 8 << 20;
-
-impl Mapped {
     /// Unmap now, in pieces, calling `before_piece` before each one: a caller unmapping in the
     /// background waits there while others need the process's mapping lock.
     pub fn unmap_pausing(mut self, mut before_piece: impl FnMut()) {
@@ -623,6 +609,18 @@ impl Mapped {
         self.len = 0;
     }
 }
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+/// [`Mapped`] unmaps in pieces of this many bytes: each `munmap` holds the process's mapping
+/// lock while it tears its pages down (about 3.5 ms per 100 MB at once), and between pieces
+/// other threads' mappings and page faults go on.
+const UNMAP_PIECE: usize = 8 << 20;
 
 impl Drop for Mapped {
     fn drop(&mut self) {
@@ -925,18 +923,27 @@ mod tests {
     use super::{advise_huge_pages, copy_on_every_core, decode_owned, encode, plain_zeroed, HUGE_PAGES_FROM, PARALLEL_COPY_FROM};
     use std::ffi::c_void;
 
+    /// A memory file named `name` holding `bytes` (its name shows in `/proc/self/maps`).
+    fn memfd(name: &std::ffi::CStr, bytes: &[u8]) -> std::fs::File {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create reads a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd, owned by the File from here on.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.write_all(bytes).unwrap();
+        f
+    }
+
     /// A large copy out of a mapping not populated yet, from an offset off a page boundary (a
     /// plain vector's elements after their length prefix), gives the file's bytes, each part
     /// mapped in by the thread that copies it.
     #[test]
     fn a_copy_from_an_unpopulated_mapping_is_the_files_bytes() {
-        use std::io::Write;
-        use std::os::fd::FromRawFd;
-        // SAFETY: a new memfd, owned by the File from here on.
-        let mut f = unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"rpx-populate-test".as_ptr(), 0)) };
         let len = PARALLEL_COPY_FROM + 3 * (4 << 20) + 4096 + 13;
         let bytes: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();
-        f.write_all(&bytes).unwrap();
+        let f = memfd(c"rpx-populate-test", &bytes);
         let mapped = super::Mapped::unpopulated(&f, len).unwrap();
         let mut dst = vec![0u8; len - 8];
         super::copy_from_mapping_on_every_core(&mut dst, &mapped.as_ref()[8..]);
@@ -947,14 +954,9 @@ mod tests {
     /// (the last one short), and is gone from the process afterwards (drop unmaps nothing again).
     #[test]
     fn a_mapping_unmapped_in_pieces_is_gone() {
-        use std::io::Write;
-        use std::os::fd::FromRawFd;
-        let name = c"rpx-unmap-pieces-test";
-        // SAFETY: a new memfd, owned by the File from here on.
-        let mut f = unsafe { std::fs::File::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
         let len = 2 * super::UNMAP_PIECE + 4096 * 3;
         let bytes: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
-        f.write_all(&bytes).unwrap();
+        let f = memfd(c"rpx-unmap-pieces-test", &bytes);
         let mapped = super::Mapped::of(&f, len).unwrap();
         assert!(mapped.as_ref() == &bytes[..]);
         let in_maps = || std::fs::read_to_string("/proc/self/maps").unwrap().contains("rpx-unmap-pieces-test");
