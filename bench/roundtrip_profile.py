@@ -10,6 +10,12 @@ running time divided by the number of round trips is its share of one round trip
 path; the time no CPU ran any of them is the wakeup latency between the hops. Round trips are
 counted as the wakeups of the client's main thread (one per result).
 
+CPU-clock samples taken in the same recording split each row's running time by what its
+threads were doing, from the function each sample fell in (the innermost one after inlining, so
+the split is approximate): the kernel (system calls, the loopback TCP stack, pipes, wakeups),
+rpx's own code, zeromq and the async runtime, message encoding (JSON, HMAC), memory (allocation
+and copies), and the rest.
+
 Prints a markdown table (and writes it to OUT.md if given). BIN_DIR defaults to target/release.
 """
 import collections
@@ -22,6 +28,16 @@ import tempfile
 
 SWITCH = re.compile(r"prev_comm=(.*?) prev_pid=(\d+) .*? ==> next_comm=(.*?) next_pid=(\d+)")
 WAKEUP = re.compile(r"comm=(.*?) pid=(\d+) ")
+SAMPLE = re.compile(r"^\s*(\d+)\s+([\d.]+):\s+cpu-clock\S*:\s+[0-9a-f]+\s+(.*?)\s+\(([^)]*)\)\s*$")
+# What a sample's function belongs to, first match wins (the kernel is told by its dso).
+KINDS = [
+    ("rpx code", re.compile(r"\brpx(_[a-z_]+)?::")),
+    ("message encoding (JSON, HMAC)", re.compile(r"serde|sha2|hmac|digest|itoa|ryu|uuid|chrono")),
+    ("zeromq, async runtime", re.compile(r"zeromq|tokio|mio::|futures|asynchronous_codec|bytes::")),
+    ("memory (allocation, copies)", re.compile(r"\bmi_|_mi_|malloc|free|realloc|memmove|memcpy|memset|memcmp|_int_|alloc::|__rdl|__rust_")),
+]
+KERNEL = "kernel (system calls, TCP, pipes, wakeups)"
+OTHER = "other user code"
 LINE = re.compile(r"^\s*(.+?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(sched_switch|sched_wakeup):\s+(.*)$")
 
 
@@ -31,15 +47,22 @@ def main():
     with tempfile.TemporaryDirectory(prefix="rpx-rt-profile-") as tmp:
         data, result = os.path.join(tmp, "sched.data"), os.path.join(tmp, "latency.json")
         env = dict(os.environ, BENCH_ONLY="latency", RPX_BIN_DIR=bins)
-        subprocess.run(["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-a", "-o", data,
+        subprocess.run(["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-e", "cpu-clock/freq=1999/",
+                        "-a", "-o", data,
                         "--", os.path.join(bins, "examples", "bench_ops"), result], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        script = subprocess.run(["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
+        script = subprocess.run(["perf", "script", "-i", data, "-F", "trace:comm,pid,tid,cpu,time,event,trace",
+                                 "-F", "sw:tid,time,event,ip,sym,dso"],
                                 capture_output=True, text=True, check=True).stdout
         bench = json.load(open(result))
     events = []
+    samples = []
     pid_of, comm_of = {}, {}
     for line in script.splitlines():
+        sm = SAMPLE.match(line)
+        if sm:
+            samples.append((int(sm.group(1)), float(sm.group(2)), sm.group(3), sm.group(4)))
+            continue
         m = LINE.match(line)
         if not m:
             continue
@@ -83,22 +106,41 @@ def main():
     by_role = collections.Counter()
     for tid, secs in running.items():
         by_role[role(tid)] += secs
+    # Each row's samples in the busiest second, by kind.
+    kinds_of = collections.defaultdict(collections.Counter)
+    for tid, t, sym, dso in samples:
+        if tid == 0 or not start <= t < end:
+            continue
+        kind = KERNEL if "kernel" in dso else next((k for k, r in KINDS if r.search(sym)), OTHER)
+        kinds_of[role(tid)][kind] += 1
+    columns = [KERNEL] + [k for k, _ in KINDS] + [OTHER]
     cpus = len({cpu for _, cpu, _, _, _ in events})
     rt = 1.0 / trips
     lines = [f"Round trips in the busiest second: {trips} (one every {rt * 1e6:.0f} µs); bench_ops's medians: "
              f"direct {bench['apply_direct_mean_s']['median'] * 1e6:.0f} µs, load-balanced "
              f"{bench['apply_lb_mean_s']['median'] * 1e6:.0f} µs; {cpus} CPUs.",
              "",
-             "| thread(s) | running per round trip (µs) | share of a round trip |",
-             "|---|---:|---:|"]
+             "| thread(s) | running per round trip (µs) | share of a round trip | " + " | ".join(columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns)]
+    total_kinds = collections.Counter()
     for name, secs in sorted(by_role.items(), key=lambda kv: -kv[1]):
         if name == "idle":
             continue
-        lines.append(f"| {name} | {secs / trips * 1e6:.0f} | {secs / trips / rt:.0%} |")
+        us = secs / trips * 1e6
+        kinds = kinds_of.get(name, collections.Counter())
+        n = sum(kinds.values())
+        split = [us * kinds[c] / n if n else 0.0 for c in columns]
+        for c, v in zip(columns, split):
+            total_kinds[c] += v
+        lines.append(f"| {name} | {us:.0f} | {secs / trips / rt:.0%} | " + " | ".join(f"{v:.0f}" for v in split) + " |")
     busy = sum(s for n, s in by_role.items() if n != "idle")
     # With one round trip at a time, what no CPU spent running is time between the hops.
     lines.append(f"| nothing of the round trip running (wakeups between hops) | {(1.0 - busy) / trips * 1e6:.0f} |"
-                 f" {(1.0 - busy) / trips / rt:.0%} |")
+                 f" {(1.0 - busy) / trips / rt:.0%} |" + " |" * len(columns))
+    lines.append("| every process | " + f"{busy / trips * 1e6:.0f} | {busy / trips / rt:.0%} | "
+                 + " | ".join(f"{total_kinds[c]:.0f}" for c in columns) + " |")
+    lines += ["", "Columns after the share: µs per round trip of each row's running time, split by its CPU-clock "
+              "samples (by the function each fell in, after inlining)."]
     text = "\n".join(lines)
     print(text)
     if out:
