@@ -16,7 +16,13 @@ the split is approximate): the kernel (system calls, the loopback TCP stack, pip
 rpx's own code, zeromq and the async runtime, message encoding (JSON, HMAC), memory (allocation
 and copies), and the rest.
 
-Prints a markdown table (and writes it to OUT.md if given). BIN_DIR defaults to target/release.
+The same accounting then runs on the floor under that round trip (`BIN_DIR/examples/hop_floor
+profile`: client -> guarded forwarding process -> echo process -> pipe child and back, nothing
+but the zeromq crate, the guard and a pipe), so each rpx process stands next to the process that
+does its transport work and nothing else: the controller next to the forwarder, the engine next
+to the echo process, the worker next to the pipe child, the client next to the floor's client.
+
+Prints two markdown tables (and writes them to OUT.md if given). BIN_DIR defaults to target/release.
 """
 import collections
 import json
@@ -41,22 +47,17 @@ OTHER = "other user code"
 LINE = re.compile(r"^\s*(.+?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(sched_switch|sched_wakeup):\s+(.*)$")
 
 
-def main():
-    bins = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/release")
-    out = sys.argv[2] if len(sys.argv) > 2 else None
-    with tempfile.TemporaryDirectory(prefix="rpx-rt-profile-") as tmp:
-        data, result = os.path.join(tmp, "sched.data"), os.path.join(tmp, "latency.json")
-        env = dict(os.environ, BENCH_ONLY="latency", RPX_BIN_DIR=bins)
-        subprocess.run(["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-e", "cpu-clock/freq=1999/",
-                        "-a", "-o", data,
-                        "--", os.path.join(bins, "examples", "bench_ops"), result], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        script = subprocess.run(["perf", "script", "-i", data, "-F", "trace:comm,pid,tid,cpu,time,event,trace",
-                                 "-F", "sw:tid,time,event,ip,sym,dso"],
-                                capture_output=True, text=True, check=True).stdout
-        bench = json.load(open(result))
-    events = []
-    samples = []
+def record(cmd, env, tmp, name):
+    """Run `cmd` under perf (switches, wakeups, CPU-clock samples on every CPU); returns its stdout
+    and the parsed events: (events, samples, pid_of, comm_of)."""
+    data = os.path.join(tmp, f"{name}.data")
+    run = subprocess.run(["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup",
+                          "-e", "cpu-clock/freq=1999/", "-a", "-o", data, "--"] + cmd, env=env, check=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    script = subprocess.run(["perf", "script", "-i", data, "-F", "trace:comm,pid,tid,cpu,time,event,trace",
+                             "-F", "sw:tid,time,event,ip,sym,dso"],
+                            capture_output=True, text=True, check=True).stdout
+    events, samples = [], []
     pid_of, comm_of = {}, {}
     for line in script.splitlines():
         sm = SAMPLE.match(line)
@@ -69,9 +70,13 @@ def main():
         comm, pid, tid, cpu, t, kind, rest = m.groups()
         pid_of[int(tid)], comm_of[int(tid)] = int(pid), comm
         events.append((float(t), int(cpu), kind, int(tid), rest))
-    # The client's main thread: the bench_ops process's first thread.
-    main_tid = next(tid for tid, c in comm_of.items() if c == "bench_ops" and pid_of[tid] == tid)
-    # Its busiest second: the round trips, back to back.
+    return run.stdout, (events, samples, pid_of, comm_of)
+
+
+def table(recorded, main_tid, role, title):
+    """The busiest second of `main_tid`'s wakeups (one per round trip): each role's running time
+    per round trip, split by what its samples were doing. Returns markdown lines."""
+    events, samples, pid_of, comm_of = recorded
     per_second = collections.Counter(int(t) for t, _, kind, tid, rest in events
                                      if kind == "sched_wakeup" and int(WAKEUP.search(rest).group(2)) == main_tid)
     start = max(per_second, key=per_second.get)
@@ -83,30 +88,14 @@ def main():
         if kind != "sched_switch":
             continue
         m = SWITCH.search(rest)
-        prev, nxt = int(m.group(2)), int(m.group(4))
+        nxt = int(m.group(4))
         if cpu in current and start <= t < end:
             running[current[cpu]] += t - max(since[cpu], start)
         current[cpu], since[cpu] = nxt, t
         comm_of.setdefault(nxt, m.group(3))
-
-    # Name each thread by its process: pids of the cluster from their comm, the client's by pid.
-    def role(tid):
-        if tid == 0:
-            return "idle"
-        pid, comm = pid_of.get(tid, tid), comm_of.get(tid, "?")
-        if pid == pid_of.get(main_tid):
-            return "client: main thread" if tid == main_tid else f"client: {comm}"
-        if comm_of.get(pid, comm).startswith("ipcontroller"):
-            return "controller"
-        if comm.startswith("ipengine"):
-            # The engine and its worker process both run as `ipengine`: one row per process.
-            return f"ipengine, pid {pid}"
-        return "other"
-
     by_role = collections.Counter()
     for tid, secs in running.items():
         by_role[role(tid)] += secs
-    # Each row's samples in the busiest second, by kind.
     kinds_of = collections.defaultdict(collections.Counter)
     for tid, t, sym, dso in samples:
         if tid == 0 or not start <= t < end:
@@ -114,11 +103,8 @@ def main():
         kind = KERNEL if "kernel" in dso else next((k for k, r in KINDS if r.search(sym)), OTHER)
         kinds_of[role(tid)][kind] += 1
     columns = [KERNEL] + [k for k, _ in KINDS] + [OTHER]
-    cpus = len({cpu for _, cpu, _, _, _ in events})
     rt = 1.0 / trips
-    lines = [f"Round trips in the busiest second: {trips} (one every {rt * 1e6:.0f} µs); bench_ops's medians: "
-             f"direct {bench['apply_direct_mean_s']['median'] * 1e6:.0f} µs, load-balanced "
-             f"{bench['apply_lb_mean_s']['median'] * 1e6:.0f} µs; {cpus} CPUs.",
+    lines = [f"{title}: {trips} round trips in the busiest second (one every {rt * 1e6:.0f} µs).",
              "",
              "| thread(s) | running per round trip (µs) | share of a round trip | " + " | ".join(columns) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
@@ -139,6 +125,62 @@ def main():
                  f" {(1.0 - busy) / trips / rt:.0%} |" + " |" * len(columns))
     lines.append("| every process | " + f"{busy / trips * 1e6:.0f} | {busy / trips / rt:.0%} | "
                  + " | ".join(f"{total_kinds[c]:.0f}" for c in columns) + " |")
+    return lines
+
+
+def main():
+    bins = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/release")
+    out = sys.argv[2] if len(sys.argv) > 2 else None
+    with tempfile.TemporaryDirectory(prefix="rpx-rt-profile-") as tmp:
+        result = os.path.join(tmp, "latency.json")
+        env = dict(os.environ, BENCH_ONLY="latency", RPX_BIN_DIR=bins)
+        _, rpx = record([os.path.join(bins, "examples", "bench_ops"), result], env, tmp, "rpx")
+        bench = json.load(open(result))
+        printed, floor = record([os.path.join(bins, "examples", "hop_floor"), "profile", "6000"], dict(os.environ), tmp, "floor")
+    # rpx: the client's main thread is the bench_ops process's first thread.
+    _, _, pid_of, comm_of = rpx
+    main_tid = next(tid for tid, c in comm_of.items() if c == "bench_ops" and pid_of[tid] == tid)
+
+    # Name each thread by its process: pids of the cluster from their comm, the client's by pid.
+    def rpx_role(tid):
+        if tid == 0:
+            return "idle"
+        pid, comm = pid_of.get(tid, tid), comm_of.get(tid, "?")
+        if pid == pid_of.get(main_tid):
+            return "client: main thread" if tid == main_tid else f"client: {comm}"
+        if comm_of.get(pid, comm).startswith("ipcontroller"):
+            return "controller"
+        if comm.startswith("ipengine"):
+            # The engine and its worker process both run as `ipengine`: one row per process.
+            return f"ipengine, pid {pid}"
+        return "other"
+
+    # The floor: hop_floor prints its forwarder's and echo process's pids; its client is the
+    # process perf started, and the remaining hop_floor process is the echo's pipe child.
+    pids = dict(line.split() for line in printed.splitlines() if line.split()[0] in ("forwarder", "echo"))
+    _, _, fpid_of, fcomm_of = floor
+    floor_main = next(tid for tid, c in fcomm_of.items() if c == "hop_floor" and fpid_of[tid] == tid
+                      and str(tid) not in pids.values())
+
+    def floor_role(tid):
+        if tid == 0:
+            return "idle"
+        pid, comm = fpid_of.get(tid, tid), fcomm_of.get(tid, "?")
+        if pid == floor_main:
+            return "floor: client"
+        if str(pid) == pids.get("forwarder"):
+            return "floor: forwarder, guarded (the controller's transport)"
+        if str(pid) == pids.get("echo"):
+            return "floor: echo process (the engine's transport)"
+        if comm == "hop_floor":
+            return "floor: pipe child (the worker's)"
+        return "other"
+
+    lines = [f"bench_ops's medians: direct {bench['apply_direct_mean_s']['median'] * 1e6:.0f} µs, load-balanced "
+             f"{bench['apply_lb_mean_s']['median'] * 1e6:.0f} µs; {os.cpu_count()} CPUs.", ""]
+    lines += table(rpx, main_tid, rpx_role, "rpx, one trivial apply at a time")
+    lines += [""]
+    lines += table(floor, floor_main, floor_role, "The floor, `hop_floor profile` (zeromq crate, guard and pipe only)")
     lines += ["", "Columns after the share: µs per round trip of each row's running time, split by its CPU-clock "
               "samples (by the function each fell in, after inlining)."]
     text = "\n".join(lines)

@@ -18,6 +18,10 @@
 //! (`push_100mb_gb_per_s`, as the client benchmark counts: bytes / time until the answer).
 //!
 //! `cargo run --release -p rpx-guard --example hop_floor -- [ROUNDS] [OUT.json]`
+//!
+//! `hop_floor profile [TRIPS]` runs only setup 4 for TRIPS round trips (default 6,000), after
+//! printing `forwarder <pid>` and `echo <pid>`, for `bench/roundtrip_profile.py` to account each
+//! process's time next to rpx's.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -185,6 +189,23 @@ fn two_hops(forward: &str, mode: &str) -> (Vec<Child>, u16) {
     (vec![fwd, echo], front)
 }
 
+/// Setup 4 alone (guarded forwarder, echo process, pipe child), `n` round trips one at a time.
+fn profile(n: usize) {
+    let (mut children, port) = two_hops("forward-guarded", "pipe");
+    println!("forwarder {}", children[0].id());
+    println!("echo {}", children[1].id());
+    runtime().block_on(async {
+        let mut s = client(port).await;
+        for _ in 0..n.div_ceil(TRIPS) {
+            trips(&mut s).await;
+        }
+    });
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -193,6 +214,7 @@ fn main() {
         Some("echo") => return runtime().block_on(echo(args[1].parse().expect("port"), args[2] == "pipe", args[2] == "ack")),
         Some("router-echo") => return runtime().block_on(router_echo()),
         Some("pipe-child") => return pipe_child(),
+        Some("profile") => return profile(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(6000)),
         _ => {}
     }
     let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
