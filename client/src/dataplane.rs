@@ -287,7 +287,7 @@ fn read_file_plain(
     n: usize,
     dst: &mut [u8],
 ) -> std::result::Result<std::result::Result<(), String>, String> {
-    let mapped = dp::map_value_file(dir, vf, false)?;
+    let mapped = dp::map_value_file(dir, vf, dp::Pages::AsRead)?;
     let mut elements = mapped.as_ref().map_or(&[][..], |m| m.as_ref());
     let prefix = rpx_runtime::read_plain_prefix(&mut elements, size, n, dst.len(), &mut |_| ());
     let read = match prefix.map_err(|e| format!("{}: {e}", vf.file))? {

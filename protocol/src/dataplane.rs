@@ -500,16 +500,27 @@ pub fn digest_file(path: &Path) -> std::io::Result<String> {
 /// engine's private namespace that nobody rewrites (values are only ever replaced by rename),
 /// so the mapping is stable.
 pub fn read_value_file(dir: &Path, vf: &ValueFile) -> Result<bytes::Bytes, String> {
-    Ok(map_value_file(dir, vf, true)?.map_or_else(bytes::Bytes::new, bytes::Bytes::from_owner))
+    Ok(map_value_file(dir, vf, Pages::UpFront)?.map_or_else(bytes::Bytes::new, bytes::Bytes::from_owner))
+}
+
+/// When the pages of a mapped value file are mapped in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// All of them, as the file is mapped.
+    UpFront,
+    /// As they are read: for a reader that maps them in itself
+    /// (`rpx_runtime::copy_from_mapping_on_every_core`).
+    AsRead,
 }
 
 /// [`read_value_file`]'s mapping itself (`None` for an empty file), for a reader that copies
-/// the bytes out and decides when and how the mapping goes; `populate`: its pages mapped up
-/// front, else as they are read (a reader that maps them in itself,
-/// `rpx_runtime::copy_from_mapping_on_every_core`).
-pub fn map_value_file(dir: &Path, vf: &ValueFile, populate: bool) -> Result<Option<rpx_runtime::Mapped>, String> {
+/// the bytes out and decides when and how the mapping goes.
+pub fn map_value_file(dir: &Path, vf: &ValueFile, pages: Pages) -> Result<Option<rpx_runtime::Mapped>, String> {
     let f = open_value_file(dir, vf)?;
-    let map = if populate { rpx_runtime::Mapped::of } else { rpx_runtime::Mapped::unpopulated };
+    let map = match pages {
+        Pages::UpFront => rpx_runtime::Mapped::of,
+        Pages::AsRead => rpx_runtime::Mapped::unpopulated,
+    };
     let mapped = match vf.size {
         0 => None,
         n => Some(map(&f, n as usize).map_err(|e| format!("{}: {e}", vf.file))?),
