@@ -12,7 +12,8 @@
 //! - pull, client: the file mapped (and its digest checked, as before), then decoded; and a plain
 //!   vector's pull as it is done, mapped and copied into fresh huge pages on every core, with the
 //!   mapping populated up front (4b, as `Mapped` does) or faulted in by the copying threads (4c);
-//! - a pushed value read on the engine (`rpx_runtime::get`): mapped and copied into place, and as before;
+//! - a pushed value read on the engine (`rpx_runtime::get`): mapped, its pages mapped in and copied
+//!   into place by the copying threads, and as before;
 //!
 //! and, for reference, the separate passes before the push was streamed: encode into memory,
 //! digest, write+digest of encoded bytes, decode alone; and the two steps a same-host data plane

@@ -347,7 +347,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// [`decode`] gives; a 100 MB `Vec<f64>` decodes in one copy instead of element by element.
 /// Anything else, or bytes that are not exactly such a vector, goes through [`decode`].
 pub fn decode_owned<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, String> {
-    match plain_vec_from(bytes) {
+    match plain_vec_from(bytes, copy_on_every_core) {
         Some(v) => Ok(v),
         None => decode(bytes),
     }
@@ -640,14 +640,16 @@ fn ns_path(name: &str) -> PathBuf {
 /// Panics when nothing was pushed under that name or it does not decode as `T`.
 ///
 /// A vector of `f64`, `f32`, `u8` or `i8` is copied from a mapping of the file straight into its
-/// memory (in huge pages when large, on every core); anything else is read whole and decoded.
+/// memory (in huge pages when large, on every core, each copying thread mapping in its part of
+/// the file); anything else is read whole and decoded.
 pub fn get<T: DeserializeOwned>(name: &str) -> T {
     let path = ns_path(name);
     let absent = |e: std::io::Error| -> ! { panic!("no value named `{name}` was pushed to this engine ({e})") };
     let f = std::fs::File::open(&path).unwrap_or_else(|e| absent(e));
     let size = f.metadata().ok().and_then(|m| usize::try_from(m.len()).ok()).unwrap_or(0);
     if size > 0 && is_plain_vec::<T>() {
-        if let Some(v) = Mapped::of(&f, size).ok().and_then(|m| plain_vec_from::<T>(m.as_ref())) {
+        // Its pages are mapped in by the threads that copy them, as a same-host pull's are.
+        if let Some(v) = Mapped::unpopulated(&f, size).ok().and_then(|m| plain_vec_from::<T>(m.as_ref(), copy_from_mapping_on_every_core)) {
             return v;
         }
     }
@@ -657,14 +659,15 @@ pub fn get<T: DeserializeOwned>(name: &str) -> T {
 }
 
 /// A plain vector `T` (a `Vec` of `f64`, `f32`, `u8` or `i8`; `T` need not be `'static`)
-/// decoded from `bytes` by one copy of its elements, on every core; `None` for other types, or
-/// bytes that are not exactly such a vector.
-fn plain_vec_from<T>(bytes: &[u8]) -> Option<T> {
-    struct FromBytes<'a, T>(&'a [u8], std::marker::PhantomData<T>);
+/// decoded from `bytes` by one copy of its elements with `copy` ([`copy_on_every_core`], or
+/// [`copy_from_mapping_on_every_core`] when `bytes` is a mapping not mapped in yet); `None` for
+/// other types, or bytes that are not exactly such a vector.
+fn plain_vec_from<T>(bytes: &[u8], copy: fn(&mut [u8], &[u8])) -> Option<T> {
+    struct FromBytes<'a, T>(&'a [u8], fn(&mut [u8], &[u8]), std::marker::PhantomData<T>);
     impl<T> OnPlain for FromBytes<'_, T> {
         type Out = Option<T>;
         fn on<E: PlainElem>(self) -> Option<T> {
-            let bytes = self.0;
+            let (bytes, copy) = (self.0, self.1);
             let n = count_in(bytes.len(), std::mem::size_of::<E>())?;
             let mut v: Vec<E> = Zeroed::<Vec<E>>(n, std::marker::PhantomData).on::<E>();
             let dst = elem_bytes_mut(&mut v);
@@ -673,12 +676,12 @@ fn plain_vec_from<T>(bytes: &[u8]) -> Option<T> {
             if elements.len() != dst.len() {
                 return None;
             }
-            copy_on_every_core(dst, elements);
+            copy(dst, elements);
             // SAFETY: `with_plain` calls `on` only when `T` is `Vec<E>`.
             Some(unsafe { vec_as::<E, T>(v) })
         }
     }
-    with_plain::<T, _>(false, FromBytes(bytes, std::marker::PhantomData)).flatten()
+    with_plain::<T, _>(false, FromBytes(bytes, copy, std::marker::PhantomData)).flatten()
 }
 
 /// The pieces [`put`] writes a value in (small enough to stay in cache).
@@ -1255,8 +1258,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(dir.join("v")).unwrap().permissions().mode() & 0o777, 0o600, "values are the owner's only");
         assert!(std::panic::catch_unwind(|| super::get::<u8>("missing")).is_err());
-        // Plain vectors are read into place: the values postcard gives, at every size.
-        for n in [0usize, 1, 128, 200_001, (super::HUGE_PAGES_FROM / 8) + 3] {
+        // Plain vectors are read into place: the values postcard gives, at every size (the
+        // last copied by threads that map in their own parts of the file).
+        for n in [0usize, 1, 128, 200_001, (super::HUGE_PAGES_FROM / 8) + 3, (super::PARALLEL_COPY_FROM / 8) + 5] {
             let f: Vec<f64> = (0..n).map(|i| i as f64 * 1.25 - 7.0).collect();
             super::put("f", &f);
             assert!(super::get::<Vec<f64>>("f") == f, "{n}");
