@@ -91,10 +91,11 @@ def main():
         spans = sorted((s, e, op) for op, ws in windows.items() for s, e in ws)
         cpu = collections.defaultdict(collections.Counter)  # op -> category -> samples
         client_cpu = collections.defaultdict(collections.Counter)
-        client_pid = None
-        for t, comm, pid, frames in samples(data):
-            if comm == "bench_ops" and client_pid is None:
-                client_pid = pid
+        recorded = list(samples(data))
+        # The client: the process whose main thread runs as `bench_ops` (found before counting,
+        # so that its other threads' samples count as its own wherever they fall).
+        client_pid = next((pid for _, comm, pid, _ in recorded if comm == "bench_ops"), None)
+        for t, comm, pid, frames in recorded:
             op = next((op for s, e, op in spans if s <= t < e), None)
             if op is None:
                 continue
