@@ -155,12 +155,11 @@ def main():
             return f"ipengine, pid {pid}"
         return "other"
 
-    # The floor: hop_floor prints its forwarder's and echo process's pids; its client is the
-    # process perf started, and the remaining hop_floor process is the echo's pipe child.
-    pids = dict(line.split() for line in printed.splitlines() if line.split()[0] in ("forwarder", "echo"))
+    # The floor: hop_floor prints its own (the client's), its forwarder's and its echo process's
+    # pids; the remaining hop_floor process is the echo's pipe child.
+    pids = dict(line.split() for line in printed.splitlines() if line.split()[:1] in (["client"], ["forwarder"], ["echo"]))
     _, _, fpid_of, fcomm_of = floor
-    floor_main = next(tid for tid, c in fcomm_of.items() if c == "hop_floor" and fpid_of[tid] == tid
-                      and str(tid) not in pids.values())
+    floor_main = int(pids["client"])
 
     def floor_role(tid):
         if tid == 0:

@@ -20,8 +20,8 @@
 //! `cargo run --release -p rpx-guard --example hop_floor -- [ROUNDS] [OUT.json]`
 //!
 //! `hop_floor profile [TRIPS]` runs only setup 4 for TRIPS round trips (default 6,000), after
-//! printing `forwarder <pid>` and `echo <pid>`, for `bench/roundtrip_profile.py` to account each
-//! process's time next to rpx's.
+//! printing `client <pid>`, `forwarder <pid>` and `echo <pid>`, for `bench/roundtrip_profile.py`
+//! to account each process's time next to rpx's.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -192,6 +192,7 @@ fn two_hops(forward: &str, mode: &str) -> (Vec<Child>, u16) {
 /// Setup 4 alone (guarded forwarder, echo process, pipe child), `n` round trips one at a time.
 fn profile(n: usize) {
     let (mut children, port) = two_hops("forward-guarded", "pipe");
+    println!("client {}", std::process::id());
     println!("forwarder {}", children[0].id());
     println!("echo {}", children[1].id());
     runtime().block_on(async {
