@@ -90,19 +90,20 @@ def main():
         windows = {**report["data_windows_s"], **report.get("floor_windows_s", {})}
         spans = sorted((s, e, op) for op, ws in windows.items() for s, e in ws)
         cpu = collections.defaultdict(collections.Counter)  # op -> category -> samples
-        client_cpu = collections.defaultdict(collections.Counter)
-        recorded = list(samples(data))
-        # The client: the process whose main thread runs as `bench_ops` (found before counting,
-        # so that its other threads' samples count as its own wherever they fall).
-        client_pid = next((pid for _, comm, pid, _ in recorded if comm == "bench_ops"), None)
-        for t, comm, pid, frames in recorded:
+        # Per process, so that the client (the process whose main thread runs as `bench_ops`)
+        # gets all of its threads' samples, whichever of them was seen first.
+        by_pid = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+        client_pid = None
+        for t, comm, pid, frames in samples(data):
+            if comm == "bench_ops" and client_pid is None:
+                client_pid = pid
             op = next((op for s, e, op in spans if s <= t < e), None)
             if op is None:
                 continue
             what = "idle" if pid == 0 else category(frames)
             cpu[op][what] += 1
-            if pid == client_pid:
-                client_cpu[op][what] += 1
+            by_pid[pid][op][what] += 1
+        client_cpu = by_pid[client_pid]
     ms = 1000.0 / FREQ
     lines = ["| transfer (100 MB) | n | ms each (median) | " + " | ".join(CATEGORIES) + " | the client's share |",
              "|---|---:|---:|" + "---:|" * len(CATEGORIES) + "---:|"]

@@ -157,9 +157,9 @@ def main():
 
     # The floor: hop_floor prints its own (the client's), its forwarder's and its echo process's
     # pids; the remaining hop_floor process is the echo's pipe child.
-    pids = dict(line.split() for line in printed.splitlines() if line.split()[:1] in (["client"], ["forwarder"], ["echo"]))
+    pids = {role: int(pid) for role, pid in (line.split() for line in printed.splitlines() if line.strip())}
     _, _, fpid_of, fcomm_of = floor
-    floor_main = int(pids["client"])
+    floor_main = pids["client"]
 
     def floor_role(tid):
         if tid == 0:
@@ -167,9 +167,9 @@ def main():
         pid, comm = fpid_of.get(tid, tid), fcomm_of.get(tid, "?")
         if pid == floor_main:
             return "floor: client"
-        if str(pid) == pids.get("forwarder"):
+        if pid == pids["forwarder"]:
             return "floor: forwarder, guarded (the controller's transport)"
-        if str(pid) == pids.get("echo"):
+        if pid == pids["echo"]:
             return "floor: echo process (the engine's transport)"
         if comm == "hop_floor":
             return "floor: pipe child (the worker's)"
