@@ -11,7 +11,10 @@
 //!    reply (the engine -> worker round trip);
 //! 4. `two_hops_pipe_guarded`: as 3, the forwarding process binding both of its sockets behind
 //!    [`rpx_guard::bind`], as the controller does (every frame header checked and relayed over a
-//!    Unix socket before zeromq reads it).
+//!    Unix socket before zeromq reads it);
+//! 5. `two_hops_pipe_guarded_io_thread`: as 4, the client's socket owned by an IO thread, as
+//!    rpx's client's are: the caller hands each request to it over a channel and sleeps until
+//!    the IO thread's reader task hands the reply back (the cost of the client's two threads).
 //!
 //! and the transport floor under a 100 MB push to an engine on another host: one 100 MB message
 //! through the forwarding process to a process that answers with a 1-byte acknowledgement
@@ -169,6 +172,54 @@ async fn trips(d: &mut DealerSocket) -> f64 {
     median(times)
 }
 
+/// A client whose socket lives on its own IO thread (a current-thread runtime with a reader
+/// task and a sending task), used from a caller thread that blocks for each reply.
+struct IoThreadClient {
+    requests: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    replies: std::sync::mpsc::Receiver<ZmqMessage>,
+}
+
+impl IoThreadClient {
+    fn start(port: u16) -> IoThreadClient {
+        let (requests, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let (mut send, mut recv) = client(port).await.split();
+                tokio::spawn(async move {
+                    while let Ok(m) = recv.recv().await {
+                        if reply_tx.send(m).is_err() {
+                            break;
+                        }
+                    }
+                });
+                ready_tx.send(()).expect("ready");
+                while let Some(body) = rx.recv().await {
+                    send.send(ZmqMessage::from(body)).await.expect("send");
+                }
+            })
+        });
+        ready.recv().expect("the IO thread connected");
+        IoThreadClient { requests, replies }
+    }
+
+    /// Median round trip (µs) of `TRIPS` sequential 100-byte messages, each handed to the IO
+    /// thread and its reply waited for on this thread.
+    fn trips(&self) -> f64 {
+        let body = Bytes::from(vec![7u8; BODY]);
+        let mut times = Vec::with_capacity(TRIPS);
+        for _ in 0..TRIPS {
+            let t = Instant::now();
+            self.requests.send(body.clone()).expect("the IO thread runs");
+            let r = self.replies.recv().expect("a reply");
+            assert_eq!(r.get(r.len() - 1).map(Bytes::len), Some(BODY));
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        median(times)
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -225,29 +276,37 @@ fn main() {
     let (mut two, two_port) = two_hops("forward", "direct");
     let (mut three, three_port) = two_hops("forward", "pipe");
     let (mut four, four_port) = two_hops("forward-guarded", "pipe");
+    let (mut five, five_port) = two_hops("forward-guarded", "pipe");
     let (mut big, big_port) = two_hops("forward", "ack");
     let mut pushes = Vec::new();
     let mut results: Vec<(&str, Vec<f64>)> =
-        vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![]), ("two_hops_pipe_guarded", vec![])];
-    rt.block_on(async {
+        vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![]), ("two_hops_pipe_guarded", vec![]), ("two_hops_pipe_guarded_io_thread", vec![])];
+    let (mut socks, mut big_sock) = rt.block_on(async {
         let mut socks = [client(one_port).await, client(two_port).await, client(three_port).await, client(four_port).await];
         for s in socks.iter_mut() {
             trips(s).await; // warm-up
         }
-        let mut big_sock = client(big_port).await;
-        let value = Bytes::from(vec![1u8; LARGE]);
-        for _ in 0..rounds {
+        (socks, client(big_port).await)
+    });
+    let io_thread = IoThreadClient::start(five_port);
+    io_thread.trips(); // warm-up
+    let value = Bytes::from(vec![1u8; LARGE]);
+    for _ in 0..rounds {
+        rt.block_on(async {
             for (i, s) in socks.iter_mut().enumerate() {
                 let m = trips(s).await;
                 results[i].1.push(m);
             }
+        });
+        results[4].1.push(io_thread.trips());
+        rt.block_on(async {
             let t = Instant::now();
             big_sock.send(ZmqMessage::from(value.clone())).await.expect("send");
             let r = big_sock.recv().await.expect("recv");
             assert_eq!(r.get(r.len() - 1).map(Bytes::len), Some(1));
             pushes.push(LARGE as f64 / t.elapsed().as_secs_f64() / 1e9);
-        }
-    });
+        });
+    }
     let mut json = serde_json::Map::new();
     for (name, meds) in &results {
         let m = median(meds.clone());
@@ -262,7 +321,7 @@ fn main() {
     if let Some(p) = out {
         std::fs::write(&p, text).expect("write the results");
     }
-    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()).chain(four.iter_mut()).chain(big.iter_mut()) {
+    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()).chain(four.iter_mut()).chain(five.iter_mut()).chain(big.iter_mut()) {
         let _ = c.kill();
         let _ = c.wait();
     }
