@@ -1,5 +1,5 @@
 //! [`Client`]: the connection to a cluster's controller. Finds the connection file, starts the
-//! IO thread, keeps the live engine ids current, makes views, and sends the hub and control
+//! client's sockets (`crate::io`), keeps the live engine ids current, makes views, and sends the hub and control
 //! requests (queue status, abort, signals, shutdown, history).
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ const FILE_WAIT: Duration = Duration::from_secs(2);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// Limit for hub queries and control requests.
 const QUERY_LIMIT: Duration = Duration::from_secs(10);
-/// Load-balanced tasks of one submission in the first piece handed to the IO thread (see
+/// Load-balanced tasks of one submission in the first piece handed to the dispatcher (see
 /// [`ClientInner::tasks`]), and in each piece after it.
 const FIRST_PIECE: usize = 32;
 const PIECE: usize = 512;
@@ -130,7 +130,7 @@ impl ClientInner {
         let ids: Vec<String> = buffers.iter().map(|_| frames.next_id()).collect();
         let tasks = ids.iter().map(|id| TaskState::new(id.clone(), None, frames.date().to_string())).collect();
         let tracker = self.tracker(tasks, false);
-        // Signed and handed to the IO thread in pieces, the first one small: the engines start
+        // Signed and handed to the dispatcher in pieces, the first one small: the engines start
         // on it while this thread signs the rest, instead of idling until all are signed.
         let mut pending = ids.into_iter().zip(buffers).enumerate().peekable();
         let mut piece = FIRST_PIECE;
@@ -325,7 +325,7 @@ impl From<&str> for Signal {
 
 /// A connection to an rpx (or ipyparallel 9) controller.
 ///
-/// Cheap to clone; the connection (and its IO thread) closes when the client and every view
+/// Cheap to clone; the connection (and its threads) closes when the client and every view
 /// made from it are dropped. Requests still pending then fail with [`Error::Connection`].
 #[derive(Clone)]
 pub struct Client {

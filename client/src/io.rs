@@ -1,8 +1,12 @@
-//! The client's IO thread: one background thread running a tokio runtime that owns every
-//! socket (DEALERs to `registration`, `mux`, `task` and `control`; SUBs to `iopub` and
-//! `notification`), one reader task per socket that verifies and decodes what arrives, and a
-//! single dispatcher task that owns the table of pending requests, sends what the blocking API
-//! submits, and matches replies and iopub output to requests by `parent_header.msg_id`.
+//! The client's sockets and the tasks that serve them, on two runtimes:
+//! - the request runtime (`crate::drive`: run by the thread that waits for a reply, or by the
+//!   drive thread): DEALERs to `registration`, `mux`, `task` and `control`, one reader task per
+//!   socket that verifies and decodes what arrives, and a single dispatcher task that owns the
+//!   table of pending requests, sends what the blocking API submits, and matches replies and
+//!   iopub output to requests by `parent_header.msg_id`;
+//! - the IO thread's runtime, always running: SUBs to `iopub` (output of this client's requests
+//!   is passed to the dispatcher, the rest dropped) and `notification` (the engine table is
+//!   kept current here, whether or not requests are outstanding).
 //!
 //! Failure paths (a client must never hang):
 //! - a DEALER that disconnects (the controller died or closed) fails every pending task with
@@ -16,7 +20,7 @@
 //!   after a quiet one (`rpx_protocol::apply::QUIET_KEY`: the engine published nothing for it).
 //!
 //! Messages are built and signed on the caller's thread ([`Frames`]); the dispatcher only
-//! registers and sends them, and readers decode in parallel on the runtime's workers.
+//! registers and sends them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
@@ -42,6 +46,7 @@ use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
 use rpx_protocol::session::{json_frame, split_at_delimiter};
 use rpx_protocol::{batch, ClientConnection, Session};
 
+use crate::drive::Drive;
 use crate::error::{Error, Result};
 use crate::tracker::{LazyJson, Outcome, ReplyData, Tracker};
 
@@ -84,7 +89,7 @@ pub(crate) struct Outgoing {
     pub idx: usize,
 }
 
-/// What the blocking API asks of the IO thread.
+/// What the blocking API asks of the dispatcher.
 pub(crate) enum IoRequest {
     /// Register each message's task, then send it (in order).
     Submit(Vec<Outgoing>),
@@ -94,28 +99,90 @@ pub(crate) enum IoRequest {
     Close,
 }
 
-/// The engine table, kept current by the dispatcher.
+/// The engine table, kept current by the notification reader and the dispatcher.
 #[derive(Debug, Default)]
 pub(crate) struct EngineTable {
     pub by_id: BTreeMap<usize, String>,
     /// uuid -> where an rpx engine keeps its values (from the controller), for the same-host
     /// data plane (`crate::dataplane`).
     pub hosts: std::collections::HashMap<String, rpx_protocol::dataplane::HostIdentity>,
+    /// Every engine uuid ever seen, with its id (replies from engines that died still name them).
+    pub seen: HashMap<String, usize>,
 }
 
-/// State shared between the IO thread and the blocking API.
-#[derive(Debug, Default)]
+impl EngineTable {
+    fn set(&mut self, engines: BTreeMap<usize, String>) {
+        for (id, uuid) in &engines {
+            self.seen.insert(uuid.clone(), *id);
+        }
+        self.by_id = engines;
+    }
+}
+
+/// State shared between the IO thread, the request runtime and the blocking API.
+#[derive(Debug)]
 pub(crate) struct Shared {
     pub engines: Mutex<EngineTable>,
     pub engines_cv: Condvar,
     /// Why the connection is gone, once it is.
     pub lost: Mutex<Option<String>>,
-    /// The IO thread has exited (normally after failing everything pending; this flag also
-    /// covers a panic, so that waiters never wait for a thread that is gone).
+    /// The dispatcher has ended (normally after failing everything pending; this flag also
+    /// covers a panic, so that waiters never wait for a task that is gone).
     pub stopped: std::sync::atomic::AtomicBool,
+    /// The request runtime and who runs it.
+    pub drive: Drive,
 }
 
 impl Shared {
+    fn new(drive: Drive) -> Shared {
+        Shared { engines: Mutex::default(), engines_cv: Condvar::new(), lost: Mutex::default(), stopped: Default::default(), drive }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, EngineTable> {
+        self.engines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replace the table's engines (a `connection_reply`), and their hosts if it says.
+    fn set_engines(&self, engines: BTreeMap<usize, String>, hosts: Option<HashMap<String, rpx_protocol::dataplane::HostIdentity>>) {
+        let mut t = self.table();
+        if let Some(hosts) = hosts {
+            t.hosts = hosts;
+        }
+        t.set(engines);
+        drop(t);
+        self.engines_cv.notify_all();
+    }
+
+    /// The id of engine `uuid`, if it was ever seen.
+    fn seen(&self, uuid: &str) -> Option<usize> {
+        self.table().seen.get(uuid).copied()
+    }
+
+    /// Apply an engine notification to the table; true if it announces the controller's
+    /// shutdown.
+    fn on_notification(&self, msg_type: &str, content: &Value) -> bool {
+        let note = EngineNotification::deserialize(content).ok();
+        let mut t = self.table();
+        match (msg_type, note) {
+            ("registration_notification", Some(EngineNotification { id, uuid, host })) => {
+                if let Some(host) = host {
+                    t.hosts.insert(uuid.clone(), host);
+                }
+                let mut all = t.by_id.clone();
+                all.insert(id as usize, uuid);
+                t.set(all);
+            }
+            ("unregistration_notification", Some(EngineNotification { id, .. })) => {
+                t.by_id.remove(&(id as usize));
+            }
+            ("shutdown_notification", _) => return true,
+            _ => return false,
+        }
+        drop(t);
+        self.engines_cv.notify_all();
+        false
+    }
+
     pub fn ids(&self) -> Vec<usize> {
         self.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.keys().copied().collect()
     }
@@ -251,91 +318,105 @@ enum ReaderEvent {
     Io(Light),
     /// iopub `status: idle` for the request `parent`.
     Idle(String),
-    Notification(Light),
     Lost(String),
 }
 
-/// Handle to the IO thread.
+/// Handle to the client's sockets: the dispatcher's command queue and the two threads.
 pub(crate) struct Io {
     pub shared: Arc<Shared>,
     cmd: UnboundedSender<IoRequest>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Ends the IO thread's runtime.
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The IO thread and the drive thread.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Io {
-    /// Start the thread, connect every socket within `limit`, and return once connected.
+    /// Start the IO and drive threads, connect every socket within `limit`, and return once
+    /// connected.
     pub fn start(conn: &ClientConnection, session: Session, ids: Arc<MsgIds>, limit: Duration) -> Result<Io> {
-        let shared = Arc::new(Shared::default());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Io)?;
+        let shared = Arc::new(Shared::new(Drive::new(rt)));
         let (cmd_tx, cmd_rx) = unbounded_channel();
+        let (in_tx, in_rx) = unbounded_channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-        let conn = conn.clone();
-        let sh = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("rpx-client-io".into())
-            .spawn(move || {
-                struct Stopped(Arc<Shared>);
-                impl Drop for Stopped {
-                    fn drop(&mut self) {
-                        self.0.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
-                        self.0.engines_cv.notify_all();
-                    }
-                }
-                let _stopped = Stopped(sh.clone());
-                // One thread by default: the client's work per message is small, and on a
-                // busy machine every extra runtime thread costs wake-ups; RPX_CLIENT_THREADS=N
-                // gives a multi-threaded runtime that decodes in parallel.
-                let threads: usize = std::env::var("RPX_CLIENT_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-                let rt = if threads > 1 {
-                    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("rpx-client-rt").enable_all().build()
-                } else {
-                    tokio::runtime::Builder::new_current_thread().enable_all().build()
-                };
-                let rt = match rt {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(Error::Io(e)));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let (in_tx, in_rx) = unbounded_channel();
-                    let sends = match open(&conn, &session, limit, in_tx.clone()).await {
-                        Ok(s) => s,
+        let mut threads = Vec::new();
+        let (c, sh, ss, tx, ready) = (conn.clone(), shared.clone(), session.clone(), in_tx.clone(), ready_tx.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("rpx-client-io".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(e));
+                            let _ = ready.send(Err(Error::Io(e)));
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok(()));
-                    let d = Dispatcher {
-                        shared: sh,
-                        session,
-                        ids,
-                        sends,
-                        routes: HashMap::new(),
-                        linger: VecDeque::new(),
-                        uuids: HashMap::new(),
-                        unreplied: 0,
-                        last_rx: Instant::now(),
-                        probe: None,
-                        lost: None,
-                        touched: Vec::new(),
-                        batches: false,
-                    };
-                    // A task (not the thread's own future), so that replies decoded by a reader
-                    // task wake it on the same worker without a thread switch.
-                    let _ = tokio::spawn(d.run(cmd_rx, in_rx)).await;
-                    drop(in_tx);
-                });
-                rt.shutdown_timeout(Duration::from_millis(200));
-            })
-            .map_err(Error::Io)?;
-        let io = Io { shared, cmd: cmd_tx, thread: Mutex::new(Some(thread)) };
-        match ready_rx.recv_timeout(limit + Duration::from_secs(5)) {
-            Ok(Ok(())) => Ok(io),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Connection(format!("could not connect to the controller within {limit:?}"))),
+                    rt.block_on(async move {
+                        let (iopub, notification) = match tokio::try_join!(sub(c.url(c.iopub), limit), sub(c.url(c.notification), limit)) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = ready.send(Err(e));
+                                return;
+                            }
+                        };
+                        tokio::spawn(read_iopub(iopub, ss.clone(), tx.clone()));
+                        tokio::spawn(read_notifications(notification, ss, sh, tx));
+                        let _ = ready.send(Ok(()));
+                        let _ = stop_rx.await;
+                    });
+                    rt.shutdown_timeout(Duration::from_millis(200));
+                })
+                .map_err(Error::Io)?,
+        );
+        let (c, sh) = (conn.clone(), shared.clone());
+        let spawned = std::thread::Builder::new().name("rpx-client-drive".into()).spawn(move || {
+            let opened = sh.drive.start(async {
+                let sends = open(&c, &session, limit, in_tx).await?;
+                let d = Dispatcher {
+                    shared: sh.clone(),
+                    session,
+                    ids,
+                    sends,
+                    routes: HashMap::new(),
+                    linger: VecDeque::new(),
+                    unreplied: 0,
+                    last_rx: Instant::now(),
+                    probe: None,
+                    lost: None,
+                    touched: Vec::new(),
+                    batches: false,
+                };
+                tokio::spawn(d.run(cmd_rx, in_rx));
+                Ok(())
+            });
+            let ok = opened.is_ok();
+            let _ = ready_tx.send(opened);
+            if ok {
+                sh.drive.run_background();
+            } else {
+                sh.drive.close();
+            }
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = stop_tx.send(());
+                return Err(Error::Io(e));
+            }
         }
+        let io = Io { shared, cmd: cmd_tx, stop: Mutex::new(Some(stop_tx)), threads: Mutex::new(threads) };
+        let deadline = Instant::now() + limit + Duration::from_secs(5);
+        for _ in 0..2 {
+            match ready_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::Connection(format!("could not connect to the controller within {limit:?}"))),
+            }
+        }
+        Ok(io)
     }
 
     /// Hand a command to the dispatcher.
@@ -346,20 +427,26 @@ impl Io {
             }
             return Err(Error::Connection(why));
         }
-        self.cmd.send(cmd).map_err(|e| {
-            let why = "the client's IO thread has stopped".to_string();
-            if let IoRequest::Submit(out) = &e.0 {
-                fail_outgoing(out, &why);
-            }
-            Error::Connection(why)
+        self.shared.drive.submit(|| {
+            self.cmd.send(cmd).map_err(|e| {
+                let why = "the client's dispatcher has stopped".to_string();
+                if let IoRequest::Submit(out) = &e.0 {
+                    fail_outgoing(out, &why);
+                }
+                Error::Connection(why)
+            })
         })
     }
 
-    /// Stop the thread (pending requests fail with a connection error) and wait for it.
+    /// Stop the dispatcher (pending requests fail with a connection error) and both threads,
+    /// and wait for them.
     pub fn close(&self) {
-        let _ = self.cmd.send(IoRequest::Close);
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
+        let _ = self.shared.drive.submit(|| self.cmd.send(IoRequest::Close));
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = stop.send(());
+        }
+        let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
             if h.thread().id() != std::thread::current().id() {
                 let _ = h.join();
             }
@@ -412,15 +499,13 @@ async fn sub(url: String, limit: Duration) -> Result<SubSocket> {
     Ok(s)
 }
 
-/// Connect every socket and start the reader tasks.
+/// Connect the DEALERs and start their reader tasks.
 async fn open(conn: &ClientConnection, session: &Session, limit: Duration, tx: UnboundedSender<ReaderEvent>) -> Result<Sends> {
-    let (q, m, t, c, io, nt) = tokio::try_join!(
+    let (q, m, t, c) = tokio::try_join!(
         dealer(conn.url(conn.registration), limit),
         dealer(conn.url(conn.mux), limit),
         dealer(conn.url(conn.task), limit),
         dealer(conn.url(conn.control), limit),
-        sub(conn.url(conn.iopub), limit),
-        sub(conn.url(conn.notification), limit),
     )?;
     let mut halves = Vec::new();
     for (chan, (sock, mon)) in [(Chan::Query, q), (Chan::Mux, m), (Chan::Task, t), (Chan::Control, c)] {
@@ -429,8 +514,6 @@ async fn open(conn: &ClientConnection, session: &Session, limit: Duration, tx: U
         tokio::spawn(watch(mon, chan, tx.clone()));
         halves.push(send);
     }
-    tokio::spawn(read_iopub(io, session.clone(), tx.clone()));
-    tokio::spawn(read_notifications(nt, session.clone(), tx));
     let mut it = halves.into_iter();
     let mut next = || it.next().expect("four dealers");
     Ok(Sends { query: next(), mux: next(), task: next(), control: next() })
@@ -505,6 +588,13 @@ struct ParentId {
     msg_id: Option<String>,
 }
 
+/// A parent header's session: whose request an iopub message answers.
+#[derive(Deserialize)]
+struct ParentSession<'a> {
+    #[serde(borrow, default)]
+    session: Option<std::borrow::Cow<'a, str>>,
+}
+
 async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<ReaderEvent>) {
     loop {
         let m = match sub.recv().await {
@@ -522,6 +612,12 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Re
         };
         let frames = rpx_guard::zmq::frames(m);
         let Some((_, signed)) = split_at_delimiter(&frames).filter(|(_, s)| s.len() >= 5) else { continue };
+        // Only output of this client's requests matters (and is signed with its key); the
+        // rest is dropped here, so nothing piles up while no request is outstanding.
+        let ours = serde_json::from_slice::<ParentSession>(&signed[2]).ok().and_then(|p| p.session).is_some_and(|s| s == session.session);
+        if !ours {
+            continue;
+        }
         // Read the type first: most iopub traffic (busy/idle, inputs) needs no full decode.
         let kind = match serde_json::from_slice::<TypeOnly>(&signed[1]) {
             Ok(t) => t.msg_type.into_owned(),
@@ -558,19 +654,39 @@ async fn read_iopub(mut sub: SubSocket, session: Session, tx: UnboundedSender<Re
     }
 }
 
-async fn read_notifications(mut sub: SubSocket, session: Session, tx: UnboundedSender<ReaderEvent>) {
+/// Engine notifications, applied to the engine table as they come; the controller's shutdown
+/// is also passed to the dispatcher (pending requests fail).
+async fn read_notifications(mut sub: SubSocket, session: Session, shared: Arc<Shared>, tx: UnboundedSender<ReaderEvent>) {
     loop {
         match sub.recv().await {
             Ok(m) => match decode_light(&session, rpx_guard::zmq::frames(m)) {
                 Ok(msg) => {
-                    if tx.send(ReaderEvent::Notification(msg)).is_err() {
-                        return;
+                    if shared.on_notification(&msg.msg_type, &msg.content) {
+                        *shared.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(CONTROLLER_SHUT_DOWN.into());
+                        shared.engines_cv.notify_all();
+                        // Outstanding requests fail once the dispatcher reads this (whoever
+                        // waits for them runs it); new ones are refused already.
+                        if tx.send(ReaderEvent::Lost(CONTROLLER_SHUT_DOWN.into())).is_err() {
+                            return;
+                        }
                     }
                 }
                 Err(e) => warn!(error = %e, "dropped a bad notification"),
             },
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+/// Marks the dispatcher's end, however it ends (returning or panicking): waiters stop waiting
+/// for it, and nothing runs the request runtime any more.
+struct Ended(Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.engines_cv.notify_all();
+        self.0.drive.close();
     }
 }
 
@@ -590,8 +706,6 @@ struct Dispatcher {
     routes: HashMap<String, Route>,
     /// Replied tasks still waiting for their iopub `idle`, with the time to stop waiting.
     linger: VecDeque<(Instant, String)>,
-    /// Every engine uuid ever seen (replies from engines that died still name them).
-    uuids: HashMap<String, usize>,
     unreplied: usize,
     last_rx: Instant,
     probe: Option<(String, Instant)>,
@@ -608,6 +722,7 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inbound = Vec::with_capacity(256);
         let mut cmds = Vec::with_capacity(16);
+        let _ended = Ended(self.shared.clone());
         loop {
             tokio::select! {
                 n = in_rx.recv_many(&mut inbound, 256) => {
@@ -630,11 +745,13 @@ impl Dispatcher {
                             IoRequest::Close => {
                                 self.lose("the client was closed".into());
                                 self.flush();
+                                self.shared.drive.sent();
                                 return;
                             }
                             IoRequest::Refresh => self.refresh().await,
                             IoRequest::Submit(out) => self.submit(out).await,
                         }
+                        self.shared.drive.sent();
                     }
                     self.flush();
                 }
@@ -643,6 +760,7 @@ impl Dispatcher {
                     self.flush();
                 }
             }
+            self.shared.drive.set_work(!self.routes.is_empty() || self.probe.is_some(), || !cmd_rx.is_empty());
         }
     }
 
@@ -746,20 +864,10 @@ impl Dispatcher {
     /// The engine a reply came from: its `engine` uuid (`uuid`, read once from the metadata by
     /// the caller) if known, else the `engine_info` of the content.
     fn engine_of(&self, uuid: Option<&str>, msg: &Light) -> Option<usize> {
-        if let Some(id) = uuid.and_then(|u| self.uuids.get(u)) {
-            return Some(*id);
+        if let Some(id) = uuid.and_then(|u| self.shared.seen(u)) {
+            return Some(id);
         }
         rpx_protocol::content::ReplyContent::read(&msg.content).engine_id().map(|i| i as usize)
-    }
-
-    fn set_engines(&mut self, engines: BTreeMap<usize, String>) {
-        for (id, uuid) in &engines {
-            self.uuids.insert(uuid.clone(), *id);
-        }
-        let mut t = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner());
-        t.by_id = engines;
-        drop(t);
-        self.shared.engines_cv.notify_all();
     }
 
     async fn on_inbound(&mut self, ev: ReaderEvent) {
@@ -781,27 +889,6 @@ impl Dispatcher {
                     self.routes.remove(&parent);
                 }
             }
-            ReaderEvent::Notification(msg) => {
-                let note = EngineNotification::deserialize(&*msg.content).ok();
-                match (msg.msg_type.as_str(), note) {
-                    ("registration_notification", Some(EngineNotification { id, uuid, host })) => {
-                        if let Some(host) = host {
-                            self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.insert(uuid.clone(), host);
-                        }
-                        let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
-                        all.insert(id as usize, uuid);
-                        self.set_engines(all);
-                    }
-                    ("unregistration_notification", Some(EngineNotification { id, .. })) => {
-                        let id = id as usize;
-                        let mut all = self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
-                        all.remove(&id);
-                        self.set_engines(all);
-                    }
-                    ("shutdown_notification", _) => self.lose(CONTROLLER_SHUT_DOWN.into()),
-                    _ => {}
-                }
-            }
             ReaderEvent::Lost(why) => self.lose(why),
         }
     }
@@ -817,16 +904,13 @@ impl Dispatcher {
             {
                 self.batches = batches;
                 let table: BTreeMap<usize, String> = engines.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
-                if let Some(hosts) = hosts {
-                    self.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts = hosts.into_iter().collect();
-                }
-                self.set_engines(table);
+                self.shared.set_engines(table, hosts.map(|h| h.into_iter().collect()));
             }
         }
         // Read straight from the frame: the metadata is built into a `Value` only if asked for.
         let EngineMetadata { engine: uuid, quiet } = serde_json::from_slice(msg.metadata.raw()).unwrap_or_default();
         let engine_id = self.engine_of(uuid.as_deref(), &msg);
-        let unknown_engine = uuid.as_deref().is_some_and(|u| !u.is_empty() && !self.uuids.contains_key(u));
+        let unknown_engine = uuid.as_deref().is_some_and(|u| !u.is_empty() && self.shared.seen(u).is_none());
         let Some(route) = self.routes.get_mut(&parent) else {
             debug!(msg_type = %msg.msg_type, %parent, "reply to no pending request");
             return;

@@ -56,13 +56,15 @@
 //!   ([`TargetSpec::parse`], from `rpx_protocol::targets`), and the [`partition`] / [`chunk_ranges`] splits.
 //! - [`error`](Error): [`Error`] and [`RemoteError`] (what failed, on which engine and item,
 //!   and what to do).
-//! - `io` (private): the background thread and tokio runtime that own the sockets, and the
-//!   single dispatcher that matches replies and iopub output to requests.
+//! - `io` (private): the sockets, their reader tasks, and the single dispatcher that matches
+//!   replies and iopub output to requests.
+//! - `drive` (private): which thread runs the request runtime: the one waiting for a reply,
+//!   else a background thread while requests are outstanding.
 //! - `dataplane` (private): push / pull / scatter / gather through files in a same-host
 //!   engine's namespace (shared memory) instead of message buffers.
 //! - `datalink` (private): large values streamed straight to and from engines on other hosts
 //!   over their data links, the controller routing only the requests.
-//! - `tracker` (private): the per-request state shared by the IO thread and the handles.
+//! - `tracker` (private): the per-request state shared by the dispatcher and the handles.
 //!
 //! # Behaviour worth knowing
 //! - Closures are compiled once per cluster by the engines' shared compiler, from their
@@ -76,6 +78,7 @@
 mod client;
 mod datalink;
 mod dataplane;
+mod drive;
 mod error;
 mod io;
 mod premap;

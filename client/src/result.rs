@@ -299,7 +299,7 @@ impl<T> AsyncResult<T> {
     }
 
     fn finish_now(&self) -> Result<T> {
-        // Decode outside the lock (a large pull takes a while; the IO thread may need the lock
+        // Decode outside the lock (a large pull takes a while; the dispatcher may need the lock
         // for late output). The replies' buffers are shared, not copied.
         let tasks = self.tracker.lock().tasks.clone();
         (self.finish)(&tasks)

@@ -1,10 +1,12 @@
-//! The state one request (one or many tasks) shares between the IO thread, which records
+//! The state one request (one or many tasks) shares between the dispatcher, which records
 //! replies and iopub output as they arrive, and the user-facing handles ([`crate::AsyncResult`],
 //! [`crate::AsyncMapResult`], [`crate::Imap`]) that wait on it. One mutex per request, held
-//! briefly; waiting threads sleep on a condvar and futures register wakers.
+//! briefly. A waiting thread runs the request runtime itself while it waits (`crate::drive`),
+//! woken through a waker; a thread that cannot (it is inside a tokio runtime) sleeps on a
+//! condvar; futures register wakers.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::task::Waker;
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -134,7 +136,10 @@ pub(crate) struct TrackerState {
     waiters: usize,
     /// Threads waiting for completion only: woken once, not at every reply.
     complete_waiters: usize,
+    /// Woken on completion (futures, and threads waiting for completion on the request runtime).
     wakers: Vec<Waker>,
+    /// Woken at every change (threads waiting on the request runtime for any change).
+    change_wakers: Vec<Waker>,
 }
 
 impl TrackerState {
@@ -151,7 +156,8 @@ pub(crate) struct Tracker {
     cv: Condvar,
     /// Completion also waits for each task's iopub `idle` (execute: so stdout is complete).
     pub needs_idle: bool,
-    /// The IO thread's shared state: waiters check that the thread is still there.
+    /// The client's shared state: waiters run its request runtime, and check that its
+    /// dispatcher is still there.
     io: Option<Arc<Shared>>,
 }
 
@@ -168,6 +174,7 @@ impl Tracker {
                 waiters: 0,
                 complete_waiters: 0,
                 wakers: Vec::new(),
+                change_wakers: Vec::new(),
             }),
             cv: Condvar::new(),
             needs_idle,
@@ -198,7 +205,7 @@ impl Tracker {
         self.notify();
     }
 
-    // ----- IO thread side -----
+    // ----- dispatcher side -----
 
     /// Record the outcome of task `idx` (the first one wins).
     pub fn set_outcome(&self, idx: usize, outcome: Outcome, engine_id: Option<usize>) {
@@ -274,7 +281,8 @@ impl Tracker {
         let mut s = self.lock();
         let complete = s.complete(self.needs_idle);
         let wake_threads = s.waiters > 0 || (s.complete_waiters > 0 && complete);
-        let wakers = if !s.wakers.is_empty() && complete { std::mem::take(&mut s.wakers) } else { Vec::new() };
+        let mut wakers = if !s.wakers.is_empty() && complete { std::mem::take(&mut s.wakers) } else { Vec::new() };
+        wakers.append(&mut s.change_wakers);
         // Wake after unlocking, so the woken thread does not block on the mutex at once.
         drop(s);
         if wake_threads {
@@ -294,6 +302,14 @@ impl Tracker {
     }
 
     fn wait_inner(&self, deadline: Option<Instant>, only_complete: bool, mut pred: impl FnMut(&TrackerState) -> bool) -> bool {
+        if let Some(io) = &self.io {
+            // Run the request runtime while waiting (the reply is read on this thread); `None`
+            // if this thread cannot or the dispatcher has ended: then wait below.
+            if let Some(Some(holds)) = io.drive.wait(self.until(io, deadline, only_complete, &mut pred)) {
+                return holds;
+            }
+            io.drive.attend();
+        }
         let mut s = self.lock();
         loop {
             if pred(&s) {
@@ -306,7 +322,7 @@ impl Tracker {
             if self.io.as_ref().is_some_and(|io| io.stopped.load(std::sync::atomic::Ordering::SeqCst)) {
                 // Nobody will record anything any more: whatever is missing is lost.
                 drop(s);
-                self.fail_unreplied("the client's IO thread has stopped");
+                self.fail_unreplied("the client's dispatcher has stopped");
                 s = self.lock();
                 if pred(&s) {
                     return true;
@@ -329,6 +345,44 @@ impl Tracker {
         }
     }
 
+    /// On the request runtime: `Some(true)` once `pred` holds, `Some(false)` once `deadline`
+    /// passes, `None` if the dispatcher ends first.
+    async fn until(
+        &self,
+        io: &Shared,
+        deadline: Option<Instant>,
+        only_complete: bool,
+        pred: &mut impl FnMut(&TrackerState) -> bool,
+    ) -> Option<bool> {
+        loop {
+            // Look again at least once a second even without news, as the thread wait does.
+            let slice = Instant::now() + std::time::Duration::from_secs(1);
+            let slice = deadline.map_or(slice, |d| d.min(slice));
+            let changed = std::future::poll_fn(|cx| {
+                let mut s = self.lock();
+                if pred(&s) {
+                    return Poll::Ready(Some(true));
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Poll::Ready(Some(false));
+                }
+                if io.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Poll::Ready(None);
+                }
+                let list = if only_complete { &mut s.wakers } else { &mut s.change_wakers };
+                if !list.iter().any(|w| w.will_wake(cx.waker())) {
+                    list.push(cx.waker().clone());
+                }
+                Poll::Pending
+            });
+            tokio::select! {
+                biased;
+                r = changed => return r,
+                _ = tokio::time::sleep_until(slice.into()) => {}
+            }
+        }
+    }
+
     /// Wait until complete (see [`TrackerState::complete`]).
     pub fn wait_complete(&self, deadline: Option<Instant>) -> bool {
         let needs_idle = self.needs_idle;
@@ -347,6 +401,10 @@ impl Tracker {
         }
         if !s.wakers.iter().any(|w| w.will_wake(waker)) {
             s.wakers.push(waker.clone());
+        }
+        drop(s);
+        if let Some(io) = &self.io {
+            io.drive.attend();
         }
         false
     }

@@ -1,6 +1,7 @@
 //! Closures on a real 4-engine cluster: direct and load-balanced apply and map, chunking,
 //! ordered and unordered iteration, `imap`, per-item errors (panics, compile errors), retries,
-//! timeouts, aborting a queued task, timings and output.
+//! timeouts, aborting a queued task, timings and output; replies read whoever waits (nobody, several
+//! threads, a thread inside a tokio runtime).
 
 mod common;
 
@@ -346,6 +347,43 @@ fn closures_on_four_engines() {
         let ar = view.chunksize(5).map_async(rpx::remote!(|x: u64| x + 1), 0..50u64).unwrap();
         let out = futures::executor::block_on(ar).unwrap();
         assert_eq!(out, (1..51).collect::<Vec<u64>>());
+    });
+
+    steps.run("replies are read while nobody waits for them (results polled with ready())", || {
+        let ars: Vec<_> = (0..20u64).map(|i| view.apply_async(rpx::remote!(|x: u64| x * 2), (i,)).unwrap()).collect();
+        let end = Instant::now() + Duration::from_secs(60);
+        while !ars.iter().all(|a| a.ready()) {
+            assert!(Instant::now() < end, "replies not read within 60 s while nobody waited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out: Vec<u64> = ars.into_iter().map(|a| a.get().unwrap()).collect();
+        assert_eq!(out, (0..20).map(|i| i * 2).collect::<Vec<u64>>());
+    });
+
+    steps.run("threads waiting at once each get their own replies", || {
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let dv = c.direct_view(t);
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        let x = 1000 * t as u64 + i;
+                        let out: Vec<(String, u64)> =
+                            dv.apply(rpx::remote!(|x: u64| (std::env::var("RPX_ENGINE_ID").unwrap(), x + 1)), (x,)).unwrap();
+                        assert_eq!(out, vec![(t.to_string(), x + 1)]);
+                    }
+                });
+            }
+        });
+    });
+
+    steps.run("a blocking call and .await inside a tokio runtime", || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (blocking, awaited) = rt.block_on(async {
+            let blocking: u64 = view.apply(rpx::remote!(|x: u64| x + 1), (41,)).unwrap();
+            let awaited: u64 = view.apply_async(rpx::remote!(|x: u64| x * 3), (14,)).unwrap().await.unwrap();
+            (blocking, awaited)
+        });
+        assert_eq!((blocking, awaited), (42, 42));
     });
 
     steps.finish();

@@ -1,0 +1,271 @@
+//! Who runs the client's request runtime: the thread that waits for a reply, when there is one.
+//!
+//! The DEALER sockets (`registration`, `mux`, `task`, `control`), their reader tasks and the
+//! dispatcher (`crate::io`) live on one current-thread tokio runtime that no thread owns. A
+//! thread that waits for a reply runs it itself ([`Drive::wait`]), so its request is sent and
+//! the reply read, verified and matched on that thread, with no hand-over between threads on
+//! the way (two hand-overs cost a round trip 34 µs on the floor under it: `hop_floor`'s
+//! `two_hops_pipe_guarded_io_thread` against `two_hops_pipe_guarded`). A thread that submits
+//! while nobody runs it runs it until its request is sent ([`Drive::submit`]). While requests
+//! are outstanding and no thread waits (results polled with `ready()`, awaited as futures, or
+//! waited for from inside another runtime), the drive thread runs it, and gives it up as soon
+//! as a thread wants to wait. With nothing outstanding nobody runs it: replies only come to
+//! requests, and what arrives unasked (engine notifications, output) is read by the IO
+//! thread's own runtime (`crate::io`), which always runs.
+//!
+//! The drive thread is not woken each time a thread stops running the runtime with requests
+//! outstanding (between sending a request and waiting for its reply, that would be a wake-up
+//! per round trip): while requests were outstanding in the last [`ATTENTIVE`], it looks every
+//! [`CHECK`] whether it should take over, so an unwatched reply is read within [`CHECK`] (and
+//! the controller never finds this client not reading); after that it sleeps until the next
+//! submission.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+/// How often the drive thread looks whether it should run the runtime, while requests are or
+/// were lately outstanding.
+pub const CHECK: Duration = Duration::from_millis(2);
+/// How long after requests were last outstanding the drive thread keeps looking.
+pub const ATTENTIVE: Duration = Duration::from_secs(1);
+
+/// The request runtime and the rule deciding which thread runs it.
+#[derive(Debug)]
+pub(crate) struct Drive {
+    /// Taken only by `Drop` (which shuts it down without blocking, wherever the last reference
+    /// goes).
+    rt: Option<Runtime>,
+    state: Mutex<DriveState>,
+    /// The drive thread sleeps here while it has nothing to run.
+    wake: Condvar,
+    /// Tells the drive thread, while it runs the runtime, to look again at whether it should.
+    recheck: Notify,
+    /// Commands handed to the dispatcher, and those it has finished with.
+    submitted: AtomicU64,
+    sent: AtomicU64,
+    sent_notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct DriveState {
+    /// Threads other than the drive thread running the runtime or waiting to.
+    threads: usize,
+    /// The drive thread is running it.
+    background: bool,
+    /// Requests are outstanding (or commands not yet handled): someone must run it.
+    work: bool,
+    /// The dispatcher has ended: nothing more will run.
+    closed: bool,
+    /// The drive thread sleeps until woken (not looking every [`CHECK`]).
+    asleep: bool,
+    /// Until when the drive thread keeps looking.
+    attentive_until: Option<Instant>,
+}
+
+impl Drive {
+    pub fn new(rt: Runtime) -> Drive {
+        Drive {
+            rt: Some(rt),
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            recheck: Notify::new(),
+            submitted: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            sent_notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DriveState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rt(&self) -> &Runtime {
+        self.rt.as_ref().expect("the runtime lives as long as the drive")
+    }
+
+    /// Run `f` on the runtime on this thread, or `None` if this thread cannot (it is inside a
+    /// runtime already) or nothing runs any more: then the caller waits without it (the drive
+    /// thread runs it for as long as requests are outstanding).
+    pub fn wait<T>(&self, f: impl Future<Output = T>) -> Option<T> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return None;
+        }
+        let s = self.lock();
+        if s.closed {
+            return None;
+        }
+        Some(self.run_here(s, f))
+    }
+
+    /// Run `f` on this thread: take the runtime over from the drive thread if it runs it
+    /// (waiting for it to let go), and on leaving hand it back if requests are outstanding.
+    fn run_here<T>(&self, mut s: MutexGuard<'_, DriveState>, f: impl Future<Output = T>) -> T {
+        s.threads += 1;
+        let background = s.background;
+        drop(s);
+        if background {
+            self.recheck.notify_one();
+        }
+        let _leave = Leave(self);
+        self.rt().block_on(f)
+    }
+
+    /// Hand a command to the dispatcher (`push`, which fails if the dispatcher is gone). If
+    /// nobody runs the runtime, this thread runs it until the dispatcher has sent the command
+    /// (a thread that then waits for the reply takes the runtime up again at once; the push
+    /// itself is then made on the runtime, so waking the dispatcher costs no system call);
+    /// otherwise whoever runs it sends it.
+    pub fn submit<E>(&self, push: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
+        let seq = self.submitted.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut s = self.lock();
+        s.work = true;
+        s.attentive_until = Some(Instant::now() + ATTENTIVE);
+        if s.asleep {
+            s.asleep = false;
+            self.wake.notify_one();
+        }
+        if s.threads > 0 || s.background || s.closed {
+            drop(s);
+            return push();
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // This thread cannot run it: the drive thread takes it at once.
+            self.wake.notify_one();
+            drop(s);
+            return push();
+        }
+        self.run_here(s, async {
+            push()?;
+            // The dispatcher, woken by the push, runs (and zeromq's writer after it) before this
+            // future is polled again; the notification is for a dispatcher held up by a send.
+            for _ in 0..4 {
+                if self.sent.load(Ordering::SeqCst) >= seq {
+                    return Ok(());
+                }
+                tokio::task::yield_now().await;
+            }
+            loop {
+                let notified = self.sent_notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.sent.load(Ordering::SeqCst) >= seq || self.lock().closed {
+                    return Ok(());
+                }
+                notified.await;
+            }
+        })
+    }
+
+    /// Someone waits for outstanding requests without running the runtime (a future polled, a
+    /// thread inside another runtime): the drive thread runs it at once if nobody does.
+    pub fn attend(&self) {
+        let mut s = self.lock();
+        if s.work && s.threads == 0 && !s.background && !s.closed {
+            s.asleep = false;
+            self.wake.notify_one();
+        }
+    }
+
+    /// The dispatcher is done with one command.
+    pub fn sent(&self) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        self.sent_notify.notify_waiters();
+    }
+
+    /// The dispatcher's view after handling what came: whether requests are `outstanding`, and
+    /// (read under the lock, so that no command slips in between) whether commands are still
+    /// `queued`. With neither, nobody needs to run the runtime.
+    pub fn set_work(&self, outstanding: bool, queued: impl FnOnce() -> bool) {
+        let mut s = self.lock();
+        let work = outstanding || queued();
+        if s.work != work {
+            s.work = work;
+            if !work && s.background {
+                drop(s);
+                self.recheck.notify_one();
+            }
+        }
+    }
+
+    /// The dispatcher has ended (closed, lost, or panicked) or never started: the drive thread
+    /// stops, and nobody waits for a command to be sent.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_all();
+        self.recheck.notify_one();
+        self.sent_notify.notify_waiters();
+    }
+
+    /// The drive thread's loop: run the runtime while requests are outstanding and no other
+    /// thread does; return once the dispatcher has ended.
+    pub fn run_background(&self) {
+        let mut s = self.lock();
+        loop {
+            if s.closed {
+                return;
+            }
+            if s.work && s.threads == 0 {
+                s.background = true;
+                drop(s);
+                self.rt().block_on(async {
+                    loop {
+                        self.recheck.notified().await;
+                        let s = self.lock();
+                        if s.closed || s.threads > 0 || !s.work {
+                            break;
+                        }
+                    }
+                });
+                s = self.lock();
+                s.background = false;
+                continue;
+            }
+            let now = Instant::now();
+            if s.work {
+                s.attentive_until = Some(now + ATTENTIVE);
+            }
+            if s.attentive_until.is_some_and(|t| now < t) {
+                s = self.wake.wait_timeout(s, CHECK).unwrap_or_else(|p| p.into_inner()).0;
+            } else {
+                s.asleep = true;
+                s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                s.asleep = false;
+            }
+        }
+    }
+
+    /// Run `f` to its end on this thread before any other thread can use the runtime (the
+    /// drive thread's start: connecting the sockets).
+    pub fn start<T>(&self, f: impl Future<Output = T>) -> T {
+        self.rt().block_on(f)
+    }
+}
+
+impl Drop for Drive {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A thread stops running the runtime: if requests are still outstanding and no other thread
+/// runs it, the drive thread takes over.
+struct Leave<'a>(&'a Drive);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.threads -= 1;
+        // An attentive drive thread notices by itself (within `CHECK`).
+        if s.threads == 0 && s.work && s.asleep {
+            s.asleep = false;
+            self.0.wake.notify_one();
+        }
+    }
+}
