@@ -279,8 +279,13 @@ fn main() {
     let (mut five, five_port) = two_hops("forward-guarded", "pipe");
     let (mut big, big_port) = two_hops("forward", "ack");
     let mut pushes = Vec::new();
-    let mut results: Vec<(&str, Vec<f64>)> =
-        vec![("one_hop", vec![]), ("two_hops", vec![]), ("two_hops_pipe", vec![]), ("two_hops_pipe_guarded", vec![]), ("two_hops_pipe_guarded_io_thread", vec![])];
+    let mut results: Vec<(&str, Vec<f64>)> = vec![
+        ("one_hop", vec![]),
+        ("two_hops", vec![]),
+        ("two_hops_pipe", vec![]),
+        ("two_hops_pipe_guarded", vec![]),
+        ("two_hops_pipe_guarded_io_thread", vec![]),
+    ];
     let (mut socks, mut big_sock) = rt.block_on(async {
         let mut socks = [client(one_port).await, client(two_port).await, client(three_port).await, client(four_port).await];
         for s in socks.iter_mut() {
@@ -321,7 +326,14 @@ fn main() {
     if let Some(p) = out {
         std::fs::write(&p, text).expect("write the results");
     }
-    for c in [&mut one_child].into_iter().chain(two.iter_mut()).chain(three.iter_mut()).chain(four.iter_mut()).chain(five.iter_mut()).chain(big.iter_mut()) {
+    for c in [&mut one_child]
+        .into_iter()
+        .chain(two.iter_mut())
+        .chain(three.iter_mut())
+        .chain(four.iter_mut())
+        .chain(five.iter_mut())
+        .chain(big.iter_mut())
+    {
         let _ = c.kill();
         let _ = c.wait();
     }
