@@ -269,3 +269,87 @@ impl Drop for Leave<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread::ThreadId;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// A drive with a stand-in dispatcher: each command is a sender for the id of the thread
+    /// that handled it; it is answered, counted as sent, and the work left is reported as the
+    /// dispatcher does.
+    fn drive() -> (Arc<Drive>, mpsc::UnboundedSender<std::sync::mpsc::Sender<ThreadId>>) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let d = Arc::new(Drive::new(rt));
+        let (tx, mut rx) = mpsc::unbounded_channel::<std::sync::mpsc::Sender<ThreadId>>();
+        let dd = d.clone();
+        d.start(async move {
+            tokio::spawn(async move {
+                while let Some(reply) = rx.recv().await {
+                    let _ = reply.send(std::thread::current().id());
+                    dd.sent();
+                    dd.set_work(false, || !rx.is_empty());
+                }
+                dd.close();
+            });
+        });
+        (d, tx)
+    }
+
+    #[test]
+    fn a_submitting_thread_runs_the_runtime_itself_when_nobody_does() {
+        let (d, tx) = drive();
+        let (reply, handled) = std::sync::mpsc::channel();
+        d.submit(|| tx.send(reply)).unwrap();
+        // Sent before submit returned, on this thread.
+        assert_eq!(handled.try_recv().unwrap(), std::thread::current().id());
+        // A waiting thread runs it too: a task spawned on it runs here.
+        let here = d.wait(async { tokio::spawn(async { std::thread::current().id() }).await.unwrap() });
+        assert_eq!(here, Some(std::thread::current().id()));
+    }
+
+    #[test]
+    fn the_drive_thread_runs_it_while_work_is_outstanding_and_hands_it_to_a_waiter() {
+        let (d, tx) = drive();
+        let bg = {
+            let d = d.clone();
+            std::thread::spawn(move || d.run_background())
+        };
+        let bg_id = bg.thread().id();
+        // Outstanding work, nobody waiting: the drive thread picks it up (within CHECK).
+        d.lock().work = true;
+        d.attend();
+        let (reply, handled) = std::sync::mpsc::channel();
+        d.submit(|| tx.send(reply)).unwrap();
+        let by = handled.recv_timeout(Duration::from_secs(10)).expect("handled while nobody waited");
+        // Either this thread ran it to send (nobody did yet) or the drive thread did.
+        assert!(by == std::thread::current().id() || by == bg_id);
+        d.lock().work = true;
+        d.attend();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.lock().background {
+            assert!(Instant::now() < deadline, "the drive thread did not take the outstanding work");
+            std::thread::yield_now();
+        }
+        // A thread that waits takes the runtime over: its future's tasks run on it.
+        let here = d.wait(async { tokio::spawn(async { std::thread::current().id() }).await.unwrap() });
+        assert_eq!(here, Some(std::thread::current().id()));
+        // The dispatcher's end stops the drive thread.
+        drop(tx);
+        bg.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_inside_a_runtime_does_not_run_it() {
+        let (d, _tx) = drive();
+        let other = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(other.block_on(async { d.wait(async { 1 }) }), None);
+        assert_eq!(d.wait(async { 1 }), Some(1));
+        d.close();
+        assert_eq!(d.wait(async { 1 }), None, "nothing runs once the dispatcher ended");
+    }
+}
