@@ -408,7 +408,7 @@ impl Client {
     /// The engines this client hands values to through shared memory right now, with their
     /// namespace directories (empty when [`Client::set_shared_memory`] turned it off).
     pub fn shared_memory_namespaces(&self) -> BTreeMap<usize, PathBuf> {
-        let engines = self.inner.io.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+        let engines = self.inner.io.shared.table().by_id.clone();
         engines.into_iter().filter_map(|(id, uuid)| Some((id, self.inner.local_namespace(&uuid)?))).collect()
     }
 
@@ -416,7 +416,7 @@ impl Client {
     /// right now, with the links' addresses (empty when [`Client::set_shared_memory`] turned
     /// the data plane off). Finding out whether a link is reachable connects to it once.
     pub fn data_links(&self) -> BTreeMap<usize, std::net::SocketAddr> {
-        let engines = self.inner.io.shared.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+        let engines = self.inner.io.shared.table().by_id.clone();
         engines.into_iter().filter_map(|(id, uuid)| Some((id, self.inner.link_address(&uuid)?))).collect()
     }
 
@@ -431,7 +431,7 @@ impl Client {
         let shared = &self.inner.io.shared;
         let end = Instant::now() + timeout;
         let mut next_refresh = Instant::now() + Duration::from_millis(500);
-        let mut table = shared.engines.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = shared.table();
         loop {
             if table.by_id.len() >= n {
                 return Ok(table.by_id.keys().copied().collect());

@@ -13,6 +13,12 @@
 //! requests, and what arrives unasked (engine notifications, output) is read by the IO
 //! thread's own runtime (`crate::io`), which always runs.
 //!
+//! Only code of the copy of this crate that made the client runs its runtime: a Jupyter kernel
+//! links the crate into every cell it compiles, each copy with its own tokio thread-locals, and
+//! the tasks on the runtime (the first copy's code) find their runtime through their own copy's
+//! thread-locals, which another copy's `block_on` does not set. Calls from another copy wait as
+//! a thread inside another runtime does, while the drive thread runs the runtime.
+//!
 //! The drive thread is not woken each time a thread stops running the runtime with requests
 //! outstanding (between sending a request and waiting for its reply, that would be a wake-up
 //! per round trip): while requests were outstanding in the last [`ATTENTIVE`], it looks every
@@ -34,6 +40,12 @@ pub const CHECK: Duration = Duration::from_millis(2);
 /// How long after requests were last outstanding the drive thread keeps looking.
 pub const ATTENTIVE: Duration = Duration::from_secs(1);
 
+/// This copy of the crate's code (the address of a static of its own).
+fn this_copy() -> usize {
+    static COPY: u8 = 0;
+    std::ptr::addr_of!(COPY) as usize
+}
+
 /// The request runtime and the rule deciding which thread runs it.
 #[derive(Debug)]
 pub(crate) struct Drive {
@@ -49,6 +61,8 @@ pub(crate) struct Drive {
     submitted: AtomicU64,
     sent: AtomicU64,
     sent_notify: Notify,
+    /// The copy of this crate's code that made the runtime and spawned its tasks.
+    copy: usize,
 }
 
 #[derive(Debug, Default)]
@@ -77,7 +91,14 @@ impl Drive {
             submitted: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             sent_notify: Notify::new(),
+            copy: this_copy(),
         }
+    }
+
+    /// Whether this thread, running this code, may run the runtime: not from inside another
+    /// runtime, and only as the copy of the crate that made it.
+    fn runnable_here(&self) -> bool {
+        self.copy == this_copy() && tokio::runtime::Handle::try_current().is_err()
     }
 
     fn lock(&self) -> MutexGuard<'_, DriveState> {
@@ -89,10 +110,10 @@ impl Drive {
     }
 
     /// Run `f` on the runtime on this thread, or `None` if this thread cannot (it is inside a
-    /// runtime already) or nothing runs any more: then the caller waits without it (the drive
+    /// runtime already, or this is another copy of the crate) or nothing runs any more: then the caller waits without it (the drive
     /// thread runs it for as long as requests are outstanding).
     pub fn wait<T>(&self, f: impl Future<Output = T>) -> Option<T> {
-        if tokio::runtime::Handle::try_current().is_ok() {
+        if !self.runnable_here() {
             return None;
         }
         let s = self.lock();
@@ -133,7 +154,7 @@ impl Drive {
             drop(s);
             return push();
         }
-        if tokio::runtime::Handle::try_current().is_ok() {
+        if !self.runnable_here() {
             // This thread cannot run it: the drive thread takes it at once.
             self.wake.notify_one();
             drop(s);
@@ -344,10 +365,17 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_inside_a_runtime_does_not_run_it() {
-        let (d, _tx) = drive();
+    fn a_thread_inside_a_runtime_or_another_copy_of_the_crate_does_not_run_it() {
+        let (d, tx) = drive();
         let other = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert_eq!(other.block_on(async { d.wait(async { 1 }) }), None);
+        // As if the client had been made by another copy of this code (a kernel's earlier cell).
+        let mut foreign = Drive::new(tokio::runtime::Builder::new_current_thread().build().unwrap());
+        foreign.copy = this_copy() + 1;
+        assert_eq!(foreign.wait(async { 1 }), None);
+        let (reply, handled) = std::sync::mpsc::channel();
+        foreign.submit(|| tx.send(reply)).unwrap();
+        assert!(handled.try_recv().is_err(), "not run on this thread");
         assert_eq!(d.wait(async { 1 }), Some(1));
         d.close();
         assert_eq!(d.wait(async { 1 }), None, "nothing runs once the dispatcher ended");

@@ -138,7 +138,7 @@ impl Shared {
         Shared { engines: Mutex::default(), engines_cv: Condvar::new(), lost: Mutex::default(), stopped: Default::default(), drive }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, EngineTable> {
+    pub fn table(&self) -> std::sync::MutexGuard<'_, EngineTable> {
         self.engines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -184,15 +184,15 @@ impl Shared {
     }
 
     pub fn ids(&self) -> Vec<usize> {
-        self.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.keys().copied().collect()
+        self.table().by_id.keys().copied().collect()
     }
 
     pub fn uuid(&self, id: usize) -> Option<String> {
-        self.engines.lock().unwrap_or_else(|p| p.into_inner()).by_id.get(&id).cloned()
+        self.table().by_id.get(&id).cloned()
     }
 
     pub fn host(&self, uuid: &str) -> Option<rpx_protocol::dataplane::HostIdentity> {
-        self.engines.lock().unwrap_or_else(|p| p.into_inner()).hosts.get(uuid).cloned()
+        self.table().hosts.get(uuid).cloned()
     }
 
     pub fn lost(&self) -> Option<String> {
