@@ -168,9 +168,8 @@ impl Shared {
                 if let Some(host) = host {
                     t.hosts.insert(uuid.clone(), host);
                 }
-                let mut all = t.by_id.clone();
-                all.insert(id as usize, uuid);
-                t.set(all);
+                t.seen.insert(uuid.clone(), id as usize);
+                t.by_id.insert(id as usize, uuid);
             }
             ("unregistration_notification", Some(EngineNotification { id, .. })) => {
                 t.by_id.remove(&(id as usize));

@@ -149,6 +149,9 @@ impl TrackerState {
     }
 }
 
+/// How often a waiter looks again without news (its deadline, the dispatcher's end).
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A request's shared state.
 #[derive(Debug)]
 pub(crate) struct Tracker {
@@ -334,8 +337,8 @@ impl Tracker {
             } else {
                 s.waiters += 1;
             }
-            // Wake at least once a second even without news, to re-check the deadline.
-            let slice = deadline.map_or(std::time::Duration::from_secs(1), |d| (d - now).min(std::time::Duration::from_secs(1)));
+            // Wake at least every RECHECK even without news, to re-check the deadline.
+            let slice = deadline.map_or(RECHECK, |d| (d - now).min(RECHECK));
             s = self.cv.wait_timeout(s, slice).unwrap_or_else(|p| p.into_inner()).0;
             if only_complete {
                 s.complete_waiters -= 1;
@@ -355,8 +358,8 @@ impl Tracker {
         pred: &mut impl FnMut(&TrackerState) -> bool,
     ) -> Option<bool> {
         loop {
-            // Look again at least once a second even without news, as the thread wait does.
-            let slice = Instant::now() + std::time::Duration::from_secs(1);
+            // Look again at least every RECHECK even without news, as the thread wait does.
+            let slice = Instant::now() + RECHECK;
             let slice = deadline.map_or(slice, |d| d.min(slice));
             let changed = std::future::poll_fn(|cx| {
                 let mut s = self.lock();
