@@ -143,23 +143,23 @@ impl Drive {
     /// otherwise whoever runs it sends it.
     pub fn submit<E>(&self, push: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
         let seq = self.submitted.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut s = self.lock();
-        s.work = true;
-        s.attentive_until = Some(Instant::now() + ATTENTIVE);
-        if s.asleep {
-            s.asleep = false;
-            self.wake.notify_one();
-        }
-        if s.threads > 0 || s.background || s.closed {
+        let s = self.lock();
+        if s.threads > 0 || s.background || s.closed || !self.runnable_here() {
+            // Pushed before the work is marked: the dispatcher, reporting under the lock
+            // whether commands are queued (`set_work`), then either sees this one or is
+            // overruled below; never marks the work done with it stranded in the queue.
             drop(s);
-            return push();
+            let pushed = push();
+            let mut s = self.lock();
+            self.mark_work(&mut s);
+            if s.threads == 0 && !s.background {
+                // Nobody runs it (this thread cannot): the drive thread takes it at once.
+                self.wake.notify_one();
+            }
+            return pushed;
         }
-        if !self.runnable_here() {
-            // This thread cannot run it: the drive thread takes it at once.
-            self.wake.notify_one();
-            drop(s);
-            return push();
-        }
+        let mut s = s;
+        self.mark_work(&mut s);
         self.run_here(s, async {
             push()?;
             // The dispatcher, woken by the push, runs (and zeromq's writer after it) before this
@@ -180,6 +180,17 @@ impl Drive {
                 notified.await;
             }
         })
+    }
+
+    /// Requests are outstanding: someone must run the runtime, and the drive thread keeps
+    /// looking for a while (woken if it slept).
+    fn mark_work(&self, s: &mut DriveState) {
+        s.work = true;
+        s.attentive_until = Some(Instant::now() + ATTENTIVE);
+        if s.asleep {
+            s.asleep = false;
+            self.wake.notify_one();
+        }
     }
 
     /// Someone waits for outstanding requests without running the runtime (a future polled, a
