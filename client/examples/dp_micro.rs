@@ -4,8 +4,8 @@
 //!   encoding thread or by a second one (what the client does), with no digest (as on one host
 //!   now) and with a BLAKE3 computed on the way (as before, and as a data link does);
 //!   and written over a spare (the pages of a value the engine replaced); over a spare mapped
-//!   and populated for writing ahead (what the client does once a reply named it, 1e: the
-//!   mapping, the copy and the unmapping timed apart); and two ways of writing a new file that
+//!   and populated ahead, for writing (1e) and for reading (1h: what the client does once a reply
+//!   named it), the mapping, the copy and the unmapping timed apart; and two ways of writing a new file that
 //!   are slower than `write` from one thread, kept as measured (1f: mapped and copied into on
 //!   every core, each page faulted in; 1g: two threads writing halves, serialised by the file);
 //! - push, engine: the file checked (size, kind, owner), and with its BLAKE3 (as before);
@@ -40,8 +40,8 @@ fn main() {
     }
     let dir = Gone(path);
     let dir = dir.0.as_path();
-    let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut time = |step: &'static str, t: Instant| times.entry(step).or_default().push(t.elapsed().as_secs_f64() * 1e3);
+    let mut times: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut time = |step: &str, t: Instant| times.entry(step.to_string()).or_default().push(t.elapsed().as_secs_f64() * 1e3);
     // A file whose pages are allocated once, before any timed step.
     let recycled = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.join("recycled")).unwrap();
     let overwrite = |f: &std::fs::File| {
@@ -125,25 +125,30 @@ fn main() {
         })
         .unwrap();
         time("1d push: as 1c, written over a spare", t);
-        // The same, the spare mapped for writing beforehand (off the push's path): the value is
-        // copied into the mapping on every core, and only that is timed.
-        std::fs::rename(dir.join(&vf.file), dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();
-        let t = Instant::now();
-        let spare = std::fs::OpenOptions::new().read(true).write(true).open(dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();
-        let premapped = map_shared(&spare, size);
-        // SAFETY: whole pages of the mapping just made.
-        let populated = unsafe { libc::madvise(premapped, size.next_multiple_of(4096), libc::MADV_POPULATE_WRITE) };
-        assert_eq!(populated, 0);
-        time("1e push: a spare mapped and populated for writing (beforehand)", t);
-        let t = Instant::now();
-        // SAFETY: `premapped` maps `size` writable bytes, the encoding's size.
-        assert!(rpx_runtime::encode_plain_into(&data, unsafe { std::slice::from_raw_parts_mut(premapped as *mut u8, size) }));
-        time("1e push: copied into the premapped spare", t);
-        let t = Instant::now();
-        // SAFETY: unmapping exactly what `map_shared` mapped.
-        unsafe { libc::munmap(premapped, size) };
-        time("1e push: the premapped spare unmapped", t);
-        std::fs::rename(dir.join(format!("{}micro", dp::SPARE_PREFIX)), dir.join(&vf.file)).unwrap();
+        // The same, the spare mapped and populated beforehand (off the push's path): the value
+        // is copied into the mapping on every core, and only that is timed. Populated for
+        // writing (1e: a fault per page) and for reading (1h: what the client does; the kernel
+        // maps the pages around each fault too, writable in a shared writable mapping).
+        for (step, advice) in [("1e", libc::MADV_POPULATE_WRITE), ("1h", libc::MADV_POPULATE_READ)] {
+            let how = if advice == libc::MADV_POPULATE_READ { "reading" } else { "writing" };
+            std::fs::rename(dir.join(&vf.file), dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();
+            let t = Instant::now();
+            let spare = std::fs::OpenOptions::new().read(true).write(true).open(dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();
+            let premapped = map_shared(&spare, size);
+            // SAFETY: whole pages of the mapping just made.
+            let populated = unsafe { libc::madvise(premapped, size.next_multiple_of(4096), advice) };
+            assert_eq!(populated, 0);
+            time(&format!("{step} push: a spare mapped and populated for {how} (beforehand)"), t);
+            let t = Instant::now();
+            // SAFETY: `premapped` maps `size` writable bytes, the encoding's size.
+            assert!(rpx_runtime::encode_plain_into(&data, unsafe { std::slice::from_raw_parts_mut(premapped as *mut u8, size) }));
+            time(&format!("{step} push: copied into the spare populated for {how}"), t);
+            let t = Instant::now();
+            // SAFETY: unmapping exactly what `map_shared` mapped.
+            unsafe { libc::munmap(premapped, size) };
+            time(&format!("{step} push: the premapped spare unmapped"), t);
+            std::fs::rename(dir.join(format!("{}micro", dp::SPARE_PREFIX)), dir.join(&vf.file)).unwrap();
+        }
         let t = Instant::now();
         dp::verify_value_file(dir, &hashed).unwrap();
         time("2 push: engine verify with digest", t);
