@@ -4,10 +4,11 @@
 //!   encoding thread or by a second one (what the client does), with no digest (as on one host
 //!   now) and with a BLAKE3 computed on the way (as before, and as a data link does);
 //!   and written over a spare (the pages of a value the engine replaced); over a spare mapped
-//!   and populated ahead, for writing (1e) and for reading (1h: what the client does once a reply
-//!   named it), the mapping, the copy and the unmapping timed apart; and two ways of writing a new file that
-//!   are slower than `write` from one thread, kept as measured (1f: mapped and copied into on
-//!   every core, each page faulted in; 1g: two threads writing halves, serialised by the file);
+//!   and populated ahead, for writing (1e) and for reading (1h: what the client does once a
+//!   reply named it), the mapping, the copy and the unmapping timed apart; and two ways of
+//!   writing a new file that are slower than `write` from one thread, kept as measured (1f:
+//!   mapped and copied into on every core, each page faulted in; 1g: two threads writing
+//!   halves, serialised by the file);
 //! - push, engine: the file checked (size, kind, owner), and with its BLAKE3 (as before);
 //! - pull, client: the file mapped (and its digest checked, as before), then decoded; and a plain
 //!   vector's pull as it is done, mapped and copied into fresh huge pages on every core, with the
@@ -129,8 +130,7 @@ fn main() {
         // is copied into the mapping on every core, and only that is timed. Populated for
         // writing (1e: a fault per page) and for reading (1h: what the client does; the kernel
         // maps the pages around each fault too, writable in a shared writable mapping).
-        for (step, advice) in [("1e", libc::MADV_POPULATE_WRITE), ("1h", libc::MADV_POPULATE_READ)] {
-            let how = if advice == libc::MADV_POPULATE_READ { "reading" } else { "writing" };
+        for (step, advice, how) in [("1e", libc::MADV_POPULATE_WRITE, "writing"), ("1h", libc::MADV_POPULATE_READ, "reading")] {
             std::fs::rename(dir.join(&vf.file), dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();
             let t = Instant::now();
             let spare = std::fs::OpenOptions::new().read(true).write(true).open(dir.join(format!("{}micro", dp::SPARE_PREFIX))).unwrap();

@@ -110,8 +110,9 @@ impl Drive {
     }
 
     /// Run `f` on the runtime on this thread, or `None` if this thread cannot (it is inside a
-    /// runtime already, or this is another copy of the crate) or nothing runs any more: then the caller waits without it (the drive
-    /// thread runs it for as long as requests are outstanding).
+    /// runtime already, or this is another copy of the crate) or nothing runs any more: then
+    /// the caller waits without it (the drive thread runs it for as long as requests are
+    /// outstanding).
     pub fn wait<T>(&self, f: impl Future<Output = T>) -> Option<T> {
         if !self.runnable_here() {
             return None;

@@ -2,8 +2,8 @@
 //! read, both in the background (same host only).
 //!
 //! Writing 100 MB over a spare's existing pages costs about 20 ms, and most of it is the kernel
-//! setting up the mapping page by page, not the copy (`examples/dp_micro.rs`, step 1e: mapped
-//! and populated for writing beforehand 10 ms, then the copy 5-7 ms on two cores). A push's
+//! setting up the mapping page by page, not the copy (`examples/dp_micro.rs`, steps 1e and 1h:
+//! mapped and populated beforehand 10-13 ms, then the copy 5-8 ms on two cores). A push's
 //! reply names the spares its engine holds (`rpx_protocol::dataplane::REPLY_SPARES_KEY`);
 //! [`Premaps`] maps them on a thread of its own, off every request's path, and the next push of
 //! a plain vector that fits one claims it by the same rename any claimant uses
