@@ -38,6 +38,12 @@ mkdir -p "$cache" && chmod 700 "$cache"
 "$py" bench/kernel_bench.py --first-rpx "$cache" --reps 3 2>&1 | grep -v '^ *Compiling'
 echo "=== the transport floor under a round trip and a 100 MB push ($(date +%T))"
 target/release/examples/hop_floor 5 "bench/results/hop-floor-$stamp.json" >/dev/null
+echo "=== the same floor and rpx's round trips with every process on one CPU ($(date +%T))"
+cpu=$("$py" -c 'import os; print(min(os.sched_getaffinity(0)))')
+taskset -c "$cpu" target/release/examples/hop_floor 5 "bench/results/hop-floor-one-cpu-$stamp.json" >/dev/null
+BENCH_ONLY=latency taskset -c "$cpu" target/release/examples/bench_ops "bench/results/latency-one-cpu-$stamp.json" >/dev/null 2>&1
+echo "=== the wire protocol's own CPU under a round trip ($(date +%T))"
+target/release/examples/protocol_cost 7 "bench/results/protocol-cost-$stamp.json" >/dev/null
 if [ "$(id -u)" = 0 ] && command -v perf >/dev/null; then
     echo "=== where a round trip's time goes, process by process ($(date +%T))"
     "$py" bench/roundtrip_profile.py target/release "bench/results/roundtrip-profile-$stamp.md"

@@ -12,7 +12,11 @@ Reads the newest file of each kind in bench/results (or DIR):
 - kernel-first-rpx-<time>.json (bench/kernel_bench.py --first-rpx): the first rpx:: cell;
 - hop-floor-<time>.json (guard/examples/hop_floor.rs): the transport floor under a round trip;
 - tasks-alternated-<time>.json (bench/tasks_alternated.py): the tasks row again, the two systems
-  run by turns.
+  run by turns;
+- protocol-cost-<time>.json (protocol/examples/protocol_cost.rs): the wire protocol's own CPU
+  under a round trip;
+- hop-floor-one-cpu-<time>.json and latency-one-cpu-<time>.json (all.sh: hop_floor and
+  bench_ops's round trips with every process on one CPU).
 Prints a markdown table naming the file behind each row, then the floors under the data rows and
 under the round trips.
 """
@@ -177,15 +181,35 @@ def main():
     hop = newest(results, r"hop-floor-\d{8}-\d{6}\.json")
     if hop and trips:
         # The same processes and hops as a direct apply (client -> controller -> engine -> worker
-        # and back) with nothing but zeromq and a pipe: what any round trip through them costs.
+        # and back) with nothing but zeromq and a pipe: what any round trip through them costs;
+        # and the wire protocol's own work (protocol_cost: signing, JSON, on one warm thread).
         h = json.loads(hop.read_text())
         bare, guarded = med(h, "two_hops_pipe_us"), med(h, "two_hops_pipe_guarded_us")
+        cost = newest(results, r"protocol-cost-\d{8}-\d{6}\.json")
+        proto = med(json.loads(cost.read_text()), "round_trip_us") if cost else None
+        least = guarded + proto if guarded is not None and proto is not None else None
         print("\n| round trip (µs) | rpx | the target | floor: 2 zeromq hops + a pipe | the same, controller's sockets guarded |"
-              " sources |")
-        print("|---|---:|---:|---:|---:|---|")
+              " the protocol's own CPU (one warm thread) | guarded floor + protocol | sources |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
         for row, r, goal, src in trips:
-            print(f"| {row} | {fmt(r)} | {fmt(goal)} | {fmt(bare)} | {fmt(guarded)} | {src}, {hop.name} |")
-
+            names = ", ".join(n for n in [src, hop.name, cost and cost.name] if n)
+            print(f"| {row} | {fmt(r)} | {fmt(goal)} | {fmt(bare)} | {fmt(guarded)} | {fmt(proto)} | {fmt(least)} | {names} |")
+        # The same floor and rpx's direct round trip with every process on one CPU: no wakeup
+        # crosses CPUs, so the difference is what rpx's processes run beyond the floor's.
+        one = newest(results, r"hop-floor-one-cpu-\d{8}-\d{6}\.json")
+        lat = newest(results, r"latency-one-cpu-\d{8}-\d{6}\.json")
+        if one and lat:
+            o, l = json.loads(one.read_text()), json.loads(lat.read_text())
+            floor1 = med(o, "two_hops_pipe_guarded_us")
+            direct1 = med(l, "apply_direct_mean_s")
+            direct1 = direct1 and direct1 * 1e6
+            rpx_all = trips[0][1]
+            print("\n| direct round trip (µs) | on both CPUs | every process on one CPU | guarded floor, both CPUs |"
+                  " guarded floor, one CPU | rpx beyond the floor, one CPU | sources |")
+            print("|---|---:|---:|---:|---:|---:|---|")
+            beyond = direct1 - floor1 if direct1 is not None and floor1 is not None else None
+            print(f"| {trips[0][0]} | {fmt(rpx_all)} | {fmt(direct1)} | {fmt(guarded)} | {fmt(floor1)} | {fmt(beyond)} |"
+                  f" {trips[0][3]}, {lat.name}, {one.name} |")
 
 if __name__ == "__main__":
     main()
