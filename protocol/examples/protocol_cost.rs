@@ -72,7 +72,8 @@ fn round_trip(p: &Parties, mut lap: impl FnMut(usize)) {
     let mut md = ReplyMetadata::start(&msg.metadata, &p.engine.session, now_iso());
     md.status = Some(ReplyStatus::Ok);
     md.quiet = true;
-    let (_, reply) = p.engine.msg(&msg.idents, "apply_reply", json!({"status": "ok"}), Some(&msg.header), &md, &[p.args.clone()]);
+    let (_, reply) =
+        p.engine.msg(&msg.idents, "apply_reply", json!({"status": "ok"}), Some(&msg.header), &md, std::slice::from_ref(&p.args));
     lap(3);
     // 5. The controller: verify, read the reply's header, its parent (the task) and metadata.
     let (idents, signed) = p.controller.verify_frames(reply).expect("signed by the same key");
