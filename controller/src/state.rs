@@ -370,7 +370,10 @@ fn append_bounded(kept: &mut String, text: &str, limit: usize) {
 /// Bounded task records: the oldest finished ones are dropped first; pending ones are kept.
 #[derive(Debug, Default)]
 pub struct Records {
-    pub map: HashMap<String, Record>,
+    /// Each record boxed: a table entry is a key and a pointer, so inserting, growing the
+    /// table and looking a task up touch a few bytes, not a whole record (a load-balanced map
+    /// holds a record for every queued task).
+    pub map: HashMap<String, Box<Record>>,
     /// Submission order (for `history_request`); may still name evicted ids until compacted.
     pub order: VecDeque<String>,
     /// Finished ids, oldest first: the eviction queue. An id here may since have been removed
@@ -392,7 +395,7 @@ impl Records {
         if !rec.pending() {
             self.finished.push_back(id.clone());
         }
-        if let Some(old) = self.map.insert(id.clone(), rec) {
+        if let Some(old) = self.map.insert(id.clone(), Box::new(rec)) {
             self.bytes -= old.bytes();
         } else {
             self.order.push_back(id);
@@ -417,7 +420,7 @@ impl Records {
     }
 
     pub fn get(&self, id: &str) -> Option<&Record> {
-        self.map.get(id)
+        self.map.get(id).map(|r| &**r)
     }
 
     /// Update a record in place, keeping the byte count right.
@@ -437,7 +440,7 @@ impl Records {
     pub fn remove(&mut self, id: &str) -> Option<Record> {
         let r = self.map.remove(id)?;
         self.bytes -= r.bytes();
-        Some(r)
+        Some(*r)
     }
 
     /// msg_ids in submission order.

@@ -151,7 +151,8 @@ pub struct Hub {
     pub session: Session,
     cfg: HubConfig,
     pub engines: Engines,
-    pub jobs: HashMap<String, Job>,
+    /// Unfinished load-balanced tasks, each boxed (as [`crate::state::Records::map`]'s records are).
+    pub jobs: HashMap<String, Box<Job>>,
     /// Queued (unassigned) job ids, oldest first; entries of jobs no longer queued are skipped.
     queue: VecDeque<String>,
     deadlines: BinaryHeap<Reverse<(Instant, String)>>,

@@ -39,7 +39,7 @@ impl Hub {
         };
         if self.jobs.len() >= self.cfg.queue_limit {
             // Refused whole and at once: the client hears why, and nothing queued is lost.
-            self.jobs.insert(msg_id.clone(), job(Dep::default(), Dep::default()));
+            self.jobs.insert(msg_id.clone(), Box::new(job(Dep::default(), Dep::default())));
             let limit = self.cfg.queue_limit;
             warn!(msg_id = %msg_id, limit, "refused a task: the queue is full");
             return self.fail_job(
@@ -52,31 +52,26 @@ impl Hub {
         let (after, follow) = match deps {
             Ok(d) => d,
             Err(e) => {
-                self.jobs.insert(msg_id.clone(), job(Dep::default(), Dep::default()));
+                self.jobs.insert(msg_id.clone(), Box::new(job(Dep::default(), Dep::default())));
                 return self.fail_job(c, &msg_id, ErrorName::InvalidDependency, &format!("Task {msg_id}: {e}"));
             }
         };
         let j = job(after, follow);
-        self.jobs.insert(msg_id.clone(), j.clone());
-        for dep in [&j.after, &j.follow] {
+        // Dependencies are checked before the job is queued (a task naming itself is invalid,
+        // so its own entry makes no difference), and the job is moved in, not copied.
+        let refused = [&j.after, &j.follow].into_iter().find_map(|dep| {
             if dep.ids.iter().any(|d| *d == msg_id || !(self.jobs.contains_key(d) || self.done.contains(d))) {
-                return self.fail_job(
-                    c,
-                    &msg_id,
-                    ErrorName::InvalidDependency,
-                    &format!("Task {msg_id} depends on unknown or invalid tasks"),
-                );
+                return Some((ErrorName::InvalidDependency, format!("Task {msg_id} depends on unknown or invalid tasks")));
             }
-            if dep.unreachable(|d| self.done.get(d).is_some_and(|x| x.success), |d| self.done.get(d).is_some_and(|x| !x.success)) {
-                return self.fail_job(
-                    c,
-                    &msg_id,
-                    ErrorName::ImpossibleDependency,
-                    &format!("Task {msg_id} has dependencies that cannot be met"),
-                );
-            }
+            dep.unreachable(|d| self.done.get(d).is_some_and(|x| x.success), |d| self.done.get(d).is_some_and(|x| !x.success))
+                .then(|| (ErrorName::ImpossibleDependency, format!("Task {msg_id} has dependencies that cannot be met")))
+        });
+        let deadline = j.deadline;
+        self.jobs.insert(msg_id.clone(), Box::new(j));
+        if let Some((name, why)) = refused {
+            return self.fail_job(c, &msg_id, name, &why);
         }
-        if let Some(d) = j.deadline {
+        if let Some(d) = deadline {
             self.deadlines.push(Reverse((d, msg_id.clone())));
         }
         self.queue.push_back(msg_id);
