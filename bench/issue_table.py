@@ -199,17 +199,16 @@ def main():
         one = newest(results, r"hop-floor-one-cpu-\d{8}-\d{6}\.json")
         lat = newest(results, r"latency-one-cpu-\d{8}-\d{6}\.json")
         if one and lat:
-            o, l = json.loads(one.read_text()), json.loads(lat.read_text())
-            floor1 = med(o, "two_hops_pipe_guarded_us")
-            direct1 = med(l, "apply_direct_mean_s")
+            floor1 = med(json.loads(one.read_text()), "two_hops_pipe_guarded_us")
+            direct1 = med(json.loads(lat.read_text()), "apply_direct_mean_s")
             direct1 = direct1 and direct1 * 1e6
-            rpx_all = trips[0][1]
+            row, rpx_all, _, src = trips[0]  # the direct row (client_summary.ROWS lists it first)
             print("\n| direct round trip (µs) | on both CPUs | every process on one CPU | guarded floor, both CPUs |"
                   " guarded floor, one CPU | rpx beyond the floor, one CPU | sources |")
             print("|---|---:|---:|---:|---:|---:|---|")
             beyond = direct1 - floor1 if direct1 is not None and floor1 is not None else None
-            print(f"| {trips[0][0]} | {fmt(rpx_all)} | {fmt(direct1)} | {fmt(guarded)} | {fmt(floor1)} | {fmt(beyond)} |"
-                  f" {trips[0][3]}, {lat.name}, {one.name} |")
+            print(f"| {row} | {fmt(rpx_all)} | {fmt(direct1)} | {fmt(guarded)} | {fmt(floor1)} | {fmt(beyond)} |"
+                  f" {src}, {lat.name}, {one.name} |")
 
 if __name__ == "__main__":
     main()
