@@ -9,7 +9,9 @@
 #   client crate is kept between runs (default: target/bench-kernel-cache). BENCH_PAIRS (3):
 #   rpx / ipyparallel pairs of the alternated task benchmark. BENCH_LOOP_REPS (7): transfers of
 #   the second data run, whose medians are the steady state (client_bench.sh's 3 repetitions
-#   are mostly first transfers of a size).
+#   are mostly first transfers of a size). BENCH_HALTPOLL_PAIRS (2): pairs of bench/haltpoll.py
+#   (root, on a VM with cpuidle's haltpoll: the round trips with idle CPUs halting at once and
+#   polling first; the machine's setting is put back).
 # About 35 minutes on 2 cores. Results: bench/results/*, the table in
 # bench/results/issue11-<time>.md.
 set -eu
@@ -42,6 +44,10 @@ echo "=== the same floor and rpx's round trips with every process on one CPU ($(
 cpu=$("$py" -c 'import os; print(min(os.sched_getaffinity(0)))')
 taskset -c "$cpu" target/release/examples/hop_floor 5 "bench/results/hop-floor-one-cpu-$stamp.json" >/dev/null
 BENCH_ONLY=latency taskset -c "$cpu" target/release/examples/bench_ops "bench/results/latency-one-cpu-$stamp.json" >/dev/null 2>&1
+if [ "$(id -u)" = 0 ] && [ -e /sys/module/haltpoll/parameters/guest_halt_poll_ns ]; then
+    echo "=== round trips by turns, this VM's idle CPUs halting at once and polling first ($(date +%T))"
+    "$py" bench/haltpoll.py --pairs "${BENCH_HALTPOLL_PAIRS:-2}" "bench/results/haltpoll-$stamp.json" | tail -3
+fi
 echo "=== the wire protocol's own CPU under a round trip ($(date +%T))"
 target/release/examples/protocol_cost 7 "bench/results/protocol-cost-$stamp.json" >/dev/null
 if [ "$(id -u)" = 0 ] && command -v perf >/dev/null; then

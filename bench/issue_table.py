@@ -16,7 +16,9 @@ Reads the newest file of each kind in bench/results (or DIR):
 - protocol-cost-<time>.json (protocol/examples/protocol_cost.rs): the wire protocol's own CPU
   under a round trip;
 - hop-floor-one-cpu-<time>.json and latency-one-cpu-<time>.json (all.sh: hop_floor and
-  bench_ops's round trips with every process on one CPU).
+  bench_ops's round trips with every process on one CPU);
+- haltpoll-<time>.json (bench/haltpoll.py): the round trips, their floor and ipyparallel's, by
+  turns with this VM's idle CPUs halting at once and polling first.
 Prints a markdown table naming the file behind each row, then the floors under the data rows and
 under the round trips.
 """
@@ -209,6 +211,20 @@ def main():
             beyond = direct1 - floor1 if direct1 is not None and floor1 is not None else None
             print(f"| {row} | {fmt(rpx_all)} | {fmt(direct1)} | {fmt(guarded)} | {fmt(floor1)} | {fmt(beyond)} |"
                   f" {src}, {lat.name}, {one.name} |")
+    hp = newest(results, r"haltpoll-\d{8}-\d{6}\.json")
+    if hp:
+        # The same round trips by turns with the guest's idle CPUs halting at once and polling
+        # first: what the wake-ups across CPUs cost every system on this VM.
+        doc = json.loads(hp.read_text())
+        print(f"\n| round trips by turns ({doc['pairs']} pairs, µs): idle CPUs | floor: one zeromq hop | floor: guarded, as a direct apply |"
+              " rpx direct / load-balanced | ipyparallel direct / load-balanced | rpx vs ipp | source |")
+        print("|---|---:|---:|---|---|---|---|")
+        for ns, s in doc["summary"].items():
+            how = "halt at once (0 ns)" if ns == "0" else f"poll {int(ns):,} ns first"
+            mine = " (this machine's setting)" if int(ns) == doc["machine_poll_ns"] else ""
+            print(f"| {how}{mine} | {fmt(s['floor_one_hop_us'])} | {fmt(s['floor_guarded_us'])} |"
+                  f" {fmt(s['rpx_direct_us'])} / {fmt(s['rpx_lb_us'])} | {fmt(s['ipp_direct_us'])} / {fmt(s['ipp_lb_us'])} |"
+                  f" 1/{s['ipp_over_rpx_direct']:.1f} / 1/{s['ipp_over_rpx_lb']:.1f} | {hp.name} |")
 
 if __name__ == "__main__":
     main()

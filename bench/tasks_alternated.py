@@ -26,6 +26,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+def copy_peers(state):
+    """Copy the peer scripts into `state/bench`: they keep their state and results next to their
+    own directory (`state/results`)."""
+    (state / "bench").mkdir()
+    for f in (ROOT.parent / "shared" / "bench" / "peers").glob("*.py"):
+        shutil.copy(f, state / "bench")
+
+
 def rpx_run(bins, out):
     env = dict(os.environ, BENCH_ONLY="throughput", RPX_BIN_DIR=str(bins))
     subprocess.run([str(bins / "examples" / "bench_ops"), str(out)], env=env, check=True,
@@ -52,10 +60,7 @@ def main():
     runs = []
     with tempfile.TemporaryDirectory(prefix="rpx-tasks-alt-") as tmp:
         state = Path(tmp)
-        # The peer scripts keep their state and results next to their own directory: run copies.
-        (state / "bench").mkdir()
-        for f in (ROOT.parent / "shared" / "bench" / "peers").glob("*.py"):
-            shutil.copy(f, state / "bench")
+        copy_peers(state)
         for pair in range(args.pairs):
             r = rpx_run(args.bin_dir, state / f"rpx-{pair}.json")
             i = ipp_run(state)
