@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import client_summary
-from tasks_alternated import ROOT, copy_peers
+from tasks_alternated import ROOT, copy_peers, ipp_doc, rpx_doc
 
 HERE = Path(__file__).resolve().parent
 PARAM = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
@@ -41,22 +41,14 @@ def floor_run(bins, out):
     return {"one_hop_us": doc["one_hop_us"]["median"], "guarded_us": doc["two_hops_pipe_guarded_us"]["median"]}
 
 
-def rpx_run(bins, out):
-    env = dict(os.environ, BENCH_ONLY="latency", RPX_BIN_DIR=str(bins))
-    subprocess.run([str(bins / "examples" / "bench_ops"), str(out)], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
-    doc = json.loads(out.read_text())
-    return {"direct_us": client_summary.rpx_value(doc, "apply_direct_mean_s", "µs"),
-            "lb_us": client_summary.rpx_value(doc, "apply_lb_mean_s", "µs")}
-
-
-def ipp_run(state):
-    subprocess.run([sys.executable, str(state / "bench" / "ipp_ops.py"), "latency"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
-    doc = json.loads((state / "results" / "ipp_ops_latency.json").read_text())
-    paths = client_summary.ROWS_BY_KEY
-    return {"direct_us": client_summary.peer_value(doc, paths["apply_direct_mean_s"]["ipp"], "µs"),
-            "lb_us": client_summary.peer_value(doc, paths["apply_lb_mean_s"]["ipp"], "µs")}
+def round_trips(rpx, ipp):
+    """Direct and load-balanced round trips (µs) from `bench_ops`'s and ipyparallel's latency
+    reports, read as `client_summary.py` reads them."""
+    out = {}
+    for kind, key in [("direct", "apply_direct_mean_s"), ("lb", "apply_lb_mean_s")]:
+        out[f"rpx_{kind}_us"] = client_summary.rpx_value(rpx, key, "µs")
+        out[f"ipp_{kind}_us"] = client_summary.peer_value(ipp, client_summary.ROWS_BY_KEY[key]["ipp"], "µs")
+    return out
 
 
 def summarize(runs):
@@ -96,14 +88,12 @@ def main():
                 for ns in (0, args.poll_ns):
                     PARAM.write_text(str(ns))
                     f = floor_run(args.bin_dir, state / "floor.json")
-                    r = rpx_run(args.bin_dir, state / "rpx.json")
-                    i = ipp_run(state)
+                    t = round_trips(rpx_doc(args.bin_dir, state / "rpx.json", "latency"), ipp_doc(state, "latency"))
                     runs.append({"pair": pair + 1, "poll_ns": ns, "floor_one_hop_us": f["one_hop_us"],
-                                 "floor_guarded_us": f["guarded_us"], "rpx_direct_us": r["direct_us"],
-                                 "rpx_lb_us": r["lb_us"], "ipp_direct_us": i["direct_us"], "ipp_lb_us": i["lb_us"]})
+                                 "floor_guarded_us": f["guarded_us"], **t})
                     print(f"pair {pair + 1}, halt-polling {ns} ns: floor {f['guarded_us']:.0f} µs (one hop {f['one_hop_us']:.0f}),"
-                          f" rpx {r['direct_us']:.0f} / {r['lb_us']:.0f} µs, ipyparallel {i['direct_us']:,.0f} / {i['lb_us']:,.0f} µs"
-                          f" (direct / load-balanced)", flush=True)
+                          f" rpx {t['rpx_direct_us']:.0f} / {t['rpx_lb_us']:.0f} µs, ipyparallel {t['ipp_direct_us']:,.0f} /"
+                          f" {t['ipp_lb_us']:,.0f} µs (direct / load-balanced)", flush=True)
     finally:
         PARAM.write_text(str(machine))
     summary = {str(ns): summarize([r for r in runs if r["poll_ns"] == ns]) for ns in (0, args.poll_ns)}

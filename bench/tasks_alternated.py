@@ -34,18 +34,20 @@ def copy_peers(state):
         shutil.copy(f, state / "bench")
 
 
-def rpx_run(bins, out):
-    env = dict(os.environ, BENCH_ONLY="throughput", RPX_BIN_DIR=str(bins))
+def rpx_doc(bins, out, only):
+    """`bench_ops` with BENCH_ONLY=`only` (`throughput`, `latency`): its report, written to `out`."""
+    env = dict(os.environ, BENCH_ONLY=only, RPX_BIN_DIR=str(bins))
     subprocess.run([str(bins / "examples" / "bench_ops"), str(out)], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
-    return json.loads(out.read_text())["lb_map_tasks_per_s"]["median"]
+    return json.loads(out.read_text())
 
 
-def ipp_run(state):
-    subprocess.run([sys.executable, str(state / "bench" / "ipp_ops.py"), "throughput"], check=True,
+def ipp_doc(state, part):
+    """ipyparallel's peer script (copied into `state` by `copy_peers`) with one part
+    (`throughput`, `latency`): its report."""
+    subprocess.run([sys.executable, str(state / "bench" / "ipp_ops.py"), part], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
-    doc = json.loads((state / "results" / "ipp_ops_throughput.json").read_text())
-    return doc["throughput"]["lview_map_async_chunk1"]["tasks_per_s"]["median"]
+    return json.loads((state / "results" / f"ipp_ops_{part}.json").read_text())
 
 
 def main():
@@ -62,8 +64,8 @@ def main():
         state = Path(tmp)
         copy_peers(state)
         for pair in range(args.pairs):
-            r = rpx_run(args.bin_dir, state / f"rpx-{pair}.json")
-            i = ipp_run(state)
+            r = rpx_doc(args.bin_dir, state / f"rpx-{pair}.json", "throughput")["lb_map_tasks_per_s"]["median"]
+            i = ipp_doc(state, "throughput")["throughput"]["lview_map_async_chunk1"]["tasks_per_s"]["median"]
             runs.append({"pair": pair + 1, "rpx_tasks_per_s": r, "ipp_tasks_per_s": i, "ratio": r / i})
             print(f"pair {pair + 1}: rpx {r:,.0f} tasks/s, ipyparallel {i:,.0f} tasks/s, x{r / i:.1f}", flush=True)
     rpx = statistics.median(x["rpx_tasks_per_s"] for x in runs)
