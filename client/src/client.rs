@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 use rpx_protocol::connection::{default_profile_name, read_json};
 use rpx_protocol::{ClientConnection, Profile, Session};
 
+use rpx_protocol::apply::Closure;
+
+use crate::closures::MakeOp;
 use crate::error::{combine_engine_errors, Error, RemoteError, Result};
 use crate::io::{Chan, Frames, Io, IoRequest, MsgIds, Outgoing};
 use crate::result::{AsyncMapResult, AsyncResult};
@@ -84,6 +87,18 @@ impl ClientInner {
         self.direct_frames(chan, msg_type, targets, buffers.into_iter().map(|b| (&frames, b)).collect(), needs_idle)
     }
 
+    /// Closure calls of `code` under `op` on each engine, each with its own buffers; the
+    /// closure is named by id once this client has seen it compile (`crate::closures`).
+    pub fn direct_calls(&self, targets: &[(usize, String)], code: Closure, op: MakeOp, buffers: Vec<Vec<Bytes>>) -> Result<Arc<Tracker>> {
+        let frames = self.call_frames(&json!({}), code, op);
+        self.direct_frames(Chan::Mux, "apply_request", targets, buffers.into_iter().map(|b| (&frames, b)).collect(), false)
+    }
+
+    /// The frames of closure calls of `code` under `op` with `metadata` (`crate::closures`).
+    pub fn call_frames(&self, metadata: &Value, code: Closure, op: MakeOp) -> Frames {
+        crate::closures::call_frames(&self.io.shared.compiled, &self.session, &self.ids, metadata, code, op)
+    }
+
     /// [`ClientInner::direct`] with a content of its own for each engine (same-host transfers
     /// name each engine's files).
     pub fn direct_each(
@@ -113,13 +128,13 @@ impl ClientInner {
         for ((id, uuid), (frames, bufs)) in targets.iter().zip(each) {
             let (msg_id, f) = frames.build(msg_type, Some(uuid), &bufs);
             tasks.push(TaskState::new(msg_id.clone(), Some(*id), frames.date().to_string()));
-            msgs.push((msg_id, f));
+            msgs.push((msg_id, f, frames.closure_call(chan, Some(uuid), &bufs)));
         }
         let tracker = self.tracker(tasks, needs_idle);
         let out = msgs
             .into_iter()
             .enumerate()
-            .map(|(idx, (msg_id, frames))| Outgoing { chan, frames, msg_id, tracker: tracker.clone(), idx })
+            .map(|(idx, (msg_id, frames, closure))| Outgoing { chan, frames, msg_id, tracker: tracker.clone(), idx, closure })
             .collect();
         self.io.send(IoRequest::Submit(out))?;
         Ok(tracker)
@@ -144,6 +159,7 @@ impl ClientInner {
                     msg_id,
                     tracker: tracker.clone(),
                     idx,
+                    closure: frames.closure_call(Chan::Task, None, &bufs),
                 })
                 .collect();
             self.io.send(IoRequest::Submit(out))?;
@@ -156,7 +172,8 @@ impl ClientInner {
     pub fn task_into(&self, tracker: &Arc<Tracker>, frames: &Frames, buffers: &[Bytes]) -> Result<()> {
         let (msg_id, f) = frames.build("apply_request", None, buffers);
         let idx = tracker.push(TaskState::new(msg_id.clone(), None, frames.date().to_string()));
-        self.io.send(IoRequest::Submit(vec![Outgoing { chan: Chan::Task, frames: f, msg_id, tracker: tracker.clone(), idx }]))
+        let closure = frames.closure_call(Chan::Task, None, buffers);
+        self.io.send(IoRequest::Submit(vec![Outgoing { chan: Chan::Task, frames: f, msg_id, tracker: tracker.clone(), idx, closure }]))
     }
 
     /// A hub query on the registration socket; the reply, or an error.
@@ -164,7 +181,14 @@ impl ClientInner {
         let frames = Frames::new(&self.session, &self.ids, &json!({}), &content);
         let (msg_id, f) = frames.build(msg_type, None, &[]);
         let tracker = self.tracker(vec![TaskState::new(msg_id.clone(), None, frames.date().to_string())], false);
-        self.io.send(IoRequest::Submit(vec![Outgoing { chan: Chan::Query, frames: f, msg_id, tracker: tracker.clone(), idx: 0 }]))?;
+        self.io.send(IoRequest::Submit(vec![Outgoing {
+            chan: Chan::Query,
+            frames: f,
+            msg_id,
+            tracker: tracker.clone(),
+            idx: 0,
+            closure: None,
+        }]))?;
         if !tracker.wait_complete(Some(Instant::now() + limit)) {
             return Err(Error::Timeout(format!("the controller did not answer a {msg_type} within {limit:?}")));
         }

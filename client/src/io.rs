@@ -46,6 +46,7 @@ use rpx_protocol::message::{now_iso, Header, PROTOCOL_VERSION};
 use rpx_protocol::session::{json_frame, split_at_delimiter};
 use rpx_protocol::{batch, ClientConnection, Session};
 
+use crate::closures::{self, AfterReply, ClosureCall, Compiled, Naming};
 use crate::drive::Drive;
 use crate::error::{Error, Result};
 use crate::tracker::{LazyJson, Outcome, ReplyData, Tracker};
@@ -87,6 +88,8 @@ pub(crate) struct Outgoing {
     pub msg_id: String,
     pub tracker: Arc<Tracker>,
     pub idx: usize,
+    /// A closure call: what its reply teaches, or takes to send it again.
+    pub closure: Option<ClosureCall>,
 }
 
 /// What the blocking API asks of the dispatcher.
@@ -131,11 +134,20 @@ pub(crate) struct Shared {
     pub stopped: std::sync::atomic::AtomicBool,
     /// The request runtime and who runs it.
     pub drive: Drive,
+    /// The closures seen to compile, which calls name by id.
+    pub compiled: Compiled,
 }
 
 impl Shared {
     fn new(drive: Drive) -> Shared {
-        Shared { engines: Mutex::default(), engines_cv: Condvar::new(), lost: Mutex::default(), stopped: Default::default(), drive }
+        Shared {
+            engines: Mutex::default(),
+            engines_cv: Condvar::new(),
+            lost: Mutex::default(),
+            stopped: Default::default(),
+            drive,
+            compiled: Compiled::default(),
+        }
     }
 
     pub fn table(&self) -> std::sync::MutexGuard<'_, EngineTable> {
@@ -231,6 +243,8 @@ pub(crate) struct Frames {
     parent: Bytes,
     metadata: Bytes,
     content: Bytes,
+    /// Closure calls: how they name their closure.
+    naming: Option<Naming>,
 }
 
 impl Frames {
@@ -242,7 +256,24 @@ impl Frames {
             parent: Bytes::from_static(b"{}"),
             metadata: Bytes::from(serde_json::to_vec(metadata).expect("json serializes")),
             content: Bytes::from(serde_json::to_vec(content).expect("json serializes")),
+            naming: None,
         }
+    }
+
+    /// These frames are closure calls that name their closure so.
+    pub fn naming(self, naming: Naming) -> Frames {
+        Frames { naming: Some(naming), ..self }
+    }
+
+    #[cfg(test)]
+    pub fn naming_of(&self) -> Option<&Naming> {
+        self.naming.as_ref()
+    }
+
+    /// What the dispatcher keeps of a request built from these frames, sent on `chan` to
+    /// `ident` with `buffers`: something if it is a closure call.
+    pub fn closure_call(&self, chan: Chan, ident: Option<&str>, buffers: &[Bytes]) -> Option<ClosureCall> {
+        self.naming.as_ref().map(|n| ClosureCall::of(n, chan, ident, buffers))
     }
 
     /// The submission date written into every header.
@@ -695,6 +726,7 @@ struct Route {
     idx: usize,
     replied: bool,
     idle: bool,
+    closure: Option<ClosureCall>,
 }
 
 struct Dispatcher {
@@ -815,7 +847,10 @@ impl Dispatcher {
                 self.touched.push(o.tracker);
                 continue;
             }
-            self.routes.insert(o.msg_id.clone(), Route { tracker: o.tracker.clone(), idx: o.idx, replied: false, idle: false });
+            self.routes.insert(
+                o.msg_id.clone(),
+                Route { tracker: o.tracker.clone(), idx: o.idx, replied: false, idle: false, closure: o.closure },
+            );
             self.unreplied += 1;
             if self.batches && o.chan == Chan::Task {
                 tasks.push(o.frames);
@@ -923,6 +958,30 @@ impl Dispatcher {
             .ok()
             .and_then(|s| s.status)
             .unwrap_or_else(|| if msg.msg_type == "hub_error" { "error" } else { "ok" }.to_string());
+        if let Some(call) = route.closure.take() {
+            match closures::after_reply(call, &status, || rpx_protocol::content::ReplyContent::read(&msg.content).error.ename) {
+                AfterReply::Nothing => {}
+                AfterReply::Compiled(id) => self.shared.compiled.learn(id),
+                AfterReply::Resend { id, code, chan, ident, buffers } => {
+                    // The engines could not resolve the closure's id (the compiler restarted):
+                    // the same request goes again with the code, under a new msg_id; the
+                    // caller sees only its reply.
+                    debug!(closure = %id, %parent, "closure id not resolved; sending its code");
+                    self.shared.compiled.forget(&id);
+                    let route = self.routes.remove(&parent).expect("looked up above");
+                    let msg_id = code.next_id();
+                    let frames = code.build_as(msg_id.clone(), "apply_request", ident.as_deref(), &buffers);
+                    route.tracker.retry(route.idx, msg_id.clone());
+                    let again = Route { replied: false, idle: false, closure: Some(ClosureCall::Code(id)), ..route };
+                    self.routes.insert(msg_id, again);
+                    self.unreplied += 1;
+                    if let Err(why) = self.send(chan, frames).await {
+                        self.lose(why);
+                    }
+                    return;
+                }
+            }
+        }
         let Light { metadata, content, buffers, date, .. } = msg;
         // The engine published nothing for it (not even `idle`): the reply is all there is.
         let quiet = quiet == Some(true);

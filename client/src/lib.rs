@@ -76,6 +76,7 @@
 //!   [`RemoteErrorKind::EngineDied`].
 
 mod client;
+mod closures;
 mod datalink;
 mod dataplane;
 mod drive;

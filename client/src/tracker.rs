@@ -234,6 +234,16 @@ impl Tracker {
         s.log.push(LogEntry::Done(idx));
     }
 
+    /// Task `idx`, not answered yet, was sent again as `msg_id` (`crate::closures`): what the
+    /// first request published is dropped, and its replies go by the new msg_id.
+    pub fn retry(&self, idx: usize, msg_id: String) {
+        let mut s = self.lock();
+        let Some(t) = s.tasks.get_mut(idx) else { return };
+        t.msg_id = msg_id;
+        t.io = TaskIo::default();
+        s.log.retain(|e| !matches!(e, LogEntry::Io { idx: i, .. } if *i == idx));
+    }
+
     /// Fail every task without an outcome (and settle every task).
     pub fn fail_unreplied(&self, why: &str) {
         let n = self.lock().tasks.len();
@@ -483,6 +493,19 @@ mod tests {
         t.notify();
         assert!(h.join().unwrap());
         assert!(!tracker(1, false).wait_complete(Some(Instant::now())), "a passed deadline returns at once");
+    }
+
+    #[test]
+    fn a_task_sent_again_answers_to_its_new_msg_id_without_the_first_requests_output() {
+        let t = tracker(2, false);
+        t.add_io(0, "stream", &serde_json::json!({"name": "stdout", "text": "first try\n"}));
+        t.add_io(1, "stream", &serde_json::json!({"name": "stdout", "text": "other\n"}));
+        t.retry(0, "again".into());
+        let s = t.lock();
+        assert_eq!(s.tasks[0].msg_id, "again");
+        assert_eq!((s.tasks[0].io.stdout.as_str(), s.tasks[1].io.stdout.as_str()), ("", "other\n"));
+        assert!(matches!(s.log.as_slice(), [LogEntry::Io { idx: 1, .. }]), "{:?}", s.log);
+        assert!(s.tasks[0].outcome.is_none() && s.replied == 0, "still waiting for its reply");
     }
 
     #[test]

@@ -34,10 +34,6 @@ fn encode<T: Serialize + ?Sized>(v: &T) -> Bytes {
     Bytes::from(rpx_runtime::encode(v))
 }
 
-fn op_content(op: &Op) -> Value {
-    op.to_content()
-}
-
 // ---------------------------------------------------------------------------------------------
 // DirectView
 
@@ -143,9 +139,13 @@ impl DirectView {
         F::Output: DeserializeOwned + 'static,
     {
         let targets = self.targets_now()?;
-        let content = op_content(&Op::Apply { closure: remote.closure::<Args>() });
         let buf = encode(&args);
-        let tracker = self.mux(&targets, &content, vec![vec![buf]; targets.len()], false)?;
+        let tracker = self.client.direct_calls(
+            &targets,
+            remote.closure::<Args>(),
+            |closure| Op::Apply { closure },
+            vec![vec![buf]; targets.len()],
+        )?;
         Ok(AsyncResult::new(tracker, |tasks| collect_each(tasks, |t, r| decode_buffer(t, r, 0))))
     }
 
@@ -184,10 +184,10 @@ impl DirectView {
         let targets = self.targets_now()?;
         let parts: Vec<(Range<usize>, (usize, String))> =
             partition(items.len(), targets.len()).into_iter().zip(targets).filter(|(r, _)| !r.is_empty()).collect();
-        let content = op_content(&Op::Map { closure: remote.closure::<(A,)>() });
         let inputs: Vec<Bytes> = parts.iter().map(|(r, _)| encode(&items[r.clone()])).collect();
         let engines: Vec<(usize, String)> = parts.iter().map(|(_, t)| t.clone()).collect();
-        let tracker = self.mux(&engines, &content, inputs.iter().map(|b| vec![b.clone()]).collect(), false)?;
+        let buffers = inputs.iter().map(|b| vec![b.clone()]).collect();
+        let tracker = self.client.direct_calls(&engines, remote.closure::<(A,)>(), |closure| Op::Map { closure }, buffers)?;
         let describe: Describe = describe_item::<A>;
         Ok(AsyncMapResult::new(tracker, parts.into_iter().map(|(r, _)| r).collect(), inputs, describe, items.len(), true))
     }
@@ -498,12 +498,7 @@ impl LoadBalancedView {
         Args: Serialize,
         F::Output: DeserializeOwned + 'static,
     {
-        let frames = Frames::new(
-            &self.client.session,
-            &self.client.ids,
-            &self.metadata()?,
-            &op_content(&Op::Apply { closure: remote.closure::<Args>() }),
-        );
+        let frames = self.client.call_frames(&self.metadata()?, remote.closure::<Args>(), |closure| Op::Apply { closure });
         let tracker = self.client.tasks(&frames, vec![vec![encode(&args)]])?;
         Ok(AsyncResult::new(tracker, |tasks| collect_one(tasks, |t, r| decode_buffer(t, r, 0))))
     }
@@ -541,12 +536,7 @@ impl LoadBalancedView {
         if items.is_empty() {
             return Ok(self.client.empty_map(self.opts.ordered));
         }
-        let frames = Frames::new(
-            &self.client.session,
-            &self.client.ids,
-            &self.metadata()?,
-            &op_content(&Op::Map { closure: remote.closure::<(A,)>() }),
-        );
+        let frames = self.client.call_frames(&self.metadata()?, remote.closure::<(A,)>(), |closure| Op::Map { closure });
         let chunks = chunk_ranges(items.len(), self.opts.chunksize);
         let inputs: Vec<Bytes> = chunks.iter().map(|r| encode(&items[r.clone()])).collect();
         let tracker = self.client.tasks(&frames, inputs.iter().map(|b| vec![b.clone()]).collect())?;
@@ -565,9 +555,7 @@ impl LoadBalancedView {
         A: Serialize + DeserializeOwned + Debug,
         R: DeserializeOwned,
     {
-        let setup = self.metadata().map(|md| {
-            Frames::new(&self.client.session, &self.client.ids, &md, &op_content(&Op::Map { closure: remote.closure::<(A,)>() }))
-        });
+        let setup = self.metadata().map(|md| self.client.call_frames(&md, remote.closure::<(A,)>(), |closure| Op::Map { closure }));
         Imap {
             client: self.client.clone(),
             frames: setup,

@@ -1,16 +1,16 @@
 //! Closures: the wrapper that turns a client's closure into an exported function, and the cache
-//! that makes each distinct closure compile once per cluster.
+//! that makes each distinct closure compile once per cluster and resolves the ids that later
+//! calls name closures by.
 //!
 //! A closure `|x: u64| x * x` with argument types `["u64"]` becomes an item
-//! `rpx_closure_<hash>(mode, input, len, sink, ctx) -> u32` calling
+//! `rpx_closure_<id prefix>(mode, input, len, sink, ctx) -> u32` calling
 //! `rpx_runtime::abi::serve1::<u64, _, _>(closure, ...)`; the type arguments let rustc infer
 //! unannotated closures exactly as the client did. Pure: no evcxr here.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
-use rpx_protocol::apply::Closure;
+use rpx_protocol::apply::{Closure, ClosureId, ClosureRef};
 use rpx_protocol::compile::Artifact;
 
 /// Most arguments a remote closure may take (`rpx_runtime::abi::serve0..serve4`).
@@ -32,10 +32,7 @@ pub fn wrap(c: &Closure) -> Result<Wrapper, String> {
     if c.source.trim().is_empty() {
         return Err("the closure's source is empty".into());
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    c.source.hash(&mut h);
-    c.arg_types.hash(&mut h);
-    let fn_name = format!("rpx_closure_{:016x}", h.finish());
+    let fn_name = format!("rpx_closure_{}", &c.id().as_str()[..32]);
     let mut generics: Vec<&str> = c.arg_types.iter().map(String::as_str).collect();
     generics.extend(["_", "_"]);
     let code = format!(
@@ -75,13 +72,33 @@ pub enum Next {
     Wait,
 }
 
-/// The closures this compiler has seen, by the symbol of their wrapper.
+/// The closures this compiler has seen: their code by id, and where each stands by the symbol
+/// of its wrapper.
 #[derive(Debug, Default)]
 pub struct Cache {
     entries: HashMap<String, Entry>,
+    codes: HashMap<ClosureId, Closure>,
 }
 
 impl Cache {
+    /// The code of the closure a request names: kept when the request carries it, looked up
+    /// when it names the closure by id alone; `Err` says why an id cannot be resolved.
+    pub fn resolve(&mut self, named: ClosureRef) -> Result<Closure, String> {
+        match named.code {
+            Some(code) => {
+                self.codes.entry(named.id).or_insert_with(|| code.clone());
+                Ok(code)
+            }
+            None => self.codes.get(&named.id).cloned().ok_or_else(|| {
+                format!(
+                    "the compiler does not know closure {}: it was started after the closure was \
+                     last compiled; the client sends the closure's code again",
+                    named.id
+                )
+            }),
+        }
+    }
+
     /// A request for `wrapper` from engine `from` with its request id.
     pub fn request(&mut self, wrapper: Wrapper, from: Bytes, request_id: String) -> Next {
         match self.entries.get_mut(&wrapper.fn_name) {
@@ -134,6 +151,19 @@ mod tests {
         assert!(wrap(&closure("|| 1", &[])).unwrap().code.contains("serve0::<_, _>("));
         assert!(wrap(&closure("|a, b, c, d, e| a", &["u8"; 5])).unwrap_err().contains("at most 4"));
         assert!(wrap(&closure("  ", &[])).is_err());
+    }
+
+    #[test]
+    fn a_closure_sent_with_its_code_once_is_resolved_by_its_id_after() {
+        let mut c = Cache::default();
+        let code = closure("|x: u8| x", &["u8"]);
+        let id = code.id();
+        let err = c.resolve(ClosureRef::by_id(id.clone())).unwrap_err();
+        assert!(err.contains(&format!("does not know closure {id}")), "{err}");
+        assert_eq!(c.resolve(ClosureRef::with_code(code.clone())), Ok(code.clone()));
+        assert_eq!(c.resolve(ClosureRef::by_id(id)), Ok(code.clone()));
+        // Its symbol is named after its id, the same in every compiler and every Rust version.
+        assert_eq!(wrap(&code).unwrap().fn_name, format!("rpx_closure_{}", &code.id().as_str()[..32]));
     }
 
     #[test]

@@ -405,7 +405,21 @@ impl Server {
             Ok(r) => r,
             Err(e) => return bad(&self.session, &from, e),
         };
-        let wrapper = match closure::wrap(&req.closure) {
+        let code = match self.closures.resolve(req.closure) {
+            Ok(code) => code,
+            Err(why) => {
+                tracing::info!(request_id = %req.request_id, "{why}");
+                let error = ErrorContent::bare(ErrorName::UnknownClosure, why, vec![]);
+                let reply =
+                    ClosureReply { request_id: req.request_id, status: "error".into(), artifact: None, fn_name: String::new(), error };
+                return vec![Action::Send {
+                    to: from,
+                    msg_type: msg_type::CLOSURE_REPLY,
+                    content: serde_json::to_value(reply).expect("serializes"),
+                }];
+            }
+        };
+        let wrapper = match closure::wrap(&code) {
             Ok(w) => w,
             Err(why) => return vec![closure_reply(from, req.request_id, &Entry::Failed { evalue: why.clone(), traceback: vec![why] })],
         };

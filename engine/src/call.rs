@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use rpx_protocol::apply::{ename, Closure};
+use rpx_protocol::apply::{ename, ClosureId, ClosureRef};
 use rpx_protocol::compile::{Artifact, ClosureReply, ClosureRequest};
 use rpx_protocol::content::{ErrorName, ReplyMetadata};
 use rpx_runtime::abi;
@@ -33,7 +33,8 @@ pub struct Call {
     pub md: ReplyMetadata,
     /// `rpx_runtime::abi::MODE_APPLY` or `MODE_MAP`.
     pub mode: u32,
-    pub closure: Closure,
+    /// The closure as the request named it: by id, with its code on its first calls.
+    pub closure: ClosureRef,
     /// Set once the worker was asked to run it.
     pub running: bool,
     /// SIGINT arrived while the closure was being compiled: it is not run.
@@ -81,7 +82,7 @@ pub fn check_arguments(req: &Request) -> Result<(), EngineError> {
 }
 
 impl Call {
-    pub fn new(req: Request, md: ReplyMetadata, mode: u32, closure: Closure) -> Call {
+    pub fn new(req: Request, md: ReplyMetadata, mode: u32, closure: ClosureRef) -> Call {
         Call {
             req,
             md,
@@ -113,7 +114,8 @@ impl Call {
         !self.running
     }
 
-    /// What the compiler is asked when this engine has not compiled the closure yet.
+    /// What the compiler is asked when this engine has not had the closure compiled yet: the
+    /// closure as the call named it (by id alone once the client has seen it compile).
     pub fn closure_request(&self) -> ClosureRequest {
         ClosureRequest { request_id: self.id().to_string(), closure: self.closure.clone() }
     }
@@ -123,26 +125,26 @@ impl Call {
         if self.interrupt_requested {
             return CallStep::Interrupted(EngineError::interrupted("call", true));
         }
-        match closures.0.get(&self.closure) {
+        match closures.0.get(&self.closure.id) {
             Some((artifact, func)) => CallStep::Run { artifact: artifact.clone(), func: func.clone() },
             None => CallStep::Compiling,
         }
     }
 }
 
-/// The closures compiled for this engine: artifact and symbol of each (compiled once, called
-/// any number of times).
+/// The closures compiled for this engine, by id: artifact and symbol of each (compiled once,
+/// called any number of times, named by id or with their code).
 #[derive(Debug, Default)]
-pub struct Closures(HashMap<Closure, (Artifact, String)>);
+pub struct Closures(HashMap<ClosureId, (Artifact, String)>);
 
 impl Closures {
-    pub fn knows(&self, closure: &Closure) -> bool {
-        self.0.contains_key(closure)
+    pub fn knows(&self, id: &ClosureId) -> bool {
+        self.0.contains_key(id)
     }
 
     /// The artifact and symbol of a compiled closure.
-    pub fn compiled(&self, closure: &Closure) -> Option<(Artifact, String)> {
-        self.0.get(closure).cloned()
+    pub fn compiled(&self, id: &ClosureId) -> Option<(Artifact, String)> {
+        self.0.get(id).cloned()
     }
 
     /// The compiler's `closure_reply` `r`: it concerns `call` if that call waits and has the
@@ -151,7 +153,7 @@ impl Closures {
         let Some(call) = call.filter(|c| c.waiting() && c.id() == r.request_id) else { return ClosureVerdict::Dropped };
         match (r.status == "ok", r.artifact) {
             (true, Some(artifact)) => {
-                self.0.insert(call.closure.clone(), (artifact, r.fn_name));
+                self.0.insert(call.closure.id.clone(), (artifact, r.fn_name));
                 ClosureVerdict::Compiled
             }
             _ => {
@@ -181,14 +183,18 @@ mod tests {
     use rpx_protocol::content::ErrorContent;
     use serde_json::json;
 
-    fn closure(src: &str) -> Closure {
-        Closure { source: src.into(), arg_types: vec!["u64".into()] }
+    fn closure(src: &str) -> ClosureRef {
+        ClosureRef::with_code(rpx_protocol::apply::Closure { source: src.into(), arg_types: vec!["u64".into()] })
+    }
+
+    fn call_of(id: &str, closure: ClosureRef) -> Call {
+        let mut req = Request::for_test(id, "apply_request", json!({}));
+        req.buffers = vec![bytes::Bytes::from_static(b"\x01")];
+        Call::new(req, ReplyMetadata::start(&json!({}), "u", String::new()), abi::MODE_APPLY, closure)
     }
 
     fn call(id: &str, src: &str) -> Call {
-        let mut req = Request::for_test(id, "apply_request", json!({}));
-        req.buffers = vec![bytes::Bytes::from_static(b"\x01")];
-        Call::new(req, ReplyMetadata::start(&json!({}), "u", String::new()), abi::MODE_APPLY, closure(src))
+        call_of(id, closure(src))
     }
 
     fn artifact() -> Artifact {
@@ -240,9 +246,30 @@ mod tests {
         let first = call("a", "|x: u64| x + 1");
         closures.on_reply(Some(&first), ok_reply("a"));
         let second = call("b", "|x: u64| x + 1");
-        assert!(closures.knows(&second.closure));
+        assert!(closures.knows(&second.closure.id));
         assert!(matches!(second.next_step(&closures), CallStep::Run { .. }));
-        assert!(!closures.knows(&closure("|x: u64| x + 2")));
+        assert!(!closures.knows(&closure("|x: u64| x + 2").id));
+        // Later calls name it by id alone: the same compiled symbol runs.
+        let by_id = call_of("c", ClosureRef::by_id(first.closure.id.clone()));
+        assert_eq!(by_id.next_step(&closures), CallStep::Run { artifact: artifact(), func: "rpx_closure_1".into() });
+    }
+
+    #[test]
+    fn a_call_by_an_id_this_engine_never_compiled_asks_the_compiler_by_id() {
+        let mut closures = Closures::default();
+        let id = closure("|x: u64| x + 5").id;
+        let c = call_of("a", ClosureRef::by_id(id.clone()));
+        assert_eq!(c.next_step(&closures), CallStep::Compiling);
+        assert_eq!(c.closure_request().closure, ClosureRef::by_id(id.clone()), "the id alone: the compiler has the code");
+        assert_eq!(closures.on_reply(Some(&c), ok_reply("a")), ClosureVerdict::Compiled);
+        assert!(closures.knows(&id));
+
+        // A compiler that does not know the id (it restarted): the call fails with the name the
+        // client answers by sending the code again.
+        let d = call_of("b", ClosureRef::by_id(closure("|x: u64| x + 6").id));
+        let ClosureVerdict::Failed(e) = closures.on_reply(Some(&d), error_reply("b", "UnknownClosure")) else { panic!("failed") };
+        assert_eq!(e.ename, ename::UNKNOWN_CLOSURE);
+        assert!(!closures.knows(&d.closure.id));
     }
 
     #[test]
@@ -267,7 +294,7 @@ mod tests {
         // `ok` without an artifact cannot run either.
         let no_artifact = ClosureReply { artifact: None, ..ok_reply("a") };
         assert!(matches!(closures.on_reply(Some(&c), no_artifact), ClosureVerdict::Failed(_)));
-        assert!(!closures.knows(&c.closure));
+        assert!(!closures.knows(&c.closure.id));
     }
 
     #[test]
@@ -278,7 +305,7 @@ mod tests {
         assert_eq!(closures.on_reply(Some(&c), ok_reply("other")), ClosureVerdict::Dropped);
         c.running = true;
         assert_eq!(closures.on_reply(Some(&c), ok_reply("a")), ClosureVerdict::Dropped);
-        assert!(!closures.knows(&c.closure), "nothing was remembered");
+        assert!(!closures.knows(&c.closure.id), "nothing was remembered");
     }
 
     #[test]

@@ -185,6 +185,14 @@ impl Outbox {
         self.status("idle", &req.header);
     }
 
+    /// Answer `req` with an error that is for the client to handle, not for its user (a closure
+    /// id nobody could resolve): nothing is published for it, so the reply is quiet unless the
+    /// request published before.
+    pub fn declined(&mut self, req: &Request, md: ReplyMetadata, err: &EngineError) {
+        self.flush_streams();
+        self.finish(req, err.reply(Some(&self.me.engine_info("apply"))), md, &[]);
+    }
+
     /// Tell the controller this engine is going away.
     pub fn unregister(&self) {
         let content = serde_json::to_value(UnregistrationRequest { id: Some(self.me.id) }).expect("content serializes");
@@ -444,6 +452,19 @@ mod tests {
         out.aborted(&apply("call-2"));
         assert_eq!(drain(&mut s.iopub).len(), 2);
         assert!(drain(&mut s.mux).pop().unwrap().1.metadata.get(rpx_protocol::apply::QUIET_KEY).is_none());
+    }
+
+    #[test]
+    fn a_declined_call_publishes_nothing_and_its_reply_carries_the_error() {
+        let (mut out, mut s) = outbox();
+        let req = apply("call-1");
+        out.defer_busy(&req.header);
+        let err = EngineError::new(rpx_protocol::apply::ename::UNKNOWN_CLOSURE, "closure id 00 is not known", vec![]);
+        out.declined(&req, reply::init_metadata(&json!({}), &out.me), &err);
+        assert!(drain(&mut s.iopub).is_empty(), "no error, no busy, no idle: the user sees nothing of it");
+        let (_, r) = drain(&mut s.mux).pop().expect("a reply");
+        assert_eq!((r.content["status"].as_str(), r.content["ename"].as_str()), (Some("error"), Some("UnknownClosure")));
+        assert_eq!(r.metadata[rpx_protocol::apply::QUIET_KEY], true);
     }
 
     #[test]

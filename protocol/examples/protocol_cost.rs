@@ -20,7 +20,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use bytes::Bytes;
-use rpx_protocol::apply::{Closure, Op};
+use rpx_protocol::apply::{Closure, ClosureRef, Op};
 use rpx_protocol::content::{ReplyMetadata, ReplyStatus};
 use rpx_protocol::message::now_iso;
 use rpx_protocol::session::{json_frame, DELIMITER};
@@ -106,7 +106,8 @@ fn main() {
         client: Session::new(key.as_bytes(), "rpx"),
         controller: Session::new(key.as_bytes(), "controller"),
         engine: Session::with_id(key.as_bytes(), "rpx-engine", &engine_uuid),
-        content: json_frame(&Op::Apply { closure }.to_content()),
+        // A call after the closure's first use names it by id.
+        content: json_frame(&Op::Apply { closure: ClosureRef::by_id(closure.id()) }.to_content()),
         args: Bytes::from_static(&[7]),
     };
     for _ in 0..TRIPS / 10 {

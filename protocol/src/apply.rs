@@ -46,6 +46,99 @@ pub struct Closure {
     pub arg_types: Vec<String>,
 }
 
+impl Closure {
+    /// This closure's id: the BLAKE3 of its source and argument types (each with its length,
+    /// so no two closures share an encoding).
+    pub fn id(&self) -> ClosureId {
+        let mut h = blake3::Hasher::new();
+        for part in std::iter::once(&self.source).chain(&self.arg_types) {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        ClosureId(h.finalize().to_hex().to_string())
+    }
+}
+
+/// A closure's content address ([`Closure::id`]): 64 lowercase hex digits. Once the client
+/// has seen a closure compile, its calls name it by this id alone, not by its source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClosureId(String);
+
+impl ClosureId {
+    /// The id as hex.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ClosureId {
+    type Error = String;
+    fn try_from(s: String) -> Result<ClosureId, String> {
+        if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(ClosureId(s))
+        } else {
+            Err(format!("a closure id is 64 lowercase hex digits, not {:?}", s.chars().take(80).collect::<String>()))
+        }
+    }
+}
+
+impl From<ClosureId> for String {
+    fn from(id: ClosureId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for ClosureId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A closure as a call names it: always by its id, and with its code until the client has seen
+/// it compile. Whoever holds the code for an id keeps it; a call by id alone is resolved by the
+/// engine (closures it ran) or the compiler (closures it compiled), and one neither can resolve
+/// is answered [`ename::UNKNOWN_CLOSURE`], which the client answers by sending the code again.
+///
+/// Read only through its checks: an id that is not the code's own is a malformed payload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "ClosureRefWire")]
+pub struct ClosureRef {
+    pub id: ClosureId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Closure>,
+}
+
+/// [`ClosureRef`] as read, before its id is checked against its code.
+#[derive(Deserialize)]
+struct ClosureRefWire {
+    id: ClosureId,
+    #[serde(default)]
+    code: Option<Closure>,
+}
+
+impl TryFrom<ClosureRefWire> for ClosureRef {
+    type Error = String;
+    fn try_from(w: ClosureRefWire) -> Result<ClosureRef, String> {
+        match &w.code {
+            Some(code) if code.id() != w.id => Err(format!("closure id {} is not the id of the code sent with it", w.id)),
+            _ => Ok(ClosureRef { id: w.id, code: w.code }),
+        }
+    }
+}
+
+impl ClosureRef {
+    /// Named with its code (the first calls).
+    pub fn with_code(code: Closure) -> ClosureRef {
+        ClosureRef { id: code.id(), code: Some(code) }
+    }
+
+    /// Named by its id alone.
+    pub fn by_id(id: ClosureId) -> ClosureRef {
+        ClosureRef { id, code: None }
+    }
+}
+
 /// A value to store in the engine namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamedType {
@@ -59,9 +152,9 @@ pub struct NamedType {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Call the closure once with the argument tuple in `buffers[0]`.
-    Apply { closure: Closure },
+    Apply { closure: ClosureRef },
     /// Call the (one-argument) closure on every item of the chunk in `buffers[0]`.
-    Map { closure: Closure },
+    Map { closure: ClosureRef },
     /// Store `buffers[i]` as `names[i]` in the engine namespace; or, with `files` (same host,
     /// no buffers), adopt `files[i]` as `names[i]` ([`crate::dataplane`]).
     Push {
@@ -125,6 +218,10 @@ pub mod ename {
     pub const ENGINE_DIED: ErrorName = ErrorName::EngineWorkerDied;
     /// A pulled name is not defined on the engine.
     pub const NAME_ERROR: ErrorName = ErrorName::NameError;
+    /// A call named its closure by an id that neither the engine nor the compiler can resolve
+    /// (the compiler restarted since): nothing ran, nothing was published, and the client sends
+    /// the call again with the closure's code.
+    pub const UNKNOWN_CLOSURE: ErrorName = ErrorName::UnknownClosure;
     /// A payload this engine cannot run (bad encoding, wrong arity, Python payload).
     pub const UNSUPPORTED_PAYLOAD: ErrorName = ErrorName::UnsupportedPayload;
     /// The task was aborted before it ran.
@@ -146,7 +243,7 @@ mod tests {
 
     #[test]
     fn ops_round_trip_through_content() {
-        let op = Op::Map { closure: Closure { source: "|x: u64| x * x".into(), arg_types: vec!["u64".into()] } };
+        let op = Op::Map { closure: ClosureRef::with_code(Closure { source: "|x: u64| x * x".into(), arg_types: vec!["u64".into()] }) };
         let content = op.to_content();
         assert_eq!(content["rpx"]["op"], "map");
         assert_eq!(Op::from_content(&content).unwrap().unwrap(), op);
@@ -159,5 +256,45 @@ mod tests {
         assert_eq!(pull.to_content(), serde_json::json!({"rpx": {"op": "pull", "names": ["a"], "files": "same_host"}}));
         let push: Op = serde_json::from_value(serde_json::json!({"op": "push", "names": [{"name": "a", "type_name": "u8"}]})).unwrap();
         assert_eq!(push, Op::Push { names: vec![NamedType { name: "a".into(), type_name: "u8".into() }], files: vec![] });
+    }
+
+    fn closure(source: &str, types: &[&str]) -> Closure {
+        Closure { source: source.into(), arg_types: types.iter().map(|t| t.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_closure_id_is_its_source_and_types_and_nothing_else() {
+        let id = closure("|x: u64| x", &["u64"]).id();
+        assert_eq!(id.as_str().len(), 64);
+        assert_eq!(id, closure("|x: u64| x", &["u64"]).id());
+        assert_ne!(id, closure("|x: u64| x ", &["u64"]).id());
+        assert_ne!(id, closure("|x: u64| x", &["u32"]).id());
+        // Lengths keep the parts apart: moving text between source and types changes the id.
+        assert_ne!(closure("ab", &["c"]).id(), closure("a", &["bc"]).id());
+        assert_ne!(closure("a", &["b", "c"]).id(), closure("a", &["bc"]).id());
+    }
+
+    #[test]
+    fn a_call_names_its_closure_by_code_or_by_id_and_a_mismatch_is_malformed() {
+        let code = closure("|x: u64| x * 2", &["u64"]);
+        let first = Op::Apply { closure: ClosureRef::with_code(code.clone()) };
+        let content = first.to_content();
+        assert_eq!(content["rpx"]["closure"]["code"]["source"], "|x: u64| x * 2");
+        assert_eq!(Op::from_content(&content).unwrap().unwrap(), first);
+
+        let later = Op::Apply { closure: ClosureRef::by_id(code.id()) };
+        let content = later.to_content();
+        assert_eq!(content["rpx"]["closure"], serde_json::json!({"id": code.id().as_str()}), "an id and nothing else");
+        assert_eq!(Op::from_content(&content).unwrap().unwrap(), later);
+
+        let mut forged = first.to_content();
+        forged["rpx"]["closure"]["code"]["source"] = "|x: u64| x * 3".into();
+        let err = Op::from_content(&forged).unwrap().unwrap_err().to_string();
+        assert!(err.contains("is not the id of the code sent with it"), "{err}");
+        for bad in ["", "ABC", &"g".repeat(64), &"A".repeat(64)] {
+            let content = serde_json::json!({"rpx": {"op": "apply", "closure": {"id": bad}}});
+            let err = Op::from_content(&content).unwrap().unwrap_err().to_string();
+            assert!(err.contains("64 lowercase hex digits"), "{bad:?}: {err}");
+        }
     }
 }

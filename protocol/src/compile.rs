@@ -172,12 +172,14 @@ pub struct WorkerRestarted {
 }
 
 /// `closure_request`: compile a closure into a callable function (once per cluster; the
-/// compiler caches by the generated source, so this is cheap for a known closure).
+/// compiler caches by the closure's id, so this is cheap for a known closure). A closure named
+/// by its id alone is one the compiler compiled before; if it does not know the id (it
+/// restarted since), it answers `UnknownClosure`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClosureRequest {
     /// The engine's id for this request, echoed in the reply.
     pub request_id: String,
-    pub closure: crate::apply::Closure,
+    pub closure: crate::apply::ClosureRef,
 }
 
 /// `closure_reply`: where the compiled closure is, or why it did not compile.
@@ -191,9 +193,10 @@ pub struct ClosureReply {
     pub artifact: Option<Artifact>,
     #[serde(default)]
     pub fn_name: String,
-    /// For errors: always `CompileError` from rpx-compiler, also when the closure could not be
-    /// wrapped, cargo could not run or the built library could not be kept or read (the
-    /// `evalue` says which); an empty `ename` reads as `CompileError` on the engine.
+    /// For errors: `UnknownClosure` for an id the compiler does not know, else `CompileError`,
+    /// also when the closure could not be wrapped, cargo could not run or the built library
+    /// could not be kept or read (the `evalue` says which); an empty `ename` reads as
+    /// `CompileError` on the engine.
     /// Sent as top-level `ename`, `evalue`, `traceback` (empty for `ok`).
     #[serde(flatten)]
     pub error: ErrorContent,

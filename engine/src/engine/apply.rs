@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rpx_protocol::apply::{ename, Closure, Op, PullFiles};
+use rpx_protocol::apply::{ename, ClosureRef, Op, PullFiles};
 use rpx_protocol::compile::msg_type as cmsg;
 use rpx_protocol::content::ReplyMetadata;
 use rpx_runtime::abi;
@@ -109,7 +109,7 @@ impl Engine {
         }
     }
 
-    pub(super) async fn start_call(&mut self, req: Request, md: ReplyMetadata, mode: u32, closure: Closure) {
+    pub(super) async fn start_call(&mut self, req: Request, md: ReplyMetadata, mode: u32, closure: ClosureRef) {
         if let Err(err) = call::check_arguments(&req) {
             return self.out.apply_error(&req, md, &err);
         }
@@ -117,13 +117,14 @@ impl Engine {
         self.out.set_stream_parent(req.header.clone());
         self.stderr_tail.clear();
         let call = Call::new(req, md, mode, closure);
-        let compiled = self.closures.knows(&call.closure);
+        let compiled = self.closures.knows(&call.closure.id);
         let request = call.closure_request();
         self.call = Some(call);
         if compiled {
             return self.run_call().await;
         }
-        // The first call of this closure here: the compiler compiles it (once per cluster).
+        // The first call of this closure here: the compiler compiles it (once per cluster), or
+        // has it already if the call names it by id.
         if !self.to_compiler(cmsg::CLOSURE_REQUEST, request) {
             self.spawn_reconnect();
             let call = self.call.take().expect("set");
@@ -166,6 +167,12 @@ impl Engine {
         self.out.flush_streams();
         match outcome {
             Ok(data) => self.out.ok(&call.req, call.md, &[Bytes::from(data)]),
+            // Not the user's error but the client's to mend: it sends the call again with the
+            // closure's code, so nothing is published for this one.
+            Err(e) if e.ename == ename::UNKNOWN_CLOSURE => {
+                info!(msg_id = call.id(), closure = %call.closure.id, "closure id unknown to the compiler; the client sends its code");
+                self.out.declined(&call.req, call.md, &e);
+            }
             Err(e) => {
                 info!(msg_id = call.id(), ename = %e.ename, "call failed");
                 self.out.apply_error(&call.req, call.md, &e);

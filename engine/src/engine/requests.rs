@@ -55,10 +55,10 @@ impl Engine {
                 Some(Ok(Op::Map { closure })) => (abi::MODE_MAP, closure),
                 _ => break,
             };
-            if closure != head.closure || target.as_ref().is_some_and(|t| t.2 != mode) {
+            if closure.id != head.closure.id || target.as_ref().is_some_and(|t| t.2 != mode) {
                 break;
             }
-            let Some((artifact, func)) = self.closures.compiled(&closure) else { break };
+            let Some((artifact, func)) = self.closures.compiled(&closure.id) else { break };
             let so = match self.fetcher.want(&artifact, Kind::Code, Instant::now()) {
                 Step::Ready(path) => path.display().to_string(),
                 Step::Request(sha) => {

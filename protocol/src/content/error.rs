@@ -59,6 +59,9 @@ error_names! {
     EngineError = "EngineError",
     /// A pulled name is not defined.
     NameError = "NameError",
+    /// A call named its closure by an id nobody could resolve; the client sends it again with
+    /// the closure's code.
+    UnknownClosure = "UnknownClosure",
     /// A payload the engine cannot run (a Python one, a malformed one).
     UnsupportedPayload = "UnsupportedPayload",
     /// A request type rpx engines do not handle.
