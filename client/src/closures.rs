@@ -37,10 +37,7 @@ impl Compiled {
     }
 
     pub fn learn(&self, id: ClosureId) {
-        let mut set = self.set();
-        if !set.contains(&id) {
-            set.insert(id);
-        }
+        self.set().insert(id);
     }
 
     pub fn forget(&self, id: &ClosureId) {
@@ -177,7 +174,7 @@ mod tests {
         let Some(Naming::Id(same, with_code)) = later.naming_of() else { panic!("by id") };
         assert_eq!(same, id);
         assert_eq!(content(with_code)["rpx"]["closure"]["code"]["source"], "|x: u64| x + 1", "the code, should the id not resolve");
-        compiled.forget(&id);
+        compiled.forget(id);
         let again = call_frames(&compiled, &session, &ids, &json!({}), code(), make);
         assert!(matches!(again.naming_of(), Some(Naming::Code(_))), "with its code again");
     }
