@@ -12,7 +12,7 @@
 #   are mostly first transfers of a size). BENCH_HALTPOLL_PAIRS (2): pairs of bench/haltpoll.py
 #   (root, on a VM with cpuidle's haltpoll: the round trips with idle CPUs halting at once and
 #   polling first; the machine's setting is put back).
-# About 35 minutes on 2 cores. Results: bench/results/*, the table in
+# About 50 minutes on 2 cores. Results: bench/results/*, the table in
 # bench/results/issue11-<time>.md.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +26,8 @@ echo "=== 100 MB transfers in a loop of ${BENCH_LOOP_REPS:-7}, rpx then ipyparal
 BENCH_ONLY=data BENCH_REPS=${BENCH_LOOP_REPS:-7} BENCH_PEERS=ipp BENCH_NAME=data-loop bash bench/client_bench.sh "$py" | tail -12
 echo "=== 10,000 tasks, rpx and ipyparallel run by turns ($(date +%T))"
 "$py" bench/tasks_alternated.py --pairs "${BENCH_PAIRS:-3}" "bench/results/tasks-alternated-$stamp.json"
+echo "=== 10,000 tasks of a 4.7 KB closure and of a one-line one, by turns ($(date +%T))"
+target/release/examples/closure_size 5 "bench/results/closure-size-$stamp.json" | tail -1
 echo "=== cluster benchmark: start-up, cells on 8 vs 1 engine, memory ($(date +%T))"
 "$py" bench/cluster_bench.py --reps "${BENCH_REPS:-3}" | tail -20
 if [ "$(id -u)" = 0 ]; then

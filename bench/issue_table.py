@@ -19,6 +19,8 @@ Reads the newest file of each kind in bench/results (or DIR):
   bench_ops's round trips with every process on one CPU);
 - haltpoll-<time>.json (bench/haltpoll.py): the round trips, their floor and ipyparallel's, by
   turns with this VM's idle CPUs halting at once and polling first.
+- closure-size-<time>.json (client/examples/closure_size.rs): a long closure's tasks against a
+  one-line closure's (calls name a closure by id after its first use).
 Prints a markdown table naming the file behind each row, then the floors under the data rows and
 under the round trips.
 """
@@ -225,6 +227,13 @@ def main():
             print(f"| {how}{mine} | {fmt(s['floor_one_hop_us'])} | {fmt(s['floor_guarded_us'])} |"
                   f" {fmt(s['rpx_direct_us'])} / {fmt(s['rpx_lb_us'])} | {fmt(s['ipp_direct_us'])} / {fmt(s['ipp_lb_us'])} |"
                   f" 1/{s['ipp_over_rpx_direct']:.1f} / 1/{s['ipp_over_rpx_lb']:.1f} | {hp.name} |")
+    cs = newest(results, r"closure-size-\d{8}-\d{6}\.json")
+    if cs:
+        doc = json.loads(cs.read_text())
+        print(f"\n| {doc['tasks']:,} load-balanced tasks, chunksize 1 (medians of {doc['rounds']}, tasks/s) |"
+              f" one-line closure ({doc['short_source_bytes']:,} B) | long closure ({doc['long_source_bytes']:,} B) | long / short | source |")
+        print("|---|---:|---:|---:|---|")
+        print(f"| by turns | {fmt(doc['short_median'])} | {fmt(doc['long_median'])} | {doc['long_over_short']:.2f}x | {cs.name} |")
 
 if __name__ == "__main__":
     main()
